@@ -1,0 +1,148 @@
+"""Source spans and diagnostics: the one place that builds and formats every finding."""
+
+from __future__ import annotations
+
+import difflib
+import enum
+from collections.abc import Iterable, Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Severity(enum.StrEnum):
+    ERROR = "error"
+    WARNING = "warning"
+
+
+class SourceSpan(BaseModel):
+    """A 1-based line/column range in one source file (end is exclusive)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+
+    @classmethod
+    def point(cls, path: str, line: int = 1, column: int = 1) -> SourceSpan:
+        return cls.model_construct(
+            path=path, line=line, column=column, end_line=line, end_column=column + 1
+        )
+
+    def sort_key(self) -> tuple[str, int, int]:
+        return (self.path, self.line, self.column)
+
+
+class Diagnostic(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    code: str
+    severity: Severity
+    message: str
+    span: SourceSpan
+    hint: str | None = None
+
+    def sort_key(self) -> tuple[str, int, int, str]:
+        return (*self.span.sort_key(), self.code)
+
+
+# Every code the tool can report, with its default severity and a one-line summary.
+# The summary doubles as the SARIF rule description.
+CODES: dict[str, tuple[Severity, str]] = {
+    "E001": (Severity.ERROR, "syntax error"),
+    "E002": (Severity.ERROR, "file cannot be read as UTF-8 text"),
+    "E003": (Severity.ERROR, "file cannot be read"),
+    "E004": (Severity.ERROR, "file must hold exactly one machine"),
+    "E005": (Severity.ERROR, "invalid annotation"),
+    "E101": (Severity.ERROR, "machine has no initial state"),
+    "E102": (Severity.ERROR, "machine has more than one initial state"),
+    "E103": (Severity.ERROR, "duplicate state"),
+    "E104": (Severity.ERROR, "unknown state"),
+    "E105": (Severity.ERROR, "duplicate event"),
+    "E106": (Severity.ERROR, "unknown event"),
+    "E107": (Severity.ERROR, "duplicate transition"),
+    "E108": (Severity.ERROR, "nondeterministic transitions"),
+    "E109": (Severity.ERROR, "unguarded transition beside guarded ones"),
+    "E110": (Severity.ERROR, "invalid else branch"),
+    "E111": (Severity.ERROR, "final state with outgoing transitions or timers"),
+    "E112": (Severity.ERROR, "event both handled and ignored"),
+    "E113": (Severity.ERROR, "duplicate payload field"),
+    "E114": (Severity.ERROR, "unknown payload type"),
+    "E115": (Severity.ERROR, "duplicate or zero timer"),
+    "E116": (Severity.ERROR, "state is both initial and final"),
+    "E117": (Severity.ERROR, "duplicate enum literal"),
+    "E120": (Severity.ERROR, "ladder steps not strictly increasing"),
+    "E121": (Severity.ERROR, "escalation step deadline overruns the next step"),
+    "E122": (Severity.ERROR, "invalid ladder end or step state"),
+    "E130": (Severity.ERROR, "name is not usable in generated code"),
+    "E131": (Severity.ERROR, "names collide in generated code"),
+    "E140": (Severity.ERROR, "emitted event does not exist"),
+    "W201": (Severity.WARNING, "unreachable state"),
+    "W202": (Severity.WARNING, "no final state reachable"),
+    "W203": (Severity.WARNING, "dead-end state"),
+    "W204": (Severity.WARNING, "event declared but never handled"),
+    "W205": (Severity.WARNING, "suppression matches no finding"),
+    "W206": (Severity.WARNING, "machine name does not match its file name"),
+}
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
+    """A 'did you mean' hint for a misspelled name, or None."""
+    pool = list(candidates)
+    matches = difflib.get_close_matches(name, pool, n=1, cutoff=0.6)
+    if not matches:
+        lowered = {c.lower(): c for c in pool}
+        if name.lower() in lowered:
+            matches = [lowered[name.lower()]]
+    return f"did you mean '{matches[0]}'?" if matches else None
+
+
+def fail(code: str, message: str, span: SourceSpan, hint: str | None = None) -> Diagnostic:
+    """The single constructor of diagnostics; severity comes from the code table."""
+    severity, _ = CODES[code]
+    return Diagnostic.model_construct(
+        code=code, severity=severity, message=message, span=span, hint=hint
+    )
+
+
+def _display_line(line: str) -> str:
+    # Never echo control characters (bidi overrides, escapes) raw to a terminal.
+    out = []
+    for ch in line:
+        if ch == "\t":
+            out.append(" ")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append("?")
+    return "".join(out)
+
+
+MAX_ECHO = 200
+
+
+def format_text(diagnostic: Diagnostic, source_lines: Sequence[str] | None) -> str:
+    """rustc/ruff style: `path:line:col: CODE message`, the source line, a caret, a hint."""
+    span = diagnostic.span
+    head = (
+        f"{span.path}:{span.line}:{span.column}: {diagnostic.code} "
+        f"[{diagnostic.severity.value}] {diagnostic.message}"
+    )
+    parts = [head]
+    if source_lines is not None and 1 <= span.line <= len(source_lines):
+        raw = source_lines[span.line - 1]
+        col = max(span.column - 1, 0)
+        start = max(0, col - MAX_ECHO // 2) if len(raw) > MAX_ECHO else 0
+        shown = _display_line(raw[start : start + MAX_ECHO])
+        width = 1
+        if span.end_line == span.line and span.end_column > span.column:
+            width = span.end_column - span.column
+        width = max(1, min(width, len(shown) - (col - start)))
+        gutter = f"{span.line:>4} | "
+        parts.append(gutter + shown)
+        parts.append(" " * (len(gutter) + col - start) + "^" * width)
+    if diagnostic.hint:
+        parts.append(f"  = hint: {diagnostic.hint}")
+    return "\n".join(parts)

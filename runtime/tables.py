@@ -1,0 +1,199 @@
+"""The contract between generated governor modules and the runtime: the only module they import.
+
+Generated modules hold plain data built from these types. Every table is immutable
+(MappingProxyType, tuples, frozensets, frozen dataclasses). State and Event enums are
+StrEnums, so a member hashes and compares like its plain string value and the runtime can
+key its dispatch dicts by `str`.
+"""
+
+from __future__ import annotations
+
+import datetime as _datetime
+import decimal as _decimal
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "ELSE",
+    "Decimal",
+    "Emit",
+    "EscalationLadder",
+    "EscalationStepSpec",
+    "GovernorEnum",
+    "Literal",
+    "MachineSpec",
+    "Notify",
+    "Payload",
+    "RetryLadderSpec",
+    "RetryStepSpec",
+    "SourceRef",
+    "TimerKind",
+    "TimerSpec",
+    "Transition",
+    "datetime",
+    "frozen_map",
+]
+
+Decimal = _decimal.Decimal
+datetime = _datetime.datetime
+
+# The guard name of an `else` branch.
+ELSE = "else"
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def frozen_map(items: Mapping[K, V]) -> Mapping[K, V]:
+    """An immutable view of a dict built once at import time."""
+    return MappingProxyType(dict(items))
+
+
+class GovernorEnum(enum.StrEnum):
+    """Base of generated State and Event enums: members are their own string values."""
+
+
+class Payload(BaseModel):
+    """Base of generated event payload models: strict about unknown fields, immutable."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    """Where something was written in its machine file (for load-time errors)."""
+
+    path: str
+    line: int
+    column: int
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}:{self.column}"
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """An event sent to another governor (or this one) after a transition commits."""
+
+    machine: str
+    event: str
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One row of the transition table. `guard` is None (unguarded), a guard name, or ELSE.
+
+    Rows for one (state, event) key are ordered: guarded rows in source order, ELSE last.
+    """
+
+    source: str
+    event: str
+    target: str
+    guard: str | None
+    actions: tuple[str, ...]
+    emits: tuple[Emit, ...]
+    ref: SourceRef
+
+
+TimerKind = Literal["timeout", "escalation_step", "escalation_end", "retry_step"]
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """Whom an escalation step notifies, and how long they have to act (None: no deadline)."""
+
+    kind: Literal["queue", "role"]
+    recipient: str
+    within_ms: int | None
+    message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TimerSpec:
+    """A deadline armed on entry to `state`, `after_ms` later; cancelled when the state is left.
+
+    `target` None means the timer runs its actions (and notifications) and stays in the state.
+    `id` is stable within its machine, so stores can key armed timers by it.
+    """
+
+    id: str
+    state: str
+    after_ms: int
+    kind: TimerKind
+    target: str | None
+    actions: tuple[str, ...]
+    emits: tuple[Emit, ...]
+    notify: Notify | None
+    ladder: str | None
+    step: int | None
+    ref: SourceRef
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationStepSpec:
+    step: int
+    after_ms: int
+    notify: Notify
+    timer_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationLadder:
+    """An escalation ladder of one state: steps measured from entry, then an optional end."""
+
+    name: str
+    state: str
+    steps: tuple[EscalationStepSpec, ...]
+    end_after_ms: int | None
+    end_target: str | None
+    end_timer_id: str | None
+    ref: SourceRef
+
+
+@dataclass(frozen=True, slots=True)
+class RetryStepSpec:
+    step: int
+    state: str
+    after_ms: int
+    actions: tuple[str, ...]
+    timer_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryLadderSpec:
+    """A retry ladder: `event` advances entry -> step 1 -> ... -> step n -> exhausted."""
+
+    name: str
+    event: str
+    entry_states: tuple[str, ...]
+    steps: tuple[RetryStepSpec, ...]
+    exhausted_target: str | None
+    ref: SourceRef
+
+
+@dataclass(frozen=True, slots=True)
+class MachineSpec:
+    """Everything the runtime needs about one governor, as generated from its machine file."""
+
+    name: str
+    doc: str | None
+    source_path: str
+    source_sha256: str
+    compiler_version: str
+    state_type: type[GovernorEnum]
+    event_type: type[GovernorEnum]
+    initial: str
+    finals: frozenset[str]
+    transitions: Mapping[tuple[str, str], tuple[Transition, ...]]
+    timers: Mapping[str, tuple[TimerSpec, ...]]
+    ignored: Mapping[str, frozenset[str]]
+    payloads: Mapping[str, type[Payload]]
+    escalations: Mapping[str, EscalationLadder]
+    retries: Mapping[str, RetryLadderSpec]
+    guards: Mapping[str, SourceRef]
+    actions: Mapping[str, SourceRef]
