@@ -85,6 +85,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "W204": (Severity.WARNING, "event declared but never handled"),
     "W205": (Severity.WARNING, "suppression matches no finding"),
     "W206": (Severity.WARNING, "machine name does not match its file name"),
+    "W207": (Severity.WARNING, "folder holds no machine files"),
 }
 
 
@@ -130,7 +131,7 @@ def format_text(diagnostic: Diagnostic, source_lines: Sequence[str] | None) -> s
         f"{span.path}:{span.line}:{span.column}: {diagnostic.code} "
         f"[{diagnostic.severity.value}] {diagnostic.message}"
     )
-    parts = [head]
+    parts = [_display_line(head)]  # a file name may hold control characters too
     if source_lines is not None and 1 <= span.line <= len(source_lines):
         raw = source_lines[span.line - 1]
         col = max(span.column - 1, 0)

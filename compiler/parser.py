@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from lark import Lark, Token, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
-from lark.exceptions import VisitError
 
 from .errors import Diagnostic, SourceSpan, fail
 from .model import Machine
@@ -62,15 +65,15 @@ _EXAMPLES: dict[tuple[str, str], list[str]] = {
         "machine M { retry R on E { from A step B after 3 } }",
     ],
     (
-        "a suppression must give a reason",
-        'write @allow(W201, "why this is intended")',
+        'a suppression is written @allow(CODE, "reason")',
+        'the reason is mandatory: write @allow(W201, "why this is intended")',
     ): [
         "machine M { @allow(W201) state A }",
         "@allow(W201) machine M { }",
     ],
     (
-        "a state marker goes before `state`",
-        "write `initial state Name` or `final state Name`",
+        'a state is declared `[initial|final|perpetual] state Name "doc" { ... }`',
+        "markers go before `state`: write `initial state Name` or `final state Name`",
     ): [
         "machine M { state initial A }",
         "machine M { state final A }",
@@ -114,12 +117,20 @@ class SourceFile:
 
     @property
     def lines(self) -> list[str] | None:
-        return None if self.text is None else self.text.splitlines()
+        return None if self.text is None else source_lines(self.text)
+
+
+def source_lines(text: str) -> list[str]:
+    """Lines as the lexer counts them: only \n ends a line (str.splitlines would also split
+    on form feeds and U+2028 inside strings and put every caret after them on the wrong line)."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def read_source(path: str | Path) -> SourceFile:
     """Reads bytes and decodes strict UTF-8; never raises for bad input."""
     display = str(path)
+    if not display or "\x00" in display:
+        return _unreadable(repr(display), "is not a usable path", "pass a .fsm file path")
     p = Path(path)
     try:
         if p.is_dir():
@@ -202,20 +213,32 @@ def _parser() -> tuple[Lark, ModelBuilder]:
     return cached
 
 
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pauses the cyclic garbage collector: parse trees and IR nodes are hundreds of thousands
+    of acyclic objects, and collection passes over them would double the time of a large
+    machine. Reference counting still frees everything."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def parse_source(source: SourceFile) -> tuple[Machine | None, list[Diagnostic]]:
     """Parses one file into at most one machine; every problem comes back as a diagnostic."""
     if source.text is None:
         return None, list(source.diagnostics)
     lark, builder = _parser()
     builder.path, builder.sha256, builder.diagnostics = source.path, source.sha256, []
-    try:
-        tree = lark.parse(source.text)
-    except UnexpectedInput as exc:
-        return None, [_syntax_diagnostic(source, exc)]
-    try:
-        machines = builder.transform(tree)
-    except VisitError as exc:  # pragma: no cover - a bug in the transformer, not the input
-        raise exc.orig_exc from exc
+    with paused_gc():
+        try:
+            tree = lark.parse(source.text)
+        except UnexpectedInput as exc:
+            return None, [_syntax_diagnostic(source, exc)]
+        machines: list[Machine] = builder.transform(tree)
     diagnostics = list(builder.diagnostics)
     if len(machines) != 1:
         span = machines[1].span if len(machines) > 1 else SourceSpan.point(source.path)
@@ -239,17 +262,26 @@ def parse_text(text: str, path: str = "<input>") -> tuple[Machine | None, list[D
 def _syntax_diagnostic(source: SourceFile, exc: UnexpectedInput) -> Diagnostic:
     line = getattr(exc, "line", 1) or 1
     column = getattr(exc, "column", 1) or 1
-    if isinstance(exc, UnexpectedEOF) or line < 1:
-        lines = source.text.splitlines() if source.text else [""]
-        line = max(len(lines), 1)
-        column = len(lines[-1]) + 1 if lines else 1
+    at_end = isinstance(exc, UnexpectedEOF) or (
+        isinstance(exc, UnexpectedToken) and getattr(exc.token, "type", None) == "$END"
+    )
+    if at_end or line < 1:
+        # Point just after the last written character, not at a trailing blank line.
+        lines = source_lines((source.text or "").rstrip())
+        line = len(lines)
+        column = len(lines[-1]) + 1
     width = 1
-    if isinstance(exc, UnexpectedToken) and isinstance(exc.token, Token) and exc.token.type != "$END":
+    if (
+        isinstance(exc, UnexpectedToken)
+        and isinstance(exc.token, Token)
+        and exc.token.type != "$END"
+    ):
         width = max(1, len(str(exc.token)))
         found = f"unexpected '{_clip(str(exc.token))}'"
     elif isinstance(exc, UnexpectedCharacters):
         assert source.text is not None
-        ch = source.text[exc.pos_in_stream] if exc.pos_in_stream < len(source.text) else ""
+        pos = exc.pos_in_stream or 0
+        ch = source.text[pos] if pos < len(source.text) else ""
         found = f"unexpected character {ch!r}"
         if ch == '"':
             found = "unterminated or invalid string"
@@ -258,16 +290,16 @@ def _syntax_diagnostic(source: SourceFile, exc: UnexpectedInput) -> Diagnostic:
     span = SourceSpan.model_construct(
         path=source.path, line=line, column=column, end_line=line, end_column=column + width
     )
-    friendly = None if found.startswith("unterminated") else _friendly(source.text or "", exc)
-    expected = _expected(exc)
-    if friendly is not None:
-        message, hint = friendly
-        return fail("E001", f"{message} ({found})", span, hint)
-    hint = f"expected {expected}" if expected else None
     if found.startswith("unterminated"):
         hint = 'close the string with " on the same line; escape quotes as \\"'
     elif isinstance(exc, UnexpectedCharacters) and not ch.isascii():
         hint = "names are ASCII letters, digits and underscores; put other text in a doc string"
+    elif friendly := _friendly(exc):
+        message, friendly_hint = friendly
+        return fail("E001", f"{message} ({found})", span, friendly_hint)
+    else:
+        expected = _expected(exc)
+        hint = f"expected {expected}" if expected else "check the syntax just before this point"
     return fail("E001", f"syntax error: {found}", span, hint)
 
 
@@ -287,16 +319,40 @@ def _expected(exc: UnexpectedInput) -> str:
     return ", ".join(ordered)
 
 
-def _friendly(text: str, exc: UnexpectedInput) -> tuple[str, str] | None:
-    if not isinstance(exc, UnexpectedToken | UnexpectedEOF | UnexpectedCharacters):
+def _error_key(exc: UnexpectedInput) -> tuple[Any, str] | None:
+    """Where the parser stood (its LALR state) and what it met there."""
+    position = getattr(getattr(exc, "state", None), "position", None)
+    if position is None:
         return None
-    try:
-        found = exc.match_examples(
-            _parser()[0].parse,
-            _EXAMPLES,
-            token_type_match_fallback=True,
-            use_accepts=True,
-        )
-    except Exception:  # noqa: BLE001 - a failed lookup only costs the friendly wording
+    if isinstance(exc, UnexpectedToken):
+        return position, str(exc.token.type)
+    if isinstance(exc, UnexpectedCharacters):
+        return position, "<characters>"
+    return position, "$END"
+
+
+@cache
+def _example_index() -> dict[tuple[Any, str], tuple[str, str]]:
+    """Known mistakes by error key, plus (state, "*") for any other token in that state.
+
+    lark's own match_examples also compares parse-stack depths, so `initial state A { on E B }`
+    would not match the example `state A { on E B }`; the LALR state alone is what matters."""
+    index: dict[tuple[Any, str], tuple[str, str]] = {}
+    for label, snippets in _EXAMPLES.items():
+        for snippet in snippets:
+            try:
+                _parser()[0].parse(snippet)
+            except UnexpectedInput as exc:
+                key = _error_key(exc)
+                if key is not None:
+                    index.setdefault(key, label)
+                    index.setdefault((key[0], "*"), label)
+    return index
+
+
+def _friendly(exc: UnexpectedInput) -> tuple[str, str] | None:
+    key = _error_key(exc)
+    if key is None:
         return None
-    return found if isinstance(found, tuple) else None
+    index = _example_index()
+    return index.get(key) or index.get((key[0], "*"))

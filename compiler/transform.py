@@ -1,15 +1,17 @@
-"""Parse tree -> IR: a lark Transformer that builds the frozen model."""
+"""Parse tree -> IR: one method per grammar rule builds the frozen model, bottom up."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
-from lark import Token, Transformer, v_args
+from lark import Token, Tree
 from lark.tree import Meta
 
 from . import model as m
-from .errors import CODES, Diagnostic, SourceSpan, fail
+from .errors import CODES, Diagnostic, SourceSpan, did_you_mean, fail
+from .model import construct
 
 _UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _DURATION = re.compile(r"([0-9]+)(ms|s|m|h|d)")
@@ -34,21 +36,34 @@ class _Clause:
         self.value = value
 
 
-@v_args(meta=True)
-class ModelBuilder(Transformer[Token, Any]):
-    """Builds IR nodes; `path` and `sha256` are set before each parse."""
+class ModelBuilder:
+    """Builds IR nodes; `path` and `sha256` are set before each parse.
+
+    Like a lark `Transformer` with `v_args(meta=True)`: the method named after a rule gets the
+    tree's meta and its already-built children. Dispatch is done here because lark's per-call
+    wrappers cost a fifth of building a large machine."""
 
     def __init__(self) -> None:
-        super().__init__(visit_tokens=False)
         self.path = "<input>"
         self.sha256 = ""
         self.diagnostics: list[Diagnostic] = []
+        self._rules: dict[str, Callable[[Meta, list[Any]], Any]] = {}
+
+    def transform(self, tree: Tree[Token]) -> Any:
+        children = [
+            self.transform(child) if isinstance(child, Tree) else child for child in tree.children
+        ]
+        rule = self._rules.get(tree.data)
+        if rule is None:
+            rule = self._rules[tree.data] = getattr(self, tree.data)
+        return rule(tree.meta, children)
 
     # ------------------------------------------------------------ helpers
     def _span(self, meta: Meta) -> SourceSpan:
         if getattr(meta, "empty", True):
             return SourceSpan.point(self.path)
-        return SourceSpan.model_construct(
+        return construct(
+            SourceSpan,
             path=self.path,
             line=meta.line,
             column=meta.column,
@@ -57,7 +72,8 @@ class ModelBuilder(Transformer[Token, Any]):
         )
 
     def _tspan(self, tok: Token) -> SourceSpan:
-        return SourceSpan.model_construct(
+        return construct(
+            SourceSpan,
             path=self.path,
             line=tok.line or 1,
             column=tok.column or 1,
@@ -66,13 +82,13 @@ class ModelBuilder(Transformer[Token, Any]):
         )
 
     def _name(self, tok: Token) -> m.Name:
-        return m.Name.model_construct(span=self._tspan(tok), value=str(tok))
+        return construct(m.Name, span=self._tspan(tok), value=str(tok))
 
     def _duration(self, tok: Token) -> m.Duration:
         match = _DURATION.fullmatch(str(tok))
         assert match is not None  # the lexer only produces well-formed durations
         millis = int(match.group(1)) * _UNITS[match.group(2)]
-        return m.Duration.model_construct(span=self._tspan(tok), millis=millis, text=str(tok))
+        return construct(m.Duration, span=self._tspan(tok), millis=millis, text=str(tok))
 
     @staticmethod
     def _split(children: list[Any]) -> tuple[list[Any], list[Any], dict[str, Any]]:
@@ -112,7 +128,7 @@ class ModelBuilder(Transformer[Token, Any]):
                     f'write @allow({code}, "why this is intended")',
                 )
             )
-        return m.Suppression.model_construct(span=span, code=code, reason=reason)
+        return construct(m.Suppression, span=span, code=code, reason=reason)
 
     def doc(self, meta: Meta, children: list[Token]) -> _Clause:
         return _Clause("doc", unquote(children[0]))
@@ -126,23 +142,30 @@ class ModelBuilder(Transformer[Token, Any]):
     def event_ref(self, meta: Meta, children: list[Token]) -> m.EventRef:
         span = self._span(meta)
         if len(children) == 2:
-            return m.EventRef.model_construct(
-                span=span, machine=self._name(children[0]), event=self._name(children[1])
+            return construct(
+                m.EventRef,
+                span=span,
+                machine=self._name(children[0]),
+                event=self._name(children[1]),
             )
-        return m.EventRef.model_construct(span=span, machine=None, event=self._name(children[0]))
+        return construct(m.EventRef, span=span, machine=None, event=self._name(children[0]))
 
     # ------------------------------------------------------------ events
     def literal(self, meta: Meta, children: list[Token]) -> m.Name:
         tok = children[0]
         value = unquote(tok) if tok.type == "STRING" else str(tok)
-        return m.Name.model_construct(span=self._tspan(tok), value=value)
+        return construct(m.Name, span=self._tspan(tok), value=value)
 
     def simple_type(self, meta: Meta, children: list[Token]) -> m.FieldType | Token:
         return children[0]  # validated in `field`, which knows about `?`
 
     def enum_type(self, meta: Meta, children: list[m.Name]) -> m.FieldType:
-        return m.FieldType.model_construct(
-            span=self._span(meta), kind="enum", literals=tuple(children), optional=False
+        return construct(
+            m.FieldType,
+            span=self._span(meta),
+            kind="enum",
+            literals=tuple(children),
+            optional=False,
         )
 
     def field(self, meta: Meta, children: list[Any]) -> m.Field:
@@ -153,8 +176,6 @@ class ModelBuilder(Transformer[Token, Any]):
             kind = str(type_ref)
             span = self._tspan(type_ref)
             if kind not in m.FIELD_KINDS:
-                from .errors import did_you_mean
-
                 self.diagnostics.append(
                     fail(
                         "E114",
@@ -165,11 +186,17 @@ class ModelBuilder(Transformer[Token, Any]):
                     )
                 )
                 kind = "str"
-            ftype = m.FieldType.model_construct(span=span, kind=kind, literals=(), optional=optional)
+            ftype = construct(
+                m.FieldType, span=span, kind=cast(m.FieldKind, kind), literals=(), optional=optional
+            )
         else:
             ftype = type_ref.model_copy(update={"optional": optional})
-        return m.Field.model_construct(
-            span=self._span(meta), name=self._name(name_tok), type=ftype, doc=clauses.get("doc")
+        return construct(
+            m.Field,
+            span=self._span(meta),
+            name=self._name(name_tok),
+            type=ftype,
+            doc=clauses.get("doc"),
         )
 
     def event_body(self, meta: Meta, children: list[m.Field]) -> _Clause:
@@ -177,7 +204,8 @@ class ModelBuilder(Transformer[Token, Any]):
 
     def event_decl(self, meta: Meta, children: list[Any]) -> m.Event:
         notes, rest, clauses = self._split(children)
-        return m.Event.model_construct(
+        return construct(
+            m.Event,
             span=self._span(meta),
             name=self._name(rest[0]),
             doc=clauses.get("doc"),
@@ -191,15 +219,16 @@ class ModelBuilder(Transformer[Token, Any]):
 
     def when_guard(self, meta: Meta, children: list[Token]) -> _Clause:
         return _Clause(
-            "guard", m.Guard.model_construct(span=self._span(meta), name=self._name(children[0]))
+            "guard", construct(m.Guard, span=self._span(meta), name=self._name(children[0]))
         )
 
     def else_guard(self, meta: Meta, children: list[Token]) -> _Clause:
-        return _Clause("guard", m.Guard.model_construct(span=self._span(meta), name=None))
+        return _Clause("guard", construct(m.Guard, span=self._span(meta), name=None))
 
     def transition(self, meta: Meta, children: list[Any]) -> m.Transition:
         notes, rest, clauses = self._split(children)
-        return m.Transition.model_construct(
+        return construct(
+            m.Transition,
             span=self._span(meta),
             event=self._name(rest[0]),
             target=self._name(rest[1]),
@@ -212,7 +241,8 @@ class ModelBuilder(Transformer[Token, Any]):
     def timer(self, meta: Meta, children: list[Any]) -> m.Timer:
         notes, rest, clauses = self._split(children)
         target = self._name(rest[1]) if len(rest) > 1 else None
-        return m.Timer.model_construct(
+        return construct(
+            m.Timer,
             span=self._span(meta),
             after=self._duration(rest[0]),
             target=target,
@@ -223,7 +253,8 @@ class ModelBuilder(Transformer[Token, Any]):
 
     def ignore(self, meta: Meta, children: list[Any]) -> m.Ignore:
         notes, rest, _ = self._split(children)
-        return m.Ignore.model_construct(
+        return construct(
+            m.Ignore,
             span=self._span(meta),
             events=tuple(self._name(t) for t in rest),
             suppressions=tuple(notes),
@@ -233,10 +264,11 @@ class ModelBuilder(Transformer[Token, Any]):
         _, rest, clauses = self._split(children)
         after, kind, recipient = rest[0], rest[1], rest[2]
         within = self._duration(rest[3]) if len(rest) > 3 else None
-        return m.EscalationStep.model_construct(
+        return construct(
+            m.EscalationStep,
             span=self._span(meta),
             after=self._duration(after),
-            recipient_kind=str(kind),
+            recipient_kind="queue" if str(kind) == "queue" else "role",
             recipient=self._name(recipient),
             within=within,
             message=clauses.get("doc"),
@@ -244,7 +276,8 @@ class ModelBuilder(Transformer[Token, Any]):
 
     def escalation_end(self, meta: Meta, children: list[Any]) -> m.EscalationEnd:
         _, rest, clauses = self._split(children)
-        return m.EscalationEnd.model_construct(
+        return construct(
+            m.EscalationEnd,
             span=self._span(meta),
             after=self._duration(rest[0]),
             target=self._name(rest[1]),
@@ -257,7 +290,8 @@ class ModelBuilder(Transformer[Token, Any]):
         name = self._name(rest[0]) if rest and isinstance(rest[0], Token) else None
         steps = tuple(c for c in rest if isinstance(c, m.EscalationStep))
         ends = [c for c in rest if isinstance(c, m.EscalationEnd)]
-        return m.Escalation.model_construct(
+        return construct(
+            m.Escalation,
             span=self._span(meta),
             name=name,
             steps=steps,
@@ -271,7 +305,8 @@ class ModelBuilder(Transformer[Token, Any]):
     def state_decl(self, meta: Meta, children: list[Any]) -> m.State:
         notes, rest, clauses = self._split(children)
         body: list[Any] = clauses.get("body", [])
-        return m.State.model_construct(
+        return construct(
+            m.State,
             span=self._span(meta),
             name=self._name(rest[0]),
             doc=clauses.get("doc"),
@@ -291,7 +326,8 @@ class ModelBuilder(Transformer[Token, Any]):
 
     def retry_step(self, meta: Meta, children: list[Any]) -> m.RetryStep:
         _, rest, clauses = self._split(children)
-        return m.RetryStep.model_construct(
+        return construct(
+            m.RetryStep,
             span=self._span(meta),
             state=self._name(rest[0]),
             after=self._duration(rest[1]),
@@ -300,7 +336,8 @@ class ModelBuilder(Transformer[Token, Any]):
 
     def retry_end(self, meta: Meta, children: list[Any]) -> m.RetryEnd:
         _, rest, clauses = self._split(children)
-        return m.RetryEnd.model_construct(
+        return construct(
+            m.RetryEnd,
             span=self._span(meta),
             target=self._name(rest[0]),
             actions=clauses.get("actions", ()),
@@ -310,7 +347,8 @@ class ModelBuilder(Transformer[Token, Any]):
     def retry_decl(self, meta: Meta, children: list[Any]) -> m.RetryLadder:
         notes, rest, clauses = self._split(children)
         ends = [c for c in rest if isinstance(c, m.RetryEnd)]
-        return m.RetryLadder.model_construct(
+        return construct(
+            m.RetryLadder,
             span=self._span(meta),
             name=self._name(rest[0]),
             event=self._name(rest[1]),
@@ -327,7 +365,8 @@ class ModelBuilder(Transformer[Token, Any]):
     def machine(self, meta: Meta, children: list[Any]) -> m.Machine:
         notes, rest, clauses = self._split(children)
         members = rest[1:]
-        return m.Machine.model_construct(
+        return construct(
+            m.Machine,
             span=self._span(meta),
             name=self._name(rest[0]),
             doc=clauses.get("doc"),

@@ -1,0 +1,1101 @@
+"""The checker: one small function per rule, each reporting every offender, and the driver
+that reads files, runs the rules and applies `@allow` suppressions."""
+
+from __future__ import annotations
+
+import itertools
+import keyword
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import networkx as nx
+
+from .errors import CODES, Diagnostic, Severity, SourceSpan, did_you_mean, fail
+from .graph import RetryEdge, machine_graph, reachable_from, reaching, retry_edges
+from .lower import name_problem, named_things
+from .model import (
+    Duration,
+    Escalation,
+    Event,
+    EventRef,
+    Ignore,
+    Machine,
+    Name,
+    RetryLadder,
+    State,
+    Suppression,
+    Timer,
+    Transition,
+    snake_case,
+)
+from .parser import SourceFile, parse_source, paused_gc, read_source
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class CheckReport:
+    """Everything one `check` run found, ready for a renderer."""
+
+    sources: dict[str, SourceFile]
+    machines: list[Machine]
+    diagnostics: list[Diagnostic]
+
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity is Severity.ERROR]
+
+    def warnings(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity is Severity.WARNING]
+
+    def failed(self, strict: bool) -> bool:
+        return bool(self.errors()) or (strict and bool(self.warnings()))
+
+
+# ---------------------------------------------------------------- what the rules share
+
+
+class MachineFacts:
+    """Indexes of one machine, built once and shared by every rule."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.states: dict[str, State] = {}
+        for state in machine.states:
+            self.states.setdefault(state.name.value, state)
+        self.events: dict[str, Event] = {}
+        for event in machine.events:
+            self.events.setdefault(event.name.value, event)
+        self.retry_edges = [edge for ladder in machine.retries for edge in retry_edges(ladder)]
+
+    @cached_property
+    def state_refs(self) -> list[tuple[Name, str]]:
+        """Every name that must be a declared state, with what it is used as."""
+        refs: list[tuple[Name, str]] = []
+        for state in self.machine.states:
+            refs.extend((t.target, "transition target") for t in state.transitions)
+            refs.extend((t.target, "timer target") for t in state.timers if t.target is not None)
+            for escalation in state.escalations:
+                if escalation.end is not None:
+                    refs.append((escalation.end.target, "escalation end"))
+        for ladder in self.machine.retries:
+            refs.extend((entry, "retry entry state") for entry in ladder.entry_states)
+            refs.extend((step.state, "retry step state") for step in ladder.steps)
+            if ladder.exhausted is not None:
+                refs.append((ladder.exhausted.target, "retry exhausted target"))
+        return refs
+
+    @cached_property
+    def event_refs(self) -> list[tuple[Name, str]]:
+        """Every name that must be a declared event of this machine."""
+        refs: list[tuple[Name, str]] = []
+        for state in self.machine.states:
+            refs.extend((t.event, "transition") for t in state.transitions)
+            refs.extend((name, "ignore") for i in state.ignores for name in i.events)
+        refs.extend((ladder.event, "retry ladder") for ladder in self.machine.retries)
+        return refs
+
+    @cached_property
+    def references_resolve(self) -> bool:
+        """Usage rules (reachability, unhandled events) would only echo a misspelling."""
+        return all(n.value in self.states for n, _ in self.state_refs) and all(
+            n.value in self.events for n, _ in self.event_refs
+        )
+
+    @cached_property
+    def transition_groups(self) -> list[tuple[State, str, list[Transition]]]:
+        """(state, event, rows) wherever the rows of one state and event could disagree: two
+        or more rows, or a lone `else`. Single plain rows, nearly all of them, need no rule."""
+        groups: list[tuple[State, str, list[Transition]]] = []
+        for state in self.machine.states:
+            by_event: dict[str, list[Transition]] = {}
+            for transition in state.transitions:
+                by_event.setdefault(transition.event.value, []).append(transition)
+            for event, rows in by_event.items():
+                if len(rows) > 1 or _guard_key(rows[0]) == "else":
+                    groups.append((state, event, rows))
+        return groups
+
+    @cached_property
+    def moves(self) -> nx.DiGraph[str]:
+        return machine_graph(self.machine)
+
+    @cached_property
+    def initial(self) -> State | None:
+        return next((s for s in self.machine.states if s.initial), None)
+
+    @cached_property
+    def reachable(self) -> set[str]:
+        """States some sequence of moves leads to from an initial state (every state marked
+        initial counts, so a second one is E102's alone, not also unreachable)."""
+        found: set[str] = set()
+        for state in self.machine.states:
+            if state.initial and state.name.value not in found:
+                found |= reachable_from(self.moves, state.name.value)
+        return found
+
+    @cached_property
+    def final_names(self) -> set[str]:
+        return {name for name, state in self.states.items() if state.final}
+
+
+def _at(span: SourceSpan) -> str:
+    return f"line {span.line}"
+
+
+_UNIT_MILLIS = {"d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
+
+
+def _duration_text(millis: int, like: Duration | None = None) -> str:
+    """`millis` written in the unit of `like` when it divides evenly, else the largest unit."""
+    if like is not None:
+        unit = like.text.lstrip("0123456789")
+        size = _UNIT_MILLIS.get(unit, 1)
+        if millis % size == 0:
+            return f"{millis // size}{unit}"
+    for unit, size in _UNIT_MILLIS.items():
+        if millis and millis % size == 0:
+            return f"{millis // size}{unit}"
+    return f"{millis}ms"
+
+
+def _guard_key(transition: Transition) -> str | None:
+    """None for an unguarded row, "else" for the default branch, else `when NAME`."""
+    if transition.guard is None:
+        return None
+    if transition.guard.name is None:
+        return "else"
+    return "when " + transition.guard.name.value
+
+
+def _distinct(rows: list[Transition]) -> list[Transition]:
+    """Rows minus exact repeats (those are E107's), so each mistake is reported once."""
+    seen: set[tuple[str | None, str]] = set()
+    kept = []
+    for row in rows:
+        key = (_guard_key(row), row.target.value)
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept
+
+
+def _escalation_span(escalation: Escalation) -> SourceSpan:
+    """Its name, else its first time; its own span may start at an `@allow`."""
+    if escalation.name is not None:
+        return escalation.name.span
+    if escalation.steps:
+        return escalation.steps[0].after.span
+    return escalation.end.after.span if escalation.end is not None else escalation.span
+
+
+# ---------------------------------------------------------------- rules: declarations
+
+
+def check_initial_state(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E101 no initial state, E102 more than one."""
+    machine = facts.machine
+    initials = [s for s in machine.states if s.initial]
+    if not initials:
+        yield fail(
+            "E101",
+            f"machine '{machine.name.value}' has no initial state",
+            machine.name.span,
+            "mark the state every instance starts in: `initial state Name`",
+        )
+    for extra in initials[1:]:
+        first = initials[0]
+        yield fail(
+            "E102",
+            f"state '{extra.name.value}' is a second initial state",
+            extra.name.span,
+            f"'{first.name.value}' ({_at(first.name.span)}) is already initial; keep one",
+        )
+
+
+def check_duplicate_states(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E103."""
+    for state in facts.machine.states:
+        first = facts.states[state.name.value]
+        if first is not state:
+            yield fail(
+                "E103",
+                f"state '{state.name.value}' is declared twice",
+                state.name.span,
+                f"first declared at {_at(first.name.span)}; merge the two or rename one",
+            )
+
+
+def check_duplicate_events(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E105."""
+    for event in facts.machine.events:
+        first = facts.events[event.name.value]
+        if first is not event:
+            yield fail(
+                "E105",
+                f"event '{event.name.value}' is declared twice",
+                event.name.span,
+                f"first declared at {_at(first.name.span)}; merge the two or rename one",
+            )
+
+
+def check_duplicate_fields(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E113 within one event's payload."""
+    for event in facts.machine.events:
+        seen: dict[str, Name] = {}
+        for field in event.fields:
+            first = seen.setdefault(field.name.value, field.name)
+            if first is not field.name:
+                yield fail(
+                    "E113",
+                    f"event '{event.name.value}' has two fields named '{field.name.value}'",
+                    field.name.span,
+                    f"first declared at {_at(first.span)}; rename or remove one",
+                )
+
+
+def check_duplicate_literals(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E117 within one enum(...) type."""
+    for event in facts.machine.events:
+        for field in event.fields:
+            seen: dict[str, Name] = {}
+            for literal in field.type.literals:
+                first = seen.setdefault(literal.value, literal)
+                if first is not literal:
+                    yield fail(
+                        "E117",
+                        f"enum literal '{literal.value}' of field '{field.name.value}' "
+                        "is listed twice",
+                        literal.span,
+                        f"first listed at {_at(first.span)}; remove one",
+                    )
+
+
+def check_initial_and_final(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E116."""
+    for state in facts.machine.states:
+        if state.initial and state.final:
+            yield fail(
+                "E116",
+                f"state '{state.name.value}' is both initial and final",
+                state.name.span,
+                "an instance would be finished before it starts; drop one of the markers",
+            )
+
+
+def check_timers(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E115: zero durations anywhere, and two timers of one state due at the same moment."""
+    durations: list[tuple[Duration, str]] = []
+    for state in facts.machine.states:
+        durations.extend((t.after, "timer") for t in state.timers)
+        for escalation in state.escalations:
+            for step in escalation.steps:
+                durations.append((step.after, "escalation step"))
+                if step.within is not None:
+                    durations.append((step.within, "escalation deadline"))
+            if escalation.end is not None:
+                durations.append((escalation.end.after, "escalation end"))
+    for ladder in facts.machine.retries:
+        durations.extend((retry.after, "retry step") for retry in ladder.steps)
+    for duration, what in durations:
+        if duration.millis == 0:
+            yield fail(
+                "E115",
+                f"{what} of zero duration ({duration.text})",
+                duration.span,
+                "a timer fires after a positive duration; for an immediate move use a transition",
+            )
+
+    # Timers that move or act; escalation notifications may share a moment with them.
+    acting: dict[str, list[tuple[Duration, str]]] = defaultdict(list)
+    for state in facts.machine.states:
+        name = state.name.value
+        acting[name].extend((t.after, "timer") for t in state.timers)
+        acting[name].extend(
+            (e.end.after, "escalation end") for e in state.escalations if e.end is not None
+        )
+    for ladder in facts.machine.retries:
+        for retry in ladder.steps:
+            acting[retry.state.value].append((retry.after, f"retry step of '{ladder.name.value}'"))
+    for state_name, timers in acting.items():
+        seen: dict[int, Duration] = {}
+        for duration, what in sorted(timers, key=lambda t: t[0].span.sort_key()):
+            if duration.millis == 0:
+                continue
+            first = seen.setdefault(duration.millis, duration)
+            if first is not duration:
+                yield fail(
+                    "E115",
+                    f"{what} in state '{state_name}' fires at {duration.text}, "
+                    "like another timer of that state",
+                    duration.span,
+                    f"the other one is at {_at(first.span)}; two timers due at once "
+                    "race, so merge them or change one duration",
+                )
+
+
+# ---------------------------------------------------------------- rules: references
+
+
+def check_unknown_states(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E104, with a did-you-mean hint."""
+    for name, what in facts.state_refs:
+        if name.value not in facts.states:
+            yield fail(
+                "E104",
+                f"unknown state '{name.value}' ({what})",
+                name.span,
+                did_you_mean(name.value, facts.states)
+                or f"declare it with `state {name.value}` or use a declared state",
+            )
+
+
+def check_unknown_events(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E106, with a did-you-mean hint."""
+    for name, what in facts.event_refs:
+        if name.value not in facts.events:
+            yield fail(
+                "E106",
+                f"unknown event '{name.value}' ({what})",
+                name.span,
+                did_you_mean(name.value, facts.events)
+                or f"declare it with `event {name.value}` or use a declared event",
+            )
+
+
+def check_unhandled_events(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """W204: an event no state moves on (being ignored everywhere is not handling)."""
+    if not facts.references_resolve:
+        return
+    handled = {t.event.value for state in facts.machine.states for t in state.transitions}
+    handled.update(edge.ladder.event.value for edge in facts.retry_edges)
+    ignored = {n.value for state in facts.machine.states for i in state.ignores for n in i.events}
+    for event in facts.events.values():
+        name = event.name.value
+        if name not in handled:
+            only = " (it is only ever ignored)" if name in ignored else ""
+            yield fail(
+                "W204",
+                f"event '{name}' is declared but no state handles it{only}",
+                event.name.span,
+                f"add `on {name} -> State` where it should act, or remove the event",
+            )
+
+
+def check_emitted_events(
+    facts: Sequence[MachineFacts], directory: Mapping[str, Machine]
+) -> Iterator[Diagnostic]:
+    """E140: `emit Machine.Event` must name a machine that is checked or beside the file,
+    and one of its declared events; a bare `emit Event` means this machine."""
+    for fact in facts:
+        for ref in _emits(fact.machine):
+            target = fact.machine if ref.machine is None else directory.get(ref.machine.value)
+            if target is None:
+                assert ref.machine is not None
+                yield fail(
+                    "E140",
+                    f"emit to unknown machine '{ref.machine.value}'",
+                    ref.machine.span,
+                    did_you_mean(ref.machine.value, directory)
+                    or "machines are looked up among the checked files "
+                    "and the .fsm files beside this one",
+                )
+                continue
+            events = [e.name.value for e in target.events]
+            if ref.event.value not in events:
+                yield fail(
+                    "E140",
+                    f"machine '{target.name.value}' has no event '{ref.event.value}'",
+                    ref.event.span,
+                    did_you_mean(ref.event.value, events)
+                    or f"declare `event {ref.event.value}` in {target.path}",
+                )
+
+
+def _emits(machine: Machine) -> Iterator[EventRef]:
+    for state in machine.states:
+        for transition in state.transitions:
+            yield from transition.emits
+        for timer in state.timers:
+            yield from timer.emits
+        for escalation in state.escalations:
+            if escalation.end is not None:
+                yield from escalation.end.emits
+    for ladder in machine.retries:
+        if ladder.exhausted is not None:
+            yield from ladder.exhausted.emits
+
+
+# ---------------------------------------------------------------- rules: transitions
+
+
+def check_duplicate_transitions(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E107: the same state, event, guard and target written twice."""
+    for state, _, rows in facts.transition_groups:
+        seen: dict[tuple[str | None, str], Transition] = {}
+        for row in rows:
+            first = seen.setdefault((_guard_key(row), row.target.value), row)
+            if first is not row:
+                yield fail(
+                    "E107",
+                    f"transition on '{row.event.value}' -> '{row.target.value}' "
+                    f"in state '{state.name.value}' is written twice",
+                    row.event.span,
+                    f"the same row is at {_at(first.event.span)}; delete one",
+                )
+
+
+def check_nondeterminism(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E108: one state and event, the same guard (or none), different targets."""
+    for state, event, rows in facts.transition_groups:
+        first_by_guard: dict[str | None, Transition] = {}
+        for row in _distinct(rows):
+            guard = _guard_key(row)
+            if guard == "else":
+                continue  # several `else` rows are E110's
+            first = first_by_guard.setdefault(guard, row)
+            if first is not row:
+                how = "unguarded" if guard is None else f"both `{guard}`"
+                yield fail(
+                    "E108",
+                    f"state '{state.name.value}' moves on '{event}' to both "
+                    f"'{first.target.value}' ({_at(first.event.span)}) and "
+                    f"'{row.target.value}' ({how})",
+                    row.event.span,
+                    "give each row its own `when guard` and one `else`, or remove one",
+                )
+
+
+def check_retry_collisions(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E108: a retry ladder already decides what its event does in its states."""
+    lowered: dict[tuple[str, str], RetryEdge] = {}
+    for edge in facts.retry_edges:
+        key = (edge.source.value, edge.ladder.event.value)
+        first = lowered.setdefault(key, edge)
+        if first is not edge and first.ladder is not edge.ladder:
+            yield fail(
+                "E108",
+                f"retry ladders '{first.ladder.name.value}' and '{edge.ladder.name.value}' "
+                f"both move state '{edge.source.value}' on '{key[1]}'",
+                edge.origin,
+                f"'{first.ladder.name.value}' is at {_at(first.ladder.span)}; "
+                "a state can be in one ladder per event",
+            )
+    if not lowered:
+        return
+    for state in facts.machine.states:
+        for row in state.transitions:
+            ladder_edge = lowered.get((state.name.value, row.event.value))
+            if ladder_edge is None:
+                continue
+            ladder = ladder_edge.ladder
+            yield fail(
+                "E108",
+                f"retry ladder '{ladder.name.value}' already moves state "
+                f"'{state.name.value}' on '{row.event.value}' to '{ladder_edge.target.value}'",
+                row.event.span,
+                f"the ladder is at {_at(ladder.span)}; remove this row "
+                "or take the state out of the ladder",
+            )
+
+
+def check_unguarded_beside_guarded(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E109: intent must be written down with `else`."""
+    for state, event, rows in facts.transition_groups:
+        distinct = _distinct(rows)
+        if not any(row.guard is not None for row in distinct):
+            continue
+        for row in distinct:
+            if row.guard is None:
+                yield fail(
+                    "E109",
+                    f"unguarded transition on '{event}' in state '{state.name.value}' "
+                    "beside guarded ones",
+                    row.event.span,
+                    "make it the default branch with `else`, or give it a `when guard`",
+                )
+
+
+def check_else_branches(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E110: at most one `else`, and only as the default of guarded rows."""
+    for state, event, rows in facts.transition_groups:
+        distinct = _distinct(rows)
+        elses = [row.guard for row in distinct if row.guard and row.guard.is_else]
+        if not elses:
+            continue
+        has_guarded = any(_guard_key(row) not in (None, "else") for row in distinct)
+        if not has_guarded:
+            yield fail(
+                "E110",
+                f"`else` on '{event}' in state '{state.name.value}' "
+                "has no guarded row to be the default of",
+                elses[0].span,
+                "drop `else` (a single row needs no guard) or add a `when guard` row",
+            )
+        for extra in elses[1:]:
+            yield fail(
+                "E110",
+                f"second `else` on '{event}' in state '{state.name.value}'",
+                extra.span,
+                f"the first `else` is at {_at(elses[0].span)}; keep one default branch",
+            )
+
+
+def check_handled_and_ignored(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E112: a state cannot both act on an event and ignore it."""
+    ladder_events: dict[str, set[str]] = defaultdict(set)
+    for edge in facts.retry_edges:
+        ladder_events[edge.source.value].add(edge.ladder.event.value)
+    for state in facts.machine.states:
+        if not state.ignores:
+            continue
+        handled = {t.event.value for t in state.transitions}
+        handled |= ladder_events.get(state.name.value, set())
+        for ignore in state.ignores:
+            for name in ignore.events:
+                if name.value in handled:
+                    yield fail(
+                        "E112",
+                        f"state '{state.name.value}' both handles and ignores '{name.value}'",
+                        name.span,
+                        "remove it from `ignore`, or remove the transition",
+                    )
+
+
+def check_final_states(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E111: nothing leaves a final state."""
+    for state in facts.machine.states:
+        if not state.final:
+            continue
+        name = state.name.value
+        hint = f"a final state ends the instance; drop `final` from '{name}' or remove this"
+        for transition in state.transitions:
+            yield fail(
+                "E111", f"final state '{name}' has a transition", transition.event.span, hint
+            )
+        for timer in state.timers:
+            yield fail("E111", f"final state '{name}' has a timer", timer.after.span, hint)
+        for escalation in state.escalations:
+            yield fail(
+                "E111",
+                f"final state '{name}' has an escalation",
+                _escalation_span(escalation),
+                hint,
+            )
+    for ladder in facts.machine.retries:
+        for entry in ladder.entry_states:
+            if entry.value in facts.final_names:
+                yield fail(
+                    "E111",
+                    f"final state '{entry.value}' is an entry of retry ladder "
+                    f"'{ladder.name.value}'",
+                    entry.span,
+                    "a final state ends the instance; a failure there cannot be retried",
+                )
+
+
+# ---------------------------------------------------------------- rules: ladders
+
+
+def check_ladder_order(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E120: steps strictly later than the previous one, the end after the last step."""
+    for state in facts.machine.states:
+        for escalation in state.escalations:
+            times = [step.after for step in escalation.steps]
+            if escalation.end is not None:
+                times.append(escalation.end.after)
+            yield from _not_increasing(times, "escalation")
+    for ladder in facts.machine.retries:
+        yield from _not_increasing([step.after for step in ladder.steps], "retry")
+
+
+def _not_increasing(times: list[Duration], kind: str) -> Iterator[Diagnostic]:
+    for before, after in itertools.pairwise(times):
+        if after.millis <= before.millis:
+            yield fail(
+                "E120",
+                f"{kind} ladder step at {after.text} is not later than the one before "
+                f"({before.text})",
+                after.span,
+                f"each step must come strictly after the previous one ({before.text})",
+            )
+
+
+def check_escalation_deadlines(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E121: a step's `within` deadline ends before the next step (or the end) fires."""
+    for state in facts.machine.states:
+        for escalation in state.escalations:
+            times = [step.after for step in escalation.steps]
+            if escalation.end is not None:
+                times.append(escalation.end.after)
+            for index, step in enumerate(escalation.steps):
+                if step.within is None or index + 1 >= len(times):
+                    continue
+                following = times[index + 1]
+                due = step.after.millis + step.within.millis
+                if due > following.millis:
+                    room = following.millis - step.after.millis
+                    ends = _duration_text(due, step.within)
+                    yield fail(
+                        "E121",
+                        f"deadline {step.within.text} of the step at {step.after.text} runs "
+                        f"to {ends}, past the next step at {following.text}",
+                        step.within.span,
+                        f"shorten it to at most {_duration_text(max(room, 0), step.within)} "
+                        "or move the next step later",
+                    )
+
+
+def check_ladder_states(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E122: ladder ends and steps that cannot work (undeclared names are E104's)."""
+    for state in facts.machine.states:
+        for escalation in state.escalations:
+            end = escalation.end
+            if not escalation.steps and end is None:
+                yield fail(
+                    "E122",
+                    f"escalation in state '{state.name.value}' is empty",
+                    _escalation_span(escalation),
+                    "add `after D notify queue Q` steps and/or an `after D -> State` end",
+                )
+            if end is not None and end.target.value == state.name.value:
+                yield fail(
+                    "E122",
+                    f"escalation end returns to its own state '{state.name.value}'",
+                    end.target.span,
+                    "re-entering the state restarts the ladder forever; end in another state",
+                )
+    for ladder in facts.machine.retries:
+        yield from _retry_ladder_states(facts, ladder)
+
+
+def _retry_ladder_states(facts: MachineFacts, ladder: RetryLadder) -> Iterator[Diagnostic]:
+    label = f"retry ladder '{ladder.name.value}'"
+    if not ladder.steps:
+        yield fail(
+            "E122",
+            f"{label} has no steps",
+            ladder.name.span,
+            "add `step State after D do retry_action` lines",
+        )
+    if ladder.exhausted is None:
+        yield fail(
+            "E122",
+            f"{label} has no `exhausted -> State` end",
+            ladder.name.span,
+            "say where a failure in the last step goes: `exhausted -> State`",
+        )
+    entries: dict[str, Name] = {}
+    for entry in ladder.entry_states:
+        first = entries.setdefault(entry.value, entry)
+        if first is not entry:
+            yield fail(
+                "E122",
+                f"state '{entry.value}' is listed twice in `from` of {label}",
+                entry.span,
+                "list each entry state once",
+            )
+    steps: dict[str, Name] = {}
+    for step in ladder.steps:
+        name = step.state.value
+        first = steps.setdefault(name, step.state)
+        if first is not step.state:
+            yield fail(
+                "E122",
+                f"state '{name}' is used for two steps of {label}",
+                step.state.span,
+                f"it is already step at {_at(first.span)}; every step needs its own state",
+            )
+        elif name in entries:
+            yield fail(
+                "E122",
+                f"step state '{name}' is also an entry state of {label}",
+                step.state.span,
+                "a step state must be a state of its own, entered only by the ladder",
+            )
+        elif name in facts.final_names:
+            yield fail(
+                "E122",
+                f"step state '{name}' of {label} is final",
+                step.state.span,
+                "a step waits for the retry to succeed or fail again; it cannot be final",
+            )
+    if ladder.exhausted is not None and ladder.exhausted.target.value in steps:
+        target = ladder.exhausted.target
+        yield fail(
+            "E122",
+            f"{label} is exhausted into its own step '{target.value}'",
+            target.span,
+            "exhausted must lead out of the ladder, e.g. to a collections or failed state",
+        )
+
+
+# ---------------------------------------------------------------- rules: reachability
+
+
+def check_unreachable_states(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """W201: no path of transitions, timers, escalation ends or retry steps from initial."""
+    if facts.initial is None or not facts.references_resolve:
+        return
+    start = facts.initial.name.value
+    for name, state in facts.states.items():
+        if name not in facts.reachable:
+            yield fail(
+                "W201",
+                f"state '{name}' cannot be reached from the initial state '{start}'",
+                state.name.span,
+                "add a transition, timer, escalation or retry step into it, or remove it",
+            )
+
+
+def check_final_reachability(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """W203 dead ends, and W202 states that can never finish (unless `perpetual`)."""
+    if facts.initial is None or not facts.references_resolve:
+        return
+    machine, moves = facts.machine, facts.moves
+    reachable = facts.reachable
+    finishing = reaching(moves, facts.final_names)
+    if not facts.final_names and not machine.perpetual:
+        yield fail(
+            "W202",
+            f"machine '{machine.name.value}' has no final state",
+            machine.name.span,
+            "mark where instances end with `final state`, or declare the machine "
+            "`perpetual` if it runs forever",
+        )
+    for name, state in facts.states.items():
+        if name not in reachable or state.final or state.perpetual:
+            continue
+        if moves.out_degree(name) == 0:
+            yield fail(
+                "W203",
+                f"state '{name}' is a dead end: nothing leaves it and it is not final",
+                state.name.span,
+                "add a transition or timer out of it, or mark it `final` or `perpetual`",
+            )
+        elif facts.final_names and not machine.perpetual and name not in finishing:
+            yield fail(
+                "W202",
+                f"no final state can be reached from state '{name}'",
+                state.name.span,
+                "add a way out towards a final state, or mark the state `perpetual`",
+            )
+
+
+# ---------------------------------------------------------------- rules: names
+
+
+# Soft keywords (3.12 adds `type`) are legal identifiers, but generated code reads badly with
+# them; lowering's own rule (lower.name_problem) covers everything that would not compile.
+_SOFT_KEYWORDS = frozenset(keyword.softkwlist) | {"type"}
+_PYTHON_ROLES = frozenset({"machine", "state", "event", "field", "guard", "action"})
+
+
+def check_python_names(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E130: names that become identifiers, enum members or fields in generated code."""
+    for name, role in named_things(facts.machine):
+        why = name_problem(name.value, role)
+        if why is None and role in _PYTHON_ROLES and name.value in _SOFT_KEYWORDS:
+            why = "is a Python soft keyword"
+        if why is not None:
+            yield fail(
+                "E130",
+                f"{role} name '{name.value}' {why}",
+                name.span,
+                f"rename it, for example '{name.value.strip('_') or 'x'}_{role}'",
+            )
+
+
+def check_ladder_name_collisions(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E131: generated tables key retry ladders by name, escalations by state and name."""
+    groups: list[list[Name]] = [
+        [e.name for e in state.escalations if e.name is not None] for state in facts.machine.states
+    ]
+    groups.append([ladder.name for ladder in facts.machine.retries])
+    for names in groups:
+        seen: dict[str, Name] = {}
+        for name in names:
+            first = seen.setdefault(name.value, name)
+            if first is not name:
+                yield fail(
+                    "E131",
+                    f"two ladders are named '{name.value}'",
+                    name.span,
+                    f"the other is at {_at(first.span)}; generated tables key ladders by name",
+                )
+
+
+def check_module_names(
+    facts: Sequence[MachineFacts], directory: Mapping[str, Machine]
+) -> Iterator[Diagnostic]:
+    """E131: two machines that would generate the same module."""
+    seen: dict[str, Machine] = {}
+    for fact in sorted(facts, key=lambda f: f.machine.span.sort_key()):
+        module = snake_case(fact.machine.name.value)
+        first = seen.setdefault(module, fact.machine)
+        if first is not fact.machine:
+            yield fail(
+                "E131",
+                f"machine '{fact.machine.name.value}' generates module '{module}', "
+                f"like machine '{first.name.value}' in {first.path}",
+                fact.machine.name.span,
+                "rename one of the machines",
+            )
+
+
+def check_file_name(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """W206: machines/quota_sla.fsm holds `machine QuotaSla`."""
+    machine = facts.machine
+    path = Path(machine.path)
+    expected = snake_case(machine.name.value)
+    if path.suffix == ".fsm" and path.stem != expected:
+        yield fail(
+            "W206",
+            f"machine '{machine.name.value}' is in '{path.name}', expected '{expected}.fsm'",
+            machine.name.span,
+            f"rename the file to {expected}.fsm (or the machine to match the file)",
+        )
+
+
+# ---------------------------------------------------------------- suppressions
+
+
+def _suppressible(code: str) -> bool:
+    return code in CODES and CODES[code][0] is Severity.WARNING and code != "W205"
+
+
+def check_suppression_codes(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E005: only warnings can be allowed; errors must be fixed."""
+    for suppression, _ in _suppression_sites(facts.machine):
+        if suppression.code in CODES and not _suppressible(suppression.code):
+            yield fail(
+                "E005",
+                f"{suppression.code} cannot be suppressed",
+                suppression.span,
+                "only warnings (W2xx, except W205) can be allowed; errors must be fixed",
+            )
+
+
+def _suppression_sites(machine: Machine) -> Iterator[tuple[Suppression, SourceSpan | None]]:
+    """Each `@allow` with the span it covers (None: the whole file)."""
+    for suppression in machine.suppressions:
+        yield suppression, None
+    groups: list[Sequence[Event | RetryLadder | State | Transition | Timer | Ignore | Escalation]]
+    groups = [machine.events, machine.retries, machine.states]
+    for state in machine.states:
+        groups.extend((state.transitions, state.timers, state.ignores, state.escalations))
+    for items in groups:
+        for item in items:
+            for suppression in item.suppressions:
+                yield suppression, item.span
+
+
+def _contains(outer: SourceSpan, inner: SourceSpan) -> bool:
+    return (outer.line, outer.column) <= (inner.line, inner.column) and (
+        inner.end_line,
+        inner.end_column,
+    ) <= (outer.end_line, outer.end_column)
+
+
+def _apply_suppressions(
+    machines: Sequence[Machine], found: Iterable[Diagnostic], skipped: set[tuple[str, str]]
+) -> list[Diagnostic]:
+    """Drops allowed findings; every `@allow` that matched nothing becomes W205, unless its
+    rule was skipped for that file (`skipped` holds (path, code))."""
+    sites: dict[tuple[str, str], list[tuple[Suppression, SourceSpan | None]]] = defaultdict(list)
+    for machine in machines:
+        for suppression, covered in _suppression_sites(machine):
+            # One without a reason is already E005 and allows nothing.
+            if _suppressible(suppression.code) and suppression.reason.strip():
+                sites[(machine.path, suppression.code)].append((suppression, covered))
+    used: set[int] = set()
+    kept: list[Diagnostic] = []
+    for diagnostic in found:
+        candidates = sites.get((diagnostic.span.path, diagnostic.code), [])
+        match = next((s for s, c in candidates if c is None or _contains(c, diagnostic.span)), None)
+        if match is None:
+            kept.append(diagnostic)
+        else:
+            used.add(id(match))
+    for (path, code), candidates in sites.items():
+        if (path, code) in skipped:
+            continue
+        for suppression, _ in candidates:
+            if id(suppression) not in used:
+                kept.append(
+                    fail(
+                        "W205",
+                        f"@allow({suppression.code}) matches no finding",
+                        suppression.span,
+                        "remove it, or move it onto the item that has the finding",
+                    )
+                )
+    return kept
+
+
+# ---------------------------------------------------------------- running the rules
+
+MachineRule = Callable[[MachineFacts], Iterable[Diagnostic]]
+CrossRule = Callable[[Sequence[MachineFacts], Mapping[str, Machine]], Iterable[Diagnostic]]
+
+MACHINE_RULES: tuple[MachineRule, ...] = (
+    check_initial_state,
+    check_duplicate_states,
+    check_duplicate_events,
+    check_duplicate_fields,
+    check_duplicate_literals,
+    check_initial_and_final,
+    check_timers,
+    check_unknown_states,
+    check_unknown_events,
+    check_unhandled_events,
+    check_duplicate_transitions,
+    check_nondeterminism,
+    check_retry_collisions,
+    check_unguarded_beside_guarded,
+    check_else_branches,
+    check_handled_and_ignored,
+    check_final_states,
+    check_ladder_order,
+    check_escalation_deadlines,
+    check_ladder_states,
+    check_unreachable_states,
+    check_final_reachability,
+    check_python_names,
+    check_ladder_name_collisions,
+    check_file_name,
+    check_suppression_codes,
+)
+
+CROSS_RULES: tuple[CrossRule, ...] = (check_module_names, check_emitted_events)
+
+
+def check_machines(
+    machines: Sequence[Machine], *, known: Sequence[Machine] = ()
+) -> list[Diagnostic]:
+    """Every rule over `machines`, cross-machine ones included, suppressions applied.
+
+    `known` are further machines that `emit` may name but that are not checked themselves."""
+    facts = [MachineFacts(machine) for machine in machines]
+    directory: dict[str, Machine] = {}
+    for machine in [*machines, *known]:
+        directory.setdefault(machine.name.value, machine)
+    found: list[Diagnostic] = []
+    with paused_gc():
+        for fact in facts:
+            for rule in MACHINE_RULES:
+                found.extend(rule(fact))
+        for cross in CROSS_RULES:
+            found.extend(cross(facts, directory))
+    skipped = {(fact.machine.path, code) for fact in facts for code in _skipped_rules(fact)}
+    return sorted(_apply_suppressions(machines, found, skipped), key=Diagnostic.sort_key)
+
+
+def _skipped_rules(facts: MachineFacts) -> tuple[str, ...]:
+    """Codes whose rules did not run, so an `@allow` of them cannot be called unused."""
+    if not facts.references_resolve:
+        return ("W201", "W202", "W203", "W204")
+    if facts.initial is None:
+        return ("W201", "W202", "W203")
+    return ()
+
+
+def check_paths(paths: Sequence[str | Path]) -> CheckReport:
+    """Reads, parses and checks files and folders of *.fsm files; never raises for bad input."""
+    sources: dict[str, SourceFile] = {}
+    machines: list[Machine] = []
+    diagnostics: list[Diagnostic] = []
+    files, expansion_findings = _expand(paths)
+    diagnostics.extend(expansion_findings)
+    for file in files:
+        source = read_source(file)
+        sources[source.path] = source
+        machine, parsed = parse_source(source)
+        diagnostics.extend(parsed)
+        if machine is not None:
+            machines.append(machine)
+    diagnostics.extend(check_machines(machines, known=_sibling_machines(machines)))
+    diagnostics.sort(key=Diagnostic.sort_key)
+    return CheckReport(sources=sources, machines=machines, diagnostics=diagnostics)
+
+
+def _expand(paths: Sequence[str | Path]) -> tuple[list[str], list[Diagnostic]]:
+    """Folders become their *.fsm files (recursively, sorted, hidden folders skipped);
+    anything else is read as given, so a missing path becomes E003 when read."""
+    files: list[str] = []
+    findings: list[Diagnostic] = []
+    seen: set[str] = set()
+
+    def add(path: str) -> None:
+        key = os.path.normcase(os.path.abspath(path))
+        if key not in seen:
+            seen.add(key)
+            files.append(path)
+
+    for raw in paths:
+        path = str(raw)
+        if not os.path.isdir(path):
+            add(path)
+            continue
+        found = _fsm_files(path)
+        if not found:
+            findings.append(
+                fail(
+                    "W207",
+                    f"{path} holds no .fsm files",
+                    SourceSpan.point(path),
+                    "machine files end in .fsm; check the folder name",
+                )
+            )
+        for file in found:
+            add(file)
+    return files, findings
+
+
+def _fsm_files(folder: str) -> list[str]:
+    found: list[str] = []
+    # os.walk does not follow symlinked folders, so a link loop cannot trap it.
+    for root, dirs, names in os.walk(folder, onerror=lambda _: None):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(root, n) for n in sorted(names) if n.endswith(".fsm"))
+    return sorted(found)
+
+
+def _sibling_machines(machines: Sequence[Machine]) -> list[Machine]:
+    """Machines that `emit` names but that were not passed: looked up, quietly, among the
+    .fsm files in the folder of the emitting file (its parse errors are not ours to report)."""
+    checked = {machine.name.value for machine in machines}
+    by_folder: dict[Path, dict[str, Machine]] = {}
+    found: dict[str, Machine] = {}
+    for machine in machines:
+        wanted = {
+            ref.machine.value
+            for ref in _emits(machine)
+            if ref.machine is not None and ref.machine.value not in checked
+        }
+        if not wanted - set(found):
+            continue
+        folder = Path(machine.path).parent
+        if folder not in by_folder:
+            by_folder[folder] = _machines_in(folder)
+        for name in sorted(wanted):
+            sibling = by_folder[folder].get(name)
+            if sibling is not None:
+                found.setdefault(name, sibling)
+    return list(found.values())
+
+
+def _machines_in(folder: Path) -> dict[str, Machine]:
+    machines: dict[str, Machine] = {}
+    try:
+        candidates = sorted(p for p in folder.iterdir() if p.suffix == ".fsm" and p.is_file())
+    except OSError:
+        return machines
+    for path in candidates:
+        machine, _ = parse_source(read_source(path))
+        if machine is not None:
+            machines.setdefault(machine.name.value, machine)
+    return machines
