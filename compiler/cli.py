@@ -30,7 +30,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .build import build
     from .report import render_text
 
-    result = build(args.paths, Path(args.out), check_only=args.check, svg=not args.no_svg)
+    result = build(
+        args.paths, Path(args.out), check_only=args.check, svg=not args.no_svg, strict=args.strict
+    )
     if result.report.failed(strict=args.strict):
         sys.stderr.write(render_text(result.report) + "\n")
         return EXIT_FINDINGS

@@ -1,0 +1,237 @@
+"""`autonomic build`: check every machine, then write its module and diagrams, or (--check)
+compare what would be written with what is there, changing nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checks import CheckReport, check_paths
+from .codegen import COMPILER_VERSION, generate_tables, ruff_format
+from .diagram import (
+    DiagramToolFailed,
+    build_diagram,
+    dot_available,
+    render_dot,
+    render_mermaid,
+    render_svg,
+    visible,
+)
+from .errors import Diagnostic
+from .lower import LoweringError, MachineTables, cycle_collection_paused, lower
+from .model import Machine
+
+# Files in the output folder that the build neither writes nor calls orphaned.
+KEPT_NAMES = frozenset({"py.typed", "__pycache__"})
+PROJECT_MARKERS = ("pyproject.toml", ".git")
+
+
+@dataclass
+class BuildResult:
+    report: CheckReport
+    written: list[Path] = field(default_factory=list)
+    stale: list[Path] = field(default_factory=list)
+    missing: list[Path] = field(default_factory=list)
+    orphaned: list[Path] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+
+
+def build(
+    sources: Sequence[str | Path],
+    out: Path,
+    *,
+    check_only: bool = False,
+    svg: bool = True,
+    strict: bool = False,
+) -> BuildResult:
+    """Checks all machines first; any error (any finding with `strict`) means nothing is
+    written. Otherwise writes, atomically and only where the bytes changed, or with
+    `check_only` lists stale, missing and orphaned files instead."""
+    report = check_paths(sources)
+    result = BuildResult(report)
+    if report.failed(strict):
+        return result
+    draw_svg = svg and dot_available()
+    if svg and not draw_svg:
+        result.notices.append(
+            "Graphviz `dot` not found: SVG diagrams skipped (install graphviz to draw them)"
+        )
+    try:
+        outputs = render_outputs(report.machines, draw_svg=draw_svg, notices=result.notices)
+    except LoweringError as exc:
+        _add_findings(report, exc.diagnostics)
+        return result
+    out = Path(out)
+    # Without dot, SVGs are neither produced nor judged: a reviewer without Graphviz can
+    # still run `build --check` on a tree whose SVGs were drawn elsewhere.
+    unjudged = set() if draw_svg else {".svg"}
+    result.orphaned = _orphans(out, outputs, unjudged)
+    if check_only:
+        for name, data in outputs.items():
+            path = out / name
+            if not path.is_file():
+                result.missing.append(path)
+            elif path.read_bytes() != data:
+                result.stale.append(path)
+        return result
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in outputs.items():
+        path = out / name
+        if write_if_changed(path, data):
+            result.written.append(path)
+    result.notices.extend(
+        f"{path} is not produced by this build: delete it if it is left over"
+        for path in result.orphaned
+    )
+    return result
+
+
+def render_outputs(
+    machines: Sequence[Machine], *, draw_svg: bool, notices: list[str] | None = None
+) -> dict[str, bytes]:
+    """Every file of the output folder by name, in a stable order."""
+    with cycle_collection_paused():
+        return _render_outputs(machines, draw_svg=draw_svg, notices=notices)
+
+
+def _render_outputs(
+    machines: Sequence[Machine], *, draw_svg: bool, notices: list[str] | None
+) -> dict[str, bytes]:
+    tables = sorted((lower(m, display_path(m.path)) for m in machines), key=lambda t: t.module)
+    outputs: dict[str, bytes] = {}
+    for t in tables:
+        diagram = build_diagram(t)
+        dot = render_dot(diagram)
+        outputs[f"{t.module}.py"] = generate_tables(t).encode("utf-8")
+        outputs[f"{t.module}.dot"] = dot.encode("utf-8")
+        outputs[f"{t.module}.mmd"] = render_mermaid(diagram).encode("utf-8")
+        if draw_svg:
+            try:
+                outputs[f"{t.module}.svg"] = render_svg(dot)
+            except DiagramToolFailed as exc:
+                if notices is not None:
+                    notices.append(f"{t.module}.svg not drawn: {exc}")
+    diagrams = {t.module: outputs[f"{t.module}.mmd"] for t in tables}
+    outputs["README.md"] = render_index(tables, diagrams)
+    outputs["__init__.py"] = render_package_init(tables).encode("utf-8")
+    return outputs
+
+
+def display_path(path: str) -> str:
+    """How generated files name a source: relative to the project (the nearest folder above
+    it holding pyproject.toml or .git), with forward slashes, so the bytes do not depend on
+    where the build runs. Outside any project: the path as given, or its name if absolute."""
+    given = Path(path)
+    absolute = given.resolve()
+    for folder in absolute.parents:
+        if any((folder / marker).exists() for marker in PROJECT_MARKERS):
+            return absolute.relative_to(folder).as_posix()
+    return given.name if given.is_absolute() else given.as_posix()
+
+
+def render_package_init(tables: Sequence[MachineTables]) -> str:
+    modules = ", ".join(repr(t.module) for t in tables)
+    trailing = "," if len(tables) == 1 else ""
+    return ruff_format(
+        '"""Generated governor modules, one per machine file: written by `autonomic build`,'
+        ' do not edit."""\n\n'
+        f"MODULES: tuple[str, ...] = ({modules}{trailing})\n"
+    )
+
+
+def render_index(tables: Sequence[MachineTables], mermaid: dict[str, bytes]) -> bytes:
+    """README.md: a table of the machines, then each machine's Mermaid diagram, which GitHub
+    renders in place."""
+    lines = [
+        "# Generated governors",
+        "",
+        f"Written by `autonomic build` (autonomic {COMPILER_VERSION}) from the machine files"
+        " below. Do not edit these files: change the machine file and run `autonomic build`.",
+        "",
+        "| Machine | Source | Module | Diagrams | States | Events |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for t in tables:
+        lines.append(
+            f"| {t.name} | {markdown_code(t.source_path)} | [`{t.module}.py`]({t.module}.py) "
+            f"| [DOT]({t.module}.dot), [SVG]({t.module}.svg), [Mermaid]({t.module}.mmd) "
+            f"| {len(t.states)} | {len(t.events)} |"
+        )
+    for t in tables:
+        lines += ["", f"## {t.name}", ""]
+        if t.doc:
+            lines += [markdown_text(t.doc), ""]
+        lines += [
+            f"Source {markdown_code(t.source_path)}, sha256 `{t.source_sha256}`.",
+            "",
+            "```mermaid",
+            mermaid[t.module].decode("utf-8").rstrip("\n"),
+            "```",
+        ]
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+# Characters Markdown (or the HTML inside it) reads anywhere in a line; `|` splits table cells.
+_MARKDOWN_ESCAPES = {"<": "&lt;", ">": "&gt;", "&": "&amp;"} | {
+    ch: "\\" + ch for ch in "\\`*_[]|~#"
+}
+_MARKDOWN_LINE_START = re.compile(r"[-+=]|[0-9]+[.)]")
+
+
+def markdown_text(text: str) -> str:
+    """Plain text for Markdown: one line, control characters made visible, and every
+    character Markdown or HTML would read escaped."""
+    escaped = "".join(_MARKDOWN_ESCAPES.get(ch, ch) for ch in visible(text))
+    if _MARKDOWN_LINE_START.match(escaped):  # a list item or heading underline otherwise
+        escaped = "\\" + escaped
+    return escaped
+
+
+def markdown_code(text: str) -> str:
+    """A code span, unless the text holds what a code span cannot (backticks, table pipes,
+    invisible characters): then escaped plain text."""
+    if "`" in text or "|" in text or visible(text) != text:
+        return markdown_text(text)
+    return f"`{text}`"
+
+
+def _orphans(out: Path, outputs: dict[str, bytes], unjudged: set[str]) -> list[Path]:
+    if not out.is_dir():
+        return []
+    return sorted(
+        entry
+        for entry in out.iterdir()
+        if entry.name not in outputs
+        and entry.name not in KEPT_NAMES
+        and not entry.name.startswith(".")
+        and entry.suffix not in unjudged
+    )
+
+
+def write_if_changed(path: Path, data: bytes) -> bool:
+    """Atomic: a reader sees the old file or the new one, never half of one."""
+    with contextlib.suppress(OSError):
+        if path.read_bytes() == data:
+            return False
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    return True
+
+
+def _add_findings(report: CheckReport, found: list[Diagnostic]) -> None:
+    report.diagnostics.extend(found)
+    report.diagnostics.sort(key=Diagnostic.sort_key)

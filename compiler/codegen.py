@@ -1,0 +1,402 @@
+"""Tables -> Python source of a governor module, through one jinja2 template per construct.
+
+Safety rests on two rules, enforced here rather than trusted to the templates: a value
+reaches the output only through a filter, and a filter emits either a name that passes the
+identifier rule or a `repr()`. The environment's `finalize` rejects anything a filter did not
+vet, so a template that forgets a filter fails loudly instead of pasting raw text.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import unicodedata
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from . import __version__
+from .lower import (
+    ELSE,
+    EmitRow,
+    FieldRow,
+    MachineTables,
+    NameRole,
+    NotifyRow,
+    Ref,
+    cycle_collection_paused,
+    lower,
+    name_problem,
+)
+from .model import Machine
+
+COMPILER_VERSION = __version__
+
+# The one module generated code imports from.
+CONTRACT_MODULE = "autonomic.runtime.tables"
+LINE_LENGTH = 100
+
+_DURATION = re.compile(r"[0-9]+(ms|s|m|h|d)\Z")
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+_VERSION = re.compile(r"[0-9A-Za-z.+_-]+\Z")
+# Paths shown inside the header docstring; anything else is named through SOURCE_PATH only.
+_DOC_SAFE_PATH = re.compile(r"[A-Za-z0-9_./@+-]+\Z")
+
+_SCALAR_TYPES = {
+    "str": "str",
+    "int": "int",
+    "decimal": "Decimal",
+    "bool": "bool",
+    "datetime": "datetime",
+}
+TIMER_KINDS = ("timeout", "escalation_step", "escalation_end", "retry_step")
+
+
+class CodegenError(Exception):
+    """Generated source failed a safety or syntax check: a compiler bug, never user error."""
+
+
+class Code(str):
+    """Text a filter vetted for the generated module."""
+
+    __slots__ = ()
+
+
+def _require_name(name: object, role: NameRole) -> str:
+    if not isinstance(name, str):
+        raise CodegenError(f"{role} name must be a string, got {type(name).__name__}")
+    why = name_problem(name, role)
+    if why is not None:
+        raise CodegenError(f"{role} name {name!r} {why}")
+    return name
+
+
+def py(value: object) -> Code:
+    """A Python literal for plain data: str, int, bool, None, or a tuple of those."""
+    if value is None or isinstance(value, bool | int | str):
+        return Code(repr(value))
+    if isinstance(value, tuple):
+        return _tuple([py(v) for v in value])
+    raise CodegenError(f"cannot write a {type(value).__name__} into generated code")
+
+
+def _tuple(items: list[Code]) -> Code:
+    # No trailing comma after several items: ruff would take it as "keep this expanded".
+    if len(items) == 1:
+        return Code(f"({items[0]},)")
+    return Code("(" + ", ".join(items) + ")")
+
+
+def ident(name: object) -> Code:
+    """A bare name: a generated class or constant name built from a checked identifier."""
+    return Code(_require_name(name, "name"))
+
+
+def state_member(name: object) -> Code:
+    return Code("State." + _require_name(name, "state"))
+
+
+def event_member(name: object) -> Code:
+    return Code("Event." + _require_name(name, "event"))
+
+
+def enum_member(name: object, role: NameRole) -> Code:
+    return Code(_require_name(name, role))
+
+
+def payload_class(event: object) -> Code:
+    return Code(_require_name(event, "event") + "Payload")
+
+
+def field_name(name: object) -> Code:
+    return Code(_require_name(name, "field"))
+
+
+def annotation(field: FieldRow) -> Code:
+    """The type of one payload field: a fixed type name, or Literal[...] of repr'd strings."""
+    if field.kind == "enum":
+        text = "Literal[" + ", ".join(py(lit) for lit in field.literals) + "]"
+    else:
+        text = _SCALAR_TYPES[field.kind]
+    return Code(f"{text} | None = None" if field.optional else text)
+
+
+def source_ref(ref: Ref, path: str) -> Code:
+    """A SourceRef; every ref of a module names its SOURCE_PATH constant."""
+    if ref.path != path:
+        raise CodegenError(f"reference into {ref.path!r} inside a module generated from {path!r}")
+    return Code(f"SourceRef(SOURCE_PATH, {int(ref.line)}, {int(ref.column)})")
+
+
+def emits(rows: tuple[EmitRow, ...]) -> Code:
+    return _tuple(
+        [
+            Code(f"Emit({name_string(r.machine, 'emit')}, {name_string(r.event, 'emit')})")
+            for r in rows
+        ]
+    )
+
+
+def name_string(name: object, role: NameRole) -> Code:
+    """A checked name as a string literal (guard and action names, mapping keys)."""
+    return py(_require_name(name, role))
+
+
+def guard(value: object) -> Code:
+    if value is None:
+        return Code("None")
+    if value == ELSE:
+        return Code("ELSE")
+    return name_string(value, "guard")
+
+
+def retry_step(step: object) -> Code:
+    """Comment text naming the retry step a row enters."""
+    if step is None:
+        return Code("exhausted")
+    if isinstance(step, int) and not isinstance(step, bool):
+        return Code(f"step {step}")
+    raise CodegenError(f"not a retry step: {step!r}")
+
+
+def optional_state(name: object) -> Code:
+    return Code("None") if name is None else state_member(name)
+
+
+def state_set(values: tuple[str, ...]) -> Code:
+    if not values:
+        return Code("frozenset()")
+    return Code("frozenset({" + ", ".join(state_member(v) for v in values) + "})")
+
+
+def event_set(values: tuple[str, ...]) -> Code:
+    if not values:
+        return Code("frozenset()")
+    return Code("frozenset({" + ", ".join(event_member(v) for v in values) + "})")
+
+
+def state_tuple(values: tuple[str, ...]) -> Code:
+    return _tuple([state_member(v) for v in values])
+
+
+def timer_kind(kind: object) -> Code:
+    if kind not in TIMER_KINDS:
+        raise CodegenError(f"unknown timer kind {kind!r}")
+    return py(kind)
+
+
+def names(values: tuple[str, ...], role: NameRole = "action") -> Code:
+    """A tuple of checked names as strings (actions)."""
+    return _tuple([name_string(v, role) for v in values])
+
+
+def notify(row: NotifyRow) -> Code:
+    kind = row.kind if row.kind in ("queue", "role") else None
+    if kind is None:
+        raise CodegenError(f"unknown recipient kind {row.kind!r}")
+    recipient = _require_name(row.recipient, "recipient")
+    return Code(
+        f"Notify(kind={py(kind)}, recipient={py(recipient)}, "
+        f"within_ms={py(row.within_ms)}, message={py(row.message)})"
+    )
+
+
+def optional_notify(row: NotifyRow | None) -> Code:
+    return Code("None") if row is None else notify(row)
+
+
+def duration(text: object) -> Code:
+    """A duration as written (`72h`), for comments beside millisecond values."""
+    if not isinstance(text, str) or not _DURATION.match(text):
+        raise CodegenError(f"not a duration: {text!r}")
+    return Code(text)
+
+
+def doc_path(path: object) -> Code:
+    """The source path for the header docstring, when it holds no character worth escaping."""
+    if isinstance(path, str) and _DOC_SAFE_PATH.match(path):
+        return Code(path)
+    return Code("(see SOURCE_PATH)")
+
+
+def sha256(value: object) -> Code:
+    if not isinstance(value, str) or not _SHA256.match(value):
+        raise CodegenError(f"not a sha256 digest: {value!r}")
+    return Code(value)
+
+
+def version(value: object) -> Code:
+    if not isinstance(value, str) or not _VERSION.match(value):
+        raise CodegenError(f"not a version: {value!r}")
+    return Code(value)
+
+
+def _only_vetted(value: Any) -> Any:
+    if isinstance(value, Code):
+        return value
+    raise CodegenError(f"template printed an unfiltered {type(value).__name__}: {value!r:.60}")
+
+
+FILTERS: dict[str, Callable[..., Code]] = {
+    "py": py,
+    "ident": ident,
+    "state": state_member,
+    "event": event_member,
+    "member": enum_member,
+    "payload_class": payload_class,
+    "field_name": field_name,
+    "annotation": annotation,
+    "source_ref": source_ref,
+    "emits": emits,
+    "names": names,
+    "name_string": name_string,
+    "guard": guard,
+    "retry_step": retry_step,
+    "optional_state": optional_state,
+    "optional_notify": optional_notify,
+    "state_set": state_set,
+    "event_set": event_set,
+    "state_tuple": state_tuple,
+    "timer_kind": timer_kind,
+    "notify": notify,
+    "duration": duration,
+    "doc_path": doc_path,
+    "sha256": sha256,
+    "version": version,
+}
+
+
+@cache
+def template_environment() -> jinja2.Environment:
+    """The one environment: strict about undefined names, filters registered, no escaping
+    (the output is Python, and the filters are its escaping)."""
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("autonomic.compiler", "templates"),
+        autoescape=False,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        finalize=_only_vetted,
+    )
+    env.filters.update(FILTERS)
+    return env
+
+
+def contract_imports(tables: MachineTables) -> list[str]:
+    """Names the module imports from the contract, sorted the way ruff's isort sorts them."""
+    used = {
+        "EscalationLadder",
+        "GovernorEnum",
+        "MachineSpec",
+        "Payload",
+        "RetryLadderSpec",
+        "SourceRef",
+        "TimerSpec",
+        "Transition",
+        "frozen_map",
+    }
+    rows = [row for _, group in tables.transitions for row in group]
+    timers = [t for _, group in tables.timers for t in group]
+    if any(r.guard == ELSE for r in rows):
+        used.add("ELSE")
+    if any(r.emits for r in rows) or any(t.emits for t in timers):
+        used.add("Emit")
+    if any(t.notify is not None for t in timers):
+        used.add("Notify")
+    if any(ladder.steps for ladder in tables.escalations):
+        used.add("EscalationStepSpec")
+    if any(retry.steps for retry in tables.retries):
+        used.add("RetryStepSpec")
+    kinds = {f.kind for p in tables.payloads for f in p.fields}
+    if "decimal" in kinds:
+        used.add("Decimal")
+    if "datetime" in kinds:
+        used.add("datetime")
+    if "enum" in kinds:
+        used.add("Literal")
+    return sorted(used, key=_isort_key)
+
+
+def _isort_key(name: str) -> tuple[int, str]:
+    # ruff's default order-by-type: CONSTANTS, then Classes, then functions and variables.
+    if name.isupper():
+        return 0, name
+    if name[0].isupper():
+        return 1, name
+    return 2, name
+
+
+def render_module(tables: MachineTables, *, long_lines: bool = False) -> str:
+    """The module source as rendered by the templates, before formatting. `long_lines`
+    exempts the module from the line-length rule (docs and messages are never split)."""
+    template = template_environment().get_template("module.py.j2")
+    return template.render(
+        t=tables,
+        imports=contract_imports(tables),
+        compiler_version=COMPILER_VERSION,
+        long_lines=long_lines,
+    )
+
+
+def has_long_lines(source: str) -> bool:
+    """Whether ruff's E501 would flag a line: wider than the limit and not a single word."""
+    for line in source.splitlines():
+        if line.isascii():
+            if len(line) > LINE_LENGTH and any(c.isspace() for c in line.strip()):
+                return True
+            continue
+        width = sum(
+            0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+            for c in line
+        )
+        if width > LINE_LENGTH and any(c.isspace() for c in line.strip()):
+            return True
+    return False
+
+
+def ruff_command() -> list[str]:
+    """ruff is a runtime dependency: prefer the binary installed beside this interpreter."""
+    beside = Path(sys.executable).with_name("ruff")
+    return [str(beside)] if beside.is_file() else [sys.executable, "-m", "ruff"]
+
+
+def ruff_format(source: str) -> str:
+    """`ruff format` with fixed settings, so the bytes never depend on the caller's config."""
+    command = [
+        *ruff_command(),
+        "format",
+        "--isolated",
+        "--line-length",
+        str(LINE_LENGTH),
+        "--target-version",
+        "py311",
+        "--stdin-filename",
+        "generated.py",
+        "-",
+    ]
+    done = subprocess.run(command, input=source.encode("utf-8"), capture_output=True, check=False)
+    if done.returncode != 0:
+        why = done.stderr.decode("utf-8", "replace").strip()
+        raise CodegenError(f"generated module does not format (or parse): {why}")
+    return done.stdout.decode("utf-8")
+
+
+def generate_tables(tables: MachineTables) -> str:
+    """The formatted source of one generated module. ruff's parser is the syntax check: it
+    refuses a module that is not valid Python (a separate ast.parse cost 13 s on a 10k-state
+    machine)."""
+    with cycle_collection_paused():
+        formatted = ruff_format(render_module(tables))
+        if has_long_lines(formatted):
+            formatted = ruff_format(render_module(tables, long_lines=True))
+    return formatted
+
+
+def generate_module(machine: Machine, source_path: str | None = None) -> str:
+    """Machine -> formatted module source (lowering included)."""
+    return generate_tables(lower(machine, source_path))

@@ -1,0 +1,660 @@
+"""Model -> tables: the plain rows a generated governor module holds, in their final order.
+
+Lowering is where the language's sugar turns into table rows: retry ladders become
+transition rows and retry-step timers, escalation ladders become escalation timers. Order is
+decided here once: mappings are sorted by key; rows whose order carries meaning (guarded rows
+of one state and event, ladder steps) keep their source order, `else` rows last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import gc
+import keyword
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Literal
+
+from pydantic import BaseModel
+
+from . import model as m
+from .errors import Diagnostic, SourceSpan, fail
+
+ELSE = "else"
+
+TimerKind = Literal["timeout", "escalation_step", "escalation_end", "retry_step"]
+NameRole = Literal[
+    "machine", "state", "event", "field", "guard", "action", "recipient", "ladder", "emit", "name"
+]
+
+# ASCII only: str.isidentifier() would accept letters that Python folds (NFKC) into others.
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+# Members of a StrEnum may not shadow str methods (mypy rejects them) or Enum internals.
+_ENUM_RESERVED = frozenset(
+    {n for n in dir(enum.StrEnum) if not n.startswith("_")} | {"name", "value", "mro"}
+)
+# Payload fields may not shadow pydantic's BaseModel API or the type names the module uses
+# (a field `datetime: datetime | None = None` would rebind the type before it is read).
+_FIELD_RESERVED = frozenset(
+    {n for n in dir(BaseModel) if not n.startswith("_")}
+    | {"str", "int", "bool", "Decimal", "datetime", "Literal"}
+)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def name_problem(name: str, role: NameRole) -> str | None:
+    """Why `name` cannot stand in generated Python code in this role, or None if it can."""
+    if not IDENTIFIER.match(name):
+        return "is not an ASCII Python identifier"
+    if keyword.iskeyword(name):
+        return "is a Python keyword"
+    if role in ("machine", "state", "event", "field") and name.startswith("_"):
+        return "starts with an underscore, which Python treats as private"
+    if role in ("state", "event") and name in _ENUM_RESERVED:
+        return "is an attribute of Python's str and enum types"
+    if role == "field" and (name in _FIELD_RESERVED or name.startswith("model_")):
+        return "is an attribute of the payload model or a type name of the generated module"
+    if role == "machine":
+        module = m.snake_case(name)
+        if keyword.iskeyword(module):
+            return f"becomes the module name '{module}', a Python keyword"
+    return None
+
+
+class LoweringError(Exception):
+    """The model cannot be lowered: what the checks should have caught, as diagnostics."""
+
+    def __init__(self, diagnostics: list[Diagnostic]) -> None:
+        super().__init__("; ".join(d.message for d in diagnostics))
+        self.diagnostics = diagnostics
+
+
+# ---------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    path: str
+    line: int
+    column: int
+
+
+@dataclass(frozen=True, slots=True)
+class EmitRow:
+    machine: str
+    event: str
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionRow:
+    """`ladder` names the retry ladder a row was lowered from; `step` is the step it enters
+    (None with a ladder: the exhausted move)."""
+
+    source: str
+    event: str
+    target: str
+    guard: str | None
+    actions: tuple[str, ...]
+    emits: tuple[EmitRow, ...]
+    ref: Ref
+    ladder: str | None = None
+    step: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyRow:
+    kind: Literal["queue", "role"]
+    recipient: str
+    within_ms: int | None
+    within_text: str | None
+    message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TimerRow:
+    id: str
+    state: str
+    after_ms: int
+    after_text: str
+    kind: TimerKind
+    target: str | None
+    actions: tuple[str, ...]
+    emits: tuple[EmitRow, ...]
+    notify: NotifyRow | None
+    ladder: str | None
+    step: int | None
+    ref: Ref
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationStepRow:
+    step: int
+    after_ms: int
+    after_text: str
+    notify: NotifyRow
+    timer_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationRow:
+    """`key` is `State/Ladder`, unique within the machine (ladder names need not be)."""
+
+    key: str
+    name: str
+    state: str
+    steps: tuple[EscalationStepRow, ...]
+    end_after_ms: int | None
+    end_after_text: str | None
+    end_target: str | None
+    end_timer_id: str | None
+    ref: Ref
+
+
+@dataclass(frozen=True, slots=True)
+class RetryStepRow:
+    step: int
+    state: str
+    after_ms: int
+    after_text: str
+    actions: tuple[str, ...]
+    timer_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRow:
+    name: str
+    event: str
+    entry_states: tuple[str, ...]
+    steps: tuple[RetryStepRow, ...]
+    exhausted_target: str | None
+    ref: Ref
+
+
+@dataclass(frozen=True, slots=True)
+class FieldRow:
+    name: str
+    kind: m.FieldKind
+    literals: tuple[str, ...]
+    optional: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadRow:
+    event: str
+    fields: tuple[FieldRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StateRow:
+    name: str
+    doc: str | None
+    initial: bool
+    final: bool
+    perpetual: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MachineTables:
+    """Everything a generated module and a diagram show, sorted and ready to render."""
+
+    name: str
+    module: str
+    doc: str | None
+    source_path: str
+    source_sha256: str
+    states: tuple[StateRow, ...]  # declaration order
+    events: tuple[str, ...]  # declaration order
+    initial: str
+    finals: tuple[str, ...]
+    transitions: tuple[tuple[tuple[str, str], tuple[TransitionRow, ...]], ...]
+    timers: tuple[tuple[str, tuple[TimerRow, ...]], ...]
+    ignored: tuple[tuple[str, tuple[str, ...]], ...]
+    payloads: tuple[PayloadRow, ...]  # event declaration order
+    escalations: tuple[EscalationRow, ...]
+    retries: tuple[RetryRow, ...]
+    guards: tuple[tuple[str, Ref], ...]
+    actions: tuple[tuple[str, Ref], ...]
+
+
+# ---------------------------------------------------------------- lowering
+
+
+@contextlib.contextmanager
+def cycle_collection_paused() -> Iterator[None]:
+    """Lowering and rendering build only acyclic data, yet allocate enough of it that Python's
+    cycle collector, rescanning a large IR each time, would take most of the run (4x on a
+    10k-state machine)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def lower(machine: m.Machine, source_path: str | None = None) -> MachineTables:
+    """The tables of one checked machine. `source_path` is how generated code names the file
+    (project-relative, forward slashes); it defaults to the path the machine was read from."""
+    with cycle_collection_paused():
+        return _lower(machine, source_path)
+
+
+def _lower(machine: m.Machine, source_path: str | None) -> MachineTables:
+    path = (source_path if source_path is not None else machine.path).replace("\\", "/")
+    problems = list(_name_problems(machine))
+    initials = [s for s in machine.states if s.initial]
+    if len(initials) != 1:
+        problems.append(fail("E101", "machine needs exactly one initial state", machine.name.span))
+    if problems:
+        raise LoweringError(problems)
+    lowering = _Lowering(machine, path)
+    timers = lowering.timers()
+    _require_unique_timer_ids(machine, timers)
+    return MachineTables(
+        name=machine.name.value,
+        module=m.snake_case(machine.name.value),
+        doc=machine.doc,
+        source_path=path,
+        source_sha256=machine.source_sha256,
+        states=tuple(
+            StateRow(s.name.value, s.doc, s.initial, s.final, s.perpetual) for s in machine.states
+        ),
+        events=tuple(e.name.value for e in machine.events),
+        initial=initials[0].name.value,
+        finals=tuple(sorted(s.name.value for s in machine.states if s.final)),
+        transitions=lowering.transitions(),
+        timers=timers,
+        ignored=lowering.ignored(),
+        payloads=tuple(_payload(e) for e in machine.events),
+        escalations=lowering.escalations(),
+        retries=lowering.retries(),
+        guards=lowering.first_uses(_guard_names(machine)),
+        actions=lowering.first_uses(_action_names(machine)),
+    )
+
+
+class _Lowering:
+    """Per-machine lowering state: the display path and this machine's name for emits."""
+
+    def __init__(self, machine: m.Machine, path: str) -> None:
+        self.machine = machine
+        self.path = path
+
+    def ref(self, span: SourceSpan) -> Ref:
+        return Ref(self.path, span.line, span.column)
+
+    def emits(self, refs: Iterable[m.EventRef]) -> tuple[EmitRow, ...]:
+        own = self.machine.name.value
+        return tuple(
+            EmitRow(r.machine.value if r.machine is not None else own, r.event.value) for r in refs
+        )
+
+    # ---------------------------------------------------- transitions
+    def transitions(self) -> tuple[tuple[tuple[str, str], tuple[TransitionRow, ...]], ...]:
+        rows: dict[tuple[str, str], list[TransitionRow]] = defaultdict(list)
+        for state in self.machine.states:
+            for t in state.transitions:
+                guard = None if t.guard is None else (t.guard.name.value if t.guard.name else ELSE)
+                rows[state.name.value, t.event.value].append(
+                    TransitionRow(
+                        source=state.name.value,
+                        event=t.event.value,
+                        target=t.target.value,
+                        guard=guard,
+                        actions=_values(t.actions),
+                        emits=self.emits(t.emits),
+                        ref=self.ref(t.span),
+                    )
+                )
+        for ladder in self.machine.retries:
+            for row in self.retry_rows(ladder):
+                rows[row.source, row.event].append(row)
+        # Guarded rows keep source order; the explicit default branch is tried last.
+        return tuple(
+            (key, tuple(sorted(rows[key], key=lambda r: r.guard == ELSE))) for key in sorted(rows)
+        )
+
+    def retry_rows(self, ladder: m.RetryLadder) -> Iterator[TransitionRow]:
+        """entry -> step 1 -> ... -> step n -> exhausted (entry -> exhausted without steps)."""
+        exhausted = ladder.exhausted
+        for entry in ladder.entry_states:
+            if ladder.steps:
+                first = ladder.steps[0].state
+                yield self.retry_row(ladder, entry.value, first.value, entry.span, step=1)
+            elif exhausted is not None:
+                yield self.exhausted_row(ladder, entry.value, entry.span)
+        for number, (before, after) in enumerate(pairwise(ladder.steps), start=2):
+            yield self.retry_row(
+                ladder, before.state.value, after.state.value, after.state.span, step=number
+            )
+        if ladder.steps and exhausted is not None:
+            yield self.exhausted_row(ladder, ladder.steps[-1].state.value, exhausted.target.span)
+
+    def retry_row(
+        self, ladder: m.RetryLadder, source: str, target: str, span: SourceSpan, *, step: int
+    ) -> TransitionRow:
+        return TransitionRow(
+            source=source,
+            event=ladder.event.value,
+            target=target,
+            guard=None,
+            actions=(),
+            emits=(),
+            ref=self.ref(span),
+            ladder=ladder.name.value,
+            step=step,
+        )
+
+    def exhausted_row(self, ladder: m.RetryLadder, source: str, span: SourceSpan) -> TransitionRow:
+        end = ladder.exhausted
+        assert end is not None
+        return TransitionRow(
+            source=source,
+            event=ladder.event.value,
+            target=end.target.value,
+            guard=None,
+            actions=_values(end.actions),
+            emits=self.emits(end.emits),
+            ref=self.ref(span),
+            ladder=ladder.name.value,
+            step=None,
+        )
+
+    def ignored(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        events: dict[str, set[str]] = defaultdict(set)
+        for state in self.machine.states:
+            for clause in state.ignores:
+                events[state.name.value].update(n.value for n in clause.events)
+        return tuple((state, tuple(sorted(events[state]))) for state in sorted(events))
+
+    # ---------------------------------------------------- timers and ladders
+    def timers(self) -> tuple[tuple[str, tuple[TimerRow, ...]], ...]:
+        by_state: dict[str, list[TimerRow]] = defaultdict(list)
+        for state in self.machine.states:
+            by_state[state.name.value].extend(self.plain_timers(state))
+            for row, written in self.escalation_ladders(state):
+                by_state[state.name.value].extend(self.escalation_timers(row, written))
+        for retry, ladder in self.retry_ladders():
+            for step, written_step in zip(retry.steps, ladder.steps, strict=True):
+                by_state[step.state].append(self.retry_timer(retry, step, written_step))
+        # Firing order: earliest first; ties in source order.
+        return tuple(
+            (state, tuple(sorted(rows, key=lambda t: (t.after_ms, t.ref.line, t.ref.column, t.id))))
+            for state, rows in sorted(by_state.items())
+            if rows
+        )
+
+    def plain_timers(self, state: m.State) -> Iterator[TimerRow]:
+        seen: dict[str, int] = defaultdict(int)
+        for timer in state.timers:
+            # `#k` counts timers with the same written duration, so that adding a timer
+            # elsewhere in the state never renames this one (stores key armed timers by id).
+            occurrence = seen[timer.after.text]
+            seen[timer.after.text] += 1
+            yield TimerRow(
+                id=f"{state.name.value}/after/{timer.after.text}#{occurrence}",
+                state=state.name.value,
+                after_ms=timer.after.millis,
+                after_text=timer.after.text,
+                kind="timeout",
+                target=timer.target.value if timer.target is not None else None,
+                actions=_values(timer.actions),
+                emits=self.emits(timer.emits),
+                notify=None,
+                ladder=None,
+                step=None,
+                ref=self.ref(timer.span),
+            )
+
+    def escalation_ladders(self, state: m.State) -> Iterator[tuple[EscalationRow, m.Escalation]]:
+        unnamed = 0
+        for ladder in state.escalations:
+            if ladder.name is not None:
+                name = ladder.name.value
+            else:
+                name = f"escalate#{unnamed}"
+                unnamed += 1
+            key = f"{state.name.value}/{name}"
+            steps = tuple(
+                EscalationStepRow(
+                    step=number,
+                    after_ms=step.after.millis,
+                    after_text=step.after.text,
+                    notify=NotifyRow(
+                        kind=step.recipient_kind,
+                        recipient=step.recipient.value,
+                        within_ms=step.within.millis if step.within is not None else None,
+                        within_text=step.within.text if step.within is not None else None,
+                        message=step.message,
+                    ),
+                    timer_id=f"{key}/{number}",
+                )
+                for number, step in enumerate(ladder.steps, start=1)
+            )
+            end = ladder.end
+            row = EscalationRow(
+                key=key,
+                name=name,
+                state=state.name.value,
+                steps=steps,
+                end_after_ms=end.after.millis if end is not None else None,
+                end_after_text=end.after.text if end is not None else None,
+                end_target=end.target.value if end is not None else None,
+                end_timer_id=f"{key}/end" if end is not None else None,
+                ref=self.ref(ladder.span),
+            )
+            yield row, ladder
+
+    def escalation_timers(self, ladder: EscalationRow, written: m.Escalation) -> Iterator[TimerRow]:
+        for step, written_step in zip(ladder.steps, written.steps, strict=True):
+            yield TimerRow(
+                id=step.timer_id,
+                state=ladder.state,
+                after_ms=step.after_ms,
+                after_text=step.after_text,
+                kind="escalation_step",
+                target=None,
+                actions=(),
+                emits=(),
+                notify=step.notify,
+                ladder=ladder.name,
+                step=step.step,
+                ref=self.ref(written_step.span),
+            )
+        end = written.end
+        if end is not None and ladder.end_timer_id is not None:
+            yield TimerRow(
+                id=ladder.end_timer_id,
+                state=ladder.state,
+                after_ms=end.after.millis,
+                after_text=end.after.text,
+                kind="escalation_end",
+                target=end.target.value,
+                actions=_values(end.actions),
+                emits=self.emits(end.emits),
+                notify=None,
+                ladder=ladder.name,
+                step=None,
+                ref=self.ref(end.span),
+            )
+
+    def escalations(self) -> tuple[EscalationRow, ...]:
+        rows = [row for s in self.machine.states for row, _ in self.escalation_ladders(s)]
+        return tuple(sorted(rows, key=lambda r: r.key))
+
+    def retry_ladders(self) -> list[tuple[RetryRow, m.RetryLadder]]:
+        rows = []
+        for ladder in self.machine.retries:
+            name = ladder.name.value
+            row = RetryRow(
+                name=name,
+                event=ladder.event.value,
+                entry_states=tuple(sorted(n.value for n in ladder.entry_states)),
+                steps=tuple(
+                    RetryStepRow(
+                        step=number,
+                        state=step.state.value,
+                        after_ms=step.after.millis,
+                        after_text=step.after.text,
+                        actions=_values(step.actions),
+                        timer_id=f"{step.state.value}/{name}/{number}",
+                    )
+                    for number, step in enumerate(ladder.steps, start=1)
+                ),
+                exhausted_target=(
+                    ladder.exhausted.target.value if ladder.exhausted is not None else None
+                ),
+                ref=self.ref(ladder.span),
+            )
+            rows.append((row, ladder))
+        return rows
+
+    def retries(self) -> tuple[RetryRow, ...]:
+        return tuple(sorted((row for row, _ in self.retry_ladders()), key=lambda r: r.name))
+
+    def retry_timer(self, retry: RetryRow, step: RetryStepRow, written: m.RetryStep) -> TimerRow:
+        return TimerRow(
+            id=step.timer_id,
+            state=step.state,
+            after_ms=step.after_ms,
+            after_text=step.after_text,
+            kind="retry_step",
+            target=None,
+            actions=step.actions,
+            emits=(),
+            notify=None,
+            ladder=retry.name,
+            step=step.step,
+            ref=self.ref(written.span),
+        )
+
+    # ---------------------------------------------------- callbacks
+    def first_uses(self, names: Iterable[m.Name]) -> tuple[tuple[str, Ref], ...]:
+        first: dict[str, m.Name] = {}
+        for name in names:
+            known = first.get(name.value)
+            if known is None or name.span.sort_key() < known.span.sort_key():
+                first[name.value] = name
+        return tuple((value, self.ref(first[value].span)) for value in sorted(first))
+
+
+def _values(names: Iterable[m.Name]) -> tuple[str, ...]:
+    return tuple(n.value for n in names)
+
+
+def _payload(event: m.Event) -> PayloadRow:
+    return PayloadRow(
+        event=event.name.value,
+        fields=tuple(
+            FieldRow(
+                name=f.name.value,
+                kind=f.type.kind,
+                literals=_values(f.type.literals),
+                optional=f.type.optional,
+            )
+            for f in event.fields
+        ),
+    )
+
+
+def _guard_names(machine: m.Machine) -> Iterator[m.Name]:
+    for state in machine.states:
+        for t in state.transitions:
+            if t.guard is not None and t.guard.name is not None:
+                yield t.guard.name
+
+
+def _action_names(machine: m.Machine) -> Iterator[m.Name]:
+    for state in machine.states:
+        for t in state.transitions:
+            yield from t.actions
+        for timer in state.timers:
+            yield from timer.actions
+        for ladder in state.escalations:
+            if ladder.end is not None:
+                yield from ladder.end.actions
+    for retry in machine.retries:
+        for step in retry.steps:
+            yield from step.actions
+        if retry.exhausted is not None:
+            yield from retry.exhausted.actions
+
+
+def _emit_refs(machine: m.Machine) -> Iterator[m.EventRef]:
+    for state in machine.states:
+        for t in state.transitions:
+            yield from t.emits
+        for timer in state.timers:
+            yield from timer.emits
+        for ladder in state.escalations:
+            if ladder.end is not None:
+                yield from ladder.end.emits
+    for retry in machine.retries:
+        if retry.exhausted is not None:
+            yield from retry.exhausted.emits
+
+
+def named_things(machine: m.Machine) -> Iterator[tuple[m.Name, NameRole]]:
+    """Every name of the machine that reaches generated code, with the role it plays there."""
+    yield machine.name, "machine"
+    for state in machine.states:
+        yield state.name, "state"
+        for ladder in state.escalations:
+            if ladder.name is not None:
+                yield ladder.name, "ladder"
+            for step in ladder.steps:
+                yield step.recipient, "recipient"
+    for event in machine.events:
+        yield event.name, "event"
+        for f in event.fields:
+            yield f.name, "field"
+    for retry in machine.retries:
+        yield retry.name, "ladder"
+    for name in _guard_names(machine):
+        yield name, "guard"
+    for name in _action_names(machine):
+        yield name, "action"
+    for ref in _emit_refs(machine):
+        if ref.machine is not None:
+            yield ref.machine, "emit"
+        yield ref.event, "emit"
+
+
+def _name_problems(machine: m.Machine) -> Iterator[Diagnostic]:
+    for name, role in named_things(machine):
+        why = name_problem(name.value, role)
+        if why is not None:
+            yield fail(
+                "E130",
+                f"{role} name '{name.value}' {why}",
+                name.span,
+                "rename it: generated Python code uses this name",
+            )
+
+
+def _require_unique_timer_ids(
+    machine: m.Machine, timers: tuple[tuple[str, tuple[TimerRow, ...]], ...]
+) -> None:
+    seen: dict[str, TimerRow] = {}
+    problems = []
+    for _, rows in timers:
+        for row in rows:
+            if row.id in seen:
+                problems.append(
+                    fail(
+                        "E131",
+                        f"timer id '{row.id}' is produced twice",
+                        SourceSpan.point(machine.path, row.ref.line, row.ref.column),
+                        "give each escalation ladder of a state its own name",
+                    )
+                )
+            seen[row.id] = row
+    if problems:
+        raise LoweringError(problems)
