@@ -1,0 +1,329 @@
+"""The `keygen` and `audit` commands: argument parsing, exit codes and messages only.
+
+Exit codes: 0 ok, 1 a failed verification or an unusable input (printed as a diagnostic
+`path:1:1: CODE [error] message` with a hint, never a traceback), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, TypeVar
+
+from .errors import (
+    InstanceNotInLedger,
+    KeyFileError,
+    LedgerWriteError,
+    RuntimeFailure,
+)
+from .keys import Keyring, generate_keypair, load_public_key, retire_key
+from .ledger import (
+    Checkpoint,
+    MalformedRecord,
+    format_timestamp,
+    read_ledger,
+    write_jsonl,
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+Handler = Callable[[argparse.Namespace], int]
+T = TypeVar("T")
+
+
+def _iso_to_ms(text: str) -> int:
+    """An argparse type: ISO 8601 date or time (UTC when no offset is given) to epoch ms."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time (for example 2025-01-31T00:00:00Z)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def _diagnostic(path: str | os.PathLike[str], failure: RuntimeFailure) -> int:
+    lines = [f"{path}:1:1: {failure.code} [error] {failure.message}"]
+    if failure.hint:
+        lines.append(f"  = hint: {failure.hint}")
+    sys.stderr.write("\n".join(lines) + "\n")
+    return EXIT_FAILED
+
+
+def _printable(text: object) -> str:
+    """Stored text shown on a terminal: control and bidi characters are escaped."""
+    shown = str(text)
+    return shown if shown.isprintable() else repr(shown)[1:-1]
+
+
+def _load_keyring(paths: Sequence[str]) -> Keyring | tuple[str, RuntimeFailure]:
+    keyring = Keyring()
+    for path in paths:
+        try:
+            if Path(path).is_dir():
+                raise KeyFileError(
+                    f"{path} is a directory",
+                    hint="pass the <key_id>.public.json file (repeat --public-key for several)",
+                )
+            keyring.add(load_public_key(path))
+        except RuntimeFailure as failure:
+            return path, failure
+    return keyring
+
+
+def _write_atomically(path: Path, write: Callable[[IO[str]], T]) -> T:
+    """Write a file through a temporary sibling, so a failure never leaves half a file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("x", encoding="utf-8") as handle:
+            result = write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise LedgerWriteError(
+            f"cannot write {path}: {exc.strerror or exc}",
+            hint="check that the directory exists and is writable",
+        ) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Handlers.
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    try:
+        info = generate_keypair(args.directory, valid_from_ms=args.valid_from)
+    except RuntimeFailure as failure:
+        return _diagnostic(args.directory, failure)
+    print(f"key {info.key_id} valid from {format_timestamp(info.valid_from_ms)}")
+    print(f"  private key (mode 0600, keep secret): {info.private_path}")
+    print(f"  public key: {info.public_json_path}")
+    print(f"  public key (PEM): {info.public_pem_path}")
+    if args.retire:
+        try:
+            retired = retire_key(args.retire, info.valid_from_ms)
+        except RuntimeFailure as failure:
+            return _diagnostic(args.retire, failure)
+        until = retired.valid_until_ms
+        shown = "never" if until is None else format_timestamp(until)
+        print(f"key {retired.key_id} retired: valid until {shown}")
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    loaded = _load_keyring(args.public_key)
+    if isinstance(loaded, tuple):
+        return _diagnostic(*loaded)
+    external: Checkpoint | None = None
+    if args.checkpoint:
+        try:
+            external = Checkpoint.load(args.checkpoint)
+        except RuntimeFailure as failure:
+            return _diagnostic(args.checkpoint, failure)
+    try:
+        with read_ledger(args.ledger) as source:
+            report = source.verify(loaded, external_checkpoint=external)
+            mode = source.mode
+    except RuntimeFailure as failure:
+        return _diagnostic(args.ledger, failure)
+    if not report.ok:
+        print(f"{args.ledger}: seq {report.index}: {report.reason}")
+        return EXIT_FAILED
+    details = [f"mode {mode or 'undeclared'}"]
+    if report.checkpoints:
+        plural = "s" if report.checkpoints != 1 else ""
+        details.append(f"{report.checkpoints} signed checkpoint{plural}")
+    if external is not None:
+        details.append(f"external checkpoint at size {external.size}")
+    plural = "y" if report.count == 1 else "ies"
+    print(f"verified {report.count} entr{plural} ({', '.join(details)})")
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    try:
+        with read_ledger(args.ledger) as source:
+
+            def export(out: IO[str]) -> int:
+                return write_jsonl(source.entries(), source.checkpoints(), out, mode=source.mode)
+
+            if not args.out:
+                export(sys.stdout)
+                return EXIT_OK
+            count = _write_atomically(Path(args.out), export)
+    except LedgerWriteError as failure:
+        return _diagnostic(args.out, failure)
+    except RuntimeFailure as failure:
+        return _diagnostic(args.ledger, failure)
+    print(f"exported {count} entries to {args.out}")
+    return EXIT_OK
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    shown = 0
+    try:
+        with read_ledger(args.ledger) as source:
+            for position, entry in enumerate(source.entries()):
+                if isinstance(entry, MalformedRecord):
+                    print(f"{args.ledger}: seq {position}: {entry.reason}")
+                    return EXIT_FAILED
+                if entry.instance != args.instance:
+                    continue
+                shown += 1
+                print(
+                    f"{_printable(entry.seq):>6}  {format_timestamp(entry.ts_ms)}  "
+                    f"{_printable(entry.kind):<10}  {_printable(entry.from_state)} -> "
+                    f"{_printable(entry.to_state)}  {_printable(entry.event)}  "
+                    f"{_printable(entry.actor)}"
+                )
+    except RuntimeFailure as failure:
+        return _diagnostic(args.ledger, failure)
+    if not shown:
+        return _diagnostic(
+            args.ledger,
+            InstanceNotInLedger(
+                f"no ledger entry for instance {args.instance!r}",
+                hint="instance ids are case-sensitive; `autonomic audit export` lists all",
+            ),
+        )
+    return EXIT_OK
+
+
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    keyring: Keyring | None = None
+    if args.public_key:
+        loaded = _load_keyring(args.public_key)
+        if isinstance(loaded, tuple):
+            return _diagnostic(*loaded)
+        keyring = loaded
+    try:
+        with read_ledger(args.ledger) as source:
+            if keyring is not None:
+                report = source.verify(keyring)
+                if not report.ok:
+                    print(f"{args.ledger}: seq {report.index}: {report.reason}")
+                    return EXIT_FAILED
+            checkpoint = source.latest_signed_checkpoint()
+    except RuntimeFailure as failure:
+        return _diagnostic(args.ledger, failure)
+    try:
+        _write_atomically(Path(args.out), lambda out: out.write(checkpoint.to_json()))
+    except RuntimeFailure as failure:
+        return _diagnostic(args.out, failure)
+    verified = "verified" if keyring is not None else "not verified: pass --public-key to check"
+    print(
+        f"checkpoint at size {checkpoint.size} (head {checkpoint.head_hash.hex()[:16]}..., "
+        f"key {checkpoint.key_id}, {format_timestamp(checkpoint.ts_ms)}; {verified}) "
+        f"written to {args.out}"
+    )
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers.
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `keygen` and `audit` to the `autonomic` command."""
+    keygen = subparsers.add_parser(
+        "keygen",
+        help="write an Ed25519 key pair for signing the audit ledger",
+        description="Write <key_id>.private.pem (mode 0600), <key_id>.public.json and "
+        "<key_id>.public.pem into DIR. DIR must not already hold a private key.",
+    )
+    keygen.add_argument("directory", metavar="DIR")
+    keygen.add_argument(
+        "--valid-from",
+        type=_iso_to_ms,
+        metavar="ISO",
+        help="start of the key's validity window (default: now; UTC unless an offset is given)",
+    )
+    keygen.add_argument(
+        "--retire",
+        metavar="PUBLIC_JSON",
+        help="rotation: end this older key's window where the new key's begins",
+    )
+    keygen.set_defaults(func=_cmd_keygen)
+
+    audit = subparsers.add_parser("audit", help="verify, export and read the audit ledger")
+    commands = audit.add_subparsers(dest="audit_command", metavar="COMMAND")
+    commands.required = True
+
+    verify = commands.add_parser(
+        "verify",
+        help="check every entry, signature and checkpoint; name the first bad seq",
+    )
+    verify.add_argument("ledger", metavar="LEDGER", help="SQLite store file or JSON Lines export")
+    verify.add_argument(
+        "--public-key",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="a trusted public key (.public.json or .public.pem); repeat for rotated keys",
+    )
+    verify.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="a checkpoint kept elsewhere: detects truncation of the ledger's tail",
+    )
+    verify.set_defaults(func=_cmd_verify)
+
+    export = commands.add_parser("export", help="write the ledger as JSON Lines")
+    export.add_argument("ledger", metavar="LEDGER")
+    export.add_argument("--out", metavar="FILE", help="default: standard output")
+    export.set_defaults(func=_cmd_export)
+
+    show = commands.add_parser("show", help="print one instance's history")
+    show.add_argument("ledger", metavar="LEDGER")
+    show.add_argument("instance", metavar="INSTANCE")
+    show.set_defaults(func=_cmd_show)
+
+    checkpoint = commands.add_parser(
+        "checkpoint", help="export the last signed checkpoint, to keep it elsewhere"
+    )
+    checkpoint.add_argument("ledger", metavar="LEDGER")
+    checkpoint.add_argument("--out", required=True, metavar="FILE")
+    checkpoint.add_argument(
+        "--public-key",
+        action="append",
+        metavar="FILE",
+        help="verify the whole ledger with this key before exporting",
+    )
+    checkpoint.set_defaults(func=_cmd_checkpoint)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `keygen` and `audit` commands on their own (`python -m autonomic.runtime.audit_cli`)."""
+    parser = argparse.ArgumentParser(prog="autonomic", description="Audit ledger tools.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    register(subparsers)
+    args = parser.parse_args(argv)
+    handler: Handler = args.func
+    try:
+        return handler(args)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
