@@ -1,0 +1,77 @@
+"""The runtime's commands, `simulate` and `demo`: argument parsing and exit codes only.
+
+Exit codes: 0 ok, 1 a problem in the input or a failed expectation or verification (printed as
+a diagnostic `path:line:col: CODE [error] message` with a hint, never a traceback), 2 usage.
+The command modules are imported when their command runs, so other commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["register"]
+
+DEMO_DIR = Path("autonomic-demo")
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import run_simulation
+
+    return run_simulation(args.machine, args.script, sys.stdout, sys.stderr)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.db, args.keys, sys.stdout, sys.stderr, generated=args.generated)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `simulate` and `demo` to the `autonomic` command."""
+    simulate = subparsers.add_parser(
+        "simulate",
+        help="run a governor through a scripted sequence of events and clock advances",
+        description="Run one generated governor in memory with a virtual clock and print the "
+        "trace: states, guards, actions, timers armed and fired, emitted events, notifications "
+        "and ledger entries. The script is YAML or JSON (see autonomic.runtime.simulate).",
+    )
+    simulate.add_argument(
+        "machine",
+        metavar="MACHINE",
+        help="module or machine name (entitlement, QuotaSla: ./generated first, then the "
+        "installed autonomic.generated), a dotted module name, or a generated .py file",
+    )
+    simulate.add_argument("--script", required=True, metavar="FILE", help="YAML or JSON script")
+    simulate.set_defaults(func=_cmd_simulate)
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="run Entitlement and Billing on SQLite with a signed ledger, then verify it",
+        description="Escalation ladder, idempotent charge, retry ladder and a rejected event "
+        "under a virtual clock, on an SQLite store with an Ed25519-signed audit ledger; ends "
+        "with an offline verification. Exit 0 only if the ledger verifies.",
+    )
+    demo.add_argument(
+        "--db",
+        type=Path,
+        default=DEMO_DIR / "store.db",
+        metavar="FILE",
+        help=f"SQLite store to write (default: {DEMO_DIR / 'store.db'}; reused if present)",
+    )
+    demo.add_argument(
+        "--keys",
+        type=Path,
+        default=DEMO_DIR / "keys",
+        metavar="DIR",
+        help="signing key directory; a key pair is generated if it holds none "
+        f"(default: {DEMO_DIR / 'keys'})",
+    )
+    demo.add_argument(
+        "--generated",
+        metavar="DIR",
+        help="load entitlement.py and billing.py from DIR (default: ./generated if it holds "
+        "them, else the installed autonomic.generated package)",
+    )
+    demo.set_defaults(func=_cmd_demo)

@@ -1,0 +1,286 @@
+"""The Store interface: what the runtime needs from a database, and the group committer.
+
+A store keeps, per governor instance, its state row; and for the whole runtime the audit
+ledger with its checkpoints, processed event ids, idempotency records, armed timers, the
+outbox and snapshots. The runtime never trusts what a store returns: it verifies the ledger
+head before chaining on it and compares snapshots with the entries they name.
+
+Writing happens only inside `Store.run`, which applies a batch of units of work in one
+transaction: each unit either applies all its writes or none (a savepoint per unit in SQL
+stores), and nothing is visible or acknowledged before the batch commits. A server database
+(PostgreSQL is the planned one) implements `Store` and `Transaction` with the same statements
+the SQLite store uses: `SELECT ... FOR UPDATE` on the state row or a conditional `UPDATE ...
+WHERE version = ?`, `INSERT` for the rest, `SERIALIZABLE` or an advisory lock around the
+ledger head so appends stay a single chain.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, Protocol, TypeVar
+
+from ..ledger import Checkpoint, LedgerEntry, LedgerMode
+from ..timers import ArmedTimer
+
+__all__ = [
+    "GroupCommit",
+    "InstanceRecord",
+    "OutboxKind",
+    "OutboxMessage",
+    "OutboxStatus",
+    "Snapshot",
+    "Store",
+    "Transaction",
+    "WorkOutcome",
+]
+
+T = TypeVar("T")
+
+OutboxKind = Literal["event", "notification"]
+OutboxStatus = Literal["pending", "delivered", "failed"]
+
+
+@dataclass(slots=True)
+class InstanceRecord:
+    """One governor instance: its current state and version (the count of its changes)."""
+
+    machine: str
+    instance: str
+    state: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """An emitted event or an escalation notification, written with the change that caused it.
+
+    `event_id` is derived from the cause (see interpreter.derive_event_id), so delivering a
+    message twice is deduplicated by the receiving governor. `body` is JSON text: the payload
+    of an event, or the notification (recipient, message, deadline).
+    """
+
+    id: int | None
+    kind: OutboxKind
+    machine: str
+    instance: str
+    version: int
+    target_machine: str
+    target_instance: str
+    event: str
+    event_id: str
+    body: str
+    created_ms: int
+    status: OutboxStatus = "pending"
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An instance's state after `version` changes, and the ledger entry that produced it."""
+
+    machine: str
+    instance: str
+    version: int
+    state: str
+    ledger_seq: int
+    entry_hash: bytes
+
+
+class Transaction(Protocol):
+    """The writes (and reads inside the write transaction) of one unit of work."""
+
+    def instance(self, machine: str, instance: str) -> InstanceRecord | None:
+        """The row as of this transaction; the caller must not modify the record."""
+
+    def insert_instance(self, record: InstanceRecord) -> None:
+        """Raise InstanceExists if (machine, instance) is taken."""
+
+    def update_instance(
+        self, machine: str, instance: str, state: str, version: int, expected_version: int
+    ) -> None:
+        """Write state and version only if the stored version is `expected_version`, else
+        raise ConcurrentUpdateDetected(expected, actual)."""
+
+    def ledger_head(self) -> LedgerEntry | None:
+        """The entry with the highest seq, as stored (the caller verifies it)."""
+
+    def last_checkpoint(self) -> Checkpoint | None: ...
+
+    def append_ledger(self, entry: LedgerEntry) -> None: ...
+
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None: ...
+
+    def processed(self, machine: str, event_id: str) -> str | None:
+        """The stored result (JSON text) of an already processed event id, or None."""
+
+    def record_processed(
+        self, machine: str, event_id: str, instance: str, result: str, now_ms: int
+    ) -> None: ...
+
+    def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
+        """(request digest, stored result JSON) recorded under an idempotency key, or None."""
+
+    def record_idempotency(
+        self, machine: str, key: str, request_digest: bytes, result: str, now_ms: int
+    ) -> None: ...
+
+    def cancel_timers(self, machine: str, instance: str) -> None: ...
+
+    def arm_timers(self, timers: Sequence[ArmedTimer]) -> None: ...
+
+    def timer_armed(self, timer: ArmedTimer) -> bool:
+        """Whether exactly this arming of the timer is still armed."""
+
+    def take_timer(self, timer: ArmedTimer) -> bool:
+        """Delete this armed timer; False if it is no longer armed (fired or cancelled)."""
+
+    def add_outbox(self, messages: Sequence[OutboxMessage]) -> None: ...
+
+    def mark_outbox(self, message_id: int, status: OutboxStatus, error: str | None) -> None: ...
+
+    def save_snapshot(self, snapshot: Snapshot) -> None: ...
+
+    def purge_dedup(self, before_ms: int) -> tuple[int, int]:
+        """Forget processed event ids and idempotency keys recorded before `before_ms`;
+        returns how many of each were removed."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkOutcome(Generic[T]):
+    """What one unit of work in a batch produced: a value, or the exception it raised."""
+
+    value: T | None
+    error: BaseException | None
+
+
+class Store(Protocol):
+    """A database the runtime can run on. See the module docstring for the contract."""
+
+    def run(
+        self,
+        works: Sequence[Callable[[Transaction], T]],
+        before_commit: Callable[[Transaction], None] | None = None,
+    ) -> list[WorkOutcome[T]]:
+        """Apply `works` in order in one transaction, each atomically (a failed unit leaves no
+        writes and does not stop the others), call `before_commit`, then commit. If the
+        commit or `before_commit` fails, every unit fails with that error."""
+
+    def ledger_mode(self) -> LedgerMode | None:
+        """The ledger mode recorded in the store, or None if no entry was ever written."""
+
+    def set_ledger_mode(self, mode: LedgerMode) -> None: ...
+
+    def get_instance(self, machine: str, instance: str) -> InstanceRecord | None: ...
+
+    def instances(self, machine: str) -> list[InstanceRecord]: ...
+
+    def ledger_entries(
+        self, *, machine: str | None = None, instance: str | None = None, after_seq: int = -1
+    ) -> Iterator[LedgerEntry]:
+        """Entries in seq order, optionally of one instance, with seq > after_seq."""
+
+    def ledger_entry(self, seq: int) -> LedgerEntry | None: ...
+
+    def checkpoints(self) -> list[Checkpoint]: ...
+
+    def latest_snapshot(self, machine: str, instance: str) -> Snapshot | None: ...
+
+    def armed_timers(
+        self, machine: str | None = None, instance: str | None = None
+    ) -> list[ArmedTimer]: ...
+
+    def due_timers(self, now_ms: int, machines: Sequence[str], limit: int) -> list[ArmedTimer]:
+        """Armed timers of `machines` due at `now_ms`, earliest first (ties: arming order)."""
+
+    def outbox(
+        self,
+        *,
+        kind: OutboxKind | None = None,
+        status: OutboxStatus | None = "pending",
+        limit: int = 1000,
+    ) -> list[OutboxMessage]: ...
+
+    def close(self) -> None: ...
+
+
+W = TypeVar("W")
+
+
+class _Pending(Generic[W]):
+    __slots__ = ("done", "outcome", "work")
+
+    def __init__(self, work: W) -> None:
+        self.work = work
+        self.done = False
+        self.outcome: WorkOutcome[Any] = WorkOutcome(None, None)
+
+
+class GroupCommit(Generic[W]):
+    """Batches units of work from concurrent threads into one transaction per round.
+
+    No committer thread: callers queue their work; one of them at a time leads, taking
+    everything queued so far (its own work and that of threads that arrived while the
+    previous batch was committing, at most `max_batch`) and running it through `run_batch`
+    as one transaction. When the batch is committed, every waiting thread wakes: those whose
+    work was in it return with their outcome, one of the others leads the next batch. A single
+    caller commits alone with no hand-off; under load a batch grows to the number of waiting
+    threads. Every caller returns only after the commit of the batch that held its work.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[W]], list[WorkOutcome[Any]]],
+        *,
+        max_batch: int = 512,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._run_batch = run_batch
+        self._max_batch = max_batch
+        self._queue: list[_Pending[W]] = []
+        self._turn = threading.Condition()
+        self._leading = False
+        self.batches = 0
+        self.committed_units = 0
+
+    def submit(self, work: W) -> Any:
+        """Run one unit; return its value or raise its error, after its batch committed."""
+        outcome = self.submit_many([work])[0]
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.value
+
+    def submit_many(self, works: Sequence[W]) -> list[WorkOutcome[Any]]:
+        """Run units in order (in as few batches as the queue allows); their outcomes."""
+        pendings = [_Pending(work) for work in works]
+        turn = self._turn
+        with turn:
+            self._queue.extend(pendings)
+        while True:
+            with turn:
+                while self._leading and not all(p.done for p in pendings):
+                    turn.wait()
+                if all(p.done for p in pendings):
+                    return [p.outcome for p in pendings]
+                self._leading = True
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+            try:
+                self._commit(batch)
+            finally:
+                with turn:
+                    self._leading = False
+                    turn.notify_all()
+
+    def _commit(self, batch: list[_Pending[W]]) -> None:
+        try:
+            outcomes = self._run_batch([pending.work for pending in batch])
+        except BaseException as exc:
+            outcomes = [WorkOutcome(None, exc) for _ in batch]
+        self.batches += 1
+        self.committed_units += len(batch)
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            pending.outcome = outcome
+            pending.done = True

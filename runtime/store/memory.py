@@ -1,0 +1,327 @@
+"""The in-memory store: plain dicts and lists behind one lock, for tests and benchmarks.
+
+Nothing survives the process. A unit of work here cannot be rolled back, so the runtime does
+all its checks (payload, version, table, guards, actions, sealing) before its first write, and
+the writes themselves cannot fail. The interpreter's fast path reads `records(machine)`
+directly: the dict it returns is the store's own.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+from ..errors import ConcurrentUpdateDetected, InstanceExists
+from ..ledger import Checkpoint, LedgerEntry, LedgerMode
+from ..timers import ArmedTimer
+from .base import (
+    InstanceRecord,
+    OutboxKind,
+    OutboxMessage,
+    OutboxStatus,
+    Snapshot,
+    Transaction,
+    WorkOutcome,
+)
+
+__all__ = ["MemoryStore"]
+
+T = TypeVar("T")
+
+# A due-order key: (due_ms, arming order); the arming order breaks ties like SQLite's rowid.
+_TimerKey = tuple[int, int]
+
+
+class MemoryStore:
+    """Everything in dicts; `run` holds the lock for the whole batch.
+
+    `thread_safe=False` drops the lock from the interpreter's fast path (a third of its cost):
+    only for one thread, as in a benchmark.
+    """
+
+    def __init__(self, *, thread_safe: bool = True) -> None:
+        self.thread_safe = thread_safe
+        self.lock = threading.RLock()
+        self._records: dict[str, dict[str, InstanceRecord]] = {}
+        # The ledger, live: the interpreter's fast path appends to it under the lock.
+        self.ledger_list: list[LedgerEntry] = []
+        self._checkpoints: list[Checkpoint] = []
+        self._mode: LedgerMode | None = None
+        self._processed: dict[tuple[str, str], tuple[str, int]] = {}
+        self._idempotency: dict[tuple[str, str], tuple[bytes, str, int]] = {}
+        # Armed timers by (machine, instance) -> timer_id -> (order key, timer); `_due` is a
+        # heap of the same with stale items (cancelled, fired) skipped and pruned lazily.
+        self._timers: dict[tuple[str, str], dict[str, tuple[_TimerKey, ArmedTimer]]] = {}
+        self._due: list[tuple[_TimerKey, ArmedTimer]] = []
+        self._live_timers = 0
+        self._arming = 0
+        self._outbox: list[OutboxMessage] = []
+        self._outbox_ids: set[str] = set()
+        self._snapshots: dict[tuple[str, str], Snapshot] = {}
+
+    # -- the interpreter's fast path --------------------------------------------------------
+
+    def records(self, machine: str) -> dict[str, InstanceRecord]:
+        """The live dict of one machine's instances (the fast path mutates records in it)."""
+        return self._records.setdefault(machine, {})
+
+    # -- Store -------------------------------------------------------------------------------
+
+    def run(
+        self,
+        works: Sequence[Callable[[Transaction], T]],
+        before_commit: Callable[[Transaction], None] | None = None,
+    ) -> list[WorkOutcome[T]]:
+        outcomes: list[WorkOutcome[T]] = []
+        with self.lock:
+            for work in works:
+                try:
+                    outcomes.append(WorkOutcome(work(self), None))
+                except Exception as exc:
+                    outcomes.append(WorkOutcome(None, exc))
+            if before_commit is not None:
+                before_commit(self)
+        return outcomes
+
+    def ledger_mode(self) -> LedgerMode | None:
+        return self._mode
+
+    def set_ledger_mode(self, mode: LedgerMode) -> None:
+        self._mode = mode
+
+    def get_instance(self, machine: str, instance: str) -> InstanceRecord | None:
+        record = self._records.get(machine, {}).get(instance)
+        if record is None:
+            return None
+        return InstanceRecord(record.machine, record.instance, record.state, record.version)
+
+    def instances(self, machine: str) -> list[InstanceRecord]:
+        with self.lock:
+            return [
+                InstanceRecord(r.machine, r.instance, r.state, r.version)
+                for r in self._records.get(machine, {}).values()
+            ]
+
+    def ledger_entries(
+        self, *, machine: str | None = None, instance: str | None = None, after_seq: int = -1
+    ) -> Iterator[LedgerEntry]:
+        with self.lock:
+            entries = self.ledger_list[max(after_seq + 1, 0) :]
+        for entry in entries:
+            if machine is not None and entry.machine != machine:
+                continue
+            if instance is not None and entry.instance != instance:
+                continue
+            yield entry
+
+    def ledger_entry(self, seq: int) -> LedgerEntry | None:
+        if 0 <= seq < len(self.ledger_list):
+            return self.ledger_list[seq]
+        return None
+
+    def checkpoints(self) -> list[Checkpoint]:
+        return list(self._checkpoints)
+
+    def latest_snapshot(self, machine: str, instance: str) -> Snapshot | None:
+        return self._snapshots.get((machine, instance))
+
+    def armed_timers(
+        self, machine: str | None = None, instance: str | None = None
+    ) -> list[ArmedTimer]:
+        with self.lock:
+            found = [
+                item
+                for (m, i), per_instance in self._timers.items()
+                if (machine is None or m == machine) and (instance is None or i == instance)
+                for item in per_instance.values()
+            ]
+        return [timer for _, timer in sorted(found, key=lambda item: item[0])]
+
+    def due_timers(self, now_ms: int, machines: Sequence[str], limit: int) -> list[ArmedTimer]:
+        wanted = set(machines)
+        found: list[ArmedTimer] = []
+        with self.lock:
+            self._prune()
+            for key, timer in heapq.nsmallest(len(self._due), self._due):
+                if key[0] > now_ms or len(found) >= limit:
+                    break
+                if timer.machine in wanted and self._is_live(key, timer):
+                    found.append(timer)
+        return found
+
+    def _is_live(self, key: _TimerKey, timer: ArmedTimer) -> bool:
+        found = self._timers.get((timer.machine, timer.instance), {}).get(timer.timer_id)
+        return found is not None and found[0] == key
+
+    def _prune(self) -> None:
+        due = self._due
+        while due and not self._is_live(*due[0]):
+            heapq.heappop(due)
+        if len(due) > 2 * self._live_timers + 64:
+            self._due = [item for item in due if self._is_live(*item)]
+            heapq.heapify(self._due)
+
+    def outbox(
+        self,
+        *,
+        kind: OutboxKind | None = None,
+        status: OutboxStatus | None = "pending",
+        limit: int = 1000,
+    ) -> list[OutboxMessage]:
+        with self.lock:
+            chosen = [
+                m
+                for m in self._outbox
+                if (kind is None or m.kind == kind) and (status is None or m.status == status)
+            ]
+        return chosen[:limit]
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    # -- Transaction (the store is its own transaction, under its lock) ----------------------
+
+    def instance(self, machine: str, instance: str) -> InstanceRecord | None:
+        # The live record (no copy): the interpreter reads it and writes through
+        # update_instance only.
+        return self._records.get(machine, {}).get(instance)
+
+    def insert_instance(self, record: InstanceRecord) -> None:
+        records = self.records(record.machine)
+        if record.instance in records:
+            raise InstanceExists(record.machine, record.instance)
+        records[record.instance] = InstanceRecord(
+            record.machine, record.instance, record.state, record.version
+        )
+
+    def update_instance(
+        self, machine: str, instance: str, state: str, version: int, expected_version: int
+    ) -> None:
+        current = self._records.get(machine, {}).get(instance)
+        if current is None or current.version != expected_version:
+            actual = -1 if current is None else current.version
+            raise ConcurrentUpdateDetected(machine, instance, expected_version, actual)
+        current.state = state
+        current.version = version
+
+    def ledger_head(self) -> LedgerEntry | None:
+        return self.ledger_list[-1] if self.ledger_list else None
+
+    def last_checkpoint(self) -> Checkpoint | None:
+        return self._checkpoints[-1] if self._checkpoints else None
+
+    def append_ledger(self, entry: LedgerEntry) -> None:
+        if entry.seq != len(self.ledger_list):
+            raise ValueError(
+                f"ledger entry {entry.seq} does not extend a ledger of {len(self.ledger_list)}"
+            )
+        self.ledger_list.append(entry)
+
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        if self._checkpoints and self._checkpoints[-1].size >= checkpoint.size:
+            raise ValueError(f"checkpoint at size {checkpoint.size} does not advance")
+        self._checkpoints.append(checkpoint)
+
+    def processed(self, machine: str, event_id: str) -> str | None:
+        found = self._processed.get((machine, event_id))
+        return None if found is None else found[0]
+
+    def record_processed(
+        self, machine: str, event_id: str, instance: str, result: str, now_ms: int
+    ) -> None:
+        self._processed[(machine, event_id)] = (result, now_ms)
+
+    def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
+        found = self._idempotency.get((machine, key))
+        return None if found is None else (found[0], found[1])
+
+    def record_idempotency(
+        self, machine: str, key: str, request_digest: bytes, result: str, now_ms: int
+    ) -> None:
+        self._idempotency[(machine, key)] = (request_digest, result, now_ms)
+
+    def cancel_timers(self, machine: str, instance: str) -> None:
+        armed = self._timers.pop((machine, instance), None)
+        if armed:
+            self._live_timers -= len(armed)
+
+    def arm_timers(self, timers: Sequence[ArmedTimer]) -> None:
+        for timer in timers:
+            self._arming += 1
+            key = (timer.due_ms, self._arming)
+            per_instance = self._timers.setdefault((timer.machine, timer.instance), {})
+            if timer.timer_id not in per_instance:
+                self._live_timers += 1
+            per_instance[timer.timer_id] = (key, timer)
+            heapq.heappush(self._due, (key, timer))
+
+    def timer_armed(self, timer: ArmedTimer) -> bool:
+        found = self._timers.get((timer.machine, timer.instance), {}).get(timer.timer_id)
+        return found is not None and found[1] == timer
+
+    def take_timer(self, timer: ArmedTimer) -> bool:
+        per_instance = self._timers.get((timer.machine, timer.instance))
+        if not per_instance:
+            return False
+        found = per_instance.get(timer.timer_id)
+        if found is None or found[1] != timer:
+            return False
+        del per_instance[timer.timer_id]
+        if not per_instance:
+            del self._timers[(timer.machine, timer.instance)]
+        self._live_timers -= 1
+        return True
+
+    def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
+        for message in messages:
+            if message.event_id in self._outbox_ids:
+                raise ValueError(f"outbox already holds event id {message.event_id}")
+            self._outbox_ids.add(message.event_id)
+            self._outbox.append(
+                OutboxMessage(
+                    len(self._outbox) + 1,
+                    message.kind,
+                    message.machine,
+                    message.instance,
+                    message.version,
+                    message.target_machine,
+                    message.target_instance,
+                    message.event,
+                    message.event_id,
+                    message.body,
+                    message.created_ms,
+                )
+            )
+
+    def mark_outbox(self, message_id: int, status: OutboxStatus, error: str | None) -> None:
+        index = message_id - 1
+        old = self._outbox[index]
+        self._outbox[index] = OutboxMessage(
+            old.id,
+            old.kind,
+            old.machine,
+            old.instance,
+            old.version,
+            old.target_machine,
+            old.target_instance,
+            old.event,
+            old.event_id,
+            old.body,
+            old.created_ms,
+            status,
+            error,
+        )
+
+    def save_snapshot(self, snapshot: Snapshot) -> None:
+        self._snapshots[(snapshot.machine, snapshot.instance)] = snapshot
+
+    def purge_dedup(self, before_ms: int) -> tuple[int, int]:
+        old_events = [k for k, (_, at) in self._processed.items() if at < before_ms]
+        for key in old_events:
+            del self._processed[key]
+        old_keys = [k for k, (_, _, at) in self._idempotency.items() if at < before_ms]
+        for key in old_keys:
+            del self._idempotency[key]
+        return len(old_events), len(old_keys)

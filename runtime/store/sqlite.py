@@ -1,0 +1,560 @@
+"""The SQLite store: the embedded default, one file, safe for several threads and processes.
+
+Durability: WAL journal with `synchronous=FULL` by default, so a commit is on disk before
+`run` returns (and before any dispatch is acknowledged). `synchronous="NORMAL"` skips the
+fsync of each commit: a process crash (kill -9) still loses nothing, but a power loss or OS
+crash can lose the last commits (the file stays consistent). Choose it only when the events
+can be replayed from their source.
+
+Concurrency: every batch runs in `BEGIN IMMEDIATE`, which takes the database's write lock
+(waiting up to `busy_timeout_ms`), so processes on one file serialize their writes; the state
+row is still written with `UPDATE ... WHERE version = ?`, so a lost update cannot happen even
+if a caller bypassed the lock. Within a process a lock serializes use of the connection.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+from ..errors import ConcurrentUpdateDetected, InstanceExists, StoreConfigError
+from ..ledger import (
+    INSERT_CHECKPOINT_SQL,
+    INSERT_ENTRY_SQL,
+    LEDGER_COLUMNS,
+    META_MODE_KEY,
+    MODES,
+    SCHEMA_SQL,
+    SELECT_CHECKPOINTS_SQL,
+    SET_META_SQL,
+    Checkpoint,
+    LedgerEntry,
+    LedgerMode,
+)
+from ..timers import ArmedTimer
+from .base import (
+    InstanceRecord,
+    OutboxKind,
+    OutboxMessage,
+    OutboxStatus,
+    Snapshot,
+    Transaction,
+    WorkOutcome,
+)
+
+__all__ = ["RUNTIME_SCHEMA_SQL", "SQLiteStore", "Synchronous"]
+
+T = TypeVar("T")
+Synchronous = Literal["FULL", "NORMAL"]
+
+SCHEMA_VERSION = "1"
+
+RUNTIME_SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS instances (
+    machine TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    state TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (machine, instance)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS processed_events (
+    machine TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    result TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (machine, event_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS processed_events_age ON processed_events (created_ms);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    machine TEXT NOT NULL,
+    key TEXT NOT NULL,
+    request_sha256 BLOB NOT NULL,
+    result TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (machine, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_keys_age ON idempotency_keys (created_ms);
+CREATE TABLE IF NOT EXISTS timers (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    machine TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    timer_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    due_ms INTEGER NOT NULL,
+    armed_version INTEGER NOT NULL,
+    UNIQUE (machine, instance, timer_id)
+);
+CREATE INDEX IF NOT EXISTS timers_due ON timers (due_ms, id);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    target_machine TEXT NOT NULL,
+    target_instance TEXT NOT NULL,
+    event TEXT NOT NULL,
+    event_id TEXT NOT NULL UNIQUE,
+    body TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (status, kind, id);
+CREATE TABLE IF NOT EXISTS snapshots (
+    machine TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    ledger_seq INTEGER NOT NULL,
+    entry_hash BLOB NOT NULL,
+    PRIMARY KEY (machine, instance)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ledger_by_instance ON ledger (machine, instance, seq);
+CREATE TABLE IF NOT EXISTS runtime_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+_ENTRY_COLUMNS = ", ".join(LEDGER_COLUMNS)
+_TIMER_COLUMNS = "machine, instance, timer_id, state, due_ms, armed_version"
+_OUTBOX_COLUMNS = (
+    "id, kind, machine, instance, version, target_machine, target_instance, event, event_id, "
+    "body, created_ms, status, error"
+)
+_PAGE = 1000
+_new_entry = cast(Callable[[type[LedgerEntry], tuple[Any, ...]], LedgerEntry], tuple.__new__)
+
+
+def _entry(row: tuple[Any, ...]) -> LedgerEntry:
+    return _new_entry(LedgerEntry, row)
+
+
+def _timer(row: tuple[Any, ...]) -> ArmedTimer:
+    return ArmedTimer(*row)
+
+
+def _message(row: tuple[Any, ...]) -> OutboxMessage:
+    return OutboxMessage(*row)
+
+
+class SQLiteTransaction:
+    """The statements of one unit of work, on the store's connection inside its transaction."""
+
+    __slots__ = ("_execute",)
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._execute = connection.execute
+
+    def instance(self, machine: str, instance: str) -> InstanceRecord | None:
+        row = self._execute(
+            "SELECT state, version FROM instances WHERE machine = ? AND instance = ?",
+            (machine, instance),
+        ).fetchone()
+        return None if row is None else InstanceRecord(machine, instance, row[0], row[1])
+
+    def insert_instance(self, record: InstanceRecord) -> None:
+        try:
+            self._execute(
+                "INSERT INTO instances (machine, instance, state, version) VALUES (?, ?, ?, ?)",
+                (record.machine, record.instance, record.state, record.version),
+            )
+        except sqlite3.IntegrityError:
+            raise InstanceExists(record.machine, record.instance) from None
+
+    def update_instance(
+        self, machine: str, instance: str, state: str, version: int, expected_version: int
+    ) -> None:
+        cursor = self._execute(
+            "UPDATE instances SET state = ?, version = ? "
+            "WHERE machine = ? AND instance = ? AND version = ?",
+            (state, version, machine, instance, expected_version),
+        )
+        if cursor.rowcount != 1:
+            row = self._execute(
+                "SELECT version FROM instances WHERE machine = ? AND instance = ?",
+                (machine, instance),
+            ).fetchone()
+            actual = -1 if row is None else int(row[0])
+            raise ConcurrentUpdateDetected(machine, instance, expected_version, actual)
+
+    def ledger_head(self) -> LedgerEntry | None:
+        row = self._execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM ledger ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else _entry(row)
+
+    def last_checkpoint(self) -> Checkpoint | None:
+        row = self._execute(SELECT_CHECKPOINTS_SQL + " DESC LIMIT 1").fetchone()
+        return None if row is None else Checkpoint(*row)
+
+    def append_ledger(self, entry: LedgerEntry) -> None:
+        self._execute(INSERT_ENTRY_SQL, entry)
+
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        self._execute(INSERT_CHECKPOINT_SQL, checkpoint.as_row())
+
+    def processed(self, machine: str, event_id: str) -> str | None:
+        row = self._execute(
+            "SELECT result FROM processed_events WHERE machine = ? AND event_id = ?",
+            (machine, event_id),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def record_processed(
+        self, machine: str, event_id: str, instance: str, result: str, now_ms: int
+    ) -> None:
+        self._execute(
+            "INSERT INTO processed_events (machine, event_id, instance, result, created_ms) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (machine, event_id, instance, result, now_ms),
+        )
+
+    def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
+        row = self._execute(
+            "SELECT request_sha256, result FROM idempotency_keys WHERE machine = ? AND key = ?",
+            (machine, key),
+        ).fetchone()
+        return None if row is None else (bytes(row[0]), str(row[1]))
+
+    def record_idempotency(
+        self, machine: str, key: str, request_digest: bytes, result: str, now_ms: int
+    ) -> None:
+        self._execute(
+            "INSERT INTO idempotency_keys (machine, key, request_sha256, result, created_ms) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (machine, key, request_digest, result, now_ms),
+        )
+
+    def cancel_timers(self, machine: str, instance: str) -> None:
+        self._execute("DELETE FROM timers WHERE machine = ? AND instance = ?", (machine, instance))
+
+    def arm_timers(self, timers: Sequence[ArmedTimer]) -> None:
+        for timer in timers:
+            self._execute(
+                f"INSERT INTO timers ({_TIMER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    timer.machine,
+                    timer.instance,
+                    timer.timer_id,
+                    timer.state,
+                    timer.due_ms,
+                    timer.armed_version,
+                ),
+            )
+
+    def timer_armed(self, timer: ArmedTimer) -> bool:
+        row = self._execute(
+            "SELECT 1 FROM timers WHERE machine = ? AND instance = ? AND timer_id = ? "
+            "AND state = ? AND due_ms = ? AND armed_version = ?",
+            (
+                timer.machine,
+                timer.instance,
+                timer.timer_id,
+                timer.state,
+                timer.due_ms,
+                timer.armed_version,
+            ),
+        ).fetchone()
+        return row is not None
+
+    def take_timer(self, timer: ArmedTimer) -> bool:
+        cursor = self._execute(
+            "DELETE FROM timers WHERE machine = ? AND instance = ? AND timer_id = ? "
+            "AND state = ? AND due_ms = ? AND armed_version = ?",
+            (
+                timer.machine,
+                timer.instance,
+                timer.timer_id,
+                timer.state,
+                timer.due_ms,
+                timer.armed_version,
+            ),
+        )
+        return cursor.rowcount == 1
+
+    def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
+        for m in messages:
+            self._execute(
+                "INSERT INTO outbox (kind, machine, instance, version, target_machine, "
+                "target_instance, event, event_id, body, created_ms, status, error) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', NULL)",
+                (
+                    m.kind,
+                    m.machine,
+                    m.instance,
+                    m.version,
+                    m.target_machine,
+                    m.target_instance,
+                    m.event,
+                    m.event_id,
+                    m.body,
+                    m.created_ms,
+                ),
+            )
+
+    def mark_outbox(self, message_id: int, status: OutboxStatus, error: str | None) -> None:
+        self._execute(
+            "UPDATE outbox SET status = ?, error = ? WHERE id = ?", (status, error, message_id)
+        )
+
+    def save_snapshot(self, snapshot: Snapshot) -> None:
+        self._execute(
+            "INSERT OR REPLACE INTO snapshots "
+            "(machine, instance, version, state, ledger_seq, entry_hash) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                snapshot.machine,
+                snapshot.instance,
+                snapshot.version,
+                snapshot.state,
+                snapshot.ledger_seq,
+                snapshot.entry_hash,
+            ),
+        )
+
+    def purge_dedup(self, before_ms: int) -> tuple[int, int]:
+        events = self._execute("DELETE FROM processed_events WHERE created_ms < ?", (before_ms,))
+        keys = self._execute("DELETE FROM idempotency_keys WHERE created_ms < ?", (before_ms,))
+        return events.rowcount, keys.rowcount
+
+
+class SQLiteStore:
+    """A Store on one SQLite file (see the module docstring for durability and locking)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Synchronous = "FULL",
+        busy_timeout_ms: int = 30_000,
+    ) -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
+        self.path = Path(path)
+        self.synchronous = synchronous
+        try:
+            self._connection = sqlite3.connect(
+                str(path),
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=busy_timeout_ms / 1000,
+            )
+        except sqlite3.Error as exc:
+            raise StoreConfigError(f"{path}: cannot open SQLite database: {exc}") from None
+        self._lock = threading.RLock()
+        self._txn = SQLiteTransaction(self._connection)
+        try:
+            self._configure(busy_timeout_ms)
+        except sqlite3.DatabaseError as exc:
+            self._connection.close()
+            raise StoreConfigError(
+                f"{path}: not a usable SQLite store: {exc}",
+                hint="pass a new file or one written by the autonomic runtime",
+            ) from None
+
+    def _configure(self, busy_timeout_ms: int) -> None:
+        execute = self._connection.execute
+        execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        mode = execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal" and str(self.path) != ":memory:":
+            raise sqlite3.DatabaseError(f"cannot switch to WAL journal mode (got {mode})")
+        execute(f"PRAGMA synchronous = {self.synchronous}")
+        execute("BEGIN IMMEDIATE")
+        try:
+            for statement in (SCHEMA_SQL + RUNTIME_SCHEMA_SQL).split(";"):
+                if statement.strip():
+                    execute(statement)
+            row = execute("SELECT value FROM runtime_meta WHERE key = 'schema'").fetchone()
+            if row is None:
+                execute(
+                    "INSERT INTO runtime_meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,)
+                )
+            elif row[0] != SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"store schema version {row[0]} is not {SCHEMA_VERSION}"
+                )
+            execute("COMMIT")
+        except BaseException:
+            execute("ROLLBACK")
+            raise
+
+    # -- Store -------------------------------------------------------------------------------
+
+    def run(
+        self,
+        works: Sequence[Callable[[Transaction], T]],
+        before_commit: Callable[[Transaction], None] | None = None,
+    ) -> list[WorkOutcome[T]]:
+        execute = self._connection.execute
+        txn = self._txn
+        single = len(works) == 1
+        outcomes: list[WorkOutcome[T]] = []
+        with self._lock:
+            execute("BEGIN IMMEDIATE")
+            try:
+                for work in works:
+                    if single:
+                        try:
+                            outcomes.append(WorkOutcome(work(txn), None))
+                        except Exception as exc:
+                            # Nothing else shares this transaction: roll it all back.
+                            execute("ROLLBACK")
+                            return [WorkOutcome(None, exc)]
+                        continue
+                    execute("SAVEPOINT unit")
+                    try:
+                        value = work(txn)
+                    except Exception as exc:
+                        execute("ROLLBACK TO unit")
+                        execute("RELEASE unit")
+                        outcomes.append(WorkOutcome(None, exc))
+                    else:
+                        execute("RELEASE unit")
+                        outcomes.append(WorkOutcome(value, None))
+                if before_commit is not None:
+                    before_commit(txn)
+                execute("COMMIT")
+            except BaseException:
+                if self._connection.in_transaction:
+                    execute("ROLLBACK")
+                raise
+        return outcomes
+
+    def ledger_mode(self) -> LedgerMode | None:
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT value FROM ledger_meta WHERE key = ?", (META_MODE_KEY,)
+            ).fetchone()
+        if row is None:
+            return None
+        if row[0] not in MODES:
+            raise StoreConfigError(f"{self.path}: ledger_meta holds unknown mode {row[0]!r}")
+        return cast(LedgerMode, row[0])
+
+    def set_ledger_mode(self, mode: LedgerMode) -> None:
+        with self._lock:
+            self._connection.execute(SET_META_SQL, (META_MODE_KEY, mode))
+
+    def _query(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._connection.execute(sql, parameters).fetchall()
+
+    def get_instance(self, machine: str, instance: str) -> InstanceRecord | None:
+        with self._lock:
+            return self._txn.instance(machine, instance)
+
+    def instances(self, machine: str) -> list[InstanceRecord]:
+        rows = self._query(
+            "SELECT instance, state, version FROM instances WHERE machine = ? ORDER BY instance",
+            (machine,),
+        )
+        return [InstanceRecord(machine, i, s, v) for i, s, v in rows]
+
+    def ledger_entries(
+        self, *, machine: str | None = None, instance: str | None = None, after_seq: int = -1
+    ) -> Iterator[LedgerEntry]:
+        # Pages by seq: flat memory, and the lock is not held while the caller iterates.
+        where = ["seq > ?"]
+        fixed: list[object] = []
+        if machine is not None:
+            where.append("machine = ?")
+            fixed.append(machine)
+        if instance is not None:
+            where.append("instance = ?")
+            fixed.append(instance)
+        sql = (
+            f"SELECT {_ENTRY_COLUMNS} FROM ledger WHERE {' AND '.join(where)} "
+            f"ORDER BY seq LIMIT {_PAGE}"
+        )
+        last = after_seq
+        while True:
+            rows = self._query(sql, [last, *fixed])
+            for row in rows:
+                yield _entry(row)
+            if len(rows) < _PAGE:
+                return
+            last = rows[-1][0]
+
+    def ledger_entry(self, seq: int) -> LedgerEntry | None:
+        rows = self._query(f"SELECT {_ENTRY_COLUMNS} FROM ledger WHERE seq = ?", (seq,))
+        return _entry(rows[0]) if rows else None
+
+    def checkpoints(self) -> list[Checkpoint]:
+        return [Checkpoint(*row) for row in self._query(SELECT_CHECKPOINTS_SQL)]
+
+    def latest_snapshot(self, machine: str, instance: str) -> Snapshot | None:
+        rows = self._query(
+            "SELECT version, state, ledger_seq, entry_hash FROM snapshots "
+            "WHERE machine = ? AND instance = ?",
+            (machine, instance),
+        )
+        if not rows:
+            return None
+        version, state, seq, digest = rows[0]
+        return Snapshot(machine, instance, version, state, seq, bytes(digest))
+
+    def armed_timers(
+        self, machine: str | None = None, instance: str | None = None
+    ) -> list[ArmedTimer]:
+        where: list[str] = []
+        parameters: list[object] = []
+        if machine is not None:
+            where.append("machine = ?")
+            parameters.append(machine)
+        if instance is not None:
+            where.append("instance = ?")
+            parameters.append(instance)
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        rows = self._query(
+            f"SELECT {_TIMER_COLUMNS} FROM timers {clause}ORDER BY due_ms, id", parameters
+        )
+        return [_timer(row) for row in rows]
+
+    def due_timers(self, now_ms: int, machines: Sequence[str], limit: int) -> list[ArmedTimer]:
+        if not machines:
+            return []
+        marks = ", ".join("?" for _ in machines)
+        rows = self._query(
+            f"SELECT {_TIMER_COLUMNS} FROM timers WHERE due_ms <= ? AND machine IN ({marks}) "
+            "ORDER BY due_ms, id LIMIT ?",
+            [now_ms, *machines, limit],
+        )
+        return [_timer(row) for row in rows]
+
+    def outbox(
+        self,
+        *,
+        kind: OutboxKind | None = None,
+        status: OutboxStatus | None = "pending",
+        limit: int = 1000,
+    ) -> list[OutboxMessage]:
+        where: list[str] = []
+        parameters: list[object] = []
+        if status is not None:
+            where.append("status = ?")
+            parameters.append(status)
+        if kind is not None:
+            where.append("kind = ?")
+            parameters.append(kind)
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        rows = self._query(
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox {clause}ORDER BY id LIMIT ?",
+            [*parameters, limit],
+        )
+        return [_message(row) for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

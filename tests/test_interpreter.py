@@ -1,0 +1,526 @@
+"""Dispatch over tables: bindings, payloads, guards, rejections, dedup, idempotency, outbox."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from autonomic.runtime.errors import (
+    ActionFailed,
+    BindingError,
+    ConcurrentUpdateDetected,
+    IdempotencyConflict,
+    InstanceExists,
+    InvalidTransition,
+    NestedDispatch,
+    NoGuardHeld,
+    PayloadInvalid,
+    UnknownEvent,
+    UnknownInstance,
+    UnknownMachine,
+)
+from autonomic.runtime.interpreter import Governor, Runtime, TransitionContext
+from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
+from autonomic.runtime.ledger import LedgerSealer
+from autonomic.runtime.store import MemoryStore, SQLiteStore
+from autonomic.runtime.timers import VirtualClock
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from runtime_machines import (
+    Bindings,
+    ChargePayload,
+    SpecBuilder,
+    billing_spec,
+    counter_spec,
+    entitlement_spec,
+)
+
+CHARGE = {"amount": "19.99", "currency": "USD"}
+
+
+@pytest.fixture(scope="module")
+def key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("keys")
+    generate_keypair(folder)
+    return folder
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def runtime(request: pytest.FixtureRequest, tmp_path: Path, key_dir: Path) -> Iterator[Runtime]:
+    sealer = LedgerSealer(load_signer(key_dir), "checkpoint")
+    store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "store.db")
+    rt = Runtime(store, clock=VirtualClock(), sealer=sealer)
+    yield rt
+    rt.close()
+
+
+def keyring(key_dir: Path) -> Keyring:
+    return Keyring.from_files([key_dir])
+
+
+def load_all(rt: Runtime, bindings: Bindings | None = None) -> tuple[Governor, Governor]:
+    b = bindings or Bindings()
+    ent, bil = entitlement_spec(), billing_spec()
+    return rt.load(ent, *b.for_spec(ent)), rt.load(bil, *b.for_spec(bil))
+
+
+def awaiting_payment(bil: Governor, instance: str = "b1") -> None:
+    bil.create(instance, "ops")
+    bil.dispatch(instance, "StartBilling", actor="ops")
+
+
+# -- bindings ------------------------------------------------------------------------------------
+
+
+def test_binding_problems_are_reported_together_with_positions() -> None:
+    spec = billing_spec()
+    guards = {"amount_matchs": lambda ctx: True}  # misspelled: missing + unknown
+    actions: dict[str, Any] = {
+        "charge_card": 42,
+        "retry_charge": lambda: None,
+        "refund": lambda ctx: None,
+    }
+    with pytest.raises(BindingError) as caught:
+        Runtime().load(spec, guards, actions)
+    problems = caught.value.problems
+    text = "\n".join(problems)
+    guard_ref = spec.guards["amount_matches"]
+    assert f"{guard_ref}: R010 guard 'amount_matches' has no binding" in text
+    assert "did you mean 'amount_matchs'?" in text
+    assert f"{spec.actions['charge_card']}: R014 action 'charge_card' is bound to a int" in text
+    retry_ref = spec.actions["retry_charge"]
+    assert f"{retry_ref}: R014 action 'retry_charge' must accept one argument" in text
+    assert "R012 guard 'amount_matchs' is bound but the machine names no such guard" in text
+    assert "R013 action 'refund' is bound but the machine names no such action" in text
+    assert len(problems) == 5
+
+
+def test_binding_error_reports_missing_actions_too() -> None:
+    spec = entitlement_spec()
+    with pytest.raises(BindingError) as caught:
+        Runtime().load(spec, {"is_approver": lambda ctx: True}, {})
+    codes = [line.split(": ")[1].split()[0] for line in caught.value.problems]
+    assert codes == ["R011", "R011"]  # record_approval and auto_approve, in file order
+
+
+def test_runtime_lookups_name_loaded_governors() -> None:
+    rt = Runtime()
+    b = Bindings()
+    rt.load(counter_spec(), *b.for_spec(counter_spec()))
+    assert rt.governor("Counter").name == "Counter"
+    with pytest.raises(UnknownMachine) as caught:
+        rt.governor("Billing")
+    assert caught.value.hint == "loaded: Counter"
+    with pytest.raises(ValueError, match="already loaded"):
+        rt.load(counter_spec(), *b.for_spec(counter_spec()))
+
+
+# -- dispatch ------------------------------------------------------------------------------------
+
+
+def test_dispatch_returns_what_it_did(runtime: Runtime) -> None:
+    ent, _ = load_all(runtime)
+    created = ent.create("e1", "alice")
+    assert (created.to_state, created.version, created.seq) == ("PendingApproval", 1, 0)
+    result = ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob")
+    assert result.machine == "Entitlement" and result.instance == "e1"
+    assert (result.from_state, result.to_state, result.event) == (
+        "PendingApproval",
+        "Active",
+        "Approve",
+    )
+    assert result.version == 2 and result.seq == 1
+    assert [(e.machine, e.instance, e.event) for e in result.emitted] == [
+        ("Billing", "e1", "StartBilling")
+    ]
+    assert result.action_results["record_approval"] == {
+        "action": "record_approval",
+        "instance": "e1",
+        "version": 1,
+    }
+    assert [t.timer_id for t in result.armed] == ["Active.after.30d"]
+    assert not result.duplicate and not result.ignored
+    record = ent.get("e1")
+    assert record is not None and (record.state, record.version) == ("Active", 2)
+    assert [t.timer_id for t in ent.timers("e1")] == ["Active.after.30d"]
+    assert [e.kind for e in ent.history("e1")] == ["transition", "transition"]
+
+
+def test_enum_members_and_strings_dispatch_alike(runtime: Runtime) -> None:
+    spec = counter_spec()
+    gov = runtime.load(spec, *Bindings().for_spec(spec))
+    gov.create("c1")
+    tick = spec.event_type("Tick")
+    assert gov.dispatch("c1", tick).to_state == "Counting"
+    result = gov.dispatch("c1", "Tick")
+    assert result.version == 3 and type(result.event) is str
+
+
+def test_guards_are_tried_in_order_and_else_is_last(runtime: Runtime) -> None:
+    bindings = Bindings(outcomes={"is_approver": False})
+    ent, _ = load_all(runtime, bindings)
+    ent.create("e1", "alice")
+    result = ent.dispatch("e1", "Approve", {"approver": "mallory"}, "mallory")
+    assert result.to_state == "Rejected"
+    assert ("guard", "is_approver", "e1") in bindings.calls
+    assert not any(call[0] == "action" for call in bindings.calls)
+
+
+def test_guard_context_carries_the_event(runtime: Runtime) -> None:
+    seen: list[TransitionContext] = []
+
+    def is_approver(ctx: TransitionContext) -> bool:
+        seen.append(ctx)
+        return ctx.payload is not None and getattr(ctx.payload, "approver", "") == "bob"
+
+    spec = entitlement_spec()
+    actions = {name: (lambda ctx: None) for name in spec.actions}
+    ent = runtime.load(spec, {"is_approver": is_approver}, actions)
+    ent.create("e1", "alice")
+    assert ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob").to_state == "Active"
+    ctx = seen[0]
+    assert (ctx.machine, ctx.instance, ctx.state, ctx.event, ctx.actor) == (
+        "Entitlement",
+        "e1",
+        "PendingApproval",
+        "Approve",
+        "bob",
+    )
+    assert ctx.version == 1 and ctx.target is None
+
+
+def test_no_guard_held_is_a_typed_rejection() -> None:
+    b = SpecBuilder("Gate", ["Closed", "Open"], ["Push"], "Closed")
+    b.on("Closed", "Push", "Open", when="has_coin")
+    b.on("Closed", "Push", "Open", when="has_token")
+    spec = b.build()
+    rt = Runtime()
+    gate = rt.load(spec, {"has_coin": lambda c: False, "has_token": lambda c: False}, {})
+    gate.create("g1")
+    with pytest.raises(NoGuardHeld) as caught:
+        gate.dispatch("g1", "Push")
+    assert caught.value.guards == ("has_coin", "has_token")
+    assert "no guard held (has_coin, has_token)" in caught.value.message
+    assert isinstance(caught.value, InvalidTransition)
+
+
+def test_invalid_transition_changes_nothing(runtime: Runtime) -> None:
+    ent, _ = load_all(runtime)
+    ent.create("e1", "alice")
+    before = (ent.get("e1"), ent.timers("e1"), list(runtime.ledger()))
+    with pytest.raises(InvalidTransition) as caught:
+        ent.dispatch("e1", "Resume", actor="alice")
+    error = caught.value
+    assert (error.machine, error.state, error.event) == ("Entitlement", "PendingApproval", "Resume")
+    assert "Entitlement in state PendingApproval has no transition on Resume" in error.message
+    assert error.hint is not None and "Approve" in error.hint
+    assert error.ledger_seq is None
+    assert (ent.get("e1"), ent.timers("e1"), list(runtime.ledger())) == before
+
+
+def test_rejection_is_recorded_only_when_asked(runtime: Runtime, key_dir: Path) -> None:
+    ent, _ = load_all(runtime)
+    ent.create("e1", "alice")
+    with pytest.raises(InvalidTransition) as caught:
+        ent.dispatch("e1", "Resume", actor="alice", record_rejection=True)
+    assert caught.value.ledger_seq == 1
+    entries = list(runtime.ledger())
+    assert [e.kind for e in entries] == ["transition", "rejection"]
+    rejection = entries[1]
+    assert (rejection.from_state, rejection.to_state, rejection.event) == (
+        "PendingApproval",
+        "PendingApproval",
+        "Resume",
+    )
+    record = ent.get("e1")
+    assert record is not None and record.version == 1  # a rejection changes nothing
+    assert runtime.verify(keyring(key_dir)).ok
+
+
+def test_ignored_event_writes_nothing(runtime: Runtime) -> None:
+    ent, _ = load_all(runtime)
+    ent.create("e1", "alice")
+    before = list(runtime.ledger())
+    result = ent.dispatch("e1", "Ping", event_id="ping-1")
+    assert result.ignored and result.to_state == result.from_state == "PendingApproval"
+    assert result.version == 1 and result.seq is None
+    assert list(runtime.ledger()) == before
+    again = ent.dispatch("e1", "Ping", event_id="ping-1")
+    assert again.ignored and not again.duplicate  # ignored events are not remembered
+
+
+def test_unknown_event_and_instance(runtime: Runtime) -> None:
+    ent, _ = load_all(runtime)
+    ent.create("e1", "alice")
+    with pytest.raises(UnknownEvent) as caught:
+        ent.dispatch("e1", "Aprove")
+    assert caught.value.hint == "did you mean 'Approve'?"
+    with pytest.raises(UnknownInstance):
+        ent.dispatch("nobody", "Suspend")
+    with pytest.raises(InstanceExists):
+        ent.create("e1", "alice")
+
+
+def test_action_failure_stores_nothing(runtime: Runtime) -> None:
+    spec = billing_spec()
+    guards, actions = Bindings().for_spec(spec)
+
+    def declined(ctx: Any) -> object:
+        raise RuntimeError("card declined")
+
+    bil = runtime.load(spec, guards, {**actions, "charge_card": declined})
+    awaiting_payment(bil)
+    before = (bil.get("b1"), list(runtime.ledger()))
+    with pytest.raises(ActionFailed, match="charge_card' failed: RuntimeError: card declined"):
+        bil.dispatch("b1", "Charge", CHARGE, "shop", idempotency_key="k1")
+    assert (bil.get("b1"), list(runtime.ledger())) == before
+    with pytest.raises(ActionFailed):
+        bil.dispatch("b1", "Charge", CHARGE, "shop", idempotency_key="k1")  # key not burnt
+
+
+# -- payloads ------------------------------------------------------------------------------------
+
+
+def test_bad_payload_names_each_field_and_stores_nothing(runtime: Runtime) -> None:
+    _, bil = load_all(runtime)
+    awaiting_payment(bil)
+    before = (bil.get("b1"), list(runtime.ledger()), runtime.store.outbox(status=None))
+    with pytest.raises(PayloadInvalid) as caught:
+        bil.dispatch("b1", "Charge", {"amount": "lots", "currency": "GBP", "x": 1}, "shop")
+    assert caught.value.fields == ("amount", "currency", "x")
+    assert "field 'amount': Input should be a valid decimal" in caught.value.message
+    with pytest.raises(PayloadInvalid) as missing:
+        bil.dispatch("b1", "Charge", {"currency": "USD"}, "shop")
+    assert missing.value.fields == ("amount",)
+    with pytest.raises(PayloadInvalid, match="field 'reason': unexpected field"):
+        bil.dispatch("b1", "StartBilling", {"reason": "x"}, "shop")
+    after = (bil.get("b1"), list(runtime.ledger()), runtime.store.outbox(status=None))
+    assert after == before
+
+
+def test_payload_model_instances_are_accepted(runtime: Runtime) -> None:
+    _, bil = load_all(runtime)
+    awaiting_payment(bil)
+    payload = ChargePayload(amount=Decimal("19.99"), currency="USD")
+    result = bil.dispatch("b1", "Charge", payload, "shop")
+    assert result.to_state == "Paid"
+    entry = bil.history("b1")[-1]
+    from autonomic.runtime.ledger import payload_digest
+
+    assert entry.payload_sha256 == payload_digest(CHARGE)
+
+
+# -- dedup and idempotency -----------------------------------------------------------------------
+
+
+def test_repeated_event_id_returns_the_first_result(runtime: Runtime) -> None:
+    ent, _ = load_all(runtime)
+    ent.create("e1", "alice")
+    first = ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob", event_id="evt-1")
+    ledger = list(runtime.ledger())
+    again = ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob", event_id="evt-1")
+    assert again.duplicate
+    assert again._replace(duplicate=False, action_results={}) == first._replace(action_results={})
+    assert dict(again.action_results) == dict(first.action_results)
+    # even a different event under the same id is answered with the first result
+    odd = ent.dispatch("e1", "Suspend", None, "bob", event_id="evt-1")
+    assert odd.duplicate and odd.to_state == "Active" and odd.event == "Approve"
+    assert list(runtime.ledger()) == ledger
+    assert len(runtime.store.outbox(status=None)) == 1
+
+
+def test_idempotency_key_same_payload_returns_stored_result(runtime: Runtime) -> None:
+    bindings = Bindings()
+    _, bil = load_all(runtime, bindings)
+    awaiting_payment(bil)
+    first = bil.dispatch("b1", "Charge", CHARGE, "shop", idempotency_key="pay_abc123")
+    charges = [c for c in bindings.calls if c[1] == "charge_card"]
+    again = bil.dispatch(
+        "b1", "Charge", {"currency": "USD", "amount": "19.99"}, "shop", idempotency_key="pay_abc123"
+    )
+    assert again.duplicate and again.seq == first.seq and again.version == first.version
+    assert [c for c in bindings.calls if c[1] == "charge_card"] == charges  # charged once
+    with pytest.raises(IdempotencyConflict) as caught:
+        bil.dispatch(
+            "b1",
+            "Charge",
+            {"amount": "20.00", "currency": "USD"},
+            "shop",
+            idempotency_key="pay_abc123",
+        )
+    assert caught.value.key == "pay_abc123"
+
+
+def test_dedup_and_idempotency_survive_a_restart(tmp_path: Path, key_dir: Path) -> None:
+    path = tmp_path / "store.db"
+    clock = VirtualClock()
+
+    def open_runtime() -> tuple[Runtime, Governor, Governor]:
+        rt = Runtime(SQLiteStore(path), clock=clock, sealer=LedgerSealer(load_signer(key_dir)))
+        ent, bil = load_all(rt)
+        return rt, ent, bil
+
+    rt, ent, bil = open_runtime()
+    ent.create("e1", "alice")
+    ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob", event_id="evt-1")
+    awaiting_payment(bil)
+    charged = bil.dispatch("b1", "Charge", CHARGE, "shop", idempotency_key="k1")
+    rt.close()
+    rt, ent, bil = open_runtime()
+    assert ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob", event_id="evt-1").duplicate
+    again = bil.dispatch("b1", "Charge", CHARGE, "shop", idempotency_key="k1")
+    assert again.duplicate and again.seq == charged.seq
+    with pytest.raises(IdempotencyConflict):
+        bil.dispatch("b1", "Charge", {**CHARGE, "amount": "1"}, "shop", idempotency_key="k1")
+    assert rt.verify(keyring(key_dir)).ok
+    rt.close()
+
+
+def test_retention_window_purges_old_records(runtime: Runtime) -> None:
+    clock = runtime.clock
+    assert isinstance(clock, VirtualClock)
+    ent, bil = load_all(runtime)
+    ent.create("e1", "alice")
+    ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob", event_id="old-event")
+    clock.advance("6d")
+    awaiting_payment(bil)
+    bil.dispatch("b1", "Charge", CHARGE, "shop", idempotency_key="recent-key")
+    clock.advance("2d")  # old-event is now 8 days old, recent-key 2 days
+    assert runtime.purge_expired() == (1, 0)
+    fresh = ent.dispatch("e1", "Suspend", None, "bob", event_id="old-event")
+    assert not fresh.duplicate and fresh.to_state == "Suspended"
+    assert bil.dispatch("b1", "Charge", CHARGE, "shop", idempotency_key="recent-key").duplicate
+
+
+# -- optimistic concurrency ----------------------------------------------------------------------
+
+
+def test_stale_expected_version_is_refused(runtime: Runtime) -> None:
+    ent, _ = load_all(runtime)
+    ent.create("e1", "alice")
+    ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob", expected_version=1)
+    before = list(runtime.ledger())
+    with pytest.raises(ConcurrentUpdateDetected) as caught:
+        ent.dispatch("e1", "Suspend", None, "carol", expected_version=1)
+    assert (caught.value.expected, caught.value.actual) == (1, 2)
+    assert list(runtime.ledger()) == before
+    assert ent.dispatch("e1", "Suspend", None, "carol", expected_version=2).version == 3
+
+
+# -- outbox ---------------------------------------------------------------------------------------
+
+
+def test_emitted_events_are_delivered_once(runtime: Runtime) -> None:
+    ent, bil = load_all(runtime)
+    ent.create("c1", "alice")
+    bil.create("c1", "alice")
+    result = ent.dispatch("c1", "Approve", {"approver": "bob"}, "bob")
+    emitted = result.emitted[0]
+    deliveries = runtime.deliver_outbox()
+    assert [(d.status, d.message.event_id) for d in deliveries] == [("delivered", emitted.event_id)]
+    delivered = deliveries[0].result
+    assert delivered is not None and delivered.to_state == "AwaitingPayment"
+    assert delivered.event_id == emitted.event_id
+    assert runtime.deliver_outbox() == []
+    # A delivery that crashed before marking its message is repeated: the receiver dedups.
+    repeat = bil.dispatch("c1", "StartBilling", None, "Entitlement:c1", event_id=emitted.event_id)
+    assert repeat.duplicate
+    record = bil.get("c1")
+    assert record is not None and record.version == 2
+
+
+def test_undeliverable_events_are_marked_failed(runtime: Runtime) -> None:
+    ent, _ = load_all(runtime)
+    ent.create("c1", "alice")
+    ent.dispatch("c1", "Approve", {"approver": "bob"}, "bob")  # Billing c1 does not exist
+    [delivery] = runtime.deliver_outbox()
+    assert delivery.status == "failed" and delivery.error is not None
+    assert delivery.error.startswith("R002 Billing has no instance 'c1'")
+    assert runtime.store.outbox(status="failed")[0].event_id == delivery.message.event_id
+
+
+def test_emitted_event_ids_are_deterministic() -> None:
+    def run() -> list[str]:
+        rt = Runtime(clock=VirtualClock(0))
+        ent, _ = load_all(rt)
+        ent.create("c1", "alice")
+        return [e.event_id for e in ent.dispatch("c1", "Approve", {"approver": "b"}, "b").emitted]
+
+    assert run() == run()
+
+
+# -- the fast path gives the same answers as the general one --------------------------------------
+
+COUNTER_EVENTS = ["Tick", "Hold", "Release", "Stop", "Tick", "Tick"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(COUNTER_EVENTS), max_size=30))
+def test_fast_path_matches_general_path(events: list[str]) -> None:
+    spec = counter_spec()
+
+    def outcomes(rt: Runtime, general: bool) -> list[tuple[str, object]]:
+        gov = rt.load(spec, *Bindings().for_spec(spec))
+        gov.create("c1")
+        seen: list[tuple[str, object]] = []
+        for number, event in enumerate(events):
+            # An event id sends every dispatch through the general path.
+            event_id = f"e{number}" if general else None
+            try:
+                r = gov.dispatch("c1", event, event_id=event_id)
+            except InvalidTransition as exc:
+                seen.append(("rejected", exc.state))
+            else:
+                seen.append((r.to_state, r.version))
+        return seen
+
+    fast = outcomes(Runtime(MemoryStore(thread_safe=False), clock=VirtualClock(0)), False)
+    locked = outcomes(Runtime(MemoryStore(), clock=VirtualClock(0)), False)
+    general = outcomes(Runtime(MemoryStore(), clock=VirtualClock(0)), True)
+    assert fast == locked == general
+
+
+def test_delivered_events_carry_the_fields_the_target_declares() -> None:
+    from runtime_machines import PaymentFailedPayload, RejectPayload
+
+    source = SpecBuilder("Payments", ["Open", "Failed"], ["Fail"], "Open")
+    source.payloads = {"Fail": PaymentFailedPayload}
+    source.on("Open", "Fail", "Failed", emit=(("Access", "Block"),))
+    target = SpecBuilder("Access", ["On", "Off"], ["Block"], "On")
+    target.payloads = {"Block": RejectPayload}  # declares `reason` only
+    target.on("On", "Block", "Off")
+    rt = Runtime()
+    payments, access = rt.load(source.build()), rt.load(target.build())
+    payments.create("acct-1")
+    access.create("acct-1")
+    payments.dispatch("acct-1", "Fail", {"reason": "card_declined"})
+    [delivery] = rt.deliver_outbox()
+    assert delivery.status == "delivered" and delivery.result is not None
+    assert delivery.result.to_state == "Off"
+    assert json.loads(delivery.message.body) == {"reason": "card_declined"}
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_dispatching_from_inside_an_action_is_refused(tmp_path: Path, store: str) -> None:
+    spec = counter_spec()
+    guards, actions = Bindings().for_spec(spec)
+    holder: list[Governor] = []
+
+    def count(ctx: Any) -> None:
+        holder[0].dispatch("c2", "Tick")
+
+    backing = MemoryStore() if store == "memory" else SQLiteStore(tmp_path / "n.db")
+    rt = Runtime(backing)
+    counter = rt.load(spec, guards, {**actions, "count": count})
+    holder.append(counter)
+    counter.create("c1")
+    counter.create("c2")
+    with pytest.raises(ActionFailed) as caught:
+        counter.dispatch("c1", "Tick")
+    assert isinstance(caught.value.cause, NestedDispatch)
+    assert [counter.get(i).version for i in ("c1", "c2")] == [1, 1]  # type: ignore[union-attr]
+    rt.close()
