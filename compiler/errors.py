@@ -56,6 +56,8 @@ CODES: dict[str, tuple[Severity, str]] = {
     "E003": (Severity.ERROR, "file cannot be read"),
     "E004": (Severity.ERROR, "file must hold exactly one machine"),
     "E005": (Severity.ERROR, "invalid annotation"),
+    "E006": (Severity.ERROR, "output cannot be written or is refused"),
+    "E007": (Severity.ERROR, "no machine to act on"),
     "E101": (Severity.ERROR, "machine has no initial state"),
     "E102": (Severity.ERROR, "machine has more than one initial state"),
     "E103": (Severity.ERROR, "duplicate state"),

@@ -1,13 +1,16 @@
 """The `keygen` and `audit` commands: argument parsing, exit codes and messages only.
 
 Exit codes: 0 ok, 1 a failed verification or an unusable input (printed as a diagnostic
-`path:1:1: CODE [error] message` with a hint, never a traceback), 2 usage.
+`path:1:1: CODE [error] message` with a hint, never a traceback), 2 usage, 70 internal error.
+An output file (--out) is replaced only by a file of its own kind: an export never replaces
+the ledger, a database or a key.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -15,14 +18,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TypeVar
 
+from .cli import failure_diagnostic, printable
 from .errors import (
     InstanceNotInLedger,
     KeyFileError,
+    KeyWindowError,
     LedgerWriteError,
     RuntimeFailure,
 )
-from .keys import Keyring, generate_keypair, load_public_key, retire_key
+from .keys import Keyring, generate_keypair, load_public_key, now_ms, retire_key
 from .ledger import (
+    CHECKPOINT_FORMAT,
+    JSONL_FORMAT,
     Checkpoint,
     MalformedRecord,
     format_timestamp,
@@ -30,7 +37,17 @@ from .ledger import (
     write_jsonl,
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
+
+# Hints for failures that carry none, by the argument the failing file came from.
+LEDGER_HINT = "pass the runtime's SQLite store file or a file written by `autonomic audit export`"
+KEY_HINT = "pass the <key_id>.public.json (or .public.pem) written by `autonomic keygen`"
+KEY_DIR_HINT = "pass a new folder, for example keys/2026 (keygen never overwrites a key)"
+RETIRE_HINT = "pass the older key's <key_id>.public.json, which records its validity window"
+CHECKPOINT_HINT = "pass a file written by `autonomic audit checkpoint LEDGER --out FILE`"
+OUT_HINT = "pass a new file path in an existing, writable folder"
+# An existing --out file is replaced only when it holds this kind of document.
+MAX_REPLACEABLE_HEAD = 1 << 16
 
 Handler = Callable[[argparse.Namespace], int]
 T = TypeVar("T")
@@ -40,20 +57,17 @@ def _iso_to_ms(text: str) -> int:
     """An argparse type: ISO 8601 date or time (UTC when no offset is given) to epoch ms."""
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return int(moment.timestamp() * 1000)
+    except (ValueError, OverflowError, OSError):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an ISO 8601 time (for example 2025-01-31T00:00:00Z)"
         ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
 
 
-def _diagnostic(path: str | os.PathLike[str], failure: RuntimeFailure) -> int:
-    lines = [f"{path}:1:1: {failure.code} [error] {failure.message}"]
-    if failure.hint:
-        lines.append(f"  = hint: {failure.hint}")
-    sys.stderr.write("\n".join(lines) + "\n")
+def _diagnostic(path: str | os.PathLike[str], failure: RuntimeFailure, hint: str) -> int:
+    sys.stderr.write(failure_diagnostic(path, failure, hint) + "\n")
     return EXIT_FAILED
 
 
@@ -76,6 +90,38 @@ def _load_keyring(paths: Sequence[str]) -> Keyring | tuple[str, RuntimeFailure]:
         except RuntimeFailure as failure:
             return path, failure
     return keyring
+
+
+def _head_format(path: Path) -> object:
+    """The `format` field of the JSON document that `path` starts with, or None."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(MAX_REPLACEABLE_HEAD)
+    except OSError:
+        return None
+    for candidate in (head, head.split(b"\n", 1)[0]):
+        try:
+            document = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(document, dict):
+            return document.get("format")
+    return None
+
+
+def _check_replaceable(path: Path, kind: str, what: str) -> None:
+    """Refuse to replace anything but an empty file or an earlier output of the same kind."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir():
+        raise LedgerWriteError(f"{path} is a directory", hint=OUT_HINT)
+    if not path.is_file():
+        raise LedgerWriteError(f"{path} is not a regular file", hint=OUT_HINT)
+    if path.stat().st_size and _head_format(path) != kind:
+        raise LedgerWriteError(
+            f"refusing to replace {path}: it is not {what}",
+            hint="pass a new file path, or delete the file first if it really is to go",
+        )
 
 
 def _write_atomically(path: Path, write: Callable[[IO[str]], T]) -> T:
@@ -105,20 +151,40 @@ def _write_atomically(path: Path, write: Callable[[IO[str]], T]) -> T:
 # Handlers.
 
 
-def _cmd_keygen(args: argparse.Namespace) -> int:
+def _retiring(path: str, valid_from_ms: int) -> int | None:
+    """Check the key to retire before a new key is written: None if it can be retired."""
     try:
-        info = generate_keypair(args.directory, valid_from_ms=args.valid_from)
+        if not path.endswith(".json"):
+            raise KeyFileError(f"{path} is not a <key_id>.public.json file")
+        info = load_public_key(path)
+        if info.valid_from_ms is not None and valid_from_ms <= info.valid_from_ms:
+            raise KeyWindowError(
+                f"key {info.key_id} becomes valid at {format_timestamp(info.valid_from_ms)}, "
+                f"not before the new key's start {format_timestamp(valid_from_ms)}",
+                hint="the new key's --valid-from must be later than the old key's",
+            )
     except RuntimeFailure as failure:
-        return _diagnostic(args.directory, failure)
+        return _diagnostic(path, failure, RETIRE_HINT)
+    return None
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    valid_from = now_ms() if args.valid_from is None else args.valid_from
+    if args.retire and (refused := _retiring(args.retire, valid_from)) is not None:
+        return refused
+    try:
+        info = generate_keypair(args.directory, valid_from_ms=valid_from)
+    except RuntimeFailure as failure:
+        return _diagnostic(args.directory, failure, KEY_DIR_HINT)
     print(f"key {info.key_id} valid from {format_timestamp(info.valid_from_ms)}")
-    print(f"  private key (mode 0600, keep secret): {info.private_path}")
-    print(f"  public key: {info.public_json_path}")
-    print(f"  public key (PEM): {info.public_pem_path}")
+    print(f"  private key (mode 0600, keep secret): {printable(info.private_path)}")
+    print(f"  public key: {printable(info.public_json_path)}")
+    print(f"  public key (PEM): {printable(info.public_pem_path)}")
     if args.retire:
         try:
             retired = retire_key(args.retire, info.valid_from_ms)
         except RuntimeFailure as failure:
-            return _diagnostic(args.retire, failure)
+            return _diagnostic(args.retire, failure, RETIRE_HINT)
         until = retired.valid_until_ms
         shown = "never" if until is None else format_timestamp(until)
         print(f"key {retired.key_id} retired: valid until {shown}")
@@ -128,21 +194,21 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     loaded = _load_keyring(args.public_key)
     if isinstance(loaded, tuple):
-        return _diagnostic(*loaded)
+        return _diagnostic(*loaded, KEY_HINT)
     external: Checkpoint | None = None
     if args.checkpoint:
         try:
             external = Checkpoint.load(args.checkpoint)
         except RuntimeFailure as failure:
-            return _diagnostic(args.checkpoint, failure)
+            return _diagnostic(args.checkpoint, failure, CHECKPOINT_HINT)
     try:
         with read_ledger(args.ledger) as source:
             report = source.verify(loaded, external_checkpoint=external)
             mode = source.mode
     except RuntimeFailure as failure:
-        return _diagnostic(args.ledger, failure)
+        return _diagnostic(args.ledger, failure, LEDGER_HINT)
     if not report.ok:
-        print(f"{args.ledger}: seq {report.index}: {report.reason}")
+        print(f"{printable(args.ledger)}: seq {report.index}: {report.reason}")
         return EXIT_FAILED
     details = [f"mode {mode or 'undeclared'}"]
     if report.checkpoints:
@@ -156,6 +222,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    if args.out:
+        try:
+            _check_replaceable(Path(args.out), JSONL_FORMAT, "a ledger export")
+        except RuntimeFailure as failure:
+            return _diagnostic(args.out, failure, OUT_HINT)
     try:
         with read_ledger(args.ledger) as source:
 
@@ -167,10 +238,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 return EXIT_OK
             count = _write_atomically(Path(args.out), export)
     except LedgerWriteError as failure:
-        return _diagnostic(args.out, failure)
+        return _diagnostic(args.out, failure, OUT_HINT)
     except RuntimeFailure as failure:
-        return _diagnostic(args.ledger, failure)
-    print(f"exported {count} entries to {args.out}")
+        return _diagnostic(args.ledger, failure, LEDGER_HINT)
+    print(f"exported {count} entries to {printable(args.out)}")
     return EXIT_OK
 
 
@@ -180,7 +251,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
         with read_ledger(args.ledger) as source:
             for position, entry in enumerate(source.entries()):
                 if isinstance(entry, MalformedRecord):
-                    print(f"{args.ledger}: seq {position}: {entry.reason}")
+                    print(f"{printable(args.ledger)}: seq {position}: {entry.reason}")
                     return EXIT_FAILED
                 if entry.instance != args.instance:
                     continue
@@ -192,7 +263,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
                     f"{_printable(entry.actor)}"
                 )
     except RuntimeFailure as failure:
-        return _diagnostic(args.ledger, failure)
+        return _diagnostic(args.ledger, failure, LEDGER_HINT)
     if not shown:
         return _diagnostic(
             args.ledger,
@@ -200,36 +271,41 @@ def _cmd_show(args: argparse.Namespace) -> int:
                 f"no ledger entry for instance {args.instance!r}",
                 hint="instance ids are case-sensitive; `autonomic audit export` lists all",
             ),
+            LEDGER_HINT,
         )
     return EXIT_OK
 
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    try:
+        _check_replaceable(Path(args.out), CHECKPOINT_FORMAT, "a checkpoint")
+    except RuntimeFailure as failure:
+        return _diagnostic(args.out, failure, OUT_HINT)
     keyring: Keyring | None = None
     if args.public_key:
         loaded = _load_keyring(args.public_key)
         if isinstance(loaded, tuple):
-            return _diagnostic(*loaded)
+            return _diagnostic(*loaded, KEY_HINT)
         keyring = loaded
     try:
         with read_ledger(args.ledger) as source:
             if keyring is not None:
                 report = source.verify(keyring)
                 if not report.ok:
-                    print(f"{args.ledger}: seq {report.index}: {report.reason}")
+                    print(f"{printable(args.ledger)}: seq {report.index}: {report.reason}")
                     return EXIT_FAILED
             checkpoint = source.latest_signed_checkpoint()
     except RuntimeFailure as failure:
-        return _diagnostic(args.ledger, failure)
+        return _diagnostic(args.ledger, failure, LEDGER_HINT)
     try:
         _write_atomically(Path(args.out), lambda out: out.write(checkpoint.to_json()))
     except RuntimeFailure as failure:
-        return _diagnostic(args.out, failure)
+        return _diagnostic(args.out, failure, OUT_HINT)
     verified = "verified" if keyring is not None else "not verified: pass --public-key to check"
     print(
         f"checkpoint at size {checkpoint.size} (head {checkpoint.head_hash.hex()[:16]}..., "
         f"key {checkpoint.key_id}, {format_timestamp(checkpoint.ts_ms)}; {verified}) "
-        f"written to {args.out}"
+        f"written to {printable(args.out)}"
     )
     return EXIT_OK
 
@@ -246,7 +322,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Write <key_id>.private.pem (mode 0600), <key_id>.public.json and "
         "<key_id>.public.pem into DIR. DIR must not already hold a private key.",
     )
-    keygen.add_argument("directory", metavar="DIR")
+    keygen.add_argument(
+        "directory", metavar="DIR", help="folder for the key pair (created if missing)"
+    )
     keygen.add_argument(
         "--valid-from",
         type=_iso_to_ms,
@@ -260,13 +338,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     keygen.set_defaults(func=_cmd_keygen)
 
-    audit = subparsers.add_parser("audit", help="verify, export and read the audit ledger")
+    audit = subparsers.add_parser(
+        "audit",
+        help="verify, export and read the audit ledger",
+        description="Offline tools for the signed, hash-chained audit ledger: in the "
+        "runtime's SQLite store or in a JSON Lines export of it.",
+    )
     commands = audit.add_subparsers(dest="audit_command", metavar="COMMAND")
     commands.required = True
 
     verify = commands.add_parser(
         "verify",
         help="check every entry, signature and checkpoint; name the first bad seq",
+        description="Check every entry, hash link, signature and checkpoint. Exit 0 printing "
+        "the count verified, or 1 naming the first bad sequence index and why.",
     )
     verify.add_argument("ledger", metavar="LEDGER", help="SQLite store file or JSON Lines export")
     verify.add_argument(
@@ -283,21 +368,43 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     verify.set_defaults(func=_cmd_verify)
 
-    export = commands.add_parser("export", help="write the ledger as JSON Lines")
-    export.add_argument("ledger", metavar="LEDGER")
-    export.add_argument("--out", metavar="FILE", help="default: standard output")
+    export = commands.add_parser(
+        "export",
+        help="write the ledger as JSON Lines",
+        description="Write every entry and checkpoint as JSON Lines (verifiable offline). "
+        "An existing --out file is replaced only if it is an earlier export.",
+    )
+    export.add_argument("ledger", metavar="LEDGER", help="SQLite store file or JSON Lines export")
+    export.add_argument(
+        "--out", metavar="FILE", help="write the export to FILE (default: standard output)"
+    )
     export.set_defaults(func=_cmd_export)
 
-    show = commands.add_parser("show", help="print one instance's history")
-    show.add_argument("ledger", metavar="LEDGER")
-    show.add_argument("instance", metavar="INSTANCE")
+    show = commands.add_parser(
+        "show",
+        help="print one instance's history",
+        description="Print the ledger entries of one instance, oldest first (not verified: "
+        "run `autonomic audit verify` for that).",
+    )
+    show.add_argument("ledger", metavar="LEDGER", help="SQLite store file or JSON Lines export")
+    show.add_argument("instance", metavar="INSTANCE", help="instance id (case-sensitive)")
     show.set_defaults(func=_cmd_show)
 
     checkpoint = commands.add_parser(
-        "checkpoint", help="export the last signed checkpoint, to keep it elsewhere"
+        "checkpoint",
+        help="export the last signed checkpoint, to keep it elsewhere",
+        description="Write the ledger's last signed checkpoint (size and head hash) to FILE; "
+        "`audit verify --checkpoint FILE` later detects a truncated tail.",
     )
-    checkpoint.add_argument("ledger", metavar="LEDGER")
-    checkpoint.add_argument("--out", required=True, metavar="FILE")
+    checkpoint.add_argument(
+        "ledger", metavar="LEDGER", help="SQLite store file or JSON Lines export"
+    )
+    checkpoint.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="checkpoint file to write (replaced only if it is an earlier checkpoint)",
+    )
     checkpoint.add_argument(
         "--public-key",
         action="append",
@@ -323,6 +430,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # A bug, not bad input: one line and a hint, never a traceback.
+        sys.stderr.write(
+            f"autonomic: internal error: {printable(type(exc).__name__)}: {printable(exc)}\n"
+            "  = hint: this is a bug in autonomic; please report it with the command you ran\n"
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

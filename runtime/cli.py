@@ -1,4 +1,4 @@
-"""The runtime's commands, `simulate` and `demo`: argument parsing and exit codes only.
+"""The runtime's commands, `simulate` and `demo`, and the diagnostic text of every runtime command.
 
 Exit codes: 0 ok, 1 a problem in the input or a failed expectation or verification (printed as
 a diagnostic `path:line:col: CODE [error] message` with a hint, never a traceback), 2 usage.
@@ -8,12 +8,59 @@ The command modules are imported when their command runs, so other commands star
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-__all__ = ["register"]
+from .errors import RuntimeFailure
+
+__all__ = ["diagnostic", "failure_diagnostic", "printable", "register"]
 
 DEMO_DIR = Path("autonomic-demo")
+MAX_ECHO = 200
+
+
+def printable(text: object) -> str:
+    """Text from a file or the command line, safe on a terminal: control characters, bidi
+    overrides and undecodable bytes are shown escaped, never interpreted."""
+    shown = str(text)
+    if shown.isprintable():
+        return shown
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in shown)
+
+
+def diagnostic(
+    where: str | os.PathLike[str],
+    code: str,
+    message: str,
+    hint: str | None,
+    *,
+    line: int = 1,
+    column: int = 1,
+    source: str | None = None,
+) -> str:
+    """`path:line:col: CODE [error] message`, the source line with a caret when the source is
+    given, then `  = hint: ...`: the one format of every runtime command's problems."""
+    first, *more = message.split("\n")  # a multi-line message (BindingError) keeps its lines
+    head = f"{printable(os.fspath(where))}:{line}:{column}: {code} [error] {printable(first)}"
+    lines = [head, *(printable(text) for text in more)]
+    if source is not None:
+        text = source.splitlines()
+        if 1 <= line <= len(text):
+            raw = text[line - 1]
+            start = max(0, column - 1 - MAX_ECHO // 2) if len(raw) > MAX_ECHO else 0
+            shown = "".join(c if c.isprintable() else "?" for c in raw[start : start + MAX_ECHO])
+            gutter = f"{line:>4} | "
+            lines.append(gutter + shown)
+            lines.append(" " * (len(gutter) + max(column - 1 - start, 0)) + "^")
+    if hint:
+        lines.append(printable(f"  = hint: {hint}"))
+    return "\n".join(lines)
+
+
+def failure_diagnostic(where: str | os.PathLike[str], failure: RuntimeFailure, hint: str) -> str:
+    """A runtime failure about the file `where`; `hint` serves when the failure has none."""
+    return diagnostic(where, failure.code, failure.message, failure.hint or hint)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -35,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run a governor through a scripted sequence of events and clock advances",
         description="Run one generated governor in memory with a virtual clock and print the "
         "trace: states, guards, actions, timers armed and fired, emitted events, notifications "
-        "and ledger entries. The script is YAML or JSON (see autonomic.runtime.simulate).",
+        "and ledger entries. The script is YAML or JSON (see autonomic.runtime.simulate). "
+        "Exit 1 on a problem in the script or a failed `expect`.",
     )
     simulate.add_argument(
         "machine",
@@ -48,30 +96,33 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     demo = subparsers.add_parser(
         "demo",
-        help="run Entitlement and Billing on SQLite with a signed ledger, then verify it",
-        description="Escalation ladder, idempotent charge, retry ladder and a rejected event "
-        "under a virtual clock, on an SQLite store with an Ed25519-signed audit ledger; ends "
-        "with an offline verification. Exit 0 only if the ledger verifies.",
+        help="run the seven governors on SQLite with a signed ledger, then verify it",
+        description="Escalation ladder, idempotent charge, retry ladder, outbox deliveries "
+        "between governors and a rejected event under a virtual clock, on an SQLite store "
+        "with an Ed25519-signed audit ledger; ends with an offline verification. Running it "
+        "again on the same store adds another customer. Exit 0 only if the ledger verifies.",
     )
     demo.add_argument(
         "--db",
         type=Path,
         default=DEMO_DIR / "store.db",
         metavar="FILE",
-        help=f"SQLite store to write (default: {DEMO_DIR / 'store.db'}; reused if present)",
+        help=f"SQLite store to write (default: {DEMO_DIR / 'store.db'}); an existing store is "
+        "reused if its ledger verifies with the key; any other file is left untouched",
     )
     demo.add_argument(
         "--keys",
         type=Path,
         default=DEMO_DIR / "keys",
         metavar="DIR",
-        help="signing key directory; a key pair is generated if it holds none "
+        help="signing key: a directory holding one <key_id>.private.pem (a key pair is "
+        "generated if it holds none) or the .private.pem file itself "
         f"(default: {DEMO_DIR / 'keys'})",
     )
     demo.add_argument(
         "--generated",
         metavar="DIR",
-        help="load entitlement.py and billing.py from DIR (default: ./generated if it holds "
+        help="load the seven generated modules from DIR (default: ./generated if it holds "
         "them, else the installed autonomic.generated package)",
     )
     demo.set_defaults(func=_cmd_demo)

@@ -21,6 +21,8 @@ The trace shows each step's transition, guards consulted, actions run, timers ar
 cancelled and fired, emitted events, escalation notifications and ledger entries, then
 verifies the (in-memory, freshly signed) ledger. Problems in the script are diagnostics
 `script.yaml:7:15: S004 [error] unknown event 'Aprove'` with a hint; exit 1, no traceback.
+Payloads are checked against the event's model before anything runs, unless the step says
+`expect: rejected` (a deliberately bad payload); the virtual clock stays within 1970-9000.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ from typing import IO, Any
 
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
 
-from .errors import InvalidTransition, RuntimeFailure
+from .cli import diagnostic, failure_diagnostic, printable
+from .errors import InvalidTransition, PayloadEncodingError, PayloadInvalid, RuntimeFailure
 from .interpreter import DispatchResult, Governor, Runtime, TimerFiring, TransitionContext
 from .keys import Keyring, Signer
 from .ledger import LedgerEntry, LedgerSealer
@@ -56,6 +60,29 @@ STEP_KEYS = frozenset(
 )
 SCRIPT_KEYS = frozenset({"machine", "instance", "actor", "start", "guards", "steps"})
 REJECTED = "rejected"
+# The virtual clock stays where timestamps print and encode (ledger, ISO 8601).
+EARLIEST_START = "1970-01-01T00:00:00Z"
+LATEST_INSTANT = "9000-01-01T00:00:00Z"
+MAX_STEPS = 10_000
+MAX_SCRIPT_BYTES = 4 << 20
+MAX_PAYLOAD_VALUES = 10_000  # YAML aliases can make a short text into a huge payload
+MAX_NESTING = 50
+PLAIN_VALUES = "write plain YAML values: text, numbers, true/false, dates, lists and mappings"
+
+# Every code a script problem can have, with the hint given when the problem has no better one.
+SCRIPT_HINTS: dict[str, str] = {
+    "S001": "pass a YAML or JSON script file saved as UTF-8",
+    "S002": "fix the YAML (or JSON) syntax at this position",
+    "S003": "a script is a mapping with `steps:`, a list of `dispatch: Event` (with optional "
+    "payload, actor, event_id, idempotency_key, guards, expect) or `advance: 24h` steps",
+    "S004": "use an event the machine declares",
+    "S005": "use a guard the machine names",
+    "S006": "write a duration such as 90s, 24h or 1d12h",
+    "S007": "the trace above shows the state after each step",
+    "S008": "fix the payload, or add `expect: rejected` to a step that sends a bad one on purpose",
+    "S010": "pass a machine name after `autonomic build` (e.g. entitlement), or the path of a "
+    "generated .py file",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,20 +98,20 @@ class ScriptError(Exception):
         super().__init__(message)
         self.path, self.line, self.column = path, line, column
         self.code, self.message, self.hint = code, message, hint
+        self.source: str | None = None  # the file's text, when it could be read
 
     def render(self, source: str | None = None) -> str:
         """`path:line:col: CODE [error] message`, the source line with a caret, the hint."""
-        lines = [f"{self.path}:{self.line}:{self.column}: {self.code} [error] {self.message}"]
-        if source is not None:
-            text = source.splitlines()
-            if 1 <= self.line <= len(text):
-                shown = "".join(c if c.isprintable() else "?" for c in text[self.line - 1][:200])
-                gutter = f"{self.line:>4} | "
-                lines.append(gutter + shown)
-                lines.append(" " * (len(gutter) + self.column - 1) + "^")
-        if self.hint:
-            lines.append(f"  = hint: {self.hint}")
-        return "\n".join(lines)
+        source = self.source if source is None else source
+        return diagnostic(
+            self.path,
+            self.code,
+            self.message,
+            self.hint or SCRIPT_HINTS.get(self.code),
+            line=self.line,
+            column=self.column,
+            source=source,
+        )
 
 
 def _did_you_mean(name: str, pool: list[str]) -> str | None:
@@ -114,10 +141,30 @@ def _spec_of(module: ModuleType, where: str) -> MachineSpec:
     return spec
 
 
+def _import_failure(target: str, exc: BaseException) -> ScriptError:
+    return ScriptError(
+        target,
+        1,
+        1,
+        "S010",
+        f"the module fails to import: {type(exc).__name__}: {exc}",
+        "rebuild it with `autonomic build`, or pass another generated module",
+    )
+
+
 def load_machine(target: str) -> MachineSpec:
     """A MachineSpec from a generated module: a .py path, a dotted module name, or a module
     name (`quota_sla`) or machine name (`QuotaSla`), looked up first in ./generated (what
     `autonomic build` just wrote) and then in the installed autonomic.generated package."""
+    if target.endswith(".fsm"):
+        raise ScriptError(
+            target,
+            1,
+            1,
+            "S010",
+            "is a machine file; simulate runs the module `autonomic build` generates from it",
+            f"run `autonomic build`, then pass the machine name: {Path(target).stem}",
+        )
     if not target.endswith(".py") and "." not in target and "/" not in target:
         built = Path("generated") / f"{_snake(target)}.py"
         if built.is_file():
@@ -132,10 +179,10 @@ def load_machine(target: str) -> MachineSpec:
         module = importlib.util.module_from_spec(loader_spec)
         try:
             loader_spec.loader.exec_module(module)
-        except Exception as exc:
-            raise ScriptError(
-                target, 1, 1, "S010", f"the module fails to import: {type(exc).__name__}: {exc}"
-            ) from None
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # also SystemExit: the file is not a generated module
+            raise _import_failure(target, exc) from None
         return _spec_of(module, target)
     name = target if "." in target else f"{GENERATED_PACKAGE}.{_snake(target)}"
     try:
@@ -148,6 +195,10 @@ def load_machine(target: str) -> MachineSpec:
             else "run `autonomic build` first, or pass the path of a generated .py file"
         )
         raise ScriptError(target, 1, 1, "S010", f"no generated module '{name}'", hint) from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        raise _import_failure(target, exc) from None
     return _spec_of(module, target)
 
 
@@ -193,7 +244,6 @@ class Script:
 class _Reader:
     def __init__(self, path: str) -> None:
         self.path = path
-        self._construct = yaml.constructor.SafeConstructor().construct_document
 
     def fail(
         self, node: yaml.Node, code: str, message: str, hint: str | None = None
@@ -215,7 +265,21 @@ class _Reader:
         return found
 
     def value(self, node: yaml.Node) -> Any:
-        return self._construct(node)
+        """The node's value (safe tags only), with YAML dates as ISO text and no alias cycles."""
+        try:
+            # A fresh constructor each time: one that failed keeps half-built state.
+            value = yaml.constructor.SafeConstructor().construct_document(node)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise self.fail(
+                node, "S003", f"cannot read this value: {problem}", PLAIN_VALUES
+            ) from None
+        except (ValueError, TypeError, OverflowError) as exc:  # 2026-13-45 is a YAML date
+            raise self.fail(node, "S003", f"cannot read this value: {exc}", PLAIN_VALUES) from None
+        try:
+            return _jsonable(value, [MAX_PAYLOAD_VALUES], ())
+        except ValueError as exc:
+            raise self.fail(node, "S003", str(exc), PLAIN_VALUES) from None
 
     def text(self, node: yaml.Node, what: str) -> str:
         value = self.value(node)
@@ -242,14 +306,26 @@ class _Reader:
                 )
 
 
-def _jsonable(value: Any) -> Any:
-    """YAML dates and times as ISO text, so payload models parse them as JSON input would."""
+def _jsonable(value: Any, budget: list[int], ancestors: tuple[int, ...]) -> Any:
+    """YAML dates and times as ISO text, so payload models parse them as JSON input would.
+
+    `budget` counts the values still allowed (YAML aliases can expand a few lines into
+    millions of values); a value that contains itself is refused.
+    """
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError(f"the value is too large (over {MAX_PAYLOAD_VALUES} items)")
+    if len(ancestors) > MAX_NESTING:
+        raise ValueError(f"the value is nested more than {MAX_NESTING} levels deep")
     if isinstance(value, _dt.datetime | _dt.date):
         return value.isoformat()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
+    if isinstance(value, dict | list):
+        if id(value) in ancestors:
+            raise ValueError("the value contains itself (a YAML alias cycle)")
+        inner = (*ancestors, id(value))
+        if isinstance(value, dict):
+            return {k: _jsonable(v, budget, inner) for k, v in value.items()}
+        return [_jsonable(v, budget, inner) for v in value]
     return value
 
 
@@ -260,17 +336,9 @@ def _instant(text: str) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def read_script(path: str, spec: MachineSpec) -> Script:
-    """Parse and check a script against the machine: events, guards, states, durations."""
+def _compose(path: str, source: str) -> yaml.Node | None:
     try:
-        source = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ScriptError(path, 1, 1, "S001", "the script is not UTF-8 text") from None
-    except OSError as exc:
-        raise ScriptError(path, 1, 1, "S001", f"cannot read the script: {exc.strerror}") from None
-    reader = _Reader(path)
-    try:
-        root = yaml.compose(source, Loader=yaml.SafeLoader)
+        return yaml.compose(source, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
@@ -278,6 +346,90 @@ def read_script(path: str, spec: MachineSpec) -> Script:
         raise ScriptError(path, line, column, "S002", f"syntax error: {problem}") from None
     except yaml.YAMLError as exc:
         raise ScriptError(path, 1, 1, "S002", f"syntax error: {exc}") from None
+    except RecursionError:
+        raise ScriptError(path, 1, 1, "S002", "the script is nested too deeply") from None
+
+
+def _payload_problem(
+    reader: _Reader,
+    spec: MachineSpec,
+    event: str,
+    payload: dict[str, Any] | None,
+    step: yaml.Node,
+    payload_node: yaml.Node | None,
+) -> ScriptError | None:
+    """The first way `payload` does not fit the event's generated model, at its position."""
+    model = spec.payloads.get(event)
+    if model is None:
+        if not payload:
+            return None
+        assert payload_node is not None
+        return reader.fail(
+            payload_node,
+            "S008",
+            f"{spec.name}.{event} takes no payload",
+            "remove the payload, or add `expect: rejected` to send it on purpose",
+        )
+    try:
+        model.model_validate(payload or {})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"]) or "(payload)"
+        where = payload_node if payload_node is not None else step
+        if isinstance(payload_node, yaml.MappingNode) and error["loc"]:
+            for key, value in payload_node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value == str(error["loc"][0]):
+                    where = key if error["type"] == "extra_forbidden" else value
+        fields = ", ".join(
+            f"{name}{'' if info.is_required() else '?'}"
+            for name, info in model.model_fields.items()
+        )
+        return reader.fail(
+            where,
+            "S008",
+            f"invalid payload for {spec.name}.{event}: field '{field}': {error['msg']}",
+            f"{event} takes: {fields}; add `expect: rejected` to send a bad payload on purpose",
+        )
+    return None
+
+
+def _script_text(path: str) -> str:
+    try:
+        with Path(path).open("rb") as handle:
+            data = handle.read(MAX_SCRIPT_BYTES + 1)  # bounded: /dev/zero never ends
+        source = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ScriptError(path, 1, 1, "S001", "the script is not UTF-8 text") from None
+    except OSError as exc:
+        raise ScriptError(
+            path, 1, 1, "S001", f"cannot read the script: {exc.strerror or exc}"
+        ) from None
+    if len(data) > MAX_SCRIPT_BYTES:
+        raise ScriptError(
+            path,
+            1,
+            1,
+            "S001",
+            f"the script is larger than {MAX_SCRIPT_BYTES >> 20} MiB",
+            "a script lists steps by hand: split a long one into several",
+        )
+    return source
+
+
+def read_script(path: str, spec: MachineSpec) -> Script:
+    """Parse and check a script against the machine: events, guards, states, durations,
+    payloads, and that the virtual clock stays in range."""
+    source = _script_text(path)
+    try:
+        return _parse_script(path, source, spec)
+    except ScriptError as problem:
+        problem.source = source  # so the diagnostic can show the line
+        raise
+
+
+def _parse_script(path: str, source: str, spec: MachineSpec) -> Script:
+    reader = _Reader(path)
+    root = _compose(path, source)
     if root is None:
         raise ScriptError(path, 1, 1, "S003", "the script is empty", "give at least `steps:`")
     top = reader.mapping(root, "the script")
@@ -300,28 +452,41 @@ def read_script(path: str, spec: MachineSpec) -> Script:
             outcomes[name] = reader.flag(value, f"guard '{name}'")
         return outcomes
 
-    instance = reader.text(top["instance"][1], "instance") if "instance" in top else "sim-1"
-    actor = reader.text(top["actor"][1], "actor") if "actor" in top else "system"
+    def name_of(node: yaml.Node, what: str) -> str:
+        text = reader.text(node, what)
+        if not text:
+            raise reader.fail(node, "S003", f"{what} must not be empty", f"give the {what} a name")
+        return text
+
+    instance = name_of(top["instance"][1], "instance") if "instance" in top else "sim-1"
+    actor = name_of(top["actor"][1], "actor") if "actor" in top else "system"
     start_text = DEFAULT_START
     if "start" in top:
         raw = reader.value(top["start"][1])
-        start_text = raw.isoformat() if isinstance(raw, _dt.datetime | _dt.date) else str(raw)
+        start_text = str(raw)
+    latest_ms = _instant(LATEST_INSTANT)
     try:
         start_ms = _instant(start_text)
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
+        start_ms = None
+    if start_ms is None or not _instant(EARLIEST_START) <= start_ms < latest_ms:
         raise reader.fail(
             top["start"][1],
             "S003",
-            f"start {start_text!r} is not an ISO 8601 time",
+            f"start {start_text!r} is not an ISO 8601 time from {EARLIEST_START[:4]} "
+            f"to {LATEST_INSTANT[:4]}",
             "for example 2026-01-01T00:00:00Z",
-        ) from None
+        )
     guards = guards_of(top["guards"][1], "guards") if "guards" in top else {}
     if "steps" not in top:
         raise reader.fail(root, "S003", "the script has no steps", "add `steps:` with a list")
     steps_node = top["steps"][1]
     if not isinstance(steps_node, yaml.SequenceNode):
         raise reader.fail(steps_node, "S003", "steps must be a list")
+    if len(steps_node.value) > MAX_STEPS:
+        raise reader.fail(steps_node, "S003", f"more than {MAX_STEPS} steps")
     steps: list[Step] = []
+    clock_ms = start_ms
     for index, node in enumerate(steps_node.value, 1):
         found = reader.mapping(node, f"step {index}")
         reader.unknown_keys(found, STEP_KEYS, f"step {index}")
@@ -347,9 +512,18 @@ def read_script(path: str, spec: MachineSpec) -> Script:
             value = found["advance"][1]
             text = reader.text(value, "advance")
             try:
-                values["advance_ms"] = parse_duration(text)
+                advance_ms = parse_duration(text)
             except ValueError as exc:
                 raise reader.fail(value, "S006", str(exc)) from None
+            clock_ms += advance_ms
+            if clock_ms >= latest_ms:
+                raise reader.fail(
+                    value,
+                    "S006",
+                    f"advancing by {text} takes the virtual clock past {LATEST_INSTANT}",
+                    f"advance by less: the clock starts at `start` (default {DEFAULT_START})",
+                )
+            values["advance_ms"] = advance_ms
             values["advance_text"] = text
             for extra in ("payload", "actor", "event_id", "idempotency_key", "guards"):
                 if extra in found:
@@ -360,14 +534,21 @@ def read_script(path: str, spec: MachineSpec) -> Script:
             payload = reader.value(found["payload"][1])
             if payload is not None and not isinstance(payload, dict):
                 raise reader.fail(found["payload"][1], "S003", "payload must be a mapping")
-            values["payload"] = _jsonable(payload) if payload else None
+            values["payload"] = payload or None
         for name in ("actor", "event_id", "idempotency_key"):
             if name in found:
-                values[name] = reader.text(found[name][1], name)
+                values[name] = name_of(found[name][1], name)
         if "guards" in found:
             values["guards"] = guards_of(found["guards"][1], f"guards of step {index}")
         if "expect" in found:
             expected = reader.text(found["expect"][1], "expect")
+            if expected == REJECTED and "dispatch" not in found:
+                raise reader.fail(
+                    found["expect"][1],
+                    "S003",
+                    f"only a dispatch step can expect `{REJECTED}`",
+                    "expect the state the clock advance leads to",
+                )
             if expected != REJECTED and expected not in state_names:
                 raise reader.fail(
                     found["expect"][1],
@@ -376,6 +557,17 @@ def read_script(path: str, spec: MachineSpec) -> Script:
                     _did_you_mean(expected, state_names) or f"expect a state or `{REJECTED}`",
                 )
             values["expect"] = expected
+        if "dispatch" in values and values.get("expect") != REJECTED:
+            problem = _payload_problem(
+                reader,
+                spec,
+                values["dispatch"],
+                values.get("payload"),
+                node,
+                found["payload"][1] if "payload" in found else None,
+            )
+            if problem is not None:
+                raise problem
         steps.append(Step(index, line, column, **values))
     return Script(path, source, instance, actor, start_ms, guards, tuple(steps))
 
@@ -427,7 +619,8 @@ class _Trace:
         return f"T+{format_duration(ms - self.start_ms)}"
 
     def line(self, text: str, indent: int = 0) -> None:
-        self.out.write("  " * indent + text + "\n")
+        # Names and payload text come from the script: never let them drive the terminal.
+        self.out.write("  " * indent + printable(text) + "\n")
 
     def result(self, result: DispatchResult, head: str, calls: list[str], indent: int) -> None:
         seq = "" if result.seq is None else f", ledger #{result.seq}"
@@ -556,6 +749,18 @@ def _simulate(spec: MachineSpec, script: Script, out: IO[str], err: IO[str]) -> 
             rejected = _run_dispatch(governor, script, step, trace, recorder)
         else:
             rejected, fired = _run_advance(runtime, step, trace, recorder)
+        if isinstance(rejected, PayloadInvalid | PayloadEncodingError) and step.expect is None:
+            # The payload passed its model but not the ledger's encoding (a lone surrogate):
+            # still the script's mistake, not an outcome to explore.
+            failures += 1
+            problem = ScriptError(
+                script.path,
+                step.line,
+                step.column,
+                "S008",
+                f"step {step.index}: {rejected.message}",
+            )
+            err.write(problem.render(script.source) + "\n")
         after = governor.timers(script.instance)
         trace.timers(armed, after, fired)
         armed = after
@@ -601,18 +806,17 @@ def _simulate(spec: MachineSpec, script: Script, out: IO[str], err: IO[str]) -> 
 
 def run_simulation(machine: str, script_path: str, out: IO[str], err: IO[str]) -> int:
     """The command: 0 when every expectation held, 1 on a script problem or failed expectation."""
-    source: str | None = None
     try:
         spec = load_machine(machine)
         script = read_script(script_path, spec)
-        source = script.source
         failures = _simulate(spec, script, out, err)
     except ScriptError as problem:
-        if source is None and problem.path == script_path:
-            try:
-                source = Path(script_path).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError):
-                source = None
-        err.write(problem.render(source if problem.path == script_path else None) + "\n")
+        err.write(problem.render() + "\n")
+        return 1
+    except RuntimeFailure as failure:
+        # Only the script's own values reach the runtime outside a step (the instance id, the
+        # actor of `create`): the script is where to look.
+        hint = "check the script's instance and actor"
+        err.write(failure_diagnostic(script_path, failure, hint) + "\n")
         return 1
     return 1 if failures else 0
