@@ -38,11 +38,12 @@ import difflib
 import hashlib
 import json
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast, final
 
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
@@ -162,30 +163,213 @@ class Notification(NamedTuple):
     event_id: str
 
 
-class DispatchResult(NamedTuple):
+class DispatchResult:
     """What a dispatch (or a timer firing) did. `duplicate` marks a stored result returned
     again for a repeated event id or idempotency key; `ignored` an event the state ignores.
     `seq` is the ledger sequence index (None without a ledger or when nothing was written).
-    Results returned for duplicates hold action results as JSON values."""
+    Results returned for duplicates hold action results as JSON values.
 
-    machine: str
-    instance: str
-    event: str
-    from_state: str
-    to_state: str
-    version: int
-    seq: int | None
-    event_id: str | None
-    emitted: tuple[EmittedEvent, ...]
-    notifications: tuple[Notification, ...]
-    action_results: Mapping[str, object]
-    armed: tuple[ArmedTimer, ...]
-    duplicate: bool = False
-    ignored: bool = False
+    Immutable, and it behaves like the named tuple of its `_fields` (equality, iteration,
+    `_asdict`, `_replace`). It is not a tuple: a tuple subclass costs a dispatch more to build
+    than the whole in-memory transition. Everything but the instance, version and seq is a
+    property of the transition row, so the fast paths share one precomputed `_outcome` tuple
+    per row.
+    """
 
+    __slots__ = ("_instance", "_outcome", "_seq", "_version")
+
+    _fields = (
+        "machine",
+        "instance",
+        "event",
+        "from_state",
+        "to_state",
+        "version",
+        "seq",
+        "event_id",
+        "emitted",
+        "notifications",
+        "action_results",
+        "armed",
+        "duplicate",
+        "ignored",
+    )
+
+    def __init__(
+        self,
+        machine: str,
+        instance: str,
+        event: str,
+        from_state: str,
+        to_state: str,
+        version: int,
+        seq: int | None,
+        event_id: str | None,
+        emitted: tuple[EmittedEvent, ...],
+        notifications: tuple[Notification, ...],
+        action_results: Mapping[str, object],
+        armed: tuple[ArmedTimer, ...],
+        duplicate: bool = False,
+        ignored: bool = False,
+    ) -> None:
+        self._instance = instance
+        self._version = version
+        self._seq = seq
+        self._outcome: _Outcome = (
+            machine,
+            event,
+            from_state,
+            to_state,
+            event_id,
+            emitted,
+            notifications,
+            action_results,
+            armed,
+            duplicate,
+            ignored,
+        )
+
+    @property
+    def machine(self) -> str:
+        return self._outcome[0]
+
+    @property
+    def instance(self) -> str:
+        return self._instance
+
+    @property
+    def event(self) -> str:
+        return self._outcome[1]
+
+    @property
+    def from_state(self) -> str:
+        return self._outcome[2]
+
+    @property
+    def to_state(self) -> str:
+        return self._outcome[3]
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def seq(self) -> int | None:
+        return self._seq
+
+    @property
+    def event_id(self) -> str | None:
+        return self._outcome[4]
+
+    @property
+    def emitted(self) -> tuple[EmittedEvent, ...]:
+        return self._outcome[5]
+
+    @property
+    def notifications(self) -> tuple[Notification, ...]:
+        return self._outcome[6]
+
+    @property
+    def action_results(self) -> Mapping[str, object]:
+        return self._outcome[7]
+
+    @property
+    def armed(self) -> tuple[ArmedTimer, ...]:
+        return self._outcome[8]
+
+    @property
+    def duplicate(self) -> bool:
+        return self._outcome[9]
+
+    @property
+    def ignored(self) -> bool:
+        return self._outcome[10]
+
+    def _astuple(self) -> tuple[Any, ...]:
+        machine, event, from_state, to_state, event_id, *rest = self._outcome
+        return (
+            machine,
+            self._instance,
+            event,
+            from_state,
+            to_state,
+            self._version,
+            self._seq,
+            event_id,
+            *rest,
+        )
+
+    def _asdict(self) -> dict[str, Any]:
+        return dict(zip(self._fields, self._astuple(), strict=True))
+
+    def _replace(self, **changes: Any) -> DispatchResult:
+        fields = self._asdict()
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise ValueError(f"got unexpected field names: {sorted(unknown)!r}")
+        fields.update(changes)
+        return DispatchResult(**fields)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._astuple())
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __getitem__(self, index: int) -> Any:
+        return self._astuple()[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, DispatchResult):
+            return self._astuple() == other._astuple()
+        if isinstance(other, tuple):
+            return self._astuple() == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._astuple())
+
+    def __reduce__(self) -> tuple[type[DispatchResult], tuple[Any, ...]]:
+        return (DispatchResult, self._astuple())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={v!r}" for n, v in zip(self._fields, self._astuple(), strict=True))
+        return f"DispatchResult({fields})"
+
+
+class _RowResult(DispatchResult):
+    """A DispatchResult that the fast paths fill in slot by slot: calling a Python __init__
+    would cost a third of the transition."""
+
+    __slots__ = ()
+    __init__ = object.__init__
+
+
+class _UnsealedResult(_RowResult):
+    """A fast-path result without a ledger: `seq` is None for all of them, so it is a class
+    attribute (shadowing the slot) rather than one more store per result."""
+
+    __slots__ = ()
+    _seq = None
+
+
+# machine, event, from_state, to_state, event_id, emitted, notifications, action_results,
+# armed, duplicate, ignored: the part of a result that a transition row fixes.
+_Outcome = tuple[
+    str,
+    str,
+    str,
+    str,
+    str | None,
+    tuple[EmittedEvent, ...],
+    tuple[Notification, ...],
+    Mapping[str, object],
+    tuple[ArmedTimer, ...],
+    bool,
+    bool,
+]
 
 # Building hot-path tuples with tuple.__new__ skips the NamedTuple's Python-level __new__.
-_new_result = cast(Callable[[type[DispatchResult], tuple[Any, ...]], DispatchResult], tuple.__new__)
 _new_entry_data = cast(Callable[[type[EntryData], tuple[Any, ...]], EntryData], tuple.__new__)
 
 
@@ -393,6 +577,7 @@ class _Rejected(NamedTuple):
 # Load-time tables of one machine.
 
 
+@final
 class _Row:
     """One transition row, pre-bound: the guard and action callables, the timers to arm."""
 
@@ -405,6 +590,7 @@ class _Row:
         "guard",
         "guard_fn",
         "machine",
+        "outcome",
         "ref",
         "source",
         "target",
@@ -419,9 +605,11 @@ class _Row:
         timers: Mapping[str, tuple[TimerSpec, ...]],
     ) -> None:
         self.machine = machine
-        self.source = str(row.source)
-        self.event = str(row.event)
-        self.target = str(row.target)
+        # Interned, like the table keys and the initial state: a record's state is then the
+        # very key object, and the lookups compare by identity.
+        self.source = sys.intern(str(row.source))
+        self.event = sys.intern(str(row.event))
+        self.target = sys.intern(str(row.target))
         self.guard = row.guard
         self.guard_fn: Guard | None = (
             None if row.guard is None or row.guard == ELSE else guards[row.guard]
@@ -432,6 +620,21 @@ class _Row:
         self.cancels = bool(timers.get(self.source))
         self.arms = timers.get(self.target, ())
         self.ref = row.ref
+        # What a result of this row holds besides instance, version and seq, when the row
+        # runs no actions and arms, cancels and emits nothing (the fast paths' rows).
+        self.outcome: _Outcome = (
+            machine,
+            self.event,
+            self.source,
+            self.target,
+            None,
+            (),
+            (),
+            _EMPTY_RESULTS,
+            (),
+            False,
+            False,
+        )
 
 
 def _validation_problems(error: ValidationError) -> tuple[tuple[str, str], ...]:
@@ -457,7 +660,7 @@ class Governor:
         self.name = spec.name
         timers = {str(state): specs for state, specs in spec.timers.items()}
         self._rows: dict[tuple[str, str], tuple[_Row, ...]] = {
-            (str(state), str(event)): tuple(
+            (sys.intern(str(state)), sys.intern(str(event))): tuple(
                 _Row(spec.name, r, guards, actions, timers) for r in rows
             )
             for (state, event), rows in spec.transitions.items()
@@ -473,17 +676,16 @@ class Governor:
         self._timer_actions = {
             t.id: tuple((a, actions[a]) for a in t.actions) for t in self._timer_specs.values()
         }
-        self._initial = str(spec.initial)
+        self._initial = sys.intern(str(spec.initial))
         self._accepts: dict[str, tuple[str, ...]] = {}
         for state, event in self._rows:
             self._accepts.setdefault(state, ())
             self._accepts[state] += (event,)
-        # The fast paths of the in-memory store, for rows that touch no timers, emit nothing
-        # and whose event has no payload: same semantics, fewer steps. `_simple` holds keys
-        # with one unguarded row without actions; `_guarded` the other eligible keys (used
-        # without a ledger only); `_sealed` is set when entries are sealed on the fast path.
-        self._simple: dict[tuple[str, str], _Row] | None = None
-        self._guarded: dict[tuple[str, str], tuple[_Row, ...]] = {}
+        # The short paths of the in-memory store, for rows that touch no timers, emit nothing
+        # and whose event has no payload: same semantics, fewer steps. `_fast[state][event]`
+        # holds the row when it is the key's only row, unguarded and without actions, and
+        # otherwise the rows to try (those only without a ledger: `_sealed`).
+        self._fast: dict[str, dict[str, _Row | tuple[_Row, ...]]] = {}
         self._records: dict[str, InstanceRecord] = {}
         self._fast_lock: threading.RLock | None = None
         self._sealed = runtime._sealer is not None
@@ -491,14 +693,16 @@ class Governor:
         if memory is not None:
             self._records = memory.records(self.name)
             self._fast_lock = memory.lock if memory.thread_safe else None
-            self._simple = {}
-            for key, rows in self._rows.items():
-                if key[1] in self._models or any(r.cancels or r.arms or r.emits for r in rows):
+            for (state, event), rows in self._rows.items():
+                if event in self._models or any(r.cancels or r.arms or r.emits for r in rows):
                     continue
                 if len(rows) == 1 and rows[0].guard_fn is None and not rows[0].actions:
-                    self._simple[key] = rows[0]
-                else:
-                    self._guarded[key] = rows
+                    self._fast.setdefault(state, {})[event] = rows[0]
+                elif not self._sealed:
+                    self._fast.setdefault(state, {})[event] = rows
+            # Per instance, shadowing the method: a closure over its tables skips a dozen
+            # attribute reads per event.
+            self.dispatch = self._memory_dispatch()  # type: ignore[method-assign]
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -602,63 +806,9 @@ class Governor:
         Raises UnknownInstance, UnknownEvent, PayloadInvalid (nothing stored),
         InvalidTransition / NoGuardHeld (nothing stored unless `record_rejection`, then a
         "rejection" ledger entry), ActionFailed, IdempotencyConflict, ConcurrentUpdateDetected.
+        On the memory store, each governor replaces this method with `_memory_dispatch`'s
+        closure: same signature, same results.
         """
-        simple = self._simple
-        if (
-            simple is not None
-            and payload is None
-            and event_id is None
-            and idempotency_key is None
-            and expected_version is None
-        ):
-            lock = self._fast_lock
-            if self._sealed:
-                if lock is not None:
-                    with lock:
-                        done = self._fast_sealed(instance_id, event, actor)
-                else:
-                    done = self._fast_sealed(instance_id, event, actor)
-                if done is not None:
-                    return done
-            else:
-                # The hottest path (memory store, no ledger): inline, since a method call is
-                # a fifth of its cost; the lock is taken only when the store is thread-safe.
-                if lock is not None:
-                    lock.acquire()
-                try:
-                    record = self._records.get(instance_id)
-                    if record is not None:
-                        source = record.state
-                        row = simple.get((source, event))
-                        if row is not None:
-                            version = record.version + 1
-                            record.state = row.target
-                            record.version = version
-                            return _new_result(
-                                DispatchResult,
-                                (
-                                    row.machine,
-                                    instance_id,
-                                    row.event,
-                                    source,
-                                    row.target,
-                                    version,
-                                    None,
-                                    None,
-                                    (),
-                                    (),
-                                    _EMPTY_RESULTS,
-                                    (),
-                                    False,
-                                    False,
-                                ),
-                            )
-                        rows = self._guarded.get((source, event))
-                        if rows is not None:
-                            return self._dispatch_memory_guarded(record, rows, actor)
-                finally:
-                    if lock is not None:
-                        lock.release()
         return self._dispatch(
             instance_id,
             event,
@@ -670,16 +820,162 @@ class Governor:
             record_rejection,
         )
 
+    def _memory_dispatch(self) -> Callable[..., DispatchResult]:
+        """`dispatch` for the memory store. Events without payload, event id, idempotency key
+        or expected version on rows in `_fast` take a short path (no closures, no store
+        calls); everything else goes through `_dispatch`. The lock is taken only when the
+        store is thread-safe, with acquire and release (a `with` block costs twice as much)."""
+        general = self._dispatch
+        records = self._records
+        fast_rows = self._fast
+        memory_guarded = self._dispatch_memory_guarded
+        sealed = self._fast_sealed
+        new_result = _UnsealedResult
+
+        def dispatch_sealed(
+            instance_id: str,
+            event: str,
+            payload: Mapping[str, Any] | Payload | None = None,
+            actor: str = DEFAULT_ACTOR,
+            event_id: str | None = None,
+            idempotency_key: str | None = None,
+            expected_version: int | None = None,
+            record_rejection: bool = False,
+        ) -> DispatchResult:
+            if (
+                payload is None
+                and event_id is None
+                and idempotency_key is None
+                and expected_version is None
+            ):
+                done = sealed(instance_id, event, actor)
+                if done is not None:
+                    return done
+            return general(
+                instance_id,
+                event,
+                payload,
+                actor,
+                event_id,
+                idempotency_key,
+                expected_version,
+                record_rejection,
+            )
+
+        def dispatch(
+            instance_id: str,
+            event: str,
+            payload: Mapping[str, Any] | Payload | None = None,
+            actor: str = DEFAULT_ACTOR,
+            event_id: str | None = None,
+            idempotency_key: str | None = None,
+            expected_version: int | None = None,
+            record_rejection: bool = False,
+        ) -> DispatchResult:
+            if (
+                payload is None
+                and event_id is None
+                and idempotency_key is None
+                and expected_version is None
+            ):
+                try:
+                    record = records[instance_id]
+                    found = fast_rows[record.state][event]
+                except KeyError:
+                    pass  # an unknown instance, or a row for the general path
+                else:
+                    if type(found) is not _Row:
+                        return memory_guarded(record, found, actor)
+                    version = record.version + 1
+                    record.state = found.target
+                    record.version = version
+                    result: DispatchResult = new_result()
+                    result._instance = instance_id
+                    result._version = version
+                    result._outcome = found.outcome
+                    return result
+            return general(
+                instance_id,
+                event,
+                payload,
+                actor,
+                event_id,
+                idempotency_key,
+                expected_version,
+                record_rejection,
+            )
+
+        sealed_mode = self._sealed
+        lock = self._fast_lock
+        if lock is None:
+            return dispatch_sealed if sealed_mode else dispatch
+        acquire, release = lock.acquire, lock.release
+
+        def dispatch_locked(
+            instance_id: str,
+            event: str,
+            payload: Mapping[str, Any] | Payload | None = None,
+            actor: str = DEFAULT_ACTOR,
+            event_id: str | None = None,
+            idempotency_key: str | None = None,
+            expected_version: int | None = None,
+            record_rejection: bool = False,
+        ) -> DispatchResult:
+            if (
+                payload is None
+                and event_id is None
+                and idempotency_key is None
+                and expected_version is None
+            ):
+                acquire()
+                try:
+                    if sealed_mode:
+                        done = sealed(instance_id, event, actor)
+                        if done is not None:
+                            return done
+                    else:
+                        # `dispatch`'s short path again, under the lock: a call would cost
+                        # a sixth of it.
+                        try:
+                            record = records[instance_id]
+                            found = fast_rows[record.state][event]
+                        except KeyError:
+                            pass
+                        else:
+                            if type(found) is not _Row:
+                                return memory_guarded(record, found, actor)
+                            version = record.version + 1
+                            record.state = found.target
+                            record.version = version
+                            result: DispatchResult = new_result()
+                            result._instance = instance_id
+                            result._version = version
+                            result._outcome = found.outcome
+                            return result
+                finally:
+                    release()
+            return general(
+                instance_id,
+                event,
+                payload,
+                actor,
+                event_id,
+                idempotency_key,
+                expected_version,
+                record_rejection,
+            )
+
+        return dispatch_locked
+
     def _fast_sealed(self, instance_id: str, event: str, actor: str) -> DispatchResult | None:
-        """The memory store's fast path with a ledger: seal on the head this runtime wrote
+        """The memory store's short path with a ledger: seal on the head this runtime wrote
         last (anything else goes through the general path, which verifies the head)."""
-        assert self._simple is not None
         record = self._records.get(instance_id)
         if record is None:
             return None
         source = record.state
-        row = self._simple.get((source, event))
-        if row is None:
+        row = self._fast.get(source, {}).get(event)
+        if type(row) is not _Row:
             return None
         runtime = self.runtime
         memory = runtime._memory
@@ -720,25 +1016,12 @@ class Governor:
         ):
             memory.add_checkpoint(sealer.checkpoint(entry.seq + 1, entry.entry_hash, now))
             runtime._covered = entry.seq + 1
-        return _new_result(
-            DispatchResult,
-            (
-                row.machine,
-                instance_id,
-                row.event,
-                source,
-                target,
-                version,
-                entry.seq,
-                None,
-                (),
-                (),
-                _EMPTY_RESULTS,
-                (),
-                False,
-                False,
-            ),
-        )
+        result: DispatchResult = _RowResult()
+        result._instance = instance_id
+        result._version = version
+        result._seq = entry.seq
+        result._outcome = row.outcome
+        return result
 
     def _dispatch_memory_guarded(
         self, record: InstanceRecord, rows: tuple[_Row, ...], actor: str
@@ -1045,24 +1328,19 @@ class Governor:
                 ),
             )
             entry = chain.seal(txn, data)
-        result = _new_result(
-            DispatchResult,
-            (
-                name,
-                instance_id,
-                row.event,
-                record.state,
-                row.target,
-                version,
-                None if entry is None else entry.seq,
-                event_id,
-                emitted,
-                (),
-                results,
-                armed,
-                False,
-                False,
-            ),
+        result = DispatchResult(
+            name,
+            instance_id,
+            row.event,
+            record.state,
+            row.target,
+            version,
+            None if entry is None else entry.seq,
+            event_id,
+            emitted,
+            (),
+            results,
+            armed,
         )
         stored = ""
         if event_id is not None or idempotency_key is not None:

@@ -415,7 +415,9 @@ class SQLiteStore:
                         execute("RELEASE unit")
                         outcomes.append(WorkOutcome(None, exc))
                     else:
-                        execute("RELEASE unit")
+                        # No RELEASE: COMMIT releases every savepoint still open, and each
+                        # statement is a round trip that gives up the GIL. A failed unit's
+                        # ROLLBACK TO and RELEASE name the newest savepoint, its own.
                         outcomes.append(WorkOutcome(value, None))
                 if before_commit is not None:
                     before_commit(txn)
