@@ -664,12 +664,6 @@ def test_random_command_lines_never_crash(fuzz_world: Path, line: list[str]) -> 
 # Known bugs in files this suite does not own: each fails today, and passes once fixed.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime/store/sqlite.py: SQLiteStore(path) on another program's SQLite database "
-    "switches it to WAL and adds the runtime's tables to it, instead of refusing with "
-    "StoreConfigError and leaving the file as it was (the demo guards itself)",
-)
 def test_sqlite_store_refuses_a_database_that_is_not_its_own(tmp_path: Path) -> None:
     foreign = tmp_path / "app.db"
     with contextlib.closing(sqlite3.connect(foreign)) as connection:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -280,3 +281,165 @@ def test_rejected_input_leaves_the_file_bytes_unchanged(tmp_path: Path, key_dir:
             bil.dispatch("b1", event, payload, "shop", event_id=f"bad-{event}")
     assert snapshot() == before
     rt.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening: a new or empty file is initialised, a store is reopened, anything else is refused
+# with its bytes as they were and no -wal, -shm or -journal file beside it.
+
+
+def sidecars(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir() if p.name != path.name)
+
+
+def assert_refused_untouched(path: Path, match: str) -> None:
+    before, beside = path.read_bytes(), sidecars(path)
+    with pytest.raises(StoreConfigError, match=match) as raised:
+        SQLiteStore(path)
+    assert raised.value.code == "R022" and raised.value.hint
+    assert path.read_bytes() == before
+    assert sidecars(path) == beside
+
+
+def make_database(path: Path, *statements: str, wal: bool = False) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        if wal:
+            connection.execute("PRAGMA journal_mode = WAL")
+        for statement in statements:
+            connection.execute(statement)
+        connection.commit()
+
+
+def store_marks(path: Path) -> tuple[int, dict[str, str]]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        application_id = db.execute("PRAGMA application_id").fetchone()[0]
+        return application_id, dict(db.execute("SELECT key, value FROM runtime_meta"))
+
+
+@pytest.mark.parametrize("wal", [False, True], ids=["rollback-journal", "wal"])
+def test_another_programs_database_is_refused_untouched(tmp_path: Path, wal: bool) -> None:
+    foreign = tmp_path / "folder" / "app.db"
+    foreign.parent.mkdir()
+    make_database(foreign, "CREATE TABLE invoices (id INTEGER PRIMARY KEY, total TEXT)", wal=wal)
+    assert sidecars(foreign) == []  # closed cleanly: the -wal was checkpointed and removed
+    assert_refused_untouched(foreign, r"app\.db is an SQLite database of something else")
+    with contextlib.closing(sqlite3.connect(foreign)) as db:
+        mode = db.execute("PRAGMA journal_mode").fetchone()[0]
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert mode == ("wal" if wal else "delete") and tables == {"invoices"}
+
+
+def test_a_database_open_in_its_program_is_refused_untouched(tmp_path: Path) -> None:
+    foreign = tmp_path / "folder" / "app.db"
+    foreign.parent.mkdir()
+    with contextlib.closing(sqlite3.connect(foreign)) as owner:
+        owner.execute("PRAGMA journal_mode = WAL")
+        owner.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+        owner.execute("INSERT INTO invoices VALUES (1)")
+        owner.commit()
+        assert sidecars(foreign) == ["app.db-shm", "app.db-wal"]
+        wal_before = foreign.with_name("app.db-wal").read_bytes()
+        assert_refused_untouched(foreign, "something else")
+        assert foreign.with_name("app.db-wal").read_bytes() == wal_before
+        assert owner.execute("SELECT id FROM invoices").fetchall() == [(1,)]
+
+
+@pytest.mark.parametrize(
+    ("statements", "match"),
+    [
+        # Another program's marks on a database with no tables yet.
+        (["PRAGMA application_id = 1234"], "marked by another program"),
+        (["PRAGMA user_version = 7"], "marked by another program"),
+        # Tables named like the store's, without the marks written at its creation.
+        (
+            [
+                "CREATE TABLE runtime_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+                "CREATE TABLE ledger_meta (key TEXT PRIMARY KEY, value TEXT)",
+            ],
+            "not the autonomic store's marks",
+        ),
+        # The same names, unrelated columns: reading the marks fails.
+        (
+            ["CREATE TABLE runtime_meta (a)", "CREATE TABLE ledger_meta (b)"],
+            "not a usable SQLite store",
+        ),
+        # Only a view (no table): still something of someone's.
+        (["CREATE VIEW answer AS SELECT 42"], "something else"),
+    ],
+)
+def test_lookalikes_are_refused_untouched(
+    tmp_path: Path, statements: list[str], match: str
+) -> None:
+    path = tmp_path / "d" / "x.db"
+    path.parent.mkdir()
+    make_database(path, *statements)
+    assert_refused_untouched(path, match)
+
+
+def test_a_store_of_another_schema_version_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "d" / "s.db"
+    path.parent.mkdir()
+    SQLiteStore(path).close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("UPDATE runtime_meta SET value = '99' WHERE key = 'schema'")
+        db.commit()
+    assert_refused_untouched(path, "schema version 99 is not 1")
+
+
+@pytest.mark.parametrize("content", [b"\x00" * 4096, b"SQLite format 3\x00" + b"\xff" * 84, b"x"])
+def test_files_that_are_not_sqlite_are_refused_untouched(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "d" / "blob.db"
+    path.parent.mkdir()
+    path.write_bytes(content)
+    assert_refused_untouched(path, "not a usable SQLite store")
+
+
+def test_a_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreConfigError, match="not a regular file"):
+        SQLiteStore(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["missing", "zero bytes", "sqlite, nothing in it"])
+def test_new_and_empty_files_become_stores_that_reopen(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "s.db"
+    if kind == "zero bytes":
+        path.write_bytes(b"")
+    elif kind == "sqlite, nothing in it":
+        make_database(path, "CREATE TABLE scratch (x)", "DROP TABLE scratch")
+        assert path.stat().st_size > 0
+    store = SQLiteStore(path)
+    store.run([lambda txn: txn.insert_instance(InstanceRecord("M", "a", "A", 1))])
+    store.close()
+    application_id, meta = store_marks(path)
+    assert application_id == int.from_bytes(b"AuTo", "big")
+    assert meta == {"format": "autonomic-store", "schema": "1"}
+    reopened = SQLiteStore(path)  # recognised by those marks
+    assert [r.instance for r in reopened.instances("M")] == ["a"]
+    reopened.close()
+    assert store_marks(path) == (application_id, meta)
+
+
+def test_many_openers_of_one_new_file_agree(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    start = threading.Barrier(6)
+    opened: list[SQLiteStore] = []
+    errors: list[BaseException] = []
+
+    def open_it() -> None:
+        start.wait()
+        try:
+            opened.append(SQLiteStore(path))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == [] and len(opened) == 6
+    for store in opened:
+        store.close()
+    assert store_marks(path)[1] == {"format": "autonomic-store", "schema": "1"}

@@ -10,12 +10,17 @@ Concurrency: every batch runs in `BEGIN IMMEDIATE`, which takes the database's w
 (waiting up to `busy_timeout_ms`), so processes on one file serialize their writes; the state
 row is still written with `UPDATE ... WHERE version = ?`, so a lost update cannot happen even
 if a caller bypassed the lock. Within a process a lock serializes use of the connection.
+
+Opening: the file is first inspected read-only. A missing or empty file is initialised and
+marked as a store (a `runtime_meta` format row and schema version, and SQLite's
+`application_id`); a store so marked is reopened; anything else is refused, unchanged.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -31,6 +36,7 @@ from ..ledger import (
     SCHEMA_SQL,
     SELECT_CHECKPOINTS_SQL,
     SET_META_SQL,
+    SQLITE_MAGIC,
     Checkpoint,
     LedgerEntry,
     LedgerMode,
@@ -142,6 +148,96 @@ def _timer(row: tuple[Any, ...]) -> ArmedTimer:
 
 def _message(row: tuple[Any, ...]) -> OutboxMessage:
     return OutboxMessage(*row)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recognising a store before anything is written: a file is initialised only if it holds
+# nothing, and opened only if it carries the marks written at its creation.
+
+STORE_FORMAT = "autonomic-store"  # runtime_meta 'format', beside 'schema' (SCHEMA_VERSION)
+# PRAGMA application_id, "AuTo" in ASCII: the header field SQLite reserves for naming the
+# program a database belongs to (`file` prints it).
+APPLICATION_ID = 0x4175546F
+STORE_HINT = "pass a new file, or a store written by the autonomic runtime"
+_WAL_HEADER = b"\x02\x02"  # header bytes 18-19 (write and read format versions) in WAL mode
+
+
+def _not_ours(path: Path, why: str) -> StoreConfigError:
+    return StoreConfigError(f"{path} {why}; it was left untouched", hint=STORE_HINT)
+
+
+def _empty_or_ours(execute: Callable[..., sqlite3.Cursor], path: Path) -> bool:
+    """True for a database with nothing in it (to be initialised), False for an autonomic
+    store of this schema version; StoreConfigError for anything else. Only reads."""
+    objects = execute("SELECT type, name FROM sqlite_master").fetchall()
+    application_id = int(execute("PRAGMA application_id").fetchone()[0])
+    user_version = int(execute("PRAGMA user_version").fetchone()[0])
+    if not objects:
+        if application_id or user_version:
+            raise _not_ours(
+                path,
+                "is an empty SQLite database marked by another program "
+                f"(application_id {application_id}, user_version {user_version})",
+            )
+        return True
+    tables = sorted(name for kind, name in objects if kind == "table")
+    if not {"runtime_meta", "ledger_meta"} <= set(tables):
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        raise _not_ours(path, f"is an SQLite database of something else (tables: {shown})")
+    marks = dict(execute("SELECT key, value FROM runtime_meta WHERE key IN ('format', 'schema')"))
+    if marks.get("format") != STORE_FORMAT or application_id != APPLICATION_ID:
+        raise _not_ours(
+            path, "has runtime_meta and ledger_meta tables but not the autonomic store's marks"
+        )
+    if marks.get("schema") != SCHEMA_VERSION:
+        raise StoreConfigError(
+            f"{path}: store schema version {marks.get('schema')} is not {SCHEMA_VERSION}; "
+            "it was left untouched",
+            hint="open it with the version of autonomic that wrote it",
+        )
+    return False
+
+
+def _refuse_unless_empty_or_ours(path: Path, busy_timeout_ms: int) -> None:
+    """Raise StoreConfigError unless `path` is missing, empty or an autonomic store, deciding
+    by reading it read-only: no journal mode switch, no table, no sidecar file."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreConfigError(f"{path}: cannot be read: {exc.strerror}", hint=STORE_HINT) from None
+    if not stat.S_ISREG(info.st_mode):  # SQLite would put its -wal file beside a device
+        raise _not_ours(path, "is not a regular file")
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(100)
+    except OSError as exc:
+        raise StoreConfigError(f"{path}: cannot be read: {exc.strerror}", hint=STORE_HINT) from None
+    if not header:
+        return
+    if not header.startswith(SQLITE_MAGIC):
+        raise _not_ours(path, "is not a usable SQLite store: it is not an SQLite database")
+    uri = path.resolve().as_uri() + "?mode=ro"
+    sidecars = (path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))
+    if header[18:20] == _WAL_HEADER and not any(s.exists() for s in sidecars):
+        # A WAL database nobody has open, all in its main file: even a read-only connection
+        # would create the -wal and -shm files beside it, and leave them there.
+        uri += "&immutable=1"
+    try:
+        reader = sqlite3.connect(
+            uri, uri=True, isolation_level=None, timeout=busy_timeout_ms / 1000
+        )
+    except sqlite3.Error as exc:
+        raise StoreConfigError(
+            f"{path}: cannot open SQLite database: {exc}", hint=STORE_HINT
+        ) from None
+    try:
+        _empty_or_ours(reader.execute, path)
+    except sqlite3.Error as exc:
+        raise _not_ours(path, f"is not a usable SQLite store: {exc}") from None
+    finally:
+        reader.close()
 
 
 class SQLiteTransaction:
@@ -325,7 +421,12 @@ class SQLiteTransaction:
 
 
 class SQLiteStore:
-    """A Store on one SQLite file (see the module docstring for durability and locking)."""
+    """A Store on one SQLite file (see the module docstring for durability and locking).
+
+    Only a new or empty file, or an autonomic store, is opened: anything else (another
+    program's database, a file that is not SQLite) raises StoreConfigError with its bytes as
+    they were, because the file is inspected read-only before the store changes anything.
+    """
 
     def __init__(
         self,
@@ -338,6 +439,8 @@ class SQLiteStore:
             raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
         self.path = Path(path)
         self.synchronous = synchronous
+        if str(path) != ":memory:":
+            _refuse_unless_empty_or_ours(self.path, busy_timeout_ms)
         try:
             self._connection = sqlite3.connect(
                 str(path),
@@ -346,7 +449,9 @@ class SQLiteStore:
                 timeout=busy_timeout_ms / 1000,
             )
         except sqlite3.Error as exc:
-            raise StoreConfigError(f"{path}: cannot open SQLite database: {exc}") from None
+            raise StoreConfigError(
+                f"{path}: cannot open SQLite database: {exc}", hint=STORE_HINT
+            ) from None
         self._lock = threading.RLock()
         self._txn = SQLiteTransaction(self._connection)
         try:
@@ -354,9 +459,11 @@ class SQLiteStore:
         except sqlite3.DatabaseError as exc:
             self._connection.close()
             raise StoreConfigError(
-                f"{path}: not a usable SQLite store: {exc}",
-                hint="pass a new file or one written by the autonomic runtime",
+                f"{path}: not a usable SQLite store: {exc}", hint=STORE_HINT
             ) from None
+        except BaseException:
+            self._connection.close()
+            raise
 
     def _configure(self, busy_timeout_ms: int) -> None:
         execute = self._connection.execute
@@ -367,17 +474,17 @@ class SQLiteStore:
         execute(f"PRAGMA synchronous = {self.synchronous}")
         execute("BEGIN IMMEDIATE")
         try:
+            # Decided again under the write lock: another process may have initialised the
+            # file since it was inspected.
+            empty = _empty_or_ours(execute, self.path)
             for statement in (SCHEMA_SQL + RUNTIME_SCHEMA_SQL).split(";"):
                 if statement.strip():
                     execute(statement)
-            row = execute("SELECT value FROM runtime_meta WHERE key = 'schema'").fetchone()
-            if row is None:
+            if empty:
+                execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 execute(
-                    "INSERT INTO runtime_meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,)
-                )
-            elif row[0] != SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(
-                    f"store schema version {row[0]} is not {SCHEMA_VERSION}"
+                    "INSERT INTO runtime_meta (key, value) VALUES ('format', ?), ('schema', ?)",
+                    (STORE_FORMAT, SCHEMA_VERSION),
                 )
             execute("COMMIT")
         except BaseException:
