@@ -10,12 +10,21 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from operator import attrgetter
 from pathlib import Path
-
-import networkx as nx
+from typing import TYPE_CHECKING
 
 from .errors import CODES, Diagnostic, Severity, SourceSpan, did_you_mean, fail
-from .graph import RetryEdge, machine_graph, reachable_from, reaching, retry_edges
+from .graph import (
+    RetryEdge,
+    closure,
+    declared_only,
+    machine_graph,
+    predecessors,
+    retry_edges,
+    state_moves,
+    written_moves,
+)
 from .lower import name_problem, named_things
 from .model import (
     Duration,
@@ -33,6 +42,9 @@ from .model import (
     snake_case,
 )
 from .parser import SourceFile, parse_source, paused_gc, read_source
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 # ---------------------------------------------------------------- the report
 
@@ -58,14 +70,40 @@ class CheckReport:
 # ---------------------------------------------------------------- what the rules share
 
 
+class _TransitionWalk:
+    """What MachineFacts learns in its one walk over all transitions."""
+
+    def __init__(self) -> None:
+        self.events: set[str] = set()  # the event names they use
+        # States where rows of one event could disagree: two rows for one event, or `else`.
+        self.contested: list[State] = []
+        # By state id: the rows that carry an `@allow`, and the rows that emit.
+        self.noted: dict[int, list[Transition]] = {}
+        self.emitting: dict[int, list[Transition]] = {}
+        self.moves: dict[int, set[str]] = {}  # by state id: graph.state_moves
+
+
 class MachineFacts:
     """Indexes of one machine, built once and shared by every rule."""
 
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
         self.states: dict[str, State] = {}
+        # The few states that rules about markers, timers and ignores look at, in order.
+        self.initials: list[State] = []
+        self.finals: list[State] = []
+        self.timed: list[State] = []  # with timers or escalations
+        self.ignoring: list[State] = []
         for state in machine.states:
             self.states.setdefault(state.name.value, state)
+            if state.initial:
+                self.initials.append(state)
+            if state.final:
+                self.finals.append(state)
+            if state.timers or state.escalations:
+                self.timed.append(state)
+            if state.ignores:
+                self.ignoring.append(state)
         self.events: dict[str, Event] = {}
         for event in machine.events:
             self.events.setdefault(event.name.value, event)
@@ -99,18 +137,77 @@ class MachineFacts:
         return refs
 
     @cached_property
+    def written_moves(self) -> dict[str, set[str]]:
+        """Each declared state with the state names its moves lead to, declared or not."""
+        walk = self._walk
+        return written_moves(self.machine, lambda state: walk.moves[id(state)])
+
+    @cached_property
+    def _walk(self) -> _TransitionWalk:
+        """One walk over the transitions of every state, which are most of a machine (each
+        state's rows are looked at while they are in the cache)."""
+        walk = _TransitionWalk()
+        for state in self.machine.states:
+            walk.moves[id(state)] = state_moves(state)
+            rows = state.transitions
+            if not rows:
+                continue
+            state_events = {row.event.value for row in rows}
+            walk.events |= state_events
+            guards = [row.guard for row in rows if row.guard is not None]
+            if len(state_events) < len(rows) or any(guard.name is None for guard in guards):
+                walk.contested.append(state)
+            if noted := [row for row in rows if row.suppressions]:
+                walk.noted[id(state)] = noted
+            if emitting := [row for row in rows if row.emits]:
+                walk.emitting[id(state)] = emitting
+        return walk
+
+    @cached_property
+    def transition_events(self) -> set[str]:
+        """The names of the events of all transitions."""
+        return self._walk.events
+
+    def noted_rows(self, state: State) -> Sequence[Transition]:
+        """The transitions of `state` (one of this machine's) that carry an `@allow`."""
+        return self._walk.noted.get(id(state), ())
+
+    def emitting_rows(self, state: State) -> Sequence[Transition]:
+        """The transitions of `state` (one of this machine's) that emit events."""
+        return self._walk.emitting.get(id(state), ())
+
+    @cached_property
+    def unknown_state_names(self) -> set[str]:
+        """Names used as states but not declared: E104 looks closer only if there are any."""
+        used: set[str] = set().union(*self.written_moves.values())
+        for ladder in self.machine.retries:
+            used.update(entry.value for entry in ladder.entry_states)
+            used.update(step.state.value for step in ladder.steps)
+            if ladder.exhausted is not None:
+                used.add(ladder.exhausted.target.value)
+        return used - self.states.keys()
+
+    @cached_property
+    def unknown_event_names(self) -> set[str]:
+        """Names used as events of this machine but not declared (see `event_refs`)."""
+        used = set(self.transition_events)
+        for state in self.ignoring:
+            for ignore in state.ignores:
+                used.update(name.value for name in ignore.events)
+        used.update(ladder.event.value for ladder in self.machine.retries)
+        return used - self.events.keys()
+
+    @cached_property
     def references_resolve(self) -> bool:
         """Usage rules (reachability, unhandled events) would only echo a misspelling."""
-        return all(n.value in self.states for n, _ in self.state_refs) and all(
-            n.value in self.events for n, _ in self.event_refs
-        )
+        return not self.unknown_state_names and not self.unknown_event_names
 
     @cached_property
     def transition_groups(self) -> list[tuple[State, str, list[Transition]]]:
         """(state, event, rows) wherever the rows of one state and event could disagree: two
         or more rows, or a lone `else`. Single plain rows, nearly all of them, need no rule."""
         groups: list[tuple[State, str, list[Transition]]] = []
-        for state in self.machine.states:
+        for state in self._walk.contested:
             by_event: dict[str, list[Transition]] = {}
             for transition in state.transitions:
                 by_event.setdefault(transition.event.value, []).append(transition)
@@ -120,26 +217,40 @@ class MachineFacts:
         return groups
 
     @cached_property
+    def distinct_groups(self) -> list[tuple[State, str, list[Transition]]]:
+        """`transition_groups` with exact repeats dropped from the rows (see `_distinct`)."""
+        return [(state, event, _distinct(rows)) for state, event, rows in self.transition_groups]
+
+    @cached_property
     def moves(self) -> nx.DiGraph[str]:
         return machine_graph(self.machine)
 
     @cached_property
+    def successors(self) -> dict[str, set[str]]:
+        """`moves` as plain sets, which is what the rules walk."""
+        return declared_only(self.written_moves)
+
+    @cached_property
     def initial(self) -> State | None:
-        return next((s for s in self.machine.states if s.initial), None)
+        return self.initials[0] if self.initials else None
 
     @cached_property
     def reachable(self) -> set[str]:
         """States some sequence of moves leads to from an initial state (every state marked
         initial counts, so a second one is E102's alone, not also unreachable)."""
         found: set[str] = set()
-        for state in self.machine.states:
-            if state.initial and state.name.value not in found:
-                found |= reachable_from(self.moves, state.name.value)
+        for state in self.initials:
+            if state.name.value not in found:
+                found |= closure(self.successors, [state.name.value])
         return found
 
     @cached_property
     def final_names(self) -> set[str]:
         return {name for name, state in self.states.items() if state.final}
+
+    @cached_property
+    def suppression_sites(self) -> list[tuple[Suppression, SourceSpan | None]]:
+        return list(_suppression_sites(self.machine, self.noted_rows))
 
 
 def _at(span: SourceSpan) -> str:
@@ -198,7 +309,7 @@ def _escalation_span(escalation: Escalation) -> SourceSpan:
 def check_initial_state(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E101 no initial state, E102 more than one."""
     machine = facts.machine
-    initials = [s for s in machine.states if s.initial]
+    initials = facts.initials
     if not initials:
         yield fail(
             "E101",
@@ -218,6 +329,8 @@ def check_initial_state(facts: MachineFacts) -> Iterator[Diagnostic]:
 
 def check_duplicate_states(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E103."""
+    if len(facts.states) == len(facts.machine.states):
+        return
     for state in facts.machine.states:
         first = facts.states[state.name.value]
         if first is not state:
@@ -231,6 +344,8 @@ def check_duplicate_states(facts: MachineFacts) -> Iterator[Diagnostic]:
 
 def check_duplicate_events(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E105."""
+    if len(facts.events) == len(facts.machine.events):
+        return
     for event in facts.machine.events:
         first = facts.events[event.name.value]
         if first is not event:
@@ -276,8 +391,8 @@ def check_duplicate_literals(facts: MachineFacts) -> Iterator[Diagnostic]:
 
 def check_initial_and_final(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E116."""
-    for state in facts.machine.states:
-        if state.initial and state.final:
+    for state in facts.initials:
+        if state.final:
             yield fail(
                 "E116",
                 f"state '{state.name.value}' is both initial and final",
@@ -288,8 +403,9 @@ def check_initial_and_final(facts: MachineFacts) -> Iterator[Diagnostic]:
 
 def check_timers(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E115: zero durations anywhere, and two timers of one state due at the same moment."""
+    timed = facts.timed
     durations: list[tuple[Duration, str]] = []
-    for state in facts.machine.states:
+    for state in timed:
         durations.extend((t.after, "timer") for t in state.timers)
         for escalation in state.escalations:
             for step in escalation.steps:
@@ -311,7 +427,7 @@ def check_timers(facts: MachineFacts) -> Iterator[Diagnostic]:
 
     # Timers that move or act; escalation notifications may share a moment with them.
     acting: dict[str, list[tuple[Duration, str]]] = defaultdict(list)
-    for state in facts.machine.states:
+    for state in timed:
         name = state.name.value
         acting[name].extend((t.after, "timer") for t in state.timers)
         acting[name].extend(
@@ -342,6 +458,8 @@ def check_timers(facts: MachineFacts) -> Iterator[Diagnostic]:
 
 def check_unknown_states(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E104, with a did-you-mean hint."""
+    if not facts.unknown_state_names:
+        return
     for name, what in facts.state_refs:
         if name.value not in facts.states:
             yield fail(
@@ -355,6 +473,8 @@ def check_unknown_states(facts: MachineFacts) -> Iterator[Diagnostic]:
 
 def check_unknown_events(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E106, with a did-you-mean hint."""
+    if not facts.unknown_event_names:
+        return
     for name, what in facts.event_refs:
         if name.value not in facts.events:
             yield fail(
@@ -370,9 +490,9 @@ def check_unhandled_events(facts: MachineFacts) -> Iterator[Diagnostic]:
     """W204: an event no state moves on (being ignored everywhere is not handling)."""
     if not facts.references_resolve:
         return
-    handled = {t.event.value for state in facts.machine.states for t in state.transitions}
+    handled = set(facts.transition_events)
     handled.update(edge.ladder.event.value for edge in facts.retry_edges)
-    ignored = {n.value for state in facts.machine.states for i in state.ignores for n in i.events}
+    ignored = {n.value for state in facts.ignoring for i in state.ignores for n in i.events}
     for event in facts.events.values():
         name = event.name.value
         if name not in handled:
@@ -391,7 +511,7 @@ def check_emitted_events(
     """E140: `emit Machine.Event` must name a machine that is checked or beside the file,
     and one of its declared events; a bare `emit Event` means this machine."""
     for fact in facts:
-        for ref in _emits(fact.machine):
+        for ref in _emits(fact.machine, fact.emitting_rows):
             target = fact.machine if ref.machine is None else directory.get(ref.machine.value)
             if target is None:
                 assert ref.machine is not None
@@ -415,9 +535,14 @@ def check_emitted_events(
                 )
 
 
-def _emits(machine: Machine) -> Iterator[EventRef]:
+def _emits(
+    machine: Machine, emitting_rows: Callable[[State], Sequence[Transition]] | None = None
+) -> Iterator[EventRef]:
+    """Every `emit` of the machine; `emitting_rows` may say which transitions of a state
+    emit (MachineFacts knows), sparing a look at all of them."""
     for state in machine.states:
-        for transition in state.transitions:
+        rows = state.transitions if emitting_rows is None else emitting_rows(state)
+        for transition in filter(_emitting, rows):
             yield from transition.emits
         for timer in state.timers:
             yield from timer.emits
@@ -450,9 +575,9 @@ def check_duplicate_transitions(facts: MachineFacts) -> Iterator[Diagnostic]:
 
 def check_nondeterminism(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E108: one state and event, the same guard (or none), different targets."""
-    for state, event, rows in facts.transition_groups:
+    for state, event, distinct in facts.distinct_groups:
         first_by_guard: dict[str | None, Transition] = {}
-        for row in _distinct(rows):
+        for row in distinct:
             guard = _guard_key(row)
             if guard == "else":
                 continue  # several `else` rows are E110's
@@ -504,8 +629,7 @@ def check_retry_collisions(facts: MachineFacts) -> Iterator[Diagnostic]:
 
 def check_unguarded_beside_guarded(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E109: intent must be written down with `else`."""
-    for state, event, rows in facts.transition_groups:
-        distinct = _distinct(rows)
+    for state, event, distinct in facts.distinct_groups:
         if not any(row.guard is not None for row in distinct):
             continue
         for row in distinct:
@@ -521,8 +645,7 @@ def check_unguarded_beside_guarded(facts: MachineFacts) -> Iterator[Diagnostic]:
 
 def check_else_branches(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E110: at most one `else`, and only as the default of guarded rows."""
-    for state, event, rows in facts.transition_groups:
-        distinct = _distinct(rows)
+    for state, event, distinct in facts.distinct_groups:
         elses = [row.guard for row in distinct if row.guard and row.guard.is_else]
         if not elses:
             continue
@@ -549,9 +672,7 @@ def check_handled_and_ignored(facts: MachineFacts) -> Iterator[Diagnostic]:
     ladder_events: dict[str, set[str]] = defaultdict(set)
     for edge in facts.retry_edges:
         ladder_events[edge.source.value].add(edge.ladder.event.value)
-    for state in facts.machine.states:
-        if not state.ignores:
-            continue
+    for state in facts.ignoring:
         handled = {t.event.value for t in state.transitions}
         handled |= ladder_events.get(state.name.value, set())
         for ignore in state.ignores:
@@ -567,9 +688,7 @@ def check_handled_and_ignored(facts: MachineFacts) -> Iterator[Diagnostic]:
 
 def check_final_states(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E111: nothing leaves a final state."""
-    for state in facts.machine.states:
-        if not state.final:
-            continue
+    for state in facts.finals:
         name = state.name.value
         hint = f"a final state ends the instance; drop `final` from '{name}' or remove this"
         for transition in state.transitions:
@@ -602,7 +721,7 @@ def check_final_states(facts: MachineFacts) -> Iterator[Diagnostic]:
 
 def check_ladder_order(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E120: steps strictly later than the previous one, the end after the last step."""
-    for state in facts.machine.states:
+    for state in facts.timed:
         for escalation in state.escalations:
             times = [step.after for step in escalation.steps]
             if escalation.end is not None:
@@ -626,7 +745,7 @@ def _not_increasing(times: list[Duration], kind: str) -> Iterator[Diagnostic]:
 
 def check_escalation_deadlines(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E121: a step's `within` deadline ends before the next step (or the end) fires."""
-    for state in facts.machine.states:
+    for state in facts.timed:
         for escalation in state.escalations:
             times = [step.after for step in escalation.steps]
             if escalation.end is not None:
@@ -651,7 +770,7 @@ def check_escalation_deadlines(facts: MachineFacts) -> Iterator[Diagnostic]:
 
 def check_ladder_states(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E122: ladder ends and steps that cannot work (undeclared names are E104's)."""
-    for state in facts.machine.states:
+    for state in facts.timed:
         for escalation in state.escalations:
             end = escalation.end
             if not escalation.steps and end is None:
@@ -755,9 +874,9 @@ def check_final_reachability(facts: MachineFacts) -> Iterator[Diagnostic]:
     """W203 dead ends, and W202 states that can never finish (unless `perpetual`)."""
     if facts.initial is None or not facts.references_resolve:
         return
-    machine, moves = facts.machine, facts.moves
+    machine, moves = facts.machine, facts.successors
     reachable = facts.reachable
-    finishing = reaching(moves, facts.final_names)
+    finishing = closure(predecessors(moves), facts.final_names)
     if not facts.final_names and not machine.perpetual:
         yield fail(
             "W202",
@@ -769,7 +888,7 @@ def check_final_reachability(facts: MachineFacts) -> Iterator[Diagnostic]:
     for name, state in facts.states.items():
         if name not in reachable or state.final or state.perpetual:
             continue
-        if moves.out_degree(name) == 0:
+        if not moves[name]:
             yield fail(
                 "W203",
                 f"state '{name}' is a dead end: nothing leaves it and it is not final",
@@ -796,10 +915,16 @@ _PYTHON_ROLES = frozenset({"machine", "state", "event", "field", "guard", "actio
 
 def check_python_names(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E130: names that become identifiers, enum members or fields in generated code."""
+    verdicts: dict[tuple[str, str], str | None] = {}  # most names are used many times
     for name, role in named_things(facts.machine):
-        why = name_problem(name.value, role)
-        if why is None and role in _PYTHON_ROLES and name.value in _SOFT_KEYWORDS:
-            why = "is a Python soft keyword"
+        key = (name.value, role)
+        if key in verdicts:
+            why = verdicts[key]
+        else:
+            why = name_problem(name.value, role)
+            if why is None and role in _PYTHON_ROLES and name.value in _SOFT_KEYWORDS:
+                why = "is a Python soft keyword"
+            verdicts[key] = why
         if why is not None:
             yield fail(
                 "E130",
@@ -812,7 +937,7 @@ def check_python_names(facts: MachineFacts) -> Iterator[Diagnostic]:
 def check_ladder_name_collisions(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E131: generated tables key retry ladders by name, escalations by state and name."""
     groups: list[list[Name]] = [
-        [e.name for e in state.escalations if e.name is not None] for state in facts.machine.states
+        [e.name for e in state.escalations if e.name is not None] for state in facts.timed
     ]
     groups.append([ladder.name for ladder in facts.machine.retries])
     for names in groups:
@@ -869,7 +994,7 @@ def _suppressible(code: str) -> bool:
 
 def check_suppression_codes(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E005: only warnings can be allowed; errors must be fixed."""
-    for suppression, _ in _suppression_sites(facts.machine):
+    for suppression, _ in facts.suppression_sites:
         if suppression.code in CODES and not _suppressible(suppression.code):
             yield fail(
                 "E005",
@@ -879,16 +1004,25 @@ def check_suppression_codes(facts: MachineFacts) -> Iterator[Diagnostic]:
             )
 
 
-def _suppression_sites(machine: Machine) -> Iterator[tuple[Suppression, SourceSpan | None]]:
-    """Each `@allow` with the span it covers (None: the whole file)."""
+# Filters that skip, in C, the many items without emits or suppressions.
+_emitting = attrgetter("emits")
+_suppressing = attrgetter("suppressions")
+
+
+def _suppression_sites(
+    machine: Machine, noted_rows: Callable[[State], Sequence[Transition]] | None = None
+) -> Iterator[tuple[Suppression, SourceSpan | None]]:
+    """Each `@allow` with the span it covers (None: the whole file); `noted_rows` may say
+    which transitions of a state carry one (MachineFacts knows)."""
     for suppression in machine.suppressions:
         yield suppression, None
     groups: list[Sequence[Event | RetryLadder | State | Transition | Timer | Ignore | Escalation]]
     groups = [machine.events, machine.retries, machine.states]
     for state in machine.states:
-        groups.extend((state.transitions, state.timers, state.ignores, state.escalations))
+        rows = state.transitions if noted_rows is None else noted_rows(state)
+        groups.extend((rows, state.timers, state.ignores, state.escalations))
     for items in groups:
-        for item in items:
+        for item in filter(_suppressing, items):
             for suppression in item.suppressions:
                 yield suppression, item.span
 
@@ -901,16 +1035,16 @@ def _contains(outer: SourceSpan, inner: SourceSpan) -> bool:
 
 
 def _apply_suppressions(
-    machines: Sequence[Machine], found: Iterable[Diagnostic], skipped: set[tuple[str, str]]
+    facts: Sequence[MachineFacts], found: Iterable[Diagnostic], skipped: set[tuple[str, str]]
 ) -> list[Diagnostic]:
     """Drops allowed findings; every `@allow` that matched nothing becomes W205, unless its
     rule was skipped for that file (`skipped` holds (path, code))."""
     sites: dict[tuple[str, str], list[tuple[Suppression, SourceSpan | None]]] = defaultdict(list)
-    for machine in machines:
-        for suppression, covered in _suppression_sites(machine):
+    for fact in facts:
+        for suppression, covered in fact.suppression_sites:
             # One without a reason is already E005 and allows nothing.
             if _suppressible(suppression.code) and suppression.reason.strip():
-                sites[(machine.path, suppression.code)].append((suppression, covered))
+                sites[(fact.machine.path, suppression.code)].append((suppression, covered))
     used: set[int] = set()
     kept: list[Diagnostic] = []
     for diagnostic in found:
@@ -991,7 +1125,7 @@ def check_machines(
         for cross in CROSS_RULES:
             found.extend(cross(facts, directory))
     skipped = {(fact.machine.path, code) for fact in facts for code in _skipped_rules(fact)}
-    return sorted(_apply_suppressions(machines, found, skipped), key=Diagnostic.sort_key)
+    return sorted(_apply_suppressions(facts, found, skipped), key=Diagnostic.sort_key)
 
 
 def _skipped_rules(facts: MachineFacts) -> tuple[str, ...]:

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import threading
+import re
+from bisect import bisect_right
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
+from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lark import Lark, Token, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.lexer import PatternRE, PatternStr
+from lark.parsers.lalr_analysis import Shift
 
 from .errors import Diagnostic, SourceSpan, fail
-from .model import Machine
-from .transform import ModelBuilder
+from .model import Machine, construct_span
+from .transform import SPANLESS_RULES, ModelBuilder
 
 MAX_SOURCE_BYTES = 64 * 1024 * 1024
 
@@ -193,37 +197,40 @@ def _grammar() -> str:
     )
 
 
-_local = threading.local()
-
-
-def _parser() -> tuple[Lark, ModelBuilder]:
-    # One parser per thread: the transformer holds per-parse state.
-    cached: tuple[Lark, ModelBuilder] | None = getattr(_local, "parser", None)
-    if cached is None:
-        builder = ModelBuilder()
-        lark = Lark(
-            _grammar(),
-            parser="lalr",
-            lexer="contextual",
-            propagate_positions=True,
-            maybe_placeholders=False,
-        )
-        cached = (lark, builder)
-        _local.parser = cached
-    return cached
+@cache
+def _lark() -> Lark:
+    """The reference parser: lark's LALR parser with its contextual lexer, building a parse
+    tree with positions. It parses whatever the fast path declines, and names every syntax
+    error. lark parsers keep no state between parses, so threads can share it."""
+    return Lark(
+        _grammar(),
+        parser="lalr",
+        lexer="contextual",
+        propagate_positions=True,
+        maybe_placeholders=False,
+    )
 
 
 @contextmanager
 def paused_gc() -> Iterator[None]:
     """Pauses the cyclic garbage collector: parse trees and IR nodes are hundreds of thousands
     of acyclic objects, and collection passes over them would double the time of a large
-    machine. Reference counting still frees everything."""
+    machine. Reference counting still frees everything.
+
+    On the way out, what the block built moves to the oldest generation without being
+    looked at (freezing and unfreezing moves every tracked object there): left in the
+    youngest, the first allocation after the pause would walk all of it, a fifth of the
+    time of the parse. Garbage among it is still found by the next full collection. Skipped
+    when the program keeps objects frozen itself, which unfreezing would undo."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if was_enabled:
+            if not gc.get_freeze_count():
+                gc.freeze()
+                gc.unfreeze()
             gc.enable()
 
 
@@ -231,14 +238,18 @@ def parse_source(source: SourceFile) -> tuple[Machine | None, list[Diagnostic]]:
     """Parses one file into at most one machine; every problem comes back as a diagnostic."""
     if source.text is None:
         return None, list(source.diagnostics)
-    lark, builder = _parser()
-    builder.path, builder.sha256, builder.diagnostics = source.path, source.sha256, []
     with paused_gc():
-        try:
-            tree = lark.parse(source.text)
-        except UnexpectedInput as exc:
-            return None, [_syntax_diagnostic(source, exc)]
-        machines: list[Machine] = builder.transform(tree)
+        builder = ModelBuilder(source.path, source.sha256)
+        machines = _parse_fast(source.text, builder)
+        if machines is None:
+            # Not plain input, or not valid: lark parses it or names the mistake. Whatever
+            # the fast path built or reported so far is dropped with its builder.
+            builder = ModelBuilder(source.path, source.sha256)
+            try:
+                tree = _lark().parse(source.text)
+            except UnexpectedInput as exc:
+                return None, [_syntax_diagnostic(source, exc)]
+            machines = builder.transform(tree)
     diagnostics = list(builder.diagnostics)
     if len(machines) != 1:
         span = machines[1].span if len(machines) > 1 else SourceSpan.point(source.path)
@@ -253,6 +264,272 @@ def parse_source(source: SourceFile) -> tuple[Machine | None, list[Diagnostic]]:
         )
         return None, diagnostics
     return machines[0], diagnostics
+
+
+# ---------------------------------------------------------------- the fast path
+#
+# lark spends most of a large parse in per-token and per-rule Python calls: its lexer, its
+# parser loop, the tree it builds and the positions it propagates. The fast path is one loop
+# that scans with a single regular expression and drives lark's own LALR table, calling the
+# ModelBuilder rules as it reduces, so the grammar file stays the one definition of the
+# language. It takes input only when it is sure to read it exactly as lark would (keywords are
+# contextual as in lark's contextual lexer); on anything else it gives up and the reference
+# parser takes over, which also makes every syntax error lark's own.
+
+_SCANNED_TERMINALS = ("NAME", "STRING", "DURATION", "COMMENT")
+_BUILT_TERMINALS = ("NAME", "STRING", "DURATION")  # the ones ModelBuilder.terminals builds
+_WHITESPACE = "(?:[ \t\x0c\r\n])+"  # %import common.WS, as lark compiles it
+_TRAILING_BLANKS = re.compile("[ \t\x0c\r]*")
+_WORD_LIST = re.compile(r"\(\?:([A-Za-z_]+(?:\|[A-Za-z_]+)*)\)")
+# How a reduction builds its node (see _reduction).
+_RULE, _SPANNED_RULE, _LIST, _APPEND, _PASS = range(5)
+
+
+class _Reduction(NamedTuple):
+    how: int  # one of _RULE .. _PASS
+    size: int  # symbols popped
+    origin: str  # the nonterminal pushed in their place
+    keep: tuple[tuple[int, bool], ...] | None  # (index, splice) of kept children; None: all
+    rule: str | None  # the ModelBuilder rule, for _RULE and _SPANNED_RULE
+
+
+@dataclass(frozen=True)
+class _FastTables:
+    scanner: re.Pattern[str]
+    actions: list[dict[str, int]]  # per state: symbol -> shift/goto state (>= 0) or ~reduction
+    reductions: list[_Reduction]
+    words: list[dict[str, str]]  # per state: word -> keyword terminal accepted there
+    punctuation: dict[str, str]  # text -> terminal
+    start_state: int
+    end_state: int
+
+
+_NAME_RE = re.compile("[A-Za-z_][A-Za-z0-9_]*")
+
+
+@cache
+def _fast_tables() -> _FastTables | None:
+    """lark's LALR table in the fast path's terms, or None if the grammar uses something the
+    fast path cannot reproduce exactly (then every parse takes the reference path)."""
+    lark = _lark()
+    conf = lark.parse_interactive("").parser_state.parse_conf
+    patterns: dict[str, str] = {}
+    punctuation: dict[str, str] = {}
+    keywords: dict[str, str] = {}  # literal keyword -> terminal
+    word_lists: dict[str, frozenset[str]] = {}  # regex terminal of alternative words
+    for terminal in lark.terminals:
+        pattern = terminal.pattern
+        if isinstance(pattern, PatternStr) and not pattern.flags:
+            if _NAME_RE.fullmatch(pattern.value):
+                keywords[pattern.value] = terminal.name
+            else:
+                punctuation[pattern.value] = terminal.name
+        elif terminal.name in _SCANNED_TERMINALS and isinstance(pattern, PatternRE):
+            patterns[terminal.name] = pattern.to_regexp()
+        elif terminal.name == "WS" and pattern.to_regexp() == _WHITESPACE:
+            continue
+        elif isinstance(pattern, PatternRE) and (listed := _WORD_LIST.fullmatch(pattern.value)):
+            word_lists[terminal.name] = frozenset(listed.group(1).split("|"))
+        else:
+            return None
+    if set(patterns) != set(_SCANNED_TERMINALS) or patterns["NAME"] != _NAME_RE.pattern:
+        return None
+    if set(lark.ignore_tokens) != {"WS", "COMMENT"}:
+        return None
+    punct = "|".join(re.escape(p) for p in sorted(punctuation, key=len, reverse=True))
+    scanner = re.compile(
+        "[ \t\x0c\r]*(?:(?P<NL>\n)"
+        f"|(?P<COMMENT>{patterns['COMMENT']})"
+        f"|(?P<DURATION>{patterns['DURATION']})"
+        f"|(?P<NAME>{patterns['NAME']})"
+        f"|(?P<STRING>{patterns['STRING']})"
+        f"|(?P<PUNCT>{punct})"
+        "|(?P<OTHER>[\\s\\S]))"  # anything else, so that no character is skipped
+    )
+
+    states = conf.states
+    if sorted(states) != list(range(len(states))):
+        return None
+    rules: dict[Any, int] = {}
+    reductions: list[_Reduction] = []
+    actions: list[dict[str, int]] = []
+    words: list[dict[str, str]] = []
+    for state in range(len(states)):
+        row: dict[str, int] = {}
+        for symbol, (action, arg) in states[state].items():
+            symbol = str(symbol)  # lark's names may be Tokens, which compare slowly
+            if action is Shift:
+                row[symbol] = arg
+                continue
+            if arg not in rules:
+                reduction = _reduction(arg, conf.start)
+                if reduction is None:
+                    return None
+                rules[arg] = len(reductions)
+                reductions.append(reduction)
+            row[symbol] = ~rules[arg]
+        actions.append(row)
+        # lark's contextual lexer: a keyword accepted here wins over NAME; a word list
+        # terminal (`queue`|`role`) is matched only where NAME is not, since NAME is
+        # tried first wherever both are accepted.
+        accepted = {word: term for word, term in keywords.items() if term in row}
+        if "NAME" not in row:
+            for term, alternatives in word_lists.items():
+                if term in row:
+                    accepted.update(dict.fromkeys(alternatives, term))
+        words.append(accepted)
+    return _FastTables(
+        scanner, actions, reductions, words, punctuation, conf.start_state, conf.end_state
+    )
+
+
+def _reduction(rule: Any, start: str) -> _Reduction | None:
+    """How to reduce one lark rule as lark's tree builder would (maybe_placeholders off):
+    tokens filtered out, `_rule` children spliced into their parent, `?rule` replaced by
+    its one child; None for what the fast path does not do."""
+    origin = str(rule.origin.name)
+    size = len(rule.expansion)
+    if (size == 0 and origin != start) or rule.options.keep_all_tokens:
+        return None  # an empty node would need lark's positions of empty nodes
+    keep = tuple(
+        (index, not symbol.is_term and symbol.name.startswith("_"))
+        for index, symbol in enumerate(rule.expansion)
+        if not (symbol.is_term and symbol.filter_out)
+    )
+    whole = None if len(keep) == size and not any(splice for _, splice in keep) else keep
+    if origin.startswith("_"):
+        how = _APPEND if size == 2 and keep == ((0, True), (1, False)) else _LIST
+        return _Reduction(how, size, origin, whole, None)
+    if rule.options.expand1 and not rule.alias:
+        return _Reduction(_PASS, size, origin, None, None) if keep == ((0, False),) else None
+    name = str(rule.alias or origin)
+    how = _RULE if name in SPANLESS_RULES else _SPANNED_RULE
+    return _Reduction(how, size, origin, whole, name)
+
+
+def _parse_fast(text: str, builder: ModelBuilder) -> list[Machine] | None:
+    """The machines of `text`, or None where the reference parser must decide."""
+    tables = _fast_tables()
+    if tables is None:
+        return None
+    terminals = builder.terminals()
+    methods = builder.rules()
+    if set(terminals) != set(_BUILT_TERMINALS) or any(
+        r.rule is not None and r.rule not in methods for r in tables.reductions
+    ):
+        return None
+    new_name = terminals["NAME"]
+    reductions = [
+        (how, size, origin, keep, None if rule is None else methods[rule])
+        for how, size, origin, keep, rule in tables.reductions
+    ]
+    actions, words, punctuation = tables.actions, tables.words, tables.punctuation
+    end_state = tables.end_state
+    path = builder.path
+    group = tables.scanner.groupindex
+    name_group, punct_group, newline_group = group["NAME"], group["PUNCT"], group["NL"]
+    comment_group, other_group = group["COMMENT"], group["OTHER"]
+    group_terminals = {group[name]: name for name in ("STRING", "DURATION")}
+
+    state = tables.start_state
+    states = [state]  # the LALR stack (`state` is its top) ...
+    values: list[Any] = []  # ... what each symbol on it built ...
+    starts: list[int] = []  # ... and the offset where it starts
+    line, line_start = 1, 0
+    line_starts = [0]  # offset of each line, for the line and column of an offset
+    end = 0  # where the last match ended
+    # Where the last shifted token ends: the end of whatever is reduced next.
+    last_line, last_column = 1, 1
+    for match in chain(tables.scanner.finditer(text), (None,)):
+        if match is not None:
+            index = match.lastindex
+            assert index is not None  # every alternative is a group
+            end = match.end()
+            if index == name_group:
+                token = match[index]
+                start = end - len(token)
+                ttype = words[state].get(token)
+                if ttype is None:
+                    ttype = "NAME"
+                    value = new_name(token, line, start - line_start + 1)
+                else:
+                    value = token  # a keyword
+            elif index == punct_group:
+                value = match[index]
+                start = end - len(value)
+                ttype = punctuation[value]
+            elif index == newline_group:
+                line_start = end
+                line += 1
+                line_starts.append(end)
+                continue
+            elif index == comment_group:
+                continue
+            elif index == other_group:
+                return None  # a character no terminal starts with
+            else:
+                token = match[index]
+                start = end - len(token)
+                ttype = group_terminals[index]
+                value = terminals[ttype](token, line, start - line_start + 1)
+        elif _TRAILING_BLANKS.fullmatch(text, end) is None:
+            return None
+        else:
+            ttype, start = "$END", end
+        action = actions[state].get(ttype)
+        while action is not None and action < 0:
+            how, size, origin, keep, rule = reductions[~action]
+            if how == _PASS:
+                del states[-1]
+            elif how == _APPEND:
+                values[-2].append(values.pop())
+                del starts[-1], states[-2:]
+            else:
+                if size:
+                    base = len(values) - size
+                    first = starts[base]
+                    if keep is None:
+                        children = values[base:]
+                    else:
+                        children = []
+                        for offset, splice in keep:
+                            child = values[base + offset]
+                            if not splice:
+                                children.append(child)
+                            elif children:
+                                children.extend(child)
+                            else:
+                                children = child  # a list rule's own list: grows in place
+                    del states[-size:], values[base:], starts[base:]
+                else:
+                    children, first = [], start
+                if rule is None:
+                    node: Any = children
+                elif how == _RULE:
+                    node = rule(None, children)
+                elif size:
+                    first_line = bisect_right(line_starts, first)
+                    first_column = first - line_starts[first_line - 1] + 1
+                    span = construct_span(path, first_line, first_column, last_line, last_column)
+                    node = rule(span, children)
+                else:
+                    node = rule(SourceSpan.point(path), children)
+                values.append(node)
+                starts.append(first)
+            state = actions[states[-1]][origin]
+            states.append(state)
+            if state == end_state and ttype == "$END":
+                machines: list[Machine] = values[-1]
+                return machines
+            action = actions[state].get(ttype)
+        if action is None or match is None:
+            return None
+        state = action
+        states.append(state)
+        values.append(value)
+        starts.append(start)
+        last_line, last_column = line, end - line_start + 1
+    return None  # not reached: the end of input returns above
 
 
 def parse_text(text: str, path: str = "<input>") -> tuple[Machine | None, list[Diagnostic]]:
@@ -341,7 +618,7 @@ def _example_index() -> dict[tuple[Any, str], tuple[str, str]]:
     for label, snippets in _EXAMPLES.items():
         for snippet in snippets:
             try:
-                _parser()[0].parse(snippet)
+                _lark().parse(snippet)
             except UnexpectedInput as exc:
                 key = _error_key(exc)
                 if key is not None:

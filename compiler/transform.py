@@ -1,4 +1,4 @@
-"""Parse tree -> IR: one method per grammar rule builds the frozen model, bottom up."""
+"""Parse -> IR: one method per grammar rule builds the frozen model as the parser reduces."""
 
 from __future__ import annotations
 
@@ -11,12 +11,70 @@ from lark.tree import Meta
 
 from . import model as m
 from .errors import CODES, Diagnostic, SourceSpan, did_you_mean, fail
-from .model import construct
+from .model import construct, construct_name, construct_span
 
 _UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _DURATION = re.compile(r"([0-9]+)(ms|s|m|h|d)")
 _ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t"}
 _CODE = re.compile(r"[EW][0-9]{3}")
+
+# Rules whose node carries no span of its own: the parser need not compute one for them.
+SPANLESS_RULES = frozenset(
+    {
+        "start",
+        "doc",
+        "actions",
+        "emits",
+        "emit_args",
+        "literal",
+        "simple_type",
+        "event_body",
+        "state_flag",
+        "state_body",
+        "retry_entry",
+        "machine_flag",
+    }
+)
+
+# The grammar's rules and aliases: ModelBuilder has a method of each name.
+RULES = (
+    "start",
+    "machine",
+    "machine_flag",
+    "annotation",
+    "doc",
+    "event_decl",
+    "event_body",
+    "field",
+    "simple_type",
+    "enum_type",
+    "literal",
+    "state_decl",
+    "state_flag",
+    "state_body",
+    "transition",
+    "when_guard",
+    "else_guard",
+    "actions",
+    "emits",
+    "event_ref",
+    "emit_args",
+    "emit_arg",
+    "arg_name",
+    "arg_string",
+    "timer",
+    "ignore",
+    "escalation",
+    "escalation_step",
+    "escalation_end",
+    "retry_decl",
+    "retry_entry",
+    "retry_step",
+    "retry_end",
+)
+
+Rule = Callable[[SourceSpan | None, list[Any]], Any]
+Terminal = Callable[[str, int, int], Any]
 
 
 def unquote(token: str) -> str:
@@ -37,62 +95,93 @@ class _Clause:
 
 
 class ModelBuilder:
-    """Builds IR nodes; `path` and `sha256` are set before each parse.
+    """Builds the IR of one file, bottom up, as the parser reduces.
 
-    Like a lark `Transformer` with `v_args(meta=True)`: the method named after a rule gets the
-    tree's meta and its already-built children. Dispatch is done here because lark's per-call
-    wrappers cost a fifth of building a large machine."""
+    Terminals come first: a NAME becomes an `m.Name`, a STRING an `m.Name` holding the
+    unquoted text, a DURATION an `m.Duration`, each with the span of its token; other kept
+    terminals (markers such as `initial` or `?`) stay plain strings. Then the method named
+    after a rule gets the rule's span (None for SPANLESS_RULES) and its built children,
+    as a lark `Transformer` with `v_args(meta=True)` would, minus lark's per-call wrappers.
+    """
 
-    def __init__(self) -> None:
-        self.path = "<input>"
-        self.sha256 = ""
+    def __init__(self, path: str = "<input>", sha256: str = "") -> None:
+        self.path = path
+        self.sha256 = sha256
         self.diagnostics: list[Diagnostic] = []
-        self._rules: dict[str, Callable[[Meta, list[Any]], Any]] = {}
+        self._texts: dict[str, str] = {}
 
-    def transform(self, tree: Tree[Token]) -> Any:
-        children = [
-            self.transform(child) if isinstance(child, Tree) else child for child in tree.children
-        ]
-        rule = self._rules.get(tree.data)
-        if rule is None:
-            rule = self._rules[tree.data] = getattr(self, tree.data)
-        return rule(tree.meta, children)
+    # ------------------------------------------------------------ what the parser calls
+    def terminals(self) -> dict[str, Terminal]:
+        """Builders of the terminals that become model nodes, by terminal name."""
+        return {
+            "NAME": self.name,
+            "STRING": self.string,
+            "DURATION": self.duration,
+            "NUMBER": self.number,
+            "CONTEXT_REF": self.context_ref,
+        }
 
-    # ------------------------------------------------------------ helpers
-    def _span(self, meta: Meta) -> SourceSpan:
-        if getattr(meta, "empty", True):
-            return SourceSpan.point(self.path)
-        return construct(
-            SourceSpan,
-            path=self.path,
-            line=meta.line,
-            column=meta.column,
-            end_line=meta.end_line,
-            end_column=meta.end_column,
-        )
+    def rules(self) -> dict[str, Rule]:
+        """The rule methods, by rule name (or alias)."""
+        return {name: getattr(self, name) for name in RULES}
 
-    def _tspan(self, tok: Token) -> SourceSpan:
-        return construct(
-            SourceSpan,
-            path=self.path,
-            line=tok.line or 1,
-            column=tok.column or 1,
-            end_line=tok.end_line or tok.line or 1,
-            end_column=tok.end_column or (tok.column or 1) + 1,
-        )
+    def span(self, line: int, column: int, end_line: int, end_column: int) -> SourceSpan:
+        return construct_span(self.path, line, column, end_line, end_column)
 
-    def _name(self, tok: Token) -> m.Name:
-        return construct(m.Name, span=self._tspan(tok), value=str(tok))
+    def name(self, text: str, line: int, column: int) -> m.Name:
+        # One string object per distinct name: later sets and dicts of names compare them
+        # by identity and hash each once.
+        text = self._texts.setdefault(text, text)
+        return construct_name(text, self.path, line, column, column + len(text))
 
-    def _duration(self, tok: Token) -> m.Duration:
-        match = _DURATION.fullmatch(str(tok))
+    def string(self, text: str, line: int, column: int) -> m.Name:
+        return construct_name(unquote(text), self.path, line, column, column + len(text))
+
+    def duration(self, text: str, line: int, column: int) -> m.Duration:
+        match = _DURATION.fullmatch(text)
         assert match is not None  # the lexer only produces well-formed durations
         millis = int(match.group(1)) * _UNITS[match.group(2)]
-        return construct(m.Duration, span=self._tspan(tok), millis=millis, text=str(tok))
+        span = self.span(line, column, line, column + len(text))
+        return construct(m.Duration, span=span, millis=millis, text=text)
 
+    def number(self, text: str, line: int, column: int) -> m.EmitValue:
+        span = self.span(line, column, line, column + len(text))
+        return construct(m.EmitValue, span=span, kind="number", text=text)
+
+    def context_ref(self, text: str, line: int, column: int) -> m.EmitValue:
+        span = self.span(line, column, line, column + len(text))
+        return construct(m.EmitValue, span=span, kind="ref", text=text[1:])
+
+    def transform(self, tree: Tree[Token]) -> Any:
+        """The same build from a lark parse tree made with propagate_positions."""
+        terminals = self.terminals()
+        rules = self.rules()
+
+        def build(node: Tree[Token]) -> Any:
+            children: list[Any] = []
+            for child in node.children:
+                if isinstance(child, Tree):
+                    children.append(build(child))
+                elif child.type in terminals:
+                    line, column = child.line or 1, child.column or 1
+                    children.append(terminals[child.type](str(child), line, column))
+                else:
+                    children.append(str(child))
+            rule = str(node.data)
+            span = None if rule in SPANLESS_RULES else self._meta_span(node.meta)
+            return rules[rule](span, children)
+
+        return build(tree)
+
+    def _meta_span(self, meta: Meta) -> SourceSpan:
+        if getattr(meta, "empty", True):
+            return SourceSpan.point(self.path)
+        return self.span(meta.line, meta.column, meta.end_line, meta.end_column)
+
+    # ------------------------------------------------------------ helpers
     @staticmethod
     def _split(children: list[Any]) -> tuple[list[Any], list[Any], dict[str, Any]]:
-        """Annotations first, then bare tokens/nodes, clauses by kind."""
+        """Annotations first, then bare terminals/nodes, clauses by kind."""
         notes: list[Any] = []
         rest: list[Any] = []
         clauses: dict[str, Any] = {}
@@ -106,16 +195,15 @@ class ModelBuilder:
         return notes, rest, clauses
 
     # ------------------------------------------------------------ shared
-    def annotation(self, meta: Meta, children: list[Token]) -> m.Suppression:
-        code_tok, reason_tok = children
-        span = self._span(meta)
-        code, reason = str(code_tok), unquote(reason_tok)
+    def annotation(self, span: SourceSpan, children: list[m.Name]) -> m.Suppression:
+        code_name, reason_name = children
+        code, reason = code_name.value, reason_name.value
         if not _CODE.fullmatch(code) or code not in CODES:
             self.diagnostics.append(
                 fail(
                     "E005",
                     f"'{code}' is not a diagnostic code",
-                    self._tspan(code_tok),
+                    code_name.span,
                     "write a code such as W201, as printed by `autonomic check`",
                 )
             )
@@ -124,234 +212,249 @@ class ModelBuilder:
                 fail(
                     "E005",
                     "a suppression must give a reason",
-                    self._tspan(reason_tok),
+                    reason_name.span,
                     f'write @allow({code}, "why this is intended")',
                 )
             )
         return construct(m.Suppression, span=span, code=code, reason=reason)
 
-    def doc(self, meta: Meta, children: list[Token]) -> _Clause:
-        return _Clause("doc", unquote(children[0]))
+    def doc(self, span: None, children: list[m.Name]) -> _Clause:
+        return _Clause("doc", children[0].value)
 
-    def actions(self, meta: Meta, children: list[Token]) -> _Clause:
-        return _Clause("actions", tuple(self._name(t) for t in children))
+    def actions(self, span: None, children: list[m.Name]) -> _Clause:
+        return _Clause("actions", tuple(children))
 
-    def emits(self, meta: Meta, children: list[m.EventRef]) -> _Clause:
+    def emits(self, span: None, children: list[m.EventRef]) -> _Clause:
         return _Clause("emits", tuple(children))
 
-    def event_ref(self, meta: Meta, children: list[Token]) -> m.EventRef:
-        span = self._span(meta)
+    def event_ref(self, span: SourceSpan, children: list[Any]) -> m.EventRef:
+        args: tuple[m.EmitArgument, ...] = ()
+        if children and isinstance(children[-1], tuple):
+            args = children.pop()
         if len(children) == 2:
-            return construct(
-                m.EventRef,
-                span=span,
-                machine=self._name(children[0]),
-                event=self._name(children[1]),
-            )
-        return construct(m.EventRef, span=span, machine=None, event=self._name(children[0]))
+            machine, event = children
+            return construct(m.EventRef, span=span, machine=machine, event=event, args=args)
+        return construct(m.EventRef, span=span, machine=None, event=children[0], args=args)
+
+    def emit_args(self, span: None, children: list[m.EmitArgument]) -> tuple[m.EmitArgument, ...]:
+        return tuple(children)
+
+    def emit_arg(self, span: SourceSpan, children: list[Any]) -> m.EmitArgument:
+        field, value = children
+        return construct(m.EmitArgument, span=span, field=field, value=value)
+
+    def arg_name(self, span: SourceSpan, children: list[m.Name]) -> m.EmitValue:
+        """A causing event's field, or the booleans `true` and `false`."""
+        name = children[0].value
+        kind = "bool" if name in ("true", "false") else "field"
+        return construct(m.EmitValue, span=span, kind=kind, text=name)
+
+    def arg_string(self, span: SourceSpan, children: list[m.Name]) -> m.EmitValue:
+        return construct(m.EmitValue, span=span, kind="string", text=children[0].value)
 
     # ------------------------------------------------------------ events
-    def literal(self, meta: Meta, children: list[Token]) -> m.Name:
-        tok = children[0]
-        value = unquote(tok) if tok.type == "STRING" else str(tok)
-        return construct(m.Name, span=self._tspan(tok), value=value)
+    def literal(self, span: None, children: list[m.Name]) -> m.Name:
+        return children[0]
 
-    def simple_type(self, meta: Meta, children: list[Token]) -> m.FieldType | Token:
+    def simple_type(self, span: None, children: list[m.Name]) -> m.Name:
         return children[0]  # validated in `field`, which knows about `?`
 
-    def enum_type(self, meta: Meta, children: list[m.Name]) -> m.FieldType:
+    def enum_type(self, span: SourceSpan, children: list[m.Name]) -> m.FieldType:
         return construct(
-            m.FieldType,
-            span=self._span(meta),
-            kind="enum",
-            literals=tuple(children),
-            optional=False,
+            m.FieldType, span=span, kind="enum", literals=tuple(children), optional=False
         )
 
-    def field(self, meta: Meta, children: list[Any]) -> m.Field:
+    def field(self, span: SourceSpan, children: list[Any]) -> m.Field:
         _, rest, clauses = self._split(children)
-        name_tok, type_ref = rest[0], rest[1]
-        optional = any(isinstance(c, Token) and c.type == "OPTIONAL" for c in rest[2:])
-        if isinstance(type_ref, Token):
-            kind = str(type_ref)
-            span = self._tspan(type_ref)
+        name, type_ref = rest[0], rest[1]
+        optional = "?" in rest[2:]  # the OPTIONAL marker, the only thing after the type
+        if isinstance(type_ref, m.Name):
+            kind = type_ref.value
             if kind not in m.FIELD_KINDS:
                 self.diagnostics.append(
                     fail(
                         "E114",
                         f"unknown payload type '{kind}'",
-                        span,
+                        type_ref.span,
                         did_you_mean(kind, m.FIELD_KINDS)
                         or "types are str, int, decimal, bool, datetime, enum(a, b, ...)",
                     )
                 )
                 kind = "str"
             ftype = construct(
-                m.FieldType, span=span, kind=cast(m.FieldKind, kind), literals=(), optional=optional
+                m.FieldType,
+                span=type_ref.span,
+                kind=cast(m.FieldKind, kind),
+                literals=(),
+                optional=optional,
             )
         else:
             ftype = type_ref.model_copy(update={"optional": optional})
-        return construct(
-            m.Field,
-            span=self._span(meta),
-            name=self._name(name_tok),
-            type=ftype,
-            doc=clauses.get("doc"),
-        )
+        return construct(m.Field, span=span, name=name, type=ftype, doc=clauses.get("doc"))
 
-    def event_body(self, meta: Meta, children: list[m.Field]) -> _Clause:
+    def event_body(self, span: None, children: list[m.Field]) -> _Clause:
         return _Clause("fields", tuple(children))
 
-    def event_decl(self, meta: Meta, children: list[Any]) -> m.Event:
+    def event_decl(self, span: SourceSpan, children: list[Any]) -> m.Event:
         notes, rest, clauses = self._split(children)
         return construct(
             m.Event,
-            span=self._span(meta),
-            name=self._name(rest[0]),
+            span=span,
+            name=rest[0],
             doc=clauses.get("doc"),
             fields=clauses.get("fields", ()),
             suppressions=tuple(notes),
         )
 
     # ------------------------------------------------------------ states
-    def state_flag(self, meta: Meta, children: list[Token]) -> _Clause:
-        return _Clause("flag:" + str(children[0]), True)
+    def state_flag(self, span: None, children: list[str]) -> _Clause:
+        return _Clause("flag:" + children[0], True)
 
-    def when_guard(self, meta: Meta, children: list[Token]) -> _Clause:
-        return _Clause(
-            "guard", construct(m.Guard, span=self._span(meta), name=self._name(children[0]))
-        )
+    def when_guard(self, span: SourceSpan, children: list[m.Name]) -> _Clause:
+        return _Clause("guard", construct(m.Guard, span=span, name=children[0]))
 
-    def else_guard(self, meta: Meta, children: list[Token]) -> _Clause:
-        return _Clause("guard", construct(m.Guard, span=self._span(meta), name=None))
+    def else_guard(self, span: SourceSpan, children: list[Any]) -> _Clause:
+        return _Clause("guard", construct(m.Guard, span=span, name=None))
 
-    def transition(self, meta: Meta, children: list[Any]) -> m.Transition:
+    def transition(self, span: SourceSpan, children: list[Any]) -> m.Transition:
+        if len(children) == 2:  # `on Event -> Target` and nothing more: most rows
+            event, target = children
+            return construct(
+                m.Transition,
+                span=span,
+                event=event,
+                target=target,
+                guard=None,
+                actions=(),
+                emits=(),
+                suppressions=(),
+            )
         notes, rest, clauses = self._split(children)
         return construct(
             m.Transition,
-            span=self._span(meta),
-            event=self._name(rest[0]),
-            target=self._name(rest[1]),
+            span=span,
+            event=rest[0],
+            target=rest[1],
             guard=clauses.get("guard"),
             actions=clauses.get("actions", ()),
             emits=clauses.get("emits", ()),
             suppressions=tuple(notes),
         )
 
-    def timer(self, meta: Meta, children: list[Any]) -> m.Timer:
+    def timer(self, span: SourceSpan, children: list[Any]) -> m.Timer:
         notes, rest, clauses = self._split(children)
-        target = self._name(rest[1]) if len(rest) > 1 else None
         return construct(
             m.Timer,
-            span=self._span(meta),
-            after=self._duration(rest[0]),
-            target=target,
+            span=span,
+            after=rest[0],
+            target=rest[1] if len(rest) > 1 else None,
             actions=clauses.get("actions", ()),
             emits=clauses.get("emits", ()),
             suppressions=tuple(notes),
         )
 
-    def ignore(self, meta: Meta, children: list[Any]) -> m.Ignore:
+    def ignore(self, span: SourceSpan, children: list[Any]) -> m.Ignore:
         notes, rest, _ = self._split(children)
-        return construct(
-            m.Ignore,
-            span=self._span(meta),
-            events=tuple(self._name(t) for t in rest),
-            suppressions=tuple(notes),
-        )
+        return construct(m.Ignore, span=span, events=tuple(rest), suppressions=tuple(notes))
 
-    def escalation_step(self, meta: Meta, children: list[Any]) -> m.EscalationStep:
+    def escalation_step(self, span: SourceSpan, children: list[Any]) -> m.EscalationStep:
         _, rest, clauses = self._split(children)
         after, kind, recipient = rest[0], rest[1], rest[2]
-        within = self._duration(rest[3]) if len(rest) > 3 else None
         return construct(
             m.EscalationStep,
-            span=self._span(meta),
-            after=self._duration(after),
-            recipient_kind="queue" if str(kind) == "queue" else "role",
-            recipient=self._name(recipient),
-            within=within,
+            span=span,
+            after=after,
+            recipient_kind="queue" if kind == "queue" else "role",
+            recipient=recipient,
+            within=rest[3] if len(rest) > 3 else None,
             message=clauses.get("doc"),
         )
 
-    def escalation_end(self, meta: Meta, children: list[Any]) -> m.EscalationEnd:
+    def escalation_end(self, span: SourceSpan, children: list[Any]) -> m.EscalationEnd:
         _, rest, clauses = self._split(children)
         return construct(
             m.EscalationEnd,
-            span=self._span(meta),
-            after=self._duration(rest[0]),
-            target=self._name(rest[1]),
+            span=span,
+            after=rest[0],
+            target=rest[1],
             actions=clauses.get("actions", ()),
             emits=clauses.get("emits", ()),
         )
 
-    def escalation(self, meta: Meta, children: list[Any]) -> m.Escalation:
+    def escalation(self, span: SourceSpan, children: list[Any]) -> m.Escalation:
         notes, rest, _ = self._split(children)
-        name = self._name(rest[0]) if rest and isinstance(rest[0], Token) else None
+        name = rest[0] if rest and isinstance(rest[0], m.Name) else None
         steps = tuple(c for c in rest if isinstance(c, m.EscalationStep))
         ends = [c for c in rest if isinstance(c, m.EscalationEnd)]
         return construct(
             m.Escalation,
-            span=self._span(meta),
+            span=span,
             name=name,
             steps=steps,
             end=ends[0] if ends else None,
             suppressions=tuple(notes),
         )
 
-    def state_body(self, meta: Meta, children: list[Any]) -> _Clause:
+    def state_body(self, span: None, children: list[Any]) -> _Clause:
         return _Clause("body", children)
 
-    def state_decl(self, meta: Meta, children: list[Any]) -> m.State:
+    def state_decl(self, span: SourceSpan, children: list[Any]) -> m.State:
         notes, rest, clauses = self._split(children)
-        body: list[Any] = clauses.get("body", [])
+        members: dict[type, list[Any]] = {
+            m.Transition: [],
+            m.Timer: [],
+            m.Ignore: [],
+            m.Escalation: [],
+        }
+        for member in clauses.get("body", ()):
+            members[type(member)].append(member)
         return construct(
             m.State,
-            span=self._span(meta),
-            name=self._name(rest[0]),
+            span=span,
+            name=rest[0],
             doc=clauses.get("doc"),
             initial="flag:initial" in clauses,
             final="flag:final" in clauses,
             perpetual="flag:perpetual" in clauses,
-            transitions=tuple(c for c in body if isinstance(c, m.Transition)),
-            timers=tuple(c for c in body if isinstance(c, m.Timer)),
-            ignores=tuple(c for c in body if isinstance(c, m.Ignore)),
-            escalations=tuple(c for c in body if isinstance(c, m.Escalation)),
+            transitions=tuple(members[m.Transition]),
+            timers=tuple(members[m.Timer]),
+            ignores=tuple(members[m.Ignore]),
+            escalations=tuple(members[m.Escalation]),
             suppressions=tuple(notes),
         )
 
     # ------------------------------------------------------------ retry ladders
-    def retry_entry(self, meta: Meta, children: list[Token]) -> _Clause:
-        return _Clause("entry", tuple(self._name(t) for t in children))
+    def retry_entry(self, span: None, children: list[m.Name]) -> _Clause:
+        return _Clause("entry", tuple(children))
 
-    def retry_step(self, meta: Meta, children: list[Any]) -> m.RetryStep:
+    def retry_step(self, span: SourceSpan, children: list[Any]) -> m.RetryStep:
         _, rest, clauses = self._split(children)
         return construct(
             m.RetryStep,
-            span=self._span(meta),
-            state=self._name(rest[0]),
-            after=self._duration(rest[1]),
+            span=span,
+            state=rest[0],
+            after=rest[1],
             actions=clauses.get("actions", ()),
         )
 
-    def retry_end(self, meta: Meta, children: list[Any]) -> m.RetryEnd:
+    def retry_end(self, span: SourceSpan, children: list[Any]) -> m.RetryEnd:
         _, rest, clauses = self._split(children)
         return construct(
             m.RetryEnd,
-            span=self._span(meta),
-            target=self._name(rest[0]),
+            span=span,
+            target=rest[0],
             actions=clauses.get("actions", ()),
             emits=clauses.get("emits", ()),
         )
 
-    def retry_decl(self, meta: Meta, children: list[Any]) -> m.RetryLadder:
+    def retry_decl(self, span: SourceSpan, children: list[Any]) -> m.RetryLadder:
         notes, rest, clauses = self._split(children)
         ends = [c for c in rest if isinstance(c, m.RetryEnd)]
         return construct(
             m.RetryLadder,
-            span=self._span(meta),
-            name=self._name(rest[0]),
-            event=self._name(rest[1]),
+            span=span,
+            name=rest[0],
+            event=rest[1],
             entry_states=clauses.get("entry", ()),
             steps=tuple(c for c in rest if isinstance(c, m.RetryStep)),
             exhausted=ends[0] if ends else None,
@@ -359,16 +462,16 @@ class ModelBuilder:
         )
 
     # ------------------------------------------------------------ machine
-    def machine_flag(self, meta: Meta, children: list[Token]) -> _Clause:
+    def machine_flag(self, span: None, children: list[str]) -> _Clause:
         return _Clause("flag:perpetual", True)
 
-    def machine(self, meta: Meta, children: list[Any]) -> m.Machine:
+    def machine(self, span: SourceSpan, children: list[Any]) -> m.Machine:
         notes, rest, clauses = self._split(children)
         members = rest[1:]
         return construct(
             m.Machine,
-            span=self._span(meta),
-            name=self._name(rest[0]),
+            span=span,
+            name=rest[0],
             doc=clauses.get("doc"),
             perpetual="flag:perpetual" in clauses,
             events=tuple(c for c in members if isinstance(c, m.Event)),
@@ -379,5 +482,5 @@ class ModelBuilder:
             source_sha256=self.sha256,
         )
 
-    def start(self, meta: Meta, children: list[m.Machine]) -> list[m.Machine]:
+    def start(self, span: None, children: list[m.Machine]) -> list[m.Machine]:
         return list(children)
