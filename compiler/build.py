@@ -61,7 +61,9 @@ def build(
             "Graphviz `dot` not found: SVG diagrams skipped (install graphviz to draw them)"
         )
     try:
-        outputs = render_outputs(report.machines, draw_svg=draw_svg, notices=result.notices)
+        outputs = render_outputs(
+            report.machines, draw_svg=draw_svg, notices=result.notices, known=report.known
+        )
     except LoweringError as exc:
         _add_findings(report, exc.diagnostics)
         return result
@@ -91,17 +93,29 @@ def build(
 
 
 def render_outputs(
-    machines: Sequence[Machine], *, draw_svg: bool, notices: list[str] | None = None
+    machines: Sequence[Machine],
+    *,
+    draw_svg: bool,
+    notices: list[str] | None = None,
+    known: Sequence[Machine] = (),
 ) -> dict[str, bytes]:
-    """Every file of the output folder by name, in a stable order."""
+    """Every file of the output folder by name, in a stable order. `known` are further
+    machines that emits name but that are not built here."""
     with cycle_collection_paused():
-        return _render_outputs(machines, draw_svg=draw_svg, notices=notices)
+        return _render_outputs(machines, draw_svg=draw_svg, notices=notices, known=known)
 
 
 def _render_outputs(
-    machines: Sequence[Machine], *, draw_svg: bool, notices: list[str] | None
+    machines: Sequence[Machine],
+    *,
+    draw_svg: bool,
+    notices: list[str] | None,
+    known: Sequence[Machine],
 ) -> dict[str, bytes]:
-    tables = sorted((lower(m, display_path(m.path)) for m in machines), key=lambda t: t.module)
+    others = [*machines, *known]
+    tables = sorted(
+        (lower(m, display_path(m.path), others=others) for m in machines), key=lambda t: t.module
+    )
     outputs: dict[str, bytes] = {}
     for t in tables:
         diagram = build_diagram(t)

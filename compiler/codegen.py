@@ -12,7 +12,7 @@ import re
 import subprocess
 import sys
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import jinja2
 from . import __version__
 from .lower import (
     ELSE,
+    EmitArgRow,
     EmitRow,
     FieldRow,
     MachineTables,
@@ -54,6 +55,7 @@ _SCALAR_TYPES = {
     "datetime": "datetime",
 }
 TIMER_KINDS = ("timeout", "escalation_step", "escalation_end", "retry_step")
+EMIT_SOURCES = ("field", "literal", "instance", "actor", "event")
 
 
 class CodegenError(Exception):
@@ -133,12 +135,32 @@ def source_ref(ref: Ref, path: str) -> Code:
 
 
 def emits(rows: tuple[EmitRow, ...]) -> Code:
-    return _tuple(
-        [
-            Code(f"Emit({name_string(r.machine, 'emit')}, {name_string(r.event, 'emit')})")
-            for r in rows
-        ]
-    )
+    return _tuple([_emit(r) for r in rows])
+
+
+def _emit(row: EmitRow) -> Code:
+    target = f"{name_string(row.machine, 'emit')}, {name_string(row.event, 'emit')}"
+    if not row.args:
+        return Code(f"Emit({target})")
+    return Code(f"Emit({target}, args={_tuple([emit_arg(a) for a in row.args])})")
+
+
+def emit_arg(arg: EmitArgRow) -> Code:
+    """One argument: a checked field name, a known source, and a value that is a checked
+    field name, a literal through repr(), or None."""
+    if arg.source not in EMIT_SOURCES:
+        raise CodegenError(f"unknown emit argument source {arg.source!r}")
+    if arg.source == "field":
+        value = name_string(arg.value, "field")
+    elif arg.source == "literal":
+        if arg.value is None:
+            raise CodegenError(f"emit argument {arg.field!r} has no literal value")
+        value = py(arg.value)
+    elif arg.value is not None:
+        raise CodegenError(f"emit argument {arg.field!r} from ${arg.source} carries a value")
+    else:
+        value = Code("None")
+    return Code(f"EmitArg({name_string(arg.field, 'field')}, {py(arg.source)}, {value})")
 
 
 def name_string(name: object, role: NameRole) -> Code:
@@ -304,8 +326,11 @@ def contract_imports(tables: MachineTables) -> list[str]:
     timers = [t for _, group in tables.timers for t in group]
     if any(r.guard == ELSE for r in rows):
         used.add("ELSE")
-    if any(r.emits for r in rows) or any(t.emits for t in timers):
+    emitted = [e for r in rows for e in r.emits] + [e for t in timers for e in t.emits]
+    if emitted:
         used.add("Emit")
+    if any(e.args for e in emitted):
+        used.add("EmitArg")
     if any(t.notify is not None for t in timers):
         used.add("Notify")
     if any(ladder.steps for ladder in tables.escalations):
@@ -397,6 +422,9 @@ def generate_tables(tables: MachineTables) -> str:
     return formatted
 
 
-def generate_module(machine: Machine, source_path: str | None = None) -> str:
-    """Machine -> formatted module source (lowering included)."""
-    return generate_tables(lower(machine, source_path))
+def generate_module(
+    machine: Machine, source_path: str | None = None, *, others: Iterable[Machine] = ()
+) -> str:
+    """Machine -> formatted module source (lowering included); `others` are the machines
+    its emits name."""
+    return generate_tables(lower(machine, source_path, others=others))

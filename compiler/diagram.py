@@ -108,7 +108,9 @@ def build_diagram(tables: MachineTables) -> Diagram:
 
 
 def diagram_of(machine: Machine) -> Diagram:
-    return build_diagram(lower(machine))
+    """The diagram of one machine. Labels name emitted events, not their payloads, so the
+    machines they go to are not needed."""
+    return build_diagram(lower(machine, others=None))
 
 
 def _consequences(actions: tuple[str, ...], emits: tuple[str, ...]) -> list[str]:

@@ -85,10 +85,29 @@ class Ref:
     column: int
 
 
+EmitSource = Literal["field", "literal", "instance", "actor", "event"]
+
+
+@dataclass(frozen=True, slots=True)
+class EmitArgRow:
+    """One field of an emitted payload: `value` is the causing field's name ("field"), the
+    literal itself ("literal"; a decimal as its text), or None for `$instance`, `$actor`,
+    `$event`."""
+
+    field: str
+    source: EmitSource
+    value: str | int | bool | None
+
+
 @dataclass(frozen=True, slots=True)
 class EmitRow:
+    """`args` is the whole payload mapping: the written arguments and the implicit ones
+    (target fields filled from the causing event's same-named fields), in the target
+    event's field order."""
+
     machine: str
     event: str
+    args: tuple[EmitArgRow, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,14 +258,24 @@ def cycle_collection_paused() -> Iterator[None]:
             gc.enable()
 
 
-def lower(machine: m.Machine, source_path: str | None = None) -> MachineTables:
+def lower(
+    machine: m.Machine,
+    source_path: str | None = None,
+    *,
+    others: Iterable[m.Machine] | None = (),
+) -> MachineTables:
     """The tables of one checked machine. `source_path` is how generated code names the file
-    (project-relative, forward slashes); it defaults to the path the machine was read from."""
+    (project-relative, forward slashes); it defaults to the path the machine was read from.
+    `others` are the machines its emits may name: an emitted payload is completed from the
+    target event's declared fields. None leaves emits without their payloads (for diagrams,
+    which do not show them); generated code needs the complete mapping."""
     with cycle_collection_paused():
-        return _lower(machine, source_path)
+        return _lower(machine, source_path, others)
 
 
-def _lower(machine: m.Machine, source_path: str | None) -> MachineTables:
+def _lower(
+    machine: m.Machine, source_path: str | None, others: Iterable[m.Machine] | None
+) -> MachineTables:
     path = (source_path if source_path is not None else machine.path).replace("\\", "/")
     problems = list(_name_problems(machine))
     initials = [s for s in machine.states if s.initial]
@@ -254,9 +283,12 @@ def _lower(machine: m.Machine, source_path: str | None) -> MachineTables:
         problems.append(fail("E101", "machine needs exactly one initial state", machine.name.span))
     if problems:
         raise LoweringError(problems)
-    lowering = _Lowering(machine, path)
+    lowering = _Lowering(machine, path, others)
     timers = lowering.timers()
     _require_unique_timer_ids(machine, timers)
+    transitions = lowering.transitions()
+    if lowering.problems:
+        raise LoweringError(lowering.problems)
     return MachineTables(
         name=machine.name.value,
         module=m.snake_case(machine.name.value),
@@ -269,7 +301,7 @@ def _lower(machine: m.Machine, source_path: str | None) -> MachineTables:
         events=tuple(e.name.value for e in machine.events),
         initial=initials[0].name.value,
         finals=tuple(sorted(s.name.value for s in machine.states if s.final)),
-        transitions=lowering.transitions(),
+        transitions=transitions,
         timers=timers,
         ignored=lowering.ignored(),
         payloads=tuple(_payload(e) for e in machine.events),
@@ -281,20 +313,74 @@ def _lower(machine: m.Machine, source_path: str | None) -> MachineTables:
 
 
 class _Lowering:
-    """Per-machine lowering state: the display path and this machine's name for emits."""
+    """Per-machine lowering state: the display path, and the events emits may name (this
+    machine's and those of `others`), with their payload fields."""
 
-    def __init__(self, machine: m.Machine, path: str) -> None:
+    def __init__(self, machine: m.Machine, path: str, others: Iterable[m.Machine] | None) -> None:
         self.machine = machine
         self.path = path
+        self.complete = others is not None  # False: emits without payloads
+        self.events: dict[tuple[str, str], m.Event] = {}
+        for known in (machine, *(others or ())):
+            for event in known.events:
+                self.events.setdefault((known.name.value, event.name.value), event)
+        self.problems: list[Diagnostic] = []
 
     def ref(self, span: SourceSpan) -> Ref:
         return Ref(self.path, span.line, span.column)
 
-    def emits(self, refs: Iterable[m.EventRef]) -> tuple[EmitRow, ...]:
+    def emits(self, refs: Iterable[m.EventRef], cause: m.Name | None) -> tuple[EmitRow, ...]:
+        """The emits of a transition caused by event `cause` (None: a timer)."""
         own = self.machine.name.value
-        return tuple(
-            EmitRow(r.machine.value if r.machine is not None else own, r.event.value) for r in refs
-        )
+        causing = None if cause is None else self.events.get((own, cause.value))
+        rows = []
+        for r in refs:
+            machine = r.machine.value if r.machine is not None else own
+            if not self.complete:
+                rows.append(EmitRow(machine, r.event.value))
+                continue
+            target = self.events.get((machine, r.event.value))
+            if target is None:
+                self.problems.append(
+                    fail(
+                        "E140",
+                        f"emitted event '{machine}.{r.event.value}' is not among the machines "
+                        "given to the compiler",
+                        r.span,
+                        "build the machines it emits to together with this one",
+                    )
+                )
+                continue
+            rows.append(EmitRow(machine, r.event.value, self.emit_args(r, target, causing)))
+        return tuple(rows)
+
+    def emit_args(
+        self, ref: m.EventRef, target: m.Event, causing: m.Event | None
+    ) -> tuple[EmitArgRow, ...]:
+        """Written arguments, then the target's other fields from same-named causing fields."""
+        written = {arg.field.value: arg for arg in ref.args}
+        given = {f.name.value for f in causing.fields} if causing is not None else set()
+        args = []
+        for field in target.fields:
+            name = field.name.value
+            arg = written.pop(name, None)
+            if arg is not None and arg.value.kind == "ref" and arg.value.text not in CONTEXT_REFS:
+                self.problems.append(
+                    fail("E142", f"unknown reference '${arg.value.text}'", arg.value.span)
+                )
+            elif arg is not None:
+                args.append(_emit_arg(name, arg.value))
+            elif name in given:
+                args.append(EmitArgRow(name, "field", name))
+        for arg in written.values():  # the checks report these as E142
+            self.problems.append(
+                fail(
+                    "E142",
+                    f"event '{target.name.value}' has no field '{arg.field.value}'",
+                    arg.field.span,
+                )
+            )
+        return tuple(args)
 
     # ---------------------------------------------------- transitions
     def transitions(self) -> tuple[tuple[tuple[str, str], tuple[TransitionRow, ...]], ...]:
@@ -309,7 +395,7 @@ class _Lowering:
                         target=t.target.value,
                         guard=guard,
                         actions=_values(t.actions),
-                        emits=self.emits(t.emits),
+                        emits=self.emits(t.emits, t.event),
                         ref=self.ref(t.span),
                     )
                 )
@@ -361,7 +447,7 @@ class _Lowering:
             target=end.target.value,
             guard=None,
             actions=_values(end.actions),
-            emits=self.emits(end.emits),
+            emits=self.emits(end.emits, ladder.event),
             ref=self.ref(span),
             ladder=ladder.name.value,
             step=None,
@@ -406,7 +492,7 @@ class _Lowering:
                 kind="timeout",
                 target=timer.target.value if timer.target is not None else None,
                 actions=_values(timer.actions),
-                emits=self.emits(timer.emits),
+                emits=self.emits(timer.emits, None),
                 notify=None,
                 ladder=None,
                 step=None,
@@ -478,7 +564,7 @@ class _Lowering:
                 kind="escalation_end",
                 target=end.target.value,
                 actions=_values(end.actions),
-                emits=self.emits(end.emits),
+                emits=self.emits(end.emits, None),
                 notify=None,
                 ladder=ladder.name,
                 step=None,
@@ -543,6 +629,24 @@ class _Lowering:
             if known is None or name.span.sort_key() < known.span.sort_key():
                 first[name.value] = name
         return tuple((value, self.ref(first[value].span)) for value in sorted(first))
+
+
+def _emit_arg(field: str, value: m.EmitValue) -> EmitArgRow:
+    """A written argument as a table row: numbers with a point stay text (decimals)."""
+    if value.kind == "field":
+        return EmitArgRow(field, "field", value.text)
+    if value.kind == "string":
+        return EmitArgRow(field, "literal", value.text)
+    if value.kind == "bool":
+        return EmitArgRow(field, "literal", value.text == "true")
+    if value.kind == "number":
+        return EmitArgRow(field, "literal", value.text if "." in value.text else int(value.text))
+    return EmitArgRow(field, _CONTEXT_REFS[value.text], None)
+
+
+# `$name` references an emit argument may use, and what the runtime fills in for them.
+_CONTEXT_REFS: dict[str, EmitSource] = {"instance": "instance", "actor": "actor", "event": "event"}
+CONTEXT_REFS = tuple(_CONTEXT_REFS)
 
 
 def _values(names: Iterable[m.Name]) -> tuple[str, ...]:

@@ -30,6 +30,9 @@ _TERMINAL_NAMES = {
     "NAME": "a name",
     "STRING": 'a "quoted string"',
     "DURATION": "a duration such as 24h",
+    "NUMBER": "a number such as 12 or 0.50",
+    "CONTEXT_REF": "$instance, $actor or $event",
+    "EQUAL": "'='",
     "RECIPIENT_KIND": "'queue' or 'role'",
     "LBRACE": "'{'",
     "RBRACE": "'}'",
@@ -276,8 +279,9 @@ def parse_source(source: SourceFile) -> tuple[Machine | None, list[Diagnostic]]:
 # contextual as in lark's contextual lexer); on anything else it gives up and the reference
 # parser takes over, which also makes every syntax error lark's own.
 
-_SCANNED_TERMINALS = ("NAME", "STRING", "DURATION", "COMMENT")
-_BUILT_TERMINALS = ("NAME", "STRING", "DURATION")  # the ones ModelBuilder.terminals builds
+_SCANNED_TERMINALS = ("NAME", "STRING", "DURATION", "NUMBER", "CONTEXT_REF", "COMMENT")
+# The ones ModelBuilder.terminals builds.
+_BUILT_TERMINALS = ("NAME", "STRING", "DURATION", "NUMBER", "CONTEXT_REF")
 _WHITESPACE = "(?:[ \t\x0c\r\n])+"  # %import common.WS, as lark compiles it
 _TRAILING_BLANKS = re.compile("[ \t\x0c\r]*")
 _WORD_LIST = re.compile(r"\(\?:([A-Za-z_]+(?:\|[A-Za-z_]+)*)\)")
@@ -343,6 +347,9 @@ def _fast_tables() -> _FastTables | None:
         f"|(?P<DURATION>{patterns['DURATION']})"
         f"|(?P<NAME>{patterns['NAME']})"
         f"|(?P<STRING>{patterns['STRING']})"
+        # Before the punctuation: `-1` is a number, `->` stays an arrow.
+        f"|(?P<NUMBER>{patterns['NUMBER']})"
+        f"|(?P<CONTEXT_REF>{patterns['CONTEXT_REF']})"
         f"|(?P<PUNCT>{punct})"
         "|(?P<OTHER>[\\s\\S]))"  # anything else, so that no character is skipped
     )
@@ -429,7 +436,9 @@ def _parse_fast(text: str, builder: ModelBuilder) -> list[Machine] | None:
     group = tables.scanner.groupindex
     name_group, punct_group, newline_group = group["NAME"], group["PUNCT"], group["NL"]
     comment_group, other_group = group["COMMENT"], group["OTHER"]
-    group_terminals = {group[name]: name for name in ("STRING", "DURATION")}
+    group_terminals = {
+        group[name]: name for name in ("STRING", "DURATION", "NUMBER", "CONTEXT_REF")
+    }
 
     state = tables.start_state
     states = [state]  # the LALR stack (`state` is its top) ...

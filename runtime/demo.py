@@ -401,7 +401,12 @@ def _scenario(runtime: Runtime, payments: _Payments, say: _Narrator) -> None:
         _fire(runtime, say)
 
     say.say("2. the trial converts: the charge arrives with an idempotency key, three times")
-    convert = {"customer_id": customer, "payment_method_id": f"pm-{customer}"}
+    convert = {
+        "customer_id": customer,
+        "payment_method_id": f"pm-{customer}",
+        "invoice_id": f"inv-{customer}-1",
+        "amount": "99.00",
+    }
     say.result(subscription.dispatch(customer, "ConvertTrial", convert, customer), "ConvertTrial")
     _charge(billing, customer, payments, say)
 

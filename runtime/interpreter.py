@@ -18,9 +18,12 @@ Semantics worth knowing:
   the target at the timer's due time, so a ladder missed while the process was down replays
   in order with its original spacing; the ledger timestamp is the actual firing time.
 - Emitted events go to the instance with the same id in the target machine when
-  `Runtime.deliver_outbox` runs, carrying the fields of the causing event's payload that the
-  target event declares (a timer's emits carry none). Their event ids derive from the change
-  that emitted them, so delivering twice is deduplicated by the receiver.
+  `Runtime.deliver_outbox` runs. Their payload is built when they are emitted, from the
+  emit's arguments (`Emit.args`, which the compiler completed with the causing event's
+  same-named fields), and stored with the change in the outbox; an Emit without `args` (built
+  by hand, or generated before emits had arguments) carries the causing payload, of which
+  delivery keeps the fields the target declares. Their event ids derive from the change that
+  emitted them, so delivering twice is deduplicated by the receiver.
 - Event ids and idempotency keys are remembered per machine, with the first result (JSON),
   until `Runtime.purge_expired` forgets those older than the retention window. A rejected
   dispatch is not remembered: sending it again is evaluated again.
@@ -88,7 +91,7 @@ from .store.base import (
     WorkOutcome,
 )
 from .store.memory import MemoryStore
-from .tables import ELSE, MachineSpec, Payload, TimerSpec, Transition
+from .tables import ELSE, Emit, MachineSpec, Payload, TimerSpec, Transition
 from .timers import ArmedTimer, Clock, SystemClock, arm_timers
 
 __all__ = [
@@ -615,7 +618,7 @@ class _Row:
             None if row.guard is None or row.guard == ELSE else guards[row.guard]
         )
         self.actions: tuple[tuple[str, Action], ...] = tuple((a, actions[a]) for a in row.actions)
-        self.emits = row.emits
+        self.emits = tuple(_EmitPlan(emit) for emit in row.emits)
         # Leaving a state cancels its timers; entering one (also itself) arms the target's.
         self.cancels = bool(timers.get(self.source))
         self.arms = timers.get(self.target, ())
@@ -635,6 +638,47 @@ class _Row:
             False,
             False,
         )
+
+
+@final
+class _EmitPlan:
+    """One emit of a row or timer, pre-built at load time: its target, and its payload as a
+    constant JSON body or as the pieces to fill in from the causing event."""
+
+    __slots__ = ("constant", "context", "event", "fields", "fixed", "machine", "whole")
+
+    def __init__(self, emit: Emit) -> None:
+        self.machine = emit.machine
+        self.event = emit.event
+        self.constant: dict[str, object] = {}
+        self.fields: tuple[tuple[str, str], ...] = ()  # (target field, causing field)
+        self.context: tuple[tuple[str, str], ...] = ()  # (target field, instance|actor|event)
+        for arg in emit.args:
+            if arg.source == "literal":
+                self.constant[arg.field] = arg.value
+            elif arg.source == "field":
+                self.fields += ((arg.field, str(arg.value)),)
+            else:
+                self.context += ((arg.field, arg.source),)
+        # Literals only: the body is the same for every emission.
+        self.fixed: str | None = None if self.fields or self.context else _dumps(self.constant)
+        # No arguments at all (a spec built by hand, or generated before emits had them):
+        # the causing payload goes along, and delivery keeps the fields the target declares.
+        self.whole = not emit.args
+
+    def body(self, payload: Payload | None, instance: str, actor: str, event: str) -> str:
+        """The emitted payload as JSON text: values from the causing payload keep their model
+        types until `_dumps` (a Decimal becomes its exact string, a datetime ISO 8601)."""
+        if self.whole:
+            return "{}" if payload is None else _dumps(payload.model_dump(mode="json"))
+        if self.fixed is not None:
+            return self.fixed
+        values = dict(self.constant)
+        for target, source in self.fields:
+            values[target] = getattr(payload, source, None)
+        for target, ref in self.context:
+            values[target] = instance if ref == "instance" else actor if ref == "actor" else event
+        return _dumps(values)
 
 
 def _validation_problems(error: ValidationError) -> tuple[tuple[str, str], ...]:
@@ -673,6 +717,9 @@ class Governor:
         }
         self._timers = timers
         self._timer_specs = {t.id: t for specs in spec.timers.values() for t in specs}
+        self._timer_emits = {
+            t.id: tuple(_EmitPlan(e) for e in t.emits) for t in self._timer_specs.values()
+        }
         self._timer_actions = {
             t.id: tuple((a, actions[a]) for a in t.actions) for t in self._timer_specs.values()
         }
@@ -1300,6 +1347,7 @@ class Governor:
         version = record.version + 1
         armed = arm_timers(name, instance_id, row.arms, now, version) if row.arms else ()
         emitted: tuple[EmittedEvent, ...] = ()
+        bodies: list[str] = []
         if row.emits:
             emitted = tuple(
                 EmittedEvent(
@@ -1310,6 +1358,7 @@ class Governor:
                 )
                 for index, emit in enumerate(row.emits)
             )
+            bodies = [emit.body(payload, instance_id, actor, row.event) for emit in row.emits]
         entry = None
         if runtime._sealer is not None:
             data = _new_entry_data(
@@ -1356,9 +1405,11 @@ class Governor:
         if armed:
             txn.arm_timers(armed)
         if emitted:
-            body = "{}" if payload is None else _dumps(payload.model_dump(mode="json"))
             txn.add_outbox(
-                [_event_message(name, instance_id, version, e, now, body) for e in emitted]
+                [
+                    _event_message(name, instance_id, version, e, now, body)
+                    for e, body in zip(emitted, bodies, strict=True)
+                ]
             )
         if entry is not None:
             txn.append_ledger(entry)
@@ -1427,6 +1478,7 @@ class Governor:
                         derive_event_id("notify", name, timer.instance, version),
                     ),
                 )
+            emits = self._timer_emits[spec.id]
             emitted = tuple(
                 EmittedEvent(
                     emit.machine,
@@ -1434,8 +1486,11 @@ class Governor:
                     emit.event,
                     derive_event_id("emit", name, timer.instance, version, index),
                 )
-                for index, emit in enumerate(spec.emits)
+                for index, emit in enumerate(emits)
             )
+            # A timer has no causing payload: its emits' arguments are literals and context.
+            actor = runtime._timer_actor
+            bodies = [emit.body(None, timer.instance, actor, spec.id) for emit in emits]
             firing_id = derive_event_id(
                 "timer", name, timer.instance, timer.timer_id, timer.armed_version
             )
@@ -1482,7 +1537,8 @@ class Governor:
                     txn.arm_timers(armed)
             messages = [_notification_message(n, version) for n in notifications]
             messages += [
-                _event_message(name, timer.instance, version, e, now, "{}") for e in emitted
+                _event_message(name, timer.instance, version, e, now, body)
+                for e, body in zip(emitted, bodies, strict=True)
             ]
             if messages:
                 txn.add_outbox(messages)
@@ -1745,19 +1801,27 @@ class Runtime:
 
     def deliver_outbox(self, *, limit: int = 1000) -> list[Delivery]:
         """Deliver pending emitted events to their governors in order, each with its derived
-        event id (a repeated delivery is deduplicated by the receiver) and the fields of the
-        causing payload that the target event declares. An event its receiver rejects is
-        marked failed with the reason; one for a governor not loaded here stays pending."""
+        event id (a repeated delivery is deduplicated by the receiver) and the payload built
+        when it was emitted (of an emit without arguments: the causing payload's fields that
+        the target declares). An event its receiver rejects (also for its payload) is marked
+        failed with the reason; one for a governor not loaded here stays pending."""
         deliveries: list[Delivery] = []
         for message in self._store.outbox(kind="event", status="pending", limit=limit):
             governor = self._governors.get(message.target_machine)
             if governor is None:
                 deliveries.append(Delivery(message, "skipped", None, "governor not loaded"))
                 continue
-            body = json.loads(message.body) if message.body else {}
-            model = governor._models.get(message.event)
-            fields = {} if model is None else model.model_fields
-            payload = {name: value for name, value in body.items() if name in fields}
+            try:
+                body = json.loads(message.body) if message.body else {}
+            except ValueError:
+                body = message.body  # not JSON: the receiver refuses it as PayloadInvalid
+            payload = body
+            if isinstance(body, dict):
+                # A body built from arguments holds only target fields; one of an emit
+                # without arguments holds the whole causing payload.
+                model = governor._models.get(message.event)
+                fields = {} if model is None else model.model_fields
+                payload = {name: value for name, value in body.items() if name in fields} or None
             try:
                 result = governor.dispatch(
                     message.target_instance,

@@ -22,6 +22,8 @@ __all__ = [
     "ELSE",
     "Decimal",
     "Emit",
+    "EmitArg",
+    "EmitSource",
     "EscalationLadder",
     "EscalationStepSpec",
     "GovernorEnum",
@@ -76,12 +78,36 @@ class SourceRef:
         return f"{self.path}:{self.line}:{self.column}"
 
 
+EmitSource = Literal["field", "literal", "instance", "actor", "event"]
+
+
+@dataclass(frozen=True, slots=True)
+class EmitArg:
+    """One payload field of an emitted event and where its value comes from.
+
+    `source` "field": `value` names a field of the causing event's payload; "literal": `value`
+    is the value itself (a decimal as its string, which the payload model converts);
+    "instance", "actor", "event": the emitting instance's id, the actor of the causing
+    dispatch (the timer actor for timers), the causing event's name (the timer id for
+    timers), with `value` None.
+    """
+
+    field: str
+    source: EmitSource
+    value: str | int | bool | None
+
+
 @dataclass(frozen=True, slots=True)
 class Emit:
-    """An event sent to another governor (or this one) after a transition commits."""
+    """An event sent to another governor (or this one) after a transition commits.
+
+    `args` is the full payload mapping, implicit same-name fields included (the compiler
+    resolves them): the runtime builds the emitted payload from these alone.
+    """
 
     machine: str
     event: str
+    args: tuple[EmitArg, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

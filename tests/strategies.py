@@ -195,6 +195,7 @@ class _Draft:
     )
     escalations: dict[str, tuple[int, ...]] = field(default_factory=dict)
     in_ladder: dict[str, set[str]] = field(default_factory=dict)  # event -> states it moves
+    emitted: set[str] = field(default_factory=set)  # events that some emit sends
 
     def actions(self) -> tuple[str, ...]:
         chosen = tuple(
@@ -206,6 +207,7 @@ class _Draft:
     def emits(self) -> tuple[Emits, str]:
         """Events of this machine, some written `Machine.Event`, some bare."""
         chosen = self.draw(st.lists(st.sampled_from(self.events), max_size=2, unique=True))
+        self.emitted.update(chosen)
         shown = [f"{self.name}.{e}" if self.draw(st.booleans()) else e for e in chosen]
         return tuple((self.name, e) for e in chosen), (
             f" emit {', '.join(shown)}" if chosen else ""
@@ -412,14 +414,22 @@ def _draw_escalations(d: _Draft, state: str) -> None:
         d.escalations[key] = tuple(step_ms)
 
 
-def _draw_event(d: _Draft, event: str) -> tuple[str, tuple[FieldExpectation, ...]]:
-    """`event E "doc" { field: type?, ... }` and the payload fields it declares."""
+def _draw_event(d: _Draft, event: str, taken: set[str]) -> tuple[str, tuple[FieldExpectation, ...]]:
+    """`event E "doc" { field: type?, ... }` and the payload fields it declares. An event that
+    is emitted (without arguments) has only optional fields, named unlike any field in `taken`,
+    so that no required field goes unsupplied and no same-named causing field of another
+    type fills one (E141, E143)."""
     draw = d.draw
     written: list[str] = []
     expected: list[FieldExpectation] = []
-    for name in draw(st.lists(snake_names("field"), max_size=4, unique=True)):
+    emitted = event in d.emitted
+    names = (
+        snake_names("field").filter(lambda n: n not in taken) if emitted else snake_names("field")
+    )
+    for name in draw(st.lists(names, max_size=4, unique=True)):
+        taken.add(name)
         kind = draw(st.sampled_from(FIELD_KINDS))
-        optional = draw(st.booleans())
+        optional = emitted or draw(st.booleans())
         literals: tuple[str, ...] = ()
         type_text = kind
         if kind == "enum":
@@ -479,7 +489,13 @@ def machine_cases(draw: st.DrawFn) -> MachineCase:
         _draw_transitions_and_ignores(d, state)
         _draw_timers(d, state)
         _draw_escalations(d, state)
-    events = [_draw_event(d, event) for event in d.events]
+    # Events that are not emitted first: the emitted ones avoid their field names.
+    taken: set[str] = set()
+    drawn = {
+        event: _draw_event(d, event, taken)
+        for event in sorted(d.events, key=lambda e: e in d.emitted)
+    }
+    events = [drawn[event] for event in d.events]
 
     order = draw(st.permutations(state_names))  # the initial state need not come first
     lines = [f"machine {name}" + (f" {quote(doc)}" if doc is not None else "") + " {"]

@@ -177,6 +177,71 @@ def test_transition_with_guard_actions_and_emits() -> None:
     assert third.guard is None and third.actions == () and third.emits == ()
 
 
+def test_emit_arguments_of_every_kind() -> None:
+    text = """machine M {
+  state A {
+    on Go -> B emit Billing.Charge(amount = amount, note = "a \\"b\\"", fee = 0.50, n = -3,
+                                   ok = true, off = false, who = $instance, by = $actor,)
+    after 1h emit Done(), Billing.Charge(cause = $event)
+  }
+}
+"""
+    state = parse_ok(text).states[0]
+    (charge,) = state.transitions[0].emits
+    assert name_at(charge.event) == ("Charge", 3, 29, 35)
+    assert at(charge.span) == (3, 21, 4, 90)
+    written = [(a.field.value, a.value.kind, a.value.text) for a in charge.args]
+    assert written == [
+        ("amount", "field", "amount"),
+        ("note", "string", 'a "b"'),
+        ("fee", "number", "0.50"),
+        ("n", "number", "-3"),
+        ("ok", "bool", "true"),
+        ("off", "bool", "false"),
+        ("who", "ref", "instance"),
+        ("by", "ref", "actor"),
+    ]
+    first = charge.args[0]
+    assert name_at(first.field) == ("amount", 3, 36, 42)
+    assert at(first.value.span) == (3, 45, 3, 51)
+    assert at(first.span) == (3, 36, 3, 51)
+    assert at(charge.args[2].value.span) == (3, 77, 3, 81)
+    assert at(charge.args[6].value.span) == (4, 66, 4, 75)  # the `$` is part of the token
+    done, again = state.timers[0].emits
+    assert done.machine is None and done.args == ()
+    assert [(a.field.value, a.value.kind, a.value.text) for a in again.args] == [
+        ("cause", "ref", "event")
+    ]
+
+
+def test_emit_without_arguments_has_none() -> None:
+    machine = parse_ok("machine M { state A { on Go -> A emit Billing.Charge } }")
+    (transition,) = machine.states[0].transitions
+    assert transition.emits[0].args == ()
+
+
+@pytest.mark.parametrize(
+    ("bad", "offending", "expected"),
+    [
+        ("emit X(a b)", "b", "'='"),
+        ("emit X(a = 1h)", "1h", "a number such as 12 or 0.50"),  # a duration is no value
+        ("emit X(a = 1.)", "1.", "a number"),  # a number needs digits after its point
+        ("emit X(a = $)", "$", "$instance, $actor or $event"),  # a reference needs a name
+        ("emit X(= 1)", "=", "a name"),  # the field name comes first
+        ("emit X(a = b.c)", ".", "','"),  # one name, not a path
+    ],
+)
+def test_malformed_emit_arguments_are_syntax_errors(
+    bad: str, offending: str, expected: str
+) -> None:
+    text = f"machine M {{ state A {{ on Go -> A {bad} }} }}"
+    diagnostic = parse_error(text)
+    assert diagnostic.code == "E001"
+    column = text.index(bad) + bad.index(offending, bad.index("(")) + 1
+    assert (diagnostic.span.line, diagnostic.span.column) == (1, column)
+    assert diagnostic.hint is not None and expected in diagnostic.hint
+
+
 def test_timers_with_and_without_target_and_every_unit() -> None:
     text = """machine M {
   state A {
@@ -383,7 +448,7 @@ def test_known_mistakes_are_recognised_in_a_real_context(
             "machine M {\n  state A {\n    after 24 -> B\n  }\n}\n",
             3,
             11,
-            "a duration needs a unit (unexpected character '2')",
+            "a duration needs a unit (unexpected '24')",
         ),
         (
             "machine M {\n  @allow(W201) state A\n}\n",
