@@ -663,7 +663,7 @@ def test_random_command_lines_never_crash(fuzz_world: Path, line: list[str]) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Known bugs in files this suite does not own: each fails today, and passes once fixed.
+# Regressions: bugs found by this suite's review in other modules, fixed since.
 
 
 def test_sqlite_store_refuses_a_database_that_is_not_its_own(tmp_path: Path) -> None:
