@@ -384,14 +384,18 @@ def _scenario(runtime: Runtime, payments: _Payments, say: _Narrator) -> None:
     account = runtime.governor("CustomerAccount")
     say.say(f"customer {customer}")
 
-    say.say("0. signup: the customer's account, and a subscription on trial")
-    say.result(account.create(customer, "signup"), "create")
-    say.result(subscription.create(customer, "signup"), "create")
-    trial = {"customer_id": customer, "product_id": "analytics-pro", "tier": "professional"}
-    say.result(
-        subscription.dispatch(customer, "CreateTrialSubscription", trial, "signup"),
-        "CreateTrialSubscription",
-    )
+    say.say("0. signup: the account's profile fans out to Subscription, QuotaSla and Compliance")
+    for name in ("CustomerAccount", "Subscription", "QuotaSla", "Compliance"):
+        say.result(runtime.governor(name).create(customer, "signup"), "create")
+    profile = {
+        "customer_id": customer,
+        "email": f"billing@{customer}.example",
+        "country": "DE",
+        "product_id": "analytics-pro",
+        "tier": "professional",
+    }
+    say.result(account.dispatch(customer, "CreateProfile", profile, "signup"), "CreateProfile")
+    _deliver(runtime, say)
 
     say.say("1. entitlement approval escalation ladder")
     say.result(entitlement.create(customer, "marketplace"), "create")
@@ -399,6 +403,7 @@ def _scenario(runtime: Runtime, payments: _Payments, say: _Narrator) -> None:
         clock.advance(hours * 3_600_000)
         say.say(f"{hours}h pass")
         _fire(runtime, say)
+    _deliver(runtime, say)
 
     say.say("2. the trial converts: the charge arrives with an idempotency key, three times")
     convert = {

@@ -64,10 +64,10 @@ def test_demo_runs_and_its_ledger_verifies(generated: Path, tmp_path: Path) -> N
     assert "governor not loaded" not in out
     count = int(out.rstrip().rsplit("ledger verified: ", 1)[1].split()[0])
     report = verify_ledger(db, Keyring.from_files([keys]))
-    assert report.ok and report.count == count == 23
+    assert report.ok and report.count == count == 38
     with sqlite3.connect(db) as conn:
         kinds = dict(conn.execute("SELECT kind, count(*) FROM ledger GROUP BY kind"))
-    assert kinds == {"transition": 14, "escalation": 3, "timer": 5, "rejection": 1}
+    assert kinds == {"transition": 24, "escalation": 8, "timer": 5, "rejection": 1}
     # A second run appends to the same store, with the same key, as another customer.
     second = demo("--db", str(db), "--keys", str(keys), "--generated", str(generated))
     assert second.returncode == 0, second.stderr
@@ -76,7 +76,7 @@ def test_demo_runs_and_its_ledger_verifies(generated: Path, tmp_path: Path) -> N
     assert "timeout Suspended/after/72h#0: Entitlement 'acme-1' Suspended -> Refunded" in (
         second.stdout
     )
-    assert second.stdout.rstrip().endswith("ledger verified: 47 entries")
+    assert second.stdout.rstrip().endswith("ledger verified: 77 entries")
     with sqlite3.connect(db) as conn:
         stamps = [ts for (ts,) in conn.execute("SELECT ts_ms FROM ledger ORDER BY seq")]
     assert stamps == sorted(stamps)  # the second run's clock starts after the first run's end
@@ -115,8 +115,8 @@ def test_demo_defaults_to_what_autonomic_build_just_wrote(tmp_path: Path) -> Non
     result = demo("--db", "demo/marketplace.db", "--keys", "demo/keys", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "governors Entitlement and Billing (machines/entitlement.fsm" in result.stdout
-    assert result.stdout.rstrip().endswith("ledger verified: 23 entries")
+    assert result.stdout.rstrip().endswith("ledger verified: 38 entries")
     report = verify_ledger(
         tmp_path / "demo/marketplace.db", Keyring.from_files([tmp_path / "demo/keys"])
     )
-    assert report.ok and report.count == 23
+    assert report.ok and report.count == 38
