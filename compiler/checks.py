@@ -14,14 +14,12 @@ from datetime import datetime
 from functools import cached_property
 from operator import attrgetter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .errors import CODES, Diagnostic, Severity, SourceSpan, did_you_mean, fail
 from .graph import (
     RetryEdge,
     closure,
     declared_only,
-    machine_graph,
     predecessors,
     retry_edges,
     state_moves,
@@ -46,9 +44,6 @@ from .model import (
     snake_case,
 )
 from .parser import SourceFile, parse_source, paused_gc, read_source
-
-if TYPE_CHECKING:
-    import networkx as nx
 
 # ---------------------------------------------------------------- the report
 
@@ -226,10 +221,6 @@ class MachineFacts:
     def distinct_groups(self) -> list[tuple[State, str, list[Transition]]]:
         """`transition_groups` with exact repeats dropped from the rows (see `_distinct`)."""
         return [(state, event, _distinct(rows)) for state, event, rows in self.transition_groups]
-
-    @cached_property
-    def moves(self) -> nx.DiGraph[str]:
-        return machine_graph(self.machine)
 
     @cached_property
     def successors(self) -> dict[str, set[str]]:

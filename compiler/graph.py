@@ -1,18 +1,12 @@
-"""Graph views of a machine (plain sets, networkx): one edge for every way a state can move."""
+"""Graph views of a machine as plain adjacency sets: one edge for every way a state can move."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
 
 from .errors import SourceSpan
 from .model import Machine, Name, RetryLadder, State
-
-if TYPE_CHECKING:
-    import networkx as nx  # imported where used: it takes a tenth of a second to load
-
-EdgeKind = Literal["transition", "timeout", "escalation_end", "retry"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,39 +35,6 @@ def retry_edges(ladder: RetryLadder) -> Iterator[RetryEdge]:
     if ladder.steps and ladder.exhausted is not None:
         target = ladder.exhausted.target
         yield RetryEdge(ladder, ladder.steps[-1].state, target, target.span)
-
-
-def edges(machine: Machine) -> Iterator[tuple[str, str, EdgeKind]]:
-    """(source, target, kind) for every move written in or lowered from the machine."""
-    for state in machine.states:
-        source = state.name.value
-        for transition in state.transitions:
-            yield source, transition.target.value, "transition"
-        for timer in state.timers:
-            if timer.target is not None:
-                yield source, timer.target.value, "timeout"
-        for escalation in state.escalations:
-            if escalation.end is not None:
-                yield source, escalation.end.target.value, "escalation_end"
-    for ladder in machine.retries:
-        for edge in retry_edges(ladder):
-            yield edge.source.value, edge.target.value, "retry"
-
-
-def machine_graph(machine: Machine) -> nx.DiGraph[str]:
-    """States as nodes (first declaration of a name wins); edges to undeclared states are
-    left out. Each edge carries `kinds`, the set of EdgeKind values that produce it."""
-    import networkx as nx
-
-    declared = {state.name.value for state in machine.states}
-    kinds: dict[tuple[str, str], set[str]] = {}
-    for source, target, kind in edges(machine):
-        if source in declared and target in declared:
-            kinds.setdefault((source, target), set()).add(kind)
-    graph: nx.DiGraph[str] = nx.DiGraph()
-    graph.add_nodes_from(state.name.value for state in machine.states)
-    graph.add_edges_from((source, target, {"kinds": k}) for (source, target), k in kinds.items())
-    return graph
 
 
 def state_moves(state: State) -> set[str]:
@@ -107,8 +68,8 @@ def written_moves(
 
 def declared_only(moves: Mapping[str, set[str]]) -> dict[str, set[str]]:
     """`moves` without the names that are not declared states (the keys): of
-    `written_moves`, machine_graph's adjacency as plain sets, which is what the checks walk
-    (building a networkx graph of a large machine costs more than all their walks)."""
+    `written_moves`: the adjacency the checks walk (plain sets: building a networkx graph of a
+    large machine cost more than all the walks of the checks together)."""
     declared = moves.keys()
     return {source: targets & declared for source, targets in moves.items()}
 
@@ -131,21 +92,3 @@ def closure(moves: Mapping[str, set[str]], starts: Iterable[str]) -> set[str]:
         found |= fresh
         pending.extend(fresh)
     return found
-
-
-def reachable_from(graph: nx.DiGraph[str], start: str) -> set[str]:
-    """`start` and every state some sequence of moves leads to from it."""
-    import networkx as nx
-
-    return nx.descendants(graph, start) | {start}
-
-
-def reaching(graph: nx.DiGraph[str], goals: Iterable[str]) -> set[str]:
-    """Every state from which some goal state can be reached (goals included)."""
-    import networkx as nx
-
-    sources = [goal for goal in goals if goal in graph]
-    if not sources:
-        return set()
-    layers = nx.bfs_layers(graph.reverse(copy=False), sources)
-    return {state for layer in layers for state in layer}

@@ -20,9 +20,8 @@ Semantics worth knowing:
 - Emitted events go to the instance with the same id in the target machine when
   `Runtime.deliver_outbox` runs. Their payload is built when they are emitted, from the
   emit's arguments (`Emit.args`, which the compiler completed with the causing event's
-  same-named fields), and stored with the change in the outbox; an Emit without `args` (built
-  by hand, or generated before emits had arguments) carries the causing payload, of which
-  delivery keeps the fields the target declares. Their event ids derive from the change that
+  same-named fields), and stored with the change in the outbox; an Emit without `args` carries
+  an empty payload. Their event ids derive from the change that
   emitted them, so delivering twice is deduplicated by the receiver.
 - Event ids and idempotency keys are remembered per machine, with the first result (JSON),
   until `Runtime.purge_expired` forgets those older than the retention window. A rejected
@@ -645,7 +644,7 @@ class _EmitPlan:
     """One emit of a row or timer, pre-built at load time: its target, and its payload as a
     constant JSON body or as the pieces to fill in from the causing event."""
 
-    __slots__ = ("constant", "context", "event", "fields", "fixed", "machine", "whole")
+    __slots__ = ("constant", "context", "event", "fields", "fixed", "machine")
 
     def __init__(self, emit: Emit) -> None:
         self.machine = emit.machine
@@ -660,17 +659,13 @@ class _EmitPlan:
                 self.fields += ((arg.field, str(arg.value)),)
             else:
                 self.context += ((arg.field, arg.source),)
-        # Literals only: the body is the same for every emission.
+        # Literals only (or no arguments): the body is the same for every emission. The
+        # compiler lists every target field an emit supplies, implicit same-name ones too.
         self.fixed: str | None = None if self.fields or self.context else _dumps(self.constant)
-        # No arguments at all (a spec built by hand, or generated before emits had them):
-        # the causing payload goes along, and delivery keeps the fields the target declares.
-        self.whole = not emit.args
 
     def body(self, payload: Payload | None, instance: str, actor: str, event: str) -> str:
         """The emitted payload as JSON text: values from the causing payload keep their model
         types until `_dumps` (a Decimal becomes its exact string, a datetime ISO 8601)."""
-        if self.whole:
-            return "{}" if payload is None else _dumps(payload.model_dump(mode="json"))
         if self.fixed is not None:
             return self.fixed
         values = dict(self.constant)
@@ -1802,9 +1797,9 @@ class Runtime:
     def deliver_outbox(self, *, limit: int = 1000) -> list[Delivery]:
         """Deliver pending emitted events to their governors in order, each with its derived
         event id (a repeated delivery is deduplicated by the receiver) and the payload built
-        when it was emitted (of an emit without arguments: the causing payload's fields that
-        the target declares). An event its receiver rejects (also for its payload) is marked
-        failed with the reason; one for a governor not loaded here stays pending."""
+        when it was emitted from the emit's arguments. An event its receiver rejects (also for
+        its payload) is marked failed with the reason; one for a governor not loaded here stays
+        pending."""
         deliveries: list[Delivery] = []
         for message in self._store.outbox(kind="event", status="pending", limit=limit):
             governor = self._governors.get(message.target_machine)
@@ -1812,16 +1807,9 @@ class Runtime:
                 deliveries.append(Delivery(message, "skipped", None, "governor not loaded"))
                 continue
             try:
-                body = json.loads(message.body) if message.body else {}
+                payload = json.loads(message.body) if message.body else {}
             except ValueError:
-                body = message.body  # not JSON: the receiver refuses it as PayloadInvalid
-            payload = body
-            if isinstance(body, dict):
-                # A body built from arguments holds only target fields; one of an emit
-                # without arguments holds the whole causing payload.
-                model = governor._models.get(message.event)
-                fields = {} if model is None else model.model_fields
-                payload = {name: value for name, value in body.items() if name in fields} or None
+                payload = message.body  # not JSON: the receiver refuses it as PayloadInvalid
             try:
                 result = governor.dispatch(
                     message.target_instance,

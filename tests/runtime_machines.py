@@ -82,14 +82,14 @@ class SpecBuilder:
         *,
         when: str | None = None,
         do: tuple[str, ...] = (),
-        emit: tuple[tuple[str, str], ...] = (),
+        emit: tuple[tuple[str, str] | Emit, ...] = (),
     ) -> SpecBuilder:
         ref = self.pos()
         if when is not None and when != ELSE:
             self.guards.setdefault(when, SourceRef(ref.path, ref.line, 30))
         for action in do:
             self.actions.setdefault(action, SourceRef(ref.path, ref.line, 40))
-        emits = tuple(Emit(machine, ev) for machine, ev in emit)
+        emits = tuple(e if isinstance(e, Emit) else Emit(*e) for e in emit)
         self.rows.append(Transition(source, event, target, when, do, emits, ref))
         return self
 

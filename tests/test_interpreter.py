@@ -29,6 +29,7 @@ from autonomic.runtime.interpreter import DispatchResult, Governor, Runtime, Tra
 from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerMode, LedgerSealer
 from autonomic.runtime.store import MemoryStore, SQLiteStore
+from autonomic.runtime.tables import Emit, EmitArg
 from autonomic.runtime.timers import SystemClock, VirtualClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -648,7 +649,9 @@ def test_delivered_events_carry_the_fields_the_target_declares() -> None:
 
     source = SpecBuilder("Payments", ["Open", "Failed"], ["Fail"], "Open")
     source.payloads = {"Fail": PaymentFailedPayload}
-    source.on("Open", "Fail", "Failed", emit=(("Access", "Block"),))
+    # As the compiler writes it: the target's `reason` comes from the causing `reason`.
+    block = Emit("Access", "Block", args=(EmitArg("reason", "field", "reason"),))
+    source.on("Open", "Fail", "Failed", emit=(block,))
     target = SpecBuilder("Access", ["On", "Off"], ["Block"], "On")
     target.payloads = {"Block": RejectPayload}  # declares `reason` only
     target.on("On", "Block", "Off")
