@@ -15,11 +15,7 @@ import pytest
 from autonomic.runtime.audit_cli import main
 from autonomic.runtime.keys import Signer, load_signer
 from autonomic.runtime.ledger import (
-    INSERT_CHECKPOINT_SQL,
-    INSERT_ENTRY_SQL,
-    META_MODE_KEY,
     SCHEMA_SQL,
-    SET_META_SQL,
     SIG_TAG,
     Checkpoint,
     EntryData,
@@ -28,6 +24,7 @@ from autonomic.runtime.ledger import (
     MemoryLedger,
     payload_digest,
 )
+from ledger_files import run_sql, write_sqlite_ledger
 
 T0 = int(datetime(2025, 1, 1, tzinfo=UTC).timestamp() * 1000)
 SIZE = 30
@@ -58,19 +55,7 @@ def _store(path: Path, signer: Signer, mode: LedgerMode, actor: str = "ops") -> 
         )
         if mode == "checkpoint" and number % 10 == 9:
             ledger.checkpoint(T0 + 60_000 * number)
-    with sqlite3.connect(path) as connection:
-        connection.executescript(SCHEMA_SQL)
-        connection.executemany(INSERT_ENTRY_SQL, ledger.entries())
-        connection.executemany(INSERT_CHECKPOINT_SQL, [c.as_row() for c in ledger.checkpoints()])
-        connection.execute(SET_META_SQL, (META_MODE_KEY, mode))
-    connection.close()
-    return path
-
-
-def _sql(path: Path, statement: str, *params: object) -> None:
-    with sqlite3.connect(path) as connection:
-        connection.execute(statement, params)
-    connection.close()
+    return write_sqlite_ledger(path, ledger)
 
 
 @pytest.fixture
@@ -153,7 +138,7 @@ def test_verify_reports_the_count_or_the_first_bad_seq(
     assert code == 0
     extra = ", 3 signed checkpoints" if mode == "checkpoint" else ""
     assert out == f"verified {SIZE} entries (mode {mode}{extra})\n"
-    _sql(store, "UPDATE ledger SET actor = 'mallory' WHERE seq = 14")
+    run_sql(store, "UPDATE ledger SET actor = 'mallory' WHERE seq = 14")
     code, out, _ = _run(capsys, "audit", "verify", str(store), "--public-key", str(public))
     assert code == 1
     assert out.startswith(f"{store}: seq 14: entry hash mismatch")
@@ -171,7 +156,7 @@ def test_verify_with_a_kept_checkpoint_detects_truncation(
     args = ["audit", "verify", str(store), "--public-key", str(public), "--checkpoint", str(kept)]
     code, out, _ = _run(capsys, *args)
     assert code == 0 and f"external checkpoint at size {SIZE}" in out
-    _sql(store, "DELETE FROM ledger WHERE seq >= 27")
+    run_sql(store, "DELETE FROM ledger WHERE seq >= 27")
     code, out, _ = _run(capsys, *args)
     assert code == 1
     assert out.startswith(f"{store}: seq 27: truncated")
@@ -277,7 +262,7 @@ def test_export_of_an_unreadable_row_fails_and_writes_nothing(
 ) -> None:
     signer, _ = keys
     store = _store(tmp_path / "store.db", signer, "checkpoint")
-    _sql(store, "UPDATE ledger SET actor = CAST(X'FF' AS TEXT) WHERE seq = 5")
+    run_sql(store, "UPDATE ledger SET actor = CAST(X'FF' AS TEXT) WHERE seq = 5")
     out_file = tmp_path / "export.jsonl"
     code, _, err = _run(capsys, "audit", "export", str(store), "--out", str(out_file))
     assert code == 1
@@ -317,7 +302,7 @@ def test_checkpoint_export_verifies_first_when_given_a_key(
     checkpoint = Checkpoint.load(kept)
     assert (checkpoint.kind, checkpoint.size) == ("checkpoint", SIZE)
     kept.unlink()
-    _sql(store, "UPDATE ledger SET event = 'Forged' WHERE seq = 3")
+    run_sql(store, "UPDATE ledger SET event = 'Forged' WHERE seq = 3")
     code, out, _ = _run(capsys, *argv)
     assert code == 1 and out.startswith(f"{store}: seq 3: entry hash mismatch")
     assert not kept.exists()
@@ -357,7 +342,7 @@ def test_commands_as_a_subprocess(tmp_path: Path) -> None:
         0,
         f"verified {SIZE} entries (mode checkpoint, 3 signed checkpoints)\n",
     )
-    _sql(store, "UPDATE ledger_checkpoints SET head_hash = zeroblob(32) WHERE size = 20")
+    run_sql(store, "UPDATE ledger_checkpoints SET head_hash = zeroblob(32) WHERE size = 20")
     result = _process("audit", "verify", str(store), "--public-key", str(keyed[1]))
     assert result.returncode == 1
     assert result.stdout == (f"{store}: seq 19: checkpoint at size 20: bad signature\n")

@@ -56,6 +56,7 @@ from autonomic.runtime.ledger import (
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ledger_files import write_sqlite_ledger
 
 T0 = 1_700_000_000_000
 HOUR = 3_600_000
@@ -84,16 +85,6 @@ def _ledger(signer: Signer, mode: LedgerMode, count: int = 30, batch: int = 10) 
         if number % batch == batch - 1 and mode == "checkpoint":
             ledger.checkpoint(T0 + number)
     return ledger
-
-
-def _write_sqlite(path: Path, ledger: MemoryLedger) -> Path:
-    with sqlite3.connect(path) as connection:
-        connection.executescript(SCHEMA_SQL)
-        connection.executemany(INSERT_ENTRY_SQL, ledger.entries())
-        connection.executemany(INSERT_CHECKPOINT_SQL, [c.as_row() for c in ledger.checkpoints()])
-        connection.execute(SET_META_SQL, (META_MODE_KEY, ledger.mode))
-    connection.close()
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -432,7 +423,7 @@ def test_sqlite_and_jsonl_round_trips(
     tmp_path: Path, signer: Signer, keyring: Keyring, mode: LedgerMode
 ) -> None:
     ledger = _ledger(signer, mode)
-    database = _write_sqlite(tmp_path / "store.db", ledger)
+    database = write_sqlite_ledger(tmp_path / "store.db", ledger)
     before = database.read_bytes()
     with read_ledger(database) as source:
         assert source.kind == "sqlite" and source.mode == mode
@@ -459,7 +450,7 @@ def test_sqlite_and_jsonl_round_trips(
 
 def test_store_head_query(tmp_path: Path, signer: Signer) -> None:
     ledger = _ledger(signer, "checkpoint", count=10)
-    with sqlite3.connect(_write_sqlite(tmp_path / "s.db", ledger)) as connection:
+    with sqlite3.connect(write_sqlite_ledger(tmp_path / "s.db", ledger)) as connection:
         assert connection.execute(SELECT_HEAD_SQL).fetchone() == (9, ledger.head_hash)
     connection.close()
 
@@ -518,7 +509,7 @@ def test_reading_unusable_files_fails_cleanly(tmp_path: Path) -> None:
 def test_unknown_mode_in_the_store_is_a_verification_failure(
     tmp_path: Path, signer: Signer, keyring: Keyring
 ) -> None:
-    database = _write_sqlite(tmp_path / "s.db", _ledger(signer, "checkpoint", count=10))
+    database = write_sqlite_ledger(tmp_path / "s.db", _ledger(signer, "checkpoint", count=10))
     with sqlite3.connect(database) as connection:
         connection.execute(SET_META_SQL, (META_MODE_KEY, "trust-me"))
     connection.close()

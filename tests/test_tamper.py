@@ -16,12 +16,7 @@ from pathlib import Path
 import pytest
 from autonomic.runtime.keys import Keyring, Signer, generate_keypair, load_signer
 from autonomic.runtime.ledger import (
-    INSERT_CHECKPOINT_SQL,
-    INSERT_ENTRY_SQL,
     LEDGER_COLUMNS,
-    META_MODE_KEY,
-    SCHEMA_SQL,
-    SET_META_SQL,
     SIG_TAG,
     Checkpoint,
     EntryData,
@@ -40,6 +35,7 @@ from autonomic.runtime.ledger import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ledger_files import write_sqlite_ledger
 
 T0 = 1_700_000_000_000
 SIZE = 30
@@ -88,22 +84,12 @@ def _build(mode: LedgerMode, signer: Signer) -> MemoryLedger:
     return ledger
 
 
-def _write(path: Path, ledger: MemoryLedger) -> Path:
-    with sqlite3.connect(path) as connection:
-        connection.executescript(SCHEMA_SQL)
-        connection.executemany(INSERT_ENTRY_SQL, ledger.entries())
-        connection.executemany(INSERT_CHECKPOINT_SQL, [c.as_row() for c in ledger.checkpoints()])
-        connection.execute(SET_META_SQL, (META_MODE_KEY, ledger.mode))
-    connection.close()
-    return path
-
-
 @pytest.fixture(params=MODES)
 def sample(request: pytest.FixtureRequest, tmp_path: Path, keys: tuple[Signer, Signer]) -> Sample:
     mode: LedgerMode = request.param
     signer, _ = keys
     ledger = _build(mode, signer)
-    path = _write(tmp_path / "store.db", ledger)
+    path = write_sqlite_ledger(tmp_path / "store.db", ledger)
     report = verify_ledger(path, Keyring([signer.public_info()]))
     assert report.ok and report.count == SIZE  # the untouched sample verifies
     return Sample(
