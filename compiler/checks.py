@@ -25,7 +25,7 @@ from .graph import (
     state_moves,
     written_moves,
 )
-from .lower import CONTEXT_REFS, name_problem, named_things
+from .lower import CONTEXT_REFS, emit_refs, name_problem, named_things
 from .model import (
     Duration,
     EmitValue,
@@ -508,7 +508,7 @@ def check_emitted_events(
     """E140: `emit Machine.Event` must name a machine that is checked or beside the file,
     and one of its declared events; a bare `emit Event` means this machine."""
     for fact in facts:
-        for ref in _emits(fact.machine, fact.emitting_rows):
+        for ref in emit_refs(fact.machine, fact.emitting_rows):
             target = fact.machine if ref.machine is None else directory.get(ref.machine.value)
             if target is None:
                 assert ref.machine is not None
@@ -722,25 +722,6 @@ def _emit_sites(
         if ladder.exhausted is not None:
             for ref in ladder.exhausted.emits:
                 yield ref, ladder.event
-
-
-def _emits(
-    machine: Machine, emitting_rows: Callable[[State], Sequence[Transition]] | None = None
-) -> Iterator[EventRef]:
-    """Every `emit` of the machine; `emitting_rows` may say which transitions of a state
-    emit (MachineFacts knows), sparing a look at all of them."""
-    for state in machine.states:
-        rows = state.transitions if emitting_rows is None else emitting_rows(state)
-        for transition in filter(_emitting, rows):
-            yield from transition.emits
-        for timer in state.timers:
-            yield from timer.emits
-        for escalation in state.escalations:
-            if escalation.end is not None:
-                yield from escalation.end.emits
-    for ladder in machine.retries:
-        if ladder.exhausted is not None:
-            yield from ladder.exhausted.emits
 
 
 # ---------------------------------------------------------------- rules: transitions
@@ -1193,8 +1174,7 @@ def check_suppression_codes(facts: MachineFacts) -> Iterator[Diagnostic]:
             )
 
 
-# Filters that skip, in C, the many items without emits or suppressions.
-_emitting = attrgetter("emits")
+# A filter that skips, in C, the many items without suppressions.
 _suppressing = attrgetter("suppressions")
 
 
@@ -1401,7 +1381,7 @@ def _sibling_machines(machines: Sequence[Machine]) -> list[Machine]:
     for machine in machines:
         wanted = {
             ref.machine.value
-            for ref in _emits(machine)
+            for ref in emit_refs(machine)
             if ref.machine is not None and ref.machine.value not in checked
         }
         if not wanted - set(found):

@@ -15,7 +15,7 @@ import gc
 import keyword
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Literal
@@ -691,9 +691,15 @@ def _action_names(machine: m.Machine) -> Iterator[m.Name]:
             yield from retry.exhausted.actions
 
 
-def _emit_refs(machine: m.Machine) -> Iterator[m.EventRef]:
+def emit_refs(
+    machine: m.Machine,
+    emitting_rows: Callable[[m.State], Sequence[m.Transition]] | None = None,
+) -> Iterator[m.EventRef]:
+    """Every `emit` of the machine; `emitting_rows` may say which transitions of a state
+    emit (the checker's MachineFacts knows), sparing a look at all of them."""
     for state in machine.states:
-        for t in state.transitions:
+        rows = state.transitions if emitting_rows is None else emitting_rows(state)
+        for t in rows:
             yield from t.emits
         for timer in state.timers:
             yield from timer.emits
@@ -725,7 +731,7 @@ def named_things(machine: m.Machine) -> Iterator[tuple[m.Name, NameRole]]:
         yield name, "guard"
     for name in _action_names(machine):
         yield name, "action"
-    for ref in _emit_refs(machine):
+    for ref in emit_refs(machine):
         if ref.machine is not None:
             yield ref.machine, "emit"
         yield ref.event, "emit"
