@@ -40,7 +40,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from autonomic.compiler.build import build
-from autonomic.runtime.interpreter import Governor, Runtime
+from autonomic.runtime.dispatch import Governor
 from autonomic.runtime.keys import Keyring, Signer
 from autonomic.runtime.ledger import (
     EMPTY_PAYLOAD_DIGEST,
@@ -60,6 +60,7 @@ from autonomic.runtime.ledger import (
     verify_entries,
     verify_ledger,
 )
+from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import MemoryStore, SQLiteStore
 from autonomic.runtime.tables import MachineSpec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

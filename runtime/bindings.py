@@ -17,7 +17,7 @@ from .tables import MachineSpec, SourceRef
 
 __all__ = ["Action", "Guard", "bind"]
 
-# Both receive the TransitionContext of the event (see interpreter.TransitionContext).
+# Both receive the TransitionContext of the event (see results.TransitionContext).
 Guard = Callable[[Any], bool]
 Action = Callable[[Any], object]
 

@@ -31,10 +31,12 @@ from pathlib import Path
 from typing import IO
 
 from .cli import diagnostic, failure_diagnostic
+from .dispatch import Governor
 from .errors import IdempotencyConflict, InvalidTransition, RuntimeFailure, StoreConfigError
-from .interpreter import DispatchResult, Governor, Runtime, TransitionContext
 from .keys import Keyring, Signer, generate_keypair, load_public_key, load_signer, now_ms
 from .ledger import LedgerSealer, format_timestamp, verify_ledger
+from .results import DispatchResult, TransitionContext
+from .runtime import Runtime
 from .simulate import ScriptError, load_machine
 from .store.sqlite import SQLiteStore
 from .tables import MachineSpec

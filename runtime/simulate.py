@@ -43,10 +43,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from .cli import diagnostic, failure_diagnostic, printable
+from .dispatch import Governor
 from .errors import InvalidTransition, PayloadEncodingError, PayloadInvalid, RuntimeFailure
-from .interpreter import DispatchResult, Governor, Runtime, TimerFiring, TransitionContext
 from .keys import Keyring, Signer
 from .ledger import LedgerEntry, LedgerSealer
+from .results import DispatchResult, TimerFiring, TransitionContext
+from .runtime import Runtime
 from .store.memory import MemoryStore
 from .tables import MachineSpec
 from .timers import ArmedTimer, VirtualClock, format_duration, format_instant, parse_duration

@@ -379,9 +379,9 @@ def _emit_line(doc: dict[str, object]) -> None:
 
 
 def _open_counter_runtime(db: str, keys: str, mode: str, start_ms: int | None) -> Any:
-    from autonomic.runtime.interpreter import Runtime
     from autonomic.runtime.keys import load_signer
     from autonomic.runtime.ledger import LedgerSealer
+    from autonomic.runtime.runtime import Runtime
     from autonomic.runtime.store import SQLiteStore
     from autonomic.runtime.timers import VirtualClock
 

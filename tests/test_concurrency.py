@@ -10,9 +10,9 @@ import threading
 from pathlib import Path
 
 from autonomic.runtime.errors import ConcurrentUpdateDetected
-from autonomic.runtime.interpreter import Runtime
 from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerSealer, verify_ledger
+from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import SQLiteStore
 from runtime_machines import Bindings, counter_spec
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 from autonomic.compiler.build import build
-from autonomic.runtime.interpreter import Runtime, TransitionContext
+from autonomic.runtime.results import TransitionContext
+from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.memory import MemoryStore
 from autonomic.runtime.store.sqlite import SQLiteStore
 from autonomic.runtime.tables import EmitArg

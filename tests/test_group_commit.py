@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from autonomic.runtime.store import GroupCommit, InstanceRecord, SQLiteStore, Transaction
+from autonomic.runtime.commit import GroupCommit
+from autonomic.runtime.store import InstanceRecord, SQLiteStore, Transaction
 from autonomic.runtime.store.base import WorkOutcome
 
 MACHINE = "G"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from autonomic.runtime.dispatch import Governor
 from autonomic.runtime.errors import (
     ActionFailed,
     BindingError,
@@ -25,9 +26,10 @@ from autonomic.runtime.errors import (
     UnknownInstance,
     UnknownMachine,
 )
-from autonomic.runtime.interpreter import DispatchResult, Governor, Runtime, TransitionContext
 from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerMode, LedgerSealer
+from autonomic.runtime.results import DispatchResult, TransitionContext
+from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import MemoryStore, SQLiteStore
 from autonomic.runtime.tables import Emit, EmitArg
 from autonomic.runtime.timers import SystemClock, VirtualClock

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from autonomic.runtime.errors import RuntimeFailure, StoreIntegrityError, UnknownInstance
-from autonomic.runtime.interpreter import Runtime
 from autonomic.runtime.keys import Signer, generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerSealer
+from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import MemoryStore, SQLiteStore, Store
 from autonomic.runtime.tables import MachineSpec
 from autonomic.runtime.timers import VirtualClock

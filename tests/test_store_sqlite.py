@@ -9,15 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from autonomic.runtime.dispatch import Governor
 from autonomic.runtime.errors import (
     InstanceExists,
     RuntimeFailure,
     StoreConfigError,
     StoreIntegrityError,
 )
-from autonomic.runtime.interpreter import Governor, Runtime
 from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerMode, LedgerSealer, verify_ledger
+from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import InstanceRecord, SQLiteStore, Transaction
 from autonomic.runtime.timers import VirtualClock
 from runtime_machines import Bindings, billing_spec, counter_spec, entitlement_spec

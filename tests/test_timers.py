@@ -9,9 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from autonomic.runtime.interpreter import Governor, Runtime
+from autonomic.runtime.dispatch import Governor
 from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerSealer, verify_ledger
+from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import MemoryStore, SQLiteStore
 from autonomic.runtime.timers import (
     Scheduler,

@@ -4,12 +4,11 @@
 implement the `Store` interface in `base`, which a server database can implement too.
 """
 
-from .base import GroupCommit, InstanceRecord, OutboxMessage, Snapshot, Store, Transaction
+from .base import InstanceRecord, OutboxMessage, Snapshot, Store, Transaction
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
 
 __all__ = [
-    "GroupCommit",
     "InstanceRecord",
     "MemoryStore",
     "OutboxMessage",

@@ -1,4 +1,4 @@
-"""The Store interface: what the runtime needs from a database, and the group committer.
+"""The Store interface: what the runtime needs from a database (commit batching is in `commit`).
 
 A store keeps, per governor instance, its state row; and for the whole runtime the audit
 ledger with its checkpoints, processed event ids, idempotency records, armed timers, the
@@ -16,16 +16,14 @@ ledger head so appends stay a single chain.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 from ..ledger import Checkpoint, LedgerEntry, LedgerMode
 from ..timers import ArmedTimer
 
 __all__ = [
-    "GroupCommit",
     "InstanceRecord",
     "OutboxKind",
     "OutboxMessage",
@@ -56,7 +54,7 @@ class InstanceRecord:
 class OutboxMessage:
     """An emitted event or an escalation notification, written with the change that caused it.
 
-    `event_id` is derived from the cause (see interpreter.derive_event_id), so delivering a
+    `event_id` is derived from the cause (see results.derive_event_id), so delivering a
     message twice is deduplicated by the receiving governor. `body` is JSON text: the payload
     of an event, or the notification (recipient, message, deadline).
     """
@@ -203,142 +201,3 @@ class Store(Protocol):
     ) -> list[OutboxMessage]: ...
 
     def close(self) -> None: ...
-
-
-W = TypeVar("W")
-
-
-class _Caller:
-    """One `submit_many` call: how many of its units are still to commit, and the lock its
-    thread sleeps on until they are, or until it is handed the lead."""
-
-    __slots__ = ("lead", "left", "wake")
-
-    def __init__(self, units: int) -> None:
-        self.left = units
-        self.lead = False
-        self.wake = threading.Lock()
-        self.wake.acquire()  # held until someone wakes this caller
-
-
-class _Pending(Generic[W]):
-    __slots__ = ("caller", "outcome", "work")
-
-    def __init__(self, work: W, caller: _Caller) -> None:
-        self.work = work
-        self.caller = caller
-        self.outcome: WorkOutcome[Any] = WorkOutcome(None, None)
-
-
-class GroupCommit(Generic[W]):
-    """Batches units of work from concurrent threads into one transaction per round.
-
-    No committer thread: callers queue their work; one of them at a time leads, taking
-    everything queued so far (its own work and that of threads that arrived while the
-    previous batch was committing, at most `max_batch`) and running it through `run_batch`
-    as one transaction. When the batch is committed, the leader wakes the callers whose work
-    is all done; when its own is done too, it hands the lead to the caller of the oldest
-    queued unit, or, with nothing queued, gives it up. A single caller commits alone with no
-    hand-off; under load a batch grows to the number of waiting threads. Every caller returns
-    only after the commit of the batch that held its work.
-
-    Each caller sleeps on a lock of its own, and only the callers concerned are woken: a
-    condition variable woke every waiting thread after each batch, and under the GIL their
-    wake-ups delayed the next batch by as much as its statements took.
-    """
-
-    def __init__(
-        self,
-        run_batch: Callable[[list[W]], list[WorkOutcome[Any]]],
-        *,
-        max_batch: int = 512,
-    ) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
-        self._run_batch = run_batch
-        self._max_batch = max_batch
-        self._queue: list[_Pending[W]] = []
-        self._mutex = threading.Lock()
-        self._leading = False
-        self.batches = 0
-        self.committed_units = 0
-
-    def submit(self, work: W) -> Any:
-        """Run one unit; return its value or raise its error, after its batch committed."""
-        outcome = self.submit_many([work])[0]
-        if outcome.error is not None:
-            raise outcome.error
-        return outcome.value
-
-    def submit_many(self, works: Sequence[W]) -> list[WorkOutcome[Any]]:
-        """Run units in order (in as few batches as the queue allows); their outcomes."""
-        caller = _Caller(len(works))
-        pendings = [_Pending(work, caller) for work in works]
-        if not pendings:
-            return []
-        with self._mutex:
-            self._queue.extend(pendings)
-            if not self._leading:
-                self._leading = caller.lead = True
-        if not caller.lead:
-            self._sleep(caller, pendings)
-            if not caller.left:
-                return [p.outcome for p in pendings]
-        self._lead(caller)
-        return [p.outcome for p in pendings]
-
-    def _sleep(self, caller: _Caller, pendings: list[_Pending[W]]) -> None:
-        try:
-            caller.wake.acquire()
-        except BaseException:
-            # Interrupted while queued: withdraw what has not started, and pass on the lead
-            # if it was handed over meanwhile, so that nobody waits for this thread.
-            with self._mutex:
-                self._queue = [p for p in self._queue if p.caller is not caller]
-                if caller.lead:
-                    self._hand_over()
-            raise
-
-    def _lead(self, caller: _Caller) -> None:
-        """Run batches until this caller's units are all committed, then hand over."""
-        try:
-            while caller.left:
-                with self._mutex:
-                    batch = self._queue[: self._max_batch]
-                    del self._queue[: self._max_batch]
-                if not batch:  # cannot happen: a leader's own units stay queued until run
-                    raise RuntimeError("group commit: the leader's units left the queue")
-                for finished in self._commit(batch):
-                    if finished is not caller:
-                        finished.wake.release()
-        finally:
-            with self._mutex:
-                self._hand_over()
-
-    def _hand_over(self) -> None:
-        """With the mutex held: wake the caller of the oldest queued unit to lead, or stop."""
-        if self._queue:
-            successor = self._queue[0].caller
-            successor.lead = True
-            successor.wake.release()
-        else:
-            self._leading = False
-
-    def _commit(self, batch: list[_Pending[W]]) -> list[_Caller]:
-        """Run one batch; return the callers whose units are now all done."""
-        try:
-            outcomes = self._run_batch([pending.work for pending in batch])
-            if len(outcomes) != len(batch):
-                raise RuntimeError(f"{len(outcomes)} outcomes for a batch of {len(batch)}")
-        except BaseException as exc:
-            outcomes = [WorkOutcome(None, exc) for _ in batch]
-        self.batches += 1
-        self.committed_units += len(batch)
-        finished: list[_Caller] = []
-        for pending, outcome in zip(batch, outcomes, strict=True):
-            pending.outcome = outcome
-            owner = pending.caller
-            owner.left -= 1
-            if not owner.left:
-                finished.append(owner)
-        return finished

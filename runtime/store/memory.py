@@ -2,7 +2,7 @@
 
 Nothing survives the process. A unit of work here cannot be rolled back, so the runtime does
 all its checks (payload, version, table, guards, actions, sealing) before its first write, and
-the writes themselves cannot fail. The interpreter's fast path reads `records(machine)`
+the writes themselves cannot fail. Dispatch's fast path reads `records(machine)`
 directly: the dict it returns is the store's own.
 """
 
@@ -37,7 +37,7 @@ _TimerKey = tuple[int, int]
 class MemoryStore:
     """Everything in dicts; `run` holds the lock for the whole batch.
 
-    `thread_safe=False` drops the lock from the interpreter's fast path (a third of its cost):
+    `thread_safe=False` drops the lock from dispatch's fast path (a third of its cost):
     only for one thread, as in a benchmark.
     """
 
@@ -45,7 +45,7 @@ class MemoryStore:
         self.thread_safe = thread_safe
         self.lock = threading.RLock()
         self._records: dict[str, dict[str, InstanceRecord]] = {}
-        # The ledger, live: the interpreter's fast path appends to it under the lock.
+        # The ledger, live: dispatch's fast path appends to it under the lock.
         self.ledger_list: list[LedgerEntry] = []
         self._checkpoints: list[Checkpoint] = []
         self._mode: LedgerMode | None = None
@@ -61,7 +61,7 @@ class MemoryStore:
         self._outbox_ids: set[str] = set()
         self._snapshots: dict[tuple[str, str], Snapshot] = {}
 
-    # -- the interpreter's fast path --------------------------------------------------------
+    # -- dispatch's fast path --------------------------------------------------------
 
     def records(self, machine: str) -> dict[str, InstanceRecord]:
         """The live dict of one machine's instances (the fast path mutates records in it)."""
@@ -184,7 +184,7 @@ class MemoryStore:
     # -- Transaction (the store is its own transaction, under its lock) ----------------------
 
     def instance(self, machine: str, instance: str) -> InstanceRecord | None:
-        # The live record (no copy): the interpreter reads it and writes through
+        # The live record (no copy): dispatch reads it and writes through
         # update_instance only.
         return self._records.get(machine, {}).get(instance)
 

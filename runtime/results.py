@@ -1,0 +1,354 @@
+"""What guards and actions see, and what dispatch, timer firings and deliveries return."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+from pydantic_core import to_jsonable_python
+
+from .store.base import OutboxMessage
+from .tables import Payload
+from .timers import ArmedTimer
+
+_EMPTY_RESULTS: Mapping[str, object] = MappingProxyType({})
+_pack_length = struct.Struct(">I").pack
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionContext:
+    """The event as guards and actions see it. `target` is None while guards run, and the
+    state being entered (None when a timer stays) while actions run. `version` is the
+    instance's version before this change."""
+
+    machine: str
+    instance: str
+    state: str
+    event: str
+    payload: Payload | None
+    actor: str
+    version: int
+    now_ms: int
+    target: str | None = None
+    timer: str | None = None
+
+
+class EmittedEvent(NamedTuple):
+    """An event written to the outbox for another governor (delivered by deliver_outbox)."""
+
+    machine: str
+    instance: str
+    event: str
+    event_id: str
+
+
+class Notification(NamedTuple):
+    """An escalation step's notice: who must act, about what, and by when (absolute)."""
+
+    machine: str
+    instance: str
+    state: str
+    ladder: str | None
+    step: int | None
+    kind: str
+    recipient: str
+    message: str | None
+    fired_ms: int
+    deadline_ms: int | None
+    event_id: str
+
+
+class DispatchResult:
+    """What a dispatch (or a timer firing) did. `duplicate` marks a stored result returned
+    again for a repeated event id or idempotency key; `ignored` an event the state ignores.
+    `seq` is the ledger sequence index (None without a ledger or when nothing was written).
+    Results returned for duplicates hold action results as JSON values.
+
+    Immutable, and it behaves like the named tuple of its `_fields` (equality, iteration,
+    `_asdict`, `_replace`). It is not a tuple: a tuple subclass costs a dispatch more to build
+    than the whole in-memory transition. Everything but the instance, version and seq is a
+    property of the transition row, so the fast paths share one precomputed `_outcome` tuple
+    per row.
+    """
+
+    __slots__ = ("_instance", "_outcome", "_seq", "_version")
+
+    _fields = (
+        "machine",
+        "instance",
+        "event",
+        "from_state",
+        "to_state",
+        "version",
+        "seq",
+        "event_id",
+        "emitted",
+        "notifications",
+        "action_results",
+        "armed",
+        "duplicate",
+        "ignored",
+    )
+
+    def __init__(
+        self,
+        machine: str,
+        instance: str,
+        event: str,
+        from_state: str,
+        to_state: str,
+        version: int,
+        seq: int | None,
+        event_id: str | None,
+        emitted: tuple[EmittedEvent, ...],
+        notifications: tuple[Notification, ...],
+        action_results: Mapping[str, object],
+        armed: tuple[ArmedTimer, ...],
+        duplicate: bool = False,
+        ignored: bool = False,
+    ) -> None:
+        self._instance = instance
+        self._version = version
+        self._seq = seq
+        self._outcome: _Outcome = (
+            machine,
+            event,
+            from_state,
+            to_state,
+            event_id,
+            emitted,
+            notifications,
+            action_results,
+            armed,
+            duplicate,
+            ignored,
+        )
+
+    @property
+    def machine(self) -> str:
+        return self._outcome[0]
+
+    @property
+    def instance(self) -> str:
+        return self._instance
+
+    @property
+    def event(self) -> str:
+        return self._outcome[1]
+
+    @property
+    def from_state(self) -> str:
+        return self._outcome[2]
+
+    @property
+    def to_state(self) -> str:
+        return self._outcome[3]
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def seq(self) -> int | None:
+        return self._seq
+
+    @property
+    def event_id(self) -> str | None:
+        return self._outcome[4]
+
+    @property
+    def emitted(self) -> tuple[EmittedEvent, ...]:
+        return self._outcome[5]
+
+    @property
+    def notifications(self) -> tuple[Notification, ...]:
+        return self._outcome[6]
+
+    @property
+    def action_results(self) -> Mapping[str, object]:
+        return self._outcome[7]
+
+    @property
+    def armed(self) -> tuple[ArmedTimer, ...]:
+        return self._outcome[8]
+
+    @property
+    def duplicate(self) -> bool:
+        return self._outcome[9]
+
+    @property
+    def ignored(self) -> bool:
+        return self._outcome[10]
+
+    def _astuple(self) -> tuple[Any, ...]:
+        machine, event, from_state, to_state, event_id, *rest = self._outcome
+        return (
+            machine,
+            self._instance,
+            event,
+            from_state,
+            to_state,
+            self._version,
+            self._seq,
+            event_id,
+            *rest,
+        )
+
+    def _asdict(self) -> dict[str, Any]:
+        return dict(zip(self._fields, self._astuple(), strict=True))
+
+    def _replace(self, **changes: Any) -> DispatchResult:
+        fields = self._asdict()
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise ValueError(f"got unexpected field names: {sorted(unknown)!r}")
+        fields.update(changes)
+        return DispatchResult(**fields)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._astuple())
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __getitem__(self, index: int) -> Any:
+        return self._astuple()[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, DispatchResult):
+            return self._astuple() == other._astuple()
+        if isinstance(other, tuple):
+            return self._astuple() == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._astuple())
+
+    def __reduce__(self) -> tuple[type[DispatchResult], tuple[Any, ...]]:
+        return (DispatchResult, self._astuple())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={v!r}" for n, v in zip(self._fields, self._astuple(), strict=True))
+        return f"DispatchResult({fields})"
+
+
+class _RowResult(DispatchResult):
+    """A DispatchResult that the fast paths fill in slot by slot: calling a Python __init__
+    would cost a third of the transition."""
+
+    __slots__ = ()
+    __init__ = object.__init__
+
+
+class _UnsealedResult(_RowResult):
+    """A fast-path result without a ledger: `seq` is None for all of them, so it is a class
+    attribute (shadowing the slot) rather than one more store per result."""
+
+    __slots__ = ()
+    _seq = None
+
+
+# machine, event, from_state, to_state, event_id, emitted, notifications, action_results,
+# armed, duplicate, ignored: the part of a result that a transition row fixes.
+_Outcome = tuple[
+    str,
+    str,
+    str,
+    str,
+    str | None,
+    tuple[EmittedEvent, ...],
+    tuple[Notification, ...],
+    Mapping[str, object],
+    tuple[ArmedTimer, ...],
+    bool,
+    bool,
+]
+
+
+class TimerFiring(NamedTuple):
+    """One timer fired: the timer, its ledger kind ("timer" or "escalation"), what it did."""
+
+    timer: ArmedTimer
+    kind: str
+    result: DispatchResult
+
+
+class Delivery(NamedTuple):
+    """The outcome of delivering one outbox event: delivered, failed (with why) or skipped."""
+
+    message: OutboxMessage
+    status: str
+    result: DispatchResult | None
+    error: str | None
+
+
+class ReplayedState(NamedTuple):
+    """An instance's state rebuilt from its ledger entries (and a snapshot, if one was used)."""
+
+    machine: str
+    instance: str
+    state: str
+    version: int
+    last_seq: int
+    snapshot_version: int | None
+    replayed: int
+
+
+def derive_event_id(*parts: str | int) -> str:
+    """A deterministic event id for something caused by a change (an emitted event, a timer
+    firing): the same cause always yields the same id, so its redelivery deduplicates."""
+    digest = hashlib.sha256(b"autonomic/event-id/v1\x00")
+    for part in parts:
+        data = str(part).encode("utf-8")
+        digest.update(_pack_length(len(data)) + data)
+    return "evt_" + digest.hexdigest()[:32]
+
+
+def _request_digest(instance: str, event: str, payload_sha256: bytes) -> bytes:
+    digest = hashlib.sha256(b"autonomic/idempotency/v1\x00")
+    for text in (instance, event):
+        data = text.encode("utf-8")
+        digest.update(_pack_length(len(data)) + data)
+    digest.update(payload_sha256)
+    return digest.digest()
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=to_jsonable_python)
+
+
+def _result_to_json(result: DispatchResult) -> str:
+    doc = result._asdict()
+    doc["emitted"] = [list(e) for e in result.emitted]
+    doc["notifications"] = [list(n) for n in result.notifications]
+    doc["armed"] = [
+        [t.machine, t.instance, t.timer_id, t.state, t.due_ms, t.armed_version]
+        for t in result.armed
+    ]
+    doc["action_results"] = dict(result.action_results)
+    del doc["duplicate"], doc["ignored"]
+    return _dumps(doc)
+
+
+def _result_from_json(text: str) -> DispatchResult:
+    doc = json.loads(text)
+    return DispatchResult(
+        machine=doc["machine"],
+        instance=doc["instance"],
+        event=doc["event"],
+        from_state=doc["from_state"],
+        to_state=doc["to_state"],
+        version=doc["version"],
+        seq=doc["seq"],
+        event_id=doc["event_id"],
+        emitted=tuple(EmittedEvent(*e) for e in doc["emitted"]),
+        notifications=tuple(Notification(*n) for n in doc["notifications"]),
+        action_results=MappingProxyType(doc["action_results"]),
+        armed=tuple(ArmedTimer(*t) for t in doc["armed"]),
+        duplicate=True,
+    )

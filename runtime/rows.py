@@ -1,0 +1,108 @@
+"""A machine's transition rows and emits, pre-bound at load time for dispatch."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import final
+
+from .bindings import Action, Guard
+from .results import _EMPTY_RESULTS, _dumps, _Outcome
+from .tables import ELSE, Emit, Payload, TimerSpec, Transition
+
+
+@final
+class _Row:
+    """One transition row, pre-bound: the guard and action callables, the timers to arm."""
+
+    __slots__ = (
+        "actions",
+        "arms",
+        "cancels",
+        "emits",
+        "event",
+        "guard",
+        "guard_fn",
+        "machine",
+        "outcome",
+        "ref",
+        "source",
+        "target",
+    )
+
+    def __init__(
+        self,
+        machine: str,
+        row: Transition,
+        guards: Mapping[str, Guard],
+        actions: Mapping[str, Action],
+        timers: Mapping[str, tuple[TimerSpec, ...]],
+    ) -> None:
+        self.machine = machine
+        # Interned, like the table keys and the initial state: a record's state is then the
+        # very key object, and the lookups compare by identity.
+        self.source = sys.intern(str(row.source))
+        self.event = sys.intern(str(row.event))
+        self.target = sys.intern(str(row.target))
+        self.guard = row.guard
+        self.guard_fn: Guard | None = (
+            None if row.guard is None or row.guard == ELSE else guards[row.guard]
+        )
+        self.actions: tuple[tuple[str, Action], ...] = tuple((a, actions[a]) for a in row.actions)
+        self.emits = tuple(_EmitPlan(emit) for emit in row.emits)
+        # Leaving a state cancels its timers; entering one (also itself) arms the target's.
+        self.cancels = bool(timers.get(self.source))
+        self.arms = timers.get(self.target, ())
+        self.ref = row.ref
+        # What a result of this row holds besides instance, version and seq, when the row
+        # runs no actions and arms, cancels and emits nothing (the fast paths' rows).
+        self.outcome: _Outcome = (
+            machine,
+            self.event,
+            self.source,
+            self.target,
+            None,
+            (),
+            (),
+            _EMPTY_RESULTS,
+            (),
+            False,
+            False,
+        )
+
+
+@final
+class _EmitPlan:
+    """One emit of a row or timer, pre-built at load time: its target, and its payload as a
+    constant JSON body or as the pieces to fill in from the causing event."""
+
+    __slots__ = ("constant", "context", "event", "fields", "fixed", "machine")
+
+    def __init__(self, emit: Emit) -> None:
+        self.machine = emit.machine
+        self.event = emit.event
+        self.constant: dict[str, object] = {}
+        self.fields: tuple[tuple[str, str], ...] = ()  # (target field, causing field)
+        self.context: tuple[tuple[str, str], ...] = ()  # (target field, instance|actor|event)
+        for arg in emit.args:
+            if arg.source == "literal":
+                self.constant[arg.field] = arg.value
+            elif arg.source == "field":
+                self.fields += ((arg.field, str(arg.value)),)
+            else:
+                self.context += ((arg.field, arg.source),)
+        # Literals only (or no arguments): the body is the same for every emission. The
+        # compiler lists every target field an emit supplies, implicit same-name ones too.
+        self.fixed: str | None = None if self.fields or self.context else _dumps(self.constant)
+
+    def body(self, payload: Payload | None, instance: str, actor: str, event: str) -> str:
+        """The emitted payload as JSON text: values from the causing payload keep their model
+        types until `_dumps` (a Decimal becomes its exact string, a datetime ISO 8601)."""
+        if self.fixed is not None:
+            return self.fixed
+        values = dict(self.constant)
+        for target, source in self.fields:
+            values[target] = getattr(payload, source, None)
+        for target, ref in self.context:
+            values[target] = instance if ref == "instance" else actor if ref == "actor" else event
+        return _dumps(values)

@@ -1,0 +1,277 @@
+"""The Runtime: the store, the clock, the ledger sealer and the loaded governors."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, TypeVar, cast
+
+from .bindings import bind
+from .commit import GroupCommit
+from .dispatch import Governor
+from .errors import NestedDispatch, StoreConfigError, UnknownMachine
+from .keys import Keyring
+from .ledger import Checkpoint, LedgerEntry, LedgerSealer, VerifyReport
+from .outbox import deliver_outbox, mark
+from .replay import replay, verify
+from .results import Delivery, ReplayedState, TimerFiring
+from .sealing import _Chain
+from .store.base import OutboxMessage, OutboxStatus, Store, Transaction, WorkOutcome
+from .store.memory import MemoryStore
+from .tables import MachineSpec
+from .timer_firing import fire_due, next_deadline
+from .timers import Clock, SystemClock
+
+T = TypeVar("T")
+
+TIMER_ACTOR = "timer"
+DAY_MS = 86_400_000
+
+
+class Runtime:
+    """Owns the store, the clock, the ledger sealer and the loaded governors.
+
+    `store` defaults to a MemoryStore. `sealer` None runs without an audit ledger (no entries,
+    no replay). `checkpoint_every`: in checkpoint mode, sign a checkpoint when at least this
+    many entries are not yet covered at the end of a commit batch. The SQLite store commits
+    each batch of concurrent dispatches together, so 1 means one checkpoint per commit; the
+    memory store commits every dispatch on its own, so benchmarks raise it. `close()` signs
+    the rest. `snapshot_every`: store a snapshot of an instance every N versions.
+    `dedup_retention_ms`: processed event ids and idempotency keys older than this are
+    forgotten by `purge_expired`.
+    """
+
+    def __init__(
+        self,
+        store: Store | None = None,
+        *,
+        clock: Clock | None = None,
+        sealer: LedgerSealer | None = None,
+        checkpoint_every: int = 1,
+        snapshot_every: int = 100,
+        dedup_retention_ms: int = 7 * DAY_MS,
+        timer_actor: str = TIMER_ACTOR,
+        max_batch: int = 512,
+    ) -> None:
+        if checkpoint_every < 1 or snapshot_every < 1 or dedup_retention_ms < 0:
+            raise ValueError("checkpoint_every and snapshot_every must be >= 1, retention >= 0")
+        self._store: Store = MemoryStore() if store is None else store
+        self._memory = self._store if isinstance(self._store, MemoryStore) else None
+        self._clock: Clock = SystemClock() if clock is None else clock
+        self._sealer = sealer
+        self._checkpoint_every = checkpoint_every
+        self._snapshot_every = snapshot_every
+        self._retention_ms = dedup_retention_ms
+        self._timer_actor = timer_actor
+        self._governors: dict[str, Governor] = {}
+        self._verified_head: LedgerEntry | None = None
+        # The thread running units of work right now: a guard or action that dispatches
+        # from inside one would wait for itself.
+        self._working_thread: int | None = None
+        self._covered = 0
+        self._chain = _Chain(self)  # the memory store's chain, kept across its commits
+        self._committer: GroupCommit[Callable[[Transaction, _Chain], Any]] = GroupCommit(
+            self._run_batch, max_batch=max_batch
+        )
+        recorded = self._store.ledger_mode()
+        if sealer is None and recorded is not None:
+            raise StoreConfigError(
+                f"the store keeps an audit ledger ({recorded} mode): changes without a ledger "
+                "entry would go unrecorded",
+                hint="pass sealer=LedgerSealer(load_signer(KEYS), mode) to the Runtime",
+            )
+        if sealer is not None:
+            if recorded is None:
+                self._store.set_ledger_mode(sealer.mode)
+            elif recorded != sealer.mode:
+                raise StoreConfigError(
+                    f"the store's ledger is in {recorded} mode; this runtime signs in "
+                    f"{sealer.mode} mode",
+                    hint="one ledger keeps one mode: open it with the mode it was written in",
+                )
+            last = self._store.checkpoints()[-1:] if self._memory is not None else []
+            self._covered = last[0].size if last else 0
+
+    # -- governors -----------------------------------------------------------------------------
+
+    def load(
+        self,
+        spec: MachineSpec,
+        guards: Mapping[str, Callable[..., Any]] | None = None,
+        actions: Mapping[str, Callable[..., Any]] | None = None,
+    ) -> Governor:
+        """Bind guards and actions (BindingError lists every problem) and build the tables."""
+        if spec.name in self._governors:
+            raise ValueError(f"a governor named {spec.name!r} is already loaded")
+        bound_guards, bound_actions = bind(spec, guards or {}, actions or {})
+        governor = Governor(self, spec, bound_guards, bound_actions)
+        self._governors[spec.name] = governor
+        return governor
+
+    def governor(self, machine: str) -> Governor:
+        found = self._governors.get(machine)
+        if found is None:
+            raise UnknownMachine(machine, tuple(sorted(self._governors)))
+        return found
+
+    @property
+    def governors(self) -> Mapping[str, Governor]:
+        return MappingProxyType(self._governors)
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
+    def sealer(self) -> LedgerSealer | None:
+        return self._sealer
+
+    @property
+    def commit_batches(self) -> int:
+        """How many commit batches the group committer ran (memory store: 0)."""
+        return self._committer.batches
+
+    # -- running work --------------------------------------------------------------------------
+
+    def _submit(self, work: Callable[[Transaction, _Chain], T]) -> T:
+        me = threading.get_ident()
+        if self._working_thread == me:
+            raise NestedDispatch()
+        memory = self._memory
+        if memory is not None:
+            with memory.lock:
+                self._working_thread = me
+                try:
+                    chain = self._chain
+                    chain.loaded = False
+                    value = work(memory, chain)
+                    chain.finish(memory)
+                finally:
+                    self._working_thread = None
+            return value
+        return cast(T, self._committer.submit(work))
+
+    def _submit_many(
+        self, works: Sequence[Callable[[Transaction, _Chain], T]]
+    ) -> list[WorkOutcome[T]]:
+        """Run units in order; with a transactional store, in one commit batch if possible."""
+        if self._memory is None:
+            return self._committer.submit_many(works)
+        outcomes: list[WorkOutcome[T]] = []
+        for work in works:
+            try:
+                outcomes.append(WorkOutcome(self._submit(work), None))
+            except Exception as exc:
+                outcomes.append(WorkOutcome(None, exc))
+        return outcomes
+
+    def _run_batch(
+        self, works: list[Callable[[Transaction, _Chain], object]]
+    ) -> list[WorkOutcome[object]]:
+        chain = _Chain(self)
+
+        def unit(work: Callable[[Transaction, _Chain], object]) -> Callable[[Transaction], object]:
+            def run(txn: Transaction) -> object:
+                saved = (chain.next_seq, chain.head, chain.appended, chain.loaded)
+                try:
+                    return work(txn, chain)
+                except BaseException:
+                    # The store rolls this unit back; so does the chain.
+                    chain.next_seq, chain.head, chain.appended, chain.loaded = saved
+                    raise
+
+            return run
+
+        self._working_thread = threading.get_ident()
+        try:
+            return self._store.run([unit(w) for w in works], before_commit=chain.finish)
+        finally:
+            self._working_thread = None
+
+    # -- timers, outbox ------------------------------------------------------------------------
+
+    def fire_due(self, now: int | None = None, *, limit: int = 1000) -> list[TimerFiring]:
+        """Fire every timer due at `now` (default: the clock), earliest first, each exactly
+        once; timers armed by these firings that are already due fire too."""
+        return fire_due(self, now, limit=limit)
+
+    def next_deadline(self) -> int | None:
+        """The earliest armed deadline of a loaded governor, or None."""
+        return next_deadline(self)
+
+    def deliver_outbox(self, *, limit: int = 1000) -> list[Delivery]:
+        """Deliver pending emitted events to their governors (see outbox.deliver_outbox)."""
+        return deliver_outbox(self, limit=limit)
+
+    def notifications(self, *, status: OutboxStatus | None = "pending") -> list[OutboxMessage]:
+        """Escalation notifications in the outbox (JSON body: recipient, message, deadline)."""
+        return self._store.outbox(kind="notification", status=status)
+
+    def acknowledge(self, message: OutboxMessage) -> None:
+        """Mark a notification (or event) as handled by whoever delivered it."""
+        mark(self, message, "delivered", None)
+
+    # -- retention, checkpoints, replay, verification ------------------------------------------
+
+    def purge_expired(self, now: int | None = None) -> tuple[int, int]:
+        """Forget processed event ids and idempotency keys older than the retention window;
+        returns (event ids, idempotency keys) removed. A repeat after this is processed anew."""
+        instant = self._clock.now_ms() if now is None else now
+        before = instant - self._retention_ms
+
+        def work(txn: Transaction, chain: _Chain) -> tuple[int, int]:
+            return txn.purge_dedup(before)
+
+        return self._submit(work)
+
+    def checkpoint(self) -> Checkpoint | None:
+        """Sign a checkpoint over every entry now (checkpoint mode); None if nothing is new."""
+        sealer = self._sealer
+        if sealer is None or sealer.mode != "checkpoint":
+            return None
+
+        def work(txn: Transaction, chain: _Chain) -> Checkpoint | None:
+            chain.load(txn)
+            last = txn.last_checkpoint()
+            if chain.next_seq == 0 or (last is not None and last.size >= chain.next_seq):
+                return None
+            signed = sealer.checkpoint(chain.next_seq, chain.head, self._clock.now_ms())
+            txn.add_checkpoint(signed)
+            self._covered = chain.next_seq
+            return signed
+
+        return self._submit(work)
+
+    def replay(self, machine: str, instance: str, *, use_snapshot: bool = True) -> ReplayedState:
+        """Rebuild an instance's state from its ledger entries, from its latest snapshot on
+        (verified against the entry it names) or from the start. Every entry read is checked
+        against its hash, and each must start where the previous one ended."""
+        return replay(self._store, machine, instance, use_snapshot=use_snapshot)
+
+    def verify(self, keyring: Keyring) -> VerifyReport:
+        """Verify the whole stored ledger (every entry, checkpoint and signature)."""
+        mode = self._sealer.mode if self._sealer is not None else self._store.ledger_mode()
+        return verify(self._store, keyring, mode)
+
+    def ledger(self) -> Iterator[LedgerEntry]:
+        return self._store.ledger_entries()
+
+    def close(self) -> None:
+        """Sign the remaining entries (checkpoint mode), then close the store (also when the
+        signing fails, for example on a ledger that no longer verifies: that error is raised)."""
+        try:
+            if self._sealer is not None and self._sealer.mode == "checkpoint":
+                self.checkpoint()
+        finally:
+            self._store.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,125 @@
+"""Ledger sealing inside a commit: the chain head a batch appends to, verified before use,
+and the checkpoints signed before commit."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from .errors import StoreIntegrityError
+from .ledger import GENESIS_HASH, EntryData, LedgerEntry, entry_hash
+from .store.base import Transaction
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+
+# Building hot-path tuples with tuple.__new__ skips the NamedTuple's Python-level __new__.
+_new_entry_data = cast(Callable[[type[EntryData], tuple[Any, ...]], EntryData], tuple.__new__)
+
+
+class _Chain:
+    """Where the next ledger entry goes: the head is read inside the transaction and verified
+    before anything is chained on it (a store could hand back a modified row)."""
+
+    __slots__ = ("appended", "head", "loaded", "next_seq", "runtime")
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.loaded = False
+        self.next_seq = 0
+        self.head = GENESIS_HASH
+        self.appended = 0
+
+    def load(self, txn: Transaction) -> None:
+        runtime = self.runtime
+        stored = txn.ledger_head()
+        if stored is None:
+            self.next_seq, self.head = 0, GENESIS_HASH
+        else:
+            known = runtime._verified_head
+            if stored is not known and stored != known:
+                _verify_stored_entry(stored, "ledger head")
+                self._check_checkpoint(txn, stored)
+                runtime._verified_head = stored
+            self.next_seq, self.head = stored.seq + 1, stored.entry_hash
+        if stored is None:
+            last = txn.last_checkpoint()
+            if last is not None and last.size > 0:
+                raise StoreIntegrityError(
+                    f"the ledger is empty but a checkpoint is signed at size {last.size}",
+                    hint="the ledger table was truncated; restore it from a backup",
+                )
+        self.loaded = True
+
+    def _check_checkpoint(self, txn: Transaction, head: LedgerEntry) -> None:
+        last = txn.last_checkpoint()
+        if last is None:
+            return
+        size = head.seq + 1
+        if last.size > size:
+            raise StoreIntegrityError(
+                f"the ledger ends at seq {head.seq} but a checkpoint is signed at size "
+                f"{last.size}: entries were removed",
+                hint="restore the store from a backup; verify it with `autonomic audit verify`",
+            )
+        if last.size == size and last.head_hash != head.entry_hash:
+            raise StoreIntegrityError(
+                f"the checkpoint at size {last.size} does not match the ledger head",
+                hint="restore the store from a backup; verify it with `autonomic audit verify`",
+            )
+        self.runtime._covered = max(self.runtime._covered, last.size)
+
+    def seal(self, txn: Transaction, data: EntryData) -> LedgerEntry:
+        if not self.loaded:
+            self.load(txn)
+        sealer = self.runtime._sealer
+        assert sealer is not None
+        return sealer.seal(self.next_seq, self.head, data)
+
+    def advance(self, entry: LedgerEntry) -> None:
+        self.next_seq = entry.seq + 1
+        self.head = entry.entry_hash
+        self.appended += 1
+        self.runtime._verified_head = entry
+
+    def finish(self, txn: Transaction) -> None:
+        """Before commit: sign a checkpoint over this batch (checkpoint mode)."""
+        runtime = self.runtime
+        sealer = runtime._sealer
+        if sealer is None or sealer.mode != "checkpoint" or not self.appended:
+            return
+        if self.next_seq - runtime._covered < runtime._checkpoint_every:
+            return
+        checkpoint = sealer.checkpoint(self.next_seq, self.head, runtime._clock.now_ms())
+        txn.add_checkpoint(checkpoint)
+        runtime._covered = self.next_seq
+        self.appended = 0
+
+
+def _verify_stored_entry(entry: LedgerEntry, what: str) -> None:
+    try:
+        computed = entry_hash(
+            entry.seq,
+            entry.ts_ms,
+            (
+                entry.kind,
+                entry.machine,
+                entry.instance,
+                entry.from_state,
+                entry.to_state,
+                entry.event,
+                entry.actor,
+                entry.event_id,
+            ),
+            entry.payload_sha256,
+            entry.prev_hash,
+        )
+    except (AttributeError, TypeError, ValueError, UnicodeEncodeError, struct.error) as exc:
+        raise StoreIntegrityError(f"{what} (seq {entry.seq!r}) cannot be read: {exc}") from None
+    if computed != entry.entry_hash:
+        raise StoreIntegrityError(
+            f"{what} (seq {entry.seq}) does not match its hash: the stored row was modified",
+            hint="nothing was written; verify the store with `autonomic audit verify`",
+        )

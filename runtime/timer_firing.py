@@ -1,0 +1,178 @@
+"""Firing due timers: each firing is one unit of work that moves or stays, notifies and emits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .errors import StoreIntegrityError
+from .ledger import EntryData, payload_digest
+from .outbox import _event_message, _notification_message
+from .replay import save_snapshot
+from .results import DispatchResult, EmittedEvent, Notification, TimerFiring, derive_event_id
+from .sealing import _Chain
+from .store.base import Transaction
+from .timers import ArmedTimer, arm_timers
+
+if TYPE_CHECKING:
+    from .dispatch import Governor
+    from .runtime import Runtime
+
+
+def fire_work(
+    governor: Governor, timer: ArmedTimer, now: int
+) -> Callable[[Transaction, _Chain], TimerFiring | None]:
+    name = governor.name
+    runtime = governor.runtime
+
+    def work(txn: Transaction, chain: _Chain) -> TimerFiring | None:
+        if not txn.timer_armed(timer):
+            return None  # fired by someone else, or cancelled since it was listed
+        record = txn.instance(name, timer.instance)
+        spec = governor._timer_specs.get(timer.timer_id)
+        if record is None or spec is None or record.state != timer.state:
+            txn.take_timer(timer)  # a timer of a state already left (or an older machine)
+            return None
+        target = spec.target
+        to_state = record.state if target is None else str(target)
+        kind = "escalation" if spec.kind.startswith("escalation") else "timer"
+        results = governor._run_actions(
+            governor._timer_actions[spec.id],
+            spec.id,
+            None if target is None else to_state,
+            record,
+            None,
+            runtime._timer_actor,
+            now,
+            spec.id,
+        )
+        version = record.version + 1
+        armed: tuple[ArmedTimer, ...] = ()
+        if target is not None:
+            # Entered at the due time: a ladder missed while down keeps its spacing.
+            armed = arm_timers(
+                name, timer.instance, governor._timers.get(to_state, ()), timer.due_ms, version
+            )
+        notifications: tuple[Notification, ...] = ()
+        if spec.notify is not None:
+            notify = spec.notify
+            deadline = None if notify.within_ms is None else now + notify.within_ms
+            notifications = (
+                Notification(
+                    name,
+                    timer.instance,
+                    record.state,
+                    spec.ladder,
+                    spec.step,
+                    notify.kind,
+                    notify.recipient,
+                    notify.message,
+                    now,
+                    deadline,
+                    derive_event_id("notify", name, timer.instance, version),
+                ),
+            )
+        emits = governor._timer_emits[spec.id]
+        emitted = tuple(
+            EmittedEvent(
+                emit.machine,
+                timer.instance,
+                emit.event,
+                derive_event_id("emit", name, timer.instance, version, index),
+            )
+            for index, emit in enumerate(emits)
+        )
+        # A timer has no causing payload: its emits' arguments are literals and context.
+        actor = runtime._timer_actor
+        bodies = [emit.body(None, timer.instance, actor, spec.id) for emit in emits]
+        firing_id = derive_event_id(
+            "timer", name, timer.instance, timer.timer_id, timer.armed_version
+        )
+        entry = None
+        if runtime._sealer is not None:
+            body = {
+                "timer": spec.id,
+                "due_ms": timer.due_ms,
+                "notify": [n._asdict() for n in notifications],
+            }
+            data = EntryData(
+                now,
+                kind,
+                name,
+                timer.instance,
+                record.state,
+                to_state,
+                spec.id,
+                runtime._timer_actor,
+                firing_id,
+                payload_digest(body),
+            )
+            entry = chain.seal(txn, data)
+        result = DispatchResult(
+            name,
+            timer.instance,
+            spec.id,
+            record.state,
+            to_state,
+            version,
+            None if entry is None else entry.seq,
+            firing_id,
+            emitted,
+            notifications,
+            results,
+            armed,
+        )
+        if not txn.take_timer(timer):
+            raise StoreIntegrityError(f"timer {timer.timer_id} vanished inside a transaction")
+        txn.update_instance(name, timer.instance, to_state, version, version - 1)
+        if target is not None:
+            txn.cancel_timers(name, timer.instance)
+            if armed:
+                txn.arm_timers(armed)
+        messages = [_notification_message(n, version) for n in notifications]
+        messages += [
+            _event_message(name, timer.instance, version, e, now, body)
+            for e, body in zip(emitted, bodies, strict=True)
+        ]
+        if messages:
+            txn.add_outbox(messages)
+        if entry is not None:
+            txn.append_ledger(entry)
+            if version % runtime._snapshot_every == 0:
+                save_snapshot(txn, name, timer.instance, version, to_state, entry)
+            chain.advance(entry)
+        return TimerFiring(timer, kind, result)
+
+    return work
+
+
+def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> list[TimerFiring]:
+    """Fire every timer due at `now` (default: the clock), earliest first, each exactly
+    once; timers armed by these firings that are already due fire too."""
+    instant = runtime._clock.now_ms() if now is None else now
+    machines = sorted(runtime._governors)
+    fired: list[TimerFiring] = []
+    failed: list[BaseException] = []
+    skip: set[ArmedTimer] = set()
+    for _ in range(10_000):
+        due = [t for t in runtime._store.due_timers(instant, machines, limit + len(skip))]
+        due = [t for t in due if t not in skip][:limit]
+        if not due:
+            break
+        works = [fire_work(runtime._governors[t.machine], t, instant) for t in due]
+        for timer, outcome in zip(due, runtime._submit_many(works), strict=True):
+            if outcome.error is not None:
+                # The timer stays armed and due: the next call tries it again.
+                failed.append(outcome.error)
+                skip.add(timer)
+            elif outcome.value is not None:
+                fired.append(outcome.value)
+    if failed:
+        raise failed[0]
+    return fired
+
+
+def next_deadline(runtime: Runtime) -> int | None:
+    """The earliest armed deadline of a loaded governor, or None."""
+    timers = [t for t in runtime._store.armed_timers() if t.machine in runtime._governors]
+    return min((t.due_ms for t in timers), default=None)
