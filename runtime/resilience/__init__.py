@@ -1,0 +1,55 @@
+"""The seed's resilience patterns: backoff, retry, breaker, fallback, bulkheads, deadlines,
+TTL cache, batches and pure proration; each module states its semantics."""
+
+from __future__ import annotations
+
+from .backoff import Backoff, jitter_delay_ms, jitter_with_cap, throttle_delay_ms
+from .batch import ChunkFailed, chunks, run_in_chunks
+from .breaker import BreakerChange, BreakerState, CircuitBreaker
+from .bulkhead import Bulkhead, TenantBulkheads
+from .deadlines import Deadline, DeadlineEscalation, DeadlineTracker
+from .errors import (
+    BulkheadFull,
+    CircuitOpen,
+    TransientFailure,
+    Unavailable,
+    is_transient,
+    is_unavailable,
+)
+from .fallback import call_with_fallback, call_with_fallback_async
+from .proration import Proration, prorate
+from .retry import Retry, clock_sleeper, retry_call
+from .ttl_cache import CatalogCache, ttl_cache
+
+__all__ = [
+    "Backoff",
+    "BreakerChange",
+    "BreakerState",
+    "Bulkhead",
+    "BulkheadFull",
+    "CatalogCache",
+    "ChunkFailed",
+    "CircuitBreaker",
+    "CircuitOpen",
+    "Deadline",
+    "DeadlineEscalation",
+    "DeadlineTracker",
+    "Proration",
+    "Retry",
+    "TenantBulkheads",
+    "TransientFailure",
+    "Unavailable",
+    "call_with_fallback",
+    "call_with_fallback_async",
+    "chunks",
+    "clock_sleeper",
+    "is_transient",
+    "is_unavailable",
+    "jitter_delay_ms",
+    "jitter_with_cap",
+    "prorate",
+    "retry_call",
+    "run_in_chunks",
+    "throttle_delay_ms",
+    "ttl_cache",
+]

@@ -1,0 +1,212 @@
+"""Circuit breaker: stop calling a service that keeps failing, and probe it again later.
+
+States and moves (each move is reported once to `on_change`, which the runtime writes to the
+audit ledger as a "breaker" entry):
+- closed: calls go through. Every counted failure adds one to a run of consecutive failures,
+  every success ends the run. When the run exceeds `tolerated_failures` (the seed: more than
+  10) the breaker opens.
+- open: calls fail fast with CircuitOpen ("<name> unavailable"), without being made, until
+  `cooldown_ms` has passed since the breaker opened; then the breaker is half-open.
+- half-open: exactly one call (the probe) goes through, the others fail fast. The probe's
+  success closes the breaker; its failure opens it again for a new cool-down.
+Time comes from the injected Clock only, and it is read when a call asks, so a breaker that
+nobody calls stays open in its state until the next call notices the cool-down has passed.
+`on_change` runs under the breaker's lock, in order: it must be quick (the runtime queues the
+change for the ledger) and must not call the breaker. Thread-safe; `call_async` shares the
+same state, so threads and coroutines may mix.
+`counts(error)` decides which failures count (default: all); others propagate and count as
+neither failure nor success.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from ..timers import Clock
+from .errors import CircuitOpen
+
+__all__ = ["BreakerChange", "BreakerState", "CircuitBreaker"]
+
+T = TypeVar("T")
+
+
+class BreakerState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerChange:
+    """One move of a breaker, as the audit ledger records it."""
+
+    breaker: str
+    from_state: BreakerState
+    to_state: BreakerState
+    at_ms: int
+    failures: int
+    reason: str
+
+    @property
+    def event(self) -> str:
+        """The ledger event name: BreakerOpened, BreakerHalfOpened or BreakerClosed."""
+        return _EVENTS[self.to_state]
+
+
+_EVENTS = {
+    BreakerState.OPEN: "BreakerOpened",
+    BreakerState.HALF_OPEN: "BreakerHalfOpened",
+    BreakerState.CLOSED: "BreakerClosed",
+}
+
+
+def _counts_all(error: BaseException) -> bool:
+    return True
+
+
+class CircuitBreaker:
+    """A breaker named after the service it guards ("payment processor")."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        clock: Clock,
+        tolerated_failures: int = 10,
+        cooldown_ms: int = 30_000,
+        on_change: Callable[[BreakerChange], None] | None = None,
+        counts: Callable[[BaseException], bool] = _counts_all,
+    ) -> None:
+        if tolerated_failures < 0 or cooldown_ms < 1:
+            raise ValueError("tolerated_failures must be >= 0 and cooldown_ms >= 1")
+        self.name = name
+        self.tolerated_failures = tolerated_failures
+        self.cooldown_ms = cooldown_ms
+        self._clock = clock
+        self._on_change = on_change
+        self._counts = counts
+        self._lock = threading.Lock()
+        self._state = BreakerState.CLOSED
+        self._failures = 0
+        self._opened_at = 0
+        self._probing = False
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> BreakerState:
+        """The state now (an open breaker whose cool-down has passed reports half-open)."""
+        with self._lock:
+            changes = self._cool(self._clock.now_ms())
+            state = self._state
+            self._report(changes)
+        return state
+
+    @property
+    def failures(self) -> int:
+        """The current run of consecutive counted failures."""
+        return self._failures
+
+    # -- the protocol around one call ------------------------------------------------------
+
+    def before_call(self) -> None:
+        """Admit one call or raise CircuitOpen; an admitted call must end in `record_success`,
+        `record_failure` or `record_ignored`."""
+        now = self._clock.now_ms()
+        with self._lock:
+            changes = self._cool(now)
+            admitted = self._state is BreakerState.CLOSED or (
+                self._state is BreakerState.HALF_OPEN and not self._probing
+            )
+            if admitted and self._state is BreakerState.HALF_OPEN:
+                self._probing = True
+            retry_at = self._opened_at + self.cooldown_ms
+            self._report(changes)
+        if not admitted:
+            raise CircuitOpen(self.name, retry_at)
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._failures = 0
+            changes = []
+            if self._state is BreakerState.HALF_OPEN:
+                self._probing = False
+                changes.append(self._move(BreakerState.CLOSED, "probe succeeded"))
+            self._report(changes)
+
+    def record_failure(self) -> None:
+        now = self._clock.now_ms()
+        with self._lock:
+            self._failures += 1
+            changes = []
+            if self._state is BreakerState.HALF_OPEN:
+                self._probing = False
+                self._opened_at = now
+                changes.append(self._move(BreakerState.OPEN, "probe failed", now))
+            elif self._state is BreakerState.CLOSED and self._failures > self.tolerated_failures:
+                self._opened_at = now
+                reason = f"{self._failures} consecutive failures"
+                changes.append(self._move(BreakerState.OPEN, reason, now))
+            self._report(changes)
+
+    def record_ignored(self) -> None:
+        """The admitted call ended in a failure that does not count: free a probe slot."""
+        with self._lock:
+            self._probing = False
+
+    def call(self, function: Callable[[], T]) -> T:
+        """Call `function` through the breaker."""
+        self.before_call()
+        try:
+            value = function()
+        except BaseException as error:
+            self._settle(error)
+            raise
+        self.record_success()
+        return value
+
+    async def call_async(self, function: Callable[[], Awaitable[T]]) -> T:
+        """`call` for a coroutine function."""
+        self.before_call()
+        try:
+            value = await function()
+        except BaseException as error:
+            self._settle(error)
+            raise
+        self.record_success()
+        return value
+
+    # -- inside ----------------------------------------------------------------------------
+
+    def _settle(self, error: BaseException) -> None:
+        if isinstance(error, Exception) and self._counts(error):
+            self.record_failure()
+        else:
+            self.record_ignored()
+
+    def _cool(self, now: int) -> list[BreakerChange]:
+        if self._state is BreakerState.OPEN and now >= self._opened_at + self.cooldown_ms:
+            return [self._move(BreakerState.HALF_OPEN, "cool-down passed", now)]
+        return []
+
+    def _move(self, to: BreakerState, reason: str, now: int | None = None) -> BreakerChange:
+        change = BreakerChange(
+            self.name,
+            self._state,
+            to,
+            self._clock.now_ms() if now is None else now,
+            self._failures,
+            reason,
+        )
+        self._state = to
+        return change
+
+    def _report(self, changes: list[BreakerChange]) -> None:
+        # Under the lock, so that listeners see the moves in the order they happened.
+        if self._on_change is not None:
+            for change in changes:
+                self._on_change(change)
