@@ -4,6 +4,7 @@ that reads files, runs the rules and applies `@allow` suppressions."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import keyword
 import os
@@ -15,7 +16,7 @@ from functools import cached_property
 from operator import attrgetter
 from pathlib import Path
 
-from .errors import CODES, Diagnostic, Severity, SourceSpan, did_you_mean, fail
+from .errors import CODES, Diagnostic, Severity, SourceSpan, did_you_mean, fail, related
 from .graph import (
     RetryEdge,
     closure,
@@ -43,7 +44,7 @@ from .model import (
     Transition,
     snake_case,
 )
-from .parser import SourceFile, parse_source, paused_gc, read_source
+from .parser import Recovery, SourceFile, parse_recovering, parse_source, paused_gc, read_source
 
 # ---------------------------------------------------------------- the report
 
@@ -199,11 +200,6 @@ class MachineFacts:
         return used - self.events.keys()
 
     @cached_property
-    def references_resolve(self) -> bool:
-        """Usage rules (reachability, unhandled events) would only echo a misspelling."""
-        return not self.unknown_state_names and not self.unknown_event_names
-
-    @cached_property
     def transition_groups(self) -> list[tuple[State, str, list[Transition]]]:
         """(state, event, rows) wherever the rows of one state and event could disagree: two
         or more rows, or a lone `else`. Single plain rows, nearly all of them, need no rule."""
@@ -224,8 +220,55 @@ class MachineFacts:
 
     @cached_property
     def successors(self) -> dict[str, set[str]]:
-        """`moves` as plain sets, which is what the rules walk."""
-        return declared_only(self.written_moves)
+        """`moves` as plain sets, which is what the rules walk. A move to an unknown name
+        (E104's) counts as a move to the state it misspells, if one is close, so that the
+        typo does not also make that state unreachable."""
+        moves = declared_only(self.written_moves)
+        for name in self.unknown_state_names:
+            guess = self.state_guesses.get(name)
+            if guess is None:
+                continue
+            for source, targets in self.written_moves.items():
+                if name in targets:
+                    moves[source].add(guess)
+        return moves
+
+    @cached_property
+    def state_guesses(self) -> dict[str, str]:
+        """Each unknown state name with the declared state it most likely misspells."""
+        guesses: dict[str, str] = {}
+        for name in self.unknown_state_names:
+            matches = difflib.get_close_matches(name, list(self.states), n=1, cutoff=0.6)
+            if matches:
+                guesses[name] = matches[0]
+        return guesses
+
+    @cached_property
+    def lost_moves(self) -> set[str]:
+        """States with a move to an unknown name that misspells no state: where it leads is
+        unknown, so the graph rules assume nothing about it (no dead end, may finish)."""
+        lost = self.unknown_state_names - self.state_guesses.keys()
+        if not lost:
+            return set()
+        return {source for source, targets in self.written_moves.items() if targets & lost}
+
+    @cached_property
+    def move_sites(self) -> dict[str, list[tuple[str, Name]]]:
+        """By target name as written: (source state, the written target) of every move."""
+        sites: dict[str, list[tuple[str, Name]]] = defaultdict(list)
+        for state in self.machine.states:
+            source = state.name.value
+            for row in state.transitions:
+                sites[row.target.value].append((source, row.target))
+            for timer in state.timers:
+                if timer.target is not None:
+                    sites[timer.target.value].append((source, timer.target))
+            for escalation in state.escalations:
+                if escalation.end is not None:
+                    sites[escalation.end.target.value].append((source, escalation.end.target))
+        for edge in self.retry_edges:
+            sites[edge.target.value].append((edge.source.value, edge.target))
+        return sites
 
     @cached_property
     def initial(self) -> State | None:
@@ -254,20 +297,32 @@ def _at(span: SourceSpan) -> str:
     return f"line {span.line}"
 
 
-_UNIT_MILLIS = {"d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
+_UNIT_MILLIS = {"w": 604_800_000, "d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
 
 
 def _duration_text(millis: int, like: Duration | None = None) -> str:
-    """`millis` written in the unit of `like` when it divides evenly, else the largest unit."""
+    """`millis` written in the smallest unit of `like` when it divides evenly, else as a
+    compound duration (1d12h)."""
     if like is not None:
-        unit = like.text.lstrip("0123456789")
+        unit = like.text.rstrip("0123456789").lstrip("0123456789")
+        unit = unit[-2:] if unit.endswith("ms") else unit[-1:]
         size = _UNIT_MILLIS.get(unit, 1)
-        if millis % size == 0:
+        if millis % size == 0 and unit != "w":
             return f"{millis // size}{unit}"
+    return duration_text(millis)
+
+
+def duration_text(millis: int) -> str:
+    """The shortest compound text of a duration: 36h -> 1d12h, 0 -> 0s."""
+    parts = []
+    rest = millis
     for unit, size in _UNIT_MILLIS.items():
-        if millis and millis % size == 0:
-            return f"{millis // size}{unit}"
-    return f"{millis}ms"
+        if unit == "w" and rest % size:
+            continue  # 10d reads better than 1w3d
+        count, rest = divmod(rest, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"
 
 
 def _guard_key(transition: Transition) -> str | None:
@@ -336,6 +391,7 @@ def check_duplicate_states(facts: MachineFacts) -> Iterator[Diagnostic]:
                 f"state '{state.name.value}' is declared twice",
                 state.name.span,
                 f"first declared at {_at(first.name.span)}; merge the two or rename one",
+                [related(first.name.span, "first declared here")],
             )
 
 
@@ -351,6 +407,7 @@ def check_duplicate_events(facts: MachineFacts) -> Iterator[Diagnostic]:
                 f"event '{event.name.value}' is declared twice",
                 event.name.span,
                 f"first declared at {_at(first.name.span)}; merge the two or rename one",
+                [related(first.name.span, "first declared here")],
             )
 
 
@@ -447,6 +504,46 @@ def check_timers(facts: MachineFacts) -> Iterator[Diagnostic]:
                     duration.span,
                     f"the other one is at {_at(first.span)}; two timers due at once "
                     "race, so merge them or change one duration",
+                    [related(first.span, "the other timer due at that moment")],
+                )
+
+
+def check_shadowed_timers(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """W208: a timer of a state that a shorter timer moving out of the state always beats."""
+    due: dict[str, list[tuple[Duration, str, bool]]] = defaultdict(list)
+    for state in facts.timed:
+        name = state.name.value
+        for timer in state.timers:
+            due[name].append((timer.after, "timer", timer.target is not None))
+        for escalation in state.escalations:
+            times = [step.after.millis for step in escalation.steps]
+            if escalation.end is not None:
+                times.append(escalation.end.after.millis)
+            if any(later <= earlier for earlier, later in itertools.pairwise(times)):
+                continue  # out of order: E120's, whose fix decides what fires
+            for step in escalation.steps:
+                due[name].append((step.after, "escalation step", False))
+            if escalation.end is not None:
+                due[name].append((escalation.end.after, "escalation end", True))
+    for ladder in facts.machine.retries:
+        for retry in ladder.steps:
+            due[retry.state.value].append(
+                (retry.after, f"retry step of '{ladder.name.value}'", False)
+            )
+    for state_name, timers in due.items():
+        moving = [after for after, _, moves in timers if moves and after.millis > 0]
+        if not moving:
+            continue
+        first = min(moving, key=lambda after: after.millis)
+        for after, what, _ in timers:
+            if after.millis > first.millis:
+                yield fail(
+                    "W208",
+                    f"{what} at {after.text} in state '{state_name}' can never fire: "
+                    f"the timer at {first.text} always leaves the state first",
+                    after.span,
+                    f"shorten it below {first.text}, or lengthen or remove the earlier timer",
+                    [related(first.span, f"this timer leaves '{state_name}' at {first.text}")],
                 )
 
 
@@ -485,10 +582,11 @@ def check_unknown_events(facts: MachineFacts) -> Iterator[Diagnostic]:
 
 def check_unhandled_events(facts: MachineFacts) -> Iterator[Diagnostic]:
     """W204: an event no state moves on (being ignored everywhere is not handling)."""
-    if not facts.references_resolve:
-        return
     handled = set(facts.transition_events)
     handled.update(edge.ladder.event.value for edge in facts.retry_edges)
+    # A row on a misspelt event (E106's) handles the event it misspells: no echo of it here.
+    for name in facts.unknown_event_names & handled:
+        handled.update(difflib.get_close_matches(name, list(facts.events), n=1, cutoff=0.6))
     ignored = {n.value for state in facts.ignoring for i in state.ignores for n in i.events}
     for event in facts.events.values():
         name = event.name.value
@@ -761,6 +859,7 @@ def check_nondeterminism(facts: MachineFacts) -> Iterator[Diagnostic]:
                     f"'{row.target.value}' ({how})",
                     row.event.span,
                     "give each row its own `when guard` and one `else`, or remove one",
+                    [related(first.event.span, "the competing row")],
                 )
 
 
@@ -924,6 +1023,8 @@ def check_escalation_deadlines(facts: MachineFacts) -> Iterator[Diagnostic]:
                 if step.within is None or index + 1 >= len(times):
                     continue
                 following = times[index + 1]
+                if following.millis <= step.after.millis:
+                    continue  # the steps are out of order: E120's, and no room to speak of
                 due = step.after.millis + step.within.millis
                 if due > following.millis:
                     room = following.millis - step.after.millis
@@ -1026,27 +1127,52 @@ def _retry_ladder_states(facts: MachineFacts, ladder: RetryLadder) -> Iterator[D
 
 
 def check_unreachable_states(facts: MachineFacts) -> Iterator[Diagnostic]:
-    """W201: no path of transitions, timers, escalation ends or retry steps from initial."""
-    if facts.initial is None or not facts.references_resolve:
+    """W201: no path of transitions, timers, escalation ends or retry steps from initial.
+    Related locations say where the way in was lost: moves of reachable states to a state
+    named much like this one, and the moves into it from states that are unreachable too."""
+    if facts.initial is None:
         return
     start = facts.initial.name.value
+    reachable = facts.reachable
     for name, state in facts.states.items():
-        if name not in facts.reachable:
-            yield fail(
-                "W201",
-                f"state '{name}' cannot be reached from the initial state '{start}'",
-                state.name.span,
-                "add a transition, timer, escalation or retry step into it, or remove it",
-            )
+        if name in reachable:
+            continue
+        notes = []
+        for target, sites in facts.move_sites.items():
+            if target == name or target not in facts.states:
+                continue
+            if not difflib.get_close_matches(name, [target], n=1, cutoff=0.7):
+                continue
+            for source, written in sites:
+                if source in reachable:
+                    notes.append(
+                        related(
+                            written.span,
+                            f"'{source}' moves to '{target}' here: was '{name}' meant?",
+                        )
+                    )
+        for source, written in facts.move_sites.get(name, ()):
+            if source != name:
+                notes.append(
+                    related(written.span, f"entered from '{source}', which is unreachable too")
+                )
+        yield fail(
+            "W201",
+            f"state '{name}' cannot be reached from the initial state '{start}'",
+            state.name.span,
+            "add a transition, timer, escalation or retry step into it, or remove it",
+            notes[:4],
+        )
 
 
 def check_final_reachability(facts: MachineFacts) -> Iterator[Diagnostic]:
     """W203 dead ends, and W202 states that can never finish (unless `perpetual`)."""
-    if facts.initial is None or not facts.references_resolve:
+    if facts.initial is None:
         return
     machine, moves = facts.machine, facts.successors
     reachable = facts.reachable
-    finishing = closure(predecessors(moves), facts.final_names)
+    # A move to an unknown place may finish: no W202 before it (E104 is reported there).
+    finishing = closure(predecessors(moves), facts.final_names | facts.lost_moves)
     if not facts.final_names and not machine.perpetual:
         yield fail(
             "W202",
@@ -1058,7 +1184,7 @@ def check_final_reachability(facts: MachineFacts) -> Iterator[Diagnostic]:
     for name, state in facts.states.items():
         if name not in reachable or state.final or state.perpetual:
             continue
-        if not moves[name]:
+        if not moves[name] and name not in facts.lost_moves:
             yield fail(
                 "W203",
                 f"state '{name}' is a dead end: nothing leaves it and it is not final",
@@ -1252,6 +1378,7 @@ MACHINE_RULES: tuple[MachineRule, ...] = (
     check_duplicate_literals,
     check_initial_and_final,
     check_timers,
+    check_shadowed_timers,
     check_unknown_states,
     check_unknown_events,
     check_unhandled_events,
@@ -1303,11 +1430,15 @@ def check_machines(
 
 def _skipped_rules(facts: MachineFacts) -> tuple[str, ...]:
     """Codes whose rules did not run, so an `@allow` of them cannot be called unused."""
-    if not facts.references_resolve:
-        return ("W201", "W202", "W203", "W204")
     if facts.initial is None:
         return ("W201", "W202", "W203")
     return ()
+
+
+# Findings that text skipped by syntax error recovery (a state, a marker, a row) could cause.
+_ECHOES_OF_SKIPPED_TEXT = frozenset(
+    {"E101", "E102", "E104", "E106", "W201", "W202", "W203", "W204", "W205"}
+)
 
 
 def check_paths(paths: Sequence[str | Path]) -> CheckReport:
@@ -1317,15 +1448,22 @@ def check_paths(paths: Sequence[str | Path]) -> CheckReport:
     diagnostics: list[Diagnostic] = []
     files, expansion_findings = _expand(paths)
     diagnostics.extend(expansion_findings)
+    lossy: set[str] = set()
     for file in files:
         source = read_source(file)
         sources[source.path] = source
-        machine, parsed = parse_source(source)
+        machine, parsed, recovery = parse_recovering(source)
         diagnostics.extend(parsed)
         if machine is not None:
             machines.append(machine)
+            if recovery is Recovery.LOSSY:
+                lossy.add(machine.path)
     known = _sibling_machines(machines)
-    diagnostics.extend(check_machines(machines, known=known))
+    diagnostics.extend(
+        d
+        for d in check_machines(machines, known=known)
+        if not (d.span.path in lossy and d.code in _ECHOES_OF_SKIPPED_TEXT)
+    )
     diagnostics.sort(key=Diagnostic.sort_key)
     return CheckReport(sources=sources, machines=machines, diagnostics=diagnostics, known=known)
 

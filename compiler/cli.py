@@ -40,6 +40,11 @@ TRACEBACK_VARIABLE = "AUTONOMIC_TRACEBACK"
 Handler = Callable[[argparse.Namespace], int]
 
 
+def _count(number: int, word: str) -> str:
+    """`1 machine`, `2 machines`, `0 files`."""
+    return f"{number} {word}" if number == 1 else f"{number} {word}s"
+
+
 class CommandProblem(Exception):
     """A command's argument cannot be used: reported as a diagnostic, exit 1."""
 
@@ -243,12 +248,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
                 "run `autonomic build` and commit the result\n"
             )
             return EXIT_FINDINGS
-        print(f"{args.out} is up to date ({len(result.report.machines)} machines)")
+        print(f"{args.out} is up to date ({_count(len(result.report.machines), 'machine')})")
         return EXIT_OK
     changed = len(result.written)
     print(
-        f"built {len(result.report.machines)} machines into {args.out} "
-        f"({changed} file{'s' if changed != 1 else ''} written)"
+        f"built {_count(len(result.report.machines), 'machine')} into {args.out} "
+        f"({_count(changed, 'file')} written)"
     )
     return EXIT_OK
 

@@ -41,7 +41,7 @@ COMPILER_VERSION = __version__
 CONTRACT_MODULE = "autonomic.runtime.tables"
 LINE_LENGTH = 100
 
-_DURATION = re.compile(r"[0-9]+(ms|s|m|h|d)\Z")
+_DURATION = re.compile(r"([0-9]+(ms|s|m|h|d|w))+\Z")
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 _VERSION = re.compile(r"[0-9A-Za-z.+_-]+\Z")
 # Paths shown inside the header docstring; anything else is named through SOURCE_PATH only.

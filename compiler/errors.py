@@ -35,6 +35,16 @@ class SourceSpan(BaseModel):
         return (self.path, self.line, self.column)
 
 
+class RelatedLocation(BaseModel):
+    """Where to look besides the finding itself: the cause of a consequence (the row that
+    points at the wrong state), or the other half of a clash (the first declaration)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    span: SourceSpan
+    message: str
+
+
 class Diagnostic(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -43,6 +53,7 @@ class Diagnostic(BaseModel):
     message: str
     span: SourceSpan
     hint: str | None = None
+    related: tuple[RelatedLocation, ...] = ()
 
     def sort_key(self) -> tuple[str, int, int, str]:
         return (*self.span.sort_key(), self.code)
@@ -75,6 +86,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "E115": (Severity.ERROR, "duplicate or zero timer"),
     "E116": (Severity.ERROR, "state is both initial and final"),
     "E117": (Severity.ERROR, "duplicate enum literal"),
+    "E118": (Severity.ERROR, "malformed duration"),
     "E120": (Severity.ERROR, "ladder steps not strictly increasing"),
     "E121": (Severity.ERROR, "escalation step deadline overruns the next step"),
     "E122": (Severity.ERROR, "invalid ladder end or step state"),
@@ -91,6 +103,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "W205": (Severity.WARNING, "suppression matches no finding"),
     "W206": (Severity.WARNING, "machine name does not match its file name"),
     "W207": (Severity.WARNING, "folder holds no machine files"),
+    "W208": (Severity.WARNING, "timer can never fire"),
 }
 
 
@@ -105,12 +118,22 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     return f"did you mean '{matches[0]}'?" if matches else None
 
 
-def fail(code: str, message: str, span: SourceSpan, hint: str | None = None) -> Diagnostic:
+def fail(
+    code: str,
+    message: str,
+    span: SourceSpan,
+    hint: str | None = None,
+    related: Iterable[RelatedLocation] = (),
+) -> Diagnostic:
     """The single constructor of diagnostics; severity comes from the code table."""
     severity, _ = CODES[code]
     return Diagnostic.model_construct(
-        code=code, severity=severity, message=message, span=span, hint=hint
+        code=code, severity=severity, message=message, span=span, hint=hint, related=tuple(related)
     )
+
+
+def related(span: SourceSpan, message: str) -> RelatedLocation:
+    return RelatedLocation.model_construct(span=span, message=message)
 
 
 def _display_line(line: str) -> str:
@@ -151,4 +174,9 @@ def format_text(diagnostic: Diagnostic, source_lines: Sequence[str] | None) -> s
         parts.append(" " * (len(gutter) + col - start) + "^" * width)
     if diagnostic.hint:
         parts.append(f"  = hint: {diagnostic.hint}")
+    for note in diagnostic.related:
+        where = note.span
+        parts.append(
+            _display_line(f"  = see {where.path}:{where.line}:{where.column}: {note.message}")
+        )
     return "\n".join(parts)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import enum
 import gc
 import hashlib
 import re
@@ -15,7 +17,15 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from lark import Lark, Token, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark import (
+    Lark,
+    Token,
+    Tree,
+    UnexpectedCharacters,
+    UnexpectedEOF,
+    UnexpectedInput,
+    UnexpectedToken,
+)
 from lark.lexer import PatternRE, PatternStr
 from lark.parsers.lalr_analysis import Shift
 
@@ -51,6 +61,8 @@ _TERMINAL_NAMES = {
     "$END": "end of file",
 }
 
+_UNITS_HINT = "units are ms, s, m, h, d and w, combined largest first: 24h, 2w, 1d12h"
+
 # Known mistakes -> friendly message and hint (lark's match_examples).
 _EXAMPLES: dict[tuple[str, str], list[str]] = {
     (
@@ -64,7 +76,7 @@ _EXAMPLES: dict[tuple[str, str], list[str]] = {
     ],
     (
         "a duration needs a unit",
-        "units are ms, s, m, h, d: write `after 24h -> Target`",
+        _UNITS_HINT,
     ): [
         "machine M { state A { after 24 -> B } }",
         "machine M { state A { after -> B } }",
@@ -238,22 +250,47 @@ def paused_gc() -> Iterator[None]:
 
 
 def parse_source(source: SourceFile) -> tuple[Machine | None, list[Diagnostic]]:
-    """Parses one file into at most one machine; every problem comes back as a diagnostic."""
+    """Parses one file into at most one machine; every problem comes back as a diagnostic.
+    A file with syntax errors gives no machine (see `parse_recovering` for the checker)."""
+    machine, diagnostics, recovered = parse_recovering(source)
+    return (None if recovered is not Recovery.NONE else machine), diagnostics
+
+
+class Recovery(enum.Enum):
+    """How a file's machine was read: as written; past syntax errors by repairs that kept
+    everything written (a missing `->` inserted, a misspelt keyword corrected); or past
+    repairs that dropped text, so that its checks may echo the syntax errors."""
+
+    NONE = "none"
+    REPAIRED = "repaired"
+    LOSSY = "lossy"
+
+
+def parse_recovering(source: SourceFile) -> tuple[Machine | None, list[Diagnostic], Recovery]:
+    """Like `parse_source`, but past syntax errors: each is reported (at most one per line)
+    and the parse goes on, so one run names all of them. The machine read around them comes
+    back too, with how it was recovered: the checker checks it, knowing whether a skipped
+    token may have taken a marker or a state with it."""
     if source.text is None:
-        return None, list(source.diagnostics)
+        return None, list(source.diagnostics), Recovery.NONE
+    recovered = Recovery.NONE
     with paused_gc():
         builder = ModelBuilder(source.path, source.sha256)
         machines = _parse_fast(source.text, builder)
         if machines is None:
-            # Not plain input, or not valid: lark parses it or names the mistake. Whatever
+            # Not plain input, or not valid: lark parses it or names the mistakes. Whatever
             # the fast path built or reported so far is dropped with its builder.
             builder = ModelBuilder(source.path, source.sha256)
-            try:
-                tree = _lark().parse(source.text)
-            except UnexpectedInput as exc:
-                return None, [_syntax_diagnostic(source, exc)]
+            tree, errors, lossy = _parse_with_recovery(source.text)
+            syntax = _syntax_diagnostics(source, errors)
+            if tree is None:
+                return None, syntax, Recovery.LOSSY
+            recovered = Recovery.LOSSY if lossy else Recovery.REPAIRED if syntax else Recovery.NONE
             machines = builder.transform(tree)
+            builder.diagnostics[:0] = syntax
     diagnostics = list(builder.diagnostics)
+    if not machines and recovered is not Recovery.NONE:
+        return None, diagnostics, Recovery.LOSSY  # what the syntax errors say, no echo
     if len(machines) != 1:
         span = machines[1].span if len(machines) > 1 else SourceSpan.point(source.path)
         what = "more than one machine" if machines else "no machine"
@@ -265,8 +302,142 @@ def parse_source(source: SourceFile) -> tuple[Machine | None, list[Diagnostic]]:
                 "write one `machine Name { ... }` block per .fsm file",
             )
         )
-        return None, diagnostics
-    return machines[0], diagnostics
+        return None, diagnostics, recovered
+    return machines[0], diagnostics, recovered
+
+
+# Tokens the recovery may insert where one is missing (never a name: it would invent one).
+_INSERTABLE = ("->", "}", "{", ")", ",")
+_MAX_SYNTAX_ERRORS = 30
+# Above this size a file gets no repair trials (each re-parses it): its first error only.
+_MAX_RECOVERY_BYTES = 256 * 1024
+
+
+def _parse_with_recovery(
+    text: str,
+) -> tuple[Tree[Token] | None, list[tuple[UnexpectedInput, str]], bool]:
+    """lark's parse, and after each syntax error the smallest repair of the text that lets the
+    parse go furthest: a missing `->`, `{`, `}`, `)` or `,` inserted, a misspelt keyword or a
+    malformed duration corrected, a token skipped, or the rest of the line (then the whole
+    statement) blanked, braces kept. Lines are never added or removed, so every later error
+    is still reported on its own line. Each error comes with the text it was found in; the
+    flag says whether some repair dropped written text."""
+    errors: list[tuple[UnexpectedInput, str]] = []
+    current = text
+    lossy = False
+    while True:
+        try:
+            return _lark().parse(current), errors, lossy
+        except UnexpectedInput as exc:
+            errors.append((exc, current))
+            if len(errors) >= _MAX_SYNTAX_ERRORS or len(current) > _MAX_RECOVERY_BYTES:
+                return None, errors, True
+            repaired = _best_repair(current, exc)
+            if repaired is None:
+                return None, errors, True
+            current, lossless = repaired
+            lossy = lossy or not lossless
+
+
+def _error_offset(text: str, exc: UnexpectedInput) -> int:
+    if isinstance(exc, UnexpectedToken) and exc.token.type == "$END":
+        return len(text)
+    if isinstance(exc, UnexpectedCharacters):
+        return exc.pos_in_stream or 0
+    start = getattr(getattr(exc, "token", None), "start_pos", None)
+    if start is not None:
+        return int(start)
+    return _offset(text, getattr(exc, "line", 1) or 1, getattr(exc, "column", 1) or 1)
+
+
+def _blank(text: str) -> str:
+    """`text` with everything but braces and line breaks turned into spaces."""
+    return "".join(c if c in "{}\n" else " " for c in text)
+
+
+def _repairs(text: str, exc: UnexpectedInput) -> Iterator[tuple[str, bool]]:
+    """Candidate repairs of the text at the error, smallest first, each with whether it keeps
+    everything that was written (an insertion or a correction) or drops some of it."""
+    offset = _error_offset(text, exc)
+    if offset >= len(text.rstrip()):
+        # The file ends early: whatever was meant to follow is missing.
+        for closers in range(1, 9):
+            yield text + "}" * closers, False
+        return
+    expected = _expected_terminals(exc)
+    word = _NAME_RE.match(text, offset)
+    if word is not None and (keyword := _close_keyword(word.group(), expected)) is not None:
+        yield text[:offset] + keyword + text[word.end() :], True
+    if "DURATION" in expected and (fixed := _duration_fix(text, offset)) is not None:
+        yield fixed, True
+    for token in _INSERTABLE:
+        yield text[:offset] + token + " " + text[offset:], True
+    size = max(len(exc.token) if isinstance(exc, UnexpectedToken) else 1, 1)
+    yield text[:offset] + " " * size + text[offset + size :], False
+    previous = _previous_token(text, offset)
+    if previous is not None:
+        word_text, prev_line, prev_end = previous
+        prev_offset = _offset(text, prev_line, prev_end) - len(word_text)
+        yield (
+            text[:prev_offset] + " " * len(word_text) + text[prev_offset + len(word_text) :],
+            False,
+        )
+        if prev_line < text.count("\n", 0, offset) + 1:
+            # The statement ended too early: drop it, braces kept.
+            start = text.rfind("\n", 0, prev_offset) + 1
+            end = text.find("\n", prev_offset)
+            yield text[:start] + _blank(text[start:end]) + text[end:], False
+    line_start = text.rfind("\n", 0, offset) + 1
+    line_end = text.find("\n", offset)
+    line_end = len(text) if line_end < 0 else line_end
+    yield text[:offset] + _blank(text[offset:line_end]) + text[line_end:], False
+    block = max(text.rfind("{", line_start, offset), text.rfind("}", line_start, offset)) + 1
+    statement = max(block, line_start)
+    yield text[:statement] + _blank(text[statement:line_end]) + text[line_end:], False
+    if statement != line_start:
+        yield text[:line_start] + _blank(text[line_start:line_end]) + text[line_end:], False
+
+
+def _best_repair(text: str, exc: UnexpectedInput) -> tuple[str, bool] | None:
+    """The candidate after which the parse gets furthest (all the way, at best), with
+    whether it kept everything written."""
+    best, best_reach = None, _error_offset(text, exc)
+    for candidate, lossless in _repairs(text, exc):
+        try:
+            _lark().parse(candidate)
+        except UnexpectedInput as later:
+            reach = _error_offset(candidate, later) - (len(candidate) - len(text))
+        else:
+            reach = len(text) + 1
+        if reach > best_reach:
+            best, best_reach = (candidate, lossless), reach
+    return best
+
+
+def _duration_fix(text: str, offset: int) -> str | None:
+    """The text with a malformed duration at `offset` replaced by a well-formed one."""
+    for pattern in (_FRACTION, _SPACED, _UNKNOWN_UNIT, _BARE_NUMBER):
+        match = pattern.match(text, offset)
+        if match is not None:
+            digits = re.match("[0-9]+", match.group())
+            whole = digits.group() if digits else "1"
+            fixed = f"{whole}h"
+            return text[:offset] + fixed.ljust(len(match.group())) + text[match.end() :]
+    return None
+
+
+def _syntax_diagnostics(
+    source: SourceFile, errors: list[tuple[UnexpectedInput, str]]
+) -> list[Diagnostic]:
+    """One finding per line: the rest of a broken line is usually the same mistake again."""
+    found: list[Diagnostic] = []
+    seen: set[int] = set()
+    for exc, text in errors:
+        diagnostic = _syntax_diagnostic(source, exc, text)
+        if diagnostic.span.line not in seen:
+            seen.add(diagnostic.span.line)
+            found.append(diagnostic)
+    return found
 
 
 # ---------------------------------------------------------------- the fast path
@@ -545,7 +716,12 @@ def parse_text(text: str, path: str = "<input>") -> tuple[Machine | None, list[D
     return parse_source(decode_source(path, text.encode("utf-8")))
 
 
-def _syntax_diagnostic(source: SourceFile, exc: UnexpectedInput) -> Diagnostic:
+def _syntax_diagnostic(
+    source: SourceFile, exc: UnexpectedInput, text: str | None = None
+) -> Diagnostic:
+    """The finding for one syntax error; `text` is the (partly repaired) text it was met in,
+    which has the lines of the source."""
+    text = (source.text or "") if text is None else text
     line = getattr(exc, "line", 1) or 1
     column = getattr(exc, "column", 1) or 1
     at_end = isinstance(exc, UnexpectedEOF) or (
@@ -553,10 +729,11 @@ def _syntax_diagnostic(source: SourceFile, exc: UnexpectedInput) -> Diagnostic:
     )
     if at_end or line < 1:
         # Point just after the last written character, not at a trailing blank line.
-        lines = source_lines((source.text or "").rstrip())
+        lines = source_lines(text.rstrip())
         line = len(lines)
         column = len(lines[-1]) + 1
     width = 1
+    ch = ""
     if (
         isinstance(exc, UnexpectedToken)
         and isinstance(exc.token, Token)
@@ -565,9 +742,8 @@ def _syntax_diagnostic(source: SourceFile, exc: UnexpectedInput) -> Diagnostic:
         width = max(1, len(str(exc.token)))
         found = f"unexpected '{_clip(str(exc.token))}'"
     elif isinstance(exc, UnexpectedCharacters):
-        assert source.text is not None
         pos = exc.pos_in_stream or 0
-        ch = source.text[pos] if pos < len(source.text) else ""
+        ch = text[pos] if pos < len(text) else ""
         found = f"unexpected character {ch!r}"
         if ch == '"':
             found = "unterminated or invalid string"
@@ -576,17 +752,180 @@ def _syntax_diagnostic(source: SourceFile, exc: UnexpectedInput) -> Diagnostic:
     span = SourceSpan.model_construct(
         path=source.path, line=line, column=column, end_line=line, end_column=column + width
     )
+    expected = _expected_terminals(exc)
+    offset = _offset(text, line, column)
     if found.startswith("unterminated"):
-        hint = 'close the string with " on the same line; escape quotes as \\"'
-    elif isinstance(exc, UnexpectedCharacters) and not ch.isascii():
-        hint = "names are ASCII letters, digits and underscores; put other text in a doc string"
-    elif friendly := _friendly(exc):
+        return fail("E001", f"syntax error: {found}", span, _UNTERMINATED)
+    if isinstance(exc, UnexpectedCharacters) and not ch.isascii():
+        return fail("E001", f"syntax error: {found}", span, _NOT_ASCII)
+    if "DURATION" in expected and (mistake := _duration_mistake(text, offset)) is not None:
+        message, hint, size = mistake
+        span = span.model_copy(update={"end_column": column + size})
+        return fail("E001", message, span, hint)
+    word = _NAME_RE.match(text, offset)
+    if word is not None and (keyword := _close_keyword(word.group(), expected)) is not None:
+        span = span.model_copy(update={"end_column": column + len(word.group())})
+        return fail(
+            "E001",
+            f"syntax error: unknown keyword '{word.group()}'",
+            span,
+            f"did you mean '{keyword}'? (expected {_expected(expected)})",
+        )
+    if friendly := _friendly(exc):
         message, friendly_hint = friendly
         return fail("E001", f"{message} ({found})", span, friendly_hint)
-    else:
-        expected = _expected(exc)
-        hint = f"expected {expected}" if expected else "check the syntax just before this point"
+    previous = _previous_token(text, offset)
+    if previous is not None and not at_end and previous[1] < line:
+        # The line ended too early: say so where it ends, not at the next line's first token.
+        word_text, prev_line, prev_end = previous
+        span = SourceSpan.model_construct(
+            path=source.path,
+            line=prev_line,
+            column=prev_end,
+            end_line=prev_line,
+            end_column=prev_end + 1,
+        )
+        return fail(
+            "E001",
+            f"syntax error: the line ends after '{_clip(word_text)}'",
+            span,
+            f"expected {_expected(expected)} after '{_clip(word_text)}'",
+        )
+    hint = (
+        f"expected {_expected(expected)}" if expected else "check the syntax just before this point"
+    )
     return fail("E001", f"syntax error: {found}", span, hint)
+
+
+_UNTERMINATED = 'close the string with " on the same line; escape quotes as \\"'
+_NOT_ASCII = "names are ASCII letters, digits and underscores; put other text in a doc string"
+_UNIT_NAMES = {"w": "weeks", "d": "days", "h": "hours", "m": "minutes", "s": "seconds", "ms": "ms"}
+_UNIT_MS = {"w": 604_800_000, "d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
+_FRACTION = re.compile(r"([0-9]+)\.([0-9]+) ?([A-Za-z]*)")
+_SPACED = re.compile(r"([0-9]+)[ \t]+(ms|s|m|h|d|w)(?![A-Za-z0-9_])")
+_UNKNOWN_UNIT = re.compile(r"((?:[0-9]+(?:ms|s|m|h|d|w))*)([0-9]+)([A-Za-z_]+)")
+_BARE_NUMBER = re.compile(r"[0-9]+(?![A-Za-z0-9_.])")
+_UNIT_WORDS = {
+    "min": "m",
+    "mins": "m",
+    "minute": "m",
+    "minutes": "m",
+    "sec": "s",
+    "secs": "s",
+    "second": "s",
+    "seconds": "s",
+    "hr": "h",
+    "hrs": "h",
+    "hour": "h",
+    "hours": "h",
+    "day": "d",
+    "days": "d",
+    "wk": "w",
+    "wks": "w",
+    "week": "w",
+    "weeks": "w",
+}
+
+
+def _duration_mistake(text: str, offset: int) -> tuple[str, str, int] | None:
+    """A precise message for a malformed duration where one was expected: a fraction
+    (`1.5h`), a space before the unit (`48 h`), an unknown unit (`2y`, `3mo`) or none (`24`).
+    Returns (message, hint, width of the mistake)."""
+    if match := _FRACTION.match(text, offset):
+        whole, fraction, unit = match.groups()
+        size = _UNIT_MS.get(unit)
+        hint = "durations are whole numbers: write it in a smaller unit or as a compound"
+        if size is not None:
+            millis = int(whole) * size + (int(fraction) * size) // 10 ** len(fraction)
+            hint += f", e.g. {_compound(millis)}"
+        return f"a duration cannot have a fraction ('{match.group()}')", hint, len(match.group())
+    if match := _SPACED.match(text, offset):
+        written = match.group(1) + match.group(2)
+        return (
+            f"a duration is written without a space before its unit ('{match.group()}')",
+            f"write {written}",
+            len(match.group()),
+        )
+    if match := _UNKNOWN_UNIT.match(text, offset):
+        unit = match.group(3)
+        known = _UNIT_WORDS.get(unit.lower())
+        hint = (
+            f"write {match.group(1)}{match.group(2)}{known} ({_UNIT_NAMES[known]})"
+            if known
+            else "units are ms, s, m, h, d and w (weeks); combine them as in 1d12h"
+        )
+        return f"unknown duration unit '{unit}' in '{match.group()}'", hint, len(match.group())
+    if match := _BARE_NUMBER.match(text, offset):
+        return (
+            f"a duration needs a unit ('{match.group()}' has none)",
+            _UNITS_HINT,
+            len(match.group()),
+        )
+    return None
+
+
+def _compound(millis: int) -> str:
+    parts = []
+    for unit in ("d", "h", "m", "s", "ms"):
+        count, millis = divmod(millis, _UNIT_MS[unit])
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"
+
+
+def _offset(text: str, line: int, column: int) -> int:
+    """The string offset of a 1-based line and column."""
+    start = 0
+    for _ in range(line - 1):
+        found = text.find("\n", start)
+        if found < 0:
+            return len(text)
+        start = found + 1
+    return min(start + column - 1, len(text))
+
+
+_TOKENS = re.compile(r'"(?:[^"\\\n]|\\.)*"?|(?:#|//)[^\n]*|[A-Za-z0-9_$]+|->|\S')
+
+
+def _previous_token(text: str, offset: int) -> tuple[str, int, int] | None:
+    """The last token before `offset` (comments skipped): its text, line and end column."""
+    last = None
+    for match in _TOKENS.finditer(text, 0, offset):
+        if not match.group().startswith(("#", "//")):
+            last = match
+    if last is None:
+        return None
+    line = text.count("\n", 0, last.start()) + 1
+    line_start = text.rfind("\n", 0, last.start()) + 1
+    return last.group(), line, last.end() - line_start + 1
+
+
+@cache
+def _keywords() -> dict[str, str]:
+    """Keyword terminal -> its word (`STATE` -> `state`), `queue`/`role` included."""
+    words: dict[str, str] = {}
+    for terminal in _lark().terminals:
+        pattern = terminal.pattern
+        if isinstance(pattern, PatternStr) and _NAME_RE.fullmatch(pattern.value):
+            words[terminal.name] = pattern.value
+        elif listed := _WORD_LIST.fullmatch(pattern.value):
+            for word in listed.group(1).split("|"):
+                words[f"{terminal.name}:{word}"] = word
+    return words
+
+
+def _close_keyword(word: str, expected: set[str]) -> str | None:
+    """The expected keyword that `word` misspells, if one is close (`inital` -> `initial`)."""
+    keywords = _keywords()
+    candidates = [
+        text
+        for terminal, text in keywords.items()
+        if terminal.split(":")[0] in expected and text != word
+    ]
+    if not candidates:
+        return None
+    matches = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return matches[0] if matches else None
 
 
 def _clip(text: str, limit: int = 40) -> str:
@@ -594,15 +933,20 @@ def _clip(text: str, limit: int = 40) -> str:
     return shown if len(shown) <= limit else shown[:limit] + "..."
 
 
-def _expected(exc: UnexpectedInput) -> str:
-    names: set[str] = set()
+def _expected_terminals(exc: UnexpectedInput) -> set[str]:
     raw = getattr(exc, "expected", None) or getattr(exc, "allowed", None) or set()
-    for term in raw:
+    return {str(term) for term in raw}
+
+
+def _expected(terminals: set[str]) -> str:
+    """Every expected token, in words: `'->', a name or '}'`."""
+    names: set[str] = set()
+    for term in terminals:
         names.add(_TERMINAL_NAMES.get(term, f"'{term.lower()}'" if term.isupper() else term))
     ordered = sorted(names)
-    if len(ordered) > 8:
-        ordered = [*ordered[:8], "..."]
-    return ", ".join(ordered)
+    if len(ordered) <= 1:
+        return "".join(ordered)
+    return ", ".join(ordered[:-1]) + " or " + ordered[-1]
 
 
 def _error_key(exc: UnexpectedInput) -> tuple[Any, str] | None:

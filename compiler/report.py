@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 from . import __version__
 from .checks import CheckReport
-from .errors import CODES, Diagnostic, Severity, format_text
+from .errors import CODES, Diagnostic, Severity, SourceSpan, format_text
 
 # Bumped only when the JSON layout changes incompatibly.
 JSON_FORMAT_VERSION = 1
@@ -30,8 +30,10 @@ def summary_line(report: CheckReport) -> str:
         counts.append(_plural(errors, "error"))
     if warnings := len(report.warnings()):
         counts.append(_plural(warnings, "warning"))
-    affected = len({d.span.path for d in report.diagnostics})
-    return f"{', '.join(counts)} in {_plural(affected, 'file')} ({checked} checked)"
+    # Findings about a folder (W207) are in no checked file.
+    affected = len({d.span.path for d in report.diagnostics} & report.sources.keys())
+    where = f" in {_plural(affected, 'file')}" if affected else ""
+    return f"{', '.join(counts)}{where} ({checked} checked)"
 
 
 def render_text(report: CheckReport) -> str:
@@ -65,6 +67,15 @@ def _diagnostic_json(diagnostic: Diagnostic) -> dict[str, Any]:
         "column": span.column,
         "end_line": span.end_line,
         "end_column": span.end_column,
+        "related": [
+            {
+                "message": note.message,
+                "path": note.span.path,
+                "line": note.span.line,
+                "column": note.span.column,
+            }
+            for note in diagnostic.related
+        ],
     }
 
 
@@ -89,6 +100,32 @@ def _artifact_uri(path: str) -> str:
         except (ValueError, OSError):
             return Path(path).as_uri()
     return quote(pure.as_posix(), safe="/")
+
+
+def _sarif_location(span: SourceSpan) -> dict[str, Any]:
+    return {
+        "physicalLocation": {
+            "artifactLocation": {"uri": _artifact_uri(span.path)},
+            "region": {
+                "startLine": max(span.line, 1),
+                "startColumn": max(span.column, 1),
+                "endLine": max(span.end_line, span.line, 1),
+                "endColumn": max(span.end_column, 1),
+            },
+        }
+    }
+
+
+def _sarif_related(diagnostic: Diagnostic) -> dict[str, Any]:
+    """SARIF `relatedLocations`: where the cause of a finding is, each with its message."""
+    if not diagnostic.related:
+        return {}
+    return {
+        "relatedLocations": [
+            {"id": number, **_sarif_location(note.span), "message": {"text": note.message}}
+            for number, note in enumerate(diagnostic.related)
+        ]
+    }
 
 
 def _sarif_level(severity: Severity) -> str:
@@ -120,19 +157,8 @@ def render_sarif(report: CheckReport) -> str:
                 "ruleIndex": index[diagnostic.code],
                 "level": _sarif_level(diagnostic.severity),
                 "message": {"text": text},
-                "locations": [
-                    {
-                        "physicalLocation": {
-                            "artifactLocation": {"uri": _artifact_uri(span.path)},
-                            "region": {
-                                "startLine": max(span.line, 1),
-                                "startColumn": max(span.column, 1),
-                                "endLine": max(span.end_line, span.line, 1),
-                                "endColumn": max(span.end_column, 1),
-                            },
-                        }
-                    }
-                ],
+                "locations": [_sarif_location(span)],
+                **_sarif_related(diagnostic),
             }
         )
     log = {

@@ -13,8 +13,9 @@ from . import model as m
 from .errors import CODES, Diagnostic, SourceSpan, did_you_mean, fail
 from .model import construct, construct_name, construct_span
 
-_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-_DURATION = re.compile(r"([0-9]+)(ms|s|m|h|d)")
+_UNITS = {"w": 604_800_000, "d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
+_UNIT_ORDER = {unit: rank for rank, unit in enumerate(_UNITS)}
+_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d|w)")
 _ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t"}
 _CODE = re.compile(r"[EW][0-9]{3}")
 
@@ -138,10 +139,22 @@ class ModelBuilder:
         return construct_name(unquote(text), self.path, line, column, column + len(text))
 
     def duration(self, text: str, line: int, column: int) -> m.Duration:
-        match = _DURATION.fullmatch(text)
-        assert match is not None  # the lexer only produces well-formed durations
-        millis = int(match.group(1)) * _UNITS[match.group(2)]
         span = self.span(line, column, line, column + len(text))
+        millis, rank = 0, -1
+        for part in _DURATION_PART.finditer(text):  # the lexer only produces number-unit parts
+            count, unit = part.groups()
+            millis += int(count) * _UNITS[unit]
+            if _UNIT_ORDER[unit] <= rank:
+                self.diagnostics.append(
+                    fail(
+                        "E118",
+                        f"duration '{text}' repeats a unit or puts a smaller unit first",
+                        span,
+                        "write each unit once, largest first, e.g. 1d12h or 2h30m",
+                    )
+                )
+                break
+            rank = _UNIT_ORDER[unit]
         return construct(m.Duration, span=span, millis=millis, text=text)
 
     def number(self, text: str, line: int, column: int) -> m.EmitValue:

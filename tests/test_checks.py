@@ -71,8 +71,8 @@ def test_fixture_reports_exactly_its_expected_findings(fixture: Path) -> None:
 @pytest.mark.parametrize("fixture", FIXTURE_FILES, ids=[p.stem for p in FIXTURE_FILES])
 def test_fixture_is_named_after_the_code_it_shows(fixture: Path) -> None:
     prefix = fixture.stem.split("_")[0].upper()
-    if prefix == "FIVE":
-        return
+    if prefix in ("FIVE", "MIXED"):
+        return  # files of several mistakes
     assert prefix in CODES
     assert prefix in {code for code, _, _ in expected_findings(fixture)}
 
@@ -131,7 +131,8 @@ def test_report_failed_depends_on_strict() -> None:
 
 def test_machines_with_findings_are_still_in_the_report() -> None:
     report = check_paths([FIXTURES / "e104_unknown_state.fsm", FIXTURES / "e001_missing_arrow.fsm"])
-    assert [m.name.value for m in report.machines] == ["E104UnknownState"]
+    # The file with a syntax error is read past it (a missing `->` is inserted) and checked.
+    assert [m.name.value for m in report.machines] == ["E104UnknownState", "E001MissingArrow"]
     assert set(report.sources) == {
         str(FIXTURES / "e104_unknown_state.fsm"),
         str(FIXTURES / "e001_missing_arrow.fsm"),
@@ -251,7 +252,13 @@ def test_emits_of_timers_escalations_and_retry_ends_are_checked() -> None:
 }
 """
     found = check_text(text, "emits.fsm")
-    assert findings(found) == [("E140", 6, 24), ("E140", 7, 60), ("E140", 12, 64)]
+    # The escalation end at 2h is beaten by the timer at 1h (W208); its emit is checked anyway.
+    assert sorted(findings(found)) == [
+        ("E140", 6, 24),
+        ("E140", 7, 60),
+        ("E140", 12, 64),
+        ("W208", 7, 47),
+    ]
     assert [d.message for d in found if d.code == "E140"] == [
         "machine 'Emits' has no event 'Nope1'",
         "machine 'Emits' has no event 'Nope2'",
@@ -536,8 +543,9 @@ def test_escalation_deadline_against_the_end_and_without_next_step() -> None:
 }
 """
     found = check_text(text, "ladders.fsm")
-    assert findings(found) == [("E121", 7, 52)]
-    assert found[0].hint == "shorten it to at most 30m or move the next step later"
+    deadlines = [d for d in found if d.code != "W208"]
+    assert findings(deadlines) == [("E121", 7, 52)]
+    assert deadlines[0].hint == "shorten it to at most 30m or move the next step later"
 
 
 def test_empty_escalation_is_e122() -> None:

@@ -11,6 +11,7 @@ from autonomic.compiler.model import Machine, Name, snake_case
 from autonomic.compiler.parser import (
     _EXAMPLES,
     decode_source,
+    parse_recovering,
     parse_source,
     parse_text,
     read_source,
@@ -448,7 +449,7 @@ def test_known_mistakes_are_recognised_in_a_real_context(
             "machine M {\n  state A {\n    after 24 -> B\n  }\n}\n",
             3,
             11,
-            "a duration needs a unit (unexpected '24')",
+            "a duration needs a unit ('24' has none)",
         ),
         (
             "machine M {\n  @allow(W201) state A\n}\n",
@@ -518,10 +519,18 @@ def test_token_width_becomes_the_span_width() -> None:
     assert at(diagnostic.span) == (1, 13, 1, 18)
 
 
-def test_duration_with_two_units_is_an_error() -> None:
-    diagnostic = parse_error("machine M { state A { after 1h30m -> B } }")
-    assert (diagnostic.span.line, diagnostic.span.column) == (1, 29)
-    assert diagnostic.message.startswith("a duration needs a unit")
+def test_compound_durations_and_weeks() -> None:
+    machine = parse_ok("machine M { state A { after 1d12h -> B after 2w -> B after 1m30s -> B } }")
+    assert [t.after.millis for t in machine.states[0].timers] == [
+        36 * 3_600_000,
+        14 * 86_400_000,
+        90_000,
+    ]
+
+
+def test_compound_duration_with_units_out_of_order_is_e118() -> None:
+    _, diagnostics = parse_text("machine M { state A { after 30m1h -> B after 1h1h -> B } }")
+    assert [(d.code, d.span.column) for d in diagnostics] == [("E118", 29), ("E118", 46)]
 
 
 def test_empty_file_and_two_machines_are_e004() -> None:
@@ -578,3 +587,74 @@ def test_source_lines_split_only_on_newlines() -> None:
     machine = parse_ok(text)
     target = machine.states[0].transitions[0].target
     assert source_lines(text)[target.span.line - 1][target.span.column - 1] == "B"
+
+
+# ---------------------------------------------------------------- recovery and precise messages
+
+
+def syntax_findings(text: str) -> list[tuple[int, int, str, str | None]]:
+    _, diagnostics, _ = parse_recovering(decode_source("m.fsm", text.encode()))
+    return [(d.span.line, d.span.column, d.message, d.hint) for d in diagnostics]
+
+
+def test_several_syntax_errors_are_reported_in_one_run() -> None:
+    text = (
+        "machine M {\n"
+        "  event E\n"
+        "  inital state A {\n"
+        "    on E B\n"
+        "    after 1.5h -> B\n"
+        "    escalation { after 1h notify queue q }\n"
+        "    on E -> B when\n"
+        "  }\n"
+        "  state B { after 48 h -> C }\n"
+        "  final state C\n"
+        "}\n"
+    )
+    found = syntax_findings(text)
+    assert [(line, column) for line, column, _, _ in found] == [
+        (3, 3),
+        (4, 10),
+        (5, 11),
+        (6, 5),
+        (7, 19),
+        (9, 19),
+    ]
+    messages = [message for _, _, message, _ in found]
+    assert messages[0] == "syntax error: unknown keyword 'inital'"
+    assert found[0][3] is not None and found[0][3].startswith("did you mean 'initial'?")
+    assert messages[2] == "a duration cannot have a fraction ('1.5h')"
+    assert found[3][3] is not None and found[3][3].startswith("did you mean 'escalate'?")
+    assert messages[4] == "syntax error: the line ends after 'when'"
+    assert messages[5] == "a duration is written without a space before its unit ('48 h')"
+
+
+@pytest.mark.parametrize(
+    ("duration", "message", "hint"),
+    [
+        ("1.5h", "a duration cannot have a fraction ('1.5h')", "e.g. 1h30m"),
+        ("48 h", "a duration is written without a space before its unit ('48 h')", "write 48h"),
+        ("2y", "unknown duration unit 'y' in '2y'", "w (weeks)"),
+        ("3weeks", "unknown duration unit 'weeks' in '3weeks'", "write 3w (weeks)"),
+        ("24", "a duration needs a unit ('24' has none)", "1d12h"),
+    ],
+)
+def test_each_duration_mistake_gets_its_own_message(duration: str, message: str, hint: str) -> None:
+    ((line, column, got, got_hint),) = syntax_findings(
+        f"machine M {{ initial state A {{ after {duration} -> B }} final state B }}"
+    )
+    assert (line, column, got) == (1, 37, message)
+    assert got_hint is not None and hint in got_hint
+
+
+def test_expected_tokens_are_listed_in_full() -> None:
+    ((_, _, _, hint),) = syntax_findings("machine M { initial state A { on E -> B when x y } }")
+    assert hint is not None and "..." not in hint
+    assert hint == "expected '@allow', 'after', 'do', 'emit', 'escalate', 'ignore', 'on' or '}'"
+
+
+def test_when_without_a_guard_is_reported_after_when() -> None:
+    found = syntax_findings("machine M {\n  initial state A {\n    on E -> B when\n  }\n}\n")
+    assert found == [
+        (3, 19, "syntax error: the line ends after 'when'", "expected a name after 'when'")
+    ]

@@ -12,7 +12,14 @@ import jsonschema
 import pytest
 from autonomic.compiler import __version__
 from autonomic.compiler.checks import CheckReport, check_paths
-from autonomic.compiler.errors import CODES, Diagnostic, Severity, SourceSpan, format_text
+from autonomic.compiler.errors import (
+    CODES,
+    Diagnostic,
+    RelatedLocation,
+    Severity,
+    SourceSpan,
+    format_text,
+)
 from autonomic.compiler.report import render_json, render_sarif, render_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,6 +170,13 @@ def test_json_round_trip(mixed_report: CheckReport) -> None:
                 end_line=item["end_line"],
                 end_column=item["end_column"],
             ),
+            related=tuple(
+                RelatedLocation(
+                    span=SourceSpan.point(note["path"], note["line"], note["column"]),
+                    message=note["message"],
+                )
+                for note in item["related"]
+            ),
         )
         for item in document["diagnostics"]
     ]
@@ -210,3 +224,32 @@ def test_text_of_an_unreadable_file_has_no_source_line(in_repo: None) -> None:
     text = render_text(report)
     assert text.startswith("tests/fixtures/checks/does_not_exist.fsm:1:1: E003 [error]")
     assert " | " not in text
+
+
+# ---------------------------------------------------------------- related locations
+
+
+def test_related_locations_in_text_json_and_sarif(in_repo: None) -> None:
+    report = check_paths([relative_fixture("mixed_references.fsm")])
+    unreachable = next(d for d in report.diagnostics if d.code == "W201")
+    assert [(n.span.line, n.span.column) for n in unreachable.related] == [(20, 19)]
+    text = render_text(report)
+    assert (
+        "  = see tests/fixtures/checks/mixed_references.fsm:20:19: 'Review' moves to "
+        "'Publishing' here: was 'Published' meant?"
+    ) in text
+    document = json.loads(render_json(report))
+    notes = next(d["related"] for d in document["diagnostics"] if d["code"] == "W201")
+    assert notes[0]["line"] == 20
+    sarif = json.loads(render_sarif(report))
+    result = next(r for r in sarif["runs"][0]["results"] if r["ruleId"] == "W201")
+    (location,) = result["relatedLocations"]
+    assert location["physicalLocation"]["region"]["startLine"] == 20
+    assert "was 'Published' meant?" in location["message"]["text"]
+    for name in SCHEMA_FILES:
+        assert sarif_errors(sarif, load_schema(name)) == []
+
+
+def test_summary_of_a_folder_without_machine_files(tmp_path: Path) -> None:
+    report = check_paths([tmp_path])
+    assert render_text(report).endswith("\n\n1 warning (0 files checked)\n")
