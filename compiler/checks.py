@@ -26,7 +26,7 @@ from .graph import (
     state_moves,
     written_moves,
 )
-from .lower import CONTEXT_REFS, emit_refs, name_problem, named_things
+from .lower import CONTEXT_REFS, emit_refs, name_problem, named_things, run_actions
 from .model import (
     Duration,
     EmitValue,
@@ -37,6 +37,11 @@ from .model import (
     Ignore,
     Machine,
     Name,
+    Policy,
+    PolicyBreaker,
+    PolicyBulkhead,
+    PolicyFallback,
+    PolicyRetry,
     RetryLadder,
     State,
     Suppression,
@@ -1311,8 +1316,10 @@ def _suppression_sites(
     which transitions of a state carry one (MachineFacts knows)."""
     for suppression in machine.suppressions:
         yield suppression, None
-    groups: list[Sequence[Event | RetryLadder | State | Transition | Timer | Ignore | Escalation]]
-    groups = [machine.events, machine.retries, machine.states]
+    groups: list[
+        Sequence[Event | RetryLadder | Policy | State | Transition | Timer | Ignore | Escalation]
+    ]
+    groups = [machine.events, machine.retries, machine.policies, machine.states]
     for state in machine.states:
         rows = state.transitions if noted_rows is None else noted_rows(state)
         groups.extend((rows, state.timers, state.ignores, state.escalations))
@@ -1365,6 +1372,165 @@ def _apply_suppressions(
     return kept
 
 
+# ---------------------------------------------------------------- resilience policies
+
+# The first wait of the jitter backoff (after failure 1): a `max` below it caps every wait.
+_FIRST_JITTER_MS = 217
+_MAX_POLICY_ATTEMPTS = 100
+
+
+def check_policy_actions(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E190: a policy wraps actions that some transition, timer or ladder runs."""
+    if not facts.machine.policies:
+        return
+    ran = {name.value for name in run_actions(facts.machine)}
+    for policy in facts.machine.policies:
+        for name in policy.actions:
+            if name.value not in ran:
+                yield fail(
+                    "E190",
+                    f"policy '{policy.name.value}' names action '{name.value}', which the "
+                    "machine never runs",
+                    name.span,
+                    did_you_mean(name.value, sorted(ran))
+                    or "name an action written after `do` in this machine",
+                )
+
+
+def check_policy_overlaps(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E191: one policy per name, one policy per action (the runtime wraps it once)."""
+    names: dict[str, Name] = {}
+    guarded: dict[str, tuple[Name, Policy]] = {}
+    for policy in facts.machine.policies:
+        first = names.setdefault(policy.name.value, policy.name)
+        if first is not policy.name:
+            yield fail(
+                "E191",
+                f"policy '{policy.name.value}' is declared twice",
+                policy.name.span,
+                f"the other is at {_at(first.span)}; merge them or rename one",
+            )
+        for name in policy.actions:
+            seen = guarded.setdefault(name.value, (name, policy))
+            if seen[0] is not name:
+                where = (
+                    "this policy already names it"
+                    if seen[1] is policy
+                    else f"policy '{seen[1].name.value}' already covers it"
+                )
+                yield fail(
+                    "E191",
+                    f"action '{name.value}' is under two policies",
+                    name.span,
+                    f"{where} at {_at(seen[0].span)}; an action runs under one policy",
+                )
+
+
+def _count_problem(value: EmitValue, least: int, most: int | None) -> str | None:
+    text = value.text
+    if not text.lstrip("-").isdigit():
+        return f"'{text}' is not a whole number"
+    if int(text) < least:
+        return f"{text} is below {least}"
+    if most is not None and int(text) > most:
+        return f"{text} is above {most}"
+    return None
+
+
+def check_policy_values(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E192: counts are whole numbers in range, durations positive, a `max` that matters."""
+    for policy in facts.machine.policies:
+        for clause in policy.clauses:
+            counts: list[tuple[EmitValue, int, int | None, str]] = []
+            if isinstance(clause, PolicyRetry):
+                what = "retry attempts (the first call included)"
+                counts.append((clause.attempts, 1, _MAX_POLICY_ATTEMPTS, what))
+                limit = clause.backoff_max
+                if limit is not None and clause.backoff == "exponential":
+                    yield fail(
+                        "E192",
+                        "the exponential backoff has its own 10s cap; `max` applies to jitter",
+                        limit.span,
+                        "write `backoff jitter max ...`, or drop `max`",
+                    )
+                elif limit is not None and limit.millis < _FIRST_JITTER_MS:
+                    yield fail(
+                        "E192",
+                        f"backoff max {limit.text} is below the first wait (217ms): every "
+                        "wait would be the same",
+                        limit.span,
+                        "raise `max` to 217ms or more, or use a fixed retry ladder",
+                    )
+            elif isinstance(clause, PolicyBreaker):
+                counts.append((clause.tolerated, 0, None, "tolerated breaker failures"))
+                if clause.cooldown.millis < 1:
+                    yield fail(
+                        "E192",
+                        "a breaker's cool-down must be longer than zero",
+                        clause.cooldown.span,
+                        "write how long the breaker stays open, e.g. `cooldown 30s`",
+                    )
+            elif isinstance(clause, PolicyBulkhead):
+                counts.append((clause.limit, 1, None, "bulkhead calls in flight per tenant"))
+            for value, least, most, what in counts:
+                why = _count_problem(value, least, most)
+                if why is not None:
+                    yield fail(
+                        "E192",
+                        f"invalid {what}: {why}",
+                        value.span,
+                        f"write a whole number from {least}"
+                        + ("" if most is None else f" to {most}"),
+                    )
+
+
+_CLAUSE_WORDS = {
+    PolicyRetry: "retry",
+    PolicyBreaker: "breaker",
+    PolicyFallback: "fallback",
+    PolicyBulkhead: "bulkhead",
+}
+
+
+def check_policy_clauses(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E193: each clause at most once per policy, and at least one clause."""
+    for policy in facts.machine.policies:
+        if not policy.clauses:
+            yield fail(
+                "E193",
+                f"policy '{policy.name.value}' has no clauses",
+                policy.name.span,
+                "add retry, breaker, fallback or bulkhead, or remove the policy",
+            )
+        seen: dict[type, SourceSpan] = {}
+        for clause in policy.clauses:
+            first = seen.setdefault(type(clause), clause.span)
+            if first is not clause.span:
+                word = _CLAUSE_WORDS[type(clause)]
+                yield fail(
+                    "E193",
+                    f"policy '{policy.name.value}' has two `{word}` clauses",
+                    clause.span,
+                    f"the first is at {_at(first)}; keep one",
+                )
+
+
+def check_policy_fallbacks(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E194: a fallback must be another action: the backup of a call is not the call."""
+    for policy in facts.machine.policies:
+        own = {name.value for name in policy.actions}
+        for clause in policy.clauses:
+            if isinstance(clause, PolicyFallback) and clause.action.value in own:
+                yield fail(
+                    "E194",
+                    f"policy '{policy.name.value}' falls back to '{clause.action.value}', an "
+                    "action it guards",
+                    clause.action.span,
+                    "name the backup's own action, e.g. "
+                    f"'{clause.action.value}_backup', and bind it to the backup service",
+                )
+
+
 # ---------------------------------------------------------------- running the rules
 
 MachineRule = Callable[[MachineFacts], Iterable[Diagnostic]]
@@ -1398,6 +1564,11 @@ MACHINE_RULES: tuple[MachineRule, ...] = (
     check_ladder_name_collisions,
     check_file_name,
     check_suppression_codes,
+    check_policy_actions,
+    check_policy_overlaps,
+    check_policy_values,
+    check_policy_clauses,
+    check_policy_fallbacks,
 )
 
 CROSS_RULES: tuple[CrossRule, ...] = (

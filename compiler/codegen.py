@@ -337,6 +337,8 @@ def contract_imports(tables: MachineTables) -> list[str]:
         used.add("EscalationStepSpec")
     if any(retry.steps for retry in tables.retries):
         used.add("RetryStepSpec")
+    if tables.policies:
+        used.add("ActionPolicy")
     kinds = {f.kind for p in tables.payloads for f in p.fields}
     if "decimal" in kinds:
         used.add("Decimal")

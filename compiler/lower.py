@@ -17,8 +17,8 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
-from typing import Literal
+from itertools import chain, pairwise
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel
 
@@ -196,6 +196,22 @@ class RetryRow:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyRow:
+    """A checked resilience policy; None where the policy has no such clause."""
+
+    name: str
+    actions: tuple[str, ...]
+    attempts: int
+    backoff: str
+    backoff_max_ms: int | None
+    tolerated_failures: int | None
+    cooldown_ms: int | None
+    fallback: str | None
+    bulkhead: int | None
+    ref: Ref
+
+
+@dataclass(frozen=True, slots=True)
 class FieldRow:
     name: str
     kind: m.FieldKind
@@ -239,6 +255,7 @@ class MachineTables:
     retries: tuple[RetryRow, ...]
     guards: tuple[tuple[str, Ref], ...]
     actions: tuple[tuple[str, Ref], ...]
+    policies: tuple[PolicyRow, ...] = ()
 
 
 # ---------------------------------------------------------------- lowering
@@ -308,7 +325,8 @@ def _lower(
         escalations=lowering.escalations(),
         retries=lowering.retries(),
         guards=lowering.first_uses(_guard_names(machine)),
-        actions=lowering.first_uses(_action_names(machine)),
+        actions=lowering.first_uses(chain(_action_names(machine), _fallback_names(machine))),
+        policies=lowering.policies(),
     )
 
 
@@ -622,6 +640,33 @@ class _Lowering:
         )
 
     # ---------------------------------------------------- callbacks
+    def policies(self) -> tuple[PolicyRow, ...]:
+        rows = []
+        for policy in self.machine.policies:
+            retry = _clause(policy, m.PolicyRetry)
+            breaker = _clause(policy, m.PolicyBreaker)
+            fallback = _clause(policy, m.PolicyFallback)
+            bulkhead = _clause(policy, m.PolicyBulkhead)
+            rows.append(
+                PolicyRow(
+                    name=policy.name.value,
+                    actions=tuple(sorted(name.value for name in policy.actions)),
+                    attempts=1 if retry is None else int(retry.attempts.text),
+                    backoff="jitter" if retry is None else retry.backoff,
+                    backoff_max_ms=(
+                        None
+                        if retry is None or retry.backoff_max is None
+                        else retry.backoff_max.millis
+                    ),
+                    tolerated_failures=None if breaker is None else int(breaker.tolerated.text),
+                    cooldown_ms=None if breaker is None else breaker.cooldown.millis,
+                    fallback=None if fallback is None else fallback.action.value,
+                    bulkhead=None if bulkhead is None else int(bulkhead.limit.text),
+                    ref=self.ref(policy.name.span),
+                )
+            )
+        return tuple(sorted(rows, key=lambda row: row.name))
+
     def first_uses(self, names: Iterable[m.Name]) -> tuple[tuple[str, Ref], ...]:
         first: dict[str, m.Name] = {}
         for name in names:
@@ -691,6 +736,25 @@ def _action_names(machine: m.Machine) -> Iterator[m.Name]:
             yield from retry.exhausted.actions
 
 
+ClauseT = TypeVar("ClauseT", bound=m.Node)
+
+
+def _clause(policy: m.Policy, kind: type[ClauseT]) -> ClauseT | None:
+    return next((c for c in policy.clauses if isinstance(c, kind)), None)
+
+
+def _fallback_names(machine: m.Machine) -> Iterator[m.Name]:
+    for policy in machine.policies:
+        for clause in policy.clauses:
+            if isinstance(clause, m.PolicyFallback):
+                yield clause.action
+
+
+def run_actions(machine: m.Machine) -> Iterator[m.Name]:
+    """Every action name a transition, timer or ladder of the machine runs."""
+    return _action_names(machine)
+
+
 def emit_refs(
     machine: m.Machine,
     emitting_rows: Callable[[m.State], Sequence[m.Transition]] | None = None,
@@ -730,6 +794,10 @@ def named_things(machine: m.Machine) -> Iterator[tuple[m.Name, NameRole]]:
     for name in _guard_names(machine):
         yield name, "guard"
     for name in _action_names(machine):
+        yield name, "action"
+    for policy in machine.policies:
+        yield policy.name, "name"
+    for name in _fallback_names(machine):
         yield name, "action"
     for ref in emit_refs(machine):
         if ref.machine is not None:

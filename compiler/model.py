@@ -279,6 +279,42 @@ class RetryLadder(Node):
     suppressions: tuple[Suppression, ...] = ()
 
 
+class PolicyRetry(Node):
+    """`retry N attempts [backoff exponential|jitter [max D]]`."""
+
+    attempts: EmitValue
+    backoff: str = "jitter"
+    backoff_max: Duration | None = None
+
+
+class PolicyBreaker(Node):
+    """`breaker tolerates N failures cooldown D`: the (N+1)th consecutive failure opens it."""
+
+    tolerated: EmitValue
+    cooldown: Duration
+
+
+class PolicyFallback(Node):
+    action: Name
+
+
+class PolicyBulkhead(Node):
+    limit: EmitValue
+
+
+PolicyClause = PolicyRetry | PolicyBreaker | PolicyFallback | PolicyBulkhead
+
+
+class Policy(Node):
+    """A resilience policy applied by the runtime around each of `actions` when it runs."""
+
+    name: Name
+    actions: tuple[Name, ...]
+    doc: str | None = None
+    clauses: tuple[PolicyClause, ...] = ()
+    suppressions: tuple[Suppression, ...] = ()
+
+
 class Machine(Node):
     name: Name
     doc: str | None = None
@@ -286,6 +322,7 @@ class Machine(Node):
     events: tuple[Event, ...] = ()
     states: tuple[State, ...] = ()
     retries: tuple[RetryLadder, ...] = ()
+    policies: tuple[Policy, ...] = ()
     suppressions: tuple[Suppression, ...] = ()
     path: str
     source_sha256: str

@@ -44,6 +44,7 @@ _TERMINAL_NAMES = {
     "CONTEXT_REF": "$instance, $actor or $event",
     "EQUAL": "'='",
     "RECIPIENT_KIND": "'queue' or 'role'",
+    "BACKOFF_KIND": "'exponential' or 'jitter'",
     "LBRACE": "'{'",
     "RBRACE": "'}'",
     "LPAR": "'('",

@@ -72,6 +72,11 @@ RULES = (
     "retry_entry",
     "retry_step",
     "retry_end",
+    "policy_decl",
+    "policy_retry",
+    "policy_breaker",
+    "policy_fallback",
+    "policy_bulkhead",
 )
 
 Rule = Callable[[SourceSpan | None, list[Any]], Any]
@@ -474,6 +479,41 @@ class ModelBuilder:
             suppressions=tuple(notes),
         )
 
+    # ------------------------------------------------------------ resilience policies
+    def policy_retry(self, span: SourceSpan, children: list[Any]) -> m.PolicyRetry:
+        # children: the attempts, then the backoff kind (a plain string) and its `max`.
+        maxima = [c for c in children if isinstance(c, m.Duration)]
+        kinds = [c for c in children if isinstance(c, str)]
+        return construct(
+            m.PolicyRetry,
+            span=span,
+            attempts=children[0],
+            backoff=kinds[0] if kinds else "jitter",
+            backoff_max=maxima[0] if maxima else None,
+        )
+
+    def policy_breaker(self, span: SourceSpan, children: list[Any]) -> m.PolicyBreaker:
+        return construct(m.PolicyBreaker, span=span, tolerated=children[0], cooldown=children[1])
+
+    def policy_fallback(self, span: SourceSpan, children: list[Any]) -> m.PolicyFallback:
+        return construct(m.PolicyFallback, span=span, action=children[0])
+
+    def policy_bulkhead(self, span: SourceSpan, children: list[Any]) -> m.PolicyBulkhead:
+        return construct(m.PolicyBulkhead, span=span, limit=children[0])
+
+    def policy_decl(self, span: SourceSpan, children: list[Any]) -> m.Policy:
+        notes, rest, clauses = self._split(children)
+        names = [c for c in rest if isinstance(c, m.Name)]
+        return construct(
+            m.Policy,
+            span=span,
+            name=names[0],
+            actions=tuple(names[1:]),
+            doc=clauses.get("doc"),
+            clauses=tuple(c for c in rest if not isinstance(c, m.Name)),
+            suppressions=tuple(notes),
+        )
+
     # ------------------------------------------------------------ machine
     def machine_flag(self, span: None, children: list[str]) -> _Clause:
         return _Clause("flag:perpetual", True)
@@ -490,6 +530,7 @@ class ModelBuilder:
             events=tuple(c for c in members if isinstance(c, m.Event)),
             states=tuple(c for c in members if isinstance(c, m.State)),
             retries=tuple(c for c in members if isinstance(c, m.RetryLadder)),
+            policies=tuple(c for c in members if isinstance(c, m.Policy)),
             suppressions=tuple(notes),
             path=self.path,
             source_sha256=self.sha256,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, TypeVar, cast
@@ -15,6 +16,8 @@ from .keys import Keyring
 from .ledger import Checkpoint, LedgerEntry, LedgerSealer, VerifyReport
 from .outbox import deliver_outbox, mark
 from .replay import replay, verify
+from .resilience.breaker import BreakerChange
+from .resilience.policies import ActionPolicies, breaker_entry
 from .results import Delivery, ReplayedState, TimerFiring
 from .sealing import _Chain
 from .store.base import OutboxMessage, OutboxStatus, Store, Transaction, WorkOutcome
@@ -74,6 +77,9 @@ class Runtime:
         self._committer: GroupCommit[Callable[[Transaction, _Chain], Any]] = GroupCommit(
             self._run_batch, max_batch=max_batch
         )
+        # Breaker moves seen while actions ran, written to the ledger after their unit of work.
+        self._breaker_moves: deque[tuple[str, BreakerChange]] = deque()
+        self._policies = ActionPolicies(self._clock, self._note_breaker_move)
         recorded = self._store.ledger_mode()
         if sealer is None and recorded is not None:
             raise StoreConfigError(
@@ -105,6 +111,7 @@ class Runtime:
         if spec.name in self._governors:
             raise ValueError(f"a governor named {spec.name!r} is already loaded")
         bound_guards, bound_actions = bind(spec, guards or {}, actions or {})
+        bound_actions = self._policies.wrap(spec, bound_actions)
         governor = Governor(self, spec, bound_guards, bound_actions)
         self._governors[spec.name] = governor
         return governor
@@ -132,13 +139,45 @@ class Runtime:
         return self._sealer
 
     @property
+    def policies(self) -> ActionPolicies:
+        """The machines' resilience policies, with their breakers and bulkheads."""
+        return self._policies
+
+    @property
     def commit_batches(self) -> int:
         """How many commit batches the group committer ran (memory store: 0)."""
         return self._committer.batches
 
     # -- running work --------------------------------------------------------------------------
 
+    def _note_breaker_move(self, machine: str, change: BreakerChange) -> None:
+        if self._sealer is not None:
+            self._breaker_moves.append((machine, change))
+
+    def _record_breaker_moves(self) -> None:
+        """Write the breaker moves noted so far as ledger entries, in one unit of work of their
+        own: the unit whose action moved the breaker may have failed and rolled back."""
+        moves = self._breaker_moves
+        noted = [moves.popleft() for _ in range(len(moves))]
+        if self._sealer is None or not noted:
+            return
+
+        def work(txn: Transaction, chain: _Chain) -> None:
+            for machine, change in noted:
+                entry = chain.seal(txn, breaker_entry(machine, change))
+                txn.append_ledger(entry)
+                chain.advance(entry)
+
+        self._submit(work)
+
     def _submit(self, work: Callable[[Transaction, _Chain], T]) -> T:
+        try:
+            return self._submit_unit(work)
+        finally:
+            if self._breaker_moves:
+                self._record_breaker_moves()
+
+    def _submit_unit(self, work: Callable[[Transaction, _Chain], T]) -> T:
         me = threading.get_ident()
         if self._working_thread == me:
             raise NestedDispatch()
@@ -161,7 +200,11 @@ class Runtime:
     ) -> list[WorkOutcome[T]]:
         """Run units in order; with a transactional store, in one commit batch if possible."""
         if self._memory is None:
-            return self._committer.submit_many(works)
+            try:
+                return self._committer.submit_many(works)
+            finally:
+                if self._breaker_moves:
+                    self._record_breaker_moves()
         outcomes: list[WorkOutcome[T]] = []
         for work in works:
             try:

@@ -12,7 +12,7 @@ import datetime as _datetime
 import decimal as _decimal
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal, TypeVar
 
@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 __all__ = [
     "ELSE",
+    "ActionPolicy",
     "Decimal",
     "Emit",
     "EmitArg",
@@ -203,6 +204,23 @@ class RetryLadderSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ActionPolicy:
+    """A `policy` of the machine file: how the runtime runs each of `actions` when they call
+    the outside world (see autonomic.runtime.resilience.policies). None: no such clause."""
+
+    name: str
+    actions: tuple[str, ...]
+    attempts: int = 1
+    backoff: Literal["exponential", "jitter"] = "jitter"
+    backoff_max_ms: int | None = None
+    tolerated_failures: int | None = None
+    cooldown_ms: int | None = None
+    fallback: str | None = None
+    bulkhead: int | None = None
+    ref: SourceRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class MachineSpec:
     """Everything the runtime needs about one governor, as generated from its machine file."""
 
@@ -223,3 +241,5 @@ class MachineSpec:
     retries: Mapping[str, RetryLadderSpec]
     guards: Mapping[str, SourceRef]
     actions: Mapping[str, SourceRef]
+    # By policy name; empty for machines without `policy` declarations.
+    policies: Mapping[str, ActionPolicy] = field(default_factory=lambda: MappingProxyType({}))

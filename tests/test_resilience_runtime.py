@@ -1,0 +1,185 @@
+"""Billing's machine-file policies applied by the runtime: retry, breaker (in the signed ledger),
+fallback and per-tenant breakers, on SQLite with real signatures and a virtual clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from autonomic.generated.billing import MACHINE as BILLING
+from autonomic.runtime.errors import ActionFailed
+from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
+from autonomic.runtime.ledger import LedgerSealer
+from autonomic.runtime.resilience import BreakerState, TransientFailure, Unavailable
+from autonomic.runtime.runtime import Runtime
+from autonomic.runtime.store import SQLiteStore
+from autonomic.runtime.tables import ActionPolicy
+from autonomic.runtime.timers import VirtualClock
+
+START = 1_900_000_000_000
+
+
+class Processor:
+    """A payment processor whose answers the test scripts: each call pops the next outcome
+    (an exception class to raise, or None to capture)."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[type[Exception] | None] = []
+        self.failing: type[Exception] | None = None
+        self.failing_for: set[str] = set()  # tenants whose charges always fail
+        self.charged: list[str] = []
+
+    def __call__(self, ctx: Any) -> dict[str, str]:
+        outcome = self.outcomes.pop(0) if self.outcomes else self.failing
+        if ctx.instance in self.failing_for:
+            outcome = ConnectionError
+        if outcome is not None:
+            raise outcome(f"processor said no to {ctx.instance}")
+        self.charged.append(ctx.instance)
+        return {"captured": ctx.instance}
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    folder = tmp_path / "keys"
+    generate_keypair(folder, valid_from_ms=START - 1)
+    return folder
+
+
+@pytest.fixture
+def billing(tmp_path: Path, keys: Path) -> Iterator[tuple[Runtime, Processor, Processor]]:
+    clock = VirtualClock(START)
+    runtime = Runtime(
+        SQLiteStore(tmp_path / "store.db"),
+        clock=clock,
+        sealer=LedgerSealer(load_signer(keys), "sign-each"),
+    )
+    primary, backup = Processor(), Processor()
+    actions: dict[str, Callable[[Any], object]] = {name: _noop for name in BILLING.actions}
+    actions["submit_charge"] = primary
+    actions["charge_backup_processor"] = backup
+    runtime.load(BILLING, {name: _yes for name in BILLING.guards}, actions)
+    yield runtime, primary, backup
+    runtime.close()
+
+
+def _noop(ctx: Any) -> None:
+    return None
+
+
+def _yes(ctx: Any) -> bool:
+    return True
+
+
+def _charge(runtime: Runtime, customer: str) -> None:
+    governor = runtime.governor("Billing")
+    if governor.get(customer) is None:
+        governor.create(customer)
+    governor.dispatch(
+        customer,
+        "ChargeRequested",
+        {"customer_id": customer, "invoice_id": "inv", "amount": "99.00", "idempotency_key": "k"},
+    )
+
+
+def test_the_generated_billing_tables_carry_its_policies() -> None:
+    assert BILLING.policies["PaymentProcessor"] == ActionPolicy(
+        name="PaymentProcessor",
+        actions=("retry_charge", "submit_charge"),
+        attempts=3,
+        backoff="jitter",
+        backoff_max_ms=2000,
+        tolerated_failures=10,
+        cooldown_ms=30_000,
+        fallback="charge_backup_processor",
+        bulkhead=4,
+        ref=BILLING.policies["PaymentProcessor"].ref,
+    )
+    assert "charge_backup_processor" in BILLING.actions  # so binding it is required
+
+
+def test_a_transient_processor_failure_is_retried_within_the_dispatch(
+    billing: tuple[Runtime, Processor, Processor],
+) -> None:
+    runtime, primary, backup = billing
+    primary.outcomes = [TransientFailure, TransientFailure]
+    _charge(runtime, "cust-1")
+    assert primary.charged == ["cust-1"] and backup.charged == []
+    assert runtime.clock.now_ms() - START == 217 + 434  # waited on the virtual clock
+    assert runtime.governor("Billing").get("cust-1").state == "AwaitingPayment"  # type: ignore[union-attr]
+    primary.outcomes = [TransientFailure] * 3
+    with pytest.raises(ActionFailed):
+        _charge(runtime, "cust-2")  # three attempts, all transient: the dispatch fails
+    assert runtime.governor("Billing").get("cust-2").state == "Current"  # type: ignore[union-attr]
+
+
+def test_the_breaker_opens_falls_back_and_closes_with_every_move_in_the_signed_ledger(
+    billing: tuple[Runtime, Processor, Processor], keys: Path
+) -> None:
+    runtime, primary, backup = billing
+    clock = runtime.clock
+    assert isinstance(clock, VirtualClock)
+    primary.failing = ConnectionError  # counted by the breaker, neither transient nor unavailable
+    for n in range(11):
+        with pytest.raises(ActionFailed):
+            _charge(runtime, f"cust-{n}")
+    breaker = runtime.policies.breaker("Billing", "PaymentProcessor")
+    assert breaker is not None and breaker.state is BreakerState.OPEN
+    calls_before = len(primary.outcomes)
+    _charge(runtime, "cust-11")  # fails fast on the open breaker: the backup charges
+    assert backup.charged == ["cust-11"] and primary.charged == [] and calls_before == 0
+
+    clock.advance("30s")
+    primary.failing = None
+    _charge(runtime, "cust-12")  # the half-open probe succeeds on the primary
+    assert primary.charged == ["cust-12"] and breaker.state is BreakerState.CLOSED
+
+    moves = [e for e in runtime.ledger() if e.kind == "breaker"]
+    assert [(e.machine, e.instance, e.event, e.from_state, e.to_state) for e in moves] == [
+        ("Billing", "policy:PaymentProcessor", "BreakerOpened", "closed", "open"),
+        ("Billing", "policy:PaymentProcessor", "BreakerHalfOpened", "open", "half_open"),
+        ("Billing", "policy:PaymentProcessor", "BreakerClosed", "half_open", "closed"),
+    ]
+    assert all(e.signature for e in moves)
+    assert [e.ts_ms - START for e in moves] == [0, 30_000, 30_000]
+    report = runtime.verify(Keyring.from_files([keys]))
+    assert report.ok, report
+
+
+def test_an_unavailable_primary_goes_to_the_backup_and_a_decline_does_not(
+    billing: tuple[Runtime, Processor, Processor],
+) -> None:
+    runtime, primary, backup = billing
+    primary.outcomes = [Unavailable]
+    _charge(runtime, "cust-1")
+    assert backup.charged == ["cust-1"]
+    primary.outcomes = [ValueError]
+    with pytest.raises(ActionFailed):
+        _charge(runtime, "cust-2")
+    assert backup.charged == ["cust-1"]
+
+
+def test_a_failing_tenant_opens_only_its_own_bulkhead_breaker(
+    billing: tuple[Runtime, Processor, Processor],
+) -> None:
+    runtime, primary, backup = billing
+    bulkheads = runtime.policies.bulkheads("Billing", "PaymentProcessor")
+    assert bulkheads is not None and bulkheads.max_concurrent == 4
+    primary.failing_for = {"noisy"}
+    for n in range(11):  # the noisy tenant's failures come between other tenants' charges
+        with pytest.raises(ActionFailed):
+            _charge(runtime, "noisy")
+        _charge(runtime, f"quiet-{n}")
+    assert bulkheads.for_tenant("noisy").breaker.state is BreakerState.OPEN
+    shared = runtime.policies.breaker("Billing", "PaymentProcessor")
+    assert shared is not None and shared.state is BreakerState.CLOSED
+    primary.failing_for = set()
+    with pytest.raises(ActionFailed, match=r"PaymentProcessor\[noisy\] unavailable"):
+        _charge(runtime, "noisy")  # fails fast: its own breaker is open
+    _charge(runtime, "quiet-x")  # the others are served by the primary as before
+    assert primary.charged == [f"quiet-{n}" for n in range(11)] + ["quiet-x"]
+    assert backup.charged == []
+    moves = [(e.instance, e.event) for e in runtime.ledger() if e.kind == "breaker"]
+    assert moves == [("policy:PaymentProcessor[noisy]", "BreakerOpened")]
