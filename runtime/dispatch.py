@@ -39,7 +39,7 @@ from __future__ import annotations
 import difflib
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from pydantic import ValidationError
@@ -99,6 +99,18 @@ def _validation_problems(error: ValidationError) -> tuple[tuple[str, str], ...]:
         where = ".".join(str(part) for part in item["loc"]) or "(payload)"
         problems.append((where, str(item["msg"])))
     return tuple(problems)
+
+
+class DispatchRequest(NamedTuple):
+    """One event for `Governor.dispatch_many`: `dispatch`'s arguments."""
+
+    instance_id: str
+    event: str
+    payload: Mapping[str, Any] | Payload | None = None
+    actor: str = DEFAULT_ACTOR
+    event_id: str | None = None
+    idempotency_key: str | None = None
+    expected_version: int | None = None
 
 
 class Governor:
@@ -641,6 +653,70 @@ class Governor:
         expected_version: int | None,
         record_rejection: bool,
     ) -> DispatchResult:
+        work = self._dispatch_work(
+            instance_id,
+            event,
+            payload,
+            actor,
+            event_id,
+            idempotency_key,
+            expected_version,
+            record_rejection,
+        )
+        outcome = self.runtime._submit(work)
+        if type(outcome) is _Rejected:
+            raise outcome.error
+        return cast(DispatchResult, outcome)
+
+    def dispatch_many(
+        self, requests: Sequence[DispatchRequest]
+    ) -> list[DispatchResult | Exception]:
+        """Dispatch every request, in order, in one commit where the store batches commits
+        (SQLite: one transaction for up to `max_batch` units); each request succeeds or fails
+        on its own, as `dispatch` would, and its slot holds the result or the error."""
+        results: list[DispatchResult | Exception | None] = [None] * len(requests)
+        works = []
+        slots = []
+        for index, r in enumerate(requests):
+            try:
+                works.append(
+                    self._dispatch_work(
+                        r.instance_id,
+                        r.event,
+                        r.payload,
+                        r.actor,
+                        r.event_id,
+                        r.idempotency_key,
+                        r.expected_version,
+                        False,
+                    )
+                )
+                slots.append(index)
+            except Exception as error:  # invalid payload or event: nothing to submit
+                results[index] = error
+        for index, outcome in zip(slots, self.runtime._submit_many(works), strict=True):
+            value, failure = outcome.value, outcome.error
+            if failure is not None and not isinstance(failure, Exception):
+                raise failure  # KeyboardInterrupt and the like stop the whole batch
+            if failure is not None:
+                results[index] = failure
+            elif type(value) is _Rejected:
+                results[index] = value.error
+            else:
+                results[index] = cast(DispatchResult, value)
+        return cast(list[DispatchResult | Exception], results)
+
+    def _dispatch_work(
+        self,
+        instance_id: str,
+        event: str,
+        payload: Mapping[str, Any] | Payload | None,
+        actor: str,
+        event_id: str | None,
+        idempotency_key: str | None,
+        expected_version: int | None,
+        record_rejection: bool,
+    ) -> Callable[[Transaction, _Chain], DispatchResult | _Rejected]:
         self._check_event(event)
         event = str(event)
         validated, payload_sha256 = self._validate(event, payload)
@@ -728,10 +804,7 @@ class Governor:
             rejection.ledger_seq = entry.seq
             return _Rejected(rejection)
 
-        outcome = runtime._submit(work)
-        if type(outcome) is _Rejected:
-            raise outcome.error
-        return cast(DispatchResult, outcome)
+        return work
 
     def _apply(
         self,

@@ -9,10 +9,16 @@ from typing import Any
 
 import pytest
 from autonomic.generated.billing import MACHINE as BILLING
-from autonomic.runtime.errors import ActionFailed
+from autonomic.runtime.dispatch import DispatchRequest
+from autonomic.runtime.errors import ActionFailed, UnknownInstance
 from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerSealer
-from autonomic.runtime.resilience import BreakerState, TransientFailure, Unavailable
+from autonomic.runtime.resilience import (
+    BreakerState,
+    TransientFailure,
+    Unavailable,
+    dispatch_in_chunks,
+)
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import SQLiteStore
 from autonomic.runtime.tables import ActionPolicy
@@ -183,3 +189,39 @@ def test_a_failing_tenant_opens_only_its_own_bulkhead_breaker(
     assert backup.charged == []
     moves = [(e.instance, e.event) for e in runtime.ledger() if e.kind == "breaker"]
     assert moves == [("policy:PaymentProcessor[noisy]", "BreakerOpened")]
+
+
+def test_a_billing_cycle_commits_once_per_chunk(
+    billing: tuple[Runtime, Processor, Processor],
+) -> None:
+    runtime, primary, _ = billing
+    governor = runtime.governor("Billing")
+    customers = [f"cust-{n:03}" for n in range(300)]
+    for customer in customers:
+        governor.create(customer)
+    requests = [
+        DispatchRequest(
+            customer,
+            "ChargeRequested",
+            {
+                "customer_id": customer,
+                "invoice_id": "inv-7",
+                "amount": "99.00",
+                "idempotency_key": customer,
+            },
+        )
+        for customer in [*customers[:100], "nobody", *customers[100:]]
+    ]
+    before = runtime.commit_batches
+    results = dispatch_in_chunks(governor, requests, chunk_size=50)
+    assert runtime.commit_batches - before == 7  # ceil(301 / 50) commits, not 301
+    assert isinstance(results[100], UnknownInstance)  # only its own unit failed
+    charged = [r for r in results if not isinstance(r, Exception)]
+    assert [r.instance for r in charged] == customers and primary.charged == customers
+    assert {governor.get(c).state for c in customers} == {"AwaitingPayment"}  # type: ignore[union-attr]
+    # Sent again (a rerun after a crash), nothing is charged twice: the keys are known.
+    again = dispatch_in_chunks(governor, requests, chunk_size=50)
+    assert primary.charged == customers
+    assert [r.version for r in again if not isinstance(r, Exception)] == [
+        r.version for r in charged
+    ]

@@ -4,7 +4,7 @@ TTL cache, batches and pure proration; each module states its semantics."""
 from __future__ import annotations
 
 from .backoff import Backoff, jitter_delay_ms, jitter_with_cap, throttle_delay_ms
-from .batch import ChunkFailed, chunks, run_in_chunks
+from .batch import ChunkFailed, chunks, dispatch_in_chunks, run_in_chunks
 from .breaker import BreakerChange, BreakerState, CircuitBreaker
 from .bulkhead import Bulkhead, TenantBulkheads
 from .deadlines import Deadline, DeadlineEscalation, DeadlineTracker
@@ -43,6 +43,7 @@ __all__ = [
     "call_with_fallback_async",
     "chunks",
     "clock_sleeper",
+    "dispatch_in_chunks",
     "is_transient",
     "is_unavailable",
     "jitter_delay_ms",

@@ -1,5 +1,13 @@
 """Batch processing: a long run of work (a billing cycle) cut into chunks, one commit per chunk.
 
+`dispatch_in_chunks(governor, requests, chunk_size)` is the runtime's billing cycle: each chunk
+goes through `Governor.dispatch_many`, so on SQLite a chunk of up to `max_batch` events is one
+transaction and one commit (with one checkpoint in checkpoint mode) instead of one per event.
+Each event still succeeds or fails on its own: a rejected or failing event rolls back only its
+own unit, and its slot in the result holds the error.
+
+The general form:
+
 `run_in_chunks(items, chunk_size, process_chunk)` hands `process_chunk` consecutive chunks of
 at most `chunk_size` items, in order, and gathers what it returns; `process_chunk` commits the
 chunk's work in one transaction, so a cycle over n customers costs ceil(n / chunk_size)
@@ -12,9 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-__all__ = ["ChunkFailed", "chunks", "run_in_chunks"]
+if TYPE_CHECKING:
+    from ..dispatch import DispatchRequest, Governor
+    from ..results import DispatchResult
+
+__all__ = ["ChunkFailed", "chunks", "dispatch_in_chunks", "run_in_chunks"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -54,3 +66,10 @@ def run_in_chunks(
             raise ChunkFailed(done, error) from error
         done += len(chunk)
     return results
+
+
+def dispatch_in_chunks(
+    governor: Governor, requests: Iterable[DispatchRequest], chunk_size: int = 256
+) -> list[DispatchResult | Exception]:
+    """Every request's result or error, in order, committed one chunk at a time."""
+    return run_in_chunks(requests, chunk_size, governor.dispatch_many)
