@@ -1,19 +1,28 @@
 """One diagram IR built from the lowered tables, and its renderers: DOT, Mermaid, SVG.
 
-Nodes are states (initial and final marked); edges are transitions labelled
-`Event [guard] / actions ^emits`, timers and retry steps dashed and labelled `after 72h`;
-escalation notify steps are note nodes beside their state. Output is deterministic: states
-in declaration order, each state's edges in source order, then its timers in firing order.
+What a reviewer sees, in both renderers: every state by its name, its doc in smaller type
+under it (and as a DOT tooltip); below a rule, the state's internal transitions (UML): the
+events that leave and re-enter it, its timers that run actions without leaving (retry
+attempts) and its escalation notifications; last, how long an instance can stay in it
+without an outside event (`explain`). Edges with the same source and target are one edge,
+one label line per event or timer; an edge whose every line is a timer is dashed. Initial
+states hang off a start dot, final states have a double border, resting states a dashed
+one; retry ladders are drawn as clusters. Output is deterministic: states in declaration
+order, edges in the order of their first line in the source.
 """
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Literal, overload
 
+from .explain import Explanation, explain, ladder_line, state_bound_line
 from .lower import (
     MachineTables,
     NotifyRow,
@@ -27,38 +36,52 @@ from .model import Machine
 DiagramFormat = Literal["dot", "mermaid", "svg"]
 FORMATS: tuple[DiagramFormat, ...] = ("dot", "mermaid", "svg")
 
-EdgeKind = Literal["transition", "retry", "timeout", "escalation_end", "retry_step"]
+LineKind = Literal["event", "timer"]
+# Past this many states a left-to-right layout grows too wide to read on a review page.
+TOP_DOWN_FROM = 0
+DOC_WIDTH = 44
+LABEL_WIDTH = 48
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One label line: an event (with its guard, actions and emits) or a timer."""
+
+    text: str
+    kind: LineKind = "event"
 
 
 @dataclass(frozen=True, slots=True)
 class DiagramNode:
     id: str
     doc: str | None
-    initial: bool
-    final: bool
+    initial: bool = False
+    final: bool = False
+    resting: bool = False
+    internal: tuple[Line, ...] = ()
+    bound: str | None = None
+    cluster: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class DiagramEdge:
-    """`lines` is the label, one entry per line; timed edges are drawn dashed."""
+    """All the ways from `source` to `target`, one line each, in source order."""
 
     source: str
     target: str
-    lines: tuple[str, ...]
-    kind: EdgeKind
+    lines: tuple[Line, ...]
 
     @property
     def dashed(self) -> bool:
-        return self.kind in ("timeout", "escalation_end", "retry_step")
+        return all(line.kind == "timer" for line in self.lines)
 
 
 @dataclass(frozen=True, slots=True)
-class DiagramNote:
-    """The notify steps of one state's escalation ladders, shown beside the state."""
+class DiagramCluster:
+    """A retry ladder's step states, drawn as one box titled with the ladder."""
 
     id: str
-    state: str
-    lines: tuple[str, ...]
+    title: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +90,7 @@ class Diagram:
     doc: str | None
     nodes: tuple[DiagramNode, ...]
     edges: tuple[DiagramEdge, ...]
-    notes: tuple[DiagramNote, ...]
+    clusters: tuple[DiagramCluster, ...] = field(default=())
 
 
 class DiagramToolMissing(Exception):
@@ -81,29 +104,67 @@ class DiagramToolFailed(Exception):
 # ---------------------------------------------------------------- the diagram IR
 
 
-def build_diagram(tables: MachineTables) -> Diagram:
+def build_diagram(tables: MachineTables, explanation: Explanation | None = None) -> Diagram:
+    explanation = explanation or explain(tables)
     rows_by_state: dict[str, list[TransitionRow]] = {}
     for (source, _), rows in tables.transitions:
         rows_by_state.setdefault(source, []).extend(rows)
     timers_by_state = dict(tables.timers)
-    edges: list[DiagramEdge] = []
-    notes: list[DiagramNote] = []
+    clusters: dict[str, str] = {}
+    cluster_titles: list[DiagramCluster] = []
+    ladders = {ladder.name: ladder for ladder in explanation.ladders if ladder.kind == "retry"}
+    for retry in tables.retries:
+        title = (f"retry {retry.name} on {retry.event}",)
+        if retry.name in ladders:
+            title += (ladder_line(ladders[retry.name]),)
+        cluster_titles.append(DiagramCluster(retry.name, title))
+        for step in retry.steps:
+            clusters.setdefault(step.state, retry.name)
+    resting = {s.name for s in tables.states if getattr(s, "resting", False)}
+    nodes: list[DiagramNode] = []
+    merged: dict[tuple[str, str], list[tuple[tuple[int, int], Line]]] = {}
     for state in tables.states:
-        written = sorted(
-            rows_by_state.get(state.name, ()), key=lambda r: (r.ref.line, r.ref.column)
+        internal: list[tuple[tuple[int, int], Line]] = []
+        for row in rows_by_state.get(state.name, ()):
+            line = (row.ref.line, row.ref.column), Line(_transition_line(row, tables.name))
+            if row.target == state.name:
+                internal.append(line)
+            else:
+                merged.setdefault((state.name, row.target), []).append(line)
+        for timer in timers_by_state.get(state.name, ()):
+            line = (
+                (timer.ref.line, timer.ref.column),
+                Line(_timer_line(timer, tables.name), "timer"),
+            )
+            if timer.target is None or timer.target == state.name:
+                internal.append(line)
+            else:
+                merged.setdefault((state.name, timer.target), []).append(line)
+        internal.sort(key=lambda item: item[0])
+        nodes.append(
+            DiagramNode(
+                id=state.name,
+                doc=state.doc,
+                initial=state.initial,
+                final=state.final,
+                resting=state.name in resting,
+                internal=tuple(line for _, line in internal),
+                bound=state_bound_line(explanation.bound(state.name)),
+                cluster=clusters.get(state.name),
+            )
         )
-        edges.extend(_transition_edge(row, tables.name) for row in written)
-        timers = timers_by_state.get(state.name, ())
-        edges.extend(_timer_edge(t, tables.name) for t in timers if t.kind != "escalation_step")
-        note = _escalation_note(state.name, timers)
-        if note is not None:
-            notes.append(note)
+    order = {node.id: position for position, node in enumerate(nodes)}
+    edges = [
+        DiagramEdge(source, target, tuple(line for _, line in sorted(lines, key=lambda i: i[0])))
+        for (source, target), lines in merged.items()
+    ]
+    edges.sort(key=lambda e: (order[e.source], min(p for p, _ in merged[(e.source, e.target)])))
     return Diagram(
         name=tables.name,
         doc=tables.doc,
-        nodes=tuple(DiagramNode(s.name, s.doc, s.initial, s.final) for s in tables.states),
+        nodes=tuple(nodes),
         edges=tuple(edges),
-        notes=tuple(notes),
+        clusters=tuple(c for c in cluster_titles if c.id in clusters.values()),
     )
 
 
@@ -113,47 +174,40 @@ def diagram_of(machine: Machine) -> Diagram:
     return build_diagram(lower(machine, others=None))
 
 
-def _consequences(actions: tuple[str, ...], emits: tuple[str, ...]) -> list[str]:
-    lines = []
+def _consequences(actions: tuple[str, ...], emits: tuple[str, ...]) -> str:
+    text = ""
     if actions:
-        lines.append("/ " + ", ".join(actions))
+        text += " / " + ", ".join(actions)
     if emits:
-        lines.append(" ".join("^" + e for e in emits))
-    return lines
+        text += " " + " ".join("^" + e for e in emits)
+    return text
 
 
 def _emit_names(row: TransitionRow | TimerRow, own: str) -> tuple[str, ...]:
     return tuple(e.event if e.machine == own else f"{e.machine}.{e.event}" for e in row.emits)
 
 
-def _transition_edge(row: TransitionRow, own: str) -> DiagramEdge:
+def _transition_line(row: TransitionRow, own: str) -> str:
+    """`Approve [is_authorized_approver] / record_approval ^CustomerAccount.NotifyCustomer`"""
     if row.ladder is not None:
         step = "exhausted" if row.step is None else f"step {row.step}"
         head = f"{row.event} ({row.ladder} {step})"
-        kind: EdgeKind = "retry"
     else:
         head = row.event if row.guard is None else f"{row.event} [{row.guard}]"
-        kind = "transition"
-    lines = (head, *_consequences(row.actions, _emit_names(row, own)))
-    return DiagramEdge(row.source, row.target, lines, kind)
+    return head + _consequences(row.actions, _emit_names(row, own))
 
 
-def _timer_edge(timer: TimerRow, own: str) -> DiagramEdge:
+def _timer_line(timer: TimerRow, own: str) -> str:
+    """`after 72h (ApprovalLadder) / auto_approve`; an escalation step names whom it
+    notifies: `after 24h (ApprovalLadder): notify queue manager_review_queue (within 4h)`."""
     head = f"after {timer.after_text}"
     if timer.kind == "retry_step":
         head += f" ({timer.ladder} step {timer.step})"
-    elif timer.kind == "escalation_end":
+    elif timer.kind in ("escalation_end", "escalation_step"):
         head += f" ({_ladder_title(timer.ladder)})"
-    lines = (head, *_consequences(timer.actions, _emit_names(timer, own)))
-    target = timer.target if timer.target is not None else timer.state
-    return DiagramEdge(timer.state, target, lines, _TIMER_EDGE_KINDS[timer.kind])
-
-
-_TIMER_EDGE_KINDS: dict[str, EdgeKind] = {
-    "timeout": "timeout",
-    "escalation_end": "escalation_end",
-    "retry_step": "retry_step",
-}
+    if timer.notify is not None:
+        head += ": " + notify_text(timer.notify)
+    return head + _consequences(timer.actions, _emit_names(timer, own))
 
 
 def _ladder_title(name: str | None) -> str:
@@ -161,25 +215,19 @@ def _ladder_title(name: str | None) -> str:
     return "escalation" if name is None or name.startswith("escalate#") else name
 
 
+def notify_text(notify: NotifyRow) -> str:
+    """`notify queue manager_review_queue (within 4h)`"""
+    text = f"notify {notify.kind} {notify.recipient}"
+    return text + (f" (within {notify.within_text})" if notify.within_text else "")
+
+
 def notify_line(after_text: str, notify: NotifyRow) -> str:
     """`24h: notify queue manager_review_queue (within 4h)`"""
-    line = f"{after_text}: notify {notify.kind} {notify.recipient}"
-    return line + (f" (within {notify.within_text})" if notify.within_text else "")
+    return f"{after_text}: {notify_text(notify)}"
 
 
-def _escalation_note(state: str, timers: tuple[TimerRow, ...]) -> DiagramNote | None:
-    steps = [t for t in timers if t.kind == "escalation_step" and t.notify is not None]
-    if not steps:
-        return None
-    lines: list[str] = []
-    ladders: list[str | None] = []
-    for timer in sorted(steps, key=lambda t: (t.ref.line, t.ref.column)):
-        if timer.ladder not in ladders:
-            ladders.append(timer.ladder)
-            lines.append(_ladder_title(timer.ladder))
-        assert timer.notify is not None
-        lines.append(notify_line(timer.after_text, timer.notify))
-    return DiagramNote(f"{state}/escalations", state, tuple(lines))
+def doc_lines(doc: str | None) -> list[str]:
+    return textwrap.wrap(doc, DOC_WIDTH, break_on_hyphens=False) if doc else []
 
 
 # ---------------------------------------------------------------- text safety
@@ -231,66 +279,120 @@ def mermaid_text(text: str) -> str:
 _START = "[*]"
 
 
+def _html(text: str) -> str:
+    """Text for a Graphviz HTML-like label: visible, entities escaped."""
+    return html.escape(visible(text), quote=True)
+
+
+def _node_label(node: DiagramNode) -> str:
+    rows = [f'<tr><td align="center"><b>{_html(node.id)}</b></td></tr>']
+    if node.doc:
+        doc = '<br align="center"/>'.join(_html(line) for line in doc_lines(node.doc))
+        rows.append(f'<tr><td align="center"><font point-size="9">{doc}</font></td></tr>')
+    if node.internal:
+        rows.append("<hr/>")
+        lines = "".join(f'{_html(line.text)}<br align="left"/>' for line in node.internal)
+        rows.append(f'<tr><td align="left"><font point-size="9">{lines}</font></td></tr>')
+    if node.bound:
+        rows.append(
+            f'<tr><td align="center"><font point-size="9" color="#555555"><i>'
+            f"{_html(node.bound)}</i></font></td></tr>"
+        )
+    return (
+        '<<table border="0" cellborder="0" cellspacing="0" cellpadding="2">'
+        + "".join(rows)
+        + "</table>>"
+    )
+
+
+def _node_statement(node: DiagramNode, indent: str) -> str:
+    attrs = [f"label={_node_label(node)}"]
+    if node.final:
+        attrs += ["peripheries=2", 'fillcolor="#eeeeee"']
+    elif node.resting:
+        attrs += ['style="rounded,dashed,filled"', 'fillcolor="#eef7ee"']
+    if node.doc:
+        attrs.append(f"tooltip={dot_quote(node.doc)}")
+    return f"{indent}{dot_quote(node.id)} [{', '.join(attrs)}];"
+
+
 def render_dot(diagram: Diagram) -> str:
     title = (diagram.name, diagram.doc) if diagram.doc else (diagram.name,)
+    rankdir = "TB" if len(diagram.nodes) >= TOP_DOWN_FROM else "LR"
     out = [
         f"digraph {dot_quote(diagram.name)} {{",
-        "  graph [rankdir=LR, nodesep=0.5, ranksep=0.9, labelloc=t, fontname=Helvetica,",
-        f"         label={dot_quote(title)}];",
-        "  node [shape=box, style=rounded, fontname=Helvetica, fontsize=11];",
+        f"  graph [rankdir={rankdir}, compound=true, nodesep=0.4, ranksep=0.5, labelloc=t,",
+        "         fontname=Helvetica,",
+        f"         fontsize=16, label={dot_quote(title)}];",
+        '  node [shape=box, style="rounded,filled", fillcolor=white, fontname=Helvetica,',
+        '        fontsize=11, margin="0.1,0.05"];',
         "  edge [fontname=Helvetica, fontsize=9];",
         "",
-        f'  {dot_quote(_START)} [shape=point, width=0.15, label=""];',
+        f'  {dot_quote(_START)} [shape=point, width=0.15, label="", fillcolor=black];',
     ]
+    clustered = {c.id: [n for n in diagram.nodes if n.cluster == c.id] for c in diagram.clusters}
     for node in diagram.nodes:
-        attrs = []
-        if node.final:
-            attrs.append("peripheries=2")
-        if node.doc:
-            attrs.append(f"tooltip={dot_quote(node.doc)}")
-        out.append(f"  {dot_quote(node.id)}" + (f" [{', '.join(attrs)}];" if attrs else ";"))
-    for note in diagram.notes:
+        if node.cluster is None:
+            out.append(_node_statement(node, "  "))
+    for cluster in diagram.clusters:
+        out.append(f"  subgraph {dot_quote('cluster_' + cluster.id)} {{")
         out.append(
-            f"  {dot_quote(note.id)} [shape=note, style=dashed, fontsize=9, "
-            f"label={dot_quote(note.lines, align='left')}];"
+            f'    graph [label={dot_quote(cluster.title)}, style="rounded,dashed", '
+            "fontsize=10, color=gray50];"
         )
+        out.extend(_node_statement(node, "    ") for node in clustered[cluster.id])
+        out.append("  }")
     out.append("")
     for node in diagram.nodes:
         if node.initial:
             out.append(f"  {dot_quote(_START)} -> {dot_quote(node.id)};")
-    for edge in _merge_self_loops(diagram.edges):
+    shared = _cluster_edges(diagram)
+    for edge in diagram.edges:
+        tail = shared.get(edge)
+        if tail == "":
+            continue  # drawn once from its cluster
         style = ", style=dashed" if edge.dashed else ""
-        # Left-to-right, edges meet a node from west and east; a loop below stays clear.
-        port = ":s" if edge.source == edge.target else ""
+        if tail:
+            style += f", ltail={dot_quote('cluster_' + tail)}"
+        label = dot_quote(tuple(_wrapped(edge.lines)), align="left")
         out.append(
-            f"  {dot_quote(edge.source)}{port} -> {dot_quote(edge.target)}{port} "
-            f"[label={dot_quote(edge.lines)}{style}];"
+            f"  {dot_quote(edge.source)} -> {dot_quote(edge.target)} [label={label}{style}];"
         )
-    for note in diagram.notes:
-        state, note_id = dot_quote(note.state), dot_quote(note.id)
-        out.append(f"  {state} -> {note_id} [style=dashed, arrowhead=none];")
-        # Same rank: the note sits beside its state instead of in the next column.
-        out.append(f"  {{ rank=same; {state}; {note_id}; }}")
     out.append("}")
     return "\n".join(out) + "\n"
 
 
-def _merge_self_loops(edges: tuple[DiagramEdge, ...]) -> list[DiagramEdge]:
-    """One loop per state and style, its labels stacked: Graphviz draws many loops on one
-    node with overlapping labels. The merged loop stands where the first one was."""
-    loops: dict[tuple[str, bool], list[DiagramEdge]] = {}
-    for edge in edges:
-        if edge.source == edge.target:
-            loops.setdefault((edge.source, edge.dashed), []).append(edge)
-    merged: list[DiagramEdge] = []
-    for edge in edges:
-        group = loops.get((edge.source, edge.dashed)) if edge.source == edge.target else None
-        if group is None:
-            merged.append(edge)
-        elif group[0] is edge:
-            lines = tuple(line for loop in group for line in loop.lines)
-            merged.append(DiagramEdge(edge.source, edge.target, lines, edge.kind))
-    return merged
+def _cluster_edges(diagram: Diagram) -> dict[DiagramEdge, str]:
+    """Edges that every state of a ladder has alike (same target, same lines) are drawn once,
+    from the ladder's box: edge -> its cluster for the one drawn, "" for the others."""
+    members: dict[str, list[str]] = {}
+    for node in diagram.nodes:
+        if node.cluster is not None:
+            members.setdefault(node.cluster, []).append(node.id)
+    shared: dict[DiagramEdge, str] = {}
+    for cluster, states in members.items():
+        if len(states) < 2:
+            continue
+        alike: dict[tuple[str, tuple[Line, ...]], list[DiagramEdge]] = {}
+        for edge in diagram.edges:
+            if edge.source in states and edge.target not in states:
+                alike.setdefault((edge.target, edge.lines), []).append(edge)
+        for edges in alike.values():
+            if len(edges) == len(states):
+                # From the middle step, so the edge leaves the box near its centre.
+                drawn = edges[len(edges) // 2]
+                for edge in edges:
+                    shared[edge] = cluster if edge is drawn else ""
+    return shared
+
+
+def _wrapped(lines: tuple[Line, ...]) -> Iterator[str]:
+    """A long label line continues, indented, on the next: a left-to-right sentence of
+    guard, actions and emits would otherwise stretch its rank across the page."""
+    for line in lines:
+        parts = textwrap.wrap(line.text, LABEL_WIDTH, break_on_hyphens=False)
+        yield parts[0]
+        yield from ("    " + part for part in parts[1:])
 
 
 def mermaid_ids(diagram: Diagram) -> dict[str, str]:
@@ -309,27 +411,35 @@ def mermaid_ids(diagram: Diagram) -> dict[str, str]:
 
 
 def render_mermaid(diagram: Diagram) -> str:
-    """stateDiagram-v2; Mermaid has no dashed transitions, so timed edges read `after ...`."""
+    """stateDiagram-v2. `state "Name" as Id` makes Mermaid draw the name as the title and
+    every `Id : text` line under a rule (with a single description and no title, it would
+    draw the description alone). Mermaid has no dashed transitions: timed lines read
+    `after ...`; resting states get a dashed border through a class."""
     ids = mermaid_ids(diagram)
-    out = ["stateDiagram-v2", "    direction LR"]
+    direction = "TB" if len(diagram.nodes) >= TOP_DOWN_FROM else "LR"
+    out = ["stateDiagram-v2", f"    direction {direction}"]
     for node in diagram.nodes:
-        if ids[node.id] != node.id:
-            out.append(f'    state "{mermaid_text(node.id)}" as {ids[node.id]}')
+        sid = ids[node.id]
+        out.append(f'    state "{mermaid_text(node.id)}" as {sid}')
         if node.doc:
-            out.append(f"    {ids[node.id]} : {mermaid_text(node.doc)}")
+            for line in doc_lines(node.doc):
+                out.append(f"    {sid} : <small>{mermaid_text(line)}</small>")
+        out.extend(f"    {sid} : {mermaid_text(line.text)}" for line in node.internal)
+        if node.bound:
+            out.append(f"    {sid} : <i>{mermaid_text(node.bound)}</i>")
     for node in diagram.nodes:
         if node.initial:
             out.append(f"    [*] --> {ids[node.id]}")
     for edge in diagram.edges:
-        label = mermaid_text(" ".join(edge.lines))
+        label = "<br/>".join(mermaid_text(line.text) for line in edge.lines)
         out.append(f"    {ids[edge.source]} --> {ids[edge.target]} : {label}")
     for node in diagram.nodes:
         if node.final:
             out.append(f"    {ids[node.id]} --> [*]")
-    for note in diagram.notes:
-        out.append(f"    note right of {ids[note.state]}")
-        out.extend(f"        {mermaid_text(line)}" for line in note.lines)
-        out.append("    end note")
+    resting = [ids[node.id] for node in diagram.nodes if node.resting]
+    if resting:
+        out.append("    classDef resting stroke-dasharray: 5 5")
+        out.append(f"    class {','.join(resting)} resting")
     return "\n".join(out) + "\n"
 
 

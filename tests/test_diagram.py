@@ -16,8 +16,8 @@ from autonomic.compiler.diagram import (
     Diagram,
     DiagramEdge,
     DiagramNode,
-    DiagramNote,
     DiagramToolMissing,
+    Line,
     diagram_of,
     dot_quote,
     mermaid_ids,
@@ -65,9 +65,11 @@ def _one_edge_diagram(text: str) -> Diagram:
     return Diagram(
         name="M",
         doc=text,
-        nodes=(DiagramNode("A", text, True, False), DiagramNode("B", None, False, True)),
-        edges=(DiagramEdge("A", "B", ("Go [ok]", text), "transition"),),
-        notes=(DiagramNote("A/escalations", "A", ("L", text)),),
+        nodes=(
+            DiagramNode("A", text, True, False, internal=(Line(text),), bound=text),
+            DiagramNode("B", None, False, True),
+        ),
+        edges=(DiagramEdge("A", "B", (Line("Go [ok]"), Line(text))),),
     )
 
 
@@ -90,70 +92,71 @@ def test_states_are_nodes_in_declaration_order(entitlement: Diagram) -> None:
     }
 
 
-def test_edges_are_labelled_event_guard_actions_emits(entitlement: Diagram) -> None:
-    labels = {(e.source, e.target, e.lines, e.dashed) for e in entitlement.edges}
-    assert (
-        "PendingApproval",
-        "AwaitingPayment",
-        ("Approve [is_approver]", "/ record_approval, notify", "^Billing.StartBilling"),
-        False,
-    ) in labels
-    assert ("PendingApproval", "PendingApproval", ("Approve [else]",), False) in labels
-    assert ("Active", "Expired", ("after 30d",), True) in labels
-    assert (
-        "PendingApproval",
-        "AwaitingPayment",
-        ("after 72h (ApprovalLadder)", "/ auto_approve"),
-        True,
-    ) in labels
-    assert (
-        "Retry1",
-        "Retry1",
-        ("after 1h (PaymentRetry step 1)", "/ retry_charge"),
-        True,
-    ) in labels
-    assert (
-        "Retry2",
-        "PaymentAbandoned",
-        ("PaymentFailed (PaymentRetry exhausted)", "/ close_account", "^Billing.WriteOff"),
-        False,
-    ) in labels
+def test_edges_are_merged_one_line_per_event(entitlement: Diagram) -> None:
+    edges = {(e.source, e.target): e for e in entitlement.edges}
+    assert len(edges) == len(entitlement.edges)  # one edge per source and target
+    approved = edges["PendingApproval", "AwaitingPayment"]
+    assert approved.lines == (
+        Line("Approve [is_approver] / record_approval, notify ^Billing.StartBilling"),
+        Line("after 72h (ApprovalLadder) / auto_approve", "timer"),
+    )
+    assert not approved.dashed  # an event among its lines: solid
+    assert edges["Active", "Expired"].lines == (Line("after 30d", "timer"),)
+    assert edges["Active", "Expired"].dashed
+    assert edges["Retry2", "PaymentAbandoned"].lines == (
+        Line("PaymentFailed (PaymentRetry exhausted) / close_account ^Billing.WriteOff"),
+    )
 
 
-def test_escalation_steps_are_notes(entitlement: Diagram) -> None:
-    notes = {note.state: note.lines for note in entitlement.notes}
-    assert notes == {
-        "PendingApproval": (
-            "ApprovalLadder",
-            "24h: notify queue manager_review_queue (within 4h)",
-            "48h: notify role director (within 1h)",
-        ),
-        "Suspended": ("escalation", "1h: notify queue support_queue"),
-    }
-    # Notify steps are not edges: only the ladder's end moves.
-    assert not any(": notify" in line for e in entitlement.edges for line in e.lines)
+def test_self_transitions_and_notifications_are_internal(entitlement: Diagram) -> None:
+    assert not any(e.source == e.target for e in entitlement.edges)
+    nodes = {n.id: n for n in entitlement.nodes}
+    assert nodes["PendingApproval"].internal == (
+        Line("Approve [else]"),
+        Line("after 24h (ApprovalLadder): notify queue manager_review_queue (within 4h)", "timer"),
+        Line("after 48h (ApprovalLadder): notify role director (within 1h)", "timer"),
+    )
+    assert nodes["Retry1"].internal == (
+        Line("after 1h (PaymentRetry step 1) / retry_charge", "timer"),
+    )
+    assert nodes["Active"].internal == ()
+
+
+def test_bounds_and_ladder_clusters(entitlement: Diagram) -> None:
+    nodes = {n.id: n for n in entitlement.nodes}
+    assert nodes["PendingApproval"].bound == "within 72h -> AwaitingPayment"
+    assert nodes["AwaitingPayment"].bound == "no bound: waits for an event"
+    assert nodes["Rejected"].bound is None
+    assert {n.id for n in entitlement.nodes if n.cluster == "PaymentRetry"} == {"Retry1", "Retry2"}
+    (cluster,) = entitlement.clusters
+    assert cluster.title == (
+        "retry PaymentRetry on PaymentFailed",
+        "ends within 4h if every attempt fails (1h + 3h)",
+    )
 
 
 def test_each_states_edges_in_source_order(entitlement: Diagram) -> None:
-    pending = [e.lines[0] for e in entitlement.edges if e.source == "PendingApproval"]
-    assert pending == [
-        "Approve [is_approver]",
-        "Approve [else]",
-        "Reject",
-        "after 72h (ApprovalLadder)",
-    ]
+    pending = [e.target for e in entitlement.edges if e.source == "PendingApproval"]
+    assert pending == ["AwaitingPayment", "Rejected"]
 
 
 # ---------------------------------------------------------------- DOT
 
 
-def test_dot_marks_initial_final_and_dashed(entitlement: Diagram) -> None:
+def test_dot_marks_initial_final_resting_and_dashed(entitlement: Diagram) -> None:
     dot = render_dot(entitlement)
     assert '"[*]" -> "PendingApproval";' in dot
-    assert '"Rejected" [peripheries=2];' in dot
-    assert '"Active" -> "Expired" [label="after 30d", style=dashed];' in dot
-    assert '"Suspended" -> "Active" [label="Resume"];' in dot
-    assert "shape=note" in dot
+    assert '"Rejected" [label=<<table' in dot and "peripheries=2" in dot
+    assert '"Active" -> "Expired" [label="after 30d\\l", style=dashed];' in dot
+    assert '"Suspended" -> "Active" [label="Resume\\l"];' in dot
+    assert "<b>PendingApproval</b>" in dot and 'tooltip="Waiting for an approver."' in dot
+    assert 'subgraph "cluster_PaymentRetry"' in dot
+    # Retry1 and Retry2 both go to Active on PaymentSucceeded: one edge from the ladder's box.
+    assert dot.count('-> "Active" [label="PaymentSucceeded\\l"') == 1
+    assert 'ltail="cluster_PaymentRetry"' in dot
+    resting = Diagram("M", None, (DiagramNode("A", None, True, False, resting=True),), ())
+    assert "rounded,dashed,filled" in render_dot(resting)
+    assert "class A resting" in render_mermaid(resting)
 
 
 def test_dot_quote_escapes() -> None:
@@ -173,8 +176,8 @@ def test_dot_labels_reach_graphviz_as_written(text: str) -> None:
     root = ET.fromstring(svg)
     nodes = root.findall(f".//{SVG}g[@class='node']")
     edges = root.findall(f".//{SVG}g[@class='edge']")
-    assert len(nodes) == 4  # the start point, A, B and the note
-    assert len(edges) == 3  # start -> A, A -> B, A -- note
+    assert len(nodes) == 3  # the start point, A and B
+    assert len(edges) == 2  # start -> A, A -> B
     drawn = [t.text or "" for t in root.iter(f"{SVG}text")]
     shown = visible(text)
     # Graphviz collapses runs of spaces and trims lines; compare what it keeps.
@@ -203,17 +206,22 @@ def test_mermaid_text_is_inert_and_lossless(text: str) -> None:
 
 def test_mermaid_diagram_shape(entitlement: Diagram) -> None:
     lines = render_mermaid(entitlement).splitlines()
-    assert lines[:2] == ["stateDiagram-v2", "    direction LR"]
+    assert lines[:2] == ["stateDiagram-v2", "    direction TB"]
     assert "    [*] --> PendingApproval" in lines
     assert "    Revoked --> [*]" in lines
     assert "    Active --> Expired : after 30d" in lines
-    assert "    note right of PendingApproval" in lines and "    end note" in lines
-    body = [line for line in lines[2:] if not line.startswith("        ")]
+    assert '    state "PendingApproval" as PendingApproval' in lines
+    assert "    PendingApproval : <small>Waiting for an approver.</small>" in lines
+    assert "    PendingApproval : Approve [else]" in lines
+    assert "    PendingApproval : <i>within 72h -#62; AwaitingPayment</i>" in lines
+    assert (
+        "    PendingApproval --> AwaitingPayment : Approve [is_approver] / record_approval, "
+        "notify ^Billing.StartBilling<br/>after 72h (ApprovalLadder) / auto_approve"
+    ) in lines
     statement = re.compile(
-        r"    (state \"\w+\" as \w+|\w+ : [^:;\n]+|(\[\*\]|\w+) --> (\[\*\]|\w+)( : [^:;\n]+)?"
-        r"|note right of \w+|end note)"
+        r"    (state \"\w+\" as \w+|\w+ : [^:;\n]+|(\[\*\]|\w+) --> (\[\*\]|\w+)( : [^:;\n]+)?)"
     )
-    for line in body:
+    for line in lines[2:]:
         # Mermaid swaps entity codes out before its lexer runs.
         assert statement.fullmatch(re.sub(r"#[0-9]+;", "", line)), line
 
@@ -222,7 +230,7 @@ def test_mermaid_keyword_states_get_aliases() -> None:
     nodes = tuple(
         DiagramNode(name, None, name == "State", False) for name in ("State", "Note", "Note_", "Go")
     )
-    diagram = Diagram("M", None, nodes, (DiagramEdge("State", "Note", ("E",), "transition"),), ())
+    diagram = Diagram("M", None, nodes, (DiagramEdge("State", "Note", (Line("E"),)),))
     ids = mermaid_ids(diagram)
     assert ids == {"State": "State_", "Note": "Note__", "Note_": "Note_", "Go": "Go"}
     text = render_mermaid(diagram)
