@@ -1,0 +1,255 @@
+"""The help of every diagnostic code: what it means, how to fix it, where the docs say more.
+
+One table feeds the SARIF rules (fullDescription, help, helpUri) and the "Diagnostic
+reference" of docs/language.md, which a test keeps equal to `render_reference()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import CODES, Severity
+
+# Where the language reference is published; a rule's helpUri is this plus `#<code>`.
+DOCS_URL = "https://github.com/autonomic-governors/autonomic/blob/main/docs/language.md"
+REFERENCE_HEADING = "## Diagnostic reference"
+
+
+@dataclass(frozen=True, slots=True)
+class RuleHelp:
+    code: str
+    severity: Severity
+    summary: str
+    meaning: str
+    fix: str
+
+    @property
+    def anchor(self) -> str:
+        """The anchor GitHub gives the heading `### E101`."""
+        return self.code.lower()
+
+    @property
+    def help_uri(self) -> str:
+        return f"{DOCS_URL}#{self.anchor}"
+
+    @property
+    def text(self) -> str:
+        return f"{self.meaning}\n\nHow to fix: {self.fix}"
+
+    @property
+    def markdown(self) -> str:
+        return (
+            f"**{self.code}: {self.summary}**\n\n{self.meaning}\n\n"
+            f"**How to fix:** {self.fix}\n\n[Language reference]({self.help_uri})"
+        )
+
+
+_HELP: dict[str, tuple[str, str]] = {
+    "E001": (
+        "The file does not follow the grammar of the machine language; the message names the "
+        "tokens that could come next, or the common mistake recognised.",
+        "Correct the text at the caret; compare with the examples in the language reference.",
+    ),
+    "E002": (
+        "The file is not UTF-8 text (invalid byte sequences or NUL bytes).",
+        "Save the file as UTF-8 without NUL bytes.",
+    ),
+    "E003": (
+        "The file cannot be read: it is missing, a directory, unreadable or larger than 64 MiB.",
+        "Check the path and its permissions.",
+    ),
+    "E004": (
+        "Each .fsm file holds exactly one `machine` block.",
+        "Move each further machine into its own file named after it.",
+    ),
+    "E005": (
+        'An `@allow(CODE, "reason")` names an unknown code, an error code (only warnings can be '
+        "allowed) or has a blank reason.",
+        "Name a warning code and say why it is allowed.",
+    ),
+    "E006": (
+        "The output file cannot be written, or writing it would overwrite an input.",
+        "Pass another output path.",
+    ),
+    "E007": (
+        "The command found no machine to act on: no file, or no machine of that name.",
+        "Pass a .fsm file, or a machine name that exists in the machines folder.",
+    ),
+    "E101": (
+        "Every machine needs one `initial` state, where new instances start.",
+        "Mark the state instances start in with `initial`.",
+    ),
+    "E102": (
+        "A machine has exactly one initial state; several make the start ambiguous.",
+        "Keep `initial` on one state only.",
+    ),
+    "E103": (
+        "Two states have the same name.",
+        "Rename or merge one of them.",
+    ),
+    "E104": (
+        "A transition, timer, escalation or ladder names a state that is not declared.",
+        "Fix the spelling (see the hint) or declare the state.",
+    ),
+    "E105": (
+        "Two events have the same name.",
+        "Rename or merge one of them.",
+    ),
+    "E106": (
+        "A transition, `ignore` or ladder names an event that is not declared.",
+        "Fix the spelling (see the hint) or declare the event.",
+    ),
+    "E107": (
+        "The same transition (state, event, guard, target) is written twice.",
+        "Delete the repeated row.",
+    ),
+    "E108": (
+        "Two rows of one state and event with the same guard lead to different targets, or a "
+        "row competes with a retry ladder: the machine could not decide which to take.",
+        "Give the rows different guards, or remove the row the ladder already covers.",
+    ),
+    "E109": (
+        "An unguarded row stands beside guarded rows of the same state and event, so it would "
+        "shadow them or be shadowed.",
+        "Write the unguarded row as `else`.",
+    ),
+    "E110": (
+        "An `else` row needs guarded rows beside it, and there is at most one.",
+        "Remove the extra `else`, or add the guarded rows it completes.",
+    ),
+    "E111": (
+        "A final state is the end of an instance: it has no transitions, timers or "
+        "escalations and is no retry entry.",
+        "Remove what leaves the final state, or make it an ordinary state.",
+    ),
+    "E112": (
+        "A state both handles and ignores the same event (a retry ladder counts as handling).",
+        "Keep either the transition or the `ignore`.",
+    ),
+    "E113": (
+        "A payload field is declared twice in one event.",
+        "Rename or remove one of the fields.",
+    ),
+    "E114": (
+        "A payload field has a type the language does not know.",
+        "Use str, int, decimal, bool, datetime or enum(...).",
+    ),
+    "E115": (
+        "A timer has a zero duration, or two timers of one state are due at the same moment.",
+        "Give every timer of a state a distinct, positive duration.",
+    ),
+    "E116": (
+        "A state cannot be both where instances start and where they end.",
+        "Drop `initial` or `final` from the state.",
+    ),
+    "E117": (
+        "An enum literal is listed twice.",
+        "Remove the repeated literal.",
+    ),
+    "E120": (
+        "The steps of a ladder must come strictly later one after another.",
+        "Order the steps by time and make each later than the one before.",
+    ),
+    "E121": (
+        "An escalation step's `within` deadline ends after the next step (or the end) fires.",
+        "Shorten the deadline or move the next step later.",
+    ),
+    "E122": (
+        "A ladder is empty, has no `exhausted`, reuses a step state, uses an entry or final "
+        "state as a step, or ends in its own state.",
+        "Give the ladder distinct ordinary step states and an end elsewhere.",
+    ),
+    "E130": (
+        "A name cannot stand in generated Python code (not an ASCII identifier, a keyword, or "
+        "an attribute of the generated types).",
+        "Rename it to a plain ASCII identifier that is not a Python keyword.",
+    ),
+    "E131": (
+        "Two names become the same name in generated code (two machines with one module "
+        "name, two ladders of one state with one name).",
+        "Rename one of them.",
+    ),
+    "E140": (
+        "An `emit` names an event, or a machine, that does not exist.",
+        "Fix the name (see the hint) or declare the event in the target machine.",
+    ),
+    "E141": (
+        "An `emit` leaves a required field of the target event without a value: no argument "
+        "and no same-named field of the causing event.",
+        "Pass the field as an argument: `emit M.E(field = value)`.",
+    ),
+    "E142": (
+        "An `emit` argument names a field the target lacks, a causing field that does not "
+        "exist (a timer has none), an unknown `$reference`, or a field twice.",
+        "Name fields the target declares and values the causing event has.",
+    ),
+    "E143": (
+        "An `emit` argument's value does not fit the target field's type, or an optional "
+        "causing field fills a required one.",
+        "Pass a value of the field's type, or make the target field optional.",
+    ),
+    "W201": (
+        "No path of transitions, timers or ladders leads from the initial state to this state.",
+        "Add a way in, or delete the state.",
+    ),
+    "W202": (
+        "From this state (or anywhere in the machine) no final state can be reached, so its "
+        "instances never end.",
+        "Add a way to a final state, or mark the machine `perpetual` if it never ends.",
+    ),
+    "W203": (
+        "Nothing leaves this state and it is not final: instances that enter it are stuck.",
+        "Add a transition or timer out of it, or make it `final`.",
+    ),
+    "W204": (
+        "An event is declared but no state handles it, so every delivery is rejected.",
+        "Handle it in the states where it can arrive, or remove it.",
+    ),
+    "W205": (
+        "An `@allow` suppresses a finding that does not occur (any more).",
+        "Remove the stale `@allow`.",
+    ),
+    "W206": (
+        "The file name is not the machine name in snake_case (`QuotaSla` in quota_sla.fsm).",
+        "Rename the file or the machine.",
+    ),
+    "W207": (
+        "A folder given to the command holds no .fsm files.",
+        "Pass the folder that holds the machine files.",
+    ),
+}
+
+
+def rule_help(code: str) -> RuleHelp:
+    """The help of one code. A code without an entry (a new one) gets its summary as help,
+    so a SARIF rule is never incomplete."""
+    severity, summary = CODES[code]
+    meaning, fix = _HELP.get(
+        code, (summary[:1].upper() + summary[1:] + ".", "See the language reference.")
+    )
+    return RuleHelp(code, severity, summary, meaning, fix)
+
+
+def all_rules() -> list[RuleHelp]:
+    return [rule_help(code) for code in sorted(CODES)]
+
+
+def render_reference() -> str:
+    """The "Diagnostic reference" section of docs/language.md: one heading per code, so
+    each SARIF helpUri lands on it."""
+    out = [
+        REFERENCE_HEADING,
+        "",
+        "One section per code; SARIF rules link here (`helpUri`). Generated from",
+        "`compiler/rules.py` (a test keeps the two equal).",
+    ]
+    for rule in all_rules():
+        out += [
+            "",
+            f"### {rule.code}",
+            "",
+            f"**{rule.summary}** ({rule.severity.value}). {rule.meaning}",
+            "",
+            f"How to fix: {rule.fix}",
+        ]
+    return "\n".join(out) + "\n"
