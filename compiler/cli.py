@@ -215,10 +215,22 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from .report import render_json, render_sarif, render_text
 
     report = check_paths(args.paths)
-    renderers = {"text": render_text, "json": render_json, "sarif": render_sarif}
-    text = renderers[args.format](report)
+    if args.format == "text":
+        text = render_text(report, colour=_colour(args, None if args.output else sys.stdout))
+    else:
+        text = {"json": render_json, "sarif": render_sarif}[args.format](report)
     _emit(text, args.output, args.paths)
     return EXIT_FINDINGS if report.failed(strict=args.strict) else EXIT_OK
+
+
+def _colour(args: argparse.Namespace, stream: object | None) -> bool:
+    """--color always/never, or auto: a terminal without NO_COLOR (a file never)."""
+    from .errors import colour_wanted
+
+    choice = getattr(args, "color", "auto")
+    if choice != "auto":
+        return bool(choice == "always")
+    return stream is not None and colour_wanted(stream, os.environ)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -341,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument(
         "--output", "-o", metavar="FILE", help="write the report to FILE (default: stdout)"
+    )
+    check.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="colour text findings: auto (default: on a terminal, unless NO_COLOR is set)",
     )
     check.set_defaults(func=_cmd_check)
 

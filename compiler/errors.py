@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -157,14 +157,41 @@ def _display_line(line: str) -> str:
 MAX_ECHO = 200
 
 
-def format_text(diagnostic: Diagnostic, source_lines: Sequence[str] | None) -> str:
-    """rustc/ruff style: `path:line:col: CODE message`, the source line, a caret, a hint."""
+# ANSI SGR codes for a terminal; `format_text(..., colour=True)` only.
+_RESET, _BOLD, _RED, _YELLOW, _CYAN, _BLUE = (
+    "\x1b[0m",
+    "\x1b[1m",
+    "\x1b[31m",
+    "\x1b[33m",
+    "\x1b[36m",
+    "\x1b[34m",
+)
+
+
+def colour_wanted(stream: object, environ: Mapping[str, str]) -> bool:
+    """Colour on a terminal unless NO_COLOR is set to anything (no-color.org) or TERM is
+    dumb; never when piped or written to a file."""
+    if environ.get("NO_COLOR") or environ.get("TERM") == "dumb":
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty is not None and isatty())
+
+
+def format_text(
+    diagnostic: Diagnostic, source_lines: Sequence[str] | None, *, colour: bool = False
+) -> str:
+    """rustc/ruff style: `path:line:col: CODE message`, the source line, a caret, a hint.
+    With `colour`, the same text with ANSI colours (severity, caret, hint)."""
+
+    def paint(text: str, *codes: str) -> str:
+        return "".join(codes) + text + _RESET if colour else text
+
+    tone = _RED if diagnostic.severity is Severity.ERROR else _YELLOW
     span = diagnostic.span
-    head = (
-        f"{span.path}:{span.line}:{span.column}: {diagnostic.code} "
-        f"[{diagnostic.severity.value}] {diagnostic.message}"
-    )
-    parts = [_display_line(head)]  # a file name may hold control characters too
+    where = _display_line(f"{span.path}:{span.line}:{span.column}:")
+    label = f"{diagnostic.code} [{diagnostic.severity.value}]"
+    head = f"{paint(where, _BOLD)} {paint(label, _BOLD, tone)} {_display_line(diagnostic.message)}"
+    parts = [head]  # a file name may hold control characters too
     if source_lines is not None and 1 <= span.line <= len(source_lines):
         raw = source_lines[span.line - 1]
         col = max(span.column - 1, 0)
@@ -175,13 +202,12 @@ def format_text(diagnostic: Diagnostic, source_lines: Sequence[str] | None) -> s
             width = span.end_column - span.column
         width = max(1, min(width, len(shown) - (col - start)))
         gutter = f"{span.line:>4} | "
-        parts.append(gutter + shown)
-        parts.append(" " * (len(gutter) + col - start) + "^" * width)
+        parts.append(paint(gutter, _BLUE) + shown)
+        parts.append(" " * (len(gutter) + col - start) + paint("^" * width, _BOLD, tone))
     if diagnostic.hint:
-        parts.append(f"  = hint: {diagnostic.hint}")
+        parts.append(f"  = {paint('hint', _BOLD, _CYAN)}: {diagnostic.hint}")
     for note in diagnostic.related:
         where = note.span
-        parts.append(
-            _display_line(f"  = see {where.path}:{where.line}:{where.column}: {note.message}")
-        )
+        see = _display_line(f"{where.path}:{where.line}:{where.column}:")
+        parts.append(f"  = {paint('see', _BOLD, _CYAN)} {see} {_display_line(note.message)}")
     return "\n".join(parts)
