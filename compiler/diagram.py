@@ -114,7 +114,7 @@ def build_diagram(tables: MachineTables, explanation: Explanation | None = None)
     cluster_titles: list[DiagramCluster] = []
     ladders = {ladder.name: ladder for ladder in explanation.ladders if ladder.kind == "retry"}
     for retry in tables.retries:
-        title = (f"retry {retry.name} on {retry.event}",)
+        title: tuple[str, ...] = (f"retry {retry.name} on {retry.event}",)
         if retry.name in ladders:
             title += (ladder_line(ladders[retry.name]),)
         cluster_titles.append(DiagramCluster(retry.name, title))
