@@ -207,7 +207,7 @@ def format_text(
     if diagnostic.hint:
         parts.append(f"  = {paint('hint', _BOLD, _CYAN)}: {diagnostic.hint}")
     for note in diagnostic.related:
-        where = note.span
-        see = _display_line(f"{where.path}:{where.line}:{where.column}:")
+        cause = note.span
+        see = _display_line(f"{cause.path}:{cause.line}:{cause.column}:")
         parts.append(f"  = {paint('see', _BOLD, _CYAN)} {see} {_display_line(note.message)}")
     return "\n".join(parts)
