@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from typing import Any, Generic, TypeVar
 
 from .store.base import WorkOutcome
 
-__all__ = ["GroupCommit"]
+__all__ = ["AsyncBatcher", "GroupCommit"]
 
 W = TypeVar("W")
 
@@ -147,3 +149,52 @@ class GroupCommit(Generic[W]):
             if not owner.left:
                 finished.append(owner)
         return finished
+
+
+class AsyncBatcher(Generic[W]):
+    """Gathers the units of work of coroutines on one event loop into group commits.
+
+    A coroutine queues its unit and awaits a future. The first unit queued while no batch is
+    in flight starts a drain task, which hands everything queued to `GroupCommit.submit_many`
+    in a worker thread (so the event loop keeps running during the statements and the fsync)
+    and resolves the futures when that commit is done; units queued meanwhile form the next
+    batch. With N coroutines dispatching in a loop, batches grow to about N (up to the
+    committer's `max_batch`). Units of threads calling the GroupCommit directly share the
+    same batches and order.
+    """
+
+    def __init__(self, committer: GroupCommit[W], executor: Executor) -> None:
+        self._committer = committer
+        self._executor = executor
+        self._queue: list[tuple[W, asyncio.Future[Any]]] = []
+        self._draining: asyncio.Task[None] | None = None
+
+    async def submit(self, work: W) -> Any:
+        """Run one unit; return its value or raise its error, after its batch committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((work, future))
+        if self._draining is None:
+            self._draining = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    outcomes = await loop.run_in_executor(
+                        self._executor, self._committer.submit_many, [w for w, _ in batch]
+                    )
+                except BaseException as exc:  # the loop is closing, or the executor is gone
+                    outcomes = [WorkOutcome(None, exc) for _ in batch]
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if future.done():  # its coroutine was cancelled
+                        continue
+                    if outcome.error is not None:
+                        future.set_exception(outcome.error)
+                    else:
+                        future.set_result(outcome.value)
+        finally:
+            self._draining = None

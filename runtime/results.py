@@ -6,7 +6,6 @@ import hashlib
 import json
 import struct
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -20,11 +19,11 @@ _EMPTY_RESULTS: Mapping[str, object] = MappingProxyType({})
 _pack_length = struct.Struct(">I").pack
 
 
-@dataclass(frozen=True, slots=True)
-class TransitionContext:
+class TransitionContext(NamedTuple):
     """The event as guards and actions see it. `target` is None while guards run, and the
     state being entered (None when a timer stays) while actions run. `version` is the
-    instance's version before this change."""
+    instance's version before this change. (A named tuple: immutable, and built in a tenth
+    of the time a frozen dataclass takes, once or twice per dispatch.)"""
 
     machine: str
     instance: str
@@ -352,3 +351,13 @@ def _result_from_json(text: str) -> DispatchResult:
         armed=tuple(ArmedTimer(*t) for t in doc["armed"]),
         duplicate=True,
     )
+
+
+def _new_result(instance: str, version: int, seq: int | None, outcome: _Outcome) -> DispatchResult:
+    """A result filled in slot by slot (DispatchResult's __init__ builds the outcome tuple)."""
+    result: DispatchResult = _RowResult()
+    result._instance = instance
+    result._version = version
+    result._seq = seq
+    result._outcome = outcome
+    return result

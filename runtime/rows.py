@@ -18,6 +18,7 @@ class _Row:
     __slots__ = (
         "actions",
         "arms",
+        "bare",
         "cancels",
         "emits",
         "event",
@@ -26,6 +27,7 @@ class _Row:
         "machine",
         "outcome",
         "ref",
+        "short",
         "source",
         "target",
     )
@@ -54,6 +56,9 @@ class _Row:
         self.cancels = bool(timers.get(self.source))
         self.arms = timers.get(self.target, ())
         self.ref = row.ref
+        # Changes the state and nothing else: no guard, no actions, no timers, no emits.
+        self.bare = not (self.guard_fn or self.actions or self.emits or self.cancels or self.arms)
+        self.short = False  # set by the governor: bare, and no ledger to write
         # What a result of this row holds besides instance, version and seq, when the row
         # runs no actions and arms, cancels and emits nothing (the fast paths' rows).
         self.outcome: _Outcome = (
@@ -69,6 +74,17 @@ class _Row:
             False,
             False,
         )
+
+
+@final
+class _Guarded:
+    """The rows of one (state, event) with guards, tried in order (`else` last)."""
+
+    __slots__ = ("rows",)
+    short = False  # never applied by dispatch's short path: guards run in a unit of work
+
+    def __init__(self, rows: tuple[_Row, ...]) -> None:
+        self.rows = rows
 
 
 @final

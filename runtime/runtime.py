@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 from typing import Any, TypeVar, cast
 
 from .bindings import bind
-from .commit import GroupCommit
+from .commit import AsyncBatcher, GroupCommit
 from .dispatch import Governor
 from .errors import NestedDispatch, StoreConfigError, UnknownMachine
 from .keys import Keyring
@@ -30,17 +33,22 @@ T = TypeVar("T")
 
 TIMER_ACTOR = "timer"
 DAY_MS = 86_400_000
+# The memory store's checkpoint defaults: it commits every dispatch alone.
+MEMORY_CHECKPOINT_EVERY = 1000
+MEMORY_CHECKPOINT_MS = 1000
 
 
 class Runtime:
     """Owns the store, the clock, the ledger sealer and the loaded governors.
 
     `store` defaults to a MemoryStore. `sealer` None runs without an audit ledger (no entries,
-    no replay). `checkpoint_every`: in checkpoint mode, sign a checkpoint when at least this
-    many entries are not yet covered at the end of a commit batch. The SQLite store commits
-    each batch of concurrent dispatches together, so 1 means one checkpoint per commit; the
-    memory store commits every dispatch on its own, so benchmarks raise it. `close()` signs
-    the rest. `snapshot_every`: store a snapshot of an instance every N versions.
+    no replay). Checkpoint mode signs a checkpoint at the end of a commit batch when at least
+    `checkpoint_every` entries are uncovered, or when entries have been uncovered for
+    `checkpoint_ms`. By default a transactional store signs one per commit batch (every
+    acknowledged change is covered; concurrent dispatches share batches), and the memory
+    store, which commits each dispatch alone and keeps nothing across a crash, one per 1000
+    entries or per second. `checkpoint()` signs on demand, `close()` signs the rest.
+    `snapshot_every`: store a snapshot of an instance every N versions.
     `dedup_retention_ms`: processed event ids and idempotency keys older than this are
     forgotten by `purge_expired`.
     """
@@ -51,19 +59,28 @@ class Runtime:
         *,
         clock: Clock | None = None,
         sealer: LedgerSealer | None = None,
-        checkpoint_every: int = 1,
+        checkpoint_every: int | None = None,
+        checkpoint_ms: int | None = None,
         snapshot_every: int = 100,
         dedup_retention_ms: int = 7 * DAY_MS,
         timer_actor: str = TIMER_ACTOR,
         max_batch: int = 512,
     ) -> None:
-        if checkpoint_every < 1 or snapshot_every < 1 or dedup_retention_ms < 0:
-            raise ValueError("checkpoint_every and snapshot_every must be >= 1, retention >= 0")
         self._store: Store = MemoryStore() if store is None else store
         self._memory = self._store if isinstance(self._store, MemoryStore) else None
+        if checkpoint_every is None:
+            checkpoint_every = 1 if self._memory is None else MEMORY_CHECKPOINT_EVERY
+        if checkpoint_ms is None:
+            checkpoint_ms = 0 if self._memory is None else MEMORY_CHECKPOINT_MS
+        if checkpoint_every < 1 or snapshot_every < 1 or dedup_retention_ms < 0:
+            raise ValueError("checkpoint_every and snapshot_every must be >= 1, retention >= 0")
+        if checkpoint_ms < 0:
+            raise ValueError("checkpoint_ms must be >= 0")
         self._clock: Clock = SystemClock() if clock is None else clock
         self._sealer = sealer
         self._checkpoint_every = checkpoint_every
+        self._checkpoint_ms = checkpoint_ms
+        self._uncovered_since: int | None = None  # when a commit first left entries uncovered
         self._snapshot_every = snapshot_every
         self._retention_ms = dedup_retention_ms
         self._timer_actor = timer_actor
@@ -77,6 +94,11 @@ class Runtime:
         self._committer: GroupCommit[Callable[[Transaction, _Chain], Any]] = GroupCommit(
             self._run_batch, max_batch=max_batch
         )
+        # asyncio: one batcher per event loop, all feeding the committer from one thread.
+        self._batchers: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, AsyncBatcher[Callable[[Transaction, _Chain], Any]]
+        ] = weakref.WeakKeyDictionary()
+        self._executor: ThreadPoolExecutor | None = None
         # Breaker moves seen while actions ran, written to the ledger after their unit of work.
         self._breaker_moves: deque[tuple[str, BreakerChange]] = deque()
         self._policies = ActionPolicies(self._clock, self._note_breaker_move)
@@ -178,22 +200,43 @@ class Runtime:
                 self._record_breaker_moves()
 
     def _submit_unit(self, work: Callable[[Transaction, _Chain], T]) -> T:
+        """Run one unit of work and commit it: on the memory store at once, inside the store;
+        on a transactional store through group commit."""
         me = threading.get_ident()
         if self._working_thread == me:
             raise NestedDispatch()
         memory = self._memory
-        if memory is not None:
-            with memory.lock:
-                self._working_thread = me
-                try:
-                    chain = self._chain
-                    chain.loaded = False
-                    value = work(memory, chain)
-                    chain.finish(memory)
-                finally:
-                    self._working_thread = None
+        if memory is None:
+            return cast(T, self._committer.submit(work))
+        owned = memory.enter()
+        self._working_thread = me
+        try:
+            chain = self._chain
+            chain.loaded = False
+            chain.appended = 0  # `finish` looks at what this commit appended
+            value = work(memory, chain)
+            chain.finish(memory)
             return value
-        return cast(T, self._committer.submit(work))
+        finally:
+            self._working_thread = None
+            memory.leave(owned)
+
+    async def _submit_async(self, work: Callable[[Transaction, _Chain], T]) -> T:
+        """`_submit` for a coroutine: the event loop keeps running while the batch holding
+        this unit commits in a worker thread."""
+        if self._memory is not None:
+            return self._submit(work)
+        loop = asyncio.get_running_loop()
+        batcher = self._batchers.get(loop)
+        if batcher is None:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="autonomic-commit")
+            batcher = self._batchers[loop] = AsyncBatcher(self._committer, self._executor)
+        try:
+            return cast(T, await batcher.submit(work))
+        finally:
+            if self._breaker_moves:  # rare: written synchronously
+                self._record_breaker_moves()
 
     def _submit_many(
         self, works: Sequence[Callable[[Transaction, _Chain], T]]
@@ -286,6 +329,7 @@ class Runtime:
             signed = sealer.checkpoint(chain.next_seq, chain.head, self._clock.now_ms())
             txn.add_checkpoint(signed)
             self._covered = chain.next_seq
+            self._uncovered_since = None
             return signed
 
         return self._submit(work)
@@ -311,6 +355,8 @@ class Runtime:
             if self._sealer is not None and self._sealer.mode == "checkpoint":
                 self.checkpoint()
         finally:
+            if self._executor is not None:
+                self._executor.shutdown()
             self._store.close()
 
     def __enter__(self) -> Runtime:

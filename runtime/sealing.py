@@ -85,16 +85,28 @@ class _Chain:
         self.runtime._verified_head = entry
 
     def finish(self, txn: Transaction) -> None:
-        """Before commit: sign a checkpoint over this batch (checkpoint mode)."""
+        """Before commit, in checkpoint mode: sign a checkpoint over everything appended so
+        far once `checkpoint_every` entries are uncovered, or once entries have been
+        uncovered for `checkpoint_ms` (measured from the commit that first left some)."""
         runtime = self.runtime
         sealer = runtime._sealer
         if sealer is None or sealer.mode != "checkpoint" or not self.appended:
             return
-        if self.next_seq - runtime._covered < runtime._checkpoint_every:
+        if self.next_seq <= runtime._covered:  # signed meanwhile (Runtime.checkpoint)
+            self.appended = 0
             return
-        checkpoint = sealer.checkpoint(self.next_seq, self.head, runtime._clock.now_ms())
+        now = runtime._clock.now_ms()
+        if self.next_seq - runtime._covered < runtime._checkpoint_every:
+            since = runtime._uncovered_since
+            if since is None:
+                runtime._uncovered_since = now
+                return
+            if now - since < runtime._checkpoint_ms:
+                return
+        checkpoint = sealer.checkpoint(self.next_seq, self.head, now)
         txn.add_checkpoint(checkpoint)
         runtime._covered = self.next_seq
+        runtime._uncovered_since = None
         self.appended = 0
 
 

@@ -13,8 +13,8 @@ from autonomic.runtime.errors import ConcurrentUpdateDetected
 from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerSealer, verify_ledger
 from autonomic.runtime.runtime import Runtime
-from autonomic.runtime.store import SQLiteStore
-from runtime_machines import Bindings, counter_spec
+from autonomic.runtime.store import MemoryStore, SQLiteStore
+from runtime_machines import Bindings, SpecBuilder, counter_spec
 
 WORKER = Path(__file__).with_name("runtime_machines.py")
 PROCESSES, INCREMENTS, INSTANCES = 4, 100, 3
@@ -109,3 +109,32 @@ def test_threads_with_stale_versions_are_refused_not_lost(tmp_path: Path) -> Non
     record = counter.get("c0")
     assert record is not None and record.version == 2
     rt.close()
+
+
+def test_a_second_thread_on_a_memory_store_excludes_the_owner() -> None:
+    # The first thread owns the store and applies Tick without a lock. While a second thread
+    # is inside a unit of work (its Tock action runs), the owner's next Tick must wait for it.
+    b = SpecBuilder("Loop", ["On"], ["Tick", "Tock"], "On")
+    b.on("On", "Tick", "On")
+    b.on("On", "Tock", "On", do=("pause",))
+    inside, owner_done = threading.Event(), threading.Event()
+    overlapped: list[bool] = []
+
+    def pause(ctx: object) -> None:
+        inside.set()
+        overlapped.append(owner_done.wait(0.2))  # the owner's Tick finished meanwhile?
+
+    rt = Runtime(MemoryStore())
+    loop = rt.load(b.build(), actions={"pause": pause})
+    loop.create("l1")
+    loop.dispatch("l1", "Tick")  # this thread owns the store now
+    other = threading.Thread(target=loop.dispatch, args=("l1", "Tock"))
+    other.start()
+    assert inside.wait(10)
+    loop.dispatch("l1", "Tick")
+    owner_done.set()
+    other.join()
+    assert overlapped == [False]
+    record = loop.get("l1")
+    assert record is not None and record.version == 4
+    assert rt.store.owner is None  # type: ignore[attr-defined]
