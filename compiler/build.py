@@ -22,8 +22,9 @@ from .diagram import (
     visible,
 )
 from .errors import Diagnostic
+from .flow_codegen import flow_dot, flow_mermaid, flow_module, generate_flow
 from .lower import LoweringError, MachineTables, cycle_collection_paused, lower
-from .model import Machine
+from .model import Flow, Machine
 
 # Files in the output folder that the build neither writes nor calls orphaned.
 KEPT_NAMES = frozenset({"py.typed", "__pycache__"})
@@ -62,7 +63,11 @@ def build(
         )
     try:
         outputs = render_outputs(
-            report.machines, draw_svg=draw_svg, notices=result.notices, known=report.known
+            report.machines,
+            draw_svg=draw_svg,
+            notices=result.notices,
+            known=report.known,
+            flows=report.flows,
         )
     except LoweringError as exc:
         _add_findings(report, exc.diagnostics)
@@ -98,11 +103,70 @@ def render_outputs(
     draw_svg: bool,
     notices: list[str] | None = None,
     known: Sequence[Machine] = (),
+    flows: Sequence[Flow] = (),
 ) -> dict[str, bytes]:
     """Every file of the output folder by name, in a stable order. `known` are further
     machines that emits name but that are not built here."""
     with cycle_collection_paused():
-        return _render_outputs(machines, draw_svg=draw_svg, notices=notices, known=known)
+        outputs = _render_outputs(machines, draw_svg=draw_svg, notices=notices, known=known)
+        if flows:
+            _render_flows(outputs, flows, [*machines, *known], draw_svg=draw_svg, notices=notices)
+        return outputs
+
+
+def _render_flows(
+    outputs: dict[str, bytes],
+    flows: Sequence[Flow],
+    machines: Sequence[Machine],
+    *,
+    draw_svg: bool,
+    notices: list[str] | None,
+) -> None:
+    """Each flow's module and diagrams, a section for each in README.md, and FLOWS in
+    __init__.py."""
+    ordered = sorted(flows, key=flow_module)
+    mermaid: dict[str, str] = {}
+    for flow in ordered:
+        module = flow_module(flow)
+        dot = flow_dot(flow)
+        mermaid[module] = flow_mermaid(flow)
+        outputs[f"{module}.py"] = generate_flow(flow, display_path(flow.path), machines).encode()
+        outputs[f"{module}.dot"] = dot.encode("utf-8")
+        outputs[f"{module}.mmd"] = mermaid[module].encode("utf-8")
+        if draw_svg:
+            try:
+                outputs[f"{module}.svg"] = render_svg(dot)
+            except DiagramToolFailed as exc:
+                if notices is not None:
+                    notices.append(f"{module}.svg not drawn: {exc}")
+    lines = [
+        "",
+        "# Flows",
+        "",
+        "| Flow | Kind | Source | Module | Diagrams | Steps |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for flow in ordered:
+        module = flow_module(flow)
+        lines.append(
+            f"| {flow.name.value} | {flow.kind} | {markdown_code(display_path(flow.path))} "
+            f"| [`{module}.py`]({module}.py) "
+            f"| [DOT]({module}.dot), [SVG]({module}.svg), [Mermaid]({module}.mmd) "
+            f"| {len(flow.all_steps())} |"
+        )
+    for flow in ordered:
+        module = flow_module(flow)
+        lines += ["", f"## {flow.name.value}", ""]
+        if flow.doc:
+            lines += [markdown_text(flow.doc), ""]
+        lines += ["```mermaid", mermaid[module].rstrip("\n"), "```"]
+    outputs["README.md"] += ("\n".join(lines) + "\n").encode("utf-8")
+    modules = ", ".join(repr(flow_module(f)) for f in ordered)
+    trailing = "," if len(ordered) == 1 else ""
+    init = outputs["__init__.py"].decode("utf-8")
+    outputs["__init__.py"] = ruff_format(
+        init + f"FLOWS: tuple[str, ...] = ({modules}{trailing})\n"
+    ).encode("utf-8")
 
 
 def _render_outputs(

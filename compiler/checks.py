@@ -34,6 +34,7 @@ from .model import (
     Event,
     EventRef,
     Field,
+    Flow,
     Ignore,
     Machine,
     Name,
@@ -49,7 +50,14 @@ from .model import (
     Transition,
     snake_case,
 )
-from .parser import Recovery, SourceFile, parse_recovering, parse_source, paused_gc, read_source
+from .parser import (
+    Recovery,
+    SourceFile,
+    parse_file_recovering,
+    parse_source,
+    paused_gc,
+    read_source,
+)
 
 # ---------------------------------------------------------------- the report
 
@@ -63,6 +71,7 @@ class CheckReport:
     diagnostics: list[Diagnostic]
     # Machines that emits name, found beside the checked files but not checked themselves.
     known: list[Machine] = dataclasses.field(default_factory=list)
+    flows: list[Flow] = dataclasses.field(default_factory=list)
 
     def errors(self) -> list[Diagnostic]:
         return [d for d in self.diagnostics if d.severity is Severity.ERROR]
@@ -1616,6 +1625,7 @@ def check_paths(paths: Sequence[str | Path]) -> CheckReport:
     """Reads, parses and checks files and folders of *.fsm files; never raises for bad input."""
     sources: dict[str, SourceFile] = {}
     machines: list[Machine] = []
+    flows: list[Flow] = []
     diagnostics: list[Diagnostic] = []
     files, expansion_findings = _expand(paths)
     diagnostics.extend(expansion_findings)
@@ -1623,20 +1633,27 @@ def check_paths(paths: Sequence[str | Path]) -> CheckReport:
     for file in files:
         source = read_source(file)
         sources[source.path] = source
-        machine, parsed, recovery = parse_recovering(source)
-        diagnostics.extend(parsed)
-        if machine is not None:
-            machines.append(machine)
+        parsed, recovery = parse_file_recovering(source)
+        diagnostics.extend(parsed.diagnostics)
+        flows.extend(parsed.flows)
+        if parsed.machine is not None:
+            machines.append(parsed.machine)
             if recovery is Recovery.LOSSY:
-                lossy.add(machine.path)
+                lossy.add(parsed.machine.path)
     known = _sibling_machines(machines)
     diagnostics.extend(
         d
         for d in check_machines(machines, known=known)
         if not (d.span.path in lossy and d.code in _ECHOES_OF_SKIPPED_TEXT)
     )
+    if flows or machines:
+        from .flow_checks import check_flows  # the flow rules build on this module's
+
+        diagnostics.extend(check_flows(flows, machines, known=known))
     diagnostics.sort(key=Diagnostic.sort_key)
-    return CheckReport(sources=sources, machines=machines, diagnostics=diagnostics, known=known)
+    return CheckReport(
+        sources=sources, machines=machines, diagnostics=diagnostics, known=known, flows=flows
+    )
 
 
 def _expand(paths: Sequence[str | Path]) -> tuple[list[str], list[Diagnostic]]:

@@ -326,3 +326,62 @@ class Machine(Node):
     suppressions: tuple[Suppression, ...] = ()
     path: str
     source_sha256: str
+
+
+# ---------------------------------------------------------------- flows
+
+FlowKind = Literal["sequence", "parallel", "conditional", "fanout", "saga"]
+FLOW_KINDS: tuple[str, ...] = ("sequence", "parallel", "conditional", "fanout", "saga")
+StepKind = Literal["send", "await", "compute"]
+
+
+class FlowStep(Node):
+    """One step of a flow. `send`: dispatch `target` (Machine.Event with arguments) to the
+    flow's instance of that machine; `await`: wait, durably, until `machine` is in one of
+    `states` (at most `within`); `compute`: call the pure function `function`, whose result
+    later arguments may name. `compensate` undoes a send; `irreversible` says none can."""
+
+    name: Name
+    kind: StepKind
+    target: EventRef | None = None
+    to: Name | None = None  # the input field naming the instance; None: the flow's own
+    machine: Name | None = None
+    states: tuple[Name, ...] = ()
+    within: Duration | None = None
+    function: Name | None = None
+    compensate: EventRef | None = None
+    irreversible: bool = False
+    doc: str | None = None
+    suppressions: tuple[Suppression, ...] = ()
+
+    @property
+    def receiver(self) -> Name | None:
+        """The machine this step acts on or watches (None for compute and bare events)."""
+        if self.kind == "send":
+            return None if self.target is None else self.target.machine
+        return self.machine if self.kind == "await" else None
+
+
+class FlowBranch(Node):
+    """`when Case { steps }` of a conditional flow."""
+
+    case: Name
+    steps: tuple[FlowStep, ...] = ()
+
+
+class Flow(Node):
+    name: Name
+    kind: FlowKind
+    doc: str | None = None
+    inputs: tuple[Field, ...] = ()
+    on: Name | None = None  # the input field a conditional flow branches on
+    within: Duration | None = None  # a fanout's deadline for its replies
+    quorum: EmitValue | None = None  # how many fanout replies must succeed
+    steps: tuple[FlowStep, ...] = ()
+    branches: tuple[FlowBranch, ...] = ()
+    suppressions: tuple[Suppression, ...] = ()
+    path: str
+    source_sha256: str
+
+    def all_steps(self) -> tuple[FlowStep, ...]:
+        return self.steps + tuple(step for branch in self.branches for step in branch.steps)

@@ -30,7 +30,7 @@ from lark.lexer import PatternRE, PatternStr
 from lark.parsers.lalr_analysis import Shift
 
 from .errors import Diagnostic, SourceSpan, fail
-from .model import Machine, construct_span
+from .model import Flow, Machine, construct_span
 from .transform import SPANLESS_RULES, ModelBuilder
 
 MAX_SOURCE_BYTES = 64 * 1024 * 1024
@@ -45,6 +45,7 @@ _TERMINAL_NAMES = {
     "EQUAL": "'='",
     "RECIPIENT_KIND": "'queue' or 'role'",
     "BACKOFF_KIND": "'exponential' or 'jitter'",
+    "FLOW_KIND": "sequence, parallel, conditional, fanout or saga",
     "LBRACE": "'{'",
     "RBRACE": "'}'",
     "LPAR": "'('",
@@ -108,7 +109,7 @@ _EXAMPLES: dict[tuple[str, str], list[str]] = {
         "machine M { state A { escalate { after 24h q } } }",
     ],
     (
-        "the file must start with `machine Name {`",
+        "the file must start with `machine Name {` or `flow Name kind {`",
         "a machine file holds one `machine Name { ... }` block",
     ): [
         "state A",
@@ -272,39 +273,67 @@ def parse_recovering(source: SourceFile) -> tuple[Machine | None, list[Diagnosti
     and the parse goes on, so one run names all of them. The machine read around them comes
     back too, with how it was recovered: the checker checks it, knowing whether a skipped
     token may have taken a marker or a state with it."""
+    parsed, recovered = parse_file_recovering(source)
+    return parsed.machine, parsed.diagnostics, recovered
+
+
+@dataclass
+class ParsedFile:
+    """What one file declares: at most one machine, and any flows beside it."""
+
+    machine: Machine | None
+    flows: list[Flow]
+    diagnostics: list[Diagnostic]
+
+
+def parse_file_recovering(source: SourceFile) -> tuple[ParsedFile, Recovery]:
+    """`parse_recovering` with the file's flows too: a file holds one machine and any flows
+    beside it, or flows only."""
     if source.text is None:
-        return None, list(source.diagnostics), Recovery.NONE
+        return ParsedFile(None, [], list(source.diagnostics)), Recovery.NONE
     recovered = Recovery.NONE
     with paused_gc():
         builder = ModelBuilder(source.path, source.sha256)
-        machines = _parse_fast(source.text, builder)
-        if machines is None:
+        items = _parse_fast(source.text, builder)
+        if items is None:
             # Not plain input, or not valid: lark parses it or names the mistakes. Whatever
             # the fast path built or reported so far is dropped with its builder.
             builder = ModelBuilder(source.path, source.sha256)
             tree, errors, lossy = _parse_with_recovery(source.text)
             syntax = _syntax_diagnostics(source, errors)
             if tree is None:
-                return None, syntax, Recovery.LOSSY
+                return ParsedFile(None, [], syntax), Recovery.LOSSY
             recovered = Recovery.LOSSY if lossy else Recovery.REPAIRED if syntax else Recovery.NONE
-            machines = builder.transform(tree)
+            items = builder.transform(tree)
             builder.diagnostics[:0] = syntax
     diagnostics = list(builder.diagnostics)
-    if not machines and recovered is not Recovery.NONE:
-        return None, diagnostics, Recovery.LOSSY  # what the syntax errors say, no echo
-    if len(machines) != 1:
+    machines = [item for item in items if isinstance(item, Machine)]
+    flows = [item for item in items if isinstance(item, Flow)]
+    if not items and recovered is not Recovery.NONE:
+        # What the syntax errors say, no echo.
+        return ParsedFile(None, [], diagnostics), Recovery.LOSSY
+    if len(machines) > 1 or not items:
         span = machines[1].span if len(machines) > 1 else SourceSpan.point(source.path)
-        what = "more than one machine" if machines else "no machine"
+        what = "more than one machine" if machines else "no machine and no flow"
         diagnostics.append(
             fail(
                 "E004",
                 f"file holds {what}",
                 span,
-                "write one `machine Name { ... }` block per .fsm file",
+                "write one `machine Name { ... }` block per .fsm file (flows may sit beside it)",
             )
         )
-        return None, diagnostics, recovered
-    return machines[0], diagnostics, recovered
+        return ParsedFile(None, [], diagnostics), recovered
+    machine = machines[0] if machines else None
+    return ParsedFile(machine, flows, diagnostics), recovered
+
+
+def parse_file(source: SourceFile) -> ParsedFile:
+    """The machine and flows of one file; a file with syntax errors gives neither."""
+    parsed, recovered = parse_file_recovering(source)
+    if recovered is not Recovery.NONE:
+        return ParsedFile(None, [], parsed.diagnostics)
+    return parsed
 
 
 # Tokens the recovery may insert where one is missing (never a name: it would invent one).
@@ -586,7 +615,7 @@ def _reduction(rule: Any, start: str) -> _Reduction | None:
     return _Reduction(how, size, origin, whole, name)
 
 
-def _parse_fast(text: str, builder: ModelBuilder) -> list[Machine] | None:
+def _parse_fast(text: str, builder: ModelBuilder) -> list[Machine | Flow] | None:
     """The machines of `text`, or None where the reference parser must decide."""
     tables = _fast_tables()
     if tables is None:
@@ -700,8 +729,8 @@ def _parse_fast(text: str, builder: ModelBuilder) -> list[Machine] | None:
             state = actions[states[-1]][origin]
             states.append(state)
             if state == end_state and ttype == "$END":
-                machines: list[Machine] = values[-1]
-                return machines
+                items: list[Machine | Flow] = values[-1]
+                return items
             action = actions[state].get(ttype)
         if action is None or match is None:
             return None
@@ -715,6 +744,10 @@ def _parse_fast(text: str, builder: ModelBuilder) -> list[Machine] | None:
 
 def parse_text(text: str, path: str = "<input>") -> tuple[Machine | None, list[Diagnostic]]:
     return parse_source(decode_source(path, text.encode("utf-8")))
+
+
+def parse_flows_text(text: str, path: str = "<input>") -> ParsedFile:
+    return parse_file(decode_source(path, text.encode("utf-8")))
 
 
 def _syntax_diagnostic(

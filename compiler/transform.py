@@ -34,6 +34,12 @@ SPANLESS_RULES = frozenset(
         "state_body",
         "retry_entry",
         "machine_flag",
+        "flow_on",
+        "flow_within",
+        "flow_quorum",
+        "flow_input",
+        "compensate_clause",
+        "irreversible_clause",
     }
 )
 
@@ -77,6 +83,18 @@ RULES = (
     "policy_breaker",
     "policy_fallback",
     "policy_bulkhead",
+    "flow",
+    "flow_on",
+    "flow_within",
+    "flow_quorum",
+    "flow_input",
+    "flow_step",
+    "send_action",
+    "await_action",
+    "compute_action",
+    "compensate_clause",
+    "irreversible_clause",
+    "flow_branch",
 )
 
 Rule = Callable[[SourceSpan | None, list[Any]], Any]
@@ -536,5 +554,74 @@ class ModelBuilder:
             source_sha256=self.sha256,
         )
 
-    def start(self, span: None, children: list[m.Machine]) -> list[m.Machine]:
+    # ------------------------------------------------------------ flows
+    def flow_on(self, span: None, children: list[m.Name]) -> _Clause:
+        return _Clause("on", children[0])
+
+    def flow_within(self, span: None, children: list[m.Duration]) -> _Clause:
+        return _Clause("within", children[0])
+
+    def flow_quorum(self, span: None, children: list[m.EmitValue]) -> _Clause:
+        return _Clause("quorum", children[0])
+
+    def flow_input(self, span: None, children: list[m.Field]) -> _Clause:
+        return _Clause("input", tuple(children))
+
+    def send_action(self, span: SourceSpan, children: list[Any]) -> _Clause:
+        to = children[1] if len(children) > 1 else None
+        return _Clause("action", {"kind": "send", "target": children[0], "to": to})
+
+    def await_action(self, span: SourceSpan, children: list[Any]) -> _Clause:
+        within = children.pop() if isinstance(children[-1], m.Duration) else None
+        machine, *states = children
+        action = {"kind": "await", "machine": machine, "states": tuple(states), "within": within}
+        return _Clause("action", action)
+
+    def compute_action(self, span: SourceSpan, children: list[m.Name]) -> _Clause:
+        return _Clause("action", {"kind": "compute", "function": children[0]})
+
+    def compensate_clause(self, span: None, children: list[m.EventRef]) -> _Clause:
+        return _Clause("compensate", children[0])
+
+    def irreversible_clause(self, span: None, children: list[Any]) -> _Clause:
+        return _Clause("irreversible", True)
+
+    def flow_step(self, span: SourceSpan, children: list[Any]) -> m.FlowStep:
+        notes, rest, clauses = self._split(children)
+        return construct(
+            m.FlowStep,
+            span=span,
+            name=rest[0],
+            **clauses["action"],
+            compensate=clauses.get("compensate"),
+            irreversible="irreversible" in clauses,
+            doc=clauses.get("doc"),
+            suppressions=tuple(notes),
+        )
+
+    def flow_branch(self, span: SourceSpan, children: list[Any]) -> m.FlowBranch:
+        case, *steps = children
+        return construct(m.FlowBranch, span=span, case=case, steps=tuple(steps))
+
+    def flow(self, span: SourceSpan, children: list[Any]) -> m.Flow:
+        notes, rest, clauses = self._split(children)
+        name, kind, *members = rest
+        return construct(
+            m.Flow,
+            span=span,
+            name=name,
+            kind=cast(m.FlowKind, kind),
+            doc=clauses.get("doc"),
+            inputs=clauses.get("input", ()),
+            on=clauses.get("on"),
+            within=clauses.get("within"),
+            quorum=clauses.get("quorum"),
+            steps=tuple(c for c in members if isinstance(c, m.FlowStep)),
+            branches=tuple(c for c in members if isinstance(c, m.FlowBranch)),
+            suppressions=tuple(notes),
+            path=self.path,
+            source_sha256=self.sha256,
+        )
+
+    def start(self, span: None, children: list[Any]) -> list[Any]:
         return list(children)

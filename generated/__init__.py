@@ -9,3 +9,10 @@ MODULES: tuple[str, ...] = (
     "quota_sla",
     "subscription",
 )
+FLOWS: tuple[str, ...] = (
+    "flow_customer_signup",
+    "flow_noisy_neighbour",
+    "flow_payment_processed",
+    "flow_subscription_cancellation",
+    "flow_subscription_upgrade",
+)

@@ -386,7 +386,7 @@ def _scenario(runtime: Runtime, payments: _Payments, say: _Narrator) -> None:
     account = runtime.governor("CustomerAccount")
     say.say(f"customer {customer}")
 
-    say.say("0. signup: the account's profile fans out to Subscription, QuotaSla and Compliance")
+    say.say("0. signup: the account's profile, then Subscription, QuotaSla and Compliance")
     for name in ("CustomerAccount", "Subscription", "QuotaSla", "Compliance"):
         say.result(runtime.governor(name).create(customer, "signup"), "create")
     profile = {
@@ -397,6 +397,14 @@ def _scenario(runtime: Runtime, payments: _Payments, say: _Narrator) -> None:
         "tier": "professional",
     }
     say.result(account.dispatch(customer, "CreateProfile", profile, "signup"), "CreateProfile")
+    signup = (
+        ("Subscription", "CreateTrialSubscription", ("customer_id", "product_id", "tier")),
+        ("QuotaSla", "AllocateQuota", ("customer_id", "tier")),
+        ("Compliance", "VerifyIdentity", ("customer_id",)),
+    )
+    for machine, event, fields in signup:
+        payload = {name: profile[name] for name in fields}
+        say.result(runtime.governor(machine).dispatch(customer, event, payload, "signup"), event)
     _deliver(runtime, say)
 
     say.say("1. entitlement approval escalation ladder")

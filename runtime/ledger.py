@@ -91,7 +91,7 @@ __all__ = [
 ]
 
 LedgerMode = Literal["sign-each", "checkpoint"]
-EntryKind = Literal["transition", "timer", "escalation", "rejection", "breaker"]
+EntryKind = Literal["transition", "timer", "escalation", "rejection", "breaker", "flow"]
 MODES: frozenset[str] = frozenset(get_args(LedgerMode))
 KINDS: frozenset[str] = frozenset(get_args(EntryKind))
 

@@ -27,6 +27,8 @@ __all__ = [
     "EmitSource",
     "EscalationLadder",
     "EscalationStepSpec",
+    "FlowSpec",
+    "FlowStepSpec",
     "GovernorEnum",
     "Literal",
     "MachineSpec",
@@ -243,3 +245,51 @@ class MachineSpec:
     actions: Mapping[str, SourceRef]
     # By policy name; empty for machines without `policy` declarations.
     policies: Mapping[str, ActionPolicy] = field(default_factory=lambda: MappingProxyType({}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Flows: generated from `flow` declarations, run by autonomic.runtime.flows.
+
+FlowKind = Literal["sequence", "parallel", "conditional", "fanout", "saga"]
+StepKind = Literal["send", "await", "compute"]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowStepSpec:
+    """One step. `send`: dispatch `send` (its args: "field" names a flow input or a compute
+    step's result) to the flow's instance of its machine, or to the instance named by the input
+    `to`; `compensate` undoes it. `await`: wait until `machine` is in one of `states`, at most
+    `within_ms`. `compute`: call the registered pure function `function`."""
+
+    name: str
+    kind: StepKind
+    machine: str | None = None
+    send: Emit | None = None
+    to: str | None = None
+    compensate: Emit | None = None
+    irreversible: bool = False
+    states: frozenset[str] = frozenset()
+    within_ms: int | None = None
+    function: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlowSpec:
+    """Everything the runtime needs about one flow, as generated from its declaration.
+    `steps` is empty for a conditional flow, whose `branches` map each value of the input
+    `on` to its steps; `within_ms` and `quorum` belong to fanout flows."""
+
+    name: str
+    kind: FlowKind
+    doc: str | None
+    source_path: str
+    source_sha256: str
+    compiler_version: str
+    inputs: tuple[str, ...]
+    steps: tuple[FlowStepSpec, ...] = ()
+    on: str | None = None
+    branches: Mapping[str, tuple[FlowStepSpec, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    within_ms: int | None = None
+    quorum: int | None = None

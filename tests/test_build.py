@@ -187,11 +187,15 @@ def test_machines_folder_builds_and_imports(tmp_path: Path) -> None:
     result = build([ROOT / "machines"], tmp_path, svg=False)
     assert not result.report.errors(), result.report.errors()
     modules = sorted(tmp_path.glob("*.py"))
-    assert len(modules) == len(result.report.machines) + 1  # and __init__.py
+    flows = len(result.report.flows)
+    assert len(modules) == len(result.report.machines) + flows + 1  # and __init__.py
     for path in modules:
         if path.name == "__init__.py":
             continue
         module = import_path(path)
+        if path.name.startswith("flow_"):
+            assert module.FLOW.name in {f.name.value for f in result.report.flows}
+            continue
         assert module.MACHINE.name in {m.name.value for m in result.report.machines}
         assert set(module.MACHINE.transitions) or set(module.MACHINE.timers)
 

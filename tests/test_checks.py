@@ -113,7 +113,15 @@ def test_committed_machines_pass_strict() -> None:
     report = check_paths([machines])
     assert [d for d in report.diagnostics] == []
     assert not report.failed(strict=True)
-    assert len(report.machines) == len(list(machines.glob("*.fsm")))
+    machine_files = [p for p in machines.glob("*.fsm") if "\nmachine " in p.read_text()]
+    assert len(report.machines) == len(machine_files)
+    assert [f.name.value for f in report.flows] == [
+        "SubscriptionUpgrade",
+        "CustomerSignup",
+        "PaymentProcessed",
+        "NoisyNeighbour",
+        "SubscriptionCancellation",
+    ]
 
 
 # ---------------------------------------------------------------- the report object

@@ -470,7 +470,12 @@ def test_known_mistakes_are_recognised_in_a_real_context(
             51,
             "an escalation step names whom it notifies (unexpected 'q')",
         ),
-        ("stat A", 1, 1, "the file must start with `machine Name {` (unexpected 'stat')"),
+        (
+            "stat A",
+            1,
+            1,
+            "the file must start with `machine Name {` or `flow Name kind {` (unexpected 'stat')",
+        ),
         (
             "machine M {\n  event E { amount decimal }\n}",
             2,

@@ -24,6 +24,9 @@ from ..ledger import Checkpoint, LedgerEntry, LedgerMode
 from ..timers import ArmedTimer
 
 __all__ = [
+    "FLOW_FINISHED",
+    "FlowRecord",
+    "FlowStatus",
     "InstanceRecord",
     "OutboxKind",
     "OutboxMessage",
@@ -72,6 +75,28 @@ class OutboxMessage:
     created_ms: int
     status: OutboxStatus = "pending"
     error: str | None = None
+
+
+FlowStatus = Literal["running", "waiting", "compensating", "completed", "compensated", "failed"]
+# Flows in these states are done: nothing resumes them.
+FLOW_FINISHED: frozenset[str] = frozenset({"completed", "compensated", "failed"})
+
+
+@dataclass(frozen=True, slots=True)
+class FlowRecord:
+    """One flow run's progress (see runtime/flows/engine.py). `data` is JSON text: inputs,
+    computed values, each step's outcome, the failure and the gathered result. `wake_ms` is
+    when a waiting flow's `await` step times out (None unless waiting). `version` counts the
+    record's writes, as for instances: a write names the version it read."""
+
+    flow_id: str
+    flow: str
+    instance: str
+    status: FlowStatus
+    version: int
+    data: str
+    updated_ms: int
+    wake_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +169,15 @@ class Transaction(Protocol):
         """Forget processed event ids and idempotency keys recorded before `before_ms`;
         returns how many of each were removed."""
 
+    def flow(self, flow_id: str) -> FlowRecord | None:
+        """The flow run's record as of this transaction."""
+
+    def save_flow(self, record: FlowRecord, expected_version: int) -> None:
+        """Insert the record (`expected_version` 0: raise ConcurrentUpdateDetected if the id is
+        taken) or replace it only if its stored version is `expected_version`, else raise
+        ConcurrentUpdateDetected(expected, actual). A server store: `INSERT` / conditional
+        `UPDATE ... WHERE version = ?` on the `flows` table, like `instances`."""
+
 
 @dataclass(frozen=True, slots=True)
 class WorkOutcome(Generic[T]):
@@ -199,5 +233,11 @@ class Store(Protocol):
         status: OutboxStatus | None = "pending",
         limit: int = 1000,
     ) -> list[OutboxMessage]: ...
+
+    def get_flow(self, flow_id: str) -> FlowRecord | None: ...
+
+    def unfinished_flows(self, limit: int = 1000) -> list[FlowRecord]:
+        """Flow runs not yet completed, compensated or failed, oldest update first: what a
+        restarted process resumes (waiting ones included: their wait is checked again)."""
 
     def close(self) -> None: ...

@@ -31,6 +31,8 @@ from ..errors import ConcurrentUpdateDetected, InstanceExists
 from ..ledger import Checkpoint, LedgerEntry, LedgerMode
 from ..timers import ArmedTimer
 from .base import (
+    FLOW_FINISHED,
+    FlowRecord,
     InstanceRecord,
     OutboxKind,
     OutboxMessage,
@@ -77,6 +79,7 @@ class MemoryStore:
         self._outbox: list[OutboxMessage] = []
         self._outbox_ids: set[str] = set()
         self._snapshots: dict[tuple[str, str], Snapshot] = {}
+        self._flows: dict[str, FlowRecord] = {}
 
     # -- entering: see the module docstring ---------------------------------------------------
 
@@ -256,6 +259,15 @@ class MemoryStore:
             ]
         return chosen[:limit]
 
+    def get_flow(self, flow_id: str) -> FlowRecord | None:
+        with self.lock:
+            return self._flows.get(flow_id)
+
+    def unfinished_flows(self, limit: int = 1000) -> list[FlowRecord]:
+        with self.lock:
+            open_ = [r for r in self._flows.values() if r.status not in FLOW_FINISHED]
+        return sorted(open_, key=lambda r: (r.updated_ms, r.flow_id))[:limit]
+
     def close(self) -> None:
         """Nothing to release."""
 
@@ -403,3 +415,13 @@ class MemoryStore:
         for key in old_keys:
             del self._idempotency[key]
         return len(old_events), len(old_keys)
+
+    def flow(self, flow_id: str) -> FlowRecord | None:
+        return self._flows.get(flow_id)
+
+    def save_flow(self, record: FlowRecord, expected_version: int) -> None:
+        stored = self._flows.get(record.flow_id)
+        actual = 0 if stored is None else stored.version
+        if actual != expected_version:
+            raise ConcurrentUpdateDetected(record.flow, record.flow_id, expected_version, actual)
+        self._flows[record.flow_id] = record

@@ -43,6 +43,7 @@ from ..ledger import (
 )
 from ..timers import ArmedTimer
 from .base import (
+    FlowRecord,
     InstanceRecord,
     OutboxKind,
     OutboxMessage,
@@ -122,6 +123,17 @@ CREATE TABLE IF NOT EXISTS snapshots (
     PRIMARY KEY (machine, instance)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS ledger_by_instance ON ledger (machine, instance, seq);
+CREATE TABLE IF NOT EXISTS flows (
+    flow_id TEXT PRIMARY KEY,
+    flow TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    status TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    wake_ms INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS flows_unfinished ON flows (status, updated_ms);
 CREATE TABLE IF NOT EXISTS runtime_meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -419,6 +431,46 @@ class SQLiteTransaction:
         keys = self._execute("DELETE FROM idempotency_keys WHERE created_ms < ?", (before_ms,))
         return events.rowcount, keys.rowcount
 
+    def flow(self, flow_id: str) -> FlowRecord | None:
+        row = self._execute(
+            f"SELECT {_FLOW_COLUMNS} FROM flows WHERE flow_id = ?", (flow_id,)
+        ).fetchone()
+        return None if row is None else _flow_record(row)
+
+    def save_flow(self, record: FlowRecord, expected_version: int) -> None:
+        values = (
+            record.flow,
+            record.instance,
+            record.status,
+            record.version,
+            record.data,
+            record.updated_ms,
+            record.wake_ms,
+        )
+        if expected_version == 0:
+            try:
+                self._execute(
+                    f"INSERT INTO flows ({_FLOW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (record.flow_id, *values),
+                )
+            except sqlite3.IntegrityError:
+                raise ConcurrentUpdateDetected(record.flow, record.flow_id, 0, -1) from None
+            return
+        cursor = self._execute(
+            "UPDATE flows SET flow = ?, instance = ?, status = ?, version = ?, data = ?, "
+            "updated_ms = ?, wake_ms = ? WHERE flow_id = ? AND version = ?",
+            (*values, record.flow_id, expected_version),
+        )
+        if cursor.rowcount != 1:
+            raise ConcurrentUpdateDetected(record.flow, record.flow_id, expected_version, -1)
+
+
+_FLOW_COLUMNS = "flow_id, flow, instance, status, version, data, updated_ms, wake_ms"
+
+
+def _flow_record(row: Sequence[Any]) -> FlowRecord:
+    return FlowRecord(*row)
+
 
 class SQLiteStore:
     """A Store on one SQLite file (see the module docstring for durability and locking).
@@ -657,6 +709,19 @@ class SQLiteStore:
             [*parameters, limit],
         )
         return [_message(row) for row in rows]
+
+    def get_flow(self, flow_id: str) -> FlowRecord | None:
+        with self._lock:
+            return self._txn.flow(flow_id)
+
+    def unfinished_flows(self, limit: int = 1000) -> list[FlowRecord]:
+        rows = self._query(
+            f"SELECT {_FLOW_COLUMNS} FROM flows "
+            "WHERE status NOT IN ('completed', 'compensated', 'failed') "
+            "ORDER BY updated_ms, flow_id LIMIT ?",
+            (limit,),
+        )
+        return [_flow_record(row) for row in rows]
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,53 @@
+"""A marketplace for flow tests: the seven generated governors with the demo's bindings on a
+store, the seed's five flows, a virtual clock and a signed ledger."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+from typing import Any
+
+from autonomic.generated import FLOWS, MODULES
+from autonomic.runtime.demo import _Bindings, _Payments
+from autonomic.runtime.flows import FlowRunner, StepContext
+from autonomic.runtime.keys import Signer
+from autonomic.runtime.ledger import LedgerSealer
+from autonomic.runtime.runtime import Runtime
+from autonomic.runtime.store.base import Store
+from autonomic.runtime.tables import FlowSpec
+from autonomic.runtime.timers import VirtualClock
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+
+def flow_specs() -> list[FlowSpec]:
+    return [importlib.import_module(f"autonomic.generated.{m}").FLOW for m in FLOWS]
+
+
+def refund_due(values: Mapping[str, Any]) -> str:
+    """The cancellation saga's pure step: half of the period price, to the cent."""
+    return str((Decimal(str(values.get("period_price", "30.00"))) / 2).quantize(Decimal("0.01")))
+
+
+def marketplace(
+    store: Store,
+    *,
+    signer: Signer | None = None,
+    before_step: Callable[[StepContext], None] | None = None,
+    clock: VirtualClock | None = None,
+) -> tuple[Runtime, FlowRunner, _Bindings]:
+    signer = signer or Signer.from_private_key(Ed25519PrivateKey.generate())
+    runtime = Runtime(
+        store, clock=clock or VirtualClock(START_MS), sealer=LedgerSealer(signer, "sign-each")
+    )
+    bindings = _Bindings(_Payments())
+    for module in MODULES:
+        spec = importlib.import_module(f"autonomic.generated.{module}").MACHINE
+        guards, actions = bindings.of(spec)
+        runtime.load(spec, guards, actions)
+    runner = FlowRunner(
+        runtime, flow_specs(), functions={"refund_due": refund_due}, before_step=before_step
+    )
+    return runtime, runner, bindings

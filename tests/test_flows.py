@@ -1,0 +1,414 @@
+"""The seed's five flows end to end: all seven generated governors on SQLite under a virtual
+clock, a failure injected at every step of every saga and parallel flow, compensation in
+reverse order, the ledger's flow entries, final states, and nothing charged twice."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from autonomic.runtime.flows import FlowResult, FlowRunner, StepContext, StepFailed
+from autonomic.runtime.keys import Keyring
+from autonomic.runtime.runtime import Runtime
+from autonomic.runtime.store.memory import MemoryStore
+from autonomic.runtime.store.sqlite import SQLiteStore
+from flow_world import marketplace
+
+
+class Injector:
+    """Fails one step (or one compensation) of one flow run, on purpose."""
+
+    def __init__(self) -> None:
+        self.target: tuple[str, str, str, str] | None = None  # instance, flow, step, phase
+        self.seen: list[tuple[str, str, str]] = []
+
+    def __call__(self, ctx: StepContext) -> None:
+        self.seen.append((ctx.instance, ctx.step, ctx.phase))
+        if self.target == (ctx.instance, ctx.flow, ctx.step, ctx.phase):
+            raise StepFailed(f"injected failure at {ctx.step}")
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[tuple[Runtime, FlowRunner, Any, Injector]]:
+    injector = Injector()
+    runtime, runner, bindings = marketplace(SQLiteStore(tmp_path / "m.db"), before_step=injector)
+    with runtime:
+        yield runtime, runner, bindings, injector
+
+
+def flow_entries(runtime: Runtime, result: FlowResult) -> list[tuple[str, str, str]]:
+    return [
+        (e.event, e.from_state, e.to_state)
+        for e in runtime.store.ledger_entries(machine=result.flow, instance=result.flow_id)
+    ]
+
+
+def state(runtime: Runtime, machine: str, instance: str) -> str | None:
+    record = runtime.governor(machine).get(instance)
+    return None if record is None else record.state
+
+
+def undone(runtime: Runtime, result: FlowResult) -> list[str]:
+    return [step for event, step, _ in flow_entries(runtime, result) if event == "StepCompensated"]
+
+
+SIGNUP_STEPS = ("profile", "trial", "quota", "identity")
+
+
+def signup(customer: str) -> dict[str, str]:
+    return {
+        "customer_id": customer,
+        "email": f"ops@{customer}.example",
+        "country": "DE",
+        "product_id": "analytics",
+        "tier": "professional",
+    }
+
+
+def test_signup_runs_every_branch(world: tuple[Runtime, FlowRunner, Any, Injector]) -> None:
+    runtime, runner, _, _ = world
+    result = runner.start("CustomerSignup", "c0", signup("c0"))
+    assert result.status == "completed"
+    assert dict(result.steps) == dict.fromkeys(SIGNUP_STEPS, "succeeded")
+    assert state(runtime, "CustomerAccount", "c0") == "PendingVerification"
+    assert state(runtime, "Subscription", "c0") == "Trial"
+    assert state(runtime, "QuotaSla", "c0") == "Allocated"
+    assert state(runtime, "Compliance", "c0") == "Verifying"
+    events = [event for event, _, _ in flow_entries(runtime, result)]
+    assert events == ["FlowStarted", *["StepStarted"] * 4, *["StepSucceeded"] * 4, "FlowCompleted"]
+    # Starting the same run again returns it, and changes nothing.
+    again = runner.start("CustomerSignup", "c0", signup("c0"))
+    assert again == result
+    assert len(flow_entries(runtime, again)) == len(events)
+
+
+@pytest.mark.parametrize("failing", SIGNUP_STEPS)
+def test_signup_failure_compensates_the_finished_branches(
+    world: tuple[Runtime, FlowRunner, Any, Injector], failing: str
+) -> None:
+    runtime, runner, _, injector = world
+    customer = f"s-{failing}"
+    injector.target = (customer, "CustomerSignup", failing, "do")
+    result = runner.start("CustomerSignup", customer, signup(customer))
+    assert result.status == "compensated"
+    assert result.failed_step == failing and "injected" in (result.reason or "")
+    others = [s for s in SIGNUP_STEPS if s != failing]
+    assert undone(runtime, result) == list(reversed(others))
+    assert result.steps[failing] == "failed"
+    finals = {
+        "profile": ("CustomerAccount", "Closed"),
+        "trial": ("Subscription", "Cancelled"),
+        "quota": ("QuotaSla", "Released"),
+        "identity": ("Compliance", "Rejected"),
+    }
+    for step in others:
+        machine, final = finals[step]
+        assert state(runtime, machine, customer) == final, step
+    entries = flow_entries(runtime, result)
+    assert entries[-1] == ("CompensationCompleted", failing, "compensated")
+
+
+UPGRADE_STEPS = ("create_order", "charge_proration", "grant_tier", "allocate_quota")
+
+
+def upgrade_inputs(customer: str) -> dict[str, Any]:
+    return {
+        "customer_id": customer,
+        "current_tier": "starter",
+        "new_tier": "professional",
+        "cycle_day": 10,
+        "cycle_length": 30,
+        "request_id": f"up-{customer}",
+        "proration_amount": "13.33",
+    }
+
+
+def active_customer(runtime: Runtime, runner: FlowRunner, customer: str) -> None:
+    """A signed-up customer whose first period is paid (Subscription Active, Billing
+    Current) and whose entitlement is approved."""
+    assert runner.start("CustomerSignup", customer, signup(customer)).status == "completed"
+    runtime.governor("Billing").create(customer)
+    runtime.governor("Entitlement").create(customer)
+    runtime.governor("Entitlement").dispatch(customer, "Approve", {"approver": "vendor-admin"})
+    convert = {"customer_id": customer, "payment_method_id": "pm", "invoice_id": "i1"}
+    runtime.governor("Subscription").dispatch(customer, "ConvertTrial", {**convert, "amount": "30"})
+    runtime.deliver_outbox()
+    paid = {
+        "customer_id": customer,
+        "transaction_id": "t1",
+        "amount": "30",
+        "idempotency_key": "i1",
+    }
+    runtime.governor("Billing").dispatch(customer, "PaymentSucceeded", paid)
+    runtime.deliver_outbox()
+    assert state(runtime, "Subscription", customer) == "Active"
+    assert state(runtime, "Billing", customer) == "Current"
+
+
+@pytest.mark.parametrize("failing", [None, *UPGRADE_STEPS])
+def test_upgrade_compensates_in_reverse_and_charges_once(
+    world: tuple[Runtime, FlowRunner, Any, Injector], failing: str | None
+) -> None:
+    runtime, runner, bindings, injector = world
+    customer = f"u-{failing}"
+    active_customer(runtime, runner, customer)
+    if failing is not None:
+        injector.target = (customer, "SubscriptionUpgrade", failing, "do")
+    result = runner.start("SubscriptionUpgrade", customer, upgrade_inputs(customer))
+    charges = [k for k in bindings.payments.submitted if k == f"up-{customer}"]
+    if failing is None:
+        assert result.status == "completed"
+        assert charges == [f"up-{customer}"]
+        assert state(runtime, "Billing", customer) == "ProrationPending"
+        return
+    assert result.status == "compensated"
+    done = list(UPGRADE_STEPS[: UPGRADE_STEPS.index(failing)])
+    assert undone(runtime, result) == list(reversed(done))
+    assert len(charges) == (1 if "charge_proration" in done else 0)
+    assert state(runtime, "Subscription", customer) == "Active"
+    if "charge_proration" in done:
+        assert state(runtime, "Billing", customer) == "Current"  # the charge was voided
+    last = flow_entries(runtime, result)[-1]
+    assert last == ("CompensationCompleted", failing, "compensated")
+    # The reason is in the entry's payload digest and in the stored run.
+    assert runner.result(result.flow_id).reason == f"injected failure at {failing}"
+
+
+CANCEL_STEPS = ("calculate_refund", "issue_refund", "suspend_entitlements", "archive_subscription")
+
+
+@pytest.mark.parametrize("failing", [None, *CANCEL_STEPS])
+def test_cancellation_saga_compensates_in_reverse(
+    world: tuple[Runtime, FlowRunner, Any, Injector], failing: str | None
+) -> None:
+    runtime, runner, _, injector = world
+    customer = f"x-{failing}"
+    active_customer(runtime, runner, customer)
+    if failing is not None:
+        injector.target = (customer, "SubscriptionCancellation", failing, "do")
+    inputs = {"customer_id": customer, "request_id": f"cx-{customer}", "reason": "too pricey"}
+    result = runner.start("SubscriptionCancellation", customer, inputs)
+    if failing is None:
+        assert result.status == "completed"
+        assert result.values == {"calculate_refund": "15.00"}
+        assert state(runtime, "Subscription", customer) == "Cancelled"
+        runtime.deliver_outbox()
+        assert state(runtime, "Entitlement", customer) == "Revoked"
+        return
+    assert result.status == "compensated"
+    done = CANCEL_STEPS[: CANCEL_STEPS.index(failing)]
+    # The pure step has nothing to undo; the others are undone newest first.
+    expected = [s for s in reversed(done) if s in ("issue_refund", "suspend_entitlements")]
+    assert undone(runtime, result) == expected
+    assert state(runtime, "Subscription", customer) == "Active"
+    assert state(runtime, "Entitlement", customer) == "Active"
+    assert state(runtime, "Billing", customer) == "Current"
+
+
+def test_a_rejected_compensation_ends_the_run_failed(
+    world: tuple[Runtime, FlowRunner, Any, Injector],
+) -> None:
+    runtime, runner, _, injector = world
+    customer = "x-comp"
+    active_customer(runtime, runner, customer)
+    injector.target = (customer, "SubscriptionCancellation", "suspend_entitlements", "undo")
+    saga = runner.specs["SubscriptionCancellation"]
+    assert saga.steps[-1].irreversible
+
+    def fail_archive_and_restore(ctx: StepContext) -> None:
+        if ctx.step == "archive_subscription" or (
+            ctx.phase == "undo" and ctx.step != "issue_refund"
+        ):
+            raise StepFailed(f"{ctx.step} {ctx.phase} refused")
+
+    runner.before_step = fail_archive_and_restore
+    inputs = {"customer_id": customer, "request_id": "r", "reason": "bye"}
+    result = runner.start("SubscriptionCancellation", customer, inputs)
+    assert result.status == "failed"
+    assert result.steps["suspend_entitlements"] == "uncompensated"
+    assert result.steps["issue_refund"] == "compensated"
+    assert flow_entries(runtime, result)[-1][0] == "FlowFailed"
+
+
+PAID = {"transaction_id": "t9", "amount": "30", "idempotency_key": "k9"}
+PAYMENT = {**PAID, "reason": "x"}
+
+
+def charged_customer(runtime: Runtime, runner: FlowRunner, customer: str) -> None:
+    """An active customer whose renewal charge is awaiting the processor."""
+    active_customer(runtime, runner, customer)
+    runtime.governor("Subscription").dispatch(
+        customer,
+        "RenewalDue",
+        {
+            "customer_id": customer,
+            "period_end": "2026-02-01T00:00:00+00:00",
+            "invoice_id": "i2",
+            "amount": "30",
+        },
+    )
+    runtime.deliver_outbox()
+    assert state(runtime, "Billing", customer) == "AwaitingPayment"
+
+
+def test_payment_success_goes_to_billing_then_renewal(
+    world: tuple[Runtime, FlowRunner, Any, Injector],
+) -> None:
+    runtime, runner, _, _ = world
+    customer = "p-ok"
+    charged_customer(runtime, runner, customer)
+    inputs = {"outcome": "Success", "customer_id": customer, "case_id": "case", **PAYMENT}
+    result = runner.start("PaymentProcessed", customer, inputs)
+    assert result.status == "waiting"  # Subscription's renewal arrives through the outbox
+    runtime.deliver_outbox()
+    (resumed,) = runner.resume_all()
+    assert resumed.status == "completed"
+    assert state(runtime, "Billing", customer) == "Current"
+    assert state(runtime, "Subscription", customer) == "Active"
+
+
+def test_payment_failure_waits_durably_on_the_retry_ladder(tmp_path: Path) -> None:
+    """The Failed branch waits in the store while Billing's ladder runs on timers: a new
+    process (a new Runtime on the same file) picks the wait up and finishes the run."""
+    db = tmp_path / "m.db"
+    runtime, runner, _ = marketplace(SQLiteStore(db))
+    customer = "p-fail"
+    charged_customer(runtime, runner, customer)
+    inputs = {"outcome": "Failed", "customer_id": customer, "case_id": "case", **PAYMENT}
+    result = runner.start("PaymentProcessed", customer, inputs)
+    assert result.status == "waiting"
+    assert state(runtime, "Billing", customer) == "Retry1"
+    assert state(runtime, "Entitlement", customer) == "Grace"
+    clock = runtime.clock
+    runtime.close()
+
+    runtime, runner, bindings = marketplace(SQLiteStore(db), clock=clock)
+    bindings.payments.invoices[customer] = Decimal("30")  # the processor's memory of the invoice
+    clock.advance(2 * 3_600_000)
+    runtime.fire_due()
+    (still,) = runner.resume_all()
+    assert still.status == "waiting"
+    runtime.governor("Billing").dispatch(
+        customer, "PaymentSucceeded", {"customer_id": customer, **PAID}
+    )
+    (done,) = runner.resume_all()
+    assert done.status == "completed"
+    assert state(runtime, "Entitlement", customer) == "Active"
+    runtime.close()
+
+
+def test_payment_failure_times_out_when_the_ladder_is_exhausted(
+    world: tuple[Runtime, FlowRunner, Any, Injector],
+) -> None:
+    runtime, runner, _, _ = world
+    customer = "p-lost"
+    charged_customer(runtime, runner, customer)
+    inputs = {"outcome": "Failed", "customer_id": customer, "case_id": "case", **PAYMENT}
+    assert runner.start("PaymentProcessed", customer, inputs).status == "waiting"
+    failure = {"customer_id": customer, "idempotency_key": "k9", "reason": "declined"}
+    for hours in (1, 3, 24, 168):
+        runtime.clock.advance(hours * 3_600_000)
+        runtime.fire_due()
+        runtime.governor("Billing").dispatch(customer, "PaymentFailed", failure)
+    runtime.deliver_outbox()
+    assert state(runtime, "Billing", customer) == "MaxRetriesExceeded"
+    assert state(runtime, "Entitlement", customer) == "Suspended"  # from Grace, by the ladder
+    runtime.clock.advance(2 * 86_400_000)
+    (result,) = runner.resume_all()
+    assert result.status == "compensated"  # nothing to undo: every step is irreversible
+    assert result.failed_step == "settled"
+
+
+DISPUTABLE = ("Current", "AwaitingPayment", "Retry1")
+
+
+@pytest.mark.parametrize("billing_state", DISPUTABLE)
+def test_disputes_are_accepted_wherever_a_charge_is_held(
+    world: tuple[Runtime, FlowRunner, Any, Injector], billing_state: str
+) -> None:
+    runtime, runner, _, _ = world
+    customer = f"d-{billing_state}"
+    charged_customer(runtime, runner, customer)
+    billing = runtime.governor("Billing")
+    if billing_state == "Retry1":
+        billing.dispatch(
+            customer,
+            "PaymentFailed",
+            {"customer_id": customer, "idempotency_key": "k", "reason": "r"},
+        )
+    elif billing_state == "Current":
+        billing.dispatch(customer, "PaymentSucceeded", {"customer_id": customer, **PAID})
+    assert state(runtime, "Billing", customer) == billing_state
+    inputs = {
+        "outcome": "Disputed",
+        "customer_id": customer,
+        "case_id": f"case-{customer}",
+        **PAYMENT,
+    }
+    result = runner.start("PaymentProcessed", customer, inputs)
+    assert result.status == "completed"
+    assert state(runtime, "Billing", customer) == "Disputed"
+    assert state(runtime, "Compliance", f"case-{customer}") == "Investigating"
+
+
+def test_noisy_neighbour_gathers_replies_with_a_quorum(
+    world: tuple[Runtime, FlowRunner, Any, Injector],
+) -> None:
+    runtime, runner, _, _ = world
+    inputs = {
+        "tenant_id": "t",
+        "resource": "cpu",
+        "severity": "high",
+        "violation_id": "v1",
+        "window_start": "2026-01-01T00:00:00+00:00",
+    }
+    customer = "n-ok"
+    active_customer(runtime, runner, customer)
+    result = runner.start("NoisyNeighbour", customer, {"customer_id": customer, **inputs})
+    assert result.status == "completed"
+    assert result.gathered == dict.fromkeys(("contention", "sla_credit", "notify"), "succeeded")
+    # Mid-ladder Billing refuses SLA credits: two of three replies still make the quorum.
+    customer = "n-ladder"
+    charged_customer(runtime, runner, customer)
+    runtime.governor("Billing").dispatch(
+        customer, "PaymentFailed", {"customer_id": customer, "idempotency_key": "k", "reason": "r"}
+    )
+    result = runner.start("NoisyNeighbour", customer, {"customer_id": customer, **inputs})
+    assert result.status == "completed"
+    assert result.gathered is not None and result.gathered["sla_credit"] == "failed"
+    assert flow_entries(runtime, result)[-2][0] == "FanInGathered"
+
+
+def test_async_signups_run_branches_concurrently_through_group_commit(tmp_path: Path) -> None:
+    runtime, runner, _ = marketplace(SQLiteStore(tmp_path / "m.db"))
+
+    async def main() -> list[FlowResult]:
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(runner.start_async("CustomerSignup", f"a{i}", signup(f"a{i}")))
+                for i in range(8)
+            ]
+        return [task.result() for task in tasks]
+
+    before = runtime.commit_batches
+    results = asyncio.run(main())
+    assert all(r.status == "completed" for r in results)
+    units = 8 * (4 + 4 + 2)  # creates, dispatches, and the flow's own writes
+    assert runtime.commit_batches - before < units  # concurrency became fewer commits
+    runtime.close()
+
+
+def test_the_ledger_with_flow_entries_verifies(tmp_path: Path) -> None:
+    from autonomic.runtime.keys import Signer
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    runtime, runner, _ = marketplace(MemoryStore(), signer=signer)
+    runner.start("CustomerSignup", "v", signup("v"))
+    keyring = Keyring([signer.public_info()])
+    report = runtime.verify(keyring)
+    assert report.ok, report
