@@ -59,7 +59,8 @@ _HELP: dict[str, tuple[str, str]] = {
         "Check the path and its permissions.",
     ),
     "E004": (
-        "Each .fsm file holds exactly one `machine` block.",
+        "Each .fsm file holds one `machine` block (and any `flow` blocks beside it), or flows "
+        "only; not two machines, and not nothing.",
         "Move each further machine into its own file named after it.",
     ),
     "E005": (
@@ -187,6 +188,40 @@ _HELP: dict[str, tuple[str, str]] = {
         "An `emit` argument's value does not fit the target field's type, or an optional "
         "causing field fills a required one.",
         "Pass a value of the field's type, or make the target field optional.",
+    ),
+    "E160": (
+        "A flow names a machine, event or state that does not exist, or a step sends an event "
+        "without naming its machine.",
+        "Fix the name (see the hint), or write `Machine.Event`.",
+    ),
+    "E161": (
+        "An event that a flow step, a compensation or a governor's `emit` sends is accepted "
+        "(moves the receiver) in no state of its receiver: every send would be rejected.",
+        "Handle the event with `on Event -> Target` in a state of the receiving machine.",
+    ),
+    "E162": (
+        "A flow step that sends an event has side effects, but neither a compensation nor the "
+        "`irreversible` marker: a failure later in the flow could not undo it.",
+        "Add `compensate Machine.Event(...)`, or `irreversible` if nothing can undo it.",
+    ),
+    "E163": (
+        "A flow's steps can never all complete: following the states each receiver can be in "
+        "after the steps before, a step's event is accepted in none of them, or an `await` "
+        "waits for states the receiver cannot reach.",
+        "Reorder the steps, send the event the receiver accepts there, or wait for a reachable "
+        "state.",
+    ),
+    "E164": (
+        "Two steps of a parallel or fanout flow write the same governor instance; they would "
+        "race for its version.",
+        "Merge the two steps, or move one into a sequence before or after the parallel flow.",
+    ),
+    "E165": (
+        "A flow's clauses do not fit its kind: `on`/`when` outside a conditional flow or a "
+        "branch missing or unknown, `within`/`quorum` outside a fanout or a quorum outside "
+        "1..steps, a compensation beside a step that does not send, both `compensate` and "
+        "`irreversible`, or `await` in a parallel flow.",
+        "Write the flow as the flows section of the language reference shows for its kind.",
     ),
     "W201": (
         "No path of transitions, timers or ladders leads from the initial state to this state.",
