@@ -16,7 +16,7 @@ from .commit import AsyncBatcher, GroupCommit
 from .dispatch import Governor
 from .errors import NestedDispatch, StoreConfigError, UnknownMachine
 from .keys import Keyring
-from .ledger import Checkpoint, LedgerEntry, LedgerSealer, VerifyReport
+from .ledger import Checkpoint, EntryData, LedgerEntry, LedgerSealer, VerifyReport
 from .outbox import deliver_outbox, mark
 from .replay import replay, verify
 from .resilience.breaker import BreakerChange
@@ -176,21 +176,29 @@ class Runtime:
         if self._sealer is not None:
             self._breaker_moves.append((machine, change))
 
-    def _record_breaker_moves(self) -> None:
-        """Write the breaker moves noted so far as ledger entries, in one unit of work of their
-        own: the unit whose action moved the breaker may have failed and rolled back."""
-        moves = self._breaker_moves
-        noted = [moves.popleft() for _ in range(len(moves))]
-        if self._sealer is None or not noted:
-            return
+    def record(self, entries: Sequence[EntryData]) -> list[LedgerEntry]:
+        """Seal and append ledger entries that no transition makes (breaker moves, missed
+        deadlines), in order, in one unit of work of their own; [] without a ledger."""
+        if self._sealer is None or not entries:
+            return []
 
-        def work(txn: Transaction, chain: _Chain) -> None:
-            for machine, change in noted:
-                entry = chain.seal(txn, breaker_entry(machine, change))
+        def work(txn: Transaction, chain: _Chain) -> list[LedgerEntry]:
+            sealed = []
+            for data in entries:
+                entry = chain.seal(txn, data)
                 txn.append_ledger(entry)
                 chain.advance(entry)
+                sealed.append(entry)
+            return sealed
 
-        self._submit(work)
+        return self._submit(work)
+
+    def _record_breaker_moves(self) -> None:
+        """Write the breaker moves noted so far: after the unit whose action moved the breaker,
+        which may have failed and rolled back."""
+        moves = self._breaker_moves
+        noted = [moves.popleft() for _ in range(len(moves))]
+        self.record([breaker_entry(machine, change) for machine, change in noted])
 
     def _submit(self, work: Callable[[Transaction, _Chain], T]) -> T:
         try:

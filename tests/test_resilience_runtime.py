@@ -15,9 +15,11 @@ from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerSealer
 from autonomic.runtime.resilience import (
     BreakerState,
+    DeadlineTracker,
     TransientFailure,
     Unavailable,
     dispatch_in_chunks,
+    escalation_entry,
 )
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import SQLiteStore
@@ -225,3 +227,38 @@ def test_a_billing_cycle_commits_once_per_chunk(
     assert [r.version for r in again if not isinstance(r, Exception)] == [
         r.version for r in charged
     ]
+
+
+def test_missed_deadlines_of_several_governors_are_signed_into_the_ledger(
+    tmp_path: Path, keys: Path
+) -> None:
+    clock = VirtualClock(START)
+    path = tmp_path / "store.db"
+    runtime = Runtime(
+        SQLiteStore(path), clock=clock, sealer=LedgerSealer(load_signer(keys), "sign-each")
+    )
+    tracker = DeadlineTracker(path, clock=runtime.clock)  # beside the store's tables
+    hour = 3_600_000
+    tracker.track(
+        "inv-1", name="payment retry", governor="Billing", due_ms=START + hour, action="retry"
+    )
+    tracker.track(
+        "ent-7", name="approval", governor="Entitlement", due_ms=START + 4 * hour, action="review"
+    )
+    clock.advance("5h")
+    found = tracker.check()
+    clock.advance("1d")
+    found += tracker.check()
+    runtime.record([escalation_entry(e) for e in found])
+    entries = [e for e in runtime.ledger() if e.kind == "escalation"]
+    assert [(e.machine, e.instance, e.from_state, e.to_state) for e in entries] == [
+        ("Billing", "deadline:inv-1", "level0", "level1"),
+        ("Entitlement", "deadline:ent-7", "level0", "level1"),
+        # both re-armed at the same instant: earliest first, then by id
+        ("Entitlement", "deadline:ent-7", "level1", "level2"),
+        ("Billing", "deadline:inv-1", "level1", "level2"),
+    ]
+    assert [e.ts_ms - START for e in entries] == [5 * hour] * 2 + [29 * hour] * 2
+    assert runtime.verify(Keyring.from_files([keys])).ok
+    tracker.close()
+    runtime.close()

@@ -7,7 +7,7 @@ from .backoff import Backoff, jitter_delay_ms, jitter_with_cap, throttle_delay_m
 from .batch import ChunkFailed, chunks, dispatch_in_chunks, run_in_chunks
 from .breaker import BreakerChange, BreakerState, CircuitBreaker
 from .bulkhead import Bulkhead, TenantBulkheads
-from .deadlines import Deadline, DeadlineEscalation, DeadlineTracker
+from .deadlines import Deadline, DeadlineEscalation, DeadlineTracker, escalation_entry
 from .errors import (
     BulkheadFull,
     CircuitOpen,
@@ -44,6 +44,7 @@ __all__ = [
     "chunks",
     "clock_sleeper",
     "dispatch_in_chunks",
+    "escalation_entry",
     "is_transient",
     "is_unavailable",
     "jitter_delay_ms",

@@ -11,7 +11,11 @@ Semantics (the seed's DeadlineTracker, made durable):
 - `resolve(id)` removes a deadline that was met.
 Each deadline escalates at most once per due time, also across processes sharing the file:
 the level moves with a compare-and-set inside one IMMEDIATE transaction. Escalations are
-returned, not dispatched: the caller routes them (a notification, an event to a governor).
+returned, not dispatched: the caller routes them (a notification, an event to a governor) and
+records them in the audit ledger with `runtime.record([escalation_entry(e) for e in found])`
+(an "escalation" entry of the deadline's governor, instance `deadline:<id>`, from level n-1 to
+level n). That write follows the tracker's commit: a crash between the two leaves the
+escalation stored here and unrecorded there.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..ledger import EntryData, payload_digest
 from ..timers import Clock
 
-__all__ = ["DAY_MS", "Deadline", "DeadlineEscalation", "DeadlineTracker"]
+__all__ = ["DAY_MS", "Deadline", "DeadlineEscalation", "DeadlineTracker", "escalation_entry"]
 
 DAY_MS = 86_400_000
 
@@ -61,6 +66,29 @@ class DeadlineEscalation:
     action: str
     missed_ms: int
     rearmed_ms: int
+    checked_ms: int
+
+
+def escalation_entry(escalation: DeadlineEscalation, at_ms: int | None = None) -> EntryData:
+    """The ledger entry of a missed deadline, stamped at the check that found it (or `at_ms`)."""
+    payload = {
+        "name": escalation.name,
+        "action": escalation.action,
+        "missed_ms": escalation.missed_ms,
+        "rearmed_ms": escalation.rearmed_ms,
+    }
+    return EntryData(
+        escalation.checked_ms if at_ms is None else at_ms,
+        "escalation",
+        escalation.governor,
+        f"deadline:{escalation.id}",
+        f"level{escalation.level - 1}",
+        f"level{escalation.level}",
+        "DeadlineMissed",
+        "deadline-tracker",
+        "",
+        payload_digest(payload),
+    )
 
 
 class DeadlineTracker:
@@ -126,7 +154,7 @@ class DeadlineTracker:
                     if moved.rowcount == 1:
                         escalations.append(
                             DeadlineEscalation(
-                                id, name, governor, level + 1, action, due_ms, rearmed
+                                id, name, governor, level + 1, action, due_ms, rearmed, now
                             )
                         )
                 self._db.execute("COMMIT")
