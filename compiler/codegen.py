@@ -344,9 +344,15 @@ def contract_imports(tables: MachineTables) -> list[str]:
         used.add("Decimal")
     if "datetime" in kinds:
         used.add("datetime")
-    if "enum" in kinds:
-        used.add("Literal")
     return sorted(used, key=_isort_key)
+
+
+def typing_imports(tables: MachineTables) -> list[str]:
+    """Names the module imports from `typing` itself: a linter knows `typing.Literal` without
+    being told, so `Literal["a", "b"]` is never taken for forward references (ruff's F821)."""
+    if any(f.kind == "enum" for p in tables.payloads for f in p.fields):
+        return ["Literal"]
+    return []
 
 
 def _isort_key(name: str) -> tuple[int, str]:
@@ -365,6 +371,7 @@ def render_module(tables: MachineTables, *, long_lines: bool = False) -> str:
     return template.render(
         t=tables,
         imports=contract_imports(tables),
+        typing_imports=typing_imports(tables),
         compiler_version=COMPILER_VERSION,
         long_lines=long_lines,
     )

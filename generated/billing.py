@@ -5,6 +5,8 @@ Source sha256: 2fc46c2a2f16ad5e2600f4ef331f0ca1d121a135671e5f72c1c85462b0867a67
 Change the machine file and run `autonomic build` instead.
 """
 
+from typing import Literal
+
 from autonomic.runtime.tables import (
     ELSE,
     ActionPolicy,
@@ -14,7 +16,6 @@ from autonomic.runtime.tables import (
     EscalationLadder,
     EscalationStepSpec,
     GovernorEnum,
-    Literal,
     MachineSpec,
     Notify,
     Payload,

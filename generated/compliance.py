@@ -5,6 +5,8 @@ Source sha256: 7c86ad26c7bc4630e8f63d6334d94f458a60d413f1f02d5ba979e65e4d5a78be
 Change the machine file and run `autonomic build` instead.
 """
 
+from typing import Literal
+
 from autonomic.runtime.tables import (
     ELSE,
     Decimal,
@@ -13,7 +15,6 @@ from autonomic.runtime.tables import (
     EscalationLadder,
     EscalationStepSpec,
     GovernorEnum,
-    Literal,
     MachineSpec,
     Notify,
     Payload,

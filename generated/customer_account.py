@@ -5,13 +5,14 @@ Source sha256: e60be952fb5bca81cde812eb653a905f1622652f582489ee2a218be3ec35527a
 Change the machine file and run `autonomic build` instead.
 """
 
+from typing import Literal
+
 from autonomic.runtime.tables import (
     ELSE,
     Emit,
     EmitArg,
     EscalationLadder,
     GovernorEnum,
-    Literal,
     MachineSpec,
     Payload,
     RetryLadderSpec,

@@ -5,6 +5,8 @@ Source sha256: cba51a6957161d232eba0cc222694cc34c140e44a89bba844badc9f298c0aa44
 Change the machine file and run `autonomic build` instead.
 """
 
+from typing import Literal
+
 from autonomic.runtime.tables import (
     ELSE,
     Emit,
@@ -12,7 +14,6 @@ from autonomic.runtime.tables import (
     EscalationLadder,
     EscalationStepSpec,
     GovernorEnum,
-    Literal,
     MachineSpec,
     Notify,
     Payload,

@@ -5,7 +5,9 @@ Source sha256: 0faba393d4051c3ec38040cb4cff59e5099b22b38841710bf0d6b4a54fbcbb7c
 Change the machine file and run `autonomic build` instead.
 """
 
-# ruff: noqa: E501
+# ruff: noqa: E501, RUF100
+
+from typing import Literal
 
 from autonomic.runtime.tables import (
     Decimal,
@@ -14,7 +16,6 @@ from autonomic.runtime.tables import (
     EscalationLadder,
     EscalationStepSpec,
     GovernorEnum,
-    Literal,
     MachineSpec,
     Notify,
     Payload,

@@ -5,7 +5,9 @@ Source sha256: c1492bc7002b55a721b68482810e51e8743f498ed44bc7526e40a7f827509ab8
 Change the machine file and run `autonomic build` instead.
 """
 
-# ruff: noqa: E501
+# ruff: noqa: E501, RUF100
+
+from typing import Literal
 
 from autonomic.runtime.tables import (
     ELSE,
@@ -14,7 +16,6 @@ from autonomic.runtime.tables import (
     EmitArg,
     EscalationLadder,
     GovernorEnum,
-    Literal,
     MachineSpec,
     Payload,
     RetryLadderSpec,

@@ -57,6 +57,10 @@ ALLOWED_CALLS = frozenset(
 )
 
 
+# What a generated module may take from `typing`.
+TYPING_NAMES = frozenset({"Literal"})
+
+
 def parse_one(text: str, path: str = "machines/m.fsm") -> Machine:
     machine, diagnostics = parse_text(text, path)
     assert machine is not None, diagnostics
@@ -64,13 +68,16 @@ def parse_one(text: str, path: str = "machines/m.fsm") -> Machine:
 
 
 def assert_safe_module(source: str) -> ast.Module:
-    """The shape every generated module has: a docstring, one import from the contract,
-    assignments and classes; calls only to the contract's constructors."""
+    """The shape every generated module has: a docstring, one import from the contract (and
+    typing's own names), assignments and classes; calls only to the contract's constructors."""
     tree = ast.parse(source)
     imports = [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
-    assert len(imports) == 1
-    only = imports[0]
-    assert isinstance(only, ast.ImportFrom) and only.module == CONTRACT_MODULE and only.level == 0
+    contract = [n for n in imports if isinstance(n, ast.ImportFrom) and n.module == CONTRACT_MODULE]
+    assert len(contract) == 1 and contract[0].level == 0
+    for other in imports:
+        if other is not contract[0]:
+            assert isinstance(other, ast.ImportFrom) and other.module == "typing", ast.dump(other)
+            assert {alias.name for alias in other.names} <= TYPING_NAMES, ast.dump(other)
     for node in ast.walk(tree):
         assert not isinstance(
             node,
@@ -277,12 +284,8 @@ def test_tables_are_immutable(entitlement: ModuleType) -> None:
 
 
 def test_generated_modules_pass_mypy_strict(tmp_path: Path) -> None:
-    """One mypy run over the golden modules and every machine in machines/. mypy cannot follow
-    the editable install's import hook, so the contract module is laid out beside them."""
-    contract = tmp_path / "autonomic" / "runtime"
-    contract.mkdir(parents=True)
-    (contract / "__init__.py").write_text("")
-    shutil.copy(ROOT / "runtime" / "tables.py", contract / "tables.py")
+    """One mypy run over the golden modules and every machine in machines/, against the
+    installed layout of autonomic (src/)."""
     packages = {"golden_modules": GOLDEN_MACHINES, "machine_modules": ROOT / "machines"}
     for package, sources in packages.items():
         result = build([sources], tmp_path / package, svg=False)
@@ -301,7 +304,7 @@ def test_generated_modules_pass_mypy_strict(tmp_path: Path) -> None:
             *packages,
         ],
         cwd=tmp_path,
-        env={**os.environ, "MYPYPATH": str(tmp_path)},
+        env={**os.environ, "MYPYPATH": os.pathsep.join([str(tmp_path), str(ROOT / "src")])},
         capture_output=True,
         text=True,
         check=False,
@@ -309,8 +312,15 @@ def test_generated_modules_pass_mypy_strict(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_generated_module_passes_ruff_check() -> None:
-    """With the contract module counted as a typing module (its Literal is typing's)."""
+@pytest.mark.parametrize("settings", ["project", "defaults"])
+def test_generated_modules_pass_ruff_check(settings: str, tmp_path: Path) -> None:
+    """Under this project's settings and under ruff's defaults, as in a user's project that
+    configures nothing (`Literal[...]` must be typing's, the long-line exemption must not be
+    reported unused). A module with a long doc line is among them."""
+    long_doc = "word " * 40
+    long = generate_module(parse_one(f'machine M "{long_doc}" {{ initial state A }}'))
+    (tmp_path / "long_doc.py").write_text(long)
+    config = ["--config", str(ROOT / "pyproject.toml")] if settings == "project" else ["--isolated"]
     done = subprocess.run(
         [
             sys.executable,
@@ -318,11 +328,10 @@ def test_generated_module_passes_ruff_check() -> None:
             "ruff",
             "check",
             "--no-cache",
-            "--config",
-            str(ROOT / "pyproject.toml"),
-            "--config",
-            f"lint.typing-modules = ['{CONTRACT_MODULE}']",
+            *config,
             str(EXPECTED),
+            str(ROOT / "generated"),
+            str(tmp_path),
         ],
         capture_output=True,
         text=True,

@@ -1,4 +1,4 @@
-"""Hygiene: the whole package is mypy --strict clean and ruff clean, as DEVELOPERS.md requires."""
+"""Hygiene: the whole package is mypy --strict clean and ruff clean, as the guide requires."""
 
 from __future__ import annotations
 
@@ -22,12 +22,7 @@ def _run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
 
 
 def test_package_is_mypy_strict_clean(tmp_path: Path) -> None:
-    """mypy cannot follow setuptools' editable-install import hook, so the installed layout
-    (`autonomic.compiler` = compiler/, ...) is recreated with symlinks."""
-    layout = tmp_path / "autonomic"
-    layout.mkdir()
-    for package in PACKAGES:
-        (layout / package).symlink_to(ROOT / package, target_is_directory=True)
+    """src/autonomic is the installed layout (the packages are linked into it)."""
     done = _run(
         [
             "mypy",
@@ -36,12 +31,19 @@ def test_package_is_mypy_strict_clean(tmp_path: Path) -> None:
             str(ROOT / "pyproject.toml"),
             "--cache-dir",
             str(tmp_path / ".mypy_cache"),
-            *(arg for package in PACKAGES for arg in ("-p", f"autonomic.{package}")),
+            "-p",
+            "autonomic",
         ],
         cwd=tmp_path,
-        env={**os.environ, "MYPYPATH": str(tmp_path)},
+        env={**os.environ, "MYPYPATH": str(ROOT / "src")},
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_installed_layout_links_every_package() -> None:
+    """What mypy checks above and what the wheel holds are the tree's own packages."""
+    for package in PACKAGES:
+        assert (ROOT / "src" / "autonomic" / package).resolve() == ROOT / package
 
 
 def test_ruff_check_is_clean() -> None:
@@ -68,3 +70,16 @@ def test_no_generic_top_level_packages_are_installed() -> None:
         cwd=Path("/"),
     )
     assert done.stdout.strip() == "True", done.stdout + done.stderr
+
+
+def test_python_dash_m_runs_the_command_line() -> None:
+    """`python -m autonomic` is the `autonomic` command, from any folder."""
+    done = subprocess.run(
+        [sys.executable, "-m", "autonomic", "check", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path("/"),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: autonomic check")

@@ -5,11 +5,12 @@ Source sha256: b0271fb2455db2152c6c027ca36dad06689bee2104f584dc95b3c6f7ec0c28de
 Change the machine file and run `autonomic build` instead.
 """
 
+from typing import Literal
+
 from autonomic.runtime.tables import (
     Decimal,
     EscalationLadder,
     GovernorEnum,
-    Literal,
     MachineSpec,
     Payload,
     RetryLadderSpec,

@@ -5,6 +5,8 @@ Source sha256: b3940de9e2c240f4127d614283867892202026e9880c774047b39dfd2ffc784f
 Change the machine file and run `autonomic build` instead.
 """
 
+from typing import Literal
+
 from autonomic.runtime.tables import (
     ELSE,
     Decimal,
@@ -13,7 +15,6 @@ from autonomic.runtime.tables import (
     EscalationLadder,
     EscalationStepSpec,
     GovernorEnum,
-    Literal,
     MachineSpec,
     Notify,
     Payload,
