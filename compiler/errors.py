@@ -6,6 +6,7 @@ import difflib
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 
+from autonomic.diagnostics import render
 from pydantic import BaseModel, ConfigDict
 
 
@@ -147,33 +148,6 @@ def related(span: SourceSpan, message: str) -> RelatedLocation:
     return RelatedLocation.model_construct(span=span, message=message)
 
 
-def _display_line(line: str) -> str:
-    # Never echo control characters (bidi overrides, escapes) raw to a terminal.
-    out = []
-    for ch in line:
-        if ch == "\t":
-            out.append(" ")
-        elif ch.isprintable():
-            out.append(ch)
-        else:
-            out.append("?")
-    return "".join(out)
-
-
-MAX_ECHO = 200
-
-
-# ANSI SGR codes for a terminal; `format_text(..., colour=True)` only.
-_RESET, _BOLD, _RED, _YELLOW, _CYAN, _BLUE = (
-    "\x1b[0m",
-    "\x1b[1m",
-    "\x1b[31m",
-    "\x1b[33m",
-    "\x1b[36m",
-    "\x1b[34m",
-)
-
-
 def colour_wanted(stream: object, environ: Mapping[str, str]) -> bool:
     """Colour on a terminal unless NO_COLOR is set to anything (no-color.org) or TERM is
     dumb; never when piped or written to a file."""
@@ -186,34 +160,24 @@ def colour_wanted(stream: object, environ: Mapping[str, str]) -> bool:
 def format_text(
     diagnostic: Diagnostic, source_lines: Sequence[str] | None, *, colour: bool = False
 ) -> str:
-    """rustc/ruff style: `path:line:col: CODE message`, the source line, a caret, a hint.
-    With `colour`, the same text with ANSI colours (severity, caret, hint)."""
-
-    def paint(text: str, *codes: str) -> str:
-        return "".join(codes) + text + _RESET if colour else text
-
-    tone = _RED if diagnostic.severity is Severity.ERROR else _YELLOW
+    """rustc/ruff style: `path:line:col: CODE message`, the source line, a caret, a hint, in
+    the format every command shares (autonomic.diagnostics). With `colour`, the same text
+    with ANSI colours (severity, caret, hint)."""
     span = diagnostic.span
-    where = _display_line(f"{span.path}:{span.line}:{span.column}:")
-    label = f"{diagnostic.code} [{diagnostic.severity.value}]"
-    head = f"{paint(where, _BOLD)} {paint(label, _BOLD, tone)} {_display_line(diagnostic.message)}"
-    parts = [head]  # a file name may hold control characters too
-    if source_lines is not None and 1 <= span.line <= len(source_lines):
-        raw = source_lines[span.line - 1]
-        col = max(span.column - 1, 0)
-        start = max(0, col - MAX_ECHO // 2) if len(raw) > MAX_ECHO else 0
-        shown = _display_line(raw[start : start + MAX_ECHO])
-        width = 1
-        if span.end_line == span.line and span.end_column > span.column:
-            width = span.end_column - span.column
-        width = max(1, min(width, len(shown) - (col - start)))
-        gutter = f"{span.line:>4} | "
-        parts.append(paint(gutter, _BLUE) + shown)
-        parts.append(" " * (len(gutter) + col - start) + paint("^" * width, _BOLD, tone))
-    if diagnostic.hint:
-        parts.append(f"  = {paint('hint', _BOLD, _CYAN)}: {diagnostic.hint}")
-    for note in diagnostic.related:
-        cause = note.span
-        see = _display_line(f"{cause.path}:{cause.line}:{cause.column}:")
-        parts.append(f"  = {paint('see', _BOLD, _CYAN)} {see} {_display_line(note.message)}")
-    return "\n".join(parts)
+    return render(
+        span.path,
+        diagnostic.code,
+        diagnostic.message,
+        diagnostic.hint,
+        severity=diagnostic.severity.value,
+        line=span.line,
+        column=span.column,
+        end_line=span.end_line,
+        end_column=span.end_column,
+        source_lines=source_lines,
+        related=[
+            (f"{note.span.path}:{note.span.line}:{note.span.column}:", note.message)
+            for note in diagnostic.related
+        ],
+        colour=colour,
+    )

@@ -18,13 +18,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TypeVar
 
-from .cli import failure_diagnostic, printable
+from autonomic.diagnostics import printable
+
 from .errors import (
     InstanceNotInLedger,
     KeyFileError,
     KeyWindowError,
     LedgerWriteError,
     RuntimeFailure,
+    failure_diagnostic,
 )
 from .keys import Keyring, generate_keypair, load_public_key, now_ms, retire_key
 from .ledger import (

@@ -12,6 +12,8 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from autonomic.diagnostics import render
+
 from .errors import BindingError
 from .tables import MachineSpec, SourceRef
 
@@ -28,9 +30,8 @@ UNKNOWN_ACTION = "R013"
 NOT_CALLABLE = "R014"
 
 
-def _diagnostic(where: SourceRef | str, code: str, message: str, hint: str | None) -> str:
-    line = f"{where}: {code} {message}"
-    return f"{line}\n  = hint: {hint}" if hint else line
+def _diagnostic(where: SourceRef, code: str, message: str, hint: str | None) -> str:
+    return render(where.path, code, message, hint, line=where.line, column=where.column)
 
 
 def _nearest(name: str, pool: Mapping[str, object]) -> str | None:
@@ -97,7 +98,10 @@ def _check(
                 (
                     (machine_file, 1 << 30, 0, name),
                     _diagnostic(
-                        f"{machine_file}:1:1", unknown_code, message, hint or "remove the binding"
+                        SourceRef(machine_file, 1, 1),
+                        unknown_code,
+                        message,
+                        hint or "remove the binding",
                     ),
                 )
             )

@@ -1,66 +1,20 @@
-"""The runtime's commands, `simulate` and `demo`, and the diagnostic text of every runtime command.
+"""The runtime's commands `simulate` and `demo`, registered on the one `autonomic` command.
 
 Exit codes: 0 ok, 1 a problem in the input or a failed expectation or verification (printed as
-a diagnostic `path:line:col: CODE [error] message` with a hint, never a traceback), 2 usage.
-The command modules are imported when their command runs, so other commands start fast.
+a diagnostic `path:line:col: CODE [error] message` with a hint, by autonomic.diagnostics, never
+a traceback), 2 usage. The command modules are imported when their command runs, so other
+commands start fast; they never import this module back.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from .errors import RuntimeFailure
-
-__all__ = ["diagnostic", "failure_diagnostic", "printable", "register"]
+__all__ = ["register"]
 
 DEMO_DIR = Path("autonomic-demo")
-MAX_ECHO = 200
-
-
-def printable(text: object) -> str:
-    """Text from a file or the command line, safe on a terminal: control characters, bidi
-    overrides and undecodable bytes are shown escaped, never interpreted."""
-    shown = str(text)
-    if shown.isprintable():
-        return shown
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in shown)
-
-
-def diagnostic(
-    where: str | os.PathLike[str],
-    code: str,
-    message: str,
-    hint: str | None,
-    *,
-    line: int = 1,
-    column: int = 1,
-    source: str | None = None,
-) -> str:
-    """`path:line:col: CODE [error] message`, the source line with a caret when the source is
-    given, then `  = hint: ...`: the one format of every runtime command's problems."""
-    first, *more = message.split("\n")  # a multi-line message (BindingError) keeps its lines
-    head = f"{printable(os.fspath(where))}:{line}:{column}: {code} [error] {printable(first)}"
-    lines = [head, *(printable(text) for text in more)]
-    if source is not None:
-        text = source.splitlines()
-        if 1 <= line <= len(text):
-            raw = text[line - 1]
-            start = max(0, column - 1 - MAX_ECHO // 2) if len(raw) > MAX_ECHO else 0
-            shown = "".join(c if c.isprintable() else "?" for c in raw[start : start + MAX_ECHO])
-            gutter = f"{line:>4} | "
-            lines.append(gutter + shown)
-            lines.append(" " * (len(gutter) + max(column - 1 - start, 0)) + "^")
-    if hint:
-        lines.append(printable(f"  = hint: {hint}"))
-    return "\n".join(lines)
-
-
-def failure_diagnostic(where: str | os.PathLike[str], failure: RuntimeFailure, hint: str) -> str:
-    """A runtime failure about the file `where`; `hint` serves when the failure has none."""
-    return diagnostic(where, failure.code, failure.message, failure.hint or hint)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:

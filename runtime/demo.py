@@ -30,16 +30,23 @@ from decimal import Decimal
 from pathlib import Path
 from typing import IO
 
-from .cli import diagnostic, failure_diagnostic
+from autonomic.diagnostics import render
+
 from .dispatch import Governor
-from .errors import IdempotencyConflict, InvalidTransition, RuntimeFailure, StoreConfigError
+from .errors import (
+    IdempotencyConflict,
+    InvalidTransition,
+    RuntimeFailure,
+    StoreConfigError,
+    failure_diagnostic,
+)
 from .keys import Keyring, Signer, generate_keypair, load_public_key, load_signer, now_ms
 from .ledger import LedgerSealer, format_timestamp, verify_ledger
-from .results import DispatchResult, TransitionContext
+from .results import DispatchResult
 from .runtime import Runtime
 from .simulate import ScriptError, load_machine
 from .store.sqlite import SQLiteStore
-from .tables import MachineSpec
+from .tables import MachineSpec, TransitionContext
 from .timers import VirtualClock, format_duration
 
 __all__ = ["run_demo"]
@@ -262,7 +269,7 @@ class _Refused(Exception):
 
 
 def _refuse(where: Path, message: str, hint: str) -> _Refused:
-    return _Refused(diagnostic(where, StoreConfigError.code, message, hint))
+    return _Refused(render(where, StoreConfigError.code, message, hint))
 
 
 def _check_store_file(db: Path) -> int | None:
@@ -513,7 +520,7 @@ def run_demo(
     has_data = last_ts is not None
     if has_data and not _holds_private_key(keys):
         err.write(
-            diagnostic(
+            render(
                 keys,
                 "A010",
                 f"holds no private key, and {db} already holds a ledger signed by another key; "
@@ -540,7 +547,7 @@ def run_demo(
             return 1
         if not report.ok:
             err.write(
-                diagnostic(
+                render(
                     db,
                     "A003",
                     f"the store's ledger does not verify with the key in {keys}: "
@@ -553,7 +560,7 @@ def run_demo(
     for instant in (start, start + SCENARIO_SPAN_MS):
         if not signer.covers(instant):
             err.write(
-                diagnostic(
+                render(
                     keys,
                     "A013",
                     f"key {signer.key_id} is not valid at {format_timestamp(instant)} "
@@ -566,7 +573,7 @@ def run_demo(
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        err.write(diagnostic(db, "R022", f"cannot create its folder: {exc.strerror}", STORE_HINT))
+        err.write(render(db, "R022", f"cannot create its folder: {exc.strerror}", STORE_HINT))
         err.write("\n")
         return 1
     try:

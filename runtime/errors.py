@@ -1,12 +1,16 @@
 """Typed runtime failures: each class carries a stable diagnostic code and an optional hint.
 
 Codes A0xx belong to the audit ledger and its keys. A caller that reports a failure to a user
-prints `path:line:col: CODE [error] message` and the hint, never a traceback.
+prints it with `failure_diagnostic` (`path:line:col: CODE [error] message` and the hint, in the
+format every command shares), never a traceback.
 """
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar
+
+from autonomic.diagnostics import render
 
 
 class RuntimeFailure(Exception):
@@ -18,6 +22,11 @@ class RuntimeFailure(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+
+def failure_diagnostic(where: str | os.PathLike[str], failure: RuntimeFailure, hint: str) -> str:
+    """A runtime failure about the file `where`; `hint` serves when the failure has none."""
+    return render(where, failure.code, failure.message, failure.hint or hint)
 
 
 class LedgerReadError(RuntimeFailure):

@@ -39,18 +39,24 @@ from types import ModuleType
 from typing import IO, Any
 
 import yaml
+from autonomic.diagnostics import printable, render
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
-from .cli import diagnostic, failure_diagnostic, printable
 from .dispatch import Governor
-from .errors import InvalidTransition, PayloadEncodingError, PayloadInvalid, RuntimeFailure
+from .errors import (
+    InvalidTransition,
+    PayloadEncodingError,
+    PayloadInvalid,
+    RuntimeFailure,
+    failure_diagnostic,
+)
 from .keys import Keyring, Signer
 from .ledger import LedgerEntry, LedgerSealer
-from .results import DispatchResult, TimerFiring, TransitionContext
+from .results import DispatchResult, TimerFiring
 from .runtime import Runtime
 from .store.memory import MemoryStore
-from .tables import MachineSpec
+from .tables import MachineSpec, TransitionContext
 from .timers import ArmedTimer, VirtualClock, format_duration, format_instant, parse_duration
 
 __all__ = ["ScriptError", "load_machine", "run_simulation"]
@@ -105,14 +111,14 @@ class ScriptError(Exception):
     def render(self, source: str | None = None) -> str:
         """`path:line:col: CODE [error] message`, the source line with a caret, the hint."""
         source = self.source if source is None else source
-        return diagnostic(
+        return render(
             self.path,
             self.code,
             self.message,
             self.hint or SCRIPT_HINTS.get(self.code),
             line=self.line,
             column=self.column,
-            source=source,
+            source_lines=None if source is None else source.splitlines(),
         )
 
 
