@@ -13,6 +13,7 @@ import subprocess
 import sys
 import unicodedata
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,74 @@ def version(value: object) -> Code:
     return Code(value)
 
 
+@dataclass(frozen=True, slots=True)
+class BindingRow:
+    """One member of the generated Bindings protocol: a guard or action name, whether it is a
+    guard (it returns bool), and the payload classes of the contexts it receives (None: a
+    timer's, or an event's without fields)."""
+
+    name: str
+    guard: bool
+    payloads: tuple[str | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchRow:
+    """One overload of the generated Governor.dispatch: the event, and whether its payload may
+    be left out (no field is required)."""
+
+    event: str
+    optional: bool
+
+
+def binding_rows(tables: MachineTables) -> list[BindingRow]:
+    """Every guard and action, sorted by name, with the contexts the runtime passes it: the
+    payload of each event whose rows name it, None for timers (which carry no payload)."""
+    with_fields = {p.event for p in tables.payloads if p.fields}
+    seen: dict[str, set[str | None]] = {
+        name: set() for name, _ in (*tables.guards, *tables.actions)
+    }
+    for _, rows in tables.transitions:
+        for row in rows:
+            payload = row.event if row.event in with_fields else None
+            for name in (row.guard, *row.actions):
+                if name is not None and name in seen:
+                    seen[name].add(payload)
+    for _, timers in tables.timers:
+        for timer in timers:
+            for name in timer.actions:
+                seen[name].add(None)
+    for retry in tables.retries:
+        for step in retry.steps:
+            for name in step.actions:
+                seen[name].add(None)
+    guards = {name for name, _ in tables.guards}
+    return [
+        BindingRow(
+            name,
+            name in guards,
+            # No known use (a construct this code does not know yet): any payload or None.
+            tuple(sorted(e for e in events if e is not None))
+            + ((None,) if None in events or not events else ()),
+        )
+        for name, events in sorted(seen.items())
+    ]
+
+
+def dispatch_rows(tables: MachineTables) -> list[DispatchRow]:
+    """One overload per event, in declaration order."""
+    optional = {p.event: all(f.optional for f in p.fields) for p in tables.payloads}
+    return [DispatchRow(event, optional.get(event, True)) for event in tables.events]
+
+
+def context_type(row: BindingRow) -> Code:
+    """`TransitionContext[...]` of the payload classes a binding receives."""
+    if not row.payloads:
+        return Code("TransitionContext")
+    parts = [Code("None") if p is None else payload_class(p) for p in row.payloads]
+    return Code("TransitionContext[" + " | ".join(parts) + "]")
+
+
 def _only_vetted(value: Any) -> Any:
     if isinstance(value, Code):
         return value
@@ -289,6 +358,7 @@ FILTERS: dict[str, Callable[..., Code]] = {
     "doc_path": doc_path,
     "sha256": sha256,
     "version": version,
+    "context_type": context_type,
 }
 
 
@@ -320,8 +390,13 @@ def contract_imports(tables: MachineTables) -> list[str]:
         "SourceRef",
         "TimerSpec",
         "Transition",
+        "TypedGovernor",
         "frozen_map",
     }
+    if tables.guards or tables.actions:
+        used.add("TransitionContext")
+    if tables.events:
+        used.update(("DispatchOptions", "Outcome"))
     rows = [row for _, group in tables.transitions for row in group]
     timers = [t for _, group in tables.timers for t in group]
     if any(r.guard == ELSE for r in rows):
@@ -350,9 +425,12 @@ def contract_imports(tables: MachineTables) -> list[str]:
 def typing_imports(tables: MachineTables) -> list[str]:
     """Names the module imports from `typing` itself: a linter knows `typing.Literal` without
     being told, so `Literal["a", "b"]` is never taken for forward references (ruff's F821)."""
-    if any(f.kind == "enum" for p in tables.payloads for f in p.fields):
-        return ["Literal"]
-    return []
+    used = {"Protocol"}
+    if tables.events:
+        used.update(("Literal", "Unpack"))
+    if len(tables.events) > 1:
+        used.add("overload")
+    return sorted(used, key=_isort_key)
 
 
 def _isort_key(name: str) -> tuple[int, str]:
@@ -372,6 +450,8 @@ def render_module(tables: MachineTables, *, long_lines: bool = False) -> str:
         t=tables,
         imports=contract_imports(tables),
         typing_imports=typing_imports(tables),
+        bindings=binding_rows(tables),
+        dispatches=dispatch_rows(tables),
         compiler_version=COMPILER_VERSION,
         long_lines=long_lines,
     )

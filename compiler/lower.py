@@ -56,6 +56,9 @@ def name_problem(name: str, role: NameRole) -> str | None:
         return "is a Python keyword"
     if role in ("machine", "state", "event", "field") and name.startswith("_"):
         return "starts with an underscore, which Python treats as private"
+    if role in ("guard", "action") and name.startswith("_"):
+        # Each becomes a method of the generated Bindings protocol (`__x` would be mangled).
+        return "starts with an underscore; guards and actions become methods of a protocol"
     if role in ("state", "event") and name in _ENUM_RESERVED:
         return "is an attribute of Python's str and enum types"
     if role == "field" and (name in _FIELD_RESERVED or name.startswith("model_")):

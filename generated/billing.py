@@ -5,12 +5,13 @@ Source sha256: 2fc46c2a2f16ad5e2600f4ef331f0ca1d121a135671e5f72c1c85462b0867a67
 Change the machine file and run `autonomic build` instead.
 """
 
-from typing import Literal
+from typing import Literal, Protocol, Unpack, overload
 
 from autonomic.runtime.tables import (
     ELSE,
     ActionPolicy,
     Decimal,
+    DispatchOptions,
     Emit,
     EmitArg,
     EscalationLadder,
@@ -18,12 +19,15 @@ from autonomic.runtime.tables import (
     GovernorEnum,
     MachineSpec,
     Notify,
+    Outcome,
     Payload,
     RetryLadderSpec,
     RetryStepSpec,
     SourceRef,
     TimerSpec,
     Transition,
+    TransitionContext,
+    TypedGovernor,
     datetime,
     frozen_map,
 )
@@ -1527,3 +1531,298 @@ MACHINE = MachineSpec(
     actions=ACTIONS,
     policies=POLICIES,
 )
+
+
+class Bindings(Protocol):
+    """Guards and actions of the Billing machine, with the contexts they receive.
+
+    Implement them as methods of a class (or functions of a module) and pass it to `load`:
+    mypy then rejects a missing, misspelt or wrongly typed binding. A guard returns bool.
+    """
+
+    def accept_chargeback(self, context: TransitionContext[DisputeUpheldPayload], /) -> object: ...
+
+    def amount_matches(
+        self, context: TransitionContext[PaymentSucceededPayload | ProrationPaidPayload], /
+    ) -> bool: ...
+
+    def apply_sla_credit(self, context: TransitionContext[SLAViolationPayload], /) -> object: ...
+
+    def charge_was_voided(self, context: TransitionContext[PaymentSucceededPayload], /) -> bool: ...
+
+    def close_ledger(self, context: TransitionContext[CloseAccountPayload], /) -> object: ...
+
+    def confirm_recorded_payment(
+        self, context: TransitionContext[PaymentSucceededPayload], /
+    ) -> object: ...
+
+    def freeze_disputed_funds(
+        self, context: TransitionContext[PaymentDisputedPayload], /
+    ) -> object: ...
+
+    def hand_to_collection_agency(self, context: TransitionContext[None], /) -> object: ...
+
+    def hold_mismatched_payment(
+        self, context: TransitionContext[PaymentSucceededPayload], /
+    ) -> object: ...
+
+    def mark_max_retries_exceeded(
+        self, context: TransitionContext[PaymentFailedPayload], /
+    ) -> object: ...
+
+    def original_charge_found(
+        self, context: TransitionContext[CompensationRefundPayload], /
+    ) -> bool: ...
+
+    def record_late_payment(
+        self, context: TransitionContext[PaymentSucceededPayload], /
+    ) -> object: ...
+
+    def record_nothing_to_refund(
+        self, context: TransitionContext[CompensationRefundPayload], /
+    ) -> object: ...
+
+    def record_nothing_to_reverse(
+        self, context: TransitionContext[ReverseRefundPayload], /
+    ) -> object: ...
+
+    def record_payment(
+        self,
+        context: TransitionContext[
+            PaymentSucceededPayload | ProrationPaidPayload | ReconciliationCompletedPayload
+        ],
+        /,
+    ) -> object: ...
+
+    def record_refund(self, context: TransitionContext[RefundSucceededPayload], /) -> object: ...
+
+    def record_refund_failure(
+        self, context: TransitionContext[RefundFailedPayload], /
+    ) -> object: ...
+
+    def record_zero_refund(
+        self, context: TransitionContext[IssueCancellationRefundPayload], /
+    ) -> object: ...
+
+    def refund_due(self, context: TransitionContext[IssueCancellationRefundPayload], /) -> bool: ...
+
+    def refund_mismatched_payment(
+        self, context: TransitionContext[ProrationPaidPayload | ReconciliationCompletedPayload], /
+    ) -> object: ...
+
+    def refund_was_issued(self, context: TransitionContext[ReverseRefundPayload], /) -> bool: ...
+
+    def release_disputed_funds(
+        self, context: TransitionContext[DisputeRejectedPayload], /
+    ) -> object: ...
+
+    def retry_charge(self, context: TransitionContext[None], /) -> object: ...
+
+    def retry_refund(self, context: TransitionContext[None], /) -> object: ...
+
+    def reverse_refund(self, context: TransitionContext[ReverseRefundPayload], /) -> object: ...
+
+    def settled_amount_matches(
+        self, context: TransitionContext[ReconciliationCompletedPayload], /
+    ) -> bool: ...
+
+    def submit_charge(
+        self,
+        context: TransitionContext[
+            ChargeRequestedPayload | ProcessProrationChargePayload | ReconciliationCompletedPayload
+        ],
+        /,
+    ) -> object: ...
+
+    def submit_refund(
+        self,
+        context: TransitionContext[
+            CompensationRefundPayload
+            | IssueCancellationRefundPayload
+            | PaymentSucceededPayload
+            | RefundRequestedPayload
+        ],
+        /,
+    ) -> object: ...
+
+    def void_invoice(self, context: TransitionContext[CloseAccountPayload], /) -> object: ...
+
+    def void_proration(
+        self, context: TransitionContext[PaymentFailedPayload | None], /
+    ) -> object: ...
+
+    def void_refund(self, context: TransitionContext[None], /) -> object: ...
+
+    def write_off_balance(self, context: TransitionContext[CloseAccountPayload], /) -> object: ...
+
+
+class Governor(TypedGovernor[State, Event, Bindings]):
+    """A loaded Billing governor: `dispatch` takes an Event and its payload model."""
+
+    MACHINE = MACHINE
+    __slots__ = ()
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.ChargeRequested],
+        payload: ChargeRequestedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.ProcessProrationCharge],
+        payload: ProcessProrationChargePayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.PaymentSucceeded],
+        payload: PaymentSucceededPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.ProrationPaid],
+        payload: ProrationPaidPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.PaymentFailed],
+        payload: PaymentFailedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.PaymentDisputed],
+        payload: PaymentDisputedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.DisputeUpheld],
+        payload: DisputeUpheldPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.DisputeRejected],
+        payload: DisputeRejectedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.ReconciliationCompleted],
+        payload: ReconciliationCompletedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.RefundRequested],
+        payload: RefundRequestedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.CompensationRefund],
+        payload: CompensationRefundPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.IssueCancellationRefund],
+        payload: IssueCancellationRefundPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.ReverseRefund],
+        payload: ReverseRefundPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.RefundSucceeded],
+        payload: RefundSucceededPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.RefundFailed],
+        payload: RefundFailedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.SLAViolation],
+        payload: SLAViolationPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.CloseAccount],
+        payload: CloseAccountPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Event,
+        payload: Payload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]:
+        return self._dispatch(instance_id, event, payload, options)
+
+
+load = Governor.load

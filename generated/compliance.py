@@ -5,11 +5,12 @@ Source sha256: 7c86ad26c7bc4630e8f63d6334d94f458a60d413f1f02d5ba979e65e4d5a78be
 Change the machine file and run `autonomic build` instead.
 """
 
-from typing import Literal
+from typing import Literal, Protocol, Unpack, overload
 
 from autonomic.runtime.tables import (
     ELSE,
     Decimal,
+    DispatchOptions,
     Emit,
     EmitArg,
     EscalationLadder,
@@ -17,11 +18,14 @@ from autonomic.runtime.tables import (
     GovernorEnum,
     MachineSpec,
     Notify,
+    Outcome,
     Payload,
     RetryLadderSpec,
     SourceRef,
     TimerSpec,
     Transition,
+    TransitionContext,
+    TypedGovernor,
     datetime,
     frozen_map,
 )
@@ -795,3 +799,154 @@ MACHINE = MachineSpec(
     guards=GUARDS,
     actions=ACTIONS,
 )
+
+
+class Bindings(Protocol):
+    """Guards and actions of the Compliance machine, with the contexts they receive.
+
+    Implement them as methods of a class (or functions of a module) and pass it to `load`:
+    mypy then rejects a missing, misspelt or wrongly typed binding. A guard returns bool.
+    """
+
+    def attach_evidence(
+        self, context: TransitionContext[EvidenceSubmittedPayload], /
+    ) -> object: ...
+
+    def close_unanswered_request(self, context: TransitionContext[None], /) -> object: ...
+
+    def close_unreviewed_request(self, context: TransitionContext[None], /) -> object: ...
+
+    def concede_dispute(self, context: TransitionContext[None], /) -> object: ...
+
+    def customer_prevailed(self, context: TransitionContext[DisputeDecidedPayload], /) -> bool: ...
+
+    def is_retryable(self, context: TransitionContext[VerificationFailedPayload], /) -> bool: ...
+
+    def open_dispute_case(
+        self, context: TransitionContext[InvestigateDisputePayload], /
+    ) -> object: ...
+
+    def record_outcome(self, context: TransitionContext[DisputeDecidedPayload], /) -> object: ...
+
+    def record_rejection(
+        self, context: TransitionContext[VerificationFailedPayload], /
+    ) -> object: ...
+
+    def record_verification(
+        self, context: TransitionContext[VerificationPassedPayload], /
+    ) -> object: ...
+
+    def record_withdrawal(
+        self, context: TransitionContext[DisputeWithdrawnPayload], /
+    ) -> object: ...
+
+    def request_documents(
+        self, context: TransitionContext[VerificationFailedPayload], /
+    ) -> object: ...
+
+    def request_merchant_evidence(
+        self, context: TransitionContext[InvestigateDisputePayload], /
+    ) -> object: ...
+
+    def resubmit_identity_check(
+        self, context: TransitionContext[DocumentsSubmittedPayload], /
+    ) -> object: ...
+
+    def route_to_analyst(self, context: TransitionContext[None], /) -> object: ...
+
+    def send_document_reminder(self, context: TransitionContext[None], /) -> object: ...
+
+    def start_identity_check(
+        self, context: TransitionContext[VerifyIdentityPayload], /
+    ) -> object: ...
+
+
+class Governor(TypedGovernor[State, Event, Bindings]):
+    """A loaded Compliance governor: `dispatch` takes an Event and its payload model."""
+
+    MACHINE = MACHINE
+    __slots__ = ()
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.VerifyIdentity],
+        payload: VerifyIdentityPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.VerificationPassed],
+        payload: VerificationPassedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.VerificationFailed],
+        payload: VerificationFailedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.DocumentsSubmitted],
+        payload: DocumentsSubmittedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.InvestigateDispute],
+        payload: InvestigateDisputePayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.EvidenceSubmitted],
+        payload: EvidenceSubmittedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.DisputeDecided],
+        payload: DisputeDecidedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.DisputeWithdrawn],
+        payload: DisputeWithdrawnPayload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Event,
+        payload: Payload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]:
+        return self._dispatch(instance_id, event, payload, options)
+
+
+load = Governor.load

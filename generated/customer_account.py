@@ -5,20 +5,24 @@ Source sha256: e60be952fb5bca81cde812eb653a905f1622652f582489ee2a218be3ec35527a
 Change the machine file and run `autonomic build` instead.
 """
 
-from typing import Literal
+from typing import Literal, Protocol, Unpack, overload
 
 from autonomic.runtime.tables import (
     ELSE,
+    DispatchOptions,
     Emit,
     EmitArg,
     EscalationLadder,
     GovernorEnum,
     MachineSpec,
+    Outcome,
     Payload,
     RetryLadderSpec,
     SourceRef,
     TimerSpec,
     Transition,
+    TransitionContext,
+    TypedGovernor,
     frozen_map,
 )
 
@@ -536,3 +540,133 @@ MACHINE = MachineSpec(
     guards=GUARDS,
     actions=ACTIONS,
 )
+
+
+class Bindings(Protocol):
+    """Guards and actions of the CustomerAccount machine, with the contexts they receive.
+
+    Implement them as methods of a class (or functions of a module) and pass it to `load`:
+    mypy then rejects a missing, misspelt or wrongly typed binding. A guard returns bool.
+    """
+
+    def anonymize_profile(
+        self, context: TransitionContext[CloseAccountRequestedPayload | SubscriptionEndedPayload], /
+    ) -> object: ...
+
+    def begin_closure(
+        self, context: TransitionContext[CloseAccountRequestedPayload], /
+    ) -> object: ...
+
+    def create_profile(self, context: TransitionContext[CreateProfilePayload], /) -> object: ...
+
+    def has_open_subscriptions(
+        self, context: TransitionContext[CloseAccountRequestedPayload], /
+    ) -> bool: ...
+
+    def identity_fields_changed(
+        self, context: TransitionContext[UpdateProfilePayload], /
+    ) -> bool: ...
+
+    def is_last_open_subscription(
+        self, context: TransitionContext[SubscriptionEndedPayload], /
+    ) -> bool: ...
+
+    def lift_restriction(
+        self, context: TransitionContext[IdentityVerifiedPayload], /
+    ) -> object: ...
+
+    def mark_verified(self, context: TransitionContext[IdentityVerifiedPayload], /) -> object: ...
+
+    def record_subscription_end(
+        self, context: TransitionContext[SubscriptionEndedPayload], /
+    ) -> object: ...
+
+    def restrict_account(
+        self, context: TransitionContext[IdentityRejectedPayload], /
+    ) -> object: ...
+
+    def send_notification(self, context: TransitionContext[NotifyCustomerPayload], /) -> object: ...
+
+    def update_profile(self, context: TransitionContext[UpdateProfilePayload], /) -> object: ...
+
+
+class Governor(TypedGovernor[State, Event, Bindings]):
+    """A loaded CustomerAccount governor: `dispatch` takes an Event and its payload model."""
+
+    MACHINE = MACHINE
+    __slots__ = ()
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.CreateProfile],
+        payload: CreateProfilePayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.UpdateProfile],
+        payload: UpdateProfilePayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.IdentityVerified],
+        payload: IdentityVerifiedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.IdentityRejected],
+        payload: IdentityRejectedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.NotifyCustomer],
+        payload: NotifyCustomerPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.CloseAccountRequested],
+        payload: CloseAccountRequestedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.SubscriptionEnded],
+        payload: SubscriptionEndedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Event,
+        payload: Payload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]:
+        return self._dispatch(instance_id, event, payload, options)
+
+
+load = Governor.load

@@ -5,10 +5,11 @@ Source sha256: cba51a6957161d232eba0cc222694cc34c140e44a89bba844badc9f298c0aa44
 Change the machine file and run `autonomic build` instead.
 """
 
-from typing import Literal
+from typing import Literal, Protocol, Unpack, overload
 
 from autonomic.runtime.tables import (
     ELSE,
+    DispatchOptions,
     Emit,
     EmitArg,
     EscalationLadder,
@@ -16,11 +17,14 @@ from autonomic.runtime.tables import (
     GovernorEnum,
     MachineSpec,
     Notify,
+    Outcome,
     Payload,
     RetryLadderSpec,
     SourceRef,
     TimerSpec,
     Transition,
+    TransitionContext,
+    TypedGovernor,
     frozen_map,
 )
 
@@ -728,3 +732,181 @@ MACHINE = MachineSpec(
     guards=GUARDS,
     actions=ACTIONS,
 )
+
+
+class Bindings(Protocol):
+    """Guards and actions of the Entitlement machine, with the contexts they receive.
+
+    Implement them as methods of a class (or functions of a module) and pass it to `load`:
+    mypy then rejects a missing, misspelt or wrongly typed binding. A guard returns bool.
+    """
+
+    def auto_approve(self, context: TransitionContext[None], /) -> object: ...
+
+    def cancel_request(self, context: TransitionContext[RevokePayload], /) -> object: ...
+
+    def contention_is_severe(
+        self, context: TransitionContext[TenantContentionPayload], /
+    ) -> bool: ...
+
+    def disable_access(
+        self, context: TransitionContext[SuspendPayload | SuspendForCancellationPayload], /
+    ) -> object: ...
+
+    def enable_access(
+        self, context: TransitionContext[ReinstatePayload | RestoreEntitlementsPayload], /
+    ) -> object: ...
+
+    def enable_tier_features(
+        self, context: TransitionContext[GrantEntitlementsPayload], /
+    ) -> object: ...
+
+    def is_authorized_approver(
+        self, context: TransitionContext[ApprovePayload | RejectPayload], /
+    ) -> bool: ...
+
+    def issue_auto_refund(self, context: TransitionContext[None], /) -> object: ...
+
+    def record_approval(self, context: TransitionContext[ApprovePayload], /) -> object: ...
+
+    def record_contention(
+        self, context: TransitionContext[TenantContentionPayload], /
+    ) -> object: ...
+
+    def record_grant_failure(
+        self, context: TransitionContext[GrantEntitlementsPayload], /
+    ) -> object: ...
+
+    def record_rejection(self, context: TransitionContext[RejectPayload], /) -> object: ...
+
+    def reduce_features(self, context: TransitionContext[TenantContentionPayload], /) -> object: ...
+
+    def remove_entitlement(self, context: TransitionContext[RevokePayload], /) -> object: ...
+
+    def restore_features(
+        self, context: TransitionContext[ContentionResolvedPayload], /
+    ) -> object: ...
+
+    def restore_previous_tier(
+        self, context: TransitionContext[RestorePreviousTierPayload], /
+    ) -> object: ...
+
+    def tier_available(self, context: TransitionContext[GrantEntitlementsPayload], /) -> bool: ...
+
+
+class Governor(TypedGovernor[State, Event, Bindings]):
+    """A loaded Entitlement governor: `dispatch` takes an Event and its payload model."""
+
+    MACHINE = MACHINE
+    __slots__ = ()
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.Approve],
+        payload: ApprovePayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.Reject],
+        payload: RejectPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.Suspend],
+        payload: SuspendPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.Reinstate],
+        payload: ReinstatePayload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.GrantEntitlements],
+        payload: GrantEntitlementsPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.RestorePreviousTier],
+        payload: RestorePreviousTierPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.TenantContention],
+        payload: TenantContentionPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.ContentionResolved],
+        payload: ContentionResolvedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.SuspendForCancellation],
+        payload: SuspendForCancellationPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.RestoreEntitlements],
+        payload: RestoreEntitlementsPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.Revoke],
+        payload: RevokePayload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Event,
+        payload: Payload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]:
+        return self._dispatch(instance_id, event, payload, options)
+
+
+load = Governor.load

@@ -5,8 +5,11 @@ Source sha256: 84c6f7c1f5b36976983d42642c7ec778169c8ef7ee98851bc4069e49057301a9
 Change the machine file and run `autonomic build` instead.
 """
 
+from typing import Literal, Protocol, Unpack, overload
+
 from autonomic.runtime.tables import (
     Decimal,
+    DispatchOptions,
     Emit,
     EmitArg,
     EscalationLadder,
@@ -14,11 +17,14 @@ from autonomic.runtime.tables import (
     GovernorEnum,
     MachineSpec,
     Notify,
+    Outcome,
     Payload,
     RetryLadderSpec,
     SourceRef,
     TimerSpec,
     Transition,
+    TransitionContext,
+    TypedGovernor,
     frozen_map,
 )
 
@@ -478,3 +484,158 @@ MACHINE = MachineSpec(
     guards=GUARDS,
     actions=ACTIONS,
 )
+
+
+class Bindings(Protocol):
+    """Guards and actions of the ProductCatalog machine, with the contexts they receive.
+
+    Implement them as methods of a class (or functions of a module) and pass it to `load`:
+    mypy then rejects a missing, misspelt or wrongly typed binding. A guard returns bool.
+    """
+
+    def announce_price_change(
+        self, context: TransitionContext[UpdatePricePayload], /
+    ) -> object: ...
+
+    def apply_price(self, context: TransitionContext[UpdatePricePayload | None], /) -> object: ...
+
+    def bump_price_version(
+        self, context: TransitionContext[UpdatePricePayload | None], /
+    ) -> object: ...
+
+    def discard_listing(self, context: TransitionContext[None], /) -> object: ...
+
+    def is_current_version(self, context: TransitionContext[UpdatePricePayload], /) -> bool: ...
+
+    def is_increase_on_current_version(
+        self, context: TransitionContext[UpdatePricePayload], /
+    ) -> bool: ...
+
+    def open_review(self, context: TransitionContext[SubmitForReviewPayload], /) -> object: ...
+
+    def publish_listing(self, context: TransitionContext[ReviewApprovedPayload], /) -> object: ...
+
+    def record_review_feedback(
+        self, context: TransitionContext[ReviewRejectedPayload], /
+    ) -> object: ...
+
+    def resume_sales(self, context: TransitionContext[UndeprecatePayload], /) -> object: ...
+
+    def retire_listing(self, context: TransitionContext[RetirePayload | None], /) -> object: ...
+
+    def stop_new_sales(self, context: TransitionContext[DeprecatePayload], /) -> object: ...
+
+    def update_listing(self, context: TransitionContext[EditListingPayload], /) -> object: ...
+
+    def withdraw_price_change(
+        self, context: TransitionContext[CancelPriceChangePayload | DeprecatePayload], /
+    ) -> object: ...
+
+
+class Governor(TypedGovernor[State, Event, Bindings]):
+    """A loaded ProductCatalog governor: `dispatch` takes an Event and its payload model."""
+
+    MACHINE = MACHINE
+    __slots__ = ()
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.EditListing],
+        payload: EditListingPayload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.SubmitForReview],
+        payload: SubmitForReviewPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.ReviewApproved],
+        payload: ReviewApprovedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.ReviewRejected],
+        payload: ReviewRejectedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.UpdatePrice],
+        payload: UpdatePricePayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.CancelPriceChange],
+        payload: CancelPriceChangePayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.Deprecate],
+        payload: DeprecatePayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.Undeprecate],
+        payload: UndeprecatePayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.Retire],
+        payload: RetirePayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.DiscardDraft],
+        payload: DiscardDraftPayload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Event,
+        payload: Payload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]:
+        return self._dispatch(instance_id, event, payload, options)
+
+
+load = Governor.load

@@ -7,10 +7,11 @@ Change the machine file and run `autonomic build` instead.
 
 # ruff: noqa: E501, RUF100
 
-from typing import Literal
+from typing import Literal, Protocol, Unpack, overload
 
 from autonomic.runtime.tables import (
     Decimal,
+    DispatchOptions,
     Emit,
     EmitArg,
     EscalationLadder,
@@ -18,11 +19,14 @@ from autonomic.runtime.tables import (
     GovernorEnum,
     MachineSpec,
     Notify,
+    Outcome,
     Payload,
     RetryLadderSpec,
     SourceRef,
     TimerSpec,
     Transition,
+    TransitionContext,
+    TypedGovernor,
     datetime,
     frozen_map,
 )
@@ -643,3 +647,149 @@ MACHINE = MachineSpec(
     guards=GUARDS,
     actions=ACTIONS,
 )
+
+
+class Bindings(Protocol):
+    """Guards and actions of the QuotaSla machine, with the contexts they receive.
+
+    Implement them as methods of a class (or functions of a module) and pass it to `load`:
+    mypy then rejects a missing, misspelt or wrongly typed binding. A guard returns bool.
+    """
+
+    def allocate_quota(self, context: TransitionContext[AllocateQuotaPayload], /) -> object: ...
+
+    def apply_throttle(self, context: TransitionContext[QuotaExceededPayload], /) -> object: ...
+
+    def capacity_available(self, context: TransitionContext[AllocateQuotaPayload], /) -> bool: ...
+
+    def close_sla_incident(
+        self, context: TransitionContext[ReleaseQuotaPayload | SlaRestoredPayload], /
+    ) -> object: ...
+
+    def end_isolation(
+        self, context: TransitionContext[NoisyNeighborResolvedPayload | ReleaseQuotaPayload], /
+    ) -> object: ...
+
+    def isolate_noisy_tenant(
+        self, context: TransitionContext[NoisyNeighborDetectedPayload], /
+    ) -> object: ...
+
+    def lift_throttle(
+        self, context: TransitionContext[AllocateQuotaPayload | UsageNormalPayload | None], /
+    ) -> object: ...
+
+    def open_sla_incident(
+        self, context: TransitionContext[SlaBreachedPayload | None], /
+    ) -> object: ...
+
+    def reallocate_quota(self, context: TransitionContext[AllocateQuotaPayload], /) -> object: ...
+
+    def record_capacity_shortfall(
+        self, context: TransitionContext[AllocateQuotaPayload], /
+    ) -> object: ...
+
+    def release_quota(self, context: TransitionContext[ReleaseQuotaPayload], /) -> object: ...
+
+    def restore_previous_quota(
+        self, context: TransitionContext[RestoreQuotaPayload], /
+    ) -> object: ...
+
+
+class Governor(TypedGovernor[State, Event, Bindings]):
+    """A loaded QuotaSla governor: `dispatch` takes an Event and its payload model."""
+
+    MACHINE = MACHINE
+    __slots__ = ()
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.AllocateQuota],
+        payload: AllocateQuotaPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.RestoreQuota],
+        payload: RestoreQuotaPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.QuotaExceeded],
+        payload: QuotaExceededPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.UsageNormal],
+        payload: UsageNormalPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.NoisyNeighborDetected],
+        payload: NoisyNeighborDetectedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.NoisyNeighborResolved],
+        payload: NoisyNeighborResolvedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.SlaBreached],
+        payload: SlaBreachedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.SlaRestored],
+        payload: SlaRestoredPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.ReleaseQuota],
+        payload: ReleaseQuotaPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Event,
+        payload: Payload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]:
+        return self._dispatch(instance_id, event, payload, options)
+
+
+load = Governor.load

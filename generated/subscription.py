@@ -7,21 +7,25 @@ Change the machine file and run `autonomic build` instead.
 
 # ruff: noqa: E501, RUF100
 
-from typing import Literal
+from typing import Literal, Protocol, Unpack, overload
 
 from autonomic.runtime.tables import (
     ELSE,
     Decimal,
+    DispatchOptions,
     Emit,
     EmitArg,
     EscalationLadder,
     GovernorEnum,
     MachineSpec,
+    Outcome,
     Payload,
     RetryLadderSpec,
     SourceRef,
     TimerSpec,
     Transition,
+    TransitionContext,
+    TypedGovernor,
     datetime,
     frozen_map,
 )
@@ -1007,3 +1011,240 @@ MACHINE = MachineSpec(
     guards=GUARDS,
     actions=ACTIONS,
 )
+
+
+class Bindings(Protocol):
+    """Guards and actions of the Subscription machine, with the contexts they receive.
+
+    Implement them as methods of a class (or functions of a module) and pass it to `load`:
+    mypy then rejects a missing, misspelt or wrongly typed binding. A guard returns bool.
+    """
+
+    def abandon_cancellation(
+        self, context: TransitionContext[CancellationRefundFailedPayload | None], /
+    ) -> object: ...
+
+    def archive_subscription(
+        self,
+        context: TransitionContext[
+            CancelRequestedPayload | EntitlementRejectedPayload | EntitlementsSuspendedPayload
+        ],
+        /,
+    ) -> object: ...
+
+    def calculate_downgrade_credit(
+        self, context: TransitionContext[DowngradeRequestedPayload], /
+    ) -> object: ...
+
+    def calculate_proration(
+        self, context: TransitionContext[UpgradeRequestedPayload], /
+    ) -> object: ...
+
+    def calculate_refund(self, context: TransitionContext[CancelRequestedPayload], /) -> object: ...
+
+    def clear_past_due(self, context: TransitionContext[RenewalSucceededPayload], /) -> object: ...
+
+    def confirm_tier_change(
+        self, context: TransitionContext[TierChangeCompletedPayload], /
+    ) -> object: ...
+
+    def end_trial(self, context: TransitionContext[None], /) -> object: ...
+
+    def expire_subscription(self, context: TransitionContext[None], /) -> object: ...
+
+    def extend_period(self, context: TransitionContext[RenewalSucceededPayload], /) -> object: ...
+
+    def is_higher_tier(self, context: TransitionContext[UpgradeRequestedPayload], /) -> bool: ...
+
+    def is_lower_tier(self, context: TransitionContext[DowngradeRequestedPayload], /) -> bool: ...
+
+    def open_renewal(self, context: TransitionContext[RenewalDuePayload], /) -> object: ...
+
+    def proration_was_charged(
+        self, context: TransitionContext[TierChangeFailedPayload], /
+    ) -> bool: ...
+
+    def reactivate_service(
+        self, context: TransitionContext[RenewalSucceededPayload], /
+    ) -> object: ...
+
+    def record_compensation(
+        self, context: TransitionContext[TierChangeFailedPayload | None], /
+    ) -> object: ...
+
+    def record_downgrade_credit(
+        self, context: TransitionContext[TierChangeCompletedPayload], /
+    ) -> object: ...
+
+    def record_downgrade_failure(
+        self, context: TransitionContext[TierChangeFailedPayload | None], /
+    ) -> object: ...
+
+    def record_payment_method(
+        self, context: TransitionContext[ConvertTrialPayload], /
+    ) -> object: ...
+
+    def record_refund_receipt(
+        self, context: TransitionContext[CancellationRefundIssuedPayload], /
+    ) -> object: ...
+
+    def record_upgrade_declined(
+        self, context: TransitionContext[TierChangeFailedPayload], /
+    ) -> object: ...
+
+    def send_trial_ending_reminder(self, context: TransitionContext[None], /) -> object: ...
+
+    def start_grace_period(self, context: TransitionContext[None], /) -> object: ...
+
+    def start_trial(
+        self, context: TransitionContext[CreateTrialSubscriptionPayload], /
+    ) -> object: ...
+
+    def suspend_service(
+        self, context: TransitionContext[RenewalFailedPayload | None], /
+    ) -> object: ...
+
+
+class Governor(TypedGovernor[State, Event, Bindings]):
+    """A loaded Subscription governor: `dispatch` takes an Event and its payload model."""
+
+    MACHINE = MACHINE
+    __slots__ = ()
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.CreateTrialSubscription],
+        payload: CreateTrialSubscriptionPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.ConvertTrial],
+        payload: ConvertTrialPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.RenewalDue],
+        payload: RenewalDuePayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.RenewalSucceeded],
+        payload: RenewalSucceededPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.RenewalFailed],
+        payload: RenewalFailedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.UpgradeRequested],
+        payload: UpgradeRequestedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.DowngradeRequested],
+        payload: DowngradeRequestedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.TierChangeCompleted],
+        payload: TierChangeCompletedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.TierChangeFailed],
+        payload: TierChangeFailedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.CancelRequested],
+        payload: CancelRequestedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.CancellationRefundIssued],
+        payload: CancellationRefundIssuedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.CancellationRefundFailed],
+        payload: CancellationRefundFailedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.EntitlementsSuspended],
+        payload: EntitlementsSuspendedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.EntitlementRejected],
+        payload: EntitlementRejectedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Event,
+        payload: Payload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]:
+        return self._dispatch(instance_id, event, payload, options)
+
+
+load = Governor.load

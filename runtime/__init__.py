@@ -1,1 +1,265 @@
-"""autonomic's runtime: dispatches events over generated tables, with timers and a signed ledger."""
+"""autonomic's runtime: dispatches events over generated tables, with timers and a signed ledger.
+
+Everything a program needs is importable from here (`from autonomic.runtime import Runtime`):
+the Runtime and its governors, the typed face generated modules build on, the stores, the
+clocks, keys and the audit ledger, and every error the runtime raises (each with its code).
+Names load on first use, so importing a generated module does not load the whole runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .dispatch import (
+        Governor,
+    )
+    from .errors import (
+        ActionFailed,
+        BindingError,
+        CheckpointFileError,
+        ConcurrentUpdateDetected,
+        EntryEncodingError,
+        IdempotencyConflict,
+        InstanceExists,
+        InstanceNotInLedger,
+        InvalidTransition,
+        KeyExistsError,
+        KeyFileError,
+        KeyPermissionError,
+        KeyWindowError,
+        LedgerFormatError,
+        LedgerReadError,
+        LedgerVerificationError,
+        LedgerWriteError,
+        NestedDispatch,
+        NoGuardHeld,
+        PayloadEncodingError,
+        PayloadInvalid,
+        RuntimeFailure,
+        StoreConfigError,
+        StoreIntegrityError,
+        UnknownEvent,
+        UnknownInstance,
+        UnknownMachine,
+    )
+    from .keys import (
+        KeyInfo,
+        Keyring,
+        PublicKeyInfo,
+        Signer,
+        generate_keypair,
+        load_public_key,
+        load_public_keys,
+        load_signer,
+        retire_key,
+    )
+    from .ledger import (
+        Checkpoint,
+        LedgerEntry,
+        LedgerMode,
+        LedgerSealer,
+        VerifyReport,
+        read_ledger,
+        verify_ledger,
+        write_jsonl,
+    )
+    from .results import (
+        Delivery,
+        DispatchResult,
+        EmittedEvent,
+        Notification,
+        ReplayedState,
+        TimerFiring,
+    )
+    from .runtime import (
+        Runtime,
+    )
+    from .store import (
+        InstanceRecord,
+        MemoryStore,
+        OutboxMessage,
+        SQLiteStore,
+        Store,
+    )
+    from .tables import (
+        DispatchOptions,
+        GovernorEnum,
+        MachineSpec,
+        Outcome,
+        Payload,
+        TransitionContext,
+        TypedGovernor,
+    )
+    from .timers import (
+        ArmedTimer,
+        Clock,
+        Scheduler,
+        SystemClock,
+        VirtualClock,
+        format_duration,
+        parse_duration,
+    )
+
+# Where each public name lives.
+_HOMES = {
+    "Governor": "dispatch",
+    "ActionFailed": "errors",
+    "BindingError": "errors",
+    "CheckpointFileError": "errors",
+    "ConcurrentUpdateDetected": "errors",
+    "EntryEncodingError": "errors",
+    "IdempotencyConflict": "errors",
+    "InstanceExists": "errors",
+    "InstanceNotInLedger": "errors",
+    "InvalidTransition": "errors",
+    "KeyExistsError": "errors",
+    "KeyFileError": "errors",
+    "KeyPermissionError": "errors",
+    "KeyWindowError": "errors",
+    "LedgerFormatError": "errors",
+    "LedgerReadError": "errors",
+    "LedgerVerificationError": "errors",
+    "LedgerWriteError": "errors",
+    "NestedDispatch": "errors",
+    "NoGuardHeld": "errors",
+    "PayloadEncodingError": "errors",
+    "PayloadInvalid": "errors",
+    "RuntimeFailure": "errors",
+    "StoreConfigError": "errors",
+    "StoreIntegrityError": "errors",
+    "UnknownEvent": "errors",
+    "UnknownInstance": "errors",
+    "UnknownMachine": "errors",
+    "KeyInfo": "keys",
+    "Keyring": "keys",
+    "PublicKeyInfo": "keys",
+    "Signer": "keys",
+    "generate_keypair": "keys",
+    "load_public_key": "keys",
+    "load_public_keys": "keys",
+    "load_signer": "keys",
+    "retire_key": "keys",
+    "Checkpoint": "ledger",
+    "LedgerEntry": "ledger",
+    "LedgerMode": "ledger",
+    "LedgerSealer": "ledger",
+    "VerifyReport": "ledger",
+    "read_ledger": "ledger",
+    "verify_ledger": "ledger",
+    "write_jsonl": "ledger",
+    "Delivery": "results",
+    "DispatchResult": "results",
+    "EmittedEvent": "results",
+    "Notification": "results",
+    "ReplayedState": "results",
+    "TimerFiring": "results",
+    "Runtime": "runtime",
+    "InstanceRecord": "store",
+    "MemoryStore": "store",
+    "OutboxMessage": "store",
+    "SQLiteStore": "store",
+    "Store": "store",
+    "DispatchOptions": "tables",
+    "GovernorEnum": "tables",
+    "MachineSpec": "tables",
+    "Outcome": "tables",
+    "Payload": "tables",
+    "TransitionContext": "tables",
+    "TypedGovernor": "tables",
+    "ArmedTimer": "timers",
+    "Clock": "timers",
+    "Scheduler": "timers",
+    "SystemClock": "timers",
+    "VirtualClock": "timers",
+    "format_duration": "timers",
+    "parse_duration": "timers",
+}
+
+__all__ = [
+    "ActionFailed",
+    "ArmedTimer",
+    "BindingError",
+    "Checkpoint",
+    "CheckpointFileError",
+    "Clock",
+    "ConcurrentUpdateDetected",
+    "Delivery",
+    "DispatchOptions",
+    "DispatchResult",
+    "EmittedEvent",
+    "EntryEncodingError",
+    "Governor",
+    "GovernorEnum",
+    "IdempotencyConflict",
+    "InstanceExists",
+    "InstanceNotInLedger",
+    "InstanceRecord",
+    "InvalidTransition",
+    "KeyExistsError",
+    "KeyFileError",
+    "KeyInfo",
+    "KeyPermissionError",
+    "KeyWindowError",
+    "Keyring",
+    "LedgerEntry",
+    "LedgerFormatError",
+    "LedgerMode",
+    "LedgerReadError",
+    "LedgerSealer",
+    "LedgerVerificationError",
+    "LedgerWriteError",
+    "MachineSpec",
+    "MemoryStore",
+    "NestedDispatch",
+    "NoGuardHeld",
+    "Notification",
+    "OutboxMessage",
+    "Outcome",
+    "Payload",
+    "PayloadEncodingError",
+    "PayloadInvalid",
+    "PublicKeyInfo",
+    "ReplayedState",
+    "Runtime",
+    "RuntimeFailure",
+    "SQLiteStore",
+    "Scheduler",
+    "Signer",
+    "Store",
+    "StoreConfigError",
+    "StoreIntegrityError",
+    "SystemClock",
+    "TimerFiring",
+    "TransitionContext",
+    "TypedGovernor",
+    "UnknownEvent",
+    "UnknownInstance",
+    "UnknownMachine",
+    "VerifyReport",
+    "VirtualClock",
+    "format_duration",
+    "generate_keypair",
+    "load_public_key",
+    "load_public_keys",
+    "load_signer",
+    "parse_duration",
+    "read_ledger",
+    "retire_key",
+    "verify_ledger",
+    "write_jsonl",
+]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -73,7 +73,6 @@ from .results import (
     _EMPTY_RESULTS,
     DispatchResult,
     EmittedEvent,
-    TransitionContext,
     _new_result,
     _request_digest,
     _result_from_json,
@@ -85,7 +84,7 @@ from .rows import _EmitPlan, _Guarded, _Row
 from .sealing import _Chain, _new_entry_data
 from .store.base import InstanceRecord, Transaction
 from .store.memory import MemoryStore
-from .tables import MachineSpec, Payload
+from .tables import MachineSpec, Payload, TransitionContext
 from .timers import ArmedTimer, arm_timers
 
 if TYPE_CHECKING:

@@ -12,10 +12,10 @@ from .results import (
     Notification,
     ReplayedState,
     TimerFiring,
-    TransitionContext,
     derive_event_id,
 )
 from .runtime import Runtime
+from .tables import TransitionContext
 
 __all__ = [
     "CREATE_EVENT",

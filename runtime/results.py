@@ -12,29 +12,10 @@ from typing import Any, NamedTuple
 from pydantic_core import to_jsonable_python
 
 from .store.base import OutboxMessage
-from .tables import Payload
 from .timers import ArmedTimer
 
 _EMPTY_RESULTS: Mapping[str, object] = MappingProxyType({})
 _pack_length = struct.Struct(">I").pack
-
-
-class TransitionContext(NamedTuple):
-    """The event as guards and actions see it. `target` is None while guards run, and the
-    state being entered (None when a timer stays) while actions run. `version` is the
-    instance's version before this change. (A named tuple: immutable, and built in a tenth
-    of the time a frozen dataclass takes, once or twice per dispatch.)"""
-
-    machine: str
-    instance: str
-    state: str
-    event: str
-    payload: Payload | None
-    actor: str
-    version: int
-    now_ms: int
-    target: str | None = None
-    timer: str | None = None
 
 
 class EmittedEvent(NamedTuple):

@@ -663,13 +663,15 @@ def test_guard_and_action_names_are_identifiers() -> None:
     text = """machine Names {
   event Go
   initial state Start {
-    on Go -> Done when lambda do pass, _private_ok
+    on Go -> Done when lambda do pass, __init__
     on Go -> Start else
   }
   final state Done
 }
 """
-    assert findings(check_text(text, "names.fsm")) == [("E130", 4, 24), ("E130", 4, 34)]
+    found = check_text(text, "names.fsm")
+    assert findings(found) == [("E130", 4, 24), ("E130", 4, 34), ("E130", 4, 40)]
+    assert "protocol" in found[2].message  # each becomes a method of the Bindings protocol
 
 
 # ---------------------------------------------------------------- misc

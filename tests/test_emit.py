@@ -17,11 +17,10 @@ from typing import Any
 
 import pytest
 from autonomic.compiler.build import build
-from autonomic.runtime.results import TransitionContext
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.memory import MemoryStore
 from autonomic.runtime.store.sqlite import SQLiteStore
-from autonomic.runtime.tables import EmitArg
+from autonomic.runtime.tables import EmitArg, TransitionContext
 from autonomic.runtime.timers import VirtualClock
 from strategies import import_path
 

@@ -29,10 +29,9 @@ from autonomic.runtime.errors import (
 )
 from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerMode, LedgerSealer
-from autonomic.runtime.results import TransitionContext
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import MemoryStore, SQLiteStore
-from autonomic.runtime.tables import Emit, EmitArg
+from autonomic.runtime.tables import Emit, EmitArg, TransitionContext
 from autonomic.runtime.timers import SystemClock, VirtualClock
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -5,18 +5,22 @@ Source sha256: b0271fb2455db2152c6c027ca36dad06689bee2104f584dc95b3c6f7ec0c28de
 Change the machine file and run `autonomic build` instead.
 """
 
-from typing import Literal
+from typing import Literal, Protocol, Unpack, overload
 
 from autonomic.runtime.tables import (
     Decimal,
+    DispatchOptions,
     EscalationLadder,
     GovernorEnum,
     MachineSpec,
+    Outcome,
     Payload,
     RetryLadderSpec,
     SourceRef,
     TimerSpec,
     Transition,
+    TransitionContext,
+    TypedGovernor,
     frozen_map,
 )
 
@@ -202,3 +206,68 @@ MACHINE = MachineSpec(
     guards=GUARDS,
     actions=ACTIONS,
 )
+
+
+class Bindings(Protocol):
+    """Guards and actions of the Billing machine, with the contexts they receive.
+
+    Implement them as methods of a class (or functions of a module) and pass it to `load`:
+    mypy then rejects a missing, misspelt or wrongly typed binding. A guard returns bool.
+    """
+
+    def refund(self, context: TransitionContext[RefundRequestedPayload], /) -> object: ...
+
+
+class Governor(TypedGovernor[State, Event, Bindings]):
+    """A loaded Billing governor: `dispatch` takes an Event and its payload model."""
+
+    MACHINE = MACHINE
+    __slots__ = ()
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.StartBilling],
+        payload: StartBillingPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.ConfirmActivation],
+        payload: ConfirmActivationPayload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.RefundRequested],
+        payload: RefundRequestedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.WriteOff],
+        payload: WriteOffPayload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Event,
+        payload: Payload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]:
+        return self._dispatch(instance_id, event, payload, options)
+
+
+load = Governor.load

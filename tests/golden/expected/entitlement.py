@@ -5,11 +5,12 @@ Source sha256: b3940de9e2c240f4127d614283867892202026e9880c774047b39dfd2ffc784f
 Change the machine file and run `autonomic build` instead.
 """
 
-from typing import Literal
+from typing import Literal, Protocol, Unpack, overload
 
 from autonomic.runtime.tables import (
     ELSE,
     Decimal,
+    DispatchOptions,
     Emit,
     EmitArg,
     EscalationLadder,
@@ -17,12 +18,15 @@ from autonomic.runtime.tables import (
     GovernorEnum,
     MachineSpec,
     Notify,
+    Outcome,
     Payload,
     RetryLadderSpec,
     RetryStepSpec,
     SourceRef,
     TimerSpec,
     Transition,
+    TransitionContext,
+    TypedGovernor,
     datetime,
     frozen_map,
 )
@@ -546,3 +550,102 @@ MACHINE = MachineSpec(
     guards=GUARDS,
     actions=ACTIONS,
 )
+
+
+class Bindings(Protocol):
+    """Guards and actions of the Entitlement machine, with the contexts they receive.
+
+    Implement them as methods of a class (or functions of a module) and pass it to `load`:
+    mypy then rejects a missing, misspelt or wrongly typed binding. A guard returns bool.
+    """
+
+    def auto_approve(self, context: TransitionContext[None], /) -> object: ...
+
+    def close_account(self, context: TransitionContext[PaymentFailedPayload], /) -> object: ...
+
+    def is_approver(self, context: TransitionContext[ApprovePayload], /) -> bool: ...
+
+    def notify(self, context: TransitionContext[ApprovePayload | None], /) -> object: ...
+
+    def record_approval(self, context: TransitionContext[ApprovePayload], /) -> object: ...
+
+    def record_rejection(self, context: TransitionContext[None], /) -> object: ...
+
+    def record_suspension(self, context: TransitionContext[None], /) -> object: ...
+
+    def remind_customer(self, context: TransitionContext[None], /) -> object: ...
+
+    def retry_charge(self, context: TransitionContext[None], /) -> object: ...
+
+
+class Governor(TypedGovernor[State, Event, Bindings]):
+    """A loaded Entitlement governor: `dispatch` takes an Event and its payload model."""
+
+    MACHINE = MACHINE
+    __slots__ = ()
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.Approve],
+        payload: ApprovePayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.Reject],
+        payload: RejectPayload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.Suspend],
+        payload: SuspendPayload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.Resume],
+        payload: ResumePayload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.PaymentFailed],
+        payload: PaymentFailedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.PaymentSucceeded],
+        payload: PaymentSucceededPayload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Event,
+        payload: Payload | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]:
+        return self._dispatch(instance_id, event, payload, options)
+
+
+load = Governor.load
