@@ -304,9 +304,8 @@ def binding_rows(tables: MachineTables) -> list[BindingRow]:
         BindingRow(
             name,
             name in guards,
-            # No known use (a construct this code does not know yet): any payload or None.
-            tuple(sorted(e for e in events if e is not None))
-            + ((None,) if None in events or not events else ()),
+            # No known use (a fallback of an action policy): any payload or None, written ().
+            tuple(sorted(e for e in events if e is not None)) + ((None,) if None in events else ()),
         )
         for name, events in sorted(seen.items())
     ]
