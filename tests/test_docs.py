@@ -153,3 +153,10 @@ def test_every_script_code_is_in_the_reference_table() -> None:
     from autonomic.runtime.simulate import SCRIPT_HINTS
 
     assert _table_codes(DOCS / "simulate.md", "S") == set(SCRIPT_HINTS)
+
+
+def test_docs_import_only_the_public_api() -> None:
+    """What a user needs comes from `autonomic.runtime` and `autonomic.compiler` themselves."""
+    for doc in (DOCS / "runtime.md", DOCS / "simulate.md"):
+        private = re.findall(r"(?:from|import) (autonomic\.\w+\.\w+)", doc.read_text())
+        assert not private, (doc.name, private)

@@ -94,13 +94,16 @@ def test_binding_problems_are_reported_together_with_positions() -> None:
     problems = caught.value.problems
     text = "\n".join(problems)
     guard_ref = spec.guards["amount_matches"]
-    assert f"{guard_ref}: R010 guard 'amount_matches' has no binding" in text
+    assert f"{guard_ref}: R010 [error] guard 'amount_matches' has no binding" in text
     assert "did you mean 'amount_matchs'?" in text
-    assert f"{spec.actions['charge_card']}: R014 action 'charge_card' is bound to a int" in text
+    assert (
+        f"{spec.actions['charge_card']}: R014 [error] action 'charge_card' is bound to a int"
+        in text
+    )
     retry_ref = spec.actions["retry_charge"]
-    assert f"{retry_ref}: R014 action 'retry_charge' must accept one argument" in text
-    assert "R012 guard 'amount_matchs' is bound but the machine names no such guard" in text
-    assert "R013 action 'refund' is bound but the machine names no such action" in text
+    assert f"{retry_ref}: R014 [error] action 'retry_charge' must accept one argument" in text
+    assert "R012 [error] guard 'amount_matchs' is bound but the machine names no such guard" in text
+    assert "R013 [error] action 'refund' is bound but the machine names no such action" in text
     assert len(problems) == 5
 
 

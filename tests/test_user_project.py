@@ -24,13 +24,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(__file__).resolve().parent / "user_project"
+# The fresh venv must find autonomic where it installed it, not where this process does.
+CLEAN_ENVIRONMENT = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
         args,
         cwd=cwd,
-        env={**os.environ, "PIP_NO_INPUT": "1", **env},
+        env={**CLEAN_ENVIRONMENT, "PIP_NO_INPUT": "1", **env},
         capture_output=True,
         text=True,
         check=False,
@@ -99,7 +101,7 @@ def test_user_project_builds_type_checks_and_runs(
     project = tmp_path / "door_project"
     shutil.copytree(SAMPLE, project)
     bin_dir = str(venv / "bin")
-    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"  # the venv's own `autonomic` first
     _run(
         ["autonomic", "build", "machines", "--out", "door_app/governors", "--no-svg"],
         project,
