@@ -127,7 +127,8 @@ def write_output(path: str, data: bytes, inputs: Sequence[str | Path] = ()) -> N
 def _emit(text: str, output: str | None, inputs: Sequence[str | Path] = ()) -> None:
     text = text if text.endswith("\n") else text + "\n"
     if output:
-        write_output(output, text.encode("utf-8"), inputs)
+        # As on stdout: a path given as undecodable bytes is written escaped, never a crash.
+        write_output(output, text.encode("utf-8", "backslashreplace"), inputs)
     else:
         sys.stdout.write(text)
 
