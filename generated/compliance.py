@@ -860,6 +860,10 @@ class Bindings(Protocol):
         self, context: TransitionContext[VerifyIdentityPayload], /
     ) -> object: ...
 
+    def withdraw_verification(
+        self, context: TransitionContext[WithdrawVerificationPayload], /
+    ) -> object: ...
+
 
 class Governor(TypedGovernor[State, Event, Bindings]):
     """A loaded Compliance governor: `dispatch` takes an Event and its payload model."""
@@ -891,6 +895,15 @@ class Governor(TypedGovernor[State, Event, Bindings]):
         instance_id: str,
         event: Literal[Event.VerificationFailed],
         payload: VerificationFailedPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.WithdrawVerification],
+        payload: WithdrawVerificationPayload,
         **options: Unpack[DispatchOptions],
     ) -> Outcome[State]: ...
 

@@ -550,7 +550,11 @@ class Bindings(Protocol):
     """
 
     def anonymize_profile(
-        self, context: TransitionContext[CloseAccountRequestedPayload | SubscriptionEndedPayload], /
+        self,
+        context: TransitionContext[
+            CloseAccountRequestedPayload | DiscardProfilePayload | SubscriptionEndedPayload
+        ],
+        /,
     ) -> object: ...
 
     def begin_closure(
@@ -638,6 +642,15 @@ class Governor(TypedGovernor[State, Event, Bindings]):
         instance_id: str,
         event: Literal[Event.NotifyCustomer],
         payload: NotifyCustomerPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.DiscardProfile],
+        payload: DiscardProfilePayload,
         **options: Unpack[DispatchOptions],
     ) -> Outcome[State]: ...
 

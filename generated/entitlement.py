@@ -761,6 +761,8 @@ class Bindings(Protocol):
         self, context: TransitionContext[GrantEntitlementsPayload], /
     ) -> object: ...
 
+    def end_grace_period(self, context: TransitionContext[ReinstatePayload], /) -> object: ...
+
     def is_authorized_approver(
         self, context: TransitionContext[ApprovePayload | RejectPayload], /
     ) -> bool: ...
@@ -771,10 +773,6 @@ class Bindings(Protocol):
 
     def record_contention(
         self, context: TransitionContext[TenantContentionPayload], /
-    ) -> object: ...
-
-    def record_grant_failure(
-        self, context: TransitionContext[GrantEntitlementsPayload], /
     ) -> object: ...
 
     def record_rejection(self, context: TransitionContext[RejectPayload], /) -> object: ...
@@ -789,6 +787,10 @@ class Bindings(Protocol):
 
     def restore_previous_tier(
         self, context: TransitionContext[RestorePreviousTierPayload], /
+    ) -> object: ...
+
+    def start_grace_period(
+        self, context: TransitionContext[PaymentOverduePayload], /
     ) -> object: ...
 
     def tier_available(self, context: TransitionContext[GrantEntitlementsPayload], /) -> bool: ...
@@ -887,6 +889,15 @@ class Governor(TypedGovernor[State, Event, Bindings]):
         instance_id: str,
         event: Literal[Event.RestoreEntitlements],
         payload: RestoreEntitlementsPayload,
+        **options: Unpack[DispatchOptions],
+    ) -> Outcome[State]: ...
+
+    @overload
+    def dispatch(
+        self,
+        instance_id: str,
+        event: Literal[Event.PaymentOverdue],
+        payload: PaymentOverduePayload,
         **options: Unpack[DispatchOptions],
     ) -> Outcome[State]: ...
 

@@ -684,10 +684,6 @@ class Bindings(Protocol):
 
     def reallocate_quota(self, context: TransitionContext[AllocateQuotaPayload], /) -> object: ...
 
-    def record_capacity_shortfall(
-        self, context: TransitionContext[AllocateQuotaPayload], /
-    ) -> object: ...
-
     def release_quota(self, context: TransitionContext[ReleaseQuotaPayload], /) -> object: ...
 
     def restore_previous_quota(

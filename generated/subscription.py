@@ -1020,14 +1020,10 @@ class Bindings(Protocol):
     mypy then rejects a missing, misspelt or wrongly typed binding. A guard returns bool.
     """
 
-    def abandon_cancellation(
-        self, context: TransitionContext[CancellationRefundFailedPayload | None], /
-    ) -> object: ...
-
     def archive_subscription(
         self,
         context: TransitionContext[
-            CancelRequestedPayload | EntitlementRejectedPayload | EntitlementsSuspendedPayload
+            CancelRequestedPayload | DiscardTrialPayload | EntitlementRejectedPayload
         ],
         /,
     ) -> object: ...
@@ -1039,8 +1035,6 @@ class Bindings(Protocol):
     def calculate_proration(
         self, context: TransitionContext[UpgradeRequestedPayload], /
     ) -> object: ...
-
-    def calculate_refund(self, context: TransitionContext[CancelRequestedPayload], /) -> object: ...
 
     def clear_past_due(self, context: TransitionContext[RenewalSucceededPayload], /) -> object: ...
 
@@ -1069,7 +1063,9 @@ class Bindings(Protocol):
     ) -> object: ...
 
     def record_compensation(
-        self, context: TransitionContext[TierChangeFailedPayload | None], /
+        self,
+        context: TransitionContext[TierChangeFailedPayload | UpgradeAbandonedPayload | None],
+        /,
     ) -> object: ...
 
     def record_downgrade_credit(
@@ -1082,10 +1078,6 @@ class Bindings(Protocol):
 
     def record_payment_method(
         self, context: TransitionContext[ConvertTrialPayload], /
-    ) -> object: ...
-
-    def record_refund_receipt(
-        self, context: TransitionContext[CancellationRefundIssuedPayload], /
     ) -> object: ...
 
     def record_upgrade_declined(
@@ -1205,8 +1197,8 @@ class Governor(TypedGovernor[State, Event, Bindings]):
     def dispatch(
         self,
         instance_id: str,
-        event: Literal[Event.CancellationRefundIssued],
-        payload: CancellationRefundIssuedPayload,
+        event: Literal[Event.UpgradeAbandoned],
+        payload: UpgradeAbandonedPayload,
         **options: Unpack[DispatchOptions],
     ) -> Outcome[State]: ...
 
@@ -1214,17 +1206,8 @@ class Governor(TypedGovernor[State, Event, Bindings]):
     def dispatch(
         self,
         instance_id: str,
-        event: Literal[Event.CancellationRefundFailed],
-        payload: CancellationRefundFailedPayload,
-        **options: Unpack[DispatchOptions],
-    ) -> Outcome[State]: ...
-
-    @overload
-    def dispatch(
-        self,
-        instance_id: str,
-        event: Literal[Event.EntitlementsSuspended],
-        payload: EntitlementsSuspendedPayload,
+        event: Literal[Event.DiscardTrial],
+        payload: DiscardTrialPayload,
         **options: Unpack[DispatchOptions],
     ) -> Outcome[State]: ...
 

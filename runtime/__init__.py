@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         UnknownInstance,
         UnknownMachine,
     )
+    from .flows import FlowResult, FlowRunner, StepContext, StepFailed
     from .keys import (
         KeyInfo,
         Keyring,
@@ -104,6 +105,10 @@ if TYPE_CHECKING:
 
 # Where each public name lives.
 _HOMES = {
+    "FlowResult": "flows",
+    "FlowRunner": "flows",
+    "StepContext": "flows",
+    "StepFailed": "flows",
     "Governor": "dispatch",
     "ActionFailed": "errors",
     "BindingError": "errors",
@@ -190,6 +195,8 @@ __all__ = [
     "DispatchResult",
     "EmittedEvent",
     "EntryEncodingError",
+    "FlowResult",
+    "FlowRunner",
     "Governor",
     "GovernorEnum",
     "IdempotencyConflict",
@@ -227,6 +234,8 @@ __all__ = [
     "SQLiteStore",
     "Scheduler",
     "Signer",
+    "StepContext",
+    "StepFailed",
     "Store",
     "StoreConfigError",
     "StoreIntegrityError",
