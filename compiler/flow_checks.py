@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from .checks import _emit_payload_findings
+from .emit_args import emit_payload_findings
 from .errors import Diagnostic, SourceSpan, did_you_mean, fail
 from .graph import closure, declared_only, retry_edges, written_moves
 from .lower import emit_refs, name_problem
@@ -345,7 +345,7 @@ def check_flow_arguments(flow: Flow, receivers: Mapping[str, Receiver]) -> Itera
                 if wanted is not None:
                     renamed = Name(span=wanted.span, value=name)
                     causing[name] = wanted.model_copy(update={"name": renamed})
-            for finding in _emit_payload_findings(ref, target, causing, has_cause=True):
+            for finding in emit_payload_findings(ref, target, causing, has_cause=True):
                 yield _in_flow_terms(finding)
         if step.kind == "compute":
             computed.add(step.name.value)
