@@ -101,7 +101,7 @@ FLOW = FlowSpec(
 '''
     formatted = ruff_format(source.replace("{noqa}", ""))
     if has_long_lines(formatted):  # a long doc string: ruff leaves it on its line
-        formatted = ruff_format(source.replace("{noqa}", "# ruff: noqa: E501\n\n"))
+        formatted = ruff_format(source.replace("{noqa}", "# ruff: noqa: E501, RUF100\n\n"))
     return formatted
 
 

@@ -4,7 +4,7 @@ Source sha256: d7efbd93c0fca18405262fdf0ab51c4412f2efdd42a7d12e806c6ae4c8ef0e96
 Change the flow in its machine file and run `autonomic build` instead.
 """
 
-# ruff: noqa: E501
+# ruff: noqa: E501, RUF100
 
 from autonomic.runtime.tables import Emit, EmitArg, FlowSpec, FlowStepSpec, frozen_map
 
