@@ -72,7 +72,7 @@ _STEP_FAILURES = (
 class StepFailed(RuntimeFailure):
     """Raised by a `before_step` hook (or a compute function) to fail a step on purpose."""
 
-    code = "R020"
+    code = "R030"
 
 
 @dataclass(frozen=True, slots=True)
