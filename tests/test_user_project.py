@@ -5,10 +5,10 @@ In each, the installed `autonomic` command builds the sample project's machine
 (tests/user_project), the generated module passes `ruff check` under ruff's default settings,
 the project passes `mypy --strict` against the installed package (an editable install must
 not hide it behind an import hook), and the project runs on SQLite with a signed ledger that
-it then verifies. Marked `venv`, the slowest tests by design (about 30 s a mode): one venv per mode, built without
-pip (`--without-pip`, driven by this interpreter's pip) and without network, autonomic
-installed `--no-deps --no-build-isolation`, its dependencies taken from this environment
-through a path file rather than installed again.
+it then verifies. Marked `venv`: the slowest tests by design (about 30 s a mode). One venv
+per mode, built without pip (`--without-pip`, driven by this interpreter's pip) and without
+network, autonomic installed `--no-deps --no-build-isolation`, its dependencies taken from
+this environment through a path file rather than installed again.
 """
 
 from __future__ import annotations
