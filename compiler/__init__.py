@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,6 +76,22 @@ def build(
     return build_machines(
         [Path(p) for p in paths], Path(out), check_only=check_only, svg=svg, strict=strict
     )
+
+
+class _Package(types.ModuleType):
+    """This package's module type: importing the submodule `build` (compiler/build.py) makes
+    Python set the package attribute `build` to that module, which would hide the public
+    function `build` from every later `from autonomic.compiler import build`. The functions
+    stay; the submodule is still `sys.modules["autonomic.compiler.build"]`."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _FUNCTIONS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_FUNCTIONS = frozenset({"build", "check"})
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -11,6 +11,8 @@ import ast
 import graphlib
 import importlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,17 @@ def test_the_runtime_exports_every_error_it_raises() -> None:
         if isinstance(value, type) and issubclass(value, errors.RuntimeFailure)
     }
     assert failures <= set(runtime.__all__)
+
+
+def test_the_public_build_survives_its_submodule() -> None:
+    """`autonomic.compiler.build` is the function even after compiler/build.py is imported
+    (Python would set the package attribute to the module), in a fresh interpreter."""
+    probe = (
+        "from autonomic.compiler.build import BuildResult\n"
+        "import autonomic.compiler as compiler\n"
+        "from autonomic.compiler import build, check\n"
+        "assert callable(build) and callable(check) and compiler.build is build\n"
+        "assert build.__module__ == 'autonomic.compiler'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
