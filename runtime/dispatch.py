@@ -80,7 +80,7 @@ from .results import (
     _UnsealedResult,
     derive_event_id,
 )
-from .rows import _EmitPlan, _Guarded, _Row
+from .rows import _Absent, _EmitPlan, _Guarded, _Row
 from .sealing import _Chain, _new_entry_data
 from .store.base import InstanceRecord, Transaction
 from .store.memory import MemoryStore
@@ -101,7 +101,7 @@ _new_context = cast(
     Callable[[type[TransitionContext], tuple[Any, ...]], TransitionContext], tuple.__new__
 )
 # (state, event) -> the key's only row when it is unguarded, else its rows in order.
-_Entry = _Row | _Guarded
+_Entry = _Row | _Guarded | _Absent
 
 
 class _NoOwner:
@@ -220,6 +220,14 @@ class Governor:
         for state, event in self._rows:
             self._accepts.setdefault(state, ())
             self._accepts[state] += (event,)
+        # Every known event has an entry in every state: a lookup never misses for them.
+        for state, entries in self._table.items():
+            ignored = self._ignored.get(state, frozenset())
+            for member in spec.event_type:
+                if member not in entries:
+                    entries[member] = _Absent(
+                        self.name, state, str(member), str(member) in ignored, self.accepts(state)
+                    )
         self._memory = runtime._memory
         self._records: dict[str, InstanceRecord] = (
             {} if self._memory is None else self._memory.records(self.name)
@@ -362,25 +370,21 @@ class Governor:
                 # applied here if the row changes the state and nothing else.
                 try:
                     record = records[instance_id]
-                    rows = table[record.state]
+                    found = table[record.state][event]
                 except KeyError:
-                    pass  # an unknown instance or state: the unit of work says so
+                    pass  # an unknown instance, state or event: the unit of work says so
                 else:
-                    try:
-                        found = rows[event]
-                    except KeyError:
-                        if not (record_rejection and sealed):
-                            return without_row(record, event, None)
-                    else:
-                        if found.short:
-                            version = record.version + 1
-                            record.state = found.target
-                            record.version = version
-                            result: DispatchResult = new_result()
-                            result._instance = instance_id
-                            result._version = version
-                            result._outcome = found.outcome
-                            return result
+                    if found.short:
+                        version = record.version + 1
+                        record.state = found.target
+                        record.version = version
+                        result: DispatchResult = new_result()
+                        result._instance = instance_id
+                        result._version = version
+                        result._outcome = found.outcome
+                        return result
+                    if found.absent and not (record_rejection and sealed):
+                        return without_row(record, found, None)
             work = work_of(
                 instance_id,
                 event,
@@ -532,8 +536,10 @@ class Governor:
         found = self._table.get(record.state, {}).get(event)
         now = self.runtime._clock.now_ms()
         try:
-            if found is None:
-                return self._without_row(record, event, event_id)
+            if found is None:  # a state this machine does not declare
+                raise InvalidTransition(name, instance_id, record.state, event)
+            if type(found) is _Absent:
+                return self._without_row(record, found, event_id)
             row = self._decide(found, record, payload, actor, now)
         except InvalidTransition as rejection:
             if not record_rejection or not self._sealed:
@@ -549,7 +555,7 @@ class Governor:
 
     def _decide(
         self,
-        found: _Entry,
+        found: _Row | _Guarded,
         record: InstanceRecord,
         payload: Payload | None,
         actor: str,
@@ -591,34 +597,17 @@ class Governor:
         raise NoGuardHeld(self.name, record.instance, record.state, rows[0].event, guards)
 
     def _without_row(
-        self, record: InstanceRecord, event: str, event_id: str | None
+        self, record: InstanceRecord, absent: _Absent, event_id: str | None
     ) -> DispatchResult:
         """(state, event) has no row: the result of an ignored event, else the rejection."""
-        state = record.state
-        if event in self._ignored.get(state, ()):
-            return _new_result(
-                record.instance,
-                record.version,
-                None,
-                (
-                    self.name,
-                    str(event),
-                    state,
-                    state,
-                    event_id,
-                    (),
-                    (),
-                    _EMPTY_RESULTS,
-                    (),
-                    False,
-                    True,
-                ),
+        if not absent.ignored:
+            raise InvalidTransition.rejecting(
+                absent.machine, record.instance, absent.state, absent.event, absent.hint
             )
-        if event not in self._events:
-            self._check_event(event)
-        raise InvalidTransition(
-            self.name, record.instance, state, str(event), accepted=self.accepts(state)
-        )
+        outcome = absent.outcome
+        if event_id is not None:
+            outcome = (*outcome[:4], event_id, *outcome[5:])
+        return _new_result(record.instance, record.version, None, outcome)
 
     def _validate(self, event: str, payload: Mapping[str, Any] | Payload | None) -> Payload | None:
         model = self._models.get(event)

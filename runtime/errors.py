@@ -178,6 +178,7 @@ class InvalidTransition(RuntimeFailure):
     """The machine has no transition for this event in the instance's current state."""
 
     code = "R006"
+    ledger_seq: int | None = None
 
     def __init__(
         self,
@@ -204,6 +205,37 @@ class InvalidTransition(RuntimeFailure):
         self.state = state
         self.event = event
         self.ledger_seq = ledger_seq
+
+    @classmethod
+    def rejecting(
+        cls, machine: str, instance: str, state: str, event: str, hint: str
+    ) -> InvalidTransition:
+        """The same failure as `InvalidTransition(machine, instance, state, event, accepted)`
+        with `hint` made from `accepted`, built in a fraction of the time for dispatch's
+        rejections: the message is formatted when it is first read."""
+        failure = BaseException.__new__(cls)
+        failure.__dict__.update(
+            machine=machine, instance=instance, state=state, event=event, hint=hint
+        )
+        return failure
+
+    @property
+    def message(self) -> str:
+        text = self.__dict__.get("_message")
+        if text is None:
+            text = (
+                f"{self.machine} in state {self.state} has no transition on {self.event} "
+                f"(instance '{self.instance}')"
+            )
+            self._message = text
+        return str(text)
+
+    @message.setter
+    def message(self, value: str) -> None:
+        self._message = value
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class NoGuardHeld(InvalidTransition):

@@ -16,6 +16,7 @@ class _Row:
     """One transition row, pre-bound: the guard and action callables, the timers to arm."""
 
     __slots__ = (
+        "absent",
         "actions",
         "arms",
         "bare",
@@ -56,6 +57,7 @@ class _Row:
         self.cancels = bool(timers.get(self.source))
         self.arms = timers.get(self.target, ())
         self.ref = row.ref
+        self.absent = False
         # Changes the state and nothing else: no guard, no actions, no timers, no emits.
         self.bare = not (self.guard_fn or self.actions or self.emits or self.cancels or self.arms)
         self.short = False  # set by the governor: bare, and no ledger to write
@@ -82,9 +84,47 @@ class _Guarded:
 
     __slots__ = ("rows",)
     short = False  # never applied by dispatch's short path: guards run in a unit of work
+    absent = False
 
     def __init__(self, rows: tuple[_Row, ...]) -> None:
         self.rows = rows
+
+
+@final
+class _Absent:
+    """No row for one (state, event) of the machine: the event is ignored there (`ignored`,
+    with the result's fixed part), or rejected (with the hint listing what the state
+    accepts). In the table so that every known event finds an entry."""
+
+    __slots__ = ("event", "hint", "ignored", "machine", "outcome", "state")
+    short = False
+    absent = True
+
+    def __init__(
+        self, machine: str, state: str, event: str, ignored: bool, accepted: tuple[str, ...]
+    ) -> None:
+        self.machine = machine
+        self.state = state
+        self.event = event
+        self.ignored = ignored
+        self.hint = (
+            f"{state} accepts: {', '.join(accepted)}"
+            if accepted
+            else (f"{state} accepts no events")
+        )
+        self.outcome: _Outcome = (
+            machine,
+            event,
+            state,
+            state,
+            None,
+            (),
+            (),
+            _EMPTY_RESULTS,
+            (),
+            False,
+            True,
+        )
 
 
 @final
