@@ -651,7 +651,7 @@ def verify_figure(door: ModuleType, profile: Profile, signer: Signer, folder: Pa
     twice its size."""
     small = write_store(door, signer, folder / "verify-half.db", profile.verify_entries // 2)
     big = write_store(door, signer, folder / "verify.db", profile.verify_entries)
-    keys = str(folder / "keys" / "ledger.public.json")
+    keys = str(folder / "keys" / f"{signer.key_id}.public.json")
     rates, peaks = [], {}
     for path, entries in ((big, profile.verify_entries), (small, profile.verify_entries // 2)):
         for _ in range(profile.rounds if path == big else 1):

@@ -38,6 +38,7 @@ from .ledger import (
     read_ledger,
     write_jsonl,
 )
+from .verify_parallel import verify_source
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
 
@@ -205,7 +206,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             return _diagnostic(args.checkpoint, failure, CHECKPOINT_HINT)
     try:
         with read_ledger(args.ledger) as source:
-            report = source.verify(loaded, external_checkpoint=external)
+            report = verify_source(source, loaded, external_checkpoint=external)
             mode = source.mode
     except RuntimeFailure as failure:
         return _diagnostic(args.ledger, failure, LEDGER_HINT)

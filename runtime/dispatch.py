@@ -196,7 +196,7 @@ class Governor:
         self._sealed = runtime._sealer is not None
         for (state, event), rows in self._rows.items():
             for row in rows:
-                # Applied by dispatch's short path: no ledger entry to write either.
+                # Applied by dispatch's short path in place; with a ledger, by _short_sealed.
                 row.short = row.bare and not self._sealed
             only = rows[0]
             entry = only if len(rows) == 1 and only.guard_fn is None else _Guarded(rows)
@@ -345,6 +345,7 @@ class Governor:
         sealed = self._sealed
         work_of = self._work
         without_row = self._without_row
+        short_sealed = self._short_sealed
         submit = self.runtime._submit
         new_result = _UnsealedResult
         get_ident = _get_ident
@@ -383,8 +384,11 @@ class Governor:
                         result._version = version
                         result._outcome = found.outcome
                         return result
-                    if found.absent and not (record_rejection and sealed):
-                        return without_row(record, found, None)
+                    if found.absent:
+                        if not (record_rejection and sealed):
+                            return without_row(record, found, None)
+                    elif sealed and found.bare:
+                        return short_sealed(record, found, actor)
             work = work_of(
                 instance_id,
                 event,
@@ -595,6 +599,27 @@ class Governor:
                 return row
         guards = tuple(str(r.guard) for r in rows if r.guard is not None)
         raise NoGuardHeld(self.name, record.instance, record.state, rows[0].event, guards)
+
+    def _short_sealed(self, record: InstanceRecord, row: _Row, actor: str) -> DispatchResult:
+        """A bare row with a ledger, on the memory store's owning thread: the unit of work's
+        own writes (`_apply`: the entry sealed on the verified head, the state, a snapshot)
+        without the unit around it, since no guard or action runs."""
+        runtime = self.runtime
+        memory = self._memory
+        assert memory is not None
+        return runtime._commit_in_memory(
+            memory,
+            self._apply,
+            record,
+            row,
+            None,
+            EMPTY_PAYLOAD_DIGEST,
+            actor,
+            runtime._clock.now_ms(),
+            None,
+            None,
+            None,
+        )
 
     def _without_row(
         self, record: InstanceRecord, absent: _Absent, event_id: str | None

@@ -27,12 +27,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import json
 import math
 import os
 import sqlite3
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -978,7 +979,14 @@ def _verify(
     checkpoints: Iterable[Checkpoint | MalformedRecord],
     external: Checkpoint | None,
     mode: LedgerMode | None,
+    start: int = 0,
+    start_head: bytes = GENESIS_HASH,
+    tail: list[Any] | None = None,
 ) -> VerifyReport:
+    """The single pass. A seq range of a larger ledger starts at `start` on `start_head`
+    (the stored hash of entry `start - 1`) and, with `tail` given, leaves the coverage of its
+    end for `finish_ranges`: tail receives (computed head, first uncovered entry or -1,
+    whether a checkpoint settled)."""
     if mode is not None and mode not in MODES:
         raise _Failure(0, "malformed", f"unknown ledger mode {mode!r}", 0)
     if external is not None:
@@ -996,8 +1004,8 @@ def _verify(
     sign_each = mode == "sign-each"
     checkpoint_mode = mode == "checkpoint"
     uncovered_from = -1  # the first unsigned entry not yet covered by a signed checkpoint
-    head = GENESIS_HASH
-    position = 0
+    head = start_head
+    position = start
 
     def settle(size: int) -> bool:
         covered = stream.settle(size, head)
@@ -1006,7 +1014,7 @@ def _verify(
             covered = True
         return covered
 
-    if settle(0):
+    if settle(start):
         uncovered_from = -1
     iterator: Iterator[Any] = iter(entries)
     for entry in iterator:
@@ -1146,6 +1154,9 @@ def _verify(
             f"but the ledger ends after {position} entries",
             position,
         )
+    if tail is not None:
+        tail.extend((head, uncovered_from, stream.verified > 0))
+        return VerifyReport(position, True, None, None, None, stream.verified)
     if uncovered_from >= 0:
         raise _Failure(
             uncovered_from,
@@ -1307,11 +1318,18 @@ class LedgerSource:
         return last
 
     @staticmethod
-    def _sqlite_entries(connection: sqlite3.Connection) -> Iterator[LedgerEntry | MalformedRecord]:
+    def _sqlite_entries(
+        connection: sqlite3.Connection, where: str = "", bounds: tuple[int, ...] = ()
+    ) -> Iterator[LedgerEntry | MalformedRecord]:
         new, entry_type = _new_entry, LedgerEntry
         last_seq: int | None = None
+        select = (
+            SELECT_ENTRIES_SQL.replace(" ORDER BY", f" {where} ORDER BY")
+            if where
+            else (SELECT_ENTRIES_SQL)
+        )
         try:
-            for row in connection.execute(SELECT_ENTRIES_SQL):
+            for row in connection.execute(select, bounds):
                 last_seq = row[0]
                 yield new(entry_type, row)
         except sqlite3.Error as exc:
@@ -1341,10 +1359,15 @@ class LedgerSource:
 
     @staticmethod
     def _sqlite_checkpoints(
-        connection: sqlite3.Connection,
+        connection: sqlite3.Connection, where: str = "", bounds: tuple[int, ...] = ()
     ) -> Iterator[Checkpoint | MalformedRecord]:
+        select = (
+            SELECT_CHECKPOINTS_SQL.replace(" ORDER BY", f" {where} ORDER BY")
+            if where
+            else (SELECT_CHECKPOINTS_SQL)
+        )
         try:
-            for row in connection.execute(SELECT_CHECKPOINTS_SQL):
+            for row in connection.execute(select, bounds):
                 yield _checkpoint_from_row(row)
         except sqlite3.Error as exc:
             yield MalformedRecord(f"checkpoint row cannot be read: {exc}")
@@ -1482,6 +1505,83 @@ def read_ledger(path: str | os.PathLike[str]) -> LedgerSource:
             hint="an export always starts with its header line",
         )
     return _open_jsonl(file, first_line)
+
+
+@dataclass(frozen=True)
+class RangeResult:
+    """What `verify_range` found in one seq range of a SQLite ledger."""
+
+    first: int
+    start_head: bytes
+    report: VerifyReport
+    head: bytes  # the computed hash of its last entry
+    uncovered_from: int  # its first unsigned entry after its last checkpoint, or -1
+    settled: bool  # a checkpoint was verified in it
+
+
+def verify_range(
+    connection: sqlite3.Connection,
+    keyring: Keyring,
+    mode: LedgerMode | None,
+    first: int,
+    end: int | None,
+) -> RangeResult:
+    """Verify the entries with seq in [first, end) (from seq 0: every seq below `end`; `end`
+    None: to the last) and the checkpoints of sizes in (first, end], starting on the stored
+    hash of entry `first - 1`, which the range before verifies."""
+    start_head = GENESIS_HASH
+    if first > 0:
+        row = connection.execute("SELECT entry_hash FROM ledger WHERE seq = ?", (first - 1,))
+        stored = row.fetchone()
+        start_head = stored[0] if stored is not None and isinstance(stored[0], bytes) else b""
+    seqs, sizes, bounds = [], [], []
+    if first > 0:
+        seqs.append("seq >= ?")
+        sizes.append("size > ?")
+        bounds.append(first)
+    if end is not None:
+        seqs.append("seq < ?")
+        sizes.append("size <= ?")
+        bounds.append(end)
+    entries = LedgerSource._sqlite_entries(
+        connection, "WHERE " + " AND ".join(seqs) if seqs else "", tuple(bounds)
+    )
+    checkpoints = LedgerSource._sqlite_checkpoints(
+        connection, "WHERE " + " AND ".join(sizes) if sizes else "", tuple(bounds)
+    )
+    tail: list[Any] = []
+    try:
+        report = _verify(entries, keyring, checkpoints, None, mode, first, start_head, tail)
+    except _Failure as failure:
+        report = VerifyReport(failure.count, False, failure.index, failure.reason, failure.problem)
+        return RangeResult(first, start_head, report, b"", -1, False)
+    head, uncovered_from, settled = tail
+    return RangeResult(first, start_head, report, head, uncovered_from, settled)
+
+
+def finish_ranges(results: Sequence[RangeResult]) -> VerifyReport | None:
+    """Join ranges verified apart: the report of the whole ledger when every range passed and
+    they join (each starts where the one before ended, on the hash it computed, and the tail
+    is covered by a signed checkpoint); None when the caller must verify in one pass to name
+    the first failure exactly as that pass does."""
+    ordered = sorted(results, key=lambda r: r.first)
+    for before, after in itertools.pairwise(ordered):
+        if not before.report.ok or before.report.count != after.first:
+            return None
+        if before.head != after.start_head:
+            return None
+    if not ordered[-1].report.ok:
+        return None
+    uncovered = -1
+    for result in reversed(ordered):
+        if result.uncovered_from >= 0:
+            uncovered = result.uncovered_from
+        if result.settled:
+            break
+    if uncovered >= 0:
+        return None
+    checkpoints = sum(r.report.checkpoints for r in ordered)
+    return VerifyReport(ordered[-1].report.count, True, None, None, None, checkpoints)
 
 
 def verify_ledger(

@@ -60,7 +60,7 @@ class _Row:
         self.absent = False
         # Changes the state and nothing else: no guard, no actions, no timers, no emits.
         self.bare = not (self.guard_fn or self.actions or self.emits or self.cancels or self.arms)
-        self.short = False  # set by the governor: bare, and no ledger to write
+        self.short = False  # the governor sets it: bare, and no ledger to write
         # What a result of this row holds besides instance, version and seq, when the row
         # runs no actions and arms, cancels and emits nothing (the fast paths' rows).
         self.outcome: _Outcome = (
@@ -83,8 +83,8 @@ class _Guarded:
     """The rows of one (state, event) with guards, tried in order (`else` last)."""
 
     __slots__ = ("rows",)
-    short = False  # never applied by dispatch's short path: guards run in a unit of work
-    absent = False
+    # Never applied by dispatch's short path: guards run in a unit of work.
+    short = bare = absent = False
 
     def __init__(self, rows: tuple[_Row, ...]) -> None:
         self.rows = rows
@@ -97,7 +97,7 @@ class _Absent:
     accepts). In the table so that every known event finds an entry."""
 
     __slots__ = ("event", "hint", "ignored", "machine", "outcome", "state")
-    short = False
+    short = bare = False
     absent = True
 
     def __init__(

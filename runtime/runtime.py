@@ -219,15 +219,20 @@ class Runtime:
         owned = memory.enter()
         self._working_thread = me
         try:
-            chain = self._chain
-            chain.loaded = False
-            chain.appended = 0  # `finish` looks at what this commit appended
-            value = work(memory, chain)
-            chain.finish(memory)
-            return value
+            return self._commit_in_memory(memory, work)
         finally:
             self._working_thread = None
             memory.leave(owned)
+
+    def _commit_in_memory(self, memory: MemoryStore, work: Callable[..., T], *arguments: Any) -> T:
+        """One unit, `work(memory, chain, *arguments)`, on the memory store, which the caller
+        has entered: it commits as it writes; the checkpoint policy runs after it."""
+        chain = self._chain
+        chain.loaded = False
+        chain.appended = 0  # `finish` looks at what this commit appended
+        value = work(memory, chain, *arguments)
+        chain.finish(memory)
+        return value
 
     async def _submit_async(self, work: Callable[[Transaction, _Chain], T]) -> T:
         """`_submit` for a coroutine: the event loop keeps running while the batch holding
