@@ -108,6 +108,7 @@ class _NoOwner:
     """Stands in for the memory store on other stores: no thread owns it."""
 
     owner = None
+    busy = 0
 
 
 _NO_OWNER = _NoOwner()
@@ -366,6 +367,7 @@ class Governor:
                 and idempotency_key is None
                 and expected_version is None
                 and owned.owner == get_ident()
+                and not owned.busy  # not from a guard or action of this thread's unit
             ):
                 # The memory store's owning thread (see store/memory.py): decided here, and
                 # applied here if the row changes the state and nothing else.

@@ -685,6 +685,23 @@ def test_delivered_events_carry_the_fields_the_target_declares() -> None:
     assert json.loads(delivery.message.body) == {"reason": "card_declined"}
 
 
+def test_dispatching_a_bare_row_from_inside_an_action_is_refused() -> None:
+    # The memory store's short path (a row that only changes the state) must refuse too.
+    b = SpecBuilder("Pair", ["A", "B"], ["Go", "Flip"], "A")
+    b.on("A", "Go", "B", do=("nest",))
+    b.on("A", "Flip", "B")
+    holder: list[Governor] = []
+    rt = Runtime()
+    pair = rt.load(b.build(), actions={"nest": lambda ctx: holder[0].dispatch("p2", "Flip")})
+    holder.append(pair)
+    pair.create("p1")
+    pair.create("p2")
+    with pytest.raises(ActionFailed) as caught:
+        pair.dispatch("p1", "Go")
+    assert isinstance(caught.value.cause, NestedDispatch)
+    assert [pair.get(i).state for i in ("p1", "p2")] == ["A", "A"]  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
 def test_dispatching_from_inside_an_action_is_refused(tmp_path: Path, store: str) -> None:
     spec = counter_spec()
