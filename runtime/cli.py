@@ -26,7 +26,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.db, args.keys, sys.stdout, sys.stderr, generated=args.generated)
+    mode = "checkpoint" if args.checkpoint else "sign-each"
+    return run_demo(args.db, args.keys, sys.stdout, sys.stderr, generated=args.generated, mode=mode)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -51,9 +52,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     demo = subparsers.add_parser(
         "demo",
         help="run the seven governors on SQLite with a signed ledger, then verify it",
-        description="Escalation ladder, idempotent charge, retry ladder, outbox deliveries "
-        "between governors and a rejected event under a virtual clock, on an SQLite store "
-        "with an Ed25519-signed audit ledger; ends with an offline verification. Running it "
+        description="The seed's flows and patterns under a virtual clock: signup (parallel), "
+        "escalation, idempotent charges, payment outcomes (conditional, with a durable wait on "
+        "the retry ladder), upgrade (sequence), noisy neighbour (fanout), a cancellation saga "
+        "with a failure and its compensation, refund, breaker and bulkhead, on an SQLite "
+        "store with an Ed25519-signed audit ledger; ends with an offline verification. Running it "
         "again on the same store adds another customer. Exit 0 only if the ledger verifies.",
     )
     demo.add_argument(
@@ -72,6 +75,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="signing key: a directory holding one <key_id>.private.pem (a key pair is "
         "generated if it holds none) or the .private.pem file itself "
         f"(default: {DEMO_DIR / 'keys'})",
+    )
+    demo.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="sign checkpoints over batches of ledger entries instead of every entry "
+        "(the default signs every entry, as the seed's audit trail describes)",
     )
     demo.add_argument(
         "--generated",

@@ -23,6 +23,9 @@ the clock starting after the last recorded entry so the ledger stays in time ord
 
 from __future__ import annotations
 
+import asyncio
+import importlib
+import importlib.util
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -40,13 +43,15 @@ from .errors import (
     StoreConfigError,
     failure_diagnostic,
 )
+from .flows import FlowResult, FlowRunner, StepContext, StepFailed
 from .keys import Keyring, Signer, generate_keypair, load_public_key, load_signer, now_ms
-from .ledger import LedgerSealer, format_timestamp, verify_ledger
+from .ledger import LedgerMode, LedgerSealer, format_timestamp, verify_ledger
+from .resilience import BulkheadFull, TenantBulkheads, Unavailable
 from .results import DispatchResult
 from .runtime import Runtime
 from .simulate import ScriptError, load_machine
 from .store.sqlite import SQLiteStore
-from .tables import MachineSpec, TransitionContext
+from .tables import FlowSpec, MachineSpec, TransitionContext
 from .timers import VirtualClock, format_duration
 
 __all__ = ["run_demo"]
@@ -76,6 +81,7 @@ class _Narrator:
         self.clock = clock
         self.start = clock.now_ms()
         self.customer = customer
+        self.shown: set[int] = set()  # flow ledger entries already narrated
 
     def say(self, text: str, indent: int = 0) -> None:
         when = f"T+{format_duration(self.clock.now_ms() - self.start):<7}"
@@ -113,13 +119,26 @@ class _Payments:
         self.submitted: list[str] = []
         self.retries = 0
         self.invoices: dict[str, Decimal] = {}
+        self.down = False  # the primary processor unreachable (the breaker scenario)
+        self.primary_attempts = 0
+        self.backup_charges = 0
 
     def submit_charge(self, ctx: TransitionContext) -> dict[str, str]:
         payload = ctx.payload
+        if self.down:
+            self.primary_attempts += 1
+            raise Unavailable("payment processor unreachable")
         key = str(getattr(payload, "idempotency_key", ""))
         self.submitted.append(key)
         self.invoices[ctx.instance] = Decimal(str(getattr(payload, "amount", "0")))
         return {"submitted": key}
+
+    def charge_backup_processor(self, ctx: TransitionContext) -> dict[str, str]:
+        self.backup_charges += 1
+        key = str(getattr(ctx.payload, "idempotency_key", ""))
+        self.submitted.append(key)
+        self.invoices[ctx.instance] = Decimal(str(getattr(ctx.payload, "amount", "0")))
+        return {"submitted": key, "processor": "backup"}
 
     def retry_charge(self, ctx: TransitionContext) -> dict[str, int]:
         self.retries += 1
@@ -210,6 +229,7 @@ class _Bindings:
             actions = {
                 "submit_charge": self.payments.submit_charge,
                 "retry_charge": self.payments.retry_charge,
+                "charge_backup_processor": self.payments.charge_backup_processor,
             }
         guards = {name: self.guards.get(name, _fixed(True)) for name in spec.guards}
         bound: dict[str, Callable[..., object]] = {}
@@ -384,18 +404,94 @@ def _deliver(runtime: Runtime, say: _Narrator) -> None:
                 say.say(f"outbox {target}: {delivery.status} ({delivery.error})", 1)
 
 
-def _scenario(runtime: Runtime, payments: _Payments, say: _Narrator) -> None:
+FLOW_MODULES = (
+    "flow_customer_signup",
+    "flow_subscription_upgrade",
+    "flow_payment_processed",
+    "flow_noisy_neighbour",
+    "flow_subscription_cancellation",
+)
+
+
+def _load_flows(generated: str | None) -> list[FlowSpec]:
+    """The five flows from the folder the machines came from (or the installed package)."""
+    folder = generated
+    if folder is None and (Path("generated") / f"{FLOW_MODULES[0]}.py").is_file():
+        folder = "generated"
+    flows: list[FlowSpec] = []
+    for name in FLOW_MODULES:
+        if folder is None:
+            module = importlib.import_module(f"autonomic.generated.{name}")
+        else:
+            path = Path(folder) / f"{name}.py"
+            if not path.is_file():
+                raise ScriptError(
+                    str(path),
+                    1,
+                    1,
+                    "S010",
+                    "no such generated flow module: the demo runs the seed's five flows",
+                    f"run `autonomic build --out {folder}` on machines/ (flows.fsm included)",
+                )
+            loader = importlib.util.spec_from_file_location(f"_demo_{name}", path)
+            assert loader is not None and loader.loader is not None
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        flows.append(module.FLOW)
+    return flows
+
+
+def refund_due(values: Mapping[str, object]) -> str:
+    """The cancellation saga's pure step: the unused half of a 99.00 period, to the cent."""
+    return str((Decimal("99.00") / 2).quantize(Decimal("0.01")))
+
+
+class _Injected:
+    """Fails one step of one flow run, on purpose: the demo's saga failure."""
+
+    def __init__(self) -> None:
+        self.target: tuple[str, str] | None = None
+
+    def __call__(self, ctx: StepContext) -> None:
+        if self.target == (ctx.flow_id, ctx.step) and ctx.phase == "do":
+            raise StepFailed(f"injected failure: {ctx.step} refused by the archive service")
+
+
+def _flow(say: _Narrator, result: FlowResult, runtime: Runtime) -> None:
+    """A flow run's ledger entries and its outcome."""
+    for entry in runtime.store.ledger_entries(machine=result.flow, instance=result.flow_id):
+        if entry.seq in say.shown:
+            continue
+        say.shown.add(entry.seq)
+        step = f" {entry.from_state}" if entry.from_state else ""
+        say.say(
+            f"flow {result.flow}: {entry.event}{step} -> {entry.to_state} [ledger #{entry.seq}]", 1
+        )
+    extra = f" ({result.failed_step}: {result.reason})" if result.reason else ""
+    if result.gathered is not None:
+        extra += " gathered " + ", ".join(f"{k}={v}" for k, v in result.gathered.items())
+    say.say(f"flow {result.flow} {result.status}{extra}", 1)
+
+
+def _states(runtime: Runtime, say: _Narrator, *machines: str) -> None:
+    shown = []
+    for machine in machines:
+        record = runtime.governor(machine).get(say.customer)
+        shown.append(f"{machine} {record.state if record else '(none)'}")
+    say.say("states: " + ", ".join(shown), 1)
+
+
+def _scenario(
+    runtime: Runtime, runner: FlowRunner, payments: _Payments, injected: _Injected, say: _Narrator
+) -> None:
     clock = say.clock
     customer = say.customer
     entitlement = runtime.governor("Entitlement")
     billing = runtime.governor("Billing")
     subscription = runtime.governor("Subscription")
-    account = runtime.governor("CustomerAccount")
     say.say(f"customer {customer}")
 
-    say.say("0. signup: the account's profile, then Subscription, QuotaSla and Compliance")
-    for name in ("CustomerAccount", "Subscription", "QuotaSla", "Compliance"):
-        say.result(runtime.governor(name).create(customer, "signup"), "create")
+    say.say("== signup (parallel flow, asyncio): profile, trial, quota, identity at once")
     profile = {
         "customer_id": customer,
         "email": f"billing@{customer}.example",
@@ -403,18 +499,9 @@ def _scenario(runtime: Runtime, payments: _Payments, say: _Narrator) -> None:
         "product_id": "analytics-pro",
         "tier": "professional",
     }
-    say.result(account.dispatch(customer, "CreateProfile", profile, "signup"), "CreateProfile")
-    signup = (
-        ("Subscription", "CreateTrialSubscription", ("customer_id", "product_id", "tier")),
-        ("QuotaSla", "AllocateQuota", ("customer_id", "tier")),
-        ("Compliance", "VerifyIdentity", ("customer_id",)),
-    )
-    for machine, event, fields in signup:
-        payload = {name: profile[name] for name in fields}
-        say.result(runtime.governor(machine).dispatch(customer, event, payload, "signup"), event)
-    _deliver(runtime, say)
+    _flow(say, asyncio.run(runner.start_async("CustomerSignup", customer, profile)), runtime)
 
-    say.say("1. entitlement approval escalation ladder")
+    say.say("== escalation: the entitlement approval ladder")
     say.result(entitlement.create(customer, "marketplace"), "create")
     for hours in (24, 24, 24):
         clock.advance(hours * 3_600_000)
@@ -422,7 +509,8 @@ def _scenario(runtime: Runtime, payments: _Payments, say: _Narrator) -> None:
         _fire(runtime, say)
     _deliver(runtime, say)
 
-    say.say("2. the trial converts: the charge arrives with an idempotency key, three times")
+    say.say("== idempotency: the trial converts; its charge carries an idempotency key")
+    say.result(billing.create(customer, "marketplace"), "create")
     convert = {
         "customer_id": customer,
         "payment_method_id": f"pm-{customer}",
@@ -430,25 +518,130 @@ def _scenario(runtime: Runtime, payments: _Payments, say: _Narrator) -> None:
         "amount": "99.00",
     }
     say.result(subscription.dispatch(customer, "ConvertTrial", convert, customer), "ConvertTrial")
+    _deliver(runtime, say)
     _charge(billing, customer, payments, say)
 
-    say.say("3. the payment keeps failing: the retry ladder")
-    failure = {
+    say.say("== payment outcomes: Success (conditional flow) goes to Billing, then renewal")
+    paid = {
         "customer_id": customer,
-        "idempotency_key": f"pay-{customer}-1",
+        "transaction_id": f"txn-{customer}-1",
+        "amount": "99.00",
+        "idempotency_key": f"inv-{customer}-1",
+    }
+    outcome = {**paid, "reason": "captured", "case_id": f"case-{customer}"}
+    result = runner.start("PaymentProcessed", customer, {"outcome": "Success", **outcome})
+    _flow(say, result, runtime)
+    _deliver(runtime, say)
+    for result in runner.resume_all():
+        _flow(say, result, runtime)
+
+    say.say("== upgrade (sequence flow): order, proration charge, grant, quota")
+    upgrade = {
+        "customer_id": customer,
+        "current_tier": "professional",
+        "new_tier": "enterprise",
+        "cycle_day": 12,
+        "cycle_length": 30,
+        "request_id": f"upgrade-{customer}-1",
+        "proration_amount": "33.00",
+    }
+    _flow(say, runner.start("SubscriptionUpgrade", customer, upgrade), runtime)
+    proration = {
+        "customer_id": customer,
+        "transaction_id": f"txn-{customer}-2",
+        "amount": "33.00",
+        "idempotency_key": f"upgrade-{customer}-1",
+        "new_tier": "enterprise",
+    }
+    say.result(billing.dispatch(customer, "ProrationPaid", proration, "processor"), "ProrationPaid")
+    _deliver(runtime, say)
+    _states(runtime, say, "Subscription", "Billing", "Entitlement", "QuotaSla")
+
+    say.say("== noisy neighbour (fanout flow, quorum 2 within 30s)")
+    detected = {
+        "tenant_id": customer,
+        "noisy_tenant_id": "tenant-noisy",
+        "resource": "cpu",
+        "severity": "high",
+        "incident_id": f"inc-{customer}",
+        "detected_at": format_timestamp(clock.now_ms()).replace("Z", "+00:00"),
+    }
+    _detected(runtime, say, detected)
+    neighbour = {
+        "customer_id": customer,
+        "tenant_id": customer,
+        "resource": "cpu",
+        "severity": "high",
+        "violation_id": f"inc-{customer}",
+        "window_start": detected["detected_at"],
+    }
+    _flow(say, runner.start("NoisyNeighbour", customer, neighbour), runtime)
+    _deliver(runtime, say)
+
+    _dispute(runtime, runner, say)
+
+    say.say("== cancellation saga with a failure: archive fails, compensated in reverse order")
+    cancel = {"customer_id": customer, "request_id": f"cancel-{customer}-1", "reason": "budget"}
+    flow_id = runner.flow_id("SubscriptionCancellation", customer, cancel)
+    injected.target = (flow_id, "archive_subscription")
+    _flow(say, runner.start("SubscriptionCancellation", customer, cancel), runtime)
+    _states(runtime, say, "Subscription", "Billing", "Entitlement")
+
+    say.say("== payment outcomes: Failed: grace period, Billing's retry ladder, a durable wait")
+    due = {
+        "customer_id": customer,
+        "period_end": format_timestamp(clock.now_ms()).replace("Z", "+00:00"),
+        "invoice_id": f"inv-{customer}-2",
+        "amount": "99.00",
+    }
+    say.result(subscription.dispatch(customer, "RenewalDue", due, "calendar"), "RenewalDue")
+    _deliver(runtime, say)
+    failed = {
+        "outcome": "Failed",
+        **outcome,
+        "idempotency_key": f"inv-{customer}-2",
         "reason": "card_declined",
     }
+    _flow(say, runner.start("PaymentProcessed", customer, failed), runtime)
+    decline = {
+        "customer_id": customer,
+        "idempotency_key": f"inv-{customer}-2",
+        "reason": "declined",
+    }
     for wait in ("1h", "3h", "1d", "7d"):
-        say.result(
-            billing.dispatch(customer, "PaymentFailed", failure, "processor"), "PaymentFailed"
-        )
         clock.advance(wait)
         say.say(f"{wait} pass")
         _fire(runtime, say)
-    say.result(billing.dispatch(customer, "PaymentFailed", failure, "processor"), "PaymentFailed")
+        say.result(
+            billing.dispatch(customer, "PaymentFailed", decline, "processor"), "PaymentFailed"
+        )
+        for result in runner.resume_all():
+            say.say(f"flow {result.flow} still {result.status} (its wait is in the store)", 1)
     _deliver(runtime, say)
+    clock.advance("1d")
+    say.say("1d pass: the flow's 9d wait for payment runs out")
+    for result in runner.resume_all():
+        _flow(say, result, runtime)
 
-    say.say("4. an event the suspended entitlement does not accept")
+    say.say("== payment outcomes: a late payment settles the debt and reinstates access")
+    late = {**paid, "transaction_id": f"txn-{customer}-3", "idempotency_key": f"inv-{customer}-2"}
+    say.result(
+        billing.dispatch(customer, "PaymentSucceeded", late, "processor"), "PaymentSucceeded"
+    )
+    _deliver(runtime, say)
+    _states(runtime, say, "Subscription", "Billing", "Entitlement")
+
+    say.say("== refund: the cancellation saga again (a new request): refund paid out, archived")
+    cancel = {**cancel, "request_id": f"cancel-{customer}-2"}
+    _flow(say, runner.start("SubscriptionCancellation", customer, cancel), runtime)
+    refunded = {"refund_id": f"rf-{customer}", "amount": "49.50"}
+    say.result(
+        billing.dispatch(customer, "RefundSucceeded", refunded, "processor"), "RefundSucceeded"
+    )
+    _deliver(runtime, say)
+    _states(runtime, say, "Subscription", "Billing", "Entitlement", "QuotaSla")
+
+    say.say("== an event the revoked entitlement does not accept")
     try:
         entitlement.dispatch(
             customer,
@@ -461,20 +654,145 @@ def _scenario(runtime: Runtime, payments: _Payments, say: _Narrator) -> None:
         say.say(f"rejected and recorded [ledger #{rejected.ledger_seq}]: {rejected.message}", 1)
 
 
+def _dispute(runtime: Runtime, runner: FlowRunner, say: _Narrator) -> None:
+    """A chargeback on another customer's charge still awaiting payment: Billing freezes it,
+    Compliance investigates (the case is the customer's own Compliance instance, so its
+    decision, an emit, reaches the customer's Billing), the customer withdraws."""
+    say.say("== payment outcomes: Disputed: Billing freezes the funds, Compliance investigates")
+    buyer = f"{say.customer}-buyer"
+    billing = runtime.governor("Billing")
+    say.result(billing.create(buyer, "marketplace"), "create")
+    charge = {
+        "customer_id": buyer,
+        "invoice_id": f"inv-{buyer}",
+        "amount": "20.00",
+        "idempotency_key": f"inv-{buyer}",
+    }
+    say.result(billing.dispatch(buyer, "ChargeRequested", charge, "calendar"), "ChargeRequested")
+    disputed = {
+        "outcome": "Disputed",
+        "customer_id": buyer,
+        "transaction_id": f"txn-{buyer}",
+        "amount": "20.00",
+        "idempotency_key": f"inv-{buyer}",
+        "reason": "chargeback",
+        "case_id": buyer,
+    }
+    _flow(say, runner.start("PaymentProcessed", buyer, disputed), runtime)
+    compliance = runtime.governor("Compliance")
+    withdrawn = {"note": "the customer withdrew the chargeback"}
+    say.result(
+        compliance.dispatch(buyer, "DisputeWithdrawn", withdrawn, "bank"), "DisputeWithdrawn"
+    )
+    _deliver(runtime, say)
+
+
+def _detected(runtime: Runtime, say: _Narrator, detected: Mapping[str, str]) -> None:
+    quota = runtime.governor("QuotaSla")
+    result = quota.dispatch(say.customer, "NoisyNeighborDetected", dict(detected), "monitor")
+    say.result(result, "NoisyNeighborDetected")
+
+
+def _breaker(runtime: Runtime, payments: _Payments, say: _Narrator) -> None:
+    """The processor goes down: charges fall back to the backup, the breaker opens after more
+    than 10 failures and fails fast, then a probe after the cool-down closes it."""
+    say.say("== breaker: the card processor goes down")
+    billing = runtime.governor("Billing")
+    payments.down = True
+    seen = {e.seq for e in runtime.store.ledger_entries() if e.kind == "breaker"}
+    for index in range(1, 13):
+        tenant = f"{say.customer}-shop{index}"
+        billing.create(tenant, "marketplace")
+        charge = {
+            "customer_id": tenant,
+            "invoice_id": f"inv-{tenant}",
+            "amount": "10.00",
+            "idempotency_key": f"inv-{tenant}",
+        }
+        result = billing.dispatch(tenant, "ChargeRequested", charge, "calendar")
+        if index in (1, 12):
+            say.result(result, f"ChargeRequested for {tenant} (primary down: backup charged)")
+        elif index == 2:
+            say.say("... the same for shop2 to shop11, each a failure the breaker counts", 1)
+        _breaker_moves(runtime, say, seen)
+    say.say(
+        f"processor calls: primary {payments.primary_attempts}, backup {payments.backup_charges}", 1
+    )
+    payments.down = False
+    say.clock.advance("30s")
+    say.say("30s pass: the processor is back; the next charge probes it")
+    tenant = f"{say.customer}-shop13"
+    billing.create(tenant, "marketplace")
+    charge = {
+        "customer_id": tenant,
+        "invoice_id": f"inv-{tenant}",
+        "amount": "10.00",
+        "idempotency_key": f"inv-{tenant}",
+    }
+    say.result(
+        billing.dispatch(tenant, "ChargeRequested", charge, "calendar"),
+        f"ChargeRequested for {tenant}",
+    )
+    _breaker_moves(runtime, say, seen)
+
+
+def _breaker_moves(runtime: Runtime, say: _Narrator, seen: set[int]) -> None:
+    for entry in runtime.store.ledger_entries():
+        if entry.kind == "breaker" and entry.seq not in seen:
+            seen.add(entry.seq)
+            move = f"{entry.event} {entry.from_state} -> {entry.to_state}"
+            say.say(f"breaker {entry.instance}: {move} [ledger #{entry.seq}]", 2)
+
+
+def _bulkhead(say: _Narrator) -> None:
+    """One tenant floods the processor; its bulkhead refuses the excess, the others are served."""
+    say.say("== bulkhead: one tenant floods the processor")
+    bulkheads = TenantBulkheads("processor", clock=say.clock, max_concurrent=4)
+
+    async def main() -> tuple[int, int, int]:
+        gate = asyncio.Event()
+
+        async def slow() -> None:
+            await gate.wait()
+
+        async def quick() -> str:
+            return "served"
+
+        noisy = [asyncio.create_task(bulkheads.call_async("tenant-noisy", slow)) for _ in range(4)]
+        await asyncio.sleep(0)
+        refused = 0
+        for _ in range(20):
+            try:
+                await bulkheads.call_async("tenant-noisy", slow)
+            except BulkheadFull:
+                refused += 1
+        served = [await bulkheads.call_async(f"tenant-{i}", quick) for i in range(10)]
+        gate.set()
+        await asyncio.gather(*noisy)
+        return len(noisy), refused, served.count("served")
+
+    running, refused, served = asyncio.run(main())
+    say.say(
+        f"tenant-noisy: {running} calls in flight, {refused} more refused at once (BulkheadFull)", 1
+    )
+    say.say(f"10 other tenants: {served} of 10 calls served meanwhile", 1)
+
+
 def _charge(billing: Governor, customer: str, payments: _Payments, say: _Narrator) -> None:
-    say.result(billing.create(customer, "marketplace"), "create")
+    """The processor's webhook repeats the charge request under the invoice's idempotency key,
+    which the outbox delivery above already carried: stored results, one charge."""
     charge = {
         "customer_id": customer,
         "invoice_id": f"inv-{customer}-1",
         "amount": "99.00",
-        "idempotency_key": f"pay-{customer}-1",
+        "idempotency_key": f"inv-{customer}-1",
     }
     key = charge["idempotency_key"]
     for attempt in (1, 2):
         result = billing.dispatch(
             customer, "ChargeRequested", charge, "webhook", idempotency_key=key
         )
-        say.result(result, f"ChargeRequested delivery {attempt}")
+        say.result(result, f"ChargeRequested webhook {attempt}")
     try:
         billing.dispatch(
             customer,
@@ -484,7 +802,7 @@ def _charge(billing: Governor, customer: str, payments: _Payments, say: _Narrato
             idempotency_key=key,
         )
     except IdempotencyConflict as conflict:
-        say.say(f"ChargeRequested delivery 3 (another amount): refused: {conflict.code}", 1)
+        say.say(f"ChargeRequested webhook 3 (another amount): refused: {conflict.code}", 1)
     say.say(f"charges submitted to the processor: {len(payments.submitted)}", 1)
 
 
@@ -504,11 +822,19 @@ def _summary(calls: Counter[str]) -> str:
 
 
 def run_demo(
-    db: Path, keys: Path, out: IO[str], err: IO[str], *, generated: str | None = None
+    db: Path,
+    keys: Path,
+    out: IO[str],
+    err: IO[str],
+    *,
+    generated: str | None = None,
+    mode: LedgerMode = "sign-each",
 ) -> int:
-    """Run the scenario; 0 only if the ledger verifies afterwards."""
+    """Run the scenarios; 0 only if the ledger verifies afterwards. Every ledger entry is
+    signed unless `mode` is "checkpoint" (signed checkpoints over batches of entries)."""
     try:
         specs = _load_specs(generated)
+        flows = _load_flows(generated)
     except ScriptError as problem:
         err.write(problem.render() + "\n")
         return 1
@@ -584,10 +910,14 @@ def run_demo(
     clock = VirtualClock(start)
     payments = _Payments()
     bindings = _Bindings(payments)
+    injected = _Injected()
     try:
-        runtime = Runtime(store, clock=clock, sealer=LedgerSealer(signer, "checkpoint"))
+        runtime = Runtime(store, clock=clock, sealer=LedgerSealer(signer, mode))
         for spec in specs.values():
             runtime.load(spec, *bindings.of(spec))
+        runner = FlowRunner(
+            runtime, flows, functions={"refund_due": refund_due}, before_step=injected
+        )
     except RuntimeFailure as failure:
         store.close()
         err.write(failure_diagnostic(db, failure, STORE_HINT) + "\n")
@@ -599,9 +929,15 @@ def run_demo(
     out.write(f"{billing.source_path}, built by autonomic {entitlement.compiler_version}), ")
     others = [name for name in specs if name not in (entitlement.name, billing.name)]
     out.write(f"with {', '.join(others)}\n")
-    out.write(f"store {db} (SQLite, WAL, synchronous=FULL), ledger signed by key {signer.key_id}\n")
+    out.write(f"flows {', '.join(f.name for f in flows)} ({flows[0].source_path})\n")
+    signing = "every entry signed" if mode == "sign-each" else "signed checkpoints"
+    out.write(
+        f"store {db} (SQLite, WAL, synchronous=FULL), ledger {signing} by key {signer.key_id}\n"
+    )
     try:
-        _scenario(runtime, payments, say)
+        _scenario(runtime, runner, payments, injected, say)
+        _breaker(runtime, payments, say)
+        _bulkhead(say)
     except RuntimeFailure as failure:
         runtime.close()
         err.write(failure_diagnostic(db, failure, STORE_HINT) + "\n")
@@ -621,5 +957,10 @@ def run_demo(
     if not report.ok:
         out.write(f"ledger verification FAILED at seq {report.index}: {report.reason}\n")
         return 1
-    out.write(f"{report.checkpoints} signed checkpoints; ledger verified: {report.count} entries\n")
+    if mode == "sign-each":
+        out.write(f"every entry signed; ledger verified: {report.count} entries\n")
+    else:
+        out.write(
+            f"{report.checkpoints} signed checkpoints; ledger verified: {report.count} entries\n"
+        )
     return 0

@@ -51,7 +51,8 @@ def _notification_message(notification: Notification, version: int) -> OutboxMes
 def deliver_outbox(runtime: Runtime, *, limit: int = 1000) -> list[Delivery]:
     """Deliver pending emitted events to their governors in order, each with its derived
     event id (a repeated delivery is deduplicated by the receiver) and the payload built
-    when it was emitted from the emit's arguments. An event its receiver rejects (also for
+    when it was emitted from the emit's arguments, and with the payload's `idempotency_key`
+    field (if any) as its idempotency key. An event its receiver rejects (also for
     its payload) is marked failed with the reason; one for a governor not loaded here stays
     pending."""
     deliveries: list[Delivery] = []
@@ -64,6 +65,10 @@ def deliver_outbox(runtime: Runtime, *, limit: int = 1000) -> list[Delivery]:
             payload = json.loads(message.body) if message.body else {}
         except ValueError:
             payload = message.body  # not JSON: the receiver refuses it as PayloadInvalid
+        # The delivery carries the payload's `idempotency_key`, when it has one, as the
+        # dispatch's key: a charge the receiver already took under that key (a webhook, a
+        # direct call) returns its stored result instead of being evaluated again.
+        key = payload.get("idempotency_key") if isinstance(payload, dict) else None
         try:
             result = governor.dispatch(
                 message.target_instance,
@@ -71,6 +76,7 @@ def deliver_outbox(runtime: Runtime, *, limit: int = 1000) -> list[Delivery]:
                 payload or None,
                 actor=f"{message.machine}:{message.instance}",
                 event_id=message.event_id,
+                idempotency_key=key if isinstance(key, str) and key else None,
             )
         except (
             InvalidTransition,

@@ -54,6 +54,7 @@ from ..runtime import Runtime
 from ..sealing import _Chain
 from ..store.base import FLOW_FINISHED, FlowRecord, FlowStatus, Transaction
 from ..tables import Emit, FlowSpec, FlowStepSpec
+from ..timers import format_duration
 
 __all__ = ["FlowResult", "FlowRunner", "StepContext", "StepFailed"]
 
@@ -234,13 +235,18 @@ class FlowRunner:
             raise UnknownMachine(flow, tuple(sorted(self.specs)))
         return spec
 
+    def flow_id(self, flow: str, instance: str, inputs: Mapping[str, Any]) -> str:
+        """The id `start` gives a run of `flow` on `instance` with `inputs`."""
+        given = json.loads(_dumps(dict(inputs)))
+        return "flw_" + derive_event_id(flow, instance, _dumps(given))[4:]
+
     def _open(
         self, flow: str, instance: str, inputs: Mapping[str, Any], flow_id: str | None
     ) -> _Run:
         spec = self._spec(flow)
         given = json.loads(_dumps(dict(inputs)))
         if flow_id is None:
-            flow_id = "flw_" + derive_event_id(flow, instance, _dumps(given))[4:]
+            flow_id = self.flow_id(flow, instance, given)
         stored = self.runtime.store.get_flow(flow_id)
         if stored is not None:
             return _Run(spec, stored, json.loads(stored.data))
@@ -395,7 +401,8 @@ class FlowRunner:
         deadline = None if step.within_ms is None else waiting_since + step.within_ms
         if deadline is not None and now >= deadline:
             shown = record.state if record is not None else "no instance"
-            return "failed", f"{step.machine} still in {shown} after {step.within_ms} ms"
+            waited = format_duration(step.within_ms or 0)
+            return "failed", f"{step.machine} still in {shown} after waiting {waited}"
         return "waiting", (waiting_since, deadline)
 
     def _dispatch(self, run: _Run, step: FlowStepSpec, emit: Emit, phase: str) -> DispatchResult:
