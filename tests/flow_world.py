@@ -16,7 +16,7 @@ from autonomic.runtime.ledger import LedgerSealer
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.base import Store
 from autonomic.runtime.tables import FlowSpec
-from autonomic.runtime.timers import VirtualClock
+from autonomic.runtime.timers import Clock, VirtualClock
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -36,7 +36,7 @@ def marketplace(
     *,
     signer: Signer | None = None,
     before_step: Callable[[StepContext], None] | None = None,
-    clock: VirtualClock | None = None,
+    clock: Clock | None = None,
 ) -> tuple[Runtime, FlowRunner, _Bindings]:
     signer = signer or Signer.from_private_key(Ed25519PrivateKey.generate())
     runtime = Runtime(

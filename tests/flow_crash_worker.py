@@ -1,0 +1,114 @@
+"""A process that runs flows until it is killed: `python flow_crash_worker.py DB KEYS COUNT`.
+
+For customers c0..c{COUNT-1}, in order: the signup flow (parallel), a setup of raw dispatches
+(each with an event id, so a repeat after a restart is deduplicated), then the cancellation
+saga; every third customer's saga fails at a step, so it compensates. On start it resumes
+every unfinished run first. One JSON line per finished run: {"flow_id", "flow", "status"}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from autonomic.runtime.errors import InstanceExists
+from autonomic.runtime.flows import FlowResult, StepContext, StepFailed
+from autonomic.runtime.keys import load_signer
+from autonomic.runtime.runtime import Runtime
+from autonomic.runtime.store.sqlite import SQLiteStore
+from autonomic.runtime.timers import SystemClock
+from flow_world import marketplace
+
+SAGA = ("calculate_refund", "issue_refund", "suspend_entitlements", "archive_subscription")
+
+
+def failing_step(customer: str) -> str | None:
+    number = int(customer[1:])
+    return SAGA[number // 3 % 4] if number % 3 == 0 else None
+
+
+def inject(ctx: StepContext) -> None:
+    saga_step = ctx.flow == "SubscriptionCancellation" and ctx.phase == "do"
+    if saga_step and failing_step(ctx.instance) == ctx.step:
+        raise StepFailed(f"injected failure at {ctx.step}")
+
+
+def report(result: FlowResult) -> None:
+    if result.finished:
+        line = {"flow_id": result.flow_id, "flow": result.flow, "status": result.status}
+        print(json.dumps(line), flush=True)
+
+
+def setup(runtime: Runtime, customer: str) -> None:
+    """Make the customer active and paid; every write has an event id, so it runs once."""
+
+    def create(machine: str) -> None:
+        with contextlib.suppress(InstanceExists):  # made by the signup flow
+            runtime.governor(machine).create(customer, event_id=f"setup-{customer}-{machine}")
+
+    create("Billing")
+    create("Entitlement")
+    steps = [
+        ("Entitlement", "Approve", {"approver": "vendor-admin"}),
+        (
+            "Subscription",
+            "ConvertTrial",
+            {
+                "customer_id": customer,
+                "payment_method_id": "pm",
+                "invoice_id": f"inv-{customer}",
+                "amount": "30",
+            },
+        ),
+    ]
+    for index, (machine, event, payload) in enumerate(steps):
+        runtime.governor(machine).dispatch(
+            customer, event, payload, event_id=f"setup-{customer}-{index}"
+        )
+    runtime.deliver_outbox()
+    paid = {
+        "customer_id": customer,
+        "transaction_id": "t1",
+        "amount": "30",
+        "idempotency_key": f"inv-{customer}",
+    }
+    runtime.governor("Billing").dispatch(
+        customer, "PaymentSucceeded", paid, event_id=f"setup-{customer}-paid"
+    )
+    runtime.deliver_outbox()
+
+
+def main() -> None:
+    db, keys, count = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    runtime, runner, bindings = marketplace(
+        SQLiteStore(db), signer=load_signer(keys), before_step=inject, clock=SystemClock()
+    )
+    # The processor's memory of each invoice (a restarted worker has lost its own).
+    bindings.payments.invoices.update({f"c{i}": Decimal("30") for i in range(count)})
+    for result in runner.resume_all():
+        report(result)
+    for number in range(count):
+        customer = f"c{number}"
+        profile = {
+            "customer_id": customer,
+            "email": f"{customer}@example.com",
+            "country": "DE",
+            "product_id": "p",
+            "tier": "professional",
+        }
+        signup = runner.start("CustomerSignup", customer, profile)
+        report(signup)
+        setup(runtime, customer)
+        cancel = {"customer_id": customer, "request_id": f"cancel-{customer}", "reason": "bye"}
+        report(runner.start("SubscriptionCancellation", customer, cancel))
+    print(json.dumps({"done": True}), flush=True)
+    runtime.close()
+
+
+if __name__ == "__main__":
+    main()

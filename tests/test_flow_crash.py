@@ -1,0 +1,105 @@
+"""kill -9 at random points of running flows: every run resumes after a restart and ends
+completed or compensated, and every step and compensation took effect exactly once."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from autonomic.runtime.keys import Keyring, generate_keypair
+from autonomic.runtime.ledger import verify_ledger
+from autonomic.runtime.results import derive_event_id
+
+WORKER = Path(__file__).with_name("flow_crash_worker.py")
+CUSTOMERS = 9
+KILLS = 8
+SEND_STEPS = {
+    "CustomerSignup": ("profile", "trial", "quota", "identity"),
+    "SubscriptionCancellation": ("issue_refund", "suspend_entitlements", "archive_subscription"),
+}
+
+
+def worker(db: Path, keys: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(db), str(keys), str(CUSTOMERS)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def acknowledged(lines: str) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for line in lines.splitlines():
+        record = json.loads(line)
+        if "flow_id" in record:
+            found[record["flow_id"]] = record["status"]
+    return found
+
+
+def test_flows_killed_at_random_points_finish_exactly_once(tmp_path: Path) -> None:
+    db, keys = tmp_path / "flows.db", tmp_path / "keys"
+    generate_keypair(keys, valid_from_ms=1_700_000_000_000)
+    rng = random.Random(1207)
+    acks: dict[str, str] = {}
+    killed = 0
+    for _ in range(KILLS):
+        process = worker(db, keys)
+        time.sleep(rng.uniform(0.4, 2.5))  # somewhere inside some flow's step or write
+        process.send_signal(signal.SIGKILL)
+        out, errors = process.communicate(timeout=30)
+        if process.returncode == -signal.SIGKILL:
+            killed += 1
+        else:
+            assert process.returncode == 0, errors  # finished before the kill
+        acks.update(acknowledged(out))
+    assert killed >= KILLS // 2  # most kills landed while flows were running
+    final = worker(db, keys)
+    out, errors = final.communicate(timeout=300)
+    assert final.returncode == 0, errors
+    assert '"done": true' in out
+    finished = acknowledged(out)
+    # What a process acknowledged before it was killed stays as it was.
+    for flow_id, status in acks.items():
+        assert finished.get(flow_id, status) == status
+
+    assert verify_ledger(db, Keyring.from_files([keys])).ok
+    with sqlite3.connect(db) as conn:
+        runs = conn.execute("SELECT flow_id, flow, instance, status, data FROM flows").fetchall()
+        event_ids = [
+            e for (e,) in conn.execute("SELECT event_id FROM ledger WHERE kind = 'transition'")
+        ]
+        ends = dict(
+            conn.execute(
+                "SELECT instance, count(*) FROM ledger WHERE kind = 'flow' AND event IN "
+                "('FlowCompleted', 'CompensationCompleted', 'FlowFailed') GROUP BY instance"
+            )
+        )
+        refunds = dict(
+            conn.execute(
+                "SELECT instance, count(*) FROM ledger WHERE machine = 'Billing' "
+                "AND event = 'IssueCancellationRefund' GROUP BY instance"
+            )
+        )
+    assert len(runs) == 2 * CUSTOMERS
+    counted: dict[str, int] = {}
+    for event_id in event_ids:
+        counted[event_id] = counted.get(event_id, 0) + 1
+    for flow_id, flow, _, status, data in runs:
+        assert status in ("completed", "compensated"), (flow_id, status)
+        assert ends[flow_id] == 1  # one end entry per run
+        steps = json.loads(data)["steps"]
+        for step in SEND_STEPS[flow]:
+            done = counted.get(derive_event_id("flow", flow_id, step, "do"), 0)
+            undone = counted.get(derive_event_id("flow", flow_id, step, "undo"), 0)
+            outcome = steps.get(step, {}).get("status")
+            assert done == (1 if outcome in ("succeeded", "compensated") else 0), (step, steps)
+            assert undone == (1 if outcome == "compensated" else 0), (step, steps)
+    # Nothing refunded twice: at most one refund per customer, whatever the kills.
+    assert all(count == 1 for count in refunds.values())
