@@ -134,14 +134,14 @@ def active_customer(runtime: Runtime, runner: FlowRunner, customer: str) -> None
     runtime.governor("Billing").create(customer)
     runtime.governor("Entitlement").create(customer)
     runtime.governor("Entitlement").dispatch(customer, "Approve", {"approver": "vendor-admin"})
-    convert = {"customer_id": customer, "payment_method_id": "pm", "invoice_id": "i1"}
+    convert = {"customer_id": customer, "payment_method_id": "pm", "invoice_id": f"inv-{customer}"}
     runtime.governor("Subscription").dispatch(customer, "ConvertTrial", {**convert, "amount": "30"})
     runtime.deliver_outbox()
     paid = {
         "customer_id": customer,
         "transaction_id": "t1",
         "amount": "30",
-        "idempotency_key": "i1",
+        "idempotency_key": f"inv-{customer}",
     }
     runtime.governor("Billing").dispatch(customer, "PaymentSucceeded", paid)
     runtime.deliver_outbox()
@@ -247,7 +247,7 @@ def charged_customer(runtime: Runtime, runner: FlowRunner, customer: str) -> Non
         {
             "customer_id": customer,
             "period_end": "2026-02-01T00:00:00+00:00",
-            "invoice_id": "i2",
+            "invoice_id": f"inv2-{customer}",
             "amount": "30",
         },
     )
