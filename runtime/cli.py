@@ -25,8 +25,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .ledger import LedgerMode
 
-    mode = "checkpoint" if args.checkpoint else "sign-each"
+    mode: LedgerMode = "checkpoint" if args.checkpoint else "sign-each"
     return run_demo(args.db, args.keys, sys.stdout, sys.stderr, generated=args.generated, mode=mode)
 
 
