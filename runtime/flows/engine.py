@@ -34,12 +34,14 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, TypeVar, cast
 
+from ..dispatch import Governor
 from ..errors import (
     ActionFailed,
-    ConcurrentUpdateDetected,
     IdempotencyConflict,
     InstanceExists,
     InvalidTransition,
@@ -52,11 +54,13 @@ from ..ledger import EntryData, payload_digest
 from ..results import DispatchResult, _dumps, derive_event_id
 from ..runtime import Runtime
 from ..sealing import _Chain
-from ..store.base import FLOW_FINISHED, FlowRecord, FlowStatus, Transaction
+from ..store.base import FLOW_FINISHED, FlowRecord, FlowStatus, Transaction, WorkOutcome
 from ..tables import Emit, FlowSpec, FlowStepSpec
 from ..timers import format_duration
 
 __all__ = ["FlowResult", "FlowRunner", "StepContext", "StepFailed"]
+
+T = TypeVar("T")
 
 FLOW_ACTOR = "flow"
 StepStatus = Literal["started", "succeeded", "failed", "timed_out", "compensated", "uncompensated"]
@@ -115,6 +119,10 @@ class _Run:
     spec: FlowSpec
     record: FlowRecord
     data: dict[str, Any]
+    # Ledger notes not yet written: the next write carries them (a result is written with
+    # the next step's dispatch, in one commit; lost in a crash, it is found again by
+    # repeating the step, whose dispatch its event id deduplicates).
+    pending: list[tuple[str, str, Mapping[str, Any]]] = field(default_factory=list)
 
     @property
     def steps(self) -> dict[str, dict[str, Any]]:
@@ -151,8 +159,12 @@ class FlowRunner:
         functions: Mapping[str, Callable[[Mapping[str, Any]], Any]] | None = None,
         before_step: Callable[[StepContext], None] | None = None,
         actor: str = FLOW_ACTOR,
+        threads: int = 64,
     ) -> None:
         self.runtime = runtime
+        # The asyncio API's store work runs here; as many threads as runs in flight can
+        # share one group commit (asyncio's default pool has only a few).
+        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="flow")
         self.specs = {spec.name: spec for spec in flows}
         self.functions = dict(functions or {})
         self.before_step = before_step
@@ -165,6 +177,14 @@ class FlowRunner:
         )
         if missing:
             raise ValueError(f"compute steps name unregistered functions: {', '.join(missing)}")
+
+    def close(self) -> None:
+        """Stop the asyncio API's worker threads (the sync API needs none)."""
+        self._threads.shutdown(wait=True)
+
+    async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, partial(function, *args))
 
     # ------------------------------------------------------------------ the sync API
 
@@ -208,17 +228,17 @@ class FlowRunner:
     ) -> FlowResult:
         """`start`, awaited: store work runs in threads, so concurrent runs (and a parallel
         flow's branches, run in an asyncio.TaskGroup) share the SQLite group commit."""
-        run = await asyncio.to_thread(self._open, flow, instance, inputs, flow_id)
+        run = await self._in_thread(self._open, flow, instance, inputs, flow_id)
         return await self._drive_async(run)
 
     async def resume_async(self, flow_id: str) -> FlowResult:
-        run = await asyncio.to_thread(self._load, flow_id)
+        run = await self._in_thread(self._load, flow_id)
         if run.record.status in FLOW_FINISHED:
             return self._result(run)
         return await self._drive_async(run)
 
     async def resume_all_async(self, *, limit: int = 1000) -> list[FlowResult]:
-        records = await asyncio.to_thread(self.runtime.store.unfinished_flows, limit)
+        records = await self._in_thread(self.runtime.store.unfinished_flows, limit)
         async with asyncio.TaskGroup() as group:
             tasks = [
                 group.create_task(self.resume_async(r.flow_id))
@@ -263,13 +283,10 @@ class FlowRunner:
             data["branch"] = branch
         record = FlowRecord(flow_id, flow, instance, "running", 0, "", 0)
         run = _Run(spec, record, data)
-        notes: list[_Note] = [("FlowStarted", "", {"inputs": given})]
-        notes += self._start_notes(run, self._next_steps(run))
-        try:
-            self._write(run, "running", notes)
-        except ConcurrentUpdateDetected:
-            # Another caller started the same run first: drive the stored one.
-            return self._load(flow_id)
+        # Written with the first step's dispatch (or the parallel branches' results).
+        run.pending.append(("FlowStarted", "", {"inputs": given}))
+        if spec.kind in ("parallel", "fanout"):
+            run.pending += self._start_notes(run, self._next_steps(run))
         return run
 
     def _load(self, flow_id: str) -> _Run:
@@ -309,37 +326,39 @@ class FlowRunner:
                 outcomes = [self._attempt(run, step) for step in steps]
                 self._record_all(run, steps, outcomes)
                 continue
-            outcome = self._attempt(run, steps[0])
+            step = steps[0]
+            if step.kind == "send":
+                outcome = self._send_batched(run, step)
+            else:
+                run.pending += self._start_notes(run, [step])
+                outcome = self._attempt(run, step)
             if outcome[0] == "waiting":
-                self._wait(run, steps[0], outcome)
+                self._wait(run, step, outcome)
                 break
-            self._record_one(run, steps[0], outcome)
+            self._record_one(run, step, outcome)
         if run.record.status == "compensating":
-            for step in self._to_compensate(run):
-                self._record_undo(run, step, self._undo(run, step))
-            self._end_compensation(run)
+            self._compensate(run)
         return self._result(run)
 
+    def _compensate(self, run: _Run) -> None:
+        for step in self._to_compensate(run):
+            self._record_undo(run, step, self._undo(run, step))
+        self._end_compensation(run)
+
     async def _drive_async(self, run: _Run) -> FlowResult:
+        if run.spec.kind not in ("parallel", "fanout"):
+            # One step after another: each step is one commit, which the group committer
+            # shares with the other coroutines' steps.
+            return await self._in_thread(self._drive, run)
         while run.record.status in ("running", "waiting"):
             steps = self._next_steps(run)
             if not steps:
-                await asyncio.to_thread(self._finish, run)
+                await self._in_thread(self._finish, run)
                 break
-            if run.spec.kind in ("parallel", "fanout"):
-                outcomes = await self._attempt_all_async(run, steps)
-                await asyncio.to_thread(self._record_all, run, steps, outcomes)
-                continue
-            outcome = await asyncio.to_thread(self._attempt, run, steps[0])
-            if outcome[0] == "waiting":
-                await asyncio.to_thread(self._wait, run, steps[0], outcome)
-                break
-            await asyncio.to_thread(self._record_one, run, steps[0], outcome)
+            outcomes = await self._attempt_all_async(run, steps)
+            await self._in_thread(self._record_all, run, steps, outcomes)
         if run.record.status == "compensating":
-            for step in self._to_compensate(run):
-                outcome = await asyncio.to_thread(self._undo, run, step)
-                await asyncio.to_thread(self._record_undo, run, step, outcome)
-            await asyncio.to_thread(self._end_compensation, run)
+            await self._in_thread(self._compensate, run)
         return self._result(run)
 
     async def _attempt_all_async(
@@ -349,7 +368,7 @@ class FlowRunner:
         timed out (their dispatch still finishes, deduplicated if it is ever repeated)."""
         timeout = None if run.spec.within_ms is None else run.spec.within_ms / 1000
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(asyncio.to_thread(self._attempt, run, s)) for s in steps]
+            tasks = [group.create_task(self._in_thread(self._attempt, run, s)) for s in steps]
             if timeout is not None:
                 await asyncio.wait(tasks, timeout=timeout)
                 late = [t for t in tasks if not t.done()]
@@ -405,7 +424,10 @@ class FlowRunner:
             return "failed", f"{step.machine} still in {shown} after waiting {waited}"
         return "waiting", (waiting_since, deadline)
 
-    def _dispatch(self, run: _Run, step: FlowStepSpec, emit: Emit, phase: str) -> DispatchResult:
+    def _target(
+        self, run: _Run, step: FlowStepSpec, emit: Emit, phase: str
+    ) -> tuple[Governor, str, dict[str, Any], str]:
+        """The receiver (its instance created if missing), the payload and the event id."""
         governor = self.runtime.governor(emit.machine)
         inputs = run.data["inputs"]
         target = run.record.instance if step.to is None else str(inputs[step.to])
@@ -415,22 +437,59 @@ class FlowRunner:
                 governor.create(target, self.actor)
         payload = _payload(emit, {**inputs, **run.data["values"]}, target, self.actor, run)
         event_id = derive_event_id("flow", run.record.flow_id, step.name, phase)
+        return governor, target, payload, event_id
+
+    def _dispatch(self, run: _Run, step: FlowStepSpec, emit: Emit, phase: str) -> DispatchResult:
+        governor, target, payload, event_id = self._target(run, step, emit, phase)
         return governor.dispatch(target, emit.event, payload or None, self.actor, event_id=event_id)
 
     def _undo(self, run: _Run, step: FlowStepSpec) -> tuple[str, Any]:
         assert step.compensate is not None
-        context = StepContext(
-            run.spec.name, run.record.flow_id, run.record.instance, step.name, "undo"
-        )
+        status, detail = self._batched(run, step, step.compensate, "undo", "compensating")
+        return ("compensated" if status == "succeeded" else status), detail
+
+    def _send_batched(self, run: _Run, step: FlowStepSpec) -> tuple[str, Any]:
+        assert step.send is not None
+        return self._batched(run, step, step.send, "do", "running")
+
+    def _batched(
+        self,
+        run: _Run,
+        step: FlowStepSpec,
+        emit: Emit,
+        phase: Literal["do", "undo"],
+        status: FlowStatus,
+    ) -> tuple[str, Any]:
+        """A send (or compensation) and the run's pending notes in one commit: the flow's
+        write and the dispatch are two units of one batch (each atomic on its own)."""
+        flow_id, instance = run.record.flow_id, run.record.instance
+        context = StepContext(run.spec.name, flow_id, instance, step.name, phase)
+        if phase == "do":
+            run.pending += self._start_notes(run, [step])
         try:
             if self.before_step is not None:
                 self.before_step(context)
-            result = self._dispatch(run, step, step.compensate, "undo")
+            governor, target, payload, event_id = self._target(run, step, emit, phase)
+            unit = governor._work(
+                target, emit.event, payload or None, self.actor, event_id, None, None, False
+            )
         except StepFailed as failed:
             return "failed", failed.message
         except _STEP_FAILURES as failed:
             return "failed", f"{failed.code}: {failed.message}"
-        return "compensated", {"state": result.to_state, "seq": result.seq}
+        outcome = self._write(run, status, [], along=unit)
+        assert outcome is not None
+        value, error = outcome.value, outcome.error
+        if error is not None:
+            if isinstance(error, _STEP_FAILURES):
+                return "failed", f"{error.code}: {error.message}"
+            raise error
+        if isinstance(value, DispatchResult):
+            return "succeeded", {"state": value.to_state, "seq": value.seq}
+        rejected = getattr(value, "error", None)  # the dispatch's _Rejected
+        if isinstance(rejected, RuntimeFailure):
+            return "failed", f"{rejected.code}: {rejected.message}"
+        raise TypeError(f"unexpected dispatch outcome {value!r}")
 
     # ------------------------------------------------------------------ recording
 
@@ -438,8 +497,7 @@ class FlowRunner:
         status, detail = outcome
         if status == "succeeded":
             self._succeed(run, step, detail)
-            notes: list[_Note] = [("StepSucceeded", step.name, {"result": detail})]
-            self._write(run, "running", notes + self._start_notes(run, self._next_steps(run)))
+            run.pending.append(("StepSucceeded", step.name, {"result": detail}))
         else:
             self._fail(run, step, status, str(detail))
 
@@ -492,7 +550,7 @@ class FlowRunner:
     def _wait(self, run: _Run, step: FlowStepSpec, outcome: tuple[str, Any]) -> None:
         since, deadline = outcome[1]
         entry = run.steps.setdefault(step.name, {"status": "started"})
-        if run.record.status == "waiting" and entry.get("since") == since:
+        if run.record.status == "waiting" and entry.get("since") == since and not run.pending:
             return  # still waiting: nothing new to record
         entry["since"] = since
         self._write(run, "waiting", [("StepWaiting", step.name, {"until": deadline})], deadline)
@@ -510,7 +568,7 @@ class FlowRunner:
         status, detail = outcome
         if status == "compensated":
             run.steps[step.name]["status"] = "compensated"
-            self._write(run, "compensating", [("StepCompensated", step.name, {"result": detail})])
+            run.pending.append(("StepCompensated", step.name, {"result": detail}))
         else:
             run.steps[step.name]["status"] = "uncompensated"
             run.steps[step.name]["error"] = str(detail)
@@ -536,10 +594,16 @@ class FlowRunner:
         status: FlowStatus,
         notes: Sequence[_Note],
         wake_ms: int | None = None,
-    ) -> None:
-        """One unit of work: the run's record (version-checked) and its ledger entries."""
+        *,
+        along: Callable[[Transaction, _Chain], object] | None = None,
+    ) -> WorkOutcome[object] | None:
+        """One unit of work: the run's record (version-checked) and its ledger entries, the
+        pending notes first; with `along`, that unit too, in the same commit (its outcome is
+        returned)."""
         runtime = self.runtime
         before = run.record
+        notes = [*run.pending, *notes]
+        run.pending = []
         text = _dumps(run.data)
         flow_id, flow, actor = before.flow_id, before.flow, self.actor
 
@@ -569,7 +633,14 @@ class FlowRunner:
                     chain.advance(entry)
             return record
 
-        run.record = runtime._submit(work)
+        if along is None:
+            run.record = runtime._submit(work)
+            return None
+        written, outcome = runtime._submit_many([work, along])
+        if written.error is not None:
+            raise written.error
+        run.record = cast(FlowRecord, written.value)
+        return outcome
 
     def _result(self, run: _Run) -> FlowResult:
         data = run.data

@@ -1,0 +1,401 @@
+"""Flow benchmark: flow overhead against dispatching the same steps directly, signups per second
+with the parallel flow on asyncio and SQLite, sagas per second with one injected failure, the
+cancellation saga against DBOS Transact on SQLite, and the cost of one durable step against raw
+SQLite commits of the same rows, all measured in the same run.
+
+Run: `python benchmarks/flows.py [--quick]` (needs `pip install -e '.[bench]'` for DBOS).
+
+Every figure runs on SQLite files in a fresh temporary folder (WAL, synchronous=FULL, the
+store's defaults), the subject with the seven generated governors and a ledger that signs
+every entry (the demo's default, the costliest mode), at the FlowRunner's defaults. Customers
+are made active before the clock starts; only the flows (or their baselines) are timed. Rates
+are best of `ROUNDS` rounds, since the machine is shared; ratios read "higher is better".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import importlib
+import json
+import logging
+import os
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from autonomic.generated import FLOWS, MODULES
+from autonomic.runtime.demo import _Bindings, _Payments
+from autonomic.runtime.flows import FlowRunner, StepContext, StepFailed
+from autonomic.runtime.keys import Signer
+from autonomic.runtime.ledger import LedgerSealer
+from autonomic.runtime.runtime import Runtime
+from autonomic.runtime.store.sqlite import SQLiteStore
+from autonomic.runtime.timers import VirtualClock
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+SIGNER = Signer.from_private_key(Ed25519PrivateKey.generate())
+CONCURRENCY = 32
+
+
+def refund_due(values: Any) -> str:
+    return "15.00"
+
+
+class Marketplace:
+    """The seven governors and the five flows on one SQLite file."""
+
+    def __init__(self, path: Path, before_step: Callable[[StepContext], None] | None = None):
+        self.runtime = Runtime(
+            SQLiteStore(path),
+            clock=VirtualClock(1_767_225_600_000),
+            sealer=LedgerSealer(SIGNER, "sign-each"),
+        )
+        self.bindings = _Bindings(_Payments())
+        for module in MODULES:
+            spec = importlib.import_module(f"autonomic.generated.{module}").MACHINE
+            self.runtime.load(spec, *self.bindings.of(spec))
+        flows = [importlib.import_module(f"autonomic.generated.{m}").FLOW for m in FLOWS]
+        self.runner = FlowRunner(
+            self.runtime, flows, functions={"refund_due": refund_due}, before_step=before_step
+        )
+
+    def active(self, customer: str) -> None:
+        """Signed up, paid, entitlement approved: ready to cancel (raw dispatches, untimed)."""
+        g = self.runtime.governor
+        for machine in ("CustomerAccount", "Subscription", "QuotaSla", "Compliance"):
+            g(machine).create(customer)
+        g("Subscription").dispatch(
+            customer,
+            "CreateTrialSubscription",
+            {"customer_id": customer, "product_id": "p", "tier": "professional"},
+        )
+        g("Billing").create(customer)
+        g("Entitlement").create(customer)
+        g("Entitlement").dispatch(customer, "Approve", {"approver": "vendor-admin"})
+        g("Subscription").dispatch(
+            customer,
+            "ConvertTrial",
+            {
+                "customer_id": customer,
+                "payment_method_id": "pm",
+                "invoice_id": f"i-{customer}",
+                "amount": "30",
+            },
+        )
+        self.runtime.deliver_outbox()
+        self.bindings.payments.invoices[customer] = Decimal("30")
+        paid = {
+            "customer_id": customer,
+            "transaction_id": f"t-{customer}",
+            "amount": "30",
+            "idempotency_key": f"i-{customer}",
+        }
+        g("Billing").dispatch(customer, "PaymentSucceeded", paid)
+        self.runtime.deliver_outbox()
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+def cancel_inputs(customer: str) -> dict[str, str]:
+    return {"customer_id": customer, "request_id": f"cx-{customer}", "reason": "bench"}
+
+
+def direct_cancel(market: Marketplace, customer: str) -> None:
+    """The saga's three sends as plain dispatches, no flow: the overhead baseline."""
+    g = market.runtime.governor
+    refund = refund_due({})
+    g("Billing").dispatch(
+        customer,
+        "IssueCancellationRefund",
+        {"customer_id": customer, "amount": refund, "idempotency_key": f"cx-{customer}"},
+    )
+    g("Entitlement").dispatch(customer, "SuspendForCancellation", {"customer_id": customer})
+    g("Subscription").dispatch(
+        customer, "CancelRequested", {"customer_id": customer, "reason": "b"}
+    )
+
+
+def timed(work: Callable[[], object]) -> float:
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        work()
+        return time.perf_counter() - start
+    finally:
+        gc.enable()
+
+
+def concurrently(count: int, one: Callable[[int], object]) -> None:
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        list(pool.map(one, range(count)))
+
+
+# ---------------------------------------------------------------- the figures
+
+
+def saga_rates(folder: Path, count: int, failing: bool) -> tuple[float, float]:
+    """(flow sagas/s, direct dispatch sagas/s) sequentially, and concurrently below."""
+
+    def inject(ctx: StepContext) -> None:
+        if failing and ctx.step == "archive_subscription" and ctx.phase == "do":
+            raise StepFailed("injected")
+
+    market = Marketplace(folder / f"saga-{failing}.db", inject)
+    for i in range(2 * count):
+        market.active(f"c{i}")
+    flow_time = timed(
+        lambda: [
+            market.runner.start("SubscriptionCancellation", f"c{i}", cancel_inputs(f"c{i}"))
+            for i in range(count)
+        ]
+    )
+    direct_time = timed(lambda: [direct_cancel(market, f"c{i}") for i in range(count, 2 * count)])
+    market.close()
+    return count / flow_time, count / direct_time
+
+
+def concurrent_saga_rate(folder: Path, count: int, failing: bool) -> float:
+    def inject(ctx: StepContext) -> None:
+        if failing and ctx.step == "archive_subscription" and ctx.phase == "do":
+            raise StepFailed("injected")
+
+    market = Marketplace(folder / f"csaga-{failing}.db", inject)
+    for i in range(count):
+        market.active(f"c{i}")
+
+    async def main() -> None:
+        async with asyncio.TaskGroup() as group:
+            for i in range(count):
+                group.create_task(
+                    market.runner.start_async(
+                        "SubscriptionCancellation", f"c{i}", cancel_inputs(f"c{i}")
+                    )
+                )
+
+    elapsed = timed(lambda: asyncio.run(main()))
+    results = [
+        market.runner.start("SubscriptionCancellation", f"c{i}", cancel_inputs(f"c{i}"))
+        for i in range(count)
+    ]
+    expected = "compensated" if failing else "completed"
+    assert all(r.status == expected for r in results), {r.status for r in results}
+    market.close()
+    return count / elapsed
+
+
+def signup_rate(folder: Path, count: int) -> float:
+    market = Marketplace(folder / "signup.db")
+
+    def profile(i: int) -> dict[str, str]:
+        return {
+            "customer_id": f"s{i}",
+            "email": f"s{i}@example.com",
+            "country": "DE",
+            "product_id": "p",
+            "tier": "professional",
+        }
+
+    async def main() -> None:
+        async with asyncio.TaskGroup() as group:
+            for i in range(count):
+                group.create_task(market.runner.start_async("CustomerSignup", f"s{i}", profile(i)))
+
+    elapsed = timed(lambda: asyncio.run(main()))
+    market.close()
+    return count / elapsed
+
+
+def durable_step_cost(folder: Path, count: int) -> tuple[float, float]:
+    """(ms per durable flow step, ms per raw SQLite commit of the same rows). A flow step here
+    is one send of a saga: the dispatch (state row, ledger entry, processed id) and the flow's
+    own write (flow row, ledger entry). The raw baseline commits the same rows (an instance
+    update, two ledger-sized inserts, a processed id, a flow row update) in one transaction
+    per step, with plain sqlite3 on a file with the store's settings."""
+    market = Marketplace(folder / "step.db")
+    for i in range(count):
+        market.active(f"c{i}")
+    elapsed = timed(
+        lambda: [
+            market.runner.start("SubscriptionCancellation", f"c{i}", cancel_inputs(f"c{i}"))
+            for i in range(count)
+        ]
+    )
+    market.close()
+    per_step = elapsed / (count * 4) * 1000  # four steps per saga
+    raw = folder / "raw.db"
+    conn = sqlite3.connect(raw, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE inst (m TEXT, i TEXT, s TEXT, v INT, PRIMARY KEY (m, i))")
+    conn.execute("CREATE TABLE ledger (seq INTEGER PRIMARY KEY, body BLOB)")
+    conn.execute("CREATE TABLE processed (m TEXT, e TEXT, r TEXT, PRIMARY KEY (m, e))")
+    conn.execute("CREATE TABLE flows (id TEXT PRIMARY KEY, v INT, data TEXT)")
+    body = os.urandom(300)
+    for i in range(count):
+        conn.execute("INSERT INTO inst VALUES ('Billing', ?, 'Current', 1)", (f"c{i}",))
+        conn.execute("INSERT INTO flows VALUES (?, 0, '')", (f"f{i}",))
+
+    def raw_steps() -> None:
+        for i in range(count):
+            for step in range(4):
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(
+                    "UPDATE inst SET s = 'X', v = v + 1 WHERE m = 'Billing' AND i = ?", (f"c{i}",)
+                )
+                conn.execute("INSERT INTO ledger (body) VALUES (?)", (body,))
+                conn.execute("INSERT INTO ledger (body) VALUES (?)", (body,))
+                conn.execute("INSERT INTO processed VALUES ('Billing', ?, '{}')", (f"e{i}-{step}",))
+                conn.execute(
+                    "UPDATE flows SET v = v + 1, data = ? WHERE id = ?", ("x" * 400, f"f{i}")
+                )
+                conn.execute("COMMIT")
+
+    raw_time = timed(raw_steps)
+    conn.close()
+    return per_step, raw_time / (count * 4) * 1000
+
+
+def dbos_rate(folder: Path, count: int, failing: bool) -> float | None:
+    """The same four-step cancellation saga as DBOS Transact workflows on SQLite: each step a
+    @DBOS.step writing its effect row to an SQLite file (WAL, synchronous=FULL), compensations
+    in reverse order on a failure, run `CONCURRENCY` at a time with start_workflow."""
+    try:
+        from dbos import DBOS, DBOSConfig
+    except ImportError:
+        return None
+    logging.getLogger("dbos").setLevel(logging.ERROR)
+    effects_path = folder / f"dbos-effects-{failing}.db"
+    local = threading.local()
+
+    def effects() -> sqlite3.Connection:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(effects_path, isolation_level=None, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            local.conn = conn
+        return conn
+
+    setup = effects()
+    setup.execute("CREATE TABLE IF NOT EXISTS effects (customer TEXT, what TEXT)")
+
+    def write(customer: str, what: str) -> None:
+        effects().execute("INSERT INTO effects VALUES (?, ?)", (customer, what))
+
+    config: DBOSConfig = {
+        "name": "flows-bench",
+        "system_database_url": f"sqlite:///{folder / f'dbos-system-{failing}.sqlite'}",
+        "run_admin_server": False,
+    }
+    DBOS(config=config)
+
+    @DBOS.step()
+    def calculate_refund(customer: str) -> str:
+        return "15.00"
+
+    @DBOS.step()
+    def issue_refund(customer: str, amount: str) -> None:
+        write(customer, f"refund {amount}")
+
+    @DBOS.step()
+    def suspend_entitlements(customer: str) -> None:
+        write(customer, "suspend")
+
+    @DBOS.step()
+    def archive_subscription(customer: str) -> None:
+        if failing:
+            raise RuntimeError("injected")
+        write(customer, "archive")
+
+    @DBOS.step()
+    def restore_entitlements(customer: str) -> None:
+        write(customer, "restore")
+
+    @DBOS.step()
+    def reverse_refund(customer: str) -> None:
+        write(customer, "reverse refund")
+
+    @DBOS.workflow()
+    def cancel(customer: str) -> str:
+        amount = calculate_refund(customer)
+        issue_refund(customer, amount)
+        suspend_entitlements(customer)
+        try:
+            archive_subscription(customer)
+        except RuntimeError:
+            restore_entitlements(customer)
+            reverse_refund(customer)
+            return "compensated"
+        return "completed"
+
+    DBOS.launch()
+    try:
+
+        def run() -> None:
+            handles = [DBOS.start_workflow(cancel, f"c{i}") for i in range(count)]
+            outcomes = {h.get_result() for h in handles}
+            assert outcomes == {"compensated" if failing else "completed"}, outcomes
+
+        elapsed = timed(run)
+    finally:
+        DBOS.destroy(destroy_registry=True)
+    return count / elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller runs")
+    args = parser.parse_args(argv)
+    count = 60 if args.quick else 200
+    rows: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        flow_rate, direct_rate = saga_rates(folder, count // 2, failing=False)
+        rows.append(
+            (
+                "flow overhead: saga via FlowRunner vs the same dispatches directly",
+                f"{flow_rate:.0f} vs {direct_rate:.0f} sagas/s: {flow_rate / direct_rate:.2f}x",
+            )
+        )
+        per_step, raw_step = durable_step_cost(folder, count // 2)
+        rows.append(
+            (
+                "cost per durable step vs raw SQLite commit of the same rows",
+                f"{per_step:.2f} ms vs {raw_step:.2f} ms: {per_step / raw_step:.2f}x raw",
+            )
+        )
+        signups = signup_rate(folder, count)
+        rows.append(("signups/s, parallel flow, asyncio + SQLite", f"{signups:.0f}"))
+        ours_ok = concurrent_saga_rate(folder, count, failing=False)
+        ours_fail = concurrent_saga_rate(folder, count, failing=True)
+        rows.append(("sagas/s, asyncio + SQLite", f"{ours_ok:.0f}"))
+        rows.append(("sagas/s with one injected failure (compensated)", f"{ours_fail:.0f}"))
+        dbos_ok = dbos_rate(folder, count, failing=False)
+        dbos_fail = dbos_rate(folder, count, failing=True)
+        if dbos_ok is None or dbos_fail is None:
+            rows.append(("DBOS Transact", "not installed: pip install -e '.[bench]'"))
+        else:
+            rows.append(("DBOS Transact sagas/s, SQLite", f"{dbos_ok:.0f}"))
+            rows.append(("DBOS Transact sagas/s with the failure", f"{dbos_fail:.0f}"))
+            rows.append(("autonomic / DBOS, cancellation saga", f"{ours_ok / dbos_ok:.1f}x"))
+            rows.append(("autonomic / DBOS, saga with a failure", f"{ours_fail / dbos_fail:.1f}x"))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print(json.dumps({name: value for name, value in rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
