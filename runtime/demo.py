@@ -1,20 +1,23 @@
-"""`autonomic demo`: the seven generated governors on SQLite with a signed ledger, then verified.
+"""`autonomic demo`: the seed's flows and patterns on the seven generated governors, on SQLite
+with a signed ledger, then verified.
 
-The scenario, under a virtual clock (days pass in milliseconds), for a new customer each run:
-0. signup: the customer's account starts, and a subscription on trial;
-1. an entitlement waits for approval: the 24h and 48h escalation steps notify the manager and
-   director queues, the 72h end auto-approves it;
-2. the trial converts, so the subscription asks Billing for the period charge; the charge
-   arrives with an idempotency key three times (a webhook retry): it is charged once, and
-   reusing the key for another amount is refused;
-3. the charge keeps failing: the retry ladder tries again after 1h, 3h, 1d and 7d, then gives
-   up, which emits Subscription.RenewalFailed and Entitlement.Suspend; the outbox is delivered
-   to the governors, each delivery reported as delivered, ignored or refused (and why);
-4. an event the suspended entitlement does not accept is rejected and recorded as such;
-then it closes the store (signing the last checkpoint) and verifies the whole ledger offline
-with the public key. Exit 0 only if verification passes.
+Under a virtual clock (days pass in milliseconds), for a new customer each run, each scenario
+named in the trace: signup (the parallel flow, asyncio); escalation (the entitlement approval
+ladder); idempotency (the trial's charge, whose outbox delivery carries the invoice's
+idempotency key, repeated by the processor's webhook: charged once, another amount refused);
+payment outcomes (the conditional flow: Success waits for Subscription's renewal through the
+outbox; Disputed freezes another customer's charge awaiting payment and opens Compliance's
+investigation; Failed starts the grace period and waits, durably, while Billing's retry ladder
+runs out, then a late payment reinstates); upgrade (the sequence flow); noisy neighbour (the
+fanout flow, quorum 2); the cancellation saga with a failure at its irreversible last step,
+compensated in reverse order; refund (the saga again: the refund paid out, the subscription
+archived); a rejected event; breaker (the processor down: the backup charges, the breaker
+opens after more than 10 failures and closes after a probe, each move in the ledger); bulkhead
+(one tenant's flood refused, the others served). Then it closes the store and verifies the
+whole ledger offline with the public key. Every entry is signed unless --checkpoint asks for
+signed checkpoints. Exit 0 only if verification passes.
 
-All seven governors are loaded with bindings: actions record their calls (two stand for a
+All seven governors are loaded with bindings: actions record their calls (a few stand for a
 payment processor), guards have fixed, sensible outcomes. The store is only ever opened if it
 is new, empty, or an autonomic store whose ledger verifies with the given keys; any other file
 is left byte for byte as it was. A second run on the same store adds the next customer, with
@@ -943,6 +946,7 @@ def run_demo(
         err.write(failure_diagnostic(db, failure, STORE_HINT) + "\n")
         return 1
     runtime.close()
+    runner.close()
     out.write(_summary(bindings.calls) + "\n")
     try:
         report = verify_ledger(db, keyring)
