@@ -122,7 +122,11 @@ class _Run:
     # Ledger notes not yet written: the next write carries them (a result is written with
     # the next step's dispatch, in one commit; lost in a crash, it is found again by
     # repeating the step, whose dispatch its event id deduplicates).
-    pending: list[tuple[str, str, Mapping[str, Any]]] = field(default_factory=list)
+    # Each with the run's status when it happened, the entry's to_state.
+    pending: list[tuple[str, str, Mapping[str, Any], FlowStatus]] = field(default_factory=list)
+
+    def note(self, notes: Iterable[_Note], status: FlowStatus = "running") -> None:
+        self.pending += [(event, step, detail, status) for event, step, detail in notes]
 
     @property
     def steps(self) -> dict[str, dict[str, Any]]:
@@ -284,9 +288,9 @@ class FlowRunner:
         record = FlowRecord(flow_id, flow, instance, "running", 0, "", 0)
         run = _Run(spec, record, data)
         # Written with the first step's dispatch (or the parallel branches' results).
-        run.pending.append(("FlowStarted", "", {"inputs": given}))
+        run.note([("FlowStarted", "", {"inputs": given})])
         if spec.kind in ("parallel", "fanout"):
-            run.pending += self._start_notes(run, self._next_steps(run))
+            run.note(self._start_notes(run, self._next_steps(run)))
         return run
 
     def _load(self, flow_id: str) -> _Run:
@@ -330,7 +334,7 @@ class FlowRunner:
             if step.kind == "send":
                 outcome = self._send_batched(run, step)
             else:
-                run.pending += self._start_notes(run, [step])
+                run.note(self._start_notes(run, [step]))
                 outcome = self._attempt(run, step)
             if outcome[0] == "waiting":
                 self._wait(run, step, outcome)
@@ -465,7 +469,7 @@ class FlowRunner:
         flow_id, instance = run.record.flow_id, run.record.instance
         context = StepContext(run.spec.name, flow_id, instance, step.name, phase)
         if phase == "do":
-            run.pending += self._start_notes(run, [step])
+            run.note(self._start_notes(run, [step]))
         try:
             if self.before_step is not None:
                 self.before_step(context)
@@ -497,7 +501,7 @@ class FlowRunner:
         status, detail = outcome
         if status == "succeeded":
             self._succeed(run, step, detail)
-            run.pending.append(("StepSucceeded", step.name, {"result": detail}))
+            run.note([("StepSucceeded", step.name, {"result": detail})])
         else:
             self._fail(run, step, status, str(detail))
 
@@ -568,7 +572,7 @@ class FlowRunner:
         status, detail = outcome
         if status == "compensated":
             run.steps[step.name]["status"] = "compensated"
-            run.pending.append(("StepCompensated", step.name, {"result": detail}))
+            run.note([("StepCompensated", step.name, {"result": detail})], "compensating")
         else:
             run.steps[step.name]["status"] = "uncompensated"
             run.steps[step.name]["error"] = str(detail)
@@ -602,7 +606,7 @@ class FlowRunner:
         returned)."""
         runtime = self.runtime
         before = run.record
-        notes = [*run.pending, *notes]
+        entries = [*run.pending, *((event, step, detail, status) for event, step, detail in notes)]
         run.pending = []
         text = _dumps(run.data)
         flow_id, flow, actor = before.flow_id, before.flow, self.actor
@@ -614,7 +618,7 @@ class FlowRunner:
             )
             txn.save_flow(record, before.version)
             if runtime.sealer is not None:
-                for index, (event, step, detail) in enumerate(notes):
+                for index, (event, step, detail, to_state) in enumerate(entries):
                     event_id = derive_event_id("flow", flow_id, before.version + 1, index)
                     data = EntryData(
                         now,
@@ -622,7 +626,7 @@ class FlowRunner:
                         flow,
                         flow_id,
                         step,
-                        status,
+                        to_state,
                         event,
                         actor,
                         event_id,
