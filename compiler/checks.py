@@ -1482,7 +1482,7 @@ def check_paths(paths: Sequence[str | Path]) -> CheckReport:
     machines: list[Machine] = []
     flows: list[Flow] = []
     diagnostics: list[Diagnostic] = []
-    files, expansion_findings = _expand(paths)
+    files, expansion_findings = expand_paths(paths)
     diagnostics.extend(expansion_findings)
     lossy: set[str] = set()
     for file in files:
@@ -1511,7 +1511,7 @@ def check_paths(paths: Sequence[str | Path]) -> CheckReport:
     )
 
 
-def _expand(paths: Sequence[str | Path]) -> tuple[list[str], list[Diagnostic]]:
+def expand_paths(paths: Sequence[str | Path]) -> tuple[list[str], list[Diagnostic]]:
     """Folders become their *.fsm files (recursively, sorted, hidden folders skipped);
     anything else is read as given, so a missing path becomes E003 when read."""
     files: list[str] = []

@@ -14,6 +14,7 @@ import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import Diagnostic, Severity, SourceSpan, did_you_mean, format_text
@@ -74,8 +75,11 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def write_output(path: str, data: bytes, inputs: Sequence[str | Path] = ()) -> None:
-    """Write a report or diagram to `path` atomically; a machine file is never overwritten.
+def write_output(
+    path: str, data: bytes, inputs: Sequence[str | Path] = (), *, allow_machine: bool = False
+) -> None:
+    """Write a report or diagram to `path` atomically; a machine file is never overwritten
+    (except by `fmt`, with `allow_machine`).
 
     A special file (/dev/stdout, a FIFO) is written in place: replacing it would remove it.
     """
@@ -92,7 +96,9 @@ def write_output(path: str, data: bytes, inputs: Sequence[str | Path] = ()) -> N
             f"cannot write here: folder {folder} does not exist",
             "create the folder first, or pass another path",
         )
-    if target.suffix == ".fsm" or any(_same_file(target, Path(i)) for i in inputs):
+    if (target.suffix == ".fsm" and not allow_machine) or any(
+        _same_file(target, Path(i)) for i in inputs
+    ):
         raise CommandProblem(
             path,
             OUTPUT_UNWRITABLE,
@@ -215,13 +221,72 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from .checks import check_paths
     from .report import render_json, render_sarif, render_text
 
-    report = check_paths(args.paths)
+    paths = [_machine_path(p) for p in args.paths] if args.explain else args.paths
+    report = check_paths(paths)
     if args.format == "text":
         text = render_text(report, colour=_colour(args, None if args.output else sys.stdout))
+        if args.explain and not report.errors():
+            text = _explanations(report) + "\n" + text
     else:
         text = {"json": render_json, "sarif": render_sarif}[args.format](report)
-    _emit(text, args.output, args.paths)
+    _emit(text, args.output, paths)
     return EXIT_FINDINGS if report.failed(strict=args.strict) else EXIT_OK
+
+
+def _machine_path(arg: str) -> str:
+    """`--explain Billing`: a name that is no path is looked up in machines/ by module."""
+    from .model import snake_case
+
+    if os.path.exists(arg) or arg.endswith(".fsm") or os.sep in arg or "/" in arg:
+        return arg
+    candidate = Path("machines") / f"{snake_case(arg)}.fsm"
+    return str(candidate) if candidate.exists() else arg
+
+
+def _explanations(report: Any) -> str:
+    from .explain import explain, render_explanation
+    from .lower import lower
+
+    return "\n".join(
+        render_explanation(explain(lower(machine, others=None)), machine.path)
+        for machine in report.machines
+    )
+
+
+def _cmd_fmt(args: argparse.Namespace) -> int:
+    """Format machine files in place, or (--check) list the ones that are not formatted."""
+    from .checks import expand_paths
+    from .fmt import format_source
+
+    files, findings = expand_paths(args.paths)
+    problems = [format_text(d, None) for d in findings]
+    unformatted: list[str] = []
+    for file in files:
+        try:
+            data = Path(file).read_bytes()
+        except OSError as exc:
+            raise CommandProblem(
+                file, "E003", f"cannot read: {exc.strerror or exc}", "check the path"
+            ) from None
+        result = format_source(file, data)
+        if result.text is None:
+            problems.extend(format_text(d, None) for d in result.diagnostics)
+            continue
+        if not result.changed:
+            continue
+        unformatted.append(file)
+        if not args.check:
+            write_output(file, result.text.encode("utf-8"), allow_machine=True)
+    if problems:
+        sys.stderr.write("\n".join(problems) + "\n")
+    if args.check:
+        for file in unformatted:
+            print(f"would reformat {file}")
+        state = f"{len(unformatted)} of {len(files)} files would be reformatted"
+        print(state if unformatted else f"{len(files)} files already formatted")
+        return EXIT_FINDINGS if unformatted or problems else EXIT_OK
+    print(f"{len(unformatted)} reformatted, {len(files) - len(unformatted)} unchanged")
+    return EXIT_FINDINGS if problems else EXIT_OK
 
 
 def _colour(args: argparse.Namespace, stream: object | None) -> bool:
@@ -361,7 +426,26 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="colour text findings: auto (default: on a terminal, unless NO_COLOR is set)",
     )
+    check.add_argument(
+        "--explain",
+        action="store_true",
+        help="also print, per machine, the longest time an instance can stay without an "
+        "outside event, and the states only an outside event can leave (PATH may be a "
+        "machine name)",
+    )
     check.set_defaults(func=_cmd_check)
+
+    fmt = sub.add_parser(
+        "fmt",
+        help="lay machine files out canonically (comments kept)",
+        description="Rewrite machine files in the canonical layout; the machines they hold "
+        "do not change. With --check, write nothing and exit 1 if a file would change.",
+    )
+    fmt.add_argument("paths", nargs="+", metavar="PATH", help=".fsm files or folders of them")
+    fmt.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if a file is not formatted"
+    )
+    fmt.set_defaults(func=_cmd_fmt)
 
     build = sub.add_parser(
         "build",
