@@ -23,6 +23,7 @@ EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 EXIT_INTERNAL = 70  # EX_SOFTWARE in sysexits.h
 EXIT_INTERRUPTED = 130
 
+MIGRATION = "E170"
 # Problems with a command's arguments rather than with a machine file. They are not in
 # errors.CODES (those are the checker's findings, listed as SARIF rules).
 OUTPUT_UNWRITABLE = "E006"
@@ -253,6 +254,217 @@ def _explanations(report: Any) -> str:
     )
 
 
+def _paths_after_dashes(argv: list[str]) -> list[str]:
+    """`autonomic diff main -- machines/`: what follows `--` is the paths to compare, which
+    argparse would otherwise mix into the revisions."""
+    if argv[:1] == ["diff"] and "--" in argv:
+        cut = argv.index("--")
+        return [*argv[:cut], "--paths", *argv[cut + 1 :]] if argv[cut + 1 :] else argv[:cut]
+    return argv
+
+
+def _git(args: Sequence[str], where: str) -> bytes:
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, check=False, timeout=120)
+    except OSError as exc:
+        raise CommandProblem(
+            where, NO_SUCH_MACHINE, f"cannot run git: {exc}", "install git"
+        ) from None
+    if done.returncode != 0:
+        message = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise CommandProblem(
+            where,
+            NO_SUCH_MACHINE,
+            f"is neither a file nor a git revision ({message[-1] if message else 'git failed'})",
+            "pass two .fsm files or folders, or a revision: `autonomic diff main -- machines/`",
+        )
+    return done.stdout
+
+
+def _version_at(revision: str, paths: Sequence[str]) -> tuple[list[Any], list[Any]]:
+    """The machines and flows of the .fsm files under `paths` at a git revision."""
+    from .parser import decode_source, parse_file
+
+    listing = _git(
+        ["ls-tree", "-r", "-z", "--name-only", "--full-name", revision, "--", *paths], revision
+    )
+    machines: list[Any] = []
+    flows: list[Any] = []
+    for name in sorted(n for n in listing.decode("utf-8", "surrogateescape").split("\0") if n):
+        if not name.endswith(".fsm"):
+            continue
+        data = _git(["show", f"{revision}:{name}"], revision)
+        parsed = parse_file(decode_source(f"{revision}:{name}", data))
+        if parsed.machine is not None:
+            machines.append(parsed.machine)
+        flows.extend(parsed.flows)
+    return machines, flows
+
+
+def _version_on_disk(paths: Sequence[str]) -> tuple[list[Any], list[Any]]:
+    """The machines and flows of the .fsm files under `paths`, read as `_version_at` reads a
+    revision: parsed, not checked (a diff compares models; `check` judges them)."""
+    from .checks import expand_paths
+    from .parser import parse_file, read_source
+
+    files, findings = expand_paths(paths)
+    machines: list[Any] = []
+    flows: list[Any] = []
+    problems = [format_text(d, None) for d in findings if d.severity is Severity.ERROR]
+    for file in files:
+        source = read_source(file)
+        parsed = parse_file(source)
+        errors = [d for d in parsed.diagnostics if d.severity is Severity.ERROR]
+        problems.extend(format_text(d, source.lines) for d in errors)
+        if parsed.machine is not None and not errors:
+            machines.append(parsed.machine)
+        flows.extend(parsed.flows)
+    if problems:
+        sys.stderr.write("\n\n".join(problems) + "\n")
+        raise CommandProblem(
+            paths[0], NO_SUCH_MACHINE, "does not parse: fix it to compare", "run `autonomic check`"
+        )
+    return machines, flows
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    """The semantic change between two versions, and (--store) whether live data survives it."""
+    from .diff import (
+        compare,
+        migration_problems,
+        render_diff_dot,
+        render_diff_mermaid,
+        render_markdown,
+    )
+    from .diff import render_text as render_diff_text
+
+    specs = list(args.versions)
+    if len(specs) not in (1, 2):
+        raise CommandProblem(
+            "autonomic diff",
+            NO_SUCH_MACHINE,
+            "needs OLD NEW (files or folders) or REVISION [REVISION] [-- PATH...]",
+            "for example `autonomic diff main -- machines/`",
+        )
+    if len(specs) == 2 and all(os.path.exists(spec) for spec in specs) and not args.paths:
+        old_machines, old_flows = _version_on_disk([specs[0]])
+        new_machines, new_flows = _version_on_disk([specs[1]])
+    else:
+        paths = args.paths or ["machines"]
+        old_machines, old_flows = _version_at(specs[0], paths)
+        if len(specs) == 2:
+            new_machines, new_flows = _version_at(specs[1], paths)
+        else:
+            new_machines, new_flows = _version_on_disk(paths)
+    difference = compare(old_machines, new_machines, old_flows, new_flows)
+    if args.format in ("dot", "mermaid"):
+        render = render_diff_dot if args.format == "dot" else render_diff_mermaid
+        chosen = [
+            m
+            for m in difference.machines
+            if (m.changes if args.machine is None else m.name == args.machine)
+        ]
+        if args.machine is not None and not chosen:
+            raise CommandProblem(
+                args.machine, NO_SUCH_MACHINE, "no such machine in either version", "check the name"
+            )
+        text = "\n".join(render(machine) for machine in chosen)
+    elif args.format == "markdown":
+        text = render_markdown(difference)
+    else:
+        text = render_diff_text(difference)
+    _emit(text, args.output)
+    if args.store is None:
+        return EXIT_OK
+    return _migration_check(difference, args.store, migration_problems)
+
+
+def _migration_check(difference: Any, store_path: str, check: Any) -> int:
+    from autonomic.runtime.store.sqlite import SQLiteStore
+
+    path = store_path.removeprefix("sqlite:///")
+    if not Path(path).is_file():
+        raise CommandProblem(store_path, "E003", "no such store file", "pass the SQLite file")
+    store = SQLiteStore(path)
+    try:
+        problems = check(difference, store)
+    finally:
+        store.close()
+    paths = {m.name: m.path for m in difference.machines}
+    for problem in problems:
+        diagnostic = Diagnostic.model_construct(
+            code=MIGRATION,
+            severity=Severity.ERROR,
+            message=problem.message,
+            span=SourceSpan.point(paths.get(problem.machine, store_path)),
+            hint=problem.hint,
+            related=(),
+        )
+        sys.stderr.write(format_text(diagnostic, None) + "\n")
+    if not problems:
+        sys.stderr.write(
+            f"migration check: no live instance or armed timer of {path} is stranded\n"
+        )
+    return EXIT_FINDINGS if problems else EXIT_OK
+
+
+def _cmd_testgen(args: argparse.Namespace) -> int:
+    """Write model-based pytest modules for machines, one file per machine."""
+    from .checks import check_paths
+    from .lower import lower
+    from .report import render_text
+    from .testgen import render_tests
+
+    report = check_paths([_machine_path(m) for m in args.machines])
+    if report.errors():
+        sys.stderr.write(render_text(report))
+        return EXIT_FINDINGS
+    if not report.machines:
+        raise CommandProblem(
+            args.machines[0], NO_SUCH_MACHINE, "holds no machine", "pass a .fsm file or a name"
+        )
+    if args.coverage:
+        return _transition_coverage(report.machines, args.tests)
+    out = Path(args.out)
+    if not out.is_dir():
+        raise CommandProblem(out, OUTPUT_UNWRITABLE, "is not a folder", "create it first")
+    for machine in report.machines:
+        tables = lower(machine, others=None)
+        target = out / f"test_{tables.module}_model.py"
+        write_output(str(target), render_tests(tables).encode("utf-8"), args.machines)
+        print(f"wrote {target}")
+    return EXIT_OK
+
+
+def _transition_coverage(machines: Sequence[Any], tests: Sequence[str]) -> int:
+    """Run the project's tests with the transition recorder; report what they exercised."""
+    import json
+    import subprocess
+    import tempfile
+
+    from .lower import lower
+    from .testgen import coverage_report
+
+    with tempfile.TemporaryDirectory() as folder:
+        record = Path(folder) / "taken.json"
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        command += ["-p", "autonomic.runtime.transition_coverage", *tests]
+        environment = {**os.environ, "AUTONOMIC_TRANSITION_COVERAGE": str(record)}
+        done = subprocess.run(command, env=environment, capture_output=True, text=True)
+        if not record.exists():
+            sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
+            raise CommandProblem(
+                " ".join(tests), "E003", "the tests did not run", "check the test paths"
+            )
+        taken = json.loads(record.read_text(encoding="utf-8"))
+    if done.returncode != 0:
+        sys.stderr.write(f"note: the tests exited with status {done.returncode}\n")
+    sys.stdout.write(coverage_report([lower(m, others=None) for m in machines], taken))
+    return EXIT_OK
+
+
 def _cmd_fmt(args: argparse.Namespace) -> int:
     """Format machine files in place, or (--check) list the ones that are not formatted."""
     from .checks import expand_paths
@@ -447,6 +659,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fmt.set_defaults(func=_cmd_fmt)
 
+    diff = sub.add_parser(
+        "diff",
+        help="the semantic change between two versions of machine files",
+        description="Compare two .fsm files or folders (OLD NEW), or the machines at a git "
+        "revision with the working tree (REV -- PATH...) or another revision (REV REV -- "
+        "PATH...): states, events, fields, transitions, guards, timers, ladder steps, "
+        "ignores and flows added, removed or changed, renames detected. With --store, also "
+        "fail (exit 1) if live instances or armed timers in the store would be stranded.",
+    )
+    diff.add_argument("versions", nargs="+", metavar="OLD|REV", help="two paths, or revisions")
+    diff.add_argument("--paths", nargs="+", default=None, help=argparse.SUPPRESS)
+    diff.add_argument(
+        "--format",
+        choices=("text", "markdown", "dot", "mermaid"),
+        default="text",
+        help="text (default), markdown (a pull request comment), or dot/mermaid diagrams with "
+        "added parts green, removed red and changed amber",
+    )
+    diff.add_argument("--machine", default=None, help="the machine to draw (dot/mermaid)")
+    diff.add_argument("--store", default=None, metavar="FILE", help="SQLite store to check")
+    diff.add_argument("--output", "-o", metavar="FILE", help="write to FILE (default: stdout)")
+    diff.set_defaults(func=_cmd_diff)
+
+    testgen = sub.add_parser(
+        "testgen",
+        help="write model-based pytest tests of generated governors",
+        description="For each MACHINE (name or .fsm path), write test_<module>_model.py: one "
+        "test per transition, timed exit and rejection, and a hypothesis state machine whose "
+        "rules are the machine's events and timers and whose invariants are its rules.",
+    )
+    testgen.add_argument("machines", nargs="+", metavar="MACHINE", help="names or .fsm paths")
+    testgen.add_argument(
+        "--out", default="tests", metavar="DIR", help="folder to write into (default: tests)"
+    )
+    testgen.add_argument(
+        "--coverage",
+        action="store_true",
+        help="write nothing: run the project's tests (--tests) and report which transitions "
+        "of each MACHINE they exercise",
+    )
+    testgen.add_argument(
+        "--tests",
+        nargs="+",
+        default=["tests"],
+        metavar="PATH",
+        help="tests to run (default: tests)",
+    )
+    testgen.set_defaults(func=_cmd_testgen)
+
     build = sub.add_parser(
         "build",
         help="check, then generate Python modules and diagrams",
@@ -546,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; argparse raises SystemExit(2) on usage errors (0 for --help)."""
     _tolerant_streams()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_paths_after_dashes(sys.argv[1:] if argv is None else list(argv)))
     handler: Handler = args.func
     try:
         return handler(args)

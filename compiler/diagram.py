@@ -18,7 +18,7 @@ import re
 import shutil
 import subprocess
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, overload
 
@@ -305,18 +305,37 @@ def _node_label(node: DiagramNode) -> str:
     )
 
 
-def _node_statement(node: DiagramNode, indent: str) -> str:
+# How `autonomic diff` marks what changed: added green, removed red, changed amber.
+CHANGE_COLOURS = {"added": "#1a7f37", "removed": "#cf222e", "changed": "#bf8700"}
+CHANGE_FILLS = {"added": "#dafbe1", "removed": "#ffebe9", "changed": "#fff8c5"}
+
+
+def _node_statement(node: DiagramNode, indent: str, change: str | None = None) -> str:
     attrs = [f"label={_node_label(node)}"]
     if node.final:
         attrs += ["peripheries=2", 'fillcolor="#eeeeee"']
     elif node.resting:
         attrs += ['style="rounded,dashed,filled"', 'fillcolor="#eef7ee"']
+    if change is not None:
+        attrs += [
+            f'color="{CHANGE_COLOURS[change]}"',
+            f'fillcolor="{CHANGE_FILLS[change]}"',
+            "penwidth=2",
+        ]
     if node.doc:
         attrs.append(f"tooltip={dot_quote(node.doc)}")
     return f"{indent}{dot_quote(node.id)} [{', '.join(attrs)}];"
 
 
-def render_dot(diagram: Diagram) -> str:
+def render_dot(
+    diagram: Diagram,
+    *,
+    node_colours: Mapping[str, str] | None = None,
+    edge_colours: Mapping[tuple[str, str], str] | None = None,
+) -> str:
+    """DOT; `node_colours`/`edge_colours` mark states and edges added, removed or changed."""
+    node_colours = node_colours or {}
+    edge_colours = edge_colours or {}
     title = (diagram.name, diagram.doc) if diagram.doc else (diagram.name,)
     rankdir = "TB" if len(diagram.nodes) >= TOP_DOWN_FROM else "LR"
     out = [
@@ -333,25 +352,32 @@ def render_dot(diagram: Diagram) -> str:
     clustered = {c.id: [n for n in diagram.nodes if n.cluster == c.id] for c in diagram.clusters}
     for node in diagram.nodes:
         if node.cluster is None:
-            out.append(_node_statement(node, "  "))
+            out.append(_node_statement(node, "  ", node_colours.get(node.id)))
     for cluster in diagram.clusters:
         out.append(f"  subgraph {dot_quote('cluster_' + cluster.id)} {{")
         out.append(
             f'    graph [label={dot_quote(cluster.title)}, style="rounded,dashed", '
             "fontsize=10, color=gray50];"
         )
-        out.extend(_node_statement(node, "    ") for node in clustered[cluster.id])
+        out.extend(
+            _node_statement(node, "    ", node_colours.get(node.id))
+            for node in clustered[cluster.id]
+        )
         out.append("  }")
     out.append("")
     for node in diagram.nodes:
         if node.initial:
             out.append(f"  {dot_quote(_START)} -> {dot_quote(node.id)};")
-    shared = _cluster_edges(diagram)
+    shared = {} if edge_colours else _cluster_edges(diagram)
     for edge in diagram.edges:
         tail = shared.get(edge)
         if tail == "":
             continue  # drawn once from its cluster
         style = ", style=dashed" if edge.dashed else ""
+        change = edge_colours.get((edge.source, edge.target))
+        if change is not None:
+            colour = CHANGE_COLOURS[change]
+            style += f', color="{colour}", fontcolor="{colour}", penwidth=2'
         if tail:
             style += f", ltail={dot_quote('cluster_' + tail)}"
         label = dot_quote(tuple(_wrapped(edge.lines)), align="left")
@@ -410,7 +436,12 @@ def mermaid_ids(diagram: Diagram) -> dict[str, str]:
     return ids
 
 
-def render_mermaid(diagram: Diagram) -> str:
+def render_mermaid(
+    diagram: Diagram,
+    *,
+    node_colours: Mapping[str, str] | None = None,
+    edge_colours: Mapping[tuple[str, str], str] | None = None,
+) -> str:
     """stateDiagram-v2. `state "Name" as Id` makes Mermaid draw the name as the title and
     every `Id : text` line under a rule (with a single description and no title, it would
     draw the description alone). Mermaid has no dashed transitions: timed lines read
@@ -430,8 +461,13 @@ def render_mermaid(diagram: Diagram) -> str:
     for node in diagram.nodes:
         if node.initial:
             out.append(f"    [*] --> {ids[node.id]}")
+    edge_colours = edge_colours or {}
     for edge in diagram.edges:
         label = "<br/>".join(mermaid_text(line.text) for line in edge.lines)
+        # Mermaid's state diagrams cannot colour an edge: its label says what happened.
+        change = edge_colours.get((edge.source, edge.target))
+        if change is not None:
+            label = f"({change}) {label}"
         out.append(f"    {ids[edge.source]} --> {ids[edge.target]} : {label}")
     for node in diagram.nodes:
         if node.final:
@@ -440,6 +476,13 @@ def render_mermaid(diagram: Diagram) -> str:
     if resting:
         out.append("    classDef resting stroke-dasharray: 5 5")
         out.append(f"    class {','.join(resting)} resting")
+    node_colours = node_colours or {}
+    for change, colour in CHANGE_COLOURS.items():
+        marked = [ids[n.id] for n in diagram.nodes if node_colours.get(n.id) == change]
+        if marked:
+            fill = CHANGE_FILLS[change]
+            out.append(f"    classDef {change} fill:{fill},stroke:{colour},stroke-width:2px")
+            out.append(f"    class {','.join(marked)} {change}")
     return "\n".join(out) + "\n"
 
 

@@ -97,6 +97,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "E141": (Severity.ERROR, "emit leaves a required payload field unsupplied"),
     "E142": (Severity.ERROR, "emit argument names an unknown field or reference"),
     "E143": (Severity.ERROR, "emit argument does not fit the target field's type"),
+    "E170": (Severity.ERROR, "live instances or armed timers stranded by a new version"),
     "E190": (Severity.ERROR, "policy names an action the machine never runs"),
     "E191": (Severity.ERROR, "policy declared twice, or an action under two policies"),
     "E192": (Severity.ERROR, "invalid policy value"),

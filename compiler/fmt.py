@@ -23,9 +23,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import Diagnostic
+from .errors import Diagnostic, Severity
 from .model import Machine
-from .parser import decode_source, parse_source
+from .parser import ParsedFile, decode_source, parse_file
 
 _TOKEN = re.compile(
     r"""
@@ -118,21 +118,27 @@ def format_text(text: str) -> str:
 # ---------------------------------------------------------------- the meaning is kept
 
 
-def _without_positions(value: Any) -> Any:
+def without_positions(value: Any) -> Any:
     if isinstance(value, dict):
         return {
-            key: _without_positions(item)
+            key: without_positions(item)
             for key, item in value.items()
             if key not in ("span", "source_sha256")
         }
     if isinstance(value, list | tuple):
-        return [_without_positions(item) for item in value]
+        return [without_positions(item) for item in value]
     return value
 
 
 def meaning(machine: Machine) -> Any:
     """A machine's model without source positions: what formatting must not change."""
-    return _without_positions(machine.model_dump())
+    return without_positions(machine.model_dump())
+
+
+def file_meaning(parsed: ParsedFile) -> Any:
+    """A file's machine and flows without source positions."""
+    machine = None if parsed.machine is None else meaning(parsed.machine)
+    return (machine, [without_positions(flow.model_dump()) for flow in parsed.flows])
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,22 +156,22 @@ class Formatted:
 
 
 class MeaningChanged(Exception):
-    """Formatting would change what the machine means: a bug in fmt, never written."""
+    """Formatting would change what the file declares: a bug in fmt, never written."""
 
 
 def format_source(path: str, data: bytes) -> Formatted:
     """Format one file's bytes: parse it (refusing text that does not parse), lay it out,
-    and parse the result to prove the model is unchanged."""
+    and parse the result to prove its machine and flows are unchanged."""
     source = decode_source(path, data)
     if source.text is None:
         return Formatted(path, None, None, tuple(source.diagnostics))
-    machine, diagnostics = parse_source(source)
-    errors = tuple(d for d in diagnostics if d.severity.value == "error")
-    if machine is None or errors:
-        return Formatted(path, source.text, None, errors or tuple(diagnostics))
+    parsed = parse_file(source)
+    errors = tuple(d for d in parsed.diagnostics if d.severity is Severity.ERROR)
+    if errors or (parsed.machine is None and not parsed.flows):
+        return Formatted(path, source.text, None, errors or tuple(parsed.diagnostics))
     text = format_text(source.text)
     if text != source.text:
-        again, _ = parse_source(decode_source(path, text.encode("utf-8")))
-        if again is None or meaning(again) != meaning(machine):
-            raise MeaningChanged(f"{path}: formatting would change the machine")
+        again = parse_file(decode_source(path, text.encode("utf-8")))
+        if file_meaning(again) != file_meaning(parsed):
+            raise MeaningChanged(f"{path}: formatting would change what the file declares")
     return Formatted(path, source.text, text, ())

@@ -223,6 +223,13 @@ _HELP: dict[str, tuple[str, str]] = {
         "`irreversible`, or `await` in a parallel flow.",
         "Write the flow as the flows section of the language reference shows for its kind.",
     ),
+    "E170": (
+        "`autonomic diff --store` found live instances in states the new version removes, "
+        "renames or cannot reach, or armed timers whose state or target it removes: deploying "
+        "it would strand them.",
+        "Keep the states (and timers) until the instances have left them, or migrate the "
+        "instances first; then deploy the removal.",
+    ),
     "W201": (
         "No path of transitions, timers or ladders leads from the initial state to this state.",
         "Add a way in, or delete the state.",
