@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from autonomic.compiler.checks import check_paths
 from autonomic.compiler.diff import compare, match_renames
 from autonomic.compiler.lower import lower
