@@ -669,7 +669,14 @@ def build_parser() -> argparse.ArgumentParser:
         "fail (exit 1) if live instances or armed timers in the store would be stranded.",
     )
     diff.add_argument("versions", nargs="+", metavar="OLD|REV", help="two paths, or revisions")
-    diff.add_argument("--paths", nargs="+", default=None, help=argparse.SUPPRESS)
+    diff.add_argument(
+        "--paths",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="with revisions: the files and folders to compare (default: machines); the same "
+        "as writing them after `--`",
+    )
     diff.add_argument(
         "--format",
         choices=("text", "markdown", "dot", "mermaid"),
