@@ -12,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .checkpointing import WitnessPolicy
     from .dispatch import (
         Governor,
     )
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
         ConcurrentUpdateDetected,
         EntryEncodingError,
         IdempotencyConflict,
+        InputRejected,
         InstanceExists,
         InstanceNotInLedger,
         InvalidTransition,
@@ -43,8 +45,11 @@ if TYPE_CHECKING:
         UnknownEvent,
         UnknownInstance,
         UnknownMachine,
+        WitnessError,
     )
     from .flows import FlowResult, FlowRunner, StepContext, StepFailed
+    from .inputs import InputLimits
+    from .keychain import RootOfTrust
     from .keys import (
         KeyInfo,
         Keyring,
@@ -102,6 +107,7 @@ if TYPE_CHECKING:
         format_duration,
         parse_duration,
     )
+    from .witness import CommandWitness, FileWitness
 
 # Where each public name lives.
 _HOMES = {
@@ -116,6 +122,13 @@ _HOMES = {
     "ConcurrentUpdateDetected": "errors",
     "EntryEncodingError": "errors",
     "IdempotencyConflict": "errors",
+    "InputRejected": "errors",
+    "WitnessError": "errors",
+    "WitnessPolicy": "checkpointing",
+    "InputLimits": "inputs",
+    "RootOfTrust": "keychain",
+    "CommandWitness": "witness",
+    "FileWitness": "witness",
     "InstanceExists": "errors",
     "InstanceNotInLedger": "errors",
     "InvalidTransition": "errors",
@@ -189,17 +202,21 @@ __all__ = [
     "Checkpoint",
     "CheckpointFileError",
     "Clock",
+    "CommandWitness",
     "ConcurrentUpdateDetected",
     "Delivery",
     "DispatchOptions",
     "DispatchResult",
     "EmittedEvent",
     "EntryEncodingError",
+    "FileWitness",
     "FlowResult",
     "FlowRunner",
     "Governor",
     "GovernorEnum",
     "IdempotencyConflict",
+    "InputLimits",
+    "InputRejected",
     "InstanceExists",
     "InstanceNotInLedger",
     "InstanceRecord",
@@ -229,6 +246,7 @@ __all__ = [
     "PayloadInvalid",
     "PublicKeyInfo",
     "ReplayedState",
+    "RootOfTrust",
     "Runtime",
     "RuntimeFailure",
     "SQLiteStore",
@@ -248,6 +266,8 @@ __all__ = [
     "UnknownMachine",
     "VerifyReport",
     "VirtualClock",
+    "WitnessError",
+    "WitnessPolicy",
     "format_duration",
     "generate_keypair",
     "load_public_key",

@@ -24,21 +24,38 @@ from .errors import (
     InstanceNotInLedger,
     KeyFileError,
     KeyWindowError,
+    LedgerFormatError,
+    LedgerReadError,
     LedgerWriteError,
     RuntimeFailure,
     failure_diagnostic,
 )
-from .keys import Keyring, generate_keypair, load_public_key, now_ms, retire_key
+from .keychain import RootOfTrust, fingerprint
+from .keys import (
+    PRIVATE_SUFFIX,
+    PublicKeyInfo,
+    Signer,
+    generate_keypair,
+    load_public_key,
+    load_signer,
+    now_ms,
+    retire_key,
+)
 from .ledger import (
     CHECKPOINT_FORMAT,
     JSONL_FORMAT,
     Checkpoint,
+    LedgerEntry,
+    LedgerSealer,
     MalformedRecord,
+    RootLike,
     format_timestamp,
     read_ledger,
     write_jsonl,
 )
-from .verify_parallel import verify_source
+from .runtime import Runtime
+from .store.sqlite import SQLiteStore
+from .witness import read_witness_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
 
@@ -48,6 +65,7 @@ KEY_HINT = "pass the <key_id>.public.json (or .public.pem) written by `autonomic
 KEY_DIR_HINT = "pass a new folder, for example keys/2026 (keygen never overwrites a key)"
 RETIRE_HINT = "pass the older key's <key_id>.public.json, which records its validity window"
 CHECKPOINT_HINT = "pass a file written by `autonomic audit checkpoint LEDGER --out FILE`"
+WITNESS_HINT = "pass the witness file the runtime publishes to (Runtime(witnesses=...))"
 OUT_HINT = "pass a new file path in an existing, writable folder"
 # An existing --out file is replaced only when it holds this kind of document.
 MAX_REPLACEABLE_HEAD = 1 << 16
@@ -80,19 +98,31 @@ def _printable(text: object) -> str:
     return shown if shown.isprintable() else repr(shown)[1:-1]
 
 
-def _load_keyring(paths: Sequence[str]) -> Keyring | tuple[str, RuntimeFailure]:
-    keyring = Keyring()
-    for path in paths:
+def _load_root(path: str) -> PublicKeyInfo | tuple[str, RuntimeFailure]:
+    """The pinned root key from a public key file, or the diagnostic's path and failure."""
+    try:
+        if Path(path).is_dir():
+            raise KeyFileError(
+                f"{path} is a directory",
+                hint="pass the root key's <key_id>.public.json file",
+            )
+        return load_public_key(path)
+    except RuntimeFailure as failure:
+        return path, failure
+
+
+def _root_of(args: argparse.Namespace) -> RootLike | int:
+    """The root of trust `audit verify` pins: --public-key FILE or --root FINGERPRINT."""
+    if args.root is not None:
         try:
-            if Path(path).is_dir():
-                raise KeyFileError(
-                    f"{path} is a directory",
-                    hint="pass the <key_id>.public.json file (repeat --public-key for several)",
-                )
-            keyring.add(load_public_key(path))
-        except RuntimeFailure as failure:
-            return path, failure
-    return keyring
+            return RootOfTrust.of(args.root)
+        except ValueError as exc:
+            args.usage_error(f"--root: {exc}")  # exits with status 2
+            return EXIT_USAGE
+    loaded = _load_root(args.public_key)
+    if isinstance(loaded, tuple):
+        return _diagnostic(*loaded, KEY_HINT)
+    return loaded
 
 
 def _head_format(path: Path) -> object:
@@ -154,6 +184,34 @@ def _write_atomically(path: Path, write: Callable[[IO[str]], T]) -> T:
 # Handlers.
 
 
+def _outgoing_signer(public_json: str) -> Signer:
+    """The private key beside the outgoing key's public JSON file: it signs the rotation."""
+    info = load_public_key(public_json)
+    private = Path(public_json).with_name(info.key_id + PRIVATE_SUFFIX)
+    if not private.exists():
+        raise KeyFileError(
+            f"the outgoing key's private key {private} is not beside {public_json}",
+            hint="a rotation entry is signed by the outgoing key: keep its key folder whole",
+        )
+    return load_signer(private)
+
+
+def rotate_store(path: str, outgoing: Signer, incoming: Signer) -> LedgerEntry:
+    """Write a rotation entry into a store's ledger (see Runtime.rotate_key)."""
+    if not Path(path).is_file():
+        raise LedgerReadError(f"{path}: no such store file")
+    store = SQLiteStore(path)
+    mode = store.ledger_mode()
+    if mode is None:
+        store.close()
+        raise LedgerFormatError(f"{path} keeps no ledger: there is nothing to rotate")
+    runtime = Runtime(store, sealer=LedgerSealer(outgoing, mode))
+    try:
+        return runtime.rotate_key(incoming)
+    finally:
+        runtime.close()
+
+
 def _retiring(path: str, valid_from_ms: int) -> int | None:
     """Check the key to retire before a new key is written: None if it can be retired."""
     try:
@@ -172,20 +230,59 @@ def _retiring(path: str, valid_from_ms: int) -> int | None:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    valid_from = now_ms() if args.valid_from is None else args.valid_from
+    now = now_ms()
+    valid_from = now if args.valid_from is None else args.valid_from
+    if bool(args.retire) != bool(args.ledger):
+        args.usage_error(
+            "a rotation needs both --retire OLD.public.json and --ledger STORE (repeat "
+            "--ledger for every store the old key signs): the ledger records the rotation, "
+            "signed by the outgoing key"
+        )  # exits with status 2
+        return EXIT_USAGE
     if args.retire and (refused := _retiring(args.retire, valid_from)) is not None:
         return refused
+    if args.retire and valid_from > now:
+        return _diagnostic(
+            args.retire,
+            KeyWindowError(
+                f"the new key becomes valid at {format_timestamp(valid_from)}, later than now: "
+                "the rotation entry would hand the ledger to a key that cannot sign yet",
+                hint="run the rotation when the new key's window opens (omit --valid-from)",
+            ),
+            RETIRE_HINT,
+        )
+    outgoing = None
+    if args.retire:
+        try:
+            outgoing = _outgoing_signer(args.retire)
+        except RuntimeFailure as failure:
+            return _diagnostic(args.retire, failure, RETIRE_HINT)
     try:
         info = generate_keypair(args.directory, valid_from_ms=valid_from)
     except RuntimeFailure as failure:
         return _diagnostic(args.directory, failure, KEY_DIR_HINT)
     print(f"key {info.key_id} valid from {format_timestamp(info.valid_from_ms)}")
+    print(f"  fingerprint (pin it: audit verify --root): {fingerprint(info.public_key)}")
     print(f"  private key (mode 0600, keep secret): {printable(info.private_path)}")
     print(f"  public key: {printable(info.public_json_path)}")
     print(f"  public key (PEM): {printable(info.public_pem_path)}")
+    retire_at = info.valid_from_ms
+    if outgoing is not None:
+        incoming = load_signer(args.directory)
+        for ledger in args.ledger:
+            try:
+                entry = rotate_store(ledger, outgoing, incoming)
+            except RuntimeFailure as failure:
+                return _diagnostic(ledger, failure, LEDGER_HINT)
+            # The outgoing key signed the rotation entry: its window closes just after it.
+            retire_at = max(retire_at, entry.ts_ms + 1)
+            print(
+                f"{printable(ledger)}: rotation entry seq {entry.seq} introduces key "
+                f"{incoming.key_id}, signed by the outgoing key {outgoing.key_id}"
+            )
     if args.retire:
         try:
-            retired = retire_key(args.retire, info.valid_from_ms)
+            retired = retire_key(args.retire, retire_at)
         except RuntimeFailure as failure:
             return _diagnostic(args.retire, failure, RETIRE_HINT)
         until = retired.valid_until_ms
@@ -195,32 +292,53 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    loaded = _load_keyring(args.public_key)
-    if isinstance(loaded, tuple):
-        return _diagnostic(*loaded, KEY_HINT)
+    root = _root_of(args)
+    if isinstance(root, int):
+        return root
     external: Checkpoint | None = None
+    witnessed = ""
     if args.checkpoint:
         try:
             external = Checkpoint.load(args.checkpoint)
         except RuntimeFailure as failure:
             return _diagnostic(args.checkpoint, failure, CHECKPOINT_HINT)
+    for witness in args.witness or ():
+        try:
+            newest, count = read_witness_file(witness)
+        except RuntimeFailure as failure:
+            return _diagnostic(witness, failure, WITNESS_HINT)
+        if external is None or newest.size > external.size:
+            external = newest
+            plural = "s" if count != 1 else ""
+            witnessed = f"witness {printable(witness)} ({count} publication{plural})"
     try:
         with read_ledger(args.ledger) as source:
-            report = verify_source(source, loaded, external_checkpoint=external)
-            mode = source.mode
+            label = "newest witnessed checkpoint" if witnessed else "external checkpoint"
+            report = source.verify(root, external_checkpoint=external, external_label=label)
     except RuntimeFailure as failure:
         return _diagnostic(args.ledger, failure, LEDGER_HINT)
     if not report.ok:
         print(f"{printable(args.ledger)}: seq {report.index}: {report.reason}")
         return EXIT_FAILED
-    details = [f"mode {mode or 'undeclared'}"]
+    details = [f"mode {report.mode}"]
     if report.checkpoints:
         plural = "s" if report.checkpoints != 1 else ""
         details.append(f"{report.checkpoints} signed checkpoint{plural}")
-    if external is not None:
-        details.append(f"external checkpoint at size {external.size}")
+    details.append("keys " + " -> ".join(report.keys))
     plural = "y" if report.count == 1 else "ies"
     print(f"verified {report.count} entr{plural} ({', '.join(details)})")
+    if external is None:
+        print(
+            "truncation not checked: without a witness (--witness FILE) or a checkpoint kept "
+            "elsewhere (--checkpoint FILE), entries cut off the end together with their "
+            "checkpoints cannot be detected"
+        )
+    else:
+        source_text = witnessed or f"external checkpoint {printable(args.checkpoint)}"
+        print(
+            f"not truncated: the ledger holds all {external.size} entries of the newest "
+            f"checkpoint from {source_text}"
+        )
     return EXIT_OK
 
 
@@ -284,9 +402,9 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
         _check_replaceable(Path(args.out), CHECKPOINT_FORMAT, "a checkpoint")
     except RuntimeFailure as failure:
         return _diagnostic(args.out, failure, OUT_HINT)
-    keyring: Keyring | None = None
+    keyring: PublicKeyInfo | None = None
     if args.public_key:
-        loaded = _load_keyring(args.public_key)
+        loaded = _load_root(args.public_key)
         if isinstance(loaded, tuple):
             return _diagnostic(*loaded, KEY_HINT)
         keyring = loaded
@@ -337,9 +455,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     keygen.add_argument(
         "--retire",
         metavar="PUBLIC_JSON",
-        help="rotation: end this older key's window where the new key's begins",
+        help="rotation: end this older key's window where the new key's begins, and write "
+        "the rotation entry (signed by the older key, whose private key sits beside it) into "
+        "each --ledger",
     )
-    keygen.set_defaults(func=_cmd_keygen)
+    keygen.add_argument(
+        "--ledger",
+        action="append",
+        metavar="STORE",
+        help="with --retire: a store whose ledger the older key signs (repeatable)",
+    )
+    keygen.set_defaults(func=_cmd_keygen, usage_error=keygen.error)
 
     audit = subparsers.add_parser(
         "audit",
@@ -357,19 +483,31 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "the count verified, or 1 naming the first bad sequence index and why.",
     )
     verify.add_argument("ledger", metavar="LEDGER", help="SQLite store file or JSON Lines export")
-    verify.add_argument(
+    pinned = verify.add_mutually_exclusive_group(required=True)
+    pinned.add_argument(
         "--public-key",
-        action="append",
-        required=True,
         metavar="FILE",
-        help="a trusted public key (.public.json or .public.pem); repeat for rotated keys",
+        help="the root key (.public.json or .public.pem) the ledger's genesis entry must name; "
+        "keys rotated in since are introduced by the ledger itself",
+    )
+    pinned.add_argument(
+        "--root",
+        metavar="FINGERPRINT",
+        help="the root key's fingerprint (64 hex digits, printed by keygen) instead of its file",
     )
     verify.add_argument(
         "--checkpoint",
         metavar="FILE",
         help="a checkpoint kept elsewhere: detects truncation of the ledger's tail",
     )
-    verify.set_defaults(func=_cmd_verify)
+    verify.add_argument(
+        "--witness",
+        action="append",
+        metavar="FILE",
+        help="a witness file the runtime published checkpoints to: checks the ledger against "
+        "its newest checkpoint and names how many entries are missing (repeatable)",
+    )
+    verify.set_defaults(func=_cmd_verify, usage_error=verify.error)
 
     export = commands.add_parser(
         "export",
@@ -410,9 +548,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     checkpoint.add_argument(
         "--public-key",
-        action="append",
         metavar="FILE",
-        help="verify the whole ledger with this key before exporting",
+        help="verify the whole ledger from this root key before exporting",
     )
     checkpoint.set_defaults(func=_cmd_checkpoint)
 

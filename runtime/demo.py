@@ -47,7 +47,7 @@ from .errors import (
     failure_diagnostic,
 )
 from .flows import FlowResult, FlowRunner, StepContext, StepFailed
-from .keys import Keyring, Signer, generate_keypair, load_public_key, load_signer, now_ms
+from .keys import PublicKeyInfo, Signer, generate_keypair, load_signer, now_ms
 from .ledger import LedgerMode, LedgerSealer, format_timestamp, verify_ledger
 from .resilience import BulkheadFull, TenantBulkheads, Unavailable
 from .results import DispatchResult
@@ -352,14 +352,10 @@ def _signer(keys: Path, out: IO[str]) -> Signer:
     return load_signer(keys)
 
 
-def _keyring(keys: Path, signer: Signer) -> Keyring:
-    """The signer's public key and, for a key folder, every public key beside it (rotation)."""
-    keyring = Keyring([signer.public_info()])
-    if keys.is_dir():
-        for public in sorted(keys.glob("*.public.json")):
-            if public.name != f"{signer.key_id}.public.json":
-                keyring.add(load_public_key(public))
-    return keyring
+def _keyring(keys: Path, signer: Signer) -> PublicKeyInfo:
+    """The pinned root of trust: the demo's own key, which its ledger's genesis entry names
+    (keys rotated since are introduced by the ledger's rotation entries)."""
+    return signer.public_info()
 
 
 # ---------------------------------------------------------------------------------------------

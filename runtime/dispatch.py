@@ -45,6 +45,7 @@ Semantics worth knowing:
 from __future__ import annotations
 
 import difflib
+import hashlib
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -66,7 +67,13 @@ from .errors import (
     UnknownEvent,
     UnknownInstance,
 )
-from .ledger import EMPTY_PAYLOAD_DIGEST, EntryData, LedgerEntry, payload_digest
+from .inputs import (
+    check_identifier,
+    check_payload_depth,
+    check_payload_size,
+    payload_error_message,
+)
+from .ledger import EMPTY_PAYLOAD_DIGEST, PAYLOAD_TAG, EntryData, LedgerEntry, canonical_json
 from .outbox import _event_message
 from .replay import save_snapshot
 from .results import (
@@ -130,7 +137,7 @@ def _validation_problems(error: ValidationError) -> tuple[tuple[str, str], ...]:
     problems = []
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(payload)"
-        problems.append((where, str(item["msg"])))
+        problems.append((where, payload_error_message(item)))
     return tuple(problems)
 
 
@@ -261,6 +268,7 @@ class Governor:
         """A new instance in the initial state (version 1), its timers armed, a ledger entry.
 
         Raises InstanceExists; with an `event_id` seen before, returns the first result.
+        Raises InputRejected (nothing stored) for a malformed instance id, actor or event id.
         """
         return self.runtime._submit(self._create_work(instance_id, actor, event_id))
 
@@ -275,6 +283,9 @@ class Governor:
     def _create_work(
         self, instance_id: str, actor: str, event_id: str | None
     ) -> Callable[[Transaction, _Chain], DispatchResult]:
+        check_identifier("instance id", instance_id)
+        check_identifier("actor", actor)
+        check_identifier("event id", event_id, optional=True)
         name = self.name
         initial = self._initial
         runtime = self.runtime
@@ -483,15 +494,21 @@ class Governor:
         expected_version: int | None,
         record_rejection: bool,
     ) -> Callable[[Transaction, _Chain], DispatchResult | _Rejected]:
-        """Check the event and validate its payload (nothing is stored yet), and return the
-        unit of work that decides and writes the transition."""
+        """Check the identifiers and the event, validate the payload and its bounds (nothing is
+        stored yet), and return the unit of work that decides and writes the transition."""
+        check_identifier("instance id", instance_id)
+        check_identifier("actor", actor)
+        check_identifier("event id", event_id, optional=True)
+        check_identifier("idempotency key", idempotency_key, optional=True)
         if event not in self._events:
             self._check_event(event)
         event = str(event)
         validated = self._validate(event, payload)
         digest = EMPTY_PAYLOAD_DIGEST
-        if validated is not None and (self._sealed or idempotency_key is not None):
-            digest = payload_digest(validated.model_dump(mode="json"))
+        if validated is not None:
+            encoded = canonical_json(validated.model_dump(mode="json"))
+            check_payload_size(len(encoded), self.runtime._limits)
+            digest = hashlib.sha256(PAYLOAD_TAG + encoded).digest()
         request = None if idempotency_key is None else _request_digest(instance_id, event, digest)
         return partial(
             self._step,
@@ -658,6 +675,8 @@ class Governor:
             )
         if type(payload) is model:
             return payload
+        if payload is not None:
+            check_payload_depth(payload, self.runtime._limits)
         try:
             return model.model_validate({} if payload is None else payload)
         except ValidationError as exc:

@@ -89,6 +89,12 @@ class CheckpointFileError(RuntimeFailure):
     code = "A020"
 
 
+class WitnessError(RuntimeFailure):
+    """A witness refused a checkpoint or could not be reached (runtime/witness.py)."""
+
+    code = "A040"
+
+
 class PayloadEncodingError(RuntimeFailure):
     """A payload holds a value that RFC 8785 canonical JSON cannot represent."""
 
@@ -103,6 +109,12 @@ class EntryEncodingError(RuntimeFailure):
 
 # ---------------------------------------------------------------------------------------------
 # Dispatch, bindings, storage and simulation (codes R0xx), appended by the runtime core.
+
+
+class InputRejected(RuntimeFailure):
+    """An identifier or payload breaks an input rule (runtime/inputs.py); nothing was stored."""
+
+    code = "R031"
 
 
 class UnknownMachine(RuntimeFailure):

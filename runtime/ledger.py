@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
-import itertools
 import json
 import math
 import os
 import sqlite3
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,11 +47,29 @@ from .errors import (
     LedgerVerificationError,
     PayloadEncodingError,
 )
-from .keys import Keyring, Signer, TrustedKey
+from .keychain import (
+    CONTROL_ACTOR,
+    CONTROL_KINDS,
+    GENESIS,
+    RETIREMENT,
+    ROTATION,
+    ChainError,
+    KeyChain,
+    RootOfTrust,
+    encode_body,
+    genesis_body,
+    retirement_body,
+    rotation_body,
+)
+from .keys import Keyring, PublicKeyInfo, Signer
+from .merkle import TreeFrontier
+
+RootLike: TypeAlias = RootOfTrust | PublicKeyInfo | Keyring | str
 
 __all__ = [
     "CHECKPOINT_COLUMNS",
     "CHECKPOINT_TAG",
+    "DATA_KINDS",
     "EMPTY_PAYLOAD_DIGEST",
     "ENTRY_TAG",
     "GENESIS_HASH",
@@ -78,6 +96,7 @@ __all__ = [
     "MalformedRecord",
     "MemoryLedger",
     "Problem",
+    "RootLike",
     "VerifyReport",
     "canonical_json",
     "encode_entry",
@@ -92,19 +111,30 @@ __all__ = [
 ]
 
 LedgerMode = Literal["sign-each", "checkpoint"]
-EntryKind = Literal["transition", "timer", "escalation", "rejection", "breaker", "flow"]
+EntryKind = Literal[
+    "transition",
+    "timer",
+    "escalation",
+    "rejection",
+    "breaker",
+    "flow",
+    "genesis",
+    "key_rotation",
+    "key_retirement",
+]
 MODES: frozenset[str] = frozenset(get_args(LedgerMode))
 KINDS: frozenset[str] = frozenset(get_args(EntryKind))
+DATA_KINDS: frozenset[str] = KINDS - CONTROL_KINDS
 
 ENTRY_TAG = b"autonomic/ledger/entry/v1\x00"
 SIG_TAG = b"autonomic/ledger/sig/v1\x00"
-CHECKPOINT_TAG = b"autonomic/ledger/checkpoint/v1\x00"
+CHECKPOINT_TAG = b"autonomic/ledger/checkpoint/v2\x00"
 PAYLOAD_TAG = b"autonomic/payload/v1\x00"
 GENESIS_HASH = bytes(32)
 
 JSONL_FORMAT = "autonomic-ledger"
 CHECKPOINT_FORMAT = "autonomic-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
@@ -134,7 +164,10 @@ CREATE TABLE IF NOT EXISTS ledger_checkpoints (
     head_hash BLOB NOT NULL,
     ts_ms INTEGER NOT NULL,
     key_id TEXT NOT NULL,
-    signature BLOB NOT NULL
+    signature BLOB NOT NULL,
+    tree_root BLOB NOT NULL,
+    prev_checkpoint BLOB NOT NULL,
+    frontier BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS ledger_meta (
     key TEXT PRIMARY KEY,
@@ -187,7 +220,16 @@ class LedgerEntry(NamedTuple):
 
 
 LEDGER_COLUMNS: tuple[str, ...] = LedgerEntry._fields
-CHECKPOINT_COLUMNS: tuple[str, ...] = ("size", "head_hash", "ts_ms", "key_id", "signature")
+CHECKPOINT_COLUMNS: tuple[str, ...] = (
+    "size",
+    "head_hash",
+    "ts_ms",
+    "key_id",
+    "signature",
+    "tree_root",
+    "prev_checkpoint",
+    "frontier",
+)
 META_MODE_KEY = "mode"
 
 INSERT_ENTRY_SQL = (
@@ -206,6 +248,13 @@ SELECT_CHECKPOINTS_SQL = (
 SELECT_HEAD_SQL = "SELECT seq, entry_hash FROM ledger ORDER BY seq DESC LIMIT 1"
 _SELECT_NEXT_ENTRY_SQL = (
     f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger WHERE seq > ? ORDER BY seq LIMIT 1"
+)
+_SELECT_NEXT_CHECKPOINT_SQL = (
+    f"SELECT {', '.join(CHECKPOINT_COLUMNS)} FROM ledger_checkpoints WHERE size > ? "
+    "ORDER BY size LIMIT 1"
+)
+_SELECT_NEXT_CHECKPOINT_SIZE_SQL = (
+    "SELECT size FROM ledger_checkpoints WHERE size > ? ORDER BY size LIMIT 1"
 )
 SET_META_SQL = "INSERT OR REPLACE INTO ledger_meta (key, value) VALUES (?, ?)"
 
@@ -466,7 +515,18 @@ def _unhex32(text: object) -> bytes | None:
 
 
 _CHECKPOINT_JSON_KEYS = frozenset(
-    ("format", "version", "kind", "size", "head_hash", "ts_ms", "key_id", "signature")
+    (
+        "format",
+        "version",
+        "kind",
+        "size",
+        "head_hash",
+        "tree_root",
+        "ts_ms",
+        "prev_checkpoint",
+        "key_id",
+        "signature",
+    )
 )
 
 
@@ -474,9 +534,15 @@ _CHECKPOINT_JSON_KEYS = frozenset(
 class Checkpoint:
     """A signed statement "the ledger had `size` entries and its head hash was `head_hash`".
 
-    kind "checkpoint": signed by `LedgerSealer.checkpoint` over the checkpoint message.
+    kind "checkpoint": signed by `LedgerSealer.checkpoint` over the checkpoint message, which
+    also commits to `tree_root` (the RFC 9162 Merkle root over the first `size` entry hashes)
+    and to `prev_checkpoint` (the digest of the checkpoint stored before it, zeros for the
+    first), so that the stored checkpoints form a chain of their own. `frontier` (stored, not
+    signed) holds the perfect-subtree roots of that tree, authenticated by `tree_root`; a writer
+    resumes the tree from it.
     kind "entry": taken from a sign-each ledger's last entry, whose own signature (over its
-    entry hash, which commits to its seq) serves as the checkpoint signature.
+    entry hash, which commits to its seq) serves as the checkpoint signature; it carries no
+    tree root and no chaining (both zero).
     """
 
     size: int
@@ -484,18 +550,43 @@ class Checkpoint:
     ts_ms: int
     key_id: str
     signature: bytes
+    tree_root: bytes = GENESIS_HASH
+    prev_checkpoint: bytes = GENESIS_HASH
+    frontier: bytes = b""
     kind: CheckpointKind = "checkpoint"
 
     def signed_message(self) -> bytes:
         if self.kind == "entry":
             return SIG_TAG + self.head_hash
-        return CHECKPOINT_TAG + _pack_size(self.size) + self.head_hash + _pack_ts(self.ts_ms)
+        return _join(
+            (
+                CHECKPOINT_TAG,
+                _pack_size(self.size),
+                self.head_hash,
+                self.tree_root,
+                _pack_ts(self.ts_ms),
+                self.prev_checkpoint,
+            )
+        )
 
-    def as_row(self) -> tuple[int, bytes, int, str, bytes]:
+    def digest(self) -> bytes:
+        """What the next checkpoint records as its `prev_checkpoint`."""
+        return _sha256(self.signed_message()).digest()
+
+    def as_row(self) -> tuple[int, bytes, int, str, bytes, bytes, bytes, bytes]:
         """The `ledger_checkpoints` row (CHECKPOINT_COLUMNS order)."""
         if self.kind != "checkpoint":
             raise ValueError("only kind 'checkpoint' checkpoints are stored in a ledger")
-        return (self.size, self.head_hash, self.ts_ms, self.key_id, self.signature)
+        return (
+            self.size,
+            self.head_hash,
+            self.ts_ms,
+            self.key_id,
+            self.signature,
+            self.tree_root,
+            self.prev_checkpoint,
+            self.frontier,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -504,7 +595,9 @@ class Checkpoint:
             "kind": self.kind,
             "size": self.size,
             "head_hash": self.head_hash.hex(),
+            "tree_root": self.tree_root.hex(),
             "ts_ms": self.ts_ms,
+            "prev_checkpoint": self.prev_checkpoint.hex(),
             "key_id": self.key_id,
             "signature": _b64(self.signature),
         }
@@ -538,13 +631,28 @@ class Checkpoint:
             raise CheckpointFileError("ts_ms must be an integer")
         if not isinstance(key_id, str) or not key_id:
             raise CheckpointFileError("key_id must be a non-empty string")
-        head = _unhex32(doc["head_hash"])
-        if head is None:
-            raise CheckpointFileError("head_hash must be 64 hex digits")
+        head, root, prev = (
+            _unhex32(doc["head_hash"]),
+            _unhex32(doc["tree_root"]),
+            _unhex32(doc["prev_checkpoint"]),
+        )
+        if head is None or root is None or prev is None:
+            raise CheckpointFileError(
+                "head_hash, tree_root and prev_checkpoint must be 64 hex digits each"
+            )
         signature = _unb64(doc["signature"])
         if signature is None:
             raise CheckpointFileError("signature must be base64")
-        return cls(size, head, ts_ms, key_id, signature, cast(CheckpointKind, kind))
+        return cls(
+            size,
+            head,
+            ts_ms,
+            key_id,
+            signature,
+            tree_root=root,
+            prev_checkpoint=prev,
+            kind=cast(CheckpointKind, kind),
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Checkpoint:
@@ -572,8 +680,9 @@ class Checkpoint:
 
 
 class LedgerSealer:
-    """Seals EntryData into LedgerEntry (hash, and a signature in sign-each mode) and signs
-    checkpoints. It holds no chain state: the caller passes the seq and prev_hash.
+    """Seals EntryData into LedgerEntry (hash, and a signature in sign-each mode), seals the
+    control entries (genesis, rotation, retirement: always signed) and signs checkpoints. It
+    holds no chain state: the caller passes the seq and prev_hash.
     """
 
     __slots__ = ("_hash", "_key_id", "_sign", "mode", "signer")
@@ -588,11 +697,17 @@ class LedgerSealer:
         self._hash = _entry_hasher()
 
     def seal(self, seq: int, prev_hash: bytes, data: EntryData) -> LedgerEntry:
+        kind = data[1]
+        if kind not in KINDS or kind in CONTROL_KINDS:
+            raise ValueError(f"unknown entry kind {kind!r}; expected one of {sorted(DATA_KINDS)}")
+        return self._seal(seq, prev_hash, data, self.mode == "sign-each", self.signer)
+
+    def _seal(
+        self, seq: int, prev_hash: bytes, data: EntryData, signed: bool, signer: Signer
+    ) -> LedgerEntry:
         (ts_ms, kind, machine, instance, from_state, to_state, event, actor, event_id, payload) = (
             data
         )
-        if kind not in KINDS:
-            raise ValueError(f"unknown entry kind {kind!r}; expected one of {sorted(KINDS)}")
         if len(payload) != 32 or len(prev_hash) != 32:
             raise ValueError("payload_sha256 and prev_hash must be 32-byte SHA-256 digests")
         try:
@@ -615,11 +730,11 @@ class LedgerSealer:
                 f"ledger entry {seq} cannot be encoded: {exc}",
                 hint="entry fields must be valid Unicode text; seq and ts_ms 64-bit integers",
             ) from None
-        if self.mode == "checkpoint":
-            key_id, signature = "", b""
+        if signed:
+            signer.require_window(ts_ms)
+            key_id, signature = signer.key_id, signer.private_key.sign(SIG_TAG + digest)
         else:
-            self.signer.require_window(ts_ms)
-            key_id, signature = self._key_id, self._sign(SIG_TAG + digest)
+            key_id, signature = "", b""
         return _new_entry(
             LedgerEntry,
             (
@@ -641,25 +756,83 @@ class LedgerSealer:
             ),
         )
 
-    def checkpoint(self, size: int, head_hash: bytes, ts_ms: int) -> Checkpoint:
-        if size < 0 or len(head_hash) != 32:
-            raise ValueError("a checkpoint needs a non-negative size and a 32-byte head hash")
+    def seal_control(
+        self,
+        seq: int,
+        prev_hash: bytes,
+        ts_ms: int,
+        kind: str,
+        body: dict[str, Any],
+        signer: Signer | None = None,
+    ) -> LedgerEntry:
+        """A control entry (see runtime/keychain.py), signed by `signer` (default: ours)."""
+        if kind not in CONTROL_KINDS:
+            raise ValueError(f"{kind!r} is not a control entry kind")
+        text = encode_body(body)
+        digest = _sha256(PAYLOAD_TAG + text.encode("ascii")).digest()
+        data = EntryData(ts_ms, kind, "", "", "", "", text, CONTROL_ACTOR, "", digest)
+        return self._seal(seq, prev_hash, data, True, signer or self.signer)
+
+    def genesis(self, ts_ms: int) -> LedgerEntry:
+        """Seq 0: the root key (ours) and the mode, signed by the root key."""
+        body = genesis_body(self.mode, self.signer.public_info())
+        return self.seal_control(0, GENESIS_HASH, ts_ms, GENESIS, body)
+
+    def rotation(
+        self, seq: int, prev_hash: bytes, ts_ms: int, new_signer: Signer
+    ) -> tuple[LedgerEntry, LedgerSealer]:
+        """The rotation entry to `new_signer`, signed by our (outgoing) key, which it retires;
+        and the sealer that signs from then on."""
+        if new_signer.key_id == self.signer.key_id:
+            raise ValueError("a rotation needs a new key")
+        body = rotation_body(new_signer.public_info(), [self.signer.key_id])
+        entry = self.seal_control(seq, prev_hash, ts_ms, ROTATION, body)
+        return entry, LedgerSealer(new_signer, self.mode)
+
+    def checkpoint(
+        self,
+        size: int,
+        head_hash: bytes,
+        ts_ms: int,
+        tree: TreeFrontier,
+        previous: Checkpoint | None,
+    ) -> Checkpoint:
+        """Sign a checkpoint at `size`, chained to the `previous` stored checkpoint."""
+        if size < 0 or len(head_hash) != 32 or tree.size != size:
+            raise ValueError("a checkpoint needs its size, a 32-byte head and the tree of size")
+        if previous is not None and previous.size >= size:
+            raise ValueError("checkpoint sizes must increase")
         self.signer.require_window(ts_ms)
-        message = Checkpoint(size, head_hash, ts_ms, self._key_id, b"").signed_message()
-        return Checkpoint(size, head_hash, ts_ms, self._key_id, self._sign(message))
+        unsigned = Checkpoint(
+            size,
+            head_hash,
+            ts_ms,
+            self._key_id,
+            b"",
+            tree.root(),
+            GENESIS_HASH if previous is None else previous.digest(),
+            tree.to_bytes(),
+        )
+        return dataclasses.replace(unsigned, signature=self._sign(unsigned.signed_message()))
 
 
 class MemoryLedger:
-    """An in-memory ledger for tests, benchmarks and the runtime's memory store."""
+    """An in-memory ledger for tests and benchmarks; it starts with its genesis entry.
 
-    __slots__ = ("_checkpoints", "_entries", "_head", "_seal", "sealer")
+    `genesis_ts_ms` defaults to the start of the signer's window (or 0).
+    """
 
-    def __init__(self, sealer: LedgerSealer) -> None:
+    __slots__ = ("_checkpoints", "_entries", "_head", "_tree", "sealer")
+
+    def __init__(self, sealer: LedgerSealer, *, genesis_ts_ms: int | None = None) -> None:
         self.sealer = sealer
-        self._seal = sealer.seal
         self._entries: list[LedgerEntry] = []
         self._checkpoints: list[Checkpoint] = []
-        self._head = GENESIS_HASH
+        self._tree = TreeFrontier()  # over the entries up to the last checkpoint
+        ts = genesis_ts_ms if genesis_ts_ms is not None else sealer.signer.valid_from_ms or 0
+        genesis = sealer.genesis(ts)
+        self._entries.append(genesis)
+        self._head = genesis.entry_hash
 
     @property
     def mode(self) -> LedgerMode:
@@ -674,27 +847,47 @@ class MemoryLedger:
         return self._head
 
     def append(self, data: EntryData) -> LedgerEntry:
-        entry = self._seal(len(self._entries), self._head, data)
+        entry = self.sealer.seal(len(self._entries), self._head, data)
         self._entries.append(entry)
         self._head = entry.entry_hash
         return entry
 
+    def rotate(self, new_signer: Signer, ts_ms: int) -> LedgerEntry:
+        """Append the rotation entry (signed by the current key) and sign with the new key."""
+        entry, self.sealer = self.sealer.rotation(len(self._entries), self._head, ts_ms, new_signer)
+        self._entries.append(entry)
+        self._head = entry.entry_hash
+        return entry
+
+    def retire(self, key_ids: list[str], ts_ms: int) -> LedgerEntry:
+        """Append a retirement entry signed by the current key."""
+        body = retirement_body(key_ids)
+        entry = self.sealer.seal_control(len(self._entries), self._head, ts_ms, RETIREMENT, body)
+        self._entries.append(entry)
+        self._head = entry.entry_hash
+        return entry
+
+    def tree(self) -> TreeFrontier:
+        return self._tree.extend(e.entry_hash for e in self._entries[self._tree.size :])
+
     def checkpoint(self, ts_ms: int) -> Checkpoint:
         """Sign the current head (once per commit batch in checkpoint mode)."""
         size = len(self._entries)
-        if self._checkpoints and self._checkpoints[-1].size == size:
-            return self._checkpoints[-1]
-        checkpoint = self.sealer.checkpoint(size, self._head, ts_ms)
+        previous = self._checkpoints[-1] if self._checkpoints else None
+        if previous is not None and previous.size == size:
+            return previous
+        self._tree = self.tree()
+        checkpoint = self.sealer.checkpoint(size, self._head, ts_ms, self._tree, previous)
         self._checkpoints.append(checkpoint)
         return checkpoint
 
     def rollback(self, size: int) -> None:
         """Drop entries from `size` on (an aborted batch); never below a signed checkpoint."""
-        signed = self._checkpoints[-1].size if self._checkpoints else 0
+        signed = self._checkpoints[-1].size if self._checkpoints else 1
         if not signed <= size <= len(self._entries):
             raise ValueError(f"cannot roll back to {size}: signed up to {signed}")
         del self._entries[size:]
-        self._head = self._entries[-1].entry_hash if self._entries else GENESIS_HASH
+        self._head = self._entries[-1].entry_hash
 
     def entries(self) -> Iterator[LedgerEntry]:
         return iter(self._entries)
@@ -706,11 +899,11 @@ class MemoryLedger:
         return (entry for entry in self._entries if entry.instance == instance)
 
     def verify(
-        self, keyring: Keyring, *, external_checkpoint: Checkpoint | None = None
+        self, root: RootLike, *, external_checkpoint: Checkpoint | None = None
     ) -> VerifyReport:
         return verify_entries(
             self._entries,
-            keyring,
+            root,
             checkpoints=self._checkpoints,
             external_checkpoint=external_checkpoint,
             mode=self.mode,
@@ -732,8 +925,13 @@ Problem = Literal[
     "unexpected_signature",
     "unknown_key",
     "key_window",
+    "key_retired",
     "bad_signature",
+    "genesis",
+    "rotation",
+    "mode_mismatch",
     "checkpoint_order",
+    "checkpoint_chain",
     "checkpoint_signature",
     "checkpoint_mismatch",
     "truncated",
@@ -743,7 +941,11 @@ Problem = Literal[
 
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
-    """The outcome: `count` entries verified; on failure the first bad seq and why."""
+    """The outcome: `count` entries verified; on failure the first bad seq and why.
+
+    `mode` is the mode the genesis entry declares, `keys` the key ids the chain introduced (the
+    root first), `missing` how many entries a newer external checkpoint proves are missing.
+    """
 
     count: int
     ok: bool
@@ -751,13 +953,20 @@ class VerifyReport:
     reason: str | None
     problem: Problem | None = None
     checkpoints: int = 0
+    mode: str | None = None
+    keys: tuple[str, ...] = ()
+    missing: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class MalformedRecord:
-    """A stored record that could not be read as an entry or checkpoint (never trusted)."""
+    """A stored record that could not be read as an entry or checkpoint (never trusted).
+
+    `size`: for an unreadable checkpoint row whose size could still be read, that size, so the
+    failure is reported where the checkpoint stands rather than where reading stopped."""
 
     reason: str
+    size: int | None = None
 
 
 class _Failure(Exception):
@@ -833,6 +1042,12 @@ def _checkpoint_shape_problem(checkpoint: object) -> str | None:
         return "key_id is not text"
     if type(checkpoint.signature) is not bytes:
         return "signature is not a blob"
+    for name in ("tree_root", "prev_checkpoint"):
+        value = getattr(checkpoint, name)
+        if type(value) is not bytes or len(value) != 32:
+            return f"{name} is not a 32-byte blob"
+    if type(checkpoint.frontier) is not bytes:
+        return "frontier is not a blob"
     if checkpoint.kind not in ("checkpoint", "entry"):
         return f"unknown checkpoint kind {checkpoint.kind!r}"
     return None
@@ -860,49 +1075,109 @@ def _describe_sequence_problem(
     return "gap", f"seq {position} is missing (the next entry has seq {seq})"
 
 
+_CHAIN_PROBLEMS: dict[str, Problem] = {
+    "genesis": "genesis",
+    "unknown_key": "unknown_key",
+    "key_window": "key_window",
+    "key_retired": "key_retired",
+    "rotation": "rotation",
+}
+
+
+def _chain_failure(error: ChainError, index: int, count: int, prefix: str = "") -> _Failure:
+    return _Failure(index, _CHAIN_PROBLEMS[error.problem], prefix + error.reason, count)
+
+
 def _verify_checkpoint_signature(
-    checkpoint: Checkpoint, keyring: Keyring, label: str, index: int, count: int
+    checkpoint: Checkpoint, chain: KeyChain, label: str, index: int, count: int, *, any_key: bool
 ) -> None:
-    trusted = keyring.get(checkpoint.key_id)
+    """Check a checkpoint's signature by a key of the chain: the key active at its size, or
+    (`any_key`, for a checkpoint beyond the ledger's end) any key the chain introduced."""
     where = f"{label} at size {checkpoint.size}"
-    if trusted is None:
-        raise _Failure(
-            index,
-            "checkpoint_signature",
-            f"{where}: signed by unknown key id {checkpoint.key_id!r}",
-            count,
-        )
-    if not trusted.info.covers(checkpoint.ts_ms):
-        raise _Failure(
-            index,
-            "checkpoint_signature",
-            f"{where}: key {checkpoint.key_id} is not valid at {checkpoint.ts_ms} ms "
-            f"(window {trusted.info.window_text()})",
-            count,
-        )
+    if any_key:
+        trusted = chain.any_introduced(checkpoint.key_id)
+        if trusted is None:
+            raise _Failure(
+                index,
+                "checkpoint_signature",
+                f"{where}: signed by key {checkpoint.key_id!r}, which this ledger's chain of "
+                "keys does not introduce (its rotation may be among the missing entries)",
+                count,
+            )
+        if not trusted.info.covers(checkpoint.ts_ms):
+            raise _Failure(
+                index,
+                "checkpoint_signature",
+                f"{where}: key {checkpoint.key_id} is not valid at {checkpoint.ts_ms} ms",
+                count,
+            )
+    else:
+        try:
+            trusted = chain.signer(index, checkpoint.key_id, checkpoint.ts_ms, where)
+        except ChainError as error:
+            raise _Failure(index, "checkpoint_signature", error.reason, count) from None
     if not trusted.verify(checkpoint.signature, checkpoint.signed_message()):
         raise _Failure(index, "checkpoint_signature", f"{where}: bad signature", count)
 
 
-class _CheckpointStream:
-    """The stored checkpoints, consumed in step with the entries (sizes strictly increasing)."""
+class _Tree:
+    """The verifier's Merkle frontier (merkle.TreeFrontier, mutable for speed)."""
 
-    __slots__ = ("_iterator", "_keyring", "next_size", "pending", "verified")
+    __slots__ = ("nodes", "size")
+
+    def __init__(self) -> None:
+        self.nodes: list[bytes] = []
+        self.size = 0
+
+    def append(self, entry: bytes) -> None:
+        node = _sha256(b"\x00" + entry).digest()
+        self.size = bits = self.size + 1
+        nodes = self.nodes
+        while not bits & 1:
+            node = _sha256(b"\x01" + nodes.pop() + node).digest()
+            bits >>= 1
+        nodes.append(node)
+
+    def root(self) -> bytes:
+        return TreeFrontier(self.size, tuple(self.nodes)).root()
+
+
+class _CheckpointStream:
+    """The stored checkpoints, consumed in step with the entries (sizes strictly increasing,
+    each chained to the one before it)."""
+
+    __slots__ = (
+        "_chain",
+        "_iterator",
+        "_previous",
+        "_tree",
+        "next_size",
+        "pending",
+        "unreadable",
+        "verified",
+    )
 
     def __init__(
-        self, checkpoints: Iterable[Checkpoint | MalformedRecord], keyring: Keyring
+        self, checkpoints: Iterable[Checkpoint | MalformedRecord], chain: KeyChain, tree: _Tree
     ) -> None:
         self._iterator = iter(checkpoints)
-        self._keyring = keyring
+        self._chain = chain
+        self._tree = tree
+        self._previous: Checkpoint | None = None
         self.next_size = -1
         self.verified = 0
         self.pending: Checkpoint | None = None
+        self.unreadable: MalformedRecord | None = None  # an unreadable row of known size
         self.advance(0)
 
     def advance(self, position: int) -> None:
         item = next(self._iterator, None)
         if item is None:
             self.pending = None
+            return
+        if isinstance(item, MalformedRecord) and item.size is not None and item.size > position:
+            # Reported when the entries reach it: an earlier bad entry is reported first.
+            self.pending, self.unreadable, self.next_size = None, item, item.size
             return
         problem = _checkpoint_shape_problem(item)
         if problem is not None:
@@ -923,21 +1198,57 @@ class _CheckpointStream:
 
     def settle(self, size: int, head: bytes) -> bool:
         """Verify every checkpoint signed at `size`; True when there was one."""
+        self.fail_if_unreadable(size)
         settled = False
         while self.pending is not None and self.pending.size == size:
-            _check_checkpoint(self.pending, self._keyring, size, head, "checkpoint")
+            checkpoint = self.pending
+            _check_checkpoint(checkpoint, self._chain, self._tree, size, head, "checkpoint")
+            self._check_link(checkpoint, size)
+            self._previous = checkpoint
             self.verified += 1
             settled = True
             self.advance(size)
         return settled
 
+    def fail_if_unreadable(self, size: int) -> None:
+        """Fail at an unreadable checkpoint row once the entries reach its size (or end)."""
+        bad = self.unreadable
+        if bad is not None and bad.size is not None and bad.size <= size:
+            index = max(bad.size - 1, 0)
+            raise _Failure(index, "malformed", f"checkpoint record: {bad.reason}", index)
+
+    def _check_link(self, checkpoint: Checkpoint, size: int) -> None:
+        previous = self._previous
+        expected = GENESIS_HASH if previous is None else previous.digest()
+        if checkpoint.prev_checkpoint == expected:
+            return
+        if previous is None:
+            reason = (
+                f"the first stored checkpoint (size {size}) was signed after an earlier "
+                "checkpoint that is missing: a checkpoint was removed"
+            )
+        else:
+            reason = (
+                f"checkpoint at size {size} was not signed right after the stored checkpoint "
+                f"at size {previous.size}: a checkpoint between them was removed"
+            )
+        raise _Failure(max(size - 1, 0), "checkpoint_chain", reason, size)
+
 
 def _check_checkpoint(
-    checkpoint: Checkpoint, keyring: Keyring, size: int, head: bytes, label: str
+    checkpoint: Checkpoint, chain: KeyChain, tree: _Tree, size: int, head: bytes, label: str
 ) -> None:
-    """Verify a checkpoint's signature and its head hash against the head seen at `size`."""
-    _verify_checkpoint_signature(checkpoint, keyring, label, max(size - 1, 0), size)
+    """Verify a checkpoint's signature, head hash and tree root against the ledger at `size`."""
+    index = max(size - 1, 0)
+    _verify_checkpoint_signature(checkpoint, chain, label, index, size, any_key=False)
     _check_head(checkpoint, size, head, label)
+    if checkpoint.kind == "checkpoint" and checkpoint.tree_root != tree.root():
+        raise _Failure(
+            index,
+            "checkpoint_mismatch",
+            f"{label} at size {size}: its Merkle tree root does not match the ledger's entries",
+            size,
+        )
 
 
 def _check_head(checkpoint: Checkpoint, size: int, head: bytes, label: str) -> None:
@@ -954,68 +1265,124 @@ def _check_head(checkpoint: Checkpoint, size: int, head: bytes, label: str) -> N
 
 def verify_entries(
     entries: Iterable[LedgerEntry | MalformedRecord],
-    keyring: Keyring,
+    root: RootLike,
     *,
     checkpoints: Iterable[Checkpoint | MalformedRecord] = (),
     external_checkpoint: Checkpoint | None = None,
     mode: LedgerMode | None = None,
+    external_label: str = "external checkpoint",
 ) -> VerifyReport:
     """Verify a ledger in one streaming pass; report the first bad sequence index and why.
 
-    Checkpoints must come in increasing size order (as stored); they are consumed in step with
-    the entries, so memory stays flat. With `mode` None each entry either carries a valid
-    signature or must be covered by a later signed checkpoint; a given mode is enforced too.
+    `root` pins the root of trust: the genesis entry's key must be it (a PublicKeyInfo, its
+    fingerprint, or a Keyring holding exactly that one key). Every other key must be introduced
+    by the chain's own rotation entries. Checkpoints must come in increasing size order (as
+    stored); they are consumed in step with the entries, so memory stays flat. `mode`, when
+    given (the store's declared mode), must match the mode the genesis entry declares.
     `count` is the number of entries that passed every per-entry check.
     """
+    chain = KeyChain(RootOfTrust.of(root))
     try:
-        return _verify(entries, keyring, checkpoints, external_checkpoint, mode)
+        return _verify(entries, chain, checkpoints, external_checkpoint, mode, external_label)
     except _Failure as failure:
-        return VerifyReport(failure.count, False, failure.index, failure.reason, failure.problem)
+        return VerifyReport(
+            failure.count,
+            False,
+            failure.index,
+            failure.reason,
+            failure.problem,
+            mode=chain.mode,
+            keys=tuple(chain.introduced),
+        )
+
+
+def _verify_control(
+    chain: KeyChain,
+    position: int,
+    kind: str,
+    entry: tuple[Any, ...],
+    computed: bytes,
+) -> None:
+    """Check a control entry (genesis, rotation, retirement) and apply it to the key chain."""
+    ts_ms, machine, instance, from_state, to_state, body = entry[1], *entry[3:8]
+    actor, event_id, payload, key_id, signature = entry[8], entry[9], entry[10], *entry[13:15]
+    if (machine, instance, from_state, to_state, event_id, actor) != (
+        "",
+        "",
+        "",
+        "",
+        "",
+        CONTROL_ACTOR,
+    ) or not isinstance(body, str):
+        raise _Failure(position, "malformed", f"a {kind} entry must hold only its body", position)
+    if not body.isascii() or payload != _sha256(PAYLOAD_TAG + body.encode()).digest():
+        raise _Failure(
+            position, "malformed", f"the {kind} entry's payload digest is not its body's", position
+        )
+    if not key_id or type(key_id) is not str or type(signature) is not bytes or not signature:
+        raise _Failure(position, "missing_signature", f"a {kind} entry must be signed", position)
+    try:
+        if kind == GENESIS:
+            trusted = chain.genesis(position, body, key_id)
+            if not trusted.info.covers(ts_ms):
+                raise ChainError(
+                    "key_window",
+                    f"root key {key_id} is not valid at {ts_ms} ms "
+                    f"(window {trusted.info.window_text()})",
+                )
+        else:
+            trusted = chain.signer(position, key_id, ts_ms, f"{kind} entry")
+    except ChainError as error:
+        raise _chain_failure(error, position, position) from None
+    if not trusted.verify(signature, SIG_TAG + computed):
+        raise _Failure(
+            position,
+            "bad_signature",
+            f"bad signature on the {kind} entry by key {key_id}"
+            + (" (a rotation must be signed by the outgoing key)" if kind == ROTATION else ""),
+            position,
+        )
+    if kind != GENESIS:
+        try:
+            chain.apply(position, kind, body)
+        except ChainError as error:
+            raise _chain_failure(error, position, position) from None
 
 
 def _verify(
     entries: Iterable[LedgerEntry | MalformedRecord],
-    keyring: Keyring,
+    chain: KeyChain,
     checkpoints: Iterable[Checkpoint | MalformedRecord],
     external: Checkpoint | None,
-    mode: LedgerMode | None,
-    start: int = 0,
-    start_head: bytes = GENESIS_HASH,
-    tail: list[Any] | None = None,
+    declared_mode: LedgerMode | None,
+    label: str,
 ) -> VerifyReport:
-    """The single pass. A seq range of a larger ledger starts at `start` on `start_head`
-    (the stored hash of entry `start - 1`) and, with `tail` given, leaves the coverage of its
-    end for `finish_ranges`: tail receives (computed head, first uncovered entry or -1,
-    whether a checkpoint settled)."""
-    if mode is not None and mode not in MODES:
-        raise _Failure(0, "malformed", f"unknown ledger mode {mode!r}", 0)
+    if declared_mode is not None and declared_mode not in MODES:
+        raise _Failure(0, "malformed", f"unknown ledger mode {declared_mode!r}", 0)
     if external is not None:
         problem = _checkpoint_shape_problem(external)
         if problem is not None:
             raise _Failure(0, "malformed", f"external checkpoint: {problem}", 0)
-        # Checked first: a forged checkpoint must not pass for evidence of truncation.
-        label, index = "external checkpoint", max(external.size - 1, 0)
-        _verify_checkpoint_signature(external, keyring, label, index, 0)
-    stream = _CheckpointStream(checkpoints, keyring)
+    tree = _Tree()
+    stream = _CheckpointStream(checkpoints, chain, tree)
     external_size = external.size if external is not None else -1
     compute = _entry_hasher()
-    kinds, sig_tag = KINDS, SIG_TAG
-    trusted_keys: dict[str, TrustedKey] = {}
-    sign_each = mode == "sign-each"
-    checkpoint_mode = mode == "checkpoint"
+    kinds, control_kinds, sig_tag = KINDS, CONTROL_KINDS, SIG_TAG
+    sign_each = checkpoint_mode = False
     uncovered_from = -1  # the first unsigned entry not yet covered by a signed checkpoint
-    head = start_head
-    position = start
+    head = GENESIS_HASH
+    position = 0
+    append_leaf = tree.append
 
     def settle(size: int) -> bool:
         covered = stream.settle(size, head)
         if size == external_size and external is not None:
-            _check_head(external, size, head, "external checkpoint")
+            _check_checkpoint(external, chain, tree, size, head, label)
             covered = True
         return covered
 
-    if settle(start):
-        uncovered_from = -1
+    if external_size == 0 or stream.next_size == 0:
+        raise _Failure(0, "malformed", "a checkpoint at size 0 covers no genesis entry", 0)
     iterator: Iterator[Any] = iter(entries)
     for entry in iterator:
         try:
@@ -1091,7 +1458,27 @@ def _verify(
             )
         if kind not in kinds:
             raise _Failure(position, "unknown_kind", f"unknown entry kind {kind!r}", position)
-        if key_id or signature:
+        if position == 0 and kind != GENESIS:
+            raise _Failure(
+                0,
+                "genesis",
+                "seq 0 is not a genesis entry: the ledger declares no root key and no mode",
+                0,
+            )
+        if kind in control_kinds:
+            _verify_control(chain, position, kind, entry, computed)
+            if position == 0:
+                sign_each = chain.mode == "sign-each"
+                checkpoint_mode = chain.mode == "checkpoint"
+                if declared_mode is not None and declared_mode != chain.mode:
+                    raise _Failure(
+                        0,
+                        "mode_mismatch",
+                        f"the store declares {declared_mode} mode, but the genesis entry "
+                        f"declares {chain.mode} mode",
+                        0,
+                    )
+        elif key_id or signature:
             if checkpoint_mode:
                 raise _Failure(
                     position,
@@ -1102,22 +1489,10 @@ def _verify(
             if type(key_id) is not str or type(signature) is not bytes:
                 reason = _shape_problem(entry) or "key_id or signature has the wrong type"
                 raise _Failure(position, "malformed", reason, position)
-            trusted = trusted_keys.get(key_id)
-            if trusted is None:
-                found = keyring.get(key_id)
-                if found is None:
-                    raise _Failure(
-                        position, "unknown_key", f"signed by unknown key id {key_id!r}", position
-                    )
-                trusted = trusted_keys[key_id] = found
-            if not trusted.info.covers(ts_ms):
-                raise _Failure(
-                    position,
-                    "key_window",
-                    f"key {key_id} is not valid at {ts_ms} ms "
-                    f"(window {trusted.info.window_text()})",
-                    position,
-                )
+            try:
+                trusted = chain.signer(position, key_id, ts_ms)
+            except ChainError as error:
+                raise _chain_failure(error, position, position) from None
             if not trusted.verify(signature, sig_tag + computed):
                 raise _Failure(
                     position, "bad_signature", f"bad signature by key {key_id}", position
@@ -1132,31 +1507,43 @@ def _verify(
         elif uncovered_from < 0:
             uncovered_from = position
         head = computed
+        append_leaf(computed)
         position += 1
         if (position == stream.next_size or position == external_size) and settle(position):
             uncovered_from = -1
 
+    if position == 0:
+        raise _Failure(0, "genesis", "the ledger is empty: it has no genesis entry", 0)
+    if stream.unreadable is not None:
+        stream.fail_if_unreadable(stream.next_size)
     if stream.pending is not None:
         # Only a validly signed checkpoint is evidence that entries are missing.
-        _verify_checkpoint_signature(stream.pending, keyring, "checkpoint", position, position)
+        pending = stream.pending
+        _verify_checkpoint_signature(pending, chain, "checkpoint", position, position, any_key=True)
         raise _Failure(
             position,
             "truncated",
-            f"truncated: a checkpoint is signed at size {stream.pending.size}, "
-            f"but the ledger ends after {position} entries",
+            f"truncated: a checkpoint is signed at size {pending.size}, but the ledger ends "
+            f"after {position} entries ({_missing(pending.size - position)})",
             position,
         )
-    if external_size > position:
-        raise _Failure(
+    if external is not None and external_size > position:
+        _verify_checkpoint_signature(
+            external, chain, label, external_size - 1, position, any_key=True
+        )
+        missing = external_size - position
+        return VerifyReport(
             position,
+            False,
+            position,
+            f"truncated: the {label} is signed at size {external_size}, but the "
+            f"ledger ends after {position} entries ({_missing(missing)})",
             "truncated",
-            f"truncated: the external checkpoint is signed at size {external_size}, "
-            f"but the ledger ends after {position} entries",
-            position,
+            stream.verified,
+            chain.mode,
+            tuple(chain.introduced),
+            missing,
         )
-    if tail is not None:
-        tail.extend((head, uncovered_from, stream.verified > 0))
-        return VerifyReport(position, True, None, None, None, stream.verified)
     if uncovered_from >= 0:
         raise _Failure(
             uncovered_from,
@@ -1164,7 +1551,13 @@ def _verify(
             f"entries {uncovered_from}..{position - 1} are not covered by a signed checkpoint",
             position,
         )
-    return VerifyReport(position, True, None, None, None, stream.verified)
+    return VerifyReport(
+        position, True, None, None, None, stream.verified, chain.mode, tuple(chain.introduced)
+    )
+
+
+def _missing(count: int) -> str:
+    return f"{count} entr{'y is' if count == 1 else 'ies are'} missing"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1206,6 +1599,8 @@ def _entry_from_json(doc: object) -> LedgerEntry | str:
 
 
 def _checkpoint_from_row(row: tuple[Any, ...]) -> Checkpoint | MalformedRecord:
+    if len(row) != len(CHECKPOINT_COLUMNS):
+        return MalformedRecord(f"checkpoint row has {len(row)} columns")
     checkpoint = Checkpoint(*row)
     problem = _checkpoint_shape_problem(checkpoint)
     if problem is not None:
@@ -1259,16 +1654,21 @@ class LedgerSource:
         return self._jsonl_checkpoints()
 
     def verify(
-        self, keyring: Keyring, *, external_checkpoint: Checkpoint | None = None
+        self,
+        root: RootLike,
+        *,
+        external_checkpoint: Checkpoint | None = None,
+        external_label: str = "external checkpoint",
     ) -> VerifyReport:
         if self.mode_problem is not None:
-            return VerifyReport(0, False, 0, self.mode_problem, "malformed")
+            return VerifyReport(0, False, 0, self.mode_problem, "mode_mismatch")
         return verify_entries(
             self.entries(),
-            keyring,
+            root,
             checkpoints=self.checkpoints(),
             external_checkpoint=external_checkpoint,
             mode=self.mode,
+            external_label=external_label,
         )
 
     def last_entry(self) -> LedgerEntry | MalformedRecord | None:
@@ -1295,7 +1695,7 @@ class LedgerSource:
             raise _unreadable_tail(MalformedRecord(problem))
         if last is not None and last.signature and (stored is None or stored.size <= last.seq):
             return Checkpoint(
-                last.seq + 1, last.entry_hash, last.ts_ms, last.key_id, last.signature, "entry"
+                last.seq + 1, last.entry_hash, last.ts_ms, last.key_id, last.signature, kind="entry"
             )
         if stored is None:
             raise LedgerVerificationError(
@@ -1318,18 +1718,11 @@ class LedgerSource:
         return last
 
     @staticmethod
-    def _sqlite_entries(
-        connection: sqlite3.Connection, where: str = "", bounds: tuple[int, ...] = ()
-    ) -> Iterator[LedgerEntry | MalformedRecord]:
+    def _sqlite_entries(connection: sqlite3.Connection) -> Iterator[LedgerEntry | MalformedRecord]:
         new, entry_type = _new_entry, LedgerEntry
         last_seq: int | None = None
-        select = (
-            SELECT_ENTRIES_SQL.replace(" ORDER BY", f" {where} ORDER BY")
-            if where
-            else (SELECT_ENTRIES_SQL)
-        )
         try:
-            for row in connection.execute(select, bounds):
+            for row in connection.execute(SELECT_ENTRIES_SQL):
                 last_seq = row[0]
                 yield new(entry_type, row)
         except sqlite3.Error as exc:
@@ -1359,18 +1752,35 @@ class LedgerSource:
 
     @staticmethod
     def _sqlite_checkpoints(
-        connection: sqlite3.Connection, where: str = "", bounds: tuple[int, ...] = ()
+        connection: sqlite3.Connection,
     ) -> Iterator[Checkpoint | MalformedRecord]:
-        select = (
-            SELECT_CHECKPOINTS_SQL.replace(" ORDER BY", f" {where} ORDER BY")
-            if where
-            else (SELECT_CHECKPOINTS_SQL)
-        )
+        last_size: int | None = None
         try:
-            for row in connection.execute(select, bounds):
+            for row in connection.execute(SELECT_CHECKPOINTS_SQL):
+                last_size = row[0]
                 yield _checkpoint_from_row(row)
         except sqlite3.Error as exc:
-            yield MalformedRecord(f"checkpoint row cannot be read: {exc}")
+            # As for entries: the cursor reads one row ahead, so the error may belong to the
+            # row after the one it was handing out. Read that row alone to tell which, and
+            # the unreadable row's size (an integer, readable when its text is not), so the
+            # failure is reported where that checkpoint stands.
+            error: sqlite3.Error = exc
+            after = -1 if last_size is None else last_size
+            try:
+                row = connection.execute(_SELECT_NEXT_CHECKPOINT_SQL, (after,)).fetchone()
+            except sqlite3.Error as again:
+                error = again
+            else:
+                if row is not None:
+                    yield _checkpoint_from_row(row)
+                    after = row[0]
+            try:
+                found = connection.execute(_SELECT_NEXT_CHECKPOINT_SIZE_SQL, (after,)).fetchone()
+            except sqlite3.Error:
+                found = None
+            size = found[0] if found is not None and type(found[0]) is int else None
+            where = "" if size is None else f" (size {size})"
+            yield MalformedRecord(f"checkpoint row{where} cannot be read: {error}", size)
 
     def _jsonl_lines(self) -> Iterator[tuple[int, bytes]]:
         try:
@@ -1442,6 +1852,11 @@ def _open_sqlite(path: Path) -> LedgerSource:
                     mode = cast(LedgerMode, row[0])
                 else:
                     mode_problem = f"ledger_meta holds unknown mode {row[0]!r}"
+        if mode is None and mode_problem is None:
+            mode_problem = (
+                "the store's ledger_meta table holds no mode row, which every store that keeps a "
+                "ledger writes with its genesis entry (was it deleted?)"
+            )
         connection.execute("SELECT 1 FROM ledger LIMIT 1").fetchall()
     except sqlite3.OperationalError as exc:  # locked, busy, cannot open
         connection.close()
@@ -1507,92 +1922,15 @@ def read_ledger(path: str | os.PathLike[str]) -> LedgerSource:
     return _open_jsonl(file, first_line)
 
 
-@dataclass(frozen=True)
-class RangeResult:
-    """What `verify_range` found in one seq range of a SQLite ledger."""
-
-    first: int
-    start_head: bytes
-    report: VerifyReport
-    head: bytes  # the computed hash of its last entry
-    uncovered_from: int  # its first unsigned entry after its last checkpoint, or -1
-    settled: bool  # a checkpoint was verified in it
-
-
-def verify_range(
-    connection: sqlite3.Connection,
-    keyring: Keyring,
-    mode: LedgerMode | None,
-    first: int,
-    end: int | None,
-) -> RangeResult:
-    """Verify the entries with seq in [first, end) (from seq 0: every seq below `end`; `end`
-    None: to the last) and the checkpoints of sizes in (first, end], starting on the stored
-    hash of entry `first - 1`, which the range before verifies."""
-    start_head = GENESIS_HASH
-    if first > 0:
-        row = connection.execute("SELECT entry_hash FROM ledger WHERE seq = ?", (first - 1,))
-        stored = row.fetchone()
-        start_head = stored[0] if stored is not None and isinstance(stored[0], bytes) else b""
-    seqs, sizes, bounds = [], [], []
-    if first > 0:
-        seqs.append("seq >= ?")
-        sizes.append("size > ?")
-        bounds.append(first)
-    if end is not None:
-        seqs.append("seq < ?")
-        sizes.append("size <= ?")
-        bounds.append(end)
-    entries = LedgerSource._sqlite_entries(
-        connection, "WHERE " + " AND ".join(seqs) if seqs else "", tuple(bounds)
-    )
-    checkpoints = LedgerSource._sqlite_checkpoints(
-        connection, "WHERE " + " AND ".join(sizes) if sizes else "", tuple(bounds)
-    )
-    tail: list[Any] = []
-    try:
-        report = _verify(entries, keyring, checkpoints, None, mode, first, start_head, tail)
-    except _Failure as failure:
-        report = VerifyReport(failure.count, False, failure.index, failure.reason, failure.problem)
-        return RangeResult(first, start_head, report, b"", -1, False)
-    head, uncovered_from, settled = tail
-    return RangeResult(first, start_head, report, head, uncovered_from, settled)
-
-
-def finish_ranges(results: Sequence[RangeResult]) -> VerifyReport | None:
-    """Join ranges verified apart: the report of the whole ledger when every range passed and
-    they join (each starts where the one before ended, on the hash it computed, and the tail
-    is covered by a signed checkpoint); None when the caller must verify in one pass to name
-    the first failure exactly as that pass does."""
-    ordered = sorted(results, key=lambda r: r.first)
-    for before, after in itertools.pairwise(ordered):
-        if not before.report.ok or before.report.count != after.first:
-            return None
-        if before.head != after.start_head:
-            return None
-    if not ordered[-1].report.ok:
-        return None
-    uncovered = -1
-    for result in reversed(ordered):
-        if result.uncovered_from >= 0:
-            uncovered = result.uncovered_from
-        if result.settled:
-            break
-    if uncovered >= 0:
-        return None
-    checkpoints = sum(r.report.checkpoints for r in ordered)
-    return VerifyReport(ordered[-1].report.count, True, None, None, None, checkpoints)
-
-
 def verify_ledger(
     path: str | os.PathLike[str],
-    keyring: Keyring,
+    root: RootLike,
     *,
     external_checkpoint: Checkpoint | None = None,
 ) -> VerifyReport:
-    """Verify a stored ledger file (SQLite store or JSON Lines export)."""
+    """Verify a stored ledger file (SQLite store or JSON Lines export) from its pinned root."""
     with read_ledger(path) as source:
-        return source.verify(keyring, external_checkpoint=external_checkpoint)
+        return source.verify(root, external_checkpoint=external_checkpoint)
 
 
 def write_jsonl(

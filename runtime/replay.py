@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from .errors import StoreIntegrityError, UnknownInstance
-from .keys import Keyring
-from .ledger import LedgerEntry, LedgerMode, VerifyReport, verify_entries
+from .ledger import LedgerEntry, LedgerMode, RootLike, VerifyReport, verify_entries
 from .results import ReplayedState
 from .sealing import _verify_stored_entry
 from .store.base import Snapshot, Store, Transaction
@@ -70,11 +69,11 @@ def replay(
     return ReplayedState(machine, instance, state, version, last_seq, snapshot_version, replayed)
 
 
-def verify(store: Store, keyring: Keyring, mode: LedgerMode | None) -> VerifyReport:
-    """Verify the whole stored ledger (every entry, checkpoint and signature)."""
+def verify(store: Store, root: RootLike, mode: LedgerMode | None) -> VerifyReport:
+    """Verify the whole stored ledger (every entry, checkpoint and signature) from `root`."""
     return verify_entries(
         store.ledger_entries(),
-        keyring,
+        root,
         checkpoints=store.checkpoints(),
         mode=mode,
     )

@@ -12,11 +12,19 @@ from types import MappingProxyType
 from typing import Any, TypeVar, cast
 
 from .bindings import bind
+from .checkpointing import CheckpointKeeper, WitnessPolicy, check_signer_is_active
 from .commit import AsyncBatcher, GroupCommit
 from .dispatch import Governor
-from .errors import NestedDispatch, StoreConfigError, UnknownMachine
-from .keys import Keyring
-from .ledger import Checkpoint, EntryData, LedgerEntry, LedgerSealer, VerifyReport
+from .errors import (
+    NestedDispatch,
+    StoreConfigError,
+    StoreIntegrityError,
+    UnknownMachine,
+    WitnessError,
+)
+from .inputs import DEFAULT_LIMITS, InputLimits, check_identifier
+from .keys import Signer
+from .ledger import Checkpoint, EntryData, LedgerEntry, LedgerSealer, RootLike, VerifyReport
 from .outbox import deliver_outbox, mark
 from .replay import replay, verify
 from .resilience.breaker import BreakerChange
@@ -28,6 +36,7 @@ from .store.memory import MemoryStore
 from .tables import MachineSpec
 from .timer_firing import fire_due, next_deadline
 from .timers import Clock, SystemClock
+from .witness import Witness
 
 T = TypeVar("T")
 
@@ -51,6 +60,12 @@ class Runtime:
     `snapshot_every`: store a snapshot of an instance every N versions.
     `dedup_retention_ms`: processed event ids and idempotency keys older than this are
     forgotten by `purge_expired`.
+
+    The ledger: a new store's first entry is the genesis entry (the signer's key as the root,
+    the mode); an existing ledger is opened only with a key its chain of keys holds active
+    (`rotate_key` writes a rotation). `witnesses` receive signed checkpoints outside the
+    database as `witness_policy` says (see runtime/checkpointing.py). `limits` bound payload
+    size and nesting (runtime/inputs.py).
     """
 
     def __init__(
@@ -65,7 +80,14 @@ class Runtime:
         dedup_retention_ms: int = 7 * DAY_MS,
         timer_actor: str = TIMER_ACTOR,
         max_batch: int = 512,
+        witnesses: Sequence[Witness] = (),
+        witness_policy: WitnessPolicy | None = None,
+        limits: InputLimits = DEFAULT_LIMITS,
     ) -> None:
+        check_identifier("timer actor", timer_actor)
+        if witnesses and sealer is None:
+            raise ValueError("witnesses keep signed checkpoints: pass a sealer too")
+        self._limits = limits
         self._store: Store = MemoryStore() if store is None else store
         self._memory = self._store if isinstance(self._store, MemoryStore) else None
         if checkpoint_every is None:
@@ -102,6 +124,7 @@ class Runtime:
         # Breaker moves seen while actions ran, written to the ledger after their unit of work.
         self._breaker_moves: deque[tuple[str, BreakerChange]] = deque()
         self._policies = ActionPolicies(self._clock, self._note_breaker_move)
+        self._keeper = CheckpointKeeper(self._store, witnesses, witness_policy)
         recorded = self._store.ledger_mode()
         if sealer is None and recorded is not None:
             raise StoreConfigError(
@@ -120,6 +143,46 @@ class Runtime:
                 )
             last = self._store.checkpoints()[-1:] if self._memory is not None else []
             self._covered = last[0].size if last else 0
+            if self._store.ledger_entry(0) is None:
+                self._write_genesis(sealer)
+            else:
+                check_signer_is_active(self._store, sealer)
+
+    def _write_genesis(self, sealer: LedgerSealer) -> None:
+        def work(txn: Transaction, chain: _Chain) -> None:
+            chain.load(txn)
+            if chain.next_seq != 0:
+                return  # another process wrote it first
+            entry = sealer.genesis(self._clock.now_ms())
+            txn.append_ledger(entry)
+            chain.advance(entry)
+
+        self._submit(work)
+
+    def rotate_key(self, new_signer: Signer) -> LedgerEntry:
+        """Rotate the ledger to `new_signer`: a rotation entry introducing its public key and
+        window, signed by the current (outgoing) key, which it retires. Entries after it are
+        signed (and checkpoints countersigned) by the new key only."""
+        old = self._sealer
+        if old is None:
+            raise StoreConfigError("this runtime keeps no ledger, so it has no key to rotate")
+
+        def work(txn: Transaction, chain: _Chain) -> LedgerEntry:
+            chain.load(txn)
+            if chain.next_seq == 0:
+                raise StoreIntegrityError("the ledger has no genesis entry to rotate from")
+            entry, new = old.rotation(chain.next_seq, chain.head, self._clock.now_ms(), new_signer)
+            txn.append_ledger(entry)
+            chain.advance(entry)
+            # The checkpoint over this batch is signed after the rotation: by the new key.
+            self._sealer = new
+            return entry
+
+        try:
+            return self._submit(work)
+        except BaseException:
+            self._sealer = old
+            raise
 
     # -- governors -----------------------------------------------------------------------------
 
@@ -230,8 +293,10 @@ class Runtime:
         chain = self._chain
         chain.loaded = False
         chain.appended = 0  # `finish` looks at what this commit appended
+        chain.hashes = []
         value = work(memory, chain, *arguments)
         chain.finish(memory)
+        self._keeper.committed(chain.hashes, self._clock.now_ms())
         return value
 
     async def _submit_async(self, work: Callable[[Transaction, _Chain], T]) -> T:
@@ -277,20 +342,27 @@ class Runtime:
         def unit(work: Callable[[Transaction, _Chain], object]) -> Callable[[Transaction], object]:
             def run(txn: Transaction) -> object:
                 saved = (chain.next_seq, chain.head, chain.appended, chain.loaded)
+                hashes = len(chain.hashes)
                 try:
                     return work(txn, chain)
                 except BaseException:
                     # The store rolls this unit back; so does the chain.
                     chain.next_seq, chain.head, chain.appended, chain.loaded = saved
+                    del chain.hashes[hashes:]
                     raise
 
             return run
 
         self._working_thread = threading.get_ident()
         try:
-            return self._store.run([unit(w) for w in works], before_commit=chain.finish)
+            outcomes = self._store.run([unit(w) for w in works], before_commit=chain.finish)
+        except BaseException:
+            self._keeper.failed()
+            raise
         finally:
             self._working_thread = None
+        self._keeper.committed(chain.hashes, self._clock.now_ms())
+        return outcomes
 
     # -- timers, outbox ------------------------------------------------------------------------
 
@@ -329,9 +401,10 @@ class Runtime:
         return self._submit(work)
 
     def checkpoint(self) -> Checkpoint | None:
-        """Sign a checkpoint over every entry now (checkpoint mode); None if nothing is new."""
+        """Sign a checkpoint over every entry now (checkpoint mode, or any mode with
+        witnesses, which receive it as the policy says); None if nothing is new."""
         sealer = self._sealer
-        if sealer is None or sealer.mode != "checkpoint":
+        if sealer is None or (sealer.mode != "checkpoint" and not self._keeper.witnesses):
             return None
 
         def work(txn: Transaction, chain: _Chain) -> Checkpoint | None:
@@ -339,13 +412,19 @@ class Runtime:
             last = txn.last_checkpoint()
             if chain.next_seq == 0 or (last is not None and last.size >= chain.next_seq):
                 return None
-            signed = sealer.checkpoint(chain.next_seq, chain.head, self._clock.now_ms())
-            txn.add_checkpoint(signed)
+            signed = self._keeper.sign(
+                txn, sealer, chain.next_seq, chain.head, [], self._clock.now_ms()
+            )
             self._covered = chain.next_seq
             self._uncovered_since = None
             return signed
 
         return self._submit(work)
+
+    @property
+    def witness_errors(self) -> list[WitnessError]:
+        """The witnesses that refused the last publication (retried with the next one)."""
+        return list(self._keeper.witness_errors)
 
     def replay(self, machine: str, instance: str, *, use_snapshot: bool = True) -> ReplayedState:
         """Rebuild an instance's state from its ledger entries, from its latest snapshot on
@@ -353,10 +432,11 @@ class Runtime:
         against its hash, and each must start where the previous one ended."""
         return replay(self._store, machine, instance, use_snapshot=use_snapshot)
 
-    def verify(self, keyring: Keyring) -> VerifyReport:
-        """Verify the whole stored ledger (every entry, checkpoint and signature)."""
+    def verify(self, root: RootLike) -> VerifyReport:
+        """Verify the whole stored ledger (every entry, checkpoint and signature) from the
+        pinned `root` (see ledger.verify_entries)."""
         mode = self._sealer.mode if self._sealer is not None else self._store.ledger_mode()
-        return verify(self._store, keyring, mode)
+        return verify(self._store, root, mode)
 
     def ledger(self) -> Iterator[LedgerEntry]:
         return self._store.ledger_entries()
@@ -365,8 +445,9 @@ class Runtime:
         """Sign the remaining entries (checkpoint mode), then close the store (also when the
         signing fails, for example on a ledger that no longer verifies: that error is raised)."""
         try:
-            if self._sealer is not None and self._sealer.mode == "checkpoint":
+            if self._sealer is not None:
                 self.checkpoint()
+                self._keeper.flush()
         finally:
             if self._executor is not None:
                 self._executor.shutdown()

@@ -7,7 +7,9 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from .checkpointing import check_signer_is_active
 from .errors import StoreIntegrityError
+from .keychain import CONTROL_KINDS
 from .ledger import GENESIS_HASH, EntryData, LedgerEntry, entry_hash
 from .store.base import Transaction
 
@@ -23,7 +25,7 @@ class _Chain:
     """Where the next ledger entry goes: the head is read inside the transaction and verified
     before anything is chained on it (a store could hand back a modified row)."""
 
-    __slots__ = ("appended", "head", "loaded", "next_seq", "runtime")
+    __slots__ = ("appended", "hashes", "head", "loaded", "next_seq", "runtime")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -31,6 +33,7 @@ class _Chain:
         self.next_seq = 0
         self.head = GENESIS_HASH
         self.appended = 0
+        self.hashes: list[bytes] = []  # this transaction's entry hashes, for the Merkle tree
 
     def load(self, txn: Transaction) -> None:
         runtime = self.runtime
@@ -42,6 +45,11 @@ class _Chain:
             if stored is not known and stored != known:
                 _verify_stored_entry(stored, "ledger head")
                 self._check_checkpoint(txn, stored)
+                # Another writer moved the head: the tree must be reloaded, and a rotation it
+                # wrote may have retired this runtime's key.
+                runtime._keeper.invalidate()
+                if stored.kind in CONTROL_KINDS and runtime._sealer is not None:
+                    check_signer_is_active(runtime._store, runtime._sealer)
                 runtime._verified_head = stored
             self.next_seq, self.head = stored.seq + 1, stored.entry_hash
         if stored is None:
@@ -76,35 +84,44 @@ class _Chain:
             self.load(txn)
         sealer = self.runtime._sealer
         assert sealer is not None
+        if self.next_seq == 0:
+            raise StoreIntegrityError(
+                "the store's ledger has no genesis entry, so nothing can be chained on it",
+                hint="the ledger table was emptied; restore it from a backup",
+            )
         return sealer.seal(self.next_seq, self.head, data)
 
     def advance(self, entry: LedgerEntry) -> None:
         self.next_seq = entry.seq + 1
         self.head = entry.entry_hash
         self.appended += 1
+        self.hashes.append(entry.entry_hash)
         self.runtime._verified_head = entry
 
     def finish(self, txn: Transaction) -> None:
         """Before commit, in checkpoint mode: sign a checkpoint over everything appended so
         far once `checkpoint_every` entries are uncovered, or once entries have been
-        uncovered for `checkpoint_ms` (measured from the commit that first left some)."""
+        uncovered for `checkpoint_ms` (measured from the commit that first left some). In
+        either mode, also when a witness publication is due (runtime/checkpointing.py)."""
         runtime = self.runtime
         sealer = runtime._sealer
-        if sealer is None or sealer.mode != "checkpoint" or not self.appended:
+        if sealer is None or not self.appended:
             return
         if self.next_seq <= runtime._covered:  # signed meanwhile (Runtime.checkpoint)
             self.appended = 0
             return
         now = runtime._clock.now_ms()
-        if self.next_seq - runtime._covered < runtime._checkpoint_every:
-            since = runtime._uncovered_since
-            if since is None:
-                runtime._uncovered_since = now
+        if not runtime._keeper.publication_due(now):
+            if sealer.mode != "checkpoint":
                 return
-            if now - since < runtime._checkpoint_ms:
-                return
-        checkpoint = sealer.checkpoint(self.next_seq, self.head, now)
-        txn.add_checkpoint(checkpoint)
+            if self.next_seq - runtime._covered < runtime._checkpoint_every:
+                since = runtime._uncovered_since
+                if since is None:
+                    runtime._uncovered_since = now
+                    return
+                if now - since < runtime._checkpoint_ms:
+                    return
+        runtime._keeper.sign(txn, sealer, self.next_seq, self.head, self.hashes, now)
         runtime._covered = self.next_seq
         runtime._uncovered_since = None
         self.appended = 0

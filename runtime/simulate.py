@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import difflib
+import hashlib
 import importlib
 import importlib.util
 import re
@@ -51,7 +52,8 @@ from .errors import (
     RuntimeFailure,
     failure_diagnostic,
 )
-from .keys import Keyring, Signer
+from .inputs import payload_error_message
+from .keys import Signer
 from .ledger import LedgerEntry, LedgerSealer
 from .results import DispatchResult, TimerFiring
 from .runtime import Runtime
@@ -63,6 +65,7 @@ __all__ = ["ScriptError", "load_machine", "run_simulation"]
 
 DEFAULT_START = "2026-01-01T00:00:00Z"
 GENERATED_PACKAGE = "autonomic.generated"
+_SIMULATION_SEED = hashlib.sha256(b"autonomic simulate: a throwaway, public key").digest()
 STEP_KEYS = frozenset(
     {"dispatch", "advance", "payload", "actor", "event_id", "idempotency_key", "guards", "expect"}
 )
@@ -395,7 +398,8 @@ def _payload_problem(
         return reader.fail(
             where,
             "S008",
-            f"invalid payload for {spec.name}.{event}: field '{field}': {error['msg']}",
+            f"invalid payload for {spec.name}.{event}: field '{field}': "
+            f"{payload_error_message(error)}",
             f"{event} takes: {fields}; add `expect: rejected` to send a bad payload on purpose",
         )
     return None
@@ -731,7 +735,9 @@ def _run_advance(
 
 def _simulate(spec: MachineSpec, script: Script, out: IO[str], err: IO[str]) -> int:
     """Run the steps; returns the number of failed expectations (each also reported)."""
-    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    # A fixed, publicly known key: the trace (whose hashes the genesis entry's key feeds) is
+    # deterministic, and a simulation's ledger is never evidence of anything.
+    signer = Signer.from_private_key(Ed25519PrivateKey.from_private_bytes(_SIMULATION_SEED))
     clock = VirtualClock(script.start_ms)
     runtime = Runtime(MemoryStore(), clock=clock, sealer=LedgerSealer(signer, "checkpoint"))
     recorder = _Recorder(dict(script.guards))
@@ -801,7 +807,7 @@ def _simulate(spec: MachineSpec, script: Script, out: IO[str], err: IO[str]) -> 
                 else f"{message.target_machine} {message.target_instance}"
             )
             trace.line(f"{message.kind} {target}", 1)
-    report = runtime.verify(Keyring([signer.public_info()]))
+    report = runtime.verify(signer.public_info())
     if not report.ok:
         trace.line(f"ledger verification FAILED at seq {report.index}: {report.reason}")
         return failures + 1

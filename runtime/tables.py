@@ -14,15 +14,29 @@ runtime's classes for the type checker only, so this module imports nothing of t
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _datetime
 import decimal as _decimal
 import enum
+import re
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, ClassVar, Generic, Literal, NamedTuple, TypedDict, TypeVar, cast
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Generic,
+    Literal,
+    NamedTuple,
+    TypedDict,
+    TypeVar,
+    cast,
+)
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from typing_extensions import TypeVar as DefaultedTypeVar
 
 if TYPE_CHECKING:
@@ -83,10 +97,70 @@ class GovernorEnum(enum.StrEnum):
     """Base of generated State and Event enums: members are their own string values."""
 
 
-class Payload(BaseModel):
-    """Base of generated event payload models: strict about unknown fields, immutable."""
+def _text_kind(annotation: object) -> type | None:
+    """Decimal or datetime when a field of that type (or an optional one) is annotated."""
+    if annotation is _decimal.Decimal or annotation is _datetime.datetime:
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for member in typing.get_args(annotation):
+            found = _text_kind(member)
+            if found is not None:
+                return found
+    return None
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+
+class Payload(BaseModel):
+    """Base of generated event payload models: strict, no unknown fields, immutable.
+
+    A payload goes into a signed ledger, so it must mean exactly what it says: validation is
+    pydantic's strict mode, with two documented text forms for the types JSON lacks.
+
+    - str: a string. int: an integer (never a bool, a float or a numeric string).
+    - bool: true or false (never "no", 0 or 1). Literal choices: one of the exact strings.
+    - Decimal: a Decimal, an integer, or a string in decimal notation ("12.50"); never a
+      float, whose binary value is not the decimal the sender wrote; never NaN or Infinity.
+    - datetime: a datetime, or an ISO 8601 string ("2025-01-31T09:30:00+00:00", "...Z").
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    # Per class: the fields holding a Decimal or a datetime (found once, on first validation).
+    _text_fields: ClassVar[dict[type[BaseModel], dict[str, type]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data: Any) -> Any:
+        fields = Payload._text_fields.get(cls)
+        if fields is None:
+            fields = {
+                name: kind
+                for name, info in cls.model_fields.items()
+                if (kind := _text_kind(info.annotation)) is not None
+            }
+            Payload._text_fields[cls] = fields
+        if not fields or not isinstance(data, Mapping):
+            return data
+        converted = dict(data)
+        for name, kind in fields.items():
+            value = converted.get(name)
+            if kind is _decimal.Decimal:
+                converted[name] = _decimal_from(value)
+            elif type(value) is str:
+                # Text that is no ISO 8601 time stays text: strict validation rejects it.
+                with contextlib.suppress(ValueError):
+                    converted[name] = _datetime.datetime.fromisoformat(value)
+        return converted
+
+
+_DECIMAL_TEXT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def _decimal_from(value: object) -> object:
+    """A Decimal from an integer or decimal text; anything else unchanged (strict rejects it)."""
+    if type(value) is int:
+        return _decimal.Decimal(value)
+    if type(value) is str and _DECIMAL_TEXT.fullmatch(value):
+        return _decimal.Decimal(value)
+    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ change such a file through SQL (the tamper, ledger and audit CLI tests share the
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 from autonomic.runtime.ledger import (
@@ -12,16 +13,25 @@ from autonomic.runtime.ledger import (
     META_MODE_KEY,
     SCHEMA_SQL,
     SET_META_SQL,
+    Checkpoint,
+    LedgerEntry,
+    LedgerMode,
     MemoryLedger,
 )
 
 
 def write_sqlite_ledger(path: Path, ledger: MemoryLedger) -> Path:
+    return write_sqlite_rows(path, list(ledger.entries()), list(ledger.checkpoints()), ledger.mode)
+
+
+def write_sqlite_rows(
+    path: Path, entries: Sequence[LedgerEntry], checkpoints: Sequence[Checkpoint], mode: LedgerMode
+) -> Path:
     with sqlite3.connect(path) as connection:
         connection.executescript(SCHEMA_SQL)
-        connection.executemany(INSERT_ENTRY_SQL, ledger.entries())
-        connection.executemany(INSERT_CHECKPOINT_SQL, [c.as_row() for c in ledger.checkpoints()])
-        connection.execute(SET_META_SQL, (META_MODE_KEY, ledger.mode))
+        connection.executemany(INSERT_ENTRY_SQL, entries)
+        connection.executemany(INSERT_CHECKPOINT_SQL, [c.as_row() for c in checkpoints])
+        connection.execute(SET_META_SQL, (META_MODE_KEY, mode))
     connection.close()
     return path
 

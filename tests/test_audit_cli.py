@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import sqlite3
 import stat
@@ -24,6 +25,8 @@ from autonomic.runtime.ledger import (
     MemoryLedger,
     payload_digest,
 )
+from autonomic.runtime.runtime import Runtime
+from autonomic.runtime.store.sqlite import SQLiteStore
 from ledger_files import run_sql, write_sqlite_ledger
 
 T0 = int(datetime(2025, 1, 1, tzinfo=UTC).timestamp() * 1000)
@@ -37,8 +40,8 @@ def _keygen(folder: Path) -> tuple[Signer, Path]:
 
 
 def _store(path: Path, signer: Signer, mode: LedgerMode, actor: str = "ops") -> Path:
-    ledger = MemoryLedger(LedgerSealer(signer, mode))
-    for number in range(SIZE):
+    ledger = MemoryLedger(LedgerSealer(signer, mode), genesis_ts_ms=T0)
+    for number in range(1, SIZE):  # seq 0 is the genesis entry
         ledger.append(
             EntryData(
                 ts_ms=T0 + 60_000 * number,
@@ -105,23 +108,44 @@ def test_keygen_rejects_a_bad_time_as_a_usage_error(
     assert not (tmp_path / "k").exists()
 
 
-def test_keygen_rotation_retires_the_old_key(
+def test_keygen_rotation_writes_the_chain_entry_and_retires_the_old_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, old_public = _keygen(tmp_path / "old")
-    code, out, _ = _run(
-        capsys,
-        "keygen",
-        str(tmp_path / "new"),
-        "--valid-from",
-        "2025-02-01T00:00:00+00:00",
-        "--retire",
-        str(old_public),
-    )
-    assert code == 0
-    rotation = int(datetime(2025, 2, 1, tzinfo=UTC).timestamp() * 1000)
-    assert json.loads(old_public.read_text())["valid_until_ms"] == rotation
-    assert "retired: valid until 2025-02-01T00:00:00.000Z" in out
+    old, old_public = _keygen(tmp_path / "old")
+    store = tmp_path / "store.db"
+    Runtime(SQLiteStore(store), sealer=LedgerSealer(old, "checkpoint")).close()  # its genesis
+    new_dir = tmp_path / "new"
+    with pytest.raises(SystemExit) as caught:  # a rotation needs its ledger entry
+        main(["keygen", str(new_dir), "--retire", str(old_public)])
+    assert caught.value.code == 2 and "--ledger" in capsys.readouterr().err
+    assert not new_dir.exists()
+    argv = ["keygen", str(new_dir), "--retire", str(old_public), "--ledger", str(store)]
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    new = load_signer(new_dir)
+    assert f"{store}: rotation entry seq 1 introduces key {new.key_id}" in out
+    # The old key's window closes just after the rotation entry it signed.
+    with sqlite3.connect(store) as connection:
+        (rotated_at,) = connection.execute("SELECT ts_ms FROM ledger WHERE seq = 1").fetchone()
+    connection.close()
+    assert json.loads(old_public.read_text())["valid_until_ms"] == rotated_at + 1
+    assert "retired: valid until " in out
+    # Pinned to the old (root) key, the ledger follows the rotation to the new key.
+    code, out, _ = _run(capsys, "audit", "verify", str(store), "--public-key", str(old_public))
+    assert code == 0 and f"keys {old.key_id} -> {new.key_id}" in out, out
+    with sqlite3.connect(store) as connection:
+        kind, key_id = connection.execute(
+            "SELECT kind, key_id FROM ledger WHERE seq = 1"
+        ).fetchone()
+        signer_of_last = connection.execute(
+            "SELECT key_id FROM ledger_checkpoints ORDER BY size DESC LIMIT 1"
+        ).fetchone()
+    connection.close()
+    assert (kind, key_id, signer_of_last) == ("key_rotation", old.key_id, (new.key_id,))
+    # The new key's file alone is no root: the genesis entry names the old key.
+    new_public = str(new_dir / f"{new.key_id}.public.json")
+    code, out, _ = _run(capsys, "audit", "verify", str(store), "--public-key", new_public)
+    assert code == 1 and "is not the pinned root" in out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +161,13 @@ def test_verify_reports_the_count_or_the_first_bad_seq(
     code, out, _ = _run(capsys, "audit", "verify", str(store), "--public-key", str(public))
     assert code == 0
     extra = ", 3 signed checkpoints" if mode == "checkpoint" else ""
-    assert out == f"verified {SIZE} entries (mode {mode}{extra})\n"
+    assert (
+        out.splitlines()[0] == f"verified {SIZE} entries (mode {mode}{extra}, keys {signer.key_id})"
+    )
+    assert out.splitlines()[1].startswith("truncation not checked: without a witness")
+    root = hashlib.sha256(signer.public_info().public_key).hexdigest()
+    code, by_fingerprint, _ = _run(capsys, "audit", "verify", str(store), "--root", root)
+    assert (code, by_fingerprint) == (0, out)
     run_sql(store, "UPDATE ledger SET actor = 'mallory' WHERE seq = 14")
     code, out, _ = _run(capsys, "audit", "verify", str(store), "--public-key", str(public))
     assert code == 1
@@ -155,32 +185,24 @@ def test_verify_with_a_kept_checkpoint_detects_truncation(
     assert Checkpoint.load(kept).kind == "entry"
     args = ["audit", "verify", str(store), "--public-key", str(public), "--checkpoint", str(kept)]
     code, out, _ = _run(capsys, *args)
-    assert code == 0 and f"external checkpoint at size {SIZE}" in out
+    assert code == 0 and f"holds all {SIZE} entries of the newest checkpoint" in out
     run_sql(store, "DELETE FROM ledger WHERE seq >= 27")
     code, out, _ = _run(capsys, *args)
     assert code == 1
     assert out.startswith(f"{store}: seq 27: truncated")
+    assert "(3 entries are missing)" in out
 
 
-def test_verify_rotated_keys_needs_both_public_keys(
+def test_verify_follows_the_chain_not_the_keys_it_is_given(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     old, old_public = _keygen(tmp_path / "old")
-    new, new_public = _keygen(tmp_path / "new")
+    new, _new_public = _keygen(tmp_path / "new")
     exported = tmp_path / "old.jsonl"
-    assert (
-        main(
-            [
-                "audit",
-                "export",
-                str(_store(tmp_path / "old.db", old, "sign-each")),
-                "--out",
-                str(exported),
-            ]
-        )
-        == 0
-    )
-    # The same history, with entries from seq 10 on signed by the new key (a rotation).
+    store = _store(tmp_path / "old.db", old, "sign-each")
+    assert main(["audit", "export", str(store), "--out", str(exported)]) == 0
+    # The same history, with entries from seq 10 on re-signed by another key: no rotation
+    # entry introduced it, so it is not trusted, whatever the verifier is handed.
     lines = exported.read_text().splitlines()
     rotated_lines = [lines[0]]
     for line in lines[1:]:
@@ -192,11 +214,15 @@ def test_verify_rotated_keys_needs_both_public_keys(
         rotated_lines.append(json.dumps(doc))
     rotated = tmp_path / "rotated.jsonl"
     rotated.write_text("\n".join(rotated_lines) + "\n")
-    both = ["--public-key", str(old_public), "--public-key", str(new_public)]
-    code, out, _ = _run(capsys, "audit", "verify", str(rotated), *both)
-    assert (code, out) == (0, f"verified {SIZE} entries (mode sign-each)\n")
     code, out, _ = _run(capsys, "audit", "verify", str(rotated), "--public-key", str(old_public))
-    assert code == 1 and out.startswith(f"{rotated}: seq 10: signed by unknown key id")
+    assert code == 1 and out.startswith(f"{rotated}: seq 10: entry signed by key '{new.key_id}'")
+    assert "never introduced" in out
+    with pytest.raises(SystemExit) as caught:  # one root, not a keyring
+        main(["audit", "verify", str(rotated), "--public-key", str(old_public), "--root", "00"])
+    assert caught.value.code == 2
+    with pytest.raises(SystemExit) as caught:
+        main(["audit", "verify", str(rotated), "--root", "not-hex"])
+    assert caught.value.code == 2 and "64 hex digits" in capsys.readouterr().err
 
 
 def test_verify_unusable_inputs_are_diagnostics_not_tracebacks(
@@ -325,6 +351,7 @@ def _process(*argv: str) -> subprocess.CompletedProcess[str]:
 def test_commands_as_a_subprocess(tmp_path: Path) -> None:
     result = _process("keygen", str(tmp_path / "keys"))
     assert result.returncode == 0, result.stderr
+    assert "fingerprint (pin it: audit verify --root): " in result.stdout
     (private,) = (tmp_path / "keys").glob("*.private.pem")
     (public,) = (tmp_path / "keys").glob("*.public.json")
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
@@ -334,13 +361,13 @@ def test_commands_as_a_subprocess(tmp_path: Path) -> None:
     # The key is valid from "now", so the sample's 2025 timestamps are outside its window.
     result = _process("audit", "verify", str(store), "--public-key", str(public))
     assert result.returncode == 1, result.stdout
-    assert result.stdout.startswith(f"{store}: seq 9: checkpoint at size 10: key ")
+    assert result.stdout.startswith(f"{store}: seq 0: root key "), result.stdout
     keyed = _keygen(tmp_path / "dated")
     store = _store(tmp_path / "dated.db", keyed[0], "checkpoint")
     result = _process("audit", "verify", str(store), "--public-key", str(keyed[1]))
-    assert (result.returncode, result.stdout) == (
-        0,
-        f"verified {SIZE} entries (mode checkpoint, 3 signed checkpoints)\n",
+    assert result.returncode == 0
+    assert result.stdout.startswith(
+        f"verified {SIZE} entries (mode checkpoint, 3 signed checkpoints, keys {keyed[0].key_id})"
     )
     run_sql(store, "UPDATE ledger_checkpoints SET head_hash = zeroblob(32) WHERE size = 20")
     result = _process("audit", "verify", str(store), "--public-key", str(keyed[1]))

@@ -151,8 +151,13 @@ CASES: list[tuple[str, str, str, str]] = [
     ("keygen-existing-key-folder", "keygen keys", "A011", ERR),
     ("keygen-into-a-file", "keygen notes.txt", "A010", ERR),
     ("keygen-unwritable", "keygen /proc/autonomic-h8-keys", "A010", ERR),
-    ("keygen-retire-missing", "keygen k-new --retire gone.public.json", "A010", ERR),
-    ("keygen-retire-not-json", "keygen k-new --retire bin.fsm", "A010", ERR),
+    (
+        "keygen-retire-missing",
+        "keygen k-new --retire gone.public.json --ledger store.db",
+        "A010",
+        ERR,
+    ),
+    ("keygen-retire-not-json", "keygen k-new --retire bin.fsm --ledger store.db", "A010", ERR),
     ("verify-missing", "audit verify missing.db --public-key {pub}", "A001", ERR),
     ("verify-garbage", "audit verify bin.fsm --public-key {pub}", "A002", ERR),
     ("verify-empty", "audit verify empty.fsm --public-key {pub}", "A002", ERR),
@@ -299,7 +304,7 @@ def test_demo_refuses_a_store_signed_by_another_key(world: Path, tmp_path: Path)
     assert autonomic("keygen", str(tmp_path / "other"), cwd=world).returncode == 0
     result = autonomic("demo", "--db", str(store), "--keys", str(tmp_path / "other"), cwd=world)
     text = assert_diagnostic(result, "A003")
-    assert "signed by unknown key id" in text and "nothing was added" in text
+    assert "is not the pinned root" in text and "nothing was added" in text
     # A folder without any key is refused too, before a key is generated into it.
     empty_keys = tmp_path / "no-keys"
     result = autonomic("demo", "--db", str(store), "--keys", str(empty_keys), cwd=world)
@@ -393,7 +398,15 @@ def test_keygen_retire_is_checked_before_a_key_is_written(world: Path, tmp_path:
     before = public.read_bytes()
     new = tmp_path / "new"
     result = autonomic(
-        "keygen", str(new), "--valid-from", "2029-01-01", "--retire", str(public), cwd=world
+        "keygen",
+        str(new),
+        "--valid-from",
+        "2029-01-01",
+        "--retire",
+        str(public),
+        "--ledger",
+        "store.db",
+        cwd=world,
     )
     assert_diagnostic(result, "A013")
     assert not new.exists() and public.read_bytes() == before
@@ -405,7 +418,7 @@ def test_a_failed_verification_names_the_first_bad_seq(world: Path, tmp_path: Pa
     result = autonomic("audit", "verify", "store.db", "--public-key", str(other), cwd=world)
     assert_clean(result)
     assert result.returncode == 1
-    assert result.stdout.startswith("store.db: seq 0: ") and "unknown key id" in result.stdout
+    assert result.stdout.startswith("store.db: seq 0: ") and "not the pinned root" in result.stdout
     result = autonomic(
         "audit", "verify", "truncated.jsonl", "--public-key", public_key(world), cwd=world
     )
@@ -436,9 +449,12 @@ def test_simulate_trace_shows_script_text_escaped(world: Path, tmp_path: Path) -
     )
     result = autonomic("simulate", "entitlement", "--script", str(script), cwd=world)
     assert_clean(result)
-    assert result.returncode == 0, result.stderr
-    assert "\x1b" not in result.stdout and "\u202e" not in result.stdout
-    assert "eve\\x1b[2J\\u202e" in result.stdout
+    # Control characters never reach the ledger: the actor is refused, and shown escaped.
+    assert result.returncode == 1, result.stdout
+    assert "R031" in result.stderr and "control character U+001B" in result.stderr
+    output = result.stdout + result.stderr
+    assert "\x1b" not in output and "\u202e" not in output
+    assert "eve\\x1b[2J\\u202e" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,8 +114,16 @@ def test_demo_runs_and_its_ledger_verifies(generated: Path, tmp_path: Path) -> N
         unsigned = conn.execute("SELECT count(*) FROM ledger WHERE signature = x''").fetchone()[0]
         flows = dict(conn.execute("SELECT status, count(*) FROM flows GROUP BY status"))
     assert unsigned == 0  # every entry signed by default
-    assert set(kinds) == {"transition", "escalation", "timer", "rejection", "flow", "breaker"}
-    assert kinds["breaker"] == 3 and kinds["rejection"] == 1
+    assert set(kinds) == {
+        "genesis",
+        "transition",
+        "escalation",
+        "timer",
+        "rejection",
+        "flow",
+        "breaker",
+    }
+    assert kinds["genesis"] == 1 and kinds["breaker"] == 3 and kinds["rejection"] == 1
     assert flows == {"completed": 6, "compensated": 2}
     # A second run appends to the same store, with the same key, as another customer.
     second = demo("--db", str(db), "--keys", str(keys), "--generated", str(generated))

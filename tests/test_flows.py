@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 from autonomic.runtime.flows import FlowResult, FlowRunner, StepContext, StepFailed
-from autonomic.runtime.keys import Keyring
+from autonomic.runtime.keys import Keyring, Signer
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.memory import MemoryStore
 from autonomic.runtime.store.sqlite import SQLiteStore
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flow_world import marketplace
 
 
@@ -275,7 +276,8 @@ def test_payment_failure_waits_durably_on_the_retry_ladder(tmp_path: Path) -> No
     """The Failed branch waits in the store while Billing's ladder runs on timers: a new
     process (a new Runtime on the same file) picks the wait up and finishes the run."""
     db = tmp_path / "m.db"
-    runtime, runner, _ = marketplace(SQLiteStore(db))
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())  # the ledger's root key
+    runtime, runner, _ = marketplace(SQLiteStore(db), signer=signer)
     customer = "p-fail"
     charged_customer(runtime, runner, customer)
     inputs = {"outcome": "Failed", "customer_id": customer, "case_id": "case", **PAYMENT}
@@ -286,7 +288,7 @@ def test_payment_failure_waits_durably_on_the_retry_ladder(tmp_path: Path) -> No
     clock = runtime.clock
     runtime.close()
 
-    runtime, runner, bindings = marketplace(SQLiteStore(db), clock=clock)
+    runtime, runner, bindings = marketplace(SQLiteStore(db), signer=signer, clock=clock)
     bindings.payments.invoices[customer] = Decimal("30")  # the processor's memory of the invoice
     clock.advance(2 * 3_600_000)
     runtime.fire_due()

@@ -10,6 +10,7 @@ import sqlite3
 import struct
 import tracemalloc
 from collections.abc import Iterator
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from autonomic.runtime.errors import (
     LedgerReadError,
     PayloadEncodingError,
 )
+from autonomic.runtime.keychain import RootOfTrust
 from autonomic.runtime.keys import Keyring, Signer, generate_keypair, load_signer
 from autonomic.runtime.ledger import (
     CHECKPOINT_TAG,
@@ -53,6 +55,7 @@ from autonomic.runtime.ledger import (
     verify_ledger,
     write_jsonl,
 )
+from autonomic.runtime.merkle import TreeFrontier, tree_root
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -79,6 +82,7 @@ def _data(number: int, ts_ms: int = T0, instance: str = "order-1") -> EntryData:
 
 
 def _ledger(signer: Signer, mode: LedgerMode, count: int = 30, batch: int = 10) -> MemoryLedger:
+    """The genesis entry and `count` entries (a checkpoint after every `batch` of them)."""
     ledger = MemoryLedger(LedgerSealer(signer, mode))
     for number in range(count):
         ledger.append(_data(number, instance=f"order-{number % 3}"))
@@ -267,64 +271,84 @@ def test_hash_cache_stays_correct_past_its_limit(signer: Signer) -> None:
 def test_round_trip_verifies(signer: Signer, keyring: Keyring, mode: LedgerMode) -> None:
     ledger = _ledger(signer, mode)
     report = ledger.verify(keyring)
-    assert report.ok and report.count == 30 and report.index is None
+    assert report.ok and report.count == 31 and report.index is None
     assert report.checkpoints == (3 if mode == "checkpoint" else 0)
+    assert (report.mode, report.keys) == (mode, (signer.key_id,))
     entries = list(ledger.entries())
-    assert [e.seq for e in entries] == list(range(30))
-    assert entries[0].prev_hash == GENESIS_HASH
+    assert [e.seq for e in entries] == list(range(31))
+    assert entries[0].prev_hash == GENESIS_HASH and entries[0].kind == "genesis"
     assert all(b.prev_hash == a.entry_hash for a, b in itertools.pairwise(entries))
 
 
 def test_sign_each_signatures_are_plain_ed25519_over_the_tagged_hash(signer: Signer) -> None:
-    entry = _ledger(signer, "sign-each", count=1).entries().__next__()
+    entry = list(_ledger(signer, "sign-each", count=1).entries())[1]
     assert entry.key_id == signer.key_id
     signer.private_key.public_key().verify(entry.signature, SIG_TAG + entry.entry_hash)
 
 
-def test_checkpoint_signature_covers_size_head_and_time(signer: Signer) -> None:
-    ledger = _ledger(signer, "checkpoint", count=10)
+def test_checkpoint_signature_covers_size_head_tree_time_and_the_previous_one(
+    signer: Signer,
+) -> None:
+    ledger = _ledger(signer, "checkpoint", count=12)  # a checkpoint at size 11 already
+    previous = list(ledger.checkpoints())[-1]
     checkpoint = ledger.checkpoint(T0 + 50)
+    root = tree_root(e.entry_hash for e in ledger.entries())
     message = (
         CHECKPOINT_TAG
-        + struct.pack(">Q", 10)
+        + struct.pack(">Q", 13)
         + ledger.head_hash
+        + root
         + struct.pack(">q", checkpoint.ts_ms)
+        + hashlib.sha256(previous.signed_message()).digest()
     )
+    assert checkpoint.tree_root == root and checkpoint.prev_checkpoint == previous.digest()
     signer.private_key.public_key().verify(checkpoint.signature, message)
+    frontier = TreeFrontier.from_bytes(13, checkpoint.frontier)
+    assert frontier is not None and frontier.root() == root
 
 
-def test_empty_ledger_verifies_and_a_size_zero_checkpoint_checks_genesis(
-    signer: Signer, keyring: Keyring
-) -> None:
-    assert verify_entries([], keyring).ok
-    sealer = LedgerSealer(signer, "checkpoint")
-    genesis = sealer.checkpoint(0, GENESIS_HASH, T0)
-    assert verify_entries([], keyring, external_checkpoint=genesis).ok
-    wrong = sealer.checkpoint(0, b"\x01" * 32, T0)
-    report = verify_entries([], keyring, external_checkpoint=wrong)
-    assert (report.ok, report.problem) == (False, "checkpoint_mismatch")
+def test_a_ledger_starts_with_its_genesis_entry(signer: Signer, keyring: Keyring) -> None:
+    report = verify_entries([], keyring)
+    assert (report.ok, report.index, report.problem) == (False, 0, "genesis")
+    ledger = _ledger(signer, "sign-each", count=3)
+    entries = list(ledger.entries())
+    report = verify_entries(entries[1:], keyring)  # renumbering aside, seq 0 must be genesis
+    assert (report.ok, report.index) == (False, 0)
+    sealer = LedgerSealer(signer, "sign-each")
+    plain = sealer.seal(0, GENESIS_HASH, _data(0))
+    report = verify_entries([plain], keyring)
+    assert (report.index, report.problem) == (0, "genesis")
+    genesis = json.loads(entries[0].event)
+    assert genesis["mode"] == "sign-each" and genesis["root_key"]["key_id"] == signer.key_id
 
 
 def test_checkpoint_mode_requires_every_entry_to_be_covered(
     signer: Signer, keyring: Keyring
 ) -> None:
-    ledger = _ledger(signer, "checkpoint", count=25)  # checkpoints at 10 and 20 only
+    ledger = _ledger(signer, "checkpoint", count=25)  # checkpoints at 11 and 21 only
     report = ledger.verify(keyring)
-    assert (report.ok, report.index, report.problem) == (False, 20, "uncovered")
-    assert "20..24" in (report.reason or "")
+    assert (report.ok, report.index, report.problem) == (False, 21, "uncovered")
+    assert "21..25" in (report.reason or "")
     ledger.checkpoint(T0 + 99)
     assert ledger.verify(keyring).ok
 
 
 def test_mode_is_enforced_when_known(signer: Signer, keyring: Keyring) -> None:
+    # The genesis entry declares the mode; a store declaring another one fails at seq 0.
     signed = list(_ledger(signer, "sign-each", count=3).entries())
     report = verify_entries(signed, keyring, mode="checkpoint")
-    assert (report.index, report.problem) == (0, "unexpected_signature")
+    assert (report.index, report.problem) == (0, "mode_mismatch")
     chained = _ledger(signer, "checkpoint", count=10)
     report = verify_entries(
         chained.entries(), keyring, checkpoints=chained.checkpoints(), mode="sign-each"
     )
-    assert (report.index, report.problem) == (0, "missing_signature")
+    assert (report.index, report.problem) == (0, "mode_mismatch")
+    # Within the chain, the declared mode is enforced entry by entry.
+    mixed = MemoryLedger(LedgerSealer(signer, "checkpoint"))
+    mixed.sealer = LedgerSealer(signer, "sign-each")
+    mixed.append(_data(1))
+    report = verify_entries(list(mixed.entries()), keyring)
+    assert (report.index, report.problem) == (1, "unexpected_signature")
 
 
 def test_sealer_rejects_bad_input(signer: Signer) -> None:
@@ -346,42 +370,60 @@ def test_rollback_never_drops_signed_entries(signer: Signer, keyring: Keyring) -
     head = ledger.head_hash
     ledger.append(_data(10))
     ledger.append(_data(11))
-    ledger.rollback(10)
-    assert (ledger.size, ledger.head_hash) == (10, head)
+    ledger.rollback(11)
+    assert (ledger.size, ledger.head_hash) == (11, head)
     assert ledger.verify(keyring).ok
     with pytest.raises(ValueError):
-        ledger.rollback(9)
+        ledger.rollback(10)
 
 
-def test_key_rotation_with_validity_windows(tmp_path: Path) -> None:
+def test_key_rotation_is_an_entry_signed_by_the_outgoing_key(tmp_path: Path) -> None:
     rotation = T0 + 10 * HOUR
-    old_info = generate_keypair(tmp_path / "old", valid_from_ms=T0)
-    new_info = generate_keypair(tmp_path / "new", valid_from_ms=rotation)
-    from autonomic.runtime.keys import retire_key
-
-    retire_key(old_info.public_json_path, rotation)
+    generate_keypair(tmp_path / "old", valid_from_ms=T0 - HOUR)
+    generate_keypair(tmp_path / "new", valid_from_ms=rotation)
     old, new = load_signer(tmp_path / "old"), load_signer(tmp_path / "new")
-    assert old.valid_until_ms == rotation
-    ledger_entries: list[LedgerEntry] = []
-    head, times = GENESIS_HASH, [T0 + n * HOUR for n in range(20)]
-    for seq, ts_ms in enumerate(times):
-        sealer = LedgerSealer(old if ts_ms < rotation else new, "sign-each")
-        entry = sealer.seal(seq, head, _data(seq, ts_ms=ts_ms - seq))
-        ledger_entries.append(entry)
-        head = entry.entry_hash
-    both = Keyring.from_files([old_info.public_json_path, new_info.public_json_path])
-    assert verify_entries(ledger_entries, both).ok
-    only_old = Keyring.from_files([old_info.public_json_path])
-    report = verify_entries(ledger_entries, only_old)
-    assert (report.index, report.problem) == (10, "unknown_key")
-    # The old key signing after its retirement: a key-window failure at exactly that entry.
-    late = Signer(old.key_id, old.private_key)  # a signer that ignores the window
+    ledger = MemoryLedger(LedgerSealer(old, "sign-each"), genesis_ts_ms=T0)
+    for number in range(1, 10):
+        ledger.append(_data(number, ts_ms=T0 + number * HOUR - number))
+    rotated = ledger.rotate(new, rotation)
+    for number in range(11, 20):
+        ledger.append(_data(number, ts_ms=T0 + number * HOUR - number))
+    entries = list(ledger.entries())
+    assert rotated.seq == 10 and rotated.key_id == old.key_id and entries[11].key_id == new.key_id
+    body = json.loads(rotated.event)
+    assert body["retires"] == [old.key_id] and body["new_key"]["key_id"] == new.key_id
+    assert body["new_key"]["valid_from_ms"] == rotation
+    report = verify_entries(entries, old.public_info())
+    assert report.ok and report.keys == (old.key_id, new.key_id), report.reason
+    # The same ledger pinned to the new key: its genesis is not the pinned root.
+    report = verify_entries(entries, new.public_info())
+    assert (report.index, report.problem) == (0, "genesis")
+    # The retired key signing after the rotation fails at exactly that entry.
+    late = Signer(old.key_id, old.private_key)
     forged = LedgerSealer(late, "sign-each").seal(
-        12, ledger_entries[11].entry_hash, _data(12, ts_ms=times[12] - 12)
+        12, entries[11].entry_hash, _data(12, ts_ms=T0 + 12 * HOUR - 12)
     )
-    tampered = [*ledger_entries[:12], forged, *ledger_entries[13:]]
-    report = verify_entries(tampered, both)
-    assert (report.index, report.problem) == (12, "key_window")
+    report = verify_entries([*entries[:12], forged, *entries[13:]], old.public_info())
+    assert (report.index, report.problem) == (12, "key_retired")
+    assert "retired at seq 10" in (report.reason or "")
+    # A retirement entry ends a key's signing too; after the last key, nothing verifies.
+    ledger.retire([new.key_id], T0 + 20 * HOUR)
+    ledger.append(_data(21, ts_ms=T0 + 21 * HOUR - 21))
+    report = verify_entries(list(ledger.entries()), old.public_info())
+    assert (report.index, report.problem) == (21, "key_retired")
+
+
+def test_a_verifier_pins_exactly_one_root(signer: Signer, tmp_path: Path) -> None:
+    ledger = _ledger(signer, "sign-each", count=2)
+    by_fingerprint = hashlib.sha256(signer.public_info().public_key).hexdigest()
+    assert verify_entries(ledger.entries(), by_fingerprint).ok
+    assert verify_entries(ledger.entries(), RootOfTrust(by_fingerprint)).ok
+    generate_keypair(tmp_path / "other", valid_from_ms=T0)
+    two = Keyring([signer.public_info(), load_signer(tmp_path / "other").public_info()])
+    with pytest.raises(ValueError, match="one pinned root key"):
+        verify_entries(ledger.entries(), two)
+    with pytest.raises(ValueError, match="64 hex digits"):
+        verify_entries(ledger.entries(), signer.key_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,8 +431,9 @@ def test_key_rotation_with_validity_windows(tmp_path: Path) -> None:
 
 
 def test_checkpoint_json_round_trip_and_strict_parsing(signer: Signer) -> None:
-    checkpoint = _ledger(signer, "checkpoint", count=10).checkpoint(T0)
-    assert Checkpoint.from_json(checkpoint.to_json()) == checkpoint
+    checkpoint = _ledger(signer, "checkpoint", count=12).checkpoint(T0)
+    # The frontier is stored beside a checkpoint, never exported: the root stands for it.
+    assert Checkpoint.from_json(checkpoint.to_json()) == replace(checkpoint, frontier=b"")
     doc = json.loads(checkpoint.to_json())
     assert doc["head_hash"] == checkpoint.head_hash.hex()
     assert base64.b64decode(doc["signature"]) == checkpoint.signature
@@ -399,6 +442,9 @@ def test_checkpoint_json_round_trip_and_strict_parsing(signer: Signer) -> None:
         {**doc, "size": "10"},
         {**doc, "size": True},
         {**doc, "head_hash": doc["head_hash"][:-2]},
+        {**doc, "tree_root": None},
+        {**doc, "prev_checkpoint": "00"},
+        {**doc, "version": 1},
         {**doc, "signature": "***"},
         {**doc, "kind": "other"},
         {**doc, "format": "something-else"},
@@ -430,19 +476,20 @@ def test_sqlite_and_jsonl_round_trips(
         assert list(source.entries()) == list(ledger.entries())
         assert list(source.checkpoints()) == list(ledger.checkpoints())
         report = source.verify(keyring)
-        assert report.ok and report.count == 30
+        assert report.ok and report.count == 31
         export = tmp_path / "ledger.jsonl"
         with export.open("w", encoding="utf-8") as out:
-            assert write_jsonl(source.entries(), source.checkpoints(), out, mode=mode) == 30
+            assert write_jsonl(source.entries(), source.checkpoints(), out, mode=mode) == 31
     assert database.read_bytes() == before  # reading never writes
     assert not (tmp_path / "store.db-wal").exists()
     with read_ledger(export) as source:
         assert source.kind == "jsonl" and source.mode == mode
         assert list(source.entries()) == list(ledger.entries())
-        assert list(source.checkpoints()) == list(ledger.checkpoints())
+        exported = [replace(c, frontier=b"") for c in ledger.checkpoints()]
+        assert list(source.checkpoints()) == exported
     assert verify_ledger(export, keyring).ok
     lines = export.read_text().splitlines()
-    assert json.loads(lines[0]) == {"format": "autonomic-ledger", "version": 1, "mode": mode}
+    assert json.loads(lines[0]) == {"format": "autonomic-ledger", "version": 2, "mode": mode}
     first = json.loads(lines[1])
     assert list(first) == list(LEDGER_COLUMNS)
     assert first["entry_hash"] == ledger.entries().__next__().entry_hash.hex()
@@ -451,7 +498,7 @@ def test_sqlite_and_jsonl_round_trips(
 def test_store_head_query(tmp_path: Path, signer: Signer) -> None:
     ledger = _ledger(signer, "checkpoint", count=10)
     with sqlite3.connect(write_sqlite_ledger(tmp_path / "s.db", ledger)) as connection:
-        assert connection.execute(SELECT_HEAD_SQL).fetchone() == (9, ledger.head_hash)
+        assert connection.execute(SELECT_HEAD_SQL).fetchone() == (10, ledger.head_hash)
     connection.close()
 
 
@@ -514,7 +561,7 @@ def test_unknown_mode_in_the_store_is_a_verification_failure(
         connection.execute(SET_META_SQL, (META_MODE_KEY, "trust-me"))
     connection.close()
     report = verify_ledger(database, keyring)
-    assert (report.ok, report.index, report.problem) == (False, 0, "malformed")
+    assert (report.ok, report.index, report.problem) == (False, 0, "mode_mismatch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,10 +569,13 @@ def test_unknown_mode_in_the_store_is_a_verification_failure(
 
 
 def _chain(sealer: LedgerSealer, count: int) -> Iterator[LedgerEntry]:
-    """A generator of `count` valid chained entries, built as it is consumed."""
-    prev = GENESIS_HASH
+    """A generator of `count` valid chained entries (the genesis entry first), built as it is
+    consumed."""
+    genesis = sealer.genesis(T0)
+    yield genesis
+    prev = genesis.entry_hash
     states = ("PendingApproval", "Active", "Suspended")
-    for seq in range(count):
+    for seq in range(1, count):
         data = EntryData(
             T0 + seq,
             "transition",
@@ -547,10 +597,11 @@ def test_verification_streams_in_flat_memory(signer: Signer, keyring: Keyring) -
     sealer = LedgerSealer(signer, "checkpoint")
     peaks = {}
     for count in (20_000, 200_000):
-        head = GENESIS_HASH
+        tree = TreeFrontier()
         for entry in _chain(sealer, count):
+            tree = tree.extend([entry.entry_hash])
             head = entry.entry_hash
-        final = sealer.checkpoint(count, head, T0)
+        final = sealer.checkpoint(count, head, T0, tree, None)
         tracemalloc.start()
         try:
             entries = _chain(sealer, count)
@@ -575,7 +626,9 @@ def test_verifying_an_sqlite_ledger_streams_its_rows(
         connection.executescript(SCHEMA_SQL)
         connection.executemany(INSERT_ENTRY_SQL, _chain(sealer, count))
         head = connection.execute(SELECT_HEAD_SQL).fetchone()[1]
-        checkpoint = sealer.checkpoint(count, head, T0)
+        hashes = [row[0] for row in connection.execute("SELECT entry_hash FROM ledger")]
+        tree = TreeFrontier().extend(hashes)
+        checkpoint = sealer.checkpoint(count, head, T0, tree, None)
         connection.execute(INSERT_CHECKPOINT_SQL, checkpoint.as_row())
         connection.execute(SET_META_SQL, (META_MODE_KEY, "checkpoint"))
     connection.close()
@@ -599,6 +652,7 @@ def test_reading_uses_one_snapshot_while_the_store_keeps_writing(
         connection.executescript(SCHEMA_SQL)
         connection.executemany(INSERT_ENTRY_SQL, ledger.entries())
         connection.executemany(INSERT_CHECKPOINT_SQL, [c.as_row() for c in ledger.checkpoints()])
+        connection.execute(SET_META_SQL, (META_MODE_KEY, "checkpoint"))
     with read_ledger(database) as source:
         # The runtime commits another batch after the reader opened the file.
         for number in range(20, 25):
@@ -606,6 +660,26 @@ def test_reading_uses_one_snapshot_while_the_store_keeps_writing(
         connection.execute(INSERT_CHECKPOINT_SQL, ledger.checkpoint(T0 + 25).as_row())
         connection.commit()
         report = source.verify(keyring)
-        assert report.ok and report.count == 20
+        assert report.ok and report.count == 21
     connection.close()
-    assert verify_ledger(database, keyring).count == 25
+    assert verify_ledger(database, keyring).count == 26
+
+
+def test_an_unreadable_checkpoint_row_is_reported_where_it_stands(
+    tmp_path: Path, signer: Signer, keyring: Keyring
+) -> None:
+    """Not one checkpoint early: SQLite's cursor reads a row ahead, and the row's size is
+    what places the failure (checkpoints here stand at sizes 51, 101, ..., 2551)."""
+    database = write_sqlite_ledger(tmp_path / "s.db", _ledger(signer, "checkpoint", 2600, 50))
+    for size in (2551, 51, 1301):
+        bad = tmp_path / f"bad-{size}.db"
+        bad.write_bytes(database.read_bytes())
+        with sqlite3.connect(bad) as connection:
+            connection.execute(
+                "UPDATE ledger_checkpoints SET key_id = CAST(X'FF' AS TEXT) WHERE size = ?",
+                (size,),
+            )
+        connection.close()
+        report = verify_ledger(bad, keyring)
+        assert (report.ok, report.index, report.problem) == (False, size - 1, "malformed")
+        assert f"(size {size}) cannot be read" in (report.reason or ""), report.reason

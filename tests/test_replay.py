@@ -145,7 +145,7 @@ def test_a_tampered_snapshot_is_refused(tmp_path: Path, signer: Signer) -> None:
         rt.replay("Counter", "c1")
     assert rt.replay("Counter", "c1", use_snapshot=False).state == "Stopped"
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE ledger SET to_state = 'Counting' WHERE seq = 2")
+        db.execute("UPDATE ledger SET to_state = 'Counting' WHERE seq = 3")
     with pytest.raises(StoreIntegrityError, match="does not match its hash"):
         rt.replay("Counter", "c1", use_snapshot=False)
     rt.store.close()

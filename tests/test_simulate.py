@@ -87,10 +87,11 @@ def test_entitlement_ladder_trace(generated: Path, tmp_path: Path) -> None:
     assert any("timer Suspended/after/72h#0 fired: Suspended -> Refunded" in line for line in lines)
     assert any("emit Billing.RefundRequested to 'ent-1'" in line for line in lines)
     assert (
-        "  #5 timer      Suspended -> Refunded on Suspended/after/72h#0 by timer hash"
+        "  #6 timer      Suspended -> Refunded on Suspended/after/72h#0 by timer hash"
         in "\n".join(lines)
     )
-    assert lines[-2:] == ["final state: Refunded (v6)", "ledger verified: 6 entries"]
+    # the genesis entry (seq 0) and the instance's six
+    assert lines[-2:] == ["final state: Refunded (v6)", "ledger verified: 7 entries"]
 
 
 def test_billing_retry_ladder_from_a_json_script(generated: Path, tmp_path: Path) -> None:
@@ -118,8 +119,8 @@ def test_billing_retry_ladder_from_a_json_script(generated: Path, tmp_path: Path
     assert "timer Retry1/PaymentRetry/1 fired: Retry1 -> Retry1" in out
     assert "do mark_max_retries_exceeded" in out
     assert "emit Entitlement.Suspend to 'b1'" in out
-    # create, charge, 4 x (failure + retry attempt), the final failure
-    assert out.rstrip().endswith("ledger verified: 11 entries")
+    # genesis, create, charge, 4 x (failure + retry attempt), the final failure
+    assert out.rstrip().endswith("ledger verified: 12 entries")
 
 
 def test_the_trace_is_deterministic(generated: Path, tmp_path: Path) -> None:
@@ -177,7 +178,7 @@ def test_failed_expectation_reports_the_step(generated: Path, tmp_path: Path) ->
     code, out, err = simulate(str(generated / "entitlement.py"), script)
     assert code == 1
     assert err.startswith(f"{script}:3:5: S007 [error] step 2 expected Active, got Revoked")
-    assert "expectation failed" in out and "ledger verified: 2 entries" in out
+    assert "expectation failed" in out and "ledger verified: 3 entries" in out
 
 
 def test_unknown_machine_and_missing_script(generated: Path, tmp_path: Path) -> None:
@@ -210,7 +211,7 @@ def test_command_line(generated: Path, tmp_path: Path) -> None:
         text=True,
     )
     assert good.returncode == 0, good.stderr
-    assert good.stdout.rstrip().endswith("ledger verified: 6 entries")
+    assert good.stdout.rstrip().endswith("ledger verified: 7 entries")
     bad = subprocess.run(
         [
             sys.executable,
@@ -244,3 +245,18 @@ def test_machine_names_resolve_to_the_local_build_first(
     assert load_machine("Billing").name == "Billing"
     code, out, _ = simulate("Billing", write(tmp_path, "steps:\n  - advance: 1h\n"))
     assert code == 0 and out.startswith("simulate Billing (machines/billing.fsm)")
+
+
+def test_payloads_are_strict_in_simulate(tmp_path: Path) -> None:
+    """ "no" is no bool and true is no integer: the step is refused at its position (S008)."""
+    for payload, field in (
+        ('{customer_id: c1, legal_name_changed: "no"}', "legal_name_changed"),
+        ("{customer_id: 7, legal_name_changed: false}", "customer_id"),
+    ):
+        script = write(
+            tmp_path,
+            f"instance: c1\nsteps:\n  - dispatch: UpdateProfile\n    payload: {payload}\n",
+        )
+        code, out, err = simulate("autonomic.generated.customer_account", script)
+        assert code == 1 and "S008" in err, (out, err)
+        assert f"field '{field}'" in err

@@ -16,6 +16,7 @@ from autonomic.runtime.errors import (
     StoreConfigError,
     StoreIntegrityError,
 )
+from autonomic.runtime.inputs import InputLimits
 from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerMode, LedgerSealer, verify_ledger
 from autonomic.runtime.runtime import Runtime
@@ -145,9 +146,9 @@ def test_stored_ledger_verifies_offline(tmp_path: Path, key_dir: Path, mode: Led
     report = verify_ledger(path, Keyring.from_files([key_dir]))
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM ledger_meta WHERE key = 'mode'").fetchone() == (mode,)
-    assert report.ok and report.count == 10, report.reason
+    assert report.ok and report.count == 11, report.reason  # the genesis entry and 10
     if mode == "checkpoint":
-        assert report.checkpoints == 10  # one per commit: each dispatch committed alone
+        assert report.checkpoints == 11  # one per commit: each dispatch committed alone
 
 
 def test_ledger_mode_cannot_change(tmp_path: Path, key_dir: Path) -> None:
@@ -165,9 +166,9 @@ def test_a_modified_head_is_detected_before_chaining(tmp_path: Path, key_dir: Pa
     ent = load_entitlement(rt)
     ent.create("e1", "alice")
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE ledger SET actor = 'mallory' WHERE seq = 0")
+        db.execute("UPDATE ledger SET actor = 'mallory' WHERE seq = 1")
     before = counts(path)
-    with pytest.raises(StoreIntegrityError, match=r"ledger head \(seq 0\) does not match its hash"):
+    with pytest.raises(StoreIntegrityError, match=r"ledger head \(seq 1\) does not match its hash"):
         ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob")
     assert counts(path) == before
     with pytest.raises(StoreIntegrityError):
@@ -186,12 +187,12 @@ def test_a_removed_tail_is_detected_against_the_checkpoint(tmp_path: Path, key_d
     ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob")
     rt.close()
     with sqlite3.connect(path) as db:
-        db.execute("DELETE FROM ledger WHERE seq = 1")
+        db.execute("DELETE FROM ledger WHERE seq = 2")
     rt = open_runtime(path, key_dir)
     ent = load_entitlement(rt)
-    with pytest.raises(StoreIntegrityError, match="checkpoint is signed at size 2"):
+    with pytest.raises(StoreIntegrityError, match="checkpoint is signed at size 3"):
         ent.create("e2", "alice")
-    assert counts(path)["ledger"] == 1
+    assert counts(path)["ledger"] == 2
     rt.store.close()
 
 
@@ -237,9 +238,10 @@ def test_group_commit_batches_threads_and_acknowledges_after_commit(
         assert record is not None and record.version == per_thread + 1
     rt.close()
     report = verify_ledger(path, Keyring.from_files([key_dir]))
-    assert report.ok and report.count == threads_n * (per_thread + 1)
-    # One signed checkpoint per commit batch (+ one per create, each committed alone).
-    assert report.checkpoints == batches + threads_n
+    assert report.ok and report.count == 1 + threads_n * (per_thread + 1)
+    # One signed checkpoint per commit batch (+ one per create, each committed alone, + one
+    # over the genesis entry).
+    assert report.checkpoints == batches + threads_n + 1
 
 
 def test_state_survives_reopening(tmp_path: Path, key_dir: Path) -> None:
@@ -254,7 +256,7 @@ def test_state_survives_reopening(tmp_path: Path, key_dir: Path) -> None:
     bil = rt.load(spec, *Bindings().for_spec(spec))
     record = bil.get("b1")
     assert record is not None and (record.state, record.version) == ("AwaitingPayment", 2)
-    assert bil.dispatch("b1", "PaymentFailed", {"reason": "nsf"}).seq == 2
+    assert bil.dispatch("b1", "PaymentFailed", {"reason": "nsf"}).seq == 3
     rt.close()
 
 
@@ -444,3 +446,65 @@ def test_many_openers_of_one_new_file_agree(tmp_path: Path) -> None:
     for store in opened:
         store.close()
     assert store_marks(path)[1] == {"format": "autonomic-store", "schema": "1"}
+
+
+# One case per input rule (runtime/inputs.py and the strict payload models): each is refused
+# with a runtime error code, and the store file's bytes stay exactly as they were.
+REFUSED: list[tuple[str, Callable[[Governor], object], str]] = [
+    ("lone surrogate instance id", lambda g: g.create("b\udc00"), "R031"),
+    ("control character instance id", lambda g: g.create("b1\n"), "R031"),
+    ("bidi control instance id", lambda g: g.create("b\u202e1"), "R031"),
+    ("empty instance id", lambda g: g.create(""), "R031"),
+    ("instance id of 257 characters", lambda g: g.create("b" * 257), "R031"),
+    ("instance id not a string", lambda g: g.create(7), "R031"),  # type: ignore[arg-type]
+    ("lone surrogate actor", lambda g: g.dispatch("b1", "PaymentFailed", None, "\udc00"), "R031"),
+    ("escape in the actor", lambda g: g.dispatch("b1", "PaymentFailed", None, "e\x1b[2J"), "R031"),
+    (
+        "lone surrogate event id",
+        lambda g: g.dispatch("b1", "PaymentFailed", event_id="e\udc00"),
+        "R031",
+    ),
+    (
+        "lone surrogate idempotency key",
+        lambda g: g.dispatch("b1", "PaymentFailed", idempotency_key="k\udc00"),
+        "R031",
+    ),
+    (
+        "a float for a decimal",
+        lambda g: g.dispatch("b1", "Charge", {"amount": 12.5, "currency": "USD"}),
+        "R005",
+    ),
+    (
+        "true for a decimal",
+        lambda g: g.dispatch("b1", "Charge", {"amount": True, "currency": "USD"}),
+        "R005",
+    ),
+    (
+        "a payload over the size limit",
+        lambda g: g.dispatch("b1", "PaymentFailed", {"reason": "x" * 600}),
+        "R031",
+    ),
+    (
+        "a payload nested too deeply",
+        lambda g: g.dispatch("b1", "PaymentFailed", {"reason": [[[["deep"]]]]}),
+        "R031",
+    ),
+]
+
+
+@pytest.mark.parametrize(("rule", "call", "code"), REFUSED, ids=[case[0] for case in REFUSED])
+def test_each_input_rule_leaves_the_file_bytes_unchanged(
+    tmp_path: Path, key_dir: Path, rule: str, call: Callable[[Governor], object], code: str
+) -> None:
+    path = tmp_path / "s.db"
+    rt = open_runtime(path, key_dir, limits=InputLimits(max_payload_bytes=512, max_depth=3))
+    spec = billing_spec()
+    bil = rt.load(spec, *Bindings().for_spec(spec))
+    bil.create("b1")
+    bil.dispatch("b1", "StartBilling")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(RuntimeFailure) as caught:
+        call(bil)
+    assert caught.value.code == code, caught.value
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, rule
+    rt.close()

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from autonomic.runtime.errors import WitnessError
 from autonomic.runtime.keys import Keyring, Signer, generate_keypair, load_signer
 from autonomic.runtime.ledger import (
     LEDGER_COLUMNS,
@@ -33,9 +34,11 @@ from autonomic.runtime.ledger import (
     verify_ledger,
     write_jsonl,
 )
+from autonomic.runtime.merkle import SubtreeHasher, TreeFrontier, consistency_proof
+from autonomic.runtime.witness import FileWitness, Publication, read_witness_file
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ledger_files import write_sqlite_ledger
+from ledger_files import write_sqlite_ledger, write_sqlite_rows
 
 T0 = 1_700_000_000_000
 SIZE = 30
@@ -63,8 +66,8 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Signer, Signer]:
 
 
 def _build(mode: LedgerMode, signer: Signer) -> MemoryLedger:
-    ledger = MemoryLedger(LedgerSealer(signer, mode))
-    for number in range(SIZE):
+    ledger = MemoryLedger(LedgerSealer(signer, mode), genesis_ts_ms=T0)
+    for number in range(1, SIZE):  # seq 0 is the genesis entry
         ledger.append(
             EntryData(
                 ts_ms=T0 + 1000 * number,
@@ -195,7 +198,8 @@ def test_every_byte_of_an_entry_flipped_in_the_file(
 ) -> None:
     original = sample.path.read_bytes()
     cell = _find_cell(original, sample.entries[target])
-    expected = EXPECTED_BY_COLUMN[sample.mode]
+    # The genesis entry (seq 0) is signed in either mode.
+    expected = EXPECTED_BY_COLUMN["sign-each" if target == 0 else sample.mode]
     column_of = {at: name for name, span in cell.columns.items() for at in span}
     copy = tmp_path / "flipped.db"
     for offset in range(cell.start, cell.end):
@@ -239,7 +243,7 @@ def _flips(value: int | str | bytes) -> Iterator[tuple[str, object]]:
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_byte_of_every_field_rewritten_through_sql(sample: Sample, target: int) -> None:
     entry = sample.entries[target]
-    signed = sample.mode == "sign-each"
+    signed = sample.mode == "sign-each" or target == 0  # the genesis entry is always signed
     for column in LEDGER_COLUMNS[1:]:
         value = getattr(entry, column)
         for placeholder, replacement in _flips(value):
@@ -396,9 +400,7 @@ def test_truncation_at_a_checkpoint_boundary(sample: Sample, tmp_path: Path) -> 
 
 def test_external_checkpoint_of_another_history(sample: Sample, tmp_path: Path) -> None:
     external = _external(sample, tmp_path)
-    forged = Checkpoint(
-        external.size, bytes(32), external.ts_ms, external.key_id, external.signature, external.kind
-    )
+    forged = replace(external, head_hash=bytes(32))
     report = verify_ledger(sample.path, sample.keyring, external_checkpoint=forged)
     _failed_at(report, SIZE - 1, "checkpoint_signature")
 
@@ -410,12 +412,15 @@ def test_forged_checkpoints_are_no_evidence_of_truncation(sample: Sample, tmp_pa
     _failed_at(report, SIZE + 9, "checkpoint_signature")
     _sql(
         sample.path,
-        "INSERT INTO ledger_checkpoints VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO ledger_checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         SIZE + 10,
         bytes(32),
         T0,
         sample.signer.key_id,
         bytes(64),
+        bytes(32),
+        bytes(32),
+        b"",
     )
     report = verify_ledger(sample.path, sample.keyring)
     _failed_at(report, SIZE, "checkpoint_signature")
@@ -433,12 +438,9 @@ def test_signature_swapped_for_another_keys(sample: Sample, keys: tuple[Signer, 
         _sql(sample.path, "UPDATE ledger SET signature = ? WHERE seq = 14", forged_signature)
         _failed_at(verify_ledger(sample.path, sample.keyring), 14, "bad_signature")
         _sql(sample.path, "UPDATE ledger SET key_id = ? WHERE seq = 14", other.key_id)
-        _failed_at(verify_ledger(sample.path, sample.keyring), 14, "unknown_key")
-        # Trusted, but only from later on: outside its window at this entry.
-        late = other.public_info()
-        window = type(late)(late.key_id, late.public_key, target.ts_ms + 1, None)
-        both = Keyring([sample.signer.public_info(), window])
-        _failed_at(verify_ledger(sample.path, both), 14, "key_window")
+        report = verify_ledger(sample.path, sample.keyring)
+        _failed_at(report, 14, "unknown_key")
+        assert "never introduced" in (report.reason or "")
     else:
         checkpoint = sample.checkpoints[1]  # size 20
         resigned = other.sign(checkpoint.signed_message())
@@ -447,7 +449,7 @@ def test_signature_swapped_for_another_keys(sample: Sample, keys: tuple[Signer, 
         _sql(sample.path, "UPDATE ledger_checkpoints SET key_id = ? WHERE size = 20", other.key_id)
         report = verify_ledger(sample.path, sample.keyring)
         _failed_at(report, 19, "checkpoint_signature")
-        assert "unknown key" in (report.reason or "")
+        assert "never introduced" in (report.reason or "")
 
 
 @pytest.mark.parametrize("sample", ["checkpoint"], indirect=True)
@@ -573,3 +575,144 @@ def test_any_changed_field_is_found_at_its_entry(
     keyring = Keyring([signer.public_info()])
     report = verify_entries(entries, keyring, checkpoints=ledger.checkpoints(), mode=mode)
     _failed_at(report, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# The root of trust, the declared mode, the chain of checkpoints, and a witness.
+
+
+def _resealed(
+    sample: Sample, signer: Signer, start: int
+) -> tuple[list[LedgerEntry], list[Checkpoint]]:
+    """The sample's history from seq `start` on rewritten (actor "mallory") and re-sealed by
+    `signer`, with every checkpoint from there on re-signed and re-chained by it."""
+    sealer = LedgerSealer(signer, sample.mode)
+    entries = list(sample.entries[:start])
+    for old in sample.entries[start:]:
+        data = EntryData(*old[1:11])._replace(actor="mallory")
+        entries.append(sealer.seal(old.seq, entries[-1].entry_hash, data))
+    checkpoints: list[Checkpoint] = []
+    previous = None
+    for checkpoint in sample.checkpoints:
+        if checkpoint.size > start:
+            tree = TreeFrontier().extend(e.entry_hash for e in entries[: checkpoint.size])
+            head = entries[checkpoint.size - 1].entry_hash
+            checkpoint = sealer.checkpoint(checkpoint.size, head, checkpoint.ts_ms, tree, previous)
+        checkpoints.append(checkpoint)
+        previous = checkpoint
+    return entries, checkpoints
+
+
+def test_a_forged_key_in_the_keyring_is_not_trusted(
+    sample: Sample, tmp_path: Path, keys: tuple[Signer, Signer]
+) -> None:
+    _, attacker = keys
+    forged = write_sqlite_rows(
+        tmp_path / "forged.db", *_resealed(sample, attacker, 14), sample.mode
+    )
+    root = sample.signer.public_info()
+    report = verify_ledger(forged, root)
+    if sample.mode == "sign-each":
+        _failed_at(report, 14, "unknown_key")
+    else:  # unsigned entries: the first checkpoint over them is the forged signature
+        _failed_at(report, 19, "checkpoint_signature")
+    assert "never introduced" in (report.reason or "")
+    # Handing the verifier the attacker's key too changes nothing: it pins one root.
+    with pytest.raises(ValueError, match="one pinned root"):
+        verify_ledger(forged, Keyring([root, attacker.public_info()]))
+    # The whole history rewritten from its genesis on: not the pinned root.
+    entries, _ = _resealed(sample, attacker, 1)
+    rooted = MemoryLedger(LedgerSealer(attacker, sample.mode), genesis_ts_ms=T0)
+    entries[0] = next(rooted.entries())
+    rewritten = write_sqlite_rows(tmp_path / "rewritten.db", entries, [], sample.mode)
+    _failed_at(verify_ledger(rewritten, root), 0, "genesis")
+
+
+def _rotated(sample: Sample, tmp_path: Path, new: Signer) -> Path:
+    """A ledger whose key rotates to `new` at seq 10, signed and checkpointed as the runtime
+    does it."""
+    ledger = MemoryLedger(LedgerSealer(sample.signer, sample.mode), genesis_ts_ms=T0)
+    for entry in sample.entries[1:10]:
+        ledger.append(EntryData(*entry[1:11]))
+    ledger.rotate(new, T0 + 10_000)
+    for entry in sample.entries[11:]:
+        ledger.append(EntryData(*entry[1:11]))
+    if sample.mode == "checkpoint":
+        ledger.checkpoint(T0 + 60_000)
+    return write_sqlite_ledger(tmp_path / "rotated.db", ledger)
+
+
+def test_a_rotation_without_the_old_keys_signature(
+    sample: Sample, tmp_path: Path, keys: tuple[Signer, Signer]
+) -> None:
+    _, new = keys
+    path = _rotated(sample, tmp_path, new)
+    root = sample.signer.public_info()
+    report = verify_ledger(path, root)
+    assert report.ok and report.keys == (sample.signer.key_id, new.key_id), report.reason
+    with read_ledger(path) as source:
+        rotation = list(source.entries())[10]
+    assert rotation.kind == "key_rotation" and rotation.key_id == sample.signer.key_id
+    # Signed by the incoming key instead of the outgoing one: its signature does not verify.
+    by_new = new.sign(SIG_TAG + rotation.entry_hash)
+    _sql(path, "UPDATE ledger SET signature = ? WHERE seq = 10", by_new)
+    _failed_at(verify_ledger(path, root), 10, "bad_signature")
+    # ... and named as its signer: a key the chain has not introduced yet.
+    _sql(path, "UPDATE ledger SET key_id = ? WHERE seq = 10", new.key_id)
+    _failed_at(verify_ledger(path, root), 10, "unknown_key")
+    # A rotation removed: the new key's entries are signed by a key never introduced.
+    _sql(path, "UPDATE ledger SET signature = ?, key_id = ? WHERE seq = 10", b"", "")
+    _failed_at(verify_ledger(path, root), 10, "missing_signature")
+
+
+def test_a_deleted_mode_row(sample: Sample) -> None:
+    _sql(sample.path, "DELETE FROM ledger_meta WHERE key = 'mode'")
+    report = verify_ledger(sample.path, sample.keyring)
+    _failed_at(report, 0, "mode_mismatch")
+    assert "no mode row" in (report.reason or "")
+    other = "checkpoint" if sample.mode == "sign-each" else "sign-each"
+    _sql(sample.path, "INSERT INTO ledger_meta VALUES ('mode', ?)", other)
+    _failed_at(verify_ledger(sample.path, sample.keyring), 0, "mode_mismatch")
+
+
+@pytest.mark.parametrize("sample", ["checkpoint"], indirect=True)
+def test_a_deleted_middle_checkpoint(sample: Sample) -> None:
+    _sql(sample.path, "DELETE FROM ledger_checkpoints WHERE size = 20")
+    report = verify_ledger(sample.path, sample.keyring)
+    _failed_at(report, 29, "checkpoint_chain")
+    assert "at size 10: a checkpoint between them was removed" in (report.reason or "")
+    _sql(sample.path, "DELETE FROM ledger_checkpoints WHERE size = 10")
+    _failed_at(verify_ledger(sample.path, sample.keyring), 29, "checkpoint_chain")
+
+
+def _publish_all(sample: Sample, witness: FileWitness) -> None:
+    """Publish the sample's checkpoints as the runtime would, each with its proof."""
+    hashes = [entry.entry_hash for entry in sample.entries]
+    sent = TreeFrontier()
+    for checkpoint in sample.checkpoints:
+        proof = consistency_proof(
+            sent.size, checkpoint.size, SubtreeHasher(lambda i: hashes[i], sent)
+        )
+        witness.publish(Publication(checkpoint, sent.size, sent.root(), tuple(proof)))
+        sent = TreeFrontier().extend(hashes[: checkpoint.size])
+
+
+@pytest.mark.parametrize("sample", ["checkpoint"], indirect=True)
+def test_truncation_with_a_witness(sample: Sample, tmp_path: Path) -> None:
+    witness = FileWitness(tmp_path / "elsewhere.jsonl")
+    _publish_all(sample, witness)
+    newest, count = read_witness_file(witness.path)
+    assert (newest.size, count) == (SIZE, 3)
+    assert verify_ledger(sample.path, sample.keyring, external_checkpoint=newest).ok
+    _sql(sample.path, "DELETE FROM ledger WHERE seq >= 25")
+    _sql(sample.path, "DELETE FROM ledger_checkpoints WHERE size > 20")
+    report = verify_ledger(sample.path, sample.keyring, external_checkpoint=newest)
+    _failed_at(report, 25, "truncated")
+    assert report.missing == 5 and "(5 entries are missing)" in (report.reason or "")
+    # The witness refuses a history rewritten after the cut.
+    forged = replace(sample.checkpoints[-1], tree_root=bytes(32))
+    with pytest.raises(WitnessError, match="holds a different tree at size 30"):
+        witness.publish(Publication(forged, 20, sample.checkpoints[1].tree_root, ()))
+    longer = replace(forged, size=SIZE + 5)
+    with pytest.raises(WitnessError, match="does not extend the checkpoint at size 30"):
+        witness.publish(Publication(longer, SIZE, newest.tree_root, ()))

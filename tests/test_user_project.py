@@ -132,7 +132,7 @@ def test_user_project_builds_type_checks_and_runs(
     ran = _run([str(python), "-m", "door_app.main"], project)
     assert "R006: " in ran.stdout
     assert "refused eve, unlocked for ann, locked by timer" in ran.stdout
-    assert "ledger verified: True, 4 entries" in ran.stdout
+    assert "ledger verified: True, 5 entries" in ran.stdout  # with the genesis entry
     assert _run([str(python), "-m", "autonomic", "--version"], project).stdout.startswith(
         "autonomic "
     )

@@ -1,0 +1,151 @@
+"""Checks on what callers hand the runtime, made before anything is stored.
+
+Identifiers (instance id, event id, idempotency key, actor) are written to the store and into
+the signed ledger, so each must be text that every store and every reader handles the same way:
+
+- a `str`, encodable as UTF-8 (no lone surrogates such as "\\udc00");
+- 1 to `MAX_IDENTIFIER_LENGTH` characters (an event id or idempotency key may also be absent);
+- no control characters (C0, DEL, C1), no Unicode line or paragraph separators and no
+  bidirectional controls, so a stored id can never forge a line in a log or a terminal, nor
+  display as another id.
+
+Payloads are bounded before validation: at most `InputLimits.max_payload_bytes` bytes of
+canonical JSON and `InputLimits.max_depth` levels of nesting. Both are configurable per
+Runtime; each rejection raises `InputRejected` (code R031) and leaves the store unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InputRejected
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "MAX_IDENTIFIER_LENGTH",
+    "InputLimits",
+    "check_identifier",
+    "check_payload_depth",
+    "check_payload_size",
+    "nesting_depth",
+    "payload_error_message",
+]
+
+MAX_IDENTIFIER_LENGTH = 256
+# C0 controls, DEL, C1 controls, the Unicode line/paragraph separators, and the bidirectional
+# controls that make text display in another order than it is stored ("Trojan Source").
+_FORBIDDEN = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class InputLimits:
+    """Bounds on payloads: canonical JSON bytes and nesting depth (a flat object is depth 1)."""
+
+    max_payload_bytes: int = 64 * 1024
+    max_depth: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_payload_bytes < 2 or self.max_depth < 1:
+            raise ValueError("max_payload_bytes must be >= 2 and max_depth >= 1")
+
+
+DEFAULT_LIMITS = InputLimits()
+
+
+def check_identifier(what: str, value: object, *, optional: bool = False) -> None:
+    """Raise InputRejected unless `value` is a well-formed identifier (see the module doc)."""
+    if value is None and optional:
+        return
+    if type(value) is not str:
+        raise InputRejected(
+            f"the {what} must be a string, not {type(value).__name__}",
+            hint="identifiers are text; convert numbers with str()",
+        )
+    # The common case (short ASCII without controls) is settled by two C-level calls.
+    if value.isascii() and value.isprintable() and 0 < len(value) <= MAX_IDENTIFIER_LENGTH:
+        return
+    if not value:
+        raise InputRejected(f"the {what} is empty", hint=f"give a non-empty {what}")
+    if len(value) > MAX_IDENTIFIER_LENGTH:
+        raise InputRejected(
+            f"the {what} has {len(value)} characters, more than {MAX_IDENTIFIER_LENGTH}",
+            hint=f"use a shorter {what}, for example a hash of the long one",
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputRejected(
+            f"the {what} {value!r} holds a lone surrogate at index {exc.start}, "
+            "which is not valid Unicode text",
+            hint="decode external bytes with errors='strict' before passing them on",
+        ) from None
+    bad = _FORBIDDEN.search(value)
+    if bad is not None:
+        raise InputRejected(
+            f"the {what} {value!r} holds the control character U+{ord(bad.group()):04X} "
+            f"at index {bad.start()}",
+            hint="identifiers may not hold control characters or line separators",
+        )
+
+
+def check_payload_depth(payload: object, limits: InputLimits) -> None:
+    """Raise InputRejected when a payload nests dicts and lists deeper than `limits` allow
+    (checked before anything walks the payload recursively)."""
+    if nesting_depth(payload, limits.max_depth + 1) > limits.max_depth:
+        raise InputRejected(
+            f"the payload is nested more than {limits.max_depth} levels deep",
+            hint="flatten the payload, or raise InputLimits.max_depth",
+        )
+
+
+def check_payload_size(encoded_size: int, limits: InputLimits) -> None:
+    """Raise InputRejected when a payload's canonical JSON is longer than `limits` allow.
+
+    The caller encodes the payload for the ledger digest anyway, so the size is free.
+    """
+    if encoded_size > limits.max_payload_bytes:
+        raise InputRejected(
+            f"the payload has {encoded_size} bytes of canonical JSON, more than the limit "
+            f"of {limits.max_payload_bytes}",
+            hint="store large documents elsewhere and pass a reference, or raise "
+            "InputLimits.max_payload_bytes",
+        )
+
+
+_STRICT_MESSAGES = {
+    "decimal": 'Input should be a decimal: an integer or a string such as "12.50" (never a float)',
+    "datetime": 'Input should be a datetime or an ISO 8601 string such as "2025-01-31T09:30:00Z"',
+}
+
+
+def payload_error_message(item: Mapping[str, Any]) -> str:
+    """pydantic's message for one strict-validation error, with the accepted text forms
+    named for the two types whose default messages do not say what to send."""
+    kind = item.get("type")
+    if kind == "is_instance_of" and "Decimal" in str(item.get("msg")):
+        return _STRICT_MESSAGES["decimal"]
+    if kind in ("datetime_type", "datetime_parsing", "datetime_from_date_parsing"):
+        return _STRICT_MESSAGES["datetime"]
+    return str(item.get("msg"))
+
+
+def nesting_depth(value: object, stop: int) -> int:
+    """The nesting depth of dicts and lists in `value`, counting no further than `stop`."""
+    if isinstance(value, Mapping):
+        children: Any = value.values()
+    elif isinstance(value, list | tuple):
+        children = value
+    else:
+        return 0
+    deepest = 0
+    for child in children:
+        if isinstance(child, Mapping | list | tuple):
+            if deepest + 1 >= stop:
+                return stop
+            deepest = max(deepest, nesting_depth(child, stop - 1))
+    return deepest + 1
