@@ -54,8 +54,16 @@ _SCALAR_TYPES = {
     "decimal": "Decimal",
     "bool": "bool",
     "datetime": "datetime",
+    "duration": "timedelta",
 }
-TIMER_KINDS = ("timeout", "escalation_step", "escalation_end", "retry_step")
+TIMER_KINDS = (
+    "timeout",
+    "escalation_step",
+    "escalation_end",
+    "retry_step",
+    "retry_timeout",
+    "entry",
+)
 EMIT_SOURCES = ("field", "literal", "instance", "actor", "event")
 
 
@@ -184,6 +192,17 @@ def retry_step(step: object) -> Code:
     if isinstance(step, int) and not isinstance(step, bool):
         return Code(f"step {step}")
     raise CodegenError(f"not a retry step: {step!r}")
+
+
+def delay_comment(row: object) -> Code:
+    """The comment beside a timer's after_ms: its written duration, or where it comes from."""
+    field = getattr(row, "after_field", None)
+    setting = getattr(row, "after_setting", None)
+    if field is not None:
+        return Code(f"from the entering event's field {_require_name(field, 'field')}")
+    if setting is not None:
+        return Code(f"from setting {_require_name(setting, 'ladder')}")
+    return duration(getattr(row, "after_text", None))
 
 
 def optional_state(name: object) -> Code:
@@ -354,6 +373,7 @@ FILTERS: dict[str, Callable[..., Code]] = {
     "timer_kind": timer_kind,
     "notify": notify,
     "duration": duration,
+    "delay_comment": delay_comment,
     "doc_path": doc_path,
     "sha256": sha256,
     "version": version,
@@ -413,7 +433,11 @@ def contract_imports(tables: MachineTables) -> list[str]:
         used.add("RetryStepSpec")
     if tables.policies:
         used.add("ActionPolicy")
+    if tables.settings:
+        used.add("SettingSpec")
     kinds = {f.kind for p in tables.payloads for f in p.fields}
+    if "duration" in kinds:
+        used.add("timedelta")
     if "decimal" in kinds:
         used.add("Decimal")
     if "datetime" in kinds:

@@ -91,13 +91,17 @@ class Explanation:
 
 
 def _resting(tables: MachineTables) -> set[str]:
-    # Resting states are a language construct that may not exist yet in the tables.
-    return {s.name for s in tables.states if getattr(s, "resting", False)}
+    return {s.name for s in tables.states if s.resting}
 
 
 def timed_exit(state: str, timers: Iterable[TimerRow]) -> TimerRow | None:
     """The timer that takes an instance out of `state` first, if any."""
-    leaving = [t for t in timers if t.target is not None]
+    # A delay from an event field or a setting is known only at run time: no bound from it.
+    leaving = [
+        t
+        for t in timers
+        if t.target is not None and t.after_field is None and t.after_setting is None
+    ]
     return min(leaving, key=lambda t: t.after_ms, default=None)
 
 
@@ -149,10 +153,13 @@ def _ladders(tables: MachineTables) -> tuple[LadderBound, ...]:
                 "retry",
                 retry.name,
                 tuple(step.state for step in retry.steps),
-                sum(step.after_ms for step in retry.steps),
+                # An attempt in flight may take up to its timeout before it counts as failed.
+                sum(step.after_ms + (step.timeout_ms or 0) for step in retry.steps),
                 tuple(step.after_text for step in retry.steps),
                 retry.exhausted_target,
-                format_duration(sum(step.after_ms for step in retry.steps)),
+                format_duration(
+                    sum(step.after_ms + (step.timeout_ms or 0) for step in retry.steps)
+                ),
             )
         )
     for escalation in tables.escalations:
