@@ -32,21 +32,24 @@ from .model import (
     Delay,
     Duration,
     EmitValue,
+    Entry,
     Escalation,
     Event,
     EventRef,
     Field,
     Flow,
+    Group,
     Ignore,
     Machine,
+    MachineTimer,
     Name,
-    Node,
     Policy,
     PolicyBreaker,
     PolicyBulkhead,
     PolicyFallback,
     PolicyRetry,
     RetryLadder,
+    Setting,
     State,
     Suppression,
     Timer,
@@ -933,8 +936,8 @@ def _emit_sites(
         for entry in state.entries:
             for ref in entry.emits:
                 yield ref, None
-    for timer in machine.machine_timers:
-        for ref in timer.emits:
+    for mtimer in machine.machine_timers:
+        for ref in mtimer.emits:
             yield ref, None
     for ladder in machine.retries:
         if ladder.exhausted is not None:
@@ -1428,6 +1431,22 @@ def check_suppression_codes(facts: MachineFacts) -> Iterator[Diagnostic]:
             )
 
 
+# Every item an `@allow` can precede.
+_Suppressible = (
+    Event
+    | RetryLadder
+    | Policy
+    | State
+    | Transition
+    | Timer
+    | Ignore
+    | Escalation
+    | Entry
+    | Group
+    | Setting
+    | MachineTimer
+)
+
 # A filter that skips, in C, the many items without suppressions.
 _suppressing = attrgetter("suppressions")
 
@@ -1439,7 +1458,7 @@ def _suppression_sites(
     which transitions of a state carry one (MachineFacts knows)."""
     for suppression in machine.suppressions:
         yield suppression, None
-    groups: list[Sequence[Node]]
+    groups: list[Sequence[_Suppressible]]
     groups = [
         machine.events,
         machine.retries,

@@ -932,8 +932,8 @@ def _action_names(machine: m.Machine) -> Iterator[m.Name]:
                 yield from ladder.end.actions
         for entry in state.entries:
             yield from entry.actions
-    for timer in machine.machine_timers:
-        yield from timer.actions
+    for mtimer in machine.machine_timers:
+        yield from mtimer.actions
     for retry in machine.retries:
         for step in retry.steps:
             yield from step.actions
@@ -977,8 +977,8 @@ def emit_refs(
                 yield from ladder.end.emits
         for entry in state.entries:
             yield from entry.emits
-    for timer in machine.machine_timers:
-        yield from timer.emits
+    for mtimer in machine.machine_timers:
+        yield from mtimer.emits
     for retry in machine.retries:
         if retry.exhausted is not None:
             yield from retry.exhausted.emits
