@@ -993,6 +993,8 @@ def check_retry_collisions(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E108: a retry ladder already decides what its event does in its states."""
     lowered: dict[tuple[str, str], RetryEdge] = {}
     for edge in facts.retry_edges:
+        if not edge.by_event:
+            continue  # a ladder's timer moves; the event is not taken there
         key = (edge.source.value, edge.ladder.event.value)
         first = lowered.setdefault(key, edge)
         if first is not edge and first.ladder is not edge.ladder:
@@ -1066,7 +1068,8 @@ def check_handled_and_ignored(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E112: a state cannot both act on an event and ignore it."""
     ladder_events: dict[str, set[str]] = defaultdict(set)
     for edge in facts.retry_edges:
-        ladder_events[edge.source.value].add(edge.ladder.event.value)
+        if edge.by_event:
+            ladder_events[edge.source.value].add(edge.ladder.event.value)
     for state in facts.ignoring:
         handled = {t.event.value for t in state.transitions}
         handled |= ladder_events.get(state.name.value, set())
@@ -1760,7 +1763,7 @@ def _skipped_rules(facts: MachineFacts) -> tuple[str, ...]:
 
 # Findings that text skipped by syntax error recovery (a state, a marker, a row) could cause.
 _ECHOES_OF_SKIPPED_TEXT = frozenset(
-    {"E101", "E102", "E104", "E106", "W201", "W202", "W203", "W204", "W205"}
+    {"E101", "E102", "E104", "E106", "E145", "W201", "W202", "W203", "W204", "W205"}
 )
 
 
