@@ -454,13 +454,19 @@ class TypedGovernor(Generic[S, E, B]):
         self.governor = governor
 
     @classmethod
-    def load(cls, runtime: Runtime, bindings: B) -> Self:
+    def load(
+        cls,
+        runtime: Runtime,
+        bindings: B,
+        settings: Mapping[str, int | str | _datetime.timedelta] | None = None,
+    ) -> Self:
         """Load the machine into `runtime`, its guards and actions bound to the methods (or
-        module functions) of `bindings` that carry their names."""
+        module functions) of `bindings` that carry their names, with the machine's settings
+        (durations, each within its declared bounds) if it declares any."""
         spec = cls.MACHINE
         guards = {n: getattr(bindings, n) for n in spec.guards if hasattr(bindings, n)}
         actions = {n: getattr(bindings, n) for n in spec.actions if hasattr(bindings, n)}
-        return cls(runtime.load(spec, guards, actions))
+        return cls(runtime.load(spec, guards, actions, settings))
 
     def _state(self, value: str) -> S:
         return cast(S, self.MACHINE.state_type(value))
