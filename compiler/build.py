@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checks import CheckReport, check_paths
-from .codegen import COMPILER_VERSION, LINE_LENGTH, generate_tables
+from .codegen import COMPILER_VERSION, LINE_LENGTH, generate_tables, ruff_format
 from .diagram import (
     DiagramToolFailed,
     build_diagram,

@@ -106,6 +106,8 @@ def _split(line: str) -> list[str]:
     if stripped.startswith("#"):
         return [line]
     indent = len(line) - len(stripped)
+    if stripped.startswith("def "):
+        return _split_def(indent, stripped)
     if _FIELD.fullmatch(stripped) is not None:
         raise Unsure(line)  # ruff weighs parenthesizing the annotation against the default
     suffix = "," if stripped.endswith(",") else ""
@@ -129,6 +131,51 @@ def _split(line: str) -> list[str]:
 
 # A payload field: `name: annotation` or `name: annotation = None` (in a class body).
 _FIELD = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*): (?P<annotation>.+?)(?P<default> = None)?")
+
+
+_DEF = re.compile(r"def (?P<name>[A-Za-z_][A-Za-z0-9_]*)\((?P<params>.*)\)(?P<tail> -> .+: \.\.\.)")
+
+
+def _split_def(indent: int, stripped: str) -> list[str]:
+    """A long one-line method stub (`def name(self, context: T, /) -> object: ...`): its
+    parameters on one line if they fit, else one per line, a long annotation split at its
+    brackets."""
+    match = _DEF.fullmatch(stripped)
+    if match is None:
+        raise Unsure(stripped)
+    params = match["params"]
+    try:
+        arguments = ast.parse(f"def f({params}): pass").body[0].args  # type: ignore[attr-defined]
+    except SyntaxError:
+        raise Unsure(stripped) from None
+    source = f"def f({params}): pass"
+    items = [_text(a, source) for a in arguments.posonlyargs]
+    if arguments.posonlyargs:
+        items.append("/")
+    items += [_text(a, source) for a in arguments.args]
+    if arguments.vararg or arguments.kwonlyargs or arguments.kwarg or arguments.defaults:
+        raise Unsure(stripped)
+    pad, inner = " " * indent, " " * (indent + 4)
+    out = [f"{pad}def {match['name']}("]
+    body = ", ".join(items)
+    if indent + 4 + len(body) <= LINE_LENGTH:
+        out.append(inner + body)
+    else:
+        for arg, text in zip([*arguments.posonlyargs, None, *arguments.args], items, strict=False):
+            if indent + 4 + len(text) + 1 <= LINE_LENGTH or arg is None or arg.annotation is None:
+                out.append(f"{inner}{text},")
+                continue
+            annotation = arg.annotation
+            if not isinstance(annotation, ast.Subscript):
+                raise Unsure(stripped)
+            index = _text(annotation.slice, source)
+            if indent + 8 + len(index) > LINE_LENGTH:
+                raise Unsure(stripped)
+            out.append(f"{inner}{arg.arg}: {_text(annotation.value, source)}[")
+            out.append(" " * (indent + 8) + index)
+            out.append(f"{inner}],")
+    out.append(pad + ")" + match["tail"])
+    return out
 
 
 def _is_expression(text: str) -> bool:
