@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checks import CheckReport, check_paths
-from .codegen import COMPILER_VERSION, generate_tables, ruff_format
+from .codegen import COMPILER_VERSION, LINE_LENGTH, generate_tables, ruff_format
 from .diagram import (
     DiagramToolFailed,
     build_diagram,
@@ -25,6 +25,7 @@ from .errors import Diagnostic
 from .flow_codegen import flow_dot, flow_mermaid, flow_module, generate_flow
 from .lower import LoweringError, MachineTables, cycle_collection_paused, lower
 from .model import Flow, Machine
+from .pyformat import quote
 
 # Files in the output folder that the build neither writes nor calls orphaned.
 KEPT_NAMES = frozenset({"py.typed", "__pycache__"})
@@ -212,12 +213,18 @@ def display_path(path: str) -> str:
 
 
 def render_package_init(tables: Sequence[MachineTables]) -> str:
-    modules = ", ".join(repr(t.module) for t in tables)
-    trailing = "," if len(tables) == 1 else ""
-    return ruff_format(
+    """The package's __init__.py, laid out as ruff format lays it out: the tuple on one line
+    if it fits, else one module per line."""
+    modules = [quote(t.module) for t in tables]
+    head = "MODULES: tuple[str, ...] = "
+    one_line = head + "(" + ", ".join(modules) + ("," if len(modules) == 1 else "") + ")"
+    if len(one_line) <= LINE_LENGTH or len(modules) == 1:
+        value = one_line
+    else:
+        value = head + "(\n" + "".join(f"    {m},\n" for m in modules) + ")"
+    return (
         '"""Generated governor modules, one per machine file: written by `autonomic build`,'
-        ' do not edit."""\n\n'
-        f"MODULES: tuple[str, ...] = ({modules}{trailing})\n"
+        ' do not edit."""\n\n' + value + "\n"
     )
 
 

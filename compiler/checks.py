@@ -21,6 +21,7 @@ from .graph import (
     RetryEdge,
     closure,
     declared_only,
+    machine_timer_moves,
     predecessors,
     retry_edges,
     state_moves,
@@ -28,15 +29,19 @@ from .graph import (
 )
 from .lower import emit_refs, name_problem, named_things, run_actions
 from .model import (
+    Delay,
     Duration,
     EmitValue,
+    Entry,
     Escalation,
     Event,
     EventRef,
     Field,
     Flow,
+    Group,
     Ignore,
     Machine,
+    MachineTimer,
     Name,
     Policy,
     PolicyBreaker,
@@ -44,6 +49,7 @@ from .model import (
     PolicyFallback,
     PolicyRetry,
     RetryLadder,
+    Setting,
     State,
     Suppression,
     Timer,
@@ -138,8 +144,17 @@ class MachineFacts:
         for ladder in self.machine.retries:
             refs.extend((entry, "retry entry state") for entry in ladder.entry_states)
             refs.extend((step.state, "retry step state") for step in ladder.steps)
+            refs.extend(
+                (step.attempt, "retry attempt state")
+                for step in ladder.steps
+                if step.attempt is not None
+            )
             if ladder.exhausted is not None:
                 refs.append((ladder.exhausted.target, "retry exhausted target"))
+        for group in self.machine.groups:
+            refs.extend((name, f"member of group '{group.name.value}'") for name in group.states)
+        for timer in self.machine.machine_timers:
+            refs.append((timer.target, "timer target"))
         return refs
 
     @cached_property
@@ -199,8 +214,11 @@ class MachineFacts:
         for ladder in self.machine.retries:
             used.update(entry.value for entry in ladder.entry_states)
             used.update(step.state.value for step in ladder.steps)
+            used.update(step.attempt.value for step in ladder.steps if step.attempt is not None)
             if ladder.exhausted is not None:
                 used.add(ladder.exhausted.target.value)
+        for group in self.machine.groups:
+            used.update(name.value for name in group.states)
         return used - self.states.keys()
 
     @cached_property
@@ -282,6 +300,8 @@ class MachineFacts:
                     sites[escalation.end.target.value].append((source, escalation.end.target))
         for edge in self.retry_edges:
             sites[edge.target.value].append((edge.source.value, edge.target))
+        for source, target in machine_timer_moves(self.machine):
+            sites[target.value].append((source, target))
         return sites
 
     @cached_property
@@ -301,6 +321,12 @@ class MachineFacts:
     @cached_property
     def final_names(self) -> set[str]:
         return {name for name, state in self.states.items() if state.final}
+
+    @cached_property
+    def end_names(self) -> set[str]:
+        """Where an instance may validly stop: final states, and resting states (which
+        can also be left)."""
+        return {name for name, state in self.states.items() if state.final or state.resting}
 
     @cached_property
     def suppression_sites(self) -> list[tuple[Suppression, SourceSpan | None]]:
@@ -474,16 +500,22 @@ def check_timers(facts: MachineFacts) -> Iterator[Diagnostic]:
     timed = facts.timed
     durations: list[tuple[Duration, str]] = []
     for state in timed:
-        durations.extend((t.after, "timer") for t in state.timers)
+        durations.extend((t.after, "timer") for t in state.timers if t.delay is None)
         for escalation in state.escalations:
+            # A step at 0 fires on entry (the first page of an on-call ladder).
             for step in escalation.steps:
-                durations.append((step.after, "escalation step"))
                 if step.within is not None:
                     durations.append((step.within, "escalation deadline"))
+                if step.repeat is not None:
+                    durations.append((step.repeat.every, "repeat interval"))
             if escalation.end is not None:
                 durations.append((escalation.end.after, "escalation end"))
     for ladder in facts.machine.retries:
         durations.extend((retry.after, "retry step") for retry in ladder.steps)
+        durations.extend(
+            (retry.timeout, "attempt timeout") for retry in ladder.steps if retry.timeout
+        )
+    durations.extend((t.after, "timer") for t in facts.machine.machine_timers if t.delay is None)
     for duration, what in durations:
         if duration.millis == 0:
             yield fail(
@@ -497,7 +529,7 @@ def check_timers(facts: MachineFacts) -> Iterator[Diagnostic]:
     acting: dict[str, list[tuple[Duration, str]]] = defaultdict(list)
     for state in timed:
         name = state.name.value
-        acting[name].extend((t.after, "timer") for t in state.timers)
+        acting[name].extend((t.after, "timer") for t in state.timers if t.delay is None)
         acting[name].extend(
             (e.end.after, "escalation end") for e in state.escalations if e.end is not None
         )
@@ -528,7 +560,8 @@ def check_shadowed_timers(facts: MachineFacts) -> Iterator[Diagnostic]:
     for state in facts.timed:
         name = state.name.value
         for timer in state.timers:
-            due[name].append((timer.after, "timer", timer.target is not None))
+            if timer.delay is None:
+                due[name].append((timer.after, "timer", timer.target is not None))
         for escalation in state.escalations:
             times = [step.after.millis for step in escalation.steps]
             if escalation.end is not None:
@@ -559,6 +592,221 @@ def check_shadowed_timers(facts: MachineFacts) -> Iterator[Diagnostic]:
                     f"shorten it below {first.text}, or lengthen or remove the earlier timer",
                     [related(first.span, f"this timer leaves '{state_name}' at {first.text}")],
                 )
+
+
+# ---------------------------------------------------------------- rules: data, groups, entries
+
+
+def check_resting_and_entry(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E116 a state both final and resting; E111 entry actions of a final state."""
+    for state in facts.finals:
+        if state.resting:
+            yield fail(
+                "E116",
+                f"state '{state.name.value}' is both final and resting",
+                state.name.span,
+                "final ends the instance; resting is a place to stop that can be left: keep one",
+            )
+        for entry in state.entries:
+            yield fail(
+                "E111",
+                f"final state '{state.name.value}' has entry actions",
+                entry.span,
+                "a final state ends the instance; run the actions on the rows into it",
+            )
+
+
+def check_delays(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E144: `after event.F` needs F, a required duration, in the event of every row into the
+    state, and no way in without an event (creation, timers, ladders). E145: `after setting
+    S` needs a declared setting."""
+    settings = {setting.name.value for setting in facts.machine.settings}
+    delayed: list[tuple[str, Timer | None, Delay]] = []
+    for state in facts.timed:
+        delayed.extend((state.name.value, t, t.delay) for t in state.timers if t.delay)
+    for mtimer in facts.machine.machine_timers:
+        if mtimer.delay is not None:
+            delayed.append(("", None, mtimer.delay))
+    for state_name, timer, delay in delayed:
+        if delay.kind == "setting":
+            if delay.name.value not in settings:
+                yield fail(
+                    "E145",
+                    f"unknown setting '{delay.name.value}'",
+                    delay.name.span,
+                    did_you_mean(delay.name.value, settings)
+                    or f"declare it: setting {delay.name.value} between 1h and 30d",
+                )
+            continue
+        if timer is None:
+            yield fail(
+                "E144",
+                f"a group or creation timer has no entering event to take "
+                f"'{delay.name.value}' from",
+                delay.span,
+                "use a fixed duration or a setting",
+            )
+            continue
+        yield from _field_delay_findings(facts, state_name, delay)
+
+
+def _field_delay_findings(facts: MachineFacts, state: str, delay: Delay) -> Iterator[Diagnostic]:
+    field = delay.name.value
+    shown = f"event.{field}"
+    if facts.initial is not None and facts.initial.name.value == state:
+        yield fail(
+            "E144",
+            f"'{state}' is the initial state: creation has no event to take {shown} from",
+            delay.span,
+            "use a fixed duration or a setting, or time it in a state entered by an event",
+        )
+    for other in facts.machine.states:
+        for row in other.transitions:
+            if row.target.value != state:
+                continue
+            event = facts.events.get(row.event.value)
+            if event is None:
+                continue  # E106
+            found = next((f for f in event.fields if f.name.value == field), None)
+            if found is None or found.type.kind != "duration" or found.type.optional:
+                why = (
+                    "has no field of that name"
+                    if found is None
+                    else "declares it optional"
+                    if found.type.kind == "duration"
+                    else f"declares it {found.type.kind}"
+                )
+                yield fail(
+                    "E144",
+                    f"{shown}: event '{row.event.value}', which enters '{state}', {why}",
+                    delay.span,
+                    f"declare `{field}: duration` in event '{row.event.value}'",
+                    [related(row.event.span, f"'{row.event.value}' enters '{state}' here")],
+                )
+    for source, target in _timed_ways_in(facts):
+        if target.value == state:
+            yield fail(
+                "E144",
+                f"{shown}: '{state}' is also entered by a timer or ladder, without an event",
+                delay.span,
+                "enter the state only by events that carry the duration",
+                [related(target.span, f"entered from '{source}' here without an event")],
+            )
+
+
+def _timed_ways_in(facts: MachineFacts) -> Iterator[tuple[str, Name]]:
+    """Moves that enter a state without an event: timers, escalation ends, ladder timers."""
+    for state in facts.timed:
+        for timer in state.timers:
+            if timer.target is not None:
+                yield state.name.value, timer.target
+        for escalation in state.escalations:
+            if escalation.end is not None:
+                yield state.name.value, escalation.end.target
+    for edge in facts.retry_edges:
+        if not edge.by_event:
+            yield edge.source.value, edge.target
+    yield from machine_timer_moves(facts.machine)
+
+
+def check_settings_and_groups(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E145: settings with sensible bounds, declared once; groups declared once, of
+    distinct non-final states, and group timers naming a declared group."""
+    seen: dict[str, Name] = {}
+    for setting in facts.machine.settings:
+        first = seen.setdefault(setting.name.value, setting.name)
+        if first is not setting.name:
+            yield fail(
+                "E145",
+                f"setting '{setting.name.value}' is declared twice",
+                setting.name.span,
+                "declare each setting once",
+                [related(first.span, "first declared here")],
+            )
+        if setting.low.millis <= 0 or setting.high.millis < setting.low.millis:
+            yield fail(
+                "E145",
+                f"setting '{setting.name.value}' has bounds {setting.low.text} to "
+                f"{setting.high.text}",
+                setting.high.span if setting.low.millis > 0 else setting.low.span,
+                "the lower bound is positive and not above the upper one",
+            )
+    groups: dict[str, Name] = {}
+    for group in facts.machine.groups:
+        first = groups.setdefault(group.name.value, group.name)
+        if first is not group.name:
+            yield fail(
+                "E145",
+                f"group '{group.name.value}' is declared twice",
+                group.name.span,
+                "declare each group once",
+                [related(first.span, "first declared here")],
+            )
+        members: dict[str, Name] = {}
+        for member in group.states:
+            if members.setdefault(member.value, member) is not member:
+                yield fail(
+                    "E145",
+                    f"state '{member.value}' is listed twice in group '{group.name.value}'",
+                    member.span,
+                    "list each state once",
+                )
+            elif member.value in facts.final_names:
+                yield fail(
+                    "E145",
+                    f"final state '{member.value}' is in group '{group.name.value}'",
+                    member.span,
+                    "a group timer runs while the instance lives; leave final states out",
+                )
+    for timer in facts.machine.machine_timers:
+        if timer.group is not None and timer.group.value not in groups:
+            yield fail(
+                "E145",
+                f"unknown group '{timer.group.value}'",
+                timer.group.span,
+                did_you_mean(timer.group.value, groups)
+                or f"declare it: group {timer.group.value} {{ StateA, StateB }}",
+            )
+
+
+def check_retry_attempts(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E122: an attempt state is its own (not an entry, a step or another attempt, not
+    final); E119: a ladder makes no more attempts than its cap."""
+    for ladder in facts.machine.retries:
+        label = f"retry ladder '{ladder.name.value}'"
+        taken = {n.value for n in ladder.entry_states} | {s.state.value for s in ladder.steps}
+        attempts: set[str] = set()
+        for step in ladder.steps:
+            if step.attempt is None:
+                continue
+            name = step.attempt.value
+            if name in taken or name in attempts:
+                yield fail(
+                    "E122",
+                    f"attempt state '{name}' of {label} is already used by the ladder",
+                    step.attempt.span,
+                    "an attempt in flight needs a state of its own",
+                )
+            elif name in facts.final_names:
+                yield fail(
+                    "E122",
+                    f"attempt state '{name}' of {label} is final",
+                    step.attempt.span,
+                    "an attempt waits for its answer; it cannot be final",
+                )
+            attempts.add(name)
+        if (
+            ladder.cap is not None
+            and ladder.cap_span is not None
+            and len(ladder.steps) > ladder.cap
+        ):
+            yield fail(
+                "E119",
+                f"{label} makes {len(ladder.steps)} attempts, more than its cap of {ladder.cap}",
+                ladder.cap_span,
+                "remove steps or raise the cap",
+                [related(ladder.steps[ladder.cap].span, "the first step over the cap")],
+            )
 
 
 # ---------------------------------------------------------------- rules: references
@@ -685,10 +933,19 @@ def _emit_sites(
             if escalation.end is not None:
                 for ref in escalation.end.emits:
                     yield ref, None
+        for entry in state.entries:
+            for ref in entry.emits:
+                yield ref, None
+    for mtimer in machine.machine_timers:
+        for ref in mtimer.emits:
+            yield ref, None
     for ladder in machine.retries:
         if ladder.exhausted is not None:
             for ref in ladder.exhausted.emits:
                 yield ref, ladder.event
+                if ladder.steps and ladder.steps[-1].timeout is not None:
+                    # An attempt that times out is exhausted without a failure event.
+                    yield ref, None
 
 
 # ---------------------------------------------------------------- rules: transitions
@@ -736,6 +993,8 @@ def check_retry_collisions(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E108: a retry ladder already decides what its event does in its states."""
     lowered: dict[tuple[str, str], RetryEdge] = {}
     for edge in facts.retry_edges:
+        if not edge.by_event:
+            continue  # a ladder's timer moves; the event is not taken there
         key = (edge.source.value, edge.ladder.event.value)
         first = lowered.setdefault(key, edge)
         if first is not edge and first.ladder is not edge.ladder:
@@ -809,7 +1068,8 @@ def check_handled_and_ignored(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E112: a state cannot both act on an event and ignore it."""
     ladder_events: dict[str, set[str]] = defaultdict(set)
     for edge in facts.retry_edges:
-        ladder_events[edge.source.value].add(edge.ladder.event.value)
+        if edge.by_event:
+            ladder_events[edge.source.value].add(edge.ladder.event.value)
     for state in facts.ignoring:
         handled = {t.event.value for t in state.transitions}
         handled |= ladder_events.get(state.name.value, set())
@@ -861,23 +1121,27 @@ def check_ladder_order(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E120: steps strictly later than the previous one, the end after the last step."""
     for state in facts.timed:
         for escalation in state.escalations:
-            times = [step.after for step in escalation.steps]
+            times = [(step.after, step.last) for step in escalation.steps]
             if escalation.end is not None:
-                times.append(escalation.end.after)
+                times.append((escalation.end.after, escalation.end.after.millis))
             yield from _not_increasing(times, "escalation")
     for ladder in facts.machine.retries:
-        yield from _not_increasing([step.after for step in ladder.steps], "retry")
+        yield from _not_increasing([(s.after, s.after.millis) for s in ladder.steps], "retry")
 
 
-def _not_increasing(times: list[Duration], kind: str) -> Iterator[Diagnostic]:
-    for before, after in itertools.pairwise(times):
-        if after.millis <= before.millis:
+def _not_increasing(times: list[tuple[Duration, int]], kind: str) -> Iterator[Diagnostic]:
+    """`times` are (when a step first fires, when its last repetition fires)."""
+    for (before, before_last), (after, _) in itertools.pairwise(times):
+        if after.millis <= before_last:
+            last = _duration_text(before_last, before)
+            repeated = "" if before_last == before.millis else f", repeated until {last}"
             yield fail(
                 "E120",
                 f"{kind} ladder step at {after.text} is not later than the one before "
-                f"({before.text})",
+                f"({before.text}{repeated})",
                 after.span,
-                f"each step must come strictly after the previous one ({before.text})",
+                f"each step must come strictly after the previous one ({last})",
+                [related(before.span, "the step before")],
             )
 
 
@@ -892,11 +1156,11 @@ def check_escalation_deadlines(facts: MachineFacts) -> Iterator[Diagnostic]:
                 if step.within is None or index + 1 >= len(times):
                     continue
                 following = times[index + 1]
-                if following.millis <= step.after.millis:
+                if following.millis <= step.last:
                     continue  # the steps are out of order: E120's, and no room to speak of
-                due = step.after.millis + step.within.millis
+                due = step.last + step.within.millis
                 if due > following.millis:
-                    room = following.millis - step.after.millis
+                    room = following.millis - step.last
                     ends = _duration_text(due, step.within)
                     yield fail(
                         "E121",
@@ -1041,17 +1305,18 @@ def check_final_reachability(facts: MachineFacts) -> Iterator[Diagnostic]:
     machine, moves = facts.machine, facts.successors
     reachable = facts.reachable
     # A move to an unknown place may finish: no W202 before it (E104 is reported there).
-    finishing = closure(predecessors(moves), facts.final_names | facts.lost_moves)
-    if not facts.final_names and not machine.perpetual:
+    ends = facts.end_names
+    finishing = closure(predecessors(moves), ends | facts.lost_moves)
+    if not ends and not machine.perpetual:
         yield fail(
             "W202",
             f"machine '{machine.name.value}' has no final state",
             machine.name.span,
-            "mark where instances end with `final state`, or declare the machine "
-            "`perpetual` if it runs forever",
+            "mark where instances end with `final state` (or may stop, with `resting "
+            "state`), or declare the machine `perpetual` if it runs forever",
         )
     for name, state in facts.states.items():
-        if name not in reachable or state.final or state.perpetual:
+        if name not in reachable or state.final or state.perpetual or state.resting:
             continue
         if not moves[name] and name not in facts.lost_moves:
             yield fail(
@@ -1060,12 +1325,12 @@ def check_final_reachability(facts: MachineFacts) -> Iterator[Diagnostic]:
                 state.name.span,
                 "add a transition or timer out of it, or mark it `final` or `perpetual`",
             )
-        elif facts.final_names and not machine.perpetual and name not in finishing:
+        elif ends and not machine.perpetual and name not in finishing:
             yield fail(
                 "W202",
-                f"no final state can be reached from state '{name}'",
+                f"no final or resting state can be reached from state '{name}'",
                 state.name.span,
-                "add a way out towards a final state, or mark the state `perpetual`",
+                "add a way out towards a final or resting state, or mark the state `perpetual`",
             )
 
 
@@ -1169,6 +1434,22 @@ def check_suppression_codes(facts: MachineFacts) -> Iterator[Diagnostic]:
             )
 
 
+# Every item an `@allow` can precede.
+_Suppressible = (
+    Event
+    | RetryLadder
+    | Policy
+    | State
+    | Transition
+    | Timer
+    | Ignore
+    | Escalation
+    | Entry
+    | Group
+    | Setting
+    | MachineTimer
+)
+
 # A filter that skips, in C, the many items without suppressions.
 _suppressing = attrgetter("suppressions")
 
@@ -1180,13 +1461,19 @@ def _suppression_sites(
     which transitions of a state carry one (MachineFacts knows)."""
     for suppression in machine.suppressions:
         yield suppression, None
-    groups: list[
-        Sequence[Event | RetryLadder | Policy | State | Transition | Timer | Ignore | Escalation]
+    groups: list[Sequence[_Suppressible]]
+    groups = [
+        machine.events,
+        machine.retries,
+        machine.policies,
+        machine.states,
+        machine.groups,
+        machine.settings,
+        machine.machine_timers,
     ]
-    groups = [machine.events, machine.retries, machine.policies, machine.states]
     for state in machine.states:
         rows = state.transitions if noted_rows is None else noted_rows(state)
-        groups.extend((rows, state.timers, state.ignores, state.escalations))
+        groups.extend((rows, state.timers, state.ignores, state.escalations, state.entries))
     for items in groups:
         for item in filter(_suppressing, items):
             for suppression in item.suppressions:
@@ -1409,6 +1696,10 @@ MACHINE_RULES: tuple[MachineRule, ...] = (
     check_initial_and_final,
     check_timers,
     check_shadowed_timers,
+    check_resting_and_entry,
+    check_delays,
+    check_settings_and_groups,
+    check_retry_attempts,
     check_unknown_states,
     check_unknown_events,
     check_unhandled_events,
@@ -1472,7 +1763,7 @@ def _skipped_rules(facts: MachineFacts) -> tuple[str, ...]:
 
 # Findings that text skipped by syntax error recovery (a state, a marker, a row) could cause.
 _ECHOES_OF_SKIPPED_TEXT = frozenset(
-    {"E101", "E102", "E104", "E106", "W201", "W202", "W203", "W204", "W205"}
+    {"E101", "E102", "E104", "E106", "E145", "W201", "W202", "W203", "W204", "W205"}
 )
 
 

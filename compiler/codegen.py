@@ -9,6 +9,7 @@ vet, so a template that forgets a filter fails loudly instead of pasting raw tex
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import unicodedata
@@ -35,6 +36,7 @@ from .lower import (
     name_problem,
 )
 from .model import Machine
+from .pyformat import Unsure, fit_lines, fit_lines_best_effort, quote
 
 COMPILER_VERSION = __version__
 
@@ -54,8 +56,16 @@ _SCALAR_TYPES = {
     "decimal": "Decimal",
     "bool": "bool",
     "datetime": "datetime",
+    "duration": "timedelta",
 }
-TIMER_KINDS = ("timeout", "escalation_step", "escalation_end", "retry_step")
+TIMER_KINDS = (
+    "timeout",
+    "escalation_step",
+    "escalation_end",
+    "retry_step",
+    "retry_timeout",
+    "entry",
+)
 EMIT_SOURCES = ("field", "literal", "instance", "actor", "event")
 
 
@@ -79,8 +89,11 @@ def _require_name(name: object, role: NameRole) -> str:
 
 
 def py(value: object) -> Code:
-    """A Python literal for plain data: str, int, bool, None, or a tuple of those."""
-    if value is None or isinstance(value, bool | int | str):
+    """A Python literal for plain data: str, int, bool, None, or a tuple of those; strings
+    quoted as ruff format quotes them."""
+    if isinstance(value, str):
+        return Code(quote(value))
+    if value is None or isinstance(value, bool | int):
         return Code(repr(value))
     if isinstance(value, tuple):
         return _tuple([py(v) for v in value])
@@ -184,6 +197,17 @@ def retry_step(step: object) -> Code:
     if isinstance(step, int) and not isinstance(step, bool):
         return Code(f"step {step}")
     raise CodegenError(f"not a retry step: {step!r}")
+
+
+def delay_comment(row: object) -> Code:
+    """The comment beside a timer's after_ms: its written duration, or where it comes from."""
+    field = getattr(row, "after_field", None)
+    setting = getattr(row, "after_setting", None)
+    if field is not None:
+        return Code(f"from the entering event's field {_require_name(field, 'field')}")
+    if setting is not None:
+        return Code(f"from setting {_require_name(setting, 'ladder')}")
+    return duration(getattr(row, "after_text", None))
 
 
 def optional_state(name: object) -> Code:
@@ -354,6 +378,7 @@ FILTERS: dict[str, Callable[..., Code]] = {
     "timer_kind": timer_kind,
     "notify": notify,
     "duration": duration,
+    "delay_comment": delay_comment,
     "doc_path": doc_path,
     "sha256": sha256,
     "version": version,
@@ -413,7 +438,11 @@ def contract_imports(tables: MachineTables) -> list[str]:
         used.add("RetryStepSpec")
     if tables.policies:
         used.add("ActionPolicy")
+    if tables.settings:
+        used.add("SettingSpec")
     kinds = {f.kind for p in tables.payloads for f in p.fields}
+    if "duration" in kinds:
+        used.add("timedelta")
     if "decimal" in kinds:
         used.add("Decimal")
     if "datetime" in kinds:
@@ -453,16 +482,95 @@ def render_module(tables: MachineTables, *, long_lines: bool = False) -> str:
         dispatches=dispatch_rows(tables),
         compiler_version=COMPILER_VERSION,
         long_lines=long_lines,
+        transition_rows=transition_rows(tables),
+        timer_rows=timer_rows(tables),
     )
+
+
+# ---------------------------------------------------------------- the two large tables
+#
+# Written here rather than in templates: they are most of a large module, and jinja's per-row
+# cost (a filter call per value) was most of a large build. The text is the one the
+# templates would give, through the same filters.
+
+
+def transition_rows(tables: MachineTables) -> Code:
+    """The entries of TRANSITIONS, one `(State.S, Event.E): (Transition(...), ...),` each."""
+    path = tables.source_path
+    # Each distinct name is checked and written once (a 10k-state machine has 150k uses).
+    states = {s.name: state_member(s.name) for s in tables.states}
+    events = {e: event_member(e) for e in tables.events}
+    out: list[str] = []
+    add = out.append
+    for (source, event), rows in tables.transitions:
+        add(f"            ({states[source]}, {events[event]}): (\n")
+        for r in rows:
+            if r.ladder is not None:
+                add(f"                # retry ladder {ident(r.ladder)}: {retry_step(r.step)}\n")
+            ref = r.ref
+            if ref.path != path:
+                source_ref(ref, path)  # raises
+            at = f"{int(ref.line)}, {int(ref.column)}"
+            add(
+                "                Transition(\n"
+                f"                    source={states[r.source]},\n"
+                f"                    event={events[r.event]},\n"
+                f"                    target={states[r.target]},\n"
+                f"                    guard={'None' if r.guard is None else guard(r.guard)},\n"
+                f"                    actions={names(r.actions) if r.actions else '()'},\n"
+                f"                    emits={emits(r.emits) if r.emits else '()'},\n"
+                f"                    ref=SourceRef(SOURCE_PATH, {at}),\n"
+                "                ),\n"
+            )
+        add("            ),\n")
+    return Code("".join(out))
+
+
+def timer_rows(tables: MachineTables) -> Code:
+    """The entries of TIMERS, one `State.S: (TimerSpec(...), ...),` each."""
+    path = tables.source_path
+    out: list[str] = []
+    add = out.append
+    for state, rows in tables.timers:
+        add(f"            {state_member(state)}: (\n")
+        for r in rows:
+            add(
+                "                TimerSpec(\n"
+                f"                    id={py(r.id)},\n"
+                f"                    state={state_member(r.state)},\n"
+                f"                    after_ms={py(r.after_ms)},  # {delay_comment(r)}\n"
+                f"                    kind={timer_kind(r.kind)},\n"
+                f"                    target={optional_state(r.target)},\n"
+                f"                    actions={names(r.actions)},\n"
+                f"                    emits={emits(r.emits)},\n"
+                f"                    notify={optional_notify(r.notify)},\n"
+                f"                    ladder={py(r.ladder)},\n"
+                f"                    step={py(r.step)},\n"
+                f"                    ref={source_ref(r.ref, path)},\n"
+            )
+            if r.scope != "state":
+                add(f"                    scope={py(r.scope)},\n")
+            if r.group is not None:
+                add(f"                    group={name_string(r.group, 'ladder')},\n")
+            if r.after_field is not None:
+                add(f"                    after_field={name_string(r.after_field, 'field')},\n")
+            if r.after_setting is not None:
+                add(
+                    f"                    after_setting={name_string(r.after_setting, 'ladder')},\n"
+                )
+            add("                ),\n")
+        add("            ),\n")
+    return Code("".join(out))
 
 
 def has_long_lines(source: str) -> bool:
     """Whether ruff's E501 would flag a line: wider than the limit and not a single word."""
-    for line in source.splitlines():
-        if line.isascii():
-            if len(line) > LINE_LENGTH and any(c.isspace() for c in line.strip()):
-                return True
-            continue
+    lines = source.split("\n")
+    if source.isascii():
+        if max(map(len, lines)) <= LINE_LENGTH:
+            return False  # the common case, decided in C
+        return any(len(line) > LINE_LENGTH and " " in line.strip() for line in lines)
+    for line in lines:
         width = sum(
             0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
             for c in line
@@ -473,7 +581,8 @@ def has_long_lines(source: str) -> bool:
 
 
 def ruff_command() -> list[str]:
-    """ruff is a runtime dependency: prefer the binary installed beside this interpreter."""
+    """ruff, for the test that holds `format_source` to ruff's output: prefer the binary
+    installed beside this interpreter."""
     beside = Path(sys.executable).with_name("ruff")
     return [str(beside)] if beside.is_file() else [sys.executable, "-m", "ruff"]
 
@@ -500,14 +609,26 @@ def ruff_format(source: str) -> str:
 
 
 def generate_tables(tables: MachineTables) -> str:
-    """The formatted source of one generated module. ruff's parser is the syntax check: it
-    refuses a module that is not valid Python (a separate ast.parse cost 13 s on a 10k-state
-    machine)."""
+    """The formatted source of one generated module, as `ruff format` would write it (see
+    pyformat; a test holds the two byte-identical), without running ruff. Every name in it
+    passed the identifier rule and every other value went through `py`, so it parses; the
+    build's tests import every generated module."""
     with cycle_collection_paused():
-        formatted = ruff_format(render_module(tables))
+        formatted = _formatted(render_module(tables))
         if has_long_lines(formatted):
-            formatted = ruff_format(render_module(tables, long_lines=True))
+            formatted = _formatted(render_module(tables, long_lines=True))
     return formatted
+
+
+def _formatted(source: str) -> str:
+    """`source` as ruff formats it: by pyformat, or by ruff itself for the few lines pyformat
+    is not sure of (when ruff is installed; else pyformat's valid, near-ruff layout)."""
+    try:
+        return fit_lines(source)
+    except Unsure:
+        if shutil.which("ruff") is None and not Path(sys.executable).with_name("ruff").is_file():
+            return fit_lines_best_effort(source)
+        return ruff_format(source)
 
 
 def generate_module(

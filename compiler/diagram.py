@@ -120,7 +120,7 @@ def build_diagram(tables: MachineTables, explanation: Explanation | None = None)
         cluster_titles.append(DiagramCluster(retry.name, title))
         for step in retry.steps:
             clusters.setdefault(step.state, retry.name)
-    resting = {s.name for s in tables.states if getattr(s, "resting", False)}
+    resting = {s.name for s in tables.states if s.resting}
     nodes: list[DiagramNode] = []
     merged: dict[tuple[str, str], list[tuple[tuple[int, int], Line]]] = {}
     for state in tables.states:
@@ -140,6 +140,14 @@ def build_diagram(tables: MachineTables, explanation: Explanation | None = None)
                 internal.append(line)
             else:
                 merged.setdefault((state.name, timer.target), []).append(line)
+        if state.initial:
+            for timer in tables.creation_timers:
+                internal.append(
+                    (
+                        (timer.ref.line, timer.ref.column),
+                        Line(f"{_timer_line(timer, tables.name)} -> {timer.target}", "timer"),
+                    )
+                )
         internal.sort(key=lambda item: item[0])
         nodes.append(
             DiagramNode(
@@ -153,6 +161,17 @@ def build_diagram(tables: MachineTables, explanation: Explanation | None = None)
                 cluster=clusters.get(state.name),
             )
         )
+    # A group timer can fire in each state of its group: one dashed line from each.
+    members = dict(tables.groups)
+    for group, group_timers in tables.group_timers:
+        for timer in group_timers:
+            line = (
+                (timer.ref.line, timer.ref.column),
+                Line(_timer_line(timer, tables.name), "timer"),
+            )
+            for member in members.get(group, ()):
+                if timer.target is not None and timer.target != member:
+                    merged.setdefault((member, timer.target), []).append(line)
     order = {node.id: position for position, node in enumerate(nodes)}
     edges = [
         DiagramEdge(source, target, tuple(line for _, line in sorted(lines, key=lambda i: i[0])))
@@ -200,9 +219,15 @@ def _transition_line(row: TransitionRow, own: str) -> str:
 def _timer_line(timer: TimerRow, own: str) -> str:
     """`after 72h (ApprovalLadder) / auto_approve`; an escalation step names whom it
     notifies: `after 24h (ApprovalLadder): notify queue manager_review_queue (within 4h)`."""
-    head = f"after {timer.after_text}"
+    head = "on entry" if timer.kind == "entry" else f"after {timer.after_text}"
+    if timer.scope == "group":
+        head += f" in {timer.group}"
+    elif timer.scope == "creation":
+        head += " from creation"
     if timer.kind == "retry_step":
         head += f" ({timer.ladder} step {timer.step})"
+    elif timer.kind == "retry_timeout":
+        head += f" ({timer.ladder} step {timer.step} timed out)"
     elif timer.kind in ("escalation_end", "escalation_step"):
         head += f" ({_ladder_title(timer.ladder)})"
     if timer.notify is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import networkx as nx
@@ -76,14 +77,19 @@ class LadderBound:
     within_text: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Explanation:
     machine: str
     states: tuple[StateBound, ...]  # declaration order
     ladders: tuple[LadderBound, ...]
 
+    @cached_property
+    def _by_state(self) -> dict[str, StateBound]:
+        return {b.state: b for b in self.states}
+
     def bound(self, state: str) -> StateBound:
-        return next(b for b in self.states if b.state == state)
+        # By index: a diagram asks for every state's bound, and a scan each was quadratic.
+        return self._by_state[state]
 
     def waiting(self) -> tuple[str, ...]:
         """States only an outside event can leave, that are neither final nor resting."""
@@ -91,13 +97,17 @@ class Explanation:
 
 
 def _resting(tables: MachineTables) -> set[str]:
-    # Resting states are a language construct that may not exist yet in the tables.
-    return {s.name for s in tables.states if getattr(s, "resting", False)}
+    return {s.name for s in tables.states if s.resting}
 
 
 def timed_exit(state: str, timers: Iterable[TimerRow]) -> TimerRow | None:
     """The timer that takes an instance out of `state` first, if any."""
-    leaving = [t for t in timers if t.target is not None]
+    # A delay from an event field or a setting is known only at run time: no bound from it.
+    leaving = [
+        t
+        for t in timers
+        if t.target is not None and t.after_field is None and t.after_setting is None
+    ]
     return min(leaving, key=lambda t: t.after_ms, default=None)
 
 
@@ -119,20 +129,37 @@ def explain(tables: MachineTables) -> Explanation:
         first = next(iter(component))
         if len(component) > 1 or graph.has_edge(first, first):
             cyclic |= component
-    # Every state that leads into a cycle never stops either.
+    # Every state that leads into a cycle never stops either: one walk back from all of them
+    # (an `ancestors` query per cyclic state was quadratic on large machines).
     never = set(cyclic)
-    for node in cyclic:
-        never |= nx.ancestors(graph, node)
+    pending = list(cyclic)
+    while pending:
+        for before in graph.predecessors(pending.pop()):
+            if before not in never:
+                never.add(before)
+                pending.append(before)
     acyclic = graph.subgraph(n for n in graph if n not in never)
+    # The longest weighted path from every state at once, in reverse topological order (a
+    # longest-path query per state was quadratic): its length and the next state on it.
+    longest: dict[str, tuple[int, str | None]] = {}
+    for node in reversed(list(nx.topological_sort(acyclic))):
+        best: tuple[int, str | None] = (0, None)
+        for after in acyclic.successors(node):
+            length = acyclic[node][after]["weight"] + longest[after][0]
+            if best[1] is None or length > best[0]:
+                best = (length, after)
+        longest[node] = best
     bounds = []
     for state in tables.states:
         name = state.name
         if name in never:
             bounds.append(StateBound(name, None, (name,), name, "cycle"))
             continue
-        reach = acyclic.subgraph(nx.descendants(acyclic, name) | {name})
-        path = tuple(nx.dag_longest_path(reach, weight="weight"))
-        within = int(nx.dag_longest_path_length(reach, weight="weight"))
+        within = longest[name][0]
+        walk = [name]
+        while (following := longest[walk[-1]][1]) is not None:
+            walk.append(following)
+        path = tuple(walk)
         end = path[-1]
         stop: StopKind = "final" if end in finals else "resting" if end in resting else "event"
         # One timer: its duration as the designer wrote it (72h, not 3d).
@@ -149,10 +176,13 @@ def _ladders(tables: MachineTables) -> tuple[LadderBound, ...]:
                 "retry",
                 retry.name,
                 tuple(step.state for step in retry.steps),
-                sum(step.after_ms for step in retry.steps),
+                # An attempt in flight may take up to its timeout before it counts as failed.
+                sum(step.after_ms + (step.timeout_ms or 0) for step in retry.steps),
                 tuple(step.after_text for step in retry.steps),
                 retry.exhausted_target,
-                format_duration(sum(step.after_ms for step in retry.steps)),
+                format_duration(
+                    sum(step.after_ms + (step.timeout_ms or 0) for step in retry.steps)
+                ),
             )
         )
     for escalation in tables.escalations:

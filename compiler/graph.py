@@ -11,30 +11,44 @@ from .model import Machine, Name, RetryLadder, State
 
 @dataclass(frozen=True, slots=True)
 class RetryEdge:
-    """One move a retry ladder lowers to: `event` in `source` goes to `target`.
+    """One move a retry ladder lowers to: `event` in `source` goes to `target` (`by_event`),
+    or a timer does (a step's wait ending in its attempt, an attempt's timeout).
 
     `origin` is the name that creates the move: an entry state, the next step's state,
-    or the exhausted target."""
+    the attempt state, or the exhausted target."""
 
     ladder: RetryLadder
     source: Name
     target: Name
     origin: SourceSpan
+    by_event: bool = True
 
 
 def retry_edges(ladder: RetryLadder) -> Iterator[RetryEdge]:
-    """entry -> step 1 -> ... -> step n -> exhausted, as in the lowered transition table."""
+    """entry -> step 1 -> ... -> step n -> exhausted, as in the lowered transition table. A
+    step with an attempt state waits in its own state (the failure event is not taken
+    there), moves to the attempt by timer, and the attempt moves on by the failure event or
+    its timeout."""
     first_stop = ladder.steps[0].state if ladder.steps else None
     if first_stop is None and ladder.exhausted is not None:
         first_stop = ladder.exhausted.target
     if first_stop is not None:
         for entry in ladder.entry_states:
             yield RetryEdge(ladder, entry, first_stop, entry.span)
-    for before, after in zip(ladder.steps, ladder.steps[1:], strict=False):
-        yield RetryEdge(ladder, before.state, after.state, after.state.span)
-    if ladder.steps and ladder.exhausted is not None:
-        target = ladder.exhausted.target
-        yield RetryEdge(ladder, ladder.steps[-1].state, target, target.span)
+    stops: list[Name] = [step.state for step in ladder.steps[1:]]
+    if ladder.exhausted is not None:
+        stops.append(ladder.exhausted.target)
+    for step, following in zip(ladder.steps, stops, strict=False):
+        if step.attempt is None:
+            yield RetryEdge(ladder, step.state, following, following.span)
+        else:
+            yield RetryEdge(ladder, step.state, step.attempt, step.attempt.span, by_event=False)
+            yield RetryEdge(ladder, step.attempt, following, following.span)
+            yield RetryEdge(ladder, step.attempt, following, following.span, by_event=False)
+    if ladder.steps and ladder.exhausted is None:
+        last = ladder.steps[-1]
+        if last.attempt is not None:
+            yield RetryEdge(ladder, last.state, last.attempt, last.attempt.span, by_event=False)
 
 
 def state_moves(state: State) -> set[str]:
@@ -63,7 +77,27 @@ def written_moves(
         for edge in retry_edges(ladder):
             if edge.source.value in moves:
                 moves[edge.source.value].add(edge.target.value)
+    for source, target in machine_timer_moves(machine):
+        moves[source].add(target.value)
     return moves
+
+
+def machine_timer_moves(machine: Machine) -> Iterator[tuple[str, Name]]:
+    """(declared source state, target) of group and creation timers: a group timer can fire
+    in every state of its group, a creation timer in every state that is not final."""
+    if not machine.machine_timers:
+        return
+    groups = {group.name.value: group for group in machine.groups}
+    declared = {state.name.value: state for state in machine.states}
+    for timer in machine.machine_timers:
+        if timer.scope == "creation":
+            sources = [name for name, state in declared.items() if not state.final]
+        else:
+            group = groups.get(timer.group.value) if timer.group is not None else None
+            members = [] if group is None else [n.value for n in group.states]
+            sources = [name for name in members if name in declared]
+        for source in sources:
+            yield source, timer.target
 
 
 def declared_only(moves: Mapping[str, set[str]]) -> dict[str, set[str]]:

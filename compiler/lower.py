@@ -27,7 +27,10 @@ from .errors import Diagnostic, SourceSpan, fail
 
 ELSE = "else"
 
-TimerKind = Literal["timeout", "escalation_step", "escalation_end", "retry_step"]
+TimerKind = Literal[
+    "timeout", "escalation_step", "escalation_end", "retry_step", "retry_timeout", "entry"
+]
+TimerScope = Literal["state", "group", "creation"]
 NameRole = Literal[
     "machine", "state", "event", "field", "guard", "action", "recipient", "ladder", "emit", "name"
 ]
@@ -152,6 +155,12 @@ class TimerRow:
     ladder: str | None
     step: int | None
     ref: Ref
+    # Where it is measured from: entry into `state`, into the group `group`, or creation.
+    scope: TimerScope = "state"
+    group: str | None = None
+    # The delay comes from a duration field of the entering event, or from a setting.
+    after_field: str | None = None
+    after_setting: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +195,10 @@ class RetryStepRow:
     after_text: str
     actions: tuple[str, ...]
     timer_id: str
+    attempt_state: str | None = None
+    timeout_ms: int | None = None
+    timeout_text: str | None = None
+    timeout_timer_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +248,18 @@ class StateRow:
     initial: bool
     final: bool
     perpetual: bool
+    resting: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SettingRow:
+    name: str
+    doc: str | None
+    min_ms: int
+    min_text: str
+    max_ms: int
+    max_text: str
+    ref: Ref
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +284,11 @@ class MachineTables:
     guards: tuple[tuple[str, Ref], ...]
     actions: tuple[tuple[str, Ref], ...]
     policies: tuple[PolicyRow, ...] = ()
+    resting: tuple[str, ...] = ()
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    group_timers: tuple[tuple[str, tuple[TimerRow, ...]], ...] = ()
+    creation_timers: tuple[TimerRow, ...] = ()
+    settings: tuple[SettingRow, ...] = ()
 
 
 # ---------------------------------------------------------------- lowering
@@ -316,7 +346,8 @@ def _lower(
         source_path=path,
         source_sha256=machine.source_sha256,
         states=tuple(
-            StateRow(s.name.value, s.doc, s.initial, s.final, s.perpetual) for s in machine.states
+            StateRow(s.name.value, s.doc, s.initial, s.final, s.perpetual, s.resting)
+            for s in machine.states
         ),
         events=tuple(e.name.value for e in machine.events),
         initial=initials[0].name.value,
@@ -330,6 +361,29 @@ def _lower(
         guards=lowering.first_uses(_guard_names(machine)),
         actions=lowering.first_uses(chain(_action_names(machine), _fallback_names(machine))),
         policies=lowering.policies(),
+        resting=tuple(sorted(s.name.value for s in machine.states if s.resting)),
+        groups=tuple(
+            sorted((g.name.value, tuple(sorted(n.value for n in g.states))) for g in machine.groups)
+        ),
+        group_timers=lowering.group_timers(),
+        creation_timers=lowering.creation_timers(),
+        settings=tuple(
+            sorted(
+                (
+                    SettingRow(
+                        s.name.value,
+                        s.doc,
+                        s.low.millis,
+                        s.low.text,
+                        s.high.millis,
+                        s.high.text,
+                        lowering.ref(s.span),
+                    )
+                    for s in machine.settings
+                ),
+                key=lambda r: r.name,
+            )
+        ),
     )
 
 
@@ -429,7 +483,9 @@ class _Lowering:
         )
 
     def retry_rows(self, ladder: m.RetryLadder) -> Iterator[TransitionRow]:
-        """entry -> step 1 -> ... -> step n -> exhausted (entry -> exhausted without steps)."""
+        """entry -> step 1 -> ... -> step n -> exhausted (entry -> exhausted without steps).
+        The failure event moves on from a step's attempt state when it has one (the step's
+        own state only waits), else from the step's state."""
         exhausted = ladder.exhausted
         for entry in ladder.entry_states:
             if ladder.steps:
@@ -438,11 +494,14 @@ class _Lowering:
             elif exhausted is not None:
                 yield self.exhausted_row(ladder, entry.value, entry.span)
         for number, (before, after) in enumerate(pairwise(ladder.steps), start=2):
+            source = before.attempt if before.attempt is not None else before.state
             yield self.retry_row(
-                ladder, before.state.value, after.state.value, after.state.span, step=number
+                ladder, source.value, after.state.value, after.state.span, step=number
             )
         if ladder.steps and exhausted is not None:
-            yield self.exhausted_row(ladder, ladder.steps[-1].state.value, exhausted.target.span)
+            last = ladder.steps[-1]
+            source = last.attempt if last.attempt is not None else last.state
+            yield self.exhausted_row(ladder, source.value, exhausted.target.span)
 
     def retry_row(
         self, ladder: m.RetryLadder, source: str, target: str, span: SourceSpan, *, step: int
@@ -488,9 +547,18 @@ class _Lowering:
             by_state[state.name.value].extend(self.plain_timers(state))
             for row, written in self.escalation_ladders(state):
                 by_state[state.name.value].extend(self.escalation_timers(row, written))
+        for state in self.machine.states:
+            by_state[state.name.value].extend(self.entry_timers(state))
         for retry, ladder in self.retry_ladders():
-            for step, written_step in zip(retry.steps, ladder.steps, strict=True):
+            for index, (step, written_step) in enumerate(
+                zip(retry.steps, ladder.steps, strict=True)
+            ):
                 by_state[step.state].append(self.retry_timer(retry, step, written_step))
+                if step.attempt_state is not None:
+                    following = retry.steps[index + 1] if index + 1 < len(retry.steps) else None
+                    by_state[step.attempt_state].append(
+                        self.attempt_timeout(retry, ladder, step, written_step, following)
+                    )
         # Firing order: earliest first; ties in source order.
         return tuple(
             (state, tuple(sorted(rows, key=lambda t: (t.after_ms, t.ref.line, t.ref.column, t.id))))
@@ -505,20 +573,81 @@ class _Lowering:
             # elsewhere in the state never renames this one (stores key armed timers by id).
             occurrence = seen[timer.after.text]
             seen[timer.after.text] += 1
+            yield self.timer_row(
+                timer, f"{state.name.value}/after/{timer.after.text}#{occurrence}", state.name.value
+            )
+
+    def timer_row(
+        self,
+        timer: m.Timer | m.MachineTimer,
+        timer_id: str,
+        state: str,
+        scope: TimerScope = "state",
+        group: str | None = None,
+    ) -> TimerRow:
+        delay = timer.delay
+        return TimerRow(
+            id=timer_id,
+            state=state,
+            after_ms=timer.after.millis,
+            after_text=timer.after.text,
+            kind="timeout",
+            target=timer.target.value if timer.target is not None else None,
+            actions=_values(timer.actions),
+            emits=self.emits(timer.emits, None),
+            notify=None,
+            ladder=None,
+            step=None,
+            ref=self.ref(timer.span),
+            scope=scope,
+            group=group,
+            after_field=delay.name.value if delay is not None and delay.kind == "field" else None,
+            after_setting=(
+                delay.name.value if delay is not None and delay.kind == "setting" else None
+            ),
+        )
+
+    def entry_timers(self, state: m.State) -> Iterator[TimerRow]:
+        """Entry actions: timers due at the moment of entry (t = 0)."""
+        for number, entry in enumerate(state.entries):
             yield TimerRow(
-                id=f"{state.name.value}/after/{timer.after.text}#{occurrence}",
+                id=f"{state.name.value}/entry#{number}",
                 state=state.name.value,
-                after_ms=timer.after.millis,
-                after_text=timer.after.text,
-                kind="timeout",
-                target=timer.target.value if timer.target is not None else None,
-                actions=_values(timer.actions),
-                emits=self.emits(timer.emits, None),
+                after_ms=0,
+                after_text="0s",
+                kind="entry",
+                target=None,
+                actions=_values(entry.actions),
+                emits=self.emits(entry.emits, None),
                 notify=None,
                 ladder=None,
                 step=None,
-                ref=self.ref(timer.span),
+                ref=self.ref(entry.span),
             )
+
+    def group_timers(self) -> tuple[tuple[str, tuple[TimerRow, ...]], ...]:
+        by_group: dict[str, list[TimerRow]] = defaultdict(list)
+        seen: dict[str, int] = defaultdict(int)
+        for timer in self.machine.machine_timers:
+            if timer.scope != "group" or timer.group is None:
+                continue
+            group = timer.group.value
+            key = f"@{group}/after/{timer.after.text}"
+            timer_id = f"{key}#{seen[key]}"
+            seen[key] += 1
+            by_group[group].append(self.timer_row(timer, timer_id, group, "group", group))
+        return tuple((group, tuple(rows)) for group, rows in sorted(by_group.items()))
+
+    def creation_timers(self) -> tuple[TimerRow, ...]:
+        rows = []
+        seen: dict[str, int] = defaultdict(int)
+        for timer in self.machine.machine_timers:
+            if timer.scope != "creation":
+                continue
+            key = f"@creation/after/{timer.after.text}"
+            rows.append(self.timer_row(timer, f"{key}#{seen[key]}", "", "creation"))
+            seen[key] += 1
+        return tuple(rows)
 
     def escalation_ladders(self, state: m.State) -> Iterator[tuple[EscalationRow, m.Escalation]]:
         unnamed = 0
@@ -532,8 +661,8 @@ class _Lowering:
             steps = tuple(
                 EscalationStepRow(
                     step=number,
-                    after_ms=step.after.millis,
-                    after_text=step.after.text,
+                    after_ms=at,
+                    after_text=_text(at, step.after),
                     notify=NotifyRow(
                         kind=step.recipient_kind,
                         recipient=step.recipient.value,
@@ -541,9 +670,11 @@ class _Lowering:
                         within_text=step.within.text if step.within is not None else None,
                         message=step.message,
                     ),
-                    timer_id=f"{key}/{number}",
+                    # A repeated step's later firings get ids of their own: 3, 3.2, 3.3 ...
+                    timer_id=f"{key}/{number}" + (f".{repetition}" if repetition > 1 else ""),
                 )
                 for number, step in enumerate(ladder.steps, start=1)
+                for repetition, at in enumerate(_firings(step), start=1)
             )
             end = ladder.end
             row = EscalationRow(
@@ -560,7 +691,8 @@ class _Lowering:
             yield row, ladder
 
     def escalation_timers(self, ladder: EscalationRow, written: m.Escalation) -> Iterator[TimerRow]:
-        for step, written_step in zip(ladder.steps, written.steps, strict=True):
+        unrolled = [s for s in written.steps for _ in _firings(s)]
+        for step, written_step in zip(ladder.steps, unrolled, strict=True):
             yield TimerRow(
                 id=step.timer_id,
                 state=ladder.state,
@@ -612,6 +744,14 @@ class _Lowering:
                         after_text=step.after.text,
                         actions=_values(step.actions),
                         timer_id=f"{step.state.value}/{name}/{number}",
+                        attempt_state=step.attempt.value if step.attempt is not None else None,
+                        timeout_ms=step.timeout.millis if step.timeout is not None else None,
+                        timeout_text=step.timeout.text if step.timeout is not None else None,
+                        timeout_timer_id=(
+                            f"{step.attempt.value}/{name}/{number}/timeout"
+                            if step.attempt is not None
+                            else None
+                        ),
                     )
                     for number, step in enumerate(ladder.steps, start=1)
                 ),
@@ -626,6 +766,42 @@ class _Lowering:
     def retries(self) -> tuple[RetryRow, ...]:
         return tuple(sorted((row for row, _ in self.retry_ladders()), key=lambda r: r.name))
 
+    def attempt_timeout(
+        self,
+        retry: RetryRow,
+        ladder: m.RetryLadder,
+        step: RetryStepRow,
+        written: m.RetryStep,
+        following: RetryStepRow | None,
+    ) -> TimerRow:
+        """An attempt without an answer after its timeout fails: on to the next step, or
+        exhausted (its actions and emits, without a causing event)."""
+        assert step.attempt_state is not None and step.timeout_timer_id is not None
+        assert step.timeout_ms is not None and step.timeout_text is not None
+        end = ladder.exhausted
+        if following is not None:
+            target: str | None = following.state
+            actions: tuple[str, ...] = ()
+            emits: tuple[EmitRow, ...] = ()
+        else:
+            target = end.target.value if end is not None else None
+            actions = _values(end.actions) if end is not None else ()
+            emits = self.emits(end.emits, None) if end is not None else ()
+        return TimerRow(
+            id=step.timeout_timer_id,
+            state=step.attempt_state,
+            after_ms=step.timeout_ms,
+            after_text=step.timeout_text,
+            kind="retry_timeout",
+            target=target,
+            actions=actions,
+            emits=emits,
+            notify=None,
+            ladder=retry.name,
+            step=step.step,
+            ref=self.ref(written.timeout.span if written.timeout is not None else written.span),
+        )
+
     def retry_timer(self, retry: RetryRow, step: RetryStepRow, written: m.RetryStep) -> TimerRow:
         return TimerRow(
             id=step.timer_id,
@@ -633,7 +809,7 @@ class _Lowering:
             after_ms=step.after_ms,
             after_text=step.after_text,
             kind="retry_step",
-            target=None,
+            target=step.attempt_state,
             actions=step.actions,
             emits=(),
             notify=None,
@@ -697,6 +873,28 @@ _CONTEXT_REFS: dict[str, EmitSource] = {"instance": "instance", "actor": "actor"
 CONTEXT_REFS = tuple(_CONTEXT_REFS)
 
 
+def _firings(step: m.EscalationStep) -> list[int]:
+    """When a (possibly repeated) escalation step fires, from entry."""
+    if step.repeat is None:
+        return [step.after.millis]
+    every = step.repeat.every.millis
+    return [step.after.millis + k * every for k in range(step.repeat.count)]
+
+
+def _text(millis: int, written: m.Duration) -> str:
+    """The written text for the first firing; a compound text for the repetitions."""
+    if millis == written.millis:
+        return written.text
+    parts = []
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        count, millis = divmod(millis, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    if millis:
+        parts.append(f"{millis}ms")
+    return "".join(parts) or "0s"
+
+
 def _values(names: Iterable[m.Name]) -> tuple[str, ...]:
     return tuple(n.value for n in names)
 
@@ -732,6 +930,10 @@ def _action_names(machine: m.Machine) -> Iterator[m.Name]:
         for ladder in state.escalations:
             if ladder.end is not None:
                 yield from ladder.end.actions
+        for entry in state.entries:
+            yield from entry.actions
+    for mtimer in machine.machine_timers:
+        yield from mtimer.actions
     for retry in machine.retries:
         for step in retry.steps:
             yield from step.actions
@@ -773,6 +975,10 @@ def emit_refs(
         for ladder in state.escalations:
             if ladder.end is not None:
                 yield from ladder.end.emits
+        for entry in state.entries:
+            yield from entry.emits
+    for mtimer in machine.machine_timers:
+        yield from mtimer.emits
     for retry in machine.retries:
         if retry.exhausted is not None:
             yield from retry.exhausted.emits
@@ -794,6 +1000,10 @@ def named_things(machine: m.Machine) -> Iterator[tuple[m.Name, NameRole]]:
             yield f.name, "field"
     for retry in machine.retries:
         yield retry.name, "ladder"
+    for group in machine.groups:
+        yield group.name, "ladder"
+    for setting in machine.settings:
+        yield setting.name, "ladder"
     for name in _guard_names(machine):
         yield name, "guard"
     for name in _action_names(machine):

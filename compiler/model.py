@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict
 
 from .errors import SourceSpan
 
-FieldKind = Literal["str", "int", "decimal", "bool", "datetime", "enum"]
-FIELD_KINDS: tuple[str, ...] = ("str", "int", "decimal", "bool", "datetime")
+FieldKind = Literal["str", "int", "decimal", "bool", "datetime", "duration", "enum"]
+FIELD_KINDS: tuple[str, ...] = ("str", "int", "decimal", "bool", "datetime", "duration")
 
 _WORD_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
@@ -140,6 +140,14 @@ class Duration(Node):
     text: str
 
 
+class Delay(Node):
+    """A timer's delay that is not written as a duration: `event.NAME`, a duration field of
+    the event that entered the state, or `setting NAME`, supplied when the machine is loaded."""
+
+    kind: Literal["field", "setting"]
+    name: Name
+
+
 class FieldType(Node):
     kind: FieldKind
     literals: tuple[Name, ...] = ()
@@ -206,9 +214,11 @@ class Transition(Node):
 
 
 class Timer(Node):
-    """`after D [-> Target]`: measured from entry into the enclosing state."""
+    """`after D [-> Target]`: measured from entry into the enclosing state. With a `delay`
+    (`after event.snooze_for`, `after setting grace`), `after` holds its text and no millis."""
 
     after: Duration
+    delay: Delay | None = None
     target: Name | None = None
     actions: tuple[Name, ...] = ()
     emits: tuple[EventRef, ...] = ()
@@ -220,12 +230,28 @@ class Ignore(Node):
     suppressions: tuple[Suppression, ...] = ()
 
 
+class Repeat(Node):
+    """`repeat COUNT every D`: a step that fires COUNT times in all, D apart."""
+
+    count: int
+    count_span: SourceSpan
+    every: Duration
+
+
 class EscalationStep(Node):
     after: Duration
     recipient_kind: Literal["queue", "role"]
     recipient: Name
     within: Duration | None = None
     message: str | None = None
+    repeat: Repeat | None = None
+
+    @property
+    def last(self) -> int:
+        """When its last repetition fires, from entry."""
+        if self.repeat is None:
+            return self.after.millis
+        return self.after.millis + (self.repeat.count - 1) * self.repeat.every.millis
 
 
 class EscalationEnd(Node):
@@ -242,23 +268,38 @@ class Escalation(Node):
     suppressions: tuple[Suppression, ...] = ()
 
 
+class Entry(Node):
+    """`entry do ... emit ...`: runs when the state is entered (t = 0)."""
+
+    actions: tuple[Name, ...] = ()
+    emits: tuple[EventRef, ...] = ()
+    suppressions: tuple[Suppression, ...] = ()
+
+
 class State(Node):
     name: Name
     doc: str | None = None
     initial: bool = False
     final: bool = False
     perpetual: bool = False
+    resting: bool = False
     transitions: tuple[Transition, ...] = ()
     timers: tuple[Timer, ...] = ()
     ignores: tuple[Ignore, ...] = ()
     escalations: tuple[Escalation, ...] = ()
+    entries: tuple[Entry, ...] = ()
     suppressions: tuple[Suppression, ...] = ()
 
 
 class RetryStep(Node):
+    """`step W after D do A [attempt S timeout T]`: wait in W for D, run A; with `attempt`,
+    the attempt is in flight in S until the failure event, or T without an answer, moves on."""
+
     state: Name
     after: Duration
     actions: tuple[Name, ...] = ()
+    attempt: Name | None = None
+    timeout: Duration | None = None
 
 
 class RetryEnd(Node):
@@ -276,6 +317,41 @@ class RetryLadder(Node):
     entry_states: tuple[Name, ...]
     steps: tuple[RetryStep, ...] = ()
     exhausted: RetryEnd | None = None
+    cap: int | None = None  # `at most N attempts`
+    cap_span: SourceSpan | None = None
+    suppressions: tuple[Suppression, ...] = ()
+
+
+class Group(Node):
+    """`group Name { A, B, C }`: states that a group timer treats as one."""
+
+    name: Name
+    doc: str | None = None
+    states: tuple[Name, ...] = ()
+    suppressions: tuple[Suppression, ...] = ()
+
+
+class Setting(Node):
+    """`setting name between LOW and HIGH`: a duration supplied when the machine is loaded."""
+
+    name: Name
+    doc: str | None = None
+    low: Duration
+    high: Duration
+    suppressions: tuple[Suppression, ...] = ()
+
+
+class MachineTimer(Node):
+    """`after D in Group -> T` (armed on entering the group, kept while moving inside it,
+    cancelled on leaving it) or `after D from creation -> T` (armed at creation)."""
+
+    after: Duration
+    delay: Delay | None = None
+    scope: Literal["group", "creation"]
+    group: Name | None = None
+    target: Name
+    actions: tuple[Name, ...] = ()
+    emits: tuple[EventRef, ...] = ()
     suppressions: tuple[Suppression, ...] = ()
 
 
@@ -323,6 +399,9 @@ class Machine(Node):
     states: tuple[State, ...] = ()
     retries: tuple[RetryLadder, ...] = ()
     policies: tuple[Policy, ...] = ()
+    groups: tuple[Group, ...] = ()
+    settings: tuple[Setting, ...] = ()
+    machine_timers: tuple[MachineTimer, ...] = ()
     suppressions: tuple[Suppression, ...] = ()
     path: str
     source_sha256: str

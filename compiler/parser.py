@@ -402,6 +402,13 @@ def _repairs(text: str, exc: UnexpectedInput) -> Iterator[tuple[str, bool]]:
         yield fixed, True
     for token in _INSERTABLE:
         yield text[:offset] + token + " " + text[offset:], True
+    if len(expected) <= 3:
+        # A missing keyword where only a few things can follow (`between 1h and 2h`).
+        keywords = _keywords()
+        for terminal in sorted(expected):
+            missing = keywords.get(terminal)
+            if missing is not None:
+                yield text[:offset] + missing + " " + text[offset:], True
     size = max(len(exc.token) if isinstance(exc, UnexpectedToken) else 1, 1)
     yield text[:offset] + " " * size + text[offset + size :], False
     previous = _previous_token(text, offset)

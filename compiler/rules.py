@@ -147,6 +147,16 @@ _HELP: dict[str, tuple[str, str]] = {
         "An enum literal is listed twice.",
         "Remove the repeated literal.",
     ),
+    "E118": (
+        "A compound duration repeats a unit or puts a smaller unit before a larger one "
+        "(`30m1h`, `1h1h`).",
+        "Write each unit once, largest first: `1h30m`, `1d12h`.",
+    ),
+    "E119": (
+        "A repeat count or an attempt cap is not a whole number from 1 to 10000, or a retry "
+        "ladder has more steps than its `at most N attempts` cap.",
+        "Use a whole number of at least 1, and no more steps than the cap.",
+    ),
     "E120": (
         "The steps of a ladder must come strictly later one after another.",
         "Order the steps by time and make each later than the one before.",
@@ -258,6 +268,24 @@ _HELP: dict[str, tuple[str, str]] = {
     "W207": (
         "A folder given to the command holds no .fsm files.",
         "Pass the folder that holds the machine files.",
+    ),
+    "W208": (
+        "A timer can never fire: a shorter timer of the same state that moves out of it always "
+        "fires first.",
+        "Shorten the timer below the one that wins, or lengthen or remove that one.",
+    ),
+    "E144": (
+        "`after event.FIELD` takes its delay from the event that entered the state, but an "
+        "event entering it lacks FIELD as a required `duration`, or the state is also entered "
+        "without an event (creation, a timer, a ladder).",
+        "Declare `FIELD: duration` in every entering event, and enter the state only by them.",
+    ),
+    "E145": (
+        "A setting has bounds that are not positive and ordered, or is declared twice or "
+        "unknown; or a group is declared twice, lists a state twice, holds a final state, or "
+        "is unknown.",
+        "Declare each setting once, `between LOW and HIGH` with 0 < LOW <= HIGH, and each "
+        "group once with distinct non-final states.",
     ),
 }
 

@@ -40,6 +40,11 @@ SPANLESS_RULES = frozenset(
         "flow_input",
         "compensate_clause",
         "irreversible_clause",
+        "delay",
+        "attempt_cap",
+        "retry_attempt",
+        "group_scope",
+        "creation_scope",
     }
 )
 
@@ -95,6 +100,18 @@ RULES = (
     "compensate_clause",
     "irreversible_clause",
     "flow_branch",
+    "delay",
+    "field_delay",
+    "setting_delay",
+    "entry",
+    "repeat",
+    "attempt_cap",
+    "retry_attempt",
+    "group_decl",
+    "setting_decl",
+    "machine_timer",
+    "group_scope",
+    "creation_scope",
 )
 
 Rule = Callable[[SourceSpan | None, list[Any]], Any]
@@ -377,16 +394,71 @@ class ModelBuilder:
             suppressions=tuple(notes),
         )
 
+    def delay(self, span: None, children: list[m.Duration]) -> m.Duration:
+        return children[0]
+
+    def field_delay(self, span: SourceSpan, children: list[m.Name]) -> m.Delay:
+        return construct(m.Delay, span=span, kind="field", name=children[0])
+
+    def setting_delay(self, span: SourceSpan, children: list[m.Name]) -> m.Delay:
+        return construct(m.Delay, span=span, kind="setting", name=children[0])
+
+    @staticmethod
+    def _after(delay: m.Duration | m.Delay) -> tuple[m.Duration, m.Delay | None]:
+        """A timer's `after` and `delay` fields: a data delay has no millis of its own."""
+        if isinstance(delay, m.Duration):
+            return delay, None
+        source = "event" if delay.kind == "field" else "setting"
+        text = f"{source}.{delay.name.value}"
+        return construct(m.Duration, span=delay.span, millis=0, text=text), delay
+
     def timer(self, span: SourceSpan, children: list[Any]) -> m.Timer:
         notes, rest, clauses = self._split(children)
+        after, delay = self._after(rest[0])
         return construct(
             m.Timer,
             span=span,
-            after=rest[0],
+            after=after,
+            delay=delay,
             target=rest[1] if len(rest) > 1 else None,
             actions=clauses.get("actions", ()),
             emits=clauses.get("emits", ()),
             suppressions=tuple(notes),
+        )
+
+    def entry(self, span: SourceSpan, children: list[Any]) -> m.Entry:
+        notes, _, clauses = self._split(children)
+        return construct(
+            m.Entry,
+            span=span,
+            actions=clauses.get("actions", ()),
+            emits=clauses.get("emits", ()),
+            suppressions=tuple(notes),
+        )
+
+    def _count(self, value: m.EmitValue, what: str) -> int:
+        """A repeat count or attempt cap: a whole number of at least 1 (E119 otherwise)."""
+        text = value.text
+        if not text.isdigit() or int(text) < 1 or int(text) > 10_000:
+            self.diagnostics.append(
+                fail(
+                    "E119",
+                    f"{what} must be a whole number from 1 to 10000, not {text}",
+                    value.span,
+                    f"write a whole {what} such as 3",
+                )
+            )
+            return 1
+        return int(text)
+
+    def repeat(self, span: SourceSpan, children: list[Any]) -> m.Repeat:
+        count, every = children
+        return construct(
+            m.Repeat,
+            span=span,
+            count=self._count(count, "repeat count"),
+            count_span=count.span,
+            every=every,
         )
 
     def ignore(self, span: SourceSpan, children: list[Any]) -> m.Ignore:
@@ -395,6 +467,8 @@ class ModelBuilder:
 
     def escalation_step(self, span: SourceSpan, children: list[Any]) -> m.EscalationStep:
         _, rest, clauses = self._split(children)
+        repeats = [c for c in rest if isinstance(c, m.Repeat)]
+        rest = [c for c in rest if not isinstance(c, m.Repeat)]
         after, kind, recipient = rest[0], rest[1], rest[2]
         return construct(
             m.EscalationStep,
@@ -404,6 +478,7 @@ class ModelBuilder:
             recipient=recipient,
             within=rest[3] if len(rest) > 3 else None,
             message=clauses.get("doc"),
+            repeat=repeats[0] if repeats else None,
         )
 
     def escalation_end(self, span: SourceSpan, children: list[Any]) -> m.EscalationEnd:
@@ -441,6 +516,7 @@ class ModelBuilder:
             m.Timer: [],
             m.Ignore: [],
             m.Escalation: [],
+            m.Entry: [],
         }
         for member in clauses.get("body", ()):
             members[type(member)].append(member)
@@ -452,10 +528,12 @@ class ModelBuilder:
             initial="flag:initial" in clauses,
             final="flag:final" in clauses,
             perpetual="flag:perpetual" in clauses,
+            resting="flag:resting" in clauses,
             transitions=tuple(members[m.Transition]),
             timers=tuple(members[m.Timer]),
             ignores=tuple(members[m.Ignore]),
             escalations=tuple(members[m.Escalation]),
+            entries=tuple(members[m.Entry]),
             suppressions=tuple(notes),
         )
 
@@ -463,14 +541,23 @@ class ModelBuilder:
     def retry_entry(self, span: None, children: list[m.Name]) -> _Clause:
         return _Clause("entry", tuple(children))
 
+    def retry_attempt(self, span: None, children: list[Any]) -> _Clause:
+        return _Clause("attempt", (children[0], children[1]))
+
+    def attempt_cap(self, span: None, children: list[m.EmitValue]) -> _Clause:
+        return _Clause("cap", (self._count(children[0], "attempt cap"), children[0].span))
+
     def retry_step(self, span: SourceSpan, children: list[Any]) -> m.RetryStep:
         _, rest, clauses = self._split(children)
+        attempt, timeout = clauses.get("attempt", (None, None))
         return construct(
             m.RetryStep,
             span=span,
             state=rest[0],
             after=rest[1],
             actions=clauses.get("actions", ()),
+            attempt=attempt,
+            timeout=timeout,
         )
 
     def retry_end(self, span: SourceSpan, children: list[Any]) -> m.RetryEnd:
@@ -486,6 +573,7 @@ class ModelBuilder:
     def retry_decl(self, span: SourceSpan, children: list[Any]) -> m.RetryLadder:
         notes, rest, clauses = self._split(children)
         ends = [c for c in rest if isinstance(c, m.RetryEnd)]
+        cap, cap_span = clauses.get("cap", (None, None))
         return construct(
             m.RetryLadder,
             span=span,
@@ -494,6 +582,55 @@ class ModelBuilder:
             entry_states=clauses.get("entry", ()),
             steps=tuple(c for c in rest if isinstance(c, m.RetryStep)),
             exhausted=ends[0] if ends else None,
+            cap=cap,
+            cap_span=cap_span,
+            suppressions=tuple(notes),
+        )
+
+    # ------------------------------------------------------------ groups, settings, timers
+    def group_decl(self, span: SourceSpan, children: list[Any]) -> m.Group:
+        notes, rest, clauses = self._split(children)
+        return construct(
+            m.Group,
+            span=span,
+            name=rest[0],
+            doc=clauses.get("doc"),
+            states=tuple(rest[1:]),
+            suppressions=tuple(notes),
+        )
+
+    def setting_decl(self, span: SourceSpan, children: list[Any]) -> m.Setting:
+        notes, rest, clauses = self._split(children)
+        return construct(
+            m.Setting,
+            span=span,
+            name=rest[0],
+            doc=clauses.get("doc"),
+            low=rest[1],
+            high=rest[2],
+            suppressions=tuple(notes),
+        )
+
+    def group_scope(self, span: None, children: list[m.Name]) -> _Clause:
+        return _Clause("scope", ("group", children[0]))
+
+    def creation_scope(self, span: None, children: list[Any]) -> _Clause:
+        return _Clause("scope", ("creation", None))
+
+    def machine_timer(self, span: SourceSpan, children: list[Any]) -> m.MachineTimer:
+        notes, rest, clauses = self._split(children)
+        after, delay = self._after(rest[0])
+        scope, group = clauses["scope"]
+        return construct(
+            m.MachineTimer,
+            span=span,
+            after=after,
+            delay=delay,
+            scope=scope,
+            group=group,
+            target=rest[1],
+            actions=clauses.get("actions", ()),
+            emits=clauses.get("emits", ()),
             suppressions=tuple(notes),
         )
 
@@ -549,6 +686,9 @@ class ModelBuilder:
             states=tuple(c for c in members if isinstance(c, m.State)),
             retries=tuple(c for c in members if isinstance(c, m.RetryLadder)),
             policies=tuple(c for c in members if isinstance(c, m.Policy)),
+            groups=tuple(c for c in members if isinstance(c, m.Group)),
+            settings=tuple(c for c in members if isinstance(c, m.Setting)),
+            machine_timers=tuple(c for c in members if isinstance(c, m.MachineTimer)),
             suppressions=tuple(notes),
             path=self.path,
             source_sha256=self.sha256,

@@ -92,7 +92,7 @@ from .sealing import _Chain, _new_entry_data
 from .store.base import InstanceRecord, Transaction
 from .store.memory import MemoryStore
 from .tables import MachineSpec, Payload, TransitionContext
-from .timers import ArmedTimer, arm_timers
+from .timers import ArmedTimer, TimerPlan, arm_timers
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -184,14 +184,17 @@ class Governor:
         spec: MachineSpec,
         guards: Mapping[str, Guard],
         actions: Mapping[str, Action],
+        settings: Mapping[str, int] | None = None,
     ) -> None:
         self.runtime = runtime
         self.spec = spec
         self.name = spec.name
         timers = {str(state): specs for state, specs in spec.timers.items()}
+        self._plan = plan = TimerPlan(spec)
+        self._settings: Mapping[str, int] = dict(settings or {})
         self._rows: dict[tuple[str, str], tuple[_Row, ...]] = {
             (sys.intern(str(state)), sys.intern(str(event))): tuple(
-                _Row(spec.name, r, guards, actions, timers) for r in rows
+                _Row(spec.name, r, guards, actions, plan) for r in rows
             )
             for (state, event), rows in spec.transitions.items()
         }
@@ -216,7 +219,7 @@ class Governor:
             str(event): model for event, model in spec.payloads.items() if model.model_fields
         }
         self._timers = timers
-        self._timer_specs = {t.id: t for specs in spec.timers.values() for t in specs}
+        self._timer_specs = plan.specs
         self._timer_emits = {
             t.id: tuple(_EmitPlan(e) for e in t.emits) for t in self._timer_specs.values()
         }
@@ -298,7 +301,9 @@ class Governor:
             if txn.instance(name, instance_id) is not None:
                 raise InstanceExists(name, instance_id)
             now = runtime._clock.now_ms()
-            armed = arm_timers(name, instance_id, self._timers.get(initial, ()), now, 1)
+            armed = arm_timers(
+                name, instance_id, self._plan.on_create(initial), now, 1, None, self._settings
+            )
             entry = None
             if runtime._sealer is not None:
                 data = EntryData(
@@ -785,7 +790,11 @@ class Governor:
             else _EMPTY_RESULTS
         )
         version = record.version + 1
-        armed = arm_timers(name, instance_id, row.arms, now, version) if row.arms else ()
+        armed = (
+            arm_timers(name, instance_id, row.arms, now, version, payload, self._settings)
+            if row.arms
+            else ()
+        )
         emitted: tuple[EmittedEvent, ...] = ()
         bodies: list[str] = []
         if row.emits:
@@ -845,7 +854,10 @@ class Governor:
         # Writes: nothing above this line has touched the store.
         txn.update_instance(name, instance_id, row.target, version, record.version)
         if row.cancels:
-            txn.cancel_timers(name, instance_id)
+            if row.keep:
+                txn.cancel_timers(name, instance_id, row.keep)
+            else:
+                txn.cancel_timers(name, instance_id)
         if armed:
             txn.arm_timers(armed)
         if emitted:

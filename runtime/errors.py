@@ -329,6 +329,22 @@ class BindingError(RuntimeFailure):
         self.problems = problems
 
 
+class SettingsError(RuntimeFailure):
+    """Settings of a machine missing, unknown, malformed or out of their declared bounds;
+    `problems` lists every one, as diagnostics at the setting's declaration."""
+
+    code = "R015"
+
+    def __init__(self, machine: str, problems: tuple[str, ...]) -> None:
+        super().__init__(
+            f"{machine}: {len(problems)} setting problem{'s' if len(problems) != 1 else ''}:\n"
+            + "\n".join(problems),
+            hint="pass settings={name: duration} with every setting the machine declares",
+        )
+        self.machine = machine
+        self.problems = problems
+
+
 class ConcurrentUpdateDetected(RuntimeFailure):
     """The instance changed since the caller read it (optimistic concurrency)."""
 

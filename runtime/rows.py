@@ -9,6 +9,7 @@ from typing import final
 from .bindings import Action, Guard
 from .results import _EMPTY_RESULTS, _dumps, _Outcome
 from .tables import ELSE, Emit, Payload, TimerSpec, Transition
+from .timers import TimerPlan
 
 
 @final
@@ -25,6 +26,7 @@ class _Row:
         "event",
         "guard",
         "guard_fn",
+        "keep",
         "machine",
         "outcome",
         "ref",
@@ -39,7 +41,7 @@ class _Row:
         row: Transition,
         guards: Mapping[str, Guard],
         actions: Mapping[str, Action],
-        timers: Mapping[str, tuple[TimerSpec, ...]],
+        plan: TimerPlan,
     ) -> None:
         self.machine = machine
         # Interned, like the table keys and the initial state: a record's state is then the
@@ -53,9 +55,11 @@ class _Row:
         )
         self.actions: tuple[tuple[str, Action], ...] = tuple((a, actions[a]) for a in row.actions)
         self.emits = tuple(_EmitPlan(emit) for emit in row.emits)
-        # Leaving a state cancels its timers; entering one (also itself) arms the target's.
-        self.cancels = bool(timers.get(self.source))
-        self.arms = timers.get(self.target, ())
+        # Leaving a state cancels its timers; entering one (also itself) arms the target's;
+        # group and creation timers are armed, kept or cancelled as timers.TimerPlan says.
+        self.arms: tuple[TimerSpec, ...]
+        self.keep: frozenset[str]
+        self.arms, self.keep, self.cancels = plan.on_move(self.source, self.target)
         self.ref = row.ref
         self.absent = False
         # Changes the state and nothing else: no guard, no actions, no timers, no emits.

@@ -8,6 +8,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from types import MappingProxyType
 from typing import Any, TypeVar, cast
 
@@ -35,7 +36,7 @@ from .store.base import OutboxMessage, OutboxStatus, Store, Transaction, WorkOut
 from .store.memory import MemoryStore
 from .tables import MachineSpec
 from .timer_firing import fire_due, next_deadline
-from .timers import Clock, SystemClock
+from .timers import Clock, SystemClock, resolve_settings
 from .witness import Witness
 
 T = TypeVar("T")
@@ -191,13 +192,17 @@ class Runtime:
         spec: MachineSpec,
         guards: Mapping[str, Callable[..., Any]] | None = None,
         actions: Mapping[str, Callable[..., Any]] | None = None,
+        settings: Mapping[str, int | str | timedelta] | None = None,
     ) -> Governor:
-        """Bind guards and actions (BindingError lists every problem) and build the tables."""
+        """Bind guards and actions (BindingError lists every problem), resolve the machine's
+        settings (durations such as "7d", milliseconds or timedeltas, each within its declared
+        bounds; SettingsError lists every problem) and build the tables."""
         if spec.name in self._governors:
             raise ValueError(f"a governor named {spec.name!r} is already loaded")
         bound_guards, bound_actions = bind(spec, guards or {}, actions or {})
         bound_actions = self._policies.wrap(spec, bound_actions)
-        governor = Governor(self, spec, bound_guards, bound_actions)
+        resolved = resolve_settings(spec, settings)
+        governor = Governor(self, spec, bound_guards, bound_actions, resolved)
         self._governors[spec.name] = governor
         return governor
 

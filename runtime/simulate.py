@@ -7,6 +7,8 @@ A script is YAML (or JSON, which YAML reads too):
     start: 2026-01-01T00:00:00Z      # virtual clock start (default: this fixed instant)
     guards:                          # fixed guard outcomes (a guard not listed holds)
       is_authorized_approver: true
+    settings:                        # the machine's settings, if it declares any
+      grace_period: 7d
     steps:
       - dispatch: Approve            # an event ...
         payload: {approver: bob}
@@ -69,7 +71,7 @@ _SIMULATION_SEED = hashlib.sha256(b"autonomic simulate: a throwaway, public key"
 STEP_KEYS = frozenset(
     {"dispatch", "advance", "payload", "actor", "event_id", "idempotency_key", "guards", "expect"}
 )
-SCRIPT_KEYS = frozenset({"machine", "instance", "actor", "start", "guards", "steps"})
+SCRIPT_KEYS = frozenset({"machine", "instance", "actor", "start", "guards", "settings", "steps"})
 REJECTED = "rejected"
 # The virtual clock stays where timestamps print and encode (ledger, ISO 8601).
 EARLIEST_START = "1970-01-01T00:00:00Z"
@@ -250,6 +252,7 @@ class Script:
     start_ms: int
     guards: Mapping[str, bool]
     steps: tuple[Step, ...]
+    settings: Mapping[str, str] = field(default_factory=dict)
 
 
 class _Reader:
@@ -490,6 +493,12 @@ def _parse_script(path: str, source: str, spec: MachineSpec) -> Script:
             "for example 2026-01-01T00:00:00Z",
         )
     guards = guards_of(top["guards"][1], "guards") if "guards" in top else {}
+    settings: dict[str, str] = {}
+    if "settings" in top:
+        for name, (_, value) in reader.mapping(top["settings"][1], "settings").items():
+            if not isinstance(value, yaml.ScalarNode):
+                raise reader.fail(value, "S003", f"setting '{name}' must be a duration", "e.g. 7d")
+            settings[name] = str(value.value)
     if "steps" not in top:
         raise reader.fail(root, "S003", "the script has no steps", "add `steps:` with a list")
     steps_node = top["steps"][1]
@@ -581,7 +590,7 @@ def _parse_script(path: str, source: str, spec: MachineSpec) -> Script:
             if problem is not None:
                 raise problem
         steps.append(Step(index, line, column, **values))
-    return Script(path, source, instance, actor, start_ms, guards, tuple(steps))
+    return Script(path, source, instance, actor, start_ms, guards, tuple(steps), settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -745,6 +754,7 @@ def _simulate(spec: MachineSpec, script: Script, out: IO[str], err: IO[str]) -> 
         spec,
         {name: recorder.guard(name) for name in spec.guards},
         {name: recorder.action(name) for name in spec.actions},
+        dict(script.settings),
     )
     trace = _Trace(out, script.start_ms)
     trace.line(

@@ -68,6 +68,7 @@ __all__ = [
     "Payload",
     "RetryLadderSpec",
     "RetryStepSpec",
+    "SettingSpec",
     "SourceRef",
     "TimerKind",
     "TimerSpec",
@@ -76,10 +77,12 @@ __all__ = [
     "TypedGovernor",
     "datetime",
     "frozen_map",
+    "timedelta",
 ]
 
 Decimal = _decimal.Decimal
 datetime = _datetime.datetime
+timedelta = _datetime.timedelta  # the type of `duration` payload fields
 
 # The guard name of an `else` branch.
 ELSE = "else"
@@ -223,7 +226,11 @@ class Transition:
     ref: SourceRef
 
 
-TimerKind = Literal["timeout", "escalation_step", "escalation_end", "retry_step"]
+TimerKind = Literal[
+    "timeout", "escalation_step", "escalation_end", "retry_step", "retry_timeout", "entry"
+]
+# What a timer is measured from: entry into its state, entry into its group, or creation.
+TimerScope = Literal["state", "group", "creation"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +262,14 @@ class TimerSpec:
     ladder: str | None
     step: int | None
     ref: SourceRef
+    # A group timer (`state` is then the group's name) stays armed while the instance moves
+    # inside its group; a creation timer (`state` ""), until the instance ends.
+    scope: TimerScope = "state"
+    group: str | None = None
+    # The delay is the entering event's duration field, or a setting given at load time;
+    # `after_ms` is then 0.
+    after_field: str | None = None
+    after_setting: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +300,22 @@ class RetryStepSpec:
     after_ms: int
     actions: tuple[str, ...]
     timer_id: str
+    # With an attempt state, the step waits in `state`, runs the attempt into
+    # `attempt_state`, and an attempt unanswered for `timeout_ms` counts as failed.
+    attempt_state: str | None = None
+    timeout_ms: int | None = None
+    timeout_timer_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SettingSpec:
+    """A duration the host supplies when it loads the machine, within [min_ms, max_ms]."""
+
+    name: str
+    doc: str | None
+    min_ms: int
+    max_ms: int
+    ref: SourceRef
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +370,14 @@ class MachineSpec:
     actions: Mapping[str, SourceRef]
     # By policy name; empty for machines without `policy` declarations.
     policies: Mapping[str, ActionPolicy] = field(default_factory=lambda: MappingProxyType({}))
+    # Resting states: valid places to stop that can be left (unlike finals).
+    resting: frozenset[str] = frozenset()
+    groups: Mapping[str, frozenset[str]] = field(default_factory=lambda: frozen_map({}))
+    group_timers: Mapping[str, tuple[TimerSpec, ...]] = field(
+        default_factory=lambda: frozen_map({})
+    )
+    creation_timers: tuple[TimerSpec, ...] = ()
+    settings: Mapping[str, SettingSpec] = field(default_factory=lambda: frozen_map({}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,13 +528,19 @@ class TypedGovernor(Generic[S, E, B]):
         self.governor = governor
 
     @classmethod
-    def load(cls, runtime: Runtime, bindings: B) -> Self:
+    def load(
+        cls,
+        runtime: Runtime,
+        bindings: B,
+        settings: Mapping[str, int | str | _datetime.timedelta] | None = None,
+    ) -> Self:
         """Load the machine into `runtime`, its guards and actions bound to the methods (or
-        module functions) of `bindings` that carry their names."""
+        module functions) of `bindings` that carry their names, with the machine's settings
+        (durations, each within its declared bounds) if it declares any."""
         spec = cls.MACHINE
         guards = {n: getattr(bindings, n) for n in spec.guards if hasattr(bindings, n)}
         actions = {n: getattr(bindings, n) for n in spec.actions if hasattr(bindings, n)}
-        return cls(runtime.load(spec, guards, actions))
+        return cls(runtime.load(spec, guards, actions, settings))
 
     def _state(self, value: str) -> S:
         return cast(S, self.MACHINE.state_type(value))

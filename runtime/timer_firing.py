@@ -30,7 +30,7 @@ def fire_work(
             return None  # fired by someone else, or cancelled since it was listed
         record = txn.instance(name, timer.instance)
         spec = governor._timer_specs.get(timer.timer_id)
-        if record is None or spec is None or record.state != timer.state:
+        if record is None or spec is None or not governor._plan.holds(spec, record.state):
             txn.take_timer(timer)  # a timer of a state already left (or an older machine)
             return None
         target = spec.target
@@ -48,10 +48,13 @@ def fire_work(
         )
         version = record.version + 1
         armed: tuple[ArmedTimer, ...] = ()
+        keep: frozenset[str] = frozenset()
+        cancels = False
         if target is not None:
             # Entered at the due time: a ladder missed while down keeps its spacing.
+            arms, keep, cancels = governor._plan.on_move(record.state, to_state)
             armed = arm_timers(
-                name, timer.instance, governor._timers.get(to_state, ()), timer.due_ms, version
+                name, timer.instance, arms, timer.due_ms, version, None, governor._settings
             )
         notifications: tuple[Notification, ...] = ()
         if spec.notify is not None:
@@ -126,7 +129,11 @@ def fire_work(
             raise StoreIntegrityError(f"timer {timer.timer_id} vanished inside a transaction")
         txn.update_instance(name, timer.instance, to_state, version, version - 1)
         if target is not None:
-            txn.cancel_timers(name, timer.instance)
+            if cancels:
+                if keep:
+                    txn.cancel_timers(name, timer.instance, keep)
+                else:
+                    txn.cancel_timers(name, timer.instance)
             if armed:
                 txn.arm_timers(armed)
         messages = [_notification_message(n, version) for n in notifications]

@@ -11,11 +11,12 @@ import datetime as _dt
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .tables import TimerSpec
+from .errors import SettingsError
+from .tables import MachineSpec, Payload, TimerSpec
 
 __all__ = [
     "ArmedTimer",
@@ -23,11 +24,13 @@ __all__ = [
     "DueTimerFirer",
     "Scheduler",
     "SystemClock",
+    "TimerPlan",
     "VirtualClock",
     "arm_timers",
     "format_duration",
     "format_instant",
     "parse_duration",
+    "resolve_settings",
 ]
 
 SECOND_MS = 1_000
@@ -161,12 +164,148 @@ def arm_timers(
     specs: Sequence[TimerSpec],
     entered_ms: int,
     version: int,
+    payload: Payload | None = None,
+    settings: Mapping[str, int] | None = None,
 ) -> tuple[ArmedTimer, ...]:
-    """The deadlines armed by entering a state at `entered_ms` (all measured from entry)."""
+    """The deadlines armed by entering a state at `entered_ms` (all measured from entry).
+    A timer whose delay is a duration field takes it from `payload`, the entering event's;
+    one whose delay is a setting takes it from `settings` (milliseconds, as resolved)."""
     return tuple(
-        ArmedTimer(machine, instance, spec.id, spec.state, entered_ms + spec.after_ms, version)
+        ArmedTimer(
+            machine,
+            instance,
+            spec.id,
+            spec.state,
+            entered_ms + _delay_ms(spec, payload, settings),
+            version,
+        )
         for spec in specs
     )
+
+
+def _delay_ms(spec: TimerSpec, payload: Payload | None, settings: Mapping[str, int] | None) -> int:
+    if spec.after_setting is not None:
+        if settings is None or spec.after_setting not in settings:
+            raise KeyError(f"setting {spec.after_setting!r} of timer {spec.id} was not supplied")
+        return settings[spec.after_setting]
+    if spec.after_field is not None:
+        # The compiler checked that every event entering the state carries this field.
+        value = getattr(payload, spec.after_field, None)
+        if not isinstance(value, _dt.timedelta):
+            raise ValueError(f"timer {spec.id} needs a duration in field {spec.after_field!r}")
+        return max(0, to_millis(value))
+    return spec.after_ms
+
+
+def resolve_settings(
+    spec: MachineSpec, given: Mapping[str, int | str | _dt.timedelta] | None
+) -> dict[str, int]:
+    """The machine's settings in milliseconds, each checked against its declared bounds;
+    SettingsError lists every missing, unknown, malformed or out-of-bounds one."""
+    given = dict(given or {})
+    problems: list[str] = []
+    resolved: dict[str, int] = {}
+    for name, declared in spec.settings.items():
+        where = str(declared.ref)
+        bounds = f"{format_duration(declared.min_ms)} to {format_duration(declared.max_ms)}"
+        if name not in given:
+            problems.append(f"{where}: R015 setting '{name}' ({bounds}) was not supplied")
+            continue
+        try:
+            value = to_millis(given.pop(name))
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{where}: R016 setting '{name}' is not a duration: {exc}")
+            continue
+        if not declared.min_ms <= value <= declared.max_ms:
+            problems.append(
+                f"{where}: R016 setting '{name}' is {format_duration(value)}, outside {bounds}"
+            )
+            continue
+        resolved[name] = value
+    for name in sorted(given):
+        problems.append(f"{spec.source_path}:1:1: R017 setting '{name}' is not declared")
+    if problems:
+        raise SettingsError(spec.name, tuple(problems))
+    return resolved
+
+
+class TimerPlan:
+    """Which timers a machine arms and keeps as instances are created and move.
+
+    - A state's timers are armed on every entry into it (self-transitions too) and cancelled
+      when it is left.
+    - A group's timers are armed when the instance enters the group from outside it, kept
+      while it moves between the group's states (a self-transition inside stays inside), and
+      cancelled when it leaves the group.
+    - Creation timers are armed at creation and kept until the instance reaches a final state.
+    """
+
+    def __init__(self, spec: MachineSpec) -> None:
+        self.state_timers = {str(state): specs for state, specs in spec.timers.items()}
+        self.groups = {
+            name: frozenset(str(s) for s in states) for name, states in spec.groups.items()
+        }
+        self.group_timers = dict(spec.group_timers)
+        self.creation_timers = tuple(spec.creation_timers)
+        self.finals = frozenset(str(s) for s in spec.finals)
+        self._creation_ids = frozenset(t.id for t in self.creation_timers)
+        self._member_of: dict[str, tuple[str, ...]] = {}
+        for group in sorted(self.group_timers):
+            for state in self.groups.get(group, ()):
+                self._member_of[state] = (*self._member_of.get(state, ()), group)
+        self.specs = {t.id: t for specs in spec.timers.values() for t in specs}
+        self.specs.update((t.id, t) for specs in self.group_timers.values() for t in specs)
+        self.specs.update((t.id, t) for t in self.creation_timers)
+        self._moves: dict[tuple[str, str], tuple[tuple[TimerSpec, ...], frozenset[str], bool]] = {}
+
+    @property
+    def has_lasting_timers(self) -> bool:
+        """Whether any timer outlives a state (group or creation timers)."""
+        return bool(self.group_timers or self.creation_timers)
+
+    def on_create(self, initial: str) -> tuple[TimerSpec, ...]:
+        """What creating an instance arms: the initial state's, its groups', creation's."""
+        specs = list(self.state_timers.get(initial, ()))
+        for group in self._member_of.get(initial, ()):
+            specs.extend(self.group_timers[group])
+        specs.extend(self.creation_timers)
+        return tuple(specs)
+
+    def on_move(
+        self, source: str, target: str
+    ) -> tuple[tuple[TimerSpec, ...], frozenset[str], bool]:
+        """(timers to arm, ids of armed timers to keep, whether to cancel the others) for a
+        move from `source` into `target`."""
+        key = (source, target)
+        found = self._moves.get(key)
+        if found is not None:
+            return found
+        arms = list(self.state_timers.get(target, ()))
+        keep: set[str] = set()
+        before = set(self._member_of.get(source, ()))
+        for group in self._member_of.get(target, ()):
+            if group in before:
+                keep.update(t.id for t in self.group_timers[group])
+            else:
+                arms.extend(self.group_timers[group])
+        if target not in self.finals:
+            keep |= self._creation_ids
+        lasting = bool(before) or bool(self._creation_ids)
+        cancels = bool(self.state_timers.get(source)) or (
+            lasting
+            and (bool(before - set(self._member_of.get(target, ()))) or target in self.finals)
+        )
+        found = (tuple(arms), frozenset(keep), cancels)
+        self._moves[key] = found
+        return found
+
+    def holds(self, spec: TimerSpec, state: str) -> bool:
+        """Whether an armed timer still applies to an instance in `state`."""
+        if spec.scope == "group":
+            return state in self.groups.get(spec.group or "", frozenset())
+        if spec.scope == "creation":
+            return state not in self.finals
+        return state == spec.state
 
 
 class DueTimerFirer(Protocol):

@@ -655,7 +655,9 @@ def test_each_duration_mistake_gets_its_own_message(duration: str, message: str,
 def test_expected_tokens_are_listed_in_full() -> None:
     ((_, _, _, hint),) = syntax_findings("machine M { initial state A { on E -> B when x y } }")
     assert hint is not None and "..." not in hint
-    assert hint == "expected '@allow', 'after', 'do', 'emit', 'escalate', 'ignore', 'on' or '}'"
+    assert hint == (
+        "expected '@allow', 'after', 'do', 'emit', 'entry', 'escalate', 'ignore', 'on' or '}'"
+    )
 
 
 def test_when_without_a_guard_is_reported_after_when() -> None:

@@ -101,14 +101,16 @@ def test_billing_retry_ladder_from_a_json_script(generated: Path, tmp_path: Path
         {"dispatch": "ChargeRequested", "payload": charge, "idempotency_key": "k1"},
         {"dispatch": "ChargeRequested", "payload": charge, "idempotency_key": "k1"},
     ]
-    for state, wait in (
-        ("Retry1", "1h"),
-        ("Retry2", "3h"),
-        ("Retry3", "1d"),
-        ("CollectionAgency", "7d"),
+    # Each retry waits, then its charge is in flight in its own state; the collection agency
+    # step has no attempt state.
+    for state, wait, attempt in (
+        ("Retry1", "1h", "Retry1Charging"),
+        ("Retry2", "3h", "Retry2Charging"),
+        ("Retry3", "1d", "Retry3Charging"),
+        ("CollectionAgency", "7d", "CollectionAgency"),
     ):
         steps.append({"dispatch": "PaymentFailed", "payload": failed, "expect": state})
-        steps.append({"advance": wait, "expect": state})
+        steps.append({"advance": wait, "expect": attempt})
     steps.append({"dispatch": "PaymentFailed", "payload": failed, "expect": "MaxRetriesExceeded"})
     script = write(tmp_path, json.dumps({"instance": "b1", "steps": steps}), "script.json")
     code, out, err = simulate(str(generated / "billing.py"), script)
@@ -116,7 +118,7 @@ def test_billing_retry_ladder_from_a_json_script(generated: Path, tmp_path: Path
     assert "(duplicate: the stored result)" in out
     assert out.count("do submit_charge") == 1
     assert out.count("do retry_charge") == 3 and out.count("do hand_to_collection_agency") == 1
-    assert "timer Retry1/PaymentRetry/1 fired: Retry1 -> Retry1" in out
+    assert "timer Retry1/PaymentRetry/1 fired: Retry1 -> Retry1Charging" in out
     assert "do mark_max_retries_exceeded" in out
     assert "emit Entitlement.Suspend to 'b1'" in out
     # genesis, create, charge, 4 x (failure + retry attempt), the final failure
@@ -260,3 +262,29 @@ def test_payloads_are_strict_in_simulate(tmp_path: Path) -> None:
         code, out, err = simulate("autonomic.generated.customer_account", script)
         assert code == 1 and "S008" in err, (out, err)
         assert f"field '{field}'" in err
+
+
+def test_billing_ladder_does_not_stall_when_the_processor_never_answers(
+    generated: Path, tmp_path: Path
+) -> None:
+    """Issue 12: each retry's charge is in flight in its own state, and an unanswered charge
+    counts as failed after 1h, so the ladder reaches the collection agency on its own."""
+    failed = {"customer_id": "c1", "idempotency_key": "k1", "reason": "declined"}
+    charge = {"customer_id": "c1", "invoice_id": "i1", "amount": "99.00", "idempotency_key": "k1"}
+    steps: list[dict[str, object]] = [
+        {"dispatch": "ChargeRequested", "payload": charge, "idempotency_key": "k1"},
+        {"dispatch": "PaymentFailed", "payload": failed, "expect": "Retry1"},
+        # Nothing is in flight while waiting: a repeated failure report changes nothing.
+        {"dispatch": "PaymentFailed", "payload": failed, "expect": "Retry1"},
+        {"advance": "1h", "expect": "Retry1Charging"},
+        {"advance": "1h", "expect": "Retry2"},
+        {"advance": "3h", "expect": "Retry2Charging"},
+        {"advance": "1h", "expect": "Retry3"},
+        {"advance": "1d", "expect": "Retry3Charging"},
+        {"advance": "1h", "expect": "CollectionAgency"},
+    ]
+    script = write(tmp_path, json.dumps({"instance": "b2", "steps": steps}), "stall.json")
+    code, out, err = simulate(str(generated / "billing.py"), script)
+    assert (code, err) == (0, ""), out
+    assert out.count("do retry_charge") == 3
+    assert "timer Retry2Charging/PaymentRetry/2/timeout fired: Retry2Charging -> Retry3" in out

@@ -16,7 +16,7 @@ ledger head so appends stay a single chain.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar
 
@@ -149,7 +149,11 @@ class Transaction(Protocol):
         self, machine: str, key: str, request_digest: bytes, result: str, now_ms: int
     ) -> None: ...
 
-    def cancel_timers(self, machine: str, instance: str) -> None: ...
+    def cancel_timers(
+        self, machine: str, instance: str, keep: Collection[str] = frozenset()
+    ) -> None:
+        """Cancel the instance's armed timers, except those whose ids are in `keep` (the
+        group and creation timers that a move leaves running)."""
 
     def arm_timers(self, timers: Sequence[ArmedTimer]) -> None: ...
 

@@ -22,7 +22,7 @@ import heapq
 import sys
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from types import CodeType
 from typing import TypeVar
@@ -332,10 +332,22 @@ class MemoryStore:
     ) -> None:
         self._idempotency[(machine, key)] = (request_digest, result, now_ms)
 
-    def cancel_timers(self, machine: str, instance: str) -> None:
-        armed = self._timers.pop((machine, instance), None)
-        if armed:
-            self._live_timers -= len(armed)
+    def cancel_timers(
+        self, machine: str, instance: str, keep: Collection[str] = frozenset()
+    ) -> None:
+        if not keep:
+            armed = self._timers.pop((machine, instance), None)
+            if armed:
+                self._live_timers -= len(armed)
+            return
+        per_instance = self._timers.get((machine, instance))
+        if not per_instance:
+            return
+        for timer_id in [t for t in per_instance if t not in keep]:
+            del per_instance[timer_id]
+            self._live_timers -= 1
+        if not per_instance:
+            del self._timers[(machine, instance)]
 
     def arm_timers(self, timers: Sequence[ArmedTimer]) -> None:
         for timer in timers:

@@ -22,7 +22,7 @@ import os
 import sqlite3
 import stat
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
@@ -340,8 +340,20 @@ class SQLiteTransaction:
             (machine, key, request_digest, result, now_ms),
         )
 
-    def cancel_timers(self, machine: str, instance: str) -> None:
-        self._execute("DELETE FROM timers WHERE machine = ? AND instance = ?", (machine, instance))
+    def cancel_timers(
+        self, machine: str, instance: str, keep: Collection[str] = frozenset()
+    ) -> None:
+        if not keep:
+            self._execute(
+                "DELETE FROM timers WHERE machine = ? AND instance = ?", (machine, instance)
+            )
+            return
+        kept = sorted(keep)
+        self._execute(
+            "DELETE FROM timers WHERE machine = ? AND instance = ? "
+            f"AND timer_id NOT IN ({', '.join('?' * len(kept))})",
+            (machine, instance, *kept),
+        )
 
     def arm_timers(self, timers: Sequence[ArmedTimer]) -> None:
         for timer in timers:

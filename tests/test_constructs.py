@@ -1,0 +1,199 @@
+"""The language's constructs of issue 8 end to end: compiled, generated, loaded and run on the
+runtime with a virtual clock (resting states, data and setting delays, group and creation
+timers, entry actions, repeated escalation steps, retry attempts that time out)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from autonomic.compiler.checks import check_machines
+from autonomic.compiler.codegen import generate_module
+from autonomic.compiler.parser import parse_text
+from autonomic.runtime.errors import InvalidTransition, SettingsError
+from autonomic.runtime.runtime import Runtime
+from autonomic.runtime.store.memory import MemoryStore
+from autonomic.runtime.store.sqlite import SQLiteStore
+from autonomic.runtime.tables import MachineSpec
+from autonomic.runtime.timers import VirtualClock
+from strategies import load_module
+
+HOUR = 3_600_000
+
+SOURCE = """
+machine Ticket "A support ticket." {
+  event Open
+  event Snooze { snooze_for: duration }
+  event Work
+  event Hold
+  event Fail
+  event Done
+  setting grace between 1h and 2d
+  group Active { Triage, Working, Held }
+  after 3d in Active -> AutoClosed do auto_close
+  after 30d from creation -> Expired
+  initial resting state Closed "May rest here for ever, and be reopened." {
+    on Open -> Triage
+  }
+  state Triage {
+    entry do page_first emit Work
+    on Work -> Working
+    on Snooze -> Snoozed
+    escalate Pages { after 0m notify role oncall repeat 3 every 30m "page" }
+  }
+  state Working { on Hold -> Held  on Done -> Closed }
+  state Held { on Work -> Working  after setting grace -> Triage }
+  state Snoozed { after event.snooze_for -> Triage  on Work -> Working }
+  state Waiting { on Done -> Closed }
+  state Attempting { on Done -> Closed }
+  final state AutoClosed
+  final state Expired
+  final state GaveUp
+  retry Again on Fail at most 2 attempts {
+    from Working
+    step Waiting after 1h do retry_work attempt Attempting timeout 30m
+    exhausted -> GaveUp do give_up
+  }
+}
+"""
+
+ACTIONS = ("auto_close", "page_first", "retry_work", "give_up")
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory: pytest.TempPathFactory) -> MachineSpec:
+    machine, diagnostics = parse_text(SOURCE, "ticket.fsm")
+    assert machine is not None and diagnostics == []
+    assert check_machines([machine]) == []
+    module = load_module(generate_module(machine), tmp_path_factory.mktemp("gen"), "ticket")
+    spec: MachineSpec = module.MACHINE
+    return spec
+
+
+def runtime_for(
+    spec: MachineSpec, store: Any = None, **settings: Any
+) -> tuple[Any, VirtualClock, list[str]]:
+    clock = VirtualClock(0)
+    runtime = Runtime(store or MemoryStore(), clock=clock)
+    calls: list[str] = []
+    actions = {name: (lambda ctx, name=name: calls.append(name)) for name in ACTIONS}
+    governor = runtime.load(spec, {}, actions, settings or {"grace": "4h"})
+    return governor, clock, calls
+
+
+def test_settings_are_required_and_bounded(spec: MachineSpec) -> None:
+    runtime = Runtime(MemoryStore(), clock=VirtualClock(0))
+    actions = {name: (lambda ctx: None) for name in ACTIONS}
+    with pytest.raises(SettingsError) as missing:
+        runtime.load(spec, {}, actions)
+    assert "R015 setting 'grace' (1h to 2d) was not supplied" in str(missing.value)
+    with pytest.raises(SettingsError) as bounds:
+        runtime.load(spec, {}, actions, {"grace": "3d", "other": "1h"})
+    assert "setting 'grace' is 3d, outside 1h to 2d" in str(bounds.value)
+    assert "R017 setting 'other' is not declared" in str(bounds.value)
+
+
+def test_resting_state_is_a_valid_place_to_stop_that_can_be_left(spec: MachineSpec) -> None:
+    assert spec.resting == frozenset({"Closed"}) and "Closed" not in spec.finals
+    governor, _, _ = runtime_for(spec)
+    governor.create("t1")
+    assert governor.dispatch("t1", "Open").to_state == "Triage"
+
+
+def test_entry_actions_and_repeated_pages_fire_from_entry(spec: MachineSpec) -> None:
+    governor, clock, calls = runtime_for(spec)
+    governor.create("t1")
+    governor.dispatch("t1", "Open")
+    fired = governor.runtime.fire_due()  # t = 0: the entry action and the first page
+    assert calls == ["page_first"]
+    assert sorted(f.result.event for f in fired) == ["Triage/Pages/1", "Triage/entry#0"]
+    assert [e.event for f in fired for e in f.result.emitted] == ["Work"]
+    clock.advance("30m")
+    clock.advance("30m")
+    pages = governor.runtime.fire_due()
+    assert [f.result.event for f in pages] == ["Triage/Pages/1.2", "Triage/Pages/1.3"]
+    assert all(f.result.notifications for f in pages)
+    clock.advance("1h")
+    assert governor.runtime.fire_due() == []  # three pages in all
+
+
+def test_delay_from_the_entering_events_field(spec: MachineSpec) -> None:
+    governor, clock, _ = runtime_for(spec)
+    governor.create("t1")
+    governor.dispatch("t1", "Open")
+    governor.dispatch("t1", "Snooze", {"snooze_for": "PT2H"})
+    [armed] = [t for t in governor.timers("t1") if t.state == "Snoozed"]
+    assert armed.due_ms == 2 * HOUR
+    clock.advance("2h")
+    governor.runtime.fire_due()
+    assert governor.get("t1").state == "Triage"  # type: ignore[union-attr]
+
+
+def test_delay_from_a_setting(spec: MachineSpec) -> None:
+    governor, _, _ = runtime_for(spec, grace=timedelta(hours=5))
+    governor.create("t1")
+    governor.dispatch("t1", "Open")
+    governor.dispatch("t1", "Work")
+    governor.dispatch("t1", "Hold")
+    [armed] = [t for t in governor.timers("t1") if t.state == "Held"]
+    assert armed.due_ms == 5 * HOUR
+
+
+@pytest.mark.parametrize("store_kind", ["memory", "sqlite"])
+def test_group_timer_is_kept_inside_the_group_and_cancelled_on_leaving(
+    spec: MachineSpec, store_kind: str, tmp_path: Path
+) -> None:
+    store = MemoryStore() if store_kind == "memory" else SQLiteStore(str(tmp_path / "t.db"))
+    governor, clock, calls = runtime_for(spec, store)
+    governor.create("t1")
+    governor.dispatch("t1", "Open")
+    group = [t for t in governor.timers("t1") if t.state == "Active"]
+    assert [t.due_ms for t in group] == [3 * 24 * HOUR]
+    clock.advance("1d")
+    governor.dispatch("t1", "Work")
+    governor.dispatch("t1", "Hold")
+    governor.dispatch("t1", "Work")  # moving inside the group keeps the deadline
+    assert [t for t in governor.timers("t1") if t.state == "Active"] == group
+    clock.advance("2d")
+    governor.runtime.fire_due()
+    assert governor.get("t1").state == "AutoClosed"  # type: ignore[union-attr]
+    assert "auto_close" in calls
+    # Leaving the group cancels it: a new ticket that is done in time is not auto-closed.
+    governor.create("t2")
+    governor.dispatch("t2", "Open")
+    governor.dispatch("t2", "Work")
+    governor.dispatch("t2", "Done")
+    assert [t.state for t in governor.timers("t2")] == [""]  # only the creation timer
+    store.close()
+
+
+def test_creation_timer_runs_from_creation_until_the_end(spec: MachineSpec) -> None:
+    governor, clock, _ = runtime_for(spec)
+    governor.create("t1")
+    [created] = governor.timers("t1")
+    assert (created.state, created.due_ms) == ("", 30 * 24 * HOUR)
+    clock.advance("30d")
+    governor.runtime.fire_due()
+    assert governor.get("t1").state == "Expired"  # type: ignore[union-attr]
+
+
+def test_an_unanswered_attempt_times_out_into_the_next_step(spec: MachineSpec) -> None:
+    governor, clock, calls = runtime_for(spec)
+    governor.create("t1")
+    governor.dispatch("t1", "Open")
+    governor.dispatch("t1", "Work")
+    governor.dispatch("t1", "Fail")
+    assert governor.get("t1").state == "Waiting"  # type: ignore[union-attr]
+    # Waiting before the attempt: no failure can be reported while nothing runs.
+    with pytest.raises(InvalidTransition):
+        governor.dispatch("t1", "Fail")
+    clock.advance("1h")
+    governor.runtime.fire_due()
+    assert governor.get("t1").state == "Attempting"  # type: ignore[union-attr]
+    assert calls.count("retry_work") == 1
+    clock.advance("30m")  # the processor never answers
+    governor.runtime.fire_due()
+    assert governor.get("t1").state == "GaveUp"  # type: ignore[union-attr]
+    assert "give_up" in calls
