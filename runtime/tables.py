@@ -36,7 +36,7 @@ from typing import (
     cast,
 )
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
 from typing_extensions import TypeVar as DefaultedTypeVar
 
 if TYPE_CHECKING:
@@ -101,8 +101,9 @@ class GovernorEnum(enum.StrEnum):
 
 
 def _text_kind(annotation: object) -> type | None:
-    """Decimal or datetime when a field of that type (or an optional one) is annotated."""
-    if annotation is _decimal.Decimal or annotation is _datetime.datetime:
+    """Decimal, datetime or timedelta when a field of that type (or an optional one) is
+    annotated."""
+    if annotation in (_decimal.Decimal, _datetime.datetime, _datetime.timedelta):
         return annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         for member in typing.get_args(annotation):
@@ -123,6 +124,8 @@ class Payload(BaseModel):
     - Decimal: a Decimal, an integer, or a string in decimal notation ("12.50"); never a
       float, whose binary value is not the decimal the sender wrote; never NaN or Infinity.
     - datetime: a datetime, or an ISO 8601 string ("2025-01-31T09:30:00+00:00", "...Z").
+    - timedelta (`duration` fields): a timedelta, or an ISO 8601 duration string ("PT2H",
+      "P1DT12H"); never a number, whose unit would be a guess.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -147,12 +150,19 @@ class Payload(BaseModel):
             value = converted.get(name)
             if kind is _decimal.Decimal:
                 converted[name] = _decimal_from(value)
+            elif type(value) is str and kind is _datetime.timedelta:
+                # Text that is no ISO 8601 duration stays text: strict validation rejects it.
+                with contextlib.suppress(ValidationError):
+                    converted[name] = _DURATION_TEXT.validate_python(value)
             elif type(value) is str:
                 # Text that is no ISO 8601 time stays text: strict validation rejects it.
                 with contextlib.suppress(ValueError):
                     converted[name] = _datetime.datetime.fromisoformat(value)
         return converted
 
+
+# pydantic's own ISO 8601 duration parser (lax mode reads "PT2H"); used for text only.
+_DURATION_TEXT: TypeAdapter[_datetime.timedelta] = TypeAdapter(_datetime.timedelta)
 
 _DECIMAL_TEXT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 

@@ -12,7 +12,7 @@ import pytest
 from autonomic.compiler.checks import check_machines
 from autonomic.compiler.codegen import generate_module
 from autonomic.compiler.parser import parse_text
-from autonomic.runtime.errors import InvalidTransition, SettingsError
+from autonomic.runtime.errors import InvalidTransition, PayloadInvalid, SettingsError
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.memory import MemoryStore
 from autonomic.runtime.store.sqlite import SQLiteStore
@@ -129,6 +129,20 @@ def test_delay_from_the_entering_events_field(spec: MachineSpec) -> None:
     clock.advance("2h")
     governor.runtime.fire_due()
     assert governor.get("t1").state == "Triage"  # type: ignore[union-attr]
+
+
+def test_a_duration_field_is_strict(spec: MachineSpec) -> None:
+    """A `duration` field takes a timedelta or ISO 8601 duration text, never a bare number or
+    the language's own `2h` notation, and a refusal changes nothing."""
+    governor, _, _ = runtime_for(spec)
+    governor.create("t1")
+    governor.dispatch("t1", "Open")
+    for bad in (7200, "7200", "2h", True):
+        with pytest.raises(PayloadInvalid):
+            governor.dispatch("t1", "Snooze", {"snooze_for": bad})
+        assert governor.get("t1").state == "Triage"  # type: ignore[union-attr]
+    result = governor.dispatch("t1", "Snooze", {"snooze_for": timedelta(minutes=5)})
+    assert result.to_state == "Snoozed"
 
 
 def test_delay_from_a_setting(spec: MachineSpec) -> None:
