@@ -178,7 +178,13 @@ def _ladders(tables: MachineTables) -> tuple[LadderBound, ...]:
                 tuple(step.state for step in retry.steps),
                 # An attempt in flight may take up to its timeout before it counts as failed.
                 sum(step.after_ms + (step.timeout_ms or 0) for step in retry.steps),
-                tuple(step.after_text for step in retry.steps),
+                # The wait before each attempt, then the attempt's own timeout where it has one.
+                tuple(
+                    step.after_text
+                    if step.timeout_text is None
+                    else f"{step.after_text} + {step.timeout_text} attempt"
+                    for step in retry.steps
+                ),
                 retry.exhausted_target,
                 format_duration(
                     sum(step.after_ms + (step.timeout_ms or 0) for step in retry.steps)

@@ -38,7 +38,12 @@ def test_governor_bounds() -> None:
     assert "Active" in entitlement.waiting() and "Revoked" not in entitlement.waiting()
     billing = governor("Billing")
     ladder = next(lad for lad in billing.ladders if lad.name == "PaymentRetry")
-    assert ladder.within_text == "8d 7h" and ladder.delays == ("1h", "3h", "1d", "7d")
+    assert ladder.within_text == "8d 7h" and ladder.delays == (
+        "1h + 1h attempt",
+        "3h + 1h attempt",
+        "1d + 1h attempt",
+        "7d",
+    )
     assert ladder.target == "MaxRetriesExceeded"
 
 
@@ -94,7 +99,8 @@ def test_check_explain_command() -> None:
     assert out.startswith("Billing (machines/billing.fsm): longest stay without an outside event")
     assert (
         "retry PaymentRetry (Retry1, Retry2, Retry3, CollectionAgency) -> MaxRetriesExceeded: "
-        "ends within 8d 7h if every attempt fails (1h + 3h + 1d + 7d)"
+        "ends within 8d 7h if every attempt fails "
+        "(1h + 1h attempt + 3h + 1h attempt + 1d + 1h attempt + 7d)"
     ) in out
     assert "ProrationPending       within 1h reaches Current" in out
     assert "only an outside event can leave: Current, AwaitingPayment" in out
