@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from autonomic.compiler.fmt import _tokens, format_source, format_text, meaning
 from autonomic.compiler.parser import decode_source, parse_source
+from cli_process import autonomic
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import MachineCase, machine_cases
@@ -117,17 +116,6 @@ def test_fmt_is_idempotent_and_keeps_the_machine(case: MachineCase, data: st.Dat
 
 
 # ---------------------------------------------------------------- the command, in a git repo
-
-
-def autonomic(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "autonomic.compiler.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "NO_COLOR": "1"},
-    )
 
 
 @pytest.fixture

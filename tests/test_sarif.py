@@ -4,15 +4,14 @@ survive unrelated edits, URIs relative to the repository root from any working d
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from autonomic.compiler.errors import CODES
 from autonomic.compiler.rules import REFERENCE_HEADING, render_reference
+from cli_process import autonomic
 from test_report import SCHEMA_FILES, load_schema, sarif_errors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,17 +36,6 @@ LOST = """machine Lost {
   final state Closed
 }
 """
-
-
-def autonomic(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "autonomic.compiler.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "NO_COLOR": "1"},
-    )
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ runs them), and the transition-coverage report of a test run."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from autonomic.compiler.checks import check_paths
 from autonomic.compiler.lower import lower
 from autonomic.compiler.testgen import plan
+from cli_process import autonomic
 
 ROOT = Path(__file__).resolve().parents[1]
 GOVERNORS = [
@@ -22,18 +22,6 @@ GOVERNORS = [
     "QuotaSla",
     "Subscription",
 ]
-
-
-def autonomic(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "autonomic.compiler.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "NO_COLOR": "1"},
-        timeout=900,
-    )
 
 
 def pytest_run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
