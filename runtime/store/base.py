@@ -25,6 +25,8 @@ from ..timers import ArmedTimer
 
 __all__ = [
     "FLOW_FINISHED",
+    "BreakerRecord",
+    "DeadlineRecord",
     "FlowRecord",
     "FlowStatus",
     "InstanceRecord",
@@ -97,6 +99,36 @@ class FlowRecord:
     data: str
     updated_ms: int
     wake_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerRecord:
+    """A circuit breaker's state after its last move (see runtime/resilience/breaker.py), so a
+    restarted process reopens an open breaker instead of closing it. `name` is the breaker's
+    (a policy's, or "<policy>[<tenant>]" for a tenant's bulkhead), `state` one of "closed",
+    "open", "half_open"; `opened_ms` is when it last opened (its cool-down counts from there),
+    `failures` the run of consecutive failures at the move. Written with the move's "breaker"
+    ledger entry, in one unit of work. A server store: one row per (machine, name), upserted."""
+
+    machine: str
+    name: str
+    state: str
+    failures: int
+    opened_ms: int
+    updated_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlineRecord:
+    """One deadline of the deadline tracker (runtime/resilience/deadlines.py): due at `due_ms`,
+    escalated `level` times so far. A server store: one row per id, with an index on due_ms."""
+
+    id: str
+    name: str
+    governor: str
+    due_ms: int
+    level: int
+    action: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +214,22 @@ class Transaction(Protocol):
         ConcurrentUpdateDetected(expected, actual). A server store: `INSERT` / conditional
         `UPDATE ... WHERE version = ?` on the `flows` table, like `instances`."""
 
+    def save_breaker(self, record: BreakerRecord) -> None:
+        """Insert or replace the breaker's row, keyed by (machine, name)."""
+
+    def deadline(self, id: str) -> DeadlineRecord | None:
+        """The tracked deadline as of this transaction."""
+
+    def save_deadline(self, record: DeadlineRecord) -> None:
+        """Insert or replace the deadline, keyed by id."""
+
+    def delete_deadline(self, id: str) -> bool:
+        """Forget the deadline; False if it was not tracked."""
+
+    def due_deadlines(self, now_ms: int, limit: int) -> list[DeadlineRecord]:
+        """Deadlines with due_ms <= now_ms as of this transaction, earliest first (ties: by
+        id). Read inside the write transaction, so two processes never escalate one miss."""
+
 
 @dataclass(frozen=True, slots=True)
 class WorkOutcome(Generic[T]):
@@ -243,5 +291,11 @@ class Store(Protocol):
     def unfinished_flows(self, limit: int = 1000) -> list[FlowRecord]:
         """Flow runs not yet completed, compensated or failed, oldest update first: what a
         restarted process resumes (waiting ones included: their wait is checked again)."""
+
+    def get_breaker(self, machine: str, name: str) -> BreakerRecord | None:
+        """The breaker's state after its last recorded move, or None (never moved: closed)."""
+
+    def deadlines(self) -> list[DeadlineRecord]:
+        """Every tracked deadline, earliest first (ties: by id)."""
 
     def close(self) -> None: ...

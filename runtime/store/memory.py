@@ -32,6 +32,8 @@ from ..ledger import Checkpoint, LedgerEntry, LedgerMode
 from ..timers import ArmedTimer
 from .base import (
     FLOW_FINISHED,
+    BreakerRecord,
+    DeadlineRecord,
     FlowRecord,
     InstanceRecord,
     OutboxKind,
@@ -80,6 +82,8 @@ class MemoryStore:
         self._outbox_ids: set[str] = set()
         self._snapshots: dict[tuple[str, str], Snapshot] = {}
         self._flows: dict[str, FlowRecord] = {}
+        self._breakers: dict[tuple[str, str], BreakerRecord] = {}
+        self._deadlines: dict[str, DeadlineRecord] = {}
 
     # -- entering: see the module docstring ---------------------------------------------------
 
@@ -268,6 +272,14 @@ class MemoryStore:
             open_ = [r for r in self._flows.values() if r.status not in FLOW_FINISHED]
         return sorted(open_, key=lambda r: (r.updated_ms, r.flow_id))[:limit]
 
+    def get_breaker(self, machine: str, name: str) -> BreakerRecord | None:
+        with self.lock:
+            return self._breakers.get((machine, name))
+
+    def deadlines(self) -> list[DeadlineRecord]:
+        with self.lock:
+            return sorted(self._deadlines.values(), key=lambda d: (d.due_ms, d.id))
+
     def close(self) -> None:
         """Nothing to release."""
 
@@ -437,3 +449,19 @@ class MemoryStore:
         if actual != expected_version:
             raise ConcurrentUpdateDetected(record.flow, record.flow_id, expected_version, actual)
         self._flows[record.flow_id] = record
+
+    def save_breaker(self, record: BreakerRecord) -> None:
+        self._breakers[(record.machine, record.name)] = record
+
+    def deadline(self, id: str) -> DeadlineRecord | None:
+        return self._deadlines.get(id)
+
+    def save_deadline(self, record: DeadlineRecord) -> None:
+        self._deadlines[record.id] = record
+
+    def delete_deadline(self, id: str) -> bool:
+        return self._deadlines.pop(id, None) is not None
+
+    def due_deadlines(self, now_ms: int, limit: int) -> list[DeadlineRecord]:
+        due = [d for d in self._deadlines.values() if d.due_ms <= now_ms]
+        return sorted(due, key=lambda d: (d.due_ms, d.id))[:limit]

@@ -43,6 +43,8 @@ from ..ledger import (
 )
 from ..timers import ArmedTimer
 from .base import (
+    BreakerRecord,
+    DeadlineRecord,
     FlowRecord,
     InstanceRecord,
     OutboxKind,
@@ -134,6 +136,24 @@ CREATE TABLE IF NOT EXISTS flows (
     wake_ms INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS flows_unfinished ON flows (status, updated_ms);
+CREATE TABLE IF NOT EXISTS breakers (
+    machine TEXT NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    failures INTEGER NOT NULL,
+    opened_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (machine, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deadlines (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    governor TEXT NOT NULL,
+    due_ms INTEGER NOT NULL,
+    level INTEGER NOT NULL,
+    action TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deadlines_due ON deadlines (due_ms, id);
 CREATE TABLE IF NOT EXISTS runtime_meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -476,8 +496,46 @@ class SQLiteTransaction:
         if cursor.rowcount != 1:
             raise ConcurrentUpdateDetected(record.flow, record.flow_id, expected_version, -1)
 
+    def save_breaker(self, record: BreakerRecord) -> None:
+        self._execute(
+            f"INSERT OR REPLACE INTO breakers ({_BREAKER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                record.machine,
+                record.name,
+                record.state,
+                record.failures,
+                record.opened_ms,
+                record.updated_ms,
+            ),
+        )
+
+    def deadline(self, id: str) -> DeadlineRecord | None:
+        row = self._execute(
+            f"SELECT {_DEADLINE_COLUMNS} FROM deadlines WHERE id = ?", (id,)
+        ).fetchone()
+        return None if row is None else DeadlineRecord(*row)
+
+    def save_deadline(self, record: DeadlineRecord) -> None:
+        self._execute(
+            f"INSERT OR REPLACE INTO deadlines ({_DEADLINE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (record.id, record.name, record.governor, record.due_ms, record.level, record.action),
+        )
+
+    def delete_deadline(self, id: str) -> bool:
+        return self._execute("DELETE FROM deadlines WHERE id = ?", (id,)).rowcount == 1
+
+    def due_deadlines(self, now_ms: int, limit: int) -> list[DeadlineRecord]:
+        rows = self._execute(
+            f"SELECT {_DEADLINE_COLUMNS} FROM deadlines WHERE due_ms <= ? "
+            "ORDER BY due_ms, id LIMIT ?",
+            (now_ms, limit),
+        ).fetchall()
+        return [DeadlineRecord(*row) for row in rows]
+
 
 _FLOW_COLUMNS = "flow_id, flow, instance, status, version, data, updated_ms, wake_ms"
+_BREAKER_COLUMNS = "machine, name, state, failures, opened_ms, updated_ms"
+_DEADLINE_COLUMNS = "id, name, governor, due_ms, level, action"
 
 
 def _flow_record(row: Sequence[Any]) -> FlowRecord:
@@ -734,6 +792,17 @@ class SQLiteStore:
             (limit,),
         )
         return [_flow_record(row) for row in rows]
+
+    def get_breaker(self, machine: str, name: str) -> BreakerRecord | None:
+        rows = self._query(
+            f"SELECT {_BREAKER_COLUMNS} FROM breakers WHERE machine = ? AND name = ?",
+            (machine, name),
+        )
+        return BreakerRecord(*rows[0]) if rows else None
+
+    def deadlines(self) -> list[DeadlineRecord]:
+        rows = self._query(f"SELECT {_DEADLINE_COLUMNS} FROM deadlines ORDER BY due_ms, id")
+        return [DeadlineRecord(*row) for row in rows]
 
     def close(self) -> None:
         with self._lock:
