@@ -29,7 +29,7 @@ from .ledger import Checkpoint, EntryData, LedgerEntry, LedgerSealer, RootLike, 
 from .outbox import deliver_outbox, mark
 from .replay import replay, verify
 from .resilience.breaker import BreakerChange
-from .resilience.policies import ActionPolicies, breaker_entry
+from .resilience.policies import ActionPolicies, breaker_entry, breaker_record
 from .results import Delivery, ReplayedState, TimerFiring
 from .sealing import _Chain
 from .store.base import OutboxMessage, OutboxStatus, Store, Transaction, WorkOutcome
@@ -124,7 +124,9 @@ class Runtime:
         self._executor: ThreadPoolExecutor | None = None
         # Breaker moves seen while actions ran, written to the ledger after their unit of work.
         self._breaker_moves: deque[tuple[str, BreakerChange]] = deque()
-        self._policies = ActionPolicies(self._clock, self._note_breaker_move)
+        self._policies = ActionPolicies(
+            self._clock, self._note_breaker_move, self._store.get_breaker
+        )
         self._keeper = CheckpointKeeper(self._store, witnesses, witness_policy)
         recorded = self._store.ledger_mode()
         if sealer is None and recorded is not None:
@@ -241,8 +243,7 @@ class Runtime:
     # -- running work --------------------------------------------------------------------------
 
     def _note_breaker_move(self, machine: str, change: BreakerChange) -> None:
-        if self._sealer is not None:
-            self._breaker_moves.append((machine, change))
+        self._breaker_moves.append((machine, change))
 
     def record(self, entries: Sequence[EntryData]) -> list[LedgerEntry]:
         """Seal and append ledger entries that no transition makes (breaker moves, missed
@@ -251,22 +252,25 @@ class Runtime:
             return []
 
         def work(txn: Transaction, chain: _Chain) -> list[LedgerEntry]:
-            sealed = []
-            for data in entries:
-                entry = chain.seal(txn, data)
-                txn.append_ledger(entry)
-                chain.advance(entry)
-                sealed.append(entry)
-            return sealed
+            return [chain.append(txn, data) for data in entries]
 
         return self._submit(work)
 
     def _record_breaker_moves(self) -> None:
         """Write the breaker moves noted so far: after the unit whose action moved the breaker,
-        which may have failed and rolled back."""
+        which may have failed and rolled back. Each move's new state (kept in the store, so a
+        restart finds the breaker as it was) and its ledger entry are one unit of work."""
         moves = self._breaker_moves
         noted = [moves.popleft() for _ in range(len(moves))]
-        self.record([breaker_entry(machine, change) for machine, change in noted])
+        sealed = self._sealer is not None
+
+        def work(txn: Transaction, chain: _Chain) -> None:
+            for machine, change in noted:
+                txn.save_breaker(breaker_record(machine, change))
+                if sealed:
+                    chain.append(txn, breaker_entry(machine, change))
+
+        self._submit_unit(work)
 
     def _submit(self, work: Callable[[Transaction, _Chain], T]) -> T:
         try:

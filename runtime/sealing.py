@@ -91,6 +91,13 @@ class _Chain:
             )
         return sealer.seal(self.next_seq, self.head, data)
 
+    def append(self, txn: Transaction, data: EntryData) -> LedgerEntry:
+        """Seal `data` on the head, append it in `txn` and move the head on to it."""
+        entry = self.seal(txn, data)
+        txn.append_ledger(entry)
+        self.advance(entry)
+        return entry
+
     def advance(self, entry: LedgerEntry) -> None:
         self.next_seq = entry.seq + 1
         self.head = entry.entry_hash

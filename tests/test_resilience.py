@@ -34,6 +34,8 @@ from autonomic.runtime.resilience import (
     run_in_chunks,
     throttle_delay_ms,
 )
+from autonomic.runtime.runtime import Runtime
+from autonomic.runtime.store import MemoryStore, SQLiteStore
 from autonomic.runtime.timers import VirtualClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -394,7 +396,8 @@ def test_deadlines_of_several_governors_escalate_and_rearm_a_day_later(
     tmp_path: Path, clock: VirtualClock
 ) -> None:
     path = tmp_path / "store.sqlite"
-    tracker = DeadlineTracker(path, clock=clock)
+    runtime = Runtime(SQLiteStore(path), clock=clock)
+    tracker = DeadlineTracker(runtime)
     tracker.track(
         "b1", name="payment retry", governor="Billing", due_ms=START + HOUR, action="retry"
     )
@@ -413,23 +416,34 @@ def test_deadlines_of_several_governors_escalate_and_rearm_a_day_later(
     ]
     assert first[0].rearmed_ms == clock.now_ms() + 24 * HOUR
     assert tracker.check() == []  # escalated once per due time
-    tracker.close()
+    runtime.close()
 
-    # Durable: a new tracker on the same file (a restarted process) carries on.
+    # Durable: a new runtime on the same store (a restarted process) carries on.
     clock.advance(24 * HOUR)
-    again = DeadlineTracker(path, clock=clock)
+    runtime = Runtime(SQLiteStore(path), clock=clock)
+    again = DeadlineTracker(runtime)
     escalated = again.check()
     assert [(e.id, e.level) for e in escalated] == [("e1", 1), ("b1", 2)]
     assert again.resolve("b1") and not again.resolve("b1")
     assert [d.id for d in again.pending()] == ["e1"]
-    again.close()
+    runtime.close()
 
 
-def test_two_trackers_sharing_a_file_escalate_a_deadline_once(
+def test_deadlines_work_the_same_on_the_memory_store(clock: VirtualClock) -> None:
+    tracker = DeadlineTracker(Runtime(MemoryStore(), clock=clock), rearm_ms=HOUR)
+    tracker.track("n", name="notice", governor="Subscription", due_ms=START, action="notify")
+    assert [(e.id, e.level) for e in tracker.check()] == [("n", 1)]
+    assert tracker.check() == []
+    clock.advance(HOUR)
+    assert [(e.id, e.level) for e in tracker.check()] == [("n", 2)]
+
+
+def test_two_processes_sharing_a_store_escalate_a_deadline_once(
     tmp_path: Path, clock: VirtualClock
 ) -> None:
     path = tmp_path / "store.sqlite"
-    one, two = DeadlineTracker(path, clock=clock), DeadlineTracker(path, clock=clock)
+    runtimes = [Runtime(SQLiteStore(path), clock=clock) for _ in range(2)]
+    one, two = (DeadlineTracker(r) for r in runtimes)
     for n in range(20):
         one.track(f"d{n}", name="notice", governor="Subscription", due_ms=START, action="notify")
     results: list[int] = []
@@ -443,8 +457,8 @@ def test_two_trackers_sharing_a_file_escalate_a_deadline_once(
     for thread in threads:
         thread.join()
     assert sorted(results) == [0, 20]
-    one.close()
-    two.close()
+    for runtime in runtimes:
+        runtime.close()
 
 
 # -------------------------------------------------------------------------------- TTL cache

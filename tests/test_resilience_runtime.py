@@ -19,7 +19,6 @@ from autonomic.runtime.resilience import (
     TransientFailure,
     Unavailable,
     dispatch_in_chunks,
-    escalation_entry,
 )
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import SQLiteStore
@@ -156,6 +155,63 @@ def test_the_breaker_opens_falls_back_and_closes_with_every_move_in_the_signed_l
     assert report.ok, report
 
 
+def _billing_runtime(path: Path, keys: Path, clock: VirtualClock) -> tuple[Runtime, Processor]:
+    runtime = Runtime(
+        SQLiteStore(path), clock=clock, sealer=LedgerSealer(load_signer(keys), "sign-each")
+    )
+    primary = Processor()
+    actions: dict[str, Callable[[Any], object]] = {name: _noop for name in BILLING.actions}
+    actions["submit_charge"] = primary
+    actions["charge_backup_processor"] = Processor()
+    runtime.load(BILLING, {name: _yes for name in BILLING.guards}, actions)
+    return runtime, primary
+
+
+def test_an_open_breaker_stays_open_across_a_restart(tmp_path: Path, keys: Path) -> None:
+    """Breaker state lives in the store: a new process finds the breaker (and a tenant's
+    bulkhead breaker) open, fails fast without calling the processor, and probes after the
+    cool-down counted from the original opening."""
+    clock = VirtualClock(START)
+    path = tmp_path / "store.db"
+    runtime, primary = _billing_runtime(path, keys, clock)
+    primary.failing_for = {"noisy"}
+    for n in range(11):  # between other tenants' charges: only the tenant's breaker opens
+        with pytest.raises(ActionFailed):
+            _charge(runtime, "noisy")
+        _charge(runtime, f"quiet-{n}")
+    primary.failing_for = set()
+    primary.failing = ConnectionError
+    for n in range(11):
+        with pytest.raises(ActionFailed):
+            _charge(runtime, f"cust-{n}")
+    runtime.close()
+
+    clock.advance("10s")
+    runtime, primary = _billing_runtime(path, keys, clock)
+    breaker = runtime.policies.breaker("Billing", "PaymentProcessor")
+    assert breaker is not None and breaker.state is BreakerState.OPEN
+    bulkheads = runtime.policies.bulkheads("Billing", "PaymentProcessor")
+    assert bulkheads is not None
+    assert bulkheads.for_tenant("noisy").breaker.state is BreakerState.OPEN
+    assert bulkheads.for_tenant("quiet").breaker.state is BreakerState.CLOSED
+    _charge(runtime, "cust-a")  # fails fast: the backup charges, the primary is not called
+    assert primary.charged == [] and primary.outcomes == []
+    clock.advance("20s")  # 30 s after the opening, not after the restart
+    _charge(runtime, "cust-b")
+    assert primary.charged == ["cust-b"] and breaker.state is BreakerState.CLOSED
+    stored = runtime.store.get_breaker("Billing", "PaymentProcessor")
+    assert stored is not None and stored.state == "closed"
+    moves = [(e.instance, e.event) for e in runtime.ledger() if e.kind == "breaker"]
+    assert moves == [
+        ("policy:PaymentProcessor[noisy]", "BreakerOpened"),
+        ("policy:PaymentProcessor", "BreakerOpened"),
+        ("policy:PaymentProcessor", "BreakerHalfOpened"),
+        ("policy:PaymentProcessor", "BreakerClosed"),
+    ]
+    assert runtime.verify(Keyring.from_files([keys])).ok
+    runtime.close()
+
+
 def test_an_unavailable_primary_goes_to_the_backup_and_a_decline_does_not(
     billing: tuple[Runtime, Processor, Processor],
 ) -> None:
@@ -237,7 +293,7 @@ def test_missed_deadlines_of_several_governors_are_signed_into_the_ledger(
     runtime = Runtime(
         SQLiteStore(path), clock=clock, sealer=LedgerSealer(load_signer(keys), "sign-each")
     )
-    tracker = DeadlineTracker(path, clock=runtime.clock)  # beside the store's tables
+    tracker = DeadlineTracker(runtime)  # in the runtime's store, escalations in its ledger
     hour = 3_600_000
     tracker.track(
         "inv-1", name="payment retry", governor="Billing", due_ms=START + hour, action="retry"
@@ -246,10 +302,9 @@ def test_missed_deadlines_of_several_governors_are_signed_into_the_ledger(
         "ent-7", name="approval", governor="Entitlement", due_ms=START + 4 * hour, action="review"
     )
     clock.advance("5h")
-    found = tracker.check()
+    tracker.check()
     clock.advance("1d")
-    found += tracker.check()
-    runtime.record([escalation_entry(e) for e in found])
+    tracker.check()
     entries = [e for e in runtime.ledger() if e.kind == "escalation"]
     assert [(e.machine, e.instance, e.from_state, e.to_state) for e in entries] == [
         ("Billing", "deadline:inv-1", "level0", "level1"),
@@ -260,5 +315,34 @@ def test_missed_deadlines_of_several_governors_are_signed_into_the_ledger(
     ]
     assert [e.ts_ms - START for e in entries] == [5 * hour] * 2 + [29 * hour] * 2
     assert runtime.verify(Keyring.from_files([keys])).ok
-    tracker.close()
+    runtime.close()
+
+
+def test_an_escalation_that_cannot_be_recorded_leaves_the_deadline_unmoved(
+    tmp_path: Path, keys: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The escalation's ledger entry and the deadline's new level are one transaction: when
+    sealing the entry fails, the deadline is still due at level 0 and escalates later."""
+    clock = VirtualClock(START)
+    runtime = Runtime(
+        SQLiteStore(tmp_path / "store.db"),
+        clock=clock,
+        sealer=LedgerSealer(load_signer(keys), "sign-each"),
+    )
+    tracker = DeadlineTracker(runtime)
+    tracker.track("inv-1", name="retry", governor="Billing", due_ms=START, action="retry")
+    seal = LedgerSealer.seal
+
+    def refuse(self: LedgerSealer, seq: int, prev: bytes, data: Any) -> Any:
+        if data[6] == "DeadlineMissed":
+            raise OSError("disk full")
+        return seal(self, seq, prev, data)
+
+    monkeypatch.setattr(LedgerSealer, "seal", refuse)
+    with pytest.raises(OSError):
+        tracker.check()
+    assert [(d.id, d.level, d.due_ms) for d in tracker.pending()] == [("inv-1", 0, START)]
+    monkeypatch.setattr(LedgerSealer, "seal", seal)
+    assert [e.level for e in tracker.check()] == [1]
+    assert [e.to_state for e in runtime.ledger() if e.kind == "escalation"] == ["level1"]
     runtime.close()

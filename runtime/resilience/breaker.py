@@ -16,6 +16,9 @@ change for the ledger) and must not call the breaker. Thread-safe; `call_async` 
 same state, so threads and coroutines may mix.
 `counts(error)` decides which failures count (default: all); others propagate and count as
 neither failure nor success.
+`restore(state, failures, opened_ms)` puts a new breaker in the state a stored move left it
+in (the runtime keeps each move in its Store, so a restarted process finds an open breaker
+open, with the cool-down counted from when it opened).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class BreakerChange:
     at_ms: int
     failures: int
     reason: str
+    opened_ms: int = 0  # when the breaker last opened: its cool-down counts from there
 
     @property
     def event(self) -> str:
@@ -110,6 +114,19 @@ class CircuitBreaker:
     def failures(self) -> int:
         """The current run of consecutive counted failures."""
         return self._failures
+
+    @property
+    def opened_ms(self) -> int:
+        """When the breaker last opened (0: never)."""
+        return self._opened_at
+
+    def restore(self, state: BreakerState, failures: int, opened_ms: int) -> None:
+        """Take up a stored state, without reporting a move (it was reported when made)."""
+        with self._lock:
+            self._state = BreakerState(state)
+            self._failures = failures
+            self._opened_at = opened_ms
+            self._probing = False
 
     # -- the protocol around one call ------------------------------------------------------
 
@@ -201,6 +218,7 @@ class CircuitBreaker:
             self._clock.now_ms() if now is None else now,
             self._failures,
             reason,
+            self._opened_at,
         )
         self._state = to
         return change

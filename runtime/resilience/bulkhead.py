@@ -70,7 +70,9 @@ class Bulkhead:
 class TenantBulkheads:
     """The bulkheads of one service, one per tenant, made on first use.
 
-    Each tenant's breaker is named "<name>[<tenant>]" and reports to `on_change`.
+    Each tenant's breaker is named "<name>[<tenant>]" and reports to `on_change`; `restore`
+    is called with each new breaker before its first use (the runtime restores its stored
+    state there).
     """
 
     def __init__(
@@ -82,9 +84,11 @@ class TenantBulkheads:
         tolerated_failures: int = 10,
         cooldown_ms: int = 30_000,
         on_change: Callable[[BreakerChange], None] | None = None,
+        restore: Callable[[CircuitBreaker], None] | None = None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError(f"a bulkhead admits at least 1 call, not {max_concurrent}")
+        self._restore = restore
         self.name = name
         self.max_concurrent = max_concurrent
         self._clock = clock
@@ -105,6 +109,8 @@ class TenantBulkheads:
                     cooldown_ms=self._cooldown_ms,
                     on_change=self._on_change,
                 )
+                if self._restore is not None:
+                    self._restore(breaker)
                 found = Bulkhead(tenant, max_concurrent=self.max_concurrent, breaker=breaker)
                 self._tenants[tenant] = found
             return found

@@ -12,9 +12,13 @@ timer, ladder step) goes through the wrapper, outermost first:
    shared by every instance: each attempt goes through it, so an open breaker stops retries;
 4. retry (`retry N attempts ...`): transient failures are tried again, up to N calls, waiting
    the deterministic backoff on the runtime's clock (a VirtualClock advances, never sleeps).
-Every breaker move is handed to `on_move` with the machine name; the Runtime writes it to the
-audit ledger as a "breaker" entry (`breaker_entry`) after the dispatch's own transaction, so a
-dispatch that fails because the breaker opened still leaves the opening in the ledger.
+Every breaker move is handed to `on_move` with the machine name; the Runtime writes it, after
+the dispatch's own transaction (so a dispatch that fails because the breaker opened still
+leaves the opening), in one unit of work: the breaker's new state in the store
+(`Transaction.save_breaker`) and its "breaker" entry in the audit ledger (`breaker_entry`).
+A breaker made when a machine is loaded (or a tenant's, on first use) takes up the state its
+last recorded move left (`restore`, from `Store.get_breaker`): a restart does not close an
+open breaker. A closed breaker's run of failures is not stored: a restart forgives it.
 Actions run inside the write transaction: in-dispatch retries hold it while they wait, so keep
 them short and leave long waits to retry ladders (durable timers). Inside one runtime the
 actions of one store run one at a time, so a bulkhead's cap binds where calls overlap (actions
@@ -28,15 +32,16 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..ledger import EntryData, payload_digest
+from ..store.base import BreakerRecord
 from ..tables import ActionPolicy, MachineSpec
 from ..timers import Clock
 from .backoff import Backoff, jitter_with_cap, throttle_delay_ms
-from .breaker import BreakerChange, CircuitBreaker
+from .breaker import BreakerChange, BreakerState, CircuitBreaker
 from .bulkhead import TenantBulkheads
 from .fallback import call_with_fallback
 from .retry import Retry, clock_sleeper
 
-__all__ = ["BREAKER_ACTOR", "BREAKER_KIND", "ActionPolicies", "breaker_entry"]
+__all__ = ["BREAKER_ACTOR", "BREAKER_KIND", "ActionPolicies", "breaker_entry", "breaker_record"]
 
 Action = Callable[[Any], object]
 BREAKER_KIND = "breaker"
@@ -64,6 +69,31 @@ def breaker_entry(machine: str, change: BreakerChange) -> EntryData:
     )
 
 
+def breaker_record(machine: str, change: BreakerChange) -> BreakerRecord:
+    """The stored state a breaker move leaves."""
+    return BreakerRecord(
+        machine,
+        change.breaker,
+        str(change.to_state),
+        change.failures,
+        change.opened_ms,
+        change.at_ms,
+    )
+
+
+# Looks up a breaker's stored state: (machine, breaker name) -> its record, or None.
+BreakerLookup = Callable[[str, str], BreakerRecord | None]
+
+
+def _restorer(machine: str, lookup: BreakerLookup | None) -> Callable[[CircuitBreaker], None]:
+    def restore(breaker: CircuitBreaker) -> None:
+        stored = None if lookup is None else lookup(machine, breaker.name)
+        if stored is not None:
+            breaker.restore(BreakerState(stored.state), stored.failures, stored.opened_ms)
+
+    return restore
+
+
 class _Applied:
     """One policy's live parts: its breaker, its tenants' bulkheads, its retry rule."""
 
@@ -73,9 +103,12 @@ class _Applied:
         policy: ActionPolicy,
         clock: Clock,
         on_move: Callable[[str, BreakerChange], None],
+        lookup: BreakerLookup | None,
     ) -> None:
         def moved(change: BreakerChange) -> None:
             on_move(machine, change)
+
+        restore = _restorer(machine, lookup)
 
         tolerated = policy.tolerated_failures
         cooldown = policy.cooldown_ms or _DEFAULT_COOLDOWN_MS
@@ -90,6 +123,8 @@ class _Applied:
                 on_change=moved,
             )
         )
+        if self.breaker is not None:
+            restore(self.breaker)
         self.bulkheads = (
             None
             if policy.bulkhead is None
@@ -100,6 +135,7 @@ class _Applied:
                 tolerated_failures=_DEFAULT_TOLERATED if tolerated is None else tolerated,
                 cooldown_ms=cooldown,
                 on_change=moved,
+                restore=restore,
             )
         )
         backoff: Backoff = (
@@ -136,9 +172,15 @@ class _Applied:
 class ActionPolicies:
     """The policies of every machine a Runtime loaded, with their breakers' live state."""
 
-    def __init__(self, clock: Clock, on_move: Callable[[str, BreakerChange], None]) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        on_move: Callable[[str, BreakerChange], None],
+        lookup: BreakerLookup | None = None,
+    ) -> None:
         self._clock = clock
         self._on_move = on_move
+        self._lookup = lookup
         self._lock = threading.Lock()
         self._applied: dict[tuple[str, str], _Applied] = {}
 
@@ -146,7 +188,7 @@ class ActionPolicies:
         """`actions` with every action a policy of `spec` names wrapped in that policy."""
         wrapped = dict(actions)
         for policy in spec.policies.values():
-            applied = _Applied(spec.name, policy, self._clock, self._on_move)
+            applied = _Applied(spec.name, policy, self._clock, self._on_move, self._lookup)
             with self._lock:
                 self._applied[(spec.name, policy.name)] = applied
             backup = None if policy.fallback is None else actions[policy.fallback]
