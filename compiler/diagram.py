@@ -14,15 +14,16 @@ order, edges in the order of their first line in the source.
 from __future__ import annotations
 
 import html
+import itertools
 import re
 import shutil
 import subprocess
 import textwrap
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, overload
 
-from .explain import Explanation, explain, ladder_line, state_bound_line
+from .explain import Explanation, explain, format_duration, ladder_line, state_bound_line
 from .lower import (
     MachineTables,
     NotifyRow,
@@ -131,10 +132,10 @@ def build_diagram(tables: MachineTables, explanation: Explanation | None = None)
                 internal.append(line)
             else:
                 merged.setdefault((state.name, row.target), []).append(line)
-        for timer in timers_by_state.get(state.name, ()):
+        for timer, repeat in _repeats_folded(timers_by_state.get(state.name, ())):
             line = (
                 (timer.ref.line, timer.ref.column),
-                Line(_timer_line(timer, tables.name), "timer"),
+                Line(_timer_line(timer, tables.name, repeat), "timer"),
             )
             if timer.target is None or timer.target == state.name:
                 internal.append(line)
@@ -216,10 +217,32 @@ def _transition_line(row: TransitionRow, own: str) -> str:
     return head + _consequences(row.actions, _emit_names(row, own))
 
 
-def _timer_line(timer: TimerRow, own: str) -> str:
+def _repeats_folded(
+    timers: Sequence[TimerRow],
+) -> Iterator[tuple[TimerRow, tuple[int, int] | None]]:
+    """Each timer once, with a repeated step's firings (one row each, written once at one
+    place, evenly spaced) folded into its first: (row, (every ms, count)) or (row, None)."""
+    firings: dict[tuple[object, ...], list[TimerRow]] = {}
+    for timer in timers:
+        key = (timer.ref, timer.kind, timer.ladder, timer.step, timer.notify, timer.target)
+        firings.setdefault(key, []).append(timer)
+    for rows in firings.values():
+        rows.sort(key=lambda row: row.after_ms)
+        gaps = {b.after_ms - a.after_ms for a, b in itertools.pairwise(rows)}
+        if len(rows) > 1 and len(gaps) == 1:
+            yield rows[0], (gaps.pop(), len(rows))
+        else:
+            yield from ((row, None) for row in rows)
+
+
+def _timer_line(timer: TimerRow, own: str, repeat: tuple[int, int] | None = None) -> str:
     """`after 72h (ApprovalLadder) / auto_approve`; an escalation step names whom it
-    notifies: `after 24h (ApprovalLadder): notify queue manager_review_queue (within 4h)`."""
+    notifies: `after 24h (ApprovalLadder): notify queue manager_review_queue (within 4h)`;
+    a repeated step says how often: `after 0m, then every 30m (9 times) (Policy): ...`."""
     head = "on entry" if timer.kind == "entry" else f"after {timer.after_text}"
+    if repeat is not None:
+        every, count = repeat
+        head += f", then every {format_duration(every)} ({count} times)"
     if timer.scope == "group":
         head += f" in {timer.group}"
     elif timer.scope == "creation":
@@ -446,6 +469,14 @@ def _wrapped(lines: tuple[Line, ...]) -> Iterator[str]:
         yield from ("    " + part for part in parts[1:])
 
 
+# Mermaid draws an edge's label where dagre laid it out only if its check finds that point in
+# the drawn path; the default B-spline misses it, so labels move to the curve's midpoint and
+# land on each other (Entitlement's TenantContention and ContentionResolved did). A curve
+# through the layout's own points keeps every label where the layout left room for it.
+# State diagrams take their curve from the flowchart setting.
+MERMAID_FRONTMATTER = ("---", "config:", "  flowchart:", "    curve: catmullRom", "---")
+
+
 def mermaid_ids(diagram: Diagram) -> dict[str, str]:
     """State name -> Mermaid id: the name itself unless Mermaid would read it as a keyword."""
     taken = {node.id for node in diagram.nodes}
@@ -473,7 +504,7 @@ def render_mermaid(
     `after ...`; resting states get a dashed border through a class."""
     ids = mermaid_ids(diagram)
     direction = "TB" if len(diagram.nodes) >= TOP_DOWN_FROM else "LR"
-    out = ["stateDiagram-v2", f"    direction {direction}"]
+    out = [*MERMAID_FRONTMATTER, "stateDiagram-v2", f"    direction {direction}"]
     for node in diagram.nodes:
         sid = ids[node.id]
         out.append(f'    state "{mermaid_text(node.id)}" as {sid}')

@@ -206,7 +206,16 @@ def test_mermaid_text_is_inert_and_lossless(text: str) -> None:
 
 def test_mermaid_diagram_shape(entitlement: Diagram) -> None:
     lines = render_mermaid(entitlement).splitlines()
-    assert lines[:2] == ["stateDiagram-v2", "    direction TB"]
+    # Front matter first: a curve through the layout's points keeps labels where dagre put them.
+    assert lines[:7] == [
+        "---",
+        "config:",
+        "  flowchart:",
+        "    curve: catmullRom",
+        "---",
+        "stateDiagram-v2",
+        "    direction TB",
+    ]
     assert "    [*] --> PendingApproval" in lines
     assert "    Revoked --> [*]" in lines
     assert "    Active --> Expired : after 30d" in lines
@@ -221,7 +230,7 @@ def test_mermaid_diagram_shape(entitlement: Diagram) -> None:
     statement = re.compile(
         r"    (state \"\w+\" as \w+|\w+ : [^:;\n]+|(\[\*\]|\w+) --> (\[\*\]|\w+)( : [^:;\n]+)?)"
     )
-    for line in lines[2:]:
+    for line in lines[7:]:
         # Mermaid swaps entity codes out before its lexer runs.
         assert statement.fullmatch(re.sub(r"#[0-9]+;", "", line)), line
 
@@ -256,7 +265,8 @@ def test_render_diagram_formats() -> None:
     machine, _ = parse_text("machine M { initial state A { on E -> B } final state B event E }")
     assert machine is not None
     assert render_diagram(machine, "dot").startswith('digraph "M" {')
-    assert render_diagram(machine, "mermaid").startswith("stateDiagram-v2\n")
+    assert render_diagram(machine, "mermaid").startswith("---\nconfig:\n")
+    assert "\nstateDiagram-v2\n" in render_diagram(machine, "mermaid")
     with pytest.raises(ValueError, match="unknown diagram format"):
         render_diagram(machine, "png")
 

@@ -2,8 +2,9 @@
 
 Graphviz: `dot -Tjson` gives the position of every node, edge label, cluster title and the
 graph title; no two of these boxes may intersect. mermaid-cli (npm, in headless Debian
-chromium): every state name must be text in the SVG. Both draw PNG screenshots of every
-generated diagram into build/diagrams/ for people to look at.
+chromium): every state name must be text in the SVG, and no node or edge label box of the SVG
+may intersect another. Both draw PNG screenshots of every generated diagram into
+build/diagrams/ for people to look at.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 
 import pytest
 from autonomic.compiler.checks import check_paths
+from autonomic.compiler.diagram import render_diagram
+from autonomic.compiler.model import Machine
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "generated"
@@ -28,6 +31,9 @@ GOLDEN = ROOT / "tests" / "golden" / "expected"
 ARTEFACTS = ROOT / "build" / "diagrams"
 DOT_FILES = sorted(GENERATED.glob("*.dot")) + sorted(GOLDEN.glob("*.dot"))
 MERMAID_FILES = sorted(GENERATED.glob("*.mmd")) + sorted(GOLDEN.glob("*.mmd"))
+# The real-world examples hold the constructs the governors do not use (resting states,
+# groups, data-driven timers): their diagrams are drawn at test time and checked the same way.
+EXAMPLES = sorted((ROOT / "examples" / "machines").glob("*.fsm"))
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--headless",
@@ -167,6 +173,46 @@ def test_overlap_check_sees_overlaps() -> None:
     assert ("node A", "label of C -> D") in found
 
 
+@pytest.fixture(scope="module")
+def example_diagrams() -> dict[str, tuple[str, str, Machine]]:
+    """examples/machines: name -> (DOT, Mermaid, checked machine)."""
+    report = check_paths(EXAMPLES)
+    assert len(report.machines) == len(EXAMPLES) >= 6
+    return {
+        Path(m.path).stem: (render_diagram(m, "dot"), render_diagram(m, "mermaid"), m)
+        for m in report.machines
+    }
+
+
+def test_no_label_overlaps_in_the_example_dot_diagrams(
+    example_diagrams: dict[str, tuple[str, str, Machine]],
+) -> None:
+    for name, (dot, _, _) in example_diagrams.items():
+        assert overlaps(dot) == [], name
+
+
+def test_resting_and_final_states_are_drawn_apart(
+    example_diagrams: dict[str, tuple[str, str, Machine]],
+) -> None:
+    """In the laid-out DOT a resting state has a dashed border and one periphery, a final
+    state a double border: a reviewer tells "may stop here" from "ended"."""
+    seen = {"resting": 0, "final": 0}
+    for dot, _, machine in example_diagrams.values():
+        done = subprocess.run([_dot(), "-Tjson"], input=dot.encode(), capture_output=True)
+        nodes = {o["name"]: o for o in json.loads(done.stdout)["objects"] if "nodes" not in o}
+        for state in machine.states:
+            node = nodes[state.name.value]
+            if state.resting:
+                seen["resting"] += 1
+                assert "dashed" in node.get("style", ""), state.name.value
+                assert node.get("peripheries", "1") == "1", state.name.value
+            if state.final:
+                seen["final"] += 1
+                assert node.get("peripheries") == "2", state.name.value
+                assert "dashed" not in node.get("style", ""), state.name.value
+    assert seen["resting"] >= 2 and seen["final"] >= 2, seen
+
+
 def test_screenshots_of_every_dot_diagram() -> None:
     dot = _dot()
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
@@ -189,15 +235,27 @@ def _svg_text(svg: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def mermaid_renders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Every .mmd file drawn to SVG (and the generated ones to PNG) in one mmdc run each:
-    a Markdown file of all of them starts the browser once."""
+def mermaid_sources(example_diagrams: dict[str, tuple[str, str, Machine]]) -> dict[str, str]:
+    """Every Mermaid chart to draw, by key `folder/file.mmd`, and the hidden-name probe."""
+    sources = {f"{p.parent.name}/{p.name}": p.read_text(encoding="utf-8") for p in MERMAID_FILES}
+    for name, (_, mermaid, _) in example_diagrams.items():
+        sources[f"examples/{name}.mmd"] = mermaid
+    sources[HIDDEN] = HIDDEN_SOURCE
+    return sources
+
+
+@pytest.fixture(scope="module")
+def mermaid_renders(
+    tmp_path_factory: pytest.TempPathFactory, mermaid_sources: dict[str, str]
+) -> dict[str, str]:
+    """Every chart drawn to SVG (and the generated ones to PNG) in one mmdc run each: a
+    Markdown file of all of them starts the browser once."""
     mmdc, chromium = _mermaid_cli()
     work = tmp_path_factory.mktemp("mermaid")
     config = work / "puppeteer.json"
     config.write_text(json.dumps({"executablePath": chromium, "args": CHROMIUM_ARGS}))
-    sources = [p.read_text(encoding="utf-8") for p in MERMAID_FILES] + [HIDDEN_SOURCE]
-    charts = "\n".join(f"```mermaid\n{source}```\n" for source in sources)
+    keys = list(mermaid_sources)
+    charts = "\n".join(f"```mermaid\n{mermaid_sources[key]}```\n" for key in keys)
     (work / "all.md").write_text(charts, encoding="utf-8")
 
     def run(output: str, *extra: str) -> None:
@@ -209,16 +267,19 @@ def mermaid_renders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
     run("png.md", "-e", "png", "-w", "2400")
     renders = {}
-    for number, path in enumerate(MERMAID_FILES, start=1):
-        key = f"{path.parent.name}/{path.name}"
+    for number, key in enumerate(keys, start=1):
         renders[key] = (work / f"svg-{number}.svg").read_text(encoding="utf-8")
-        if path.parent == GENERATED:
-            shutil.copy(work / f"png-{number}.png", ARTEFACTS / f"{path.stem}.mmd.png")
-    renders[HIDDEN] = (work / f"svg-{len(MERMAID_FILES) + 1}.svg").read_text(encoding="utf-8")
+        folder, _, name = key.partition("/")
+        if folder in ("generated", "examples"):
+            shutil.copy(work / f"png-{number}.png", ARTEFACTS / f"{Path(name).stem}.mmd.png")
     return renders
 
 
-def test_every_state_name_is_text_in_the_mermaid_svg(mermaid_renders: dict[str, str]) -> None:
+def test_every_state_name_is_text_in_the_mermaid_svg(
+    mermaid_renders: dict[str, str],
+    mermaid_sources: dict[str, str],
+    example_diagrams: dict[str, tuple[str, str, Machine]],
+) -> None:
     sources = {"generated": ROOT / "machines", "expected": ROOT / "tests" / "golden" / "machines"}
     report = check_paths(list(sources.values()))
     states = {
@@ -229,15 +290,17 @@ def test_every_state_name_is_text_in_the_mermaid_svg(mermaid_renders: dict[str, 
         if key == HIDDEN:
             continue
         folder, name = key.split("/")
-        names = states.get((sources[folder].resolve(), Path(name).stem))
-        if names is None:  # a flow's diagram: its steps are what must show
-            written = (GENERATED if folder == "generated" else GOLDEN) / name
-            names = re.findall(r"step_(\w+)\[", written.read_text(encoding="utf-8"))
+        if folder == "examples":
+            names = [s.name.value for s in example_diagrams[Path(name).stem][2].states]
+        else:
+            names = states.get((sources[folder].resolve(), Path(name).stem)) or []
+        if not names:  # a flow's diagram: its steps are what must show
+            names = re.findall(r"step_(\w+)\[", mermaid_sources[key])
         assert names, key
         words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", _svg_text(svg)))
         missing = [n for n in names if n not in words]
         assert missing == [], f"{key}: state names not drawn: {missing}"
-    assert len(mermaid_renders) == len(MERMAID_FILES) + 1 >= 8
+    assert len(mermaid_renders) == len(MERMAID_FILES) + len(EXAMPLES) + 1 >= 14
     for stem in (p.stem for p in GENERATED.glob("*.mmd")):
         assert (ARTEFACTS / f"{stem}.mmd.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -246,3 +309,100 @@ def test_mermaid_check_sees_a_hidden_name(mermaid_renders: dict[str, str]) -> No
     """The old `Name : doc` form drew the doc alone: the same word check finds that."""
     words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", _svg_text(mermaid_renders[HIDDEN])))
     assert "shown" in words and "HiddenName" not in words
+
+
+# ---------------------------------------------------------------- Mermaid positions
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _translate(element: ET.Element) -> tuple[float, float]:
+    transform = element.get("transform") or ""
+    found = re.fullmatch(r"\s*translate\(\s*([-\d.e]+)[\s,]+([-\d.e]+)\s*\)\s*", transform)
+    if transform and found is None:
+        raise AssertionError(f"a transform the box reader does not know: {transform!r}")
+    return (float(found.group(1)), float(found.group(2))) if found else (0.0, 0.0)
+
+
+def mermaid_boxes(svg: str) -> list[tuple[str, Box]]:
+    """Every node and edge label that mermaid-cli drew, in the SVG's coordinates: Mermaid
+    places each with `translate` groups, a node's box is its first rect (or circle), a
+    label's is its foreignObject."""
+    found: list[tuple[str, Box]] = []
+
+    def walk(element: ET.Element, x: float, y: float) -> None:
+        dx, dy = _translate(element)
+        x, y = x + dx, y + dy
+        classes = (element.get("class") or "").split()
+        if element.tag == f"{SVG}g" and "node" in classes:
+            rect, circle = element.find(f".//{SVG}rect"), element.find(f".//{SVG}circle")
+            if rect is not None and rect.get("width"):
+                left, top = x + float(rect.get("x") or 0), y + float(rect.get("y") or 0)
+                right = left + float(rect.get("width") or 0)
+                bottom = top + float(rect.get("height") or 0)
+                found.append((f"node {element.get('id')}", (left, top, right, bottom)))
+            elif circle is not None:
+                r = float(circle.get("r") or 0)
+                cx, cy = x + float(circle.get("cx") or 0), y + float(circle.get("cy") or 0)
+                found.append((f"node {element.get('id')}", (cx - r, cy - r, cx + r, cy + r)))
+            return
+        if element.tag == f"{SVG}g" and "edgeLabel" in classes:
+            label = element.find(f"{SVG}g")
+            text = None if label is None else label.find(f"{SVG}foreignObject")
+            if label is not None and text is not None:
+                lx, ly = _translate(label)
+                width, height = float(text.get("width") or 0), float(text.get("height") or 0)
+                if width and height:
+                    left, top = x + lx, y + ly
+                    box = (left, top, left + width, top + height)
+                    found.append((f"label {label.get('data-id')}", box))
+            return
+        for child in element:
+            walk(child, x, y)
+
+    walk(ET.fromstring(svg), 0.0, 0.0)
+    return found
+
+
+def mermaid_overlaps(svg: str) -> list[tuple[str, str]]:
+    boxes = mermaid_boxes(svg)
+    return [
+        (n1, n2) for (n1, b1), (n2, b2) in itertools.combinations(boxes, 2) if _intersect(b1, b2)
+    ]
+
+
+def test_no_label_overlaps_in_the_mermaid_svg(
+    mermaid_renders: dict[str, str], mermaid_sources: dict[str, str]
+) -> None:
+    for key, svg in mermaid_renders.items():
+        if key == HIDDEN:
+            continue
+        boxes = mermaid_boxes(svg)
+        # The reader sees what was drawn: one box per labelled edge, at least one per state.
+        labelled = len(re.findall(r"(?:-->|---|==>|-\.->)[^\n]*?(?: : |\|)", mermaid_sources[key]))
+        assert sum(name.startswith("label ") for name, _ in boxes) >= labelled, key
+        assert sum(name.startswith("node ") for name, _ in boxes) >= 2, key
+        assert mermaid_overlaps(svg) == [], key
+
+
+def test_mermaid_overlap_check_sees_overlaps() -> None:
+    """The reader is not vacuous: a node and two labels drawn on top of each other, in the
+    nesting Mermaid writes, are found."""
+    svg = (
+        '<svg xmlns="http://www.w3.org/2000/svg"><g class="root" transform="translate(10, 0)">'
+        '<g class="nodes"><g class="node statediagram-state" id="s-A" transform="translate(100,'
+        ' 100)"><g><rect x="-50" y="-20" width="100" height="40"/></g></g></g>'
+        '<g class="edgeLabels"><g class="edgeLabel" transform="translate(100, 130)">'
+        '<g class="label" data-id="edge1" transform="translate(-40, -12)">'
+        '<foreignObject width="80" height="24"/></g></g>'
+        '<g class="edgeLabel" transform="translate(400, 400)">'
+        '<g class="label" data-id="edge2" transform="translate(-40, -12)">'
+        '<foreignObject width="80" height="24"/></g></g></g></g></svg>'
+    )
+    assert mermaid_overlaps(svg) == [("node s-A", "label edge1")]
+    moved = svg.replace("translate(400, 400)", "translate(105, 125)")
+    assert set(mermaid_overlaps(moved)) == {
+        ("node s-A", "label edge1"),
+        ("node s-A", "label edge2"),
+        ("label edge1", "label edge2"),
+    }
