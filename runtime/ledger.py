@@ -32,6 +32,7 @@ import json
 import math
 import os
 import sqlite3
+import stat
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -136,6 +137,7 @@ JSONL_FORMAT = "autonomic-ledger"
 CHECKPOINT_FORMAT = "autonomic-checkpoint"
 FORMAT_VERSION = 2
 SQLITE_MAGIC = b"SQLite format 3\x00"
+SMALLEST_DATABASE = 512  # the smallest page size: a database with anything in it is larger
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1821,7 +1823,8 @@ class LedgerSource:
                 yield MalformedRecord(f"line {number}: {exc.message}")
 
 
-def _open_sqlite(path: Path) -> LedgerSource:
+def _open_sqlite(path: Path) -> LedgerSource | None:
+    """The ledger of an SQLite store; None if the file is not an SQLite database."""
     uri = path.resolve().as_uri() + "?mode=ro"
     try:
         connection = sqlite3.connect(uri, uri=True, isolation_level=None)
@@ -1863,6 +1866,8 @@ def _open_sqlite(path: Path) -> LedgerSource:
         raise LedgerReadError(f"{path}: cannot read the database: {exc}") from None
     except sqlite3.Error as exc:  # not a database, corrupt
         connection.close()
+        if exc.sqlite_errorcode == sqlite3.SQLITE_NOTADB:
+            return None  # read_ledger reads it as JSON Lines, or names it
         raise LedgerFormatError(f"{path}: not a readable ledger database: {exc}") from None
     except LedgerFormatError:
         connection.close()
@@ -1898,22 +1903,33 @@ def _open_jsonl(path: Path, first_line: bytes) -> LedgerSource:
 
 
 def read_ledger(path: str | os.PathLike[str]) -> LedgerSource:
-    """Open a stored ledger: an SQLite store file (by its header) or a JSON Lines export."""
+    """Open a stored ledger: an SQLite store file (as SQLite reads it) or a JSON Lines export.
+
+    A file that may be a database is read through SQLite before anything else: closing a
+    descriptor of our own would drop the POSIX locks that a store of this process holds on
+    it (see store/sqlite.py), and the store's next commits could be lost."""
     file = Path(path)
     try:
-        with file.open("rb") as handle:
-            magic = handle.read(len(SQLITE_MAGIC))
-            first_line = magic + handle.readline(1 << 20) if magic != SQLITE_MAGIC else b""
+        info = file.stat()
     except FileNotFoundError:
         raise LedgerReadError(
             f"{file}: no such file", hint="pass the runtime's store file or an export"
         ) from None
-    except IsADirectoryError:
-        raise LedgerReadError(f"{file} is a directory, not a ledger file") from None
     except OSError as exc:
         raise LedgerReadError(f"{file}: {exc.strerror}") from None
-    if magic == SQLITE_MAGIC:
-        return _open_sqlite(file)
+    if stat.S_ISDIR(info.st_mode):
+        raise LedgerReadError(f"{file} is a directory, not a ledger file")
+    if info.st_size >= SMALLEST_DATABASE:
+        source = _open_sqlite(file)
+        if source is not None:
+            return source
+    try:
+        with file.open("rb") as handle:
+            first_line = handle.readline(1 << 20)
+    except OSError as exc:
+        raise LedgerReadError(f"{file}: {exc.strerror}") from None
+    if first_line.startswith(SQLITE_MAGIC):
+        raise LedgerFormatError(f"{file}: not a readable ledger database: file is not a database")
     if not first_line.strip():
         raise LedgerFormatError(
             f"{file} is empty or does not start with a ledger record",

@@ -401,9 +401,11 @@ def crash_worker(db: str, keys: str, seed: int, run: int) -> None:
     from autonomic.runtime.errors import InvalidTransition
 
     newest = None
-    with sqlite3.connect(db) as probe:
-        if probe.execute("SELECT 1 FROM sqlite_master WHERE name = 'ledger'").fetchone():
-            newest = probe.execute("SELECT max(ts_ms) FROM ledger").fetchone()[0]
+    # Left open while the worker runs, as an application's own connection would be: opening
+    # the store beside it must not drop the locks this process holds on the file.
+    probe = sqlite3.connect(db)
+    if probe.execute("SELECT 1 FROM sqlite_master WHERE name = 'ledger'").fetchone():
+        newest = probe.execute("SELECT max(ts_ms) FROM ledger").fetchone()[0]
     start = 1_800_000_000_000 if newest is None else int(newest) + MINUTE
     rt = _open_counter_runtime(db, keys, "checkpoint", start)
     spec = counter_spec()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -29,10 +30,19 @@ def start_worker(db: Path, keys: Path, seed: int, run: int) -> subprocess.Popen[
     )
 
 
-def run_until_killed(process: subprocess.Popen[str], rng: random.Random) -> list[dict[str, object]]:
+def close_a_connection(db: Path) -> None:
+    """Another process reads the store and closes it while the worker runs: the close tries
+    to checkpoint and delete the WAL, which SQLite does only if no process holds the file."""
+    with contextlib.closing(sqlite3.connect(db)) as reader:
+        reader.execute("SELECT count(*) FROM ledger").fetchall()
+
+
+def run_until_killed(
+    process: subprocess.Popen[str], rng: random.Random, db: Path
+) -> list[dict[str, object]]:
     """Read acknowledgements, then SIGKILL the worker at a random point; return every line
     it printed (those still in the pipe too)."""
-    assert process.stdout is not None
+    assert process.stdout is not None and process.stderr is not None
     wanted = rng.randrange(1, 40)
     lines: list[dict[str, object]] = []
     deadline = time.monotonic() + 20
@@ -41,10 +51,15 @@ def run_until_killed(process: subprocess.Popen[str], rng: random.Random) -> list
         if not line:
             break
         lines.append(json.loads(line))
+        if len(lines) == wanted // 2 + 1:
+            close_a_connection(db)
     if rng.random() < 0.5:
         time.sleep(rng.random() * 0.02)  # somewhere inside the next commit, or between two
     process.send_signal(signal.SIGKILL)
-    rest, errors = process.communicate(timeout=20)
+    # The stream's own reads: `communicate` would skip what readline has buffered already.
+    with process.stdout, process.stderr:
+        rest, errors = process.stdout.read(), process.stderr.read()
+    process.wait(timeout=20)
     assert process.returncode == -signal.SIGKILL, errors
     lines.extend(json.loads(line) for line in rest.splitlines() if line.strip())
     return lines
@@ -53,7 +68,7 @@ def run_until_killed(process: subprocess.Popen[str], rng: random.Random) -> list
 def check_store(db: Path, keyring: Keyring, acknowledged: list[dict[str, object]]) -> None:
     report = verify_ledger(db, keyring)
     assert report.ok, f"{report.index}: {report.reason}"
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         entries = {
             seq: (instance, to_state, kind, event_id)
             for seq, instance, to_state, kind, event_id in conn.execute(
@@ -92,7 +107,7 @@ def test_kill_9_at_random_points_loses_no_acknowledged_transition(tmp_path: Path
     fired_ids: list[object] = []
     started = time.monotonic()
     for run in range(KILLS):
-        lines = run_until_killed(start_worker(db, keys, rng.randrange(1 << 30), run), rng)
+        lines = run_until_killed(start_worker(db, keys, rng.randrange(1 << 30), run), rng, db)
         acknowledged.extend(line for line in lines if line["op"] in ("ack", "fired"))
         fired_ids.extend(line["event_id"] for line in lines if line["op"] == "fired")
         check_store(db, keyring, acknowledged)
@@ -122,3 +137,30 @@ def test_a_killed_process_leaves_a_store_that_reopens(tmp_path: Path, synchronou
     store = SQLiteStore(db)
     assert [r.instance for r in store.instances("M")] == ["a"]  # committed kept, open dropped
     store.close()
+
+
+@pytest.mark.parametrize("again", ["SQLiteStore(db)", "read_ledger(db).close()"])
+def test_opening_the_file_again_keeps_the_locks_of_the_process(tmp_path: Path, again: str) -> None:
+    """A process with the store open opens the file again; then another process closes it,
+    which checkpoints and deletes the WAL if no process holds a lock on the file. Had the
+    second open dropped the process's locks, the next commit, acknowledged, would go to the
+    deleted WAL and be gone after kill -9."""
+    db = tmp_path / "s.db"
+    script = (
+        "import os, signal, sqlite3, subprocess, sys\n"
+        "from autonomic.runtime.ledger import read_ledger\n"
+        "from autonomic.runtime.store import SQLiteStore, InstanceRecord\n"
+        f"db = {str(db)!r}\n"
+        "store = SQLiteStore(db)\n"
+        "store.run([lambda txn: txn.insert_instance(InstanceRecord('M', 'a', 'S', 1))])\n"
+        f"{again}\n"
+        "closer = 'import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+        'c.execute("SELECT count(*) FROM instances").fetchall(); c.close()\'\n'
+        "subprocess.run([sys.executable, '-c', closer, db], check=True)\n"
+        "store.run([lambda txn: txn.insert_instance(InstanceRecord('M', 'b', 'S', 1))])\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert [row[0] for row in conn.execute("SELECT instance FROM instances")] == ["a", "b"]

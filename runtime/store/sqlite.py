@@ -36,7 +36,7 @@ from ..ledger import (
     SCHEMA_SQL,
     SELECT_CHECKPOINTS_SQL,
     SET_META_SQL,
-    SQLITE_MAGIC,
+    SMALLEST_DATABASE,
     Checkpoint,
     LedgerEntry,
     LedgerMode,
@@ -191,7 +191,6 @@ STORE_FORMAT = "autonomic-store"  # runtime_meta 'format', beside 'schema' (SCHE
 # program a database belongs to (`file` prints it).
 APPLICATION_ID = 0x4175546F
 STORE_HINT = "pass a new file, or a store written by the autonomic runtime"
-_WAL_HEADER = b"\x02\x02"  # header bytes 18-19 (write and read format versions) in WAL mode
 
 
 def _not_ours(path: Path, why: str) -> StoreConfigError:
@@ -232,7 +231,13 @@ def _empty_or_ours(execute: Callable[..., sqlite3.Cursor], path: Path) -> bool:
 
 def _refuse_unless_empty_or_ours(path: Path, busy_timeout_ms: int) -> None:
     """Raise StoreConfigError unless `path` is missing, empty or an autonomic store, deciding
-    by reading it read-only: no journal mode switch, no table, no sidecar file."""
+    by reading it read-only: no journal mode switch, no table, no sidecar file.
+
+    The file is read only through SQLite, never through a descriptor of our own: closing any
+    descriptor of a file drops every POSIX lock the process holds on it, SQLite's included.
+    A connection of this process left without its lock could then have the WAL checkpointed
+    and deleted under it by another process closing the database, and its next commits,
+    acknowledged, would go to a deleted file (tests/test_crash.py shows it)."""
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -241,21 +246,34 @@ def _refuse_unless_empty_or_ours(path: Path, busy_timeout_ms: int) -> None:
         raise StoreConfigError(f"{path}: cannot be read: {exc.strerror}", hint=STORE_HINT) from None
     if not stat.S_ISREG(info.st_mode):  # SQLite would put its -wal file beside a device
         raise _not_ours(path, "is not a regular file")
-    try:
-        with path.open("rb") as handle:
-            header = handle.read(100)
-    except OSError as exc:
-        raise StoreConfigError(f"{path}: cannot be read: {exc.strerror}", hint=STORE_HINT) from None
-    if not header:
+    if not info.st_size:
         return
-    if not header.startswith(SQLITE_MAGIC):
+    if info.st_size < SMALLEST_DATABASE:
+        # SQLite reads a file shorter than a page as an empty database, and would write over it.
         raise _not_ours(path, "is not a usable SQLite store: it is not an SQLite database")
-    uri = path.resolve().as_uri() + "?mode=ro"
-    sidecars = (path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))
-    if header[18:20] == _WAL_HEADER and not any(s.exists() for s in sidecars):
-        # A WAL database nobody has open, all in its main file: even a read-only connection
-        # would create the -wal and -shm files beside it, and leave them there.
-        uri += "&immutable=1"
+    sidecars = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", "-journal")]
+    # Nobody has it open: read the file as it is, without locks, since even a read-only
+    # connection to a WAL database creates the -wal and -shm files and leaves them there.
+    quiet = not any(s.exists() for s in sidecars)
+    try:
+        try:
+            _inspect(path, busy_timeout_ms, immutable=quiet)
+        except sqlite3.Error:
+            if not quiet or not any(s.exists() for s in sidecars):
+                raise
+            # Opened meanwhile: the unlocked read may have met a checkpoint. Read it again.
+            _inspect(path, busy_timeout_ms, immutable=False)
+    except sqlite3.Error as exc:
+        if exc.sqlite_errorcode == sqlite3.SQLITE_NOTADB:
+            raise _not_ours(
+                path, "is not a usable SQLite store: it is not an SQLite database"
+            ) from None
+        raise _not_ours(path, f"is not a usable SQLite store: {exc}") from None
+
+
+def _inspect(path: Path, busy_timeout_ms: int, *, immutable: bool) -> None:
+    """`_empty_or_ours` on a read-only connection of its own; sqlite3.Error if unreadable."""
+    uri = path.resolve().as_uri() + "?mode=ro" + ("&immutable=1" if immutable else "")
     try:
         reader = sqlite3.connect(
             uri, uri=True, isolation_level=None, timeout=busy_timeout_ms / 1000
@@ -266,8 +284,6 @@ def _refuse_unless_empty_or_ours(path: Path, busy_timeout_ms: int) -> None:
         ) from None
     try:
         _empty_or_ours(reader.execute, path)
-    except sqlite3.Error as exc:
-        raise _not_ours(path, f"is not a usable SQLite store: {exc}") from None
     finally:
         reader.close()
 
