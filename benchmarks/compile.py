@@ -100,20 +100,16 @@ def _timed(work: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def _generator() -> Callable[[Machine], object] | None:
-    """lower + module source (rendered and formatted) + DOT and Mermaid text, if the code
-    generator is present; None otherwise."""
+    """What `autonomic build` does after checking, but drawing SVG (Graphviz's time, not
+    ours) and writing files: `render_outputs`, i.e. lower, the formatted module, the DOT and
+    Mermaid text, README.md and __init__.py. None if the code generator is absent."""
     try:
-        from autonomic.compiler.codegen import generate_tables
-        from autonomic.compiler.diagram import build_diagram, render_dot, render_mermaid
-        from autonomic.compiler.lower import lower
+        from autonomic.compiler.build import render_outputs
     except ImportError:
         return None
 
     def generate(machine: Machine) -> object:
-        tables = lower(machine)
-        module = generate_tables(tables)
-        diagram = build_diagram(tables)
-        return module, render_dot(diagram), render_mermaid(diagram)
+        return render_outputs([machine], draw_svg=False)
 
     return generate
 

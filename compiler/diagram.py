@@ -275,7 +275,18 @@ def notify_line(after_text: str, notify: NotifyRow) -> str:
 
 
 def doc_lines(doc: str | None) -> list[str]:
-    return textwrap.wrap(doc, DOC_WIDTH, break_on_hyphens=False) if doc else []
+    return wrap(doc, DOC_WIDTH) if doc else []
+
+
+_WRAP_WHITESPACE = frozenset("\t\n\r\x0b\x0c")
+
+
+def wrap(text: str, width: int) -> list[str]:
+    """`textwrap.wrap` without breaking at hyphens; a short line without tabs, line breaks or
+    trailing blanks, which it would return unchanged, skips it (most lines of a large diagram)."""
+    if len(text) <= width and text and text[-1] != " " and _WRAP_WHITESPACE.isdisjoint(text):
+        return [text]
+    return textwrap.wrap(text, width, break_on_hyphens=False)
 
 
 # ---------------------------------------------------------------- text safety
@@ -284,6 +295,8 @@ def doc_lines(doc: str | None) -> list[str]:
 def visible(text: str) -> str:
     """Control and format characters (bidi overrides, zero-width marks) as `<U+202E>`, so a
     label can neither reorder what a reviewer sees nor hide text."""
+    if text.isprintable():  # nearly every label: one C-level scan instead of one per character
+        return text
     return "".join(
         ch if ch.isprintable() or ch == " " else f"<U+{ord(ch):04X}>"
         for ch in text.replace("\r\n", "\n").replace("\n", " ")
@@ -303,6 +316,7 @@ def dot_quote(lines: tuple[str, ...] | str, *, align: Literal["center", "left"] 
 # Characters Mermaid's state lexer reads as syntax in a label (`:` and `;` end a description,
 # `%%` starts a comment, `#` begins an entity code), or that HTML labels would interpret.
 _MERMAID_ESCAPES = {ch: f"#{ord(ch)};" for ch in ':;#%"<>&{}|`\\'}
+_MERMAID_TABLE = str.maketrans(_MERMAID_ESCAPES)
 # Mermaid takes any line holding `direction LR` (and TB, BT, RL) as a layout statement, and
 # `end note` anywhere as the end of a note: one letter of each becomes an entity code.
 _MERMAID_PHRASES = re.compile(r"(d)(irection)|(e)(nd note)", re.IGNORECASE)
@@ -316,7 +330,7 @@ _MERMAID_KEYWORDS = frozenset(
 def mermaid_text(text: str) -> str:
     """Label text Mermaid shows as written: syntax characters as entity codes (Mermaid
     decodes them when it draws), control characters made visible, one line."""
-    escaped = "".join(_MERMAID_ESCAPES.get(ch, ch) for ch in visible(text))
+    escaped = visible(text).translate(_MERMAID_TABLE)
     return _MERMAID_PHRASES.sub(
         lambda mt: "".join(f"#{ord(g)};" if len(g) == 1 else g for g in mt.groups() if g), escaped
     )
@@ -464,7 +478,7 @@ def _wrapped(lines: tuple[Line, ...]) -> Iterator[str]:
     """A long label line continues, indented, on the next: a left-to-right sentence of
     guard, actions and emits would otherwise stretch its rank across the page."""
     for line in lines:
-        parts = textwrap.wrap(line.text, LABEL_WIDTH, break_on_hyphens=False)
+        parts = wrap(line.text, LABEL_WIDTH)
         yield parts[0]
         yield from ("    " + part for part in parts[1:])
 

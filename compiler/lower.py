@@ -327,7 +327,10 @@ def _lower(
     machine: m.Machine, source_path: str | None, others: Iterable[m.Machine] | None
 ) -> MachineTables:
     path = (source_path if source_path is not None else machine.path).replace("\\", "/")
-    problems = list(_name_problems(machine))
+    # One walk over every row for the names of guards and actions, used three times below.
+    guard_names = list(_guard_names(machine))
+    action_names = list(_action_names(machine))
+    problems = list(_name_problems(machine, guard_names, action_names))
     initials = [s for s in machine.states if s.initial]
     if len(initials) != 1:
         problems.append(fail("E101", "machine needs exactly one initial state", machine.name.span))
@@ -358,8 +361,8 @@ def _lower(
         payloads=tuple(_payload(e) for e in machine.events),
         escalations=lowering.escalations(),
         retries=lowering.retries(),
-        guards=lowering.first_uses(_guard_names(machine)),
-        actions=lowering.first_uses(chain(_action_names(machine), _fallback_names(machine))),
+        guards=lowering.first_uses(guard_names),
+        actions=lowering.first_uses(chain(action_names, _fallback_names(machine))),
         policies=lowering.policies(),
         resting=tuple(sorted(s.name.value for s in machine.states if s.resting)),
         groups=tuple(
@@ -479,7 +482,8 @@ class _Lowering:
                 rows[row.source, row.event].append(row)
         # Guarded rows keep source order; the explicit default branch is tried last.
         return tuple(
-            (key, tuple(sorted(rows[key], key=lambda r: r.guard == ELSE))) for key in sorted(rows)
+            (key, _else_last(rows[key]) if len(rows[key]) > 1 else tuple(rows[key]))
+            for key in sorted(rows)
         )
 
     def retry_rows(self, ladder: m.RetryLadder) -> Iterator[TransitionRow]:
@@ -850,9 +854,15 @@ class _Lowering:
         first: dict[str, m.Name] = {}
         for name in names:
             known = first.get(name.value)
-            if known is None or name.span.sort_key() < known.span.sort_key():
+            if known is None:
                 first[name.value] = name
+            elif (name.span.line, name.span.column) < (known.span.line, known.span.column):
+                first[name.value] = name  # one machine, one file: the path is the same
         return tuple((value, self.ref(first[value].span)) for value in sorted(first))
+
+
+def _else_last(rows: list[TransitionRow]) -> tuple[TransitionRow, ...]:
+    return tuple(sorted(rows, key=lambda r: r.guard == ELSE))
 
 
 def _emit_arg(field: str, value: m.EmitValue) -> EmitArgRow:
@@ -984,8 +994,13 @@ def emit_refs(
             yield from retry.exhausted.emits
 
 
-def named_things(machine: m.Machine) -> Iterator[tuple[m.Name, NameRole]]:
-    """Every name of the machine that reaches generated code, with the role it plays there."""
+def named_things(
+    machine: m.Machine,
+    guards: Iterable[m.Name] | None = None,
+    actions: Iterable[m.Name] | None = None,
+) -> Iterator[tuple[m.Name, NameRole]]:
+    """Every name of the machine that reaches generated code, with the role it plays there;
+    `guards` and `actions` may give the machine's guard and action names, walked already."""
     yield machine.name, "machine"
     for state in machine.states:
         yield state.name, "state"
@@ -1004,9 +1019,9 @@ def named_things(machine: m.Machine) -> Iterator[tuple[m.Name, NameRole]]:
         yield group.name, "ladder"
     for setting in machine.settings:
         yield setting.name, "ladder"
-    for name in _guard_names(machine):
+    for name in _guard_names(machine) if guards is None else guards:
         yield name, "guard"
-    for name in _action_names(machine):
+    for name in _action_names(machine) if actions is None else actions:
         yield name, "action"
     for policy in machine.policies:
         yield policy.name, "name"
@@ -1018,9 +1033,13 @@ def named_things(machine: m.Machine) -> Iterator[tuple[m.Name, NameRole]]:
         yield ref.event, "emit"
 
 
-def _name_problems(machine: m.Machine) -> Iterator[Diagnostic]:
-    for name, role in named_things(machine):
-        why = name_problem(name.value, role)
+def _name_problems(
+    machine: m.Machine, guards: Iterable[m.Name], actions: Iterable[m.Name]
+) -> Iterator[Diagnostic]:
+    known: dict[tuple[str, NameRole], str | None] = {}  # most names recur: judge each once
+    for name, role in named_things(machine, guards, actions):
+        key = (name.value, role)
+        why = known[key] if key in known else known.setdefault(key, name_problem(*key))
         if why is not None:
             yield fail(
                 "E130",
