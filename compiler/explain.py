@@ -2,18 +2,26 @@
 
 The semantics, from the runtime's timer rules:
 - a state's timers are armed on entry and measured from it; the first timer that leads to
-  another state (a timeout, an escalation's end) fires and the others are disarmed, so a state
-  has at most one *timed exit*: the earliest one;
-- timers without a target (escalation notifications, retry attempts) run their actions and
-  leave the instance where it is;
-- an instance *settles* in a final or resting state. Any other state without a timed exit
-  waits for an outside event for as long as it takes: it has no bound.
+  another state fires and the others are disarmed. Timers without a target (escalation
+  notifications, retry attempts, entry actions) leave the instance where it is;
+- a group timer is measured from entering its group and a creation timer from creation
+  (armed until a final state): in a state, either may already have run for a while, so it
+  fires *at the latest* after its delay, maybe at once;
+- a delay from a setting is at most the setting's declared upper bound (and at least its
+  lower one); a delay from an event field has no bound: the explanation says so;
+- an instance *settles* in a final or resting state. Any other state that no timer leaves
+  waits for an outside event for as long as it takes.
 
-So the bound of a state is the length of the chain of timed exits from it to a state where it
-stops, and a chain that comes back on itself never settles. networkx finds both: the cycles as
-strongly connected components, the chain length as the longest weighted path of the acyclic
-rest. A retry ladder is bounded apart from that: its steps advance on the failure event that
-each attempt provokes, so it ends within the sum of its step delays if every attempt fails.
+So each state has the time by which a timer has surely moved it on (the earliest of its
+timers' latest moments) and the states any of its timers can move it to: every one that can
+be first (a timer whose earliest moment is not after that time). The bound of a state is that
+time plus the largest bound among those next states, and a chain that can come back on
+itself never settles, unless a group or creation timer that is armed all round it ends the
+cycle from outside it. networkx finds the cycles as strongly connected components; the rest
+is one pass in reverse topological order of their condensation. Without group, creation or
+data timers every state has at most one next state, its earliest timeout's target.
+A retry ladder is bounded apart from that: its steps advance on the failure event that each
+attempt provokes, so it ends within the sum of its step delays if every attempt fails.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import networkx as nx
 
 from .lower import MachineTables, TimerRow
 
-StopKind = Literal["final", "resting", "event", "cycle"]
+StopKind = Literal["final", "resting", "event", "data", "cycle"]
 
 _UNITS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1))
 
@@ -49,7 +57,9 @@ def format_duration(millis: int) -> str:
 class StateBound:
     """`within_ms` is the longest time before the instance stops in `stops_in` (0 when the
     state itself is where it stops), None when the chain of timed exits cycles. `stop` says
-    why it stops there: a final or resting state, or a state only an outside event leaves."""
+    why it stops there: a final or resting state, a state only an outside event leaves, or
+    ("data") a state only a timer whose delay comes from an event field leaves, which has
+    no bound; `data_delay` then names it (`event.snooze_for`)."""
 
     state: str
     within_ms: int | None
@@ -57,6 +67,7 @@ class StateBound:
     stops_in: str
     stop: StopKind
     within_text: str = "0"
+    data_delay: str | None = None
 
     @property
     def settles(self) -> bool:
@@ -82,6 +93,8 @@ class Explanation:
     machine: str
     states: tuple[StateBound, ...]  # declaration order
     ladders: tuple[LadderBound, ...]
+    # How delays known only at run time were counted (settings at their upper bound).
+    notes: tuple[str, ...] = ()
 
     @cached_property
     def _by_state(self) -> dict[str, StateBound]:
@@ -95,14 +108,38 @@ class Explanation:
         """States only an outside event can leave, that are neither final nor resting."""
         return tuple(b.state for b in self.states if b.stop == "event" and b.within_ms == 0)
 
+    def unbounded(self) -> tuple[str, ...]:
+        """States only a timer with a delay from an event field leaves."""
+        return tuple(b.state for b in self.states if b.stop == "data" and b.within_ms == 0)
 
-def _resting(tables: MachineTables) -> set[str]:
-    return {s.name for s in tables.states if s.resting}
+
+@dataclass(frozen=True, slots=True)
+class _Timed:
+    """One timer that can move an instance out of a state: between `earliest` and `latest`
+    after entry (`latest` None: no bound, a delay from an event field)."""
+
+    target: str
+    earliest: int
+    latest: int | None
+    text: str
+    data: str | None = None  # `event.FIELD` for a delay from an event field
+
+
+def _timed(timer: TimerRow, settings: dict[str, tuple[int, int]], measured_here: bool) -> _Timed:
+    assert timer.target is not None
+    if timer.after_field is not None:
+        return _Timed(timer.target, 0, None, timer.after_text, f"event.{timer.after_field}")
+    low, high = (
+        settings[timer.after_setting]
+        if timer.after_setting is not None
+        else (timer.after_ms, timer.after_ms)
+    )
+    # A group or creation timer may have run before the instance came here.
+    return _Timed(timer.target, low if measured_here else 0, high, timer.after_text)
 
 
 def timed_exit(state: str, timers: Iterable[TimerRow]) -> TimerRow | None:
-    """The timer that takes an instance out of `state` first, if any."""
-    # A delay from an event field or a setting is known only at run time: no bound from it.
+    """The fixed-delay timer that takes an instance out of `state` first, if any."""
     leaving = [
         t
         for t in timers
@@ -111,61 +148,176 @@ def timed_exit(state: str, timers: Iterable[TimerRow]) -> TimerRow | None:
     return min(leaving, key=lambda t: t.after_ms, default=None)
 
 
+def _exits(tables: MachineTables) -> dict[str, list[_Timed]]:
+    """Every timer that can move an instance out of each state that has one."""
+    settings = {row.name: (row.min_ms, row.max_ms) for row in tables.settings}
+    exits: dict[str, list[_Timed]] = {}
+    for state, rows in tables.timers:
+        for timer in rows:
+            if timer.target is not None:
+                exits.setdefault(state, []).append(_timed(timer, settings, True))
+    members = dict(tables.groups)
+    for group, rows in tables.group_timers:
+        for timer in rows:
+            if timer.target is not None:
+                for state in members.get(group, ()):
+                    exits.setdefault(state, []).append(_timed(timer, settings, False))
+    for timer in tables.creation_timers:
+        if timer.target is not None:
+            for row in tables.states:
+                if not row.final:
+                    exits.setdefault(row.name, []).append(_timed(timer, settings, False))
+    return exits
+
+
+def _moves(timed: list[_Timed]) -> tuple[int | None, list[_Timed]]:
+    """When a timer has surely moved the instance on (None: no bound), and the timers that
+    can be the one that does."""
+    bounded = [t.latest for t in timed if t.latest is not None]
+    if not bounded:
+        return None, timed
+    by = min(bounded)
+    return by, [t for t in timed if t.earliest <= by]
+
+
 def explain(tables: MachineTables) -> Explanation:
-    finals, resting = set(tables.finals), _resting(tables)
-    timers = dict(tables.timers)
+    finals = set(tables.finals)
+    resting = {s.name for s in tables.states if s.resting}
     graph: nx.DiGraph[str] = nx.DiGraph()
     graph.add_nodes_from(s.name for s in tables.states)
-    exits: dict[str, TimerRow] = {}
-    for state in tables.states:
-        if state.name in finals or state.name in resting:
+    by: dict[str, int] = {}  # a state's time by which a timer has surely moved it on
+    via: dict[str, list[_Timed]] = {}  # ... and the timers that can
+    data: dict[str, str] = {}  # states only a delay from an event field leaves
+    for left, timed in _exits(tables).items():
+        if left in finals or left in resting:
             continue
-        exit_timer = timed_exit(state.name, timers.get(state.name, ()))
-        if exit_timer is not None and exit_timer.target is not None:
-            exits[state.name] = exit_timer
-            graph.add_edge(state.name, exit_timer.target, weight=exit_timer.after_ms)
-    cyclic: set[str] = set()
-    for component in nx.strongly_connected_components(graph):
-        first = next(iter(component))
-        if len(component) > 1 or graph.has_edge(first, first):
-            cyclic |= component
-    # Every state that leads into a cycle never stops either: one walk back from all of them
-    # (an `ancestors` query per cyclic state was quadratic on large machines).
-    never = set(cyclic)
-    pending = list(cyclic)
-    while pending:
-        for before in graph.predecessors(pending.pop()):
-            if before not in never:
-                never.add(before)
-                pending.append(before)
-    acyclic = graph.subgraph(n for n in graph if n not in never)
-    # The longest weighted path from every state at once, in reverse topological order (a
-    # longest-path query per state was quadratic): its length and the next state on it.
-    longest: dict[str, tuple[int, str | None]] = {}
-    for node in reversed(list(nx.topological_sort(acyclic))):
-        best: tuple[int, str | None] = (0, None)
-        for after in acyclic.successors(node):
-            length = acyclic[node][after]["weight"] + longest[after][0]
-            if best[1] is None or length > best[0]:
-                best = (length, after)
-        longest[node] = best
+        latest, moving = _moves(timed)
+        if latest is None:
+            data[left] = ", ".join(sorted({t.data for t in moving if t.data is not None}))
+            continue
+        by[left], via[left] = latest, moving
+        graph.add_edges_from((left, t.target) for t in moving)
+    deadlines = _deadlines(tables)
+    condensed = nx.condensation(graph)
+    component_of: dict[str, int] = condensed.graph["mapping"]
+    # Per state: (bound, next state on the longest way, text of a one-timer bound); None
+    # for a state whose timers can go round a cycle for ever.
+    bound: dict[str, tuple[int, str | None, str] | None] = {}
+    for component in reversed(list(nx.topological_sort(condensed))):
+        members: set[str] = condensed.nodes[component]["members"]
+        first = next(iter(members))
+        if len(members) == 1 and not graph.has_edge(first, first):
+            bound[first] = _single(first, by, via, bound)
+        else:
+            _cycle(members, graph, deadlines, component_of, component, bound)
     bounds = []
     for state in tables.states:
         name = state.name
-        if name in never:
+        found = bound[name]
+        if found is None:
             bounds.append(StateBound(name, None, (name,), name, "cycle"))
             continue
-        within = longest[name][0]
         walk = [name]
-        while (following := longest[walk[-1]][1]) is not None:
-            walk.append(following)
-        path = tuple(walk)
-        end = path[-1]
-        stop: StopKind = "final" if end in finals else "resting" if end in resting else "event"
-        # One timer: its duration as the designer wrote it (72h, not 3d).
-        text = exits[name].after_text if len(path) == 2 else format_duration(within)
-        bounds.append(StateBound(name, within, path, end, stop, text))
-    return Explanation(tables.name, tuple(bounds), _ladders(tables))
+        while (following := bound[walk[-1]]) is not None and following[1] is not None:
+            walk.append(following[1])
+        end = walk[-1]
+        stop: StopKind = (
+            "final"
+            if end in finals
+            else "resting"
+            if end in resting
+            else "data"
+            if end in data
+            else "event"
+        )
+        text = found[2] if len(walk) == 2 and found[2] else format_duration(found[0])
+        bounds.append(StateBound(name, found[0], tuple(walk), end, stop, text, data.get(end)))
+    return Explanation(tables.name, tuple(bounds), _ladders(tables), _notes(tables))
+
+
+def _notes(tables: MachineTables) -> tuple[str, ...]:
+    timers = [
+        *(t for _, rows in tables.timers for t in rows),
+        *(t for _, rows in tables.group_timers for t in rows),
+        *tables.creation_timers,
+    ]
+    used = {t.after_setting for t in timers if t.after_setting is not None and t.target}
+    notes = [
+        f"setting {row.name} counts at its upper bound, {row.max_text}"
+        for row in tables.settings
+        if row.name in used
+    ]
+    fields = sorted({t.after_field for t in timers if t.after_field is not None and t.target})
+    notes += [f"a delay from event.{name} has no upper bound" for name in fields]
+    return tuple(notes)
+
+
+def _single(
+    state: str,
+    by: dict[str, int],
+    via: dict[str, list[_Timed]],
+    bound: dict[str, tuple[int, str | None, str] | None],
+) -> tuple[int, str | None, str] | None:
+    if state not in by:
+        return 0, None, ""
+    best: tuple[int, str | None, str] | None = None
+    for timed in via[state]:
+        after = bound[timed.target]
+        if after is None:
+            return None  # one of the timers that can fire first leads into a cycle
+        length = by[state] + after[0]
+        if best is None or length > best[0]:
+            # One timer of a fixed delay: its duration as the designer wrote it (72h, not 3d).
+            one = timed.text if len(via[state]) == 1 and timed.earliest == by[state] else ""
+            best = (length, timed.target, one)
+    return best
+
+
+def _deadlines(tables: MachineTables) -> list[tuple[frozenset[str] | None, int, str]]:
+    """Group and creation timers that move an instance on (members, or None for every
+    state that is not final; latest moment; target): they end a cycle of timers inside
+    where they are armed. A delay from a setting counts at its upper bound."""
+    settings = {row.name: row.max_ms for row in tables.settings}
+    members = dict(tables.groups)
+    found: list[tuple[frozenset[str] | None, int, str]] = []
+    scoped = [(frozenset(members.get(g, ())), t) for g, rows in tables.group_timers for t in rows]
+    for scope, timer in [*scoped, *((None, t) for t in tables.creation_timers)]:
+        if timer.target is None or timer.after_field is not None:
+            continue
+        latest = settings[timer.after_setting] if timer.after_setting else timer.after_ms
+        found.append((scope, latest, timer.target))
+    return found
+
+
+def _cycle(
+    states: set[str],
+    graph: nx.DiGraph[str],
+    deadlines: list[tuple[frozenset[str] | None, int, str]],
+    component_of: dict[str, int],
+    component: int,
+    bound: dict[str, tuple[int, str | None, str] | None],
+) -> None:
+    """States whose timers can go round a cycle: bounded only by the earliest deadline that is
+    armed in all of them and leads out of them; then by that deadline plus the longest bound
+    of any state the cycle can lead out to."""
+    best: tuple[int, str | None, str] | None = None
+    for scope, latest, target in deadlines:
+        if target in states or (scope is not None and not states <= scope):
+            continue
+        outside = [target] + [
+            after
+            for state in states
+            for after in graph.successors(state)
+            if component_of[after] != component
+        ]
+        if any(bound[after] is None for after in outside):
+            continue
+        tail = max(outside, key=lambda after: bound[after][0])  # type: ignore[index]
+        length = latest + bound[tail][0]  # type: ignore[index]
+        if best is None or length < best[0]:
+            best = (length, tail, "")
+    for state in states:
+        bound[state] = best
 
 
 def _ladders(tables: MachineTables) -> tuple[LadderBound, ...]:
@@ -221,9 +373,13 @@ def state_bound_line(bound: StateBound) -> str | None:
         return "resting"
     if bound.stop == "cycle":
         return "timers cycle: never settles"
+    if bound.stop == "data" and bound.within_ms == 0:
+        return f"no bound: delay from {bound.data_delay}"
     if bound.within_ms == 0:
         return "no bound: waits for an event"
     assert bound.within_ms is not None
+    if bound.stop == "data":
+        return f"within {bound.within_text} -> {bound.stops_in}, then {bound.data_delay}"
     return f"within {bound.within_text} -> {bound.stops_in}"
 
 
@@ -246,11 +402,17 @@ def render_explanation(explanation: Explanation, path: str) -> str:
                 "final": "final",
                 "resting": "resting",
                 "event": "no bound: only an outside event can leave it",
+                "data": f"no bound: its delay comes from {bound.data_delay}, which has no limit",
             }[bound.stop]
         else:
             assert bound.within_ms is not None
             via = " -> ".join(bound.path)
-            where = {"final": "final", "resting": "resting", "event": "then waits for an event"}
+            where = {
+                "final": "final",
+                "resting": "resting",
+                "event": "then waits for an event",
+                "data": f"then a delay from {bound.data_delay}, which has no limit",
+            }
             text = (
                 f"within {bound.within_text} reaches {bound.stops_in} ({where[bound.stop]}; {via})"
             )
@@ -261,6 +423,7 @@ def render_explanation(explanation: Explanation, path: str) -> str:
             states = ", ".join(ladder.states)
             target = f" -> {ladder.target}" if ladder.target else ""
             out.append(f"  {ladder.kind} {ladder.name} ({states}){target}: {ladder_line(ladder)}")
+    out.extend(f"note: {note}" for note in explanation.notes)
     waiting = explanation.waiting()
     out.append(
         "only an outside event can leave: " + (", ".join(waiting) if waiting else "no state")

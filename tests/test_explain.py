@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from autonomic.compiler.checks import check_paths
-from autonomic.compiler.explain import Explanation, explain, format_duration
+from autonomic.compiler.diagram import build_diagram
+from autonomic.compiler.explain import Explanation, explain, format_duration, render_explanation
 from autonomic.compiler.lower import lower
 from autonomic.compiler.parser import parse_text
 
@@ -104,3 +105,72 @@ def test_check_explain_command() -> None:
     ) in out
     assert "ProrationPending       within 1h reaches Current" in out
     assert "only an outside event can leave: Current, AwaitingPayment" in out
+
+
+def test_group_and_creation_timers_bound_the_states_they_are_armed_in() -> None:
+    e = explained(
+        "machine M { event Go\n"
+        "  group Open { A, B }\n"
+        "  after 8h in Open -> Closed\n"
+        "  initial state A { on Go -> C  after 1h -> B }\n"
+        "  state B { on Go -> C }\n"
+        "  state C { on Go -> Closed }\n"
+        "  final state Closed }"
+    )
+    # B waits for nothing but its group's deadline; A reaches B first or the deadline fires.
+    assert (e.bound("B").within_ms, e.bound("B").stops_in) == (8 * 3_600_000, "Closed")
+    assert e.bound("A").within_ms == 9 * 3_600_000
+    assert e.waiting() == ("C",)
+    created = explained(
+        "machine M { event Go\n"
+        "  after 2d from creation -> Closed\n"
+        "  initial state A { on Go -> B }\n"
+        "  state B { on Go -> Closed  after 1h -> A }\n"
+        "  final state Closed }"
+    )
+    # The creation deadline is armed everywhere: nothing waits, and the A <-> B timers
+    # cannot cycle past it.
+    assert created.waiting() == ()
+    assert created.bound("A").within_ms == 2 * 86_400_000
+
+
+def test_cycles_inside_a_group_end_at_its_deadline_and_others_never_settle() -> None:
+    e = explained(
+        "machine M { event Go\n"
+        "  group Loop { A, B }\n"
+        "  after 3h in Loop -> Out\n"
+        "  initial state A { on Go -> Out  after 1h -> B }\n"
+        "  state B { on Go -> Out  after 1h -> A }\n"
+        "  state C { on Go -> Out  after 1h -> D }\n"
+        "  state D { on Go -> Out  after 1h -> C }\n"
+        "  final state Out }"
+    )
+    assert e.bound("A").within_ms == 3 * 3_600_000 and e.bound("A").stops_in == "Out"
+    assert e.bound("C").stop == "cycle" and e.bound("D").within_ms is None
+
+
+def test_setting_delays_count_at_their_upper_bound_and_field_delays_are_unbounded() -> None:
+    source = (
+        "machine M { event Go event Snooze { snooze_for: duration }\n"
+        '  setting grace "Grace period." between 1d and 30d\n'
+        "  initial state A { on Go -> B  on Snooze -> S }\n"
+        "  state B { on Go -> A  after setting grace -> Done }\n"
+        "  state S { on Go -> A  after event.snooze_for -> A }\n"
+        "  final state Done }"
+    )
+    e = explained(source)
+    b = e.bound("B")
+    assert (b.within_ms, b.stops_in, b.stop) == (30 * 86_400_000, "Done", "final")
+    s = e.bound("S")
+    assert (s.within_ms, s.stop, s.data_delay) == (0, "data", "event.snooze_for")
+    assert e.unbounded() == ("S",) and "S" not in e.waiting()
+    text = render_explanation(e, "m.fsm")
+    assert "no bound: its delay comes from event.snooze_for, which has no limit" in text
+    assert "note: setting grace counts at its upper bound, 30d" in text
+    assert "note: a delay from event.snooze_for has no upper bound" in text
+    machine, _ = parse_text(source)
+    assert machine is not None
+    diagram = build_diagram(lower(machine, others=None))
+    bounds = {node.id: node.bound for node in diagram.nodes}
+    assert bounds["B"] == "within 30d -> Done"
+    assert bounds["S"] == "no bound: delay from event.snooze_for"
