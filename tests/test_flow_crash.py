@@ -17,6 +17,7 @@ from autonomic.runtime.ledger import verify_ledger
 from autonomic.runtime.results import derive_event_id
 
 WORKER = Path(__file__).with_name("flow_crash_worker.py")
+WAITER = Path(__file__).with_name("flow_wait_worker.py")
 CUSTOMERS = 24
 KILLS = 8
 SEND_STEPS = {
@@ -115,3 +116,63 @@ def test_flows_killed_at_random_points_finish_exactly_once(tmp_path: Path) -> No
             assert undone == (1 if outcome == "compensated" else 0), (step, steps)
     # Nothing refunded twice: at most one refund per customer, whatever the kills.
     assert all(count == 1 for count in refunds.values())
+
+
+def test_a_wait_on_the_entitlement_ladder_survives_kill_9(tmp_path: Path) -> None:
+    """The upgrade's approval step waits in the store while Entitlement's ladder runs on
+    timers (24 h, 48 h reviews, auto-approval at 72 h). Workers are killed with SIGKILL at
+    random moments, idle or mid-hour; each new one resumes the wait from the store, and the
+    run completes once, charging once, when the ladder approves."""
+    db, keys = tmp_path / "wait.db", tmp_path / "keys"
+    generate_keypair(keys, valid_from_ms=1_700_000_000_000)
+    rng = random.Random(1212)
+    hour, waits_killed, last = 0, 0, {"status": "waiting"}
+    while last["status"] == "waiting":
+        process = subprocess.Popen(
+            [sys.executable, str(WAITER), str(db), str(keys), str(hour)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdin is not None and process.stdout is not None
+        first = json.loads(process.stdout.readline())
+        if first["status"] == "waiting":
+            process.stdin.write(f"{rng.randint(5, 20)}\n")
+            process.stdin.flush()
+            time.sleep(rng.uniform(0.0, 0.02))  # idle, or somewhere inside an hour's work
+            process.send_signal(signal.SIGKILL)
+        out, errors = process.communicate(timeout=30)
+        lines = [first, *(json.loads(line) for line in out.splitlines())]
+        last = lines[-1]
+        if process.returncode == -signal.SIGKILL:
+            waits_killed += last["status"] == "waiting"
+        else:
+            assert process.returncode == 0, errors  # the run ended before the kill
+        # The next worker's clock starts where this one may have got to (an hour it had
+        # begun but not reported), so the ledger's time never goes back.
+        hour = last["hour"] + 1
+    assert last["status"] == "completed"
+    assert waits_killed >= 3
+
+    assert verify_ledger(db, Keyring.from_files([keys])).ok
+    with sqlite3.connect(db) as conn:
+
+        def count(sql: str) -> int:
+            return int(conn.execute(sql).fetchone()[0])
+
+        assert count("SELECT count(*) FROM flows WHERE flow = 'SubscriptionUpgrade'") == 1
+        ends = "SELECT count(*) FROM ledger WHERE kind = 'flow' AND event = 'FlowCompleted'"
+        assert count(ends + " AND machine = 'SubscriptionUpgrade'") == 1
+        approvals = (
+            "SELECT count(*) FROM ledger WHERE machine = 'Entitlement' "
+            "AND from_state = 'PendingApproval' AND to_state = 'Active'"
+        )
+        assert count(approvals) == 1  # the ladder's auto-approval, once
+        charges = "SELECT count(*) FROM ledger WHERE machine = 'Billing' AND event = '{}'"
+        assert count(charges.format("ProcessProrationCharge")) == 1
+        waited = count(
+            "SELECT count(*) FROM ledger WHERE kind = 'flow' AND event = 'StepSucceeded' "
+            "AND from_state = 'approval'"
+        )
+        assert waited == 1

@@ -20,12 +20,21 @@ Semantics a user must know:
   CompensationFailed and the run ends "failed": a person must look.
 - parallel: every step runs (concurrently in the asyncio API); if any failed, the others are
   compensated. fanout: every step runs, nothing is compensated, and the gathered result says
-  which succeeded, failed or timed out (slower than `within`); it succeeds with `quorum`.
+  which succeeded, failed or timed out; it succeeds with `quorum`. `within` is a deadline on
+  the runtime's clock, stored with the run before any branch is sent (the run's wake_ms): a
+  branch without a reply (NoReply, or its receiver's action failing as transient or
+  unavailable) keeps the run "waiting", asked again by each resume; at the deadline what
+  arrived is gathered and the rest is timed out, also in a process started after a crash. A
+  reply that comes after the deadline (a slow dispatch; in the asyncio API, still running when
+  the time left has passed) counts as timed out.
 - await: the run is stored as "waiting" until the machine is in one of the states; governor
   timers move the machine meanwhile (nothing is held in memory). `resume_all` (after
   `fire_due` / `deliver_outbox`, or in a new process) checks again; past `within` it fails.
 - compute: calls the registered pure function with the inputs and earlier results; its
   result is stored, so a resumed run never calls it with other results in mind.
+- The asyncio API runs the same plan (`_plan`, one generator for both): a send goes through
+  `Governor.dispatch_async` with the run's write queued beside it, so on SQLite they share the
+  group commit with every other coroutine's units; no threads of the runner's own.
 """
 
 from __future__ import annotations
@@ -33,11 +42,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, cast
 
 from ..dispatch import Governor
 from ..errors import (
@@ -48,9 +55,11 @@ from ..errors import (
     PayloadInvalid,
     RuntimeFailure,
     UnknownEvent,
+    UnknownInstance,
     UnknownMachine,
 )
 from ..ledger import EntryData, payload_digest
+from ..resilience.errors import BulkheadFull, is_transient, is_unavailable
 from ..results import DispatchResult, _dumps, derive_event_id
 from ..runtime import Runtime
 from ..sealing import _Chain
@@ -58,9 +67,7 @@ from ..store.base import FLOW_FINISHED, FlowRecord, FlowStatus, Transaction, Wor
 from ..tables import Emit, FlowSpec, FlowStepSpec
 from ..timers import format_duration
 
-__all__ = ["FlowResult", "FlowRunner", "StepContext", "StepFailed"]
-
-T = TypeVar("T")
+__all__ = ["FlowResult", "FlowRunner", "NoReply", "StepContext", "StepFailed"]
 
 FLOW_ACTOR = "flow"
 StepStatus = Literal["started", "succeeded", "failed", "timed_out", "compensated", "uncompensated"]
@@ -78,6 +85,15 @@ class StepFailed(RuntimeFailure):
     """Raised by a `before_step` hook (or a compute function) to fail a step on purpose."""
 
     code = "R030"
+
+
+class NoReply(StepFailed):
+    """Raised by a `before_step` hook: the step's receiver does not answer (yet). A fanout
+    branch without a reply is tried again by each resume until the fanout's deadline; any
+    other step fails. The receiver's action failing transiently or as unavailable (see
+    runtime/resilience/errors.py) counts the same."""
+
+    code = "R032"
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +169,8 @@ class FlowRunner:
 
     `functions` are the pure functions compute steps name, called with a mapping of the
     inputs and earlier results. `before_step` is called before every step and compensation:
-    raising StepFailed there fails it (tests and the demo inject failures so)."""
+    raising StepFailed there fails it, NoReply leaves it unanswered (tests and the demo inject
+    failures so)."""
 
     def __init__(
         self,
@@ -163,12 +180,8 @@ class FlowRunner:
         functions: Mapping[str, Callable[[Mapping[str, Any]], Any]] | None = None,
         before_step: Callable[[StepContext], None] | None = None,
         actor: str = FLOW_ACTOR,
-        threads: int = 64,
     ) -> None:
         self.runtime = runtime
-        # The asyncio API's store work runs here; as many threads as runs in flight can
-        # share one group commit (asyncio's default pool has only a few).
-        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="flow")
         self.specs = {spec.name: spec for spec in flows}
         self.functions = dict(functions or {})
         self.before_step = before_step
@@ -183,12 +196,7 @@ class FlowRunner:
             raise ValueError(f"compute steps name unregistered functions: {', '.join(missing)}")
 
     def close(self) -> None:
-        """Stop the asyncio API's worker threads (the sync API needs none)."""
-        self._threads.shutdown(wait=True)
-
-    async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, partial(function, *args))
+        """Nothing to release: the runner holds no threads or connections of its own."""
 
     # ------------------------------------------------------------------ the sync API
 
@@ -220,6 +228,16 @@ class FlowRunner:
     def result(self, flow_id: str) -> FlowResult:
         return self._result(self._load(flow_id))
 
+    def next_wake(self) -> int | None:
+        """The earliest time a waiting run times out (an await's or a fanout's `within`):
+        call `resume_all` then (after `fire_due`), as for the governors' timers."""
+        wakes = [
+            r.wake_ms
+            for r in self.runtime.store.unfinished_flows()
+            if r.wake_ms is not None and r.flow in self.specs
+        ]
+        return min(wakes, default=None)
+
     # ------------------------------------------------------------------ the asyncio API
 
     async def start_async(
@@ -230,19 +248,20 @@ class FlowRunner:
         *,
         flow_id: str | None = None,
     ) -> FlowResult:
-        """`start`, awaited: store work runs in threads, so concurrent runs (and a parallel
-        flow's branches, run in an asyncio.TaskGroup) share the SQLite group commit."""
-        run = await self._in_thread(self._open, flow, instance, inputs, flow_id)
+        """`start`, awaited: each step's dispatch goes through `Governor.dispatch_async` and
+        the run's own writes through the same asyncio group commit, so concurrent runs (and a
+        parallel flow's branches, run in an asyncio.TaskGroup) share commits."""
+        run = self._open(flow, instance, inputs, flow_id)
         return await self._drive_async(run)
 
     async def resume_async(self, flow_id: str) -> FlowResult:
-        run = await self._in_thread(self._load, flow_id)
+        run = self._load(flow_id)
         if run.record.status in FLOW_FINISHED:
             return self._result(run)
         return await self._drive_async(run)
 
     async def resume_all_async(self, *, limit: int = 1000) -> list[FlowResult]:
-        records = await self._in_thread(self.runtime.store.unfinished_flows, limit)
+        records = self.runtime.store.unfinished_flows(limit)
         async with asyncio.TaskGroup() as group:
             tasks = [
                 group.create_task(self.resume_async(r.flow_id))
@@ -299,7 +318,7 @@ class FlowRunner:
             raise KeyError(f"no flow run {flow_id!r}")
         return _Run(self._spec(record.flow), record, json.loads(record.data))
 
-    # ------------------------------------------------------------------ driving a run
+    # ------------------------------------------------------------------ the plan of a run
 
     def _next_steps(self, run: _Run) -> list[FlowStepSpec]:
         """The steps to run now: all unfinished ones of a parallel or fanout flow, else the
@@ -320,99 +339,239 @@ class FlowRunner:
                 notes.append(("StepStarted", step.name, {}))
         return notes
 
-    def _drive(self, run: _Run) -> FlowResult:
+    def _plan(self, run: _Run) -> _Plan:
+        """What driving the run does, as the store work it needs (`_Op`s, each answered by the
+        sync or the asyncio driver): the one place that decides a run's course."""
         while run.record.status in ("running", "waiting"):
             steps = self._next_steps(run)
             if not steps:
-                self._finish(run)
+                yield _Write("completed", [("FlowCompleted", "", {})])
                 break
             if run.spec.kind in ("parallel", "fanout"):
-                outcomes = [self._attempt(run, step) for step in steps]
-                self._record_all(run, steps, outcomes)
+                deadline = self._fanout_deadline(run)
+                if deadline is not None and run.record.version == 0:
+                    # The deadline is stored before any branch runs: a restart keeps it.
+                    yield _Write("running", [], deadline)
+                if deadline is not None and self.runtime.clock.now_ms() >= deadline:
+                    outcomes = [_TIMED_OUT] * len(steps)
+                else:
+                    outcomes = yield _Branches(tuple(steps), deadline)
+                if not (yield from self._record_all(run, steps, outcomes, deadline)):
+                    break  # a fanout waits for replies until its deadline
                 continue
             step = steps[0]
             if step.kind == "send":
-                outcome = self._send_batched(run, step)
+                assert step.send is not None
+                run.note(self._start_notes(run, [step]))
+                outcome = yield _Send(step, step.send, "do", "running")
             else:
                 run.note(self._start_notes(run, [step]))
-                outcome = self._attempt(run, step)
+                outcome = self._attempt_here(run, step)
             if outcome[0] == "waiting":
-                self._wait(run, step, outcome)
+                yield from self._wait(run, step, outcome)
                 break
-            self._record_one(run, step, outcome)
+            yield from self._record_one(run, step, outcome)
         if run.record.status == "compensating":
-            self._compensate(run)
-        return self._result(run)
+            for step in self._to_compensate(run):
+                assert step.compensate is not None
+                status, detail = yield _Send(step, step.compensate, "undo", "compensating")
+                outcome = ("compensated" if status == "succeeded" else status), detail
+                yield from self._record_undo(run, step, outcome)
+            yield from self._end_compensation(run)
 
-    def _compensate(self, run: _Run) -> None:
-        for step in self._to_compensate(run):
-            self._record_undo(run, step, self._undo(run, step))
-        self._end_compensation(run)
+    def _fanout_deadline(self, run: _Run) -> int | None:
+        """A fanout's `within` as a point in time on the runtime's clock, fixed when the run
+        starts and stored with it (the run's `wake_ms` while it waits for replies)."""
+        spec = run.spec
+        if spec.kind != "fanout" or spec.within_ms is None:
+            return None
+        if "deadline" not in run.data:
+            run.data["deadline"] = self.runtime.clock.now_ms() + spec.within_ms
+        return int(run.data["deadline"])
 
-    async def _drive_async(self, run: _Run) -> FlowResult:
-        if run.spec.kind not in ("parallel", "fanout"):
-            # One step after another: each step is one commit, which the group committer
-            # shares with the other coroutines' steps.
-            return await self._in_thread(self._drive, run)
-        while run.record.status in ("running", "waiting"):
-            steps = self._next_steps(run)
-            if not steps:
-                await self._in_thread(self._finish, run)
-                break
-            outcomes = await self._attempt_all_async(run, steps)
-            await self._in_thread(self._record_all, run, steps, outcomes)
-        if run.record.status == "compensating":
-            await self._in_thread(self._compensate, run)
-        return self._result(run)
+    # ------------------------------------------------------------------ the sync driver
 
-    async def _attempt_all_async(
-        self, run: _Run, steps: Sequence[FlowStepSpec]
-    ) -> list[tuple[str, Any]]:
-        """Every branch at once. A fanout's branches that take longer than `within` count as
-        timed out (their dispatch still finishes, deduplicated if it is ever repeated)."""
-        timeout = None if run.spec.within_ms is None else run.spec.within_ms / 1000
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self._in_thread(self._attempt, run, s)) for s in steps]
-            if timeout is not None:
-                await asyncio.wait(tasks, timeout=timeout)
-                late = [t for t in tasks if not t.done()]
-                if late:
-                    await asyncio.wait(late)  # let them finish inside the group
-                    return [
-                        ("timed_out", "no reply within the fanout's deadline")
-                        if t in late
-                        else t.result()
-                        for t in tasks
-                    ]
-        return [task.result() for task in tasks]
+    def _drive(self, run: _Run) -> FlowResult:
+        plan = self._plan(run)
+        answer: Any = None
+        while True:
+            try:
+                op = plan.send(answer)
+            except StopIteration:
+                return self._result(run)
+            if isinstance(op, _Write):
+                answer = self._write(run, op.status, op.notes, op.wake_ms)
+            elif isinstance(op, _Send):
+                answer = self._send(run, op)
+            else:
+                answer = [self._attempt(run, step, op.deadline) for step in op.steps]
 
-    # ------------------------------------------------------------------ one step
-
-    def _attempt(self, run: _Run, step: FlowStepSpec) -> tuple[str, Any]:
-        """("succeeded", result) | ("failed", reason) | ("waiting", deadline_ms)."""
-        context = StepContext(
-            run.spec.name, run.record.flow_id, run.record.instance, step.name, "do"
-        )
-        started = self.runtime.clock.now_ms()
+    def _send(self, run: _Run, op: _Send) -> tuple[str, Any]:
+        """A send (or compensation) and the run's pending notes in one commit: the flow's
+        write and the dispatch are two units of one batch (each atomic on its own)."""
         try:
-            if self.before_step is not None:
-                self.before_step(context)
-            if step.kind == "compute":
-                assert step.function is not None
-                values = {**run.data["inputs"], **run.data["values"]}
-                return "succeeded", json.loads(_dumps(self.functions[step.function](values)))
-            if step.kind == "await":
-                return self._check_wait(run, step)
-            assert step.send is not None
-            result = self._dispatch(run, step, step.send, "do")
+            self._hook(run, op.step, op.phase)
+            governor, target, payload, event_id = self._receiver(run, op.step, op.emit, op.phase)
+            if governor.get(target) is None:
+                # Created meanwhile, or by an earlier attempt of this step: either will do.
+                with contextlib.suppress(InstanceExists):
+                    governor.create(target, self.actor)
+            unit = governor._work(
+                target, op.emit.event, payload or None, self.actor, event_id, None, None, False
+            )
         except StepFailed as failed:
             return "failed", failed.message
         except _STEP_FAILURES as failed:
             return "failed", f"{failed.code}: {failed.message}"
-        elapsed = self.runtime.clock.now_ms() - started
-        if run.spec.within_ms is not None and elapsed > run.spec.within_ms:
-            return "timed_out", f"replied after {elapsed} ms"
-        return "succeeded", {"state": result.to_state, "seq": result.seq}
+        outcome = self._write(run, op.status, [], along=unit)
+        assert outcome is not None
+        if outcome.error is not None:
+            return _step_outcome(outcome.error)
+        value = outcome.value
+        rejected = getattr(value, "error", None)  # the dispatch's _Rejected
+        return _step_outcome(rejected if rejected is not None else value)
+
+    def _attempt(self, run: _Run, step: FlowStepSpec, deadline: int | None) -> tuple[str, Any]:
+        """A parallel or fanout branch: ("succeeded", result) | ("failed", reason) |
+        ("no_reply", reason) | ("timed_out", reason)."""
+        try:
+            self._hook(run, step, "do")
+            if step.kind != "send":
+                return self._attempt_here(run, step, hooked=True)
+            assert step.send is not None
+            governor, target, payload, event_id = self._receiver(run, step, step.send, "do")
+            if governor.get(target) is None:
+                with contextlib.suppress(InstanceExists):
+                    governor.create(target, self.actor)
+            event = step.send.event
+            result = governor.dispatch(
+                target, event, payload or None, self.actor, event_id=event_id
+            )
+        except (StepFailed, *_STEP_FAILURES) as failed:
+            return _step_outcome(failed)
+        return self._late(_step_outcome(result), deadline)
+
+    def _late(self, outcome: tuple[str, Any], deadline: int | None) -> tuple[str, Any]:
+        """A reply that came after the fanout's deadline counts as timed out (its effect
+        stands, and a repeat is deduplicated)."""
+        now = self.runtime.clock.now_ms()
+        if deadline is not None and now > deadline and outcome[0] != "no_reply":
+            return "timed_out", f"replied {now - deadline} ms after the fanout's deadline"
+        return outcome
+
+    # ------------------------------------------------------------------ the asyncio driver
+
+    async def _drive_async(self, run: _Run) -> FlowResult:
+        plan = self._plan(run)
+        answer: Any = None
+        while True:
+            try:
+                op = plan.send(answer)
+            except StopIteration:
+                return self._result(run)
+            if isinstance(op, _Write):
+                await self._write_async(run, op.status, op.notes, op.wake_ms)
+                answer = None
+            elif isinstance(op, _Send):
+                answer = await self._send_async(run, op)
+            else:
+                answer = await self._branches_async(run, op)
+
+    async def _send_async(self, run: _Run, op: _Send) -> tuple[str, Any]:
+        """`_send` for asyncio: the run's write and `Governor.dispatch_async` queued together,
+        so they (and every other coroutine's units meanwhile) share one group commit."""
+        try:
+            self._hook(run, op.step, op.phase)
+            governor, target, payload, event_id = self._receiver(run, op.step, op.emit, op.phase)
+        except StepFailed as failed:
+            return "failed", failed.message
+        written, sent = await asyncio.gather(
+            self._write_async(run, op.status, []),
+            self._dispatch_async(governor, target, op.emit.event, payload, event_id),
+            return_exceptions=True,
+        )
+        if isinstance(written, BaseException):
+            raise written
+        return _step_outcome(sent)
+
+    async def _dispatch_async(
+        self,
+        governor: Governor,
+        target: str,
+        event: str,
+        payload: dict[str, Any],
+        event_id: str,
+    ) -> DispatchResult:
+        """dispatch_async, creating a missing receiver first (asked only when it is missing,
+        so no store read blocks the event loop on the way)."""
+        try:
+            return await governor.dispatch_async(
+                target, event, payload or None, self.actor, event_id=event_id
+            )
+        except UnknownInstance:
+            with contextlib.suppress(InstanceExists):
+                await governor.create_async(target, self.actor)
+            return await governor.dispatch_async(
+                target, event, payload or None, self.actor, event_id=event_id
+            )
+
+    async def _attempt_async(
+        self, run: _Run, step: FlowStepSpec, deadline: int | None
+    ) -> tuple[str, Any]:
+        try:
+            self._hook(run, step, "do")
+            if step.kind != "send":
+                return self._attempt_here(run, step, hooked=True)
+            assert step.send is not None
+            governor, target, payload, event_id = self._receiver(run, step, step.send, "do")
+            result = await self._dispatch_async(
+                governor, target, step.send.event, payload, event_id
+            )
+        except (StepFailed, *_STEP_FAILURES) as failed:
+            return _step_outcome(failed)
+        return self._late(_step_outcome(result), deadline)
+
+    async def _branches_async(self, run: _Run, op: _Branches) -> list[tuple[str, Any]]:
+        """Every branch at once. A fanout's branches still running at its deadline (the time
+        left on the runtime's clock, waited by the event loop) count as timed out; their
+        dispatch still finishes, deduplicated if it is ever repeated."""
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(self._attempt_async(run, step, op.deadline)) for step in op.steps
+            ]
+            if op.deadline is None:
+                return [await task for task in tasks]
+            left = max(0, op.deadline - self.runtime.clock.now_ms()) / 1000
+            await asyncio.wait(tasks, timeout=left)
+            late = [t for t in tasks if not t.done()]
+            if late:
+                await asyncio.wait(late)  # let them finish inside the group
+        return [_TIMED_OUT if task in late else task.result() for task in tasks]
+
+    # ------------------------------------------------------------------ one step
+
+    def _hook(self, run: _Run, step: FlowStepSpec, phase: Literal["do", "undo"]) -> None:
+        if self.before_step is not None:
+            record = run.record
+            self.before_step(
+                StepContext(run.spec.name, record.flow_id, record.instance, step.name, phase)
+            )
+
+    def _attempt_here(
+        self, run: _Run, step: FlowStepSpec, *, hooked: bool = False
+    ) -> tuple[str, Any]:
+        """A compute or await step, which needs no write: ("succeeded", result) |
+        ("failed", reason) | ("waiting", (since, deadline))."""
+        try:
+            if not hooked:
+                self._hook(run, step, "do")
+            if step.kind == "compute":
+                assert step.function is not None
+                values = {**run.data["inputs"], **run.data["values"]}
+                return "succeeded", json.loads(_dumps(self.functions[step.function](values)))
+            return self._check_wait(run, step)
+        except StepFailed as failed:
+            return _step_outcome(failed)
 
     def _check_wait(self, run: _Run, step: FlowStepSpec) -> tuple[str, Any]:
         assert step.machine is not None
@@ -428,82 +587,28 @@ class FlowRunner:
             return "failed", f"{step.machine} still in {shown} after waiting {waited}"
         return "waiting", (waiting_since, deadline)
 
-    def _target(
+    def _receiver(
         self, run: _Run, step: FlowStepSpec, emit: Emit, phase: str
     ) -> tuple[Governor, str, dict[str, Any], str]:
-        """The receiver (its instance created if missing), the payload and the event id."""
+        """The receiver, its instance, the payload and the event id of a send."""
         governor = self.runtime.governor(emit.machine)
         inputs = run.data["inputs"]
         target = run.record.instance if step.to is None else str(inputs[step.to])
-        if governor.get(target) is None:
-            # Created meanwhile, or by an earlier attempt of this step: either will do.
-            with contextlib.suppress(InstanceExists):
-                governor.create(target, self.actor)
         payload = _payload(emit, {**inputs, **run.data["values"]}, target, self.actor, run)
         event_id = derive_event_id("flow", run.record.flow_id, step.name, phase)
         return governor, target, payload, event_id
 
-    def _dispatch(self, run: _Run, step: FlowStepSpec, emit: Emit, phase: str) -> DispatchResult:
-        governor, target, payload, event_id = self._target(run, step, emit, phase)
-        return governor.dispatch(target, emit.event, payload or None, self.actor, event_id=event_id)
-
-    def _undo(self, run: _Run, step: FlowStepSpec) -> tuple[str, Any]:
-        assert step.compensate is not None
-        status, detail = self._batched(run, step, step.compensate, "undo", "compensating")
-        return ("compensated" if status == "succeeded" else status), detail
-
-    def _send_batched(self, run: _Run, step: FlowStepSpec) -> tuple[str, Any]:
-        assert step.send is not None
-        return self._batched(run, step, step.send, "do", "running")
-
-    def _batched(
-        self,
-        run: _Run,
-        step: FlowStepSpec,
-        emit: Emit,
-        phase: Literal["do", "undo"],
-        status: FlowStatus,
-    ) -> tuple[str, Any]:
-        """A send (or compensation) and the run's pending notes in one commit: the flow's
-        write and the dispatch are two units of one batch (each atomic on its own)."""
-        flow_id, instance = run.record.flow_id, run.record.instance
-        context = StepContext(run.spec.name, flow_id, instance, step.name, phase)
-        if phase == "do":
-            run.note(self._start_notes(run, [step]))
-        try:
-            if self.before_step is not None:
-                self.before_step(context)
-            governor, target, payload, event_id = self._target(run, step, emit, phase)
-            unit = governor._work(
-                target, emit.event, payload or None, self.actor, event_id, None, None, False
-            )
-        except StepFailed as failed:
-            return "failed", failed.message
-        except _STEP_FAILURES as failed:
-            return "failed", f"{failed.code}: {failed.message}"
-        outcome = self._write(run, status, [], along=unit)
-        assert outcome is not None
-        value, error = outcome.value, outcome.error
-        if error is not None:
-            if isinstance(error, _STEP_FAILURES):
-                return "failed", f"{error.code}: {error.message}"
-            raise error
-        if isinstance(value, DispatchResult):
-            return "succeeded", {"state": value.to_state, "seq": value.seq}
-        rejected = getattr(value, "error", None)  # the dispatch's _Rejected
-        if isinstance(rejected, RuntimeFailure):
-            return "failed", f"{rejected.code}: {rejected.message}"
-        raise TypeError(f"unexpected dispatch outcome {value!r}")
-
     # ------------------------------------------------------------------ recording
 
-    def _record_one(self, run: _Run, step: FlowStepSpec, outcome: tuple[str, Any]) -> None:
+    def _record_one(self, run: _Run, step: FlowStepSpec, outcome: tuple[str, Any]) -> _Plan:
         status, detail = outcome
         if status == "succeeded":
             self._succeed(run, step, detail)
             run.note([("StepSucceeded", step.name, {"result": detail})])
-        else:
-            self._fail(run, step, status, str(detail))
+            return
+        run.steps[step.name] = {"status": status, "error": str(detail)}
+        run.data["failed"], run.data["reason"] = step.name, str(detail)
+        yield _Write("compensating", [("StepFailed", step.name, {"error": str(detail)})])
 
     def _succeed(self, run: _Run, step: FlowStepSpec, detail: Any) -> None:
         run.steps[step.name] = {"status": "succeeded", "result": detail}
@@ -511,26 +616,39 @@ class FlowRunner:
         if step.kind == "compute":
             run.data["values"][step.name] = detail
 
-    def _fail(self, run: _Run, step: FlowStepSpec, status: str, reason: str) -> None:
-        run.steps[step.name] = {"status": status, "error": reason}
-        run.data["failed"], run.data["reason"] = step.name, reason
-        notes: list[_Note] = [("StepFailed", step.name, {"error": reason})]
-        self._write(run, "compensating", notes)
-
     def _record_all(
-        self, run: _Run, steps: Sequence[FlowStepSpec], outcomes: Sequence[tuple[str, Any]]
-    ) -> None:
+        self,
+        run: _Run,
+        steps: Sequence[FlowStepSpec],
+        outcomes: Sequence[tuple[str, Any]],
+        deadline: int | None,
+    ) -> Generator[_Op, Any, bool]:
+        """Record the branches' replies; True when the run goes on. A fanout branch without a
+        reply yet (NoReply) keeps the run waiting until the deadline, when it times out."""
         notes: list[_Note] = []
         failed: list[tuple[FlowStepSpec, str]] = []
+        unanswered = False
         for step, (status, detail) in zip(steps, outcomes, strict=True):
             if status == "succeeded":
                 self._succeed(run, step, detail)
                 notes.append(("StepSucceeded", step.name, {"result": detail}))
+            elif status == "no_reply" and deadline is not None:
+                unanswered = True
+                entry = run.steps.setdefault(step.name, {"status": "started"})
+                if not entry.get("unanswered"):
+                    entry["unanswered"] = True
+                    why = {"until": deadline, "why": str(detail)}
+                    notes.append(("StepWaiting", step.name, why))
             else:
+                status = "failed" if status == "no_reply" else status
                 run.steps[step.name] = {"status": status, "error": str(detail)}
                 notes.append(("StepFailed", step.name, {"error": str(detail)}))
                 failed.append((step, str(detail)))
         if run.spec.kind == "fanout":
+            if unanswered:
+                if notes or run.pending or run.record.status != "waiting":
+                    yield _Write("waiting", notes, deadline)
+                return False  # still waiting: nothing new to record
             gathered = {s.name: run.status_of(s.name) or "" for s in run.plan()}
             run.data["gathered"] = gathered
             succeeded = sum(1 for status in gathered.values() if status == "succeeded")
@@ -538,26 +656,27 @@ class FlowRunner:
             notes.append(("FanInGathered", "", {"gathered": gathered, "quorum": quorum}))
             if succeeded >= quorum:
                 notes.append(("FlowCompleted", "", {}))
-                self._write(run, "completed", notes)
+                yield _Write("completed", notes)
             else:
                 run.data["reason"] = f"{succeeded} of {len(gathered)} replies, quorum {quorum}"
                 notes.append(("FlowFailed", "", {"reason": run.data["reason"]}))
-                self._write(run, "failed", notes)
-            return
+                yield _Write("failed", notes)
+            return True
         if failed:
             run.data["failed"] = failed[0][0].name
             run.data["reason"] = "; ".join(f"{s.name}: {why}" for s, why in failed)
-            self._write(run, "compensating", notes)
+            yield _Write("compensating", notes)
         else:
-            self._write(run, "running", notes)
+            yield _Write("running", notes)
+        return True
 
-    def _wait(self, run: _Run, step: FlowStepSpec, outcome: tuple[str, Any]) -> None:
+    def _wait(self, run: _Run, step: FlowStepSpec, outcome: tuple[str, Any]) -> _Plan:
         since, deadline = outcome[1]
         entry = run.steps.setdefault(step.name, {"status": "started"})
         if run.record.status == "waiting" and entry.get("since") == since and not run.pending:
             return  # still waiting: nothing new to record
         entry["since"] = since
-        self._write(run, "waiting", [("StepWaiting", step.name, {"until": deadline})], deadline)
+        yield _Write("waiting", [("StepWaiting", step.name, {"until": deadline})], deadline)
 
     def _to_compensate(self, run: _Run) -> list[FlowStepSpec]:
         """Completed steps with a compensation not yet run, newest first."""
@@ -568,42 +687,33 @@ class FlowRunner:
             if by_name[name].compensate is not None and run.status_of(name) == "succeeded"
         ]
 
-    def _record_undo(self, run: _Run, step: FlowStepSpec, outcome: tuple[str, Any]) -> None:
+    def _record_undo(self, run: _Run, step: FlowStepSpec, outcome: tuple[str, Any]) -> _Plan:
         status, detail = outcome
         if status == "compensated":
             run.steps[step.name]["status"] = "compensated"
             run.note([("StepCompensated", step.name, {"result": detail})], "compensating")
-        else:
-            run.steps[step.name]["status"] = "uncompensated"
-            run.steps[step.name]["error"] = str(detail)
-            notes: list[_Note] = [("CompensationFailed", step.name, {"error": str(detail)})]
-            self._write(run, "compensating", notes)
+            return
+        run.steps[step.name]["status"] = "uncompensated"
+        run.steps[step.name]["error"] = str(detail)
+        yield _Write("compensating", [("CompensationFailed", step.name, {"error": str(detail)})])
 
-    def _end_compensation(self, run: _Run) -> None:
+    def _end_compensation(self, run: _Run) -> _Plan:
         failed = [name for name, s in run.steps.items() if s["status"] == "uncompensated"]
         detail = {"failed_step": run.data.get("failed"), "reason": run.data.get("reason")}
         if failed:
             detail["uncompensated"] = failed
-            self._write(run, "failed", [("FlowFailed", str(run.data.get("failed")), detail)])
+            yield _Write("failed", [("FlowFailed", str(run.data.get("failed")), detail)])
         else:
             note: _Note = ("CompensationCompleted", str(run.data.get("failed")), detail)
-            self._write(run, "compensated", [note])
+            yield _Write("compensated", [note])
 
-    def _finish(self, run: _Run) -> None:
-        self._write(run, "completed", [("FlowCompleted", "", {})])
+    # ------------------------------------------------------------------ writing
 
-    def _write(
-        self,
-        run: _Run,
-        status: FlowStatus,
-        notes: Sequence[_Note],
-        wake_ms: int | None = None,
-        *,
-        along: Callable[[Transaction, _Chain], object] | None = None,
-    ) -> WorkOutcome[object] | None:
-        """One unit of work: the run's record (version-checked) and its ledger entries, the
-        pending notes first; with `along`, that unit too, in the same commit (its outcome is
-        returned)."""
+    def _write_work(
+        self, run: _Run, status: FlowStatus, notes: Sequence[_Note], wake_ms: int | None
+    ) -> Callable[[Transaction, _Chain], FlowRecord]:
+        """The unit of work that writes the run's record (version-checked) and its ledger
+        entries, the pending notes first."""
         runtime = self.runtime
         before = run.record
         entries = [*run.pending, *((event, step, detail, status) for event, step, detail in notes)]
@@ -620,31 +730,51 @@ class FlowRunner:
             if runtime.sealer is not None:
                 for index, (event, step, detail, to_state) in enumerate(entries):
                     event_id = derive_event_id("flow", flow_id, before.version + 1, index)
-                    data = EntryData(
-                        now,
-                        "flow",
-                        flow,
-                        flow_id,
-                        step,
-                        to_state,
-                        event,
-                        actor,
-                        event_id,
-                        payload_digest(json.loads(_dumps(detail))),
+                    digest = payload_digest(json.loads(_dumps(detail)))
+                    chain.append(
+                        txn,
+                        EntryData(
+                            now,
+                            "flow",
+                            flow,
+                            flow_id,
+                            step,
+                            to_state,
+                            event,
+                            actor,
+                            event_id,
+                            digest,
+                        ),
                     )
-                    entry = chain.seal(txn, data)
-                    txn.append_ledger(entry)
-                    chain.advance(entry)
             return record
 
+        return work
+
+    def _write(
+        self,
+        run: _Run,
+        status: FlowStatus,
+        notes: Sequence[_Note],
+        wake_ms: int | None = None,
+        *,
+        along: Callable[[Transaction, _Chain], object] | None = None,
+    ) -> WorkOutcome[object] | None:
+        """Write the run (`_write_work`); with `along`, that unit too, in the same commit (its
+        outcome is returned)."""
+        work = self._write_work(run, status, notes, wake_ms)
         if along is None:
-            run.record = runtime._submit(work)
+            run.record = self.runtime._submit(work)
             return None
-        written, outcome = runtime._submit_many([work, along])
+        written, outcome = self.runtime._submit_many([work, along])
         if written.error is not None:
             raise written.error
         run.record = cast(FlowRecord, written.value)
         return outcome
+
+    async def _write_async(
+        self, run: _Run, status: FlowStatus, notes: Sequence[_Note], wake_ms: int | None = None
+    ) -> None:
+        run.record = await self.runtime._submit_async(self._write_work(run, status, notes, wake_ms))
 
     def _result(self, run: _Run) -> FlowResult:
         data = run.data
@@ -659,6 +789,62 @@ class FlowRunner:
             dict(data["values"]),
             data.get("gathered"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """Write the run's record with these notes (and the pending ones) in one unit of work."""
+
+    status: FlowStatus
+    notes: Sequence[_Note]
+    wake_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Send:
+    """Run a send step (or compensation) with the run's pending notes, in one commit; the
+    answer is ("succeeded", result) or ("failed", reason)."""
+
+    step: FlowStepSpec
+    emit: Emit
+    phase: Literal["do", "undo"]
+    status: FlowStatus
+
+
+@dataclass(frozen=True, slots=True)
+class _Branches:
+    """Run every branch of a parallel or fanout flow at once; the answer is their outcomes."""
+
+    steps: tuple[FlowStepSpec, ...]
+    deadline: int | None
+
+
+_Op = _Write | _Send | _Branches
+_Plan = Generator[_Op, Any, None]
+_TIMED_OUT = ("timed_out", "no reply within the fanout's deadline")
+
+
+def _step_outcome(answer: object) -> tuple[str, Any]:
+    """A step's outcome from what its dispatch answered (a result, or the error it raised)."""
+    if isinstance(answer, DispatchResult):
+        return "succeeded", {"state": answer.to_state, "seq": answer.seq}
+    if isinstance(answer, NoReply):
+        return "no_reply", answer.message
+    if isinstance(answer, StepFailed):
+        return "failed", answer.message
+    if isinstance(answer, ActionFailed) and _unanswered(answer.cause):
+        return "no_reply", f"{answer.code}: {answer.message}"
+    if isinstance(answer, _STEP_FAILURES):
+        return "failed", f"{answer.code}: {answer.message}"
+    if isinstance(answer, BaseException):
+        raise answer
+    raise TypeError(f"unexpected dispatch outcome {answer!r}")
+
+
+def _unanswered(cause: BaseException) -> bool:
+    """The receiver's action could not reach its service (yet): a fanout branch may get its
+    reply on a later attempt."""
+    return is_transient(cause) or is_unavailable(cause) or isinstance(cause, BulkheadFull)
 
 
 def _all_steps(spec: FlowSpec) -> Iterable[FlowStepSpec]:
