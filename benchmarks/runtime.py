@@ -776,7 +776,9 @@ def durable_figures(
                     "raw_rows_tps": round(statistics.median(raw_tps)),
                     "batch": round(statistics.median(batches), 2),
                     "dispatches_per_round": threads * per_thread,
-                    "statements_per_dispatch": statements_per_dispatch(store_path, door, signer),
+                    "statements_first_and_next_dispatch": statements_per_dispatch(
+                        store_path, door, signer
+                    ),
                     "synchronous": "FULL",
                 },
             )
@@ -807,7 +809,8 @@ class RawWriter:
     """Raw sqlite3 on a copy of the runtime's store (same tables and indexes) warmed up by a
     first write: per dispatch the UPDATE of the instance row (conditional on its version, as
     the store writes it) and the INSERT of a ledger row shaped like the runtime's, per commit
-    the INSERT of a checkpoint row; WAL, synchronous=FULL."""
+    the INSERT of a checkpoint row (the newest one's root, links and signature, copied: the
+    baseline signs nothing); WAL, synchronous=FULL."""
 
     def __init__(self, path: Path, store_path: Path, ids: Sequence[str]) -> None:
         source = sqlite3.connect(store_path)
@@ -821,7 +824,8 @@ class RawWriter:
         columns += "event_id, payload_sha256, prev_hash, entry_hash, key_id, signature"
         self.like = execute(f"SELECT {columns} FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
         self.checkpoint = execute(
-            "SELECT ts_ms, key_id, signature FROM ledger_checkpoints ORDER BY size DESC LIMIT 1"
+            "SELECT ts_ms, key_id, signature, tree_root, prev_checkpoint, frontier "
+            "FROM ledger_checkpoints ORDER BY size DESC LIMIT 1"
         ).fetchone()
         self.versions = dict(
             execute("SELECT instance, version FROM instances WHERE machine = 'Door'").fetchall()
@@ -840,7 +844,7 @@ class RawWriter:
                 (seq, *like[1:4], self.ids[n % len(self.ids)], *like[5:12], digest, "", b"")
             )
         versions = self.versions
-        ts_ms, key_id, signature = self.checkpoint
+        checkpoint = self.checkpoint
         start = time.perf_counter()
         for first in range(0, count, batch):
             execute("BEGIN IMMEDIATE")
@@ -855,7 +859,7 @@ class RawWriter:
                 versions[instance] = version + 1
                 execute(INSERT_ENTRY_SQL, row)
             last = rows[min(first + batch, count) - 1]
-            execute(INSERT_CHECKPOINT_SQL, (last[0] + 1, last[12], ts_ms, key_id, signature))
+            execute(INSERT_CHECKPOINT_SQL, (last[0] + 1, last[12], *checkpoint))
             execute("COMMIT")
         seconds = time.perf_counter() - start
         self.seq += count
@@ -865,20 +869,25 @@ class RawWriter:
         self.connection.close()
 
 
-def statements_per_dispatch(path: Path, door: ModuleType, signer: Signer) -> float:
-    """SQL statements the store runs for one dispatch committed alone (sqlite3 trace)."""
+def statements_per_dispatch(path: Path, door: ModuleType, signer: Signer) -> tuple[int, int]:
+    """SQL statements the store runs for a dispatch committed alone (sqlite3 trace): the first
+    of a runtime just opened on the store (it also reads and checks the ledger's head and
+    checkpoint), and the next one."""
     store = SQLiteStore(path)
     runtime = Runtime(store, sealer=LedgerSealer(signer, "checkpoint"))
     governor = runtime.load(door.MACHINE)
-    counted: list[str] = []
-    store._connection.set_trace_callback(counted.append)
-    state = governor.get("door-000000")
-    assert state is not None
-    event = "Open" if state.state == "Closed" else "Close" if state.state == "Opened" else "Unlock"
-    governor.dispatch("door-000000", event)
-    store._connection.set_trace_callback(None)
+    counts = []
+    for _ in range(2):
+        counted: list[str] = []
+        state = governor.get("door-000000")
+        assert state is not None
+        event = {"Closed": "Open", "Opened": "Close", "Locked": "Unlock"}[state.state]
+        store._connection.set_trace_callback(counted.append)
+        governor.dispatch("door-000000", event)
+        store._connection.set_trace_callback(None)
+        counts.append(len(counted))
     runtime.close()
-    return len(counted)
+    return counts[0], counts[1]
 
 
 def group_commit_figure(door: ModuleType, profile: Profile, signer: Signer, folder: Path) -> Figure:

@@ -36,7 +36,8 @@ Semantics worth knowing:
   through group commit. The hypothesis test in tests/test_interpreter.py holds the two ways
   to the same answers.
 - The payload digest (canonical JSON, SHA-256) is computed only when something needs it: a
-  ledger entry or an idempotency key.
+  ledger entry or an idempotency key. The payload size bound measures that canonical JSON
+  then, and pydantic's JSON of the payload otherwise (see runtime/inputs.py).
 - `dispatch_async` and `create_async` are the same operations for asyncio: on a
   transactional store, the units of all waiting coroutines commit together (see
   `commit.AsyncBatcher`); guards and actions then run in the committing worker thread.
@@ -63,6 +64,7 @@ from .errors import (
     InstanceExists,
     InvalidTransition,
     NoGuardHeld,
+    PayloadEncodingError,
     PayloadInvalid,
     UnknownEvent,
     UnknownInstance,
@@ -131,6 +133,14 @@ def _settled(outcome: DispatchResult | _Rejected) -> DispatchResult:
     if type(outcome) is _Rejected:
         raise outcome.error
     return cast(DispatchResult, outcome)
+
+
+def _json_size(payload: Payload) -> int:
+    """The length of pydantic's JSON of a validated payload."""
+    try:
+        return len(payload.__pydantic_serializer__.to_json(payload))
+    except PydanticSerializationError as exc:  # a lone surrogate in a string, say
+        raise PayloadEncodingError(f"the payload cannot be written as JSON: {exc}") from None
 
 
 def _validation_problems(error: ValidationError) -> tuple[tuple[str, str], ...]:
@@ -503,17 +513,23 @@ class Governor:
         stored yet), and return the unit of work that decides and writes the transition."""
         check_identifier("instance id", instance_id)
         check_identifier("actor", actor)
-        check_identifier("event id", event_id, optional=True)
-        check_identifier("idempotency key", idempotency_key, optional=True)
+        if event_id is not None:
+            check_identifier("event id", event_id)
+        if idempotency_key is not None:
+            check_identifier("idempotency key", idempotency_key)
         if event not in self._events:
             self._check_event(event)
         event = str(event)
         validated = self._validate(event, payload)
         digest = EMPTY_PAYLOAD_DIGEST
         if validated is not None:
-            encoded = canonical_json(validated.model_dump(mode="json"))
-            check_payload_size(len(encoded), self.runtime._limits)
-            digest = hashlib.sha256(PAYLOAD_TAG + encoded).digest()
+            if self._sealed or idempotency_key is not None:
+                encoded = canonical_json(validated.model_dump(mode="json"))
+                check_payload_size(len(encoded), self.runtime._limits)
+                digest = hashlib.sha256(PAYLOAD_TAG + encoded).digest()
+            else:
+                # Nothing records a digest: the size bound needs only the JSON's length.
+                check_payload_size(_json_size(validated), self.runtime._limits)
         request = None if idempotency_key is None else _request_digest(instance_id, event, digest)
         return partial(
             self._step,
@@ -683,7 +699,10 @@ class Governor:
         if payload is not None:
             check_payload_depth(payload, self.runtime._limits)
         try:
-            return model.model_validate({} if payload is None else payload)
+            # The validator model_validate calls, without its Python frame and options.
+            return model.__pydantic_validator__.validate_python(  # type: ignore[no-any-return]
+                {} if payload is None else payload
+            )
         except ValidationError as exc:
             raise PayloadInvalid(self.name, event, _validation_problems(exc)) from None
 

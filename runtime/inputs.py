@@ -9,8 +9,12 @@ the signed ledger, so each must be text that every store and every reader handle
   bidirectional controls, so a stored id can never forge a line in a log or a terminal, nor
   display as another id.
 
-Payloads are bounded before validation: at most `InputLimits.max_payload_bytes` bytes of
-canonical JSON and `InputLimits.max_depth` levels of nesting. Both are configurable per
+Payloads are bounded: at most `InputLimits.max_depth` levels of nesting, checked before
+validation, and at most `InputLimits.max_payload_bytes` bytes of JSON, checked on the validated
+payload. The JSON measured is the canonical JSON that the ledger digest hashes when a ledger or
+an idempotency key needs the digest; otherwise pydantic's own JSON of the payload (written
+without the digest's Python-level encoding), which differs from it only in how some numbers
+are written (`100.0` for `100`). Both are configurable per
 Runtime; each rejection raises `InputRejected` (code R031) and leaves the store unchanged.
 """
 
@@ -104,10 +108,7 @@ def check_payload_depth(payload: object, limits: InputLimits) -> None:
 
 
 def check_payload_size(encoded_size: int, limits: InputLimits) -> None:
-    """Raise InputRejected when a payload's canonical JSON is longer than `limits` allow.
-
-    The caller encodes the payload for the ledger digest anyway, so the size is free.
-    """
+    """Raise InputRejected when a payload's JSON is longer than `limits` allow."""
     if encoded_size > limits.max_payload_bytes:
         raise InputRejected(
             f"the payload has {encoded_size} bytes of canonical JSON, more than the limit "
@@ -134,16 +135,29 @@ def payload_error_message(item: Mapping[str, Any]) -> str:
     return str(item.get("msg"))
 
 
+# Leaves by exact type: the common payload is a dict of these, and a type lookup is a tenth
+# of an isinstance check against the Mapping ABC.
+_LEAVES = frozenset({str, int, float, bool, type(None)})
+
+
 def nesting_depth(value: object, stop: int) -> int:
     """The nesting depth of dicts and lists in `value`, counting no further than `stop`."""
-    if isinstance(value, Mapping):
-        children: Any = value.values()
+    kind = type(value)
+    if kind is dict:
+        children: Any = value.values()  # type: ignore[attr-defined]
+    elif kind is list or kind is tuple:
+        children = value
+    elif isinstance(value, Mapping):
+        children = value.values()
     elif isinstance(value, list | tuple):
         children = value
     else:
         return 0
     deepest = 0
+    leaves = _LEAVES
     for child in children:
+        if type(child) in leaves:
+            continue
         if isinstance(child, Mapping | list | tuple):
             if deepest + 1 >= stop:
                 return stop

@@ -300,6 +300,8 @@ class Runtime:
         """One unit, `work(memory, chain, *arguments)`, on the memory store, which the caller
         has entered: it commits as it writes; the checkpoint policy runs after it."""
         chain = self._chain
+        if self._sealer is None:  # no ledger: no chain to load, nothing to sign
+            return work(memory, chain, *arguments)
         chain.loaded = False
         chain.appended = 0  # `finish` looks at what this commit appended
         chain.hashes = []
