@@ -53,8 +53,14 @@ class _Row:
         self.guard_fn: Guard | None = (
             None if row.guard is None or row.guard == ELSE else guards[row.guard]
         )
-        self.actions: tuple[tuple[str, Action], ...] = tuple((a, actions[a]) for a in row.actions)
-        self.emits = tuple(_EmitPlan(emit) for emit in row.emits)
+        # The target's entry actions and emits run after the row's own, in its transaction.
+        entering = plan.on_entry(self.target)
+        self.actions: tuple[tuple[str, Action], ...] = tuple(
+            (a, actions[a]) for a in (*row.actions, *(a for t in entering for a in t.actions))
+        )
+        self.emits = tuple(
+            _EmitPlan(emit) for emit in (*row.emits, *(e for t in entering for e in t.emits))
+        )
         # Leaving a state cancels its timers; entering one (also itself) arms the target's;
         # group and creation timers are armed, kept or cancelled as timers.TimerPlan says.
         self.arms: tuple[TimerSpec, ...]

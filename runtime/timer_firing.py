@@ -46,6 +46,24 @@ def fire_work(
             now,
             spec.id,
         )
+        emits = governor._timer_emits[spec.id]
+        if target is not None:
+            # The target's entry actions run in this firing's transaction, after its own.
+            for entering in governor._plan.on_entry(to_state):
+                results = {
+                    **results,
+                    **governor._run_actions(
+                        governor._timer_actions[entering.id],
+                        spec.id,
+                        to_state,
+                        record,
+                        None,
+                        runtime._timer_actor,
+                        now,
+                        spec.id,
+                    ),
+                }
+                emits += governor._timer_emits[entering.id]
         version = record.version + 1
         armed: tuple[ArmedTimer, ...] = ()
         keep: frozenset[str] = frozenset()
@@ -75,7 +93,6 @@ def fire_work(
                     derive_event_id("notify", name, timer.instance, version),
                 ),
             )
-        emits = governor._timer_emits[spec.id]
         emitted = tuple(
             EmittedEvent(
                 emit.machine,

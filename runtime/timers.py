@@ -238,10 +238,19 @@ class TimerPlan:
       while it moves between the group's states (a self-transition inside stays inside), and
       cancelled when it leaves the group.
     - Creation timers are armed at creation and kept until the instance reaches a final state.
+    - Entry actions (timers of kind "entry") are never armed: they run in the transaction that
+      enters their state (`on_entry`), with its actions and emits.
     """
 
     def __init__(self, spec: MachineSpec) -> None:
-        self.state_timers = {str(state): specs for state, specs in spec.timers.items()}
+        self.state_timers = {
+            str(state): tuple(t for t in specs if t.kind != "entry")
+            for state, specs in spec.timers.items()
+        }
+        self.entries = {
+            str(state): tuple(t for t in specs if t.kind == "entry")
+            for state, specs in spec.timers.items()
+        }
         self.groups = {
             name: frozenset(str(s) for s in states) for name, states in spec.groups.items()
         }
@@ -265,7 +274,7 @@ class TimerPlan:
 
     def on_create(self, initial: str) -> tuple[TimerSpec, ...]:
         """What creating an instance arms: the initial state's, its groups', creation's."""
-        specs = list(self.state_timers.get(initial, ()))
+        specs = [*self.state_timers.get(initial, ()), *self.entries.get(initial, ())]
         for group in self._member_of.get(initial, ()):
             specs.extend(self.group_timers[group])
         specs.extend(self.creation_timers)
@@ -298,6 +307,10 @@ class TimerPlan:
         found = (tuple(arms), frozenset(keep), cancels)
         self._moves[key] = found
         return found
+
+    def on_entry(self, state: str) -> tuple[TimerSpec, ...]:
+        """The entry actions of `state`, run by whatever enters it, in the same transaction."""
+        return self.entries.get(state, ())
 
     def holds(self, spec: TimerSpec, state: str) -> bool:
         """Whether an armed timer still applies to an instance in `state`."""

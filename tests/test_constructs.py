@@ -13,6 +13,8 @@ from autonomic.compiler.checks import check_machines
 from autonomic.compiler.codegen import generate_module
 from autonomic.compiler.parser import parse_text
 from autonomic.runtime.errors import InvalidTransition, PayloadInvalid, SettingsError
+from autonomic.runtime.keys import generate_keypair, load_signer
+from autonomic.runtime.ledger import LedgerSealer
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.memory import MemoryStore
 from autonomic.runtime.store.sqlite import SQLiteStore
@@ -105,11 +107,13 @@ def test_resting_state_is_a_valid_place_to_stop_that_can_be_left(spec: MachineSp
 def test_entry_actions_and_repeated_pages_fire_from_entry(spec: MachineSpec) -> None:
     governor, clock, calls = runtime_for(spec)
     governor.create("t1")
-    governor.dispatch("t1", "Open")
-    fired = governor.runtime.fire_due()  # t = 0: the entry action and the first page
+    entered = governor.dispatch("t1", "Open")
+    # The entry action ran in the transaction that entered Triage, its emit with it.
     assert calls == ["page_first"]
-    assert sorted(f.result.event for f in fired) == ["Triage/Pages/1", "Triage/entry#0"]
-    assert [e.event for f in fired for e in f.result.emitted] == ["Work"]
+    assert [e.event for e in entered.emitted] == ["Work"]
+    assert not [t for t in governor.timers("t1") if t.timer_id.endswith("entry#0")]
+    fired = governor.runtime.fire_due()  # t = 0: the first page
+    assert [f.result.event for f in fired] == ["Triage/Pages/1"]
     clock.advance("30m")
     clock.advance("30m")
     pages = governor.runtime.fire_due()
@@ -117,6 +121,49 @@ def test_entry_actions_and_repeated_pages_fire_from_entry(spec: MachineSpec) -> 
     assert all(f.result.notifications for f in pages)
     clock.advance("1h")
     assert governor.runtime.fire_due() == []  # three pages in all
+    assert calls == ["page_first"]
+
+
+@pytest.mark.parametrize("store_kind", ["memory", "sqlite"])
+def test_entry_actions_commit_with_the_entering_transition(
+    spec: MachineSpec, store_kind: str, tmp_path: Path
+) -> None:
+    """One transaction, one ledger entry: a failing entry action leaves nothing of the move;
+    a timer that moves into the state runs them in its own firing."""
+    store = MemoryStore() if store_kind == "memory" else SQLiteStore(tmp_path / "t.db")
+    clock = VirtualClock(0)
+    generate_keypair(tmp_path / "keys", valid_from_ms=0)
+    runtime = Runtime(store, clock=clock, sealer=LedgerSealer(load_signer(tmp_path / "keys")))
+    failing = {"on": True}
+
+    def page_first(ctx: Any) -> str:
+        if failing["on"]:
+            raise RuntimeError("pager down")
+        return "paged"
+
+    actions: dict[str, Any] = {name: (lambda ctx: None) for name in ACTIONS}
+    actions["page_first"] = page_first
+    governor = runtime.load(spec, {}, actions, {"grace": "4h"})
+    governor.create("t1")
+    before = len(list(runtime.ledger()))
+    with pytest.raises(Exception, match="pager down"):
+        governor.dispatch("t1", "Open")
+    assert governor.get("t1").state == "Closed"  # type: ignore[union-attr]
+    assert len(list(runtime.ledger())) == before and store.outbox(kind="event") == []
+    failing["on"] = False
+    result = governor.dispatch("t1", "Open")
+    assert result.action_results == {"page_first": "paged"}
+    assert [e.event for e in result.emitted] == ["Work"]
+    ledger = list(runtime.ledger())
+    assert len(ledger) == before + 1 and ledger[-1].to_state == "Triage"
+    assert [m.event for m in store.outbox(kind="event")] == ["Work"]
+    # Held -> Triage by the grace timer: the entry action runs inside the timer's firing.
+    governor.dispatch("t1", "Work")
+    governor.dispatch("t1", "Hold")
+    clock.advance("4h")
+    [firing] = [f for f in runtime.fire_due() if f.result.from_state == "Held"]
+    assert firing.result.action_results == {"page_first": "paged"}
+    assert [e.event for e in firing.result.emitted] == ["Work"]
 
 
 def test_delay_from_the_entering_events_field(spec: MachineSpec) -> None:
