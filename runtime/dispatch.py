@@ -14,9 +14,12 @@ Semantics worth knowing:
 - Ignored events (`ignore E` in the machine) return a result with `ignored=True`, the state
   and version unchanged, and write nothing: no ledger entry, no processed event id.
 - A transition into a state (also a self-transition) arms that state's timers measured from
-  the entry; leaving a state cancels its armed timers. A timer that moves the instance enters
-  the target at the timer's due time, so a ladder missed while the process was down replays
-  in order with its original spacing; the ledger timestamp is the actual firing time.
+  the entry; leaving a state cancels its armed timers. The state's entry actions and emits
+  (`entry do ...`) run in the same transaction as whatever entered it (a row, after its own
+  actions; a timer; `create`), so they commit with it or not at all. A timer that moves the
+  instance enters the target at the timer's due time, so a ladder missed while the process
+  was down replays in order with its original spacing; the ledger timestamp is the actual
+  firing time.
 - Emitted events go to the instance with the same id in the target machine when
   `Runtime.deliver_outbox` runs. Their payload is built when they are emitted, from the
   emit's arguments (`Emit.args`, which the compiler completed with the causing event's
@@ -91,7 +94,7 @@ from .results import (
 )
 from .rows import _Absent, _EmitPlan, _Guarded, _Row
 from .sealing import _Chain, _new_entry_data
-from .store.base import InstanceRecord, Transaction
+from .store.base import InstanceRecord, OutboxMessage, Transaction
 from .store.memory import MemoryStore
 from .tables import MachineSpec, Payload, TransitionContext
 from .timers import ArmedTimer, TimerPlan, arm_timers
@@ -314,6 +317,7 @@ class Governor:
             armed = arm_timers(
                 name, instance_id, self._plan.on_create(initial), now, 1, None, self._settings
             )
+            results, emitted, messages = self._enter_created(instance_id, actor, now)
             entry = None
             if runtime._sealer is not None:
                 data = EntryData(
@@ -338,14 +342,16 @@ class Governor:
                 1,
                 None if entry is None else entry.seq,
                 event_id,
+                emitted,
                 (),
-                (),
-                _EMPTY_RESULTS,
+                results,
                 armed,
             )
             txn.insert_instance(InstanceRecord(name, instance_id, initial, 1))
             if armed:
                 txn.arm_timers(armed)
+            if messages:
+                txn.add_outbox(messages)
             if entry is not None:
                 txn.append_ledger(entry)
                 if runtime._snapshot_every == 1:
@@ -357,6 +363,40 @@ class Governor:
             return result
 
         return work
+
+    def _enter_created(
+        self, instance_id: str, actor: str, now: int
+    ) -> tuple[Mapping[str, object], tuple[EmittedEvent, ...], list[OutboxMessage]]:
+        """The initial state's entry actions, run for `create`: their results, emitted
+        events and outbox messages (version 1)."""
+        entering = self._plan.on_entry(self._initial)
+        if not entering:
+            return _EMPTY_RESULTS, (), []
+        record = InstanceRecord(self.name, instance_id, "", 0)
+        results: dict[str, object] = {}
+        plans: list[_EmitPlan] = []
+        for spec in entering:
+            actions = self._timer_actions[spec.id]
+            results.update(
+                self._run_actions(actions, CREATE_EVENT, self._initial, record, None, actor, now)
+            )
+            plans.extend(self._timer_emits[spec.id])
+        emitted = tuple(
+            EmittedEvent(
+                emit.machine,
+                instance_id,
+                emit.event,
+                derive_event_id("emit", self.name, instance_id, 1, index),
+            )
+            for index, emit in enumerate(plans)
+        )
+        messages = [
+            _event_message(
+                self.name, instance_id, 1, e, now, emit.body(None, instance_id, actor, CREATE_EVENT)
+            )
+            for e, emit in zip(emitted, plans, strict=True)
+        ]
+        return results or _EMPTY_RESULTS, emitted, messages
 
     # -- dispatching ---------------------------------------------------------------------------
 

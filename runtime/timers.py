@@ -274,7 +274,7 @@ class TimerPlan:
 
     def on_create(self, initial: str) -> tuple[TimerSpec, ...]:
         """What creating an instance arms: the initial state's, its groups', creation's."""
-        specs = [*self.state_timers.get(initial, ()), *self.entries.get(initial, ())]
+        specs = list(self.state_timers.get(initial, ()))
         for group in self._member_of.get(initial, ()):
             specs.extend(self.group_timers[group])
         specs.extend(self.creation_timers)

@@ -258,3 +258,22 @@ def test_an_unanswered_attempt_times_out_into_the_next_step(spec: MachineSpec) -
     governor.runtime.fire_due()
     assert governor.get("t1").state == "GaveUp"  # type: ignore[union-attr]
     assert "give_up" in calls
+
+
+def test_create_runs_the_initial_states_entry_actions(tmp_path: Path) -> None:
+    text = (
+        "machine Door { event Knock\n"
+        "  initial state Shut { entry do lock emit Knock  on Knock -> Open }\n"
+        "  final state Open }"
+    )
+    machine, diagnostics = parse_text(text, "door.fsm")
+    assert machine is not None and diagnostics == []
+    module = load_module(generate_module(machine), tmp_path, "door")
+    runtime = Runtime(MemoryStore(), clock=VirtualClock(0))
+    governor = runtime.load(module.MACHINE, {}, {"lock": lambda ctx: ctx.event})
+    created = governor.create("d1")
+    assert created.action_results == {"lock": "create"}
+    assert [e.event for e in created.emitted] == ["Knock"]
+    assert governor.timers("d1") == []
+    runtime.deliver_outbox()
+    assert governor.get("d1").state == "Open"  # type: ignore[union-attr]
