@@ -286,15 +286,18 @@ class Governor:
         Raises InstanceExists; with an `event_id` seen before, returns the first result.
         Raises InputRejected (nothing stored) for a malformed instance id, actor or event id.
         """
-        return self.runtime._submit(self._create_work(instance_id, actor, event_id))
+        runtime = self.runtime
+        work = self._create_work(instance_id, actor, event_id)
+        return runtime._submit(work, runtime._partition_of(instance_id))
 
     async def create_async(
         self, instance_id: str, actor: str = DEFAULT_ACTOR, *, event_id: str | None = None
     ) -> DispatchResult:
         """`create` for asyncio: on a transactional store, it commits with the units of the
         other coroutines waiting at the same time (see the module docstring)."""
+        runtime = self.runtime
         work = self._create_work(instance_id, actor, event_id)
-        return await self.runtime._submit_async(work)
+        return await runtime._submit_async(work, runtime._partition_of(instance_id))
 
     def _create_work(
         self, instance_id: str, actor: str, event_id: str | None
@@ -414,6 +417,7 @@ class Governor:
         without_row = self._without_row
         short_sealed = self._short_sealed
         submit = self.runtime._submit
+        partition_of = self.runtime._partition_of
         new_result = _UnsealedResult
         get_ident = _get_ident
 
@@ -467,7 +471,7 @@ class Governor:
                 expected_version,
                 record_rejection,
             )
-            return _settled(submit(work))
+            return _settled(submit(work, partition_of(instance_id)))
 
         if memory is not None:
             memory.run_unlocked(dispatch.__code__)
@@ -498,7 +502,8 @@ class Governor:
             expected_version,
             record_rejection,
         )
-        return _settled(await self.runtime._submit_async(work))
+        runtime = self.runtime
+        return _settled(await runtime._submit_async(work, runtime._partition_of(instance_id)))
 
     def dispatch_many(
         self, requests: Sequence[DispatchRequest]
@@ -526,7 +531,10 @@ class Governor:
                 slots.append(index)
             except Exception as error:  # invalid payload or event: nothing to submit
                 results[index] = error
-        for index, outcome in zip(slots, self.runtime._submit_many(works), strict=True):
+        partition_of = self.runtime._partition_of
+        partitions = [partition_of(requests[index].instance_id) for index in slots]
+        done = self.runtime._submit_many(works, partitions)
+        for index, outcome in zip(slots, done, strict=True):
             value, failure = outcome.value, outcome.error
             if failure is not None and not isinstance(failure, Exception):
                 raise failure  # KeyboardInterrupt and the like stop the whole batch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .errors import StoreIntegrityError, UnknownInstance
 from .ledger import LedgerEntry, LedgerMode, RootLike, VerifyReport, verify_entries
+from .partitions import PartitionedStore, verify_store
 from .results import ReplayedState
 from .sealing import _verify_stored_entry
 from .store.base import Snapshot, Store, Transaction
@@ -33,7 +34,11 @@ def replay(
     if use_snapshot:
         snapshot = store.latest_snapshot(machine, instance)
         if snapshot is not None:
-            entry = store.ledger_entry(snapshot.ledger_seq)
+            if isinstance(store, PartitionedStore):
+                partition = store.partition_of(instance)
+                entry = store.ledger_entry(snapshot.ledger_seq, partition=partition)
+            else:
+                entry = store.ledger_entry(snapshot.ledger_seq)
             if (
                 entry is None
                 or entry.entry_hash != snapshot.entry_hash
@@ -70,7 +75,10 @@ def replay(
 
 
 def verify(store: Store, root: RootLike, mode: LedgerMode | None) -> VerifyReport:
-    """Verify the whole stored ledger (every entry, checkpoint and signature) from `root`."""
+    """Verify the whole stored ledger (every entry, checkpoint and signature) from `root`; on
+    a partitioned store every partition and every signed root."""
+    if isinstance(store, PartitionedStore):
+        return verify_store(store, root, mode)
     return verify_entries(
         store.ledger_entries(),
         root,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import weakref
 from collections import deque
@@ -27,11 +28,12 @@ from .inputs import DEFAULT_LIMITS, InputLimits, check_identifier
 from .keys import Signer
 from .ledger import Checkpoint, EntryData, LedgerEntry, LedgerSealer, RootLike, VerifyReport
 from .outbox import deliver_outbox, mark
+from .partitions import PartitionedStore, SignedRoot
 from .replay import replay, verify
 from .resilience.breaker import BreakerChange
 from .resilience.policies import ActionPolicies, breaker_entry, breaker_record
 from .results import Delivery, ReplayedState, TimerFiring
-from .sealing import _Chain
+from .sealing import _Chain, _LedgerState
 from .store.base import OutboxMessage, OutboxStatus, Store, Transaction, WorkOutcome
 from .store.memory import MemoryStore
 from .tables import MachineSpec
@@ -40,6 +42,11 @@ from .timers import Clock, SystemClock, resolve_settings
 from .witness import Witness
 
 T = TypeVar("T")
+
+
+def _first_partition(instance: str) -> int:
+    return 0
+
 
 TIMER_ACTOR = "timer"
 DAY_MS = 86_400_000
@@ -103,23 +110,55 @@ class Runtime:
         self._sealer = sealer
         self._checkpoint_every = checkpoint_every
         self._checkpoint_ms = checkpoint_ms
-        self._uncovered_since: int | None = None  # when a commit first left entries uncovered
         self._snapshot_every = snapshot_every
         self._retention_ms = dedup_retention_ms
         self._timer_actor = timer_actor
         self._governors: dict[str, Governor] = {}
-        self._verified_head: LedgerEntry | None = None
+        # A partitioned store (PostgreSQL) keeps one ledger chain per partition, each with its
+        # own committer: batches of different chains commit in parallel, on their own
+        # connections. Other stores have one chain, partition 0.
+        self._partitioned = store if isinstance(store, PartitionedStore) else None
+        partitions = 1 if self._partitioned is None else self._partitioned.partitions
+        if witnesses and partitions > 1:
+            raise StoreConfigError(
+                f"witnesses keep one chain of checkpoints; this store's ledger has {partitions} "
+                "partitions",
+                hint="witness a store with one ledger partition (`autonomic db migrate "
+                "--partitions 1`), or rely on the signed roots over the partition heads",
+            )
+        self._partition_of: Callable[[str], int] = (
+            _first_partition if self._partitioned is None else self._partitioned.partition_of
+        )
+        # Per chain: its verified head, checkpoint coverage and checkpoint keeper.
+        self._ledgers = [
+            _LedgerState(
+                reads := self._ledger_reads(p),
+                CheckpointKeeper(reads, witnesses, witness_policy),
+            )
+            for p in range(partitions)
+        ]
+        self._last_root_heads: list[tuple[int, bytes]] | None = None
         # The thread running units of work right now: a guard or action that dispatches
         # from inside one would wait for itself.
         self._working_thread: int | None = None
-        self._covered = 0
         self._chain = _Chain(self)  # the memory store's chain, kept across its commits
-        self._committer: GroupCommit[Callable[[Transaction, _Chain], Any]] = GroupCommit(
-            self._run_batch, max_batch=max_batch
+        self._committers: list[GroupCommit[Callable[[Transaction, _Chain], Any]]] = [
+            GroupCommit(functools.partial(self._run_batch, p), max_batch=max_batch)
+            for p in range(partitions)
+        ]
+        self._committer = self._committers[0]
+        # Work that writes no ledger entry (outbox marks, purges) on a partitioned store
+        # locks no chain head.
+        self._unchained: GroupCommit[Callable[[Transaction, _Chain], Any]] = (
+            self._committer
+            if self._partitioned is None
+            else GroupCommit(functools.partial(self._run_batch, None), max_batch=max_batch)
         )
-        # asyncio: one batcher per event loop, all feeding the committer from one thread.
+        # asyncio: one batcher per event loop (and partition), feeding the committers from
+        # one thread.
         self._batchers: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, AsyncBatcher[Callable[[Transaction, _Chain], Any]]
+            asyncio.AbstractEventLoop,
+            dict[int, AsyncBatcher[Callable[[Transaction, _Chain], Any]]],
         ] = weakref.WeakKeyDictionary()
         self._executor: ThreadPoolExecutor | None = None
         # Breaker moves seen while actions ran, written to the ledger after their unit of work.
@@ -127,7 +166,6 @@ class Runtime:
         self._policies = ActionPolicies(
             self._clock, self._note_breaker_move, self._store.get_breaker
         )
-        self._keeper = CheckpointKeeper(self._store, witnesses, witness_policy)
         recorded = self._store.ledger_mode()
         if sealer is None and recorded is not None:
             raise StoreConfigError(
@@ -145,13 +183,20 @@ class Runtime:
                     hint="one ledger keeps one mode: open it with the mode it was written in",
                 )
             last = self._store.checkpoints()[-1:] if self._memory is not None else []
-            self._covered = last[0].size if last else 0
-            if self._store.ledger_entry(0) is None:
-                self._write_genesis(sealer)
-            else:
-                check_signer_is_active(self._store, sealer)
+            self._ledgers[0].covered = last[0].size if last else 0
+            # Every chain (each partition of a partitioned store) starts with its genesis.
+            for partition, ledger in enumerate(self._ledgers):
+                if ledger.reads.ledger_entry(0) is None:
+                    self._write_genesis(sealer, partition)
+                else:
+                    check_signer_is_active(ledger.reads, sealer)
 
-    def _write_genesis(self, sealer: LedgerSealer) -> None:
+    def _ledger_reads(self, partition: int) -> Store:
+        """Where the entries of one chain are read: the store, or its partition's view."""
+        fleet = self._partitioned
+        return self._store if fleet is None else fleet.in_partition(partition)
+
+    def _write_genesis(self, sealer: LedgerSealer, partition: int = 0) -> None:
         def work(txn: Transaction, chain: _Chain) -> None:
             chain.load(txn)
             if chain.next_seq != 0:
@@ -160,7 +205,7 @@ class Runtime:
             txn.append_ledger(entry)
             chain.advance(entry)
 
-        self._submit(work)
+        self._submit(work, partition)
 
     def rotate_key(self, new_signer: Signer) -> LedgerEntry:
         """Rotate the ledger to `new_signer`: a rotation entry introducing its public key and
@@ -169,6 +214,12 @@ class Runtime:
         old = self._sealer
         if old is None:
             raise StoreConfigError("this runtime keeps no ledger, so it has no key to rotate")
+        if len(self._ledgers) > 1:
+            raise StoreConfigError(
+                f"the store's ledger has {len(self._ledgers)} partitions; a rotation is written "
+                "into a ledger of one chain",
+                hint="rotating the key of a partitioned PostgreSQL ledger is not supported",
+            )
 
         def work(txn: Transaction, chain: _Chain) -> LedgerEntry:
             chain.load(txn)
@@ -238,7 +289,13 @@ class Runtime:
     @property
     def commit_batches(self) -> int:
         """How many commit batches the group committer ran (memory store: 0)."""
-        return self._committer.batches
+        batches = sum(committer.batches for committer in self._committers)
+        return batches + (self._unchained.batches if self._partitioned is not None else 0)
+
+    @property
+    def partitions(self) -> int:
+        """How many ledger chains the store keeps (1 but on a partitioned PostgreSQL store)."""
+        return len(self._committers)
 
     # -- running work --------------------------------------------------------------------------
 
@@ -247,14 +304,25 @@ class Runtime:
 
     def record(self, entries: Sequence[EntryData]) -> list[LedgerEntry]:
         """Seal and append ledger entries that no transition makes (breaker moves, missed
-        deadlines), in order, in one unit of work of their own; [] without a ledger."""
+        deadlines), in order, in one unit of work of their own (one per ledger partition on a
+        partitioned store); [] without a ledger."""
         if self._sealer is None or not entries:
             return []
+        # One unit per ledger partition: each entry goes to the chain of its instance.
+        by_partition: dict[int, list[int]] = {}
+        for index, data in enumerate(entries):
+            by_partition.setdefault(self._partition_of(data.instance), []).append(index)
+        sealed: list[LedgerEntry | None] = [None] * len(entries)
+        for partition, indexes in sorted(by_partition.items()):
 
-        def work(txn: Transaction, chain: _Chain) -> list[LedgerEntry]:
-            return [chain.append(txn, data) for data in entries]
+            def work(
+                txn: Transaction, chain: _Chain, indexes: list[int] = indexes
+            ) -> list[LedgerEntry]:
+                return [chain.append(txn, entries[index]) for index in indexes]
 
-        return self._submit(work)
+            for index, entry in zip(indexes, self._submit(work, partition), strict=True):
+                sealed[index] = entry
+        return [entry for entry in sealed if entry is not None]
 
     def _record_breaker_moves(self) -> None:
         """Write the breaker moves noted so far: after the unit whose action moved the breaker,
@@ -263,31 +331,42 @@ class Runtime:
         moves = self._breaker_moves
         noted = [moves.popleft() for _ in range(len(moves))]
         sealed = self._sealer is not None
+        # A partitioned store: each move in the chain of its entry's instance.
+        by_partition: dict[int, list[tuple[str, BreakerChange]]] = {}
+        for machine, change in noted:
+            partition = self._partition_of(breaker_entry(machine, change).instance)
+            by_partition.setdefault(partition, []).append((machine, change))
+        for partition, moved in by_partition.items():
 
-        def work(txn: Transaction, chain: _Chain) -> None:
-            for machine, change in noted:
-                txn.save_breaker(breaker_record(machine, change))
-                if sealed:
-                    chain.append(txn, breaker_entry(machine, change))
+            def work(
+                txn: Transaction, chain: _Chain, moved: list[tuple[str, BreakerChange]] = moved
+            ) -> None:
+                for machine, change in moved:
+                    txn.save_breaker(breaker_record(machine, change))
+                    if sealed:
+                        chain.append(txn, breaker_entry(machine, change))
 
-        self._submit_unit(work)
+            self._submit_unit(work, partition)
 
-    def _submit(self, work: Callable[[Transaction, _Chain], T]) -> T:
+    def _submit(self, work: Callable[[Transaction, _Chain], T], partition: int | None = 0) -> T:
+        """Run one unit in the commit batches of ledger `partition` (None: work that appends
+        no ledger entry)."""
         try:
-            return self._submit_unit(work)
+            return self._submit_unit(work, partition)
         finally:
             if self._breaker_moves:
                 self._record_breaker_moves()
 
-    def _submit_unit(self, work: Callable[[Transaction, _Chain], T]) -> T:
+    def _submit_unit(self, work: Callable[[Transaction, _Chain], T], partition: int | None) -> T:
         """Run one unit of work and commit it: on the memory store at once, inside the store;
-        on a transactional store through group commit."""
+        on a transactional store through group commit (of its ledger partition)."""
         me = threading.get_ident()
         if self._working_thread == me:
             raise NestedDispatch()
         memory = self._memory
         if memory is None:
-            return cast(T, self._committer.submit(work))
+            committer = self._unchained if partition is None else self._committers[partition]
+            return cast(T, committer.submit(work))
         owned = memory.enter()
         self._working_thread = me
         try:
@@ -307,20 +386,27 @@ class Runtime:
         chain.hashes = []
         value = work(memory, chain, *arguments)
         chain.finish(memory)
-        self._keeper.committed(chain.hashes, self._clock.now_ms())
+        self._ledgers[0].keeper.committed(chain.hashes, self._clock.now_ms())
         return value
 
-    async def _submit_async(self, work: Callable[[Transaction, _Chain], T]) -> T:
+    async def _submit_async(
+        self, work: Callable[[Transaction, _Chain], T], partition: int = 0
+    ) -> T:
         """`_submit` for a coroutine: the event loop keeps running while the batch holding
         this unit commits in a worker thread."""
         if self._memory is not None:
             return self._submit(work)
         loop = asyncio.get_running_loop()
-        batcher = self._batchers.get(loop)
+        by_partition = self._batchers.get(loop)
+        if by_partition is None:
+            by_partition = self._batchers[loop] = {}
+        batcher = by_partition.get(partition)
         if batcher is None:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="autonomic-commit")
-            batcher = self._batchers[loop] = AsyncBatcher(self._committer, self._executor)
+            batcher = by_partition[partition] = AsyncBatcher(
+                self._committers[partition], self._executor
+            )
         try:
             return cast(T, await batcher.submit(work))
         finally:
@@ -328,12 +414,23 @@ class Runtime:
                 self._record_breaker_moves()
 
     def _submit_many(
-        self, works: Sequence[Callable[[Transaction, _Chain], T]]
+        self,
+        works: Sequence[Callable[[Transaction, _Chain], T]],
+        partitions: Sequence[int] | None = None,
     ) -> list[WorkOutcome[T]]:
-        """Run units in order; with a transactional store, in one commit batch if possible."""
+        """Run units in order; with a transactional store, in one commit batch per ledger
+        partition if possible (`partitions[i]` is the partition of `works[i]`; partitions
+        commit in the order they first appear)."""
         if self._memory is None:
             try:
-                return self._committer.submit_many(works)
+                if partitions is None or len(self._committers) == 1:
+                    return self._committer.submit_many(works)
+                outcomes_by_index: dict[int, WorkOutcome[T]] = {}
+                for partition in dict.fromkeys(partitions):
+                    indexes = [i for i, p in enumerate(partitions) if p == partition]
+                    done = self._committers[partition].submit_many([works[i] for i in indexes])
+                    outcomes_by_index.update(zip(indexes, done, strict=True))
+                return [outcomes_by_index[i] for i in range(len(works))]
             finally:
                 if self._breaker_moves:
                     self._record_breaker_moves()
@@ -346,9 +443,10 @@ class Runtime:
         return outcomes
 
     def _run_batch(
-        self, works: list[Callable[[Transaction, _Chain], object]]
+        self, partition: int | None, works: list[Callable[[Transaction, _Chain], object]]
     ) -> list[WorkOutcome[object]]:
-        chain = _Chain(self)
+        chain = _Chain(self, partition or 0)
+        keeper = chain.state.keeper
 
         def unit(work: Callable[[Transaction, _Chain], object]) -> Callable[[Transaction], object]:
             def run(txn: Transaction) -> object:
@@ -366,13 +464,17 @@ class Runtime:
 
         self._working_thread = threading.get_ident()
         try:
-            outcomes = self._store.run([unit(w) for w in works], before_commit=chain.finish)
+            units = [unit(w) for w in works]
+            if self._partitioned is not None:
+                outcomes = self._partitioned.run(units, chain.finish, partition=partition)
+            else:
+                outcomes = self._store.run(units, before_commit=chain.finish)
         except BaseException:
-            self._keeper.failed()
+            keeper.failed()
             raise
         finally:
             self._working_thread = None
-        self._keeper.committed(chain.hashes, self._clock.now_ms())
+        keeper.committed(chain.hashes, self._clock.now_ms())
         return outcomes
 
     # -- timers, outbox ------------------------------------------------------------------------
@@ -409,33 +511,59 @@ class Runtime:
         def work(txn: Transaction, chain: _Chain) -> tuple[int, int]:
             return txn.purge_dedup(before)
 
-        return self._submit(work)
+        return self._submit(work, None)
 
     def checkpoint(self) -> Checkpoint | None:
         """Sign a checkpoint over every entry now (checkpoint mode, or any mode with
-        witnesses, which receive it as the policy says); None if nothing is new."""
+        witnesses, which receive it as the policy says), in every ledger partition, and on a
+        partitioned store a root over all partition heads; returns the checkpoint of the last
+        partition that had new entries, None if nothing was new."""
         sealer = self._sealer
-        if sealer is None or (sealer.mode != "checkpoint" and not self._keeper.witnesses):
+        if sealer is None:
             return None
+        signed: Checkpoint | None = None
+        if sealer.mode == "checkpoint" or self._ledgers[0].keeper.witnesses:
+            for partition in range(len(self._ledgers)):
+                signed = self._checkpoint_partition(sealer, partition) or signed
+        self.sign_root()
+        return signed
+
+    def _checkpoint_partition(self, sealer: LedgerSealer, partition: int) -> Checkpoint | None:
+        state = self._ledgers[partition]
 
         def work(txn: Transaction, chain: _Chain) -> Checkpoint | None:
             chain.load(txn)
             last = txn.last_checkpoint()
             if chain.next_seq == 0 or (last is not None and last.size >= chain.next_seq):
                 return None
-            signed = self._keeper.sign(
+            signed = state.keeper.sign(
                 txn, sealer, chain.next_seq, chain.head, [], self._clock.now_ms()
             )
-            self._covered = chain.next_seq
-            self._uncovered_since = None
+            state.covered = chain.next_seq
+            state.uncovered_since = None
             return signed
 
-        return self._submit(work)
+        return self._submit(work, partition)
+
+    def sign_root(self) -> SignedRoot | None:
+        """On a partitioned store: sign and store a Merkle root over every partition's
+        committed head (see runtime.partitions); None on other stores or without a sealer,
+        or when the heads are those this runtime signed last."""
+        store, sealer = self._partitioned, self._sealer
+        if store is None or sealer is None:
+            return None
+        heads = store.partition_heads()
+        if not any(size for size, _ in heads) or heads == self._last_root_heads:
+            return None
+        root = SignedRoot.sign(sealer.signer, heads, self._clock.now_ms())
+        store.add_root(root)
+        self._last_root_heads = heads
+        return root
 
     @property
     def witness_errors(self) -> list[WitnessError]:
         """The witnesses that refused the last publication (retried with the next one)."""
-        return list(self._keeper.witness_errors)
+        return [error for state in self._ledgers for error in state.keeper.witness_errors]
 
     def replay(self, machine: str, instance: str, *, use_snapshot: bool = True) -> ReplayedState:
         """Rebuild an instance's state from its ledger entries, from its latest snapshot on
@@ -458,7 +586,8 @@ class Runtime:
         try:
             if self._sealer is not None:
                 self.checkpoint()
-                self._keeper.flush()
+                for state in self._ledgers:
+                    state.keeper.flush()
         finally:
             if self._executor is not None:
                 self._executor.shutdown()

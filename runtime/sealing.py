@@ -11,9 +11,10 @@ from .checkpointing import check_signer_is_active
 from .errors import StoreIntegrityError
 from .keychain import CONTROL_KINDS
 from .ledger import GENESIS_HASH, EntryData, LedgerEntry, entry_hash
-from .store.base import Transaction
+from .store.base import Store, Transaction
 
 if TYPE_CHECKING:
+    from .checkpointing import CheckpointKeeper
     from .runtime import Runtime
 
 
@@ -21,14 +22,41 @@ if TYPE_CHECKING:
 _new_entry_data = cast(Callable[[type[EntryData], tuple[Any, ...]], EntryData], tuple.__new__)
 
 
+class _LedgerState:
+    """What a runtime knows of one ledger chain (a store has one; a partitioned store one per
+    partition): the head it last verified or wrote, the size its newest checkpoint covers,
+    when a commit first left entries uncovered, its checkpoint keeper, and where to read the
+    chain's own entries."""
+
+    __slots__ = ("covered", "keeper", "reads", "uncovered_since", "verified_head")
+
+    def __init__(self, reads: Store, keeper: CheckpointKeeper) -> None:
+        self.reads = reads
+        self.keeper = keeper
+        self.verified_head: LedgerEntry | None = None
+        self.covered = 0
+        self.uncovered_since: int | None = None
+
+
 class _Chain:
     """Where the next ledger entry goes: the head is read inside the transaction and verified
     before anything is chained on it (a store could hand back a modified row)."""
 
-    __slots__ = ("appended", "hashes", "head", "loaded", "next_seq", "runtime")
+    __slots__ = (
+        "appended",
+        "hashes",
+        "head",
+        "loaded",
+        "next_seq",
+        "partition",
+        "runtime",
+        "state",
+    )
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, partition: int = 0) -> None:
         self.runtime = runtime
+        self.partition = partition  # the ledger chain of a partitioned store
+        self.state = runtime._ledgers[partition]
         self.loaded = False
         self.next_seq = 0
         self.head = GENESIS_HASH
@@ -41,16 +69,17 @@ class _Chain:
         if stored is None:
             self.next_seq, self.head = 0, GENESIS_HASH
         else:
-            known = runtime._verified_head
+            state = self.state
+            known = state.verified_head
             if stored is not known and stored != known:
                 _verify_stored_entry(stored, "ledger head")
                 self._check_checkpoint(txn, stored)
                 # Another writer moved the head: the tree must be reloaded, and a rotation it
                 # wrote may have retired this runtime's key.
-                runtime._keeper.invalidate()
+                state.keeper.invalidate()
                 if stored.kind in CONTROL_KINDS and runtime._sealer is not None:
-                    check_signer_is_active(runtime._store, runtime._sealer)
-                runtime._verified_head = stored
+                    check_signer_is_active(state.reads, runtime._sealer)
+                state.verified_head = stored
             self.next_seq, self.head = stored.seq + 1, stored.entry_hash
         if stored is None:
             last = txn.last_checkpoint()
@@ -77,7 +106,7 @@ class _Chain:
                 f"the checkpoint at size {last.size} does not match the ledger head",
                 hint="restore the store from a backup; verify it with `autonomic audit verify`",
             )
-        self.runtime._covered = max(self.runtime._covered, last.size)
+        self.state.covered = max(self.state.covered, last.size)
 
     def seal(self, txn: Transaction, data: EntryData) -> LedgerEntry:
         if not self.loaded:
@@ -103,7 +132,7 @@ class _Chain:
         self.head = entry.entry_hash
         self.appended += 1
         self.hashes.append(entry.entry_hash)
-        self.runtime._verified_head = entry
+        self.state.verified_head = entry
 
     def finish(self, txn: Transaction) -> None:
         """Before commit, in checkpoint mode: sign a checkpoint over everything appended so
@@ -114,23 +143,24 @@ class _Chain:
         sealer = runtime._sealer
         if sealer is None or not self.appended:
             return
-        if self.next_seq <= runtime._covered:  # signed meanwhile (Runtime.checkpoint)
+        state = self.state
+        if self.next_seq <= state.covered:  # signed meanwhile (Runtime.checkpoint)
             self.appended = 0
             return
         now = runtime._clock.now_ms()
-        if not runtime._keeper.publication_due(now):
+        if not state.keeper.publication_due(now):
             if sealer.mode != "checkpoint":
                 return
-            if self.next_seq - runtime._covered < runtime._checkpoint_every:
-                since = runtime._uncovered_since
+            if self.next_seq - state.covered < runtime._checkpoint_every:
+                since = state.uncovered_since
                 if since is None:
-                    runtime._uncovered_since = now
+                    state.uncovered_since = now
                     return
                 if now - since < runtime._checkpoint_ms:
                     return
-        runtime._keeper.sign(txn, sealer, self.next_seq, self.head, self.hashes, now)
-        runtime._covered = self.next_seq
-        runtime._uncovered_since = None
+        state.keeper.sign(txn, sealer, self.next_seq, self.head, self.hashes, now)
+        state.covered = self.next_seq
+        state.uncovered_since = None
         self.appended = 0
 
 

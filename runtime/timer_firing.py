@@ -178,13 +178,19 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
     fired: list[TimerFiring] = []
     failed: list[BaseException] = []
     skip: set[ArmedTimer] = set()
+    fleet = runtime._partitioned
     for _ in range(10_000):
-        due = [t for t in runtime._store.due_timers(instant, machines, limit + len(skip))]
+        if fleet is None:
+            due = runtime._store.due_timers(instant, machines, limit + len(skip))
+        else:
+            # Leased to this worker: others skip them until they fire or the lease runs out.
+            due = fleet.claim_due_timers(instant, machines, limit + len(skip))
         due = [t for t in due if t not in skip][:limit]
         if not due:
             break
         works = [fire_work(runtime._governors[t.machine], t, instant) for t in due]
-        for timer, outcome in zip(due, runtime._submit_many(works), strict=True):
+        partitions = [runtime._partition_of(t.instance) for t in due]
+        for timer, outcome in zip(due, runtime._submit_many(works, partitions), strict=True):
             if outcome.error is not None:
                 # The timer stays armed and due: the next call tries it again.
                 failed.append(outcome.error)

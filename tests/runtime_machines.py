@@ -379,14 +379,46 @@ def _emit_line(doc: dict[str, object]) -> None:
 
 
 def _open_counter_runtime(db: str, keys: str, mode: str, start_ms: int | None) -> Any:
+    """A runtime on the store at `db`: an SQLite path or a postgresql:// URL."""
     from autonomic.runtime.keys import load_signer
     from autonomic.runtime.ledger import LedgerSealer
     from autonomic.runtime.runtime import Runtime
-    from autonomic.runtime.store import SQLiteStore
+    from autonomic.runtime.store.locate import open_store
     from autonomic.runtime.timers import VirtualClock
 
     sealer = LedgerSealer(load_signer(keys), mode)  # type: ignore[arg-type]
-    return Runtime(SQLiteStore(db), clock=VirtualClock(start_ms), sealer=sealer)
+    return Runtime(open_store(db, lease_ms=2000), clock=VirtualClock(start_ms), sealer=sealer)
+
+
+def load_counter(runtime: Any) -> None:
+    """`autonomic worker --app runtime_machines:load_counter`: the Counter governor."""
+    spec = counter_spec()
+    runtime.load(spec, *Bindings().for_spec(spec))
+
+
+# The SQLite probe stays open for the worker's life, as an application's own connection
+# would be: opening the store beside it must not drop the locks this process holds on the
+# file (main a14254a).
+_PROBES: dict[str, Any] = {}
+
+
+def _newest_ts(db: str) -> int | None:
+    """The newest ledger timestamp in the store at `db`, or None for a new store."""
+    if db.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(db, autocommit=True) as connection:
+            if connection.execute("SELECT to_regclass('ledger')").fetchone() == (None,):
+                return None
+            row = connection.execute("SELECT max(ts_ms) FROM ledger").fetchone()
+    else:
+        import sqlite3
+
+        probe = _PROBES[db] = sqlite3.connect(db)
+        if not probe.execute("SELECT 1 FROM sqlite_master WHERE name = 'ledger'").fetchone():
+            return None
+        row = probe.execute("SELECT max(ts_ms) FROM ledger").fetchone()
+    return None if row is None or row[0] is None else int(row[0])
 
 
 def crash_worker(db: str, keys: str, seed: int, run: int) -> None:
@@ -396,17 +428,11 @@ def crash_worker(db: str, keys: str, seed: int, run: int) -> None:
     a crash come due in later runs.
     """
     import random
-    import sqlite3
 
     from autonomic.runtime.errors import InvalidTransition
 
-    newest = None
-    # Left open while the worker runs, as an application's own connection would be: opening
-    # the store beside it must not drop the locks this process holds on the file.
-    probe = sqlite3.connect(db)
-    if probe.execute("SELECT 1 FROM sqlite_master WHERE name = 'ledger'").fetchone():
-        newest = probe.execute("SELECT max(ts_ms) FROM ledger").fetchone()[0]
-    start = 1_800_000_000_000 if newest is None else int(newest) + MINUTE
+    newest = _newest_ts(db)
+    start = 1_800_000_000_000 if newest is None else newest + MINUTE
     rt = _open_counter_runtime(db, keys, "checkpoint", start)
     spec = counter_spec()
     counter = rt.load(spec, *Bindings().for_spec(spec))
@@ -416,7 +442,7 @@ def crash_worker(db: str, keys: str, seed: int, run: int) -> None:
         known = [r.instance for r in rt.store.instances("Counter")]
         roll = rng.random()
         if roll < 0.15 or not known:
-            name = f"r{run}-{created}"
+            name = f"r{run}-{seed % 1000}-{created}"
             created += 1
             result = counter.create(name, "worker")
             _emit_line(

@@ -1,9 +1,9 @@
-"""Several processes and threads on one SQLite file: optimistic retries lose no update."""
+"""Several processes and threads on one store (SQLite file, PostgreSQL database): optimistic
+retries lose no update."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -11,20 +11,21 @@ from pathlib import Path
 
 from autonomic.runtime.errors import ConcurrentUpdateDetected
 from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
-from autonomic.runtime.ledger import LedgerSealer, verify_ledger
+from autonomic.runtime.ledger import LedgerSealer
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import MemoryStore, SQLiteStore
+from conftest import Stores
 from runtime_machines import Bindings, SpecBuilder, counter_spec
 
 WORKER = Path(__file__).with_name("runtime_machines.py")
 PROCESSES, INCREMENTS, INSTANCES = 4, 100, 3
 
 
-def test_four_processes_on_one_file_lose_no_update(tmp_path: Path) -> None:
+def test_four_processes_on_one_store_lose_no_update(tmp_path: Path, stores: Stores) -> None:
     keys = tmp_path / "keys"
     generate_keypair(keys)
-    db = tmp_path / "shared.db"
-    rt = Runtime(SQLiteStore(db), sealer=LedgerSealer(load_signer(keys), "sign-each"))
+    db = stores.location("shared")
+    rt = Runtime(stores.open("shared"), sealer=LedgerSealer(load_signer(keys), "sign-each"))
     spec = counter_spec()
     counter = rt.load(spec, *Bindings().for_spec(spec))
     for number in range(INSTANCES):
@@ -67,16 +68,15 @@ def test_four_processes_on_one_file_lose_no_update(tmp_path: Path) -> None:
         acks.extend(line for line in lines if line["op"] == "ack")
     total = PROCESSES * INCREMENTS
     assert len(acks) == total
-    with sqlite3.connect(db) as conn:
-        versions = dict(conn.execute("SELECT instance, version FROM instances"))
-        seqs = {row[0] for row in conn.execute("SELECT seq FROM ledger")}
+    versions = dict(stores.rows("shared", "SELECT instance, version FROM instances"))
+    seqs = {row[0] for row in stores.rows("shared", "SELECT seq FROM ledger")}
     # Every increment is there exactly once: versions add up, every acknowledged seq exists.
     assert sum(versions.values()) == INSTANCES + total
     assert {ack["seq"] for ack in acks} <= seqs and len({ack["seq"] for ack in acks}) == total
     for name in versions:
         mine = sorted(int(a["version"]) for a in acks if a["instance"] == name)  # type: ignore[call-overload]
         assert mine == list(range(2, versions[name] + 1))  # no version acknowledged twice
-    report = verify_ledger(db, Keyring.from_files([keys]))
+    report = stores.verify("shared", Keyring.from_files([keys]))
     assert report.ok and report.count == 1 + INSTANCES + total, report.reason  # + genesis
     assert conflicts > 0  # the workers did contend, and retried
 

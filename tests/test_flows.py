@@ -16,6 +16,7 @@ from autonomic.runtime.keys import Keyring, Signer
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.memory import MemoryStore
 from autonomic.runtime.store.sqlite import SQLiteStore
+from conftest import Stores
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flow_world import marketplace
 
@@ -34,9 +35,12 @@ class Injector:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[tuple[Runtime, FlowRunner, Any, Injector]]:
+def world(stores: Stores) -> Iterator[tuple[Runtime, FlowRunner, Any, Injector]]:
+    """The marketplace on SQLite, and on PostgreSQL with four ledger partitions (a flow's
+    entries and its governors' entries then land in different chains)."""
     injector = Injector()
-    runtime, runner, bindings = marketplace(SQLiteStore(tmp_path / "m.db"), before_step=injector)
+    store = stores.open("m", partitions=4)
+    runtime, runner, bindings = marketplace(store, before_step=injector)
     with runtime:
         yield runtime, runner, bindings, injector
 
@@ -272,12 +276,11 @@ def test_payment_success_goes_to_billing_then_renewal(
     assert state(runtime, "Subscription", customer) == "Active"
 
 
-def test_payment_failure_waits_durably_on_the_retry_ladder(tmp_path: Path) -> None:
+def test_payment_failure_waits_durably_on_the_retry_ladder(stores: Stores) -> None:
     """The Failed branch waits in the store while Billing's ladder runs on timers: a new
-    process (a new Runtime on the same file) picks the wait up and finishes the run."""
-    db = tmp_path / "m.db"
+    process (a new Runtime on the same store) picks the wait up and finishes the run."""
     signer = Signer.from_private_key(Ed25519PrivateKey.generate())  # the ledger's root key
-    runtime, runner, _ = marketplace(SQLiteStore(db), signer=signer)
+    runtime, runner, _ = marketplace(stores.open("m", partitions=4), signer=signer)
     customer = "p-fail"
     charged_customer(runtime, runner, customer)
     inputs = {"outcome": "Failed", "customer_id": customer, "case_id": "case", **PAYMENT}
@@ -288,7 +291,7 @@ def test_payment_failure_waits_durably_on_the_retry_ladder(tmp_path: Path) -> No
     clock = runtime.clock
     runtime.close()
 
-    runtime, runner, bindings = marketplace(SQLiteStore(db), signer=signer, clock=clock)
+    runtime, runner, bindings = marketplace(stores.open("m"), signer=signer, clock=clock)
     bindings.payments.invoices[customer] = Decimal("30")  # the processor's memory of the invoice
     clock.advance(2 * 3_600_000)
     runtime.fire_due()

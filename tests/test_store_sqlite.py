@@ -11,18 +11,16 @@ from pathlib import Path
 import pytest
 from autonomic.runtime.dispatch import Governor
 from autonomic.runtime.errors import (
-    InstanceExists,
     RuntimeFailure,
     StoreConfigError,
-    StoreIntegrityError,
 )
 from autonomic.runtime.inputs import InputLimits
-from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
-from autonomic.runtime.ledger import LedgerMode, LedgerSealer, verify_ledger
+from autonomic.runtime.keys import generate_keypair, load_signer
+from autonomic.runtime.ledger import LedgerMode, LedgerSealer
 from autonomic.runtime.runtime import Runtime
-from autonomic.runtime.store import InstanceRecord, SQLiteStore, Transaction
+from autonomic.runtime.store import InstanceRecord, SQLiteStore
 from autonomic.runtime.timers import VirtualClock
-from runtime_machines import Bindings, billing_spec, counter_spec, entitlement_spec
+from runtime_machines import Bindings, billing_spec, entitlement_spec
 
 
 @pytest.fixture(scope="module")
@@ -77,187 +75,6 @@ def test_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreConfigError, match="not a usable SQLite store"):
         SQLiteStore(bogus)
     assert bogus.read_text().startswith("hello")
-
-
-def test_units_of_a_batch_commit_or_roll_back_alone(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "s.db")
-
-    def insert(name: str, fail: bool = False) -> Callable[[Transaction], str]:
-        def work(txn: Transaction) -> str:
-            txn.insert_instance(InstanceRecord("M", name, "A", 1))
-            if fail:
-                raise RuntimeError("boom")
-            return name
-
-        return work
-
-    outcomes = store.run([insert("a"), insert("b", fail=True), insert("c")])
-    assert [o.value for o in outcomes] == ["a", None, "c"]
-    assert isinstance(outcomes[1].error, RuntimeError)
-    assert [r.instance for r in store.instances("M")] == ["a", "c"]
-    [single] = store.run([insert("a")])
-    assert isinstance(single.error, InstanceExists)
-    [alone] = store.run([insert("d", fail=True)])
-    assert isinstance(alone.error, RuntimeError)
-    assert [r.instance for r in store.instances("M")] == ["a", "c"]
-    store.close()
-
-
-def test_one_transaction_covers_state_ledger_timers_outbox_and_dedup(
-    tmp_path: Path, key_dir: Path
-) -> None:
-    path = tmp_path / "s.db"
-    rt = open_runtime(path, key_dir)
-    ent = load_entitlement(rt)
-    ent.create("e1", "alice")
-    # Make the ledger insert of the next transition fail inside SQLite itself.
-    with sqlite3.connect(path) as db:
-        db.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON ledger WHEN NEW.to_state = 'Active' "
-            "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
-        )
-    before = counts(path)
-    with pytest.raises(sqlite3.IntegrityError, match="injected failure"):
-        ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob", event_id="evt-1")
-    assert counts(path) == before
-    record = ent.get("e1")
-    assert record is not None and (record.state, record.version) == ("PendingApproval", 1)
-    assert ent.timers("e1")[0].timer_id == "PendingApproval.ApprovalLadder.1"
-    with sqlite3.connect(path) as db:
-        db.execute("DROP TRIGGER refuse")
-    result = ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob", event_id="evt-1")
-    after = counts(path)
-    assert after["ledger"] == before["ledger"] + 1
-    assert after["outbox"] == before["outbox"] + 1
-    assert after["processed_events"] == before["processed_events"] + 1
-    assert after["timers"] == 1 and result.to_state == "Active"
-    rt.close()
-
-
-@pytest.mark.parametrize("mode", ["checkpoint", "sign-each"])
-def test_stored_ledger_verifies_offline(tmp_path: Path, key_dir: Path, mode: LedgerMode) -> None:
-    path = tmp_path / "s.db"
-    rt = open_runtime(path, key_dir, mode)
-    ent = load_entitlement(rt)
-    for number in range(5):
-        ent.create(f"e{number}", "alice")
-        ent.dispatch(f"e{number}", "Approve", {"approver": "bob"}, "bob")
-    rt.close()
-    report = verify_ledger(path, Keyring.from_files([key_dir]))
-    with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM ledger_meta WHERE key = 'mode'").fetchone() == (mode,)
-    assert report.ok and report.count == 11, report.reason  # the genesis entry and 10
-    if mode == "checkpoint":
-        assert report.checkpoints == 11  # one per commit: each dispatch committed alone
-
-
-def test_ledger_mode_cannot_change(tmp_path: Path, key_dir: Path) -> None:
-    path = tmp_path / "s.db"
-    open_runtime(path, key_dir, "checkpoint").close()
-    with pytest.raises(StoreConfigError, match="in checkpoint mode"):
-        open_runtime(path, key_dir, "sign-each")
-    with pytest.raises(StoreConfigError, match="would go unrecorded"):
-        Runtime(SQLiteStore(path))  # an audited store is never written without its ledger
-
-
-def test_a_modified_head_is_detected_before_chaining(tmp_path: Path, key_dir: Path) -> None:
-    path = tmp_path / "s.db"
-    rt = open_runtime(path, key_dir)
-    ent = load_entitlement(rt)
-    ent.create("e1", "alice")
-    with sqlite3.connect(path) as db:
-        db.execute("UPDATE ledger SET actor = 'mallory' WHERE seq = 1")
-    before = counts(path)
-    with pytest.raises(StoreIntegrityError, match=r"ledger head \(seq 1\) does not match its hash"):
-        ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob")
-    assert counts(path) == before
-    with pytest.raises(StoreIntegrityError):
-        rt.close()  # nor is a final checkpoint signed over it
-    reopened = open_runtime(path, key_dir)
-    with pytest.raises(StoreIntegrityError):
-        load_entitlement(reopened).create("e2", "alice")
-    reopened.store.close()
-
-
-def test_a_removed_tail_is_detected_against_the_checkpoint(tmp_path: Path, key_dir: Path) -> None:
-    path = tmp_path / "s.db"
-    rt = open_runtime(path, key_dir)
-    ent = load_entitlement(rt)
-    ent.create("e1", "alice")
-    ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob")
-    rt.close()
-    with sqlite3.connect(path) as db:
-        db.execute("DELETE FROM ledger WHERE seq = 2")
-    rt = open_runtime(path, key_dir)
-    ent = load_entitlement(rt)
-    with pytest.raises(StoreIntegrityError, match="checkpoint is signed at size 3"):
-        ent.create("e2", "alice")
-    assert counts(path)["ledger"] == 2
-    rt.store.close()
-
-
-def test_group_commit_batches_threads_and_acknowledges_after_commit(
-    tmp_path: Path, key_dir: Path
-) -> None:
-    path = tmp_path / "s.db"
-    rt = open_runtime(path, key_dir)
-    spec = counter_spec()
-    counter = rt.load(spec, *Bindings().for_spec(spec))
-    threads_n, per_thread = 8, 25
-    for t in range(threads_n):
-        counter.create(f"c{t}")
-    batches_before = rt.commit_batches
-    errors: list[BaseException] = []
-    unseen: list[int] = []
-
-    def worker(number: int) -> None:
-        reader = sqlite3.connect(path)  # another connection sees only committed data
-        try:
-            for _ in range(per_thread):
-                result = counter.dispatch(f"c{number}", "Tick", actor=f"t{number}")
-                row = reader.execute(
-                    "SELECT instance FROM ledger WHERE seq = ?", (result.seq,)
-                ).fetchone()
-                if row != (f"c{number}",):
-                    unseen.append(result.seq or -1)
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            reader.close()
-
-    workers = [threading.Thread(target=worker, args=(n,)) for n in range(threads_n)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    assert not errors and not unseen
-    batches = rt.commit_batches - batches_before
-    assert batches < threads_n * per_thread  # some commits carried several dispatches
-    for t in range(threads_n):
-        record = counter.get(f"c{t}")
-        assert record is not None and record.version == per_thread + 1
-    rt.close()
-    report = verify_ledger(path, Keyring.from_files([key_dir]))
-    assert report.ok and report.count == 1 + threads_n * (per_thread + 1)
-    # One signed checkpoint per commit batch (+ one per create, each committed alone, + one
-    # over the genesis entry).
-    assert report.checkpoints == batches + threads_n + 1
-
-
-def test_state_survives_reopening(tmp_path: Path, key_dir: Path) -> None:
-    path = tmp_path / "s.db"
-    rt = open_runtime(path, key_dir)
-    spec = billing_spec()
-    bil = rt.load(spec, *Bindings().for_spec(spec))
-    bil.create("b1")
-    bil.dispatch("b1", "StartBilling")
-    rt.close()
-    rt = open_runtime(path, key_dir)
-    bil = rt.load(spec, *Bindings().for_spec(spec))
-    record = bil.get("b1")
-    assert record is not None and (record.state, record.version) == ("AwaitingPayment", 2)
-    assert bil.dispatch("b1", "PaymentFailed", {"reason": "nsf"}).seq == 3
-    rt.close()
 
 
 def test_rejected_input_leaves_the_file_bytes_unchanged(tmp_path: Path, key_dir: Path) -> None:

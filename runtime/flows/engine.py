@@ -423,7 +423,8 @@ class FlowRunner:
             return "failed", failed.message
         except _STEP_FAILURES as failed:
             return "failed", f"{failed.code}: {failed.message}"
-        outcome = self._write(run, op.status, [], along=unit)
+        along_partition = self.runtime._partition_of(target)
+        outcome = self._write(run, op.status, [], along=unit, along_partition=along_partition)
         assert outcome is not None
         if outcome.error is not None:
             return _step_outcome(outcome.error)
@@ -758,14 +759,18 @@ class FlowRunner:
         wake_ms: int | None = None,
         *,
         along: Callable[[Transaction, _Chain], object] | None = None,
+        along_partition: int = 0,
     ) -> WorkOutcome[object] | None:
         """Write the run (`_write_work`); with `along`, that unit too, in the same commit (its
-        outcome is returned)."""
+        outcome is returned). A partitioned store commits the run's entries in the partition
+        of its run id and `along` in `along_partition`: one batch when they share it."""
+        runtime = self.runtime
         work = self._write_work(run, status, notes, wake_ms)
+        partition = runtime._partition_of(run.record.flow_id)
         if along is None:
-            run.record = self.runtime._submit(work)
+            run.record = runtime._submit(work, partition)
             return None
-        written, outcome = self.runtime._submit_many([work, along])
+        written, outcome = runtime._submit_many([work, along], [partition, along_partition])
         if written.error is not None:
             raise written.error
         run.record = cast(FlowRecord, written.value)
@@ -774,7 +779,9 @@ class FlowRunner:
     async def _write_async(
         self, run: _Run, status: FlowStatus, notes: Sequence[_Note], wake_ms: int | None = None
     ) -> None:
-        run.record = await self.runtime._submit_async(self._write_work(run, status, notes, wake_ms))
+        runtime = self.runtime
+        work = self._write_work(run, status, notes, wake_ms)
+        run.record = await runtime._submit_async(work, runtime._partition_of(run.record.flow_id))
 
     def _result(self, run: _Run) -> FlowResult:
         data = run.data

@@ -22,6 +22,7 @@ a governor).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -90,7 +91,7 @@ class DeadlineTracker:
         def work(txn: Transaction, chain: _Chain) -> None:
             txn.save_deadline(deadline)
 
-        self._runtime._submit(work)
+        self._runtime._submit(work, None)
         return deadline
 
     def resolve(self, id: str) -> bool:
@@ -99,7 +100,7 @@ class DeadlineTracker:
         def work(txn: Transaction, chain: _Chain) -> bool:
             return txn.delete_deadline(id)
 
-        return self._runtime._submit(work)
+        return self._runtime._submit(work, None)
 
     def pending(self) -> list[Deadline]:
         """Every tracked deadline, earliest first."""
@@ -111,11 +112,16 @@ class DeadlineTracker:
         runtime = self._runtime
         rearm_ms = self._rearm_ms
         sealed = runtime.sealer is not None
+        partitions = runtime.partitions
+        partition_of = runtime._partition_of
 
-        def work(txn: Transaction, chain: _Chain) -> list[DeadlineEscalation]:
+        def work(txn: Transaction, chain: _Chain, part: int) -> list[DeadlineEscalation]:
             now = runtime.clock.now_ms()
             found = []
             for d in txn.due_deadlines(now, _CHECK_LIMIT):
+                # A partitioned store: each escalation in the chain of its entry's instance.
+                if partitions > 1 and partition_of(f"deadline:{d.id}") != part:
+                    continue
                 rearmed = now + rearm_ms
                 txn.save_deadline(
                     DeadlineRecord(d.id, d.name, d.governor, rearmed, d.level + 1, d.action)
@@ -128,4 +134,10 @@ class DeadlineTracker:
                 found.append(escalation)
             return found
 
-        return runtime._submit(work)
+        escalations = [
+            escalation
+            for part in range(partitions)
+            for escalation in runtime._submit(functools.partial(work, part=part), part)
+        ]
+        escalations.sort(key=lambda e: (e.missed_ms, e.id))
+        return escalations

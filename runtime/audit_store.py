@@ -1,0 +1,67 @@
+"""Auditing a PostgreSQL store offline: every ledger partition verified in parallel processes,
+then every signed root; one partition exported; one instance's history.
+
+Nothing read is trusted: each partition goes through the same streaming verification as a
+single-chain ledger (`ledger.verify_entries`) plus the check that each entry belongs to the
+partition it is stored in, and each root is checked against the verified chains
+(`partitions.check_roots`). The store is opened with `create=False`, so auditing never
+initialises a database.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+
+from .keychain import RootOfTrust
+from .ledger import Checkpoint, LedgerEntry, LedgerMode, RootLike, VerifyReport
+from .partitions import check_roots, combine, verify_partition
+from .store.postgres import PostgresStore
+
+__all__ = ["history", "open_audited", "partition_ledger", "verify_url"]
+
+
+def open_audited(url: str) -> PostgresStore:
+    """The store at `url` for reading; StoreConfigError if there is none (nothing is made)."""
+    return PostgresStore(url, create=False, pool_size=2)
+
+
+def _verify_one(
+    url: str, partition: int, root: RootOfTrust, mode: LedgerMode | None
+) -> VerifyReport:
+    with open_audited(url) as store:
+        return verify_partition(store, partition, root, mode)
+
+
+def verify_url(url: str, root: RootLike, *, workers: int | None = None) -> VerifyReport:
+    """Verify every partition of the store at `url` (in up to `workers` processes, default one
+    per CPU) and every signed root, from the pinned `root`; one report for the whole ledger."""
+    pinned = RootOfTrust.of(root)
+    with open_audited(url) as store:
+        mode = store.ledger_mode()
+        partitions = store.partitions
+        processes = min(partitions, workers or os.cpu_count() or 1)
+        if processes <= 1:
+            reports = [verify_partition(store, p, pinned, mode) for p in range(partitions)]
+            return combine(reports, *check_roots(store, reports, pinned))
+    # Verification is CPU-bound (hashing, Ed25519) and holds the GIL: processes, each with its
+    # own connection, forked while this process holds no connection pool (and its threads).
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(_verify_one, url, p, pinned, mode) for p in range(partitions)]
+        reports = [future.result() for future in futures]
+    with open_audited(url) as store:
+        return combine(reports, *check_roots(store, reports, pinned))
+
+
+def partition_ledger(
+    store: PostgresStore, partition: int
+) -> tuple[Iterator[LedgerEntry], list[Checkpoint]]:
+    """One partition's entries and checkpoints: a single-chain ledger, exportable as one."""
+    return store.ledger_entries(partition=partition), store.checkpoints(partition=partition)
+
+
+def history(store: PostgresStore, instance: str) -> list[LedgerEntry]:
+    """Every entry of one instance (of any machine), in its partition's order."""
+    return list(store.ledger_entries(instance=instance))

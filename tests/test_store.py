@@ -1,0 +1,304 @@
+"""The store contract, run against every store: SQLite, and PostgreSQL when a server is given
+(see conftest.py for how). One set of tests; each store must pass all of them."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from autonomic.runtime.dispatch import Governor
+from autonomic.runtime.errors import InstanceExists, StoreConfigError, StoreIntegrityError
+from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
+from autonomic.runtime.ledger import LedgerMode, LedgerSealer
+from autonomic.runtime.runtime import Runtime
+from autonomic.runtime.store import InstanceRecord, Transaction
+from autonomic.runtime.timers import VirtualClock
+from conftest import Stores
+from runtime_machines import Bindings, billing_spec, counter_spec, entitlement_spec
+
+START = 1_800_000_000_000
+TABLES = (
+    "instances",
+    "ledger",
+    "ledger_checkpoints",
+    "timers",
+    "outbox",
+    "processed_events",
+    "idempotency_keys",
+)
+
+
+@pytest.fixture(scope="module")
+def key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("keys")
+    generate_keypair(folder, valid_from_ms=START - 86_400_000)
+    return folder
+
+
+def open_runtime(
+    stores: Stores,
+    key_dir: Path,
+    mode: LedgerMode = "checkpoint",
+    name: str = "s",
+    clock: VirtualClock | None = None,
+) -> Runtime:
+    sealer = LedgerSealer(load_signer(key_dir), mode)
+    return Runtime(stores.open(name), clock=clock or VirtualClock(START), sealer=sealer)
+
+
+def load(rt: Runtime, spec_name: str = "entitlement") -> Governor:
+    spec = {"entitlement": entitlement_spec, "billing": billing_spec, "counter": counter_spec}[
+        spec_name
+    ]()
+    return rt.load(spec, *Bindings().for_spec(spec))
+
+
+def counts(stores: Stores, name: str = "s") -> dict[str, int]:
+    return {t: int(stores.rows(name, f"SELECT count(*) FROM {t}")[0][0]) for t in TABLES}
+
+
+def test_units_of_a_batch_commit_or_roll_back_alone(stores: Stores) -> None:
+    store = stores.open()
+
+    def insert(name: str, fail: bool = False) -> object:
+        def work(txn: Transaction) -> object:
+            txn.insert_instance(InstanceRecord("M", name, "S", 1))
+            if fail:
+                raise ValueError(name)
+            return name
+
+        return work
+
+    outcomes = store.run([insert("a"), insert("b", fail=True), insert("c"), insert("a")])
+    assert [o.value for o in outcomes] == ["a", None, "c", None]
+    assert isinstance(outcomes[1].error, ValueError)
+    assert isinstance(outcomes[3].error, InstanceExists)
+    assert [r.instance for r in store.instances("M")] == ["a", "c"]
+    store.close()
+
+
+def inject_ledger_failure(stores: Stores) -> None:
+    """Make the database itself refuse the ledger row of a transition into Active."""
+    if stores.kind == "sqlite":
+        stores.rows(
+            "s",
+            "CREATE TRIGGER refuse BEFORE INSERT ON ledger WHEN NEW.to_state = 'Active' "
+            "BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+        )
+    else:
+        stores.rows(
+            "s",
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.to_state = 'Active' THEN RAISE EXCEPTION 'injected failure'; END IF; "
+            "RETURN NEW; END $$",
+        )
+        stores.rows(
+            "s",
+            "CREATE TRIGGER refuse BEFORE INSERT ON ledger FOR EACH ROW EXECUTE FUNCTION refuse()",
+        )
+
+
+def test_one_transaction_covers_state_ledger_timers_outbox_and_dedup(
+    stores: Stores, key_dir: Path
+) -> None:
+    rt = open_runtime(stores, key_dir)
+    ent = load(rt)
+    ent.create("e1", "alice")
+    inject_ledger_failure(stores)
+    before = counts(stores)
+    with pytest.raises(Exception, match="injected failure"):
+        ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob", event_id="evt-1")
+    assert counts(stores) == before
+    record = ent.get("e1")
+    assert record is not None and (record.state, record.version) == ("PendingApproval", 1)
+    stores.rows("s", "DROP TRIGGER refuse" + (" ON ledger" if stores.kind == "postgres" else ""))
+    result = ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob", event_id="evt-1")
+    after = counts(stores)
+    assert after["ledger"] == before["ledger"] + 1
+    assert after["outbox"] == before["outbox"] + 1
+    assert after["processed_events"] == before["processed_events"] + 1
+    assert after["timers"] == 1 and result.to_state == "Active"
+    rt.close()
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "sign-each"])
+def test_stored_ledger_verifies_offline(stores: Stores, key_dir: Path, mode: LedgerMode) -> None:
+    rt = open_runtime(stores, key_dir, mode)
+    ent = load(rt)
+    for number in range(5):
+        ent.create(f"e{number}", "alice")
+        ent.dispatch(f"e{number}", "Approve", {"approver": "bob"}, "bob")
+    rt.close()
+    assert stores.rows("s", "SELECT value FROM ledger_meta WHERE key = 'mode'") == [(mode,)]
+    report = stores.verify("s", Keyring.from_files([key_dir]))
+    assert report.ok and report.count == 11, report.reason  # the genesis entry and 10
+    if mode == "checkpoint":
+        # One per commit (each dispatch committed alone, and the genesis entry); on
+        # PostgreSQL + the root signed at close.
+        roots = 1 if stores.kind == "postgres" else 0
+        assert report.checkpoints == 11 + roots
+
+
+def test_ledger_mode_cannot_change(stores: Stores, key_dir: Path) -> None:
+    open_runtime(stores, key_dir, "checkpoint").close()
+    with pytest.raises(StoreConfigError, match="in checkpoint mode"):
+        open_runtime(stores, key_dir, "sign-each")
+    with pytest.raises(StoreConfigError, match="would go unrecorded"):
+        Runtime(stores.open())
+
+
+def test_a_modified_head_is_detected_before_chaining(stores: Stores, key_dir: Path) -> None:
+    rt = open_runtime(stores, key_dir)
+    ent = load(rt)
+    ent.create("e1", "alice")
+    stores.rows("s", "UPDATE ledger SET actor = 'mallory' WHERE seq = 1")
+    before = counts(stores)
+    with pytest.raises(StoreIntegrityError, match=r"ledger head \(seq 1\) does not match its hash"):
+        ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob")
+    assert counts(stores) == before
+    with pytest.raises(StoreIntegrityError):
+        rt.close()
+    reopened = open_runtime(stores, key_dir)
+    with pytest.raises(StoreIntegrityError):
+        load(reopened).create("e2", "alice")
+    reopened.store.close()
+
+
+def test_a_removed_tail_is_detected_against_the_checkpoint(stores: Stores, key_dir: Path) -> None:
+    rt = open_runtime(stores, key_dir)
+    ent = load(rt)
+    ent.create("e1", "alice")
+    ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob")
+    rt.close()
+    stores.rows("s", "DELETE FROM ledger WHERE seq = 2")
+    rt = open_runtime(stores, key_dir)
+    with pytest.raises(StoreIntegrityError, match="checkpoint is signed at size 3"):
+        load(rt).create("e2", "alice")
+    assert counts(stores)["ledger"] == 2
+    rt.store.close()
+
+
+def test_group_commit_batches_threads_and_acknowledges_after_commit(
+    stores: Stores, key_dir: Path
+) -> None:
+    rt = open_runtime(stores, key_dir)
+    counter = load(rt, "counter")
+    threads_n, per_thread = 8, 15
+    for t in range(threads_n):
+        counter.create(f"c{t}")
+    batches_before = rt.commit_batches
+    errors: list[BaseException] = []
+    unseen: list[int] = []
+
+    def worker(number: int) -> None:
+        try:
+            for _ in range(per_thread):
+                result = counter.dispatch(f"c{number}", "Tick", actor=f"t{number}")
+                # Another connection sees it: acknowledged only after the commit.
+                found = stores.rows("s", f"SELECT instance FROM ledger WHERE seq = {result.seq}")
+                if found != [(f"c{number}",)]:
+                    unseen.append(result.seq or -1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=worker, args=(n,)) for n in range(threads_n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors and not unseen
+    batches = rt.commit_batches - batches_before
+    assert batches < threads_n * per_thread  # some commits carried several dispatches
+    for t in range(threads_n):
+        record = counter.get(f"c{t}")
+        assert record is not None and record.version == per_thread + 1
+    rt.close()
+    report = stores.verify("s", Keyring.from_files([key_dir]))
+    assert report.ok and report.count == 1 + threads_n * (per_thread + 1), report.reason
+    # One signed checkpoint per commit batch (+ one per create, each committed alone, + one
+    # over the genesis entry; on PostgreSQL + the root signed at close).
+    roots = 1 if stores.kind == "postgres" else 0
+    assert report.checkpoints == batches + threads_n + 1 + roots
+
+
+def test_state_survives_reopening(stores: Stores, key_dir: Path) -> None:
+    rt = open_runtime(stores, key_dir)
+    bil = load(rt, "billing")
+    bil.create("b1")
+    bil.dispatch("b1", "StartBilling")
+    rt.close()
+    rt = open_runtime(stores, key_dir)
+    bil = load(rt, "billing")
+    record = bil.get("b1")
+    assert record is not None and (record.state, record.version) == ("AwaitingPayment", 2)
+    assert bil.dispatch("b1", "PaymentFailed", {"reason": "nsf"}).seq == 3
+    rt.close()
+
+
+def test_timers_fire_once_across_restart_and_runtimes(stores: Stores, key_dir: Path) -> None:
+    clock = VirtualClock(START)
+    rt = open_runtime(stores, key_dir, clock=clock)
+    ent = load(rt)
+    for number in range(10):
+        ent.create(f"e{number}", "alice")
+    rt.close()
+    clock.advance("73h")  # down for the whole ladder: three steps each, in order
+    runtimes = [open_runtime(stores, key_dir, clock=clock) for _ in range(2)]
+    for each in runtimes:
+        load(each)
+    fired: list[list[object]] = [[], []]
+
+    def fire(index: int) -> None:
+        fired[index] = list(runtimes[index].fire_due())
+
+    threads = [threading.Thread(target=fire, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(fired[0]) + len(fired[1]) == 10 * 3
+    for each in runtimes:
+        each.close()
+    ids = [
+        row[0]
+        for row in stores.rows(
+            "s", "SELECT event_id FROM ledger WHERE kind NOT IN ('transition', 'genesis')"
+        )
+    ]
+    assert len(ids) == len(set(ids)) == 30
+    for number in range(10):
+        kinds = stores.rows(
+            "s", f"SELECT to_state FROM ledger WHERE instance = 'e{number}' ORDER BY seq"
+        )
+        assert kinds[-1] == ("Active",)  # the ladder's end came last for every instance
+    report = stores.verify("s", Keyring.from_files([key_dir]))
+    assert report.ok and report.count == 1 + 10 + 30, report.reason
+
+
+def test_replay_from_snapshot_matches_the_row(stores: Stores, key_dir: Path) -> None:
+    sealer = LedgerSealer(load_signer(key_dir))
+    rt = Runtime(stores.open(), clock=VirtualClock(START), sealer=sealer, snapshot_every=3)
+    counter = load(rt, "counter")
+    counter.create("c1")
+    for _ in range(7):
+        counter.dispatch("c1", "Tick")
+    replayed = rt.replay("Counter", "c1")
+    assert (replayed.state, replayed.version, replayed.snapshot_version) == ("Counting", 8, 6)
+    assert rt.replay("Counter", "c1", use_snapshot=False).version == 8
+    stores.rows("s", "UPDATE snapshots SET state = 'Holding'")
+    with pytest.raises(StoreIntegrityError, match="snapshot"):
+        rt.replay("Counter", "c1")
+    rt.close()
+
+
+def test_emitted_events_are_delivered_once(stores: Stores, key_dir: Path) -> None:
+    rt = open_runtime(stores, key_dir)
+    ent = load(rt)
+    ent.create("e1", "alice")
+    ent.dispatch("e1", "Approve", {"approver": "bob"}, "bob")
+    pending = rt.store.outbox(kind="event")
+    assert len(pending) == 1
+    deliveries = rt.deliver_outbox()
+    assert [d.status for d in deliveries] == ["skipped"]  # its receiver is not loaded here
+    rt.close()
