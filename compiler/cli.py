@@ -770,11 +770,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_runtime(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     # The runtime owns its commands; the compiler only hosts the one console script.
-    from autonomic.runtime import audit_cli
+    from autonomic.runtime import audit_cli, fleet_cli
     from autonomic.runtime import cli as runtime_cli
 
     audit_cli.register(sub)
     runtime_cli.register(sub)
+    fleet_cli.register(sub)
 
 
 # ---------------------------------------------------------------------------------------------

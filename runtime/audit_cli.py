@@ -30,6 +30,7 @@ from .errors import (
     RuntimeFailure,
     failure_diagnostic,
 )
+from .fleet_cli import STORE_HINT, add_store_argument
 from .keychain import RootOfTrust, fingerprint
 from .keys import (
     PRIVATE_SUFFIX,
@@ -54,11 +55,15 @@ from .ledger import (
     write_jsonl,
 )
 from .runtime import Runtime
+from .store.locate import STORE_ENV, is_postgres_url, redact, store_location
 from .store.sqlite import SQLiteStore
 from .witness import read_witness_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
 
+LEDGER_ARG_HELP = (
+    "SQLite store file or JSON Lines export (or --store URL; default: $AUTONOMIC_STORE)"
+)
 # Hints for failures that carry none, by the argument the failing file came from.
 LEDGER_HINT = "pass the runtime's SQLite store file or a file written by `autonomic audit export`"
 KEY_HINT = "pass the <key_id>.public.json (or .public.pem) written by `autonomic keygen`"
@@ -432,6 +437,137 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# `audit verify|export|show` on a store given by --store (or $AUTONOMIC_STORE): an SQLite
+# store goes to the file commands unchanged; a PostgreSQL store is read here.
+
+
+def with_store(parser: argparse.ArgumentParser, handler: Handler, command: str) -> Handler:
+    """Add --store to an audit command whose LEDGER became optional, and route the command:
+    LEDGER or --store (default $AUTONOMIC_STORE), a postgresql:// URL to the fleet reader."""
+    add_store_argument(parser, "the runtime's store instead of LEDGER")
+    if command == "export":
+        parser.add_argument(
+            "--partition",
+            type=int,
+            metavar="P",
+            help="PostgreSQL: the ledger partition to export, a ledger of its own "
+            "(required when the store has several)",
+        )
+
+    def run(args: argparse.Namespace) -> int:
+        if command == "show" and args.instance is None:
+            args.ledger, args.instance = None, args.ledger  # `show --store URL INSTANCE`
+        if args.store and args.ledger:
+            parser.error("give LEDGER or --store, not both")
+        location = args.store or args.ledger or store_location(None)
+        if location is None:
+            parser.error(f"no ledger: pass LEDGER or --store URL, or set {STORE_ENV}")
+        if command == "show" and args.instance is None:
+            parser.error("the following arguments are required: INSTANCE")
+        if not is_postgres_url(location):
+            args.ledger = location
+            return handler(args)
+        try:
+            if command == "verify":
+                return _verify_store(parser, args, location)
+            if command == "export":
+                return _export_store(parser, args, location)
+            return _show_store(args, location)
+        except RuntimeFailure as failure:
+            sys.stderr.write(failure_diagnostic(redact(location), failure, STORE_HINT) + "\n")
+            return 1
+
+    return run
+
+
+def _verify_store(parser: argparse.ArgumentParser, args: argparse.Namespace, url: str) -> int:
+    from .audit_store import open_audited, verify_url
+
+    if args.checkpoint or args.witness:
+        parser.error(
+            "--checkpoint and --witness apply to a ledger file; a PostgreSQL store keeps "
+            "signed roots over its partitions"
+        )
+    root = _root_of(args)
+    if isinstance(root, int):
+        return root
+    with open_audited(url) as store:
+        partitions = store.partitions
+    report = verify_url(url, root)
+    if not report.ok:
+        print(f"{redact(url)}: seq {report.index}: {report.reason}")
+        return 1
+    plural = "y" if report.count == 1 else "ies"
+    print(
+        f"verified {report.count} entr{plural} in {partitions} partition"
+        f"{'s' if partitions != 1 else ''} (mode {report.mode}, {report.checkpoints} "
+        f"signed checkpoints and roots, keys {' -> '.join(report.keys)})"
+    )
+    return 0
+
+
+def _export_store(parser: argparse.ArgumentParser, args: argparse.Namespace, url: str) -> int:
+    from .audit_store import open_audited, partition_ledger
+
+    with open_audited(url) as store:
+        partition = args.partition
+        if partition is None:
+            if store.partitions > 1:
+                parser.error(
+                    f"the store's ledger has {store.partitions} partitions: pass --partition P "
+                    "(each exports as a ledger of its own)"
+                )
+            partition = 0
+        if not 0 <= partition < store.partitions:
+            parser.error(f"--partition must be 0..{store.partitions - 1}")
+        entries, checkpoints = partition_ledger(store, partition)
+        mode = store.ledger_mode()
+
+        def export(out: IO[str]) -> int:
+            return write_jsonl(entries, checkpoints, out, mode=mode)
+
+        if not args.out:
+            export(sys.stdout)
+            return 0
+        try:
+            _check_replaceable(Path(args.out), JSONL_FORMAT, "a ledger export")
+            count = _write_atomically(Path(args.out), export)
+        except RuntimeFailure as failure:
+            sys.stderr.write(failure_diagnostic(args.out, failure, OUT_HINT) + "\n")
+            return 1
+    print(f"exported {count} entries of partition {partition} to {args.out}")
+    return 0
+
+
+def _show_store(args: argparse.Namespace, url: str) -> int:
+    from .audit_store import history, open_audited
+
+    with open_audited(url) as store:
+        entries = history(store, args.instance)
+    if not entries:
+        sys.stderr.write(
+            failure_diagnostic(
+                redact(url),
+                InstanceNotInLedger(
+                    f"no ledger entry for instance {args.instance!r}",
+                    hint="instance ids are case-sensitive",
+                ),
+                STORE_HINT,
+            )
+            + "\n"
+        )
+        return 1
+    for entry in entries:
+        print(
+            f"{_printable(entry.seq):>6}  {format_timestamp(entry.ts_ms)}  "
+            f"{_printable(entry.kind):<10}  {_printable(entry.machine)}  "
+            f"{_printable(entry.from_state)} -> {_printable(entry.to_state)}  "
+            f"{_printable(entry.event)}  {_printable(entry.actor)}"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Parsers.
 
 
@@ -482,7 +618,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Check every entry, hash link, signature and checkpoint. Exit 0 printing "
         "the count verified, or 1 naming the first bad sequence index and why.",
     )
-    verify.add_argument("ledger", metavar="LEDGER", help="SQLite store file or JSON Lines export")
+    verify.add_argument("ledger", nargs="?", metavar="LEDGER", help=LEDGER_ARG_HELP)
     pinned = verify.add_mutually_exclusive_group(required=True)
     pinned.add_argument(
         "--public-key",
@@ -507,7 +643,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="a witness file the runtime published checkpoints to: checks the ledger against "
         "its newest checkpoint and names how many entries are missing (repeatable)",
     )
-    verify.set_defaults(func=_cmd_verify, usage_error=verify.error)
+    verify.set_defaults(func=with_store(verify, _cmd_verify, "verify"), usage_error=verify.error)
 
     export = commands.add_parser(
         "export",
@@ -515,11 +651,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Write every entry and checkpoint as JSON Lines (verifiable offline). "
         "An existing --out file is replaced only if it is an earlier export.",
     )
-    export.add_argument("ledger", metavar="LEDGER", help="SQLite store file or JSON Lines export")
+    export.add_argument("ledger", nargs="?", metavar="LEDGER", help=LEDGER_ARG_HELP)
     export.add_argument(
         "--out", metavar="FILE", help="write the export to FILE (default: standard output)"
     )
-    export.set_defaults(func=_cmd_export)
+    export.set_defaults(func=with_store(export, _cmd_export, "export"))
 
     show = commands.add_parser(
         "show",
@@ -527,9 +663,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Print the ledger entries of one instance, oldest first (not verified: "
         "run `autonomic audit verify` for that).",
     )
-    show.add_argument("ledger", metavar="LEDGER", help="SQLite store file or JSON Lines export")
-    show.add_argument("instance", metavar="INSTANCE", help="instance id (case-sensitive)")
-    show.set_defaults(func=_cmd_show)
+    show.add_argument("ledger", nargs="?", metavar="LEDGER", help=LEDGER_ARG_HELP)
+    show.add_argument(
+        "instance", nargs="?", metavar="INSTANCE", help="instance id (case-sensitive)"
+    )
+    show.set_defaults(func=with_store(show, _cmd_show, "show"))
 
     checkpoint = commands.add_parser(
         "checkpoint",

@@ -20,15 +20,20 @@ DEMO_DIR = Path("autonomic-demo")
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from .simulate import run_simulation
 
-    return run_simulation(args.machine, args.script, sys.stdout, sys.stderr)
+    return run_simulation(args.machine, args.script, sys.stdout, sys.stderr, store=args.store)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .ledger import LedgerMode
+    from .store.locate import is_postgres_url, store_location
 
     mode: LedgerMode = "checkpoint" if args.checkpoint else "sign-each"
-    return run_demo(args.db, args.keys, sys.stdout, sys.stderr, generated=args.generated, mode=mode)
+    location = store_location(args.store)
+    db: Path | str = args.db
+    if location is not None:
+        db = location if is_postgres_url(location) else Path(location)
+    return run_demo(db, args.keys, sys.stdout, sys.stderr, generated=args.generated, mode=mode)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,6 +53,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "installed autonomic.generated), a dotted module name, or a generated .py file",
     )
     simulate.add_argument("--script", required=True, metavar="FILE", help="YAML or JSON script")
+    simulate.add_argument(
+        "--store",
+        metavar="URL",
+        help="run on this store instead of in memory: a new SQLite file or an empty "
+        "postgresql:// database (the simulation signs a fresh ledger)",
+    )
     simulate.set_defaults(func=_cmd_simulate)
 
     demo = subparsers.add_parser(
@@ -88,5 +99,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="DIR",
         help="load the seven generated modules from DIR (default: ./generated if it holds "
         "them, else the installed autonomic.generated package)",
+    )
+    demo.add_argument(
+        "--store",
+        metavar="URL",
+        help="the store to write instead of --db: an SQLite file or a postgresql:// URL "
+        "(default: $AUTONOMIC_STORE, else --db)",
     )
     demo.set_defaults(func=_cmd_demo)

@@ -48,12 +48,19 @@ from .errors import (
 )
 from .flows import FlowResult, FlowRunner, StepContext, StepFailed
 from .keys import PublicKeyInfo, Signer, generate_keypair, load_signer, now_ms
-from .ledger import LedgerMode, LedgerSealer, format_timestamp, verify_ledger
+from .ledger import (
+    LedgerMode,
+    LedgerSealer,
+    RootLike,
+    VerifyReport,
+    format_timestamp,
+    verify_ledger,
+)
 from .resilience import BulkheadFull, TenantBulkheads, Unavailable
 from .results import DispatchResult
 from .runtime import Runtime
 from .simulate import ScriptError, load_machine
-from .store.sqlite import SQLiteStore
+from .store.locate import open_store, redact
 from .tables import FlowSpec, MachineSpec, TransitionContext
 from .timers import VirtualClock, format_duration
 
@@ -820,8 +827,26 @@ def _summary(calls: Counter[str]) -> str:
     return f"recorded action calls: {sum(calls.values())} ({shown or 'none'})"
 
 
+def _last_postgres_ts(url: str) -> int | None:
+    """The newest ledger timestamp of the PostgreSQL store at `url` (None: no entries), read
+    without creating anything."""
+    from .store.postgres import PostgresStore
+
+    # A new database becomes a store; anything else is refused untouched.
+    with PostgresStore(url) as store:
+        return store.newest_ts()
+
+
+def _verify_store(db: Path | str, root: RootLike) -> VerifyReport:
+    if isinstance(db, Path):
+        return verify_ledger(db, root)
+    from .audit_store import verify_url
+
+    return verify_url(db, root)
+
+
 def run_demo(
-    db: Path,
+    db: Path | str,
     keys: Path,
     out: IO[str],
     err: IO[str],
@@ -838,7 +863,12 @@ def run_demo(
         err.write(problem.render() + "\n")
         return 1
     try:
-        last_ts = _check_store_file(db)
+        if isinstance(db, str):  # a postgresql:// URL (runtime/store/postgres.py)
+            last_ts = _last_postgres_ts(db)
+            db_shown: Path | str = redact(db)
+        else:
+            last_ts = _check_store_file(db)
+            db_shown = db
     except _Refused as refused:
         err.write(refused.text + "\n")
         return 1
@@ -848,8 +878,8 @@ def run_demo(
             render(
                 keys,
                 "A010",
-                f"holds no private key, and {db} already holds a ledger signed by another key; "
-                "nothing was written",
+                f"holds no private key, and {db_shown} already holds a ledger signed by "
+                "another key; nothing was written",
                 "pass the --keys that wrote this store, or a new --db",
             )
             + "\n"
@@ -866,14 +896,14 @@ def run_demo(
     if has_data:
         # Nothing is added to a ledger these keys cannot vouch for (another key, tampering).
         try:
-            report = verify_ledger(db, keyring)
+            report = _verify_store(db, keyring)
         except RuntimeFailure as failure:
-            err.write(failure_diagnostic(db, failure, STORE_HINT) + "\n")
+            err.write(failure_diagnostic(db_shown, failure, STORE_HINT) + "\n")
             return 1
         if not report.ok:
             err.write(
                 render(
-                    db,
+                    db_shown,
                     "A003",
                     f"the store's ledger does not verify with the key in {keys}: "
                     f"seq {report.index}: {report.reason}; nothing was added",
@@ -896,15 +926,17 @@ def run_demo(
             )
             return 1
     try:
-        db.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(db, Path):
+            db.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        err.write(render(db, "R022", f"cannot create its folder: {exc.strerror}", STORE_HINT))
+        why = f"cannot create its folder: {exc.strerror}"
+        err.write(render(db_shown, "R022", why, STORE_HINT))
         err.write("\n")
         return 1
     try:
-        store = SQLiteStore(db)
+        store = open_store(db)
     except RuntimeFailure as failure:
-        err.write(failure_diagnostic(db, failure, STORE_HINT) + "\n")
+        err.write(failure_diagnostic(db_shown, failure, STORE_HINT) + "\n")
         return 1
     clock = VirtualClock(start)
     payments = _Payments()
@@ -919,7 +951,7 @@ def run_demo(
         )
     except RuntimeFailure as failure:
         store.close()
-        err.write(failure_diagnostic(db, failure, STORE_HINT) + "\n")
+        err.write(failure_diagnostic(db_shown, failure, STORE_HINT) + "\n")
         return 1
     customer = f"acme-{_run_number(runtime)}"
     say = _Narrator(out, clock, customer)
@@ -930,28 +962,32 @@ def run_demo(
     out.write(f"with {', '.join(others)}\n")
     out.write(f"flows {', '.join(f.name for f in flows)} ({flows[0].source_path})\n")
     signing = "every entry signed" if mode == "sign-each" else "signed checkpoints"
-    out.write(
-        f"store {db} (SQLite, WAL, synchronous=FULL), ledger {signing} by key {signer.key_id}\n"
+    kind = (
+        "SQLite, WAL, synchronous=FULL"
+        if isinstance(db, Path)
+        else f"PostgreSQL, {runtime.partitions} ledger partitions"
     )
+    out.write(f"store {db_shown} ({kind}), ledger {signing} by key {signer.key_id}\n")
     try:
         _scenario(runtime, runner, payments, injected, say)
         _breaker(runtime, payments, say)
         _bulkhead(say)
     except RuntimeFailure as failure:
         runtime.close()
-        err.write(failure_diagnostic(db, failure, STORE_HINT) + "\n")
+        err.write(failure_diagnostic(db_shown, failure, STORE_HINT) + "\n")
         return 1
     runtime.close()
     runner.close()
     out.write(_summary(bindings.calls) + "\n")
     try:
-        report = verify_ledger(db, keyring)
+        report = _verify_store(db, keyring)
     except RuntimeFailure as failure:
-        err.write(failure_diagnostic(db, failure, STORE_HINT) + "\n")
+        err.write(failure_diagnostic(db_shown, failure, STORE_HINT) + "\n")
         return 1
     public = (keys if keys.is_dir() else keys.parent) / f"{signer.key_id}.public.json"
     if public.is_file():
-        out.write(f"verify it yourself: autonomic audit verify {db} --public-key {public}\n")
+        where = db if isinstance(db, Path) else f"--store '{db_shown}'"
+        out.write(f"verify it yourself: autonomic audit verify {where} --public-key {public}\n")
     else:
         out.write(f"({public} does not exist: the ledger was verified with the key itself)\n")
     if not report.ok:

@@ -52,6 +52,7 @@ from .errors import (
     PayloadEncodingError,
     PayloadInvalid,
     RuntimeFailure,
+    StoreConfigError,
     failure_diagnostic,
 )
 from .inputs import payload_error_message
@@ -59,6 +60,8 @@ from .keys import Signer
 from .ledger import LedgerEntry, LedgerSealer
 from .results import DispatchResult, TimerFiring
 from .runtime import Runtime
+from .store.base import Store
+from .store.locate import open_store, redact
 from .store.memory import MemoryStore
 from .tables import MachineSpec, TransitionContext
 from .timers import ArmedTimer, VirtualClock, format_duration, format_instant, parse_duration
@@ -742,13 +745,17 @@ def _run_advance(
     return failed, {firing.timer for firing in firings}
 
 
-def _simulate(spec: MachineSpec, script: Script, out: IO[str], err: IO[str]) -> int:
-    """Run the steps; returns the number of failed expectations (each also reported)."""
+def _simulate(
+    spec: MachineSpec, script: Script, out: IO[str], err: IO[str], store: Store | None = None
+) -> int:
+    """Run the steps (in memory, or on `store`); returns the number of failed expectations
+    (each also reported)."""
     # A fixed, publicly known key: the trace (whose hashes the genesis entry's key feeds) is
     # deterministic, and a simulation's ledger is never evidence of anything.
     signer = Signer.from_private_key(Ed25519PrivateKey.from_private_bytes(_SIMULATION_SEED))
     clock = VirtualClock(script.start_ms)
-    runtime = Runtime(MemoryStore(), clock=clock, sealer=LedgerSealer(signer, "checkpoint"))
+    sealer = LedgerSealer(signer, "checkpoint")
+    runtime = Runtime(MemoryStore() if store is None else store, clock=clock, sealer=sealer)
     recorder = _Recorder(dict(script.guards))
     governor = runtime.load(
         spec,
@@ -828,12 +835,33 @@ def _simulate(spec: MachineSpec, script: Script, out: IO[str], err: IO[str]) -> 
     return failures
 
 
-def run_simulation(machine: str, script_path: str, out: IO[str], err: IO[str]) -> int:
-    """The command: 0 when every expectation held, 1 on a script problem or failed expectation."""
+def run_simulation(
+    machine: str, script_path: str, out: IO[str], err: IO[str], *, store: str | None = None
+) -> int:
+    """The command: 0 when every expectation held, 1 on a script problem or failed expectation.
+    `store`: run on this SQLite file or postgresql:// URL instead of in memory; it must hold
+    no ledger yet (the simulation signs with a key of its own and verifies what it wrote)."""
     try:
         spec = load_machine(machine)
         script = read_script(script_path, spec)
-        failures = _simulate(spec, script, out, err)
+    except ScriptError as problem:
+        err.write(problem.render() + "\n")
+        return 1
+    opened: Store | None = None
+    if store is not None:
+        try:
+            opened = open_store(store)
+            if opened.ledger_mode() is not None:
+                opened.close()
+                raise StoreConfigError(
+                    "the store already holds a ledger; simulate signs a fresh one",
+                    hint="pass a new SQLite file or an empty PostgreSQL database or schema",
+                )
+        except RuntimeFailure as failure:
+            err.write(failure_diagnostic(redact(store), failure, "pass a new store") + "\n")
+            return 1
+    try:
+        failures = _simulate(spec, script, out, err, opened)
     except ScriptError as problem:
         err.write(problem.render() + "\n")
         return 1
@@ -843,4 +871,7 @@ def run_simulation(machine: str, script_path: str, out: IO[str], err: IO[str]) -
         hint = "check the script's instance and actor"
         err.write(failure_diagnostic(script_path, failure, hint) + "\n")
         return 1
+    finally:
+        if opened is not None:
+            opened.close()
     return 1 if failures else 0
