@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ HOW_TO_RUN = (
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_server() -> Iterator[str]:
     value = os.environ.get(POSTGRES_ENV, "")
     in_ci = os.environ.get("CI", "").lower() == "true"
     if not value:
@@ -46,12 +48,17 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     if pg_cluster.find_bin() is None:
         pytest.fail(f"no initdb is installed, and CI must run the PostgreSQL tests. {HOW_TO_RUN}")
-    folder = tmp_path_factory.mktemp("pg")
-    url = pg_cluster.start(folder)
+    # Not under pytest's own temporary folder: pytest keeps that one private to its user
+    # (0700, reset by every run), and as root the server runs as the `postgres` user.
+    folder = Path(tempfile.mkdtemp(prefix="autonomic-pg-"))
     try:
-        yield url
+        url = pg_cluster.start(folder)
+        try:
+            yield url
+        finally:
+            pg_cluster.stop(folder)
     finally:
-        pg_cluster.stop(folder)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class Stores:
