@@ -578,7 +578,10 @@ class Runtime:
         return verify(self._store, root, mode)
 
     def ledger(self) -> Iterator[LedgerEntry]:
-        return self._store.ledger_entries()
+        """The stored entries in seq order; on a partitioned store partition by partition
+        (each its own chain: entries of different partitions have no order between them)."""
+        for state in self._ledgers:
+            yield from state.reads.ledger_entries()
 
     def close(self) -> None:
         """Sign the remaining entries (checkpoint mode), then close the store (also when the

@@ -50,15 +50,15 @@ def test_migrate_creates_then_finds_nothing_to_do(postgres_stores: Stores) -> No
 def test_a_version_1_store_is_migrated_to_the_latest(postgres_stores: Stores) -> None:
     url = postgres_stores.location()
     migrate(url)
-    # Back to what version 1 of autonomic created: no flows table.
-    postgres_stores.rows("s", "DROP TABLE flows")
+    # Back to what version 1 of autonomic created: no flows, breakers or deadlines tables.
+    postgres_stores.rows("s", "DROP TABLE flows, breakers, deadlines")
     postgres_stores.rows("s", "DELETE FROM schema_migrations WHERE version > 1")
     postgres_stores.rows("s", "UPDATE autonomic_meta SET value = '1' WHERE key = 'schema'")
     with pytest.raises(StoreConfigError, match="older than this"):
         PostgresStore(url)
     assert migrate(url) == (1, LATEST_SCHEMA)
     with PostgresStore(url) as store:
-        assert store.unfinished_flows() == []
+        assert store.unfinished_flows() == [] and store.deadlines() == []
 
 
 def test_a_newer_schema_is_refused_untouched(postgres_stores: Stores) -> None:

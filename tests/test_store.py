@@ -11,8 +11,10 @@ from autonomic.runtime.dispatch import Governor
 from autonomic.runtime.errors import InstanceExists, StoreConfigError, StoreIntegrityError
 from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerMode, LedgerSealer
+from autonomic.runtime.resilience.deadlines import DeadlineTracker
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import InstanceRecord, Transaction
+from autonomic.runtime.store.base import BreakerRecord, DeadlineRecord
 from autonomic.runtime.timers import VirtualClock
 from conftest import Stores
 from runtime_machines import Bindings, billing_spec, counter_spec, entitlement_spec
@@ -302,3 +304,54 @@ def test_emitted_events_are_delivered_once(stores: Stores, key_dir: Path) -> Non
     deliveries = rt.deliver_outbox()
     assert [d.status for d in deliveries] == ["skipped"]  # its receiver is not loaded here
     rt.close()
+
+
+def test_breaker_and_deadline_records(stores: Stores) -> None:
+    store = stores.open()
+    breaker = BreakerRecord("Billing", "PaymentProcessor", "open", 5, START, START + 1)
+    due = [
+        DeadlineRecord("b", "approval", "Entitlement", START + 5, 0, "review"),
+        DeadlineRecord("a", "retry", "Billing", START + 5, 1, "retry"),
+        DeadlineRecord("c", "later", "Billing", START + 50, 0, "retry"),
+    ]
+
+    def write(txn: Transaction) -> list[DeadlineRecord]:
+        txn.save_breaker(breaker)
+        txn.save_breaker(BreakerRecord("Billing", "PaymentProcessor", "closed", 0, START, 9))
+        for record in due:
+            txn.save_deadline(record)
+        txn.save_deadline(DeadlineRecord("b", "approval", "Entitlement", START + 5, 2, "review"))
+        return txn.due_deadlines(START + 5, 10)
+
+    [outcome] = store.run([write])
+    assert [(d.id, d.level) for d in outcome.value or []] == [("a", 1), ("b", 2)]
+    assert store.get_breaker("Billing", "PaymentProcessor") == BreakerRecord(
+        "Billing", "PaymentProcessor", "closed", 0, START, 9
+    )
+    assert store.get_breaker("Billing", "Other") is None
+    [removed] = store.run([lambda txn: (txn.delete_deadline("c"), txn.delete_deadline("c"))])
+    assert removed.value == (True, False)
+    assert [d.id for d in store.deadlines()] == ["a", "b"]
+    [found] = store.run([lambda txn: (txn.deadline("a"), txn.deadline("c"))])
+    assert found.value == (due[1], None)
+    store.close()
+
+
+def test_deadline_escalations_go_to_their_chains_once(stores: Stores, key_dir: Path) -> None:
+    """On PostgreSQL with four ledger partitions: each escalation is signed into the chain of
+    its `deadline:<id>` entry, and a second runtime checking afterwards escalates nothing."""
+    clock = VirtualClock(START)
+    sealer = LedgerSealer(load_signer(key_dir), "sign-each")
+    rt = Runtime(stores.open(partitions=4), clock=clock, sealer=sealer)
+    tracker = DeadlineTracker(rt)
+    for n in range(6):
+        tracker.track(f"d{n}", name="n", governor="Billing", due_ms=START + n, action="retry")
+    clock.advance("1h")
+    assert [e.id for e in tracker.check()] == [f"d{n}" for n in range(6)]
+    other = Runtime(stores.open(), clock=clock, sealer=sealer)
+    assert DeadlineTracker(other).check() == []
+    other.close()
+    rt.close()
+    report = stores.verify("s", Keyring.from_files([key_dir]))
+    genesis = 4 if stores.kind == "postgres" else 1
+    assert report.ok and report.count == genesis + 6, report.reason
