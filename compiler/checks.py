@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .emit_args import emit_payload_findings
 from .errors import CODES, Diagnostic, Severity, SourceSpan, did_you_mean, fail, related
+from .explain import format_duration
 from .graph import (
     RetryEdge,
     closure,
@@ -513,6 +514,9 @@ def check_timers(facts: MachineFacts) -> Iterator[Diagnostic]:
     for ladder in facts.machine.retries:
         durations.extend((retry.after, "retry step") for retry in ladder.steps)
         durations.extend(
+            (retry.repeat.every, "repeat interval") for retry in ladder.steps if retry.repeat
+        )
+        durations.extend(
             (retry.timeout, "attempt timeout") for retry in ladder.steps if retry.timeout
         )
     durations.extend((t.after, "timer") for t in facts.machine.machine_timers if t.delay is None)
@@ -795,17 +799,43 @@ def check_retry_attempts(facts: MachineFacts) -> Iterator[Diagnostic]:
                     "an attempt waits for its answer; it cannot be final",
                 )
             attempts.add(name)
+        yield from _repeats_in_flight(ladder, label)
+        made = list(itertools.accumulate(step.attempts for step in ladder.steps))
         if (
             ladder.cap is not None
             and ladder.cap_span is not None
-            and len(ladder.steps) > ladder.cap
+            and made
+            and made[-1] > ladder.cap
         ):
+            over = next(i for i, total in enumerate(made) if total > ladder.cap)
             yield fail(
                 "E119",
-                f"{label} makes {len(ladder.steps)} attempts, more than its cap of {ladder.cap}",
+                f"{label} makes {made[-1]} attempts"
+                + (" (repeats counted)" if made[-1] != len(ladder.steps) else "")
+                + f", more than its cap of {ladder.cap}",
                 ladder.cap_span,
-                "remove steps or raise the cap",
-                [related(ladder.steps[ladder.cap].span, "the first step over the cap")],
+                "remove steps or repeats, or raise the cap",
+                [related(ladder.steps[over].span, "the first step over the cap")],
+            )
+
+
+def _repeats_in_flight(ladder: RetryLadder, label: str) -> Iterator[Diagnostic]:
+    """E120: with an attempt state, a step's repeats come before its attempt's timeout (they
+    are made while the attempt is in flight, measured from its start)."""
+    for number, step in enumerate(ladder.steps, start=1):
+        repeat, timeout = step.repeat, step.timeout
+        if repeat is None or timeout is None or step.attempt is None:
+            continue
+        last = (repeat.count - 1) * repeat.every.millis
+        if last >= timeout.millis:
+            yield fail(
+                "E120",
+                f"step {number} of {label} repeats its attempt until "
+                f"{format_duration(last)} after it starts, not before its timeout {timeout.text}",
+                repeat.span,
+                "an unanswered attempt fails at its timeout: repeat fewer times or more often, "
+                "or lengthen the timeout",
+                [related(timeout.span, "the attempt's timeout")],
             )
 
 

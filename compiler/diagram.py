@@ -248,7 +248,8 @@ def _timer_line(timer: TimerRow, own: str, repeat: tuple[int, int] | None = None
     elif timer.scope == "creation":
         head += " from creation"
     if timer.kind == "retry_step":
-        head += f" ({timer.ladder} step {timer.step})"
+        again = ", again while unanswered" if repeat is not None or timer.attempt > 1 else ""
+        head += f" ({timer.ladder} step {timer.step}{again})"
     elif timer.kind == "retry_timeout":
         head += f" ({timer.ladder} step {timer.step} timed out)"
     elif timer.kind in ("escalation_end", "escalation_step"):

@@ -33,7 +33,7 @@ from typing import Literal
 
 import networkx as nx
 
-from .lower import MachineTables, TimerRow
+from .lower import MachineTables, RetryStepRow, TimerRow
 
 StopKind = Literal["final", "resting", "event", "data", "cycle"]
 
@@ -331,12 +331,7 @@ def _ladders(tables: MachineTables) -> tuple[LadderBound, ...]:
                 # An attempt in flight may take up to its timeout before it counts as failed.
                 sum(step.after_ms + (step.timeout_ms or 0) for step in retry.steps),
                 # The wait before each attempt, then the attempt's own timeout where it has one.
-                tuple(
-                    step.after_text
-                    if step.timeout_text is None
-                    else f"{step.after_text} + {step.timeout_text} attempt"
-                    for step in retry.steps
-                ),
+                tuple(_step_delay(step) for step in retry.steps),
                 retry.exhausted_target,
                 format_duration(
                     sum(step.after_ms + (step.timeout_ms or 0) for step in retry.steps)
@@ -363,6 +358,17 @@ def _ladders(tables: MachineTables) -> tuple[LadderBound, ...]:
             )
         )
     return tuple(ladders)
+
+
+def _step_delay(step: RetryStepRow) -> str:
+    """`1h`, `1h + 2h attempt`; a repeated step's attempts, made only while unanswered, do
+    not lengthen a ladder whose every attempt fails: `1h + 2h attempt (3 attempts, 30m apart)`."""
+    text = step.after_text
+    if step.timeout_text is not None:
+        text += f" + {step.timeout_text} attempt"
+    if step.repeat > 1:
+        text += f" ({step.repeat} attempts, {step.every_text} apart)"
+    return text
 
 
 def state_bound_line(bound: StateBound) -> str | None:

@@ -161,6 +161,8 @@ class TimerRow:
     # The delay comes from a duration field of the entering event, or from a setting.
     after_field: str | None = None
     after_setting: str | None = None
+    # Which attempt of a repeated retry step (1: the first); not part of the generated spec.
+    attempt: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +201,10 @@ class RetryStepRow:
     timeout_ms: int | None = None
     timeout_text: str | None = None
     timeout_timer_id: str | None = None
+    # `repeat N every E`: N attempts in all, E apart while unanswered.
+    repeat: int = 1
+    every_ms: int | None = None
+    every_text: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -558,6 +564,8 @@ class _Lowering:
                 zip(retry.steps, ladder.steps, strict=True)
             ):
                 by_state[step.state].append(self.retry_timer(retry, step, written_step))
+                for timer in self.repeated_attempts(retry, step, written_step):
+                    by_state[timer.state].append(timer)
                 if step.attempt_state is not None:
                     following = retry.steps[index + 1] if index + 1 < len(retry.steps) else None
                     by_state[step.attempt_state].append(
@@ -756,6 +764,9 @@ class _Lowering:
                             if step.attempt is not None
                             else None
                         ),
+                        repeat=step.attempts,
+                        every_ms=step.repeat.every.millis if step.repeat is not None else None,
+                        every_text=step.repeat.every.text if step.repeat is not None else None,
                     )
                     for number, step in enumerate(ladder.steps, start=1)
                 ),
@@ -805,6 +816,36 @@ class _Lowering:
             step=step.step,
             ref=self.ref(written.timeout.span if written.timeout is not None else written.span),
         )
+
+    def repeated_attempts(
+        self, retry: RetryRow, step: RetryStepRow, written: m.RetryStep
+    ) -> Iterator[TimerRow]:
+        """The second and later attempts of a repeated step, made while the attempt has no
+        answer: in the step's state, measured from its entry; with an attempt state, in that
+        state, measured from the attempt's start."""
+        if written.repeat is None or step.every_ms is None:
+            return
+        in_flight = step.attempt_state is not None
+        start = 0 if in_flight else step.after_ms
+        for attempt in range(2, step.repeat + 1):
+            at = start + (attempt - 1) * step.every_ms
+            yield TimerRow(
+                id=f"{step.attempt_state or step.state}/{retry.name}/{step.step}.{attempt}",
+                state=step.attempt_state or step.state,
+                after_ms=at,
+                after_text=_text(at, written.repeat.every if in_flight else written.after),
+                kind="retry_step",
+                target=None,
+                actions=step.actions,
+                emits=(),
+                notify=None,
+                ladder=retry.name,
+                step=step.step,
+                # Where the repeated attempt is written: in the step's own state, the step
+                # (so a diagram folds every attempt into one line); else the repeat clause.
+                ref=self.ref(written.repeat.span if in_flight else written.span),
+                attempt=attempt,
+            )
 
     def retry_timer(self, retry: RetryRow, step: RetryStepRow, written: m.RetryStep) -> TimerRow:
         return TimerRow(

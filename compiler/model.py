@@ -300,6 +300,13 @@ class RetryStep(Node):
     actions: tuple[Name, ...] = ()
     attempt: Name | None = None
     timeout: Duration | None = None
+    # `repeat N every E`: the attempt is made again every E while it has no answer.
+    repeat: Repeat | None = None
+
+    @property
+    def attempts(self) -> int:
+        """How many attempts the step makes at most."""
+        return 1 if self.repeat is None else self.repeat.count
 
 
 class RetryEnd(Node):

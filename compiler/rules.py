@@ -154,12 +154,15 @@ _HELP: dict[str, tuple[str, str]] = {
     ),
     "E119": (
         "A repeat count or an attempt cap is not a whole number from 1 to 10000, or a retry "
-        "ladder has more steps than its `at most N attempts` cap.",
-        "Use a whole number of at least 1, and no more steps than the cap.",
+        "ladder makes more attempts than its `at most N attempts` cap (each step once, a "
+        "repeated step as often as it repeats).",
+        "Use a whole number of at least 1, and no more attempts than the cap.",
     ),
     "E120": (
-        "The steps of a ladder must come strictly later one after another.",
-        "Order the steps by time and make each later than the one before.",
+        "The steps of a ladder must come strictly later one after another, and a repeated "
+        "attempt in flight must be made again before its timeout.",
+        "Order the steps by time and make each later than the one before; repeat an attempt "
+        "fewer times or more often than its timeout allows.",
     ),
     "E121": (
         "An escalation step's `within` deadline ends after the next step (or the end) fires.",

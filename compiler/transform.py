@@ -550,6 +550,7 @@ class ModelBuilder:
     def retry_step(self, span: SourceSpan, children: list[Any]) -> m.RetryStep:
         _, rest, clauses = self._split(children)
         attempt, timeout = clauses.get("attempt", (None, None))
+        repeats = [c for c in rest if isinstance(c, m.Repeat)]
         return construct(
             m.RetryStep,
             span=span,
@@ -558,6 +559,7 @@ class ModelBuilder:
             actions=clauses.get("actions", ()),
             attempt=attempt,
             timeout=timeout,
+            repeat=repeats[0] if repeats else None,
         )
 
     def retry_end(self, span: SourceSpan, children: list[Any]) -> m.RetryEnd:

@@ -315,6 +315,10 @@ class RetryStepSpec:
     attempt_state: str | None = None
     timeout_ms: int | None = None
     timeout_timer_id: str | None = None
+    # `repeat N every E`: the attempt is made again every `every_ms` while it has no answer,
+    # `repeat` attempts in all (timers `timer_id.2`, `.3`, ... of kind retry_step).
+    repeat: int = 1
+    every_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

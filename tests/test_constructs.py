@@ -277,3 +277,54 @@ def test_create_runs_the_initial_states_entry_actions(tmp_path: Path) -> None:
     assert governor.timers("d1") == []
     runtime.deliver_outbox()
     assert governor.get("d1").state == "Open"  # type: ignore[union-attr]
+
+
+REDELIVERY = """
+machine Hook {
+  event Deliver
+  event Delivered
+  event Failed
+  initial state Idle { on Deliver -> Sending }
+  state Sending { on Delivered -> Done }
+  state Wait1 { on Delivered -> Done }
+  state Wait2 { on Delivered -> Done }
+  state Try2 { on Delivered -> Done }
+  final state Done
+  final state Dead
+  retry Redeliver on Failed at most 6 attempts {
+    from Sending
+    step Wait1 after 1m do redeliver repeat 3 every 10m
+    step Wait2 after 1h do redeliver repeat 3 every 30m attempt Try2 timeout 2h
+    exhausted -> Dead
+  }
+}
+"""
+
+
+def test_repeated_retry_attempts_are_made_again_only_while_unanswered(tmp_path: Path) -> None:
+    machine, diagnostics = parse_text(REDELIVERY, "hook.fsm")
+    assert machine is not None and diagnostics == []
+    assert check_machines([machine]) == []
+    module = load_module(generate_module(machine), tmp_path, "hook")
+    clock = VirtualClock(0)
+    runtime = Runtime(MemoryStore(), clock=clock)
+    calls: list[int] = []
+    governor = runtime.load(module.MACHINE, {}, {"redeliver": lambda ctx: calls.append(ctx.now_ms)})
+    governor.create("h1")
+    governor.dispatch("h1", "Deliver")
+    governor.dispatch("h1", "Failed")  # into Wait1: attempts at 1m, 11m, 21m while unanswered
+    assert [t.due_ms for t in governor.timers("h1")] == [60_000, 660_000, 1_260_000]
+    clock.advance("30m")
+    runtime.fire_due()
+    assert len(calls) == 3
+    governor.dispatch("h1", "Failed")  # a failure answers: on to step 2, no more of step 1
+    clock.advance("1h")
+    runtime.fire_due()  # the attempt at 1h moves into Try2, where it is made again after 30m
+    assert governor.get("h1").state == "Try2"  # type: ignore[union-attr]
+    clock.advance("30m")
+    runtime.fire_due()
+    assert len(calls) == 5
+    governor.dispatch("h1", "Delivered")  # an answer: the third attempt is never made
+    clock.advance("1h")
+    assert runtime.fire_due() == [] and len(calls) == 5
+    assert governor.get("h1").state == "Done"  # type: ignore[union-attr]

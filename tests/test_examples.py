@@ -76,6 +76,7 @@ def test_examples_use_every_construct() -> None:
     assert any(st.after.millis == 0 for st in escalation_steps)
     assert any(r.cap is not None for m in machines for r in m.retries)
     assert any(step.attempt is not None and step.timeout is not None for step in steps)
+    assert any(step.repeat is not None for step in steps)
     assert any(t.endswith("w") for t in texts)
     assert any(sum(c.isalpha() for c in t) > 1 and not t.endswith("ms") for t in texts)
 
