@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checks import CheckReport, check_paths
-from .codegen import COMPILER_VERSION, LINE_LENGTH, generate_tables, ruff_format
+from .codegen import COMPILER_VERSION, LINE_LENGTH, generate_tables
 from .diagram import (
     DiagramToolFailed,
     build_diagram,
@@ -162,12 +162,9 @@ def _render_flows(
             lines += [markdown_text(flow.doc), ""]
         lines += ["```mermaid", mermaid[module].rstrip("\n"), "```"]
     outputs["README.md"] += ("\n".join(lines) + "\n").encode("utf-8")
-    modules = ", ".join(repr(flow_module(f)) for f in ordered)
-    trailing = "," if len(ordered) == 1 else ""
     init = outputs["__init__.py"].decode("utf-8")
-    outputs["__init__.py"] = ruff_format(
-        init + f"FLOWS: tuple[str, ...] = ({modules}{trailing})\n"
-    ).encode("utf-8")
+    flows_line = _names_tuple("FLOWS", [flow_module(f) for f in ordered])
+    outputs["__init__.py"] = (init + flows_line + "\n").encode("utf-8")
 
 
 def _render_outputs(
@@ -213,19 +210,22 @@ def display_path(path: str) -> str:
 
 
 def render_package_init(tables: Sequence[MachineTables]) -> str:
-    """The package's __init__.py, laid out as ruff format lays it out: the tuple on one line
-    if it fits, else one module per line."""
-    modules = [quote(t.module) for t in tables]
-    head = "MODULES: tuple[str, ...] = "
-    one_line = head + "(" + ", ".join(modules) + ("," if len(modules) == 1 else "") + ")"
-    if len(one_line) <= LINE_LENGTH or len(modules) == 1:
-        value = one_line
-    else:
-        value = head + "(\n" + "".join(f"    {m},\n" for m in modules) + ")"
+    """The package's __init__.py, laid out as ruff format lays it out."""
     return (
         '"""Generated governor modules, one per machine file: written by `autonomic build`,'
-        ' do not edit."""\n\n' + value + "\n"
+        ' do not edit."""\n\n' + _names_tuple("MODULES", [t.module for t in tables]) + "\n"
     )
+
+
+def _names_tuple(name: str, items: Sequence[str]) -> str:
+    """`NAME: tuple[str, ...] = (...)` as ruff lays it out: on one line if it fits, else one
+    item per line."""
+    quoted = [quote(item) for item in items]
+    head = f"{name}: tuple[str, ...] = "
+    one_line = head + "(" + ", ".join(quoted) + ("," if len(quoted) == 1 else "") + ")"
+    if len(one_line) <= LINE_LENGTH or len(quoted) == 1:
+        return one_line
+    return head + "(\n" + "".join(f"    {m},\n" for m in quoted) + ")"
 
 
 def render_index(tables: Sequence[MachineTables], mermaid: dict[str, bytes]) -> bytes:

@@ -9,14 +9,10 @@ vet, so a template that forgets a filter fails loudly instead of pasting raw tex
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import sys
 import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -580,34 +576,6 @@ def has_long_lines(source: str) -> bool:
     return False
 
 
-def ruff_command() -> list[str]:
-    """ruff, for the test that holds `format_source` to ruff's output: prefer the binary
-    installed beside this interpreter."""
-    beside = Path(sys.executable).with_name("ruff")
-    return [str(beside)] if beside.is_file() else [sys.executable, "-m", "ruff"]
-
-
-def ruff_format(source: str) -> str:
-    """`ruff format` with fixed settings, so the bytes never depend on the caller's config."""
-    command = [
-        *ruff_command(),
-        "format",
-        "--isolated",
-        "--line-length",
-        str(LINE_LENGTH),
-        "--target-version",
-        "py311",
-        "--stdin-filename",
-        "generated.py",
-        "-",
-    ]
-    done = subprocess.run(command, input=source.encode("utf-8"), capture_output=True, check=False)
-    if done.returncode != 0:
-        why = done.stderr.decode("utf-8", "replace").strip()
-        raise CodegenError(f"generated module does not format (or parse): {why}")
-    return done.stdout.decode("utf-8")
-
-
 def generate_tables(tables: MachineTables) -> str:
     """The formatted source of one generated module, as `ruff format` would write it (see
     pyformat; a test holds the two byte-identical), without running ruff. Every name in it
@@ -621,14 +589,13 @@ def generate_tables(tables: MachineTables) -> str:
 
 
 def _formatted(source: str) -> str:
-    """`source` as ruff formats it: by pyformat, or by ruff itself for the few lines pyformat
-    is not sure of (when ruff is installed; else pyformat's valid, near-ruff layout)."""
+    """`source` as ruff formats it. pyformat knows every line shape the templates write; a
+    line it does not know stays as written (valid Python, and the test that compares the
+    output with ruff's would name it)."""
     try:
         return fit_lines(source)
     except Unsure:
-        if shutil.which("ruff") is None and not Path(sys.executable).with_name("ruff").is_file():
-            return fit_lines_best_effort(source)
-        return ruff_format(source)
+        return fit_lines_best_effort(source)
 
 
 def generate_module(

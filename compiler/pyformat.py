@@ -44,8 +44,8 @@ def quote(value: str) -> str:
 
 
 class Unsure(Exception):
-    """A line this module does not know how ruff would split (a long payload annotation,
-    Unicode text whose display width is not its length): the caller asks ruff itself."""
+    """A line of a shape this module does not know how ruff would split: generation keeps
+    it as written (valid Python), and the tests that compare with ruff would name it."""
 
 
 def fit_lines(source: str, *, strict: bool = True) -> str:
@@ -54,7 +54,8 @@ def fit_lines(source: str, *, strict: bool = True) -> str:
     if "        {\n        }\n" in source:
         source = _fold_empty_mappings(source)
     lines = source.split("\n")
-    if max(map(len, lines)) <= LINE_LENGTH:
+    # A wide character counts 2 columns: only ASCII text is decided by lengths alone.
+    if max(map(len, lines)) <= LINE_LENGTH and (source.isascii() or all(map(_fits, lines))):
         return source
     out: list[str] = []
     in_docstring = False
@@ -69,8 +70,6 @@ def fit_lines(source: str, *, strict: bool = True) -> str:
             out.append(line)
         else:
             try:
-                if not line.isascii():
-                    raise Unsure(line)
                 out.extend(_split(line))
             except Unsure:
                 if strict:
@@ -105,11 +104,13 @@ def fit_lines_best_effort(source: str) -> str:
 def _fits(line: str) -> bool:
     if line.isascii():
         return len(line) <= LINE_LENGTH
-    return len(line) <= LINE_LENGTH and _width(line) <= LINE_LENGTH
+    return _width(line) <= LINE_LENGTH
 
 
 def _width(line: str) -> int:
     """Display width, as ruff counts it: wide East Asian characters 2, combining marks 0."""
+    if line.isascii():
+        return len(line)
     return sum(
         0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
         for c in line
@@ -125,14 +126,30 @@ def _split(line: str) -> list[str]:
     indent = len(line) - len(stripped)
     if stripped.startswith("def "):
         return _split_def(indent, stripped)
-    if _FIELD.fullmatch(stripped) is not None:
-        raise Unsure(line)  # ruff weighs parenthesizing the annotation against the default
+    if (bases := _CLASS.fullmatch(stripped)) is not None:
+        # ruff splits a class line at its bases, the sole base on a line of its own.
+        pad = " " * indent
+        return [f"{pad}class {bases['name']}(", f"{pad}    {bases['bases']}", f"{pad}):"]
     suffix = "," if stripped.endswith(",") else ""
     core = stripped[: len(stripped) - len(suffix)]
+    field = _FIELD.fullmatch(core)
+    if field is not None and (suffix == "" or field["default"] is None):
+        return _split_field(indent, field, suffix)
+    if core.endswith(": (") and _is_expression(core[:-3]):
+        # A mapping key too long for its line, its value opening on the same line.
+        keyed: list[str] = []
+        _format(indent, "", ast.parse(core[:-3], mode="eval").body, ": (", core[:-3], keyed)
+        return keyed
     prefix = ""
     key, equals, rest = core.partition("=")
     if equals and key.isidentifier() and not rest.startswith("="):
         prefix, core = key + "=", rest
+    elif equals and key[:-1].isidentifier() and key[-1:] == " " and rest[:1] == " ":
+        # `NAME = value`: a value that cannot be split is put in parentheses if it then fits.
+        prefix, core = key + "= ", rest[1:]
+        if _ATOM.fullmatch(core) and indent + 4 + _width(core) <= LINE_LENGTH:
+            pad = " " * indent
+            return [f"{pad}{prefix}(", f"{pad}    {core}", f"{pad})"]
     else:
         key, colon, rest = core.partition(": ")
         if colon and _is_expression(key) and _is_expression(rest):
@@ -150,6 +167,38 @@ def _split(line: str) -> list[str]:
 _FIELD = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*): (?P<annotation>.+?)(?P<default> = None)?")
 
 
+def _split_field(indent: int, field: re.Match[str], suffix: str = "") -> list[str]:
+    """A payload field too long for its line: `name: Literal[...]` split at the brackets;
+    with a default, `name: (` + the annotation + `) = None`, its `| None` on a line of its
+    own when the whole does not fit (ruff parenthesizes an annotation that has a default)."""
+    annotation = field["annotation"]
+    try:
+        tree = ast.parse(annotation, mode="eval").body
+    except SyntaxError:
+        raise Unsure(field.group()) from None
+    pad = " " * indent
+    out: list[str] = []
+    if field["default"] is None:
+        _format(indent, field["name"] + ": ", tree, suffix, annotation, out)
+        return out
+    inner = indent + 4
+    out.append(f"{pad}{field['name']}: (")
+    if inner + _width(annotation) <= LINE_LENGTH:
+        out.append(" " * inner + annotation)
+    elif isinstance(tree, ast.BinOp) and isinstance(tree.op, ast.BitOr):
+        _format(inner, "", tree.left, "", annotation, out)
+        out.append(" " * inner + "| " + _text(tree.right, annotation))
+    else:
+        raise Unsure(field.group())
+    out.append(pad + ")" + field["default"])
+    return out
+
+
+_CLASS = re.compile(
+    r"class (?P<name>[A-Za-z_][A-Za-z0-9_]*)\((?P<bases>[A-Za-z_][A-Za-z0-9_.]*)\):"
+)
+# A value ruff cannot split: a string or a dotted name.
+_ATOM = re.compile(r'"(?:[^"\\]|\\.)*"|[A-Za-z_][A-Za-z0-9_.]*')
 _DEF = re.compile(r"def (?P<name>[A-Za-z_][A-Za-z0-9_]*)\((?P<params>.*)\)(?P<tail> -> .+: \.\.\.)")
 
 
@@ -175,24 +224,41 @@ def _split_def(indent: int, stripped: str) -> list[str]:
     pad, inner = " " * indent, " " * (indent + 4)
     out = [f"{pad}def {match['name']}("]
     body = ", ".join(items)
-    if indent + 4 + len(body) <= LINE_LENGTH:
+    if indent + 4 + _width(body) <= LINE_LENGTH:
         out.append(inner + body)
     else:
         for arg, text in zip([*arguments.posonlyargs, None, *arguments.args], items, strict=False):
-            if indent + 4 + len(text) + 1 <= LINE_LENGTH or arg is None or arg.annotation is None:
+            if (
+                indent + 4 + _width(text) + 1 <= LINE_LENGTH
+                or arg is None
+                or arg.annotation is None
+            ):
                 out.append(f"{inner}{text},")
                 continue
             annotation = arg.annotation
             if not isinstance(annotation, ast.Subscript):
                 raise Unsure(stripped)
+            # Split at its brackets even when the index alone is too long (a long name); a
+            # union that does not fit then goes one member a line, each after its `|`.
             index = _text(annotation.slice, source)
-            if indent + 8 + len(index) > LINE_LENGTH:
-                raise Unsure(stripped)
             out.append(f"{inner}{arg.arg}: {_text(annotation.value, source)}[")
-            out.append(" " * (indent + 8) + index)
+            deeper = " " * (indent + 8)
+            if indent + 8 + _width(index) <= LINE_LENGTH:
+                out.append(deeper + index)
+            else:
+                members = _union_members(annotation.slice)
+                out.append(deeper + _text(members[0], source))
+                out.extend(f"{deeper}| {_text(member, source)}" for member in members[1:])
             out.append(f"{inner}],")
     out.append(pad + ")" + match["tail"])
     return out
+
+
+def _union_members(node: ast.expr) -> list[ast.expr]:
+    """`A | B | C` -> [A, B, C]; anything else -> [itself]."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return [*_union_members(node.left), node.right]
+    return [node]
 
 
 def _is_expression(text: str) -> bool:
@@ -223,6 +289,11 @@ def _parts(node: ast.expr, source: str) -> _Parts | None:
         return "(", [("", element) for element in node.elts], ")", len(node.elts) == 1
     if isinstance(node, ast.Set):
         return "{", [("", element) for element in node.elts], "}", False
+    if isinstance(node, ast.Dict):
+        keys = [key for key in node.keys if key is not None]  # None: a `**spread`
+        if len(keys) == len(node.values):
+            pairs = zip(keys, node.values, strict=True)
+            return "{", [(_text(key, source) + ": ", value) for key, value in pairs], "}", False
     if isinstance(node, ast.Subscript):
         index = node.slice
         elements = index.elts if isinstance(index, ast.Tuple) else [index]
@@ -239,7 +310,7 @@ def _format(
     pad = " " * indent
     line = pad + prefix + _text(node, source) + suffix
     parts = _parts(node, source)
-    if len(line) <= LINE_LENGTH or parts is None or not parts[1]:
+    if _width(line) <= LINE_LENGTH or parts is None or not parts[1]:
         out.append(line)
         return
     head, items, close, one_tuple = parts
@@ -248,8 +319,10 @@ def _format(
     body = ", ".join(p + _text(item, source) for p, item in items) + ("," if one_tuple else "")
     # A call's arguments stay on one line if they fit; a tuple or set literal of several
     # items is always exploded one per line (ruff, like black, explodes collection atoms).
-    literal = isinstance(node, ast.Tuple | ast.Set) and len(items) > 1
-    if not literal and inner + len(body) <= LINE_LENGTH:
+    literal = isinstance(node, ast.Dict) or (
+        isinstance(node, ast.Tuple | ast.Set) and len(items) > 1
+    )
+    if not literal and inner + _width(body) <= LINE_LENGTH:
         out.append(" " * inner + body)
     elif len(items) == 1 and not one_tuple:
         _format(inner, items[0][0], items[0][1], "", source, out)

@@ -1,7 +1,8 @@
 # ruff: noqa: E501 - the machine text below is long on purpose
 """Generated modules come out formatted without running ruff: byte-identical to what
-`ruff format` makes of the same module, for every machine of the repository, the examples,
-random machines and lines built to be long."""
+`ruff format` makes of the same module, for every machine and flow of the repository, the
+examples, random machines and lines built to be long (long names, long enum fields, wide
+Unicode text)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from autonomic.compiler.build import render_package_init
+from autonomic.compiler.build import render_outputs, render_package_init
 from autonomic.compiler.checks import check_paths
-from autonomic.compiler.codegen import generate_tables, has_long_lines, render_module, ruff_format
+from autonomic.compiler.codegen import generate_tables, has_long_lines, render_module
 from autonomic.compiler.lower import MachineTables, lower
 from autonomic.compiler.parser import parse_text
 from autonomic.compiler.pyformat import fit_lines, quote
 from hypothesis import HealthCheck, given, settings
+from ruff_tool import ruff_format
 from strategies import MachineCase, machine_cases
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,3 +103,76 @@ def test_package_init_matches_ruff(modules: list[str]) -> None:
     tables = [SimpleNamespace(module=module) for module in modules]
     source = render_package_init(tables)  # type: ignore[arg-type]
     assert ruff_format(source) == source
+
+
+def test_flow_modules_and_the_package_init_with_flows_match_ruff(tmp_path: Path) -> None:
+    """Every flow module of the repository as the build writes it, and __init__.py with its
+    FLOWS; ruff never runs in the build."""
+    outputs = render_outputs_of([ROOT / "machines"])
+    flows = [name for name in outputs if name.startswith("flow_") and name.endswith(".py")]
+    assert flows
+    for name in [*flows, "__init__.py"]:
+        text = outputs[name].decode("utf-8")
+        assert ruff_format(text) == text, name
+
+
+FLOW_SHAPES = """
+machine Shop { event Order { item_identifier_that_is_long: str, quantity: int } event Cancel { reason: str }
+  initial state Open { on Order -> Open on Cancel -> Done } final state Done }
+flow OrderingWithAVeryLongNameToMakeTheLinesLonger saga "A saga whose doc string is long enough that its line cannot fit in one hundred columns at all." {
+  input { item_identifier_that_is_long: str, quantity: int }
+  step first_step_with_a_long_name: Shop.Order(quantity = 3) compensate Shop.Cancel(reason = "a reason that is long enough")
+  step second: Shop.Order() irreversible
+}
+flow Choose conditional on quantity {
+  input { quantity: int, item_identifier_that_is_long: str }
+  when big { step one: Shop.Order() irreversible }
+  when small { step two: await Shop in Done within 1h }
+}
+"""
+
+
+def test_flow_shapes_match_ruff(tmp_path: Path) -> None:
+    source = tmp_path / "shop.fsm"
+    source.write_text(FLOW_SHAPES, encoding="utf-8")
+    outputs = render_outputs_of([source])
+    flows = [name for name in outputs if name.startswith("flow_") and name.endswith(".py")]
+    assert len(flows) == 2
+    for name in flows:
+        text = outputs[name].decode("utf-8")
+        assert ruff_format(text) == text, name
+
+
+def render_outputs_of(paths: list[Path]) -> dict[str, bytes]:
+    report = check_paths(paths)
+    assert not report.errors(), report.diagnostics
+    return render_outputs(report.machines, draw_svg=False, known=report.known, flows=report.flows)
+
+
+LONG_SHAPES = [
+    # enum fields too long for a line, optional and required
+    "machine M { event Go { status: enum(active, inactive, pending_review, suspended_for_fraud,"
+    " closed_by_owner)?, s2: enum(active, inactive, pending_review, suspended_for_fraud,"
+    " closed_by_owner, a, b, c, d, e, f)?, s3: enum(active, inactive, pending_review,"
+    " suspended_for_fraud, closed_by_owner, a, b, c, d, e, f) }"
+    " initial state A { on Go -> B } final state B }",
+    # wide and combining characters in docs
+    'machine M "説明書き説明書き説明書き説明書き説明書き説明書き説明書き説明書き説明書き" {'
+    ' event Go "イベントの説明イベントの説明イベントの説明イベントの説明イベントの説明イベント"'
+    ' initial state A "状態の説明状態の説明状態の説明状態の説明状態の説明状態の説明状態の説明状態" {'
+    ' on Go -> B } final state B "' + "é\u0303" * 46 + '" }',
+    *(
+        f"machine M {{ event E{'v' * n} {{ f: str }} event Go initial state A {{"
+        f" on E{'v' * n} -> B when g_{'x' * (n // 2)} do act_{'y' * (n // 2)} on Go -> A }}"
+        " final state B }"
+        for n in (40, 55, 70, 85, 100)
+    ),
+]
+
+
+@pytest.mark.parametrize("text", LONG_SHAPES, ids=range(len(LONG_SHAPES)))
+def test_long_names_and_fields_match_ruff(text: str) -> None:
+    machine, diagnostics = parse_text(text, "m.fsm")
+    assert machine is not None, diagnostics
+    tables = lower(machine, others=[machine])
+    assert generate_tables(tables) == via_ruff(tables)
