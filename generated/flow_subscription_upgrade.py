@@ -31,12 +31,7 @@ FLOW = FlowSpec(
             name="approval",
             kind="await",
             machine="Entitlement",
-            states=frozenset(
-                (
-                    "Active",
-                    "Degraded",
-                )
-            ),
+            states=frozenset(("Active", "Degraded")),
             within_ms=262800000,
         ),
         FlowStepSpec(
