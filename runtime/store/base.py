@@ -292,6 +292,13 @@ class Store(Protocol):
         """Flow runs not yet completed, compensated or failed, oldest update first: what a
         restarted process resumes (waiting ones included: their wait is checked again)."""
 
+    def processed(self, machine: str, event_id: str) -> str | None:
+        """`Transaction.processed` outside a write transaction (a read of what is committed):
+        dispatch looks first, before it calls an outside service, then again inside."""
+
+    def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
+        """`Transaction.idempotency` outside a write transaction, as `processed`."""
+
     def get_breaker(self, machine: str, name: str) -> BreakerRecord | None:
         """The breaker's state after its last recorded move, or None (never moved: closed)."""
 

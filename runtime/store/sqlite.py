@@ -809,6 +809,14 @@ class SQLiteStore:
         )
         return [_flow_record(row) for row in rows]
 
+    def processed(self, machine: str, event_id: str) -> str | None:
+        with self._lock:
+            return self._txn.processed(machine, event_id)
+
+    def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
+        with self._lock:
+            return self._txn.idempotency(machine, key)
+
     def get_breaker(self, machine: str, name: str) -> BreakerRecord | None:
         rows = self._query(
             f"SELECT {_BREAKER_COLUMNS} FROM breakers WHERE machine = ? AND name = ?",
