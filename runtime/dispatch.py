@@ -32,6 +32,16 @@ Semantics worth knowing:
 - Guards and actions run inside the write transaction: keep them fast and free of
   side effects that cannot be repeated (an action whose transaction fails to commit has run);
   they must not dispatch themselves (NestedDispatch): emit events instead.
+- Except the actions a machine's `policy` names (they call the outside world, with retries,
+  breaker, fallback and bulkhead around them): before the write transaction, dispatch reads
+  what is committed (event id, idempotency key, the instance), decides the row, and runs
+  those actions there, so their retries wait and their calls overlap outside the write lock
+  (`dispatch_async` runs them in the runtime's action threads). The unit of work then decides
+  again; if the instance is still at the version it was read at, it takes those results
+  instead of calling again. If it moved meanwhile (a concurrent dispatch), the actions run
+  again inside the transaction, as for any action: an outside call must carry an idempotency
+  key (the event's, or its id) so that a repeat is no second effect. A repeated event id or
+  idempotency key found committed calls nothing.
 - Every dispatch decides the same way (`_decide`: the row table built at load time, the
   guards in order, the ignore list, the rejection). On the memory store, its owning thread
   applies a row that only changes the state without a unit of work around it (no ledger, no
@@ -48,6 +58,7 @@ Semantics worth knowing:
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import hashlib
 import sys
@@ -124,6 +135,14 @@ class _NoOwner:
 
 
 _NO_OWNER = _NoOwner()
+
+
+class _Preran(NamedTuple):
+    """Results of a row's outside actions, run before the unit of work on `version`."""
+
+    version: int
+    row: _Row
+    results: Mapping[str, object]
 
 
 class _Rejected(NamedTuple):
@@ -239,6 +258,9 @@ class Governor:
         self._timer_actions = {
             t.id: tuple((a, actions[a]) for a in t.actions) for t in self._timer_specs.values()
         }
+        # Actions a policy names: they call the outside world, so dispatch runs them before
+        # taking the write lock (see the module docstring).
+        self._external = frozenset(a for p in spec.policies.values() for a in p.actions)
         self._initial = sys.intern(str(spec.initial))
         self._accepts: dict[str, tuple[str, ...]] = {}
         for state, event in self._rows:
@@ -414,6 +436,7 @@ class Governor:
         table: dict[str, dict[str, Any]] = self._table
         sealed = self._sealed
         work_of = self._work
+        prepare = self._prepare if self._external else None
         without_row = self._without_row
         short_sealed = self._short_sealed
         submit = self.runtime._submit
@@ -471,6 +494,8 @@ class Governor:
                 expected_version,
                 record_rejection,
             )
+            if prepare is not None:
+                work = prepare(work)
             return _settled(submit(work, partition_of(instance_id)))
 
         if memory is not None:
@@ -503,6 +528,9 @@ class Governor:
             record_rejection,
         )
         runtime = self.runtime
+        if self._external:
+            loop = asyncio.get_running_loop()
+            work = await loop.run_in_executor(runtime._action_threads(), self._prepare, work)
         return _settled(await runtime._submit_async(work, runtime._partition_of(instance_id)))
 
     def dispatch_many(
@@ -517,15 +545,17 @@ class Governor:
         for index, r in enumerate(requests):
             try:
                 works.append(
-                    self._work(
-                        r.instance_id,
-                        r.event,
-                        r.payload,
-                        r.actor,
-                        r.event_id,
-                        r.idempotency_key,
-                        r.expected_version,
-                        False,
+                    self._prepare(
+                        self._work(
+                            r.instance_id,
+                            r.event,
+                            r.payload,
+                            r.actor,
+                            r.event_id,
+                            r.idempotency_key,
+                            r.expected_version,
+                            False,
+                        )
                     )
                 )
                 slots.append(index)
@@ -556,7 +586,7 @@ class Governor:
         idempotency_key: str | None,
         expected_version: int | None,
         record_rejection: bool,
-    ) -> Callable[[Transaction, _Chain], DispatchResult | _Rejected]:
+    ) -> partial[DispatchResult | _Rejected]:
         """Check the identifiers and the event, validate the payload and its bounds (nothing is
         stored yet), and return the unit of work that decides and writes the transition."""
         check_identifier("instance id", instance_id)
@@ -591,7 +621,65 @@ class Governor:
             request,
             expected_version,
             record_rejection,
+            None,
         )
+
+    def _prepare(
+        self, work: partial[DispatchResult | _Rejected]
+    ) -> partial[DispatchResult | _Rejected]:
+        """`work` (from `_work`) with this machine's outside actions already run, outside any
+        transaction, when the committed state says the unit will take a row that has some;
+        else `work` itself. Raises ActionFailed (nothing stored) when one of them fails."""
+        if not self._external:
+            return work
+        args = work.args[:-1]
+        runtime = self.runtime
+        try:
+            preran = self._preflight(*args)
+        finally:
+            if runtime._breaker_moves:  # a breaker moved: written even if the call failed
+                runtime._record_breaker_moves()
+        step: Callable[..., DispatchResult | _Rejected] = self._step
+        return work if preran is None else partial(step, *args, preran)
+
+    def _preflight(
+        self,
+        instance_id: str,
+        event: str,
+        payload: Payload | None,
+        digest: bytes,
+        actor: str,
+        event_id: str | None,
+        idempotency_key: str | None,
+        request: bytes | None,
+        expected_version: int | None,
+        record_rejection: bool,
+    ) -> _Preran | None:
+        """Decide on the committed state, as `_step` will, and run the row's outside actions.
+        None when the unit will not need them (a repeat, a rejection, no such actions): the
+        unit then decides and raises as usual."""
+        name = self.name
+        store = self.runtime._store
+        if event_id is not None and store.processed(name, event_id) is not None:
+            return None
+        if idempotency_key is not None and store.idempotency(name, idempotency_key) is not None:
+            return None
+        record = store.get_instance(name, instance_id)
+        if record is None or expected_version not in (None, record.version):
+            return None
+        found = self._table.get(record.state, {}).get(event)
+        if found is None or type(found) is _Absent:
+            return None
+        now = self.runtime._clock.now_ms()
+        try:
+            row = self._decide(found, record, payload, actor, now)
+        except (InvalidTransition, ActionFailed):
+            return None
+        outside = tuple((a, f) for a, f in row.actions if a in self._external)
+        if not outside:
+            return None
+        results = self._run_actions(outside, row.event, row.target, record, payload, actor, now)
+        return _Preran(record.version, row, results)
 
     def _step(
         self,
@@ -605,6 +693,7 @@ class Governor:
         request: bytes | None,
         expected_version: int | None,
         record_rejection: bool,
+        preran: _Preran | None,
         txn: Transaction,
         chain: _Chain,
     ) -> DispatchResult | _Rejected:
@@ -639,8 +728,22 @@ class Governor:
             return self._record_rejection(
                 txn, chain, record, event, actor, event_id, digest, now, rejection
             )
+        ran = None
+        if preran is not None and preran.version == record.version and preran.row is row:
+            ran = preran.results
         return self._apply(
-            txn, chain, record, row, payload, digest, actor, now, event_id, idempotency_key, request
+            txn,
+            chain,
+            record,
+            row,
+            payload,
+            digest,
+            actor,
+            now,
+            event_id,
+            idempotency_key,
+            request,
+            ran,
         )
 
     # -- deciding: the same for every dispatch --------------------------------------------------
@@ -774,7 +877,10 @@ class Governor:
         actor: str,
         now: int,
         timer: str | None = None,
+        ran: Mapping[str, object] | None = None,
     ) -> Mapping[str, object]:
+        """Run `actions` in order; those in `ran` (run before the transaction) are not called
+        again: their results are taken."""
         if not actions:
             return _EMPTY_RESULTS
         context = _new_context(
@@ -794,6 +900,9 @@ class Governor:
         )
         results: dict[str, object] = {}
         for name, function in actions:
+            if ran is not None and name in ran:
+                results[name] = ran[name]
+                continue
             try:
                 results[name] = function(context)
             except Exception as exc:
@@ -846,13 +955,17 @@ class Governor:
         event_id: str | None,
         idempotency_key: str | None,
         request: bytes | None,
+        ran: Mapping[str, object] | None = None,
     ) -> DispatchResult:
-        """Run the chosen row's actions, then write everything of the transition."""
+        """Run the chosen row's actions (but those in `ran`), then write everything of the
+        transition."""
         name = self.name
         instance_id = record.instance
         runtime = self.runtime
         results = (
-            self._run_actions(row.actions, row.event, row.target, record, payload, actor, now)
+            self._run_actions(
+                row.actions, row.event, row.target, record, payload, actor, now, None, ran
+            )
             if row.actions
             else _EMPTY_RESULTS
         )

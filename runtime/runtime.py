@@ -73,7 +73,8 @@ class Runtime:
     the mode); an existing ledger is opened only with a key its chain of keys holds active
     (`rotate_key` writes a rotation). `witnesses` receive signed checkpoints outside the
     database as `witness_policy` says (see runtime/checkpointing.py). `limits` bound payload
-    size and nesting (runtime/inputs.py).
+    size and nesting (runtime/inputs.py). `action_threads`: how many of the actions a policy
+    names (outside calls) `dispatch_async` runs at once (see runtime/dispatch.py).
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class Runtime:
         witnesses: Sequence[Witness] = (),
         witness_policy: WitnessPolicy | None = None,
         limits: InputLimits = DEFAULT_LIMITS,
+        action_threads: int = 32,
     ) -> None:
         check_identifier("timer actor", timer_actor)
         if witnesses and sealer is None:
@@ -161,6 +163,9 @@ class Runtime:
             dict[int, AsyncBatcher[Callable[[Transaction, _Chain], Any]]],
         ] = weakref.WeakKeyDictionary()
         self._executor: ThreadPoolExecutor | None = None
+        self._action_pool: ThreadPoolExecutor | None = None
+        self._action_pool_lock = threading.Lock()
+        self._action_thread_count = action_threads
         # Breaker moves seen while actions ran, written to the ledger after their unit of work.
         self._breaker_moves: deque[tuple[str, BreakerChange]] = deque()
         self._policies = ActionPolicies(
@@ -389,6 +394,19 @@ class Runtime:
         self._ledgers[0].keeper.committed(chain.hashes, self._clock.now_ms())
         return value
 
+    def _action_threads(self) -> ThreadPoolExecutor:
+        """Where `dispatch_async` runs the actions a policy names (outside calls): they
+        overlap there, each tenant's bulkhead capping its share."""
+        pool = self._action_pool
+        if pool is None:
+            with self._action_pool_lock:
+                if self._action_pool is None:
+                    self._action_pool = ThreadPoolExecutor(
+                        self._action_thread_count, thread_name_prefix="autonomic-action"
+                    )
+                pool = self._action_pool
+        return pool
+
     async def _submit_async(
         self, work: Callable[[Transaction, _Chain], T], partition: int = 0
     ) -> T:
@@ -594,6 +612,8 @@ class Runtime:
         finally:
             if self._executor is not None:
                 self._executor.shutdown()
+            if self._action_pool is not None:
+                self._action_pool.shutdown()
             self._store.close()
 
     def __enter__(self) -> Runtime:
