@@ -3,6 +3,8 @@ fallback and per-tenant breakers, on SQLite with real signatures and a virtual c
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -155,11 +157,13 @@ def test_the_breaker_opens_falls_back_and_closes_with_every_move_in_the_signed_l
     assert report.ok, report
 
 
-def _billing_runtime(path: Path, keys: Path, clock: VirtualClock) -> tuple[Runtime, Processor]:
+def _billing_runtime(
+    path: Path, keys: Path, clock: VirtualClock, primary: Processor | None = None
+) -> tuple[Runtime, Processor]:
     runtime = Runtime(
         SQLiteStore(path), clock=clock, sealer=LedgerSealer(load_signer(keys), "sign-each")
     )
-    primary = Processor()
+    primary = primary or Processor()
     actions: dict[str, Callable[[Any], object]] = {name: _noop for name in BILLING.actions}
     actions["submit_charge"] = primary
     actions["charge_backup_processor"] = Processor()
@@ -209,6 +213,96 @@ def test_an_open_breaker_stays_open_across_a_restart(tmp_path: Path, keys: Path)
         ("policy:PaymentProcessor", "BreakerClosed"),
     ]
     assert runtime.verify(Keyring.from_files([keys])).ok
+    runtime.close()
+
+
+class HeldProcessor(Processor):
+    """A processor that holds the calls of the tenants in `held` until `release` is set (a
+    processor that stopped answering them), counting how many it holds at once."""
+
+    def __init__(self, held: set[str]) -> None:
+        super().__init__()
+        self.held = held
+        self.release = threading.Event()
+        self.holding = 0
+        self.most_held = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, ctx: Any) -> dict[str, str]:
+        if ctx.instance in self.held:
+            with self._lock:
+                self.holding += 1
+                self.most_held = max(self.most_held, self.holding)
+            try:
+                assert self.release.wait(30)
+            finally:
+                with self._lock:
+                    self.holding -= 1
+        return super().__call__(ctx)
+
+
+def test_retries_wait_outside_the_write_transaction(tmp_path: Path, keys: Path) -> None:
+    """The charge's retry waits for the processor while other work commits: a policy's
+    actions run before the unit of work takes the write lock, and the unit takes their
+    result instead of calling again (one capture)."""
+    processor = HeldProcessor({"cust-1"})
+    processor.outcomes = [TransientFailure]  # the first attempt fails: the retry is held
+    runtime, _ = _billing_runtime(tmp_path / "s.db", keys, VirtualClock(START), processor)
+    runtime.governor("Billing").create("cust-1")
+    charging = threading.Thread(target=_charge, args=(runtime, "cust-1"))
+    charging.start()
+    while processor.holding == 0:  # the retry is in flight
+        charging.join(0.001)
+    other = threading.Thread(target=_charge, args=(runtime, "cust-2"))
+    other.start()
+    other.join(10)
+    assert not other.is_alive()  # committed while the retry waited
+    assert runtime.governor("Billing").get("cust-2").state == "AwaitingPayment"  # type: ignore[union-attr]
+    processor.release.set()
+    charging.join(10)
+    assert processor.charged == ["cust-2", "cust-1"]  # each captured once
+    history = runtime.governor("Billing").history("cust-1")
+    assert [e.event for e in history] == ["create", "ChargeRequested"]
+    runtime.close()
+
+
+def test_a_hung_tenant_leaves_the_others_throughput_intact_under_asyncio(
+    tmp_path: Path, keys: Path
+) -> None:
+    """dispatch_async runs the policy's actions in the runtime's action threads, where they
+    overlap: the bulkhead (4 per tenant) lets a tenant whose processor hangs hold 4 of them
+    and refuses the rest at once, so the other tenants' charges all go through meanwhile."""
+    processor = HeldProcessor({"noisy"})
+    runtime, _ = _billing_runtime(tmp_path / "s.db", keys, VirtualClock(START), processor)
+    governor = runtime.governor("Billing")
+    quiet = [f"quiet-{n}" for n in range(20)]
+    for customer in ["noisy", *quiet]:
+        governor.create(customer)
+
+    def charge(customer: str) -> Any:
+        payload = {
+            "customer_id": customer,
+            "invoice_id": "inv",
+            "amount": "99.00",
+            "idempotency_key": f"k-{customer}",
+        }
+        return governor.dispatch_async(customer, "ChargeRequested", payload)
+
+    async def main() -> tuple[list[Any], list[Any]]:
+        noisy = [asyncio.ensure_future(charge("noisy")) for _ in range(40)]
+        served = await asyncio.wait_for(asyncio.gather(*map(charge, quiet)), 30)
+        assert processor.holding == 4  # the noisy tenant's calls are still hung meanwhile
+        processor.release.set()
+        return served, await asyncio.gather(*noisy, return_exceptions=True)
+
+    served, noisy = asyncio.run(main())
+    assert [r.to_state for r in served] == ["AwaitingPayment"] * 20
+    assert processor.most_held == 4
+    refused = [r for r in noisy if isinstance(r, ActionFailed)]
+    assert len(refused) == 36 and all("calls in flight" in str(r) for r in refused)
+    assert governor.get("noisy").state == "AwaitingPayment"  # type: ignore[union-attr]
+    transitions = [e for e in governor.history("noisy") if e.event == "ChargeRequested"]
+    assert len(transitions) == 1  # one change; the other held calls repeat its key
     runtime.close()
 
 

@@ -416,8 +416,11 @@ class FlowRunner:
                 # Created meanwhile, or by an earlier attempt of this step: either will do.
                 with contextlib.suppress(InstanceExists):
                     governor.create(target, self.actor)
-            unit = governor._work(
-                target, op.emit.event, payload or None, self.actor, event_id, None, None, False
+            # Prepared: a receiver's outside actions (a policy's) run before the commit.
+            unit = governor._prepare(
+                governor._work(
+                    target, op.emit.event, payload or None, self.actor, event_id, None, None, False
+                )
             )
         except StepFailed as failed:
             return "failed", failed.message

@@ -19,10 +19,12 @@ leaves the opening), in one unit of work: the breaker's new state in the store
 A breaker made when a machine is loaded (or a tenant's, on first use) takes up the state its
 last recorded move left (`restore`, from `Store.get_breaker`): a restart does not close an
 open breaker. A closed breaker's run of failures is not stored: a restart forgives it.
-Actions run inside the write transaction: in-dispatch retries hold it while they wait, so keep
-them short and leave long waits to retry ladders (durable timers). Inside one runtime the
-actions of one store run one at a time, so a bulkhead's cap binds where calls overlap (actions
-that hand work to threads, several runtimes in one process sharing an ActionPolicies).
+A dispatch runs these actions before its write transaction (runtime/dispatch.py): retries
+wait without holding the write lock, and the unit of work takes the results. `dispatch_async`
+runs them in the runtime's action threads, so the calls of concurrent dispatches overlap and
+each tenant's bulkhead caps its share of them: a tenant whose calls hang holds at most its cap
+of threads and is refused beyond it, while other tenants' calls go on. Timer firings (a retry
+ladder's `retry_charge`) still run them inside the firing's transaction.
 """
 
 from __future__ import annotations
