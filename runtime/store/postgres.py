@@ -938,6 +938,20 @@ class PostgresStore:
         )
         return [FlowRecord(*row) for row in rows]
 
+    def processed(self, machine: str, event_id: str) -> str | None:
+        rows = self._query(
+            "SELECT result FROM processed_events WHERE machine = %s AND event_id = %s",
+            (machine, event_id),
+        )
+        return str(rows[0][0]) if rows else None
+
+    def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
+        rows = self._query(
+            "SELECT request_sha256, result FROM idempotency_keys WHERE machine = %s AND key = %s",
+            (machine, key),
+        )
+        return (bytes(rows[0][0]), str(rows[0][1])) if rows else None
+
     def get_breaker(self, machine: str, name: str) -> BreakerRecord | None:
         rows = self._query(
             f"SELECT {_BREAKER_COLUMNS} FROM breakers WHERE machine = %s AND name = %s",
