@@ -154,7 +154,10 @@ class Config:
 
     def new_location(self, folder: Path, server: str | None) -> str:
         if self.kind == "sqlite":
-            return str(folder / f"s-{secrets.token_hex(4)}.db")
+            # Created before the processes start, as `db migrate` creates a PostgreSQL store.
+            path = str(folder / f"s-{secrets.token_hex(4)}.db")
+            open_store(path).close()
+            return path
         import psycopg
         from autonomic.runtime.store.postgres import migrate
 

@@ -382,12 +382,27 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _migration_check(difference: Any, store_path: str, check: Any) -> int:
-    from autonomic.runtime.store.sqlite import SQLiteStore
+    from autonomic.runtime.store.base import Store
+    from autonomic.runtime.store.urls import is_postgres_url, redact
 
-    path = store_path.removeprefix("sqlite:///")
-    if not Path(path).is_file():
-        raise CommandProblem(store_path, "E003", "no such store file", "pass the SQLite file")
-    store = SQLiteStore(path)
+    store: Store
+    shown = redact(store_path).removeprefix("sqlite:///")
+    if is_postgres_url(store_path):
+        from autonomic.runtime.errors import StoreConfigError
+        from autonomic.runtime.store.postgres import PostgresStore
+
+        try:
+            store = PostgresStore(store_path, create=False, pool_size=2)
+        except StoreConfigError as failure:
+            hint = failure.hint or "pass the URL of the runtime's PostgreSQL store"
+            raise CommandProblem(redact(store_path), "E003", failure.message, hint) from None
+    else:
+        from autonomic.runtime.store.sqlite import SQLiteStore
+
+        path = store_path.removeprefix("sqlite:///")
+        if not Path(path).is_file():
+            raise CommandProblem(store_path, "E003", "no such store file", "pass the SQLite file")
+        store = SQLiteStore(path)
     try:
         problems = check(difference, store)
     finally:
@@ -405,7 +420,7 @@ def _migration_check(difference: Any, store_path: str, check: Any) -> int:
         sys.stderr.write(format_text(diagnostic, None) + "\n")
     if not problems:
         sys.stderr.write(
-            f"migration check: no live instance or armed timer of {path} is stranded\n"
+            f"migration check: no live instance or armed timer of {shown} is stranded\n"
         )
     return EXIT_FINDINGS if problems else EXIT_OK
 
@@ -685,7 +700,12 @@ def build_parser() -> argparse.ArgumentParser:
         "added parts green, removed red and changed amber",
     )
     diff.add_argument("--machine", default=None, help="the machine to draw (dot/mermaid)")
-    diff.add_argument("--store", default=None, metavar="FILE", help="SQLite store to check")
+    diff.add_argument(
+        "--store",
+        default=None,
+        metavar="STORE",
+        help="the runtime's store to check: an SQLite file or a postgresql:// URL",
+    )
     diff.add_argument("--output", "-o", metavar="FILE", help="write to FILE (default: stdout)")
     diff.set_defaults(func=_cmd_diff)
 

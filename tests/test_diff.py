@@ -1,6 +1,6 @@
 """`autonomic diff`: the semantic change between versions, on files and on git revisions of a
 real repository, as text, Markdown and coloured diagrams (golden files), and the migration
-check against a real SQLite store."""
+check against a real SQLite store and a PostgreSQL one."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from autonomic.compiler.checks import check_paths
 from autonomic.compiler.diff import compare, match_renames
 from autonomic.compiler.lower import lower
 from autonomic.runtime.store.base import InstanceRecord
-from autonomic.runtime.store.sqlite import SQLiteStore
 from autonomic.runtime.timers import ArmedTimer
 from cli_process import autonomic
+from conftest import Stores
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
@@ -140,9 +140,9 @@ def test_renames_are_a_matching() -> None:
 
 
 def _store_with(
-    path: Path, rows: list[tuple[str, str]], timers: list[tuple[str, str, str]]
-) -> None:
-    store = SQLiteStore(path)
+    stores: Stores, name: str, rows: list[tuple[str, str]], timers: list[tuple[str, str, str]]
+) -> str:
+    store = stores.open(name)
     try:
 
         def work(txn: object) -> None:
@@ -159,28 +159,31 @@ def _store_with(
         assert outcomes[0].error is None, outcomes[0].error
     finally:
         store.close()
+    return stores.location(name)
 
 
-def test_migration_check_names_stranded_instances_and_timers(repository: Path) -> None:
+def test_migration_check_names_stranded_instances_and_timers(
+    repository: Path, stores: Stores
+) -> None:
+    """On the SQLite file or the PostgreSQL URL `--store` names."""
     report = check_paths([GOLDEN / "machines" / "entitlement.fsm"])
     old = lower(report.machines[0], others=None)
     to_revoked = next(t.id for _, ts in old.timers for t in ts if t.target == "Revoked")
-    database = repository / "live.db"
-    _store_with(
-        database,
+    database = _store_with(
+        stores,
+        "live",
         [("a", "Suspended"), ("b", "Suspended"), ("c", "Active"), ("d", "PendingApproval")],
         [("a", to_revoked, "Suspended"), ("b", to_revoked, "Suspended")],
     )
-    done = autonomic("diff", "main", "--store", str(database), "--", "machines", cwd=repository)
+    done = autonomic("diff", "main", "--store", database, "--", "machines", cwd=repository)
     assert done.returncode == 1
     assert "E170" in done.stderr
     assert "2 live instances of Entitlement occupy states the new version drops: " in done.stderr
     assert "2 in Suspended (renamed to OnHold)" in done.stderr
     assert "2 armed timers of Entitlement would fire into nothing" in done.stderr
     # Instances only in kept states: the check passes.
-    clean = repository / "clean.db"
-    _store_with(clean, [("c", "Active"), ("d", "PendingApproval")], [])
-    ok = autonomic("diff", "main", "--store", str(clean), "--", "machines", cwd=repository)
+    clean = _store_with(stores, "clean", [("c", "Active"), ("d", "PendingApproval")], [])
+    ok = autonomic("diff", "main", "--store", clean, "--", "machines", cwd=repository)
     assert ok.returncode == 0, ok.stderr
     assert "no live instance or armed timer" in ok.stderr
 
