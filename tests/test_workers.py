@@ -50,6 +50,9 @@ def start_worker(url: str, keys: Path) -> subprocess.Popen[str]:
     )
     assert process.stdout is not None
     assert process.stdout.readline().startswith("worker on ")  # loaded, about to claim
+    # Held until its turn: the workers are fast enough that, all running, they could fire
+    # every timer before a victim is caught holding a claim.
+    process.send_signal(signal.SIGSTOP)
     return process
 
 
@@ -60,8 +63,10 @@ def held_by(process: subprocess.Popen[str], stores: Stores) -> int:
 
 
 def kill_holding_a_claim(victim: subprocess.Popen[str], stores: Stores) -> int:
-    """SIGKILL the worker while it holds claimed timers: stop it (SIGSTOP) once it holds
-    some, count them frozen, kill it. Returns how many claimed timers it left behind."""
+    """SIGKILL the worker while it holds claimed timers: let it run alone (the others are
+    stopped), stop it (SIGSTOP) once it holds some, count them frozen, kill it. Returns how
+    many claimed timers it left behind."""
+    victim.send_signal(signal.SIGCONT)
     deadline = time.monotonic() + 10
     held = 0
     while time.monotonic() < deadline and victim.poll() is None:
@@ -99,6 +104,8 @@ def test_workers_killed_mid_claim_leave_every_timer_fired_exactly_once(
         victim = workers.pop(rng.randrange(len(workers)))
         orphaned += kill_holding_a_claim(victim, postgres_stores)
         workers.append(start_worker(url, keys))
+    for worker in workers:
+        worker.send_signal(signal.SIGCONT)
     deadline = time.monotonic() + 60
     while postgres_stores.rows("s", "SELECT count(*) FROM timers")[0][0]:
         assert time.monotonic() < deadline, "the survivors did not fire every timer"
