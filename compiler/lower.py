@@ -469,18 +469,24 @@ class _Lowering:
     # ---------------------------------------------------- transitions
     def transitions(self) -> tuple[tuple[tuple[str, str], tuple[TransitionRow, ...]], ...]:
         rows: dict[tuple[str, str], list[TransitionRow]] = defaultdict(list)
+        path = self.path
+        # The hottest loop of lowering (a row per transition): positional arguments, and no
+        # calls for what most rows lack (guards, actions, emits).
         for state in self.machine.states:
+            source = state.name.value
             for t in state.transitions:
                 guard = None if t.guard is None else (t.guard.name.value if t.guard.name else ELSE)
-                rows[state.name.value, t.event.value].append(
+                event = t.event.value
+                span = t.span
+                rows[source, event].append(
                     TransitionRow(
-                        source=state.name.value,
-                        event=t.event.value,
-                        target=t.target.value,
-                        guard=guard,
-                        actions=_values(t.actions),
-                        emits=self.emits(t.emits, t.event),
-                        ref=self.ref(t.span),
+                        source,
+                        event,
+                        t.target.value,
+                        guard,
+                        tuple([a.value for a in t.actions]) if t.actions else (),
+                        self.emits(t.emits, t.event) if t.emits else (),
+                        Ref(path, span.line, span.column),
                     )
                 )
         for ladder in self.machine.retries:
