@@ -9,7 +9,7 @@ import hashlib
 import re
 from bisect import bisect_right
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -295,7 +295,22 @@ def parse_file_recovering(source: SourceFile) -> tuple[ParsedFile, Recovery]:
     with paused_gc():
         builder = ModelBuilder(source.path, source.sha256)
         items = _parse_fast(source.text, builder)
-        if items is None:
+        if items is None and len(source.text) > _MAX_RECOVERY_BYTES:
+            # A large file: its mistakes are found and repaired by the fast path's table
+            # alone, each repair tried on a window after the mistake (see _recover_large).
+            repaired, errors, lossy = _recover_large(source.text)
+            syntax = _syntax_diagnostics(source, errors)
+            builder = ModelBuilder(source.path, source.sha256)
+            items = None if repaired is None else _parse_fast(repaired, builder)
+            if items is None and repaired is not None:
+                builder = ModelBuilder(source.path, source.sha256)
+                with suppress(UnexpectedInput):
+                    items = builder.transform(_lark().parse(repaired))
+            if items is None:
+                return ParsedFile(None, [], syntax), Recovery.LOSSY
+            recovered = Recovery.LOSSY if lossy else Recovery.REPAIRED if syntax else Recovery.NONE
+            builder.diagnostics[:0] = syntax
+        elif items is None:
             # Not plain input, or not valid: lark parses it or names the mistakes. Whatever
             # the fast path built or reported so far is dropped with its builder.
             builder = ModelBuilder(source.path, source.sha256)
@@ -339,8 +354,10 @@ def parse_file(source: SourceFile) -> ParsedFile:
 # Tokens the recovery may insert where one is missing (never a name: it would invent one).
 _INSERTABLE = ("->", "}", "{", ")", ",")
 _MAX_SYNTAX_ERRORS = 30
-# Above this size a file gets no repair trials (each re-parses it): its first error only.
+# Above this size a file is not re-parsed by lark for each repair trial (each would read the
+# whole file): `_recover_large` tries repairs on a window after the mistake instead.
 _MAX_RECOVERY_BYTES = 256 * 1024
+_REPAIR_WINDOW = 4096  # characters after a mistake that a repair trial reads
 
 
 def _parse_with_recovery(
@@ -367,6 +384,137 @@ def _parse_with_recovery(
                 return None, errors, True
             current, lossless = repaired
             lossy = lossy or not lossless
+
+
+class _At(NamedTuple):
+    """Where the table parse stood: what lark's `exc.state.position` gives `_friendly`."""
+
+    position: int
+
+
+# (offset of a line start, its line number, the LALR stack there)
+_Snapshot = tuple[int, int, tuple[int, ...]]
+
+
+def _recover_large(text: str) -> tuple[str | None, list[tuple[UnexpectedInput, str]], bool]:
+    """`_parse_with_recovery` for a large file: the same repairs, each tried by driving the
+    fast path's LALR table (lark's own) from the last line start before the repair, over a
+    window after the mistake, instead of re-parsing the whole file with lark. The errors are
+    lark's exception types, as lark raises them from the same table and state. Returns the
+    repaired text (None if the repairs ran out), the errors with the text each was met in,
+    and whether some repair dropped written text."""
+    tables = _fast_tables()
+    if tables is None:
+        return None, [], True
+    snapshots: list[_Snapshot] = [(0, 1, (tables.start_state,))]
+    errors: list[tuple[UnexpectedInput, str]] = []
+    lossy = False
+    resume = snapshots[0]
+    while True:
+        _, error = _recognize(tables, text, resume, None, snapshots)
+        if error is None:
+            return text, errors, lossy
+        errors.append((error, text))
+        if len(errors) >= _MAX_SYNTAX_ERRORS:
+            return None, errors, True
+        offset = _error_offset(text, error)
+        previous = _previous_token(text, offset)
+        floor = text.rfind("\n", 0, offset) + 1
+        if previous is not None:
+            floor = min(floor, _offset(text, previous[1], 1))
+        del snapshots[bisect_right(snapshots, (floor, 1 << 62)) :]
+        resume = snapshots[-1]
+        best: tuple[str, bool] | None = None
+        best_reach = offset
+        for candidate, lossless in _repairs(text, error):
+            shift = len(candidate) - len(text)
+            limit = offset + shift + _REPAIR_WINDOW
+            reach, _ = _recognize(tables, candidate, resume, limit, None)
+            reach = min(reach, limit) - shift
+            if reach > best_reach:
+                best, best_reach = (candidate, lossless), reach
+        if best is None:
+            return None, errors, True
+        text, lossless = best
+        lossy = lossy or not lossless
+
+
+def _recognize(
+    tables: _FastTables,
+    text: str,
+    start: _Snapshot,
+    limit: int | None,
+    snapshots: list[_Snapshot] | None,
+) -> tuple[int, UnexpectedInput | None]:
+    """Drive the LALR table over `text` from `start` without building anything: (where it
+    stopped, the syntax error there or None). It stops with no error at the end of valid
+    input (offset len(text) + 1) or at the first token past `limit`; `snapshots` collects
+    the stack at each line start."""
+    actions, words, punctuation = tables.actions, tables.words, tables.punctuation
+    reductions, end_state = tables.reductions, tables.end_state
+    group = tables.scanner.groupindex
+    name_group, punct_group, newline_group = group["NAME"], group["PUNCT"], group["NL"]
+    comment_group, other_group = group["COMMENT"], group["OTHER"]
+    kinds = {group[n]: n for n in ("STRING", "DURATION", "NUMBER", "CONTEXT_REF")}
+    position, line, stack = start
+    states = list(stack)
+    line_start = position
+    end = position
+    for match in chain(tables.scanner.finditer(text, position), (None,)):
+        if match is not None:
+            index = match.lastindex
+            assert index is not None  # every alternative is a group
+            end = match.end()
+            if index == newline_group:
+                line, line_start = line + 1, end
+                if snapshots is not None:
+                    snapshots.append((end, line, tuple(states)))
+                continue
+            if index == comment_group:
+                continue
+            value = match[index]
+            begin = end - len(value)
+            if limit is not None and begin > limit:
+                return begin, None
+            if index == other_group and value.isspace():
+                continue  # a blank the scanner's prefix gave back (trailing blanks)
+            if index == other_group:
+                expected = {t for t in actions[states[-1]] if t.isupper()}
+                column = begin - line_start + 1
+                error: UnexpectedInput = UnexpectedCharacters(  # type: ignore[no-untyped-call]
+                    text, begin, line, column, allowed=expected, state=_At(states[-1])
+                )
+                return begin, error
+            if index == name_group:
+                ttype = words[states[-1]].get(value, "NAME")
+            elif index == punct_group:
+                ttype = punctuation[value]
+            else:
+                ttype = kinds[index]
+        else:
+            begin = len(text) if _TRAILING_BLANKS.fullmatch(text, end) else end
+            ttype, value = "$END", ""
+        action = actions[states[-1]].get(ttype)
+        while action is not None and action < 0:
+            how, size, origin, _, _ = reductions[~action]
+            if how == _PASS:
+                del states[-1]
+            elif how == _APPEND:
+                del states[-2:]
+            elif size:
+                del states[-size:]
+            goto = actions[states[-1]][origin]
+            states.append(goto)
+            if goto == end_state and ttype == "$END":
+                return len(text) + 1, None
+            action = actions[goto].get(ttype)
+        if action is None or match is None:
+            expected = {t for t in actions[states[-1]] if t.isupper()}
+            token = Token(ttype, value, begin, line, begin - line_start + 1)
+            error = UnexpectedToken(token, expected, state=_At(states[-1]))  # type: ignore[no-untyped-call]
+            return begin, error
+        states.append(action)
+    return len(text) + 1, None  # not reached: the end of input returns above
 
 
 def _error_offset(text: str, exc: UnexpectedInput) -> int:
@@ -926,14 +1074,21 @@ def _offset(text: str, line: int, column: int) -> int:
 
 
 _TOKENS = re.compile(r'"(?:[^"\\\n]|\\.)*"?|(?:#|//)[^\n]*|[A-Za-z0-9_$]+|->|\S')
+_BACK_WINDOW = 4096
 
 
 def _previous_token(text: str, offset: int) -> tuple[str, int, int] | None:
-    """The last token before `offset` (comments skipped): its text, line and end column."""
+    """The last token before `offset` (comments skipped): its text, line and end column.
+    Looked for in growing windows of whole lines back from `offset`, so that a large file
+    is not tokenized from its start for each syntax error."""
     last = None
-    for match in _TOKENS.finditer(text, 0, offset):
-        if not match.group().startswith(("#", "//")):
-            last = match
+    start = offset
+    while last is None and start > 0:
+        start = text.rfind("\n", 0, max(0, start - _BACK_WINDOW)) + 1
+        for match in _TOKENS.finditer(text, start, offset):
+            if not match.group().startswith(("#", "//")):
+                last = match
+        offset = start
     if last is None:
         return None
     line = text.count("\n", 0, last.start()) + 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from autonomic.compiler import parser
 from autonomic.compiler.errors import Diagnostic, SourceSpan
 from autonomic.compiler.model import Machine, Name, snake_case
 from autonomic.compiler.parser import (
@@ -17,6 +18,8 @@ from autonomic.compiler.parser import (
     read_source,
     source_lines,
 )
+
+FIXTURES = Path(__file__).parent / "fixtures" / "checks"
 
 
 def parse_ok(text: str, path: str = "m.fsm") -> Machine:
@@ -665,3 +668,58 @@ def test_when_without_a_guard_is_reported_after_when() -> None:
     assert found == [
         (3, 19, "syntax error: the line ends after 'when'", "expected a name after 'when'")
     ]
+
+
+SEVERAL_MISTAKES = (
+    "machine M {\n"
+    "  event E\n"
+    "  inital state A {\n"
+    "    on E B\n"
+    "    after 1.5h -> B\n"
+    "    escalation { after 1h notify queue q }\n"
+    "    on E -> B when\n"
+    "  }\n"
+    "  state B { after 48 h -> C }\n"
+    "  final state C\n"
+    "}\n"
+)
+
+
+def test_large_file_recovery_reports_what_lark_recovery_reports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Above the size limit the repairs are tried on the LALR table over a window: the same
+    findings, in the same words, as lark's re-parses give on a small file."""
+    texts = [
+        SEVERAL_MISTAKES,
+        *(p.read_text(encoding="utf-8") for p in sorted(FIXTURES.glob("*syntax*.fsm"))),
+        *(p.read_text(encoding="utf-8") for p in sorted(FIXTURES.glob("e001*.fsm"))),
+    ]
+    small = [syntax_findings(text) for text in texts]
+    monkeypatch.setattr(parser, "_MAX_RECOVERY_BYTES", 0)
+    assert [syntax_findings(text) for text in texts] == small
+    assert all(small)
+
+
+def test_every_syntax_error_of_a_large_file_is_reported() -> None:
+    lines = synthetic_text(2400).split("\n")  # about 300 KB, over the lark-recovery limit
+    rows = [i for i, line in enumerate(lines) if line.startswith("    on ")]
+    broken = {rows[100]: " -> ", rows[4000]: "    on ", rows[9000]: ""}
+    lines[rows[100]] = lines[rows[100]].replace(" -> ", " ", 1)
+    lines[rows[4000]] = lines[rows[4000]].replace("    on ", "    onn ", 1)
+    lines[rows[9000]] += " )"
+    text = "\n".join(lines)
+    assert len(text) > parser._MAX_RECOVERY_BYTES
+    found = syntax_findings(text)
+    assert sorted({line for line, *_ in found}) == sorted(i + 1 for i in broken)
+    assert any(message == "syntax error: unknown keyword 'onn'" for _, _, message, _ in found)
+
+
+def synthetic_text(n: int) -> str:
+    """A valid machine of `n` states, five rows each."""
+    lines = ["machine Big {", *(f"  event E{k}" for k in range(5))]
+    for i in range(n - 1):
+        lines.append(f"  {'initial state' if i == 0 else 'state'} S{i} {{")
+        lines += [f"    on E{k} -> S{min(i + 1 + k, n - 1)}" for k in range(5)]
+        lines.append("  }")
+    return "\n".join([*lines, f"  final state S{n - 1}", "}", ""])
