@@ -32,7 +32,7 @@ from .lower import (
     name_problem,
 )
 from .model import Machine
-from .pyformat import Unsure, fit_lines, fit_lines_best_effort, quote
+from .pyformat import Unsure, fit_lines_split, quote
 
 COMPILER_VERSION = __version__
 
@@ -582,20 +582,20 @@ def generate_tables(tables: MachineTables) -> str:
     passed the identifier rule and every other value went through `py`, so it parses; the
     build's tests import every generated module."""
     with cycle_collection_paused():
-        formatted = _formatted(render_module(tables))
-        if has_long_lines(formatted):
-            formatted = _formatted(render_module(tables, long_lines=True))
+        formatted, split = _formatted(render_module(tables))
+        if split and has_long_lines(formatted):
+            formatted, _ = _formatted(render_module(tables, long_lines=True))
     return formatted
 
 
-def _formatted(source: str) -> str:
-    """`source` as ruff formats it. pyformat knows every line shape the templates write; a
-    line it does not know stays as written (valid Python, and the test that compares the
-    output with ruff's would name it)."""
+def _formatted(source: str) -> tuple[str, bool]:
+    """`source` as ruff formats it, and whether a line had to be split. pyformat knows every
+    line shape the templates write; a line it does not know stays as written (valid Python,
+    and the test that compares the output with ruff's would name it)."""
     try:
-        return fit_lines(source)
+        return fit_lines_split(source)
     except Unsure:
-        return fit_lines_best_effort(source)
+        return fit_lines_split(source, strict=False)
 
 
 def generate_module(

@@ -113,9 +113,9 @@ Change the flow in its machine file and run `autonomic build` instead.
 """
 
 '''
-    formatted = fit_lines(header + body)
+    formatted = fit_lines(header + body, strict=False)
     if has_long_lines(formatted):  # a long doc string: it stays on its line
-        formatted = fit_lines(header + "# ruff: noqa: E501, RUF100\n\n" + body)
+        formatted = fit_lines(header + "# ruff: noqa: E501, RUF100\n\n" + body, strict=False)
     return formatted
 
 

@@ -51,12 +51,18 @@ class Unsure(Exception):
 def fit_lines(source: str, *, strict: bool = True) -> str:
     """`source` with empty mappings folded and every line over the limit split; Unsure
     where ruff's choice is not certain (with `strict` off, such a line stays as it is)."""
+    return fit_lines_split(source, strict=strict)[0]
+
+
+def fit_lines_split(source: str, *, strict: bool = True) -> tuple[str, bool]:
+    """`fit_lines`, and whether it split any line (False: every line fitted as written, so
+    none is left over the limit; a large module need not be scanned for one again)."""
     if "        {\n        }\n" in source:
         source = _fold_empty_mappings(source)
     lines = source.split("\n")
     # A wide character counts 2 columns: only ASCII text is decided by lengths alone.
     if max(map(len, lines)) <= LINE_LENGTH and (source.isascii() or all(map(_fits, lines))):
-        return source
+        return source, False
     out: list[str] = []
     in_docstring = False
     for line in lines:
@@ -75,7 +81,7 @@ def fit_lines(source: str, *, strict: bool = True) -> str:
                 if strict:
                     raise
                 out.append(line)
-    return "\n".join(out)
+    return "\n".join(out), True
 
 
 def _fold_empty_mappings(source: str) -> str:
@@ -93,12 +99,6 @@ def _fold_empty_mappings(source: str) -> str:
         at = source.find(" = frozen_map(\n", max(at + 1, done))
     out.append(source[done:])
     return "".join(out)
-
-
-def fit_lines_best_effort(source: str) -> str:
-    """`fit_lines` without ruff at hand: lines it is unsure of stay as they are (valid
-    Python, flagged by the module's `noqa` header if too long)."""
-    return fit_lines(source, strict=False)
 
 
 def _fits(line: str) -> bool:
