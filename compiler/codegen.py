@@ -480,7 +480,18 @@ def render_module(tables: MachineTables, *, long_lines: bool = False) -> str:
         long_lines=long_lines,
         transition_rows=transition_rows(tables),
         timer_rows=timer_rows(tables),
+        state_members=state_members(tables),
     )
+
+
+def state_members(tables: MachineTables) -> Code:
+    """The members of the State enum, `    Name = "Name"` each: written here rather than in
+    the template, where a large machine's states cost two filter calls each."""
+    lines = []
+    for state in tables.states:
+        name = enum_member(state.name, "state")
+        lines.append(f"    {name} = {quote(name)}\n")
+    return Code("".join(lines))
 
 
 # ---------------------------------------------------------------- the two large tables

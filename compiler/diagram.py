@@ -214,6 +214,8 @@ def _emit_names(row: TransitionRow | TimerRow, own: str) -> tuple[str, ...]:
 
 def _transition_line(row: TransitionRow, own: str) -> str:
     """`Approve [is_authorized_approver] / record_approval ^CustomerAccount.NotifyCustomer`"""
+    if row.ladder is None and row.guard is None and not row.actions and not row.emits:
+        return row.event  # most rows of a large machine
     if row.ladder is not None:
         step = "exhausted" if row.step is None else f"step {row.step}"
         head = f"{row.event} ({row.ladder} {step})"

@@ -183,8 +183,9 @@ def _moves(timed: list[_Timed]) -> tuple[int | None, list[_Timed]]:
 def explain(tables: MachineTables) -> Explanation:
     finals = set(tables.finals)
     resting = {s.name for s in tables.states if s.resting}
+    # Only states a timer leaves, and where it leads, are nodes: the others stop where they
+    # are (most states of a large machine).
     graph: nx.DiGraph[str] = nx.DiGraph()
-    graph.add_nodes_from(s.name for s in tables.states)
     by: dict[str, int] = {}  # a state's time by which a timer has surely moved it on
     via: dict[str, list[_Timed]] = {}  # ... and the timers that can
     data: dict[str, str] = {}  # states only a delay from an event field leaves
@@ -213,12 +214,12 @@ def explain(tables: MachineTables) -> Explanation:
     bounds = []
     for state in tables.states:
         name = state.name
-        found = bound[name]
+        found = bound.get(name, (0, None, ""))
         if found is None:
             bounds.append(StateBound(name, None, (name,), name, "cycle"))
             continue
         walk = [name]
-        while (following := bound[walk[-1]]) is not None and following[1] is not None:
+        while (following := bound.get(walk[-1], _STOPS)) is not None and following[1] is not None:
             walk.append(following[1])
         end = walk[-1]
         stop: StopKind = (
@@ -252,6 +253,9 @@ def _notes(tables: MachineTables) -> tuple[str, ...]:
     return tuple(notes)
 
 
+_STOPS: tuple[int, str | None, str] = (0, None, "")  # a state no timer leaves
+
+
 def _single(
     state: str,
     by: dict[str, int],
@@ -262,7 +266,7 @@ def _single(
         return 0, None, ""
     best: tuple[int, str | None, str] | None = None
     for timed in via[state]:
-        after = bound[timed.target]
+        after = bound.get(timed.target, _STOPS)
         if after is None:
             return None  # one of the timers that can fire first leads into a cycle
         length = by[state] + after[0]
@@ -310,10 +314,10 @@ def _cycle(
             for after in graph.successors(state)
             if component_of[after] != component
         ]
-        if any(bound[after] is None for after in outside):
+        if any(bound.get(after, _STOPS) is None for after in outside):
             continue
-        tail = max(outside, key=lambda after: bound[after][0])  # type: ignore[index]
-        length = latest + bound[tail][0]  # type: ignore[index]
+        tail = max(outside, key=lambda after: bound.get(after, _STOPS)[0])  # type: ignore[index]
+        length = latest + bound.get(tail, _STOPS)[0]  # type: ignore[index]
         if best is None or length < best[0]:
             best = (length, tail, "")
     for state in states:
