@@ -366,12 +366,12 @@ def _ladders(tables: MachineTables) -> tuple[LadderBound, ...]:
 
 def _step_delay(step: RetryStepRow) -> str:
     """`1h`, `1h + 2h attempt`; a repeated step's attempts, made only while unanswered, do
-    not lengthen a ladder whose every attempt fails: `1h + 2h attempt (3 attempts, 30m apart)`."""
+    not lengthen a ladder whose every attempt fails: `1h + 2h attempt (x3 every 30m)`."""
     text = step.after_text
     if step.timeout_text is not None:
         text += f" + {step.timeout_text} attempt"
     if step.repeat > 1:
-        text += f" ({step.repeat} attempts, {step.every_text} apart)"
+        text += f" (x{step.repeat} every {step.every_text})"
     return text
 
 
