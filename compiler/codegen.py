@@ -507,6 +507,9 @@ def transition_rows(tables: MachineTables) -> Code:
     # Each distinct name is checked and written once (a 10k-state machine has 150k uses).
     states = {s.name: state_member(s.name) for s in tables.states}
     events = {e: event_member(e) for e in tables.events}
+    # Guards and action lists repeat from row to row: each distinct one is written once.
+    guards: dict[str, Code] = {}
+    actions: dict[tuple[str, ...], Code] = {}
     out: list[str] = []
     add = out.append
     for (source, event), rows in tables.transitions:
@@ -517,16 +520,24 @@ def transition_rows(tables: MachineTables) -> Code:
             ref = r.ref
             if ref.path != path:
                 source_ref(ref, path)  # raises
-            at = f"{int(ref.line)}, {int(ref.column)}"
+            written_guard = "None"
+            if r.guard is not None:
+                written_guard = guards.get(r.guard) or guards.setdefault(r.guard, guard(r.guard))
+            written_actions = "()"
+            if r.actions:
+                written_actions = actions.get(r.actions) or actions.setdefault(
+                    r.actions, names(r.actions)
+                )
             add(
                 "                Transition(\n"
                 f"                    source={states[r.source]},\n"
                 f"                    event={events[r.event]},\n"
                 f"                    target={states[r.target]},\n"
-                f"                    guard={'None' if r.guard is None else guard(r.guard)},\n"
-                f"                    actions={names(r.actions) if r.actions else '()'},\n"
+                f"                    guard={written_guard},\n"
+                f"                    actions={written_actions},\n"
                 f"                    emits={emits(r.emits) if r.emits else '()'},\n"
-                f"                    ref=SourceRef(SOURCE_PATH, {at}),\n"
+                # `:d` refuses anything but a whole number, as int() would, and costs less.
+                f"                    ref=SourceRef(SOURCE_PATH, {ref.line:d}, {ref.column:d}),\n"
                 "                ),\n"
             )
         add("            ),\n")
