@@ -127,15 +127,19 @@ def build_diagram(tables: MachineTables, explanation: Explanation | None = None)
     resting = {s.name for s in tables.states if s.resting}
     nodes: list[DiagramNode] = []
     merged: dict[tuple[str, str], list[tuple[tuple[int, int], Line]]] = {}
+    own = tables.name
     for state in tables.states:
+        name = state.name
         internal: list[tuple[tuple[int, int], Line]] = []
-        for row in rows_by_state.get(state.name, ()):
-            line = (row.ref.line, row.ref.column), Line(_transition_line(row, tables.name))
-            if row.target == state.name:
+        for row in rows_by_state.get(name, ()):
+            # (line, column) of the row: its Ref without the path.
+            line = row.ref[1:], Line(_transition_line(row, own))
+            if row.target == name:
                 internal.append(line)
             else:
-                merged.setdefault((state.name, row.target), []).append(line)
-        for timer, repeat in _repeats_folded(timers_by_state.get(state.name, ())):
+                merged.setdefault((name, row.target), []).append(line)
+        timers = timers_by_state.get(name, ())
+        for timer, repeat in _repeats_folded(timers) if timers else ():
             line = (
                 (timer.ref.line, timer.ref.column),
                 Line(_timer_line(timer, tables.name, repeat), "timer"),
@@ -152,17 +156,18 @@ def build_diagram(tables: MachineTables, explanation: Explanation | None = None)
                         Line(f"{_timer_line(timer, tables.name)} -> {timer.target}", "timer"),
                     )
                 )
-        internal.sort(key=itemgetter(0))
+        if len(internal) > 1:
+            internal.sort(key=itemgetter(0))
         nodes.append(
             DiagramNode(
-                id=state.name,
-                doc=state.doc,
-                initial=state.initial,
-                final=state.final,
-                resting=state.name in resting,
-                internal=tuple(line for _, line in internal),
-                bound=state_bound_line(explanation.bound(state.name)),
-                cluster=clusters.get(state.name),
+                name,
+                state.doc,
+                state.initial,
+                state.final,
+                name in resting,
+                tuple([line for _, line in internal]) if internal else (),
+                state_bound_line(explanation.bound(name)),
+                clusters.get(name),
             )
         )
     # A group timer can fire in each state of its group: one dashed line from each.
