@@ -450,22 +450,23 @@ def render_dot(
             out.append(f"  {dot_quote(_START)} -> {dot_quote(node.id)};")
     shared = {} if edge_colours else _cluster_edges(diagram)
     quoted = {node.id: dot_quote(node.id) for node in diagram.nodes}
-    labels: dict[tuple[str, ...], str] = {}  # edges of a large machine repeat their labels
+    # Edges of a large machine repeat their lines: each distinct label is written once.
+    labels: dict[tuple[Line, ...], tuple[str, str]] = {}
     for edge in diagram.edges:
         tail = shared.get(edge) if shared else None
         if tail == "":
             continue  # drawn once from its cluster
-        style = ", style=dashed" if edge.dashed else ""
-        change = edge_colours.get((edge.source, edge.target))
+        written = labels.get(edge.lines)
+        if written is None:
+            label = dot_quote(tuple(_wrapped(edge.lines)), align="left")
+            written = labels[edge.lines] = (label, ", style=dashed" if edge.dashed else "")
+        label, style = written
+        change = edge_colours.get((edge.source, edge.target)) if edge_colours else None
         if change is not None:
             colour = CHANGE_COLOURS[change]
             style += f', color="{colour}", fontcolor="{colour}", penwidth=2'
         if tail:
             style += f", ltail={dot_quote('cluster_' + tail)}"
-        texts = tuple([line.text for line in edge.lines])
-        label = labels.get(texts)
-        if label is None:
-            label = labels[texts] = dot_quote(tuple(_wrapped(edge.lines)), align="left")
         out.append(f"  {quoted[edge.source]} -> {quoted[edge.target]} [label={label}{style}];")
     out.append("}")
     return "\n".join(out) + "\n"
@@ -554,10 +555,13 @@ def render_mermaid(
         if node.initial:
             out.append(f"    [*] --> {ids[node.id]}")
     edge_colours = edge_colours or {}
+    labels: dict[tuple[Line, ...], str] = {}
     for edge in diagram.edges:
-        label = "<br/>".join([text(line.text) for line in edge.lines])
+        label = labels.get(edge.lines)
+        if label is None:
+            label = labels[edge.lines] = "<br/>".join([text(line.text) for line in edge.lines])
         # Mermaid's state diagrams cannot colour an edge: its label says what happened.
-        change = edge_colours.get((edge.source, edge.target))
+        change = edge_colours.get((edge.source, edge.target)) if edge_colours else None
         if change is not None:
             label = f"({change}) {label}"
         out.append(f"    {ids[edge.source]} --> {ids[edge.target]} : {label}")
