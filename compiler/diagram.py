@@ -21,7 +21,7 @@ import subprocess
 import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from operator import itemgetter
 from typing import Literal, NamedTuple, overload
 
@@ -359,6 +359,7 @@ def mermaid_text(text: str) -> str:
 _START = "[*]"
 
 
+@lru_cache(maxsize=16_384)  # a large machine repeats most of its lines and bounds
 def _html(text: str) -> str:
     """Text for a Graphviz HTML-like label: visible, entities escaped."""
     return html.escape(visible(text), quote=True)
@@ -550,7 +551,7 @@ def render_mermaid(
                 out.append(f"    {sid} : <small>{mermaid_text(line)}</small>")
         out.extend(f"    {sid} : {text(line.text)}" for line in node.internal)
         if node.bound:
-            out.append(f"    {sid} : <i>{mermaid_text(node.bound)}</i>")
+            out.append(f"    {sid} : <i>{text(node.bound)}</i>")
     for node in diagram.nodes:
         if node.initial:
             out.append(f"    [*] --> {ids[node.id]}")
