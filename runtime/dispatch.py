@@ -480,8 +480,10 @@ class Governor:
                         result._outcome = found.outcome
                         return result
                     if found.absent:
-                        if not (record_rejection and sealed):
+                        if found.ignored:
                             return without_row(record, found, None)
+                        if not (record_rejection and sealed):
+                            raise found.rejection(instance_id)
                     elif sealed and found.bare:
                         return short_sealed(record, found, actor)
             work = work_of(
@@ -817,9 +819,7 @@ class Governor:
     ) -> DispatchResult:
         """(state, event) has no row: the result of an ignored event, else the rejection."""
         if not absent.ignored:
-            raise InvalidTransition.rejecting(
-                absent.machine, record.instance, absent.state, absent.event, absent.hint
-            )
+            raise absent.rejection(record.instance)
         outcome = absent.outcome
         if event_id is not None:
             outcome = (*outcome[:4], event_id, *outcome[5:])

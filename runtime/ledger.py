@@ -427,11 +427,12 @@ EntryHasher: TypeAlias = Callable[
 def _entry_hasher(cache_limit: int = 4096) -> EntryHasher:
     """A fast entry hasher: the same bytes as `encode_entry`, hashed in about a microsecond.
 
-    Kinds, machines, states, events and actors repeat from entry to entry, so their
-    length-prefixed encodings are cached (bounded: cleared when full). Instance and event ids
-    are mostly fresh and are encoded every time.
+    Kinds and machines, and the (from state, to state, event, actor) of a transition, repeat
+    from entry to entry, so their length-prefixed encodings are cached per combination
+    (bounded: cleared when full), one lookup each. Instance and event ids are mostly fresh
+    and are encoded every time.
     """
-    cache: dict[str, bytes] = {}
+    cache: dict[tuple[str, ...], bytes] = {}
     cached = cache.get
     pack_seq_ts, pack_length, sha256, join, tag = (
         _pack_seq_ts,
@@ -441,11 +442,11 @@ def _entry_hasher(cache_limit: int = 4096) -> EntryHasher:
         ENTRY_TAG,
     )
 
-    def remember(text: str) -> bytes:
-        encoded = _length_prefixed(text)
+    def remember(texts: tuple[str, ...]) -> bytes:
+        encoded = join([_length_prefixed(text) for text in texts])
         if len(cache) >= cache_limit:
             cache.clear()
-        cache[text] = encoded
+        cache[texts] = encoded
         return encoded
 
     def compute(
@@ -464,19 +465,17 @@ def _entry_hasher(cache_limit: int = 4096) -> EntryHasher:
     ) -> bytes:
         instance_bytes = instance.encode("utf-8")
         event_id_bytes = event_id.encode("utf-8")
+        head = (kind, machine)
+        move = (from_state, to_state, event, actor)
         return sha256(
             join(
                 (
                     tag,
                     pack_seq_ts(seq, ts_ms),
-                    cached(kind) or remember(kind),
-                    cached(machine) or remember(machine),
+                    cached(head) or remember(head),
                     pack_length(len(instance_bytes)),
                     instance_bytes,
-                    cached(from_state) or remember(from_state),
-                    cached(to_state) or remember(to_state),
-                    cached(event) or remember(event),
-                    cached(actor) or remember(actor),
+                    cached(move) or remember(move),
                     pack_length(len(event_id_bytes)),
                     event_id_bytes,
                     payload_sha256,

@@ -55,18 +55,8 @@ class TreeFrontier:
     def extend(self, entry_hashes: Iterable[bytes]) -> TreeFrontier:
         """The frontier after appending these entries (self is unchanged: a batch that rolls
         back simply drops the result)."""
-        size = self.size
         nodes = list(self.nodes)
-        sha256, push, pop = _sha256, nodes.append, nodes.pop
-        for entry in entry_hashes:
-            node = sha256(b"\x00" + entry).digest()
-            size += 1
-            # Each trailing zero bit of the new size merges one pair of equal subtrees.
-            bits = size
-            while not bits & 1:
-                node = sha256(b"\x01" + pop() + node).digest()
-                bits >>= 1
-            push(node)
+        size = _extend(nodes, self.size, [_sha256(b"\x00" + e).digest() for e in entry_hashes])
         return TreeFrontier(size, tuple(nodes))
 
     def root(self) -> bytes:
@@ -87,6 +77,33 @@ class TreeFrontier:
         if type(data) is not bytes or len(data) != 32 * count:
             return None
         return cls(size, tuple(data[i : i + 32] for i in range(0, len(data), 32)))
+
+
+def _extend(nodes: list[bytes], size: int, leaves: list[bytes]) -> int:
+    """Append leaf hashes to the frontier `nodes` of a `size`-leaf tree, in place; the new
+    size. Leaves go in as the largest perfect subtrees that fit where the tree ends, each
+    built a level at a time (a comprehension per level, not a loop step per node); a subtree
+    of width w then merges like a leaf, one pair per trailing zero of (size + w) / w."""
+    sha256 = _sha256
+    start, count = 0, len(leaves)
+    while start < count:
+        aligned = (size & -size).bit_length() - 1 if size else count.bit_length()
+        width = 1 << min(aligned, (count - start).bit_length() - 1)
+        level = leaves[start : start + width]
+        while len(level) > 1:
+            level = [
+                sha256(b"\x01" + left + right).digest()
+                for left, right in zip(level[::2], level[1::2], strict=True)
+            ]
+        node = level[0]
+        start += width
+        size += width
+        bits = size // width
+        while not bits & 1:
+            node = sha256(b"\x01" + nodes.pop() + node).digest()
+            bits >>= 1
+        nodes.append(node)
+    return size
 
 
 def tree_root(entry_hashes: Iterable[bytes]) -> bytes:

@@ -390,8 +390,9 @@ class Runtime:
         chain.appended = 0  # `finish` looks at what this commit appended
         chain.hashes = []
         value = work(memory, chain, *arguments)
-        chain.finish(memory)
-        self._ledgers[0].keeper.committed(chain.hashes, self._clock.now_ms())
+        now = self._clock.now_ms()
+        chain.finish(memory, now)
+        self._ledgers[0].keeper.committed(chain.hashes, now)
         return value
 
     def _action_threads(self) -> ThreadPoolExecutor:

@@ -134,11 +134,12 @@ class _Chain:
         self.hashes.append(entry.entry_hash)
         self.state.verified_head = entry
 
-    def finish(self, txn: Transaction) -> None:
+    def finish(self, txn: Transaction, now: int | None = None) -> None:
         """Before commit, in checkpoint mode: sign a checkpoint over everything appended so
         far once `checkpoint_every` entries are uncovered, or once entries have been
         uncovered for `checkpoint_ms` (measured from the commit that first left some). In
-        either mode, also when a witness publication is due (runtime/checkpointing.py)."""
+        either mode, also when a witness publication is due (runtime/checkpointing.py).
+        `now`: the clock's time, if the caller has read it already."""
         runtime = self.runtime
         sealer = runtime._sealer
         if sealer is None or not self.appended:
@@ -147,8 +148,10 @@ class _Chain:
         if self.next_seq <= state.covered:  # signed meanwhile (Runtime.checkpoint)
             self.appended = 0
             return
-        now = runtime._clock.now_ms()
-        if not state.keeper.publication_due(now):
+        if now is None:
+            now = runtime._clock.now_ms()
+        keeper = state.keeper
+        if not (keeper.witnesses and keeper.publication_due(now)):
             if sealer.mode != "checkpoint":
                 return
             if self.next_seq - state.covered < runtime._checkpoint_every:
