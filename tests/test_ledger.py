@@ -6,6 +6,7 @@ import base64
 import hashlib
 import itertools
 import json
+import random
 import sqlite3
 import struct
 import tracemalloc
@@ -683,3 +684,26 @@ def test_an_unreadable_checkpoint_row_is_reported_where_it_stands(
         report = verify_ledger(bad, keyring)
         assert (report.ok, report.index, report.problem) == (False, size - 1, "malformed")
         assert f"(size {size}) cannot be read" in (report.reason or ""), report.reason
+
+
+def _mth(leaves: list[bytes]) -> bytes:
+    """RFC 9162 2.1.1 MTH, straight from its definition."""
+    if not leaves:
+        return hashlib.sha256(b"").digest()
+    if len(leaves) == 1:
+        return hashlib.sha256(b"\x00" + leaves[0]).digest()
+    k = 1 << ((len(leaves) - 1).bit_length() - 1)
+    return hashlib.sha256(b"\x01" + _mth(leaves[:k]) + _mth(leaves[k:])).digest()
+
+
+def test_a_frontier_extended_in_any_batches_has_the_tree_root_of_its_leaves() -> None:
+    rng = random.Random(9162)
+    for _ in range(60):
+        leaves = [rng.randbytes(32) for _ in range(rng.randrange(0, 140))]
+        frontier, start = TreeFrontier(), 0
+        while start < len(leaves):
+            step = rng.choice([1, 2, 3, 7, 16, 64])
+            frontier = frontier.extend(leaves[start : start + step])
+            start += step
+        assert frontier.size == len(leaves)
+        assert frontier.root() == _mth(leaves) == tree_root(leaves)
