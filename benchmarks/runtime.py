@@ -50,6 +50,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -629,7 +630,7 @@ def checkpoint_figure(door: ModuleType, profile: Profile, signer: Signer) -> Fig
         # A fresh ledger per round: otherwise every round's entries stay in memory.
         runtime = Runtime(sealer=LedgerSealer(signer, "checkpoint"))
         dispatch = load_doors(runtime, door.MACHINE, ids).dispatch
-        seconds = timed(lambda dispatch=dispatch: drive(dispatch, governed))
+        seconds = timed(partial(drive, dispatch, governed))
         rates.append(len(governed) / seconds)
         checkpoints = len(runtime.store.checkpoints())
     return Figure(
@@ -652,7 +653,8 @@ def verify_figure(door: ModuleType, profile: Profile, signer: Signer, folder: Pa
     small = write_store(door, signer, folder / "verify-half.db", profile.verify_entries // 2)
     big = write_store(door, signer, folder / "verify.db", profile.verify_entries)
     keys = str(folder / "keys" / f"{signer.key_id}.public.json")
-    rates, peaks = [], {}
+    rates: list[float] = []
+    peaks: dict[int, int] = {}
     for path, entries in ((big, profile.verify_entries), (small, profile.verify_entries // 2)):
         for _ in range(profile.rounds if path == big else 1):
             seconds, peak_kb, out = run_cli(["audit", "verify", str(path), "--public-key", keys])

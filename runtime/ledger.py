@@ -63,7 +63,7 @@ from .keychain import (
     rotation_body,
 )
 from .keys import Keyring, PublicKeyInfo, Signer
-from .merkle import TreeFrontier
+from .merkle import TreeFrontier, extend_frontier
 
 RootLike: TypeAlias = RootOfTrust | PublicKeyInfo | Keyring | str
 
@@ -1122,25 +1122,30 @@ def _verify_checkpoint_signature(
 
 
 class _Tree:
-    """The verifier's Merkle frontier (merkle.TreeFrontier, mutable for speed)."""
+    """The verifier's Merkle frontier (merkle.TreeFrontier, mutable for speed). Entry hashes
+    wait in `pending` (at most _TREE_BATCH of them, so memory stays flat) and go into the
+    tree a batch at a time, a level at a time, when a root is needed or the batch is full."""
 
-    __slots__ = ("nodes", "size")
+    __slots__ = ("nodes", "pending", "size")
 
     def __init__(self) -> None:
         self.nodes: list[bytes] = []
         self.size = 0
+        self.pending: list[bytes] = []
 
-    def append(self, entry: bytes) -> None:
-        node = _sha256(b"\x00" + entry).digest()
-        self.size = bits = self.size + 1
-        nodes = self.nodes
-        while not bits & 1:
-            node = _sha256(b"\x01" + nodes.pop() + node).digest()
-            bits >>= 1
-        nodes.append(node)
+    def flush(self) -> None:
+        pending = self.pending
+        if pending:
+            leaves = [_sha256(b"\x00" + entry).digest() for entry in pending]
+            self.size = extend_frontier(self.nodes, self.size, leaves)
+            pending.clear()
 
     def root(self) -> bytes:
+        self.flush()
         return TreeFrontier(self.size, tuple(self.nodes)).root()
+
+
+_TREE_BATCH = 1024
 
 
 class _CheckpointStream:
@@ -1373,7 +1378,7 @@ def _verify(
     uncovered_from = -1  # the first unsigned entry not yet covered by a signed checkpoint
     head = GENESIS_HASH
     position = 0
-    append_leaf = tree.append
+    append_leaf = tree.pending.append
 
     def settle(size: int) -> bool:
         covered = stream.settle(size, head)
@@ -1510,6 +1515,8 @@ def _verify(
         head = computed
         append_leaf(computed)
         position += 1
+        if not position % _TREE_BATCH:
+            tree.flush()
         if (position == stream.next_size or position == external_size) and settle(position):
             uncovered_from = -1
 

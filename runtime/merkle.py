@@ -22,6 +22,7 @@ __all__ = [
     "SubtreeHasher",
     "TreeFrontier",
     "consistency_proof",
+    "extend_frontier",
     "leaf_hash",
     "node_hash",
     "tree_root",
@@ -56,7 +57,9 @@ class TreeFrontier:
         """The frontier after appending these entries (self is unchanged: a batch that rolls
         back simply drops the result)."""
         nodes = list(self.nodes)
-        size = _extend(nodes, self.size, [_sha256(b"\x00" + e).digest() for e in entry_hashes])
+        size = extend_frontier(
+            nodes, self.size, [_sha256(b"\x00" + e).digest() for e in entry_hashes]
+        )
         return TreeFrontier(size, tuple(nodes))
 
     def root(self) -> bytes:
@@ -79,7 +82,7 @@ class TreeFrontier:
         return cls(size, tuple(data[i : i + 32] for i in range(0, len(data), 32)))
 
 
-def _extend(nodes: list[bytes], size: int, leaves: list[bytes]) -> int:
+def extend_frontier(nodes: list[bytes], size: int, leaves: list[bytes]) -> int:
     """Append leaf hashes to the frontier `nodes` of a `size`-leaf tree, in place; the new
     size. Leaves go in as the largest perfect subtrees that fit where the tree ends, each
     built a level at a time (a comprehension per level, not a loop step per node); a subtree
