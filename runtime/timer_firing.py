@@ -1,8 +1,15 @@
-"""Firing due timers: each firing is one unit of work that moves or stays, notifies and emits."""
+"""Firing due timers: each firing is one unit of work that moves or stays, notifies and emits.
+
+A timer's own actions that a policy names (outside calls, such as a retry ladder's
+`retry_charge`) run before the firing's transaction, on the committed state, as dispatch runs
+them (runtime/dispatch.py): their retries wait without the write lock, and the unit takes
+their results if the instance is still at the version they ran on (else it calls again
+inside). A preflight that fails leaves the timer armed and due, as a failed firing does.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from .errors import StoreIntegrityError
@@ -19,8 +26,34 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 
+# The results of a timer's outside actions, run before the firing on the instance's version.
+_Preran = tuple[int, Mapping[str, object]]
+
+
+def preflight(governor: Governor, timer: ArmedTimer, now: int) -> _Preran | None:
+    """Run the timer's outside actions on the committed state, outside any transaction; None
+    when it has none, or when the firing will find nothing to do. Raises ActionFailed."""
+    spec = governor._timer_specs.get(timer.timer_id)
+    if spec is None or not governor._external:
+        return None
+    outside = tuple((a, f) for a, f in governor._timer_actions[spec.id] if a in governor._external)
+    if not outside:
+        return None
+    runtime = governor.runtime
+    store = runtime._store
+    record = store.get_instance(governor.name, timer.instance)
+    if record is None or not governor._plan.holds(spec, record.state):
+        return None
+    if timer not in store.armed_timers(governor.name, timer.instance):
+        return None  # fired or cancelled meanwhile
+    target = None if spec.target is None else str(spec.target)
+    actor = runtime._timer_actor
+    results = governor._run_actions(outside, spec.id, target, record, None, actor, now, spec.id)
+    return record.version, results
+
+
 def fire_work(
-    governor: Governor, timer: ArmedTimer, now: int
+    governor: Governor, timer: ArmedTimer, now: int, preran: _Preran | None = None
 ) -> Callable[[Transaction, _Chain], TimerFiring | None]:
     name = governor.name
     runtime = governor.runtime
@@ -45,6 +78,7 @@ def fire_work(
             runtime._timer_actor,
             now,
             spec.id,
+            None if preran is None or preran[0] != record.version else preran[1],
         )
         emits = governor._timer_emits[spec.id]
         if target is not None:
@@ -188,15 +222,28 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
         due = [t for t in due if t not in skip][:limit]
         if not due:
             break
-        works = [fire_work(runtime._governors[t.machine], t, instant) for t in due]
-        partitions = [runtime._partition_of(t.instance) for t in due]
-        for timer, outcome in zip(due, runtime._submit_many(works, partitions), strict=True):
+        works = []
+        ready = []
+        for timer in due:
+            governor = runtime._governors[timer.machine]
+            try:
+                preran = preflight(governor, timer, instant)
+            except Exception as error:  # an outside action failed: the timer stays due
+                failed.append(error)
+                skip.add(timer)
+                continue
+            works.append(fire_work(governor, timer, instant, preran))
+            ready.append(timer)
+        partitions = [runtime._partition_of(t.instance) for t in ready]
+        for timer, outcome in zip(ready, runtime._submit_many(works, partitions), strict=True):
             if outcome.error is not None:
                 # The timer stays armed and due: the next call tries it again.
                 failed.append(outcome.error)
                 skip.add(timer)
             elif outcome.value is not None:
                 fired.append(outcome.value)
+    if runtime._breaker_moves:  # moved by a preflight whose firing did not run
+        runtime._record_breaker_moves()
     if failed:
         raise failed[0]
     return fired

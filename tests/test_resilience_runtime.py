@@ -165,7 +165,7 @@ def _billing_runtime(
     )
     primary = primary or Processor()
     actions: dict[str, Callable[[Any], object]] = {name: _noop for name in BILLING.actions}
-    actions["submit_charge"] = primary
+    actions["submit_charge"] = actions["retry_charge"] = primary
     actions["charge_backup_processor"] = Processor()
     runtime.load(BILLING, {name: _yes for name in BILLING.guards}, actions)
     return runtime, primary
@@ -263,6 +263,37 @@ def test_retries_wait_outside_the_write_transaction(tmp_path: Path, keys: Path) 
     assert processor.charged == ["cust-2", "cust-1"]  # each captured once
     history = runtime.governor("Billing").history("cust-1")
     assert [e.event for e in history] == ["create", "ChargeRequested"]
+    runtime.close()
+
+
+def test_a_retry_ladder_step_calls_the_processor_outside_the_write_transaction(
+    tmp_path: Path, keys: Path
+) -> None:
+    """The ladder's timer fires retry_charge (a policy's action) before the firing's
+    transaction: while the processor holds the retry, other work commits."""
+    processor = HeldProcessor(set())
+    clock = VirtualClock(START)
+    runtime, _ = _billing_runtime(tmp_path / "s.db", keys, clock, processor)
+    governor = runtime.governor("Billing")
+    governor.create("cust-1")
+    _charge(runtime, "cust-1")
+    failure = {"customer_id": "cust-1", "idempotency_key": "k", "reason": "declined"}
+    governor.dispatch("cust-1", "PaymentFailed", failure)
+    assert governor.get("cust-1").state == "Retry1"  # type: ignore[union-attr]
+    processor.held = {"cust-1"}
+    clock.advance("1h")
+    firing = threading.Thread(target=runtime.fire_due)
+    firing.start()
+    while processor.holding == 0:
+        firing.join(0.001)
+    other = threading.Thread(target=_charge, args=(runtime, "cust-2"))
+    other.start()
+    other.join(10)
+    assert not other.is_alive()  # committed while the retry was with the processor
+    processor.release.set()
+    firing.join(10)
+    assert governor.get("cust-1").state == "Retry1Charging"  # type: ignore[union-attr]
+    assert processor.charged == ["cust-1", "cust-2", "cust-1"]  # the retry called once
     runtime.close()
 
 

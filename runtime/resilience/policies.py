@@ -24,7 +24,8 @@ wait without holding the write lock, and the unit of work takes the results. `di
 runs them in the runtime's action threads, so the calls of concurrent dispatches overlap and
 each tenant's bulkhead caps its share of them: a tenant whose calls hang holds at most its cap
 of threads and is refused beyond it, while other tenants' calls go on. Timer firings (a retry
-ladder's `retry_charge`) still run them inside the firing's transaction.
+ladder's `retry_charge`) run a timer's own policy actions before the firing's transaction
+too (runtime/timer_firing.py); entry actions of the state a timer enters run inside it.
 """
 
 from __future__ import annotations
