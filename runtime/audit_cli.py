@@ -55,6 +55,7 @@ from .ledger import (
     write_jsonl,
 )
 from .runtime import Runtime
+from .store.base import Store
 from .store.locate import STORE_ENV, is_postgres_url, redact, store_location
 from .store.sqlite import SQLiteStore
 from .witness import read_witness_file
@@ -202,10 +203,17 @@ def _outgoing_signer(public_json: str) -> Signer:
 
 
 def rotate_store(path: str, outgoing: Signer, incoming: Signer) -> LedgerEntry:
-    """Write a rotation entry into a store's ledger (see Runtime.rotate_key)."""
-    if not Path(path).is_file():
+    """Write a rotation entry into a store's ledger (see Runtime.rotate_key): an SQLite file,
+    or a PostgreSQL store's every partition."""
+    store: Store
+    if is_postgres_url(path):
+        from .store.postgres import PostgresStore
+
+        store = PostgresStore(path, create=False)
+    elif not Path(path).is_file():
         raise LedgerReadError(f"{path}: no such store file")
-    store = SQLiteStore(path)
+    else:
+        store = SQLiteStore(path)
     mode = store.ledger_mode()
     if mode is None:
         store.close()
@@ -278,11 +286,11 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
             try:
                 entry = rotate_store(ledger, outgoing, incoming)
             except RuntimeFailure as failure:
-                return _diagnostic(ledger, failure, LEDGER_HINT)
+                return _diagnostic(redact(ledger), failure, LEDGER_HINT)
             # The outgoing key signed the rotation entry: its window closes just after it.
             retire_at = max(retire_at, entry.ts_ms + 1)
             print(
-                f"{printable(ledger)}: rotation entry seq {entry.seq} introduces key "
+                f"{printable(redact(ledger))}: rotation entry seq {entry.seq} introduces key "
                 f"{incoming.key_id}, signed by the outgoing key {outgoing.key_id}"
             )
     if args.retire:

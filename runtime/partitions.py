@@ -158,6 +158,9 @@ class PartitionedStore(Protocol):
 
     def partition_of(self, instance: str) -> int: ...
 
+    def run_in_every_partition(self, work: Callable[[Callable[[int], Transaction]], T]) -> T:
+        """One transaction holding every partition's head lock (see the PostgreSQL store)."""
+
     def in_partition(self, partition: int) -> Store:
         """The store, reading the ledger of `partition` (entries, one entry, checkpoints)."""
 

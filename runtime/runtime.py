@@ -219,12 +219,8 @@ class Runtime:
         old = self._sealer
         if old is None:
             raise StoreConfigError("this runtime keeps no ledger, so it has no key to rotate")
-        if len(self._ledgers) > 1:
-            raise StoreConfigError(
-                f"the store's ledger has {len(self._ledgers)} partitions; a rotation is written "
-                "into a ledger of one chain",
-                hint="rotating the key of a partitioned PostgreSQL ledger is not supported",
-            )
+        if self._partitioned is not None and len(self._ledgers) > 1:
+            return self._rotate_every_chain(self._partitioned, old, new_signer)
 
         def work(txn: Transaction, chain: _Chain) -> LedgerEntry:
             chain.load(txn)
@@ -242,6 +238,47 @@ class Runtime:
         except BaseException:
             self._sealer = old
             raise
+
+    def _rotate_every_chain(
+        self, fleet: PartitionedStore, old: LedgerSealer, new_signer: Signer
+    ) -> LedgerEntry:
+        """`rotate_key` on a partitioned store: the rotation entry is appended to every chain
+        (each a complete ledger), all in one transaction holding every head, so no chain is
+        left signed by the retired key; returns partition 0's entry."""
+        now = self._clock.now_ms()
+        chains = [_Chain(self, partition) for partition in range(len(self._ledgers))]
+
+        def work(in_chain: Callable[[int], Transaction]) -> LedgerEntry:
+            rotated: list[LedgerEntry] = []
+            new: LedgerSealer | None = None
+            for chain in chains:
+                txn = in_chain(chain.partition)
+                chain.load(txn)
+                if chain.next_seq == 0:
+                    raise StoreIntegrityError(
+                        f"ledger partition {chain.partition} has no genesis entry to rotate from"
+                    )
+                entry, new = old.rotation(chain.next_seq, chain.head, now, new_signer)
+                txn.append_ledger(entry)
+                chain.advance(entry)
+                rotated.append(entry)
+            assert new is not None
+            # The checkpoints over the rotations are signed after them: by the new key.
+            self._sealer = new
+            for chain in chains:
+                chain.finish(in_chain(chain.partition))
+            return rotated[0]
+
+        try:
+            entry = fleet.run_in_every_partition(work)
+        except BaseException:
+            self._sealer = old
+            for state in self._ledgers:
+                state.keeper.failed()
+            raise
+        for chain in chains:
+            chain.state.keeper.committed(chain.hashes, now)
+        return entry
 
     # -- governors -----------------------------------------------------------------------------
 

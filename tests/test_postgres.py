@@ -10,8 +10,14 @@ from pathlib import Path
 import pytest
 from autonomic.compiler import cli
 from autonomic.runtime.audit_store import verify_url
-from autonomic.runtime.errors import StoreConfigError
-from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
+from autonomic.runtime.errors import StoreConfigError, StoreIntegrityError
+from autonomic.runtime.keys import (
+    Keyring,
+    generate_keypair,
+    load_public_key,
+    load_signer,
+    now_ms,
+)
 from autonomic.runtime.ledger import LedgerSealer
 from autonomic.runtime.partitions import merkle_root, partition_of
 from autonomic.runtime.runtime import Runtime
@@ -267,3 +273,48 @@ def test_commands_take_a_postgresql_store(postgres_stores: Stores, tmp_path: Pat
     assert code == 1 and "partition 2: " in out
     code, _, err = run_cli("simulate", "Counter", "--script", "x.yaml", "--store", url)
     assert code == 1
+
+
+def test_a_key_rotation_goes_into_every_partition_at_once(
+    postgres_stores: Stores, tmp_path: Path
+) -> None:
+    """`keygen --retire OLD --ledger URL` on a store of four partitions: every chain gets its
+    rotation entry (signed by the old key) in one transaction, the checkpoints over them are
+    signed by the new key, the old key can no longer open the store, and the whole ledger
+    verifies from the old (root) key, roots signed by the new key included."""
+    old_dir, new_dir = tmp_path / "old", tmp_path / "new"
+    generate_keypair(old_dir, valid_from_ms=now_ms() - 3_600_000)
+    old = load_signer(old_dir)
+    old_public = old_dir / f"{old.key_id}.public.json"
+    url = postgres_stores.location()
+    runtime = Runtime(PostgresStore(url, partitions=4), sealer=LedgerSealer(old))
+    counter = runtime.load(counter_spec(), *Bindings().for_spec(counter_spec()))
+    for n in range(8):
+        counter.create(f"c{n}")
+    runtime.close()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(["keygen", str(new_dir), "--retire", str(old_public), "--ledger", url])
+    assert code == 0, out.getvalue()
+    new = load_signer(new_dir)
+    assert f"introduces key {new.key_id}" in out.getvalue()
+    rotations = postgres_stores.rows(
+        "s", "SELECT part, key_id FROM ledger WHERE kind = 'key_rotation' ORDER BY part"
+    )
+    assert rotations == [(p, old.key_id) for p in range(4)]
+    newest = postgres_stores.rows(
+        "s",
+        "SELECT DISTINCT ON (part) key_id FROM ledger_checkpoints ORDER BY part, size DESC",
+    )
+    assert newest == [(new.key_id,)] * 4
+    with pytest.raises(StoreIntegrityError, match="does not hold active"):
+        Runtime(PostgresStore(url), sealer=LedgerSealer(old))
+    runtime = Runtime(PostgresStore(url), sealer=LedgerSealer(new))
+    counter = runtime.load(counter_spec(), *Bindings().for_spec(counter_spec()))
+    for n in range(8):
+        counter.dispatch(f"c{n}", "Tick")
+    runtime.close()
+    report = verify_url(url, load_public_key(old_public), workers=1)
+    assert report.ok, report.reason
+    assert report.keys == (old.key_id, new.key_id)
+    assert report.count == 4 + 8 + 4 + 8  # geneses, creates, rotations, ticks

@@ -648,6 +648,25 @@ class PostgresStore:
                 raise
         return outcomes
 
+    def run_in_every_partition(self, work: Callable[[Callable[[int], Transaction]], T]) -> T:
+        """Run `work` in one transaction holding the head lock of every ledger partition;
+        `work` gets each partition's Transaction from the function it is passed. For writes
+        that go into every chain at once (a key rotation). The heads are locked in partition
+        order and a batch holds one head only, so this never deadlocks with batches."""
+        with self._connection() as connection:
+            cursor = connection.cursor()
+            execute = cursor.execute
+            execute("BEGIN")
+            try:
+                execute("SELECT part FROM ledger_heads ORDER BY part FOR UPDATE")
+                value = work(lambda partition: PostgresTransaction(cursor, partition))
+                execute("COMMIT")
+            except BaseException:
+                if not connection.closed and connection.info.transaction_status != 0:
+                    connection.rollback()
+                raise
+        return value
+
     def _connection(self) -> Any:
         try:
             return self._pool.connection(timeout=60)
