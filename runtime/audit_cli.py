@@ -506,10 +506,13 @@ def _verify_store(parser: argparse.ArgumentParser, args: argparse.Namespace, url
         print(f"{redact(url)}: seq {report.index}: {report.reason}")
         return 1
     plural = "y" if report.count == 1 else "ies"
+    signed = (
+        "signed checkpoint or root" if report.checkpoints == 1 else "signed checkpoints and roots"
+    )
     print(
         f"verified {report.count} entr{plural} in {partitions} partition"
-        f"{'s' if partitions != 1 else ''} (mode {report.mode}, {report.checkpoints} "
-        f"signed checkpoints and roots, keys {' -> '.join(report.keys)})"
+        f"{'s' if partitions != 1 else ''} (mode {report.mode}, {report.checkpoints} {signed}, "
+        f"keys {' -> '.join(report.keys)})"
     )
     return 0
 
