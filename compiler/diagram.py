@@ -319,6 +319,8 @@ def visible(text: str) -> str:
 def dot_quote(lines: tuple[str, ...] | str, *, align: Literal["center", "left"] = "center") -> str:
     """A DOT double-quoted string; lines joined with DOT's own line breaks."""
     if isinstance(lines, str):
+        if align == "center" and lines.isprintable() and '"' not in lines and "\\" not in lines:
+            return f'"{lines}"'  # a state name, most docs: nothing to escape
         lines = (lines,)
     if not lines:
         return '""'
