@@ -261,6 +261,13 @@ class Governor:
         # Actions a policy names: they call the outside world, so dispatch runs them before
         # taking the write lock (see the module docstring).
         self._external = frozenset(a for p in spec.policies.values() for a in p.actions)
+        # The events with a row that runs one: the only ones worth a look before the unit.
+        self._external_events = frozenset(
+            event
+            for (_, event), rows in self._rows.items()
+            for row in rows
+            if any(a in self._external for a, _ in row.actions)
+        )
         self._initial = sys.intern(str(spec.initial))
         self._accepts: dict[str, tuple[str, ...]] = {}
         for state, event in self._rows:
@@ -632,7 +639,7 @@ class Governor:
         """`work` (from `_work`) with this machine's outside actions already run, outside any
         transaction, when the committed state says the unit will take a row that has some;
         else `work` itself. Raises ActionFailed (nothing stored) when one of them fails."""
-        if not self._external:
+        if work.args[1] not in self._external_events:
             return work
         args = work.args[:-1]
         runtime = self.runtime

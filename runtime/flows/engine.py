@@ -412,10 +412,6 @@ class FlowRunner:
         try:
             self._hook(run, op.step, op.phase)
             governor, target, payload, event_id = self._receiver(run, op.step, op.emit, op.phase)
-            if governor.get(target) is None:
-                # Created meanwhile, or by an earlier attempt of this step: either will do.
-                with contextlib.suppress(InstanceExists):
-                    governor.create(target, self.actor)
             # Prepared: a receiver's outside actions (a policy's) run before the commit.
             unit = governor._prepare(
                 governor._work(
@@ -429,6 +425,12 @@ class FlowRunner:
         along_partition = self.runtime._partition_of(target)
         outcome = self._write(run, op.status, [], along=unit, along_partition=along_partition)
         assert outcome is not None
+        if isinstance(outcome.error, UnknownInstance):  # the receiver's first event
+            try:
+                result = self._dispatch(governor, target, op.emit.event, payload, event_id)
+            except _STEP_FAILURES as failed:
+                return _step_outcome(failed)
+            return _step_outcome(result)
         if outcome.error is not None:
             return _step_outcome(outcome.error)
         value = outcome.value
@@ -444,16 +446,27 @@ class FlowRunner:
                 return self._attempt_here(run, step, hooked=True)
             assert step.send is not None
             governor, target, payload, event_id = self._receiver(run, step, step.send, "do")
-            if governor.get(target) is None:
-                with contextlib.suppress(InstanceExists):
-                    governor.create(target, self.actor)
-            event = step.send.event
-            result = governor.dispatch(
-                target, event, payload or None, self.actor, event_id=event_id
-            )
+            result = self._dispatch(governor, target, step.send.event, payload, event_id)
         except (StepFailed, *_STEP_FAILURES) as failed:
             return _step_outcome(failed)
         return self._late(_step_outcome(result), deadline)
+
+    def _dispatch(
+        self,
+        governor: Governor,
+        target: str,
+        event: str,
+        payload: dict[str, Any],
+        event_id: str,
+    ) -> DispatchResult:
+        """dispatch, creating a missing receiver first (created meanwhile, or by an earlier
+        attempt of this step: either will do)."""
+        try:
+            return governor.dispatch(target, event, payload or None, self.actor, event_id=event_id)
+        except UnknownInstance:
+            with contextlib.suppress(InstanceExists):
+                governor.create(target, self.actor)
+            return governor.dispatch(target, event, payload or None, self.actor, event_id=event_id)
 
     def _late(self, outcome: tuple[str, Any], deadline: int | None) -> tuple[str, Any]:
         """A reply that came after the fanout's deadline counts as timed out (its effect
