@@ -143,6 +143,8 @@ class Runtime:
         # The thread running units of work right now: a guard or action that dispatches
         # from inside one would wait for itself.
         self._working_thread: int | None = None
+        # The threads leading a commit batch now: one per ledger chain on a partitioned store.
+        self._committing: set[int] = set()
         self._chain = _Chain(self)  # the memory store's chain, kept across its commits
         self._committers: list[GroupCommit[Callable[[Transaction, _Chain], Any]]] = [
             GroupCommit(functools.partial(self._run_batch, p), max_batch=max_batch)
@@ -403,7 +405,7 @@ class Runtime:
         """Run one unit of work and commit it: on the memory store at once, inside the store;
         on a transactional store through group commit (of its ledger partition)."""
         me = threading.get_ident()
-        if self._working_thread == me:
+        if self._working_thread == me or me in self._committing:
             raise NestedDispatch()
         memory = self._memory
         if memory is None:
@@ -518,7 +520,9 @@ class Runtime:
 
             return run
 
-        self._working_thread = threading.get_ident()
+        me = threading.get_ident()
+        self._working_thread = me
+        self._committing.add(me)
         try:
             units = [unit(w) for w in works]
             if self._partitioned is not None:
@@ -530,6 +534,7 @@ class Runtime:
             raise
         finally:
             self._working_thread = None
+            self._committing.discard(me)
         keeper.committed(chain.hashes, self._clock.now_ms())
         return outcomes
 

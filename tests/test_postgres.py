@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from autonomic.compiler import cli
 from autonomic.runtime.audit_store import verify_url
-from autonomic.runtime.errors import StoreConfigError, StoreIntegrityError
+from autonomic.runtime.dispatch import Governor
+from autonomic.runtime.errors import (
+    ActionFailed,
+    NestedDispatch,
+    StoreConfigError,
+    StoreIntegrityError,
+)
 from autonomic.runtime.keys import (
     Keyring,
     generate_keypair,
@@ -318,3 +326,54 @@ def test_a_key_rotation_goes_into_every_partition_at_once(
     assert report.ok, report.reason
     assert report.keys == (old.key_id, new.key_id)
     assert report.count == 4 + 8 + 4 + 8  # geneses, creates, rotations, ticks
+
+
+def test_a_nested_dispatch_is_refused_while_another_chain_commits(
+    postgres_stores: Stores, key_dir: Path
+) -> None:
+    """Two chains commit at once in two threads: a dispatch from inside the action of one is
+    refused (NestedDispatch), even though the other chain's batch started after it."""
+    spec = counter_spec()
+    guards, actions = Bindings().for_spec(spec)
+    a_started, b_done = threading.Event(), threading.Event()
+    holder: list[Governor] = []
+    first, second = (
+        "a-0",
+        next(f"b-{n}" for n in range(100) if partition_of(f"b-{n}", 4) != partition_of("a-0", 4)),
+    )
+
+    def count(ctx: Any) -> None:
+        if ctx.instance == first:  # committing in its chain while the other nests
+            a_started.set()
+            b_done.wait(10)
+            return
+        try:
+            assert a_started.wait(10)
+            holder[0].dispatch(second, "Hold")  # its own chain, whose batch this thread leads
+        finally:
+            b_done.set()
+
+    rt = fleet(postgres_stores, key_dir, 4)
+    counter = rt.load(spec, guards, {**actions, "count": count})
+    holder.append(counter)
+    counter.create(first)
+    counter.create(second)
+    caught: list[BaseException] = []
+
+    def tick(instance: str) -> None:
+        try:
+            counter.dispatch(instance, "Tick")
+        except BaseException as exc:
+            caught.append(exc)
+
+    threads = [threading.Thread(target=tick, args=(i,), daemon=True) for i in (second, first)]
+    threads[0].start()
+    threads[1].start()
+    for thread in threads:
+        thread.join(20)
+    assert not any(t.is_alive() for t in threads), "the nested dispatch waited for itself"
+    assert len(caught) == 1 and isinstance(caught[0], ActionFailed), caught
+    assert isinstance(caught[0].cause, NestedDispatch)
+    record = counter.get(first)
+    assert record is not None and record.version == 2
+    rt.close()
