@@ -208,7 +208,7 @@ def explain(tables: MachineTables) -> Explanation:
         members: set[str] = condensed.nodes[component]["members"]
         first = next(iter(members))
         if len(members) == 1 and not graph.has_edge(first, first):
-            bound[first] = _single(first, by, via, bound)
+            bound[first] = _capped(first, _single(first, by, via, bound), graph, deadlines, bound)
         else:
             _cycle(members, graph, deadlines, component_of, component, bound)
     bounds = []
@@ -291,6 +291,43 @@ def _deadlines(tables: MachineTables) -> list[tuple[frozenset[str] | None, int, 
         latest = settings[timer.after_setting] if timer.after_setting else timer.after_ms
         found.append((scope, latest, timer.target))
     return found
+
+
+def _capped(
+    state: str,
+    found: tuple[int, str | None, str] | None,
+    graph: nx.DiGraph[str],
+    deadlines: list[tuple[frozenset[str] | None, int, str]],
+    bound: dict[str, tuple[int, str | None, str] | None],
+) -> tuple[int, str | None, str] | None:
+    """A group or creation deadline armed in `state` keeps running while timers move the
+    instance inside its scope: it fires at the latest after its delay *from now*, so the
+    stay is at most that delay plus the longest bound of where it leads or of any state the
+    timers can leave the scope for first (Snoozed -> Triggered inside Open ends with Open's
+    deadline, not a fresh one after it)."""
+    if found is not None and found[0] == 0:
+        return found
+    best = found
+    for scope, latest, target in deadlines:
+        inside = scope if scope is not None else frozenset(graph.nodes) - {target}
+        if state not in inside or target in inside:
+            continue
+        outside, seen, todo = {target}, {state}, [state]
+        while todo:
+            here = todo.pop()
+            for after in graph.successors(here) if here in graph else ():
+                if after in inside and after not in seen:
+                    seen.add(after)
+                    todo.append(after)
+                elif after not in inside:
+                    outside.add(after)
+        if any(bound.get(after, _STOPS) is None for after in outside):
+            continue
+        tail = max(sorted(outside), key=lambda after: bound.get(after, _STOPS)[0])  # type: ignore[index]
+        length = latest + bound.get(tail, _STOPS)[0]  # type: ignore[index]
+        if best is None or length < best[0]:
+            best = (length, tail, "")
+    return best
 
 
 def _cycle(

@@ -117,9 +117,10 @@ def test_group_and_creation_timers_bound_the_states_they_are_armed_in() -> None:
         "  state C { on Go -> Closed }\n"
         "  final state Closed }"
     )
-    # B waits for nothing but its group's deadline; A reaches B first or the deadline fires.
+    # B waits for nothing but its group's deadline; A's 1h timer only moves it to B inside
+    # the group, where the same deadline keeps running: 8h from now at the latest, not 1h + 8h.
     assert (e.bound("B").within_ms, e.bound("B").stops_in) == (8 * 3_600_000, "Closed")
-    assert e.bound("A").within_ms == 9 * 3_600_000
+    assert (e.bound("A").within_ms, e.bound("A").stops_in) == (8 * 3_600_000, "Closed")
     assert e.waiting() == ("C",)
     created = explained(
         "machine M { event Go\n"
@@ -132,6 +133,34 @@ def test_group_and_creation_timers_bound_the_states_they_are_armed_in() -> None:
     # cannot cycle past it.
     assert created.waiting() == ()
     assert created.bound("A").within_ms == 2 * 86_400_000
+
+
+def test_a_group_deadline_keeps_running_while_timers_move_inside_the_group() -> None:
+    """The on-call incident: an acknowledged incident re-triggers after 30m and a snoozed one
+    after the responder's chosen time, all inside Open, whose auto-resolve deadline (at most
+    1d12h) is measured from entering Open; so each resolves within 1d12h, however it moves."""
+    report = check_paths([ROOT / "examples" / "machines" / "incident.fsm"])
+    e = explain(lower(report.machines[0], others=None))
+    for state in ("Triggered", "Acknowledged", "Snoozed"):
+        bound = e.bound(state)
+        assert (bound.within_ms, bound.stops_in, bound.stop) == (
+            36 * 3_600_000,
+            "AutoResolved",
+            "final",
+        ), state
+    # Leaving the group early still counts: B's timer leaves Open for C, which takes 5h more.
+    e = explained(
+        "machine M { event Go\n"
+        "  group Open { A, B }\n"
+        "  after 8h in Open -> Closed\n"
+        "  initial state A { on Go -> Closed  after 1h -> B }\n"
+        "  state B { on Go -> Closed  after 2h -> C }\n"
+        "  state C { on Go -> Closed  after 5h -> Closed }\n"
+        "  final state Closed }"
+    )
+    # A -> B -> C by its own timers takes 1h + 2h + 5h = 8h, within the cap 8h + 5h.
+    assert e.bound("A").within_ms == 8 * 3_600_000
+    assert e.bound("B").within_ms == 7 * 3_600_000
 
 
 def test_cycles_inside_a_group_end_at_its_deadline_and_others_never_settle() -> None:
