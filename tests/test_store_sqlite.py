@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from autonomic.runtime.dispatch import Governor
@@ -263,6 +265,38 @@ def test_many_openers_of_one_new_file_agree(tmp_path: Path) -> None:
     for store in opened:
         store.close()
     assert store_marks(path)[1] == {"format": "autonomic-store", "schema": "1"}
+
+
+def _open_at_the_signal(path: str, go: Any, answers: Any) -> None:
+    go.wait()
+    try:
+        SQLiteStore(Path(path)).close()
+        answers.put("ok")
+    except BaseException as exc:  # the parent shows what went wrong
+        answers.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_opening_one_new_file_at_once_all_get_the_store(tmp_path: Path) -> None:
+    """Eight processes open the same new file at the same moment, twenty times. SQLite
+    answers the switch to WAL, and a read while another process creates the file, with
+    "locked" at once (no busy wait): each opener waits its turn instead of refusing the file,
+    and none takes a store being created for another program's file."""
+    context = multiprocessing.get_context("fork")
+    failures = []
+    for trial in range(20):
+        go, answers = context.Event(), context.Queue()
+        path = str(tmp_path / f"s{trial}.db")
+        workers = [
+            context.Process(target=_open_at_the_signal, args=(path, go, answers)) for _ in range(8)
+        ]
+        for worker in workers:
+            worker.start()
+        go.set()
+        failures += [a for a in (answers.get(timeout=60) for _ in workers) if a != "ok"]
+        for worker in workers:
+            worker.join(timeout=60)
+        assert store_marks(Path(path))[1] == {"format": "autonomic-store", "schema": "1"}
+    assert failures == []
 
 
 # One case per input rule (runtime/inputs.py and the strict payload models): each is refused

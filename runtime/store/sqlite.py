@@ -22,6 +22,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -255,20 +256,37 @@ def _refuse_unless_empty_or_ours(path: Path, busy_timeout_ms: int) -> None:
     # Nobody has it open: read the file as it is, without locks, since even a read-only
     # connection to a WAL database creates the -wal and -shm files and leaves them there.
     quiet = not any(s.exists() for s in sidecars)
+    give_up = time.monotonic() + busy_timeout_ms / 1000
     try:
-        try:
-            _inspect(path, busy_timeout_ms, immutable=quiet)
-        except sqlite3.Error:
-            if not quiet or not any(s.exists() for s in sidecars):
-                raise
-            # Opened meanwhile: the unlocked read may have met a checkpoint. Read it again.
-            _inspect(path, busy_timeout_ms, immutable=False)
+        while True:
+            try:
+                _inspect(path, busy_timeout_ms, immutable=quiet)
+                return
+            except (sqlite3.Error, StoreConfigError) as exc:
+                if quiet and any(s.exists() for s in sidecars):
+                    # Opened meanwhile: the unlocked read of the main file alone may have
+                    # met a store being created or checkpointed. Read it again, with locks.
+                    quiet = False
+                    continue
+                if not isinstance(exc, sqlite3.Error) or not _busy(exc):
+                    raise
+                if time.monotonic() >= give_up:
+                    raise
+                # Another process holds the file while it creates or converts it (SQLite
+                # answers some of those moments with "locked" at once, whatever the busy
+                # timeout): it is in use, so ask again until the timeout.
+                time.sleep(0.005)
     except sqlite3.Error as exc:
         if exc.sqlite_errorcode == sqlite3.SQLITE_NOTADB:
             raise _not_ours(
                 path, "is not a usable SQLite store: it is not an SQLite database"
             ) from None
         raise _not_ours(path, f"is not a usable SQLite store: {exc}") from None
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    """Another connection holds the file (SQLITE_BUSY or SQLITE_LOCKED, any extended code)."""
+    return exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _inspect(path: Path, busy_timeout_ms: int, *, immutable: bool) -> None:
@@ -606,7 +624,17 @@ class SQLiteStore:
     def _configure(self, busy_timeout_ms: int) -> None:
         execute = self._connection.execute
         execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        mode = execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        give_up = time.monotonic() + busy_timeout_ms / 1000
+        while True:
+            try:
+                mode = execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as exc:
+                # Several processes opening one new file at once: the switch to WAL needs the
+                # file to itself, and SQLite reports "locked" at once rather than waiting.
+                if not _busy(exc) or time.monotonic() >= give_up:
+                    raise
+                time.sleep(0.005)
         if str(mode).lower() != "wal" and str(self.path) != ":memory:":
             raise sqlite3.DatabaseError(f"cannot switch to WAL journal mode (got {mode})")
         execute(f"PRAGMA synchronous = {self.synchronous}")
