@@ -20,7 +20,6 @@ the fleet must beat). The machine is shared and noisy; the figures are medians o
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -33,15 +32,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from autonomic.compiler.build import build
 from autonomic.runtime.keys import generate_keypair, load_signer, now_ms
 from autonomic.runtime.ledger import LedgerSealer
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.locate import open_store
 from autonomic.runtime.timers import VirtualClock
+from harness import compile_machine, load_module
 
 LEASE_MACHINE = """\
 machine Lease perpetual "A lease that ticks, and is held with a reminder and a timeout." {
@@ -66,22 +64,7 @@ HOUR = 3_600_000
 
 
 def compile_lease(folder: Path) -> Path:
-    source = folder / "lease.fsm"
-    source.write_text(LEASE_MACHINE, encoding="utf-8")
-    out = folder / "generated"
-    result = build([source], out, svg=False)
-    if result.report.failed(False):
-        raise SystemExit(f"the Lease machine does not compile: {result.report}")
-    return out / "lease.py"
-
-
-def load_module(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_lease", path)
-    if spec is None or spec.loader is None:
-        raise SystemExit("cannot import the generated Lease module")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return compile_machine(folder, "lease", LEASE_MACHINE)
 
 
 # ---------------------------------------------------------------------------------------------

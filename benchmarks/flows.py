@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import importlib
 import json
 import logging
@@ -27,7 +26,6 @@ import sqlite3
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -43,6 +41,7 @@ from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.sqlite import SQLiteStore
 from autonomic.runtime.timers import VirtualClock
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from harness import timed
 
 SIGNER = Signer.from_private_key(Ed25519PrivateKey.generate())
 CONCURRENCY = 32
@@ -125,17 +124,6 @@ def direct_cancel(market: Marketplace, customer: str) -> None:
     g("Subscription").dispatch(
         customer, "CancelRequested", {"customer_id": customer, "reason": "b"}
     )
-
-
-def timed(work: Callable[[], object]) -> float:
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        work()
-        return time.perf_counter() - start
-    finally:
-        gc.enable()
 
 
 def concurrently(count: int, one: Callable[[int], object]) -> None:

@@ -36,7 +36,6 @@ import asyncio
 import enum
 import gc
 import hashlib
-import importlib.util
 import json
 import os
 import platform
@@ -55,7 +54,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
-from autonomic.compiler.build import build
 from autonomic.runtime.dispatch import Governor
 from autonomic.runtime.errors import InvalidTransition
 from autonomic.runtime.keys import Signer, generate_keypair, load_signer
@@ -68,6 +66,7 @@ from autonomic.runtime.ledger import (
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import SQLiteStore
 from autonomic.runtime.tables import MachineSpec
+from harness import compile_machine, load_module, timed
 
 DOOR_MACHINE = """\
 machine Door perpetual "A door that opens, closes, locks and unlocks." {
@@ -161,20 +160,6 @@ class Figure:
 # Timing.
 
 
-def timed(work: Callable[[], object]) -> float:
-    """Seconds one call of `work` takes, with the garbage collector off (as timeit does)."""
-    enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        work()
-        return time.perf_counter() - start
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def chunked_pairs(
     subject: Callable[[int], object],
     baseline: Callable[[int], object],
@@ -237,18 +222,7 @@ def split(items: Sequence[T], size: int) -> list[Sequence[T]]:
 
 
 def compile_door(folder: Path) -> ModuleType:
-    source = folder / "door.fsm"
-    source.write_text(DOOR_MACHINE, encoding="utf-8")
-    out = folder / "generated"
-    result = build([source], out, svg=False)
-    if result.report.failed(False):
-        raise SystemExit(f"the Door machine does not compile: {result.report}")
-    spec = importlib.util.spec_from_file_location("bench_door", out / "door.py")
-    if spec is None or spec.loader is None:
-        raise SystemExit("cannot import the generated Door module")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(compile_machine(folder, "door", DOOR_MACHINE))
 
 
 class DoorState(enum.Enum):
