@@ -645,9 +645,13 @@ class Governor:
         runtime = self.runtime
         try:
             preran = self._preflight(*args)
-        finally:
-            if runtime._breaker_moves:  # a breaker moved: written even if the call failed
+        except BaseException:
+            # Nothing of the dispatch is stored: the breaker statuses its calls changed are
+            # written on their own, before the caller hears of the failure. Otherwise the
+            # unit of work writes them in its transaction.
+            if runtime._breakers.pending:
                 runtime._record_breaker_moves()
+            raise
         step: Callable[..., DispatchResult | _Rejected] = self._step
         return work if preran is None else partial(step, *args, preran)
 

@@ -6,7 +6,6 @@ import asyncio
 import functools
 import threading
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -30,8 +29,7 @@ from .ledger import Checkpoint, EntryData, LedgerEntry, LedgerSealer, RootLike, 
 from .outbox import deliver_outbox, mark
 from .partitions import PartitionedStore, SignedRoot
 from .replay import replay, verify
-from .resilience.breaker import BreakerChange
-from .resilience.policies import ActionPolicies, breaker_entry, breaker_record
+from .resilience.policies import ActionPolicies, BreakerJournal, Noted, write_noted
 from .results import Delivery, ReplayedState, TimerFiring
 from .sealing import _Chain, _LedgerState
 from .store.base import OutboxMessage, OutboxStatus, Store, Transaction, WorkOutcome
@@ -168,11 +166,9 @@ class Runtime:
         self._action_pool: ThreadPoolExecutor | None = None
         self._action_pool_lock = threading.Lock()
         self._action_thread_count = action_threads
-        # Breaker moves seen while actions ran, written to the ledger after their unit of work.
-        self._breaker_moves: deque[tuple[str, BreakerChange]] = deque()
-        self._policies = ActionPolicies(
-            self._clock, self._note_breaker_move, self._store.get_breaker
-        )
+        # Breaker statuses changed by actions: the unit of work that ran them writes them.
+        self._breakers = BreakerJournal()
+        self._policies = ActionPolicies(self._clock, self._breakers, self._store.get_breaker)
         recorded = self._store.ledger_mode()
         if sealer is None and recorded is not None:
             raise StoreConfigError(
@@ -343,9 +339,6 @@ class Runtime:
 
     # -- running work --------------------------------------------------------------------------
 
-    def _note_breaker_move(self, machine: str, change: BreakerChange) -> None:
-        self._breaker_moves.append((machine, change))
-
     def record(self, entries: Sequence[EntryData]) -> list[LedgerEntry]:
         """Seal and append ledger entries that no transition makes (breaker moves, missed
         deadlines), in order, in one unit of work of their own (one per ledger partition on a
@@ -369,28 +362,28 @@ class Runtime:
         return [entry for entry in sealed if entry is not None]
 
     def _record_breaker_moves(self) -> None:
-        """Write the breaker moves noted so far: after the unit whose action moved the breaker,
-        which may have failed and rolled back. Each move's new state (kept in the store, so a
-        restart finds the breaker as it was) and its ledger entry are one unit of work."""
-        moves = self._breaker_moves
-        noted = [moves.popleft() for _ in range(len(moves))]
+        """Write the breaker statuses still noted, in a unit of their own (per ledger chain):
+        those that no committed unit of work took (see runtime/resilience/policies.py)."""
+        journal = self._breakers
         sealed = self._sealer is not None
-        # A partitioned store: each move in the chain of its entry's instance.
-        by_partition: dict[int, list[tuple[str, BreakerChange]]] = {}
-        for machine, change in noted:
-            partition = self._partition_of(breaker_entry(machine, change).instance)
-            by_partition.setdefault(partition, []).append((machine, change))
-        for partition, moved in by_partition.items():
+        while journal.pending:
+            taken = journal.take()
+            # A partitioned store: each breaker's moves go to the chain of its entries.
+            by_partition: dict[int, list[Noted]] = {}
+            for noted in taken:
+                by_partition.setdefault(self._partition_of(f"policy:{noted[0][1]}"), []).append(
+                    noted
+                )
+            for partition, part in by_partition.items():
 
-            def work(
-                txn: Transaction, chain: _Chain, moved: list[tuple[str, BreakerChange]] = moved
-            ) -> None:
-                for machine, change in moved:
-                    txn.save_breaker(breaker_record(machine, change))
-                    if sealed:
-                        chain.append(txn, breaker_entry(machine, change))
+                def work(txn: Transaction, chain: _Chain, part: list[Noted] = part) -> None:
+                    write_noted(txn, chain if sealed else None, part)
 
-            self._submit_unit(work, partition)
+                try:
+                    self._submit_unit(work, partition)
+                except BaseException:
+                    journal.put_back(part)
+                    raise
 
     def _submit(self, work: Callable[[Transaction, _Chain], T], partition: int | None = 0) -> T:
         """Run one unit in the commit batches of ledger `partition` (None: work that appends
@@ -398,7 +391,7 @@ class Runtime:
         try:
             return self._submit_unit(work, partition)
         finally:
-            if self._breaker_moves:
+            if self._breakers.pending:
                 self._record_breaker_moves()
 
     def _submit_unit(self, work: Callable[[Transaction, _Chain], T], partition: int | None) -> T:
@@ -468,7 +461,7 @@ class Runtime:
         try:
             return cast(T, await batcher.submit(work))
         finally:
-            if self._breaker_moves:  # rare: written synchronously
+            if self._breakers.pending:  # rare: written synchronously
                 self._record_breaker_moves()
 
     def _submit_many(
@@ -490,7 +483,7 @@ class Runtime:
                     outcomes_by_index.update(zip(indexes, done, strict=True))
                 return [outcomes_by_index[i] for i in range(len(works))]
             finally:
-                if self._breaker_moves:
+                if self._breakers.pending:
                     self._record_breaker_moves()
         outcomes: list[WorkOutcome[T]] = []
         for work in works:
@@ -505,17 +498,36 @@ class Runtime:
     ) -> list[WorkOutcome[object]]:
         chain = _Chain(self, partition or 0)
         keeper = chain.state.keeper
+        # Breaker statuses the unit's actions changed (or others', noted before it ran) go in
+        # its transaction; on a partitioned store only those whose entries go to its chain,
+        # and none for a unit that locks no chain head.
+        journal = self._breakers
+        pending = journal.pending
+        fleet = self._partitioned
+        chain_of = None if fleet is None else fleet.partition_of
+        writes_breakers = fleet is None or partition is not None
+        ledger = chain if self._sealer is not None else None
+        taken_here: list[Noted] = []
 
         def unit(work: Callable[[Transaction, _Chain], object]) -> Callable[[Transaction], object]:
             def run(txn: Transaction) -> object:
                 saved = (chain.next_seq, chain.head, chain.appended, chain.loaded)
                 hashes = len(chain.hashes)
+                taken: list[Noted] = []
                 try:
-                    return work(txn, chain)
+                    value = work(txn, chain)
+                    if pending and writes_breakers:
+                        taken = journal.take(chain_of, partition or 0)
+                        write_noted(txn, ledger, taken)
+                        taken_here.extend(taken)  # noted again if the batch fails to commit
+                    return value
                 except BaseException:
-                    # The store rolls this unit back; so does the chain.
+                    # The store rolls this unit back; so does the chain, and the breaker
+                    # statuses it took are noted again.
                     chain.next_seq, chain.head, chain.appended, chain.loaded = saved
                     del chain.hashes[hashes:]
+                    if taken:
+                        journal.put_back(taken)
                     raise
 
             return run
@@ -531,6 +543,8 @@ class Runtime:
                 outcomes = self._store.run(units, before_commit=chain.finish)
         except BaseException:
             keeper.failed()
+            if taken_here:
+                journal.put_back(taken_here)
             raise
         finally:
             self._working_thread = None

@@ -242,7 +242,7 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
                 skip.add(timer)
             elif outcome.value is not None:
                 fired.append(outcome.value)
-    if runtime._breaker_moves:  # moved by a preflight whose firing did not run
+    if runtime._breakers.pending:  # changed by a preflight whose firing did not run
         runtime._record_breaker_moves()
     if failed:
         raise failed[0]

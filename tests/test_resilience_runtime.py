@@ -4,6 +4,9 @@ fallback and per-tenant breakers, on SQLite with real signatures and a virtual c
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,28 +29,12 @@ from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import SQLiteStore
 from autonomic.runtime.tables import ActionPolicy
 from autonomic.runtime.timers import VirtualClock
+from billing_world import START, Processor, open_billing
+from billing_world import charge as _charge
+from billing_world import noop as _noop
+from billing_world import yes as _yes
 
-START = 1_900_000_000_000
-
-
-class Processor:
-    """A payment processor whose answers the test scripts: each call pops the next outcome
-    (an exception class to raise, or None to capture)."""
-
-    def __init__(self) -> None:
-        self.outcomes: list[type[Exception] | None] = []
-        self.failing: type[Exception] | None = None
-        self.failing_for: set[str] = set()  # tenants whose charges always fail
-        self.charged: list[str] = []
-
-    def __call__(self, ctx: Any) -> dict[str, str]:
-        outcome = self.outcomes.pop(0) if self.outcomes else self.failing
-        if ctx.instance in self.failing_for:
-            outcome = ConnectionError
-        if outcome is not None:
-            raise outcome(f"processor said no to {ctx.instance}")
-        self.charged.append(ctx.instance)
-        return {"captured": ctx.instance}
+CRASH_WORKER = Path(__file__).with_name("breaker_crash_worker.py")
 
 
 @pytest.fixture
@@ -72,25 +59,6 @@ def billing(tmp_path: Path, keys: Path) -> Iterator[tuple[Runtime, Processor, Pr
     runtime.load(BILLING, {name: _yes for name in BILLING.guards}, actions)
     yield runtime, primary, backup
     runtime.close()
-
-
-def _noop(ctx: Any) -> None:
-    return None
-
-
-def _yes(ctx: Any) -> bool:
-    return True
-
-
-def _charge(runtime: Runtime, customer: str) -> None:
-    governor = runtime.governor("Billing")
-    if governor.get(customer) is None:
-        governor.create(customer)
-    governor.dispatch(
-        customer,
-        "ChargeRequested",
-        {"customer_id": customer, "invoice_id": "inv", "amount": "99.00", "idempotency_key": "k"},
-    )
 
 
 def test_the_generated_billing_tables_carry_its_policies() -> None:
@@ -160,15 +128,8 @@ def test_the_breaker_opens_falls_back_and_closes_with_every_move_in_the_signed_l
 def _billing_runtime(
     path: Path, keys: Path, clock: VirtualClock, primary: Processor | None = None
 ) -> tuple[Runtime, Processor]:
-    runtime = Runtime(
-        SQLiteStore(path), clock=clock, sealer=LedgerSealer(load_signer(keys), "sign-each")
-    )
     primary = primary or Processor()
-    actions: dict[str, Callable[[Any], object]] = {name: _noop for name in BILLING.actions}
-    actions["submit_charge"] = actions["retry_charge"] = primary
-    actions["charge_backup_processor"] = Processor()
-    runtime.load(BILLING, {name: _yes for name in BILLING.guards}, actions)
-    return runtime, primary
+    return open_billing(SQLiteStore(path), keys, clock, primary), primary
 
 
 def test_an_open_breaker_stays_open_across_a_restart(tmp_path: Path, keys: Path) -> None:
@@ -213,6 +174,74 @@ def test_an_open_breaker_stays_open_across_a_restart(tmp_path: Path, keys: Path)
         ("policy:PaymentProcessor", "BreakerClosed"),
     ]
     assert runtime.verify(Keyring.from_files([keys])).ok
+    runtime.close()
+
+
+def test_a_closed_breakers_run_of_failures_survives_a_restart(tmp_path: Path, keys: Path) -> None:
+    """Every change of the run of failures is stored, the reset by a success too: a restarted
+    runtime opens the breaker on the same failure that would have opened it without the
+    restart (the 11th in a row), not 11 failures after the restart."""
+    clock = VirtualClock(START)
+    path = tmp_path / "store.db"
+    runtime, primary = _billing_runtime(path, keys, clock)
+    primary.outcomes = [ConnectionError] * 6 + [None] + [ConnectionError] * 10
+    for n in range(17):
+        if n == 6:
+            _charge(runtime, f"cust-{n}")  # a success ends the run: 0 is stored
+            stored = runtime.store.get_breaker("Billing", "PaymentProcessor")
+            assert stored is not None and (stored.state, stored.failures) == ("closed", 0)
+            continue
+        with pytest.raises(ActionFailed):
+            _charge(runtime, f"cust-{n}")
+    runtime.close()
+
+    runtime, primary = _billing_runtime(path, keys, clock)
+    breaker = runtime.policies.breaker("Billing", "PaymentProcessor")
+    assert breaker is not None and breaker.state is BreakerState.CLOSED
+    assert breaker.failures == 10
+    primary.failing = ConnectionError
+    with pytest.raises(ActionFailed):
+        _charge(runtime, "cust-17")
+    assert breaker.state is BreakerState.OPEN
+    stored = runtime.store.get_breaker("Billing", "PaymentProcessor")
+    assert stored is not None and (stored.state, stored.failures) == ("open", 11)
+    moves = [(e.instance, e.event) for e in runtime.ledger() if e.kind == "breaker"]
+    assert moves == [("policy:PaymentProcessor", "BreakerOpened")]
+    assert runtime.verify(Keyring.from_files([keys])).ok
+    runtime.close()
+
+
+@pytest.mark.parametrize("charges", [10, 11])
+def test_a_breaker_change_commits_with_the_charge_that_made_it(
+    tmp_path: Path, keys: Path, charges: int
+) -> None:
+    """Killed (SIGKILL) right after the first commit of a charge's dispatch, whose primary
+    failed (the backup made the charge): that commit holds the charge and the breaker's
+    count, and at the 11th the opening with its signed entry. A restart after 10 opens the
+    breaker on the next failure."""
+    db = tmp_path / "store.db"
+    done = subprocess.run(
+        [sys.executable, str(CRASH_WORKER), str(db), str(keys), str(charges)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    runtime, primary = _billing_runtime(db, keys, VirtualClock(START))
+    last = runtime.governor("Billing").get(f"c{charges - 1}")
+    assert last is not None and last.state == "AwaitingPayment"  # the charge committed
+    stored = runtime.store.get_breaker("Billing", "PaymentProcessor")
+    opened = charges > 10
+    assert stored is not None
+    assert (stored.state, stored.failures) == ("open" if opened else "closed", charges)
+    moves = [e.event for e in runtime.ledger() if e.kind == "breaker"]
+    assert moves == (["BreakerOpened"] if opened else [])
+    assert runtime.verify(Keyring.from_files([keys])).ok
+    if not opened:
+        primary.failing = Unavailable
+        _charge(runtime, "c10")
+        breaker = runtime.policies.breaker("Billing", "PaymentProcessor")
+        assert breaker is not None and breaker.state is BreakerState.OPEN
     runtime.close()
 
 

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 from autonomic.runtime.dispatch import Governor
-from autonomic.runtime.errors import InstanceExists, StoreConfigError, StoreIntegrityError
+from autonomic.runtime.errors import (
+    ActionFailed,
+    InstanceExists,
+    StoreConfigError,
+    StoreIntegrityError,
+)
 from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerMode, LedgerSealer
 from autonomic.runtime.resilience.deadlines import DeadlineTracker
@@ -16,6 +21,7 @@ from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import InstanceRecord, Transaction
 from autonomic.runtime.store.base import BreakerRecord, DeadlineRecord
 from autonomic.runtime.timers import VirtualClock
+from billing_world import Processor, charge, open_billing
 from conftest import Stores
 from runtime_machines import Bindings, billing_spec, counter_spec, entitlement_spec
 
@@ -335,6 +341,30 @@ def test_breaker_and_deadline_records(stores: Stores) -> None:
     [found] = store.run([lambda txn: (txn.deadline("a"), txn.deadline("c"))])
     assert found.value == (due[1], None)
     store.close()
+
+
+def test_a_breakers_run_of_failures_is_stored_across_a_restart(
+    stores: Stores, key_dir: Path
+) -> None:
+    """A closed breaker's count of failures is in the store: after 10 failures and a restart
+    the 11th opens it, and the opening is stored with its ledger entry."""
+    clock = VirtualClock(START)
+    primary = Processor()
+    primary.failing = ConnectionError
+    rt = open_billing(stores.open(), key_dir, clock, primary)
+    for n in range(10):
+        with pytest.raises(ActionFailed):
+            charge(rt, f"c{n}")
+    rt.close()
+    rt = open_billing(stores.open(), key_dir, clock, primary)
+    breaker = rt.policies.breaker("Billing", "PaymentProcessor")
+    assert breaker is not None and (breaker.state, breaker.failures) == ("closed", 10)
+    with pytest.raises(ActionFailed):
+        charge(rt, "c10")
+    stored = rt.store.get_breaker("Billing", "PaymentProcessor")
+    assert stored is not None and (stored.state, stored.failures) == ("open", 11)
+    assert [e.event for e in rt.ledger() if e.kind == "breaker"] == ["BreakerOpened"]
+    rt.close()
 
 
 def test_deadline_escalations_go_to_their_chains_once(stores: Stores, key_dir: Path) -> None:

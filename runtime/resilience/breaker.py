@@ -11,14 +11,17 @@ audit ledger as a "breaker" entry):
   success closes the breaker; its failure opens it again for a new cool-down.
 Time comes from the injected Clock only, and it is read when a call asks, so a breaker that
 nobody calls stays open in its state until the next call notices the cool-down has passed.
-`on_change` runs under the breaker's lock, in order: it must be quick (the runtime queues the
-change for the ledger) and must not call the breaker. Thread-safe; `call_async` shares the
-same state, so threads and coroutines may mix.
+`on_status` is told the breaker's whole status (state, run of failures, last opening) every
+time it changes, a move or only the count, with the moves that led to it: the runtime stores
+it, so a restarted process takes up the count as well as the state. `on_change` and
+`on_status` run under the breaker's lock, in order: they must be quick (the runtime queues
+what they get for the store and the ledger) and must not call the breaker. Thread-safe;
+`call_async` shares the same state, so threads and coroutines may mix.
 `counts(error)` decides which failures count (default: all); others propagate and count as
 neither failure nor success.
-`restore(state, failures, opened_ms)` puts a new breaker in the state a stored move left it
-in (the runtime keeps each move in its Store, so a restarted process finds an open breaker
-open, with the cool-down counted from when it opened).
+`restore(state, failures, opened_ms)` puts a new breaker in the status last stored (the runtime
+keeps every status in its Store, so a restarted process finds an open breaker open, with the
+cool-down counted from when it opened, and a closed one with its run of failures).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import TypeVar
 from ..timers import Clock
 from .errors import CircuitOpen
 
-__all__ = ["BreakerChange", "BreakerState", "CircuitBreaker"]
+__all__ = ["BreakerChange", "BreakerState", "BreakerStatus", "CircuitBreaker"]
 
 T = TypeVar("T")
 
@@ -61,6 +64,17 @@ class BreakerChange:
         return _EVENTS[self.to_state]
 
 
+@dataclass(frozen=True, slots=True)
+class BreakerStatus:
+    """What a breaker holds after a change, as the runtime stores it."""
+
+    breaker: str
+    state: BreakerState
+    failures: int
+    opened_ms: int
+    at_ms: int
+
+
 _EVENTS = {
     BreakerState.OPEN: "BreakerOpened",
     BreakerState.HALF_OPEN: "BreakerHalfOpened",
@@ -84,6 +98,7 @@ class CircuitBreaker:
         cooldown_ms: int = 30_000,
         on_change: Callable[[BreakerChange], None] | None = None,
         counts: Callable[[BaseException], bool] = _counts_all,
+        on_status: Callable[[BreakerStatus, tuple[BreakerChange, ...]], None] | None = None,
     ) -> None:
         if tolerated_failures < 0 or cooldown_ms < 1:
             raise ValueError("tolerated_failures must be >= 0 and cooldown_ms >= 1")
@@ -92,6 +107,7 @@ class CircuitBreaker:
         self.cooldown_ms = cooldown_ms
         self._clock = clock
         self._on_change = on_change
+        self._on_status = on_status
         self._counts = counts
         self._lock = threading.Lock()
         self._state = BreakerState.CLOSED
@@ -104,10 +120,12 @@ class CircuitBreaker:
     @property
     def state(self) -> BreakerState:
         """The state now (an open breaker whose cool-down has passed reports half-open)."""
+        now = self._clock.now_ms()
         with self._lock:
-            changes = self._cool(self._clock.now_ms())
+            before = self._held()
+            changes = self._cool(now)
             state = self._state
-            self._report(changes)
+            self._report(changes, before, now)
         return state
 
     @property
@@ -135,6 +153,7 @@ class CircuitBreaker:
         `record_failure` or `record_ignored`."""
         now = self._clock.now_ms()
         with self._lock:
+            before = self._held()
             changes = self._cool(now)
             admitted = self._state is BreakerState.CLOSED or (
                 self._state is BreakerState.HALF_OPEN and not self._probing
@@ -142,22 +161,27 @@ class CircuitBreaker:
             if admitted and self._state is BreakerState.HALF_OPEN:
                 self._probing = True
             retry_at = self._opened_at + self.cooldown_ms
-            self._report(changes)
+            self._report(changes, before, now)
         if not admitted:
             raise CircuitOpen(self.name, retry_at)
 
     def record_success(self) -> None:
         with self._lock:
+            if self._failures == 0 and self._state is BreakerState.CLOSED:
+                return  # the common case: nothing changes, nothing to tell
+            now = self._clock.now_ms()
+            before = self._held()
             self._failures = 0
             changes = []
             if self._state is BreakerState.HALF_OPEN:
                 self._probing = False
-                changes.append(self._move(BreakerState.CLOSED, "probe succeeded"))
-            self._report(changes)
+                changes.append(self._move(BreakerState.CLOSED, "probe succeeded", now))
+            self._report(changes, before, now)
 
     def record_failure(self) -> None:
         now = self._clock.now_ms()
         with self._lock:
+            before = self._held()
             self._failures += 1
             changes = []
             if self._state is BreakerState.HALF_OPEN:
@@ -168,7 +192,7 @@ class CircuitBreaker:
                 self._opened_at = now
                 reason = f"{self._failures} consecutive failures"
                 changes.append(self._move(BreakerState.OPEN, reason, now))
-            self._report(changes)
+            self._report(changes, before, now)
 
     def record_ignored(self) -> None:
         """The admitted call ended in a failure that does not count: free a probe slot."""
@@ -223,8 +247,16 @@ class CircuitBreaker:
         self._state = to
         return change
 
-    def _report(self, changes: list[BreakerChange]) -> None:
-        # Under the lock, so that listeners see the moves in the order they happened.
+    def _held(self) -> tuple[BreakerState, int, int]:
+        return self._state, self._failures, self._opened_at
+
+    def _report(
+        self, changes: list[BreakerChange], before: tuple[BreakerState, int, int], now: int
+    ) -> None:
+        # Under the lock, so that listeners see the changes in the order they happened.
         if self._on_change is not None:
             for change in changes:
                 self._on_change(change)
+        if self._on_status is not None and self._held() != before:
+            status = BreakerStatus(self.name, self._state, self._failures, self._opened_at, now)
+            self._on_status(status, tuple(changes))

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from ..timers import Clock
-from .breaker import BreakerChange, CircuitBreaker
+from .breaker import BreakerChange, BreakerStatus, CircuitBreaker
 from .errors import BulkheadFull
 
 __all__ = ["Bulkhead", "TenantBulkheads"]
@@ -70,7 +70,8 @@ class Bulkhead:
 class TenantBulkheads:
     """The bulkheads of one service, one per tenant, made on first use.
 
-    Each tenant's breaker is named "<name>[<tenant>]" and reports to `on_change`; `restore`
+    Each tenant's breaker is named "<name>[<tenant>]" and reports to `on_change` and
+    `on_status` (see CircuitBreaker); `restore`
     is called with each new breaker before its first use (the runtime restores its stored
     state there).
     """
@@ -85,6 +86,7 @@ class TenantBulkheads:
         cooldown_ms: int = 30_000,
         on_change: Callable[[BreakerChange], None] | None = None,
         restore: Callable[[CircuitBreaker], None] | None = None,
+        on_status: Callable[[BreakerStatus, tuple[BreakerChange, ...]], None] | None = None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError(f"a bulkhead admits at least 1 call, not {max_concurrent}")
@@ -95,6 +97,7 @@ class TenantBulkheads:
         self._tolerated = tolerated_failures
         self._cooldown_ms = cooldown_ms
         self._on_change = on_change
+        self._on_status = on_status
         self._lock = threading.Lock()
         self._tenants: dict[str, Bulkhead] = {}
 
@@ -108,6 +111,7 @@ class TenantBulkheads:
                     tolerated_failures=self._tolerated,
                     cooldown_ms=self._cooldown_ms,
                     on_change=self._on_change,
+                    on_status=self._on_status,
                 )
                 if self._restore is not None:
                     self._restore(breaker)

@@ -12,13 +12,19 @@ timer, ladder step) goes through the wrapper, outermost first:
    shared by every instance: each attempt goes through it, so an open breaker stops retries;
 4. retry (`retry N attempts ...`): transient failures are tried again, up to N calls, waiting
    the deterministic backoff on the runtime's clock (a VirtualClock advances, never sleeps).
-Every breaker move is handed to `on_move` with the machine name; the Runtime writes it, after
-the dispatch's own transaction (so a dispatch that fails because the breaker opened still
-leaves the opening), in one unit of work: the breaker's new state in the store
-(`Transaction.save_breaker`) and its "breaker" entry in the audit ledger (`breaker_entry`).
-A breaker made when a machine is loaded (or a tenant's, on first use) takes up the state its
-last recorded move left (`restore`, from `Store.get_breaker`): a restart does not close an
-open breaker. A closed breaker's run of failures is not stored: a restart forgives it.
+Every change of a breaker's status (a move, or only its run of failures) is noted in the
+Runtime's BreakerJournal. The unit of work of the dispatch, timer firing or outbox delivery
+whose actions made it writes it in its own transaction, and so commits it or not with it:
+the breaker's status in the store (`Transaction.save_breaker`), and for each move a "breaker"
+entry in the audit ledger (`breaker_entry`). Where that unit does not commit, or there is
+none, the Runtime writes what is still noted in a unit of its own at once, before the caller
+hears of the outcome: a dispatch whose outside call failed (nothing of the dispatch is
+stored), a unit that failed or was refused (a dispatch that fails because the breaker
+opened still leaves the opening), a timer whose outside call failed, the memory store, and
+on a partitioned store a breaker whose entries belong to another chain than the unit's.
+A breaker made when a machine is loaded (or a tenant's, on first use) takes up its stored
+status (`restore`, from `Store.get_breaker`): a restart neither closes an open breaker nor
+forgives a closed one's failures.
 A dispatch runs these actions before its write transaction (runtime/dispatch.py): retries
 wait without holding the write lock, and the unit of work takes the results. `dispatch_async`
 runs them in the runtime's action threads, so the calls of concurrent dispatches overlap and
@@ -32,19 +38,29 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..ledger import EntryData, payload_digest
-from ..store.base import BreakerRecord
+from ..store.base import BreakerRecord, Transaction
 from ..tables import ActionPolicy, MachineSpec
 from ..timers import Clock
 from .backoff import Backoff, jitter_with_cap, throttle_delay_ms
-from .breaker import BreakerChange, BreakerState, CircuitBreaker
+from .breaker import BreakerChange, BreakerState, BreakerStatus, CircuitBreaker
 from .bulkhead import TenantBulkheads
 from .fallback import call_with_fallback
 from .retry import Retry, clock_sleeper
 
-__all__ = ["BREAKER_ACTOR", "BREAKER_KIND", "ActionPolicies", "breaker_entry", "breaker_record"]
+if TYPE_CHECKING:
+    from ..sealing import _Chain
+
+__all__ = [
+    "BREAKER_ACTOR",
+    "BREAKER_KIND",
+    "ActionPolicies",
+    "BreakerJournal",
+    "breaker_entry",
+    "breaker_record",
+]
 
 Action = Callable[[Any], object]
 BREAKER_KIND = "breaker"
@@ -72,16 +88,64 @@ def breaker_entry(machine: str, change: BreakerChange) -> EntryData:
     )
 
 
-def breaker_record(machine: str, change: BreakerChange) -> BreakerRecord:
-    """The stored state a breaker move leaves."""
+def breaker_record(machine: str, status: BreakerStatus) -> BreakerRecord:
+    """The stored form of a breaker's status."""
     return BreakerRecord(
-        machine,
-        change.breaker,
-        str(change.to_state),
-        change.failures,
-        change.opened_ms,
-        change.at_ms,
+        machine, status.breaker, str(status.state), status.failures, status.opened_ms, status.at_ms
     )
+
+
+# One breaker's unwritten status: its key, its newest record and the entries of its moves.
+Noted = tuple[tuple[str, str], BreakerRecord, list[EntryData]]
+
+
+class BreakerJournal:
+    """Breaker statuses noted but not yet written, each breaker's newest with the ledger
+    entries of every move since its last write, in order (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # Read without the lock by every unit of work: empty but while breakers change.
+        self.pending: dict[tuple[str, str], tuple[BreakerRecord, list[EntryData]]] = {}
+
+    def note(self, machine: str, status: BreakerStatus, moves: tuple[BreakerChange, ...]) -> None:
+        """Called by the breaker under its lock, so each breaker's statuses come in order."""
+        record = breaker_record(machine, status)
+        entries = [breaker_entry(machine, move) for move in moves]
+        key = (machine, status.breaker)
+        with self._lock:
+            held = self.pending.get(key)
+            self.pending[key] = (record, entries if held is None else held[1] + entries)
+
+    def take(self, chain_of: Callable[[str], int] | None = None, chain: int = 0) -> list[Noted]:
+        """Remove and return what is noted (with `chain_of`: only the breakers whose entries
+        go to ledger `chain`)."""
+        with self._lock:
+            keys = [
+                key
+                for key in self.pending
+                if chain_of is None or chain_of(f"policy:{key[1]}") == chain
+            ]
+            return [(key, *self.pending.pop(key)) for key in keys]
+
+    def put_back(self, taken: list[Noted]) -> None:
+        """Note again what a unit took but did not commit, before anything noted since."""
+        with self._lock:
+            for key, record, entries in taken:
+                newer = self.pending.get(key)
+                self.pending[key] = (
+                    (record, entries) if newer is None else (newer[0], entries + newer[1])
+                )
+
+
+def write_noted(txn: Transaction, chain: _Chain | None, taken: list[Noted]) -> None:
+    """Write taken statuses in `txn`: each breaker's record, and its moves' ledger entries
+    when there is a ledger (`chain`)."""
+    for _, record, entries in taken:
+        txn.save_breaker(record)
+        if chain is not None:
+            for data in entries:
+                chain.append(txn, data)
 
 
 # Looks up a breaker's stored state: (machine, breaker name) -> its record, or None.
@@ -105,11 +169,11 @@ class _Applied:
         machine: str,
         policy: ActionPolicy,
         clock: Clock,
-        on_move: Callable[[str, BreakerChange], None],
+        journal: BreakerJournal,
         lookup: BreakerLookup | None,
     ) -> None:
-        def moved(change: BreakerChange) -> None:
-            on_move(machine, change)
+        def changed(status: BreakerStatus, moves: tuple[BreakerChange, ...]) -> None:
+            journal.note(machine, status, moves)
 
         restore = _restorer(machine, lookup)
 
@@ -123,7 +187,7 @@ class _Applied:
                 clock=clock,
                 tolerated_failures=tolerated,
                 cooldown_ms=cooldown,
-                on_change=moved,
+                on_status=changed,
             )
         )
         if self.breaker is not None:
@@ -137,8 +201,8 @@ class _Applied:
                 max_concurrent=policy.bulkhead,
                 tolerated_failures=_DEFAULT_TOLERATED if tolerated is None else tolerated,
                 cooldown_ms=cooldown,
-                on_change=moved,
                 restore=restore,
+                on_status=changed,
             )
         )
         backoff: Backoff = (
@@ -176,13 +240,10 @@ class ActionPolicies:
     """The policies of every machine a Runtime loaded, with their breakers' live state."""
 
     def __init__(
-        self,
-        clock: Clock,
-        on_move: Callable[[str, BreakerChange], None],
-        lookup: BreakerLookup | None = None,
+        self, clock: Clock, journal: BreakerJournal, lookup: BreakerLookup | None = None
     ) -> None:
         self._clock = clock
-        self._on_move = on_move
+        self.journal = journal
         self._lookup = lookup
         self._lock = threading.Lock()
         self._applied: dict[tuple[str, str], _Applied] = {}
@@ -191,7 +252,7 @@ class ActionPolicies:
         """`actions` with every action a policy of `spec` names wrapped in that policy."""
         wrapped = dict(actions)
         for policy in spec.policies.values():
-            applied = _Applied(spec.name, policy, self._clock, self._on_move, self._lookup)
+            applied = _Applied(spec.name, policy, self._clock, self.journal, self._lookup)
             with self._lock:
                 self._applied[(spec.name, policy.name)] = applied
             backup = None if policy.fallback is None else actions[policy.fallback]
