@@ -115,7 +115,7 @@ QUICK = Profile(
     signed=600,
     checkpoint=50_000,
     verify_entries=1_000_000,
-    durable_dispatches=160,
+    durable_dispatches=480,
     async_rounds=2,
 )
 FULL = Profile(

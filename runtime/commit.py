@@ -72,7 +72,19 @@ class GroupCommit(Generic[W]):
 
     def submit(self, work: W) -> Any:
         """Run one unit; return its value or raise its error, after its batch committed."""
-        outcome = self.submit_many([work])[0]
+        with self._mutex:
+            alone = not self._leading  # then nothing is queued either
+            self._leading = True
+        if alone:
+            # Nobody to batch with: commit it at once, without queueing it (a lone thread's
+            # dispatch, the common case, skips the caller's wake lock and the queue).
+            try:
+                outcome = self._outcomes([work])[0]
+            finally:
+                with self._mutex:
+                    self._hand_over()
+        else:
+            outcome = self.submit_many([work])[0]
         if outcome.error is not None:
             raise outcome.error
         return outcome.value
@@ -122,6 +134,18 @@ class GroupCommit(Generic[W]):
             with self._mutex:
                 self._hand_over()
 
+    def _outcomes(self, works: list[W]) -> list[WorkOutcome[Any]]:
+        """Run `works` as one batch (one transaction): their outcomes, in order."""
+        try:
+            outcomes = self._run_batch(works)
+            if len(outcomes) != len(works):
+                raise RuntimeError(f"{len(outcomes)} outcomes for a batch of {len(works)}")
+        except BaseException as exc:
+            outcomes = [WorkOutcome(None, exc) for _ in works]
+        self.batches += 1
+        self.committed_units += len(works)
+        return outcomes
+
     def _hand_over(self) -> None:
         """With the mutex held: wake the caller of the oldest queued unit to lead, or stop."""
         if self._queue:
@@ -133,14 +157,7 @@ class GroupCommit(Generic[W]):
 
     def _commit(self, batch: list[_Pending[W]]) -> list[_Caller]:
         """Run one batch; return the callers whose units are now all done."""
-        try:
-            outcomes = self._run_batch([pending.work for pending in batch])
-            if len(outcomes) != len(batch):
-                raise RuntimeError(f"{len(outcomes)} outcomes for a batch of {len(batch)}")
-        except BaseException as exc:
-            outcomes = [WorkOutcome(None, exc) for _ in batch]
-        self.batches += 1
-        self.committed_units += len(batch)
+        outcomes = self._outcomes([pending.work for pending in batch])
         finished: list[_Caller] = []
         for pending, outcome in zip(batch, outcomes, strict=True):
             pending.outcome = outcome
