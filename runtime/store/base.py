@@ -217,6 +217,14 @@ class Transaction(Protocol):
     def save_breaker(self, record: BreakerRecord) -> None:
         """Insert or replace the breaker's row, keyed by (machine, name)."""
 
+    def instance_data(self, machine: str, instance: str) -> str | None:
+        """The instance's kept data (a JSON object as text, see runtime/instance_data.py) as
+        of this transaction, or None if it never kept any."""
+
+    def save_instance_data(self, machine: str, instance: str, data: str) -> None:
+        """Insert or replace the instance's kept data, keyed by (machine, instance). Written
+        in the unit of work of the move whose `keep` changed it."""
+
     def deadline(self, id: str) -> DeadlineRecord | None:
         """The tracked deadline as of this transaction."""
 
@@ -301,6 +309,9 @@ class Store(Protocol):
 
     def get_breaker(self, machine: str, name: str) -> BreakerRecord | None:
         """The breaker's state after its last recorded move, or None (never moved: closed)."""
+
+    def get_instance_data(self, machine: str, instance: str) -> str | None:
+        """`Transaction.instance_data` outside a write transaction (what is committed)."""
 
     def deadlines(self) -> list[DeadlineRecord]:
         """Every tracked deadline, earliest first (ties: by id)."""

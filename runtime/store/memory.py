@@ -83,6 +83,7 @@ class MemoryStore:
         self._snapshots: dict[tuple[str, str], Snapshot] = {}
         self._flows: dict[str, FlowRecord] = {}
         self._breakers: dict[tuple[str, str], BreakerRecord] = {}
+        self._data: dict[tuple[str, str], str] = {}
         self._deadlines: dict[str, DeadlineRecord] = {}
 
     # -- entering: see the module docstring ---------------------------------------------------
@@ -276,6 +277,10 @@ class MemoryStore:
         with self.lock:
             return self._breakers.get((machine, name))
 
+    def get_instance_data(self, machine: str, instance: str) -> str | None:
+        with self.lock:
+            return self._data.get((machine, instance))
+
     def deadlines(self) -> list[DeadlineRecord]:
         with self.lock:
             return sorted(self._deadlines.values(), key=lambda d: (d.due_ms, d.id))
@@ -452,6 +457,12 @@ class MemoryStore:
 
     def save_breaker(self, record: BreakerRecord) -> None:
         self._breakers[(record.machine, record.name)] = record
+
+    def instance_data(self, machine: str, instance: str) -> str | None:
+        return self._data.get((machine, instance))
+
+    def save_instance_data(self, machine: str, instance: str, data: str) -> None:
+        self._data[(machine, instance)] = data
 
     def deadline(self, id: str) -> DeadlineRecord | None:
         return self._deadlines.get(id)

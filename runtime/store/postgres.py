@@ -496,6 +496,20 @@ class PostgresTransaction:
             ),
         )
 
+    def instance_data(self, machine: str, instance: str) -> str | None:
+        row = self._execute(
+            "SELECT data FROM instance_data WHERE machine = %s AND instance = %s",
+            (machine, instance),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def save_instance_data(self, machine: str, instance: str, data: str) -> None:
+        self._execute(
+            "INSERT INTO instance_data (machine, instance, data) VALUES (%s, %s, %s) "
+            "ON CONFLICT (machine, instance) DO UPDATE SET data = EXCLUDED.data",
+            (machine, instance, data),
+        )
+
     def deadline(self, id: str) -> DeadlineRecord | None:
         row = self._execute(
             f"SELECT {_DEADLINE_COLUMNS} FROM deadlines WHERE id = %s", (id,)
@@ -977,6 +991,13 @@ class PostgresStore:
             (machine, name),
         )
         return BreakerRecord(*rows[0]) if rows else None
+
+    def get_instance_data(self, machine: str, instance: str) -> str | None:
+        rows = self._query(
+            "SELECT data FROM instance_data WHERE machine = %s AND instance = %s",
+            (machine, instance),
+        )
+        return str(rows[0][0]) if rows else None
 
     def deadlines(self) -> list[DeadlineRecord]:
         rows = self._query(f"SELECT {_DEADLINE_COLUMNS} FROM deadlines ORDER BY due_ms, id")

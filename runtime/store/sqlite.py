@@ -146,6 +146,12 @@ CREATE TABLE IF NOT EXISTS breakers (
     updated_ms INTEGER NOT NULL,
     PRIMARY KEY (machine, name)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS instance_data (
+    machine TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (machine, instance)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS deadlines (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -543,6 +549,19 @@ class SQLiteTransaction:
             ),
         )
 
+    def instance_data(self, machine: str, instance: str) -> str | None:
+        row = self._execute(
+            "SELECT data FROM instance_data WHERE machine = ? AND instance = ?",
+            (machine, instance),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def save_instance_data(self, machine: str, instance: str, data: str) -> None:
+        self._execute(
+            "INSERT OR REPLACE INTO instance_data (machine, instance, data) VALUES (?, ?, ?)",
+            (machine, instance, data),
+        )
+
     def deadline(self, id: str) -> DeadlineRecord | None:
         row = self._execute(
             f"SELECT {_DEADLINE_COLUMNS} FROM deadlines WHERE id = ?", (id,)
@@ -851,6 +870,10 @@ class SQLiteStore:
             (machine, name),
         )
         return BreakerRecord(*rows[0]) if rows else None
+
+    def get_instance_data(self, machine: str, instance: str) -> str | None:
+        with self._lock:
+            return self._txn.instance_data(machine, instance)
 
     def deadlines(self) -> list[DeadlineRecord]:
         rows = self._query(f"SELECT {_DEADLINE_COLUMNS} FROM deadlines ORDER BY due_ms, id")
