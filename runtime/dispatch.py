@@ -89,6 +89,7 @@ from .inputs import (
     check_payload_size,
     payload_error_message,
 )
+from .instance_data import dump_data, keep_fields, read_data, route
 from .ledger import EMPTY_PAYLOAD_DIGEST, PAYLOAD_TAG, EntryData, LedgerEntry, canonical_json
 from .outbox import _event_message
 from .replay import save_snapshot
@@ -258,6 +259,16 @@ class Governor:
         self._timer_actions = {
             t.id: tuple((a, actions[a]) for a in t.actions) for t in self._timer_specs.values()
         }
+        # The data fields some emit is routed by: kept values must be instance ids.
+        self._routes = frozenset(
+            emit.to
+            for plans in (
+                *(row.emits for rows in self._rows.values() for row in rows),
+                *self._timer_emits.values(),
+            )
+            for emit in plans
+            if emit.to is not None
+        )
         # Actions a policy names: they call the outside world, so dispatch runs them before
         # taking the write lock (see the module docstring).
         self._external = frozenset(a for p in spec.policies.values() for a in p.actions)
@@ -416,7 +427,8 @@ class Governor:
         emitted = tuple(
             EmittedEvent(
                 emit.machine,
-                instance_id,
+                # A new instance keeps no data: a routed emit here is refused (E149).
+                instance_id if emit.to is None else route(None, emit.to, self.name, instance_id),
                 emit.event,
                 derive_event_id("emit", self.name, instance_id, 1, index),
             )
@@ -988,11 +1000,16 @@ class Governor:
         )
         emitted: tuple[EmittedEvent, ...] = ()
         bodies: list[str] = []
+        kept = None
+        if row.data:  # the row keeps data fields, or an emit is routed by one
+            kept = read_data(txn, name, instance_id)
+            if row.kept:
+                kept = keep_fields(kept, row.kept, payload, self._routes)
         if row.emits:
             emitted = tuple(
                 EmittedEvent(
                     emit.machine,
-                    instance_id,
+                    instance_id if emit.to is None else route(kept, emit.to, name, instance_id),
                     emit.event,
                     derive_event_id("emit", name, instance_id, version, index),
                 )
@@ -1044,6 +1061,8 @@ class Governor:
                 raise ActionFailed(name, ", ".join(results), exc, role="result of") from exc
         # Writes: nothing above this line has touched the store.
         txn.update_instance(name, instance_id, row.target, version, record.version)
+        if row.kept and kept is not None:
+            txn.save_instance_data(name, instance_id, dump_data(kept))
         if row.cancels:
             if row.keep:
                 txn.cancel_timers(name, instance_id, row.keep)

@@ -25,11 +25,13 @@ class _Row:
         "arms",
         "bare",
         "cancels",
+        "data",
         "emits",
         "event",
         "guard",
         "guard_fn",
         "keep",
+        "kept",
         "machine",
         "outcome",
         "ref",
@@ -64,6 +66,10 @@ class _Row:
         self.emits = tuple(
             _EmitPlan(emit) for emit in (*row.emits, *(e for t in entering for e in t.emits))
         )
+        # The row's `keep`s, and whether it reads or writes the instance's kept data at all
+        # (runtime/instance_data.py): most rows do neither.
+        self.kept = row.keep
+        self.data = bool(self.kept) or any(emit.to is not None for emit in self.emits)
         # Leaving a state cancels its timers; entering one (also itself) arms the target's;
         # group and creation timers are armed, kept or cancelled as timers.TimerPlan says.
         self.arms: tuple[TimerSpec, ...]
@@ -72,7 +78,9 @@ class _Row:
         self.ref = row.ref
         self.absent = False
         # Changes the state and nothing else: no guard, no actions, no timers, no emits.
-        self.bare = not (self.guard_fn or self.actions or self.emits or self.cancels or self.arms)
+        self.bare = not (
+            self.guard_fn or self.actions or self.emits or self.cancels or self.arms or self.kept
+        )
         self.short = False  # the governor sets it: bare, and no ledger to write
         # What a result of this row holds besides instance, version and seq, when the row
         # runs no actions and arms, cancels and emits nothing (the fast paths' rows).
@@ -156,11 +164,12 @@ class _EmitPlan:
     """One emit of a row or timer, pre-built at load time: its target, and its payload as a
     constant JSON body or as the pieces to fill in from the causing event."""
 
-    __slots__ = ("constant", "context", "event", "fields", "fixed", "machine")
+    __slots__ = ("constant", "context", "event", "fields", "fixed", "machine", "to")
 
     def __init__(self, emit: Emit) -> None:
         self.machine = emit.machine
         self.event = emit.event
+        self.to = emit.to  # the data field holding the receiver's id; None: the same id
         self.constant: dict[str, object] = {}
         self.fields: tuple[tuple[str, str], ...] = ()  # (target field, causing field)
         self.context: tuple[tuple[str, str], ...] = ()  # (target field, instance|actor|event)

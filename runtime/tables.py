@@ -218,6 +218,9 @@ class Emit:
     machine: str
     event: str
     args: tuple[EmitArg, ...] = ()
+    # The emitting instance's data field that holds the receiver's id (`emit ... to FIELD`);
+    # None: the instance with the emitting instance's id.
+    to: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +237,8 @@ class Transition:
     actions: tuple[str, ...]
     emits: tuple[Emit, ...]
     ref: SourceRef
+    # (data field, causing event field) for each `keep` of the row: kept with the move.
+    keep: tuple[tuple[str, str], ...] = ()
 
 
 TimerKind = Literal[
@@ -392,6 +397,8 @@ class MachineSpec:
     )
     creation_timers: tuple[TimerSpec, ...] = ()
     settings: Mapping[str, SettingSpec] = field(default_factory=lambda: frozen_map({}))
+    # The `data` fields an instance keeps beside its state (set by rows' `keep`).
+    data: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from .errors import StoreIntegrityError
+from .instance_data import read_data, route
 from .ledger import EntryData, payload_digest
 from .outbox import _event_message, _notification_message
 from .replay import save_snapshot
@@ -127,10 +128,12 @@ def fire_work(
                     derive_event_id("notify", name, timer.instance, version),
                 ),
             )
+        # An emit routed by a kept data field reads it here: a timer has no payload of its own.
+        kept = read_data(txn, name, timer.instance) if any(e.to for e in emits) else None
         emitted = tuple(
             EmittedEvent(
                 emit.machine,
-                timer.instance,
+                timer.instance if emit.to is None else route(kept, emit.to, name, timer.instance),
                 emit.event,
                 derive_event_id("emit", name, timer.instance, version, index),
             )
