@@ -15,6 +15,7 @@ from functools import cached_property
 from operator import attrgetter
 from pathlib import Path
 
+from .data_checks import check_data_fields, check_emit_targets, check_keeps
 from .emit_args import emit_payload_findings
 from .errors import CODES, Diagnostic, Severity, SourceSpan, did_you_mean, fail, related
 from .explain import format_duration
@@ -103,6 +104,8 @@ class _TransitionWalk:
         # By state id: the rows that carry an `@allow`, and the rows that emit.
         self.noted: dict[int, list[Transition]] = {}
         self.emitting: dict[int, list[Transition]] = {}
+        self.emitters: list[State] = []  # the states with rows that emit
+        self.keeping: list[tuple[State, list[Transition]]] = []  # rows that `keep`
         self.moves: dict[int, set[str]] = {}  # by state id: graph.state_moves
 
 
@@ -117,6 +120,7 @@ class MachineFacts:
         self.finals: list[State] = []
         self.timed: list[State] = []  # with timers or escalations
         self.ignoring: list[State] = []
+        self.entered: list[State] = []  # with entry actions or emits
         for state in machine.states:
             self.states.setdefault(state.name.value, state)
             if state.initial:
@@ -127,6 +131,8 @@ class MachineFacts:
                 self.timed.append(state)
             if state.ignores:
                 self.ignoring.append(state)
+            if state.entries:
+                self.entered.append(state)
         self.events: dict[str, Event] = {}
         for event in machine.events:
             self.events.setdefault(event.name.value, event)
@@ -193,6 +199,9 @@ class MachineFacts:
                 walk.noted[id(state)] = noted
             if emitting := [row for row in rows if row.emits]:
                 walk.emitting[id(state)] = emitting
+                walk.emitters.append(state)
+            if keeping := [row for row in rows if row.keeps]:
+                walk.keeping.append((state, keeping))
         return walk
 
     @cached_property
@@ -207,6 +216,16 @@ class MachineFacts:
     def emitting_rows(self, state: State) -> Sequence[Transition]:
         """The transitions of `state` (one of this machine's) that emit events."""
         return self._walk.emitting.get(id(state), ())
+
+    @property
+    def emitting_states(self) -> Sequence[State]:
+        """The states with transitions that emit events, in declaration order."""
+        return self._walk.emitters
+
+    @property
+    def keeping_rows(self) -> Sequence[tuple[State, list[Transition]]]:
+        """Each state with transitions that `keep` data fields, with those transitions."""
+        return self._walk.keeping
 
     @cached_property
     def unknown_state_names(self) -> set[str]:
@@ -1754,6 +1773,9 @@ MACHINE_RULES: tuple[MachineRule, ...] = (
     check_policy_values,
     check_policy_clauses,
     check_policy_fallbacks,
+    check_data_fields,
+    check_keeps,
+    check_emit_targets,
 )
 
 CROSS_RULES: tuple[CrossRule, ...] = (

@@ -150,9 +150,21 @@ def emits(rows: tuple[EmitRow, ...]) -> Code:
 
 def _emit(row: EmitRow) -> Code:
     target = f"{name_string(row.machine, 'emit')}, {name_string(row.event, 'emit')}"
-    if not row.args:
-        return Code(f"Emit({target})")
-    return Code(f"Emit({target}, args={_tuple([emit_arg(a) for a in row.args])})")
+    if row.args:
+        target += f", args={_tuple([emit_arg(a) for a in row.args])}"
+    if row.to is not None:
+        target += f", to={name_string(row.to, 'field')}"
+    return Code(f"Emit({target})")
+
+
+def keeps(pairs: tuple[tuple[str, str], ...]) -> Code:
+    """A row's `keep`s: (data field, causing field) pairs of checked field names."""
+    return _tuple(
+        [
+            Code(f"({name_string(field, 'field')}, {name_string(source, 'field')})")
+            for field, source in pairs
+        ]
+    )
 
 
 def emit_arg(arg: EmitArgRow) -> Code:
@@ -538,8 +550,10 @@ def transition_rows(tables: MachineTables) -> Code:
                 f"                    emits={emits(r.emits) if r.emits else '()'},\n"
                 # `:d` refuses anything but a whole number, as int() would, and costs less.
                 f"                    ref=SourceRef(SOURCE_PATH, {ref.line:d}, {ref.column:d}),\n"
-                "                ),\n"
             )
+            if r.keep:
+                add(f"                    keep={keeps(r.keep)},\n")
+            add("                ),\n")
         add("            ),\n")
     return Code("".join(out))
 

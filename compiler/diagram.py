@@ -204,29 +204,40 @@ def diagram_of(machine: Machine) -> Diagram:
     return build_diagram(lower(machine, others=None))
 
 
-def _consequences(actions: tuple[str, ...], emits: tuple[str, ...]) -> str:
+def _consequences(
+    actions: tuple[str, ...], emits: tuple[str, ...], keeps: tuple[tuple[str, str], ...] = ()
+) -> str:
     text = ""
     if actions:
         text += " / " + ", ".join(actions)
+    if keeps:
+        text += " keep " + ", ".join(f if f == c else f"{f} = {c}" for f, c in keeps)
     if emits:
         text += " " + " ".join("^" + e for e in emits)
     return text
 
 
 def _emit_names(row: TransitionRow | TimerRow, own: str) -> tuple[str, ...]:
-    return tuple(e.event if e.machine == own else f"{e.machine}.{e.event}" for e in row.emits)
+    """Each emit as `Machine.Event`, with ` to FIELD` when a data field names its receiver."""
+    return tuple(
+        (e.event if e.machine == own else f"{e.machine}.{e.event}")
+        + ("" if e.to is None else f" to {e.to}")
+        for e in row.emits
+    )
 
 
 def _transition_line(row: TransitionRow, own: str) -> str:
     """`Approve [is_authorized_approver] / record_approval ^CustomerAccount.NotifyCustomer`"""
     if row.ladder is None and row.guard is None and not row.actions and not row.emits:
+        if row.keep:
+            return row.event + _consequences((), (), row.keep)
         return row.event  # most rows of a large machine
     if row.ladder is not None:
         step = "exhausted" if row.step is None else f"step {row.step}"
         head = f"{row.event} ({row.ladder} {step})"
     else:
         head = row.event if row.guard is None else f"{row.event} [{row.guard}]"
-    return head + _consequences(row.actions, _emit_names(row, own))
+    return head + _consequences(row.actions, _emit_names(row, own), row.keep)
 
 
 def _repeats_folded(

@@ -13,7 +13,7 @@ from .errors import Diagnostic, did_you_mean, fail
 from .lower import CONTEXT_REFS
 from .model import EmitValue, Event, EventRef, Field
 
-__all__ = ["emit_payload_findings"]
+__all__ = ["emit_payload_findings", "source_misfit"]
 
 
 def emit_payload_findings(
@@ -76,7 +76,7 @@ def emit_payload_findings(
             continue
         source = causing.get(name)
         if source is not None:
-            problem = _source_misfit(source, wanted)
+            problem = source_misfit(source, wanted)
             if problem is not None:
                 yield fail(
                     "E143",
@@ -103,7 +103,7 @@ def _misfit(value: EmitValue, source: Field | None, wanted: Field) -> str | None
     """Why a written value does not fit the target field, or None."""
     kind = wanted.type.kind
     if source is not None:
-        return _source_misfit(source, wanted)
+        return source_misfit(source, wanted)
     if value.kind == "ref":
         return None if kind == "str" else f"${value.text} is a str, the field is {_shown(wanted)}"
     if value.kind == "string":
@@ -128,7 +128,7 @@ def _misfit(value: EmitValue, source: Field | None, wanted: Field) -> str | None
     return f"{written} does not fit {_shown(wanted)}"
 
 
-def _source_misfit(source: Field, wanted: Field) -> str | None:
+def source_misfit(source: Field, wanted: Field) -> str | None:
     """Why a causing field cannot fill the target field, or None: the same kind (an enum's
     members among the target's), or enum into str, or int into decimal; never optional
     into required."""

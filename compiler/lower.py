@@ -115,11 +115,14 @@ class EmitRow:
     machine: str
     event: str
     args: tuple[EmitArgRow, ...] = ()
+    # The data field holding the receiving instance's id; None: the emitting instance's id.
+    to: str | None = None
 
 
 class TransitionRow(NamedTuple):
     """`ladder` names the retry ladder a row was lowered from; `step` is the step it enters
-    (None with a ladder: the exhausted move)."""
+    (None with a ladder: the exhausted move). `keep` is (data field, causing field) for each
+    `keep` of the row."""
 
     source: str
     event: str
@@ -130,6 +133,7 @@ class TransitionRow(NamedTuple):
     ref: Ref
     ladder: str | None = None
     step: int | None = None
+    keep: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +299,7 @@ class MachineTables:
     group_timers: tuple[tuple[str, tuple[TimerRow, ...]], ...] = ()
     creation_timers: tuple[TimerRow, ...] = ()
     settings: tuple[SettingRow, ...] = ()
+    data: tuple[str, ...] = ()  # the `data` fields, in declaration order
 
 
 # ---------------------------------------------------------------- lowering
@@ -393,6 +398,7 @@ def _lower(
                 key=lambda r: r.name,
             )
         ),
+        data=tuple(f.name.value for f in machine.data),
     )
 
 
@@ -420,8 +426,9 @@ class _Lowering:
         rows = []
         for r in refs:
             machine = r.machine.value if r.machine is not None else own
+            to = None if r.to is None else r.to.value
             if not self.complete:
-                rows.append(EmitRow(machine, r.event.value))
+                rows.append(EmitRow(machine, r.event.value, (), to))
                 continue
             target = self.events.get((machine, r.event.value))
             if target is None:
@@ -435,7 +442,7 @@ class _Lowering:
                     )
                 )
                 continue
-            rows.append(EmitRow(machine, r.event.value, self.emit_args(r, target, causing)))
+            rows.append(EmitRow(machine, r.event.value, self.emit_args(r, target, causing), to))
         return tuple(rows)
 
     def emit_args(
@@ -478,17 +485,19 @@ class _Lowering:
                 guard = None if t.guard is None else (t.guard.name.value if t.guard.name else ELSE)
                 event = t.event.value
                 span = t.span
-                rows[source, event].append(
-                    TransitionRow(
-                        source,
-                        event,
-                        t.target.value,
-                        guard,
-                        tuple([a.value for a in t.actions]) if t.actions else (),
-                        self.emits(t.emits, t.event) if t.emits else (),
-                        Ref(path, span.line, span.column),
-                    )
+                row = TransitionRow(
+                    source,
+                    event,
+                    t.target.value,
+                    guard,
+                    tuple([a.value for a in t.actions]) if t.actions else (),
+                    self.emits(t.emits, t.event) if t.emits else (),
+                    Ref(path, span.line, span.column),
                 )
+                if t.keeps:
+                    keep = tuple((k.field.value, k.source.value) for k in t.keeps)
+                    row = row._replace(keep=keep)
+                rows[source, event].append(row)
         for ladder in self.machine.retries:
             for row in self.retry_rows(ladder):
                 rows[row.source, row.event].append(row)
@@ -1066,6 +1075,8 @@ def named_things(
         yield group.name, "ladder"
     for setting in machine.settings:
         yield setting.name, "ladder"
+    for f in machine.data:
+        yield f.name, "field"
     for name in _guard_names(machine) if guards is None else guards:
         yield name, "guard"
     for name in _action_names(machine) if actions is None else actions:

@@ -189,11 +189,21 @@ class EmitArgument(Node):
 class EventRef(Node):
     """`Machine.Event` in an `emit` clause; machine is None for the same machine. `args` are
     the payload arguments as written (the other target fields come from same-named causing
-    fields)."""
+    fields). `to` names the data field that holds the receiving instance's id (`emit ... to
+    customer_id`); None sends to the instance with the emitting instance's id."""
 
     machine: Name | None
     event: Name
     args: tuple[EmitArgument, ...] = ()
+    to: Name | None = None
+
+
+class Keep(Node):
+    """`keep field` or `keep field = causing_field` on a row: the instance's data field
+    `field` takes the value of the causing event's field `source` when the row is taken."""
+
+    field: Name
+    source: Name
 
 
 class Guard(Node):
@@ -209,6 +219,7 @@ class Transition(Node):
     target: Name
     guard: Guard | None = None
     actions: tuple[Name, ...] = ()
+    keeps: tuple[Keep, ...] = ()
     emits: tuple[EventRef, ...] = ()
     suppressions: tuple[Suppression, ...] = ()
 
@@ -409,6 +420,8 @@ class Machine(Node):
     groups: tuple[Group, ...] = ()
     settings: tuple[Setting, ...] = ()
     machine_timers: tuple[MachineTimer, ...] = ()
+    # `data { ... }`: what each instance keeps beside its state (set by `keep`).
+    data: tuple[Field, ...] = ()
     suppressions: tuple[Suppression, ...] = ()
     path: str
     source_sha256: str

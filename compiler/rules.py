@@ -290,6 +290,31 @@ _HELP: dict[str, tuple[str, str]] = {
         "Declare each setting once, `between LOW and HIGH` with 0 < LOW <= HIGH, and each "
         "group once with distinct non-final states.",
     ),
+    "E146": (
+        "A field of the machine's `data` block is declared twice, or marked optional (`?`): "
+        "a data field is there wherever a `keep` has set it, which the compiler checks.",
+        "Declare each data field once, without `?`.",
+    ),
+    "E147": (
+        "A `keep FIELD [= CAUSING]` names a field the machine's `data` block lacks, a field "
+        "the row's event lacks, a value that does not fit the data field (or an optional "
+        "one), or keeps one field twice on a row.",
+        "Declare the field in `data { ... }`, and keep a required field of the row's event "
+        "of the same type: `keep customer_id` or `keep customer_id = account_id`.",
+    ),
+    "E148": (
+        "`emit Machine.Event to FIELD` names a field that is not in the machine's `data` "
+        "block, or one that is not a `str` (an instance id is a string).",
+        "Declare `data { FIELD: str }` and `keep` it on the rows before the emit.",
+    ),
+    "E149": (
+        "`emit ... to FIELD` reads a data field that some way into the emitting state (its "
+        "creation, a row without `keep FIELD`, a timer or a ladder, from a state that had not "
+        "kept it) leaves unset, so the receiver would be unknown there. The related location "
+        "names such a way in.",
+        "Add `keep FIELD` to the rows that lead there (a row's own `keep` counts for its "
+        "emits), or emit from states that every way into keeps it.",
+    ),
 }
 
 

@@ -45,6 +45,8 @@ SPANLESS_RULES = frozenset(
         "retry_attempt",
         "group_scope",
         "creation_scope",
+        "emit_to",
+        "keeps",
     }
 )
 
@@ -112,6 +114,10 @@ RULES = (
     "machine_timer",
     "group_scope",
     "creation_scope",
+    "emit_to",
+    "keeps",
+    "keep_item",
+    "data_decl",
 )
 
 Rule = Callable[[SourceSpan | None, list[Any]], Any]
@@ -277,8 +283,23 @@ class ModelBuilder:
     def actions(self, span: None, children: list[m.Name]) -> _Clause:
         return _Clause("actions", tuple(children))
 
-    def emits(self, span: None, children: list[m.EventRef]) -> _Clause:
-        return _Clause("emits", tuple(children))
+    def emits(self, span: None, children: list[m.EventRef | _Clause]) -> _Clause:
+        refs: list[m.EventRef] = []
+        for child in children:
+            if isinstance(child, _Clause):  # `to field` after the emit it routes
+                refs[-1] = refs[-1].model_copy(update={"to": child.value})
+            else:
+                refs.append(child)
+        return _Clause("emits", tuple(refs))
+
+    def emit_to(self, span: None, children: list[m.Name]) -> _Clause:
+        return _Clause("to", children[0])
+
+    def keeps(self, span: None, children: list[m.Keep]) -> _Clause:
+        return _Clause("keeps", tuple(children))
+
+    def keep_item(self, span: SourceSpan, children: list[m.Name]) -> m.Keep:
+        return construct(m.Keep, span=span, field=children[0], source=children[-1])
 
     def event_ref(self, span: SourceSpan, children: list[Any]) -> m.EventRef:
         args: tuple[m.EmitArgument, ...] = ()
@@ -286,8 +307,10 @@ class ModelBuilder:
             args = children.pop()
         if len(children) == 2:
             machine, event = children
-            return construct(m.EventRef, span=span, machine=machine, event=event, args=args)
-        return construct(m.EventRef, span=span, machine=None, event=children[0], args=args)
+            return construct(
+                m.EventRef, span=span, machine=machine, event=event, args=args, to=None
+            )
+        return construct(m.EventRef, span=span, machine=None, event=children[0], args=args, to=None)
 
     def emit_args(self, span: None, children: list[m.EmitArgument]) -> tuple[m.EmitArgument, ...]:
         return tuple(children)
@@ -379,6 +402,7 @@ class ModelBuilder:
                 target=target,
                 guard=None,
                 actions=(),
+                keeps=(),
                 emits=(),
                 suppressions=(),
             )
@@ -390,6 +414,7 @@ class ModelBuilder:
             target=rest[1],
             guard=clauses.get("guard"),
             actions=clauses.get("actions", ()),
+            keeps=clauses.get("keeps", ()),
             emits=clauses.get("emits", ()),
             suppressions=tuple(notes),
         )
@@ -613,6 +638,10 @@ class ModelBuilder:
             suppressions=tuple(notes),
         )
 
+    def data_decl(self, span: SourceSpan, children: list[Any]) -> _Clause:
+        _, rest, _ = self._split(children)
+        return _Clause("data", tuple(c for c in rest if isinstance(c, m.Field)))
+
     def group_scope(self, span: None, children: list[m.Name]) -> _Clause:
         return _Clause("scope", ("group", children[0]))
 
@@ -676,6 +705,12 @@ class ModelBuilder:
         return _Clause("flag:perpetual", True)
 
     def machine(self, span: SourceSpan, children: list[Any]) -> m.Machine:
+        # `data` blocks arrive as clauses: several are joined, in order.
+        data: tuple[m.Field, ...] = ()
+        kept = [c for c in children if isinstance(c, _Clause) and c.kind == "data"]
+        if kept:
+            data = tuple(f for c in kept for f in c.value)
+            children = [c for c in children if not (isinstance(c, _Clause) and c.kind == "data")]
         notes, rest, clauses = self._split(children)
         members = rest[1:]
         return construct(
@@ -691,6 +726,7 @@ class ModelBuilder:
             groups=tuple(c for c in members if isinstance(c, m.Group)),
             settings=tuple(c for c in members if isinstance(c, m.Setting)),
             machine_timers=tuple(c for c in members if isinstance(c, m.MachineTimer)),
+            data=data,
             suppressions=tuple(notes),
             path=self.path,
             source_sha256=self.sha256,

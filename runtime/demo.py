@@ -662,8 +662,9 @@ def _scenario(
 
 def _dispute(runtime: Runtime, runner: FlowRunner, say: _Narrator) -> None:
     """A chargeback on another customer's charge still awaiting payment: Billing freezes it,
-    Compliance investigates (the case is the customer's own Compliance instance, so its
-    decision, an emit, reaches the customer's Billing), the customer withdraws."""
+    Compliance investigates under a case id of its own (the case keeps the customer's id, and
+    its decision, an emit `to customer_id`, reaches the customer's Billing), the customer
+    withdraws."""
     say.say("== payment outcomes: Disputed: Billing freezes the funds, Compliance investigates")
     buyer = f"{say.customer}-buyer"
     billing = runtime.governor("Billing")
@@ -682,13 +683,14 @@ def _dispute(runtime: Runtime, runner: FlowRunner, say: _Narrator) -> None:
         "amount": "20.00",
         "idempotency_key": f"inv-{buyer}",
         "reason": "chargeback",
-        "case_id": buyer,
+        "case_id": f"case-{buyer}",
     }
     _flow(say, runner.start("PaymentProcessed", buyer, disputed), runtime)
     compliance = runtime.governor("Compliance")
     withdrawn = {"note": "the customer withdrew the chargeback"}
     say.result(
-        compliance.dispatch(buyer, "DisputeWithdrawn", withdrawn, "bank"), "DisputeWithdrawn"
+        compliance.dispatch(f"case-{buyer}", "DisputeWithdrawn", withdrawn, "bank"),
+        "DisputeWithdrawn",
     )
     _deliver(runtime, say)
 

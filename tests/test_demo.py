@@ -68,7 +68,7 @@ def test_demo_runs_and_its_ledger_verifies(generated: Path, tmp_path: Path) -> N
         "== payment outcomes: Disputed",
         "ChargeRequested: Billing 'acme-1-buyer' Current -> AwaitingPayment",
         "flow PaymentProcessed: StepSucceeded dispute",
-        "Compliance 'acme-1-buyer' Investigating -> Resolved",
+        "Compliance 'case-acme-1-buyer' Investigating -> Resolved",
         "outbox Billing.DisputeRejected delivered: Billing 'acme-1-buyer' Disputed -> Current",
         "== cancellation saga with a failure",
         "StepFailed archive_subscription -> compensating",

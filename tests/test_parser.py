@@ -659,7 +659,8 @@ def test_expected_tokens_are_listed_in_full() -> None:
     ((_, _, _, hint),) = syntax_findings("machine M { initial state A { on E -> B when x y } }")
     assert hint is not None and "..." not in hint
     assert hint == (
-        "expected '@allow', 'after', 'do', 'emit', 'entry', 'escalate', 'ignore', 'on' or '}'"
+        "expected '@allow', 'after', 'do', 'emit', 'entry', 'escalate', 'ignore', 'keep', 'on' "
+        "or '}'"
     )
 
 
