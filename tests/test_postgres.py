@@ -64,8 +64,9 @@ def test_migrate_creates_then_finds_nothing_to_do(postgres_stores: Stores) -> No
 def test_a_version_1_store_is_migrated_to_the_latest(postgres_stores: Stores) -> None:
     url = postgres_stores.location()
     migrate(url)
-    # Back to what version 1 of autonomic created: no flows, breakers or deadlines tables.
-    postgres_stores.rows("s", "DROP TABLE flows, breakers, deadlines")
+    # Back to what version 1 of autonomic created: no flows, breakers, deadlines or instance
+    # data tables.
+    postgres_stores.rows("s", "DROP TABLE flows, breakers, deadlines, instance_data")
     postgres_stores.rows("s", "DELETE FROM schema_migrations WHERE version > 1")
     postgres_stores.rows("s", "UPDATE autonomic_meta SET value = '1' WHERE key = 'schema'")
     with pytest.raises(StoreConfigError, match="older than this"):
