@@ -37,11 +37,14 @@ Semantics worth knowing:
   what is committed (event id, idempotency key, the instance), decides the row, and runs
   those actions there, so their retries wait and their calls overlap outside the write lock
   (`dispatch_async` runs them in the runtime's action threads). The unit of work then decides
-  again; if the instance is still at the version it was read at, it takes those results
-  instead of calling again. If it moved meanwhile (a concurrent dispatch), the actions run
-  again inside the transaction, as for any action: an outside call must carry an idempotency
-  key (the event's, or its id) so that a repeat is no second effect. A repeated event id or
-  idempotency key found committed calls nothing.
+  again on the instance as it is now, and never calls those actions a second time: if the
+  event is decided the same way (the same row: the instance did not move, or moved and came
+  back to the same state, a self-transition say), it takes their results; if the instance
+  moved to where the event is decided otherwise (another row, a rejection, ignored), the
+  dispatch is refused with OutsideCallsSuperseded (R024, a ConcurrentUpdateDetected) that
+  carries their results, and nothing of it is stored. A repeated event id or idempotency key
+  found committed calls nothing. (Two dispatches of one event id at once in two processes
+  both find it uncommitted and both call; the outside call's idempotency key is the guard.)
 - Every dispatch decides the same way (`_decide`: the row table built at load time, the
   guards in order, the ignore list, the rejection). On the memory store, its owning thread
   applies a row that only changes the state without a unit of work around it (no ledger, no
@@ -78,6 +81,7 @@ from .errors import (
     InstanceExists,
     InvalidTransition,
     NoGuardHeld,
+    OutsideCallsSuperseded,
     PayloadEncodingError,
     PayloadInvalid,
     UnknownEvent,
@@ -738,6 +742,8 @@ class Governor:
         if record is None:
             raise UnknownInstance(name, instance_id)
         if expected_version is not None and record.version != expected_version:
+            if preran is not None:
+                raise self._superseded(preran, record)
             raise ConcurrentUpdateDetected(name, instance_id, expected_version, record.version)
         found = self._table.get(record.state, {}).get(event)
         now = self.runtime._clock.now_ms()
@@ -745,16 +751,26 @@ class Governor:
             if found is None:  # a state this machine does not declare
                 raise InvalidTransition(name, instance_id, record.state, event)
             if type(found) is _Absent:
+                if preran is not None:
+                    raise self._superseded(preran, record)
                 return self._without_row(record, found, event_id)
             row = self._decide(found, record, payload, actor, now)
         except InvalidTransition as rejection:
+            if preran is not None:
+                raise self._superseded(preran, record) from rejection
             if not record_rejection or not self._sealed:
                 raise
             return self._record_rejection(
                 txn, chain, record, event, actor, event_id, digest, now, rejection
             )
         ran = None
-        if preran is not None and preran.version == record.version and preran.row is row:
+        if preran is not None:
+            # The outside actions ran before this transaction, on the version then committed.
+            # If the instance moved meanwhile and the event is still decided the same way
+            # (same state, same row), their results are this dispatch's; if it is decided
+            # otherwise, they are not called again (they ran once): the dispatch is refused.
+            if preran.row is not row:
+                raise self._superseded(preran, record)
             ran = preran.results
         return self._apply(
             txn,
@@ -769,6 +785,16 @@ class Governor:
             idempotency_key,
             request,
             ran,
+        )
+
+    def _superseded(self, preran: _Preran, record: InstanceRecord) -> OutsideCallsSuperseded:
+        return OutsideCallsSuperseded(
+            self.name,
+            record.instance,
+            preran.version,
+            record.version,
+            tuple(preran.results),
+            preran.results,
         )
 
     # -- deciding: the same for every dispatch --------------------------------------------------

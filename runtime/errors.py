@@ -8,6 +8,7 @@ format every command shares), never a traceback.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import ClassVar
 
 from autonomic.diagnostics import render
@@ -346,6 +347,39 @@ class ConcurrentUpdateDetected(RuntimeFailure):
         self.instance = instance
         self.expected = expected
         self.actual = actual
+
+
+class OutsideCallsSuperseded(ConcurrentUpdateDetected):
+    """The instance moved while a dispatch's outside actions (a policy's) ran before its
+    transaction, to where the event is decided otherwise: the calls were made once and are
+    not made again, nothing of the dispatch is stored, and `results` holds what they
+    returned (for the caller to settle or compensate)."""
+
+    code = "R024"
+
+    def __init__(
+        self,
+        machine: str,
+        instance: str,
+        expected: int,
+        actual: int,
+        actions: tuple[str, ...],
+        results: Mapping[str, object],
+    ) -> None:
+        super().__init__(machine, instance, expected, actual)
+        self.message = (
+            f"{machine} instance '{instance}' moved from version {expected} to {actual} while "
+            f"its outside actions ran ({', '.join(actions)}), and the event is now decided "
+            "otherwise: their results are not applied, and they are not called again"
+        )
+        self.hint = (
+            "nothing of the dispatch was stored; the outside calls were made once: settle or "
+            "compensate them from the error's `results`, or send the event again with the same "
+            "idempotency key so the outside service recognises the call"
+        )
+        self.args = (self.message,)
+        self.actions = actions
+        self.results = results
 
 
 class StoreIntegrityError(RuntimeFailure):

@@ -3,8 +3,10 @@
 A timer's own actions that a policy names (outside calls, such as a retry ladder's
 `retry_charge`) run before the firing's transaction, on the committed state, as dispatch runs
 them (runtime/dispatch.py): their retries wait without the write lock, and the unit takes
-their results if the instance is still at the version they ran on (else it calls again
-inside). A preflight that fails leaves the timer armed and due, as a failed firing does.
+their results whenever the timer is still armed and its state holds, even if the instance
+moved meanwhile: a call is never made twice for one firing. A timer fired or cancelled
+between its preflight and its transaction (the payment arrived meanwhile) records nothing of
+the call it made. A preflight that fails leaves the timer armed and due, as a failed firing does.
 """
 
 from __future__ import annotations
@@ -79,7 +81,9 @@ def fire_work(
             runtime._timer_actor,
             now,
             spec.id,
-            None if preran is None or preran[0] != record.version else preran[1],
+            # Still armed, its state still holding: the firing is decided as its preflight
+            # was, even if the instance moved meanwhile, so the calls made are not repeated.
+            None if preran is None else preran[1],
         )
         emits = governor._timer_emits[spec.id]
         if target is not None:

@@ -15,7 +15,12 @@ from typing import Any
 import pytest
 from autonomic.generated.billing import MACHINE as BILLING
 from autonomic.runtime.dispatch import DispatchRequest
-from autonomic.runtime.errors import ActionFailed, UnknownInstance
+from autonomic.runtime.errors import (
+    ActionFailed,
+    ConcurrentUpdateDetected,
+    OutsideCallsSuperseded,
+    UnknownInstance,
+)
 from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerSealer
 from autonomic.runtime.resilience import (
@@ -253,6 +258,7 @@ class HeldProcessor(Processor):
         super().__init__()
         self.held = held
         self.release = threading.Event()
+        self.entered = threading.Event()  # set when the first held call arrives
         self.holding = 0
         self.most_held = 0
         self._lock = threading.Lock()
@@ -262,12 +268,88 @@ class HeldProcessor(Processor):
             with self._lock:
                 self.holding += 1
                 self.most_held = max(self.most_held, self.holding)
+            self.entered.set()
             try:
                 assert self.release.wait(30)
             finally:
                 with self._lock:
                     self.holding -= 1
         return super().__call__(ctx)
+
+
+def _charge_while_another_dispatcher_moves_it(
+    tmp_path: Path, keys: Path, event: str, payload: dict[str, str]
+) -> tuple[Runtime, HeldProcessor, BaseException | None]:
+    """Two dispatchers on one SQLite file (two runtimes): the first charges c1 and its
+    processor call is held; meanwhile the second sends `event` to c1 and commits; then the
+    call is answered. Returns the first runtime, its processor and what the charge raised."""
+    clock = VirtualClock(START)
+    processor = HeldProcessor({"c1"})
+    first = open_billing(SQLiteStore(tmp_path / "store.db"), keys, clock, processor)
+    second = open_billing(SQLiteStore(tmp_path / "store.db"), keys, clock, Processor())
+    first.governor("Billing").create("c1")
+    raised: list[BaseException] = []
+
+    def charge_c1() -> None:
+        try:
+            _charge(first, "c1", event_id="charge-c1")
+        except BaseException as error:
+            raised.append(error)
+
+    charging = threading.Thread(target=charge_c1)
+    charging.start()
+    assert processor.entered.wait(30)  # the charge is at the processor, nothing committed
+    second.governor("Billing").dispatch("c1", event, payload)
+    processor.release.set()
+    charging.join(30)
+    second.close()
+    return first, processor, raised[0] if raised else None
+
+
+SLA_CREDIT = {"customer_id": "c1", "violation_id": "v1", "window_start": "2026-01-01T00:00:00Z"}
+
+
+def test_a_charge_decided_the_same_after_a_concurrent_move_takes_its_one_call(
+    tmp_path: Path, keys: Path
+) -> None:
+    """The instance moved (an SLA credit, Current -> Current) while the charge's call was at
+    the processor: the event is still decided the same way, so the transaction takes the
+    call's result; the processor is called once, not again inside the transaction."""
+    runtime, processor, raised = _charge_while_another_dispatcher_moves_it(
+        tmp_path, keys, "SLAViolation", SLA_CREDIT
+    )
+    assert raised is None
+    assert processor.charged == ["c1"]
+    record = runtime.governor("Billing").get("c1")
+    assert record is not None and (record.state, record.version) == ("AwaitingPayment", 3)
+    events = [e.event for e in runtime.governor("Billing").history("c1")]
+    assert events == ["create", "SLAViolation", "ChargeRequested"]
+    assert runtime.store.processed("Billing", "charge-c1") is not None
+    runtime.close()
+
+
+def test_a_charge_decided_otherwise_after_a_concurrent_move_is_refused_with_its_result(
+    tmp_path: Path, keys: Path
+) -> None:
+    """The account was closed while the charge's call was at the processor: the charge is
+    no longer valid, so nothing of it is stored and the processor is not called again; the
+    refusal (a ConcurrentUpdateDetected) carries the call's result for the caller to settle."""
+    runtime, processor, raised = _charge_while_another_dispatcher_moves_it(
+        tmp_path, keys, "CloseAccount", {"customer_id": "c1", "reason": "cancelled"}
+    )
+    assert isinstance(raised, OutsideCallsSuperseded)
+    assert isinstance(raised, ConcurrentUpdateDetected)
+    assert (raised.expected, raised.actual) == (1, 2)
+    assert raised.results == {"submit_charge": {"captured": "c1"}}
+    assert processor.charged == ["c1"]
+    record = runtime.governor("Billing").get("c1")
+    assert record is not None and record.state == "Closed"
+    assert [e.event for e in runtime.governor("Billing").history("c1")] == [
+        "create",
+        "CloseAccount",
+    ]
+    assert runtime.store.processed("Billing", "charge-c1") is None
+    runtime.close()
 
 
 def test_retries_wait_outside_the_write_transaction(tmp_path: Path, keys: Path) -> None:
