@@ -54,6 +54,7 @@ from .ledger import (
     read_ledger,
     write_jsonl,
 )
+from .ledger_ranges import verify_file
 from .runtime import Runtime
 from .store.base import Store
 from .store.locate import STORE_ENV, is_postgres_url, redact, store_location
@@ -324,10 +325,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             external = newest
             plural = "s" if count != 1 else ""
             witnessed = f"witness {printable(witness)} ({count} publication{plural})"
+    label = "newest witnessed checkpoint" if witnessed else "external checkpoint"
     try:
-        with read_ledger(args.ledger) as source:
-            label = "newest witnessed checkpoint" if witnessed else "external checkpoint"
-            report = source.verify(root, external_checkpoint=external, external_label=label)
+        report = verify_file(args.ledger, root, external_checkpoint=external, external_label=label)
     except RuntimeFailure as failure:
         return _diagnostic(args.ledger, failure, LEDGER_HINT)
     if not report.ok:

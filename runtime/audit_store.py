@@ -10,14 +10,12 @@ initialises a database.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 
 from .keychain import RootOfTrust
 from .ledger import Checkpoint, LedgerEntry, LedgerMode, RootLike, VerifyReport
 from .partitions import check_roots, combine, verify_partition
+from .processes import available_cpus, map_in_processes
 from .store.postgres import PostgresStore
 
 __all__ = ["history", "open_audited", "partition_ledger", "verify_url"]
@@ -28,9 +26,8 @@ def open_audited(url: str) -> PostgresStore:
     return PostgresStore(url, create=False, pool_size=2)
 
 
-def _verify_one(
-    url: str, partition: int, root: RootOfTrust, mode: LedgerMode | None
-) -> VerifyReport:
+def _verify_one(task: tuple[str, int, RootOfTrust, LedgerMode | None]) -> VerifyReport:
+    url, partition, root, mode = task
     with open_audited(url) as store:
         return verify_partition(store, partition, root, mode)
 
@@ -42,15 +39,13 @@ def verify_url(url: str, root: RootLike, *, workers: int | None = None) -> Verif
     with open_audited(url) as store:
         mode = store.ledger_mode()
         partitions = store.partitions
-        processes = min(partitions, workers or os.cpu_count() or 1)
+        processes = min(partitions, workers or available_cpus())
         if processes <= 1:
             reports = [verify_partition(store, p, pinned, mode) for p in range(partitions)]
             return combine(reports, *check_roots(store, reports, pinned))
-    # Verification is CPU-bound (hashing, Ed25519) and holds the GIL: processes, each with its
-    # own connection, forked while this process holds no connection pool (and its threads).
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
-        futures = [pool.submit(_verify_one, url, p, pinned, mode) for p in range(partitions)]
-        reports = [future.result() for future in futures]
+    # Each process opens its own connection; this one holds no pool while they fork.
+    tasks = [(url, p, pinned, mode) for p in range(partitions)]
+    reports = map_in_processes(_verify_one, tasks, processes)
     with open_audited(url) as store:
         return combine(reports, *check_roots(store, reports, pinned))
 

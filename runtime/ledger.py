@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -34,10 +35,10 @@ import sqlite3
 import stat
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Literal, NamedTuple, TypeAlias, cast, get_args
+from typing import IO, Any, Literal, NamedTuple, NoReturn, TypeAlias, cast, get_args
 
 from .errors import (
     CheckpointFileError,
@@ -97,6 +98,7 @@ __all__ = [
     "MemoryLedger",
     "Problem",
     "RootLike",
+    "Span",
     "VerifyReport",
     "canonical_json",
     "encode_entry",
@@ -105,6 +107,7 @@ __all__ = [
     "format_timestamp",
     "payload_digest",
     "read_ledger",
+    "verify_batches",
     "verify_entries",
     "verify_ledger",
     "write_jsonl",
@@ -247,16 +250,7 @@ SELECT_CHECKPOINTS_SQL = (
 )
 # The store's chain head on open: the next seq is `seq + 1`, the next prev_hash is `entry_hash`.
 SELECT_HEAD_SQL = "SELECT seq, entry_hash FROM ledger ORDER BY seq DESC LIMIT 1"
-_SELECT_NEXT_ENTRY_SQL = (
-    f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger WHERE seq > ? ORDER BY seq LIMIT 1"
-)
-_SELECT_NEXT_CHECKPOINT_SQL = (
-    f"SELECT {', '.join(CHECKPOINT_COLUMNS)} FROM ledger_checkpoints WHERE size > ? "
-    "ORDER BY size LIMIT 1"
-)
-_SELECT_NEXT_CHECKPOINT_SIZE_SQL = (
-    "SELECT size FROM ledger_checkpoints WHERE size > ? ORDER BY size LIMIT 1"
-)
+_ENTRY_FETCH = 256  # rows fetched at once by verification (a quarter of a megabyte)
 SET_META_SQL = "INSERT OR REPLACE INTO ledger_meta (key, value) VALUES (?, ?)"
 
 _new_entry = cast(Callable[[type[LedgerEntry], tuple[Any, ...]], LedgerEntry], tuple.__new__)
@@ -953,6 +947,32 @@ class VerifyReport:
     missing: int = 0
 
 
+@dataclass(slots=True)
+class Span:
+    """A seq range [start, end) verified on its own, so that a ledger can be verified in ranges
+    and the ranges joined (ledger_ranges.py). `end` None: to the ledger's end (set to where it
+    ended). `control`: the ledger's control entries by seq, as the join read them; a range
+    replays those before its start into its key chain and must hold exactly those within it.
+
+    What the join checks, filled in by verification: the range's first prev_hash and last
+    entry hash (the hash chain), the Merkle frontier of its own leaves and (size, signed root,
+    root of its own leaves) of each checkpoint (the tree), the prev_checkpoint of its first
+    checkpoint and the digest of its last (the checkpoint chain), whether it settled a
+    checkpoint and whether entries after its last one are uncovered."""
+
+    start: int = 0
+    end: int | None = None
+    control: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    first_prev: bytes = GENESIS_HASH
+    last_hash: bytes = GENESIS_HASH
+    frontier: tuple[bytes, ...] = ()
+    roots: list[tuple[int, bytes, bytes]] = field(default_factory=list)
+    first_link: bytes | None = None
+    last_link: bytes | None = None
+    settled: bool = False
+    uncovered: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class MalformedRecord:
     """A stored record that could not be read as an entry or checkpoint (never trusted).
@@ -1120,12 +1140,15 @@ class _Tree:
     wait in `pending` (at most _TREE_BATCH of them, so memory stays flat) and go into the
     tree a batch at a time, a level at a time, when a root is needed or the batch is full."""
 
-    __slots__ = ("nodes", "pending", "size")
+    __slots__ = ("deferred", "nodes", "pending", "size")
 
     def __init__(self) -> None:
         self.nodes: list[bytes] = []
         self.size = 0
         self.pending: list[bytes] = []
+        # A range that starts after seq 0 knows only its own subtrees: it records (size, signed
+        # root, root of its own leaves) for the join to finish (see Span).
+        self.deferred: list[tuple[int, bytes, bytes]] | None = None
 
     def flush(self) -> None:
         pending = self.pending
@@ -1151,6 +1174,8 @@ class _CheckpointStream:
         "_iterator",
         "_previous",
         "_tree",
+        "first_link",
+        "link_known",
         "next_size",
         "pending",
         "unreadable",
@@ -1158,12 +1183,21 @@ class _CheckpointStream:
     )
 
     def __init__(
-        self, checkpoints: Iterable[Checkpoint | MalformedRecord], chain: KeyChain, tree: _Tree
+        self,
+        checkpoints: Iterable[Checkpoint | MalformedRecord],
+        chain: KeyChain,
+        tree: _Tree,
+        *,
+        link_known: bool = True,
     ) -> None:
         self._iterator = iter(checkpoints)
         self._chain = chain
         self._tree = tree
         self._previous: Checkpoint | None = None
+        # False in a range that starts after seq 0: the checkpoint before its first one is in
+        # an earlier range, so the first link is recorded for the join to check.
+        self.link_known = link_known
+        self.first_link: bytes | None = None
         self.next_size = -1
         self.verified = 0
         self.pending: Checkpoint | None = None
@@ -1217,7 +1251,13 @@ class _CheckpointStream:
             index = max(bad.size - 1, 0)
             raise _Failure(index, "malformed", f"checkpoint record: {bad.reason}", index)
 
+    def last_digest(self) -> bytes | None:
+        return None if self._previous is None else self._previous.digest()
+
     def _check_link(self, checkpoint: Checkpoint, size: int) -> None:
+        if not self.link_known:
+            self.first_link, self.link_known = checkpoint.prev_checkpoint, True
+            return
         previous = self._previous
         expected = GENESIS_HASH if previous is None else previous.digest()
         if checkpoint.prev_checkpoint == expected:
@@ -1242,7 +1282,11 @@ def _check_checkpoint(
     index = max(size - 1, 0)
     _verify_checkpoint_signature(checkpoint, chain, label, index, size, any_key=False)
     _check_head(checkpoint, size, head, label)
-    if checkpoint.kind == "checkpoint" and checkpoint.tree_root != tree.root():
+    if checkpoint.kind != "checkpoint":
+        return
+    if tree.deferred is not None:
+        tree.deferred.append((size, checkpoint.tree_root, tree.root()))
+    elif checkpoint.tree_root != tree.root():
         raise _Failure(
             index,
             "checkpoint_mismatch",
@@ -1281,9 +1325,31 @@ def verify_entries(
     given (the store's declared mode), must match the mode the genesis entry declares.
     `count` is the number of entries that passed every per-entry check.
     """
+    return verify_batches(
+        (entries,),
+        root,
+        checkpoints=checkpoints,
+        external_checkpoint=external_checkpoint,
+        mode=mode,
+        external_label=external_label,
+    )
+
+
+def verify_batches(
+    batches: Iterable[Iterable[LedgerEntry | MalformedRecord | tuple[Any, ...]]],
+    root: RootLike,
+    *,
+    checkpoints: Iterable[Checkpoint | MalformedRecord] = (),
+    external_checkpoint: Checkpoint | None = None,
+    mode: LedgerMode | None = None,
+    external_label: str = "external checkpoint",
+    span: Span | None = None,
+) -> VerifyReport:
+    """`verify_entries` over entries that come in batches (rows fetched many at a time), or
+    over the range `span` of a ledger (see Span)."""
     chain = KeyChain(RootOfTrust.of(root))
     try:
-        return _verify(entries, chain, checkpoints, external_checkpoint, mode, external_label)
+        return _verify(batches, chain, checkpoints, external_checkpoint, mode, external_label, span)
     except _Failure as failure:
         return VerifyReport(
             failure.count,
@@ -1349,13 +1415,34 @@ def _verify_control(
             raise _chain_failure(error, position, position) from None
 
 
+def _replay_control(chain: KeyChain, control: Mapping[int, tuple[Any, ...]], start: int) -> None:
+    """Apply the control entries before `start` to `chain`, checking each as the range that
+    holds it does (content hash, signature by a key the chain trusts at that point). The
+    join then holds each of these ranges to exactly these entries."""
+    compute = _entry_hasher()
+    for seq in sorted(control):
+        if seq >= start:
+            break
+        entry = control[seq]
+        try:
+            computed = compute(*entry[:12])
+        except (AttributeError, TypeError, UnicodeEncodeError, struct.error, OverflowError):
+            raise _Failure(seq, "malformed", "a control entry cannot be encoded", seq) from None
+        if computed != entry[12] or entry[0] != seq or entry[2] not in CONTROL_KINDS:
+            raise _Failure(seq, "hash_mismatch", "a control entry does not hold together", seq)
+        _verify_control(chain, seq, entry[2], entry, computed)
+    if chain.mode is None:
+        raise _Failure(0, "genesis", "the control entries start with no genesis entry", 0)
+
+
 def _verify(
-    entries: Iterable[LedgerEntry | MalformedRecord],
+    batches: Iterable[Iterable[Any]],
     chain: KeyChain,
     checkpoints: Iterable[Checkpoint | MalformedRecord],
     external: Checkpoint | None,
     declared_mode: LedgerMode | None,
     label: str,
+    span: Span | None = None,
 ) -> VerifyReport:
     if declared_mode is not None and declared_mode not in MODES:
         raise _Failure(0, "malformed", f"unknown ledger mode {declared_mode!r}", 0)
@@ -1364,15 +1451,53 @@ def _verify(
         if problem is not None:
             raise _Failure(0, "malformed", f"external checkpoint: {problem}", 0)
     tree = _Tree()
-    stream = _CheckpointStream(checkpoints, chain, tree)
-    external_size = external.size if external is not None else -1
-    compute = _entry_hasher()
-    kinds, control_kinds, sig_tag = KINDS, CONTROL_KINDS, SIG_TAG
-    sign_each = checkpoint_mode = False
-    uncovered_from = -1  # the first unsigned entry not yet covered by a signed checkpoint
-    head = GENESIS_HASH
     position = 0
+    head = GENESIS_HASH
+    batches = iter(batches)
+    control: Mapping[int, tuple[Any, ...]] | None = None
+    if span is not None:
+        control = span.control
+        if span.start:
+            # A range after seq 0: the key chain up to its start comes from the control entries
+            # the join was given (checked here, and held to the stored ones by their ranges);
+            # the chain link, the checkpoint link and the tree's left part are the join's.
+            _replay_control(chain, control, span.start)
+            position = span.start
+            tree.deferred = span.roots
+            first = next(batches, [])
+            if not isinstance(first, list):
+                first = list(first)
+            if first and isinstance(first[0], tuple) and len(first[0]) == len(LEDGER_COLUMNS):
+                head = first[0][11]
+            span.first_prev = head
+            batches = itertools.chain((first,), batches)
+    stream = _CheckpointStream(checkpoints, chain, tree, link_known=not position)
+    external_size = external.size if external is not None else -1
+    kinds, control_kinds, data_kinds, sig_tag = KINDS, CONTROL_KINDS, DATA_KINDS, SIG_TAG
+    sign_each = chain.mode == "sign-each"
+    checkpoint_mode = chain.mode == "checkpoint"
+    uncovered_from = -1  # the first unsigned entry not yet covered by a signed checkpoint
+    settled = False
+    controls_seen = 0
     append_leaf = tree.pending.append
+    # The entry hash, inlined (see _entry_hasher): the (kind, machine) and (from_state,
+    # to_state, event, actor) encodings repeat, and are cached per combination, one lookup.
+    cache: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+    cached = cache.get
+    pack_seq_ts, pack_length, sha256, join, tag = (
+        _pack_seq_ts,
+        _pack_length,
+        _sha256,
+        _join,
+        ENTRY_TAG,
+    )
+
+    def remember(texts: tuple[Any, ...]) -> tuple[bytes, bytes]:
+        encoded = [_length_prefixed(text) for text in texts]
+        if len(cache) >= 4096:
+            cache.clear()
+        cache[texts] = pair = (encoded[0] + encoded[1], join(encoded[2:]))
+        return pair
 
     def settle(size: int) -> bool:
         covered = stream.settle(size, head)
@@ -1383,137 +1508,148 @@ def _verify(
 
     if external_size == 0 or stream.next_size == 0:
         raise _Failure(0, "malformed", "a checkpoint at size 0 covers no genesis entry", 0)
-    iterator: Iterator[Any] = iter(entries)
-    for entry in iterator:
-        try:
-            (
-                seq,
-                ts_ms,
-                kind,
-                machine,
-                instance,
-                from_state,
-                to_state,
-                event,
-                actor,
-                event_id,
-                payload,
-                prev,
-                stored,
-                key_id,
-                signature,
-            ) = entry
-        except (TypeError, ValueError):
-            raise _Failure(
-                position, "malformed", _shape_problem(entry) or "not a ledger entry", position
-            ) from None
-        if seq != position or type(seq) is not int:
-            problem, reason = _describe_sequence_problem(position, seq, iterator)
-            raise _Failure(position, problem, reason, position)
-        try:
-            computed = compute(
-                seq,
-                ts_ms,
-                kind,
-                machine,
-                instance,
-                from_state,
-                to_state,
-                event,
-                actor,
-                event_id,
-                payload,
-                prev,
-            )
-        except (AttributeError, TypeError, UnicodeEncodeError, struct.error, OverflowError):
-            reason = _shape_problem(entry) or "the entry cannot be encoded"
-            raise _Failure(position, "malformed", reason, position) from None
-        if computed != stored or prev != head or len(payload) != 32:
-            shape = _shape_problem(entry)
-            if shape is not None:
-                raise _Failure(position, "malformed", shape, position)
-            if prev != head and computed == stored and position and not (key_id or signature):
-                # Entry `position` is intact and unsigned, so its prev_hash is the one that was
-                # written: the previous entry was altered and rehashed after this one linked it.
+    next_size = stream.next_size
+    iterator: Iterator[Any] = iter(())
+    for batch in batches:
+        iterator = iter(batch)
+        for entry in iterator:
+            try:
+                (
+                    seq,
+                    ts_ms,
+                    kind,
+                    machine,
+                    instance,
+                    from_state,
+                    to_state,
+                    event,
+                    actor,
+                    event_id,
+                    payload,
+                    prev,
+                    stored,
+                    key_id,
+                    signature,
+                ) = entry
+            except (TypeError, ValueError):
                 raise _Failure(
-                    position - 1,
-                    "chain_break",
-                    f"seq {position - 1} was altered after it was chained: its hash no longer "
-                    f"matches the prev_hash that seq {position} recorded for it",
-                    position - 1,
-                )
-            if prev != head:
-                link = f"the hash of seq {position - 1}" if position else "the genesis hash"
-                raise _Failure(
-                    position,
-                    "chain_break",
-                    f"prev_hash does not match {link} (chain broken)",
-                    position,
-                )
-            raise _Failure(
-                position,
-                "hash_mismatch",
-                "entry hash mismatch: the stored hash does not match the entry's content",
-                position,
-            )
-        if kind not in kinds:
-            raise _Failure(position, "unknown_kind", f"unknown entry kind {kind!r}", position)
-        if position == 0 and kind != GENESIS:
-            raise _Failure(
-                0,
-                "genesis",
-                "seq 0 is not a genesis entry: the ledger declares no root key and no mode",
-                0,
-            )
-        if kind in control_kinds:
-            _verify_control(chain, position, kind, entry, computed)
-            if position == 0:
-                sign_each = chain.mode == "sign-each"
-                checkpoint_mode = chain.mode == "checkpoint"
-                if declared_mode is not None and declared_mode != chain.mode:
+                    position, "malformed", _shape_problem(entry) or "not a ledger entry", position
+                ) from None
+            if seq != position or type(seq) is not int:
+                rest = itertools.chain(iterator, itertools.chain.from_iterable(batches))
+                problem, reason = _describe_sequence_problem(position, seq, rest)
+                raise _Failure(position, problem, reason, position)
+            try:
+                texts = (kind, machine, from_state, to_state, event, actor)
+                head_bytes, move_bytes = cached(texts) or remember(texts)
+                instance_bytes = instance.encode("utf-8")
+                event_id_bytes = event_id.encode("utf-8")
+                computed = sha256(
+                    join(
+                        (
+                            tag,
+                            pack_seq_ts(seq, ts_ms),
+                            head_bytes,
+                            pack_length(len(instance_bytes)),
+                            instance_bytes,
+                            move_bytes,
+                            pack_length(len(event_id_bytes)),
+                            event_id_bytes,
+                            payload,
+                            prev,
+                        )
+                    )
+                ).digest()
+            except (AttributeError, TypeError, UnicodeEncodeError, struct.error, OverflowError):
+                reason = _shape_problem(entry) or "the entry cannot be encoded"
+                raise _Failure(position, "malformed", reason, position) from None
+            if computed != stored or prev != head or len(payload) != 32:
+                _fail_link(entry, position, computed, head)
+            if checkpoint_mode and kind in data_kinds and key_id == "" and signature == b"":
+                # The common entry of a checkpoint-mode ledger: unsigned, covered later.
+                if uncovered_from < 0:
+                    uncovered_from = position
+            else:
+                if kind not in kinds:
+                    raise _Failure(
+                        position, "unknown_kind", f"unknown entry kind {kind!r}", position
+                    )
+                if position == 0 and kind != GENESIS:
                     raise _Failure(
                         0,
-                        "mode_mismatch",
-                        f"the store declares {declared_mode} mode, but the genesis entry "
-                        f"declares {chain.mode} mode",
+                        "genesis",
+                        "seq 0 is not a genesis entry: the ledger declares no root key and no mode",
                         0,
                     )
-        elif key_id or signature:
-            if checkpoint_mode:
-                raise _Failure(
-                    position,
-                    "unexpected_signature",
-                    "entry carries a key id or signature, but the ledger is in checkpoint mode",
-                    position,
-                )
-            if type(key_id) is not str or type(signature) is not bytes:
-                reason = _shape_problem(entry) or "key_id or signature has the wrong type"
-                raise _Failure(position, "malformed", reason, position)
-            try:
-                trusted = chain.signer(position, key_id, ts_ms)
-            except ChainError as error:
-                raise _chain_failure(error, position, position) from None
-            if not trusted.verify(signature, sig_tag + computed):
-                raise _Failure(
-                    position, "bad_signature", f"bad signature by key {key_id}", position
-                )
-        elif key_id != "" or signature != b"":
-            reason = _shape_problem(entry) or "key_id or signature has the wrong type"
-            raise _Failure(position, "malformed", reason, position)
-        elif sign_each:
-            raise _Failure(
-                position, "missing_signature", "missing signature (sign-each mode)", position
-            )
-        elif uncovered_from < 0:
-            uncovered_from = position
-        head = computed
-        append_leaf(computed)
-        position += 1
-        if not position % _TREE_BATCH:
-            tree.flush()
-        if (position == stream.next_size or position == external_size) and settle(position):
-            uncovered_from = -1
+                if kind in control_kinds:
+                    if control is not None:
+                        if control.get(position) != entry:
+                            raise _Failure(
+                                position,
+                                "malformed",
+                                f"the {kind} entry differs from the one the other ranges used",
+                                position,
+                            )
+                        controls_seen += 1
+                    _verify_control(chain, position, kind, entry, computed)
+                    if position == 0:
+                        sign_each = chain.mode == "sign-each"
+                        checkpoint_mode = chain.mode == "checkpoint"
+                        if declared_mode is not None and declared_mode != chain.mode:
+                            raise _Failure(
+                                0,
+                                "mode_mismatch",
+                                f"the store declares {declared_mode} mode, but the genesis "
+                                f"entry declares {chain.mode} mode",
+                                0,
+                            )
+                elif key_id or signature:
+                    if checkpoint_mode:
+                        raise _Failure(
+                            position,
+                            "unexpected_signature",
+                            "entry carries a key id or signature, but the ledger is in "
+                            "checkpoint mode",
+                            position,
+                        )
+                    if type(key_id) is not str or type(signature) is not bytes:
+                        reason = _shape_problem(entry) or "key_id or signature has the wrong type"
+                        raise _Failure(position, "malformed", reason, position)
+                    try:
+                        trusted = chain.signer(position, key_id, ts_ms)
+                    except ChainError as error:
+                        raise _chain_failure(error, position, position) from None
+                    if not trusted.verify(signature, sig_tag + computed):
+                        raise _Failure(
+                            position, "bad_signature", f"bad signature by key {key_id}", position
+                        )
+                elif key_id != "" or signature != b"":
+                    reason = _shape_problem(entry) or "key_id or signature has the wrong type"
+                    raise _Failure(position, "malformed", reason, position)
+                elif sign_each:
+                    raise _Failure(
+                        position,
+                        "missing_signature",
+                        "missing signature (sign-each mode)",
+                        position,
+                    )
+                elif uncovered_from < 0:
+                    uncovered_from = position
+            head = computed
+            append_leaf(computed)
+            position += 1
+            if not position % _TREE_BATCH:
+                tree.flush()
+            # Two comparisons, not `in (a, b)`: no tuple built per entry.
+            if position == next_size or position == external_size:  # noqa: SIM109
+                if settle(position):
+                    uncovered_from = -1
+                    settled = True
+                next_size = stream.next_size
 
+    if span is not None and span.end is not None and position != span.end:
+        reason = f"the range ends at seq {position}, not {span.end}"
+        raise _Failure(position, "gap", reason, position)
     if position == 0:
         raise _Failure(0, "genesis", "the ledger is empty: it has no genesis entry", 0)
     if stream.unreadable is not None:
@@ -1546,7 +1682,20 @@ def _verify(
             tuple(chain.introduced),
             missing,
         )
-    if uncovered_from >= 0:
+    if span is not None:
+        if control is not None and controls_seen != sum(
+            1 for seq in control if span.start <= seq < position
+        ):
+            raise _Failure(position, "malformed", "control entries missing from the range", 0)
+        tree.flush()
+        span.end = position
+        span.last_hash = head
+        span.frontier = tuple(tree.nodes)
+        span.first_link = stream.first_link
+        span.last_link = stream.last_digest()
+        span.settled = settled
+        span.uncovered = uncovered_from >= 0
+    elif uncovered_from >= 0:
         raise _Failure(
             uncovered_from,
             "uncovered",
@@ -1555,6 +1704,38 @@ def _verify(
         )
     return VerifyReport(
         position, True, None, None, None, stream.verified, chain.mode, tuple(chain.introduced)
+    )
+
+
+def _fail_link(entry: tuple[Any, ...], position: int, computed: bytes, head: bytes) -> NoReturn:
+    """Why an entry's hash, its link to the one before it, or its payload digest is wrong."""
+    prev, stored, key_id, signature = entry[11], entry[12], entry[13], entry[14]
+    shape = _shape_problem(entry)
+    if shape is not None:
+        raise _Failure(position, "malformed", shape, position)
+    if prev != head and computed == stored and position and not (key_id or signature):
+        # Entry `position` is intact and unsigned, so its prev_hash is the one that was
+        # written: the previous entry was altered and rehashed after this one linked it.
+        raise _Failure(
+            position - 1,
+            "chain_break",
+            f"seq {position - 1} was altered after it was chained: its hash no longer "
+            f"matches the prev_hash that seq {position} recorded for it",
+            position - 1,
+        )
+    if prev != head:
+        link = f"the hash of seq {position - 1}" if position else "the genesis hash"
+        raise _Failure(
+            position,
+            "chain_break",
+            f"prev_hash does not match {link} (chain broken)",
+            position,
+        )
+    raise _Failure(
+        position,
+        "hash_mismatch",
+        "entry hash mismatch: the stored hash does not match the entry's content",
+        position,
     )
 
 
@@ -1645,14 +1826,23 @@ class LedgerSource:
             self._connection.close()
             self._connection = None
 
+    @property
+    def connection(self) -> sqlite3.Connection | None:
+        """The open read transaction on an SQLite store (None for a JSON Lines export)."""
+        return self._connection
+
     def entries(self) -> Iterator[LedgerEntry | MalformedRecord]:
         if self._connection is not None:
-            return self._sqlite_entries(self._connection)
+            new, entry_type = _new_entry, LedgerEntry
+            return (
+                row if isinstance(row, MalformedRecord) else new(entry_type, row)
+                for row in sqlite_entry_rows(self._connection)
+            )
         return self._jsonl_entries()
 
     def checkpoints(self) -> Iterator[Checkpoint | MalformedRecord]:
         if self._connection is not None:
-            return self._sqlite_checkpoints(self._connection)
+            return sqlite_checkpoints(self._connection)
         return self._jsonl_checkpoints()
 
     def verify(
@@ -1664,8 +1854,13 @@ class LedgerSource:
     ) -> VerifyReport:
         if self.mode_problem is not None:
             return VerifyReport(0, False, 0, self.mode_problem, "mode_mismatch")
-        return verify_entries(
-            self.entries(),
+        batches: Iterable[Iterable[LedgerEntry | MalformedRecord | tuple[Any, ...]]]
+        if self._connection is not None:
+            batches = sqlite_entry_batches(self._connection)
+        else:
+            batches = (self._jsonl_entries(),)
+        return verify_batches(
+            batches,
             root,
             checkpoints=self.checkpoints(),
             external_checkpoint=external_checkpoint,
@@ -1720,69 +1915,12 @@ class LedgerSource:
         return last
 
     @staticmethod
-    def _sqlite_entries(connection: sqlite3.Connection) -> Iterator[LedgerEntry | MalformedRecord]:
-        new, entry_type = _new_entry, LedgerEntry
-        last_seq: int | None = None
-        try:
-            for row in connection.execute(SELECT_ENTRIES_SQL):
-                last_seq = row[0]
-                yield new(entry_type, row)
-        except sqlite3.Error as exc:
-            # A row the database cannot hand out (not UTF-8, a corrupt record) is a failure at
-            # the position where it was expected, not a crash. Python's cursor reads one row
-            # ahead, so an error raised while handing out row k may come from row k + 1: read
-            # row k alone (LIMIT 1 never steps past it) to tell which.
-            try:
-                if last_seq is None:
-                    row = connection.execute(SELECT_ENTRIES_SQL + " LIMIT 1").fetchone()
-                else:
-                    row = connection.execute(_SELECT_NEXT_ENTRY_SQL, (last_seq,)).fetchone()
-            except sqlite3.Error as again:
-                yield MalformedRecord(f"row cannot be read: {again}")
-                return
-            if row is not None:
-                yield new(entry_type, row)
-            yield MalformedRecord(f"row cannot be read: {exc}")
-
-    @staticmethod
     def _sqlite_last_entry(connection: sqlite3.Connection) -> LedgerEntry | MalformedRecord | None:
         try:
             row = connection.execute(SELECT_ENTRIES_SQL + " DESC LIMIT 1").fetchone()
         except sqlite3.Error as exc:
             return MalformedRecord(f"row cannot be read: {exc}")
         return None if row is None else _new_entry(LedgerEntry, row)
-
-    @staticmethod
-    def _sqlite_checkpoints(
-        connection: sqlite3.Connection,
-    ) -> Iterator[Checkpoint | MalformedRecord]:
-        last_size: int | None = None
-        try:
-            for row in connection.execute(SELECT_CHECKPOINTS_SQL):
-                last_size = row[0]
-                yield _checkpoint_from_row(row)
-        except sqlite3.Error as exc:
-            # As for entries: the cursor reads one row ahead, so the error may belong to the
-            # row after the one it was handing out. Read that row alone to tell which, and
-            # the unreadable row's size (an integer, readable when its text is not), so the
-            # failure is reported where that checkpoint stands.
-            error: sqlite3.Error = exc
-            after = -1 if last_size is None else last_size
-            try:
-                row = connection.execute(_SELECT_NEXT_CHECKPOINT_SQL, (after,)).fetchone()
-            except sqlite3.Error as again:
-                error = again
-            else:
-                if row is not None:
-                    yield _checkpoint_from_row(row)
-                    after = row[0]
-            try:
-                found = connection.execute(_SELECT_NEXT_CHECKPOINT_SIZE_SQL, (after,)).fetchone()
-            except sqlite3.Error:
-                found = None
-            size = found[0] if found is not None and type(found[0]) is int else None
-            where = "" if size is None else f" (size {size})"
-            yield MalformedRecord(f"checkpoint row{where} cannot be read: {error}", size)
 
     def _jsonl_lines(self) -> Iterator[tuple[int, bytes]]:
         try:
@@ -1821,6 +1959,127 @@ class LedgerSource:
                 yield MalformedRecord(f"line {number}: not valid JSON")
             except CheckpointFileError as exc:
                 yield MalformedRecord(f"line {number}: {exc.message}")
+
+
+def _bounds(column: str, low: str, high: str, values: tuple[int | None, int | None]) -> str:
+    """The SQL condition on `column` for the bounds in `values` that are not None."""
+    conditions = [
+        f"{column} {operator} ?"
+        for operator, value in ((low, values[0]), (high, values[1]))
+        if value is not None
+    ]
+    return " AND ".join(conditions) or "1"
+
+
+def _bound_values(values: tuple[int | None, int | None]) -> tuple[int, ...]:
+    return tuple(value for value in values if value is not None)
+
+
+def sqlite_entry_batches(
+    connection: sqlite3.Connection, low: int | None = None, high: int | None = None
+) -> Iterator[list[tuple[Any, ...] | MalformedRecord]]:
+    """The `ledger` rows with low <= seq < high (None: unbounded) in seq order, as raw rows in
+    LEDGER_COLUMNS order, fetched many at a time. After a row that cannot be read, the rows
+    come one at a time (see sqlite_entry_rows), ending with a MalformedRecord."""
+    where = _bounds("seq", ">=", "<", (low, high))
+    sql = f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger WHERE {where} ORDER BY seq"
+    last_seq: Any = None
+    try:
+        cursor = connection.execute(sql, _bound_values((low, high)))
+        while batch := cursor.fetchmany(_ENTRY_FETCH):
+            last_seq = batch[-1][0]
+            yield batch
+    except sqlite3.Error:
+        # Start again one row at a time after the last whole batch: the row that cannot be
+        # read is then reported where it stands, as a row-by-row reader reports it.
+        for row in sqlite_entry_rows(connection, low, high, after=last_seq):
+            yield [row]
+
+
+def sqlite_entry_rows(
+    connection: sqlite3.Connection,
+    low: int | None = None,
+    high: int | None = None,
+    *,
+    after: Any = None,
+) -> Iterator[tuple[Any, ...] | MalformedRecord]:
+    """The rows of sqlite_entry_batches one at a time (`after`: a seq to start after).
+    A row the database cannot hand out (not UTF-8, a corrupt record) becomes a MalformedRecord
+    where it was expected, not a crash."""
+    where = _bounds("seq", ">=", "<", (low, high))
+    select = f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger WHERE {where}"
+    last_seq: Any = after
+    try:
+        if last_seq is not None:
+            rows = connection.execute(
+                f"{select} AND seq > ? ORDER BY seq", (*_bound_values((low, high)), last_seq)
+            )
+        else:
+            rows = connection.execute(f"{select} ORDER BY seq", _bound_values((low, high)))
+        for row in rows:
+            last_seq = row[0]
+            yield row
+    except sqlite3.Error as exc:
+        # Python's cursor reads one row ahead, so an error raised while handing out row k may
+        # come from row k + 1: read row k alone (LIMIT 1 never steps past it) to tell which.
+        try:
+            if last_seq is None:
+                row = connection.execute(
+                    f"{select} ORDER BY seq LIMIT 1", _bound_values((low, high))
+                ).fetchone()
+            else:
+                row = connection.execute(
+                    f"{select} AND seq > ? ORDER BY seq LIMIT 1",
+                    (*_bound_values((low, high)), last_seq),
+                ).fetchone()
+        except sqlite3.Error as again:
+            yield MalformedRecord(f"row cannot be read: {again}")
+            return
+        if row is not None:
+            yield row
+        yield MalformedRecord(f"row cannot be read: {exc}")
+
+
+def sqlite_checkpoints(
+    connection: sqlite3.Connection, low: int | None = None, high: int | None = None
+) -> Iterator[Checkpoint | MalformedRecord]:
+    """The `ledger_checkpoints` rows with low < size <= high (None: unbounded), by size."""
+    where = _bounds("size", ">", "<=", (low, high))
+    select = f"SELECT {', '.join(CHECKPOINT_COLUMNS)} FROM ledger_checkpoints WHERE {where}"
+    bounds = _bound_values((low, high))
+    last_size: int | None = None
+    try:
+        for row in connection.execute(f"{select} ORDER BY size", bounds):
+            last_size = row[0]
+            yield _checkpoint_from_row(row)
+    except sqlite3.Error as exc:
+        # As for entries: the cursor reads one row ahead, so the error may belong to the
+        # row after the one it was handing out. Read that row alone to tell which, and
+        # the unreadable row's size (an integer, readable when its text is not), so the
+        # failure is reported where that checkpoint stands.
+        error: sqlite3.Error = exc
+        after = -1 if last_size is None else last_size
+        try:
+            row = connection.execute(
+                f"{select} AND size > ? ORDER BY size LIMIT 1", (*bounds, after)
+            ).fetchone()
+        except sqlite3.Error as again:
+            error = again
+        else:
+            if row is not None:
+                yield _checkpoint_from_row(row)
+                after = row[0]
+        try:
+            found = connection.execute(
+                f"SELECT size FROM ledger_checkpoints WHERE {where} AND size > ? "
+                "ORDER BY size LIMIT 1",
+                (*bounds, after),
+            ).fetchone()
+        except sqlite3.Error:
+            found = None
+        size = found[0] if found is not None and type(found[0]) is int else None
+        where_text = "" if size is None else f" (size {size})"
+        yield MalformedRecord(f"checkpoint row{where_text} cannot be read: {error}", size)
 
 
 def _open_sqlite(path: Path) -> LedgerSource | None:
@@ -1943,10 +2202,14 @@ def verify_ledger(
     root: RootLike,
     *,
     external_checkpoint: Checkpoint | None = None,
+    external_label: str = "external checkpoint",
 ) -> VerifyReport:
-    """Verify a stored ledger file (SQLite store or JSON Lines export) from its pinned root."""
+    """Verify a stored ledger file (SQLite store or JSON Lines export) from its pinned root, in
+    this process (`ledger_ranges.verify_file` verifies a large SQLite ledger in parallel)."""
     with read_ledger(path) as source:
-        return source.verify(root, external_checkpoint=external_checkpoint)
+        return source.verify(
+            root, external_checkpoint=external_checkpoint, external_label=external_label
+        )
 
 
 def write_jsonl(

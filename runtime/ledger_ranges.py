@@ -1,0 +1,309 @@
+"""Verifying an SQLite ledger in seq ranges, in parallel processes, joined at the boundaries.
+
+Each range is verified in a process of its own by the same code that verifies a whole ledger
+(`ledger.verify_batches` with a `Span`), reading its own rows in its own read transaction.
+What crosses a boundary is checked by the join, in seq order:
+
+- the hash chain: range k+1's first prev_hash is the hash of range k's last entry;
+- the key chain: the join reads the control entries (genesis, rotations, retirements) first.
+  Every range replays those before its start into its key chain, checking each one's hash
+  and signature against the chain as it stands, and fails unless the control entries within
+  it are exactly the ones it was given, so every range's keys are the keys the entries before
+  it establish. An entry signed by a key an earlier range retired fails in its own range;
+- the Merkle tree: ranges start at multiples of a power of two P and are at most P long, so
+  the tree of a prefix ending inside range k is the frontier of the ranges before it followed
+  by range k's own subtrees. Each range reports, per checkpoint, the root of its own leaves
+  up to that size; the join folds the frontier before the range into it and compares the
+  signed root;
+- the checkpoint chain: range k's first checkpoint links to the digest of the last checkpoint
+  before it; and coverage: unsigned entries after the last checkpoint of a range must be
+  covered by a checkpoint of a later range.
+
+Every stored row is read by exactly one range (the first also reads seq < 0 and sizes <= 0,
+the last everything above its start), so nothing is skipped. Whenever the ranges do not accept
+the ledger (any range fails, a boundary does not join, the store is laid out unexpectedly),
+the sequential verifier verifies it from the start and its report is the answer: the verdict
+and the diagnostic of a failure are the sequential ones by construction, and a ledger the
+ranges accept is one every check of the sequential verifier passes. Small ledgers are
+verified in this process: starting workers would cost more than it saves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from collections.abc import Sequence
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .keychain import CONTROL_KINDS, RootOfTrust
+from .ledger import (
+    GENESIS_HASH,
+    LEDGER_COLUMNS,
+    Checkpoint,
+    LedgerMode,
+    LedgerSource,
+    RootLike,
+    Span,
+    VerifyReport,
+    read_ledger,
+    sqlite_checkpoints,
+    sqlite_entry_batches,
+    verify_batches,
+    verify_ledger,
+)
+from .processes import available_cpus, map_in_processes
+
+__all__ = ["PARALLEL_MIN_ENTRIES", "verify_file", "verify_in_ranges"]
+
+# Below this many entries one process verifies: forking workers and joining them costs tens
+# of milliseconds, about what 30,000 entries take.
+PARALLEL_MIN_ENTRIES = 1 << 16
+# Ranges per process: more than one, so a process slowed by the neighbours does less of it.
+_RANGES_PER_PROCESS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class _Task:
+    path: str
+    root: RootOfTrust
+    mode: LedgerMode | None
+    control: dict[int, tuple[Any, ...]]
+    start: int
+    end: int | None
+    external: Checkpoint | None
+    label: str
+
+
+def verify_file(
+    path: str | os.PathLike[str],
+    root: RootLike,
+    *,
+    external_checkpoint: Checkpoint | None = None,
+    external_label: str = "external checkpoint",
+    processes: int | None = None,
+    range_size: int | None = None,
+    min_entries: int = PARALLEL_MIN_ENTRIES,
+) -> VerifyReport:
+    """Verify a stored ledger file as `ledger.verify_ledger` does, with the same report: in
+    ranges (see verify_in_ranges) when they accept it, else in this process."""
+    report = verify_in_ranges(
+        path,
+        root,
+        external_checkpoint=external_checkpoint,
+        external_label=external_label,
+        processes=processes,
+        range_size=range_size,
+        min_entries=min_entries,
+    )
+    if report is not None:
+        return report
+    return verify_ledger(
+        path, root, external_checkpoint=external_checkpoint, external_label=external_label
+    )
+
+
+def verify_in_ranges(
+    path: str | os.PathLike[str],
+    root: RootLike,
+    *,
+    external_checkpoint: Checkpoint | None = None,
+    external_label: str = "external checkpoint",
+    processes: int | None = None,
+    range_size: int | None = None,
+    min_entries: int = PARALLEL_MIN_ENTRIES,
+) -> VerifyReport | None:
+    """The report of an SQLite ledger of at least `min_entries` entries verified in ranges of
+    `range_size` entries (a power of two; default: a few per process) in up to `processes`
+    processes (default: one per CPU), if every range verifies and they join; else None."""
+    workers = processes or available_cpus()
+    with read_ledger(path) as source:
+        if workers < 2 or source.connection is None or source.mode_problem is not None:
+            return None
+        tasks = _plan(
+            source,
+            RootOfTrust.of(root),
+            external_checkpoint,
+            external_label,
+            workers,
+            range_size,
+            min_entries,
+        )
+    if tasks is None:
+        return None
+    try:
+        return _join(map_in_processes(_verify_range, tasks, workers))
+    except BrokenProcessPool:  # a worker was killed (out of memory, a signal)
+        return None
+
+
+def _plan(
+    source: LedgerSource,
+    root: RootOfTrust,
+    external: Checkpoint | None,
+    label: str,
+    workers: int,
+    range_size: int | None,
+    min_entries: int,
+) -> list[_Task] | None:
+    """The ranges to verify, or None when the ledger is small or not laid out as expected
+    (then the sequential verifier reads it, and names what is wrong)."""
+    connection = source.connection
+    assert connection is not None
+    try:
+        # NULL sorts first and text and blobs last, so when the first and last keys are
+        # integers every row's key is a number, and the ranges' bounds cover every row.
+        first = connection.execute("SELECT seq FROM ledger ORDER BY seq LIMIT 1").fetchone()
+        last = connection.execute("SELECT seq FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
+        if first is None or last is None or first[0] != 0 or type(last[0]) is not int:
+            return None
+        size = last[0] + 1
+        if size < min_entries:
+            return None
+        sizes = [
+            connection.execute(
+                f"SELECT size FROM ledger_checkpoints ORDER BY size {order} LIMIT 1"
+            ).fetchone()
+            for order in ("", "DESC")
+        ]
+        if any(row is not None and type(row[0]) is not int for row in sizes):
+            return None
+        if sizes[1] is not None and sizes[1][0] > size:
+            return None  # a checkpoint beyond the end: the sequential verifier names it
+        if external is not None and not 0 < external.size <= size:
+            return None
+        # The control entries, by the index the store keeps on (machine, instance, seq). The
+        # ranges hold the stored entries to these, so a lying index only costs a second pass.
+        control = {
+            row[0]: row
+            for row in connection.execute(
+                f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger "
+                "WHERE machine = '' AND instance = '' ORDER BY seq"
+            )
+            if row[2] in CONTROL_KINDS
+        }
+    except sqlite3.Error:
+        return None
+    width = range_size or _range_width(size, workers)
+    if width & (width - 1) or width >= size:
+        return None
+    starts = range(0, size, width)
+    external_size = -1 if external is None else external.size
+    return [
+        _Task(
+            str(source.path),
+            root,
+            source.mode,
+            control,
+            start,
+            start + width if start + width < size else None,
+            external if start < external_size <= start + width else None,
+            label,
+        )
+        for start in starts
+    ]
+
+
+def _range_width(size: int, workers: int) -> int:
+    """The smallest power of two that cuts `size` entries into at most RANGES_PER_PROCESS
+    ranges per process."""
+    ranges = workers * _RANGES_PER_PROCESS
+    return 1 << max(0, (-(-size // ranges) - 1).bit_length())
+
+
+def _verify_range(task: _Task) -> tuple[Span, VerifyReport] | None:
+    """One range, in a process of its own; None when it does not verify."""
+    uri = Path(task.path).resolve().as_uri() + "?mode=ro"
+    try:
+        connection = sqlite3.connect(uri, uri=True, isolation_level=None)
+    except sqlite3.Error:
+        return None
+    try:
+        connection.execute("BEGIN")
+        span = Span(task.start, task.end, task.control)
+        low = task.start or None  # the first range also reads what sorts before seq 0
+        report = verify_batches(
+            sqlite_entry_batches(connection, low, task.end),
+            task.root,
+            checkpoints=sqlite_checkpoints(connection, low, task.end),
+            external_checkpoint=task.external,
+            mode=task.mode,
+            external_label=task.label,
+            span=span,
+        )
+    except sqlite3.Error:
+        return None
+    finally:
+        connection.close()
+    if not report.ok:
+        return None
+    span.control = {}  # the join has them; no need to send them back
+    return span, report
+
+
+def _join(results: Sequence[tuple[Span, VerifyReport] | None]) -> VerifyReport | None:
+    """One report for the whole ledger from its ranges in seq order, or None when a range
+    failed or a boundary does not join."""
+    head, link = GENESIS_HASH, GENESIS_HASH
+    nodes: list[bytes] = []  # the Merkle frontier of the ranges joined so far
+    size = 0
+    uncovered = False
+    checkpoints = 0
+    report: VerifyReport | None = None
+    for result in results:
+        if result is None:
+            return None
+        span, report = result
+        if span.start != size or span.end is None:
+            return None
+        if span.start and span.first_prev != head:
+            return None
+        aligned = span.start & -span.start  # how far the frontier before the range reaches
+        for at, signed, own in span.roots:
+            if at - span.start > aligned or _fold(nodes, own) != signed:
+                return None
+        if span.first_link is not None and span.first_link != link:
+            return None
+        if span.last_link is not None:
+            link = span.last_link
+        uncovered = span.uncovered if span.settled else uncovered or span.uncovered
+        checkpoints += report.checkpoints
+        head = span.last_hash
+        if span.start and span.end - span.start > aligned:
+            return None
+        if not _append(nodes, span.start, span.frontier, span.end - span.start):
+            return None
+        size = span.end
+    if report is None or uncovered:
+        return None
+    return VerifyReport(size, True, None, None, None, checkpoints, report.mode, report.keys)
+
+
+def _node(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def _fold(nodes: Sequence[bytes], node: bytes) -> bytes:
+    """The root of the tree whose frontier is `nodes` followed by the subtree root `node`."""
+    for left in reversed(nodes):
+        node = _node(left, node)
+    return node
+
+
+def _append(nodes: list[bytes], size: int, subtrees: Sequence[bytes], count: int) -> bool:
+    """Append a range's frontier (its perfect subtrees, `count` leaves in all, largest first)
+    to the frontier `nodes` of `size` leaves, merging equal widths; False if it cannot be."""
+    widths = [1 << bit for bit in reversed(range(count.bit_length())) if count >> bit & 1]
+    if len(widths) != len(subtrees):
+        return False
+    for width, node in zip(widths, subtrees, strict=True):
+        size += width
+        bits = size // width
+        while not bits & 1:
+            node = _node(nodes.pop(), node)
+            bits >>= 1
+        nodes.append(node)
+    return True
