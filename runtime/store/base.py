@@ -42,7 +42,9 @@ __all__ = [
 T = TypeVar("T")
 
 OutboxKind = Literal["event", "notification"]
-OutboxStatus = Literal["pending", "delivered", "failed"]
+# "held": a refusal notice waiting on the fate of the message it is the notice of (it is
+# released as "pending" if that delivery fails, and "dropped" if it is delivered).
+OutboxStatus = Literal["pending", "delivered", "failed", "held", "dropped"]
 
 
 @dataclass(slots=True)
@@ -195,7 +197,12 @@ class Transaction(Protocol):
     def take_timer(self, timer: ArmedTimer) -> bool:
         """Delete this armed timer; False if it is no longer armed (fired or cancelled)."""
 
-    def add_outbox(self, messages: Sequence[OutboxMessage]) -> None: ...
+    def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
+        """Insert each message with its `status` ("pending", or "held" for a refusal notice)
+        and no error; the store assigns its id."""
+
+    def outbox_message(self, event_id: str) -> OutboxMessage | None:
+        """The outbox message with this event id (unique) as of this transaction, or None."""
 
     def mark_outbox(self, message_id: int, status: OutboxStatus, error: str | None) -> None: ...
 

@@ -80,6 +80,7 @@ class MemoryStore:
         self._arming = 0
         self._outbox: list[OutboxMessage] = []
         self._outbox_ids: set[str] = set()
+        self._outbox_by_id: dict[str, int] = {}  # event id -> index in _outbox
         self._snapshots: dict[tuple[str, str], Snapshot] = {}
         self._flows: dict[str, FlowRecord] = {}
         self._breakers: dict[tuple[str, str], BreakerRecord] = {}
@@ -411,8 +412,14 @@ class MemoryStore:
                     message.event_id,
                     message.body,
                     message.created_ms,
+                    message.status,
                 )
             )
+            self._outbox_by_id[message.event_id] = len(self._outbox) - 1
+
+    def outbox_message(self, event_id: str) -> OutboxMessage | None:
+        index = self._outbox_by_id.get(event_id)
+        return None if index is None else self._outbox[index]
 
     def mark_outbox(self, message_id: int, status: OutboxStatus, error: str | None) -> None:
         index = message_id - 1

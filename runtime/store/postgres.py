@@ -404,7 +404,7 @@ class PostgresTransaction:
             self._execute(
                 "INSERT INTO outbox (kind, machine, instance, version, target_machine, "
                 "target_instance, event, event_id, body, created_ms, status, error) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'pending', NULL)",
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL)",
                 (
                     m.kind,
                     m.machine,
@@ -416,8 +416,15 @@ class PostgresTransaction:
                     m.event_id,
                     m.body,
                     m.created_ms,
+                    m.status,
                 ),
             )
+
+    def outbox_message(self, event_id: str) -> OutboxMessage | None:
+        row = self._execute(
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE event_id = %s", (event_id,)
+        ).fetchone()
+        return None if row is None else OutboxMessage(*row)
 
     def mark_outbox(self, message_id: int, status: OutboxStatus, error: str | None) -> None:
         self._execute(

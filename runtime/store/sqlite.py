@@ -464,7 +464,7 @@ class SQLiteTransaction:
             self._execute(
                 "INSERT INTO outbox (kind, machine, instance, version, target_machine, "
                 "target_instance, event, event_id, body, created_ms, status, error) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', NULL)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
                 (
                     m.kind,
                     m.machine,
@@ -476,8 +476,15 @@ class SQLiteTransaction:
                     m.event_id,
                     m.body,
                     m.created_ms,
+                    m.status,
                 ),
             )
+
+    def outbox_message(self, event_id: str) -> OutboxMessage | None:
+        row = self._execute(
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE event_id = ?", (event_id,)
+        ).fetchone()
+        return None if row is None else _message(row)
 
     def mark_outbox(self, message_id: int, status: OutboxStatus, error: str | None) -> None:
         self._execute(
