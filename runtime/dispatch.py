@@ -95,7 +95,7 @@ from .inputs import (
 )
 from .instance_data import dump_data, keep_fields, read_data, route
 from .ledger import EMPTY_PAYLOAD_DIGEST, PAYLOAD_TAG, EntryData, LedgerEntry, canonical_json
-from .outbox import _event_message
+from .outbox import _event_message, _refusal_notices
 from .replay import save_snapshot
 from .results import (
     _EMPTY_RESULTS,
@@ -263,6 +263,16 @@ class Governor:
         self._timer_actions = {
             t.id: tuple((a, actions[a]) for a in t.actions) for t in self._timer_specs.values()
         }
+        # (receiver, event) of the emits with a refusal notice: their deliveries' notices.
+        self._refusals = frozenset(
+            (emit.machine, emit.event)
+            for plans in (
+                *(row.emits for rows in self._rows.values() for row in rows),
+                *self._timer_emits.values(),
+            )
+            for emit in plans
+            if emit.refused is not None
+        )
         # The data fields some emit is routed by: kept values must be instance ids.
         self._routes = frozenset(
             emit.to
@@ -444,6 +454,9 @@ class Governor:
             )
             for e, emit in zip(emitted, plans, strict=True)
         ]
+        messages += _refusal_notices(
+            self.name, instance_id, 1, emitted, plans, None, actor, CREATE_EVENT, now
+        )
         return results or _EMPTY_RESULTS, emitted, messages
 
     # -- dispatching ---------------------------------------------------------------------------
@@ -1042,6 +1055,13 @@ class Governor:
                 for index, emit in enumerate(row.emits)
             )
             bodies = [emit.body(payload, instance_id, actor, row.event) for emit in row.emits]
+        notices = (
+            _refusal_notices(
+                name, instance_id, version, emitted, row.emits, payload, actor, row.event, now
+            )
+            if row.notices
+            else ()
+        )
         entry = None
         if runtime._sealer is not None:
             data = _new_entry_data(
@@ -1099,8 +1119,11 @@ class Governor:
         if emitted:
             txn.add_outbox(
                 [
-                    _event_message(name, instance_id, version, e, now, body)
-                    for e, body in zip(emitted, bodies, strict=True)
+                    *(
+                        _event_message(name, instance_id, version, e, now, body)
+                        for e, body in zip(emitted, bodies, strict=True)
+                    ),
+                    *notices,
                 ]
             )
         if entry is not None:

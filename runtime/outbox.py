@@ -1,17 +1,74 @@
-"""The outbox: messages written with the change that caused them, and their delivery."""
+"""The outbox: messages written with the change that caused them, and their delivery.
+
+Refusal notices (`emit Entitlement.GrantEntitlements if refused TierChangeFailed(...)`): the
+notice, an event of the emitting machine with its payload built from the emit's cause, is
+written with the emitted event, in the same transaction, as a "held" message to the emitting
+instance, its event id derived from the emitted event's. When the delivery of the emitted
+event is refused, one unit of work marks it failed and releases its notice ("pending"); the
+notice is then delivered at once, as any outbox event: dispatched with its own event id (a
+repeated delivery is deduplicated by the sender), ledgered by the sender's transition, and
+marked delivered or failed (a refused notice has no notice of its own). A delivered event's
+notice is dropped with the same unit. A notice is released only from "held", so a delivery
+refused again releases nothing more.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .errors import ActionFailed, InvalidTransition, PayloadInvalid, UnknownEvent, UnknownInstance
-from .results import Delivery, EmittedEvent, Notification, _dumps
+from .results import Delivery, EmittedEvent, Notification, _dumps, derive_event_id
 from .sealing import _Chain
 from .store.base import OutboxMessage, OutboxStatus, Transaction
+from .tables import Payload
 
 if TYPE_CHECKING:
+    from .rows import _EmitPlan
     from .runtime import Runtime
+
+
+def refusal_id(event_id: str) -> str:
+    """The event id of the refusal notice of the emitted event `event_id`."""
+    return derive_event_id("refused", event_id)
+
+
+def _refusal_notices(
+    machine: str,
+    instance: str,
+    version: int,
+    emitted: Sequence[EmittedEvent],
+    plans: Sequence[_EmitPlan],
+    payload: Payload | None,
+    actor: str,
+    cause: str,
+    now: int,
+) -> list[OutboxMessage]:
+    """The held notices of the emits that have one: from each emitted event's receiver back
+    to the emitting instance (see the module docstring)."""
+    notices = []
+    for emitted_event, plan in zip(emitted, plans, strict=True):
+        notice = plan.refused
+        if notice is None:
+            continue
+        notices.append(
+            OutboxMessage(
+                None,
+                "event",
+                emitted_event.machine,
+                emitted_event.instance,
+                version,
+                machine,
+                instance,
+                notice.event,
+                refusal_id(emitted_event.event_id),
+                notice.body(payload, instance, actor, cause),
+                now,
+                "held",
+            )
+        )
+    return notices
 
 
 def _event_message(
@@ -58,7 +115,7 @@ def deliver_outbox(runtime: Runtime, *, limit: int = 1000) -> list[Delivery]:
     fleet = runtime._partitioned
     if fleet is None:
         pending = runtime._store.outbox(kind="event", status="pending", limit=limit)
-        return [_deliver(runtime, message) for message in pending]
+        return [delivery for message in pending for delivery in _deliver(runtime, message)]
     # A fleet store leases each message to this worker (a worker that dies leaves it to the
     # next after the lease), only the oldest pending one per receiver at a time: claim again
     # until nothing is left, so a receiver's queue drains in order.
@@ -67,14 +124,16 @@ def deliver_outbox(runtime: Runtime, *, limit: int = 1000) -> list[Delivery]:
         claimed = fleet.claim_outbox(kind="event", limit=limit - len(deliveries))
         if not claimed:
             break
-        deliveries += [_deliver(runtime, message) for message in claimed]
+        for message in claimed:
+            deliveries += _deliver(runtime, message)
     return deliveries
 
 
-def _deliver(runtime: Runtime, message: OutboxMessage) -> Delivery:
+def _deliver(runtime: Runtime, message: OutboxMessage) -> list[Delivery]:
+    """The delivery of `message`, and of the refusal notice its failure released."""
     governor = runtime._governors.get(message.target_machine)
     if governor is None:
-        return Delivery(message, "skipped", None, "governor not loaded")
+        return [Delivery(message, "skipped", None, "governor not loaded")]
     try:
         payload = json.loads(message.body) if message.body else {}
     except ValueError:
@@ -100,17 +159,35 @@ def _deliver(runtime: Runtime, message: OutboxMessage) -> Delivery:
         ActionFailed,
     ) as exc:
         error = f"{exc.code} {exc.message}"
-        mark(runtime, message, "failed", error)
-        return Delivery(message, "failed", None, error)
+        notice = mark(runtime, message, "failed", error)
+        failed = Delivery(message, "failed", None, error)
+        # The sender learns of it at once; a refused notice is only marked failed.
+        return [failed] if notice is None else [failed, *_deliver(runtime, notice)]
     mark(runtime, message, "delivered", None)
-    return Delivery(message, "delivered", result, None)
+    return [Delivery(message, "delivered", result, None)]
 
 
-def mark(runtime: Runtime, message: OutboxMessage, status: OutboxStatus, error: str | None) -> None:
+def mark(
+    runtime: Runtime, message: OutboxMessage, status: OutboxStatus, error: str | None
+) -> OutboxMessage | None:
+    """Mark a delivery "delivered" or "failed", and in the same unit of work drop or release
+    its held refusal notice; returns the notice it released (now pending)."""
     message_id = message.id
     assert message_id is not None
+    sender = runtime._governors.get(message.machine)
+    # Only an emit with `if refused` holds a notice: the sender's tables say which (a sender
+    # not loaded here might, so its notice is looked for).
+    held = sender is None or (message.target_machine, message.event) in sender._refusals
 
-    def work(txn: Transaction, chain: _Chain) -> None:
+    def work(txn: Transaction, chain: _Chain) -> OutboxMessage | None:
         txn.mark_outbox(message_id, status, error)
+        if not held:
+            return None
+        notice = txn.outbox_message(refusal_id(message.event_id))
+        if notice is None or notice.status != "held" or notice.id is None:
+            return None
+        released: OutboxStatus = "pending" if status == "failed" else "dropped"
+        txn.mark_outbox(notice.id, released, None)
+        return notice if released == "pending" else None
 
-    runtime._submit(work, None)
+    return runtime._submit(work, None)

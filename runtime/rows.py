@@ -33,6 +33,7 @@ class _Row:
         "keep",
         "kept",
         "machine",
+        "notices",
         "outcome",
         "ref",
         "short",
@@ -70,6 +71,8 @@ class _Row:
         # (runtime/instance_data.py): most rows do neither.
         self.kept = row.keep
         self.data = bool(self.kept) or any(emit.to is not None for emit in self.emits)
+        # Some emit tells the sender of a refused delivery: its notice is held in the outbox.
+        self.notices = any(emit.refused is not None for emit in self.emits)
         # Leaving a state cancels its timers; entering one (also itself) arms the target's;
         # group and creation timers are armed, kept or cancelled as timers.TimerPlan says.
         self.arms: tuple[TimerSpec, ...]
@@ -164,12 +167,14 @@ class _EmitPlan:
     """One emit of a row or timer, pre-built at load time: its target, and its payload as a
     constant JSON body or as the pieces to fill in from the causing event."""
 
-    __slots__ = ("constant", "context", "event", "fields", "fixed", "machine", "to")
+    __slots__ = ("constant", "context", "event", "fields", "fixed", "machine", "refused", "to")
 
     def __init__(self, emit: Emit) -> None:
         self.machine = emit.machine
         self.event = emit.event
         self.to = emit.to  # the data field holding the receiver's id; None: the same id
+        # The notice the emitting instance gets if the receiver refuses (runtime/outbox.py).
+        self.refused = None if emit.refused is None else _EmitPlan(emit.refused)
         self.constant: dict[str, object] = {}
         self.fields: tuple[tuple[str, str], ...] = ()  # (target field, causing field)
         self.context: tuple[tuple[str, str], ...] = ()  # (target field, instance|actor|event)

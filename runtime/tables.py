@@ -221,6 +221,9 @@ class Emit:
     # The emitting instance's data field that holds the receiver's id (`emit ... to FIELD`);
     # None: the instance with the emitting instance's id.
     to: str | None = None
+    # `emit ... if refused Notice(...)`: the event of the emitting machine (and its payload,
+    # built from the same cause) the emitting instance receives if the receiver refuses.
+    refused: Emit | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from .errors import StoreIntegrityError
 from .instance_data import read_data, route
 from .ledger import EntryData, payload_digest
-from .outbox import _event_message, _notification_message
+from .outbox import _event_message, _notification_message, _refusal_notices
 from .replay import save_snapshot
 from .results import DispatchResult, EmittedEvent, Notification, TimerFiring, derive_event_id
 from .sealing import _Chain
@@ -199,6 +199,9 @@ def fire_work(
             _event_message(name, timer.instance, version, e, now, body)
             for e, body in zip(emitted, bodies, strict=True)
         ]
+        messages += _refusal_notices(
+            name, timer.instance, version, emitted, emits, None, actor, spec.id, now
+        )
         if messages:
             txn.add_outbox(messages)
         if entry is not None:
