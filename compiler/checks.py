@@ -66,6 +66,7 @@ from .parser import (
     paused_gc,
     read_source,
 )
+from .refusal_checks import check_refusals
 
 # ---------------------------------------------------------------- the report
 
@@ -961,6 +962,15 @@ def check_emit_payloads(
                     continue  # E106
                 causing = {f.name.value: f for f in event.fields}
             yield from emit_payload_findings(ref, target, causing, has_cause=cause is not None)
+            notice = ref.refused
+            own = notice is not None and (
+                notice.machine is None or notice.machine.value == fact.machine.name.value
+            )
+            if notice is not None and own:
+                told = fact.events.get(notice.event.value)
+                if told is not None:  # else E150
+                    has_cause = cause is not None
+                    yield from emit_payload_findings(notice, told, causing, has_cause=has_cause)
 
 
 def _event_named(machine: Machine, name: str) -> Event | None:
@@ -1776,6 +1786,7 @@ MACHINE_RULES: tuple[MachineRule, ...] = (
     check_data_fields,
     check_keeps,
     check_emit_targets,
+    check_refusals,
 )
 
 CROSS_RULES: tuple[CrossRule, ...] = (

@@ -154,6 +154,8 @@ def _emit(row: EmitRow) -> Code:
         target += f", args={_tuple([emit_arg(a) for a in row.args])}"
     if row.to is not None:
         target += f", to={name_string(row.to, 'field')}"
+    if row.refused is not None:
+        target += f", refused={_emit(row.refused)}"
     return Code(f"Emit({target})")
 
 

@@ -218,10 +218,12 @@ def _consequences(
 
 
 def _emit_names(row: TransitionRow | TimerRow, own: str) -> tuple[str, ...]:
-    """Each emit as `Machine.Event`, with ` to FIELD` when a data field names its receiver."""
+    """Each emit as `Machine.Event`, with ` to FIELD` when a data field names its receiver and
+    ` if refused Notice` when the sender is told of a refused delivery."""
     return tuple(
         (e.event if e.machine == own else f"{e.machine}.{e.event}")
         + ("" if e.to is None else f" to {e.to}")
+        + ("" if e.refused is None else f" if refused {e.refused.event}")
         for e in row.emits
     )
 

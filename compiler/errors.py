@@ -116,6 +116,8 @@ CODES: dict[str, tuple[Severity, str]] = {
     "E147": (Severity.ERROR, "invalid keep"),
     "E148": (Severity.ERROR, "emit target is not a string data field"),
     "E149": (Severity.ERROR, "emit target not kept on every way to the emit"),
+    "E150": (Severity.ERROR, "refusal notice is not an event of the emitting machine"),
+    "E151": (Severity.ERROR, "refusal notice not handled where the emit waits"),
     "W201": (Severity.WARNING, "unreachable state"),
     "W202": (Severity.WARNING, "no final state reachable"),
     "W203": (Severity.WARNING, "dead-end state"),

@@ -117,6 +117,8 @@ class EmitRow:
     args: tuple[EmitArgRow, ...] = ()
     # The data field holding the receiving instance's id; None: the emitting instance's id.
     to: str | None = None
+    # `if refused`: this machine's event the emitting instance gets if the delivery is refused.
+    refused: EmitRow | None = None
 
 
 class TransitionRow(NamedTuple):
@@ -427,8 +429,10 @@ class _Lowering:
         for r in refs:
             machine = r.machine.value if r.machine is not None else own
             to = None if r.to is None else r.to.value
+            notice = r.refused
             if not self.complete:
-                rows.append(EmitRow(machine, r.event.value, (), to))
+                told = None if notice is None else EmitRow(own, notice.event.value)
+                rows.append(EmitRow(machine, r.event.value, (), to, told))
                 continue
             target = self.events.get((machine, r.event.value))
             if target is None:
@@ -442,7 +446,19 @@ class _Lowering:
                     )
                 )
                 continue
-            rows.append(EmitRow(machine, r.event.value, self.emit_args(r, target, causing), to))
+            told = None
+            if notice is not None:
+                own_event = self.events.get((own, notice.event.value))
+                if own_event is None:
+                    self.problems.append(
+                        fail("E150", f"no event '{notice.event.value}' in '{own}'", notice.span)
+                    )
+                    continue
+                args = self.emit_args(notice, own_event, causing)
+                told = EmitRow(own, notice.event.value, args)
+            rows.append(
+                EmitRow(machine, r.event.value, self.emit_args(r, target, causing), to, told)
+            )
         return tuple(rows)
 
     def emit_args(
@@ -1089,6 +1105,8 @@ def named_things(
         if ref.machine is not None:
             yield ref.machine, "emit"
         yield ref.event, "emit"
+        if ref.refused is not None:
+            yield ref.refused.event, "emit"
 
 
 def _name_problems(

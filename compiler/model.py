@@ -190,12 +190,16 @@ class EventRef(Node):
     """`Machine.Event` in an `emit` clause; machine is None for the same machine. `args` are
     the payload arguments as written (the other target fields come from same-named causing
     fields). `to` names the data field that holds the receiving instance's id (`emit ... to
-    customer_id`); None sends to the instance with the emitting instance's id."""
+    customer_id`); None sends to the instance with the emitting instance's id. `refused` is
+    the notice of a refused delivery (`emit ... if refused Event(...)`)."""
 
     machine: Name | None
     event: Name
     args: tuple[EmitArgument, ...] = ()
     to: Name | None = None
+    # `if refused Event(...)`: this machine's event that the emitting instance receives when
+    # the receiver refuses the delivery (its arguments as an emit's, with the same cause).
+    refused: EventRef | None = None
 
 
 class Keep(Node):

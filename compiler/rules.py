@@ -315,6 +315,19 @@ _HELP: dict[str, tuple[str, str]] = {
         "Add `keep FIELD` to the rows that lead there (a row's own `keep` counts for its "
         "emits), or emit from states that every way into keeps it.",
     ),
+    "E150": (
+        "`emit ... if refused NOTICE` names an event that the emitting machine does not "
+        "declare, or an event of another machine: the notice of a refused delivery goes back "
+        "to the emitting instance.",
+        "Declare the notice event in the emitting machine and name it without a machine: "
+        "`emit Entitlement.GrantEntitlements if refused TierChangeFailed(...)`.",
+    ),
+    "E151": (
+        "The notice of a refused delivery is not handled (no `on NOTICE -> ...` row) in the "
+        "state the emitting move leads to, where the instance waits for the outcome: the "
+        "notice would be refused in turn.",
+        "Add `on NOTICE -> ...` to that state, or name a notice it handles.",
+    ),
 }
 
 

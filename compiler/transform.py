@@ -46,6 +46,7 @@ SPANLESS_RULES = frozenset(
         "group_scope",
         "creation_scope",
         "emit_to",
+        "emit_refused",
         "keeps",
     }
 )
@@ -115,6 +116,7 @@ RULES = (
     "group_scope",
     "creation_scope",
     "emit_to",
+    "emit_refused",
     "keeps",
     "keep_item",
     "data_decl",
@@ -286,14 +288,17 @@ class ModelBuilder:
     def emits(self, span: None, children: list[m.EventRef | _Clause]) -> _Clause:
         refs: list[m.EventRef] = []
         for child in children:
-            if isinstance(child, _Clause):  # `to field` after the emit it routes
-                refs[-1] = refs[-1].model_copy(update={"to": child.value})
+            if isinstance(child, _Clause):  # `to field`, `if refused E` after their emit
+                refs[-1] = refs[-1].model_copy(update={child.kind: child.value})
             else:
                 refs.append(child)
         return _Clause("emits", tuple(refs))
 
     def emit_to(self, span: None, children: list[m.Name]) -> _Clause:
         return _Clause("to", children[0])
+
+    def emit_refused(self, span: None, children: list[m.EventRef]) -> _Clause:
+        return _Clause("refused", children[0])
 
     def keeps(self, span: None, children: list[m.Keep]) -> _Clause:
         return _Clause("keeps", tuple(children))
@@ -308,7 +313,13 @@ class ModelBuilder:
         if len(children) == 2:
             machine, event = children
             return construct(
-                m.EventRef, span=span, machine=machine, event=event, args=args, to=None
+                m.EventRef,
+                span=span,
+                machine=machine,
+                event=event,
+                args=args,
+                to=None,
+                refused=None,
             )
         return construct(m.EventRef, span=span, machine=None, event=children[0], args=args, to=None)
 

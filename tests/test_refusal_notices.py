@@ -1,0 +1,131 @@
+"""Refusal notices (`emit ... if refused Notice(...)`): a refused outbox delivery is told to its
+sender at once, exactly once. A downgrade whose Entitlement step is refused ends with
+TierChangeFailed and the restore emitted, without waiting for Subscription's 2h timeout, on the
+memory store, SQLite and PostgreSQL; a repeated refusal or a redelivered notice runs nothing
+twice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from autonomic.runtime.flows import FlowRunner
+from autonomic.runtime.results import Delivery
+from autonomic.runtime.runtime import Runtime
+from autonomic.runtime.store.base import Store, Transaction
+from autonomic.runtime.store.memory import MemoryStore
+from autonomic.runtime.store.sqlite import SQLiteStore
+from conftest import Stores
+from flow_world import marketplace
+from test_flows import active_customer
+
+DOWNGRADE = {"current_tier": "professional", "new_tier": "starter"}
+
+
+def downgrade_refused(runtime: Runtime, customer: str) -> list[Delivery]:
+    """An active customer whose Entitlement is suspended (it takes no grant) downgrades;
+    the outbox delivers what the downgrade emitted."""
+    runtime.governor("Entitlement").dispatch(customer, "Suspend", {"reason": "fraud check"})
+    subscription = runtime.governor("Subscription")
+    subscription.dispatch(customer, "DowngradeRequested", {"customer_id": customer, **DOWNGRADE})
+    assert subscription.get(customer).state == "Downgrading"  # type: ignore[union-attr]
+    return runtime.deliver_outbox()
+
+
+def check_the_downgrade_ends_at_once(runtime: Runtime, runner: FlowRunner, customer: str) -> None:
+    active_customer(runtime, runner, customer)
+    deliveries = downgrade_refused(runtime, customer)
+    shown = [(d.message.target_machine, d.message.event, d.status) for d in deliveries]
+    assert shown[:2] == [
+        ("Entitlement", "GrantEntitlements", "failed"),
+        ("Subscription", "TierChangeFailed", "delivered"),
+    ]
+    told = deliveries[1]
+    assert told.result is not None and told.result.to_state == "Active"
+    assert told.message.target_instance == customer
+    assert told.message.machine == "Entitlement"  # the notice comes from the refuser
+    assert [(e.machine, e.event) for e in told.result.emitted] == [
+        ("Entitlement", "RestorePreviousTier"),
+        ("QuotaSla", "RestoreQuota"),
+    ]
+    assert runtime.governor("Subscription").get(customer).state == "Active"  # type: ignore[union-attr]
+    # The quota step was delivered: its notice is dropped, never sent.
+    assert ("QuotaSla", "AllocateQuota", "delivered") in shown
+    assert [d for d in shown if d[1] == "TierChangeFailed"] == [
+        ("Subscription", "TierChangeFailed", "delivered")
+    ]
+    entries = [
+        e
+        for e in runtime.store.ledger_entries(machine="Subscription", instance=customer)
+        if e.event == "TierChangeFailed"
+    ]
+    assert [(e.from_state, e.to_state, e.event_id) for e in entries] == [
+        ("Downgrading", "Active", told.message.event_id)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_refused_downgrade_ends_at_once_with_tier_change_failed(
+    kind: str, tmp_path: Path
+) -> None:
+    store: Store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "down.db")
+    runtime, runner, _ = marketplace(store)
+    with runtime:
+        check_the_downgrade_ends_at_once(runtime, runner, "down-1")
+
+
+def test_a_refused_downgrade_ends_at_once_on_durable_stores(stores: Stores) -> None:
+    runtime, runner, _ = marketplace(stores.open("m", partitions=2))
+    with runtime:
+        check_the_downgrade_ends_at_once(runtime, runner, "down-2")
+
+
+def test_a_repeated_refusal_or_a_redelivered_notice_runs_nothing_twice(tmp_path: Path) -> None:
+    runtime, runner, _ = marketplace(SQLiteStore(tmp_path / "twice.db"))
+    with runtime:
+        customer = "down-3"
+        active_customer(runtime, runner, customer)
+        deliveries = downgrade_refused(runtime, customer)
+        grant, notice = deliveries[0].message, deliveries[1].message
+        while runtime.deliver_outbox():  # the restores the notice emitted
+            pass
+        ledger = list(runtime.store.ledger_entries())
+        outbox = runtime.store.outbox(status=None)
+
+        # The refused grant delivered again (an operator's retry, a worker's lost lease) is
+        # refused again, and releases no second notice; the notice delivered again is a
+        # repeat of its event id: the stored result, no second transition, no second restore.
+        def again(txn: Transaction) -> None:
+            assert grant.id is not None and notice.id is not None
+            txn.mark_outbox(grant.id, "pending", None)
+            txn.mark_outbox(notice.id, "pending", None)
+
+        runtime.store.run([again])
+        repeated = runtime.deliver_outbox()
+        shown = [(d.message.event, d.status) for d in repeated]
+        assert shown == [("GrantEntitlements", "failed"), ("TierChangeFailed", "delivered")]
+        assert repeated[1].result is not None
+        assert repeated[1].result.version == deliveries[1].result.version  # type: ignore[union-attr]
+        assert list(runtime.store.ledger_entries()) == ledger
+        assert len(runtime.store.outbox(status=None)) == len(outbox)
+        assert runtime.governor("Subscription").get(customer).state == "Active"  # type: ignore[union-attr]
+
+
+def test_a_delivered_event_drops_its_notice(tmp_path: Path) -> None:
+    runtime, runner, _ = marketplace(SQLiteStore(tmp_path / "ok.db"))
+    with runtime:
+        customer = "down-4"
+        active_customer(runtime, runner, customer)
+        subscription = runtime.governor("Subscription")
+        request = {"customer_id": customer, **DOWNGRADE}
+        subscription.dispatch(customer, "DowngradeRequested", request)
+        held = [m for m in runtime.store.outbox(status="held")]
+        assert [(m.target_machine, m.target_instance, m.event) for m in held] == [
+            ("Subscription", customer, "TierChangeFailed"),
+            ("Subscription", customer, "TierChangeFailed"),
+        ]
+        assert [m.machine for m in held] == ["Entitlement", "QuotaSla"]
+        deliveries = runtime.deliver_outbox()
+        assert all(d.message.event != "TierChangeFailed" for d in deliveries)
+        assert runtime.store.outbox(status="held") == []
+        assert len(runtime.store.outbox(status="dropped")) == 2
