@@ -104,7 +104,13 @@ def test_check_explain_command() -> None:
         "(1h + 1h attempt + 3h + 1h attempt + 1d + 1h attempt + 7d)"
     ) in out
     assert "ProrationPending       within 1h reaches Current" in out
-    assert "only an outside event can leave: Current, AwaitingPayment" in out
+    # A charge or refund the processor never answers counts as failed after 1h: no stall.
+    assert "AwaitingPayment        within 1d 8h reaches CollectionAgency" in out
+    assert "Refunding              within 10h reaches RefundManualReview" in out
+    assert (
+        "only an outside event can leave: Current, CollectionAgency, MaxRetriesExceeded, "
+        "Reconciling, Disputed, RefundManualReview\n"
+    ) in out
 
 
 def test_group_and_creation_timers_bound_the_states_they_are_armed_in() -> None:

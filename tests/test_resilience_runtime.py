@@ -182,6 +182,49 @@ def test_an_open_breaker_stays_open_across_a_restart(tmp_path: Path, keys: Path)
     runtime.close()
 
 
+def test_a_charge_and_a_refund_the_processor_never_answers_do_not_stall(
+    tmp_path: Path, keys: Path
+) -> None:
+    """No answer ever comes from the processor: the first charge counts as failed after 1h
+    and the payment ladder runs its attempts to the collection agency; a refund runs its own
+    ladder's attempts to manual review. Nothing waits for ever on the processor."""
+    clock = VirtualClock(START)
+    runtime, primary = _billing_runtime(tmp_path / "store.db", keys, clock)
+    billing = runtime.governor("Billing")
+    _charge(runtime, "c")
+    billing.create("r")
+    billing.dispatch("r", "RefundRequested", {"customer_id": "r", "reason": "suspended"})
+    path: dict[str, list[str]] = {"c": ["AwaitingPayment"], "r": ["Refunding"]}
+    while (due := runtime.next_deadline()) is not None and due < START + 10 * 86_400_000:
+        clock.advance(due - clock.now_ms())
+        runtime.fire_due()
+        for instance, states in path.items():
+            record = billing.get(instance)
+            assert record is not None
+            if record.state != states[-1]:
+                states.append(record.state)
+    assert path["c"] == [
+        "AwaitingPayment",
+        "Retry1",
+        "Retry1Charging",
+        "Retry2",
+        "Retry2Charging",
+        "Retry3",
+        "Retry3Charging",
+        "CollectionAgency",
+    ]
+    assert primary.charged == ["c"] * 4  # the first charge and three retries, each once
+    assert path["r"] == [
+        "Refunding",
+        "RefundRetry1",
+        "RefundRetry1Paying",
+        "RefundRetry2",
+        "RefundRetry2Paying",
+        "RefundManualReview",
+    ]
+    runtime.close()
+
+
 def test_a_closed_breakers_run_of_failures_survives_a_restart(tmp_path: Path, keys: Path) -> None:
     """Every change of the run of failures is stored, the reset by a success too: a restarted
     runtime opens the breaker on the same failure that would have opened it without the

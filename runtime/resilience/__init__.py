@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .backoff import Backoff, jitter_delay_ms, jitter_with_cap, throttle_delay_ms
 from .batch import ChunkFailed, chunks, dispatch_in_chunks, run_in_chunks
-from .breaker import BreakerChange, BreakerState, CircuitBreaker
+from .breaker import BreakerChange, BreakerState, BreakerStatus, CircuitBreaker
 from .bulkhead import Bulkhead, TenantBulkheads
 from .deadlines import Deadline, DeadlineEscalation, DeadlineTracker, escalation_entry
 from .errors import (
@@ -25,6 +25,7 @@ __all__ = [
     "Backoff",
     "BreakerChange",
     "BreakerState",
+    "BreakerStatus",
     "Bulkhead",
     "BulkheadFull",
     "CatalogCache",
