@@ -214,6 +214,42 @@ def test_cancellation_saga_compensates_in_reverse(
     assert state(runtime, "Billing", customer) == "Current"
 
 
+@pytest.mark.parametrize(("failing", "commits"), [(None, 3), ("archive_subscription", 5)])
+def test_a_saga_step_is_one_commit_and_the_last_one_ends_the_run(
+    tmp_path: Path, failing: str | None, commits: int
+) -> None:
+    """Each send is one commit (the run's write, the dispatch), and the last send's, or the
+    last compensation's, also holds its result and the end of the run: no commit of its own."""
+    injector = Injector()
+    runtime, runner, _ = marketplace(SQLiteStore(tmp_path / "m.db"), before_step=injector)
+    with runtime:
+        active_customer(runtime, runner, "c")
+        injector.target = (
+            None if failing is None else ("c", "SubscriptionCancellation", failing, "do")
+        )
+        before = runtime.commit_batches
+        inputs = {"customer_id": "c", "request_id": "r", "reason": "bye"}
+        result = runner.start("SubscriptionCancellation", "c", inputs)
+        assert runtime.commit_batches - before == commits
+        last = [(e.kind, e.event, e.to_state) for e in list(runtime.ledger())[-4:]]
+        if failing is None:
+            assert result.status == "completed"
+            assert last == [
+                ("flow", "StepStarted", "running"),
+                ("transition", "CancelRequested", "Cancelled"),
+                ("flow", "StepSucceeded", "running"),
+                ("flow", "FlowCompleted", "completed"),
+            ]
+        else:
+            assert result.status == "compensated"
+            assert last[1:] == [
+                ("transition", "ReverseRefund", "Current"),
+                ("flow", "StepCompensated", "compensating"),
+                ("flow", "CompensationCompleted", "compensated"),
+            ]
+        assert runner.result(result.flow_id) == result  # as stored
+
+
 def test_a_rejected_compensation_ends_the_run_failed(
     world: tuple[Runtime, FlowRunner, Any, Injector],
 ) -> None:

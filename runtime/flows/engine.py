@@ -9,7 +9,10 @@ Semantics a user must know:
   compensation with (flow id, step, "undo"). The receiver remembers processed event ids, so a
   step re-run after a crash between its dispatch and the flow's own write returns the stored
   result and changes nothing: every effect happens once. The flow's own writes are
-  version-checked (two resuming processes cannot both advance one run).
+  version-checked (two resuming processes cannot both advance one run). A step's result is
+  written with the next step's dispatch; the last step's (or compensation's), and the end of
+  the run, in the commit of its own dispatch (the sync API on one ledger chain), so a saga
+  of N sends takes N commits.
 - A send step succeeds when the receiver takes a transition or ignores the event; it fails
   when the receiver rejects it (invalid transition, no guard held, an action failed, a payload
   it refuses) or a `before_step` hook raises StepFailed. A missing receiver instance is
@@ -63,7 +66,7 @@ from ..resilience.errors import BulkheadFull, is_transient, is_unavailable
 from ..results import DispatchResult, _dumps, derive_event_id
 from ..runtime import Runtime
 from ..sealing import _Chain
-from ..store.base import FLOW_FINISHED, FlowRecord, FlowStatus, Transaction, WorkOutcome
+from ..store.base import FLOW_FINISHED, FlowRecord, FlowStatus, Transaction
 from ..tables import Emit, FlowSpec, FlowStepSpec
 from ..timers import format_duration
 
@@ -128,6 +131,12 @@ class FlowResult:
         return self.status in FLOW_FINISHED
 
 
+# A ledger entry the next write seals: (event, step, detail).
+_Note = tuple[str, str, Mapping[str, Any]]
+# The same with the run's status when it happened (the entry's to_state).
+_Entry = tuple[str, str, Mapping[str, Any], FlowStatus]
+
+
 @dataclass
 class _Run:
     """A run being driven: the stored record and its decoded data."""
@@ -139,7 +148,7 @@ class _Run:
     # the next step's dispatch, in one commit; lost in a crash, it is found again by
     # repeating the step, whose dispatch its event id deduplicates).
     # Each with the run's status when it happened, the entry's to_state.
-    pending: list[tuple[str, str, Mapping[str, Any], FlowStatus]] = field(default_factory=list)
+    pending: list[_Entry] = field(default_factory=list)
 
     def note(self, notes: Iterable[_Note], status: FlowStatus = "running") -> None:
         self.pending += [(event, step, detail, status) for event, step, detail in notes]
@@ -158,10 +167,6 @@ class _Run:
         if spec.kind == "conditional":
             return spec.branches.get(str(self.data.get("branch")), ())
         return spec.steps
-
-
-# A ledger entry the next write seals: (event, step, detail).
-_Note = tuple[str, str, Mapping[str, Any]]
 
 
 class FlowRunner:
@@ -363,7 +368,11 @@ class FlowRunner:
             if step.kind == "send":
                 assert step.send is not None
                 run.note(self._start_notes(run, [step]))
-                outcome = yield _Send(step, step.send, "do", "running")
+                # The plan's last step settles the run in the commit of its dispatch.
+                last = step is run.plan()[-1]
+                outcome = yield _Send(step, step.send, "do", "running", last)
+                if outcome is _SETTLED:
+                    continue
             else:
                 run.note(self._start_notes(run, [step]))
                 outcome = self._attempt_here(run, step)
@@ -372,12 +381,17 @@ class FlowRunner:
                 break
             yield from self._record_one(run, step, outcome)
         if run.record.status == "compensating":
-            for step in self._to_compensate(run):
+            undo = self._to_compensate(run)
+            for step in undo:
                 assert step.compensate is not None
-                status, detail = yield _Send(step, step.compensate, "undo", "compensating")
-                outcome = ("compensated" if status == "succeeded" else status), detail
-                yield from self._record_undo(run, step, outcome)
-            yield from self._end_compensation(run)
+                last = step is undo[-1]
+                answer = yield _Send(step, step.compensate, "undo", "compensating", last)
+                if answer is _SETTLED:
+                    continue
+                status, detail = answer
+                yield from self._record_undo(run, step, _undo_outcome(status, detail))
+            if run.record.status == "compensating":
+                yield from self._end_compensation(run)
 
     def _fanout_deadline(self, run: _Run) -> int | None:
         """A fanout's `within` as a point in time on the runtime's clock, fixed when the run
@@ -400,7 +414,8 @@ class FlowRunner:
             except StopIteration:
                 return self._result(run)
             if isinstance(op, _Write):
-                answer = self._write(run, op.status, op.notes, op.wake_ms)
+                self._write(run, op.status, op.notes, op.wake_ms)
+                answer = None
             elif isinstance(op, _Send):
                 answer = self._send(run, op)
             else:
@@ -408,7 +423,8 @@ class FlowRunner:
 
     def _send(self, run: _Run, op: _Send) -> tuple[str, Any]:
         """A send (or compensation) and the run's pending notes in one commit: the flow's
-        write and the dispatch are two units of one batch (each atomic on its own)."""
+        write and the dispatch are two units of one batch (each atomic on its own); the last
+        one's batch has a third unit, its result and the run's end (`_settling`)."""
         try:
             self._hook(run, op.step, op.phase)
             governor, target, payload, event_id = self._receiver(run, op.step, op.emit, op.phase)
@@ -422,9 +438,25 @@ class FlowRunner:
             return "failed", failed.message
         except _STEP_FAILURES as failed:
             return "failed", f"{failed.code}: {failed.message}"
-        along_partition = self.runtime._partition_of(target)
-        outcome = self._write(run, op.status, [], along=unit, along_partition=along_partition)
-        assert outcome is not None
+        # One batch: the run's write (its pending notes), the dispatch, and for the last step
+        # the unit that records its outcome and the run's end. A partitioned store commits
+        # the run's units in the partition of its run id, the dispatch in its receiver's.
+        runtime = self.runtime
+        start = self._write_work(run, op.status, [], None)
+        works: list[Callable[[Transaction, _Chain], object]] = [start, unit]
+        if op.settle:
+            works = self._settling(run, op, start, unit)
+        mine = runtime._partition_of(run.record.flow_id)
+        partitions = [mine, runtime._partition_of(target), mine][: len(works)]
+        outcomes = runtime._submit_many(works, partitions)
+        for written in outcomes[::2]:  # the run's own units
+            if written.error is not None:
+                raise written.error
+            if written.value is not None:
+                run.record = cast(FlowRecord, written.value)
+        if len(outcomes) == 3 and outcomes[2].value is not None:
+            return _SETTLED
+        outcome = outcomes[1]
         if isinstance(outcome.error, UnknownInstance):  # the receiver's first event
             try:
                 result = self._dispatch(governor, target, op.emit.event, payload, event_id)
@@ -618,14 +650,24 @@ class FlowRunner:
     # ------------------------------------------------------------------ recording
 
     def _record_one(self, run: _Run, step: FlowStepSpec, outcome: tuple[str, Any]) -> _Plan:
+        status, notes = self._step_result(run, step, outcome)
+        if status == "running":
+            run.note(notes)
+            return
+        yield _Write(status, notes)
+
+    def _step_result(
+        self, run: _Run, step: FlowStepSpec, outcome: tuple[str, Any]
+    ) -> tuple[FlowStatus, list[_Note]]:
+        """A step's outcome recorded in the run's data: the run's status after it ("running",
+        or "compensating" after a failure) and the entries that say so."""
         status, detail = outcome
         if status == "succeeded":
             self._succeed(run, step, detail)
-            run.note([("StepSucceeded", step.name, {"result": detail})])
-            return
+            return "running", [("StepSucceeded", step.name, {"result": detail})]
         run.steps[step.name] = {"status": status, "error": str(detail)}
         run.data["failed"], run.data["reason"] = step.name, str(detail)
-        yield _Write("compensating", [("StepFailed", step.name, {"error": str(detail)})])
+        return "compensating", [("StepFailed", step.name, {"error": str(detail)})]
 
     def _succeed(self, run: _Run, step: FlowStepSpec, detail: Any) -> None:
         run.steps[step.name] = {"status": "succeeded", "result": detail}
@@ -705,24 +747,59 @@ class FlowRunner:
         ]
 
     def _record_undo(self, run: _Run, step: FlowStepSpec, outcome: tuple[str, Any]) -> _Plan:
+        compensated, notes = self._undo_result(run, step, outcome)
+        if compensated:
+            run.note(notes, "compensating")
+            return
+        yield _Write("compensating", notes)
+
+    def _undo_result(
+        self, run: _Run, step: FlowStepSpec, outcome: tuple[str, Any]
+    ) -> tuple[bool, list[_Note]]:
+        """A compensation's outcome recorded in the run's data: whether it compensated, and
+        the entry that says so."""
         status, detail = outcome
         if status == "compensated":
             run.steps[step.name]["status"] = "compensated"
-            run.note([("StepCompensated", step.name, {"result": detail})], "compensating")
-            return
+            return True, [("StepCompensated", step.name, {"result": detail})]
         run.steps[step.name]["status"] = "uncompensated"
         run.steps[step.name]["error"] = str(detail)
-        yield _Write("compensating", [("CompensationFailed", step.name, {"error": str(detail)})])
+        return False, [("CompensationFailed", step.name, {"error": str(detail)})]
 
     def _end_compensation(self, run: _Run) -> _Plan:
+        yield _Write(*self._compensation_end(run))
+
+    def _compensation_end(self, run: _Run) -> tuple[FlowStatus, list[_Note]]:
+        """How a run ends once nothing is left to compensate: "compensated", or "failed" when
+        a compensation was refused (a person must look)."""
         failed = [name for name, s in run.steps.items() if s["status"] == "uncompensated"]
         detail = {"failed_step": run.data.get("failed"), "reason": run.data.get("reason")}
         if failed:
             detail["uncompensated"] = failed
-            yield _Write("failed", [("FlowFailed", str(run.data.get("failed")), detail)])
+            return "failed", [("FlowFailed", str(run.data.get("failed")), detail)]
+        return "compensated", [("CompensationCompleted", str(run.data.get("failed")), detail)]
+
+    def _settled(
+        self, run: _Run, op: _Send, outcome: tuple[str, Any]
+    ) -> tuple[FlowStatus, list[_Entry]]:
+        """The last step's (or compensation's) outcome recorded, and how the run ends after
+        it or that it goes on to compensate: what the plan's next writes would hold, each
+        entry with the run's status when it happened."""
+        step = op.step
+        if op.phase == "undo":
+            _, notes = self._undo_result(run, step, _undo_outcome(*outcome))
+            status: FlowStatus = "compensating"
         else:
-            note: _Note = ("CompensationCompleted", str(run.data.get("failed")), detail)
-            yield _Write("compensated", [note])
+            status, notes = self._step_result(run, step, outcome)
+        entries = [(event, name, detail, status) for event, name, detail in notes]
+        end: list[_Note]
+        if status == "running":
+            status, end = "completed", [("FlowCompleted", "", {})]
+        elif op.phase == "undo" or not self._to_compensate(run):
+            status, end = self._compensation_end(run)
+        else:
+            return status, entries
+        return status, entries + [(event, name, detail, status) for event, name, detail in end]
 
     # ------------------------------------------------------------------ writing
 
@@ -731,66 +808,92 @@ class FlowRunner:
     ) -> Callable[[Transaction, _Chain], FlowRecord]:
         """The unit of work that writes the run's record (version-checked) and its ledger
         entries, the pending notes first."""
-        runtime = self.runtime
         before = run.record
         entries = [*run.pending, *((event, step, detail, status) for event, step, detail in notes)]
         run.pending = []
         text = _dumps(run.data)
-        flow_id, flow, actor = before.flow_id, before.flow, self.actor
 
         def work(txn: Transaction, chain: _Chain) -> FlowRecord:
-            now = runtime.clock.now_ms()
-            record = FlowRecord(
-                flow_id, flow, before.instance, status, before.version + 1, text, now, wake_ms
-            )
-            txn.save_flow(record, before.version)
-            if runtime.sealer is not None:
-                for index, (event, step, detail, to_state) in enumerate(entries):
-                    event_id = derive_event_id("flow", flow_id, before.version + 1, index)
-                    digest = payload_digest(json.loads(_dumps(detail)))
-                    chain.append(
-                        txn,
-                        EntryData(
-                            now,
-                            "flow",
-                            flow,
-                            flow_id,
-                            step,
-                            to_state,
-                            event,
-                            actor,
-                            event_id,
-                            digest,
-                        ),
-                    )
-            return record
+            return self._store_run(txn, chain, before, status, entries, text, wake_ms)
 
         return work
 
-    def _write(
+    def _store_run(
+        self,
+        txn: Transaction,
+        chain: _Chain,
+        before: FlowRecord,
+        status: FlowStatus,
+        entries: Sequence[_Entry],
+        text: str,
+        wake_ms: int | None,
+    ) -> FlowRecord:
+        """Write the run's record over `before` (version-checked) and seal its entries."""
+        runtime = self.runtime
+        flow_id, flow, actor = before.flow_id, before.flow, self.actor
+        now = runtime.clock.now_ms()
+        record = FlowRecord(
+            flow_id, flow, before.instance, status, before.version + 1, text, now, wake_ms
+        )
+        txn.save_flow(record, before.version)
+        if runtime.sealer is not None:
+            for index, (event, step, detail, to_state) in enumerate(entries):
+                event_id = derive_event_id("flow", flow_id, before.version + 1, index)
+                digest = payload_digest(json.loads(_dumps(detail)))
+                chain.append(
+                    txn,
+                    EntryData(
+                        now, "flow", flow, flow_id, step, to_state, event, actor, event_id, digest
+                    ),
+                )
+        return record
+
+    def _settling(
         self,
         run: _Run,
-        status: FlowStatus,
-        notes: Sequence[_Note],
-        wake_ms: int | None = None,
-        *,
-        along: Callable[[Transaction, _Chain], object] | None = None,
-        along_partition: int = 0,
-    ) -> WorkOutcome[object] | None:
-        """Write the run (`_write_work`); with `along`, that unit too, in the same commit (its
-        outcome is returned). A partitioned store commits the run's entries in the partition
-        of its run id and `along` in `along_partition`: one batch when they share it."""
+        op: _Send,
+        start: Callable[[Transaction, _Chain], FlowRecord],
+        unit: Callable[[Transaction, _Chain], object],
+    ) -> list[Callable[[Transaction, _Chain], object]]:
+        """The run's write before the dispatch (`start`) and the dispatch (`unit`), wrapped to
+        keep what they wrote and answered, then the unit that runs after them in the same
+        transaction: it records the step's outcome and how the run ends (the plan's next two
+        writes) over the record `start` wrote, so that the last step's effect, its result and
+        the end of the run commit together. It writes nothing (None) when the dispatch did
+        not answer with a step's outcome (a missing receiver, an unexpected error), or ran
+        in another transaction (another partition): the plan records the outcome then."""
+        written: list[FlowRecord] = []
+        answered: list[object] = []
+
+        def started(txn: Transaction, chain: _Chain) -> FlowRecord:
+            record = start(txn, chain)
+            written.append(record)
+            return record
+
+        def dispatch(txn: Transaction, chain: _Chain) -> object:
+            try:
+                value = unit(txn, chain)
+            except BaseException as exc:
+                answered.append(exc)
+                raise
+            answered.append(getattr(value, "error", None) or value)  # a _Rejected: its error
+            return value
+
+        def settle(txn: Transaction, chain: _Chain) -> FlowRecord | None:
+            if not written or not answered or not isinstance(answered[0], _OUTCOMES):
+                return None
+            status, entries = self._settled(run, op, _step_outcome(answered[0]))
+            return self._store_run(txn, chain, written[0], status, entries, _dumps(run.data), None)
+
+        return [started, dispatch, settle]
+
+    def _write(
+        self, run: _Run, status: FlowStatus, notes: Sequence[_Note], wake_ms: int | None = None
+    ) -> None:
+        """Write the run (`_write_work`) in a commit of its own."""
         runtime = self.runtime
         work = self._write_work(run, status, notes, wake_ms)
-        partition = runtime._partition_of(run.record.flow_id)
-        if along is None:
-            run.record = runtime._submit(work, partition)
-            return None
-        written, outcome = runtime._submit_many([work, along], [partition, along_partition])
-        if written.error is not None:
-            raise written.error
-        run.record = cast(FlowRecord, written.value)
-        return outcome
+        run.record = runtime._submit(work, runtime._partition_of(run.record.flow_id))
 
     async def _write_async(
         self, run: _Run, status: FlowStatus, notes: Sequence[_Note], wake_ms: int | None = None
@@ -832,6 +935,9 @@ class _Send:
     emit: Emit
     phase: Literal["do", "undo"]
     status: FlowStatus
+    # The last step (or compensation): its outcome and the run's end are recorded in the
+    # commit of its dispatch (where the driver can), and the answer is then _SETTLED.
+    settle: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -845,6 +951,14 @@ class _Branches:
 _Op = _Write | _Send | _Branches
 _Plan = Generator[_Op, Any, None]
 _TIMED_OUT = ("timed_out", "no reply within the fanout's deadline")
+_SETTLED = ("settled", None)  # a settling _Send's answer when its commit recorded everything
+# What a step's dispatch answers with, as _step_outcome takes it (anything else is raised).
+_OUTCOMES = (DispatchResult, StepFailed, *_STEP_FAILURES)
+
+
+def _undo_outcome(status: str, detail: Any) -> tuple[str, Any]:
+    """A compensation's outcome: its send's, "compensated" when that succeeded."""
+    return ("compensated" if status == "succeeded" else status), detail
 
 
 def _step_outcome(answer: object) -> tuple[str, Any]:
