@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,19 @@ def timed(work: Callable[[], object]) -> float:
     finally:
         if enabled:
             gc.enable()
+
+
+def raw_copy(store: Path, path: Path) -> sqlite3.Connection:
+    """A raw sqlite3 connection (autocommit) to a copy of the store at `store` written to
+    `path`: the same tables and indexes, already used; WAL and synchronous=FULL, the store's
+    defaults. What the durable baselines write their rows into."""
+    source = sqlite3.connect(store)
+    connection = sqlite3.connect(path, isolation_level=None)
+    source.backup(connection)
+    source.close()
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.execute("PRAGMA synchronous = FULL")
+    return connection
 
 
 def compile_machine(folder: Path, stem: str, source: str) -> Path:

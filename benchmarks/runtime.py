@@ -66,7 +66,7 @@ from autonomic.runtime.ledger import (
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import SQLiteStore
 from autonomic.runtime.tables import MachineSpec
-from harness import compile_machine, load_module, timed
+from harness import compile_machine, load_module, raw_copy, timed
 
 DOOR_MACHINE = """\
 machine Door perpetual "A door that opens, closes, locks and unlocks." {
@@ -789,13 +789,8 @@ class RawWriter:
     baseline signs nothing); WAL, synchronous=FULL."""
 
     def __init__(self, path: Path, store_path: Path, ids: Sequence[str]) -> None:
-        source = sqlite3.connect(store_path)
-        self.connection = sqlite3.connect(path, isolation_level=None)
-        source.backup(self.connection)
-        source.close()
+        self.connection = raw_copy(store_path, path)
         execute = self.connection.execute
-        execute("PRAGMA journal_mode = WAL")
-        execute("PRAGMA synchronous = FULL")
         columns = "seq, ts_ms, kind, machine, instance, from_state, to_state, event, actor, "
         columns += "event_id, payload_sha256, prev_hash, entry_hash, key_id, signature"
         self.like = execute(f"SELECT {columns} FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()

@@ -55,6 +55,7 @@ from ..errors import (
     IdempotencyConflict,
     InstanceExists,
     InvalidTransition,
+    PayloadEncodingError,
     PayloadInvalid,
     RuntimeFailure,
     UnknownEvent,
@@ -78,6 +79,7 @@ StepStatus = Literal["started", "succeeded", "failed", "timed_out", "compensated
 _STEP_FAILURES = (
     InvalidTransition,
     ActionFailed,
+    PayloadEncodingError,
     PayloadInvalid,
     UnknownEvent,
     IdempotencyConflict,
@@ -839,7 +841,7 @@ class FlowRunner:
         if runtime.sealer is not None:
             for index, (event, step, detail, to_state) in enumerate(entries):
                 event_id = derive_event_id("flow", flow_id, before.version + 1, index)
-                digest = payload_digest(json.loads(_dumps(detail)))
+                digest = _detail_digest(detail)
                 chain.append(
                     txn,
                     EntryData(
@@ -954,6 +956,16 @@ _TIMED_OUT = ("timed_out", "no reply within the fanout's deadline")
 _SETTLED = ("settled", None)  # a settling _Send's answer when its commit recorded everything
 # What a step's dispatch answers with, as _step_outcome takes it (anything else is raised).
 _OUTCOMES = (DispatchResult, StepFailed, *_STEP_FAILURES)
+
+
+def _detail_digest(detail: Mapping[str, Any]) -> bytes:
+    """The payload digest of a flow entry's detail. The runner's details hold JSON values
+    already (results and inputs went through JSON when they were stored), and canonical JSON
+    of such a value is that of its JSON round trip; anything else is made JSON first."""
+    try:
+        return payload_digest(detail)
+    except PayloadEncodingError:
+        return payload_digest(json.loads(_dumps(detail)))
 
 
 def _undo_outcome(status: str, detail: Any) -> tuple[str, Any]:
