@@ -85,11 +85,21 @@ def _row_text(row: TransitionRow) -> str:
     return text + f"--> {row.target}"
 
 
-def _consequence(actions: tuple[str, ...], emits: Iterable[Any]) -> str:
+def _consequence(
+    actions: tuple[str, ...], emits: Iterable[Any], keeps: tuple[tuple[str, str], ...] = ()
+) -> str:
     parts = []
     if actions:
         parts.append("do " + ", ".join(actions))
-    names = [f"{e.machine}.{e.event}" for e in emits]
+    if keeps:
+        parts.append("keep " + ", ".join(f if f == c else f"{f} = {c}" for f, c in keeps))
+    # Where an emit goes and what tells its sender of a refusal change its meaning too.
+    names = [
+        f"{e.machine}.{e.event}"
+        + ("" if e.to is None else f" to {e.to}")
+        + ("" if e.refused is None else f" if refused {e.refused.event}")
+        for e in emits
+    ]
     if names:
         parts.append("emit " + ", ".join(names))
     return " ".join(parts) or "nothing"
@@ -289,8 +299,8 @@ def _compare_transitions(old: MachineTables, new: MachineTables, result: Machine
         details = []
         if target != after.target:
             details.append(f"target {target} -> {after.target}")
-        before_c = _consequence(row.actions, row.emits)
-        after_c = _consequence(after.actions, after.emits)
+        before_c = _consequence(row.actions, row.emits, row.keep)
+        after_c = _consequence(after.actions, after.emits, after.keep)
         if before_c != after_c:
             details.append(f"{before_c} -> {after_c}")
         if details:

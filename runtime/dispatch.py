@@ -21,7 +21,11 @@ Semantics worth knowing:
   was down replays in order with its original spacing; the ledger timestamp is the actual
   firing time.
 - Emitted events go to the instance with the same id in the target machine when
-  `Runtime.deliver_outbox` runs. Their payload is built when they are emitted, from the
+  `Runtime.deliver_outbox` runs, or with `emit ... to FIELD` to the instance whose id the
+  emitting instance keeps in its data field FIELD (a row's `keep`s are written with its move;
+  runtime/instance_data.py). An emit with `if refused Notice` also writes its notice, held,
+  for the outbox to release to the emitting instance if the delivery is refused
+  (runtime/outbox.py). Their payload is built when they are emitted, from the
   emit's arguments (`Emit.args`, which the compiler completed with the causing event's
   same-named fields), and stored with the change in the outbox; an Emit without `args` carries
   an empty payload. Their event ids derive from the change that

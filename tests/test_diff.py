@@ -13,6 +13,7 @@ import pytest
 from autonomic.compiler.checks import check_paths
 from autonomic.compiler.diff import compare, match_renames
 from autonomic.compiler.lower import lower
+from autonomic.compiler.parser import parse_text
 from autonomic.runtime.store.base import InstanceRecord
 from autonomic.runtime.timers import ArmedTimer
 from cli_process import autonomic
@@ -192,3 +193,22 @@ def test_compare_in_process_reports_unreachable_as_well() -> None:
     report = check_paths([GOLDEN / "machines"])
     difference = compare(report.machines, report.machines, report.flows, report.flows)
     assert difference.empty
+
+
+def test_a_changed_keep_emit_target_or_refusal_notice_is_a_changed_row() -> None:
+    before = """machine M {
+  data { c: str }
+  event E { c: str }
+  event F
+  initial state A { on E -> B emit F }
+  state B { on F -> C }
+  final state C
+}"""
+    after = before.replace("on E -> B emit F", "on E -> B keep c emit F to c if refused F")
+    old, _ = parse_text(before, "m.fsm")
+    new, _ = parse_text(after, "m.fsm")
+    assert old is not None and new is not None
+    [machine] = compare([old], [new], [], []).machines
+    assert [(c.kind, c.name, c.detail) for c in machine.changes] == [
+        ("changed", "A --E--> B", "emit M.F -> keep c emit M.F to c if refused F")
+    ]
