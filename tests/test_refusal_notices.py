@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 from autonomic.runtime.flows import FlowRunner
+from autonomic.runtime.keys import Signer
+from autonomic.runtime.outbox import mark
 from autonomic.runtime.results import Delivery
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.base import Store, Transaction
 from autonomic.runtime.store.memory import MemoryStore
 from autonomic.runtime.store.sqlite import SQLiteStore
 from conftest import Stores
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flow_world import marketplace
 from test_flows import active_customer
 
@@ -129,3 +132,29 @@ def test_a_delivered_event_drops_its_notice(tmp_path: Path) -> None:
         assert all(d.message.event != "TierChangeFailed" for d in deliveries)
         assert runtime.store.outbox(status="held") == []
         assert len(runtime.store.outbox(status="dropped")) == 2
+
+
+def test_a_released_notice_is_delivered_after_a_restart(tmp_path: Path) -> None:
+    """The process stops after the unit that marked the refusal and released the notice, and
+    before the notice's delivery: the next process delivers it, once."""
+    path = tmp_path / "restart.db"
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    runtime, runner, _ = marketplace(SQLiteStore(path), signer=signer)
+    customer = "down-5"
+    active_customer(runtime, runner, customer)
+    runtime.governor("Entitlement").dispatch(customer, "Suspend", {"reason": "fraud check"})
+    request = {"customer_id": customer, **DOWNGRADE}
+    runtime.governor("Subscription").dispatch(customer, "DowngradeRequested", request)
+    [grant] = [m for m in runtime.store.outbox(kind="event") if m.event == "GrantEntitlements"]
+    released = mark(runtime, grant, "failed", "R004 refused on purpose")
+    assert released is not None and released.event == "TierChangeFailed"
+    runtime.close()
+
+    runtime, _, _ = marketplace(SQLiteStore(path), signer=signer)
+    with runtime:
+        deliveries = runtime.deliver_outbox()
+        told = [d for d in deliveries if d.message.event == "TierChangeFailed"]
+        assert [(d.status, d.message.event_id) for d in told] == [("delivered", released.event_id)]
+        assert runtime.governor("Subscription").get(customer).state == "Active"  # type: ignore[union-attr]
+        later = [d for d in runtime.deliver_outbox() if d.message.event == "TierChangeFailed"]
+        assert later == []
