@@ -47,8 +47,11 @@ Semantics worth knowing:
   moved to where the event is decided otherwise (another row, a rejection, ignored), the
   dispatch is refused with OutsideCallsSuperseded (R024, a ConcurrentUpdateDetected) that
   carries their results, and nothing of it is stored. A repeated event id or idempotency key
-  found committed calls nothing. (Two dispatches of one event id at once in two processes
-  both find it uncommitted and both call; the outside call's idempotency key is the guard.)
+  found committed calls nothing, and `dispatch`/`dispatch_async` hold a claim on the event id
+  and idempotency key (Runtime._outside) from before those calls until the commit, so a second
+  dispatch of either in this runtime waits, then finds the first's result committed. Two
+  processes do not see each other's claims (nor do `dispatch_many` and flow steps take them):
+  there the outside call's own idempotency key is what makes a repeat no second effect.
 - Every dispatch decides the same way (`_decide`: the row table built at load time, the
   guards in order, the ignore list, the rejection). On the memory store, its owning thread
   applies a row that only changes the state without a unit of work around it (no ledger, no
@@ -120,6 +123,7 @@ from .tables import MachineSpec, Payload, TransitionContext
 from .timers import ArmedTimer, TimerPlan, arm_timers
 
 if TYPE_CHECKING:
+    from .resilience.policies import ClaimKey
     from .runtime import Runtime
 
 __all__ = ["CREATE_EVENT", "DEFAULT_ACTOR", "DispatchRequest", "Governor"]
@@ -476,7 +480,7 @@ class Governor:
         table: dict[str, dict[str, Any]] = self._table
         sealed = self._sealed
         work_of = self._work
-        prepare = self._prepare if self._external else None
+        prepare = self._run_prepared if self._external else None
         without_row = self._without_row
         short_sealed = self._short_sealed
         submit = self.runtime._submit
@@ -537,7 +541,7 @@ class Governor:
                 record_rejection,
             )
             if prepare is not None:
-                work = prepare(work)
+                return prepare(work, partition_of(instance_id))
             return _settled(submit(work, partition_of(instance_id)))
 
         if memory is not None:
@@ -570,10 +574,24 @@ class Governor:
             record_rejection,
         )
         runtime = self.runtime
-        if self._external:
-            loop = asyncio.get_running_loop()
-            work = await loop.run_in_executor(runtime._action_threads(), self._prepare, work)
-        return _settled(await runtime._submit_async(work, runtime._partition_of(instance_id)))
+        partition = runtime._partition_of(instance_id)
+        if not self._external:
+            return _settled(await runtime._submit_async(work, partition))
+        loop = asyncio.get_running_loop()
+        pool = runtime._action_threads()
+        keys = self._claim_keys(work)
+        release = None
+        while keys:  # claimed here, in the loop's thread: a cancelled wait leaves no claim
+            release, busy = runtime._outside.try_claim(keys)
+            if busy is None:
+                break
+            await loop.run_in_executor(pool, busy.wait)
+        try:
+            work = await loop.run_in_executor(pool, self._prepare, work)
+            return _settled(await runtime._submit_async(work, partition))
+        finally:
+            if release is not None:
+                release()
 
     def dispatch_many(
         self, requests: Sequence[DispatchRequest]
@@ -665,6 +683,32 @@ class Governor:
             record_rejection,
             None,
         )
+
+    def _claim_keys(self, work: partial[DispatchResult | _Rejected]) -> tuple[ClaimKey, ...]:
+        """What `work` claims while its outside actions run and its unit commits: its event id
+        and idempotency key, if its event may run such actions (see OutsideCalls)."""
+        args = work.args
+        if args[1] not in self._external_events:
+            return ()
+        name = self.name
+        event_id, key = args[5], args[6]
+        return ((name, "event", event_id),) * (event_id is not None) + ((name, "key", key),) * (
+            key is not None
+        )
+
+    def _run_prepared(
+        self, work: partial[DispatchResult | _Rejected], partition: int
+    ) -> DispatchResult:
+        """Dispatch `work` with its outside actions run before its transaction, holding the
+        claim on its event id and idempotency key from before they run until the commit: a
+        concurrent dispatch of the same id or key waits, then calls nothing."""
+        keys = self._claim_keys(work)
+        release = self.runtime._outside.claim(keys) if keys else None
+        try:
+            return _settled(self.runtime._submit(self._prepare(work), partition))
+        finally:
+            if release is not None:
+                release()
 
     def _prepare(
         self, work: partial[DispatchResult | _Rejected]

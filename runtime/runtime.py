@@ -29,7 +29,13 @@ from .ledger import Checkpoint, EntryData, LedgerEntry, LedgerSealer, RootLike, 
 from .outbox import deliver_outbox, mark
 from .partitions import PartitionedStore, SignedRoot
 from .replay import replay, verify
-from .resilience.policies import ActionPolicies, BreakerJournal, Noted, write_noted
+from .resilience.policies import (
+    ActionPolicies,
+    BreakerJournal,
+    Noted,
+    OutsideCalls,
+    write_noted,
+)
 from .results import Delivery, ReplayedState, TimerFiring
 from .sealing import _Chain, _LedgerState
 from .store.base import OutboxMessage, OutboxStatus, Store, Transaction, WorkOutcome
@@ -168,6 +174,8 @@ class Runtime:
         self._action_thread_count = action_threads
         # Breaker statuses changed by actions: the unit of work that ran them writes them.
         self._breakers = BreakerJournal()
+        # Event ids and idempotency keys whose policy actions a dispatch is running.
+        self._outside = OutsideCalls()
         self._policies = ActionPolicies(self._clock, self._breakers, self._store.get_breaker)
         recorded = self._store.ledger_mode()
         if sealer is None and recorded is not None:

@@ -395,6 +395,86 @@ def test_a_charge_decided_otherwise_after_a_concurrent_move_is_refused_with_its_
     runtime.close()
 
 
+def _observe_claim_waits(runtime: Runtime) -> threading.Event:
+    """An event set when a dispatch finds its event id or key claimed by another one."""
+    claims = runtime._outside
+    try_claim = claims.try_claim
+    waiting = threading.Event()
+
+    def observed(keys: Any, thread: int | None = None) -> Any:
+        release, busy = try_claim(keys, thread)
+        if busy is not None:
+            waiting.set()
+        return release, busy
+
+    claims.try_claim = observed  # type: ignore[method-assign]
+    return waiting
+
+
+def test_two_dispatches_of_one_event_id_at_once_call_the_processor_once(
+    tmp_path: Path, keys: Path
+) -> None:
+    """Two threads send the same charge (same event id) at once: the second waits while the
+    first's call is at the processor, then finds the first's result committed and returns it
+    without calling the processor again."""
+    processor = HeldProcessor({"c1"})
+    runtime = open_billing(SQLiteStore(tmp_path / "store.db"), keys, VirtualClock(START), processor)
+    runtime.governor("Billing").create("c1")
+    waiting = _observe_claim_waits(runtime)
+    results: list[Any] = []
+
+    def charge_c1() -> None:
+        _charge(runtime, "c1", event_id="charge-c1")
+        results.append(runtime.store.processed("Billing", "charge-c1"))
+
+    first, second = threading.Thread(target=charge_c1), threading.Thread(target=charge_c1)
+    first.start()
+    assert processor.entered.wait(30)
+    second.start()
+    assert waiting.wait(30)  # the second dispatch is at the claim, not at the processor
+    processor.release.set()
+    first.join(30)
+    second.join(30)
+    assert processor.charged == ["c1"] and processor.most_held == 1
+    assert len(results) == 2 and results[0] == results[1] is not None
+    assert [e.event for e in runtime.governor("Billing").history("c1")] == [
+        "create",
+        "ChargeRequested",
+    ]
+    runtime.close()
+
+
+def test_two_async_dispatches_of_one_event_id_call_the_processor_once(
+    tmp_path: Path, keys: Path
+) -> None:
+    """The same under asyncio: the second coroutine waits for the claim without blocking
+    the event loop, and gets the first's result."""
+    processor = HeldProcessor({"c1"})
+    runtime = open_billing(SQLiteStore(tmp_path / "store.db"), keys, VirtualClock(START), processor)
+    governor = runtime.governor("Billing")
+    governor.create("c1")
+    waiting = _observe_claim_waits(runtime)
+    payload = {"customer_id": "c1", "invoice_id": "i", "amount": "9.00", "idempotency_key": "k"}
+
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(
+            governor.dispatch_async("c1", "ChargeRequested", payload, event_id="e1")
+        )
+        assert await loop.run_in_executor(None, processor.entered.wait, 30)
+        second = asyncio.create_task(
+            governor.dispatch_async("c1", "ChargeRequested", payload, event_id="e1")
+        )
+        assert await loop.run_in_executor(None, waiting.wait, 30)
+        processor.release.set()
+        return list(await asyncio.gather(first, second))
+
+    one, two = asyncio.run(main())
+    assert processor.charged == ["c1"]
+    assert (one.version, one.seq) == (two.version, two.seq) and one.version == 2
+    runtime.close()
+
+
 def test_retries_wait_outside_the_write_transaction(tmp_path: Path, keys: Path) -> None:
     """The charge's retry waits for the processor while other work commits: a policy's
     actions run before the unit of work takes the write lock, and the unit takes their
