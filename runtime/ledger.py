@@ -1491,24 +1491,16 @@ def _verify(
         _join,
         ENTRY_TAG,
     )
+    tree_mask = _TREE_BATCH - 1  # a power of two: flush when position & mask is 0
 
-    def remember(texts: tuple[Any, ...]) -> tuple[bytes, bytes]:
-        encoded = [_length_prefixed(text) for text in texts]
-        if len(cache) >= 4096:
-            cache.clear()
-        cache[texts] = pair = (encoded[0] + encoded[1], join(encoded[2:]))
-        return pair
-
-    def settle(size: int) -> bool:
-        covered = stream.settle(size, head)
-        if size == external_size and external is not None:
-            _check_checkpoint(external, chain, tree, size, head, label)
-            covered = True
-        return covered
+    def next_stop(position: int) -> int:
+        """The next size at which a stored or the external checkpoint is to be checked."""
+        ahead = [size for size in (stream.next_size, external_size) if size > position]
+        return min(ahead) if ahead else -1
 
     if external_size == 0 or stream.next_size == 0:
         raise _Failure(0, "malformed", "a checkpoint at size 0 covers no genesis entry", 0)
-    next_size = stream.next_size
+    stop = next_stop(position)
     iterator: Iterator[Any] = iter(())
     for batch in batches:
         iterator = iter(batch)
@@ -1541,7 +1533,7 @@ def _verify(
                 raise _Failure(position, problem, reason, position)
             try:
                 texts = (kind, machine, from_state, to_state, event, actor)
-                head_bytes, move_bytes = cached(texts) or remember(texts)
+                head_bytes, move_bytes = cached(texts) or _remember(cache, texts)
                 instance_bytes = instance.encode("utf-8")
                 event_id_bytes = event_id.encode("utf-8")
                 computed = sha256(
@@ -1638,14 +1630,17 @@ def _verify(
             head = computed
             append_leaf(computed)
             position += 1
-            if not position % _TREE_BATCH:
+            if not position & tree_mask:
                 tree.flush()
-            # Two comparisons, not `in (a, b)`: no tuple built per entry.
-            if position == next_size or position == external_size:  # noqa: SIM109
-                if settle(position):
+            if position == stop:
+                covered = stream.settle(position, head)
+                if position == external_size and external is not None:
+                    _check_checkpoint(external, chain, tree, position, head, label)
+                    covered = True
+                if covered:
                     uncovered_from = -1
                     settled = True
-                next_size = stream.next_size
+                stop = next_stop(position)
 
     if span is not None and span.end is not None and position != span.end:
         reason = f"the range ends at seq {position}, not {span.end}"
@@ -1705,6 +1700,18 @@ def _verify(
     return VerifyReport(
         position, True, None, None, None, stream.verified, chain.mode, tuple(chain.introduced)
     )
+
+
+def _remember(
+    cache: dict[tuple[Any, ...], tuple[bytes, bytes]], texts: tuple[Any, ...]
+) -> tuple[bytes, bytes]:
+    """The encodings of (kind, machine) and of (from_state, to_state, event, actor), cached
+    (bounded: cleared when full)."""
+    encoded = [_length_prefixed(text) for text in texts]
+    if len(cache) >= 4096:
+        cache.clear()
+    cache[texts] = pair = (encoded[0] + encoded[1], _join(encoded[2:]))
+    return pair
 
 
 def _fail_link(entry: tuple[Any, ...], position: int, computed: bytes, head: bytes) -> NoReturn:
