@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import Diagnostic, Severity, SourceSpan, did_you_mean, format_text
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 EXIT_INTERNAL = 70  # EX_SOFTWARE in sysexits.h
@@ -55,6 +54,8 @@ class CommandProblem(Exception):
         self.where, self.code, self.message, self.hint = str(where), code, message, hint
 
     def render(self) -> str:
+        from .errors import Diagnostic, Severity, SourceSpan, format_text
+
         diagnostic = Diagnostic.model_construct(
             code=self.code,
             severity=Severity.ERROR,
@@ -307,6 +308,7 @@ def _version_on_disk(paths: Sequence[str]) -> tuple[list[Any], list[Any]]:
     """The machines and flows of the .fsm files under `paths`, read as `_version_at` reads a
     revision: parsed, not checked (a diff compares models; `check` judges them)."""
     from .checks import expand_paths
+    from .errors import Severity, format_text
     from .parser import parse_file, read_source
 
     files, findings = expand_paths(paths)
@@ -384,6 +386,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 def _migration_check(difference: Any, store_path: str, check: Any) -> int:
     from autonomic.runtime.store.base import Store
     from autonomic.runtime.store.urls import is_postgres_url, redact
+
+    from .errors import Diagnostic, Severity, SourceSpan, format_text
 
     store: Store
     shown = redact(store_path).removeprefix("sqlite:///")
@@ -483,6 +487,7 @@ def _transition_coverage(machines: Sequence[Any], tests: Sequence[str]) -> int:
 def _cmd_fmt(args: argparse.Namespace) -> int:
     """Format machine files in place, or (--check) list the ones that are not formatted."""
     from .checks import expand_paths
+    from .errors import format_text
     from .fmt import format_source
 
     files, findings = expand_paths(args.paths)
@@ -566,6 +571,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_graph(args: argparse.Namespace) -> int:
     from .checks import check_paths
     from .diagram import DiagramToolFailed, DiagramToolMissing, render_diagram
+    from .errors import did_you_mean
     from .report import render_text
 
     by_path = args.machine.endswith(".fsm") or "/" in args.machine or os.sep in args.machine

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, TYPE_CHECKING, TypeVar
 
 from autonomic.diagnostics import printable
 
@@ -55,11 +55,11 @@ from .ledger import (
     write_jsonl,
 )
 from .ledger_ranges import verify_file
-from .runtime import Runtime
-from .store.base import Store
 from .store.locate import STORE_ENV, is_postgres_url, redact, store_location
-from .store.sqlite import SQLiteStore
 from .witness import read_witness_file
+
+if TYPE_CHECKING:
+    from .store.base import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
 
@@ -206,6 +206,10 @@ def _outgoing_signer(public_json: str) -> Signer:
 def rotate_store(path: str, outgoing: Signer, incoming: Signer) -> LedgerEntry:
     """Write a rotation entry into a store's ledger (see Runtime.rotate_key): an SQLite file,
     or a PostgreSQL store's every partition."""
+    # Loaded here: `audit verify` starts faster without the runtime, its stores and tables.
+    from .runtime import Runtime
+    from .store.sqlite import SQLiteStore
+
     store: Store
     if is_postgres_url(path):
         from .store.postgres import PostgresStore

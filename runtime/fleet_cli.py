@@ -11,7 +11,6 @@ import sys
 
 from .errors import RuntimeFailure, failure_diagnostic
 from .store.locate import STORE_ENV, is_postgres_url, redact, store_location
-from .timers import parse_duration
 
 __all__ = ["add_store_argument", "register", "resolve_store"]
 
@@ -35,6 +34,8 @@ def resolve_store(parser: argparse.ArgumentParser, given: str | None) -> str:
 
 
 def _duration_ms(text: str) -> int:
+    from .timers import parse_duration  # on use: it loads the tables, `audit` needs neither
+
     try:
         return parse_duration(text)
     except (ValueError, RuntimeFailure):

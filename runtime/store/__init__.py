@@ -4,9 +4,15 @@
 implement the `Store` interface in `base`, which a server database can implement too.
 """
 
-from .base import InstanceRecord, OutboxMessage, Snapshot, Store, Transaction
-from .memory import MemoryStore
-from .sqlite import SQLiteStore
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .base import InstanceRecord, OutboxMessage, Snapshot, Store, Transaction
+    from .memory import MemoryStore
+    from .sqlite import SQLiteStore
 
 __all__ = [
     "InstanceRecord",
@@ -17,3 +23,24 @@ __all__ = [
     "Store",
     "Transaction",
 ]
+
+# Names load on first use: a command that only needs a store's location (`store.urls`,
+# `store.locate`) does not load every store and the tables they import.
+_HOMES = {
+    "InstanceRecord": "base",
+    "MemoryStore": "memory",
+    "OutboxMessage": "base",
+    "SQLiteStore": "sqlite",
+    "Snapshot": "base",
+    "Store": "base",
+    "Transaction": "base",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value

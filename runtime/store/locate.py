@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import StoreConfigError
-from .base import Store
 from .urls import is_postgres_url, redact
+
+if TYPE_CHECKING:
+    from .base import Store
 
 __all__ = ["STORE_ENV", "is_postgres_url", "open_store", "redact", "store_location"]
 
