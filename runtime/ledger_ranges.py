@@ -136,7 +136,7 @@ def verify_in_ranges(
         return None
     try:
         return _join(map_in_processes(_verify_range, tasks, workers))
-    except BrokenProcessPool:  # a worker was killed (out of memory, a signal)
+    except (BrokenProcessPool, OSError):  # no worker could start, or one was killed
         return None
 
 
