@@ -64,6 +64,9 @@ __all__ = ["PARALLEL_MIN_ENTRIES", "verify_file", "verify_in_ranges"]
 PARALLEL_MIN_ENTRIES = 1 << 16
 # Ranges per process: more than one, so a process slowed by the neighbours does less of it.
 _RANGES_PER_PROCESS = 4
+# Control entries every range is given; a ledger holds a handful (one per key rotation). A
+# store that claims more goes to the sequential verifier, whose memory does not grow with them.
+_MAX_CONTROL_ENTRIES = 1 << 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,14 +180,16 @@ def _plan(
             return None
         # The control entries, by the index the store keeps on (machine, instance, seq). The
         # ranges hold the stored entries to these, so a lying index only costs a second pass.
-        control = {
-            row[0]: row
-            for row in connection.execute(
-                f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger "
-                "WHERE machine = '' AND instance = '' ORDER BY seq"
-            )
-            if row[2] in CONTROL_KINDS
-        }
+        rows = connection.execute(
+            f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger "
+            "WHERE machine = '' AND instance = '' ORDER BY seq"
+        )
+        control = {}
+        for row in rows:
+            if row[2] in CONTROL_KINDS:
+                control[row[0]] = row
+                if len(control) > _MAX_CONTROL_ENTRIES:
+                    return None
     except sqlite3.Error:
         return None
     width = range_size or _range_width(size, workers)

@@ -484,3 +484,15 @@ def _try_sql(path: Path, statement: str, *params: object) -> None:
     """A change the schema refuses (a duplicate key) leaves the file as it was."""
     with contextlib.suppress(sqlite3.IntegrityError):
         run_sql(path, statement, *params)
+
+
+def test_a_store_claiming_many_control_entries_is_verified_sequentially(
+    files: dict[str, Path], keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every range is given the control entries, so their number is capped (a ledger holds
+    one per key rotation); past the cap the sequential verifier answers, in flat memory."""
+    import autonomic.runtime.ledger_ranges as ranges
+
+    monkeypatch.setattr(ranges, "_MAX_CONTROL_ENTRIES", 1)  # the genesis and one rotation: 2
+    ranged, sequential = _both(files["sign-each"], keys)
+    assert ranged is None and sequential.ok
