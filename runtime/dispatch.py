@@ -75,7 +75,8 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast, final
 
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
@@ -99,6 +100,8 @@ from .inputs import (
     check_payload_depth,
     check_payload_size,
     payload_error_message,
+    payload_is_flat,
+    payload_size_bound,
 )
 from .instance_data import dump_data, keep_fields, read_data, route
 from .ledger import EMPTY_PAYLOAD_DIGEST, PAYLOAD_TAG, EntryData, LedgerEntry, canonical_json
@@ -112,6 +115,7 @@ from .results import (
     _request_digest,
     _result_from_json,
     _result_to_json,
+    _RowResult,
     _UnsealedResult,
     derive_event_id,
 )
@@ -138,6 +142,7 @@ _new_context = cast(
 )
 # (state, event) -> the key's only row when it is unguarded, else its rows in order.
 _Entry = _Row | _Guarded | _Absent
+_NO_ENTRIES: Mapping[str, _Entry] = MappingProxyType({})
 
 
 class _NoOwner:
@@ -156,6 +161,23 @@ class _Preran(NamedTuple):
     version: int
     row: _Row
     results: Mapping[str, object]
+
+
+# What `_inputs` checked, in `_step`'s order: instance id, event, payload, its digest, actor,
+# event id, idempotency key, request digest, expected version, record_rejection, preran.
+_UnitInputs = tuple[
+    str,
+    str,
+    Payload | None,
+    bytes,
+    str,
+    str | None,
+    str | None,
+    bytes | None,
+    int | None,
+    bool,
+    _Preran | None,
+]
 
 
 class _Rejected(NamedTuple):
@@ -184,6 +206,31 @@ def _validation_problems(error: ValidationError) -> tuple[tuple[str, str], ...]:
         where = ".".join(str(part) for part in item["loc"]) or "(payload)"
         problems.append((where, payload_error_message(item)))
     return tuple(problems)
+
+
+def _takes_no_payload(payload: object) -> Payload:
+    raise AssertionError("an event without a model validates nothing")
+
+
+@final
+class _EventInput:
+    """How dispatch checks one event's payload, decided at load time: the plain event name,
+    the generated model (None: the event takes no payload) and its validator, whether the
+    model is flat (no depth check needed) and its JSON size bound (see inputs.py)."""
+
+    __slots__ = ("bound", "flat", "model", "name", "validate")
+
+    def __init__(self, name: str, model: type[Payload] | None) -> None:
+        self.name = sys.intern(name)
+        self.model = model
+        self.validate: Callable[[object], Payload] = _takes_no_payload
+        self.flat = False
+        self.bound: int | None = None
+        if model is not None:
+            # The validator model_validate calls, without its Python frame and options.
+            self.validate = model.__pydantic_validator__.validate_python
+            self.flat = payload_is_flat(model)
+            self.bound = payload_size_bound(model)
 
 
 class DispatchRequest(NamedTuple):
@@ -232,6 +279,7 @@ class Governor:
         settings: Mapping[str, int] | None = None,
     ) -> None:
         self.runtime = runtime
+        self._now_ms = runtime._clock.now_ms
         self.spec = spec
         self.name = spec.name
         timers = {str(state): specs for state, specs in spec.timers.items()}
@@ -262,6 +310,11 @@ class Governor:
         # Events with payload fields validate through the generated model; others take none.
         self._models: dict[str, type[Payload]] = {
             str(event): model for event, model in spec.payloads.items() if model.model_fields
+        }
+        # Keyed by the enum's members, like the table: what `_inputs` checks an event with.
+        self._event_inputs: dict[str, _EventInput] = {
+            member: _EventInput(str(member), self._models.get(str(member)))
+            for member in spec.event_type
         }
         self._timers = timers
         self._timer_specs = plan.specs
@@ -473,6 +526,7 @@ class Governor:
         """Build `dispatch`: a closure over this governor's tables, which skips a dozen
         attribute reads per event (a fifth of a short dispatch)."""
         memory = self._memory
+        runtime = self.runtime
         # Owned by no thread: on other stores the short path is never taken.
         owned: MemoryStore | _NoOwner = _NO_OWNER if memory is None else memory
         records = self._records
@@ -480,11 +534,17 @@ class Governor:
         table: dict[str, dict[str, Any]] = self._table
         sealed = self._sealed
         work_of = self._work
+        inputs_of = self._inputs
+        step = self._step
+        chain = runtime._chain
+        commit_in_memory = runtime._commit_in_memory
+        # Their actions run before the unit (see the module docstring): through `prepare`.
+        external = self._external_events
         prepare = self._run_prepared if self._external else None
         without_row = self._without_row
         short_sealed = self._short_sealed
-        submit = self.runtime._submit
-        partition_of = self.runtime._partition_of
+        submit = runtime._submit
+        partition_of = runtime._partition_of
         new_result = _UnsealedResult
         get_ident = _get_ident
 
@@ -498,38 +558,66 @@ class Governor:
             expected_version: int | None = None,
             record_rejection: bool = False,
         ) -> DispatchResult:
-            if (
-                payload is None
-                and event_id is None
-                and idempotency_key is None
-                and expected_version is None
-                and owned.owner == get_ident()
-                and not owned.busy  # not from a guard or action of this thread's unit
-            ):
-                # The memory store's owning thread (see store/memory.py): decided here, and
-                # applied here if the row changes the state and nothing else.
-                try:
-                    record = records[instance_id]
-                    found = table[record.state][event]
-                except KeyError:
-                    pass  # an unknown instance, state or event: the unit of work says so
-                else:
-                    if found.short:
-                        version = record.version + 1
-                        record.state = found.target
-                        record.version = version
-                        result: DispatchResult = new_result()
-                        result._instance = instance_id
-                        result._version = version
-                        result._outcome = found.outcome
-                        return result
-                    if found.absent:
-                        if found.ignored:
-                            return without_row(record, found, None)
-                        if not (record_rejection and sealed):
-                            raise found.rejection(instance_id)
-                    elif sealed and found.bare:
-                        return short_sealed(record, found, actor)
+            me = get_ident()
+            # The memory store's owning thread (see store/memory.py), not from a guard or
+            # action of this thread's unit: the unit runs here, without a commit around it.
+            if owned.owner == me and not owned.busy:
+                if (
+                    payload is None
+                    and event_id is None
+                    and idempotency_key is None
+                    and expected_version is None
+                ):
+                    # Decided here, and applied here if the row changes the state and
+                    # nothing else.
+                    try:
+                        record = records[instance_id]
+                        found = table[record.state][event]
+                    except KeyError:
+                        pass  # an unknown instance, state or event: the unit of work says so
+                    else:
+                        if found.short:
+                            version = record.version + 1
+                            record.state = found.target
+                            record.version = version
+                            result: DispatchResult = new_result()
+                            result._instance = instance_id
+                            result._version = version
+                            result._outcome = found.outcome
+                            return result
+                        if found.absent:
+                            if found.ignored:
+                                return without_row(record, found, None)
+                            if not (record_rejection and sealed):
+                                raise found.rejection(instance_id)
+                        elif sealed and found.bare:
+                            return short_sealed(record, found, actor)
+                if event not in external:
+                    unit = inputs_of(
+                        instance_id,
+                        event,
+                        payload,
+                        actor,
+                        event_id,
+                        idempotency_key,
+                        expected_version,
+                        record_rejection,
+                    )
+                    # As _submit_unit marks a unit: a dispatch from its guards and actions
+                    # is refused (NestedDispatch).
+                    owned.busy = 1
+                    runtime._working_thread = me
+                    try:
+                        if sealed:
+                            outcome = commit_in_memory(owned, step, unit)
+                        else:
+                            outcome = step(unit, owned, chain)
+                    finally:
+                        runtime._working_thread = None
+                        owned.busy = 0
+                    if type(outcome) is _Rejected:
+                        raise outcome.error
+                    return outcome  # type: ignore[return-value]  # not _Rejected
             work = work_of(
                 instance_id,
                 event,
@@ -647,30 +735,81 @@ class Governor:
         expected_version: int | None,
         record_rejection: bool,
     ) -> partial[DispatchResult | _Rejected]:
+        """The unit of work that decides and writes the transition, its inputs checked."""
+        return partial(
+            self._step,
+            self._inputs(
+                instance_id,
+                event,
+                payload,
+                actor,
+                event_id,
+                idempotency_key,
+                expected_version,
+                record_rejection,
+            ),
+        )
+
+    def _inputs(
+        self,
+        instance_id: str,
+        event: str,
+        payload: Mapping[str, Any] | Payload | None,
+        actor: str,
+        event_id: str | None,
+        idempotency_key: str | None,
+        expected_version: int | None,
+        record_rejection: bool,
+    ) -> _UnitInputs:
         """Check the identifiers and the event, validate the payload and its bounds (nothing is
-        stored yet), and return the unit of work that decides and writes the transition."""
-        check_identifier("instance id", instance_id)
-        check_identifier("actor", actor)
+        stored yet): what the unit of work (`_step`) takes."""
+        # An instance the memory store holds was checked when it was created.
+        if type(instance_id) is not str or instance_id not in self._records:
+            check_identifier("instance id", instance_id)
+        if actor is not DEFAULT_ACTOR:
+            check_identifier("actor", actor)
         if event_id is not None:
             check_identifier("event id", event_id)
         if idempotency_key is not None:
             check_identifier("idempotency key", idempotency_key)
-        if event not in self._events:
-            self._check_event(event)
-        event = str(event)
-        validated = self._validate(event, payload)
+        plan = self._event_inputs.get(event)
+        if plan is None:
+            raise self._unknown_event(event)
+        event = plan.name
+        model = plan.model
+        validated: Payload | None
+        if model is None:
+            validated = None
+            if payload is not None:
+                self._refuse_payload(event, payload)
+        elif type(payload) is model:
+            validated = payload
+        else:
+            if payload is not None and not plan.flat:
+                check_payload_depth(payload, self.runtime._limits)
+            try:
+                validated = plan.validate({} if payload is None else payload)
+            except ValidationError as exc:
+                raise PayloadInvalid(self.name, event, _validation_problems(exc)) from None
         digest = EMPTY_PAYLOAD_DIGEST
         if validated is not None:
+            limits = self.runtime._limits
             if self._sealed or idempotency_key is not None:
                 encoded = canonical_json(validated.model_dump(mode="json"))
-                check_payload_size(len(encoded), self.runtime._limits)
+                check_payload_size(len(encoded), limits)
                 digest = hashlib.sha256(PAYLOAD_TAG + encoded).digest()
             else:
-                # Nothing records a digest: the size bound needs only the JSON's length.
-                check_payload_size(_json_size(validated), self.runtime._limits)
+                # Nothing records a digest: the size bound needs only the JSON's length, and
+                # a flat payload's is bounded by its values' text (see inputs.py) unless long.
+                bound = plan.bound
+                if (
+                    bound is None
+                    or bound + 6 * sum(map(len, map(str, validated.__dict__.values())))
+                    > limits.max_payload_bytes
+                ):
+                    check_payload_size(_json_size(validated), limits)
         request = None if idempotency_key is None else _request_digest(instance_id, event, digest)
-        return partial(
-            self._step,
+        return (
             instance_id,
             event,
             validated,
@@ -687,7 +826,7 @@ class Governor:
     def _claim_keys(self, work: partial[DispatchResult | _Rejected]) -> tuple[ClaimKey, ...]:
         """What `work` claims while its outside actions run and its unit commits: its event id
         and idempotency key, if its event may run such actions (see OutsideCalls)."""
-        args = work.args
+        args: _UnitInputs = work.args[0]
         if args[1] not in self._external_events:
             return ()
         name = self.name
@@ -716,12 +855,12 @@ class Governor:
         """`work` (from `_work`) with this machine's outside actions already run, outside any
         transaction, when the committed state says the unit will take a row that has some;
         else `work` itself. Raises ActionFailed (nothing stored) when one of them fails."""
-        if work.args[1] not in self._external_events:
+        inputs: _UnitInputs = work.args[0]
+        if inputs[1] not in self._external_events:
             return work
-        args = work.args[:-1]
         runtime = self.runtime
         try:
-            preran = self._preflight(*args)
+            preran = self._preflight(*inputs[:-1])
         except BaseException:
             # Nothing of the dispatch is stored: the breaker statuses its calls changed are
             # written on their own, before the caller hears of the failure. Otherwise the
@@ -729,8 +868,7 @@ class Governor:
             if runtime._breakers.pending:
                 runtime._record_breaker_moves()
             raise
-        step: Callable[..., DispatchResult | _Rejected] = self._step
-        return work if preran is None else partial(step, *args, preran)
+        return work if preran is None else partial(self._step, (*inputs[:-1], preran))
 
     def _preflight(
         self,
@@ -772,22 +910,22 @@ class Governor:
         return _Preran(record.version, row, results)
 
     def _step(
-        self,
-        instance_id: str,
-        event: str,
-        payload: Payload | None,
-        digest: bytes,
-        actor: str,
-        event_id: str | None,
-        idempotency_key: str | None,
-        request: bytes | None,
-        expected_version: int | None,
-        record_rejection: bool,
-        preran: _Preran | None,
-        txn: Transaction,
-        chain: _Chain,
+        self, inputs: _UnitInputs, txn: Transaction, chain: _Chain
     ) -> DispatchResult | _Rejected:
         """The unit of work of one dispatch: deduplicate, read the instance, decide, write."""
+        (
+            instance_id,
+            event,
+            payload,
+            digest,
+            actor,
+            event_id,
+            idempotency_key,
+            request,
+            expected_version,
+            record_rejection,
+            preran,
+        ) = inputs
         name = self.name
         if event_id is not None:
             stored = txn.processed(name, event_id)
@@ -806,16 +944,19 @@ class Governor:
             if preran is not None:
                 raise self._superseded(preran, record)
             raise ConcurrentUpdateDetected(name, instance_id, expected_version, record.version)
-        found = self._table.get(record.state, {}).get(event)
-        now = self.runtime._clock.now_ms()
+        found = self._table.get(record.state, _NO_ENTRIES).get(event)
+        now = self._now_ms()
         try:
-            if found is None:  # a state this machine does not declare
+            if type(found) is _Row:
+                row = found
+            elif found is None:  # a state this machine does not declare
                 raise InvalidTransition(name, instance_id, record.state, event)
-            if type(found) is _Absent:
+            elif type(found) is _Absent:
                 if preran is not None:
                     raise self._superseded(preran, record)
                 return self._without_row(record, found, event_id)
-            row = self._decide(found, record, payload, actor, now)
+            else:
+                row = self._decide(found, record, payload, actor, now)
         except InvalidTransition as rejection:
             if preran is not None:
                 raise self._superseded(preran, record) from rejection
@@ -834,8 +975,6 @@ class Governor:
                 raise self._superseded(preran, record)
             ran = preran.results
         return self._apply(
-            txn,
-            chain,
             record,
             row,
             payload,
@@ -846,6 +985,8 @@ class Governor:
             idempotency_key,
             request,
             ran,
+            txn,
+            chain,
         )
 
     def _superseded(self, preran: _Preran, record: InstanceRecord) -> OutsideCallsSuperseded:
@@ -922,6 +1063,7 @@ class Governor:
             None,
             None,
             None,
+            None,
         )
 
     def _without_row(
@@ -935,47 +1077,31 @@ class Governor:
             outcome = (*outcome[:4], event_id, *outcome[5:])
         return _new_result(record.instance, record.version, None, outcome)
 
-    def _validate(self, event: str, payload: Mapping[str, Any] | Payload | None) -> Payload | None:
-        model = self._models.get(event)
-        if model is None:
-            if payload is None:
-                return None
-            if isinstance(payload, Payload):
-                fields = tuple(type(payload).model_fields)
-            elif isinstance(payload, Mapping):
-                fields = tuple(str(k) for k in payload)
-            else:
-                raise PayloadInvalid(
-                    self.name, event, (("(payload)", f"expected a mapping, not {type(payload)}"),)
-                )
-            if not fields:
-                return None
+    def _refuse_payload(self, event: str, payload: Mapping[str, Any] | Payload) -> None:
+        """PayloadInvalid for a payload with fields given to an event that takes none."""
+        if isinstance(payload, Payload):
+            fields = tuple(type(payload).model_fields)
+        elif isinstance(payload, Mapping):
+            fields = tuple(str(k) for k in payload)
+        else:
+            raise PayloadInvalid(
+                self.name, event, (("(payload)", f"expected a mapping, not {type(payload)}"),)
+            )
+        if fields:
             raise PayloadInvalid(
                 self.name,
                 event,
                 tuple((f, "unexpected field: the event takes no payload") for f in fields),
             )
-        if type(payload) is model:
-            return payload
-        if payload is not None:
-            check_payload_depth(payload, self.runtime._limits)
-        try:
-            # The validator model_validate calls, without its Python frame and options.
-            return model.__pydantic_validator__.validate_python(  # type: ignore[no-any-return]
-                {} if payload is None else payload
-            )
-        except ValidationError as exc:
-            raise PayloadInvalid(self.name, event, _validation_problems(exc)) from None
 
-    def _check_event(self, event: str) -> None:
-        if event not in self._events:
-            close = difflib.get_close_matches(str(event), sorted(self._events), n=1, cutoff=0.6)
-            hint = (
-                f"did you mean '{close[0]}'?"
-                if close
-                else (f"{self.name} declares: {', '.join(sorted(self._events))}")
-            )
-            raise UnknownEvent(self.name, str(event), hint)
+    def _unknown_event(self, event: object) -> UnknownEvent:
+        close = difflib.get_close_matches(str(event), sorted(self._events), n=1, cutoff=0.6)
+        hint = (
+            f"did you mean '{close[0]}'?"
+            if close
+            else (f"{self.name} declares: {', '.join(sorted(self._events))}")
+        )
+        return UnknownEvent(self.name, str(event), hint)
 
     def _run_actions(
         self,
@@ -1054,8 +1180,6 @@ class Governor:
 
     def _apply(
         self,
-        txn: Transaction,
-        chain: _Chain,
         record: InstanceRecord,
         row: _Row,
         payload: Payload | None,
@@ -1065,7 +1189,9 @@ class Governor:
         event_id: str | None,
         idempotency_key: str | None,
         request: bytes | None,
-        ran: Mapping[str, object] | None = None,
+        ran: Mapping[str, object] | None,
+        txn: Transaction,
+        chain: _Chain,
     ) -> DispatchResult:
         """Run the chosen row's actions (but those in `ran`), then write everything of the
         transition."""
@@ -1128,23 +1254,23 @@ class Governor:
                 ),
             )
             entry = chain.seal(txn, data)
-        result = _new_result(
-            instance_id,
-            version,
-            None if entry is None else entry.seq,
-            (
-                name,
-                row.event,
-                record.state,
-                row.target,
-                event_id,
-                emitted,
-                (),
-                results,
-                armed,
-                False,
-                False,
-            ),
+        # _new_result without its frame.
+        result: DispatchResult = _RowResult()
+        result._instance = instance_id
+        result._version = version
+        result._seq = None if entry is None else entry.seq
+        result._outcome = (
+            name,
+            row.event,
+            record.state,
+            row.target,
+            event_id,
+            emitted,
+            (),
+            results,
+            armed,
+            False,
+            False,
         )
         stored = ""
         if event_id is not None or idempotency_key is not None:

@@ -20,9 +20,15 @@ Runtime; each rejection raises `InputRejected` (code R031) and leaves the store 
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import json
 import re
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from .errors import InputRejected
@@ -36,6 +42,8 @@ __all__ = [
     "check_payload_size",
     "nesting_depth",
     "payload_error_message",
+    "payload_is_flat",
+    "payload_size_bound",
 ]
 
 MAX_IDENTIFIER_LENGTH = 256
@@ -163,3 +171,44 @@ def nesting_depth(value: object, stop: int) -> int:
                 return stop
             deepest = max(deepest, nesting_depth(child, stop - 1))
     return deepest + 1
+
+
+# Field types whose values hold no dicts or lists: a model of only these is flat (depth 1),
+# and strict validation rejects a nested input for them without walking it.
+_SCALARS = (str, int, float, bool, decimal.Decimal, datetime.datetime, datetime.timedelta)
+# Those whose JSON is at most 6 bytes per character of their str() plus 2 (a string's
+# escapes; an int's str() fails past 4300 digits, so ints are measured exactly).
+_BOUNDED = (str, float, bool, decimal.Decimal, datetime.datetime, datetime.timedelta)
+
+
+def _scalar(annotation: object, kinds: tuple[type, ...]) -> bool:
+    if annotation is None or annotation is type(None):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return all(type(choice) is str for choice in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return all(_scalar(member, kinds) for member in typing.get_args(annotation))
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return False  # a member's str() need not be its JSON
+    return annotation in kinds
+
+
+def payload_is_flat(model: Any) -> bool:
+    """Every field of the pydantic `model` holds a scalar: its payloads have depth 1, and
+    validating one walks no nested input, so no depth check is needed before it."""
+    return all(_scalar(field.annotation, _SCALARS) for field in model.model_fields.values())
+
+
+def payload_size_bound(model: Any) -> int | None:
+    """For a model whose fields' JSON is bounded by their str(): the JSON bytes of a payload
+    other than its values' 6 * len(str(value)), so that
+
+        bound + 6 * sum(len(str(v)) for v in payload.__dict__.values())
+
+    is at least the length of its JSON. None for other models (their JSON is measured)."""
+    fields = model.model_fields
+    if not all(_scalar(field.annotation, _BOUNDED) for field in fields.values()):
+        return None
+    # Braces, and per field its quoted name, a colon, a comma and the value's 2 quotes.
+    return 2 + sum(len(json.dumps(name, ensure_ascii=False).encode()) + 4 for name in fields)

@@ -421,15 +421,15 @@ class Runtime:
             memory.leave(owned)
 
     def _commit_in_memory(self, memory: MemoryStore, work: Callable[..., T], *arguments: Any) -> T:
-        """One unit, `work(memory, chain, *arguments)`, on the memory store, which the caller
+        """One unit, `work(*arguments, memory, chain)`, on the memory store, which the caller
         has entered: it commits as it writes; the checkpoint policy runs after it."""
         chain = self._chain
         if self._sealer is None:  # no ledger: no chain to load, nothing to sign
-            return work(memory, chain, *arguments)
+            return work(*arguments, memory, chain)
         chain.loaded = False
         chain.appended = 0  # `finish` looks at what this commit appended
         chain.hashes = []
-        value = work(memory, chain, *arguments)
+        value = work(*arguments, memory, chain)
         now = self._clock.now_ms()
         chain.finish(memory, now)
         self._ledgers[0].keeper.committed(chain.hashes, now)

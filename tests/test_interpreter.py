@@ -726,3 +726,31 @@ def test_dispatching_from_inside_an_action_is_refused(tmp_path: Path, store: str
     assert isinstance(caught.value.cause, NestedDispatch)
     assert [counter.get(i).version for i in ("c1", "c2")] == [1, 1]  # type: ignore[union-attr]
     rt.close()
+
+
+def test_payload_bounds_without_a_ledger_hold_exactly() -> None:
+    # No ledger and no idempotency key: a flat payload's size is bounded from its values' text
+    # (at most 6 bytes a character) and its JSON is measured only past that bound, so the
+    # limit holds to the byte either way; a nested input to a flat model is refused, not
+    # walked.
+    from autonomic.runtime.errors import InputRejected
+    from autonomic.runtime.inputs import InputLimits
+    from runtime_machines import RejectPayload
+
+    b = SpecBuilder("Gate", ["Open"], ["Pay"], "Open")
+    b.on("Open", "Pay", "Open")
+    b.payloads["Pay"] = RejectPayload
+    gate = Runtime(limits=InputLimits(max_payload_bytes=64, max_depth=2)).load(b.build())
+    gate.create("g")
+    room = 64 - len('{"reason":""}')
+    assert gate.dispatch("g", "Pay", {"reason": "x" * room}).version == 2
+    assert gate.dispatch("g", "Pay", {"reason": "é" * (room // 2)}).version == 3
+    for reason in ("x" * (room + 1), "\x01" * 9, "€" * (room // 3 + 1)):
+        with pytest.raises(InputRejected):
+            gate.dispatch("g", "Pay", {"reason": reason})
+    nested: list[Any] = []
+    for _ in range(100_000):
+        nested = [nested]
+    with pytest.raises(PayloadInvalid):
+        gate.dispatch("g", "Pay", {"reason": nested})
+    assert gate.get("g").version == 3  # type: ignore[union-attr]

@@ -22,9 +22,9 @@ import heapq
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from types import CodeType
+from types import CodeType, MappingProxyType
 from typing import TypeVar
 
 from ..errors import ConcurrentUpdateDetected, InstanceExists
@@ -48,6 +48,7 @@ __all__ = ["MemoryStore"]
 
 T = TypeVar("T")
 
+_NO_RECORDS: Mapping[str, InstanceRecord] = MappingProxyType({})
 # A due-order key: (due_ms, arming order); the arming order breaks ties like SQLite's rowid.
 _TimerKey = tuple[int, int]
 
@@ -294,7 +295,7 @@ class MemoryStore:
     def instance(self, machine: str, instance: str) -> InstanceRecord | None:
         # The live record (no copy): dispatch reads it and writes through
         # update_instance only.
-        return self._records.get(machine, {}).get(instance)
+        return self._records.get(machine, _NO_RECORDS).get(instance)
 
     def insert_instance(self, record: InstanceRecord) -> None:
         records = self.records(record.machine)
@@ -307,7 +308,7 @@ class MemoryStore:
     def update_instance(
         self, machine: str, instance: str, state: str, version: int, expected_version: int
     ) -> None:
-        current = self._records.get(machine, {}).get(instance)
+        current = self._records.get(machine, _NO_RECORDS).get(instance)
         if current is None or current.version != expected_version:
             actual = -1 if current is None else current.version
             raise ConcurrentUpdateDetected(machine, instance, expected_version, actual)
