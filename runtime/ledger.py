@@ -423,7 +423,7 @@ def _entry_hasher(cache_limit: int = 4096) -> EntryHasher:
     Kinds and machines, and the (from state, to state, event, actor) of a transition, repeat
     from entry to entry, so their length-prefixed encodings are cached per combination
     (bounded: cleared when full), one lookup each. Instance and event ids are mostly fresh
-    and are encoded every time.
+    and are encoded every time, but for the common empty event id.
     """
     cache: dict[tuple[str, ...], bytes] = {}
     cached = cache.get
@@ -434,6 +434,7 @@ def _entry_hasher(cache_limit: int = 4096) -> EntryHasher:
         _join,
         ENTRY_TAG,
     )
+    no_event_id = _length_prefixed("")
 
     def remember(texts: tuple[str, ...]) -> bytes:
         encoded = join([_length_prefixed(text) for text in texts])
@@ -456,8 +457,7 @@ def _entry_hasher(cache_limit: int = 4096) -> EntryHasher:
         payload_sha256: bytes,
         prev_hash: bytes,
     ) -> bytes:
-        instance_bytes = instance.encode("utf-8")
-        event_id_bytes = event_id.encode("utf-8")
+        instance_bytes = instance.encode()
         head = (kind, machine)
         move = (from_state, to_state, event, actor)
         return sha256(
@@ -469,8 +469,7 @@ def _entry_hasher(cache_limit: int = 4096) -> EntryHasher:
                     pack_length(len(instance_bytes)),
                     instance_bytes,
                     cached(move) or remember(move),
-                    pack_length(len(event_id_bytes)),
-                    event_id_bytes,
+                    no_event_id if event_id == "" else _length_prefixed(event_id),
                     payload_sha256,
                     prev_hash,
                 )
