@@ -53,7 +53,8 @@ class CheckpointKeeper:
         self._base: Checkpoint | None = None
         self._tree: TreeFrontier | None = None  # at base.size (None: reload before use)
         self._pending: list[bytes] = []  # committed entry hashes after the tree
-        self._staged: tuple[Checkpoint, TreeFrontier] | None = None
+        # The checkpoint signed in the transaction running now, and its tree.
+        self.staged: tuple[Checkpoint, TreeFrontier] | None = None
         self._commits = 0
         self._published_ms: int | None = None
         self._sent: dict[int, tuple[int, bytes, TreeFrontier | None]] = {}
@@ -90,7 +91,7 @@ class CheckpointKeeper:
         tree = self._tree.extend([*self._pending, *batch])
         checkpoint = sealer.checkpoint(size, head, ts_ms, tree, self._base)
         txn.add_checkpoint(checkpoint)
-        self._staged = (checkpoint, tree)
+        self.staged = (checkpoint, tree)
         return checkpoint
 
     def _reload(self, txn: Transaction, upto: int) -> None:
@@ -117,7 +118,7 @@ class CheckpointKeeper:
 
     def committed(self, batch: Sequence[bytes], now_ms: int) -> None:
         """The transaction committed: move the tree on, then publish if due."""
-        staged, self._staged = self._staged, None
+        staged, self.staged = self.staged, None
         if not batch and staged is None:
             return
         self._commits += 1
@@ -141,7 +142,7 @@ class CheckpointKeeper:
 
     def failed(self) -> None:
         """The transaction rolled back: forget what it staged, reload the tree next time."""
-        self._staged = None
+        self.staged = None
         self._tree = None
 
     def invalidate(self) -> None:

@@ -300,7 +300,7 @@ class Governor:
         self._sealed = runtime._sealer is not None
         for (state, event), rows in self._rows.items():
             for row in rows:
-                # Applied by dispatch's short path in place; with a ledger, by _short_sealed.
+                # Applied by dispatch's short path in place (with a ledger, through _apply).
                 row.short = row.bare and not self._sealed
             only = rows[0]
             entry = only if len(rows) == 1 and only.guard_fn is None else _Guarded(rows)
@@ -542,7 +542,8 @@ class Governor:
         external = self._external_events
         prepare = self._run_prepared if self._external else None
         without_row = self._without_row
-        short_sealed = self._short_sealed
+        apply = self._apply
+        now_ms = self._now_ms
         submit = runtime._submit
         partition_of = runtime._partition_of
         new_result = _UnsealedResult
@@ -591,8 +592,24 @@ class Governor:
                             if not (record_rejection and sealed):
                                 raise found.rejection(instance_id)
                         elif sealed and found.bare:
-                            return short_sealed(record, found, actor)
-                if event not in external:
+                            # No guard or action runs: the unit's own writes (_apply: the
+                            # entry sealed on the verified head, the state, a snapshot)
+                            # without the unit around them.
+                            return commit_in_memory(
+                                owned,
+                                apply,
+                                record,
+                                found,
+                                None,
+                                EMPTY_PAYLOAD_DIGEST,
+                                actor,
+                                now_ms(),
+                                None,
+                                None,
+                                None,
+                                None,
+                            )
+                if prepare is None or event not in external:
                     unit = inputs_of(
                         instance_id,
                         event,
@@ -895,7 +912,7 @@ class Governor:
         record = store.get_instance(name, instance_id)
         if record is None or expected_version not in (None, record.version):
             return None
-        found = self._table.get(record.state, {}).get(event)
+        found = self._table.get(record.state, _NO_ENTRIES).get(event)
         if found is None or type(found) is _Absent:
             return None
         now = self.runtime._clock.now_ms()
@@ -937,7 +954,12 @@ class Governor:
                 if known[0] != request:
                     raise IdempotencyConflict(name, idempotency_key)
                 return _result_from_json(known[1])
-        record = txn.instance(name, instance_id)
+        # The memory store's own records (as the short path reads them), else a read.
+        record = (
+            self._records.get(instance_id)
+            if txn is self._memory
+            else txn.instance(name, instance_id)
+        )
         if record is None:
             raise UnknownInstance(name, instance_id)
         if expected_version is not None and record.version != expected_version:
@@ -1043,28 +1065,6 @@ class Governor:
                 return row
         guards = tuple(str(r.guard) for r in rows if r.guard is not None)
         raise NoGuardHeld(self.name, record.instance, record.state, rows[0].event, guards)
-
-    def _short_sealed(self, record: InstanceRecord, row: _Row, actor: str) -> DispatchResult:
-        """A bare row with a ledger, on the memory store's owning thread: the unit of work's
-        own writes (`_apply`: the entry sealed on the verified head, the state, a snapshot)
-        without the unit around it, since no guard or action runs."""
-        runtime = self.runtime
-        memory = self._memory
-        assert memory is not None
-        return runtime._commit_in_memory(
-            memory,
-            self._apply,
-            record,
-            row,
-            None,
-            EMPTY_PAYLOAD_DIGEST,
-            actor,
-            runtime._clock.now_ms(),
-            None,
-            None,
-            None,
-            None,
-        )
 
     def _without_row(
         self, record: InstanceRecord, absent: _Absent, event_id: str | None
@@ -1280,7 +1280,12 @@ class Governor:
                 # The result is stored for repeats, so it must be JSON: fail before writing.
                 raise ActionFailed(name, ", ".join(results), exc, role="result of") from exc
         # Writes: nothing above this line has touched the store.
-        txn.update_instance(name, instance_id, row.target, version, record.version)
+        if txn is self._memory:
+            # The live record, read in this unit, which holds the store: no one moved it.
+            record.state = row.target
+            record.version = version
+        else:
+            txn.update_instance(name, instance_id, row.target, version, record.version)
         if row.kept and kept is not None:
             txn.save_instance_data(name, instance_id, dump_data(kept))
         if row.cancels:

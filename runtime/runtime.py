@@ -426,13 +426,27 @@ class Runtime:
         chain = self._chain
         if self._sealer is None:  # no ledger: no chain to load, nothing to sign
             return work(*arguments, memory, chain)
-        chain.loaded = False
+        state = chain.state
+        ledger = memory.ledger_list
+        # The head this chain appended last is still the store's: nothing to reload.
+        chain.loaded = bool(ledger) and ledger[-1] is state.verified_head
         chain.appended = 0  # `finish` looks at what this commit appended
-        chain.hashes = []
         value = work(*arguments, memory, chain)
-        now = self._clock.now_ms()
-        chain.finish(memory, now)
-        self._ledgers[0].keeper.committed(chain.hashes, now)
+        keeper = state.keeper
+        if chain.appended:
+            # The entry appended last was stamped in this commit: no second clock read.
+            now = state.verified_head.ts_ms  # type: ignore[union-attr]
+            chain.finish(memory, now)
+        elif keeper.staged is None:
+            return value
+        else:
+            now = self._clock.now_ms()
+        # The tree moves on (and witnesses hear) when a checkpoint was signed; otherwise, in
+        # checkpoint mode, the hashes wait in the chain for the next checkpoint, unless
+        # witnesses count commits.
+        if keeper.staged is not None or keeper.witnesses or self._sealer.mode != "checkpoint":
+            keeper.committed(chain.hashes, now)
+            chain.hashes = []
         return value
 
     def _action_threads(self) -> ThreadPoolExecutor:
@@ -619,8 +633,10 @@ class Runtime:
             last = txn.last_checkpoint()
             if chain.next_seq == 0 or (last is not None and last.size >= chain.next_seq):
                 return None
+            # chain.hashes: entries this commit appended before, or on the memory store the
+            # ones no checkpoint covers yet (see _commit_in_memory).
             signed = state.keeper.sign(
-                txn, sealer, chain.next_seq, chain.head, [], self._clock.now_ms()
+                txn, sealer, chain.next_seq, chain.head, chain.hashes, self._clock.now_ms()
             )
             state.covered = chain.next_seq
             state.uncovered_since = None

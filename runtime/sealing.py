@@ -74,9 +74,11 @@ class _Chain:
             if stored is not known and stored != known:
                 _verify_stored_entry(stored, "ledger head")
                 self._check_checkpoint(txn, stored)
-                # Another writer moved the head: the tree must be reloaded, and a rotation it
-                # wrote may have retired this runtime's key.
+                # Another writer moved the head: the tree must be reloaded (without the hashes
+                # this chain kept for it), and a rotation it wrote may have retired this
+                # runtime's key.
                 state.keeper.invalidate()
+                self.hashes = []
                 if stored.kind in CONTROL_KINDS and runtime._sealer is not None:
                     check_signer_is_active(state.reads, runtime._sealer)
                 state.verified_head = stored
