@@ -807,6 +807,10 @@ class Governor:
             try:
                 validated = plan.validate({} if payload is None else payload)
             except ValidationError as exc:
+                # A flat model walks no nested input, so its depth is checked only now: a
+                # payload nested too deeply is refused as such, whatever else is wrong.
+                if payload is not None and plan.flat:
+                    check_payload_depth(payload, self.runtime._limits)
                 raise PayloadInvalid(self.name, event, _validation_problems(exc)) from None
         digest = EMPTY_PAYLOAD_DIGEST
         if validated is not None:

@@ -10,11 +10,13 @@ the signed ledger, so each must be text that every store and every reader handle
   display as another id.
 
 Payloads are bounded: at most `InputLimits.max_depth` levels of nesting, checked before
-validation, and at most `InputLimits.max_payload_bytes` bytes of JSON, checked on the validated
-payload. The JSON measured is the canonical JSON that the ledger digest hashes when a ledger or
-an idempotency key needs the digest; otherwise pydantic's own JSON of the payload (written
-without the digest's Python-level encoding), which differs from it only in how some numbers
-are written (`100.0` for `100`). Both are configurable per
+validation (for a flat model, whose validation walks no nested input and accepts only depth 1,
+once validation has failed), and at most `InputLimits.max_payload_bytes` bytes of JSON,
+checked on the validated payload (for a flat model measured only when its values' text could
+exceed the bound, see `payload_size_bound`). The JSON measured is the canonical JSON that the
+ledger digest hashes when a ledger or an idempotency key needs the digest; otherwise pydantic's
+own JSON of the payload (written without the digest's Python-level encoding), which differs
+from it only in how some numbers are written (`100.0` for `100`). Both are configurable per
 Runtime; each rejection raises `InputRejected` (code R031) and leaves the store unchanged.
 """
 

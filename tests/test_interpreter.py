@@ -731,8 +731,8 @@ def test_dispatching_from_inside_an_action_is_refused(tmp_path: Path, store: str
 def test_payload_bounds_without_a_ledger_hold_exactly() -> None:
     # No ledger and no idempotency key: a flat payload's size is bounded from its values' text
     # (at most 6 bytes a character) and its JSON is measured only past that bound, so the
-    # limit holds to the byte either way; a nested input to a flat model is refused, not
-    # walked.
+    # limit holds to the byte either way; a nested input to a flat model is refused for its
+    # depth, checked once validation has failed.
     from autonomic.runtime.errors import InputRejected
     from autonomic.runtime.inputs import InputLimits
     from runtime_machines import RejectPayload
@@ -751,6 +751,8 @@ def test_payload_bounds_without_a_ledger_hold_exactly() -> None:
     nested: list[Any] = []
     for _ in range(100_000):
         nested = [nested]
-    with pytest.raises(PayloadInvalid):
+    with pytest.raises(InputRejected):
         gate.dispatch("g", "Pay", {"reason": nested})
+    with pytest.raises(PayloadInvalid):
+        gate.dispatch("g", "Pay", {"reason": ["not too deep"]})
     assert gate.get("g").version == 3  # type: ignore[union-attr]
