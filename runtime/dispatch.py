@@ -852,9 +852,12 @@ class Governor:
             return ()
         name = self.name
         event_id, key = args[5], args[6]
-        return ((name, "event", event_id),) * (event_id is not None) + ((name, "key", key),) * (
-            key is not None
-        )
+        keys: tuple[ClaimKey, ...] = ()
+        if event_id is not None:
+            keys += ((name, "event", event_id),)
+        if key is not None:
+            keys += ((name, "key", key),)
+        return keys
 
     def _run_prepared(
         self, work: partial[DispatchResult | _Rejected], partition: int
