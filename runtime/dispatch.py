@@ -720,7 +720,8 @@ class Governor:
                             r.idempotency_key,
                             r.expected_version,
                             False,
-                        )
+                        ),
+                        alone=False,  # a failed call's breaker change goes in the batch
                     )
                 )
                 slots.append(index)
@@ -874,11 +875,13 @@ class Governor:
                 release()
 
     def _prepare(
-        self, work: partial[DispatchResult | _Rejected]
+        self, work: partial[DispatchResult | _Rejected], *, alone: bool = True
     ) -> partial[DispatchResult | _Rejected]:
         """`work` (from `_work`) with this machine's outside actions already run, outside any
         transaction, when the committed state says the unit will take a row that has some;
-        else `work` itself. Raises ActionFailed (nothing stored) when one of them fails."""
+        else `work` itself. Raises ActionFailed (nothing stored) when one of them fails; the
+        breaker changes of its calls are then written at once (`alone`), else left to the
+        caller's next commit (dispatch_many: its batch, before it returns)."""
         inputs: _UnitInputs = work.args[0]
         if inputs[1] not in self._external_events:
             return work
@@ -889,7 +892,7 @@ class Governor:
             # Nothing of the dispatch is stored: the breaker statuses its calls changed are
             # written on their own, before the caller hears of the failure. Otherwise the
             # unit of work writes them in its transaction.
-            if runtime._breakers.pending:
+            if alone and runtime._breakers.pending:
                 runtime._record_breaker_moves()
             raise
         return work if preran is None else partial(self._step, (*inputs[:-1], preran))

@@ -644,6 +644,35 @@ def test_a_billing_cycle_commits_once_per_chunk(
     ]
 
 
+def test_a_chunk_whose_charges_fail_writes_their_breaker_changes_in_its_one_commit(
+    billing: tuple[Runtime, Processor, Processor],
+) -> None:
+    """The processor fails every charge of a chunk: the 11 failures (the 11th opens the
+    breaker, then the backup takes the rest) are counted and stored with the chunk's one
+    commit, not in a commit each."""
+    runtime, primary, backup = billing
+    primary.failing = ConnectionError
+    governor = runtime.governor("Billing")
+    customers = [f"c{n:02}" for n in range(30)]
+    for customer in customers:
+        governor.create(customer)
+    payload = {"invoice_id": "inv", "amount": "9.00"}
+    requests = [
+        DispatchRequest(c, "ChargeRequested", {**payload, "customer_id": c, "idempotency_key": c})
+        for c in customers
+    ]
+    before = runtime.commit_batches
+    results = dispatch_in_chunks(governor, requests, chunk_size=30)
+    assert runtime.commit_batches - before == 1
+    assert [isinstance(r, ActionFailed) for r in results] == [True] * 11 + [False] * 19
+    assert backup.charged == customers[11:]
+    stored = runtime.store.get_breaker("Billing", "PaymentProcessor")
+    assert stored is not None and (stored.state, stored.failures) == ("open", 11)
+    tenant = runtime.store.get_breaker("Billing", "PaymentProcessor[c00]")
+    assert tenant is not None and (tenant.state, tenant.failures) == ("closed", 1)
+    assert [e.event for e in runtime.ledger() if e.kind == "breaker"] == ["BreakerOpened"]
+
+
 def test_missed_deadlines_of_several_governors_are_signed_into_the_ledger(
     tmp_path: Path, keys: Path
 ) -> None:

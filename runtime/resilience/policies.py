@@ -19,9 +19,10 @@ the breaker's status in the store (`Transaction.save_breaker`), and for each mov
 entry in the audit ledger (`breaker_entry`). Where that unit does not commit, or there is
 none, the Runtime writes what is still noted in a unit of its own at once, before the caller
 hears of the outcome: a dispatch whose outside call failed (nothing of the dispatch is
-stored), a unit that failed or was refused (a dispatch that fails because the breaker
-opened still leaves the opening), a timer whose outside call failed, the memory store, and
-on a partitioned store a breaker whose entries belong to another chain than the unit's.
+stored; in `dispatch_many` it goes with the batch's commit), a unit that failed or was
+refused (a dispatch that fails because the breaker opened still leaves the opening), a timer
+whose outside call failed (with the other firings' commit), the memory store, and on a
+partitioned store a breaker whose entries belong to another chain than the unit's.
 A breaker made when a machine is loaded (or a tenant's, on first use) takes up its stored
 status (`restore`, from `Store.get_breaker`): a restart neither closes an open breaker nor
 forgives a closed one's failures.
