@@ -40,22 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from .keychain import CONTROL_KINDS, RootOfTrust
-from .ledger import (
-    GENESIS_HASH,
-    LEDGER_COLUMNS,
-    Checkpoint,
-    LedgerMode,
+from .ledger import GENESIS_HASH, LEDGER_COLUMNS, Checkpoint, LedgerMode, RootLike
+from .ledger_io import (
     LedgerSource,
-    RootLike,
-    Span,
-    VerifyReport,
     read_ledger,
     sqlite_checkpoints,
     sqlite_entry_batches,
-    verify_batches,
     verify_ledger,
 )
 from .processes import available_cpus, map_in_processes
+from .verify import Span, VerifyReport, verify_batches
 
 __all__ = ["PARALLEL_MIN_ENTRIES", "verify_file", "verify_in_ranges"]
 

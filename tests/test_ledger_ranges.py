@@ -25,15 +25,14 @@ from autonomic.runtime.ledger import (
     LedgerMode,
     LedgerSealer,
     MemoryLedger,
-    Span,
     VerifyReport,
     entry_hash,
     payload_digest,
-    sqlite_entry_batches,
-    verify_batches,
     verify_ledger,
 )
+from autonomic.runtime.ledger_io import sqlite_entry_batches
 from autonomic.runtime.ledger_ranges import verify_file, verify_in_ranges
+from autonomic.runtime.verify import Span, verify_batches
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ledger_files import run_sql, write_sqlite_ledger
