@@ -129,7 +129,7 @@ def _parse_body(text: object) -> dict[str, Any]:
         raise ChainError("rotation", "the control entry's body is not text")
     try:
         body = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # ValueError: not JSON, or an integer too long to read
         raise ChainError("rotation", "the control entry's body is not JSON") from None
     if not isinstance(body, dict) or encode_body(body) != text:
         raise ChainError("rotation", "the control entry's body is not canonical JSON")

@@ -240,7 +240,7 @@ def _optional_ms(doc: dict[str, Any], name: str, path: Path) -> int | None:
 def _parse_public_json(path: Path, data: bytes) -> PublicKeyInfo:
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):
         raise KeyFileError(
             f"{path} is not a public key JSON file",
             hint="pass the <key_id>.public.json or <key_id>.public.pem written by keygen",

@@ -661,7 +661,7 @@ class Checkpoint:
     def from_json(cls, text: str | bytes) -> Checkpoint:
         try:
             doc = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
             raise CheckpointFileError(f"not JSON: {exc}") from None
         return cls.from_dict(doc)
 

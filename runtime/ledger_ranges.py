@@ -20,7 +20,12 @@ What crosses a boundary is checked by the join, in seq order:
   covered by a checkpoint of a later range.
 
 Every stored row is read by exactly one range (the first also reads seq < 0 and sizes <= 0,
-the last everything above its start), so nothing is skipped. Whenever the ranges do not accept
+the last everything above its start), so nothing is skipped. The file is not trusted to be
+consistent with itself: ranges are used only on tables keyed by their rowid as the runtime
+creates them, every read goes through the table and never an index (which may leave rows out),
+and the ranges must have verified as many entries and checkpoints as a count over every page
+of each table finds (a page linked twice, or a forged page the seeks pass by, shows there).
+Whenever the ranges do not accept
 the ledger (any range fails, a boundary does not join, the store is laid out unexpectedly),
 the sequential verifier verifies it from the start and its report is the answer: the verdict
 and the diagnostic of a failure are the sequential ones by construction, and a ledger the
@@ -42,6 +47,7 @@ from typing import Any
 from .keychain import CONTROL_KINDS, RootOfTrust
 from .ledger import GENESIS_HASH, LEDGER_COLUMNS, Checkpoint, LedgerMode, RootLike
 from .ledger_io import (
+    TABLE_ONLY,
     LedgerSource,
     read_ledger,
     sqlite_checkpoints,
@@ -61,6 +67,8 @@ _RANGES_PER_PROCESS = 4
 # Control entries every range is given; a ledger holds a handful (one per key rotation). A
 # store that claims more goes to the sequential verifier, whose memory does not grow with them.
 _MAX_CONTROL_ENTRIES = 1 << 12
+# The tables the ranges read, each with the key they seek by.
+_TABLES = (("ledger", "seq"), ("ledger_checkpoints", "size"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +128,7 @@ def verify_in_ranges(
     with read_ledger(path) as source:
         if workers < 2 or source.connection is None or source.mode_problem is not None:
             return None
-        tasks = _plan(
+        plan = _plan(
             source,
             RootOfTrust.of(root),
             external_checkpoint,
@@ -129,12 +137,19 @@ def verify_in_ranges(
             range_size,
             min_entries,
         )
-    if tasks is None:
+    if plan is None:
         return None
+    tasks, stored = plan
     try:
-        return _join(map_in_processes(_verify_range, tasks, workers))
+        report = _join(map_in_processes(_verify_range, tasks, workers))
     except (BrokenProcessPool, OSError):  # no worker could start, or one was killed
         return None
+    # Every entry and checkpoint the file's tables hold was verified by a range: the ranges
+    # reach their rows by seeking, a full scan by walking every page, and in a file whose pages
+    # disagree with each other (a leaf linked twice, say) the two would read different rows.
+    if report is None or (report.count, report.checkpoints) != stored:
+        return None
+    return report
 
 
 def _plan(
@@ -145,16 +160,23 @@ def _plan(
     workers: int,
     range_size: int | None,
     min_entries: int,
-) -> list[_Task] | None:
-    """The ranges to verify, or None when the ledger is small or not laid out as expected
-    (then the sequential verifier reads it, and names what is wrong)."""
+) -> tuple[list[_Task], tuple[int, int]] | None:
+    """The ranges to verify and how many entries and checkpoints the tables hold, or None when
+    the ledger is small or not laid out as expected (then the sequential verifier reads it, and
+    names what is wrong)."""
     connection = source.connection
     assert connection is not None
     try:
+        if not all(_keyed_by_rowid(connection, *table) for table in _TABLES):
+            return None
         # NULL sorts first and text and blobs last, so when the first and last keys are
         # integers every row's key is a number, and the ranges' bounds cover every row.
-        first = connection.execute("SELECT seq FROM ledger ORDER BY seq LIMIT 1").fetchone()
-        last = connection.execute("SELECT seq FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
+        first, last = (
+            connection.execute(
+                f"SELECT seq FROM ledger {TABLE_ONLY} ORDER BY seq {order} LIMIT 1"
+            ).fetchone()
+            for order in ("", "DESC")
+        )
         if first is None or last is None or first[0] != 0 or type(last[0]) is not int:
             return None
         size = last[0] + 1
@@ -162,7 +184,7 @@ def _plan(
             return None
         sizes = [
             connection.execute(
-                f"SELECT size FROM ledger_checkpoints ORDER BY size {order} LIMIT 1"
+                f"SELECT size FROM ledger_checkpoints {TABLE_ONLY} ORDER BY size {order} LIMIT 1"
             ).fetchone()
             for order in ("", "DESC")
         ]
@@ -184,6 +206,10 @@ def _plan(
                 control[row[0]] = row
                 if len(control) > _MAX_CONTROL_ENTRIES:
                     return None
+        stored = tuple(
+            connection.execute(f"SELECT count(*) FROM {table} {TABLE_ONLY}").fetchone()[0]
+            for table, _ in _TABLES
+        )
     except sqlite3.Error:
         return None
     width = range_size or _range_width(size, workers)
@@ -191,7 +217,7 @@ def _plan(
         return None
     starts = range(0, size, width)
     external_size = -1 if external is None else external.size
-    return [
+    tasks = [
         _Task(
             str(source.path),
             root,
@@ -204,6 +230,18 @@ def _plan(
         )
         for start in starts
     ]
+    return tasks, (stored[0], stored[1])
+
+
+def _keyed_by_rowid(connection: sqlite3.Connection, table: str, key: str) -> bool:
+    """Whether `key` is the only primary key column of `table` and an alias of its rowid, as
+    the runtime creates it: the ranges then seek the table's own b-tree by key."""
+    columns = connection.execute(f"PRAGMA table_info({table})").fetchall()
+    keys = [(name, kind) for _, name, kind, _, _, pk in columns if pk]
+    # INTEGER PRIMARY KEY is a rowid alias unless the key is DESC or the table WITHOUT ROWID;
+    # both of those give the key an index of its own, listed with origin 'pk'.
+    own_index = any(row[3] == "pk" for row in connection.execute(f"PRAGMA index_list({table})"))
+    return keys == [(key, "INTEGER")] and not own_index
 
 
 def _range_width(size: int, workers: int) -> int:
@@ -233,7 +271,7 @@ def _verify_range(task: _Task) -> tuple[Span, VerifyReport] | None:
             external_label=task.label,
             span=span,
         )
-    except sqlite3.Error:
+    except Exception:
         return None
     finally:
         connection.close()

@@ -65,7 +65,7 @@ class Publication:
     def from_line(cls, text: str | bytes) -> Publication:
         try:
             doc = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):
             raise CheckpointFileError("a witness line is not JSON") from None
         if not isinstance(doc, dict) or set(doc) != {"checkpoint", "consistency"}:
             raise CheckpointFileError("a witness line holds 'checkpoint' and 'consistency'")

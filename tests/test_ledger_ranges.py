@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import shutil
 import sqlite3
 import subprocess
@@ -19,6 +20,7 @@ from autonomic.runtime.ledger import (
     INSERT_CHECKPOINT_SQL,
     INSERT_ENTRY_SQL,
     LEDGER_COLUMNS,
+    PAYLOAD_TAG,
     SIG_TAG,
     Checkpoint,
     EntryData,
@@ -36,6 +38,7 @@ from autonomic.runtime.verify import Span, verify_batches
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ledger_files import run_sql, write_sqlite_ledger
+from sqlite_pages import link_leaf_twice
 
 T0 = 1_700_000_000_000
 HOUR = 3_600_000
@@ -495,3 +498,77 @@ def test_a_store_claiming_many_control_entries_is_verified_sequentially(
     monkeypatch.setattr(ranges, "_MAX_CONTROL_ENTRIES", 1)  # the genesis and one rotation: 2
     ranged, sequential = _both(files["sign-each"], keys)
     assert ranged is None and sequential.ok
+
+
+def test_a_leaf_the_seeks_pass_by_but_a_scan_reads_is_not_accepted_by_the_ranges(
+    files: dict[str, Path], keys: Keys, tmp_path: Path
+) -> None:
+    """The leaf holding a boundary's entry linked twice: the range after the boundary seeks
+    past the second link, the range before it stops at the boundary, and only a scan of every
+    page reads the boundary's rows twice. The ranges' count must not match the table's."""
+    path = _copy(files, "checkpoint", tmp_path)
+    boundary = RANGE * 2
+    link_leaf_twice(path, "ledger", boundary)
+    report = _refused(path, keys)
+    assert report.problem == "duplicate"
+
+
+@pytest.mark.parametrize("table", ["ledger", "ledger_checkpoints"])
+def test_an_index_that_leaves_a_row_out_hides_it_from_no_reader(
+    files: dict[str, Path], keys: Keys, tmp_path: Path, table: str
+) -> None:
+    """A store whose key is a plain column with a partial index that lacks a second copy of one
+    row (built so, then its SQL rewritten): a reader through the index would not see the copy.
+    The ranges are not used on such a table, and the sequential verifier reads the table."""
+    path = _copy(files, "checkpoint", tmp_path)
+    key = "seq" if table == "ledger" else "size"
+    with sqlite3.connect(path) as connection:
+        (schema,) = connection.execute(
+            "SELECT sql FROM sqlite_master WHERE name = ?", (table,)
+        ).fetchone()
+        copied = connection.execute(f"SELECT * FROM {table} ORDER BY {key} LIMIT 1 OFFSET 3")
+        row = list(copied.fetchone())
+        connection.execute(f"ALTER TABLE {table} RENAME TO old")
+        connection.execute(
+            schema.replace(f"{key} INTEGER PRIMARY KEY", f"{key} INTEGER, rogue INTEGER")
+        )
+        info = connection.execute("PRAGMA table_info(old)").fetchall()
+        columns = ", ".join(str(column[1]) for column in info)
+        connection.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM old")
+        connection.execute("DROP TABLE old")
+        connection.execute(
+            f"CREATE INDEX by_key ON {table} ({key}) WHERE {key} IS NOT NULL AND rogue IS NULL"
+        )
+        marks = ", ".join("?" for _ in row)
+        connection.execute(f"INSERT INTO {table} ({columns}, rogue) VALUES ({marks}, 1)", row)
+        connection.execute("PRAGMA writable_schema = ON")
+        connection.execute(
+            "UPDATE sqlite_master SET sql = ? WHERE name = 'by_key'",
+            (f"CREATE INDEX by_key ON {table} ({key}) WHERE {key} IS NOT NULL",),
+        )
+    connection.close()
+    report = _refused(path, keys)
+    assert report.problem in {"duplicate", "checkpoint_order"}
+
+
+def test_a_control_entry_body_holding_an_integer_too_long_to_read_is_a_failure(
+    files: dict[str, Path], keys: Keys, tmp_path: Path
+) -> None:
+    """Python refuses to read integers of over 4,300 digits (a ValueError, not a JSON error):
+    the genesis entry's body is reported, not a crash."""
+    path = _copy(files, "sign-each", tmp_path)
+    row = list(_entry(path, 0))
+    body = '{"a":' + "1" * 5000 + "}"
+    digest = hashlib.sha256(PAYLOAD_TAG + body.encode()).digest()
+    strings = cast(tuple[str, str, str, str, str, str, str, str], (*row[2:7], body, *row[8:10]))
+    seq, ts_ms, prev_hash = cast(int, row[0]), cast(int, row[1]), cast(bytes, row[11])
+    rehashed = entry_hash(seq, ts_ms, strings, digest, prev_hash)
+    run_sql(
+        path,
+        "UPDATE ledger SET event = ?, payload_sha256 = ?, entry_hash = ? WHERE seq = 0",
+        body,
+        digest,
+        rehashed,
+    )
+    report = _refused(path, keys)
+    assert (report.index, report.reason) == (0, "the control entry's body is not JSON")
