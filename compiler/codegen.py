@@ -435,7 +435,10 @@ def contract_imports(tables: MachineTables) -> list[str]:
     timers = [t for _, group in tables.timers for t in group]
     if any(r.guard == ELSE for r in rows):
         used.add("ELSE")
+    timers += [t for _, group in tables.group_timers for t in group]
+    timers += tables.creation_timers
     emitted = [e for r in rows for e in r.emits] + [e for t in timers for e in t.emits]
+    emitted += [e.refused for e in emitted if e.refused is not None]  # their arguments too
     if emitted:
         used.add("Emit")
     if any(e.args for e in emitted):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from autonomic.compiler.codegen import generate_module
+from autonomic.compiler.parser import parse_text
 from autonomic.runtime.flows import FlowRunner
 from autonomic.runtime.keys import Signer
 from autonomic.runtime.outbox import mark
@@ -17,9 +19,11 @@ from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.base import Store, Transaction
 from autonomic.runtime.store.memory import MemoryStore
 from autonomic.runtime.store.sqlite import SQLiteStore
+from autonomic.runtime.timers import VirtualClock
 from conftest import Stores
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flow_world import marketplace
+from strategies import load_module
 from test_flows import active_customer
 
 DOWNGRADE = {"current_tier": "professional", "new_tier": "starter"}
@@ -158,3 +162,44 @@ def test_a_released_notice_is_delivered_after_a_restart(tmp_path: Path) -> None:
         assert runtime.governor("Subscription").get(customer).state == "Active"  # type: ignore[union-attr]
         later = [d for d in runtime.deliver_outbox() if d.message.event == "TierChangeFailed"]
         assert later == []
+
+
+PINGER = """
+machine Pinger {
+  event Ping
+  event Refused { reason: str }
+  initial state Idle {
+    entry emit Ping if refused Refused(reason = "at creation")
+    on Refused -> Waiting
+  }
+  state Waiting {
+    after 1h emit Ping if refused Refused(reason = $event)
+    on Refused -> Told
+  }
+  final state Told
+}
+"""
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_entry_and_timer_emits_tell_their_sender_too(kind: str, tmp_path: Path) -> None:
+    """Ping is accepted nowhere: the entry's emit at `create` and the timer's emit are both
+    refused, and each notice moves the instance on."""
+    machine, diagnostics = parse_text(PINGER, "pinger.fsm")
+    assert machine is not None and diagnostics == []
+    module = load_module(generate_module(machine), tmp_path, "pinger")
+    store: Store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "ping.db")
+    clock = VirtualClock(0)
+    with Runtime(store, clock=clock) as runtime:
+        pinger = runtime.load(module.MACHINE, {}, {})
+        pinger.create("p1")
+        told = [(d.message.event, d.status) for d in runtime.deliver_outbox()]
+        assert told == [("Ping", "failed"), ("Refused", "delivered")]
+        assert pinger.get("p1").state == "Waiting"  # type: ignore[union-attr]
+        clock.advance("1h")
+        runtime.fire_due()
+        deliveries = runtime.deliver_outbox()
+        assert [(d.message.event, d.status) for d in deliveries] == told
+        assert pinger.get("p1").state == "Told"  # type: ignore[union-attr]
+        # $event in a timer's notice is the timer's id, as in the timer's own emits.
+        assert deliveries[1].message.body == '{"reason":"Waiting/after/1h#0"}'
