@@ -1222,7 +1222,7 @@ class Governor:
             else ()
         )
         emitted: tuple[EmittedEvent, ...] = ()
-        bodies: list[str] = []
+        bodies: Sequence[str] = ()
         kept = None
         if row.data:  # the row keeps data fields, or an emit is routed by one
             kept = read_data(txn, name, instance_id)

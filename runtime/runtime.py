@@ -436,7 +436,9 @@ class Runtime:
         if chain.appended:
             # The entry appended last was stamped in this commit: no second clock read.
             now = state.verified_head.ts_ms  # type: ignore[union-attr]
-            chain.finish(memory, now)
+            # `finish` is asked only when it may sign (see _LedgerState.quiet_seq).
+            if keeper.witnesses or chain.next_seq >= state.quiet_seq or now >= state.quiet_ms:
+                chain.finish(memory, now)
         elif keeper.staged is None:
             return value
         else:
@@ -640,6 +642,7 @@ class Runtime:
             )
             state.covered = chain.next_seq
             state.uncovered_since = None
+            state.recheck()
             return signed
 
         return self._submit(work, partition)

@@ -4,6 +4,7 @@ and the checkpoints signed before commit."""
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 
+_NEVER = sys.maxsize
 # Building hot-path tuples with tuple.__new__ skips the NamedTuple's Python-level __new__.
 _new_entry_data = cast(Callable[[type[EntryData], tuple[Any, ...]], EntryData], tuple.__new__)
 
@@ -28,7 +30,15 @@ class _LedgerState:
     when a commit first left entries uncovered, its checkpoint keeper, and where to read the
     chain's own entries."""
 
-    __slots__ = ("covered", "keeper", "reads", "uncovered_since", "verified_head")
+    __slots__ = (
+        "covered",
+        "keeper",
+        "quiet_ms",
+        "quiet_seq",
+        "reads",
+        "uncovered_since",
+        "verified_head",
+    )
 
     def __init__(self, reads: Store, keeper: CheckpointKeeper) -> None:
         self.reads = reads
@@ -36,6 +46,14 @@ class _LedgerState:
         self.verified_head: LedgerEntry | None = None
         self.covered = 0
         self.uncovered_since: int | None = None
+        # `_Chain.finish` has nothing to do for a commit that ends below `quiet_seq` before
+        # `quiet_ms` (without witnesses): the memory store's commits skip it then. -1: ask it.
+        self.quiet_seq = -1
+        self.quiet_ms = -1
+
+    def recheck(self) -> None:
+        """`covered` or `uncovered_since` changed: the next commit asks `finish` again."""
+        self.quiet_seq = self.quiet_ms = -1
 
 
 class _Chain:
@@ -109,6 +127,7 @@ class _Chain:
                 hint="restore the store from a backup; verify it with `autonomic audit verify`",
             )
         self.state.covered = max(self.state.covered, last.size)
+        self.state.recheck()
 
     def seal(self, txn: Transaction, data: EntryData) -> LedgerEntry:
         if not self.loaded:
@@ -155,17 +174,23 @@ class _Chain:
         keeper = state.keeper
         if not (keeper.witnesses and keeper.publication_due(now)):
             if sealer.mode != "checkpoint":
+                state.quiet_seq = state.quiet_ms = _NEVER  # no checkpoints to sign
                 return
             if self.next_seq - state.covered < runtime._checkpoint_every:
                 since = state.uncovered_since
                 if since is None:
-                    state.uncovered_since = now
+                    state.uncovered_since = since = now
+                    state.quiet_seq = state.covered + runtime._checkpoint_every
+                    state.quiet_ms = since + runtime._checkpoint_ms
                     return
                 if now - since < runtime._checkpoint_ms:
+                    state.quiet_seq = state.covered + runtime._checkpoint_every
+                    state.quiet_ms = since + runtime._checkpoint_ms
                     return
         state.keeper.sign(txn, sealer, self.next_seq, self.head, self.hashes, now)
         state.covered = self.next_seq
         state.uncovered_since = None
+        state.recheck()
         self.appended = 0
 
 
