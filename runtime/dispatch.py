@@ -549,6 +549,45 @@ class Governor:
         new_result = _UnsealedResult
         get_ident = _get_ident
 
+        # The store `here` runs on: only ever called when `owned` is the memory store.
+        mine = cast(MemoryStore, owned)
+
+        def here(
+            me: int,
+            instance_id: str,
+            event: str,
+            payload: Mapping[str, Any] | Payload | None,
+            actor: str,
+            event_id: str | None,
+            idempotency_key: str | None,
+            expected_version: int | None,
+            record_rejection: bool,
+        ) -> DispatchResult:
+            """The unit of work run by the memory store's owning thread itself, without a
+            commit around it (the store commits as it writes)."""
+            unit = inputs_of(
+                instance_id,
+                event,
+                payload,
+                actor,
+                event_id,
+                idempotency_key,
+                expected_version,
+                record_rejection,
+            )
+            # As _submit_unit marks a unit: a dispatch from its guards and actions is refused
+            # (NestedDispatch).
+            owned.busy = 1
+            runtime._working_thread = me
+            try:
+                outcome = commit_in_memory(mine, step, unit) if sealed else step(unit, mine, chain)
+            finally:
+                runtime._working_thread = None
+                owned.busy = 0
+            if type(outcome) is _Rejected:
+                raise outcome.error
+            return outcome  # type: ignore[return-value]  # not _Rejected
+
         def dispatch(
             instance_id: str,
             event: str,
@@ -559,82 +598,67 @@ class Governor:
             expected_version: int | None = None,
             record_rejection: bool = False,
         ) -> DispatchResult:
+            if (
+                payload is None
+                and event_id is None
+                and idempotency_key is None
+                and expected_version is None
+                and owned.owner == get_ident()
+                and not owned.busy  # not from a guard or action of this thread's unit
+            ):
+                # The memory store's owning thread (see store/memory.py): decided here, and
+                # applied here if the row changes the state and nothing else.
+                try:
+                    record = records[instance_id]
+                    found = table[record.state][event]
+                except KeyError:
+                    pass  # an unknown instance, state or event: the unit of work says so
+                else:
+                    if found.short:
+                        version = record.version + 1
+                        record.state = found.target
+                        record.version = version
+                        result: DispatchResult = new_result()
+                        result._instance = instance_id
+                        result._version = version
+                        result._outcome = found.outcome
+                        return result
+                    if found.absent:
+                        if found.ignored:
+                            return without_row(record, found, None)
+                        if not (record_rejection and sealed):
+                            raise found.rejection(instance_id)
+                    elif sealed and found.bare:
+                        # No guard or action runs: the unit's own writes (_apply: the entry
+                        # sealed on the verified head, the state, a snapshot) without the
+                        # unit around them.
+                        return commit_in_memory(
+                            owned,
+                            apply,
+                            record,
+                            found,
+                            None,
+                            EMPTY_PAYLOAD_DIGEST,
+                            actor,
+                            now_ms(),
+                            None,
+                            None,
+                            None,
+                            None,
+                        )
             me = get_ident()
-            # The memory store's owning thread (see store/memory.py), not from a guard or
-            # action of this thread's unit: the unit runs here, without a commit around it.
-            if owned.owner == me and not owned.busy:
-                if (
-                    payload is None
-                    and event_id is None
-                    and idempotency_key is None
-                    and expected_version is None
-                ):
-                    # Decided here, and applied here if the row changes the state and
-                    # nothing else.
-                    try:
-                        record = records[instance_id]
-                        found = table[record.state][event]
-                    except KeyError:
-                        pass  # an unknown instance, state or event: the unit of work says so
-                    else:
-                        if found.short:
-                            version = record.version + 1
-                            record.state = found.target
-                            record.version = version
-                            result: DispatchResult = new_result()
-                            result._instance = instance_id
-                            result._version = version
-                            result._outcome = found.outcome
-                            return result
-                        if found.absent:
-                            if found.ignored:
-                                return without_row(record, found, None)
-                            if not (record_rejection and sealed):
-                                raise found.rejection(instance_id)
-                        elif sealed and found.bare:
-                            # No guard or action runs: the unit's own writes (_apply: the
-                            # entry sealed on the verified head, the state, a snapshot)
-                            # without the unit around them.
-                            return commit_in_memory(
-                                owned,
-                                apply,
-                                record,
-                                found,
-                                None,
-                                EMPTY_PAYLOAD_DIGEST,
-                                actor,
-                                now_ms(),
-                                None,
-                                None,
-                                None,
-                                None,
-                            )
-                if prepare is None or event not in external:
-                    unit = inputs_of(
-                        instance_id,
-                        event,
-                        payload,
-                        actor,
-                        event_id,
-                        idempotency_key,
-                        expected_version,
-                        record_rejection,
-                    )
-                    # As _submit_unit marks a unit: a dispatch from its guards and actions
-                    # is refused (NestedDispatch).
-                    owned.busy = 1
-                    runtime._working_thread = me
-                    try:
-                        if sealed:
-                            outcome = commit_in_memory(owned, step, unit)
-                        else:
-                            outcome = step(unit, owned, chain)
-                    finally:
-                        runtime._working_thread = None
-                        owned.busy = 0
-                    if type(outcome) is _Rejected:
-                        raise outcome.error
-                    return outcome  # type: ignore[return-value]  # not _Rejected
+            if owned.owner == me and not owned.busy and (prepare is None or event not in external):
+                return here(
+                    me,
+                    instance_id,
+                    event,
+                    payload,
+                    actor,
+                    event_id,
+                    idempotency_key,
+                    expected_version,
+                    record_rejection,
+                )
             work = work_of(
                 instance_id,
                 event,
@@ -651,6 +675,7 @@ class Governor:
 
         if memory is not None:
             memory.run_unlocked(dispatch.__code__)
+            memory.run_unlocked(here.__code__)
         return dispatch
 
     async def dispatch_async(
