@@ -53,11 +53,13 @@ Semantics worth knowing:
   processes do not see each other's claims (nor do `dispatch_many` and flow steps take them):
   there the outside call's own idempotency key is what makes a repeat no second effect.
 - Every dispatch decides the same way (`_decide`: the row table built at load time, the
-  guards in order, the ignore list, the rejection). On the memory store, its owning thread
-  applies a row that only changes the state without a unit of work around it (no ledger, no
-  event id, no payload); everything else is a unit of work (`_step`) run under the store or
-  through group commit. The hypothesis test in tests/test_interpreter.py holds the two ways
-  to the same answers.
+  guards in order, the ignore list, the rejection) and writes through one unit of work
+  (`_step`, its inputs checked once by `_inputs`). On the memory store, its owning thread
+  applies a row that only changes the state in place (no ledger, no event id, no payload),
+  and runs every other unit itself, without a commit around it (the store commits as it
+  writes); other threads, and every other store, submit the unit to the store's lock or to
+  group commit. The hypothesis test in tests/test_interpreter.py holds the ways to the same
+  answers.
 - The payload digest (canonical JSON, SHA-256) is computed only when something needs it: a
   ledger entry or an idempotency key. The payload size bound measures that canonical JSON
   then, and pydantic's JSON of the payload otherwise (see runtime/inputs.py).

@@ -467,10 +467,11 @@ def test_emitted_event_ids_are_deterministic() -> None:
 
 
 # -- the fast path gives the same answers as the general one --------------------------------------
-# One random script runs on four runtimes: the memory store's short paths without and with its
-# lock, the memory store's general path (an expected version sends every dispatch there), and
-# SQLite (no short path at all). Results, errors, timer firings, ledger, checkpoints, snapshots,
-# records, timers and outbox must be identical.
+# One random script runs on four runtimes: the memory store's owning thread (short path, and
+# units of work it runs itself), the same store once another thread has entered it (every unit
+# submitted under its lock), the owning thread with expected versions (every dispatch a unit of
+# work), and SQLite (units through group commit). Results, errors, timer firings, ledger,
+# checkpoints, snapshots, records, timers and outbox must be identical.
 
 INSTANCES = ["t0", "t1", "t2"]
 TURNSTILE_EVENTS = ["Coin", "Push", "Kick", "Reset", "Pay", "Wait", "Nudge"]
@@ -610,9 +611,9 @@ def test_fast_path_matches_general_path(
         )
 
     keys = None if mode is None else keyring(key_dir)
-    # The owning thread's short path where it applies; a store another thread has entered
-    # (every dispatch a unit of work under the lock); expected versions (always a unit of
-    # work); SQLite (units of work through group commit).
+    # The owning thread's short path where it applies, else the unit it runs itself; a store
+    # another thread has entered (every dispatch a unit of work submitted under the lock);
+    # expected versions (always a unit of work); SQLite (units through group commit).
     fast = run_script(runtime_on(MemoryStore()), steps, False, keys)
     locked = run_script(runtime_on(shared_store()), steps, False, keys)
     general = run_script(runtime_on(MemoryStore()), steps, True, keys)
