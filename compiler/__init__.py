@@ -7,13 +7,14 @@ on first use, so the command starts without loading the checker.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from autonomic.lazy import load_attribute
 
 if TYPE_CHECKING:
     from .build import BuildResult
@@ -95,12 +96,7 @@ sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
-    globals()[name] = value
-    return value
+    return load_attribute(globals(), _HOMES, name)
 
 
 def __dir__() -> list[str]:

@@ -8,8 +8,9 @@ Names load on first use, so importing a generated module does not load the whole
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from autonomic.lazy import load_attribute
 
 if TYPE_CHECKING:
     from .checkpointing import WitnessPolicy
@@ -288,12 +289,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
-    globals()[name] = value
-    return value
+    return load_attribute(globals(), _HOMES, name)
 
 
 def __dir__() -> list[str]:

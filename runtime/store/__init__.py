@@ -6,8 +6,9 @@ implement the `Store` interface in `base`, which a server database can implement
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from autonomic.lazy import load_attribute
 
 if TYPE_CHECKING:
     from .base import InstanceRecord, OutboxMessage, Snapshot, Store, Transaction
@@ -38,9 +39,4 @@ _HOMES = {
 
 
 def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
-    globals()[name] = value
-    return value
+    return load_attribute(globals(), _HOMES, name)
