@@ -98,6 +98,8 @@ from .errors import (
     UnknownInstance,
 )
 from .inputs import (
+    InputLimits,
+    capped_validator,
     check_identifier,
     check_payload_depth,
     check_payload_size,
@@ -217,22 +219,31 @@ def _takes_no_payload(payload: object) -> Payload:
 @final
 class _EventInput:
     """How dispatch checks one event's payload, decided at load time: the plain event name,
-    the generated model (None: the event takes no payload) and its validator, whether the
-    model is flat (no depth check needed) and its JSON size bound (see inputs.py)."""
+    the generated model (None: the event takes no payload), its validator, whether the model
+    is flat (no depth check needed), and how the JSON size limit is kept (see inputs.py):
+    `capped`, the validator refuses what could exceed it (what it refuses is validated again
+    by `exact`, the model's own, and measured); else its JSON size bound, or None (measured)."""
 
-    __slots__ = ("bound", "flat", "model", "name", "validate")
+    __slots__ = ("bound", "capped", "exact", "flat", "model", "name", "validate")
 
-    def __init__(self, name: str, model: type[Payload] | None) -> None:
+    def __init__(self, name: str, model: type[Payload] | None, limits: InputLimits) -> None:
         self.name = sys.intern(name)
         self.model = model
         self.validate: Callable[[object], Payload] = _takes_no_payload
+        self.exact: Callable[[object], Payload] = _takes_no_payload
+        self.capped = False
         self.flat = False
         self.bound: int | None = None
         if model is not None:
             # The validator model_validate calls, without its Python frame and options.
             self.validate = model.__pydantic_validator__.validate_python
+            self.exact = self.validate
             self.flat = payload_is_flat(model)
             self.bound = payload_size_bound(model)
+            capped = capped_validator(model, limits.max_payload_bytes) if self.flat else None
+            if capped is not None:
+                self.validate = capped
+                self.capped = True
 
 
 class DispatchRequest(NamedTuple):
@@ -315,7 +326,7 @@ class Governor:
         }
         # Keyed by the enum's members, like the table: what `_inputs` checks an event with.
         self._event_inputs: dict[str, _EventInput] = {
-            member: _EventInput(str(member), self._models.get(str(member)))
+            member: _EventInput(str(member), self._models.get(str(member)), runtime._limits)
             for member in spec.event_type
         }
         self._timers = timers
@@ -823,6 +834,7 @@ class Governor:
         event = plan.name
         model = plan.model
         validated: Payload | None
+        fits = False  # the validator refused any payload over the size limit (plan.capped)
         if model is None:
             validated = None
             if payload is not None:
@@ -832,14 +844,13 @@ class Governor:
         else:
             if payload is not None and not plan.flat:
                 check_payload_depth(payload, self.runtime._limits)
+            data = {} if payload is None else payload
             try:
-                validated = plan.validate({} if payload is None else payload)
+                validated = plan.validate(data)
             except ValidationError as exc:
-                # A flat model walks no nested input, so its depth is checked only now: a
-                # payload nested too deeply is refused as such, whatever else is wrong.
-                if payload is not None and plan.flat:
-                    check_payload_depth(payload, self.runtime._limits)
-                raise PayloadInvalid(self.name, event, _validation_problems(exc)) from None
+                validated = self._refused(plan, payload, data, exc)
+            else:
+                fits = plan.capped
         digest = EMPTY_PAYLOAD_DIGEST
         if validated is not None:
             limits = self.runtime._limits
@@ -847,7 +858,7 @@ class Governor:
                 encoded = canonical_json(validated.model_dump(mode="json"))
                 check_payload_size(len(encoded), limits)
                 digest = hashlib.sha256(PAYLOAD_TAG + encoded).digest()
-            else:
+            elif not fits:
                 # Nothing records a digest: the size bound needs only the JSON's length, and
                 # a flat payload's is bounded by its values' text (see inputs.py) unless long.
                 bound = plan.bound
@@ -871,6 +882,27 @@ class Governor:
             record_rejection,
             None,
         )
+
+    def _refused(
+        self,
+        plan: _EventInput,
+        payload: Mapping[str, Any] | Payload | None,
+        data: object,
+        error: ValidationError,
+    ) -> Payload:
+        """A payload the event's validator refused: valid after all if only a cap of a capped
+        validator refused it (the caller then measures its JSON), else PayloadInvalid with the
+        model's own errors."""
+        if plan.capped:
+            try:
+                return plan.exact(data)
+            except ValidationError as exc:
+                error = exc
+        # A flat model walks no nested input, so its depth is checked only now: a payload
+        # nested too deeply is refused as such, whatever else is wrong.
+        if payload is not None and plan.flat:
+            check_payload_depth(payload, self.runtime._limits)
+        raise PayloadInvalid(self.name, plan.name, _validation_problems(error)) from None
 
     def _claim_keys(self, work: partial[DispatchResult | _Rejected]) -> tuple[ClaimKey, ...]:
         """What `work` claims while its outside actions run and its unit commits: its event id

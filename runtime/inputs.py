@@ -12,8 +12,11 @@ the signed ledger, so each must be text that every store and every reader handle
 Payloads are bounded: at most `InputLimits.max_depth` levels of nesting, checked before
 validation (for a flat model, whose validation walks no nested input and accepts only depth 1,
 once validation has failed), and at most `InputLimits.max_payload_bytes` bytes of JSON,
-checked on the validated payload (for a flat model measured only when its values' text could
-exceed the bound, see `payload_size_bound`). The JSON measured is the canonical JSON that the
+checked on the validated payload. A flat model of strings, string choices and booleans is
+validated through a copy of its schema whose strings are capped so that nothing longer passes
+(`capped_validator`: no Python per payload); what a cap refuses is validated again and
+measured. Other flat models' JSON is measured only when their values' text could exceed the
+bound (`payload_size_bound`). The JSON measured is the canonical JSON that the
 ledger digest hashes when a ledger or an idempotency key needs the digest; otherwise pydantic's
 own JSON of the payload (written without the digest's Python-level encoding), which differs
 from it only in how some numbers are written (`100.0` for `100`). Both are configurable per
@@ -28,7 +31,7 @@ import json
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -39,6 +42,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "MAX_IDENTIFIER_LENGTH",
     "InputLimits",
+    "capped_validator",
     "check_identifier",
     "check_payload_depth",
     "check_payload_size",
@@ -214,3 +218,78 @@ def payload_size_bound(model: Any) -> int | None:
         return None
     # Braces, and per field its quoted name, a colon, a comma and the value's 2 quotes.
     return 2 + sum(len(json.dumps(name, ensure_ascii=False).encode()) + 4 for name in fields)
+
+
+def capped_validator(model: Any, max_bytes: int) -> Callable[[object], Any] | None:
+    """A validator of the pydantic `model` that accepts only payloads whose pydantic JSON is at
+    most `max_bytes` long, with no Python per payload: each str field is capped (`max_length`,
+    checked inside pydantic-core) at an equal share of the bytes the other fields leave, at most
+    6 bytes a character. A payload it refuses may still fit (one long field, short others): the
+    caller validates it again with the model's own validator, which reports the real errors,
+    and measures its JSON. None when some field's JSON no length caps (a number, a date, a
+    nested value) or when the share would be empty: payloads of those models are measured."""
+    from pydantic_core import SchemaValidator
+
+    schema = _copied(model.__pydantic_core_schema__)
+    fields = schema.get("schema", {})
+    if fields.get("type") == "function-before":  # Payload's before-validator (tables.py)
+        fields = fields["schema"]
+    if schema.get("type") != "model" or fields.get("type") != "model-fields":
+        return None
+    capped: list[dict[str, Any]] = []
+    fixed = 2  # the braces
+    for name, field in fields["fields"].items():
+        most = _most_bytes(field["schema"], capped)
+        if most is None:
+            return None
+        # The field's name, quoted and escaped, a colon and a comma.
+        fixed += 6 * len(name) + 2 + 2 + most
+    if not capped:
+        return model.__pydantic_validator__.validate_python if fixed <= max_bytes else None
+    share = (max_bytes - fixed) // (6 * len(capped))
+    if share < 1:
+        return None
+    for node in capped:
+        node["max_length"] = min(node.get("max_length", share), share)
+    try:
+        # Not the model's own validator, which pydantic-core would reuse for a model schema.
+        validator = SchemaValidator(schema, _use_prebuilt=False)
+    except TypeError:  # a pydantic-core without the option: measure instead
+        return None
+    return validator.validate_python
+
+
+def _copied(value: Any) -> Any:
+    """`value` with its dicts and lists copied (a core schema, to change without touching the
+    model's own), everything else shared."""
+    if type(value) is dict:
+        return {key: _copied(item) for key, item in value.items()}
+    if type(value) is list:
+        return [_copied(item) for item in value]
+    return value
+
+
+def _most_bytes(schema: dict[str, Any], capped: list[dict[str, Any]]) -> int | None:
+    """The most bytes of JSON a value of the field `schema` writes, strings counted without
+    their characters (their nodes go to `capped`); None if no length bounds it."""
+    kind = schema.get("type")
+    if kind == "default":
+        inner = _most_bytes(schema["schema"], capped)
+        default = schema.get("default")
+        if inner is None or not (default is None or type(default) in (str, bool)):
+            return None
+        return max(inner, 6 * len(str(default)) + 2)
+    if kind == "nullable":
+        inner = _most_bytes(schema["schema"], capped)
+        return None if inner is None else max(inner, 4)
+    if kind == "bool":
+        return 5
+    if kind == "literal":
+        choices = schema.get("expected", ())
+        if not choices or not all(type(choice) is str for choice in choices):
+            return None
+        return max(6 * len(choice) + 2 for choice in choices)
+    if kind == "str":
+        capped.append(schema)
+        return 2  # the quotes
+    return None

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from autonomic.runtime.dispatch import Governor
@@ -31,7 +31,7 @@ from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerMode, LedgerSealer
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import MemoryStore, SQLiteStore
-from autonomic.runtime.tables import Emit, EmitArg, TransitionContext
+from autonomic.runtime.tables import Emit, EmitArg, Payload, TransitionContext
 from autonomic.runtime.timers import SystemClock, VirtualClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -757,3 +757,42 @@ def test_payload_bounds_without_a_ledger_hold_exactly() -> None:
     with pytest.raises(PayloadInvalid):
         gate.dispatch("g", "Pay", {"reason": ["not too deep"]})
     assert gate.get("g").version == 3  # type: ignore[union-attr]
+
+
+class _Note(Payload):
+    text: str
+    tag: str | None = None
+    level: Literal["low", "high"] = "low"
+
+
+# Text of every JSON size around the limit: one character (plain, escaped, multi-byte) repeated.
+_texts = st.text(max_size=20) | st.builds(str.__mul__, st.characters(), st.integers(0, 160))
+
+
+@settings(max_examples=80, deadline=None)
+@given(text=_texts, tag=st.none() | _texts, level=st.sampled_from(["low", "high"]))
+def test_payload_size_limit_is_exact_through_the_capped_validator(
+    text: str, tag: str | None, level: str
+) -> None:
+    # Without a ledger a flat model of strings validates through a copy of its schema whose
+    # strings are capped so that nothing over the limit passes (inputs.capped_validator); what
+    # a cap refuses is validated again and measured. Either way a payload passes exactly when
+    # its JSON fits, and an invalid one gets the model's own errors.
+    from autonomic.runtime.errors import InputRejected
+    from autonomic.runtime.inputs import InputLimits
+
+    b = SpecBuilder("Notes", ["Open"], ["Note"], "Open")
+    b.on("Open", "Note", "Open")
+    b.payloads["Note"] = _Note
+    notes = Runtime(limits=InputLimits(max_payload_bytes=300)).load(b.build())
+    notes.create("n")
+    payload = {"text": text, "tag": tag, "level": level}
+    size = len(_Note.model_validate(payload).model_dump_json().encode())
+    if size <= 300:
+        assert notes.dispatch("n", "Note", payload).version == 2
+    else:
+        with pytest.raises(InputRejected):
+            notes.dispatch("n", "Note", payload)
+    with pytest.raises(PayloadInvalid) as caught:
+        notes.dispatch("n", "Note", {**payload, "level": "mid"})
+    assert [where for where, _ in caught.value.problems] == ["level"]
