@@ -697,7 +697,7 @@ class LedgerSealer:
         self.mode: LedgerMode = mode
         self.signer = signer
         self._key_id = signer.key_id
-        self._sign = signer.private_key.sign
+        self._sign = signer.sign
         self._hash = _entry_hasher()
 
     def seal(self, seq: int, prev_hash: bytes, data: EntryData) -> LedgerEntry:
@@ -736,7 +736,7 @@ class LedgerSealer:
             ) from None
         if signed:
             signer.require_window(ts_ms)
-            key_id, signature = signer.key_id, signer.private_key.sign(SIG_TAG + digest)
+            key_id, signature = signer.key_id, signer.sign(SIG_TAG + digest)
         else:
             key_id, signature = "", b""
         return _new_entry(

@@ -136,6 +136,15 @@ def test_load_signer_from_file_or_directory_signs_verifiably(tmp_path: Path) -> 
         assert not trusted.verify(signer.sign(b"message"), b"messagE")
 
 
+def test_signer_gives_the_bytes_of_the_cryptography_key_it_holds() -> None:
+    # Signer.sign runs libsodium; Ed25519 is deterministic, so the signatures must be the ones
+    # the held key gives (what verifiers and stored ledgers expect), for any message.
+    key = Ed25519PrivateKey.generate()
+    signer = Signer.from_private_key(key)
+    for message in (b"", b"m", bytes(range(256)) * 5):
+        assert signer.sign(message) == key.sign(message)
+
+
 def test_load_signer_refuses_a_key_readable_by_others(tmp_path: Path) -> None:
     info = generate_keypair(tmp_path)
     info.private_path.chmod(0o640)
