@@ -692,19 +692,23 @@ class SQLiteStore:
     ) -> list[WorkOutcome[T]]:
         execute = self._connection.execute
         txn = self._txn
-        single = len(works) == 1
         outcomes: list[WorkOutcome[T]] = []
         with self._lock:
             execute("BEGIN IMMEDIATE")
             try:
                 for work in works:
-                    if single:
+                    if not outcomes:
+                        # The first unit needs no savepoint: nothing precedes it in the
+                        # transaction, so if it fails, the transaction is rolled back and
+                        # the others (none has run yet) go on in a new one.
                         try:
                             outcomes.append(WorkOutcome(work(txn), None))
                         except Exception as exc:
-                            # Nothing else shares this transaction: roll it all back.
                             execute("ROLLBACK")
-                            return [WorkOutcome(None, exc)]
+                            outcomes.append(WorkOutcome(None, exc))
+                            if len(works) == 1:
+                                return outcomes
+                            execute("BEGIN IMMEDIATE")
                         continue
                     execute("SAVEPOINT unit")
                     try:
