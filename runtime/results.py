@@ -282,11 +282,15 @@ class ReplayedState(NamedTuple):
 def derive_event_id(*parts: str | int) -> str:
     """A deterministic event id for something caused by a change (an emitted event, a timer
     firing): the same cause always yields the same id, so its redelivery deduplicates."""
-    digest = hashlib.sha256(b"autonomic/event-id/v1\x00")
+    digest = _EVENT_ID_HASH.copy()
     for part in parts:
-        data = str(part).encode("utf-8")
+        data = (part if type(part) is str else str(part)).encode("utf-8")
         digest.update(_pack_length(len(data)) + data)
     return "evt_" + digest.hexdigest()[:32]
+
+
+# The hash state after the domain tag, copied per id (a flow run derives one per entry).
+_EVENT_ID_HASH = hashlib.sha256(b"autonomic/event-id/v1\x00")
 
 
 def _request_digest(instance: str, event: str, payload_sha256: bytes) -> bytes:
