@@ -16,6 +16,15 @@ The genesis `prev_hash` is 32 zero bytes. Two modes, both verifiable offline wit
   ends with a signed checkpoint: Ed25519 over b"autonomic/ledger/checkpoint/v1\\x00" +
   size (8 bytes BE) + head_hash + ts_ms (8 bytes BE signed).
 
+A move that keeps instance data (a row's `keep`, runtime/instance_data.py) is followed, in the
+same transaction, by a "kept" entry of the same instance: `payload_sha256` is `kept_digest` of
+the instance's data as stored after the move (b"autonomic/kept/v1\\x00" + the stored JSON
+text), from_state and to_state the state it is in, event the causing event. A kept entry is
+signed in either mode (as control entries are), so that the runtime can check the data it routes
+by against one entry, without walking to a checkpoint; the newest kept entry of an instance is
+the commitment its stored data must match (`autonomic audit verify` checks every instance).
+Other entries are unchanged by it, and a ledger without kept entries verifies as before.
+
 A checkpoint exported with `Checkpoint.to_json` and kept elsewhere detects truncation of the
 tail. Verification (`verify.py`) streams (one pass, memory independent of the ledger's length)
 and names the first bad sequence index and why; `ledger_io.py` reads the stored formats (the
@@ -87,6 +96,8 @@ __all__ = [
     "GENESIS_HASH",
     "INSERT_CHECKPOINT_SQL",
     "INSERT_ENTRY_SQL",
+    "KEPT",
+    "KEPT_TAG",
     "KINDS",
     "LEDGER_COLUMNS",
     "META_MODE_KEY",
@@ -116,6 +127,7 @@ __all__ = [
     "entry_hash",
     "entry_to_json",
     "format_timestamp",
+    "kept_digest",
     "payload_digest",
     "read_ledger",
     "verify_batches",
@@ -132,18 +144,23 @@ EntryKind = Literal[
     "rejection",
     "breaker",
     "flow",
+    "kept",
     "genesis",
     "key_rotation",
     "key_retirement",
 ]
+KEPT = "kept"  # the entry kind that commits to an instance's kept data (module docstring)
 MODES: frozenset[str] = frozenset(get_args(LedgerMode))
 KINDS: frozenset[str] = frozenset(get_args(EntryKind))
 DATA_KINDS: frozenset[str] = KINDS - CONTROL_KINDS
+# What `LedgerSealer.seal` seals: control and kept entries have methods of their own.
+_SEALED_KINDS: frozenset[str] = DATA_KINDS - {KEPT}
 
 ENTRY_TAG = b"autonomic/ledger/entry/v1\x00"
 SIG_TAG = b"autonomic/ledger/sig/v1\x00"
 CHECKPOINT_TAG = b"autonomic/ledger/checkpoint/v2\x00"
 PAYLOAD_TAG = b"autonomic/payload/v1\x00"
+KEPT_TAG = b"autonomic/kept/v1\x00"
 GENESIS_HASH = bytes(32)
 
 JSONL_FORMAT = "autonomic-ledger"
@@ -368,6 +385,11 @@ def canonical_json(value: object) -> bytes:
 
 
 EMPTY_PAYLOAD_DIGEST = hashlib.sha256(PAYLOAD_TAG + b"{}").digest()
+
+
+def kept_digest(text: str) -> bytes:
+    """What a "kept" entry commits to: SHA-256 over its tag and the data's stored JSON text."""
+    return hashlib.sha256(KEPT_TAG + text.encode("utf-8")).digest()
 
 
 def payload_digest(payload: Mapping[str, object]) -> bytes:
@@ -702,9 +724,16 @@ class LedgerSealer:
 
     def seal(self, seq: int, prev_hash: bytes, data: EntryData) -> LedgerEntry:
         kind = data[1]
-        if kind not in KINDS or kind in CONTROL_KINDS:
-            raise ValueError(f"unknown entry kind {kind!r}; expected one of {sorted(DATA_KINDS)}")
+        if kind not in _SEALED_KINDS:
+            expected = sorted(_SEALED_KINDS)
+            raise ValueError(f"unknown entry kind {kind!r}; expected one of {expected}")
         return self._seal(seq, prev_hash, data, self.mode == "sign-each", self.signer)
+
+    def seal_kept(self, seq: int, prev_hash: bytes, data: EntryData) -> LedgerEntry:
+        """A "kept" entry: signed in either mode (see the module docstring)."""
+        if data[1] != KEPT:
+            raise ValueError(f"a kept entry has kind {KEPT!r}, not {data[1]!r}")
+        return self._seal(seq, prev_hash, data, True, self.signer)
 
     def _seal(
         self, seq: int, prev_hash: bytes, data: EntryData, signed: bool, signer: Signer

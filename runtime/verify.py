@@ -23,6 +23,7 @@ from .ledger import (
     DATA_KINDS,
     ENTRY_TAG,
     GENESIS_HASH,
+    KEPT,
     KINDS,
     LEDGER_COLUMNS,
     MODES,
@@ -304,6 +305,8 @@ class _Tree:
 
 
 _TREE_BATCH = 1024
+# What checkpoint mode leaves unsigned: every data kind but "kept", which is always signed.
+_UNSIGNED_KINDS = DATA_KINDS - {KEPT}
 
 
 class _CheckpointStream:
@@ -614,7 +617,7 @@ def _verify(
             batches = itertools.chain((first,), batches)
     stream = _CheckpointStream(checkpoints, chain, tree, link_known=not position)
     external_size = external.size if external is not None else -1
-    kinds, control_kinds, data_kinds, sig_tag = KINDS, CONTROL_KINDS, DATA_KINDS, SIG_TAG
+    kinds, control_kinds, data_kinds, sig_tag = KINDS, CONTROL_KINDS, _UNSIGNED_KINDS, SIG_TAG
     sign_each = chain.mode == "sign-each"
     checkpoint_mode = chain.mode == "checkpoint"
     uncovered_from = -1  # the first unsigned entry not yet covered by a signed checkpoint
@@ -737,7 +740,7 @@ def _verify(
                                 0,
                             )
                 elif key_id or signature:
-                    if checkpoint_mode:
+                    if checkpoint_mode and kind != KEPT:
                         raise _Failure(
                             position,
                             "unexpected_signature",
@@ -764,6 +767,13 @@ def _verify(
                         position,
                         "missing_signature",
                         "missing signature (sign-each mode)",
+                        position,
+                    )
+                elif kind == KEPT:
+                    raise _Failure(
+                        position,
+                        "missing_signature",
+                        "missing signature (a kept entry is signed in either mode)",
                         position,
                     )
                 elif uncovered_from < 0:
