@@ -108,7 +108,15 @@ from .inputs import (
     payload_size_bound,
 )
 from .instance_data import dump_data, keep_fields, read_data, route
-from .ledger import EMPTY_PAYLOAD_DIGEST, PAYLOAD_TAG, EntryData, LedgerEntry, canonical_json
+from .ledger import (
+    EMPTY_PAYLOAD_DIGEST,
+    KEPT,
+    PAYLOAD_TAG,
+    EntryData,
+    LedgerEntry,
+    canonical_json,
+    kept_digest,
+)
 from .outbox import _event_message, _refusal_notices
 from .replay import save_snapshot
 from .results import (
@@ -1323,6 +1331,12 @@ class Governor:
                 ),
             )
             entry = chain.seal(txn, data)
+        kept_text: str | None = None
+        kept_entry: LedgerEntry | None = None
+        if row.kept and kept is not None:
+            kept_text = dump_data(kept)
+            if entry is not None:
+                kept_entry = self._seal_kept(entry, record, row, actor, now, kept_text)
         # _new_result without its frame.
         result: DispatchResult = _RowResult()
         result._instance = instance_id
@@ -1355,8 +1369,8 @@ class Governor:
             record.version = version
         else:
             txn.update_instance(name, instance_id, row.target, version, record.version)
-        if row.kept and kept is not None:
-            txn.save_instance_data(name, instance_id, dump_data(kept))
+        if kept_text is not None:
+            txn.save_instance_data(name, instance_id, kept_text)
         if row.cancels:
             if row.keep:
                 txn.cancel_timers(name, instance_id, row.keep)
@@ -1376,6 +1390,8 @@ class Governor:
             )
         if entry is not None:
             txn.append_ledger(entry)
+            if kept_entry is not None:
+                txn.append_ledger(kept_entry)
             if version % runtime._snapshot_every == 0:
                 save_snapshot(txn, name, instance_id, version, row.target, entry)
         if event_id is not None:
@@ -1384,4 +1400,33 @@ class Governor:
             txn.record_idempotency(name, idempotency_key, request, stored, now)
         if entry is not None:
             chain.advance(entry)
+            if kept_entry is not None:
+                chain.advance(kept_entry)
         return result
+
+    def _seal_kept(
+        self,
+        entry: LedgerEntry,
+        record: InstanceRecord,
+        row: _Row,
+        actor: str,
+        now: int,
+        text: str,
+    ) -> LedgerEntry:
+        """The "kept" entry after the move's `entry`: the instance's data as stored after the
+        move, committed in the same transaction (see runtime/ledger.py)."""
+        sealer = self.runtime._sealer
+        assert sealer is not None
+        data = EntryData(
+            now,
+            KEPT,
+            self.name,
+            record.instance,
+            row.target,
+            row.target,
+            row.event,
+            actor,
+            "",
+            kept_digest(text),
+        )
+        return sealer.seal_kept(entry.seq + 1, entry.entry_hash, data)

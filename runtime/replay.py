@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from .errors import StoreIntegrityError, UnknownInstance
-from .ledger import LedgerEntry, LedgerMode, RootLike, VerifyReport, verify_entries
+from .ledger import KEPT, LedgerEntry, LedgerMode, RootLike, VerifyReport, verify_entries
 from .partitions import PartitionedStore, verify_store
 from .results import ReplayedState
 from .sealing import _verify_stored_entry
 from .store.base import Snapshot, Store, Transaction
+
+# Entries of an instance that change neither its state nor its version: a recorded rejection,
+# and the commitment to its kept data that follows a move (runtime/ledger.py).
+_NO_CHANGE = frozenset(("rejection", KEPT))
 
 
 def save_snapshot(
@@ -58,7 +62,7 @@ def replay(
     last_seq = after
     for entry in store.ledger_entries(machine=machine, instance=instance, after_seq=after):
         _verify_stored_entry(entry, "ledger entry")
-        if entry.kind == "rejection":
+        if entry.kind in _NO_CHANGE:
             continue
         if (state or "") != entry.from_state:
             raise StoreIntegrityError(

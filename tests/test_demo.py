@@ -122,6 +122,7 @@ def test_demo_runs_and_its_ledger_verifies(generated: Path, tmp_path: Path) -> N
         "rejection",
         "flow",
         "breaker",
+        "kept",  # the dispute case keeps its customer's id
     }
     assert kinds["genesis"] == 1 and kinds["breaker"] == 3 and kinds["rejection"] == 1
     assert flows == {"completed": 6, "compensated": 2}
