@@ -658,8 +658,9 @@ def verify_figure(door: ModuleType, profile: Profile, signer: Signer, folder: Pa
 
 
 def write_store(door: ModuleType, signer: Signer, path: Path, entries: int) -> Path:
-    """A SQLite store holding `entries` ledger entries, written as the runtime writes them:
-    dispatched on a memory store, then copied into the SQLite store's tables in one commit."""
+    """A SQLite store holding `entries` ledger entries and the rows of its 1000 instances,
+    written as the runtime writes them: dispatched on a memory store, then copied into the
+    SQLite store's tables in one commit."""
     ids = door_ids(1000)
     runtime = Runtime(sealer=LedgerSealer(signer, "checkpoint"))
     governor = load_doors(runtime, door.MACHINE, ids)
@@ -679,6 +680,14 @@ def write_store(door: ModuleType, signer: Signer, path: Path, entries: int) -> P
         connection.executemany(INSERT_ENTRY_SQL, runtime.store.ledger_entries())
         connection.executemany(
             INSERT_CHECKPOINT_SQL, [c.as_row() for c in runtime.store.checkpoints()]
+        )
+        # The instance rows too: `audit verify` holds each to the ledger.
+        connection.executemany(
+            "INSERT INTO instances (machine, instance, state, version) VALUES (?, ?, ?, ?)",
+            [
+                (r.machine, r.instance, r.state, r.version)
+                for r in runtime.store.instances(governor.name)
+            ],
         )
         connection.execute("COMMIT")
     finally:

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ from .errors import (
     failure_diagnostic,
 )
 from .fleet_cli import STORE_HINT, add_store_argument
+from .instance_audit import audit_sqlite_instances
 from .keychain import RootOfTrust, fingerprint
 from .keys import (
     PRIVATE_SUFFIX,
@@ -337,6 +339,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if not report.ok:
         print(f"{printable(args.ledger)}: seq {report.index}: {report.reason}")
         return EXIT_FAILED
+    try:
+        audit = audit_sqlite_instances(args.ledger, report.count)
+    except sqlite3.Error as exc:
+        unread = LedgerReadError(f"{args.ledger}: cannot read the instances: {exc}")
+        return _diagnostic(args.ledger, unread, LEDGER_HINT)
+    if audit is not None and audit.problem is not None:
+        print(f"{printable(args.ledger)}: {printable(audit.problem.describe())}")
+        return EXIT_FAILED
     details = [f"mode {report.mode}"]
     if report.checkpoints:
         plural = "s" if report.checkpoints != 1 else ""
@@ -344,6 +354,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     details.append("keys " + " -> ".join(report.keys))
     plural = "y" if report.count == 1 else "ies"
     print(f"verified {report.count} entr{plural} ({', '.join(details)})")
+    if audit is not None:
+        print(audit.summary())
     if external is None:
         print(
             "truncation not checked: without a witness (--witness FILE) or a checkpoint kept "
@@ -493,7 +505,7 @@ def with_store(parser: argparse.ArgumentParser, handler: Handler, command: str) 
 
 
 def _verify_store(parser: argparse.ArgumentParser, args: argparse.Namespace, url: str) -> int:
-    from .audit_store import open_audited, verify_url
+    from .audit_store import open_audited, verify_store_url
 
     if args.checkpoint or args.witness:
         parser.error(
@@ -505,9 +517,12 @@ def _verify_store(parser: argparse.ArgumentParser, args: argparse.Namespace, url
         return root
     with open_audited(url) as store:
         partitions = store.partitions
-    report = verify_url(url, root)
+    report, audit = verify_store_url(url, root)
     if not report.ok:
         print(f"{redact(url)}: seq {report.index}: {report.reason}")
+        return 1
+    if audit is not None and audit.problem is not None:
+        print(f"{redact(url)}: {printable(audit.problem.describe())}")
         return 1
     plural = "y" if report.count == 1 else "ies"
     signed = (
@@ -518,6 +533,8 @@ def _verify_store(parser: argparse.ArgumentParser, args: argparse.Namespace, url
         f"{'s' if partitions != 1 else ''} (mode {report.mode}, {report.checkpoints} {signed}, "
         f"keys {' -> '.join(report.keys)})"
     )
+    if audit is not None:
+        print(audit.summary())
     return 0
 
 

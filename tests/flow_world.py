@@ -12,7 +12,7 @@ from autonomic.generated import FLOWS, MODULES
 from autonomic.runtime.demo import _Bindings, _Payments
 from autonomic.runtime.flows import FlowRunner, StepContext
 from autonomic.runtime.keys import Signer
-from autonomic.runtime.ledger import LedgerSealer
+from autonomic.runtime.ledger import LedgerMode, LedgerSealer
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.base import Store
 from autonomic.runtime.tables import FlowSpec
@@ -37,10 +37,11 @@ def marketplace(
     signer: Signer | None = None,
     before_step: Callable[[StepContext], None] | None = None,
     clock: Clock | None = None,
+    mode: LedgerMode = "sign-each",
 ) -> tuple[Runtime, FlowRunner, _Bindings]:
     signer = signer or Signer.from_private_key(Ed25519PrivateKey.generate())
     runtime = Runtime(
-        store, clock=clock or VirtualClock(START_MS), sealer=LedgerSealer(signer, "sign-each")
+        store, clock=clock or VirtualClock(START_MS), sealer=LedgerSealer(signer, mode)
     )
     bindings = _Bindings(_Payments())
     for module in MODULES:

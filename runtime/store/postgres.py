@@ -27,6 +27,7 @@ still working: the second DELETE finds nothing and that firing is abandoned.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.resources
@@ -696,6 +697,22 @@ class PostgresStore:
                 f"{self.where}: no PostgreSQL connection available within 60 s",
                 hint="raise pool_size or the server's max_connections",
             ) from None
+
+    @contextlib.contextmanager
+    def snapshot_cursors(self, count: int) -> Iterator[list[psycopg.ServerCursor[Any]]]:
+        """`count` server-side cursors in one read-only REPEATABLE READ transaction: several
+        tables read as of one moment and streamed, not fetched whole (the instance audit,
+        runtime/instance_audit.py)."""
+        with self._connection() as connection:
+            connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                with contextlib.ExitStack() as cursors:
+                    yield [
+                        cursors.enter_context(connection.cursor(name=f"autonomic_audit_{index}"))
+                        for index in range(count)
+                    ]
+            finally:
+                connection.rollback()
 
     def _query(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         with self._connection() as connection:

@@ -1,0 +1,343 @@
+"""Auditing a store's live rows against its verified ledger: every instance's state and version,
+and every instance's kept data.
+
+The ledger says what each instance should hold: its version is the count of its changes (the
+"transition", "timer" and "escalation" entries of (machine, instance); rejections and kept
+entries change nothing), its state the `to_state` of the newest one, and its kept data the
+value whose `kept_digest` its newest "kept" entry holds (runtime/ledger.py). `autonomic audit
+verify` verifies the ledger first, then compares every row of `instances` and `instance_data`
+with it, and names the first instance that differs: a row changed, rolled back, deleted or
+added behind the runtime's back, or kept data no signed entry commits to.
+
+Memory stays flat whatever the store holds: the database aggregates the ledger per instance
+(SQLite sorts through temporary files), and the rows and aggregates are merged here as two
+streams ordered the same way (byte order of machine, then instance). The aggregates read the
+ledger table itself, never an index, as the verifier does. A store still being written to is
+audited as of one read transaction: an instance whose newest entry lies beyond the entries the
+verifier checked moved meanwhile, and is counted as moved rather than checked.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .ledger import KEPT, kept_digest
+
+if TYPE_CHECKING:
+    from .store.postgres import PostgresStore
+
+__all__ = [
+    "InstanceAudit",
+    "InstanceProblem",
+    "audit_instances",
+    "audit_postgres_instances",
+    "audit_sqlite_instances",
+]
+
+# The entry kinds that change an instance (its version counts them). The deadline tracker's
+# "escalation" entries (runtime/resilience/deadlines.py, actor "deadline-tracker") belong to
+# no instance row: they are left out.
+CHANGE_KINDS = ("transition", "timer", "escalation")
+_DEADLINE_ACTOR = "deadline-tracker"
+
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceProblem:
+    """The first instance whose row or kept data the ledger contradicts, and why; `seq` the
+    ledger entry it contradicts (None: there is none)."""
+
+    machine: str
+    instance: str
+    seq: int | None
+    reason: str
+
+    def describe(self) -> str:
+        at = "" if self.seq is None else f" (ledger seq {self.seq})"
+        return f"{self.machine} '{self.instance}': {self.reason}{at}"
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceAudit:
+    """`instances` rows and `kept` data rows checked; `moved`: instances that changed after
+    the verified entries (not checked); the first problem, if any."""
+
+    instances: int
+    kept: int
+    moved: int
+    problem: InstanceProblem | None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def summary(self) -> str:
+        plural = "" if self.instances == 1 else "s"
+        text = (
+            f"checked {self.instances} instance{plural} against the ledger "
+            f"(state and version; {self.kept} with kept data)"
+        )
+        if self.moved:
+            text += f"; {self.moved} moved while the ledger was verified, not checked"
+        return text
+
+
+class _Found(Exception):
+    def __init__(self, problem: InstanceProblem) -> None:
+        super().__init__(problem.reason)
+        self.problem = problem
+
+
+def _key(row: tuple[Any, ...], what: str) -> Key:
+    machine, instance = row[0], row[1]
+    if type(machine) is not str or type(instance) is not str:
+        raise _Found(
+            InstanceProblem(str(machine), str(instance), None, f"the {what} row's key is not text")
+        )
+    return machine, instance
+
+
+def _merged(
+    left: Iterable[tuple[Any, ...]], right: Iterable[tuple[Any, ...]], what: tuple[str, str]
+) -> Iterator[tuple[Key, tuple[Any, ...] | None, tuple[Any, ...] | None]]:
+    """A full outer join of two streams ordered by key: (key, left row, right row)."""
+    lefts, rights = iter(left), iter(right)
+    previous: dict[int, Key] = {}
+
+    def pull(rows: Iterator[tuple[Any, ...]], side: int) -> tuple[Key, tuple[Any, ...]] | None:
+        row = next(rows, None)
+        if row is None:
+            return None
+        key = _key(row, what[side])
+        last = previous.get(side)
+        if last is not None and key <= last:
+            # Not ordered as asked: the merge would pair the wrong rows; refuse to guess.
+            raise _Found(InstanceProblem(*key, None, f"the {what[side]} rows are not in key order"))
+        previous[side] = key
+        return key, row
+
+    a, b = pull(lefts, 0), pull(rights, 1)
+    while a is not None or b is not None:
+        if b is None or (a is not None and a[0] < b[0]):
+            assert a is not None
+            yield a[0], a[1], None
+            a = pull(lefts, 0)
+        elif a is None or b[0] < a[0]:
+            yield b[0], None, b[1]
+            b = pull(rights, 1)
+        else:
+            yield a[0], a[1], b[1]
+            a, b = pull(lefts, 0), pull(rights, 1)
+
+
+def audit_instances(
+    rows: Iterable[tuple[Any, ...]],
+    changes: Iterable[tuple[Any, ...]],
+    data: Iterable[tuple[Any, ...]],
+    kept: Iterable[tuple[Any, ...]],
+    verified: Callable[[str, int], bool],
+) -> InstanceAudit:
+    """Compare the store's rows with the ledger's aggregates, each stream ordered by (machine,
+    instance) in byte order:
+
+    rows: (machine, instance, state, version) of `instances`;
+    changes: (machine, instance, count, newest seq, its to_state) of the change entries;
+    data: (machine, instance, JSON text) of `instance_data`;
+    kept: (machine, instance, newest seq, its payload_sha256) of the kept entries.
+
+    `verified(instance, seq)`: whether entry `seq` of the instance's chain was verified (a
+    newer one means the instance moved during the audit)."""
+    checked = kept_count = moved = 0
+    try:
+        for (machine, instance), row, change in _merged(rows, changes, ("instances", "ledger")):
+            if change is not None and not verified(instance, change[3]):
+                moved += 1
+                continue
+            if row is None:
+                assert change is not None
+                raise _Found(
+                    InstanceProblem(
+                        machine,
+                        instance,
+                        change[3],
+                        f"the ledger records {change[2]} change(s) of this instance, but the "
+                        "store holds no row for it (deleted?)",
+                    )
+                )
+            checked += 1
+            state, version = row[2], row[3]
+            if change is None:
+                raise _Found(
+                    InstanceProblem(
+                        machine,
+                        instance,
+                        None,
+                        f"the row (state '{state}', version {version}) has no ledger entry: "
+                        "no change of this instance was ever recorded",
+                    )
+                )
+            count, seq, to_state = change[2], change[3], change[4]
+            if version != count or state != to_state:
+                raise _Found(
+                    InstanceProblem(
+                        machine,
+                        instance,
+                        seq,
+                        f"the row holds state '{state}' at version {version}, but the ledger "
+                        f"records {count} change(s), the newest into '{to_state}'",
+                    )
+                )
+        for (machine, instance), stored, entry in _merged(data, kept, ("instance_data", "ledger")):
+            if entry is not None and not verified(instance, entry[2]):
+                continue
+            if entry is None:
+                raise _Found(
+                    InstanceProblem(
+                        machine,
+                        instance,
+                        None,
+                        "the store holds kept data for this instance that no kept ledger entry "
+                        "commits to",
+                    )
+                )
+            if stored is None:
+                raise _Found(
+                    InstanceProblem(
+                        machine,
+                        instance,
+                        entry[2],
+                        "the ledger's kept entry commits to data the store no longer holds",
+                    )
+                )
+            kept_count += 1
+            text = stored[2]
+            if type(text) is not str or _digest(text) != entry[3]:
+                raise _Found(
+                    InstanceProblem(
+                        machine,
+                        instance,
+                        entry[2],
+                        "the kept data differs from what the newest kept entry commits to",
+                    )
+                )
+    except _Found as found:
+        return InstanceAudit(checked, kept_count, moved, found.problem)
+    return InstanceAudit(checked, kept_count, moved, None)
+
+
+def _digest(text: str) -> bytes | None:
+    try:
+        return kept_digest(text)
+    except UnicodeEncodeError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# SQLite: one read transaction over the store file.
+
+_ORDER = "machine COLLATE BINARY, instance COLLATE BINARY"
+# Grouped by instance first (its values differ sooner: a quarter less sorting), then the groups
+# ordered for the merge. With a single max(), SQLite takes the bare column from its row.
+_GROUPS = "GROUP BY instance COLLATE BINARY, machine COLLATE BINARY"
+_SQLITE_CHANGES = (
+    "SELECT machine, instance, n, last, to_state FROM (SELECT machine, instance, "
+    "count(*) AS n, max(seq) AS last, to_state FROM ledger NOT INDEXED "
+    f"WHERE kind COLLATE BINARY IN {CHANGE_KINDS!r} "
+    f"AND NOT (kind COLLATE BINARY = 'escalation' AND actor COLLATE BINARY = '{_DEADLINE_ACTOR}') "
+    f"{_GROUPS}) ORDER BY {_ORDER}"
+)
+_SQLITE_KEPT = (
+    "SELECT machine, instance, last, digest FROM (SELECT machine, instance, max(seq) AS last, "
+    f"payload_sha256 AS digest FROM ledger NOT INDEXED WHERE kind COLLATE BINARY = '{KEPT}' "
+    f"{_GROUPS}) ORDER BY {_ORDER}"
+)
+_SQLITE_ROWS = f"SELECT machine, instance, state, version FROM instances ORDER BY {_ORDER}"
+_SQLITE_DATA = f"SELECT machine, instance, data FROM instance_data ORDER BY {_ORDER}"
+
+
+def audit_sqlite_instances(path: str | Path, verified: int) -> InstanceAudit | None:
+    """Audit the store file at `path`, whose first `verified` ledger entries were verified;
+    None if it is no SQLite database (a JSON Lines export) or holds no instances table (a
+    ledger alone). sqlite3.Error if it cannot be read."""
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    connection = sqlite3.connect(uri, uri=True, isolation_level=None)
+    try:
+        # Sorting spills to temporary files, not memory (see the module docstring).
+        connection.execute("PRAGMA temp_store = FILE")
+        connection.execute("BEGIN")
+        try:
+            tables = {
+                row[0]
+                for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+        except sqlite3.DatabaseError as exc:
+            if exc.sqlite_errorcode == sqlite3.SQLITE_NOTADB:
+                return None
+            raise
+        if "instances" not in tables:
+            return None
+        data: Iterable[tuple[Any, ...]] = ()
+        if "instance_data" in tables:
+            data = connection.execute(_SQLITE_DATA)
+        # Each query on a cursor of its own, all in the one read transaction.
+        return audit_instances(
+            connection.execute(_SQLITE_ROWS),
+            connection.cursor().execute(_SQLITE_CHANGES),
+            data,
+            connection.cursor().execute(_SQLITE_KEPT),
+            lambda instance, seq: seq < verified,
+        )
+    finally:
+        connection.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL: the same over every partition, streamed through server-side cursors.
+
+_PG_ORDER = 'machine COLLATE "C", instance COLLATE "C"'
+_PG_CHANGES = (
+    "SELECT machine, instance, count(*), max(seq), "
+    "(array_agg(to_state ORDER BY seq DESC))[1] FROM ledger "
+    f"WHERE kind IN {CHANGE_KINDS!r} "
+    f"AND NOT (kind = 'escalation' AND actor = '{_DEADLINE_ACTOR}') "
+    f"GROUP BY machine, instance ORDER BY {_PG_ORDER}"
+)
+_PG_KEPT = (
+    "SELECT machine, instance, max(seq), "
+    "(array_agg(payload_sha256 ORDER BY seq DESC))[1] FROM ledger "
+    f"WHERE kind = '{KEPT}' GROUP BY machine, instance ORDER BY {_PG_ORDER}"
+)
+_PG_ROWS = f"SELECT machine, instance, state, version FROM instances ORDER BY {_PG_ORDER}"
+_PG_DATA = f"SELECT machine, instance, data FROM instance_data ORDER BY {_PG_ORDER}"
+
+
+def audit_postgres_instances(store: PostgresStore, verified: list[int]) -> InstanceAudit:
+    """Audit a PostgreSQL store whose partition p had its first `verified[p]` entries verified,
+    in one REPEATABLE READ transaction."""
+    from .partitions import partition_of
+
+    partitions = len(verified)
+
+    def checked(instance: str, seq: int) -> bool:
+        return seq < verified[partition_of(instance, partitions)]
+
+    with store.snapshot_cursors(4) as cursors:
+        rows, changes, data, kept = cursors
+        return audit_instances(
+            _streamed(rows, _PG_ROWS),
+            _streamed(changes, _PG_CHANGES),
+            _streamed(data, _PG_DATA),
+            _streamed(kept, _PG_KEPT),
+            checked,
+        )
+
+
+def _streamed(cursor: Any, sql: str) -> Iterator[tuple[Any, ...]]:
+    cursor.execute(sql)
+    for row in cursor:
+        yield tuple(bytes(value) if isinstance(value, memoryview) else value for value in row)
