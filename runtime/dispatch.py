@@ -47,11 +47,12 @@ Semantics worth knowing:
   moved to where the event is decided otherwise (another row, a rejection, ignored), the
   dispatch is refused with OutsideCallsSuperseded (R024, a ConcurrentUpdateDetected) that
   carries their results, and nothing of it is stored. A repeated event id or idempotency key
-  found committed calls nothing, and `dispatch`/`dispatch_async` hold a claim on the event id
-  and idempotency key (Runtime._outside) from before those calls until the commit, so a second
-  dispatch of either in this runtime waits, then finds the first's result committed. Two
-  processes do not see each other's claims (nor do `dispatch_many` and flow steps take them):
-  there the outside call's own idempotency key is what makes a repeat no second effect.
+  found committed calls nothing, and every dispatch that runs such actions (`dispatch`,
+  `dispatch_async`, `dispatch_many`, flow steps) holds a claim on its event id and idempotency
+  key from before those calls until its commit, in this runtime and in the store
+  (runtime/resilience/claims.py): a second dispatch of either, in any process on the store,
+  waits, then finds the first's result committed and calls nothing (`dispatch_many` does not
+  wait: that request fails with OutsideCallInProgress, R025).
 - Every dispatch decides the same way (`_decide`: the row table built at load time, the
   guards in order, the ignore list, the rejection) and writes through one unit of work
   (`_step`, its inputs checked once by `_inputs`). On the memory store, its owning thread
@@ -133,13 +134,13 @@ from .results import (
 )
 from .rows import _Absent, _EmitPlan, _Guarded, _Row
 from .sealing import _Chain, _new_entry_data
-from .store.base import InstanceRecord, OutboxMessage, Transaction
+from .store.base import ClaimKey, InstanceRecord, OutboxMessage, Transaction
 from .store.memory import MemoryStore
 from .tables import MachineSpec, Payload, TransitionContext
 from .timers import ArmedTimer, TimerPlan, arm_timers
 
 if TYPE_CHECKING:
-    from .resilience.policies import ClaimKey
+    from .resilience.claims import Release
     from .runtime import Runtime
 
 __all__ = ["CREATE_EVENT", "DEFAULT_ACTOR", "DispatchRequest", "Governor"]
@@ -731,18 +732,26 @@ class Governor:
         loop = asyncio.get_running_loop()
         pool = runtime._action_threads()
         keys = self._claim_keys(work)
+        outside = runtime._outside
         release = None
         while keys:  # claimed here, in the loop's thread: a cancelled wait leaves no claim
-            release, busy = runtime._outside.try_claim(keys)
+            release, busy = outside.try_local(keys)
             if busy is None:
                 break
             await loop.run_in_executor(pool, busy.wait)
+        held: Release | None = None
         try:
+            if keys:
+                held = await loop.run_in_executor(pool, outside.hold, keys, self._committed(work))
             work = await loop.run_in_executor(pool, self._prepare, work)
             return _settled(await runtime._submit_async(work, partition))
         finally:
-            if release is not None:
-                release()
+            try:
+                if held is not None:
+                    held()
+            finally:
+                if release is not None:
+                    release()
 
     def dispatch_many(
         self, requests: Sequence[DispatchRequest]
@@ -753,29 +762,46 @@ class Governor:
         results: list[DispatchResult | Exception | None] = [None] * len(requests)
         works = []
         slots = []
-        for index, r in enumerate(requests):
-            try:
-                works.append(
-                    self._prepare(
-                        self._work(
-                            r.instance_id,
-                            r.event,
-                            r.payload,
-                            r.actor,
-                            r.event_id,
-                            r.idempotency_key,
-                            r.expected_version,
-                            False,
-                        ),
-                        alone=False,  # a failed call's breaker change goes in the batch
+        # The claims this batch holds: a request repeating one of them is not prepared (its
+        # unit finds the earlier one's result in the batch); one held elsewhere is refused.
+        claimed: set[ClaimKey] = set()
+        releases: list[Release] = []
+        try:
+            for index, r in enumerate(requests):
+                try:
+                    work = self._work(
+                        r.instance_id,
+                        r.event,
+                        r.payload,
+                        r.actor,
+                        r.event_id,
+                        r.idempotency_key,
+                        r.expected_version,
+                        False,
                     )
-                )
-                slots.append(index)
-            except Exception as error:  # invalid payload or event: nothing to submit
-                results[index] = error
-        partition_of = self.runtime._partition_of
-        partitions = [partition_of(requests[index].instance_id) for index in slots]
-        done = self.runtime._submit_many(works, partitions)
+                    keys = self._claim_keys(work)
+                    if not claimed.isdisjoint(keys):
+                        works.append(work)
+                        slots.append(index)
+                        continue
+                    if keys:
+                        release = self.runtime._outside.claim(
+                            keys, self._committed(work), wait=False
+                        )
+                        if release is not None:
+                            releases.append(release)
+                            claimed.update(keys)
+                    # A failed call's breaker change goes in the batch (not alone).
+                    works.append(self._prepare(work, alone=False))
+                    slots.append(index)
+                except Exception as error:  # invalid payload or event, a call failed or busy
+                    results[index] = error
+            partition_of = self.runtime._partition_of
+            partitions = [partition_of(requests[index].instance_id) for index in slots]
+            done = self.runtime._submit_many(works, partitions)
+        finally:
+            for release in releases:
+                release()
         for index, outcome in zip(slots, done, strict=True):
             value, failure = outcome.value, outcome.error
             if failure is not None and not isinstance(failure, Exception):
@@ -914,7 +940,7 @@ class Governor:
 
     def _claim_keys(self, work: partial[DispatchResult | _Rejected]) -> tuple[ClaimKey, ...]:
         """What `work` claims while its outside actions run and its unit commits: its event id
-        and idempotency key, if its event may run such actions (see OutsideCalls)."""
+        and idempotency key, if its event may run such actions (see OutsideClaims)."""
         args: _UnitInputs = work.args[0]
         if args[1] not in self._external_events:
             return ()
@@ -927,14 +953,28 @@ class Governor:
             keys += ((name, "key", key),)
         return keys
 
+    def _committed(self, work: partial[DispatchResult | _Rejected]) -> Callable[[], bool]:
+        """Whether the result of `work`'s event id or idempotency key is committed."""
+        args: _UnitInputs = work.args[0]
+        event_id, key = args[5], args[6]
+        store, name = self.runtime._store, self.name
+
+        def committed() -> bool:
+            return (event_id is not None and store.processed(name, event_id) is not None) or (
+                key is not None and store.idempotency(name, key) is not None
+            )
+
+        return committed
+
     def _run_prepared(
         self, work: partial[DispatchResult | _Rejected], partition: int
     ) -> DispatchResult:
         """Dispatch `work` with its outside actions run before its transaction, holding the
         claim on its event id and idempotency key from before they run until the commit: a
-        concurrent dispatch of the same id or key waits, then calls nothing."""
+        concurrent dispatch of the same id or key, in this process or another, waits, then
+        calls nothing (runtime/resilience/claims.py)."""
         keys = self._claim_keys(work)
-        release = self.runtime._outside.claim(keys) if keys else None
+        release = self.runtime._outside.claim(keys, self._committed(work)) if keys else None
         try:
             return _settled(self.runtime._submit(self._prepare(work), partition))
         finally:

@@ -382,6 +382,25 @@ class OutsideCallsSuperseded(ConcurrentUpdateDetected):
         self.results = results
 
 
+class OutsideCallInProgress(RuntimeFailure):
+    """Another dispatch (of this or another process on the store) is calling the outside world
+    for the same event id or idempotency key right now, and this one does not wait for it (a
+    request of `dispatch_many`): nothing was called or stored for it."""
+
+    code = "R025"
+
+    def __init__(self, machine: str, kind: str, key: str) -> None:
+        what = "event id" if kind == "event" else "idempotency key"
+        super().__init__(
+            f"{machine}: another dispatch of {what} '{key}' is calling the outside world now; "
+            "this one called nothing",
+            hint="send it again: once that dispatch has committed, the repeat returns its "
+            "result (or, if it failed, is evaluated anew)",
+        )
+        self.machine = machine
+        self.key = key
+
+
 class StoreIntegrityError(RuntimeFailure):
     """The store returned data that does not verify (a modified head entry, a lost tail)."""
 

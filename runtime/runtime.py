@@ -29,11 +29,11 @@ from .ledger import Checkpoint, EntryData, LedgerEntry, LedgerSealer, RootLike, 
 from .outbox import deliver_outbox, mark
 from .partitions import PartitionedStore, SignedRoot
 from .replay import replay, verify
+from .resilience.claims import DEFAULT_CLAIM_LEASE_MS, OutsideClaims
 from .resilience.policies import (
     ActionPolicies,
     BreakerJournal,
     Noted,
-    OutsideCalls,
     write_noted,
 )
 from .results import Delivery, ReplayedState, TimerFiring
@@ -79,6 +79,9 @@ class Runtime:
     database as `witness_policy` says (see runtime/checkpointing.py). `limits` bound payload
     size and nesting (runtime/inputs.py). `action_threads`: how many of the actions a policy
     names (outside calls) `dispatch_async` runs at once (see runtime/dispatch.py).
+    `claim_lease_ms`: how long a dispatch's claim on an event id or idempotency key whose
+    outside calls it runs lasts if its process dies (runtime/resilience/claims.py): longer
+    than the policies' longest call, retries and backoff included.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class Runtime:
         witness_policy: WitnessPolicy | None = None,
         limits: InputLimits = DEFAULT_LIMITS,
         action_threads: int = 32,
+        claim_lease_ms: int = DEFAULT_CLAIM_LEASE_MS,
     ) -> None:
         check_identifier("timer actor", timer_actor)
         if witnesses and sealer is None:
@@ -175,7 +179,9 @@ class Runtime:
         # Breaker statuses changed by actions: the unit of work that ran them writes them.
         self._breakers = BreakerJournal()
         # Event ids and idempotency keys whose policy actions a dispatch is running.
-        self._outside = OutsideCalls()
+        if claim_lease_ms < 1:
+            raise ValueError("claim_lease_ms must be >= 1")
+        self._outside = OutsideClaims(self._store, claim_lease_ms)
         self._policies = ActionPolicies(self._clock, self._breakers, self._store.get_breaker)
         recorded = self._store.ledger_mode()
         if sealer is None and recorded is not None:

@@ -398,16 +398,16 @@ def test_a_charge_decided_otherwise_after_a_concurrent_move_is_refused_with_its_
 def _observe_claim_waits(runtime: Runtime) -> threading.Event:
     """An event set when a dispatch finds its event id or key claimed by another one."""
     claims = runtime._outside
-    try_claim = claims.try_claim
+    try_local = claims.try_local
     waiting = threading.Event()
 
     def observed(keys: Any, thread: int | None = None) -> Any:
-        release, busy = try_claim(keys, thread)
+        release, busy = try_local(keys, thread)
         if busy is not None:
             waiting.set()
         return release, busy
 
-    claims.try_claim = observed  # type: ignore[method-assign]
+    claims.try_local = observed  # type: ignore[method-assign]
     return waiting
 
 

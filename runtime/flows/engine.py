@@ -430,16 +430,38 @@ class FlowRunner:
         try:
             self._hook(run, op.step, op.phase)
             governor, target, payload, event_id = self._receiver(run, op.step, op.emit, op.phase)
-            # Prepared: a receiver's outside actions (a policy's) run before the commit.
-            unit = governor._prepare(
-                governor._work(
-                    target, op.emit.event, payload or None, self.actor, event_id, None, None, False
-                )
+            work = governor._work(
+                target, op.emit.event, payload or None, self.actor, event_id, None, None, False
             )
         except StepFailed as failed:
             return "failed", failed.message
         except _STEP_FAILURES as failed:
             return "failed", f"{failed.code}: {failed.message}"
+        # Prepared: a receiver's outside actions (a policy's) run before the commit, under the
+        # claim of the step's event id, so another process resuming this run waits for it.
+        keys = governor._claim_keys(work)
+        release = self.runtime._outside.claim(keys, governor._committed(work)) if keys else None
+        try:
+            try:
+                unit = governor._prepare(work)
+            except _STEP_FAILURES as failed:
+                return "failed", f"{failed.code}: {failed.message}"
+            return self._send_prepared(run, op, governor, target, payload, event_id, unit)
+        finally:
+            if release is not None:
+                release()
+
+    def _send_prepared(
+        self,
+        run: _Run,
+        op: _Send,
+        governor: Governor,
+        target: str,
+        payload: dict[str, Any],
+        event_id: str,
+        unit: Callable[[Transaction, _Chain], object],
+    ) -> tuple[str, Any]:
+        """The rest of `_send`, once its dispatch's outside actions ran (see there)."""
         # One batch: the run's write (its pending notes), the dispatch, and for the last step
         # the unit that records its outcome and the run's end. A partitioned store commits
         # the run's units in the partition of its run id, the dispatch in its receiver's.

@@ -41,7 +41,6 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..errors import NestedDispatch
 from ..ledger import EntryData, payload_digest
 from ..store.base import BreakerRecord, Transaction
 from ..tables import ActionPolicy, MachineSpec
@@ -60,7 +59,6 @@ __all__ = [
     "BREAKER_KIND",
     "ActionPolicies",
     "BreakerJournal",
-    "OutsideCalls",
     "breaker_entry",
     "breaker_record",
 ]
@@ -139,60 +137,6 @@ class BreakerJournal:
                 self.pending[key] = (
                     (record, entries) if newer is None else (newer[0], entries + newer[1])
                 )
-
-
-# A claim's key: (machine, "event" or "key", the event id or idempotency key).
-ClaimKey = tuple[str, str, str]
-
-
-class OutsideCalls:
-    """The event ids and idempotency keys for which a dispatch of this runtime is calling the
-    outside world, held from before its policy actions run until its unit of work has
-    committed or failed. A second dispatch of the same id or key in this process waits for the
-    first, then finds its result committed and calls nothing. (Other processes do not see
-    these claims: there the outside call's own idempotency key is the guard.)"""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held: dict[ClaimKey, tuple[threading.Event, int | None]] = {}
-
-    def try_claim(
-        self, keys: tuple[ClaimKey, ...], thread: int | None = None
-    ) -> tuple[Callable[[], None] | None, threading.Event | None]:
-        """(release, None) if this caller now holds every key, else (None, an event set when
-        the holder lets go). `thread`: the thread that will hold them (None: a coroutine).
-        Raises NestedDispatch if that thread holds one already: an action dispatching its
-        own event would wait for itself."""
-        with self._lock:
-            for key in keys:
-                held = self._held.get(key)
-                if held is not None:
-                    if thread is not None and held[1] == thread:
-                        raise NestedDispatch()
-                    return None, held[0]
-            done = threading.Event()
-            for key in keys:
-                self._held[key] = (done, thread)
-
-        def release() -> None:
-            with self._lock:
-                for key in keys:
-                    if self._held.get(key, (None,))[0] is done:
-                        del self._held[key]
-            done.set()
-
-        return release, None
-
-    def claim(self, keys: tuple[ClaimKey, ...]) -> Callable[[], None]:
-        """Wait until no other dispatch holds any of `keys`, then hold them in this thread:
-        call the returned function to let go."""
-        me = threading.get_ident()
-        while True:
-            release, busy = self.try_claim(keys, me)
-            if release is not None:
-                return release
-            assert busy is not None
-            busy.wait()
 
 
 def write_noted(txn: Transaction, chain: _Chain | None, taken: list[Noted]) -> None:

@@ -26,6 +26,7 @@ from ..timers import ArmedTimer
 __all__ = [
     "FLOW_FINISHED",
     "BreakerRecord",
+    "ClaimKey",
     "DeadlineRecord",
     "FlowRecord",
     "FlowStatus",
@@ -42,6 +43,9 @@ __all__ = [
 T = TypeVar("T")
 
 OutboxKind = Literal["event", "notification"]
+# What a dispatch claims while it calls the outside world (`Store.claim_outside`):
+# (machine, "event" or "key", the event id or idempotency key).
+ClaimKey = tuple[str, str, str]
 # "held": a refusal notice waiting on the fate of the message it is the notice of (it is
 # released as "pending" if that delivery fails, and "dropped" if it is delivered).
 OutboxStatus = Literal["pending", "delivered", "failed", "held", "dropped"]
@@ -322,5 +326,16 @@ class Store(Protocol):
 
     def deadlines(self) -> list[DeadlineRecord]:
         """Every tracked deadline, earliest first (ties: by id)."""
+
+    def claim_outside(self, keys: Sequence[ClaimKey], holder: str, lease_ms: int) -> bool:
+        """Hold every one of `keys` for `holder` until `lease_ms` from now on the store's own
+        clock (the database's for a server; the wall clock a file's processes share), all or
+        none, in a short write of its own: False, changing nothing, if another holder's lease
+        on one of them has not run out. The same holder claiming again renews its lease.
+        Visible to every process on the store at once; it need not survive a crash of the
+        machine (its holder does not either). See runtime/resilience/claims.py."""
+
+    def release_outside(self, keys: Sequence[ClaimKey], holder: str) -> None:
+        """Drop `holder`'s claims on `keys` (one another holder took over stays)."""
 
     def close(self) -> None: ...

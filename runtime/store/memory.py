@@ -33,6 +33,7 @@ from ..timers import ArmedTimer
 from .base import (
     FLOW_FINISHED,
     BreakerRecord,
+    ClaimKey,
     DeadlineRecord,
     FlowRecord,
     InstanceRecord,
@@ -87,6 +88,10 @@ class MemoryStore:
         self._breakers: dict[tuple[str, str], BreakerRecord] = {}
         self._data: dict[tuple[str, str], str] = {}
         self._deadlines: dict[str, DeadlineRecord] = {}
+        # Outside-call claims: key -> (holder, lease end on the monotonic clock). A lock of
+        # their own: claims are taken beside units of work, not inside them.
+        self._claims: dict[ClaimKey, tuple[str, float]] = {}
+        self._claims_lock = threading.Lock()
 
     # -- entering: see the module docstring ---------------------------------------------------
 
@@ -286,6 +291,26 @@ class MemoryStore:
     def deadlines(self) -> list[DeadlineRecord]:
         with self.lock:
             return sorted(self._deadlines.values(), key=lambda d: (d.due_ms, d.id))
+
+    def claim_outside(self, keys: Sequence[ClaimKey], holder: str, lease_ms: int) -> bool:
+        now = time.monotonic()
+        with self._claims_lock:
+            claims = self._claims
+            for key in keys:
+                held = claims.get(key)
+                if held is not None and held[0] != holder and held[1] > now:
+                    return False
+            until = now + lease_ms / 1000
+            for key in keys:
+                claims[key] = (holder, until)
+        return True
+
+    def release_outside(self, keys: Sequence[ClaimKey], holder: str) -> None:
+        with self._claims_lock:
+            for key in keys:
+                held = self._claims.get(key)
+                if held is not None and held[0] == holder:
+                    del self._claims[key]
 
     def close(self) -> None:
         """Nothing to release."""

@@ -56,6 +56,7 @@ from ..partitions import SignedRoot, decode_heads, encode_heads, partition_of
 from ..timers import ArmedTimer
 from .base import (
     BreakerRecord,
+    ClaimKey,
     DeadlineRecord,
     FlowRecord,
     InstanceRecord,
@@ -560,6 +561,10 @@ _INSERT_CHECKPOINT_SQL = (
 )
 
 
+class _Busy(Exception):
+    """A claimed key is held by another: rolls the claim's transaction back."""
+
+
 class PostgresStore:
     """A Store on a PostgreSQL database (see the module docstring for schema, partitions and
     leases). `url` is a libpq URL; the store lives in the first schema of its search_path
@@ -1026,6 +1031,38 @@ class PostgresStore:
     def deadlines(self) -> list[DeadlineRecord]:
         rows = self._query(f"SELECT {_DEADLINE_COLUMNS} FROM deadlines ORDER BY due_ms, id")
         return [DeadlineRecord(*row) for row in rows]
+
+    def claim_outside(self, keys: Sequence[ClaimKey], holder: str, lease_ms: int) -> bool:
+        # One upsert per key that takes a row only if it is free, its lease ran out (on the
+        # database clock, as worker leases) or it is the holder's own; all in one
+        # transaction, rolled back unless every key was taken.
+        with self._connection() as connection:
+            cursor = connection.cursor()
+            try:
+                with connection.transaction():
+                    for machine, kind, key in keys:
+                        cursor.execute(
+                            "INSERT INTO outside_claims AS c (machine, kind, key, holder, "
+                            f"until_ms) VALUES (%s, %s, %s, %s, {_DB_NOW_MS} + %s) "
+                            "ON CONFLICT (machine, kind, key) DO UPDATE SET "
+                            "holder = EXCLUDED.holder, until_ms = EXCLUDED.until_ms "
+                            f"WHERE c.holder = EXCLUDED.holder OR c.until_ms <= {_DB_NOW_MS} "
+                            "RETURNING 1",
+                            (machine, kind, key, holder, lease_ms),
+                        )
+                        if cursor.fetchone() is None:
+                            raise _Busy()
+            except _Busy:
+                return False
+        return True
+
+    def release_outside(self, keys: Sequence[ClaimKey], holder: str) -> None:
+        with self._connection() as connection:
+            connection.cursor().executemany(
+                "DELETE FROM outside_claims WHERE machine = %s AND kind = %s AND key = %s "
+                "AND holder = %s",
+                [(*key, holder) for key in keys],
+            )
 
     def close(self) -> None:
         if self._view is not None:

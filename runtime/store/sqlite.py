@@ -45,6 +45,7 @@ from ..ledger import (
 from ..timers import ArmedTimer
 from .base import (
     BreakerRecord,
+    ClaimKey,
     DeadlineRecord,
     FlowRecord,
     InstanceRecord,
@@ -161,6 +162,14 @@ CREATE TABLE IF NOT EXISTS deadlines (
     action TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deadlines_due ON deadlines (due_ms, id);
+CREATE TABLE IF NOT EXISTS outside_claims (
+    machine TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    holder TEXT NOT NULL,
+    until_ms INTEGER NOT NULL,
+    PRIMARY KEY (machine, kind, key)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runtime_meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -636,6 +645,11 @@ class SQLiteStore:
             ) from None
         self._lock = threading.RLock()
         self._txn = SQLiteTransaction(self._connection)
+        self._busy_timeout_ms = busy_timeout_ms
+        # Outside-call claims: a connection of their own, opened on first use (see
+        # claim_outside).
+        self._claims: sqlite3.Connection | None = None
+        self._claims_lock = threading.Lock()
         try:
             self._configure(busy_timeout_ms)
         except sqlite3.DatabaseError as exc:
@@ -890,7 +904,61 @@ class SQLiteStore:
         rows = self._query(f"SELECT {_DEADLINE_COLUMNS} FROM deadlines ORDER BY due_ms, id")
         return [DeadlineRecord(*row) for row in rows]
 
+    def claim_outside(self, keys: Sequence[ClaimKey], holder: str, lease_ms: int) -> bool:
+        # Leases on the wall clock, which every process on this file shares. Written with
+        # synchronous=NORMAL on a connection of its own: no fsync, yet a process crash loses
+        # nothing; a power loss may lose a claim, but its holder is gone too.
+        now = int(time.time() * 1000)
+        with self._claims_lock:
+            connection = self._claims_connection()
+            execute = connection.execute
+            execute("BEGIN IMMEDIATE")
+            try:
+                for machine, kind, key in keys:
+                    row = execute(
+                        "SELECT holder, until_ms FROM outside_claims "
+                        "WHERE machine = ? AND kind = ? AND key = ?",
+                        (machine, kind, key),
+                    ).fetchone()
+                    if row is not None and row[0] != holder and row[1] > now:
+                        execute("ROLLBACK")
+                        return False
+                connection.executemany(
+                    "INSERT OR REPLACE INTO outside_claims VALUES (?, ?, ?, ?, ?)",
+                    [(*key, holder, now + lease_ms) for key in keys],
+                )
+                execute("COMMIT")
+            except BaseException:
+                if connection.in_transaction:
+                    execute("ROLLBACK")
+                raise
+        return True
+
+    def release_outside(self, keys: Sequence[ClaimKey], holder: str) -> None:
+        with self._claims_lock:
+            self._claims_connection().executemany(
+                "DELETE FROM outside_claims WHERE machine = ? AND kind = ? AND key = ? "
+                "AND holder = ?",
+                [(*key, holder) for key in keys],
+            )
+
+    def _claims_connection(self) -> sqlite3.Connection:
+        connection = self._claims
+        if connection is None:
+            connection = self._claims = sqlite3.connect(
+                str(self.path),
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=self._busy_timeout_ms / 1000,
+            )
+            connection.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            connection.execute("PRAGMA synchronous = NORMAL")
+        return connection
+
     def close(self) -> None:
+        with self._claims_lock:
+            if self._claims is not None:
+                self._claims.close()
         with self._lock:
             self._connection.close()
 

@@ -1,0 +1,142 @@
+"""Claims on the event ids and idempotency keys whose dispatch calls the outside world.
+
+A dispatch whose row runs a policy's actions (they call the outside world: Billing's charge)
+runs them before its write transaction (runtime/dispatch.py). So that two dispatches of one
+event id or idempotency key never both call, the dispatch claims its id and key from before
+the calls until its unit of work has committed or failed, in two layers:
+1. in this runtime (`try_local`): threads and coroutines wait on an event, at no store cost;
+2. in the store (`Store.claim_outside`), seen by every runtime and process on it: a row per
+   key with its holder and a lease on the store's clock (the database's on PostgreSQL, the
+   wall clock on an SQLite file), written in a short transaction of its own without an fsync
+   (a claim need not survive the machine: its holder does not either).
+A second dispatcher waits: it polls the store until the holder lets go or its result is
+committed, then finds that result and returns it as a repeat, calling nothing. A holder that
+crashed lets go when its lease runs out (`Runtime(claim_lease_ms=...)`, 60 s by default):
+then the next dispatcher claims and calls, as a first dispatch would. The lease must
+outlast the policy's longest call, retries and backoff included; a holder still calling
+after it may see a second call start beside its own (the payload's idempotency key, sent to
+the outside service, is the guard that remains). `dispatch_many` does not wait inside a
+batch: a request whose id or key is held elsewhere fails in its slot with
+OutsideCallInProgress (R025), which says to send it again.
+Events whose rows call no outside action claim nothing and cost nothing here.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from ..errors import NestedDispatch, OutsideCallInProgress
+from ..store.base import ClaimKey, Store
+
+__all__ = ["DEFAULT_CLAIM_LEASE_MS", "ClaimKey", "OutsideClaims"]
+
+DEFAULT_CLAIM_LEASE_MS = 60_000
+# Polling a holder in another process: from 1 ms, doubling, to at most 50 ms between looks.
+_FIRST_POLL_S = 0.001
+_LAST_POLL_S = 0.05
+
+Release = Callable[[], None]
+
+
+class OutsideClaims:
+    """The claims of one runtime (see the module docstring): held locally by thread or
+    coroutine, and in the store under this runtime's holder name."""
+
+    def __init__(self, store: Store, lease_ms: int = DEFAULT_CLAIM_LEASE_MS) -> None:
+        self._store = store
+        self.lease_ms = lease_ms
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._lock = threading.Lock()
+        self._held: dict[ClaimKey, tuple[threading.Event, int | None]] = {}
+
+    def try_local(
+        self, keys: Sequence[ClaimKey], thread: int | None = None
+    ) -> tuple[Release | None, threading.Event | None]:
+        """(release, None) if this caller now holds every key in this runtime, else (None, an
+        event set when the holder lets go). `thread`: the thread that will hold them (None: a
+        coroutine). Raises NestedDispatch if that thread holds one already: an action
+        dispatching its own event would wait for itself."""
+        with self._lock:
+            for key in keys:
+                held = self._held.get(key)
+                if held is not None:
+                    if thread is not None and held[1] == thread:
+                        raise NestedDispatch()
+                    return None, held[0]
+            done = threading.Event()
+            for key in keys:
+                self._held[key] = (done, thread)
+
+        def release() -> None:
+            with self._lock:
+                for key in keys:
+                    if self._held.get(key, (None,))[0] is done:
+                        del self._held[key]
+            done.set()
+
+        return release, None
+
+    def hold(
+        self, keys: Sequence[ClaimKey], committed: Callable[[], bool], *, wait: bool = True
+    ) -> Release | None:
+        """Claim `keys` in the store (the caller holds them locally): the release, or None
+        when `committed()` says the result they name is stored already (nothing to call).
+        While another holder's lease is live: wait for it, or with `wait=False` raise
+        OutsideCallInProgress."""
+        store, holder, lease_ms = self._store, self.holder, self.lease_ms
+        pause = _FIRST_POLL_S
+        while not store.claim_outside(keys, holder, lease_ms):
+            if committed():
+                return None
+            if not wait:
+                raise OutsideCallInProgress(*keys[0])
+            time.sleep(pause)
+            pause = min(pause * 2, _LAST_POLL_S)
+
+        def release() -> None:
+            store.release_outside(keys, holder)
+
+        return release
+
+    def claim(
+        self, keys: Sequence[ClaimKey], committed: Callable[[], bool], *, wait: bool = True
+    ) -> Release | None:
+        """Hold `keys` in this thread and in the store until the returned function is called,
+        first waiting until no other dispatch, here or in another process, holds any of them;
+        None when `committed()` says their result is stored already (nothing to call). With
+        `wait=False` a held key raises OutsideCallInProgress instead."""
+        me = threading.get_ident()
+        while True:
+            local, busy = self.try_local(keys, me)
+            if local is not None:
+                break
+            if not wait:
+                if committed():
+                    return None
+                raise OutsideCallInProgress(*keys[0])
+            assert busy is not None
+            busy.wait()
+        try:
+            durable = self.hold(keys, committed, wait=wait)
+        except BaseException:
+            local()
+            raise
+        if durable is None:
+            local()
+            return None
+        return _both(durable, local)
+
+
+def _both(durable: Release, local: Release) -> Release:
+    def release() -> None:
+        try:
+            durable()
+        finally:
+            local()
+
+    return release

@@ -1,0 +1,75 @@
+"""One dispatcher process for the outside-call claim tests:
+`python claim_worker.py STORE KEYS LEASE_MS`.
+
+It charges Billing instance c1 with event id charge-c1 on STORE (an SQLite path or a
+PostgreSQL URL), with a claim lease of LEASE_MS. It tells its parent on stdout, one line
+each: "ready" once loaded (it then waits for a line on stdin before it sends), "waiting"
+when it finds the event id claimed by another dispatcher, "calling" when its processor is
+called (it then waits for a line on stdin: the processor's answer), "charged" when that
+call returns, and at the end "result VERSION SEQ".
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from autonomic.generated.billing import MACHINE as BILLING
+from autonomic.runtime.keys import load_signer
+from autonomic.runtime.ledger import LedgerSealer
+from autonomic.runtime.runtime import Runtime
+from autonomic.runtime.store.base import ClaimKey
+from autonomic.runtime.store.locate import open_store
+from autonomic.runtime.timers import VirtualClock
+from billing_world import START, noop, yes
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def processor(ctx: Any) -> dict[str, str]:
+    say("calling")
+    sys.stdin.readline()
+    say("charged")
+    return {"captured": ctx.instance}
+
+
+def main(location: str, keys: str, lease_ms: int) -> None:
+    store = open_store(location)
+    claim = store.claim_outside
+    told: list[bool] = []
+
+    def observed(claimed: Sequence[ClaimKey], holder: str, lease: int) -> bool:
+        taken = claim(claimed, holder, lease)
+        if not taken and not told:
+            told.append(True)
+            say("waiting")
+        return taken
+
+    store.claim_outside = observed  # type: ignore[method-assign]
+    runtime = Runtime(
+        store,
+        clock=VirtualClock(START),
+        sealer=LedgerSealer(load_signer(Path(keys)), "sign-each"),
+        claim_lease_ms=lease_ms,
+    )
+    actions: dict[str, Any] = {name: noop for name in BILLING.actions}
+    actions["submit_charge"] = processor
+    runtime.load(BILLING, {name: yes for name in BILLING.guards}, actions)
+    say("ready")
+    sys.stdin.readline()
+    payload = {"customer_id": "c1", "invoice_id": "i1", "amount": "99.00", "idempotency_key": "k1"}
+    result = runtime.governor("Billing").dispatch(
+        "c1", "ChargeRequested", payload, event_id="charge-c1"
+    )
+    say(f"result {result.version} {result.seq}")
+    runtime.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -1,0 +1,288 @@
+"""Outside calls made once per event id or idempotency key across processes, runtimes,
+`dispatch_many` and flow steps: the durable claims of runtime/resilience/claims.py, on real
+stores (memory, SQLite files, and PostgreSQL under CI) and real processes."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from autonomic.runtime.demo import _Payments
+from autonomic.runtime.dispatch import DispatchRequest
+from autonomic.runtime.errors import OutsideCallInProgress
+from autonomic.runtime.keys import Signer, generate_keypair
+from autonomic.runtime.store.memory import MemoryStore
+from autonomic.runtime.store.sqlite import SQLiteStore
+from autonomic.runtime.timers import VirtualClock
+from billing_world import START, Processor, open_billing
+from conftest import Stores
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flow_world import marketplace
+from test_flows import active_customer, upgrade_inputs
+
+WORKER = Path(__file__).with_name("claim_worker.py")
+KEY = ("Billing", "event", "charge-c1")
+PAYLOAD = {"customer_id": "c1", "invoice_id": "i1", "amount": "99.00", "idempotency_key": "k1"}
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    folder = tmp_path / "keys"
+    generate_keypair(folder, valid_from_ms=START - 1)
+    return folder
+
+
+def test_claims_are_all_or_none_and_leased(stores: Stores) -> None:
+    store = stores.open()
+    other = ("Billing", "key", "k1")
+    assert store.claim_outside([KEY, other], "a", 60_000)
+    assert not store.claim_outside([("Billing", "key", "k2"), KEY], "b", 60_000)
+    assert store.claim_outside([("Billing", "key", "k2")], "b", 60_000)  # nothing of b's held
+    assert store.claim_outside([KEY], "a", 60_000)  # the holder renews
+    store.release_outside([KEY], "b")  # not b's: stays
+    assert not store.claim_outside([KEY], "b", 60_000)
+    store.release_outside([KEY, other], "a")
+    assert store.claim_outside([KEY], "b", 0)  # a lease of 0 ms has run out at once
+    assert store.claim_outside([KEY, other], "c", 60_000)
+    store.close()
+
+
+def test_the_memory_store_keeps_claims_too() -> None:
+    store = MemoryStore()
+    assert store.claim_outside([KEY], "a", 60_000)
+    assert not store.claim_outside([KEY], "b", 60_000)
+    store.release_outside([KEY], "a")
+    assert store.claim_outside([KEY], "b", 0) and store.claim_outside([KEY], "c", 1)
+
+
+class Dispatcher:
+    """A claim_worker.py process charging c1 with event id charge-c1."""
+
+    def __init__(self, location: str, keys: Path, lease_ms: int = 60_000) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(WORKER), location, str(keys), str(lease_ms)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.line() == "ready"
+
+    def line(self) -> str:
+        stdout = self.process.stdout
+        assert stdout is not None
+        ready, _, _ = select.select([stdout], [], [], 60)
+        assert ready, "the dispatcher said nothing for 60 s"
+        text = stdout.readline().strip()
+        if not text:
+            self.process.wait(30)
+            stderr = self.process.stderr.read() if self.process.stderr else ""
+            raise AssertionError(f"the dispatcher ended: {stderr}")
+        return text
+
+    def go(self) -> str:
+        """Send the charge; its first line."""
+        self.answer()
+        return self.line()
+
+    def answer(self) -> None:
+        stdin = self.process.stdin
+        assert stdin is not None
+        stdin.write("ok\n")
+        stdin.flush()
+
+    def finish(self) -> list[str]:
+        """The lines up to and including the result; the process then exits 0."""
+        lines = [self.line()]
+        while not lines[-1].startswith("result"):
+            lines.append(self.line())
+        assert self.process.wait(60) == 0
+        return lines
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
+        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def _billing_with_c1(stores: Stores, keys: Path) -> None:
+    runtime = open_billing(stores.open(), keys, VirtualClock(START), Processor())
+    runtime.governor("Billing").create("c1")
+    runtime.close()
+
+
+def test_two_processes_sending_one_event_id_at_once_charge_once(stores: Stores, keys: Path) -> None:
+    """Two processes on one store send the same charge (same event id) at once: the second
+    waits at the claim while the first's call is at the processor, then returns the first's
+    result as a repeat, its processor never called."""
+    _billing_with_c1(stores, keys)
+    first = Dispatcher(stores.location(), keys)
+    second = Dispatcher(stores.location(), keys)
+    try:
+        assert first.go() == "calling"
+        assert second.go() == "waiting"  # not "calling": the store's claim holds it
+        first.answer()
+        assert first.finish() == ["charged", "result 2 2"]
+        assert second.finish() == ["result 2 2"]
+    finally:
+        first.kill()
+        second.kill()
+
+
+def test_a_claim_whose_holder_was_killed_lets_go_when_its_lease_runs_out(
+    stores: Stores, keys: Path
+) -> None:
+    """kill -9 a dispatcher at its processor: its claim (a 1 s lease) does not block the
+    event id for ever; the next dispatcher waits it out, then calls and commits."""
+    _billing_with_c1(stores, keys)
+    first = Dispatcher(stores.location(), keys, lease_ms=1000)
+    second = Dispatcher(stores.location(), keys)
+    try:
+        assert first.go() == "calling"
+        assert second.go() == "waiting"
+        first.kill()
+        assert second.line() == "calling"
+        second.answer()
+        assert second.finish() == ["charged", "result 2 2"]
+    finally:
+        first.kill()
+        second.kill()
+
+
+class HeldProcessor(Processor):
+    """Holds each call until `answer` is set; `entered` is set when one arrives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.answer = threading.Event()
+
+    def __call__(self, ctx: Any) -> dict[str, str]:
+        self.entered.set()
+        assert self.answer.wait(30)
+        return super().__call__(ctx)
+
+
+def _charge_request(event_id: str = "charge-c1") -> DispatchRequest:
+    return DispatchRequest("c1", "ChargeRequested", PAYLOAD, event_id=event_id)
+
+
+def test_dispatch_many_calls_once_for_an_event_id_repeated_in_its_batch(
+    tmp_path: Path, keys: Path
+) -> None:
+    processor = Processor()
+    runtime = open_billing(SQLiteStore(tmp_path / "s.db"), keys, VirtualClock(START), processor)
+    governor = runtime.governor("Billing")
+    governor.create("c1")
+    one, two = governor.dispatch_many([_charge_request(), _charge_request()])
+    assert processor.charged == ["c1"]
+    assert not isinstance(one, Exception) and not isinstance(two, Exception)
+    assert (one.version, one.seq) == (two.version, two.seq) == (2, 2)
+    runtime.close()
+
+
+def test_dispatch_many_refuses_a_request_another_runtime_is_calling_for(
+    tmp_path: Path, keys: Path
+) -> None:
+    """Another runtime on the file holds the event id at its processor: the batch does not
+    wait for it (it holds other claims meanwhile) but fails that request with R025; sent
+    again after the holder committed, it returns the holder's result, calling nothing."""
+    held = HeldProcessor()
+    holder = open_billing(SQLiteStore(tmp_path / "s.db"), keys, VirtualClock(START), held)
+    holder.governor("Billing").create("c1")
+    batcher_processor = Processor()
+    batcher = open_billing(
+        SQLiteStore(tmp_path / "s.db"), keys, VirtualClock(START), batcher_processor
+    )
+    sending = threading.Thread(
+        target=holder.governor("Billing").dispatch,
+        args=("c1", "ChargeRequested", PAYLOAD),
+        kwargs={"event_id": "charge-c1"},
+    )
+    sending.start()
+    try:
+        assert held.entered.wait(30)
+        (refused,) = batcher.governor("Billing").dispatch_many([_charge_request()])
+        assert isinstance(refused, OutsideCallInProgress) and refused.code == "R025"
+    finally:
+        held.answer.set()
+        sending.join(30)
+    (repeat,) = batcher.governor("Billing").dispatch_many([_charge_request()])
+    assert not isinstance(repeat, Exception) and repeat.version == 2
+    assert held.charged == ["c1"] and batcher_processor.charged == []
+    holder.close()
+    batcher.close()
+
+
+def test_a_flow_step_resumed_by_two_runtimes_at_once_charges_once(
+    stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runtimes on one store drive the same upgrade run: while the first's proration
+    charge is at the processor, the second reaches the same step (its event id) and waits at
+    the claim; it then finds the step's result committed, and the processor was called once."""
+
+    entered, answer = threading.Event(), threading.Event()
+    submit = _Payments.submit_charge
+
+    def held_submit(payments: _Payments, ctx: Any) -> dict[str, str]:
+        if ctx.payload.idempotency_key == "up-c1" and not entered.is_set():
+            entered.set()
+            assert answer.wait(30)
+        return submit(payments, ctx)
+
+    monkeypatch.setattr(_Payments, "submit_charge", held_submit)
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    first, first_runner, first_world = marketplace(stores.open("m", partitions=4), signer=signer)
+    active_customer(first, first_runner, "c1")
+    second, second_runner, second_world = marketplace(stores.open("m", partitions=4), signer=signer)
+    waiting = threading.Event()
+    claim = second.store.claim_outside
+
+    def observed(keys: Any, holder: str, lease_ms: int) -> bool:
+        taken = claim(keys, holder, lease_ms)
+        if not taken:
+            waiting.set()
+        return taken
+
+    monkeypatch.setattr(second.store, "claim_outside", observed)
+    results: list[Any] = []
+
+    def drive(runner: Any) -> None:
+        try:
+            results.append(runner.start("SubscriptionUpgrade", "c1", upgrade_inputs("c1")))
+        except Exception as error:  # the run's own version check may refuse the slower one
+            results.append(error)
+
+    driving = threading.Thread(target=drive, args=(first_runner,))
+    driving.start()
+    assert entered.wait(30)
+    resuming = threading.Thread(target=drive, args=(second_runner,))
+    resuming.start()
+    try:
+        assert waiting.wait(30)  # at the claim of the charge step's event id
+    finally:
+        answer.set()
+        driving.join(30)
+        resuming.join(30)
+    charges = [
+        key
+        for world in (first_world, second_world)
+        for key in world.payments.submitted
+        if key == "up-c1"
+    ]
+    assert charges == ["up-c1"]
+    # The run goes on to its end (a start of the same run resumes it).
+    final = first_runner.start("SubscriptionUpgrade", "c1", upgrade_inputs("c1"))
+    assert final.status == "completed", results
+    first.close()
+    second.close()
