@@ -64,9 +64,11 @@ def test_migrate_creates_then_finds_nothing_to_do(postgres_stores: Stores) -> No
 def test_a_version_1_store_is_migrated_to_the_latest(postgres_stores: Stores) -> None:
     url = postgres_stores.location()
     migrate(url)
-    # Back to what version 1 of autonomic created: no flows, breakers, deadlines or instance
-    # data tables.
-    postgres_stores.rows("s", "DROP TABLE flows, breakers, deadlines, instance_data")
+    # Back to what version 1 of autonomic created: no flows, breakers, deadlines, instance
+    # data or outside-call claims tables.
+    postgres_stores.rows(
+        "s", "DROP TABLE flows, breakers, deadlines, instance_data, outside_claims"
+    )
     postgres_stores.rows("s", "DELETE FROM schema_migrations WHERE version > 1")
     postgres_stores.rows("s", "UPDATE autonomic_meta SET value = '1' WHERE key = 'schema'")
     with pytest.raises(StoreConfigError, match="older than this"):
