@@ -571,11 +571,10 @@ class Governor:
         new_result = _UnsealedResult
         get_ident = _get_ident
 
-        # The store `here` runs on: only ever called when `owned` is the memory store.
+        # The store the owning thread runs units on: only used when `owned` is the memory store.
         mine = cast(MemoryStore, owned)
 
-        def here(
-            me: int,
+        def rest(
             instance_id: str,
             event: str,
             payload: Mapping[str, Any] | Payload | None,
@@ -585,8 +584,24 @@ class Governor:
             expected_version: int | None,
             record_rejection: bool,
         ) -> DispatchResult:
-            """The unit of work run by the memory store's owning thread itself, without a
-            commit around it (the store commits as it writes)."""
+            """Every dispatch but the short path's: the memory store's owning thread runs the
+            unit of work itself, without a commit around it (the store commits as it writes);
+            other threads and stores submit it."""
+            me = get_ident()
+            if owned.owner != me or owned.busy or (prepare is not None and event in external):
+                work = work_of(
+                    instance_id,
+                    event,
+                    payload,
+                    actor,
+                    event_id,
+                    idempotency_key,
+                    expected_version,
+                    record_rejection,
+                )
+                if prepare is not None:
+                    return prepare(work, partition_of(instance_id))
+                return _settled(submit(work, partition_of(instance_id)))
             unit = inputs_of(
                 instance_id,
                 event,
@@ -668,20 +683,7 @@ class Governor:
                             None,
                             None,
                         )
-            me = get_ident()
-            if owned.owner == me and not owned.busy and (prepare is None or event not in external):
-                return here(
-                    me,
-                    instance_id,
-                    event,
-                    payload,
-                    actor,
-                    event_id,
-                    idempotency_key,
-                    expected_version,
-                    record_rejection,
-                )
-            work = work_of(
+            return rest(
                 instance_id,
                 event,
                 payload,
@@ -691,13 +693,10 @@ class Governor:
                 expected_version,
                 record_rejection,
             )
-            if prepare is not None:
-                return prepare(work, partition_of(instance_id))
-            return _settled(submit(work, partition_of(instance_id)))
 
         if memory is not None:
             memory.run_unlocked(dispatch.__code__)
-            memory.run_unlocked(here.__code__)
+            memory.run_unlocked(rest.__code__)
         return dispatch
 
     async def dispatch_async(
