@@ -697,6 +697,9 @@ class Governor:
         if memory is not None:
             memory.run_unlocked(dispatch.__code__)
             memory.run_unlocked(rest.__code__)
+            # Where the thread that is no longer the owner goes from `rest`: to the lock.
+            memory.leaves_unlocked(Governor._run_prepared.__code__)
+            memory.leaves_unlocked(type(runtime)._submit.__code__)
         return dispatch
 
     async def dispatch_async(

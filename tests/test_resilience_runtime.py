@@ -31,7 +31,7 @@ from autonomic.runtime.resilience import (
     dispatch_in_chunks,
 )
 from autonomic.runtime.runtime import Runtime
-from autonomic.runtime.store import SQLiteStore
+from autonomic.runtime.store import MemoryStore, SQLiteStore
 from autonomic.runtime.tables import ActionPolicy
 from autonomic.runtime.timers import VirtualClock
 from billing_world import START, Processor, open_billing
@@ -441,6 +441,44 @@ def test_two_dispatches_of_one_event_id_at_once_call_the_processor_once(
         "create",
         "ChargeRequested",
     ]
+    runtime.close()
+
+
+def test_a_memory_store_owner_waiting_for_a_claim_does_not_hold_up_the_thread_holding_it(
+    keys: Path,
+) -> None:
+    """On the memory store the owning thread sends a charge whose event id another thread
+    holds (its call at the processor): the owner waits for the claim inside dispatch. The
+    other thread then enters the store, which revokes the owner and waits until the owner is
+    out of dispatch's unlocked code: it is (waiting for the claim), so both finish (they
+    waited for each other for ever before)."""
+    processor = HeldProcessor({"c1"})
+    store = MemoryStore()
+    opened: list[Runtime] = []
+    owned = threading.Event()
+
+    def owner() -> None:  # the first thread to enter the store: it owns it
+        opened.append(open_billing(store, keys, VirtualClock(START), processor))
+        opened[0].governor("Billing").create("c1")
+        assert store.owner == threading.get_ident()
+        owned.set()
+        assert processor.entered.wait(30)
+        _charge(opened[0], "c1", event_id="charge-c1")
+
+    first = threading.Thread(target=owner, daemon=True)
+    first.start()
+    assert owned.wait(30)
+    runtime = opened[0]
+    waiting = _observe_claim_waits(runtime)
+    second = threading.Thread(target=_charge, args=(runtime, "c1", "charge-c1"), daemon=True)
+    second.start()
+    assert waiting.wait(30)  # the owner waits at the claim, inside dispatch
+    processor.release.set()
+    first.join(30)
+    second.join(30)
+    assert not first.is_alive() and not second.is_alive()
+    assert processor.charged == ["c1"]
+    assert runtime.store.processed("Billing", "charge-c1") is not None
     runtime.close()
 
 

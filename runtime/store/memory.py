@@ -8,12 +8,15 @@ returns is the store's own.
 Threads: the store is safe to share, and costs a single thread no lock. The first thread to
 enter it owns it and enters without the lock; the first other thread to enter revokes that
 (`owner` None for good), waits until the owner is out, and from then on every thread takes
-the lock. The owner is out when it is counted in no `enter` (`busy`) and runs none of the
-code registered with `run_unlocked` (dispatch's short path, which checks `owner` first and
-costs nothing more). Under the GIL the other thread sees the owner's stack as it stands
-between two bytecodes, and each read and write of `owner` and `busy` is atomic and in
-program order: either the owner sees the revocation before it goes in, or the other thread
-sees it inside and waits (the flag protocol of Dekker's algorithm).
+the lock. The owner is out when it is counted in no `enter` (`busy`) and runs no code
+registered with `run_unlocked` (dispatch's short path, which checks `owner` first and costs
+nothing more): none is on its stack, or code registered with `leaves_unlocked` is above it
+(dispatch's ways to the lock: a former owner waiting there, or for a claim held by the thread
+that revoked it, is out; waiting for it would never end). Under the GIL the other thread
+sees the owner's stack as it stands between two bytecodes, and each read and write of `owner`
+and `busy` is atomic and in program order: either the owner sees the revocation before it
+goes in, or the other thread sees it inside and waits (the flag protocol of Dekker's
+algorithm).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class MemoryStore:
         self._shared = False  # a second thread came: every thread locks from then on
         self._former: int | None = None  # the owner before that
         self._unlocked: set[CodeType] = set()
+        self._leaving: set[CodeType] = set()
         self._records: dict[str, dict[str, InstanceRecord]] = {}
         # The ledger, live: dispatch's fast path appends to it under the lock.
         self.ledger_list: list[LedgerEntry] = []
@@ -132,10 +136,21 @@ class MemoryStore:
         check `owner` against its thread first, and touch nothing when it is not the owner)."""
         self._unlocked.add(code)
 
+    def leaves_unlocked(self, code: CodeType) -> None:
+        """Register code that registered code calls to leave it: from there on the thread
+        touches the store only through `enter` (it may wait there, or for a claim another
+        thread holds while it enters: waiting for such a thread would never end)."""
+        self._leaving.add(code)
+
     def _runs_unlocked(self, thread: int | None) -> bool:
+        """Whether `thread` is inside code registered with `run_unlocked`: its most recent
+        frame of registered code is not below one of code that left it."""
         frame = sys._current_frames().get(thread) if thread is not None else None
         while frame is not None:
-            if frame.f_code in self._unlocked:
+            code = frame.f_code
+            if code in self._leaving:
+                return False
+            if code in self._unlocked:
                 return True
             frame = frame.f_back
         return False
