@@ -21,7 +21,6 @@ from .keychain import (
 )
 from .ledger import (
     DATA_KINDS,
-    ENTRY_TAG,
     GENESIS_HASH,
     KEPT,
     KINDS,
@@ -34,10 +33,6 @@ from .ledger import (
     LedgerMode,
     RootLike,
     _entry_hasher,
-    _join,
-    _length_prefixed,
-    _pack_length,
-    _pack_seq_ts,
     _sha256,
 )
 from .merkle import TreeFrontier, extend_frontier
@@ -624,17 +619,7 @@ def _verify(
     settled = False
     controls_seen = 0
     append_leaf = tree.pending.append
-    # The entry hash, inlined (see _entry_hasher): the (kind, machine) and (from_state,
-    # to_state, event, actor) encodings repeat, and are cached per combination, one lookup.
-    cache: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
-    cached = cache.get
-    pack_seq_ts, pack_length, sha256, join, tag = (
-        _pack_seq_ts,
-        _pack_length,
-        _sha256,
-        _join,
-        ENTRY_TAG,
-    )
+    compute = _entry_hasher()  # the sealer's: the same bytes, built by the same code
     tree_mask = _TREE_BATCH - 1  # a power of two: flush when position & mask is 0
 
     def next_stop(position: int) -> int:
@@ -676,26 +661,20 @@ def _verify(
                 problem, reason = _describe_sequence_problem(position, seq, rest)
                 raise _Failure(position, problem, reason, position)
             try:
-                texts = (kind, machine, from_state, to_state, event, actor)
-                head_bytes, move_bytes = cached(texts) or _remember(cache, texts)
-                instance_bytes = instance.encode("utf-8")
-                event_id_bytes = event_id.encode("utf-8")
-                computed = sha256(
-                    join(
-                        (
-                            tag,
-                            pack_seq_ts(seq, ts_ms),
-                            head_bytes,
-                            pack_length(len(instance_bytes)),
-                            instance_bytes,
-                            move_bytes,
-                            pack_length(len(event_id_bytes)),
-                            event_id_bytes,
-                            payload,
-                            prev,
-                        )
-                    )
-                ).digest()
+                computed = compute(
+                    seq,
+                    ts_ms,
+                    kind,
+                    machine,
+                    instance,
+                    from_state,
+                    to_state,
+                    event,
+                    actor,
+                    event_id,
+                    payload,
+                    prev,
+                )
             except (AttributeError, TypeError, UnicodeEncodeError, struct.error, OverflowError):
                 reason = _shape_problem(entry) or "the entry cannot be encoded"
                 raise _Failure(position, "malformed", reason, position) from None
@@ -851,18 +830,6 @@ def _verify(
     return VerifyReport(
         position, True, None, None, None, stream.verified, chain.mode, tuple(chain.introduced)
     )
-
-
-def _remember(
-    cache: dict[tuple[Any, ...], tuple[bytes, bytes]], texts: tuple[Any, ...]
-) -> tuple[bytes, bytes]:
-    """The encodings of (kind, machine) and of (from_state, to_state, event, actor), cached
-    (bounded: cleared when full)."""
-    encoded = [_length_prefixed(text) for text in texts]
-    if len(cache) >= 4096:
-        cache.clear()
-    cache[texts] = pair = (encoded[0] + encoded[1], _join(encoded[2:]))
-    return pair
 
 
 def _fail_link(entry: tuple[Any, ...], position: int, computed: bytes, head: bytes) -> NoReturn:
