@@ -72,9 +72,9 @@ if TYPE_CHECKING:
         entry_to_json,
         format_timestamp,
         read_ledger,
-        verify_ledger,
         write_jsonl,
     )
+    from .ledger_ranges import verify_ledger
     from .memory_ledger import MemoryLedger
     from .verify import (
         MalformedRecord,
@@ -859,7 +859,7 @@ _HOMES = {
     "read_ledger": "ledger_io",
     "verify_batches": "verify",
     "verify_entries": "verify",
-    "verify_ledger": "ledger_io",
+    "verify_ledger": "ledger_ranges",
     "write_jsonl": "ledger_io",
 }
 

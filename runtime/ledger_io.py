@@ -27,8 +27,6 @@ from .ledger import (
     LEDGER_COLUMNS,
     META_MODE_KEY,
     MODES,
-    SELECT_CHECKPOINTS_SQL,
-    SELECT_ENTRIES_SQL,
     SMALLEST_DATABASE,
     SQLITE_MAGIC,
     Checkpoint,
@@ -56,11 +54,17 @@ __all__ = [
     "sqlite_checkpoints",
     "sqlite_entry_batches",
     "sqlite_entry_rows",
-    "verify_ledger",
     "write_jsonl",
 ]
 
 _ENTRY_JSON_KEYS = frozenset(LEDGER_COLUMNS)
+
+# Every read of entries and checkpoints goes through the table itself, never through an index:
+# the store is not trusted, and an index it holds may disagree with its table (a partial index
+# that leaves rows out, say), so two readers of one file must not take different paths to it.
+TABLE_ONLY = "NOT INDEXED"
+_SELECT_ENTRIES = f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger {TABLE_ONLY}"
+_SELECT_CHECKPOINTS = f"SELECT {', '.join(CHECKPOINT_COLUMNS)} FROM ledger_checkpoints {TABLE_ONLY}"
 _CHECKPOINT_LINE_PREFIX = b'{"checkpoint":'
 
 
@@ -218,7 +222,7 @@ class LedgerSource:
     def last_checkpoint(self) -> Checkpoint | MalformedRecord | None:
         if self._connection is not None:
             try:
-                sql = SELECT_CHECKPOINTS_SQL + " DESC LIMIT 1"
+                sql = f"{_SELECT_CHECKPOINTS} ORDER BY size DESC LIMIT 1"
                 row = self._connection.execute(sql).fetchone()
             except sqlite3.Error as exc:
                 return MalformedRecord(f"checkpoint row cannot be read: {exc}")
@@ -231,7 +235,7 @@ class LedgerSource:
     @staticmethod
     def _sqlite_last_entry(connection: sqlite3.Connection) -> LedgerEntry | MalformedRecord | None:
         try:
-            row = connection.execute(SELECT_ENTRIES_SQL + " DESC LIMIT 1").fetchone()
+            row = connection.execute(f"{_SELECT_ENTRIES} ORDER BY seq DESC LIMIT 1").fetchone()
         except sqlite3.Error as exc:
             return MalformedRecord(f"row cannot be read: {exc}")
         return None if row is None else _new_entry(LedgerEntry, row)
@@ -275,12 +279,6 @@ class LedgerSource:
                 yield MalformedRecord(f"line {number}: {exc.message}")
 
 
-# Every read of entries and checkpoints goes through the table itself, never through an index:
-# the store is not trusted, and an index it holds may disagree with its table (a partial index
-# that leaves rows out, say), so two readers of one file must not take different paths to it.
-TABLE_ONLY = "NOT INDEXED"
-
-
 def _bounds(column: str, low: str, high: str, values: tuple[int | None, int | None]) -> str:
     """The SQL condition on `column` for the bounds in `values` that are not None."""
     conditions = [
@@ -302,7 +300,7 @@ def sqlite_entry_batches(
     LEDGER_COLUMNS order, fetched many at a time. After a row that cannot be read, the rows
     come one at a time (see sqlite_entry_rows), ending with a MalformedRecord."""
     where = _bounds("seq", ">=", "<", (low, high))
-    sql = f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger {TABLE_ONLY} WHERE {where} ORDER BY seq"
+    sql = f"{_SELECT_ENTRIES} WHERE {where} ORDER BY seq"
     last_seq: Any = None
     try:
         cursor = connection.execute(sql, _bound_values((low, high)))
@@ -327,7 +325,7 @@ def sqlite_entry_rows(
     A row the database cannot hand out (not UTF-8, a corrupt record) becomes a MalformedRecord
     where it was expected, not a crash."""
     where = _bounds("seq", ">=", "<", (low, high))
-    select = f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger {TABLE_ONLY} WHERE {where}"
+    select = f"{_SELECT_ENTRIES} WHERE {where}"
     last_seq: Any = after
     try:
         if last_seq is not None:
@@ -365,9 +363,7 @@ def sqlite_checkpoints(
 ) -> Iterator[Checkpoint | MalformedRecord]:
     """The `ledger_checkpoints` rows with low < size <= high (None: unbounded), by size."""
     where = _bounds("size", ">", "<=", (low, high))
-    select = (
-        f"SELECT {', '.join(CHECKPOINT_COLUMNS)} FROM ledger_checkpoints {TABLE_ONLY} WHERE {where}"
-    )
+    select = f"{_SELECT_CHECKPOINTS} WHERE {where}"
     bounds = _bound_values((low, high))
     last_size: int | None = None
     try:
@@ -517,21 +513,6 @@ def read_ledger(path: str | os.PathLike[str]) -> LedgerSource:
             hint="an export always starts with its header line",
         )
     return _open_jsonl(file, first_line)
-
-
-def verify_ledger(
-    path: str | os.PathLike[str],
-    root: RootLike,
-    *,
-    external_checkpoint: Checkpoint | None = None,
-    external_label: str = "external checkpoint",
-) -> VerifyReport:
-    """Verify a stored ledger file (SQLite store or JSON Lines export) from its pinned root, in
-    this process (`ledger_ranges.verify_file` verifies a large SQLite ledger in parallel)."""
-    with read_ledger(path) as source:
-        return source.verify(
-            root, external_checkpoint=external_checkpoint, external_label=external_label
-        )
 
 
 def write_jsonl(

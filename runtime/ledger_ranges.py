@@ -29,8 +29,11 @@ Whenever the ranges do not accept
 the ledger (any range fails, a boundary does not join, the store is laid out unexpectedly),
 the sequential verifier verifies it from the start and its report is the answer: the verdict
 and the diagnostic of a failure are the sequential ones by construction, and a ledger the
-ranges accept is one every check of the sequential verifier passes. Small ledgers are
-verified in this process: starting workers would cost more than it saves.
+ranges accept is one every check of the sequential verifier passes. The workers read
+snapshots of their own, so their answer is taken only when they verified what the caller's
+snapshot holds (the same counts, last entry and last checkpoint): what the caller reads from
+it afterwards is then what was verified. Small ledgers are verified in this process: starting
+workers would cost more than it saves.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import threading
 from collections.abc import Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -52,12 +56,11 @@ from .ledger_io import (
     read_ledger,
     sqlite_checkpoints,
     sqlite_entry_batches,
-    verify_ledger,
 )
 from .processes import available_cpus, map_in_processes
-from .verify import Span, VerifyReport, verify_batches
+from .verify import MalformedRecord, Span, VerifyReport, verify_batches
 
-__all__ = ["PARALLEL_MIN_ENTRIES", "verify_file", "verify_in_ranges"]
+__all__ = ["PARALLEL_MIN_ENTRIES", "verify_in_ranges", "verify_ledger", "verify_source"]
 
 # Below this many entries one process verifies: forking workers and joining them costs tens
 # of milliseconds, about what 30,000 entries take.
@@ -83,7 +86,7 @@ class _Task:
     label: str
 
 
-def verify_file(
+def verify_ledger(
     path: str | os.PathLike[str],
     root: RootLike,
     *,
@@ -93,10 +96,37 @@ def verify_file(
     range_size: int | None = None,
     min_entries: int = PARALLEL_MIN_ENTRIES,
 ) -> VerifyReport:
-    """Verify a stored ledger file as `ledger.verify_ledger` does, with the same report: in
-    ranges (see verify_in_ranges) when they accept it, else in this process."""
+    """Verify a stored ledger file (SQLite store or JSON Lines export) from its pinned root:
+    a large SQLite ledger in seq ranges in parallel processes when they accept it (see
+    verify_in_ranges), anything else in this process; the report is the sequential
+    verifier's either way."""
+    with read_ledger(path) as source:
+        return verify_source(
+            source,
+            root,
+            external_checkpoint=external_checkpoint,
+            external_label=external_label,
+            processes=processes,
+            range_size=range_size,
+            min_entries=min_entries,
+        )
+
+
+def verify_source(
+    source: LedgerSource,
+    root: RootLike,
+    *,
+    external_checkpoint: Checkpoint | None = None,
+    external_label: str = "external checkpoint",
+    processes: int | None = None,
+    range_size: int | None = None,
+    min_entries: int = PARALLEL_MIN_ENTRIES,
+) -> VerifyReport:
+    """`verify_ledger` of an open ledger. Its read transaction stays open meanwhile, and what
+    it holds is what was verified, so a caller may read from it afterwards (the newest
+    checkpoint, say) what the report vouches for."""
     report = verify_in_ranges(
-        path,
+        source,
         root,
         external_checkpoint=external_checkpoint,
         external_label=external_label,
@@ -106,13 +136,13 @@ def verify_file(
     )
     if report is not None:
         return report
-    return verify_ledger(
-        path, root, external_checkpoint=external_checkpoint, external_label=external_label
+    return source.verify(
+        root, external_checkpoint=external_checkpoint, external_label=external_label
     )
 
 
 def verify_in_ranges(
-    path: str | os.PathLike[str],
+    source: LedgerSource,
     root: RootLike,
     *,
     external_checkpoint: Checkpoint | None = None,
@@ -121,35 +151,70 @@ def verify_in_ranges(
     range_size: int | None = None,
     min_entries: int = PARALLEL_MIN_ENTRIES,
 ) -> VerifyReport | None:
-    """The report of an SQLite ledger of at least `min_entries` entries verified in ranges of
-    `range_size` entries (a power of two; default: a few per process) in up to `processes`
-    processes (default: one per CPU), if every range verifies and they join; else None."""
-    workers = processes or available_cpus()
-    with read_ledger(path) as source:
-        if workers < 2 or source.connection is None or source.mode_problem is not None:
-            return None
-        plan = _plan(
-            source,
-            RootOfTrust.of(root),
-            external_checkpoint,
-            external_label,
-            workers,
-            range_size,
-            min_entries,
-        )
+    """The report of an open SQLite ledger of at least `min_entries` entries verified in
+    ranges of `range_size` entries (a power of two; default: a few per process) in up to
+    `processes` processes (default: one per CPU), if every range verifies, they join, and
+    they verified what the source's own snapshot holds (as many entries and checkpoints,
+    ending in its last entry and checkpoint); else None.
+
+    Workers are forked, which is safe only while no other thread runs (one could hold a lock,
+    SQLite's among them, that the child would then wait for forever): with other threads
+    running, the ledger is verified in this process unless `processes` is given."""
+    workers = processes or (available_cpus() if threading.active_count() == 1 else 1)
+    if workers < 2 or source.connection is None or source.mode_problem is not None:
+        return None
+    plan = _plan(
+        source,
+        RootOfTrust.of(root),
+        external_checkpoint,
+        external_label,
+        workers,
+        range_size,
+        min_entries,
+    )
     if plan is None:
         return None
     tasks, stored = plan
     try:
-        report = _join(map_in_processes(_verify_range, tasks, workers))
+        joined = _join(map_in_processes(_verify_range, tasks, workers))
     except (BrokenProcessPool, OSError):  # no worker could start, or one was killed
         return None
     # Every entry and checkpoint the file's tables hold was verified by a range: the ranges
     # reach their rows by seeking, a full scan by walking every page, and in a file whose pages
     # disagree with each other (a leaf linked twice, say) the two would read different rows.
-    if report is None or (report.count, report.checkpoints) != stored:
+    # The workers read snapshots of their own, so the source's last entry and checkpoint must
+    # be the ones they verified.
+    if joined is None or (joined.report.count, joined.report.checkpoints, joined.head) != (
+        stored.entries,
+        stored.checkpoints,
+        stored.head,
+    ):
         return None
-    return report
+    if joined.link != stored.link:
+        return None
+    return joined.report
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """What the source's snapshot holds: its numbers of entries and checkpoints (a count
+    over every page of each table), the hash of its last entry and the digest of its last
+    checkpoint (None when it has none)."""
+
+    entries: int
+    checkpoints: int
+    head: bytes
+    link: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Joined:
+    """The ranges joined: the report, the hash of the last entry and the digest of the last
+    checkpoint they verified."""
+
+    report: VerifyReport
+    head: bytes
+    link: bytes | None
 
 
 def _plan(
@@ -160,7 +225,7 @@ def _plan(
     workers: int,
     range_size: int | None,
     min_entries: int,
-) -> tuple[list[_Task], tuple[int, int]] | None:
+) -> tuple[list[_Task], _Stored] | None:
     """The ranges to verify and how many entries and checkpoints the tables hold, or None when
     the ledger is small or not laid out as expected (then the sequential verifier reads it, and
     names what is wrong)."""
@@ -206,12 +271,19 @@ def _plan(
                 control[row[0]] = row
                 if len(control) > _MAX_CONTROL_ENTRIES:
                     return None
-        stored = tuple(
+        counts = [
             connection.execute(f"SELECT count(*) FROM {table} {TABLE_ONLY}").fetchone()[0]
             for table, _ in _TABLES
-        )
+        ]
+        head = connection.execute(
+            f"SELECT entry_hash FROM ledger {TABLE_ONLY} WHERE seq = ?", (last[0],)
+        ).fetchone()[0]
+        newest = source.last_checkpoint()
     except sqlite3.Error:
         return None
+    if type(head) is not bytes or isinstance(newest, MalformedRecord):
+        return None
+    link = None if newest is None else newest.digest()
     width = range_size or _range_width(size, workers)
     if width & (width - 1) or width >= size:
         return None
@@ -230,7 +302,7 @@ def _plan(
         )
         for start in starts
     ]
-    return tasks, (stored[0], stored[1])
+    return tasks, _Stored(counts[0], counts[1], head, link)
 
 
 def _keyed_by_rowid(connection: sqlite3.Connection, table: str, key: str) -> bool:
@@ -281,10 +353,11 @@ def _verify_range(task: _Task) -> tuple[Span, VerifyReport] | None:
     return span, report
 
 
-def _join(results: Sequence[tuple[Span, VerifyReport] | None]) -> VerifyReport | None:
+def _join(results: Sequence[tuple[Span, VerifyReport] | None]) -> _Joined | None:
     """One report for the whole ledger from its ranges in seq order, or None when a range
     failed or a boundary does not join."""
     head, link = GENESIS_HASH, GENESIS_HASH
+    last_link: bytes | None = None
     nodes: list[bytes] = []  # the Merkle frontier of the ranges joined so far
     size = 0
     uncovered = False
@@ -305,7 +378,7 @@ def _join(results: Sequence[tuple[Span, VerifyReport] | None]) -> VerifyReport |
         if span.first_link is not None and span.first_link != link:
             return None
         if span.last_link is not None:
-            link = span.last_link
+            link = last_link = span.last_link
         uncovered = span.uncovered if span.settled else uncovered or span.uncovered
         checkpoints += report.checkpoints
         head = span.last_hash
@@ -316,7 +389,8 @@ def _join(results: Sequence[tuple[Span, VerifyReport] | None]) -> VerifyReport |
         size = span.end
     if report is None or uncovered:
         return None
-    return VerifyReport(size, True, None, None, None, checkpoints, report.mode, report.keys)
+    report = VerifyReport(size, True, None, None, None, checkpoints, report.mode, report.keys)
+    return _Joined(report, head, last_link)
 
 
 def _node(left: bytes, right: bytes) -> bytes:

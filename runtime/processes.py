@@ -27,8 +27,8 @@ def map_in_processes(function: Callable[[T], R], tasks: Sequence[T], processes: 
 
     Verification is CPU-bound (hashing, Ed25519) and holds the GIL, so it needs processes, not
     threads. They are forked: a worker starts in milliseconds with every module already
-    imported. The caller must hold no open database connection or pool while it calls this
-    (a forked child must not use its parent's); each task opens its own.
+    imported. A child never uses its parent's open database connections or pools (each task
+    opens its own): it inherits them unused and leaves with os._exit, closing none of them.
     """
     processes = min(processes, len(tasks))
     if processes <= 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -30,14 +31,13 @@ from autonomic.runtime.ledger import (
     VerifyReport,
     entry_hash,
     payload_digest,
-    verify_ledger,
 )
-from autonomic.runtime.ledger_io import sqlite_entry_batches
-from autonomic.runtime.ledger_ranges import verify_file, verify_in_ranges
+from autonomic.runtime.ledger_io import read_ledger, sqlite_entry_batches
+from autonomic.runtime.ledger_ranges import verify_in_ranges, verify_ledger, verify_source
 from autonomic.runtime.verify import Span, verify_batches
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ledger_files import run_sql, write_sqlite_ledger
+from ledger_files import run_sql, write_sqlite_ledger, write_sqlite_rows
 from sqlite_pages import link_leaf_twice
 
 T0 = 1_700_000_000_000
@@ -118,17 +118,31 @@ def _copy(files: dict[str, Path], mode: str, folder: Path) -> Path:
 def _both(
     path: Path, keys: Keys, external: Checkpoint | None = None
 ) -> tuple[VerifyReport | None, VerifyReport]:
-    """The ranges' report (None: they refused the ledger) and the sequential one; verify_file
+    """The ranges' report (None: they refused the ledger) and the sequential one; verify_ledger
     must answer exactly what the sequential verifier answers."""
-    ranged = verify_in_ranges(
-        path, keys.root, external_checkpoint=external, processes=2, range_size=RANGE, min_entries=0
-    )
-    sequential = verify_ledger(path, keys.root, external_checkpoint=external)
-    whole = verify_file(
+    with read_ledger(path) as source:
+        ranged = verify_in_ranges(
+            source,
+            keys.root,
+            external_checkpoint=external,
+            processes=2,
+            range_size=RANGE,
+            min_entries=0,
+        )
+    sequential = _sequential(path, keys.root, external)
+    whole = verify_ledger(
         path, keys.root, external_checkpoint=external, processes=2, range_size=RANGE, min_entries=0
     )
     assert whole == sequential
     return ranged, sequential
+
+
+def _sequential(
+    path: Path, root: PublicKeyInfo, external: Checkpoint | None = None
+) -> VerifyReport:
+    """The report of the verifier that reads the whole ledger in this process."""
+    with read_ledger(path) as source:
+        return source.verify(root, external_checkpoint=external)
 
 
 def _refused(path: Path, keys: Keys, external: Checkpoint | None = None) -> VerifyReport:
@@ -400,11 +414,54 @@ def test_truncation_is_found_by_the_ranges_as_by_the_sequential_verifier(
     assert (report.index, report.problem) == (43, "truncated")
 
 
+def test_the_report_is_of_the_snapshot_the_caller_holds_while_the_store_grows(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """Workers read snapshots of their own: when the store grew after the caller's snapshot,
+    the ranges do not answer for it, and the caller gets the report of what it holds."""
+    ledger = _ledger(keys, "checkpoint")
+    entries, checkpoints = list(ledger.entries()), list(ledger.checkpoints())
+    path = tmp_path / "growing.db"
+    run_sql(path, "PRAGMA journal_mode = WAL")
+    write_sqlite_rows(path, entries[:31], [c for c in checkpoints if c.size <= 31], "checkpoint")
+    with read_ledger(path) as source:
+        with sqlite3.connect(path) as writer:  # the runtime commits more meanwhile
+            writer.executemany(INSERT_ENTRY_SQL, entries[31:])
+            writer.executemany(
+                INSERT_CHECKPOINT_SQL, [c.as_row() for c in checkpoints if c.size > 31]
+            )
+        writer.close()
+        ranged = verify_in_ranges(source, keys.root, processes=2, range_size=RANGE, min_entries=0)
+        assert ranged is None
+        report = verify_source(source, keys.root, processes=2, range_size=RANGE, min_entries=0)
+        assert (report.ok, report.count) == (True, 31)
+        assert source.latest_signed_checkpoint().size == 31
+    whole = verify_ledger(path, keys.root, processes=2, range_size=RANGE, min_entries=0)
+    assert whole == _sequential(path, keys.root) and whole.count == SIZE
+
+
+def test_entries_left_uncovered_before_a_last_range_of_control_entries_only_fail(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """A range that holds no unsigned entry and settles no checkpoint (here a key rotation
+    alone) leaves the entries an earlier range left uncovered still uncovered."""
+    ledger = MemoryLedger(LedgerSealer(keys.old, "checkpoint"), genesis_ts_ms=T0)
+    for number in range(1, 2 * RANGE):
+        ledger.append(_data(number))
+        if number == 11:
+            ledger.checkpoint(T0 + number * HOUR)  # covers seq 0..11; 12..15 stay uncovered
+    ledger.rotate(keys.new, T0 + ROTATION_SEQ * HOUR)  # seq 16: the last range alone
+    path = write_sqlite_ledger(tmp_path / "uncovered.db", ledger)
+    report = _refused(path, keys)
+    assert (report.index, report.problem) == (12, "uncovered")
+
+
 def test_the_cli_verifies_a_large_ledger_in_ranges_with_the_same_output(
     tmp_path: Path, keys: Keys
 ) -> None:
-    """Past the size where `audit verify` starts workers, the CLI's words are the sequential
-    verifier's, for a valid ledger and for one entry tampered at a boundary."""
+    """Past the size where verification starts workers, `audit verify`, `audit checkpoint
+    --public-key` and `verify_ledger` answer what the sequential verifier answers, for a valid
+    ledger and for one entry tampered at a boundary."""
     from autonomic.runtime.ledger_ranges import PARALLEL_MIN_ENTRIES
 
     sealer = LedgerSealer(keys.old, "checkpoint")
@@ -418,18 +475,37 @@ def test_the_cli_verifies_a_large_ledger_in_ranges_with_the_same_output(
     del ledger
     command = [sys.executable, "-m", "autonomic", "audit", "verify", str(path)]
 
-    def cli() -> str:
+    def cli(*args: str) -> str:
         done = subprocess.run(
-            [*command, "--public-key", str(keys.root_file)], capture_output=True, text=True
+            [*(args or command), "--public-key", str(keys.root_file)],
+            capture_output=True,
+            text=True,
         )
         return f"{done.returncode}: {done.stdout}{done.stderr}"
 
-    assert verify_in_ranges(path, keys.root) is not None
+    def checkpoint_cli(out: str) -> str:
+        return cli(
+            sys.executable, "-m", "autonomic", "audit", "checkpoint", str(path), "--out", out
+        )
+
+    with read_ledger(path) as source:
+        assert verify_in_ranges(source, keys.root) is not None
+        newest = source.latest_signed_checkpoint()
     assert cli().startswith(f"0: verified {PARALLEL_MIN_ENTRIES + 100} entries")
+    # The library call verifies in worker processes too (their CPU time is its children's).
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+    assert verify_ledger(path, keys.root) == _sequential(path, keys.root)
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime > before
+    out = tmp_path / "newest.json"
+    done = checkpoint_cli(str(out))
+    assert done.startswith("0: checkpoint at size 65636") and "; verified)" in done
+    assert Checkpoint.load(out).to_json() == newest.to_json()
     boundary = 1 << 14
     run_sql(path, "UPDATE ledger SET actor = 'eve' WHERE seq = ?", boundary)
-    report = verify_ledger(path, keys.root)
+    report = _sequential(path, keys.root)
+    assert verify_ledger(path, keys.root) == report
     assert cli() == f"1: {path}: seq {boundary}: {report.reason}\n"
+    assert checkpoint_cli(str(tmp_path / "refused.json")) == cli()
 
 
 # Random tampering: whatever is changed, removed or moved, the ranges answer exactly what the
