@@ -13,9 +13,16 @@ from pathlib import Path
 
 import pytest
 from autonomic.compiler import cli
-from autonomic.runtime.keys import generate_keypair, load_signer
-from autonomic.runtime.ledger import KEPT, LedgerMode, kept_digest, verify_ledger
-from autonomic.runtime.ledger_ranges import verify_file, verify_in_ranges
+from autonomic.runtime.keys import PublicKeyInfo, generate_keypair, load_signer
+from autonomic.runtime.ledger import (
+    KEPT,
+    LedgerMode,
+    VerifyReport,
+    kept_digest,
+    read_ledger,
+    verify_ledger,
+)
+from autonomic.runtime.ledger_ranges import verify_in_ranges
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.sqlite import SQLiteStore
 from conftest import Stores
@@ -137,6 +144,12 @@ def test_audit_verify_names_the_instance_the_ledger_contradicts(
     assert code == 1 and diagnostic in out, out
 
 
+def _ranges(path: Path, root: PublicKeyInfo) -> VerifyReport | None:
+    """The ranges' report (None: they do not accept the ledger)."""
+    with read_ledger(path) as source:
+        return verify_in_ranges(source, root, processes=2, range_size=16, min_entries=1)
+
+
 def test_a_kept_entry_without_its_signature_fails_in_checkpoint_mode_in_ranges_too(
     tmp_path: Path,
 ) -> None:
@@ -155,7 +168,7 @@ def test_a_kept_entry_without_its_signature_fails_in_checkpoint_mode_in_ranges_t
     root = signer.public_info()
     whole = verify_ledger(path, root)
     assert whole.ok
-    assert verify_in_ranges(path, root, processes=2, range_size=16, min_entries=1) == whole
+    assert _ranges(path, root) == whole
     with SQLiteStore(path) as store:
         (seq,) = [e.seq for e in store.ledger_entries() if e.kind == KEPT]
     stores = Stores("sqlite", tmp_path, None)
@@ -163,5 +176,5 @@ def test_a_kept_entry_without_its_signature_fails_in_checkpoint_mode_in_ranges_t
     whole = verify_ledger(path, root)
     assert not whole.ok and whole.index == seq and whole.problem == "missing_signature"
     # The ranges refuse it themselves (None: not accepted), and the verdict is the same.
-    assert verify_in_ranges(path, root, processes=2, range_size=16, min_entries=1) is None
-    assert verify_file(path, root, processes=2, range_size=16, min_entries=1) == whole
+    assert _ranges(path, root) is None
+    assert verify_ledger(path, root, processes=2, range_size=16, min_entries=1) == whole
