@@ -555,7 +555,6 @@ class Governor:
         # Entries as Any: `short` is true only on a _Row, which mypy cannot narrow by.
         table: dict[str, dict[str, Any]] = self._table
         sealed = self._sealed
-        work_of = self._work
         inputs_of = self._inputs
         step = self._step
         chain = runtime._chain
@@ -587,21 +586,6 @@ class Governor:
             """Every dispatch but the short path's: the memory store's owning thread runs the
             unit of work itself, without a commit around it (the store commits as it writes);
             other threads and stores submit it."""
-            me = get_ident()
-            if owned.owner != me or owned.busy or (prepare is not None and event in external):
-                work = work_of(
-                    instance_id,
-                    event,
-                    payload,
-                    actor,
-                    event_id,
-                    idempotency_key,
-                    expected_version,
-                    record_rejection,
-                )
-                if prepare is not None:
-                    return prepare(work, partition_of(instance_id))
-                return _settled(submit(work, partition_of(instance_id)))
             unit = inputs_of(
                 instance_id,
                 event,
@@ -612,6 +596,12 @@ class Governor:
                 expected_version,
                 record_rejection,
             )
+            me = get_ident()
+            if owned.owner != me or owned.busy or (prepare is not None and event in external):
+                work = partial(step, unit)  # as _work makes it
+                if prepare is not None:
+                    return prepare(work, partition_of(instance_id))
+                return _settled(submit(work, partition_of(instance_id)))
             # As _submit_unit marks a unit: a dispatch from its guards and actions is refused
             # (NestedDispatch).
             owned.busy = 1
