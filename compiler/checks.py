@@ -970,7 +970,9 @@ def check_emit_payloads(
                 told = fact.events.get(notice.event.value)
                 if told is not None:  # else E150
                     has_cause = cause is not None
-                    yield from emit_payload_findings(notice, told, causing, has_cause=has_cause)
+                    yield from emit_payload_findings(
+                        notice, told, causing, has_cause=has_cause, notice=True
+                    )
 
 
 def _event_named(machine: Machine, name: str) -> Event | None:

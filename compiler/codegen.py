@@ -13,7 +13,7 @@ import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, get_args
 
 import jinja2
 
@@ -22,6 +22,7 @@ from .lower import (
     ELSE,
     EmitArgRow,
     EmitRow,
+    EmitSource,
     FieldRow,
     MachineTables,
     NameRole,
@@ -62,7 +63,7 @@ TIMER_KINDS = (
     "retry_timeout",
     "entry",
 )
-EMIT_SOURCES = ("field", "literal", "instance", "actor", "event")
+EMIT_SOURCES = get_args(EmitSource)
 
 
 class CodegenError(Exception):

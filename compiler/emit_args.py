@@ -10,15 +10,22 @@ from collections.abc import Iterator
 from datetime import datetime
 
 from .errors import Diagnostic, did_you_mean, fail
-from .lower import CONTEXT_REFS
+from .lower import CONTEXT_REFS, REFUSAL_REFS
 from .model import EmitValue, Event, EventRef, Field
 
 __all__ = ["emit_payload_findings", "source_misfit"]
 
 
 def emit_payload_findings(
-    ref: EventRef, target: Event, causing: dict[str, Field], *, has_cause: bool
+    ref: EventRef,
+    target: Event,
+    causing: dict[str, Field],
+    *,
+    has_cause: bool,
+    notice: bool = False,
 ) -> Iterator[Diagnostic]:
+    """E141-E143 for `ref`'s arguments; E152 for a $refusal_... reference outside a refusal
+    notice's arguments (`notice`)."""
     fields = {f.name.value: f for f in target.fields}
     shown = f"{ref.machine.value}.{ref.event.value}" if ref.machine else ref.event.value
     written: set[str] = set()
@@ -42,7 +49,15 @@ def emit_payload_findings(
                 did_you_mean(name, fields) or f"its fields: {', '.join(fields) or 'none'}",
             )
             continue
-        if value.kind == "ref" and value.text not in CONTEXT_REFS:
+        if value.kind == "ref" and value.text in REFUSAL_REFS and not notice:
+            yield fail(
+                "E152",
+                f"'${value.text}' is known only to a refusal notice",
+                value.span,
+                "use it in the arguments of `if refused NOTICE(...)`, which the receiver's "
+                "refusal fills in",
+            )
+        elif value.kind == "ref" and value.text not in CONTEXT_REFS:
             refs = [f"${r}" for r in CONTEXT_REFS]
             yield fail(
                 "E142",

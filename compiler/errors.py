@@ -118,6 +118,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "E149": (Severity.ERROR, "emit target not kept on every way to the emit"),
     "E150": (Severity.ERROR, "refusal notice is not an event of the emitting machine"),
     "E151": (Severity.ERROR, "refusal notice not handled where the emit waits"),
+    "E152": (Severity.ERROR, "refusal reference outside a refusal notice"),
     "W201": (Severity.WARNING, "unreachable state"),
     "W202": (Severity.WARNING, "no final state reachable"),
     "W203": (Severity.WARNING, "dead-end state"),

@@ -92,7 +92,9 @@ class Ref(NamedTuple):
     column: int
 
 
-EmitSource = Literal["field", "literal", "instance", "actor", "event"]
+EmitSource = Literal[
+    "field", "literal", "instance", "actor", "event", "refusal_code", "refusal_message"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -950,9 +952,17 @@ def _emit_arg(field: str, value: m.EmitValue) -> EmitArgRow:
     return EmitArgRow(field, _CONTEXT_REFS[value.text], None)
 
 
-# `$name` references an emit argument may use, and what the runtime fills in for them.
-_CONTEXT_REFS: dict[str, EmitSource] = {"instance": "instance", "actor": "actor", "event": "event"}
+# `$name` references an emit argument may use, and what the runtime fills in for them; the
+# REFUSAL_REFS only in a refusal notice's arguments (E152): the receiver's refusal.
+_CONTEXT_REFS: dict[str, EmitSource] = {
+    "instance": "instance",
+    "actor": "actor",
+    "event": "event",
+    "refusal_code": "refusal_code",
+    "refusal_message": "refusal_message",
+}
 CONTEXT_REFS = tuple(_CONTEXT_REFS)
+REFUSAL_REFS = ("refusal_code", "refusal_message")
 
 
 def _firings(step: m.EscalationStep) -> list[int]:

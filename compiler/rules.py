@@ -328,6 +328,13 @@ _HELP: dict[str, tuple[str, str]] = {
         "notice would be refused in turn.",
         "Add `on NOTICE -> ...` to that state, or name a notice it handles.",
     ),
+    "E152": (
+        "`$refusal_code` or `$refusal_message` is an argument of an emit, a flow step or a "
+        "compensation that is not a refusal notice: only a notice's delivery follows a "
+        "refusal, whose code and message fill them in.",
+        "Use them in the arguments of the notice: `emit Machine.Event if refused "
+        "NOTICE(reason = $refusal_message, refusal_code = $refusal_code)`.",
+    ),
 }
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from .errors import ActionFailed, InvalidTransition, PayloadInvalid, UnknownEvent, UnknownInstance
 from .results import Delivery, EmittedEvent, Notification, _dumps, derive_event_id
@@ -167,6 +168,31 @@ def _deliver(runtime: Runtime, message: OutboxMessage) -> list[Delivery]:
     return [Delivery(message, "delivered", result, None)]
 
 
+_PARTS = ("code", "message")
+
+
+def _with_refusal(body: str, error: str) -> str:
+    """A held notice's body with its refusal slots (runtime/rows.py REFUSAL_SLOTS) filled from
+    the refusal it tells of: `error` is "CODE message", as `_deliver` writes it."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(payload, dict):
+        return body
+    slots = {
+        field: value["$refusal"]
+        for field, value in payload.items()
+        if isinstance(value, dict) and len(value) == 1 and value.get("$refusal") in _PARTS
+    }
+    if not slots:
+        return body
+    code, _, text = error.partition(" ")
+    parts = {"code": code, "message": text}
+    values: dict[str, Any] = {**payload, **{field: parts[part] for field, part in slots.items()}}
+    return _dumps(values)
+
+
 def mark(
     runtime: Runtime, message: OutboxMessage, status: OutboxStatus, error: str | None
 ) -> OutboxMessage | None:
@@ -179,6 +205,8 @@ def mark(
     # not loaded here might, so its notice is looked for).
     held = sender is None or (message.target_machine, message.event) in sender._refusals
 
+    fleet = runtime._partitioned
+
     def work(txn: Transaction, chain: _Chain) -> OutboxMessage | None:
         txn.mark_outbox(message_id, status, error)
         if not held:
@@ -186,8 +214,19 @@ def mark(
         notice = txn.outbox_message(refusal_id(message.event_id))
         if notice is None or notice.status != "held" or notice.id is None:
             return None
-        released: OutboxStatus = "pending" if status == "failed" else "dropped"
-        txn.mark_outbox(notice.id, released, None)
-        return notice if released == "pending" else None
+        if status != "failed":
+            txn.mark_outbox(notice.id, "dropped", None)
+            return None
+        # Released with the refusal it tells of: its $refusal_code and $refusal_message
+        # arguments take the code and message the delivery failed with.
+        body = _with_refusal(notice.body, error or "")
+        if body != notice.body:
+            txn.set_outbox_body(notice.id, body)
+        txn.mark_outbox(notice.id, "pending", None)
+        if fleet is not None:
+            # This worker delivers it next: leased to it like any claimed message, so no
+            # other worker takes it meanwhile, and the fleet does if this one dies.
+            fleet.lease_in(txn, notice.id)
+        return replace(notice, body=body, status="pending")
 
     return runtime._submit(work, None)

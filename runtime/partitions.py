@@ -170,6 +170,10 @@ class PartitionedStore(Protocol):
 
     def claim_outbox(self, *, kind: OutboxKind, limit: int) -> list[OutboxMessage]: ...
 
+    def lease_in(self, txn: Transaction, message_id: int) -> None:
+        """Lease a message to this worker inside a unit of work (a refusal notice it
+        releases), as `claim_outbox` leases the messages it returns."""
+
     def ledger_entry(self, seq: int, *, partition: int | None = None) -> LedgerEntry | None: ...
 
     def partition_heads(self) -> list[tuple[int, bytes]]: ...

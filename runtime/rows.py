@@ -12,6 +12,14 @@ from .results import _EMPTY_RESULTS, _dumps, _Outcome
 from .tables import ELSE, Emit, Payload, TimerSpec, Transition
 from .timers import TimerPlan
 
+# What a refusal notice's $refusal_code / $refusal_message arguments hold until the notice is
+# released with the refusal (runtime/outbox.py fills them): a JSON object no payload field
+# takes, so a notice delivered without its refusal is refused for its payload, not guessed.
+REFUSAL_SLOTS: dict[str, dict[str, str]] = {
+    "refusal_code": {"$refusal": "code"},
+    "refusal_message": {"$refusal": "message"},
+}
+
 _new_exception = cast(Callable[[type[InvalidTransition]], InvalidTransition], BaseException.__new__)
 
 
@@ -198,5 +206,13 @@ class _EmitPlan:
         for target, source in self.fields:
             values[target] = getattr(payload, source, None)
         for target, ref in self.context:
-            values[target] = instance if ref == "instance" else actor if ref == "actor" else event
+            values[target] = (
+                instance
+                if ref == "instance"
+                else actor
+                if ref == "actor"
+                else event
+                if ref == "event"
+                else REFUSAL_SLOTS[ref]  # filled when the notice is released (outbox.py)
+            )
         return _dumps(values)

@@ -188,7 +188,9 @@ class SourceRef:
         return f"{self.path}:{self.line}:{self.column}"
 
 
-EmitSource = Literal["field", "literal", "instance", "actor", "event"]
+EmitSource = Literal[
+    "field", "literal", "instance", "actor", "event", "refusal_code", "refusal_message"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +201,8 @@ class EmitArg:
     is the value itself (a decimal as its string, which the payload model converts);
     "instance", "actor", "event": the emitting instance's id, the actor of the causing
     dispatch (the timer actor for timers), the causing event's name (the timer id for
-    timers), with `value` None.
+    timers), with `value` None; "refusal_code", "refusal_message" (a refusal notice's
+    arguments only): the code and message of the receiver's refusal of the delivery.
     """
 
     field: str

@@ -6,14 +6,17 @@ twice."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from autonomic.compiler.codegen import generate_module
 from autonomic.compiler.parser import parse_text
+from autonomic.runtime.demo import _Bindings
 from autonomic.runtime.flows import FlowRunner
 from autonomic.runtime.keys import Signer
-from autonomic.runtime.outbox import mark
+from autonomic.runtime.outbox import _deliver, mark
 from autonomic.runtime.results import Delivery
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.base import Store, Transaction
@@ -203,3 +206,85 @@ def test_entry_and_timer_emits_tell_their_sender_too(kind: str, tmp_path: Path) 
         assert pinger.get("p1").state == "Told"  # type: ignore[union-attr]
         # $event in a timer's notice is the timer's id, as in the timer's own emits.
         assert deliveries[1].message.body == '{"reason":"Waiting/after/1h#0"}'
+
+
+def test_a_notice_carries_the_receivers_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`if refused TierChangeFailed(reason = $refusal_message, refusal_code = $refusal_code)`:
+    the notice's payload holds the code and message of Entitlement's actual refusal, also
+    when it is delivered by a process started after the one that released it."""
+    seen: list[Any] = []
+    recorder = _Bindings._recorder
+
+    def recording(self: _Bindings, machine: str, action: str) -> Callable[[Any], None]:
+        inner = recorder(self, machine, action)
+
+        def record(ctx: Any) -> None:
+            if action == "record_downgrade_failure":
+                seen.append(ctx.payload)
+            inner(ctx)
+
+        return record
+
+    monkeypatch.setattr(_Bindings, "_recorder", recording)
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    runtime, runner, _ = marketplace(SQLiteStore(tmp_path / "why.db"), signer=signer)
+    with runtime:
+        active_customer(runtime, runner, "down-6")
+        deliveries = downgrade_refused(runtime, "down-6")
+    refusal = deliveries[0].error
+    assert refusal is not None and refusal.startswith("R006 ")
+    (told,) = seen
+    assert (told.stage, told.refusal_code, told.reason) == ("entitlement", "R006", refusal[5:])
+    assert "Suspended" in told.reason  # Entitlement's own words: the state that refused
+
+    # Released, then the process stops before delivering it: the refusal is stored with it.
+    runtime, runner, _ = marketplace(SQLiteStore(tmp_path / "later.db"), signer=signer)
+    with runtime:
+        active_customer(runtime, runner, "down-7")
+        runtime.governor("Entitlement").dispatch("down-7", "Suspend", {"reason": "fraud check"})
+        subscription = runtime.governor("Subscription")
+        subscription.dispatch(
+            "down-7", "DowngradeRequested", {"customer_id": "down-7", **DOWNGRADE}
+        )
+        (grant,) = [m for m in runtime.store.outbox(kind="event") if m.event == "GrantEntitlements"]
+        assert mark(runtime, grant, "failed", "R099 the receiver said no") is not None
+    seen.clear()
+    runtime, runner, _ = marketplace(SQLiteStore(tmp_path / "later.db"), signer=signer)
+    with runtime:
+        delivered = [d for d in runtime.deliver_outbox() if d.message.event == "TierChangeFailed"]
+        assert [d.status for d in delivered] == ["delivered"]
+    (told,) = seen
+    assert (told.refusal_code, told.reason) == ("R099", "the receiver said no")
+
+
+def test_a_released_notice_is_leased_to_the_worker_that_delivers_it(
+    postgres_stores: Stores,
+) -> None:
+    """On a fleet store the worker that marks a delivery refused releases its notice leased
+    to itself, in the same transaction: another worker's claim skips it while this one
+    delivers it (and takes it once the lease runs out, if this one dies)."""
+    runtime, runner, _ = marketplace(postgres_stores.open("m", partitions=2))
+    with runtime:
+        customer = "down-8"
+        active_customer(runtime, runner, customer)
+        runtime.governor("Entitlement").dispatch(customer, "Suspend", {"reason": "fraud check"})
+        subscription = runtime.governor("Subscription")
+        subscription.dispatch(
+            customer, "DowngradeRequested", {"customer_id": customer, **DOWNGRADE}
+        )
+        (grant,) = [m for m in runtime.store.outbox(kind="event") if m.event == "GrantEntitlements"]
+        notice = mark(runtime, grant, "failed", "R006 refused")
+        assert notice is not None and notice.status == "pending"
+        query = f"SELECT lease_owner FROM outbox WHERE event_id = '{notice.event_id}'"
+        assert postgres_stores.rows("m", query) == [(runtime.store.owner,)]  # type: ignore[attr-defined]
+        other = postgres_stores.open("m")
+        try:
+            claimed = other.claim_outbox(kind="event", limit=100)  # type: ignore[attr-defined]
+        finally:
+            other.close()
+        assert notice.event_id not in {m.event_id for m in claimed}
+        (told,) = _deliver(runtime, notice)
+        assert told.status == "delivered"
+        assert postgres_stores.rows("m", query) == [(None,)]

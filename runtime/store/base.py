@@ -210,6 +210,10 @@ class Transaction(Protocol):
 
     def mark_outbox(self, message_id: int, status: OutboxStatus, error: str | None) -> None: ...
 
+    def set_outbox_body(self, message_id: int, body: str) -> None:
+        """Replace a message's body: a refusal notice's, when it is released with the refusal
+        its $refusal_code / $refusal_message arguments carry (runtime/outbox.py)."""
+
     def save_snapshot(self, snapshot: Snapshot) -> None: ...
 
     def purge_dedup(self, before_ms: int) -> tuple[int, int]:

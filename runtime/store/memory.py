@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from types import CodeType, MappingProxyType
 from typing import TypeVar
 
@@ -480,6 +481,10 @@ class MemoryStore:
             status,
             error,
         )
+
+    def set_outbox_body(self, message_id: int, body: str) -> None:
+        index = message_id - 1
+        self._outbox[index] = replace(self._outbox[index], body=body)
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
         self._snapshots[(snapshot.machine, snapshot.instance)] = snapshot

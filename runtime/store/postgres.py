@@ -435,6 +435,15 @@ class PostgresTransaction:
             (status, error, message_id),
         )
 
+    def set_outbox_body(self, message_id: int, body: str) -> None:
+        self._execute("UPDATE outbox SET body = %s WHERE id = %s", (body, message_id))
+
+    def lease_outbox(self, message_id: int, owner: str, lease_ms: int) -> None:
+        self._execute(
+            f"UPDATE outbox SET lease_owner = %s, lease_until_ms = {_DB_NOW_MS} + %s WHERE id = %s",
+            (owner, lease_ms, message_id),
+        )
+
     def save_snapshot(self, snapshot: Snapshot) -> None:
         self._execute(
             "INSERT INTO snapshots (machine, instance, version, state, ledger_seq, entry_hash) "
@@ -964,6 +973,12 @@ class PostgresStore:
             ).fetchall()
         rows.sort(key=lambda row: row[0])
         return [OutboxMessage(*row) for row in rows]
+
+    def lease_in(self, txn: Transaction, message_id: int) -> None:
+        """Lease a message to this store's owner for `lease_ms`, in `txn` (a unit of work of
+        this store): a refusal notice this worker releases and delivers next, which no other
+        worker claims meanwhile, and which returns to the fleet if this one dies."""
+        cast(PostgresTransaction, txn).lease_outbox(message_id, self.owner, self.lease_ms)
 
     def outbox(
         self,

@@ -500,6 +500,9 @@ class SQLiteTransaction:
             "UPDATE outbox SET status = ?, error = ? WHERE id = ?", (status, error, message_id)
         )
 
+    def set_outbox_body(self, message_id: int, body: str) -> None:
+        self._execute("UPDATE outbox SET body = ? WHERE id = ?", (body, message_id))
+
     def save_snapshot(self, snapshot: Snapshot) -> None:
         self._execute(
             "INSERT OR REPLACE INTO snapshots "
