@@ -756,7 +756,7 @@ class Governor:
         slots = []
         # The claims this batch holds: a request repeating one of them is not prepared (its
         # unit finds the earlier one's result in the batch); one held elsewhere is refused.
-        claimed: set[ClaimKey] = set()
+        claimed: dict[ClaimKey, int] = {}  # -> the index of the request that claimed it
         releases: list[Release] = []
         try:
             for index, r in enumerate(requests):
@@ -772,7 +772,11 @@ class Governor:
                         False,
                     )
                     keys = self._claim_keys(work)
-                    if not claimed.isdisjoint(keys):
+                    earlier = next((claimed[k] for k in keys if k in claimed), None)
+                    if earlier is not None:
+                        failed = results[earlier]
+                        if isinstance(failed, Exception):  # its outside call failed: not again
+                            raise failed
                         works.append(work)
                         slots.append(index)
                         continue
@@ -782,7 +786,7 @@ class Governor:
                         )
                         if release is not None:
                             releases.append(release)
-                            claimed.update(keys)
+                            claimed.update(dict.fromkeys(keys, index))
                     # A failed call's breaker change goes in the batch (not alone).
                     works.append(self._prepare(work, alone=False))
                     slots.append(index)
@@ -989,11 +993,15 @@ class Governor:
             preran = self._preflight(*inputs[:-1])
         except BaseException:
             # Nothing of the dispatch is stored: the breaker statuses its calls changed are
-            # written on their own, before the caller hears of the failure. Otherwise the
-            # unit of work writes them in its transaction.
-            if alone and runtime._breakers.pending:
-                runtime._record_breaker_moves()
+            # written on their own (or with a unit that took them), before the caller hears
+            # of the failure. Otherwise the unit of work writes them in its transaction.
+            if alone:
+                runtime._settle_breakers()
             raise
+        if runtime._partitioned is not None and runtime._breakers.pending:
+            # A breaker whose entries go to another ledger chain than the dispatch's: stored
+            # before the dispatch commits, so no committed dispatch lacks its breaker change.
+            runtime._record_breaker_moves(keep=runtime._partition_of(inputs[0]))
         return work if preran is None else partial(self._step, (*inputs[:-1], preran))
 
     def _preflight(

@@ -375,20 +375,27 @@ class Runtime:
                 sealed[index] = entry
         return [entry for entry in sealed if entry is not None]
 
-    def _record_breaker_moves(self) -> None:
+    def _record_breaker_moves(self, keep: int | None = None) -> None:
         """Write the breaker statuses still noted, in a unit of their own (per ledger chain):
-        those that no committed unit of work took (see runtime/resilience/policies.py)."""
+        those that no committed unit of work took (see runtime/resilience/policies.py); with
+        `keep`, not those whose entries go to ledger chain `keep` (a unit there takes them)."""
         journal = self._breakers
         sealed = self._sealer is not None
-        while journal.pending:
-            taken = journal.take()
+        partition_of = self._partition_of
+
+        def wanted(key: tuple[str, str]) -> bool:
+            return keep is None or partition_of(f"policy:{key[1]}") != keep
+
+        while True:
+            taken = journal.take(wanted)
+            if not taken:
+                return
             # A partitioned store: each breaker's moves go to the chain of its entries.
             by_partition: dict[int, list[Noted]] = {}
             for noted in taken:
-                by_partition.setdefault(self._partition_of(f"policy:{noted[0][1]}"), []).append(
-                    noted
-                )
-            for partition, part in by_partition.items():
+                by_partition.setdefault(partition_of(f"policy:{noted[0][1]}"), []).append(noted)
+            parts = list(by_partition.items())
+            for index, (partition, part) in enumerate(parts):
 
                 def work(txn: Transaction, chain: _Chain, part: list[Noted] = part) -> None:
                     write_noted(txn, chain if sealed else None, part)
@@ -396,8 +403,19 @@ class Runtime:
                 try:
                     self._submit_unit(work, partition)
                 except BaseException:
-                    journal.put_back(part)
+                    for _, unwritten in parts[index:]:
+                        journal.put_back(unwritten)
                     raise
+                journal.stored(part)
+
+    def _settle_breakers(self) -> None:
+        """Return once every breaker status noted so far is stored: those no unit took are
+        written here, those a unit took are waited for. Every answer to a caller (a result,
+        an error) comes after this, so none is given before the breaker changes its calls
+        made are stored."""
+        journal = self._breakers
+        if journal.unstored:
+            journal.settle(journal.last, self._record_breaker_moves)
 
     def _submit(self, work: Callable[[Transaction, _Chain], T], partition: int | None = 0) -> T:
         """Run one unit in the commit batches of ledger `partition` (None: work that appends
@@ -405,8 +423,8 @@ class Runtime:
         try:
             return self._submit_unit(work, partition)
         finally:
-            if self._breakers.pending:
-                self._record_breaker_moves()
+            if self._breakers.unstored:
+                self._settle_breakers()
 
     def _submit_unit(self, work: Callable[[Transaction, _Chain], T], partition: int | None) -> T:
         """Run one unit of work and commit it: on the memory store at once, inside the store;
@@ -491,8 +509,8 @@ class Runtime:
         try:
             return cast(T, await batcher.submit(work))
         finally:
-            if self._breakers.pending:  # rare: written synchronously
-                self._record_breaker_moves()
+            if self._breakers.unstored:  # rare: settled synchronously
+                self._settle_breakers()
 
     def _submit_many(
         self,
@@ -513,8 +531,8 @@ class Runtime:
                     outcomes_by_index.update(zip(indexes, done, strict=True))
                 return [outcomes_by_index[i] for i in range(len(works))]
             finally:
-                if self._breakers.pending:
-                    self._record_breaker_moves()
+                if self._breakers.unstored:
+                    self._settle_breakers()
         outcomes: list[WorkOutcome[T]] = []
         for work in works:
             try:
@@ -536,6 +554,11 @@ class Runtime:
         fleet = self._partitioned
         chain_of = None if fleet is None else fleet.partition_of
         writes_breakers = fleet is None or partition is not None
+        mine = (
+            None
+            if chain_of is None
+            else lambda key: chain_of(f"policy:{key[1]}") == (partition or 0)
+        )
         ledger = chain if self._sealer is not None else None
         taken_here: list[Noted] = []
 
@@ -547,7 +570,7 @@ class Runtime:
                 try:
                     value = work(txn, chain)
                     if pending and writes_breakers:
-                        taken = journal.take(chain_of, partition or 0)
+                        taken = journal.take(mine)
                         write_noted(txn, ledger, taken)
                         taken_here.extend(taken)  # noted again if the batch fails to commit
                     return value
@@ -579,6 +602,8 @@ class Runtime:
         finally:
             self._working_thread = None
             self._committing.discard(me)
+        if taken_here:
+            journal.stored(taken_here)
         keeper.committed(chain.hashes, self._clock.now_ms())
         return outcomes
 

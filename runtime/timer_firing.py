@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from .errors import StoreIntegrityError
+from .errors import OutsideCallInProgress, StoreIntegrityError
 from .instance_data import read_data, route
 from .ledger import EntryData, payload_digest
 from .outbox import _event_message, _notification_message, _refusal_notices
@@ -53,6 +53,25 @@ def preflight(governor: Governor, timer: ArmedTimer, now: int) -> _Preran | None
     actor = runtime._timer_actor
     results = governor._run_actions(outside, spec.id, target, record, None, actor, now, spec.id)
     return record.version, results
+
+
+def _calls_outside(governor: Governor, timer: ArmedTimer) -> bool:
+    """Whether the timer runs some of its machine's policy actions (outside calls)."""
+    spec = governor._timer_specs.get(timer.timer_id)
+    external = governor._external
+    return spec is not None and bool(external) and not external.isdisjoint(spec.actions)
+
+
+def _claim_firing(runtime: Runtime, timer: ArmedTimer) -> Callable[[], None] | None:
+    """Claim this arming of the timer without waiting: the release, None if it fired
+    meanwhile; OutsideCallInProgress if another runtime is firing it."""
+    key = (timer.machine, "timer", f"{timer.instance}/{timer.timer_id}/{timer.armed_version}")
+    store = runtime._store
+
+    def fired() -> bool:
+        return timer not in store.armed_timers(timer.machine, timer.instance)
+
+    return runtime._outside.claim((key,), fired, wait=False)
 
 
 def fire_work(
@@ -234,26 +253,45 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
             break
         works = []
         ready = []
+        releases: list[Callable[[], None]] = []
         for timer in due:
             governor = runtime._governors[timer.machine]
             try:
+                if fleet is None and _calls_outside(governor, timer):
+                    # Another process on the file may be firing it now: its outside calls are
+                    # claimed like a dispatch's (runtime/resilience/claims.py); a timer held
+                    # elsewhere is left to its holder.
+                    release = _claim_firing(runtime, timer)
+                    if release is not None:
+                        releases.append(release)
                 preran = preflight(governor, timer, instant)
+            except OutsideCallInProgress:
+                skip.add(timer)
+                continue
             except Exception as error:  # an outside action failed: the timer stays due
                 failed.append(error)
                 skip.add(timer)
                 continue
             works.append(fire_work(governor, timer, instant, preran))
             ready.append(timer)
+        if fleet is not None and runtime._breakers.pending:
+            # Stored before the firings commit: on a partitioned store a breaker's entries
+            # may go to another chain than a firing's (see Governor._prepare).
+            runtime._record_breaker_moves()
         partitions = [runtime._partition_of(t.instance) for t in ready]
-        for timer, outcome in zip(ready, runtime._submit_many(works, partitions), strict=True):
+        try:
+            outcomes = runtime._submit_many(works, partitions)
+        finally:
+            for release in releases:
+                release()
+        for timer, outcome in zip(ready, outcomes, strict=True):
             if outcome.error is not None:
                 # The timer stays armed and due: the next call tries it again.
                 failed.append(outcome.error)
                 skip.add(timer)
             elif outcome.value is not None:
                 fired.append(outcome.value)
-    if runtime._breakers.pending:  # changed by a preflight whose firing did not run
-        runtime._record_breaker_moves()
+    runtime._settle_breakers()  # changed by a preflight whose firing did not run
     if failed:
         raise failed[0]
     return fired

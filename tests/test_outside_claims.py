@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from autonomic.runtime.demo import _Payments
 from autonomic.runtime.dispatch import DispatchRequest
-from autonomic.runtime.errors import OutsideCallInProgress
+from autonomic.runtime.errors import ActionFailed, OutsideCallInProgress
 from autonomic.runtime.keys import Signer, generate_keypair
 from autonomic.runtime.store.memory import MemoryStore
 from autonomic.runtime.store.sqlite import SQLiteStore
@@ -160,16 +160,19 @@ def test_a_claim_whose_holder_was_killed_lets_go_when_its_lease_runs_out(
 
 
 class HeldProcessor(Processor):
-    """Holds each call until `answer` is set; `entered` is set when one arrives."""
+    """Holds each call (while `holding`) until `answer` is set; `entered` is set when one
+    arrives."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.holding = True
         self.entered = threading.Event()
         self.answer = threading.Event()
 
     def __call__(self, ctx: Any) -> dict[str, str]:
-        self.entered.set()
-        assert self.answer.wait(30)
+        if self.holding:
+            self.entered.set()
+            assert self.answer.wait(30)
         return super().__call__(ctx)
 
 
@@ -188,6 +191,20 @@ def test_dispatch_many_calls_once_for_an_event_id_repeated_in_its_batch(
     assert processor.charged == ["c1"]
     assert not isinstance(one, Exception) and not isinstance(two, Exception)
     assert (one.version, one.seq) == (two.version, two.seq) == (2, 2)
+    runtime.close()
+
+
+def test_dispatch_many_does_not_call_again_for_a_repeat_of_a_failed_call(
+    tmp_path: Path, keys: Path
+) -> None:
+    processor = Processor()
+    processor.outcomes = [ValueError]  # the first call is declined; a second would capture
+    runtime = open_billing(SQLiteStore(tmp_path / "s.db"), keys, VirtualClock(START), processor)
+    governor = runtime.governor("Billing")
+    governor.create("c1")
+    one, two = governor.dispatch_many([_charge_request(), _charge_request()])
+    assert isinstance(one, ActionFailed) and two is one
+    assert processor.charged == [] and processor.outcomes == []
     runtime.close()
 
 
@@ -284,5 +301,39 @@ def test_a_flow_step_resumed_by_two_runtimes_at_once_charges_once(
     # The run goes on to its end (a start of the same run resumes it).
     final = first_runner.start("SubscriptionUpgrade", "c1", upgrade_inputs("c1"))
     assert final.status == "completed", results
+    first.close()
+    second.close()
+
+
+def test_two_runtimes_firing_one_retry_timer_call_the_processor_once(
+    tmp_path: Path, keys: Path
+) -> None:
+    """Billing's retry ladder step (retry_charge, a policy's action) is due in two runtimes on
+    one file: while the first's call is at the processor, the second's fire_due leaves that
+    timer to it, and the processor is called once."""
+    clock = VirtualClock(START)
+    held, other = HeldProcessor(), Processor()
+    first = open_billing(SQLiteStore(tmp_path / "s.db"), keys, clock, held)
+    second = open_billing(SQLiteStore(tmp_path / "s.db"), keys, clock, other)
+    billing = first.governor("Billing")
+    billing.create("c1")
+    held.holding = False
+    billing.dispatch("c1", "ChargeRequested", PAYLOAD)
+    failure = {"customer_id": "c1", "idempotency_key": "k1", "reason": "declined"}
+    billing.dispatch("c1", "PaymentFailed", failure)
+    assert billing.get("c1").state == "Retry1"  # type: ignore[union-attr]
+    held.holding = True
+    clock.advance("1h")
+    fired: list[Any] = []
+    firing = threading.Thread(target=lambda: fired.extend(first.fire_due()))
+    firing.start()
+    try:
+        assert held.entered.wait(30)
+        assert second.fire_due() == []  # held by the first: left to it
+    finally:
+        held.answer.set()
+        firing.join(30)
+    assert [f.timer.timer_id for f in fired] and held.charged == ["c1", "c1"]
+    assert other.charged == []
     first.close()
     second.close()

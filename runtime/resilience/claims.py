@@ -18,7 +18,9 @@ after it may see a second call start beside its own (the payload's idempotency k
 the outside service, is the guard that remains). `dispatch_many` does not wait inside a
 batch: a request whose id or key is held elsewhere fails in its slot with
 OutsideCallInProgress (R025), which says to send it again.
-Events whose rows call no outside action claim nothing and cost nothing here.
+Timer firings whose actions call the outside world claim the timer's arming the same way,
+without waiting: another runtime firing it keeps it (runtime/timer_firing.py). Events whose
+rows call no outside action claim nothing and cost nothing here.
 """
 
 from __future__ import annotations

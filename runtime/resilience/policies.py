@@ -21,8 +21,11 @@ none, the Runtime writes what is still noted in a unit of its own at once, befor
 hears of the outcome: a dispatch whose outside call failed (nothing of the dispatch is
 stored; in `dispatch_many` it goes with the batch's commit), a unit that failed or was
 refused (a dispatch that fails because the breaker opened still leaves the opening), a timer
-whose outside call failed (with the other firings' commit), the memory store, and on a
-partitioned store a breaker whose entries belong to another chain than the unit's.
+whose outside call failed (with the other firings' commit), and the memory store. On a
+partitioned store a breaker whose entries belong to another chain than the dispatch's (or a
+timer firing's) is written before that unit, in its own chain. Every answer waits for
+`Runtime._settle_breakers`: each change noted so far is stored, by its own unit or by
+another unit that took it (BreakerJournal.settle waits for that unit's commit).
 A breaker made when a machine is loaded (or a tenant's, on first use) takes up its stored
 status (`restore`, from `Store.get_breaker`): a restart neither closes an open breaker nor
 forgives a closed one's failures.
@@ -96,18 +99,27 @@ def breaker_record(machine: str, status: BreakerStatus) -> BreakerRecord:
     )
 
 
-# One breaker's unwritten status: its key, its newest record and the entries of its moves.
-Noted = tuple[tuple[str, str], BreakerRecord, list[EntryData]]
+# One breaker's unwritten status: its key, its newest record, the entries of its moves and the
+# tickets of the notes they gather (see BreakerJournal).
+Noted = tuple[tuple[str, str], BreakerRecord, list[EntryData], list[int]]
 
 
 class BreakerJournal:
     """Breaker statuses noted but not yet written, each breaker's newest with the ledger
-    entries of every move since its last write, in order (see the module docstring)."""
+    entries of every move since its last write, in order (see the module docstring).
+
+    Each note gets a ticket. A ticket is unstored from its note until the commit of the unit
+    of work that wrote it: `settle` is how a caller makes sure nothing noted before it answers
+    is still unstored, whichever unit took it."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         # Read without the lock by every unit of work: empty but while breakers change.
-        self.pending: dict[tuple[str, str], tuple[BreakerRecord, list[EntryData]]] = {}
+        self.pending: dict[tuple[str, str], tuple[BreakerRecord, list[EntryData], list[int]]] = {}
+        # Read without the lock by every caller: empty but while breakers change.
+        self.unstored: set[int] = set()
+        self._taken: set[int] = set()  # tickets a unit took and has not committed yet
+        self.last = 0  # the newest ticket
 
     def note(self, machine: str, status: BreakerStatus, moves: tuple[BreakerChange, ...]) -> None:
         """Called by the breaker under its lock, so each breaker's statuses come in order."""
@@ -115,34 +127,64 @@ class BreakerJournal:
         entries = [breaker_entry(machine, move) for move in moves]
         key = (machine, status.breaker)
         with self._lock:
+            self.last = ticket = self.last + 1
+            self.unstored.add(ticket)
             held = self.pending.get(key)
-            self.pending[key] = (record, entries if held is None else held[1] + entries)
+            self.pending[key] = (
+                (record, entries, [ticket])
+                if held is None
+                else (record, held[1] + entries, [*held[2], ticket])
+            )
 
-    def take(self, chain_of: Callable[[str], int] | None = None, chain: int = 0) -> list[Noted]:
-        """Remove and return what is noted (with `chain_of`: only the breakers whose entries
-        go to ledger `chain`)."""
+    def take(self, wanted: Callable[[tuple[str, str]], bool] | None = None) -> list[Noted]:
+        """Remove and return what is noted (with `wanted`: only those breakers)."""
         with self._lock:
-            keys = [
-                key
-                for key in self.pending
-                if chain_of is None or chain_of(f"policy:{key[1]}") == chain
-            ]
-            return [(key, *self.pending.pop(key)) for key in keys]
+            keys = [key for key in self.pending if wanted is None or wanted(key)]
+            taken = [(key, *self.pending.pop(key)) for key in keys]
+            for noted in taken:
+                self._taken.update(noted[3])
+            return taken
 
     def put_back(self, taken: list[Noted]) -> None:
         """Note again what a unit took but did not commit, before anything noted since."""
         with self._lock:
-            for key, record, entries in taken:
+            for key, record, entries, tickets in taken:
                 newer = self.pending.get(key)
                 self.pending[key] = (
-                    (record, entries) if newer is None else (newer[0], entries + newer[1])
+                    (record, entries, tickets)
+                    if newer is None
+                    else (newer[0], entries + newer[1], tickets + newer[2])
                 )
+                self._taken.difference_update(tickets)
+            self._lock.notify_all()
+
+    def stored(self, taken: list[Noted]) -> None:
+        """What a unit took is committed."""
+        with self._lock:
+            for noted in taken:
+                self._taken.difference_update(noted[3])
+                self.unstored.difference_update(noted[3])
+            self._lock.notify_all()
+
+    def settle(self, upto: int, write: Callable[[], None]) -> None:
+        """Return once every status noted up to ticket `upto` is stored: `write` writes those
+        still pending; for those a unit took, wait until it commits (or gives them back)."""
+        while True:
+            with self._lock:
+                while True:
+                    unstored = [t for t in self.unstored if t <= upto]
+                    if not unstored:
+                        return
+                    if not self._taken.issuperset(unstored):
+                        break
+                    self._lock.wait()
+            write()
 
 
 def write_noted(txn: Transaction, chain: _Chain | None, taken: list[Noted]) -> None:
     """Write taken statuses in `txn`: each breaker's record, and its moves' ledger entries
     when there is a ledger (`chain`)."""
-    for _, record, entries in taken:
+    for _, record, entries, _ in taken:
         txn.save_breaker(record)
         if chain is not None:
             for data in entries:
