@@ -65,8 +65,9 @@ def _billing(runtime: Runtime, spec: MachineSpec = BILLING) -> Governor:
     )
 
 
-def _cycle_round(folder: Path, customers: list[str], chunked: bool) -> tuple[float, int]:
-    """Seconds for the cycle (instances created beforehand), and the commits it took."""
+def _billing_on_sqlite(folder: Path, customers: list[str]) -> tuple[Runtime, Governor]:
+    """A new SQLite store in `folder` (defaults, checkpoint-mode ledger) with Billing loaded
+    and an instance per customer."""
     keys = folder / "keys"
     if not keys.exists():
         generate_keypair(keys)
@@ -76,6 +77,12 @@ def _cycle_round(folder: Path, customers: list[str], chunked: bool) -> tuple[flo
     # Setup, not measured: concurrent creates share commits through the group committer.
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(billing.create, customers))
+    return runtime, billing
+
+
+def _cycle_round(folder: Path, customers: list[str], chunked: bool) -> tuple[float, int]:
+    """Seconds for the cycle (instances created beforehand), and the commits it took."""
+    runtime, billing = _billing_on_sqlite(folder, customers)
     charges = [DispatchRequest(c, "ChargeRequested", _charge(c)) for c in customers]
     before = runtime.commit_batches
     gc.disable()
@@ -205,17 +212,10 @@ def policy_overhead(cycles: int, rounds: int) -> dict[str, Any]:
 
 
 def _claim_round(folder: Path, count: int, claims: bool) -> float:
-    keys = folder / "keys"
-    if not keys.exists():
-        generate_keypair(keys)
-    path = folder / f"claims-{time.perf_counter_ns()}.db"
-    runtime = Runtime(SQLiteStore(path), sealer=LedgerSealer(load_signer(keys)))
-    billing = _billing(runtime)
+    customers = [f"cust-{n:06}" for n in range(count)]
+    runtime, billing = _billing_on_sqlite(folder, customers)
     if not claims:
         billing._claim_keys = lambda work: ()  # type: ignore[method-assign]
-    customers = [f"cust-{n:06}" for n in range(count)]
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(billing.create, customers))
     gc.disable()
     start = time.perf_counter()
     for customer in customers:

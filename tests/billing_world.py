@@ -15,6 +15,8 @@ from autonomic.runtime.store.base import Store
 from autonomic.runtime.timers import Clock
 
 START = 1_900_000_000_000
+# A charge of customer c1, as the claim and breaker tests send it.
+CHARGE = {"customer_id": "c1", "invoice_id": "i1", "amount": "99.00", "idempotency_key": "k1"}
 
 
 class Processor:

@@ -23,9 +23,11 @@ from typing import Any
 
 import pg_cluster
 import pytest
+from autonomic.runtime.keys import generate_keypair
 from autonomic.runtime.ledger import RootLike, VerifyReport, verify_ledger
 from autonomic.runtime.store.base import Store
 from autonomic.runtime.store.locate import open_store
+from billing_world import START
 
 POSTGRES_ENV = "AUTONOMIC_TEST_POSTGRES"
 HOW_TO_RUN = (
@@ -122,6 +124,15 @@ def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
     yield made
     if server is not None:
         made.drop()
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    """A signing key valid from just before billing_world.START (the Billing resilience
+    tests'; a module with a `keys` fixture of its own uses that one)."""
+    folder = tmp_path / "keys"
+    generate_keypair(folder, valid_from_ms=START - 1)
+    return folder
 
 
 @pytest.fixture

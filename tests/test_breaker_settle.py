@@ -15,10 +15,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import pytest
 from autonomic.generated.billing import MACHINE as BILLING
 from autonomic.runtime.errors import ActionFailed
-from autonomic.runtime.keys import generate_keypair, load_signer
+from autonomic.runtime.keys import load_signer
 from autonomic.runtime.ledger import LedgerSealer
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.sealing import _Chain
@@ -26,18 +25,11 @@ from autonomic.runtime.store.base import Transaction, WorkOutcome
 from autonomic.runtime.store.sqlite import SQLiteStore
 from autonomic.runtime.tables import ActionPolicy
 from autonomic.runtime.timers import VirtualClock
-from billing_world import START, Processor, noop, open_billing, yes
+from billing_world import CHARGE, START, Processor, noop, open_billing, yes
 from conftest import Stores
 
 CRASH_WORKER = Path(__file__).with_name("breaker_crash_worker.py")
-PAYLOAD = {"customer_id": "c1", "invoice_id": "i1", "amount": "99.00", "idempotency_key": "k1"}
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Path:
-    folder = tmp_path / "keys"
-    generate_keypair(folder, valid_from_ms=START - 1)
-    return folder
+PAYLOAD = CHARGE
 
 
 def declined(ctx: Any) -> None:

@@ -17,11 +17,11 @@ import pytest
 from autonomic.runtime.demo import _Payments
 from autonomic.runtime.dispatch import DispatchRequest
 from autonomic.runtime.errors import ActionFailed, OutsideCallInProgress
-from autonomic.runtime.keys import Signer, generate_keypair
+from autonomic.runtime.keys import Signer
 from autonomic.runtime.store.memory import MemoryStore
 from autonomic.runtime.store.sqlite import SQLiteStore
 from autonomic.runtime.timers import VirtualClock
-from billing_world import START, Processor, open_billing
+from billing_world import CHARGE, START, Processor, open_billing
 from conftest import Stores
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flow_world import marketplace
@@ -29,14 +29,7 @@ from test_flows import active_customer, upgrade_inputs
 
 WORKER = Path(__file__).with_name("claim_worker.py")
 KEY = ("Billing", "event", "charge-c1")
-PAYLOAD = {"customer_id": "c1", "invoice_id": "i1", "amount": "99.00", "idempotency_key": "k1"}
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Path:
-    folder = tmp_path / "keys"
-    generate_keypair(folder, valid_from_ms=START - 1)
-    return folder
+PAYLOAD = CHARGE
 
 
 def test_claims_are_all_or_none_and_leased(stores: Stores) -> None:

@@ -21,7 +21,7 @@ from autonomic.runtime.errors import (
     OutsideCallsSuperseded,
     UnknownInstance,
 )
-from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
+from autonomic.runtime.keys import Keyring, load_signer
 from autonomic.runtime.ledger import LedgerSealer
 from autonomic.runtime.resilience import (
     BreakerState,
@@ -40,13 +40,6 @@ from billing_world import noop as _noop
 from billing_world import yes as _yes
 
 CRASH_WORKER = Path(__file__).with_name("breaker_crash_worker.py")
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Path:
-    folder = tmp_path / "keys"
-    generate_keypair(folder, valid_from_ms=START - 1)
-    return folder
 
 
 @pytest.fixture
