@@ -240,6 +240,11 @@ class Transaction(Protocol):
         """Insert or replace the instance's kept data, keyed by (machine, instance). Written
         in the unit of work of the move whose `keep` changed it."""
 
+    def kept_entry(self, machine: str, instance: str) -> LedgerEntry | None:
+        """The instance's newest "kept" ledger entry as of this transaction (the commitment its
+        kept data must match, runtime/instance_data.py), as stored (the caller verifies it), or
+        None. A server store: by its (machine, instance, seq) index on the ledger."""
+
     def deadline(self, id: str) -> DeadlineRecord | None:
         """The tracked deadline as of this transaction."""
 

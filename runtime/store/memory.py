@@ -32,7 +32,7 @@ from types import CodeType, MappingProxyType
 from typing import TypeVar
 
 from ..errors import ConcurrentUpdateDetected, InstanceExists
-from ..ledger import Checkpoint, LedgerEntry, LedgerMode
+from ..ledger import KEPT, Checkpoint, LedgerEntry, LedgerMode
 from ..timers import ArmedTimer
 from .base import (
     FLOW_FINISHED,
@@ -516,6 +516,14 @@ class MemoryStore:
 
     def save_instance_data(self, machine: str, instance: str, data: str) -> None:
         self._data[(machine, instance)] = data
+
+    def kept_entry(self, machine: str, instance: str) -> LedgerEntry | None:
+        # Newest first: a routed emit usually follows its keep closely. No index is kept for
+        # it, so that appends (every dispatch) pay nothing.
+        for entry in reversed(self.ledger_list):
+            if entry.kind == KEPT and entry.instance == instance and entry.machine == machine:
+                return entry
+        return None
 
     def deadline(self, id: str) -> DeadlineRecord | None:
         return self._deadlines.get(id)

@@ -45,6 +45,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from ..errors import ConcurrentUpdateDetected, InstanceExists, StoreConfigError
 from ..ledger import (
     CHECKPOINT_COLUMNS,
+    KEPT,
     LEDGER_COLUMNS,
     META_MODE_KEY,
     MODES,
@@ -527,6 +528,14 @@ class PostgresTransaction:
             "ON CONFLICT (machine, instance) DO UPDATE SET data = EXCLUDED.data",
             (machine, instance, data),
         )
+
+    def kept_entry(self, machine: str, instance: str) -> LedgerEntry | None:
+        row = self._execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM ledger WHERE machine = %s AND instance = %s "
+            f"AND part = %s AND kind = '{KEPT}' ORDER BY seq DESC LIMIT 1",
+            (machine, instance, self._part()),
+        ).fetchone()
+        return None if row is None else _new_entry(LedgerEntry, row)
 
     def deadline(self, id: str) -> DeadlineRecord | None:
         row = self._execute(

@@ -31,6 +31,7 @@ from ..errors import ConcurrentUpdateDetected, InstanceExists, StoreConfigError
 from ..ledger import (
     INSERT_CHECKPOINT_SQL,
     INSERT_ENTRY_SQL,
+    KEPT,
     LEDGER_COLUMNS,
     META_MODE_KEY,
     MODES,
@@ -580,6 +581,14 @@ class SQLiteTransaction:
             "INSERT OR REPLACE INTO instance_data (machine, instance, data) VALUES (?, ?, ?)",
             (machine, instance, data),
         )
+
+    def kept_entry(self, machine: str, instance: str) -> LedgerEntry | None:
+        row = self._execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM ledger WHERE machine = ? AND instance = ? "
+            f"AND kind = '{KEPT}' ORDER BY seq DESC LIMIT 1",
+            (machine, instance),
+        ).fetchone()
+        return None if row is None else _entry(row)
 
     def deadline(self, id: str) -> DeadlineRecord | None:
         row = self._execute(
