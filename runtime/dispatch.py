@@ -1332,7 +1332,7 @@ class Governor:
         bodies: Sequence[str] = ()
         kept = None
         if row.data:  # the row keeps data fields, or an emit is routed by one
-            kept = read_data(txn, name, instance_id)
+            kept = read_data(txn, name, instance_id, runtime._kept, chain.partition)
             if row.kept:
                 kept = keep_fields(kept, row.kept, payload, self._routes)
         if row.emits:

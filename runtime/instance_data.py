@@ -2,34 +2,186 @@
 
 A machine declares `data { customer_id: str }`; a row `keep customer_id` copies the causing
 event's field into the instance's data in the unit of work of that move (the store's
-`save_instance_data`, as a JSON object); `emit Billing.DisputeUpheld to customer_id` sends to
+`save_instance_data`, as a JSON object), and the move's signed "kept" ledger entry commits to
+that JSON text (runtime/ledger.py); `emit Billing.DisputeUpheld to customer_id` sends to
 the Billing instance whose id the field holds, from a row, a timer or an entry alike, so a
 timer with no payload still reaches the right receiver. The compiler proves that every emit
 reads a field kept on every way to it (E149); the runtime still refuses to guess: data it
 cannot read as an object holding that id is a StoreIntegrityError, and nothing is written.
 A field an emit routes by is checked as an identifier when it is kept, so the row that keeps a
 malformed id is refused (InputRejected) instead of the later emit.
+
+The runtime does not trust the store with it either (`KeptLedger`): before it uses stored data
+(to route an emit, or to keep more fields beside it), it finds the instance's newest kept entry
+in the same transaction and checks the entry's hash, its signature by a key the ledger's chain
+of keys held active at that entry, and that it commits to exactly the stored text. Data that
+was changed, deleted, added or rolled back without such an entry is a StoreIntegrityError, and
+nothing is written. Only rows and timers that read data pay for it: one indexed read, a hash
+and an Ed25519 verification. A store written without that entry (before kept entries existed)
+is refused the same way: its data is committed by nothing. A rollback that also removed the
+newer kept entries from the ledger table, or a forged index that hides them, breaks the hash
+chain or disagrees with the table, which `autonomic audit verify` finds; this check reads the
+one entry.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
+from .checkpointing import _check_control
 from .errors import StoreIntegrityError
 from .inputs import check_identifier
+from .keychain import CONTROL_KINDS, ChainError, KeyChain, RootOfTrust, fingerprint
+from .keychain import _parse_body as parse_control_body
+from .ledger import KEPT, SIG_TAG, LedgerEntry, kept_digest
 from .results import _dumps
-from .store.base import Transaction
+from .sealing import _verify_stored_entry
+from .store.base import Store, Transaction
 from .tables import Payload
 
-__all__ = ["dump_data", "keep_fields", "read_data", "route"]
+__all__ = ["KeptLedger", "dump_data", "keep_fields", "read_data", "route"]
 
 Data = dict[str, object]
 
+_HINT = "nothing was written; verify the store with `autonomic audit verify`"
 
-def read_data(txn: Transaction, machine: str, instance: str) -> Data:
-    """The instance's kept data as of this transaction ({} if it never kept any)."""
+
+class KeptLedger:
+    """Checks an instance's stored kept data against its newest kept entry (see the module
+    docstring), for one runtime. `reads(partition)` reads that ledger chain's committed
+    entries; the control entries (genesis, rotations) are read once each and verified once."""
+
+    def __init__(self, reads: Callable[[int], Store]) -> None:
+        self._reads = reads
+        self._controls: dict[int, list[LedgerEntry]] = {}  # verified, by partition
+        self._scanned: dict[int, int] = {}  # the controls below this seq are known
+        # The chain after the first n controls, by (partition, n): control entries are few.
+        self._chains: dict[tuple[int, int], KeyChain] = {}
+
+    def check(
+        self, txn: Transaction, partition: int, machine: str, instance: str, text: str | None
+    ) -> None:
+        """Raise StoreIntegrityError unless `text` (the stored data, None: none) is what the
+        instance's newest kept entry commits to (none: no entry)."""
+        where = f"{machine} '{instance}'"
+        entry = txn.kept_entry(machine, instance)
+        if entry is None:
+            if text is None:
+                return
+            raise StoreIntegrityError(
+                f"the store holds kept data for {where} that no ledger entry commits to",
+                hint=_HINT,
+            )
+        _verify_stored_entry(entry, "kept entry")
+        if entry.kind != KEPT or entry.machine != machine or entry.instance != instance:
+            raise StoreIntegrityError(
+                f"ledger entry {entry.seq}, read as the kept entry of {where}, is not one",
+                hint=_HINT,
+            )
+        if text is None:
+            raise StoreIntegrityError(
+                f"ledger entry {entry.seq} commits to kept data of {where} that the store no "
+                "longer holds",
+                hint=_HINT,
+            )
+        if entry.payload_sha256 != _digest(text):
+            raise StoreIntegrityError(
+                f"the kept data of {where} is not what ledger entry {entry.seq} commits to: "
+                "the store was changed",
+                hint=_HINT,
+            )
+        try:
+            trusted = self._chain(txn, partition, entry.seq).signer(
+                entry.seq, entry.key_id, entry.ts_ms, f"kept entry {entry.seq}"
+            )
+        except ChainError as error:
+            raise StoreIntegrityError(error.reason, hint=_HINT) from None
+        if not trusted.verify(entry.signature, SIG_TAG + entry.entry_hash):
+            raise StoreIntegrityError(
+                f"ledger entry {entry.seq}, the kept entry of {where}, has a bad signature",
+                hint=_HINT,
+            )
+
+    def _chain(self, txn: Transaction, partition: int, seq: int) -> KeyChain:
+        """The chain of keys as the control entries before `seq` leave it. The controls are
+        read up to the head each time a newer entry is checked, so over a runtime's life
+        each stored entry is read at most once for this (an index read on a server store)."""
+        controls = self._controls.setdefault(partition, [])
+        scanned = self._scanned.get(partition, 0)
+        if seq >= scanned:
+            head = txn.ledger_head()
+            end = seq + 1 if head is None else max(head.seq, seq) + 1
+            stored = self._reads(partition).ledger_entries(
+                machine="", instance="", after_seq=scanned - 1
+            )
+            for entry in stored:
+                if entry.seq >= end:
+                    break
+                if entry.kind in CONTROL_KINDS:
+                    self._verify_control(controls, entry)
+            self._scanned[partition] = end
+        count = sum(1 for entry in controls if entry.seq < seq)
+        chain = self._chains.get((partition, count))
+        if chain is None:
+            chain = _replayed(controls[:count])
+            if chain is None:
+                raise StoreIntegrityError("the ledger has no genesis entry", hint=_HINT)
+            self._chains[(partition, count)] = chain
+        return chain
+
+    @staticmethod
+    def _verify_control(controls: list[LedgerEntry], entry: LedgerEntry) -> None:
+        try:
+            if not controls:
+                body = parse_control_body(entry.event)
+                root = bytes.fromhex(body["root_key"]["public_key"])
+                chain = KeyChain(RootOfTrust(fingerprint(root)))
+            else:
+                replayed = _replayed(controls)
+                assert replayed is not None
+                chain = replayed
+            _check_control(chain, entry)
+        except (ChainError, KeyError, TypeError, ValueError) as exc:
+            raise StoreIntegrityError(
+                f"the ledger's chain of keys does not verify at seq {entry.seq}: {exc}",
+                hint=_HINT,
+            ) from None
+        controls.append(entry)
+
+
+def _replayed(controls: list[LedgerEntry]) -> KeyChain | None:
+    """The chain after `controls` (verified already: genesis first), or None if empty."""
+    if not controls:
+        return None
+    genesis = controls[0]
+    root = bytes.fromhex(parse_control_body(genesis.event)["root_key"]["public_key"])
+    chain = KeyChain(RootOfTrust(fingerprint(root)))
+    chain.genesis(genesis.seq, genesis.event, genesis.key_id)
+    for entry in controls[1:]:
+        chain.apply(entry.seq, entry.kind, entry.event)
+    return chain
+
+
+def _digest(text: str) -> bytes | None:
+    try:
+        return kept_digest(text)
+    except UnicodeEncodeError:
+        return None
+
+
+def read_data(
+    txn: Transaction,
+    machine: str,
+    instance: str,
+    ledger: KeptLedger | None = None,
+    partition: int = 0,
+) -> Data:
+    """The instance's kept data as of this transaction ({} if it never kept any), checked
+    against the ledger first when the runtime keeps one (`ledger`)."""
     text = txn.instance_data(machine, instance)
+    if ledger is not None:
+        ledger.check(txn, partition, machine, instance, text)
     if text is None:
         return {}
     try:

@@ -24,6 +24,7 @@ from .errors import (
     WitnessError,
 )
 from .inputs import DEFAULT_LIMITS, InputLimits, check_identifier
+from .instance_data import KeptLedger
 from .keys import Signer
 from .ledger import Checkpoint, EntryData, LedgerEntry, LedgerSealer, RootLike, VerifyReport
 from .outbox import deliver_outbox, mark
@@ -147,6 +148,8 @@ class Runtime:
             )
             for p in range(partitions)
         ]
+        # Checks stored kept data against the ledger before it is used (instance_data.py).
+        self._kept = None if sealer is None else KeptLedger(lambda p: self._ledgers[p].reads)
         self._last_root_heads: list[tuple[int, bytes]] | None = None
         # The thread running units of work right now: a guard or action that dispatches
         # from inside one would wait for itself.

@@ -152,7 +152,11 @@ def fire_work(
                 ),
             )
         # An emit routed by a kept data field reads it here: a timer has no payload of its own.
-        kept = read_data(txn, name, timer.instance) if any(e.to for e in emits) else None
+        kept = (
+            read_data(txn, name, timer.instance, runtime._kept, chain.partition)
+            if any(e.to for e in emits)
+            else None
+        )
         emitted = tuple(
             EmittedEvent(
                 emit.machine,

@@ -1,0 +1,139 @@
+"""The runtime does not route by kept data the ledger does not commit to: a dispute case's
+customer id changed in the store (and a kept entry forged to match, or deleted) is refused
+with StoreIntegrityError before the outcome is sent, and nothing is written, from a row and
+from a timer, on the memory store, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from autonomic.runtime.errors import StoreIntegrityError
+from autonomic.runtime.keys import Signer
+from autonomic.runtime.ledger import KEPT, entry_hash, kept_digest
+from autonomic.runtime.runtime import Runtime
+from autonomic.runtime.store.memory import MemoryStore
+from autonomic.runtime.store.sqlite import SQLiteStore
+from autonomic.runtime.timers import VirtualClock
+from conftest import Stores
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flow_world import START_MS, marketplace
+from test_emit_routing import DAY_MS, decide, disputed
+
+CASE, CUSTOMER, OTHER = "case-1", "cust-1", "cust-2"
+FORGED = json.dumps({"customer_id": OTHER})
+
+
+def two_disputes(runtime: Runtime) -> None:
+    """Two customers with disputed charges; CASE investigates CUSTOMER's."""
+    disputed(runtime, CUSTOMER, CASE)
+    disputed(runtime, OTHER, "case-2")
+
+
+def assert_nothing_written(runtime: Runtime, entries: int) -> None:
+    assert runtime.governor("Compliance").get(CASE).state != "Resolved"  # type: ignore[union-attr]
+    assert sum(1 for _ in runtime.store.ledger_entries()) == entries
+    assert not [m for m in runtime.store.outbox(status=None) if m.instance == CASE]
+    assert runtime.governor("Billing").get(OTHER).state == "Disputed"  # type: ignore[union-attr]
+
+
+def forge_kept_entry(stores: Stores) -> None:
+    """What someone with write access to the store and no key can do: make the kept entry
+    commit to the forged data, its hash recomputed, its signature left as it was."""
+    columns = "seq, ts_ms, kind, machine, instance, from_state, to_state, event, actor, event_id"
+    row = stores.rows(
+        "m",
+        f"SELECT {columns}, prev_hash FROM ledger WHERE kind = '{KEPT}' AND instance = '{CASE}'",
+    )[0]
+    digest = kept_digest(FORGED)
+    new_hash = entry_hash(row[0], row[1], tuple(row[2:10]), digest, bytes(row[10]))  # type: ignore[arg-type]
+    stores.rows(
+        "m",
+        f"UPDATE ledger SET payload_sha256 = {literal(stores, digest)}, "
+        f"entry_hash = {literal(stores, new_hash)} WHERE kind = '{KEPT}' AND instance = '{CASE}'",
+    )
+
+
+def literal(stores: Stores, data: bytes) -> str:
+    return f"x'{data.hex()}'" if stores.kind == "sqlite" else f"'\\x{data.hex()}'::bytea"
+
+
+TAMPERS = {
+    "data changed": lambda stores: stores.rows(
+        "m", f"UPDATE instance_data SET data = '{FORGED}' WHERE instance = '{CASE}'"
+    ),
+    "data changed, kept entry forged": lambda stores: (
+        stores.rows("m", f"UPDATE instance_data SET data = '{FORGED}' WHERE instance = '{CASE}'"),
+        forge_kept_entry(stores),
+    ),
+    "data changed, kept entry deleted": lambda stores: (
+        stores.rows("m", f"UPDATE instance_data SET data = '{FORGED}' WHERE instance = '{CASE}'"),
+        stores.rows("m", f"DELETE FROM ledger WHERE kind = '{KEPT}' AND instance = '{CASE}'"),
+    ),
+}
+REASONS = {
+    "data changed": "the kept data of Compliance 'case-1' is not what ledger entry",
+    "data changed, kept entry forged": "the kept entry of Compliance 'case-1', has a bad signature",
+    "data changed, kept entry deleted": "kept data for Compliance 'case-1' that no ledger entry",
+}
+
+
+@pytest.mark.parametrize("tamper", sorted(TAMPERS))
+def test_a_row_does_not_route_by_tampered_data(stores: Stores, tamper: str) -> None:
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    runtime, _, _ = marketplace(stores.open("m"), signer=signer)
+    two_disputes(runtime)
+    runtime.close()
+    TAMPERS[tamper](stores)
+    runtime, _, _ = marketplace(stores.open("m"), signer=signer)
+    with runtime:
+        entries = sum(1 for _ in runtime.store.ledger_entries())
+        compliance = runtime.governor("Compliance")
+        evidence = {"evidence_ref": "ev-1", "submitted_at": "2026-01-02T00:00:00+00:00"}
+        compliance.dispatch(CASE, "EvidenceSubmitted", evidence)  # reads no kept data
+        entries += 1
+        with pytest.raises(StoreIntegrityError, match="case-1") as refused:
+            compliance.dispatch(CASE, "DisputeDecided", {"outcome": "customer"})
+        assert REASONS[tamper] in str(refused.value)
+        assert_nothing_written(runtime, entries)
+
+
+def test_the_memory_store_is_held_to_its_ledger_too() -> None:
+    store = MemoryStore()
+    runtime, _, _ = marketplace(store)
+    with runtime:
+        two_disputes(runtime)
+        entries = sum(1 for _ in store.ledger_entries())
+        genuine = store._data[("Compliance", CASE)]
+        store._data[("Compliance", CASE)] = FORGED
+        with pytest.raises(StoreIntegrityError, match="is not what ledger entry"):
+            runtime.governor("Compliance").dispatch(CASE, "DisputeWithdrawn", {})
+        assert_nothing_written(runtime, entries)
+        store._data[("Compliance", CASE)] = genuine
+        decide(runtime, CASE)  # the genuine data routes as before
+        assert runtime.governor("Compliance").get(CASE).state == "Resolved"  # type: ignore[union-attr]
+
+
+def test_a_timer_does_not_route_by_tampered_data(tmp_path: Path) -> None:
+    """The 7-day concession has no payload: it reads the kept id, and is refused (and stays
+    armed) when the store's id is not the ledger's."""
+    path = tmp_path / "m.db"
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    clock = VirtualClock(START_MS)
+    runtime, _, _ = marketplace(SQLiteStore(path), signer=signer, clock=clock)
+    two_disputes(runtime)
+    runtime.close()
+    Stores("sqlite", tmp_path, None).rows(
+        "m", f"UPDATE instance_data SET data = '{FORGED}' WHERE instance = '{CASE}'"
+    )
+    runtime, _, _ = marketplace(SQLiteStore(path), signer=signer, clock=clock)
+    with runtime:
+        clock.advance(7 * DAY_MS)
+        with pytest.raises(StoreIntegrityError, match="is not what ledger entry"):
+            runtime.fire_due()
+        concession = [t for t in runtime.store.armed_timers("Compliance", CASE)]
+        assert [t.due_ms for t in concession] == [START_MS + 7 * DAY_MS]
+        assert runtime.governor("Compliance").get(CASE).state == "Investigating"  # type: ignore[union-attr]
+        emitted = runtime.store.outbox(kind="event", status=None)
+        assert not [m for m in emitted if m.instance == CASE]
