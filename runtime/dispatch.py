@@ -356,6 +356,8 @@ class Governor:
             for emit in plans
             if emit.refused is not None
         )
+        # Whether some row keeps data: its snapshots then name the newest kept entry.
+        self._keeps = any(row.kept for rows in self._rows.values() for row in rows)
         # The data fields some emit is routed by: kept values must be instance ids.
         self._routes = frozenset(
             emit.to
@@ -1433,7 +1435,8 @@ class Governor:
             if kept_entry is not None:
                 txn.append_ledger(kept_entry)
             if version % runtime._snapshot_every == 0:
-                save_snapshot(txn, name, instance_id, version, row.target, entry)
+                kept_seq = self._kept_seq(txn, instance_id, kept_entry)
+                save_snapshot(txn, name, instance_id, version, row.target, entry, kept_seq)
         if event_id is not None:
             txn.record_processed(name, event_id, instance_id, stored, now)
         if idempotency_key is not None and request is not None:
@@ -1443,6 +1446,13 @@ class Governor:
             if kept_entry is not None:
                 chain.advance(kept_entry)
         return result
+
+    def _kept_seq(self, txn: Transaction, instance_id: str, kept: LedgerEntry | None = None) -> int:
+        """The seq of the instance's newest kept entry (`kept`, written now, or the stored
+        one) for a snapshot; -1 if it has none or its machine keeps nothing."""
+        if kept is None and self._keeps:
+            kept = txn.kept_entry(self.name, instance_id)
+        return -1 if kept is None else kept.seq
 
     def _seal_kept(
         self,

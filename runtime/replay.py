@@ -1,17 +1,22 @@
-"""Replay and snapshots: an instance's state rebuilt from its verified ledger entries."""
+"""Replay and snapshots: an instance's state rebuilt from its verified ledger entries, and its
+kept data checked against its newest "kept" entry (a snapshot names the one it had then)."""
 
 from __future__ import annotations
 
 from .errors import StoreIntegrityError, UnknownInstance
-from .ledger import KEPT, LedgerEntry, LedgerMode, RootLike, VerifyReport, verify_entries
+from .ledger import (
+    KEPT,
+    LedgerEntry,
+    LedgerMode,
+    RootLike,
+    VerifyReport,
+    kept_digest,
+    verify_entries,
+)
 from .partitions import PartitionedStore, verify_store
 from .results import ReplayedState
 from .sealing import _verify_stored_entry
 from .store.base import Snapshot, Store, Transaction
-
-# Entries of an instance that change neither its state nor its version: a recorded rejection,
-# and the commitment to its kept data that follows a move (runtime/ledger.py).
-_NO_CHANGE = frozenset(("rejection", KEPT))
 
 
 def save_snapshot(
@@ -21,8 +26,11 @@ def save_snapshot(
     version: int,
     state: str,
     entry: LedgerEntry,
+    kept_seq: int = -1,
 ) -> None:
-    txn.save_snapshot(Snapshot(machine, instance, version, state, entry.seq, entry.entry_hash))
+    txn.save_snapshot(
+        Snapshot(machine, instance, version, state, entry.seq, entry.entry_hash, kept_seq)
+    )
 
 
 def replay(
@@ -30,19 +38,19 @@ def replay(
 ) -> ReplayedState:
     """Rebuild an instance's state from its ledger entries, from its latest snapshot on
     (verified against the entry it names) or from the start. Every entry read is checked
-    against its hash, and each must start where the previous one ended."""
+    against its hash, and each must start where the previous one ended. The instance's kept
+    data, as stored, must be what its newest kept entry commits to (the snapshot names the
+    one it had), else StoreIntegrityError; `data` of the result holds it."""
+    where = f"{machine} '{instance}'"
     state: str | None = None
     version = 0
     after = -1
     snapshot_version: int | None = None
+    kept: LedgerEntry | None = None
     if use_snapshot:
         snapshot = store.latest_snapshot(machine, instance)
         if snapshot is not None:
-            if isinstance(store, PartitionedStore):
-                partition = store.partition_of(instance)
-                entry = store.ledger_entry(snapshot.ledger_seq, partition=partition)
-            else:
-                entry = store.ledger_entry(snapshot.ledger_seq)
+            entry = _entry_at(store, instance, snapshot.ledger_seq)
             if (
                 entry is None
                 or entry.entry_hash != snapshot.entry_hash
@@ -51,22 +59,39 @@ def replay(
                 or entry.to_state != snapshot.state
             ):
                 raise StoreIntegrityError(
-                    f"the snapshot of {machine} '{instance}' at version {snapshot.version} "
+                    f"the snapshot of {where} at version {snapshot.version} "
                     f"does not match ledger entry {snapshot.ledger_seq}",
                     hint="replay without the snapshot (use_snapshot=False)",
                 )
             _verify_stored_entry(entry, "snapshot entry")
+            if snapshot.kept_seq >= 0:
+                kept = _entry_at(store, instance, snapshot.kept_seq)
+                if (
+                    kept is None
+                    or kept.kind != KEPT
+                    or kept.machine != machine
+                    or kept.instance != instance
+                ):
+                    raise StoreIntegrityError(
+                        f"the snapshot of {where} at version {snapshot.version} names ledger "
+                        f"entry {snapshot.kept_seq} as its kept entry, which it is not",
+                        hint="replay without the snapshot (use_snapshot=False)",
+                    )
+                _verify_stored_entry(kept, "snapshot's kept entry")
             state, version, after = snapshot.state, snapshot.version, snapshot.ledger_seq
             snapshot_version = snapshot.version
     replayed = 0
     last_seq = after
     for entry in store.ledger_entries(machine=machine, instance=instance, after_seq=after):
         _verify_stored_entry(entry, "ledger entry")
-        if entry.kind in _NO_CHANGE:
+        if entry.kind == KEPT:
+            kept = entry
+            continue
+        if entry.kind == "rejection":
             continue
         if (state or "") != entry.from_state:
             raise StoreIntegrityError(
-                f"ledger entry {entry.seq} of {machine} '{instance}' starts in "
+                f"ledger entry {entry.seq} of {where} starts in "
                 f"'{entry.from_state}' but the history so far ends in '{state or ''}'"
             )
         state = entry.to_state
@@ -75,7 +100,25 @@ def replay(
         last_seq = entry.seq
     if state is None:
         raise UnknownInstance(machine, instance)
-    return ReplayedState(machine, instance, state, version, last_seq, snapshot_version, replayed)
+    data = store.get_instance_data(machine, instance)
+    if kept is None and data is not None:
+        raise StoreIntegrityError(
+            f"the store holds kept data for {where} that no ledger entry commits to"
+        )
+    if kept is not None and (data is None or kept.payload_sha256 != kept_digest(data)):
+        raise StoreIntegrityError(
+            f"the kept data of {where} is not what ledger entry {kept.seq} commits to"
+        )
+    return ReplayedState(
+        machine, instance, state, version, last_seq, snapshot_version, replayed, data
+    )
+
+
+def _entry_at(store: Store, instance: str, seq: int) -> LedgerEntry | None:
+    """Entry `seq` of the ledger chain holding `instance`'s entries."""
+    if isinstance(store, PartitionedStore):
+        return store.ledger_entry(seq, partition=store.partition_of(instance))
+    return store.ledger_entry(seq)
 
 
 def verify(store: Store, root: RootLike, mode: LedgerMode | None) -> VerifyReport:

@@ -277,6 +277,7 @@ class ReplayedState(NamedTuple):
     last_seq: int
     snapshot_version: int | None
     replayed: int
+    data: str | None = None  # its kept data (JSON text), checked against its newest kept entry
 
 
 def derive_event_id(*parts: str | int) -> str:

@@ -230,7 +230,8 @@ def fire_work(
         if entry is not None:
             txn.append_ledger(entry)
             if version % runtime._snapshot_every == 0:
-                save_snapshot(txn, name, timer.instance, version, to_state, entry)
+                kept_seq = governor._kept_seq(txn, timer.instance)
+                save_snapshot(txn, name, timer.instance, version, to_state, entry, kept_seq)
             chain.advance(entry)
         return TimerFiring(timer, kind, result)
 

@@ -38,10 +38,14 @@ def marketplace(
     before_step: Callable[[StepContext], None] | None = None,
     clock: Clock | None = None,
     mode: LedgerMode = "sign-each",
+    snapshot_every: int = 100,
 ) -> tuple[Runtime, FlowRunner, _Bindings]:
     signer = signer or Signer.from_private_key(Ed25519PrivateKey.generate())
     runtime = Runtime(
-        store, clock=clock or VirtualClock(START_MS), sealer=LedgerSealer(signer, mode)
+        store,
+        clock=clock or VirtualClock(START_MS),
+        sealer=LedgerSealer(signer, mode),
+        snapshot_every=snapshot_every,
     )
     bindings = _Bindings(_Payments())
     for module in MODULES:

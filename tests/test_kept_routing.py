@@ -1,7 +1,8 @@
 """The runtime does not route by kept data the ledger does not commit to: a dispute case's
 customer id changed in the store (and a kept entry forged to match, or deleted) is refused
 with StoreIntegrityError before the outcome is sent, and nothing is written, from a row and
-from a timer, on the memory store, SQLite and PostgreSQL."""
+from a timer, on the memory store, SQLite and PostgreSQL. Snapshots name the kept entry, and
+replay checks the stored data against it."""
 
 from __future__ import annotations
 
@@ -137,3 +138,49 @@ def test_a_timer_does_not_route_by_tampered_data(tmp_path: Path) -> None:
         assert runtime.governor("Compliance").get(CASE).state == "Investigating"  # type: ignore[union-attr]
         emitted = runtime.store.outbox(kind="event", status=None)
         assert not [m for m in emitted if m.instance == CASE]
+
+
+def test_snapshots_carry_the_kept_entry_and_replay_checks_the_data(stores: Stores) -> None:
+    """A snapshot every 3 versions: the one after EvidenceSubmitted (version 3, which keeps
+    nothing) names the kept entry of InvestigateDispute (version 2)."""
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    runtime, _, _ = marketplace(stores.open("m"), signer=signer, snapshot_every=3)
+    two_disputes(runtime)
+    evidence = {"evidence_ref": "ev-1", "submitted_at": "2026-01-02T00:00:00+00:00"}
+    runtime.governor("Compliance").dispatch(CASE, "EvidenceSubmitted", evidence)
+    kept_seq = [e.seq for e in runtime.store.ledger_entries(instance=CASE) if e.kind == KEPT]
+    snapshot = runtime.store.latest_snapshot("Compliance", CASE)
+    assert snapshot is not None and snapshot.version == 3 and [snapshot.kept_seq] == kept_seq
+    genuine = runtime.store.get_instance_data("Compliance", CASE)
+    fast = runtime.replay("Compliance", CASE)
+    assert fast.snapshot_version == 3 and fast.replayed == 0 and fast.data == genuine
+    assert runtime.replay("Compliance", CASE, use_snapshot=False).data == genuine
+    runtime.close()
+    stores.rows("m", f"UPDATE instance_data SET data = '{FORGED}' WHERE instance = '{CASE}'")
+    runtime, _, _ = marketplace(stores.open("m"), signer=signer, snapshot_every=3)
+    with runtime:
+        for use_snapshot in (True, False):
+            with pytest.raises(StoreIntegrityError, match="is not what ledger entry"):
+                runtime.replay("Compliance", CASE, use_snapshot=use_snapshot)
+    stores.rows("m", f"UPDATE instance_data SET data = '{genuine}' WHERE instance = '{CASE}'")
+    stores.rows("m", f"UPDATE snapshots SET kept_seq = {snapshot.ledger_seq}")
+    runtime, _, _ = marketplace(stores.open("m"), signer=signer, snapshot_every=3)
+    with runtime:
+        with pytest.raises(StoreIntegrityError, match="as its kept entry, which it is not"):
+            runtime.replay("Compliance", CASE)
+        assert runtime.replay("Compliance", CASE, use_snapshot=False).data == genuine
+
+
+def test_a_store_written_before_snapshots_named_kept_entries_gets_the_column(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    SQLiteStore(path).close()
+    Stores("sqlite", tmp_path, None).rows("old", "ALTER TABLE snapshots DROP COLUMN kept_seq")
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    runtime, _, _ = marketplace(SQLiteStore(path), signer=signer, snapshot_every=2)
+    with runtime:
+        two_disputes(runtime)
+        snapshot = runtime.store.latest_snapshot("Compliance", CASE)
+        assert snapshot is not None and snapshot.kept_seq == snapshot.ledger_seq + 1
+        assert runtime.replay("Compliance", CASE).data is not None

@@ -65,10 +65,11 @@ def test_a_version_1_store_is_migrated_to_the_latest(postgres_stores: Stores) ->
     url = postgres_stores.location()
     migrate(url)
     # Back to what version 1 of autonomic created: no flows, breakers, deadlines, instance
-    # data or outside-call claims tables.
+    # data or outside-call claims tables, and snapshots that name no kept entry.
     postgres_stores.rows(
         "s", "DROP TABLE flows, breakers, deadlines, instance_data, outside_claims"
     )
+    postgres_stores.rows("s", "ALTER TABLE snapshots DROP COLUMN kept_seq")
     postgres_stores.rows("s", "DELETE FROM schema_migrations WHERE version > 1")
     postgres_stores.rows("s", "UPDATE autonomic_meta SET value = '1' WHERE key = 'schema'")
     with pytest.raises(StoreConfigError, match="older than this"):

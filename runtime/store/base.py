@@ -139,7 +139,9 @@ class DeadlineRecord:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """An instance's state after `version` changes, and the ledger entry that produced it."""
+    """An instance's state after `version` changes, and the ledger entry that produced it;
+    `kept_seq` the seq of its newest "kept" entry then (-1: none), whose digest commits to its
+    kept data (replay checks the stored data against it, runtime/replay.py)."""
 
     machine: str
     instance: str
@@ -147,6 +149,7 @@ class Snapshot:
     state: str
     ledger_seq: int
     entry_hash: bytes
+    kept_seq: int = -1
 
 
 class Transaction(Protocol):

@@ -447,10 +447,12 @@ class PostgresTransaction:
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
         self._execute(
-            "INSERT INTO snapshots (machine, instance, version, state, ledger_seq, entry_hash) "
-            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (machine, instance) DO UPDATE SET "
+            "INSERT INTO snapshots "
+            "(machine, instance, version, state, ledger_seq, entry_hash, kept_seq) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (machine, instance) DO UPDATE SET "
             "version = EXCLUDED.version, state = EXCLUDED.state, "
-            "ledger_seq = EXCLUDED.ledger_seq, entry_hash = EXCLUDED.entry_hash",
+            "ledger_seq = EXCLUDED.ledger_seq, entry_hash = EXCLUDED.entry_hash, "
+            "kept_seq = EXCLUDED.kept_seq",
             (
                 snapshot.machine,
                 snapshot.instance,
@@ -458,6 +460,7 @@ class PostgresTransaction:
                 snapshot.state,
                 snapshot.ledger_seq,
                 snapshot.entry_hash,
+                snapshot.kept_seq,
             ),
         )
 
@@ -896,14 +899,14 @@ class PostgresStore:
 
     def latest_snapshot(self, machine: str, instance: str) -> Snapshot | None:
         rows = self._query(
-            "SELECT version, state, ledger_seq, entry_hash FROM snapshots "
+            "SELECT version, state, ledger_seq, entry_hash, kept_seq FROM snapshots "
             "WHERE machine = %s AND instance = %s",
             (machine, instance),
         )
         if not rows:
             return None
-        version, state, seq, digest = rows[0]
-        return Snapshot(machine, instance, version, state, seq, bytes(digest))
+        version, state, seq, digest, kept_seq = rows[0]
+        return Snapshot(machine, instance, version, state, seq, bytes(digest), kept_seq)
 
     def armed_timers(
         self, machine: str | None = None, instance: str | None = None

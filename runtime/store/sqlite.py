@@ -125,6 +125,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
     state TEXT NOT NULL,
     ledger_seq INTEGER NOT NULL,
     entry_hash BLOB NOT NULL,
+    kept_seq INTEGER NOT NULL DEFAULT -1,
     PRIMARY KEY (machine, instance)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS ledger_by_instance ON ledger (machine, instance, seq);
@@ -507,7 +508,8 @@ class SQLiteTransaction:
     def save_snapshot(self, snapshot: Snapshot) -> None:
         self._execute(
             "INSERT OR REPLACE INTO snapshots "
-            "(machine, instance, version, state, ledger_seq, entry_hash) VALUES (?, ?, ?, ?, ?, ?)",
+            "(machine, instance, version, state, ledger_seq, entry_hash, kept_seq) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 snapshot.machine,
                 snapshot.instance,
@@ -515,6 +517,7 @@ class SQLiteTransaction:
                 snapshot.state,
                 snapshot.ledger_seq,
                 snapshot.entry_hash,
+                snapshot.kept_seq,
             ),
         )
 
@@ -698,6 +701,10 @@ class SQLiteStore:
             for statement in (SCHEMA_SQL + RUNTIME_SCHEMA_SQL).split(";"):
                 if statement.strip():
                     execute(statement)
+            # A store written before snapshots carried their kept entry gets the column.
+            columns = {row[1] for row in execute("PRAGMA table_info(snapshots)")}
+            if "kept_seq" not in columns:
+                execute("ALTER TABLE snapshots ADD COLUMN kept_seq INTEGER NOT NULL DEFAULT -1")
             if empty:
                 execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 execute(
@@ -821,14 +828,14 @@ class SQLiteStore:
 
     def latest_snapshot(self, machine: str, instance: str) -> Snapshot | None:
         rows = self._query(
-            "SELECT version, state, ledger_seq, entry_hash FROM snapshots "
+            "SELECT version, state, ledger_seq, entry_hash, kept_seq FROM snapshots "
             "WHERE machine = ? AND instance = ?",
             (machine, instance),
         )
         if not rows:
             return None
-        version, state, seq, digest = rows[0]
-        return Snapshot(machine, instance, version, state, seq, bytes(digest))
+        version, state, seq, digest, kept_seq = rows[0]
+        return Snapshot(machine, instance, version, state, seq, bytes(digest), kept_seq)
 
     def armed_timers(
         self, machine: str | None = None, instance: str | None = None
