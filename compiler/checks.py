@@ -950,6 +950,7 @@ def check_emit_payloads(
     fields and references that exist, and fit the target fields' types. Timers and
     escalation ends have no causing event; a retry ladder's `exhausted` has the ladder's."""
     for fact in facts:
+        data = {f.name.value: f for f in fact.machine.data}
         for ref, cause in _emit_sites(fact.machine, fact.emitting_rows):
             machine = fact.machine if ref.machine is None else directory.get(ref.machine.value)
             target = None if machine is None else _event_named(machine, ref.event.value)
@@ -961,7 +962,9 @@ def check_emit_payloads(
                 if event is None:
                     continue  # E106
                 causing = {f.name.value: f for f in event.fields}
-            yield from emit_payload_findings(ref, target, causing, has_cause=cause is not None)
+            yield from emit_payload_findings(
+                ref, target, causing, has_cause=cause is not None, data=data
+            )
             notice = ref.refused
             own = notice is not None and (
                 notice.machine is None or notice.machine.value == fact.machine.name.value
@@ -971,7 +974,7 @@ def check_emit_payloads(
                 if told is not None:  # else E150
                     has_cause = cause is not None
                     yield from emit_payload_findings(
-                        notice, told, causing, has_cause=has_cause, notice=True
+                        notice, told, causing, has_cause=has_cause, notice=True, data=data
                     )
 
 

@@ -175,7 +175,7 @@ def emit_arg(arg: EmitArgRow) -> Code:
     field name, a literal through repr(), or None."""
     if arg.source not in EMIT_SOURCES:
         raise CodegenError(f"unknown emit argument source {arg.source!r}")
-    if arg.source == "field":
+    if arg.source in ("field", "data"):
         value = name_string(arg.value, "field")
     elif arg.source == "literal":
         if arg.value is None:

@@ -1,11 +1,13 @@
-"""Instance data: `data { ... }`, `keep` on rows and `emit ... to FIELD` (E146-E149).
+"""Instance data: `data { ... }`, `keep` on rows, `emit ... to FIELD` and `$data.FIELD` in
+emit arguments (E146-E149).
 
 An instance keeps, beside its state, the data fields its rows `keep` from their causing
 events; an emit may send to the instance whose id a data field holds. A field is *kept on
 arrival* in a state when every way into it from the initial state keeps it on the way (a
 must-analysis over the machine's moves: a new instance keeps nothing, a row adds its own
-`keep`s, timers and ladders add none). An `emit ... to FIELD` needs FIELD kept wherever it is
-emitted: on arrival in the row's, timer's or entry's state, plus the row's own `keep`.
+`keep`s, timers and ladders add none). An `emit ... to FIELD`, and an emit argument that reads
+`$data.FIELD`, need FIELD kept wherever the emit is made: on arrival in the row's, timer's or
+entry's state, plus the row's own `keep`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 from .emit_args import source_misfit
-from .errors import Diagnostic, RelatedLocation, did_you_mean, fail, related
+from .errors import Diagnostic, RelatedLocation, SourceSpan, did_you_mean, fail, related
 from .graph import machine_timer_moves
-from .model import EscalationEnd, EventRef, Field, Name, State
+from .lower import DATA_REF
+from .model import EmitArgument, EscalationEnd, EventRef, Field, Name, State
 
 if TYPE_CHECKING:
     from .checks import MachineFacts
@@ -109,53 +112,81 @@ def check_keeps(facts: MachineFacts) -> Iterator[Diagnostic]:
 
 
 def check_emit_targets(facts: MachineFacts) -> Iterator[Diagnostic]:
-    """E148: `emit ... to F` names a `str` data field. E149: F is kept on every way to
-    where the emit is made."""
-    sites = list(_routed_emits(facts))
+    """E148: `emit ... to F` names a `str` data field. E149: F, and every data field an
+    argument reads (`$data.F`, its own or its refusal notice's), is kept on every way to
+    where the emit is made (an argument naming no data field is E142's)."""
+    sites = list(_data_emits(facts))
     if not sites:
         return
     data = {f.name.value: f for f in facts.machine.data}
     arrival: dict[str, frozenset[str]] | None = None
     ways: dict[str, list[_Way]] = {}
     for ref, states, extra in sites:
-        assert ref.to is not None
-        name = ref.to.value
-        field = data.get(name)
-        if field is None:
-            yield fail(
-                "E148",
-                f"emit to '{name}': '{facts.machine.name.value}' has no data field '{name}'",
-                ref.to.span,
-                did_you_mean(name, data)
-                or f"declare it (data {{ {name}: str }}) and `keep` it on the rows that lead here",
-            )
-            continue
-        if field.type.kind != "str" or field.type.optional:
-            yield fail(
-                "E148",
-                f"emit to '{name}': the data field is {_kind(field)}, not a str instance id",
-                ref.to.span,
-                f"declare '{name}: str', or send to another field that holds the id",
-            )
+        reads: list[tuple[str, SourceSpan, str]] = []  # (field, where, what reads it)
+        if ref.to is not None:
+            name = ref.to.value
+            field = data.get(name)
+            if field is None:
+                yield fail(
+                    "E148",
+                    f"emit to '{name}': '{facts.machine.name.value}' has no data field '{name}'",
+                    ref.to.span,
+                    did_you_mean(name, data)
+                    or f"declare it (data {{ {name}: str }}) and `keep` it on the rows that "
+                    "lead here",
+                )
+            elif field.type.kind != "str" or field.type.optional:
+                yield fail(
+                    "E148",
+                    f"emit to '{name}': the data field is {_kind(field)}, not a str instance id",
+                    ref.to.span,
+                    f"declare '{name}: str', or send to another field that holds the id",
+                )
+            else:
+                reads.append((name, ref.to.span, f"emit to '{name}'"))
+        for arg, value in _data_args(ref):
+            if value in data:
+                what = f"argument '{arg.field.value}' reads '{value}'"
+                reads.append((value, arg.value.span, what))
+        if not reads:
             continue
         if arrival is None:
             ways = _ways_in(facts)
             arrival = kept_on_arrival(facts, ways)
-        if (extra is not None and name in extra) or facts.initial is None:
+        if facts.initial is None:
             continue
-        for state in states:
-            here = arrival.get(state)
-            if here is None or name in here:
-                continue  # unreachable (W201's), or kept
-            yield fail(
-                "E149",
-                f"emit to '{name}' in '{state}': '{name}' is not kept on every way there",
-                ref.to.span,
-                (f"`keep {name}` on this row, or " if extra is not None else f"`keep {name}` ")
-                + f"on each row that leads to '{state}' (or to a state before it)",
-                list(_missing_at(facts, state, name, arrival, ways)),
-            )
-            break
+        for name, where, what in reads:
+            if extra is not None and name in extra:
+                continue
+            for state in states:
+                here = arrival.get(state)
+                if here is None or name in here:
+                    continue  # unreachable (W201's), or kept
+                yield fail(
+                    "E149",
+                    f"{what} in '{state}': '{name}' is not kept on every way there",
+                    where,
+                    (f"`keep {name}` on this row, or " if extra is not None else f"`keep {name}` ")
+                    + f"on each row that leads to '{state}' (or to a state before it)",
+                    list(_missing_at(facts, state, name, arrival, ways)),
+                )
+                break
+
+
+def _data_args(ref: EventRef) -> Iterator[tuple[EmitArgument, str]]:
+    """Each argument of the emit (and of its refusal notice) that reads `$data.FIELD`, with
+    FIELD."""
+    for event_ref in (ref, ref.refused):
+        if event_ref is None:
+            continue
+        for arg in event_ref.args:
+            value = arg.value
+            if value.kind == "ref" and value.text.startswith(DATA_REF):
+                yield arg, value.text[len(DATA_REF) :]
+
+
+def _reads_data(ref: EventRef) -> bool:
+    return ref.to is not None or any(True for _ in _data_args(ref))
 
 
 def kept_on_arrival(
@@ -218,39 +249,44 @@ def _ways_in(facts: MachineFacts) -> dict[str, list[_Way]]:
     return ways
 
 
-def _routed_emits(
+def _data_emits(
     facts: MachineFacts,
 ) -> Iterator[tuple[EventRef, list[str], frozenset[str] | None]]:
-    """Each `emit ... to F` with the states it can be made in and, for a row's emit, the
-    fields the row keeps (a row's `keep` comes before its emits); None for other emits."""
+    """Each emit that reads data (`to F`, or an argument `$data.F`) with the states it can be
+    made in and, for a row's emit, the fields the row keeps (a row's `keep` comes before its
+    emits); None for other emits."""
     machine = facts.machine
     for state in facts.emitting_states:
         here = [state.name.value]
         for row in facts.emitting_rows(state):
-            if any(ref.to is not None for ref in row.emits):
+            if any(_reads_data(ref) for ref in row.emits):
                 keeps = frozenset(k.field.value for k in row.keeps)
-                yield from ((ref, here, keeps) for ref in row.emits if ref.to is not None)
+                yield from ((ref, here, keeps) for ref in row.emits if _reads_data(ref))
     for state in facts.timed:
         emits = [end.emits for end in _ends(state)] + [timer.emits for timer in state.timers]
-        yield from ((ref, [state.name.value], None) for refs in emits for ref in refs if ref.to)
+        yield from (
+            (ref, [state.name.value], None) for refs in emits for ref in refs if _reads_data(ref)
+        )
     for state in facts.entered:
         emits = [entry.emits for entry in state.entries]
-        yield from ((ref, [state.name.value], None) for refs in emits for ref in refs if ref.to)
+        yield from (
+            (ref, [state.name.value], None) for refs in emits for ref in refs if _reads_data(ref)
+        )
     for mtimer in machine.machine_timers:
-        if any(ref.to is not None for ref in mtimer.emits):
+        if any(_reads_data(ref) for ref in mtimer.emits):
             # machine_timer_moves yields each timer's own target name: its firing states.
             froms = [s for s, target in machine_timer_moves(machine) if target is mtimer.target]
-            yield from ((ref, froms, None) for ref in mtimer.emits if ref.to is not None)
+            yield from ((ref, froms, None) for ref in mtimer.emits if _reads_data(ref))
     for ladder in machine.retries:
         end = ladder.exhausted
-        if end is None or not any(ref.to is not None for ref in end.emits):
+        if end is None or not any(_reads_data(ref) for ref in end.emits):
             continue
         if ladder.steps:
             last = ladder.steps[-1]
             froms = [last.state.value] + ([last.attempt.value] if last.attempt else [])
         else:
             froms = [entry.value for entry in ladder.entry_states]
-        yield from ((ref, froms, None) for ref in end.emits if ref.to is not None)
+        yield from ((ref, froms, None) for ref in end.emits if _reads_data(ref))
 
 
 def _ends(state: State) -> Iterator[EscalationEnd]:

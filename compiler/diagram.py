@@ -27,6 +27,7 @@ from typing import Literal, NamedTuple, overload
 
 from .explain import Explanation, explain, format_duration, ladder_line, state_bound_line
 from .lower import (
+    EmitArgRow,
     MachineTables,
     NotifyRow,
     TimerRow,
@@ -218,14 +219,23 @@ def _consequences(
 
 
 def _emit_names(row: TransitionRow | TimerRow, own: str) -> tuple[str, ...]:
-    """Each emit as `Machine.Event`, with ` to FIELD` when a data field names its receiver and
+    """Each emit as `Machine.Event`, with the arguments that read kept data
+    (`(customer_id = $data.customer_id)`), ` to FIELD` when a data field names its receiver and
     ` if refused Notice` when the sender is told of a refused delivery."""
     return tuple(
         (e.event if e.machine == own else f"{e.machine}.{e.event}")
+        + _data_args(e.args)
         + ("" if e.to is None else f" to {e.to}")
         + ("" if e.refused is None else f" if refused {e.refused.event}")
         for e in row.emits
     )
+
+
+def _data_args(args: tuple[EmitArgRow, ...]) -> str:
+    """The arguments that read kept data, which reviewers should see travel; others are the
+    event's ordinary payload."""
+    read = [f"{a.field} = $data.{a.value}" for a in args if a.source == "data"]
+    return f"({', '.join(read)})" if read else ""
 
 
 def _transition_line(row: TransitionRow, own: str) -> str:

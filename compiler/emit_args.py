@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from datetime import datetime
 
 from .errors import Diagnostic, did_you_mean, fail
-from .lower import CONTEXT_REFS, REFUSAL_REFS
+from .lower import CONTEXT_REFS, DATA_REF, REFUSAL_REFS
 from .model import EmitValue, Event, EventRef, Field
 
 __all__ = ["emit_payload_findings", "source_misfit"]
@@ -23,9 +23,11 @@ def emit_payload_findings(
     *,
     has_cause: bool,
     notice: bool = False,
+    data: dict[str, Field] | None = None,
 ) -> Iterator[Diagnostic]:
     """E141-E143 for `ref`'s arguments; E152 for a $refusal_... reference outside a refusal
-    notice's arguments (`notice`)."""
+    notice's arguments (`notice`). `data`: the emitting machine's data fields
+    (`$data.FIELD`); None where there is no instance data (a flow step)."""
     fields = {f.name.value: f for f in target.fields}
     shown = f"{ref.machine.value}.{ref.event.value}" if ref.machine else ref.event.value
     written: set[str] = set()
@@ -57,8 +59,12 @@ def emit_payload_findings(
                 "use it in the arguments of `if refused NOTICE(...)`, which the receiver's "
                 "refusal fills in",
             )
+        elif value.kind == "ref" and value.text.startswith(DATA_REF):
+            finding = _data_finding(name, value, wanted, data)
+            if finding is not None:
+                yield finding
         elif value.kind == "ref" and value.text not in CONTEXT_REFS:
-            refs = [f"${r}" for r in CONTEXT_REFS]
+            refs = [f"${r}" for r in CONTEXT_REFS] + ["$data.FIELD"]
             yield fail(
                 "E142",
                 f"unknown reference '${value.text}'",
@@ -114,6 +120,39 @@ def emit_payload_findings(
         )
 
 
+def _data_finding(
+    name: str, value: EmitValue, wanted: Field, data: dict[str, Field] | None
+) -> Diagnostic | None:
+    """E142 for `$data.FIELD` naming no data field (or where there is no instance data),
+    E143 for a data field that does not fit the target field."""
+    field = value.text[len(DATA_REF) :]
+    if data is None:
+        return fail(
+            "E142",
+            f"'${value.text}': a flow step has no instance data to read",
+            value.span,
+            "pass the value as a flow input, or emit it from the governor that keeps it",
+        )
+    source = data.get(field)
+    if source is None:
+        return fail(
+            "E142",
+            f"'${value.text}': the machine has no data field '{field}'",
+            value.span,
+            did_you_mean(field, data)
+            or f"declare it (data {{ {field}: str }}) and `keep` it on the rows that lead here",
+        )
+    problem = source_misfit(source, wanted)
+    if problem is None:
+        return None
+    return fail(
+        "E143",
+        f"argument '{name}': {problem}",
+        value.span,
+        f"the field takes {_shown(wanted)}" + _LITERAL_FORMS.get(wanted.type.kind, ""),
+    )
+
+
 def _misfit(value: EmitValue, source: Field | None, wanted: Field) -> str | None:
     """Why a written value does not fit the target field, or None."""
     kind = wanted.type.kind
@@ -161,7 +200,7 @@ def source_misfit(source: Field, wanted: Field) -> str | None:
 
 # How a literal of each kind is written, for hints.
 _LITERAL_FORMS = {
-    "str": ': "text", $instance, $actor or $event',
+    "str": ': "text", $instance, $actor, $event or $data.FIELD',
     "int": ": 12",
     "decimal": ": 12 or 0.50",
     "bool": ": true or false",

@@ -115,7 +115,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "E146": (Severity.ERROR, "invalid data field"),
     "E147": (Severity.ERROR, "invalid keep"),
     "E148": (Severity.ERROR, "emit target is not a string data field"),
-    "E149": (Severity.ERROR, "emit target not kept on every way to the emit"),
+    "E149": (Severity.ERROR, "data field an emit reads not kept on every way to the emit"),
     "E150": (Severity.ERROR, "refusal notice is not an event of the emitting machine"),
     "E151": (Severity.ERROR, "refusal notice not handled where the emit waits"),
     "E152": (Severity.ERROR, "refusal reference outside a refusal notice"),

@@ -93,15 +93,15 @@ class Ref(NamedTuple):
 
 
 EmitSource = Literal[
-    "field", "literal", "instance", "actor", "event", "refusal_code", "refusal_message"
+    "field", "literal", "instance", "actor", "event", "refusal_code", "refusal_message", "data"
 ]
 
 
 @dataclass(frozen=True, slots=True)
 class EmitArgRow:
     """One field of an emitted payload: `value` is the causing field's name ("field"), the
-    literal itself ("literal"; a decimal as its text), or None for `$instance`, `$actor`,
-    `$event`."""
+    literal itself ("literal"; a decimal as its text), the data field's name ("data", for
+    `$data.FIELD`), or None for `$instance`, `$actor`, `$event`."""
 
     field: str
     source: EmitSource
@@ -473,7 +473,7 @@ class _Lowering:
         for field in target.fields:
             name = field.name.value
             arg = written.pop(name, None)
-            if arg is not None and arg.value.kind == "ref" and arg.value.text not in CONTEXT_REFS:
+            if arg is not None and arg.value.kind == "ref" and not is_context_ref(arg.value.text):
                 self.problems.append(
                     fail("E142", f"unknown reference '${arg.value.text}'", arg.value.span)
                 )
@@ -949,6 +949,8 @@ def _emit_arg(field: str, value: m.EmitValue) -> EmitArgRow:
         return EmitArgRow(field, "literal", value.text == "true")
     if value.kind == "number":
         return EmitArgRow(field, "literal", value.text if "." in value.text else int(value.text))
+    if value.text.startswith(DATA_REF):
+        return EmitArgRow(field, "data", value.text[len(DATA_REF) :])
     return EmitArgRow(field, _CONTEXT_REFS[value.text], None)
 
 
@@ -963,6 +965,13 @@ _CONTEXT_REFS: dict[str, EmitSource] = {
 }
 CONTEXT_REFS = tuple(_CONTEXT_REFS)
 REFUSAL_REFS = ("refusal_code", "refusal_message")
+DATA_REF = "data."
+
+
+def is_context_ref(text: str) -> bool:
+    """Whether `$text` is a reference the runtime fills in (`$data.FIELD`: whether FIELD is a
+    data field is the checks' to judge, E142)."""
+    return text in _CONTEXT_REFS or (text.startswith(DATA_REF) and len(text) > len(DATA_REF))
 
 
 def _firings(step: m.EscalationStep) -> list[int]:

@@ -41,7 +41,7 @@ _TERMINAL_NAMES = {
     "STRING": 'a "quoted string"',
     "DURATION": "a duration such as 24h",
     "NUMBER": "a number such as 12 or 0.50",
-    "CONTEXT_REF": "$instance, $actor or $event",
+    "CONTEXT_REF": "$instance, $actor, $event or $data.FIELD",
     "EQUAL": "'='",
     "RECIPIENT_KIND": "'queue' or 'role'",
     "BACKOFF_KIND": "'exponential' or 'jitter'",

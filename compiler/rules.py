@@ -194,8 +194,11 @@ _HELP: dict[str, tuple[str, str]] = {
     ),
     "E142": (
         "An `emit` argument names a field the target lacks, a causing field that does not "
-        "exist (a timer has none), an unknown `$reference`, or a field twice.",
-        "Name fields the target declares and values the causing event has.",
+        "exist (a timer has none), an unknown `$reference`, a `$data.FIELD` that is not a "
+        "data field of the machine (or in a flow step, which has no instance data), or a "
+        "field twice.",
+        "Name fields the target declares, values the causing event has, and data fields the "
+        "machine declares.",
     ),
     "E143": (
         "An `emit` argument's value does not fit the target field's type, or an optional "
@@ -308,10 +311,10 @@ _HELP: dict[str, tuple[str, str]] = {
         "Declare `data { FIELD: str }` and `keep` it on the rows before the emit.",
     ),
     "E149": (
-        "`emit ... to FIELD` reads a data field that some way into the emitting state (its "
-        "creation, a row without `keep FIELD`, a timer or a ladder, from a state that had not "
-        "kept it) leaves unset, so the receiver would be unknown there. The related location "
-        "names such a way in.",
+        "`emit ... to FIELD`, or an emit argument `$data.FIELD`, reads a data field that some "
+        "way into the emitting state (its creation, a row without `keep FIELD`, a timer or a "
+        "ladder, from a state that had not kept it) leaves unset, so the receiver or the value "
+        "would be unknown there. The related location names such a way in.",
         "Add `keep FIELD` to the rows that lead there (a row's own `keep` counts for its "
         "emits), or emit from states that every way into keeps it.",
     ),

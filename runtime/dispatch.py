@@ -1333,7 +1333,7 @@ class Governor:
         emitted: tuple[EmittedEvent, ...] = ()
         bodies: Sequence[str] = ()
         kept = None
-        if row.data:  # the row keeps data fields, or an emit is routed by one
+        if row.data:  # the row keeps data fields, or an emit is routed by or reads one
             kept = read_data(txn, name, instance_id, runtime._kept, chain.partition)
             if row.kept:
                 kept = keep_fields(kept, row.kept, payload, self._routes)
@@ -1347,10 +1347,19 @@ class Governor:
                 )
                 for index, emit in enumerate(row.emits)
             )
-            bodies = [emit.body(payload, instance_id, actor, row.event) for emit in row.emits]
+            bodies = [emit.body(payload, instance_id, actor, row.event, kept) for emit in row.emits]
         notices = (
             _refusal_notices(
-                name, instance_id, version, emitted, row.emits, payload, actor, row.event, now
+                name,
+                instance_id,
+                version,
+                emitted,
+                row.emits,
+                payload,
+                actor,
+                row.event,
+                now,
+                kept,
             )
             if row.notices
             else ()

@@ -15,7 +15,7 @@ refused again releases nothing more.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -45,9 +45,10 @@ def _refusal_notices(
     actor: str,
     cause: str,
     now: int,
+    data: Mapping[str, object] | None = None,
 ) -> list[OutboxMessage]:
     """The held notices of the emits that have one: from each emitted event's receiver back
-    to the emitting instance (see the module docstring)."""
+    to the emitting instance (see the module docstring); `data`: its kept data."""
     notices = []
     for emitted_event, plan in zip(emitted, plans, strict=True):
         notice = plan.refused
@@ -64,7 +65,7 @@ def _refusal_notices(
                 instance,
                 notice.event,
                 refusal_id(emitted_event.event_id),
-                notice.body(payload, instance, actor, cause),
+                notice.body(payload, instance, actor, cause, data),
                 now,
                 "held",
             )

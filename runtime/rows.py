@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import cast, final
 
 from .bindings import Action, Guard
-from .errors import InvalidTransition
+from .errors import InvalidTransition, StoreIntegrityError
 from .results import _EMPTY_RESULTS, _dumps, _Outcome
 from .tables import ELSE, Emit, Payload, TimerSpec, Transition
 from .timers import TimerPlan
@@ -78,7 +78,7 @@ class _Row:
         # The row's `keep`s, and whether it reads or writes the instance's kept data at all
         # (runtime/instance_data.py): most rows do neither.
         self.kept = row.keep
-        self.data = bool(self.kept) or any(emit.to is not None for emit in self.emits)
+        self.data = bool(self.kept) or any(e.to is not None or e.reads for e in self.emits)
         # Some emit tells the sender of a refused delivery: its notice is held in the outbox.
         self.notices = any(emit.refused is not None for emit in self.emits)
         # Leaving a state cancels its timers; entering one (also itself) arms the target's;
@@ -175,7 +175,18 @@ class _EmitPlan:
     """One emit of a row or timer, pre-built at load time: its target, and its payload as a
     constant JSON body or as the pieces to fill in from the causing event."""
 
-    __slots__ = ("constant", "context", "event", "fields", "fixed", "machine", "refused", "to")
+    __slots__ = (
+        "constant",
+        "context",
+        "event",
+        "fields",
+        "fixed",
+        "kept",
+        "machine",
+        "reads",
+        "refused",
+        "to",
+    )
 
     def __init__(self, emit: Emit) -> None:
         self.machine = emit.machine
@@ -186,20 +197,35 @@ class _EmitPlan:
         self.constant: dict[str, object] = {}
         self.fields: tuple[tuple[str, str], ...] = ()  # (target field, causing field)
         self.context: tuple[tuple[str, str], ...] = ()  # (target field, instance|actor|event)
+        self.kept: tuple[tuple[str, str], ...] = ()  # (target field, data field): `$data.F`
         for arg in emit.args:
             if arg.source == "literal":
                 self.constant[arg.field] = arg.value
             elif arg.source == "field":
                 self.fields += ((arg.field, str(arg.value)),)
+            elif arg.source == "data":
+                self.kept += ((arg.field, str(arg.value)),)
             else:
                 self.context += ((arg.field, arg.source),)
+        # Whether its body (or its notice's) reads the instance's kept data.
+        self.reads: bool = bool(self.kept) or (self.refused is not None and self.refused.reads)
         # Literals only (or no arguments): the body is the same for every emission. The
         # compiler lists every target field an emit supplies, implicit same-name ones too.
-        self.fixed: str | None = None if self.fields or self.context else _dumps(self.constant)
+        self.fixed: str | None = (
+            None if self.fields or self.context or self.kept else _dumps(self.constant)
+        )
 
-    def body(self, payload: Payload | None, instance: str, actor: str, event: str) -> str:
+    def body(
+        self,
+        payload: Payload | None,
+        instance: str,
+        actor: str,
+        event: str,
+        data: Mapping[str, object] | None = None,
+    ) -> str:
         """The emitted payload as JSON text: values from the causing payload keep their model
-        types until `_dumps` (a Decimal becomes its exact string, a datetime ISO 8601)."""
+        types until `_dumps` (a Decimal becomes its exact string, a datetime ISO 8601);
+        `data` is the instance's kept data (checked against the ledger when it was read)."""
         if self.fixed is not None:
             return self.fixed
         values = dict(self.constant)
@@ -215,4 +241,13 @@ class _EmitPlan:
                 if ref == "event"
                 else REFUSAL_SLOTS[ref]  # filled when the notice is released (outbox.py)
             )
+        for target, field in self.kept:
+            value = None if data is None else data.get(field)
+            if value is None:
+                raise StoreIntegrityError(
+                    f"'{instance}' keeps no '{field}' for the {self.event} it emits",
+                    hint="the machine's checks (E149) rule this out; was the store or the "
+                    "machine changed under live instances?",
+                )
+            values[target] = value
         return _dumps(values)

@@ -189,7 +189,7 @@ class SourceRef:
 
 
 EmitSource = Literal[
-    "field", "literal", "instance", "actor", "event", "refusal_code", "refusal_message"
+    "field", "literal", "instance", "actor", "event", "refusal_code", "refusal_message", "data"
 ]
 
 
@@ -202,7 +202,9 @@ class EmitArg:
     "instance", "actor", "event": the emitting instance's id, the actor of the causing
     dispatch (the timer actor for timers), the causing event's name (the timer id for
     timers), with `value` None; "refusal_code", "refusal_message" (a refusal notice's
-    arguments only): the code and message of the receiver's refusal of the delivery.
+    arguments only): the code and message of the receiver's refusal of the delivery; "data":
+    `value` names a data field the instance keeps (`$data.FIELD`, read as of the emit, after
+    the row's own `keep`s).
     """
 
     field: str

@@ -151,10 +151,11 @@ def fire_work(
                     derive_event_id("notify", name, timer.instance, version),
                 ),
             )
-        # An emit routed by a kept data field reads it here: a timer has no payload of its own.
+        # An emit routed by (or with arguments from) kept data reads it here: a timer has no
+        # payload of its own.
         kept = (
             read_data(txn, name, timer.instance, runtime._kept, chain.partition)
-            if any(e.to for e in emits)
+            if any(e.to or e.reads for e in emits)
             else None
         )
         emitted = tuple(
@@ -166,9 +167,9 @@ def fire_work(
             )
             for index, emit in enumerate(emits)
         )
-        # A timer has no causing payload: its emits' arguments are literals and context.
+        # A timer has no causing payload: its emits' arguments are literals, context and data.
         actor = runtime._timer_actor
-        bodies = [emit.body(None, timer.instance, actor, spec.id) for emit in emits]
+        bodies = [emit.body(None, timer.instance, actor, spec.id, kept) for emit in emits]
         firing_id = derive_event_id(
             "timer", name, timer.instance, timer.timer_id, timer.armed_version
         )
@@ -223,7 +224,7 @@ def fire_work(
             for e, body in zip(emitted, bodies, strict=True)
         ]
         messages += _refusal_notices(
-            name, timer.instance, version, emitted, emits, None, actor, spec.id, now
+            name, timer.instance, version, emitted, emits, None, actor, spec.id, now, kept
         )
         if messages:
             txn.add_outbox(messages)

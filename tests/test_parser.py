@@ -230,7 +230,8 @@ def test_emit_without_arguments_has_none() -> None:
         ("emit X(a b)", "b", "'='"),
         ("emit X(a = 1h)", "1h", "a number such as 12 or 0.50"),  # a duration is no value
         ("emit X(a = 1.)", "1.", "a number"),  # a number needs digits after its point
-        ("emit X(a = $)", "$", "$instance, $actor or $event"),  # a reference needs a name
+        # a reference needs a name
+        ("emit X(a = $)", "$", "$instance, $actor, $event or $data.FIELD"),
         ("emit X(= 1)", "=", "a name"),  # the field name comes first
         ("emit X(a = b.c)", ".", "','"),  # one name, not a path
     ],
