@@ -184,3 +184,27 @@ def test_a_store_written_before_snapshots_named_kept_entries_gets_the_column(
         snapshot = runtime.store.latest_snapshot("Compliance", CASE)
         assert snapshot is not None and snapshot.kept_seq == snapshot.ledger_seq + 1
         assert runtime.replay("Compliance", CASE).data is not None
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_the_decision_notice_carries_the_kept_customer_id(kind: str, tmp_path: Path) -> None:
+    """`NotifyCustomer(customer_id = $data.customer_id) to customer_id`: the case's own id is
+    not the customer's, and the notice carries the id the case kept, from a row and from the
+    7-day concession timer alike."""
+    store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "m.db")
+    clock = VirtualClock(START_MS)
+    runtime, _, _ = marketplace(store, clock=clock)
+    with runtime:
+        two_disputes(runtime)
+        decide(runtime, CASE)
+        clock.advance(7 * DAY_MS)
+        runtime.fire_due()  # case-2 concedes
+        notices = {
+            (m.instance, m.target_machine, m.target_instance, json.loads(m.body)["customer_id"])
+            for m in runtime.store.outbox(kind="event", status=None)
+            if m.event == "NotifyCustomer"
+        }
+        assert notices == {
+            (CASE, "CustomerAccount", CUSTOMER, CUSTOMER),
+            ("case-2", "CustomerAccount", OTHER, OTHER),
+        }
