@@ -346,6 +346,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     except sqlite3.Error as exc:
         unread = LedgerReadError(f"{args.ledger}: cannot read the instances: {exc}")
         return _diagnostic(args.ledger, unread, LEDGER_HINT)
+    except RuntimeFailure as failure:
+        return _diagnostic(args.ledger, failure, LEDGER_HINT)
     if audit is not None and audit.problem is not None:
         print(f"{printable(args.ledger)}: {printable(audit.problem.describe())}")
         return EXIT_FAILED

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import LedgerFormatError, LedgerReadError
 from .ledger import KEPT, kept_digest
+from .store.sqlite_schema import schema_problem
 
 if TYPE_CHECKING:
     from .store.postgres import PostgresStore
@@ -141,6 +143,7 @@ def audit_instances(
     data: Iterable[tuple[Any, ...]],
     kept: Iterable[tuple[Any, ...]],
     verified: Callable[[str, int], bool],
+    breaks: Iterable[tuple[Any, ...]] = (),
 ) -> InstanceAudit:
     """Compare the store's rows with the ledger's aggregates, each stream ordered by (machine,
     instance) in byte order:
@@ -151,9 +154,28 @@ def audit_instances(
     kept: (machine, instance, newest seq, its payload_sha256) of the kept entries.
 
     `verified(instance, seq)`: whether entry `seq` of the instance's chain was verified (a
-    newer one means the instance moved during the audit)."""
+    newer one means the instance moved during the audit).
+    breaks: (machine, instance, seq, from_state, the previous entry's to_state or None) of
+    verified entries that do not start where the instance's previous entry ended (a first entry
+    not from ''): a row rewritten behind the runtime's back, which its next move then signed
+    from. Any such entry is a problem, however the row reads now."""
     checked = kept_count = moved = 0
     try:
+        for machine, instance, seq, from_state, previous in breaks:
+            where = (
+                "no earlier entry"
+                if previous is None
+                else f"its previous entry ended in {previous!r}"
+            )
+            raise _Found(
+                InstanceProblem(
+                    str(machine),
+                    str(instance),
+                    seq if type(seq) is int else None,
+                    f"an entry moves it from {from_state!r}, but {where}: its state was "
+                    "changed outside the runtime before that move",
+                )
+            )
         for (machine, instance), row, change in _merged(rows, changes, ("instances", "ledger")):
             if change is not None and not verified(instance, change[3]):
                 moved += 1
@@ -256,8 +278,22 @@ _SQLITE_KEPT = (
     f"payload_sha256 AS digest FROM ledger NOT INDEXED WHERE kind COLLATE BINARY = '{KEPT}' "
     f"{_GROUPS}) ORDER BY {_ORDER}"
 )
-_SQLITE_ROWS = f"SELECT machine, instance, state, version FROM instances ORDER BY {_ORDER}"
-_SQLITE_DATA = f"SELECT machine, instance, data FROM instance_data ORDER BY {_ORDER}"
+_SQLITE_ROWS = (
+    f"SELECT machine, instance, state, version FROM instances NOT INDEXED ORDER BY {_ORDER}"
+)
+_SQLITE_DATA = f"SELECT machine, instance, data FROM instance_data NOT INDEXED ORDER BY {_ORDER}"
+# Every entry of an instance (its changes, rejections and kept entries) starts in the state the
+# one before it ended in, and its first from '' (its creation); the first that does not.
+_INSTANCE_KINDS = (*CHANGE_KINDS, "rejection", KEPT)
+_SQLITE_BREAKS = (
+    "SELECT machine, instance, seq, from_state, previous FROM (SELECT machine, instance, seq, "
+    "from_state, lag(to_state) OVER (PARTITION BY machine COLLATE BINARY, instance COLLATE "
+    "BINARY ORDER BY seq) AS previous FROM ledger NOT INDEXED WHERE seq < ? "
+    f"AND kind COLLATE BINARY IN {_INSTANCE_KINDS!r} "
+    f"AND NOT (kind COLLATE BINARY = 'escalation' AND actor COLLATE BINARY = '{_DEADLINE_ACTOR}')) "
+    "WHERE CASE WHEN previous IS NULL THEN from_state IS NOT '' "
+    "ELSE from_state IS NOT previous END ORDER BY seq LIMIT 1"
+)
 
 
 def audit_sqlite_instances(path: str | Path, verified: int) -> InstanceAudit | None:
@@ -279,18 +315,31 @@ def audit_sqlite_instances(path: str | Path, verified: int) -> InstanceAudit | N
             if exc.sqlite_errorcode == sqlite3.SQLITE_NOTADB:
                 return None
             raise
-        if "instances" not in tables:
-            return None
+        altered = schema_problem(connection.execute)
+        if altered is not None:
+            # Read before any row: the same check the verifier made (store/sqlite_schema.py).
+            raise LedgerFormatError(
+                f"{path}: the store's schema was altered: {altered}",
+                hint="a store is verified only with the schema the runtime gave it",
+            )
+        if "instances" not in tables and "runtime_meta" not in tables:
+            return None  # a ledger alone, not a store
+        # A store without its instances (or data) table holds no rows: every instance the
+        # ledger records is then missing.
+        rows: Iterable[tuple[Any, ...]] = ()
+        if "instances" in tables:
+            rows = connection.execute(_SQLITE_ROWS)
         data: Iterable[tuple[Any, ...]] = ()
         if "instance_data" in tables:
-            data = connection.execute(_SQLITE_DATA)
+            data = connection.cursor().execute(_SQLITE_DATA)
         # Each query on a cursor of its own, all in the one read transaction.
         return audit_instances(
-            connection.execute(_SQLITE_ROWS),
+            rows,
             connection.cursor().execute(_SQLITE_CHANGES),
             data,
             connection.cursor().execute(_SQLITE_KEPT),
             lambda instance, seq: seq < verified,
+            connection.cursor().execute(_SQLITE_BREAKS, (verified,)),
         )
     finally:
         connection.close()
@@ -312,6 +361,22 @@ _PG_KEPT = (
     "(array_agg(payload_sha256 ORDER BY seq DESC))[1] FROM ledger "
     f"WHERE kind = '{KEPT}' GROUP BY machine, instance ORDER BY {_PG_ORDER}"
 )
+_PG_BREAKS = (
+    "SELECT machine, instance, seq, from_state, previous FROM (SELECT part, machine, instance, "
+    "seq, from_state, lag(to_state) OVER (PARTITION BY part, machine, instance ORDER BY seq) "
+    "AS previous FROM ledger WHERE part >= 0 AND part < cardinality(%(verified)s::bigint[]) "
+    "AND seq < (%(verified)s::bigint[])[part + 1] "
+    f"AND kind IN {_INSTANCE_KINDS!r} "
+    f"AND NOT (kind = 'escalation' AND actor = '{_DEADLINE_ACTOR}')) AS chained "
+    "WHERE CASE WHEN previous IS NULL THEN from_state <> '' ELSE from_state <> previous END "
+    "ORDER BY part, seq LIMIT 1"
+)
+# Rows of a partition that is not one of the store's: no chain holds them, nothing verified them.
+_PG_STRAYS = (
+    "SELECT machine, instance, part, seq FROM ledger WHERE part < 0 OR part >= %(partitions)s "
+    "UNION ALL SELECT '', '', part, size FROM ledger_checkpoints "
+    "WHERE part < 0 OR part >= %(partitions)s LIMIT 1"
+)
 _PG_ROWS = f"SELECT machine, instance, state, version FROM instances ORDER BY {_PG_ORDER}"
 _PG_DATA = f"SELECT machine, instance, data FROM instance_data ORDER BY {_PG_ORDER}"
 
@@ -326,18 +391,44 @@ def audit_postgres_instances(store: PostgresStore, verified: list[int]) -> Insta
     def checked(instance: str, seq: int) -> bool:
         return seq < verified[partition_of(instance, partitions)]
 
-    with store.snapshot_cursors(4) as cursors:
-        rows, changes, data, kept = cursors
-        return audit_instances(
-            _streamed(rows, _PG_ROWS),
-            _streamed(changes, _PG_CHANGES),
-            _streamed(data, _PG_DATA),
-            _streamed(kept, _PG_KEPT),
-            checked,
-        )
+    import psycopg
+
+    try:
+        with store.snapshot_cursors(6) as cursors:
+            rows, changes, data, kept, breaks, strays = cursors
+            stray = next(_streamed(strays, _PG_STRAYS, {"partitions": partitions}), None)
+            if stray is not None:
+                machine, instance, part, seq = stray
+                return InstanceAudit(
+                    0,
+                    0,
+                    0,
+                    InstanceProblem(
+                        str(machine),
+                        str(instance),
+                        seq if type(seq) is int else None,
+                        f"the ledger holds rows in partition {part}, which is none of the "
+                        f"store's {partitions}: no chain holds them and nothing verified them",
+                    ),
+                )
+            return audit_instances(
+                _streamed(rows, _PG_ROWS),
+                _streamed(changes, _PG_CHANGES),
+                _streamed(data, _PG_DATA),
+                _streamed(kept, _PG_KEPT),
+                checked,
+                _streamed(breaks, _PG_BREAKS, {"verified": verified}),
+            )
+    except psycopg.Error as exc:
+        # A table dropped or altered: a diagnostic, not an internal error.
+        raise LedgerReadError(
+            f"{store.where}: cannot read the instances: {str(exc).splitlines()[0]}"
+        ) from None
 
 
-def _streamed(cursor: Any, sql: str) -> Iterator[tuple[Any, ...]]:
-    cursor.execute(sql)
+def _streamed(
+    cursor: Any, sql: str, parameters: dict[str, object] | None = None
+) -> Iterator[tuple[Any, ...]]:
+    cursor.execute(sql, parameters)
     for row in cursor:
         yield tuple(bytes(value) if isinstance(value, memoryview) else value for value in row)

@@ -38,6 +38,7 @@ from .ledger import (
     _unb64,
     _unhex32,
 )
+from .store.sqlite_schema import schema_problem
 from .verify import (
     MalformedRecord,
     VerifyReport,
@@ -416,6 +417,14 @@ def _open_sqlite(path: Path) -> LedgerSource | None:
             for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         }
         missing = {"ledger", "ledger_checkpoints"} - tables
+        altered = None if missing else schema_problem(connection.execute)
+        if altered is not None:
+            # Declarations other than the runtime's make queries read other rows than the
+            # runtime wrote, or read them otherwise (store/sqlite_schema.py).
+            raise LedgerFormatError(
+                f"{path}: the store's schema was altered: {altered}",
+                hint="a store is verified only with the schema the runtime gave it",
+            )
         if missing:
             raise LedgerFormatError(
                 f"{path} is an SQLite database without the {', '.join(sorted(missing))} table",

@@ -9,10 +9,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from autonomic.compiler import cli
+from autonomic.runtime.errors import StoreConfigError
 from autonomic.runtime.keys import PublicKeyInfo, generate_keypair, load_signer
 from autonomic.runtime.ledger import (
     KEPT,
@@ -178,3 +181,118 @@ def test_a_kept_entry_without_its_signature_fails_in_checkpoint_mode_in_ranges_t
     # The ranges refuse it themselves (None: not accepted), and the verdict is the same.
     assert _ranges(path, root) is None
     assert verify_ledger(path, root, processes=2, range_size=16, min_entries=1) == whole
+
+
+def test_a_state_changed_behind_the_runtime_fails_the_audit_after_the_next_move_too(
+    stores: Stores, tmp_path: Path
+) -> None:
+    """A row rewritten (its version kept) reads as the state the runtime moves from next: the
+    row and the newest entry then agree again, but that entry starts where no entry ended."""
+    public = keys(tmp_path)
+    open_case(stores, public).close()
+    stores.rows("m", f"UPDATE instances SET state = 'Current' WHERE instance = '{CUSTOMER}'")
+    code, out = audit(stores, public)
+    assert code == 1 and "the row holds state 'Current' at version 2" in out, out
+    runtime, _, _ = marketplace(
+        stores.open("m", partitions=4 if stores.kind == "postgres" else None),
+        signer=load_signer(public.parent),
+    )
+    charge = {
+        "customer_id": CUSTOMER,
+        "invoice_id": "inv-9",
+        "amount": "9.00",
+        "idempotency_key": "k-9",
+    }
+    runtime.governor("Billing").dispatch(CUSTOMER, "ChargeRequested", charge)
+    runtime.close()
+    code, out = audit(stores, public)
+    assert code == 1, out
+    assert (
+        f"Billing '{CUSTOMER}': an entry moves it from 'Current', but its previous entry "
+        "ended in 'Disputed'" in out
+    ), out
+
+
+def _rebuild(connection: sqlite3.Connection, table: str, change: Callable[[str], str]) -> None:
+    """Rebuild `table`, its rows kept, with its declaration changed by `change`."""
+    (sql,) = connection.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+    connection.execute(f"ALTER TABLE {table} RENAME TO rebuilt")
+    connection.execute(change(sql))
+    connection.execute(f"INSERT INTO {table} SELECT * FROM rebuilt")
+    connection.execute("DROP TABLE rebuilt")
+
+
+def _without_rowid(connection: sqlite3.Connection) -> None:
+    connection.execute("DROP INDEX ledger_by_instance")
+    _rebuild(connection, "ledger", lambda sql: sql + " WITHOUT ROWID")
+    connection.execute("CREATE INDEX ledger_by_instance ON ledger (machine, instance, seq)")
+
+
+ALTERED: dict[str, Callable[[sqlite3.Connection], object]] = {
+    # The instances table renamed in another case: SQL still finds it, a set of names not.
+    "renamed": lambda c: c.executescript(
+        "ALTER TABLE instances RENAME TO moved; ALTER TABLE moved RENAME TO INSTANCES"
+    ),
+    # A key column compared without case: 'CASE-1' answers for 'case-1'.
+    "nocase key": lambda c: _rebuild(
+        c, "instance_data", lambda sql: sql.replace("instance TEXT", "instance TEXT COLLATE NOCASE")
+    ),
+    # A covering index the planner may read instead of the table.
+    "covering index": lambda c: c.execute(
+        "CREATE INDEX cover ON instances (machine, instance, state, version)"
+    ),
+    # The ledger without its rowid, read through an index of its own.
+    "ledger without rowid": _without_rowid,
+    "a trigger": lambda c: c.execute(
+        "CREATE TRIGGER t AFTER INSERT ON instances BEGIN SELECT 1; END"
+    ),
+}
+
+
+@pytest.mark.parametrize("alteration", sorted(ALTERED))
+def test_a_store_whose_schema_was_altered_is_refused_by_the_audit_and_the_runtime(
+    tmp_path: Path, alteration: str
+) -> None:
+    """Any declaration but the runtime's own makes reads find other rows than it wrote (the
+    red team's attacks, store/sqlite_schema.py): `audit verify` and the store both refuse it,
+    before a row is read, and leave the file as it was."""
+    public = keys(tmp_path)
+    stores = Stores("sqlite", tmp_path, None)
+    open_case(stores, public).close()
+    path = Path(stores.location("m"))
+    connection = sqlite3.connect(path, isolation_level=None)
+    ALTERED[alteration](connection)
+    connection.close()
+    before = path.read_bytes()
+    code, out = audit(stores, public)
+    assert code == 1 and "schema was altered" in out, out
+    with pytest.raises(StoreConfigError, match="whose schema was altered"):
+        SQLiteStore(path)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("sql", "diagnostic"),
+    [
+        (
+            # A row of a partition the store does not have: no chain verifies it, so it must
+            # not count as an instance having moved since its chain was verified.
+            "INSERT INTO ledger SELECT 99, 1000000, ts_ms, kind, machine, instance, from_state, "
+            "to_state, event, actor, event_id, payload_sha256, prev_hash, entry_hash, key_id, "
+            f"signature FROM ledger WHERE instance = '{CUSTOMER}' ORDER BY seq DESC LIMIT 1",
+            "the ledger holds rows in partition 99, which is none of the store's 4",
+        ),
+        ("DROP TABLE instance_data", "cannot read the instances"),
+    ],
+)
+def test_a_postgres_store_with_rows_outside_its_partitions_or_a_table_dropped_fails_the_audit(
+    stores: Stores, tmp_path: Path, sql: str, diagnostic: str
+) -> None:
+    if stores.kind != "postgres":
+        pytest.skip("partitions are PostgreSQL's")
+    public = keys(tmp_path)
+    open_case(stores, public).close()
+    stores.rows("m", sql)
+    code, out = audit(stores, public)
+    assert code == 1 and diagnostic in out, out
+    assert "internal error" not in out

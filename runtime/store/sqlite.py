@@ -57,6 +57,7 @@ from .base import (
     Transaction,
     WorkOutcome,
 )
+from .sqlite_schema import RUNTIME_SCHEMA_SQL, schema_problem
 
 __all__ = ["RUNTIME_SCHEMA_SQL", "SQLiteStore", "Synchronous"]
 
@@ -64,119 +65,6 @@ T = TypeVar("T")
 Synchronous = Literal["FULL", "NORMAL"]
 
 SCHEMA_VERSION = "1"
-
-RUNTIME_SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS instances (
-    machine TEXT NOT NULL,
-    instance TEXT NOT NULL,
-    state TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    PRIMARY KEY (machine, instance)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS processed_events (
-    machine TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    instance TEXT NOT NULL,
-    result TEXT NOT NULL,
-    created_ms INTEGER NOT NULL,
-    PRIMARY KEY (machine, event_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS processed_events_age ON processed_events (created_ms);
-CREATE TABLE IF NOT EXISTS idempotency_keys (
-    machine TEXT NOT NULL,
-    key TEXT NOT NULL,
-    request_sha256 BLOB NOT NULL,
-    result TEXT NOT NULL,
-    created_ms INTEGER NOT NULL,
-    PRIMARY KEY (machine, key)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS idempotency_keys_age ON idempotency_keys (created_ms);
-CREATE TABLE IF NOT EXISTS timers (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    machine TEXT NOT NULL,
-    instance TEXT NOT NULL,
-    timer_id TEXT NOT NULL,
-    state TEXT NOT NULL,
-    due_ms INTEGER NOT NULL,
-    armed_version INTEGER NOT NULL,
-    UNIQUE (machine, instance, timer_id)
-);
-CREATE INDEX IF NOT EXISTS timers_due ON timers (due_ms, id);
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL,
-    machine TEXT NOT NULL,
-    instance TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    target_machine TEXT NOT NULL,
-    target_instance TEXT NOT NULL,
-    event TEXT NOT NULL,
-    event_id TEXT NOT NULL UNIQUE,
-    body TEXT NOT NULL,
-    created_ms INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    error TEXT
-);
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (status, kind, id);
-CREATE TABLE IF NOT EXISTS snapshots (
-    machine TEXT NOT NULL,
-    instance TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    ledger_seq INTEGER NOT NULL,
-    entry_hash BLOB NOT NULL,
-    kept_seq INTEGER NOT NULL DEFAULT -1,
-    PRIMARY KEY (machine, instance)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS ledger_by_instance ON ledger (machine, instance, seq);
-CREATE TABLE IF NOT EXISTS flows (
-    flow_id TEXT PRIMARY KEY,
-    flow TEXT NOT NULL,
-    instance TEXT NOT NULL,
-    status TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    data TEXT NOT NULL,
-    updated_ms INTEGER NOT NULL,
-    wake_ms INTEGER
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS flows_unfinished ON flows (status, updated_ms);
-CREATE TABLE IF NOT EXISTS breakers (
-    machine TEXT NOT NULL,
-    name TEXT NOT NULL,
-    state TEXT NOT NULL,
-    failures INTEGER NOT NULL,
-    opened_ms INTEGER NOT NULL,
-    updated_ms INTEGER NOT NULL,
-    PRIMARY KEY (machine, name)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS instance_data (
-    machine TEXT NOT NULL,
-    instance TEXT NOT NULL,
-    data TEXT NOT NULL,
-    PRIMARY KEY (machine, instance)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS deadlines (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    governor TEXT NOT NULL,
-    due_ms INTEGER NOT NULL,
-    level INTEGER NOT NULL,
-    action TEXT NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS deadlines_due ON deadlines (due_ms, id);
-CREATE TABLE IF NOT EXISTS outside_claims (
-    machine TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    key TEXT NOT NULL,
-    holder TEXT NOT NULL,
-    until_ms INTEGER NOT NULL,
-    PRIMARY KEY (machine, kind, key)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS runtime_meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-"""
 
 _ENTRY_COLUMNS = ", ".join(LEDGER_COLUMNS)
 _TIMER_COLUMNS = "machine, instance, timer_id, state, due_ms, armed_version"
@@ -244,6 +132,10 @@ def _empty_or_ours(execute: Callable[..., sqlite3.Cursor], path: Path) -> bool:
             "it was left untouched",
             hint="open it with the version of autonomic that wrote it",
         )
+    problem = schema_problem(execute)
+    if problem is not None:
+        # Rewritten declarations make the runtime's reads find other rows (sqlite_schema.py).
+        raise _not_ours(path, f"is an autonomic store whose schema was altered: {problem}")
     return False
 
 
