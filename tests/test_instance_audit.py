@@ -28,6 +28,7 @@ from autonomic.runtime.ledger import (
 from autonomic.runtime.ledger_ranges import verify_in_ranges
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.sqlite import SQLiteStore
+from autonomic.runtime.store.sqlite_schema import UPGRADES
 from conftest import Stores
 from flow_world import START_MS, marketplace
 from test_emit_routing import decide, disputed
@@ -296,3 +297,29 @@ def test_a_postgres_store_with_rows_outside_its_partitions_or_a_table_dropped_fa
     code, out = audit(stores, public)
     assert code == 1 and diagnostic in out, out
     assert "internal error" not in out
+
+
+def test_a_store_written_before_snapshots_named_their_kept_entry_is_its_own_schema(
+    tmp_path: Path,
+) -> None:
+    """The one declaration an earlier release gave otherwise (store/sqlite_schema.py UPGRADES)
+    is accepted before and after the store upgrades it, by the store and by `audit verify`."""
+    public = keys(tmp_path)
+    stores = Stores("sqlite", tmp_path, None)
+    open_case(stores, public).close()
+    path = Path(stores.location("m"))
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute("ALTER TABLE snapshots RENAME TO newer")
+    connection.execute(UPGRADES[0][0])
+    connection.execute(
+        "INSERT INTO snapshots SELECT machine, instance, version, state, ledger_seq, entry_hash "
+        "FROM newer"
+    )
+    connection.execute("DROP TABLE newer")
+    connection.close()
+    for _ in range(2):  # as written, then as upgraded
+        code, out = audit(stores, public)
+        assert code == 0, out
+        SQLiteStore(path).close()
+    columns = stores.rows("m", "SELECT name FROM pragma_table_info('snapshots')")
+    assert ("kept_seq",) in columns
