@@ -32,7 +32,7 @@ from .errors import (
     failure_diagnostic,
 )
 from .fleet_cli import STORE_HINT, add_store_argument
-from .instance_audit import audit_sqlite_instances
+from .instance_audit import InstanceAudit, audit_sqlite_instances
 from .keychain import RootOfTrust, fingerprint
 from .keys import (
     PRIVATE_SUFFIX,
@@ -332,22 +332,35 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             plural = "s" if count != 1 else ""
             witnessed = f"witness {printable(witness)} ({count} publication{plural})"
     label = "newest witnessed checkpoint" if witnessed else "external checkpoint"
+    # The instances are audited while worker processes verify a large ledger: the audit needs
+    # the ledger's size, not its verdict, and counts only once the ledger has verified.
+    early: dict[int, InstanceAudit | sqlite3.Error | RuntimeFailure | None] = {}
+
+    def audit_meanwhile(count: int) -> None:
+        early[count] = _audit_instances(args.ledger, count)
+
     try:
         report = verify_ledger(
-            args.ledger, root, external_checkpoint=external, external_label=label
+            args.ledger,
+            root,
+            external_checkpoint=external,
+            external_label=label,
+            meanwhile=audit_meanwhile,
         )
     except RuntimeFailure as failure:
         return _diagnostic(args.ledger, failure, LEDGER_HINT)
     if not report.ok:
         print(f"{printable(args.ledger)}: seq {report.index}: {report.reason}")
         return EXIT_FAILED
-    try:
-        audit = audit_sqlite_instances(args.ledger, report.count)
-    except sqlite3.Error as exc:
-        unread = LedgerReadError(f"{args.ledger}: cannot read the instances: {exc}")
+    if report.count in early:
+        audit = early[report.count]
+    else:
+        audit = _audit_instances(args.ledger, report.count)
+    if isinstance(audit, sqlite3.Error):
+        unread = LedgerReadError(f"{args.ledger}: cannot read the instances: {audit}")
         return _diagnostic(args.ledger, unread, LEDGER_HINT)
-    except RuntimeFailure as failure:
-        return _diagnostic(args.ledger, failure, LEDGER_HINT)
+    if isinstance(audit, RuntimeFailure):
+        return _diagnostic(args.ledger, audit, LEDGER_HINT)
     if audit is not None and audit.problem is not None:
         print(f"{printable(args.ledger)}: {printable(audit.problem.describe())}")
         return EXIT_FAILED
@@ -373,6 +386,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             f"checkpoint from {source_text}"
         )
     return EXIT_OK
+
+
+def _audit_instances(
+    path: str, count: int
+) -> InstanceAudit | sqlite3.Error | RuntimeFailure | None:
+    """`audit_sqlite_instances`, or the error that stopped it."""
+    try:
+        return audit_sqlite_instances(path, count)
+    except (sqlite3.Error, RuntimeFailure) as exc:
+        return exc
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -42,9 +42,10 @@ import hashlib
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +96,14 @@ def verify_ledger(
     processes: int | None = None,
     range_size: int | None = None,
     min_entries: int = PARALLEL_MIN_ENTRIES,
+    meanwhile: Callable[[int], object] | None = None,
 ) -> VerifyReport:
     """Verify a stored ledger file (SQLite store or JSON Lines export) from its pinned root:
     a large SQLite ledger in seq ranges in parallel processes when they accept it (see
     verify_in_ranges), anything else in this process; the report is the sequential
-    verifier's either way."""
+    verifier's either way. `meanwhile(count)`, when the ledger is verified in ranges, runs in
+    this process while the workers verify its `count` entries: work that needs the ledger's
+    size but not yet its verdict."""
     with read_ledger(path) as source:
         return verify_source(
             source,
@@ -109,6 +113,7 @@ def verify_ledger(
             processes=processes,
             range_size=range_size,
             min_entries=min_entries,
+            meanwhile=meanwhile,
         )
 
 
@@ -121,6 +126,7 @@ def verify_source(
     processes: int | None = None,
     range_size: int | None = None,
     min_entries: int = PARALLEL_MIN_ENTRIES,
+    meanwhile: Callable[[int], object] | None = None,
 ) -> VerifyReport:
     """`verify_ledger` of an open ledger. Its read transaction stays open meanwhile, and what
     it holds is what was verified, so a caller may read from it afterwards (the newest
@@ -133,6 +139,7 @@ def verify_source(
         processes=processes,
         range_size=range_size,
         min_entries=min_entries,
+        meanwhile=meanwhile,
     )
     if report is not None:
         return report
@@ -150,6 +157,7 @@ def verify_in_ranges(
     processes: int | None = None,
     range_size: int | None = None,
     min_entries: int = PARALLEL_MIN_ENTRIES,
+    meanwhile: Callable[[int], object] | None = None,
 ) -> VerifyReport | None:
     """The report of an open SQLite ledger of at least `min_entries` entries verified in
     ranges of `range_size` entries (a power of two; default: a few per process) in up to
@@ -176,7 +184,8 @@ def verify_in_ranges(
         return None
     tasks, stored = plan
     try:
-        joined = _join(map_in_processes(_verify_range, tasks, workers))
+        during = None if meanwhile is None else partial(meanwhile, stored.entries)
+        joined = _join(map_in_processes(_verify_range, tasks, workers, during))
     except (BrokenProcessPool, OSError):  # no worker could start, or one was killed
         return None
     # Every entry and checkpoint the file's tables hold was verified by a range: the ranges

@@ -22,8 +22,14 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def map_in_processes(function: Callable[[T], R], tasks: Sequence[T], processes: int) -> list[R]:
+def map_in_processes(
+    function: Callable[[T], R],
+    tasks: Sequence[T],
+    processes: int,
+    meanwhile: Callable[[], object] | None = None,
+) -> list[R]:
     """`function(task)` for every task, in up to `processes` processes; results in task order.
+    `meanwhile` runs in this process while they work (after them when there is one process).
 
     Verification is CPU-bound (hashing, Ed25519) and holds the GIL, so it needs processes, not
     threads. They are forked: a worker starts in milliseconds with every module already
@@ -32,7 +38,15 @@ def map_in_processes(function: Callable[[T], R], tasks: Sequence[T], processes: 
     """
     processes = min(processes, len(tasks))
     if processes <= 1:
-        return [function(task) for task in tasks]
+        results = [function(task) for task in tasks]
+        if meanwhile is not None:
+            meanwhile()
+        return results
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(processes, mp_context=context) as pool:
-        return list(pool.map(function, tasks))
+        # With the fork context every worker is forked at the first submit, before the pool
+        # starts a thread of its own and before `meanwhile` runs.
+        futures = [pool.submit(function, task) for task in tasks]
+        if meanwhile is not None:
+            meanwhile()
+        return [future.result() for future in futures]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import multiprocessing
 import resource
 import shutil
 import sqlite3
@@ -497,6 +498,14 @@ def test_the_cli_verifies_a_large_ledger_in_ranges_with_the_same_output(
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
     assert verify_ledger(path, keys.root) == _sequential(path, keys.root)
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime > before
+    # Work that needs the ledger's size but not its verdict runs while the workers verify.
+    seen: list[tuple[int, int]] = []
+
+    def meanwhile(count: int) -> None:
+        seen.append((count, len(multiprocessing.active_children())))
+
+    assert verify_ledger(path, keys.root, meanwhile=meanwhile).ok
+    assert len(seen) == 1 and seen[0][0] == PARALLEL_MIN_ENTRIES + 100 and seen[0][1] > 0
     out = tmp_path / "newest.json"
     done = checkpoint_cli(str(out))
     assert done.startswith("0: checkpoint at size 65636") and "; verified)" in done
