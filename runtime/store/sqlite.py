@@ -165,6 +165,7 @@ def _refuse_unless_empty_or_ours(path: Path, busy_timeout_ms: int) -> None:
     # Nobody has it open: read the file as it is, without locks, since even a read-only
     # connection to a WAL database creates the -wal and -shm files and leaves them there.
     quiet = not any(s.exists() for s in sidecars)
+    reread = False
     give_up = time.monotonic() + busy_timeout_ms / 1000
     try:
         while True:
@@ -176,6 +177,12 @@ def _refuse_unless_empty_or_ours(path: Path, busy_timeout_ms: int) -> None:
                     # Opened meanwhile: the unlocked read of the main file alone may have
                     # met a store being created or checkpointed. Read it again, with locks.
                     quiet = False
+                    continue
+                if quiet and not reread:
+                    # Or it was, and closed again (its -wal and -shm files gone) between that
+                    # read and this look: the file is whole now, so one more unlocked read
+                    # decides (a foreign file is refused the same way twice, untouched).
+                    reread = True
                     continue
                 if not isinstance(exc, sqlite3.Error) or not _busy(exc):
                     raise
