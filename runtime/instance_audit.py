@@ -19,15 +19,16 @@ verifier checked moved meanwhile, and is counted as moved rather than checked.
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import LedgerFormatError, LedgerReadError
+from .errors import LedgerReadError
 from .ledger import KEPT, kept_digest
-from .store.sqlite_schema import schema_problem
+from .ledger_io import refuse_altered_schema
 
 if TYPE_CHECKING:
     from .store.postgres import PostgresStore
@@ -143,7 +144,7 @@ def audit_instances(
     data: Iterable[tuple[Any, ...]],
     kept: Iterable[tuple[Any, ...]],
     verified: Callable[[str, int], bool],
-    breaks: Iterable[tuple[Any, ...]] = (),
+    found: Iterable[InstanceProblem] = (),
 ) -> InstanceAudit:
     """Compare the store's rows with the ledger's aggregates, each stream ordered by (machine,
     instance) in byte order:
@@ -155,27 +156,12 @@ def audit_instances(
 
     `verified(instance, seq)`: whether entry `seq` of the instance's chain was verified (a
     newer one means the instance moved during the audit).
-    breaks: (machine, instance, seq, from_state, the previous entry's to_state or None) of
-    verified entries that do not start where the instance's previous entry ended (a first entry
-    not from ''): a row rewritten behind the runtime's back, which its next move then signed
-    from. Any such entry is a problem, however the row reads now."""
+    found: problems the database found by itself (`_breaks`, `_strays`); the first is the
+    answer, however the rows read."""
     checked = kept_count = moved = 0
     try:
-        for machine, instance, seq, from_state, previous in breaks:
-            where = (
-                "no earlier entry"
-                if previous is None
-                else f"its previous entry ended in {previous!r}"
-            )
-            raise _Found(
-                InstanceProblem(
-                    str(machine),
-                    str(instance),
-                    seq if type(seq) is int else None,
-                    f"an entry moves it from {from_state!r}, but {where}: its state was "
-                    "changed outside the runtime before that move",
-                )
-            )
+        for problem in found:
+            raise _Found(problem)
         for (machine, instance), row, change in _merged(rows, changes, ("instances", "ledger")):
             if change is not None and not verified(instance, change[3]):
                 moved += 1
@@ -259,6 +245,35 @@ def _digest(text: str) -> bytes | None:
         return None
 
 
+def _breaks(rows: Iterable[tuple[Any, ...]]) -> Iterator[InstanceProblem]:
+    """(machine, instance, seq, from_state, the previous entry's to_state or None) of verified
+    entries that do not start where the instance's previous entry ended (a first entry not from
+    ''): a row rewritten behind the runtime's back, which its next move then signed from."""
+    for machine, instance, seq, from_state, previous in rows:
+        where = (
+            "no earlier entry" if previous is None else f"its previous entry ended in {previous!r}"
+        )
+        yield InstanceProblem(
+            str(machine),
+            str(instance),
+            seq if type(seq) is int else None,
+            f"an entry moves it from {from_state!r}, but {where}: its state was changed outside "
+            "the runtime before that move",
+        )
+
+
+def _strays(rows: Iterable[tuple[Any, ...]], partitions: int) -> Iterator[InstanceProblem]:
+    """(machine, instance, part, seq) of ledger rows in a partition the store does not have."""
+    for machine, instance, part, seq in rows:
+        yield InstanceProblem(
+            str(machine),
+            str(instance),
+            seq if type(seq) is int else None,
+            f"the ledger holds rows in partition {part}, which is none of the store's "
+            f"{partitions}: no chain holds them and nothing verified them",
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # SQLite: one read transaction over the store file.
 
@@ -315,13 +330,8 @@ def audit_sqlite_instances(path: str | Path, verified: int) -> InstanceAudit | N
             if exc.sqlite_errorcode == sqlite3.SQLITE_NOTADB:
                 return None
             raise
-        altered = schema_problem(connection.execute)
-        if altered is not None:
-            # Read before any row: the same check the verifier made (store/sqlite_schema.py).
-            raise LedgerFormatError(
-                f"{path}: the store's schema was altered: {altered}",
-                hint="a store is verified only with the schema the runtime gave it",
-            )
+        # Before any row: the same check the verifier made, in this read transaction.
+        refuse_altered_schema(connection, path)
         if "instances" not in tables and "runtime_meta" not in tables:
             return None  # a ledger alone, not a store
         # A store without its instances (or data) table holds no rows: every instance the
@@ -339,7 +349,7 @@ def audit_sqlite_instances(path: str | Path, verified: int) -> InstanceAudit | N
             data,
             connection.cursor().execute(_SQLITE_KEPT),
             lambda instance, seq: seq < verified,
-            connection.cursor().execute(_SQLITE_BREAKS, (verified,)),
+            _breaks(connection.cursor().execute(_SQLITE_BREAKS, (verified,))),
         )
     finally:
         connection.close()
@@ -396,28 +406,16 @@ def audit_postgres_instances(store: PostgresStore, verified: list[int]) -> Insta
     try:
         with store.snapshot_cursors(6) as cursors:
             rows, changes, data, kept, breaks, strays = cursors
-            stray = next(_streamed(strays, _PG_STRAYS, {"partitions": partitions}), None)
-            if stray is not None:
-                machine, instance, part, seq = stray
-                return InstanceAudit(
-                    0,
-                    0,
-                    0,
-                    InstanceProblem(
-                        str(machine),
-                        str(instance),
-                        seq if type(seq) is int else None,
-                        f"the ledger holds rows in partition {part}, which is none of the "
-                        f"store's {partitions}: no chain holds them and nothing verified them",
-                    ),
-                )
             return audit_instances(
                 _streamed(rows, _PG_ROWS),
                 _streamed(changes, _PG_CHANGES),
                 _streamed(data, _PG_DATA),
                 _streamed(kept, _PG_KEPT),
                 checked,
-                _streamed(breaks, _PG_BREAKS, {"verified": verified}),
+                itertools.chain(
+                    _strays(_streamed(strays, _PG_STRAYS, {"partitions": partitions}), partitions),
+                    _breaks(_streamed(breaks, _PG_BREAKS, {"verified": verified})),
+                ),
             )
     except psycopg.Error as exc:
         # A table dropped or altered: a diagnostic, not an internal error.

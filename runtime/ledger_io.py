@@ -401,6 +401,18 @@ def sqlite_checkpoints(
         yield MalformedRecord(f"checkpoint row{where_text} cannot be read: {error}", size)
 
 
+def refuse_altered_schema(connection: sqlite3.Connection, path: str | os.PathLike[str]) -> None:
+    """LedgerFormatError unless the store file's schema is the runtime's own: declarations other
+    than the runtime's make queries read other rows than it wrote, or read them otherwise
+    (store/sqlite_schema.py)."""
+    altered = schema_problem(connection.execute)
+    if altered is not None:
+        raise LedgerFormatError(
+            f"{path}: the store's schema was altered: {altered}",
+            hint="a store is verified only with the schema the runtime gave it",
+        )
+
+
 def _open_sqlite(path: Path) -> LedgerSource | None:
     """The ledger of an SQLite store; None if the file is not an SQLite database."""
     uri = path.resolve().as_uri() + "?mode=ro"
@@ -417,14 +429,8 @@ def _open_sqlite(path: Path) -> LedgerSource | None:
             for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         }
         missing = {"ledger", "ledger_checkpoints"} - tables
-        altered = None if missing else schema_problem(connection.execute)
-        if altered is not None:
-            # Declarations other than the runtime's make queries read other rows than the
-            # runtime wrote, or read them otherwise (store/sqlite_schema.py).
-            raise LedgerFormatError(
-                f"{path}: the store's schema was altered: {altered}",
-                hint="a store is verified only with the schema the runtime gave it",
-            )
+        if not missing:
+            refuse_altered_schema(connection, path)
         if missing:
             raise LedgerFormatError(
                 f"{path} is an SQLite database without the {', '.join(sorted(missing))} table",
