@@ -725,11 +725,23 @@ _MEASURE = (
 def run_cli(args: list[str]) -> tuple[float, int, str]:
     """Seconds (wall, process start included), peak resident kB of the command and of the
     workers it starts, and its output."""
-    command = shutil.which("autonomic") or "autonomic"
+    # The script installed beside this interpreter first: a venv run without activating it
+    # (`.venv/bin/python benchmarks/runtime.py`) has no `autonomic` on PATH.
+    beside = Path(sys.executable).with_name("autonomic")
+    command = str(beside) if beside.is_file() else shutil.which("autonomic")
+    if command is None:
+        sys.exit(
+            "benchmarks/runtime.py: the `autonomic` command is not installed (pip install -e .)"
+        )
     done = subprocess.run(
         [sys.executable, "-c", _MEASURE, command, *args], capture_output=True, text=True
     )
     first, _, out = done.stdout.partition("\n")
+    if done.returncode != 0 or len(first.split()) != 2:
+        sys.exit(
+            f"benchmarks/runtime.py: measuring `autonomic {' '.join(args)}` failed:\n"
+            f"{done.stdout}{done.stderr}"
+        )
     seconds, peak = first.split()
     return float(seconds), int(peak), out
 
