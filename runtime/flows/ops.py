@@ -1,0 +1,49 @@
+"""The store work a run's plan asks its driver for: write the run, send a step, run the
+branches; and the answers that are not a step's outcome."""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..store.base import FlowStatus
+from ..tables import Emit, FlowStepSpec
+from .run import _Note
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """Write the run's record with these notes (and the pending ones) in one unit of work."""
+
+    status: FlowStatus
+    notes: Sequence[_Note]
+    wake_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Send:
+    """Run a send step (or compensation) with the run's pending notes, in one commit; the
+    answer is ("succeeded", result) or ("failed", reason)."""
+
+    step: FlowStepSpec
+    emit: Emit
+    phase: Literal["do", "undo"]
+    status: FlowStatus
+    # The last step (or compensation): its outcome and the run's end are recorded in the
+    # commit of its dispatch (where the driver can), and the answer is then _SETTLED.
+    settle: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Branches:
+    """Run every branch of a parallel or fanout flow at once; the answer is their outcomes."""
+
+    steps: tuple[FlowStepSpec, ...]
+    deadline: int | None
+
+
+_Op = _Write | _Send | _Branches
+_Plan = Generator[_Op, Any, None]
+_TIMED_OUT = ("timed_out", "no reply within the fanout's deadline")
+_SETTLED = ("settled", None)  # a settling _Send's answer when its commit recorded everything

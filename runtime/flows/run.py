@@ -1,0 +1,202 @@
+"""A flow run as the runner drives it: its stored record and data, what a caller sees of it
+(FlowResult, StepContext, the errors a hook raises), and how a step's outcome is recorded in
+the data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..errors import (
+    ActionFailed,
+    IdempotencyConflict,
+    InvalidTransition,
+    PayloadEncodingError,
+    PayloadInvalid,
+    RuntimeFailure,
+    UnknownEvent,
+)
+from ..resilience.errors import BulkheadFull, is_transient, is_unavailable
+from ..results import DispatchResult
+from ..store.base import FLOW_FINISHED, FlowRecord, FlowStatus
+from ..tables import FlowSpec, FlowStepSpec
+
+StepStatus = Literal["started", "succeeded", "failed", "timed_out", "compensated", "uncompensated"]
+# What a step's dispatch may answer with that fails the step rather than the process.
+_STEP_FAILURES = (
+    InvalidTransition,
+    ActionFailed,
+    PayloadEncodingError,
+    PayloadInvalid,
+    UnknownEvent,
+    IdempotencyConflict,
+)
+
+
+class StepFailed(RuntimeFailure):
+    """Raised by a `before_step` hook (or a compute function) to fail a step on purpose."""
+
+    code = "R030"
+
+
+class NoReply(StepFailed):
+    """Raised by a `before_step` hook: the step's receiver does not answer (yet). A fanout
+    branch without a reply is tried again by each resume until the fanout's deadline; any
+    other step fails. The receiver's action failing transiently or as unavailable (see
+    runtime/resilience/errors.py) counts the same."""
+
+    code = "R032"
+
+
+@dataclass(frozen=True, slots=True)
+class StepContext:
+    """What a `before_step` hook sees: `phase` is "do" for the step, "undo" for its
+    compensation."""
+
+    flow: str
+    flow_id: str
+    instance: str
+    step: str
+    phase: Literal["do", "undo"]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowResult:
+    """A run as stored: its status, each step's status, the failed step and why, computed
+    values and (fanout) the gathered replies."""
+
+    flow_id: str
+    flow: str
+    instance: str
+    status: FlowStatus
+    steps: Mapping[str, str]
+    failed_step: str | None = None
+    reason: str | None = None
+    values: Mapping[str, Any] = field(default_factory=dict)
+    gathered: Mapping[str, str] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FLOW_FINISHED
+
+
+_Note = tuple[str, str, Mapping[str, Any]]
+# The same with the run's status when it happened (the entry's to_state).
+_Entry = tuple[str, str, Mapping[str, Any], FlowStatus]
+
+
+@dataclass
+class _Run:
+    """A run being driven: the stored record and its decoded data."""
+
+    spec: FlowSpec
+    record: FlowRecord
+    data: dict[str, Any]
+    # Ledger notes not yet written: the next write carries them (a result is written with
+    # the next step's dispatch, in one commit; lost in a crash, it is found again by
+    # repeating the step, whose dispatch its event id deduplicates).
+    # Each with the run's status when it happened, the entry's to_state.
+    pending: list[_Entry] = field(default_factory=list)
+
+    def note(self, notes: Iterable[_Note], status: FlowStatus = "running") -> None:
+        self.pending += [(event, step, detail, status) for event, step, detail in notes]
+
+    @property
+    def steps(self) -> dict[str, dict[str, Any]]:
+        steps: dict[str, dict[str, Any]] = self.data["steps"]
+        return steps
+
+    def status_of(self, step: str) -> str | None:
+        entry = self.steps.get(step)
+        return None if entry is None else str(entry["status"])
+
+    def plan(self) -> tuple[FlowStepSpec, ...]:
+        spec = self.spec
+        if spec.kind == "conditional":
+            return spec.branches.get(str(self.data.get("branch")), ())
+        return spec.steps
+
+
+# What a step's dispatch answers with, as _step_outcome takes it (anything else is raised).
+_OUTCOMES = (DispatchResult, StepFailed, *_STEP_FAILURES)
+
+
+def _step_outcome(answer: object) -> tuple[str, Any]:
+    """A step's outcome from what its dispatch answered (a result, or the error it raised)."""
+    if isinstance(answer, DispatchResult):
+        return "succeeded", {"state": answer.to_state, "seq": answer.seq}
+    if isinstance(answer, NoReply):
+        return "no_reply", answer.message
+    if isinstance(answer, StepFailed):
+        return "failed", answer.message
+    if isinstance(answer, ActionFailed) and _unanswered(answer.cause):
+        return "no_reply", f"{answer.code}: {answer.message}"
+    if isinstance(answer, _STEP_FAILURES):
+        return "failed", f"{answer.code}: {answer.message}"
+    if isinstance(answer, BaseException):
+        raise answer
+    raise TypeError(f"unexpected dispatch outcome {answer!r}")
+
+
+def _unanswered(cause: BaseException) -> bool:
+    """The receiver's action could not reach its service (yet): a fanout branch may get its
+    reply on a later attempt."""
+    return is_transient(cause) or is_unavailable(cause) or isinstance(cause, BulkheadFull)
+
+
+def _next_steps(run: _Run) -> list[FlowStepSpec]:
+    """The steps to run now: all unfinished ones of a parallel or fanout flow, else the
+    first step not yet succeeded."""
+    plan = run.plan()
+    if run.spec.kind in ("parallel", "fanout"):
+        return [s for s in plan if run.status_of(s.name) in (None, "started")]
+    for step in plan:
+        if run.status_of(step.name) != "succeeded":
+            return [step]
+    return []
+
+
+def _start_notes(run: _Run, steps: Sequence[FlowStepSpec]) -> list[_Note]:
+    notes: list[_Note] = []
+    for step in steps:
+        if run.status_of(step.name) is None:
+            run.steps[step.name] = {"status": "started"}
+            notes.append(("StepStarted", step.name, {}))
+    return notes
+
+
+def _step_result(
+    run: _Run, step: FlowStepSpec, outcome: tuple[str, Any]
+) -> tuple[FlowStatus, list[_Note]]:
+    """A step's outcome recorded in the run's data: the run's status after it ("running",
+    or "compensating" after a failure) and the entries that say so."""
+    status, detail = outcome
+    if status == "succeeded":
+        _succeed(run, step, detail)
+        return "running", [("StepSucceeded", step.name, {"result": detail})]
+    run.steps[step.name] = {"status": status, "error": str(detail)}
+    run.data["failed"], run.data["reason"] = step.name, str(detail)
+    return "compensating", [("StepFailed", step.name, {"error": str(detail)})]
+
+
+def _succeed(run: _Run, step: FlowStepSpec, detail: Any) -> None:
+    run.steps[step.name] = {"status": "succeeded", "result": detail}
+    run.data["order"].append(step.name)
+    if step.kind == "compute":
+        run.data["values"][step.name] = detail
+
+
+def _result(run: _Run) -> FlowResult:
+    data = run.data
+    return FlowResult(
+        run.record.flow_id,
+        run.record.flow,
+        run.record.instance,
+        run.record.status,
+        {name: str(s["status"]) for name, s in data["steps"].items()},
+        data.get("failed"),
+        data.get("reason"),
+        dict(data["values"]),
+        data.get("gathered"),
+    )

@@ -1,0 +1,205 @@
+"""One step of a run, as both drivers take it: the before_step hook, compute and await steps,
+a send's receiver, payload and event id, and the run's own writes (its record, version-checked,
+and its ledger entries)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+from ..dispatch import Governor
+from ..errors import PayloadEncodingError
+from ..ledger import EntryData, payload_digest
+from ..results import _dumps, derive_event_id
+from ..runtime import Runtime
+from ..sealing import _Chain
+from ..store.base import FlowRecord, FlowStatus, Transaction
+from ..tables import Emit, FlowSpec, FlowStepSpec
+from ..timers import format_duration
+from .compensation import _settled
+from .ops import _Send
+from .run import _OUTCOMES, StepContext, StepFailed, _Entry, _Note, _Run, _step_outcome
+
+
+class _StepRunner:
+    """What the drivers share: a step's work and the run's writes (FlowRunner sets the
+    attributes)."""
+
+    runtime: Runtime
+    specs: dict[str, FlowSpec]
+    functions: dict[str, Callable[[Mapping[str, Any]], Any]]
+    before_step: Callable[[StepContext], None] | None
+    actor: str
+
+    def _hook(self, run: _Run, step: FlowStepSpec, phase: Literal["do", "undo"]) -> None:
+        if self.before_step is not None:
+            record = run.record
+            self.before_step(
+                StepContext(run.spec.name, record.flow_id, record.instance, step.name, phase)
+            )
+
+    def _attempt_here(
+        self, run: _Run, step: FlowStepSpec, *, hooked: bool = False
+    ) -> tuple[str, Any]:
+        """A compute or await step, which needs no write: ("succeeded", result) |
+        ("failed", reason) | ("waiting", (since, deadline))."""
+        try:
+            if not hooked:
+                self._hook(run, step, "do")
+            if step.kind == "compute":
+                assert step.function is not None
+                values = {**run.data["inputs"], **run.data["values"]}
+                return "succeeded", json.loads(_dumps(self.functions[step.function](values)))
+            return self._check_wait(run, step)
+        except StepFailed as failed:
+            return _step_outcome(failed)
+
+    def _check_wait(self, run: _Run, step: FlowStepSpec) -> tuple[str, Any]:
+        assert step.machine is not None
+        record = self.runtime.governor(step.machine).get(run.record.instance)
+        if record is not None and record.state in step.states:
+            return "succeeded", {"state": record.state}
+        now = self.runtime.clock.now_ms()
+        waiting_since = run.steps.get(step.name, {}).get("since", now)
+        deadline = None if step.within_ms is None else waiting_since + step.within_ms
+        if deadline is not None and now >= deadline:
+            shown = record.state if record is not None else "no instance"
+            waited = format_duration(step.within_ms or 0)
+            return "failed", f"{step.machine} still in {shown} after waiting {waited}"
+        return "waiting", (waiting_since, deadline)
+
+    def _receiver(
+        self, run: _Run, step: FlowStepSpec, emit: Emit, phase: str
+    ) -> tuple[Governor, str, dict[str, Any], str]:
+        """The receiver, its instance, the payload and the event id of a send."""
+        governor = self.runtime.governor(emit.machine)
+        inputs = run.data["inputs"]
+        target = run.record.instance if step.to is None else str(inputs[step.to])
+        payload = _payload(emit, {**inputs, **run.data["values"]}, target, self.actor, run)
+        event_id = derive_event_id("flow", run.record.flow_id, step.name, phase)
+        return governor, target, payload, event_id
+
+    def _late(self, outcome: tuple[str, Any], deadline: int | None) -> tuple[str, Any]:
+        """A reply that came after the fanout's deadline counts as timed out (its effect
+        stands, and a repeat is deduplicated)."""
+        now = self.runtime.clock.now_ms()
+        if deadline is not None and now > deadline and outcome[0] != "no_reply":
+            return "timed_out", f"replied {now - deadline} ms after the fanout's deadline"
+        return outcome
+
+    def _write_work(
+        self, run: _Run, status: FlowStatus, notes: Sequence[_Note], wake_ms: int | None
+    ) -> Callable[[Transaction, _Chain], FlowRecord]:
+        """The unit of work that writes the run's record (version-checked) and its ledger
+        entries, the pending notes first."""
+        before = run.record
+        entries = [*run.pending, *((event, step, detail, status) for event, step, detail in notes)]
+        run.pending = []
+        text = _dumps(run.data)
+
+        def work(txn: Transaction, chain: _Chain) -> FlowRecord:
+            return self._store_run(txn, chain, before, status, entries, text, wake_ms)
+
+        return work
+
+    def _store_run(
+        self,
+        txn: Transaction,
+        chain: _Chain,
+        before: FlowRecord,
+        status: FlowStatus,
+        entries: Sequence[_Entry],
+        text: str,
+        wake_ms: int | None,
+    ) -> FlowRecord:
+        """Write the run's record over `before` (version-checked) and seal its entries."""
+        runtime = self.runtime
+        flow_id, flow, actor = before.flow_id, before.flow, self.actor
+        now = runtime.clock.now_ms()
+        record = FlowRecord(
+            flow_id, flow, before.instance, status, before.version + 1, text, now, wake_ms
+        )
+        txn.save_flow(record, before.version)
+        if runtime.sealer is not None:
+            for index, (event, step, detail, to_state) in enumerate(entries):
+                event_id = derive_event_id("flow", flow_id, before.version + 1, index)
+                digest = _detail_digest(detail)
+                chain.append(
+                    txn,
+                    EntryData(
+                        now, "flow", flow, flow_id, step, to_state, event, actor, event_id, digest
+                    ),
+                )
+        return record
+
+    def _settling(
+        self,
+        run: _Run,
+        op: _Send,
+        start: Callable[[Transaction, _Chain], FlowRecord],
+        unit: Callable[[Transaction, _Chain], object],
+    ) -> list[Callable[[Transaction, _Chain], object]]:
+        """The run's write before the dispatch (`start`) and the dispatch (`unit`), wrapped to
+        keep what they wrote and answered, then the unit that runs after them in the same
+        transaction: it records the step's outcome and how the run ends (the plan's next two
+        writes) over the record `start` wrote, so that the last step's effect, its result and
+        the end of the run commit together. It writes nothing (None) when the dispatch did
+        not answer with a step's outcome (a missing receiver, an unexpected error), or ran
+        in another transaction (another partition): the plan records the outcome then."""
+        written: list[FlowRecord] = []
+        answered: list[object] = []
+
+        def started(txn: Transaction, chain: _Chain) -> FlowRecord:
+            record = start(txn, chain)
+            written.append(record)
+            return record
+
+        def dispatch(txn: Transaction, chain: _Chain) -> object:
+            try:
+                value = unit(txn, chain)
+            except BaseException as exc:
+                answered.append(exc)
+                raise
+            answered.append(getattr(value, "error", None) or value)  # a _Rejected: its error
+            return value
+
+        def settle(txn: Transaction, chain: _Chain) -> FlowRecord | None:
+            if not written or not answered or not isinstance(answered[0], _OUTCOMES):
+                return None
+            status, entries = _settled(run, op, _step_outcome(answered[0]))
+            return self._store_run(txn, chain, written[0], status, entries, _dumps(run.data), None)
+
+        return [started, dispatch, settle]
+
+
+def _detail_digest(detail: Mapping[str, Any]) -> bytes:
+    """The payload digest of a flow entry's detail. The runner's details hold JSON values
+    already (results and inputs went through JSON when they were stored), and canonical JSON
+    of such a value is that of its JSON round trip; anything else is made JSON first."""
+    try:
+        return payload_digest(detail)
+    except PayloadEncodingError:
+        return payload_digest(json.loads(_dumps(detail)))
+
+
+def _payload(
+    emit: Emit, values: Mapping[str, Any], instance: str, actor: str, run: _Run
+) -> dict[str, Any]:
+    """A step's payload from its arguments: inputs and computed values by name ("field"),
+    literals, and $instance, $actor, $event (the flow's name)."""
+    payload: dict[str, Any] = {}
+    for arg in emit.args:
+        if arg.source == "field":
+            name = str(arg.value)
+            if name in values and values[name] is not None:
+                payload[arg.field] = values[name]
+        elif arg.source == "literal":
+            payload[arg.field] = arg.value
+        elif arg.source == "instance":
+            payload[arg.field] = instance
+        elif arg.source == "actor":
+            payload[arg.field] = actor
+        else:
+            payload[arg.field] = run.spec.name
+    return payload

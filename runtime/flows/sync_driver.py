@@ -1,0 +1,148 @@
+"""The sync driver: runs a run's plan with each step's dispatch and the run's writes committed
+through the runtime's batches (`Runtime._submit_many`), a send and its run's write in one."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+from ..dispatch import Governor
+from ..errors import InstanceExists, UnknownInstance
+from ..results import DispatchResult
+from ..sealing import _Chain
+from ..store.base import FlowRecord, FlowStatus, Transaction
+from ..tables import FlowStepSpec
+from .ops import _SETTLED, _Send, _Write
+from .plan import _plan
+from .run import _STEP_FAILURES, FlowResult, StepFailed, _Note, _result, _Run, _step_outcome
+from .steps import _StepRunner
+
+
+class _SyncDriver(_StepRunner):
+    """FlowRunner's sync API drives runs with these."""
+
+    def _drive(self, run: _Run) -> FlowResult:
+        plan = _plan(self, run)
+        answer: Any = None
+        while True:
+            try:
+                op = plan.send(answer)
+            except StopIteration:
+                return _result(run)
+            if isinstance(op, _Write):
+                self._write(run, op.status, op.notes, op.wake_ms)
+                answer = None
+            elif isinstance(op, _Send):
+                answer = self._send(run, op)
+            else:
+                answer = [self._attempt(run, step, op.deadline) for step in op.steps]
+
+    def _send(self, run: _Run, op: _Send) -> tuple[str, Any]:
+        """A send (or compensation) and the run's pending notes in one commit: the flow's
+        write and the dispatch are two units of one batch (each atomic on its own); the last
+        one's batch has a third unit, its result and the run's end (`_settling`)."""
+        try:
+            self._hook(run, op.step, op.phase)
+            governor, target, payload, event_id = self._receiver(run, op.step, op.emit, op.phase)
+            work = governor._work(
+                target, op.emit.event, payload or None, self.actor, event_id, None, None, False
+            )
+        except StepFailed as failed:
+            return "failed", failed.message
+        except _STEP_FAILURES as failed:
+            return "failed", f"{failed.code}: {failed.message}"
+        # Prepared: a receiver's outside actions (a policy's) run before the commit, under the
+        # claim of the step's event id, so another process resuming this run waits for it.
+        keys = governor._claim_keys(work)
+        release = self.runtime._outside.claim(keys, governor._committed(work)) if keys else None
+        try:
+            try:
+                unit = governor._prepare(work)
+            except _STEP_FAILURES as failed:
+                return "failed", f"{failed.code}: {failed.message}"
+            return self._send_prepared(run, op, governor, target, payload, event_id, unit)
+        finally:
+            if release is not None:
+                release()
+
+    def _send_prepared(
+        self,
+        run: _Run,
+        op: _Send,
+        governor: Governor,
+        target: str,
+        payload: dict[str, Any],
+        event_id: str,
+        unit: Callable[[Transaction, _Chain], object],
+    ) -> tuple[str, Any]:
+        """The rest of `_send`, once its dispatch's outside actions ran (see there)."""
+        # One batch: the run's write (its pending notes), the dispatch, and for the last step
+        # the unit that records its outcome and the run's end. A partitioned store commits
+        # the run's units in the partition of its run id, the dispatch in its receiver's.
+        runtime = self.runtime
+        start = self._write_work(run, op.status, [], None)
+        works: list[Callable[[Transaction, _Chain], object]] = [start, unit]
+        if op.settle:
+            works = self._settling(run, op, start, unit)
+        mine = runtime._partition_of(run.record.flow_id)
+        partitions = [mine, runtime._partition_of(target), mine][: len(works)]
+        outcomes = runtime._submit_many(works, partitions)
+        for written in outcomes[::2]:  # the run's own units
+            if written.error is not None:
+                raise written.error
+            if written.value is not None:
+                run.record = cast(FlowRecord, written.value)
+        if len(outcomes) == 3 and outcomes[2].value is not None:
+            return _SETTLED
+        outcome = outcomes[1]
+        if isinstance(outcome.error, UnknownInstance):  # the receiver's first event
+            try:
+                result = self._dispatch(governor, target, op.emit.event, payload, event_id)
+            except _STEP_FAILURES as failed:
+                return _step_outcome(failed)
+            return _step_outcome(result)
+        if outcome.error is not None:
+            return _step_outcome(outcome.error)
+        value = outcome.value
+        rejected = getattr(value, "error", None)  # the dispatch's _Rejected
+        return _step_outcome(rejected if rejected is not None else value)
+
+    def _attempt(self, run: _Run, step: FlowStepSpec, deadline: int | None) -> tuple[str, Any]:
+        """A parallel or fanout branch: ("succeeded", result) | ("failed", reason) |
+        ("no_reply", reason) | ("timed_out", reason)."""
+        try:
+            self._hook(run, step, "do")
+            if step.kind != "send":
+                return self._attempt_here(run, step, hooked=True)
+            assert step.send is not None
+            governor, target, payload, event_id = self._receiver(run, step, step.send, "do")
+            result = self._dispatch(governor, target, step.send.event, payload, event_id)
+        except (StepFailed, *_STEP_FAILURES) as failed:
+            return _step_outcome(failed)
+        return self._late(_step_outcome(result), deadline)
+
+    def _dispatch(
+        self,
+        governor: Governor,
+        target: str,
+        event: str,
+        payload: dict[str, Any],
+        event_id: str,
+    ) -> DispatchResult:
+        """dispatch, creating a missing receiver first (created meanwhile, or by an earlier
+        attempt of this step: either will do)."""
+        try:
+            return governor.dispatch(target, event, payload or None, self.actor, event_id=event_id)
+        except UnknownInstance:
+            with contextlib.suppress(InstanceExists):
+                governor.create(target, self.actor)
+            return governor.dispatch(target, event, payload or None, self.actor, event_id=event_id)
+
+    def _write(
+        self, run: _Run, status: FlowStatus, notes: Sequence[_Note], wake_ms: int | None = None
+    ) -> None:
+        """Write the run (`_write_work`) in a commit of its own."""
+        runtime = self.runtime
+        work = self._write_work(run, status, notes, wake_ms)
+        run.record = runtime._submit(work, runtime._partition_of(run.record.flow_id))
