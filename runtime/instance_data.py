@@ -65,18 +65,12 @@ class KeptLedger:
         """Raise StoreIntegrityError unless `text` (the stored data, None: none) is what the
         instance's newest kept entry commits to (none: no entry)."""
         where = f"{machine} '{instance}'"
-        entry = txn.kept_entry(machine, instance)
+        entry = self.newest(txn, partition, machine, instance)
         if entry is None:
             if text is None:
                 return
             raise StoreIntegrityError(
                 f"the store holds kept data for {where} that no ledger entry commits to",
-                hint=_HINT,
-            )
-        _verify_stored_entry(entry, "kept entry")
-        if entry.kind != KEPT or entry.machine != machine or entry.instance != instance:
-            raise StoreIntegrityError(
-                f"ledger entry {entry.seq}, read as the kept entry of {where}, is not one",
                 hint=_HINT,
             )
         if text is None:
@@ -91,6 +85,22 @@ class KeptLedger:
                 "the store was changed",
                 hint=_HINT,
             )
+
+    def newest(
+        self, txn: Transaction, partition: int, machine: str, instance: str
+    ) -> LedgerEntry | None:
+        """The instance's newest kept entry as of `txn`, checked: its hash, that it is a kept
+        entry of that instance, and its signature by a key the chain held active then."""
+        where = f"{machine} '{instance}'"
+        entry = txn.kept_entry(machine, instance)
+        if entry is None:
+            return None
+        _verify_stored_entry(entry, "kept entry")
+        if entry.kind != KEPT or entry.machine != machine or entry.instance != instance:
+            raise StoreIntegrityError(
+                f"ledger entry {entry.seq}, read as the kept entry of {where}, is not one",
+                hint=_HINT,
+            )
         try:
             trusted = self._chain(txn, partition, entry.seq).signer(
                 entry.seq, entry.key_id, entry.ts_ms, f"kept entry {entry.seq}"
@@ -102,6 +112,7 @@ class KeptLedger:
                 f"ledger entry {entry.seq}, the kept entry of {where}, has a bad signature",
                 hint=_HINT,
             )
+        return entry
 
     def _chain(self, txn: Transaction, partition: int, seq: int) -> KeyChain:
         """The chain of keys as the control entries before `seq` leave it. The controls are

@@ -3,6 +3,8 @@ kept data checked against its newest "kept" entry (a snapshot names the one it h
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .errors import StoreIntegrityError, UnknownInstance
 from .ledger import (
     KEPT,
@@ -34,13 +36,25 @@ def save_snapshot(
 
 
 def replay(
-    store: Store, machine: str, instance: str, *, use_snapshot: bool = True
+    store: Store,
+    machine: str,
+    instance: str,
+    *,
+    use_snapshot: bool = True,
+    newest_kept: Callable[[], LedgerEntry | None] | None = None,
 ) -> ReplayedState:
     """Rebuild an instance's state from its ledger entries, from its latest snapshot on
     (verified against the entry it names) or from the start. Every entry read is checked
     against its hash, and each must start where the previous one ended. The instance's kept
-    data, as stored, must be what its newest kept entry commits to (the snapshot names the
-    one it had), else StoreIntegrityError; `data` of the result holds it."""
+    data, as stored, must be what its newest kept entry commits to, else
+    StoreIntegrityError; `data` of the result holds it.
+
+    A snapshot's own claims are store data: `newest_kept` reads the instance's newest kept
+    entry from the ledger (verified by the caller: hash and signature), after the snapshot is
+    read. The snapshot's `kept_seq` must name it when it is not newer than the snapshot's
+    entry (the kept entry of that very move comes right after it), and none when the ledger
+    has none; a newer one must be among the entries replayed after the snapshot. Without a
+    snapshot the replayed entries must show it too."""
     where = f"{machine} '{instance}'"
     state: str | None = None
     version = 0
@@ -80,6 +94,20 @@ def replay(
                 _verify_stored_entry(kept, "snapshot's kept entry")
             state, version, after = snapshot.state, snapshot.version, snapshot.ledger_seq
             snapshot_version = snapshot.version
+    newest = None if newest_kept is None else newest_kept()
+    if snapshot_version is not None and newest_kept is not None:
+        claimed = -1 if kept is None else kept.seq
+        if (newest is None and claimed != -1) or (
+            newest is not None and newest.seq <= after + 1 and newest.seq != claimed
+        ):
+            shown = "none" if newest is None else f"entry {newest.seq}"
+            raise StoreIntegrityError(
+                f"the snapshot of {where} at version {snapshot_version} names "
+                f"{'no kept entry' if claimed == -1 else f'ledger entry {claimed}'} as its kept "
+                f"entry, but the ledger's newest kept entry of {where} is {shown}",
+                hint="the snapshot was changed; replay without it (use_snapshot=False) and "
+                "verify the store with `autonomic audit verify`",
+            )
     replayed = 0
     last_seq = after
     for entry in store.ledger_entries(machine=machine, instance=instance, after_seq=after):
@@ -100,6 +128,12 @@ def replay(
         last_seq = entry.seq
     if state is None:
         raise UnknownInstance(machine, instance)
+    if newest is not None and (kept is None or kept.seq < newest.seq):
+        raise StoreIntegrityError(
+            f"the ledger's newest kept entry of {where} is entry {newest.seq}, which the "
+            f"replayed entries do not show (they show {'none' if kept is None else kept.seq})",
+            hint="the store answers two reads differently; verify it with `autonomic audit verify`",
+        )
     data = store.get_instance_data(machine, instance)
     if kept is None and data is not None:
         raise StoreIntegrityError(

@@ -704,8 +704,24 @@ class Runtime:
     def replay(self, machine: str, instance: str, *, use_snapshot: bool = True) -> ReplayedState:
         """Rebuild an instance's state from its ledger entries, from its latest snapshot on
         (verified against the entry it names) or from the start. Every entry read is checked
-        against its hash, and each must start where the previous one ended."""
-        return replay(self._store, machine, instance, use_snapshot=use_snapshot)
+        against its hash, and each must start where the previous one ended. The snapshot's
+        kept entry is checked against the instance's newest kept entry in the ledger (its hash
+        and signature verified), and the stored kept data against that entry."""
+        kept = self._kept
+        if kept is None:  # no ledger: nothing to replay from
+            return replay(self._store, machine, instance, use_snapshot=use_snapshot)
+        partition = self._partition_of(instance)
+
+        def newest(txn: Transaction, chain: _Chain) -> LedgerEntry | None:
+            return kept.newest(txn, partition, machine, instance)
+
+        return replay(
+            self._store,
+            machine,
+            instance,
+            use_snapshot=use_snapshot,
+            newest_kept=lambda: self._submit(newest, partition),
+        )
 
     def verify(self, root: RootLike) -> VerifyReport:
         """Verify the whole stored ledger (every entry, checkpoint and signature) from the
