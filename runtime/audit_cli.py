@@ -41,8 +41,10 @@ from .keys import (
     generate_keypair,
     load_public_key,
     load_signer,
+    load_trusted_root,
     now_ms,
     retire_key,
+    write_trusted_root,
 )
 from .ledger import (
     CHECKPOINT_FORMAT,
@@ -205,9 +207,10 @@ def _outgoing_signer(public_json: str) -> Signer:
     return load_signer(private)
 
 
-def rotate_store(path: str, outgoing: Signer, incoming: Signer) -> LedgerEntry:
+def rotate_store(path: str, outgoing: Signer, incoming: Signer, root: str) -> LedgerEntry:
     """Write a rotation entry into a store's ledger (see Runtime.rotate_key): an SQLite file,
-    or a PostgreSQL store's every partition."""
+    or a PostgreSQL store's every partition; its chain of keys followed from `root` (the
+    fingerprint of the ledger's root key)."""
     # Loaded here: `audit verify` starts faster without the runtime, its stores and tables.
     from .runtime import Runtime
     from .store.sqlite import SQLiteStore
@@ -225,7 +228,11 @@ def rotate_store(path: str, outgoing: Signer, incoming: Signer) -> LedgerEntry:
     if mode is None:
         store.close()
         raise LedgerFormatError(f"{path} keeps no ledger: there is nothing to rotate")
-    runtime = Runtime(store, sealer=LedgerSealer(outgoing, mode))
+    try:
+        runtime = Runtime(store, sealer=LedgerSealer(outgoing, mode), trusted_root=root)
+    except BaseException:
+        store.close()
+        raise
     try:
         return runtime.rotate_key(incoming)
     finally:
@@ -272,9 +279,12 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
             RETIRE_HINT,
         )
     outgoing = None
+    root = ""
     if args.retire:
         try:
             outgoing = _outgoing_signer(args.retire)
+            # The ledger's root: the one the outgoing key's folder records, or that key itself.
+            root = load_trusted_root(Path(args.retire).parent)
         except RuntimeFailure as failure:
             return _diagnostic(args.retire, failure, RETIRE_HINT)
     try:
@@ -288,10 +298,15 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     print(f"  public key (PEM): {printable(info.public_pem_path)}")
     retire_at = info.valid_from_ms
     if outgoing is not None:
+        try:
+            write_trusted_root(args.directory, root)
+        except RuntimeFailure as failure:
+            return _diagnostic(args.directory, failure, KEY_DIR_HINT)
+        print(f"  ledger root (pinned by runtimes signing with it): {root}")
         incoming = load_signer(args.directory)
         for ledger in args.ledger:
             try:
-                entry = rotate_store(ledger, outgoing, incoming)
+                entry = rotate_store(ledger, outgoing, incoming, root)
             except RuntimeFailure as failure:
                 return _diagnostic(redact(ledger), failure, LEDGER_HINT)
             # The outgoing key signed the rotation entry: its window closes just after it.

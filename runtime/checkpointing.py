@@ -19,14 +19,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import StoreIntegrityError, WitnessError
-from .keychain import CONTROL_KINDS, GENESIS, ChainError, KeyChain, RootOfTrust, fingerprint
-from .keychain import _parse_body as parse_control_body
+from .keychain import CONTROL_KINDS, GENESIS, ChainError, KeyChain, RootOfTrust
 from .ledger import SIG_TAG, Checkpoint, LedgerEntry, LedgerSealer, entry_hash
 from .merkle import EMPTY_ROOT, SubtreeHasher, TreeFrontier, consistency_proof
 from .store.base import Store, Transaction
 from .witness import Publication, Witness
 
-__all__ = ["CheckpointKeeper", "WitnessPolicy", "check_signer_is_active"]
+__all__ = ["ROOT_HINT", "CheckpointKeeper", "WitnessPolicy", "check_signer_is_active"]
+
+ROOT_HINT = (
+    "verify the store with `autonomic audit verify`; a runtime pins its ledger's root key "
+    "(Runtime(trusted_root=...); by default its own key, or the root `autonomic keygen "
+    "--retire` records in the new key's folder)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,12 +215,14 @@ class CheckpointKeeper:
         return Publication(checkpoint, size, root, tuple(proof))
 
 
-def check_signer_is_active(store: Store, sealer: LedgerSealer) -> None:
+def check_signer_is_active(store: Store, sealer: LedgerSealer, root: RootOfTrust) -> None:
     """Refuse to sign with a key the ledger's own chain of keys does not hold active.
 
     The control entries are read by their (machine, instance) index and checked against their
-    hashes and signatures from the genesis entry's key on; a runtime holding any other key
-    (never introduced, or retired by a rotation) stops before it writes anything.
+    hashes and signatures from the pinned `root` on (the genesis entry must declare that very
+    key: a chain rewritten from another root, even one that rotates to this runtime's key, is
+    refused); a runtime holding any other key (never introduced, or retired by a rotation)
+    stops before it writes anything.
     """
     control = [
         entry
@@ -230,16 +237,14 @@ def check_signer_is_active(store: Store, sealer: LedgerSealer) -> None:
             "the store's ledger does not start with its genesis entry",
             hint="verify the store with `autonomic audit verify`",
         )
+    chain = KeyChain(root)
     try:
-        body = parse_control_body(genesis.event)
-        root = bytes.fromhex(body["root_key"]["public_key"])
-        chain = KeyChain(RootOfTrust(fingerprint(root)))
         for entry in control:
             _check_control(chain, entry)
     except (ChainError, KeyError, TypeError, ValueError) as exc:
         raise StoreIntegrityError(
             f"the ledger's chain of keys does not verify: {exc}",
-            hint="verify the store with `autonomic audit verify`",
+            hint=ROOT_HINT,
         ) from None
     if chain.mode != sealer.mode:
         raise StoreIntegrityError(

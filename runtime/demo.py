@@ -47,7 +47,7 @@ from .errors import (
     failure_diagnostic,
 )
 from .flows import FlowResult, FlowRunner, StepContext, StepFailed
-from .keys import PublicKeyInfo, Signer, generate_keypair, load_signer, now_ms
+from .keys import Signer, generate_keypair, load_signer, load_trusted_root, now_ms
 from .ledger import (
     LedgerMode,
     LedgerSealer,
@@ -359,10 +359,12 @@ def _signer(keys: Path, out: IO[str]) -> Signer:
     return load_signer(keys)
 
 
-def _keyring(keys: Path, signer: Signer) -> PublicKeyInfo:
-    """The pinned root of trust: the demo's own key, which its ledger's genesis entry names
-    (keys rotated since are introduced by the ledger's rotation entries)."""
-    return signer.public_info()
+def _keyring(keys: Path) -> str:
+    """The pinned root of trust (its fingerprint): the demo's own key, which its ledger's
+    genesis entry names, or the root `keygen --retire` recorded beside a key it introduced
+    (keys rotated since are introduced by the ledger's rotation entries). The runtime pins it
+    too: it never follows a chain of keys from the store's own word."""
+    return load_trusted_root(keys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -889,7 +891,7 @@ def run_demo(
         return 1
     try:
         signer = _signer(keys, out)
-        keyring = _keyring(keys, signer)
+        keyring = _keyring(keys)
     except RuntimeFailure as failure:
         err.write(failure_diagnostic(keys, failure, KEYS_HINT) + "\n")
         return 1
@@ -945,7 +947,9 @@ def run_demo(
     bindings = _Bindings(payments)
     injected = _Injected()
     try:
-        runtime = Runtime(store, clock=clock, sealer=LedgerSealer(signer, mode))
+        runtime = Runtime(
+            store, clock=clock, sealer=LedgerSealer(signer, mode), trusted_root=keyring
+        )
         for spec in specs.values():
             runtime.load(spec, *bindings.of(spec))
         runner = FlowRunner(

@@ -29,11 +29,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 
-from .checkpointing import _check_control
+from .checkpointing import ROOT_HINT, _check_control
 from .errors import StoreIntegrityError
 from .inputs import check_identifier
-from .keychain import CONTROL_KINDS, ChainError, KeyChain, RootOfTrust, fingerprint
-from .keychain import _parse_body as parse_control_body
+from .keychain import CONTROL_KINDS, ChainError, KeyChain, RootOfTrust
 from .ledger import KEPT, SIG_TAG, LedgerEntry, kept_digest
 from .results import _dumps
 from .sealing import _verify_stored_entry
@@ -52,8 +51,9 @@ class KeptLedger:
     docstring), for one runtime. `reads(partition)` reads that ledger chain's committed
     entries; the control entries (genesis, rotations) are read once each and verified once."""
 
-    def __init__(self, reads: Callable[[int], Store]) -> None:
+    def __init__(self, reads: Callable[[int], Store], root: RootOfTrust) -> None:
         self._reads = reads
+        self._root = root  # the pinned root: the chain of keys starts there, not at the store
         self._controls: dict[int, list[LedgerEntry]] = {}  # verified, by partition
         self._scanned: dict[int, int] = {}  # the controls below this seq are known
         # The chain after the first n controls, by (partition, n): control entries are few.
@@ -135,43 +135,30 @@ class KeptLedger:
         count = sum(1 for entry in controls if entry.seq < seq)
         chain = self._chains.get((partition, count))
         if chain is None:
-            chain = _replayed(controls[:count])
-            if chain is None:
+            if not count:
                 raise StoreIntegrityError("the ledger has no genesis entry", hint=_HINT)
-            self._chains[(partition, count)] = chain
+            chain = self._chains[(partition, count)] = self._replayed(controls[:count])
         return chain
 
-    @staticmethod
-    def _verify_control(controls: list[LedgerEntry], entry: LedgerEntry) -> None:
+    def _verify_control(self, controls: list[LedgerEntry], entry: LedgerEntry) -> None:
         try:
-            if not controls:
-                body = parse_control_body(entry.event)
-                root = bytes.fromhex(body["root_key"]["public_key"])
-                chain = KeyChain(RootOfTrust(fingerprint(root)))
-            else:
-                replayed = _replayed(controls)
-                assert replayed is not None
-                chain = replayed
+            chain = self._replayed(controls) if controls else KeyChain(self._root)
             _check_control(chain, entry)
         except (ChainError, KeyError, TypeError, ValueError) as exc:
             raise StoreIntegrityError(
                 f"the ledger's chain of keys does not verify at seq {entry.seq}: {exc}",
-                hint=_HINT,
+                hint=ROOT_HINT,
             ) from None
         controls.append(entry)
 
-
-def _replayed(controls: list[LedgerEntry]) -> KeyChain | None:
-    """The chain after `controls` (verified already: genesis first), or None if empty."""
-    if not controls:
-        return None
-    genesis = controls[0]
-    root = bytes.fromhex(parse_control_body(genesis.event)["root_key"]["public_key"])
-    chain = KeyChain(RootOfTrust(fingerprint(root)))
-    chain.genesis(genesis.seq, genesis.event, genesis.key_id)
-    for entry in controls[1:]:
-        chain.apply(entry.seq, entry.kind, entry.event)
-    return chain
+    def _replayed(self, controls: list[LedgerEntry]) -> KeyChain:
+        """The chain after `controls` (verified already from the pinned root: genesis first)."""
+        genesis = controls[0]
+        chain = KeyChain(self._root)
+        chain.genesis(genesis.seq, genesis.event, genesis.key_id)
+        for entry in controls[1:]:
+            chain.apply(entry.seq, entry.kind, entry.event)
+        return chain
 
 
 def _digest(text: str) -> bytes | None:

@@ -6,6 +6,11 @@ A key directory written by `generate_keypair` holds one key pair:
     <key_id>.public.json   key_id, algorithm, public_key (hex), valid_from_ms, valid_until_ms
     <key_id>.public.pem    SubjectPublicKeyInfo, for tools that want PEM
 
+    trusted-root.json      (after a rotation) the ledger's root key: {"fingerprint": SHA-256
+                           of its raw public key, "key_id"}; a runtime signing with this
+                           folder's key pins it (`load_trusted_root`); without it, the folder's
+                           own key is the root
+
 The key id is the first 16 hex digits of SHA-256 over the raw 32-byte public key, so it is
 recomputed (never trusted) whenever a key is loaded. Rotation: a new key pair in a new directory
 with a later `valid_from_ms`; `retire_key` closes the old key's window at the same instant, and a
@@ -41,15 +46,18 @@ __all__ = [
     "key_id_for",
     "load_public_keys",
     "load_signer",
+    "load_trusted_root",
     "now_ms",
     "retire_key",
     "write_keypair",
+    "write_trusted_root",
 ]
 
 ALGORITHM = "ed25519"
 PRIVATE_SUFFIX = ".private.pem"
 PUBLIC_JSON_SUFFIX = ".public.json"
 PUBLIC_PEM_SUFFIX = ".public.pem"
+TRUSTED_ROOT_FILE = "trusted-root.json"
 # Larger than any file a key could legitimately be; stops a wrong path from being read whole.
 MAX_KEY_FILE_BYTES = 64 * 1024
 
@@ -507,3 +515,47 @@ def retire_key(public_json: str | os.PathLike[str], valid_until_ms: int) -> Publ
         raise KeyFileError(f"cannot rewrite {path}: {exc.strerror}") from None
     _fsync_directory(path.parent)
     return retired
+
+
+def _key_folder(path: str | os.PathLike[str]) -> Path:
+    folder = Path(path)
+    return folder if folder.is_dir() else folder.parent
+
+
+def load_trusted_root(keys: str | os.PathLike[str]) -> str:
+    """The fingerprint of the ledger root a runtime signing with the key in `keys` (its folder
+    or its private key file) pins: the one `trusted-root.json` records there (written by
+    `autonomic keygen --retire`), else that key's own (a key that never rotated is its
+    ledgers' root)."""
+    folder = _key_folder(keys)
+    recorded = folder / TRUSTED_ROOT_FILE
+    if not recorded.exists():
+        return hashlib.sha256(load_signer(keys).public_info().public_key).hexdigest()
+    try:
+        doc = json.loads(_read_key_file(recorded))
+    except (ValueError, RecursionError):
+        doc = None
+    value = doc.get("fingerprint") if isinstance(doc, dict) else None
+    if (
+        not isinstance(value, str)
+        or len(value) != 64
+        or any(c not in "0123456789abcdef" for c in value)
+    ):
+        raise KeyFileError(
+            f"{recorded} does not hold a root fingerprint (64 lowercase hex digits)",
+            hint="it is written by `autonomic keygen --retire`; restore it from the outgoing "
+            "key's folder or the root key's `keygen` output",
+        )
+    return value
+
+
+def write_trusted_root(directory: str | os.PathLike[str], fingerprint: str) -> Path:
+    """Record the ledger's root in a key folder (a new key introduced by a rotation)."""
+    path = Path(directory) / TRUSTED_ROOT_FILE
+    doc = {"fingerprint": fingerprint, "key_id": fingerprint[:16]}
+    try:
+        _write_new_file(path, (json.dumps(doc, indent=2) + "\n").encode(), 0o644)
+    except OSError as exc:
+        raise KeyFileError(f"cannot write {path}: {exc.strerror}") from None
+    _fsync_directory(path.parent)
+    return path

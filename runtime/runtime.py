@@ -25,6 +25,7 @@ from .errors import (
 )
 from .inputs import DEFAULT_LIMITS, InputLimits, check_identifier
 from .instance_data import KeptLedger
+from .keychain import RootOfTrust, fingerprint
 from .keys import Signer
 from .ledger import Checkpoint, EntryData, LedgerEntry, LedgerSealer, RootLike, VerifyReport
 from .outbox import deliver_outbox, mark
@@ -53,6 +54,15 @@ def _first_partition(instance: str) -> int:
     return 0
 
 
+def _pinned_root(sealer: LedgerSealer, trusted_root: RootLike | None) -> RootOfTrust:
+    """The root of trust a runtime holds its ledger's chain of keys to: `trusted_root`, or by
+    default its own signing key (which a ledger it starts names as its root). A runtime that
+    signs with a key a rotation introduced is given the root (`load_trusted_root`)."""
+    if trusted_root is not None:
+        return RootOfTrust.of(trusted_root)
+    return RootOfTrust(fingerprint(sealer.signer.public_info().public_key))
+
+
 TIMER_ACTOR = "timer"
 DAY_MS = 86_400_000
 # The memory store's checkpoint defaults: it commits every dispatch alone.
@@ -76,7 +86,12 @@ class Runtime:
 
     The ledger: a new store's first entry is the genesis entry (the signer's key as the root,
     the mode); an existing ledger is opened only with a key its chain of keys holds active
-    (`rotate_key` writes a rotation). `witnesses` receive signed checkpoints outside the
+    (`rotate_key` writes a rotation), that chain followed from the root the runtime pins:
+    `trusted_root` (a public key, its fingerprint or a RootOfTrust), by default the signer's
+    own key. A runtime signing with a key a rotation introduced is given the root
+    (`keys.load_trusted_root` reads the one `autonomic keygen --retire` records beside it): a
+    chain the store rewrote from another root, even one rotating to this runtime's key, is
+    refused. `witnesses` receive signed checkpoints outside the
     database as `witness_policy` says (see runtime/checkpointing.py). `limits` bound payload
     size and nesting (runtime/inputs.py). `action_threads`: how many of the actions a policy
     names (outside calls) `dispatch_async` runs at once (see runtime/dispatch.py).
@@ -102,6 +117,7 @@ class Runtime:
         limits: InputLimits = DEFAULT_LIMITS,
         action_threads: int = 32,
         claim_lease_ms: int = DEFAULT_CLAIM_LEASE_MS,
+        trusted_root: RootLike | None = None,
     ) -> None:
         check_identifier("timer actor", timer_actor)
         if witnesses and sealer is None:
@@ -148,8 +164,14 @@ class Runtime:
             )
             for p in range(partitions)
         ]
+        # The pinned root the ledger's chain of keys must start from: never the store's word.
+        self._root = None if sealer is None else _pinned_root(sealer, trusted_root)
+        if trusted_root is not None and sealer is None:
+            raise ValueError("trusted_root pins a ledger's root key: pass a sealer too")
         # Checks stored kept data against the ledger before it is used (instance_data.py).
-        self._kept = None if sealer is None else KeptLedger(lambda p: self._ledgers[p].reads)
+        self._kept = (
+            None if self._root is None else KeptLedger(lambda p: self._ledgers[p].reads, self._root)
+        )
         self._last_root_heads: list[tuple[int, bytes]] | None = None
         # The thread running units of work right now: a guard or action that dispatches
         # from inside one would wait for itself.
@@ -209,7 +231,14 @@ class Runtime:
                 if ledger.reads.ledger_entry(0) is None:
                     self._write_genesis(sealer, partition)
                 else:
-                    check_signer_is_active(ledger.reads, sealer)
+                    check_signer_is_active(ledger.reads, sealer, self.pinned_root)
+
+    @property
+    def pinned_root(self) -> RootOfTrust:
+        """The root key this runtime holds its ledger's chain of keys to."""
+        if self._root is None:
+            raise StoreConfigError("this runtime keeps no ledger, so it pins no root key")
+        return self._root
 
     def _ledger_reads(self, partition: int) -> Store:
         """Where the entries of one chain are read: the store, or its partition's view."""
@@ -217,6 +246,15 @@ class Runtime:
         return self._store if fleet is None else fleet.in_partition(partition)
 
     def _write_genesis(self, sealer: LedgerSealer, partition: int = 0) -> None:
+        own = fingerprint(sealer.signer.public_info().public_key)
+        if own != self.pinned_root.fingerprint:
+            raise StoreConfigError(
+                f"this runtime would start a new ledger with its key {sealer.signer.key_id} "
+                f"as the root, but the pinned root is another key (fingerprint "
+                f"{self.pinned_root.fingerprint})",
+                hint="start a new ledger with the root key itself, or pin this key",
+            )
+
         def work(txn: Transaction, chain: _Chain) -> None:
             chain.load(txn)
             if chain.next_seq != 0:

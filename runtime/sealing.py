@@ -98,7 +98,7 @@ class _Chain:
                 state.keeper.invalidate()
                 self.hashes = []
                 if stored.kind in CONTROL_KINDS and runtime._sealer is not None:
-                    check_signer_is_active(state.reads, runtime._sealer)
+                    check_signer_is_active(state.reads, runtime._sealer, runtime.pinned_root)
                 state.verified_head = stored
             self.next_seq, self.head = stored.seq + 1, stored.entry_hash
         if stored is None:

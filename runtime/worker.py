@@ -26,7 +26,7 @@ from types import FrameType
 from typing import IO, Any
 
 from .errors import RuntimeFailure, StoreConfigError
-from .keys import load_signer
+from .keys import load_signer, load_trusted_root
 from .ledger import LedgerMode, LedgerSealer
 from .runtime import Runtime
 from .store.locate import open_store, redact
@@ -79,7 +79,11 @@ def run_worker(options: WorkerOptions, out: IO[str], *, stop: threading.Event | 
     store = open_store(options.store, lease_ms=options.lease_ms)
     try:
         mode = options.mode or store.ledger_mode() or "checkpoint"
-        runtime = Runtime(store, sealer=LedgerSealer(load_signer(options.keys), mode))
+        runtime = Runtime(
+            store,
+            sealer=LedgerSealer(load_signer(options.keys), mode),
+            trusted_root=load_trusted_root(options.keys),
+        )
         app(runtime)
     except BaseException:
         store.close()

@@ -19,11 +19,13 @@ from autonomic.runtime.errors import (
     StoreConfigError,
     StoreIntegrityError,
 )
+from autonomic.runtime.keychain import fingerprint
 from autonomic.runtime.keys import (
     Keyring,
     generate_keypair,
     load_public_key,
     load_signer,
+    load_trusted_root,
     now_ms,
 )
 from autonomic.runtime.ledger import LedgerSealer
@@ -321,7 +323,11 @@ def test_a_key_rotation_goes_into_every_partition_at_once(
     assert newest == [(new.key_id,)] * 4
     with pytest.raises(StoreIntegrityError, match="does not hold active"):
         Runtime(PostgresStore(url), sealer=LedgerSealer(old))
-    runtime = Runtime(PostgresStore(url), sealer=LedgerSealer(new))
+    # keygen recorded the ledger's root beside the new key: the runtime pins it.
+    assert load_trusted_root(new_dir) == fingerprint(old.public_info().public_key)
+    runtime = Runtime(
+        PostgresStore(url), sealer=LedgerSealer(new), trusted_root=load_trusted_root(new_dir)
+    )
     counter = runtime.load(counter_spec(), *Bindings().for_spec(counter_spec()))
     for n in range(8):
         counter.dispatch(f"c{n}", "Tick")

@@ -5,12 +5,35 @@ accepted by the runtime before its check existed."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import itertools
+from pathlib import Path
+
 import pytest
+from autonomic.compiler import cli
+from autonomic.runtime.checkpointing import _check_control
 from autonomic.runtime.errors import StoreIntegrityError
-from autonomic.runtime.keys import Signer
+from autonomic.runtime.keychain import ROTATION, KeyChain, RootOfTrust, fingerprint, rotation_body
+from autonomic.runtime.keys import (
+    Signer,
+    generate_keypair,
+    load_signer,
+    load_trusted_root,
+    now_ms,
+    write_keypair,
+)
+from autonomic.runtime.ledger import LedgerSealer
+from autonomic.runtime.ledger_ranges import verify_ledger
+from autonomic.runtime.runtime import Runtime
+from autonomic.runtime.sealing import _Chain
+from autonomic.runtime.store.base import Transaction
+from autonomic.runtime.store.sqlite import SQLiteStore
+from autonomic.runtime.timers import VirtualClock
 from conftest import Stores
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flow_world import marketplace
+from flow_world import START_MS, marketplace
+from runtime_machines import Bindings, counter_spec
 from test_emit_routing import disputed
 
 CASE, CUSTOMER = "case-1", "cust-1"
@@ -47,3 +70,77 @@ def test_replay_from_a_snapshot_checks_its_kept_entry_against_the_ledger(
         else:
             assert runtime.replay("Compliance", CASE, use_snapshot=False).data is not None
     assert count(stores, "ledger") == entries
+
+
+def test_a_chain_rewritten_from_another_root_is_refused(stores: Stores, tmp_path: Path) -> None:
+    """Someone without our key writes a whole ledger of their own: their root in the genesis
+    entry, then a rotation (signed by their root) that introduces OUR public key. Our key is
+    then active in that chain; the runtime pins its own key (or the recorded root) as the root
+    and refuses the store before writing, instead of chaining on it."""
+    ours = Signer.from_private_key(Ed25519PrivateKey.generate())
+    theirs = Signer.from_private_key(Ed25519PrivateKey.generate())
+    forger = Runtime(
+        stores.open("m"), clock=VirtualClock(START_MS), sealer=LedgerSealer(theirs, "sign-each")
+    )
+    sealer = forger.sealer
+    assert sealer is not None
+
+    def rotate_to_our_public_key(txn: Transaction, chain: _Chain) -> None:
+        chain.load(txn)
+        body = rotation_body(ours.public_info(), [theirs.key_id])
+        entry = sealer.seal_control(chain.next_seq, chain.head, START_MS, ROTATION, body)
+        txn.append_ledger(entry)
+        chain.advance(entry)
+
+    forger._submit(rotate_to_our_public_key)
+    forger.close()
+    entries = count(stores, "ledger")
+    keys = tmp_path / "keys"
+    write_keypair(keys, ours.private_key, valid_from_ms=0)
+    store = stores.open("m")
+    try:
+        with pytest.raises(StoreIntegrityError, match="is not the pinned root"):
+            marketplace(store, signer=ours)
+        with pytest.raises(StoreIntegrityError, match="is not the pinned root"):
+            Runtime(
+                store,
+                sealer=LedgerSealer(load_signer(keys), "sign-each"),
+                trusted_root=load_trusted_root(keys),
+            )
+        # What the runtime followed before: a chain in which our key is active.
+        chain = KeyChain(RootOfTrust(fingerprint(theirs.public_info().public_key)))
+        for entry in store.ledger_entries(machine="", instance=""):
+            _check_control(chain, entry)
+    finally:
+        store.close()
+    assert count(stores, "ledger") == entries
+    assert ours.key_id in chain.active
+
+
+def test_rotated_keys_carry_the_pinned_root_in_their_folder(tmp_path: Path) -> None:
+    """`keygen NEW --retire OLD --ledger STORE` records the ledger's root beside the new key,
+    and the next rotation carries it on: a runtime with the newest key and the root its folder
+    records opens the store, and the ledger verifies from the root."""
+    store = tmp_path / "s.db"
+    folders = [tmp_path / f"k{n}" for n in range(3)]
+    generate_keypair(folders[0], valid_from_ms=now_ms() - 3_600_000)
+    runtime = Runtime(SQLiteStore(store), sealer=LedgerSealer(load_signer(folders[0])))
+    runtime.load(counter_spec(), *Bindings().for_spec(counter_spec())).create("c0")
+    runtime.close()
+    root = load_trusted_root(folders[0])
+    for old, new in itertools.pairwise(folders):
+        (public,) = old.glob("*.public.json")
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = cli.main(["keygen", str(new), "--retire", str(public), "--ledger", str(store)])
+        assert code == 0, out.getvalue()
+        assert load_trusted_root(new) == root and "ledger root (pinned" in out.getvalue()
+    runtime = Runtime(
+        SQLiteStore(store),
+        sealer=LedgerSealer(load_signer(folders[-1])),
+        trusted_root=load_trusted_root(folders[-1]),
+    )
+    runtime.load(counter_spec(), *Bindings().for_spec(counter_spec())).create("c1")
+    runtime.close()
+    report = verify_ledger(store, root)
+    assert report.ok and report.count == 5 and len(report.keys) == 3, report.reason

@@ -181,7 +181,9 @@ def test_rotation_in_a_running_runtime(tmp_path: Path, key_dir: Path) -> None:
     )
     assert report.ok and report.keys == (old.key_id, new.key_id), report.reason
     assert len(entries) == report.count == 6
-    # The retired key no longer opens the store; the new key does.
+    # The retired key no longer opens the store; the new key does, pinned to the root.
     with pytest.raises(StoreIntegrityError, match="does not hold active"):
         _runtime(store, old)
-    _runtime(store, new).close()
+    with pytest.raises(StoreIntegrityError, match="is not the pinned root"):
+        _runtime(store, new)  # by default a runtime's own key is its ledger's root
+    _runtime(store, new, trusted_root=old.public_info()).close()
