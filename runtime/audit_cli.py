@@ -32,7 +32,7 @@ from .errors import (
     failure_diagnostic,
 )
 from .fleet_cli import STORE_HINT, add_store_argument
-from .instance_audit import InstanceAudit, audit_sqlite_instances
+from .instance_audit import verify_sqlite_store
 from .keychain import RootOfTrust, fingerprint
 from .keys import (
     PRIVATE_SUFFIX,
@@ -58,7 +58,7 @@ from .ledger import (
     read_ledger,
     write_jsonl,
 )
-from .ledger_ranges import verify_ledger, verify_source
+from .ledger_ranges import verify_source
 from .store.locate import STORE_ENV, is_postgres_url, redact, store_location
 from .witness import read_witness_file
 
@@ -347,35 +347,21 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             plural = "s" if count != 1 else ""
             witnessed = f"witness {printable(witness)} ({count} publication{plural})"
     label = "newest witnessed checkpoint" if witnessed else "external checkpoint"
-    # The instances are audited while worker processes verify a large ledger: the audit needs
-    # the ledger's size, not its verdict, and counts only once the ledger has verified.
-    early: dict[int, InstanceAudit | sqlite3.Error | RuntimeFailure | None] = {}
-
-    def audit_meanwhile(count: int) -> None:
-        early[count] = _audit_instances(args.ledger, count)
-
+    # The ledger is verified and the store's instances audited against it in one read
+    # transaction; the verifier tallies each instance as it reads its entries.
     try:
-        report = verify_ledger(
-            args.ledger,
-            root,
-            external_checkpoint=external,
-            external_label=label,
-            meanwhile=audit_meanwhile,
-        )
+        with read_ledger(args.ledger) as source:
+            report, audit = verify_sqlite_store(
+                source, root, external_checkpoint=external, external_label=label
+            )
     except RuntimeFailure as failure:
         return _diagnostic(args.ledger, failure, LEDGER_HINT)
+    except sqlite3.Error as exc:
+        unread = LedgerReadError(f"{args.ledger}: cannot read the instances: {exc}")
+        return _diagnostic(args.ledger, unread, LEDGER_HINT)
     if not report.ok:
         print(f"{printable(args.ledger)}: seq {report.index}: {report.reason}")
         return EXIT_FAILED
-    if report.count in early:
-        audit = early[report.count]
-    else:
-        audit = _audit_instances(args.ledger, report.count)
-    if isinstance(audit, sqlite3.Error):
-        unread = LedgerReadError(f"{args.ledger}: cannot read the instances: {audit}")
-        return _diagnostic(args.ledger, unread, LEDGER_HINT)
-    if isinstance(audit, RuntimeFailure):
-        return _diagnostic(args.ledger, audit, LEDGER_HINT)
     if audit is not None and audit.problem is not None:
         print(f"{printable(args.ledger)}: {printable(audit.problem.describe())}")
         return EXIT_FAILED
@@ -401,16 +387,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             f"checkpoint from {source_text}"
         )
     return EXIT_OK
-
-
-def _audit_instances(
-    path: str, count: int
-) -> InstanceAudit | sqlite3.Error | RuntimeFailure | None:
-    """`audit_sqlite_instances`, or the error that stopped it."""
-    try:
-        return audit_sqlite_instances(path, count)
-    except (sqlite3.Error, RuntimeFailure) as exc:
-        return exc
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

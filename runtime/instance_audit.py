@@ -9,12 +9,16 @@ verify` verifies the ledger first, then compares every row of `instances` and `i
 with it, and names the first instance that differs: a row changed, rolled back, deleted or
 added behind the runtime's back, or kept data no signed entry commits to.
 
-Memory stays flat whatever the store holds: the database aggregates the ledger per instance
-(SQLite sorts through temporary files), and the rows and aggregates are merged here as two
-streams ordered the same way (byte order of machine, then instance). The aggregates read the
-ledger table itself, never an index, as the verifier does. A store still being written to is
-audited as of one read transaction: an instance whose newest entry lies beyond the entries the
-verifier checked moved meanwhile, and is counted as moved rather than checked.
+On SQLite (`verify_sqlite_store`) the ledger side comes from the verifier's own pass: it
+tallies every instance as it verifies the entries (instance_tally.py), and the rows are read in
+the read transaction the entries were verified in. Memory stays flat whatever the store holds:
+past a limit of instances, and on PostgreSQL, the database aggregates the ledger per instance
+instead (SQLite sorts through temporary files). Either way the rows and the ledger's side are
+merged here as two streams ordered the same way (byte order of machine, then instance). The
+aggregates read the ledger table itself, never an index, as the verifier does. A store audited
+in a read transaction of its own (`audit_sqlite_instances`, PostgreSQL) may have been written
+to since its entries were verified: an instance whose newest entry lies beyond them moved
+meanwhile, and is counted as moved rather than checked.
 """
 
 from __future__ import annotations
@@ -27,8 +31,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import LedgerReadError
-from .ledger import KEPT, kept_digest
-from .ledger_io import refuse_altered_schema
+from .instance_tally import (
+    CHANGE_KINDS,
+    DEADLINE_ACTOR,
+    INSTANCE_KINDS,
+    MAX_TALLIED_INSTANCES,
+    InstanceTallies,
+)
+from .keychain import RootOfTrust
+from .ledger import KEPT, Checkpoint, RootLike, VerifyReport, kept_digest
+from .ledger_io import LedgerSource, refuse_altered_schema
+from .ledger_ranges import PARALLEL_MIN_ENTRIES, verify_source
 
 if TYPE_CHECKING:
     from .store.postgres import PostgresStore
@@ -39,13 +52,8 @@ __all__ = [
     "audit_instances",
     "audit_postgres_instances",
     "audit_sqlite_instances",
+    "verify_sqlite_store",
 ]
-
-# The entry kinds that change an instance (its version counts them). The deadline tracker's
-# "escalation" entries (runtime/resilience/deadlines.py, actor "deadline-tracker") belong to
-# no instance row: they are left out.
-CHANGE_KINDS = ("transition", "timer", "escalation")
-_DEADLINE_ACTOR = "deadline-tracker"
 
 Key = tuple[str, str]
 
@@ -285,7 +293,7 @@ _SQLITE_CHANGES = (
     "SELECT machine, instance, n, last, to_state FROM (SELECT machine, instance, "
     "count(*) AS n, max(seq) AS last, to_state FROM ledger NOT INDEXED "
     f"WHERE kind COLLATE BINARY IN {CHANGE_KINDS!r} "
-    f"AND NOT (kind COLLATE BINARY = 'escalation' AND actor COLLATE BINARY = '{_DEADLINE_ACTOR}') "
+    f"AND NOT (kind COLLATE BINARY = 'escalation' AND actor COLLATE BINARY = '{DEADLINE_ACTOR}') "
     f"{_GROUPS}) ORDER BY {_ORDER}"
 )
 _SQLITE_KEPT = (
@@ -299,13 +307,12 @@ _SQLITE_ROWS = (
 _SQLITE_DATA = f"SELECT machine, instance, data FROM instance_data NOT INDEXED ORDER BY {_ORDER}"
 # Every entry of an instance (its changes, rejections and kept entries) starts in the state the
 # one before it ended in, and its first from '' (its creation); the first that does not.
-_INSTANCE_KINDS = (*CHANGE_KINDS, "rejection", KEPT)
 _SQLITE_BREAKS = (
     "SELECT machine, instance, seq, from_state, previous FROM (SELECT machine, instance, seq, "
     "from_state, lag(to_state) OVER (PARTITION BY machine COLLATE BINARY, instance COLLATE "
     "BINARY ORDER BY seq) AS previous FROM ledger NOT INDEXED WHERE seq < ? "
-    f"AND kind COLLATE BINARY IN {_INSTANCE_KINDS!r} "
-    f"AND NOT (kind COLLATE BINARY = 'escalation' AND actor COLLATE BINARY = '{_DEADLINE_ACTOR}')) "
+    f"AND kind COLLATE BINARY IN {INSTANCE_KINDS!r} "
+    f"AND NOT (kind COLLATE BINARY = 'escalation' AND actor COLLATE BINARY = '{DEADLINE_ACTOR}')) "
     "WHERE CASE WHEN previous IS NULL THEN from_state IS NOT '' "
     "ELSE from_state IS NOT previous END ORDER BY seq LIMIT 1"
 )
@@ -318,41 +325,120 @@ def audit_sqlite_instances(path: str | Path, verified: int) -> InstanceAudit | N
     uri = Path(path).resolve().as_uri() + "?mode=ro"
     connection = sqlite3.connect(uri, uri=True, isolation_level=None)
     try:
-        # Sorting spills to temporary files, not memory (see the module docstring).
-        connection.execute("PRAGMA temp_store = FILE")
         connection.execute("BEGIN")
         try:
-            tables = {
-                row[0]
-                for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
+            tables = _tables(connection)
         except sqlite3.DatabaseError as exc:
             if exc.sqlite_errorcode == sqlite3.SQLITE_NOTADB:
                 return None
             raise
         # Before any row: the same check the verifier made, in this read transaction.
         refuse_altered_schema(connection, path)
-        if "instances" not in tables and "runtime_meta" not in tables:
+        if not tables & _STORE_TABLES:
             return None  # a ledger alone, not a store
-        # A store without its instances (or data) table holds no rows: every instance the
-        # ledger records is then missing.
-        rows: Iterable[tuple[Any, ...]] = ()
-        if "instances" in tables:
-            rows = connection.execute(_SQLITE_ROWS)
-        data: Iterable[tuple[Any, ...]] = ()
-        if "instance_data" in tables:
-            data = connection.cursor().execute(_SQLITE_DATA)
-        # Each query on a cursor of its own, all in the one read transaction.
-        return audit_instances(
-            rows,
-            connection.cursor().execute(_SQLITE_CHANGES),
-            data,
-            connection.cursor().execute(_SQLITE_KEPT),
-            lambda instance, seq: seq < verified,
-            _breaks(connection.cursor().execute(_SQLITE_BREAKS, (verified,))),
-        )
+        return _audit_connection(connection, tables, verified, None)
     finally:
         connection.close()
+
+
+def verify_sqlite_store(
+    source: LedgerSource,
+    root: RootLike,
+    *,
+    external_checkpoint: Checkpoint | None = None,
+    external_label: str = "external checkpoint",
+    processes: int | None = None,
+    range_size: int | None = None,
+    min_entries: int = PARALLEL_MIN_ENTRIES,
+    limit: int = MAX_TALLIED_INSTANCES,
+) -> tuple[VerifyReport, InstanceAudit | None]:
+    """Verify an open ledger (ledger_ranges.verify_source) and, if it verifies and is a store's,
+    audit the store's instances against it in the same read transaction: nothing moves between
+    the two. The verifier tallies every instance as it reads the entries (instance_tally.py);
+    a store of more than `limit` instances is audited through the database's aggregates
+    instead, while worker processes verify a large ledger. None for the audit: no store.
+    sqlite3.Error if the instances cannot be read."""
+    connection = source.connection
+    tables = set() if connection is None else _tables(connection)
+    tallies: InstanceTallies | None = None
+    early: dict[int, InstanceAudit | sqlite3.Error] = {}
+
+    def meanwhile(count: int) -> None:
+        assert connection is not None
+        try:
+            early[count] = _audit_connection(connection, tables, count, None)
+        except sqlite3.Error as exc:
+            early[count] = exc
+
+    store = connection is not None and bool(tables & _STORE_TABLES)
+    if connection is not None and store:
+        rows = 0
+        if "instances" in tables:
+            rows = connection.execute("SELECT count(*) FROM instances NOT INDEXED").fetchone()[0]
+        # The row count only chooses the way; a ledger of more instances than its rows makes
+        # the tallies give up, and the aggregates answer after all.
+        tallies = InstanceTallies(limit) if rows <= limit else None
+    report = verify_source(
+        source,
+        RootOfTrust.of(root),
+        external_checkpoint=external_checkpoint,
+        external_label=external_label,
+        processes=processes,
+        range_size=range_size,
+        min_entries=min_entries,
+        meanwhile=meanwhile if store and tallies is None else None,
+        tallies=tallies,
+    )
+    if not report.ok or connection is None or not store:
+        return report, None
+    audit = early.get(report.count)
+    if audit is None:
+        complete = tallies is not None and tallies.complete
+        audit = _audit_connection(connection, tables, report.count, tallies if complete else None)
+    if isinstance(audit, sqlite3.Error):
+        raise audit
+    return report, audit
+
+
+_STORE_TABLES = {"instances", "runtime_meta"}  # a store's, not a ledger's alone
+
+
+def _tables(connection: sqlite3.Connection) -> set[str]:
+    return {
+        row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
+
+
+def _audit_connection(
+    connection: sqlite3.Connection,
+    tables: set[str],
+    verified: int,
+    tallies: InstanceTallies | None,
+) -> InstanceAudit:
+    """The audit in the connection's read transaction, whose schema was checked: the ledger
+    side from `tallies` of every verified entry, or (None) from the database's aggregates."""
+    # Sorting spills to temporary files, not memory (see the module docstring).
+    connection.execute("PRAGMA temp_store = FILE")
+    # A store without its instances (or data) table holds no rows: every instance the
+    # ledger records is then missing.
+    rows: Iterable[tuple[Any, ...]] = ()
+    if "instances" in tables:
+        rows = connection.execute(_SQLITE_ROWS)
+    data: Iterable[tuple[Any, ...]] = ()
+    if "instance_data" in tables:
+        data = connection.cursor().execute(_SQLITE_DATA)
+    changes: Iterable[tuple[Any, ...]]
+    kept: Iterable[tuple[Any, ...]]
+    if tallies is not None:
+        changes, kept = tallies.changes(), tallies.kept()
+        brk = tallies.first_break
+        breaks = _breaks(() if brk is None else [(brk[1], brk[2], brk[0], brk[3], brk[4])])
+    else:
+        # Each query on a cursor of its own, all in the one read transaction.
+        changes = connection.cursor().execute(_SQLITE_CHANGES)
+        kept = connection.cursor().execute(_SQLITE_KEPT)
+        breaks = _breaks(connection.cursor().execute(_SQLITE_BREAKS, (verified,)))
+    return audit_instances(rows, changes, data, kept, lambda instance, seq: seq < verified, breaks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +449,7 @@ _PG_CHANGES = (
     "SELECT machine, instance, count(*), max(seq), "
     "(array_agg(to_state ORDER BY seq DESC))[1] FROM ledger "
     f"WHERE kind IN {CHANGE_KINDS!r} "
-    f"AND NOT (kind = 'escalation' AND actor = '{_DEADLINE_ACTOR}') "
+    f"AND NOT (kind = 'escalation' AND actor = '{DEADLINE_ACTOR}') "
     f"GROUP BY machine, instance ORDER BY {_PG_ORDER}"
 )
 _PG_KEPT = (
@@ -376,8 +462,8 @@ _PG_BREAKS = (
     "seq, from_state, lag(to_state) OVER (PARTITION BY part, machine, instance ORDER BY seq) "
     "AS previous FROM ledger WHERE part >= 0 AND part < cardinality(%(verified)s::bigint[]) "
     "AND seq < (%(verified)s::bigint[])[part + 1] "
-    f"AND kind IN {_INSTANCE_KINDS!r} "
-    f"AND NOT (kind = 'escalation' AND actor = '{_DEADLINE_ACTOR}')) AS chained "
+    f"AND kind IN {INSTANCE_KINDS!r} "
+    f"AND NOT (kind = 'escalation' AND actor = '{DEADLINE_ACTOR}')) AS chained "
     "WHERE CASE WHEN previous IS NULL THEN from_state <> '' ELSE from_state <> previous END "
     "ORDER BY part, seq LIMIT 1"
 )

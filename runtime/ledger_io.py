@@ -19,6 +19,7 @@ from .errors import (
     LedgerReadError,
     LedgerVerificationError,
 )
+from .instance_tally import InstanceTallies
 from .ledger import (
     _ENTRY_FETCH,
     CHECKPOINT_COLUMNS,
@@ -170,6 +171,7 @@ class LedgerSource:
         *,
         external_checkpoint: Checkpoint | None = None,
         external_label: str = "external checkpoint",
+        tallies: InstanceTallies | None = None,
     ) -> VerifyReport:
         if self.mode_problem is not None:
             return VerifyReport(0, False, 0, self.mode_problem, "mode_mismatch")
@@ -185,6 +187,7 @@ class LedgerSource:
             external_checkpoint=external_checkpoint,
             mode=self.mode,
             external_label=external_label,
+            tallies=tallies,
         )
 
     def last_entry(self) -> LedgerEntry | MalformedRecord | None:

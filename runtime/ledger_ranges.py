@@ -49,6 +49,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .instance_tally import InstanceTallies
 from .keychain import CONTROL_KINDS, RootOfTrust
 from .ledger import GENESIS_HASH, LEDGER_COLUMNS, Checkpoint, LedgerMode, RootLike
 from .ledger_io import (
@@ -85,6 +86,7 @@ class _Task:
     end: int | None
     external: Checkpoint | None
     label: str
+    tally_limit: int | None  # tally per instance, up to this many (None: no tallies)
 
 
 def verify_ledger(
@@ -127,10 +129,12 @@ def verify_source(
     range_size: int | None = None,
     min_entries: int = PARALLEL_MIN_ENTRIES,
     meanwhile: Callable[[int], object] | None = None,
+    tallies: InstanceTallies | None = None,
 ) -> VerifyReport:
     """`verify_ledger` of an open ledger. Its read transaction stays open meanwhile, and what
     it holds is what was verified, so a caller may read from it afterwards (the newest
-    checkpoint, say) what the report vouches for."""
+    checkpoint, say) what the report vouches for. `tallies`, when given, is filled with the
+    per-instance tallies of a ledger that verifies (runtime/instance_tally.py)."""
     report = verify_in_ranges(
         source,
         root,
@@ -140,12 +144,17 @@ def verify_source(
         range_size=range_size,
         min_entries=min_entries,
         meanwhile=meanwhile,
+        tallies=tallies,
     )
     if report is not None:
         return report
-    return source.verify(
-        root, external_checkpoint=external_checkpoint, external_label=external_label
+    part = None if tallies is None else InstanceTallies(tallies.limit)
+    report = source.verify(
+        root, external_checkpoint=external_checkpoint, external_label=external_label, tallies=part
     )
+    if report.ok and tallies is not None and part is not None:
+        tallies.merge(part)
+    return report
 
 
 def verify_in_ranges(
@@ -158,6 +167,7 @@ def verify_in_ranges(
     range_size: int | None = None,
     min_entries: int = PARALLEL_MIN_ENTRIES,
     meanwhile: Callable[[int], object] | None = None,
+    tallies: InstanceTallies | None = None,
 ) -> VerifyReport | None:
     """The report of an open SQLite ledger of at least `min_entries` entries verified in
     ranges of `range_size` entries (a power of two; default: a few per process) in up to
@@ -179,13 +189,15 @@ def verify_in_ranges(
         workers,
         range_size,
         min_entries,
+        None if tallies is None else tallies.limit,
     )
     if plan is None:
         return None
     tasks, stored = plan
     try:
         during = None if meanwhile is None else partial(meanwhile, stored.entries)
-        joined = _join(map_in_processes(_verify_range, tasks, workers, during))
+        results = map_in_processes(_verify_range, tasks, workers, during)
+        joined = _join(results)
     except (BrokenProcessPool, OSError):  # no worker could start, or one was killed
         return None
     # Every entry and checkpoint the file's tables hold was verified by a range: the ranges
@@ -201,6 +213,10 @@ def verify_in_ranges(
         return None
     if joined.link != stored.link:
         return None
+    if tallies is not None:
+        # In seq order: the merge checks each instance's continuity across the boundaries.
+        for span, _ in filter(None, results):
+            tallies.merge(span.tallies)
     return joined.report
 
 
@@ -234,6 +250,7 @@ def _plan(
     workers: int,
     range_size: int | None,
     min_entries: int,
+    tally_limit: int | None,
 ) -> tuple[list[_Task], _Stored] | None:
     """The ranges to verify and how many entries and checkpoints the tables hold, or None when
     the ledger is small or not laid out as expected (then the sequential verifier reads it, and
@@ -308,6 +325,7 @@ def _plan(
             start + width if start + width < size else None,
             external if start < external_size <= start + width else None,
             label,
+            tally_limit,
         )
         for start in starts
     ]
@@ -342,6 +360,8 @@ def _verify_range(task: _Task) -> tuple[Span, VerifyReport] | None:
     try:
         connection.execute("BEGIN")
         span = Span(task.start, task.end, task.control)
+        if task.tally_limit is not None:
+            span.tallies = InstanceTallies(task.tally_limit)
         low = task.start or None  # the first range also reads what sorts before seq 0
         report = verify_batches(
             sqlite_entry_batches(connection, low, task.end),
@@ -351,6 +371,7 @@ def _verify_range(task: _Task) -> tuple[Span, VerifyReport] | None:
             mode=task.mode,
             external_label=task.label,
             span=span,
+            tallies=span.tallies,
         )
     except Exception:
         return None

@@ -10,6 +10,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 
+from .instance_tally import (
+    CHANGE_KINDS,
+    DEADLINE_ACTOR,
+    INSTANCE_KINDS,
+    Break,
+    InstanceTallies,
+)
 from .keychain import (
     CONTROL_ACTOR,
     CONTROL_KINDS,
@@ -95,7 +102,8 @@ class Span:
     entry hash (the hash chain), the Merkle frontier of its own leaves and (size, signed root,
     root of its own leaves) of each checkpoint (the tree), the prev_checkpoint of its first
     checkpoint and the digest of its last (the checkpoint chain), whether it settled a
-    checkpoint and whether entries after its last one are uncovered."""
+    checkpoint and whether entries after its last one are uncovered; and, when asked for, its
+    per-instance tallies (instance_tally.py), whose merge checks continuity across the joins."""
 
     start: int = 0
     end: int | None = None
@@ -108,6 +116,7 @@ class Span:
     last_link: bytes | None = None
     settled: bool = False
     uncovered: bool = False
+    tallies: InstanceTallies | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,12 +492,16 @@ def verify_batches(
     mode: LedgerMode | None = None,
     external_label: str = "external checkpoint",
     span: Span | None = None,
+    tallies: InstanceTallies | None = None,
 ) -> VerifyReport:
     """`verify_entries` over entries that come in batches (rows fetched many at a time), or
-    over the range `span` of a ledger (see Span)."""
+    over the range `span` of a ledger (see Span). `tallies`, when given, is filled with the
+    verified entries' per-instance tallies (runtime/instance_tally.py)."""
     chain = KeyChain(RootOfTrust.of(root))
     try:
-        return _verify(batches, chain, checkpoints, external_checkpoint, mode, external_label, span)
+        return _verify(
+            batches, chain, checkpoints, external_checkpoint, mode, external_label, span, tallies
+        )
     except _Failure as failure:
         return VerifyReport(
             failure.count,
@@ -582,6 +595,7 @@ def _verify(
     declared_mode: LedgerMode | None,
     label: str,
     span: Span | None = None,
+    tallies: InstanceTallies | None = None,
 ) -> VerifyReport:
     if declared_mode is not None and declared_mode not in MODES:
         raise _Failure(0, "malformed", f"unknown ledger mode {declared_mode!r}", 0)
@@ -621,6 +635,13 @@ def _verify(
     append_leaf = tree.pending.append
     compute = _entry_hasher()  # the sealer's: the same bytes, built by the same code
     tree_mask = _TREE_BATCH - 1  # a power of two: flush when position & mask is 0
+    # Per-instance tallies (instance_tally.py): 1 for a change, 0 for the other entries of an
+    # instance, 2 for an escalation (a change unless the deadline tracker's).
+    by_instance = None if tallies is None else tallies.by_instance
+    tally_roles = {kind: int(kind in CHANGE_KINDS) for kind in INSTANCE_KINDS}
+    tally_roles["escalation"] = 2
+    tally_role, tally_limit = tally_roles.get, -1 if tallies is None else tallies.limit
+    first_break: Break | None = None
 
     def next_stop(position: int) -> int:
         """The next size at which a stored or the external checkpoint is to be checked."""
@@ -757,6 +778,27 @@ def _verify(
                     )
                 elif uncovered_from < 0:
                     uncovered_from = position
+            if by_instance is not None:
+                role = tally_role(kind)
+                if role is not None and (role != 2 or actor != DEADLINE_ACTOR):
+                    tally = by_instance.get((machine, instance))
+                    if tally is None and len(by_instance) < tally_limit:
+                        # Its first entry: where it starts is checked where ranges join.
+                        tally = [position, from_state, from_state, 0, -1, "", -1, b""]
+                        by_instance[machine, instance] = tally
+                    if tally is None:
+                        by_instance = None  # too many instances: given up, memory stays flat
+                    else:
+                        if from_state != tally[2] and first_break is None:
+                            first_break = (position, machine, instance, from_state, tally[2])
+                        tally[2] = to_state
+                        if role:
+                            tally[3] += 1
+                            tally[4] = position
+                            tally[5] = to_state
+                        elif kind == KEPT:
+                            tally[6] = position
+                            tally[7] = payload
             head = computed
             append_leaf(computed)
             position += 1
@@ -772,6 +814,8 @@ def _verify(
                     settled = True
                 stop = next_stop(position)
 
+    if tallies is not None:
+        tallies.by_instance, tallies.first_break = by_instance, first_break
     if span is not None and span.end is not None and position != span.end:
         reason = f"the range ends at seq {position}, not {span.end}"
         raise _Failure(position, "gap", reason, position)
