@@ -31,13 +31,15 @@ def timed(work: Callable[[], object]) -> float:
 def raw_copy(store: Path, path: Path) -> sqlite3.Connection:
     """A raw sqlite3 connection (autocommit) to a copy of the store at `store` written to
     `path`: the same tables and indexes, already used; WAL and synchronous=FULL, the store's
-    defaults. What the durable baselines write their rows into."""
+    defaults, and sub-journals in memory as the store keeps them. What the durable baselines
+    write their rows into."""
     source = sqlite3.connect(store)
     connection = sqlite3.connect(path, isolation_level=None)
     source.backup(connection)
     source.close()
     connection.execute("PRAGMA journal_mode = WAL")
     connection.execute("PRAGMA synchronous = FULL")
+    connection.execute("PRAGMA temp_store = MEMORY")
     return connection
 
 
