@@ -1,0 +1,233 @@
+"""A dispatch's inputs, checked before its unit of work: identifiers, the event, the payload
+validated with the generated model and held to the size and depth limits, and its digest."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import sys
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple, final
+
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
+
+from .errors import PayloadEncodingError, PayloadInvalid, UnknownEvent
+from .inputs import (
+    InputLimits,
+    capped_validator,
+    check_identifier,
+    check_payload_depth,
+    check_payload_size,
+    payload_error_message,
+    payload_is_flat,
+    payload_size_bound,
+)
+from .ledger import EMPTY_PAYLOAD_DIGEST, PAYLOAD_TAG, canonical_json
+from .results import _request_digest
+from .tables import Payload
+
+if TYPE_CHECKING:
+    from .dispatch import Governor
+    from .unit import _UnitInputs
+
+__all__ = [
+    "DEFAULT_ACTOR",
+    "DispatchRequest",
+    "check_inputs",
+    "refuse_payload",
+    "refused",
+    "unknown_event",
+]
+
+DEFAULT_ACTOR = "system"
+
+
+class DispatchRequest(NamedTuple):
+    """One event for `Governor.dispatch_many`: `dispatch`'s arguments."""
+
+    instance_id: str
+    event: str
+    payload: Mapping[str, Any] | Payload | None = None
+    actor: str = DEFAULT_ACTOR
+    event_id: str | None = None
+    idempotency_key: str | None = None
+    expected_version: int | None = None
+
+
+def _json_size(payload: Payload) -> int:
+    """The length of pydantic's JSON of a validated payload."""
+    try:
+        return len(payload.__pydantic_serializer__.to_json(payload))
+    except PydanticSerializationError as exc:  # a lone surrogate in a string, say
+        raise PayloadEncodingError(f"the payload cannot be written as JSON: {exc}") from None
+
+
+def _validation_problems(error: ValidationError) -> tuple[tuple[str, str], ...]:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(payload)"
+        problems.append((where, payload_error_message(item)))
+    return tuple(problems)
+
+
+def _takes_no_payload(payload: object) -> Payload:
+    raise AssertionError("an event without a model validates nothing")
+
+
+@final
+class _EventInput:
+    """How dispatch checks one event's payload, decided at load time: the plain event name,
+    the generated model (None: the event takes no payload), its validator, whether the model
+    is flat (no depth check needed), and how the JSON size limit is kept (see inputs.py):
+    `capped`, the validator refuses what could exceed it (what it refuses is validated again
+    by `exact`, the model's own, and measured); else its JSON size bound, or None (measured)."""
+
+    __slots__ = ("bound", "capped", "exact", "flat", "model", "name", "validate")
+
+    def __init__(self, name: str, model: type[Payload] | None, limits: InputLimits) -> None:
+        self.name = sys.intern(name)
+        self.model = model
+        self.validate: Callable[[object], Payload] = _takes_no_payload
+        self.exact: Callable[[object], Payload] = _takes_no_payload
+        self.capped = False
+        self.flat = False
+        self.bound: int | None = None
+        if model is not None:
+            # The validator model_validate calls, without its Python frame and options.
+            self.validate = model.__pydantic_validator__.validate_python
+            self.exact = self.validate
+            self.flat = payload_is_flat(model)
+            self.bound = payload_size_bound(model)
+            capped = capped_validator(model, limits.max_payload_bytes) if self.flat else None
+            if capped is not None:
+                self.validate = capped
+                self.capped = True
+
+
+def check_inputs(
+    governor: Governor,
+    instance_id: str,
+    event: str,
+    payload: Mapping[str, Any] | Payload | None,
+    actor: str,
+    event_id: str | None,
+    idempotency_key: str | None,
+    expected_version: int | None,
+    record_rejection: bool,
+) -> _UnitInputs:
+    """Check the identifiers and the event, validate the payload and its bounds (nothing is
+    stored yet): what the unit of work (`_step`) takes."""
+    # An instance the memory store holds was checked when it was created.
+    if type(instance_id) is not str or instance_id not in governor._records:
+        check_identifier("instance id", instance_id)
+    if actor is not DEFAULT_ACTOR:
+        check_identifier("actor", actor)
+    if event_id is not None:
+        check_identifier("event id", event_id)
+    if idempotency_key is not None:
+        check_identifier("idempotency key", idempotency_key)
+    plan = governor._event_inputs.get(event)
+    if plan is None:
+        raise governor._unknown_event(event)
+    event = plan.name
+    model = plan.model
+    validated: Payload | None
+    fits = False  # the validator refused any payload over the size limit (plan.capped)
+    if model is None:
+        validated = None
+        if payload is not None:
+            governor._refuse_payload(event, payload)
+    elif type(payload) is model:
+        validated = payload
+    else:
+        if payload is not None and not plan.flat:
+            check_payload_depth(payload, governor.runtime._limits)
+        data = {} if payload is None else payload
+        try:
+            validated = plan.validate(data)
+        except ValidationError as exc:
+            validated = governor._refused(plan, payload, data, exc)
+        else:
+            fits = plan.capped
+    digest = EMPTY_PAYLOAD_DIGEST
+    if validated is not None:
+        limits = governor.runtime._limits
+        if governor._sealed or idempotency_key is not None:
+            encoded = canonical_json(validated.model_dump(mode="json"))
+            check_payload_size(len(encoded), limits)
+            digest = hashlib.sha256(PAYLOAD_TAG + encoded).digest()
+        elif not fits:
+            # Nothing records a digest: the size bound needs only the JSON's length, and
+            # a flat payload's is bounded by its values' text (see inputs.py) unless long.
+            bound = plan.bound
+            if (
+                bound is None
+                or bound + 6 * sum(map(len, map(str, validated.__dict__.values())))
+                > limits.max_payload_bytes
+            ):
+                check_payload_size(_json_size(validated), limits)
+    request = None if idempotency_key is None else _request_digest(instance_id, event, digest)
+    return (
+        instance_id,
+        event,
+        validated,
+        digest,
+        actor,
+        event_id,
+        idempotency_key,
+        request,
+        expected_version,
+        record_rejection,
+        None,
+    )
+
+
+def refused(
+    governor: Governor,
+    plan: _EventInput,
+    payload: Mapping[str, Any] | Payload | None,
+    data: object,
+    error: ValidationError,
+) -> Payload:
+    """A payload the event's validator refused: valid after all if only a cap of a capped
+    validator refused it (the caller then measures its JSON), else PayloadInvalid with the
+    model's own errors."""
+    if plan.capped:
+        try:
+            return plan.exact(data)
+        except ValidationError as exc:
+            error = exc
+    # A flat model walks no nested input, so its depth is checked only now: a payload
+    # nested too deeply is refused as such, whatever else is wrong.
+    if payload is not None and plan.flat:
+        check_payload_depth(payload, governor.runtime._limits)
+    raise PayloadInvalid(governor.name, plan.name, _validation_problems(error)) from None
+
+
+def refuse_payload(governor: Governor, event: str, payload: Mapping[str, Any] | Payload) -> None:
+    """PayloadInvalid for a payload with fields given to an event that takes none."""
+    if isinstance(payload, Payload):
+        fields = tuple(type(payload).model_fields)
+    elif isinstance(payload, Mapping):
+        fields = tuple(str(k) for k in payload)
+    else:
+        raise PayloadInvalid(
+            governor.name, event, (("(payload)", f"expected a mapping, not {type(payload)}"),)
+        )
+    if fields:
+        raise PayloadInvalid(
+            governor.name,
+            event,
+            tuple((f, "unexpected field: the event takes no payload") for f in fields),
+        )
+
+
+def unknown_event(governor: Governor, event: object) -> UnknownEvent:
+    close = difflib.get_close_matches(str(event), sorted(governor._events), n=1, cutoff=0.6)
+    hint = (
+        f"did you mean '{close[0]}'?"
+        if close
+        else (f"{governor.name} declares: {', '.join(sorted(governor._events))}")
+    )
+    return UnknownEvent(governor.name, str(event), hint)

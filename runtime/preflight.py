@@ -1,0 +1,268 @@
+"""Outside calls before the write transaction: the actions a machine's `policy` names run
+after a look at what is committed (`preflight`), under a claim on the event id and
+idempotency key until the commit; `dispatch_async` and `dispatch_many` take the same way."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
+
+from .errors import ActionFailed, InvalidTransition
+from .event_inputs import DEFAULT_ACTOR, DispatchRequest
+from .results import DispatchResult
+from .rows import _Absent
+from .store.base import ClaimKey
+from .tables import Payload
+from .unit import _NO_ENTRIES, _Preran, _Rejected, _settled, _UnitInputs
+
+if TYPE_CHECKING:
+    from .dispatch import Governor
+    from .resilience.claims import Release
+
+__all__ = [
+    "claim_keys",
+    "committed",
+    "dispatch_async",
+    "dispatch_many",
+    "preflight",
+    "prepare",
+    "run_prepared",
+]
+
+
+async def dispatch_async(
+    governor: Governor,
+    instance_id: str,
+    event: str,
+    payload: Mapping[str, Any] | Payload | None = None,
+    actor: str = DEFAULT_ACTOR,
+    event_id: str | None = None,
+    idempotency_key: str | None = None,
+    expected_version: int | None = None,
+    record_rejection: bool = False,
+) -> DispatchResult:
+    """`dispatch` for asyncio: the same checks, writes and errors. On a transactional
+    store the coroutine waits, without blocking its event loop, for the commit that holds
+    its unit of work; the units of every coroutine waiting meanwhile commit together, so
+    many concurrent dispatchers share each fsync. On the memory store it runs at once."""
+    work = governor._work(
+        instance_id,
+        event,
+        payload,
+        actor,
+        event_id,
+        idempotency_key,
+        expected_version,
+        record_rejection,
+    )
+    runtime = governor.runtime
+    partition = runtime._partition_of(instance_id)
+    if not governor._external:
+        return _settled(await runtime._submit_async(work, partition))
+    loop = asyncio.get_running_loop()
+    pool = runtime._action_threads()
+    keys = governor._claim_keys(work)
+    outside = runtime._outside
+    release = None
+    while keys:  # claimed here, in the loop's thread: a cancelled wait leaves no claim
+        release, busy = outside.try_local(keys)
+        if busy is None:
+            break
+        await loop.run_in_executor(pool, busy.wait)
+    held: Release | None = None
+    try:
+        if keys:
+            held = await loop.run_in_executor(pool, outside.hold, keys, governor._committed(work))
+        work = await loop.run_in_executor(pool, governor._prepare, work)
+        return _settled(await runtime._submit_async(work, partition))
+    finally:
+        try:
+            if held is not None:
+                held()
+        finally:
+            if release is not None:
+                release()
+
+
+def dispatch_many(
+    governor: Governor, requests: Sequence[DispatchRequest]
+) -> list[DispatchResult | Exception]:
+    """Dispatch every request, in order, in one commit where the store batches commits
+    (SQLite: one transaction for up to `max_batch` units); each request succeeds or fails
+    on its own, as `dispatch` would, and its slot holds the result or the error."""
+    results: list[DispatchResult | Exception | None] = [None] * len(requests)
+    works = []
+    slots = []
+    # The claims this batch holds: a request repeating one of them is not prepared (its
+    # unit finds the earlier one's result in the batch); one held elsewhere is refused.
+    claimed: dict[ClaimKey, int] = {}  # -> the index of the request that claimed it
+    releases: list[Release] = []
+    try:
+        for index, r in enumerate(requests):
+            try:
+                work = governor._work(
+                    r.instance_id,
+                    r.event,
+                    r.payload,
+                    r.actor,
+                    r.event_id,
+                    r.idempotency_key,
+                    r.expected_version,
+                    False,
+                )
+                keys = governor._claim_keys(work)
+                earlier = next((claimed[k] for k in keys if k in claimed), None)
+                if earlier is not None:
+                    failed = results[earlier]
+                    if isinstance(failed, Exception):  # its outside call failed: not again
+                        raise failed
+                    works.append(work)
+                    slots.append(index)
+                    continue
+                if keys:
+                    release = governor.runtime._outside.claim(
+                        keys, governor._committed(work), wait=False
+                    )
+                    if release is not None:
+                        releases.append(release)
+                        claimed.update(dict.fromkeys(keys, index))
+                # A failed call's breaker change goes in the batch (not alone).
+                works.append(governor._prepare(work, alone=False))
+                slots.append(index)
+            except Exception as error:  # invalid payload or event, a call failed or busy
+                results[index] = error
+        partition_of = governor.runtime._partition_of
+        partitions = [partition_of(requests[index].instance_id) for index in slots]
+        done = governor.runtime._submit_many(works, partitions)
+    finally:
+        for release in releases:
+            release()
+    for index, outcome in zip(slots, done, strict=True):
+        value, failure = outcome.value, outcome.error
+        if failure is not None and not isinstance(failure, Exception):
+            raise failure  # KeyboardInterrupt and the like stop the whole batch
+        if failure is not None:
+            results[index] = failure
+        elif type(value) is _Rejected:
+            results[index] = value.error
+        else:
+            results[index] = cast(DispatchResult, value)
+    return cast(list[DispatchResult | Exception], results)
+
+
+def claim_keys(
+    governor: Governor, work: partial[DispatchResult | _Rejected]
+) -> tuple[ClaimKey, ...]:
+    """What `work` claims while its outside actions run and its unit commits: its event id
+    and idempotency key, if its event may run such actions (see OutsideClaims)."""
+    args: _UnitInputs = work.args[0]
+    if args[1] not in governor._external_events:
+        return ()
+    name = governor.name
+    event_id, key = args[5], args[6]
+    keys: tuple[ClaimKey, ...] = ()
+    if event_id is not None:
+        keys += ((name, "event", event_id),)
+    if key is not None:
+        keys += ((name, "key", key),)
+    return keys
+
+
+def committed(governor: Governor, work: partial[DispatchResult | _Rejected]) -> Callable[[], bool]:
+    """Whether the result of `work`'s event id or idempotency key is committed."""
+    args: _UnitInputs = work.args[0]
+    event_id, key = args[5], args[6]
+    store, name = governor.runtime._store, governor.name
+
+    def committed() -> bool:
+        return (event_id is not None and store.processed(name, event_id) is not None) or (
+            key is not None and store.idempotency(name, key) is not None
+        )
+
+    return committed
+
+
+def run_prepared(
+    governor: Governor, work: partial[DispatchResult | _Rejected], partition: int
+) -> DispatchResult:
+    """Dispatch `work` with its outside actions run before its transaction, holding the
+    claim on its event id and idempotency key from before they run until the commit: a
+    concurrent dispatch of the same id or key, in this process or another, waits, then
+    calls nothing (runtime/resilience/claims.py)."""
+    keys = governor._claim_keys(work)
+    release = governor.runtime._outside.claim(keys, governor._committed(work)) if keys else None
+    try:
+        return _settled(governor.runtime._submit(governor._prepare(work), partition))
+    finally:
+        if release is not None:
+            release()
+
+
+def prepare(
+    governor: Governor, work: partial[DispatchResult | _Rejected], *, alone: bool = True
+) -> partial[DispatchResult | _Rejected]:
+    """`work` (from `_work`) with this machine's outside actions already run, outside any
+    transaction, when the committed state says the unit will take a row that has some;
+    else `work` itself. Raises ActionFailed (nothing stored) when one of them fails; the
+    breaker changes of its calls are then written at once (`alone`), else left to the
+    caller's next commit (dispatch_many: its batch, before it returns)."""
+    inputs: _UnitInputs = work.args[0]
+    if inputs[1] not in governor._external_events:
+        return work
+    runtime = governor.runtime
+    try:
+        preran = governor._preflight(*inputs[:-1])
+    except BaseException:
+        # Nothing of the dispatch is stored: the breaker statuses its calls changed are
+        # written on their own (or with a unit that took them), before the caller hears
+        # of the failure. Otherwise the unit of work writes them in its transaction.
+        if alone:
+            runtime._settle_breakers()
+        raise
+    if runtime._partitioned is not None and runtime._breakers.pending:
+        # A breaker whose entries go to another ledger chain than the dispatch's: stored
+        # before the dispatch commits, so no committed dispatch lacks its breaker change.
+        runtime._record_breaker_moves(keep=runtime._partition_of(inputs[0]))
+    return work if preran is None else partial(governor._step, (*inputs[:-1], preran))
+
+
+def preflight(
+    governor: Governor,
+    instance_id: str,
+    event: str,
+    payload: Payload | None,
+    digest: bytes,
+    actor: str,
+    event_id: str | None,
+    idempotency_key: str | None,
+    request: bytes | None,
+    expected_version: int | None,
+    record_rejection: bool,
+) -> _Preran | None:
+    """Decide on the committed state, as `_step` will, and run the row's outside actions.
+    None when the unit will not need them (a repeat, a rejection, no such actions): the
+    unit then decides and raises as usual."""
+    name = governor.name
+    store = governor.runtime._store
+    if event_id is not None and store.processed(name, event_id) is not None:
+        return None
+    if idempotency_key is not None and store.idempotency(name, idempotency_key) is not None:
+        return None
+    record = store.get_instance(name, instance_id)
+    if record is None or expected_version not in (None, record.version):
+        return None
+    found = governor._table.get(record.state, _NO_ENTRIES).get(event)
+    if found is None or type(found) is _Absent:
+        return None
+    now = governor.runtime._clock.now_ms()
+    try:
+        row = governor._decide(found, record, payload, actor, now)
+    except (InvalidTransition, ActionFailed):
+        return None
+    outside = tuple((a, f) for a, f in row.actions if a in governor._external)
+    if not outside:
+        return None
+    results = governor._run_actions(outside, row.event, row.target, record, payload, actor, now)
+    return _Preran(record.version, row, results)
