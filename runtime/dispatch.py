@@ -106,6 +106,7 @@ class _NoOwner:
 
     owner = None
     busy = 0
+    mine = bool
 
 
 _NO_OWNER = _NoOwner()
@@ -370,7 +371,7 @@ class Governor:
                 and event_id is None
                 and idempotency_key is None
                 and expected_version is None
-                and owned.owner == get_ident()
+                and owned.mine()
                 and not owned.busy  # not from a guard or action of this thread's unit
             ):
                 # The memory store's owning thread (see store/memory.py): decided here, and
@@ -400,7 +401,7 @@ class Governor:
                         # sealed on the verified head, the state, a snapshot) without the
                         # unit around them.
                         return commit_in_memory(
-                            owned,
+                            mine,
                             apply,
                             record,
                             found,

@@ -138,3 +138,23 @@ def test_a_second_thread_on_a_memory_store_excludes_the_owner() -> None:
     record = loop.get("l1")
     assert record is not None and record.version == 4
     assert rt.store.owner is None  # type: ignore[attr-defined]
+
+
+def test_only_the_owning_thread_is_told_it_owns_the_memory_store() -> None:
+    # Dispatch's short path asks `mine()` before it touches the store without the lock.
+    store = MemoryStore()
+    assert store.mine() is False  # nobody owns it yet
+    store.instances("M")  # this thread enters first: it owns the store
+    assert store.mine() is True
+    seen: list[bool] = []
+
+    def second() -> None:
+        seen.append(store.mine())
+        store.instances("M")  # revokes the ownership for good
+        seen.append(store.mine())
+
+    other = threading.Thread(target=second)
+    other.start()
+    other.join()
+    assert seen == [False, False]
+    assert store.mine() is False and store.owner is None

@@ -7,20 +7,21 @@ returns is the store's own.
 
 Threads: the store is safe to share, and costs a single thread no lock. The first thread to
 enter it owns it and enters without the lock; the first other thread to enter revokes that
-(`owner` None for good), waits until the owner is out, and from then on every thread takes
-the lock. The owner is out when it is counted in no `enter` (`busy`) and runs no code
-registered with `run_unlocked` (dispatch's short path, which checks `owner` first and costs
-nothing more): none is on its stack, or code registered with `leaves_unlocked` is above it
-(dispatch's ways to the lock: a former owner waiting there, or for a claim held by the thread
-that revoked it, is out; waiting for it would never end). Under the GIL the other thread
-sees the owner's stack as it stands between two bytecodes, and each read and write of `owner`
-and `busy` is atomic and in program order: either the owner sees the revocation before it
-goes in, or the other thread sees it inside and waits (the flag protocol of Dekker's
-algorithm).
+(`mine` and `owner` cleared for good), waits until the owner is out, and from then on every
+thread takes the lock. The owner is out when it is counted in no `enter` (`busy`) and runs no
+code registered with `run_unlocked` (dispatch's short path, which asks `mine()` first, true
+in the owner's thread only, and costs nothing more): none is on its stack, or code
+registered with `leaves_unlocked` is above it (dispatch's ways to the lock: a former owner
+waiting there, or for a claim held by the thread that revoked it, is out; waiting for it
+would never end). Under the GIL the other thread sees the owner's stack as it stands between
+two bytecodes, and each read and write of `mine`, `owner` and `busy` is atomic and in program
+order: either the owner sees the revocation before it goes in, or the other thread sees it
+inside and waits (the flag protocol of Dekker's algorithm).
 """
 
 from __future__ import annotations
 
+import _thread
 import heapq
 import sys
 import threading
@@ -67,6 +68,11 @@ class MemoryStore:
         self.thread_safe = thread_safe
         self.lock = threading.RLock()
         self.owner: int | None = None  # the thread that enters without the lock, if any
+        # True in the owner's thread, False in every other (and once revoked): the owner holds
+        # a lock of its own for good, and `mine` is that lock's `_is_owned` (a C call that
+        # allocates nothing, unlike comparing `get_ident()` with `owner`); `bool` when no
+        # thread owns the store. Dispatch's short path asks it first.
+        self.mine: Callable[[], bool] = bool
         self.busy = 0  # how deep the owner is inside (an action may enter it again)
         self._shared = False  # a second thread came: every thread locks from then on
         self._former: int | None = None  # the owner before that
@@ -108,7 +114,7 @@ class MemoryStore:
             owner = self.owner
             if not self.thread_safe:
                 if owner is None:
-                    self.owner = owner = me
+                    self._own(me)
                 self.busy += 1
                 return True
             if owner == me:
@@ -120,9 +126,10 @@ class MemoryStore:
             if owner is None and not self._shared:
                 with self.lock:
                     if self.owner is None and not self._shared:
-                        self.owner = me
+                        self._own(me)
                 continue
             if owner is not None:
+                self.mine = bool  # first: the owner's short path is closed from here on
                 self.owner = None
                 self._former = owner
                 self._shared = True
@@ -131,6 +138,13 @@ class MemoryStore:
                 time.sleep(0)  # let the former owner finish what it is doing inside
             self.lock.acquire()
             return False
+
+    def _own(self, me: int) -> None:
+        """`me` (this thread) owns the store from now on, until another thread comes."""
+        marker = _thread.RLock()
+        marker.acquire()  # held for good: `_is_owned` is then true in this thread only
+        self.owner = me
+        self.mine = marker._is_owned  # type: ignore[attr-defined]  # C RLock's, as Condition uses
 
     def run_unlocked(self, code: CodeType) -> None:
         """Register code that the owner runs inside the store without `enter` (it must
