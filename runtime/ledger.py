@@ -155,6 +155,7 @@ KINDS: frozenset[str] = frozenset(get_args(EntryKind))
 DATA_KINDS: frozenset[str] = KINDS - CONTROL_KINDS
 # What `LedgerSealer.seal` seals: control and kept entries have methods of their own.
 _SEALED_KINDS: frozenset[str] = DATA_KINDS - {KEPT}
+_FAR = 1 << 63  # beyond any 64-bit ts_ms: an open end of a key's window
 
 ENTRY_TAG = b"autonomic/ledger/entry/v1\x00"
 SIG_TAG = b"autonomic/ledger/sig/v1\x00"
@@ -711,7 +712,7 @@ class LedgerSealer:
     holds no chain state: the caller passes the seq and prev_hash.
     """
 
-    __slots__ = ("_hash", "_key_id", "_sign", "mode", "signer")
+    __slots__ = ("_each", "_from", "_hash", "_key_id", "_sign", "_until", "mode", "signer")
 
     def __init__(self, signer: Signer, mode: LedgerMode = "checkpoint") -> None:
         if mode not in MODES:
@@ -721,13 +722,18 @@ class LedgerSealer:
         self._key_id = signer.key_id
         self._sign = signer.sign
         self._hash = _entry_hasher()
+        self._each = mode == "sign-each"
+        # The signer's window as ts_ms bounds (it is frozen): one comparison per signed entry,
+        # and `require_window` for its error outside it.
+        self._from = -_FAR if signer.valid_from_ms is None else signer.valid_from_ms
+        self._until = _FAR if signer.valid_until_ms is None else signer.valid_until_ms
 
     def seal(self, seq: int, prev_hash: bytes, data: EntryData) -> LedgerEntry:
         kind = data[1]
         if kind not in _SEALED_KINDS:
             expected = sorted(_SEALED_KINDS)
             raise ValueError(f"unknown entry kind {kind!r}; expected one of {expected}")
-        return self._seal(seq, prev_hash, data, self.mode == "sign-each", self.signer)
+        return self._seal(seq, prev_hash, data, self._each, self.signer)
 
     def seal_kept(self, seq: int, prev_hash: bytes, data: EntryData) -> LedgerEntry:
         """A "kept" entry: signed in either mode (see the module docstring)."""
@@ -764,7 +770,8 @@ class LedgerSealer:
                 hint="entry fields must be valid Unicode text; seq and ts_ms 64-bit integers",
             ) from None
         if signed:
-            signer.require_window(ts_ms)
+            if signer is not self.signer or not self._from <= ts_ms < self._until:
+                signer.require_window(ts_ms)  # fails closed outside the window
             key_id, signature = signer.key_id, signer.sign(SIG_TAG + digest)
         else:
             key_id, signature = "", b""

@@ -511,8 +511,14 @@ class Runtime:
         # The tree moves on (and witnesses hear) when a checkpoint was signed; otherwise, in
         # checkpoint mode, the hashes wait in the chain for the next checkpoint, unless
         # witnesses count commits.
-        if keeper.staged is not None or keeper.witnesses or self._sealer.mode != "checkpoint":
+        if keeper.staged is not None or keeper.witnesses:
             keeper.committed(chain.hashes, now)
+            chain.hashes = []
+        elif self._sealer.mode != "checkpoint":
+            # Sign-each, nothing staged, no witnesses: the keeper only extends a tree it has
+            # loaded (for a checkpoint signed on demand); without one it has nothing to do.
+            if keeper._tree is not None:
+                keeper.committed(chain.hashes, now)
             chain.hashes = []
         return value
 
