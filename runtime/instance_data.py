@@ -33,7 +33,8 @@ from .checkpointing import ROOT_HINT, _check_control
 from .errors import StoreIntegrityError
 from .inputs import check_identifier
 from .keychain import CONTROL_KINDS, ChainError, KeyChain, RootOfTrust
-from .ledger import KEPT, SIG_TAG, LedgerEntry, kept_digest
+from .keys import TrustedKey
+from .ledger import KEPT, SIG_TAG, Checkpoint, LedgerEntry, kept_digest
 from .results import _dumps
 from .sealing import _verify_stored_entry
 from .store.base import Store, Transaction
@@ -101,18 +102,37 @@ class KeptLedger:
                 f"ledger entry {entry.seq}, read as the kept entry of {where}, is not one",
                 hint=_HINT,
             )
-        try:
-            trusted = self._chain(txn, partition, entry.seq).signer(
-                entry.seq, entry.key_id, entry.ts_ms, f"kept entry {entry.seq}"
-            )
-        except ChainError as error:
-            raise StoreIntegrityError(error.reason, hint=_HINT) from None
+        self.check_signed(txn, partition, entry, f"the kept entry of {where}")
+        return entry
+
+    def check_signed(self, txn: Transaction, partition: int, entry: LedgerEntry, what: str) -> None:
+        """Raise StoreIntegrityError unless `entry` (its hash checked) is signed by a key the
+        chain held active at it."""
+        trusted = self._signer(txn, partition, entry.seq, entry.key_id, entry.ts_ms, what)
         if not trusted.verify(entry.signature, SIG_TAG + entry.entry_hash):
             raise StoreIntegrityError(
-                f"ledger entry {entry.seq}, the kept entry of {where}, has a bad signature",
-                hint=_HINT,
+                f"ledger entry {entry.seq}, {what}, has a bad signature", hint=_HINT
             )
-        return entry
+
+    def check_checkpoint(self, txn: Transaction, partition: int, checkpoint: Checkpoint) -> None:
+        """Raise StoreIntegrityError unless the stored checkpoint is signed by a key the chain
+        held active at its size."""
+        what = f"the checkpoint at size {checkpoint.size}"
+        trusted = self._signer(
+            txn, partition, checkpoint.size, checkpoint.key_id, checkpoint.ts_ms, what
+        )
+        if not trusted.verify(checkpoint.signature, checkpoint.signed_message()):
+            raise StoreIntegrityError(
+                f"{what} has a bad signature: the stored row was changed", hint=_HINT
+            )
+
+    def _signer(
+        self, txn: Transaction, partition: int, seq: int, key_id: str, ts_ms: int, what: str
+    ) -> TrustedKey:
+        try:
+            return self._chain(txn, partition, seq).signer(seq, key_id, ts_ms, what)
+        except ChainError as error:
+            raise StoreIntegrityError(error.reason, hint=_HINT) from None
 
     def _chain(self, txn: Transaction, partition: int, seq: int) -> KeyChain:
         """The chain of keys as the control entries before `seq` leave it. The controls are

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .checkpointing import check_signer_is_active
 from .errors import StoreIntegrityError
 from .keychain import CONTROL_KINDS
-from .ledger import GENESIS_HASH, EntryData, LedgerEntry, entry_hash
+from .ledger import GENESIS_HASH, Checkpoint, EntryData, LedgerEntry, entry_hash
 from .store.base import Store, Transaction
 
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 
 _NEVER = sys.maxsize
+_RESTORE = "restore the store from a backup; verify it with `autonomic audit verify`"
 # Building hot-path tuples with tuple.__new__ skips the NamedTuple's Python-level __new__.
 _new_entry_data = cast(Callable[[type[EntryData], tuple[Any, ...]], EntryData], tuple.__new__)
 
@@ -31,6 +32,7 @@ class _LedgerState:
     chain's own entries."""
 
     __slots__ = (
+        "checked",
         "covered",
         "keeper",
         "quiet_ms",
@@ -44,6 +46,7 @@ class _LedgerState:
         self.reads = reads
         self.keeper = keeper
         self.verified_head: LedgerEntry | None = None
+        self.checked: Checkpoint | None = None  # the stored checkpoint last verified
         self.covered = 0
         self.uncovered_since: int | None = None
         # `_Chain.finish` has nothing to do for a commit that ends below `quiet_seq` before
@@ -111,23 +114,75 @@ class _Chain:
         self.loaded = True
 
     def _check_checkpoint(self, txn: Transaction, head: LedgerEntry) -> None:
+        """A head this runtime did not write (another writer's, or the first it reads): no
+        signature of the ledger may be taken on the store's word. The newest checkpoint's
+        signature is checked (by the key the chain held active at its size), it may not cover
+        more than the ledger holds, and it must end at the head or before it. The entries
+        after it, which no signature covers in checkpoint mode, must be fewer than this
+        runtime's `checkpoint_every` (every writer with its policy signs at the end of the
+        batch that reaches it, so a longer tail was not written by one) and chain from the
+        checkpoint's head to the stored head, each matching its hash. In sign-each mode the
+        head's own signature is checked. Only then is anything chained on the head."""
+        runtime = self.runtime
+        state = self.state
+        keys = runtime._kept
+        sealer = runtime._sealer
         last = txn.last_checkpoint()
-        if last is None:
-            return
         size = head.seq + 1
-        if last.size > size:
+        if last is not None:
+            if last.size > size:
+                raise StoreIntegrityError(
+                    f"the ledger ends at seq {head.seq} but a checkpoint is signed at size "
+                    f"{last.size}: entries were removed",
+                    hint=_RESTORE,
+                )
+            if keys is not None and last != state.checked:
+                keys.check_checkpoint(txn, self.partition, last)
+                state.checked = last
+            state.covered = max(state.covered, last.size)
+            state.recheck()
+        if sealer is None or keys is None:
+            return
+        if sealer.mode != "checkpoint":
+            if head.kind not in CONTROL_KINDS:  # those are checked from the root in `load`
+                keys.check_signed(txn, self.partition, head, "the ledger head")
+            if last is not None and last.size == size and last.head_hash != head.entry_hash:
+                raise StoreIntegrityError(
+                    f"the checkpoint at size {last.size} does not match the ledger head",
+                    hint=_RESTORE,
+                )
+            return
+        covered = 0 if last is None else last.size
+        uncovered = size - covered
+        if uncovered >= runtime._checkpoint_every:
             raise StoreIntegrityError(
-                f"the ledger ends at seq {head.seq} but a checkpoint is signed at size "
-                f"{last.size}: entries were removed",
-                hint="restore the store from a backup; verify it with `autonomic audit verify`",
+                f"the ledger holds {uncovered} entries after its last signed checkpoint (size "
+                f"{covered}), more than a runtime signing a checkpoint every "
+                f"{runtime._checkpoint_every} entries leaves: no signature covers them, so "
+                "nothing is chained on them",
+                hint="if a runtime with a larger checkpoint_every wrote them, open the store "
+                "with that setting; else verify the store with `autonomic audit verify`",
             )
-        if last.size == size and last.head_hash != head.entry_hash:
+        expected = GENESIS_HASH if last is None else last.head_hash
+        seq = covered
+        for entry in state.reads.ledger_entries(after_seq=covered - 1):
+            if entry.seq > head.seq:
+                break
+            if entry.seq != seq or entry.prev_hash != expected:
+                raise StoreIntegrityError(
+                    f"ledger entry {entry.seq}, after the last signed checkpoint (size "
+                    f"{covered}), does not chain on the entry before it",
+                    hint=_RESTORE,
+                )
+            _verify_stored_entry(entry, "ledger entry after the last checkpoint")
+            expected = entry.entry_hash
+            seq += 1
+        if seq != size or expected != head.entry_hash:
             raise StoreIntegrityError(
-                f"the checkpoint at size {last.size} does not match the ledger head",
-                hint="restore the store from a backup; verify it with `autonomic audit verify`",
+                f"the entries after the last signed checkpoint (size {covered}) do not lead to "
+                f"the ledger head (seq {head.seq})",
+                hint=_RESTORE,
             )
-        self.state.covered = max(self.state.covered, last.size)
-        self.state.recheck()
 
     def seal(self, txn: Transaction, data: EntryData) -> LedgerEntry:
         if not self.loaded:

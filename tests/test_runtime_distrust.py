@@ -9,6 +9,7 @@ import contextlib
 import io
 import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 from autonomic.compiler import cli
@@ -23,7 +24,7 @@ from autonomic.runtime.keys import (
     now_ms,
     write_keypair,
 )
-from autonomic.runtime.ledger import LedgerSealer
+from autonomic.runtime.ledger import LedgerMode, LedgerSealer, entry_hash
 from autonomic.runtime.ledger_ranges import verify_ledger
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.sealing import _Chain
@@ -35,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flow_world import START_MS, marketplace
 from runtime_machines import Bindings, counter_spec
 from test_emit_routing import disputed
+from test_kept_routing import literal
 
 CASE, CUSTOMER = "case-1", "cust-1"
 EVIDENCE = {"evidence_ref": "ev-1", "submitted_at": "2026-01-02T00:00:00+00:00"}
@@ -144,3 +146,109 @@ def test_rotated_keys_carry_the_pinned_root_in_their_folder(tmp_path: Path) -> N
     runtime.close()
     report = verify_ledger(store, root)
     assert report.ok and report.count == 5 and len(report.keys) == 3, report.reason
+
+
+def rewrite_entry(stores: Stores, seq: int, to_state: str) -> bytes:
+    """Change entry `seq`'s to_state and recompute its own hash, as someone without the key
+    can; returns the new hash."""
+    columns = "seq, ts_ms, kind, machine, instance, from_state, to_state, event, actor, event_id"
+    (row,) = stores.rows(
+        "m", f"SELECT {columns}, payload_sha256, prev_hash FROM ledger WHERE seq = {seq}"
+    )
+    strings = (*row[2:6], to_state, *row[7:10])
+    new = entry_hash(row[0], row[1], strings, bytes(row[10]), bytes(row[11]))
+    stores.rows(
+        "m",
+        f"UPDATE ledger SET to_state = '{to_state}', entry_hash = {literal(stores, new)} "
+        f"WHERE seq = {seq}",
+    )
+    return new
+
+
+def ledger_rows(stores: Stores) -> tuple[int, int]:
+    return count(stores, "ledger"), count(stores, "ledger_checkpoints")
+
+
+def counters(stores: Stores, mode: LedgerMode, signer: Signer, **options: Any) -> Runtime:
+    runtime = Runtime(
+        stores.open("m"),
+        clock=VirtualClock(START_MS),
+        sealer=LedgerSealer(signer, mode),
+        **options,
+    )
+    runtime.load(counter_spec(), *Bindings().for_spec(counter_spec()))
+    return runtime
+
+
+def tick_is_refused(
+    stores: Stores, signer: Signer, mode: LedgerMode, why: str, **options: Any
+) -> None:
+    """The next write (a Tick) is refused before anything is chained, and nothing is written."""
+    before = ledger_rows(stores)
+    runtime = counters(stores, mode, signer, **options)
+    try:
+        with pytest.raises(StoreIntegrityError, match=why):
+            runtime.governor("Counter").dispatch("c1", "Tick")
+    finally:
+        runtime.store.close()
+    assert ledger_rows(stores) == before
+
+
+def test_a_rewritten_head_whose_checkpoint_was_deleted_is_refused(stores: Stores) -> None:
+    """Checkpoint mode, the default policy (a checkpoint per commit batch): the head entry is
+    rewritten (its hash recomputed) and the checkpoint over it deleted, so no checkpoint
+    disagrees with it. The runtime chained on it before; now an uncovered tail longer than
+    its policy leaves is refused."""
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    runtime = counters(stores, "checkpoint", signer)
+    for name in ("c0", "c1"):
+        runtime.governor("Counter").create(name)
+    runtime.close()
+    (head,) = stores.rows("m", "SELECT max(seq) FROM ledger")[0]
+    rewrite_entry(stores, head, "Forged")
+    stores.rows("m", f"DELETE FROM ledger_checkpoints WHERE size = {head + 1}")
+    tick_is_refused(stores, signer, "checkpoint", "1 entries after its last signed checkpoint")
+
+
+def test_a_rewritten_head_with_a_forged_checkpoint_is_refused(stores: Stores) -> None:
+    """The head rewritten and the checkpoint's head hash changed to match it: the runtime
+    compared hashes only; now it checks the checkpoint's signature."""
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    runtime = counters(stores, "checkpoint", signer)
+    runtime.governor("Counter").create("c1")
+    runtime.close()
+    (head,) = stores.rows("m", "SELECT max(seq) FROM ledger")[0]
+    new = rewrite_entry(stores, head, "Forged")
+    stores.rows(
+        "m",
+        f"UPDATE ledger_checkpoints SET head_hash = {literal(stores, new)} WHERE size = {head + 1}",
+    )
+    tick_is_refused(stores, signer, "checkpoint", f"checkpoint at size {head + 1} has a bad sig")
+
+
+def test_an_uncovered_tail_that_does_not_chain_is_refused(stores: Stores) -> None:
+    """checkpoint_every=10: a runtime that stopped without close() leaves its 4 entries (the
+    genesis entry and 3 creates) uncovered by any checkpoint. One in the middle is rewritten:
+    the entry after it no longer chains on it, which the runtime did not look at before (the
+    head's own hash is intact)."""
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    options = {"checkpoint_every": 10, "checkpoint_ms": 10**9}
+    runtime = counters(stores, "checkpoint", signer, **options)
+    for name in ("c0", "c1", "c2"):
+        runtime.governor("Counter").create(name)
+    runtime.store.close()  # as if killed: the last 3 entries stay uncovered
+    (covered,) = stores.rows("m", "SELECT coalesce(max(size), 0) FROM ledger_checkpoints")[0]
+    (head,) = stores.rows("m", "SELECT max(seq) FROM ledger")[0]
+    assert head + 1 - covered == 4  # the genesis entry and three creates
+    rewrite_entry(stores, head - 1, "Forged")
+    tick_is_refused(stores, signer, "checkpoint", f"entry {head}, after the last signed", **options)
+
+
+def test_a_rewritten_head_is_refused_in_sign_each_mode(stores: Stores) -> None:
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    runtime = counters(stores, "sign-each", signer)
+    runtime.governor("Counter").create("c1")
+    runtime.close()
+    (head,) = stores.rows("m", "SELECT max(seq) FROM ledger")[0]
+    rewrite_entry(stores, head, "Forged")
+    tick_is_refused(stores, signer, "sign-each", "the ledger head, has a bad signature")
