@@ -50,6 +50,9 @@ from .verify import (
 
 __all__ = [
     "LedgerSource",
+    "checkpoint_from_row",
+    "checkpoint_query",
+    "entry_query",
     "entry_to_json",
     "format_timestamp",
     "read_ledger",
@@ -101,7 +104,8 @@ def _entry_from_json(doc: object) -> LedgerEntry | str:
     return _new_entry(LedgerEntry, tuple(values))
 
 
-def _checkpoint_from_row(row: tuple[Any, ...]) -> Checkpoint | MalformedRecord:
+def checkpoint_from_row(row: tuple[Any, ...]) -> Checkpoint | MalformedRecord:
+    """A `ledger_checkpoints` row as a Checkpoint, or why it is none (never trusted)."""
     if len(row) != len(CHECKPOINT_COLUMNS):
         return MalformedRecord(f"checkpoint row has {len(row)} columns")
     checkpoint = Checkpoint(*row)
@@ -230,7 +234,7 @@ class LedgerSource:
                 row = self._connection.execute(sql).fetchone()
             except sqlite3.Error as exc:
                 return MalformedRecord(f"checkpoint row cannot be read: {exc}")
-            return None if row is None else _checkpoint_from_row(row)
+            return None if row is None else checkpoint_from_row(row)
         last: Checkpoint | MalformedRecord | None = None
         for last in self._jsonl_checkpoints():  # noqa: B007 - keep only the final item
             pass
@@ -297,17 +301,30 @@ def _bound_values(values: tuple[int | None, int | None]) -> tuple[int, ...]:
     return tuple(value for value in values if value is not None)
 
 
+def entry_query(low: int | None = None, high: int | None = None) -> tuple[str, tuple[int, ...]]:
+    """The SQL and its parameters that read the `ledger` rows with low <= seq < high (None:
+    unbounded) in seq order, in LEDGER_COLUMNS order: the table itself, sought by its rowid."""
+    where = _bounds("seq", ">=", "<", (low, high))
+    return f"{_SELECT_ENTRIES} WHERE {where} ORDER BY seq", _bound_values((low, high))
+
+
+def checkpoint_query(
+    low: int | None = None, high: int | None = None
+) -> tuple[str, tuple[int, ...]]:
+    """The same for the `ledger_checkpoints` rows with low < size <= high, by size."""
+    where = _bounds("size", ">", "<=", (low, high))
+    return f"{_SELECT_CHECKPOINTS} WHERE {where} ORDER BY size", _bound_values((low, high))
+
+
 def sqlite_entry_batches(
     connection: sqlite3.Connection, low: int | None = None, high: int | None = None
 ) -> Iterator[list[tuple[Any, ...] | MalformedRecord]]:
     """The `ledger` rows with low <= seq < high (None: unbounded) in seq order, as raw rows in
     LEDGER_COLUMNS order, fetched many at a time. After a row that cannot be read, the rows
     come one at a time (see sqlite_entry_rows), ending with a MalformedRecord."""
-    where = _bounds("seq", ">=", "<", (low, high))
-    sql = f"{_SELECT_ENTRIES} WHERE {where} ORDER BY seq"
     last_seq: Any = None
     try:
-        cursor = connection.execute(sql, _bound_values((low, high)))
+        cursor = connection.execute(*entry_query(low, high))
         while batch := cursor.fetchmany(_ENTRY_FETCH):
             last_seq = batch[-1][0]
             yield batch
@@ -371,9 +388,9 @@ def sqlite_checkpoints(
     bounds = _bound_values((low, high))
     last_size: int | None = None
     try:
-        for row in connection.execute(f"{select} ORDER BY size", bounds):
+        for row in connection.execute(*checkpoint_query(low, high)):
             last_size = row[0]
-            yield _checkpoint_from_row(row)
+            yield checkpoint_from_row(row)
     except sqlite3.Error as exc:
         # As for entries: the cursor reads one row ahead, so the error may belong to the
         # row after the one it was handing out. Read that row alone to tell which, and
@@ -389,7 +406,7 @@ def sqlite_checkpoints(
             error = again
         else:
             if row is not None:
-                yield _checkpoint_from_row(row)
+                yield checkpoint_from_row(row)
                 after = row[0]
         try:
             found = connection.execute(

@@ -617,13 +617,13 @@ def _verify(
             _replay_control(chain, control, span.start)
             position = span.start
             tree.deferred = span.roots
-            first = next(batches, [])
-            if not isinstance(first, list):
-                first = list(first)
-            if first and isinstance(first[0], tuple) and len(first[0]) == len(LEDGER_COLUMNS):
-                head = first[0][11]
+            first = iter(next(batches, ()))  # a batch may be a cursor: read one entry of it
+            peek = next(first, None)
+            if isinstance(peek, tuple) and len(peek) == len(LEDGER_COLUMNS):
+                head = peek[11]
             span.first_prev = head
-            batches = itertools.chain((first,), batches)
+            if peek is not None:
+                batches = itertools.chain(((peek,), first), batches)
     stream = _CheckpointStream(checkpoints, chain, tree, link_known=not position)
     external_size = external.size if external is not None else -1
     kinds, control_kinds, data_kinds, sig_tag = KINDS, CONTROL_KINDS, _UNSIGNED_KINDS, SIG_TAG

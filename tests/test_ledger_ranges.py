@@ -13,11 +13,14 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import cast
 
 import pytest
 from autonomic.runtime.errors import LedgerFormatError
+from autonomic.runtime.keychain import RootOfTrust
 from autonomic.runtime.keys import PublicKeyInfo, Signer, generate_keypair, load_signer
 from autonomic.runtime.ledger import (
     INSERT_CHECKPOINT_SQL,
@@ -660,3 +663,54 @@ def test_a_control_entry_body_holding_an_integer_too_long_to_read_is_a_failure(
     )
     report = _refused(path, keys)
     assert (report.index, report.reason) == (0, "the control entry's body is not JSON")
+
+
+# The workers read through apsw and the sequential verifier through sqlite3: on crafted files
+# (the red team's attacks, values of the wrong type or not UTF-8, a schema altered after the
+# plan was made), every range gets the same answer from both readers.
+def _altered_schema(path: Path) -> None:
+    run_sql(path, "CREATE INDEX by_kind ON ledger (kind) WHERE kind <> 'timer'")
+
+
+READER_FILES: dict[str, object] = {
+    "valid": None,
+    "a leaf linked twice": lambda path: link_leaf_twice(path, "ledger", RANGE * 2),
+    "text not UTF-8": "UPDATE ledger SET instance = CAST(x'ff62' AS TEXT) WHERE seq = 17",
+    "a real number": "UPDATE ledger SET ts_ms = ts_ms + 0.5 WHERE seq = 9",
+    "a short blob": "UPDATE ledger SET payload_sha256 = x'00' WHERE seq = 8",
+    "text stored as a blob": "UPDATE ledger SET kind = CAST(kind AS BLOB) WHERE seq = 16",
+    "a NUL in text": "UPDATE ledger SET actor = 'op' || char(0) || 's' WHERE seq = 23",
+    "a checkpoint's blob as text": (
+        "UPDATE ledger_checkpoints SET tree_root = 'x' WHERE size = 16"
+    ),
+    "an index added after the plan": _altered_schema,
+}
+
+
+@pytest.mark.parametrize("name", sorted(READER_FILES))
+def test_the_workers_reader_and_the_sequential_reader_give_every_range_one_answer(
+    files: dict[str, Path], keys: Keys, tmp_path: Path, name: str
+) -> None:
+    from autonomic.runtime.ledger_ranges import _plan, _verify_range
+    from autonomic.runtime.processes import map_in_processes
+
+    path = _copy(files, "checkpoint", tmp_path)
+    with read_ledger(path) as source:
+        plan = _plan(source, RootOfTrust.of(keys.root), None, "x", 2, RANGE, 0, None)
+    assert plan is not None
+    tasks = plan[0]
+    change = READER_FILES[name]
+    if isinstance(change, str):
+        run_sql(path, change)
+    elif change is not None:
+        cast(Callable[[Path], None], change)(path)
+    answers = {
+        reader: map_in_processes(partial(_verify_range, reader=reader), tasks, 2)
+        for reader in ("apsw", "sqlite3")
+    }
+    assert answers["apsw"] == answers["sqlite3"]
+    accepted = [answer is not None for answer in answers["apsw"]]
+    if name in ("valid", "a leaf linked twice"):
+        assert all(accepted)  # a leaf the seeks pass by: only the count of every page sees it
+    else:
+        assert not all(accepted)
