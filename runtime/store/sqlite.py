@@ -865,11 +865,16 @@ class SQLiteStore:
         return True
 
     def release_outside(self, keys: Sequence[ClaimKey], holder: str) -> None:
+        if not keys:
+            return
+        # One statement, so one commit for all the keys (executemany on an autocommit
+        # connection committed each key's DELETE on its own).
+        marks = ", ".join("(?, ?, ?)" for _ in keys)
         with self._claims_lock:
-            self._claims_connection().executemany(
-                "DELETE FROM outside_claims WHERE machine = ? AND kind = ? AND key = ? "
-                "AND holder = ?",
-                [(*key, holder) for key in keys],
+            self._claims_connection().execute(
+                "DELETE FROM outside_claims WHERE holder = ? "
+                f"AND (machine, kind, key) IN (VALUES {marks})",
+                [holder, *(part for key in keys for part in key)],
             )
 
     def _claims_connection(self) -> sqlite3.Connection:
