@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import importlib
 import json
 import logging
+import re
 import sqlite3
 import statistics
 import sys
@@ -270,7 +272,8 @@ def durable_step_cost(
     for i in range(count + 1):
         market.active(f"c{i}")
     commits = saga_writes(market, f"c{count}")
-    raw = RawSagas(folder / f"step-{mode}.db", folder / f"raw-{mode}.db", commits)
+    raw = RawSagas(folder / f"step-{mode}.db", folder / f"raw-{mode}.db", commits, f"c{count}")
+    raw.prepare([f"c{i}" for i in range(count)])
     per_round = count // STEP_ROUNDS
     ours: list[float] = []
     theirs: list[float] = []
@@ -292,152 +295,102 @@ def durable_step_cost(
     return [t / steps for t in ours], [t / steps for t in theirs], len(commits)
 
 
-# The statements a saga's commits write, as the trace shows them, and the baseline's stand-in
-# for each (every one of them writes a row like the runtime's into the same table).
-_WRITES = (
-    "INSERT INTO ledger ",
-    "INSERT INTO ledger_checkpoints ",
-    "INSERT INTO processed_events ",
-    "INSERT INTO flows ",
-    "INSERT INTO timers ",
-    "INSERT INTO outbox ",
-    "UPDATE instances ",
-    "UPDATE flows ",
-)
+# A saga's writes as its store made them: (SQL, parameters) of each write of each commit.
+Commit = list[tuple[str, tuple[Any, ...]]]
+_IDS = re.compile(r"\b(evt|flw)_([0-9a-f]{32})\b")
 
 
-def saga_writes(market: Marketplace, customer: str) -> list[list[str]]:
-    """The writes of each commit of one saga (untimed), in order, as _WRITES prefixes."""
-    connection = market.runtime.store._connection  # type: ignore[attr-defined]
-    commits: list[list[str]] = []
-    current: list[str] = []
+def saga_writes(market: Marketplace, customer: str) -> list[Commit]:
+    """The writes of each commit of one saga on `customer` (untimed), in order, with their
+    parameters, as the store's transaction executed them."""
+    store = market.runtime.store
+    connection = store._connection  # type: ignore[attr-defined]
+    txn = store._txn  # type: ignore[attr-defined]
+    execute = txn._execute
+    commits: list[Commit] = []
+    current: Commit = []
+
+    def writes(sql: str, parameters: Any = ()) -> Any:
+        if sql.startswith(("INSERT", "UPDATE", "DELETE", "REPLACE")):
+            current.append((sql, tuple(parameters)))
+        return execute(sql, parameters)
 
     def trace(sql: str) -> None:
         if sql == "COMMIT":
             commits.append(current[:])
             current.clear()
-        elif sql.startswith(("INSERT", "UPDATE", "DELETE", "REPLACE")):
-            kind = next((w for w in _WRITES if sql.startswith(w)), None)
-            if kind is None:
-                raise RuntimeError(f"the raw baseline does not write rows like: {sql[:80]}")
-            current.append(kind)
 
+    txn._execute = writes
     connection.set_trace_callback(trace)
     try:
         market.runner.start("SubscriptionCancellation", customer, cancel_inputs(customer))
     finally:
         connection.set_trace_callback(None)
+        txn._execute = execute
     return commits
 
 
 class RawSagas:
-    """Raw sqlite3 writing a saga's rows in its commits (see durable_step_cost)."""
+    """Raw sqlite3 writing, for each saga, the very rows the traced saga's commits wrote, in
+    its commits, as that saga would have written them for another customer: the customer's
+    name and the ids derived from it (flow id, event ids, here a hash of the traced id and the
+    customer) replaced, the ledger's seq and each checkpoint's size numbered on, and every
+    other value (hashes and signatures included: the raw writer computes none) copied. The
+    customers' rows in the copy are where the traced customer's were before its saga, so the
+    version-checked updates match, and their row counts are checked as the store checks them.
+    Every row's parameters are built before the clock starts; consecutive rows of one
+    statement go to one `executemany`, as a raw writer would send them (see durable_step_cost).
+    """
 
-    def __init__(self, store: Path, path: Path, commits: list[list[str]]) -> None:
+    def __init__(self, store: Path, path: Path, commits: list[Commit], traced: str) -> None:
         self.connection = raw_copy(store, path)
-        execute = self.connection.execute
         self.commits = commits
-        self.entry = list(
-            execute("SELECT * FROM ledger WHERE kind = 'flow' ORDER BY seq DESC LIMIT 1").fetchone()
-        )
-        self.seq = int(execute("SELECT max(seq) FROM ledger").fetchone()[0]) + 1
-        # Checkpoint mode: the newest signed checkpoint, written again at each commit's size.
-        self.checkpoint = execute(
-            "SELECT head_hash, ts_ms, key_id, signature, tree_root, prev_checkpoint, frontier "
-            "FROM ledger_checkpoints ORDER BY size DESC LIMIT 1"
-        ).fetchone()
-        self.processed = execute(
-            "SELECT machine, result, created_ms FROM processed_events LIMIT 1"
-        ).fetchone()
-        self.flow = execute(
-            "SELECT flow, status, data, updated_ms FROM flows ORDER BY length(data) DESC LIMIT 1"
-        ).fetchone()
-        self.timer = execute(
-            "SELECT machine, timer_id, state, due_ms FROM timers LIMIT 1"
-        ).fetchone()
-        self.outbox = execute(
-            "SELECT kind, machine, version, target_machine, target_instance, event, body, "
-            "created_ms, status FROM outbox LIMIT 1"
-        ).fetchone()
-        self.instances = execute(
-            "SELECT machine, instance, version FROM instances WHERE machine = 'Billing'"
-        ).fetchall()
-        self.rows = 0
+        self.traced = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(traced)}(?![0-9])")
+        self.seq = int(self.connection.execute("SELECT max(seq) FROM ledger").fetchone()[0]) + 1
+        self.plans: list[list[list[tuple[str, list[tuple[Any, ...]]]]]] = []
         self.sagas = 0
 
-    def write(self, sagas: int) -> None:
-        execute = self.connection.execute
-        for saga in range(self.sagas, self.sagas + sagas):
-            machine, instance, version = self.instances[saga % len(self.instances)]
-            flow_id, flow_version = f"raw-{saga}", 0
-            for writes in self.commits:
-                execute("BEGIN IMMEDIATE")
-                for kind in writes:
-                    self.rows += 1
-                    key = f"raw-{saga}-{self.rows}"
-                    if kind == "INSERT INTO ledger ":
-                        self.entry[0] = self.seq
+    def _value(self, value: Any, customer: str) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = self.traced.sub(customer, value)
+        return _IDS.sub(
+            lambda m: f"{m[1]}_" + hashlib.sha256(f"{m[0]}/{customer}".encode()).hexdigest()[:32],
+            value,
+        )
+
+    def prepare(self, customers: list[str]) -> None:
+        """Build the parameters of every row of a saga per customer, in order (untimed)."""
+        for customer in customers:
+            plan = []
+            for commit in self.commits:
+                batches: list[tuple[str, list[tuple[Any, ...]]]] = []
+                for sql, parameters in commit:
+                    row = tuple(self._value(v, customer) for v in parameters)
+                    if sql == INSERT_ENTRY_SQL:
+                        row = (self.seq, *row[1:])
                         self.seq += 1
-                        execute(INSERT_ENTRY_SQL, self.entry)
-                    elif kind == "INSERT INTO ledger_checkpoints ":
-                        execute(INSERT_CHECKPOINT_SQL, (self.seq, *self.checkpoint))
-                    elif kind == "INSERT INTO processed_events ":
-                        m, result, ms = self.processed
-                        execute(
-                            "INSERT INTO processed_events (machine, event_id, instance, result, "
-                            "created_ms) VALUES (?, ?, ?, ?, ?)",
-                            (m, key, instance, result, ms),
-                        )
-                    elif kind == "INSERT INTO timers ":
-                        m, timer_id, state, due = self.timer
-                        execute(
-                            "INSERT INTO timers (machine, instance, timer_id, state, due_ms, "
-                            "armed_version) VALUES (?, ?, ?, ?, ?, ?)",
-                            (m, key, timer_id, state, due, 1),
-                        )
-                    elif kind == "INSERT INTO outbox ":
-                        k, m, v, tm, ti, event, body, ms, status = self.outbox
-                        execute(
-                            "INSERT INTO outbox (kind, machine, instance, version, "
-                            "target_machine, target_instance, event, event_id, body, "
-                            "created_ms, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (k, m, instance, v, tm, ti, event, key, body, ms, status),
-                        )
-                    elif kind == "UPDATE instances ":
-                        execute(
-                            "UPDATE instances SET state = ?, version = ? "
-                            "WHERE machine = ? AND instance = ? AND version = ?",
-                            ("Current", version + 1, machine, instance, version),
-                        )
-                        version += 1
-                    else:  # the run's record, inserted then updated (version-checked)
-                        flow, status, data, ms = self.flow
-                        if kind == "INSERT INTO flows ":
-                            execute(
-                                "INSERT INTO flows (flow_id, flow, instance, status, version, "
-                                "data, updated_ms, wake_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                (flow_id, flow, instance, status, 1, data, ms, None),
-                            )
-                        else:
-                            execute(
-                                "UPDATE flows SET flow = ?, instance = ?, status = ?, version = ?, "
-                                "data = ?, updated_ms = ?, wake_ms = ? "
-                                "WHERE flow_id = ? AND version = ?",
-                                (
-                                    flow,
-                                    instance,
-                                    status,
-                                    flow_version + 1,
-                                    data,
-                                    ms,
-                                    None,
-                                    flow_id,
-                                    flow_version,
-                                ),
-                            )
-                        flow_version += 1
+                    elif sql == INSERT_CHECKPOINT_SQL:
+                        row = (self.seq, *row[1:])
+                    if batches and batches[-1][0] == sql and sql.startswith("INSERT"):
+                        batches[-1][1].append(row)
+                    else:
+                        batches.append((sql, [row]))
+                plan.append(batches)
+            self.plans.append(plan)
+
+    def write(self, sagas: int) -> None:
+        connection = self.connection
+        execute, executemany = connection.execute, connection.executemany
+        for plan in self.plans[self.sagas : self.sagas + sagas]:
+            for batches in plan:
+                execute("BEGIN IMMEDIATE")
+                for sql, rows in batches:
+                    if len(rows) > 1:
+                        executemany(sql, rows)
+                    elif execute(sql, rows[0]).rowcount != 1 and sql.startswith("UPDATE"):
+                        raise RuntimeError(f"a version-checked update missed: {sql[:60]}")
                 execute("COMMIT")
-            self.instances[saga % len(self.instances)] = (machine, instance, version)
         self.sagas += sagas
 
     def close(self) -> None:
