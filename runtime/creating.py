@@ -16,8 +16,8 @@ from .results import (
     _EMPTY_RESULTS,
     DispatchResult,
     EmittedEvent,
-    _result_from_json,
     _result_to_json,
+    _stored_result,
     derive_event_id,
 )
 from .rows import _EmitPlan
@@ -47,7 +47,7 @@ def create_work(
         if event_id is not None:
             stored = txn.processed(name, event_id)
             if stored is not None:
-                return _result_from_json(stored)
+                return _stored_result(stored, name, instance_id, event_id)
         if txn.instance(name, instance_id) is not None:
             raise InstanceExists(name, instance_id)
         now = runtime._clock.now_ms()

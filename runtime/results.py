@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 from pydantic_core import to_jsonable_python
 
+from .errors import IdempotencyConflict, StoreIntegrityError
 from .store.base import OutboxMessage
 from .timers import ArmedTimer
 
@@ -318,6 +319,29 @@ def _result_to_json(result: DispatchResult) -> str:
     doc["action_results"] = dict(result.action_results)
     del doc["duplicate"], doc["ignored"]
     return _dumps(doc)
+
+
+def _stored_result(text: str, machine: str, instance: str, key: str) -> DispatchResult:
+    """The stored result (processed_events / idempotency_keys) of an earlier dispatch under
+    the dedup `key` (an event id or idempotency key), as the duplicate's answer: only if it
+    decodes and names this machine and instance (StoreIntegrityError otherwise; a key reused
+    for another instance is IdempotencyConflict)."""
+    try:
+        result = _result_from_json(text)
+        same = result.machine == machine and result.instance == instance
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise StoreIntegrityError(
+            f"the stored result of {machine} '{key}' does not decode: {exc}",
+            hint="the store was changed outside autonomic: run `autonomic audit verify` on it",
+        ) from None
+    if not same:
+        if result.machine != machine:
+            raise StoreIntegrityError(
+                f"the stored result of {machine} '{key}' is one of {result.machine}",
+                hint="the store was changed outside autonomic: run `autonomic audit verify`",
+            )
+        raise IdempotencyConflict(machine, key)
+    return result
 
 
 def _result_from_json(text: str) -> DispatchResult:

@@ -42,6 +42,7 @@ from .results import Delivery, ReplayedState, TimerFiring
 from .sealing import _Chain, _LedgerState
 from .store.base import OutboxMessage, OutboxStatus, Store, Transaction, WorkOutcome
 from .store.memory import MemoryStore
+from .store.row_seals import row_key
 from .tables import MachineSpec
 from .timer_firing import fire_due, next_deadline
 from .timers import Clock, SystemClock, resolve_settings
@@ -232,6 +233,9 @@ class Runtime:
                     self._write_genesis(sealer, partition)
                 else:
                     check_signer_is_active(ledger.reads, sealer, self.pinned_root)
+            # Every operational row is sealed under the signer's row key from now on, and
+            # checked before it is acted on (runtime/store/row_seals.py).
+            self._store.seal_rows(row_key(sealer.signer.private_key))
 
     @property
     def pinned_root(self) -> RootOfTrust:
@@ -282,6 +286,8 @@ class Runtime:
             entry, new = old.rotation(chain.next_seq, chain.head, self._clock.now_ms(), new_signer)
             txn.append_ledger(entry)
             chain.advance(entry)
+            # The rows are sealed under the new key's row key in the same transaction.
+            txn.reseal_rows(row_key(new_signer.private_key))
             # The checkpoint over this batch is signed after the rotation: by the new key.
             self._sealer = new
             return entry
@@ -290,6 +296,7 @@ class Runtime:
             return self._submit(work)
         except BaseException:
             self._sealer = old
+            self._store.seal_rows(row_key(old.signer.private_key))
             raise
 
     def _rotate_every_chain(
@@ -316,6 +323,8 @@ class Runtime:
                 chain.advance(entry)
                 rotated.append(entry)
             assert new is not None
+            # The operational tables are the fleet's, not a chain's: resealed once.
+            in_chain(0).reseal_rows(row_key(new_signer.private_key))
             # The checkpoints over the rotations are signed after them: by the new key.
             self._sealer = new
             for chain in chains:
@@ -326,6 +335,7 @@ class Runtime:
             entry = fleet.run_in_every_partition(work)
         except BaseException:
             self._sealer = old
+            self._store.seal_rows(row_key(old.signer.private_key))
             for state in self._ledgers:
                 state.keeper.failed()
             raise

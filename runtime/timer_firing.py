@@ -85,6 +85,13 @@ def fire_work(
             return None  # fired by someone else, or cancelled since it was listed
         record = txn.instance(name, timer.instance)
         spec = governor._timer_specs.get(timer.timer_id)
+        if record is not None and timer.armed_version > record.version:
+            # Armed by a move the instance (its row sealed) has not made: not this runtime's.
+            raise StoreIntegrityError(
+                f"{name} '{timer.instance}' is at version {record.version}, yet its timer "
+                f"{timer.timer_id} names version {timer.armed_version} as its arming",
+                hint="the store was changed outside autonomic: run `autonomic audit verify`",
+            )
         if record is None or spec is None or not governor._plan.holds(spec, record.state):
             txn.take_timer(timer)  # a timer of a state already left (or an older machine)
             return None

@@ -18,7 +18,7 @@ from .errors import (
     UnknownInstance,
 )
 from .ledger import EntryData
-from .results import DispatchResult, _new_result, _result_from_json
+from .results import DispatchResult, _new_result, _stored_result
 from .rows import _Absent, _Guarded, _Row
 from .sealing import _Chain
 from .store.base import InstanceRecord, Transaction
@@ -96,13 +96,13 @@ def step(
     if event_id is not None:
         stored = txn.processed(name, event_id)
         if stored is not None:
-            return _result_from_json(stored)
+            return _stored_result(stored, name, instance_id, event_id)
     if idempotency_key is not None:
         known = txn.idempotency(name, idempotency_key)
         if known is not None:
             if known[0] != request:
                 raise IdempotencyConflict(name, idempotency_key)
-            return _result_from_json(known[1])
+            return _stored_result(known[1], name, instance_id, idempotency_key)
     # The memory store's own records (as the short path reads them), else a read.
     record = (
         governor._records.get(instance_id)

@@ -146,7 +146,8 @@ def test_a_killed_process_leaves_a_store_that_reopens(tmp_path: Path, synchronou
         f"store = SQLiteStore({str(db)!r}, synchronous={synchronous!r})\n"
         "store.run([lambda txn: txn.insert_instance(InstanceRecord('M', 'a', 'S', 1))])\n"
         "store._connection.execute('BEGIN IMMEDIATE')\n"
-        "store._connection.execute(\"INSERT INTO instances VALUES ('M', 'b', 'S', 1)\")\n"
+        'store._connection.execute("INSERT INTO instances (machine, instance, state, version) "\n'
+        "    \"VALUES ('M', 'b', 'S', 1)\")\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from autonomic.compiler import cli
-from autonomic.runtime.errors import StoreConfigError
+from autonomic.runtime.errors import StoreConfigError, StoreIntegrityError
 from autonomic.runtime.keys import PublicKeyInfo, generate_keypair, load_signer
 from autonomic.runtime.ledger import (
     KEPT,
@@ -184,11 +184,12 @@ def test_a_kept_entry_without_its_signature_fails_in_checkpoint_mode_in_ranges_t
     assert verify_ledger(path, root, processes=2, range_size=16, min_entries=1) == whole
 
 
-def test_a_state_changed_behind_the_runtime_fails_the_audit_after_the_next_move_too(
+def test_a_state_changed_behind_the_runtime_fails_the_audit_and_the_runtime_refuses_it(
     stores: Stores, tmp_path: Path
 ) -> None:
-    """A row rewritten (its version kept) reads as the state the runtime moves from next: the
-    row and the newest entry then agree again, but that entry starts where no entry ended."""
+    """A row rewritten (its version kept) fails the audit; the runtime refuses to move from
+    it (its row seal no longer matches, runtime/store/row_seals.py), so no signed entry ever
+    starts where no entry ended, and the audit still names the row."""
     public = keys(tmp_path)
     open_case(stores, public).close()
     stores.rows("m", f"UPDATE instances SET state = 'Current' WHERE instance = '{CUSTOMER}'")
@@ -204,14 +205,13 @@ def test_a_state_changed_behind_the_runtime_fails_the_audit_after_the_next_move_
         "amount": "9.00",
         "idempotency_key": "k-9",
     }
-    runtime.governor("Billing").dispatch(CUSTOMER, "ChargeRequested", charge)
+    entries = len(list(runtime.ledger()))
+    with pytest.raises(StoreIntegrityError, match="instances row"):
+        runtime.governor("Billing").dispatch(CUSTOMER, "ChargeRequested", charge)
+    assert len(list(runtime.ledger())) == entries
     runtime.close()
     code, out = audit(stores, public)
-    assert code == 1, out
-    assert (
-        f"Billing '{CUSTOMER}': an entry moves it from 'Current', but its previous entry "
-        "ended in 'Disputed'" in out
-    ), out
+    assert code == 1 and "the row holds state 'Current' at version 2" in out, out
 
 
 def _rebuild(connection: sqlite3.Connection, table: str, change: Callable[[str], str]) -> None:

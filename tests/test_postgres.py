@@ -72,6 +72,8 @@ def test_a_version_1_store_is_migrated_to_the_latest(postgres_stores: Stores) ->
         "s", "DROP TABLE flows, breakers, deadlines, instance_data, outside_claims"
     )
     postgres_stores.rows("s", "ALTER TABLE snapshots DROP COLUMN kept_seq")
+    for table in ("instances", "processed_events", "idempotency_keys", "timers", "outbox"):
+        postgres_stores.rows("s", f"ALTER TABLE {table} DROP COLUMN seal")
     postgres_stores.rows("s", "DELETE FROM schema_migrations WHERE version > 1")
     postgres_stores.rows("s", "UPDATE autonomic_meta SET value = '1' WHERE key = 'schema'")
     with pytest.raises(StoreConfigError, match="older than this"):

@@ -261,6 +261,10 @@ class Transaction(Protocol):
         """Deadlines with due_ms <= now_ms as of this transaction, earliest first (ties: by
         id). Read inside the write transaction, so two processes never escalate one miss."""
 
+    def reseal_rows(self, key: bytes) -> None:
+        """Check every sealed row under the store's row key, then seal it under `key`, the
+        new one from now on (a key rotation's unit of work; see Store.seal_rows)."""
+
 
 @dataclass(frozen=True, slots=True)
 class WorkOutcome(Generic[T]):
@@ -281,6 +285,14 @@ class Store(Protocol):
         """Apply `works` in order in one transaction, each atomically (a failed unit leaves no
         writes and does not stop the others), call `before_commit`, then commit. If the
         commit or `before_commit` fails, every unit fails with that error."""
+
+    def seal_rows(self, key: bytes | None) -> None:
+        """From now on seal every row written to the operational tables under `key` (the row
+        key of the runtime's signer, runtime/store/row_seals.py), and refuse with
+        StoreIntegrityError every row read without its seal; None: neither. A store whose rows
+        were never sealed has them all sealed as found, in one transaction, and is marked so
+        that a missing seal is refused from then on; one sealed under another key is refused.
+        The memory store (one process, nothing on disk) seals nothing."""
 
     def ledger_mode(self) -> LedgerMode | None:
         """The ledger mode recorded in the store, or None if no entry was ever written."""

@@ -208,6 +208,12 @@ class MemoryStore:
                 before_commit(self)
         return outcomes
 
+    def seal_rows(self, key: bytes | None) -> None:
+        """Nothing: the rows live in this process, which nothing else writes."""
+
+    def reseal_rows(self, key: bytes) -> None:
+        """Nothing: see seal_rows."""
+
     def ledger_mode(self) -> LedgerMode | None:
         return self._mode
 

@@ -36,13 +36,18 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..errors import ConcurrentUpdateDetected, InstanceExists, StoreConfigError
+from ..errors import (
+    ConcurrentUpdateDetected,
+    InstanceExists,
+    StoreConfigError,
+    StoreIntegrityError,
+)
 from ..ledger import (
     CHECKPOINT_COLUMNS,
     KEPT,
@@ -68,6 +73,7 @@ from .base import (
     Transaction,
     WorkOutcome,
 )
+from .row_seals import SEALED_MARK, SEALED_SELECT, RowSeals, outbox_values, seal_every_row
 from .urls import redact
 
 __all__ = [
@@ -94,6 +100,15 @@ _OUTBOX_COLUMNS = (
     "body, created_ms, status, error"
 )
 _CHECKPOINT_COLUMNS = ", ".join(CHECKPOINT_COLUMNS)
+_TIMER_READ = SEALED_SELECT["timers"]
+_OUTBOX_READ = SEALED_SELECT["outbox"]
+_FLOW_READ = SEALED_SELECT["flows"]
+_BREAKER_READ = SEALED_SELECT["breakers"]
+_DEADLINE_READ = SEALED_SELECT["deadlines"]
+_SAVE_MARK = (
+    "INSERT INTO autonomic_meta (key, value) VALUES (%s, %s) "
+    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+)
 # Milliseconds since the epoch on the database's clock: leases compare against one clock
 # for the whole fleet, whatever the hosts' clocks say.
 _DB_NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
@@ -268,11 +283,13 @@ class PostgresTransaction:
     """The statements of one batch, on one pooled connection inside its transaction, for the
     ledger partition the batch has locked."""
 
-    __slots__ = ("_execute", "partition")
+    __slots__ = ("_execute", "_seals", "partition")
 
-    def __init__(self, cursor: psycopg.Cursor[Any], partition: int | None) -> None:
+    def __init__(self, cursor: psycopg.Cursor[Any], partition: int | None, seals: RowSeals) -> None:
         self._execute = cursor.execute
         self.partition = partition
+        # Every row of a sealed table is sealed as written and checked as read (row_seals.py).
+        self._seals = seals
 
     def _part(self) -> int:
         if self.partition is None:
@@ -281,18 +298,20 @@ class PostgresTransaction:
 
     def instance(self, machine: str, instance: str) -> InstanceRecord | None:
         row = self._execute(
-            "SELECT state, version FROM instances WHERE machine = %s AND instance = %s",
+            "SELECT machine, instance, state, version, seal FROM instances "
+            "WHERE machine = %s AND instance = %s",
             (machine, instance),
         ).fetchone()
-        return None if row is None else InstanceRecord(machine, instance, row[0], row[1])
+        return None if row is None else self._seals.instance(row)
 
     def insert_instance(self, record: InstanceRecord) -> None:
         # ON CONFLICT rather than catching the unique violation: an error would abort the
         # transaction, and the caller may carry on after InstanceExists.
+        row = (record.machine, record.instance, record.state, record.version)
         cursor = self._execute(
-            "INSERT INTO instances (machine, instance, state, version) VALUES (%s, %s, %s, %s) "
-            "ON CONFLICT DO NOTHING",
-            (record.machine, record.instance, record.state, record.version),
+            "INSERT INTO instances (machine, instance, state, version, seal) "
+            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (*row, self._seals.seal("instances", row)),
         )
         if cursor.rowcount != 1:
             raise InstanceExists(record.machine, record.instance)
@@ -300,10 +319,11 @@ class PostgresTransaction:
     def update_instance(
         self, machine: str, instance: str, state: str, version: int, expected_version: int
     ) -> None:
+        seal = self._seals.seal("instances", (machine, instance, state, version))
         cursor = self._execute(
-            "UPDATE instances SET state = %s, version = %s "
+            "UPDATE instances SET state = %s, version = %s, seal = %s "
             "WHERE machine = %s AND instance = %s AND version = %s",
-            (state, version, machine, instance, expected_version),
+            (state, version, seal, machine, instance, expected_version),
         )
         if cursor.rowcount != 1:
             row = self._execute(
@@ -336,34 +356,60 @@ class PostgresTransaction:
 
     def processed(self, machine: str, event_id: str) -> str | None:
         row = self._execute(
-            "SELECT result FROM processed_events WHERE machine = %s AND event_id = %s",
+            f"SELECT {SEALED_SELECT['processed_events']} FROM processed_events "
+            "WHERE machine = %s AND event_id = %s",
             (machine, event_id),
         ).fetchone()
-        return None if row is None else str(row[0])
+        return None if row is None else str(self._seals.stored_result("processed_events", row)[3])
 
     def record_processed(
         self, machine: str, event_id: str, instance: str, result: str, now_ms: int
     ) -> None:
+        row = (machine, event_id, instance, result, now_ms)
         self._execute(
-            "INSERT INTO processed_events (machine, event_id, instance, result, created_ms) "
-            "VALUES (%s, %s, %s, %s, %s)",
-            (machine, event_id, instance, result, now_ms),
+            "INSERT INTO processed_events (machine, event_id, instance, result, created_ms, "
+            "seal) VALUES (%s, %s, %s, %s, %s, %s)",
+            (*row, self._seals.seal("processed_events", row)),
         )
 
     def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
         row = self._execute(
-            "SELECT request_sha256, result FROM idempotency_keys WHERE machine = %s AND key = %s",
+            f"SELECT {SEALED_SELECT['idempotency_keys']} FROM idempotency_keys "
+            "WHERE machine = %s AND key = %s",
             (machine, key),
         ).fetchone()
-        return None if row is None else (bytes(row[0]), str(row[1]))
+        if row is None:
+            return None
+        values = self._seals.stored_result("idempotency_keys", row)
+        return values[2], values[3]
 
     def record_idempotency(
         self, machine: str, key: str, request_digest: bytes, result: str, now_ms: int
     ) -> None:
+        row = (machine, key, bytes(request_digest), result, now_ms)
         self._execute(
-            "INSERT INTO idempotency_keys (machine, key, request_sha256, result, created_ms) "
-            "VALUES (%s, %s, %s, %s, %s)",
-            (machine, key, request_digest, result, now_ms),
+            "INSERT INTO idempotency_keys (machine, key, request_sha256, result, created_ms, "
+            "seal) VALUES (%s, %s, %s, %s, %s, %s)",
+            (*row, self._seals.seal("idempotency_keys", row)),
+        )
+
+    def _seal_inserted(self, table: str, row_id: int, values: Sequence[object]) -> None:
+        """Seal a row just inserted with a store-assigned id (the seal covers the id)."""
+        seal = self._seals.seal(table, (row_id, *values))
+        if seal is not None:
+            self._execute(f"UPDATE {table} SET seal = %s WHERE id = %s", (seal, row_id))
+
+    def _outbox_row(self, message_id: int) -> OutboxMessage | None:
+        row = self._execute(
+            f"SELECT {_OUTBOX_READ} FROM outbox WHERE id = %s", (message_id,)
+        ).fetchone()
+        return None if row is None else self._seals.message(row)
+
+    def _rewrite_outbox(self, message: OutboxMessage, lease: str = "") -> None:
+        seal = self._seals.seal("outbox", outbox_values(message))
+        self._execute(
+            f"UPDATE outbox SET body = %s, status = %s, error = %s, seal = %s{lease} WHERE id = %s",
+            (message.body, message.status, message.error, seal, message.id),
         )
 
     def cancel_timers(
@@ -381,18 +427,22 @@ class PostgresTransaction:
 
     def arm_timers(self, timers: Sequence[ArmedTimer]) -> None:
         for timer in timers:
-            self._execute(
-                f"INSERT INTO timers ({_TIMER_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s)",
-                _timer_row(timer),
-            )
+            values = _timer_row(timer)
+            row = self._execute(
+                f"INSERT INTO timers ({_TIMER_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s) "
+                "RETURNING id",
+                values,
+            ).fetchone()
+            assert row is not None
+            self._seal_inserted("timers", row[0], values)
 
     def timer_armed(self, timer: ArmedTimer) -> bool:
         row = self._execute(
-            "SELECT 1 FROM timers WHERE machine = %s AND instance = %s AND timer_id = %s "
-            "AND state = %s AND due_ms = %s AND armed_version = %s",
+            f"SELECT {_TIMER_READ} FROM timers WHERE machine = %s AND instance = %s "
+            "AND timer_id = %s AND state = %s AND due_ms = %s AND armed_version = %s",
             _timer_row(timer),
         ).fetchone()
-        return row is not None
+        return row is not None and self._seals.timer(row) == timer
 
     def take_timer(self, timer: ArmedTimer) -> bool:
         cursor = self._execute(
@@ -404,40 +454,34 @@ class PostgresTransaction:
 
     def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
         for m in messages:
-            self._execute(
+            values = outbox_values(replace(m, error=None))[1:]
+            row = self._execute(
                 "INSERT INTO outbox (kind, machine, instance, version, target_machine, "
                 "target_instance, event, event_id, body, created_ms, status, error) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL)",
-                (
-                    m.kind,
-                    m.machine,
-                    m.instance,
-                    m.version,
-                    m.target_machine,
-                    m.target_instance,
-                    m.event,
-                    m.event_id,
-                    m.body,
-                    m.created_ms,
-                    m.status,
-                ),
-            )
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                values,
+            ).fetchone()
+            assert row is not None
+            self._seal_inserted("outbox", row[0], values)
 
     def outbox_message(self, event_id: str) -> OutboxMessage | None:
         row = self._execute(
-            f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE event_id = %s", (event_id,)
+            f"SELECT {_OUTBOX_READ} FROM outbox WHERE event_id = %s", (event_id,)
         ).fetchone()
-        return None if row is None else OutboxMessage(*row)
+        return None if row is None else self._seals.message(row)
 
     def mark_outbox(self, message_id: int, status: OutboxStatus, error: str | None) -> None:
-        self._execute(
-            "UPDATE outbox SET status = %s, error = %s, lease_owner = NULL, "
-            "lease_until_ms = NULL WHERE id = %s",
-            (status, error, message_id),
-        )
+        message = self._outbox_row(message_id)
+        if message is not None:
+            self._rewrite_outbox(
+                replace(message, status=status, error=error),
+                ", lease_owner = NULL, lease_until_ms = NULL",
+            )
 
     def set_outbox_body(self, message_id: int, body: str) -> None:
-        self._execute("UPDATE outbox SET body = %s WHERE id = %s", (body, message_id))
+        message = self._outbox_row(message_id)
+        if message is not None:
+            self._rewrite_outbox(replace(message, body=body))
 
     def lease_outbox(self, message_id: int, owner: str, lease_ms: int) -> None:
         self._execute(
@@ -471,9 +515,9 @@ class PostgresTransaction:
 
     def flow(self, flow_id: str) -> FlowRecord | None:
         row = self._execute(
-            f"SELECT {_FLOW_COLUMNS} FROM flows WHERE flow_id = %s", (flow_id,)
+            f"SELECT {_FLOW_READ} FROM flows WHERE flow_id = %s", (flow_id,)
         ).fetchone()
-        return None if row is None else FlowRecord(*row)
+        return None if row is None else self._seals.flow(row)
 
     def save_flow(self, record: FlowRecord, expected_version: int) -> None:
         values = (
@@ -485,37 +529,39 @@ class PostgresTransaction:
             record.updated_ms,
             record.wake_ms,
         )
+        seal = self._seals.seal("flows", (record.flow_id, *values))
         if expected_version == 0:
             cursor = self._execute(
-                f"INSERT INTO flows ({_FLOW_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT DO NOTHING",
-                (record.flow_id, *values),
+                f"INSERT INTO flows ({_FLOW_COLUMNS}, seal) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (record.flow_id, *values, seal),
             )
             if cursor.rowcount != 1:
                 raise ConcurrentUpdateDetected(record.flow, record.flow_id, 0, -1)
             return
         cursor = self._execute(
             "UPDATE flows SET flow = %s, instance = %s, status = %s, version = %s, data = %s, "
-            "updated_ms = %s, wake_ms = %s WHERE flow_id = %s AND version = %s",
-            (*values, record.flow_id, expected_version),
+            "updated_ms = %s, wake_ms = %s, seal = %s WHERE flow_id = %s AND version = %s",
+            (*values, seal, record.flow_id, expected_version),
         )
         if cursor.rowcount != 1:
             raise ConcurrentUpdateDetected(record.flow, record.flow_id, expected_version, -1)
 
     def save_breaker(self, record: BreakerRecord) -> None:
+        values = (
+            record.machine,
+            record.name,
+            record.state,
+            record.failures,
+            record.opened_ms,
+            record.updated_ms,
+        )
         self._execute(
-            f"INSERT INTO breakers ({_BREAKER_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s) "
+            f"INSERT INTO breakers ({_BREAKER_COLUMNS}, seal) VALUES (%s, %s, %s, %s, %s, %s, %s) "
             "ON CONFLICT (machine, name) DO UPDATE SET state = EXCLUDED.state, "
             "failures = EXCLUDED.failures, opened_ms = EXCLUDED.opened_ms, "
-            "updated_ms = EXCLUDED.updated_ms",
-            (
-                record.machine,
-                record.name,
-                record.state,
-                record.failures,
-                record.opened_ms,
-                record.updated_ms,
-            ),
+            "updated_ms = EXCLUDED.updated_ms, seal = EXCLUDED.seal",
+            (*values, self._seals.seal("breakers", values)),
         )
 
     def instance_data(self, machine: str, instance: str) -> str | None:
@@ -542,17 +588,26 @@ class PostgresTransaction:
 
     def deadline(self, id: str) -> DeadlineRecord | None:
         row = self._execute(
-            f"SELECT {_DEADLINE_COLUMNS} FROM deadlines WHERE id = %s", (id,)
+            f"SELECT {_DEADLINE_READ} FROM deadlines WHERE id = %s", (id,)
         ).fetchone()
-        return None if row is None else DeadlineRecord(*row)
+        return None if row is None else self._seals.deadline(row)
 
     def save_deadline(self, record: DeadlineRecord) -> None:
+        values = (
+            record.id,
+            record.name,
+            record.governor,
+            record.due_ms,
+            record.level,
+            record.action,
+        )
         self._execute(
-            f"INSERT INTO deadlines ({_DEADLINE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s) "
+            f"INSERT INTO deadlines ({_DEADLINE_COLUMNS}, seal) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s) "
             "ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, "
             "governor = EXCLUDED.governor, due_ms = EXCLUDED.due_ms, level = EXCLUDED.level, "
-            "action = EXCLUDED.action",
-            (record.id, record.name, record.governor, record.due_ms, record.level, record.action),
+            "action = EXCLUDED.action, seal = EXCLUDED.seal",
+            (*values, self._seals.seal("deadlines", values)),
         )
 
     def delete_deadline(self, id: str) -> bool:
@@ -562,11 +617,15 @@ class PostgresTransaction:
         # FOR UPDATE: a second worker checking at the same time waits for this transaction,
         # then finds the deadline re-armed (not due), so one miss escalates once.
         rows = self._execute(
-            f"SELECT {_DEADLINE_COLUMNS} FROM deadlines WHERE due_ms <= %s "
+            f"SELECT {_DEADLINE_READ} FROM deadlines WHERE due_ms <= %s "
             "ORDER BY due_ms, id LIMIT %s FOR UPDATE",
             (now_ms, limit),
         ).fetchall()
-        return [DeadlineRecord(*row) for row in rows]
+        return [self._seals.deadline(row) for row in rows]
+
+    def reseal_rows(self, key: bytes) -> None:
+        # Every row is checked under the outgoing key first: a forged row is not laundered.
+        seal_every_row(self._execute, self._seals, key, check=True, mark=_SAVE_MARK)
 
 
 _FLOW_COLUMNS = "flow_id, flow, instance, status, version, data, updated_ms, wake_ms"
@@ -645,6 +704,8 @@ class PostgresStore:
         )
         self._closed = threading.Event()
         self._view: int | None = None  # see in_partition
+        # Shared with the partition views (in_partition copies the store, not this).
+        self._seals = RowSeals(self.where)
 
     # -- Store -------------------------------------------------------------------------------
 
@@ -663,7 +724,7 @@ class PostgresStore:
         with self._connection() as connection:
             cursor = connection.cursor()
             execute = cursor.execute
-            txn = PostgresTransaction(cursor, partition)
+            txn = PostgresTransaction(cursor, partition, self._seals)
             execute("BEGIN")
             try:
                 if partition is not None:
@@ -707,7 +768,7 @@ class PostgresStore:
             execute("BEGIN")
             try:
                 execute("SELECT part FROM ledger_heads ORDER BY part FOR UPDATE")
-                value = work(lambda partition: PostgresTransaction(cursor, partition))
+                value = work(lambda partition: PostgresTransaction(cursor, partition, self._seals))
                 execute("COMMIT")
             except BaseException:
                 if not connection.closed and connection.info.transaction_status != 0:
@@ -745,6 +806,38 @@ class PostgresStore:
             rows: list[tuple[Any, ...]] = connection.execute(cast(Any, sql), parameters).fetchall()
         return rows
 
+    def seal_rows(self, key: bytes | None) -> None:
+        if key is None:
+            self._seals.key = None
+            return
+        with self._connection() as connection:
+            cursor = connection.cursor()
+            try:
+                with connection.transaction():
+                    # Processes opening one unsealed store at once seal it once.
+                    cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                    found = cursor.execute(
+                        "SELECT value FROM autonomic_meta WHERE key = %s", (SEALED_MARK,)
+                    ).fetchone()
+                    if found is None:
+                        # Written before rows were sealed, or without a key: its rows are
+                        # sealed as found, once; from now on a row without its seal is refused.
+                        seal_every_row(
+                            cursor.execute, self._seals, key, check=False, mark=_SAVE_MARK
+                        )
+                    elif found[0] != self._seals.mark(key):
+                        raise StoreIntegrityError(
+                            f"{self.where}: its rows are sealed under another key than this "
+                            "runtime's signing key",
+                            hint="open the store with the key that signs its ledger now "
+                            "(after `rotate_key`, the new one)",
+                        )
+                    else:
+                        self._seals.key = key
+            except BaseException:
+                self._seals.key = None
+                raise
+
     def ledger_mode(self) -> LedgerMode | None:
         rows = self._query("SELECT value FROM ledger_meta WHERE key = %s", (META_MODE_KEY,))
         if not rows:
@@ -763,18 +856,19 @@ class PostgresStore:
 
     def get_instance(self, machine: str, instance: str) -> InstanceRecord | None:
         rows = self._query(
-            "SELECT state, version FROM instances WHERE machine = %s AND instance = %s",
+            "SELECT machine, instance, state, version, seal FROM instances "
+            "WHERE machine = %s AND instance = %s",
             (machine, instance),
         )
-        return InstanceRecord(machine, instance, rows[0][0], rows[0][1]) if rows else None
+        return self._seals.instance(rows[0]) if rows else None
 
     def instances(self, machine: str) -> list[InstanceRecord]:
         rows = self._query(
-            "SELECT instance, state, version FROM instances WHERE machine = %s "
+            "SELECT machine, instance, state, version, seal FROM instances WHERE machine = %s "
             'ORDER BY instance COLLATE "C"',
             (machine,),
         )
-        return [InstanceRecord(machine, i, s, v) for i, s, v in rows]
+        return [self._seals.instance(row) for row in rows]
 
     def partition_of(self, instance: str) -> int:
         """The ledger partition holding `instance`'s entries."""
@@ -921,19 +1015,19 @@ class PostgresStore:
             parameters.append(instance)
         clause = f"WHERE {' AND '.join(where)} " if where else ""
         rows = self._query(
-            f"SELECT {_TIMER_COLUMNS} FROM timers {clause}ORDER BY due_ms, id", parameters
+            f"SELECT {_TIMER_READ} FROM timers {clause}ORDER BY due_ms, id", parameters
         )
-        return [ArmedTimer(*row) for row in rows]
+        return [self._seals.timer(row) for row in rows]
 
     def due_timers(self, now_ms: int, machines: Sequence[str], limit: int) -> list[ArmedTimer]:
         if not machines:
             return []
         rows = self._query(
-            f"SELECT {_TIMER_COLUMNS} FROM timers WHERE due_ms <= %s AND machine = ANY(%s) "
+            f"SELECT {_TIMER_READ} FROM timers WHERE due_ms <= %s AND machine = ANY(%s) "
             "ORDER BY due_ms, id LIMIT %s",
             (now_ms, list(machines), limit),
         )
-        return [ArmedTimer(*row) for row in rows]
+        return [self._seals.timer(row) for row in rows]
 
     def claim_due_timers(
         self, now_ms: int, machines: Sequence[str], limit: int
@@ -949,12 +1043,14 @@ class PostgresStore:
                 f"lease_until_ms = {_DB_NOW_MS} + %(lease)s "
                 "FROM (SELECT id FROM timers c WHERE c.due_ms <= %(now)s "
                 "AND c.machine = ANY(%(machines)s) "
-                f"AND (c.lease_until_ms IS NULL OR c.lease_until_ms <= {_DB_NOW_MS}) "
+                f"AND (c.lease_until_ms IS NULL OR c.lease_until_ms <= {_DB_NOW_MS} "
+                # A lease longer than this store's own was granted by no worker of it.
+                f"OR c.lease_until_ms > {_DB_NOW_MS} + %(lease)s) "
                 "AND NOT EXISTS (SELECT 1 FROM timers e WHERE e.machine = c.machine "
                 "AND e.instance = c.instance AND (e.due_ms, e.id) < (c.due_ms, c.id)) "
                 "ORDER BY c.due_ms, c.id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) claimed "
-                f"WHERE t.id = claimed.id RETURNING t.due_ms, t.id, "
-                + ", ".join(f"t.{c.strip()}" for c in _TIMER_COLUMNS.split(",")),
+                "WHERE t.id = claimed.id RETURNING "
+                + ", ".join(f"t.{c.strip()}" for c in _TIMER_READ.split(",")),
                 {
                     "owner": self.owner,
                     "lease": self.lease_ms,
@@ -963,8 +1059,9 @@ class PostgresStore:
                     "limit": limit,
                 },
             ).fetchall()
-        rows.sort(key=lambda row: (row[0], row[1]))
-        return [ArmedTimer(*row[2:]) for row in rows]
+        timers = [(row[5], row[0], self._seals.timer(row)) for row in rows]
+        timers.sort(key=lambda found: found[:2])
+        return [timer for _, _, timer in timers]
 
     def claim_outbox(self, *, kind: OutboxKind, limit: int) -> list[OutboxMessage]:
         """Lease up to `limit` pending messages of `kind` for `lease_ms`: each the oldest
@@ -974,17 +1071,19 @@ class PostgresStore:
                 f"UPDATE outbox o SET lease_owner = %(owner)s, "
                 f"lease_until_ms = {_DB_NOW_MS} + %(lease)s "
                 "FROM (SELECT id FROM outbox c WHERE c.status = 'pending' AND c.kind = %(kind)s "
-                f"AND (c.lease_until_ms IS NULL OR c.lease_until_ms <= {_DB_NOW_MS}) "
+                f"AND (c.lease_until_ms IS NULL OR c.lease_until_ms <= {_DB_NOW_MS} "
+                # A lease longer than this store's own was granted by no worker of it.
+                f"OR c.lease_until_ms > {_DB_NOW_MS} + %(lease)s) "
                 "AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.status = 'pending' "
                 "AND e.target_machine = c.target_machine "
                 "AND e.target_instance = c.target_instance AND e.id < c.id) "
                 "ORDER BY c.id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) claimed "
                 "WHERE o.id = claimed.id RETURNING "
-                + ", ".join(f"o.{c.strip()}" for c in _OUTBOX_COLUMNS.split(",")),
+                + ", ".join(f"o.{c.strip()}" for c in _OUTBOX_READ.split(",")),
                 {"owner": self.owner, "lease": self.lease_ms, "kind": kind, "limit": limit},
             ).fetchall()
         rows.sort(key=lambda row: row[0])
-        return [OutboxMessage(*row) for row in rows]
+        return [self._seals.message(row) for row in rows]
 
     def lease_in(self, txn: Transaction, message_id: int) -> None:
         """Lease a message to this store's owner for `lease_ms`, in `txn` (a unit of work of
@@ -1009,44 +1108,49 @@ class PostgresStore:
             parameters.append(kind)
         clause = f"WHERE {' AND '.join(where)} " if where else ""
         rows = self._query(
-            f"SELECT {_OUTBOX_COLUMNS} FROM outbox {clause}ORDER BY id LIMIT %s",
+            f"SELECT {_OUTBOX_READ} FROM outbox {clause}ORDER BY id LIMIT %s",
             [*parameters, limit],
         )
-        return [OutboxMessage(*row) for row in rows]
+        return [self._seals.message(row) for row in rows]
 
     def get_flow(self, flow_id: str) -> FlowRecord | None:
-        rows = self._query(f"SELECT {_FLOW_COLUMNS} FROM flows WHERE flow_id = %s", (flow_id,))
-        return FlowRecord(*rows[0]) if rows else None
+        rows = self._query(f"SELECT {_FLOW_READ} FROM flows WHERE flow_id = %s", (flow_id,))
+        return self._seals.flow(rows[0]) if rows else None
 
     def unfinished_flows(self, limit: int = 1000) -> list[FlowRecord]:
         rows = self._query(
-            f"SELECT {_FLOW_COLUMNS} FROM flows "
+            f"SELECT {_FLOW_READ} FROM flows "
             "WHERE status NOT IN ('completed', 'compensated', 'failed') "
             "ORDER BY updated_ms, flow_id LIMIT %s",
             (limit,),
         )
-        return [FlowRecord(*row) for row in rows]
+        return [self._seals.flow(row) for row in rows]
 
     def processed(self, machine: str, event_id: str) -> str | None:
         rows = self._query(
-            "SELECT result FROM processed_events WHERE machine = %s AND event_id = %s",
+            f"SELECT {SEALED_SELECT['processed_events']} FROM processed_events "
+            "WHERE machine = %s AND event_id = %s",
             (machine, event_id),
         )
-        return str(rows[0][0]) if rows else None
+        return str(self._seals.stored_result("processed_events", rows[0])[3]) if rows else None
 
     def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
         rows = self._query(
-            "SELECT request_sha256, result FROM idempotency_keys WHERE machine = %s AND key = %s",
+            f"SELECT {SEALED_SELECT['idempotency_keys']} FROM idempotency_keys "
+            "WHERE machine = %s AND key = %s",
             (machine, key),
         )
-        return (bytes(rows[0][0]), str(rows[0][1])) if rows else None
+        if not rows:
+            return None
+        values = self._seals.stored_result("idempotency_keys", rows[0])
+        return values[2], values[3]
 
     def get_breaker(self, machine: str, name: str) -> BreakerRecord | None:
         rows = self._query(
-            f"SELECT {_BREAKER_COLUMNS} FROM breakers WHERE machine = %s AND name = %s",
+            f"SELECT {_BREAKER_READ} FROM breakers WHERE machine = %s AND name = %s",
             (machine, name),
         )
-        return BreakerRecord(*rows[0]) if rows else None
+        return self._seals.breaker(rows[0]) if rows else None
 
     def get_instance_data(self, machine: str, instance: str) -> str | None:
         rows = self._query(
@@ -1056,8 +1160,8 @@ class PostgresStore:
         return str(rows[0][0]) if rows else None
 
     def deadlines(self) -> list[DeadlineRecord]:
-        rows = self._query(f"SELECT {_DEADLINE_COLUMNS} FROM deadlines ORDER BY due_ms, id")
-        return [DeadlineRecord(*row) for row in rows]
+        rows = self._query(f"SELECT {_DEADLINE_READ} FROM deadlines ORDER BY due_ms, id")
+        return [self._seals.deadline(row) for row in rows]
 
     def claim_outside(self, keys: Sequence[ClaimKey], holder: str, lease_ms: int) -> bool:
         # One upsert per key that takes a row only if it is free, its lease ran out (on the
@@ -1074,8 +1178,11 @@ class PostgresStore:
                             "ON CONFLICT (machine, kind, key) DO UPDATE SET "
                             "holder = EXCLUDED.holder, until_ms = EXCLUDED.until_ms "
                             f"WHERE c.holder = EXCLUDED.holder OR c.until_ms <= {_DB_NOW_MS} "
+                            # A lease longer than this runtime's own is not one it granted:
+                            # a row written outside it would hold the key for ever.
+                            f"OR c.until_ms > {_DB_NOW_MS} + %s "
                             "RETURNING 1",
-                            (machine, kind, key, holder, lease_ms),
+                            (machine, kind, key, holder, lease_ms, lease_ms),
                         )
                         if cursor.fetchone() is None:
                             raise _Busy()

@@ -24,10 +24,16 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
-from ..errors import ConcurrentUpdateDetected, InstanceExists, StoreConfigError
+from ..errors import (
+    ConcurrentUpdateDetected,
+    InstanceExists,
+    StoreConfigError,
+    StoreIntegrityError,
+)
 from ..ledger import (
     INSERT_CHECKPOINT_SQL,
     INSERT_ENTRY_SQL,
@@ -57,7 +63,8 @@ from .base import (
     Transaction,
     WorkOutcome,
 )
-from .sqlite_schema import RUNTIME_SCHEMA_SQL, schema_problem
+from .row_seals import SEALED_MARK, SEALED_SELECT, RowSeals, outbox_values, seal_every_row
+from .sqlite_schema import RUNTIME_SCHEMA_SQL, SEALED_TABLE_NAMES, schema_problem
 
 __all__ = ["RUNTIME_SCHEMA_SQL", "SQLiteStore", "Synchronous"]
 
@@ -68,24 +75,18 @@ SCHEMA_VERSION = "1"
 
 _ENTRY_COLUMNS = ", ".join(LEDGER_COLUMNS)
 _TIMER_COLUMNS = "machine, instance, timer_id, state, due_ms, armed_version"
-_OUTBOX_COLUMNS = (
-    "id, kind, machine, instance, version, target_machine, target_instance, event, event_id, "
-    "body, created_ms, status, error"
-)
+_TIMER_READ = SEALED_SELECT["timers"]
+_SAVE_MARK = "INSERT OR REPLACE INTO runtime_meta (key, value) VALUES (?, ?)"
+_OUTBOX_READ = SEALED_SELECT["outbox"]
+_FLOW_READ = SEALED_SELECT["flows"]
+_BREAKER_READ = SEALED_SELECT["breakers"]
+_DEADLINE_READ = SEALED_SELECT["deadlines"]
 _PAGE = 1000
 _new_entry = cast(Callable[[type[LedgerEntry], tuple[Any, ...]], LedgerEntry], tuple.__new__)
 
 
 def _entry(row: tuple[Any, ...]) -> LedgerEntry:
     return _new_entry(LedgerEntry, row)
-
-
-def _timer(row: tuple[Any, ...]) -> ArmedTimer:
-    return ArmedTimer(*row)
-
-
-def _message(row: tuple[Any, ...]) -> OutboxMessage:
-    return OutboxMessage(*row)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,23 +226,28 @@ def _inspect(path: Path, busy_timeout_ms: int, *, immutable: bool) -> None:
 class SQLiteTransaction:
     """The statements of one unit of work, on the store's connection inside its transaction."""
 
-    __slots__ = ("_execute",)
+    __slots__ = ("_execute", "_seals")
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: sqlite3.Connection, seals: RowSeals) -> None:
         self._execute = connection.execute
+        # Every row of a sealed table is sealed as written and checked as read (row_seals.py).
+        self._seals = seals
 
     def instance(self, machine: str, instance: str) -> InstanceRecord | None:
         row = self._execute(
-            "SELECT state, version FROM instances WHERE machine = ? AND instance = ?",
+            "SELECT machine, instance, state, version, seal FROM instances "
+            "WHERE machine = ? AND instance = ?",
             (machine, instance),
         ).fetchone()
-        return None if row is None else InstanceRecord(machine, instance, row[0], row[1])
+        return None if row is None else self._seals.instance(row)
 
     def insert_instance(self, record: InstanceRecord) -> None:
+        row = (record.machine, record.instance, record.state, record.version)
         try:
             self._execute(
-                "INSERT INTO instances (machine, instance, state, version) VALUES (?, ?, ?, ?)",
-                (record.machine, record.instance, record.state, record.version),
+                "INSERT INTO instances (machine, instance, state, version, seal) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (*row, self._seals.seal("instances", row)),
             )
         except sqlite3.IntegrityError:
             raise InstanceExists(record.machine, record.instance) from None
@@ -249,10 +255,11 @@ class SQLiteTransaction:
     def update_instance(
         self, machine: str, instance: str, state: str, version: int, expected_version: int
     ) -> None:
+        seal = self._seals.seal("instances", (machine, instance, state, version))
         cursor = self._execute(
-            "UPDATE instances SET state = ?, version = ? "
+            "UPDATE instances SET state = ?, version = ?, seal = ? "
             "WHERE machine = ? AND instance = ? AND version = ?",
-            (state, version, machine, instance, expected_version),
+            (state, version, seal, machine, instance, expected_version),
         )
         if cursor.rowcount != 1:
             row = self._execute(
@@ -280,34 +287,60 @@ class SQLiteTransaction:
 
     def processed(self, machine: str, event_id: str) -> str | None:
         row = self._execute(
-            "SELECT result FROM processed_events WHERE machine = ? AND event_id = ?",
+            f"SELECT {SEALED_SELECT['processed_events']} FROM processed_events "
+            "WHERE machine = ? AND event_id = ?",
             (machine, event_id),
         ).fetchone()
-        return None if row is None else str(row[0])
+        return None if row is None else str(self._seals.stored_result("processed_events", row)[3])
 
     def record_processed(
         self, machine: str, event_id: str, instance: str, result: str, now_ms: int
     ) -> None:
+        row = (machine, event_id, instance, result, now_ms)
         self._execute(
-            "INSERT INTO processed_events (machine, event_id, instance, result, created_ms) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (machine, event_id, instance, result, now_ms),
+            "INSERT INTO processed_events (machine, event_id, instance, result, created_ms, "
+            "seal) VALUES (?, ?, ?, ?, ?, ?)",
+            (*row, self._seals.seal("processed_events", row)),
         )
 
     def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
         row = self._execute(
-            "SELECT request_sha256, result FROM idempotency_keys WHERE machine = ? AND key = ?",
+            f"SELECT {SEALED_SELECT['idempotency_keys']} FROM idempotency_keys "
+            "WHERE machine = ? AND key = ?",
             (machine, key),
         ).fetchone()
-        return None if row is None else (bytes(row[0]), str(row[1]))
+        if row is None:
+            return None
+        values = self._seals.stored_result("idempotency_keys", row)
+        return values[2], values[3]
 
     def record_idempotency(
         self, machine: str, key: str, request_digest: bytes, result: str, now_ms: int
     ) -> None:
+        row = (machine, key, bytes(request_digest), result, now_ms)
         self._execute(
-            "INSERT INTO idempotency_keys (machine, key, request_sha256, result, created_ms) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (machine, key, request_digest, result, now_ms),
+            "INSERT INTO idempotency_keys (machine, key, request_sha256, result, created_ms, "
+            "seal) VALUES (?, ?, ?, ?, ?, ?)",
+            (*row, self._seals.seal("idempotency_keys", row)),
+        )
+
+    def _seal_inserted(self, table: str, row_id: int | None, values: Sequence[object]) -> None:
+        """Seal a row just inserted with a store-assigned id (the seal covers the id)."""
+        seal = self._seals.seal(table, (row_id, *values))
+        if seal is not None:
+            self._execute(f"UPDATE {table} SET seal = ? WHERE id = ?", (seal, row_id))
+
+    def _outbox_row(self, message_id: int) -> OutboxMessage | None:
+        row = self._execute(
+            f"SELECT {_OUTBOX_READ} FROM outbox WHERE id = ?", (message_id,)
+        ).fetchone()
+        return None if row is None else self._seals.message(row)
+
+    def _rewrite_outbox(self, message: OutboxMessage) -> None:
+        seal = self._seals.seal("outbox", outbox_values(message))
+        self._execute(
+            "UPDATE outbox SET body = ?, status = ?, error = ?, seal = ? WHERE id = ?",
+            (message.body, message.status, message.error, seal, message.id),
         )
 
     def cancel_timers(
@@ -327,21 +360,22 @@ class SQLiteTransaction:
 
     def arm_timers(self, timers: Sequence[ArmedTimer]) -> None:
         for timer in timers:
-            self._execute(
-                f"INSERT INTO timers ({_TIMER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    timer.machine,
-                    timer.instance,
-                    timer.timer_id,
-                    timer.state,
-                    timer.due_ms,
-                    timer.armed_version,
-                ),
+            values = (
+                timer.machine,
+                timer.instance,
+                timer.timer_id,
+                timer.state,
+                timer.due_ms,
+                timer.armed_version,
             )
+            cursor = self._execute(
+                f"INSERT INTO timers ({_TIMER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", values
+            )
+            self._seal_inserted("timers", cursor.lastrowid, values)
 
     def timer_armed(self, timer: ArmedTimer) -> bool:
         row = self._execute(
-            "SELECT 1 FROM timers WHERE machine = ? AND instance = ? AND timer_id = ? "
+            f"SELECT {_TIMER_READ} FROM timers WHERE machine = ? AND instance = ? AND timer_id = ? "
             "AND state = ? AND due_ms = ? AND armed_version = ?",
             (
                 timer.machine,
@@ -352,7 +386,7 @@ class SQLiteTransaction:
                 timer.armed_version,
             ),
         ).fetchone()
-        return row is not None
+        return row is not None and self._seals.timer(row) == timer
 
     def take_timer(self, timer: ArmedTimer) -> bool:
         cursor = self._execute(
@@ -371,38 +405,30 @@ class SQLiteTransaction:
 
     def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
         for m in messages:
-            self._execute(
+            values = outbox_values(replace(m, error=None))[1:]
+            cursor = self._execute(
                 "INSERT INTO outbox (kind, machine, instance, version, target_machine, "
                 "target_instance, event, event_id, body, created_ms, status, error) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-                (
-                    m.kind,
-                    m.machine,
-                    m.instance,
-                    m.version,
-                    m.target_machine,
-                    m.target_instance,
-                    m.event,
-                    m.event_id,
-                    m.body,
-                    m.created_ms,
-                    m.status,
-                ),
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                values,
             )
+            self._seal_inserted("outbox", cursor.lastrowid, values)
 
     def outbox_message(self, event_id: str) -> OutboxMessage | None:
         row = self._execute(
-            f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE event_id = ?", (event_id,)
+            f"SELECT {_OUTBOX_READ} FROM outbox WHERE event_id = ?", (event_id,)
         ).fetchone()
-        return None if row is None else _message(row)
+        return None if row is None else self._seals.message(row)
 
     def mark_outbox(self, message_id: int, status: OutboxStatus, error: str | None) -> None:
-        self._execute(
-            "UPDATE outbox SET status = ?, error = ? WHERE id = ?", (status, error, message_id)
-        )
+        message = self._outbox_row(message_id)
+        if message is not None:
+            self._rewrite_outbox(replace(message, status=status, error=error))
 
     def set_outbox_body(self, message_id: int, body: str) -> None:
-        self._execute("UPDATE outbox SET body = ? WHERE id = ?", (body, message_id))
+        message = self._outbox_row(message_id)
+        if message is not None:
+            self._rewrite_outbox(replace(message, body=body))
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
         self._execute(
@@ -427,9 +453,9 @@ class SQLiteTransaction:
 
     def flow(self, flow_id: str) -> FlowRecord | None:
         row = self._execute(
-            f"SELECT {_FLOW_COLUMNS} FROM flows WHERE flow_id = ?", (flow_id,)
+            f"SELECT {_FLOW_READ} FROM flows WHERE flow_id = ?", (flow_id,)
         ).fetchone()
-        return None if row is None else _flow_record(row)
+        return None if row is None else self._seals.flow(row)
 
     def save_flow(self, record: FlowRecord, expected_version: int) -> None:
         values = (
@@ -441,34 +467,37 @@ class SQLiteTransaction:
             record.updated_ms,
             record.wake_ms,
         )
+        seal = self._seals.seal("flows", (record.flow_id, *values))
         if expected_version == 0:
             try:
                 self._execute(
-                    f"INSERT INTO flows ({_FLOW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (record.flow_id, *values),
+                    f"INSERT INTO flows ({_FLOW_COLUMNS}, seal) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (record.flow_id, *values, seal),
                 )
             except sqlite3.IntegrityError:
                 raise ConcurrentUpdateDetected(record.flow, record.flow_id, 0, -1) from None
             return
         cursor = self._execute(
             "UPDATE flows SET flow = ?, instance = ?, status = ?, version = ?, data = ?, "
-            "updated_ms = ?, wake_ms = ? WHERE flow_id = ? AND version = ?",
-            (*values, record.flow_id, expected_version),
+            "updated_ms = ?, wake_ms = ?, seal = ? WHERE flow_id = ? AND version = ?",
+            (*values, seal, record.flow_id, expected_version),
         )
         if cursor.rowcount != 1:
             raise ConcurrentUpdateDetected(record.flow, record.flow_id, expected_version, -1)
 
     def save_breaker(self, record: BreakerRecord) -> None:
+        values = (
+            record.machine,
+            record.name,
+            record.state,
+            record.failures,
+            record.opened_ms,
+            record.updated_ms,
+        )
         self._execute(
-            f"INSERT OR REPLACE INTO breakers ({_BREAKER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                record.machine,
-                record.name,
-                record.state,
-                record.failures,
-                record.opened_ms,
-                record.updated_ms,
-            ),
+            f"INSERT OR REPLACE INTO breakers ({_BREAKER_COLUMNS}, seal) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (*values, self._seals.seal("breakers", values)),
         )
 
     def instance_data(self, machine: str, instance: str) -> str | None:
@@ -494,14 +523,23 @@ class SQLiteTransaction:
 
     def deadline(self, id: str) -> DeadlineRecord | None:
         row = self._execute(
-            f"SELECT {_DEADLINE_COLUMNS} FROM deadlines WHERE id = ?", (id,)
+            f"SELECT {_DEADLINE_READ} FROM deadlines WHERE id = ?", (id,)
         ).fetchone()
-        return None if row is None else DeadlineRecord(*row)
+        return None if row is None else self._seals.deadline(row)
 
     def save_deadline(self, record: DeadlineRecord) -> None:
+        values = (
+            record.id,
+            record.name,
+            record.governor,
+            record.due_ms,
+            record.level,
+            record.action,
+        )
         self._execute(
-            f"INSERT OR REPLACE INTO deadlines ({_DEADLINE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-            (record.id, record.name, record.governor, record.due_ms, record.level, record.action),
+            f"INSERT OR REPLACE INTO deadlines ({_DEADLINE_COLUMNS}, seal) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (*values, self._seals.seal("deadlines", values)),
         )
 
     def delete_deadline(self, id: str) -> bool:
@@ -509,20 +547,19 @@ class SQLiteTransaction:
 
     def due_deadlines(self, now_ms: int, limit: int) -> list[DeadlineRecord]:
         rows = self._execute(
-            f"SELECT {_DEADLINE_COLUMNS} FROM deadlines WHERE due_ms <= ? "
-            "ORDER BY due_ms, id LIMIT ?",
+            f"SELECT {_DEADLINE_READ} FROM deadlines WHERE due_ms <= ? ORDER BY due_ms, id LIMIT ?",
             (now_ms, limit),
         ).fetchall()
-        return [DeadlineRecord(*row) for row in rows]
+        return [self._seals.deadline(row) for row in rows]
+
+    def reseal_rows(self, key: bytes) -> None:
+        # Every row is checked under the outgoing key first: a forged row is not laundered.
+        seal_every_row(self._execute, self._seals, key, check=True, mark=_SAVE_MARK)
 
 
 _FLOW_COLUMNS = "flow_id, flow, instance, status, version, data, updated_ms, wake_ms"
 _BREAKER_COLUMNS = "machine, name, state, failures, opened_ms, updated_ms"
 _DEADLINE_COLUMNS = "id, name, governor, due_ms, level, action"
-
-
-def _flow_record(row: Sequence[Any]) -> FlowRecord:
-    return FlowRecord(*row)
 
 
 class SQLiteStore:
@@ -558,7 +595,8 @@ class SQLiteStore:
                 f"{path}: cannot open SQLite database: {exc}", hint=STORE_HINT
             ) from None
         self._lock = threading.RLock()
-        self._txn = SQLiteTransaction(self._connection)
+        self._seals = RowSeals(str(self.path))
+        self._txn = SQLiteTransaction(self._connection, self._seals)
         self._busy_timeout_ms = busy_timeout_ms
         # Outside-call claims: a connection of their own, opened on first use (see
         # claim_outside).
@@ -611,6 +649,10 @@ class SQLiteStore:
             columns = {row[1] for row in execute("PRAGMA table_info(snapshots)")}
             if "kept_seq" not in columns:
                 execute("ALTER TABLE snapshots ADD COLUMN kept_seq INTEGER NOT NULL DEFAULT -1")
+            # And one written before rows were sealed, the seal column (sealed in seal_rows).
+            for table in SEALED_TABLE_NAMES:
+                if "seal" not in {row[1] for row in execute(f"PRAGMA table_info({table})")}:
+                    execute(f"ALTER TABLE {table} ADD COLUMN seal BLOB")
             if empty:
                 execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 execute(
@@ -675,6 +717,37 @@ class SQLiteStore:
                 raise
         return outcomes
 
+    def seal_rows(self, key: bytes | None) -> None:
+        with self._lock:
+            if key is None:
+                self._seals.key = None
+                return
+            execute = self._connection.execute
+            execute("BEGIN IMMEDIATE")
+            try:
+                found = execute(
+                    "SELECT value FROM runtime_meta WHERE key = ?", (SEALED_MARK,)
+                ).fetchone()
+                if found is None:
+                    # Written before rows were sealed, or without a key: its rows are sealed
+                    # as found, once; from now on a row without its seal is refused.
+                    seal_every_row(execute, self._seals, key, check=False, mark=_SAVE_MARK)
+                elif found[0] != self._seals.mark(key):
+                    raise StoreIntegrityError(
+                        f"{self.path}: its rows are sealed under another key than this "
+                        "runtime's signing key",
+                        hint="open the store with the key that signs its ledger now (after "
+                        "`rotate_key`, the new one)",
+                    )
+                else:
+                    self._seals.key = key
+                execute("COMMIT")
+            except BaseException:
+                if self._connection.in_transaction:
+                    execute("ROLLBACK")
+                self._seals.key = None
+                raise
+
     def ledger_mode(self) -> LedgerMode | None:
         with self._lock:
             row = self._connection.execute(
@@ -700,10 +773,11 @@ class SQLiteStore:
 
     def instances(self, machine: str) -> list[InstanceRecord]:
         rows = self._query(
-            "SELECT instance, state, version FROM instances WHERE machine = ? ORDER BY instance",
+            "SELECT machine, instance, state, version, seal FROM instances WHERE machine = ? "
+            "ORDER BY instance",
             (machine,),
         )
-        return [InstanceRecord(machine, i, s, v) for i, s, v in rows]
+        return [self._seals.instance(row) for row in rows]
 
     def ledger_entries(
         self, *, machine: str | None = None, instance: str | None = None, after_seq: int = -1
@@ -761,20 +835,20 @@ class SQLiteStore:
             parameters.append(instance)
         clause = f"WHERE {' AND '.join(where)} " if where else ""
         rows = self._query(
-            f"SELECT {_TIMER_COLUMNS} FROM timers {clause}ORDER BY due_ms, id", parameters
+            f"SELECT {_TIMER_READ} FROM timers {clause}ORDER BY due_ms, id", parameters
         )
-        return [_timer(row) for row in rows]
+        return [self._seals.timer(row) for row in rows]
 
     def due_timers(self, now_ms: int, machines: Sequence[str], limit: int) -> list[ArmedTimer]:
         if not machines:
             return []
         marks = ", ".join("?" for _ in machines)
         rows = self._query(
-            f"SELECT {_TIMER_COLUMNS} FROM timers WHERE due_ms <= ? AND machine IN ({marks}) "
+            f"SELECT {_TIMER_READ} FROM timers WHERE due_ms <= ? AND machine IN ({marks}) "
             "ORDER BY due_ms, id LIMIT ?",
             [now_ms, *machines, limit],
         )
-        return [_timer(row) for row in rows]
+        return [self._seals.timer(row) for row in rows]
 
     def outbox(
         self,
@@ -793,10 +867,10 @@ class SQLiteStore:
             parameters.append(kind)
         clause = f"WHERE {' AND '.join(where)} " if where else ""
         rows = self._query(
-            f"SELECT {_OUTBOX_COLUMNS} FROM outbox {clause}ORDER BY id LIMIT ?",
+            f"SELECT {_OUTBOX_READ} FROM outbox {clause}ORDER BY id LIMIT ?",
             [*parameters, limit],
         )
-        return [_message(row) for row in rows]
+        return [self._seals.message(row) for row in rows]
 
     def get_flow(self, flow_id: str) -> FlowRecord | None:
         with self._lock:
@@ -804,12 +878,12 @@ class SQLiteStore:
 
     def unfinished_flows(self, limit: int = 1000) -> list[FlowRecord]:
         rows = self._query(
-            f"SELECT {_FLOW_COLUMNS} FROM flows "
+            f"SELECT {_FLOW_READ} FROM flows "
             "WHERE status NOT IN ('completed', 'compensated', 'failed') "
             "ORDER BY updated_ms, flow_id LIMIT ?",
             (limit,),
         )
-        return [_flow_record(row) for row in rows]
+        return [self._seals.flow(row) for row in rows]
 
     def processed(self, machine: str, event_id: str) -> str | None:
         with self._lock:
@@ -821,18 +895,18 @@ class SQLiteStore:
 
     def get_breaker(self, machine: str, name: str) -> BreakerRecord | None:
         rows = self._query(
-            f"SELECT {_BREAKER_COLUMNS} FROM breakers WHERE machine = ? AND name = ?",
+            f"SELECT {_BREAKER_READ} FROM breakers WHERE machine = ? AND name = ?",
             (machine, name),
         )
-        return BreakerRecord(*rows[0]) if rows else None
+        return self._seals.breaker(rows[0]) if rows else None
 
     def get_instance_data(self, machine: str, instance: str) -> str | None:
         with self._lock:
             return self._txn.instance_data(machine, instance)
 
     def deadlines(self) -> list[DeadlineRecord]:
-        rows = self._query(f"SELECT {_DEADLINE_COLUMNS} FROM deadlines ORDER BY due_ms, id")
-        return [DeadlineRecord(*row) for row in rows]
+        rows = self._query(f"SELECT {_DEADLINE_READ} FROM deadlines ORDER BY due_ms, id")
+        return [self._seals.deadline(row) for row in rows]
 
     def claim_outside(self, keys: Sequence[ClaimKey], holder: str, lease_ms: int) -> bool:
         # Leases on the wall clock, which every process on this file shares. Written with
@@ -850,7 +924,14 @@ class SQLiteStore:
                         "WHERE machine = ? AND kind = ? AND key = ?",
                         (machine, kind, key),
                     ).fetchone()
-                    if row is not None and row[0] != holder and row[1] > now:
+                    # A lease longer than this runtime's own is not one it granted: a row
+                    # written outside it (until 2**62, say) would hold the key for ever.
+                    if (
+                        row is not None
+                        and row[0] != holder
+                        and type(row[1]) is int
+                        and now < row[1] <= now + lease_ms
+                    ):
                         execute("ROLLBACK")
                         return False
                 connection.executemany(

@@ -19,7 +19,13 @@ from functools import cache
 
 from ..ledger import SCHEMA_SQL
 
-__all__ = ["RUNTIME_SCHEMA_SQL", "UPGRADES", "expected_schema", "schema_problem"]
+__all__ = [
+    "RUNTIME_SCHEMA_SQL",
+    "SEALED_TABLE_NAMES",
+    "UPGRADES",
+    "expected_schema",
+    "schema_problem",
+]
 
 # The runtime's own tables (the ledger's are ledger.SCHEMA_SQL); SQLiteStore creates both.
 RUNTIME_SCHEMA_SQL = """
@@ -28,6 +34,7 @@ CREATE TABLE IF NOT EXISTS instances (
     instance TEXT NOT NULL,
     state TEXT NOT NULL,
     version INTEGER NOT NULL,
+    seal BLOB,
     PRIMARY KEY (machine, instance)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS processed_events (
@@ -36,6 +43,7 @@ CREATE TABLE IF NOT EXISTS processed_events (
     instance TEXT NOT NULL,
     result TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
+    seal BLOB,
     PRIMARY KEY (machine, event_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS processed_events_age ON processed_events (created_ms);
@@ -45,6 +53,7 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     request_sha256 BLOB NOT NULL,
     result TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
+    seal BLOB,
     PRIMARY KEY (machine, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_keys_age ON idempotency_keys (created_ms);
@@ -56,6 +65,7 @@ CREATE TABLE IF NOT EXISTS timers (
     state TEXT NOT NULL,
     due_ms INTEGER NOT NULL,
     armed_version INTEGER NOT NULL,
+    seal BLOB,
     UNIQUE (machine, instance, timer_id)
 );
 CREATE INDEX IF NOT EXISTS timers_due ON timers (due_ms, id);
@@ -72,7 +82,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     body TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
     status TEXT NOT NULL,
-    error TEXT
+    error TEXT,
+    seal BLOB
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (status, kind, id);
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -94,7 +105,8 @@ CREATE TABLE IF NOT EXISTS flows (
     version INTEGER NOT NULL,
     data TEXT NOT NULL,
     updated_ms INTEGER NOT NULL,
-    wake_ms INTEGER
+    wake_ms INTEGER,
+    seal BLOB
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS flows_unfinished ON flows (status, updated_ms);
 CREATE TABLE IF NOT EXISTS breakers (
@@ -104,6 +116,7 @@ CREATE TABLE IF NOT EXISTS breakers (
     failures INTEGER NOT NULL,
     opened_ms INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL,
+    seal BLOB,
     PRIMARY KEY (machine, name)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS instance_data (
@@ -118,7 +131,8 @@ CREATE TABLE IF NOT EXISTS deadlines (
     governor TEXT NOT NULL,
     due_ms INTEGER NOT NULL,
     level INTEGER NOT NULL,
-    action TEXT NOT NULL
+    action TEXT NOT NULL,
+    seal BLOB
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deadlines_due ON deadlines (due_ms, id);
 CREATE TABLE IF NOT EXISTS outside_claims (
@@ -154,6 +168,23 @@ UPGRADES: tuple[tuple[str, str], ...] = (
 ) WITHOUT ROWID""",
         "ALTER TABLE snapshots ADD COLUMN kept_seq INTEGER NOT NULL DEFAULT -1",
     ),
+    # The operational tables before their rows carried a seal (runtime/store/row_seals.py):
+    # SQLiteStore adds the column, and the runtime seals the rows when it opens the file with
+    # its key.
+    *(
+        (
+            statement.replace("    seal BLOB,\n", "").replace(",\n    seal BLOB\n", "\n"),
+            f"ALTER TABLE {name} ADD COLUMN seal BLOB",
+        )
+        for statement, name in (
+            (_statement, _statement.split()[5])
+            for _statement in RUNTIME_SCHEMA_SQL.split(";")
+            if "seal BLOB" in _statement
+        )
+    ),
+)
+SEALED_TABLE_NAMES: tuple[str, ...] = tuple(
+    statement.split()[5] for statement, _ in UPGRADES if "seal" in _
 )
 
 

@@ -1,0 +1,317 @@
+"""Row seals: a MAC on every operational row, so the runtime acts on no row it did not write.
+
+The ledger commits to instance moves and kept data; the rows the runtime reads and acts on
+next (an instance's state and version, armed timers, the outbox, processed event ids and
+idempotency records, flows, deadlines, breakers) are committed to by nothing in it. A runtime
+with a signing key therefore seals each such row it writes: HMAC-SHA256, under a row key
+derived from the signer's private key (HKDF-SHA256, info `autonomic/row-seal/v1`), over the
+table name and every column of the row, its key included, encoded as one JSON array (ASCII,
+no whitespace: unambiguous, and the same on every Python). Every read the runtime acts on
+checks the seal before anything is decided from the row: a row written, changed, invented or
+moved to another key by anyone without the private key is refused with StoreIntegrityError,
+and the unit of work writes nothing. The rows are also decoded here, column by column, into
+their records: a column of the wrong type is refused the same way, sealed or not.
+
+What seals cannot do: tell a deleted row from one never written, or an older genuine row put
+back from the current one. The runtime checks what anchors it has (a timer's armed version
+against the sealed instance row, a stored result's instance against the request); the rest is
+listed in docs/runtime.md, "What the runtime trusts". Without a key (no ledger) rows are
+written unsealed and nothing is checked or claimed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ..errors import StoreIntegrityError
+from ..timers import ArmedTimer
+from .base import (
+    BreakerRecord,
+    DeadlineRecord,
+    FlowRecord,
+    InstanceRecord,
+    OutboxMessage,
+)
+
+__all__ = [
+    "BREAKER_STATES",
+    "ROW_KEY_INFO",
+    "SEALED_MARK",
+    "SEALED_SELECT",
+    "SEALED_TABLES",
+    "RowSeals",
+    "outbox_values",
+    "row_key",
+    "seal_every_row",
+    "seal_row",
+]
+
+ROW_KEY_INFO = b"autonomic/row-seal/v1"
+# The store's mark that its rows are sealed (runtime_meta / autonomic_meta key): its value is
+# the seal of the mark itself, which names the key the rows are sealed under.
+SEALED_MARK = "row_seals"
+
+# Every column of each sealed table, in the order the seal covers them; the primary key first.
+SEALED_TABLES: dict[str, tuple[str, ...]] = {
+    "instances": ("machine", "instance", "state", "version"),
+    "processed_events": ("machine", "event_id", "instance", "result", "created_ms"),
+    "idempotency_keys": ("machine", "key", "request_sha256", "result", "created_ms"),
+    "timers": ("id", "machine", "instance", "timer_id", "state", "due_ms", "armed_version"),
+    "outbox": (
+        "id",
+        "kind",
+        "machine",
+        "instance",
+        "version",
+        "target_machine",
+        "target_instance",
+        "event",
+        "event_id",
+        "body",
+        "created_ms",
+        "status",
+        "error",
+    ),
+    "flows": ("flow_id", "flow", "instance", "status", "version", "data", "updated_ms", "wake_ms"),
+    "deadlines": ("id", "name", "governor", "due_ms", "level", "action"),
+    "breakers": ("machine", "name", "state", "failures", "opened_ms", "updated_ms"),
+}
+# What a read of a sealed table selects: every column the seal covers, then the seal.
+SEALED_SELECT: dict[str, str] = {
+    table: ", ".join((*columns, "seal")) for table, columns in SEALED_TABLES.items()
+}
+# How many leading columns of each table name its row (for diagnostics and updates).
+KEY_COLUMNS: dict[str, int] = {
+    "instances": 2,
+    "processed_events": 2,
+    "idempotency_keys": 2,
+    "timers": 1,
+    "outbox": 1,
+    "flows": 1,
+    "deadlines": 1,
+    "breakers": 2,
+}
+BREAKER_STATES = frozenset({"closed", "open", "half_open"})
+_OUTBOX_KINDS = frozenset({"event", "notification"})
+_OUTBOX_STATUSES = frozenset({"pending", "delivered", "failed", "held", "dropped"})
+_FLOW_STATUSES = frozenset(
+    {"running", "waiting", "compensating", "completed", "compensated", "failed"}
+)
+
+
+def _bytes_as_json(value: object) -> object:
+    if type(value) is bytes:
+        return {"bytes": value.hex()}
+    raise TypeError(f"a row column holds a {type(value).__name__}")
+
+
+_encode = json.JSONEncoder(separators=(",", ":"), default=_bytes_as_json).encode
+_digest = hmac.digest
+_same = hmac.compare_digest
+
+
+def outbox_values(m: OutboxMessage) -> tuple[object, ...]:
+    """An outbox message's columns, in SEALED_TABLES order."""
+    return (
+        m.id,
+        m.kind,
+        m.machine,
+        m.instance,
+        m.version,
+        m.target_machine,
+        m.target_instance,
+        m.event,
+        m.event_id,
+        m.body,
+        m.created_ms,
+        m.status,
+        m.error,
+    )
+
+
+def seal_row(key: bytes, table: str, row: Sequence[object]) -> bytes:
+    """The seal of `row` (every column of `table`, in SEALED_TABLES order) under `key`."""
+    return _digest(key, _encode([table, *row]).encode(), "sha256")
+
+
+def row_key(private_key: Ed25519PrivateKey) -> bytes:
+    """The row key of a signer's private key: HKDF-SHA256 of its 32-byte seed."""
+    seed = private_key.private_bytes(
+        serialization.Encoding.Raw,
+        serialization.PrivateFormat.Raw,
+        serialization.NoEncryption(),
+    )
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=ROW_KEY_INFO).derive(seed)
+
+
+class RowSeals:
+    """A store's row key (None: rows are written unsealed and not checked) and the words
+    that name the store in a refusal (its path or database)."""
+
+    __slots__ = ("key", "where")
+
+    def __init__(self, where: str) -> None:
+        self.key: bytes | None = None
+        self.where = where
+
+    def seal(self, table: str, row: Sequence[object]) -> bytes | None:
+        """The seal of `row` (every column of `table`, in SEALED_TABLES order), or None."""
+        key = self.key
+        if key is None:
+            return None
+        return _digest(key, _encode([table, *row]).encode(), "sha256")
+
+    def mark(self, key: bytes | None = None) -> str:
+        """The value of the store's SEALED_MARK under `key` (default: this store's)."""
+        used = self.key if key is None else key
+        assert used is not None
+        return _digest(used, _encode(["mark", SEALED_MARK]).encode(), "sha256").hex()
+
+    def check(self, table: str, row: Sequence[object], seal: object) -> None:
+        """Refuse `row` unless `seal` is its seal under this store's key (no key: accept)."""
+        key = self.key
+        if key is None:
+            return
+        if type(seal) is not bytes or not _same(
+            seal, _digest(key, _encode([table, *row]).encode(), "sha256")
+        ):
+            raise self.refusal(table, row, "missing" if seal is None else "wrong")
+
+    def refusal(self, table: str, row: Sequence[object], what: str) -> StoreIntegrityError:
+        """The StoreIntegrityError for a row of `table` that is not as the runtime wrote it."""
+        named = ", ".join(
+            f"{column}={value!r}"
+            for column, value in zip(SEALED_TABLES[table], row[: KEY_COLUMNS[table]], strict=False)
+        )
+        if what in ("missing", "wrong"):
+            why = (
+                f"has a {what} row seal: it was written or changed by something other than "
+                "this runtime (its key seals every row it writes)"
+            )
+        else:
+            why = what
+        return StoreIntegrityError(
+            f"{self.where}: the {table} row ({named}) {why}; nothing was written",
+            hint="the store file was changed outside autonomic: restore it from a backup and "
+            "run `autonomic audit verify` on it (docs/runtime.md, 'What the runtime trusts')",
+        )
+
+    # -- typed decoding: each column checked before a record is built -------------------------
+
+    def _typed(self, table: str, row: Sequence[Any], types: tuple[type, ...]) -> None:
+        for column, value, kind in zip(SEALED_TABLES[table], row, types, strict=True):
+            if not _fits(value, kind):
+                raise self.refusal(
+                    table, row, f"holds {type(value).__name__} {value!r} in its {column} column"
+                )
+
+    def instance(self, row: Sequence[Any]) -> InstanceRecord:
+        """(machine, instance, state, version, seal) -> InstanceRecord."""
+        machine, instance, state, version, seal = row
+        if type(state) is not str or type(version) is not int:
+            self._typed("instances", row[:4], (str, str, str, int))
+        self.check("instances", (machine, instance, state, version), seal)
+        return InstanceRecord(machine, instance, state, version)
+
+    def stored_result(self, table: str, row: Sequence[Any]) -> tuple[Any, ...]:
+        """A processed_events or idempotency_keys row (every column, then the seal), checked:
+        the row's columns without the seal."""
+        values = tuple(row[:-1])
+        if table == "processed_events":
+            self._typed(table, values, (str, str, str, str, int))
+        else:
+            self._typed(table, values, (str, str, bytes, str, int))
+        self.check(table, values, row[-1])
+        return values
+
+    def timer(self, row: Sequence[Any]) -> ArmedTimer:
+        """(id, machine, instance, timer_id, state, due_ms, armed_version, seal) -> ArmedTimer."""
+        values = tuple(row[:7])
+        self._typed("timers", values, (int, str, str, str, str, int, int))
+        self.check("timers", values, row[7])
+        return ArmedTimer(*values[1:])
+
+    def message(self, row: Sequence[Any]) -> OutboxMessage:
+        """Every outbox column, then the seal -> OutboxMessage."""
+        values = tuple(row[:13])
+        self._typed(
+            "outbox",
+            values,
+            (int, str, str, str, int, str, str, str, str, str, int, str, _OptionalStr),
+        )
+        if values[1] not in _OUTBOX_KINDS or values[11] not in _OUTBOX_STATUSES:
+            raise self.refusal("outbox", values, "holds an unknown kind or status")
+        self.check("outbox", values, row[13])
+        return OutboxMessage(*values)
+
+    def flow(self, row: Sequence[Any]) -> FlowRecord:
+        """Every flows column, then the seal -> FlowRecord."""
+        values = tuple(row[:8])
+        self._typed("flows", values, (str, str, str, str, int, str, int, _OptionalInt))
+        if values[3] not in _FLOW_STATUSES:
+            raise self.refusal("flows", values, f"holds an unknown status {values[3]!r}")
+        self.check("flows", values, row[8])
+        return FlowRecord(*values)
+
+    def deadline(self, row: Sequence[Any]) -> DeadlineRecord:
+        """Every deadlines column, then the seal -> DeadlineRecord."""
+        values = tuple(row[:6])
+        self._typed("deadlines", values, (str, str, str, int, int, str))
+        self.check("deadlines", values, row[6])
+        return DeadlineRecord(*values)
+
+    def breaker(self, row: Sequence[Any]) -> BreakerRecord:
+        """Every breakers column, then the seal -> BreakerRecord."""
+        values = tuple(row[:6])
+        self._typed("breakers", values, (str, str, str, int, int, int))
+        if values[2] not in BREAKER_STATES:
+            raise self.refusal("breakers", values, f"holds an unknown state {values[2]!r}")
+        self.check("breakers", values, row[6])
+        return BreakerRecord(*values)
+
+
+def seal_every_row(
+    execute: Callable[..., Any], seals: RowSeals, key: bytes, *, check: bool, mark: str
+) -> None:
+    """Seal every row of every sealed table under `key` (in the caller's transaction, through
+    its `execute`; SQL placeholders in `mark`'s style), make `key` the store's, and record
+    the store's mark with `mark` (key, value). With `check`, every row must first carry its
+    seal under the store's current key (a rotation launders no forged row)."""
+    placeholder = "?" if "?" in mark else "%s"
+    for table, columns in SEALED_TABLES.items():
+        keys = KEY_COLUMNS[table]
+        where = " AND ".join(f"{column} = {placeholder}" for column in columns[:keys])
+        rows = execute(f"SELECT {', '.join(columns)}, seal FROM {table}").fetchall()
+        updates = []
+        for row in rows:
+            values = tuple(row[:-1])
+            if check:
+                seals.check(table, values, row[-1])
+            updates.append((seal_row(key, table, values), *values[:keys]))
+        for update in updates:
+            execute(f"UPDATE {table} SET seal = {placeholder} WHERE {where}", update)
+    seals.key = key
+    execute(mark, (SEALED_MARK, seals.mark()))
+
+
+class _OptionalInt:
+    """Marks a column that holds an integer or NULL."""
+
+
+class _OptionalStr:
+    """Marks a column that holds text or NULL."""
+
+
+def _fits(value: object, kind: type) -> bool:
+    if kind is _OptionalInt:
+        return value is None or type(value) is int
+    if kind is _OptionalStr:
+        return value is None or type(value) is str
+    return type(value) is kind
