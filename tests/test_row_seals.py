@@ -67,7 +67,13 @@ class World:
         store = open_store(self.location)
         try:
             signer = load_signer(signer_keys or self.keys)
-            runtime = Runtime(store, clock=self.clock, sealer=LedgerSealer(signer, "sign-each"))
+            runtime = Runtime(
+                store,
+                clock=self.clock,
+                sealer=LedgerSealer(signer, "sign-each"),
+                # The ledger's root is the first key, also after a rotation to another.
+                trusted_root=load_signer(self.keys).public_info(),
+            )
         except BaseException:
             store.close()
             raise
