@@ -5,12 +5,13 @@ next (an instance's state and version, armed timers, the outbox, processed event
 idempotency records, flows, deadlines, breakers) are committed to by nothing in it. A runtime
 with a signing key therefore seals each such row it writes: HMAC-SHA256, under a row key
 derived from the signer's private key (HKDF-SHA256, info `autonomic/row-seal/v1`), over the
-table name and every column of the row, its key included, encoded as one JSON array (ASCII,
-no whitespace: unambiguous, and the same on every Python). Every read the runtime acts on
-checks the seal before anything is decided from the row: a row written, changed, invented or
-moved to another key by anyone without the private key is refused with StoreIntegrityError,
-and the unit of work writes nothing. The rows are also decoded here, column by column, into
-their records: a column of the wrong type is refused the same way, sealed or not.
+table name and every column of the row, its key included, each column tagged with its type
+and text prefixed by its length (unambiguous, and the same on every Python). Every read the
+runtime acts on checks the seal before anything is decided from the row: a row written,
+changed, invented or moved to another key by anyone without the private key is refused with
+StoreIntegrityError, and the unit of work writes nothing. The rows are also decoded here,
+column by column, into their records: a column of the wrong type is refused the same way,
+sealed or not.
 
 What seals cannot do: tell a deleted row from one never written, or an older genuine row put
 back from the current one. The runtime checks what anchors it has (a timer's armed version
@@ -22,7 +23,6 @@ written unsealed and nothing is checked or claimed.
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -106,15 +106,34 @@ _FLOW_STATUSES = frozenset(
 )
 
 
-def _bytes_as_json(value: object) -> object:
-    if type(value) is bytes:
-        return {"bytes": value.hex()}
-    raise TypeError(f"a row column holds a {type(value).__name__}")
+def _message(table: str, row: Sequence[object]) -> bytes:
+    """The bytes a seal covers: the table name, then each column tagged with its type, text
+    prefixed by its length (so no column's content can shift a boundary), UTF-8 (with lone
+    surrogates kept, so distinct text stays distinct). Cheaper than a JSON encoding: a flow's
+    data or a stored result is copied, never escaped character by character."""
+    parts = [table]
+    for value in row:
+        if type(value) is str:
+            parts.append(f"s{len(value)}:{value}")
+        elif type(value) is int:
+            parts.append(f"i{value}")
+        elif value is None:
+            parts.append("n")
+        elif type(value) is bytes:
+            parts.append(f"b{value.hex()}")
+        elif isinstance(value, str):  # a state enum, say: stored (and read back) as its text
+            text = str.__str__(value)
+            parts.append(f"s{len(text)}:{text}")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            parts.append(f"i{int(value)}")
+        else:
+            raise TypeError(f"a row column holds a {type(value).__name__}")
+    return "\x00".join(parts).encode("utf-8", "surrogatepass")
 
 
-_encode = json.JSONEncoder(separators=(",", ":"), default=_bytes_as_json).encode
 _digest = hmac.digest
 _same = hmac.compare_digest
+_MARK = b"autonomic/row-seal/v1 mark"
 
 
 def outbox_values(m: OutboxMessage) -> tuple[object, ...]:
@@ -138,7 +157,7 @@ def outbox_values(m: OutboxMessage) -> tuple[object, ...]:
 
 def seal_row(key: bytes, table: str, row: Sequence[object]) -> bytes:
     """The seal of `row` (every column of `table`, in SEALED_TABLES order) under `key`."""
-    return _digest(key, _encode([table, *row]).encode(), "sha256")
+    return _digest(key, _message(table, row), "sha256")
 
 
 def row_key(private_key: Ed25519PrivateKey) -> bytes:
@@ -166,22 +185,20 @@ class RowSeals:
         key = self.key
         if key is None:
             return None
-        return _digest(key, _encode([table, *row]).encode(), "sha256")
+        return _digest(key, _message(table, row), "sha256")
 
     def mark(self, key: bytes | None = None) -> str:
         """The value of the store's SEALED_MARK under `key` (default: this store's)."""
         used = self.key if key is None else key
         assert used is not None
-        return _digest(used, _encode(["mark", SEALED_MARK]).encode(), "sha256").hex()
+        return _digest(used, _MARK, "sha256").hex()
 
     def check(self, table: str, row: Sequence[object], seal: object) -> None:
         """Refuse `row` unless `seal` is its seal under this store's key (no key: accept)."""
         key = self.key
         if key is None:
             return
-        if type(seal) is not bytes or not _same(
-            seal, _digest(key, _encode([table, *row]).encode(), "sha256")
-        ):
+        if type(seal) is not bytes or not _same(seal, _digest(key, _message(table, row), "sha256")):
             raise self.refusal(table, row, "missing" if seal is None else "wrong")
 
     def refusal(self, table: str, row: Sequence[object], what: str) -> StoreIntegrityError:
