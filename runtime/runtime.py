@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import threading
 import weakref
@@ -10,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from types import MappingProxyType
-from typing import Any, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from .bindings import bind
 from .checkpointing import CheckpointKeeper, WitnessPolicy, check_signer_is_active
@@ -49,6 +50,7 @@ from .timers import Clock, SystemClock, resolve_settings
 from .witness import Witness
 
 T = TypeVar("T")
+_P = ParamSpec("_P")
 
 
 def _first_partition(instance: str) -> int:
@@ -69,6 +71,27 @@ DAY_MS = 86_400_000
 # The memory store's checkpoint defaults: it commits every dispatch alone.
 MEMORY_CHECKPOINT_EVERY = 1000
 MEMORY_CHECKPOINT_MS = 1000
+
+
+def _closes_store_on_failure(
+    init: Callable[Concatenate[Runtime, _P], None],
+) -> Callable[Concatenate[Runtime, _P], None]:
+    """A Runtime owns its store (`close` closes it): if it cannot be built, nobody else can
+    close the store it was given, so the failure closes it (a PostgreSQL pool left to the
+    garbage collector is reclaimed in one of its own threads, which cannot join itself)."""
+
+    @functools.wraps(init)
+    def build(self: Runtime, /, *args: _P.args, **options: _P.kwargs) -> None:
+        try:
+            init(self, *args, **options)
+        except BaseException:
+            store = cast("Store | None", args[0] if args else options.get("store"))
+            if store is not None:
+                with contextlib.suppress(Exception):  # why the runtime failed matters more
+                    store.close()
+            raise
+
+    return build
 
 
 class Runtime:
@@ -101,6 +124,7 @@ class Runtime:
     than the policies' longest call, retries and backoff included.
     """
 
+    @_closes_store_on_failure
     def __init__(
         self,
         store: Store | None = None,

@@ -60,7 +60,9 @@ def test_migrate_creates_then_finds_nothing_to_do(postgres_stores: Stores) -> No
     assert [r[0] for r in rows] == list(range(1, LATEST_SCHEMA + 1))
     with pytest.raises(StoreConfigError, match="fixed when the store is created"):
         migrate(url, partitions=8)
-    assert PostgresStore(url).partitions == 4
+    store = PostgresStore(url)
+    assert store.partitions == 4
+    store.close()
 
 
 def test_a_version_1_store_is_migrated_to_the_latest(postgres_stores: Stores) -> None:

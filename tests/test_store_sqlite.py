@@ -359,3 +359,15 @@ def test_each_input_rule_leaves_the_file_bytes_unchanged(
     assert caught.value.code == code, caught.value
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, rule
     rt.close()
+
+
+def test_a_runtime_that_cannot_be_built_closes_the_store_it_was_given(tmp_path: Path) -> None:
+    """The runtime owns its store (its `close` closes it); a constructor that raises leaves
+    no runtime to close, so it closes the store itself, and the file opens again."""
+    store = SQLiteStore(tmp_path / "s.db")
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        Runtime(store, checkpoint_every=0)
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        store._connection.execute("SELECT 1")
+    with Runtime(SQLiteStore(tmp_path / "s.db")) as runtime:
+        assert runtime.store is not None
