@@ -99,16 +99,17 @@ def test_a_chain_rewritten_from_another_root_is_refused(stores: Stores, tmp_path
     entries = count(stores, "ledger")
     keys = tmp_path / "keys"
     write_keypair(keys, ours.private_key, valid_from_ms=0)
+    # A runtime that cannot be built closes the store it was given: each attempt opens one.
+    with pytest.raises(StoreIntegrityError, match="is not the pinned root"):
+        marketplace(stores.open("m"), signer=ours)
+    with pytest.raises(StoreIntegrityError, match="is not the pinned root"):
+        Runtime(
+            stores.open("m"),
+            sealer=LedgerSealer(load_signer(keys), "sign-each"),
+            trusted_root=load_trusted_root(keys),
+        )
     store = stores.open("m")
     try:
-        with pytest.raises(StoreIntegrityError, match="is not the pinned root"):
-            marketplace(store, signer=ours)
-        with pytest.raises(StoreIntegrityError, match="is not the pinned root"):
-            Runtime(
-                store,
-                sealer=LedgerSealer(load_signer(keys), "sign-each"),
-                trusted_root=load_trusted_root(keys),
-            )
         # What the runtime followed before: a chain in which our key is active.
         chain = KeyChain(RootOfTrust(fingerprint(theirs.public_info().public_key)))
         for entry in store.ledger_entries(machine="", instance=""):
