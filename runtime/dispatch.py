@@ -314,6 +314,27 @@ class Governor:
         # The store the owning thread runs units on: only used when `owned` is the memory store.
         mine = cast(MemoryStore, owned)
 
+        def commit_bare(record: InstanceRecord, row: _Row, actor: str) -> DispatchResult:
+            """With a ledger, a row that runs no guard or action: the unit's own writes
+            (_apply: the entry sealed on the verified head, the state, a snapshot) without
+            the unit around them."""
+            return commit_in_memory(
+                mine,
+                apply,
+                record,
+                row,
+                None,
+                EMPTY_PAYLOAD_DIGEST,
+                actor,
+                now_ms(),
+                None,
+                None,
+                None,
+                None,
+            )
+
+        apply_bare = commit_bare if sealed else None
+
         def rest(
             instance_id: str,
             event: str,
@@ -383,37 +404,19 @@ class Governor:
                     pass  # an unknown instance, state or event: the unit of work says so
                 else:
                     if found.short:
-                        version = record.version + 1
-                        record.state = found.target
-                        record.version = version
                         result: DispatchResult = new_result()
                         result._instance = instance_id
-                        result._version = version
+                        result._version = record.version = record.version + 1
+                        record.state = found.target
                         result._outcome = found.outcome
                         return result
                     if found.absent:
                         if found.ignored:
                             return without_row(record, found, None)
-                        if not (record_rejection and sealed):
+                        if not (record_rejection and apply_bare is not None):
                             raise found.rejection(instance_id)
-                    elif sealed and found.bare:
-                        # No guard or action runs: the unit's own writes (_apply: the entry
-                        # sealed on the verified head, the state, a snapshot) without the
-                        # unit around them.
-                        return commit_in_memory(
-                            mine,
-                            apply,
-                            record,
-                            found,
-                            None,
-                            EMPTY_PAYLOAD_DIGEST,
-                            actor,
-                            now_ms(),
-                            None,
-                            None,
-                            None,
-                            None,
-                        )
+                    elif apply_bare is not None and found.bare:
+                        return apply_bare(record, found, actor)
             return rest(
                 instance_id,
                 event,
