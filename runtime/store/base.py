@@ -213,6 +213,12 @@ class Transaction(Protocol):
 
     def mark_outbox(self, message_id: int, status: OutboxStatus, error: str | None) -> None: ...
 
+    def holds_outside(self, keys: Sequence[ClaimKey], holder: str) -> bool:
+        """Whether `holder` still holds every one of `keys` (`Store.claim_outside`), as of this
+        transaction, with no other holder able to take one over before it ends: a lease that
+        ran out still counts if nobody took it. False if a key was taken over (its lease ran
+        out and another holder claimed it, whether or not that one has let go since)."""
+
     def set_outbox_body(self, message_id: int, body: str) -> None:
         """Replace a message's body: a refusal notice's, when it is released with the refusal
         its $refusal_code / $refusal_message arguments carry (runtime/outbox.py)."""
@@ -358,6 +364,11 @@ class Store(Protocol):
         on one of them has not run out. The same holder claiming again renews its lease.
         Visible to every process on the store at once; it need not survive a crash of the
         machine (its holder does not either). See runtime/resilience/claims.py."""
+
+    def renew_outside(self, keys: Sequence[ClaimKey], holder: str, lease_ms: int) -> bool:
+        """Extend `holder`'s leases on `keys` to `lease_ms` from now, as `claim_outside` does,
+        but only where `holder` still holds them: it never takes a key back. False if one of
+        them was taken over (or let go) meanwhile; the others are renewed all the same."""
 
     def release_outside(self, keys: Sequence[ClaimKey], holder: str) -> None:
         """Drop `holder`'s claims on `keys` (one another holder took over stays)."""

@@ -341,6 +341,19 @@ class MemoryStore:
                 claims[key] = (holder, until)
         return True
 
+    def renew_outside(self, keys: Sequence[ClaimKey], holder: str, lease_ms: int) -> bool:
+        until = time.monotonic() + lease_ms / 1000
+        kept = True
+        with self._claims_lock:
+            claims = self._claims
+            for key in keys:
+                held = claims.get(key)
+                if held is None or held[0] != holder:
+                    kept = False
+                else:
+                    claims[key] = (holder, until)
+        return kept
+
     def release_outside(self, keys: Sequence[ClaimKey], holder: str) -> None:
         with self._claims_lock:
             for key in keys:
@@ -501,6 +514,13 @@ class MemoryStore:
             status,
             error,
         )
+
+    def holds_outside(self, keys: Sequence[ClaimKey], holder: str) -> bool:
+        # Inside the store's lock: a claimer that took a key over would next look whether the
+        # result is committed, which waits for this unit of work.
+        with self._claims_lock:
+            claims = self._claims
+            return all(claims.get(key, ("",))[0] == holder for key in keys)
 
     def set_outbox_body(self, message_id: int, body: str) -> None:
         index = message_id - 1

@@ -483,6 +483,20 @@ class PostgresTransaction:
         if message is not None:
             self._rewrite_outbox(replace(message, body=body))
 
+    def holds_outside(self, keys: Sequence[ClaimKey], holder: str) -> bool:
+        # FOR SHARE: a claimer taking a key over (claim_outside's upsert) waits for this
+        # transaction, then finds the result committed.
+        execute = self._execute
+        for machine, kind, key in keys:
+            row = execute(
+                "SELECT holder FROM outside_claims WHERE machine = %s AND kind = %s AND key = %s "
+                "FOR SHARE",
+                (machine, kind, key),
+            ).fetchone()
+            if row is None or row[0] != holder:
+                return False
+        return True
+
     def lease_outbox(self, message_id: int, owner: str, lease_ms: int) -> None:
         self._execute(
             f"UPDATE outbox SET lease_owner = %s, lease_until_ms = {_DB_NOW_MS} + %s WHERE id = %s",
@@ -1189,6 +1203,20 @@ class PostgresStore:
             except _Busy:
                 return False
         return True
+
+    def renew_outside(self, keys: Sequence[ClaimKey], holder: str, lease_ms: int) -> bool:
+        renewed = 0
+        with self._connection() as connection:
+            cursor = connection.cursor()
+            with connection.transaction():
+                for machine, kind, key in keys:
+                    cursor.execute(
+                        f"UPDATE outside_claims SET until_ms = {_DB_NOW_MS} + %s "
+                        "WHERE machine = %s AND kind = %s AND key = %s AND holder = %s",
+                        (lease_ms, machine, kind, key, holder),
+                    )
+                    renewed += cursor.rowcount
+        return renewed == len(keys)
 
     def release_outside(self, keys: Sequence[ClaimKey], holder: str) -> None:
         with self._connection() as connection:

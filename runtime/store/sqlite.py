@@ -430,6 +430,19 @@ class SQLiteTransaction:
         if message is not None:
             self._rewrite_outbox(replace(message, body=body))
 
+    def holds_outside(self, keys: Sequence[ClaimKey], holder: str) -> bool:
+        # The claims connection writes under the file's write lock, which this transaction
+        # holds: no key can be taken over before it ends.
+        execute = self._execute
+        for machine, kind, key in keys:
+            row = execute(
+                "SELECT holder FROM outside_claims WHERE machine = ? AND kind = ? AND key = ?",
+                (machine, kind, key),
+            ).fetchone()
+            if row is None or row[0] != holder:
+                return False
+        return True
+
     def save_snapshot(self, snapshot: Snapshot) -> None:
         self._execute(
             "INSERT OR REPLACE INTO snapshots "
@@ -944,6 +957,24 @@ class SQLiteStore:
                     execute("ROLLBACK")
                 raise
         return True
+
+    def renew_outside(self, keys: Sequence[ClaimKey], holder: str, lease_ms: int) -> bool:
+        until = int(time.time() * 1000) + lease_ms
+        with self._claims_lock:
+            connection = self._claims_connection()
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                renewed = connection.executemany(
+                    "UPDATE outside_claims SET until_ms = ? "
+                    "WHERE machine = ? AND kind = ? AND key = ? AND holder = ?",
+                    [(until, *key, holder) for key in keys],
+                ).rowcount
+                connection.execute("COMMIT")
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+        return renewed == len(keys)
 
     def release_outside(self, keys: Sequence[ClaimKey], holder: str) -> None:
         if not keys:
