@@ -52,7 +52,9 @@ Semantics worth knowing:
   key from before those calls until its commit, in this runtime and in the store
   (runtime/resilience/claims.py): a second dispatch of either, in any process on the store,
   waits, then finds the first's result committed and calls nothing (`dispatch_many` does not
-  wait: that request fails with OutsideCallInProgress, R025).
+  wait: that request fails with OutsideCallInProgress, R025). The claim is renewed while the
+  calls run; a dispatch whose claim was taken over meanwhile (its process stalled past the
+  lease) stores nothing and fails with OutsideClaimLost, R026.
 - Every dispatch decides the same way (`_decide`: the row table built at load time, the
   guards in order, the ignore list, the rejection) and writes through one unit of work
   (`_step`, its inputs checked once by `_inputs`). Those parts are modules of their own,

@@ -401,6 +401,31 @@ class OutsideCallInProgress(RuntimeFailure):
         self.key = key
 
 
+class OutsideClaimLost(RuntimeFailure):
+    """A dispatch's outside actions ran under its claim on an event id or idempotency key, but
+    the claim was taken over before its unit of work committed (its holder could not renew the
+    lease in time: the process was stopped, or the store out of reach, for longer than the
+    lease), so another dispatch may have made the same calls: this one stores nothing."""
+
+    code = "R026"
+
+    def __init__(
+        self, machine: str, kind: str, key: str, lease_ms: int, results: object = None
+    ) -> None:
+        what = {"event": "event id", "key": "idempotency key"}.get(kind, "timer firing")
+        super().__init__(
+            f"{machine}: the claim on {what} '{key}' was taken over by another runtime while "
+            f"this one called the outside world (its {lease_ms} ms lease ran out unrenewed); "
+            "this result is not stored",
+            hint="the other runtime's result stands (send the event again to read it). The "
+            "outside calls this one made are in the error's `results`: settle or compensate "
+            "them. Raise Runtime(claim_lease_ms=...) if a process can stall that long",
+        )
+        self.machine = machine
+        self.key = key
+        self.results = results
+
+
 class StoreIntegrityError(RuntimeFailure):
     """The store returned data that does not verify (a modified head entry, a lost tail)."""
 

@@ -13,13 +13,14 @@ from .errors import ActionFailed, InvalidTransition
 from .event_inputs import DEFAULT_ACTOR, DispatchRequest
 from .results import DispatchResult
 from .rows import _Absent
-from .store.base import ClaimKey
+from .store.base import ClaimKey, Transaction
 from .tables import Payload
 from .unit import _NO_ENTRIES, _Preran, _Rejected, _settled, _UnitInputs
 
 if TYPE_CHECKING:
     from .dispatch import Governor
     from .resilience.claims import Release
+    from .sealing import _Chain
 
 __all__ = [
     "claim_keys",
@@ -225,7 +226,27 @@ def prepare(
         # A breaker whose entries go to another ledger chain than the dispatch's: stored
         # before the dispatch commits, so no committed dispatch lacks its breaker change.
         runtime._record_breaker_moves(keep=runtime._partition_of(inputs[0]))
-    return work if preran is None else partial(governor._step, (*inputs[:-1], preran))
+    if preran is None:
+        return work
+    keys = governor._claim_keys(work)
+    if keys:  # the calls ran under a claim: the unit first checks it still holds it
+        return partial(claimed_step, governor, keys, (*inputs[:-1], preran))
+    return partial(governor._step, (*inputs[:-1], preran))
+
+
+def claimed_step(
+    governor: Governor,
+    keys: tuple[ClaimKey, ...],
+    inputs: _UnitInputs,
+    txn: Transaction,
+    chain: _Chain,
+) -> DispatchResult | _Rejected:
+    """`_step`, refused (OutsideClaimLost, nothing written) if the claim under which its
+    outside actions ran was taken over meanwhile (runtime/resilience/claims.py)."""
+    preran = inputs[-1]
+    assert preran is not None
+    governor.runtime._outside.check(txn, keys, preran.results)
+    return governor._step(inputs, txn, chain)
 
 
 def preflight(

@@ -120,8 +120,8 @@ class Runtime:
     size and nesting (runtime/inputs.py). `action_threads`: how many of the actions a policy
     names (outside calls) `dispatch_async` runs at once (see runtime/dispatch.py).
     `claim_lease_ms`: how long a dispatch's claim on an event id or idempotency key whose
-    outside calls it runs lasts if its process dies (runtime/resilience/claims.py): longer
-    than the policies' longest call, retries and backoff included.
+    outside calls it runs lasts if its process dies or stalls (runtime/resilience/claims.py);
+    a live holder renews it every third of the lease while its calls run.
     """
 
     @_closes_store_on_failure
@@ -822,6 +822,7 @@ class Runtime:
                 for state in self._ledgers:
                     state.keeper.flush()
         finally:
+            self._outside.close()
             if self._executor is not None:
                 self._executor.shutdown()
             if self._action_pool is not None:

@@ -21,7 +21,7 @@ from .outbox import _event_message, _notification_message, _refusal_notices
 from .replay import save_snapshot
 from .results import DispatchResult, EmittedEvent, Notification, TimerFiring, derive_event_id
 from .sealing import _Chain
-from .store.base import Transaction
+from .store.base import ClaimKey, Transaction
 from .timers import ArmedTimer, arm_timers
 
 if TYPE_CHECKING:
@@ -62,16 +62,36 @@ def _calls_outside(governor: Governor, timer: ArmedTimer) -> bool:
     return spec is not None and bool(external) and not external.isdisjoint(spec.actions)
 
 
+def _firing_key(timer: ArmedTimer) -> ClaimKey:
+    return (timer.machine, "timer", f"{timer.instance}/{timer.timer_id}/{timer.armed_version}")
+
+
 def _claim_firing(runtime: Runtime, timer: ArmedTimer) -> Callable[[], None] | None:
     """Claim this arming of the timer without waiting: the release, None if it fired
     meanwhile; OutsideCallInProgress if another runtime is firing it."""
-    key = (timer.machine, "timer", f"{timer.instance}/{timer.timer_id}/{timer.armed_version}")
     store = runtime._store
 
     def fired() -> bool:
         return timer not in store.armed_timers(timer.machine, timer.instance)
 
-    return runtime._outside.claim((key,), fired, wait=False)
+    return runtime._outside.claim((_firing_key(timer),), fired, wait=False)
+
+
+def _claim_checked(
+    runtime: Runtime,
+    timer: ArmedTimer,
+    preran: _Preran,
+    work: Callable[[Transaction, _Chain], TimerFiring | None],
+) -> Callable[[Transaction, _Chain], TimerFiring | None]:
+    """`work`, refused (OutsideClaimLost) if the firing's claim, under which its outside
+    actions ran, was taken over meanwhile (runtime/resilience/claims.py)."""
+    keys = (_firing_key(timer),)
+
+    def checked(txn: Transaction, chain: _Chain) -> TimerFiring | None:
+        runtime._outside.check(txn, keys, preran[1])
+        return work(txn, chain)
+
+    return checked
 
 
 def fire_work(
@@ -269,6 +289,7 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
         releases: list[Callable[[], None]] = []
         for timer in due:
             governor = runtime._governors[timer.machine]
+            release = None
             try:
                 if fleet is None and _calls_outside(governor, timer):
                     # Another process on the file may be firing it now: its outside calls are
@@ -285,7 +306,10 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
                 failed.append(error)
                 skip.add(timer)
                 continue
-            works.append(fire_work(governor, timer, instant, preran))
+            work = fire_work(governor, timer, instant, preran)
+            if release is not None and preran is not None:
+                work = _claim_checked(runtime, timer, preran, work)
+            works.append(work)
             ready.append(timer)
         if fleet is not None and runtime._breakers.pending:
             # Stored before the firings commit: on a partitioned store a breaker's entries

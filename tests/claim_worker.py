@@ -6,7 +6,8 @@ PostgreSQL URL), with a claim lease of LEASE_MS. It tells its parent on stdout, 
 each: "ready" once loaded (it then waits for a line on stdin before it sends), "waiting"
 when it finds the event id claimed by another dispatcher, "calling" when its processor is
 called (it then waits for a line on stdin: the processor's answer), "charged" when that
-call returns, and at the end "result VERSION SEQ".
+call returns, and at the end "result VERSION SEQ", or "error CODE" and the diagnostic's hint
+when the dispatch fails with a runtime failure.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from autonomic.generated.billing import MACHINE as BILLING
+from autonomic.runtime.errors import RuntimeFailure
 from autonomic.runtime.keys import load_signer
 from autonomic.runtime.ledger import LedgerSealer
 from autonomic.runtime.runtime import Runtime
@@ -64,10 +66,15 @@ def main(location: str, keys: str, lease_ms: int) -> None:
     say("ready")
     sys.stdin.readline()
     payload = {"customer_id": "c1", "invoice_id": "i1", "amount": "99.00", "idempotency_key": "k1"}
-    result = runtime.governor("Billing").dispatch(
-        "c1", "ChargeRequested", payload, event_id="charge-c1"
-    )
-    say(f"result {result.version} {result.seq}")
+    try:
+        result = runtime.governor("Billing").dispatch(
+            "c1", "ChargeRequested", payload, event_id="charge-c1"
+        )
+    except RuntimeFailure as failure:
+        say(f"error {failure.code}")
+        say(f"hint {failure.hint}")
+    else:
+        say(f"result {result.version} {result.seq}")
     runtime.close()
 
 

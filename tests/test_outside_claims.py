@@ -55,6 +55,35 @@ def test_the_memory_store_keeps_claims_too() -> None:
     assert store.claim_outside([KEY], "b", 0) and store.claim_outside([KEY], "c", 1)
 
 
+def test_only_the_holder_renews_and_a_taken_over_claim_is_not_held(stores: Stores) -> None:
+    store = stores.open()
+    other = ("Billing", "key", "k1")
+    assert store.claim_outside([KEY, other], "a", 60_000)
+    assert store.renew_outside([KEY, other], "a", 60_000)
+    assert not store.renew_outside([KEY], "b", 60_000)  # not b's to renew
+    assert store.run([lambda txn: txn.holds_outside([KEY, other], "a")])[0].value is True
+    assert store.claim_outside([KEY], "a", 0)  # a's lease on KEY runs out at once ...
+    assert store.run([lambda txn: txn.holds_outside([KEY], "a")])[0].value is True  # untaken
+    assert store.claim_outside([KEY], "b", 60_000)  # ... and b takes it over
+    assert not store.renew_outside([KEY, other], "a", 60_000)  # a never takes it back
+    assert store.run([lambda txn: txn.holds_outside([KEY, other], "a")])[0].value is False
+    store.release_outside([KEY], "b")  # let go: still not a's
+    assert not store.renew_outside([KEY], "a", 60_000)
+    assert store.run([lambda txn: txn.holds_outside([KEY], "a")])[0].value is False
+    assert store.claim_outside([KEY], "c", 60_000)  # free: the renewal did not recreate it
+    store.close()
+
+
+def test_the_memory_store_renews_only_the_holders_claims() -> None:
+    store = MemoryStore()
+    assert store.claim_outside([KEY], "a", 0) and store.renew_outside([KEY], "a", 60_000)
+    assert not store.claim_outside([KEY], "b", 60_000)  # renewed: live again
+    assert store.holds_outside([KEY], "a") and not store.holds_outside([KEY], "b")
+    store.release_outside([KEY], "a")
+    assert not store.renew_outside([KEY], "a", 60_000) and not store.holds_outside([KEY], "a")
+    assert store.claim_outside([KEY], "b", 60_000)
+
+
 class Dispatcher:
     """A claim_worker.py process charging c1 with event id charge-c1."""
 
@@ -85,6 +114,14 @@ class Dispatcher:
         self.answer()
         return self.line()
 
+    def finish_failed(self) -> list[str]:
+        """The lines up to and including the failure's hint; the process then exits 0."""
+        lines = [self.line()]
+        while not lines[-1].startswith("hint"):
+            lines.append(self.line())
+        assert self.process.wait(60) == 0
+        return lines
+
     def answer(self) -> None:
         stdin = self.process.stdin
         assert stdin is not None
@@ -98,6 +135,13 @@ class Dispatcher:
             lines.append(self.line())
         assert self.process.wait(60) == 0
         return lines
+
+    def quiet(self, seconds: float) -> bool:
+        """Whether the process says nothing within `seconds` (a poll, not a measurement)."""
+        stdout = self.process.stdout
+        assert stdout is not None
+        ready, _, _ = select.select([stdout], [], [], seconds)
+        return not ready
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -150,6 +194,74 @@ def test_a_claim_whose_holder_was_killed_lets_go_when_its_lease_runs_out(
     finally:
         first.kill()
         second.kill()
+
+
+def _lease_until(stores: Stores) -> int:
+    rows = stores.rows(
+        "s",
+        "SELECT until_ms FROM outside_claims "
+        "WHERE machine = 'Billing' AND kind = 'event' AND key = 'charge-c1'",
+    )
+    return int(rows[0][0]) if rows else -1
+
+
+def test_a_call_longer_than_its_claims_lease_is_not_made_twice(stores: Stores, keys: Path) -> None:
+    """A dispatcher's processor call outlasts its 300 ms lease many times over: its runtime
+    renews the claim while it calls, so the second dispatcher keeps waiting (it would take
+    the claim over and call too if the lease ran out), then returns the first's result."""
+    _billing_with_c1(stores, keys)
+    first = Dispatcher(stores.location(), keys, lease_ms=300)
+    second = Dispatcher(stores.location(), keys, lease_ms=300)
+    try:
+        assert first.go() == "calling"
+        assert second.go() == "waiting"
+        # Wait until the lease was renewed to two leases past what it was while the second
+        # waited: the lease the first took has run out on the store's clock, and it holds.
+        taken = _lease_until(stores)
+        for _ in range(1200):
+            if _lease_until(stores) >= taken + 600:
+                break
+            assert second.quiet(0.05), "the second dispatcher took the claim over"
+        else:
+            raise AssertionError("the claim's lease was never renewed")
+        first.answer()
+        assert first.finish() == ["charged", "result 2 2"]
+        assert second.finish() == ["result 2 2"]  # not "calling": one call in all
+    finally:
+        first.kill()
+        second.kill()
+    assert _lease_until(stores) == -1  # let go at the commit
+
+
+def test_a_holder_whose_claim_was_taken_over_refuses_to_commit(stores: Stores, keys: Path) -> None:
+    """The first dispatcher's process is stopped (SIGSTOP) at its processor for longer than
+    its lease, so it cannot renew: the second takes the claim over, calls and commits. The
+    first, continued, gets its processor's answer and refuses to commit (R026 with a hint):
+    the ledger holds one charge."""
+    _billing_with_c1(stores, keys)
+    first = Dispatcher(stores.location(), keys, lease_ms=300)
+    second = Dispatcher(stores.location(), keys)
+    try:
+        assert first.go() == "calling"
+        assert second.go() == "waiting"
+        os.kill(first.process.pid, signal.SIGSTOP)
+        try:
+            assert second.line() == "calling"  # the stopped holder's lease ran out
+            second.answer()
+            assert second.finish() == ["charged", "result 2 2"]
+        finally:
+            os.kill(first.process.pid, signal.SIGCONT)
+        first.answer()
+        lines = first.finish_failed()
+        assert lines[:2] == ["charged", "error R026"]
+        assert "the other runtime's result stands" in lines[2]
+    finally:
+        first.kill()
+        second.kill()
+    charges = stores.rows("s", "SELECT count(*) FROM ledger WHERE event = 'ChargeRequested'")
+    assert charges == [(1,)]
+    instance = stores.rows("s", "SELECT state, version FROM instances WHERE instance = 'c1'")
+    assert instance[0][1] == 2
 
 
 class HeldProcessor(Processor):

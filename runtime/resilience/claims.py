@@ -12,10 +12,14 @@ the calls until its unit of work has committed or failed, in two layers:
 A second dispatcher waits: it polls the store until the holder lets go or its result is
 committed, then finds that result and returns it as a repeat, calling nothing. A holder that
 crashed lets go when its lease runs out (`Runtime(claim_lease_ms=...)`, 60 s by default):
-then the next dispatcher claims and calls, as a first dispatch would. The lease must
-outlast the policy's longest call, retries and backoff included; a holder still calling
-after it may see a second call start beside its own (the payload's idempotency key, sent to
-the outside service, is the guard that remains). `dispatch_many` does not wait inside a
+then the next dispatcher claims and calls, as a first dispatch would. A live holder's lease
+does not run out while it calls: a thread of the runtime renews every held claim each third
+of the lease (`Store.renew_outside`), so a call longer than the lease, retries and backoff
+included, is not made twice. Only a holder that cannot renew in time (its process stopped,
+or the store out of reach, for longer than the lease) can be taken over; its unit of work
+then finds the claim gone (`Transaction.holds_outside`, inside the write transaction) and
+refuses to commit: OutsideClaimLost (R026), nothing written, the taker's result stands, and
+the calls it made are in the error for the caller to settle. `dispatch_many` does not wait inside a
 batch: a request whose id or key is held elsewhere fails in its slot with
 OutsideCallInProgress (R025), which says to send it again.
 Timer firings whose actions call the outside world claim the timer's arming the same way,
@@ -32,8 +36,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from ..errors import NestedDispatch, OutsideCallInProgress
-from ..store.base import ClaimKey, Store
+from ..errors import NestedDispatch, OutsideCallInProgress, OutsideClaimLost
+from ..store.base import ClaimKey, Store, Transaction
 
 __all__ = ["DEFAULT_CLAIM_LEASE_MS", "ClaimKey", "OutsideClaims"]
 
@@ -55,6 +59,12 @@ class OutsideClaims:
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._lock = threading.Lock()
         self._held: dict[ClaimKey, tuple[threading.Event, int | None]] = {}
+        # The claims held in the store, by a token per hold, renewed by `_renewer` while any
+        # is held (it ends at a turn that finds none, or at close).
+        self._renewing: dict[object, tuple[ClaimKey, ...]] = {}
+        self._renew = threading.Condition()
+        self._renewer: threading.Thread | None = None
+        self._closed = False
 
     def try_local(
         self, keys: Sequence[ClaimKey], thread: int | None = None
@@ -99,11 +109,64 @@ class OutsideClaims:
                 raise OutsideCallInProgress(*keys[0])
             time.sleep(pause)
             pause = min(pause * 2, _LAST_POLL_S)
+        token = object()
+        self._renew_while_held(token, tuple(keys))
 
         def release() -> None:
+            with self._renew:
+                self._renewing.pop(token, None)
             store.release_outside(keys, holder)
 
         return release
+
+    def _renew_while_held(self, token: object, keys: tuple[ClaimKey, ...]) -> None:
+        with self._renew:
+            self._renewing[token] = keys
+            if self._renewer is None and not self._closed:
+                self._renewer = threading.Thread(
+                    target=self._renew_loop, name="autonomic-claim-renewal", daemon=True
+                )
+                self._renewer.start()
+
+    def _renew_loop(self) -> None:
+        """Renew every held claim each third of the lease, until a turn finds none held (a
+        hold that finds no renewer starts one: a stream of dispatches keeps one thread). A
+        renewal that finds a claim taken over stops renewing it: its unit of work will
+        refuse to commit. One that fails (the store out of reach) is tried again at the next
+        turn; the lease leaves two turns of slack."""
+        interval = self.lease_ms / 3000
+        store, holder, lease_ms = self._store, self.holder, self.lease_ms
+        while True:
+            with self._renew:
+                if not self._renewing or self._closed:
+                    self._renewer = None
+                    return
+                self._renew.wait(interval)
+                held = list(self._renewing.items())
+            for token, keys in held:
+                try:
+                    kept = store.renew_outside(keys, holder, lease_ms)
+                except Exception:  # the store out of reach: the next turn tries again
+                    continue
+                if not kept:
+                    with self._renew:
+                        self._renewing.pop(token, None)
+
+    def check(self, txn: Transaction, keys: Sequence[ClaimKey], results: object) -> None:
+        """Inside a unit of work whose outside actions ran under the claim of `keys`: raise
+        OutsideClaimLost (the unit writes nothing) if another holder took one over meanwhile.
+        `results`: what the calls returned, for the error."""
+        if not txn.holds_outside(keys, self.holder):
+            raise OutsideClaimLost(*keys[0], self.lease_ms, results)
+
+    def close(self) -> None:
+        """Stop renewing (the runtime closes): claims still held run out with their lease."""
+        with self._renew:
+            self._closed = True
+            self._renew.notify()
+        renewer = self._renewer
+        if renewer is not None:
+            renewer.join()
 
     def claim(
         self, keys: Sequence[ClaimKey], committed: Callable[[], bool], *, wait: bool = True
