@@ -28,6 +28,7 @@ from typing import Literal, NamedTuple, overload
 from .explain import Explanation, explain, format_duration, ladder_line, state_bound_line
 from .lower import (
     EmitArgRow,
+    EmitRow,
     MachineTables,
     NotifyRow,
     TimerRow,
@@ -221,14 +222,45 @@ def _consequences(
 def _emit_names(row: TransitionRow | TimerRow, own: str) -> tuple[str, ...]:
     """Each emit as `Machine.Event`, with the arguments that read kept data
     (`(customer_id = $data.customer_id)`), ` to FIELD` when a data field names its receiver and
-    ` if refused Notice` when the sender is told of a refused delivery."""
+    ` if refused Notice(...)` when the sender is told of a refused delivery, with the notice's
+    arguments (`reason = $refusal_message`: what the sender learns)."""
     return tuple(
         (e.event if e.machine == own else f"{e.machine}.{e.event}")
         + _data_args(e.args)
         + ("" if e.to is None else f" to {e.to}")
-        + ("" if e.refused is None else f" if refused {e.refused.event}")
+        + ("" if e.refused is None else f" if refused {e.refused.event}{_notice_args(e.refused)}")
         for e in row.emits
     )
+
+
+def _notice_args(notice: EmitRow) -> str:
+    """A refusal notice's arguments as written, `(stage = "quota", code = $refusal_code)`;
+    a field the notice takes from the causing event's field of the same name is left out."""
+    shown = [
+        f"{a.field} = {_arg_value(a)}"
+        for a in notice.args
+        if not (a.source == "field" and a.value == a.field)
+    ]
+    return f"({', '.join(shown)})" if shown else ""
+
+
+_DECIMAL = re.compile(r"-?[0-9]+\.[0-9]+")
+
+
+def _arg_value(arg: EmitArgRow) -> str:
+    """An emit argument's value as the machine file writes it."""
+    value = arg.value
+    if arg.source == "field":
+        return str(value)
+    if arg.source == "data":
+        return f"$data.{value}"
+    if arg.source != "literal":
+        return f"${arg.source}"  # $instance, $actor, $event, $refusal_code, $refusal_message
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value):  # decimals are kept as text
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
 
 
 def _data_args(args: tuple[EmitArgRow, ...]) -> str:
@@ -524,11 +556,44 @@ def _cluster_edges(diagram: Diagram) -> dict[DiagramEdge, str]:
 
 def _wrapped(lines: tuple[Line, ...]) -> Iterator[str]:
     """A long label line continues, indented, on the next: a left-to-right sentence of
-    guard, actions and emits would otherwise stretch its rank across the page."""
+    guard, actions and emits would otherwise stretch its rank across the page. If its emits
+    carry arguments, each emit starts a line and its refusal notice another, further in
+    (`_clauses`); no `field = value` is split."""
     for line in lines:
-        parts = wrap(line.text, LABEL_WIDTH)
+        text = line.text
+        if len(text) <= LABEL_WIDTH:
+            yield text
+            continue
+        parts = [
+            ("    " if clause.startswith(_NOTICE) else "") + part
+            for clause in _clauses(text)
+            for part in _clause_lines(clause)
+        ]
         yield parts[0]
         yield from ("    " + part for part in parts[1:])
+
+
+def _clause_lines(clause: str) -> list[str]:
+    """`wrap`, with each `field = value` kept whole (an argument longer than a line stays
+    one line rather than being cut inside a name)."""
+    if " = " not in clause:
+        return wrap(clause, LABEL_WIDTH)
+    bound = clause.replace(" = ", _BOUND)
+    lines = textwrap.wrap(bound, LABEL_WIDTH, break_on_hyphens=False, break_long_words=False)
+    return [line.replace(_BOUND, " = ") for line in lines]
+
+
+def _clauses(text: str) -> list[str]:
+    """A label line cut before each emit and each `if refused`, when its emits carry
+    arguments (kept data, a refusal notice's): else the line itself."""
+    return _CLAUSE_START.split(text) if _EMIT_ARGUMENTS.search(text) else [text]
+
+
+_NOTICE = "if refused "
+_EMIT_ARGUMENTS = re.compile(r"\^.*\w\(")
+_CLAUSE_START = re.compile(r" (?=\^|if refused )")
+# Keeps an argument's `field = value` on one line: textwrap breaks only at ASCII whitespace.
+_BOUND = "\N{NO-BREAK SPACE}=\N{NO-BREAK SPACE}"
 
 
 # Mermaid draws an edge's label where dagre laid it out only if its check finds that point in
@@ -585,7 +650,15 @@ def render_mermaid(
     for edge in diagram.edges:
         label = labels.get(edge.lines)
         if label is None:
-            label = labels[edge.lines] = "<br/>".join([text(line.text) for line in edge.lines])
+            # Mermaid wraps a label to its width itself: only an argument-carrying line is
+            # cut (`_clauses`), and `field = value` is held together (a no-break space).
+            label = labels[edge.lines] = "<br/>".join(
+                [
+                    text(clause).replace(" = ", "#160;=#160;")
+                    for line in edge.lines
+                    for clause in _clauses(line.text)
+                ]
+            )
         # Mermaid's state diagrams cannot colour an edge: its label says what happened.
         change = edge_colours.get((edge.source, edge.target)) if edge_colours else None
         if change is not None:

@@ -433,8 +433,11 @@ class _Lowering:
             to = None if r.to is None else r.to.value
             notice = r.refused
             if not self.complete:
-                told = None if notice is None else EmitRow(own, notice.event.value)
-                rows.append(EmitRow(machine, r.event.value, (), to, told))
+                # Without the receivers, the arguments as written (what a diagram shows).
+                told = (
+                    None if notice is None else EmitRow(own, notice.event.value, _written(notice))
+                )
+                rows.append(EmitRow(machine, r.event.value, _written(r), to, told))
                 continue
             target = self.events.get((machine, r.event.value))
             if target is None:
@@ -937,6 +940,15 @@ class _Lowering:
 
 def _else_last(rows: list[TransitionRow]) -> tuple[TransitionRow, ...]:
     return tuple(sorted(rows, key=lambda r: r.guard == ELSE))
+
+
+def _written(ref: m.EventRef) -> tuple[EmitArgRow, ...]:
+    """An emit's arguments as written, those with an unknown `$reference` left out (E142)."""
+    return tuple(
+        _emit_arg(arg.field.value, arg.value)
+        for arg in ref.args
+        if arg.value.kind != "ref" or is_context_ref(arg.value.text)
+    )
 
 
 def _emit_arg(field: str, value: m.EmitValue) -> EmitArgRow:

@@ -303,3 +303,57 @@ def test_build_without_dot_notices_and_builds_the_rest(tmp_path: Path) -> None:
         [*run, "check"], env=no_dot, capture_output=True, text=True, check=True
     )
     assert checked.stdout.splitlines()[2] == "0 0 0"
+
+
+NOTICE_MACHINE = """
+machine Pinger {
+  event Ping { customer_id: str }
+  event Refused { customer_id: str, stage: str, code: str, why: str, count: int, flag: bool }
+  initial state Idle {
+    on Ping -> Waiting emit Ping if refused Refused(stage = "first step",
+      code = $refusal_code, why = $refusal_message, count = 3, flag = true)
+  }
+  state Waiting { on Refused -> Told }
+  final state Told
+}
+"""
+NOTICE_TEXT = (
+    'if refused Refused(stage = "first step", code = $refusal_code, why = $refusal_message, '
+    "count = 3, flag = true)"
+)
+
+
+def test_a_refusal_notice_is_drawn_with_its_arguments() -> None:
+    """The edge names the notice and its arguments as written; a long line is cut before
+    each emit and its notice, and never inside a `field = value` (DOT wraps, Mermaid is
+    given the cuts and a no-break space on each side of `=`)."""
+    machine, problems = parse_text(NOTICE_MACHINE)
+    assert machine is not None, problems
+    (edge,) = [e for e in diagram_of(machine).edges if e.source == "Idle"]
+    assert edge.lines[0].text == f"Ping ^Ping {NOTICE_TEXT}"
+    dot = render_diagram(machine, "dot")
+    label = next(line for line in dot.splitlines() if '"Idle" -> "Waiting"' in line)
+    lines = label.split('label="', 1)[1].split("\\l")[:-1]
+    assert lines[:3] == [
+        "Ping",
+        "    ^Ping",
+        '        if refused Refused(stage = \\"first step\\",',
+    ]
+    assert all(not line.endswith(" =") and not line.lstrip().startswith("= ") for line in lines)
+    shown = " ".join(line.strip() for line in lines[2:]).replace('\\"', '"')
+    assert shown == NOTICE_TEXT
+    mermaid = render_diagram(machine, "mermaid")
+    assert (
+        "Idle --> Waiting : Ping<br/>^Ping<br/>if refused Refused(stage#160;=#160;#34;first step"
+        "#34;, code#160;=#160;$refusal_code, why#160;=#160;$refusal_message, count#160;=#160;3, "
+        "flag#160;=#160;true)"
+    ) in mermaid
+
+
+def test_the_generated_diagrams_show_the_downgrades_notices() -> None:
+    generated = Path(__file__).resolve().parent.parent / "generated"
+    dot = (generated / "subscription.dot").read_text()
+    assert 'TierChangeFailed(stage = \\"entitlement\\",\\l' in dot
+    assert "refusal_code = $refusal_code)" in dot
+    mermaid = (generated / "subscription.mmd").read_text()
+    assert "<br/>if refused TierChangeFailed(stage#160;=#160;#34;quota#34;, " in mermaid
