@@ -67,6 +67,7 @@ class KeptLedger:
         instance's newest kept entry commits to (none: no entry)."""
         where = f"{machine} '{instance}'"
         entry = self.newest(txn, partition, machine, instance)
+        self._nothing_kept_since(partition, machine, instance, entry)
         if entry is None:
             if text is None:
                 return
@@ -104,6 +105,56 @@ class KeptLedger:
             )
         self.check_signed(txn, partition, entry, f"the kept entry of {where}")
         return entry
+
+    def _nothing_kept_since(
+        self, partition: int, machine: str, instance: str, kept: LedgerEntry | None
+    ) -> None:
+        """The index answered `kept` (None: none) as the instance's newest kept entry. Each of
+        the instance's entries after it is read (by the same index) and checked: its hash, that
+        it starts where the one before ended (from the kept entry's state, or '' if none), and
+        that the entry right after it, read by its seq from the table itself, is not a kept
+        entry of the instance. A kept entry follows its move at once, so a newer keep that the
+        index hides, or whose row was deleted (a hole in the chain right after its move), is
+        found. Cost: the instance's entries since its newest keep (one on the marketplace's
+        routes), each two indexed reads and a hash."""
+        where = f"{machine} '{instance}'"
+        reads = self._reads(partition)
+        state = "" if kept is None else kept.to_state
+        after = -1 if kept is None else kept.seq
+        for later in reads.ledger_entries(machine=machine, instance=instance, after_seq=after):
+            _verify_stored_entry(later, "ledger entry")
+            if later.kind == KEPT:
+                raise StoreIntegrityError(
+                    f"the store answers ledger entry {after} as the newest kept entry of "
+                    f"{where}, but lists kept entry {later.seq} after it",
+                    hint=_HINT,
+                )
+            if later.from_state != state:
+                raise StoreIntegrityError(
+                    f"ledger entry {later.seq} of {where} starts in '{later.from_state}' but "
+                    f"the entry before it ends in '{state}': entries were removed",
+                    hint=_HINT,
+                )
+            state = later.to_state
+            following = reads.ledger_entry(later.seq + 1)
+            if following is None:
+                beyond = next(iter(reads.ledger_entries(after_seq=later.seq)), None)
+                if beyond is not None:
+                    raise StoreIntegrityError(
+                        f"ledger entry {later.seq + 1}, right after entry {later.seq} of "
+                        f"{where}, is missing: entries were removed",
+                        hint=_HINT,
+                    )
+            elif (
+                following.kind == KEPT
+                and following.machine == machine
+                and following.instance == instance
+            ):
+                raise StoreIntegrityError(
+                    f"ledger entry {following.seq} is a kept entry of {where} newer than the "
+                    f"one the store answers as its newest ({after}): the store hides it",
+                    hint=_HINT,
+                )
 
     def check_signed(self, txn: Transaction, partition: int, entry: LedgerEntry, what: str) -> None:
         """Raise StoreIntegrityError unless `entry` (its hash checked) is signed by a key the

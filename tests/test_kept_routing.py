@@ -76,7 +76,8 @@ TAMPERS = {
 REASONS = {
     "data changed": "the kept data of Compliance 'case-1' is not what ledger entry",
     "data changed, kept entry forged": "the kept entry of Compliance 'case-1', has a bad signature",
-    "data changed, kept entry deleted": "kept data for Compliance 'case-1' that no ledger entry",
+    # The hole right after the move that kept is found first (instance_data.py).
+    "data changed, kept entry deleted": "right after entry 4 of Compliance 'case-1', is missing",
 }
 
 

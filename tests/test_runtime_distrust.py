@@ -8,13 +8,15 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 from autonomic.compiler import cli
+from autonomic.compiler.build import build
 from autonomic.runtime.checkpointing import _check_control
-from autonomic.runtime.errors import StoreIntegrityError
+from autonomic.runtime.errors import StoreConfigError, StoreIntegrityError
 from autonomic.runtime.keychain import ROTATION, KeyChain, RootOfTrust, fingerprint, rotation_body
 from autonomic.runtime.keys import (
     Signer,
@@ -24,17 +26,20 @@ from autonomic.runtime.keys import (
     now_ms,
     write_keypair,
 )
-from autonomic.runtime.ledger import LedgerMode, LedgerSealer, entry_hash
+from autonomic.runtime.ledger import KEPT, LedgerMode, LedgerSealer, entry_hash
 from autonomic.runtime.ledger_ranges import verify_ledger
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.sealing import _Chain
 from autonomic.runtime.store.base import Transaction
+from autonomic.runtime.store.postgres import PostgresStore, migrate
 from autonomic.runtime.store.sqlite import SQLiteStore
+from autonomic.runtime.tables import MachineSpec
 from autonomic.runtime.timers import VirtualClock
 from conftest import Stores
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flow_world import START_MS, marketplace
 from runtime_machines import Bindings, counter_spec
+from strategies import import_path
 from test_emit_routing import disputed
 from test_kept_routing import literal
 
@@ -253,3 +258,217 @@ def test_a_rewritten_head_is_refused_in_sign_each_mode(stores: Stores) -> None:
     (head,) = stores.rows("m", "SELECT max(seq) FROM ledger")[0]
     rewrite_entry(stores, head, "Forged")
     tick_is_refused(stores, signer, "sign-each", "the ledger head, has a bad signature")
+
+
+PG_TAMPERS = {
+    "a lying partial index": (
+        "CREATE INDEX ledger_lie ON ledger (machine, instance, part, seq) WHERE kind <> 'kept'",
+        "index CREATE INDEX ledger_lie",
+    ),
+    "an index dropped": ("DROP INDEX ledger_by_instance", "lacks what the runtime creates"),
+    "an unlogged ledger": (
+        "ALTER TABLE ledger SET UNLOGGED",
+        "relation ledger kind=r persistence=u",
+    ),
+    "a key column collated": (
+        'ALTER TABLE instance_data ALTER COLUMN instance TYPE text COLLATE "C"',
+        "column instance_data.instance #2 text not null default= collation=pg_catalog.C",
+    ),
+    "a default changed": (
+        "ALTER TABLE snapshots ALTER COLUMN kept_seq SET DEFAULT 0",
+        "column snapshots.kept_seq",
+    ),
+    "row security hiding kept entries": (
+        "ALTER TABLE ledger ENABLE ROW LEVEL SECURITY; ALTER TABLE ledger FORCE ROW LEVEL "
+        "SECURITY; CREATE POLICY hide ON ledger USING (kind <> 'kept')",
+        "policy ledger.hide",
+    ),
+    "a rule dropping outbox messages": (
+        "CREATE RULE drop_all AS ON INSERT TO outbox DO INSTEAD NOTHING",
+        "rule outbox.drop_all",
+    ),
+    "a trigger": (
+        "CREATE FUNCTION keep_none() RETURNS trigger LANGUAGE plpgsql AS "
+        "'BEGIN RETURN NULL; END'; CREATE TRIGGER t BEFORE INSERT ON ledger FOR EACH ROW "
+        "EXECUTE FUNCTION keep_none()",
+        "function keep_none()",
+    ),
+    "rows inherited from another schema": (
+        "CREATE TABLE {other}.forged () INHERITS (ledger)",
+        "inherits",
+    ),
+}
+
+
+@pytest.mark.parametrize("tamper", sorted(PG_TAMPERS))
+def test_an_altered_postgresql_schema_is_refused_before_a_row_is_read(
+    postgres_stores: Stores, tamper: str, tmp_path: Path
+) -> None:
+    """Each declaration the migrations do not make (or one they make, removed) is refused, by
+    PostgresStore and by `audit verify`, naming it; the store is left as it was. Before, each
+    of these stores opened and verified as if nothing had changed."""
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    keys = tmp_path / "keys"
+    write_keypair(keys, signer.private_key, valid_from_ms=0)
+    (public,) = keys.glob("*.public.json")
+    runtime = counters(postgres_stores, "checkpoint", signer)
+    runtime.governor("Counter").create("c1")
+    runtime.close()
+    other = postgres_stores.location("other").rsplit("%3D", 1)[1]
+    sql, shown = PG_TAMPERS[tamper]
+    postgres_stores.rows("m", sql.format(other=other))
+    before = ledger_rows(postgres_stores)
+    url = postgres_stores.location("m")
+    with pytest.raises(StoreConfigError, match="the store's schema was altered") as refused:
+        PostgresStore(url)
+    assert shown in str(refused.value)
+    with pytest.raises(StoreConfigError, match="schema was altered"):
+        migrate(url)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(["audit", "verify", url, "--public-key", str(public)])
+    assert code == 1 and "schema was altered" in err.getvalue(), err.getvalue()
+    assert "Traceback" not in err.getvalue()
+    assert ledger_rows(postgres_stores) == before
+
+
+CASE_FSM = """
+machine Case "A case whose customer can be transferred." {
+  event Open { customer_id: str }
+  event Transfer { customer_id: str }
+  event Note
+  event Decide
+  data { customer_id: str "whose account the ruling goes to" }
+  initial state Opened { on Open -> Investigating keep customer_id }
+  state Investigating {
+    on Transfer -> Investigating keep customer_id
+    on Note -> Investigating
+    on Decide -> Done emit Acct.Upheld(case_id = $instance) to customer_id
+  }
+  final state Done
+}
+"""
+ACCT_FSM = """
+machine Acct "An account a ruling credits." {
+  event Upheld { case_id: str }
+  initial state Waiting { on Upheld -> Credited }
+  final state Credited
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def transfers(tmp_path_factory: pytest.TempPathFactory) -> list[MachineSpec]:
+    """A case that keeps its customer's id, and is transferred (kept again) before its ruling."""
+    root = tmp_path_factory.mktemp("transfers")
+    (root / "machines").mkdir()
+    (root / "machines" / "case.fsm").write_text(CASE_FSM)
+    (root / "machines" / "acct.fsm").write_text(ACCT_FSM)
+    result = build([root / "machines"], root / "out", svg=False, strict=True)
+    assert not result.report.diagnostics, result.report.diagnostics
+    return [import_path(root / "out" / f"{name}.py").MACHINE for name in ("case", "acct")]
+
+
+def transferred(stores: Stores, specs: list[MachineSpec], signer: Signer) -> Runtime:
+    runtime = Runtime(
+        stores.open("m"), clock=VirtualClock(START_MS), sealer=LedgerSealer(signer, "sign-each")
+    )
+    for spec in specs:
+        runtime.load(spec)
+    return runtime
+
+
+def rolled_back_transfer(
+    stores: Stores, specs: list[MachineSpec], signer: Signer, notes: int
+) -> tuple[int, int]:
+    """case-1 kept cust-old, then cust-new (Transfer), then `notes` moves that keep nothing,
+    then another account is made (so the case's entries are not the ledger's last). Returns
+    the seqs of the two kept entries."""
+    runtime = transferred(stores, specs, signer)
+    for account in ("cust-old", "cust-new", "other"):
+        runtime.governor("Acct").create(account)
+    case = runtime.governor("Case")
+    case.create("case-1")
+    case.dispatch("case-1", "Open", {"customer_id": "cust-old"})
+    case.dispatch("case-1", "Transfer", {"customer_id": "cust-new"})
+    for _ in range(notes):
+        case.dispatch("case-1", "Note", {})
+    runtime.governor("Acct").dispatch("other", "Upheld", {"case_id": "x"})
+    runtime.close()
+    kept = stores.rows("m", "SELECT seq FROM ledger WHERE kind = 'kept' ORDER BY seq")
+    stores.rows(
+        "m",
+        'UPDATE instance_data SET data = \'{"customer_id":"cust-old"}\' '
+        "WHERE instance = 'case-1'",
+    )
+    return kept[0][0], kept[1][0]
+
+
+def ruling_is_refused(stores: Stores, specs: list[MachineSpec], signer: Signer, why: str) -> None:
+    before = ledger_rows(stores), count(stores, "outbox")
+    runtime = transferred(stores, specs, signer)
+    try:
+        with pytest.raises(StoreIntegrityError, match=why):
+            runtime.governor("Case").dispatch("case-1", "Decide", {})
+        assert runtime.governor("Case").get("case-1").state == "Investigating"  # type: ignore[union-attr]
+    finally:
+        runtime.store.close()
+    assert (ledger_rows(stores), count(stores, "outbox")) == before
+
+
+@pytest.mark.parametrize("notes", [0, 2])
+def test_a_deleted_newer_kept_entry_is_found_before_routing(
+    stores: Stores, transfers: list[MachineSpec], notes: int
+) -> None:
+    """Redteam a11: the transfer's kept entry deleted and the data rolled back to the older,
+    validly signed one: the ruling would go to cust-old. The runtime reads the case's entries
+    after the kept entry it was given and finds the hole right after the Transfer move (also
+    when later moves keep nothing)."""
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    _, newest = rolled_back_transfer(stores, transfers, signer, notes)
+    stores.rows("m", f"DELETE FROM ledger WHERE seq = {newest}")
+    ruling_is_refused(stores, transfers, signer, f"ledger entry {newest}, right after entry")
+
+
+def test_a_kept_entry_hidden_by_a_forged_index_is_found_before_routing(
+    tmp_path: Path, transfers: list[MachineSpec]
+) -> None:
+    """ledger_by_instance, declared exactly as the runtime declares it, but built while the
+    transfer's kept entry was filed under another instance (redteam a12): the index answers
+    the older kept entry, which the rolled-back data matches. The entry right after the
+    Transfer move, read by its seq from the table, is the hidden kept entry."""
+    stores = Stores("sqlite", tmp_path, None)
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    older, newest = rolled_back_transfer(stores, transfers, signer, 2)
+    db = sqlite3.connect(stores.location("m"), isolation_level=None)
+    (declared,) = db.execute(
+        "SELECT sql FROM sqlite_master WHERE name = 'ledger_by_instance'"
+    ).fetchone()
+    db.execute("DROP INDEX ledger_by_instance")
+    db.execute(f"UPDATE ledger SET instance = 'elsewhere' WHERE seq = {newest}")
+    db.execute(declared)  # built over the relabelled row
+    (rootpage,) = db.execute(
+        "SELECT rootpage FROM sqlite_master WHERE name = 'ledger_by_instance'"
+    ).fetchone()
+    db.execute("PRAGMA writable_schema = ON")
+    db.execute("DELETE FROM sqlite_master WHERE name = 'ledger_by_instance'")
+    db.execute("PRAGMA writable_schema = OFF")
+    db.close()
+    db = sqlite3.connect(stores.location("m"), isolation_level=None)  # the index is detached
+    db.execute(f"UPDATE ledger SET instance = 'case-1' WHERE seq = {newest}")
+    db.execute("PRAGMA writable_schema = ON")
+    db.execute(
+        "INSERT INTO sqlite_master (type, name, tbl_name, rootpage, sql) "
+        "VALUES ('index', 'ledger_by_instance', 'ledger', ?, ?)",
+        (rootpage, declared),
+    )
+    db.execute("PRAGMA writable_schema = OFF")
+    db.close()
+    store = SQLiteStore(stores.location("m"))
+    try:
+        assert [
+            e.seq for e in store.ledger_entries(machine="Case", instance="case-1") if e.kind == KEPT
+        ] == [older]
+    finally:
+        store.close()
+    ruling_is_refused(stores, transfers, signer, f"ledger entry {newest} is a kept entry of")

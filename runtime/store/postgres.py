@@ -73,6 +73,7 @@ from .base import (
     Transaction,
     WorkOutcome,
 )
+from .postgres_schema import schema_problem
 from .row_seals import SEALED_MARK, SEALED_SELECT, RowSeals, outbox_values, seal_every_row
 from .urls import redact
 
@@ -165,6 +166,7 @@ class _Found:
     empty: bool
     version: int = 0
     partitions: int = 0
+    schema: str = ""
 
 
 def _inspect(cursor: psycopg.Cursor[Any], where: str) -> _Found:
@@ -200,13 +202,27 @@ def _inspect(cursor: psycopg.Cursor[Any], where: str) -> _Found:
             hint=STORE_HINT,
         )
     try:
-        return _Found(False, int(marks["schema"]), int(marks["partitions"]))
+        return _Found(False, int(marks["schema"]), int(marks["partitions"]), schema)
     except (KeyError, ValueError):
         raise StoreConfigError(
             f"{where}: the store's schema version or partition count is unreadable; "
             "it was left untouched",
             hint="restore the autonomic_meta table from a backup",
         ) from None
+
+
+def _refuse_altered(connection: psycopg.Connection[Any], found: _Found, where: str) -> None:
+    """StoreConfigError unless the store's schema is exactly the one its migrations (1 to the
+    version it records) create: other declarations make the runtime's reads find other rows
+    than it wrote (store/postgres_schema.py). Reads only; before any row but the marks."""
+    sqls = [migration.sql for migration in migrations()[: found.version]]
+    problem = schema_problem(connection, found.schema, found.version, sqls)
+    if problem is not None:
+        raise StoreConfigError(
+            f"{where}: the store's schema was altered: {problem}; it was left untouched",
+            hint="a store is opened (and verified) only with the schema its migrations "
+            "create; restore it from a backup",
+        )
 
 
 def _newer(where: str, version: int) -> StoreConfigError:
@@ -241,6 +257,8 @@ def migrate(url: str, *, partitions: int | None = None) -> tuple[int, int]:
                 "when the store is created",
                 hint="migrate a new database with --partitions and move the fleet to it",
             )
+        if not found.empty:
+            _refuse_altered(connection, found, where)
         start = 0 if found.empty else found.version
         for migration in migrations()[start:]:
             cursor.execute(cast(Any, migration.sql))
@@ -706,6 +724,8 @@ class PostgresStore:
                 f"{self.where}: the ledger has {found.partitions} partitions, not {partitions}",
                 hint="the count is fixed when the store is created",
             )
+        with _connect(url) as connection:
+            _refuse_altered(connection, found, self.where)
         self.partitions = found.partitions
         size = pool_size if pool_size is not None else min(self.partitions, 16) + 2
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
