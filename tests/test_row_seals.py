@@ -474,6 +474,45 @@ def test_a07_rows_that_do_not_decode_are_refused_with_a_diagnostic(world: World)
         world.open()
 
 
+def test_a07_flow_data_that_is_not_a_runs_is_refused_without_a_key_too(tmp_path: Path) -> None:
+    """Without a key nothing is sealed, yet a flow row whose data does not decode, or is not
+    a run's, is a diagnostic (R021), not a JSONDecodeError or KeyError."""
+    path = tmp_path / "plain.db"
+
+    def open_plain() -> tuple[Runtime, FlowRunner]:
+        runtime = Runtime(open_store(path), clock=VirtualClock(START))
+        bindings = _Bindings(_Payments())
+        for module in MODULES:
+            spec = importlib.import_module(f"autonomic.generated.{module}").MACHINE
+            runtime.load(spec, *bindings.of(spec))
+        flows = [importlib.import_module(f"autonomic.generated.{m}").FLOW for m in FLOWS]
+        runner = FlowRunner(runtime, flows, functions={"refund_due": refund_due}, before_step=crash)
+        return runtime, runner
+
+    def crash(ctx: Any) -> None:
+        if ctx.step == "suspend_entitlements":
+            raise Crash()
+
+    runtime, runner = open_plain()
+    for c in ("f1", "f2"):
+        for m in ("Entitlement", "Billing", "Subscription"):
+            runtime.governor(m).create(c)
+        with pytest.raises(Crash):
+            runner.start(
+                "SubscriptionCancellation", c, {"customer_id": c, "request_id": c, "reason": "x"}
+            )
+    runtime.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE flows SET data = '{not json' WHERE instance = 'f1'")
+        db.execute("UPDATE flows SET data = '{}' WHERE instance = 'f2'")
+        ids = [row[0] for row in db.execute("SELECT flow_id FROM flows ORDER BY instance")]
+    runtime, runner = open_plain()
+    for flow_id in ids:
+        with pytest.raises(StoreIntegrityError, match="not a flow run's"):
+            runner.resume(flow_id)
+    runtime.close()
+
+
 def test_a07_a_text_version_is_refused_without_a_key_too(tmp_path: Path) -> None:
     """The typed decoding is the store's, sealed or not: a runtime without a ledger gets a
     diagnostic for a row of the wrong type, not a TypeError."""
@@ -714,5 +753,32 @@ def test_tampered_rows_are_refused_on_postgresql_too(postgres_stores: Stores, ke
         made.clock.advance(60_000)
         refused(made, runtime.fire_due)
         refused(made, lambda: DeadlineTracker(runtime).check())
+    finally:
+        made.close()
+
+
+def test_outbox_and_flow_rows_tampered_on_postgresql_are_refused(
+    postgres_stores: Stores, keys: Path
+) -> None:
+    """A fleet worker's paths: claim_outbox leases, then decodes and checks; a flow run's row
+    is checked when a worker resumes it."""
+    made = World(postgres_stores.location(), keys, lambda sql: postgres_stores.rows("s", sql))
+    try:
+        _crashed_sagas(made, ("alice",))
+        made.open()
+        assert made.runtime is not None
+        made.runtime.deliver_outbox()  # the honest ones: only the one tampered with is left
+        made.gov("Entitlement").create("carol")
+        made.gov("Entitlement").dispatch("carol", "Approve", {"approver": "vendor-admin"})
+        made.close()
+        made.sql("UPDATE flows SET instance = 'bob' WHERE instance = 'alice'")
+        made.sql(
+            "UPDATE outbox SET target_instance = 'bob' WHERE status = 'pending' "
+            "AND instance = 'carol'"
+        )
+        made.open()
+        assert made.runtime is not None
+        refused(made, made.runner.resume_all)
+        refused(made, made.runtime.deliver_outbox)
     finally:
         made.close()

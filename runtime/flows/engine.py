@@ -47,7 +47,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from ..errors import PayloadInvalid, UnknownMachine
+from ..errors import PayloadInvalid, StoreIntegrityError, UnknownMachine
 from ..results import _dumps, derive_event_id
 from ..runtime import Runtime
 from ..store.base import FLOW_FINISHED, FlowRecord
@@ -198,7 +198,7 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
             flow_id = self.flow_id(flow, instance, given)
         stored = self.runtime.store.get_flow(flow_id)
         if stored is not None:
-            return _Run(spec, stored, json.loads(stored.data))
+            return _Run(spec, stored, _stored_data(stored))
         unknown = sorted(set(given) - set(spec.inputs))
         if unknown:
             raise PayloadInvalid(flow, "start", ((", ".join(unknown), "not an input"),))
@@ -222,7 +222,30 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
         record = self.runtime.store.get_flow(flow_id)
         if record is None:
             raise KeyError(f"no flow run {flow_id!r}")
-        return _Run(self._spec(record.flow), record, json.loads(record.data))
+        return _Run(self._spec(record.flow), record, _stored_data(record))
+
+
+def _stored_data(record: FlowRecord) -> dict[str, Any]:
+    """A stored run's data, decoded; StoreIntegrityError (not a bare JSON or key error) if it
+    is not a run's: a row sealed by this runtime always is, so only a store without a key
+    (nothing sealed) or one changed outside it gets here."""
+    try:
+        data = json.loads(record.data)
+    except ValueError:
+        data = None
+    if not (
+        isinstance(data, dict)
+        and isinstance(data.get("inputs"), dict)
+        and isinstance(data.get("values"), dict)
+        and isinstance(data.get("steps"), dict)
+        and isinstance(data.get("order"), list)
+    ):
+        raise StoreIntegrityError(
+            f"the flows row {record.flow_id!r} ({record.flow} on '{record.instance}') holds "
+            "data that is not a flow run's",
+            hint="the store was changed outside autonomic: restore it from a backup",
+        )
+    return data
 
 
 def _all_steps(spec: FlowSpec) -> Iterable[FlowStepSpec]:
