@@ -122,6 +122,10 @@ class Runtime:
     `claim_lease_ms`: how long a dispatch's claim on an event id or idempotency key whose
     outside calls it runs lasts if its process dies or stalls (runtime/resilience/claims.py);
     a live holder renews it every third of the lease while its calls run.
+    With a sealer, every operational row is sealed under a key derived from the signer's
+    (runtime/store/row_seals.py). `adopt_unsealed_rows`: seal, as they are, the rows of a
+    store that was never sealed (written before rows were sealed); without it such a store is
+    refused, since someone without the key may have stripped the seals and rewritten the rows.
     """
 
     @_closes_store_on_failure
@@ -143,6 +147,7 @@ class Runtime:
         action_threads: int = 32,
         claim_lease_ms: int = DEFAULT_CLAIM_LEASE_MS,
         trusted_root: RootLike | None = None,
+        adopt_unsealed_rows: bool = False,
     ) -> None:
         check_identifier("timer actor", timer_actor)
         if witnesses and sealer is None:
@@ -259,7 +264,7 @@ class Runtime:
                     check_signer_is_active(ledger.reads, sealer, self.pinned_root)
             # Every operational row is sealed under the signer's row key from now on, and
             # checked before it is acted on (runtime/store/row_seals.py).
-            self._store.seal_rows(row_key(sealer.signer.private_key))
+            self._store.seal_rows(row_key(sealer.signer.private_key), adopt=adopt_unsealed_rows)
 
     @property
     def pinned_root(self) -> RootOfTrust:

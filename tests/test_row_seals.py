@@ -63,7 +63,9 @@ class World:
         self.runtime: Runtime | None = None
         self.open()
 
-    def open(self, before_step: Any = None, signer_keys: Path | None = None) -> Runtime:
+    def open(
+        self, before_step: Any = None, signer_keys: Path | None = None, adopt: bool = False
+    ) -> Runtime:
         store = open_store(self.location)
         try:
             signer = load_signer(signer_keys or self.keys)
@@ -73,6 +75,7 @@ class World:
                 sealer=LedgerSealer(signer, "sign-each"),
                 # The ledger's root is the first key, also after a rotation to another.
                 trusted_root=load_signer(self.keys).public_info(),
+                adopt_unsealed_rows=adopt,
             )
         except BaseException:
             store.close()
@@ -688,7 +691,10 @@ def test_a_store_written_before_row_seals_is_upgraded_and_sealed(world: World) -
     _unseal(world.location)
     with sqlite3.connect(world.location) as db:
         assert "seal" not in {row[1] for row in db.execute("PRAGMA table_info(instances)")}
-    world.open()
+    # Its rows are sealed as found only when the operator says so (see the next test).
+    with pytest.raises(StoreIntegrityError, match="carry no row seals"):
+        world.open()
+    world.open(adopt=True)
     _carry_on(world, "alice")
     world.close()
     for table in ("instances", "timers", "outbox", "processed_events", "flows", "deadlines"):
@@ -698,6 +704,24 @@ def test_a_store_written_before_row_seals_is_upgraded_and_sealed(world: World) -
     world.open()
     with pytest.raises(StoreIntegrityError, match="missing row seal"):
         world.gov("Entitlement").dispatch("alice", "Revoke", {"reason": "x"})
+
+
+def test_rows_stripped_of_their_seals_are_not_sealed_as_found(world: World) -> None:
+    """Someone without the key rewrites a sealed store into the form written before rows were
+    sealed (no seal column, no mark) and forges a row: the runtime refuses the store rather
+    than seal the forgery, and changes no row."""
+    _day_of_business(world, "alice")
+    world.close()
+    _unseal(world.location)
+    world.sql("UPDATE instances SET state = 'Active' WHERE machine = 'Entitlement'")
+    state = "SELECT machine, instance, state, version FROM instances ORDER BY 1, 2"
+    before = world.sql(state)
+    with pytest.raises(StoreIntegrityError, match="instances rows carry no row seals"):
+        world.open()
+    # The open gave the tables their seal column back (empty): no row was sealed or changed.
+    assert world.sql(state) == before
+    for table in ("instances", "timers", "outbox", "processed_events", "flows"):
+        assert world.sql(f"SELECT count(*) FROM {table} WHERE seal IS NOT NULL") == [(0,)]
 
 
 def test_key_rotation_reseals_the_rows_under_the_new_key(world: World, tmp_path: Path) -> None:

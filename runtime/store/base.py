@@ -292,13 +292,15 @@ class Store(Protocol):
         writes and does not stop the others), call `before_commit`, then commit. If the
         commit or `before_commit` fails, every unit fails with that error."""
 
-    def seal_rows(self, key: bytes | None) -> None:
+    def seal_rows(self, key: bytes | None, *, adopt: bool = False) -> None:
         """From now on seal every row written to the operational tables under `key` (the row
         key of the runtime's signer, runtime/store/row_seals.py), and refuse with
-        StoreIntegrityError every row read without its seal; None: neither. A store whose rows
-        were never sealed has them all sealed as found, in one transaction, and is marked so
-        that a missing seal is refused from then on; one sealed under another key is refused.
-        The memory store (one process, nothing on disk) seals nothing."""
+        StoreIntegrityError every row read without its seal; None: neither. A store that was
+        never sealed is marked so that a missing seal is refused from then on; if its
+        operational tables hold rows (written before rows were sealed, or stripped of their
+        seals and mark by someone without the key), they are sealed as found only with
+        `adopt`, and refused otherwise. One sealed under another key is refused. The memory
+        store (one process, nothing on disk) seals nothing."""
 
     def ledger_mode(self) -> LedgerMode | None:
         """The ledger mode recorded in the store, or None if no entry was ever written."""

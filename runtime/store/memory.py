@@ -208,7 +208,7 @@ class MemoryStore:
                 before_commit(self)
         return outcomes
 
-    def seal_rows(self, key: bytes | None) -> None:
+    def seal_rows(self, key: bytes | None, *, adopt: bool = False) -> None:
         """Nothing: the rows live in this process, which nothing else writes."""
 
     def reseal_rows(self, key: bytes) -> None:

@@ -74,7 +74,14 @@ from .base import (
     WorkOutcome,
 )
 from .postgres_schema import schema_problem
-from .row_seals import SEALED_MARK, SEALED_SELECT, RowSeals, outbox_values, seal_every_row
+from .row_seals import (
+    SEALED_MARK,
+    SEALED_SELECT,
+    RowSeals,
+    outbox_values,
+    refuse_unsealed_rows,
+    seal_every_row,
+)
 from .urls import redact
 
 __all__ = [
@@ -840,7 +847,7 @@ class PostgresStore:
             rows: list[tuple[Any, ...]] = connection.execute(cast(Any, sql), parameters).fetchall()
         return rows
 
-    def seal_rows(self, key: bytes | None) -> None:
+    def seal_rows(self, key: bytes | None, *, adopt: bool = False) -> None:
         if key is None:
             self._seals.key = None
             return
@@ -854,8 +861,10 @@ class PostgresStore:
                         "SELECT value FROM autonomic_meta WHERE key = %s", (SEALED_MARK,)
                     ).fetchone()
                     if found is None:
-                        # Written before rows were sealed, or without a key: its rows are
-                        # sealed as found, once; from now on a row without its seal is refused.
+                        # Never sealed: new (nothing to seal), or rows are adopted as found,
+                        # once; from now on a row without its seal is refused.
+                        if not adopt:
+                            refuse_unsealed_rows(cursor.execute, self.where)
                         seal_every_row(
                             cursor.execute, self._seals, key, check=False, mark=_SAVE_MARK
                         )

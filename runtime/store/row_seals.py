@@ -294,6 +294,20 @@ class RowSeals:
         return BreakerRecord(*values)
 
 
+def refuse_unsealed_rows(execute: Callable[..., Any], where: str) -> None:
+    """Refuse a store never marked as sealed whose operational tables hold rows: they were
+    written before rows were sealed, or their seals and the mark were stripped by someone
+    without the key (who may have rewritten them first). Sealing them is the operator's call."""
+    for table in SEALED_TABLES:
+        if execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None:
+            raise StoreIntegrityError(
+                f"{where}: its {table} rows carry no row seals (written before rows were "
+                "sealed, or stripped of their seals by someone without the key)",
+                hint="check the store with `autonomic audit verify`, then seal its rows as "
+                "they are, once, with Runtime(..., adopt_unsealed_rows=True)",
+            )
+
+
 def seal_every_row(
     execute: Callable[..., Any], seals: RowSeals, key: bytes, *, check: bool, mark: str
 ) -> None:

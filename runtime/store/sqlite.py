@@ -63,7 +63,14 @@ from .base import (
     Transaction,
     WorkOutcome,
 )
-from .row_seals import SEALED_MARK, SEALED_SELECT, RowSeals, outbox_values, seal_every_row
+from .row_seals import (
+    SEALED_MARK,
+    SEALED_SELECT,
+    RowSeals,
+    outbox_values,
+    refuse_unsealed_rows,
+    seal_every_row,
+)
 from .sqlite_schema import RUNTIME_SCHEMA_SQL, SEALED_TABLE_NAMES, schema_problem
 
 __all__ = ["RUNTIME_SCHEMA_SQL", "SQLiteStore", "Synchronous"]
@@ -730,7 +737,7 @@ class SQLiteStore:
                 raise
         return outcomes
 
-    def seal_rows(self, key: bytes | None) -> None:
+    def seal_rows(self, key: bytes | None, *, adopt: bool = False) -> None:
         with self._lock:
             if key is None:
                 self._seals.key = None
@@ -742,8 +749,10 @@ class SQLiteStore:
                     "SELECT value FROM runtime_meta WHERE key = ?", (SEALED_MARK,)
                 ).fetchone()
                 if found is None:
-                    # Written before rows were sealed, or without a key: its rows are sealed
-                    # as found, once; from now on a row without its seal is refused.
+                    # Never sealed: new (nothing to seal), or rows are adopted as found, once;
+                    # from now on a row without its seal is refused.
+                    if not adopt:
+                        refuse_unsealed_rows(execute, str(self.path))
                     seal_every_row(execute, self._seals, key, check=False, mark=_SAVE_MARK)
                 elif found[0] != self._seals.mark(key):
                     raise StoreIntegrityError(
