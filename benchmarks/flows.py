@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((f"sagas/s, asyncio + SQLite ({label})", f"{ok:.0f}"))
             rows.append(
                 (
-                    f"  commits for {count} sagas at once",
+                    f"  commits for {count} sagas at once ({label})",
                     f"{batches} commits for {units} units of work: "
                     f"{units / batches:.0f} per commit",
                 )
