@@ -24,7 +24,7 @@ from autonomic.runtime.errors import RuntimeFailure
 from autonomic.runtime.keys import load_signer
 from autonomic.runtime.ledger import LedgerSealer
 from autonomic.runtime.runtime import Runtime
-from autonomic.runtime.store.base import ClaimKey
+from autonomic.runtime.store.base import ClaimKey, Store
 from autonomic.runtime.store.locate import open_store
 from autonomic.runtime.timers import VirtualClock
 from billing_world import START, noop, yes
@@ -32,6 +32,21 @@ from billing_world import START, noop, yes
 
 def say(line: str) -> None:
     print(line, flush=True)
+
+
+def tell_waiting(store: Store) -> None:
+    """Say "waiting" the first time `store` finds a claim held by another holder."""
+    claim = store.claim_outside
+    told: list[bool] = []
+
+    def observed(keys: Sequence[ClaimKey], holder: str, lease_ms: int) -> bool:
+        taken = claim(keys, holder, lease_ms)
+        if not taken and not told:
+            told.append(True)
+            say("waiting")
+        return taken
+
+    store.claim_outside = observed  # type: ignore[method-assign]
 
 
 def processor(ctx: Any) -> dict[str, str]:
@@ -43,17 +58,7 @@ def processor(ctx: Any) -> dict[str, str]:
 
 def main(location: str, keys: str, lease_ms: int) -> None:
     store = open_store(location)
-    claim = store.claim_outside
-    told: list[bool] = []
-
-    def observed(claimed: Sequence[ClaimKey], holder: str, lease: int) -> bool:
-        taken = claim(claimed, holder, lease)
-        if not taken and not told:
-            told.append(True)
-            say("waiting")
-        return taken
-
-    store.claim_outside = observed  # type: ignore[method-assign]
+    tell_waiting(store)
     runtime = Runtime(
         store,
         clock=VirtualClock(START),

@@ -13,6 +13,7 @@ from autonomic.runtime.demo import _Bindings, _Payments
 from autonomic.runtime.flows import FlowRunner, StepContext
 from autonomic.runtime.keys import Signer
 from autonomic.runtime.ledger import LedgerMode, LedgerSealer
+from autonomic.runtime.resilience.claims import DEFAULT_CLAIM_LEASE_MS
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.base import Store
 from autonomic.runtime.tables import FlowSpec
@@ -39,6 +40,7 @@ def marketplace(
     clock: Clock | None = None,
     mode: LedgerMode = "sign-each",
     snapshot_every: int = 100,
+    claim_lease_ms: int = DEFAULT_CLAIM_LEASE_MS,
 ) -> tuple[Runtime, FlowRunner, _Bindings]:
     signer = signer or Signer.from_private_key(Ed25519PrivateKey.generate())
     runtime = Runtime(
@@ -46,6 +48,7 @@ def marketplace(
         clock=clock or VirtualClock(START_MS),
         sealer=LedgerSealer(signer, mode),
         snapshot_every=snapshot_every,
+        claim_lease_ms=claim_lease_ms,
     )
     bindings = _Bindings(_Payments())
     for module in MODULES:

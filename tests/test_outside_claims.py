@@ -17,7 +17,7 @@ import pytest
 from autonomic.runtime.demo import _Payments
 from autonomic.runtime.dispatch import DispatchRequest
 from autonomic.runtime.errors import ActionFailed, OutsideCallInProgress
-from autonomic.runtime.keys import Signer
+from autonomic.runtime.keys import Keyring, Signer, load_signer
 from autonomic.runtime.store.memory import MemoryStore
 from autonomic.runtime.store.sqlite import SQLiteStore
 from autonomic.runtime.timers import VirtualClock
@@ -28,6 +28,7 @@ from flow_world import marketplace
 from test_flows import active_customer, upgrade_inputs
 
 WORKER = Path(__file__).with_name("claim_worker.py")
+FLOW_WORKER = Path(__file__).with_name("flow_claim_worker.py")
 KEY = ("Billing", "event", "charge-c1")
 PAYLOAD = CHARGE
 
@@ -85,11 +86,14 @@ def test_the_memory_store_renews_only_the_holders_claims() -> None:
 
 
 class Dispatcher:
-    """A claim_worker.py process charging c1 with event id charge-c1."""
+    """A claim_worker.py process charging c1 with event id charge-c1 (or, with
+    `worker=FLOW_WORKER`, a flow_claim_worker.py process driving c1's upgrade run)."""
 
-    def __init__(self, location: str, keys: Path, lease_ms: int = 60_000) -> None:
+    def __init__(
+        self, location: str, keys: Path, lease_ms: int = 60_000, worker: Path = WORKER
+    ) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(WORKER), location, str(keys), str(lease_ms)],
+            [sys.executable, str(worker), location, str(keys), str(lease_ms)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -129,9 +133,9 @@ class Dispatcher:
         stdin.flush()
 
     def finish(self) -> list[str]:
-        """The lines up to and including the result; the process then exits 0."""
+        """The lines up to and including the result (or error); the process then exits 0."""
         lines = [self.line()]
-        while not lines[-1].startswith("result"):
+        while not lines[-1].startswith(("result", "error")):
             lines.append(self.line())
         assert self.process.wait(60) == 0
         return lines
@@ -263,6 +267,61 @@ def test_a_holder_whose_claim_was_taken_over_refuses_to_commit(stores: Stores, k
     assert charges == [(1,)]
     instance = stores.rows("s", "SELECT state, version FROM instances WHERE instance = 'c1'")
     assert instance[0][1] == 2
+
+
+@pytest.mark.parametrize("taker_first", [True, False], ids=["taker-commits-first", "both-at-once"])
+def test_a_flow_driver_whose_step_claim_was_taken_over_hands_the_run_over(
+    stores: Stores, keys: Path, taker_first: bool
+) -> None:
+    """Driver A of an upgrade run is stopped (SIGSTOP) at the processor of its proration
+    charge for longer than its 1 s lease; driver B resumes the same run, takes the step's
+    claim over and charges. A, continued, gets its processor's answer: its step's unit
+    refuses to commit (its claim is gone, and B moved the run), and instead of raising out of
+    `start` (R020/R026 before) it reads the run again and drives on from there, repeating
+    the step under the same event id: with B's charge committed it gets B's result; with
+    B still at its processor it waits at the claim first. Both drivers end with the run
+    completed; the ledger holds one charge and one recorded step result, and both processor
+    calls carried the same idempotency key (what lets the processor deduplicate them)."""
+    signer = load_signer(keys)
+    runtime, runner, _ = marketplace(stores.open(), signer=signer, clock=VirtualClock(START))
+    active_customer(runtime, runner, "c1")
+    runtime.close()
+    # One lease for both: a claim leased longer than a runtime's own lease is not one it
+    # would grant, so it reads as expired (runtime/store/sqlite.py claim_outside).
+    first = Dispatcher(stores.location(), keys, lease_ms=1000, worker=FLOW_WORKER)
+    second = Dispatcher(stores.location(), keys, lease_ms=1000, worker=FLOW_WORKER)
+    try:
+        assert first.go() == "calling"
+        assert second.go() == "waiting"
+        os.kill(first.process.pid, signal.SIGSTOP)
+        try:
+            assert second.line() == "calling"  # the stopped driver's lease ran out
+            if taker_first:
+                second.answer()
+                assert second.finish() == ["charged", "result completed succeeded"]
+        finally:
+            os.kill(first.process.pid, signal.SIGCONT)
+        first.answer()
+        assert first.line() == "charged"  # the stalled call returns: the second call made
+        if not taker_first:
+            assert first.line() == "waiting"  # repeating the step, at B's live claim
+            second.answer()
+            assert second.finish() == ["charged", "result completed succeeded"]
+        assert first.finish() == ["result completed succeeded"]
+    finally:
+        first.kill()
+        second.kill()
+    charges = stores.rows("s", "SELECT count(*) FROM ledger WHERE event = 'ProcessProrationCharge'")
+    assert charges == [(1,)]
+    recorded = stores.rows(
+        "s",
+        "SELECT count(*) FROM ledger WHERE kind = 'flow' AND event = 'StepSucceeded' "
+        "AND from_state = 'charge_proration'",
+    )
+    assert recorded == [(1,)]
+    completed = stores.rows("s", "SELECT count(*) FROM ledger WHERE event = 'FlowCompleted'")
+    assert completed == [(2,)]  # the signup's and the upgrade's
+    assert stores.verify("s", Keyring.from_files([keys])).ok
 
 
 class HeldProcessor(Processor):

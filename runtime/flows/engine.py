@@ -35,6 +35,17 @@ Semantics a user must know:
   `fire_due` / `deliver_outbox`, or in a new process) checks again; past `within` it fails.
 - compute: calls the registered pure function with the inputs and earlier results; its
   result is stored, so a resumed run never calls it with other results in mind.
+- A driver that finds another driving the same run hands over instead of failing: when a
+  step's outside-call claim was taken over while its calls ran (OutsideClaimLost: this
+  process stalled past its lease, another resumed the run and claimed the step's event id)
+  or the run's own version-checked write finds the run moved on, the step is neither failed
+  nor recorded. The driver drops what it holds in memory, reads the run again and drives on
+  from what is stored: the step's send is repeated with the same event id, so it waits at
+  the claim while the other holds it and then gets the committed result as a repeat, calling
+  nothing (or, if the other stored nothing, claims and sends the same payload, its
+  idempotency key included, so the outside service deduplicates). `start`/`resume` return
+  the run as it ends, whoever drove it there. The calls the stalled driver made are not
+  stored: the step's idempotency key is what keeps the outside effect single.
 - The asyncio API runs the same plan (`_plan`, one generator for both): a send goes through
   `Governor.dispatch_async` with the run's write queued beside it, so on SQLite they share the
   group commit with every other coroutine's units; no threads of the runner's own.
@@ -47,7 +58,13 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from ..errors import PayloadInvalid, StoreIntegrityError, UnknownMachine
+from ..errors import (
+    ConcurrentUpdateDetected,
+    OutsideClaimLost,
+    PayloadInvalid,
+    StoreIntegrityError,
+    UnknownMachine,
+)
 from ..results import _dumps, derive_event_id
 from ..runtime import Runtime
 from ..store.base import FLOW_FINISHED, FlowRecord
@@ -116,11 +133,11 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
     ) -> FlowResult:
         """Start (or resume, if this run exists) and drive the run as far as it goes now."""
         run = self._open(flow, instance, inputs, flow_id)
-        return self._drive(run)
+        return self._drive_on(run)
 
     def resume(self, flow_id: str) -> FlowResult:
         run = self._load(flow_id)
-        return _result(run) if run.record.status in FLOW_FINISHED else self._drive(run)
+        return _result(run) if run.record.status in FLOW_FINISHED else self._drive_on(run)
 
     def resume_all(self, *, limit: int = 1000) -> list[FlowResult]:
         """Drive every unfinished run of a loaded flow: after a restart, or after timers
@@ -158,13 +175,13 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
         the run's own writes through the same asyncio group commit, so concurrent runs (and a
         parallel flow's branches, run in an asyncio.TaskGroup) share commits."""
         run = self._open(flow, instance, inputs, flow_id)
-        return await self._drive_async(run)
+        return await self._drive_on_async(run)
 
     async def resume_async(self, flow_id: str) -> FlowResult:
         run = self._load(flow_id)
         if run.record.status in FLOW_FINISHED:
             return _result(run)
-        return await self._drive_async(run)
+        return await self._drive_on_async(run)
 
     async def resume_all_async(self, *, limit: int = 1000) -> list[FlowResult]:
         records = self.runtime.store.unfinished_flows(limit)
@@ -175,6 +192,34 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
                 if r.flow in self.specs
             ]
         return [task.result() for task in tasks]
+
+    # ------------------------------------------------------------------ handing over
+
+    def _drive_on(self, run: _Run) -> FlowResult:
+        """`_drive`, driving on from the stored run whenever another driver took it over
+        (`_taken_over`; see the module docstring). Each turn follows another driver's
+        progress (a claim it took, a write it made), so the turns end."""
+        while run.record.status not in FLOW_FINISHED:
+            try:
+                return self._drive(run)
+            except Exception as error:
+                run = self._reread(run, error)
+        return _result(run)
+
+    async def _drive_on_async(self, run: _Run) -> FlowResult:
+        """`_drive_on` for the asyncio API."""
+        while run.record.status not in FLOW_FINISHED:
+            try:
+                return await self._drive_async(run)
+            except Exception as error:
+                run = self._reread(run, error)
+        return _result(run)
+
+    def _reread(self, run: _Run, error: Exception) -> _Run:
+        """The run as stored, if `error` says another driver took it over; else `error`."""
+        if not _taken_over(error, run.record):
+            raise error
+        return self._load(run.record.flow_id)
 
     # ------------------------------------------------------------------ opening a run
 
@@ -246,6 +291,24 @@ def _stored_data(record: FlowRecord) -> dict[str, Any]:
             hint="the store was changed outside autonomic: restore it from a backup",
         )
     return data
+
+
+def _taken_over(error: BaseException, record: FlowRecord) -> bool:
+    """Whether `error` says another driver has the run: a step's claim taken over (R026), or
+    the run's own record moved (R020 on its flow id, not a receiver's), alone or as every
+    error of a parallel flow's branches (an asyncio TaskGroup's group)."""
+    if isinstance(error, BaseExceptionGroup):
+        _, rest = error.split(
+            lambda e: not isinstance(e, BaseExceptionGroup) and _taken_over(e, record)
+        )
+        return rest is None
+    if isinstance(error, OutsideClaimLost):
+        return True
+    return (
+        isinstance(error, ConcurrentUpdateDetected)
+        and error.machine == record.flow
+        and error.instance == record.flow_id
+    )
 
 
 def _all_steps(spec: FlowSpec) -> Iterable[FlowStepSpec]:
