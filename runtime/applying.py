@@ -25,7 +25,7 @@ from .results import (
 )
 from .rows import _Row
 from .sealing import _Chain, _new_entry_data
-from .store.base import InstanceRecord, Transaction
+from .store.base import InstanceRecord, Transaction, idempotency_event_id
 from .tables import Payload, TransitionContext
 from .timers import arm_timers
 from .unit import _new_context
@@ -148,6 +148,12 @@ def apply(
     )
     entry = None
     if runtime._sealer is not None:
+        # A keyed dispatch's entry names its key's digest: the anchor of its idempotency row.
+        ledger_id = (
+            event_id
+            if event_id is not None
+            else ("" if idempotency_key is None else idempotency_event_id(name, idempotency_key))
+        )
         data = _new_entry_data(
             EntryData,
             (
@@ -159,7 +165,7 @@ def apply(
                 row.target,
                 row.event,
                 actor,
-                event_id or "",
+                ledger_id,
                 digest,
             ),
         )

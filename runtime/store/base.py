@@ -16,6 +16,7 @@ ledger head so appends stay a single chain.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar
@@ -38,6 +39,7 @@ __all__ = [
     "Store",
     "Transaction",
     "WorkOutcome",
+    "idempotency_event_id",
 ]
 
 T = TypeVar("T")
@@ -49,6 +51,17 @@ ClaimKey = tuple[str, str, str]
 # "held": a refusal notice waiting on the fate of the message it is the notice of (it is
 # released as "pending" if that delivery fails, and "dropped" if it is delivered).
 OutboxStatus = Literal["pending", "delivered", "failed", "held", "dropped"]
+
+
+def idempotency_event_id(machine: str, key: str) -> str:
+    """The event id the ledger entry of a dispatch with idempotency key `key` and no event id
+    records: a digest of the key (the key itself stays out of the ledger), so a key whose
+    idempotency_keys row is missing is checked against the ledger (row_seals.DedupAnchor)."""
+    digest = hashlib.sha256(b"autonomic/idempotency-key/v1\x00")
+    for text in (machine, key):
+        data = text.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(4, "big") + data)
+    return "key_" + digest.hexdigest()[:32]
 
 
 @dataclass(slots=True)

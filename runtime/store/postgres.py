@@ -72,11 +72,13 @@ from .base import (
     Snapshot,
     Transaction,
     WorkOutcome,
+    idempotency_event_id,
 )
 from .postgres_schema import schema_problem
 from .row_seals import (
     SEALED_MARK,
     SEALED_SELECT,
+    DedupAnchor,
     RowSeals,
     outbox_values,
     refuse_unsealed_rows,
@@ -304,17 +306,24 @@ def _connect(url: str) -> psycopg.Connection[Any]:
 # Units of work.
 
 
+def _anchor(seals: RowSeals) -> DedupAnchor:
+    # Seqs count per partition: the newest by time (the few entries of one event id).
+    return DedupAnchor(seals, "%s", "autonomic_meta", _SAVE_MARK, "ts_ms DESC")
+
+
 class PostgresTransaction:
     """The statements of one batch, on one pooled connection inside its transaction, for the
     ledger partition the batch has locked."""
 
-    __slots__ = ("_execute", "_seals", "partition")
+    __slots__ = ("_anchor", "_execute", "_seals", "partition")
 
     def __init__(self, cursor: psycopg.Cursor[Any], partition: int | None, seals: RowSeals) -> None:
         self._execute = cursor.execute
         self.partition = partition
         # Every row of a sealed table is sealed as written and checked as read (row_seals.py).
         self._seals = seals
+        # A missing dedup row is checked against the ledger (row_seals.DedupAnchor).
+        self._anchor = _anchor(seals)
 
     def _part(self) -> int:
         if self.partition is None:
@@ -385,7 +394,10 @@ class PostgresTransaction:
             "WHERE machine = %s AND event_id = %s",
             (machine, event_id),
         ).fetchone()
-        return None if row is None else str(self._seals.stored_result("processed_events", row)[3])
+        if row is None:
+            self._anchor.check(self._execute, "processed_events", machine, event_id, event_id)
+            return None
+        return str(self._seals.stored_result("processed_events", row)[3])
 
     def record_processed(
         self, machine: str, event_id: str, instance: str, result: str, now_ms: int
@@ -404,6 +416,9 @@ class PostgresTransaction:
             (machine, key),
         ).fetchone()
         if row is None:
+            self._anchor.check(
+                self._execute, "idempotency_keys", machine, key, idempotency_event_id(machine, key)
+            )
             return None
         values = self._seals.stored_result("idempotency_keys", row)
         return values[2], values[3]
@@ -550,6 +565,7 @@ class PostgresTransaction:
     def purge_dedup(self, before_ms: int) -> tuple[int, int]:
         events = self._execute("DELETE FROM processed_events WHERE created_ms < %s", (before_ms,))
         keys = self._execute("DELETE FROM idempotency_keys WHERE created_ms < %s", (before_ms,))
+        self._anchor.advance(self._execute, before_ms)
         return events.rowcount, keys.rowcount
 
     def flow(self, flow_id: str) -> FlowRecord | None:
@@ -664,7 +680,9 @@ class PostgresTransaction:
 
     def reseal_rows(self, key: bytes) -> None:
         # Every row is checked under the outgoing key first: a forged row is not laundered.
+        horizon = self._anchor.horizon(self._execute)
         seal_every_row(self._execute, self._seals, key, check=True, mark=_SAVE_MARK)
+        self._anchor.keep(self._execute, horizon)
 
 
 _FLOW_COLUMNS = "flow_id, flow, instance, status, version, data, updated_ms, wake_ms"
@@ -1175,7 +1193,10 @@ class PostgresStore:
             "WHERE machine = %s AND event_id = %s",
             (machine, event_id),
         )
-        return str(self._seals.stored_result("processed_events", rows[0])[3]) if rows else None
+        if not rows:
+            self._missed("processed_events", machine, event_id, event_id)
+            return None
+        return str(self._seals.stored_result("processed_events", rows[0])[3])
 
     def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
         rows = self._query(
@@ -1184,9 +1205,16 @@ class PostgresStore:
             (machine, key),
         )
         if not rows:
+            self._missed("idempotency_keys", machine, key, idempotency_event_id(machine, key))
             return None
         values = self._seals.stored_result("idempotency_keys", rows[0])
         return values[2], values[3]
+
+    def _missed(self, table: str, machine: str, name: str, event_id: str) -> None:
+        """A committed dedup miss, checked against the ledger (row_seals.DedupAnchor)."""
+        if self._seals.key is not None:
+            with self._connection() as connection:
+                _anchor(self._seals).check(connection.execute, table, machine, name, event_id)
 
     def get_breaker(self, machine: str, name: str) -> BreakerRecord | None:
         rows = self._query(

@@ -15,8 +15,9 @@ sealed or not.
 
 What seals cannot do: tell a deleted row from one never written, or an older genuine row put
 back from the current one. The runtime checks what anchors it has (a timer's armed version
-against the sealed instance row, a stored result's instance against the request); the rest is
-listed in docs/runtime.md, "What the runtime trusts". Without a key (no ledger) rows are
+against the sealed instance row, a stored result's instance against the request, and a
+processed event id or idempotency key found missing against the signed ledger: `DedupAnchor`);
+the rest is listed in docs/runtime.md, "What the runtime trusts". Without a key (no ledger) rows are
 written unsealed and nothing is checked or claimed.
 """
 
@@ -42,10 +43,12 @@ from .base import (
 
 __all__ = [
     "BREAKER_STATES",
+    "DEDUP_HORIZON",
     "ROW_KEY_INFO",
     "SEALED_MARK",
     "SEALED_SELECT",
     "SEALED_TABLES",
+    "DedupAnchor",
     "RowSeals",
     "outbox_values",
     "row_key",
@@ -134,6 +137,10 @@ def _message(table: str, row: Sequence[object]) -> bytes:
 _digest = hmac.digest
 _same = hmac.compare_digest
 _MARK = b"autonomic/row-seal/v1 mark"
+# The store's meta key (runtime_meta / autonomic_meta) holding how far dedup rows were purged:
+# "<before_ms>:<seal>", the seal a MAC of the value under the row key (see DedupAnchor).
+DEDUP_HORIZON = "dedup_purged_before"
+_HORIZON = b"autonomic/row-seal/v1 dedup horizon\x00"
 
 
 def outbox_values(m: OutboxMessage) -> tuple[object, ...]:
@@ -219,6 +226,29 @@ class RowSeals:
             hint="the store file was changed outside autonomic: restore it from a backup and "
             "run `autonomic audit verify` on it (docs/runtime.md, 'What the runtime trusts')",
         )
+
+    def horizon_value(self, before_ms: int) -> str | None:
+        """The DEDUP_HORIZON value recording that dedup rows before `before_ms` were purged,
+        sealed under this store's key (None without a key: nothing is checked then)."""
+        key = self.key
+        if key is None:
+            return None
+        text = str(before_ms)
+        return f"{text}:{_digest(key, _HORIZON + text.encode(), 'sha256').hex()}"
+
+    def horizon(self, value: object) -> int:
+        """The purge horizon a stored DEDUP_HORIZON value seals; 0 (nothing purged: every
+        anchor counts) when it is absent or its seal is not this key's, so a forged or
+        deleted horizon only makes the check stricter."""
+        key = self.key
+        if key is None or type(value) is not str:
+            return 0
+        text, _, seal = value.partition(":")
+        if not text.isdigit() or not _same(
+            seal, _digest(key, _HORIZON + text.encode(), "sha256").hex()
+        ):
+            return 0
+        return int(text)
 
     # -- typed decoding: each column checked before a record is built -------------------------
 
@@ -330,6 +360,69 @@ def seal_every_row(
             execute(f"UPDATE {table} SET seal = {placeholder} WHERE {where}", update)
     seals.key = key
     execute(mark, (SEALED_MARK, seals.mark()))
+
+
+class DedupAnchor:
+    """A processed event id or idempotency key found missing is checked against the ledger.
+
+    Every "transition" entry with an event id was written in the unit that recorded that
+    event id in processed_events (an idempotency key without an event id: the entry's event
+    id is `idempotency_event_id` of the key, the key in idempotency_keys), both stamped
+    with the same time. Such an entry at or after the purge horizon (DEDUP_HORIZON, which
+    `purge_dedup` advances) whose row is gone means the row was deleted: refused, since a
+    retry would otherwise run again (a charge submitted twice). One probe of the partial
+    index ledger_by_event per miss; the horizon is read only when an entry is found.
+
+    `execute(sql, parameters)` is the caller's (a cursor's or connection's: it returns
+    something with `fetchone`); `mark` is its placeholder, `meta` its meta table."""
+
+    __slots__ = ("_entry_sql", "_horizon_sql", "_save_sql", "_seals")
+
+    def __init__(self, seals: RowSeals, mark: str, meta: str, save_sql: str, newest: str) -> None:
+        self._seals = seals
+        # `event_id <> ''` spelled out: what lets SQLite and PostgreSQL use the partial index.
+        # The newest entry (`newest`: an ORDER BY) is the one whose row must be there: an
+        # event id dispatched again after a purge has a row from that dispatch only.
+        self._entry_sql = (
+            f"SELECT seq, ts_ms FROM ledger WHERE machine = {mark} AND event_id = {mark} "
+            f"AND event_id <> '' AND kind = 'transition' ORDER BY {newest} LIMIT 1"
+        )
+        self._horizon_sql = f"SELECT value FROM {meta} WHERE key = {mark}"
+        self._save_sql = save_sql
+
+    def horizon(self, execute: Callable[..., Any]) -> int:
+        """The store's purge horizon (0 if none is sealed under this key)."""
+        stored = execute(self._horizon_sql, (DEDUP_HORIZON,)).fetchone()
+        return self._seals.horizon(None if stored is None else stored[0])
+
+    def advance(self, execute: Callable[..., Any], before_ms: int) -> None:
+        """Record (sealed) that dedup rows stamped before `before_ms` were purged."""
+        if self._seals.key is not None and before_ms > self.horizon(execute):
+            execute(self._save_sql, (DEDUP_HORIZON, self._seals.horizon_value(before_ms)))
+
+    def keep(self, execute: Callable[..., Any], old: int) -> None:
+        """After a rotation: the horizon `old` (read under the outgoing key) under the new."""
+        if old > 0:
+            execute(self._save_sql, (DEDUP_HORIZON, self._seals.horizon_value(old)))
+
+    def check(
+        self, execute: Callable[..., Any], table: str, machine: str, name: str, event_id: str
+    ) -> None:
+        """Refuse the miss of `name` (an event id or an idempotency key, whose ledger event id
+        is `event_id`) in `table` if the ledger holds its entry from after the purge horizon."""
+        seals = self._seals
+        if seals.key is None:
+            return
+        found = execute(self._entry_sql, (machine, event_id)).fetchone()
+        if found is None or found[1] < self.horizon(execute):
+            return  # never dispatched, or purged with its retention
+        raise StoreIntegrityError(
+            f"{seals.where}: the {table} row ({machine!r}, {name!r}) is missing, yet ledger "
+            f"entry {found[0]} records its dispatch and no purge has reached it: the row was "
+            "deleted, and a repeat would run again; nothing was written",
+            hint="the store was changed outside autonomic: restore it from a backup and run "
+            "`autonomic audit verify` on it (docs/runtime.md, 'What the runtime trusts')",
+        )
 
 
 class _OptionalInt:

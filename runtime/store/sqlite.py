@@ -62,10 +62,12 @@ from .base import (
     Snapshot,
     Transaction,
     WorkOutcome,
+    idempotency_event_id,
 )
 from .row_seals import (
     SEALED_MARK,
     SEALED_SELECT,
+    DedupAnchor,
     RowSeals,
     outbox_values,
     refuse_unsealed_rows,
@@ -233,12 +235,15 @@ def _inspect(path: Path, busy_timeout_ms: int, *, immutable: bool) -> None:
 class SQLiteTransaction:
     """The statements of one unit of work, on the store's connection inside its transaction."""
 
-    __slots__ = ("_execute", "_seals")
+    __slots__ = ("_anchor", "_execute", "_seals")
 
     def __init__(self, connection: sqlite3.Connection, seals: RowSeals) -> None:
         self._execute = connection.execute
         # Every row of a sealed table is sealed as written and checked as read (row_seals.py).
         self._seals = seals
+        # A missing dedup row is checked against the ledger (row_seals.DedupAnchor).
+        # `seq DESC` walks the index backwards (its rowid is the seq): no sort.
+        self._anchor = DedupAnchor(seals, "?", "runtime_meta", _SAVE_MARK, "seq DESC")
 
     def instance(self, machine: str, instance: str) -> InstanceRecord | None:
         row = self._execute(
@@ -298,7 +303,10 @@ class SQLiteTransaction:
             "WHERE machine = ? AND event_id = ?",
             (machine, event_id),
         ).fetchone()
-        return None if row is None else str(self._seals.stored_result("processed_events", row)[3])
+        if row is None:
+            self._anchor.check(self._execute, "processed_events", machine, event_id, event_id)
+            return None
+        return str(self._seals.stored_result("processed_events", row)[3])
 
     def record_processed(
         self, machine: str, event_id: str, instance: str, result: str, now_ms: int
@@ -317,6 +325,9 @@ class SQLiteTransaction:
             (machine, key),
         ).fetchone()
         if row is None:
+            self._anchor.check(
+                self._execute, "idempotency_keys", machine, key, idempotency_event_id(machine, key)
+            )
             return None
         values = self._seals.stored_result("idempotency_keys", row)
         return values[2], values[3]
@@ -469,6 +480,7 @@ class SQLiteTransaction:
     def purge_dedup(self, before_ms: int) -> tuple[int, int]:
         events = self._execute("DELETE FROM processed_events WHERE created_ms < ?", (before_ms,))
         keys = self._execute("DELETE FROM idempotency_keys WHERE created_ms < ?", (before_ms,))
+        self._anchor.advance(self._execute, before_ms)
         return events.rowcount, keys.rowcount
 
     def flow(self, flow_id: str) -> FlowRecord | None:
@@ -574,7 +586,9 @@ class SQLiteTransaction:
 
     def reseal_rows(self, key: bytes) -> None:
         # Every row is checked under the outgoing key first: a forged row is not laundered.
+        horizon = self._anchor.horizon(self._execute)
         seal_every_row(self._execute, self._seals, key, check=True, mark=_SAVE_MARK)
+        self._anchor.keep(self._execute, horizon)
 
 
 _FLOW_COLUMNS = "flow_id, flow, instance, status, version, data, updated_ms, wake_ms"

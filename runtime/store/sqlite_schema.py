@@ -97,6 +97,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
     PRIMARY KEY (machine, instance)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS ledger_by_instance ON ledger (machine, instance, seq);
+CREATE INDEX IF NOT EXISTS ledger_by_event ON ledger (machine, event_id) WHERE event_id <> '';
 CREATE TABLE IF NOT EXISTS flows (
     flow_id TEXT PRIMARY KEY,
     flow TEXT NOT NULL,
