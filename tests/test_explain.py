@@ -109,7 +109,7 @@ def test_check_explain_command() -> None:
     assert "Refunding              within 10h reaches RefundManualReview" in out
     assert (
         "only an outside event can leave: Current, CollectionAgency, MaxRetriesExceeded, "
-        "Reconciling, Disputed, RefundManualReview\n"
+        "Reconciling, Disputed, RefundDisputed, RefundManualReview\n"
     ) in out
 
 

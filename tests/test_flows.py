@@ -5,6 +5,7 @@ reverse order, the ledger's flow entries, final states, and nothing charged twic
 from __future__ import annotations
 
 import asyncio
+import importlib
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -364,36 +365,146 @@ def test_payment_failure_times_out_when_the_ladder_is_exhausted(
     assert result.failed_step == "settled"
 
 
-DISPUTABLE = ("Current", "AwaitingPayment", "Retry1")
+def _billing(event: str, *, owner: bool = True, **payload: str) -> Callable[[Runtime, str], None]:
+    """Send Billing `event` (with the customer's id when `owner`)."""
+
+    def send(runtime: Runtime, customer: str) -> None:
+        data = {"customer_id": customer, **payload} if owner else payload
+        runtime.governor("Billing").dispatch(customer, event, data)
+
+    return send
 
 
-@pytest.mark.parametrize("billing_state", DISPUTABLE)
-def test_disputes_are_accepted_wherever_a_charge_is_held(
-    world: tuple[Runtime, FlowRunner, Any, Injector], billing_state: str
+def _hours(hours: int) -> Callable[[Runtime, str], None]:
+    def wait(runtime: Runtime, customer: str) -> None:
+        runtime.clock.advance(hours * 3_600_000)  # type: ignore[attr-defined]
+        runtime.fire_due()
+
+    return wait
+
+
+_DECLINED = _billing("PaymentFailed", idempotency_key="k", reason="declined")
+_REFUND_FAILED = _billing("RefundFailed", owner=False, reason="processor down")
+_LADDER = (_DECLINED, _hours(1), _DECLINED, _hours(3), _DECLINED, _hours(24), _DECLINED)
+_REFUND_LADDER = (_REFUND_FAILED, _hours(1), _REFUND_FAILED, _hours(6), _REFUND_FAILED)
+_DISPUTE = {"transaction_id": "t0", "amount": "30", "reason": "chargeback"}
+
+# How each Billing state is reached with real events and timers: from a renewal charge awaiting
+# the processor ("charged") or from a paid-up account ("current").
+BILLING_PATHS: dict[str, tuple[str, tuple[Callable[[Runtime, str], None], ...]]] = {
+    "Current": ("current", ()),
+    "AwaitingPayment": ("charged", ()),
+    "Retry1": ("charged", _LADDER[:1]),
+    "Retry1Charging": ("charged", _LADDER[:2]),
+    "Retry2": ("charged", _LADDER[:3]),
+    "Retry2Charging": ("charged", _LADDER[:4]),
+    "Retry3": ("charged", _LADDER[:5]),
+    "Retry3Charging": ("charged", _LADDER[:6]),
+    "CollectionAgency": ("charged", _LADDER),
+    "MaxRetriesExceeded": ("charged", (*_LADDER, _hours(7 * 24), _DECLINED)),
+    "Reconciling": (
+        "charged",
+        (_billing("PaymentSucceeded", transaction_id="t", amount="31", idempotency_key="k"),),
+    ),
+    "ProrationPending": (
+        "current",
+        (
+            _billing(
+                "ProcessProrationCharge", amount="10", idempotency_key="up", new_tier="enterprise"
+            ),
+        ),
+    ),
+    "CancellationRefunding": (
+        "current",
+        (_billing("IssueCancellationRefund", idempotency_key="c"),),
+    ),
+    "Refunding": ("current", (_billing("RefundRequested", reason="suspended 72h"),)),
+    "RefundRetry1": ("current", (_billing("RefundRequested", reason="r"), *_REFUND_LADDER[:1])),
+    "RefundRetry1Paying": (
+        "current",
+        (_billing("RefundRequested", reason="r"), *_REFUND_LADDER[:2]),
+    ),
+    "RefundRetry2": ("current", (_billing("RefundRequested", reason="r"), *_REFUND_LADDER[:3])),
+    "RefundRetry2Paying": (
+        "current",
+        (_billing("RefundRequested", reason="r"), *_REFUND_LADDER[:4]),
+    ),
+    "RefundManualReview": ("current", (_billing("RefundRequested", reason="r"), *_REFUND_LADDER)),
+    "Disputed": ("current", (_billing("PaymentDisputed", **_DISPUTE),)),
+    "RefundDisputed": (
+        "current",
+        (_billing("RefundRequested", reason="r"), _billing("PaymentDisputed", **_DISPUTE)),
+    ),
+}
+# A refund still owed is held while the dispute is open (docs/language.md).
+REFUND_SIDE = {state for state in BILLING_PATHS if "Refund" in state}
+
+
+def billing_in(runtime: Runtime, runner: FlowRunner, customer: str, target: str) -> None:
+    start, path = BILLING_PATHS[target]
+    (active_customer if start == "current" else charged_customer)(runtime, runner, customer)
+    for move in path:
+        move(runtime, customer)
+    assert state(runtime, "Billing", customer) == target
+
+
+def test_every_billing_state_that_holds_money_has_a_dispute_path() -> None:
+    """The test below covers every state Billing declares, except the final one: a new state
+    fails here until it is reached there."""
+    billing = importlib.import_module("autonomic.generated.billing").MACHINE
+    assert set(BILLING_PATHS) == {s.value for s in billing.state_type} - billing.finals
+
+
+def test_disputes_are_accepted_in_every_state_that_holds_money(
+    world: tuple[Runtime, FlowRunner, Any, Injector],
 ) -> None:
+    """The PaymentProcessed flow's Disputed branch, in every non-final Billing state reached
+    with real events and timers: Billing freezes the funds (holding a refund still owed) and
+    Compliance investigates."""
     runtime, runner, _, _ = world
-    customer = f"d-{billing_state}"
-    charged_customer(runtime, runner, customer)
-    billing = runtime.governor("Billing")
-    if billing_state == "Retry1":
-        billing.dispatch(
-            customer,
-            "PaymentFailed",
-            {"customer_id": customer, "idempotency_key": "k", "reason": "r"},
-        )
-    elif billing_state == "Current":
-        billing.dispatch(customer, "PaymentSucceeded", {"customer_id": customer, **PAID})
-    assert state(runtime, "Billing", customer) == billing_state
+    for target in BILLING_PATHS:
+        customer = f"d-{target}"
+        billing_in(runtime, runner, customer, target)
+        inputs = {
+            "outcome": "Disputed",
+            "customer_id": customer,
+            "case_id": f"case-{customer}",
+            **PAYMENT,
+        }
+        result = runner.start("PaymentProcessed", customer, inputs)
+        assert (target, result.status, result.reason) == (target, "completed", None)
+        wanted = "RefundDisputed" if target in REFUND_SIDE else "Disputed"
+        assert (target, state(runtime, "Billing", customer)) == (target, wanted)
+        assert state(runtime, "Compliance", f"case-{customer}") == "Investigating"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "billing_after"), [("customer", "Current"), ("merchant", "Refunding")]
+)
+def test_a_refund_held_by_a_dispute_follows_compliances_decision(
+    world: tuple[Runtime, FlowRunner, Any, Injector], outcome: str, billing_after: str
+) -> None:
+    """Upheld: the chargeback paid the customer back, the held refund is cancelled. Rejected:
+    the refund is still owed and is submitted again."""
+    runtime, runner, bindings, _ = world
+    customer = f"rd-{outcome}"
+    billing_in(runtime, runner, customer, "RefundRetry1Paying")
     inputs = {
         "outcome": "Disputed",
         "customer_id": customer,
         "case_id": f"case-{customer}",
         **PAYMENT,
     }
-    result = runner.start("PaymentProcessed", customer, inputs)
-    assert result.status == "completed"
-    assert state(runtime, "Billing", customer) == "Disputed"
-    assert state(runtime, "Compliance", f"case-{customer}") == "Investigating"
+    assert runner.start("PaymentProcessed", customer, inputs).status == "completed"
+    refunds = bindings.calls["Billing.submit_refund"]
+    compliance = runtime.governor("Compliance")
+    evidence = {"evidence_ref": "ev-1", "submitted_at": "2026-01-02T00:00:00+00:00"}
+    compliance.dispatch(f"case-{customer}", "EvidenceSubmitted", evidence)
+    compliance.dispatch(f"case-{customer}", "DisputeDecided", {"outcome": outcome})
+    runtime.deliver_outbox()
+    assert state(runtime, "Billing", customer) == billing_after
+    assert bindings.calls["Billing.submit_refund"] == refunds + (outcome == "merchant")
+    assert bindings.calls["Billing.cancel_held_refund"] == (outcome == "customer")
 
 
 def test_noisy_neighbour_gathers_replies_with_a_quorum(
