@@ -387,7 +387,7 @@ _DECLINED = _billing("PaymentFailed", idempotency_key="k", reason="declined")
 _REFUND_FAILED = _billing("RefundFailed", owner=False, reason="processor down")
 _LADDER = (_DECLINED, _hours(1), _DECLINED, _hours(3), _DECLINED, _hours(24), _DECLINED)
 _REFUND_LADDER = (_REFUND_FAILED, _hours(1), _REFUND_FAILED, _hours(6), _REFUND_FAILED)
-_DISPUTE = {"transaction_id": "t0", "amount": "30", "reason": "chargeback"}
+_DISPUTE = _billing("PaymentDisputed", transaction_id="t0", amount="30", reason="chargeback")
 
 # How each Billing state is reached with real events and timers: from a renewal charge awaiting
 # the processor ("charged") or from a paid-up account ("current").
@@ -430,10 +430,10 @@ BILLING_PATHS: dict[str, tuple[str, tuple[Callable[[Runtime, str], None], ...]]]
         (_billing("RefundRequested", reason="r"), *_REFUND_LADDER[:4]),
     ),
     "RefundManualReview": ("current", (_billing("RefundRequested", reason="r"), *_REFUND_LADDER)),
-    "Disputed": ("current", (_billing("PaymentDisputed", **_DISPUTE),)),
+    "Disputed": ("current", (_DISPUTE,)),
     "RefundDisputed": (
         "current",
-        (_billing("RefundRequested", reason="r"), _billing("PaymentDisputed", **_DISPUTE)),
+        (_billing("RefundRequested", reason="r"), _DISPUTE),
     ),
 }
 # A refund still owed is held while the dispute is open (docs/language.md).
