@@ -8,6 +8,7 @@ every table's rows (outside_claims aside: a claim is the store's own short write
 
 from __future__ import annotations
 
+import hmac
 import importlib
 import json
 import sqlite3
@@ -26,7 +27,7 @@ from autonomic.runtime.resilience.deadlines import DeadlineTracker
 from autonomic.runtime.results import derive_event_id
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.locate import open_store
-from autonomic.runtime.store.row_seals import SEALED_TABLES
+from autonomic.runtime.store.row_seals import SEALED_TABLES, RowSeals, _message, seal_row
 from autonomic.runtime.store.sqlite_schema import RUNTIME_SCHEMA_SQL, UPGRADES
 from autonomic.runtime.timers import VirtualClock
 from conftest import Stores
@@ -806,3 +807,22 @@ def test_outbox_and_flow_rows_tampered_on_postgresql_are_refused(
         refused(made, made.runtime.deliver_outbox)
     finally:
         made.close()
+
+
+@pytest.mark.parametrize("key", [b"", bytes(range(32)), b"k" * 64, b"long" * 40])
+def test_a_row_seal_is_hmac_sha256_over_the_row_under_the_key(key: bytes) -> None:
+    """RowSeals keeps the key's padded blocks hashed once; its seals and checks must be the
+    plain HMAC-SHA256 of the row's message, whatever the key's length."""
+    seals = RowSeals("store")
+    seals.key = key
+    for table, row in (
+        ("instances", ("Billing", "c1", "Current", 4)),
+        ("flows", ("flw_1", "Saga", "c1", "running", 2, "é" * 300, 17, None)),
+    ):
+        expected = hmac.digest(key, _message(table, row), "sha256")
+        assert seals.seal(table, row) == expected == seal_row(key, table, row)
+        seals.check(table, row, expected)
+        with pytest.raises(StoreIntegrityError):
+            seals.check(table, row, bytes(32))
+    seals.key = None
+    assert seals.seal("instances", ("Billing", "c1", "Current", 4)) is None
