@@ -91,10 +91,22 @@ class GroupCommit(Generic[W]):
 
     def submit_many(self, works: Sequence[W]) -> list[WorkOutcome[Any]]:
         """Run units in order (in as few batches as the queue allows); their outcomes."""
+        if not works:
+            return []
+        with self._mutex:
+            alone = not self._leading and len(works) <= self._max_batch
+            if alone:
+                self._leading = True  # then nothing is queued either
+        if alone:
+            # As in `submit`: nobody to batch with, so one batch at once, without the queue,
+            # the caller's wake lock or a hand-off (a flow's sends, one after another).
+            try:
+                return self._outcomes(list(works))
+            finally:
+                with self._mutex:
+                    self._hand_over()
         caller = _Caller(len(works))
         pendings = [_Pending(work, caller) for work in works]
-        if not pendings:
-            return []
         with self._mutex:
             self._queue.extend(pendings)
             if not self._leading:
