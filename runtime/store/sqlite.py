@@ -423,7 +423,7 @@ class SQLiteTransaction:
 
     def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
         for m in messages:
-            values = outbox_values(replace(m, error=None))[1:]
+            values = (*outbox_values(m)[1:12], None)  # written without an error
             cursor = self._execute(
                 "INSERT INTO outbox (kind, machine, instance, version, target_machine, "
                 "target_instance, event, event_id, body, created_ms, status, error) "
