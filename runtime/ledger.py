@@ -557,6 +557,15 @@ _CHECKPOINT_JSON_KEYS = frozenset(
 )
 
 
+def _checkpoint_message(
+    size: int, head_hash: bytes, tree_root: bytes, ts_ms: int, prev_checkpoint: bytes
+) -> bytes:
+    """What a checkpoint of kind "checkpoint" signs (see Checkpoint)."""
+    return _join(
+        (CHECKPOINT_TAG, _pack_size(size), head_hash, tree_root, _pack_ts(ts_ms), prev_checkpoint)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     """A signed statement "the ledger had `size` entries and its head hash was `head_hash`".
@@ -585,15 +594,8 @@ class Checkpoint:
     def signed_message(self) -> bytes:
         if self.kind == "entry":
             return SIG_TAG + self.head_hash
-        return _join(
-            (
-                CHECKPOINT_TAG,
-                _pack_size(self.size),
-                self.head_hash,
-                self.tree_root,
-                _pack_ts(self.ts_ms),
-                self.prev_checkpoint,
-            )
+        return _checkpoint_message(
+            self.size, self.head_hash, self.tree_root, self.ts_ms, self.prev_checkpoint
         )
 
     def digest(self) -> bytes:
@@ -844,11 +846,10 @@ class LedgerSealer:
             raise ValueError("checkpoint sizes must increase")
         self.signer.require_window(ts_ms)
         root, chained = tree.root(), GENESIS_HASH if previous is None else previous.digest()
-        frontier = tree.to_bytes()
-        unsigned = Checkpoint(size, head_hash, ts_ms, self._key_id, b"", root, chained, frontier)
-        # Made again with its signature: dataclasses.replace took several microseconds.
-        signature = self._sign(unsigned.signed_message())
-        return Checkpoint(size, head_hash, ts_ms, self._key_id, signature, root, chained, frontier)
+        signature = self._sign(_checkpoint_message(size, head_hash, root, ts_ms, chained))
+        return Checkpoint(
+            size, head_hash, ts_ms, self._key_id, signature, root, chained, tree.to_bytes()
+        )
 
 
 # Verification (verify.py), stored ledgers (ledger_io.py) and the in-memory ledger
