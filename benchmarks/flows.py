@@ -316,7 +316,9 @@ def saga_writes(market: Marketplace, customer: str) -> list[Commit]:
         return execute(sql, parameters)
 
     def trace(sql: str) -> None:
-        if sql == "COMMIT":
+        # A commit that wrote no row is an outside call's claim (the same connection, rows
+        # the raw writer does not write): not a commit of the saga's rows.
+        if sql == "COMMIT" and current:
             commits.append(current[:])
             current.clear()
 
