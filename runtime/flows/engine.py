@@ -12,7 +12,9 @@ Semantics a user must know:
   version-checked (two resuming processes cannot both advance one run). A step's result is
   written with the next step's dispatch; the last step's (or compensation's), and the end of
   the run, in the commit of its own dispatch (the sync API on one ledger chain), so a saga
-  of N sends takes N commits.
+  of N sends takes N commits; a step's failure is written with the first compensation's
+  dispatch (or the run's end, if nothing is to be undone), so a saga whose k-th send fails
+  before its dispatch commits takes k - 1 + (compensations) commits, at least one.
 - A send step succeeds when the receiver takes a transition or ignores the event; it fails
   when the receiver rejects it (invalid transition, no guard held, an action failed, a payload
   it refuses) or a `before_step` hook raises StepFailed. A missing receiver instance is

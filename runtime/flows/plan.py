@@ -4,6 +4,7 @@ it needs (ops.py), answered by the sync driver or the asyncio one."""
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from ..tables import FlowStepSpec
@@ -48,7 +49,7 @@ def _plan(runner: _StepRunner, run: _Run) -> _Plan:
         if outcome[0] == "waiting":
             yield from _wait(run, step, outcome)
             break
-        yield from _record_one(run, step, outcome)
+        _record_one(run, step, outcome)
     if run.record.status == "compensating":
         undo = _to_compensate(run)
         for step in undo:
@@ -74,12 +75,15 @@ def _fanout_deadline(runner: _StepRunner, run: _Run) -> int | None:
     return int(run.data["deadline"])
 
 
-def _record_one(run: _Run, step: FlowStepSpec, outcome: tuple[str, Any]) -> _Plan:
+def _record_one(run: _Run, step: FlowStepSpec, outcome: tuple[str, Any]) -> None:
+    """A step's outcome, noted for the run's next write. A failure turns the run to
+    compensating at once, in memory: the first compensation's commit (or the run's end, with
+    nothing to undo) writes it. A crash before that retries the step, whose failure nothing
+    recorded, as a crash before the step would; no commit of its own."""
     status, notes = _step_result(run, step, outcome)
-    if status == "running":
-        run.note(notes)
-        return
-    yield _Write(status, notes)
+    if status != "running":
+        run.record = replace(run.record, status=status)
+    run.note(notes, status)
 
 
 def _record_all(
