@@ -291,6 +291,22 @@ def derive_event_id(*parts: str | int) -> str:
     return "evt_" + digest.hexdigest()[:32]
 
 
+def derive_event_ids(parts: tuple[str | int, ...], count: int) -> list[str]:
+    """`derive_event_id(*parts, index)` for each index below `count`, the common parts
+    hashed once (a flow run's write derives one per ledger entry)."""
+    common = _EVENT_ID_HASH.copy()
+    for part in parts:
+        data = (part if type(part) is str else str(part)).encode("utf-8")
+        common.update(_pack_length(len(data)) + data)
+    ids = []
+    for index in range(count):
+        digest = common.copy()
+        data = str(index).encode("utf-8")
+        digest.update(_pack_length(len(data)) + data)
+        ids.append("evt_" + digest.hexdigest()[:32])
+    return ids
+
+
 # The hash state after the domain tag, copied per id (a flow run derives one per entry).
 _EVENT_ID_HASH = hashlib.sha256(b"autonomic/event-id/v1\x00")
 

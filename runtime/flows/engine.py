@@ -233,16 +233,20 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
 
     def flow_id(self, flow: str, instance: str, inputs: Mapping[str, Any]) -> str:
         """The id `start` gives a run of `flow` on `instance` with `inputs`."""
-        given = json.loads(_dumps(dict(inputs)))
-        return "flw_" + derive_event_id(flow, instance, _dumps(given))[4:]
+        return _flow_id(flow, instance, _dumps(json.loads(_dumps(dict(inputs)))))
 
     def _open(
         self, flow: str, instance: str, inputs: Mapping[str, Any], flow_id: str | None
     ) -> _Run:
         spec = self._spec(flow)
-        given = json.loads(_dumps(dict(inputs)))
+        text = _dumps(dict(inputs))
+        given = json.loads(text)
         if flow_id is None:
-            flow_id = self.flow_id(flow, instance, given)
+            # The inputs' JSON text is that of their JSON round trip (`flow_id`'s), unless a
+            # value is not JSON's own (a tuple, a Decimal, a float): then it is encoded again.
+            if not _plain(inputs):
+                text = _dumps(given)
+            flow_id = _flow_id(flow, instance, text)
         stored = self.runtime.store.get_flow(flow_id)
         if stored is not None:
             return _Run(spec, stored, _stored_data(stored))
@@ -270,6 +274,20 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
         if record is None:
             raise KeyError(f"no flow run {flow_id!r}")
         return _Run(self._spec(record.flow), record, _stored_data(record))
+
+
+def _flow_id(flow: str, instance: str, inputs: str) -> str:
+    """A run's id from its flow, instance and the canonical JSON text of its inputs."""
+    return "flw_" + derive_event_id(flow, instance, inputs)[4:]
+
+
+def _plain(inputs: Mapping[str, Any]) -> bool:
+    """Whether every input is named by a str and is a str, int, bool or None, which JSON
+    gives back as they were (so their JSON text is that of their round trip)."""
+    return all(type(name) is str and type(value) in _PLAIN for name, value in inputs.items())
+
+
+_PLAIN = (str, int, bool, type(None))
 
 
 def _stored_data(record: FlowRecord) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from ..dispatch import Governor
 from ..errors import PayloadEncodingError
 from ..ledger import EntryData, payload_digest
-from ..results import _dumps, derive_event_id
+from ..results import _dumps, derive_event_id, derive_event_ids
 from ..runtime import Runtime
 from ..sealing import _Chain
 from ..store.base import FlowRecord, FlowStatus, Transaction
@@ -122,8 +122,8 @@ class _StepRunner:
         )
         txn.save_flow(record, before.version)
         if runtime.sealer is not None:
-            for index, (event, step, detail, to_state) in enumerate(entries):
-                event_id = derive_event_id("flow", flow_id, before.version + 1, index)
+            ids = derive_event_ids(("flow", flow_id, before.version + 1), len(entries))
+            for (event, step, detail, to_state), event_id in zip(entries, ids, strict=True):
                 digest = _detail_digest(detail)
                 chain.append(
                     txn,
