@@ -79,12 +79,29 @@ async def dispatch_async(
         work = await loop.run_in_executor(pool, governor._prepare, work)
         return _settled(await runtime._submit_async(work, partition))
     finally:
-        try:
-            if held is not None:
-                held()
-        finally:
+        if held is None:
             if release is not None:
                 release()
+        else:
+            # Let go in the pool, not in the loop's thread: the store's release waits for its
+            # write lock, which a commit batch holds through its fsync, and the loop would
+            # stall all that time. Nobody waits for it: the caller has its answer, another
+            # process finds the result committed, and a coroutine here repeating the key
+            # waits for the local claim, let go last (so it never claims the store's row as
+            # the same holder just before that row is deleted).
+            try:
+                pool.submit(_let_go, held, release)
+            except RuntimeError:  # the pool is shut down: the runtime is closing
+                _let_go(held, release)
+
+
+def _let_go(held: Release, local: Release | None) -> None:
+    """Release a claim in the store, then in this runtime."""
+    try:
+        held()
+    finally:
+        if local is not None:
+            local()
 
 
 def dispatch_many(
