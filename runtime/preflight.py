@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -75,8 +76,18 @@ async def dispatch_async(
     held: Release | None = None
     try:
         if keys:
-            held = await loop.run_in_executor(pool, outside.hold, keys, governor._committed(work))
-        work = await loop.run_in_executor(pool, governor._prepare, work)
+            # The claim and the outside calls in one hand-off to the pool (each costs the
+            # loop 30-50 us of CPU).
+            prepared = loop.run_in_executor(pool, _hold_and_prepare, governor, keys, work)
+            try:
+                held, work = await asyncio.shield(prepared)
+            except asyncio.CancelledError:
+                # The calls go on in the pool: let go of the claim, in order, once they end.
+                prepared.add_done_callback(partial(_let_go_after, pool, release))
+                release = None
+                raise
+        else:
+            work = await loop.run_in_executor(pool, governor._prepare, work)
         return _settled(await runtime._submit_async(work, partition))
     finally:
         if held is None:
@@ -93,6 +104,41 @@ async def dispatch_async(
                 pool.submit(_let_go, held, release)
             except RuntimeError:  # the pool is shut down: the runtime is closing
                 _let_go(held, release)
+
+
+def _hold_and_prepare(
+    governor: Governor, keys: tuple[ClaimKey, ...], work: partial[DispatchResult | _Rejected]
+) -> tuple[Release | None, partial[DispatchResult | _Rejected]]:
+    """Claim `keys` in the store, then prepare `work` (its outside calls): the store's
+    release (None if the result was committed already) and the prepared work. If preparing
+    fails, the store's claim is let go here."""
+    held = governor.runtime._outside.hold(keys, governor._committed(work))
+    try:
+        return held, governor._prepare(work)
+    except BaseException:
+        if held is not None:
+            held()
+        raise
+
+
+def _let_go_after(
+    pool: Executor,
+    local: Release | None,
+    prepared: asyncio.Future[tuple[Release | None, partial[DispatchResult | _Rejected]]],
+) -> None:
+    """Once a cancelled dispatch's claim and calls have ended in the pool: let go of its
+    claim in the store (in the pool), then in this runtime."""
+    held = None
+    if not prepared.cancelled() and prepared.exception() is None:
+        held = prepared.result()[0]
+    if held is None:
+        if local is not None:
+            local()
+        return
+    try:
+        pool.submit(_let_go, held, local)
+    except RuntimeError:  # the pool is shut down: the runtime is closing
+        _let_go(held, local)
 
 
 def _let_go(held: Release, local: Release | None) -> None:
