@@ -298,6 +298,8 @@ def durable_step_cost(
 # A saga's writes as its store made them: (SQL, parameters) of each write of each commit.
 Commit = list[tuple[str, tuple[Any, ...]]]
 _IDS = re.compile(r"\b(evt|flw)_([0-9a-f]{32})\b")
+# The writes of outbox and timers rows, whose ids SQLite gives (see RawSagas.prepare).
+_ID_WRITES = re.compile(r"(INSERT INTO|UPDATE) (outbox|timers) (\(id,|\(|SET seal)")
 
 
 def saga_writes(market: Marketplace, customer: str) -> list[Commit]:
@@ -306,7 +308,7 @@ def saga_writes(market: Marketplace, customer: str) -> list[Commit]:
     store = market.runtime.store
     connection = store._connection  # type: ignore[attr-defined]
     txn = store._txn  # type: ignore[attr-defined]
-    execute = txn._execute
+    execute, executemany = txn._execute, txn._executemany
     commits: list[Commit] = []
     current: Commit = []
 
@@ -315,6 +317,11 @@ def saga_writes(market: Marketplace, customer: str) -> list[Commit]:
             current.append((sql, tuple(parameters)))
         return execute(sql, parameters)
 
+    def many(sql: str, rows: Any) -> Any:
+        rows = [tuple(row) for row in rows]
+        current.extend((sql, row) for row in rows)
+        return executemany(sql, rows)
+
     def trace(sql: str) -> None:
         # A commit that wrote no row is an outside call's claim (the same connection, rows
         # the raw writer does not write): not a commit of the saga's rows.
@@ -322,13 +329,13 @@ def saga_writes(market: Marketplace, customer: str) -> list[Commit]:
             commits.append(current[:])
             current.clear()
 
-    txn._execute = writes
+    txn._execute, txn._executemany = writes, many
     connection.set_trace_callback(trace)
     try:
         market.runner.start("SubscriptionCancellation", customer, cancel_inputs(customer))
     finally:
         connection.set_trace_callback(None)
-        txn._execute = execute
+        txn._execute, txn._executemany = execute, executemany
     return commits
 
 
@@ -349,6 +356,17 @@ class RawSagas:
         self.commits = commits
         self.traced = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(traced)}(?![0-9])")
         self.seq = int(self.connection.execute("SELECT max(seq) FROM ledger").fetchone()[0]) + 1
+        # Outbox and timers rows: the ids SQLite gives them (AUTOINCREMENT), numbered on here,
+        # for rows inserted with the id the store chose and for the UPDATE that seals a row.
+        self.ids = {
+            table: max(
+                self.connection.execute(
+                    "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = ?", (table,)
+                ).fetchone()[0],
+                self.connection.execute(f"SELECT coalesce(max(id), 0) FROM {table}").fetchone()[0],
+            )
+            for table in ("outbox", "timers")
+        }
         self.plans: list[list[list[tuple[str, list[tuple[Any, ...]]]]]] = []
         self.sagas = 0
 
@@ -374,6 +392,14 @@ class RawSagas:
                         self.seq += 1
                     elif sql == INSERT_CHECKPOINT_SQL:
                         row = (self.seq, *row[1:])
+                    elif match := _ID_WRITES.match(sql):
+                        verb, table, first = match.groups()
+                        if verb == "INSERT INTO":
+                            self.ids[table] += 1
+                        if first == "(id,":
+                            row = (self.ids[table], *row[1:])
+                        elif verb == "UPDATE":  # seals the row just inserted, by its id
+                            row = (*row[:-1], self.ids[table])
                     if batches and batches[-1][0] == sql and sql.startswith("INSERT"):
                         batches[-1][1].append(row)
                     else:

@@ -20,7 +20,7 @@ from autonomic.runtime.inputs import InputLimits
 from autonomic.runtime.keys import generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerMode, LedgerSealer
 from autonomic.runtime.runtime import Runtime
-from autonomic.runtime.store import InstanceRecord, SQLiteStore
+from autonomic.runtime.store import InstanceRecord, OutboxMessage, SQLiteStore
 from autonomic.runtime.timers import VirtualClock
 from runtime_machines import Bindings, billing_spec, entitlement_spec
 
@@ -371,3 +371,36 @@ def test_a_runtime_that_cannot_be_built_closes_the_store_it_was_given(tmp_path: 
         store._connection.execute("SELECT 1")
     with Runtime(SQLiteStore(tmp_path / "s.db")) as runtime:
         assert runtime.store is not None
+
+
+def test_outbox_rows_of_one_unit_take_the_ids_sqlite_gives_each_sealed(tmp_path: Path) -> None:
+    """add_outbox writes the first message with the id SQLite gives and the others with the
+    ids after it, each with its seal (which covers the id): read back and checked, in order,
+    with the ids SQLite would have given them one by one."""
+    store = SQLiteStore(tmp_path / "s.db")
+    store.seal_rows(bytes(range(32)))
+
+    def message(n: int) -> OutboxMessage:
+        return OutboxMessage(None, "event", "M", "i", 1, "T", "t", "E", f"e{n}", "{}", 5)
+
+    def emit(*numbers: int) -> Callable[[Any], None]:
+        return lambda txn: txn.add_outbox([message(n) for n in numbers])
+
+    def fail(txn: Any) -> None:
+        txn.add_outbox([message(9)])
+        raise RuntimeError("rolled back")
+
+    outcomes = store.run([emit(0), emit(1, 2, 3), fail, emit(4, 5)])
+    assert [o.error is None for o in outcomes] == [True, True, False, True]
+    store.run([lambda txn: txn.mark_outbox(6, "delivered", None)])  # reads and checks row 6
+    ids = [(m.id, m.event_id, m.status) for m in store.outbox(status=None)]
+    # The rolled-back message's id is free again, as SQLite's own rollback leaves it.
+    assert ids == [
+        (1, "e0", "pending"),
+        (2, "e1", "pending"),
+        (3, "e2", "pending"),
+        (4, "e3", "pending"),
+        (5, "e4", "pending"),
+        (6, "e5", "delivered"),
+    ]
+    store.close()
