@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 from ..dispatch import Governor
 from ..errors import InstanceExists, UnknownInstance
 from ..results import DispatchResult
-from ..store.base import FlowStatus
+from ..store.base import FlowStatus, Transaction
 from ..tables import FlowStepSpec
-from .ops import _TIMED_OUT, _Branches, _Send, _Write
+from .fanin import _FanIn, _late_work, _poll_s
+from .ops import _Branches, _Send, _Write
 from .plan import _plan
 from .run import _STEP_FAILURES, FlowResult, StepFailed, _Note, _result, _Run, _step_outcome
 from .steps import _StepRunner
@@ -32,7 +33,7 @@ class _AsyncDriver(_StepRunner):
             except StopIteration:
                 return _result(run)
             if isinstance(op, _Write):
-                await self._write_async(run, op.status, op.notes, op.wake_ms)
+                await self._write_async(run, op.status, op.notes, op.wake_ms, op.gather)
                 answer = None
             elif isinstance(op, _Send):
                 answer = await self._send_async(run, op)
@@ -77,9 +78,7 @@ class _AsyncDriver(_StepRunner):
                 target, event, payload or None, self.actor, event_id=event_id
             )
 
-    async def _attempt_async(
-        self, run: _Run, step: FlowStepSpec, deadline: int | None
-    ) -> tuple[str, Any]:
+    async def _attempt_async(self, run: _Run, step: FlowStepSpec) -> tuple[str, Any]:
         try:
             self._hook(run, step, "do")
             if step.kind != "send":
@@ -91,28 +90,57 @@ class _AsyncDriver(_StepRunner):
             )
         except (StepFailed, *_STEP_FAILURES) as failed:
             return _step_outcome(failed)
-        return self._late(_step_outcome(result), deadline)
+        return _step_outcome(result)
 
     async def _branches_async(self, run: _Run, op: _Branches) -> list[tuple[str, Any]]:
-        """Every branch at once. A fanout's branches still running at its deadline (the time
-        left on the runtime's clock, waited by the event loop) count as timed out; their
-        dispatch still finishes, deduplicated if it is ever repeated."""
-        async with asyncio.TaskGroup() as group:
-            tasks = [
-                group.create_task(self._attempt_async(run, step, op.deadline)) for step in op.steps
-            ]
-            if op.deadline is None:
-                return [await task for task in tasks]
-            left = max(0, op.deadline - self.runtime.clock.now_ms()) / 1000
-            await asyncio.wait(tasks, timeout=left)
-            late = [t for t in tasks if not t.done()]
-            if late:
-                await asyncio.wait(late)  # let them finish inside the group
-        return [_TIMED_OUT if task in late else task.result() for task in tasks]
+        """Every branch at once, each a task (their outside calls, the actions a policy
+        names, overlap in the runtime's action threads; their units share commits). A
+        fanout waits until its deadline at most (on the runtime's clock): what arrived by
+        then is gathered; the branches still running go on as tasks of their own, and their
+        replies are recorded as late (`_late_work`; `drain_async` waits for them)."""
+        if op.deadline is None:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._attempt_async(run, step)) for step in op.steps]
+            return [task.result() for task in tasks]
+        fanin = _FanIn(op.steps)
+        tasks = [
+            asyncio.ensure_future(self._branch_async(run, fanin, i)) for i in range(len(op.steps))
+        ]
+        clock, pending = self.runtime.clock, set(tasks)
+        while pending and not fanin.complete():
+            left = op.deadline - clock.now_ms()
+            if left <= 0:
+                break
+            _, pending = await asyncio.wait(
+                pending, timeout=_poll_s(clock, left), return_when=asyncio.FIRST_EXCEPTION
+            )
+        failed = next((t for t in tasks if t.done() and t.exception() is not None), None)
+        late = [task for task in tasks if not task.done()]
+        self._late_tasks.update(late)
+        for task in late:
+            task.add_done_callback(self._late_tasks.discard)
+        if failed is not None:
+            raise cast(BaseException, failed.exception())
+        return fanin.close()
+
+    async def _branch_async(self, run: _Run, fanin: _FanIn, index: int) -> tuple[str, Any]:
+        """`_branch` for asyncio."""
+        step = fanin.steps[index]
+        outcome = await self._attempt_async(run, step)
+        if not fanin.put(index, outcome):
+            flow_id = run.record.flow_id
+            work = _late_work(self, flow_id, step.name, outcome)
+            await self.runtime._submit_async(work, self.runtime._partition_of(flow_id))
+        return outcome
 
     async def _write_async(
-        self, run: _Run, status: FlowStatus, notes: Sequence[_Note], wake_ms: int | None = None
+        self,
+        run: _Run,
+        status: FlowStatus,
+        notes: Sequence[_Note],
+        wake_ms: int | None = None,
+        gather: Callable[[Transaction], tuple[FlowStatus, list[_Note]]] | None = None,
     ) -> None:
         runtime = self.runtime
-        work = self._write_work(run, status, notes, wake_ms)
+        work = self._write_work(run, status, notes, wake_ms, gather)
         run.record = await runtime._submit_async(work, runtime._partition_of(run.record.flow_id))

@@ -23,15 +23,19 @@ Semantics a user must know:
   failure the completed steps are compensated newest first, then CompensationCompleted
   records the failed step and the reason. A compensation the receiver rejects is recorded as
   CompensationFailed and the run ends "failed": a person must look.
-- parallel: every step runs (concurrently in the asyncio API); if any failed, the others are
-  compensated. fanout: every step runs, nothing is compensated, and the gathered result says
-  which succeeded, failed or timed out; it succeeds with `quorum`. `within` is a deadline on
-  the runtime's clock, stored with the run before any branch is sent (the run's wake_ms): a
-  branch without a reply (NoReply, or its receiver's action failing as transient or
-  unavailable) keeps the run "waiting", asked again by each resume; at the deadline what
-  arrived is gathered and the rest is timed out, also in a process started after a crash. A
-  reply that comes after the deadline (a slow dispatch; in the asyncio API, still running when
-  the time left has passed) counts as timed out.
+- parallel: every step runs at once (each branch an asyncio task, or, in the sync API, an
+  action thread when a branch may call the outside world: the actions a policy names run
+  before the transaction and overlap; the transactions themselves do not, they share
+  commits); if any failed, the others are compensated. fanout: every step runs, nothing is
+  compensated, and the gathered result says which succeeded, failed or timed out; it
+  succeeds with `quorum`. `within` is a deadline on the runtime's clock, stored with the run
+  before any branch is sent (the run's wake_ms): the branches are awaited until then at
+  most; a branch without a reply (NoReply, or its receiver's action failing as transient or
+  unavailable) keeps the run "waiting", asked again by each resume; at the deadline the
+  gather decides in its own transaction (fanin.py): a branch whose transition is committed
+  by then counts, the rest time out (also in a process started after a crash). A branch
+  still running then goes on, its effect stands and a StepLate entry records it (`drain`
+  waits for it).
 - await: the run is stored as "waiting" until the machine is in one of the states; governor
   timers move the machine meanwhile (nothing is held in memory). `resume_all` (after
   `fire_due` / `deliver_outbox`, or in a new process) checks again; past `within` it fails.
@@ -56,6 +60,7 @@ Semantics a user must know:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -111,6 +116,8 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
         self.functions = dict(functions or {})
         self.before_step = before_step
         self.actor = actor
+        self._late_futures = set()
+        self._late_tasks = set()
         missing = sorted(
             step.function
             for spec in self.specs.values()
@@ -121,7 +128,25 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
             raise ValueError(f"compute steps name unregistered functions: {', '.join(missing)}")
 
     def close(self) -> None:
-        """Nothing to release: the runner holds no threads or connections of its own."""
+        """Wait for fanout branches that outlived their gather (`drain`): the runner holds
+        no threads or connections of its own."""
+        self.drain()
+
+    def drain(self) -> None:
+        """Wait until every fanout branch still running after its gather (sync API) has
+        answered and its late reply is recorded."""
+        while self._late_futures:
+            future = self._late_futures.pop()
+            with contextlib.suppress(Exception):
+                future.result()
+
+    async def drain_async(self) -> None:
+        """`drain` for the asyncio API: await the branches still running after their
+        gather (call it before the event loop closes, which would cancel them)."""
+        while self._late_tasks:
+            task = self._late_tasks.pop()
+            with contextlib.suppress(Exception):
+                await task
 
     # ------------------------------------------------------------------ the sync API
 

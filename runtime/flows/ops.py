@@ -3,22 +3,25 @@ branches; and the answers that are not a step's outcome."""
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..store.base import FlowStatus
+from ..store.base import FlowStatus, Transaction
 from ..tables import Emit, FlowStepSpec
 from .run import _Note
 
 
 @dataclass(frozen=True, slots=True)
 class _Write:
-    """Write the run's record with these notes (and the pending ones) in one unit of work."""
+    """Write the run's record with these notes (and the pending ones) in one unit of work.
+    `gather`, if given, decides inside that unit's transaction (a fanout's gather looks
+    there for replies committed meanwhile): the run's status and more notes."""
 
     status: FlowStatus
     notes: Sequence[_Note]
     wake_ms: int | None = None
+    gather: Callable[[Transaction], tuple[FlowStatus, list[_Note]]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Generator, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from ..tables import FlowStepSpec
 from .compensation import _end_compensation, _record_undo, _to_compensate, _undo_outcome
+from .fanin import _gather
 from .ops import _SETTLED, _TIMED_OUT, _Branches, _Op, _Plan, _Send, _Write
 from .run import _next_steps, _Note, _Run, _start_notes, _step_result, _succeed
 from .steps import _StepRunner
@@ -93,9 +95,11 @@ def _record_all(
     deadline: int | None,
 ) -> Generator[_Op, Any, bool]:
     """Record the branches' replies; True when the run goes on. A fanout branch without a
-    reply yet (NoReply) keeps the run waiting until the deadline, when it times out."""
+    reply yet (NoReply) keeps the run waiting until the deadline; then the gather decides,
+    inside its own transaction, which of the branches timed out (`_gather`)."""
     notes: list[_Note] = []
     failed: list[tuple[FlowStepSpec, str]] = []
+    timed_out: list[FlowStepSpec] = []
     unanswered = False
     for step, (status, detail) in zip(steps, outcomes, strict=True):
         if status == "succeeded":
@@ -108,6 +112,8 @@ def _record_all(
                 entry["unanswered"] = True
                 why = {"until": deadline, "why": str(detail)}
                 notes.append(("StepWaiting", step.name, why))
+        elif status == "timed_out" and run.spec.kind == "fanout":
+            timed_out.append(step)
         else:
             status = "failed" if status == "no_reply" else status
             run.steps[step.name] = {"status": status, "error": str(detail)}
@@ -118,18 +124,7 @@ def _record_all(
             if notes or run.pending or run.record.status != "waiting":
                 yield _Write("waiting", notes, deadline)
             return False  # still waiting: nothing new to record
-        gathered = {s.name: run.status_of(s.name) or "" for s in run.plan()}
-        run.data["gathered"] = gathered
-        succeeded = sum(1 for status in gathered.values() if status == "succeeded")
-        quorum = run.spec.quorum if run.spec.quorum is not None else len(gathered)
-        notes.append(("FanInGathered", "", {"gathered": gathered, "quorum": quorum}))
-        if succeeded >= quorum:
-            notes.append(("FlowCompleted", "", {}))
-            yield _Write("completed", notes)
-        else:
-            run.data["reason"] = f"{succeeded} of {len(gathered)} replies, quorum {quorum}"
-            notes.append(("FlowFailed", "", {"reason": run.data["reason"]}))
-            yield _Write("failed", notes)
+        yield _Write("completed", notes, None, partial(_gather, run, timed_out))
         return True
     if failed:
         run.data["failed"] = failed[0][0].name

@@ -4,8 +4,10 @@ and its ledger entries)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from typing import Any, Literal
 
 from ..dispatch import Governor
@@ -31,6 +33,9 @@ class _StepRunner:
     functions: dict[str, Callable[[Mapping[str, Any]], Any]]
     before_step: Callable[[StepContext], None] | None
     actor: str
+    # Fanout branches still running after their gather (their replies will be late).
+    _late_futures: set[Future[tuple[str, Any]]]
+    _late_tasks: set[asyncio.Task[tuple[str, Any]]]
 
     def _hook(self, run: _Run, step: FlowStepSpec, phase: Literal["do", "undo"]) -> None:
         if self.before_step is not None:
@@ -80,22 +85,29 @@ class _StepRunner:
         event_id = derive_event_id("flow", run.record.flow_id, step.name, phase)
         return governor, target, payload, event_id
 
-    def _late(self, outcome: tuple[str, Any], deadline: int | None) -> tuple[str, Any]:
-        """A reply that came after the fanout's deadline counts as timed out (its effect
-        stands, and a repeat is deduplicated)."""
-        now = self.runtime.clock.now_ms()
-        if deadline is not None and now > deadline and outcome[0] != "no_reply":
-            return "timed_out", f"replied {now - deadline} ms after the fanout's deadline"
-        return outcome
-
     def _write_work(
-        self, run: _Run, status: FlowStatus, notes: Sequence[_Note], wake_ms: int | None
+        self,
+        run: _Run,
+        status: FlowStatus,
+        notes: Sequence[_Note],
+        wake_ms: int | None,
+        gather: Callable[[Transaction], tuple[FlowStatus, list[_Note]]] | None = None,
     ) -> Callable[[Transaction, _Chain], FlowRecord]:
         """The unit of work that writes the run's record (version-checked) and its ledger
-        entries, the pending notes first."""
+        entries, the pending notes first. With `gather`, the run's status and the last
+        notes are decided inside the unit's transaction."""
         before = run.record
-        entries = [*run.pending, *((event, step, detail, status) for event, step, detail in notes)]
+        pending = run.pending
         run.pending = []
+        if gather is not None:
+
+            def gathered(txn: Transaction, chain: _Chain) -> FlowRecord:
+                final, more = gather(txn)
+                entries = [*pending, *((e, s, d, final) for e, s, d in (*notes, *more))]
+                return self._store_run(txn, chain, before, final, entries, _dumps(run.data), None)
+
+            return gathered
+        entries = [*pending, *((event, step, detail, status) for event, step, detail in notes)]
         text = _dumps(run.data)
 
         def work(txn: Transaction, chain: _Chain) -> FlowRecord:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION
+from concurrent.futures import wait as wait_futures
 from typing import Any, cast
 
 from ..dispatch import Governor
@@ -13,7 +15,8 @@ from ..results import DispatchResult
 from ..sealing import _Chain
 from ..store.base import FlowRecord, FlowStatus, Transaction
 from ..tables import FlowStepSpec
-from .ops import _SETTLED, _Send, _Write
+from .fanin import _FanIn, _late_work, _poll_s
+from .ops import _SETTLED, _Branches, _Send, _Write
 from .plan import _plan
 from .run import _STEP_FAILURES, FlowResult, StepFailed, _Note, _result, _Run, _step_outcome
 from .steps import _StepRunner
@@ -31,12 +34,12 @@ class _SyncDriver(_StepRunner):
             except StopIteration:
                 return _result(run)
             if isinstance(op, _Write):
-                self._write(run, op.status, op.notes, op.wake_ms)
+                self._write(run, op.status, op.notes, op.wake_ms, op.gather)
                 answer = None
             elif isinstance(op, _Send):
                 answer = self._send(run, op)
             else:
-                answer = [self._attempt(run, step, op.deadline) for step in op.steps]
+                answer = self._branches(run, op)
 
     def _send(self, run: _Run, op: _Send) -> tuple[str, Any]:
         """A send (or compensation) and the run's pending notes in one commit: the flow's
@@ -108,9 +111,54 @@ class _SyncDriver(_StepRunner):
         rejected = getattr(value, "error", None)  # the dispatch's _Rejected
         return _step_outcome(rejected if rejected is not None else value)
 
-    def _attempt(self, run: _Run, step: FlowStepSpec, deadline: int | None) -> tuple[str, Any]:
+    def _branches(self, run: _Run, op: _Branches) -> list[tuple[str, Any]]:
+        """Every branch at once, each in one of the runtime's action threads, when one of
+        them may call the outside world (an action a policy names, which runs before the
+        transaction): those calls overlap, and the branches' units share commits. Otherwise
+        (all their work is in the transaction, where nothing overlaps) one after another.
+        A fanout waits until its deadline at most: what arrived by then is gathered, later
+        replies are recorded as late (`_late_work`)."""
+        steps = op.steps
+        if not any(self._calls_outside(step) for step in steps):
+            return [self._attempt(run, step) for step in steps]
+        fanin = _FanIn(steps)
+        pool = self.runtime._action_threads()
+        futures = [pool.submit(self._branch, run, fanin, i) for i in range(len(steps))]
+        if op.deadline is None:
+            return [future.result() for future in futures]
+        clock, pending = self.runtime.clock, set(futures)
+        while pending and not fanin.complete():
+            left = op.deadline - clock.now_ms()
+            if left <= 0:
+                break
+            _, pending = wait_futures(pending, _poll_s(clock, left), FIRST_EXCEPTION)
+        for future in futures:
+            if future.done() and future.exception() is not None:
+                raise cast(BaseException, future.exception())
+        self._late_futures.update(f for f in futures if not f.done())
+        return fanin.close()
+
+    def _branch(self, run: _Run, fanin: _FanIn, index: int) -> tuple[str, Any]:
+        """One branch in an action thread: its outcome goes to the gather, or, after the
+        gather, is recorded as late in a commit of its own."""
+        step = fanin.steps[index]
+        outcome = self._attempt(run, step)
+        if not fanin.put(index, outcome):
+            flow_id = run.record.flow_id
+            work = _late_work(self, flow_id, step.name, outcome)
+            self.runtime._submit(work, self.runtime._partition_of(flow_id))
+        return outcome
+
+    def _calls_outside(self, step: FlowStepSpec) -> bool:
+        """Whether the step's send may run an action a policy names (an outside call)."""
+        send = step.send
+        if send is None:
+            return False
+        return send.event in self.runtime.governor(send.machine)._external_events
+
+    def _attempt(self, run: _Run, step: FlowStepSpec) -> tuple[str, Any]:
         """A parallel or fanout branch: ("succeeded", result) | ("failed", reason) |
-        ("no_reply", reason) | ("timed_out", reason)."""
+        ("no_reply", reason)."""
         try:
             self._hook(run, step, "do")
             if step.kind != "send":
@@ -120,7 +168,7 @@ class _SyncDriver(_StepRunner):
             result = self._dispatch(governor, target, step.send.event, payload, event_id)
         except (StepFailed, *_STEP_FAILURES) as failed:
             return _step_outcome(failed)
-        return self._late(_step_outcome(result), deadline)
+        return _step_outcome(result)
 
     def _dispatch(
         self,
@@ -140,9 +188,14 @@ class _SyncDriver(_StepRunner):
             return governor.dispatch(target, event, payload or None, self.actor, event_id=event_id)
 
     def _write(
-        self, run: _Run, status: FlowStatus, notes: Sequence[_Note], wake_ms: int | None = None
+        self,
+        run: _Run,
+        status: FlowStatus,
+        notes: Sequence[_Note],
+        wake_ms: int | None = None,
+        gather: Callable[[Transaction], tuple[FlowStatus, list[_Note]]] | None = None,
     ) -> None:
         """Write the run (`_write_work`) in a commit of its own."""
         runtime = self.runtime
-        work = self._write_work(run, status, notes, wake_ms)
+        work = self._write_work(run, status, notes, wake_ms, gather)
         run.record = runtime._submit(work, runtime._partition_of(run.record.flow_id))
