@@ -9,7 +9,7 @@ from .codegen import COMPILER_VERSION, CONTRACT_MODULE, has_long_lines
 from .diagram import visible
 from .flow_checks import flow_module
 from .lower import _emit_arg
-from .model import Event, EventRef, Flow, FlowStep, Machine
+from .model import Event, EventRef, Field, Flow, FlowStep, Machine
 from .pyformat import fit_lines, quote
 
 __all__ = ["flow_dot", "flow_mermaid", "flow_module", "generate_flow"]
@@ -70,6 +70,17 @@ def _step(step: FlowStep, events: dict[tuple[str, str], Event], inputs: set[str]
     return f"FlowStepSpec({', '.join(parts)})"
 
 
+def _input_type(field: Field) -> str:
+    """`"name": FlowInput(...)`: an input's declared type, every text through quote()."""
+    kind = field.type
+    parts = [quote(kind.kind)]
+    if kind.literals:
+        parts.append(_tuple([quote(lit.value) for lit in kind.literals]))
+    if kind.optional:
+        parts.append("optional=True")
+    return f"{quote(field.name.value)}: FlowInput({', '.join(parts)})"
+
+
 def generate_flow(flow: Flow, source_path: str, machines: Sequence[Machine]) -> str:
     """The formatted source of one flow's generated module, as `ruff format` writes it: the
     statements are written on one line each and `fit_lines` splits them as ruff does (a test
@@ -98,9 +109,10 @@ def generate_flow(flow: Flow, source_path: str, machines: Sequence[Machine]) -> 
         f"branches=frozen_map({{{branches}}})",
         f"within_ms={None if flow.within is None else flow.within.millis!r}",
         f"quorum={quorum!r}",
+        f"input_types=frozen_map({{{', '.join(_input_type(f) for f in flow.inputs)}}})",
     ]
     body = f"""\
-from {CONTRACT_MODULE} import Emit, EmitArg, FlowSpec, FlowStepSpec, frozen_map
+from {CONTRACT_MODULE} import Emit, EmitArg, FlowInput, FlowSpec, FlowStepSpec, frozen_map
 
 SOURCE_PATH = {quote(source_path)}
 

@@ -6,7 +6,7 @@ Change the flow in its machine file and run `autonomic build` instead.
 
 # ruff: noqa: E501, RUF100
 
-from autonomic.runtime.tables import Emit, EmitArg, FlowSpec, FlowStepSpec, frozen_map
+from autonomic.runtime.tables import Emit, EmitArg, FlowInput, FlowSpec, FlowStepSpec, frozen_map
 
 SOURCE_PATH = "machines/flows.fsm"
 
@@ -109,4 +109,13 @@ FLOW = FlowSpec(
     branches=frozen_map({}),
     within_ms=None,
     quorum=None,
+    input_types=frozen_map(
+        {
+            "customer_id": FlowInput("str"),
+            "email": FlowInput("str"),
+            "country": FlowInput("str"),
+            "product_id": FlowInput("str"),
+            "tier": FlowInput("enum", ("starter", "professional", "enterprise")),
+        }
+    ),
 )

@@ -4,7 +4,7 @@ Source sha256: 5af941f602283565a16f5da6c349a16700c226ba88db698fc115d50d8f937deb
 Change the flow in its machine file and run `autonomic build` instead.
 """
 
-from autonomic.runtime.tables import Emit, EmitArg, FlowSpec, FlowStepSpec, frozen_map
+from autonomic.runtime.tables import Emit, EmitArg, FlowInput, FlowSpec, FlowStepSpec, frozen_map
 
 SOURCE_PATH = "machines/flows.fsm"
 
@@ -67,4 +67,14 @@ FLOW = FlowSpec(
     branches=frozen_map({}),
     within_ms=30000,
     quorum=2,
+    input_types=frozen_map(
+        {
+            "customer_id": FlowInput("str"),
+            "tenant_id": FlowInput("str"),
+            "resource": FlowInput("str"),
+            "severity": FlowInput("enum", ("low", "medium", "high")),
+            "violation_id": FlowInput("str"),
+            "window_start": FlowInput("datetime"),
+        }
+    ),
 )

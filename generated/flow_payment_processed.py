@@ -4,7 +4,7 @@ Source sha256: 5af941f602283565a16f5da6c349a16700c226ba88db698fc115d50d8f937deb
 Change the flow in its machine file and run `autonomic build` instead.
 """
 
-from autonomic.runtime.tables import Emit, EmitArg, FlowSpec, FlowStepSpec, frozen_map
+from autonomic.runtime.tables import Emit, EmitArg, FlowInput, FlowSpec, FlowStepSpec, frozen_map
 
 SOURCE_PATH = "machines/flows.fsm"
 
@@ -141,4 +141,15 @@ FLOW = FlowSpec(
     ),
     within_ms=None,
     quorum=None,
+    input_types=frozen_map(
+        {
+            "outcome": FlowInput("enum", ("Success", "Failed", "Disputed")),
+            "customer_id": FlowInput("str"),
+            "transaction_id": FlowInput("str"),
+            "amount": FlowInput("decimal"),
+            "idempotency_key": FlowInput("str"),
+            "reason": FlowInput("str"),
+            "case_id": FlowInput("str"),
+        }
+    ),
 )

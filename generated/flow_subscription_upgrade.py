@@ -6,7 +6,7 @@ Change the flow in its machine file and run `autonomic build` instead.
 
 # ruff: noqa: E501, RUF100
 
-from autonomic.runtime.tables import Emit, EmitArg, FlowSpec, FlowStepSpec, frozen_map
+from autonomic.runtime.tables import Emit, EmitArg, FlowInput, FlowSpec, FlowStepSpec, frozen_map
 
 SOURCE_PATH = "machines/flows.fsm"
 
@@ -125,4 +125,15 @@ FLOW = FlowSpec(
     branches=frozen_map({}),
     within_ms=None,
     quorum=None,
+    input_types=frozen_map(
+        {
+            "customer_id": FlowInput("str"),
+            "current_tier": FlowInput("enum", ("starter", "professional", "enterprise")),
+            "new_tier": FlowInput("enum", ("starter", "professional", "enterprise")),
+            "cycle_day": FlowInput("int"),
+            "cycle_length": FlowInput("int"),
+            "request_id": FlowInput("str"),
+            "proration_amount": FlowInput("decimal"),
+        }
+    ),
 )

@@ -416,6 +416,16 @@ FlowKind = Literal["sequence", "parallel", "conditional", "fanout", "saga"]
 StepKind = Literal["send", "await", "compute"]
 
 
+class FlowInput(NamedTuple):
+    """A flow input's declared type: `kind` is one of the language's field types (str, int,
+    decimal, bool, datetime, duration, enum with its `literals`); the flow's start checks
+    its value as an event payload's field of that type (runtime/flows/inputs.py)."""
+
+    kind: str
+    literals: tuple[str, ...] = ()
+    optional: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class FlowStepSpec:
     """One step. `send`: dispatch `send` (its args: "field" names a flow input or a compute
@@ -455,6 +465,8 @@ class FlowSpec:
     )
     within_ms: int | None = None
     quorum: int | None = None
+    # Each input's declared type (empty in modules generated before types were carried).
+    input_types: Mapping[str, FlowInput] = field(default_factory=lambda: frozen_map({}))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,15 +68,15 @@ from typing import Any
 from ..errors import (
     ConcurrentUpdateDetected,
     OutsideClaimLost,
-    PayloadInvalid,
     StoreIntegrityError,
-    UnknownMachine,
 )
 from ..results import _dumps, derive_event_id
 from ..runtime import Runtime
 from ..store.base import FLOW_FINISHED, FlowRecord
 from ..tables import FlowSpec, FlowStepSpec
 from .async_driver import _AsyncDriver
+from .errors import FlowInputsInvalid, UnknownFlow, UnregisteredFunction
+from .inputs import check_inputs
 from .run import (
     FlowResult,
     NoReply,
@@ -118,14 +118,14 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
         self.actor = actor
         self._late_futures = set()
         self._late_tasks = set()
-        missing = sorted(
-            step.function
+        missing = tuple(
+            (spec.name, step.name, step.function)
             for spec in self.specs.values()
             for step in _all_steps(spec)
             if step.function is not None and step.function not in self.functions
         )
         if missing:
-            raise ValueError(f"compute steps name unregistered functions: {', '.join(missing)}")
+            raise UnregisteredFunction(missing)
 
     def close(self) -> None:
         """Wait for fanout branches that outlived their gather (`drain`): the runner holds
@@ -253,7 +253,7 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
     def _spec(self, flow: str) -> FlowSpec:
         spec = self.specs.get(flow)
         if spec is None:
-            raise UnknownMachine(flow, tuple(sorted(self.specs)))
+            raise UnknownFlow(flow, tuple(sorted(self.specs)))
         return spec
 
     def flow_id(self, flow: str, instance: str, inputs: Mapping[str, Any]) -> str:
@@ -275,16 +275,14 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
         stored = self.runtime.store.get_flow(flow_id)
         if stored is not None:
             return _Run(spec, stored, _stored_data(stored))
-        unknown = sorted(set(given) - set(spec.inputs))
-        if unknown:
-            raise PayloadInvalid(flow, "start", ((", ".join(unknown), "not an input"),))
+        check_inputs(spec, given)  # before anything is written
         data: dict[str, Any] = {"inputs": given, "values": {}, "steps": {}, "order": []}
         if spec.kind == "conditional":
             assert spec.on is not None
             branch = given.get(spec.on)
             if branch not in spec.branches:
                 problem = f"not one of {', '.join(spec.branches)}"
-                raise PayloadInvalid(flow, "start", ((spec.on, problem),))
+                raise FlowInputsInvalid(flow, ((spec.on, problem),))
             data["branch"] = branch
         record = FlowRecord(flow_id, flow, instance, "running", 0, "", 0)
         run = _Run(spec, record, data)
