@@ -112,7 +112,14 @@ def generate_flow(flow: Flow, source_path: str, machines: Sequence[Machine]) -> 
         f"input_types=frozen_map({{{', '.join(_input_type(f) for f in flow.inputs)}}})",
     ]
     body = f"""\
-from {CONTRACT_MODULE} import Emit, EmitArg, FlowInput, FlowSpec, FlowStepSpec, frozen_map
+from {CONTRACT_MODULE} import (
+    Emit,
+    EmitArg,
+    FlowInput,
+    FlowSpec,
+    FlowStepSpec,
+    frozen_map,
+)
 
 SOURCE_PATH = {quote(source_path)}
 

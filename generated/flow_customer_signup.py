@@ -6,7 +6,14 @@ Change the flow in its machine file and run `autonomic build` instead.
 
 # ruff: noqa: E501, RUF100
 
-from autonomic.runtime.tables import Emit, EmitArg, FlowInput, FlowSpec, FlowStepSpec, frozen_map
+from autonomic.runtime.tables import (
+    Emit,
+    EmitArg,
+    FlowInput,
+    FlowSpec,
+    FlowStepSpec,
+    frozen_map,
+)
 
 SOURCE_PATH = "machines/flows.fsm"
 

@@ -4,7 +4,14 @@ Source sha256: 5af941f602283565a16f5da6c349a16700c226ba88db698fc115d50d8f937deb
 Change the flow in its machine file and run `autonomic build` instead.
 """
 
-from autonomic.runtime.tables import Emit, EmitArg, FlowInput, FlowSpec, FlowStepSpec, frozen_map
+from autonomic.runtime.tables import (
+    Emit,
+    EmitArg,
+    FlowInput,
+    FlowSpec,
+    FlowStepSpec,
+    frozen_map,
+)
 
 SOURCE_PATH = "machines/flows.fsm"
 
