@@ -126,7 +126,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--app",
         required=True,
         metavar="MODULE:FUNCTION",
-        help="the function that loads the governors into the runtime it is given",
+        help="the function that loads the governors into the runtime it is given; if it "
+        "returns a FlowRunner, the worker drives its flows too",
     )
     worker.add_argument(
         "--mode", choices=["checkpoint", "sign-each"], help="ledger mode of a new store"
@@ -151,7 +152,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=30_000,
         metavar="DURATION",
         help="how long a claim lasts before another worker may take it over (default 30s): "
-        "longer than a round of --batch firings takes",
+        "longer than a round of --batch firings takes; also how long a flow run may go "
+        "unwritten before the worker resumes it",
     )
     worker.add_argument(
         "--batch",

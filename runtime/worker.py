@@ -8,6 +8,9 @@ worker killed mid-claim leaves its leased work to the others once the lease runs
 Governors come from the application: `--app module:function` names a callable that receives
 the Runtime and loads the governors with their guards and actions (`runtime.load(spec,
 guards, actions)`), the same code the application runs with, whatever the store.
+If it returns a FlowRunner, the worker drives its flows too: each round it resumes the
+waiting runs (an await whose machine moved, a fanout's deadline) and the runs nobody has
+written for `--lease` (their process was killed), each step exactly once (engine.py).
 
 SIGTERM and SIGINT stop the loop after the round in flight commits; the worker then signs
 the remaining checkpoints and a root over the partition heads, closes the store, and exits 0.
@@ -26,6 +29,7 @@ from types import FrameType
 from typing import IO, Any
 
 from .errors import RuntimeFailure, StoreConfigError
+from .flows import FlowRunner
 from .keys import load_signer, load_trusted_root
 from .ledger import LedgerMode, LedgerSealer
 from .runtime import Runtime
@@ -84,7 +88,7 @@ def run_worker(options: WorkerOptions, out: IO[str], *, stop: threading.Event | 
             sealer=LedgerSealer(load_signer(options.keys), mode),
             trusted_root=load_trusted_root(options.keys),
         )
-        app(runtime)
+        loaded = app(runtime)
     except BaseException:
         store.close()
         raise
@@ -95,16 +99,20 @@ def run_worker(options: WorkerOptions, out: IO[str], *, stop: threading.Event | 
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
+    flows = loaded if isinstance(loaded, FlowRunner) else None
     machines = ", ".join(sorted(runtime.governors))
+    if flows is not None:
+        machines += "; flows " + ", ".join(sorted(flows.specs))
     out.write(f"worker on {redact(options.store)}: {machines}; {runtime.partitions} partitions\n")
     out.flush()
-    fired = delivered = 0
+    fired = delivered = finished = 0
     next_root = time.monotonic() + options.root_every_ms / 1000
     transient = _transient_errors()
     try:
         while not stop.is_set():
             try:
                 round_fired, round_delivered = _round(runtime, options.batch, out)
+                round_finished = 0 if flows is None else _drive_flows(flows, options, out)
                 if time.monotonic() >= next_root:
                     runtime.checkpoint() if mode == "checkpoint" else runtime.sign_root()
                     next_root = time.monotonic() + options.root_every_ms / 1000
@@ -113,14 +121,20 @@ def run_worker(options: WorkerOptions, out: IO[str], *, stop: threading.Event | 
                 # claimed stays leased and returns to the fleet when the lease runs out.
                 out.write(f"store unavailable, retrying: {' '.join(str(exc).split())}\n")
                 out.flush()
-                round_fired = round_delivered = 0
+                round_fired = round_delivered = round_finished = 0
             fired += round_fired
             delivered += round_delivered
-            if not round_fired and not round_delivered:
+            finished += round_finished
+            if not round_fired and not round_delivered and not round_finished:
                 stop.wait(options.poll_ms / 1000)
     finally:
-        runtime.close()
-    out.write(f"worker stopped: {fired} timers fired, {delivered} messages delivered\n")
+        try:
+            if flows is not None:
+                flows.close()
+        finally:
+            runtime.close()
+    done = f", {finished} flow runs finished" if flows is not None else ""
+    out.write(f"worker stopped: {fired} timers fired, {delivered} messages delivered{done}\n")
     out.flush()
     return 0
 
@@ -135,6 +149,23 @@ def _round(runtime: Runtime, batch: int, out: IO[str]) -> tuple[int, int]:
         fired = 0
     deliveries = runtime.deliver_outbox(limit=batch)
     return fired, sum(1 for d in deliveries if d.status == "delivered")
+
+
+def _drive_flows(flows: FlowRunner, options: WorkerOptions, out: IO[str]) -> int:
+    """Resume the runs due (`FlowRunner.due_runs`); how many finished. One run's failure
+    is reported and leaves it for the next round."""
+    finished = 0
+    for flow_id in flows.due_runs(stale_ms=options.lease_ms, limit=options.batch):
+        try:
+            result = flows.resume(flow_id)
+        except RuntimeFailure as failure:
+            out.write(f"flow {flow_id} failed: {failure.code} {failure.message}\n")
+            continue
+        if result.finished:
+            finished += 1
+            out.write(f"flow {flow_id} ({result.flow} on {result.instance}): {result.status}\n")
+            out.flush()
+    return finished
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:

@@ -1,4 +1,6 @@
-"""A process that runs flows until it is killed: `python flow_crash_worker.py DB KEYS COUNT`.
+"""A process that runs flows until it is killed: `python flow_crash_worker.py DB KEYS COUNT
+[CLAIM_LEASE_MS]`. `load` is the same world for `autonomic worker --app`. With
+$FLOW_HANG_AT = "INSTANCE:STEP" it stops for good before that step (to be killed there).
 
 For customers c0..c{COUNT-1}, in order: the signup flow (parallel), a setup of raw dispatches
 (each with an event id, so a repeat after a restart is deduplicated), then the cancellation
@@ -10,19 +12,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
+import threading
 from decimal import Decimal
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from autonomic.runtime.demo import _Bindings
 from autonomic.runtime.errors import InstanceExists
-from autonomic.runtime.flows import FlowResult, StepContext, StepFailed
+from autonomic.runtime.flows import FlowResult, FlowRunner, StepContext, StepFailed
 from autonomic.runtime.keys import load_signer
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.sqlite import SQLiteStore
 from autonomic.runtime.timers import SystemClock
-from flow_world import marketplace
+from flow_world import load_world, marketplace
 
 SAGA = ("calculate_refund", "issue_refund", "suspend_entitlements", "archive_subscription")
 
@@ -33,6 +38,10 @@ def failing_step(customer: str) -> str | None:
 
 
 def inject(ctx: StepContext) -> None:
+    if ctx.phase == "do" and os.environ.get("FLOW_HANG_AT") == f"{ctx.instance}:{ctx.step}":
+        # Stop here for good (to be killed): the run's earlier steps are committed.
+        print(json.dumps({"hang": ctx.flow_id}), flush=True)
+        threading.Event().wait()
     saga_step = ctx.flow == "SubscriptionCancellation" and ctx.phase == "do"
     if saga_step and failing_step(ctx.instance) == ctx.step:
         raise StepFailed(f"injected failure at {ctx.step}")
@@ -83,13 +92,18 @@ def setup(runtime: Runtime, customer: str) -> None:
     runtime.deliver_outbox()
 
 
+def remember_invoices(bindings: _Bindings, count: int) -> None:
+    """The processor's memory of each invoice (a restarted worker has lost its own)."""
+    bindings.payments.invoices.update({f"c{i}": Decimal("30") for i in range(count)})
+
+
 def main() -> None:
     db, keys, count = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    lease = {"claim_lease_ms": int(sys.argv[4])} if len(sys.argv) > 4 else {}
     runtime, runner, bindings = marketplace(
-        SQLiteStore(db), signer=load_signer(keys), before_step=inject, clock=SystemClock()
+        SQLiteStore(db), signer=load_signer(keys), before_step=inject, clock=SystemClock(), **lease
     )
-    # The processor's memory of each invoice (a restarted worker has lost its own).
-    bindings.payments.invoices.update({f"c{i}": Decimal("30") for i in range(count)})
+    remember_invoices(bindings, count)
     for result in runner.resume_all():
         report(result)
     for number in range(count):
@@ -108,6 +122,14 @@ def main() -> None:
         report(runner.start("SubscriptionCancellation", customer, cancel))
     print(json.dumps({"done": True}), flush=True)
     runtime.close()
+
+
+def load(runtime: Runtime) -> FlowRunner:
+    """`autonomic worker --app flow_crash_worker:load`: the governors and the flows, with the
+    same injected failures, for runs of COUNT = $FLOW_CUSTOMERS customers."""
+    runner, bindings = load_world(runtime, before_step=inject)
+    remember_invoices(bindings, int(os.environ.get("FLOW_CUSTOMERS", "24")))
+    return runner
 
 
 if __name__ == "__main__":

@@ -52,6 +52,17 @@ def marketplace(
         snapshot_every=snapshot_every,
         claim_lease_ms=claim_lease_ms,
     )
+    runner, bindings = load_world(runtime, before_step=before_step, actions=actions)
+    return runtime, runner, bindings
+
+
+def load_world(
+    runtime: Runtime,
+    *,
+    before_step: Callable[[StepContext], None] | None = None,
+    actions: Mapping[str, Mapping[str, Callable[..., Any]]] | None = None,
+) -> tuple[FlowRunner, _Bindings]:
+    """Load the seven governors (the demo's bindings) into `runtime`; the flows' runner."""
     bindings = _Bindings(_Payments())
     for module in MODULES:
         spec = importlib.import_module(f"autonomic.generated.{module}").MACHINE
@@ -61,4 +72,4 @@ def marketplace(
     runner = FlowRunner(
         runtime, flow_specs(), functions={"refund_due": refund_due}, before_step=before_step
     )
-    return runtime, runner, bindings
+    return runner, bindings

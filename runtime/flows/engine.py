@@ -175,6 +175,19 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
             if record.flow in self.specs
         ]
 
+    def due_runs(self, *, stale_ms: int, limit: int = 1000) -> list[str]:
+        """The runs a worker drives (`autonomic worker`): every waiting run of a loaded flow
+        (its await or fanout is asked again, and times out past its deadline) and every
+        running or compensating one that nobody has written for `stale_ms` (its process
+        died, or stalled: driving it is safe either way, see the module docstring)."""
+        horizon = self.runtime.clock.now_ms() - stale_ms
+        return [
+            record.flow_id
+            for record in self.runtime.store.unfinished_flows(limit)
+            if record.flow in self.specs
+            and (record.status == "waiting" or record.updated_ms <= horizon)
+        ]
+
     def result(self, flow_id: str) -> FlowResult:
         return _result(self._load(flow_id))
 

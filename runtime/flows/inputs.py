@@ -44,9 +44,7 @@ def _build(spec: FlowSpec) -> type[Payload] | None:
     fields: dict[str, Any] = {}
     for name, declared in spec.input_types.items():
         kind: Any = (
-            Literal[declared.literals]
-            if declared.kind == "enum"
-            else _SCALARS[declared.kind]
+            Literal[declared.literals] if declared.kind == "enum" else _SCALARS[declared.kind]
         )
         fields[name] = (kind | None, None) if declared.optional else (kind, ...)
     return create_model(f"{spec.name}Inputs", __base__=Payload, **fields)

@@ -1,0 +1,125 @@
+"""`autonomic worker` drives flows: a process running flows is killed with SIGKILL mid-run,
+and a worker (given the application's FlowRunner by `--app`) finishes every run it left,
+each step and compensation exactly once; nothing else resumes them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from autonomic.runtime.keys import Keyring, generate_keypair
+from autonomic.runtime.ledger import verify_ledger
+from autonomic.runtime.results import derive_event_id
+
+TESTS = Path(__file__).parent
+DRIVER = TESTS / "flow_crash_worker.py"
+AUTONOMIC = Path(sys.executable).with_name("autonomic")
+CUSTOMERS = 6
+SEND_STEPS = {
+    "CustomerSignup": ("profile", "trial", "quota", "identity"),
+    "SubscriptionCancellation": ("issue_refund", "suspend_entitlements", "archive_subscription"),
+}
+
+
+def unfinished(db: Path) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT flow_id FROM flows WHERE status IN ('running', 'waiting', 'compensating')"
+        ).fetchall()
+    return [flow_id for (flow_id,) in rows]
+
+
+def kill_mid_run(db: Path, keys: Path, where: str) -> str:
+    """Run the flows' process until it reaches `where` (INSTANCE:STEP, the earlier steps of
+    that run committed) and SIGKILL it there; the run's id."""
+    process = subprocess.Popen(
+        [sys.executable, str(DRIVER), str(db), str(keys), str(CUSTOMERS), "300"],
+        env={**os.environ, "FLOW_HANG_AT": where},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        hung = json.loads(line).get("hang")
+        if hung is not None:
+            process.send_signal(signal.SIGKILL)
+            process.communicate(timeout=30)
+            return str(hung)
+    raise AssertionError(process.communicate(timeout=30)[1])
+
+
+def test_the_worker_finishes_the_runs_of_a_killed_process_exactly_once(tmp_path: Path) -> None:
+    db, keys = tmp_path / "flows.db", tmp_path / "keys"
+    generate_keypair(keys, valid_from_ms=1_700_000_000_000)
+    # The saga of c1 killed after its refund, before suspending the entitlements.
+    killed = kill_mid_run(db, keys, "c1:suspend_entitlements")
+    left = unfinished(db)
+    assert left == [killed]
+    worker = subprocess.Popen(
+        [
+            str(AUTONOMIC),
+            "worker",
+            "--store",
+            str(db),
+            "--keys",
+            str(keys),
+            "--app",
+            "flow_crash_worker:load",
+            "--poll",
+            "50ms",
+            "--lease",
+            "300ms",
+        ],
+        cwd=TESTS,
+        env={**os.environ, "FLOW_CUSTOMERS": str(CUSTOMERS)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.stdout is not None
+    guard = threading.Timer(120, worker.kill)  # a worker that never finishes fails the test
+    guard.start()
+    assert "flows CustomerSignup" in worker.stdout.readline()
+    finished: list[str] = []
+    while len(finished) < len(left):  # one line per run it finishes
+        line = worker.stdout.readline()
+        assert line, worker.communicate(timeout=30)[1]
+        if line.startswith("flow "):
+            finished.append(line.split()[1])
+    worker.send_signal(signal.SIGTERM)
+    out, errors = worker.communicate(timeout=60)
+    guard.cancel()
+    assert worker.returncode == 0, errors
+    assert f"{len(left)} flow runs finished" in out
+    assert sorted(finished) == sorted(left) and unfinished(db) == []
+
+    assert verify_ledger(db, Keyring.from_files([keys])).ok
+    with sqlite3.connect(db) as conn:
+        runs = conn.execute("SELECT flow_id, flow, status, data FROM flows").fetchall()
+        event_ids = [
+            e for (e,) in conn.execute("SELECT event_id FROM ledger WHERE kind = 'transition'")
+        ]
+        ends = dict(
+            conn.execute(
+                "SELECT instance, count(*) FROM ledger WHERE kind = 'flow' AND event IN "
+                "('FlowCompleted', 'CompensationCompleted', 'FlowFailed') GROUP BY instance"
+            )
+        )
+    counted = {event_id: event_ids.count(event_id) for event_id in set(event_ids)}
+    for flow_id, flow, status, data in runs:
+        assert status in ("completed", "compensated"), (flow_id, status)
+        assert ends[flow_id] == 1
+        steps = json.loads(data)["steps"]
+        for step in SEND_STEPS[flow]:
+            outcome = steps.get(step, {}).get("status")
+            done = counted.get(derive_event_id("flow", flow_id, step, "do"), 0)
+            undone = counted.get(derive_event_id("flow", flow_id, step, "undo"), 0)
+            assert done == (1 if outcome in ("succeeded", "compensated") else 0), (step, steps)
+            assert undone == (1 if outcome == "compensated" else 0), (step, steps)
