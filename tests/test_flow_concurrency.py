@@ -71,6 +71,11 @@ def test_the_signups_four_outside_calls_are_in_flight_at_once(tmp_path: Path, ap
         assert result.status == "completed", result
         assert set(result.steps.values()) == {"succeeded"}
         assert len(threads) == 4 and not barrier.broken
+        # The run's start is in the ledger before its branches' transitions.
+        events = [(e.kind, e.event) for e in runtime.ledger()]
+        first = min(i for i, (kind, _) in enumerate(events) if kind == "transition")
+        assert ("flow", "FlowStarted") in events[:first]
+        assert events[:first].count(("flow", "StepStarted")) == 4
 
 
 def _late_notify(

@@ -100,6 +100,10 @@ class _AsyncDriver(_StepRunner):
         replies are recorded as late (`_late_work`; `drain_async` waits for them)."""
         if op.deadline is None:
             async with asyncio.TaskGroup() as group:
+                if run.pending:
+                    # The run's start first: in the branches' commit (or before it), so the
+                    # ledger has FlowStarted and StepStarted before their transitions.
+                    group.create_task(self._write_async(run, "running", []))
                 tasks = [group.create_task(self._attempt_async(run, step)) for step in op.steps]
             return [task.result() for task in tasks]
         fanin = _FanIn(op.steps)

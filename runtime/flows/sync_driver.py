@@ -121,6 +121,11 @@ class _SyncDriver(_StepRunner):
         steps = op.steps
         if not any(self._calls_outside(step) for step in steps):
             return [self._attempt(run, step) for step in steps]
+        if run.pending:
+            # The run's start first (its own commit, while the calls are still to come): the
+            # ledger has FlowStarted and StepStarted before the branches' transitions, and a
+            # worker finds the run if this process dies during the calls.
+            self._write(run, "running", [])
         fanin = _FanIn(steps)
         pool = self.runtime._action_threads()
         futures = [pool.submit(self._branch, run, fanin, i) for i in range(len(steps))]
