@@ -105,9 +105,13 @@ def test_flows_killed_at_random_points_finish_exactly_once(tmp_path: Path) -> No
     for event_id in event_ids:
         counted[event_id] = counted.get(event_id, 0) + 1
     for flow_id, flow, _, status, data in runs:
-        assert status in ("completed", "compensated"), (flow_id, status)
+        assert status in ("completed", "compensated", "failed"), (flow_id, status)
         assert ends[flow_id] == 1  # one end entry per run
         steps = json.loads(data)["steps"]
+        outcomes = {step["status"] for step in steps.values()}
+        # "failed": the failure left nothing to undo (no compensation refused).
+        assert (status == "failed") == ("compensated" not in outcomes and status != "completed")
+        assert "uncompensated" not in outcomes
         for step in SEND_STEPS[flow]:
             done = counted.get(derive_event_id("flow", flow_id, step, "do"), 0)
             undone = counted.get(derive_event_id("flow", flow_id, step, "undo"), 0)

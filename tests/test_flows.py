@@ -171,15 +171,18 @@ def test_upgrade_compensates_in_reverse_and_charges_once(
         assert charges == [f"up-{customer}"]
         assert state(runtime, "Billing", customer) == "ProrationPending"
         return
-    assert result.status == "compensated"
     done = [s for s in UPGRADE_STEPS[: UPGRADE_STEPS.index(failing)] if s != "approval"]
-    assert undone(runtime, result) == list(reversed(done))  # the wait has nothing to undo
+    # Nothing done before the failed step (the wait has nothing to undo): the run failed.
+    ended = "compensated" if done else "failed"
+    assert result.status == ended
+    assert undone(runtime, result) == list(reversed(done))
     assert len(charges) == (1 if "charge_proration" in done else 0)
     assert state(runtime, "Subscription", customer) == "Active"
     if "charge_proration" in done:
         assert state(runtime, "Billing", customer) == "Current"  # the charge was voided
     last = flow_entries(runtime, result)[-1]
-    assert last == ("CompensationCompleted", failing, "compensated")
+    end = "CompensationCompleted" if done else "FlowFailed"
+    assert last == (end, failing, ended)
     # The reason is in the entry's payload digest and in the stored run.
     assert runner.result(result.flow_id).reason == f"injected failure at {failing}"
 
@@ -205,11 +208,11 @@ def test_cancellation_saga_compensates_in_reverse(
         runtime.deliver_outbox()
         assert state(runtime, "Entitlement", customer) == "Revoked"
         return
-    assert result.status == "compensated"
     done = CANCEL_STEPS[: CANCEL_STEPS.index(failing)]
     # The pure step has nothing to undo; the others are undone newest first.
     expected = [s for s in reversed(done) if s in ("issue_refund", "suspend_entitlements")]
     assert undone(runtime, result) == expected
+    assert result.status == ("compensated" if expected else "failed")  # nothing undone
     assert state(runtime, "Subscription", customer) == "Active"
     assert state(runtime, "Entitlement", customer) == "Active"
     assert state(runtime, "Billing", customer) == "Current"
@@ -369,7 +372,7 @@ def test_payment_failure_times_out_when_the_ladder_is_exhausted(
     assert state(runtime, "Entitlement", customer) == "Suspended"  # from Grace, by the ladder
     runtime.clock.advance(2 * 86_400_000)
     (result,) = runner.resume_all()
-    assert result.status == "compensated"  # nothing to undo: every step is irreversible
+    assert result.status == "failed"  # not "compensated": every step is irreversible
     assert result.failed_step == "settled"
 
 

@@ -114,9 +114,13 @@ def test_the_worker_finishes_the_runs_of_a_killed_process_exactly_once(tmp_path:
         )
     counted = {event_id: event_ids.count(event_id) for event_id in set(event_ids)}
     for flow_id, flow, status, data in runs:
-        assert status in ("completed", "compensated"), (flow_id, status)
+        assert status in ("completed", "compensated", "failed"), (flow_id, status)
         assert ends[flow_id] == 1
         steps = json.loads(data)["steps"]
+        outcomes = {step["status"] for step in steps.values()}
+        # "failed": the failure left nothing to undo (no compensation refused).
+        assert (status == "failed") == ("compensated" not in outcomes and status != "completed")
+        assert "uncompensated" not in outcomes
         for step in SEND_STEPS[flow]:
             outcome = steps.get(step, {}).get("status")
             done = counted.get(derive_event_id("flow", flow_id, step, "do"), 0)

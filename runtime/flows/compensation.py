@@ -53,12 +53,17 @@ def _end_compensation(run: _Run) -> _Plan:
 
 
 def _compensation_end(run: _Run) -> tuple[FlowStatus, list[_Note]]:
-    """How a run ends once nothing is left to compensate: "compensated", or "failed" when
-    a compensation was refused (a person must look)."""
+    """How a run ends once nothing is left to compensate: "compensated" when compensations
+    ran; "failed" when a compensation was refused (a person must look: the entry lists the
+    `uncompensated` steps) or there was nothing to compensate."""
     failed = [name for name, s in run.steps.items() if s["status"] == "uncompensated"]
     detail = {"failed_step": run.data.get("failed"), "reason": run.data.get("reason")}
     if failed:
         detail["uncompensated"] = failed
+        return "failed", [("FlowFailed", str(run.data.get("failed")), detail)]
+    if not any(s["status"] == "compensated" for s in run.steps.values()):
+        # Nothing was undone (nothing before the failed step had an effect to undo): the run
+        # failed, it was not "compensated".
         return "failed", [("FlowFailed", str(run.data.get("failed")), detail)]
     return "compensated", [("CompensationCompleted", str(run.data.get("failed")), detail)]
 

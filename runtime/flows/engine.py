@@ -21,8 +21,9 @@ Semantics a user must know:
   created (initial state) first.
 - sequence, saga, conditional (the branch named by the `on` input): steps in order; after a
   failure the completed steps are compensated newest first, then CompensationCompleted
-  records the failed step and the reason. A compensation the receiver rejects is recorded as
-  CompensationFailed and the run ends "failed": a person must look.
+  records the failed step and the reason (the run ends "compensated"). With nothing to
+  undo the run ends "failed" (FlowFailed). A compensation the receiver rejects is recorded as
+  CompensationFailed and the run ends "failed", the entry listing it: a person must look.
 - parallel: every step runs at once (each branch an asyncio task, or, in the sync API, an
   action thread when a branch may call the outside world: the actions a policy names run
   before the transaction and overlap; the transactions themselves do not, they share
