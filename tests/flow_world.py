@@ -4,8 +4,12 @@ store, the seed's five flows, a virtual clock and a signed ledger."""
 from __future__ import annotations
 
 import importlib
+import json
+import sqlite3
+from collections import Counter
 from collections.abc import Callable, Mapping
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from autonomic.generated import FLOWS, MODULES
@@ -14,6 +18,7 @@ from autonomic.runtime.flows import FlowRunner, StepContext
 from autonomic.runtime.keys import Signer
 from autonomic.runtime.ledger import LedgerMode, LedgerSealer
 from autonomic.runtime.resilience.claims import DEFAULT_CLAIM_LEASE_MS
+from autonomic.runtime.results import derive_event_id
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.base import Store
 from autonomic.runtime.tables import FlowSpec
@@ -73,3 +78,41 @@ def load_world(
         runtime, flow_specs(), functions={"refund_due": refund_due}, before_step=before_step
     )
     return runner, bindings
+
+
+SEND_STEPS = {
+    "CustomerSignup": ("profile", "trial", "quota", "identity"),
+    "SubscriptionCancellation": ("issue_refund", "suspend_entitlements", "archive_subscription"),
+}
+
+
+def check_runs_once(db: Path) -> int:
+    """Every flow run in the SQLite store `db` ended, with one end entry: completed,
+    compensated, or failed with nothing to undo (no compensation refused); each send step and
+    compensation took effect exactly once (its event id in the ledger). How many runs."""
+    with sqlite3.connect(db) as conn:
+        runs = conn.execute("SELECT flow_id, flow, status, data FROM flows").fetchall()
+        event_ids = [
+            e for (e,) in conn.execute("SELECT event_id FROM ledger WHERE kind = 'transition'")
+        ]
+        ends = dict(
+            conn.execute(
+                "SELECT instance, count(*) FROM ledger WHERE kind = 'flow' AND event IN "
+                "('FlowCompleted', 'CompensationCompleted', 'FlowFailed') GROUP BY instance"
+            )
+        )
+    counted = Counter(event_ids)
+    for flow_id, flow, status, data in runs:
+        assert status in ("completed", "compensated", "failed"), (flow_id, status)
+        assert ends[flow_id] == 1  # one end entry per run
+        steps = json.loads(data)["steps"]
+        outcomes = {step["status"] for step in steps.values()}
+        assert (status == "failed") == ("compensated" not in outcomes and status != "completed")
+        assert "uncompensated" not in outcomes
+        for step in SEND_STEPS[flow]:
+            outcome = steps.get(step, {}).get("status")
+            done = counted[derive_event_id("flow", flow_id, step, "do")]
+            undone = counted[derive_event_id("flow", flow_id, step, "undo")]
+            assert done == (1 if outcome in ("succeeded", "compensated") else 0), (step, steps)
+            assert undone == (1 if outcome == "compensated" else 0), (step, steps)
+    return len(runs)
