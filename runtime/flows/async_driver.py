@@ -66,7 +66,15 @@ class _AsyncDriver(_StepRunner):
         event_id: str,
     ) -> DispatchResult:
         """dispatch_async, creating a missing receiver first (asked only when it is missing,
-        so no store read blocks the event loop on the way)."""
+        so no store read blocks the event loop on the way). An event that calls the outside
+        world looks first, in an action thread: its dispatch claims the event id, which a
+        missing receiver would have it take twice."""
+        if event in governor._external_events:
+            pool = self.runtime._action_threads()
+            loop = asyncio.get_running_loop()
+            if await loop.run_in_executor(pool, governor.get, target) is None:
+                with contextlib.suppress(InstanceExists):
+                    await governor.create_async(target, self.actor)
         try:
             return await governor.dispatch_async(
                 target, event, payload or None, self.actor, event_id=event_id

@@ -184,7 +184,11 @@ class _SyncDriver(_StepRunner):
         event_id: str,
     ) -> DispatchResult:
         """dispatch, creating a missing receiver first (created meanwhile, or by an earlier
-        attempt of this step: either will do)."""
+        attempt of this step: either will do). An event that calls the outside world looks
+        first: its dispatch claims the event id, which a missing receiver would take twice."""
+        if event in governor._external_events and governor.get(target) is None:
+            with contextlib.suppress(InstanceExists):
+                governor.create(target, self.actor)
         try:
             return governor.dispatch(target, event, payload or None, self.actor, event_id=event_id)
         except UnknownInstance:
