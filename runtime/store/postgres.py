@@ -78,7 +78,7 @@ from .postgres_schema import schema_problem
 from .row_seals import (
     SEALED_MARK,
     SEALED_SELECT,
-    DedupAnchor,
+    LedgerAnchor,
     RowSeals,
     outbox_values,
     refuse_unsealed_rows,
@@ -306,9 +306,9 @@ def _connect(url: str) -> psycopg.Connection[Any]:
 # Units of work.
 
 
-def _anchor(seals: RowSeals) -> DedupAnchor:
+def _anchor(seals: RowSeals) -> LedgerAnchor:
     # Seqs count per partition: the newest by time (the few entries of one event id).
-    return DedupAnchor(seals, "%s", "autonomic_meta", _SAVE_MARK, "ts_ms DESC")
+    return LedgerAnchor(seals, "%s", "autonomic_meta", _SAVE_MARK, "ts_ms DESC")
 
 
 class PostgresTransaction:
@@ -322,7 +322,7 @@ class PostgresTransaction:
         self.partition = partition
         # Every row of a sealed table is sealed as written and checked as read (row_seals.py).
         self._seals = seals
-        # A missing dedup row is checked against the ledger (row_seals.DedupAnchor).
+        # A missing dedup row is checked against the ledger (row_seals.LedgerAnchor).
         self._anchor = _anchor(seals)
 
     def _part(self) -> int:
@@ -482,7 +482,10 @@ class PostgresTransaction:
             "AND timer_id = %s AND state = %s AND due_ms = %s AND armed_version = %s",
             _timer_row(timer),
         ).fetchone()
-        return row is not None and self._seals.timer(row) == timer
+        if row is None or self._seals.timer(row) != timer:
+            return False
+        self._anchor.timer(self._execute, timer)
+        return True
 
     def take_timer(self, timer: ArmedTimer) -> bool:
         cursor = self._execute(
@@ -645,7 +648,11 @@ class PostgresTransaction:
         row = self._execute(
             f"SELECT {_DEADLINE_READ} FROM deadlines WHERE id = %s", (id,)
         ).fetchone()
-        return None if row is None else self._seals.deadline(row)
+        if row is None:
+            return None
+        record = self._seals.deadline(row)
+        self._anchor.deadline(self._execute, record)
+        return record
 
     def save_deadline(self, record: DeadlineRecord) -> None:
         values = (
@@ -676,7 +683,10 @@ class PostgresTransaction:
             "ORDER BY due_ms, id LIMIT %s FOR UPDATE",
             (now_ms, limit),
         ).fetchall()
-        return [self._seals.deadline(row) for row in rows]
+        records = [self._seals.deadline(row) for row in rows]
+        for record in records:
+            self._anchor.deadline(self._execute, record)
+        return records
 
     def reseal_rows(self, key: bytes) -> None:
         # Every row is checked under the outgoing key first: a forged row is not laundered.
@@ -1088,7 +1098,17 @@ class PostgresStore:
             "ORDER BY due_ms, id LIMIT %s",
             (now_ms, list(machines), limit),
         )
-        return [self._seals.timer(row) for row in rows]
+        timers = [self._seals.timer(row) for row in rows]
+        self._fired(timers)
+        return timers
+
+    def _fired(self, timers: Sequence[ArmedTimer]) -> None:
+        """Refuse timers about to fire whose firing the ledger records (LedgerAnchor)."""
+        if timers and self._seals.key is not None:
+            with self._connection() as connection:
+                anchor = _anchor(self._seals)
+                for timer in timers:
+                    anchor.timer(connection.execute, timer)
 
     def claim_due_timers(
         self, now_ms: int, machines: Sequence[str], limit: int
@@ -1122,7 +1142,9 @@ class PostgresStore:
             ).fetchall()
         timers = [(row[5], row[0], self._seals.timer(row)) for row in rows]
         timers.sort(key=lambda found: found[:2])
-        return [timer for _, _, timer in timers]
+        claimed = [timer for _, _, timer in timers]
+        self._fired(claimed)
+        return claimed
 
     def claim_outbox(self, *, kind: OutboxKind, limit: int) -> list[OutboxMessage]:
         """Lease up to `limit` pending messages of `kind` for `lease_ms`: each the oldest
@@ -1211,7 +1233,7 @@ class PostgresStore:
         return values[2], values[3]
 
     def _missed(self, table: str, machine: str, name: str, event_id: str) -> None:
-        """A committed dedup miss, checked against the ledger (row_seals.DedupAnchor)."""
+        """A committed dedup miss, checked against the ledger (row_seals.LedgerAnchor)."""
         if self._seals.key is not None:
             with self._connection() as connection:
                 _anchor(self._seals).check(connection.execute, table, machine, name, event_id)
@@ -1221,7 +1243,11 @@ class PostgresStore:
             f"SELECT {_BREAKER_READ} FROM breakers WHERE machine = %s AND name = %s",
             (machine, name),
         )
-        return self._seals.breaker(rows[0]) if rows else None
+        record = self._seals.breaker(rows[0]) if rows else None
+        if self._seals.key is not None:
+            with self._connection() as connection:
+                _anchor(self._seals).breaker(connection.execute, machine, name, record)
+        return record
 
     def get_instance_data(self, machine: str, instance: str) -> str | None:
         rows = self._query(

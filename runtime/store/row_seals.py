@@ -16,7 +16,7 @@ sealed or not.
 What seals cannot do: tell a deleted row from one never written, or an older genuine row put
 back from the current one. The runtime checks what anchors it has (a timer's armed version
 against the sealed instance row, a stored result's instance against the request, and a
-processed event id or idempotency key found missing against the signed ledger: `DedupAnchor`);
+processed event id or idempotency key found missing against the signed ledger: `LedgerAnchor`);
 the rest is listed in docs/runtime.md, "What the runtime trusts". Without a key (no ledger) rows are
 written unsealed and nothing is checked or claimed.
 """
@@ -49,7 +49,7 @@ __all__ = [
     "SEALED_MARK",
     "SEALED_SELECT",
     "SEALED_TABLES",
-    "DedupAnchor",
+    "LedgerAnchor",
     "RowSeals",
     "outbox_values",
     "row_key",
@@ -139,7 +139,7 @@ _digest = hmac.digest
 _same = hmac.compare_digest
 _MARK = b"autonomic/row-seal/v1 mark"
 # The store's meta key (runtime_meta / autonomic_meta) holding how far dedup rows were purged:
-# "<before_ms>:<seal>", the seal a MAC of the value under the row key (see DedupAnchor).
+# "<before_ms>:<seal>", the seal a MAC of the value under the row key (see LedgerAnchor).
 DEDUP_HORIZON = "dedup_purged_before"
 _HORIZON = b"autonomic/row-seal/v1 dedup horizon\x00"
 
@@ -359,15 +359,33 @@ class RowSeals:
 def refuse_unsealed_rows(execute: Callable[..., Any], where: str) -> None:
     """Refuse a store never marked as sealed whose operational tables hold rows: they were
     written before rows were sealed, or their seals and the mark were stripped by someone
-    without the key (who may have rewritten them first). Sealing them is the operator's call."""
+    without the key (who may have rewritten them first). Sealing them is the operator's call.
+    Likewise one whose ledger records moves (a data entry): its rows were written, so empty
+    tables mean they were deleted with the mark, and a store emptied so would read as new."""
+    hint = (
+        "check the store with `autonomic audit verify`, then seal its rows as they are, "
+        "once, with Runtime(..., adopt_unsealed_rows=True)"
+    )
     for table in SEALED_TABLES:
         if execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None:
             raise StoreIntegrityError(
                 f"{where}: its {table} rows carry no row seals (written before rows were "
                 "sealed, or stripped of their seals by someone without the key)",
-                hint="check the store with `autonomic audit verify`, then seal its rows as "
-                "they are, once, with Runtime(..., adopt_unsealed_rows=True)",
+                hint=hint,
             )
+    if execute(_DATA_ENTRY_SQL).fetchone() is not None:
+        raise StoreIntegrityError(
+            f"{where}: its ledger records moves, yet the store is not marked as sealed: its "
+            "rows and the mark were deleted (or it was written before rows were sealed, "
+            "and emptied since)",
+            hint=hint,
+        )
+
+
+# A ledger entry other than a control entry (genesis, rotation, retirement): some unit wrote.
+_DATA_ENTRY_SQL = (
+    "SELECT 1 FROM ledger WHERE kind NOT IN ('genesis', 'key_rotation', 'key_retirement') LIMIT 1"
+)
 
 
 def seal_every_row(
@@ -394,8 +412,18 @@ def seal_every_row(
     execute(mark, (SEALED_MARK, seals.mark()))
 
 
-class DedupAnchor:
-    """A processed event id or idempotency key found missing is checked against the ledger.
+class LedgerAnchor:
+    """Rows checked against the signed ledger, where a seal cannot tell a deleted row or an
+    older genuine one put back (with a row key only; each probe uses a ledger index).
+
+    Timers: a timer row whose firing the ledger records (its "timer" or "escalation" entry
+    names the firing's event id, derived from the timer and its arming) already fired: put
+    back. Breakers: the row's state must be the one the breaker's newest "breaker" entry moved
+    it to (closed if none; no row reads as closed). Deadlines: a row escalated to level n
+    must be the one the deadline's newest "escalation" entry took to level n.
+
+    Dedup rows: a processed event id or idempotency key found missing is checked against the
+    ledger.
 
     Every "transition" entry with an event id was written in the unit that recorded that
     event id in processed_events (an idempotency key without an event id: the entry's event
@@ -408,7 +436,14 @@ class DedupAnchor:
     `execute(sql, parameters)` is the caller's (a cursor's or connection's: it returns
     something with `fetchone`); `mark` is its placeholder, `meta` its meta table."""
 
-    __slots__ = ("_entry_sql", "_horizon_sql", "_save_sql", "_seals")
+    __slots__ = (
+        "_entry_sql",
+        "_fired_sql",
+        "_horizon_sql",
+        "_newest_sql",
+        "_save_sql",
+        "_seals",
+    )
 
     def __init__(self, seals: RowSeals, mark: str, meta: str, save_sql: str, newest: str) -> None:
         self._seals = seals
@@ -421,6 +456,15 @@ class DedupAnchor:
         )
         self._horizon_sql = f"SELECT value FROM {meta} WHERE key = {mark}"
         self._save_sql = save_sql
+        self._fired_sql = (
+            f"SELECT seq FROM ledger WHERE machine = {mark} AND event_id = {mark} "
+            "AND event_id <> '' AND kind IN ('timer', 'escalation') LIMIT 1"
+        )
+        # By the (machine, instance, ...) index; one instance's entries share a partition.
+        self._newest_sql = (
+            f"SELECT seq, to_state FROM ledger WHERE machine = {mark} AND instance = {mark} "
+            f"AND kind = {mark} ORDER BY seq DESC LIMIT 1"
+        )
 
     def horizon(self, execute: Callable[..., Any]) -> int:
         """The store's purge horizon (0 if none is sealed under this key)."""
@@ -437,6 +481,69 @@ class DedupAnchor:
         if old > 0:
             execute(self._save_sql, (DEDUP_HORIZON, self._seals.horizon_value(old)))
 
+    def timer(self, execute: Callable[..., Any], timer: ArmedTimer) -> None:
+        """Refuse `timer` (its row read and checked) if the ledger records its firing."""
+        if self._seals.key is None:
+            return
+        from ..results import derive_event_id  # the runtime's ids: loaded by now
+
+        fired = derive_event_id(
+            "timer", timer.machine, timer.instance, timer.timer_id, timer.armed_version
+        )
+        found = execute(self._fired_sql, (timer.machine, fired)).fetchone()
+        if found is not None:
+            raise StoreIntegrityError(
+                f"{self._seals.where}: the timers row of {timer.machine} "
+                f"'{timer.instance}' timer {timer.timer_id}, armed at version "
+                f"{timer.armed_version}, already fired (ledger entry {found[0]} records the "
+                "firing): it was put back; nothing was written",
+                hint=_TAMPERED_HINT,
+            )
+
+    def breaker(
+        self, execute: Callable[..., Any], machine: str, name: str, record: BreakerRecord | None
+    ) -> None:
+        """Refuse a breaker's row (or its absence) unless its state is where the breaker's
+        newest ledger move took it."""
+        if self._seals.key is None:
+            return
+        found = execute(self._newest_sql, (machine, f"policy:{name}", "breaker")).fetchone()
+        expected = "closed" if found is None else found[1]
+        state = "closed" if record is None else record.state
+        if state != expected:
+            what = "is missing" if record is None else f"says {state!r}"
+            raise StoreIntegrityError(
+                f"{self._seals.where}: the breakers row ({machine!r}, {name!r}) {what}, yet "
+                + (
+                    "the ledger records no move of it"
+                    if found is None
+                    else f"ledger entry {found[0]} moved it to {expected!r}"
+                )
+                + ": the row was deleted or an older one put back; nothing was written",
+                hint=_TAMPERED_HINT,
+            )
+
+    def deadline(self, execute: Callable[..., Any], record: DeadlineRecord) -> None:
+        """Refuse a deadline row at level n >= 1 unless the deadline's newest escalation
+        entry took it to level n (at level 0 it may have been tracked again: no entry)."""
+        if self._seals.key is None or record.level < 1:
+            return
+        found = execute(
+            self._newest_sql, (record.governor, f"deadline:{record.id}", "escalation")
+        ).fetchone()
+        if found is None or found[1] != f"level{record.level}":
+            raise self._seals.refusal(
+                "deadlines",
+                (record.id,),
+                f"is at level {record.level}, yet "
+                + (
+                    "the ledger records no escalation of it"
+                    if found is None
+                    else f"its newest escalation, ledger entry {found[0]}, went to {found[1]}"
+                )
+                + ": an older row was put back",
+            )
+
     def check(
         self, execute: Callable[..., Any], table: str, machine: str, name: str, event_id: str
     ) -> None:
@@ -452,9 +559,14 @@ class DedupAnchor:
             f"{seals.where}: the {table} row ({machine!r}, {name!r}) is missing, yet ledger "
             f"entry {found[0]} records its dispatch and no purge has reached it: the row was "
             "deleted, and a repeat would run again; nothing was written",
-            hint="the store was changed outside autonomic: restore it from a backup and run "
-            "`autonomic audit verify` on it (docs/runtime.md, 'What the runtime trusts')",
+            hint=_TAMPERED_HINT,
         )
+
+
+_TAMPERED_HINT = (
+    "the store was changed outside autonomic: restore it from a backup and run "
+    "`autonomic audit verify` on it (docs/runtime.md, 'What the runtime trusts')"
+)
 
 
 class _OptionalInt:

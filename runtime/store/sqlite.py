@@ -70,7 +70,7 @@ from .row_seals import (
     SEALED_MARK,
     SEALED_SELECT,
     SEALED_TABLES,
-    DedupAnchor,
+    LedgerAnchor,
     RowSeals,
     outbox_values,
     refuse_unsealed_rows,
@@ -259,9 +259,9 @@ class SQLiteTransaction:
         self._executemany = connection.executemany
         # Every row of a sealed table is sealed as written and checked as read (row_seals.py).
         self._seals = seals
-        # A missing dedup row is checked against the ledger (row_seals.DedupAnchor).
+        # A missing dedup row is checked against the ledger (row_seals.LedgerAnchor).
         # `seq DESC` walks the index backwards (its rowid is the seq): no sort.
-        self._anchor = DedupAnchor(seals, "?", "runtime_meta", _SAVE_MARK, "seq DESC")
+        self._anchor = LedgerAnchor(seals, "?", "runtime_meta", _SAVE_MARK, "seq DESC")
 
     def instance(self, machine: str, instance: str) -> InstanceRecord | None:
         row = self._execute(
@@ -429,7 +429,10 @@ class SQLiteTransaction:
                 timer.armed_version,
             ),
         ).fetchone()
-        return row is not None and self._seals.timer(row) == timer
+        if row is None or self._seals.timer(row) != timer:
+            return False
+        self._anchor.timer(self._execute, timer)
+        return True
 
     def take_timer(self, timer: ArmedTimer) -> bool:
         cursor = self._execute(
@@ -575,7 +578,11 @@ class SQLiteTransaction:
         row = self._execute(
             f"SELECT {_DEADLINE_READ} FROM deadlines WHERE id = ?", (id,)
         ).fetchone()
-        return None if row is None else self._seals.deadline(row)
+        if row is None:
+            return None
+        record = self._seals.deadline(row)
+        self._anchor.deadline(self._execute, record)
+        return record
 
     def save_deadline(self, record: DeadlineRecord) -> None:
         values = (
@@ -600,7 +607,10 @@ class SQLiteTransaction:
             f"SELECT {_DEADLINE_READ} FROM deadlines WHERE due_ms <= ? ORDER BY due_ms, id LIMIT ?",
             (now_ms, limit),
         ).fetchall()
-        return [self._seals.deadline(row) for row in rows]
+        records = [self._seals.deadline(row) for row in rows]
+        for record in records:
+            self._anchor.deadline(self._execute, record)
+        return records
 
     def reseal_rows(self, key: bytes) -> None:
         # Every row is checked under the outgoing key first: a forged row is not laundered.
@@ -898,7 +908,11 @@ class SQLiteStore:
             "ORDER BY due_ms, id LIMIT ?",
             [now_ms, *machines, limit],
         )
-        return [self._seals.timer(row) for row in rows]
+        timers = [self._seals.timer(row) for row in rows]
+        with self._lock:  # about to fire: one whose firing is recorded was put back
+            for timer in timers:
+                self._txn._anchor.timer(self._connection.execute, timer)
+        return timers
 
     def outbox(
         self,
@@ -948,7 +962,10 @@ class SQLiteStore:
             f"SELECT {_BREAKER_READ} FROM breakers WHERE machine = ? AND name = ?",
             (machine, name),
         )
-        return self._seals.breaker(rows[0]) if rows else None
+        record = self._seals.breaker(rows[0]) if rows else None
+        with self._lock:
+            self._txn._anchor.breaker(self._connection.execute, machine, name, record)
+        return record
 
     def get_instance_data(self, machine: str, instance: str) -> str | None:
         with self._lock:
