@@ -78,6 +78,7 @@ from .postgres_schema import schema_problem
 from .row_seals import (
     SEALED_MARK,
     SEALED_SELECT,
+    Fetched,
     LedgerAnchor,
     RowSeals,
     outbox_values,
@@ -306,6 +307,16 @@ def _connect(url: str) -> psycopg.Connection[Any]:
 # Units of work.
 
 
+_PROCESSED_SQL = (
+    f"SELECT {SEALED_SELECT['processed_events']} FROM processed_events "
+    "WHERE machine = %s AND event_id = %s"
+)
+_IDEMPOTENCY_SQL = (
+    f"SELECT {SEALED_SELECT['idempotency_keys']} FROM idempotency_keys "
+    "WHERE machine = %s AND key = %s"
+)
+
+
 def _anchor(seals: RowSeals) -> LedgerAnchor:
     # Seqs count per partition: the newest by time (the few entries of one event id).
     return LedgerAnchor(seals, "%s", "autonomic_meta", _SAVE_MARK, "ts_ms DESC")
@@ -389,14 +400,14 @@ class PostgresTransaction:
         self._execute(_INSERT_CHECKPOINT_SQL, (self._part(), *checkpoint.as_row()))
 
     def processed(self, machine: str, event_id: str) -> str | None:
-        row = self._execute(
-            f"SELECT {SEALED_SELECT['processed_events']} FROM processed_events "
-            "WHERE machine = %s AND event_id = %s",
-            (machine, event_id),
-        ).fetchone()
+        row = self._execute(_PROCESSED_SQL, (machine, event_id)).fetchone()
         if row is None:
-            self._anchor.check(self._execute, "processed_events", machine, event_id, event_id)
-            return None
+            seq = self._anchor.missing(self._execute, machine, event_id)
+            if seq is None:
+                return None
+            row = self._execute(_PROCESSED_SQL, (machine, event_id)).fetchone()  # since?
+            if row is None:
+                raise self._anchor.deleted("processed_events", machine, event_id, seq)
         return str(self._seals.stored_result("processed_events", row)[3])
 
     def record_processed(
@@ -410,16 +421,14 @@ class PostgresTransaction:
         )
 
     def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
-        row = self._execute(
-            f"SELECT {SEALED_SELECT['idempotency_keys']} FROM idempotency_keys "
-            "WHERE machine = %s AND key = %s",
-            (machine, key),
-        ).fetchone()
+        row = self._execute(_IDEMPOTENCY_SQL, (machine, key)).fetchone()
         if row is None:
-            self._anchor.check(
-                self._execute, "idempotency_keys", machine, key, idempotency_event_id(machine, key)
-            )
-            return None
+            seq = self._anchor.missing(self._execute, machine, idempotency_event_id(machine, key))
+            if seq is None:
+                return None
+            row = self._execute(_IDEMPOTENCY_SQL, (machine, key)).fetchone()  # since?
+            if row is None:
+                raise self._anchor.deleted("idempotency_keys", machine, key, seq)
         values = self._seals.stored_result("idempotency_keys", row)
         return values[2], values[3]
 
@@ -484,8 +493,7 @@ class PostgresTransaction:
         ).fetchone()
         if row is None or self._seals.timer(row) != timer:
             return False
-        self._anchor.timer(self._execute, timer)
-        return True
+        return self._anchor.timer(self._execute, timer)
 
     def take_timer(self, timer: ArmedTimer) -> bool:
         cursor = self._execute(
@@ -648,11 +656,7 @@ class PostgresTransaction:
         row = self._execute(
             f"SELECT {_DEADLINE_READ} FROM deadlines WHERE id = %s", (id,)
         ).fetchone()
-        if row is None:
-            return None
-        record = self._seals.deadline(row)
-        self._anchor.deadline(self._execute, record)
-        return record
+        return None if row is None else self._seals.deadline(row)
 
     def save_deadline(self, record: DeadlineRecord) -> None:
         values = (
@@ -1098,17 +1102,16 @@ class PostgresStore:
             "ORDER BY due_ms, id LIMIT %s",
             (now_ms, list(machines), limit),
         )
-        timers = [self._seals.timer(row) for row in rows]
-        self._fired(timers)
-        return timers
+        return self._fired([self._seals.timer(row) for row in rows])
 
-    def _fired(self, timers: Sequence[ArmedTimer]) -> None:
-        """Refuse timers about to fire whose firing the ledger records (LedgerAnchor)."""
-        if timers and self._seals.key is not None:
-            with self._connection() as connection:
-                anchor = _anchor(self._seals)
-                for timer in timers:
-                    anchor.timer(connection.execute, timer)
+    def _fired(self, timers: list[ArmedTimer]) -> list[ArmedTimer]:
+        """`timers` about to fire but those fired meanwhile; refused if one whose firing the
+        ledger records is still there (put back: LedgerAnchor)."""
+        if not timers or self._seals.key is None:
+            return timers
+        with self._connection() as connection:
+            anchor = _anchor(self._seals)
+            return [t for t in timers if anchor.timer(connection.execute, t)]
 
     def claim_due_timers(
         self, now_ms: int, machines: Sequence[str], limit: int
@@ -1142,9 +1145,7 @@ class PostgresStore:
             ).fetchall()
         timers = [(row[5], row[0], self._seals.timer(row)) for row in rows]
         timers.sort(key=lambda found: found[:2])
-        claimed = [timer for _, _, timer in timers]
-        self._fired(claimed)
-        return claimed
+        return self._fired([timer for _, _, timer in timers])
 
     def claim_outbox(self, *, kind: OutboxKind, limit: int) -> list[OutboxMessage]:
         """Lease up to `limit` pending messages of `kind` for `lease_ms`: each the oldest
@@ -1210,44 +1211,59 @@ class PostgresStore:
         return [self._seals.flow(row) for row in rows]
 
     def processed(self, machine: str, event_id: str) -> str | None:
-        rows = self._query(
-            f"SELECT {SEALED_SELECT['processed_events']} FROM processed_events "
-            "WHERE machine = %s AND event_id = %s",
-            (machine, event_id),
-        )
+        rows = self._query(_PROCESSED_SQL, (machine, event_id))
         if not rows:
-            self._missed("processed_events", machine, event_id, event_id)
-            return None
+            rows = self._missed(_PROCESSED_SQL, "processed_events", machine, event_id, event_id)
+            if not rows:
+                return None
         return str(self._seals.stored_result("processed_events", rows[0])[3])
 
     def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
-        rows = self._query(
-            f"SELECT {SEALED_SELECT['idempotency_keys']} FROM idempotency_keys "
-            "WHERE machine = %s AND key = %s",
-            (machine, key),
-        )
+        rows = self._query(_IDEMPOTENCY_SQL, (machine, key))
         if not rows:
-            self._missed("idempotency_keys", machine, key, idempotency_event_id(machine, key))
-            return None
+            rows = self._missed(
+                _IDEMPOTENCY_SQL,
+                "idempotency_keys",
+                machine,
+                key,
+                idempotency_event_id(machine, key),
+            )
+            if not rows:
+                return None
         values = self._seals.stored_result("idempotency_keys", rows[0])
         return values[2], values[3]
 
-    def _missed(self, table: str, machine: str, name: str, event_id: str) -> None:
-        """A committed dedup miss, checked against the ledger (row_seals.LedgerAnchor)."""
-        if self._seals.key is not None:
-            with self._connection() as connection:
-                _anchor(self._seals).check(connection.execute, table, machine, name, event_id)
+    def _missed(
+        self, sql: str, table: str, machine: str, name: str, event_id: str
+    ) -> list[tuple[Any, ...]]:
+        """A committed dedup miss, checked against the ledger (row_seals.LedgerAnchor): the
+        row, if it was committed since the first read; none if the ledger knows of none."""
+        if self._seals.key is None:
+            return []
+        with self._connection() as connection:
+            anchor = _anchor(self._seals)
+            seq = anchor.missing(connection.execute, machine, event_id)
+            if seq is None:
+                return []
+            rows: list[tuple[Any, ...]] = connection.execute(
+                cast(Any, sql), (machine, name)
+            ).fetchall()
+        if not rows:
+            raise anchor.deleted(table, machine, name, seq)
+        return rows
 
     def get_breaker(self, machine: str, name: str) -> BreakerRecord | None:
-        rows = self._query(
-            f"SELECT {_BREAKER_READ} FROM breakers WHERE machine = %s AND name = %s",
-            (machine, name),
-        )
-        record = self._seals.breaker(rows[0]) if rows else None
-        if self._seals.key is not None:
-            with self._connection() as connection:
-                _anchor(self._seals).breaker(connection.execute, machine, name, record)
-        return record
+        def read() -> BreakerRecord | None:
+            rows = self._query(
+                f"SELECT {_BREAKER_READ} FROM breakers WHERE machine = %s AND name = %s",
+                (machine, name),
+            )
+            return self._seals.breaker(rows[0]) if rows else None
+
+        def execute(sql: str, parameters: Sequence[object]) -> Fetched:
+            return Fetched(self._query(sql, parameters))
+
+        return _anchor(self._seals).breaker(execute, machine, name, read)
 
     def get_instance_data(self, machine: str, instance: str) -> str | None:
         rows = self._query(

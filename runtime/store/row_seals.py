@@ -49,6 +49,7 @@ __all__ = [
     "SEALED_MARK",
     "SEALED_SELECT",
     "SEALED_TABLES",
+    "Fetched",
     "LedgerAnchor",
     "RowSeals",
     "outbox_values",
@@ -443,6 +444,7 @@ class LedgerAnchor:
         "_newest_sql",
         "_save_sql",
         "_seals",
+        "_timer_sql",
     )
 
     def __init__(self, seals: RowSeals, mark: str, meta: str, save_sql: str, newest: str) -> None:
@@ -456,6 +458,10 @@ class LedgerAnchor:
         )
         self._horizon_sql = f"SELECT value FROM {meta} WHERE key = {mark}"
         self._save_sql = save_sql
+        self._timer_sql = (
+            f"SELECT 1 FROM timers WHERE machine = {mark} AND instance = {mark} AND "
+            f"timer_id = {mark} AND state = {mark} AND due_ms = {mark} AND armed_version = {mark}"
+        )
         self._fired_sql = (
             f"SELECT seq FROM ledger WHERE machine = {mark} AND event_id = {mark} "
             "AND event_id <> '' AND kind IN ('timer', 'escalation') LIMIT 1"
@@ -481,36 +487,64 @@ class LedgerAnchor:
         if old > 0:
             execute(self._save_sql, (DEDUP_HORIZON, self._seals.horizon_value(old)))
 
-    def timer(self, execute: Callable[..., Any], timer: ArmedTimer) -> None:
-        """Refuse `timer` (its row read and checked) if the ledger records its firing."""
+    def timer(self, execute: Callable[..., Any], timer: ArmedTimer) -> bool:
+        """Whether `timer` (its row read and checked) may fire: False if it fired meanwhile
+        (the ledger records its firing and the row is gone: another process fired it after
+        the row was read); StoreIntegrityError if its row is there yet its firing recorded:
+        the row was put back (a firing deletes the row in the unit that writes its entry)."""
         if self._seals.key is None:
-            return
+            return True
         from ..results import derive_event_id  # the runtime's ids: loaded by now
 
         fired = derive_event_id(
             "timer", timer.machine, timer.instance, timer.timer_id, timer.armed_version
         )
         found = execute(self._fired_sql, (timer.machine, fired)).fetchone()
-        if found is not None:
-            raise StoreIntegrityError(
-                f"{self._seals.where}: the timers row of {timer.machine} "
-                f"'{timer.instance}' timer {timer.timer_id}, armed at version "
-                f"{timer.armed_version}, already fired (ledger entry {found[0]} records the "
-                "firing): it was put back; nothing was written",
-                hint=_TAMPERED_HINT,
-            )
+        if found is None:
+            return True
+        armed = (
+            timer.machine,
+            timer.instance,
+            timer.timer_id,
+            timer.state,
+            timer.due_ms,
+            timer.armed_version,
+        )
+        if execute(self._timer_sql, armed).fetchone() is None:
+            return False
+        raise StoreIntegrityError(
+            f"{self._seals.where}: the timers row of {timer.machine} '{timer.instance}' timer "
+            f"{timer.timer_id}, armed at version {timer.armed_version}, already fired (ledger "
+            f"entry {found[0]} records the firing): it was put back; nothing was written",
+            hint=_TAMPERED_HINT,
+        )
 
     def breaker(
-        self, execute: Callable[..., Any], machine: str, name: str, record: BreakerRecord | None
-    ) -> None:
-        """Refuse a breaker's row (or its absence) unless its state is where the breaker's
-        newest ledger move took it."""
+        self,
+        execute: Callable[..., Any],
+        machine: str,
+        name: str,
+        read: Callable[[], BreakerRecord | None],
+    ) -> BreakerRecord | None:
+        """The breaker's row (`read`), refused if it (or its absence) is not in the state the
+        breaker's newest ledger move took it to (closed if none). Read between two reads of
+        that move: the same move both times, no move committed meanwhile (a row and its
+        move commit together), so the row must be in its state."""
+        record = read()
         if self._seals.key is None:
-            return
-        found = execute(self._newest_sql, (machine, f"policy:{name}", "breaker")).fetchone()
-        expected = "closed" if found is None else found[1]
-        state = "closed" if record is None else record.state
-        if state != expected:
+            return record
+        instance = f"policy:{name}"
+        found = execute(self._newest_sql, (machine, instance, "breaker")).fetchone()
+        for _ in range(3):
+            record = read()
+            after = execute(self._newest_sql, (machine, instance, "breaker")).fetchone()
+            if after != found:  # a move committed meanwhile: read again
+                found = after
+                continue
+            expected = "closed" if found is None else found[1]
+            state = "closed" if record is None else record.state
+            if state == expected:
+                return record
             what = "is missing" if record is None else f"says {state!r}"
             raise StoreIntegrityError(
                 f"{self._seals.where}: the breakers row ({machine!r}, {name!r}) {what}, yet "
@@ -522,10 +556,13 @@ class LedgerAnchor:
                 + ": the row was deleted or an older one put back; nothing was written",
                 hint=_TAMPERED_HINT,
             )
+        return record  # moving all the while: nothing to hold it to
 
     def deadline(self, execute: Callable[..., Any], record: DeadlineRecord) -> None:
         """Refuse a deadline row at level n >= 1 unless the deadline's newest escalation
-        entry took it to level n (at level 0 it may have been tracked again: no entry)."""
+        entry took it to level n (at level 0 it may have been tracked again: no entry).
+        Only for a row the caller holds (the write lock, or FOR UPDATE): no escalation of
+        it commits meanwhile."""
         if self._seals.key is None or record.level < 1:
             return
         found = execute(
@@ -544,23 +581,39 @@ class LedgerAnchor:
                 + ": an older row was put back",
             )
 
-    def check(
-        self, execute: Callable[..., Any], table: str, machine: str, name: str, event_id: str
-    ) -> None:
-        """Refuse the miss of `name` (an event id or an idempotency key, whose ledger event id
-        is `event_id`) in `table` if the ledger holds its entry from after the purge horizon."""
-        seals = self._seals
-        if seals.key is None:
-            return
+    def missing(self, execute: Callable[..., Any], machine: str, event_id: str) -> int | None:
+        """For a dedup row found missing: the seq of the ledger entry that says it was
+        written (a "transition" entry of `event_id` from after the purge horizon), or None.
+        The caller reads the row again: written with that entry, it is there unless deleted
+        (a concurrent dispatch may have committed both between the caller's read and this)."""
+        if self._seals.key is None:
+            return None
         found = execute(self._entry_sql, (machine, event_id)).fetchone()
         if found is None or found[1] < self.horizon(execute):
-            return  # never dispatched, or purged with its retention
-        raise StoreIntegrityError(
-            f"{seals.where}: the {table} row ({machine!r}, {name!r}) is missing, yet ledger "
-            f"entry {found[0]} records its dispatch and no purge has reached it: the row was "
+            return None  # never dispatched, or purged with its retention
+        return int(found[0])
+
+    def deleted(self, table: str, machine: str, name: str, seq: int) -> StoreIntegrityError:
+        """The refusal of a dedup row `missing` found written and a second read still lacks."""
+        return StoreIntegrityError(
+            f"{self._seals.where}: the {table} row ({machine!r}, {name!r}) is missing, yet "
+            f"ledger entry {seq} records its dispatch and no purge has reached it: the row was "
             "deleted, and a repeat would run again; nothing was written",
             hint=_TAMPERED_HINT,
         )
+
+
+class Fetched:
+    """Rows already fetched, read like a cursor's (`fetchone`): what a store's `execute` for
+    LedgerAnchor returns when its statements run under a lock the anchor must not hold."""
+
+    __slots__ = ("_rows",)
+
+    def __init__(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        self._rows = rows
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self._rows[0] if self._rows else None
 
 
 _TAMPERED_HINT = (

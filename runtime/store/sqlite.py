@@ -70,6 +70,7 @@ from .row_seals import (
     SEALED_MARK,
     SEALED_SELECT,
     SEALED_TABLES,
+    Fetched,
     LedgerAnchor,
     RowSeals,
     outbox_values,
@@ -104,6 +105,14 @@ _INSERTS = {table: _inserts(table) for table in ("outbox", "timers")}
 _TIMER_READ = SEALED_SELECT["timers"]
 _SAVE_MARK = "INSERT OR REPLACE INTO runtime_meta (key, value) VALUES (?, ?)"
 _OUTBOX_READ = SEALED_SELECT["outbox"]
+_PROCESSED_SQL = (
+    f"SELECT {SEALED_SELECT['processed_events']} FROM processed_events "
+    "WHERE machine = ? AND event_id = ?"
+)
+_IDEMPOTENCY_SQL = (
+    f"SELECT {SEALED_SELECT['idempotency_keys']} FROM idempotency_keys "
+    "WHERE machine = ? AND key = ?"
+)
 _FLOW_READ = SEALED_SELECT["flows"]
 _BREAKER_READ = SEALED_SELECT["breakers"]
 _DEADLINE_READ = SEALED_SELECT["deadlines"]
@@ -316,14 +325,14 @@ class SQLiteTransaction:
         self._execute(INSERT_CHECKPOINT_SQL, checkpoint.as_row())
 
     def processed(self, machine: str, event_id: str) -> str | None:
-        row = self._execute(
-            f"SELECT {SEALED_SELECT['processed_events']} FROM processed_events "
-            "WHERE machine = ? AND event_id = ?",
-            (machine, event_id),
-        ).fetchone()
+        row = self._execute(_PROCESSED_SQL, (machine, event_id)).fetchone()
         if row is None:
-            self._anchor.check(self._execute, "processed_events", machine, event_id, event_id)
-            return None
+            seq = self._anchor.missing(self._execute, machine, event_id)
+            if seq is None:
+                return None
+            row = self._execute(_PROCESSED_SQL, (machine, event_id)).fetchone()  # since?
+            if row is None:
+                raise self._anchor.deleted("processed_events", machine, event_id, seq)
         return str(self._seals.stored_result("processed_events", row)[3])
 
     def record_processed(
@@ -337,16 +346,14 @@ class SQLiteTransaction:
         )
 
     def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
-        row = self._execute(
-            f"SELECT {SEALED_SELECT['idempotency_keys']} FROM idempotency_keys "
-            "WHERE machine = ? AND key = ?",
-            (machine, key),
-        ).fetchone()
+        row = self._execute(_IDEMPOTENCY_SQL, (machine, key)).fetchone()
         if row is None:
-            self._anchor.check(
-                self._execute, "idempotency_keys", machine, key, idempotency_event_id(machine, key)
-            )
-            return None
+            seq = self._anchor.missing(self._execute, machine, idempotency_event_id(machine, key))
+            if seq is None:
+                return None
+            row = self._execute(_IDEMPOTENCY_SQL, (machine, key)).fetchone()  # committed since?
+            if row is None:
+                raise self._anchor.deleted("idempotency_keys", machine, key, seq)
         values = self._seals.stored_result("idempotency_keys", row)
         return values[2], values[3]
 
@@ -431,8 +438,7 @@ class SQLiteTransaction:
         ).fetchone()
         if row is None or self._seals.timer(row) != timer:
             return False
-        self._anchor.timer(self._execute, timer)
-        return True
+        return self._anchor.timer(self._execute, timer)
 
     def take_timer(self, timer: ArmedTimer) -> bool:
         cursor = self._execute(
@@ -578,11 +584,7 @@ class SQLiteTransaction:
         row = self._execute(
             f"SELECT {_DEADLINE_READ} FROM deadlines WHERE id = ?", (id,)
         ).fetchone()
-        if row is None:
-            return None
-        record = self._seals.deadline(row)
-        self._anchor.deadline(self._execute, record)
-        return record
+        return None if row is None else self._seals.deadline(row)
 
     def save_deadline(self, record: DeadlineRecord) -> None:
         values = (
@@ -910,9 +912,8 @@ class SQLiteStore:
         )
         timers = [self._seals.timer(row) for row in rows]
         with self._lock:  # about to fire: one whose firing is recorded was put back
-            for timer in timers:
-                self._txn._anchor.timer(self._connection.execute, timer)
-        return timers
+            execute = self._connection.execute
+            return [t for t in timers if self._txn._anchor.timer(execute, t)]
 
     def outbox(
         self,
@@ -958,14 +959,17 @@ class SQLiteStore:
             return self._txn.idempotency(machine, key)
 
     def get_breaker(self, machine: str, name: str) -> BreakerRecord | None:
-        rows = self._query(
-            f"SELECT {_BREAKER_READ} FROM breakers WHERE machine = ? AND name = ?",
-            (machine, name),
-        )
-        record = self._seals.breaker(rows[0]) if rows else None
-        with self._lock:
-            self._txn._anchor.breaker(self._connection.execute, machine, name, record)
-        return record
+        def read() -> BreakerRecord | None:
+            rows = self._query(
+                f"SELECT {_BREAKER_READ} FROM breakers WHERE machine = ? AND name = ?",
+                (machine, name),
+            )
+            return self._seals.breaker(rows[0]) if rows else None
+
+        def execute(sql: str, parameters: Sequence[object]) -> Fetched:
+            return Fetched(self._query(sql, parameters))
+
+        return self._txn._anchor.breaker(execute, machine, name, read)
 
     def get_instance_data(self, machine: str, instance: str) -> str | None:
         with self._lock:
