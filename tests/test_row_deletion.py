@@ -15,7 +15,7 @@ import pytest
 from autonomic.runtime.errors import StoreIntegrityError
 from autonomic.runtime.resilience.deadlines import DeadlineTracker
 from conftest import Stores
-from test_row_seals import CHARGE, HOUR, START, TABLES, World, keys, refused
+from test_row_seals import CHARGE, HOUR, START, TABLES, World, _crashed_sagas, keys, refused
 
 __all__ = ["keys"]  # the fixture, imported for pytest
 
@@ -369,3 +369,36 @@ def test_a_delivered_message_put_back_at_pending_is_deduplicated_by_its_receiver
     assert world.runtime is not None
     failure = refused(world, world.runtime.deliver_outbox)
     assert "processed_events row" in str(failure) and "is missing" in str(failure)
+
+
+# -- flows: an older run row put back -----------------------------------------------------------
+
+
+def test_an_older_flow_row_put_back_reruns_its_steps_without_a_second_effect(
+    world: World,
+) -> None:
+    """Not refused (a run's writes do not each leave a ledger entry to hold its row to):
+    shown harmless. The run goes on from the older row and dispatches its steps again under
+    the same derived event ids: every receiver answers from its processed_events row, so no
+    governor moves again and no outside call repeats; the run ends as before, its flow
+    entries written a second time (the audit shows the re-run)."""
+    _crashed_sagas(world, ("alice",))
+    (older,) = world.sql("SELECT * FROM flows WHERE instance = 'alice'")
+    world.open()
+    (first,) = world.runner.resume_all()
+    moves = world.sql("SELECT count(*) FROM ledger WHERE kind <> 'flow'")
+    rows = world.sql("SELECT machine, instance, state, version FROM instances ORDER BY 1, 2")
+    calls = list(world.payments.submitted), world.payments.retries
+    (flow_entries,) = world.sql("SELECT count(*) FROM ledger WHERE kind = 'flow'")
+    world.close()
+    _put_back(world, "flows", f"flow_id = '{older[0]}'", older)
+    world.open()
+    (again,) = world.runner.resume_all()
+    assert (again.status, again.flow_id) == (first.status, first.flow_id)
+    assert world.sql("SELECT count(*) FROM ledger WHERE kind <> 'flow'") == moves
+    assert world.sql("SELECT machine, instance, state, version FROM instances ORDER BY 1, 2") == (
+        rows
+    )
+    assert (list(world.payments.submitted), world.payments.retries) == calls
+    (rerun,) = world.sql("SELECT count(*) FROM ledger WHERE kind = 'flow'")
+    assert rerun[0] > flow_entries[0]  # it did run again
