@@ -10,6 +10,7 @@ from typing import Any
 from autonomic.generated.billing import MACHINE as BILLING
 from autonomic.runtime.keys import load_signer
 from autonomic.runtime.ledger import LedgerSealer
+from autonomic.runtime.resilience import ServiceFailure
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.base import Store
 from autonomic.runtime.timers import Clock
@@ -26,13 +27,13 @@ class Processor:
     def __init__(self) -> None:
         self.outcomes: list[type[Exception] | None] = []
         self.failing: type[Exception] | None = None
-        self.failing_for: set[str] = set()  # tenants whose charges always fail
+        self.failing_for: set[str] = set()  # tenants whose charges always fail (ServiceFailure)
         self.charged: list[str] = []
 
     def __call__(self, ctx: Any) -> dict[str, str]:
         outcome = self.outcomes.pop(0) if self.outcomes else self.failing
         if ctx.instance in self.failing_for:
-            outcome = ConnectionError
+            outcome = ServiceFailure
         if outcome is not None:
             raise outcome(f"processor said no to {ctx.instance}")
         self.charged.append(ctx.instance)

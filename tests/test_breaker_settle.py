@@ -19,6 +19,7 @@ from autonomic.generated.billing import MACHINE as BILLING
 from autonomic.runtime.errors import ActionFailed
 from autonomic.runtime.keys import load_signer
 from autonomic.runtime.ledger import LedgerSealer
+from autonomic.runtime.resilience import ServiceFailure
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.sealing import _Chain
 from autonomic.runtime.store.base import Transaction, WorkOutcome
@@ -32,8 +33,8 @@ CRASH_WORKER = Path(__file__).with_name("breaker_crash_worker.py")
 PAYLOAD = CHARGE
 
 
-def declined(ctx: Any) -> None:
-    raise ValueError("card declined")
+def failed(ctx: Any) -> None:
+    raise ServiceFailure("the processor answered 500")
 
 
 def test_a_failure_is_told_only_after_its_breaker_change_is_stored(
@@ -49,7 +50,7 @@ def test_a_failure_is_told_only_after_its_breaker_change_is_stored(
         store, clock=VirtualClock(START), sealer=LedgerSealer(load_signer(keys), "sign-each")
     )
     actions: dict[str, Callable[[Any], object]] = {name: noop for name in spec.actions}
-    actions["submit_charge"] = declined
+    actions["submit_charge"] = failed
     billing = runtime.load(spec, {name: yes for name in spec.guards}, actions)
     billing.create("c1")
     journal = runtime._breakers

@@ -4,6 +4,7 @@ batches and proration, on virtual clocks and real SQLite files (no real sleeps).
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -21,12 +22,16 @@ from autonomic.runtime.resilience import (
     CircuitOpen,
     DeadlineTracker,
     Retry,
+    ServiceFailure,
     TenantBulkheads,
     TransientFailure,
     Unavailable,
     call_with_fallback,
     call_with_fallback_async,
     clock_sleeper,
+    is_transient,
+    is_unavailable,
+    is_unhealthy,
     jitter_delay_ms,
     jitter_with_cap,
     prorate,
@@ -232,6 +237,66 @@ def test_failures_the_breaker_does_not_count_leave_it_closed(clock: VirtualClock
     with pytest.raises(ValueError):
         breaker.call(Flaky(1, ValueError))
     assert breaker.state is BreakerState.CLOSED
+
+
+def test_the_default_breaker_counts_unhealth_not_business_refusals(clock: VirtualClock) -> None:
+    """Declined cards (the customer's) never open it, and do not end a run of outages; the
+    standard timeout and connection errors and a ServiceFailure count."""
+    breaker = CircuitBreaker("processor", clock=clock, tolerated_failures=2)
+    refusals: tuple[type[Exception], ...] = (ValueError, KeyError, PermissionError)
+    for refusal in refusals * 5:
+        with pytest.raises(refusal):
+            breaker.call(Flaky(1, refusal))
+    assert (breaker.state, breaker.failures) == (BreakerState.CLOSED, 0)
+    for error in (TimeoutError, ConnectionResetError, ValueError, ServiceFailure):
+        with pytest.raises(error):
+            breaker.call(Flaky(1, error))
+    assert (breaker.state, breaker.failures) == (BreakerState.OPEN, 3)
+
+
+class _Declined(ConnectionError):
+    transient = False  # a library's own word outranks the standard mapping
+
+
+@pytest.mark.parametrize(
+    ("error", "transient", "unavailable", "unhealthy"),
+    [
+        (TimeoutError(), True, False, True),
+        (ConnectionResetError(), True, False, True),
+        (BrokenPipeError(), True, False, True),
+        (ConnectionRefusedError(), True, True, True),
+        (socket.gaierror(), True, True, True),
+        (TransientFailure(), True, False, True),
+        (Unavailable(), False, True, True),
+        (CircuitOpen("p", 0), False, True, True),
+        (ServiceFailure(), False, False, True),
+        (ValueError("card declined"), False, False, False),
+        (OSError("disk full"), False, False, False),
+        (_Declined(), False, False, False),
+    ],
+)
+def test_how_standard_and_declared_errors_are_classified(
+    error: Exception, transient: bool, unavailable: bool, unhealthy: bool
+) -> None:
+    assert (is_transient(error), is_unavailable(error), is_unhealthy(error)) == (
+        transient,
+        unavailable,
+        unhealthy,
+    )
+
+
+def test_standard_connection_and_timeout_errors_retry_and_fall_back_as_classified(
+    clock: VirtualClock,
+) -> None:
+    retry = Retry(3, sleep_ms=clock_sleeper(clock))
+    for error in (TimeoutError, ConnectionResetError):
+        service = Flaky(2, error)
+        assert retry.call(service) == "ok after 3"
+    backup = Flaky(0)
+    assert call_with_fallback(Flaky(1, ConnectionRefusedError), backup) == "ok after 1"
+    with pytest.raises(TimeoutError):  # it may have reached the primary: no second processor
+        call_with_fallback(Flaky(1, TimeoutError), backup)
+    assert backup.calls == 1
 
 
 # --------------------------------------------------------------------------------- fallback

@@ -12,7 +12,7 @@ EXAMPLES = re.findall(r"^## (.+?)\n.*?```python\n(.*?)```", DOC.read_text(), re.
 
 
 def test_every_pattern_has_an_example() -> None:
-    assert len(EXAMPLES) == 9
+    assert len(EXAMPLES) == 10
 
 
 @pytest.mark.parametrize(("title", "code"), EXAMPLES, ids=[title for title, _ in EXAMPLES])

@@ -26,6 +26,7 @@ from autonomic.runtime.ledger import LedgerSealer
 from autonomic.runtime.resilience import (
     BreakerState,
     DeadlineTracker,
+    ServiceFailure,
     TransientFailure,
     Unavailable,
     dispatch_in_chunks,
@@ -96,7 +97,7 @@ def test_the_breaker_opens_falls_back_and_closes_with_every_move_in_the_signed_l
     runtime, primary, backup = billing
     clock = runtime.clock
     assert isinstance(clock, VirtualClock)
-    primary.failing = ConnectionError  # counted by the breaker, neither transient nor unavailable
+    primary.failing = ServiceFailure  # counted by the breaker, neither transient nor unavailable
     for n in range(11):
         with pytest.raises(ActionFailed):
             _charge(runtime, f"cust-{n}")
@@ -143,7 +144,7 @@ def test_an_open_breaker_stays_open_across_a_restart(tmp_path: Path, keys: Path)
             _charge(runtime, "noisy")
         _charge(runtime, f"quiet-{n}")
     primary.failing_for = set()
-    primary.failing = ConnectionError
+    primary.failing = ServiceFailure
     for n in range(11):
         with pytest.raises(ActionFailed):
             _charge(runtime, f"cust-{n}")
@@ -225,7 +226,8 @@ def test_a_closed_breakers_run_of_failures_survives_a_restart(tmp_path: Path, ke
     clock = VirtualClock(START)
     path = tmp_path / "store.db"
     runtime, primary = _billing_runtime(path, keys, clock)
-    primary.outcomes = [ConnectionError] * 6 + [None] + [ConnectionError] * 10
+    failure: type[Exception] = ServiceFailure
+    primary.outcomes = [failure] * 6 + [None] + [failure] * 10
     for n in range(17):
         if n == 6:
             _charge(runtime, f"cust-{n}")  # a success ends the run: 0 is stored
@@ -240,7 +242,7 @@ def test_a_closed_breakers_run_of_failures_survives_a_restart(tmp_path: Path, ke
     breaker = runtime.policies.breaker("Billing", "PaymentProcessor")
     assert breaker is not None and breaker.state is BreakerState.CLOSED
     assert breaker.failures == 10
-    primary.failing = ConnectionError
+    primary.failing = ServiceFailure
     with pytest.raises(ActionFailed):
         _charge(runtime, "cust-17")
     assert breaker.state is BreakerState.OPEN
@@ -615,6 +617,58 @@ def test_an_unavailable_primary_goes_to_the_backup_and_a_decline_does_not(
     assert backup.charged == ["cust-1"]
 
 
+def test_declined_cards_of_many_customers_leave_the_breaker_closed_and_the_primary_serving(
+    billing: tuple[Runtime, Processor, Processor], keys: Path
+) -> None:
+    """15 customers' cards are declined (the processor is up and answers): each charge fails
+    to its caller, nothing is stored for it, and the shared breaker counts none of it; the next
+    customer is charged by the primary, and the declined customers' failure events reach
+    Billing as usual (PaymentFailed starts the retry ladder)."""
+    runtime, primary, backup = billing
+    primary.outcomes = [ValueError] * 15
+    for n in range(15):
+        with pytest.raises(ActionFailed, match="processor said no"):
+            _charge(runtime, f"declined-{n}")
+    breaker = runtime.policies.breaker("Billing", "PaymentProcessor")
+    assert breaker is not None and (breaker.state, breaker.failures) == (BreakerState.CLOSED, 0)
+    assert runtime.store.get_breaker("Billing", "PaymentProcessor") is None  # nothing changed
+    _charge(runtime, "healthy")
+    assert primary.charged == ["healthy"] and backup.charged == []
+    governor = runtime.governor("Billing")
+    declined = {"customer_id": "healthy", "idempotency_key": "k", "reason": "card_declined"}
+    assert governor.dispatch("healthy", "PaymentFailed", declined).to_state == "Retry1"
+    assert breaker.state is BreakerState.CLOSED
+    assert [e for e in runtime.ledger() if e.kind == "breaker"] == []
+    assert runtime.verify(Keyring.from_files([keys])).ok
+
+
+def test_standard_network_errors_retry_fall_back_and_open_the_breaker(
+    billing: tuple[Runtime, Processor, Processor], keys: Path
+) -> None:
+    """A refused connection never reached the primary: retried, then the backup charges. A
+    timeout may have reached it: retried under the same key, never sent to the backup; each
+    attempt counts, and the breaker opens on the 11th; then the backup takes the charges."""
+    runtime, primary, backup = billing
+    primary.outcomes = [ConnectionRefusedError] * 3
+    _charge(runtime, "refused")
+    assert backup.charged == ["refused"] and primary.outcomes == []
+    primary.outcomes = [TimeoutError, None]
+    _charge(runtime, "slow")
+    assert primary.charged == ["slow"] and backup.charged == ["refused"]
+    primary.failing = TimeoutError
+    for n in range(3):  # 3 attempts each: 9 failures in a row, then 2 more open it
+        with pytest.raises(ActionFailed, match="TimeoutError"):
+            _charge(runtime, f"timeout-{n}")
+    breaker = runtime.policies.breaker("Billing", "PaymentProcessor")
+    assert breaker is not None and (breaker.state, breaker.failures) == (BreakerState.CLOSED, 9)
+    _charge(runtime, "opens")  # the 11th failure opens it mid-retry: the backup charges
+    assert breaker.state is BreakerState.OPEN
+    assert backup.charged == ["refused", "opens"]
+    moves = [(e.instance, e.event) for e in runtime.ledger() if e.kind == "breaker"]
+    assert moves == [("policy:PaymentProcessor", "BreakerOpened")]
+    assert runtime.verify(Keyring.from_files([keys])).ok
+
+
 def test_a_failing_tenant_opens_only_its_own_bulkhead_breaker(
     billing: tuple[Runtime, Processor, Processor],
 ) -> None:
@@ -682,7 +736,7 @@ def test_a_chunk_whose_charges_fail_writes_their_breaker_changes_in_its_one_comm
     breaker, then the backup takes the rest) are counted and stored with the chunk's one
     commit, not in a commit each."""
     runtime, primary, backup = billing
-    primary.failing = ConnectionError
+    primary.failing = ServiceFailure
     governor = runtime.governor("Billing")
     customers = [f"c{n:02}" for n in range(30)]
     for customer in customers:

@@ -17,6 +17,7 @@ from autonomic.runtime.errors import (
 from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerMode, LedgerSealer
 from autonomic.runtime.resilience.deadlines import DeadlineTracker
+from autonomic.runtime.resilience.errors import ServiceFailure
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import InstanceRecord, Transaction
 from autonomic.runtime.store.base import BreakerRecord, DeadlineRecord
@@ -353,7 +354,7 @@ def test_a_breakers_run_of_failures_is_stored_across_a_restart(
     the 11th opens it, and the opening is stored with its ledger entry."""
     clock = VirtualClock(START)
     primary = Processor()
-    primary.failing = ConnectionError
+    primary.failing = ServiceFailure
     rt = open_billing(stores.open(), key_dir, clock, primary)
     for n in range(10):
         with pytest.raises(ActionFailed):

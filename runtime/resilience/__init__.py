@@ -11,10 +11,12 @@ from .deadlines import Deadline, DeadlineEscalation, DeadlineTracker, escalation
 from .errors import (
     BulkheadFull,
     CircuitOpen,
+    ServiceFailure,
     TransientFailure,
     Unavailable,
     is_transient,
     is_unavailable,
+    is_unhealthy,
 )
 from .fallback import call_with_fallback, call_with_fallback_async
 from .proration import Proration, prorate
@@ -37,6 +39,7 @@ __all__ = [
     "DeadlineTracker",
     "Proration",
     "Retry",
+    "ServiceFailure",
     "TenantBulkheads",
     "TransientFailure",
     "Unavailable",
@@ -48,6 +51,7 @@ __all__ = [
     "escalation_entry",
     "is_transient",
     "is_unavailable",
+    "is_unhealthy",
     "jitter_delay_ms",
     "jitter_with_cap",
     "prorate",

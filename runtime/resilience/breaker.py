@@ -17,7 +17,9 @@ it, so a restarted process takes up the count as well as the state. `on_change` 
 `on_status` run under the breaker's lock, in order: they must be quick (the runtime queues
 what they get for the store and the ledger) and must not call the breaker. Thread-safe;
 `call_async` shares the same state, so threads and coroutines may mix.
-`counts(error)` decides which failures count (default: all); others propagate and count as
+`counts(error)` decides which failures count (default: `errors.is_unhealthy`, the failures that
+say the service is in trouble: timeouts, connection errors, Unavailable, TransientFailure,
+ServiceFailure; not a business refusal such as a declined card); others propagate and count as
 neither failure nor success.
 `restore(state, failures, opened_ms)` puts a new breaker in the status last stored (the runtime
 keeps every status in its Store, so a restarted process finds an open breaker open, with the
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ..timers import Clock
-from .errors import CircuitOpen
+from .errors import CircuitOpen, is_unhealthy
 
 __all__ = ["BreakerChange", "BreakerState", "BreakerStatus", "CircuitBreaker"]
 
@@ -82,10 +84,6 @@ _EVENTS = {
 }
 
 
-def _counts_all(error: BaseException) -> bool:
-    return True
-
-
 class CircuitBreaker:
     """A breaker named after the service it guards ("payment processor")."""
 
@@ -97,7 +95,7 @@ class CircuitBreaker:
         tolerated_failures: int = 10,
         cooldown_ms: int = 30_000,
         on_change: Callable[[BreakerChange], None] | None = None,
-        counts: Callable[[BaseException], bool] = _counts_all,
+        counts: Callable[[BaseException], bool] = is_unhealthy,
         on_status: Callable[[BreakerStatus, tuple[BreakerChange, ...]], None] | None = None,
     ) -> None:
         if tolerated_failures < 0 or cooldown_ms < 1:

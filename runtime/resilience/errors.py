@@ -1,21 +1,40 @@
 """How an outside call fails, as the resilience patterns classify it.
 
-Two independent questions, as in the seed (`e.is_transient()`, `e.is_unavailable()`):
+Three questions, the first two as in the seed (`e.is_transient()`, `e.is_unavailable()`):
 - transient: the same call may succeed if repeated; retries repeat only these;
-- unavailable: the service cannot be reached at all; fallback routes only these to the backup.
-An exception may be both (a processor that is down for a moment). Exceptions from other
-libraries opt in with a truthy `transient` or `unavailable` attribute instead of a base class.
+- unavailable: the service cannot be reached at all; fallback routes only these to the backup;
+- unhealthy: the failure says the service is in trouble, not that it refused this request;
+  breakers count only these. Every transient or unavailable failure is unhealthy, and so is a
+  ServiceFailure (the service answered with an error of its own, a 5xx).
+Anything else is a business refusal (a declined card, an unknown account): the service is up
+and answered; it is the caller's to handle (the customer's charge fails, the governor hears it
+as its failure event) and no breaker counts it, so one customer's declines cannot send another
+customer's charge to the backup.
+
+An exception says what it is with a `transient`, `unavailable` or `unhealthy` attribute (the
+classes below set them; exceptions of other libraries may too): an attribute that is present
+and not None decides. Without one, Python's standard exceptions are mapped:
+- TimeoutError (also asyncio's and socket's timeouts): transient. Not unavailable: the request
+  may have reached the service, so only a retry under the same idempotency key is safe, not a
+  second processor;
+- ConnectionError (reset, aborted, broken pipe): transient, for the same reason;
+- ConnectionRefusedError and socket.gaierror (name resolution failed): transient and
+  unavailable: the request never reached the service, so the backup may take it.
 """
 
 from __future__ import annotations
 
+import socket
+
 __all__ = [
     "BulkheadFull",
     "CircuitOpen",
+    "ServiceFailure",
     "TransientFailure",
     "Unavailable",
     "is_transient",
     "is_unavailable",
+    "is_unhealthy",
 ]
 
 
@@ -29,6 +48,14 @@ class Unavailable(Exception):
     """The service cannot be reached; a fallback may route to its backup."""
 
     unavailable = True
+
+
+class ServiceFailure(Exception):
+    """The service failed on its side (a 500, a malformed answer): its breaker counts it, but
+    it is neither retried nor routed to the backup unless it also says it is transient or
+    unavailable."""
+
+    unhealthy = True
 
 
 class CircuitOpen(Unavailable):
@@ -49,11 +76,33 @@ class BulkheadFull(Exception):
         self.limit = limit
 
 
+# The request never reached the service: a backup may take it.
+_UNREACHED = (ConnectionRefusedError, socket.gaierror)
+# The service may not have answered: a repeat (same idempotency key) may succeed.
+_TRANSIENT = (TimeoutError, ConnectionError, socket.gaierror)
+
+
+def _said(error: BaseException, flag: str) -> bool | None:
+    value = getattr(error, flag, None)
+    return None if value is None else bool(value)
+
+
 def is_transient(error: BaseException) -> bool:
     """True when repeating the call may succeed."""
-    return getattr(error, "transient", False) is True
+    said = _said(error, "transient")
+    return isinstance(error, _TRANSIENT) if said is None else said
 
 
 def is_unavailable(error: BaseException) -> bool:
     """True when the service could not be reached (also: its breaker is open)."""
-    return getattr(error, "unavailable", False) is True
+    said = _said(error, "unavailable")
+    return isinstance(error, _UNREACHED) if said is None else said
+
+
+def is_unhealthy(error: BaseException) -> bool:
+    """True when the failure counts against the service's health (what breakers count):
+    transient, unavailable or a ServiceFailure; a business refusal does not."""
+    said = _said(error, "unhealthy")
+    if said is not None:
+        return said
+    return is_transient(error) or is_unavailable(error)

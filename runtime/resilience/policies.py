@@ -7,9 +7,11 @@ timer, ladder step) goes through the wrapper, outermost first:
    calls in flight the call is refused with BulkheadFull; the tenant's own breaker (the
    policy's breaker settings, else 10 failures and 30 s) fails it fast while open;
 2. fallback (`fallback action`): if the primary route fails as unavailable (Unavailable,
-   CircuitOpen) the fallback action runs with the same context, and only then;
+   CircuitOpen, a refused connection) the fallback action runs with the same context, and only then;
 3. the policy's breaker (`breaker tolerates N failures cooldown D`), one per policy and machine,
    shared by every instance: each attempt goes through it, so an open breaker stops retries;
+   it counts only failures that say the service is unhealthy (errors.is_unhealthy), so one
+   customer's declined cards never open it for the others;
 4. retry (`retry N attempts ...`): transient failures are tried again, up to N calls, waiting
    the deterministic backoff on the runtime's clock (a VirtualClock advances, never sleeps).
 Every change of a breaker's status (a move, or only its run of failures) is noted in the
