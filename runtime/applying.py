@@ -215,6 +215,8 @@ def apply(
             txn.cancel_timers(name, instance_id, row.keep)
         else:
             txn.cancel_timers(name, instance_id)
+        if governor._notices is not None:  # the notices' deadlines this move meets
+            governor._notices.clear(txn, instance_id, record.state, row.target)
     if armed:
         txn.arm_timers(armed)
     if emitted:

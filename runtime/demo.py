@@ -56,6 +56,7 @@ from .ledger import (
     format_timestamp,
     verify_ledger,
 )
+from .notice_deadlines import parse_notice_id
 from .resilience import BulkheadFull, TenantBulkheads, Unavailable
 from .results import DispatchResult
 from .runtime import Runtime
@@ -389,12 +390,36 @@ TIMER_LABELS = {
 
 
 def _fire(runtime: Runtime, say: _Narrator) -> None:
+    levels = {d.id: d.level for d in runtime.store.deadlines()}
     for firing in runtime.fire_due():
         timer = firing.timer
         spec = runtime.governor(timer.machine).spec
         kinds = {t.id: t.kind for t in spec.timers.get(timer.state, ())}
         label = TIMER_LABELS.get(kinds.get(timer.timer_id, ""), firing.kind)
         say.result(firing.result, f"{label} {timer.timer_id}")
+    _missed_deadlines(runtime, say, levels)
+
+
+def _missed_deadlines(runtime: Runtime, say: _Narrator, levels: Mapping[str, int]) -> None:
+    """The notices' deadlines the due work escalated (runtime/notice_deadlines.py): each
+    with its ledger entry, and when it falls due again."""
+    entries = {
+        e.instance.removeprefix("deadline:"): e.seq
+        for e in runtime.store.ledger_entries()
+        if e.kind == "escalation" and e.event == "DeadlineMissed"
+    }
+    for deadline in runtime.store.deadlines():
+        notice = parse_notice_id(deadline.id)
+        if notice is None or deadline.level <= levels.get(deadline.id, 0):
+            continue
+        machine, _, instance = notice
+        who = machine if instance == say.customer else f"{machine} '{instance}'"
+        again = format_duration(deadline.due_ms - say.clock.now_ms())
+        say.say(
+            f"deadline missed: {who} {deadline.name!r} ({deadline.action}): escalated to "
+            f"level {deadline.level}, due again in {again} [ledger #{entries.get(deadline.id)}]",
+            1,
+        )
 
 
 def _deliver(runtime: Runtime, say: _Narrator) -> None:
@@ -509,12 +534,18 @@ def _scenario(
     }
     _flow(say, asyncio.run(runner.start_async("CustomerSignup", customer, profile)), runtime)
 
-    say.say("== escalation: the entitlement approval ladder")
+    say.say("== escalation: the entitlement approval ladder, its notices' deadlines tracked")
     say.result(entitlement.create(customer, "marketplace"), "create")
     for hours in (24, 24, 24):
         clock.advance(hours * 3_600_000)
         say.say(f"{hours}h pass")
         _fire(runtime, say)
+    still = [
+        d
+        for d in runtime.store.deadlines()
+        if (parse_notice_id(d.id) or ("",))[0] == "Entitlement" and d.id.endswith(f":{customer}")
+    ]
+    say.say(f"Entitlement deadlines still open: {len(still)} (the auto-approval met them)", 1)
     _deliver(runtime, say)
 
     say.say("== idempotency: the trial converts; its charge carries an idempotency key")

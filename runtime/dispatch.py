@@ -87,6 +87,7 @@ from .bindings import Action, Guard
 from .creating import CREATE_EVENT
 from .event_inputs import DEFAULT_ACTOR, DispatchRequest, _EventInput
 from .ledger import EMPTY_PAYLOAD_DIGEST, LedgerEntry
+from .notice_deadlines import NoticeDeadlines
 from .results import DispatchResult, _UnsealedResult
 from .rows import _Absent, _EmitPlan, _Guarded, _Row
 from .store.base import InstanceRecord
@@ -187,6 +188,8 @@ class Governor:
         }
         self._timers = timers
         self._timer_specs = plan.specs
+        # Notices with a `within`: their deadlines are met by the moves that cancel them.
+        self._notices = NoticeDeadlines.of(spec.name, plan)
         self._timer_emits = {
             t.id: tuple(_EmitPlan(e) for e in t.emits) for t in self._timer_specs.values()
         }

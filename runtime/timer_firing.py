@@ -19,6 +19,7 @@ from .instance_data import read_data, route
 from .ledger import EntryData, payload_digest
 from .outbox import _event_message, _notification_message, _refusal_notices
 from .replay import save_snapshot
+from .resilience.deadlines import escalate_notices, next_notice_deadline
 from .results import DispatchResult, EmittedEvent, Notification, TimerFiring, derive_event_id
 from .sealing import _Chain
 from .store.base import ClaimKey, Transaction
@@ -160,6 +161,7 @@ def fire_work(
                 name, timer.instance, arms, timer.due_ms, version, None, governor._settings
             )
         notifications: tuple[Notification, ...] = ()
+        deadline = None
         if spec.notify is not None:
             notify = spec.notify
             deadline = None if notify.within_ms is None else now + notify.within_ms
@@ -243,9 +245,14 @@ def fire_work(
                     txn.cancel_timers(name, timer.instance, keep)
                 else:
                     txn.cancel_timers(name, timer.instance)
+                if governor._notices is not None:
+                    governor._notices.clear(txn, timer.instance, record.state, to_state)
             if armed:
                 txn.arm_timers(armed)
         messages = [_notification_message(n, version) for n in notifications]
+        if deadline is not None and governor._notices is not None:
+            # The notice's deadline starts with it (runtime/notice_deadlines.py).
+            txn.save_deadline(governor._notices.record(spec, timer.instance, deadline))
         messages += [
             _event_message(name, timer.instance, version, e, now, body)
             for e, body in zip(emitted, bodies, strict=True)
@@ -329,12 +336,16 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
             elif outcome.value is not None:
                 fired.append(outcome.value)
     runtime._settle_breakers()  # changed by a preflight whose firing did not run
+    # After the firings: a notice whose instance moved on at this instant was met.
+    escalate_notices(runtime, instant)
     if failed:
         raise failed[0]
     return fired
 
 
 def next_deadline(runtime: Runtime) -> int | None:
-    """The earliest armed deadline of a loaded governor, or None."""
+    """The earliest armed timer or notice deadline of a loaded governor, or None."""
     timers = [t for t in runtime._store.armed_timers() if t.machine in runtime._governors]
-    return min((t.due_ms for t in timers), default=None)
+    due = min((t.due_ms for t in timers), default=None)
+    notice = next_notice_deadline(runtime)
+    return notice if due is None else due if notice is None else min(due, notice)

@@ -121,12 +121,15 @@ def test_entitlement_ladder_runs_72_hours_in_virtual_time(runtime: Runtime, key_
     ]
     assert [e.actor for e in history[1:]] == ["timer"] * 3
     pending = runtime.notifications()
+    # The manager's 4h deadline passed unmet by 48h: the due work said so after the firing.
     assert [json.loads(n.body)["recipient"] for n in pending] == [
         "manager_review_queue",
         "director_review_queue",
+        "manager_review_queue",
     ]
+    assert json.loads(pending[2].body)["message"].startswith("deadline passed (escalation level 1)")
     runtime.acknowledge(pending[0])
-    assert len(runtime.notifications()) == 1
+    assert len(runtime.notifications()) == 2
     assert runtime.verify(Keyring.from_files([key_dir])).ok
 
 

@@ -372,6 +372,12 @@ class Store(Protocol):
     def deadlines(self) -> list[DeadlineRecord]:
         """Every tracked deadline, earliest first (ties: by id)."""
 
+    def earliest_deadline(self, prefix: str, governors: Sequence[str]) -> int | None:
+        """The earliest due time of a deadline whose id starts with `prefix` and whose
+        governor is one of `governors` (None: none), committed, read outside a write
+        transaction. A hint only (its row's seal is not checked): the due work reads the due
+        rows again, checked, inside its transaction."""
+
     def claim_outside(self, keys: Sequence[ClaimKey], holder: str, lease_ms: int) -> bool:
         """Hold every one of `keys` for `holder` until `lease_ms` from now on the store's own
         clock (the database's for a server; the wall clock a file's processes share), all or

@@ -328,6 +328,17 @@ class MemoryStore:
         with self.lock:
             return sorted(self._deadlines.values(), key=lambda d: (d.due_ms, d.id))
 
+    def earliest_deadline(self, prefix: str, governors: Sequence[str]) -> int | None:
+        with self.lock:
+            return min(
+                (
+                    d.due_ms
+                    for d in self._deadlines.values()
+                    if d.id.startswith(prefix) and d.governor in governors
+                ),
+                default=None,
+            )
+
     def claim_outside(self, keys: Sequence[ClaimKey], holder: str, lease_ms: int) -> bool:
         now = time.monotonic()
         with self._claims_lock:

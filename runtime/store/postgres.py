@@ -1276,6 +1276,14 @@ class PostgresStore:
         rows = self._query(f"SELECT {_DEADLINE_READ} FROM deadlines ORDER BY due_ms, id")
         return [self._seals.deadline(row) for row in rows]
 
+    def earliest_deadline(self, prefix: str, governors: Sequence[str]) -> int | None:
+        rows = self._query(
+            "SELECT due_ms FROM deadlines WHERE left(id, %s) = %s AND governor = ANY(%s) "
+            "ORDER BY due_ms LIMIT 1",
+            (len(prefix), prefix, list(governors)),
+        )
+        return int(rows[0][0]) if rows else None
+
     def claim_outside(self, keys: Sequence[ClaimKey], holder: str, lease_ms: int) -> bool:
         # One upsert per key that takes a row only if it is free, its lease ran out (on the
         # database clock, as worker leases) or it is the holder's own; all in one

@@ -979,6 +979,18 @@ class SQLiteStore:
         rows = self._query(f"SELECT {_DEADLINE_READ} FROM deadlines ORDER BY due_ms, id")
         return [self._seals.deadline(row) for row in rows]
 
+    def earliest_deadline(self, prefix: str, governors: Sequence[str]) -> int | None:
+        if not governors:
+            return None
+        # In due order on the (due_ms, id) index: the first match ends the scan.
+        marks = ", ".join("?" * len(governors))
+        rows = self._query(
+            "SELECT due_ms FROM deadlines WHERE substr(id, 1, ?) = ? "
+            f"AND governor IN ({marks}) ORDER BY due_ms LIMIT 1",
+            (len(prefix), prefix, *governors),
+        )
+        return int(rows[0][0]) if rows else None
+
     def claim_outside(self, keys: Sequence[ClaimKey], holder: str, lease_ms: int) -> bool:
         # Leases on the wall clock, which every process on this file shares. Committed with
         # synchronous=NORMAL (see _claims_connection): no fsync, yet a process crash loses

@@ -1,0 +1,139 @@
+"""Deadlines of escalation notices (`notify ... within D`), kept in the store's deadlines.
+
+A notice with `within D` starts a deadline in the unit of work of the firing that sends it
+(`NoticeDeadlines.record`): id `notice:<machine>:<timer id>:<instance>`, due D after the
+firing, level 0. The awaited thing is the instance moving on: a move that cancels the
+notice's timer (it leaves the state or the group, or ends) deletes the deadline in the move's
+own unit of work (`NoticeDeadlines.clear`); a self-transition that arms the ladder again
+keeps it, as nobody has acted yet. The runtime's due work (`Runtime.fire_due`, so also
+`autonomic worker`) escalates each missed one after the due timers have fired
+(resilience/deadlines.py `escalate_due`, which calls `missed` here): a "DeadlineMissed"
+escalation entry in the ledger, a notification to the notice's recipient that its deadline
+passed, and the deadline due again 24 h later one level up, in one unit of work. One whose
+instance left the notice's state meanwhile (a store written before this module) is deleted.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .outbox import _notification_message
+from .resilience.deadlines import NOTICE_PREFIX
+from .results import Notification, derive_event_id
+from .store.base import DeadlineRecord, Transaction
+from .tables import TimerSpec
+from .timers import TimerPlan
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+__all__ = ["NOTICE_PREFIX", "NoticeDeadlines", "missed", "notice_deadline_id", "parse_notice_id"]
+
+
+def notice_deadline_id(machine: str, timer_id: str, instance: str) -> str:
+    """The deadline id of a notice: machine names and timer ids hold no ':', so the first two
+    split it again whatever the instance id holds."""
+    return f"{NOTICE_PREFIX}{machine}:{timer_id}:{instance}"
+
+
+def parse_notice_id(deadline_id: str) -> tuple[str, str, str] | None:
+    """(machine, timer id, instance) of a notice's deadline; None for any other deadline."""
+    if not deadline_id.startswith(NOTICE_PREFIX):
+        return None
+    parts = deadline_id[len(NOTICE_PREFIX) :].split(":", 2)
+    if len(parts) != 3:
+        return None
+    return parts[0], parts[1], parts[2]
+
+
+class NoticeDeadlines:
+    """The notices of one machine that carry a deadline, and which moves meet them."""
+
+    def __init__(self, machine: str, plan: TimerPlan, timers: tuple[TimerSpec, ...]) -> None:
+        self._machine = machine
+        self._plan = plan
+        self._timers = timers
+        self._clears: dict[tuple[str, str], tuple[str, ...]] = {}
+
+    @classmethod
+    def of(cls, machine: str, plan: TimerPlan) -> NoticeDeadlines | None:
+        """None when no notice of the machine has a `within`: its moves then pay nothing."""
+        timers = tuple(
+            spec
+            for spec in plan.specs.values()
+            if spec.notify is not None and spec.notify.within_ms is not None
+        )
+        return cls(machine, plan, timers) if timers else None
+
+    def record(self, spec: TimerSpec, instance: str, deadline_ms: int) -> DeadlineRecord:
+        """The deadline a firing of `spec` starts (its notice has a `within`)."""
+        notify = spec.notify
+        assert notify is not None
+        return DeadlineRecord(
+            notice_deadline_id(self._machine, spec.id, instance),
+            notify.message or spec.id,
+            self._machine,
+            deadline_ms,
+            0,
+            f"notify {notify.kind} {notify.recipient}",
+        )
+
+    def clear(self, txn: Transaction, instance: str, source: str, target: str) -> None:
+        """Delete the deadlines a move from `source` to `target` meets (called by moves that
+        cancel timers)."""
+        key = (source, target)
+        met = self._clears.get(key)
+        if met is None:
+            arms, keep, _ = self._plan.on_move(source, target)
+            armed = {spec.id for spec in arms}
+            met = tuple(
+                spec.id
+                for spec in self._timers
+                if self._plan.holds(spec, source) and spec.id not in keep and spec.id not in armed
+            )
+            self._clears[key] = met
+        for timer_id in met:
+            txn.delete_deadline(notice_deadline_id(self._machine, timer_id, instance))
+
+
+def missed(
+    runtime: Runtime, txn: Transaction, deadline: DeadlineRecord, now: int, rearmed_ms: int
+) -> bool | None:
+    """Escalate a notice's missed deadline: True when it escalates (its notification is in
+    `txn`'s outbox), False when it was met (deleted in `txn`), None when its machine is not
+    loaded here (left for a runtime that loads it) or it is no notice's."""
+    parsed = parse_notice_id(deadline.id)
+    if parsed is None:
+        return None
+    machine, timer_id, instance = parsed
+    governor = runtime._governors.get(machine)
+    if governor is None:
+        return None
+    spec = governor._timer_specs.get(timer_id)
+    record = txn.instance(machine, instance)
+    notify = None if spec is None else spec.notify
+    if (
+        spec is None
+        or notify is None
+        or record is None
+        or not governor._plan.holds(spec, record.state)
+    ):
+        txn.delete_deadline(deadline.id)
+        return False
+    level = deadline.level + 1
+    passed = f"deadline passed (escalation level {level}): {notify.message or spec.id}"
+    notice = Notification(
+        machine,
+        instance,
+        record.state,
+        spec.ladder,
+        spec.step,
+        notify.kind,
+        notify.recipient,
+        passed,
+        now,
+        rearmed_ms,
+        derive_event_id("deadline", deadline.id, deadline.due_ms, level),
+    )
+    txn.add_outbox([_notification_message(notice, record.version)])
+    return True
