@@ -289,8 +289,9 @@ def test_a_breaker_change_commits_with_the_charge_that_made_it(
 
 
 class HeldProcessor(Processor):
-    """A processor that holds the calls of the tenants in `held` until `release` is set (a
-    processor that stopped answering them), counting how many it holds at once."""
+    """A processor that holds the calls of the tenants in `held` (instance or customer_id)
+    until `release` is set (a processor that stopped answering them), counting how many it
+    holds at once."""
 
     def __init__(self, held: set[str]) -> None:
         super().__init__()
@@ -302,7 +303,7 @@ class HeldProcessor(Processor):
         self._lock = threading.Lock()
 
     def __call__(self, ctx: Any) -> dict[str, str]:
-        if ctx.instance in self.held:
+        if ctx.instance in self.held or getattr(ctx.payload, "customer_id", None) in self.held:
             with self._lock:
                 self.holding += 1
                 self.most_held = max(self.most_held, self.holding)
@@ -567,40 +568,61 @@ def test_a_retry_ladder_step_calls_the_processor_outside_the_write_transaction(
 def test_a_hung_tenant_leaves_the_others_throughput_intact_under_asyncio(
     tmp_path: Path, keys: Path
 ) -> None:
-    """dispatch_async runs the policy's actions in the runtime's action threads, where they
-    overlap: the bulkhead (4 per tenant) lets a tenant whose processor hangs hold 4 of them
-    and refuses the rest at once, so the other tenants' charges all go through meanwhile."""
+    """Tenant "noisy" has 12 billing accounts (12 subscriptions, one customer_id) and the
+    processor stops answering its charges. dispatch_async runs the policy's actions in the
+    runtime's 8 action threads: without the bulkhead the tenant's 12 calls would hold all 8
+    and starve everyone. The bulkhead (4 per tenant, the tenant being the events'
+    customer_id) lets it hold 4 and refuses its other 8 at once, so 20 other tenants' charges
+    are all made while the 4 still hang; then the 4 complete. Nothing is timed."""
     processor = HeldProcessor({"noisy"})
-    runtime, _ = _billing_runtime(tmp_path / "s.db", keys, VirtualClock(START), processor)
-    governor = runtime.governor("Billing")
+    runtime = Runtime(
+        SQLiteStore(tmp_path / "s.db"),
+        clock=VirtualClock(START),
+        sealer=LedgerSealer(load_signer(keys), "sign-each"),
+        action_threads=8,
+    )
+    actions: dict[str, Callable[[Any], object]] = {name: _noop for name in BILLING.actions}
+    actions["submit_charge"] = actions["retry_charge"] = processor
+    actions["charge_backup_processor"] = Processor()
+    governor = runtime.load(BILLING, {name: _yes for name in BILLING.guards}, actions)
+    accounts = [f"noisy-sub-{n}" for n in range(12)]
     quiet = [f"quiet-{n}" for n in range(20)]
-    for customer in ["noisy", *quiet]:
-        governor.create(customer)
+    for account in [*accounts, *quiet]:
+        governor.create(account)
 
-    def charge(customer: str) -> Any:
+    def charge(account: str, tenant: str) -> Any:
         payload = {
-            "customer_id": customer,
-            "invoice_id": "inv",
+            "customer_id": tenant,
+            "invoice_id": f"inv-{account}",
             "amount": "99.00",
-            "idempotency_key": f"k-{customer}",
+            "idempotency_key": f"k-{account}",
         }
-        return governor.dispatch_async(customer, "ChargeRequested", payload)
+        return governor.dispatch_async(account, "ChargeRequested", payload)
 
-    async def main() -> tuple[list[Any], list[Any]]:
-        noisy = [asyncio.ensure_future(charge("noisy")) for _ in range(40)]
-        served = await asyncio.wait_for(asyncio.gather(*map(charge, quiet)), 30)
-        assert processor.holding == 4  # the noisy tenant's calls are still hung meanwhile
+    async def main() -> tuple[list[Any], int, list[Any]]:
+        noisy = [asyncio.ensure_future(charge(account, "noisy")) for account in accounts]
+        # Until the tenant's calls are settled in: 4 held, 8 refused (or the cap broken).
+        while processor.most_held <= 4 and not (
+            processor.holding == 4 and sum(task.done() for task in noisy) == 8
+        ):
+            await asyncio.sleep(0.001)
+        served = await asyncio.gather(*(charge(account, account) for account in quiet))
+        held_meanwhile = processor.holding
         processor.release.set()
-        return served, await asyncio.gather(*noisy, return_exceptions=True)
+        return served, held_meanwhile, await asyncio.gather(*noisy, return_exceptions=True)
 
-    served, noisy = asyncio.run(main())
+    served, held_meanwhile, noisy = asyncio.run(main())
     assert [r.to_state for r in served] == ["AwaitingPayment"] * 20
-    assert processor.most_held == 4
+    assert held_meanwhile == 4 and processor.most_held == 4
     refused = [r for r in noisy if isinstance(r, ActionFailed)]
-    assert len(refused) == 36 and all("calls in flight" in str(r) for r in refused)
-    assert governor.get("noisy").state == "AwaitingPayment"  # type: ignore[union-attr]
-    transitions = [e for e in governor.history("noisy") if e.event == "ChargeRequested"]
-    assert len(transitions) == 1  # one change; the other held calls repeat its key
+    assert len(refused) == 8
+    assert all("tenant 'noisy' has 4 calls in flight" in str(r) for r in refused)
+    charged = [r.instance for r in noisy if not isinstance(r, BaseException)]
+    assert len(charged) == 4 and sorted(processor.charged) == sorted([*quiet, *charged])
+    for account in accounts:  # a refused charge wrote nothing; a served one its transition
+        state = governor.get(account).state  # type: ignore[union-attr]
+        assert state == ("AwaitingPayment" if account in charged else "Current")
+    assert runtime.verify(Keyring.from_files([keys])).ok
     runtime.close()
 
 

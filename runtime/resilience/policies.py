@@ -3,9 +3,12 @@
 A `policy` in a machine file becomes an ActionPolicy in the generated tables; when the runtime
 loads the machine it wraps each named action once, and every run of the action (transition,
 timer, ladder step) goes through the wrapper, outermost first:
-1. the tenant's bulkhead (`bulkhead N per tenant`; the tenant is the instance id): over N
-   calls in flight the call is refused with BulkheadFull; the tenant's own breaker (the
-   policy's breaker settings, else 10 failures and 30 s) fails it fast while open;
+1. the tenant's bulkhead (`bulkhead N per tenant`): over N calls in flight the call is
+   refused with BulkheadFull; the tenant's own breaker (the policy's breaker settings, else 10
+   failures and 30 s) fails it fast while open. The tenant is the model's own where it has
+   one: the event's `tenant_id` field, else its `customer_id` (a tenant with many instances,
+   several subscriptions' billing accounts, shares one cap), else the instance id (a timer's
+   actions have no payload);
 2. fallback (`fallback action`): if the primary route fails as unavailable (Unavailable,
    CircuitOpen, a refused connection) the fallback action runs with the same context, and only then;
 3. the policy's breaker (`breaker tolerates N failures cooldown D`), one per policy and machine,
@@ -62,10 +65,12 @@ if TYPE_CHECKING:
 __all__ = [
     "BREAKER_ACTOR",
     "BREAKER_KIND",
+    "TENANT_FIELDS",
     "ActionPolicies",
     "BreakerJournal",
     "breaker_entry",
     "breaker_record",
+    "tenant_of",
 ]
 
 Action = Callable[[Any], object]
@@ -74,6 +79,20 @@ BREAKER_ACTOR = "resilience"
 _DEFAULT_TOLERATED = 10
 _DEFAULT_COOLDOWN_MS = 30_000
 _DEFAULT_JITTER_MAX_MS = 10_000
+
+
+# The payload fields that name the tenant a call is made for, first found wins.
+TENANT_FIELDS = ("tenant_id", "customer_id")
+
+
+def tenant_of(context: Any) -> str:
+    """The tenant whose bulkhead a call takes a slot of (see the module docstring)."""
+    payload = context.payload
+    for field in TENANT_FIELDS:
+        tenant = getattr(payload, field, None)
+        if isinstance(tenant, str) and tenant:
+            return tenant
+    return str(context.instance)
 
 
 def breaker_entry(machine: str, change: BreakerChange) -> EntryData:
@@ -275,7 +294,7 @@ class _Applied:
 
             if bulkheads is None:
                 return routed()
-            return bulkheads.call(str(context.instance), routed)
+            return bulkheads.call(tenant_of(context), routed)
 
         run.__name__ = getattr(action, "__name__", "action")
         return run
