@@ -3,25 +3,29 @@ with a signed ledger, then verified.
 
 Under a virtual clock (days pass in milliseconds), for a new customer each run, each scenario
 named in the trace: signup (the parallel flow, asyncio); escalation (the entitlement approval
-ladder); idempotency (the trial's charge, whose outbox delivery carries the invoice's
-idempotency key, repeated by the processor's webhook: charged once, another amount refused);
-payment outcomes (the conditional flow: Success waits for Subscription's renewal through the
-outbox; Disputed freezes another customer's charge awaiting payment and opens Compliance's
-investigation; Failed starts the grace period and waits, durably, while Billing's retry ladder
-runs out, then a late payment reinstates); upgrade (the sequence flow); noisy neighbour (the
-fanout flow, quorum 2); the cancellation saga with a failure at its irreversible last step,
-compensated in reverse order; refund (the saga again: the refund paid out, the subscription
-archived); a rejected event; breaker (the processor down: the backup charges, the breaker
-opens after more than 10 failures and closes after a probe, each move in the ledger); bulkhead
-(one tenant's flood refused, the others served). Then it closes the store and verifies the
-whole ledger offline with the public key. Every entry is signed unless --checkpoint asks for
-signed checkpoints. Exit 0 only if verification passes.
+ladder, its notices' `within` deadlines tracked: the manager's missed, escalated and re-armed,
+then met by the auto-approval); idempotency (the trial's charge, whose outbox delivery carries
+the invoice's idempotency key, repeated by the processor's webhook: charged once, another
+amount refused); payment outcomes (the conditional flow: Success waits for Subscription's
+renewal through the outbox; Disputed freezes another customer's charge awaiting payment and
+opens Compliance's investigation; Failed starts the grace period and waits, durably, while
+Billing's retry ladder runs out, then a late payment reinstates); upgrade (the sequence flow);
+noisy neighbour (the fanout flow, quorum 2); the cancellation saga with a failure at its
+irreversible last step, compensated in reverse order; refund (the saga again: the refund paid
+out, the subscription archived); a rejected event; breaker (the processor down: the backup
+charges, the breaker opens after more than 10 failures and closes after a probe, each move in
+the ledger); bulkhead (Billing's `bulkhead 4 per tenant` through the runtime: one tenant's hung
+charges hold 4 action threads, the rest refused at once, the other tenants charged meanwhile).
+Then it closes the store and verifies the whole ledger offline with the public key. Every entry
+is signed unless --checkpoint asks for signed checkpoints. Exit 0 only if verification passes.
 
 All seven governors are loaded with bindings: actions record their calls (a few stand for a
 payment processor), guards have fixed, sensible outcomes. The store is only ever opened if it
 is new, empty, or an autonomic store whose ledger verifies with the given keys; any other file
 is left byte for byte as it was. A second run on the same store adds the next customer, with
-the clock starting after the last recorded entry so the ledger stays in time order.
+the clock starting after the last recorded entry so the ledger stays in time order; each run
+settles what it starts (the breaker's and bulkhead's shop accounts close), so nothing of an
+earlier customer runs on in the next run's trace.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ import asyncio
 import importlib
 import importlib.util
 import sqlite3
+import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import IO
@@ -57,7 +62,7 @@ from .ledger import (
     verify_ledger,
 )
 from .notice_deadlines import parse_notice_id
-from .resilience import BulkheadFull, TenantBulkheads, Unavailable
+from .resilience import Unavailable
 from .results import DispatchResult
 from .runtime import Runtime
 from .simulate import ScriptError, load_machine
@@ -133,9 +138,28 @@ class _Payments:
         self.down = False  # the primary processor unreachable (the breaker scenario)
         self.primary_attempts = 0
         self.backup_charges = 0
+        # Tenants whose charges the processor holds until `answer` is set (the bulkhead).
+        self.hung: set[str] = set()
+        self.answer = threading.Event()
+        self.holding = 0
+        self.most_held = 0
+        self._lock = threading.Lock()
+
+    def _hang(self, tenant: str) -> None:
+        with self._lock:
+            self.holding += 1
+            self.most_held = max(self.most_held, self.holding)
+        try:
+            self.answer.wait(60)
+        finally:
+            with self._lock:
+                self.holding -= 1
 
     def submit_charge(self, ctx: TransitionContext) -> dict[str, str]:
         payload = ctx.payload
+        tenant = str(getattr(payload, "customer_id", ""))
+        if tenant in self.hung:
+            self._hang(tenant)
         if self.down:
             self.primary_attempts += 1
             raise Unavailable("payment processor unreachable")
@@ -775,6 +799,7 @@ def _breaker(runtime: Runtime, payments: _Payments, say: _Narrator) -> None:
         f"ChargeRequested for {tenant}",
     )
     _breaker_moves(runtime, say, seen)
+    _settle(runtime, [f"{say.customer}-shop{index}" for index in range(1, 14)], say)
 
 
 def _breaker_moves(runtime: Runtime, say: _Narrator, seen: set[int]) -> None:
@@ -785,38 +810,71 @@ def _breaker_moves(runtime: Runtime, say: _Narrator, seen: set[int]) -> None:
             say.say(f"breaker {entry.instance}: {move} [ledger #{entry.seq}]", 2)
 
 
-def _bulkhead(say: _Narrator) -> None:
-    """One tenant floods the processor; its bulkhead refuses the excess, the others are served."""
-    say.say("== bulkhead: one tenant floods the processor")
-    bulkheads = TenantBulkheads("processor", clock=say.clock, max_concurrent=4)
+def _bulkhead(runtime: Runtime, payments: _Payments, say: _Narrator) -> None:
+    """One tenant's charges hang at the processor: Billing's `bulkhead 4 per tenant` policy
+    lets them hold 4 of the runtime's action threads and refuses the rest at once, while the
+    other tenants' charges are made meanwhile (dispatch_async); then the processor answers,
+    and every charge is captured, so nothing is left for a later run."""
+    say.say("== bulkhead: one tenant's charges hang at the processor (bulkhead 4 per tenant)")
+    billing = runtime.governor("Billing")
+    noisy = f"{say.customer}-noisy"
+    accounts = [f"{noisy}-sub{n}" for n in range(1, 9)]
+    others = [f"{say.customer}-quiet{n}" for n in range(1, 6)]
+    for account in (*accounts, *others):
+        billing.create(account, "marketplace")
 
-    async def main() -> tuple[int, int, int]:
-        gate = asyncio.Event()
+    def charge(account: str, tenant: str) -> Awaitable[DispatchResult]:
+        request = {
+            "customer_id": tenant,
+            "invoice_id": f"inv-{account}",
+            "amount": "10.00",
+            "idempotency_key": f"inv-{account}",
+        }
+        return billing.dispatch_async(account, "ChargeRequested", request, "calendar")
 
-        async def slow() -> None:
-            await gate.wait()
+    async def main() -> tuple[list[DispatchResult], int, list[DispatchResult | BaseException]]:
+        held = [asyncio.ensure_future(charge(account, noisy)) for account in accounts]
+        # Until the tenant's charges are settled in: 4 at the processor, the rest refused.
+        while payments.most_held <= 4 and not (
+            payments.holding == 4 and sum(task.done() for task in held) == 4
+        ):
+            await asyncio.sleep(0.001)
+        served = await asyncio.gather(*(charge(account, account) for account in others))
+        holding = payments.holding
+        payments.answer.set()
+        return served, holding, await asyncio.gather(*held, return_exceptions=True)
 
-        async def quick() -> str:
-            return "served"
-
-        noisy = [asyncio.create_task(bulkheads.call_async("tenant-noisy", slow)) for _ in range(4)]
-        await asyncio.sleep(0)
-        refused = 0
-        for _ in range(20):
-            try:
-                await bulkheads.call_async("tenant-noisy", slow)
-            except BulkheadFull:
-                refused += 1
-        served = [await bulkheads.call_async(f"tenant-{i}", quick) for i in range(10)]
-        gate.set()
-        await asyncio.gather(*noisy)
-        return len(noisy), refused, served.count("served")
-
-    running, refused, served = asyncio.run(main())
+    payments.hung = {noisy}
+    try:
+        served, holding, answered = asyncio.run(main())
+    finally:
+        payments.hung = set()
+    refused = [r for r in answered if isinstance(r, BaseException)]
+    reason = f" ({refused[0]})" if refused else ""
     say.say(
-        f"tenant-noisy: {running} calls in flight, {refused} more refused at once (BulkheadFull)", 1
+        f"tenant {noisy}: 8 charges for its 8 subscriptions: {holding} held at the processor, "
+        f"{len(refused)} refused at once, nothing written{reason}",
+        1,
     )
-    say.say(f"10 other tenants: {served} of 10 calls served meanwhile", 1)
+    seqs = [r.seq for r in served if r.seq is not None]
+    shown = f" [ledger #{min(seqs)}-#{max(seqs)}]" if seqs else ""
+    charged = sum(r.to_state == "AwaitingPayment" for r in served)
+    say.say(f"5 other tenants, meanwhile: {charged} of 5 charged{shown}", 1)
+    made = [r for r in answered if isinstance(r, DispatchResult)]
+    for result in made:
+        say.result(result, f"ChargeRequested for {result.instance} (answered)")
+    _settle(runtime, [r.instance for r in (*made, *served)], say)
+
+
+def _settle(runtime: Runtime, accounts: Sequence[str], say: _Narrator) -> None:
+    """The demo's shop accounts close before the processor answers (their open invoices are
+    voided), so that no ladder of theirs runs on in a later run of the demo on the same
+    store. (A payment would emit Subscription.RenewalSucceeded, and shops have none.)"""
+    billing = runtime.governor("Billing")
+    for account in accounts:
+        closing = {"customer_id": account, "reason": "demo shop leaves"}
+        billing.dispatch(account, "CloseAccount", closing, "marketplace")
+    say.say(f"the {len(accounts)} shop accounts close (CloseAccount): nothing runs on", 1)
 
 
 def _charge(billing: Governor, customer: str, payments: _Payments, say: _Narrator) -> None:
@@ -1008,7 +1066,7 @@ def run_demo(
     try:
         _scenario(runtime, runner, payments, injected, say)
         _breaker(runtime, payments, say)
-        _bulkhead(say)
+        _bulkhead(runtime, payments, say)
     except RuntimeFailure as failure:
         runtime.close()
         err.write(failure_diagnostic(db_shown, failure, STORE_HINT) + "\n")

@@ -48,7 +48,10 @@ def test_demo_runs_and_its_ledger_verifies(generated: Path, tmp_path: Path) -> N
         "== escalation",
         "notify queue manager_review_queue: Manual review of pending approval, due within 4h",
         "notify queue director_review_queue",
+        "deadline missed: Entitlement 'Manual review of pending approval' (notify queue "
+        "manager_review_queue): escalated to level 1, due again in 1d [ledger #",
         "escalation PendingApproval/ApprovalLadder/end: Entitlement PendingApproval -> Active",
+        "Entitlement deadlines still open: 0 (the auto-approval met them)",
         "== idempotency",
         "outbox Billing.ChargeRequested delivered: Billing Current -> AwaitingPayment",
         "ChargeRequested webhook 1: Billing Current -> AwaitingPayment",
@@ -94,8 +97,13 @@ def test_demo_runs_and_its_ledger_verifies(generated: Path, tmp_path: Path) -> N
         "BreakerOpened closed -> open",
         "BreakerHalfOpened open -> half_open",
         "BreakerClosed half_open -> closed",
+        "the 13 shop accounts close (CloseAccount): nothing runs on",
         "== bulkhead",
-        "10 other tenants: 10 of 10 calls served meanwhile",
+        "tenant acme-1-noisy: 8 charges for its 8 subscriptions: 4 held at the processor, "
+        "4 refused at once, nothing written",
+        "5 other tenants, meanwhile: 5 of 5 charged [ledger #",
+        "ChargeRequested for acme-1-noisy-sub",
+        "the 9 shop accounts close (CloseAccount): nothing runs on",
         "every entry signed; ledger verified:",
     ]
     position = 0
@@ -113,6 +121,13 @@ def test_demo_runs_and_its_ledger_verifies(generated: Path, tmp_path: Path) -> N
         kinds = dict(conn.execute("SELECT kind, count(*) FROM ledger GROUP BY kind"))
         unsigned = conn.execute("SELECT count(*) FROM ledger WHERE signature = x''").fetchone()[0]
         flows = dict(conn.execute("SELECT status, count(*) FROM flows GROUP BY status"))
+        missed = conn.execute(
+            "SELECT count(*) FROM ledger WHERE kind = 'escalation' AND event = 'DeadlineMissed'"
+        ).fetchone()[0]
+        passed = conn.execute(
+            "SELECT count(*) FROM outbox WHERE kind = 'notification' "
+            "AND body LIKE '%deadline passed (escalation level %'"
+        ).fetchone()[0]
     assert unsigned == 0  # every entry signed by default
     assert set(kinds) == {
         "genesis",
@@ -127,11 +142,17 @@ def test_demo_runs_and_its_ledger_verifies(generated: Path, tmp_path: Path) -> N
     assert kinds["genesis"] == 1 and kinds["breaker"] == 3 and kinds["rejection"] == 1
     # The Failed payment's wait times out: nothing to undo (every step is irreversible).
     assert flows == {"completed": 6, "compensated": 1, "failed": 1}
+    # The notices' deadlines, tracked and escalated (all met or ended by the run's end).
+    assert missed >= 3 and passed == missed
     # A second run appends to the same store, with the same key, as another customer.
     second = demo("--db", str(db), "--keys", str(keys), "--generated", str(generated))
     assert second.returncode == 0, second.stderr
     assert "customer acme-2" in second.stdout and "generated signing key" not in second.stdout
     assert ": failed (" not in second.stdout
+    # Each run settles what it starts: nothing of the first customer's runs in the second.
+    assert "acme-1" not in second.stdout
+    calls = [line for line in out.splitlines() if line.startswith("recorded action calls")]
+    assert calls and calls[0] in second.stdout.splitlines()
     total = int(second.stdout.rstrip().rsplit("ledger verified: ", 1)[1].split()[0])
     assert total > count
     with sqlite3.connect(db) as conn:
