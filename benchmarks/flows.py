@@ -13,7 +13,9 @@ ratios to DBOS) are measured again with a ledger that signs every entry (sign-ea
 setting and the costliest mode), each row labelled. Customers are made active before the clock
 starts; only the flows (or their baselines) are timed. The machine is shared, so compare
 ratios within a run. The asyncio figures also print how many commits their units of work took
-(dispatch_async and the runs' writes share the group commit).
+(dispatch_async and the runs' writes share the group commit). No figure here counts duplicate
+effects: "0 under kill -9" (tests/test_flow_crash.py) counts ledger effects, and an outside
+call killed before its commit is made again, deduplicated by the processor on its idempotency key.
 """
 
 from __future__ import annotations
