@@ -7,19 +7,28 @@ notice's timer (it leaves the state or the group, or ends) deletes the deadline 
 own unit of work (`NoticeDeadlines.clear`); a self-transition that arms the ladder again
 keeps it, as nobody has acted yet. The runtime's due work (`Runtime.fire_due`, so also
 `autonomic worker`) escalates each missed one after the due timers have fired
-(resilience/deadlines.py `escalate_due`, which calls `missed` here): a "DeadlineMissed"
-escalation entry in the ledger, a notification to the notice's recipient that its deadline
+(`escalate_notices`; `escalate_due` escalates any tracked deadline, for
+`DeadlineTracker.check`, through `Runtime.escalate_deadlines`): a "DeadlineMissed" escalation
+entry in the ledger, a notification to the notice's recipient that its deadline
 passed, and the deadline due again 24 h later one level up, in one unit of work. One whose
 instance left the notice's state meanwhile (a store written before this module) is deleted.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from .outbox import _notification_message
-from .resilience.deadlines import NOTICE_PREFIX
+from .resilience.deadlines import (
+    CHECK_LIMIT,
+    DAY_MS,
+    NOTICE_PREFIX,
+    DeadlineEscalation,
+    escalation_entry,
+)
 from .results import Notification, derive_event_id
+from .sealing import _Chain
 from .store.base import DeadlineRecord, Transaction
 from .tables import TimerSpec
 from .timers import TimerPlan
@@ -27,7 +36,15 @@ from .timers import TimerPlan
 if TYPE_CHECKING:
     from .runtime import Runtime
 
-__all__ = ["NOTICE_PREFIX", "NoticeDeadlines", "missed", "notice_deadline_id", "parse_notice_id"]
+__all__ = [
+    "NoticeDeadlines",
+    "escalate_due",
+    "escalate_notices",
+    "missed",
+    "next_notice_deadline",
+    "notice_deadline_id",
+    "parse_notice_id",
+]
 
 
 def notice_deadline_id(machine: str, timer_id: str, instance: str) -> str:
@@ -137,3 +154,60 @@ def missed(
     )
     txn.add_outbox([_notification_message(notice, record.version)])
     return True
+
+
+def escalate_due(
+    runtime: Runtime, now: int | None, *, rearm_ms: int = DAY_MS, notices_only: bool
+) -> list[DeadlineEscalation]:
+    """Escalate every deadline due at `now` (default: the runtime's clock), each in the
+    unit of work that re-arms it; with `notices_only` only the deadlines of notices whose
+    machine the runtime has loaded (what `Runtime.fire_due` does), else every one."""
+    sealed = runtime.sealer is not None
+    partitions = runtime.partitions
+    partition_of = runtime._partition_of
+
+    def work(txn: Transaction, chain: _Chain, part: int) -> list[DeadlineEscalation]:
+        instant = runtime.clock.now_ms() if now is None else now
+        found = []
+        for d in txn.due_deadlines(instant, CHECK_LIMIT):
+            # A partitioned store: each escalation in the chain of its entry's instance.
+            if partitions > 1 and partition_of(f"deadline:{d.id}") != part:
+                continue
+            rearmed = instant + rearm_ms
+            notice = missed(runtime, txn, d, instant, rearmed)
+            if notice is False or (notice is None and notices_only):
+                continue  # met (deleted), or not this call's to escalate
+            if notice is None and d.id.startswith(NOTICE_PREFIX):
+                continue  # a notice of a machine another runtime loads
+            txn.save_deadline(
+                DeadlineRecord(d.id, d.name, d.governor, rearmed, d.level + 1, d.action)
+            )
+            escalation = DeadlineEscalation(
+                d.id, d.name, d.governor, d.level + 1, d.action, d.due_ms, rearmed, instant
+            )
+            if sealed:
+                chain.append(txn, escalation_entry(escalation))
+            found.append(escalation)
+        return found
+
+    escalations = [
+        escalation
+        for part in range(partitions)
+        for escalation in runtime._submit(functools.partial(work, part=part), part)
+    ]
+    escalations.sort(key=lambda e: (e.missed_ms, e.id))
+    return escalations
+
+
+def next_notice_deadline(runtime: Runtime) -> int | None:
+    """The earliest due time of a notice deadline whose machine the runtime has loaded."""
+    return runtime.store.earliest_deadline(NOTICE_PREFIX, sorted(runtime._governors))
+
+
+def escalate_notices(runtime: Runtime, now: int) -> list[DeadlineEscalation]:
+    """What `Runtime.fire_due` runs after the timers: the notices' missed deadlines, in a
+    unit of work only when one is due (a read says so first)."""
+    due = next_notice_deadline(runtime)
+    if due is None or due > now:
+        return []
+    return escalate_due(runtime, now, notices_only=True)

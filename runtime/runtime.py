@@ -29,10 +29,12 @@ from .instance_data import KeptLedger
 from .keychain import RootOfTrust, fingerprint
 from .keys import Signer
 from .ledger import Checkpoint, EntryData, LedgerEntry, LedgerSealer, RootLike, VerifyReport
+from .notice_deadlines import escalate_due
 from .outbox import deliver_outbox, mark
 from .partitions import PartitionedStore, SignedRoot
 from .replay import replay, verify
 from .resilience.claims import DEFAULT_CLAIM_LEASE_MS, OutsideClaims
+from .resilience.deadlines import DeadlineEscalation
 from .resilience.policies import (
     ActionPolicies,
     BreakerJournal,
@@ -701,8 +703,17 @@ class Runtime:
         return fire_due(self, now, limit=limit)
 
     def next_deadline(self) -> int | None:
-        """The earliest armed deadline of a loaded governor, or None."""
+        """The earliest armed timer or escalation notice's deadline of a loaded governor, or
+        None."""
         return next_deadline(self)
+
+    def escalate_deadlines(
+        self, now: int | None = None, *, rearm_ms: int = DAY_MS, notices_only: bool = False
+    ) -> list[DeadlineEscalation]:
+        """Escalate every tracked deadline due at `now` (default: the clock) and re-arm it
+        `rearm_ms` later (runtime/notice_deadlines.py; `fire_due` does it for the notices'
+        deadlines, `DeadlineTracker.check` for all)."""
+        return escalate_due(self, now, rearm_ms=rearm_ms, notices_only=notices_only)
 
     def deliver_outbox(self, *, limit: int = 1000) -> list[Delivery]:
         """Deliver pending emitted events to their governors (see outbox.deliver_outbox)."""

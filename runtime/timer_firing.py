@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 from .errors import OutsideCallInProgress, StoreIntegrityError
 from .instance_data import read_data, route
 from .ledger import EntryData, payload_digest
+from .notice_deadlines import escalate_notices, next_notice_deadline
 from .outbox import _event_message, _notification_message, _refusal_notices
 from .replay import save_snapshot
-from .resilience.deadlines import escalate_notices, next_notice_deadline
 from .results import DispatchResult, EmittedEvent, Notification, TimerFiring, derive_event_id
 from .sealing import _Chain
 from .store.base import ClaimKey, Transaction

@@ -22,7 +22,6 @@ a governor).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,17 +38,14 @@ __all__ = [
     "Deadline",
     "DeadlineEscalation",
     "DeadlineTracker",
-    "escalate_due",
-    "escalate_notices",
     "escalation_entry",
-    "next_notice_deadline",
 ]
 
 DAY_MS = 86_400_000
 # Ids of the deadlines escalation notices start (runtime/notice_deadlines.py).
 NOTICE_PREFIX = "notice:"
 Deadline = DeadlineRecord
-_CHECK_LIMIT = 1000
+CHECK_LIMIT = 1000  # due deadlines escalated per unit of work
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,63 +118,4 @@ class DeadlineTracker:
         """Escalate and re-arm every deadline that is due now, earliest first (at most 1000
         per call: call again while it returns that many). Notices' deadlines
         (runtime/notice_deadlines.py) are escalated as `Runtime.fire_due` does it."""
-        return escalate_due(self._runtime, None, rearm_ms=self._rearm_ms, notices_only=False)
-
-
-def escalate_due(
-    runtime: Runtime, now: int | None, *, rearm_ms: int = DAY_MS, notices_only: bool
-) -> list[DeadlineEscalation]:
-    """Escalate every deadline due at `now` (default: the runtime's clock), each in the
-    unit of work that re-arms it; with `notices_only` only the deadlines of notices whose
-    machine the runtime has loaded (what `Runtime.fire_due` does), else every one."""
-    from ..notice_deadlines import missed  # the runtime's modules import this package
-
-    sealed = runtime.sealer is not None
-    partitions = runtime.partitions
-    partition_of = runtime._partition_of
-
-    def work(txn: Transaction, chain: _Chain, part: int) -> list[DeadlineEscalation]:
-        instant = runtime.clock.now_ms() if now is None else now
-        found = []
-        for d in txn.due_deadlines(instant, _CHECK_LIMIT):
-            # A partitioned store: each escalation in the chain of its entry's instance.
-            if partitions > 1 and partition_of(f"deadline:{d.id}") != part:
-                continue
-            rearmed = instant + rearm_ms
-            notice = missed(runtime, txn, d, instant, rearmed)
-            if notice is False or (notice is None and notices_only):
-                continue  # met (deleted), or not this call's to escalate
-            if notice is None and d.id.startswith(NOTICE_PREFIX):
-                continue  # a notice of a machine another runtime loads
-            txn.save_deadline(
-                DeadlineRecord(d.id, d.name, d.governor, rearmed, d.level + 1, d.action)
-            )
-            escalation = DeadlineEscalation(
-                d.id, d.name, d.governor, d.level + 1, d.action, d.due_ms, rearmed, instant
-            )
-            if sealed:
-                chain.append(txn, escalation_entry(escalation))
-            found.append(escalation)
-        return found
-
-    escalations = [
-        escalation
-        for part in range(partitions)
-        for escalation in runtime._submit(functools.partial(work, part=part), part)
-    ]
-    escalations.sort(key=lambda e: (e.missed_ms, e.id))
-    return escalations
-
-
-def next_notice_deadline(runtime: Runtime) -> int | None:
-    """The earliest due time of a notice deadline whose machine the runtime has loaded."""
-    return runtime.store.earliest_deadline(NOTICE_PREFIX, sorted(runtime._governors))
-
-
-def escalate_notices(runtime: Runtime, now: int) -> list[DeadlineEscalation]:
-    """What `Runtime.fire_due` runs after the timers: the notices' missed deadlines, in a
-    unit of work only when one is due (a read says so first)."""
-    due = next_notice_deadline(runtime)
-    if due is None or due > now:
-        return []
-    return escalate_due(runtime, now, notices_only=True)
+        return self._runtime.escalate_deadlines(rearm_ms=self._rearm_ms)
