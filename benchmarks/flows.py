@@ -49,6 +49,7 @@ from autonomic.runtime.ledger import (
     LedgerMode,
     LedgerSealer,
 )
+from autonomic.runtime.resilience.proration import prorate_upgrade
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.sqlite import SQLiteStore, Synchronous
 from autonomic.runtime.timers import VirtualClock
@@ -91,7 +92,10 @@ class Marketplace:
             self.runtime.load(spec, *self.bindings.of(spec))
         flows = [importlib.import_module(f"autonomic.generated.{m}").FLOW for m in FLOWS]
         self.runner = FlowRunner(
-            self.runtime, flows, functions={"refund_due": refund_due}, before_step=before_step
+            self.runtime,
+            flows,
+            functions={"refund_due": refund_due, "prorate_upgrade": prorate_upgrade},
+            before_step=before_step,
         )
 
     def active(self, customer: str) -> None:

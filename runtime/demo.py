@@ -63,6 +63,7 @@ from .ledger import (
 )
 from .notice_deadlines import parse_notice_id
 from .resilience import Unavailable
+from .resilience.proration import prorate_upgrade
 from .results import DispatchResult
 from .runtime import Runtime
 from .simulate import ScriptError, load_machine
@@ -138,6 +139,10 @@ class _Payments:
         self.down = False  # the primary processor unreachable (the breaker scenario)
         self.primary_attempts = 0
         self.backup_charges = 0
+        # The customer's last upgrade (proration) charge, once captured: what a
+        # CompensationRefund may pay back; a charge declined or voided was never taken.
+        self.prorations: dict[str, Decimal] = {}
+
         # Tenants whose charges the processor holds until `answer` is set (the bulkhead).
         self.hung: set[str] = set()
         self.answer = threading.Event()
@@ -166,6 +171,8 @@ class _Payments:
         key = str(getattr(payload, "idempotency_key", ""))
         self.submitted.append(key)
         self.invoices[ctx.instance] = Decimal(str(getattr(payload, "amount", "0")))
+        if ctx.event == "ProcessProrationCharge":
+            self.prorations.pop(ctx.instance, None)  # an earlier upgrade's is not this one's
         return {"submitted": key}
 
     def charge_backup_processor(self, ctx: TransitionContext) -> dict[str, str]:
@@ -178,6 +185,13 @@ class _Payments:
     def retry_charge(self, ctx: TransitionContext) -> dict[str, int]:
         self.retries += 1
         return {"attempt": self.retries}
+
+    def record_payment(self, ctx: TransitionContext) -> None:
+        if ctx.event == "ProrationPaid":
+            self.prorations[ctx.instance] = Decimal(str(getattr(ctx.payload, "amount", "0")))
+
+    def original_charge_found(self, ctx: TransitionContext) -> bool:
+        return ctx.instance in self.prorations
 
     def amount_matches(self, ctx: TransitionContext) -> bool:
         amount = getattr(ctx.payload, "amount", None)
@@ -207,7 +221,7 @@ def _demo_guards(payments: _Payments) -> dict[str, Callable[[TransitionContext],
         # Billing
         "amount_matches": payments.amount_matches,
         "charge_was_voided": _fixed(False),
-        "original_charge_found": _fixed(True),
+        "original_charge_found": payments.original_charge_found,
         "refund_due": _fixed(True),
         "refund_was_issued": _fixed(False),
         "settled_amount_matches": _fixed(True),
@@ -265,6 +279,7 @@ class _Bindings:
                 "submit_charge": self.payments.submit_charge,
                 "retry_charge": self.payments.retry_charge,
                 "charge_backup_processor": self.payments.charge_backup_processor,
+                "record_payment": self.payments.record_payment,
             }
         guards = {name: self.guards.get(name, _fixed(True)) for name in spec.guards}
         bound: dict[str, Callable[..., object]] = {}
@@ -598,25 +613,31 @@ def _scenario(
     for result in runner.resume_all():
         _flow(say, result, runtime)
 
-    say.say("== upgrade (sequence flow): order, proration charge, grant, quota")
+    say.say("== upgrade (sequence flow): proration, order, charge, capture, grant, quota")
     upgrade = {
         "customer_id": customer,
         "current_tier": "professional",
         "new_tier": "enterprise",
+        "current_price": "99.00",
+        "new_price": "199.00",
         "cycle_day": 12,
         "cycle_length": 30,
         "request_id": f"upgrade-{customer}-1",
-        "proration_amount": "33.00",
     }
-    _flow(say, runner.start("SubscriptionUpgrade", customer, upgrade), runtime)
+    result = runner.start("SubscriptionUpgrade", customer, upgrade)
+    _flow(say, result, runtime)  # waits for the capture: nothing is granted unpaid
+    net = result.values["calculate_proration"]
+    say.say(f"proration computed by the flow: {net} (18 of 30 days, 199.00 less 99.00)", 1)
     proration = {
         "customer_id": customer,
         "transaction_id": f"txn-{customer}-2",
-        "amount": "33.00",
+        "amount": net,
         "idempotency_key": f"upgrade-{customer}-1",
         "new_tier": "enterprise",
     }
     say.result(billing.dispatch(customer, "ProrationPaid", proration, "processor"), "ProrationPaid")
+    _deliver(runtime, say)
+    _flow(say, runner.resume(result.flow_id), runtime)
     _deliver(runtime, say)
     _states(runtime, say, "Subscription", "Billing", "Entitlement", "QuotaSla")
 
@@ -1042,7 +1063,10 @@ def run_demo(
         for spec in specs.values():
             runtime.load(spec, *bindings.of(spec))
         runner = FlowRunner(
-            runtime, flows, functions={"refund_due": refund_due}, before_step=injected
+            runtime,
+            flows,
+            functions={"refund_due": refund_due, "prorate_upgrade": prorate_upgrade},
+            before_step=injected,
         )
     except RuntimeFailure as failure:
         store.close()

@@ -5,8 +5,9 @@ Customer "w": signed up and paid, its entitlement still pending approval. The wo
 (or resumes) the upgrade flow, whose first step awaits Entitlement in Active or Degraded.
 Then, from virtual hour HOUR on, for each number n read from stdin it advances the clock n
 hours, one at a time: fires due timers, delivers the outbox, resumes the flows and prints
-{"hour", "status"}; it stops when the run has ended (the ladder auto-approves at 72 h) or
-stdin closes. Every setup write has an event id, so a restart repeats nothing.
+{"hour", "status"}; it stops when the run has ended (the ladder auto-approves at 72 h, the
+processor captures the proration charge at once) or stdin closes. Every setup write has an
+event id, so a restart repeats nothing.
 """
 
 from __future__ import annotations
@@ -33,11 +34,30 @@ UPGRADE = {
     "customer_id": CUSTOMER,
     "current_tier": "starter",
     "new_tier": "professional",
+    "current_price": "10.00",
+    "new_price": "30.00",
     "cycle_day": 10,
     "cycle_length": 30,
     "request_id": "up-w",
-    "proration_amount": "13.33",
 }
+CAPTURE = {
+    "customer_id": CUSTOMER,
+    "transaction_id": "tp-w",
+    "amount": "13.33",
+    "idempotency_key": "up-w",
+    "new_tier": "professional",
+}
+
+
+def capture(runtime: Runtime) -> bool:
+    """The processor captures the upgrade's charge at once, before Billing's 1 h timeout
+    (its webhook carries an event id: a restarted worker's repeat is deduplicated)."""
+    record = runtime.governor("Billing").get(CUSTOMER)
+    if record is None or record.state != "ProrationPending":
+        return False
+    runtime.governor("Billing").dispatch(CUSTOMER, "ProrationPaid", CAPTURE, event_id="capture-w")
+    runtime.deliver_outbox()
+    return True
 
 
 def setup(runtime: Runtime, runner: FlowRunner) -> None:
@@ -76,6 +96,7 @@ def main() -> None:
     # checked again.
     runtime.fire_due()
     runtime.deliver_outbox()
+    capture(runtime)  # a worker killed between the charge and its capture
     result = runner.start("SubscriptionUpgrade", CUSTOMER, UPGRADE)
     print(json.dumps({"hour": hour, "status": result.status}), flush=True)
     for line in sys.stdin:
@@ -87,6 +108,8 @@ def main() -> None:
             runtime.fire_due()
             runtime.deliver_outbox()
             (result,) = runner.resume_all() or (runner.result(result.flow_id),)
+            if capture(runtime):  # the run charged: it goes on once the charge is captured
+                (result,) = runner.resume_all() or (runner.result(result.flow_id),)
             print(json.dumps({"hour": hour, "status": result.status}), flush=True)
         if result.finished:
             break

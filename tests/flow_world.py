@@ -18,6 +18,7 @@ from autonomic.runtime.flows import FlowRunner, StepContext
 from autonomic.runtime.keys import Signer
 from autonomic.runtime.ledger import LedgerMode, LedgerSealer
 from autonomic.runtime.resilience.claims import DEFAULT_CLAIM_LEASE_MS
+from autonomic.runtime.resilience.proration import prorate_upgrade
 from autonomic.runtime.results import derive_event_id
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.base import Store
@@ -75,7 +76,10 @@ def load_world(
         bound.update((actions or {}).get(spec.name, {}))
         runtime.load(spec, guards, bound)
     runner = FlowRunner(
-        runtime, flow_specs(), functions={"refund_due": refund_due}, before_step=before_step
+        runtime,
+        flow_specs(),
+        functions={"refund_due": refund_due, "prorate_upgrade": prorate_upgrade},
+        before_step=before_step,
     )
     return runner, bindings
 

@@ -21,10 +21,11 @@ UPGRADE = {
     "customer_id": "c",
     "current_tier": "starter",
     "new_tier": "professional",
+    "current_price": "10.00",
+    "new_price": "30.00",
     "cycle_day": 10,
     "cycle_length": 30,
     "request_id": "r1",
-    "proration_amount": "33.00",
 }
 
 
@@ -33,7 +34,7 @@ UPGRADE = {
     [
         ("CustomerSignup", {"customer_id": "x"}, {"email", "country", "product_id", "tier"}),
         ("SubscriptionUpgrade", {**UPGRADE, "new_tier": "gold"}, {"new_tier"}),
-        ("SubscriptionUpgrade", {**UPGRADE, "proration_amount": "abc"}, {"proration_amount"}),
+        ("SubscriptionUpgrade", {**UPGRADE, "new_price": "abc"}, {"new_price"}),
         ("SubscriptionUpgrade", {**UPGRADE, "cycle_day": "10"}, {"cycle_day"}),
         ("SubscriptionUpgrade", {**UPGRADE, "coupon": "X"}, {"coupon"}),
         (

@@ -118,7 +118,17 @@ def test_signup_failure_compensates_the_finished_branches(
     assert entries[-1] == ("CompensationCompleted", failing, "compensated")
 
 
-UPGRADE_STEPS = ("approval", "create_order", "charge_proration", "grant_tier", "allocate_quota")
+UPGRADE_STEPS = (
+    "approval",
+    "calculate_proration",
+    "create_order",
+    "charge_proration",
+    "paid",
+    "grant_tier",
+    "allocate_quota",
+)
+# 20 of 30 days left: 30.00 * 20/30 for the new tier less 10.00 * 20/30 for the old one.
+PRORATION = "13.33"
 
 
 def upgrade_inputs(customer: str) -> dict[str, Any]:
@@ -126,11 +136,24 @@ def upgrade_inputs(customer: str) -> dict[str, Any]:
         "customer_id": customer,
         "current_tier": "starter",
         "new_tier": "professional",
+        "current_price": "10.00",
+        "new_price": "30.00",
         "cycle_day": 10,
         "cycle_length": 30,
         "request_id": f"up-{customer}",
-        "proration_amount": "13.33",
     }
+
+
+def capture_proration(runtime: Runtime, customer: str, amount: str = PRORATION) -> None:
+    """The processor captures the upgrade's charge (its webhook), and Billing tells
+    Subscription."""
+    paid = {"transaction_id": f"tp-{customer}", "amount": amount, "new_tier": "professional"}
+    runtime.governor("Billing").dispatch(
+        customer,
+        "ProrationPaid",
+        {"customer_id": customer, "idempotency_key": f"up-{customer}", **paid},
+    )
+    runtime.deliver_outbox()
 
 
 def active_customer(runtime: Runtime, runner: FlowRunner, customer: str) -> None:
@@ -166,25 +189,85 @@ def test_upgrade_compensates_in_reverse_and_charges_once(
         injector.target = (customer, "SubscriptionUpgrade", failing, "do")
     result = runner.start("SubscriptionUpgrade", customer, upgrade_inputs(customer))
     charges = [k for k in bindings.payments.submitted if k == f"up-{customer}"]
+    charged = failing is None or UPGRADE_STEPS.index(failing) > UPGRADE_STEPS.index("paid")
+    if result.status == "waiting":  # for the capture: nothing is granted before it
+        assert result.steps["charge_proration"] == "succeeded"
+        assert state(runtime, "Billing", customer) == "ProrationPending"
+        assert bindings.calls["Entitlement.enable_tier_features"] == 0
+        if failing != "paid":
+            capture_proration(runtime, customer)
+        result = runner.resume(result.flow_id)
     if failing is None:
         assert result.status == "completed"
+        assert result.values == {"calculate_proration": PRORATION}
         assert charges == [f"up-{customer}"]
-        assert state(runtime, "Billing", customer) == "ProrationPending"
+        assert state(runtime, "Billing", customer) == "Current"
+        runtime.deliver_outbox()  # QuotaSla's TierChangeCompleted
+        assert state(runtime, "Subscription", customer) == "Active"
+        assert bindings.calls["Entitlement.enable_tier_features"] == 1
         return
-    done = [s for s in UPGRADE_STEPS[: UPGRADE_STEPS.index(failing)] if s != "approval"]
-    # Nothing done before the failed step (the wait has nothing to undo): the run failed.
+    # The waits and the pure step have nothing to undo.
+    sends = ("create_order", "charge_proration", "grant_tier", "allocate_quota")
+    done = [s for s in UPGRADE_STEPS[: UPGRADE_STEPS.index(failing)] if s in sends]
+    # Nothing done before the failed step: the run failed.
     ended = "compensated" if done else "failed"
     assert result.status == ended
     assert undone(runtime, result) == list(reversed(done))
     assert len(charges) == (1 if "charge_proration" in done else 0)
     assert state(runtime, "Subscription", customer) == "Active"
     if "charge_proration" in done:
-        assert state(runtime, "Billing", customer) == "Current"  # the charge was voided
+        assert state(runtime, "Billing", customer) == ("Refunding" if charged else "Current")
+    # Money is paid back only if it was taken: a charge still in flight is voided instead.
+    assert bindings.calls["Billing.submit_refund"] == (1 if charged else 0)
+    assert bindings.calls["Billing.void_proration"] == (1 if failing == "paid" else 0)
+    granted = "grant_tier" in done
+    assert bindings.calls["Entitlement.restore_previous_tier"] == (1 if granted else 0)
     last = flow_entries(runtime, result)[-1]
     end = "CompensationCompleted" if done else "FlowFailed"
     assert last == (end, failing, ended)
     # The reason is in the entry's payload digest and in the stored run.
     assert runner.result(result.flow_id).reason == f"injected failure at {failing}"
+
+
+@pytest.mark.parametrize("answer", ["declined", "silent", "wrong amount"])
+def test_an_upgrade_is_granted_only_once_its_charge_is_captured(
+    world: tuple[Runtime, FlowRunner, Any, Injector], answer: str
+) -> None:
+    """A proration charge the processor declines, never answers (Billing voids it after 1h)
+    or captures for another amount is not a paid upgrade: the flow's wait for the capture
+    fails, nothing was granted, and nothing is refunded by the compensation (no money was
+    kept)."""
+    runtime, runner, bindings, _ = world
+    customer = f"unpaid-{answer.replace(' ', '-')}"
+    active_customer(runtime, runner, customer)
+    before = dict(bindings.calls)
+    result = runner.start("SubscriptionUpgrade", customer, upgrade_inputs(customer))
+    assert result.status == "waiting"
+    if answer == "declined":
+        runtime.governor("Billing").dispatch(
+            customer,
+            "PaymentFailed",
+            {"customer_id": customer, "idempotency_key": f"up-{customer}", "reason": "declined"},
+        )
+    elif answer == "wrong amount":
+        capture_proration(runtime, customer, amount="99.00")
+    runtime.clock.advance(61 * 60_000)  # type: ignore[attr-defined]
+    runtime.fire_due()
+    runtime.deliver_outbox()
+    assert state(runtime, "Billing", customer) == "Current"
+    assert state(runtime, "Subscription", customer) == "Active"  # Billing's TierChangeFailed
+    assert runner.resume(result.flow_id).status == "waiting"  # until its 1h30m are up
+    runtime.clock.advance(30 * 60_000)  # type: ignore[attr-defined]
+    result = runner.resume(result.flow_id)
+    assert (result.status, result.failed_step) == ("compensated", "paid")
+    assert undone(runtime, result) == ["charge_proration", "create_order"]
+    calls = {k: v - before.get(k, 0) for k, v in bindings.calls.items() if v != before.get(k, 0)}
+    assert "Entitlement.enable_tier_features" not in calls
+    assert "QuotaSla.reallocate_quota" not in calls
+    assert "Billing.submit_refund" not in calls
+    assert calls["Billing.record_nothing_to_refund"] == 1
+    assert state(runtime, "Billing", customer) == "Current"
+    assert state(runtime, "Entitlement", customer) == "Active"
 
 
 CANCEL_STEPS = ("calculate_refund", "issue_refund", "suspend_entitlements", "archive_subscription")

@@ -25,7 +25,7 @@ from billing_world import CHARGE, START, Processor, open_billing
 from conftest import Stores
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flow_world import marketplace
-from test_flows import active_customer, upgrade_inputs
+from test_flows import active_customer, capture_proration, upgrade_inputs
 
 WORKER = Path(__file__).with_name("claim_worker.py")
 FLOW_WORKER = Path(__file__).with_name("flow_claim_worker.py")
@@ -280,8 +280,9 @@ def test_a_flow_driver_whose_step_claim_was_taken_over_hands_the_run_over(
     `start` (R020/R026 before) it reads the run again and drives on from there, repeating
     the step under the same event id: with B's charge committed it gets B's result; with
     B still at its processor it waits at the claim first. Both drivers end with the run
-    completed; the ledger holds one charge and one recorded step result, and both processor
-    calls carried the same idempotency key (what lets the processor deduplicate them)."""
+    waiting for the processor to capture the charge; the ledger holds one charge and one
+    recorded step result, and both processor calls carried the same idempotency key (what
+    lets the processor deduplicate them)."""
     signer = load_signer(keys)
     runtime, runner, _ = marketplace(stores.open(), signer=signer, clock=VirtualClock(START))
     active_customer(runtime, runner, "c1")
@@ -298,7 +299,7 @@ def test_a_flow_driver_whose_step_claim_was_taken_over_hands_the_run_over(
             assert second.line() == "calling"  # the stopped driver's lease ran out
             if taker_first:
                 second.answer()
-                assert second.finish() == ["charged", "result completed succeeded"]
+                assert second.finish() == ["charged", "result waiting succeeded"]
         finally:
             os.kill(first.process.pid, signal.SIGCONT)
         first.answer()
@@ -306,8 +307,8 @@ def test_a_flow_driver_whose_step_claim_was_taken_over_hands_the_run_over(
         if not taker_first:
             assert first.line() == "waiting"  # repeating the step, at B's live claim
             second.answer()
-            assert second.finish() == ["charged", "result completed succeeded"]
-        assert first.finish() == ["result completed succeeded"]
+            assert second.finish() == ["charged", "result waiting succeeded"]
+        assert first.finish() == ["result waiting succeeded"]
     finally:
         first.kill()
         second.kill()
@@ -320,7 +321,7 @@ def test_a_flow_driver_whose_step_claim_was_taken_over_hands_the_run_over(
     )
     assert recorded == [(1,)]
     completed = stores.rows("s", "SELECT count(*) FROM ledger WHERE event = 'FlowCompleted'")
-    assert completed == [(2,)]  # the signup's and the upgrade's
+    assert completed == [(1,)]  # the signup's; the upgrade waits for its capture
     assert stores.verify("s", Keyring.from_files([keys])).ok
 
 
@@ -463,7 +464,9 @@ def test_a_flow_step_resumed_by_two_runtimes_at_once_charges_once(
         if key == "up-c1"
     ]
     assert charges == ["up-c1"]
-    # The run goes on to its end (a start of the same run resumes it).
+    # The run goes on to its end once the charge is captured (a start of the same run
+    # resumes it).
+    capture_proration(first, "c1")
     final = first_runner.start("SubscriptionUpgrade", "c1", upgrade_inputs("c1"))
     assert final.status == "completed", results
     first.close()

@@ -24,6 +24,7 @@ from autonomic.runtime.flows import FlowRunner, StepFailed
 from autonomic.runtime.keys import generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerSealer
 from autonomic.runtime.resilience.deadlines import DeadlineTracker
+from autonomic.runtime.resilience.proration import prorate_upgrade
 from autonomic.runtime.results import derive_event_id
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.locate import open_store
@@ -87,7 +88,10 @@ class World:
             runtime.load(spec, *self.bindings.of(spec))
         flows = [importlib.import_module(f"autonomic.generated.{m}").FLOW for m in FLOWS]
         self.runner = FlowRunner(
-            runtime, flows, functions={"refund_due": refund_due}, before_step=before_step
+            runtime,
+            flows,
+            functions={"refund_due": refund_due, "prorate_upgrade": prorate_upgrade},
+            before_step=before_step,
         )
         return runtime
 
@@ -490,7 +494,12 @@ def test_a07_flow_data_that_is_not_a_runs_is_refused_without_a_key_too(tmp_path:
             spec = importlib.import_module(f"autonomic.generated.{module}").MACHINE
             runtime.load(spec, *bindings.of(spec))
         flows = [importlib.import_module(f"autonomic.generated.{m}").FLOW for m in FLOWS]
-        runner = FlowRunner(runtime, flows, functions={"refund_due": refund_due}, before_step=crash)
+        runner = FlowRunner(
+            runtime,
+            flows,
+            functions={"refund_due": refund_due, "prorate_upgrade": prorate_upgrade},
+            before_step=crash,
+        )
         return runtime, runner
 
     def crash(ctx: Any) -> None:

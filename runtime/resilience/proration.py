@@ -14,10 +14,12 @@ Prices must be whole cents >= 0; 0 <= cycle_day <= cycle_length and cycle_length
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import ROUND_HALF_EVEN, Context, Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
+from typing import Any
 
-__all__ = ["CENT", "Proration", "prorate"]
+__all__ = ["CENT", "Proration", "prorate", "prorate_upgrade"]
 
 CENT = Decimal("0.01")
 # Its own context, not the thread's: a caller's decimal settings must not change the result.
@@ -54,3 +56,27 @@ def prorate(current: Decimal, new: Decimal, cycle_day: int, cycle_length: int) -
 
     refund, charge = share(current), share(new)
     return Proration(refund, charge, _CONTEXT.subtract(charge, refund))
+
+
+def prorate_upgrade(values: Mapping[str, Any]) -> str:
+    """The SubscriptionUpgrade flow's pure `compute prorate_upgrade` step: the net charge, as
+    text, from the flow's inputs `current_price`, `new_price`, `cycle_day` and `cycle_length`.
+    Inputs prorate() refuses, or a net below zero (a cheaper tier is a downgrade, not an
+    upgrade), fail the step."""
+    # Imported here: the flow runtime imports the runtime, which imports this package.
+    from ..flows import StepFailed
+
+    try:
+        net = prorate(
+            Decimal(str(values["current_price"])),
+            Decimal(str(values["new_price"])),
+            int(values["cycle_day"]),
+            int(values["cycle_length"]),
+        ).net
+    except (KeyError, ValueError, InvalidOperation) as error:
+        raise StepFailed(f"cannot prorate the upgrade: {error}") from None
+    if net < 0:
+        raise StepFailed(
+            f"the new tier costs less ({net} for the rest of the cycle): not an upgrade"
+        )
+    return str(net)
