@@ -98,6 +98,8 @@ def main() -> None:
     runtime.deliver_outbox()
     capture(runtime)  # a worker killed between the charge and its capture
     result = runner.start("SubscriptionUpgrade", CUSTOMER, UPGRADE)
+    if capture(runtime):  # the run charged as it resumed: it goes on once captured
+        result = runner.resume(result.flow_id)
     print(json.dumps({"hour": hour, "status": result.status}), flush=True)
     for line in sys.stdin:
         for _ in range(int(line)):
