@@ -163,6 +163,8 @@ class MachineFacts:
             refs.extend((name, f"member of group '{group.name.value}'") for name in group.states)
         for timer in self.machine.machine_timers:
             refs.append((timer.target, "timer target"))
+        for always in self.machine.always:
+            refs.extend((name, "`always accept` exception") for name in always.exceptions)
         return refs
 
     @cached_property
@@ -173,6 +175,7 @@ class MachineFacts:
             refs.extend((t.event, "transition") for t in state.transitions)
             refs.extend((name, "ignore") for i in state.ignores for name in i.events)
         refs.extend((ladder.event, "retry ladder") for ladder in self.machine.retries)
+        refs.extend((always.event, "always accept") for always in self.machine.always)
         return refs
 
     @cached_property
@@ -240,6 +243,8 @@ class MachineFacts:
                 used.add(ladder.exhausted.target.value)
         for group in self.machine.groups:
             used.update(name.value for name in group.states)
+        for always in self.machine.always:
+            used.update(name.value for name in always.exceptions)
         return used - self.states.keys()
 
     @cached_property
@@ -250,6 +255,7 @@ class MachineFacts:
             for ignore in state.ignores:
                 used.update(name.value for name in ignore.events)
         used.update(ladder.event.value for ladder in self.machine.retries)
+        used.update(always.event.value for always in self.machine.always)
         return used - self.events.keys()
 
     @cached_property
@@ -1128,6 +1134,35 @@ def check_else_branches(facts: MachineFacts) -> Iterator[Diagnostic]:
             )
 
 
+def check_always_accepted(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """E123: `always accept E`: a state (not final, not an exception) that neither handles
+    nor ignores E. Where an event can come at any moment (a chargeback), a state added later
+    without a row for it would refuse it at run time; this finds it when the file is checked."""
+    ladder_events: dict[str, set[str]] = defaultdict(set)
+    for edge in facts.retry_edges:
+        if edge.by_event:
+            ladder_events[edge.source.value].add(edge.ladder.event.value)
+    for always in facts.machine.always:
+        event = always.event.value
+        if event not in facts.events:
+            continue  # E106
+        excepted = {name.value for name in always.exceptions}
+        for state in facts.machine.states:
+            if state.final or state.name.value in excepted:
+                continue
+            accepted = {t.event.value for t in state.transitions}
+            accepted.update(n.value for i in state.ignores for n in i.events)
+            if event not in accepted | ladder_events.get(state.name.value, set()):
+                yield fail(
+                    "E123",
+                    f"state '{state.name.value}' neither handles nor ignores '{event}', which "
+                    f"the machine always accepts (line {always.span.line})",
+                    state.name.span,
+                    f"add `on {event} -> ...` or `ignore {event}` to the state, or list it "
+                    "after `except`",
+                )
+
+
 def check_handled_and_ignored(facts: MachineFacts) -> Iterator[Diagnostic]:
     """E112: a state cannot both act on an event and ignore it."""
     ladder_events: dict[str, set[str]] = defaultdict(set)
@@ -1773,6 +1808,7 @@ MACHINE_RULES: tuple[MachineRule, ...] = (
     check_unguarded_beside_guarded,
     check_else_branches,
     check_handled_and_ignored,
+    check_always_accepted,
     check_final_states,
     check_ladder_order,
     check_escalation_deadlines,
@@ -1854,7 +1890,7 @@ def check_paths(paths: Sequence[str | Path]) -> CheckReport:
             machines.append(parsed.machine)
             if recovery is Recovery.LOSSY:
                 lossy.add(parsed.machine.path)
-    known = _sibling_machines(machines)
+    known = _sibling_machines(machines, flows)
     diagnostics.extend(
         d
         for d in check_machines(machines, known=known)
@@ -1912,21 +1948,24 @@ def _fsm_files(folder: str) -> list[str]:
     return sorted(found)
 
 
-def _sibling_machines(machines: Sequence[Machine]) -> list[Machine]:
-    """Machines that `emit` names but that were not passed: looked up, quietly, among the
-    .fsm files in the folder of the emitting file (its parse errors are not ours to report)."""
+def _sibling_machines(machines: Sequence[Machine], flows: Sequence[Flow] = ()) -> list[Machine]:
+    """Machines that `emit` or a flow names but that were not passed: looked up, quietly,
+    among the .fsm files in the folder of the emitting or flow's file (their parse errors are
+    not ours to report), so `autonomic check machines/flows.fsm` checks the flows against the
+    machines beside them."""
     checked = {machine.name.value for machine in machines}
     by_folder: dict[Path, dict[str, Machine]] = {}
     found: dict[str, Machine] = {}
-    for machine in machines:
-        wanted = {
-            ref.machine.value
-            for ref in emit_refs(machine)
-            if ref.machine is not None and ref.machine.value not in checked
-        }
+    wanted_by: list[tuple[str, set[str]]] = [
+        (machine.path, {ref.machine.value for ref in emit_refs(machine) if ref.machine})
+        for machine in machines
+    ]
+    wanted_by.extend((flow.path, _flow_machines(flow)) for flow in flows)
+    for path, names in wanted_by:
+        wanted = names - checked
         if not wanted - set(found):
             continue
-        folder = Path(machine.path).parent
+        folder = Path(path).parent
         if folder not in by_folder:
             by_folder[folder] = _machines_in(folder)
         for name in sorted(wanted):
@@ -1934,6 +1973,15 @@ def _sibling_machines(machines: Sequence[Machine]) -> list[Machine]:
             if sibling is not None:
                 found.setdefault(name, sibling)
     return list(found.values())
+
+
+def _flow_machines(flow: Flow) -> set[str]:
+    names: set[str] = set()
+    for step in flow.all_steps():
+        for name in (step.receiver, step.compensate.machine if step.compensate else None):
+            if name is not None:
+                names.add(name.value)
+    return names
 
 
 def _machines_in(folder: Path) -> dict[str, Machine]:

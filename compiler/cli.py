@@ -558,14 +558,17 @@ def _cmd_build(args: argparse.Namespace) -> int:
                 "run `autonomic build` and commit the result\n"
             )
             return EXIT_FINDINGS
-        print(f"{args.out} is up to date ({_count(len(result.report.machines), 'machine')})")
+        print(f"{args.out} is up to date ({_built(result.report)})")
         return EXIT_OK
     changed = len(result.written)
-    print(
-        f"built {_count(len(result.report.machines), 'machine')} into {args.out} "
-        f"({_count(changed, 'file')} written)"
-    )
+    print(f"built {_built(result.report)} into {args.out} ({_count(changed, 'file')} written)")
     return EXIT_OK
+
+
+def _built(report: Any) -> str:
+    """`7 machines and 5 flows`: what a build generates from."""
+    machines = _count(len(report.machines), "machine")
+    return f"{machines} and {_count(len(report.flows), 'flow')}" if report.flows else machines
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:

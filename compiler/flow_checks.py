@@ -446,26 +446,39 @@ def _listed(states: Iterable[str]) -> str:
 
 
 def check_parallel_writes(flow: Flow, receivers: Mapping[str, Receiver]) -> Iterator[Diagnostic]:
-    """E164: branches of a parallel or fanout flow that write the same governor instance (a
-    flow's steps act on the flow's instance of each machine): they would race for its
-    version, and one would fail for no fault of its own."""
+    """E164: branches of a parallel or fanout flow that write the same governor instance, or
+    may: the flow's instance twice, or an instance an input names (`to field`) beside the
+    flow's own or another input's, which are the same whenever the inputs hold the same id
+    (`to customer_id` is the flow's own instance in a flow started for that customer). They
+    would race for its version, and one would fail for no fault of its own."""
     if flow.kind not in ("parallel", "fanout"):
         return
-    first: dict[tuple[str, str | None], FlowStep] = {}
+    earlier: dict[str, list[FlowStep]] = {}
     for step in flow.steps:
         receiver = step.receiver
         if receiver is None:
             continue
-        key = (receiver.value, None if step.to is None else step.to.value)
-        earlier = first.setdefault(key, step)
-        if earlier is not step:
+        before = earlier.setdefault(receiver.value, [])
+        if before:
+            other = before[0]
+            same = other.to is None and step.to is None
+            verb = "both write" if same else "may write the same instance:"
             yield fail(
                 "E164",
-                f"parallel steps '{earlier.name.value}' and '{step.name.value}' both write "
-                f"the flow's instance of '{receiver.value}'",
+                f"parallel steps '{other.name.value}' and '{step.name.value}' {verb} "
+                f"{_instance(other, receiver.value)}"
+                + ("" if same else f" and {_instance(step, receiver.value)}"),
                 step.span,
-                "merge them into one step, or move one into a sequence after the parallel flow",
+                "merge them into one step, or move one into a sequence after the parallel flow"
+                + ("" if same else " (inputs that may hold the same id are the same instance)"),
             )
+        before.append(step)
+
+
+def _instance(step: FlowStep, machine: str) -> str:
+    if step.to is None:
+        return f"the flow's instance of '{machine}'"
+    return f"the instance of '{machine}' named by input '{step.to.value}'"
 
 
 def _unused_suppressions(flow: Flow) -> Iterator[Diagnostic]:

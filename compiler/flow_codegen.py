@@ -1,8 +1,9 @@
 """Flow -> generated module (a FlowSpec of checked names and repr()'d values) and its DOT and
-Mermaid diagrams: the steps in their order, compensations as dashed edges back."""
+Mermaid diagrams: the steps in their order, and the compensations a failure runs."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 
 from .codegen import COMPILER_VERSION, CONTRACT_MODULE, has_long_lines
@@ -173,49 +174,112 @@ def _lanes(flow: Flow) -> list[tuple[str | None, tuple[FlowStep, ...]]]:
     return [(None, flow.steps)]
 
 
+def _title(flow: Flow) -> str:
+    title = f"{flow.name.value} ({flow.kind})"
+    if flow.kind == "fanout":
+        title += " " + _gathering(flow)
+    return title
+
+
+def _gathering(flow: Flow) -> str:
+    quorum = flow.quorum.text if flow.quorum else str(len(flow.steps))
+    within = f" within {flow.within.text}" if flow.within else ""
+    return f"quorum {quorum} of {len(flow.steps)}{within}"
+
+
+class _Drawing:
+    """A flow as nodes and edges, drawn the same in DOT and Mermaid. Compensation reads as
+    the runtime runs it: a failed step leads to the compensation of the newest completed
+    step before it, and each compensation to the one before that, down to `compensated`
+    (a sequence, a saga and each branch of a conditional flow; a failure with nothing
+    before it to undo draws no edge); in a parallel flow, where the finished branches are
+    undone when another fails, each step points to its own compensation with `undo`."""
+
+    def __init__(self, flow: Flow) -> None:
+        self.nodes: list[tuple[str, str, str]] = []  # id, label, kind
+        self.edges: list[tuple[str, str, str | None, str]] = []  # from, to, label, kind
+        self._draw(flow)
+
+    def _draw(self, flow: Flow) -> None:
+        self.nodes.append(("start", "", "start"))
+        self.nodes.append(("done", "", "done"))
+        undone = False
+        end = "done"
+        if flow.kind == "fanout":
+            end = "gather"
+            self.nodes.append(("gather", visible(f"fan-in: {_gathering(flow)}"), "gather"))
+            self.edges.append(("gather", "done", None, "next"))
+        for case, steps in _lanes(flow):
+            previous, label = "start", case
+            undo_before = "undone"  # where a failure here starts compensating
+            for step in steps:
+                node = f"step_{step.name.value}"
+                self.nodes.append((node, _label(step), "step"))
+                self.edges.append((previous, node, label, "next"))
+                undo = _compensation(step)
+                if flow.kind == "parallel":
+                    if undo is not None:
+                        target = f"undo_{step.name.value}"
+                        self.nodes.append((target, f"compensate: {undo}", "undo"))
+                        self.edges.append((node, target, "undo", "undo"))
+                        self.edges.append((target, "undone", None, "undo"))
+                        undone = True
+                elif flow.kind != "fanout":
+                    if undo_before != "undone":  # a failure with nothing to undo: no edge
+                        self.edges.append((node, undo_before, "fails", "fail"))
+                    if undo is not None:
+                        undone = True
+                        target = f"undo_{step.name.value}"
+                        self.nodes.append((target, f"compensate: {undo}", "undo"))
+                        self.edges.append((target, undo_before, "then", "undo"))
+                        undo_before = target
+                previous, label = node, None
+            self.edges.append((previous, end, label, "next"))
+        if undone:
+            self.nodes.append(("undone", "compensated", "undone"))
+
+
 def _dot_text(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+_DOT_NODES = {
+    "start": '[shape=circle, label="", width=0.25, style=filled, fillcolor=black]',
+    "done": '[shape=doublecircle, label="", width=0.2, style=filled, fillcolor=black]',
+    "undone": "[shape=doublecircle, label={label}, color=firebrick, fontcolor=firebrick]",
+    "gather": "[shape=hexagon, label={label}]",
+    "step": "[label={label}]",
+    "undo": '[label={label}, shape=box, style="dashed", color=firebrick]',
+}
+_DOT_EDGES = {
+    "next": "",
+    # A failure or compensation edge must not pull the steps out of their row.
+    "fail": "style=dashed, color=firebrick, constraint=false",
+    "undo": "style=dashed, color=firebrick",
+}
+
+
 def flow_dot(flow: Flow) -> str:
-    """Steps as boxes from start to done; branches labelled with their case; compensations as
-    dashed red edges from each compensated step to a compensation node."""
+    """Steps as boxes from start to done (branches labelled with their case, a fan-out's
+    replies gathered), compensations as dashed red boxes and edges (see _Drawing)."""
     name = flow.name.value
-    title = f"{name} ({flow.kind})"
-    if flow.kind == "fanout":
-        quorum = flow.quorum.text if flow.quorum else str(len(flow.steps))
-        within = f" within {flow.within.text}" if flow.within else ""
-        title += f" quorum {quorum}{within}"
     lines = [
         f"digraph {_dot_text(name)} {{",
         "    rankdir=LR;",
-        f"    label={_dot_text(title)};",
+        f"    label={_dot_text(_title(flow))};",
         "    labelloc=t;",
         '    node [shape=box, style="rounded", fontname="Helvetica"];',
         '    edge [fontname="Helvetica"];',
-        '    start [shape=circle, label="", width=0.25, style=filled, fillcolor=black];',
-        '    done [shape=doublecircle, label="", width=0.2, style=filled, fillcolor=black];',
     ]
-    for case, steps in _lanes(flow):
-        previous, label = "start", case
-        for step in steps:
-            node = f"step_{step.name.value}"
-            lines.append(f"    {node} [label={_dot_text(_label(step))}];")
-            edge_label = f" [label={_dot_text(label)}]" if label else ""
-            lines.append(f"    {previous} -> {node}{edge_label};")
-            undo = _compensation(step)
-            if undo is not None:
-                lines.append(
-                    f"    undo_{step.name.value} [label={_dot_text('compensate: ' + undo)}, "
-                    'shape=box, style="dashed", color=firebrick];'
-                )
-                lines.append(
-                    f"    {node} -> undo_{step.name.value} "
-                    '[style=dashed, color=firebrick, label="on failure"];'
-                )
-            previous, label = node, None
-        edge_label = f" [label={_dot_text(label)}]" if label else ""
-        lines.append(f"    {previous} -> done{edge_label};")
+    drawing = _Drawing(flow)
+    for node, label, kind in drawing.nodes:
+        lines.append(f"    {node} {_DOT_NODES[kind].format(label=_dot_text(label))};")
+    for source, target, edge_label, kind in drawing.edges:
+        attributes = [a for a in (_DOT_EDGES[kind],) if a]
+        if edge_label:
+            attributes.append(f"label={_dot_text(edge_label)}")
+        suffix = f" [{', '.join(attributes)}]" if attributes else ""
+        lines.append(f"    {source} -> {target}{suffix};")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -225,20 +289,38 @@ def _mermaid_text(text: str) -> str:
     return f'"{escaped}"'
 
 
+_MERMAID_NODES = {
+    "start": "((start))",
+    "done": "(((done)))",
+    "undone": "((({label})))",
+    "gather": "{{{{{label}}}}}",
+    "step": "[{label}]",
+    "undo": "[{label}]",
+}
+
+
 def flow_mermaid(flow: Flow) -> str:
-    lines = ["flowchart LR", "    start((start))", "    done(((done)))"]
-    for case, steps in _lanes(flow):
-        previous, label = "start", case
-        for step in steps:
-            node = f"step_{step.name.value}"
-            lines.append(f"    {node}[{_mermaid_text(_label(step))}]")
-            arrow = f" -->|{_mermaid_text(label)}| " if label else " --> "
-            lines.append(f"    {previous}{arrow}{node}")
-            undo = _compensation(step)
-            if undo is not None:
-                lines.append(f"    undo_{step.name.value}[{_mermaid_text('compensate: ' + undo)}]")
-                lines.append(f"    {node} -.->|on failure| undo_{step.name.value}")
-            previous, label = node, None
-        arrow = f" -->|{_mermaid_text(label)}| " if label else " --> "
-        lines.append(f"    {previous}{arrow}done")
+    """The same drawing as flow_dot, with the flow's title (a fan-out's quorum and deadline)
+    as the diagram's title."""
+    # The title is names, a kind, a count and a duration: a JSON string is a YAML one.
+    lines = ["---", f"title: {json.dumps(_title(flow))}", "---", "flowchart LR"]
+    drawing = _Drawing(flow)
+    undos: list[str] = []
+    for node, label, kind in drawing.nodes:
+        shape = _MERMAID_NODES[kind].format(label=_mermaid_text(label))
+        lines.append(f"    {node}{shape}")
+        if kind in ("undo", "undone"):
+            undos.append(node)
+    red: list[str] = []
+    for number, (source, target, edge_label, kind) in enumerate(drawing.edges):
+        arrow = "-->" if kind == "next" else "-.->"
+        text = f"|{_mermaid_text(edge_label)}|" if edge_label else ""
+        lines.append(f"    {source} {arrow}{text} {target}")
+        if kind != "next":
+            red.append(str(number))
+    if undos:
+        lines.append("    classDef undo stroke:#b22222,color:#b22222,stroke-dasharray:4 3")
+        lines.append(f"    class {','.join(undos)} undo")
+    if red:
+        lines.append(f"    linkStyle {','.join(red)} stroke:#b22222")
     return "\n".join(lines) + "\n"

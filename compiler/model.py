@@ -353,6 +353,15 @@ class Group(Node):
     suppressions: tuple[Suppression, ...] = ()
 
 
+class AlwaysAccept(Node):
+    """`always accept Event [except A, B]`: every state but the final ones and the ones
+    listed handles or ignores the event (E123 names a state that does neither)."""
+
+    event: Name
+    exceptions: tuple[Name, ...] = ()
+    doc: str | None = None
+
+
 class Setting(Node):
     """`setting name between LOW and HIGH`: a duration supplied when the machine is loaded."""
 
@@ -426,6 +435,7 @@ class Machine(Node):
     machine_timers: tuple[MachineTimer, ...] = ()
     # `data { ... }`: what each instance keeps beside its state (set by `keep`).
     data: tuple[Field, ...] = ()
+    always: tuple[AlwaysAccept, ...] = ()
     suppressions: tuple[Suppression, ...] = ()
     path: str
     source_sha256: str

@@ -173,6 +173,12 @@ _HELP: dict[str, tuple[str, str]] = {
         "state as a step, or ends in its own state.",
         "Give the ladder distinct ordinary step states and an end elsewhere.",
     ),
+    "E123": (
+        "The machine declares `always accept Event` (an event that can come at any moment, "
+        "such as a chargeback), but a state that is neither final nor listed after `except` "
+        "has no row for it and does not ignore it: the event would be refused there.",
+        "Add `on Event -> ...` or `ignore Event` to the state, or list the state after `except`.",
+    ),
     "E130": (
         "A name cannot stand in generated Python code (not an ASCII identifier, a keyword, or "
         "an attribute of the generated types).",
@@ -228,8 +234,10 @@ _HELP: dict[str, tuple[str, str]] = {
         "state.",
     ),
     "E164": (
-        "Two steps of a parallel or fanout flow write the same governor instance; they would "
-        "race for its version.",
+        "Two steps of a parallel or fanout flow write the same governor instance, or may: "
+        "the flow's own instance and one an input names (`to customer_id` is the flow's own "
+        "in a flow started for that customer), or two inputs' instances; they would race for "
+        "its version.",
         "Merge the two steps, or move one into a sequence before or after the parallel flow.",
     ),
     "E165": (

@@ -120,6 +120,7 @@ RULES = (
     "keeps",
     "keep_item",
     "data_decl",
+    "always_decl",
 )
 
 Rule = Callable[[SourceSpan | None, list[Any]], Any]
@@ -649,6 +650,16 @@ class ModelBuilder:
             suppressions=tuple(notes),
         )
 
+    def always_decl(self, span: SourceSpan, children: list[Any]) -> m.AlwaysAccept:
+        _, rest, clauses = self._split(children)
+        return construct(
+            m.AlwaysAccept,
+            span=span,
+            event=rest[0],
+            exceptions=tuple(rest[1:]),
+            doc=clauses.get("doc"),
+        )
+
     def data_decl(self, span: SourceSpan, children: list[Any]) -> _Clause:
         _, rest, _ = self._split(children)
         return _Clause("data", tuple(c for c in rest if isinstance(c, m.Field)))
@@ -738,6 +749,7 @@ class ModelBuilder:
             settings=tuple(c for c in members if isinstance(c, m.Setting)),
             machine_timers=tuple(c for c in members if isinstance(c, m.MachineTimer)),
             data=data,
+            always=tuple(c for c in members if isinstance(c, m.AlwaysAccept)),
             suppressions=tuple(notes),
             path=self.path,
             source_sha256=self.sha256,

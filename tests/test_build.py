@@ -207,3 +207,11 @@ def test_committed_generated_tree_is_up_to_date() -> None:
     assert (result.stale, result.missing, result.orphaned) == ([], [], []), (
         "run `autonomic build` and commit generated/"
     )
+
+
+def test_build_check_counts_the_flows_too(capsys: pytest.CaptureFixture[str]) -> None:
+    from autonomic.compiler.cli import main
+
+    assert main(["build", "--check", "--out", str(ROOT / "generated"), str(ROOT / "machines")]) == 0
+    out = capsys.readouterr().out
+    assert out == f"{ROOT / 'generated'} is up to date (7 machines and 5 flows)\n"

@@ -709,3 +709,41 @@ def test_severities_follow_the_code_table() -> None:
         expected = CODES[diagnostic.code][0]
         assert diagnostic.severity is expected
         assert (diagnostic.severity is Severity.WARNING) == diagnostic.code.startswith("W")
+
+
+def test_a_flows_file_alone_is_checked_against_the_machines_beside_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`autonomic check machines/flows.fsm`: the machines the flows name are read from the
+    same folder (not reported on), instead of 32 E160 'unknown machine'."""
+    from autonomic.compiler.cli import main
+
+    flows = REPO / "machines" / "flows.fsm"
+    report = check_paths([flows])
+    assert report.diagnostics == [] and len(report.flows) == 5 and report.machines == []
+    named = {"Billing", "Compliance", "CustomerAccount", "Entitlement", "QuotaSla", "Subscription"}
+    assert {m.name.value for m in report.known} == named  # the machines the flows name
+    assert main(["check", str(flows)]) == 0
+    assert capsys.readouterr().out.strip() == "1 file checked, no findings"
+    # Without the machines beside it, the unknown names are still reported.
+    alone = tmp_path / "flows.fsm"
+    alone.write_bytes(flows.read_bytes())
+    assert set(codes(check_paths([alone]).diagnostics)) == {"E160"}
+
+
+def test_always_accept_finds_a_charge_state_without_a_dispute_row(tmp_path: Path) -> None:
+    """Billing declares `always accept PaymentDisputed`: with the row dropped from a retry
+    attempt in flight (as it was missing before), the check names that state."""
+    text = (REPO / "machines" / "billing.fsm").read_text(encoding="utf-8")
+    state = 'state Retry2Charging "'
+    start = text.index(state)
+    row = "    on PaymentDisputed -> Disputed do freeze_disputed_funds\n"
+    at = text.index(row, start)
+    assert at < text.index("  }\n", start)
+    for source in (REPO / "machines").glob("*.fsm"):
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    assert check_paths([tmp_path]).diagnostics == []
+    (tmp_path / "billing.fsm").write_text(text[:at] + text[at + len(row) :], encoding="utf-8")
+    (found,) = check_paths([tmp_path]).diagnostics
+    assert (found.code, found.span.line) == ("E123", text[:start].count("\n") + 1)
+    assert "'Retry2Charging' neither handles nor ignores 'PaymentDisputed'" in found.message

@@ -357,3 +357,45 @@ def test_the_generated_diagrams_show_the_downgrades_notices() -> None:
     assert "refusal_code = $refusal_code)" in dot
     mermaid = (generated / "subscription.mmd").read_text()
     assert "<br/>if refused TierChangeFailed(stage#160;=#160;#34;quota#34;, " in mermaid
+
+
+def _flow_edges(text: str, arrow: str) -> set[tuple[str, str, str]]:
+    """(from, to, label) of each edge of a generated flow diagram (DOT or Mermaid)."""
+    found: set[tuple[str, str, str]] = set()
+    for line in text.splitlines():
+        if arrow == "->":
+            match = re.match(r"\s*(\w+) -> (\w+)(?: \[.*?label=\"([^\"]*)\")?", line)
+        else:
+            match = re.match(r"\s*(\w+) -\.?-?\.?->(?:\|\"([^\"]*)\"\|)? (\w+)$", line)
+            if match:
+                found.add((match.group(1), match.group(3), match.group(2) or ""))
+            continue
+        if match:
+            found.add((match.group(1), match.group(2), match.group(3) or ""))
+    return found
+
+
+def test_flow_diagrams_draw_compensation_as_it_runs() -> None:
+    """A failed step leads to the compensation of the newest completed step before it, each
+    compensation to the one before, down to `compensated`: never from a step to its own
+    compensation (which reads "if this step fails, run X") in a sequence or saga. A parallel
+    flow's steps are each undone by their own; a fan-out shows its quorum and deadline."""
+    generated = Path(__file__).resolve().parents[1] / "generated"
+    for suffix, arrow in ((".dot", "->"), (".mmd", "-->")):
+        upgrade = _flow_edges((generated / f"flow_subscription_upgrade{suffix}").read_text(), arrow)
+        assert {
+            ("step_charge_proration", "undo_create_order", "fails"),
+            ("step_paid", "undo_charge_proration", "fails"),
+            ("step_grant_tier", "undo_charge_proration", "fails"),
+            ("step_allocate_quota", "undo_grant_tier", "fails"),
+            ("undo_grant_tier", "undo_charge_proration", "then"),
+            ("undo_charge_proration", "undo_create_order", "then"),
+            ("undo_create_order", "undone", "then"),
+        } <= upgrade, suffix
+        assert not [e for e in upgrade if e[0].startswith("step_") and e[1] == "undo_" + e[0][5:]]
+        # Nothing to undo before the first send: no failure edge from the steps before it.
+        assert not [e for e in upgrade if e[0] == "step_create_order" and e[2] == "fails"]
+        signup = _flow_edges((generated / f"flow_customer_signup{suffix}").read_text(), arrow)
+        assert ("step_trial", "undo_trial", "undo") in signup
+        neighbour = (generated / f"flow_noisy_neighbour{suffix}").read_text()
+        assert "quorum 2 of 3 within 30s" in neighbour
