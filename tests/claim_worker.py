@@ -1,5 +1,5 @@
 """One dispatcher process for the outside-call claim tests:
-`python claim_worker.py STORE KEYS LEASE_MS`.
+`python claim_worker.py STORE KEYS LEASE_MS [fire]`.
 
 It charges Billing instance c1 with event id charge-c1 on STORE (an SQLite path or a
 PostgreSQL URL), with a claim lease of LEASE_MS. It tells its parent on stdout, one line
@@ -8,11 +8,18 @@ when it finds the event id claimed by another dispatcher, "calling" when its pro
 called (it then waits for a line on stdin: the processor's answer), "charged" when that
 call returns, and at the end "result VERSION SEQ", or "error CODE" and the diagnostic's hint
 when the dispatch fails with a runtime failure.
+
+With `fire` it charges nothing: it fires the timers due an hour after billing_world.START
+(c1's retry ladder step, whose `retry_charge` is the processor) and ends with "result fired
+N" (N firings) or the error and its hint; with `fire-until` it fires again every 20 ms until
+one fires (a timer claimed or leased by another process is left to it meanwhile). On
+PostgreSQL LEASE_MS is also its worker lease on due timers.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,8 +63,8 @@ def processor(ctx: Any) -> dict[str, str]:
     return {"captured": ctx.instance}
 
 
-def main(location: str, keys: str, lease_ms: int) -> None:
-    store = open_store(location)
+def main(location: str, keys: str, lease_ms: int, mode: str = "charge") -> None:
+    store = open_store(location, lease_ms=None if mode == "charge" else lease_ms)
     tell_waiting(store)
     runtime = Runtime(
         store,
@@ -66,10 +73,13 @@ def main(location: str, keys: str, lease_ms: int) -> None:
         claim_lease_ms=lease_ms,
     )
     actions: dict[str, Any] = {name: noop for name in BILLING.actions}
-    actions["submit_charge"] = processor
+    actions["submit_charge"] = actions["retry_charge"] = processor
     runtime.load(BILLING, {name: yes for name in BILLING.guards}, actions)
     say("ready")
     sys.stdin.readline()
+    if mode != "charge":
+        fire(runtime, until=mode == "fire-until")
+        return
     payload = {"customer_id": "c1", "invoice_id": "i1", "amount": "99.00", "idempotency_key": "k1"}
     try:
         result = runtime.governor("Billing").dispatch(
@@ -83,5 +93,22 @@ def main(location: str, keys: str, lease_ms: int) -> None:
     runtime.close()
 
 
+def fire(runtime: Runtime, *, until: bool) -> None:
+    """Fire what is due an hour after START (`until`: until something fires, at most 60 s)."""
+    fired: list[object] = []
+    try:
+        for _ in range(3000 if until else 1):
+            fired = list(runtime.fire_due(START + 3_600_000))
+            if fired:
+                break
+            time.sleep(0.02)
+    except RuntimeFailure as failure:
+        say(f"error {failure.code}")
+        say(f"hint {failure.hint}")
+    else:
+        say(f"result fired {len(fired)}")
+    runtime.close()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:])

@@ -7,6 +7,7 @@ replay checks the stored data against it."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,7 @@ def forge_kept_entry(stores: Stores) -> None:
         f"SELECT {columns}, prev_hash FROM ledger WHERE kind = '{KEPT}' AND instance = '{CASE}'",
     )[0]
     digest = kept_digest(FORGED)
-    new_hash = entry_hash(row[0], row[1], tuple(row[2:10]), digest, bytes(row[10]))  # type: ignore[arg-type]
+    new_hash = entry_hash(row[0], row[1], tuple(row[2:10]), digest, bytes(row[10]))
     stores.rows(
         "m",
         f"UPDATE ledger SET payload_sha256 = {literal(stores, digest)}, "
@@ -60,18 +61,24 @@ def literal(stores: Stores, data: bytes) -> str:
     return f"x'{data.hex()}'" if stores.kind == "sqlite" else f"'\\x{data.hex()}'::bytea"
 
 
-TAMPERS = {
-    "data changed": lambda stores: stores.rows(
-        "m", f"UPDATE instance_data SET data = '{FORGED}' WHERE instance = '{CASE}'"
-    ),
-    "data changed, kept entry forged": lambda stores: (
-        stores.rows("m", f"UPDATE instance_data SET data = '{FORGED}' WHERE instance = '{CASE}'"),
-        forge_kept_entry(stores),
-    ),
-    "data changed, kept entry deleted": lambda stores: (
-        stores.rows("m", f"UPDATE instance_data SET data = '{FORGED}' WHERE instance = '{CASE}'"),
-        stores.rows("m", f"DELETE FROM ledger WHERE kind = '{KEPT}' AND instance = '{CASE}'"),
-    ),
+def change_data(stores: Stores) -> None:
+    stores.rows("m", f"UPDATE instance_data SET data = '{FORGED}' WHERE instance = '{CASE}'")
+
+
+def change_data_forge_entry(stores: Stores) -> None:
+    change_data(stores)
+    forge_kept_entry(stores)
+
+
+def change_data_delete_entry(stores: Stores) -> None:
+    change_data(stores)
+    stores.rows("m", f"DELETE FROM ledger WHERE kind = '{KEPT}' AND instance = '{CASE}'")
+
+
+TAMPERS: dict[str, Callable[[Stores], None]] = {
+    "data changed": change_data,
+    "data changed, kept entry forged": change_data_forge_entry,
+    "data changed, kept entry deleted": change_data_delete_entry,
 }
 REASONS = {
     "data changed": "the kept data of Compliance 'case-1' is not what ledger entry",

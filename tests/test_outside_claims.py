@@ -86,14 +86,20 @@ def test_the_memory_store_renews_only_the_holders_claims() -> None:
 
 
 class Dispatcher:
-    """A claim_worker.py process charging c1 with event id charge-c1 (or, with
-    `worker=FLOW_WORKER`, a flow_claim_worker.py process driving c1's upgrade run)."""
+    """A claim_worker.py process charging c1 with event id charge-c1 (with mode "fire":
+    firing c1's due retry timer; with `worker=FLOW_WORKER`, a flow_claim_worker.py process
+    driving c1's upgrade run)."""
 
     def __init__(
-        self, location: str, keys: Path, lease_ms: int = 60_000, worker: Path = WORKER
+        self,
+        location: str,
+        keys: Path,
+        lease_ms: int = 60_000,
+        worker: Path = WORKER,
+        *mode: str,
     ) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(worker), location, str(keys), str(lease_ms)],
+            [sys.executable, str(worker), location, str(keys), str(lease_ms), *mode],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -471,6 +477,55 @@ def test_a_flow_step_resumed_by_two_runtimes_at_once_charges_once(
     assert final.status == "completed", results
     first.close()
     second.close()
+
+
+def test_a_timer_firing_whose_holder_stalled_past_its_lease_is_stored_once(
+    stores: Stores, keys: Path
+) -> None:
+    """c1's retry ladder step (retry_charge, a policy's action) is due. The first firing
+    process is stopped (SIGSTOP) at its processor for longer than its 1 s lease; the second
+    fires the timer meanwhile (on SQLite it takes the firing's claim over, on PostgreSQL the
+    timer's worker lease) and commits. The first, continued, gets its processor's answer and
+    stores nothing: on SQLite its unit finds the claim gone and refuses (R026, with a hint);
+    on PostgreSQL it finds the timer fired. One firing in the ledger, the instance moved once,
+    the processor called by both (the call its stalled holder made cannot be taken back)."""
+    runtime = open_billing(stores.open(), keys, VirtualClock(START), Processor())
+    billing = runtime.governor("Billing")
+    billing.create("c1")
+    billing.dispatch("c1", "ChargeRequested", PAYLOAD)
+    failure = {"customer_id": "c1", "idempotency_key": "k1", "reason": "declined"}
+    assert billing.dispatch("c1", "PaymentFailed", failure).to_state == "Retry1"
+    runtime.close()
+    first = Dispatcher(stores.location(), keys, 1000, WORKER, "fire")
+    second = Dispatcher(stores.location(), keys, 1000, WORKER, "fire-until")
+    try:
+        assert first.go() == "calling"
+        os.kill(first.process.pid, signal.SIGSTOP)
+        try:
+            if stores.kind == "sqlite":
+                assert second.go() == "waiting"  # the timer's firing is claimed
+                assert second.line() == "calling"  # the stopped holder's lease ran out
+            else:  # a timer leased to another worker is not listed as due
+                assert second.go() == "calling"
+            second.answer()
+            assert second.finish() == ["charged", "result fired 1"]
+        finally:
+            os.kill(first.process.pid, signal.SIGCONT)
+        first.answer()
+        if stores.kind == "sqlite":
+            lines = first.finish_failed()
+            assert lines[:2] == ["charged", "error R026"]
+            assert "the other runtime's result stands" in lines[2]
+        else:
+            assert first.finish() == ["charged", "result fired 0"]
+    finally:
+        first.kill()
+        second.kill()
+    firings = stores.rows(
+        "s", "SELECT count(*) FROM ledger WHERE instance = 'c1' AND kind IN ('timer', 'escalation')"
+    )
+    assert firings == [(1,)]
+    assert stores.rows("s", "SELECT version FROM instances WHERE instance = 'c1'") == [(4,)]
 
 
 def test_two_runtimes_firing_one_retry_timer_call_the_processor_once(
