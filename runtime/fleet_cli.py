@@ -8,13 +8,29 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from .errors import RuntimeFailure, failure_diagnostic
 from .store.locate import STORE_ENV, is_postgres_url, redact, store_location
 
+if TYPE_CHECKING:
+    from .ledger import RootLike
+
 __all__ = ["add_store_argument", "register", "resolve_store"]
 
 STORE_HINT = f"pass --store postgresql://USER@HOST/DB (or an SQLite file), or set {STORE_ENV}"
+# Said instead of the library's hint (which names Runtime(trusted_root=...)) when the store's
+# chain of keys does not start at the root the worker pinned: by default, and as given.
+WORKER_ROOT_HINT = (
+    "the worker pins the ledger root that its --keys folder records (trusted-root.json, "
+    "written by `autonomic keygen --retire`), else its own key: pin the ledger's root with "
+    "--public-key ROOT.public.json or --root FINGERPRINT (a folder rotated before "
+    "trusted-root.json existed records none); `autonomic audit verify` checks the store"
+)
+GIVEN_ROOT_HINT = (
+    "pass the key that started this store's ledger (its genesis entry names it): --public-key "
+    "ROOT.public.json or --root FINGERPRINT; `autonomic audit verify` checks the store"
+)
 
 
 def add_store_argument(parser: argparse.ArgumentParser, what: str) -> None:
@@ -67,9 +83,19 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from .checkpointing import ROOT_HINT
     from .worker import WorkerOptions, run_worker
 
     location = resolve_store(args.parser, args.store)
+    root: RootLike | None = None
+    if args.root is not None or args.public_key is not None:
+        from .audit_cli import _root_of  # as `audit verify` takes its root
+
+        args.usage_error = args.parser.error
+        pinned = _root_of(args)
+        if isinstance(pinned, int):
+            return pinned  # a usage error (2) or the key file's diagnostic (1), printed
+        root = pinned
     options = WorkerOptions(
         store=location,
         keys=args.keys,
@@ -79,10 +105,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         root_every_ms=args.root_every,
         batch=args.batch,
         lease_ms=args.lease,
+        root=root,
     )
     try:
         return run_worker(options, sys.stdout)
     except RuntimeFailure as failure:
+        if failure.hint == ROOT_HINT:
+            failure.hint = WORKER_ROOT_HINT if root is None else GIVEN_ROOT_HINT
         sys.stderr.write(failure_diagnostic(redact(location), failure, STORE_HINT) + "\n")
         return 1
 
@@ -131,6 +160,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     worker.add_argument(
         "--mode", choices=["checkpoint", "sign-each"], help="ledger mode of a new store"
+    )
+    pinned = worker.add_mutually_exclusive_group()
+    pinned.add_argument(
+        "--public-key",
+        metavar="FILE",
+        help="the ledger's root key (.public.json or .public.pem), as `audit verify` takes it "
+        "(default: the root --keys records in trusted-root.json, else the signing key)",
+    )
+    pinned.add_argument(
+        "--root",
+        metavar="FINGERPRINT",
+        help="the root key's fingerprint (64 hex digits, printed by keygen) instead of its file",
     )
     worker.add_argument(
         "--poll",

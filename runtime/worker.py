@@ -31,7 +31,7 @@ from typing import IO, Any
 from .errors import RuntimeFailure, StoreConfigError
 from .flows import FlowRunner
 from .keys import load_signer, load_trusted_root
-from .ledger import LedgerMode, LedgerSealer
+from .ledger import LedgerMode, LedgerSealer, RootLike
 from .runtime import Runtime
 from .store.locate import open_store, redact
 
@@ -48,6 +48,8 @@ class WorkerOptions:
     root_every_ms: int = 60_000
     batch: int = 500
     lease_ms: int = 30_000
+    # The ledger root pinned (None: the one the key folder records, else the signing key).
+    root: RootLike | None = None
 
 
 def load_app(target: str) -> Callable[[Runtime], Any]:
@@ -86,7 +88,7 @@ def run_worker(options: WorkerOptions, out: IO[str], *, stop: threading.Event | 
         runtime = Runtime(
             store,
             sealer=LedgerSealer(load_signer(options.keys), mode),
-            trusted_root=load_trusted_root(options.keys),
+            trusted_root=load_trusted_root(options.keys) if options.root is None else options.root,
         )
         loaded = app(runtime)
     except BaseException:
