@@ -33,7 +33,7 @@ from .errors import (
 )
 from .fleet_cli import STORE_HINT, add_store_argument
 from .instance_audit import verify_sqlite_store
-from .keychain import RootOfTrust, fingerprint
+from .keychain import fingerprint
 from .keys import (
     PRIVATE_SUFFIX,
     PublicKeyInfo,
@@ -53,12 +53,14 @@ from .ledger import (
     LedgerEntry,
     LedgerSealer,
     MalformedRecord,
-    RootLike,
     format_timestamp,
     read_ledger,
     write_jsonl,
 )
 from .ledger_ranges import verify_source
+from .root_options import KEY_HINT
+from .root_options import load_root as _load_root
+from .root_options import root_of as _root_of
 from .store.locate import STORE_ENV, is_postgres_url, redact, store_location
 from .witness import read_witness_file
 
@@ -72,7 +74,6 @@ LEDGER_ARG_HELP = (
 )
 # Hints for failures that carry none, by the argument the failing file came from.
 LEDGER_HINT = "pass the runtime's SQLite store file or a file written by `autonomic audit export`"
-KEY_HINT = "pass the <key_id>.public.json (or .public.pem) written by `autonomic keygen`"
 KEY_DIR_HINT = "pass a new folder, for example keys/2026 (keygen never overwrites a key)"
 RETIRE_HINT = "pass the older key's <key_id>.public.json, which records its validity window"
 CHECKPOINT_HINT = "pass a file written by `autonomic audit checkpoint LEDGER --out FILE`"
@@ -107,33 +108,6 @@ def _printable(text: object) -> str:
     """Stored text shown on a terminal: control and bidi characters are escaped."""
     shown = str(text)
     return shown if shown.isprintable() else repr(shown)[1:-1]
-
-
-def _load_root(path: str) -> PublicKeyInfo | tuple[str, RuntimeFailure]:
-    """The pinned root key from a public key file, or the diagnostic's path and failure."""
-    try:
-        if Path(path).is_dir():
-            raise KeyFileError(
-                f"{path} is a directory",
-                hint="pass the root key's <key_id>.public.json file",
-            )
-        return load_public_key(path)
-    except RuntimeFailure as failure:
-        return path, failure
-
-
-def _root_of(args: argparse.Namespace) -> RootLike | int:
-    """The root of trust `audit verify` pins: --public-key FILE or --root FINGERPRINT."""
-    if args.root is not None:
-        try:
-            return RootOfTrust.of(args.root)
-        except ValueError as exc:
-            args.usage_error(f"--root: {exc}")  # exits with status 2
-            return EXIT_USAGE
-    loaded = _load_root(args.public_key)
-    if isinstance(loaded, tuple):
-        return _diagnostic(*loaded, KEY_HINT)
-    return loaded
 
 
 def _head_format(path: Path) -> object:

@@ -89,10 +89,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     location = resolve_store(args.parser, args.store)
     root: RootLike | None = None
     if args.root is not None or args.public_key is not None:
-        from .audit_cli import _root_of  # as `audit verify` takes its root
+        from .root_options import root_of  # as `audit verify` takes its root
 
         args.usage_error = args.parser.error
-        pinned = _root_of(args)
+        pinned = root_of(args)
         if isinstance(pinned, int):
             return pinned  # a usage error (2) or the key file's diagnostic (1), printed
         root = pinned
