@@ -760,3 +760,37 @@ def test_the_ledger_with_flow_entries_verifies(tmp_path: Path) -> None:
     keyring = Keyring([signer.public_info()])
     report = runtime.verify(keyring)
     assert report.ok, report
+
+
+@pytest.mark.parametrize("api", ["sync", "asyncio"])
+def test_a_driver_whose_run_another_driver_finished_meanwhile_returns_its_end(
+    tmp_path: Path, api: str
+) -> None:
+    """Two runtimes on one SQLite file drive the same upgrade run: while the first is at the
+    charge step (its before_step hook), the second drives the whole run to its end. The first's
+    charge is then a repeat of the step's event id (nothing charged again), and its write of
+    the run finds the run moved on (R020 on the flow id, raised out of start before): it reads
+    the run again and returns it completed."""
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    other, other_runner, other_world = marketplace(SQLiteStore(tmp_path / "m.db"), signer=signer)
+    active_customer(other, other_runner, "c1")
+    overtaken: list[FlowResult] = []
+
+    def overtake(ctx: StepContext) -> None:
+        if ctx.step == "charge_proration" and not overtaken:
+            overtaken.append(other_runner.start("SubscriptionUpgrade", "c1", upgrade_inputs("c1")))
+
+    runtime, runner, world = marketplace(
+        SQLiteStore(tmp_path / "m.db"), signer=signer, before_step=overtake
+    )
+    inputs = upgrade_inputs("c1")
+    if api == "sync":
+        result = runner.start("SubscriptionUpgrade", "c1", inputs)
+    else:
+        result = asyncio.run(runner.start_async("SubscriptionUpgrade", "c1", inputs))
+    assert [r.status for r in overtaken] == ["completed"]
+    assert result.status == "completed" and result.steps == overtaken[0].steps
+    charges = world.payments.submitted + other_world.payments.submitted
+    assert charges.count("up-c1") == 1
+    runtime.close()
+    other.close()
