@@ -770,7 +770,8 @@ def test_a_driver_whose_run_another_driver_finished_meanwhile_returns_its_end(
     charge step (its before_step hook), the second drives the whole run to its end. The first's
     charge is then a repeat of the step's event id (nothing charged again), and its write of
     the run finds the run moved on (R020 on the flow id, raised out of start before): it reads
-    the run again and returns it completed."""
+    the run again and returns it completed. (The second driver's run waits for the charge's
+    capture: the processor's webhook comes, and it resumes the run to its end.)"""
     signer = Signer.from_private_key(Ed25519PrivateKey.generate())
     other, other_runner, other_world = marketplace(SQLiteStore(tmp_path / "m.db"), signer=signer)
     active_customer(other, other_runner, "c1")
@@ -778,7 +779,11 @@ def test_a_driver_whose_run_another_driver_finished_meanwhile_returns_its_end(
 
     def overtake(ctx: StepContext) -> None:
         if ctx.step == "charge_proration" and not overtaken:
-            overtaken.append(other_runner.start("SubscriptionUpgrade", "c1", upgrade_inputs("c1")))
+            ended = other_runner.start("SubscriptionUpgrade", "c1", upgrade_inputs("c1"))
+            if ended.status == "waiting":  # for the capture of the charge
+                capture_proration(other, "c1")
+                ended = other_runner.resume(ended.flow_id)
+            overtaken.append(ended)
 
     runtime, runner, world = marketplace(
         SQLiteStore(tmp_path / "m.db"), signer=signer, before_step=overtake
