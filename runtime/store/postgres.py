@@ -400,14 +400,11 @@ class PostgresTransaction:
         self._execute(_INSERT_CHECKPOINT_SQL, (self._part(), *checkpoint.as_row()))
 
     def processed(self, machine: str, event_id: str) -> str | None:
-        row = self._execute(_PROCESSED_SQL, (machine, event_id)).fetchone()
+        row = self._anchor.dedup_row(
+            self._execute, _PROCESSED_SQL, "processed_events", machine, event_id, event_id
+        )
         if row is None:
-            seq = self._anchor.missing(self._execute, machine, event_id)
-            if seq is None:
-                return None
-            row = self._execute(_PROCESSED_SQL, (machine, event_id)).fetchone()  # since?
-            if row is None:
-                raise self._anchor.deleted("processed_events", machine, event_id, seq)
+            return None
         return str(self._seals.stored_result("processed_events", row)[3])
 
     def record_processed(
@@ -421,14 +418,12 @@ class PostgresTransaction:
         )
 
     def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
-        row = self._execute(_IDEMPOTENCY_SQL, (machine, key)).fetchone()
+        event_id = idempotency_event_id(machine, key)
+        row = self._anchor.dedup_row(
+            self._execute, _IDEMPOTENCY_SQL, "idempotency_keys", machine, key, event_id
+        )
         if row is None:
-            seq = self._anchor.missing(self._execute, machine, idempotency_event_id(machine, key))
-            if seq is None:
-                return None
-            row = self._execute(_IDEMPOTENCY_SQL, (machine, key)).fetchone()  # since?
-            if row is None:
-                raise self._anchor.deleted("idempotency_keys", machine, key, seq)
+            return None
         values = self._seals.stored_result("idempotency_keys", row)
         return values[2], values[3]
 

@@ -472,6 +472,28 @@ class LedgerAnchor:
             f"AND kind = {mark} ORDER BY seq DESC LIMIT 1"
         )
 
+    def dedup_row(
+        self,
+        execute: Callable[..., Any],
+        row_sql: str,
+        table: str,
+        machine: str,
+        key: str,
+        event_id: str,
+    ) -> Any:
+        """The dedup row of (machine, key) read by `row_sql`, or None if it never was; a row
+        the ledger records (`event_id`) and is gone is StoreIntegrityError (deleted). Read
+        again after the probe: another process may have committed it since."""
+        row = execute(row_sql, (machine, key)).fetchone()
+        if row is None:
+            seq = self.missing(execute, machine, event_id)
+            if seq is None:
+                return None
+            row = execute(row_sql, (machine, key)).fetchone()
+            if row is None:
+                raise self.deleted(table, machine, key, seq)
+        return row
+
     def horizon(self, execute: Callable[..., Any]) -> int:
         """The store's purge horizon (0 if none is sealed under this key)."""
         stored = execute(self._horizon_sql, (DEDUP_HORIZON,)).fetchone()
