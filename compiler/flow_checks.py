@@ -199,6 +199,33 @@ def check_flow_shape(flow: Flow, receivers: Mapping[str, Receiver]) -> Iterator[
             )
         if step.kind == "await" and kind in ("parallel", "fanout"):
             yield _shape(step.span, "a parallel flow's steps send; await in a sequence")
+    for step in never_undone(flow):
+        if step.compensate is not None:
+            why = (
+                "a fanout compensates nothing"
+                if kind == "fanout"
+                else "the run completes in the commit of its last step, so nothing after it "
+                "can fail"
+            )
+            yield _shape(
+                step.compensate.span,
+                f"the compensation of step '{step.name.value}' never runs: {why}",
+                "remove `compensate ...` (E162 asks for none here)",
+            )
+
+
+def never_undone(flow: Flow) -> tuple[FlowStep, ...]:
+    """The steps no failure ever compensates: a fanout's (it gathers, it compensates nothing)
+    and the last step of a sequence, a saga or a conditional branch (its success completes
+    the run in the same commit, so no step fails after it)."""
+    if flow.kind == "fanout":
+        return flow.steps
+    if flow.kind == "parallel":
+        return ()
+    chains = (
+        [branch.steps for branch in flow.branches] if flow.kind == "conditional" else [flow.steps]
+    )
+    return tuple(chain[-1] for chain in chains if chain)
 
 
 def _shape(
@@ -378,9 +405,13 @@ def _named(ref: EventRef, value: str) -> set[str]:
 
 
 def check_flow_compensation(flow: Flow, receivers: Mapping[str, Receiver]) -> Iterator[Diagnostic]:
-    """E162: a step that sends (a side effect) is compensated or marked irreversible. Compute
-    steps are pure; await steps only watch."""
+    """E162: a step that sends (a side effect) is compensated or marked irreversible, where a
+    failure could undo it (not in never_undone). Compute steps are pure; await steps only
+    watch."""
+    spared = {step.name.value for step in never_undone(flow)}
     for step in flow.all_steps():
+        if step.name.value in spared:
+            continue
         if step.kind == "send" and step.compensate is None and not step.irreversible:
             yield fail(
                 "E162",

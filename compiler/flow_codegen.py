@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 
 from .codegen import COMPILER_VERSION, CONTRACT_MODULE, has_long_lines
 from .diagram import visible
-from .flow_checks import flow_module
+from .flow_checks import flow_module, never_undone
 from .lower import _emit_arg
 from .model import Event, EventRef, Field, Flow, FlowStep, Machine
 from .pyformat import fit_lines, quote
@@ -192,8 +192,9 @@ class _Drawing:
     the runtime runs it: a failed step leads to the compensation of the newest completed
     step before it, and each compensation to the one before that, down to `compensated`
     (a sequence, a saga and each branch of a conditional flow; a failure with nothing
-    before it to undo draws no edge); in a parallel flow, where the finished branches are
-    undone when another fails, each step points to its own compensation with `undo`."""
+    before it to undo draws no edge; nothing undoes the last step, whose success completes
+    the run); in a parallel flow, where the finished branches are undone when another fails,
+    each step points to its own compensation with `undo`."""
 
     def __init__(self, flow: Flow) -> None:
         self.nodes: list[tuple[str, str, str]] = []  # id, label, kind
@@ -209,6 +210,7 @@ class _Drawing:
             end = "gather"
             self.nodes.append(("gather", visible(f"fan-in: {_gathering(flow)}"), "gather"))
             self.edges.append(("gather", "done", None, "next"))
+        spared = {step.name.value for step in never_undone(flow)}  # E165 if compensated
         for case, steps in _lanes(flow):
             previous, label = "start", case
             undo_before = "undone"  # where a failure here starts compensating
@@ -216,7 +218,7 @@ class _Drawing:
                 node = f"step_{step.name.value}"
                 self.nodes.append((node, _label(step), "step"))
                 self.edges.append((previous, node, label, "next"))
-                undo = _compensation(step)
+                undo = None if step.name.value in spared else _compensation(step)
                 if flow.kind == "parallel":
                     if undo is not None:
                         target = f"undo_{step.name.value}"

@@ -223,7 +223,9 @@ _HELP: dict[str, tuple[str, str]] = {
     ),
     "E162": (
         "A flow step that sends an event has side effects, but neither a compensation nor the "
-        "`irreversible` marker: a failure later in the flow could not undo it.",
+        "`irreversible` marker: a failure later in the flow could not undo it. The last step "
+        "of a sequence, a saga or a conditional branch and a fanout's steps need neither: no "
+        "failure is compensated after them.",
         "Add `compensate Machine.Event(...)`, or `irreversible` if nothing can undo it.",
     ),
     "E163": (
@@ -244,7 +246,9 @@ _HELP: dict[str, tuple[str, str]] = {
         "A flow's clauses do not fit its kind: `on`/`when` outside a conditional flow or a "
         "branch missing or unknown, `within`/`quorum` outside a fanout or a quorum outside "
         "1..steps, a compensation beside a step that does not send, both `compensate` and "
-        "`irreversible`, or `await` in a parallel flow.",
+        "`irreversible`, a compensation that never runs (of the last step of a sequence, a "
+        "saga or a conditional branch, whose success completes the run, or of a fanout's "
+        "step), or `await` in a parallel flow.",
         "Write the flow as the flows section of the language reference shows for its kind.",
     ),
     "E170": (

@@ -399,3 +399,26 @@ def test_flow_diagrams_draw_compensation_as_it_runs() -> None:
         assert ("step_trial", "undo_trial", "undo") in signup
         neighbour = (generated / f"flow_noisy_neighbour{suffix}").read_text()
         assert "quorum 2 of 3 within 30s" in neighbour
+
+
+def test_every_node_of_each_flow_diagram_is_reached_from_its_start() -> None:
+    """Each drawn step and compensation is reached from `start` along the drawn edges: no
+    compensation drawn that no failure leads to (the upgrade's last step once had one)."""
+    generated = Path(__file__).resolve().parents[1] / "generated"
+    diagrams = sorted(generated.glob("flow_*.dot")) + sorted(generated.glob("flow_*.mmd"))
+    assert len(diagrams) == 10
+    for path in diagrams:
+        text = path.read_text()
+        dot = path.suffix == ".dot"
+        pattern = r"^    (\w+) \[" if dot else r"^    (\w+)[\[(\{]"
+        nodes = set(re.findall(pattern, text, re.MULTILINE)) - {"node", "edge"}
+        assert {"start", "done"} <= nodes, path.name
+        edges = _flow_edges(text, "->" if dot else "-->")
+        reached, frontier = {"start"}, ["start"]
+        while frontier:
+            node = frontier.pop()
+            for source, target, _ in edges:
+                if source == node and target not in reached:
+                    reached.add(target)
+                    frontier.append(target)
+        assert nodes - reached == set(), path.name
