@@ -183,7 +183,7 @@ class GroupCommit(Generic[W]):
 class AsyncBatcher(Generic[W]):
     """Gathers the units of work of coroutines on one event loop into group commits.
 
-    A coroutine queues its unit and awaits a future. The first unit queued while no batch is
+    A coroutine queues its units and awaits a future. The first unit queued while no batch is
     in flight starts a drain task, which hands everything queued to `GroupCommit.submit_many`
     in a worker thread (so the event loop keeps running during the statements and the fsync)
     and resolves the futures when that commit is done; units queued meanwhile form the next
@@ -195,35 +195,59 @@ class AsyncBatcher(Generic[W]):
     def __init__(self, committer: GroupCommit[W], executor: Executor) -> None:
         self._committer = committer
         self._executor = executor
-        self._queue: list[tuple[W, asyncio.Future[Any]]] = []
+        self._queue: list[W] = []
+        # One per `queue` call, in queue order: how many units, the future, whether it takes
+        # every outcome (`queue_many`) or one unit's value.
+        self._waiters: list[tuple[int, asyncio.Future[Any], bool]] = []
         self._draining: asyncio.Task[None] | None = None
 
     async def submit(self, work: W) -> Any:
         """Run one unit; return its value or raise its error, after its batch committed."""
+        return await self.queue(work)
+
+    def queue(self, work: W) -> asyncio.Future[Any]:
+        """Queue one unit now: a future of its value (or error), set once its batch
+        committed. Units queued one after another without an await between them go to the
+        committer in that order, together."""
+        return self._queue_units([work], False)
+
+    def queue_many(self, works: Sequence[W]) -> asyncio.Future[list[WorkOutcome[Any]]]:
+        """Queue units now, in order (in as few batches as `max_batch` allows): a future of
+        their outcomes."""
+        return self._queue_units(works, True)
+
+    def _queue_units(self, works: Sequence[W], many: bool) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((work, future))
+        self._queue.extend(works)
+        self._waiters.append((len(works), future, many))
         if self._draining is None:
             self._draining = loop.create_task(self._drain())
-        return await future
+        return future
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self._queue:
-                batch, self._queue = self._queue, []
+                works, waiters = self._queue, self._waiters
+                self._queue, self._waiters = [], []
                 try:
                     outcomes = await loop.run_in_executor(
-                        self._executor, self._committer.submit_many, [w for w, _ in batch]
+                        self._executor, self._committer.submit_many, works
                     )
                 except BaseException as exc:  # the loop is closing, or the executor is gone
-                    outcomes = [WorkOutcome(None, exc) for _ in batch]
-                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    outcomes = [WorkOutcome(None, exc) for _ in works]
+                first = 0
+                for count, future, many in waiters:
+                    mine = outcomes[first : first + count]
+                    first += count
                     if future.done():  # its coroutine was cancelled
                         continue
-                    if outcome.error is not None:
-                        future.set_exception(outcome.error)
+                    if many:
+                        future.set_result(mine)
+                    elif mine[0].error is not None:
+                        future.set_exception(mine[0].error)
                     else:
-                        future.set_result(outcome.value)
+                        future.set_result(mine[0].value)
         finally:
             self._draining = None

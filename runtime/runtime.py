@@ -581,8 +581,42 @@ class Runtime:
     ) -> T:
         """`_submit` for a coroutine: the event loop keeps running while the batch holding
         this unit commits in a worker thread."""
+        try:
+            return cast(T, await self._queue_async(work, partition))
+        finally:
+            if self._breakers.unstored:  # rare: settled synchronously
+                self._settle_breakers()
+
+    def _queue_async(
+        self, work: Callable[[Transaction, _Chain], T], partition: int = 0
+    ) -> asyncio.Future[T]:
+        """Queue one unit in this event loop's batches now (on the memory store, run it):
+        a future of its value. Units queued one after another, with no await between them,
+        commit in that order, in one batch if `max_batch` allows."""
         if self._memory is not None:
-            return self._submit(work)
+            future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+            try:
+                future.set_result(self._submit(work))
+            except Exception as exc:
+                future.set_exception(exc)
+            return future
+        return self._batcher(partition).queue(work)
+
+    async def _submit_many_async(
+        self, works: Sequence[Callable[[Transaction, _Chain], T]], partition: int = 0
+    ) -> list[WorkOutcome[T]]:
+        """`_submit_many` for a coroutine, its units all in ledger `partition`: in order,
+        in one batch if `max_batch` allows."""
+        if self._memory is not None:
+            return self._submit_many(works)
+        try:
+            return await self._batcher(partition).queue_many(works)
+        finally:
+            if self._breakers.unstored:
+                self._settle_breakers()
+
+    def _batcher(self, partition: int) -> AsyncBatcher[Callable[[Transaction, _Chain], Any]]:
+        """The running event loop's batcher for ledger `partition`."""
         loop = asyncio.get_running_loop()
         by_partition = self._batchers.get(loop)
         if by_partition is None:
@@ -594,11 +628,7 @@ class Runtime:
             batcher = by_partition[partition] = AsyncBatcher(
                 self._committers[partition], self._executor
             )
-        try:
-            return cast(T, await batcher.submit(work))
-        finally:
-            if self._breakers.unstored:  # rare: settled synchronously
-                self._settle_breakers()
+        return batcher
 
     def _submit_many(
         self,

@@ -12,13 +12,13 @@ from typing import Any, cast
 from ..dispatch import Governor
 from ..errors import InstanceExists, UnknownInstance
 from ..results import DispatchResult
-from ..store.base import FlowStatus, Transaction
+from ..store.base import FlowRecord, FlowStatus, Transaction
 from ..tables import FlowStepSpec
 from .fanin import _FanIn, _late_work, _poll_s
 from .ops import _Branches, _Send, _Write
 from .plan import _plan
 from .run import _STEP_FAILURES, FlowResult, StepFailed, _Note, _result, _Run, _step_outcome
-from .steps import _StepRunner
+from .steps import _batch_answer, _StepRunner
 
 
 class _AsyncDriver(_StepRunner):
@@ -41,21 +41,47 @@ class _AsyncDriver(_StepRunner):
                 answer = await self._branches_async(run, op)
 
     async def _send_async(self, run: _Run, op: _Send) -> tuple[str, Any]:
-        """`_send` for asyncio: the run's write and `Governor.dispatch_async` queued together,
-        so they (and every other coroutine's units meanwhile) share one group commit."""
+        """`_send` for asyncio. A send whose event calls nothing outside is one batch, as in
+        the sync API (`_batch_works`: the run's write, the dispatch and, for the last step,
+        its outcome and the run's end), queued at once, so it shares the group commit of
+        every other coroutine's units meanwhile. One that calls the outside world goes
+        through `Governor.dispatch_async` (its claim and calls in the action threads), the
+        run's write queued before it: in the current batch, while the calls run."""
         try:
             self._hook(run, op.step, op.phase)
             governor, target, payload, event_id = self._receiver(run, op.step, op.emit, op.phase)
         except StepFailed as failed:
             return "failed", failed.message
-        written, sent = await asyncio.gather(
-            self._write_async(run, op.status, []),
-            self._dispatch_async(governor, target, op.emit.event, payload, event_id),
-            return_exceptions=True,
-        )
-        if isinstance(written, BaseException):
-            raise written
-        return _step_outcome(sent)
+        runtime, event = self.runtime, op.emit.event
+        mine = runtime._partition_of(run.record.flow_id)
+        if event in governor._external_events or runtime._partition_of(target) != mine:
+            written = self._queue_write(run, op.status, [])
+            try:
+                sent: object = await self._dispatch_async(
+                    governor, target, event, payload, event_id
+                )
+            except Exception as error:
+                sent = error
+            except BaseException:
+                written.cancel()  # its unit commits all the same; nobody waits for it
+                raise
+            run.record = await written
+            return _step_outcome(sent)
+        try:
+            work = governor._work(
+                target, event, payload or None, self.actor, event_id, None, None, False
+            )
+        except _STEP_FAILURES as failed:
+            return _step_outcome(failed)
+        batch = await runtime._submit_many_async(self._batch_works(run, op, work), mine)
+        answer = _batch_answer(run, batch)
+        if answer is not None:
+            return answer
+        try:  # the receiver's first event
+            result = await self._dispatch_async(governor, target, event, payload, event_id)
+        except _STEP_FAILURES as failed:
+            return _step_outcome(failed)
+        return _step_outcome(result)
 
     async def _dispatch_async(
         self,
@@ -65,16 +91,7 @@ class _AsyncDriver(_StepRunner):
         payload: dict[str, Any],
         event_id: str,
     ) -> DispatchResult:
-        """dispatch_async, creating a missing receiver first (asked only when it is missing,
-        so no store read blocks the event loop on the way). An event that calls the outside
-        world looks first, in an action thread: its dispatch claims the event id, which a
-        missing receiver would have it take twice."""
-        if event in governor._external_events:
-            pool = self.runtime._action_threads()
-            loop = asyncio.get_running_loop()
-            if await loop.run_in_executor(pool, governor.get, target) is None:
-                with contextlib.suppress(InstanceExists):
-                    await governor.create_async(target, self.actor)
+        """dispatch_async, creating the receiver if it is missing (its first event)."""
         try:
             return await governor.dispatch_async(
                 target, event, payload or None, self.actor, event_id=event_id
@@ -153,6 +170,17 @@ class _AsyncDriver(_StepRunner):
         wake_ms: int | None = None,
         gather: Callable[[Transaction], tuple[FlowStatus, list[_Note]]] | None = None,
     ) -> None:
+        run.record = await self._queue_write(run, status, notes, wake_ms, gather)
+
+    def _queue_write(
+        self,
+        run: _Run,
+        status: FlowStatus,
+        notes: Sequence[_Note],
+        wake_ms: int | None = None,
+        gather: Callable[[Transaction], tuple[FlowStatus, list[_Note]]] | None = None,
+    ) -> asyncio.Future[FlowRecord]:
+        """The run's write (`_write_work`), queued now: a future of the record written."""
         runtime = self.runtime
         work = self._write_work(run, status, notes, wake_ms, gather)
-        run.record = await runtime._submit_async(work, runtime._partition_of(run.record.flow_id))
+        return runtime._queue_async(work, runtime._partition_of(run.record.flow_id))

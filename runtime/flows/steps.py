@@ -8,19 +8,19 @@ import asyncio
 import json
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from ..dispatch import Governor
-from ..errors import PayloadEncodingError
+from ..errors import PayloadEncodingError, UnknownInstance
 from ..ledger import EntryData, payload_digest
 from ..results import _dumps, derive_event_id, derive_event_ids
 from ..runtime import Runtime
 from ..sealing import _Chain
-from ..store.base import FlowRecord, FlowStatus, Transaction
+from ..store.base import FlowRecord, FlowStatus, Transaction, WorkOutcome
 from ..tables import Emit, FlowSpec, FlowStepSpec
 from ..timers import format_duration
 from .compensation import _settled
-from .ops import _Send
+from .ops import _SETTLED, _Send
 from .run import _OUTCOMES, StepContext, StepFailed, _Entry, _Note, _Run, _step_outcome
 
 
@@ -183,6 +183,39 @@ class _StepRunner:
             return self._store_run(txn, chain, written[0], status, entries, _dumps(run.data), None)
 
         return [started, dispatch, settle]
+
+    def _batch_works(
+        self, run: _Run, op: _Send, unit: Callable[[Transaction, _Chain], object]
+    ) -> list[Callable[[Transaction, _Chain], object]]:
+        """A send's batch: the run's write (its pending notes) and the dispatch `unit`, and
+        for the last step the unit that records its outcome and the run's end
+        (`_settling`)."""
+        start = self._write_work(run, op.status, [], None)
+        if op.settle:
+            return self._settling(run, op, start, unit)
+        return [start, unit]
+
+
+def _batch_answer(run: _Run, outcomes: Sequence[WorkOutcome[Any]]) -> tuple[str, Any] | None:
+    """A send's outcome from its batch's (`_batch_works`): the run's record as written (or
+    the write's error, raised), then _SETTLED if the batch recorded the step's outcome and
+    the run's end too, else the dispatch's outcome; None when the receiver does not exist
+    yet (the caller creates it and sends again)."""
+    for written in outcomes[::2]:  # the run's own units
+        if written.error is not None:
+            raise written.error
+        if written.value is not None:
+            run.record = cast(FlowRecord, written.value)
+    if len(outcomes) == 3 and outcomes[2].value is not None:
+        return _SETTLED
+    outcome = outcomes[1]
+    if isinstance(outcome.error, UnknownInstance):  # the receiver's first event
+        return None
+    if outcome.error is not None:
+        return _step_outcome(outcome.error)
+    value = outcome.value
+    rejected = getattr(value, "error", None)  # the dispatch's _Rejected
+    return _step_outcome(rejected if rejected is not None else value)
 
 
 def _detail_digest(detail: Mapping[str, Any]) -> bytes:

@@ -13,13 +13,13 @@ from ..dispatch import Governor
 from ..errors import InstanceExists, UnknownInstance
 from ..results import DispatchResult
 from ..sealing import _Chain
-from ..store.base import FlowRecord, FlowStatus, Transaction
+from ..store.base import FlowStatus, Transaction
 from ..tables import FlowStepSpec
 from .fanin import _FanIn, _late_work, _poll_s
-from .ops import _SETTLED, _Branches, _Send, _Write
+from .ops import _Branches, _Send, _Write
 from .plan import _plan
 from .run import _STEP_FAILURES, FlowResult, StepFailed, _Note, _result, _Run, _step_outcome
-from .steps import _StepRunner
+from .steps import _batch_answer, _StepRunner
 
 
 class _SyncDriver(_StepRunner):
@@ -84,32 +84,17 @@ class _SyncDriver(_StepRunner):
         # the unit that records its outcome and the run's end. A partitioned store commits
         # the run's units in the partition of its run id, the dispatch in its receiver's.
         runtime = self.runtime
-        start = self._write_work(run, op.status, [], None)
-        works: list[Callable[[Transaction, _Chain], object]] = [start, unit]
-        if op.settle:
-            works = self._settling(run, op, start, unit)
+        works = self._batch_works(run, op, unit)
         mine = runtime._partition_of(run.record.flow_id)
         partitions = [mine, runtime._partition_of(target), mine][: len(works)]
-        outcomes = runtime._submit_many(works, partitions)
-        for written in outcomes[::2]:  # the run's own units
-            if written.error is not None:
-                raise written.error
-            if written.value is not None:
-                run.record = cast(FlowRecord, written.value)
-        if len(outcomes) == 3 and outcomes[2].value is not None:
-            return _SETTLED
-        outcome = outcomes[1]
-        if isinstance(outcome.error, UnknownInstance):  # the receiver's first event
-            try:
-                result = self._dispatch(governor, target, op.emit.event, payload, event_id)
-            except _STEP_FAILURES as failed:
-                return _step_outcome(failed)
-            return _step_outcome(result)
-        if outcome.error is not None:
-            return _step_outcome(outcome.error)
-        value = outcome.value
-        rejected = getattr(value, "error", None)  # the dispatch's _Rejected
-        return _step_outcome(rejected if rejected is not None else value)
+        answer = _batch_answer(run, runtime._submit_many(works, partitions))
+        if answer is not None:
+            return answer
+        try:  # the receiver's first event
+            result = self._dispatch(governor, target, op.emit.event, payload, event_id)
+        except _STEP_FAILURES as failed:
+            return _step_outcome(failed)
+        return _step_outcome(result)
 
     def _branches(self, run: _Run, op: _Branches) -> list[tuple[str, Any]]:
         """Every branch at once, each in one of the runtime's action threads, when one of
