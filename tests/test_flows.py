@@ -344,6 +344,31 @@ def test_a_saga_step_is_one_commit_and_the_last_one_ends_the_run(
             ]
         assert runner.result(result.flow_id) == result  # as stored
 
+def test_an_asyncio_saga_step_is_one_batch_and_the_last_one_ends_the_run(tmp_path: Path) -> None:
+    """On asyncio too, a send that calls nothing outside is one commit with the run's write,
+    and the last one's also holds its result and the end of the run. The refund calls the
+    processor (its claim and call run before its unit), so the run's write goes ahead in a
+    commit of its own: four commits, the ledger as the sync API writes it."""
+    runtime, runner, _ = marketplace(SQLiteStore(tmp_path / "m.db"))
+    with runtime:
+        active_customer(runtime, runner, "c")
+        before = runtime.commit_batches
+        inputs = {"customer_id": "c", "request_id": "r", "reason": "bye"}
+        result = asyncio.run(runner.start_async("SubscriptionCancellation", "c", inputs))
+        assert runtime.commit_batches - before == 4
+        assert result.status == "completed"
+        last = [(e.kind, e.event, e.to_state) for e in list(runtime.ledger())[-6:]]
+        assert last == [
+            ("transition", "SuspendForCancellation", "CancellationHold"),
+            ("flow", "StepSucceeded", "running"),
+            ("flow", "StepStarted", "running"),
+            ("transition", "CancelRequested", "Cancelled"),
+            ("flow", "StepSucceeded", "running"),
+            ("flow", "FlowCompleted", "completed"),
+        ]
+        assert runner.result(result.flow_id) == result  # as stored
+
+
 
 def test_a_rejected_compensation_ends_the_run_failed(
     world: tuple[Runtime, FlowRunner, Any, Injector],

@@ -53,9 +53,12 @@ Semantics a user must know:
   idempotency key included, so the outside service deduplicates). `start`/`resume` return
   the run as it ends, whoever drove it there. The calls the stalled driver made are not
   stored: the step's idempotency key is what keeps the outside effect single.
-- The asyncio API runs the same plan (`_plan`, one generator for both): a send goes through
-  `Governor.dispatch_async` with the run's write queued beside it, so on SQLite they share the
-  group commit with every other coroutine's units; no threads of the runner's own.
+- The asyncio API runs the same plan (`_plan`, one generator for both) and commits a send as
+  the sync API does (one batch: the run's write, the dispatch, and for the last step its
+  outcome and the run's end), queued in the asyncio group commit it shares with every other
+  coroutine's units; a send that calls the outside world goes through
+  `Governor.dispatch_async` (claim and calls in the action threads), the run's write queued
+  ahead of it. No threads of the runner's own.
 """
 
 from __future__ import annotations
