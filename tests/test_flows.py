@@ -344,6 +344,7 @@ def test_a_saga_step_is_one_commit_and_the_last_one_ends_the_run(
             ]
         assert runner.result(result.flow_id) == result  # as stored
 
+
 def test_an_asyncio_saga_step_is_one_batch_and_the_last_one_ends_the_run(tmp_path: Path) -> None:
     """On asyncio too, a send that calls nothing outside is one commit with the run's write,
     and the last one's also holds its result and the end of the run. The refund calls the
@@ -367,7 +368,6 @@ def test_an_asyncio_saga_step_is_one_batch_and_the_last_one_ends_the_run(tmp_pat
             ("flow", "FlowCompleted", "completed"),
         ]
         assert runner.result(result.flow_id) == result  # as stored
-
 
 
 def test_a_rejected_compensation_ends_the_run_failed(
