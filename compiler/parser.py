@@ -528,9 +528,17 @@ def _error_offset(text: str, exc: UnexpectedInput) -> int:
     return _offset(text, getattr(exc, "line", 1) or 1, getattr(exc, "column", 1) or 1)
 
 
+_UNBRACED = re.compile("[^{}\n]+")
+_BLANK_BYTES = bytes(b if b in b"{}\n" else 32 for b in range(256))
+
+
 def _blank(text: str) -> str:
-    """`text` with everything but braces and line breaks turned into spaces."""
-    return "".join(c if c in "{}\n" else " " for c in text)
+    """`text` with everything but braces and line breaks turned into spaces. A repair may
+    blank megabytes of one line: ASCII goes through bytes.translate, the rest a run at a
+    time."""
+    if text.isascii():
+        return text.encode("ascii").translate(_BLANK_BYTES).decode("ascii")
+    return _UNBRACED.sub(lambda run: " " * len(run.group()), text)
 
 
 def _repairs(text: str, exc: UnexpectedInput) -> Iterator[tuple[str, bool]]:
