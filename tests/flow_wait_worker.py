@@ -1,5 +1,5 @@
 """A process that waits on the Entitlement approval ladder until it is killed:
-`python flow_wait_worker.py DB KEYS HOUR`.
+`python flow_wait_worker.py DB KEYS HOUR [CLAIM_LEASE_MS]`.
 
 Customer "w": signed up and paid, its entitlement still pending approval. The worker starts
 (or resumes) the upgrade flow, whose first step awaits Entitlement in Active or Degraded.
@@ -87,8 +87,11 @@ def setup(runtime: Runtime, runner: FlowRunner) -> None:
 
 def main() -> None:
     db, keys, hour = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    lease = {"claim_lease_ms": int(sys.argv[4])} if len(sys.argv) > 4 else {}
     clock = VirtualClock(START_MS + hour * HOUR)
-    runtime, runner, bindings = marketplace(SQLiteStore(db), signer=load_signer(keys), clock=clock)
+    runtime, runner, bindings = marketplace(
+        SQLiteStore(db), signer=load_signer(keys), clock=clock, **lease
+    )
     bindings.payments.invoices[CUSTOMER] = Decimal("30")
     if hour == 0:
         setup(runtime, runner)

@@ -20,11 +20,15 @@ WORKER = Path(__file__).with_name("flow_crash_worker.py")
 WAITER = Path(__file__).with_name("flow_wait_worker.py")
 CUSTOMERS = 24
 KILLS = 8
+# A worker killed inside a refund (or a charge) leaves its claim on the key behind; the next
+# worker takes it over once the lease runs out. One worker runs at a time, so no live holder is ever
+# taken over: a short lease keeps that takeover without waiting the default minute for it.
+CLAIM_LEASE_MS = 1000
 
 
 def worker(db: Path, keys: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, str(WORKER), str(db), str(keys), str(CUSTOMERS)],
+        [sys.executable, str(WORKER), str(db), str(keys), str(CUSTOMERS), str(CLAIM_LEASE_MS)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -102,7 +106,7 @@ def test_a_wait_on_the_entitlement_ladder_survives_kill_9(tmp_path: Path) -> Non
     hour, waits_killed, last = 0, 0, {"status": "waiting"}
     while last["status"] == "waiting":
         process = subprocess.Popen(
-            [sys.executable, str(WAITER), str(db), str(keys), str(hour)],
+            [sys.executable, str(WAITER), str(db), str(keys), str(hour), str(CLAIM_LEASE_MS)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
