@@ -249,19 +249,38 @@ def committed(governor: Governor, work: partial[DispatchResult | _Rejected]) -> 
 
 
 def run_prepared(
-    governor: Governor, work: partial[DispatchResult | _Rejected], partition: int
+    governor: Governor,
+    work: partial[DispatchResult | _Rejected],
+    partition: int,
+    then: Callable[[Transaction, _Chain], object] | None = None,
 ) -> DispatchResult:
     """Dispatch `work` with its outside actions run before its transaction, holding the
     claim on its event id and idempotency key from before they run until the commit: a
     concurrent dispatch of the same id or key, in this process or another, waits, then
-    calls nothing (runtime/resilience/claims.py)."""
+    calls nothing (runtime/resilience/claims.py). `then` runs after the unit of work, in
+    its transaction, unless the unit refused the event (a fanout's late reply, fanin.py)."""
     keys = governor._claim_keys(work)
     release = governor.runtime._outside.claim(keys, governor._committed(work)) if keys else None
     try:
-        return _settled(governor.runtime._submit(governor._prepare(work), partition))
+        unit = governor._prepare(work)
+        if then is not None:
+            unit = partial(_followed, unit, then)
+        return _settled(governor.runtime._submit(unit, partition))
     finally:
         if release is not None:
             release()
+
+
+def _followed(
+    unit: Callable[[Transaction, _Chain], DispatchResult | _Rejected],
+    then: Callable[[Transaction, _Chain], object],
+    txn: Transaction,
+    chain: _Chain,
+) -> DispatchResult | _Rejected:
+    outcome = unit(txn, chain)
+    if type(outcome) is not _Rejected:
+        then(txn, chain)
+    return outcome
 
 
 def prepare(

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from autonomic.runtime.keys import Keyring, generate_keypair
 from autonomic.runtime.ledger import verify_ledger
 from flow_world import check_runs_once
@@ -153,3 +154,39 @@ def test_a_wait_on_the_entitlement_ladder_survives_kill_9(tmp_path: Path) -> Non
             "AND from_state = 'approval'"
         )
         assert waited == 1
+
+
+LATE = Path(__file__).with_name("flow_late_worker.py")
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_late_reply_is_recorded_though_its_process_dies_right_after_its_commit(
+    tmp_path: Path, api: str
+) -> None:
+    """The noisy-neighbour fanout's notification commits after the gather, and its process
+    is SIGKILLed the moment the branch learns it is late: the StepLate entry is in the
+    ledger all the same (before, it came in a commit of its own that never happened)."""
+    db, keys = tmp_path / "late.db", tmp_path / "keys"
+    generate_keypair(keys, valid_from_ms=1_700_000_000_000)
+    process = subprocess.run(
+        [sys.executable, str(LATE), str(db), str(keys), api],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    flow_id, status = process.stdout.split()
+    assert status == "completed"
+    connection = sqlite3.connect(db)
+    rows = connection.execute(  # a flow entry's from_state is its step
+        "SELECT machine, event, from_state FROM ledger WHERE instance IN ('late', ?) ORDER BY seq",
+        (flow_id,),
+    ).fetchall()
+    connection.close()
+    events = [(machine, event) for machine, event, _ in rows]
+    gathered = events.index(("NoisyNeighbour", "FanInGathered"))
+    notified = events.index(("CustomerAccount", "NotifyCustomer"))
+    assert gathered < notified  # the reply came after the gather
+    late = [row for row in rows if row[1] == "StepLate"]
+    assert late == [("NoisyNeighbour", "StepLate", "notify")]
+    assert verify_ledger(db, Keyring.from_files([keys])).ok

@@ -12,9 +12,10 @@ from typing import Any, cast
 from ..dispatch import Governor
 from ..errors import InstanceExists, UnknownInstance
 from ..results import DispatchResult
+from ..sealing import _Chain
 from ..store.base import FlowRecord, FlowStatus, Transaction
 from ..tables import FlowStepSpec
-from .fanin import _FanIn, _late_work, _poll_s
+from .fanin import _FanIn, _late_fold, _late_work, _poll_s
 from .ops import _Branches, _Send, _Write
 from .plan import _plan
 from .run import _STEP_FAILURES, FlowResult, StepFailed, _Note, _result, _Run, _step_outcome
@@ -103,16 +104,39 @@ class _AsyncDriver(_StepRunner):
                 target, event, payload or None, self.actor, event_id=event_id
             )
 
-    async def _attempt_async(self, run: _Run, step: FlowStepSpec) -> tuple[str, Any]:
+    async def _dispatch_then(
+        self,
+        governor: Governor,
+        target: str,
+        event: str,
+        payload: dict[str, Any],
+        event_id: str,
+        then: Callable[[Transaction, _Chain], object],
+    ) -> DispatchResult:
+        """`_dispatch_async` with `then` run in the dispatch's transaction, after its unit of
+        work (a fanout branch's late reply, `_late_fold`): the sync `_dispatch` in an action
+        thread."""
+        pool = self.runtime._action_threads()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            pool, self._dispatch, governor, target, event, payload, event_id, then
+        )
+
+    async def _attempt_async(
+        self, run: _Run, step: FlowStepSpec, late: bool = False
+    ) -> tuple[str, Any]:
         try:
             self._hook(run, step, "do")
             if step.kind != "send":
                 return self._attempt_here(run, step, hooked=True)
             assert step.send is not None
             governor, target, payload, event_id = self._receiver(run, step, step.send, "do")
-            result = await self._dispatch_async(
-                governor, target, step.send.event, payload, event_id
-            )
+            then = _late_fold(self, run, step, target) if late else None
+            event = step.send.event
+            if then is None:
+                result = await self._dispatch_async(governor, target, event, payload, event_id)
+            else:
+                result = await self._dispatch_then(governor, target, event, payload, event_id, then)
         except (StepFailed, *_STEP_FAILURES) as failed:
             return _step_outcome(failed)
         return _step_outcome(result)
@@ -155,7 +179,7 @@ class _AsyncDriver(_StepRunner):
     async def _branch_async(self, run: _Run, fanin: _FanIn, index: int) -> tuple[str, Any]:
         """`_branch` for asyncio."""
         step = fanin.steps[index]
-        outcome = await self._attempt_async(run, step)
+        outcome = await self._attempt_async(run, step, late=True)
         if not fanin.put(index, outcome):
             flow_id = run.record.flow_id
             work = _late_work(self, flow_id, step.name, outcome)

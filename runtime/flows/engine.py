@@ -35,8 +35,8 @@ Semantics a user must know:
   unavailable) keeps the run "waiting", asked again by each resume; at the deadline the
   gather decides in its own transaction (fanin.py): a branch whose transition is committed
   by then counts, the rest time out (also in a process started after a crash). A branch
-  still running then goes on, its effect stands and a StepLate entry records it (`drain`
-  waits for it).
+  still running then goes on, its effect stands and a StepLate entry records it, in the
+  reply's own transaction (fanin._late_fold; `drain` waits for it).
 - await: the run is stored as "waiting" until the machine is in one of the states; governor
   timers move the machine meanwhile (nothing is held in memory). `resume_all` (after
   `fire_due` / `deliver_outbox`, or in a new process) checks again; past `within` it fails.

@@ -106,6 +106,31 @@ def _gather(
     return "failed", notes
 
 
+def _late_fold(
+    runner: _StepRunner, run: _Run, step: FlowStepSpec, target: str
+) -> Callable[[Transaction, _Chain], None] | None:
+    """What a fanout branch's dispatch (to `target`) runs after its unit of work, in its
+    transaction: if the gather has ended the run without this reply, `_late_work`'s
+    StepLate. A late reply and the entry that says so commit together, so a process killed
+    right after the reply's commit leaves nothing unrecorded. Before the gather, nothing:
+    the gather, in its own transaction, finds the committed reply itself
+    (`_committed_reply`). None on a partitioned store when the run's entries go to another
+    ledger chain than the receiver's: the late reply is then recorded after its commit."""
+    flow_id = run.record.flow_id
+    if runner.runtime._partition_of(flow_id) != runner.runtime._partition_of(target):
+        return None
+
+    def fold(txn: Transaction, chain: _Chain) -> None:
+        record = txn.flow(flow_id)
+        if record is None or record.status not in FLOW_FINISHED:
+            return
+        arrived = _committed_reply(run, step, txn)
+        if arrived is not None:
+            _late_work(runner, flow_id, step.name, ("succeeded", arrived))(txn, chain)
+
+    return fold
+
+
 def _late_work(
     runner: _StepRunner, flow_id: str, step: str, outcome: tuple[str, Any]
 ) -> Callable[[Transaction, _Chain], FlowRecord | None]:
@@ -113,7 +138,8 @@ def _late_work(
     StepLate entry, and the step's `late` detail in the run (its gathered status stays). Its
     effect stands: fanout steps are irreversible, and the gather decided without it, as a
     workflow engine treats an activity that completes after the workflow's timer won the race.
-    Nothing is written when the gather is not committed yet: it looks for the reply itself."""
+    Nothing is written when the gather is not committed yet (it looks for the reply itself)
+    or the reply's own commit wrote it (`_late_fold`)."""
 
     def work(txn: Transaction, chain: _Chain) -> FlowRecord | None:
         record = txn.flow(flow_id)

@@ -5,15 +5,17 @@ and its ledger entries)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
+from functools import partial
 from typing import Any, Literal, cast
 
 from ..dispatch import Governor
-from ..errors import PayloadEncodingError, UnknownInstance
+from ..errors import InstanceExists, PayloadEncodingError, UnknownInstance
 from ..ledger import EntryData, payload_digest
-from ..results import _dumps, derive_event_id, derive_event_ids
+from ..results import DispatchResult, _dumps, derive_event_id, derive_event_ids
 from ..runtime import Runtime
 from ..sealing import _Chain
 from ..store.base import FlowRecord, FlowStatus, Transaction, WorkOutcome
@@ -73,6 +75,38 @@ class _StepRunner:
             waited = format_duration(step.within_ms or 0)
             return "failed", f"{step.machine} still in {shown} after waiting {waited}"
         return "waiting", (waiting_since, deadline)
+
+    def _dispatch(
+        self,
+        governor: Governor,
+        target: str,
+        event: str,
+        payload: dict[str, Any],
+        event_id: str,
+        then: Callable[[Transaction, _Chain], object] | None = None,
+    ) -> DispatchResult:
+        """dispatch, creating a missing receiver first (created meanwhile, or by an earlier
+        attempt of this step: either will do). An event that calls the outside world looks
+        first: its dispatch claims the event id, which a missing receiver would take twice.
+        `then` runs in the dispatch's transaction, after its unit of work."""
+        if then is None:
+            send = partial(
+                governor.dispatch, target, event, payload or None, self.actor, event_id=event_id
+            )
+        else:
+            work = governor._work(
+                target, event, payload or None, self.actor, event_id, None, None, False
+            )
+            send = partial(governor._run_prepared, work, self.runtime._partition_of(target), then)
+        if event in governor._external_events and governor.get(target) is None:
+            with contextlib.suppress(InstanceExists):
+                governor.create(target, self.actor)
+        try:
+            return send()
+        except UnknownInstance:
+            with contextlib.suppress(InstanceExists):
+                governor.create(target, self.actor)
+            return send()
 
     def _receiver(
         self, run: _Run, step: FlowStepSpec, emit: Emit, phase: str

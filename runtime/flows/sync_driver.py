@@ -3,19 +3,16 @@ through the runtime's batches (`Runtime._submit_many`), a send and its run's wri
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION
 from concurrent.futures import wait as wait_futures
 from typing import Any, cast
 
 from ..dispatch import Governor
-from ..errors import InstanceExists, UnknownInstance
-from ..results import DispatchResult
 from ..sealing import _Chain
 from ..store.base import FlowStatus, Transaction
 from ..tables import FlowStepSpec
-from .fanin import _FanIn, _late_work, _poll_s
+from .fanin import _FanIn, _late_fold, _late_work, _poll_s
 from .ops import _Branches, _Send, _Write
 from .plan import _plan
 from .run import _STEP_FAILURES, FlowResult, StepFailed, _Note, _result, _Run, _step_outcome
@@ -113,7 +110,8 @@ class _SyncDriver(_StepRunner):
             self._write(run, "running", [])
         fanin = _FanIn(steps)
         pool = self.runtime._action_threads()
-        futures = [pool.submit(self._branch, run, fanin, i) for i in range(len(steps))]
+        late = op.deadline is not None  # a fanout's replies may come after its gather
+        futures = [pool.submit(self._branch, run, fanin, i, late) for i in range(len(steps))]
         if op.deadline is None:
             return [future.result() for future in futures]
         clock, pending = self.runtime.clock, set(futures)
@@ -128,11 +126,12 @@ class _SyncDriver(_StepRunner):
         self._late_futures.update(f for f in futures if not f.done())
         return fanin.close()
 
-    def _branch(self, run: _Run, fanin: _FanIn, index: int) -> tuple[str, Any]:
+    def _branch(self, run: _Run, fanin: _FanIn, index: int, late: bool) -> tuple[str, Any]:
         """One branch in an action thread: its outcome goes to the gather, or, after the
-        gather, is recorded as late in a commit of its own."""
+        gather, is recorded as late: a fanout's reply in its own commit (`_late_fold`), a
+        refusal (or a reply on another ledger partition) in a commit of its own."""
         step = fanin.steps[index]
-        outcome = self._attempt(run, step)
+        outcome = self._attempt(run, step, late)
         if not fanin.put(index, outcome):
             flow_id = run.record.flow_id
             work = _late_work(self, flow_id, step.name, outcome)
@@ -146,40 +145,20 @@ class _SyncDriver(_StepRunner):
             return False
         return send.event in self.runtime.governor(send.machine)._external_events
 
-    def _attempt(self, run: _Run, step: FlowStepSpec) -> tuple[str, Any]:
+    def _attempt(self, run: _Run, step: FlowStepSpec, late: bool = False) -> tuple[str, Any]:
         """A parallel or fanout branch: ("succeeded", result) | ("failed", reason) |
-        ("no_reply", reason)."""
+        ("no_reply", reason). `late`: its reply may come after the gather (`_late_fold`)."""
         try:
             self._hook(run, step, "do")
             if step.kind != "send":
                 return self._attempt_here(run, step, hooked=True)
             assert step.send is not None
             governor, target, payload, event_id = self._receiver(run, step, step.send, "do")
-            result = self._dispatch(governor, target, step.send.event, payload, event_id)
+            then = _late_fold(self, run, step, target) if late else None
+            result = self._dispatch(governor, target, step.send.event, payload, event_id, then)
         except (StepFailed, *_STEP_FAILURES) as failed:
             return _step_outcome(failed)
         return _step_outcome(result)
-
-    def _dispatch(
-        self,
-        governor: Governor,
-        target: str,
-        event: str,
-        payload: dict[str, Any],
-        event_id: str,
-    ) -> DispatchResult:
-        """dispatch, creating a missing receiver first (created meanwhile, or by an earlier
-        attempt of this step: either will do). An event that calls the outside world looks
-        first: its dispatch claims the event id, which a missing receiver would take twice."""
-        if event in governor._external_events and governor.get(target) is None:
-            with contextlib.suppress(InstanceExists):
-                governor.create(target, self.actor)
-        try:
-            return governor.dispatch(target, event, payload or None, self.actor, event_id=event_id)
-        except UnknownInstance:
-            with contextlib.suppress(InstanceExists):
-                governor.create(target, self.actor)
-            return governor.dispatch(target, event, payload or None, self.actor, event_id=event_id)
 
     def _write(
         self,
