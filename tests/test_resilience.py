@@ -7,7 +7,7 @@ import asyncio
 import socket
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 
@@ -443,6 +443,63 @@ def test_a_misbehaving_tenant_leaves_the_others_throughput_intact_asyncio(
 
     polite, refused, admitted = asyncio.run(scenario())
     assert (polite, refused, admitted) == (100, 8, 2)
+
+
+def test_a_shared_breaker_counts_each_failing_tenant_once(clock: VirtualClock) -> None:
+    """Behind the bulkheads, a breaker shared by the tenants asks `first_failure`: the noisy
+    tenant's four calls failing together (in flight at once) and its next ones count once;
+    a success of the tenant makes its next failure count again; more than 2 tenants failing
+    in a row open it; its half-open probe's failure reopens it even from a failing tenant."""
+    shared = CircuitBreaker("processor", clock=clock, tolerated_failures=2, cooldown_ms=1_000)
+    bulkheads = TenantBulkheads("processor", clock=clock, max_concurrent=4, tolerated_failures=9)
+
+    async def call(tenant: str, function: Callable[[], Awaitable[object]]) -> object:
+        bulkhead = bulkheads.for_tenant(tenant)
+
+        async def through_shared() -> object:
+            return await shared.call_async(function, in_run=bulkhead.first_failure)
+
+        return await bulkhead.call_async(through_shared)
+
+    async def scenario() -> list[object]:
+        gate = asyncio.Event()
+
+        async def failing_later() -> None:
+            await gate.wait()
+            raise ServiceFailure("500")
+
+        together = [asyncio.create_task(call("noisy", failing_later)) for _ in range(4)]
+        await asyncio.sleep(0)
+        gate.set()
+        outcomes = list(await asyncio.gather(*together, return_exceptions=True))
+        for _ in range(5):
+            outcomes += await asyncio.gather(call("noisy", failing_later), return_exceptions=True)
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert [type(o) for o in outcomes] == [ServiceFailure] * 9
+    assert (shared.state, shared.failures) == (BreakerState.CLOSED, 1)
+    assert bulkheads.for_tenant("noisy").breaker.failures == 9
+
+    def fails() -> None:
+        raise ServiceFailure("500")
+
+    async def once(tenant: str, function: Callable[[], object]) -> object:
+        async def run() -> object:
+            return function()
+
+        return await call(tenant, run)
+
+    asyncio.run(once("noisy", lambda: "ok"))  # the noisy tenant succeeds: no longer failing
+    assert (shared.failures, bulkheads.for_tenant("noisy").breaker.failures) == (0, 0)
+    for tenant in ("noisy", "a", "b"):
+        with pytest.raises(ServiceFailure):
+            asyncio.run(once(tenant, fails))
+    assert (shared.state, shared.failures) == (BreakerState.OPEN, 3)
+    clock.advance(1_000)
+    with pytest.raises(ServiceFailure):
+        asyncio.run(once("a", fails))  # the probe, from a tenant already failing
+    assert shared.state is BreakerState.OPEN and shared.opened_ms == clock.now_ms()
 
 
 def test_bulkhead_frees_its_slot_whatever_the_call_does(clock: VirtualClock) -> None:

@@ -158,6 +158,7 @@ def test_an_open_breaker_stays_open_across_a_restart(tmp_path: Path, keys: Path)
     assert bulkheads is not None
     assert bulkheads.for_tenant("noisy").breaker.state is BreakerState.OPEN
     assert bulkheads.for_tenant("quiet").breaker.state is BreakerState.CLOSED
+    assert not bulkheads.for_tenant("noisy").first_failure()  # still failing: counted once
     _charge(runtime, "cust-a")  # fails fast: the backup charges, the primary is not called
     assert primary.charged == [] and primary.outcomes == []
     clock.advance("20s")  # 30 s after the opening, not after the restart
@@ -668,8 +669,10 @@ def test_standard_network_errors_retry_fall_back_and_open_the_breaker(
     billing: tuple[Runtime, Processor, Processor], keys: Path
 ) -> None:
     """A refused connection never reached the primary: retried, then the backup charges. A
-    timeout may have reached it: retried under the same key, never sent to the backup; each
-    attempt counts, and the breaker opens on the 11th; then the backup takes the charges."""
+    timeout may have reached it: retried under the same key, never sent to the backup. The
+    shared breaker counts each tenant's run of failures once (its retries are the tenant's):
+    it opens at the 11th tenant failing in a row, mid-retry; then the backup takes the
+    charges."""
     runtime, primary, backup = billing
     primary.outcomes = [ConnectionRefusedError] * 3
     _charge(runtime, "refused")
@@ -678,12 +681,13 @@ def test_standard_network_errors_retry_fall_back_and_open_the_breaker(
     _charge(runtime, "slow")
     assert primary.charged == ["slow"] and backup.charged == ["refused"]
     primary.failing = TimeoutError
-    for n in range(3):  # 3 attempts each: 9 failures in a row, then 2 more open it
+    for n in range(10):  # 3 attempts each, 30 failures of 10 tenants in a row
         with pytest.raises(ActionFailed, match="TimeoutError"):
             _charge(runtime, f"timeout-{n}")
+    assert runtime.clock.now_ms() - START == 12 * 217 + 11 * 434  # every retry was made
     breaker = runtime.policies.breaker("Billing", "PaymentProcessor")
-    assert breaker is not None and (breaker.state, breaker.failures) == (BreakerState.CLOSED, 9)
-    _charge(runtime, "opens")  # the 11th failure opens it mid-retry: the backup charges
+    assert breaker is not None and (breaker.state, breaker.failures) == (BreakerState.CLOSED, 10)
+    _charge(runtime, "opens")  # the 11th tenant's failure opens it mid-retry: the backup charges
     assert breaker.state is BreakerState.OPEN
     assert backup.charged == ["refused", "opens"]
     moves = [(e.instance, e.event) for e in runtime.ledger() if e.kind == "breaker"]
@@ -691,28 +695,45 @@ def test_standard_network_errors_retry_fall_back_and_open_the_breaker(
     assert runtime.verify(Keyring.from_files([keys])).ok
 
 
-def test_a_failing_tenant_opens_only_its_own_bulkhead_breaker(
-    billing: tuple[Runtime, Processor, Processor],
+def test_a_burst_of_failures_from_one_tenant_opens_only_its_own_breaker(
+    billing: tuple[Runtime, Processor, Processor], keys: Path
 ) -> None:
+    """One tenant's charges fail 11 times in a row, nobody else calling meanwhile (the
+    processor 500s on its merchant account): its own breaker opens and it fails fast; the
+    shared breaker counted the tenant once, so every other tenant stays on the primary.
+    Eleven tenants failing in a row are the processor's trouble: that opens the shared one."""
     runtime, primary, backup = billing
     bulkheads = runtime.policies.bulkheads("Billing", "PaymentProcessor")
-    assert bulkheads is not None and bulkheads.max_concurrent == 4
-    primary.failing_for = {"noisy"}
-    for n in range(11):  # the noisy tenant's failures come between other tenants' charges
-        with pytest.raises(ActionFailed):
-            _charge(runtime, "noisy")
-        _charge(runtime, f"quiet-{n}")
-    assert bulkheads.for_tenant("noisy").breaker.state is BreakerState.OPEN
     shared = runtime.policies.breaker("Billing", "PaymentProcessor")
-    assert shared is not None and shared.state is BreakerState.CLOSED
+    assert bulkheads is not None and bulkheads.max_concurrent == 4 and shared is not None
+    primary.failing_for = {"noisy"}
+    for _ in range(11):
+        with pytest.raises(ActionFailed, match="ServiceFailure"):
+            _charge(runtime, "noisy")
+    assert bulkheads.for_tenant("noisy").breaker.state is BreakerState.OPEN
+    assert (shared.state, shared.failures) == (BreakerState.CLOSED, 1)
     primary.failing_for = set()
     with pytest.raises(ActionFailed, match=r"PaymentProcessor\[noisy\] unavailable"):
         _charge(runtime, "noisy")  # fails fast: its own breaker is open
-    _charge(runtime, "quiet-x")  # the others are served by the primary as before
-    assert primary.charged == [f"quiet-{n}" for n in range(11)] + ["quiet-x"]
-    assert backup.charged == []
+    for n in range(3):
+        _charge(runtime, f"quiet-{n}")  # the others are served by the primary as before
+    assert primary.charged == ["quiet-0", "quiet-1", "quiet-2"] and backup.charged == []
+    tenant = runtime.store.get_breaker("Billing", "PaymentProcessor[noisy]")
+    assert tenant is not None and (tenant.state, tenant.failures) == ("open", 11)
+
+    primary.failing = ServiceFailure
+    for n in range(11):
+        with pytest.raises(ActionFailed, match="ServiceFailure"):
+            _charge(runtime, f"cust-{n}")
+    assert shared.state is BreakerState.OPEN
+    _charge(runtime, "quiet-3")
+    assert backup.charged == ["quiet-3"]
     moves = [(e.instance, e.event) for e in runtime.ledger() if e.kind == "breaker"]
-    assert moves == [("policy:PaymentProcessor[noisy]", "BreakerOpened")]
+    assert moves == [
+        ("policy:PaymentProcessor[noisy]", "BreakerOpened"),
+        ("policy:PaymentProcessor", "BreakerOpened"),
+    ]
+    assert runtime.verify(Keyring.from_files([keys])).ok
 
 
 def test_a_billing_cycle_commits_once_per_chunk(

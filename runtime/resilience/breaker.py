@@ -20,7 +20,11 @@ what they get for the store and the ledger) and must not call the breaker. Threa
 `counts(error)` decides which failures count (default: `errors.is_unhealthy`, the failures that
 say the service is in trouble: timeouts, connection errors, Unavailable, TransientFailure,
 ServiceFailure; not a business refusal such as a declined card); others propagate and count as
-neither failure nor success.
+neither failure nor success. `call(function, in_run=...)` may narrow it for one call: a counted
+failure for which `in_run()` says False leaves a closed breaker's run as it was (neither a
+failure nor a success); a half-open breaker's probe that fails reopens it whatever `in_run` says.
+The runtime's policies use it so that a tenant already failing does not feed a shared breaker
+(see bulkhead.Bulkhead.first_failure).
 `restore(state, failures, opened_ms)` puts a new breaker in the status last stored (the runtime
 keeps every status in its Store, so a restarted process finds an open breaker open, with the
 cool-down counted from when it opened, and a closed one with its run of failures).
@@ -176,9 +180,13 @@ class CircuitBreaker:
                 changes.append(self._move(BreakerState.CLOSED, "probe succeeded", now))
             self._report(changes, before, now)
 
-    def record_failure(self) -> None:
+    def record_failure(self, *, in_run: bool = True) -> None:
+        """A counted failure; `in_run` False: it says nothing of the service (see `call`), so
+        only a probe's failure is recorded."""
         now = self._clock.now_ms()
         with self._lock:
+            if not in_run and self._state is not BreakerState.HALF_OPEN:
+                return
             before = self._held()
             self._failures += 1
             changes = []
@@ -197,33 +205,36 @@ class CircuitBreaker:
         with self._lock:
             self._probing = False
 
-    def call(self, function: Callable[[], T]) -> T:
-        """Call `function` through the breaker."""
+    def call(self, function: Callable[[], T], *, in_run: Callable[[], bool] | None = None) -> T:
+        """Call `function` through the breaker; `in_run` is asked of each counted failure
+        whether it joins the run of failures (see the module docstring)."""
         self.before_call()
         try:
             value = function()
         except BaseException as error:
-            self._settle(error)
+            self._settle(error, in_run)
             raise
         self.record_success()
         return value
 
-    async def call_async(self, function: Callable[[], Awaitable[T]]) -> T:
+    async def call_async(
+        self, function: Callable[[], Awaitable[T]], *, in_run: Callable[[], bool] | None = None
+    ) -> T:
         """`call` for a coroutine function."""
         self.before_call()
         try:
             value = await function()
         except BaseException as error:
-            self._settle(error)
+            self._settle(error, in_run)
             raise
         self.record_success()
         return value
 
     # -- inside ----------------------------------------------------------------------------
 
-    def _settle(self, error: BaseException) -> None:
+    def _settle(self, error: BaseException, in_run: Callable[[], bool] | None) -> None:
         if isinstance(error, Exception) and self._counts(error):
-            self.record_failure()
+            self.record_failure(in_run=in_run is None or in_run())
         else:
             self.record_ignored()
 

@@ -7,6 +7,14 @@ Semantics:
 - Then it goes through the tenant's own CircuitBreaker: a tenant whose calls keep failing opens
   only its own breaker and fails fast, while other tenants' breakers stay closed.
 - The slot is released when the call ends, however it ends.
+- A tenant is failing from its first failure that says the service is unhealthy (an attempt
+  of any of its calls; `first_failure`) until one of its calls succeeds. `first_failure`
+  answers True for that first failure only: a breaker shared by the tenants (the runtime's
+  policy breaker) asks it (`CircuitBreaker.call(..., in_run=bulkhead.first_failure)`), so
+  each tenant's run of failures counts once there, and only the tenant's own breaker counts
+  the rest. The shared breaker then opens when more than its tolerated number of tenants fail
+  in a row (no success between), never for one tenant's burst. A tenant whose breaker holds
+  failures (restored after a restart too) is failing.
 Slots are counted under a threading.Lock that is never held while a call runs, so threads and
 asyncio tasks (`call_async`) may share one TenantBulkheads.
 """
@@ -37,10 +45,23 @@ class Bulkhead:
         self.breaker = breaker
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._failing = False
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    def first_failure(self) -> bool:
+        """Note an unhealthy failure of one of the tenant's calls: True if it is the first
+        since the tenant's last success (see the module docstring)."""
+        with self._lock:
+            first = not self._failing and self.breaker.failures == 0
+            self._failing = True
+            return first
+
+    def _succeeded(self) -> None:
+        with self._lock:
+            self._failing = False
 
     def _enter(self) -> None:
         with self._lock:
@@ -55,16 +76,20 @@ class Bulkhead:
     def call(self, function: Callable[[], T]) -> T:
         self._enter()
         try:
-            return self.breaker.call(function)
+            value = self.breaker.call(function)
         finally:
             self._leave()
+        self._succeeded()
+        return value
 
     async def call_async(self, function: Callable[[], Awaitable[T]]) -> T:
         self._enter()
         try:
-            return await self.breaker.call_async(function)
+            value = await self.breaker.call_async(function)
         finally:
             self._leave()
+        self._succeeded()
+        return value
 
 
 class TenantBulkheads:

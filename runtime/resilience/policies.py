@@ -14,7 +14,10 @@ timer, ladder step) goes through the wrapper, outermost first:
 3. the policy's breaker (`breaker tolerates N failures cooldown D`), one per policy and machine,
    shared by every instance: each attempt goes through it, so an open breaker stops retries;
    it counts only failures that say the service is unhealthy (errors.is_unhealthy), so one
-   customer's declined cards never open it for the others;
+   customer's declined cards never open it for the others. Under a bulkhead it counts each
+   tenant's run of failures once, its first (Bulkhead.first_failure): a tenant already
+   failing feeds only its own breaker, so more than N tenants failing in a row open the
+   shared breaker and one tenant's burst of failures opens only that tenant's;
 4. retry (`retry N attempts ...`): transient failures are tried again, up to N calls, waiting
    the deterministic backoff on the runtime's clock (a VirtualClock advances, never sleeps).
 Every change of a breaker's status (a move, or only its run of failures) is noted in the
@@ -281,8 +284,13 @@ class _Applied:
         breaker, bulkheads, retry = self.breaker, self.bulkheads, self.retry
 
         def run(context: Any) -> object:
+            # The tenant's first failure in a row joins the shared breaker's run, no other.
+            in_run: Callable[[], bool] | None = None
+
             def once() -> object:
-                return action(context) if breaker is None else breaker.call(lambda: action(context))
+                if breaker is None:
+                    return action(context)
+                return breaker.call(lambda: action(context), in_run=in_run)
 
             def primary() -> object:
                 return retry.call(once)
@@ -294,7 +302,9 @@ class _Applied:
 
             if bulkheads is None:
                 return routed()
-            return bulkheads.call(tenant_of(context), routed)
+            bulkhead = bulkheads.for_tenant(tenant_of(context))
+            in_run = bulkhead.first_failure
+            return bulkhead.call(routed)
 
         run.__name__ = getattr(action, "__name__", "action")
         return run
