@@ -111,6 +111,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "E163": (Severity.ERROR, "flow steps can never all complete"),
     "E164": (Severity.ERROR, "parallel flow steps write (or may write) one governor instance"),
     "E165": (Severity.ERROR, "invalid flow shape"),
+    "E166": (Severity.ERROR, "invalid flow input bound"),
     "E144": (Severity.ERROR, "timer delay field is not a duration of every entering event"),
     "E145": (Severity.ERROR, "invalid setting or group"),
     "E146": (Severity.ERROR, "invalid data field"),

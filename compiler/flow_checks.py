@@ -1,11 +1,12 @@
 """The flow rules: references, acceptance, compensation, completion and parallel writes, one
-small function per rule, each reporting every offender (E160-E165, and E141-E143 for
+small function per rule, each reporting every offender (E160-E166, and E141-E143 for
 arguments as for emits)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from functools import cached_property
 
 from .emit_args import emit_payload_findings
@@ -13,8 +14,10 @@ from .errors import Diagnostic, SourceSpan, did_you_mean, fail
 from .graph import closure, declared_only, retry_edges, written_moves
 from .lower import emit_refs, name_problem
 from .model import (
+    EmitValue,
     Event,
     EventRef,
+    Field,
     Flow,
     FlowStep,
     Machine,
@@ -526,8 +529,62 @@ def _unused_suppressions(flow: Flow) -> Iterator[Diagnostic]:
         )
 
 
+# ---------------------------------------------------------------- input bounds
+
+_NUMBER_KINDS = ("int", "decimal")
+
+
+def check_input_bounds(flow: Flow, receivers: Mapping[str, Receiver]) -> Iterator[Diagnostic]:
+    """E166: `at least` / `at most` only on an int or decimal input, each bound a number (a
+    whole one for an int) or another int or decimal input, and literal bounds not crossed."""
+    inputs = {f.name.value: f for f in flow.inputs}
+    for declared in flow.inputs:
+        bounds = [b for b in (declared.at_least, declared.at_most) if b is not None]
+        if not bounds:
+            continue
+        name, kind = declared.name.value, declared.type.kind
+        if kind not in _NUMBER_KINDS:
+            yield _bound(bounds[0].span, f"input '{name}' is {kind}: only a number has bounds")
+            continue
+        for bound in bounds:
+            yield from _bound_findings(declared, bound, inputs)
+        low, high = declared.at_least, declared.at_most
+        if not (isinstance(low, EmitValue) and isinstance(high, EmitValue)):
+            continue
+        if Decimal(low.text) > Decimal(high.text):
+            message = f"input '{name}' is at least {low.text} and at most {high.text}"
+            yield _bound(high.span, message)
+
+
+def _bound_findings(
+    declared: Field, bound: EmitValue | Name, inputs: Mapping[str, Field]
+) -> Iterator[Diagnostic]:
+    name, kind = declared.name.value, declared.type.kind
+    if isinstance(bound, EmitValue):
+        if kind == "int" and not bound.text.lstrip("-").isdigit():
+            yield _bound(bound.span, f"input '{name}' is an int: {bound.text} is no whole number")
+        return
+    other = inputs.get(bound.value)
+    if other is None or bound.value == name:
+        numbers = [n for n, f in inputs.items() if f.type.kind in _NUMBER_KINDS and n != name]
+        hint = did_you_mean(bound.value, numbers) or "a bound is a number or another input"
+        yield _bound(bound.span, f"bound '{bound.value}' of input '{name}' is no other input", hint)
+    elif other.type.kind not in _NUMBER_KINDS:
+        message = f"bound '{bound.value}' of input '{name}' is {other.type.kind}, not a number"
+        yield _bound(bound.span, message)
+
+
+def _bound(
+    span: SourceSpan,
+    message: str,
+    hint: str = "write `at least N` / `at most N` after an int or decimal input's type",
+) -> Diagnostic:
+    return fail("E166", message, span, hint)
+
+
 FLOW_RULES: tuple[FlowRule, ...] = (
     check_flow_shape,
+    check_input_bounds,
     check_flow_references,
     check_flow_acceptance,
     check_flow_arguments,

@@ -10,7 +10,7 @@ from .codegen import COMPILER_VERSION, CONTRACT_MODULE, has_long_lines
 from .diagram import visible
 from .flow_checks import flow_module, never_undone
 from .lower import _emit_arg
-from .model import Event, EventRef, Field, Flow, FlowStep, Machine
+from .model import EmitValue, Event, EventRef, Field, Flow, FlowStep, Machine
 from .pyformat import fit_lines, quote
 
 __all__ = ["flow_dot", "flow_mermaid", "flow_module", "generate_flow"]
@@ -79,6 +79,10 @@ def _input_type(field: Field) -> str:
         parts.append(_tuple([quote(lit.value) for lit in kind.literals]))
     if kind.optional:
         parts.append("optional=True")
+    for side, bound in (("at_least", field.at_least), ("at_most", field.at_most)):
+        if bound is not None:
+            text = bound.text if isinstance(bound, EmitValue) else bound.value
+            parts.append(f"{side}={quote(text)}")
     return f"{quote(field.name.value)}: FlowInput({', '.join(parts)})"
 
 

@@ -154,19 +154,6 @@ class FieldType(Node):
     optional: bool = False
 
 
-class Field(Node):
-    name: Name
-    type: FieldType
-    doc: str | None = None
-
-
-class Event(Node):
-    name: Name
-    doc: str | None = None
-    fields: tuple[Field, ...] = ()
-    suppressions: tuple[Suppression, ...] = ()
-
-
 EmitValueKind = Literal["field", "string", "number", "bool", "ref"]
 
 
@@ -177,6 +164,24 @@ class EmitValue(Node):
 
     kind: EmitValueKind
     text: str
+
+
+class Field(Node):
+    """A payload, data or flow input field. Only a flow input carries bounds (`at least`,
+    `at most`): each a number (an EmitValue of kind "number") or another input's Name."""
+
+    name: Name
+    type: FieldType
+    doc: str | None = None
+    at_least: EmitValue | Name | None = None
+    at_most: EmitValue | Name | None = None
+
+
+class Event(Node):
+    name: Name
+    doc: str | None = None
+    fields: tuple[Field, ...] = ()
+    suppressions: tuple[Suppression, ...] = ()
 
 
 class EmitArgument(Node):

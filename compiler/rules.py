@@ -251,6 +251,14 @@ _HELP: dict[str, tuple[str, str]] = {
         "step), or `await` in a parallel flow.",
         "Write the flow as the flows section of the language reference shows for its kind.",
     ),
+    "E166": (
+        "A flow input's `at least` / `at most` does not fit: a bound on an input that is not "
+        "an int or a decimal, a bound that is neither a number nor another int or decimal "
+        "input (or is the input itself), a fraction bounding an int, or a lower literal bound "
+        "above the upper one.",
+        "Bound only number inputs, each side with a number or another number input: "
+        "`cycle_day: int at least 0 at most cycle_length`.",
+    ),
     "E170": (
         "`autonomic diff --store` found live instances in states the new version removes, "
         "renames or cannot reach, or armed timers whose state or target it removes: deploying "

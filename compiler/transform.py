@@ -38,6 +38,8 @@ SPANLESS_RULES = frozenset(
         "flow_within",
         "flow_quorum",
         "flow_input",
+        "bound_least",
+        "bound_most",
         "compensate_clause",
         "irreversible_clause",
         "delay",
@@ -61,6 +63,9 @@ RULES = (
     "event_decl",
     "event_body",
     "field",
+    "input_field",
+    "bound_least",
+    "bound_most",
     "simple_type",
     "enum_type",
     "literal",
@@ -379,6 +384,17 @@ class ModelBuilder:
         else:
             ftype = type_ref.model_copy(update={"optional": optional})
         return construct(m.Field, span=span, name=name, type=ftype, doc=clauses.get("doc"))
+
+    def input_field(self, span: SourceSpan, children: list[Any]) -> m.Field:
+        built = self.field(span, children)  # `field` leaves the bound clauses aside
+        bounds = {c.kind: c.value for c in children if isinstance(c, _Clause) and c.kind != "doc"}
+        return built.model_copy(update=bounds) if bounds else built
+
+    def bound_least(self, span: None, children: list[Any]) -> _Clause:
+        return _Clause("at_least", children[0])
+
+    def bound_most(self, span: None, children: list[Any]) -> _Clause:
+        return _Clause("at_most", children[0])
 
     def event_body(self, span: None, children: list[m.Field]) -> _Clause:
         return _Clause("fields", tuple(children))

@@ -147,7 +147,9 @@ class Payload(BaseModel):
             return data
         converted = dict(data)
         for name, kind in fields.items():
-            value = converted.get(name)
+            if name not in converted:
+                continue  # missing: strict validation says so (or takes the default)
+            value = converted[name]
             if kind is _decimal.Decimal:
                 converted[name] = _decimal_from(value)
             elif type(value) is str and kind is _datetime.timedelta:
@@ -419,11 +421,15 @@ StepKind = Literal["send", "await", "compute"]
 class FlowInput(NamedTuple):
     """A flow input's declared type: `kind` is one of the language's field types (str, int,
     decimal, bool, datetime, duration, enum with its `literals`); the flow's start checks
-    its value as an event payload's field of that type (runtime/flows/inputs.py)."""
+    its value as an event payload's field of that type (runtime/flows/inputs.py). An int or
+    decimal input may be bounded (`at least` / `at most`): each bound is a number's text
+    ("0", "-2.50") or the name of another input whose value bounds it."""
 
     kind: str
     literals: tuple[str, ...] = ()
     optional: bool = False
+    at_least: str | None = None
+    at_most: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

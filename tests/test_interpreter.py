@@ -309,6 +309,7 @@ def test_bad_payload_names_each_field_and_stores_nothing(runtime: Runtime) -> No
     with pytest.raises(PayloadInvalid) as missing:
         bil.dispatch("b1", "Charge", {"currency": "USD"}, "shop")
     assert missing.value.fields == ("amount",)
+    assert "field 'amount': Field required" in missing.value.message  # not "a decimal"
     with pytest.raises(PayloadInvalid, match="field 'reason': unexpected field"):
         bil.dispatch("b1", "StartBilling", {"reason": "x"}, "shop")
     after = (bil.get("b1"), list(runtime.ledger()), runtime.store.outbox(status=None))
