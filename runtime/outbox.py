@@ -19,7 +19,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from .errors import ActionFailed, InvalidTransition, PayloadInvalid, UnknownEvent, UnknownInstance
+from .errors import (
+    ActionFailed,
+    IdempotencyConflict,
+    InvalidTransition,
+    PayloadInvalid,
+    UnknownEvent,
+    UnknownInstance,
+)
 from .results import Delivery, EmittedEvent, Notification, _dumps, derive_event_id
 from .sealing import _Chain
 from .store.base import OutboxMessage, OutboxStatus, Transaction
@@ -142,7 +149,8 @@ def _deliver(runtime: Runtime, message: OutboxMessage) -> list[Delivery]:
         payload = message.body  # not JSON: the receiver refuses it as PayloadInvalid
     # The delivery carries the payload's `idempotency_key`, when it has one, as the
     # dispatch's key: a charge the receiver already took under that key (a webhook, a
-    # direct call) returns its stored result instead of being evaluated again.
+    # direct call) returns its stored result instead of being evaluated again; the key
+    # taken for another request is the receiver's refusal (R009), as any other below.
     key = payload.get("idempotency_key") if isinstance(payload, dict) else None
     try:
         result = governor.dispatch(
@@ -159,6 +167,7 @@ def _deliver(runtime: Runtime, message: OutboxMessage) -> list[Delivery]:
         UnknownEvent,
         PayloadInvalid,
         ActionFailed,
+        IdempotencyConflict,
     ) as exc:
         error = f"{exc.code} {exc.message}"
         notice = mark(runtime, message, "failed", error)

@@ -165,3 +165,41 @@ def test_unreadable_kept_data_fails_the_emit_and_writes_nothing(tmp_path: Path) 
             withdraw(runtime, "case-b")
         assert runtime.governor("Compliance").get("case-b").state == "Investigating"  # type: ignore[union-attr]
         assert runtime.store.outbox(kind="event") == []
+
+
+@pytest.mark.parametrize("amount", ["30", "31"])
+def test_an_outbox_delivery_carries_its_payloads_idempotency_key(amount: str) -> None:
+    """Subscription emits Billing.ChargeRequested(idempotency_key = invoice_id); the
+    processor's webhook charged that invoice under the same key before the delivery. The same
+    request: the delivery gets the webhook's stored result, charged once. Another amount: the
+    receiver refuses the key (R009), the delivery is marked failed (not raised out of
+    deliver_outbox, which would leave it pending for ever), nothing charged again."""
+    runtime, runner, bindings = marketplace(MemoryStore())
+    with runtime:
+        customer = "buyer-1"
+        signup = {
+            "email": "ops@buyer.example",
+            "country": "DE",
+            "product_id": "p",
+            "tier": "starter",
+        }
+        assert (
+            runner.start("CustomerSignup", customer, {"customer_id": customer, **signup}).status
+            == "completed"
+        )
+        billing = runtime.governor("Billing")
+        billing.create(customer)
+        invoice = {"customer_id": customer, "invoice_id": "inv-1"}
+        convert = {**invoice, "payment_method_id": "pm", "amount": "30"}
+        runtime.governor("Subscription").dispatch(customer, "ConvertTrial", convert)
+        webhook = {**invoice, "amount": amount, "idempotency_key": "inv-1"}
+        billing.dispatch(customer, "ChargeRequested", webhook, "webhook", idempotency_key="inv-1")
+        [delivery] = [d for d in runtime.deliver_outbox() if d.message.event == "ChargeRequested"]
+        if amount == "30":
+            assert delivery.status == "delivered"
+            assert delivery.result is not None and delivery.result.duplicate
+        else:
+            assert delivery.status == "failed" and delivery.result is None
+            assert delivery.error is not None and delivery.error.startswith("R009 ")
+        assert bindings.payments.submitted == ["inv-1"]
+        assert runtime.deliver_outbox() == []
