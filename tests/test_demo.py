@@ -89,7 +89,7 @@ def test_demo_runs_and_its_ledger_verifies(generated: Path, tmp_path: Path) -> N
         "flow PaymentProcessed: StepWaiting settled -> waiting",
         "retry Retry1/PaymentRetry/1",
         "flow PaymentProcessed still waiting (its wait is in the store)",
-        "PaymentFailed: Billing CollectionAgency -> MaxRetriesExceeded",
+        "PaymentFailed: Billing CollectionAgencyPending -> MaxRetriesExceeded",
         "outbox Entitlement.Suspend delivered: Entitlement Grace -> Suspended",
         "StepFailed settled -> compensating",
         "== payment outcomes: a late payment",

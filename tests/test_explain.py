@@ -39,11 +39,11 @@ def test_governor_bounds() -> None:
     assert "Active" in entitlement.waiting() and "Revoked" not in entitlement.waiting()
     billing = governor("Billing")
     ladder = next(lad for lad in billing.ladders if lad.name == "PaymentRetry")
-    assert ladder.within_text == "8d 7h" and ladder.delays == (
+    assert ladder.within_text == "8d 19h" and ladder.delays == (
         "1h + 1h attempt",
         "3h + 1h attempt",
         "1d + 1h attempt",
-        "7d",
+        "7d + 12h attempt",
     )
     assert ladder.target == "MaxRetriesExceeded"
 
@@ -100,15 +100,16 @@ def test_check_explain_command() -> None:
     assert out.startswith("Billing (machines/billing.fsm): longest stay without an outside event")
     assert (
         "retry PaymentRetry (Retry1, Retry2, Retry3, CollectionAgency) -> MaxRetriesExceeded: "
-        "ends within 8d 7h if every attempt fails "
-        "(1h + 1h attempt + 3h + 1h attempt + 1d + 1h attempt + 7d)"
+        "ends within 8d 19h if every attempt fails "
+        "(1h + 1h attempt + 3h + 1h attempt + 1d + 1h attempt + 7d + 12h attempt)"
     ) in out
-    assert "ProrationPending       within 1h reaches Current" in out
-    # A charge or refund the processor never answers counts as failed after 1h: no stall.
-    assert "AwaitingPayment        within 1d 8h reaches CollectionAgency" in out
-    assert "Refunding              within 10h reaches RefundManualReview" in out
+    assert "ProrationPending         within 1h reaches Current" in out
+    # A charge or refund the processor never answers counts as failed after 1h, the collection
+    # agency's silence after 12h: no stall.
+    assert "AwaitingPayment          within 8d 20h reaches MaxRetriesExceeded" in out
+    assert "Refunding                within 10h reaches RefundManualReview" in out
     assert (
-        "only an outside event can leave: Current, CollectionAgency, MaxRetriesExceeded, "
+        "only an outside event can leave: Current, MaxRetriesExceeded, "
         "Reconciling, Disputed, RefundDisputed, RefundManualReview\n"
     ) in out
 

@@ -484,6 +484,61 @@ def test_payment_failure_times_out_when_the_ladder_is_exhausted(
     assert result.failed_step == "settled"
 
 
+def test_payment_failure_with_no_answer_at_all_runs_the_whole_ladder(
+    world: tuple[Runtime, FlowRunner, Any, Injector],
+) -> None:
+    """Issue 12: after the declined charge neither the processor nor the collection agency
+    ever answers. Jumping from one due timer to the next in virtual time, Billing's ladder runs
+    to its end by itself: MaxRetriesExceeded tells Subscription RenewalFailed and suspends
+    Entitlement (before Subscription's own 10d grace period would); 72h later Entitlement's
+    auto-refund reaches Billing, which has nothing to refund. No outbox delivery fails."""
+    runtime, runner, _, _ = world
+    customer = "p-silent"
+    charged_customer(runtime, runner, customer)
+    inputs = {"outcome": "Failed", "customer_id": customer, "case_id": "case", **PAYMENT}
+    assert runner.start("PaymentProcessed", customer, inputs).status == "waiting"
+    end = runtime.clock.now_ms() + 12 * 86_400_000  # past the auto-refund at 8d 19h + 72h
+    path = [state(runtime, "Billing", customer)]
+    results: list[FlowResult] = []
+    while (due := runtime.next_deadline()) is not None and due <= end:
+        runtime.clock.advance(max(0, due - runtime.clock.now_ms()))  # type: ignore[attr-defined]
+        runtime.fire_due()
+        runtime.deliver_outbox()
+        results += runner.resume_all()
+        if (now := state(runtime, "Billing", customer)) != path[-1]:
+            path.append(now)
+    assert path == [
+        "Retry1",
+        "Retry1Charging",
+        "Retry2",
+        "Retry2Charging",
+        "Retry3",
+        "Retry3Charging",
+        "CollectionAgency",
+        "CollectionAgencyPending",
+        "MaxRetriesExceeded",  # the agency's 12h without an answer ended the ladder
+    ]
+
+    def moves(machine: str) -> list[tuple[str, str, str]]:
+        entries = runtime.store.ledger_entries(machine=machine, instance=customer)
+        return [(e.event, e.from_state, e.to_state) for e in entries]
+
+    assert moves("Billing")[-1] == (
+        "CollectionAgencyPending/PaymentRetry/4/timeout",
+        "CollectionAgencyPending",
+        "MaxRetriesExceeded",
+    )
+    assert ("RenewalFailed", "PastDue", "Suspended") in moves("Subscription")
+    entitlement = moves("Entitlement")
+    assert ("Suspend", "Grace", "Suspended") in entitlement
+    assert entitlement[-1][2] == "Refunded"  # its auto-refund went to Billing, which ignored it
+    assert runtime.store.outbox(kind="event", status="failed") == []
+    assert runtime.store.outbox(kind="event", status="pending") == []
+    assert [(r.status, r.failed_step) for r in results if r.status != "waiting"] == [
+        ("failed", "settled")  # the charge was never collected; every step is irreversible
+    ]
+
+
 def _billing(event: str, *, owner: bool = True, **payload: str) -> Callable[[Runtime, str], None]:
     """Send Billing `event` (with the customer's id when `owner`)."""
 
@@ -520,6 +575,7 @@ BILLING_PATHS: dict[str, tuple[str, tuple[Callable[[Runtime, str], None], ...]]]
     "Retry3": ("charged", _LADDER[:5]),
     "Retry3Charging": ("charged", _LADDER[:6]),
     "CollectionAgency": ("charged", _LADDER),
+    "CollectionAgencyPending": ("charged", (*_LADDER, _hours(7 * 24))),
     "MaxRetriesExceeded": ("charged", (*_LADDER, _hours(7 * 24), _DECLINED)),
     "Reconciling": (
         "charged",

@@ -181,8 +181,8 @@ def test_a_charge_and_a_refund_the_processor_never_answers_do_not_stall(
     tmp_path: Path, keys: Path
 ) -> None:
     """No answer ever comes from the processor: the first charge counts as failed after 1h
-    and the payment ladder runs its attempts to the collection agency; a refund runs its own
-    ladder's attempts to manual review. Nothing waits for ever on the processor."""
+    and the payment ladder runs its attempts, the collection agency's too, to its end; a refund
+    runs its own ladder's attempts to manual review. Nothing waits for ever on the processor."""
     clock = VirtualClock(START)
     runtime, primary = _billing_runtime(tmp_path / "store.db", keys, clock)
     billing = runtime.governor("Billing")
@@ -207,6 +207,8 @@ def test_a_charge_and_a_refund_the_processor_never_answers_do_not_stall(
         "Retry3",
         "Retry3Charging",
         "CollectionAgency",
+        "CollectionAgencyPending",
+        "MaxRetriesExceeded",
     ]
     assert primary.charged == ["c"] * 4  # the first charge and three retries, each once
     assert path["r"] == [

@@ -101,13 +101,13 @@ def test_billing_retry_ladder_from_a_json_script(generated: Path, tmp_path: Path
         {"dispatch": "ChargeRequested", "payload": charge, "idempotency_key": "k1"},
         {"dispatch": "ChargeRequested", "payload": charge, "idempotency_key": "k1"},
     ]
-    # Each retry waits, then its charge is in flight in its own state; the collection agency
-    # step has no attempt state.
+    # Each retry waits, then its charge (or the hand-over to the collection agency) is in
+    # flight in its own state.
     for state, wait, attempt in (
         ("Retry1", "1h", "Retry1Charging"),
         ("Retry2", "3h", "Retry2Charging"),
         ("Retry3", "1d", "Retry3Charging"),
-        ("CollectionAgency", "7d", "CollectionAgency"),
+        ("CollectionAgency", "7d", "CollectionAgencyPending"),
     ):
         steps.append({"dispatch": "PaymentFailed", "payload": failed, "expect": state})
         steps.append({"advance": wait, "expect": attempt})
@@ -268,7 +268,8 @@ def test_billing_ladder_does_not_stall_when_the_processor_never_answers(
     generated: Path, tmp_path: Path
 ) -> None:
     """Issue 12: each retry's charge is in flight in its own state, and an unanswered charge
-    counts as failed after 1h, so the ladder reaches the collection agency on its own."""
+    counts as failed after 1h, the collection agency's after 12h, so the ladder runs to its
+    end on its own."""
     failed = {"customer_id": "c1", "idempotency_key": "k1", "reason": "declined"}
     charge = {"customer_id": "c1", "invoice_id": "i1", "amount": "99.00", "idempotency_key": "k1"}
     steps: list[dict[str, object]] = [
@@ -282,9 +283,13 @@ def test_billing_ladder_does_not_stall_when_the_processor_never_answers(
         {"advance": "1h", "expect": "Retry3"},
         {"advance": "1d", "expect": "Retry3Charging"},
         {"advance": "1h", "expect": "CollectionAgency"},
+        {"advance": "7d", "expect": "CollectionAgencyPending"},
+        # The agency never answers either: the ladder ends on its own, 12h later.
+        {"advance": "12h", "expect": "MaxRetriesExceeded"},
     ]
     script = write(tmp_path, json.dumps({"instance": "b2", "steps": steps}), "stall.json")
     code, out, err = simulate(str(generated / "billing.py"), script)
     assert (code, err) == (0, ""), out
-    assert out.count("do retry_charge") == 3
+    assert out.count("do retry_charge") == 3 and out.count("do hand_to_collection_agency") == 1
     assert "timer Retry2Charging/PaymentRetry/2/timeout fired: Retry2Charging -> Retry3" in out
+    assert "do mark_max_retries_exceeded" in out and "emit Entitlement.Suspend to 'b2'" in out
