@@ -31,8 +31,10 @@ earlier customer runs on in the next run's trace.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import importlib.util
+import math
 import sqlite3
 import threading
 from collections import Counter
@@ -54,6 +56,7 @@ from .errors import (
 from .flows import FlowResult, FlowRunner, StepContext, StepFailed
 from .keys import Signer, generate_keypair, load_signer, load_trusted_root, now_ms
 from .ledger import (
+    LedgerEntry,
     LedgerMode,
     LedgerSealer,
     RootLike,
@@ -117,11 +120,15 @@ class _Narrator:
             indent,
         )
         for notice in result.notifications:
-            deadline = (
-                ""
-                if notice.deadline_ms is None
-                else (f", due within {format_duration(notice.deadline_ms - notice.fired_ms)}")
-            )
+            deadline = ""
+            if notice.deadline_ms is not None:
+                left = notice.deadline_ms - notice.fired_ms
+                # A notice sent late keeps its deadline, counted from when it was due.
+                deadline = (
+                    f", due within {format_duration(left)}"
+                    if left > 0
+                    else f", its deadline passed {format_duration(-left)} ago (sent late)"
+                )
             self.say(
                 f"notify {notice.kind} {notice.recipient}: {notice.message}{deadline}", indent + 1
             )
@@ -429,36 +436,53 @@ TIMER_LABELS = {
 
 
 def _fire(runtime: Runtime, say: _Narrator) -> None:
-    levels = {d.id: d.level for d in runtime.store.deadlines()}
+    """The due work, in the order it was done: the firings and, among them, the notices'
+    missed deadlines (runtime/notice_deadlines.py)."""
+    before = max((e.seq for e in runtime.store.ledger_entries()), default=-1)
+    done: list[tuple[float, Callable[[], None]]] = []
     for firing in runtime.fire_due():
         timer = firing.timer
         spec = runtime.governor(timer.machine).spec
         kinds = {t.id: t.kind for t in spec.timers.get(timer.state, ())}
         label = TIMER_LABELS.get(kinds.get(timer.timer_id, ""), firing.kind)
-        say.result(firing.result, f"{label} {timer.timer_id}")
-    _missed_deadlines(runtime, say, levels)
-
-
-def _missed_deadlines(runtime: Runtime, say: _Narrator, levels: Mapping[str, int]) -> None:
-    """The notices' deadlines the due work escalated (runtime/notice_deadlines.py): each
-    with its ledger entry, and when it falls due again."""
-    entries = {
-        e.instance.removeprefix("deadline:"): e.seq
-        for e in runtime.store.ledger_entries()
-        if e.kind == "escalation" and e.event == "DeadlineMissed"
-    }
-    for deadline in runtime.store.deadlines():
-        notice = parse_notice_id(deadline.id)
-        if notice is None or deadline.level <= levels.get(deadline.id, 0):
-            continue
-        machine, _, instance = notice
-        who = machine if instance == say.customer else f"{machine} '{instance}'"
-        again = format_duration(deadline.due_ms - say.clock.now_ms())
-        say.say(
-            f"deadline missed: {who} {deadline.name!r} ({deadline.action}): escalated to "
-            f"level {deadline.level}, due again in {again} [ledger #{entries.get(deadline.id)}]",
-            1,
+        seq = math.inf if firing.result.seq is None else firing.result.seq
+        done.append(
+            (seq, functools.partial(say.result, firing.result, f"{label} {timer.timer_id}"))
         )
+    for entry in runtime.store.ledger_entries(after_seq=before):
+        if entry.kind == "escalation" and entry.event == "DeadlineMissed":
+            done.append((entry.seq, functools.partial(_missed_deadline, runtime, say, entry)))
+    for _, show in sorted(done, key=lambda item: item[0]):
+        show()
+
+
+def _missed_deadline(runtime: Runtime, say: _Narrator, entry: LedgerEntry) -> None:
+    """One notice's missed deadline: its ledger entry, and when it falls due again (or that
+    the instance has moved on since, which met what is left of it)."""
+    deadline_id = entry.instance.removeprefix("deadline:")
+    notice = parse_notice_id(deadline_id)
+    if notice is None:
+        return
+    machine, timer_id, instance = notice
+    who = machine if instance == say.customer else f"{machine} '{instance}'"
+    spec = runtime.governor(machine).spec
+    notify = next(
+        (t.notify for ts in spec.timers.values() for t in ts if t.id == timer_id and t.notify),
+        None,
+    )
+    what = repr(timer_id)
+    if notify is not None:
+        what = f"{(notify.message or timer_id)!r} (notify {notify.kind} {notify.recipient})"
+    level = int(entry.to_state.removeprefix("level"))
+    stored = next((d for d in runtime.store.deadlines() if d.id == deadline_id), None)
+    if stored is not None and stored.level == level:
+        after = f"due again in {format_duration(stored.due_ms - say.clock.now_ms())}"
+    else:
+        after = "then the instance moved on"
+    say.say(
+        f"deadline missed: {who} {what}: escalated to level {level}, {after} [ledger #{entry.seq}]",
+        1,
+    )
 
 
 def _deliver(runtime: Runtime, say: _Narrator) -> None:
@@ -579,12 +603,24 @@ def _scenario(
         clock.advance(hours * 3_600_000)
         say.say(f"{hours}h pass")
         _fire(runtime, say)
+    mine = "deadline:notice:Entitlement:PendingApproval/ApprovalLadder/"
+    missed = sum(
+        1
+        for e in runtime.store.ledger_entries(machine="Entitlement")
+        if e.event == "DeadlineMissed"
+        and e.instance.startswith(mine)
+        and e.instance.endswith(f":{customer}")
+    )
     still = [
         d
         for d in runtime.store.deadlines()
         if (parse_notice_id(d.id) or ("",))[0] == "Entitlement" and d.id.endswith(f":{customer}")
     ]
-    say.say(f"Entitlement deadlines still open: {len(still)} (the auto-approval met them)", 1)
+    say.say(
+        f"Entitlement deadlines: {missed} missed and escalated; still open: {len(still)} "
+        "(the auto-approval moved the request on)",
+        1,
+    )
     _deliver(runtime, say)
 
     say.say("== idempotency: the trial converts; its charge carries an idempotency key")

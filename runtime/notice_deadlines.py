@@ -2,15 +2,18 @@
 
 A notice with `within D` starts a deadline in the unit of work of the firing that sends it
 (`NoticeDeadlines.record`): id `notice:<machine>:<timer id>:<instance>`, due D after the
-firing, level 0. The awaited thing is the instance moving on: a move that cancels the
-notice's timer (it leaves the state or the group, or ends) deletes the deadline in the move's
-own unit of work (`NoticeDeadlines.clear`); a self-transition that arms the ladder again
-keeps it, as nobody has acted yet. The runtime's due work (`Runtime.fire_due`, so also
-`autonomic worker`) escalates each missed one after the due timers have fired
-(`escalate_notices`; `escalate_due` escalates any tracked deadline, for
-`DeadlineTracker.check`, through `Runtime.escalate_deadlines`): a "DeadlineMissed" escalation
-entry in the ledger, a notification to the notice's recipient that its deadline
-passed, and the deadline due again 24 h later one level up, in one unit of work. One whose
+notice's timer was due (a notice sent late by a late worker keeps its schedule, as the
+ladder's timers keep their spacing), level 0. The awaited thing is the instance moving on: a
+move that cancels the notice's timer (it leaves the state or the group, or ends) deletes the
+deadline in the move's own unit of work (`NoticeDeadlines.clear`); a self-transition that
+arms the ladder again keeps it, as nobody has acted yet. The runtime's due work
+(`Runtime.fire_due`, so also `autonomic worker`) takes timers and missed deadlines in the
+order they fell due, however late it runs: a deadline due before a timer escalates before
+that timer fires (whose move would delete it as met); a timer due at the deadline's instant
+fires first (`escalate_due`; it escalates any tracked deadline for `DeadlineTracker.check`,
+through `Runtime.escalate_deadlines`). An escalation is a "DeadlineMissed" escalation entry
+in the ledger, a notification to the notice's recipient that its deadline passed, and the
+deadline due again 24 h after it was missed, one level up, in one unit of work. One whose
 instance left the notice's state meanwhile (a store written before this module) is deleted.
 """
 
@@ -157,11 +160,19 @@ def missed(
 
 
 def escalate_due(
-    runtime: Runtime, now: int | None, *, rearm_ms: int = DAY_MS, notices_only: bool
+    runtime: Runtime,
+    now: int | None,
+    *,
+    rearm_ms: int = DAY_MS,
+    notices_only: bool,
+    due_by: int | None = None,
 ) -> list[DeadlineEscalation]:
-    """Escalate every deadline due at `now` (default: the runtime's clock), each in the
-    unit of work that re-arms it; with `notices_only` only the deadlines of notices whose
-    machine the runtime has loaded (what `Runtime.fire_due` does), else every one."""
+    """Escalate every deadline due at `due_by` (default: `now`, default the runtime's clock),
+    each in the unit of work that re-arms it, stamped at `now`; with `notices_only` only the
+    deadlines of notices whose machine the runtime has loaded (what `Runtime.fire_due` does),
+    else every one. A notice's deadline is due again `rearm_ms` after it was missed (its
+    schedule does not depend on when the due work runs); any other `rearm_ms` after the check,
+    as the seed's tracker does."""
     sealed = runtime.sealer is not None
     partitions = runtime.partitions
     partition_of = runtime._partition_of
@@ -169,15 +180,16 @@ def escalate_due(
     def work(txn: Transaction, chain: _Chain, part: int) -> list[DeadlineEscalation]:
         instant = runtime.clock.now_ms() if now is None else now
         found = []
-        for d in txn.due_deadlines(instant, CHECK_LIMIT):
+        for d in txn.due_deadlines(instant if due_by is None else due_by, CHECK_LIMIT):
             # A partitioned store: each escalation in the chain of its entry's instance.
             if partitions > 1 and partition_of(f"deadline:{d.id}") != part:
                 continue
-            rearmed = instant + rearm_ms
+            notice_id = d.id.startswith(NOTICE_PREFIX)
+            rearmed = (d.due_ms if notice_id else instant) + rearm_ms
             notice = missed(runtime, txn, d, instant, rearmed)
             if notice is False or (notice is None and notices_only):
                 continue  # met (deleted), or not this call's to escalate
-            if notice is None and d.id.startswith(NOTICE_PREFIX):
+            if notice is None and notice_id:
                 continue  # a notice of a machine another runtime loads
             txn.save_deadline(
                 DeadlineRecord(d.id, d.name, d.governor, rearmed, d.level + 1, d.action)
@@ -204,10 +216,7 @@ def next_notice_deadline(runtime: Runtime) -> int | None:
     return runtime.store.earliest_deadline(NOTICE_PREFIX, sorted(runtime._governors))
 
 
-def escalate_notices(runtime: Runtime, now: int) -> list[DeadlineEscalation]:
-    """What `Runtime.fire_due` runs after the timers: the notices' missed deadlines, in a
-    unit of work only when one is due (a read says so first)."""
-    due = next_notice_deadline(runtime)
-    if due is None or due > now:
-        return []
-    return escalate_due(runtime, now, notices_only=True)
+def escalate_notices(runtime: Runtime, now: int, due_by: int) -> list[DeadlineEscalation]:
+    """What `Runtime.fire_due` runs when missed notice deadlines come before any timer still
+    due: the notices' deadlines due at `due_by` (before that timer), stamped at `now`."""
+    return escalate_due(runtime, now, notices_only=True, due_by=due_by)

@@ -164,7 +164,8 @@ def fire_work(
         deadline = None
         if spec.notify is not None:
             notify = spec.notify
-            deadline = None if notify.within_ms is None else now + notify.within_ms
+            # Counted from the notice's due time: a late firing keeps its schedule.
+            deadline = None if notify.within_ms is None else timer.due_ms + notify.within_ms
             notifications = (
                 Notification(
                     name,
@@ -273,9 +274,28 @@ def fire_work(
     return work
 
 
+def _in_time_order(due: list[ArmedTimer], runtime: Runtime) -> list[ArmedTimer]:
+    """`due` with only the earliest timer of each instance whose machine has notices with a
+    deadline: a notice one firing sends may fall due before that instance's next timer,
+    which fires in a later round, after the deadline has been looked at."""
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for timer in due:
+        if runtime._governors[timer.machine]._notices is not None:
+            key = (timer.machine, timer.instance)
+            if key in seen:
+                continue
+            seen.add(key)
+        kept.append(timer)
+    return kept
+
+
 def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> list[TimerFiring]:
     """Fire every timer due at `now` (default: the clock), earliest first, each exactly
-    once; timers armed by these firings that are already due fire too."""
+    once; timers armed by these firings that are already due fire too. The notices' missed
+    deadlines (runtime/notice_deadlines.py) escalate in time order among them: a deadline
+    due before a timer escalates before that timer fires, however late this call comes, so a
+    worker that runs once a day escalates what one that runs every second does."""
     instant = runtime._clock.now_ms() if now is None else now
     machines = sorted(runtime._governors)
     fired: list[TimerFiring] = []
@@ -283,14 +303,30 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
     skip: set[ArmedTimer] = set()
     fleet = runtime._partitioned
     for _ in range(10_000):
+        # Only the timers due up to the earliest missed notice deadline, that instant included
+        # (a move at the deadline meets it); the deadline escalates before any later timer,
+        # whose move would delete it as met.
+        notice = next_notice_deadline(runtime)
+        missed = notice is not None and notice <= instant
+        until = notice if missed and notice is not None else instant
         if fleet is None:
-            due = runtime._store.due_timers(instant, machines, limit + len(skip))
+            due = runtime._store.due_timers(until, machines, limit + len(skip))
         else:
             # Leased to this worker: others skip them until they fire or the lease runs out.
-            due = fleet.claim_due_timers(instant, machines, limit + len(skip))
-        due = [t for t in due if t not in skip][:limit]
+            due = fleet.claim_due_timers(until, machines, limit + len(skip))
+        due = _in_time_order([t for t in due if t not in skip][:limit], runtime)
         if not due:
-            break
+            if not missed or notice is None:
+                break
+            # Every deadline due before the next timer, in one unit of work.
+            following = runtime._store.due_timers(instant, machines, 1)
+            due_by = max(notice, min([instant, *(t.due_ms - 1 for t in following)]))
+            if (
+                not escalate_notices(runtime, instant, due_by)
+                and next_notice_deadline(runtime) == notice
+            ):
+                break  # none of them is this runtime's to escalate or delete
+            continue
         works = []
         ready = []
         releases: list[Callable[[], None]] = []
@@ -336,8 +372,6 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
             elif outcome.value is not None:
                 fired.append(outcome.value)
     runtime._settle_breakers()  # changed by a preflight whose firing did not run
-    # After the firings: a notice whose instance moved on at this instant was met.
-    escalate_notices(runtime, instant)
     if failed:
         raise failed[0]
     return fired

@@ -47,11 +47,19 @@ def test_demo_runs_and_its_ledger_verifies(generated: Path, tmp_path: Path) -> N
         "flow CustomerSignup: FlowCompleted -> completed",
         "== escalation",
         "notify queue manager_review_queue: Manual review of pending approval, due within 4h",
-        "notify queue director_review_queue",
+        # Missed at 28h, escalated at 48h before the director's notice (the due work runs once
+        # a day in the demo), due again 24h after the miss.
         "deadline missed: Entitlement 'Manual review of pending approval' (notify queue "
-        "manager_review_queue): escalated to level 1, due again in 1d [ledger #",
+        "manager_review_queue): escalated to level 1, due again in 4h [ledger #",
+        "notify queue director_review_queue",
+        # Missed before the auto-approval, escalated before its move, though the due work
+        # runs once a day.
+        "deadline missed: Entitlement 'Escalated: Director review required' (notify queue "
+        "director_review_queue): escalated to level 1, then the instance moved on [ledger #",
+        "deadline missed: Entitlement 'Manual review of pending approval' (notify queue "
+        "manager_review_queue): escalated to level 2, then the instance moved on [ledger #",
         "escalation PendingApproval/ApprovalLadder/end: Entitlement PendingApproval -> Active",
-        "Entitlement deadlines still open: 0 (the auto-approval met them)",
+        "Entitlement deadlines: 3 missed and escalated; still open: 0",
         "== idempotency",
         "outbox Billing.ChargeRequested delivered: Billing Current -> AwaitingPayment",
         "ChargeRequested webhook 1: Billing Current -> AwaitingPayment",

@@ -1,6 +1,7 @@
 """Escalation notices' `within` deadlines in the product: started with the notice, met by the
-move they wait for, escalated and re-armed 24 h later by the runtime's due work, across a
-restart, on SQLite and PostgreSQL with a signed ledger and a virtual clock."""
+move they wait for, escalated and re-armed 24 h after the miss by the runtime's due work in
+time order with the timers (however seldom it runs), across a restart, on SQLite and
+PostgreSQL with a signed ledger and a virtual clock."""
 
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ DIRECTOR = "notice:Entitlement:PendingApproval/ApprovalLadder/2:c1"
 PROVIDER = "notice:Compliance:Verifying/ProviderTimeout/1:case1"
 
 
-def _open(stores: Stores, keys: Path, clock: VirtualClock) -> Runtime:
+def _open(stores: Stores, keys: Path, clock: VirtualClock, name: str = "s") -> Runtime:
     runtime = Runtime(
-        stores.open(), clock=clock, sealer=LedgerSealer(load_signer(keys), "sign-each")
+        stores.open(name), clock=clock, sealer=LedgerSealer(load_signer(keys), "sign-each")
     )
     for spec in (ENTITLEMENT, COMPLIANCE):
         guards = {name: (lambda ctx: True) for name in spec.guards}
@@ -81,8 +82,8 @@ def test_notice_deadlines_of_two_governors_escalate_rearm_and_clear(
     runtime = _open(stores, keys, clock)
     assert runtime.next_deadline() == START + 28 * HOUR
     _at(clock, 29)
-    runtime.fire_due()  # missed: escalated, and due again 24 h after the check
-    assert _deadlines(runtime) == {MANAGER: (53, 1)}
+    runtime.fire_due()  # missed at 28: escalated now, and due again 24 h after the miss
+    assert _deadlines(runtime) == {MANAGER: (52, 1)}
     assert _missed(runtime) == [(MANAGER, "level0", "level1", 29)]
     notices = [json.loads(m.body) for m in runtime.notifications()]
     assert [(n["recipient"], n["message"], (n["deadline_ms"] - START) // HOUR) for n in notices][
@@ -90,15 +91,15 @@ def test_notice_deadlines_of_two_governors_escalate_rearm_and_clear(
     ] == (
         "manager_review_queue",
         "deadline passed (escalation level 1): Manual review of pending approval",
-        53,
+        52,
     )
 
     _at(clock, 48)
     runtime.fire_due()
-    assert _deadlines(runtime) == {DIRECTOR: (49, 0), MANAGER: (53, 1)}
+    assert _deadlines(runtime) == {DIRECTOR: (49, 0), MANAGER: (52, 1)}
     _at(clock, 53)
     runtime.fire_due()  # both missed: the director's once, the manager's again
-    assert _deadlines(runtime) == {DIRECTOR: (77, 1), MANAGER: (77, 2)}
+    assert _deadlines(runtime) == {DIRECTOR: (73, 1), MANAGER: (76, 2)}
     assert _missed(runtime)[1:] == [
         (DIRECTOR, "level0", "level1", 53),
         (MANAGER, "level1", "level2", 53),
@@ -114,24 +115,39 @@ def test_notice_deadlines_of_two_governors_escalate_rearm_and_clear(
     assert stores.verify("s", Keyring.from_files([keys])).ok
 
 
-def test_a_ladder_that_moves_on_by_itself_meets_its_notices_deadlines(
+def test_a_ladder_that_moves_on_by_itself_meets_only_the_deadlines_not_yet_missed(
     stores: Stores, keys: Path
 ) -> None:
-    """The 72 h auto-approval fires at the instant the re-armed deadlines fall due: the
-    timers fire first, so the deadlines are met, not escalated."""
+    """The 72 h auto-approval, fired by due work that runs once a day: the deadlines missed
+    before it (the director's at 49 h, the manager's again at 52 h) escalate first, as they
+    would with due work running every second; one that falls due at the very instant of the
+    move is met: the timer fires first."""
     clock = VirtualClock(START)
     runtime = _open(stores, keys, clock)
     runtime.governor("Entitlement").create("c1")
     for hours in (24, 48):
         _at(clock, hours)
         runtime.fire_due()
-    assert _deadlines(runtime) == {MANAGER: (72, 1), DIRECTOR: (49, 0)}
+    assert _deadlines(runtime) == {MANAGER: (52, 1), DIRECTOR: (49, 0)}
+    # An application's deadline under a notice's id, due at the move's instant: met.
+    tracker = DeadlineTracker(runtime)
+    tracker.track(
+        "notice:Entitlement:PendingApproval/ApprovalLadder/3:c1",
+        name="auto-approval",
+        governor="Entitlement",
+        due_ms=START + 72 * HOUR,
+        action="notify queue x",
+    )
     _at(clock, 72)
     runtime.fire_due()
     record = runtime.governor("Entitlement").get("c1")
     assert record is not None and record.state == "Active"
     assert _deadlines(runtime) == {}
-    assert [m[0] for m in _missed(runtime)] == [MANAGER]
+    assert [m[:3] for m in _missed(runtime)] == [
+        (MANAGER, "level0", "level1"),
+        (DIRECTOR, "level0", "level1"),
+        (MANAGER, "level1", "level2"),
+    ]
     runtime.close()
 
 
@@ -148,6 +164,54 @@ def test_the_tracker_sees_notice_deadlines_with_its_own(stores: Stores, keys: Pa
     assert _deadlines(runtime) == {"refund-7": (1, 0), MANAGER: (28, 0)}
     _at(clock, 30)
     assert [(e.id, e.level) for e in tracker.check()] == [("refund-7", 1), (MANAGER, 1)]
-    assert _deadlines(runtime) == {"refund-7": (54, 1), MANAGER: (54, 1)}
+    # The application's deadline due again 24 h after the check (the seed's tracker), the
+    # notice's 24 h after its miss at 28 h (its schedule does not depend on the check).
+    assert _deadlines(runtime) == {"refund-7": (54, 1), MANAGER: (52, 1)}
     assert isinstance(runtime.store.deadlines()[0], DeadlineRecord)
     runtime.close()
+
+
+def _escalations_polled_every(stores: Stores, keys: Path, minutes: int) -> list[object]:
+    """Entitlement's approval ladder and Compliance's verification for 120 h, with the due
+    work run every `minutes`: the escalations, their notifications and what is left."""
+    clock = VirtualClock(START)
+    name = f"every{minutes}"
+    runtime = _open(stores, keys, clock, name)
+    runtime.governor("Entitlement").create("c1")
+    compliance = runtime.governor("Compliance")
+    compliance.create("case1")
+    compliance.dispatch("case1", "VerifyIdentity", {"customer_id": "c1"})
+    while clock.now_ms() < START + 120 * HOUR:
+        clock.advance(minutes * 60_000)
+        runtime.fire_due()
+    passed = [json.loads(m.body) for m in runtime.notifications()]
+    found: list[object] = [
+        sorted(m[:3] for m in _missed(runtime)),
+        sorted(
+            (n["recipient"], n["message"], n["deadline_ms"] - START)
+            for n in passed
+            if n["message"].startswith("deadline passed")
+        ),
+        _deadlines(runtime),
+        [(r.state, r.version) for r in (runtime.governor("Compliance").get("case1"),) if r],
+    ]
+    runtime.close()
+    assert stores.verify(name, Keyring.from_files([keys])).ok
+    return found
+
+
+def test_due_work_once_a_day_escalates_what_due_work_every_15_minutes_does(
+    stores: Stores, keys: Path
+) -> None:
+    """Issue 12, "a missed deadline escalates, and then re-arms 24 h later": however late the
+    due work runs (once a day, every 5 h), it escalates the deadlines missed meanwhile in time
+    order with the timers, before a later move would delete them as met."""
+    often = _escalations_polled_every(stores, keys, 15)
+    assert set(often[0]) >= {  # type: ignore[call-overload]
+        (DIRECTOR, "level0", "level1"),  # due 49 h, re-armed 73 h: met by the move at 72 h
+        (MANAGER, "level0", "level1"),  # due 28 h
+        (MANAGER, "level1", "level2"),  # due 52 h, re-armed 76 h
+        (PROVIDER, "level0", "level1"),  # due 5 h, re-armed 29 h: met by ManualReview at 24 h
+    }
+    for minutes in (24 * 60, 5 * 60):
+        assert _escalations_polled_every(stores, keys, minutes) == often, minutes

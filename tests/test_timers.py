@@ -121,15 +121,21 @@ def test_entitlement_ladder_runs_72_hours_in_virtual_time(runtime: Runtime, key_
     ]
     assert [e.actor for e in history[1:]] == ["timer"] * 3
     pending = runtime.notifications()
-    # The manager's 4h deadline passed unmet by 48h: the due work said so after the firing.
-    assert [json.loads(n.body)["recipient"] for n in pending] == [
-        "manager_review_queue",
-        "director_review_queue",
-        "manager_review_queue",
+    # The manager's 4h deadline passed unmet at 28h: the due work at 48h said so before the
+    # director's notice; at 72h the director's (49h) and the manager's again (52h), before
+    # the auto-approval's move: in the order they fell due.
+    assert [
+        (json.loads(n.body)["recipient"], json.loads(n.body)["message"][:41]) for n in pending
+    ] == [
+        ("manager_review_queue", "Manual review of pending approval"),
+        ("manager_review_queue", "deadline passed (escalation level 1): Man"),
+        ("director_review_queue", "Director review required"),
+        ("director_review_queue", "deadline passed (escalation level 1): Dir"),
+        ("manager_review_queue", "deadline passed (escalation level 2): Man"),
     ]
-    assert json.loads(pending[2].body)["message"].startswith("deadline passed (escalation level 1)")
     runtime.acknowledge(pending[0])
-    assert len(runtime.notifications()) == 2
+    assert len(runtime.notifications()) == 4
+    runtime.checkpoint()  # checkpoint mode: the last commits' entries wait for the next one
     assert runtime.verify(Keyring.from_files([key_dir])).ok
 
 
@@ -318,12 +324,18 @@ def test_two_runtimes_on_one_file_fire_each_timer_once(tmp_path: Path, key_dir: 
     for t in threads:
         t.join()
     assert len(fired[0]) + len(fired[1]) == 20 * 3
-    ids = [e.event_id for e in runtimes[0].ledger() if e.kind == "escalation"]
+    entries = [e for e in runtimes[0].ledger() if e.kind == "escalation"]
+    ids = [e.event_id for e in entries if e.event != "DeadlineMissed"]
     assert len(ids) == len(set(ids)) == 60
+    # The notices' deadlines missed while nobody fired (the manager's twice, the director's
+    # once) escalated once each, by one runtime or the other.
+    missed = [(e.instance, e.to_state) for e in entries if e.event == "DeadlineMissed"]
+    assert len(missed) == len(set(missed)) == 20 * 3
     for rt in runtimes:
         rt.close()
     report = verify_ledger(path, Keyring.from_files([key_dir]))
-    assert report.ok and report.count == 1 + 20 + 60, report.reason  # genesis, creates, firings
+    # genesis, creates, firings, missed deadlines
+    assert report.ok and report.count == 1 + 20 + 60 + 60, report.reason
 
 
 def test_scheduler_fires_in_the_background() -> None:
