@@ -34,6 +34,7 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ from .errors import (
 from .inputs import payload_error_message
 from .keys import Signer
 from .ledger import LedgerEntry, LedgerSealer
+from .notice_deadlines import parse_notice_id
+from .resilience.deadlines import DAY_MS
 from .results import DispatchResult, TimerFiring
 from .runtime import Runtime
 from .store.base import Store
@@ -732,17 +735,53 @@ def _run_advance(
     clock.advance(step.advance_ms)
     trace.line(f"[{trace.when(clock.now_ms())}] step {step.index} advance {step.advance_text}")
     failed: RuntimeFailure | None = None
+    before = max((e.seq for e in runtime.store.ledger_entries()), default=-1)
+    sent = len(runtime.notifications(status=None))
     try:
         firings: list[TimerFiring] = runtime.fire_due()
     except RuntimeFailure as failure:
         failed = failure
         trace.line(f"timer failed: {failure.code} {failure.message}", 1)
         firings = []
+    # The notices' missed deadlines escalate among the firings, in the order they fell due;
+    # each with its notification, written in the same unit and in the same order.
+    bodies = [json.loads(m.body) for m in runtime.notifications(status=None)[sent:]]
+    passed = [b for b in bodies if (b["message"] or "").startswith("deadline passed")]
+    missed = [
+        (e, n)
+        for e, n in zip(
+            (
+                e
+                for e in runtime.store.ledger_entries(after_seq=before)
+                if e.kind == "escalation" and e.event == "DeadlineMissed"
+            ),
+            passed,
+            strict=False,
+        )
+    ]
     for firing in firings:
+        while missed and (firing.result.seq is None or missed[0][0].seq < firing.result.seq):
+            _missed_deadline(trace, *missed.pop(0))
         timer = firing.timer
         head = f"[{trace.when(timer.due_ms)}] {firing.kind} {timer.timer_id} fired"
         trace.result(firing.result, head, recorder.take(timer.timer_id), 1)
+    for entry, notice in missed:
+        _missed_deadline(trace, entry, notice)
     return failed, {firing.timer for firing in firings}
+
+
+def _missed_deadline(trace: _Trace, entry: LedgerEntry, notice: Mapping[str, Any]) -> None:
+    """A notice's deadline, missed at the time shown (a notice is due again a day after its
+    miss), escalated by the due work."""
+    parsed = parse_notice_id(entry.instance.removeprefix("deadline:"))
+    what = entry.instance if parsed is None else f"notice {parsed[1]}"
+    level = entry.to_state.removeprefix("level")
+    again = notice["deadline_ms"]
+    trace.line(
+        f"[{trace.when(again - DAY_MS)}] deadline of {what} missed: escalated to level {level} "
+        f"(ledger #{entry.seq}), due again {trace.when(again)}",
+        1,
+    )
 
 
 def _simulate(

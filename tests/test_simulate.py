@@ -80,18 +80,28 @@ def test_entitlement_ladder_trace(generated: Path, tmp_path: Path) -> None:
         '      notify queue manager_review_queue "Manual review of pending approval" '
         "by T+1d4h (2026-01-02T04:00:00Z)" in lines
     )
-    assert any("notify queue director_review_queue" in line and "T+3d1h" in line for line in lines)
+    assert any("notify queue director_review_queue" in line and "T+2d1h" in line for line in lines)
+    # The 48h advance runs the due work once: the deadlines missed meanwhile escalate in time
+    # order with the timers, each due again a day after its miss.
+    assert [line for line in lines if "deadline of notice" in line] == [
+        "  [T+1d4h] deadline of notice PendingApproval/ApprovalLadder/1 missed: escalated to "
+        "level 1 (ledger #3), due again T+2d4h",
+        "  [T+2d1h] deadline of notice PendingApproval/ApprovalLadder/2 missed: escalated to "
+        "level 1 (ledger #5), due again T+3d1h",
+        "  [T+2d4h] deadline of notice PendingApproval/ApprovalLadder/1 missed: escalated to "
+        "level 2 (ledger #6), due again T+3d4h",
+    ]
     assert any("ApprovalLadder/end fired: PendingApproval -> Active" in line for line in lines)
     assert "      do auto_approve" in lines
     assert any("ignored in Suspended (nothing recorded)" in line for line in lines)
     assert any("timer Suspended/after/72h#0 fired: Suspended -> Refunded" in line for line in lines)
     assert any("emit Billing.RefundRequested to 'ent-1'" in line for line in lines)
     assert (
-        "  #6 timer      Suspended -> Refunded on Suspended/after/72h#0 by timer hash"
+        "  #9 timer      Suspended -> Refunded on Suspended/after/72h#0 by timer hash"
         in "\n".join(lines)
     )
-    # the genesis entry (seq 0) and the instance's six
-    assert lines[-2:] == ["final state: Refunded (v6)", "ledger verified: 7 entries"]
+    # the genesis entry (seq 0), the instance's six and the three missed deadlines
+    assert lines[-2:] == ["final state: Refunded (v6)", "ledger verified: 10 entries"]
 
 
 def test_billing_retry_ladder_from_a_json_script(generated: Path, tmp_path: Path) -> None:
@@ -213,7 +223,7 @@ def test_command_line(generated: Path, tmp_path: Path) -> None:
         text=True,
     )
     assert good.returncode == 0, good.stderr
-    assert good.stdout.rstrip().endswith("ledger verified: 7 entries")
+    assert good.stdout.rstrip().endswith("ledger verified: 10 entries")
     bad = subprocess.run(
         [
             sys.executable,
