@@ -14,13 +14,13 @@ from .errors import ActionFailed, InvalidTransition
 from .event_inputs import DEFAULT_ACTOR, DispatchRequest
 from .results import DispatchResult
 from .rows import _Absent
-from .store.base import ClaimKey, Transaction
+from .store.base import ClaimKey, Transaction, WorkOutcome
 from .tables import Payload
 from .unit import _NO_ENTRIES, _Preran, _Rejected, _settled, _UnitInputs
 
 if TYPE_CHECKING:
     from .dispatch import Governor
-    from .resilience.claims import Release
+    from .resilience.claims import Local, Release
     from .sealing import _Chain
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "committed",
     "dispatch_async",
     "dispatch_many",
+    "lets_go",
     "preflight",
     "prepare",
     "run_prepared",
@@ -74,6 +75,7 @@ async def dispatch_async(
             break
         await loop.run_in_executor(pool, busy.wait)
     held: Release | None = None
+    committed = False
     try:
         if keys:
             # The claim and the outside calls in one hand-off to the pool (each costs the
@@ -88,9 +90,16 @@ async def dispatch_async(
                 raise
         else:
             work = await loop.run_in_executor(pool, governor._prepare, work)
-        return _settled(await runtime._submit_async(work, partition))
+        done = await runtime._submit_async(work, partition)
+        committed = lets_go(work)
+        return _settled(done)
     finally:
         if held is None:
+            if release is not None:
+                release()
+        elif committed:
+            # Its commit let go of the claim in the store: nothing to write, so here.
+            held(committed=True)
             if release is not None:
                 release()
         else:
@@ -123,7 +132,7 @@ def _hold_and_prepare(
 
 def _let_go_after(
     pool: Executor,
-    local: Release | None,
+    local: Local | None,
     prepared: asyncio.Future[tuple[Release | None, partial[DispatchResult | _Rejected]]],
 ) -> None:
     """Once a cancelled dispatch's claim and calls have ended in the pool: let go of its
@@ -141,7 +150,7 @@ def _let_go_after(
         _let_go(held, local)
 
 
-def _let_go(held: Release, local: Release | None) -> None:
+def _let_go(held: Release, local: Local | None) -> None:
     """Release a claim in the store, then in this runtime."""
     try:
         held()
@@ -162,7 +171,8 @@ def dispatch_many(
     # The claims this batch holds: a request repeating one of them is not prepared (its
     # unit finds the earlier one's result in the batch); one held elsewhere is refused.
     claimed: dict[ClaimKey, int] = {}  # -> the index of the request that claimed it
-    releases: list[Release] = []
+    releases: dict[int, Release] = {}  # by the index of the request that holds it
+    done: list[WorkOutcome[DispatchResult | _Rejected]] = []
     try:
         for index, r in enumerate(requests):
             try:
@@ -190,7 +200,7 @@ def dispatch_many(
                         keys, governor._committed(work), wait=False
                     )
                     if release is not None:
-                        releases.append(release)
+                        releases[index] = release
                         claimed.update(dict.fromkeys(keys, index))
                 # A failed call's breaker change goes in the batch (not alone).
                 works.append(governor._prepare(work, alone=False))
@@ -201,8 +211,14 @@ def dispatch_many(
         partitions = [partition_of(requests[index].instance_id) for index in slots]
         done = governor.runtime._submit_many(works, partitions)
     finally:
-        for release in releases:
-            release()
+        # A claim whose unit committed went with it (claimed_step): nothing left to write.
+        committed = {
+            index
+            for index, work, outcome in zip(slots, works, done, strict=False)
+            if outcome.error is None and lets_go(work)
+        }
+        for index, release in releases.items():
+            release(committed=index in committed)
     for index, outcome in zip(slots, done, strict=True):
         value, failure = outcome.value, outcome.error
         if failure is not None and not isinstance(failure, Exception):
@@ -261,14 +277,18 @@ def run_prepared(
     its transaction, unless the unit refused the event (a fanout's late reply, fanin.py)."""
     keys = governor._claim_keys(work)
     release = governor.runtime._outside.claim(keys, governor._committed(work)) if keys else None
+    committed = False
     try:
         unit = governor._prepare(work)
+        lets = lets_go(unit)
         if then is not None:
             unit = partial(_followed, unit, then)
-        return _settled(governor.runtime._submit(unit, partition))
+        done = governor.runtime._submit(unit, partition)
+        committed = lets
+        return _settled(done)
     finally:
         if release is not None:
-            release()
+            release(committed=committed)
 
 
 def _followed(
@@ -327,8 +347,18 @@ def claimed_step(
     outside actions ran was taken over meanwhile (runtime/resilience/claims.py)."""
     preran = inputs[-1]
     assert preran is not None
-    governor.runtime._outside.check(txn, keys, preran.results)
-    return governor._step(inputs, txn, chain)
+    outside = governor.runtime._outside
+    outside.check(txn, keys, preran.results)
+    done = governor._step(inputs, txn, chain)
+    # The claim goes with this commit: no write of its own to let go (see lets_go).
+    outside.let_go(txn, keys)
+    return done
+
+
+def lets_go(unit: object) -> bool:
+    """Whether `unit` (a prepared dispatch) lets go of its claim in its own transaction
+    (`claimed_step`): once it committed, its release has nothing left to do in the store."""
+    return type(unit) is partial and unit.func is claimed_step
 
 
 def preflight(

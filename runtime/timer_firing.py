@@ -22,11 +22,12 @@ from .outbox import _event_message, _notification_message, _refusal_notices
 from .replay import save_snapshot
 from .results import DispatchResult, EmittedEvent, Notification, TimerFiring, derive_event_id
 from .sealing import _Chain
-from .store.base import ClaimKey, Transaction
+from .store.base import ClaimKey, Transaction, WorkOutcome
 from .timers import ArmedTimer, arm_timers
 
 if TYPE_CHECKING:
     from .dispatch import Governor
+    from .resilience.claims import Release
     from .runtime import Runtime
 
 
@@ -67,7 +68,7 @@ def _firing_key(timer: ArmedTimer) -> ClaimKey:
     return (timer.machine, "timer", f"{timer.instance}/{timer.timer_id}/{timer.armed_version}")
 
 
-def _claim_firing(runtime: Runtime, timer: ArmedTimer) -> Callable[[], None] | None:
+def _claim_firing(runtime: Runtime, timer: ArmedTimer) -> Release | None:
     """Claim this arming of the timer without waiting: the release, None if it fired
     meanwhile; OutsideCallInProgress if another runtime is firing it."""
     store = runtime._store
@@ -87,10 +88,13 @@ def _claim_checked(
     """`work`, refused (OutsideClaimLost) if the firing's claim, under which its outside
     actions ran, was taken over meanwhile (runtime/resilience/claims.py)."""
     keys = (_firing_key(timer),)
+    outside = runtime._outside
 
     def checked(txn: Transaction, chain: _Chain) -> TimerFiring | None:
-        runtime._outside.check(txn, keys, preran[1])
-        return work(txn, chain)
+        outside.check(txn, keys, preran[1])
+        fired = work(txn, chain)
+        outside.let_go(txn, keys)  # the claim goes with this commit
+        return fired
 
     return checked
 
@@ -329,7 +333,8 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
             continue
         works = []
         ready = []
-        releases: list[Callable[[], None]] = []
+        letting_go: set[ArmedTimer] = set()  # the firings whose units let go of their claim
+        releases: dict[ArmedTimer, Release] = {}
         for timer in due:
             governor = runtime._governors[timer.machine]
             release = None
@@ -340,7 +345,7 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
                     # elsewhere is left to its holder.
                     release = _claim_firing(runtime, timer)
                     if release is not None:
-                        releases.append(release)
+                        releases[timer] = release
                 preran = preflight(governor, timer, instant)
             except OutsideCallInProgress:
                 skip.add(timer)
@@ -352,6 +357,7 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
             work = fire_work(governor, timer, instant, preran)
             if release is not None and preran is not None:
                 work = _claim_checked(runtime, timer, preran, work)
+                letting_go.add(timer)
             works.append(work)
             ready.append(timer)
         if fleet is not None and runtime._breakers.pending:
@@ -359,11 +365,18 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
             # may go to another chain than a firing's (see Governor._prepare).
             runtime._record_breaker_moves()
         partitions = [runtime._partition_of(t.instance) for t in ready]
+        outcomes: list[WorkOutcome[TimerFiring | None]] = []
         try:
             outcomes = runtime._submit_many(works, partitions)
         finally:
-            for release in releases:
-                release()
+            # A checked firing that committed let go of its claim in its transaction.
+            committed = {
+                timer
+                for timer, outcome in zip(ready, outcomes, strict=False)
+                if outcome.error is None and timer in letting_go
+            }
+            for timer, release in releases.items():
+                release(committed=timer in committed)
         for timer, outcome in zip(ready, outcomes, strict=True):
             if outcome.error is not None:
                 # The timer stays armed and due: the next call tries it again.

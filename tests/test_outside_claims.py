@@ -4,6 +4,7 @@ stores (memory, SQLite files, and PostgreSQL under CI) and real processes."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import signal
@@ -560,3 +561,135 @@ def test_two_runtimes_firing_one_retry_timer_call_the_processor_once(
     assert other.charged == []
     first.close()
     second.close()
+
+
+# -- the release goes with the commit of the unit that records the calls' result ---------------
+
+
+def test_a_transaction_lets_go_of_claims_when_it_commits_and_keeps_them_if_not(
+    stores: Stores,
+) -> None:
+    store = stores.open()
+    other = ("Billing", "key", "k1")
+    assert store.claim_outside([KEY, other], "a", 60_000)
+
+    def let_go_then_fail(txn: Any) -> None:
+        txn.release_outside([KEY, other], "a")
+        raise RuntimeError("rolled back")
+
+    (failed,) = store.run([let_go_then_fail])
+    assert isinstance(failed.error, RuntimeError)
+    assert not store.claim_outside([KEY], "b", 60_000)  # kept: the transaction rolled back
+    store.run([lambda txn: txn.release_outside([KEY, other], "b")])  # not b's: both stay
+    assert not store.claim_outside([other], "b", 60_000)
+    store.run([lambda txn: txn.release_outside([KEY, other], "a")])
+    assert store.claim_outside([KEY, other], "b", 60_000)  # gone with the commit
+    store.close()
+
+
+def _no_own_release(store: Any, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Make `store`'s own release write nothing (as if its process ended right after the
+    dispatch's commit): what it was asked to let go of."""
+    asked: list[object] = []
+    monkeypatch.setattr(store, "release_outside", lambda keys, holder: asked.append(keys))
+    return asked
+
+
+@pytest.mark.parametrize("way", ["dispatch", "dispatch_async", "dispatch_many"])
+def test_a_committed_charge_lets_go_of_its_claim_in_its_own_commit(
+    stores: Stores, keys: Path, monkeypatch: pytest.MonkeyPatch, way: str
+) -> None:
+    """The unit of work that records the charge deletes its claim rows (event id and key) in
+    its transaction: no release of its own follows, nothing is left in outside_claims, and
+    another holder claims the keys at once."""
+    store = stores.open()
+    asked = _no_own_release(store, monkeypatch)
+    processor = Processor()
+    runtime = open_billing(store, keys, VirtualClock(START), processor)
+    billing = runtime.governor("Billing")
+    billing.create("c1")
+    if way == "dispatch":
+        result = billing.dispatch("c1", "ChargeRequested", PAYLOAD, event_id="charge-c1")
+    elif way == "dispatch_async":
+        result = asyncio.run(
+            billing.dispatch_async("c1", "ChargeRequested", PAYLOAD, event_id="charge-c1")
+        )
+    else:
+        (result,) = billing.dispatch_many([_charge_request()])  # type: ignore[assignment]
+    assert not isinstance(result, Exception) and result.version == 2
+    assert processor.charged == ["c1"]
+    assert asked == []
+    assert stores.rows("s", "SELECT count(*) FROM outside_claims") == [(0,)]
+    assert store.claim_outside([KEY, ("Billing", "key", "k1")], "another", 60_000)
+    runtime.close()
+
+
+def test_a_charge_whose_unit_does_not_commit_lets_go_on_its_own(tmp_path: Path, keys: Path) -> None:
+    """Refused inside its unit (the instance moved on while the processor was called, so the
+    decided move no longer applies): the claim is let go afterwards, on its own."""
+    store = SQLiteStore(tmp_path / "s.db")
+    runtime = open_billing(store, keys, VirtualClock(START), Processor())
+    billing = runtime.governor("Billing")
+    billing.create("c1")
+    mover = open_billing(SQLiteStore(tmp_path / "s.db"), keys, VirtualClock(START), Processor())
+
+    class Moving(Processor):
+        def __call__(self, ctx: Any) -> dict[str, str]:
+            # Another runtime moves c1 on while this call is at the processor.
+            mover.governor("Billing").dispatch("c1", "ChargeRequested", PAYLOAD)
+            return super().__call__(ctx)
+
+    runtime.close()
+    runtime = open_billing(SQLiteStore(tmp_path / "s.db"), keys, VirtualClock(START), Moving())
+    with pytest.raises(Exception):  # noqa: B017 - whichever refusal the moved instance gives
+        runtime.governor("Billing").dispatch("c1", "ChargeRequested", PAYLOAD, event_id="charge-c1")
+    runtime.close()
+    mover.close()
+    assert sqlite3_rows(tmp_path / "s.db", "SELECT count(*) FROM outside_claims") == [(0,)]
+
+
+def sqlite3_rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return db.execute(sql).fetchall()
+
+
+def test_a_committed_timer_firing_lets_go_of_its_claim_in_its_own_commit(
+    tmp_path: Path, keys: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = VirtualClock(START)
+    store = SQLiteStore(tmp_path / "s.db")
+    processor = Processor()
+    runtime = open_billing(store, keys, clock, processor)
+    billing = runtime.governor("Billing")
+    billing.create("c1")
+    billing.dispatch("c1", "ChargeRequested", PAYLOAD)
+    failure = {"customer_id": "c1", "idempotency_key": "k1", "reason": "declined"}
+    billing.dispatch("c1", "PaymentFailed", failure)
+    asked = _no_own_release(store, monkeypatch)
+    clock.advance("1h")
+    assert [f.timer.timer_id for f in runtime.fire_due()]
+    assert processor.charged == ["c1", "c1"]  # the retry ladder's call
+    assert asked == []
+    assert sqlite3_rows(tmp_path / "s.db", "SELECT count(*) FROM outside_claims") == [(0,)]
+    runtime.close()
+
+
+def test_a_flow_steps_claim_goes_with_its_commit(
+    stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancellation saga's refund (Billing's outside call), driven sync and asyncio."""
+    store = stores.open()
+    asked = _no_own_release(store, monkeypatch)
+    runtime, runner, _ = marketplace(store)
+    for customer in ("x1", "x2"):
+        active_customer(runtime, runner, customer)
+    inputs = {"customer_id": "x1", "request_id": "cx-x1", "reason": "moving"}
+    assert runner.start("SubscriptionCancellation", "x1", inputs).status == "completed"
+    inputs = {"customer_id": "x2", "request_id": "cx-x2", "reason": "moving"}
+    done = asyncio.run(runner.start_async("SubscriptionCancellation", "x2", inputs))
+    assert done.status == "completed"
+    runtime.close()
+    assert asked == []
+    assert stores.rows("s", "SELECT count(*) FROM outside_claims") == [(0,)]

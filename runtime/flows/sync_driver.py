@@ -9,6 +9,8 @@ from concurrent.futures import wait as wait_futures
 from typing import Any, cast
 
 from ..dispatch import Governor
+from ..preflight import lets_go
+from ..resilience.claims import Release
 from ..sealing import _Chain
 from ..store.base import FlowStatus, Transaction
 from ..tables import FlowStepSpec
@@ -61,10 +63,10 @@ class _SyncDriver(_StepRunner):
                 unit = governor._prepare(work)
             except _STEP_FAILURES as failed:
                 return "failed", f"{failed.code}: {failed.message}"
-            return self._send_prepared(run, op, governor, target, payload, event_id, unit)
+            return self._send_prepared(run, op, governor, target, payload, event_id, unit, release)
         finally:
             if release is not None:
-                release()
+                release()  # unless let go already: nothing left to do then
 
     def _send_prepared(
         self,
@@ -75,8 +77,10 @@ class _SyncDriver(_StepRunner):
         payload: dict[str, Any],
         event_id: str,
         unit: Callable[[Transaction, _Chain], object],
+        release: Release | None = None,
     ) -> tuple[str, Any]:
-        """The rest of `_send`, once its dispatch's outside actions ran (see there)."""
+        """The rest of `_send`, once its dispatch's outside actions ran (see there), with the
+        release of their claim (let go as soon as the batch has committed or failed)."""
         # One batch: the run's write (its pending notes), the dispatch, and for the last step
         # the unit that records its outcome and the run's end. A partitioned store commits
         # the run's units in the partition of its run id, the dispatch in its receiver's.
@@ -84,7 +88,16 @@ class _SyncDriver(_StepRunner):
         works = self._batch_works(run, op, unit)
         mine = runtime._partition_of(run.record.flow_id)
         partitions = [mine, runtime._partition_of(target), mine][: len(works)]
-        answer = _batch_answer(run, runtime._submit_many(works, partitions))
+        try:
+            outcomes = runtime._submit_many(works, partitions)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        if release is not None:
+            # Its unit's commit let go of the claim in the store (preflight.lets_go).
+            release(committed=outcomes[1].error is None and lets_go(unit))
+        answer = _batch_answer(run, outcomes)
         if answer is not None:
             return answer
         try:  # the receiver's first event

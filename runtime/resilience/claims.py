@@ -9,6 +9,11 @@ the calls until its unit of work has committed or failed, in two layers:
    key with its holder and a lease on the store's clock (the database's on PostgreSQL, the
    wall clock on an SQLite file), written in a short transaction of its own without an fsync
    (a claim need not survive the machine: its holder does not either).
+The holder lets go of its claim in the store in the unit of work that records the result of
+its calls (`let_go`, `Transaction.release_outside`): the rows go with that commit, so a
+dispatch that commits costs no write of its own to release; only one whose unit does not
+commit (it failed, was refused, or its batch's commit failed) lets go on its own, afterwards
+(`Store.release_outside`).
 A second dispatcher waits: it polls the store until the holder lets go or its result is
 committed, then finds that result and returns it as a repeat, calling nothing. A holder that
 crashed lets go when its lease runs out (`Runtime(claim_lease_ms=...)`, 60 s by default):
@@ -35,18 +40,27 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from ..errors import NestedDispatch, OutsideCallInProgress, OutsideClaimLost
 from ..store.base import ClaimKey, Store, Transaction
 
-__all__ = ["DEFAULT_CLAIM_LEASE_MS", "ClaimKey", "OutsideClaims"]
+__all__ = ["DEFAULT_CLAIM_LEASE_MS", "ClaimKey", "OutsideClaims", "Release"]
 
 DEFAULT_CLAIM_LEASE_MS = 60_000
 # Polling a holder in another process: from 1 ms, doubling, to at most 50 ms between looks.
 _FIRST_POLL_S = 0.001
 _LAST_POLL_S = 0.05
 
-Release = Callable[[], None]
+Local = Callable[[], None]
+
+
+class Release(Protocol):
+    """Lets go of a claim (a second call does nothing). `committed=True`: the unit of work
+    that let go of it in the store (`OutsideClaims.let_go`) committed, so the store holds
+    nothing of it any more: only the renewal and the hold in this runtime end."""
+
+    def __call__(self, *, committed: bool = False) -> None: ...
 
 
 class OutsideClaims:
@@ -68,7 +82,7 @@ class OutsideClaims:
 
     def try_local(
         self, keys: Sequence[ClaimKey], thread: int | None = None
-    ) -> tuple[Release | None, threading.Event | None]:
+    ) -> tuple[Local | None, threading.Event | None]:
         """(release, None) if this caller now holds every key in this runtime, else (None, an
         event set when the holder lets go). `thread`: the thread that will hold them (None: a
         coroutine). Raises NestedDispatch if that thread holds one already: an action
@@ -111,11 +125,16 @@ class OutsideClaims:
             pause = min(pause * 2, _LAST_POLL_S)
         token = object()
         self._renew_while_held(token, tuple(keys))
+        held = [True]
 
-        def release() -> None:
+        def release(*, committed: bool = False) -> None:
             with self._renew:
+                if not held[0]:
+                    return
+                held[0] = False
                 self._renewing.pop(token, None)
-            store.release_outside(keys, holder)
+            if not committed:
+                store.release_outside(keys, holder)
 
         return release
 
@@ -159,6 +178,12 @@ class OutsideClaims:
         if not txn.holds_outside(keys, self.holder):
             raise OutsideClaimLost(*keys[0], self.lease_ms, results)
 
+    def let_go(self, txn: Transaction, keys: Sequence[ClaimKey]) -> None:
+        """At the end of that unit of work (after `check`, once it has written its result):
+        let go of the claim of `keys` in its transaction, so that its commit releases them
+        (then call the release with `committed=True`)."""
+        txn.release_outside(keys, self.holder)
+
     def close(self) -> None:
         """Stop renewing (the runtime closes): claims still held run out with their lease."""
         with self._renew:
@@ -197,10 +222,10 @@ class OutsideClaims:
         return _both(durable, local)
 
 
-def _both(durable: Release, local: Release) -> Release:
-    def release() -> None:
+def _both(durable: Release, local: Local) -> Release:
+    def release(*, committed: bool = False) -> None:
         try:
-            durable()
+            durable(committed=committed)
         finally:
             local()
 

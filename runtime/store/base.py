@@ -232,6 +232,12 @@ class Transaction(Protocol):
         ran out still counts if nobody took it. False if a key was taken over (its lease ran
         out and another holder claimed it, whether or not that one has let go since)."""
 
+    def release_outside(self, keys: Sequence[ClaimKey], holder: str) -> None:
+        """Drop `holder`'s claims on `keys` (one another holder took over stays) as part of
+        this transaction: they are gone when it commits and kept if it rolls back. The unit
+        of work that records the result of the outside calls made under them lets go of them
+        this way, so its commit is their release (runtime/resilience/claims.py)."""
+
     def set_outbox_body(self, message_id: int, body: str) -> None:
         """Replace a message's body: a refusal notice's, when it is released with the refusal
         its $refusal_code / $refusal_message arguments carry (runtime/outbox.py)."""

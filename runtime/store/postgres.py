@@ -543,6 +543,10 @@ class PostgresTransaction:
                 return False
         return True
 
+    def release_outside(self, keys: Sequence[ClaimKey], holder: str) -> None:
+        if keys:
+            self._execute(*_release_claims(keys, holder))
+
     def lease_outbox(self, message_id: int, owner: str, lease_ms: int) -> None:
         self._execute(
             f"UPDATE outbox SET lease_owner = %s, lease_until_ms = {_DB_NOW_MS} + %s WHERE id = %s",
@@ -705,6 +709,16 @@ _INSERT_CHECKPOINT_SQL = (
     f"INSERT INTO ledger_checkpoints (part, {_CHECKPOINT_COLUMNS}) "
     f"VALUES ({', '.join('%s' for _ in range(len(CHECKPOINT_COLUMNS) + 1))})"
 )
+
+
+def _release_claims(keys: Sequence[ClaimKey], holder: str) -> tuple[str, list[str]]:
+    """The statement that drops `holder`'s claims on `keys`, and its parameters."""
+    marks = ", ".join("(%s, %s, %s)" for _ in keys)
+    return (
+        "DELETE FROM outside_claims WHERE holder = %s "
+        f"AND (machine, kind, key) IN (VALUES {marks})",
+        [holder, *(part for key in keys for part in key)],
+    )
 
 
 class _Busy(Exception):
@@ -1321,12 +1335,12 @@ class PostgresStore:
         return renewed == len(keys)
 
     def release_outside(self, keys: Sequence[ClaimKey], holder: str) -> None:
+        if not keys:
+            return
+        # One statement, so one commit for all the keys (executemany on an autocommit
+        # connection committed each key's DELETE on its own).
         with self._connection() as connection:
-            connection.cursor().executemany(
-                "DELETE FROM outside_claims WHERE machine = %s AND kind = %s AND key = %s "
-                "AND holder = %s",
-                [(*key, holder) for key in keys],
-            )
+            connection.execute(*_release_claims(keys, holder))
 
     def close(self) -> None:
         if self._view is not None:

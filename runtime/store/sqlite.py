@@ -124,6 +124,15 @@ def _entry(row: tuple[Any, ...]) -> LedgerEntry:
     return _new_entry(LedgerEntry, row)
 
 
+def _release_claims(keys: Sequence[ClaimKey], holder: str) -> tuple[str, list[str]]:
+    """The statement that drops `holder`'s claims on `keys`, and its parameters."""
+    marks = ", ".join("(?, ?, ?)" for _ in keys)
+    return (
+        f"DELETE FROM outside_claims WHERE holder = ? AND (machine, kind, key) IN (VALUES {marks})",
+        [holder, *(part for key in keys for part in key)],
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Recognising a store before anything is written: a file is initialised only if it holds
 # nothing, and opened only if it carries the marks written at its creation.
@@ -482,6 +491,10 @@ class SQLiteTransaction:
             if row is None or row[0] != holder:
                 return False
         return True
+
+    def release_outside(self, keys: Sequence[ClaimKey], holder: str) -> None:
+        if keys:
+            self._execute(*_release_claims(keys, holder))
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
         self._execute(
@@ -1044,13 +1057,8 @@ class SQLiteStore:
             return
         # One statement, so one commit for all the keys (executemany on an autocommit
         # connection committed each key's DELETE on its own).
-        marks = ", ".join("(?, ?, ?)" for _ in keys)
         with self._claims_connection() as connection:
-            connection.execute(
-                "DELETE FROM outside_claims WHERE holder = ? "
-                f"AND (machine, kind, key) IN (VALUES {marks})",
-                [holder, *(part for key in keys for part in key)],
-            )
+            connection.execute(*_release_claims(keys, holder))
 
     @contextlib.contextmanager
     def _claims_connection(self) -> Iterator[sqlite3.Connection]:
