@@ -11,11 +11,15 @@ library's defaults (`LedgerSealer(signer)`: checkpoint mode, one signed checkpoi
 batch), at the FlowRunner's defaults. The durable step and the asyncio sagas (and so the
 ratios to DBOS) are measured again with a ledger that signs every entry (sign-each, the demo's
 setting and the costliest mode), each row labelled. Customers are made active before the clock
-starts; only the flows (or their baselines) are timed. The machine is shared, so compare
-ratios within a run. The asyncio figures also print how many commits their units of work took
-(dispatch_async and the runs' writes share the group commit). No figure here counts duplicate
-effects: "0 under kill -9" (tests/test_flow_crash.py) counts ledger effects, and an outside
-call killed before its commit is made again, deduplicated by the processor on its idempotency key.
+starts (by a runtime at synchronous=NORMAL, closed before a new one at the defaults is timed:
+see `prepared`); only the flows (or their baselines) are timed. The machine is shared, so
+compare ratios within a run: the durable step is timed in STEP_ROUNDS rounds alternating with
+its baseline, and the asyncio sagas and DBOS's in RUNS rounds taken in turn, each figure the
+median of its rounds with their range. The asyncio figures also print how many commits their
+units of work took (dispatch_async and the runs' writes share the group commit). No figure
+here counts duplicate effects: "0 under kill -9" (tests/test_flow_crash.py) counts ledger
+effects, and an outside call killed before its commit is made again, deduplicated by the
+processor on its idempotency key.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import asyncio
 import hashlib
 import importlib
 import json
-import logging
 import re
 import sqlite3
 import statistics
@@ -80,13 +83,14 @@ class Marketplace:
         before_step: Callable[[StepContext], None] | None = None,
         mode: LedgerMode = "checkpoint",
         synchronous: Synchronous = "FULL",
+        bindings: _Bindings | None = None,
     ):
         self.runtime = Runtime(
             SQLiteStore(path, synchronous=synchronous),
             clock=VirtualClock(1_767_225_600_000),
             sealer=LedgerSealer(SIGNER, mode),
         )
-        self.bindings = _Bindings(_Payments())
+        self.bindings = bindings or _Bindings(_Payments())
         for module in MODULES:
             spec = importlib.import_module(f"autonomic.generated.{module}").MACHINE
             self.runtime.load(spec, *self.bindings.of(spec))
@@ -136,6 +140,24 @@ class Marketplace:
         self.runtime.close()
 
 
+def prepared(
+    path: Path,
+    customers: list[str],
+    before_step: Callable[[StepContext], None] | None = None,
+    mode: LedgerMode = "checkpoint",
+) -> Marketplace:
+    """A Marketplace at the defaults (synchronous=FULL) on a file where `customers` were made
+    active beforehand (untimed) by a runtime at synchronous=NORMAL, then closed: the file is
+    the one a FULL runtime would leave (NORMAL skips only the fsyncs; closing checkpoints the
+    log), in a third of the time. The timed runtime is a new one on that file, as after a
+    restart, with the same payment processor."""
+    setup = Marketplace(path, mode=mode, synchronous="NORMAL")
+    for customer in customers:
+        setup.active(customer)
+    setup.close()
+    return Marketplace(path, before_step, mode, bindings=setup.bindings)
+
+
 def cancel_inputs(customer: str) -> dict[str, str]:
     return {"customer_id": customer, "request_id": f"cx-{customer}", "reason": "bench"}
 
@@ -147,7 +169,11 @@ def direct_cancel(market: Marketplace, customer: str) -> None:
     g("Billing").dispatch(
         customer,
         "IssueCancellationRefund",
-        {"customer_id": customer, "amount": refund, "idempotency_key": f"cx-{customer}"},
+        {
+            "customer_id": customer,
+            "amount": refund,
+            "idempotency_key": f"cx-{customer}",
+        },
     )
     g("Entitlement").dispatch(customer, "SuspendForCancellation", {"customer_id": customer})
     g("Subscription").dispatch(
@@ -170,9 +196,7 @@ def saga_rates(folder: Path, count: int, failing: bool) -> tuple[float, float]:
         if failing and ctx.step == "archive_subscription" and ctx.phase == "do":
             raise StepFailed("injected")
 
-    market = Marketplace(folder / f"saga-{failing}.db", inject)
-    for i in range(2 * count):
-        market.active(f"c{i}")
+    market = prepared(folder / f"saga-{failing}.db", [f"c{i}" for i in range(2 * count)], inject)
     flow_time = timed(
         lambda: [
             market.runner.start("SubscriptionCancellation", f"c{i}", cancel_inputs(f"c{i}"))
@@ -198,8 +222,17 @@ class Commits:
         return units, self.committer.batches - self.batches
 
 
+# Each asyncio figure (and DBOS's) is the median of this many runs, each on a new file: one
+# run lasts about a second, and a burst of the neighbours' disk load can halve it.
+RUNS = 3
+
+
 def concurrent_saga_rate(
-    folder: Path, count: int, failing: bool, mode: LedgerMode = "checkpoint"
+    folder: Path,
+    count: int,
+    failing: bool,
+    mode: LedgerMode = "checkpoint",
+    run: int = 0,
 ) -> tuple[float, int, int]:
     """(sagas/s, units of work, commits) for `count` sagas started at once under asyncio."""
 
@@ -207,9 +240,8 @@ def concurrent_saga_rate(
         if failing and ctx.step == "archive_subscription" and ctx.phase == "do":
             raise StepFailed("injected")
 
-    market = Marketplace(folder / f"csaga-{failing}-{mode}.db", inject, mode)
-    for i in range(count):
-        market.active(f"c{i}")
+    customers = [f"c{i}" for i in range(count)]
+    market = prepared(folder / f"csaga-{failing}-{mode}-{run}.db", customers, inject, mode)
 
     async def main() -> None:
         async with asyncio.TaskGroup() as group:
@@ -258,7 +290,7 @@ def signup_rate(folder: Path, count: int) -> tuple[float, int, int]:
     return count / elapsed, units, batches
 
 
-STEP_ROUNDS = 5
+STEP_ROUNDS = 10
 
 
 def durable_step_cost(
@@ -274,9 +306,11 @@ def durable_step_cost(
     processed ids, timers, outbox rows), and none of the reads, signatures or validation.
     Each round times `count / STEP_ROUNDS` sagas of both, back to back in alternating order,
     so that a burst of the neighbours' disk or CPU load spoils a round, not the figure."""
-    market = Marketplace(folder / f"step-{mode}.db", mode=mode)
-    for i in range(count + 1):
-        market.active(f"c{i}")
+    customers = [f"c{i}" for i in range(count + 2)]
+    market = prepared(folder / f"step-{mode}.db", customers, mode=mode)
+    # One saga first on the reopened runtime, so that the traced one writes what every later
+    # saga writes (not a first commit's extras, which the raw writer would repeat).
+    market.runner.start("SubscriptionCancellation", f"c{count + 1}", cancel_inputs(f"c{count + 1}"))
     commits = saga_writes(market, f"c{count}")
     raw = RawSagas(folder / f"step-{mode}.db", folder / f"raw-{mode}.db", commits, f"c{count}")
     raw.prepare([f"c{i}" for i in range(count)])
@@ -372,7 +406,8 @@ class RawSagas:
         self.ids = {
             table: max(
                 self.connection.execute(
-                    "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = ?", (table,)
+                    "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = ?",
+                    (table,),
                 ).fetchone()[0],
                 self.connection.execute(f"SELECT coalesce(max(id), 0) FROM {table}").fetchone()[0],
             )
@@ -436,7 +471,7 @@ class RawSagas:
         self.connection.close()
 
 
-def dbos_rate(folder: Path, count: int, failing: bool) -> float | None:
+def dbos_rate(folder: Path, count: int, failing: bool, round_: int = 0) -> float | None:
     """The same four-step cancellation saga as DBOS Transact workflows on SQLite: each step a
     @DBOS.step writing its effect row to an SQLite file (WAL, synchronous=FULL), compensations
     in reverse order on a failure, run `CONCURRENCY` at a time with start_workflow."""
@@ -444,8 +479,7 @@ def dbos_rate(folder: Path, count: int, failing: bool) -> float | None:
         from dbos import DBOS, DBOSConfig
     except ImportError:
         return None
-    logging.getLogger("dbos").setLevel(logging.ERROR)
-    effects_path = folder / f"dbos-effects-{failing}.db"
+    effects_path = folder / f"dbos-effects-{failing}-{round_}.db"
     local = threading.local()
 
     def effects() -> sqlite3.Connection:
@@ -465,8 +499,10 @@ def dbos_rate(folder: Path, count: int, failing: bool) -> float | None:
 
     config: DBOSConfig = {
         "name": "flows-bench",
-        "system_database_url": f"sqlite:///{folder / f'dbos-system-{failing}.sqlite'}",
+        "system_database_url": f"sqlite:///{folder / f'dbos-system-{failing}-{round_}.sqlite'}",
         "run_admin_server": False,
+        # DBOS sets its own logging up at launch (INFO by default: ~150 lines a run).
+        "log_level": "ERROR",
     }
     DBOS(config=config)
 
@@ -523,6 +559,13 @@ def dbos_rate(folder: Path, count: int, failing: bool) -> float | None:
     return count / elapsed
 
 
+def _runs(values: list[float], shown: str = "{:.0f}") -> str:
+    """The median of several runs, and their range."""
+    low, high = min(values), max(values)
+    median = statistics.median(values)
+    return f"{shown.format(median)} (runs {shown.format(low)}-{shown.format(high)})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs")
@@ -558,12 +601,26 @@ def main(argv: list[str] | None = None) -> int:
                 f"{batches} commits for {units} units of work: {units / batches:.0f} per commit",
             )
         )
-        rates: dict[tuple[LedgerMode, bool], float] = {}
+        # The asyncio sagas and DBOS's, RUNS rounds of each figure in turn, so that a burst of
+        # the neighbours' load hits both sides of a ratio; each figure is the median of its
+        # runs, each ratio the median of its rounds' ratios.
+        rates: dict[tuple[LedgerMode, bool], list[float]] = {}
+        committed: dict[LedgerMode, tuple[int, int]] = {}
+        dbos: dict[bool, list[float]] = {False: [], True: []}
+        for run in range(RUNS):
+            for mode, _ in MODES:
+                for failing in (False, True):
+                    rate, units, batches = concurrent_saga_rate(folder, count, failing, mode, run)
+                    rates.setdefault((mode, failing), []).append(rate)
+                    if not failing:
+                        committed[mode] = units, batches
+            for failing in (False, True):
+                dbos_run = dbos_rate(folder, count, failing, run)
+                if dbos_run is not None:
+                    dbos[failing].append(dbos_run)
         for mode, label in MODES:
-            ok, units, batches = concurrent_saga_rate(folder, count, False, mode)
-            rates[mode, False] = ok
-            rates[mode, True], _, _ = concurrent_saga_rate(folder, count, True, mode)
-            rows.append((f"sagas/s, asyncio + SQLite ({label})", f"{ok:.0f}"))
+            units, batches = committed[mode]
+            rows.append((f"sagas/s, asyncio + SQLite ({label})", _runs(rates[mode, False])))
             rows.append(
                 (
                     f"  commits for {count} sagas at once ({label})",
@@ -574,24 +631,28 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 (
                     f"sagas/s with one injected failure (compensated; {label})",
-                    f"{rates[mode, True]:.0f}",
+                    _runs(rates[mode, True]),
                 )
             )
-        dbos_ok = dbos_rate(folder, count, failing=False)
-        dbos_fail = dbos_rate(folder, count, failing=True)
-        if dbos_ok is None or dbos_fail is None:
+        if not dbos[False]:
             rows.append(("DBOS Transact", "not installed: pip install -e '.[bench]'"))
         else:
-            rows.append(("DBOS Transact sagas/s, SQLite", f"{dbos_ok:.0f}"))
-            rows.append(("DBOS Transact sagas/s with the failure", f"{dbos_fail:.0f}"))
+            rows.append(("DBOS Transact sagas/s, SQLite", _runs(dbos[False])))
+            rows.append(("DBOS Transact sagas/s with the failure", _runs(dbos[True])))
             for mode, label in MODES:
-                ok, fail = rates[mode, False], rates[mode, True]
-                rows.append(
-                    (f"autonomic / DBOS, cancellation saga ({label})", f"{ok / dbos_ok:.1f}x")
-                )
-                rows.append(
-                    (f"autonomic / DBOS, saga with a failure ({label})", f"{fail / dbos_fail:.1f}x")
-                )
+                for failing, what in (
+                    (False, "cancellation saga"),
+                    (True, "saga with a failure"),
+                ):
+                    ratios = [
+                        o / t for o, t in zip(rates[mode, failing], dbos[failing], strict=True)
+                    ]
+                    rows.append(
+                        (
+                            f"autonomic / DBOS, {what} ({label})",
+                            _runs(ratios, "{:.1f}x"),
+                        )
+                    )
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
