@@ -4,10 +4,11 @@ Mermaid diagrams: the steps in their order, and the compensations a failure runs
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Iterable, Sequence
 
 from .codegen import COMPILER_VERSION, CONTRACT_MODULE, has_long_lines
-from .diagram import visible
+from .diagram import dot_quote, visible
 from .flow_checks import flow_module, never_undone
 from .lower import _emit_arg
 from .model import EmitValue, Event, EventRef, Field, Flow, FlowStep, Machine
@@ -196,28 +197,33 @@ class _Drawing:
     the runtime runs it: a failed step leads to the compensation of the newest completed
     step before it, and each compensation to the one before that, down to `compensated`
     (a sequence, a saga and each branch of a conditional flow; a failure with nothing
-    before it to undo draws no edge; nothing undoes the last step, whose success completes
-    the run); in a parallel flow, where the finished branches are undone when another fails,
-    each step points to its own compensation with `undo`."""
+    before it to undo ends the run `failed`; nothing undoes the last step, whose success
+    completes the run); in a parallel flow, where the finished branches are undone when
+    another fails, each step points to its own compensation with `undo`; a fan-out that
+    misses its quorum ends `failed`. `beside` pairs each compensation with the step it
+    undoes, so a top-to-bottom layout can draw them side by side."""
 
     def __init__(self, flow: Flow) -> None:
         self.nodes: list[tuple[str, str, str]] = []  # id, label, kind
         self.edges: list[tuple[str, str, str | None, str]] = []  # from, to, label, kind
+        self.beside: list[tuple[str, str]] = []  # step, its compensation
         self._draw(flow)
 
     def _draw(self, flow: Flow) -> None:
         self.nodes.append(("start", "", "start"))
         self.nodes.append(("done", "", "done"))
-        undone = False
+        undone = failed = False
         end = "done"
         if flow.kind == "fanout":
             end = "gather"
             self.nodes.append(("gather", visible(f"fan-in: {_gathering(flow)}"), "gather"))
             self.edges.append(("gather", "done", None, "next"))
+            self.edges.append(("gather", "failed", "quorum missed", "fail"))
+            failed = True
         spared = {step.name.value for step in never_undone(flow)}  # E165 if compensated
         for case, steps in _lanes(flow):
             previous, label = "start", case
-            undo_before = "undone"  # where a failure here starts compensating
+            undo_before = "failed"  # where a failure here ends: nothing to undo yet
             for step in steps:
                 node = f"step_{step.name.value}"
                 self.nodes.append((node, _label(step), "step"))
@@ -231,59 +237,98 @@ class _Drawing:
                         self.edges.append((target, "undone", None, "undo"))
                         undone = True
                 elif flow.kind != "fanout":
-                    if undo_before != "undone":  # a failure with nothing to undo: no edge
-                        self.edges.append((node, undo_before, "fails", "fail"))
+                    # Into `failed` the red end says it: unlabelled, six such edges stay legible.
+                    fails = None if undo_before == "failed" else "fails"
+                    self.edges.append((node, undo_before, fails, "fail"))
+                    failed = failed or undo_before == "failed"
                     if undo is not None:
                         undone = True
                         target = f"undo_{step.name.value}"
                         self.nodes.append((target, f"compensate: {undo}", "undo"))
-                        self.edges.append((target, undo_before, "then", "undo"))
+                        then = "undone" if undo_before == "failed" else undo_before
+                        self.edges.append((target, then, "then", "undo"))
+                        self.beside.append((node, target))
                         undo_before = target
                 previous, label = node, None
             self.edges.append((previous, end, label, "next"))
         if undone:
             self.nodes.append(("undone", "compensated", "undone"))
+        if failed:
+            self.nodes.append(("failed", "failed", "failed"))
 
 
-def _dot_text(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+# Wide enough for `Machine.Event`, narrow enough that a top-to-bottom column fits a PR.
+_FLOW_LABEL_WIDTH = 30
 
 
+def _lines(label: str) -> tuple[str, ...]:
+    """A step's `name:` on its own line, the rest wrapped (never inside a dotted name)."""
+    head, colon, rest = label.partition(": ")
+    if not colon:
+        head, rest = "", label
+    lines = textwrap.wrap(rest, _FLOW_LABEL_WIDTH, break_on_hyphens=False, break_long_words=False)
+    return (head + colon.strip(), *lines) if colon else tuple(lines) or ("",)
+
+
+_RED = "firebrick"
 _DOT_NODES = {
-    "start": '[shape=circle, label="", width=0.25, style=filled, fillcolor=black]',
-    "done": '[shape=doublecircle, label="", width=0.2, style=filled, fillcolor=black]',
-    "undone": "[shape=doublecircle, label={label}, color=firebrick, fontcolor=firebrick]",
-    "gather": "[shape=hexagon, label={label}]",
-    "step": "[label={label}]",
-    "undo": '[label={label}, shape=box, style="dashed", color=firebrick]',
+    "start": 'shape=point, width=0.15, label="", fillcolor=black',
+    "done": 'shape=doublecircle, label="", width=0.15, style=filled, fillcolor=black',
+    "undone": f"shape=doublecircle, color={_RED}, fontcolor={_RED}",
+    "failed": f"shape=doublecircle, color={_RED}, fontcolor={_RED}, style=filled, "
+    'fillcolor="#ffebe9"',
+    "gather": "shape=hexagon",
+    "step": "",
+    "undo": f'style="rounded,dashed", color={_RED}, fontcolor={_RED}',
 }
 _DOT_EDGES = {
     "next": "",
-    # A failure or compensation edge must not pull the steps out of their row.
-    "fail": "style=dashed, color=firebrick, constraint=false",
-    "undo": "style=dashed, color=firebrick",
+    # A failure or compensation edge must not pull the steps out of their column; its label
+    # is an xlabel, set beside the edge after layout, not a node of the rank between.
+    "fail": f"style=dashed, color={_RED}, fontcolor={_RED}, constraint=false",
+    "undo": f"style=dashed, color={_RED}, fontcolor={_RED}, constraint=false",
 }
 
 
 def flow_dot(flow: Flow) -> str:
-    """Steps as boxes from start to done (branches labelled with their case, a fan-out's
-    replies gathered), compensations as dashed red boxes and edges (see _Drawing)."""
+    """Steps as boxes from start down to done (branches labelled with their case, a
+    fan-out's replies gathered), compensations as dashed red boxes beside the steps they
+    undo, failures as dashed red edges (see _Drawing); governor diagrams' fonts."""
     name = flow.name.value
+    # A parallel flow's steps stand in one column, their compensations in another beyond
+    # `done`; every other flow runs down the page (one row was four pages wide in a PR).
+    rankdir = "LR" if flow.kind == "parallel" else "TB"
     lines = [
-        f"digraph {_dot_text(name)} {{",
-        "    rankdir=LR;",
-        f"    label={_dot_text(_title(flow))};",
-        "    labelloc=t;",
-        '    node [shape=box, style="rounded", fontname="Helvetica"];',
-        '    edge [fontname="Helvetica"];',
+        f"digraph {dot_quote(name)} {{",
+        f"    graph [rankdir={rankdir}, nodesep=0.4, ranksep=0.35, labelloc=t, fontname=Helvetica,",
+        f"           fontsize=16, forcelabels=true, label={dot_quote(_title(flow))}];",
+        '    node [shape=box, style="rounded,filled", fillcolor=white, fontname=Helvetica,',
+        '          fontsize=11, margin="0.1,0.05"];',
+        "    edge [fontname=Helvetica, fontsize=9];",
     ]
     drawing = _Drawing(flow)
     for node, label, kind in drawing.nodes:
-        lines.append(f"    {node} {_DOT_NODES[kind].format(label=_dot_text(label))};")
+        attributes = [a for a in (_DOT_NODES[kind],) if a]
+        if kind != "start" and kind != "done":
+            attributes.insert(0, f"label={dot_quote(_lines(label))}")
+        lines.append(f"    {node} [{', '.join(attributes)}];")
+    for step, undo in drawing.beside:
+        lines.append(f"    {{ rank=same; {step}; {undo}; }}")
+    kinds = {kind for _, _, kind in drawing.nodes}
+    if "failed" in kinds and "undone" not in kinds:
+        # Nothing compensated: the run's two ends side by side at the foot of the drawing
+        # (with compensations, `failed` sits at the top beside `compensated`, nearer the
+        # early steps that lead to it).
+        lines.append("    { rank=max; done; failed; }")
     for source, target, edge_label, kind in drawing.edges:
         attributes = [a for a in (_DOT_EDGES[kind],) if a]
+        if flow.kind == "parallel" and kind == "undo":
+            # Past `done`'s column, so no success edge meets a compensation box.
+            minlen = "minlen=1" if target == "undone" else "minlen=2"
+            attributes = [_DOT_EDGES["fail"].replace("constraint=false", minlen)]
         if edge_label:
-            attributes.append(f"label={_dot_text(edge_label)}")
+            key = "label" if kind == "next" else "xlabel"
+            attributes.append(f"{key}={dot_quote(edge_label)}")
         suffix = f" [{', '.join(attributes)}]" if attributes else ""
         lines.append(f"    {source} -> {target}{suffix};")
     lines.append("}")
@@ -299,6 +344,7 @@ _MERMAID_NODES = {
     "start": "((start))",
     "done": "(((done)))",
     "undone": "((({label})))",
+    "failed": "((({label})))",
     "gather": "{{{{{label}}}}}",
     "step": "[{label}]",
     "undo": "[{label}]",
@@ -315,11 +361,20 @@ def flow_mermaid(flow: Flow) -> str:
     for node, label, kind in drawing.nodes:
         shape = _MERMAID_NODES[kind].format(label=_mermaid_text(label))
         lines.append(f"    {node}{shape}")
-        if kind in ("undo", "undone"):
+        if kind in ("undo", "undone", "failed"):
             undos.append(node)
+    # The compensations in a box of their own: the layout keeps other nodes, and so the
+    # success edges into `done`, out of it (they once ran through the compensations).
+    inside = [node for node, _, kind in drawing.nodes if kind in ("undo", "undone")]
+    if inside:
+        lines.append(f"    subgraph compensations[{_mermaid_text('on failure')}]")
+        lines.extend(f"        {node}" for node in inside)
+        lines.append("    end")
     red: list[str] = []
     for number, (source, target, edge_label, kind) in enumerate(drawing.edges):
         arrow = "-->" if kind == "next" else "-.->"
+        if flow.kind == "parallel" and kind == "undo" and target != "undone":
+            arrow = "-..->"  # two ranks: `done` alone in the one between (see flow_dot)
         text = f"|{_mermaid_text(edge_label)}|" if edge_label else ""
         lines.append(f"    {source} {arrow}{text} {target}")
         if kind != "next":

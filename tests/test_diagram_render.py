@@ -418,3 +418,31 @@ def test_mermaid_overlap_check_sees_overlaps() -> None:
         ("node s-A", "label edge2"),
         ("label edge1", "label edge2"),
     }
+
+
+def test_each_flow_dot_diagram_fits_a_pull_request_column() -> None:
+    """Rendered, a flow's DOT is at most ~11 inches wide and not a ribbon: its steps once
+    stood in one row (SubscriptionUpgrade 3225 x 390 pt, PaymentProcessed 2450 x 207 pt),
+    a quarter-size text once a PR column shrank them."""
+    flows = sorted(GENERATED.glob("flow_*.dot"))
+    assert len(flows) == 5
+    for path in flows:
+        layout = json.loads(
+            subprocess.run(
+                ["dot", "-Tjson0", str(path)], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        _, _, width, height = (float(v) for v in layout["bb"].split(","))
+        assert width <= 800 and width <= 2.5 * height, (path.name, width, height)
+
+
+def test_signup_mermaid_keeps_success_edges_out_of_the_compensations() -> None:
+    """The compensations stand in their own subgraph, two ranks from their steps, so `done`
+    has a rank of its own: the success edges into it once ran through compensation boxes."""
+    text = (GENERATED / "flow_customer_signup.mmd").read_text()
+    box = re.search(r"^    subgraph compensations\[.*?\]\n(.*?)^    end$", text, re.S | re.M)
+    assert box is not None
+    inside = set(box.group(1).split())
+    assert inside == {"undo_profile", "undo_trial", "undo_quota", "undo_identity", "undone"}
+    for step in ("profile", "trial", "quota", "identity"):
+        assert f"    step_{step} -..->|" in text and f"    step_{step} --> done\n" in text
