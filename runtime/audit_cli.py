@@ -22,6 +22,7 @@ from typing import IO, TYPE_CHECKING, TypeVar
 from autonomic.diagnostics import printable
 
 from .errors import (
+    FlowRunContradicted,
     InstanceNotInLedger,
     KeyFileError,
     KeyWindowError,
@@ -32,7 +33,7 @@ from .errors import (
     failure_diagnostic,
 )
 from .fleet_cli import STORE_HINT, add_store_argument
-from .instance_audit import verify_sqlite_store
+from .instance_audit import InstanceProblem, verify_sqlite_store
 from .keychain import fingerprint
 from .keys import (
     PRIVATE_SUFFIX,
@@ -337,8 +338,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"{printable(args.ledger)}: seq {report.index}: {report.reason}")
         return EXIT_FAILED
     if audit is not None and audit.problem is not None:
-        print(f"{printable(args.ledger)}: {printable(audit.problem.describe())}")
-        return EXIT_FAILED
+        return _audit_problem(args.ledger, audit.problem)
     details = [f"mode {report.mode}"]
     if report.checkpoints:
         plural = "s" if report.checkpoints != 1 else ""
@@ -361,6 +361,23 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             f"checkpoint from {source_text}"
         )
     return EXIT_OK
+
+
+FLOW_AUDIT_HINT = (
+    "the store's flows table was changed outside autonomic (or the row lost): restore the "
+    "store from a backup; `autonomic audit show STORE FLOW_ID` lists the run's entries"
+)
+
+
+def _audit_problem(where: str, problem: InstanceProblem) -> int:
+    """A row the verified ledger contradicts: an instance's on stdout (as before), a flow
+    run's as a diagnostic."""
+    if problem.kind == "flow":
+        return _diagnostic(
+            where, FlowRunContradicted(printable(problem.describe())), FLOW_AUDIT_HINT
+        )
+    print(f"{printable(where)}: {printable(problem.describe())}")
+    return EXIT_FAILED
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -388,24 +405,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    shown = 0
+    shown: list[LedgerEntry] = []
     try:
         with read_ledger(args.ledger) as source:
             for position, entry in enumerate(source.entries()):
                 if isinstance(entry, MalformedRecord):
                     print(f"{printable(args.ledger)}: seq {position}: {entry.reason}")
                     return EXIT_FAILED
-                if entry.instance != args.instance:
-                    continue
-                shown += 1
-                print(
-                    f"{_printable(entry.seq):>6}  {format_timestamp(entry.ts_ms)}  "
-                    f"{_printable(entry.kind):<10}  {_printable(entry.from_state)} -> "
-                    f"{_printable(entry.to_state)}  {_printable(entry.event)}  "
-                    f"{_printable(entry.actor)}"
-                )
+                if entry.instance == args.instance:
+                    shown.append(entry)
+            row = _sqlite_flow_row(source.connection, args.instance) if shown else None
     except RuntimeFailure as failure:
         return _diagnostic(args.ledger, failure, LEDGER_HINT)
+    except sqlite3.Error as exc:
+        unread = LedgerReadError(f"{args.ledger}: cannot read the flow run: {exc}")
+        return _diagnostic(args.ledger, unread, LEDGER_HINT)
+    notes = _flow_notes(args.instance, shown, row, store=source.connection is not None)
+    for entry in shown:
+        print(
+            f"{_printable(entry.seq):>6}  {format_timestamp(entry.ts_ms)}  "
+            f"{_printable(entry.kind):<10}  {_printable(entry.from_state)} -> "
+            f"{_printable(entry.to_state)}  {_printable(entry.event)}  "
+            f"{_printable(entry.actor)}"
+        )
+        if entry.seq in notes:
+            print(f"{'':>8}{_printable(notes[entry.seq])}")
     if not shown:
         return _diagnostic(
             args.ledger,
@@ -416,6 +440,39 @@ def _cmd_show(args: argparse.Namespace) -> int:
             LEDGER_HINT,
         )
     return EXIT_OK
+
+
+def _sqlite_flow_row(
+    connection: sqlite3.Connection | None, flow_id: str
+) -> tuple[str, str, str] | None:
+    """The (flow, instance, data) of a store file's flow run, if it has one."""
+    if (
+        connection is None
+        or not connection.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'flows'"
+        ).fetchone()
+    ):
+        return None
+    row = connection.execute(
+        "SELECT flow, instance, data FROM flows WHERE flow_id = ?", (flow_id,)
+    ).fetchone()
+    if row is None or not all(type(value) is str for value in row):
+        return None
+    return row[0], row[1], row[2]
+
+
+def _flow_notes(
+    flow_id: str, shown: list[LedgerEntry], row: tuple[str, str, str] | None, *, store: bool
+) -> dict[int, str]:
+    """A flow run's entries: print the line naming its flow and instance, and return the
+    notes for its ending entries (runtime/flow_audit.py); nothing for an instance's."""
+    if not shown or any(entry.kind != "flow" for entry in shown):
+        return {}
+    from .flow_audit import run_notes
+
+    header, notes = run_notes(flow_id, shown, row, store=store)
+    print(_printable(header))
+    return notes
 
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
@@ -516,8 +573,7 @@ def _verify_store(parser: argparse.ArgumentParser, args: argparse.Namespace, url
         print(f"{redact(url)}: seq {report.index}: {report.reason}")
         return 1
     if audit is not None and audit.problem is not None:
-        print(f"{redact(url)}: {printable(audit.problem.describe())}")
-        return 1
+        return _audit_problem(redact(url), audit.problem)
     plural = "y" if report.count == 1 else "ies"
     signed = (
         "signed checkpoint or root" if report.checkpoints == 1 else "signed checkpoints and roots"
@@ -570,6 +626,7 @@ def _show_store(args: argparse.Namespace, url: str) -> int:
 
     with open_audited(url) as store:
         entries = history(store, args.instance)
+        record = store.get_flow(args.instance) if entries else None
     if not entries:
         sys.stderr.write(
             failure_diagnostic(
@@ -583,6 +640,8 @@ def _show_store(args: argparse.Namespace, url: str) -> int:
             + "\n"
         )
         return 1
+    row = None if record is None else (record.flow, record.instance, record.data)
+    notes = _flow_notes(args.instance, entries, row, store=True)
     for entry in entries:
         print(
             f"{_printable(entry.seq):>6}  {format_timestamp(entry.ts_ms)}  "
@@ -590,6 +649,8 @@ def _show_store(args: argparse.Namespace, url: str) -> int:
             f"{_printable(entry.from_state)} -> {_printable(entry.to_state)}  "
             f"{_printable(entry.event)}  {_printable(entry.actor)}"
         )
+        if entry.seq in notes:
+            print(f"{'':>8}{_printable(notes[entry.seq])}")
     return 0
 
 

@@ -60,6 +60,13 @@ class InstanceNotInLedger(RuntimeFailure):
     code = "A005"
 
 
+class FlowRunContradicted(RuntimeFailure):
+    """`audit verify`: a flow run's row in the store contradicts the run's verified ledger
+    entries (runtime/flow_audit.py)."""
+
+    code = "A006"
+
+
 class KeyFileError(RuntimeFailure):
     """A key file cannot be read, or does not hold the kind of Ed25519 key expected."""
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,7 @@ from .ledger_io import LedgerSource, refuse_altered_schema
 from .ledger_ranges import PARALLEL_MIN_ENTRIES, verify_source
 
 if TYPE_CHECKING:
+    from .flow_audit import FlowAudit
     from .store.postgres import PostgresStore
 
 __all__ = [
@@ -67,6 +68,7 @@ class InstanceProblem:
     instance: str
     seq: int | None
     reason: str
+    kind: str = "instance"  # or "flow": a flow run's row (runtime/flow_audit.py)
 
     def describe(self) -> str:
         at = "" if self.seq is None else f" (ledger seq {self.seq})"
@@ -76,12 +78,15 @@ class InstanceProblem:
 @dataclass(frozen=True, slots=True)
 class InstanceAudit:
     """`instances` rows and `kept` data rows checked; `moved`: instances that changed after
-    the verified entries (not checked); the first problem, if any."""
+    the verified entries (not checked); the first problem, if any; `runs`: `flows` rows
+    checked (runtime/flow_audit.py), `runs_moved` those not checked for the same reason."""
 
     instances: int
     kept: int
     moved: int
     problem: InstanceProblem | None
+    runs: int = 0
+    runs_moved: int = 0
 
     @property
     def ok(self) -> bool:
@@ -91,11 +96,19 @@ class InstanceAudit:
         plural = "" if self.instances == 1 else "s"
         text = (
             f"checked {self.instances} instance{plural} against the ledger "
-            f"(state and version; {self.kept} with kept data)"
+            f"(state and version; {self.kept} with kept data) and {self.runs} flow "
+            f"run{'' if self.runs == 1 else 's'} (status, version and inputs)"
         )
-        if self.moved:
-            text += f"; {self.moved} moved while the ledger was verified, not checked"
+        if self.moved or self.runs_moved:
+            text += (
+                f"; {self.moved + self.runs_moved} moved while the ledger was verified, not checked"
+            )
         return text
+
+    def with_flows(self, flows: FlowAudit) -> InstanceAudit:
+        """This audit and the flow runs' (whose problem counts when the instances had none)."""
+        problem = self.problem if self.problem is not None else flows.problem
+        return replace(self, problem=problem, runs=flows.runs, runs_moved=flows.moved)
 
 
 class _Found(Exception):
@@ -438,7 +451,19 @@ def _audit_connection(
         changes = connection.cursor().execute(_SQLITE_CHANGES)
         kept = connection.cursor().execute(_SQLITE_KEPT)
         breaks = _breaks(connection.cursor().execute(_SQLITE_BREAKS, (verified,)))
-    return audit_instances(rows, changes, data, kept, lambda instance, seq: seq < verified, breaks)
+    audit = audit_instances(rows, changes, data, kept, lambda instance, seq: seq < verified, breaks)
+    if "flows" not in tables:
+        return audit
+    from .flow_audit import FLOW_ENTRIES_SQL, FLOW_ROWS_SQL, SEALED_SQL, audit_flows
+
+    sealed = "runtime_meta" in tables and bool(connection.execute(SEALED_SQL["sqlite"]).fetchone())
+    flows = audit_flows(
+        connection.cursor().execute(FLOW_ROWS_SQL["sqlite"]),
+        connection.cursor().execute(FLOW_ENTRIES_SQL["sqlite"]),
+        lambda flow_id, seq: seq < verified,
+        sealed=sealed,
+    )
+    return audit.with_flows(flows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,10 +514,12 @@ def audit_postgres_instances(store: PostgresStore, verified: list[int]) -> Insta
 
     import psycopg
 
+    from .flow_audit import FLOW_ENTRIES_SQL, FLOW_ROWS_SQL, SEALED_SQL, audit_flows
+
     try:
-        with store.snapshot_cursors(6) as cursors:
-            rows, changes, data, kept, breaks, strays = cursors
-            return audit_instances(
+        with store.snapshot_cursors(9) as cursors:
+            rows, changes, data, kept, breaks, strays, runs, entries, meta = cursors
+            audit = audit_instances(
                 _streamed(rows, _PG_ROWS),
                 _streamed(changes, _PG_CHANGES),
                 _streamed(data, _PG_DATA),
@@ -503,6 +530,14 @@ def audit_postgres_instances(store: PostgresStore, verified: list[int]) -> Insta
                     _breaks(_streamed(breaks, _PG_BREAKS, {"verified": verified})),
                 ),
             )
+            sealed = any(_streamed(meta, SEALED_SQL["postgres"]))
+            flows = audit_flows(
+                _streamed(runs, FLOW_ROWS_SQL["postgres"]),
+                _streamed(entries, FLOW_ENTRIES_SQL["postgres"]),
+                checked,
+                sealed=sealed,
+            )
+            return audit.with_flows(flows)
     except psycopg.Error as exc:
         # A table dropped or altered: a diagnostic, not an internal error.
         raise LedgerReadError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sqlite3
 import stat
 import subprocess
@@ -9,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from autonomic.compiler import cli
 from autonomic.compiler.build import build
 from autonomic.runtime.keys import Keyring
 from autonomic.runtime.ledger import verify_ledger
@@ -21,6 +24,13 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("generated")
     assert build([ROOT / "machines"], out, svg=False).written  # the demo runs all seven
     return out
+
+
+def run_cli(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = cli.main(list(argv))
+    return code, out.getvalue()
 
 
 def demo(*arguments: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -158,6 +168,17 @@ def test_demo_runs_and_its_ledger_verifies(generated: Path, tmp_path: Path) -> N
     assert flows == {"completed": 6, "compensated": 1, "failed": 1}
     # The notices' deadlines, tracked and escalated (all met or ended by the run's end).
     assert missed >= 3 and passed == missed
+    # `audit verify` holds every flow run's row to the ledger: the untouched store verifies;
+    # a copy whose compensated cancellation reads "completed" does not.
+    public = str(next(keys.glob("*.public.json")))
+    checked = run_cli("audit", "verify", str(db), "--public-key", public)
+    assert checked[0] == 0 and "and 8 flow runs (status, version and inputs)" in checked[1]
+    tampered = tmp_path / "tampered.db"
+    with sqlite3.connect(db) as source, sqlite3.connect(tampered) as copy:
+        source.backup(copy)
+        copy.execute("UPDATE flows SET status = 'completed' WHERE status = 'compensated'")
+    code, text = run_cli("audit", "verify", str(tampered), "--public-key", public)
+    assert code == 1 and "A006 [error] SubscriptionCancellation run 'flw_" in text, text
     # A second run appends to the same store, with the same key, as another customer.
     second = demo("--db", str(db), "--keys", str(keys), "--generated", str(generated))
     assert second.returncode == 0, second.stderr
