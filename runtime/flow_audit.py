@@ -33,8 +33,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from .audit_problem import InstanceProblem
 from .errors import PayloadEncodingError
-from .instance_audit import InstanceProblem
 from .ledger import payload_digest
 from .results import _dumps, derive_event_id, derive_event_ids
 from .store.row_seals import SEALED_MARK

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .audit_problem import InstanceProblem
 from .errors import LedgerReadError
 from .instance_tally import (
     CHANGE_KINDS,
@@ -57,22 +58,6 @@ __all__ = [
 ]
 
 Key = tuple[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceProblem:
-    """The first instance whose row or kept data the ledger contradicts, and why; `seq` the
-    ledger entry it contradicts (None: there is none)."""
-
-    machine: str
-    instance: str
-    seq: int | None
-    reason: str
-    kind: str = "instance"  # or "flow": a flow run's row (runtime/flow_audit.py)
-
-    def describe(self) -> str:
-        at = "" if self.seq is None else f" (ledger seq {self.seq})"
-        return f"{self.machine} '{self.instance}': {self.reason}{at}"
 
 
 @dataclass(frozen=True, slots=True)
