@@ -153,7 +153,11 @@ def missed(
         passed,
         now,
         rearmed_ms,
-        derive_event_id("deadline", deadline.id, deadline.due_ms, level),
+        # The instance's version too: a notice sent again after the instance moved on and
+        # back has the same deadline schedule (counted from its timer's due time, and clocks
+        # of workers differ), and its miss is another one; a move or firing between any two
+        # misses of one deadline changes the version, and a miss and its re-arm commit as one.
+        derive_event_id("deadline", deadline.id, deadline.due_ms, level, record.version),
     )
     txn.add_outbox([_notification_message(notice, record.version)])
     return True

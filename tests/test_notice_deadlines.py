@@ -19,11 +19,13 @@ from autonomic.runtime.store.base import DeadlineRecord
 from autonomic.runtime.timers import VirtualClock
 from billing_world import START
 from conftest import Stores
+from runtime_machines import Bindings, counter_spec
 
 HOUR = 3_600_000
 MANAGER = "notice:Entitlement:PendingApproval/ApprovalLadder/1:c1"
 DIRECTOR = "notice:Entitlement:PendingApproval/ApprovalLadder/2:c1"
 PROVIDER = "notice:Compliance:Verifying/ProviderTimeout/1:case1"
+HOLD_REMINDER = "notice:Counter:Holding.HoldLadder.1:x"
 
 
 def _open(stores: Stores, keys: Path, clock: VirtualClock, name: str = "s") -> Runtime:
@@ -215,3 +217,40 @@ def test_due_work_once_a_day_escalates_what_due_work_every_15_minutes_does(
     }
     for minutes in (24 * 60, 5 * 60):
         assert _escalations_polled_every(stores, keys, minutes) == often, minutes
+
+
+def test_a_second_miss_of_a_deadline_with_the_same_schedule_gets_its_own_notification(
+    stores: Stores, keys: Path
+) -> None:
+    """Two workers on one store whose clocks differ (the PostgreSQL crash test's three): the
+    instance held again at an instant the first worker has passed sends the same notice with
+    the same schedule; its miss is a new one and notifies again, not a duplicate event id
+    (main 4cab46e counted the deadline from its timer's due time: UniqueViolation)."""
+    minute = 60_000
+    spec = counter_spec()
+    workers = []
+    clocks = []
+    for _ in range(2):
+        clocks.append(VirtualClock(START))
+        runtime = Runtime(
+            stores.open("s"),
+            clock=clocks[-1],
+            sealer=LedgerSealer(load_signer(keys), "sign-each"),
+        )
+        runtime.load(spec, *Bindings().for_spec(spec))
+        workers.append(runtime)
+    first = workers[0]
+    first.governor("Counter").create("x")
+    for worker, clock in zip(workers, clocks, strict=True):
+        worker.governor("Counter").dispatch("x", "Hold")
+        clock.advance(20 * minute)  # the reminder at 10 min, its deadline at 15
+        assert [f.timer.timer_id for f in worker.fire_due()] == ["Holding.HoldLadder.1"]
+        worker.governor("Counter").dispatch("x", "Release")  # meets the re-armed deadline
+    missed = [
+        m.event_id for m in first.store.outbox(kind="notification") if "deadline passed" in m.body
+    ]
+    assert len(missed) == len(set(missed)) == 2
+    assert [m[:3] for m in _missed(first)] == [(HOLD_REMINDER, "level0", "level1")] * 2
+    assert _deadlines(first) == {}
+    for worker in workers:
+        worker.close()
