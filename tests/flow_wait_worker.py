@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from autonomic.runtime.errors import InstanceExists
 from autonomic.runtime.flows import FlowRunner
 from autonomic.runtime.keys import load_signer
+from autonomic.runtime.resilience.claims import DEFAULT_CLAIM_LEASE_MS
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.sqlite import SQLiteStore
 from autonomic.runtime.timers import VirtualClock
@@ -87,10 +88,10 @@ def setup(runtime: Runtime, runner: FlowRunner) -> None:
 
 def main() -> None:
     db, keys, hour = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-    lease = {"claim_lease_ms": int(sys.argv[4])} if len(sys.argv) > 4 else {}
+    lease_ms = int(sys.argv[4]) if len(sys.argv) > 4 else DEFAULT_CLAIM_LEASE_MS
     clock = VirtualClock(START_MS + hour * HOUR)
     runtime, runner, bindings = marketplace(
-        SQLiteStore(db), signer=load_signer(keys), clock=clock, **lease
+        SQLiteStore(db), signer=load_signer(keys), clock=clock, claim_lease_ms=lease_ms
     )
     bindings.payments.invoices[CUSTOMER] = Decimal("30")
     if hour == 0:
