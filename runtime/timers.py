@@ -157,6 +157,18 @@ class ArmedTimer:
     due_ms: int
     armed_version: int
 
+    def row(self) -> tuple[str, str, str, str, int, int]:
+        """The timers row's columns, in the stores' column order: the key a store finds this
+        one arming by."""
+        return (
+            self.machine,
+            self.instance,
+            self.timer_id,
+            self.state,
+            self.due_ms,
+            self.armed_version,
+        )
+
 
 def arm_timers(
     machine: str,

@@ -126,17 +126,6 @@ _DB_NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
 _new_entry = cast(Callable[[type[LedgerEntry], tuple[Any, ...]], LedgerEntry], tuple.__new__)
 
 
-def _timer_row(timer: ArmedTimer) -> tuple[str, str, str, str, int, int]:
-    return (
-        timer.machine,
-        timer.instance,
-        timer.timer_id,
-        timer.state,
-        timer.due_ms,
-        timer.armed_version,
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Migrations: package data files, applied in version order, each recorded with its digest.
 
@@ -471,7 +460,7 @@ class PostgresTransaction:
 
     def arm_timers(self, timers: Sequence[ArmedTimer]) -> None:
         for timer in timers:
-            values = _timer_row(timer)
+            values = timer.row()
             row = self._execute(
                 f"INSERT INTO timers ({_TIMER_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s) "
                 "RETURNING id",
@@ -484,7 +473,7 @@ class PostgresTransaction:
         row = self._execute(
             f"SELECT {_TIMER_READ} FROM timers WHERE machine = %s AND instance = %s "
             "AND timer_id = %s AND state = %s AND due_ms = %s AND armed_version = %s",
-            _timer_row(timer),
+            timer.row(),
         ).fetchone()
         if row is None or self._seals.timer(row) != timer:
             return False
@@ -494,7 +483,7 @@ class PostgresTransaction:
         cursor = self._execute(
             "DELETE FROM timers WHERE machine = %s AND instance = %s AND timer_id = %s "
             "AND state = %s AND due_ms = %s AND armed_version = %s",
-            _timer_row(timer),
+            timer.row(),
         )
         return cursor.rowcount == 1
 

@@ -524,15 +524,7 @@ class LedgerAnchor:
         found = execute(self._fired_sql, (timer.machine, fired)).fetchone()
         if found is None:
             return True
-        armed = (
-            timer.machine,
-            timer.instance,
-            timer.timer_id,
-            timer.state,
-            timer.due_ms,
-            timer.armed_version,
-        )
-        if execute(self._timer_sql, armed).fetchone() is None:
+        if execute(self._timer_sql, timer.row()).fetchone() is None:
             return False
         raise StoreIntegrityError(
             f"{self._seals.where}: the timers row of {timer.machine} '{timer.instance}' timer "

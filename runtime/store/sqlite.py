@@ -421,24 +421,14 @@ class SQLiteTransaction:
         if timers:
             self._insert_sealed(
                 "timers",
-                [
-                    (t.machine, t.instance, t.timer_id, t.state, t.due_ms, t.armed_version)
-                    for t in timers
-                ],
+                [t.row() for t in timers],
             )
 
     def timer_armed(self, timer: ArmedTimer) -> bool:
         row = self._execute(
             f"SELECT {_TIMER_READ} FROM timers WHERE machine = ? AND instance = ? AND timer_id = ? "
             "AND state = ? AND due_ms = ? AND armed_version = ?",
-            (
-                timer.machine,
-                timer.instance,
-                timer.timer_id,
-                timer.state,
-                timer.due_ms,
-                timer.armed_version,
-            ),
+            timer.row(),
         ).fetchone()
         if row is None or self._seals.timer(row) != timer:
             return False
@@ -448,14 +438,7 @@ class SQLiteTransaction:
         cursor = self._execute(
             "DELETE FROM timers WHERE machine = ? AND instance = ? AND timer_id = ? "
             "AND state = ? AND due_ms = ? AND armed_version = ?",
-            (
-                timer.machine,
-                timer.instance,
-                timer.timer_id,
-                timer.state,
-                timer.due_ms,
-                timer.armed_version,
-            ),
+            timer.row(),
         )
         return cursor.rowcount == 1
 
