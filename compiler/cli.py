@@ -624,7 +624,13 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 # The parser.
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The commands build_parser defines itself; the others come from the runtime.
+COMPILER_COMMANDS = frozenset({"check", "fmt", "diff", "testgen", "build", "graph"})
+
+
+def build_parser(runtime: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; without `runtime`, only the compiler's commands (whose
+    runtime modules, the ledger, keys and stores, need not be imported to check a file)."""
     parser = argparse.ArgumentParser(
         prog="autonomic",
         description="Write, check, generate and run governor state machines.",
@@ -793,7 +799,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     graph.set_defaults(func=_cmd_graph)
 
-    _register_runtime(sub)
+    if runtime:
+        _register_runtime(sub)
     return parser
 
 
@@ -843,8 +850,11 @@ def _internal_error(exc: BaseException) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; argparse raises SystemExit(2) on usage errors (0 for --help)."""
     _tolerant_streams()
-    parser = build_parser()
-    args = parser.parse_args(_paths_after_dashes(sys.argv[1:] if argv is None else list(argv)))
+    arguments = _paths_after_dashes(sys.argv[1:] if argv is None else list(argv))
+    # A compiler command parses the same without the runtime's commands registered; anything
+    # else (--help, a typo, a runtime command) gets the whole command line.
+    parser = build_parser(runtime=not (arguments and arguments[0] in COMPILER_COMMANDS))
+    args = parser.parse_args(arguments)
     handler: Handler = args.func
     try:
         return handler(args)

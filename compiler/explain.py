@@ -29,11 +29,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
-
-import networkx as nx
+from typing import TYPE_CHECKING, Literal
 
 from .lower import MachineTables, RetryStepRow, TimerRow
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 StopKind = Literal["final", "resting", "event", "data", "cycle"]
 
@@ -181,6 +182,10 @@ def _moves(timed: list[_Timed]) -> tuple[int | None, list[_Timed]]:
 
 
 def explain(tables: MachineTables) -> Explanation:
+    # Imported here: `autonomic check` uses this module's formatting only, and networkx
+    # takes a tenth of a second to import.
+    import networkx as nx
+
     finals = set(tables.finals)
     resting = {s.name for s in tables.states if s.resting}
     # Only states a timer leaves, and where it leads, are nodes: the others stop where they

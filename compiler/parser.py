@@ -30,6 +30,7 @@ from lark.lexer import PatternRE, PatternStr
 from lark.parsers.lalr_analysis import Shift
 
 from .errors import Diagnostic, SourceSpan, fail
+from .grammar_cache import default_folders, load_parser
 from .model import Flow, Machine, construct_span
 from .transform import SPANLESS_RULES, ModelBuilder
 
@@ -214,18 +215,22 @@ def _grammar() -> str:
     )
 
 
+# lark's LALR parser with its contextual lexer, building a parse tree with positions.
+LARK_OPTIONS: dict[str, Any] = {
+    "parser": "lalr",
+    "lexer": "contextual",
+    "propagate_positions": True,
+    "maybe_placeholders": False,
+}
+
+
 @cache
 def _lark() -> Lark:
-    """The reference parser: lark's LALR parser with its contextual lexer, building a parse
-    tree with positions. It parses whatever the fast path declines, and names every syntax
-    error. lark parsers keep no state between parses, so threads can share it."""
-    return Lark(
-        _grammar(),
-        parser="lalr",
-        lexer="contextual",
-        propagate_positions=True,
-        maybe_placeholders=False,
-    )
+    """The reference parser. It parses whatever the fast path declines, and names every
+    syntax error. lark parsers keep no state between parses, so threads can share it. Its
+    LALR analysis is cached on disk (see grammar_cache)."""
+    folder = Path(str(resources.files("autonomic.compiler").joinpath("grammar")))
+    return load_parser(_grammar(), LARK_OPTIONS, default_folders(folder))
 
 
 @contextmanager
@@ -702,7 +707,7 @@ def _fast_tables() -> _FastTables | None:
             return None
     if set(patterns) != set(_SCANNED_TERMINALS) or patterns["NAME"] != _NAME_RE.pattern:
         return None
-    if set(lark.ignore_tokens) != {"WS", "COMMENT"}:
+    if set(lark.lexer_conf.ignore) != {"WS", "COMMENT"}:
         return None
     punct = "|".join(re.escape(p) for p in sorted(punctuation, key=len, reverse=True))
     scanner = re.compile(
