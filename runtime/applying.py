@@ -146,6 +146,12 @@ def apply(
         if row.notices
         else ()
     )
+    deadlines = governor._notices
+    if row.cancels and deadlines is not None:
+        # The deadlines this move meets that fell due before the event arrived were missed:
+        # escalated here first (as the due work would have, and a valid state on its own),
+        # with their entries before the move's; the move then deletes them as met.
+        deadlines.escalate_late(runtime, txn, chain, record, row.target, now)
     entry = None
     if runtime._sealer is not None:
         # A keyed dispatch's entry names its key's digest: the anchor of its idempotency row.
@@ -201,7 +207,7 @@ def apply(
         except (TypeError, ValueError, PydanticSerializationError) as exc:
             # The result is stored for repeats, so it must be JSON: fail before writing.
             raise ActionFailed(name, ", ".join(results), exc, role="result of") from exc
-    # Writes: nothing above this line has touched the store.
+    # Writes: nothing above this line has touched the store (but a late deadline's miss).
     if txn is governor._memory:
         # The live record, read in this unit, which holds the store: no one moved it.
         record.state = row.target

@@ -486,18 +486,34 @@ def _missed_deadline(runtime: Runtime, say: _Narrator, entry: LedgerEntry) -> No
 
 
 def _deliver(runtime: Runtime, say: _Narrator) -> None:
+    """Deliver the outbox, in the order it was done: a delivery whose move meets a notice's
+    deadline that fell due before it escalates that miss first (runtime/notice_deadlines.py)."""
     # A delivered event may emit further events: deliver until the outbox holds none.
     for _ in range(10):
+        before = max((e.seq for e in runtime.store.ledger_entries()), default=-1)
         deliveries = runtime.deliver_outbox()
         if not any(d.status != "skipped" for d in deliveries):
             return
+        done: list[tuple[float, Callable[[], None]]] = []
+        seq: float = before  # a delivery without an entry stays where it was
         for delivery in deliveries:
             message = delivery.message
             target = f"{message.target_machine}.{message.event}"
             if delivery.result is not None:
-                say.result(delivery.result, f"outbox {target} delivered")
+                if delivery.result.seq is not None:
+                    seq = delivery.result.seq
+                show: Callable[[], None] = functools.partial(
+                    say.result, delivery.result, f"outbox {target} delivered"
+                )
             else:
-                say.say(f"outbox {target}: {delivery.status} ({delivery.error})", 1)
+                line = f"outbox {target}: {delivery.status} ({delivery.error})"
+                show = functools.partial(say.say, line, 1)
+            done.append((seq, show))
+        for entry in runtime.store.ledger_entries(after_seq=before):
+            if entry.kind == "escalation" and entry.event == "DeadlineMissed":
+                done.append((entry.seq, functools.partial(_missed_deadline, runtime, say, entry)))
+        for _, shown in sorted(done, key=lambda item: item[0]):
+            shown()
 
 
 FLOW_MODULES = (

@@ -6,7 +6,9 @@ notice's timer was due (a notice sent late by a late worker keeps its schedule, 
 ladder's timers keep their spacing), level 0. The awaited thing is the instance moving on: a
 move that cancels the notice's timer (it leaves the state or the group, or ends) deletes the
 deadline in the move's own unit of work (`NoticeDeadlines.clear`); a self-transition that
-arms the ladder again keeps it, as nobody has acted yet. The runtime's due work
+arms the ladder again keeps it, as nobody has acted yet. An event that arrives after the
+deadline fell due, before any due work ran, was late: its unit escalates the miss first, as
+the due work would have, then meets it (`NoticeDeadlines.escalate_late`). The runtime's due work
 (`Runtime.fire_due`, so also `autonomic worker`) takes timers and missed deadlines in the
 order they fell due, however late it runs: a deadline due before a timer escalates before
 that timer fires (whose move would delete it as met); a timer due at the deadline's instant
@@ -32,7 +34,7 @@ from .resilience.deadlines import (
 )
 from .results import Notification, derive_event_id
 from .sealing import _Chain
-from .store.base import DeadlineRecord, Transaction
+from .store.base import DeadlineRecord, InstanceRecord, Transaction
 from .tables import TimerSpec
 from .timers import TimerPlan
 
@@ -98,9 +100,9 @@ class NoticeDeadlines:
             f"notify {notify.kind} {notify.recipient}",
         )
 
-    def clear(self, txn: Transaction, instance: str, source: str, target: str) -> None:
-        """Delete the deadlines a move from `source` to `target` meets (called by moves that
-        cancel timers)."""
+    def _met(self, source: str, target: str) -> tuple[str, ...]:
+        """The timer ids of the notices whose deadlines a move from `source` to `target`
+        meets."""
         key = (source, target)
         met = self._clears.get(key)
         if met is None:
@@ -112,8 +114,48 @@ class NoticeDeadlines:
                 if self._plan.holds(spec, source) and spec.id not in keep and spec.id not in armed
             )
             self._clears[key] = met
-        for timer_id in met:
+        return met
+
+    def clear(self, txn: Transaction, instance: str, source: str, target: str) -> None:
+        """Delete the deadlines a move from `source` to `target` meets (called by moves that
+        cancel timers)."""
+        for timer_id in self._met(source, target):
             txn.delete_deadline(notice_deadline_id(self._machine, timer_id, instance))
+
+    def escalate_late(
+        self,
+        runtime: Runtime,
+        txn: Transaction,
+        chain: _Chain,
+        record: InstanceRecord,
+        target: str,
+        now: int,
+    ) -> None:
+        """Before an event's move from `record.state` to `target` at `now` (which `clear`
+        then makes): escalate each deadline the move meets that fell due before the event
+        arrived, as the due work would have had it run in time (its notification, ledger
+        entry and event id, re-armed 24 h after the miss, again while that is before `now`),
+        in time order. A miss is a miss however late the due work runs; an event at the
+        deadline's very instant meets it. On a partitioned store only the deadlines whose
+        ledger chain is the event's: a unit of work writes to one chain."""
+        partitions = runtime.partitions
+        late = []
+        for timer_id in self._met(record.state, target):
+            found = txn.deadline(notice_deadline_id(self._machine, timer_id, record.instance))
+            if found is None or found.due_ms >= now:
+                continue
+            if partitions > 1 and runtime._partition_of(f"deadline:{found.id}") != chain.partition:
+                continue
+            late.append(found)
+        while late:
+            deadline = min(late, key=lambda d: (d.due_ms, d.id))
+            late.remove(deadline)
+            rearmed = deadline.due_ms + DAY_MS
+            if missed(runtime, txn, deadline, now, rearmed) is not True:
+                continue
+            e = _escalated(runtime, txn, chain, deadline, now, rearmed)
+            if rearmed < now:  # missed again meanwhile
+                late.append(DeadlineRecord(e.id, e.name, e.governor, rearmed, e.level, e.action))
 
 
 def missed(
@@ -163,6 +205,26 @@ def missed(
     return True
 
 
+def _escalated(
+    runtime: Runtime,
+    txn: Transaction,
+    chain: _Chain,
+    deadline: DeadlineRecord,
+    now: int,
+    rearmed: int,
+) -> DeadlineEscalation:
+    """The rest of a miss `missed` notified, in `txn`: the deadline due again at `rearmed`,
+    one level up, and its escalation entry stamped at `now` (with a ledger)."""
+    d = deadline
+    escalation = DeadlineEscalation(
+        d.id, d.name, d.governor, d.level + 1, d.action, d.due_ms, rearmed, now
+    )
+    txn.save_deadline(DeadlineRecord(d.id, d.name, d.governor, rearmed, d.level + 1, d.action))
+    if runtime.sealer is not None:
+        chain.append(txn, escalation_entry(escalation))
+    return escalation
+
+
 def escalate_due(
     runtime: Runtime,
     now: int | None,
@@ -177,7 +239,6 @@ def escalate_due(
     else every one. A notice's deadline is due again `rearm_ms` after it was missed (its
     schedule does not depend on when the due work runs); any other `rearm_ms` after the check,
     as the seed's tracker does."""
-    sealed = runtime.sealer is not None
     partitions = runtime.partitions
     partition_of = runtime._partition_of
 
@@ -195,15 +256,7 @@ def escalate_due(
                 continue  # met (deleted), or not this call's to escalate
             if notice is None and notice_id:
                 continue  # a notice of a machine another runtime loads
-            txn.save_deadline(
-                DeadlineRecord(d.id, d.name, d.governor, rearmed, d.level + 1, d.action)
-            )
-            escalation = DeadlineEscalation(
-                d.id, d.name, d.governor, d.level + 1, d.action, d.due_ms, rearmed, instant
-            )
-            if sealed:
-                chain.append(txn, escalation_entry(escalation))
-            found.append(escalation)
+            found.append(_escalated(runtime, txn, chain, d, instant, rearmed))
         return found
 
     escalations = [

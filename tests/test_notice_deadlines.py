@@ -254,3 +254,64 @@ def test_a_second_miss_of_a_deadline_with_the_same_schedule_gets_its_own_notific
     assert _deadlines(first) == {}
     for worker in workers:
         worker.close()
+
+
+def _late_approval(stores: Stores, keys: Path, name: str, hours: int, due_work: bool) -> Runtime:
+    """The manager's notice sent at 24 h (its deadline due at 28 h), then the approval at
+    `hours`, with or without the due work run just before it."""
+    clock = VirtualClock(START)
+    runtime = _open(stores, keys, clock, name)
+    runtime.governor("Entitlement").create("c1")
+    _at(clock, 24)
+    runtime.fire_due()
+    _at(clock, hours)
+    if due_work:
+        runtime.fire_due()
+    runtime.governor("Entitlement").dispatch("c1", "Approve", {"approver": "vendor-admin"})
+    assert _deadlines(runtime) == {}  # met by the approval either way
+    return runtime
+
+
+def _passed(runtime: Runtime) -> list[tuple[str, str, str, int]]:
+    return [
+        (m.event_id, json.loads(m.body)["recipient"], json.loads(m.body)["message"], m.version)
+        for m in runtime.store.outbox(kind="notification")
+        if "deadline passed" in m.body
+    ]
+
+
+def test_an_event_after_a_missed_deadline_escalates_it_then_meets_it(
+    stores: Stores, keys: Path
+) -> None:
+    """The approval arrives at 30 h, after the manager's deadline (28 h) but before any due
+    work ran: the miss escalates as the due work at 30 h would have escalated it (the same
+    notification and event id, the same ledger entry), then the approval meets it (before,
+    the approval deleted it as met: nobody heard of the miss)."""
+    timely = _late_approval(stores, keys, "timely", 30, due_work=True)
+    late = _late_approval(stores, keys, "late", 30, due_work=False)
+    assert _missed(late) == _missed(timely) == [(MANAGER, "level0", "level1", 30)]
+    assert _passed(late) == _passed(timely) and len(_passed(late)) == 1
+    escalated = [e for e in late.ledger() if e.instance.startswith("deadline:")]
+    approved = [e for e in late.ledger() if e.event == "Approve"]
+    assert escalated[0].seq < approved[0].seq  # the miss came first
+    assert [e.payload_sha256 for e in escalated] == [
+        e.payload_sha256 for e in timely.ledger() if e.instance.startswith("deadline:")
+    ]
+    # Missed at 28 h and again at 52 h when the approval comes at 60 h; at the deadline's
+    # very instant it is met.
+    again = _late_approval(stores, keys, "again", 60, due_work=False)
+    assert _missed(again) == [(MANAGER, "level0", "level1", 60), (MANAGER, "level1", "level2", 60)]
+    assert [p[2][:38] for p in _passed(again)] == [
+        "deadline passed (escalation level 1): ",
+        "deadline passed (escalation level 2): ",
+    ]
+    on_time = _late_approval(stores, keys, "on_time", 28, due_work=False)
+    assert _missed(on_time) == [] and _passed(on_time) == []
+    for runtime, name in (
+        (timely, "timely"),
+        (late, "late"),
+        (again, "again"),
+        (on_time, "on_time"),
+    ):
+        runtime.close()
+        assert stores.verify(name, Keyring.from_files([keys])).ok

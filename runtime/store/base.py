@@ -274,7 +274,9 @@ class Transaction(Protocol):
         None. A server store: by its (machine, instance, seq) index on the ledger."""
 
     def deadline(self, id: str) -> DeadlineRecord | None:
-        """The tracked deadline as of this transaction."""
+        """The tracked deadline as of this transaction, held as `due_deadlines` holds the
+        rows it returns (a server store locks it; a row at a level its ledger does not
+        record is refused), so the caller may escalate it."""
 
     def save_deadline(self, record: DeadlineRecord) -> None:
         """Insert or replace the deadline, keyed by id."""

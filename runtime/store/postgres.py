@@ -641,10 +641,15 @@ class PostgresTransaction:
         return None if row is None else _new_entry(LedgerEntry, row)
 
     def deadline(self, id: str) -> DeadlineRecord | None:
+        # FOR UPDATE, as due_deadlines: a worker escalating it meanwhile is waited for.
         row = self._execute(
-            f"SELECT {_DEADLINE_READ} FROM deadlines WHERE id = %s", (id,)
+            f"SELECT {_DEADLINE_READ} FROM deadlines WHERE id = %s FOR UPDATE", (id,)
         ).fetchone()
-        return None if row is None else self._seals.deadline(row)
+        if row is None:
+            return None
+        record = self._seals.deadline(row)
+        self._anchor.deadline(self._execute, record)
+        return record
 
     def save_deadline(self, record: DeadlineRecord) -> None:
         values = (

@@ -575,7 +575,11 @@ class SQLiteTransaction:
         row = self._execute(
             f"SELECT {_DEADLINE_READ} FROM deadlines WHERE id = ?", (id,)
         ).fetchone()
-        return None if row is None else self._seals.deadline(row)
+        if row is None:
+            return None
+        record = self._seals.deadline(row)
+        self._anchor.deadline(self._execute, record)
+        return record
 
     def save_deadline(self, record: DeadlineRecord) -> None:
         values = (
