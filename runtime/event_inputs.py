@@ -7,6 +7,7 @@ import difflib
 import hashlib
 import sys
 from collections.abc import Callable, Mapping
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NamedTuple, final
 
 from pydantic import ValidationError
@@ -25,7 +26,7 @@ from .inputs import (
 )
 from .ledger import EMPTY_PAYLOAD_DIGEST, PAYLOAD_TAG, canonical_json
 from .results import _request_digest
-from .tables import Payload
+from .tables import Payload, _text_kind
 
 if TYPE_CHECKING:
     from .dispatch import Governor
@@ -41,6 +42,9 @@ __all__ = [
 ]
 
 DEFAULT_ACTOR = "system"
+# Up to this many zeros, a canonical decimal is written out (30, 0.005); past it, with an
+# exponent, so a huge exponent costs no huge text.
+_PLAIN_ZEROS = 30
 
 
 class DispatchRequest(NamedTuple):
@@ -83,7 +87,7 @@ class _EventInput:
     `capped`, the validator refuses what could exceed it (what it refuses is validated again
     by `exact`, the model's own, and measured); else its JSON size bound, or None (measured)."""
 
-    __slots__ = ("bound", "capped", "exact", "flat", "model", "name", "validate")
+    __slots__ = ("bound", "capped", "decimals", "exact", "flat", "model", "name", "validate")
 
     def __init__(self, name: str, model: type[Payload] | None, limits: InputLimits) -> None:
         self.name = sys.intern(name)
@@ -93,7 +97,14 @@ class _EventInput:
         self.capped = False
         self.flat = False
         self.bound: int | None = None
+        # The Decimal fields: an idempotency key's request compares them by value.
+        self.decimals: tuple[str, ...] = ()
         if model is not None:
+            self.decimals = tuple(
+                name
+                for name, info in model.model_fields.items()
+                if _text_kind(info.annotation) is Decimal
+            )
             # The validator model_validate calls, without its Python frame and options.
             self.validate = model.__pydantic_validator__.validate_python
             self.exact = self.validate
@@ -151,12 +162,16 @@ def check_inputs(
         else:
             fits = plan.capped
     digest = EMPTY_PAYLOAD_DIGEST
+    compared = digest  # what an idempotency key's request holds of the payload
     if validated is not None:
         limits = governor.runtime._limits
         if governor._sealed or idempotency_key is not None:
-            encoded = canonical_json(validated.model_dump(mode="json"))
+            dumped = validated.model_dump(mode="json")
+            encoded = canonical_json(dumped)
             check_payload_size(len(encoded), limits)
-            digest = hashlib.sha256(PAYLOAD_TAG + encoded).digest()
+            compared = digest = hashlib.sha256(PAYLOAD_TAG + encoded).digest()
+            if idempotency_key is not None and plan.decimals:
+                compared = _by_value(validated, dumped, plan.decimals, digest)
         elif not fits:
             # Nothing records a digest: the size bound needs only the JSON's length, and
             # a flat payload's is bounded by its values' text (see inputs.py) unless long.
@@ -167,7 +182,7 @@ def check_inputs(
                 > limits.max_payload_bytes
             ):
                 check_payload_size(_json_size(validated), limits)
-    request = None if idempotency_key is None else _request_digest(instance_id, event, digest)
+    request = None if idempotency_key is None else _request_digest(instance_id, event, compared)
     return (
         instance_id,
         event,
@@ -181,6 +196,48 @@ def check_inputs(
         record_rejection,
         None,
     )
+
+
+def _by_value(
+    validated: Payload, dumped: dict[str, Any], decimals: tuple[str, ...], digest: bytes
+) -> bytes:
+    """The payload's digest with its Decimal fields by value ("30.00", "30", 30 and "3E+1"
+    are one amount; the ledger's `digest` keeps the text as sent): `digest` itself when each
+    is written in its canonical form already, as a request stored before this rule was."""
+    changed = False
+    for name in decimals:
+        value = getattr(validated, name)
+        if value is not None:
+            canonical = canonical_decimal(value)
+            if dumped[name] != canonical:
+                dumped[name] = canonical
+                changed = True
+    if not changed:
+        return digest
+    return hashlib.sha256(PAYLOAD_TAG + canonical_json(dumped)).digest()
+
+
+def canonical_decimal(value: Decimal) -> str:
+    """One text per finite value, however it was written, without rounding (Decimal's
+    `normalize` rounds to the context's precision, which would make two amounts one): the
+    plain digits when the value is whole or written with its fraction's trailing zeros
+    removed ("30.00" and "3E+1" -> "30", "0.50" -> "0.5", "-0" -> "0"), else
+    <coefficient>E<exponent>."""
+    sign, digits, exponent = value.as_tuple()
+    if not isinstance(exponent, int):
+        return str(value)  # NaN or Infinity, which a validated payload never holds
+    text = "".join(map(str, digits)).lstrip("0")
+    stripped = text.rstrip("0")
+    if not stripped:
+        return "0"
+    exponent += len(text) - len(stripped)
+    minus = "-" if sign else ""
+    if exponent >= 0 and exponent <= _PLAIN_ZEROS:
+        return f"{minus}{stripped}{'0' * exponent}"
+    if exponent < 0 and -exponent <= _PLAIN_ZEROS:
+        whole, fraction = stripped[:exponent], stripped[exponent:]
+        return f"{minus}{whole or '0'}.{fraction.rjust(-exponent, '0')}"
+    return f"{minus}{stripped}E{exponent}"
 
 
 def refused(

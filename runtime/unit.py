@@ -18,7 +18,7 @@ from .errors import (
     UnknownInstance,
 )
 from .ledger import EntryData
-from .results import DispatchResult, _new_result, _stored_result
+from .results import DispatchResult, _new_result, _request_digest, _stored_result
 from .rows import _Absent, _Guarded, _Row
 from .sealing import _Chain
 from .store.base import InstanceRecord, Transaction
@@ -100,7 +100,8 @@ def step(
     if idempotency_key is not None:
         known = txn.idempotency(name, idempotency_key)
         if known is not None:
-            if known[0] != request:
+            # Or as a request stored before decimals compared by value (event_inputs.py).
+            if known[0] != request and known[0] != _request_digest(instance_id, event, digest):
                 raise IdempotencyConflict(name, idempotency_key)
             return _stored_result(known[1], name, instance_id, idempotency_key)
     # The memory store's own records (as the short path reads them), else a read.

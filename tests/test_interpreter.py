@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import threading
@@ -27,12 +28,15 @@ from autonomic.runtime.errors import (
     UnknownInstance,
     UnknownMachine,
 )
+from autonomic.runtime.event_inputs import canonical_decimal
 from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
-from autonomic.runtime.ledger import LedgerMode, LedgerSealer
+from autonomic.runtime.ledger import PAYLOAD_TAG, LedgerMode, LedgerSealer, canonical_json
+from autonomic.runtime.results import _request_digest
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import MemoryStore, SQLiteStore
 from autonomic.runtime.tables import Emit, EmitArg, Payload, TransitionContext
 from autonomic.runtime.timers import SystemClock, VirtualClock
+from conftest import Stores
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from runtime_machines import (
@@ -367,6 +371,92 @@ def test_idempotency_key_same_payload_returns_stored_result(runtime: Runtime) ->
             idempotency_key="pay_abc123",
         )
     assert caught.value.key == "pay_abc123"
+
+
+def test_an_amount_under_one_idempotency_key_compares_by_value(
+    stores: Stores, key_dir: Path
+) -> None:
+    """ "30.00" then "30" under one key is one request (before: R009 IdempotencyConflict): the
+    repeat is answered with the stored result and charges nothing; another amount or another
+    currency under the key is still a conflict. A key stored before the rule (its request
+    digest of the text as sent) still takes its exact repeat."""
+    bindings = Bindings()
+    runtime = Runtime(
+        stores.open(), clock=VirtualClock(), sealer=LedgerSealer(load_signer(key_dir))
+    )
+    _, bil = load_all(runtime, bindings)
+    awaiting_payment(bil)
+    sent = {**CHARGE, "amount": "30.00"}
+    first = bil.dispatch("b1", "Charge", sent, "shop", idempotency_key="k")
+    for again in ("30", 30, "30.0", "3E+1", "+30.000", Decimal("0.3E2")):
+        repeat = bil.dispatch(
+            "b1", "Charge", {**CHARGE, "amount": again}, "shop", idempotency_key="k"
+        )
+        assert repeat.duplicate and repeat.seq == first.seq, again
+    assert [c[1] for c in bindings.calls].count("charge_card") == 1
+    for other in ("30.01", "3", "300", "-30"):
+        with pytest.raises(IdempotencyConflict):
+            bil.dispatch("b1", "Charge", {**CHARGE, "amount": other}, "shop", idempotency_key="k")
+    with pytest.raises(IdempotencyConflict):
+        bil.dispatch("b1", "Charge", {**sent, "currency": "EUR"}, "shop", idempotency_key="k")
+    legacy = _request_digest(
+        "b1", "Charge", hashlib.sha256(PAYLOAD_TAG + canonical_json(sent)).digest()
+    )
+    stored = runtime.store.idempotency("Billing", "k")
+    assert stored is not None and stored[0] != legacy
+    runtime.store.run([lambda txn: txn.record_idempotency("Billing", "old", legacy, stored[1], 0)])
+    assert bil.dispatch("b1", "Charge", sent, "shop", idempotency_key="old").duplicate
+    assert runtime.verify(keyring(key_dir)).ok
+    runtime.close()
+
+
+_DECIMALS = st.builds(
+    lambda coefficient, exponent: Decimal(f"{coefficient}E{exponent}"),
+    st.integers(-(10**40), 10**40),
+    st.integers(-45, 45),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_DECIMALS, _DECIMALS, st.integers(0, 40))
+def test_canonical_decimals_are_one_text_per_value(a: Decimal, b: Decimal, zeros: int) -> None:
+    """Equal values, however written (trailing zeros, exponent), have one canonical text;
+    different values never share one (no rounding: 40-digit coefficients, past Decimal's
+    28-digit context); the text reads back as the same value."""
+    sign, digits, exponent = a.as_tuple()
+    assert isinstance(exponent, int)
+    padded = Decimal((sign, (*digits, *(0,) * zeros), exponent - zeros))
+    assert padded == a and canonical_decimal(padded) == canonical_decimal(a)
+    assert (canonical_decimal(a) == canonical_decimal(b)) == (a == b)
+    assert Decimal(canonical_decimal(a)) == a
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["7", "7.0", "7.00", "70E-1", "7.01", "0.7E1", "8", "-7"]),
+        min_size=2,
+        max_size=4,
+    )
+)
+def test_repeats_under_a_key_are_duplicates_exactly_when_the_amounts_are_equal(
+    amounts: list[str],
+) -> None:
+    runtime = Runtime(MemoryStore(), clock=VirtualClock())
+    _, bil = load_all(runtime)
+    awaiting_payment(bil)
+    bil.dispatch("b1", "Charge", {**CHARGE, "amount": amounts[0]}, "shop", idempotency_key="k")
+    for amount in amounts[1:]:
+        if Decimal(amount) == Decimal(amounts[0]):
+            assert bil.dispatch(
+                "b1", "Charge", {**CHARGE, "amount": amount}, "shop", idempotency_key="k"
+            ).duplicate
+        else:
+            with pytest.raises(IdempotencyConflict):
+                bil.dispatch(
+                    "b1", "Charge", {**CHARGE, "amount": amount}, "shop", idempotency_key="k"
+                )
+    runtime.close()
 
 
 def test_dedup_and_idempotency_survive_a_restart(tmp_path: Path, key_dir: Path) -> None:
