@@ -165,7 +165,12 @@ def _drive_flows(flows: FlowRunner, options: WorkerOptions, out: IO[str]) -> int
             continue
         if result.finished:
             finished += 1
-            out.write(f"flow {flow_id} ({result.flow} on {result.instance}): {result.status}\n")
+            # A refused compensation leaves its step's effect in place: say which.
+            left = result.uncompensated
+            look = f", uncompensated {', '.join(left)}: a person must look" if left else ""
+            out.write(
+                f"flow {flow_id} ({result.flow} on {result.instance}): {result.status}{look}\n"
+            )
             out.flush()
     return finished
 

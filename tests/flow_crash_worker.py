@@ -4,7 +4,9 @@ $FLOW_HANG_AT = "INSTANCE:STEP" it stops for good before that step (to be killed
 
 For customers c0..c{COUNT-1}, in order: the signup flow (parallel), a setup of raw dispatches
 (each with an event id, so a repeat after a restart is deduplicated), then the cancellation
-saga; every third customer's saga fails at a step, so it compensates. On start it resumes
+saga; every third customer's saga fails at a step, so it compensates, and each of its
+compensations does not answer at its first attempt in each process (it is tried again from the
+store, with backoff, until it is answered). On start it resumes
 every unfinished run first. One JSON line per finished run: {"flow_id", "flow", "status"}.
 """
 
@@ -15,6 +17,7 @@ import json
 import os
 import sys
 import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -22,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from autonomic.runtime.demo import _Bindings
 from autonomic.runtime.errors import InstanceExists
-from autonomic.runtime.flows import FlowResult, FlowRunner, StepContext, StepFailed
+from autonomic.runtime.flows import FlowResult, FlowRunner, NoReply, StepContext, StepFailed
 from autonomic.runtime.keys import load_signer
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.sqlite import SQLiteStore
@@ -37,7 +40,16 @@ def failing_step(customer: str) -> str | None:
     return SAGA[number // 3 % 4] if number % 3 == 0 else None
 
 
+# The compensations that have not answered yet in this process (see `inject`).
+UNANSWERED: set[tuple[str, str]] = set()
+
+
 def inject(ctx: StepContext) -> None:
+    if ctx.phase == "undo" and (ctx.flow_id, ctx.step) not in UNANSWERED:
+        # A compensation does not answer at its first attempt in a process: the run waits
+        # (compensating) and tries it again from the store.
+        UNANSWERED.add((ctx.flow_id, ctx.step))
+        raise NoReply(f"{ctx.step} not answered yet")
     if ctx.phase == "do" and os.environ.get("FLOW_HANG_AT") == f"{ctx.instance}:{ctx.step}":
         # Stop here for good (to be killed): the run's earlier steps are committed.
         print(json.dumps({"hang": ctx.flow_id}), flush=True)
@@ -120,6 +132,11 @@ def main() -> None:
         setup(runtime, customer)
         cancel = {"customer_id": customer, "request_id": f"cancel-{customer}", "reason": "bye"}
         report(runner.start("SubscriptionCancellation", customer, cancel))
+    # Compensations that did not answer are tried again when due (`next_wake`).
+    while (wake := runner.next_wake()) is not None:
+        time.sleep(max(0, wake - runtime.clock.now_ms()) / 1000)
+        for result in runner.resume_all():
+            report(result)
     print(json.dumps({"done": True}), flush=True)
     runtime.close()
 

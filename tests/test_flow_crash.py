@@ -1,5 +1,6 @@
 """kill -9 at random points of running flows: every run resumes after a restart and ends
-completed or compensated, and every step and compensation took effect exactly once."""
+completed or compensated, and every step and compensation took effect exactly once, also the
+compensations that did not answer at first and were retried from the store."""
 
 from __future__ import annotations
 
@@ -92,8 +93,14 @@ def test_flows_killed_at_random_points_finish_exactly_once(tmp_path: Path) -> No
                 "AND event = 'IssueCancellationRefund' GROUP BY instance"
             )
         )
+        retried = conn.execute(
+            "SELECT count(DISTINCT instance) FROM ledger WHERE event = 'CompensationRetrying'"
+        ).fetchone()[0]
     # Nothing refunded twice: at most one refund per customer, whatever the kills.
     assert all(count == 1 for count in refunds.values())
+    # The compensating runs' compensations went unanswered and were retried (the runs ended
+    # compensated all the same, each compensation once: check_runs_once).
+    assert retried == 4
 
 
 def test_a_wait_on_the_entitlement_ladder_survives_kill_9(tmp_path: Path) -> None:

@@ -391,6 +391,7 @@ def test_a_rejected_compensation_ends_the_run_failed(
     result = runner.start("SubscriptionCancellation", customer, inputs)
     assert result.status == "failed"
     assert result.steps["suspend_entitlements"] == "uncompensated"
+    assert result.uncompensated == ("suspend_entitlements",)
     assert result.steps["issue_refund"] == "compensated"
     assert flow_entries(runtime, result)[-1][0] == "FlowFailed"
 

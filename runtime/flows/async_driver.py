@@ -52,7 +52,7 @@ class _AsyncDriver(_StepRunner):
             self._hook(run, op.step, op.phase)
             governor, target, payload, event_id = self._receiver(run, op.step, op.emit, op.phase)
         except StepFailed as failed:
-            return "failed", failed.message
+            return _step_outcome(failed)
         runtime, event = self.runtime, op.emit.event
         mine = runtime._partition_of(run.record.flow_id)
         if event in governor._external_events or runtime._partition_of(target) != mine:

@@ -1,19 +1,57 @@
 """Compensation and a run's end: the completed steps undone newest first, and how the run
-ends once nothing is left to undo (or, for its last step, in the commit of that step)."""
+ends once nothing is left to undo (or, for its last step, in the commit of that step).
+
+A compensation whose receiver does not answer (its policy action failed as transient or
+unavailable, its breaker is open or its bulkhead full, or a hook raised NoReply) is not a
+refusal: the run stays "compensating", a CompensationRetrying entry records the attempt, and
+the run's wake_ms is when the compensation is tried again (the deterministic jitter backoff
+of runtime/resilience/backoff.py, by the step's count of failed attempts, capped at
+UNDO_RETRY_CAP_MS). `resume_all`, `autonomic worker` (`due_runs`) and `next_wake` take it
+from the store, so the retries survive restarts; the same event id makes it take effect once.
+Only a refusal (the receiver has no transition, R006/R007, or its action failed for good) is
+a dead end: the step is "uncompensated" and the run ends "failed"."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..resilience.backoff import jitter_delay_ms
 from ..store.base import FlowStatus
 from ..tables import FlowStepSpec
 from .ops import _Plan, _Send, _Write
 from .run import _Entry, _Note, _Run, _step_result
 
+# The longest wait between two attempts of a compensation whose receiver does not answer.
+UNDO_RETRY_CAP_MS = 60_000
+
 
 def _undo_outcome(status: str, detail: Any) -> tuple[str, Any]:
     """A compensation's outcome: its send's, "compensated" when that succeeded."""
     return ("compensated" if status == "succeeded" else status), detail
+
+
+def _undo_due(run: _Run, now_ms: int) -> bool:
+    """Whether a compensating run may try its compensations now: not before the retry time
+    of one that did not answer (its wake_ms)."""
+    wake = run.record.wake_ms
+    return run.record.status != "compensating" or wake is None or now_ms >= wake
+
+
+def _retry_undo(run: _Run, step: FlowStepSpec, detail: Any, now_ms: int) -> tuple[int, _Note]:
+    """A compensation that did not answer, noted in the run's data: when it is tried again,
+    and the entry that says so (with the attempt's number and error)."""
+    entry = run.steps[step.name]
+    attempt = int(entry.get("undo_attempts", 0)) + 1
+    retry_at = now_ms + jitter_delay_ms(attempt, UNDO_RETRY_CAP_MS)
+    entry["undo_attempts"] = attempt
+    entry["undo_error"] = str(detail)
+    why = {"error": str(detail), "attempt": attempt, "retry_at": retry_at}
+    return retry_at, ("CompensationRetrying", step.name, why)
+
+
+def _defer_undo(run: _Run, step: FlowStepSpec, detail: Any, now_ms: int) -> _Plan:
+    retry_at, note = _retry_undo(run, step, detail, now_ms)
+    yield _Write("compensating", [note], retry_at)
 
 
 def _to_compensate(run: _Run) -> list[FlowStepSpec]:
@@ -68,11 +106,17 @@ def _compensation_end(run: _Run) -> tuple[FlowStatus, list[_Note]]:
     return "compensated", [("CompensationCompleted", str(run.data.get("failed")), detail)]
 
 
-def _settled(run: _Run, op: _Send, outcome: tuple[str, Any]) -> tuple[FlowStatus, list[_Entry]]:
+def _settled(
+    run: _Run, op: _Send, outcome: tuple[str, Any], now_ms: int
+) -> tuple[FlowStatus, list[_Entry], int | None]:
     """The last step's (or compensation's) outcome recorded, and how the run ends after
-    it or that it goes on to compensate: what the plan's next writes would hold, each
-    entry with the run's status when it happened."""
+    it or that it goes on to compensate (or, a compensation that did not answer, when it is
+    tried again: the run's wake_ms): what the plan's next writes would hold, each entry with
+    the run's status when it happened."""
     step = op.step
+    if op.phase == "undo" and outcome[0] == "no_reply":
+        retry_at, note = _retry_undo(run, step, outcome[1], now_ms)
+        return "compensating", [(*note, "compensating")], retry_at
     if op.phase == "undo":
         _, notes = _undo_result(run, step, _undo_outcome(*outcome))
         status: FlowStatus = "compensating"
@@ -85,5 +129,5 @@ def _settled(run: _Run, op: _Send, outcome: tuple[str, Any]) -> tuple[FlowStatus
     elif op.phase == "undo" or not _to_compensate(run):
         status, end = _compensation_end(run)
     else:
-        return status, entries
-    return status, entries + [(event, name, detail, status) for event, name, detail in end]
+        return status, entries, None
+    return status, entries + [(event, name, detail, status) for event, name, detail in end], None

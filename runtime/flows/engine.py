@@ -24,6 +24,10 @@ Semantics a user must know:
   records the failed step and the reason (the run ends "compensated"). With nothing to
   undo the run ends "failed" (FlowFailed). A compensation the receiver rejects is recorded as
   CompensationFailed and the run ends "failed", the entry listing it: a person must look.
+  A compensation whose receiver does not answer (its policy action failed as transient or
+  unavailable, its breaker open, its bulkhead full) is no refusal: the run stays
+  "compensating" and the compensation is tried again from the store, with backoff
+  (compensation.py), until it is answered.
 - parallel: every step runs at once (each branch an asyncio task, or, in the sync API, an
   action thread when a branch may call the outside world: the actions a policy names run
   before the transaction and overlap; the transactions themselves do not, they share
@@ -181,23 +185,34 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
 
     def due_runs(self, *, stale_ms: int, limit: int = 1000) -> list[str]:
         """The runs a worker drives (`autonomic worker`): every waiting run of a loaded flow
-        (its await or fanout is asked again, and times out past its deadline) and every
-        running or compensating one that nobody has written for `stale_ms` (its process
-        died, or stalled: driving it is safe either way, see the module docstring)."""
-        horizon = self.runtime.clock.now_ms() - stale_ms
+        (its await or fanout is asked again, and times out past its deadline), every
+        compensating one whose compensation that did not answer is due again (its wake_ms),
+        and every running or compensating one that nobody has written for `stale_ms` (its
+        process died, or stalled: driving it is safe either way, see the module docstring)."""
+        now = self.runtime.clock.now_ms()
+        horizon = now - stale_ms
         return [
             record.flow_id
             for record in self.runtime.store.unfinished_flows(limit)
             if record.flow in self.specs
-            and (record.status == "waiting" or record.updated_ms <= horizon)
+            and (
+                record.status == "waiting"
+                or record.updated_ms <= horizon
+                or (
+                    record.status == "compensating"
+                    and record.wake_ms is not None
+                    and record.wake_ms <= now
+                )
+            )
         ]
 
     def result(self, flow_id: str) -> FlowResult:
         return _result(self._load(flow_id))
 
     def next_wake(self) -> int | None:
-        """The earliest time a waiting run times out (an await's or a fanout's `within`):
-        call `resume_all` then (after `fire_due`), as for the governors' timers."""
+        """The earliest time a waiting run times out (an await's or a fanout's `within`) or
+        a compensation that did not answer is tried again: call `resume_all` then (after
+        `fire_due`), as for the governors' timers."""
         wakes = [
             r.wake_ms
             for r in self.runtime.store.unfinished_flows()

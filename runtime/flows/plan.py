@@ -9,7 +9,14 @@ from functools import partial
 from typing import Any
 
 from ..tables import FlowStepSpec
-from .compensation import _end_compensation, _record_undo, _to_compensate, _undo_outcome
+from .compensation import (
+    _defer_undo,
+    _end_compensation,
+    _record_undo,
+    _to_compensate,
+    _undo_due,
+    _undo_outcome,
+)
 from .fanin import _gather
 from .ops import _SETTLED, _TIMED_OUT, _Branches, _Op, _Plan, _Send, _Write
 from .run import _next_steps, _Note, _Run, _start_notes, _step_result, _succeed
@@ -19,6 +26,8 @@ from .steps import _StepRunner
 def _plan(runner: _StepRunner, run: _Run) -> _Plan:
     """What driving the run does, as the store work it needs (`_Op`s, each answered by the
     sync or the asyncio driver): the one place that decides a run's course."""
+    if not _undo_due(run, runner.runtime.clock.now_ms()):
+        return  # a compensation that did not answer is tried again at the run's wake_ms
     while run.record.status in ("running", "waiting"):
         steps = _next_steps(run)
         if not steps:
@@ -59,9 +68,15 @@ def _plan(runner: _StepRunner, run: _Run) -> _Plan:
             last = step is undo[-1]
             answer = yield _Send(step, step.compensate, "undo", "compensating", last)
             if answer is _SETTLED:
+                if run.status_of(step.name) == "succeeded":
+                    return  # not undone yet: its commit stored when it is tried again
                 continue
-            status, detail = answer
-            yield from _record_undo(run, step, _undo_outcome(status, detail))
+            status, detail = _undo_outcome(*answer)
+            if status == "no_reply":
+                # Newest first: the older steps wait until this one is undone.
+                yield from _defer_undo(run, step, detail, runner.runtime.clock.now_ms())
+                return
+            yield from _record_undo(run, step, (status, detail))
         if run.record.status == "compensating":
             yield from _end_compensation(run)
 

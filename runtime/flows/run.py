@@ -80,6 +80,12 @@ class FlowResult:
     def finished(self) -> bool:
         return self.status in FLOW_FINISHED
 
+    @property
+    def uncompensated(self) -> tuple[str, ...]:
+        """The steps whose compensation the receiver refused (the run ended "failed" with
+        their effect in place: a person must look)."""
+        return tuple(name for name, status in self.steps.items() if status == "uncompensated")
+
 
 _Note = tuple[str, str, Mapping[str, Any]]
 # The same with the run's status when it happened (the entry's to_state).
@@ -175,6 +181,8 @@ def _step_result(
     if status == "succeeded":
         _succeed(run, step, detail)
         return "running", [("StepSucceeded", step.name, {"result": detail})]
+    if status == "no_reply":  # only a fanout branch waits for a reply; a step fails
+        status = "failed"
     run.steps[step.name] = {"status": status, "error": str(detail)}
     run.data["failed"], run.data["reason"] = step.name, str(detail)
     return "compensating", [("StepFailed", step.name, {"error": str(detail)})]

@@ -213,8 +213,9 @@ class _StepRunner:
         def settle(txn: Transaction, chain: _Chain) -> FlowRecord | None:
             if not written or not answered or not isinstance(answered[0], _OUTCOMES):
                 return None
-            status, entries = _settled(run, op, _step_outcome(answered[0]))
-            return self._store_run(txn, chain, written[0], status, entries, _dumps(run.data), None)
+            now = self.runtime.clock.now_ms()
+            status, entries, wake = _settled(run, op, _step_outcome(answered[0]), now)
+            return self._store_run(txn, chain, written[0], status, entries, _dumps(run.data), wake)
 
         return [started, dispatch, settle]
 

@@ -50,10 +50,8 @@ class _SyncDriver(_StepRunner):
             work = governor._work(
                 target, op.emit.event, payload or None, self.actor, event_id, None, None, False
             )
-        except StepFailed as failed:
-            return "failed", failed.message
-        except _STEP_FAILURES as failed:
-            return "failed", f"{failed.code}: {failed.message}"
+        except (StepFailed, *_STEP_FAILURES) as failed:
+            return _step_outcome(failed)
         # Prepared: a receiver's outside actions (a policy's) run before the commit, under the
         # claim of the step's event id, so another process resuming this run waits for it.
         keys = governor._claim_keys(work)
@@ -62,7 +60,9 @@ class _SyncDriver(_StepRunner):
             try:
                 unit = governor._prepare(work)
             except _STEP_FAILURES as failed:
-                return "failed", f"{failed.code}: {failed.message}"
+                # Its outside action failing as transient or unavailable is "no_reply": a
+                # compensation is tried again later, a step fails (plan.py).
+                return _step_outcome(failed)
             return self._send_prepared(run, op, governor, target, payload, event_id, unit, release)
         finally:
             if release is not None:

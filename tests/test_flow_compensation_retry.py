@@ -1,0 +1,158 @@
+"""A compensation whose receiver does not answer is retried from the store until it is
+answered: the upgrade's quota step fails for real while the refund processor is unreachable;
+the run stays compensating, the refund is tried again with backoff (also by a runtime started
+afterwards), and once the processor is back the charge is refunded exactly once and the run
+ends compensated. On SQLite and PostgreSQL, with the sync and the asyncio API."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from autonomic.generated import quota_sla
+from autonomic.runtime.flows import FlowResult, FlowRunner
+from autonomic.runtime.keys import Signer
+from autonomic.runtime.resilience.errors import ServiceFailure, Unavailable
+from autonomic.runtime.runtime import Runtime
+from autonomic.runtime.tables import MachineSpec, TransitionContext
+from autonomic.runtime.timers import VirtualClock
+from conftest import Stores
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flow_world import START_MS, marketplace
+from test_flows import active_customer, capture_proration, flow_entries, state, upgrade_inputs
+
+
+class RefundProcessor:
+    """Billing's refund processor (unreachable while `down`; counts what it was sent) and the
+    quota service."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.quota_fails = False
+        self.attempts = 0
+        self.refunded: list[tuple[str, str]] = []  # (instance, event) of each refund paid
+        self.prorations: dict[str, Decimal] = {}
+
+    def submit_refund(self, ctx: TransitionContext[Any]) -> None:
+        self.attempts += 1
+        if self.down:
+            raise Unavailable("refund processor unreachable")
+        self.refunded.append((ctx.instance, ctx.event))
+
+    def quota_actions(
+        self, spec: MachineSpec
+    ) -> dict[str, Callable[[TransitionContext[Any]], None]]:
+        """QuotaSla's actions, failing for good (a 500) on AllocateQuota while `quota_fails`
+        (the upgrade's last step; the signup's allocation went through before)."""
+
+        def act(ctx: TransitionContext[Any]) -> None:
+            if self.quota_fails and ctx.event == "AllocateQuota":
+                raise ServiceFailure("quota service failed")
+
+        return dict.fromkeys(spec.actions, act)
+
+
+def world(
+    stores: Stores, processor: RefundProcessor, signer: Signer, clock: VirtualClock
+) -> tuple[Runtime, FlowRunner]:
+    actions: dict[str, dict[str, Callable[[TransitionContext[Any]], None]]] = {
+        "QuotaSla": processor.quota_actions(quota_sla.MACHINE),
+        "Billing": {"submit_refund": processor.submit_refund},
+    }
+    runtime, runner, bindings = marketplace(
+        stores.open("m"), signer=signer, clock=clock, actions=actions
+    )
+    # The card processor remembers the captured proration charge (what a refund may pay
+    # back) across this process's restarts.
+    bindings.payments.prorations = processor.prorations
+    return runtime, runner
+
+
+def resume_all(runner: FlowRunner, api: str) -> list[FlowResult]:
+    if api == "sync":
+        return runner.resume_all()
+    return asyncio.run(runner.resume_all_async())
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_refund_the_processor_cannot_take_yet_is_retried_until_paid_once(
+    stores: Stores, api: str
+) -> None:
+    processor = RefundProcessor()
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    clock = VirtualClock(START_MS)
+    runtime, runner = world(stores, processor, signer, clock)
+    customer = f"u-{api}"
+    active_customer(runtime, runner, customer)
+    processor.quota_fails = True
+    inputs = upgrade_inputs(customer)
+    if api == "sync":
+        result = runner.start("SubscriptionUpgrade", customer, inputs)
+    else:
+        result = asyncio.run(runner.start_async("SubscriptionUpgrade", customer, inputs))
+    assert result.status == "waiting"
+    capture_proration(runtime, customer)
+    processor.down = True
+    first = clock.now_ms()
+    result = runner.resume(result.flow_id) if api == "sync" else resume_all(runner, api)[0]
+
+    # The quota step failed; the tier is restored, the refund could not be sent: the run
+    # waits to try it again, and nothing older than it is undone before it.
+    assert (result.status, result.failed_step) == ("compensating", "allocate_quota")
+    assert result.steps["grant_tier"] == "compensated"
+    assert result.steps["charge_proration"] == "succeeded"
+    assert result.steps["create_order"] == "succeeded"
+    assert processor.refunded == []
+    last = flow_entries(runtime, result)[-1]
+    assert last == ("CompensationRetrying", "charge_proration", "compensating")
+    wake = runner.next_wake()
+    assert wake is not None and wake > clock.now_ms()
+    # Not due yet: a resume tries nothing.
+    attempts = processor.attempts
+    assert resume_all(runner, api)[0].status == "compensating"
+    assert runner.due_runs(stale_ms=3_600_000) == []
+    assert processor.attempts == attempts
+
+    # Due, still down: tried again, and the wait grows (the resilience jitter backoff).
+    clock.set(wake)
+    assert runner.due_runs(stale_ms=3_600_000) == [result.flow_id]
+    assert resume_all(runner, api)[0].status == "compensating"
+    assert processor.attempts > attempts
+    later = runner.next_wake()
+    assert later is not None and later - wake > wake - first
+
+    # A new process on the store (the first one stopped) retries once the processor is back.
+    runtime.close()
+    processor.down = False
+    clock.set(later)
+    runtime, runner = world(stores, processor, signer, clock)
+    with runtime:
+        [done] = resume_all(runner, api)
+        assert done.status == "compensated"
+        assert dict(done.steps) == {
+            **dict(result.steps),
+            "grant_tier": "compensated",
+            "charge_proration": "compensated",
+            "create_order": "compensated",
+        }
+        assert processor.refunded == [(customer, "CompensationRefund")]
+        events = [event for event, _, _ in flow_entries(runtime, done)]
+        assert events.count("CompensationRetrying") == 2
+        assert events[-4:] == [
+            "CompensationRetrying",
+            "StepCompensated",  # charge_proration
+            "StepCompensated",  # create_order
+            "CompensationCompleted",
+        ]
+        refunds = [
+            e
+            for e in runtime.store.ledger_entries(machine="Billing", instance=customer)
+            if e.event == "CompensationRefund"
+        ]
+        assert len(refunds) == 1
+        assert state(runtime, "Billing", customer) == "Refunding"
+        assert resume_all(runner, api) == []
+        assert processor.refunded == [(customer, "CompensationRefund")]
