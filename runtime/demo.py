@@ -235,7 +235,6 @@ def _demo_guards(payments: _Payments) -> dict[str, Callable[[TransitionContext],
         # Subscription
         "is_higher_tier": lambda ctx: _tier_rank(ctx, "new_tier") > _tier_rank(ctx, "current_tier"),
         "is_lower_tier": lambda ctx: _tier_rank(ctx, "new_tier") < _tier_rank(ctx, "current_tier"),
-        "proration_was_charged": _fixed(False),
         # CustomerAccount
         "has_open_subscriptions": _fixed(True),
         "identity_fields_changed": lambda ctx: bool(
