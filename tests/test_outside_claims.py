@@ -49,6 +49,23 @@ def test_claims_are_all_or_none_and_leased(stores: Stores) -> None:
     store.close()
 
 
+def test_a_lease_no_runtime_granted_holds_no_key(stores: Stores) -> None:
+    """A claim row someone wrote with a lease beyond any a runtime grants (or, on SQLite, a
+    lease that is no integer, which no runtime writes either) is taken over."""
+    store = stores.open()
+    assert store.claim_outside([KEY], "a", 60_000)
+    stores.rows("s", f"UPDATE outside_claims SET until_ms = {2**62}")
+    assert store.claim_outside([KEY], "b", 60_000)
+    assert not store.claim_outside([KEY], "c", 60_000)  # b's lease is live
+    holder = "b"
+    if stores.kind == "sqlite":
+        stores.rows("s", "UPDATE outside_claims SET until_ms = until_ms - 0.5")
+        assert store.claim_outside([KEY], "c", 60_000)
+        holder = "c"
+    assert stores.rows("s", "SELECT holder FROM outside_claims") == [(holder,)]
+    store.close()
+
+
 def test_the_memory_store_keeps_claims_too() -> None:
     store = MemoryStore()
     assert store.claim_outside([KEY], "a", 60_000)

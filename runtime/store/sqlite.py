@@ -124,6 +124,18 @@ def _entry(row: tuple[Any, ...]) -> LedgerEntry:
     return _new_entry(LedgerEntry, row)
 
 
+# Taking a claim's row: free, its lease run out, the holder's own, or a lease no runtime
+# granted (beyond this runtime's lease, or not an integer): a row written outside it, until
+# 2**62 say, would hold the key for ever.
+_CLAIM_SQL = (
+    "INSERT INTO outside_claims (machine, kind, key, holder, until_ms) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (machine, kind, key) DO UPDATE SET holder = excluded.holder, "
+    "until_ms = excluded.until_ms WHERE outside_claims.holder = excluded.holder "
+    "OR typeof(outside_claims.until_ms) <> 'integer' "
+    "OR NOT (outside_claims.until_ms > ? AND outside_claims.until_ms <= ?)"
+)
+
+
 def _release_claims(keys: Sequence[ClaimKey], holder: str) -> tuple[str, list[str]]:
     """The statement that drops `holder`'s claims on `keys`, and its parameters."""
     marks = ", ".join("(?, ?, ?)" for _ in keys)
@@ -995,26 +1007,14 @@ class SQLiteStore:
             execute = connection.execute
             execute("BEGIN IMMEDIATE")
             try:
+                until = now + lease_ms
                 for machine, kind, key in keys:
-                    row = execute(
-                        "SELECT holder, until_ms FROM outside_claims "
-                        "WHERE machine = ? AND kind = ? AND key = ?",
-                        (machine, kind, key),
-                    ).fetchone()
-                    # A lease longer than this runtime's own is not one it granted: a row
-                    # written outside it (until 2**62, say) would hold the key for ever.
-                    if (
-                        row is not None
-                        and row[0] != holder
-                        and type(row[1]) is int
-                        and now < row[1] <= now + lease_ms
-                    ):
+                    # One upsert a key (as on PostgreSQL): it takes the row unless another
+                    # holder's live lease is on it, and changes no row then (rowcount 0).
+                    taken = execute(_CLAIM_SQL, (machine, kind, key, holder, until, now, until))
+                    if taken.rowcount != 1:
                         execute("ROLLBACK")
                         return False
-                connection.executemany(
-                    "INSERT OR REPLACE INTO outside_claims VALUES (?, ?, ?, ?, ?)",
-                    [(*key, holder, now + lease_ms) for key in keys],
-                )
                 execute("COMMIT")
             except BaseException:
                 if connection.in_transaction:
