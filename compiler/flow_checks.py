@@ -258,7 +258,7 @@ def check_flow_references(flow: Flow, receivers: Mapping[str, Receiver]) -> Iter
             if isinstance(receiver, Diagnostic):
                 yield receiver
                 continue
-            for state in step.states:
+            for state in (*step.states, *step.unless):
                 if state.value not in receiver.states:
                     yield fail(
                         "E160",

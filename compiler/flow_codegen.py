@@ -63,6 +63,9 @@ def _step(step: FlowStep, events: dict[tuple[str, str], Event], inputs: set[str]
         parts.append(f"machine={quote(step.machine.value)}")
         states = [quote(s) for s in sorted({s.value for s in step.states})]
         parts.append(f"states=frozenset({_tuple(states)})")
+        if step.unless:
+            fails = [quote(s) for s in sorted({s.value for s in step.unless})]
+            parts.append(f"fails=frozenset({_tuple(fails)})")
         if step.within is not None:
             parts.append(f"within_ms={step.within.millis!r}")
     elif step.function is not None:
@@ -155,6 +158,8 @@ def _label(step: FlowStep) -> str:
     elif step.kind == "await" and step.machine is not None:
         states = ", ".join(s.value for s in step.states)
         what = f"await {step.machine.value} in {states}"
+        if step.unless:
+            what += f" unless {', '.join(s.value for s in step.unless)}"
         if step.within is not None:
             what += f" within {step.within.text}"
     else:

@@ -456,8 +456,9 @@ StepKind = Literal["send", "await", "compute"]
 class FlowStep(Node):
     """One step of a flow. `send`: dispatch `target` (Machine.Event with arguments) to the
     flow's instance of that machine; `await`: wait, durably, until `machine` is in one of
-    `states` (at most `within`); `compute`: call the pure function `function`, whose result
-    later arguments may name. `compensate` undoes a send; `irreversible` says none can."""
+    `states` (at most `within`; failing at once in one of `unless`); `compute`: call the pure
+    function `function`, whose result later arguments may name. `compensate` undoes a send;
+    `irreversible` says none can."""
 
     name: Name
     kind: StepKind
@@ -465,6 +466,7 @@ class FlowStep(Node):
     to: Name | None = None  # the input field naming the instance; None: the flow's own
     machine: Name | None = None
     states: tuple[Name, ...] = ()
+    unless: tuple[Name, ...] = ()  # an await's states that end it as failed
     within: Duration | None = None
     function: Name | None = None
     compensate: EventRef | None = None

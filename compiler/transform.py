@@ -38,6 +38,7 @@ SPANLESS_RULES = frozenset(
         "flow_within",
         "flow_quorum",
         "flow_input",
+        "await_unless",
         "bound_least",
         "bound_most",
         "compensate_clause",
@@ -104,6 +105,7 @@ RULES = (
     "flow_step",
     "send_action",
     "await_action",
+    "await_unless",
     "compute_action",
     "compensate_clause",
     "irreversible_clause",
@@ -790,9 +792,19 @@ class ModelBuilder:
 
     def await_action(self, span: SourceSpan, children: list[Any]) -> _Clause:
         within = children.pop() if isinstance(children[-1], m.Duration) else None
+        unless = children.pop().value if isinstance(children[-1], _Clause) else ()
         machine, *states = children
-        action = {"kind": "await", "machine": machine, "states": tuple(states), "within": within}
+        action = {
+            "kind": "await",
+            "machine": machine,
+            "states": tuple(states),
+            "unless": unless,
+            "within": within,
+        }
         return _Clause("action", action)
+
+    def await_unless(self, span: None, children: list[m.Name]) -> _Clause:
+        return _Clause("unless", tuple(children))
 
     def compute_action(self, span: SourceSpan, children: list[m.Name]) -> _Clause:
         return _Clause("action", {"kind": "compute", "function": children[0]})

@@ -437,7 +437,8 @@ class FlowStepSpec:
     """One step. `send`: dispatch `send` (its args: "field" names a flow input or a compute
     step's result) to the flow's instance of its machine, or to the instance named by the input
     `to`; `compensate` undoes it. `await`: wait until `machine` is in one of `states`, at most
-    `within_ms`. `compute`: call the registered pure function `function`."""
+    `within_ms`; in one of `fails` (its outcome known) it fails at once. `compute`: call the
+    registered pure function `function`."""
 
     name: str
     kind: StepKind
@@ -449,6 +450,7 @@ class FlowStepSpec:
     states: frozenset[str] = frozenset()
     within_ms: int | None = None
     function: str | None = None
+    fails: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,6 +110,9 @@ def test_demo_runs_and_its_ledger_verifies(generated: Path, tmp_path: Path) -> N
         "PaymentFailed: Billing CollectionAgencyPending -> MaxRetriesExceeded",
         "outbox Entitlement.Suspend delivered: Entitlement Grace -> Suspended",
         "StepFailed settled -> compensating",
+        # The wait ends when the ladder gives up, not when its 9 days run out.
+        "flow PaymentProcessed failed (settled: Billing reached MaxRetriesExceeded)",
+        "1d pass",
         "== payment outcomes: a late payment",
         "outbox Entitlement.Reinstate delivered: Entitlement Suspended -> Active",
         "== refund",

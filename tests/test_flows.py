@@ -463,9 +463,12 @@ def test_payment_failure_waits_durably_on_the_retry_ladder(stores: Stores) -> No
     runtime.close()
 
 
-def test_payment_failure_times_out_when_the_ladder_is_exhausted(
+def test_payment_failure_ends_when_the_ladder_gives_up(
     world: tuple[Runtime, FlowRunner, Any, Injector],
 ) -> None:
+    """The Failed branch's wait ends as soon as Billing's ladder gives up (MaxRetriesExceeded,
+    8d 4h after the decline here): the next resume fails the run there, not 9 days after the
+    wait began (before: still waiting until then)."""
     runtime, runner, _, _ = world
     customer = "p-lost"
     charged_customer(runtime, runner, customer)
@@ -479,10 +482,10 @@ def test_payment_failure_times_out_when_the_ladder_is_exhausted(
     runtime.deliver_outbox()
     assert state(runtime, "Billing", customer) == "MaxRetriesExceeded"
     assert state(runtime, "Entitlement", customer) == "Suspended"  # from Grace, by the ladder
-    runtime.clock.advance(2 * 86_400_000)
-    (result,) = runner.resume_all()
+    (result,) = runner.resume_all()  # the clock not moved on: the outcome is known now
     assert result.status == "failed"  # not "compensated": every step is irreversible
     assert result.failed_step == "settled"
+    assert result.reason == "Billing reached MaxRetriesExceeded"
 
 
 def test_payment_failure_with_no_answer_at_all_runs_the_whole_ladder(
@@ -538,6 +541,16 @@ def test_payment_failure_with_no_answer_at_all_runs_the_whole_ladder(
     assert [(r.status, r.failed_step) for r in results if r.status != "waiting"] == [
         ("failed", "settled")  # the charge was never collected; every step is irreversible
     ]
+    # It failed when the ladder gave up (8d 19h), not when the 9 days ran out.
+    [failed] = [r for r in results if r.status == "failed"]
+    entries = runtime.store.ledger_entries(machine=failed.flow, instance=failed.flow_id)
+    [ended] = [e for e in entries if e.event == "FlowFailed"]
+    [gave_up] = [
+        e
+        for e in runtime.store.ledger_entries(machine="Billing", instance=customer)
+        if e.to_state == "MaxRetriesExceeded"
+    ]
+    assert ended.ts_ms == gave_up.ts_ms
 
 
 def _billing(event: str, *, owner: bool = True, **payload: str) -> Callable[[Runtime, str], None]:

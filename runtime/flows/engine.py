@@ -43,7 +43,8 @@ Semantics a user must know:
   reply's own transaction (fanin._late_fold; `drain` waits for it).
 - await: the run is stored as "waiting" until the machine is in one of the states; governor
   timers move the machine meanwhile (nothing is held in memory). `resume_all` (after
-  `fire_due` / `deliver_outbox`, or in a new process) checks again; past `within` it fails.
+  `fire_due` / `deliver_outbox`, or in a new process) checks again; past `within` it fails,
+  and at once in one of its `unless` states (the step's `fails`: the outcome is known).
 - compute: calls the registered pure function with the inputs and earlier results; its
   result is stored, so a resumed run never calls it with other results in mind.
 - A driver that finds another driving the same run hands over instead of failing: when a

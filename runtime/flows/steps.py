@@ -67,6 +67,8 @@ class _StepRunner:
         record = self.runtime.governor(step.machine).get(run.record.instance)
         if record is not None and record.state in step.states:
             return "succeeded", {"state": record.state}
+        if record is not None and record.state in step.fails:  # the outcome is known
+            return "failed", f"{step.machine} reached {record.state}"
         now = self.runtime.clock.now_ms()
         waiting_since = run.steps.get(step.name, {}).get("since", now)
         deadline = None if step.within_ms is None else waiting_since + step.within_ms
