@@ -202,3 +202,35 @@ def test_a_reply_committed_before_the_gather_counts_even_past_the_deadline(
             "sla_credit": "succeeded",
             "notify": "timed_out",
         }
+
+
+def test_start_async_reads_the_stored_run_off_the_event_loop(tmp_path: Path) -> None:
+    """A group commit holds the SQLite store's lock through its fsync; `start_async` first
+    reads whether the run is stored, which waits for that lock. On the loop's thread that
+    wait stalled every coroutine (before: the loop ran nothing until the commit ended, here
+    the holder's 5 s); in an action thread, the loop goes on meanwhile."""
+    store = SQLiteStore(tmp_path / "s.db")
+    runtime, runner, _ = marketplace(store)
+    held, release = threading.Event(), threading.Event()
+    stalled: list[bool] = []
+
+    def commit_in_progress(txn: object) -> None:
+        held.set()
+        stalled.append(not release.wait(5))
+
+    holder = threading.Thread(target=store.run, args=([commit_in_progress],))
+    holder.start()
+    assert held.wait(20)
+
+    async def main() -> FlowResult:
+        opening = asyncio.create_task(runner.start_async("CustomerSignup", "c1", signup("c1")))
+        for _ in range(3):
+            await asyncio.sleep(0)  # the loop runs on while the start waits for the lock
+        release.set()
+        return await opening
+
+    result = asyncio.run(main())
+    holder.join()
+    assert stalled == [False]
+    assert result.status == "completed"
+    runtime.close()

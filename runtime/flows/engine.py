@@ -72,7 +72,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import (
     ConcurrentUpdateDetected,
@@ -99,6 +99,8 @@ from .run import (
 from .sync_driver import _SyncDriver
 
 __all__ = ["FlowResult", "FlowRunner", "NoReply", "StepContext", "StepFailed"]
+
+T = TypeVar("T")
 
 FLOW_ACTOR = "flow"
 
@@ -234,17 +236,17 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
         """`start`, awaited: each step's dispatch goes through `Governor.dispatch_async` and
         the run's own writes through the same asyncio group commit, so concurrent runs (and a
         parallel flow's branches, run in an asyncio.TaskGroup) share commits."""
-        run = self._open(flow, instance, inputs, flow_id)
+        run = await self._off_loop(self._open, flow, instance, inputs, flow_id)
         return await self._drive_on_async(run)
 
     async def resume_async(self, flow_id: str) -> FlowResult:
-        run = self._load(flow_id)
+        run = await self._off_loop(self._load, flow_id)
         if run.record.status in FLOW_FINISHED:
             return _result(run)
         return await self._drive_on_async(run)
 
     async def resume_all_async(self, *, limit: int = 1000) -> list[FlowResult]:
-        records = self.runtime.store.unfinished_flows(limit)
+        records = await self._off_loop(self.runtime.store.unfinished_flows, limit)
         async with asyncio.TaskGroup() as group:
             tasks = [
                 group.create_task(self.resume_async(r.flow_id))
@@ -252,6 +254,14 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
                 if r.flow in self.specs
             ]
         return [task.result() for task in tasks]
+
+    async def _off_loop(self, read: Callable[..., T], *arguments: Any) -> T:
+        """`read(*arguments)` in an action thread, as the asyncio path's other reads: a
+        store read waits for the store's lock (SQLite: held by a group commit through its
+        fsync; PostgreSQL: a round trip), which on the loop's thread would stall every
+        coroutine (tests/test_flow_concurrency.py)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.runtime._action_threads(), read, *arguments)
 
     # ------------------------------------------------------------------ handing over
 
