@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -49,7 +49,10 @@ async def dispatch_async(
     """`dispatch` for asyncio: the same checks, writes and errors. On a transactional
     store the coroutine waits, without blocking its event loop, for the commit that holds
     its unit of work; the units of every coroutine waiting meanwhile commit together, so
-    many concurrent dispatchers share each fsync. On the memory store it runs at once."""
+    many concurrent dispatchers share each fsync. On the memory store it runs at once.
+    Cancelled while its outside calls run, it leaves them to the action thread making them,
+    which commits their result once they end and lets go of the claim (`_record_abandoned`):
+    no claim is left held, or renewed, for a caller that has gone."""
     work = governor._work(
         instance_id,
         event,
@@ -80,17 +83,32 @@ async def dispatch_async(
         if keys:
             # The claim and the outside calls in one hand-off to the pool (each costs the
             # loop 30-50 us of CPU).
-            prepared = loop.run_in_executor(pool, _hold_and_prepare, governor, keys, work)
+            calling = pool.submit(_hold_and_prepare, governor, keys, work)
             try:
-                held, work = await asyncio.shield(prepared)
+                held, work = await asyncio.shield(asyncio.wrap_future(calling))
             except asyncio.CancelledError:
-                # The calls go on in the pool: let go of the claim, in order, once they end.
-                prepared.add_done_callback(partial(_let_go_after, pool, release))
+                # Nobody waits for the calls, which go on in the pool: their thread records
+                # them (a commit of their own) and lets go of the claim once they end, with
+                # no help from this event loop, which may be closing.
+                calling.add_done_callback(partial(_abandon, pool, governor, partition, release))
                 release = None
                 raise
         else:
             work = await loop.run_in_executor(pool, governor._prepare, work)
-        done = await runtime._submit_async(work, partition)
+        if held is None:
+            done = await runtime._submit_async(work, partition)
+        else:
+            queued = runtime._queue_async(work, partition)
+            try:
+                done = await asyncio.shield(queued)
+            except asyncio.CancelledError:
+                # Its unit is queued and commits all the same: let go once it has.
+                queued.add_done_callback(partial(_let_go_queued, pool, held, release, work))
+                held = release = None
+                raise
+            finally:
+                if runtime._breakers.unstored:  # as _submit_async does
+                    runtime._settle_breakers()
         committed = lets_go(work)
         return _settled(done)
     finally:
@@ -130,17 +148,61 @@ def _hold_and_prepare(
         raise
 
 
-def _let_go_after(
+def _abandon(
     pool: Executor,
+    governor: Governor,
+    partition: int,
     local: Local | None,
-    prepared: asyncio.Future[tuple[Release | None, partial[DispatchResult | _Rejected]]],
+    calling: Future[tuple[Release | None, partial[DispatchResult | _Rejected]]],
 ) -> None:
-    """Once a cancelled dispatch's claim and calls have ended in the pool: let go of its
-    claim in the store (in the pool), then in this runtime."""
-    held = None
-    if not prepared.cancelled() and prepared.exception() is None:
-        held = prepared.result()[0]
-    if held is None:
+    """`_record_abandoned` in the pool (this runs in the thread that made the calls, or at
+    once in the event loop's if they had ended already, which must not wait for a commit)."""
+    try:
+        pool.submit(_record_abandoned, governor, partition, local, calling)
+    except RuntimeError:  # the pool is shut down: the runtime is closing
+        _record_abandoned(governor, partition, local, calling)
+
+
+def _record_abandoned(
+    governor: Governor,
+    partition: int,
+    local: Local | None,
+    calling: Future[tuple[Release | None, partial[DispatchResult | _Rejected]]],
+) -> None:
+    """Once the outside calls of a dispatch whose caller was cancelled have ended (in the
+    pool thread that made them): commit its unit, so the calls made are recorded (a repeat
+    of its event id then returns their result, calling nothing), and let go of its claim, in
+    the store (which stops its renewal), then in this runtime."""
+    try:
+        if calling.cancelled() or calling.exception() is not None:
+            return  # nothing prepared: its claim in the store was let go (_hold_and_prepare)
+        held, work = calling.result()
+        committed = False
+        try:
+            governor.runtime._submit(work, partition)
+            committed = lets_go(work)
+        except Exception:  # refused or failed: nothing of it is stored, as for its caller
+            pass
+        finally:
+            if held is not None:
+                held(committed=committed)
+    finally:
+        if local is not None:
+            local()
+
+
+def _let_go_queued(
+    pool: Executor,
+    held: Release,
+    local: Local | None,
+    work: partial[DispatchResult | _Rejected],
+    queued: asyncio.Future[DispatchResult | _Rejected],
+) -> None:
+    """Once the queued unit of a dispatch whose caller was cancelled has committed (or
+    failed): let go of its claim, in the pool (see `dispatch_async`)."""
+    committed = not queued.cancelled() and queued.exception() is None and lets_go(work)
+    if committed:
+        held(committed=True)
         if local is not None:
             local()
         return

@@ -63,7 +63,9 @@ Semantics a user must know:
   outcome and the run's end), queued in the asyncio group commit it shares with every other
   coroutine's units; a send that calls the outside world goes through
   `Governor.dispatch_async` (claim and calls in the action threads), the run's write queued
-  ahead of it. No threads of the runner's own.
+  ahead of it. No threads of the runner's own. A cancelled start_async / resume_async /
+  resume_all_async leaves the run to be resumed: the outside calls already handed to the
+  action threads are committed and their claims let go there (preflight.dispatch_async).
 """
 
 from __future__ import annotations

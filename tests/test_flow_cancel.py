@@ -1,0 +1,152 @@
+"""Cancelling an asyncio flow (or dispatch) while its outside calls run: the calls already
+handed to the action threads are recorded there and their claims let go, so the run is
+resumed, in this runtime or another on the store, and completes with each call made once,
+no claim left and none renewed."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from autonomic.runtime.flows import FlowResult, FlowRunner, StepContext
+from autonomic.runtime.keys import Signer
+from autonomic.runtime.runtime import Runtime
+from autonomic.runtime.store.sqlite import SQLiteStore
+from autonomic.runtime.tables import TransitionContext
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flow_world import marketplace
+from test_flows import SIGNUP_STEPS, flow_entries, signup
+
+# The signup's outside actions (policy actions): one per branch.
+SLOW = {
+    "CustomerAccount": "create_profile",
+    "Subscription": "start_trial",
+    "QuotaSla": "allocate_quota",
+    "Compliance": "start_identity_check",
+}
+
+
+class Services:
+    """The signup's outside services: each call counted, held until `answer` is set."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.answer = threading.Event()
+        self._lock = threading.Lock()
+
+    def action(self, name: str) -> Callable[[TransitionContext[Any]], None]:
+        def call(ctx: TransitionContext[Any]) -> None:
+            with self._lock:
+                self.calls[name] += 1
+            assert self.answer.wait(30)
+
+        return call
+
+    def actions(self) -> dict[str, dict[str, Callable[[TransitionContext[Any]], None]]]:
+        return {machine: {name: self.action(name)} for machine, name in SLOW.items()}
+
+    async def all_calling(self, count: int) -> None:
+        for _ in range(3000):
+            if sum(self.calls.values()) >= count:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"only {dict(self.calls)} called")
+
+
+def resumed(runner: FlowRunner) -> list[FlowResult]:
+    """`runner.resume_all()`, failing (not hanging) if a claim of the cancelled calls is
+    never let go."""
+    done: list[list[FlowResult]] = []
+    thread = threading.Thread(target=lambda: done.append(runner.resume_all()), daemon=True)
+    thread.start()
+    thread.join(60)
+    assert done, "resume_all still waits for the claims of the cancelled calls"
+    return done[0]
+
+
+def no_claims(runtime: Runtime, db: Path) -> None:
+    """No claim is left in the store, and this runtime renews none."""
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM outside_claims").fetchone() == (0,)
+    assert not runtime._outside._renewing
+
+
+@pytest.mark.parametrize("resumer", ["this runtime", "another runtime"])
+def test_a_cancelled_start_async_leaves_a_run_that_resumes(tmp_path: Path, resumer: str) -> None:
+    db = tmp_path / "m.db"
+    services = Services()
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    runtime, runner, _ = marketplace(SQLiteStore(db), signer=signer, actions=services.actions())
+
+    async def cancelled_mid_call() -> None:
+        start = runner.start_async("CustomerSignup", "c", signup("c"))
+        call = asyncio.ensure_future(start)
+        await services.all_calling(len(SLOW))
+        call.cancel()  # as asyncio.wait_for does when its timeout passes
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    with runtime:
+        asyncio.run(cancelled_mid_call())
+        services.answer.set()  # the calls end after their caller has gone
+        if resumer == "this runtime":
+            [done] = resumed(runner)
+        else:
+            other, again, _ = marketplace(
+                SQLiteStore(db), signer=signer, actions=services.actions()
+            )
+            with other:
+                [done] = resumed(again)
+                no_claims(other, db)
+        assert done.status == "completed"
+        assert dict(done.steps) == dict.fromkeys(SIGNUP_STEPS, "succeeded")
+        # The calls made before the cancellation were recorded, not made again.
+        assert services.calls == Counter(SLOW.values())
+        events = [event for event, _, _ in flow_entries(runtime, done)]
+        assert events.count("StepSucceeded") == 4 and events[-1] == "FlowCompleted"
+        no_claims(runtime, db)
+
+
+class Crash(Exception):
+    """The process stops at a step's hook (before any call)."""
+
+
+def test_a_cancelled_resume_all_async_leaves_runs_that_resume(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    services = Services()
+    crashing = [True]
+
+    def crash(ctx: StepContext) -> None:
+        if crashing[0]:
+            raise Crash(ctx.step)
+
+    runtime, runner, _ = marketplace(SQLiteStore(db), actions=services.actions(), before_step=crash)
+    with runtime:
+        for customer in ("a", "b"):  # stored, their branches not sent
+            with pytest.raises(Crash):
+                runner.start("CustomerSignup", customer, signup(customer))
+        crashing[0] = False
+
+        async def cancelled_mid_call() -> None:
+            call = asyncio.ensure_future(runner.resume_all_async())
+            await services.all_calling(2 * len(SLOW))
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+        asyncio.run(cancelled_mid_call())
+        services.answer.set()
+        done = resumed(runner)
+        assert sorted((r.instance, r.status) for r in done) == [
+            ("a", "completed"),
+            ("b", "completed"),
+        ]
+        assert services.calls == Counter({name: 2 for name in SLOW.values()})
+        no_claims(runtime, db)
