@@ -47,9 +47,12 @@ def run_actions(
     now: int,
     timer: str | None = None,
     ran: Mapping[str, object] | None = None,
+    event_id: str | None = None,
+    idempotency_key: str | None = None,
 ) -> Mapping[str, object]:
     """Run `actions` in order; those in `ran` (run before the transaction) are not called
-    again: their results are taken."""
+    again: their results are taken. `event_id` and `idempotency_key`: the dispatch's, for
+    the actions' context."""
     if not actions:
         return _EMPTY_RESULTS
     context = _new_context(
@@ -65,6 +68,8 @@ def run_actions(
             now,
             target,
             timer,
+            event_id,
+            idempotency_key,
         ),
     )
     results: dict[str, object] = {}
@@ -101,7 +106,17 @@ def apply(
     runtime = governor.runtime
     results = (
         governor._run_actions(
-            row.actions, row.event, row.target, record, payload, actor, now, None, ran
+            row.actions,
+            row.event,
+            row.target,
+            record,
+            payload,
+            actor,
+            now,
+            None,
+            ran,
+            event_id,
+            idempotency_key,
         )
         if row.actions
         else _EMPTY_RESULTS

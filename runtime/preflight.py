@@ -459,5 +459,17 @@ def preflight(
     outside = tuple((a, f) for a, f in row.actions if a in governor._external)
     if not outside:
         return None
-    results = governor._run_actions(outside, row.event, row.target, record, payload, actor, now)
+    results = governor._run_actions(
+        outside,
+        row.event,
+        row.target,
+        record,
+        payload,
+        actor,
+        now,
+        None,
+        None,
+        event_id,
+        idempotency_key,
+    )
     return _Preran(record.version, row, results)

@@ -492,6 +492,12 @@ class TransitionContext(NamedTuple, Generic[P_co]):
     model, or None for an event without fields and for timers. `target` is None while guards
     run, and the state being entered (None when a timer stays) while actions run. `version` is
     the instance's version before this change; `timer` names the timer that fired, if any.
+    `event_id` and `idempotency_key` are the dispatch's, as its caller gave them (None
+    without; None for guards, timers and creates): an action that calls the outside world
+    sends one as its request's idempotency key, so that a call made again after a crash
+    (outside calls are at-least-once) is deduplicated by the service. A flow's step and
+    compensation always have an event id, derived from the run, the step and the phase: the
+    same at every attempt, retry and resume.
     (A named tuple: immutable, and built in a tenth of the time a frozen dataclass takes, once
     or twice per dispatch.)"""
 
@@ -505,6 +511,8 @@ class TransitionContext(NamedTuple, Generic[P_co]):
     now_ms: int
     target: str | None = None
     timer: str | None = None
+    event_id: str | None = None
+    idempotency_key: str | None = None
 
 
 class DispatchOptions(TypedDict, total=False):

@@ -207,6 +207,8 @@ def decide(
                     now,
                     None,
                     None,
+                    None,
+                    None,
                 ),
             )
         try:

@@ -2,7 +2,9 @@
 answered: the upgrade's quota step fails for real while the refund processor is unreachable;
 the run stays compensating, the refund is tried again with backoff (also by a runtime started
 afterwards), and once the processor is back the charge is refunded exactly once and the run
-ends compensated. On SQLite and PostgreSQL, with the sync and the asyncio API."""
+ends compensated. Every attempt sends the same idempotency key (the action's
+`ctx.event_id`), so a refund API deduplicates a repeat. On SQLite and PostgreSQL, with the
+sync and the asyncio API."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from autonomic.generated import quota_sla
 from autonomic.runtime.flows import FlowResult, FlowRunner
 from autonomic.runtime.keys import Signer
 from autonomic.runtime.resilience.errors import ServiceFailure, Unavailable
+from autonomic.runtime.results import derive_event_id
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.tables import MachineSpec, TransitionContext
 from autonomic.runtime.timers import VirtualClock
@@ -35,9 +38,11 @@ class RefundProcessor:
         self.attempts = 0
         self.refunded: list[tuple[str, str]] = []  # (instance, event) of each refund paid
         self.prorations: dict[str, Decimal] = {}
+        self.keys: set[str | None] = set()
 
     def submit_refund(self, ctx: TransitionContext[Any]) -> None:
         self.attempts += 1
+        self.keys.add(ctx.event_id)  # what a refund API deduplicates by
         if self.down:
             raise Unavailable("refund processor unreachable")
         self.refunded.append((ctx.instance, ctx.event))
@@ -156,3 +161,7 @@ def test_a_refund_the_processor_cannot_take_yet_is_retried_until_paid_once(
         assert state(runtime, "Billing", customer) == "Refunding"
         assert resume_all(runner, api) == []
         assert processor.refunded == [(customer, "CompensationRefund")]
+    # Every attempt, in both processes, sent the refund under one key: the compensation's
+    # event id, derived from the run and the step.
+    assert processor.attempts >= 3
+    assert processor.keys == {derive_event_id("flow", result.flow_id, "charge_proration", "undo")}
