@@ -305,8 +305,8 @@ def test_cancellation_saga_compensates_in_reverse(
 def test_a_saga_step_is_one_commit_and_the_last_one_ends_the_run(
     tmp_path: Path, failing: str | None, commits: int
 ) -> None:
-    """Each send is one commit (the run's write, the dispatch), and the last send's, or the
-    last compensation's, also holds its result and the end of the run: no commit of its own.
+    """Each send is one commit (the run's write, the dispatch, its result), and the last
+    send's, or the last compensation's, also holds the end of the run: no commit of its own.
     A step failing before its dispatch (here its hook) is written with the first
     compensation: two sends and two compensations, four commits."""
     injector = Injector()
@@ -368,6 +368,56 @@ def test_an_asyncio_saga_step_is_one_batch_and_the_last_one_ends_the_run(tmp_pat
             ("flow", "FlowCompleted", "completed"),
         ]
         assert runner.result(result.flow_id) == result  # as stored
+
+
+@pytest.mark.parametrize("api", ["sync", "asyncio"])
+@pytest.mark.parametrize("case", ["completed", "rejected"])
+def test_a_send_as_one_unit_records_what_separate_units_record(
+    tmp_path: Path, api: str, case: str
+) -> None:
+    """On SQLite a send is one unit of work (the run's pending notes, the dispatch, its
+    outcome and the run's record, written once); on the memory store the run's write, the
+    dispatch and the last send's outcome are units of their own. Both store the same run and
+    the same ledger entries in the same order, also when the receiver rejects a step (the
+    entitlement revoked: its dispatch raises inside the unit, which is rolled back whole, and
+    the notes and the failure are written without it) and the run is compensated."""
+
+    def saga(store: SQLiteStore | MemoryStore) -> tuple[FlowResult, list[tuple[str, ...]], str]:
+        runtime, runner, _ = marketplace(store)
+        with runtime:
+            active_customer(runtime, runner, "c")
+            if case == "rejected":
+                runtime.governor("Entitlement").dispatch("c", "Revoke", {"reason": "gone"})
+            before = len(list(runtime.ledger()))
+            inputs = {"customer_id": "c", "request_id": "r", "reason": "bye"}
+            if api == "sync":
+                result = runner.start("SubscriptionCancellation", "c", inputs)
+            else:
+                result = asyncio.run(runner.start_async("SubscriptionCancellation", "c", inputs))
+            entries: list[tuple[str, ...]] = [
+                (e.kind, e.machine, e.instance, e.event, e.from_state, e.to_state, e.actor)
+                for e in list(runtime.ledger())[before:]
+            ]
+            stored = runtime.store.get_flow(result.flow_id)
+            assert stored is not None and runner.result(result.flow_id) == result
+            return result, entries, stored.data
+
+    one_unit = saga(SQLiteStore(tmp_path / "m.db"))
+    assert one_unit == saga(MemoryStore())
+    result, entries, _ = one_unit
+    assert result.status == ("completed" if case == "completed" else "compensated")
+    flow = [
+        (event, step, status) for kind, _, _, event, step, status, _ in entries if kind == "flow"
+    ]
+    if case == "rejected":
+        assert flow[-5:] == [
+            ("StepSucceeded", "issue_refund", "running"),
+            ("StepStarted", "suspend_entitlements", "running"),
+            ("StepFailed", "suspend_entitlements", "compensating"),
+            ("StepCompensated", "issue_refund", "compensating"),
+            ("CompensationCompleted", "suspend_entitlements", "compensated"),
+        ]
+        assert result.reason is not None and result.reason.startswith("R")
 
 
 def test_a_rejected_compensation_ends_the_run_failed(

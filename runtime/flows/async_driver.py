@@ -16,10 +16,19 @@ from ..sealing import _Chain
 from ..store.base import FlowRecord, FlowStatus, Transaction
 from ..tables import FlowStepSpec
 from .fanin import _FanIn, _late_fold, _late_work, _poll_s
-from .ops import _Branches, _Send, _Write
+from .ops import _SETTLED, _Branches, _Send, _Write
 from .plan import _plan
-from .run import _STEP_FAILURES, FlowResult, StepFailed, _Note, _result, _Run, _step_outcome
-from .steps import _batch_answer, _StepRunner
+from .run import (
+    _OUTCOMES,
+    _STEP_FAILURES,
+    FlowResult,
+    StepFailed,
+    _Note,
+    _result,
+    _Run,
+    _step_outcome,
+)
+from .steps import _batch_answer, _Moved, _StepRunner, _Unrecorded
 
 
 class _AsyncDriver(_StepRunner):
@@ -42,9 +51,9 @@ class _AsyncDriver(_StepRunner):
                 answer = await self._branches_async(run, op)
 
     async def _send_async(self, run: _Run, op: _Send) -> tuple[str, Any]:
-        """`_send` for asyncio. A send whose event calls nothing outside is one batch, as in
-        the sync API (`_batch_works`: the run's write, the dispatch and, for the last step,
-        its outcome and the run's end), queued at once, so it shares the group commit of
+        """`_send` for asyncio. A send whose event calls nothing outside is one unit, as in
+        the sync API (`_recording`: the run's write, the dispatch, its outcome and, for the
+        last step, the run's end), queued at once, so it shares the group commit of
         every other coroutine's units meanwhile. One that calls the outside world goes
         through `Governor.dispatch_async` (its claim and calls in the action threads), the
         run's write queued before it: in the current batch, while the calls run."""
@@ -74,10 +83,29 @@ class _AsyncDriver(_StepRunner):
             )
         except _STEP_FAILURES as failed:
             return _step_outcome(failed)
-        batch = await runtime._submit_many_async(self._batch_works(run, op, work), mine)
-        answer = _batch_answer(run, batch)
-        if answer is not None:
-            return answer
+        if runtime._memory is None:
+            # One unit: the run's write, the dispatch, and the send's outcome (`_recording`).
+            try:
+                run.record = await runtime._submit_async(self._recording(run, op, work), mine)
+                return _SETTLED
+            except _Moved as moved:
+                with contextlib.suppress(Exception):
+                    await runtime._submit_async(work, mine)  # the other driver records it
+                raise moved.error from None
+            except _Unrecorded as unrecorded:
+                run.record = await runtime._submit_async(
+                    self._unrecorded(run, op, unrecorded), mine
+                )
+                failure = unrecorded.error
+            if isinstance(failure, _OUTCOMES):
+                return _SETTLED
+            if not isinstance(failure, UnknownInstance):
+                raise failure
+        else:
+            batch = await runtime._submit_many_async(self._batch_works(run, op, work), mine)
+            answer = _batch_answer(run, batch)
+            if answer is not None:
+                return answer
         try:  # the receiver's first event
             result = await self._dispatch_async(governor, target, event, payload, event_id)
         except _STEP_FAILURES as failed:

@@ -109,10 +109,11 @@ def _compensation_end(run: _Run) -> tuple[FlowStatus, list[_Note]]:
 def _settled(
     run: _Run, op: _Send, outcome: tuple[str, Any], now_ms: int
 ) -> tuple[FlowStatus, list[_Entry], int | None]:
-    """The last step's (or compensation's) outcome recorded, and how the run ends after
-    it or that it goes on to compensate (or, a compensation that did not answer, when it is
-    tried again: the run's wake_ms): what the plan's next writes would hold, each entry with
-    the run's status when it happened."""
+    """A send's (or compensation's) outcome recorded, and the run's status after it: for
+    the plan's last one (`op.settle`), how the run ends, or that it goes on to compensate;
+    for a step that failed with nothing to undo, its end; for a compensation that did not
+    answer, when it is tried again (the run's wake_ms). What the plan's next writes would
+    hold, each entry with the run's status when it happened."""
     step = op.step
     if op.phase == "undo" and outcome[0] == "no_reply":
         retry_at, note = _retry_undo(run, step, outcome[1], now_ms)
@@ -125,7 +126,11 @@ def _settled(
     entries = [(event, name, detail, status) for event, name, detail in notes]
     end: list[_Note]
     if status == "running":
+        if not op.settle:
+            return status, entries, None  # the next step follows
         status, end = "completed", [("FlowCompleted", "", {})]
+    elif op.phase == "undo" and not op.settle:
+        return status, entries, None  # the next compensation follows
     elif op.phase == "undo" or not _to_compensate(run):
         status, end = _compensation_end(run)
     else:

@@ -9,12 +9,18 @@ Semantics a user must know:
   compensation with (flow id, step, "undo"). The receiver remembers processed event ids, so a
   step re-run after a crash between its dispatch and the flow's own write returns the stored
   result and changes nothing: every effect happens once. The flow's own writes are
-  version-checked (two resuming processes cannot both advance one run). A step's result is
-  written with the next step's dispatch; the last step's (or compensation's), and the end of
-  the run, in the commit of its own dispatch (the sync API on one ledger chain), so a saga
-  of N sends takes N commits; a step's failure is written with the first compensation's
-  dispatch (or the run's end, if nothing is to be undone), so a saga whose k-th send fails
-  before its dispatch commits takes k - 1 + (compensations) commits, at least one.
+  version-checked (two resuming processes cannot both advance one run). A send is one unit
+  of work, one commit: the run's pending notes, the dispatch, the step's outcome and the
+  run's record, written once (for the last step or compensation, the end of the run too),
+  so a saga of N sends takes N commits. A step failing before its dispatch (its hook) is
+  written with the first compensation's dispatch (or the run's end, if nothing is to be
+  undone), so a saga whose k-th send fails so takes k - 1 + (compensations) commits, at
+  least one; a step its receiver rejects rolls its unit back whole, and its failure is
+  written with the notes in a commit of their own. A unit whose run another driver wrote
+  meanwhile is rolled back too: its dispatch then commits on its own (its effect and the
+  outside calls it records stand) and the run is read again. On the memory store, or with
+  the receiver in another ledger partition than the run, the run's write and the dispatch
+  are units of their own: a step's result is then written with the next one's dispatch.
 - A send step succeeds when the receiver takes a transition or ignores the event; it fails
   when the receiver rejects it (invalid transition, no guard held, an action failed, a payload
   it refuses) or a `before_step` hook raises StepFailed. A missing receiver instance is
@@ -59,8 +65,8 @@ Semantics a user must know:
   the run as it ends, whoever drove it there. The calls the stalled driver made are not
   stored: the step's idempotency key is what keeps the outside effect single.
 - The asyncio API runs the same plan (`_plan`, one generator for both) and commits a send as
-  the sync API does (one batch: the run's write, the dispatch, and for the last step its
-  outcome and the run's end), queued in the asyncio group commit it shares with every other
+  the sync API does (one unit: the run's write, the dispatch, its outcome, and for the last
+  step the run's end), queued in the asyncio group commit it shares with every other
   coroutine's units; a send that calls the outside world goes through
   `Governor.dispatch_async` (claim and calls in the action threads), the run's write queued
   ahead of it. No threads of the runner's own. A cancelled start_async / resume_async /

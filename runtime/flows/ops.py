@@ -33,8 +33,8 @@ class _Send:
     emit: Emit
     phase: Literal["do", "undo"]
     status: FlowStatus
-    # The last step (or compensation): its outcome and the run's end are recorded in the
-    # commit of its dispatch (where the driver can), and the answer is then _SETTLED.
+    # The plan's last step (or compensation): the commit that records its outcome (that of
+    # its dispatch, where the driver can: the answer is then _SETTLED) ends the run.
     settle: bool = False
 
 
@@ -49,4 +49,4 @@ class _Branches:
 _Op = _Write | _Send | _Branches
 _Plan = Generator[_Op, Any, None]
 _TIMED_OUT = ("timed_out", "no reply within the fanout's deadline")
-_SETTLED = ("settled", None)  # a settling _Send's answer when its commit recorded everything
+_SETTLED = ("settled", None)  # a _Send's answer when its commit recorded its outcome too

@@ -13,7 +13,12 @@ from functools import partial
 from typing import Any, Literal, cast
 
 from ..dispatch import Governor
-from ..errors import InstanceExists, PayloadEncodingError, UnknownInstance
+from ..errors import (
+    ConcurrentUpdateDetected,
+    InstanceExists,
+    PayloadEncodingError,
+    UnknownInstance,
+)
 from ..ledger import EntryData, payload_digest
 from ..results import DispatchResult, _dumps, derive_event_id, derive_event_ids
 from ..runtime import Runtime
@@ -162,24 +167,97 @@ class _StepRunner:
         wake_ms: int | None,
     ) -> FlowRecord:
         """Write the run's record over `before` (version-checked) and seal its entries."""
-        runtime = self.runtime
-        flow_id, flow, actor = before.flow_id, before.flow, self.actor
-        now = runtime.clock.now_ms()
+        now = self.runtime.clock.now_ms()
         record = FlowRecord(
-            flow_id, flow, before.instance, status, before.version + 1, text, now, wake_ms
+            before.flow_id,
+            before.flow,
+            before.instance,
+            status,
+            before.version + 1,
+            text,
+            now,
+            wake_ms,
         )
         txn.save_flow(record, before.version)
-        if runtime.sealer is not None:
-            ids = derive_event_ids(("flow", flow_id, before.version + 1), len(entries))
-            for (event, step, detail, to_state), event_id in zip(entries, ids, strict=True):
-                digest = _detail_digest(detail)
-                chain.append(
-                    txn,
-                    EntryData(
-                        now, "flow", flow, flow_id, step, to_state, event, actor, event_id, digest
-                    ),
-                )
+        self._seal_entries(txn, chain, record, entries, 0)
         return record
+
+    def _seal_entries(
+        self,
+        txn: Transaction,
+        chain: _Chain,
+        record: FlowRecord,
+        entries: Sequence[_Entry],
+        first: int,
+    ) -> None:
+        """Seal the entries of the write of `record` (its version, its time), numbered from
+        `first` among that write's entries (each one's event id says which)."""
+        if self.runtime.sealer is None or not entries:
+            return
+        flow_id, flow, actor, now = record.flow_id, record.flow, self.actor, record.updated_ms
+        parts = ("flow", flow_id, record.version)
+        if first:
+            ids = [derive_event_id(*parts, first + i) for i in range(len(entries))]
+        else:
+            ids = derive_event_ids(parts, len(entries))
+        for (event, step, detail, to_state), event_id in zip(entries, ids, strict=True):
+            digest = _detail_digest(detail)
+            data = (now, "flow", flow, flow_id, step, to_state, event, actor, event_id, digest)
+            chain.append(txn, EntryData(*data))
+
+    def _recording(
+        self, run: _Run, op: _Send, unit: Callable[[Transaction, _Chain], object]
+    ) -> Callable[[Transaction, _Chain], FlowRecord]:
+        """A send as one unit of work, where its dispatch commits in the run's transaction:
+        the run's pending notes, the dispatch `unit`, then the send's outcome and the run's
+        status after it (`_settled`: for the plan's last send, how the run ends), and the
+        run's record, written once, version-checked, over the one the send started from.
+        Either failing rolls the whole unit back: a dispatch that raises raises _Unrecorded
+        (the driver writes the notes then, `_unrecorded`); a run that another driver wrote
+        meanwhile raises _Moved (the driver commits the dispatch on its own then, as it
+        would beside the run's failed write, and reads the run again)."""
+        before = run.record
+        pending = run.pending
+        run.pending = []
+
+        def work(txn: Transaction, chain: _Chain) -> FlowRecord:
+            # The record's time and version, for the entries sealed before it is written.
+            now = self.runtime.clock.now_ms()
+            fields = (before.flow_id, before.flow, before.instance)
+            started = FlowRecord(*fields, before.status, before.version + 1, "", now)
+            self._seal_entries(txn, chain, started, pending, 0)
+            try:
+                value = unit(txn, chain)
+            except Exception as error:
+                raise _Unrecorded(error, pending) from error
+            rejected = getattr(value, "error", None)  # the dispatch's _Rejected
+            status, entries, wake = _settled(run, op, _step_outcome(rejected or value), now)
+            self._seal_entries(txn, chain, started, entries, len(pending))
+            text = _dumps(run.data)
+            record = FlowRecord(*fields, status, before.version + 1, text, now, wake)
+            try:
+                txn.save_flow(record, before.version)
+            except ConcurrentUpdateDetected as moved:
+                raise _Moved(moved) from moved
+            return record
+
+        return work
+
+    def _unrecorded(
+        self, run: _Run, op: _Send, unrecorded: _Unrecorded
+    ) -> Callable[[Transaction, _Chain], FlowRecord]:
+        """After a `_recording` unit's dispatch raised (nothing of the unit is stored): the
+        write that stores what a batch of the run's write and the dispatch as units of their
+        own would have (the dispatch's rolled back): the pending notes, and, when the error
+        is the step's failure (`_OUTCOMES`), its outcome (`_settled`)."""
+        error = unrecorded.error
+        run.pending = [*unrecorded.pending, *run.pending]
+        if not isinstance(error, _OUTCOMES):
+            return self._write_work(run, op.status, [], None)
+        now = self.runtime.clock.now_ms()
+        status, entries, wake = _settled(run, op, _step_outcome(error), now)
+        run.pending += entries
+        return self._write_work(run, status, [], wake)
 
     def _settling(
         self,
@@ -285,3 +363,22 @@ def _payload(
         else:
             payload[arg.field] = run.spec.name
     return payload
+
+
+class _Unrecorded(Exception):
+    """A `_recording` unit's dispatch raised `error`: the unit (`pending`, the run's notes
+    it was to write, included) is rolled back."""
+
+    def __init__(self, error: Exception, pending: list[_Entry]) -> None:
+        super().__init__(error)
+        self.error = error
+        self.pending = pending
+
+
+class _Moved(Exception):
+    """A `_recording` unit found its run written by another driver meanwhile (`error`, R020
+    on the run): the unit is rolled back."""
+
+    def __init__(self, error: ConcurrentUpdateDetected) -> None:
+        super().__init__(error)
+        self.error = error

@@ -3,22 +3,33 @@ through the runtime's batches (`Runtime._submit_many`), a send and its run's wri
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION
 from concurrent.futures import wait as wait_futures
 from typing import Any, cast
 
 from ..dispatch import Governor
+from ..errors import UnknownInstance
 from ..preflight import lets_go
 from ..resilience.claims import Release
 from ..sealing import _Chain
 from ..store.base import FlowStatus, Transaction
 from ..tables import FlowStepSpec
 from .fanin import _FanIn, _late_fold, _late_work, _poll_s
-from .ops import _Branches, _Send, _Write
+from .ops import _SETTLED, _Branches, _Send, _Write
 from .plan import _plan
-from .run import _STEP_FAILURES, FlowResult, StepFailed, _Note, _result, _Run, _step_outcome
-from .steps import _batch_answer, _StepRunner
+from .run import (
+    _OUTCOMES,
+    _STEP_FAILURES,
+    FlowResult,
+    StepFailed,
+    _Note,
+    _result,
+    _Run,
+    _step_outcome,
+)
+from .steps import _batch_answer, _Moved, _StepRunner, _Unrecorded
 
 
 class _SyncDriver(_StepRunner):
@@ -41,9 +52,9 @@ class _SyncDriver(_StepRunner):
                 answer = self._branches(run, op)
 
     def _send(self, run: _Run, op: _Send) -> tuple[str, Any]:
-        """A send (or compensation) and the run's pending notes in one commit: the flow's
-        write and the dispatch are two units of one batch (each atomic on its own); the last
-        one's batch has a third unit, its result and the run's end (`_settling`)."""
+        """A send (or compensation) and the run's pending notes in one commit: one unit of
+        work with its outcome (`_recording`; the answer is then _SETTLED), or, on the memory
+        store or across ledger partitions, a batch of units of their own (`_send_units`)."""
         try:
             self._hook(run, op.step, op.phase)
             governor, target, payload, event_id = self._receiver(run, op.step, op.emit, op.phase)
@@ -80,10 +91,57 @@ class _SyncDriver(_StepRunner):
         release: Release | None = None,
     ) -> tuple[str, Any]:
         """The rest of `_send`, once its dispatch's outside actions ran (see there), with the
-        release of their claim (let go as soon as the batch has committed or failed)."""
-        # One batch: the run's write (its pending notes), the dispatch, and for the last step
-        # the unit that records its outcome and the run's end. A partitioned store commits
-        # the run's units in the partition of its run id, the dispatch in its receiver's.
+        release of their claim (let go as soon as the send's commit is done or failed)."""
+        runtime = self.runtime
+        mine = runtime._partition_of(run.record.flow_id)
+        if runtime._memory is not None or runtime._partition_of(target) != mine:
+            return self._send_units(run, op, governor, target, payload, event_id, unit, release)
+        # One unit: the run's write, the dispatch, and the send's outcome (`_recording`).
+        try:
+            run.record = runtime._submit(self._recording(run, op, unit), mine)
+        except _Moved as moved:
+            committed = False
+            with contextlib.suppress(Exception):
+                runtime._submit(unit, mine)  # its outcome is the other driver's to record
+                committed = lets_go(unit)
+            if release is not None:
+                release(committed=committed)
+            raise moved.error from None
+        except _Unrecorded as unrecorded:
+            if release is not None:
+                release()
+            run.record = runtime._submit(self._unrecorded(run, op, unrecorded), mine)
+            error = unrecorded.error
+            if isinstance(error, _OUTCOMES):
+                return _SETTLED
+            if not isinstance(error, UnknownInstance):
+                raise error from None
+            return self._first_event(run, op, governor, target, payload, event_id)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        if release is not None:
+            # Its commit let go of the claim in the store (preflight.lets_go).
+            release(committed=lets_go(unit))
+        return _SETTLED
+
+    def _send_units(
+        self,
+        run: _Run,
+        op: _Send,
+        governor: Governor,
+        target: str,
+        payload: dict[str, Any],
+        event_id: str,
+        unit: Callable[[Transaction, _Chain], object],
+        release: Release | None,
+    ) -> tuple[str, Any]:
+        """`_send_prepared` on the memory store, or with the dispatch in another ledger
+        partition than the run: the run's write and the dispatch as two units of one batch
+        (each atomic on its own); the last one's batch has a third unit, its result and the
+        run's end (`_settling`). A partitioned store commits the run's units in the
+        partition of its run id, the dispatch in its receiver's."""
         runtime = self.runtime
         works = self._batch_works(run, op, unit)
         mine = runtime._partition_of(run.record.flow_id)
@@ -100,7 +158,19 @@ class _SyncDriver(_StepRunner):
         answer = _batch_answer(run, outcomes)
         if answer is not None:
             return answer
-        try:  # the receiver's first event
+        return self._first_event(run, op, governor, target, payload, event_id)
+
+    def _first_event(
+        self,
+        run: _Run,
+        op: _Send,
+        governor: Governor,
+        target: str,
+        payload: dict[str, Any],
+        event_id: str,
+    ) -> tuple[str, Any]:
+        """The send's dispatch when its receiver does not exist yet: created, then sent."""
+        try:
             result = self._dispatch(governor, target, op.emit.event, payload, event_id)
         except _STEP_FAILURES as failed:
             return _step_outcome(failed)
