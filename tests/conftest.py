@@ -3,8 +3,8 @@
 AUTONOMIC_TEST_POSTGRES=postgresql://...  use that server (each test gets a schema of its own,
                                           dropped afterwards)
 AUTONOMIC_TEST_POSTGRES=start             initdb and start a throwaway cluster in a temporary
-                                          folder for the session (Debian: apt-get install
-                                          postgresql), stopped at the end
+                                          folder for the session of each test worker (Debian:
+                                          apt-get install postgresql), stopped at the end
 unset                                     the PostgreSQL cases skip, saying this; under CI=true
                                           a throwaway cluster is started as with `start`, and
                                           if none can be, they fail: CI cannot pass without them
