@@ -5,7 +5,6 @@ leased to it); another worker takes the notice over and delivers it exactly once
 
 from __future__ import annotations
 
-import select
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from autonomic.runtime.keys import generate_keypair, load_signer, now_ms
 from autonomic.runtime.timers import VirtualClock
 from conftest import Stores
 from flow_world import marketplace
+from pipe_lines import PipeLines
 from test_flows import active_customer
 from test_refusal_notices import DOWNGRADE
 
@@ -24,7 +24,8 @@ TESTS = Path(__file__).parent
 CUSTOMER = "down-kill"
 
 
-def worker(location: str, keys: Path, app: str) -> subprocess.Popen[str]:
+def worker(location: str, keys: Path, app: str) -> tuple[subprocess.Popen[str], PipeLines]:
+    """An `autonomic worker` process running `app`, loaded; and its output's lines."""
     process = subprocess.Popen(
         [
             *(str(AUTONOMIC), "worker", "--store", location, "--keys", str(keys)),
@@ -35,9 +36,10 @@ def worker(location: str, keys: Path, app: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert process.stdout is not None
-    assert process.stdout.readline().startswith("worker on "), process.stderr
-    return process
+    lines = PipeLines(process.stdout)
+    first = lines.line(60, "the worker")
+    assert first is not None and first.startswith("worker on "), process.stderr
+    return process, lines
 
 
 def test_a_released_notice_whose_worker_was_killed_is_delivered_once(
@@ -55,12 +57,9 @@ def test_a_released_notice_whose_worker_was_killed_is_delivered_once(
         runtime.governor("Subscription").dispatch(CUSTOMER, "DowngradeRequested", request)
     location = stores.location()
 
-    victim = worker(location, keys, "notice_worker:victim")
+    victim, said = worker(location, keys, "notice_worker:victim")
     try:
-        assert victim.stdout is not None
-        said, _, _ = select.select([victim.stdout], [], [], 60)
-        assert said, "the victim released no notice in 60 s"
-        line = victim.stdout.readline().split()
+        line = (said.line(60, "the victim") or "").split()
         assert line[:1] == ["released"], victim.stderr
         event_id = line[1]
         notice = f"SELECT status, event FROM outbox WHERE event_id = '{event_id}'"
@@ -72,7 +71,7 @@ def test_a_released_notice_whose_worker_was_killed_is_delivered_once(
         victim.kill()  # SIGKILL, stopped where it released the notice
         victim.communicate(timeout=30)
 
-    survivor = worker(location, keys, "notice_worker:load")
+    survivor, survivor_said = worker(location, keys, "notice_worker:load")
     try:
         for _ in range(1200):  # until delivered: on PostgreSQL, once the victim's lease ran out
             if stores.rows("s", notice)[0][0] != "pending":
@@ -83,7 +82,7 @@ def test_a_released_notice_whose_worker_was_killed_is_delivered_once(
         survivor.send_signal(signal.SIGTERM)
         out, err = survivor.communicate(timeout=30)
     assert survivor.returncode == 0, err
-    assert "worker stopped:" in out
+    assert "worker stopped:" in survivor_said.unread() + out
     assert stores.rows("s", notice) == [("delivered", "TierChangeFailed")]
 
     told = stores.rows(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from billing_world import CHARGE, START, Processor, open_billing
 from conftest import Stores
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flow_world import marketplace
+from pipe_lines import PipeLines
 from test_flows import active_customer, capture_proration, upgrade_inputs
 
 WORKER = Path(__file__).with_name("claim_worker.py")
@@ -123,15 +123,12 @@ class Dispatcher:
             stderr=subprocess.PIPE,
             text=True,
         )
+        self.out = PipeLines(self.process.stdout)
         assert self.line() == "ready"
 
     def line(self) -> str:
-        stdout = self.process.stdout
-        assert stdout is not None
-        ready, _, _ = select.select([stdout], [], [], 60)
-        assert ready, "the dispatcher said nothing for 60 s"
-        text = stdout.readline().strip()
-        if not text:
+        text = self.out.line(60, "the dispatcher")
+        if text is None:
             self.process.wait(30)
             stderr = self.process.stderr.read() if self.process.stderr else ""
             raise AssertionError(f"the dispatcher ended: {stderr}")
@@ -166,10 +163,7 @@ class Dispatcher:
 
     def quiet(self, seconds: float) -> bool:
         """Whether the process says nothing within `seconds` (a poll, not a measurement)."""
-        stdout = self.process.stdout
-        assert stdout is not None
-        ready, _, _ = select.select([stdout], [], [], seconds)
-        return not ready
+        return not self.out.ready(seconds)
 
     def kill(self) -> None:
         if self.process.poll() is None:
