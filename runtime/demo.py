@@ -770,11 +770,12 @@ def _scenario(
     say.say("== refund: the cancellation saga again (a new request): refund paid out, archived")
     cancel = {**cancel, "request_id": f"cancel-{customer}-2"}
     _flow(say, runner.start("SubscriptionCancellation", customer, cancel), runtime)
+    # The outbox goes first, as a worker delivers it: Billing closes once the refund is paid.
+    _deliver(runtime, say)
     refunded = {"refund_id": f"rf-{customer}", "amount": "49.50"}
     say.result(
         billing.dispatch(customer, "RefundSucceeded", refunded, "processor"), "RefundSucceeded"
     )
-    _deliver(runtime, say)
     _states(runtime, say, "Subscription", "Billing", "Entitlement", "QuotaSla")
 
     say.say("== an event the revoked entitlement does not accept")

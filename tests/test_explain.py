@@ -103,14 +103,17 @@ def test_check_explain_command() -> None:
         "ends within 8d 19h if every attempt fails "
         "(1h + 1h attempt + 3h + 1h attempt + 1d + 1h attempt + 7d + 12h attempt)"
     ) in out
-    assert "ProrationPending         within 1h reaches Current" in out
+    assert "ProrationPending           within 1h reaches Current" in out
     # A charge or refund the processor never answers counts as failed after 1h, the collection
-    # agency's silence after 12h: no stall.
-    assert "AwaitingPayment          within 8d 20h reaches MaxRetriesExceeded" in out
-    assert "Refunding                within 10h reaches RefundManualReview" in out
+    # agency's silence after 12h: no stall. The cancellation saga's refund is retried, never
+    # voided, and so is a refund owed while the account closes.
+    assert "AwaitingPayment            within 8d 20h reaches MaxRetriesExceeded" in out
+    assert "Refunding                  within 10h reaches RefundManualReview" in out
+    assert "CancellationRefunding      within 10h reaches RefundManualReview" in out
+    assert "ClosingRefunding           within 10h reaches ClosingRefundManualReview" in out
     assert (
         "only an outside event can leave: Current, MaxRetriesExceeded, "
-        "Reconciling, Disputed, RefundDisputed, RefundManualReview\n"
+        "Reconciling, Disputed, RefundDisputed, RefundManualReview, ClosingRefundManualReview\n"
     ) in out
 
 

@@ -288,8 +288,13 @@ def test_cancellation_saga_compensates_in_reverse(
         assert result.status == "completed"
         assert result.values == {"calculate_refund": "15.00"}
         assert state(runtime, "Subscription", customer) == "Cancelled"
+        # A worker delivers the saga's outbox before the processor answers the refund.
         runtime.deliver_outbox()
+        assert runtime.store.outbox(kind="event", status="failed") == []
         assert state(runtime, "Entitlement", customer) == "Revoked"
+        assert state(runtime, "Billing", customer) == "ClosingRefunding"  # the refund owed
+        _billing("RefundSucceeded", owner=False, refund_id="rf", amount="15.00")(runtime, customer)
+        assert state(runtime, "Billing", customer) == "Closed"
         return
     done = CANCEL_STEPS[: CANCEL_STEPS.index(failing)]
     # The pure step has nothing to undo; the others are undone newest first.
@@ -299,6 +304,36 @@ def test_cancellation_saga_compensates_in_reverse(
     assert state(runtime, "Subscription", customer) == "Active"
     assert state(runtime, "Entitlement", customer) == "Active"
     assert state(runtime, "Billing", customer) == "Current"
+
+
+@pytest.mark.parametrize("outbox_late", [False, True])
+def test_a_cancellation_refund_left_unanswered_is_retried_and_the_account_closes(
+    world: tuple[Runtime, FlowRunner, Any, Injector], outbox_late: bool
+) -> None:
+    """The saga reports its refund issued: a processor silent for hours never voids it. The
+    refund goes through the retry ladder; the subscription's end (delivered before the first
+    hour is up, or after it) moves it to the closing ladder, and the refund paid closes the
+    account."""
+    runtime, runner, bindings, _ = world
+    customer = f"silent-{outbox_late}"
+    active_customer(runtime, runner, customer)
+    inputs = {"customer_id": customer, "request_id": f"cx-{customer}", "reason": "bye"}
+    assert runner.start("SubscriptionCancellation", customer, inputs).status == "completed"
+    if not outbox_late:
+        runtime.deliver_outbox()
+    _hours(1)(runtime, customer)
+    expected = "ClosingRefundRetry1" if not outbox_late else "RefundRetry1"
+    assert state(runtime, "Billing", customer) == expected
+    runtime.deliver_outbox()
+    assert runtime.store.outbox(kind="event", status="failed") == []
+    assert state(runtime, "Billing", customer) == "ClosingRefundRetry1"
+    _hours(1)(runtime, customer)  # the ladder's first retry
+    assert state(runtime, "Billing", customer) == "ClosingRefundRetry1Paying"
+    assert bindings.calls["Billing.retry_refund"] == 1
+    _billing("RefundSucceeded", owner=False, refund_id="rf", amount="15.00")(runtime, customer)
+    assert state(runtime, "Billing", customer) == "Closed"
+    assert bindings.calls["Billing.void_refund"] == 0
+    assert bindings.calls["Billing.record_refund"] == 1
 
 
 @pytest.mark.parametrize(("failing", "commits"), [(None, 3), ("archive_subscription", 4)])
@@ -626,6 +661,10 @@ _REFUND_FAILED = _billing("RefundFailed", owner=False, reason="processor down")
 _LADDER = (_DECLINED, _hours(1), _DECLINED, _hours(3), _DECLINED, _hours(24), _DECLINED)
 _REFUND_LADDER = (_REFUND_FAILED, _hours(1), _REFUND_FAILED, _hours(6), _REFUND_FAILED)
 _DISPUTE = _billing("PaymentDisputed", transaction_id="t0", amount="30", reason="chargeback")
+_CLOSING = (
+    _billing("IssueCancellationRefund", idempotency_key="c"),
+    _billing("CloseAccount", reason="cancelled"),
+)
 
 # How each Billing state is reached with real events and timers: from a renewal charge awaiting
 # the processor ("charged") or from a paid-up account ("current").
@@ -669,6 +708,12 @@ BILLING_PATHS: dict[str, tuple[str, tuple[Callable[[Runtime, str], None], ...]]]
         (_billing("RefundRequested", reason="r"), *_REFUND_LADDER[:4]),
     ),
     "RefundManualReview": ("current", (_billing("RefundRequested", reason="r"), *_REFUND_LADDER)),
+    "ClosingRefunding": ("current", _CLOSING),
+    "ClosingRefundRetry1": ("current", (*_CLOSING, *_REFUND_LADDER[:1])),
+    "ClosingRefundRetry1Paying": ("current", (*_CLOSING, *_REFUND_LADDER[:2])),
+    "ClosingRefundRetry2": ("current", (*_CLOSING, *_REFUND_LADDER[:3])),
+    "ClosingRefundRetry2Paying": ("current", (*_CLOSING, *_REFUND_LADDER[:4])),
+    "ClosingRefundManualReview": ("current", (*_CLOSING, *_REFUND_LADDER)),
     "Disputed": ("current", (_DISPUTE,)),
     "RefundDisputed": (
         "current",
