@@ -48,8 +48,9 @@ def marketplace(
     snapshot_every: int = 100,
     claim_lease_ms: int = DEFAULT_CLAIM_LEASE_MS,
     actions: Mapping[str, Mapping[str, Callable[..., Any]]] | None = None,
+    guards: Mapping[str, Mapping[str, Callable[..., bool]]] | None = None,
 ) -> tuple[Runtime, FlowRunner, _Bindings]:
-    """`actions`: machine -> action name -> a function that replaces the demo's."""
+    """`actions`, `guards`: machine -> name -> a function that replaces the demo's."""
     signer = signer or Signer.from_private_key(Ed25519PrivateKey.generate())
     runtime = Runtime(
         store,
@@ -58,7 +59,7 @@ def marketplace(
         snapshot_every=snapshot_every,
         claim_lease_ms=claim_lease_ms,
     )
-    runner, bindings = load_world(runtime, before_step=before_step, actions=actions)
+    runner, bindings = load_world(runtime, before_step=before_step, actions=actions, guards=guards)
     return runtime, runner, bindings
 
 
@@ -67,14 +68,16 @@ def load_world(
     *,
     before_step: Callable[[StepContext], None] | None = None,
     actions: Mapping[str, Mapping[str, Callable[..., Any]]] | None = None,
+    guards: Mapping[str, Mapping[str, Callable[..., bool]]] | None = None,
 ) -> tuple[FlowRunner, _Bindings]:
     """Load the seven governors (the demo's bindings) into `runtime`; the flows' runner."""
     bindings = _Bindings(_Payments())
     for module in MODULES:
         spec = importlib.import_module(f"autonomic.generated.{module}").MACHINE
-        guards, bound = bindings.of(spec)
+        bound_guards, bound = bindings.of(spec)
+        bound_guards.update((guards or {}).get(spec.name, {}))
         bound.update((actions or {}).get(spec.name, {}))
-        runtime.load(spec, guards, bound)
+        runtime.load(spec, bound_guards, bound)
     runner = FlowRunner(
         runtime,
         flow_specs(),

@@ -306,6 +306,81 @@ def test_cancellation_saga_compensates_in_reverse(
     assert state(runtime, "Billing", customer) == "Current"
 
 
+@pytest.mark.parametrize("before", ["Active", "Degraded", "Grace", "Suspended"])
+def test_a_compensated_cancellation_puts_the_entitlement_back_as_it_was(
+    tmp_path: Path, before: str
+) -> None:
+    """RestoreEntitlements undoes the suspension: a Degraded tenant comes back Degraded (not
+    with full features), one in Grace to Grace; a suspended one was never switched on and
+    stays Suspended."""
+    injector = Injector()
+    severe = {"Entitlement": {"contention_is_severe": lambda ctx: True}}
+    store = SQLiteStore(tmp_path / "m.db")
+    runtime, runner, bindings = marketplace(store, before_step=injector, guards=severe)
+    with runtime:
+        customer = f"was-{before}"
+        active_customer(runtime, runner, customer)
+        entitlement = runtime.governor("Entitlement")
+        if before == "Degraded":
+            contention = {"tenant_id": customer, "resource": "cpu", "severity": "high"}
+            entitlement.dispatch(customer, "TenantContention", contention)
+        elif before == "Grace":
+            entitlement.dispatch(customer, "PaymentOverdue", {"customer_id": customer})
+        elif before == "Suspended":
+            entitlement.dispatch(customer, "Suspend", {"reason": "operator"})
+        assert state(runtime, "Entitlement", customer) == before
+        injector.target = (customer, "SubscriptionCancellation", "archive_subscription", "do")
+        inputs = {"customer_id": customer, "request_id": f"cx-{customer}", "reason": "bye"}
+        result = runner.start("SubscriptionCancellation", customer, inputs)
+        assert result.status == "compensated"
+        assert undone(runtime, result) == ["suspend_entitlements", "issue_refund"]
+        assert state(runtime, "Entitlement", customer) == before
+        assert bindings.calls["Entitlement.enable_access"] == (before in ("Active", "Grace"))
+        assert bindings.calls["Entitlement.enable_reduced_access"] == (before == "Degraded")
+
+
+@pytest.mark.parametrize("billing", ["Retry3", "MaxRetriesExceeded"])
+@pytest.mark.parametrize("archived", [True, False])
+def test_a_customer_whose_renewal_failed_cancels_with_nothing_refunded(
+    world: tuple[Runtime, FlowRunner, Any, Injector], billing: str, archived: bool
+) -> None:
+    """An unpaid period has nothing to refund: Billing on its retry ladder (or past it) takes
+    the saga's refund as nothing to pay, the ladder runs on, and CloseAccount writes the
+    balance off. Compensated, nothing is reversed and the ladder is where it was."""
+    runtime, runner, bindings, injector = world
+    customer = f"unpaid-{billing}-{archived}"
+    billing_in(runtime, runner, customer, billing)
+    runtime.governor("Entitlement").dispatch(customer, "PaymentOverdue", {"customer_id": customer})
+    runtime.deliver_outbox()  # the ladder's end, if it came: RenewalFailed, Suspend
+    subscription = state(runtime, "Subscription", customer)
+    entitlement = state(runtime, "Entitlement", customer)
+    assert (subscription, entitlement) == (
+        ("PastDue", "Grace") if billing == "Retry3" else ("Suspended", "Suspended")
+    )
+    if not archived:
+        injector.target = (customer, "SubscriptionCancellation", "archive_subscription", "do")
+    before = dict(bindings.calls)
+    inputs = {"customer_id": customer, "request_id": f"cx-{customer}", "reason": "bye"}
+    result = runner.start("SubscriptionCancellation", customer, inputs)
+    runtime.deliver_outbox()
+    assert runtime.store.outbox(kind="event", status="failed") == []
+    calls = {k: v - before.get(k, 0) for k, v in bindings.calls.items() if v != before.get(k, 0)}
+    assert "Billing.submit_refund" not in calls
+    assert "Billing.void_refund" not in calls
+    if archived:
+        assert result.status == "completed"
+        assert state(runtime, "Subscription", customer) == "Cancelled"
+        assert state(runtime, "Billing", customer) == "Closed"
+        assert calls["Billing.write_off_balance"] == 1
+        assert state(runtime, "Entitlement", customer) == "Revoked"
+    else:
+        assert result.status == "compensated"
+        assert undone(runtime, result) == ["suspend_entitlements", "issue_refund"]
+        assert state(runtime, "Subscription", customer) == subscription
+        assert state(runtime, "Billing", customer) == billing
+        assert state(runtime, "Entitlement", customer) == entitlement
+
+
 @pytest.mark.parametrize("outbox_late", [False, True])
 def test_a_cancellation_refund_left_unanswered_is_retried_and_the_account_closes(
     world: tuple[Runtime, FlowRunner, Any, Injector], outbox_late: bool
