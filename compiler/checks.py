@@ -1781,6 +1781,36 @@ def check_policy_fallbacks(facts: MachineFacts) -> Iterator[Diagnostic]:
                 )
 
 
+def check_fallback_spelling(facts: MachineFacts) -> Iterator[Diagnostic]:
+    """W209: a fallback that no transition runs is normal (the backup's own action, bound at
+    load), but one a letter or two from an action the machine does run, or from another
+    policy's fallback, is most likely a misspelling of it."""
+    fallbacks = [
+        (policy, clause.action)
+        for policy in facts.machine.policies
+        for clause in policy.clauses
+        if isinstance(clause, PolicyFallback)
+    ]
+    if not fallbacks:
+        return
+    ran = {name.value for name in run_actions(facts.machine)}
+    for policy, action in fallbacks:
+        if action.value in ran:
+            continue
+        # Close, not merely similar: `submit_charge_backup` beside `submit_charge` is a backup.
+        known = ran | {other.value for _, other in fallbacks if other.value != action.value}
+        close = difflib.get_close_matches(action.value, sorted(known), n=1, cutoff=0.9)
+        if close:
+            yield fail(
+                "W209",
+                f"policy '{policy.name.value}' falls back to '{action.value}', which the "
+                f"machine never runs; '{close[0]}' is one it knows",
+                action.span,
+                f"did you mean '{close[0]}'? (a backup of its own is bound when the machine is "
+                "loaded: a binding missing for it is R011)",
+            )
+
+
 # ---------------------------------------------------------------- running the rules
 
 MachineRule = Callable[[MachineFacts], Iterable[Diagnostic]]
@@ -1824,6 +1854,7 @@ MACHINE_RULES: tuple[MachineRule, ...] = (
     check_policy_values,
     check_policy_clauses,
     check_policy_fallbacks,
+    check_fallback_spelling,
     check_data_fields,
     check_keeps,
     check_emit_targets,

@@ -93,6 +93,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "E121": (Severity.ERROR, "escalation step deadline overruns the next step"),
     "E122": (Severity.ERROR, "invalid ladder end or step state"),
     "E123": (Severity.ERROR, "a state refuses an event the machine always accepts"),
+    "E124": (Severity.ERROR, "duration longer than 100 years"),
     "E130": (Severity.ERROR, "name is not usable in generated code"),
     "E131": (Severity.ERROR, "names collide in generated code"),
     "E140": (Severity.ERROR, "emitted event does not exist"),
@@ -129,6 +130,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "W206": (Severity.WARNING, "machine name does not match its file name"),
     "W207": (Severity.WARNING, "folder holds no machine files"),
     "W208": (Severity.WARNING, "timer can never fire"),
+    "W209": (Severity.WARNING, "policy fallback looks like a misspelt action"),
 }
 
 

@@ -179,6 +179,13 @@ _HELP: dict[str, tuple[str, str]] = {
         "has no row for it and does not ignore it: the event would be refused there.",
         "Add `on Event -> ...` or `ignore Event` to the state, or list the state after `except`.",
     ),
+    "E124": (
+        "A duration (a timer, a ladder step or deadline, a flow's wait or fan-out deadline, a "
+        "policy's cool-down or `max`, a setting's bounds) is longer than 36500d, 100 years. The "
+        "runtime keeps times as 64-bit milliseconds, and sums and repeats of durations must fit "
+        "there too.",
+        "Write at most `36500d`; a timer that should never fire is no timer: leave it out.",
+    ),
     "E130": (
         "A name cannot stand in generated Python code (not an ASCII identifier, a keyword, or "
         "an attribute of the generated types).",
@@ -299,6 +306,13 @@ _HELP: dict[str, tuple[str, str]] = {
         "A timer can never fire: a shorter timer of the same state that moves out of it always "
         "fires first.",
         "Shorten the timer below the one that wins, or lengthen or remove that one.",
+    ),
+    "W209": (
+        "A policy's `fallback` names an action that no transition, timer or ladder runs (a "
+        "backup's own action, which is normal) but whose name is within a letter or two of an "
+        "action the machine does run, or of another policy's fallback: most likely a typo, "
+        "which would otherwise surface only when the machine is loaded (R011).",
+        "Correct the name, or name the backup's action distinctly (`charge_backup_processor`).",
     ),
     "E144": (
         "`after event.FIELD` takes its delay from the event that entered the state, but an "

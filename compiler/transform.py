@@ -16,6 +16,12 @@ from .model import construct, construct_name, construct_span
 _UNITS = {"w": 604_800_000, "d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
 _UNIT_ORDER = {unit: rank for rank, unit in enumerate(_UNITS)}
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d|w)")
+# The longest duration a machine or flow may write: 100 years. The runtime keeps instants and
+# delays as milliseconds in 64-bit integers (SQLite INTEGER, PostgreSQL BIGINT), and a timer is
+# due at now plus sums and multiples of durations (ladder steps, up to 10000 repeats): 100
+# years leaves room for all of them, and no deadline of a business process is longer.
+MAX_DURATION_DAYS = 36_500
+MAX_DURATION_MS = MAX_DURATION_DAYS * _UNITS["d"]
 _ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t"}
 _CODE = re.compile(r"[EW][0-9]{3}")
 
@@ -211,6 +217,16 @@ class ModelBuilder:
                 )
                 break
             rank = _UNIT_ORDER[unit]
+        if millis > MAX_DURATION_MS:
+            self.diagnostics.append(
+                fail(
+                    "E124",
+                    f"duration '{text}' is longer than {MAX_DURATION_DAYS}d (100 years)",
+                    span,
+                    f"write at most {MAX_DURATION_DAYS}d: times are 64-bit milliseconds; a "
+                    "timer that should never fire is no timer, leave it out",
+                )
+            )
         return construct(m.Duration, span=span, millis=millis, text=text)
 
     def number(self, text: str, line: int, column: int) -> m.EmitValue:

@@ -747,3 +747,82 @@ def test_always_accept_finds_a_charge_state_without_a_dispute_row(tmp_path: Path
     (found,) = check_paths([tmp_path]).diagnostics
     assert (found.code, found.span.line) == ("E123", text[:start].count("\n") + 1)
     assert "'Retry2Charging' neither handles nor ignores 'PaymentDisputed'" in found.message
+
+
+@pytest.mark.parametrize(
+    ("file", "written", "duration"),
+    [
+        ("billing.fsm", "after 1h -> RefundRetry1", "99999999999999999999d"),
+        ("flows.fsm", "within 30s quorum", "36501d"),
+        ("billing.fsm", "cooldown 1m", "9999999999999w"),
+    ],
+)
+def test_a_duration_beyond_100_years_is_reported_not_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, file: str, written: str, duration: str
+) -> None:
+    """A timer, a fan-out deadline or a cool-down too long for the runtime's 64-bit
+    milliseconds is E124 at its position; `build` writes nothing (it used to generate it, and
+    the first dispatch into the state died with OverflowError)."""
+    from autonomic.compiler.cli import main
+
+    machines = tmp_path / "machines"
+    machines.mkdir()
+    for source in (REPO / "machines").glob("*.fsm"):
+        (machines / source.name).write_bytes(source.read_bytes())
+    path = machines / file
+    text = path.read_text(encoding="utf-8")
+    keyword, _, *rest = written.split(" ")
+    at = text.index(written) + len(keyword) + 1
+    path.write_text(text.replace(written, " ".join([keyword, duration, *rest]), 1), "utf-8")
+    line = text.count("\n", 0, at) + 1
+    column = at - text.rfind("\n", 0, at)
+    report = check_paths([machines])
+    assert findings(report.diagnostics) == [("E124", line, column)]
+    assert main(["build", str(machines), "--out", str(tmp_path / "gen"), "--no-svg"]) == 1
+    out = capsys.readouterr()
+    assert f"{path}:{line}:{column}: E124" in out.out + out.err
+    assert not (tmp_path / "gen" / "billing.py").exists()
+
+
+def test_a_misspelt_fallback_is_named_at_check_or_at_load(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """W209: a fallback a letter from an action the machine runs is named at check time with
+    a did-you-mean; a backup named after the call it backs is not. A misspelling of a backup
+    that nothing in the machine names (the only place the right name is written is the
+    bindings) is named when the machine is loaded: R011, with the bound name to use."""
+    from autonomic.compiler.cli import main
+    from autonomic.runtime.errors import BindingError
+    from autonomic.runtime.runtime import Runtime
+    from autonomic.runtime.simulate import load_machine
+
+    machines = tmp_path / "machines"
+    machines.mkdir()
+    for source in (REPO / "machines").glob("*.fsm"):
+        (machines / source.name).write_bytes(source.read_bytes())
+    billing = machines / "billing.fsm"
+    text = billing.read_text(encoding="utf-8")
+    written = "fallback charge_backup_processor"
+    at = text.index(written) + len("fallback ")
+    line, column = text.count("\n", 0, at) + 1, at - text.rfind("\n", 0, at)
+
+    def check_with(fallback: str) -> list[Diagnostic]:
+        billing.write_text(text.replace(written, f"fallback {fallback}"), encoding="utf-8")
+        return list(check_paths([machines]).diagnostics)
+
+    [typo] = check_with("submit_refnd")
+    assert (typo.code, typo.span.line, typo.span.column) == ("W209", line, column)
+    assert typo.hint is not None and "did you mean 'submit_refund'?" in typo.hint
+    assert check_with("submit_charge_backup") == []
+    assert check_with("charge_backup_procesor") == []
+    assert main(["build", str(machines), "--out", str(tmp_path / "gen"), "--no-svg"]) == 0
+    capsys.readouterr()
+    spec = load_machine(str(tmp_path / "gen" / "billing.py"))
+    actions = {name: (lambda ctx: None) for name in spec.actions}
+    actions["charge_backup_processor"] = actions.pop("charge_backup_procesor")
+    guards = {name: (lambda ctx: True) for name in spec.guards}
+    with pytest.raises(BindingError) as caught:
+        Runtime().load(spec, guards, actions)
+    problems = "\n".join(caught.value.problems)
+    assert f"billing.fsm:{line}:{column}: R011" in problems
+    assert "did you mean 'charge_backup_processor'?" in problems
