@@ -4,6 +4,8 @@ without a compute step's function (R035)."""
 
 from __future__ import annotations
 
+import json
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,13 @@ from autonomic.runtime.flows import (
     UnknownFlow,
     UnregisteredFunction,
 )
+from autonomic.runtime.flows.inputs import _model, check_inputs
 from autonomic.runtime.store.sqlite import SQLiteStore
+from autonomic.runtime.tables import FlowInput, FlowSpec
 from flow_world import flow_specs, marketplace
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 
 UPGRADE = {
     "customer_id": "c",
@@ -112,3 +119,90 @@ def test_an_unknown_flow_and_a_missing_compute_function_are_diagnostics(tmp_path
         assert missing.value.code == "R035"
         assert "SubscriptionCancellation.calculate_refund" in missing.value.message
         assert "refund_due" in str(missing.value.hint)
+
+
+_TYPED = FlowSpec(
+    "Typed",
+    "sequence",
+    None,
+    "flows.fsm",
+    "0" * 64,
+    "test",
+    ("name", "count", "flag", "tier"),
+    input_types={
+        "name": FlowInput("str"),
+        "count": FlowInput("int"),
+        "flag": FlowInput("bool", optional=True),
+        "tier": FlowInput("enum", ("basic", "pro"), optional=True),
+    },
+)
+_VALUES = st.one_of(
+    st.text(max_size=3),
+    st.integers(),
+    st.integers(min_value=2**64),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False),
+    st.sampled_from(["basic", "pro"]),
+)
+
+
+# Valid inputs, then one of them changed to any value, left out, or one more given.
+_NEAR_VALID = st.builds(
+    lambda valid, name, value, drop: (
+        {k: v for k, v in valid.items() if k != name} if drop else {**valid, name: value}
+    ),
+    st.fixed_dictionaries(
+        {"name": st.text(max_size=3), "count": st.integers()},
+        optional={"flag": st.booleans() | st.none(), "tier": st.sampled_from(["basic", "pro"])},
+    ),
+    st.sampled_from([*_TYPED.inputs, "extra"]),
+    st.sampled_from([None, "", "basic", "pro", "x", 0, 7, 2**70, True, False, 1.5]),
+    st.booleans(),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_NEAR_VALID | st.dictionaries(st.sampled_from([*_TYPED.inputs, "extra"]), _VALUES))
+def test_plain_inputs_are_checked_as_the_model_checks_them(given_inputs: dict[str, Any]) -> None:
+    """Inputs of plain kinds (str, int, bool, enum, no bounds) are taken without the pydantic
+    model when every value is of exactly its kind's type: the same inputs the model takes,
+    and everything else still goes to the model, which says what is wrong."""
+    model, plain = _model(_TYPED)
+    assert model is not None and plain is not None
+    try:
+        model.model_validate(given_inputs)
+    except ValidationError:
+        valid = False
+    else:
+        valid = True
+    if plain.accepts(given_inputs):
+        assert valid
+    try:
+        check_inputs(_TYPED, given_inputs)
+    except FlowInputsInvalid:
+        assert not valid
+    else:
+        assert valid
+
+
+def test_a_runs_id_and_inputs_are_those_of_the_inputs_json(tmp_path: Path) -> None:
+    """`start` takes plain inputs (str, int, bool) as they are, since JSON gives them back so,
+    and others through their JSON round trip (a Decimal becomes its text): either way the run's
+    id and stored inputs are those of the inputs' JSON, as `flow_id` derives them, so the same
+    inputs in either form resume one run."""
+    runtime, runner, _ = marketplace(SQLiteStore(tmp_path / "m.db"))
+    with runtime:
+        as_decimals = {
+            **UPGRADE,
+            "current_price": Decimal("10.00"),
+            "new_price": Decimal("30.00"),
+        }
+        first = runner.start("SubscriptionUpgrade", "c", UPGRADE)
+        again = runner.start("SubscriptionUpgrade", "c", as_decimals)
+        assert first.status == again.status == "waiting"  # for the entitlement's approval
+        assert first.flow_id == again.flow_id
+        assert runner.flow_id("SubscriptionUpgrade", "c", UPGRADE) == first.flow_id
+        assert runner.flow_id("SubscriptionUpgrade", "c", as_decimals) == first.flow_id
+        stored = runtime.store.get_flow(first.flow_id)
+        assert stored is not None and json.loads(stored.data)["inputs"] == UPGRADE

@@ -315,13 +315,15 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
         self, flow: str, instance: str, inputs: Mapping[str, Any], flow_id: str | None
     ) -> _Run:
         spec = self._spec(flow)
-        text = _dumps(dict(inputs))
-        given = json.loads(text)
+        if _plain(inputs):
+            # JSON gives these back as they are: their round trip (`flow_id`'s) is a copy.
+            given = dict(inputs)
+            text = _dumps(given)
+        else:
+            # A value not JSON's own (a tuple, a Decimal, a float): its round trip's text.
+            given = json.loads(_dumps(dict(inputs)))
+            text = _dumps(given)
         if flow_id is None:
-            # The inputs' JSON text is that of their JSON round trip (`flow_id`'s), unless a
-            # value is not JSON's own (a tuple, a Decimal, a float): then it is encoded again.
-            if not _plain(inputs):
-                text = _dumps(given)
             flow_id = _flow_id(flow, instance, text)
         stored = self.runtime.store.get_flow(flow_id)
         if stored is not None:
