@@ -7,8 +7,15 @@ attempts) and its escalation notifications; last, how long an instance can stay 
 without an outside event (`explain`). Edges with the same source and target are one edge,
 one label line per event or timer; an edge whose every line is a timer is dashed. Initial
 states hang off a start dot, final states have a double border, resting states a dashed
-one; retry ladders are drawn as clusters. Output is deterministic: states in declaration
-order, edges in the order of their first line in the source.
+one; retry ladders are drawn as clusters, with their steps' attempt states. Output is
+deterministic: states in declaration order, edges in the order of their first line in the
+source.
+
+Drawn by Graphviz top-down, the labels of a rank stand side by side, so DOT keeps them
+narrow for a pull-request view: a long label line is cut at its clauses (actions, each emit,
+its arguments and receiver, a refusal notice, a notification's deadline), each indented under
+what it belongs to; the edges of two or more states into one state with the same lines meet
+at a junction point, and the lines are drawn once, from it.
 """
 
 from __future__ import annotations
@@ -45,7 +52,16 @@ LineKind = Literal["event", "timer"]
 # Past this many states a left-to-right layout grows too wide to read on a review page.
 TOP_DOWN_FROM = 0
 DOC_WIDTH = 44
-LABEL_WIDTH = 48
+# Edge labels and a state's internal lines are cut to these widths, at their clauses first:
+# a top-down layout puts the labels of a rank side by side, so every column of a label widens
+# the page (Compliance was 2734 px wide with 48-column labels and uncut internal lines).
+LABEL_WIDTH = 32
+INTERNAL_WIDTH = DOC_WIDTH
+TITLE_WIDTH = 70
+# States this many or more with the same label line on their edges into one state meet at a
+# junction first, which carries the line once (Billing had nine `PaymentDisputed` edges into
+# Disputed, Subscription five `CancelRequested` into Cancelled).
+JOIN_FROM = 2
 
 
 class Line(NamedTuple):
@@ -126,6 +142,11 @@ def build_diagram(tables: MachineTables, explanation: Explanation | None = None)
         cluster_titles.append(DiagramCluster(retry.name, title))
         for step in retry.steps:
             clusters.setdefault(step.state, retry.name)
+            # A step's attempt state belongs in its box too: outside it, the ladder's chain
+            # leaves and re-enters the box at each step, and the box's states end up side
+            # by side in one rank (Billing's PaymentRetry was 6429 px wide).
+            if step.attempt_state is not None:
+                clusters.setdefault(step.attempt_state, retry.name)
     resting = {s.name for s in tables.states if s.resting}
     nodes: list[DiagramNode] = []
     merged: dict[tuple[str, str], list[tuple[tuple[int, int], Line]]] = {}
@@ -429,7 +450,9 @@ def _node_label(node: DiagramNode) -> str:
         rows.append(f'<tr><td align="center"><font point-size="9">{doc}</font></td></tr>')
     if node.internal:
         rows.append("<hr/>")
-        lines = "".join(f'{_html(line.text)}<br align="left"/>' for line in node.internal)
+        lines = "".join(
+            f'{_html(part)}<br align="left"/>' for part in _wrapped(node.internal, INTERNAL_WIDTH)
+        )
         rows.append(f'<tr><td align="left"><font point-size="9">{lines}</font></td></tr>')
     if node.bound:
         rows.append(
@@ -474,11 +497,12 @@ def render_dot(
     """DOT; `node_colours`/`edge_colours` mark states and edges added, removed or changed."""
     node_colours = node_colours or {}
     edge_colours = edge_colours or {}
-    title = (diagram.name, diagram.doc) if diagram.doc else (diagram.name,)
+    title = (diagram.name, *wrap(diagram.doc, TITLE_WIDTH)) if diagram.doc else (diagram.name,)
     rankdir = "TB" if len(diagram.nodes) >= TOP_DOWN_FROM else "LR"
     out = [
         f"digraph {dot_quote(diagram.name)} {{",
-        f"  graph [rankdir={rankdir}, compound=true, nodesep=0.4, ranksep=0.5, labelloc=t,",
+        f"  graph [rankdir={rankdir}, compound=true, newrank=true, nodesep=0.2, ranksep=0.5,",
+        "         labelloc=t,",
         "         fontname=Helvetica,",
         f"         fontsize=16, label={dot_quote(title)}];",
         '  node [shape=box, style="rounded,filled", fillcolor=white, fontname=Helvetica,',
@@ -494,7 +518,8 @@ def render_dot(
     for cluster in diagram.clusters:
         out.append(f"  subgraph {dot_quote('cluster_' + cluster.id)} {{")
         out.append(
-            f'    graph [label={dot_quote(cluster.title)}, style="rounded,dashed", '
+            f"    graph [label={dot_quote(_title_lines(cluster.title))}, "
+            'style="rounded,dashed", '
             "fontsize=10, color=gray50];"
         )
         out.extend(
@@ -507,18 +532,33 @@ def render_dot(
         if node.initial:
             out.append(f"  {dot_quote(_START)} -> {dot_quote(node.id)};")
     shared = {} if edge_colours else _cluster_edges(diagram)
+    plan = {} if edge_colours else _junctions(diagram, shared)
     quoted = {node.id: dot_quote(node.id) for node in diagram.nodes}
     # Edges of a large machine repeat their lines: each distinct label is written once.
     labels: dict[tuple[Line, ...], tuple[str, str]] = {}
+
+    def label_of(lines: tuple[Line, ...]) -> tuple[str, str]:
+        written = labels.get(lines)
+        if written is None:
+            label = dot_quote(tuple(_wrapped(lines, LABEL_WIDTH)), align="left")
+            dashed = all(line.kind == "timer" for line in lines)
+            written = labels[lines] = (label, ", style=dashed" if dashed else "")
+        return written
+
+    drawn: set[str] = set()
     for edge in diagram.edges:
         tail = shared.get(edge) if shared else None
         if tail == "":
             continue  # drawn once from its cluster
-        written = labels.get(edge.lines)
-        if written is None:
-            label = dot_quote(tuple(_wrapped(edge.lines)), align="left")
-            written = labels[edge.lines] = (label, ", style=dashed" if edge.dashed else "")
-        label, style = written
+        label, style = label_of(edge.lines)
+        junction = plan.get(edge) if plan else None
+        if junction is not None:
+            if junction.id not in drawn:
+                drawn.add(junction.id)
+                out.append(f'  {junction.id} [shape=point, width=0.08, fillcolor=black, label=""];')
+                out.append(f"  {junction.id} -> {quoted[junction.target]} [label={label}{style}];")
+            out.append(f"  {quoted[edge.source]} -> {junction.id} [arrowhead=none{style}];")
+            continue
         change = edge_colours.get((edge.source, edge.target)) if edge_colours else None
         if change is not None:
             colour = CHANGE_COLOURS[change]
@@ -554,46 +594,100 @@ def _cluster_edges(diagram: Diagram) -> dict[DiagramEdge, str]:
     return shared
 
 
-def _wrapped(lines: tuple[Line, ...]) -> Iterator[str]:
+def _title_lines(title: tuple[str, ...]) -> tuple[str, ...]:
+    """A ladder's box title, wrapped: as wide as its longest line, the box would be too."""
+    return tuple(part for line in title for part in wrap(line, TITLE_WIDTH))
+
+
+@dataclass(frozen=True, slots=True)
+class _Junction:
+    """A point where the edges of several states into one state meet, and the lines they
+    share: drawn once, on the edge from the junction."""
+
+    id: str  # DOT id, quoted
+    target: str
+    lines: tuple[Line, ...]
+
+
+def _junctions(diagram: Diagram, shared: Mapping[DiagramEdge, str]) -> dict[DiagramEdge, _Junction]:
+    """Edges of JOIN_FROM or more states into one state with the same lines (events, guards,
+    actions, emits) meet at a junction, and the lines are drawn once, from it. (Lines shared
+    by only some of the edges are left where they are: junctions for those made Graphviz's
+    layouts of the governors wider, not narrower.)"""
+    groups: dict[tuple[str, tuple[Line, ...]], list[DiagramEdge]] = {}
+    for edge in diagram.edges:
+        if edge not in shared:
+            groups.setdefault((edge.target, edge.lines), []).append(edge)
+    plan: dict[DiagramEdge, _Junction] = {}
+    count = 0
+    for (target, lines), edges in groups.items():
+        if len(edges) >= JOIN_FROM:
+            count += 1
+            # A space cannot be in a state's name, so the junction's id is nobody's.
+            junction = _Junction(dot_quote(f"join {count}"), target, lines)
+            plan.update(dict.fromkeys(edges, junction))
+    return plan
+
+
+def _wrapped(lines: tuple[Line, ...], width: int) -> Iterator[str]:
     """A long label line continues, indented, on the next: a left-to-right sentence of
-    guard, actions and emits would otherwise stretch its rank across the page. If its emits
-    carry arguments, each emit starts a line and its refusal notice another, further in
-    (`_clauses`); no `field = value` is split."""
+    guard, actions and emits would otherwise stretch its rank across the page. It is cut
+    before its actions, each emit and what it keeps (one step in), an emit's arguments,
+    receiver and refusal notice, and a notification's deadline (one step further; a notice's
+    arguments one more), then wrapped at `width`; no word and no `field = value` is split."""
     for line in lines:
         text = line.text
-        if len(text) <= LABEL_WIDTH:
+        if len(text) <= width:
             yield text
             continue
-        parts = [
-            ("    " if clause.startswith(_NOTICE) else "") + part
-            for clause in _clauses(text)
-            for part in _clause_lines(clause)
-        ]
-        yield parts[0]
-        yield from ("    " + part for part in parts[1:])
+        level, notice = 0, False
+        for number, clause in enumerate(_CLAUSE_START.split(text)):
+            if number:
+                if clause.startswith(_NOTICE):
+                    level, notice = 2, True
+                elif _CONTINUES.match(clause):
+                    level = 3 if notice and _ARGUMENT.match(clause) else 2
+                else:
+                    level, notice = 1, False
+            for index, part in enumerate(_clause_lines(clause, width)):
+                yield "    " * (max(level, 1) if index else level) + part
 
 
-def _clause_lines(clause: str) -> list[str]:
-    """`wrap`, with each `field = value` kept whole (an argument longer than a line stays
-    one line rather than being cut inside a name)."""
-    if " = " not in clause:
-        return wrap(clause, LABEL_WIDTH)
-    bound = clause.replace(" = ", _BOUND)
-    lines = textwrap.wrap(bound, LABEL_WIDTH, break_on_hyphens=False, break_long_words=False)
-    return [line.replace(_BOUND, " = ") for line in lines]
+def _clause_lines(clause: str, width: int) -> list[str]:
+    """`wrap`, with each `field = value` and each word kept whole (an argument or a name
+    longer than a line stays one line rather than being cut inside)."""
+    bound = _STEP.sub(_held, clause.replace(" = ", _BOUND))
+    lines = textwrap.wrap(bound, width, break_on_hyphens=False, break_long_words=False)
+    return [line.replace(_NBSP, " ") for line in lines] or [clause]
+
+
+def _held(match: re.Match[str]) -> str:
+    return match.group().replace(" ", _NBSP)
 
 
 def _clauses(text: str) -> list[str]:
     """A label line cut before each emit and each `if refused`, when its emits carry
     arguments (kept data, a refusal notice's): else the line itself."""
-    return _CLAUSE_START.split(text) if _EMIT_ARGUMENTS.search(text) else [text]
+    return _EMIT_START.split(text) if _EMIT_ARGUMENTS.search(text) else [text]
 
 
 _NOTICE = "if refused "
+# Clauses that go on with the one before (an emit's receiver, arguments or refusal notice; a
+# notification's deadline): further in.
+_CONTINUES = re.compile(r"to \w|\(within |\w+ = ")
+_ARGUMENT = re.compile(r"\w+ = ")
 _EMIT_ARGUMENTS = re.compile(r"\^.*\w\(")
-_CLAUSE_START = re.compile(r" (?=\^|if refused )")
+_EMIT_START = re.compile(r" (?=\^|if refused )")
+# Where a long DOT label line is cut first: before its actions (`/ a, b`), what it keeps,
+# each emit, an emit's receiver (`to FIELD`), a refusal notice and a notification.
+_CLAUSE_START = re.compile(
+    r" (?=/ |\^|keep |to \w|if refused |\(within )|(?<=:) (?=notify )|(?<=\w\()(?=\w+ = )"
+)
 # Keeps an argument's `field = value` on one line: textwrap breaks only at ASCII whitespace.
-_BOUND = "\N{NO-BREAK SPACE}=\N{NO-BREAK SPACE}"
+_NBSP = "\N{NO-BREAK SPACE}"
+_BOUND = f"{_NBSP}={_NBSP}"
+# ... and a ladder's step, `(PaymentRetry step 2 timed out)`.
+_STEP = re.compile(r"\(\w+ (?:step \d+|exhausted)(?: timed out)?\)")
 
 
 # Mermaid draws an edge's label where dagre laid it out only if its check finds that point in

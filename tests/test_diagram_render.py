@@ -436,6 +436,28 @@ def test_each_flow_dot_diagram_fits_a_pull_request_column() -> None:
         assert width <= 800 and width <= 2.5 * height, (path.name, width, height)
 
 
+# What a pull-request view shows without shrinking the text away: about 1600 px (1200 pt).
+# Subscription (11 states) and Billing (25 states, two retry ladders) are still wider.
+GOVERNOR_WIDTH_PT = {"subscription": 1500, "billing": 2200}
+
+
+def test_each_governor_dot_diagram_fits_a_pull_request_view() -> None:
+    """Governors drawn top-down once spread a rank's edge labels across the page (Compliance
+    2734 px, Billing 6429 px wide): labels are cut at their clauses, ladders keep their
+    attempt states in their box, and edges of several states with one label meet at a
+    junction first."""
+    governors = sorted(p for p in GENERATED.glob("*.dot") if not p.name.startswith("flow_"))
+    assert len(governors) == 7
+    for path in governors:
+        layout = json.loads(
+            subprocess.run(
+                [_dot(), "-Tjson0", str(path)], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        _, _, width, _ = (float(v) for v in layout["bb"].split(","))
+        assert width <= GOVERNOR_WIDTH_PT.get(path.stem, 1200), (path.name, width)
+
+
 def test_signup_mermaid_keeps_success_edges_out_of_the_compensations() -> None:
     """The compensations stand in their own subgraph, two ranks from their steps, so `done`
     has a rank of its own: the success edges into it once ran through compensation boxes."""
