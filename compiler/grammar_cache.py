@@ -33,6 +33,7 @@ from lark import Lark
 
 FORMAT = b"autonomic-lark-cache 1"
 CACHE_FOLDER = "autonomic"
+MAX_CACHE_BYTES = 16 << 20
 
 
 def cache_key(grammar: str, options: Mapping[str, Any]) -> str:
@@ -92,9 +93,12 @@ def _header(key: str, body: bytes) -> bytes:
 
 def _read(path: Path, key: str) -> Lark | None:
     try:
-        data = path.read_bytes()
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CACHE_BYTES + 1)
     except OSError:
         return None
+    if len(data) > MAX_CACHE_BYTES:
+        return None  # not one this module wrote (about 180 KB): not read into memory whole
     header, newline, body = data.partition(b"\n")
     if not newline or header + newline != _header(key, body):
         return None

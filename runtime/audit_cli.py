@@ -63,6 +63,7 @@ from .root_options import KEY_HINT
 from .root_options import load_root as _load_root
 from .root_options import root_of as _root_of
 from .store.locate import STORE_ENV, is_postgres_url, redact, store_location
+from .store.row_seals import row_key as store_row_key
 from .witness import read_witness_file
 
 if TYPE_CHECKING:
@@ -80,6 +81,10 @@ RETIRE_HINT = "pass the older key's <key_id>.public.json, which records its vali
 CHECKPOINT_HINT = "pass a file written by `autonomic audit checkpoint LEDGER --out FILE`"
 WITNESS_HINT = "pass the witness file the runtime publishes to (Runtime(witnesses=...))"
 OUT_HINT = "pass a new file path in an existing, writable folder"
+PRIVATE_KEY_HINT = (
+    "pass the <key_id>.private.pem (or its folder) of the runtime that writes this store"
+)
+MAX_SEAL_PROBLEMS = 20  # rows reported one by one; the rest are counted
 # An existing --out file is replaced only when it holds this kind of document.
 MAX_REPLACEABLE_HEAD = 1 << 16
 
@@ -305,6 +310,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     root = _root_of(args)
     if isinstance(root, int):
         return root
+    row_key: bytes | None = None
+    if args.private_key:
+        try:
+            row_key = store_row_key(load_signer(args.private_key).private_key)
+        except RuntimeFailure as failure:
+            return _diagnostic(args.private_key, failure, PRIVATE_KEY_HINT)
     external: Checkpoint | None = None
     witnessed = ""
     if args.checkpoint:
@@ -339,6 +350,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if audit is not None and audit.problem is not None:
         return _audit_problem(args.ledger, audit.problem)
+    sealed = None if row_key is None else _check_seals(args.ledger, args.private_key, row_key)
+    if isinstance(sealed, int):
+        return sealed
     details = [f"mode {report.mode}"]
     if report.checkpoints:
         plural = "s" if report.checkpoints != 1 else ""
@@ -348,6 +362,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     print(f"verified {report.count} entr{plural} ({', '.join(details)})")
     if audit is not None:
         print(audit.summary())
+    if sealed is not None:
+        print(sealed)
     if external is None:
         print(
             "truncation not checked: without a witness (--witness FILE) or a checkpoint kept "
@@ -361,6 +377,48 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             f"checkpoint from {source_text}"
         )
     return EXIT_OK
+
+
+def _check_seals(ledger: str, key_file: str, key: bytes) -> str | int:
+    """The row seals of the SQLite store `ledger` under `key`: a line saying so, or the exit
+    code after a diagnostic for each row whose seal is wrong (at most MAX_SEAL_PROBLEMS)."""
+    from .seal_audit import ROW_HINT, check_row_seals
+
+    path = Path(ledger)
+    try:
+        with path.open("rb") as handle:
+            is_sqlite = handle.read(16) == b"SQLite format 3\x00"
+    except OSError as exc:
+        unread = LedgerReadError(f"{ledger}: cannot be read: {exc.strerror}")
+        return _diagnostic(ledger, unread, LEDGER_HINT)
+    if not is_sqlite:
+        export = LedgerFormatError(
+            f"{ledger} is a ledger export: it holds no store rows whose seals could be checked"
+        )
+        return _diagnostic(ledger, export, "pass the runtime's SQLite store file")
+    try:
+        # Read-only: checking a store never writes to it, not even a journal.
+        with contextlib.closing(
+            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        ) as connection:
+            report = check_row_seals(connection, key)
+    except RuntimeFailure as failure:
+        return _diagnostic(ledger, failure, PRIVATE_KEY_HINT)
+    except sqlite3.Error as exc:
+        unread = LedgerReadError(f"{ledger}: cannot read the store's rows: {exc}")
+        return _diagnostic(ledger, unread, LEDGER_HINT)
+    for problem in report.problems[:MAX_SEAL_PROBLEMS]:
+        _diagnostic(ledger, problem.failure(), ROW_HINT)
+    if report.problems:
+        more = len(report.problems) - MAX_SEAL_PROBLEMS
+        if more > 0:
+            sys.stderr.write(f"... and {more} more rows with wrong seals\n")
+        return EXIT_FAILED
+    plural = "" if report.rows == 1 else "s"
+    return (
+        f"row seals: {report.rows} row{plural} checked, each sealed under the row key of "
+        f"{printable(key_file)}"
+    )
 
 
 FLOW_AUDIT_HINT = (
@@ -542,6 +600,11 @@ def with_store(parser: argparse.ArgumentParser, handler: Handler, command: str) 
         if not is_postgres_url(location):
             args.ledger = location
             return handler(args)
+        if command == "verify" and args.private_key:
+            parser.error(
+                "--private-key checks the rows of an SQLite store file; a PostgreSQL "
+                "store's row seals are checked by the runtime as it reads them"
+            )
         try:
             if command == "verify":
                 return _verify_store(parser, args, location)
@@ -729,6 +792,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="FILE",
         help="a witness file the runtime published checkpoints to: checks the ledger against "
         "its newest checkpoint and names how many entries are missing (repeatable)",
+    )
+    verify.add_argument(
+        "--private-key",
+        metavar="FILE",
+        help="also check every row's seal (SQLite store): the private key (.private.pem, or "
+        "its folder) of the runtime that writes the store, the only key the rows' seal key "
+        "derives from; after a key rotation, the newest",
     )
     verify.set_defaults(func=with_store(verify, _cmd_verify, "verify"), usage_error=verify.error)
 

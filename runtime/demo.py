@@ -948,7 +948,11 @@ def _settle(runtime: Runtime, accounts: Sequence[str], say: _Narrator) -> None:
     for account in accounts:
         closing = {"customer_id": account, "reason": "demo shop leaves"}
         billing.dispatch(account, "CloseAccount", closing, "marketplace")
-    say.say(f"the {len(accounts)} shop accounts close (CloseAccount): nothing runs on", 1)
+    say.say(
+        f"the {len(accounts)} shop accounts close (CloseAccount voids their open invoices): "
+        "none of them has a timer left to fire",
+        1,
+    )
 
 
 def _charge(billing: Governor, customer: str, payments: _Payments, say: _Narrator) -> None:
@@ -975,7 +979,11 @@ def _charge(billing: Governor, customer: str, payments: _Payments, say: _Narrato
             idempotency_key=key,
         )
     except IdempotencyConflict as conflict:
-        say.say(f"ChargeRequested webhook 3 (another amount): refused: {conflict.code}", 1)
+        say.say(
+            f"ChargeRequested webhook 3 (same key, another amount): refused with {conflict.code}, "
+            "nothing run: a key stands for one request",
+            1,
+        )
     say.say(f"charges submitted to the processor: {len(payments.submitted)}", 1)
 
 
@@ -1139,7 +1147,7 @@ def run_demo(
         if isinstance(db, Path)
         else f"PostgreSQL, {runtime.partitions} ledger partitions"
     )
-    out.write(f"store {db_shown} ({kind}), ledger {signing} by key {signer.key_id}\n")
+    out.write(f"store {db_shown} ({kind}); ledger: {signing} by key {signer.key_id}\n")
     try:
         _scenario(runtime, runner, payments, injected, say)
         _breaker(runtime, payments, say)
@@ -1160,6 +1168,9 @@ def run_demo(
     if public.is_file():
         where = db if isinstance(db, Path) else f"--store '{db_shown}'"
         out.write(f"verify it yourself: autonomic audit verify {where} --public-key {public}\n")
+        private = public.with_name(f"{signer.key_id}.private.pem")
+        if isinstance(db, Path) and private.is_file():
+            out.write(f"  (add --private-key {private} to check every row's seal as well)\n")
     else:
         out.write(f"({public} does not exist: the ledger was verified with the key itself)\n")
     if not report.ok:

@@ -322,7 +322,7 @@ def test_demo_uses_the_given_key_and_runs_twice_on_one_store(world: Path, tmp_pa
     first = autonomic("demo", "--db", str(store), "--keys", str(keys), cwd=world)
     assert first.returncode == 0, first.stderr
     assert "generated signing key" not in first.stdout
-    assert f"ledger every entry signed by key {key_id}" in first.stdout
+    assert f"; ledger: every entry signed by key {key_id}" in first.stdout
     # All seven governors are loaded: deliveries reach Subscription and CustomerAccount.
     assert "governor not loaded" not in first.stdout
     assert "outbox Subscription.RenewalFailed delivered: Subscription PastDue -> Suspended" in (

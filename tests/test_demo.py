@@ -74,7 +74,7 @@ def test_demo_runs_and_its_ledger_verifies(generated: Path, tmp_path: Path) -> N
         "outbox Billing.ChargeRequested delivered: Billing Current -> AwaitingPayment",
         "ChargeRequested webhook 1: Billing Current -> AwaitingPayment",
         "(duplicate: stored result returned, nothing run)",
-        "ChargeRequested webhook 3 (another amount): refused: R009",
+        "ChargeRequested webhook 3 (same key, another amount): refused with R009, nothing run",
         "charges submitted to the processor: 1",
         "== payment outcomes: Success",
         "flow PaymentProcessed: StepWaiting renewed -> waiting",
@@ -125,13 +125,15 @@ def test_demo_runs_and_its_ledger_verifies(generated: Path, tmp_path: Path) -> N
         "BreakerOpened closed -> open",
         "BreakerHalfOpened open -> half_open",
         "BreakerClosed half_open -> closed",
-        "the 13 shop accounts close (CloseAccount): nothing runs on",
+        "the 13 shop accounts close (CloseAccount voids their open invoices): none of them has "
+        "a timer left to fire",
         "== bulkhead",
         "tenant acme-1-noisy: 8 charges for its 8 subscriptions: 4 held at the processor, "
         "4 refused at once, nothing written",
         "5 other tenants, meanwhile: 5 of 5 charged [ledger #",
         "ChargeRequested for acme-1-noisy-sub",
-        "the 9 shop accounts close (CloseAccount): nothing runs on",
+        "the 9 shop accounts close (CloseAccount voids their open invoices): none of them has a "
+        "timer left to fire",
         "every entry signed; ledger verified:",
     ]
     position = 0
@@ -203,7 +205,7 @@ def test_demo_checkpoint_mode_signs_checkpoints(generated: Path, tmp_path: Path)
     db, keys = tmp_path / "demo.db", tmp_path / "keys"
     done = demo("--db", str(db), "--keys", str(keys), "--generated", str(generated), "--checkpoint")
     assert done.returncode == 0, done.stderr
-    assert "ledger signed checkpoints by key" in done.stdout
+    assert "; ledger: signed checkpoints by key" in done.stdout
     assert "signed checkpoints; ledger verified:" in done.stdout
     assert verify_ledger(db, Keyring.from_files([keys])).ok
 

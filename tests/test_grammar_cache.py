@@ -107,8 +107,15 @@ def _other_lark(data: bytes) -> bytes:
 
 @pytest.mark.parametrize(
     "damage",
-    [_truncated, _bit_flipped, _other_lark, lambda data: b"", lambda data: b"\xff" * 500],
-    ids=["truncated", "bit-flipped", "stale-key", "empty", "garbage"],
+    [
+        _truncated,
+        _bit_flipped,
+        _other_lark,
+        lambda data: b"",
+        lambda data: b"\xff" * 500,
+        lambda data: data + b"\0" * (16 << 20),
+    ],
+    ids=["truncated", "bit-flipped", "stale-key", "empty", "garbage", "oversized"],
 )
 def test_a_damaged_or_stale_cache_is_rebuilt_and_replaced(tmp_path: Path, damage: object) -> None:
     written = _cached(tmp_path)
