@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 from autonomic.diagnostics import printable
 
@@ -67,6 +67,7 @@ from .store.row_seals import row_key as store_row_key
 from .witness import read_witness_file
 
 if TYPE_CHECKING:
+    from .seal_audit import SealReport
     from .store.base import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
@@ -382,7 +383,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _check_seals(ledger: str, key_file: str, key: bytes) -> str | int:
     """The row seals of the SQLite store `ledger` under `key`: a line saying so, or the exit
     code after a diagnostic for each row whose seal is wrong (at most MAX_SEAL_PROBLEMS)."""
-    from .seal_audit import ROW_HINT, check_row_seals
+    from .seal_audit import check_row_seals
 
     path = Path(ledger)
     try:
@@ -401,14 +402,22 @@ def _check_seals(ledger: str, key_file: str, key: bytes) -> str | int:
         with contextlib.closing(
             sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         ) as connection:
-            report = check_row_seals(connection, key)
+            report = check_row_seals(connection.execute, key)
     except RuntimeFailure as failure:
         return _diagnostic(ledger, failure, PRIVATE_KEY_HINT)
     except sqlite3.Error as exc:
         unread = LedgerReadError(f"{ledger}: cannot read the store's rows: {exc}")
         return _diagnostic(ledger, unread, LEDGER_HINT)
+    return _seal_outcome(ledger, key_file, report)
+
+
+def _seal_outcome(where: str, key_file: str, report: SealReport) -> str | int:
+    """What `audit verify` says of a store's row seals: a line, or (after one diagnostic per
+    row whose seal is wrong, at most MAX_SEAL_PROBLEMS) the exit code."""
+    from .seal_audit import ROW_HINT
+
     for problem in report.problems[:MAX_SEAL_PROBLEMS]:
-        _diagnostic(ledger, problem.failure(), ROW_HINT)
+        _diagnostic(where, problem.failure(), ROW_HINT)
     if report.problems:
         more = len(report.problems) - MAX_SEAL_PROBLEMS
         if more > 0:
@@ -600,11 +609,6 @@ def with_store(parser: argparse.ArgumentParser, handler: Handler, command: str) 
         if not is_postgres_url(location):
             args.ledger = location
             return handler(args)
-        if command == "verify" and args.private_key:
-            parser.error(
-                "--private-key checks the rows of an SQLite store file; a PostgreSQL "
-                "store's row seals are checked by the runtime as it reads them"
-            )
         try:
             if command == "verify":
                 return _verify_store(parser, args, location)
@@ -629,6 +633,12 @@ def _verify_store(parser: argparse.ArgumentParser, args: argparse.Namespace, url
     root = _root_of(args)
     if isinstance(root, int):
         return root
+    row_key: bytes | None = None
+    if args.private_key:
+        try:
+            row_key = store_row_key(load_signer(args.private_key).private_key)
+        except RuntimeFailure as failure:
+            return _diagnostic(args.private_key, failure, PRIVATE_KEY_HINT)
     with open_audited(url) as store:
         partitions = store.partitions
     report, audit = verify_store_url(url, root)
@@ -648,7 +658,36 @@ def _verify_store(parser: argparse.ArgumentParser, args: argparse.Namespace, url
     )
     if audit is not None:
         print(audit.summary())
+    if row_key is not None:
+        sealed = _check_postgres_seals(url, args.private_key, row_key)
+        if isinstance(sealed, int):
+            return sealed
+        print(sealed)
     return 0
+
+
+def _check_postgres_seals(url: str, key_file: str, key: bytes) -> str | int:
+    """`_check_seals` for a PostgreSQL store: its rows read in one read-only snapshot."""
+    import psycopg
+
+    from .seal_audit import check_row_seals
+
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=10) as connection:
+            connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            report = check_row_seals(
+                lambda sql, parameters: connection.execute(cast(Any, sql), parameters),
+                key,
+                meta_table="autonomic_meta",
+                mark="%s",
+            )
+            connection.rollback()
+    except RuntimeFailure as failure:
+        return _diagnostic(redact(url), failure, PRIVATE_KEY_HINT)
+    except psycopg.Error as exc:
+        unread = LedgerReadError(f"cannot read the store's rows: {' '.join(str(exc).split())}")
+        return _diagnostic(redact(url), unread, STORE_HINT)
+    return _seal_outcome(redact(url), key_file, report)
 
 
 def _export_store(parser: argparse.ArgumentParser, args: argparse.Namespace, url: str) -> int:
@@ -796,7 +835,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verify.add_argument(
         "--private-key",
         metavar="FILE",
-        help="also check every row's seal (SQLite store): the private key (.private.pem, or "
+        help="also check every row's seal: the private key (.private.pem, or "
         "its folder) of the runtime that writes the store, the only key the rows' seal key "
         "derives from; after a key rotation, the newest",
     )

@@ -1,4 +1,4 @@
-"""`audit verify --private-key`: every sealed row of a SQLite store checked against its seal.
+"""`audit verify --private-key`: every sealed row of a store checked against its seal.
 
 A row seal is an HMAC under the row key, which only the holder of the runtime's private
 signing key can derive (store/row_seals.py): the public key that verifies the ledger cannot
@@ -14,9 +14,9 @@ runtime checks those against the ledger as it reads them; docs/runtime.md).
 from __future__ import annotations
 
 import hmac
-import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import StoreIntegrityError
 from .store.row_seals import (
@@ -56,25 +56,33 @@ class SealReport:
     problems: tuple[SealProblem, ...]
 
 
-def check_row_seals(connection: sqlite3.Connection, key: bytes) -> SealReport:
-    """Every row of every sealed table of the store on `connection`, checked under `key`.
-    Raises StoreIntegrityError when the store is not sealed under `key` at all."""
+Execute = Callable[[str, Sequence[object]], Iterable[Sequence[Any]]]
+
+
+def check_row_seals(
+    execute: Execute, key: bytes, *, meta_table: str = "runtime_meta", mark: str = "?"
+) -> SealReport:
+    """Every row of every sealed table of a store, read through `execute` (an SQLite
+    connection's, or a psycopg one's with `autonomic_meta` and `%s` placeholders), checked
+    under `key`. Raises StoreIntegrityError when the store is not sealed under `key` at all."""
     seals = RowSeals("the store")
     seals.key = key
-    meta = dict(
-        connection.execute(
-            "SELECT key, value FROM runtime_meta WHERE key IN (?, ?)", (SEALED_MARK, DEDUP_HORIZON)
+    meta = {
+        row[0]: row[1]
+        for row in execute(
+            f"SELECT key, value FROM {meta_table} WHERE key IN ({mark}, {mark})",
+            (SEALED_MARK, DEDUP_HORIZON),
         )
-    )
-    mark = meta.get(SEALED_MARK)
-    if mark is None:
+    }
+    sealed = meta.get(SEALED_MARK)
+    if sealed is None:
         raise StoreIntegrityError(
             "the store is not marked as sealed: its rows carry no seals to check "
             "(written without a signing key, or before rows were sealed, or stripped of the mark)",
             hint="open it once with the runtime and Runtime(..., adopt_unsealed_rows=True) "
             "after checking it, so that its rows are sealed",
         )
-    if type(mark) is not str or not hmac.compare_digest(mark, seals.mark()):
+    if type(sealed) is not str or not hmac.compare_digest(sealed, seals.mark()):
         raise StoreIntegrityError(
             "the store's rows are sealed under another key than this one",
             hint=KEY_HINT,
@@ -83,9 +91,7 @@ def check_row_seals(connection: sqlite3.Connection, key: bytes) -> SealReport:
     count = 0
     for table, columns in SEALED_TABLES.items():
         order = ", ".join(columns[: KEY_COLUMNS[table]])
-        for row in connection.execute(
-            f"SELECT {SEALED_SELECT[table]} FROM {table} ORDER BY {order}"
-        ):
+        for row in execute(f"SELECT {SEALED_SELECT[table]} FROM {table} ORDER BY {order}", ()):
             count += 1
             values, seal = tuple(row[:-1]), row[-1]
             why = _wrong(seals, table, values, seal)
