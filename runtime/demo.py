@@ -149,6 +149,12 @@ class _Payments:
         # The customer's last upgrade (proration) charge, once captured: what a
         # CompensationRefund may pay back; a charge declined or voided was never taken.
         self.prorations: dict[str, Decimal] = {}
+        # Each account's last proration charge key, and the keys of charges Billing voided: a
+        # capture arriving under one of those is paid back.
+        self.proration_keys: dict[str, str] = {}
+        self.voided: set[tuple[str, str]] = set()
+        # Disputes open on each account (one Compliance case each), as the processor lists them.
+        self.disputes: Counter[str] = Counter()
 
         # Tenants whose charges the processor holds until `answer` is set (the bulkhead).
         self.hung: set[str] = set()
@@ -180,6 +186,7 @@ class _Payments:
         self.invoices[ctx.instance] = Decimal(str(getattr(payload, "amount", "0")))
         if ctx.event == "ProcessProrationCharge":
             self.prorations.pop(ctx.instance, None)  # an earlier upgrade's is not this one's
+            self.proration_keys[ctx.instance] = key
         return {"submitted": key}
 
     def charge_backup_processor(self, ctx: TransitionContext) -> dict[str, str]:
@@ -196,6 +203,28 @@ class _Payments:
     def record_payment(self, ctx: TransitionContext) -> None:
         if ctx.event == "ProrationPaid":
             self.prorations[ctx.instance] = Decimal(str(getattr(ctx.payload, "amount", "0")))
+
+    def void_proration(self, ctx: TransitionContext) -> None:
+        key = self.proration_keys.get(ctx.instance)
+        if key is not None:
+            self.voided.add((ctx.instance, key))
+
+    def charge_was_voided(self, ctx: TransitionContext) -> bool:
+        return (ctx.instance, str(getattr(ctx.payload, "idempotency_key", ""))) in self.voided
+
+    def defer_charge(self, ctx: TransitionContext) -> None:
+        """The invoice waits for the dispute's decision; the ladder's retries charge it."""
+        self.invoices[ctx.instance] = Decimal(str(getattr(ctx.payload, "amount", "0")))
+
+    def freeze_disputed_funds(self, ctx: TransitionContext) -> None:
+        self.disputes[ctx.instance] += 1
+
+    def decide_dispute(self, ctx: TransitionContext) -> None:
+        if self.disputes[ctx.instance] > 0:
+            self.disputes[ctx.instance] -= 1
+
+    def other_disputes_open(self, ctx: TransitionContext) -> bool:
+        return self.disputes[ctx.instance] > 1
 
     def original_charge_found(self, ctx: TransitionContext) -> bool:
         return ctx.instance in self.prorations
@@ -227,7 +256,8 @@ def _demo_guards(payments: _Payments) -> dict[str, Callable[[TransitionContext],
         "contention_is_severe": _fixed(False),
         # Billing
         "amount_matches": payments.amount_matches,
-        "charge_was_voided": _fixed(False),
+        "charge_was_voided": payments.charge_was_voided,
+        "other_disputes_open": payments.other_disputes_open,
         "original_charge_found": payments.original_charge_found,
         "refund_due": _fixed(True),
         "refund_was_issued": _fixed(False),
@@ -286,6 +316,11 @@ class _Bindings:
                 "retry_charge": self.payments.retry_charge,
                 "charge_backup_processor": self.payments.charge_backup_processor,
                 "record_payment": self.payments.record_payment,
+                "void_proration": self.payments.void_proration,
+                "defer_charge": self.payments.defer_charge,
+                "freeze_disputed_funds": self.payments.freeze_disputed_funds,
+                "accept_chargeback": self.payments.decide_dispute,
+                "release_disputed_funds": self.payments.decide_dispute,
             }
         guards = {name: self.guards.get(name, _fixed(True)) for name in spec.guards}
         bound: dict[str, Callable[..., object]] = {}
@@ -795,7 +830,8 @@ def _dispute(runtime: Runtime, runner: FlowRunner, say: _Narrator) -> None:
     """A chargeback on another customer's charge still awaiting payment: Billing freezes it,
     Compliance investigates under a case id of its own (the case keeps the customer's id, and
     its decision, an emit `to customer_id`, reaches the customer's Billing), the customer
-    withdraws."""
+    withdraws. The charge is still unpaid: after the decision the retry ladder collects it
+    (here the account closes instead)."""
     say.say("== payment outcomes: Disputed: Billing freezes the funds, Compliance investigates")
     buyer = f"{say.customer}-buyer"
     billing = runtime.governor("Billing")
@@ -824,6 +860,8 @@ def _dispute(runtime: Runtime, runner: FlowRunner, say: _Narrator) -> None:
         "DisputeWithdrawn",
     )
     _deliver(runtime, say)
+    closed = {"customer_id": buyer, "reason": "the buyer leaves the marketplace"}
+    say.result(billing.dispatch(buyer, "CloseAccount", closed, "marketplace"), "CloseAccount")
 
 
 def _detected(runtime: Runtime, say: _Narrator, detected: Mapping[str, str]) -> None:

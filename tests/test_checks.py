@@ -737,7 +737,7 @@ def test_always_accept_finds_a_charge_state_without_a_dispute_row(tmp_path: Path
     text = (REPO / "machines" / "billing.fsm").read_text(encoding="utf-8")
     state = 'state Retry2Charging "'
     start = text.index(state)
-    row = "    on PaymentDisputed -> Disputed do freeze_disputed_funds\n"
+    row = "    on PaymentDisputed -> DisputedUnpaid do freeze_disputed_funds\n"
     at = text.index(row, start)
     assert at < text.index("  }\n", start)
     for source in (REPO / "machines").glob("*.fsm"):

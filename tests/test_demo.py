@@ -96,7 +96,9 @@ def test_demo_runs_and_its_ledger_verifies(generated: Path, tmp_path: Path) -> N
         "ChargeRequested: Billing 'acme-1-buyer' Current -> AwaitingPayment",
         "flow PaymentProcessed: StepSucceeded dispute",
         "Compliance 'case-acme-1-buyer' Investigating -> Resolved",
-        "outbox Billing.DisputeRejected delivered: Billing 'acme-1-buyer' Disputed -> Current",
+        # The charge was still unpaid: back to the retry ladder, not to Current.
+        "outbox Billing.DisputeRejected delivered: Billing 'acme-1-buyer' DisputedUnpaid -> Retry1",
+        "CloseAccount: Billing 'acme-1-buyer' Retry1 -> Closed",
         "== cancellation saga with a failure",
         "StepFailed archive_subscription -> compensating",
         "StepCompensated suspend_entitlements -> compensating",

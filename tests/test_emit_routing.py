@@ -137,7 +137,8 @@ def test_the_payment_flows_disputed_branch_reaches_the_customer(kind: str, tmp_p
         assert runtime.governor("Compliance").get(case).state == "Investigating"  # type: ignore[union-attr]
         decide(runtime, case)
         assert delivered_to(runtime, "DisputeUpheld") == [("Billing", customer, "delivered")]
-        assert billing.get(customer).state == "Current"  # type: ignore[union-attr]
+        # The charge disputed while still unpaid: the retry ladder collects it now.
+        assert billing.get(customer).state == "Retry1"  # type: ignore[union-attr]
 
 
 def test_a_malformed_kept_id_refuses_the_row_that_keeps_it() -> None:

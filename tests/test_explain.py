@@ -113,7 +113,8 @@ def test_check_explain_command() -> None:
     assert "ClosingRefunding           within 10h reaches ClosingRefundManualReview" in out
     assert (
         "only an outside event can leave: Current, MaxRetriesExceeded, "
-        "Reconciling, Disputed, RefundDisputed, RefundManualReview, ClosingRefundManualReview\n"
+        "Reconciling, Disputed, DisputedUnpaid, DisputedInArrears, RefundDisputed, "
+        "RefundManualReview, ClosingRefundManualReview\n"
     ) in out
 
 

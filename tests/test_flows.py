@@ -790,13 +790,29 @@ BILLING_PATHS: dict[str, tuple[str, tuple[Callable[[Runtime, str], None], ...]]]
     "ClosingRefundRetry2Paying": ("current", (*_CLOSING, *_REFUND_LADDER[:4])),
     "ClosingRefundManualReview": ("current", (*_CLOSING, *_REFUND_LADDER)),
     "Disputed": ("current", (_DISPUTE,)),
+    "DisputedUnpaid": ("charged", (_DISPUTE,)),
+    "DisputedInArrears": ("charged", (*_LADDER, _hours(7 * 24), _DECLINED, _DISPUTE)),
     "RefundDisputed": (
         "current",
         (_billing("RefundRequested", reason="r"), _DISPUTE),
     ),
 }
-# A refund still owed is held while the dispute is open (docs/language.md).
+# A refund still owed is held while the dispute is open; an unpaid charge waits for the
+# decision, then the retry ladder collects it (docs/language.md, "Why disputes everywhere").
 REFUND_SIDE = {state for state in BILLING_PATHS if "Refund" in state}
+UNPAID_SIDE = {"AwaitingPayment", "DisputedUnpaid"} | {
+    state for state in BILLING_PATHS if state.startswith(("Retry", "CollectionAgency"))
+}
+ARREARS_SIDE = {"MaxRetriesExceeded", "DisputedInArrears"}
+
+
+def disputed_in(target: str) -> str:
+    """The dispute state a chargeback moves Billing to from `target`."""
+    if target in REFUND_SIDE:
+        return "RefundDisputed"
+    if target in UNPAID_SIDE:
+        return "DisputedUnpaid"
+    return "DisputedInArrears" if target in ARREARS_SIDE else "Disputed"
 
 
 def billing_in(runtime: Runtime, runner: FlowRunner, customer: str, target: str) -> None:
@@ -832,8 +848,7 @@ def test_disputes_are_accepted_in_every_state_that_holds_money(
         }
         result = runner.start("PaymentProcessed", customer, inputs)
         assert (target, result.status, result.reason) == (target, "completed", None)
-        wanted = "RefundDisputed" if target in REFUND_SIDE else "Disputed"
-        assert (target, state(runtime, "Billing", customer)) == (target, wanted)
+        assert (target, state(runtime, "Billing", customer)) == (target, disputed_in(target))
         assert state(runtime, "Compliance", f"case-{customer}") == "Investigating"
 
 
