@@ -274,6 +274,11 @@ def _inspect(path: Path, busy_timeout_ms: int, *, immutable: bool) -> None:
             f"{path}: cannot open SQLite database: {exc}", hint=STORE_HINT
         ) from None
     try:
+        # One read transaction: the tables and the header's marks of one moment. Read one
+        # statement at a time, a store another process creates could commit between them,
+        # and its marks would come without its tables: "an empty database marked by another
+        # program" (tests/test_store_sqlite.py, eight processes opening one new file).
+        reader.execute("BEGIN")
         _empty_or_ours(reader.execute, path)
     finally:
         reader.close()
