@@ -102,8 +102,12 @@ async def dispatch_async(
             try:
                 done = await asyncio.shield(queued)
             except asyncio.CancelledError:
-                # Its unit is queued and commits all the same: let go once it has.
-                queued.add_done_callback(partial(_let_go_queued, pool, held, release, work))
+                # Its unit is queued, and commits unless this event loop is closing before
+                # its batch: the pool commits it as well (the second of the two finds the
+                # claim let go and writes nothing) and lets go of the claim, with no help
+                # from this loop.
+                queued.add_done_callback(_retrieved)
+                _record_in_pool(pool, governor, partition, held, release, work)
                 held = release = None
                 raise
             finally:
@@ -155,33 +159,50 @@ def _abandon(
     local: Local | None,
     calling: Future[tuple[Release | None, partial[DispatchResult | _Rejected]]],
 ) -> None:
-    """`_record_abandoned` in the pool (this runs in the thread that made the calls, or at
-    once in the event loop's if they had ended already, which must not wait for a commit)."""
+    """Once the outside calls of a dispatch whose caller was cancelled have ended (this runs
+    in the thread that made them, or at once if they had): record them (`_record_abandoned`),
+    or, if they failed, let go of the claim in this runtime (the store's was let go by
+    `_hold_and_prepare`)."""
+    if calling.cancelled() or calling.exception() is not None:
+        if local is not None:
+            local()
+        return
+    held, work = calling.result()
+    _record_in_pool(pool, governor, partition, held, local, work)
+
+
+def _record_in_pool(
+    pool: Executor,
+    governor: Governor,
+    partition: int,
+    held: Release | None,
+    local: Local | None,
+    work: partial[DispatchResult | _Rejected],
+) -> None:
+    """`_record_abandoned` in the pool, never in the event loop's thread (a commit waits)."""
     try:
-        pool.submit(_record_abandoned, governor, partition, local, calling)
+        pool.submit(_record_abandoned, governor, partition, held, local, work)
     except RuntimeError:  # the pool is shut down: the runtime is closing
-        _record_abandoned(governor, partition, local, calling)
+        _record_abandoned(governor, partition, held, local, work)
 
 
 def _record_abandoned(
     governor: Governor,
     partition: int,
+    held: Release | None,
     local: Local | None,
-    calling: Future[tuple[Release | None, partial[DispatchResult | _Rejected]]],
+    work: partial[DispatchResult | _Rejected],
 ) -> None:
-    """Once the outside calls of a dispatch whose caller was cancelled have ended (in the
-    pool thread that made them): commit its unit, so the calls made are recorded (a repeat
-    of its event id then returns their result, calling nothing), and let go of its claim, in
-    the store (which stops its renewal), then in this runtime."""
+    """Commit the prepared unit of a dispatch whose caller was cancelled, so the outside
+    calls made are recorded (a repeat of its event id then returns their result, calling
+    nothing), then let go of its claim, in the store (which stops its renewal) and in this
+    runtime."""
     try:
-        if calling.cancelled() or calling.exception() is not None:
-            return  # nothing prepared: its claim in the store was let go (_hold_and_prepare)
-        held, work = calling.result()
         committed = False
         try:
             governor.runtime._submit(work, partition)
             committed = lets_go(work)
-        except Exception:  # refused or failed: nothing of it is stored, as for its caller
+        except Exception:  # refused, failed, or committed already: nothing more is stored
             pass
         finally:
             if held is not None:
@@ -191,25 +212,10 @@ def _record_abandoned(
             local()
 
 
-def _let_go_queued(
-    pool: Executor,
-    held: Release,
-    local: Local | None,
-    work: partial[DispatchResult | _Rejected],
-    queued: asyncio.Future[DispatchResult | _Rejected],
-) -> None:
-    """Once the queued unit of a dispatch whose caller was cancelled has committed (or
-    failed): let go of its claim, in the pool (see `dispatch_async`)."""
-    committed = not queued.cancelled() and queued.exception() is None and lets_go(work)
-    if committed:
-        held(committed=True)
-        if local is not None:
-            local()
-        return
-    try:
-        pool.submit(_let_go, held, local)
-    except RuntimeError:  # the pool is shut down: the runtime is closing
-        _let_go(held, local)
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Take a future's error, which nobody awaits (asyncio would log it as never retrieved)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _let_go(held: Release, local: Local | None) -> None:

@@ -6,6 +6,7 @@ no claim left and none renewed."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -36,6 +37,7 @@ class Services:
 
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
+        self.returned = 0
         self.answer = threading.Event()
         self._lock = threading.Lock()
 
@@ -44,6 +46,8 @@ class Services:
             with self._lock:
                 self.calls[name] += 1
             assert self.answer.wait(30)
+            with self._lock:
+                self.returned += 1
 
         return call
 
@@ -71,8 +75,6 @@ def resumed(runner: FlowRunner) -> list[FlowResult]:
 
 def no_claims(runtime: Runtime, db: Path) -> None:
     """No claim is left in the store, and this runtime renews none."""
-    import sqlite3
-
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM outside_claims").fetchone() == (0,)
     assert not runtime._outside._renewing
@@ -150,3 +152,49 @@ def test_a_cancelled_resume_all_async_leaves_runs_that_resume(tmp_path: Path) ->
         ]
         assert services.calls == Counter({name: 2 for name in SLOW.values()})
         no_claims(runtime, db)
+
+
+def test_a_start_async_cancelled_while_its_units_commit_leaves_a_run_that_resumes(
+    tmp_path: Path,
+) -> None:
+    """Cancelled once the calls have returned and their units wait for their commit (another
+    connection holds the write lock): the units commit all the same, or the action threads
+    commit them, and the claims are let go."""
+    db = tmp_path / "m.db"
+    services = Services()
+    runtime, runner, _ = marketplace(SQLiteStore(db), actions=services.actions())
+    blocker = sqlite3.connect(db, isolation_level=None)
+
+    async def cancelled_at_commit() -> None:
+        call = asyncio.ensure_future(runner.start_async("CustomerSignup", "c", signup("c")))
+        await services.all_calling(len(SLOW))  # the run's start and the claims are written
+        blocker.execute("BEGIN IMMEDIATE")
+        services.answer.set()
+        for _ in range(3000):
+            if services.returned == len(SLOW):
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # their units queued, their batch waiting for the lock
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        # Let the commit go on before the event loop closes (asyncio.run waits for the
+        # batch's task, whose commit waits for this lock).
+        blocker.execute("COMMIT")
+
+    with runtime:
+        asyncio.run(cancelled_at_commit())
+        blocker.close()
+        [done] = resumed(runner)
+        assert done.status == "completed"
+        assert services.calls == Counter(SLOW.values())
+        transitions = [
+            e.event
+            for e in runtime.ledger()
+            if e.kind == "transition" and e.instance == "c" and e.event in SIGNUP_EVENTS
+        ]
+        assert sorted(transitions) == sorted(SIGNUP_EVENTS)  # each once
+        no_claims(runtime, db)
+
+
+SIGNUP_EVENTS = ("CreateProfile", "CreateTrialSubscription", "AllocateQuota", "VerifyIdentity")
