@@ -307,16 +307,24 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _row_key_of(args: argparse.Namespace) -> bytes | int | None:
+    """The row-seal key derived from `--private-key` (None without it), or the exit code
+    after its diagnostic."""
+    if not args.private_key:
+        return None
+    try:
+        return store_row_key(load_signer(args.private_key).private_key)
+    except RuntimeFailure as failure:
+        return _diagnostic(args.private_key, failure, PRIVATE_KEY_HINT)
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     root = _root_of(args)
     if isinstance(root, int):
         return root
-    row_key: bytes | None = None
-    if args.private_key:
-        try:
-            row_key = store_row_key(load_signer(args.private_key).private_key)
-        except RuntimeFailure as failure:
-            return _diagnostic(args.private_key, failure, PRIVATE_KEY_HINT)
+    row_key = _row_key_of(args)
+    if isinstance(row_key, int):
+        return row_key
     external: Checkpoint | None = None
     witnessed = ""
     if args.checkpoint:
@@ -633,12 +641,9 @@ def _verify_store(parser: argparse.ArgumentParser, args: argparse.Namespace, url
     root = _root_of(args)
     if isinstance(root, int):
         return root
-    row_key: bytes | None = None
-    if args.private_key:
-        try:
-            row_key = store_row_key(load_signer(args.private_key).private_key)
-        except RuntimeFailure as failure:
-            return _diagnostic(args.private_key, failure, PRIVATE_KEY_HINT)
+    row_key = _row_key_of(args)
+    if isinstance(row_key, int):
+        return row_key
     with open_audited(url) as store:
         partitions = store.partitions
     report, audit = verify_store_url(url, root)
