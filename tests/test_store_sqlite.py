@@ -18,7 +18,7 @@ from autonomic.runtime.errors import (
 )
 from autonomic.runtime.inputs import InputLimits
 from autonomic.runtime.keys import generate_keypair, load_signer
-from autonomic.runtime.ledger import LedgerMode, LedgerSealer
+from autonomic.runtime.ledger import LedgerEntry, LedgerMode, LedgerSealer
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store import InstanceRecord, OutboxMessage, SQLiteStore
 from autonomic.runtime.timers import VirtualClock
@@ -403,4 +403,77 @@ def test_outbox_rows_of_one_unit_take_the_ids_sqlite_gives_each_sealed(tmp_path:
         (5, "e4", "pending"),
         (6, "e5", "delivered"),
     ]
+    store.close()
+
+
+def test_a_transaction_reads_again_what_another_connection_committed(tmp_path: Path) -> None:
+    """Rows the store's connection read or wrote are not read again inside its next
+    transaction while no other connection committed; once another connection commits (here
+    between a look outside any transaction and the transaction, as a dispatch's preflight
+    and its unit), the transaction reads them again: the ledger head, an instance row, a
+    dedup miss, a claim, the next outbox id."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    entry = LedgerEntry(
+        0, 5, "genesis", "", "", "", "", "", "", "", b"", b"\0" * 32, b"\1" * 32, "k", b""
+    )
+    store.run([lambda txn: txn.insert_instance(InstanceRecord("M", "i", "A", 1))])
+    store.run([lambda txn: txn.append_ledger(entry)])
+
+    def emit(event_id: str) -> Callable[[Any], None]:
+        message = OutboxMessage(None, "event", "M", "i", 1, "T", "t", "E", event_id, "{}", 5)
+        return lambda txn: txn.add_outbox([message])
+
+    store.run([emit("e0")])
+    keys = [("M", "event", "e1")]
+    assert store.claim_outside(keys, "me", 60_000)
+    sql: list[str] = []
+    store._connection.set_trace_callback(sql.append)
+
+    def look(txn: Any) -> tuple[Any, ...]:
+        return (
+            txn.ledger_head(),
+            txn.instance("M", "i"),
+            txn.processed("M", "e1"),
+            txn.holds_outside(keys, "me"),
+        )
+
+    # Read before the transaction (as preflight reads), then inside it: nothing read twice.
+    assert store.get_instance("M", "i") == InstanceRecord("M", "i", "A", 1)
+    assert store.processed("M", "e1") is None
+    sql.clear()
+    [known] = store.run([look])
+    assert known.value == (entry, InstanceRecord("M", "i", "A", 1), None, True)
+    assert [s for s in sql if s.startswith("SELECT")] == []
+    assert store.run([emit("e1")])[0].error is None
+    assert not any(s.startswith("UPDATE outbox") for s in sql)  # its id known: sealed at once
+
+    # Another connection commits between the look and the transaction.
+    assert store.get_instance("M", "i") == InstanceRecord("M", "i", "A", 1)
+    with sqlite3.connect(path) as other:
+        other.execute("UPDATE instances SET state = 'B', version = 2")
+        other.execute(
+            "INSERT INTO ledger VALUES (1, 6, 'x', '', '', '', '', '', '', '', "
+            "x'', x'01', x'02', 'k', x'')"
+        )
+        other.execute("INSERT INTO processed_events VALUES ('M', 'e1', 'i', '{}', 5, NULL)")
+        other.execute("UPDATE outside_claims SET holder = 'them'")
+        other.execute(
+            "INSERT INTO outbox (kind, machine, instance, version, target_machine, "
+            "target_instance, event, event_id, body, created_ms, status) "
+            "VALUES ('event', 'M', 'i', 1, 'T', 't', 'E', 'x', '{}', 5, 'pending')"
+        )
+    other.close()
+    sql.clear()
+    [seen] = store.run([look])
+    assert seen.value == (
+        (1, 6, "x", "", "", "", "", "", "", "", b"", b"\1", b"\2", "k", b""),
+        InstanceRecord("M", "i", "B", 2),
+        "{}",
+        False,
+    )
+    assert sum(s.startswith("SELECT") for s in sql) >= 4
+    # The outbox id the other connection took is not given again.
+    assert store.run([emit("e2")])[0].error is None
+    assert [m.event_id for m in store.outbox(status=None)] == ["e0", "e1", "x", "e2"]
     store.close()

@@ -284,27 +284,74 @@ def _inspect(path: Path, busy_timeout_ms: int, *, immutable: bool) -> None:
         reader.close()
 
 
-class SQLiteTransaction:
-    """The statements of one unit of work, on the store's connection inside its transaction."""
+# Keys of SQLiteTransaction._seen: the ledger head; (the table, its row's key) of an instance
+# row, a dedup miss, a claim's holder; the next id of outbox and timers.
+_HEAD = ("ledger",)
+_NEXT_ID = {"outbox": ("next", "outbox"), "timers": ("next", "timers")}
 
-    __slots__ = ("_anchor", "_execute", "_executemany", "_seals")
+
+class SQLiteTransaction:
+    """The statements of one unit of work, on the store's connection inside its transaction.
+
+    Rows this connection has read or written are kept (`_seen`) while no other connection
+    commits, so that a transaction does not read again what is known: the ledger head a
+    batch chains on, an instance row or dedup miss a dispatch's look before its transaction
+    read (preflight.py), a claim this runtime wrote, the next outbox and timers ids. Only a
+    transaction holding the write lock takes them (`begin`), after SQLite's data_version
+    says no other connection committed since the last transaction began (it changes with
+    every commit of another connection, never with this one's); reads outside a transaction
+    only add to them. Every write here updates or drops what it changes; a rollback, a purge
+    or a reseal forgets everything."""
+
+    __slots__ = ("_anchor", "_execute", "_executemany", "_inside", "_seals", "_seen", "_version")
 
     def __init__(self, connection: sqlite3.Connection, seals: RowSeals) -> None:
         self._execute = connection.execute
         self._executemany = connection.executemany
+        self._seen: dict[tuple[str, ...], Any] = {}
+        self._version: int | None = None  # the data_version `_seen` is current at
+        self._inside = False  # in a write transaction, `begin` done
         # Every row of a sealed table is sealed as written and checked as read (row_seals.py).
         self._seals = seals
         # A missing dedup row is checked against the ledger (row_seals.LedgerAnchor).
         # `seq DESC` walks the index backwards (its rowid is the seq): no sort.
         self._anchor = LedgerAnchor(seals, "?", "runtime_meta", _SAVE_MARK, "seq DESC")
 
+    def begin(self) -> None:
+        """Just after BEGIN IMMEDIATE (the write lock held): keep what is known unless another
+        connection committed since the last transaction began."""
+        version = self._execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            self._seen.clear()
+            self._version = version
+        self._inside = True
+
+    def end(self, *, committed: bool) -> None:
+        """After COMMIT, or ROLLBACK (whose undone writes may be among what is known)."""
+        self._inside = False
+        if not committed:
+            self._seen.clear()
+
+    def forget(self) -> None:
+        """Rows changed in bulk (purge, reseal), or a unit rolled back to its savepoint."""
+        self._seen.clear()
+
     def instance(self, machine: str, instance: str) -> InstanceRecord | None:
+        key = ("instances", machine, instance)
+        if self._inside:
+            known = self._seen.get(key)
+            if known is not None:
+                return cast(InstanceRecord, known)
         row = self._execute(
             "SELECT machine, instance, state, version, seal FROM instances "
             "WHERE machine = ? AND instance = ?",
             (machine, instance),
         ).fetchone()
-        return None if row is None else self._seals.instance(row)
+        if row is None:
+            return None
+        record = self._seals.instance(row)
+        self._seen[key] = record
+        return record
 
     def insert_instance(self, record: InstanceRecord) -> None:
         row = (record.machine, record.instance, record.state, record.version)
@@ -316,6 +363,7 @@ class SQLiteTransaction:
             )
         except sqlite3.IntegrityError:
             raise InstanceExists(record.machine, record.instance) from None
+        self._seen.pop(("instances", record.machine, record.instance), None)
 
     def update_instance(
         self, machine: str, instance: str, state: str, version: int, expected_version: int
@@ -333,12 +381,25 @@ class SQLiteTransaction:
             ).fetchone()
             actual = -1 if row is None else int(row[0])
             raise ConcurrentUpdateDetected(machine, instance, expected_version, actual)
+        if type(state) is str and type(version) is int:  # as a read would decode them
+            self._seen[("instances", machine, instance)] = InstanceRecord(
+                machine, instance, state, version
+            )
+        else:
+            self._seen.pop(("instances", machine, instance), None)
 
     def ledger_head(self) -> LedgerEntry | None:
+        if self._inside:
+            known = self._seen.get(_HEAD)
+            if known is not None:
+                return cast(LedgerEntry, known)
         row = self._execute(
             f"SELECT {_ENTRY_COLUMNS} FROM ledger ORDER BY seq DESC LIMIT 1"
         ).fetchone()
-        return None if row is None else _entry(row)
+        if row is None:
+            return None
+        head = self._seen[_HEAD] = _entry(row)
+        return head
 
     def last_checkpoint(self) -> Checkpoint | None:
         row = self._execute(SELECT_CHECKPOINTS_SQL + " DESC LIMIT 1").fetchone()
@@ -346,15 +407,20 @@ class SQLiteTransaction:
 
     def append_ledger(self, entry: LedgerEntry) -> None:
         self._execute(INSERT_ENTRY_SQL, entry)
+        self._seen[_HEAD] = entry
 
     def add_checkpoint(self, checkpoint: Checkpoint) -> None:
         self._execute(INSERT_CHECKPOINT_SQL, checkpoint.as_row())
 
     def processed(self, machine: str, event_id: str) -> str | None:
+        key = ("processed_events", machine, event_id)
+        if self._inside and key in self._seen:
+            return None  # known missing, its ledger probe done
         row = self._anchor.dedup_row(
             self._execute, _PROCESSED_SQL, "processed_events", machine, event_id, event_id
         )
         if row is None:
+            self._seen[key] = None
             return None
         return str(self._seals.stored_result("processed_events", row)[3])
 
@@ -367,6 +433,7 @@ class SQLiteTransaction:
             "seal) VALUES (?, ?, ?, ?, ?, ?)",
             (*row, self._seals.seal("processed_events", row)),
         )
+        self._seen.pop(("processed_events", machine, event_id), None)
 
     def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
         event_id = idempotency_event_id(machine, key)
@@ -389,22 +456,31 @@ class SQLiteTransaction:
         )
 
     def _insert_sealed(self, table: str, rows: Sequence[tuple[object, ...]]) -> None:
-        """Insert rows of outbox or timers, whose ids SQLite assigns (AUTOINCREMENT), each
-        with its seal, which covers the id. The first row's id is SQLite's, and its seal is
-        written by an UPDATE after it; the others take the ids after it, which are free (the
-        transaction holds the write lock, and AUTOINCREMENT gives an id above every id ever
-        given), and go in with their seals in one executemany: three statements for an
-        emit's four messages, not eight."""
+        """Insert rows of outbox or timers, whose ids are AUTOINCREMENT's, each with its seal,
+        which covers the id. Once this connection has inserted into the table, the next id is
+        known (`_seen`: no other connection committed since, and the transaction holds the
+        write lock), and every row goes in with its id and seal in one executemany. Else the
+        first row's id is SQLite's, and its seal is written by an UPDATE after it; the others
+        take the ids after it, which are free (AUTOINCREMENT gives an id above every id ever
+        given), with their seals in one executemany."""
         insert, insert_with_id, update = _INSERTS[table]
-        first = self._execute(insert, rows[0]).lastrowid
-        assert first is not None
         seal = self._seals.seal
-        sealed = seal(table, (first, *rows[0]))
-        if sealed is not None:
-            self._execute(update, (sealed, first))
-        if len(rows) > 1:
-            following = [(first + n, *row) for n, row in enumerate(rows[1:], 1)]
+        seen = self._seen
+        known = _NEXT_ID[table]
+        first = seen.get(known) if self._inside else None
+        if first is None:
+            first = self._execute(insert, rows[0]).lastrowid
+            assert first is not None
+            sealed = seal(table, (first, *rows[0]))
+            if sealed is not None:
+                self._execute(update, (sealed, first))
+            done = 1
+        else:
+            done = 0
+        if len(rows) > done:
+            following = [(first + n, *rows[n]) for n in range(done, len(rows))]
             self._executemany(insert_with_id, [(*row, seal(table, row)) for row in following])
+        seen[known] = first + len(rows)
 
     def _outbox_row(self, message_id: int) -> OutboxMessage | None:
         row = self._execute(
@@ -483,7 +559,10 @@ class SQLiteTransaction:
         # Claims are written under the file's write lock, which this transaction holds: no
         # key can be taken over before it ends.
         execute = self._execute
+        seen = self._seen
         for machine, kind, key in keys:
+            if self._inside and seen.get(("outside_claims", machine, kind, key)) == holder:
+                continue  # this connection's claim, and no other connection committed since
             row = execute(
                 "SELECT holder FROM outside_claims WHERE machine = ? AND kind = ? AND key = ?",
                 (machine, kind, key),
@@ -492,9 +571,19 @@ class SQLiteTransaction:
                 return False
         return True
 
+    def claimed(self, keys: Sequence[ClaimKey], holder: str | None) -> None:
+        """This connection committed `holder`'s claim on `keys` (None: let go of)."""
+        seen = self._seen
+        for machine, kind, key in keys:
+            if holder is None:
+                seen.pop(("outside_claims", machine, kind, key), None)
+            else:
+                seen[("outside_claims", machine, kind, key)] = holder
+
     def release_outside(self, keys: Sequence[ClaimKey], holder: str) -> None:
         if keys:
             self._execute(*_release_claims(keys, holder))
+            self.claimed(keys, None)
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
         self._execute(
@@ -513,6 +602,7 @@ class SQLiteTransaction:
         )
 
     def purge_dedup(self, before_ms: int) -> tuple[int, int]:
+        self.forget()
         events = self._execute("DELETE FROM processed_events WHERE created_ms < ?", (before_ms,))
         keys = self._execute("DELETE FROM idempotency_keys WHERE created_ms < ?", (before_ms,))
         self._anchor.advance(self._execute, before_ms)
@@ -628,6 +718,7 @@ class SQLiteTransaction:
 
     def reseal_rows(self, key: bytes) -> None:
         # Every row is checked under the outgoing key first: a forged row is not laundered.
+        self.forget()
         horizon = self._anchor.horizon(self._execute)
         seal_every_row(self._execute, self._seals, key, check=True, mark=_SAVE_MARK)
         self._anchor.keep(self._execute, horizon)
@@ -749,6 +840,7 @@ class SQLiteStore:
         with self._lock:
             execute("BEGIN IMMEDIATE")
             try:
+                txn.begin()
                 last = len(works) - 1
                 for index, work in enumerate(works):
                     if not outcomes:
@@ -759,10 +851,12 @@ class SQLiteStore:
                             outcomes.append(WorkOutcome(work(txn), None))
                         except Exception as exc:
                             execute("ROLLBACK")
+                            txn.end(committed=False)
                             outcomes.append(WorkOutcome(None, exc))
                             if len(works) == 1:
                                 return outcomes
                             execute("BEGIN IMMEDIATE")
+                            txn.begin()
                         continue
                     execute("SAVEPOINT unit")
                     try:
@@ -770,6 +864,7 @@ class SQLiteStore:
                     except Exception as exc:
                         execute("ROLLBACK TO unit")
                         execute("RELEASE unit")
+                        txn.forget()
                         outcomes.append(WorkOutcome(None, exc))
                     else:
                         outcomes.append(WorkOutcome(value, None))
@@ -783,14 +878,17 @@ class SQLiteStore:
                 if before_commit is not None:
                     before_commit(txn)
                 execute("COMMIT")
+                txn.end(committed=True)
             except BaseException:
                 if self._connection.in_transaction:
                     execute("ROLLBACK")
+                txn.end(committed=False)
                 raise
         return outcomes
 
     def seal_rows(self, key: bytes | None, *, adopt: bool = False) -> None:
         with self._lock:
+            self._txn.forget()  # read and checked under the key (or none) of before
             if key is None:
                 self._seals.key = None
                 return
@@ -1021,6 +1119,7 @@ class SQLiteStore:
                         execute("ROLLBACK")
                         return False
                 execute("COMMIT")
+                self._txn.claimed(keys, holder)
             except BaseException:
                 if connection.in_transaction:
                     execute("ROLLBACK")
@@ -1051,6 +1150,7 @@ class SQLiteStore:
         # connection committed each key's DELETE on its own).
         with self._claims_connection() as connection:
             connection.execute(*_release_claims(keys, holder))
+            self._txn.claimed(keys, None)
 
     @contextlib.contextmanager
     def _claims_connection(self) -> Iterator[sqlite3.Connection]:
