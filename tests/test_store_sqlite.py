@@ -15,6 +15,7 @@ from autonomic.runtime.dispatch import Governor
 from autonomic.runtime.errors import (
     RuntimeFailure,
     StoreConfigError,
+    StoreIntegrityError,
 )
 from autonomic.runtime.inputs import InputLimits
 from autonomic.runtime.keys import generate_keypair, load_signer
@@ -476,4 +477,50 @@ def test_a_transaction_reads_again_what_another_connection_committed(tmp_path: P
     # The outbox id the other connection took is not given again.
     assert store.run([emit("e2")])[0].error is None
     assert [m.event_id for m in store.outbox(status=None)] == ["e0", "e1", "x", "e2"]
+    store.close()
+
+
+def test_a_units_ledger_entries_go_in_together_and_every_read_of_the_ledger_sees_them(
+    tmp_path: Path,
+) -> None:
+    """A unit's entries are inserted in one executemany at its end, yet a read of the ledger
+    inside the unit finds those appended before it: the dedup probe of a missing processed
+    row finds its dispatch's entry (the row was deleted: refused); a unit that fails takes
+    its entries with it, and the next unit's go in after the last one committed."""
+    store = SQLiteStore(tmp_path / "s.db")
+    store.seal_rows(bytes(range(32)))
+
+    def entry(seq: int, kind: str, event_id: str) -> LedgerEntry:
+        return LedgerEntry(
+            seq, 5, kind, "M", "i", "A", "B", "E", "a", event_id, b"", b"", b"", "k", b""
+        )
+
+    sql: list[str] = []
+    store._connection.set_trace_callback(sql.append)
+
+    def appends(*entries: LedgerEntry) -> Callable[[Any], None]:
+        def work(txn: Any) -> None:
+            for e in entries:
+                txn.append_ledger(e)
+
+        return work
+
+    def probe(txn: Any) -> object:
+        txn.append_ledger(entry(3, "flow", "e1"))  # not its dispatch's: no insert before the probe
+        first = txn.processed("M", "e1")
+        txn.append_ledger(entry(4, "transition", "e1"))
+        return first, txn.processed("M", "e1")
+
+    def fail(txn: Any) -> None:
+        txn.append_ledger(entry(3, "transition", "e9"))
+        raise RuntimeError("rolled back")
+
+    outcomes = store.run([appends(entry(0, "genesis", ""), entry(1, "flow", "")), fail])
+    assert [o.error is None for o in outcomes] == [True, False]
+    assert sum(s.startswith("INSERT INTO ledger") for s in sql) == 2  # one executemany: 2 rows
+    store.run([appends(entry(2, "flow", ""))])
+    [probed] = store.run([probe])
+    assert isinstance(probed.error, StoreIntegrityError)  # the entry of e1 found, its row gone
+    assert "missing" in str(probed.error)
+    assert [e.seq for e in store.ledger_entries()] == [0, 1, 2]  # nothing of the failed units
     store.close()

@@ -301,9 +301,21 @@ class SQLiteTransaction:
     says no other connection committed since the last transaction began (it changes with
     every commit of another connection, never with this one's); reads outside a transaction
     only add to them. Every write here updates or drops what it changes; a rollback, a purge
-    or a reseal forgets everything."""
+    or a reseal forgets everything.
 
-    __slots__ = ("_anchor", "_execute", "_executemany", "_inside", "_seals", "_seen", "_version")
+    A unit's ledger entries are inserted together, in one executemany at the end of the unit
+    (`flush`), or before a statement that reads the ledger: no read misses one."""
+
+    __slots__ = (
+        "_anchor",
+        "_entries",
+        "_execute",
+        "_executemany",
+        "_inside",
+        "_seals",
+        "_seen",
+        "_version",
+    )
 
     def __init__(self, connection: sqlite3.Connection, seals: RowSeals) -> None:
         self._execute = connection.execute
@@ -311,6 +323,7 @@ class SQLiteTransaction:
         self._seen: dict[tuple[str, ...], Any] = {}
         self._version: int | None = None  # the data_version `_seen` is current at
         self._inside = False  # in a write transaction, `begin` done
+        self._entries: list[LedgerEntry] = []  # appended, not inserted yet
         # Every row of a sealed table is sealed as written and checked as read (row_seals.py).
         self._seals = seals
         # A missing dedup row is checked against the ledger (row_seals.LedgerAnchor).
@@ -330,11 +343,27 @@ class SQLiteTransaction:
         """After COMMIT, or ROLLBACK (whose undone writes may be among what is known)."""
         self._inside = False
         if not committed:
-            self._seen.clear()
+            self.discard()
 
     def forget(self) -> None:
-        """Rows changed in bulk (purge, reseal), or a unit rolled back to its savepoint."""
+        """Rows changed in bulk (purge, reseal)."""
         self._seen.clear()
+
+    def discard(self) -> None:
+        """The unit's writes are rolled back (to its savepoint): its entries not inserted yet
+        go with them, and what is known may hold some of them."""
+        self._entries = []
+        self._seen.clear()
+
+    def flush(self) -> None:
+        """Insert the ledger entries appended since the last flush."""
+        entries = self._entries
+        if entries:
+            self._entries = []
+            if len(entries) == 1:
+                self._execute(INSERT_ENTRY_SQL, entries[0])
+            else:
+                self._executemany(INSERT_ENTRY_SQL, entries)
 
     def instance(self, machine: str, instance: str) -> InstanceRecord | None:
         key = ("instances", machine, instance)
@@ -393,6 +422,7 @@ class SQLiteTransaction:
             known = self._seen.get(_HEAD)
             if known is not None:
                 return cast(LedgerEntry, known)
+        self.flush()
         row = self._execute(
             f"SELECT {_ENTRY_COLUMNS} FROM ledger ORDER BY seq DESC LIMIT 1"
         ).fetchone()
@@ -406,8 +436,11 @@ class SQLiteTransaction:
         return None if row is None else Checkpoint(*row)
 
     def append_ledger(self, entry: LedgerEntry) -> None:
-        self._execute(INSERT_ENTRY_SQL, entry)
-        self._seen[_HEAD] = entry
+        self._entries.append(entry)
+        seen = self._seen
+        seen[_HEAD] = entry
+        if entry.kind == "transition":  # a dispatch's: the miss of its event id is over
+            seen.pop(("processed_events", entry.machine, entry.event_id), None)
 
     def add_checkpoint(self, checkpoint: Checkpoint) -> None:
         self._execute(INSERT_CHECKPOINT_SQL, checkpoint.as_row())
@@ -416,6 +449,11 @@ class SQLiteTransaction:
         key = ("processed_events", machine, event_id)
         if self._inside and key in self._seen:
             return None  # known missing, its ledger probe done
+        for entry in self._entries:
+            # Only an entry of this dispatch changes what the probe of a miss finds.
+            if entry.event_id == event_id and entry.kind == "transition":
+                self.flush()
+                break
         row = self._anchor.dedup_row(
             self._execute, _PROCESSED_SQL, "processed_events", machine, event_id, event_id
         )
@@ -437,6 +475,7 @@ class SQLiteTransaction:
 
     def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
         event_id = idempotency_event_id(machine, key)
+        self.flush()
         row = self._anchor.dedup_row(
             self._execute, _IDEMPOTENCY_SQL, "idempotency_keys", machine, key, event_id
         )
@@ -525,6 +564,7 @@ class SQLiteTransaction:
         ).fetchone()
         if row is None or self._seals.timer(row) != timer:
             return False
+        self.flush()
         return self._anchor.timer(self._execute, timer)
 
     def take_timer(self, timer: ArmedTimer) -> bool:
@@ -603,6 +643,7 @@ class SQLiteTransaction:
 
     def purge_dedup(self, before_ms: int) -> tuple[int, int]:
         self.forget()
+        self.flush()
         events = self._execute("DELETE FROM processed_events WHERE created_ms < ?", (before_ms,))
         keys = self._execute("DELETE FROM idempotency_keys WHERE created_ms < ?", (before_ms,))
         self._anchor.advance(self._execute, before_ms)
@@ -671,6 +712,7 @@ class SQLiteTransaction:
         )
 
     def kept_entry(self, machine: str, instance: str) -> LedgerEntry | None:
+        self.flush()
         row = self._execute(
             f"SELECT {_ENTRY_COLUMNS} FROM ledger WHERE machine = ? AND instance = ? "
             f"AND kind = '{KEPT}' ORDER BY seq DESC LIMIT 1",
@@ -679,6 +721,7 @@ class SQLiteTransaction:
         return None if row is None else _entry(row)
 
     def deadline(self, id: str) -> DeadlineRecord | None:
+        self.flush()
         row = self._execute(
             f"SELECT {_DEADLINE_READ} FROM deadlines WHERE id = ?", (id,)
         ).fetchone()
@@ -707,6 +750,7 @@ class SQLiteTransaction:
         return self._execute("DELETE FROM deadlines WHERE id = ?", (id,)).rowcount == 1
 
     def due_deadlines(self, now_ms: int, limit: int) -> list[DeadlineRecord]:
+        self.flush()
         rows = self._execute(
             f"SELECT {_DEADLINE_READ} FROM deadlines WHERE due_ms <= ? ORDER BY due_ms, id LIMIT ?",
             (now_ms, limit),
@@ -719,6 +763,7 @@ class SQLiteTransaction:
     def reseal_rows(self, key: bytes) -> None:
         # Every row is checked under the outgoing key first: a forged row is not laundered.
         self.forget()
+        self.flush()
         horizon = self._anchor.horizon(self._execute)
         seal_every_row(self._execute, self._seals, key, check=True, mark=_SAVE_MARK)
         self._anchor.keep(self._execute, horizon)
@@ -848,7 +893,7 @@ class SQLiteStore:
                         # transaction, so if it fails, the transaction is rolled back and
                         # the others (none has run yet) go on in a new one.
                         try:
-                            outcomes.append(WorkOutcome(work(txn), None))
+                            value = work(txn)
                         except Exception as exc:
                             execute("ROLLBACK")
                             txn.end(committed=False)
@@ -857,6 +902,11 @@ class SQLiteStore:
                                 return outcomes
                             execute("BEGIN IMMEDIATE")
                             txn.begin()
+                            continue
+                        # Its entries, outside the unit's try: the caller has taken the unit
+                        # as done (its chain moved on), so a failed insert fails the batch.
+                        txn.flush()
+                        outcomes.append(WorkOutcome(value, None))
                         continue
                     execute("SAVEPOINT unit")
                     try:
@@ -864,9 +914,10 @@ class SQLiteStore:
                     except Exception as exc:
                         execute("ROLLBACK TO unit")
                         execute("RELEASE unit")
-                        txn.forget()
+                        txn.discard()
                         outcomes.append(WorkOutcome(None, exc))
                     else:
+                        txn.flush()
                         outcomes.append(WorkOutcome(value, None))
                         if index != last:
                             # Released at once, not left to COMMIT: with savepoints nested
@@ -937,6 +988,7 @@ class SQLiteStore:
 
     def _query(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
+            self._txn.flush()  # read inside a unit of work (a chain's checks): its entries
             return self._connection.execute(sql, parameters).fetchall()
 
     def get_instance(self, machine: str, instance: str) -> InstanceRecord | None:
