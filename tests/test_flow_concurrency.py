@@ -234,3 +234,25 @@ def test_start_async_reads_the_stored_run_off_the_event_loop(tmp_path: Path) -> 
     assert stalled == [False]
     assert result.status == "completed"
     runtime.close()
+
+
+def test_start_async_reads_on_the_loop_while_the_store_lock_is_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nobody holding the SQLite store's lock, `start_async` reads the stored run on
+    the loop's thread (holding the lock, so it never waits there): the hop to an action
+    thread and back costs more than the read."""
+    store = SQLiteStore(tmp_path / "s.db")
+    runtime, runner, _ = marketplace(store)
+    opened_in: list[threading.Thread] = []
+    open_run = runner._open
+
+    def opening(*arguments: Any) -> Any:
+        opened_in.append(threading.current_thread())
+        return open_run(*arguments)
+
+    monkeypatch.setattr(runner, "_open", opening)
+    result = asyncio.run(runner.start_async("CustomerSignup", "c1", signup("c1")))
+    assert opened_in == [threading.main_thread()]
+    assert result.status == "completed"
+    runtime.close()

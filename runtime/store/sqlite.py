@@ -1103,6 +1103,16 @@ class SQLiteStore:
         with self._lock:
             return self._txn.flow(flow_id)
 
+    def unless_busy(self, read: Callable[[], T], busy: T) -> T:
+        """`read()` under the store's lock if nobody holds it now, else `busy` at once: an
+        event loop reads here only when the read cannot wait for a commit's fsync."""
+        if not self._lock.acquire(blocking=False):
+            return busy
+        try:
+            return read()
+        finally:
+            self._lock.release()
+
     def unfinished_flows(self, limit: int = 1000) -> list[FlowRecord]:
         rows = self._query(
             f"SELECT {_FLOW_READ} FROM flows "
