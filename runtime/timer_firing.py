@@ -12,17 +12,20 @@ the call it made. A preflight that fails leaves the timer armed and due, as a fa
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
-from .errors import OutsideCallInProgress, StoreIntegrityError
+from .errors import ActionFailed, OutsideCallInProgress, StoreIntegrityError
 from .instance_data import read_data, route
 from .ledger import EntryData, payload_digest
 from .notice_deadlines import escalate_notices, next_notice_deadline
 from .outbox import _event_message, _notification_message, _refusal_notices
 from .replay import save_snapshot
+from .resilience.backoff import noted_attempt, retry_later_ms
+from .resilience.errors import is_unanswered
 from .results import DispatchResult, EmittedEvent, Notification, TimerFiring, derive_event_id
 from .sealing import _Chain
 from .store.base import ClaimKey, Transaction, WorkOutcome
+from .tables import TimerSpec
 from .timers import ArmedTimer, arm_timers
 
 if TYPE_CHECKING:
@@ -33,6 +36,119 @@ if TYPE_CHECKING:
 
 # The results of a timer's outside actions, run before the firing on the instance's version.
 _Preran = tuple[int, Mapping[str, object]]
+
+
+class _Failed(NamedTuple):
+    """A firing whose action failed, made as the move of another timer of its machine (`instead`:
+    the ladder attempt's timeout), entering its target at `entered_ms`; `why` goes on the
+    ledger entry."""
+
+    instead: TimerSpec
+    entered_ms: int
+    why: Mapping[str, object]
+
+
+class TimerRetry(NamedTuple):
+    """A firing whose action failed, left armed: due again at `retry_at_ms`."""
+
+    timer: ArmedTimer
+    attempts: int
+    retry_at_ms: int
+    failure: ActionFailed
+
+
+def _attempt_timeout(governor: Governor, spec: TimerSpec) -> tuple[int, TimerSpec] | None:
+    """For a retry ladder step's timer (or a repeat of its attempt) whose step has an attempt
+    state: the attempt's timeout in ms and the timer that ends the attempt when it runs out."""
+    if spec.kind != "retry_step" or spec.ladder is None:
+        return None
+    ladder = governor.spec.retries.get(spec.ladder)
+    step = None if ladder is None else next((s for s in ladder.steps if s.step == spec.step), None)
+    if step is None or step.timeout_ms is None or step.timeout_timer_id is None:
+        return None
+    timeout = governor._timer_specs.get(step.timeout_timer_id)
+    return None if timeout is None else (step.timeout_ms, timeout)
+
+
+def _error_of(failure: ActionFailed) -> str:
+    return f"{type(failure.cause).__name__}: {failure.cause}"
+
+
+def _after_failure(
+    governor: Governor, timer: ArmedTimer, failure: ActionFailed, now: int
+) -> Callable[[Transaction, _Chain], TimerFiring | TimerRetry | None]:
+    """What a firing whose action failed does instead, as one unit of work.
+
+    A retry ladder's attempt whose call was refused (a declined card: any failure but an
+    unanswered one, `is_unanswered`) fails as its answer would: the instance moves as the
+    attempt's timeout moves it (Retry1 -> Retry2, or on to the ladder's end), the ledger entry
+    saying which action failed and why. An unanswered call (transient, unreachable, breaker
+    open, bulkhead full) is tried again after the jitter backoff of the timer's failed
+    firings (`retry_later_ms`), until the attempt's timeout: from then on it counts as
+    timed out, and the ladder moves on. Any other timer whose action fails is tried again
+    after the same backoff, for as long as it fails; its "rejection" entries (no change of
+    state) record attempts 1, 2, 4, ... NOTE_EVERY, then every NOTE_EVERY-th, and each change
+    of error. A retry keeps the firing's event id (and so its idempotency key)."""
+    runtime = governor.runtime
+    cause = failure.cause
+
+    def work(txn: Transaction, chain: _Chain) -> TimerFiring | TimerRetry | None:
+        spec = governor._timer_specs.get(timer.timer_id)
+        record = txn.instance(governor.name, timer.instance)
+        if (
+            spec is None
+            or record is None
+            or not txn.timer_armed(timer)
+            or not governor._plan.holds(spec, record.state)
+        ):
+            return None  # moved or fired meanwhile: the next firing settles it
+        before = txn.timer_retry(timer)
+        attempts = 1 if before is None else before[0] + 1
+        why: dict[str, object] = {
+            "action": failure.action,
+            "error": _error_of(failure),
+            "attempts": attempts,
+        }
+        unanswered = is_unanswered(cause)
+        attempt = _attempt_timeout(governor, spec)
+        retry_at = now + retry_later_ms(attempts)
+        if attempt is not None:
+            timeout_ms, ends = attempt
+            give_up = timer.due_ms + timeout_ms
+            if not unanswered or retry_at >= give_up:
+                # Refused: the failure's move, now. Unanswered with no try left before the
+                # attempt's timeout: the timeout's move, entering the next step when it runs out.
+                counts = {"counts_as": "timeout" if unanswered else "failure"}
+                entered = give_up if unanswered else min(now, give_up)
+                failed = _Failed(ends, entered, {**why, **counts})
+                try:
+                    return fire_work(governor, timer, now, None, failed)(txn, chain)
+                except ActionFailed as refused:  # raised before any write: retried below
+                    why = {**why, "action": refused.action, "error": _error_of(refused)}
+        text = str(why["error"])
+        txn.retry_timer(timer, attempts, retry_at, text)
+        if runtime._sealer is not None and (
+            before is None or before[1] != text or noted_attempt(attempts)
+        ):
+            body = {"timer": spec.id, "due_ms": timer.due_ms, **why, "retry_at": retry_at}
+            data = EntryData(
+                now,
+                "rejection",
+                governor.name,
+                timer.instance,
+                record.state,
+                record.state,
+                spec.id,
+                runtime._timer_actor,
+                "",
+                payload_digest(body),
+            )
+            entry = chain.seal(txn, data)
+            txn.append_ledger(entry)
+            chain.advance(entry)
+        return TimerRetry(timer, attempts, retry_at, failure)
+
+    return work
 
 
 def preflight(governor: Governor, timer: ArmedTimer, now: int) -> _Preran | None:
@@ -100,8 +216,14 @@ def _claim_checked(
 
 
 def fire_work(
-    governor: Governor, timer: ArmedTimer, now: int, preran: _Preran | None = None
+    governor: Governor,
+    timer: ArmedTimer,
+    now: int,
+    preran: _Preran | None = None,
+    failed: _Failed | None = None,
 ) -> Callable[[Transaction, _Chain], TimerFiring | None]:
+    """The firing of `timer`, or with `failed`, the move its failed action makes instead
+    (a ladder attempt's failure edge, `_after_failure`)."""
     name = governor.name
     runtime = governor.runtime
 
@@ -120,23 +242,27 @@ def fire_work(
         if record is None or spec is None or not governor._plan.holds(spec, record.state):
             txn.take_timer(timer)  # a timer of a state already left (or an older machine)
             return None
-        target = spec.target
+        # A failed ladder attempt moves as its attempt's timeout would (its target, actions,
+        # emits), from the step's own state, at the time the failure counts.
+        moves = spec if failed is None else failed.instead
+        entered = timer.due_ms if failed is None else failed.entered_ms
+        target = moves.target
         to_state = record.state if target is None else str(target)
         kind = "escalation" if spec.kind.startswith("escalation") else "timer"
         results = governor._run_actions(
-            governor._timer_actions[spec.id],
-            spec.id,
+            governor._timer_actions[moves.id],
+            moves.id,
             None if target is None else to_state,
             record,
             None,
             runtime._timer_actor,
             now,
-            spec.id,
+            moves.id,
             # Still armed, its state still holding: the firing is decided as its preflight
             # was, even if the instance moved meanwhile, so the calls made are not repeated.
             None if preran is None else preran[1],
         )
-        emits = governor._timer_emits[spec.id]
+        emits = governor._timer_emits[moves.id]
         if target is not None:
             # The target's entry actions run in this firing's transaction, after its own.
             for entering in governor._plan.on_entry(to_state):
@@ -162,12 +288,12 @@ def fire_work(
             # Entered at the due time: a ladder missed while down keeps its spacing.
             arms, keep, cancels = governor._plan.on_move(record.state, to_state)
             armed = arm_timers(
-                name, timer.instance, arms, timer.due_ms, version, None, governor._settings
+                name, timer.instance, arms, entered, version, None, governor._settings
             )
         notifications: tuple[Notification, ...] = ()
         deadline = None
-        if spec.notify is not None:
-            notify = spec.notify
+        if moves.notify is not None:
+            notify = moves.notify
             # Counted from the notice's due time: a late firing keeps its schedule.
             deadline = None if notify.within_ms is None else timer.due_ms + notify.within_ms
             notifications = (
@@ -209,11 +335,13 @@ def fire_work(
         )
         entry = None
         if runtime._sealer is not None:
-            body = {
+            body: dict[str, object] = {
                 "timer": spec.id,
                 "due_ms": timer.due_ms,
                 "notify": [n._asdict() for n in notifications],
             }
+            if failed is not None:
+                body["failed"] = failed.why
             data = EntryData(
                 now,
                 kind,
@@ -243,6 +371,8 @@ def fire_work(
         )
         if not txn.take_timer(timer):
             raise StoreIntegrityError(f"timer {timer.timer_id} vanished inside a transaction")
+        if spec.actions:  # one whose firing failed before kept its retry beside it
+            txn.forget_timer_retry(timer)
         txn.update_instance(name, timer.instance, to_state, version, version - 1)
         if target is not None:
             if cancels:
@@ -304,6 +434,8 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
     machines = sorted(runtime._governors)
     fired: list[TimerFiring] = []
     failed: list[BaseException] = []
+    after: list[tuple[ArmedTimer, ActionFailed]] = []  # firings whose action failed
+    retried: list[TimerRetry] = []
     skip: set[ArmedTimer] = set()
     fleet = runtime._partitioned
     for _ in range(10_000):
@@ -350,7 +482,11 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
             except OutsideCallInProgress:
                 skip.add(timer)
                 continue
-            except Exception as error:  # an outside action failed: the timer stays due
+            except ActionFailed as error:  # an outside action failed: settled below
+                after.append((timer, error))
+                skip.add(timer)
+                continue
+            except Exception as error:  # anything else leaves the timer due
                 failed.append(error)
                 skip.add(timer)
                 continue
@@ -378,21 +514,72 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
             for timer, release in releases.items():
                 release(committed=timer in committed)
         for timer, outcome in zip(ready, outcomes, strict=True):
-            if outcome.error is not None:
+            if isinstance(outcome.error, ActionFailed):
+                after.append((timer, outcome.error))
+                skip.add(timer)
+            elif outcome.error is not None:
                 # The timer stays armed and due: the next call tries it again.
                 failed.append(outcome.error)
                 skip.add(timer)
             elif outcome.value is not None:
                 fired.append(outcome.value)
+        _settle_failures(runtime, after, instant, fired, retried, failed)
+        after.clear()
     runtime._settle_breakers()  # changed by a preflight whose firing did not run
     if failed:
         raise failed[0]
+    if retried:
+        raise _retry_report(retried, instant)
     return fired
+
+
+def _settle_failures(
+    runtime: Runtime,
+    after: list[tuple[ArmedTimer, ActionFailed]],
+    now: int,
+    fired: list[TimerFiring],
+    retried: list[TimerRetry],
+    failed: list[BaseException],
+) -> None:
+    """Each firing whose action failed, settled in a unit of its own (`_after_failure`): the
+    ladder moves on, or the timer waits for its retry; a unit that fails leaves it due."""
+    if not after:
+        return
+    # The backoff counts from the failure, which a policy's own retries may have delayed.
+    now = max(now, runtime._clock.now_ms())
+    works = [_after_failure(runtime._governors[t.machine], t, e, now) for t, e in after]
+    partitions = [runtime._partition_of(t.instance) for t, _ in after]
+    for outcome in runtime._submit_many(works, partitions):
+        if outcome.error is not None:
+            failed.append(outcome.error)
+        elif isinstance(outcome.value, TimerRetry):
+            retried.append(outcome.value)
+        elif outcome.value is not None:
+            fired.append(outcome.value)
+
+
+def _retry_report(retried: list[TimerRetry], now: int) -> ActionFailed:
+    """The first retried firing's failure, saying when it is tried again (raised once every
+    other timer has fired, as a failed firing always was)."""
+    first = retried[0]
+    failure = first.failure
+    timer = first.timer
+    report = ActionFailed(failure.machine, failure.action, failure.cause, role=failure.role)
+    more = f"; {len(retried) - 1} more timers' firings failed too" if len(retried) > 1 else ""
+    tries = "1 failed firing" if first.attempts == 1 else f"{first.attempts} failed firings"
+    report.hint = (
+        f"timer {timer.timer_id} of {timer.machine} '{timer.instance}' stays armed: its "
+        f"firing is tried again in {first.retry_at_ms - now} ms (jitter backoff after "
+        f"{tries}){more}"
+    )
+    return report
 
 
 def next_deadline(runtime: Runtime) -> int | None:
     """The earliest armed timer or notice deadline of a loaded governor, or None."""
     timers = [t for t in runtime._store.armed_timers() if t.machine in runtime._governors]
-    due = min((t.due_ms for t in timers), default=None)
+    # A timer whose firing failed is due again at its retry time (`_after_failure`).
+    retries = runtime._store.timer_retries() if timers else {}
+    due = min((max(t.due_ms, retries.get(t.arming(), 0)) for t in timers), default=None)
     notice = next_notice_deadline(runtime)
     return notice if due is None else due if notice is None else min(due, notice)

@@ -157,6 +157,10 @@ class ArmedTimer:
     due_ms: int
     armed_version: int
 
+    def arming(self) -> tuple[str, str, str, int]:
+        """(machine, instance, timer id, armed version): this arming, whatever its due time."""
+        return (self.machine, self.instance, self.timer_id, self.armed_version)
+
     def row(self) -> tuple[str, str, str, str, int, int]:
         """The timers row's columns, in the stores' column order: the key a store finds this
         one arming by."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import IO, Any
 
-from .errors import RuntimeFailure, StoreConfigError
+from .errors import ActionFailed, RuntimeFailure, StoreConfigError
 from .flows import FlowRunner
 from .keys import load_signer, load_trusted_root
 from .ledger import LedgerMode, LedgerSealer, RootLike
@@ -146,8 +146,10 @@ def _round(runtime: Runtime, batch: int, out: IO[str]) -> tuple[int, int]:
     try:
         fired = len(runtime.fire_due(limit=batch))
     except RuntimeFailure as failure:
-        # One timer's failure (its action raised) leaves it armed; the rest fired.
-        out.write(f"timer failed: {failure.code} {failure.message}\n")
+        # A timer whose action failed stays armed and is tried again after its backoff
+        # (timer_firing.py), not at the next poll; the rest fired. The hint says when.
+        when = f" ({failure.hint})" if isinstance(failure, ActionFailed) and failure.hint else ""
+        out.write(f"timer failed: {failure.code} {failure.message}{when}\n")
         fired = 0
     deliveries = runtime.deliver_outbox(limit=batch)
     return fired, sum(1 for d in deliveries if d.status == "delivered")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from autonomic.runtime.dispatch import Governor
+from autonomic.runtime.errors import ActionFailed
 from autonomic.runtime.keys import Keyring, generate_keypair, load_signer
 from autonomic.runtime.ledger import LedgerSealer, verify_ledger
 from autonomic.runtime.runtime import Runtime
@@ -262,10 +263,13 @@ def test_a_failing_timer_action_stays_armed_and_others_fire() -> None:
     job = rt.load(spec, {}, {"flaky": flaky})
     job.create("j1")
     job.create("j2")
-    with pytest.raises(Exception, match="backend down"):
+    with pytest.raises(ActionFailed, match="backend down") as failed:
         rt.fire_due(START + HOUR)
+    assert "tried again in 217 ms" in str(failed.value.hint)
     assert len(job.timers("j1")) + len(job.timers("j2")) == 1  # one fired, one still armed
-    assert len(rt.fire_due(START + HOUR)) == 1
+    # Not again before its backoff (the first of the jitter backoff: 217 ms), then once.
+    assert rt.fire_due(START + HOUR + 216) == []
+    assert len(rt.fire_due(START + HOUR + 217)) == 1
     assert job.timers("j1") == job.timers("j2") == []
 
 

@@ -3,7 +3,13 @@ TTL cache, batches and pure proration; each module states its semantics."""
 
 from __future__ import annotations
 
-from .backoff import Backoff, jitter_delay_ms, jitter_with_cap, throttle_delay_ms
+from .backoff import (
+    Backoff,
+    jitter_delay_ms,
+    jitter_with_cap,
+    retry_later_ms,
+    throttle_delay_ms,
+)
 from .batch import ChunkFailed, chunks, dispatch_in_chunks, run_in_chunks
 from .breaker import BreakerChange, BreakerState, BreakerStatus, CircuitBreaker
 from .bulkhead import Bulkhead, TenantBulkheads
@@ -15,6 +21,7 @@ from .errors import (
     TransientFailure,
     Unavailable,
     is_transient,
+    is_unanswered,
     is_unavailable,
     is_unhealthy,
 )
@@ -50,12 +57,14 @@ __all__ = [
     "dispatch_in_chunks",
     "escalation_entry",
     "is_transient",
+    "is_unanswered",
     "is_unavailable",
     "is_unhealthy",
     "jitter_delay_ms",
     "jitter_with_cap",
     "prorate",
     "retry_call",
+    "retry_later_ms",
     "run_in_chunks",
     "throttle_delay_ms",
     "ttl_cache",

@@ -16,15 +16,25 @@ from collections.abc import Callable
 
 __all__ = [
     "BASE_MS",
+    "NOTE_EVERY",
+    "RETRY_LATER_CAP_MS",
     "THROTTLE_CAP_MS",
     "Backoff",
     "jitter_delay_ms",
     "jitter_with_cap",
+    "noted_attempt",
+    "retry_later_ms",
     "throttle_delay_ms",
 ]
 
 BASE_MS = 100
 THROTTLE_CAP_MS = 10_000
+# The longest wait between two tries of stored work whose receiver gave no answer (a
+# compensation, an outbox delivery), tried again from the store until it answers.
+RETRY_LATER_CAP_MS = 60_000
+# The most attempts between two recorded ones of such work failing alike (a power of two;
+# about 4 h apart at the cap).
+NOTE_EVERY = 256
 _THROTTLE_MAX_EXPONENT = 7
 _JITTER_MAX_EXPONENT = 10
 
@@ -61,3 +71,18 @@ def jitter_with_cap(max_ms: int) -> Backoff:
         return jitter_delay_ms(n, max_ms)
 
     return delay
+
+
+def retry_later_ms(attempts: int) -> int:
+    """How long stored work left unanswered `attempts` times waits before its next try: the
+    jitter backoff capped at RETRY_LATER_CAP_MS (217 ms, 434 ms, 851 ms, ... 1 min)."""
+    return jitter_delay_ms(attempts, RETRY_LATER_CAP_MS)
+
+
+def noted_attempt(attempt: int) -> bool:
+    """Whether the ledger records this failed attempt of stored work tried again later, when
+    its error is the previous one's: 1, 2, 4, 8, ... NOTE_EVERY, then each multiple of it (a
+    day-long outage at the one-minute cap writes 13 entries, then about six a day)."""
+    if attempt <= NOTE_EVERY:
+        return attempt & (attempt - 1) == 0
+    return attempt % NOTE_EVERY == 0

@@ -33,6 +33,7 @@ __all__ = [
     "TransientFailure",
     "Unavailable",
     "is_transient",
+    "is_unanswered",
     "is_unavailable",
     "is_unhealthy",
 ]
@@ -106,3 +107,11 @@ def is_unhealthy(error: BaseException) -> bool:
     if said is not None:
         return said
     return is_transient(error) or is_unavailable(error)
+
+
+def is_unanswered(error: BaseException) -> bool:
+    """True when the service gave no answer to the call (yet): it failed transiently, could not
+    be reached (also: its breaker is open), or the call was not started (the tenant's bulkhead
+    was full). Work waiting on such a call is tried again later (a compensation, an outbox
+    delivery); any other failure is the service's answer."""
+    return is_transient(error) or is_unavailable(error) or isinstance(error, BulkheadFull)

@@ -217,6 +217,18 @@ class Transaction(Protocol):
     def take_timer(self, timer: ArmedTimer) -> bool:
         """Delete this armed timer; False if it is no longer armed (fired or cancelled)."""
 
+    def timer_retry(self, timer: ArmedTimer) -> tuple[int, str] | None:
+        """How many firings of this arming of the timer failed, and the last one's error
+        (`retry_timer`), or None."""
+
+    def retry_timer(self, timer: ArmedTimer, attempts: int, retry_at_ms: int, error: str) -> None:
+        """Keep this arming armed after its firing's action failed: its count of failed
+        firings, and when it is due again (`Store.due_timers` skips it until then). Kept beside
+        the timer's row (table timer_retries), not under its seal: it only says when to try."""
+
+    def forget_timer_retry(self, timer: ArmedTimer) -> None:
+        """Drop what `retry_timer` kept of this arming (it fired or was taken)."""
+
     def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
         """Insert each message with its `status` ("pending", or "held" for a refusal notice)
         and no error; the store assigns its id."""
@@ -347,8 +359,13 @@ class Store(Protocol):
         self, machine: str | None = None, instance: str | None = None
     ) -> list[ArmedTimer]: ...
 
+    def timer_retries(self) -> dict[tuple[str, str, str, int], int]:
+        """When each retried timer (by `ArmedTimer.arming()`) is due again (`retry_timer`)."""
+
     def due_timers(self, now_ms: int, machines: Sequence[str], limit: int) -> list[ArmedTimer]:
-        """Armed timers of `machines` due at `now_ms`, earliest first (ties: arming order)."""
+        """Armed timers of `machines` due at `now_ms`, earliest first (ties: arming order),
+        but those whose failed firing is tried again after `now_ms` (`retry_timer`; a retry
+        time more than RETRY_LATER_CAP_MS ahead is no stored backoff's, and is ignored)."""
 
     def outbox(
         self,

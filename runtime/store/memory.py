@@ -34,6 +34,7 @@ from typing import TypeVar
 
 from ..errors import ConcurrentUpdateDetected, InstanceExists
 from ..ledger import KEPT, Checkpoint, LedgerEntry, LedgerMode
+from ..resilience.backoff import RETRY_LATER_CAP_MS
 from ..timers import ArmedTimer
 from .base import (
     FLOW_FINISHED,
@@ -88,6 +89,8 @@ class MemoryStore:
         # Armed timers by (machine, instance) -> timer_id -> (order key, timer); `_due` is a
         # heap of the same with stale items (cancelled, fired) skipped and pruned lazily.
         self._timers: dict[tuple[str, str], dict[str, tuple[_TimerKey, ArmedTimer]]] = {}
+        # By (machine, instance, timer id, armed version): attempts, retry time, error.
+        self._timer_retries: dict[tuple[str, str, str, int], tuple[int, int, str]] = {}
         self._due: list[tuple[_TimerKey, ArmedTimer]] = []
         self._live_timers = 0
         self._arming = 0
@@ -276,9 +279,32 @@ class MemoryStore:
             for key, timer in heapq.nsmallest(len(self._due), self._due):
                 if key[0] > now_ms or len(found) >= limit:
                     break
-                if timer.machine in wanted and self._is_live(key, timer):
+                if (
+                    timer.machine in wanted
+                    and self._is_live(key, timer)
+                    and not self._retrying(timer, now_ms)
+                ):
                     found.append(timer)
         return found
+
+    def _retrying(self, timer: ArmedTimer, now_ms: int) -> bool:
+        """Whether the timer's failed firing is tried again after `now_ms` (within the cap)."""
+        retry = self._timer_retries.get(timer.arming())
+        return retry is not None and now_ms < retry[1] <= now_ms + RETRY_LATER_CAP_MS
+
+    def timer_retries(self) -> dict[tuple[str, str, str, int], int]:
+        with self.entered():
+            return {key: retry[1] for key, retry in self._timer_retries.items()}
+
+    def timer_retry(self, timer: ArmedTimer) -> tuple[int, str] | None:
+        retry = self._timer_retries.get(timer.arming())
+        return None if retry is None else (retry[0], retry[2])
+
+    def retry_timer(self, timer: ArmedTimer, attempts: int, retry_at_ms: int, error: str) -> None:
+        self._timer_retries[timer.arming()] = (attempts, retry_at_ms, error)
+
+    def forget_timer_retry(self, timer: ArmedTimer) -> None:
+        self._timer_retries.pop(timer.arming(), None)
 
     def _is_live(self, key: _TimerKey, timer: ArmedTimer) -> bool:
         found = self._timers.get((timer.machine, timer.instance), {}).get(timer.timer_id)

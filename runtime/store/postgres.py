@@ -59,6 +59,7 @@ from ..ledger import (
     LedgerMode,
 )
 from ..partitions import SignedRoot, decode_heads, encode_heads, partition_of
+from ..resilience.backoff import RETRY_LATER_CAP_MS
 from ..timers import ArmedTimer
 from .base import (
     BreakerRecord,
@@ -112,6 +113,19 @@ _OUTBOX_COLUMNS = (
 )
 _CHECKPOINT_COLUMNS = ", ".join(CHECKPOINT_COLUMNS)
 _TIMER_READ = SEALED_SELECT["timers"]
+# A timer (alias {t}) whose failed firing is tried again after the first parameter; a retry
+# time past the second (now + RETRY_LATER_CAP_MS) was written by no backoff: it holds nothing.
+_RETRYING = (
+    "EXISTS (SELECT 1 FROM timer_retries r WHERE r.machine = {t}.machine "
+    "AND r.instance = {t}.instance AND r.timer_id = {t}.timer_id "
+    "AND r.armed_version = {t}.armed_version AND r.retry_at_ms > %s AND r.retry_at_ms <= %s)"
+)
+_CLAIM_RETRYING = (
+    _RETRYING.format(t="c").replace("> %s", "> %(now)s").replace("<= %s", "<= %(cap)s")
+)
+_TIMER_RETRY_KEY = "machine = %s AND instance = %s AND timer_id = %s AND armed_version = %s"
+
+
 _OUTBOX_READ = SEALED_SELECT["outbox"]
 _FLOW_READ = SEALED_SELECT["flows"]
 _BREAKER_READ = SEALED_SELECT["breakers"]
@@ -486,6 +500,31 @@ class PostgresTransaction:
             timer.row(),
         )
         return cursor.rowcount == 1
+
+    def timer_retry(self, timer: ArmedTimer) -> tuple[int, str] | None:
+        row = self._execute(
+            f"SELECT attempts, error FROM timer_retries WHERE {_TIMER_RETRY_KEY}",
+            timer.arming(),
+        ).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def retry_timer(self, timer: ArmedTimer, attempts: int, retry_at_ms: int, error: str) -> None:
+        self._execute(
+            "INSERT INTO timer_retries (machine, instance, timer_id, armed_version, attempts, "
+            "retry_at_ms, error) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (machine, instance, timer_id, armed_version) DO UPDATE SET "
+            "attempts = EXCLUDED.attempts, retry_at_ms = EXCLUDED.retry_at_ms, "
+            "error = EXCLUDED.error",
+            (*timer.arming(), attempts, retry_at_ms, error),
+        )
+        # A fleet worker's lease let go: any worker takes the timer once its retry is due.
+        self._execute(
+            f"UPDATE timers SET lease_owner = NULL, lease_until_ms = NULL WHERE {_TIMER_RETRY_KEY}",
+            timer.arming(),
+        )
+
+    def forget_timer_retry(self, timer: ArmedTimer) -> None:
+        self._execute(f"DELETE FROM timer_retries WHERE {_TIMER_RETRY_KEY}", timer.arming())
 
     def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
         for m in messages:
@@ -1097,13 +1136,19 @@ class PostgresStore:
         )
         return [self._seals.timer(row) for row in rows]
 
+    def timer_retries(self) -> dict[tuple[str, str, str, int], int]:
+        rows = self._query(
+            "SELECT machine, instance, timer_id, armed_version, retry_at_ms FROM timer_retries"
+        )
+        return {(str(m), str(i), str(t), int(v)): int(at) for m, i, t, v, at in rows}
+
     def due_timers(self, now_ms: int, machines: Sequence[str], limit: int) -> list[ArmedTimer]:
         if not machines:
             return []
         rows = self._query(
-            f"SELECT {_TIMER_READ} FROM timers WHERE due_ms <= %s AND machine = ANY(%s) "
-            "ORDER BY due_ms, id LIMIT %s",
-            (now_ms, list(machines), limit),
+            f"SELECT {_TIMER_READ} FROM timers t WHERE due_ms <= %s AND machine = ANY(%s) "
+            f"AND NOT {_RETRYING.format(t='t')} ORDER BY due_ms, id LIMIT %s",
+            (now_ms, list(machines), now_ms, now_ms + RETRY_LATER_CAP_MS, limit),
         )
         return self._fired([self._seals.timer(row) for row in rows])
 
@@ -1133,6 +1178,7 @@ class PostgresStore:
                 f"AND (c.lease_until_ms IS NULL OR c.lease_until_ms <= {_DB_NOW_MS} "
                 # A lease longer than this store's own was granted by no worker of it.
                 f"OR c.lease_until_ms > {_DB_NOW_MS} + %(lease)s) "
+                f"AND NOT {_CLAIM_RETRYING} "
                 "AND NOT EXISTS (SELECT 1 FROM timers e WHERE e.machine = c.machine "
                 "AND e.instance = c.instance AND (e.due_ms, e.id) < (c.due_ms, c.id)) "
                 "ORDER BY c.due_ms, c.id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) claimed "
@@ -1144,6 +1190,7 @@ class PostgresStore:
                     "now": now_ms,
                     "machines": list(machines),
                     "limit": limit,
+                    "cap": now_ms + RETRY_LATER_CAP_MS,
                 },
             ).fetchall()
         timers = [(row[5], row[0], self._seals.timer(row)) for row in rows]

@@ -51,6 +51,7 @@ from ..ledger import (
     LedgerEntry,
     LedgerMode,
 )
+from ..resilience.backoff import RETRY_LATER_CAP_MS
 from ..timers import ArmedTimer
 from .base import (
     BreakerRecord,
@@ -103,6 +104,16 @@ def _inserts(table: str) -> tuple[str, str, str]:
 
 _INSERTS = {table: _inserts(table) for table in ("outbox", "timers")}
 _TIMER_READ = SEALED_SELECT["timers"]
+# A timer (alias t) whose failed firing is tried again after the first parameter; a retry time
+# past the second (now + RETRY_LATER_CAP_MS) was written by no backoff, and holds nothing back.
+_RETRYING = (
+    "EXISTS (SELECT 1 FROM timer_retries r WHERE r.machine = t.machine "
+    "AND r.instance = t.instance AND r.timer_id = t.timer_id "
+    "AND r.armed_version = t.armed_version AND r.retry_at_ms > ? AND r.retry_at_ms <= ?)"
+)
+_TIMER_RETRY_KEY = "machine = ? AND instance = ? AND timer_id = ? AND armed_version = ?"
+
+
 _SAVE_MARK = "INSERT OR REPLACE INTO runtime_meta (key, value) VALUES (?, ?)"
 _OUTBOX_READ = SEALED_SELECT["outbox"]
 _PROCESSED_SQL = (
@@ -574,6 +585,23 @@ class SQLiteTransaction:
             timer.row(),
         )
         return cursor.rowcount == 1
+
+    def timer_retry(self, timer: ArmedTimer) -> tuple[int, str] | None:
+        row = self._execute(
+            f"SELECT attempts, error FROM timer_retries WHERE {_TIMER_RETRY_KEY}",
+            timer.arming(),
+        ).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def retry_timer(self, timer: ArmedTimer, attempts: int, retry_at_ms: int, error: str) -> None:
+        self._execute(
+            "INSERT OR REPLACE INTO timer_retries (machine, instance, timer_id, armed_version, "
+            "attempts, retry_at_ms, error) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (*timer.arming(), attempts, retry_at_ms, error),
+        )
+
+    def forget_timer_retry(self, timer: ArmedTimer) -> None:
+        self._execute(f"DELETE FROM timer_retries WHERE {_TIMER_RETRY_KEY}", timer.arming())
 
     def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
         if messages:  # written without an error
@@ -1063,14 +1091,20 @@ class SQLiteStore:
         )
         return [self._seals.timer(row) for row in rows]
 
+    def timer_retries(self) -> dict[tuple[str, str, str, int], int]:
+        rows = self._query(
+            "SELECT machine, instance, timer_id, armed_version, retry_at_ms FROM timer_retries"
+        )
+        return {(str(m), str(i), str(t), int(v)): int(at) for m, i, t, v, at in rows}
+
     def due_timers(self, now_ms: int, machines: Sequence[str], limit: int) -> list[ArmedTimer]:
         if not machines:
             return []
         marks = ", ".join("?" for _ in machines)
         rows = self._query(
-            f"SELECT {_TIMER_READ} FROM timers WHERE due_ms <= ? AND machine IN ({marks}) "
-            "ORDER BY due_ms, id LIMIT ?",
-            [now_ms, *machines, limit],
+            f"SELECT {_TIMER_READ} FROM timers t WHERE due_ms <= ? AND machine IN ({marks}) "
+            f"AND NOT {_RETRYING} ORDER BY due_ms, id LIMIT ?",
+            [now_ms, *machines, now_ms, now_ms + RETRY_LATER_CAP_MS, limit],
         )
         timers = [self._seals.timer(row) for row in rows]
         with self._lock:  # about to fire: one whose firing is recorded was put back

@@ -144,6 +144,16 @@ CREATE TABLE IF NOT EXISTS outside_claims (
     until_ms INTEGER NOT NULL,
     PRIMARY KEY (machine, kind, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS timer_retries (
+    machine TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    timer_id TEXT NOT NULL,
+    armed_version INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    retry_at_ms INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    PRIMARY KEY (machine, instance, timer_id, armed_version)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runtime_meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
