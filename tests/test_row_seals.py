@@ -35,7 +35,9 @@ from conftest import Stores
 
 START = 1_767_225_600_000
 HOUR = 3_600_000
-TABLES = (  # every table the runtime writes but outside_claims (the claim's own short write)
+# Every table the runtime writes but outside_claims (the claim's own short write) and
+# timer_retries (when a failed firing is tried again: a hint, like a lease).
+TABLES = (
     "instances",
     "timers",
     "outbox",
