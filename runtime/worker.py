@@ -9,8 +9,10 @@ Governors come from the application: `--app module:function` names a callable th
 the Runtime and loads the governors with their guards and actions (`runtime.load(spec,
 guards, actions)`), the same code the application runs with, whatever the store.
 If it returns a FlowRunner, the worker drives its flows too: each round it resumes the
-waiting runs (an await whose machine moved, a fanout's deadline) and the runs nobody has
-written for `--lease` (their process was killed), each step exactly once (engine.py).
+waiting runs (an await whose machine moved, a fanout's deadline, a step whose receiver did
+not answer, at its retry time), the compensating runs whose compensation is due again, and
+the runs nobody has written for `--lease` (their process was killed), each step exactly once
+(engine.py).
 
 SIGTERM and SIGINT stop the loop after the round in flight commits; the worker then signs
 the remaining checkpoints and a root over the partition heads, closes the store, and exits 0.

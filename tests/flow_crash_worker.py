@@ -6,8 +6,12 @@ For customers c0..c{COUNT-1}, in order: the signup flow (parallel), a setup of r
 (each with an event id, so a repeat after a restart is deduplicated), then the cancellation
 saga; every third customer's saga fails at a step, so it compensates, and each of its
 compensations does not answer at its first attempt in each process (it is tried again from the
-store, with backoff, until it is answered). On start it resumes
-every unfinished run first. One JSON line per finished run: {"flow_id", "flow", "status"}.
+store, with backoff, until it is answered). With $FLOW_STEPS_UNANSWERED set, the refund of
+the customers after those (c1, c4, ...) and the identity check of the signups after them (c2,
+c5, ...) do not answer at their first attempt in each process either: the run waits and tries
+the step again from the store.
+On start it resumes every unfinished run first. One JSON line per finished run:
+{"flow_id", "flow", "status"}.
 """
 
 from __future__ import annotations
@@ -40,15 +44,24 @@ def failing_step(customer: str) -> str | None:
     return SAGA[number // 3 % 4] if number % 3 == 0 else None
 
 
-# The compensations that have not answered yet in this process (see `inject`).
-UNANSWERED: set[tuple[str, str]] = set()
+# The steps and compensations that have not answered yet in this process (see `inject`).
+UNANSWERED: set[tuple[str, str, str]] = set()
+
+
+def unanswered_step(customer: str) -> str | None:
+    """The forward step of this customer's flows that does not answer at first."""
+    if not os.environ.get("FLOW_STEPS_UNANSWERED"):
+        return None
+    number = int(customer[1:])
+    return (None, "issue_refund", "identity")[number % 3]
 
 
 def inject(ctx: StepContext) -> None:
-    if ctx.phase == "undo" and (ctx.flow_id, ctx.step) not in UNANSWERED:
-        # A compensation does not answer at its first attempt in a process: the run waits
-        # (compensating) and tries it again from the store.
-        UNANSWERED.add((ctx.flow_id, ctx.step))
+    first = (ctx.flow_id, ctx.step, ctx.phase) not in UNANSWERED
+    if first and (ctx.phase == "undo" or unanswered_step(ctx.instance) == ctx.step):
+        # Not answered at its first attempt in a process: the run waits (compensating, or
+        # waiting for the step) and tries it again from the store.
+        UNANSWERED.add((ctx.flow_id, ctx.step, ctx.phase))
         raise NoReply(f"{ctx.step} not answered yet")
     if ctx.phase == "do" and os.environ.get("FLOW_HANG_AT") == f"{ctx.instance}:{ctx.step}":
         # Stop here for good (to be killed): the run's earlier steps are committed.
@@ -132,7 +145,7 @@ def main() -> None:
         setup(runtime, customer)
         cancel = {"customer_id": customer, "request_id": f"cancel-{customer}", "reason": "bye"}
         report(runner.start("SubscriptionCancellation", customer, cancel))
-    # Compensations that did not answer are tried again when due (`next_wake`).
+    # Steps and compensations that did not answer are tried again when due (`next_wake`).
     while (wake := runner.next_wake()) is not None:
         time.sleep(max(0, wake - runtime.clock.now_ms()) / 1000)
         for result in runner.resume_all():

@@ -9,14 +9,17 @@ sync and the asyncio API."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from autonomic.generated import quota_sla
 from autonomic.runtime.flows import FlowResult, FlowRunner
 from autonomic.runtime.keys import Signer
+from autonomic.runtime.ledger import payload_digest
 from autonomic.runtime.resilience.errors import ServiceFailure, Unavailable
 from autonomic.runtime.results import derive_event_id
 from autonomic.runtime.runtime import Runtime
@@ -34,6 +37,7 @@ class RefundProcessor:
 
     def __init__(self) -> None:
         self.down = False
+        self.why = "refund processor unreachable"
         self.quota_fails = False
         self.attempts = 0
         self.refunded: list[tuple[str, str]] = []  # (instance, event) of each refund paid
@@ -44,7 +48,7 @@ class RefundProcessor:
         self.attempts += 1
         self.keys.add(ctx.event_id)  # what a refund API deduplicates by
         if self.down:
-            raise Unavailable("refund processor unreachable")
+            raise Unavailable(self.why)
         self.refunded.append((ctx.instance, ctx.event))
 
     def quota_actions(
@@ -165,3 +169,51 @@ def test_a_refund_the_processor_cannot_take_yet_is_retried_until_paid_once(
     # event id, derived from the run and the step.
     assert processor.attempts >= 3
     assert processor.keys == {derive_event_id("flow", result.flow_id, "charge_proration", "undo")}
+
+
+def test_a_long_outage_writes_a_retry_entry_at_growing_intervals_and_on_a_new_error(
+    tmp_path: Path,
+) -> None:
+    """A refund unanswered 24 times is tried 24 times, but the ledger records attempts 1, 2,
+    4, 8 and 16 (each entry with its number, error and retry time), then the first attempt
+    whose error is new: not one entry per attempt (1440 a day at the one-minute cap)."""
+    processor = RefundProcessor()
+    signer = Signer.from_private_key(Ed25519PrivateKey.generate())
+    clock = VirtualClock(START_MS)
+    runtime, runner = world(Stores("sqlite", tmp_path, None), processor, signer, clock)
+
+    def noted() -> dict[str, Any]:
+        """What the run's data holds of the refund's attempts, and the retry time."""
+        record = runtime.store.get_flow(result.flow_id)
+        assert record is not None and record.wake_ms is not None
+        step = json.loads(record.data)["steps"]["charge_proration"]
+        attempt = step["undo_attempts"]
+        return {"error": step["undo_error"], "attempt": attempt, "retry_at": record.wake_ms}
+
+    with runtime:
+        active_customer(runtime, runner, "u-long")
+        processor.quota_fails = True
+        result = runner.start("SubscriptionUpgrade", "u-long", upgrade_inputs("u-long"))
+        capture_proration(runtime, "u-long")
+        processor.down = True
+        runner.resume(result.flow_id)
+        attempts = [noted()]
+        for attempt in range(2, 25):
+            if attempt == 22:
+                processor.why = "refund processor answers 503"
+            clock.set(attempts[-1]["retry_at"])
+            [run] = runner.resume_all()
+            assert run.status == "compensating"
+            attempts.append(noted())
+        assert processor.attempts == 24 and processor.refunded == []
+        assert [a["attempt"] for a in attempts] == list(range(1, 25))
+        retrying = [
+            e
+            for e in runtime.store.ledger_entries(machine=result.flow, instance=result.flow_id)
+            if e.event == "CompensationRetrying"
+        ]
+        # Each entry is the one of its attempt: the digest of its number, error, retry time.
+        assert [e.payload_sha256 for e in retrying] == [
+            payload_digest(attempts[n - 1]) for n in (1, 2, 4, 8, 16, 22)
+        ]
+        assert attempts[21]["error"] != attempts[20]["error"]

@@ -1,28 +1,39 @@
-"""Compensation and a run's end: the completed steps undone newest first, and how the run
-ends once nothing is left to undo (or, for its last step, in the commit of that step).
+"""Compensation and a run's end: the completed steps undone newest first, how the run ends
+once nothing is left to undo (or, for its last step, in the commit of that step), and a
+step or compensation whose receiver does not answer, tried again from the store.
 
 A compensation whose receiver does not answer (its policy action failed as transient or
 unavailable, its breaker is open or its bulkhead full, or a hook raised NoReply) is not a
-refusal: the run stays "compensating", a CompensationRetrying entry records the attempt, and
+refusal: the run stays "compensating", its data counts the attempt and keeps its error, and
 the run's wake_ms is when the compensation is tried again (the deterministic jitter backoff
 of runtime/resilience/backoff.py, by the step's count of failed attempts, capped at
-UNDO_RETRY_CAP_MS). `resume_all`, `autonomic worker` (`due_runs`) and `next_wake` take it
-from the store, so the retries survive restarts; the same event id makes it take effect once.
+UNDO_RETRY_CAP_MS). A CompensationRetrying entry, with the attempt's number and error,
+records the first attempt, then attempts 2, 4, 8, ... UNDO_NOTE_EVERY, then every
+UNDO_NOTE_EVERY-th, and any attempt whose error is not the previous one's: a day-long outage
+at the one-minute cap writes 13 entries, then about six a day, not 1440 a day, and the ledger
+still shows that the run is retrying, since when, and each change of what went wrong.
+`resume_all`, `autonomic worker` (`due_runs`) and `next_wake` take the retry time from the
+store, so the retries survive restarts; the same event id makes it take effect once.
 Only a refusal (the receiver has no transition, R006/R007, or its action failed for good) is
 a dead end: the step is "uncompensated" and the run ends "failed"."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ..resilience.backoff import jitter_delay_ms
 from ..store.base import FlowStatus
 from ..tables import FlowStepSpec
+from ..timers import format_duration
 from .ops import _Plan, _Send, _Write
 from .run import _Entry, _Note, _Run, _step_result
 
 # The longest wait between two attempts of a compensation whose receiver does not answer.
 UNDO_RETRY_CAP_MS = 60_000
+# The most attempts between two CompensationRetrying entries of one step with the same error
+# (a power of two; about 4 h apart at the cap).
+UNDO_NOTE_EVERY = 256
 
 
 def _undo_outcome(status: str, detail: Any) -> tuple[str, Any]:
@@ -37,21 +48,34 @@ def _undo_due(run: _Run, now_ms: int) -> bool:
     return run.record.status != "compensating" or wake is None or now_ms >= wake
 
 
-def _retry_undo(run: _Run, step: FlowStepSpec, detail: Any, now_ms: int) -> tuple[int, _Note]:
+def _retry_undo(run: _Run, step: FlowStepSpec, detail: Any, now_ms: int) -> tuple[int, list[_Note]]:
     """A compensation that did not answer, noted in the run's data: when it is tried again,
-    and the entry that says so (with the attempt's number and error)."""
+    and the entry that says so (with the attempt's number and error) if this attempt is one
+    the ledger records (`_noted_attempt`)."""
     entry = run.steps[step.name]
     attempt = int(entry.get("undo_attempts", 0)) + 1
     retry_at = now_ms + jitter_delay_ms(attempt, UNDO_RETRY_CAP_MS)
+    error = str(detail)
+    changed = entry.get("undo_error") != error
     entry["undo_attempts"] = attempt
-    entry["undo_error"] = str(detail)
-    why = {"error": str(detail), "attempt": attempt, "retry_at": retry_at}
-    return retry_at, ("CompensationRetrying", step.name, why)
+    entry["undo_error"] = error
+    if not (changed or _noted_attempt(attempt)):
+        return retry_at, []
+    why = {"error": error, "attempt": attempt, "retry_at": retry_at}
+    return retry_at, [("CompensationRetrying", step.name, why)]
+
+
+def _noted_attempt(attempt: int) -> bool:
+    """Whether the ledger records this attempt of a compensation with an unchanged error: a
+    power of two up to UNDO_NOTE_EVERY, then each multiple of it."""
+    if attempt <= UNDO_NOTE_EVERY:
+        return attempt & (attempt - 1) == 0
+    return attempt % UNDO_NOTE_EVERY == 0
 
 
 def _defer_undo(run: _Run, step: FlowStepSpec, detail: Any, now_ms: int) -> _Plan:
-    retry_at, note = _retry_undo(run, step, detail, now_ms)
-    yield _Write("compensating", [note], retry_at)
+    retry_at, notes = _retry_undo(run, step, detail, now_ms)
+    yield _Write("compensating", notes, retry_at)
 
 
 def _to_compensate(run: _Run) -> list[FlowStepSpec]:
@@ -116,13 +140,15 @@ def _settled(
     hold, each entry with the run's status when it happened."""
     step = op.step
     if op.phase == "undo" and outcome[0] == "no_reply":
-        retry_at, note = _retry_undo(run, step, outcome[1], now_ms)
-        return "compensating", [(*note, "compensating")], retry_at
+        retry_at, notes = _retry_undo(run, step, outcome[1], now_ms)
+        return "compensating", [(*note, "compensating") for note in notes], retry_at
     if op.phase == "undo":
         _, notes = _undo_result(run, step, _undo_outcome(*outcome))
         status: FlowStatus = "compensating"
     else:
-        status, notes = _step_result(run, step, outcome)
+        status, notes, wake = _step_settled(run, step, outcome, now_ms)
+        if wake is not None:  # the step did not answer: tried again then
+            return status, [(event, name, detail, status) for event, name, detail in notes], wake
     entries = [(event, name, detail, status) for event, name, detail in notes]
     end: list[_Note]
     if status == "running":
@@ -136,3 +162,65 @@ def _settled(
     else:
         return status, entries, None
     return status, entries + [(event, name, detail, status) for event, name, detail in end], None
+
+
+# How long a forward step is tried again after its first unanswered attempt: past this, its
+# next unanswered attempt fails it and the run compensates what it did before (a
+# compensation has no such bound: it is tried until it is answered or refused, as nothing
+# else can undo its step).
+STEP_RETRY_LIMIT_MS = 24 * 3_600_000
+
+
+def _step_settled(
+    run: _Run, step: FlowStepSpec, outcome: tuple[str, Any], now_ms: int
+) -> tuple[FlowStatus, list[_Note], int | None]:
+    """A forward step's outcome recorded in the run's data (`_step_result`), with the run's
+    status after it and the entries that say so; for a step whose receiver did not answer
+    ("no_reply": its action failed as transient or unavailable, its breaker is open or its
+    bulkhead full, or a hook raised NoReply), "waiting" and the time it is tried again, until
+    its bound has passed (`_retry_step`; it fails then)."""
+    if outcome[0] == "no_reply":
+        retry = _retry_step(run, step, outcome[1], now_ms)
+        if retry is not None:
+            return "waiting", retry[1], retry[0]
+        outcome = _given_up(run, step, outcome[1])
+    status, notes = _step_result(run, step, outcome)
+    return status, notes, None
+
+
+def _retry_step(
+    run: _Run, step: FlowStepSpec, detail: Any, now_ms: int
+) -> tuple[int, list[_Note]] | None:
+    """A forward step whose receiver did not answer, noted in the run's data (it stays
+    "started"): when it is tried again (the jitter backoff by its count of attempts, as a
+    compensation's), and a StepRetrying entry if the ledger records this attempt (the rule of
+    CompensationRetrying: `_noted_attempt`, or a new error); None once STEP_RETRY_LIMIT_MS has
+    passed since its first unanswered attempt."""
+    entry = run.steps.setdefault(step.name, {"status": "started"})
+    until = int(entry.setdefault("retry_until", now_ms + STEP_RETRY_LIMIT_MS))
+    if now_ms >= until:
+        return None
+    attempt = int(entry.get("attempts", 0)) + 1
+    error = str(detail)
+    noted = entry.get("error") != error or _noted_attempt(attempt)
+    retry_at = min(now_ms + jitter_delay_ms(attempt, UNDO_RETRY_CAP_MS), until)
+    entry.update(attempts=attempt, error=error, retry_at=retry_at)
+    if not noted:
+        return retry_at, []
+    why = {"error": error, "attempt": attempt, "retry_at": retry_at}
+    return retry_at, [("StepRetrying", step.name, why)]
+
+
+def _given_up(run: _Run, step: FlowStepSpec, detail: Any) -> tuple[str, str]:
+    """The failure of a step unanswered until its bound (`_retry_step` said None)."""
+    attempts = int(run.steps.get(step.name, {}).get("attempts", 0)) + 1
+    waited = format_duration(STEP_RETRY_LIMIT_MS)
+    return "failed", f"{detail} (no answer in {attempts} attempts over {waited})"
+
+
+def _retry_due(run: _Run, steps: Sequence[FlowStepSpec], now_ms: int) -> bool:
+    """Whether a waiting run may try these steps now: not before the earliest retry time of
+    those that did not answer (the run's wake_ms)."""
+    entries = [run.steps.get(step.name, {}) for step in steps]
+    waits = [entry["retry_at"] for entry in entries if "retry_at" in entry]
+    return not waits or now_ms >= min(waits)

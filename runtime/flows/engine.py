@@ -22,9 +22,15 @@ Semantics a user must know:
   the receiver in another ledger partition than the run, the run's write and the dispatch
   are units of their own: a step's result is then written with the next one's dispatch.
 - A send step succeeds when the receiver takes a transition or ignores the event; it fails
-  when the receiver rejects it (invalid transition, no guard held, an action failed, a payload
-  it refuses) or a `before_step` hook raises StepFailed. A missing receiver instance is
-  created (initial state) first.
+  when the receiver rejects it (invalid transition, no guard held, an action failed for good,
+  a payload it refuses) or a `before_step` hook raises StepFailed. A missing receiver instance
+  is created (initial state) first. A step whose receiver does not answer (its action failed
+  as transient or unavailable, retries of its policy included, its breaker open, its bulkhead
+  full; or the hook raised NoReply) is no refusal: the run is stored "waiting", a StepRetrying
+  entry records the attempt (attempts 1, 2, 4, ...: compensation.py), and `resume_all` / the worker
+  send it again, with the same event id, after the jitter backoff (the run's wake_ms), until
+  it is answered or STEP_RETRY_LIMIT_MS (a day) has passed since its first unanswered attempt;
+  then it fails and the run compensates. A parallel flow's other branches finish meanwhile.
 - sequence, saga, conditional (the branch named by the `on` input): steps in order; after a
   failure the completed steps are compensated newest first, then CompensationCompleted
   records the failed step and the reason (the run ends "compensated"). With nothing to
@@ -42,7 +48,8 @@ Semantics a user must know:
   succeeds with `quorum`. `within` is a deadline on the runtime's clock, stored with the run
   before any branch is sent (the run's wake_ms): the branches are awaited until then at
   most; a branch without a reply (NoReply, or its receiver's action failing as transient or
-  unavailable) keeps the run "waiting", asked again by each resume; at the deadline the
+  unavailable) keeps the run "waiting", asked again by each resume (without `within`, as a
+  step of another flow: after the backoff, up to the bound); at the deadline the
   gather decides in its own transaction (fanin.py): a branch whose transition is committed
   by then counts, the rest time out (also in a process started after a crash). A branch
   still running then goes on, its effect stands and a StepLate entry records it, in the
@@ -200,7 +207,8 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
 
     def due_runs(self, *, stale_ms: int, limit: int = 1000) -> list[str]:
         """The runs a worker drives (`autonomic worker`): every waiting run of a loaded flow
-        (its await or fanout is asked again, and times out past its deadline), every
+        (its await or fanout is asked again, and times out past its deadline; a step that did
+        not answer is sent again once its retry time has come), every
         compensating one whose compensation that did not answer is due again (its wake_ms),
         and every running or compensating one that nobody has written for `stale_ms` (its
         process died, or stalled: driving it is safe either way, see the module docstring)."""
@@ -226,8 +234,8 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
 
     def next_wake(self) -> int | None:
         """The earliest time a waiting run times out (an await's or a fanout's `within`) or
-        a compensation that did not answer is tried again: call `resume_all` then (after
-        `fire_due`), as for the governors' timers."""
+        a step or compensation that did not answer is tried again: call `resume_all` then
+        (after `fire_due`), as for the governors' timers."""
         wakes = [
             r.wake_ms
             for r in self.runtime.store.unfinished_flows()

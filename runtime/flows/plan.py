@@ -8,18 +8,23 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
+from ..store.base import FlowStatus
 from ..tables import FlowStepSpec
 from .compensation import (
     _defer_undo,
     _end_compensation,
+    _given_up,
     _record_undo,
+    _retry_due,
+    _retry_step,
+    _step_settled,
     _to_compensate,
     _undo_due,
     _undo_outcome,
 )
 from .fanin import _gather
 from .ops import _SETTLED, _TIMED_OUT, _Branches, _Op, _Plan, _Send, _Write
-from .run import _next_steps, _Note, _Run, _start_notes, _step_result, _succeed
+from .run import _next_steps, _Note, _Run, _start_notes, _succeed
 from .steps import _StepRunner
 
 
@@ -28,11 +33,14 @@ def _plan(runner: _StepRunner, run: _Run) -> _Plan:
     sync or the asyncio driver): the one place that decides a run's course."""
     if not _undo_due(run, runner.runtime.clock.now_ms()):
         return  # a compensation that did not answer is tried again at the run's wake_ms
+    clock = runner.runtime.clock
     while run.record.status in ("running", "waiting"):
         steps = _next_steps(run)
         if not steps:
             yield _Write("completed", [("FlowCompleted", "", {})])
             break
+        if run.record.status == "waiting" and not _retry_due(run, steps, clock.now_ms()):
+            break  # a step that did not answer is tried again at the run's wake_ms
         if run.spec.kind in ("parallel", "fanout"):
             deadline = _fanout_deadline(runner, run)
             if deadline is not None and run.record.version == 0:
@@ -42,8 +50,9 @@ def _plan(runner: _StepRunner, run: _Run) -> _Plan:
                 outcomes = [_TIMED_OUT] * len(steps)
             else:
                 outcomes = yield _Branches(tuple(steps), deadline)
-            if not (yield from _record_all(run, steps, outcomes, deadline)):
-                break  # a fanout waits for replies until its deadline
+            now = clock.now_ms()
+            if not (yield from _record_all(run, steps, outcomes, deadline, now)):
+                break  # a branch waits for its reply (a fanout's, until its deadline)
             continue
         step = steps[0]
         if step.kind == "send":
@@ -60,7 +69,11 @@ def _plan(runner: _StepRunner, run: _Run) -> _Plan:
         if outcome[0] == "waiting":
             yield from _wait(run, step, outcome)
             break
-        _record_one(run, step, outcome)
+        after, notes, wake = _step_settled(run, step, outcome, clock.now_ms())
+        if wake is not None:
+            yield _Write(after, notes, wake)  # the step did not answer: tried again then
+            break
+        _record_one(run, after, notes)
     if run.record.status == "compensating":
         undo = _to_compensate(run)
         for step in undo:
@@ -74,7 +87,7 @@ def _plan(runner: _StepRunner, run: _Run) -> _Plan:
             status, detail = _undo_outcome(*answer)
             if status == "no_reply":
                 # Newest first: the older steps wait until this one is undone.
-                yield from _defer_undo(run, step, detail, runner.runtime.clock.now_ms())
+                yield from _defer_undo(run, step, detail, clock.now_ms())
                 return
             yield from _record_undo(run, step, (status, detail))
         if run.record.status == "compensating":
@@ -92,12 +105,11 @@ def _fanout_deadline(runner: _StepRunner, run: _Run) -> int | None:
     return int(run.data["deadline"])
 
 
-def _record_one(run: _Run, step: FlowStepSpec, outcome: tuple[str, Any]) -> None:
-    """A step's outcome, noted for the run's next write. A failure turns the run to
-    compensating at once, in memory: the first compensation's commit (or the run's end, with
-    nothing to undo) writes it. A crash before that retries the step, whose failure nothing
-    recorded, as a crash before the step would; no commit of its own."""
-    status, notes = _step_result(run, step, outcome)
+def _record_one(run: _Run, status: FlowStatus, notes: list[_Note]) -> None:
+    """A step's outcome (`_step_settled`), noted for the run's next write. A failure turns
+    the run to compensating at once, in memory: the first compensation's commit (or the run's
+    end, with nothing to undo) writes it. A crash before that retries the step, whose failure
+    nothing recorded, as a crash before the step would; no commit of its own."""
     if status != "running":
         run.record = replace(run.record, status=status)
     run.note(notes, status)
@@ -108,13 +120,19 @@ def _record_all(
     steps: Sequence[FlowStepSpec],
     outcomes: Sequence[tuple[str, Any]],
     deadline: int | None,
+    now_ms: int,
 ) -> Generator[_Op, Any, bool]:
     """Record the branches' replies; True when the run goes on. A fanout branch without a
     reply yet (NoReply) keeps the run waiting until the deadline; then the gather decides,
-    inside its own transaction, which of the branches timed out (`_gather`)."""
+    inside its own transaction, which of the branches timed out (`_gather`). Any other
+    branch without a reply is tried again from the store (`_retry_step`), the run waiting
+    until the earliest retry time: the other branches' results are recorded meanwhile, and
+    when one of them failed, the run compensates instead (the unanswered one fails)."""
     notes: list[_Note] = []
     failed: list[tuple[FlowStepSpec, str]] = []
     timed_out: list[FlowStepSpec] = []
+    retrying: list[tuple[FlowStepSpec, Any]] = []
+    retry_at: list[int] = []
     unanswered = False
     for step, (status, detail) in zip(steps, outcomes, strict=True):
         if status == "succeeded":
@@ -129,11 +147,20 @@ def _record_all(
                 notes.append(("StepWaiting", step.name, why))
         elif status == "timed_out" and run.spec.kind == "fanout":
             timed_out.append(step)
+        elif status == "no_reply" and (retry := _retry_step(run, step, detail, now_ms)):
+            retrying.append((step, detail))
+            retry_at.append(retry[0])
+            notes += retry[1]
         else:
-            status = "failed" if status == "no_reply" else status
-            run.steps[step.name] = {"status": status, "error": str(detail)}
-            notes.append(("StepFailed", step.name, {"error": str(detail)}))
-            failed.append((step, str(detail)))
+            if status == "no_reply":
+                status, detail = _given_up(run, step, detail)
+            _fail(run, step, status, detail, notes, failed)
+    if failed and run.spec.kind != "fanout":
+        for step, detail in retrying:  # not tried again: the run compensates
+            _fail(run, step, "failed", detail, notes, failed)
+    elif retrying:
+        yield _Write("waiting", notes, min(retry_at))
+        return False
     if run.spec.kind == "fanout":
         if unanswered:
             if notes or run.pending or run.record.status != "waiting":
@@ -148,6 +175,20 @@ def _record_all(
     else:
         yield _Write("running", notes)
     return True
+
+
+def _fail(
+    run: _Run,
+    step: FlowStepSpec,
+    status: str,
+    detail: Any,
+    notes: list[_Note],
+    failed: list[tuple[FlowStepSpec, str]],
+) -> None:
+    """A branch's failure noted in the run's data and for its next write."""
+    run.steps[step.name] = {"status": status, "error": str(detail)}
+    notes.append(("StepFailed", step.name, {"error": str(detail)}))
+    failed.append((step, str(detail)))
 
 
 def _wait(run: _Run, step: FlowStepSpec, outcome: tuple[str, Any]) -> _Plan:

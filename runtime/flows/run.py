@@ -43,8 +43,9 @@ class StepFailed(RuntimeFailure):
 class NoReply(StepFailed):
     """Raised by a `before_step` hook: the step's receiver does not answer (yet). A fanout
     branch without a reply is tried again by each resume until the fanout's deadline; any
-    other step fails. The receiver's action failing transiently or as unavailable (see
-    runtime/resilience/errors.py) counts the same."""
+    other step or compensation is tried again from the store after a backoff (compensation.py). The
+    receiver's action failing transiently or as unavailable, its breaker open or its bulkhead
+    full (see runtime/resilience/errors.py) counts the same."""
 
     code = "R032"
 
@@ -181,7 +182,7 @@ def _step_result(
     if status == "succeeded":
         _succeed(run, step, detail)
         return "running", [("StepSucceeded", step.name, {"result": detail})]
-    if status == "no_reply":  # only a fanout branch waits for a reply; a step fails
+    if status == "no_reply":  # the callers wait for a reply (_step_settled); here it is a failure
         status = "failed"
     run.steps[step.name] = {"status": status, "error": str(detail)}
     run.data["failed"], run.data["reason"] = step.name, str(detail)
