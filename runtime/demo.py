@@ -70,6 +70,7 @@ from .resilience.proration import prorate_upgrade
 from .results import DispatchResult
 from .runtime import Runtime
 from .simulate import ScriptError, load_machine
+from .store.base import Store
 from .store.locate import open_store, redact
 from .tables import FlowSpec, MachineSpec, TransitionContext
 from .timers import VirtualClock, format_duration
@@ -136,10 +137,15 @@ class _Narrator:
             self.say(f"emit {emitted.machine}.{emitted.event} -> outbox", indent + 1)
 
 
-class _Payments:
-    """The demo's stand-in for a payment processor: counts real charge submissions."""
+_DECISIONS = frozenset({"DisputeUpheld", "DisputeRejected"})
 
-    def __init__(self) -> None:
+
+class _Payments:
+    """The demo's stand-in for a payment processor: counts real charge submissions. `store`:
+    the runtime's store, whose ledger the dispute guard reads (what Billing itself decided)."""
+
+    def __init__(self, store: Store | None = None) -> None:
+        self.store = store
         self.submitted: list[str] = []
         self.retries = 0
         self.invoices: dict[str, Decimal] = {}
@@ -153,8 +159,10 @@ class _Payments:
         # capture arriving under one of those is paid back.
         self.proration_keys: dict[str, str] = {}
         self.voided: set[tuple[str, str]] = set()
-        # Disputes open on each account (one Compliance case each), as the processor lists them.
-        self.disputes: Counter[str] = Counter()
+        # The proration charges whose refund was submitted, and those owed after the refund in
+        # flight, by account: one refund per charge, paid one at a time.
+        self.refunded: set[tuple[str, str]] = set()
+        self.owed: dict[str, list[str]] = {}
 
         # Tenants whose charges the processor holds until `answer` is set (the bulkhead).
         self.hung: set[str] = set()
@@ -212,19 +220,70 @@ class _Payments:
     def charge_was_voided(self, ctx: TransitionContext) -> bool:
         return (ctx.instance, str(getattr(ctx.payload, "idempotency_key", ""))) in self.voided
 
+    def _charge_to_refund(self, ctx: TransitionContext) -> str | None:
+        """The proration charge a refund of `ctx` pays back: a late capture's own key, a
+        compensation's charge key (absent: the account's last proration charge)."""
+        if ctx.event == "ProrationPaid":
+            return str(getattr(ctx.payload, "idempotency_key", ""))
+        if ctx.event == "CompensationRefund":
+            named = getattr(ctx.payload, "charge_key", None)
+            return self.proration_keys.get(ctx.instance) if named is None else str(named)
+        return None
+
+    def another_charge_to_refund(self, ctx: TransitionContext) -> bool:
+        """A compensation asks back a captured charge that is neither refunded (or being
+        refunded) nor owed already: a copy of the refund in flight is not another."""
+        key = self._charge_to_refund(ctx)
+        return (
+            key is not None
+            and key == self.proration_keys.get(ctx.instance)
+            and ctx.instance in self.prorations
+            and (ctx.instance, key) not in self.refunded
+            and key not in self.owed.get(ctx.instance, [])
+        )
+
+    def refund_owed(self, ctx: TransitionContext) -> bool:
+        return bool(self.owed.get(ctx.instance))
+
+    def owe_refund(self, ctx: TransitionContext) -> None:
+        key = self._charge_to_refund(ctx)
+        if key is not None:
+            self.owed.setdefault(ctx.instance, []).append(key)
+
+    def submit_refund(self, ctx: TransitionContext) -> None:
+        """Records which charge the refund now in flight pays back: the next one owed when a
+        refund was just paid, else the event's own. An outside call, made before the
+        transaction decides again: it changes nothing a guard of that decision reads."""
+        owed = self.owed.get(ctx.instance)
+        key = owed[0] if ctx.event == "RefundSucceeded" and owed else self._charge_to_refund(ctx)
+        if key is not None:
+            self.refunded.add((ctx.instance, key))
+
+    def record_refund(self, ctx: TransitionContext) -> None:
+        """A refund was paid; the next one owed, if this move submitted it, is no longer owed."""
+        owed = self.owed.get(ctx.instance)
+        if owed and (ctx.instance, owed[0]) in self.refunded:
+            owed.pop(0)
+
     def defer_charge(self, ctx: TransitionContext) -> None:
         """The invoice waits for the dispute's decision; the ladder's retries charge it."""
         self.invoices[ctx.instance] = Decimal(str(getattr(ctx.payload, "amount", "0")))
 
-    def freeze_disputed_funds(self, ctx: TransitionContext) -> None:
-        self.disputes[ctx.instance] += 1
-
-    def decide_dispute(self, ctx: TransitionContext) -> None:
-        if self.disputes[ctx.instance] > 0:
-            self.disputes[ctx.instance] -= 1
-
     def other_disputes_open(self, ctx: TransitionContext) -> bool:
-        return self.disputes[ctx.instance] > 1
+        """Another chargeback than the one being decided is still open on the account. Counted
+        from Billing's own ledger (every chargeback it froze, less every decision it took):
+        durable, so a restarted process decides the same, and the same on every process."""
+        if self.store is None:
+            raise RuntimeError("the dispute guard reads Billing's ledger: give _Payments the store")
+        opened = decided = 0
+        for entry in self.store.ledger_entries(machine=ctx.machine, instance=ctx.instance):
+            if entry.kind != "transition":
+                continue
+            if entry.event == "PaymentDisputed":
+                opened += 1
+            elif entry.event in _DECISIONS:
+                decided += 1
+        return opened - decided > 1
 
     def original_charge_found(self, ctx: TransitionContext) -> bool:
         return ctx.instance in self.prorations
@@ -258,6 +317,8 @@ def _demo_guards(payments: _Payments) -> dict[str, Callable[[TransitionContext],
         "amount_matches": payments.amount_matches,
         "charge_was_voided": payments.charge_was_voided,
         "other_disputes_open": payments.other_disputes_open,
+        "another_charge_to_refund": payments.another_charge_to_refund,
+        "refund_owed": payments.refund_owed,
         "original_charge_found": payments.original_charge_found,
         "refund_due": _fixed(True),
         "refund_was_issued": _fixed(False),
@@ -318,9 +379,9 @@ class _Bindings:
                 "record_payment": self.payments.record_payment,
                 "void_proration": self.payments.void_proration,
                 "defer_charge": self.payments.defer_charge,
-                "freeze_disputed_funds": self.payments.freeze_disputed_funds,
-                "accept_chargeback": self.payments.decide_dispute,
-                "release_disputed_funds": self.payments.decide_dispute,
+                "owe_refund": self.payments.owe_refund,
+                "submit_refund": self.payments.submit_refund,
+                "record_refund": self.payments.record_refund,
             }
         guards = {name: self.guards.get(name, _fixed(True)) for name in spec.guards}
         bound: dict[str, Callable[..., object]] = {}
@@ -1152,7 +1213,7 @@ def run_demo(
         err.write(failure_diagnostic(db_shown, failure, STORE_HINT) + "\n")
         return 1
     clock = VirtualClock(start)
-    payments = _Payments()
+    payments = _Payments(store)
     bindings = _Bindings(payments)
     injected = _Injected()
     try:

@@ -71,7 +71,7 @@ def load_world(
     guards: Mapping[str, Mapping[str, Callable[..., bool]]] | None = None,
 ) -> tuple[FlowRunner, _Bindings]:
     """Load the seven governors (the demo's bindings) into `runtime`; the flows' runner."""
-    bindings = _Bindings(_Payments())
+    bindings = _Bindings(_Payments(runtime.store))
     for module in MODULES:
         spec = importlib.import_module(f"autonomic.generated.{module}").MACHINE
         bound_guards, bound = bindings.of(spec)

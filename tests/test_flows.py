@@ -746,6 +746,8 @@ _CLOSING = (
 BILLING_PATHS: dict[str, tuple[str, tuple[Callable[[Runtime, str], None], ...]]] = {
     "Current": ("current", ()),
     "AwaitingPayment": ("charged", ()),
+    "CancellationAwaitingPayment": ("charged", _CLOSING[:1]),
+    "ClosingAwaitingPayment": ("charged", _CLOSING),
     "Retry1": ("charged", _LADDER[:1]),
     "Retry1Charging": ("charged", _LADDER[:2]),
     "Retry2": ("charged", _LADDER[:3]),
@@ -796,11 +798,14 @@ BILLING_PATHS: dict[str, tuple[str, tuple[Callable[[Runtime, str], None], ...]]]
         "current",
         (_billing("RefundRequested", reason="r"), _DISPUTE),
     ),
+    "ClosingDisputed": ("current", (_DISPUTE, _CLOSING[1])),
+    "ClosingRefundDisputed": ("current", (*_CLOSING, _DISPUTE)),
 }
 # A refund still owed is held while the dispute is open; an unpaid charge waits for the
-# decision, then the retry ladder collects it (docs/language.md, "Why disputes everywhere").
+# decision, then the retry ladder collects it (docs/language.md, "Why disputes everywhere");
+# an account closing stays closing (its Closing* dispute states).
 REFUND_SIDE = {state for state in BILLING_PATHS if "Refund" in state}
-UNPAID_SIDE = {"AwaitingPayment", "DisputedUnpaid"} | {
+UNPAID_SIDE = {"AwaitingPayment", "CancellationAwaitingPayment", "DisputedUnpaid"} | {
     state for state in BILLING_PATHS if state.startswith(("Retry", "CollectionAgency"))
 }
 ARREARS_SIDE = {"MaxRetriesExceeded", "DisputedInArrears"}
@@ -808,6 +813,8 @@ ARREARS_SIDE = {"MaxRetriesExceeded", "DisputedInArrears"}
 
 def disputed_in(target: str) -> str:
     """The dispute state a chargeback moves Billing to from `target`."""
+    if target.startswith("Closing"):
+        return "ClosingRefundDisputed" if "Refund" in target else "ClosingDisputed"
     if target in REFUND_SIDE:
         return "RefundDisputed"
     if target in UNPAID_SIDE:

@@ -104,8 +104,8 @@ def test_a_capture_told_after_the_flow_gave_up_is_ignored_and_refunded_once(
     """Billing captures the proration, but its `ProrationCaptured` sits in the outbox past the
     flow's 1h30m wait: the flow compensates (its CompensationRefund pays the capture back,
     UpgradeAbandoned ends the order). The late capture notice is then ignored by `Active`, and
-    a second CompensationRefund of the same upgrade, while the refund is in flight, is ignored
-    by `Refunding`: one refund."""
+    a second CompensationRefund of the same upgrade (an operator's undo, its charge key the
+    upgrade's), while the refund is in flight, is taken by `Refunding` as a copy: one refund."""
     runtime, runner, bindings = world
     customer = "late-capture-notice"
     active_customer(runtime, runner, customer)
@@ -124,11 +124,19 @@ def test_a_capture_told_after_the_flow_gave_up_is_ignored_and_refunded_once(
     assert failed(runtime.deliver_outbox()) == []
     last = list(runtime.store.ledger_entries(machine="Subscription", instance=customer))[-1]
     assert last.event == "UpgradeAbandoned"  # the late notice changed nothing
-    again = runtime.governor("Billing").dispatch(
-        customer, "CompensationRefund", {"reason": "operator undo", "amount": PRORATION}
-    )
-    assert again.ignored and again.to_state == "Refunding"
+    for charge in ({"charge_key": f"up-{customer}"}, {}):  # named, or the last proration
+        again = runtime.governor("Billing").dispatch(
+            customer,
+            "CompensationRefund",
+            {"reason": "operator undo", "amount": PRORATION, **charge},
+        )
+        assert (again.from_state, again.to_state) == ("Refunding", "Refunding")
+    assert bindings.calls["Billing.record_duplicate_refund"] == 2
+    assert bindings.calls["Billing.owe_refund"] == 0
     assert bindings.calls["Billing.submit_refund"] == 1
+    refund = {"refund_id": "rf", "amount": PRORATION}
+    runtime.governor("Billing").dispatch(customer, "RefundSucceeded", refund)
+    assert state(runtime, "Billing", customer) == "Current"  # nothing else was owed
 
 
 def test_a_capture_after_the_void_is_paid_back_and_recorded(world: World) -> None:
