@@ -318,3 +318,40 @@ def test_a_late_capture_of_a_voided_charge_during_a_new_upgrade_is_not_taken_for
     assert failed(runtime.deliver_outbox()) == []
     assert bindings.calls["Billing.submit_refund"] == 1
     assert bindings.calls["Entitlement.enable_tier_features"] == 0
+
+
+@pytest.mark.parametrize("closing", [False, True])
+def test_a_second_refund_asked_while_the_first_is_retried_is_paid_after_it(
+    world: tuple[World, Injector], closing: bool
+) -> None:
+    """The late capture's refund gets no answer for an hour (the retry ladder, of an open or a
+    closing account): upgrade 2's compensation, refused there before, is owed and paid once
+    the retried refund is; a copy of it pays nothing twice."""
+    (runtime, runner, bindings), injector = world
+    customer = f"second-refund-on-ladder-{closing}"
+    flow_id = upgrade_voided_then_another_captured(world[0], customer)
+    late_capture(world[0], customer)
+    if closing:
+        close = {"customer_id": customer, "reason": "cancelled"}
+        runtime.governor("Billing").dispatch(customer, "CloseAccount", close)
+    advance(runtime, HOUR)
+    prefix = "Closing" if closing else ""
+    assert state(runtime, "Billing", customer) == f"{prefix}RefundRetry1"
+    injector.target = (customer, "SubscriptionUpgrade", "allocate_quota", "do")
+    assert runner.resume(flow_id).status == "compensated"
+    copy = {"reason": "operator undo", "charge_key": f"up2-{customer}"}
+    runtime.governor("Billing").dispatch(customer, "CompensationRefund", copy)
+    assert (
+        bindings.calls["Billing.owe_refund"],
+        bindings.calls["Billing.record_duplicate_refund"],
+    ) == (1, 1)
+    advance(runtime, HOUR)  # the ladder's retry of the first refund
+    runtime.governor("Billing").dispatch(
+        customer, "RefundSucceeded", {"refund_id": "rf1", "amount": PRORATION}
+    )
+    assert state(runtime, "Billing", customer) == f"{prefix}Refunding"
+    assert bindings.calls["Billing.submit_refund"] == 2
+    runtime.governor("Billing").dispatch(
+        customer, "RefundSucceeded", {"refund_id": "rf2", "amount": PRORATION}
+    )
+    assert state(runtime, "Billing", customer) == ("Closed" if closing else "Current")
