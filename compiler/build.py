@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +14,9 @@ from .checks import CheckReport, check_paths
 from .codegen import COMPILER_VERSION, LINE_LENGTH, generate_tables
 from .diagram import (
     DiagramToolFailed,
+    DiagramView,
     build_diagram,
+    diagram_views,
     dot_available,
     render_dot,
     render_mermaid,
@@ -132,14 +134,7 @@ def _render_flows(
         dot = flow_dot(flow)
         mermaid[module] = flow_mermaid(flow)
         outputs[f"{module}.py"] = generate_flow(flow, display_path(flow.path), machines).encode()
-        outputs[f"{module}.dot"] = dot.encode("utf-8")
-        outputs[f"{module}.mmd"] = mermaid[module].encode("utf-8")
-        if draw_svg:
-            try:
-                outputs[f"{module}.svg"] = render_svg(dot)
-            except DiagramToolFailed as exc:
-                if notices is not None:
-                    notices.append(f"{module}.svg not drawn: {exc}")
+        _add_diagram(outputs, module, dot, mermaid[module], draw_svg=draw_svg, notices=notices)
     lines = [
         "",
         "# Flows",
@@ -179,22 +174,36 @@ def _render_outputs(
         (lower(m, display_path(m.path), others=others) for m in machines), key=lambda t: t.module
     )
     outputs: dict[str, bytes] = {}
+    views: dict[str, list[DiagramView]] = {}
     for t in tables:
-        diagram = build_diagram(t)
-        dot = render_dot(diagram)
         outputs[f"{t.module}.py"] = generate_tables(t).encode("utf-8")
-        outputs[f"{t.module}.dot"] = dot.encode("utf-8")
-        outputs[f"{t.module}.mmd"] = render_mermaid(diagram).encode("utf-8")
-        if draw_svg:
-            try:
-                outputs[f"{t.module}.svg"] = render_svg(dot)
-            except DiagramToolFailed as exc:
-                if notices is not None:
-                    notices.append(f"{t.module}.svg not drawn: {exc}")
-    diagrams = {t.module: outputs[f"{t.module}.mmd"] for t in tables}
-    outputs["README.md"] = render_index(tables, diagrams)
+        views[t.module] = diagram_views(build_diagram(t), t.module)
+        for view in views[t.module]:
+            dot, mermaid = render_dot(view.diagram), render_mermaid(view.diagram)
+            _add_diagram(outputs, view.stem, dot, mermaid, draw_svg=draw_svg, notices=notices)
+    outputs["README.md"] = render_index(tables, views, outputs)
     outputs["__init__.py"] = render_package_init(tables).encode("utf-8")
     return outputs
+
+
+def _add_diagram(
+    outputs: dict[str, bytes],
+    stem: str,
+    dot: str,
+    mermaid: str,
+    *,
+    draw_svg: bool,
+    notices: list[str] | None,
+) -> None:
+    """`stem`.dot, .mmd and (with Graphviz) .svg; an SVG Graphviz fails to draw is a notice."""
+    outputs[f"{stem}.dot"] = dot.encode("utf-8")
+    outputs[f"{stem}.mmd"] = mermaid.encode("utf-8")
+    if draw_svg:
+        try:
+            outputs[f"{stem}.svg"] = render_svg(dot)
+        except DiagramToolFailed as exc:
+            if notices is not None:
+                notices.append(f"{stem}.svg not drawn: {exc}")
 
 
 def display_path(path: str) -> str:
@@ -228,9 +237,13 @@ def _names_tuple(name: str, items: Sequence[str]) -> str:
     return head + "(\n" + "".join(f"    {m},\n" for m in quoted) + ")"
 
 
-def render_index(tables: Sequence[MachineTables], mermaid: dict[str, bytes]) -> bytes:
+def render_index(
+    tables: Sequence[MachineTables],
+    views: Mapping[str, Sequence[DiagramView]],
+    outputs: Mapping[str, bytes],
+) -> bytes:
     """README.md: a table of the machines, then each machine's Mermaid diagram, which GitHub
-    renders in place."""
+    renders in place (a machine drawn as an overview: then each group's, under its name)."""
     lines = [
         "# Generated governors",
         "",
@@ -250,13 +263,25 @@ def render_index(tables: Sequence[MachineTables], mermaid: dict[str, bytes]) -> 
         lines += ["", f"## {t.name}", ""]
         if t.doc:
             lines += [markdown_text(t.doc), ""]
-        lines += [
-            f"Source {markdown_code(t.source_path)}, sha256 `{t.source_sha256}`.",
-            "",
-            "```mermaid",
-            mermaid[t.module].decode("utf-8").rstrip("\n"),
-            "```",
-        ]
+        lines += [f"Source {markdown_code(t.source_path)}, sha256 `{t.source_sha256}`.", ""]
+        shown = views[t.module]
+        if len(shown) > 1:
+            links = ", ".join(
+                f"[{v.group.id}](#{_anchor(t.name, v.group.id)})" for v in shown if v.group
+            )
+            lines += [f"An overview, then one diagram per group of states: {links}.", ""]
+        for view in shown:
+            if view.group is not None:
+                lines += ["", f"### {t.name}: {view.group.id}", ""]
+                if view.group.doc:
+                    lines += [markdown_text(view.group.doc), ""]
+                lines += [
+                    f"[DOT]({view.stem}.dot), [SVG]({view.stem}.svg), "
+                    f"[Mermaid]({view.stem}.mmd); states outside the group are drawn by name only.",
+                    "",
+                ]
+            mermaid = outputs[f"{view.stem}.mmd"].decode("utf-8").rstrip("\n")
+            lines += ["```mermaid", mermaid, "```"]
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
@@ -265,6 +290,12 @@ _MARKDOWN_ESCAPES = {"<": "&lt;", ">": "&gt;", "&": "&amp;"} | {
     ch: "\\" + ch for ch in "\\`*_[]|~#"
 }
 _MARKDOWN_LINE_START = re.compile(r"[-+=]|[0-9]+[.)]")
+
+
+def _anchor(*words: str) -> str:
+    """GitHub's anchor of a heading made of these words: `### Billing: Disputes` ->
+    `billing-disputes`."""
+    return "-".join(w.lower() for w in words)
 
 
 def markdown_text(text: str) -> str:

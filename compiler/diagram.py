@@ -26,7 +26,7 @@ import re
 import shutil
 import subprocess
 import textwrap
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from operator import itemgetter
@@ -43,7 +43,7 @@ from .lower import (
     cycle_collection_paused,
     lower,
 )
-from .model import Machine
+from .model import Machine, snake_case
 
 DiagramFormat = Literal["dot", "mermaid", "svg"]
 FORMATS: tuple[DiagramFormat, ...] = ("dot", "mermaid", "svg")
@@ -51,6 +51,10 @@ FORMATS: tuple[DiagramFormat, ...] = ("dot", "mermaid", "svg")
 LineKind = Literal["event", "timer"]
 # Past this many states a left-to-right layout grows too wide to read on a review page.
 TOP_DOWN_FROM = 0
+# From this many states a machine with groups is drawn as an overview and one diagram per
+# group: Billing's 31 states in one picture were 3047 px wide in DOT, and its Mermaid, drawn
+# 1600 px wide, could not be read at all.
+SPLIT_FROM = 16
 DOC_WIDTH = 44
 # Edge labels and a state's internal lines are cut to these widths, at their clauses first:
 # a top-down layout puts the labels of a rank side by side, so every column of a label widens
@@ -83,6 +87,10 @@ class DiagramNode:
     internal: tuple[Line, ...] = ()
     bound: str | None = None
     cluster: str | None = None
+    # "group": a whole group drawn as one box (an overview); "stub": a state outside a
+    # group's view, drawn by name only. `link`: the file stem of the view that draws it.
+    kind: Literal["state", "group", "stub"] = "state"
+    link: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +115,22 @@ class DiagramCluster:
 
 
 @dataclass(frozen=True, slots=True)
+class DiagramGroup:
+    """A `group` of the machine: its members in declaration order."""
+
+    id: str
+    doc: str | None
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Diagram:
     name: str
     doc: str | None
     nodes: tuple[DiagramNode, ...]
     edges: tuple[DiagramEdge, ...]
     clusters: tuple[DiagramCluster, ...] = field(default=())
+    groups: tuple[DiagramGroup, ...] = field(default=())
 
 
 class DiagramToolMissing(Exception):
@@ -212,13 +230,150 @@ def build_diagram(tables: MachineTables, explanation: Explanation | None = None)
         edge = DiagramEdge(source, target, tuple([line for _, line in lines]))
         keyed.append(((order[source], lines[0][0]), edge))
     keyed.sort(key=itemgetter(0))  # by source, then by the edge's first line in the source
+    group_docs = dict(tables.group_docs)
+    groups = [
+        DiagramGroup(group, group_docs.get(group), tuple(sorted(states, key=order.__getitem__)))
+        for group, states in tables.groups
+    ]
+    groups.sort(key=lambda g: order[g.members[0]])
     return Diagram(
         name=tables.name,
         doc=tables.doc,
         nodes=tuple(nodes),
         edges=tuple(edge for _, edge in keyed),
         clusters=tuple(c for c in cluster_titles if c.id in clusters.values()),
+        groups=tuple(groups),
     )
+
+
+# ---------------------------------------------------------------- views of a large machine
+
+
+class DiagramView(NamedTuple):
+    """One file's diagram: `stem` is its file name without the extension; `group` is None
+    for the machine's own diagram (whole, or an overview of its groups)."""
+
+    stem: str
+    group: DiagramGroup | None
+    diagram: Diagram
+
+
+def diagram_views(diagram: Diagram, stem: str) -> list[DiagramView]:
+    """The machine drawn whole; or, from SPLIT_FROM states, when its designer grouped them,
+    an overview (each group one box, the edges into and out of it named by their events
+    only) followed by one diagram per group (its states in full, the states it meets by
+    name only). Every label line is drawn in full in exactly one of them."""
+    groups = diagram.groups
+    names = {node.id for node in diagram.nodes}
+    if len(diagram.nodes) < SPLIT_FROM or not groups or any(g.id in names for g in groups):
+        return [DiagramView(stem, None, diagram)]
+    owner: dict[str, DiagramGroup] = {}
+    for group in groups:
+        for member in group.members:
+            owner.setdefault(member, group)  # a state in two groups is drawn in the first
+    stems = {g.id: f"{stem}.{snake_case(g.id)}" for g in groups}
+    views = [DiagramView(stem, None, _overview(diagram, owner, stems))]
+    for group in groups:
+        members = [m for m in group.members if owner[m] is group]
+        if members:
+            view = _group_view(diagram, group, frozenset(members), owner, stems, stem)
+            views.append(DiagramView(stems[group.id], group, view))
+    return views
+
+
+def _overview(
+    diagram: Diagram, owner: Mapping[str, DiagramGroup], stems: Mapping[str, str]
+) -> Diagram:
+    nodes: list[DiagramNode] = []
+    boxed: set[str] = set()
+    for node in diagram.nodes:
+        group = owner.get(node.id)
+        if group is None:
+            nodes.append(node)
+        elif group.id not in boxed:  # where its first state would stand
+            boxed.add(group.id)
+            members = [m for m in group.members if owner[m] is group]
+            nodes.append(
+                DiagramNode(
+                    group.id,
+                    group.doc,
+                    initial=node.initial,
+                    internal=(Line(f"{len(members)} states: {', '.join(members)}"),),
+                    kind="group",
+                    link=stems[group.id],
+                )
+            )
+    merged: dict[tuple[str, str], dict[Line, None]] = {}
+    for edge in diagram.edges:
+        source = owner[edge.source].id if edge.source in owner else edge.source
+        target = owner[edge.target].id if edge.target in owner else edge.target
+        if source == target:
+            continue  # inside one group: its own diagram draws it
+        whole = source == edge.source and target == edge.target
+        lines = merged.setdefault((source, target), {})
+        lines.update(dict.fromkeys(edge.lines if whole else map(_brief, edge.lines)))
+    note = "Overview: a bold box is a group of states, drawn in full in a diagram of its own."
+    return Diagram(
+        name=diagram.name,
+        doc=f"{diagram.doc} {note}" if diagram.doc else note,
+        nodes=tuple(nodes),
+        edges=tuple(DiagramEdge(s, t, tuple(lines)) for (s, t), lines in merged.items()),
+        clusters=tuple(c for c in diagram.clusters if any(n.cluster == c.id for n in nodes)),
+        groups=tuple(g for g in diagram.groups if g.id in boxed),
+    )
+
+
+def _group_view(
+    diagram: Diagram,
+    group: DiagramGroup,
+    members: frozenset[str],
+    owner: Mapping[str, DiagramGroup],
+    stems: Mapping[str, str],
+    overview: str,
+) -> Diagram:
+    """The group's states in full; a state outside it by name only, and the states of
+    another group it meets as that group's name (each line once: Disputes met the eleven
+    states of Refunds and ClosingRefunds by one `PaymentDisputed` line each, 4259 px wide)."""
+
+    def seen_as(state: str) -> str:
+        return owner[state].id if state not in members and state in owner else state
+
+    merged: dict[tuple[str, str], dict[Line, None]] = {}
+    for edge in diagram.edges:
+        if edge.source in members or edge.target in members:
+            key = (seen_as(edge.source), seen_as(edge.target))
+            merged.setdefault(key, {}).update(dict.fromkeys(edge.lines))
+    met = {state for pair in merged for state in pair}
+    nodes: list[DiagramNode] = []
+    placed: set[str] = set()
+    for node in diagram.nodes:
+        shown = seen_as(node.id)
+        if shown not in met or shown in placed:
+            continue
+        placed.add(shown)
+        if node.id in members:
+            nodes.append(node)
+        elif shown == node.id:
+            nodes.append(DiagramNode(node.id, None, final=node.final, kind="stub", link=overview))
+        else:
+            nodes.append(DiagramNode(shown, None, kind="stub", link=stems[shown]))
+    return Diagram(
+        name=f"{diagram.name}: {group.id}",
+        doc=group.doc,
+        nodes=tuple(nodes),
+        edges=tuple(DiagramEdge(s, t, tuple(lines)) for (s, t), lines in merged.items()),
+        clusters=tuple(c for c in diagram.clusters if any(n.cluster == c.id for n in nodes)),
+    )
+
+
+# An overview's line from or into a group names the event or timer only: the group's own
+# diagram has its guard, actions and emits (`PaymentSucceeded [amount_matches] / record_payment`
+# and `PaymentSucceeded [else] / hold_mismatched_payment` are one line).
+_BRIEF_END = re.compile(r" (?:\[|/ |\^|\(|keep |in \w|from creation)|:|,")
+
+
+def _brief(line: Line) -> Line:
+    return Line(_BRIEF_END.split(line.text, maxsplit=1)[0], line.kind)
 
 
 def diagram_of(machine: Machine) -> Diagram:
@@ -469,6 +624,9 @@ def _node_label(node: DiagramNode) -> str:
 # How `autonomic diff` marks what changed: added green, removed red, changed amber.
 CHANGE_COLOURS = {"added": "#1a7f37", "removed": "#cf222e", "changed": "#bf8700"}
 CHANGE_FILLS = {"added": "#dafbe1", "removed": "#ffebe9", "changed": "#fff8c5"}
+# An overview's group boxes, and the states a group's diagram names but does not draw.
+GROUP_FILL = "#eef3fb"
+STUB_FILL = "#f3f3f3"
 
 
 def _node_statement(node: DiagramNode, indent: str, change: str | None = None) -> str:
@@ -477,6 +635,12 @@ def _node_statement(node: DiagramNode, indent: str, change: str | None = None) -
         attrs += ["peripheries=2", 'fillcolor="#eeeeee"']
     elif node.resting:
         attrs += ['style="rounded,dashed,filled"', 'fillcolor="#eef7ee"']
+    if node.kind == "group":
+        attrs += ['style="filled,bold"', f'fillcolor="{GROUP_FILL}"']
+    elif node.kind == "stub":
+        attrs += ['style="rounded,dashed,filled"', f'fillcolor="{STUB_FILL}"', "color=gray50"]
+    if node.link is not None:
+        attrs.append(f"URL={dot_quote(node.link + '.svg')}")
     if change is not None:
         attrs += [
             f'color="{CHANGE_COLOURS[change]}"',
@@ -509,8 +673,9 @@ def render_dot(
         '        fontsize=11, margin="0.1,0.05"];',
         "  edge [fontname=Helvetica, fontsize=9];",
         "",
-        f'  {dot_quote(_START)} [shape=point, width=0.15, label="", fillcolor=black];',
     ]
+    if any(node.initial for node in diagram.nodes):
+        out.append(f'  {dot_quote(_START)} [shape=point, width=0.15, label="", fillcolor=black];')
     clustered = {c.id: [n for n in diagram.nodes if n.cluster == c.id] for c in diagram.clusters}
     for node in diagram.nodes:
         if node.cluster is None:
@@ -698,6 +863,12 @@ _STEP = re.compile(r"\(\w+ (?:step \d+|exhausted)(?: timed out)?\)")
 MERMAID_FRONTMATTER = ("---", "config:", "  flowchart:", "    curve: catmullRom", "---")
 
 
+_MERMAID_KINDS = {
+    "group": f"fill:{GROUP_FILL},stroke:#333,stroke-width:2px",
+    "stub": f"fill:{STUB_FILL},stroke:#888,stroke-dasharray:3 3,color:#555",
+}
+
+
 def mermaid_ids(diagram: Diagram) -> dict[str, str]:
     """State name -> Mermaid id: the name itself unless Mermaid would read it as a keyword."""
     taken = {node.id for node in diagram.nodes}
@@ -733,7 +904,12 @@ def render_mermaid(
         if node.doc:
             for line in doc_lines(node.doc):
                 out.append(f"    {sid} : <small>{mermaid_text(line)}</small>")
-        out.extend(f"    {sid} : {text(line.text)}" for line in node.internal)
+        # Cut as DOT cuts them: uncut, one long line widened its state, and with it the
+        # rank (Compliance's ManualReview was 320 px wide for one notification).
+        for part in _wrapped(node.internal, INTERNAL_WIDTH) if node.internal else ():
+            body = part.lstrip(" ")
+            indent = "#160;" * (len(part) - len(body))
+            out.append(f"    {sid} : {indent}{text(body)}")
         if node.bound:
             out.append(f"    {sid} : <i>{text(node.bound)}</i>")
     for node in diagram.nodes:
@@ -741,18 +917,29 @@ def render_mermaid(
             out.append(f"    [*] --> {ids[node.id]}")
     edge_colours = edge_colours or {}
     labels: dict[tuple[Line, ...], str] = {}
+    # As in DOT, edges of several states into one with the same lines meet at a join bar
+    # first, which carries the lines once (Billing's retry ladder had eight alike edges into
+    # each of Current, Reconciling, DisputedUnpaid and Closed: 6326 px wide).
+    plan = {} if edge_colours else _junctions(diagram, {})
+    joins: dict[_Junction, str] = {}
+    taken = set(ids.values())
     for edge in diagram.edges:
+        junction = plan.get(edge) if plan else None
+        if junction is not None:
+            join = joins.get(junction)
+            if join is None:
+                join = f"join{len(joins) + 1}"
+                while join in taken:
+                    join += "_"
+                taken.add(join)
+                joins[junction] = join
+                out.append(f"    state {join} <<join>>")
+                out.append(f"    {join} --> {ids[junction.target]} : {_mermaid_label(edge, text)}")
+            out.append(f"    {ids[edge.source]} --> {join}")
+            continue
         label = labels.get(edge.lines)
         if label is None:
-            # Mermaid wraps a label to its width itself: only an argument-carrying line is
-            # cut (`_clauses`), and `field = value` is held together (a no-break space).
-            label = labels[edge.lines] = "<br/>".join(
-                [
-                    text(clause).replace(" = ", "#160;=#160;")
-                    for line in edge.lines
-                    for clause in _clauses(line.text)
-                ]
-            )
+            label = labels[edge.lines] = _mermaid_label(edge, text)
         # Mermaid's state diagrams cannot colour an edge: its label says what happened.
         change = edge_colours.get((edge.source, edge.target)) if edge_colours else None
         if change is not None:
@@ -765,6 +952,11 @@ def render_mermaid(
     if resting:
         out.append("    classDef resting stroke-dasharray: 5 5")
         out.append(f"    class {','.join(resting)} resting")
+    for kind, style in _MERMAID_KINDS.items():
+        marked = [ids[node.id] for node in diagram.nodes if node.kind == kind]
+        if marked:
+            out.append(f"    classDef {kind} {style}")
+            out.append(f"    class {','.join(marked)} {kind}")
     node_colours = node_colours or {}
     for change, colour in CHANGE_COLOURS.items():
         marked = [ids[n.id] for n in diagram.nodes if node_colours.get(n.id) == change]
@@ -773,6 +965,19 @@ def render_mermaid(
             out.append(f"    classDef {change} fill:{fill},stroke:{colour},stroke-width:2px")
             out.append(f"    class {','.join(marked)} {change}")
     return "\n".join(out) + "\n"
+
+
+def _mermaid_label(edge: DiagramEdge, text: Callable[[str], str]) -> str:
+    """An edge's lines as one Mermaid label: Mermaid wraps a label to its width itself, so
+    only an argument-carrying line is cut (`_clauses`), and `field = value` is held together
+    (a no-break space)."""
+    return "<br/>".join(
+        [
+            text(clause).replace(" = ", "#160;=#160;")
+            for line in edge.lines
+            for clause in _clauses(line.text)
+        ]
+    )
 
 
 def dot_available() -> bool:

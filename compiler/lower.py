@@ -300,6 +300,7 @@ class MachineTables:
     policies: tuple[PolicyRow, ...] = ()
     resting: tuple[str, ...] = ()
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    group_docs: tuple[tuple[str, str], ...] = ()  # documented groups, by name: for diagrams
     group_timers: tuple[tuple[str, tuple[TimerRow, ...]], ...] = ()
     creation_timers: tuple[TimerRow, ...] = ()
     settings: tuple[SettingRow, ...] = ()
@@ -383,6 +384,7 @@ def _lower(
         groups=tuple(
             sorted((g.name.value, tuple(sorted(n.value for n in g.states))) for g in machine.groups)
         ),
+        group_docs=tuple(sorted((g.name.value, g.doc) for g in machine.groups if g.doc)),
         group_timers=lowering.group_timers(),
         creation_timers=lowering.creation_timers(),
         settings=tuple(

@@ -228,7 +228,8 @@ def test_mermaid_diagram_shape(entitlement: Diagram) -> None:
         "notify ^Billing.StartBilling<br/>after 72h (ApprovalLadder) / auto_approve"
     ) in lines
     statement = re.compile(
-        r"    (state \"\w+\" as \w+|\w+ : [^:;\n]+|(\[\*\]|\w+) --> (\[\*\]|\w+)( : [^:;\n]+)?)"
+        r"    (state \"\w+\" as \w+|state \w+ <<join>>|\w+ : [^:;\n]+"
+        r"|(\[\*\]|\w+) --> (\[\*\]|\w+)( : [^:;\n]+)?)"
     )
     for line in lines[7:]:
         # Mermaid swaps entity codes out before its lexer runs.
