@@ -754,7 +754,9 @@ def build_parser(runtime: bool = True) -> argparse.ArgumentParser:
         "build",
         help="check, then generate Python modules and diagrams",
         description="Check every machine; if clean, write generated/<module>.py, .dot, .mmd "
-        "and .svg, an index README.md and __init__.py. Only changed files are written.",
+        "and .svg, an index README.md that shows every diagram, and __init__.py. A machine of "
+        "16 or more states in groups is drawn as an overview (<module>.dot, ...) and one "
+        "diagram per group (<module>.<group>.dot, ...). Only changed files are written.",
     )
     build.add_argument(
         "paths",
@@ -854,6 +856,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A compiler command parses the same without the runtime's commands registered; anything
     # else (--help, a typo, a runtime command) gets the whole command line.
     parser = build_parser(runtime=not (arguments and arguments[0] in COMPILER_COMMANDS))
+    if not arguments:
+        # A newcomer's first `autonomic`: the commands, not only "COMMAND is required".
+        parser.print_help(sys.stderr)
+        parser.exit(EXIT_USAGE, "\nautonomic: error: choose a COMMAND (e.g. autonomic build)\n")
     args = parser.parse_args(arguments)
     handler: Handler = args.func
     try:

@@ -606,6 +606,12 @@ def with_store(parser: argparse.ArgumentParser, handler: Handler, command: str) 
 
     def run(args: argparse.Namespace) -> int:
         if command == "show" and args.instance is None:
+            if args.ledger is not None and not args.store and Path(args.ledger).is_file():
+                # `show demo/marketplace.db`: the ledger is there, the instance is not.
+                parser.error(
+                    f"which instance? pass its id after the ledger: "
+                    f"autonomic audit show {args.ledger} INSTANCE"
+                )
             args.ledger, args.instance = None, args.ledger  # `show --store URL INSTANCE`
         if args.store and args.ledger:
             parser.error("give LEDGER or --store, not both")

@@ -240,9 +240,19 @@ USAGE = [
     ["audit"],
     ["audit", "verify", "store.db"],
     ["audit", "checkpoint", "store.db"],
+    ["audit", "show", "store.db"],
     ["simulate", "entitlement"],
     ["demo", "--bogus"],
 ]
+
+
+def test_usage_errors_say_what_is_missing(world: Path) -> None:
+    alone = autonomic(cwd=world)
+    assert "  build     check, then generate" in alone.stderr  # the commands, not only a usage
+    show = autonomic("audit", "show", "store.db", cwd=world)
+    assert show.returncode == 2
+    assert "which instance? pass its id after the ledger" in show.stderr
+    assert "no ledger" not in show.stderr
 
 
 @pytest.mark.parametrize("argv", USAGE, ids=[" ".join(a) or "(none)" for a in USAGE])
