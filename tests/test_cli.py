@@ -32,7 +32,7 @@ from pydantic import TypeAdapter, ValidationError
 ROOT = Path(__file__).resolve().parents[1]
 DIAGNOSTIC = re.compile(r"^\S.*:\d+:\d+: [A-Z]\d{3} ", re.MULTILINE)
 HINT = re.compile(r"^\s+= hint: \S", re.MULTILINE)
-INTERNAL = "internal error"
+INTERNAL = "autonomic: internal error:"  # the crash report (the help names exit 70 too)
 
 
 def autonomic(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
