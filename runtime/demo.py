@@ -544,16 +544,30 @@ def _fire(runtime: Runtime, say: _Narrator) -> None:
         done.append(
             (seq, functools.partial(say.result, firing.result, f"{label} {timer.timer_id}"))
         )
-    for entry in runtime.store.ledger_entries(after_seq=before):
-        if entry.kind == "escalation" and entry.event == "DeadlineMissed":
-            done.append((entry.seq, functools.partial(_missed_deadline, runtime, say, entry)))
+    done.extend(_missed_deadlines(runtime, say, before))
     for _, show in sorted(done, key=lambda item: item[0]):
         show()
 
 
-def _missed_deadline(runtime: Runtime, say: _Narrator, entry: LedgerEntry) -> None:
-    """One notice's missed deadline: its ledger entry, and when it falls due again (or that
+def _missed_deadlines(
+    runtime: Runtime, say: _Narrator, before: int
+) -> list[tuple[float, Callable[[], None]]]:
+    """The notices' deadlines missed since ledger entry `before`: one line per notice, where
+    its first miss stands (a week's jump misses an hourly re-escalation seven times over)."""
+    missed: dict[str, list[LedgerEntry]] = {}
+    for entry in runtime.store.ledger_entries(after_seq=before):
+        if entry.kind == "escalation" and entry.event == "DeadlineMissed":
+            missed.setdefault(entry.instance, []).append(entry)
+    return [
+        (entries[0].seq, functools.partial(_missed_deadline, runtime, say, entries))
+        for entries in missed.values()
+    ]
+
+
+def _missed_deadline(runtime: Runtime, say: _Narrator, entries: list[LedgerEntry]) -> None:
+    """One notice's missed deadline: its ledger entries, and when it falls due again (or that
     the instance has moved on since, which met what is left of it)."""
+    entry = entries[-1]
     deadline_id = entry.instance.removeprefix("deadline:")
     notice = parse_notice_id(deadline_id)
     if notice is None:
@@ -574,10 +588,12 @@ def _missed_deadline(runtime: Runtime, say: _Narrator, entry: LedgerEntry) -> No
         after = f"due again in {format_duration(stored.due_ms - say.clock.now_ms())}"
     else:
         after = "then the instance moved on"
-    say.say(
-        f"deadline missed: {who} {what}: escalated to level {level}, {after} [ledger #{entry.seq}]",
-        1,
-    )
+    levels, seqs = f"level {level}", f"#{entry.seq}"
+    if len(entries) > 1:
+        first = int(entries[0].to_state.removeprefix("level"))
+        levels = f"levels {first}-{level}"
+        seqs = f"#{entries[0].seq}..#{entry.seq}, {len(entries)} entries"
+    say.say(f"deadline missed: {who} {what}: escalated to {levels}, {after} [ledger {seqs}]", 1)
 
 
 def _deliver(runtime: Runtime, say: _Narrator) -> None:
@@ -604,9 +620,7 @@ def _deliver(runtime: Runtime, say: _Narrator) -> None:
                 line = f"outbox {target}: {delivery.status} ({delivery.error})"
                 show = functools.partial(say.say, line, 1)
             done.append((seq, show))
-        for entry in runtime.store.ledger_entries(after_seq=before):
-            if entry.kind == "escalation" and entry.event == "DeadlineMissed":
-                done.append((entry.seq, functools.partial(_missed_deadline, runtime, say, entry)))
+        done.extend(_missed_deadlines(runtime, say, before))
         for _, shown in sorted(done, key=lambda item: item[0]):
             shown()
 

@@ -143,6 +143,13 @@ def test_demo_runs_and_its_ledger_verifies(generated: Path, tmp_path: Path) -> N
         found = out.find(milestone, position)
         assert found >= 0, f"{milestone!r} missing (or out of order) in:\n{out}"
         position = found
+    # A week's jump misses the hourly re-escalation of one notice seven times: one line says
+    # so, with the level it ends at (each on its own line, the middle ones said "moved on").
+    assert (
+        "deadline missed: QuotaSla 'SLA breach unresolved' (notify queue sre_oncall_queue): "
+        "escalated to levels 2-8, due again in 1h [ledger #"
+    ) in out
+    assert "sre_oncall_queue): escalated to level 3" not in out
     # All seven governors are loaded, and no outbox delivery fails by accident.
     assert "governor not loaded" not in out
     assert ": failed (" not in out
