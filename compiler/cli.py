@@ -573,7 +573,7 @@ def _built(report: Any) -> str:
 
 def _cmd_graph(args: argparse.Namespace) -> int:
     from .checks import check_paths
-    from .diagram import DiagramToolFailed, DiagramToolMissing, render_diagram
+    from .diagram import DiagramToolFailed, DiagramToolMissing, UnknownView, render_diagram
     from .errors import did_you_mean
     from .report import render_text
 
@@ -600,7 +600,20 @@ def _cmd_graph(args: argparse.Namespace) -> int:
             )
         raise CommandProblem(where, NO_SUCH_MACHINE, message, hint)
     try:
-        rendered = render_diagram(wanted[0], args.format)
+        rendered = render_diagram(wanted[0], args.format, args.view)
+    except UnknownView as exc:
+        choices = ["overview", *exc.known] if exc.known else []
+        raise CommandProblem(
+            wanted[0].path,
+            NO_SUCH_MACHINE,
+            f"machine '{wanted[0].name.value}' has no view '{exc.view}'",
+            did_you_mean(exc.view, choices)
+            or (
+                f"views: {', '.join(choices)}"
+                if choices
+                else "it has no groups: declare `group NAME { STATE, ... }` to draw one"
+            ),
+        ) from None
     except (DiagramToolMissing, DiagramToolFailed) as exc:
         raise CommandProblem(
             wanted[0].path,
@@ -795,6 +808,12 @@ def build_parser(runtime: bool = True) -> argparse.ArgumentParser:
         default="machines",
         metavar="DIR",
         help="folder to find MACHINE in by name (default: machines)",
+    )
+    graph.add_argument(
+        "--view",
+        metavar="VIEW",
+        help="draw 'overview' (one box per group) or one group's diagram, as `build` draws a "
+        "large grouped machine (default: the whole machine)",
     )
     graph.add_argument(
         "--output", "-o", metavar="FILE", help="write the diagram to FILE (default: stdout)"

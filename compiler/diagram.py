@@ -258,14 +258,15 @@ class DiagramView(NamedTuple):
     diagram: Diagram
 
 
-def diagram_views(diagram: Diagram, stem: str) -> list[DiagramView]:
-    """The machine drawn whole; or, from SPLIT_FROM states, when its designer grouped them,
+def diagram_views(diagram: Diagram, stem: str, split_from: int = SPLIT_FROM) -> list[DiagramView]:
+    """The machine drawn whole; or, from `split_from` states, when its designer grouped them,
     an overview (each group one box, the edges into and out of it named by their events
     only) followed by one diagram per group (its states in full, the states it meets by
-    name only). Every label line is drawn in full in exactly one of them."""
+    name only). Every state is drawn in full in exactly one of them, every label line in at
+    least one."""
     groups = diagram.groups
     names = {node.id for node in diagram.nodes}
-    if len(diagram.nodes) < SPLIT_FROM or not groups or any(g.id in names for g in groups):
+    if len(diagram.nodes) < split_from or not groups or any(g.id in names for g in groups):
         return [DiagramView(stem, None, diagram)]
     owner: dict[str, DiagramGroup] = {}
     for group in groups:
@@ -1002,16 +1003,38 @@ def render_svg(dot_source: str) -> bytes:
     return done.stdout
 
 
+class UnknownView(Exception):
+    """`graph --view NAME` names neither `overview` nor a group of the machine."""
+
+    def __init__(self, view: str, known: Sequence[str]) -> None:
+        super().__init__(view)
+        self.view, self.known = view, tuple(known)
+
+
+def pick_view(diagram: Diagram, view: str) -> Diagram:
+    """`overview`, or a group's diagram, as `build` draws them (whatever the machine's size)."""
+    views = diagram_views(diagram, snake_case(diagram.name), split_from=0)
+    for drawn in views:
+        if (drawn.group.id if drawn.group else "overview") == view and len(views) > 1:
+            return drawn.diagram
+    raise UnknownView(view, [v.group.id for v in views if v.group])
+
+
 @overload
-def render_diagram(machine: Machine, fmt: Literal["dot", "mermaid"]) -> str: ...
+def render_diagram(
+    machine: Machine, fmt: Literal["dot", "mermaid"], view: str | None = None
+) -> str: ...
 @overload
-def render_diagram(machine: Machine, fmt: Literal["svg"]) -> bytes: ...
+def render_diagram(machine: Machine, fmt: Literal["svg"], view: str | None = None) -> bytes: ...
 @overload
-def render_diagram(machine: Machine, fmt: str) -> str | bytes: ...
-def render_diagram(machine: Machine, fmt: str) -> str | bytes:
-    """One diagram of a checked machine: DOT or Mermaid text, or SVG bytes."""
+def render_diagram(machine: Machine, fmt: str, view: str | None = None) -> str | bytes: ...
+def render_diagram(machine: Machine, fmt: str, view: str | None = None) -> str | bytes:
+    """One diagram of a checked machine: DOT or Mermaid text, or SVG bytes; whole, or with
+    `view` its overview or one group's diagram."""
     with cycle_collection_paused():
         diagram = diagram_of(machine)
+        if view is not None:
+            diagram = pick_view(diagram, view)
         if fmt == "dot":
             return render_dot(diagram)
         if fmt == "mermaid":

@@ -147,6 +147,8 @@ CASES: list[tuple[str, str, str, str]] = [
     ("graph-folder-named-fsm", "graph dir.fsm", "E007", ERR),
     ("graph-output-is-a-folder", "graph Billing -o dir.fsm", "E006", ERR),
     ("graph-svg-nowhere", "graph Billing --format svg -o nowhere/b.svg", "E006", ERR),
+    ("graph-unknown-view", "graph Billing --view Dispute", "E007", ERR),
+    ("graph-view-without-groups", "graph Entitlement --view overview", "E007", ERR),
     # keygen and audit
     ("keygen-existing-key-folder", "keygen keys", "A011", ERR),
     ("keygen-into-a-file", "keygen notes.txt", "A010", ERR),

@@ -18,6 +18,7 @@ from autonomic.compiler.diagram import (
     Line,
     diagram_of,
     diagram_views,
+    render_diagram,
     render_dot,
     render_mermaid,
 )
@@ -175,3 +176,11 @@ def test_the_index_shows_each_group_under_its_name(
         assert f"(#billing-{heading.lower()})" in readme
         assert outputs[f"{stem}.mmd"].decode().rstrip("\n") in readme
     assert readme.count("```mermaid") == 5
+
+
+def test_graph_draws_a_view_as_build_writes_it(billing: Machine, machines: list[Machine]) -> None:
+    outputs = render_outputs([billing], draw_svg=False, known=machines)
+    for view, stem in (("overview", "billing"), ("Disputes", "billing.disputes")):
+        assert render_diagram(billing, "mermaid", view) == outputs[f"{stem}.mmd"].decode()
+        assert render_diagram(billing, "dot", view) == outputs[f"{stem}.dot"].decode()
+    assert len(render_diagram(billing, "dot")) > len(outputs["billing.dot"])  # whole
