@@ -40,7 +40,7 @@ import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO
 
 from autonomic.diagnostics import render
@@ -1248,11 +1248,11 @@ def run_demo(
         return 1
     customer = f"acme-{_run_number(runtime)}"
     say = _Narrator(out, clock, customer)
-    entitlement, billing = specs["Entitlement"], specs["Billing"]
-    out.write(f"governors {entitlement.name} and {billing.name} ({entitlement.source_path}, ")
-    out.write(f"{billing.source_path}, built by autonomic {entitlement.compiler_version}), ")
-    others = [name for name in specs if name not in (entitlement.name, billing.name)]
-    out.write(f"with {', '.join(others)}\n")
+    entitlement = specs["Entitlement"]
+    folders = sorted({str(PurePosixPath(spec.source_path).parent) for spec in specs.values()})
+    sources = ", ".join(f"{folder}/*.fsm" for folder in folders)
+    out.write(f"governors {', '.join(specs)} ({sources}, ")
+    out.write(f"built by autonomic {entitlement.compiler_version})\n")
     out.write(f"flows {', '.join(f.name for f in flows)} ({flows[0].source_path})\n")
     signing = "every entry signed" if mode == "sign-each" else "signed checkpoints"
     kind = (

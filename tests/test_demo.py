@@ -251,7 +251,8 @@ def test_demo_defaults_to_what_autonomic_build_just_wrote(tmp_path: Path) -> Non
     assert build([ROOT / "machines"], tmp_path / "generated", svg=False).written
     result = demo("--db", "demo/marketplace.db", "--keys", "demo/keys", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "governors Entitlement and Billing (machines/entitlement.fsm" in result.stdout
+    assert "governors Entitlement, Billing, " in result.stdout
+    assert "(machines/*.fsm, built by autonomic " in result.stdout
     count = int(result.stdout.rstrip().rsplit("ledger verified: ", 1)[1].split()[0])
     report = verify_ledger(
         tmp_path / "demo/marketplace.db", Keyring.from_files([tmp_path / "demo/keys"])
