@@ -334,7 +334,7 @@ def _group_view(
 ) -> Diagram:
     """The group's states in full; a state outside it by name only, and the states of
     another group it meets as that group's name (each line once: Disputes met the eleven
-    states of Refunds and ClosingRefunds by one `PaymentDisputed` line each, 4259 px wide)."""
+    states of two refund groups by one `PaymentDisputed` line each, 4259 px wide)."""
 
     def seen_as(state: str) -> str:
         return owner[state].id if state not in members and state in owner else state

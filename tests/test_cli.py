@@ -397,9 +397,9 @@ def test_build_writes_only_into_a_folder_it_owns(world: Path, tmp_path: Path) ->
     assert [p.name for p in project.iterdir()] == ["README.md"]
     assert (project / "README.md").read_text(encoding="utf-8") == "# My project\n"
     out = tmp_path / "generated"
-    # 6 machines drawn whole x 3 (.py, .dot, .mmd); Billing's .py and 5 views x 2 (its
-    # overview and four groups); 5 flows x 3; README.md and __init__.py
-    for expected in ("46 files written", "0 files written"):
+    # 6 machines drawn whole x 3 (.py, .dot, .mmd); Billing's .py and 6 views x 2 (its
+    # overview and five groups); 5 flows x 3; README.md and __init__.py
+    for expected in ("48 files written", "0 files written"):
         built = autonomic("build", "machines", "--out", str(out), "--no-svg", cwd=world)
         assert built.returncode == 0, built.stderr
         assert expected in built.stdout
