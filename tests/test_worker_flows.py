@@ -31,12 +31,12 @@ def unfinished(db: Path) -> list[str]:
     return [flow_id for (flow_id,) in rows]
 
 
-def kill_mid_run(db: Path, keys: Path, where: str) -> str:
+def kill_mid_run(db: Path, keys: Path, where: str, customers: int = CUSTOMERS, **env: str) -> str:
     """Run the flows' process until it reaches `where` (INSTANCE:STEP, the earlier steps of
     that run committed) and SIGKILL it there; the run's id."""
     process = subprocess.Popen(
-        [sys.executable, str(DRIVER), str(db), str(keys), str(CUSTOMERS), "300"],
-        env={**os.environ, "FLOW_HANG_AT": where},
+        [sys.executable, str(DRIVER), str(db), str(keys), str(customers), "300"],
+        env={**os.environ, "FLOW_HANG_AT": where, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -58,6 +58,30 @@ def test_the_worker_finishes_the_runs_of_a_killed_process_exactly_once(tmp_path:
     killed = kill_mid_run(db, keys, "c1:suspend_entitlements")
     left = unfinished(db)
     assert left == [killed]
+    finish(db, keys, left, CUSTOMERS)
+    assert check_runs_once(db) == 4  # c0 and c1: the signup and the saga
+
+
+def test_the_worker_finishes_runs_killed_while_a_step_waits(tmp_path: Path) -> None:
+    """c1's refund and c2's identity check do not answer at first: their runs wait in the
+    store when the process is killed (in c2's saga); the worker sends each again, once."""
+    db, keys = tmp_path / "flows.db", tmp_path / "keys"
+    generate_keypair(keys, valid_from_ms=1_700_000_000_000)
+    kill_mid_run(db, keys, "c2:suspend_entitlements", 3, FLOW_STEPS_UNANSWERED="1")
+    with sqlite3.connect(db) as conn:
+        waiting = conn.execute("SELECT count(*) FROM flows WHERE status = 'waiting'").fetchone()
+    assert waiting == (2,)
+    finish(db, keys, unfinished(db), 3, FLOW_STEPS_UNANSWERED="1")
+    assert check_runs_once(db) == 6
+    with sqlite3.connect(db) as conn:
+        retried = conn.execute(
+            "SELECT count(*) FROM ledger WHERE event = 'StepRetrying' GROUP BY instance"
+        ).fetchall()
+    assert retried == [(2,), (2,)]  # unanswered in each process, answered by the worker's retry
+
+
+def finish(db: Path, keys: Path, left: list[str], customers: int, **env: str) -> None:
+    """Run `autonomic worker` until it has finished the runs `left`, then stop it."""
     worker = subprocess.Popen(
         [
             str(AUTONOMIC),
@@ -74,7 +98,7 @@ def test_the_worker_finishes_the_runs_of_a_killed_process_exactly_once(tmp_path:
             "300ms",
         ],
         cwd=TESTS,
-        env={**os.environ, "FLOW_CUSTOMERS": str(CUSTOMERS)},
+        env={**os.environ, "FLOW_CUSTOMERS": str(customers), **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -95,6 +119,4 @@ def test_the_worker_finishes_the_runs_of_a_killed_process_exactly_once(tmp_path:
     assert worker.returncode == 0, errors
     assert f"{len(left)} flow runs finished" in out
     assert sorted(finished) == sorted(left) and unfinished(db) == []
-
     assert verify_ledger(db, Keyring.from_files([keys])).ok
-    assert check_runs_once(db) == 4  # c0 and c1: the signup and the saga
