@@ -168,7 +168,9 @@ class PartitionedStore(Protocol):
         self, now_ms: int, machines: Sequence[str], limit: int
     ) -> list[ArmedTimer]: ...
 
-    def claim_outbox(self, *, kind: OutboxKind, limit: int) -> list[OutboxMessage]: ...
+    def claim_outbox(
+        self, *, kind: OutboxKind, limit: int, due_ms: int | None = None
+    ) -> list[OutboxMessage]: ...
 
     def lease_in(self, txn: Transaction, message_id: int) -> None:
         """Lease a message to this worker inside a unit of work (a refusal notice it

@@ -228,11 +228,16 @@ def _let_go(held: Release, local: Local | None) -> None:
 
 
 def dispatch_many(
-    governor: Governor, requests: Sequence[DispatchRequest]
+    governor: Governor,
+    requests: Sequence[DispatchRequest],
+    *,
+    then: Sequence[Callable[[Transaction, _Chain], object]] | None = None,
 ) -> list[DispatchResult | Exception]:
     """Dispatch every request, in order, in one commit where the store batches commits
     (SQLite: one transaction for up to `max_batch` units); each request succeeds or fails
-    on its own, as `dispatch` would, and its slot holds the result or the error."""
+    on its own, as `dispatch` would, and its slot holds the result or the error. `then[i]`
+    runs after request i's unit of work, in its transaction, unless the unit refused the
+    event (the outbox marks a delivery delivered so, runtime/outbox.py)."""
     results: list[DispatchResult | Exception | None] = [None] * len(requests)
     works = []
     slots = []
@@ -277,7 +282,12 @@ def dispatch_many(
                 results[index] = error
         partition_of = governor.runtime._partition_of
         partitions = [partition_of(requests[index].instance_id) for index in slots]
-        done = governor.runtime._submit_many(works, partitions)
+        units = (
+            works
+            if then is None
+            else [partial(_followed, w, then[i]) for w, i in zip(works, slots, strict=True)]
+        )
+        done = governor.runtime._submit_many(units, partitions)
     finally:
         # A claim whose unit committed went with it (claimed_step): nothing left to write.
         committed = {

@@ -30,7 +30,7 @@ from .keychain import RootOfTrust, fingerprint
 from .keys import Signer
 from .ledger import Checkpoint, EntryData, LedgerEntry, LedgerSealer, RootLike, VerifyReport
 from .notice_deadlines import escalate_due
-from .outbox import deliver_outbox, mark
+from .outbox import CHUNK_SIZE, deliver_outbox, mark
 from .partitions import PartitionedStore, SignedRoot
 from .replay import replay, verify
 from .resilience.claims import DEFAULT_CLAIM_LEASE_MS, OutsideClaims
@@ -745,9 +745,10 @@ class Runtime:
         deadlines, `DeadlineTracker.check` for all)."""
         return escalate_due(self, now, rearm_ms=rearm_ms, notices_only=notices_only)
 
-    def deliver_outbox(self, *, limit: int = 1000) -> list[Delivery]:
-        """Deliver pending emitted events to their governors (see outbox.deliver_outbox)."""
-        return deliver_outbox(self, limit=limit)
+    def deliver_outbox(self, *, limit: int = 1000, chunk_size: int = CHUNK_SIZE) -> list[Delivery]:
+        """Deliver the pending emitted events due now to their governors, `chunk_size` to a
+        commit (see outbox.deliver_outbox)."""
+        return deliver_outbox(self, limit=limit, chunk_size=chunk_size)
 
     def notifications(self, *, status: OutboxStatus | None = "pending") -> list[OutboxMessage]:
         """Escalation notifications in the outbox (JSON body: recipient, message, deadline)."""

@@ -69,11 +69,12 @@ def test_a_version_1_store_is_migrated_to_the_latest(postgres_stores: Stores) ->
     url = postgres_stores.location()
     migrate(url)
     # Back to what version 1 of autonomic created: no flows, breakers, deadlines, instance
-    # data, outside-call claims or timer retries tables, snapshots that name no kept entry,
-    # no row seals and no ledger index by event id.
+    # data, outside-call claims, timer retries or outbox retries tables, snapshots that name no
+    # kept entry, no row seals and no ledger index by event id.
     postgres_stores.rows(
         "s",
-        "DROP TABLE flows, breakers, deadlines, instance_data, outside_claims, timer_retries",
+        "DROP TABLE flows, breakers, deadlines, instance_data, outside_claims, timer_retries, "
+        "outbox_retries",
     )
     postgres_stores.rows("s", "ALTER TABLE snapshots DROP COLUMN kept_seq")
     postgres_stores.rows("s", "DROP INDEX ledger_by_event")

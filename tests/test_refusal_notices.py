@@ -16,7 +16,7 @@ from autonomic.compiler.parser import parse_text
 from autonomic.runtime.demo import _Bindings
 from autonomic.runtime.flows import FlowRunner
 from autonomic.runtime.keys import Signer
-from autonomic.runtime.outbox import _deliver, mark
+from autonomic.runtime.outbox import _deliver_all, mark
 from autonomic.runtime.results import Delivery
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.base import Store, Transaction
@@ -285,6 +285,6 @@ def test_a_released_notice_is_leased_to_the_worker_that_delivers_it(
         finally:
             other.close()
         assert notice.event_id not in {m.event_id for m in claimed}
-        (told,) = _deliver(runtime, notice)
+        (told,) = _deliver_all(runtime, [notice], 1)
         assert told.status == "delivered"
         assert postgres_stores.rows("m", query) == [(None,)]

@@ -17,7 +17,7 @@ from ..errors import (
     RuntimeFailure,
     UnknownEvent,
 )
-from ..resilience.errors import BulkheadFull, is_transient, is_unavailable
+from ..resilience.errors import is_unanswered
 from ..results import DispatchResult
 from ..store.base import FLOW_FINISHED, FlowRecord, FlowStatus
 from ..tables import FlowSpec, FlowStepSpec
@@ -137,19 +137,13 @@ def _step_outcome(answer: object) -> tuple[str, Any]:
         return "no_reply", answer.message
     if isinstance(answer, StepFailed):
         return "failed", answer.message
-    if isinstance(answer, ActionFailed) and _unanswered(answer.cause):
+    if isinstance(answer, ActionFailed) and is_unanswered(answer.cause):
         return "no_reply", f"{answer.code}: {answer.message}"
     if isinstance(answer, _STEP_FAILURES):
         return "failed", f"{answer.code}: {answer.message}"
     if isinstance(answer, BaseException):
         raise answer
     raise TypeError(f"unexpected dispatch outcome {answer!r}")
-
-
-def _unanswered(cause: BaseException) -> bool:
-    """The receiver's action could not reach its service (yet): a fanout branch may get its
-    reply on a later attempt."""
-    return is_transient(cause) or is_unavailable(cause) or isinstance(cause, BulkheadFull)
 
 
 def _next_steps(run: _Run) -> list[FlowStepSpec]:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from ..ledger import Checkpoint, LedgerEntry, LedgerMode
 from ..timers import ArmedTimer
@@ -40,6 +40,7 @@ __all__ = [
     "Transaction",
     "WorkOutcome",
     "idempotency_event_id",
+    "with_retry",
 ]
 
 T = TypeVar("T")
@@ -80,7 +81,12 @@ class OutboxMessage:
 
     `event_id` is derived from the cause (see results.derive_event_id), so delivering a
     message twice is deduplicated by the receiving governor. `body` is JSON text: the payload
-    of an event, or the notification (recipient, message, deadline).
+    of an event, or the notification (recipient, message, deadline). `attempts` and
+    `retry_at_ms`: a pending event whose deliveries got no answer from the receiver's outside
+    call (runtime/outbox.py), how many, and when it is tried again; 0 and None otherwise.
+    They are kept beside the row (table outbox_retries), not under its seal: like a fleet's
+    lease, they only say when to try, and the delivery's give-up time is counted from the
+    sealed `created_ms`.
     """
 
     id: int | None
@@ -96,6 +102,17 @@ class OutboxMessage:
     created_ms: int
     status: OutboxStatus = "pending"
     error: str | None = None
+    attempts: int = 0
+    retry_at_ms: int | None = None
+
+
+def with_retry(message: OutboxMessage, row: Sequence[Any]) -> OutboxMessage:
+    """`message` with the retry a read joined beside it (the row's last two columns: attempts,
+    retry_at_ms), if it has one. Not sealed, so only whole numbers are taken."""
+    attempts, retry_at_ms = row[-2], row[-1]
+    if type(attempts) is not int or type(retry_at_ms) is not int or attempts < 1:
+        return message
+    return replace(message, attempts=attempts, retry_at_ms=retry_at_ms)
 
 
 FlowStatus = Literal["running", "waiting", "compensating", "completed", "compensated", "failed"]
@@ -238,6 +255,14 @@ class Transaction(Protocol):
 
     def mark_outbox(self, message_id: int, status: OutboxStatus, error: str | None) -> None: ...
 
+    def retry_outbox(self, message_id: int, attempts: int, retry_at_ms: int, error: str) -> None:
+        """Leave a pending message pending after its delivery got no answer: `error` on the
+        row (a fleet's lease let go), its count of such deliveries and when it is due again
+        (`Store.outbox(due_ms=...)`, `claim_outbox`) beside it."""
+
+    def forget_outbox_retry(self, message_id: int) -> None:
+        """Drop what `retry_outbox` kept of a message (its delivery has ended)."""
+
     def holds_outside(self, keys: Sequence[ClaimKey], holder: str) -> bool:
         """Whether `holder` still holds every one of `keys` (`Store.claim_outside`), as of this
         transaction, with no other holder able to take one over before it ends: a lease that
@@ -373,7 +398,11 @@ class Store(Protocol):
         kind: OutboxKind | None = None,
         status: OutboxStatus | None = "pending",
         limit: int = 1000,
-    ) -> list[OutboxMessage]: ...
+        due_ms: int | None = None,
+    ) -> list[OutboxMessage]:
+        """Messages in id order. With `due_ms`, only those to deliver at `due_ms`: not waiting
+        for a retry after it, and with no earlier pending message to the same target instance
+        that is (so a receiver's messages stay in order)."""
 
     def get_flow(self, flow_id: str) -> FlowRecord | None: ...
 

@@ -324,6 +324,7 @@ class MemoryStore:
         kind: OutboxKind | None = None,
         status: OutboxStatus | None = "pending",
         limit: int = 1000,
+        due_ms: int | None = None,
     ) -> list[OutboxMessage]:
         with self.entered():
             chosen = [
@@ -331,6 +332,25 @@ class MemoryStore:
                 for m in self._outbox
                 if (kind is None or m.kind == kind) and (status is None or m.status == status)
             ]
+            if due_ms is not None:
+                # Held back: a message waiting for a retry after `due_ms`, and every later
+                # pending one to the same target instance.
+                waiting = [
+                    m
+                    for m in self._outbox
+                    if m.status == "pending"
+                    and m.retry_at_ms is not None
+                    and m.retry_at_ms > due_ms
+                ]
+                first: dict[tuple[str, str], int] = {}
+                for m in waiting:
+                    first.setdefault((m.target_machine, m.target_instance), m.id or 0)
+                chosen = [
+                    m
+                    for m in chosen
+                    if (m.id or 0)
+                    < first.get((m.target_machine, m.target_instance), (m.id or 0) + 1)
+                ]
         return chosen[:limit]
 
     def get_flow(self, flow_id: str) -> FlowRecord | None:
@@ -558,6 +578,16 @@ class MemoryStore:
         with self._claims_lock:
             claims = self._claims
             return all(claims.get(key, ("",))[0] == holder for key in keys)
+
+    def retry_outbox(self, message_id: int, attempts: int, retry_at_ms: int, error: str) -> None:
+        index = message_id - 1
+        self._outbox[index] = replace(
+            self._outbox[index], error=error, attempts=attempts, retry_at_ms=retry_at_ms
+        )
+
+    def forget_outbox_retry(self, message_id: int) -> None:
+        index = message_id - 1
+        self._outbox[index] = replace(self._outbox[index], attempts=0, retry_at_ms=None)
 
     def set_outbox_body(self, message_id: int, body: str) -> None:
         index = message_id - 1

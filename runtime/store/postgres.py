@@ -35,7 +35,7 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
@@ -74,6 +74,7 @@ from .base import (
     Transaction,
     WorkOutcome,
     idempotency_event_id,
+    with_retry,
 )
 from .postgres_schema import schema_problem
 from .row_seals import (
@@ -127,6 +128,18 @@ _TIMER_RETRY_KEY = "machine = %s AND instance = %s AND timer_id = %s AND armed_v
 
 
 _OUTBOX_READ = SEALED_SELECT["outbox"]
+# An outbox read with the row's retry (runtime/outbox.py) beside it.
+_OUTBOX_WITH_RETRY = (
+    ", ".join(f"o.{column.strip()}" for column in _OUTBOX_READ.split(","))
+    + ", r.attempts, r.retry_at_ms FROM outbox o LEFT JOIN outbox_retries r ON r.id = o.id"
+)
+# A message (alias `{m}`) not to deliver at `%(due)s`: it, or an earlier pending message to
+# the same target instance, waits for a retry after it.
+_OUTBOX_HELD_BACK = (
+    "EXISTS (SELECT 1 FROM outbox_retries w JOIN outbox e ON e.id = w.id "
+    "WHERE w.id <= {m}.id AND w.retry_at_ms > %(due)s AND e.status = 'pending' "
+    "AND e.target_machine = {m}.target_machine AND e.target_instance = {m}.target_instance)"
+)
 _FLOW_READ = SEALED_SELECT["flows"]
 _BREAKER_READ = SEALED_SELECT["breakers"]
 _DEADLINE_READ = SEALED_SELECT["deadlines"]
@@ -552,6 +565,23 @@ class PostgresTransaction:
                 ", lease_owner = NULL, lease_until_ms = NULL",
             )
 
+    def retry_outbox(self, message_id: int, attempts: int, retry_at_ms: int, error: str) -> None:
+        message = self._outbox_row(message_id)
+        if message is not None:
+            # The lease let go: any worker of the fleet takes it once it is due.
+            self._rewrite_outbox(
+                replace(message, error=error), ", lease_owner = NULL, lease_until_ms = NULL"
+            )
+            self._execute(
+                "INSERT INTO outbox_retries (id, attempts, retry_at_ms) VALUES (%s, %s, %s) "
+                "ON CONFLICT (id) DO UPDATE SET attempts = EXCLUDED.attempts, "
+                "retry_at_ms = EXCLUDED.retry_at_ms",
+                (message_id, attempts, retry_at_ms),
+            )
+
+    def forget_outbox_retry(self, message_id: int) -> None:
+        self._execute("DELETE FROM outbox_retries WHERE id = %s", (message_id,))
+
     def set_outbox_body(self, message_id: int, body: str) -> None:
         message = self._outbox_row(message_id)
         if message is not None:
@@ -916,7 +946,9 @@ class PostgresStore:
             finally:
                 connection.rollback()
 
-    def _query(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+    def _query(
+        self, sql: str, parameters: Sequence[object] | Mapping[str, object] = ()
+    ) -> list[tuple[Any, ...]]:
         with self._connection() as connection:
             rows: list[tuple[Any, ...]] = connection.execute(cast(Any, sql), parameters).fetchall()
         return rows
@@ -1197,12 +1229,17 @@ class PostgresStore:
         timers.sort(key=lambda found: found[:2])
         return self._fired([timer for _, _, timer in timers])
 
-    def claim_outbox(self, *, kind: OutboxKind, limit: int) -> list[OutboxMessage]:
+    def claim_outbox(
+        self, *, kind: OutboxKind, limit: int, due_ms: int | None = None
+    ) -> list[OutboxMessage]:
         """Lease up to `limit` pending messages of `kind` for `lease_ms`: each the oldest
-        pending message to its target instance, not leased by anyone else. Oldest first."""
+        pending message to its target instance, not leased by anyone else, and (with
+        `due_ms`) not waiting for a retry after `due_ms` (Transaction.retry_outbox). Oldest
+        first, each with its retry."""
+        due = "" if due_ms is None else f"AND NOT {_OUTBOX_HELD_BACK.format(m='c')} "
         with self._connection() as connection:
             rows = connection.execute(
-                f"UPDATE outbox o SET lease_owner = %(owner)s, "
+                f"WITH claimed AS (UPDATE outbox o SET lease_owner = %(owner)s, "
                 f"lease_until_ms = {_DB_NOW_MS} + %(lease)s "
                 "FROM (SELECT id FROM outbox c WHERE c.status = 'pending' AND c.kind = %(kind)s "
                 f"AND (c.lease_until_ms IS NULL OR c.lease_until_ms <= {_DB_NOW_MS} "
@@ -1210,14 +1247,20 @@ class PostgresStore:
                 f"OR c.lease_until_ms > {_DB_NOW_MS} + %(lease)s) "
                 "AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.status = 'pending' "
                 "AND e.target_machine = c.target_machine "
-                "AND e.target_instance = c.target_instance AND e.id < c.id) "
-                "ORDER BY c.id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) claimed "
-                "WHERE o.id = claimed.id RETURNING "
-                + ", ".join(f"o.{c.strip()}" for c in _OUTBOX_READ.split(",")),
-                {"owner": self.owner, "lease": self.lease_ms, "kind": kind, "limit": limit},
+                f"AND e.target_instance = c.target_instance AND e.id < c.id) {due}"
+                "ORDER BY c.id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) picked "
+                "WHERE o.id = picked.id RETURNING o.*) SELECT "
+                + _OUTBOX_WITH_RETRY.replace("FROM outbox o", "FROM claimed o"),
+                {
+                    "owner": self.owner,
+                    "lease": self.lease_ms,
+                    "kind": kind,
+                    "limit": limit,
+                    "due": due_ms,
+                },
             ).fetchall()
         rows.sort(key=lambda row: row[0])
-        return [self._seals.message(row) for row in rows]
+        return [with_retry(self._seals.message(row), row) for row in rows]
 
     def lease_in(self, txn: Transaction, message_id: int) -> None:
         """Lease a message to this store's owner for `lease_ms`, in `txn` (a unit of work of
@@ -1231,21 +1274,23 @@ class PostgresStore:
         kind: OutboxKind | None = None,
         status: OutboxStatus | None = "pending",
         limit: int = 1000,
+        due_ms: int | None = None,
     ) -> list[OutboxMessage]:
         where: list[str] = []
-        parameters: list[object] = []
+        parameters: dict[str, object] = {"limit": limit, "due": due_ms}
         if status is not None:
-            where.append("status = %s")
-            parameters.append(status)
+            where.append("o.status = %(status)s")
+            parameters["status"] = status
         if kind is not None:
-            where.append("kind = %s")
-            parameters.append(kind)
+            where.append("o.kind = %(kind)s")
+            parameters["kind"] = kind
+        if due_ms is not None:
+            where.append(f"NOT {_OUTBOX_HELD_BACK.format(m='o')}")
         clause = f"WHERE {' AND '.join(where)} " if where else ""
         rows = self._query(
-            f"SELECT {_OUTBOX_READ} FROM outbox {clause}ORDER BY id LIMIT %s",
-            [*parameters, limit],
+            f"SELECT {_OUTBOX_WITH_RETRY} {clause}ORDER BY o.id LIMIT %(limit)s", parameters
         )
-        return [self._seals.message(row) for row in rows]
+        return [with_retry(self._seals.message(row), row) for row in rows]
 
     def get_flow(self, flow_id: str) -> FlowRecord | None:
         rows = self._query(f"SELECT {_FLOW_READ} FROM flows WHERE flow_id = %s", (flow_id,))

@@ -66,6 +66,7 @@ from .base import (
     Transaction,
     WorkOutcome,
     idempotency_event_id,
+    with_retry,
 )
 from .row_seals import (
     SEALED_MARK,
@@ -116,6 +117,18 @@ _TIMER_RETRY_KEY = "machine = ? AND instance = ? AND timer_id = ? AND armed_vers
 
 _SAVE_MARK = "INSERT OR REPLACE INTO runtime_meta (key, value) VALUES (?, ?)"
 _OUTBOX_READ = SEALED_SELECT["outbox"]
+# An outbox read with the row's retry (runtime/outbox.py) beside it.
+_OUTBOX_WITH_RETRY = (
+    ", ".join(f"o.{column.strip()}" for column in _OUTBOX_READ.split(","))
+    + ", r.attempts, r.retry_at_ms FROM outbox o LEFT JOIN outbox_retries r ON r.id = o.id"
+)
+# A message not to deliver at `due` (the parameter): it, or an earlier pending message to the
+# same target instance, waits for a retry after it.
+_OUTBOX_HELD_BACK = (
+    "EXISTS (SELECT 1 FROM outbox_retries w JOIN outbox e ON e.id = w.id "
+    "WHERE w.id <= o.id AND w.retry_at_ms > ? AND e.status = 'pending' "
+    "AND e.target_machine = o.target_machine AND e.target_instance = o.target_instance)"
+)
 _PROCESSED_SQL = (
     f"SELECT {SEALED_SELECT['processed_events']} FROM processed_events "
     "WHERE machine = ? AND event_id = ?"
@@ -618,6 +631,19 @@ class SQLiteTransaction:
         if message is not None:
             self._rewrite_outbox(replace(message, status=status, error=error))
 
+    def retry_outbox(self, message_id: int, attempts: int, retry_at_ms: int, error: str) -> None:
+        message = self._outbox_row(message_id)
+        if message is not None:
+            self._rewrite_outbox(replace(message, error=error))
+            self._execute(
+                "INSERT OR REPLACE INTO outbox_retries (id, attempts, retry_at_ms) "
+                "VALUES (?, ?, ?)",
+                (message_id, attempts, retry_at_ms),
+            )
+
+    def forget_outbox_retry(self, message_id: int) -> None:
+        self._execute("DELETE FROM outbox_retries WHERE id = ?", (message_id,))
+
     def set_outbox_body(self, message_id: int, body: str) -> None:
         message = self._outbox_row(message_id)
         if message is not None:
@@ -1117,21 +1143,25 @@ class SQLiteStore:
         kind: OutboxKind | None = None,
         status: OutboxStatus | None = "pending",
         limit: int = 1000,
+        due_ms: int | None = None,
     ) -> list[OutboxMessage]:
         where: list[str] = []
         parameters: list[object] = []
         if status is not None:
-            where.append("status = ?")
+            where.append("o.status = ?")
             parameters.append(status)
         if kind is not None:
-            where.append("kind = ?")
+            where.append("o.kind = ?")
             parameters.append(kind)
+        if due_ms is not None:
+            where.append(f"NOT {_OUTBOX_HELD_BACK}")
+            parameters.append(due_ms)
         clause = f"WHERE {' AND '.join(where)} " if where else ""
         rows = self._query(
-            f"SELECT {_OUTBOX_READ} FROM outbox {clause}ORDER BY id LIMIT ?",
+            f"SELECT {_OUTBOX_WITH_RETRY} {clause}ORDER BY o.id LIMIT ?",
             [*parameters, limit],
         )
-        return [self._seals.message(row) for row in rows]
+        return [with_retry(self._seals.message(row), row) for row in rows]
 
     def get_flow(self, flow_id: str) -> FlowRecord | None:
         with self._lock:

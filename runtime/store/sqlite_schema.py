@@ -86,6 +86,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     seal BLOB
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (status, kind, id);
+CREATE TABLE IF NOT EXISTS outbox_retries (
+    id INTEGER PRIMARY KEY,
+    attempts INTEGER NOT NULL,
+    retry_at_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS snapshots (
     machine TEXT NOT NULL,
     instance TEXT NOT NULL,
