@@ -8,6 +8,7 @@ up, and its refusal notice tells the sender. On SQLite and PostgreSQL, with virt
 from __future__ import annotations
 
 import itertools
+import sqlite3
 import threading
 from collections.abc import Sequence
 from decimal import Decimal
@@ -348,3 +349,24 @@ def test_a_billing_cycle_delivers_its_charges_in_one_commit_per_chunk(tmp_path: 
         assert sorted(c[0] for c in card.charged) == customers
         for customer in customers:
             assert state(runtime, "Billing", customer) == "AwaitingPayment"
+
+
+def test_a_forged_retry_time_delays_a_delivery_no_more_than_a_backoff(tmp_path: Any) -> None:
+    """outbox_retries is not sealed (a hint, like a lease): a retry time within a minute is
+    honoured, one pushed ten days ahead by someone with the database is no backoff's and is
+    ignored (more than RETRY_LATER_CAP_MS ahead)."""
+    path = tmp_path / "s.db"
+    runtime, clock, card = world(SQLiteStore(path))
+    with runtime:
+        card.down = TimeoutError
+        first = renew(runtime)
+        assert first.status == "retrying"
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE outbox_retries SET retry_at_ms = ?", (clock.now_ms() + 5_000,))
+        clock.advance(4_999)
+        assert runtime.deliver_outbox() == []  # up to a minute ahead: a backoff's, honoured
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE outbox_retries SET retry_at_ms = retry_at_ms + 864000000")
+        card.down = None
+        assert [d.status for d in runtime.deliver_outbox()] == ["delivered"]  # not 10 days
+        assert [c[0] for c in card.charged] == [CUSTOMER]

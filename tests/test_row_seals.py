@@ -35,8 +35,9 @@ from conftest import Stores
 
 START = 1_767_225_600_000
 HOUR = 3_600_000
-# Every table the runtime writes but outside_claims (the claim's own short write) and
-# timer_retries (when a failed firing is tried again: a hint, like a lease).
+# Every table the runtime writes but outside_claims (the claim's own short write),
+# timer_retries and outbox_retries (when a failed firing or an unanswered delivery is tried
+# again: a hint, like a lease).
 TABLES = (
     "instances",
     "timers",

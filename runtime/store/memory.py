@@ -340,7 +340,7 @@ class MemoryStore:
                     for m in self._outbox
                     if m.status == "pending"
                     and m.retry_at_ms is not None
-                    and m.retry_at_ms > due_ms
+                    and due_ms < m.retry_at_ms <= due_ms + RETRY_LATER_CAP_MS
                 ]
                 first: dict[tuple[str, str], int] = {}
                 for m in waiting:

@@ -134,10 +134,12 @@ _OUTBOX_WITH_RETRY = (
     + ", r.attempts, r.retry_at_ms FROM outbox o LEFT JOIN outbox_retries r ON r.id = o.id"
 )
 # A message (alias `{m}`) not to deliver at `%(due)s`: it, or an earlier pending message to
-# the same target instance, waits for a retry after it.
+# the same target instance, waits for a retry after it (one more than RETRY_LATER_CAP_MS
+# ahead is no backoff's, a forged row, and is ignored: the retry is not sealed).
 _OUTBOX_HELD_BACK = (
     "EXISTS (SELECT 1 FROM outbox_retries w JOIN outbox e ON e.id = w.id "
-    "WHERE w.id <= {m}.id AND w.retry_at_ms > %(due)s AND e.status = 'pending' "
+    "WHERE w.id <= {m}.id AND w.retry_at_ms > %(due)s "
+    f"AND w.retry_at_ms <= %(due)s + {RETRY_LATER_CAP_MS} AND e.status = 'pending' "
     "AND e.target_machine = {m}.target_machine AND e.target_instance = {m}.target_instance)"
 )
 _FLOW_READ = SEALED_SELECT["flows"]

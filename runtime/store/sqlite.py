@@ -122,11 +122,13 @@ _OUTBOX_WITH_RETRY = (
     ", ".join(f"o.{column.strip()}" for column in _OUTBOX_READ.split(","))
     + ", r.attempts, r.retry_at_ms FROM outbox o LEFT JOIN outbox_retries r ON r.id = o.id"
 )
-# A message not to deliver at `due` (the parameter): it, or an earlier pending message to the
-# same target instance, waits for a retry after it.
+# A message not to deliver at `due` (the parameter, twice): it, or an earlier pending message
+# to the same target instance, waits for a retry after it. The retry is not sealed: one more
+# than RETRY_LATER_CAP_MS ahead is no backoff's (a forged row) and is ignored.
 _OUTBOX_HELD_BACK = (
     "EXISTS (SELECT 1 FROM outbox_retries w JOIN outbox e ON e.id = w.id "
-    "WHERE w.id <= o.id AND w.retry_at_ms > ? AND e.status = 'pending' "
+    "WHERE w.id <= o.id AND w.retry_at_ms > ? AND w.retry_at_ms <= ? + "
+    f"{RETRY_LATER_CAP_MS} AND e.status = 'pending' "
     "AND e.target_machine = o.target_machine AND e.target_instance = o.target_instance)"
 )
 _PROCESSED_SQL = (
@@ -1155,7 +1157,7 @@ class SQLiteStore:
             parameters.append(kind)
         if due_ms is not None:
             where.append(f"NOT {_OUTBOX_HELD_BACK}")
-            parameters.append(due_ms)
+            parameters += [due_ms, due_ms]
         clause = f"WHERE {' AND '.join(where)} " if where else ""
         rows = self._query(
             f"SELECT {_OUTBOX_WITH_RETRY} {clause}ORDER BY o.id LIMIT ?",
