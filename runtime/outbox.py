@@ -279,8 +279,25 @@ def _settle(
     runtime: Runtime,
     outcomes: Sequence[tuple[OutboxMessage, OutboxStatus, str]],
 ) -> list[Delivery]:
-    """Mark deliveries that did not take effect ("failed" with the refusal; "pending": no
-    answer, retried later or given up) in one commit; then deliver the notices released."""
+    """Mark deliveries that did not take effect (`mark_many`); then deliver the refusal
+    notices that released."""
+    deliveries = []
+    for delivery, notice in mark_many(runtime, outcomes):
+        deliveries.append(delivery)
+        if notice is not None:
+            # The sender learns of it at once; a refused notice is only marked failed.
+            deliveries += _deliver_all(runtime, [notice], CHUNK_SIZE)
+    return deliveries
+
+
+def mark_many(
+    runtime: Runtime,
+    outcomes: Sequence[tuple[OutboxMessage, OutboxStatus, str]],
+) -> list[tuple[Delivery, OutboxMessage | None]]:
+    """Mark deliveries that did not take effect, in one commit: "failed" with the refusal,
+    its notice released; "pending" (no answer) with its next retry, or "failed" as given up
+    once GIVE_UP_MS have passed since its emit. Each one's Delivery, and the notice it
+    released (now pending), if any."""
     now = runtime._clock.now_ms()
 
     def work(txn: Transaction, chain: _Chain) -> list[tuple[Delivery, OutboxMessage | None]]:
@@ -303,14 +320,7 @@ def _settle(
             done.append((Delivery(message, "failed", None, error), notice))
         return done
 
-    settled = runtime._submit(work, None)
-    deliveries = []
-    for delivery, notice in settled:
-        deliveries.append(delivery)
-        if notice is not None:
-            # The sender learns of it at once; a refused notice is only marked failed.
-            deliveries += _deliver_all(runtime, [notice], CHUNK_SIZE)
-    return deliveries
+    return runtime._submit(work, None)
 
 
 def _id(message: OutboxMessage) -> int:

@@ -263,7 +263,7 @@ def test_a_renewal_charge_refused_by_a_full_bulkhead_waits_for_a_slot(tmp_path: 
             threads[-1].start()
         while card.holding < 4:
             threads[0].join(0.001)
-            first = renew(runtime)
+        first = renew(runtime)
         assert first.error is not None and BulkheadFull.__name__ in first.error
         card.release.set()
         for thread in threads:
