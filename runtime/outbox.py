@@ -42,6 +42,7 @@ from .errors import (
     ActionFailed,
     IdempotencyConflict,
     InvalidTransition,
+    OutsideCallInProgress,
     PayloadInvalid,
     UnknownEvent,
     UnknownInstance,
@@ -245,7 +246,12 @@ def _deliver_chunk(
     deliveries: list[Delivery] = []
     settle: list[tuple[OutboxMessage, OutboxStatus, str]] = []
     unexpected: Exception | None = None
-    for message, result in zip(messages, results, strict=True):
+    for message, answer in zip(messages, results, strict=True):
+        result = (
+            _deliver_alone(runtime, governor, message)
+            if isinstance(answer, OutsideCallInProgress)
+            else answer
+        )
         if isinstance(result, DispatchResult):
             deliveries.append(Delivery(message, "delivered", result, None))
         elif isinstance(result, _REFUSALS):
@@ -259,6 +265,23 @@ def _deliver_chunk(
     if unexpected is not None:
         raise unexpected
     return deliveries
+
+
+def _deliver_alone(
+    runtime: Runtime, governor: Governor, message: OutboxMessage
+) -> DispatchResult | Exception:
+    """Deliver `message` as `dispatch` would, marked in its unit: when another dispatch (of
+    this or a killed process) holds the claim on its event id or idempotency key, which
+    dispatch_many does not wait for (OutsideCallInProgress), wait for it to commit or let go
+    (a dead holder's lease to run out); the repeat then returns the stored result, or is
+    evaluated anew."""
+    request = _request(message)
+    mark_it = partial(_mark_delivered, runtime, message, _holds_notice(runtime, message))
+    try:
+        work = governor._work(*request[:6], None, False)
+        return governor._run_prepared(work, runtime._partition_of(request[0]), mark_it)
+    except Exception as error:  # classified as dispatch_many's slots are
+        return error
 
 
 def _holds_notice(runtime: Runtime, message: OutboxMessage) -> bool:

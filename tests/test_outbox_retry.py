@@ -370,3 +370,18 @@ def test_a_forged_retry_time_delays_a_delivery_no_more_than_a_backoff(tmp_path: 
         card.down = None
         assert [d.status for d in runtime.deliver_outbox()] == ["delivered"]  # not 10 days
         assert [c[0] for c in card.charged] == [CUSTOMER]
+
+
+def test_a_delivery_whose_claim_a_killed_process_holds_waits_for_its_lease(tmp_path: Any) -> None:
+    """A process killed while it called the processor for this charge left the claim on its
+    event id: dispatch_many does not wait for a held claim (R025), so that delivery is made
+    alone, as `dispatch` makes it, once the dead holder's lease has run out; charged once."""
+    runtime, _, card = world(SQLiteStore(tmp_path / "s.db"))
+    with runtime:
+        runtime.governor("Subscription").dispatch(CUSTOMER, "RenewalDue", RENEWAL)
+        (message,) = runtime.store.outbox(kind="event")
+        assert runtime.store.claim_outside([("Billing", "event", message.event_id)], "dead", 300)
+        (delivery,) = runtime.deliver_outbox()
+        assert delivery.status == "delivered"
+        assert [c[0] for c in card.charged] == [CUSTOMER]
+        assert state(runtime, "Billing", CUSTOMER) == "AwaitingPayment"
