@@ -524,3 +524,15 @@ def test_a_units_ledger_entries_go_in_together_and_every_read_of_the_ledger_sees
     assert "missing" in str(probed.error)
     assert [e.seq for e in store.ledger_entries()] == [0, 1, 2]  # nothing of the failed units
     store.close()
+
+
+def test_the_rows_a_store_keeps_stay_bounded(tmp_path: Path) -> None:
+    """A long run keeps no row of every instance and event it saw: past a bound, the next
+    transaction starts from nothing known."""
+    store = SQLiteStore(tmp_path / "s.db")
+    for n in range(5000):
+        assert store.processed("M", f"e{n}") is None  # each miss kept
+    assert len(store._txn._seen) == 5000
+    store.run([lambda txn: txn.instance("M", "i")])
+    assert len(store._txn._seen) == 0
+    store.close()

@@ -135,6 +135,15 @@ _PROCESSED_SQL = (
     f"SELECT {SEALED_SELECT['processed_events']} FROM processed_events "
     "WHERE machine = ? AND event_id = ?"
 )
+# The processed row and, in the same statement, the probe of a missing one: the newest
+# "transition" entry of the event id (row_seals.LedgerAnchor), one read, not two.
+_PROCESSED_OR_ENTRY_SQL = (
+    f"SELECT 0, {SEALED_SELECT['processed_events']} FROM processed_events "
+    "WHERE machine = ?1 AND event_id = ?2 UNION ALL "
+    "SELECT 1, seq, ts_ms, NULL, NULL, NULL, NULL FROM (SELECT seq, ts_ms FROM ledger "
+    "WHERE machine = ?1 AND event_id = ?2 AND event_id <> '' AND kind = 'transition' "
+    "ORDER BY seq DESC LIMIT 1)"
+)
 _IDEMPOTENCY_SQL = (
     f"SELECT {SEALED_SELECT['idempotency_keys']} FROM idempotency_keys "
     "WHERE machine = ? AND key = ?"
@@ -314,6 +323,7 @@ def _inspect(path: Path, busy_timeout_ms: int, *, immutable: bool) -> None:
 # row, a dedup miss, a claim's holder; the next id of outbox and timers.
 _HEAD = ("ledger",)
 _NEXT_ID = {"outbox": ("next", "outbox"), "timers": ("next", "timers")}
+_SEEN_MOST = 4096  # rows kept at most: one per instance or event a long run would keep them all
 
 
 class SQLiteTransaction:
@@ -327,7 +337,8 @@ class SQLiteTransaction:
     says no other connection committed since the last transaction began (it changes with
     every commit of another connection, never with this one's); reads outside a transaction
     only add to them. Every write here updates or drops what it changes; a rollback, a purge
-    or a reseal forgets everything.
+    or a reseal forgets everything, and so does a transaction that finds more than
+    `_SEEN_MOST` rows kept.
 
     A unit's ledger entries are inserted together, in one executemany at the end of the unit
     (`flush`), or before a statement that reads the ledger: no read misses one."""
@@ -360,7 +371,7 @@ class SQLiteTransaction:
         """Just after BEGIN IMMEDIATE (the write lock held): keep what is known unless another
         connection committed since the last transaction began."""
         version = self._execute("PRAGMA data_version").fetchone()[0]
-        if version != self._version:
+        if version != self._version or len(self._seen) > _SEEN_MOST:
             self._seen.clear()
             self._version = version
         self._inside = True
@@ -480,13 +491,32 @@ class SQLiteTransaction:
             if entry.event_id == event_id and entry.kind == "transition":
                 self.flush()
                 break
-        row = self._anchor.dedup_row(
-            self._execute, _PROCESSED_SQL, "processed_events", machine, event_id, event_id
-        )
+        if self._seals.key is None:  # no row key: nothing to probe
+            row = self._execute(_PROCESSED_SQL, (machine, event_id)).fetchone()
+        else:
+            row = self._processed_row(machine, event_id)
         if row is None:
             self._seen[key] = None
             return None
         return str(self._seals.stored_result("processed_events", row)[3])
+
+    def _processed_row(self, machine: str, event_id: str) -> Any:
+        """The processed row, read in one statement with the probe of a missing one
+        (LedgerAnchor.dedup_row's first two reads); when the ledger records the event's
+        dispatch and no row is there, LedgerAnchor's reads decide (the row committed
+        meanwhile by another process, or deleted: refused)."""
+        execute = self._execute
+        found = sorted(execute(_PROCESSED_OR_ENTRY_SQL, (machine, event_id)).fetchall())
+        if not found:
+            return None  # never dispatched
+        first = found[0]
+        if first[0] == 0:
+            return first[1:]
+        if first[2] < self._anchor.horizon(execute):
+            return None  # purged with its retention
+        return self._anchor.dedup_row(
+            execute, _PROCESSED_SQL, "processed_events", machine, event_id, event_id
+        )
 
     def record_processed(
         self, machine: str, event_id: str, instance: str, result: str, now_ms: int
