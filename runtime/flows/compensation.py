@@ -5,13 +5,14 @@ step or compensation whose receiver does not answer, tried again from the store.
 A compensation whose receiver does not answer (its policy action failed as transient or
 unavailable, its breaker is open or its bulkhead full, or a hook raised NoReply) is not a
 refusal: the run stays "compensating", its data counts the attempt and keeps its error, and
-the run's wake_ms is when the compensation is tried again (the deterministic jitter backoff
-of runtime/resilience/backoff.py, by the step's count of failed attempts, capped at
-UNDO_RETRY_CAP_MS). A CompensationRetrying entry, with the attempt's number and error,
-records the first attempt, then attempts 2, 4, 8, ... UNDO_NOTE_EVERY, then every
-UNDO_NOTE_EVERY-th, and any attempt whose error is not the previous one's: a day-long outage
-at the one-minute cap writes 13 entries, then about six a day, not 1440 a day, and the ledger
-still shows that the run is retrying, since when, and each change of what went wrong.
+the run's wake_ms is when the compensation is tried again (the deterministic jitter backoff,
+by the step's count of failed attempts, capped at a minute: `retry_later_ms`, as outbox
+deliveries and failed timer firings are). A CompensationRetrying entry, with the attempt's
+number and error, records the first attempt, then attempts 2, 4, 8, ... 256, then every
+256th (`noted_attempt`, the same rule), and any attempt whose error is not the previous
+one's: a day-long outage at the one-minute cap writes 13 entries, then about six a day, not
+1440 a day, and the ledger still shows that the run is retrying, since when, and each change
+of what went wrong.
 `resume_all`, `autonomic worker` (`due_runs`) and `next_wake` take the retry time from the
 store, so the retries survive restarts; the same event id makes it take effect once.
 Only a refusal (the receiver has no transition, R006/R007, or its action failed for good) is
@@ -22,18 +23,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..resilience.backoff import jitter_delay_ms
+from ..resilience.backoff import noted_attempt, retry_later_ms
 from ..store.base import FlowStatus
 from ..tables import FlowStepSpec
 from ..timers import format_duration
 from .ops import _Plan, _Send, _Write
 from .run import _Entry, _Note, _Run, _step_result
-
-# The longest wait between two attempts of a compensation whose receiver does not answer.
-UNDO_RETRY_CAP_MS = 60_000
-# The most attempts between two CompensationRetrying entries of one step with the same error
-# (a power of two; about 4 h apart at the cap).
-UNDO_NOTE_EVERY = 256
 
 
 def _undo_outcome(status: str, detail: Any) -> tuple[str, Any]:
@@ -51,26 +46,18 @@ def _undo_due(run: _Run, now_ms: int) -> bool:
 def _retry_undo(run: _Run, step: FlowStepSpec, detail: Any, now_ms: int) -> tuple[int, list[_Note]]:
     """A compensation that did not answer, noted in the run's data: when it is tried again,
     and the entry that says so (with the attempt's number and error) if this attempt is one
-    the ledger records (`_noted_attempt`)."""
+    the ledger records (`noted_attempt`)."""
     entry = run.steps[step.name]
     attempt = int(entry.get("undo_attempts", 0)) + 1
-    retry_at = now_ms + jitter_delay_ms(attempt, UNDO_RETRY_CAP_MS)
+    retry_at = now_ms + retry_later_ms(attempt)
     error = str(detail)
     changed = entry.get("undo_error") != error
     entry["undo_attempts"] = attempt
     entry["undo_error"] = error
-    if not (changed or _noted_attempt(attempt)):
+    if not (changed or noted_attempt(attempt)):
         return retry_at, []
     why = {"error": error, "attempt": attempt, "retry_at": retry_at}
     return retry_at, [("CompensationRetrying", step.name, why)]
-
-
-def _noted_attempt(attempt: int) -> bool:
-    """Whether the ledger records this attempt of a compensation with an unchanged error: a
-    power of two up to UNDO_NOTE_EVERY, then each multiple of it."""
-    if attempt <= UNDO_NOTE_EVERY:
-        return attempt & (attempt - 1) == 0
-    return attempt % UNDO_NOTE_EVERY == 0
 
 
 def _defer_undo(run: _Run, step: FlowStepSpec, detail: Any, now_ms: int) -> _Plan:
@@ -194,7 +181,7 @@ def _retry_step(
     """A forward step whose receiver did not answer, noted in the run's data (it stays
     "started"): when it is tried again (the jitter backoff by its count of attempts, as a
     compensation's), and a StepRetrying entry if the ledger records this attempt (the rule of
-    CompensationRetrying: `_noted_attempt`, or a new error); None once STEP_RETRY_LIMIT_MS has
+    CompensationRetrying: `noted_attempt`, or a new error); None once STEP_RETRY_LIMIT_MS has
     passed since its first unanswered attempt."""
     entry = run.steps.setdefault(step.name, {"status": "started"})
     until = int(entry.setdefault("retry_until", now_ms + STEP_RETRY_LIMIT_MS))
@@ -202,8 +189,8 @@ def _retry_step(
         return None
     attempt = int(entry.get("attempts", 0)) + 1
     error = str(detail)
-    noted = entry.get("error") != error or _noted_attempt(attempt)
-    retry_at = min(now_ms + jitter_delay_ms(attempt, UNDO_RETRY_CAP_MS), until)
+    noted = entry.get("error") != error or noted_attempt(attempt)
+    retry_at = min(now_ms + retry_later_ms(attempt), until)
     entry.update(attempts=attempt, error=error, retry_at=retry_at)
     if not noted:
         return retry_at, []
