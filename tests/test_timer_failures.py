@@ -21,7 +21,7 @@ from autonomic.runtime.ledger import LedgerSealer, payload_digest
 from autonomic.runtime.resilience import Unavailable, retry_later_ms
 from autonomic.runtime.resilience.backoff import noted_attempt
 from autonomic.runtime.runtime import Runtime
-from autonomic.runtime.store import SQLiteStore
+from autonomic.runtime.store import MemoryStore, SQLiteStore
 from autonomic.runtime.store.base import Store
 from autonomic.runtime.timers import VirtualClock
 from autonomic.runtime.worker import _round
@@ -298,3 +298,27 @@ def test_a_ladder_attempt_on_postgresql_retries_then_moves_on(
     assert _drive(runtime, clock, START + 3 * HOUR) == ["Retry1", "Retry2"]
     assert postgres_stores.rows("s", "SELECT count(*) FROM timer_retries") == [(0,)]
     runtime.close()
+
+
+@pytest.mark.parametrize("failure", sorted(FAILURES))
+def test_the_collection_agency_rung_ends_the_ladder_whatever_its_hand_over_does(
+    keys: Path, failure: str
+) -> None:
+    """The last rung's action runs in the firing's unit (no policy): refused, the ladder ends
+    at once; unanswered, it is retried for the attempt's 12h and then counts as timed out.
+    Either way Billing reaches MaxRetriesExceeded and tells Subscription and Entitlement."""
+    clock = VirtualClock(START)
+    agency = Calls(FAILURES[failure])
+    runtime = _billing(
+        MemoryStore(),
+        keys,
+        clock,
+        retry_charge=Calls(ValueError),
+        hand_to_collection_agency=agency,
+    )
+    _in_retry1(runtime)
+    assert _drive(runtime, clock, START + 30 * 24 * HOUR) == PAYMENT_LADDER
+    firings = 1 if failure == "declined" else _firings_within(12 * HOUR)
+    assert agency.calls == len(agency.firings) == firings
+    told = sorted((m.target_machine, m.event) for m in runtime.store.outbox(kind="event"))
+    assert ("Entitlement", "Suspend") in told and ("Subscription", "RenewalFailed") in told
