@@ -493,11 +493,13 @@ class TransitionContext(NamedTuple, Generic[P_co]):
     run, and the state being entered (None when a timer stays) while actions run. `version` is
     the instance's version before this change; `timer` names the timer that fired, if any.
     `event_id` and `idempotency_key` are the dispatch's, as its caller gave them (None
-    without; None for guards, timers and creates): an action that calls the outside world
+    without; None for guards and creates): an action that calls the outside world
     sends one as its request's idempotency key, so that a call made again after a crash
     (outside calls are at-least-once) is deduplicated by the service. A flow's step and
     compensation always have an event id, derived from the run, the step and the phase: the
-    same at every attempt, retry and resume.
+    same at every attempt, retry and resume. A timer's firing has both, its firing's id
+    (derived from the machine, instance, timer and the version that armed it: its ledger
+    entry's event id), the same at every attempt of that firing, another for the next.
     (A named tuple: immutable, and built in a tenth of the time a frozen dataclass takes, once
     or twice per dispatch.)"""
 

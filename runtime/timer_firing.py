@@ -169,8 +169,21 @@ def preflight(governor: Governor, timer: ArmedTimer, now: int) -> _Preran | None
         return None  # fired or cancelled meanwhile
     target = None if spec.target is None else str(spec.target)
     actor = runtime._timer_actor
-    results = governor._run_actions(outside, spec.id, target, record, None, actor, now, spec.id)
+    key = firing_id(timer)
+    results = governor._run_actions(
+        outside, spec.id, target, record, None, actor, now, spec.id, None, key, key
+    )
     return record.version, results
+
+
+def firing_id(timer: ArmedTimer) -> str:
+    """The event id of this arming's firing: its ledger entry's, and the key its actions get
+    (`TransitionContext.event_id` and `.idempotency_key`) for their outside calls. The same
+    at every attempt of the firing (a preflight that failed, a process killed before the
+    commit, another runtime taking it over); the next arming of the timer is another one."""
+    return derive_event_id(
+        "timer", timer.machine, timer.instance, timer.timer_id, timer.armed_version
+    )
 
 
 def _calls_outside(governor: Governor, timer: ArmedTimer) -> bool:
@@ -249,6 +262,7 @@ def fire_work(
         target = moves.target
         to_state = record.state if target is None else str(target)
         kind = "escalation" if spec.kind.startswith("escalation") else "timer"
+        key = firing_id(timer)
         results = governor._run_actions(
             governor._timer_actions[moves.id],
             moves.id,
@@ -261,6 +275,8 @@ def fire_work(
             # Still armed, its state still holding: the firing is decided as its preflight
             # was, even if the instance moved meanwhile, so the calls made are not repeated.
             None if preran is None else preran[1],
+            key,
+            key,
         )
         emits = governor._timer_emits[moves.id]
         if target is not None:
@@ -277,6 +293,9 @@ def fire_work(
                         runtime._timer_actor,
                         now,
                         spec.id,
+                        None,
+                        key,
+                        key,
                     ),
                 }
                 emits += governor._timer_emits[entering.id]
@@ -330,9 +349,6 @@ def fire_work(
         # A timer has no causing payload: its emits' arguments are literals, context and data.
         actor = runtime._timer_actor
         bodies = [emit.body(None, timer.instance, actor, spec.id, kept) for emit in emits]
-        firing_id = derive_event_id(
-            "timer", name, timer.instance, timer.timer_id, timer.armed_version
-        )
         entry = None
         if runtime._sealer is not None:
             body: dict[str, object] = {
@@ -351,7 +367,7 @@ def fire_work(
                 to_state,
                 spec.id,
                 runtime._timer_actor,
-                firing_id,
+                key,
                 payload_digest(body),
             )
             entry = chain.seal(txn, data)
@@ -363,7 +379,7 @@ def fire_work(
             to_state,
             version,
             None if entry is None else entry.seq,
-            firing_id,
+            key,
             emitted,
             notifications,
             results,

@@ -13,11 +13,13 @@ With `fire` it charges nothing: it fires the timers due an hour after billing_wo
 (c1's retry ladder step, whose `retry_charge` is the processor) and ends with "result fired
 N" (N firings) or the error and its hint; with `fire-until` it fires again every 20 ms until
 one fires (a timer claimed or leased by another process is left to it meanwhile). On
-PostgreSQL LEASE_MS is also its worker lease on due timers.
+PostgreSQL LEASE_MS is also its worker lease on due timers. With CLAIM_WORKER_KEYS set to a
+file, the processor appends each call's `ctx.event_id` and `ctx.idempotency_key` to it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -57,6 +59,10 @@ def tell_waiting(store: Store) -> None:
 
 
 def processor(ctx: Any) -> dict[str, str]:
+    sent = os.environ.get("CLAIM_WORKER_KEYS")
+    if sent:  # the key the call sends, as a processor that deduplicates sees it
+        with open(sent, "a", encoding="utf-8") as keys:
+            keys.write(f"{ctx.event_id} {ctx.idempotency_key}\n")
     say("calling")
     sys.stdin.readline()
     say("charged")

@@ -491,6 +491,17 @@ def test_a_flow_step_resumed_by_two_runtimes_at_once_charges_once(
     second.close()
 
 
+def _billing_c1_in_retry1(stores: Stores, keys: Path) -> None:
+    """c1's charge declined: its retry ladder's first step (retry_charge) is due at 1 h."""
+    runtime = open_billing(stores.open(), keys, VirtualClock(START), Processor())
+    billing = runtime.governor("Billing")
+    billing.create("c1")
+    billing.dispatch("c1", "ChargeRequested", PAYLOAD)
+    failure = {"customer_id": "c1", "idempotency_key": "k1", "reason": "declined"}
+    assert billing.dispatch("c1", "PaymentFailed", failure).to_state == "Retry1"
+    runtime.close()
+
+
 def test_a_timer_firing_whose_holder_stalled_past_its_lease_is_stored_once(
     stores: Stores, keys: Path
 ) -> None:
@@ -501,13 +512,7 @@ def test_a_timer_firing_whose_holder_stalled_past_its_lease_is_stored_once(
     stores nothing: on SQLite its unit finds the claim gone and refuses (R026, with a hint);
     on PostgreSQL it finds the timer fired. One firing in the ledger, the instance moved once,
     the processor called by both (the call its stalled holder made cannot be taken back)."""
-    runtime = open_billing(stores.open(), keys, VirtualClock(START), Processor())
-    billing = runtime.governor("Billing")
-    billing.create("c1")
-    billing.dispatch("c1", "ChargeRequested", PAYLOAD)
-    failure = {"customer_id": "c1", "idempotency_key": "k1", "reason": "declined"}
-    assert billing.dispatch("c1", "PaymentFailed", failure).to_state == "Retry1"
-    runtime.close()
+    _billing_c1_in_retry1(stores, keys)
     first = Dispatcher(stores.location(), keys, 1000, WORKER, "fire")
     second = Dispatcher(stores.location(), keys, 1000, WORKER, "fire-until")
     try:
@@ -538,6 +543,54 @@ def test_a_timer_firing_whose_holder_stalled_past_its_lease_is_stored_once(
     )
     assert firings == [(1,)]
     assert stores.rows("s", "SELECT version FROM instances WHERE instance = 'c1'") == [(4,)]
+
+
+def test_a_retry_made_again_after_kill_9_sends_its_firings_key_and_the_next_retry_another(
+    stores: Stores, keys: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """c1's retry ladder step (retry_charge, a timer's outside call) is at the processor when
+    its process is killed (SIGKILL): nothing of the firing is stored, so the next process
+    fires it again and calls again. Both calls send the same key, the firing's id (its ledger
+    entry's event id), which the processor deduplicates by; the ladder's next retry, three
+    hours after the attempt timed out, sends another."""
+    _billing_c1_in_retry1(stores, keys)
+    sent = tmp_path / "sent.txt"
+    monkeypatch.setenv("CLAIM_WORKER_KEYS", str(sent))
+    first = Dispatcher(stores.location(), keys, 1000, WORKER, "fire")
+    try:
+        assert first.go() == "calling"
+    finally:
+        first.kill()
+    second = Dispatcher(stores.location(), keys, 1000, WORKER, "fire-until")
+    try:
+        line = second.go()
+        if line == "waiting":  # SQLite: the killed one's claim holds until its lease runs out
+            line = second.line()
+        assert line == "calling"
+        second.answer()
+        assert second.finish() == ["charged", "result fired 1"]
+    finally:
+        second.kill()
+
+    keys_sent: list[tuple[str | None, str | None]] = []
+
+    def retry(ctx: Any) -> dict[str, str]:
+        keys_sent.append((ctx.event_id, ctx.idempotency_key))
+        return {"captured": ctx.instance}
+
+    clock = VirtualClock(START + 3_600_000)
+    runtime = open_billing(stores.open(), keys, clock, retry)
+    with runtime:
+        # Retry 1's attempt unanswered for an hour, then Retry 2's charge three hours later.
+        runtime.fire_due(clock.advance("4h"))
+        firings = [
+            e.event_id
+            for e in runtime.store.ledger_entries(machine="Billing", instance="c1")
+            if e.kind == "timer" and e.to_state in ("Retry1Charging", "Retry2Charging")
+        ]
+    assert len(firings) == 2 and firings[0] != firings[1]
+    assert sent.read_text().split() == [firings[0]] * 4  # event id and key, in both calls
+    assert keys_sent == [(firings[1], firings[1])]
 
 
 def test_two_runtimes_firing_one_retry_timer_call_the_processor_once(
