@@ -8,7 +8,13 @@ move that cancels the notice's timer (it leaves the state or the group, or ends)
 deadline in the move's own unit of work (`NoticeDeadlines.clear`); a self-transition that
 arms the ladder again keeps it, as nobody has acted yet. An event that arrives after the
 deadline fell due, before any due work ran, was late: its unit escalates the miss first, as
-the due work would have, then meets it (`NoticeDeadlines.escalate_late`). The runtime's due work
+the due work would have, then meets it (`NoticeDeadlines.escalate_late`); on a partitioned
+store, where a unit of work writes one ledger chain, a deadline whose escalation entries go
+to another chain than the event's (`deadline:<id>` decides the chain) is escalated all the
+same in the event's unit (its notification, its miss counted), and its DeadlineMissed entry
+is left to that chain as a sealing row in the deadlines table (`notice:~<level>~<missed
+ms>~<checked ms>~<deadline id>`, due at the miss, level 0), which the next due work seals
+there, deleting the row in the same unit. The runtime's due work
 (`Runtime.fire_due`, so also `autonomic worker`) takes timers and missed deadlines in the
 order they fell due, however late it runs: a deadline due before a timer escalates before
 that timer fires (whose move would delete it as met); a timer due at the deadline's instant
@@ -50,6 +56,36 @@ __all__ = [
     "notice_deadline_id",
     "parse_notice_id",
 ]
+
+
+# The rows that hold a miss's DeadlineMissed entry until the due work seals it in its chain:
+# no machine name holds "~", so no notice's deadline id starts so.
+SEALING_PREFIX = f"{NOTICE_PREFIX}~"
+
+
+def _sealing_row(escalation: DeadlineEscalation) -> DeadlineRecord:
+    """The row that holds `escalation`'s entry for the due work of its chain."""
+    e = escalation
+    key = f"{SEALING_PREFIX}{e.level}~{e.missed_ms}~{e.checked_ms}~{e.id}"
+    return DeadlineRecord(key, e.name, e.governor, e.missed_ms, 0, e.action)
+
+
+def _sealed_escalation(row: DeadlineRecord) -> DeadlineEscalation | None:
+    """The escalation a sealing row holds; None for any other deadline."""
+    if not row.id.startswith(SEALING_PREFIX):
+        return None
+    level, missed_ms, checked_ms, deadline_id = row.id[len(SEALING_PREFIX) :].split("~", 3)
+    missed = int(missed_ms)
+    return DeadlineEscalation(
+        deadline_id,
+        row.name,
+        row.governor,
+        int(level),
+        row.action,
+        missed,
+        missed + DAY_MS,
+        int(checked_ms),
+    )
 
 
 def notice_deadline_id(machine: str, timer_id: str, instance: str) -> str:
@@ -136,24 +172,32 @@ class NoticeDeadlines:
         arrived, as the due work would have had it run in time (its notification, ledger
         entry and event id, re-armed 24 h after the miss, again while that is before `now`),
         in time order. A miss is a miss however late the due work runs; an event at the
-        deadline's very instant meets it. On a partitioned store only the deadlines whose
-        ledger chain is the event's: a unit of work writes to one chain."""
+        deadline's very instant meets it. On a partitioned store, a unit of work writes to
+        one chain: the entry of a deadline whose chain is another is left in a sealing row
+        for the due work of that chain (see the module docstring)."""
         partitions = runtime.partitions
         late = []
         for timer_id in self._met(record.state, target):
             found = txn.deadline(notice_deadline_id(self._machine, timer_id, record.instance))
-            if found is None or found.due_ms >= now:
-                continue
-            if partitions > 1 and runtime._partition_of(f"deadline:{found.id}") != chain.partition:
-                continue
-            late.append(found)
+            if found is not None and found.due_ms < now:
+                late.append(found)
         while late:
             deadline = min(late, key=lambda d: (d.due_ms, d.id))
             late.remove(deadline)
             rearmed = deadline.due_ms + DAY_MS
             if missed(runtime, txn, deadline, now, rearmed) is not True:
                 continue
-            e = _escalated(runtime, txn, chain, deadline, now, rearmed)
+            if (
+                partitions > 1
+                and runtime._partition_of(f"deadline:{deadline.id}") != chain.partition
+            ):
+                d = deadline
+                e = DeadlineEscalation(
+                    d.id, d.name, d.governor, d.level + 1, d.action, d.due_ms, rearmed, now
+                )
+                txn.save_deadline(_sealing_row(e))  # the move deletes the deadline as met
+            else:
+                e = _escalated(runtime, txn, chain, deadline, now, rearmed)
             if rearmed < now:  # missed again meanwhile
                 late.append(DeadlineRecord(e.id, e.name, e.governor, rearmed, e.level, e.action))
 
@@ -246,8 +290,16 @@ def escalate_due(
         instant = runtime.clock.now_ms() if now is None else now
         found = []
         for d in txn.due_deadlines(instant if due_by is None else due_by, CHECK_LIMIT):
+            sealing = _sealed_escalation(d)
+            deadline_id = d.id if sealing is None else sealing.id
             # A partitioned store: each escalation in the chain of its entry's instance.
-            if partitions > 1 and partition_of(f"deadline:{d.id}") != part:
+            if partitions > 1 and partition_of(f"deadline:{deadline_id}") != part:
+                continue
+            if sealing is not None:  # escalated by a late event on another chain
+                txn.delete_deadline(d.id)
+                if runtime.sealer is not None:
+                    chain.append(txn, escalation_entry(sealing))
+                found.append(sealing)
                 continue
             notice_id = d.id.startswith(NOTICE_PREFIX)
             rearmed = (d.due_ms if notice_id else instant) + rearm_ms

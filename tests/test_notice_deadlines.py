@@ -13,6 +13,8 @@ from autonomic.generated.compliance import MACHINE as COMPLIANCE
 from autonomic.generated.entitlement import MACHINE as ENTITLEMENT
 from autonomic.runtime.keys import Keyring, load_signer
 from autonomic.runtime.ledger import LedgerSealer
+from autonomic.runtime.notice_deadlines import notice_deadline_id
+from autonomic.runtime.partitions import partition_of
 from autonomic.runtime.resilience import DeadlineTracker
 from autonomic.runtime.runtime import Runtime
 from autonomic.runtime.store.base import DeadlineRecord
@@ -22,15 +24,20 @@ from conftest import Stores
 from runtime_machines import Bindings, counter_spec
 
 HOUR = 3_600_000
-MANAGER = "notice:Entitlement:PendingApproval/ApprovalLadder/1:c1"
+MANAGER_STEP = "PendingApproval/ApprovalLadder/1"
+MANAGER = f"notice:Entitlement:{MANAGER_STEP}:c1"
 DIRECTOR = "notice:Entitlement:PendingApproval/ApprovalLadder/2:c1"
 PROVIDER = "notice:Compliance:Verifying/ProviderTimeout/1:case1"
 HOLD_REMINDER = "notice:Counter:Holding.HoldLadder.1:x"
 
 
-def _open(stores: Stores, keys: Path, clock: VirtualClock, name: str = "s") -> Runtime:
+def _open(
+    stores: Stores, keys: Path, clock: VirtualClock, name: str = "s", **options: Any
+) -> Runtime:
     runtime = Runtime(
-        stores.open(name), clock=clock, sealer=LedgerSealer(load_signer(keys), "sign-each")
+        stores.open(name, **options),
+        clock=clock,
+        sealer=LedgerSealer(load_signer(keys), "sign-each"),
     )
     for spec in (ENTITLEMENT, COMPLIANCE):
         guards = {name: (lambda ctx: True) for name in spec.guards}
@@ -315,3 +322,48 @@ def test_an_event_after_a_missed_deadline_escalates_it_then_meets_it(
     ):
         runtime.close()
         assert stores.verify(name, Keyring.from_files([keys])).ok
+
+
+def test_a_late_event_escalates_a_deadline_whose_chain_is_another_first(
+    postgres_stores: Stores, keys: Path
+) -> None:
+    """Partitioned PostgreSQL: the manager's deadline of a customer whose ledger chain is not
+    the deadline's own (`deadline:<id>` picks it), missed at 28 h and 52 h, met by the
+    approval at 60 h before any due work ran. The approval's unit cannot write the
+    deadline's chain: it sends both misses' notifications and leaves their entries to the
+    next due work, which seals them there; the same notifications and entries as due work
+    run before the approval (before, the approval deleted the deadline unescalated)."""
+    customer = next(
+        c
+        for c in (f"c{n}" for n in range(100))
+        if partition_of(c, 4)
+        != partition_of(f"deadline:{notice_deadline_id('Entitlement', MANAGER_STEP, c)}", 4)
+    )
+    deadline = notice_deadline_id("Entitlement", MANAGER_STEP, customer)
+    found = {}
+    for name, due_work in (("timely", True), ("late", False)):
+        clock = VirtualClock(START)
+        runtime = _open(postgres_stores, keys, clock, name, partitions=4)
+        entitlement = runtime.governor("Entitlement")
+        entitlement.create(customer)
+        _at(clock, 24)
+        runtime.fire_due()  # the manager's notice: its deadline due at 28 h
+        _at(clock, 60)
+        if due_work:
+            runtime.fire_due()
+        entitlement.dispatch(customer, "Approve", {"approver": "vendor-admin"})
+        runtime.fire_due()  # the due work after the approval: nothing of the deadline is left
+        assert _deadlines(runtime) == {}
+        found[name] = (  # the manager's (due work at 60 h also fired the director's notice)
+            [m for m in _missed(runtime) if m[0] == deadline],
+            # Their messages (in the timely run the director's notice moved the version
+            # the second miss's event id names).
+            [p[2] for p in _passed(runtime) if p[1] == "manager_review_queue"],
+            [e.payload_sha256 for e in runtime.ledger() if e.instance == f"deadline:{deadline}"],
+        )
+        runtime.close()
+        assert postgres_stores.verify(name, Keyring.from_files([keys])).ok
+    assert found["late"] == found["timely"]
+    missed, passed, _ = found["late"]
+    assert missed == [(deadline, "level0", "level1", 60), (deadline, "level1", "level2", 60)]
+    assert len(passed) == 2
