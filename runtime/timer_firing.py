@@ -452,7 +452,8 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
     failed: list[BaseException] = []
     after: list[tuple[ArmedTimer, ActionFailed]] = []  # firings whose action failed
     retried: list[TimerRetry] = []
-    skip: set[ArmedTimer] = set()
+    skip: set[ArmedTimer] = set()  # not fired by this call: failed, or another's to fire
+    gave_up: set[ArmedTimer] = set()  # of those, the ones whose firing failed here
     fleet = runtime._partitioned
     for _ in range(10_000):
         # Only the timers due up to the earliest missed notice deadline, that instant included
@@ -470,9 +471,18 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
         if not due:
             if not missed or notice is None:
                 break
-            # Every deadline due before the next timer, in one unit of work.
-            following = runtime._store.due_timers(instant, machines, 1)
-            due_by = max(notice, min([instant, *(t.due_ms - 1 for t in following)]))
+            # Every deadline due before the next timer, in one unit of work. A timer due
+            # before the deadline that this call did not fire is another worker's (leased to
+            # it, or its outside calls claimed): it fires first, and its move may meet the
+            # deadline, so the deadline waits for it (the next call escalates it, after that
+            # firing). Escalating up to the deadline regardless escalated, on PostgreSQL, a
+            # deadline another worker's firing was about to meet. Only a timer whose firing
+            # failed here does not hold deadlines back.
+            listed = runtime._store.due_timers(instant, machines, len(gave_up) + 1)
+            following = [t for t in listed if t not in gave_up][:1]
+            due_by = min([instant, *(t.due_ms - 1 for t in following)])
+            if due_by < notice:
+                break
             if (
                 not escalate_notices(runtime, instant, due_by)
                 and next_notice_deadline(runtime) == notice
@@ -501,10 +511,12 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
             except ActionFailed as error:  # an outside action failed: settled below
                 after.append((timer, error))
                 skip.add(timer)
+                gave_up.add(timer)
                 continue
             except Exception as error:  # anything else leaves the timer due
                 failed.append(error)
                 skip.add(timer)
+                gave_up.add(timer)
                 continue
             work = fire_work(governor, timer, instant, preran)
             if release is not None and preran is not None:
@@ -533,10 +545,12 @@ def fire_due(runtime: Runtime, now: int | None = None, *, limit: int = 1000) -> 
             if isinstance(outcome.error, ActionFailed):
                 after.append((timer, outcome.error))
                 skip.add(timer)
+                gave_up.add(timer)
             elif outcome.error is not None:
                 # The timer stays armed and due: the next call tries it again.
                 failed.append(outcome.error)
                 skip.add(timer)
+                gave_up.add(timer)
             elif outcome.value is not None:
                 fired.append(outcome.value)
         _settle_failures(runtime, after, instant, fired, retried, failed)

@@ -296,6 +296,37 @@ def test_timers_fire_once_across_restart_and_runtimes(stores: Stores, key_dir: P
     assert report.ok and report.count == 1 + 10 + 30 + 30, report.reason
 
 
+def test_a_deadline_waits_for_the_timer_another_worker_leased_before_it(
+    postgres_stores: Stores, key_dir: Path
+) -> None:
+    """PostgreSQL workers share due timers by leases. e0's approval ladder ends at 72 h (the
+    move to Active meets the director's deadline, missed at 49 h and due again at 73 h).
+    Another worker has leased that 72 h timer and not fired it yet when this worker's due
+    work runs at 73 h: the deadline waits for the firing, which then meets it. Before, this
+    worker escalated it first, to level 2 (the cause of the 40 misses instead of 30 that
+    test_timers_fire_once_across_restart_and_runtimes[postgres] saw once under load)."""
+    clock = VirtualClock(START)
+    rt = open_runtime(postgres_stores, key_dir, clock=clock)
+    load(rt).create("e0", "alice")
+    clock.advance("71h")
+    rt.fire_due()  # the notices at 24 h and 48 h; their misses at 28 h, 49 h and 52 h
+    missed = "SELECT instance, to_state FROM ledger WHERE event = 'DeadlineMissed' ORDER BY seq"
+    assert len(postgres_stores.rows("s", missed)) == 3
+    clock.advance("2h")
+    other = postgres_stores.open("s")  # another worker's store: its own lease owner
+    [leased] = other.claim_due_timers(clock.now_ms(), ["Entitlement"], 10)  # type: ignore[attr-defined]
+    assert leased.timer_id == "PendingApproval.ApprovalLadder.end"
+    assert rt.fire_due() == []  # the 72 h timer is the other worker's to fire
+    assert len(postgres_stores.rows("s", missed)) == 3  # and the 73 h deadline waits for it
+    # That worker dies; its lease runs out: this one fires the timer, which meets the deadline.
+    postgres_stores.rows("s", "UPDATE timers SET lease_until_ms = 0")
+    assert [f.timer.timer_id for f in rt.fire_due()] == ["PendingApproval.ApprovalLadder.end"]
+    assert len(postgres_stores.rows("s", missed)) == 3
+    assert rt.store.deadlines() == []
+    other.close()
+    rt.close()
+
+
 def test_replay_from_snapshot_matches_the_row(stores: Stores, key_dir: Path) -> None:
     sealer = LedgerSealer(load_signer(key_dir))
     rt = Runtime(stores.open(), clock=VirtualClock(START), sealer=sealer, snapshot_every=3)
