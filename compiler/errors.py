@@ -113,6 +113,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "E164": (Severity.ERROR, "parallel flow steps write (or may write) one governor instance"),
     "E165": (Severity.ERROR, "invalid flow shape"),
     "E166": (Severity.ERROR, "invalid flow input bound"),
+    "E167": (Severity.ERROR, "compensation can never apply where its step leaves the receiver"),
     "E144": (Severity.ERROR, "timer delay field is not a duration of every entering event"),
     "E145": (Severity.ERROR, "invalid setting or group"),
     "E146": (Severity.ERROR, "invalid data field"),

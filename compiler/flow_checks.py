@@ -1,5 +1,5 @@
 """The flow rules: references, acceptance, compensation, completion and parallel writes, one
-small function per rule, each reporting every offender (E160-E166, and E141-E143 for
+small function per rule, each reporting every offender (E160-E167, and E141-E143 for
 arguments as for emits)."""
 
 from __future__ import annotations
@@ -190,6 +190,15 @@ def check_flow_shape(flow: Flow, receivers: Mapping[str, Receiver]) -> Iterator[
                 flow.quorum.span,
                 f"quorum {text} is not a count from 1 to the {len(flow.steps)} steps",
                 "the quorum is how many replies must succeed",
+            )
+    deadlines = [flow.within, *(step.within for step in flow.all_steps())]
+    for duration in deadlines:
+        if duration is not None and duration.millis == 0:
+            yield fail(
+                "E115",
+                f"`within` of zero duration ({duration.text})",
+                duration.span,
+                "a deadline is a timer and fires after a positive duration",
             )
     for step in flow.all_steps():
         if step.compensate is not None and step.kind != "send":
@@ -408,19 +417,26 @@ def _named(ref: EventRef, value: str) -> set[str]:
 
 
 def check_flow_compensation(flow: Flow, receivers: Mapping[str, Receiver]) -> Iterator[Diagnostic]:
-    """E162: a step that sends (a side effect) is compensated or marked irreversible, where a
-    failure could undo it (not in never_undone). Compute steps are pure; await steps only
-    watch."""
-    spared = {step.name.value for step in never_undone(flow)}
+    """E162: every step that sends (a side effect) is compensated or marked irreversible.
+    The steps no failure ever undoes (never_undone: a sequence's last, a fanout's) are no
+    exception: their compensation would never run (E165), so they say `irreversible`, and a
+    step appended later finds the step before it already decided. Compute steps are pure;
+    await steps only watch."""
+    last = {step.name.value for step in never_undone(flow)}
     for step in flow.all_steps():
-        if step.name.value in spared:
-            continue
         if step.kind == "send" and step.compensate is None and not step.irreversible:
+            hint = (
+                "nothing runs after it to fail, so no compensation ever would: mark it "
+                '`irreversible "why"`'
+                if step.name.value in last
+                else "add `compensate Machine.Event(...)`, or `irreversible` if nothing can undo it"
+            )
             yield fail(
                 "E162",
-                f"step '{step.name.value}' has side effects but no compensation",
+                f"step '{step.name.value}' has side effects but no compensation and is not "
+                "marked irreversible",
                 step.name.span,
-                "add `compensate Machine.Event(...)`, or `irreversible` if nothing can undo it",
+                hint,
             )
 
 
@@ -428,43 +444,91 @@ def check_flow_completion(flow: Flow, receivers: Mapping[str, Receiver]) -> Iter
     """E163: steps that can never all complete. Following the states each receiver can be in
     (all of them at first), a send in a state set where its event is accepted nowhere, or an
     await for states that no move reaches, fails whatever happens."""
+    for steps in _sequences(flow):
+        for _step, _possible, finding in _walk(steps, receivers):
+            if finding is not None:
+                yield finding
+
+
+def check_compensation_applies(
+    flow: Flow, receivers: Mapping[str, Receiver]
+) -> Iterator[Diagnostic]:
+    """E167: a compensation's event is accepted in a state its receiver can be in when the
+    compensation runs. A later step's failure runs it, the receiver then where the step before
+    the failing one left it: after its own step, or after any later step but the last (whose
+    success completes the run). Lenient where the walk knows less: a receiver no step moved
+    may be in any state, and a later step compensated on the same receiver moves it back
+    first."""
+    never = {step.name.value for step in never_undone(flow)}  # E165's
+    for steps in _sequences(flow):
+        trail = list(_walk(steps, receivers))
+        for index, (step, _possible, _finding) in enumerate(trail):
+            resolved = _resolve(step.compensate, receivers)
+            if resolved is None or step.compensate is None or step.name.value in never:
+                continue
+            receiver, event = resolved
+            machine = receiver.machine.name.value
+            later = (_resolve(s.compensate, receivers) for s in steps[index + 1 :])
+            if any(r is not None and r[0] is receiver for r in later):
+                continue
+            window = trail[index : max(index + 1, len(trail) - 1)]
+            if any(machine not in possible for _s, possible, _f in window):
+                continue
+            states = set().union(*(possible[machine] for _s, possible, _f in window))
+            accepting = receiver.accepting.get(event, {})
+            if accepting and not states & accepting.keys():
+                yield fail(
+                    "E167",
+                    f"the compensation of step '{step.name.value}' can never apply: when it "
+                    f"runs '{machine}' is in {_listed(states)}, where '{event}' is not accepted",
+                    step.compensate.event.span,
+                    f"'{event}' is accepted in {_listed(accepting.keys())}: compensate with an "
+                    f"event '{machine}' accepts in {_listed(states)}",
+                )
+
+
+def _sequences(flow: Flow) -> list[tuple[FlowStep, ...]]:
+    """The step chains that run one after another: each branch of a parallel or fanout flow
+    alone, a sequence's or saga's steps, each conditional branch's steps."""
     if flow.kind in ("parallel", "fanout"):
-        sequences: list[tuple[FlowStep, ...]] = [(step,) for step in flow.steps]
-    else:
-        sequences = [flow.steps] if flow.steps else [b.steps for b in flow.branches]
-    for steps in sequences:
-        possible: dict[str, set[str]] = {}
-        for step in steps:
-            if step.kind == "send":
-                resolved = _resolve(step.target, receivers)
-                if resolved is None:
-                    continue
+        return [(step,) for step in flow.steps]
+    return [flow.steps] if flow.steps else [b.steps for b in flow.branches]
+
+
+def _walk(
+    steps: Sequence[FlowStep], receivers: Mapping[str, Receiver]
+) -> Iterator[tuple[FlowStep, dict[str, set[str]], Diagnostic | None]]:
+    """Each step with the states every receiver the steps so far moved can be in after it,
+    and the E163 finding if the step can never complete there."""
+    possible: dict[str, set[str]] = {}
+    for step in steps:
+        finding: Diagnostic | None = None
+        if step.kind == "send":
+            resolved = _resolve(step.target, receivers)
+            if resolved is not None:
                 receiver, event = resolved
                 now = possible.get(receiver.machine.name.value, receiver.states)
                 accepting = receiver.accepting.get(event, {})
-                sources = now & accepting.keys()
-                if not sources:
-                    if now is not receiver.states and accepting:
-                        yield fail(
-                            "E163",
-                            f"step '{step.name.value}' can never complete: after the steps "
-                            f"before it '{receiver.machine.name.value}' is in "
-                            f"{_listed(now)}, where '{event}' is not accepted",
-                            step.span,
-                            f"'{event}' is accepted in {_listed(accepting.keys())}",
-                        )
-                    continue
-                after = set().union(*(accepting[s] for s in sources)) & receiver.states
-                possible[receiver.machine.name.value] = after
-            elif step.kind == "await" and step.machine is not None:
-                receiver_or = receivers.get(step.machine.value)
-                if receiver_or is None:
-                    continue
+                if sources := now & accepting.keys():
+                    after = set().union(*(accepting[s] for s in sources)) & receiver.states
+                    possible[receiver.machine.name.value] = after
+                elif now is not receiver.states and accepting:
+                    finding = fail(
+                        "E163",
+                        f"step '{step.name.value}' can never complete: after the steps "
+                        f"before it '{receiver.machine.name.value}' is in "
+                        f"{_listed(now)}, where '{event}' is not accepted",
+                        step.span,
+                        f"'{event}' is accepted in {_listed(accepting.keys())}",
+                    )
+        elif step.kind == "await" and step.machine is not None:
+            receiver_or = receivers.get(step.machine.value)
+            if receiver_or is not None:
                 now = possible.get(step.machine.value, receiver_or.states)
                 wanted = {s.value for s in step.states} & receiver_or.states
                 reachable = closure(receiver_or.moves, now) & wanted
                 if wanted and not reachable:
-                    yield fail(
+                    finding = fail(
                         "E163",
                         f"step '{step.name.value}' can never complete: from {_listed(now)} "
                         f"'{step.machine.value}' never reaches {_listed(wanted)}",
@@ -473,6 +537,7 @@ def check_flow_completion(flow: Flow, receivers: Mapping[str, Receiver]) -> Iter
                     )
                 elif reachable:
                     possible[step.machine.value] = reachable
+        yield step, dict(possible), finding
 
 
 def _listed(states: Iterable[str]) -> str:
@@ -590,5 +655,6 @@ FLOW_RULES: tuple[FlowRule, ...] = (
     check_flow_arguments,
     check_flow_compensation,
     check_flow_completion,
+    check_compensation_applies,
     check_parallel_writes,
 )

@@ -231,9 +231,11 @@ _HELP: dict[str, tuple[str, str]] = {
     "E162": (
         "A flow step that sends an event has side effects, but neither a compensation nor the "
         "`irreversible` marker: a failure later in the flow could not undo it. The last step "
-        "of a sequence, a saga or a conditional branch and a fanout's steps need neither: no "
-        "failure is compensated after them.",
-        "Add `compensate Machine.Event(...)`, or `irreversible` if nothing can undo it.",
+        "of a sequence, a saga or a conditional branch and a fanout's steps too: no failure "
+        "is compensated after them, so they say `irreversible`, and a step added after one "
+        "later finds it already decided.",
+        'Add `compensate Machine.Event(...)`, or `irreversible "why"` if nothing can or '
+        "will undo it.",
     ),
     "E163": (
         "A flow's steps can never all complete: following the states each receiver can be in "
@@ -265,6 +267,14 @@ _HELP: dict[str, tuple[str, str]] = {
         "above the upper one.",
         "Bound only number inputs, each side with a number or another number input: "
         "`cycle_day: int at least 0 at most cycle_length`.",
+    ),
+    "E167": (
+        "A compensation's event is accepted in none of the states its receiver can be in when "
+        "the compensation runs: after its step and after the later steps of the same "
+        "sequence, whose failure runs it. The run would end failed, the step's effect never "
+        "undone.",
+        "Compensate with an event the receiver accepts in the states the step leaves it in "
+        "(the hint lists them), or handle this event there.",
     ),
     "E170": (
         "`autonomic diff --store` found live instances in states the new version removes, "
