@@ -573,8 +573,16 @@ def _built(report: Any) -> str:
 
 def _cmd_graph(args: argparse.Namespace) -> int:
     from .checks import check_paths
-    from .diagram import DiagramToolFailed, DiagramToolMissing, UnknownView, render_diagram
+    from .diagram import (
+        DiagramToolFailed,
+        DiagramToolMissing,
+        UnknownView,
+        render_diagram,
+        render_svg,
+    )
     from .errors import did_you_mean
+    from .flow_checks import flow_module
+    from .flow_codegen import flow_dot, flow_mermaid
     from .report import render_text
 
     by_path = args.machine.endswith(".fsm") or "/" in args.machine or os.sep in args.machine
@@ -582,25 +590,47 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     report = check_paths([where])
     if by_path:
         wanted = report.machines
+        flows = [] if wanted or len(report.flows) != 1 else report.flows
     else:
         wanted = [m for m in report.machines if args.machine in (m.name.value, Path(m.path).stem)]
+        flows = [f for f in report.flows if args.machine in (f.name.value, flow_module(f))]
     if report.errors():
         sys.stderr.write(render_text(report))
         return EXIT_FINDINGS
-    if not wanted:
+    if not wanted and not flows:
         names = sorted(m.name.value for m in report.machines)
+        flow_names = sorted(f.name.value for f in report.flows)
         if by_path:
-            message, hint = "holds no machine", "pass a .fsm file that holds one machine"
+            message = "holds no machine" if not flow_names else "holds several flows, no machine"
+            hint = (
+                f"name one: autonomic graph {flow_names[0]} (flows: {', '.join(flow_names)})"
+                if flow_names
+                else "pass a .fsm file that holds one machine or one flow"
+            )
         else:
-            message = f"no machine named '{args.machine}'"
-            hint = did_you_mean(args.machine, names) or (
-                f"machines here: {', '.join(names)}"
+            message = f"no machine or flow named '{args.machine}'"
+            hint = did_you_mean(args.machine, [*names, *flow_names]) or (
+                f"machines here: {', '.join(names)}; flows: {', '.join(flow_names) or 'none'}"
                 if names
                 else "pass --machines the folder of the .fsm files"
             )
         raise CommandProblem(where, NO_SUCH_MACHINE, message, hint)
+    path = wanted[0].path if wanted else flows[0].path
     try:
-        rendered = render_diagram(wanted[0], args.format, args.view)
+        if wanted:
+            rendered: str | bytes = render_diagram(wanted[0], args.format, args.view)
+        elif args.view:
+            raise CommandProblem(
+                path,
+                NO_SUCH_MACHINE,
+                f"flow '{flows[0].name.value}' has no view '{args.view}'",
+                "a flow is drawn whole: leave out --view",
+            )
+        elif args.format == "mermaid":
+            rendered = flow_mermaid(flows[0])
+        else:
+            dot = flow_dot(flows[0])
+            rendered = render_svg(dot) if args.format == "svg" else dot
     except UnknownView as exc:
         choices = ["overview", *exc.known] if exc.known else []
         raise CommandProblem(
@@ -616,7 +646,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         ) from None
     except (DiagramToolMissing, DiagramToolFailed) as exc:
         raise CommandProblem(
-            wanted[0].path,
+            path,
             OUTPUT_UNWRITABLE,
             f"cannot draw SVG: {exc}",
             "install graphviz, or use --format dot or --format mermaid",
@@ -793,10 +823,14 @@ def build_parser(runtime: bool = True) -> argparse.ArgumentParser:
 
     graph = sub.add_parser(
         "graph",
-        help="print one machine's diagram",
-        description="Check one machine and print its diagram as DOT, Mermaid or SVG.",
+        help="print one machine's or flow's diagram",
+        description="Check one machine or flow and print its diagram as DOT, Mermaid or SVG.",
     )
-    graph.add_argument("machine", metavar="MACHINE", help="machine name, module name or .fsm path")
+    graph.add_argument(
+        "machine",
+        metavar="NAME",
+        help="machine or flow name, module name, or .fsm path",
+    )
     graph.add_argument(
         "--format",
         choices=("dot", "mermaid", "svg"),
@@ -807,7 +841,7 @@ def build_parser(runtime: bool = True) -> argparse.ArgumentParser:
         "--machines",
         default="machines",
         metavar="DIR",
-        help="folder to find MACHINE in by name (default: machines)",
+        help="folder to find NAME in (default: machines)",
     )
     graph.add_argument(
         "--view",

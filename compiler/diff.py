@@ -24,7 +24,7 @@ import networkx as nx
 
 from .diagram import Diagram, DiagramEdge, DiagramNode, build_diagram
 from .lower import MachineTables, TimerRow, TransitionRow, lower
-from .model import Flow, Machine
+from .model import Duration, EmitValue, Flow, Machine, Name
 
 ChangeKind = Literal["added", "removed", "changed", "renamed"]
 Status = Literal["added", "removed", "changed"]
@@ -448,8 +448,44 @@ def compare_flows(old: Sequence[Flow], new: Sequence[Flow]) -> list[Change]:
         parts += [f"~{s}" for s in new_steps if s in old_steps and old_steps[s] != new_steps[s]]
         if was.kind != now.kind:
             parts.insert(0, f"{was.kind} -> {now.kind}")
+        parts += _flow_settings(was, now)
         changes.append(Change("changed", "flow", name, ", ".join(parts) or "settings"))
     return changes
+
+
+def _flow_settings(was: Flow, now: Flow) -> list[str]:
+    """What changed in a flow beside its steps, each with its old and new value: `quorum 2 ->
+    3`, `within 30s -> 1m`, `on outcome -> result`, `+input x` / `-input x` / `~input x`,
+    `doc`, `branches`, `suppressions`."""
+    parts = []
+    clauses = {
+        "on": (_written(was.on), _written(now.on)),
+        "within": (_written(was.within), _written(now.within)),
+        "quorum": (_written(was.quorum), _written(now.quorum)),
+    }
+    for clause, (before, after) in clauses.items():
+        if before != after:
+            parts.append(f"{clause} {before} -> {after}")
+    old_inputs = {f.name.value: _flow_meaning(f) for f in was.inputs}
+    new_inputs = {f.name.value: _flow_meaning(f) for f in now.inputs}
+    parts += [f"+input {n}" for n in new_inputs if n not in old_inputs]
+    parts += [f"-input {n}" for n in old_inputs if n not in new_inputs]
+    parts += [
+        f"~input {n}" for n in new_inputs if old_inputs.get(n, new_inputs[n]) != new_inputs[n]
+    ]
+    if was.doc != now.doc:
+        parts.append("doc")
+    if [b.case.value for b in was.branches] != [b.case.value for b in now.branches]:
+        parts.append("branches")
+    if _flow_meaning(was).get("suppressions") != _flow_meaning(now).get("suppressions"):
+        parts.append("suppressions")
+    return parts
+
+
+def _written(value: Name | Duration | EmitValue | None) -> str:
+    if value is None:
+        return "(none)"
+    return value.value if isinstance(value, Name) else value.text
 
 
 def compare(

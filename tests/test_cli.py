@@ -762,3 +762,24 @@ def _undeliverable_emits() -> list[str]:
 
 def test_every_emit_in_the_machines_can_be_delivered() -> None:
     assert _undeliverable_emits() == []
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "generated"),
+    [
+        ("SubscriptionCancellation", "dot", "flow_subscription_cancellation.dot"),
+        ("flow_noisy_neighbour", "mermaid", "flow_noisy_neighbour.mmd"),
+    ],
+)
+def test_graph_draws_a_flow_as_build_does(world: Path, name: str, fmt: str, generated: str) -> None:
+    result = autonomic("graph", name, "--format", fmt, cwd=world)
+    assert_clean(result)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (ROOT / "generated" / generated).read_text(encoding="utf-8")
+
+
+def test_graph_of_a_file_of_several_flows_names_them(world: Path) -> None:
+    text = assert_diagnostic(autonomic("graph", "machines/flows.fsm", cwd=world), "E007")
+    assert "several flows" in text and "SubscriptionUpgrade" in text
+    misspelt = assert_diagnostic(autonomic("graph", "SubscriptionCancelation", cwd=world), "E007")
+    assert "did you mean 'SubscriptionCancellation'?" in misspelt

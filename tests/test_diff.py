@@ -212,3 +212,30 @@ def test_a_changed_keep_emit_target_or_refusal_notice_is_a_changed_row() -> None
     assert [(c.kind, c.name, c.detail) for c in machine.changes] == [
         ("changed", "A --E--> B", "emit M.F -> keep c emit M.F to c if refused F")
     ]
+
+
+def test_a_changed_flow_names_each_setting_with_its_old_and_new_value() -> None:
+    report = check_paths([ROOT / "machines"])
+    edits = {
+        "NoisyNeighbour": {"within": "1m", "quorum": "3"},
+        "SubscriptionUpgrade": {"doc": "Upgrade."},
+    }
+    new_flows = []
+    for flow in report.flows:
+        change = edits.get(flow.name.value, {})
+        updates: dict[str, object] = {}
+        if "within" in change and flow.within is not None:
+            updates["within"] = flow.within.model_copy(update={"text": change["within"]})
+        if "quorum" in change and flow.quorum is not None:
+            updates["quorum"] = flow.quorum.model_copy(update={"text": change["quorum"]})
+        if "doc" in change:
+            updates["doc"] = change["doc"]
+            updates["inputs"] = flow.inputs[:-1]
+        new_flows.append(flow.model_copy(update=updates))
+    difference = compare(report.machines, report.machines, report.flows, new_flows)
+    [upgrade] = [f for f in report.flows if f.name.value == "SubscriptionUpgrade"]
+    dropped = upgrade.inputs[-1].name.value
+    assert [(c.kind, c.name, c.detail) for c in difference.flows] == [
+        ("changed", "NoisyNeighbour", "within 30s -> 1m, quorum 2 -> 3"),
+        ("changed", "SubscriptionUpgrade", f"-input {dropped}, doc"),
+    ]
