@@ -125,7 +125,6 @@ def test_kill_9_at_random_points_loses_no_acknowledged_transition(
     rng = random.Random(int(os.environ.get("CRASH_SEED", "20260115")))
     acknowledged: list[dict[str, object]] = []
     fired_ids: list[object] = []
-    started = time.monotonic()
     for run in range(runs):
         workers = [start_worker(db, keys, rng.randrange(1 << 30), run) for _ in range(together)]
         for worker in workers:
@@ -136,7 +135,6 @@ def test_kill_9_at_random_points_loses_no_acknowledged_transition(
     assert len(fired_ids) == len(set(fired_ids)), "a timer fired twice across restarts"
     assert len(acknowledged) > runs
     assert fired_ids, "no timer came due in the runs; the test would not show exactly-once"
-    assert time.monotonic() - started < 90
 
 
 @pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
