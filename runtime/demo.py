@@ -163,6 +163,11 @@ class _Payments:
         # flight, by account: one refund per charge, paid one at a time.
         self.refunded: set[tuple[str, str]] = set()
         self.owed: dict[str, list[str]] = {}
+        # The charges whose refund was paid (or whose money a chargeback gave back): a
+        # compensation asking one back again pays nothing.
+        self.settled: set[tuple[str, str]] = set()
+        # The refund ids paid out, by account: a webhook repeating one is a copy.
+        self.paid_refunds: set[tuple[str, str]] = set()
 
         # Tenants whose charges the processor holds until `answer` is set (the bulkhead).
         self.hung: set[str] = set()
@@ -230,17 +235,36 @@ class _Payments:
             return self.proration_keys.get(ctx.instance) if named is None else str(named)
         return None
 
+    def _captured_charge(self, ctx: TransitionContext) -> str | None:
+        """The key of the account's captured proration charge a compensation asks back."""
+        key = self._charge_to_refund(ctx)
+        if key is None or key != self.proration_keys.get(ctx.instance):
+            return None
+        return key if ctx.instance in self.prorations else None
+
+    def original_charge_found(self, ctx: TransitionContext) -> bool:
+        """A compensation (in Current) asks back a captured charge not paid back yet: a copy
+        arriving after that refund was paid pays nothing. Reads `settled`, which only the
+        in-transaction actions write: `submit_refund`, an outside call run before the
+        transaction decides again, must not change this decision."""
+        key = self._captured_charge(ctx)
+        return key is not None and (ctx.instance, key) not in self.settled
+
     def another_charge_to_refund(self, ctx: TransitionContext) -> bool:
         """A compensation asks back a captured charge that is neither refunded (or being
         refunded) nor owed already: a copy of the refund in flight is not another."""
-        key = self._charge_to_refund(ctx)
+        key = self._captured_charge(ctx)
         return (
             key is not None
-            and key == self.proration_keys.get(ctx.instance)
-            and ctx.instance in self.prorations
             and (ctx.instance, key) not in self.refunded
             and key not in self.owed.get(ctx.instance, [])
         )
+
+    def refund_already_recorded(self, ctx: TransitionContext) -> bool:
+        """A RefundSucceeded whose refund_id Billing recorded already: a redelivered webhook,
+        not the payment of the refund now in flight (or held)."""
+        refund_id = str(getattr(ctx.payload, "refund_id", ""))
+        return (ctx.instance, refund_id) in self.paid_refunds
 
     def refund_owed(self, ctx: TransitionContext) -> bool:
         return bool(self.owed.get(ctx.instance))
@@ -260,10 +284,23 @@ class _Payments:
             self.refunded.add((ctx.instance, key))
 
     def record_refund(self, ctx: TransitionContext) -> None:
-        """A refund was paid; the next one owed, if this move submitted it, is no longer owed."""
+        """A refund was paid: its charge is settled (every charge submitted but the one this
+        move submitted next), and the next one owed, if this move submitted it, is no longer
+        owed."""
+        self.paid_refunds.add((ctx.instance, str(getattr(ctx.payload, "refund_id", ""))))
         owed = self.owed.get(ctx.instance)
-        if owed and (ctx.instance, owed[0]) in self.refunded:
+        following = owed[0] if owed and (ctx.instance, owed[0]) in self.refunded else None
+        self.settled.update(
+            charge
+            for charge in self.refunded
+            if charge[0] == ctx.instance and charge[1] != following
+        )
+        if owed and following is not None:
             owed.pop(0)
+
+    def cancel_held_refund(self, ctx: TransitionContext) -> None:
+        """The chargeback paid the customer back: the held refund's charge is settled."""
+        self.settled.update(charge for charge in self.refunded if charge[0] == ctx.instance)
 
     def defer_charge(self, ctx: TransitionContext) -> None:
         """The invoice waits for the dispute's decision; the ladder's retries charge it."""
@@ -284,9 +321,6 @@ class _Payments:
             elif entry.event in _DECISIONS:
                 decided += 1
         return opened - decided > 1
-
-    def original_charge_found(self, ctx: TransitionContext) -> bool:
-        return ctx.instance in self.prorations
 
     def amount_matches(self, ctx: TransitionContext) -> bool:
         amount = getattr(ctx.payload, "amount", None)
@@ -320,6 +354,7 @@ def _demo_guards(payments: _Payments) -> dict[str, Callable[[TransitionContext],
         "another_charge_to_refund": payments.another_charge_to_refund,
         "refund_owed": payments.refund_owed,
         "original_charge_found": payments.original_charge_found,
+        "refund_already_recorded": payments.refund_already_recorded,
         "refund_due": _fixed(True),
         "refund_was_issued": _fixed(False),
         "settled_amount_matches": _fixed(True),
@@ -382,6 +417,7 @@ class _Bindings:
                 "owe_refund": self.payments.owe_refund,
                 "submit_refund": self.payments.submit_refund,
                 "record_refund": self.payments.record_refund,
+                "cancel_held_refund": self.payments.cancel_held_refund,
             }
         guards = {name: self.guards.get(name, _fixed(True)) for name in spec.guards}
         bound: dict[str, Callable[..., object]] = {}

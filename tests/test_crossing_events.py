@@ -15,7 +15,14 @@ from autonomic.runtime.store.sqlite import SQLiteStore
 from autonomic.runtime.timers import VirtualClock
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flow_world import START_MS, marketplace
-from test_flows import PRORATION, Injector, active_customer, state, upgrade_inputs
+from test_flows import (
+    PRORATION,
+    Injector,
+    active_customer,
+    capture_proration,
+    state,
+    upgrade_inputs,
+)
 from test_late_deliveries import (
     HOUR,
     MINUTE,
@@ -355,3 +362,60 @@ def test_a_second_refund_asked_while_the_first_is_retried_is_paid_after_it(
         customer, "RefundSucceeded", {"refund_id": "rf2", "amount": PRORATION}
     )
     assert state(runtime, "Billing", customer) == ("Closed" if closing else "Current")
+
+
+def test_a_compensation_repeated_after_its_refund_was_paid_pays_nothing(
+    world: tuple[World, Injector],
+) -> None:
+    """The upgrade's captured charge is refunded and the refund paid (Billing back in
+    Current); the same compensation arrives again (same charge key: an operator's undo, a
+    redelivery). The charge was paid back already: nothing is refunded twice."""
+    (runtime, runner, bindings), injector = world
+    customer = "refund-then-repeat"
+    active_customer(runtime, runner, customer)
+    injector.target = (customer, "SubscriptionUpgrade", "allocate_quota", "do")
+    run = runner.start("SubscriptionUpgrade", customer, upgrade_inputs(customer))
+    capture_proration(runtime, customer)
+    assert runner.resume(run.flow_id).status == "compensated"
+    assert failed(runtime.deliver_outbox()) == []
+    assert state(runtime, "Billing", customer) == "Refunding"
+    refund = {"refund_id": "rf1", "amount": PRORATION}
+    runtime.governor("Billing").dispatch(customer, "RefundSucceeded", refund)
+    assert state(runtime, "Billing", customer) == "Current"
+    copy = {"reason": "operator undo", "charge_key": f"up-{customer}"}
+    runtime.governor("Billing").dispatch(customer, "CompensationRefund", copy)
+    assert state(runtime, "Billing", customer) == "Current"
+    assert bindings.calls["Billing.submit_refund"] == 1
+    assert bindings.calls["Billing.record_nothing_to_refund"] == 1
+
+
+@pytest.mark.parametrize("disputed", [False, True])
+def test_a_repeated_refund_webhook_is_not_taken_for_the_next_refund(
+    world: tuple[World, Injector], disputed: bool
+) -> None:
+    """Two refunds owed: the first is paid and the second submitted; the first's
+    RefundSucceeded arrives again (webhooks are at-least-once). It is a copy, not the second
+    refund's payment: Billing keeps waiting for the refund in flight (or held for a
+    chargeback), which is paid by its own webhook."""
+    (runtime, runner, bindings), injector = world
+    customer = f"repeated-refund-webhook-{disputed}"
+    flow_id = upgrade_voided_then_another_captured(world[0], customer)
+    late_capture(world[0], customer)
+    injector.target = (customer, "SubscriptionUpgrade", "allocate_quota", "do")
+    assert runner.resume(flow_id).status == "compensated"
+    assert failed(runtime.deliver_outbox()) == []
+    billing = runtime.governor("Billing")
+    first = {"refund_id": "rf1", "amount": PRORATION}
+    billing.dispatch(customer, "RefundSucceeded", first)
+    assert state(runtime, "Billing", customer) == "Refunding"
+    assert bindings.calls["Billing.submit_refund"] == 2
+    waiting = "Refunding"
+    if disputed:
+        dispute(runtime, runner, customer, 1)
+        waiting = "RefundDisputed"
+        assert state(runtime, "Billing", customer) == waiting
+    billing.dispatch(customer, "RefundSucceeded", first)  # the first refund's webhook again
+    assert state(runtime, "Billing", customer) == waiting
+    billing.dispatch(customer, "RefundSucceeded", {"refund_id": "rf2", "amount": PRORATION})
+    assert state(runtime, "Billing", customer) == ("Disputed" if disputed else "Current")
+    assert bindings.calls["Billing.submit_refund"] == 2
