@@ -235,27 +235,24 @@ class _Payments:
             return self.proration_keys.get(ctx.instance) if named is None else str(named)
         return None
 
-    def _captured_charge(self, ctx: TransitionContext) -> str | None:
-        """The key of the account's captured proration charge a compensation asks back."""
-        key = self._charge_to_refund(ctx)
-        if key is None or key != self.proration_keys.get(ctx.instance):
-            return None
-        return key if ctx.instance in self.prorations else None
-
     def original_charge_found(self, ctx: TransitionContext) -> bool:
         """A compensation (in Current) asks back a captured charge not paid back yet: a copy
         arriving after that refund was paid pays nothing. Reads `settled`, which only the
         in-transaction actions write: `submit_refund`, an outside call run before the
         transaction decides again, must not change this decision."""
-        key = self._captured_charge(ctx)
-        return key is not None and (ctx.instance, key) not in self.settled
+        key = self._charge_to_refund(ctx)
+        return ctx.instance in self.prorations and (
+            key is None or (ctx.instance, key) not in self.settled
+        )
 
     def another_charge_to_refund(self, ctx: TransitionContext) -> bool:
         """A compensation asks back a captured charge that is neither refunded (or being
         refunded) nor owed already: a copy of the refund in flight is not another."""
-        key = self._captured_charge(ctx)
+        key = self._charge_to_refund(ctx)
         return (
             key is not None
+            and key == self.proration_keys.get(ctx.instance)
+            and ctx.instance in self.prorations
             and (ctx.instance, key) not in self.refunded
             and key not in self.owed.get(ctx.instance, [])
         )
