@@ -78,6 +78,7 @@ from .base import (
 )
 from .postgres_schema import schema_problem
 from .row_seals import (
+    OUTBOX_WITH_RETRY,
     SEALED_MARK,
     SEALED_SELECT,
     Fetched,
@@ -128,11 +129,6 @@ _TIMER_RETRY_KEY = "machine = %s AND instance = %s AND timer_id = %s AND armed_v
 
 
 _OUTBOX_READ = SEALED_SELECT["outbox"]
-# An outbox read with the row's retry (runtime/outbox.py) beside it.
-_OUTBOX_WITH_RETRY = (
-    ", ".join(f"o.{column.strip()}" for column in _OUTBOX_READ.split(","))
-    + ", r.attempts, r.retry_at_ms FROM outbox o LEFT JOIN outbox_retries r ON r.id = o.id"
-)
 # A message (alias `{m}`) not to deliver at `%(due)s`: it, or an earlier pending message to
 # the same target instance, waits for a retry after it (one more than RETRY_LATER_CAP_MS
 # ahead is no backoff's, a forged row, and is ignored: the retry is not sealed).
@@ -1252,7 +1248,7 @@ class PostgresStore:
                 f"AND e.target_instance = c.target_instance AND e.id < c.id) {due}"
                 "ORDER BY c.id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) picked "
                 "WHERE o.id = picked.id RETURNING o.*) SELECT "
-                + _OUTBOX_WITH_RETRY.replace("FROM outbox o", "FROM claimed o"),
+                + OUTBOX_WITH_RETRY.replace("FROM outbox o", "FROM claimed o"),
                 {
                     "owner": self.owner,
                     "lease": self.lease_ms,
@@ -1290,7 +1286,7 @@ class PostgresStore:
             where.append(f"NOT {_OUTBOX_HELD_BACK.format(m='o')}")
         clause = f"WHERE {' AND '.join(where)} " if where else ""
         rows = self._query(
-            f"SELECT {_OUTBOX_WITH_RETRY} {clause}ORDER BY o.id LIMIT %(limit)s", parameters
+            f"SELECT {OUTBOX_WITH_RETRY} {clause}ORDER BY o.id LIMIT %(limit)s", parameters
         )
         return [with_retry(self._seals.message(row), row) for row in rows]
 

@@ -92,6 +92,12 @@ SEALED_TABLES: dict[str, tuple[str, ...]] = {
 SEALED_SELECT: dict[str, str] = {
     table: ", ".join((*columns, "seal")) for table, columns in SEALED_TABLES.items()
 }
+# An outbox read (alias `o`) with the row's retry (runtime/outbox.py) beside it; the retry
+# table is not sealed (a forged row delays a delivery by at most one backoff).
+OUTBOX_WITH_RETRY = (
+    ", ".join(f"o.{column}" for column in (*SEALED_TABLES["outbox"], "seal"))
+    + ", r.attempts, r.retry_at_ms FROM outbox o LEFT JOIN outbox_retries r ON r.id = o.id"
+)
 # How many leading columns of each table name its row (for diagnostics and updates).
 KEY_COLUMNS: dict[str, int] = {
     "instances": 2,

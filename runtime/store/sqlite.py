@@ -69,6 +69,7 @@ from .base import (
     with_retry,
 )
 from .row_seals import (
+    OUTBOX_WITH_RETRY,
     SEALED_MARK,
     SEALED_SELECT,
     SEALED_TABLES,
@@ -117,11 +118,6 @@ _TIMER_RETRY_KEY = "machine = ? AND instance = ? AND timer_id = ? AND armed_vers
 
 _SAVE_MARK = "INSERT OR REPLACE INTO runtime_meta (key, value) VALUES (?, ?)"
 _OUTBOX_READ = SEALED_SELECT["outbox"]
-# An outbox read with the row's retry (runtime/outbox.py) beside it.
-_OUTBOX_WITH_RETRY = (
-    ", ".join(f"o.{column.strip()}" for column in _OUTBOX_READ.split(","))
-    + ", r.attempts, r.retry_at_ms FROM outbox o LEFT JOIN outbox_retries r ON r.id = o.id"
-)
 # A message not to deliver at `due` (the parameter, twice): it, or an earlier pending message
 # to the same target instance, waits for a retry after it. The retry is not sealed: one more
 # than RETRY_LATER_CAP_MS ahead is no backoff's (a forged row) and is ignored.
@@ -1190,7 +1186,7 @@ class SQLiteStore:
             parameters += [due_ms, due_ms]
         clause = f"WHERE {' AND '.join(where)} " if where else ""
         rows = self._query(
-            f"SELECT {_OUTBOX_WITH_RETRY} {clause}ORDER BY o.id LIMIT ?",
+            f"SELECT {OUTBOX_WITH_RETRY} {clause}ORDER BY o.id LIMIT ?",
             [*parameters, limit],
         )
         return [with_retry(self._seals.message(row), row) for row in rows]
