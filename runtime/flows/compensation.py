@@ -48,16 +48,35 @@ def _retry_undo(run: _Run, step: FlowStepSpec, detail: Any, now_ms: int) -> tupl
     and the entry that says so (with the attempt's number and error) if this attempt is one
     the ledger records (`noted_attempt`)."""
     entry = run.steps[step.name]
-    attempt = int(entry.get("undo_attempts", 0)) + 1
-    retry_at = now_ms + retry_later_ms(attempt)
+    keys = ("undo_attempts", "undo_error")
+    return _note_retry(entry, keys, ("CompensationRetrying", step.name), detail, now_ms)
+
+
+def _note_retry(
+    entry: dict[str, Any],
+    keys: tuple[str, str],
+    note: tuple[str, str],
+    detail: Any,
+    now_ms: int,
+    until: int | None = None,
+) -> tuple[int, list[_Note]]:
+    """One more unanswered attempt of a step or its compensation, counted and its error kept
+    in the step's entry (under `keys`: attempts, error): when it is tried again (the jitter
+    backoff by the count, no later than `until`), and the `note` entry (event, step) if the
+    ledger records this attempt (`noted_attempt`, or an error not the previous one's)."""
+    attempts_key, error_key = keys
+    attempt = int(entry.get(attempts_key, 0)) + 1
     error = str(detail)
-    changed = entry.get("undo_error") != error
-    entry["undo_attempts"] = attempt
-    entry["undo_error"] = error
-    if not (changed or noted_attempt(attempt)):
+    noted = entry.get(error_key) != error or noted_attempt(attempt)
+    retry_at = now_ms + retry_later_ms(attempt)
+    if until is not None:
+        retry_at = min(retry_at, until)
+    entry[attempts_key] = attempt
+    entry[error_key] = error
+    if not noted:
         return retry_at, []
-    why = {"error": error, "attempt": attempt, "retry_at": retry_at}
-    return retry_at, [("CompensationRetrying", step.name, why)]
+    event, name = note
+    return retry_at, [(event, name, {"error": error, "attempt": attempt, "retry_at": retry_at})]
 
 
 def _defer_undo(run: _Run, step: FlowStepSpec, detail: Any, now_ms: int) -> _Plan:
@@ -187,15 +206,10 @@ def _retry_step(
     until = int(entry.setdefault("retry_until", now_ms + STEP_RETRY_LIMIT_MS))
     if now_ms >= until:
         return None
-    attempt = int(entry.get("attempts", 0)) + 1
-    error = str(detail)
-    noted = entry.get("error") != error or noted_attempt(attempt)
-    retry_at = min(now_ms + retry_later_ms(attempt), until)
-    entry.update(attempts=attempt, error=error, retry_at=retry_at)
-    if not noted:
-        return retry_at, []
-    why = {"error": error, "attempt": attempt, "retry_at": retry_at}
-    return retry_at, [("StepRetrying", step.name, why)]
+    keys = ("attempts", "error")
+    retry = _note_retry(entry, keys, ("StepRetrying", step.name), detail, now_ms, until)
+    entry["retry_at"] = retry[0]
+    return retry
 
 
 def _given_up(run: _Run, step: FlowStepSpec, detail: Any) -> tuple[str, str]:
