@@ -130,7 +130,10 @@ def _sodium_signer(private_key: Ed25519PrivateKey) -> Callable[[bytes], bytes]:
         from nacl.exceptions import RuntimeError as SodiumError
 
         sodium = importlib.import_module("nacl._sodium")
-    except ImportError:  # an environment installed before PyNaCl became a dependency
+        ffi, crypto_sign = sodium.ffi, sodium.lib.crypto_sign
+    except (ImportError, AttributeError):
+        # No PyNaCl (an environment installed before it became a dependency), or one whose
+        # private module is not the one called here.
         return private_key.sign
     seed = private_key.private_bytes(
         serialization.Encoding.Raw,
@@ -141,7 +144,6 @@ def _sodium_signer(private_key: Ed25519PrivateKey) -> Callable[[bytes], bytes]:
     # libsodium's crypto_sign as nacl.bindings.crypto_sign calls it, less what its wrapper
     # adds around the call that we do not use (the signed length, the message copied out
     # after the signature): 6 thousand instructions of the 250 a signature takes.
-    ffi, crypto_sign = sodium.ffi, sodium.lib.crypto_sign
     new, buffer, no_length = ffi.new, ffi.buffer, ffi.NULL
     signed_type = ffi.typeof("unsigned char[]")
 
