@@ -330,6 +330,8 @@ def _jcs(value: Any) -> str:
     kind = type(value)
     if kind is str:
         return _JSON_STRING(value)
+    if kind is dict:
+        return _jcs_object(value)
     if value is None:
         return "null"
     if kind is bool:
@@ -341,19 +343,8 @@ def _jcs(value: Any) -> str:
             f"integer {value} is outside the range JSON numbers represent exactly",
             hint="pass large integers as strings",
         )
-    if kind is dict or isinstance(value, Mapping):
-        if not value:
-            return "{}"
-        keys = list(value)
-        for key in keys:
-            if not isinstance(key, str):
-                raise PayloadEncodingError(f"object key {key!r} is not a string")
-        joined = "".join(keys)
-        if joined.isascii() or max(joined) < "\ue000":
-            keys.sort()  # below U+E000, code point order is UTF-16 code unit order
-        else:
-            keys.sort(key=_utf16_key)
-        return "{" + ",".join([_JSON_STRING(key) + ":" + _jcs(value[key]) for key in keys]) + "}"
+    if isinstance(value, Mapping):
+        return _jcs_object(value)
     if kind is list or kind is tuple:
         return "[" + ",".join([_jcs(item) for item in value]) + "]"
     if kind is float:
@@ -371,6 +362,31 @@ def _jcs(value: Any) -> str:
         f"a value of type {kind.__name__} cannot be encoded as canonical JSON",
         hint="convert Decimal and datetime values to strings, as model_dump(mode='json') does",
     )
+
+
+def _jcs_object(value: Mapping[Any, Any]) -> str:
+    if not value:
+        return "{}"
+    keys = list(value)
+    try:
+        joined = "".join(keys)  # a key that is not a string fails it
+    except TypeError:
+        for key in keys:
+            if not isinstance(key, str):
+                raise PayloadEncodingError(f"object key {key!r} is not a string") from None
+        raise
+    if joined.isascii() or max(joined) < "\ue000":
+        keys.sort()  # below U+E000, code point order is UTF-16 code unit order
+    else:
+        keys.sort(key=_utf16_key)
+    # Written out rather than a comprehension, and a string member encoded here: objects are
+    # mostly small and their members mostly strings (a payload's, a flow entry's detail).
+    members = []
+    for key in keys:
+        item = value[key]
+        text = _JSON_STRING(item) if type(item) is str else _jcs(item)
+        members.append(_JSON_STRING(key) + ":" + text)
+    return "{" + ",".join(members) + "}"
 
 
 def canonical_json(value: object) -> bytes:

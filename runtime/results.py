@@ -291,15 +291,15 @@ def derive_event_id(*parts: str | int) -> str:
     return "evt_" + digest.hexdigest()[:32]
 
 
-def derive_event_ids(parts: tuple[str | int, ...], count: int) -> list[str]:
-    """`derive_event_id(*parts, index)` for each index below `count`, the common parts
-    hashed once (a flow run's write derives one per ledger entry)."""
+def derive_event_ids(parts: tuple[str | int, ...], count: int, first: int = 0) -> list[str]:
+    """`derive_event_id(*parts, index)` for the `count` indexes from `first` on, the common
+    parts hashed once (a flow run's write derives one per ledger entry)."""
     common = _EVENT_ID_HASH.copy()
     for part in parts:
         data = (part if type(part) is str else str(part)).encode("utf-8")
         common.update(_pack_length(len(data)) + data)
     ids = []
-    for index in range(count):
+    for index in range(first, first + count):
         digest = common.copy()
         data = str(index).encode("utf-8")
         digest.update(_pack_length(len(data)) + data)

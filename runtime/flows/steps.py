@@ -19,10 +19,10 @@ from ..errors import (
     PayloadEncodingError,
     UnknownInstance,
 )
-from ..ledger import EntryData, payload_digest
+from ..ledger import EMPTY_PAYLOAD_DIGEST, EntryData, payload_digest
 from ..results import DispatchResult, _dumps, derive_event_id, derive_event_ids
 from ..runtime import Runtime
-from ..sealing import _Chain
+from ..sealing import _Chain, _new_entry_data
 from ..store.base import FlowRecord, FlowStatus, Transaction, WorkOutcome
 from ..tables import Emit, FlowSpec, FlowStepSpec
 from ..timers import format_duration
@@ -192,18 +192,31 @@ class _StepRunner:
     ) -> None:
         """Seal the entries of the write of `record` (its version, its time), numbered from
         `first` among that write's entries (each one's event id says which)."""
-        if self.runtime.sealer is None or not entries:
+        if self.runtime._sealer is None or not entries:
             return
         flow_id, flow, actor, now = record.flow_id, record.flow, self.actor, record.updated_ms
-        parts = ("flow", flow_id, record.version)
-        if first:
-            ids = [derive_event_id(*parts, first + i) for i in range(len(entries))]
-        else:
-            ids = derive_event_ids(parts, len(entries))
-        for (event, step, detail, to_state), event_id in zip(entries, ids, strict=True):
-            digest = _detail_digest(detail)
-            data = (now, "flow", flow, flow_id, step, to_state, event, actor, event_id, digest)
-            chain.append(txn, EntryData(*data))
+        ids = derive_event_ids(("flow", flow_id, record.version), len(entries), first)
+        chain.append_each(
+            txn,
+            (
+                _new_entry_data(
+                    EntryData,
+                    (
+                        now,
+                        "flow",
+                        flow,
+                        flow_id,
+                        step,
+                        to_state,
+                        event,
+                        actor,
+                        event_id,
+                        _detail_digest(detail) if detail else EMPTY_PAYLOAD_DIGEST,
+                    ),
+                )
+                for (event, step, detail, to_state), event_id in zip(entries, ids, strict=True)
+            ),
+        )
 
     def _recording(
         self, run: _Run, op: _Send, unit: Callable[[Transaction, _Chain], object]
