@@ -148,6 +148,7 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
         self.actor = actor
         self._late_futures = set()
         self._late_tasks = set()
+        self._sends = {}
         missing = tuple(
             (spec.name, step.name, step.function)
             for spec in self.specs.values()

@@ -23,7 +23,7 @@ from .compensation import (
     _undo_outcome,
 )
 from .fanin import _gather
-from .ops import _SETTLED, _TIMED_OUT, _Branches, _Op, _Plan, _Send, _Write
+from .ops import _SETTLED, _TIMED_OUT, _Branches, _Op, _Plan, _Write
 from .run import _next_steps, _Note, _Run, _start_notes, _succeed
 from .steps import _StepRunner
 
@@ -56,11 +56,9 @@ def _plan(runner: _StepRunner, run: _Run) -> _Plan:
             continue
         step = steps[0]
         if step.kind == "send":
-            assert step.send is not None
             run.note(_start_notes(run, [step]))
             # The plan's last step settles the run in the commit of its dispatch.
-            last = step is run.plan()[-1]
-            outcome = yield _Send(step, step.send, "do", "running", last)
+            outcome = yield runner._send_op(step, "do", step is run.plan()[-1])
             if outcome is _SETTLED:
                 continue
         else:
@@ -77,9 +75,7 @@ def _plan(runner: _StepRunner, run: _Run) -> _Plan:
     if run.record.status == "compensating":
         undo = _to_compensate(run)
         for step in undo:
-            assert step.compensate is not None
-            last = step is undo[-1]
-            answer = yield _Send(step, step.compensate, "undo", "compensating", last)
+            answer = yield runner._send_op(step, "undo", step is undo[-1])
             if answer is _SETTLED:
                 if run.status_of(step.name) == "succeeded":
                     return  # not undone yet: its commit stored when it is tried again

@@ -152,17 +152,20 @@ def _next_steps(run: _Run) -> list[FlowStepSpec]:
     plan = run.plan()
     if run.spec.kind in ("parallel", "fanout"):
         return [s for s in plan if run.status_of(s.name) in (None, "started")]
+    steps = run.steps
     for step in plan:
-        if run.status_of(step.name) != "succeeded":
+        entry = steps.get(step.name)
+        if entry is None or entry["status"] != "succeeded":
             return [step]
     return []
 
 
 def _start_notes(run: _Run, steps: Sequence[FlowStepSpec]) -> list[_Note]:
     notes: list[_Note] = []
+    entries = run.steps
     for step in steps:
-        if run.status_of(step.name) is None:
-            run.steps[step.name] = {"status": "started"}
+        if entries.get(step.name) is None:
+            entries[step.name] = {"status": "started"}
             notes.append(("StepStarted", step.name, {}))
     return notes
 

@@ -43,6 +43,21 @@ class _StepRunner:
     # Fanout branches still running after their gather (their replies will be late).
     _late_futures: set[Future[tuple[str, Any]]]
     _late_tasks: set[asyncio.Task[tuple[str, Any]]]
+    # (id(step), phase, last) -> the op that sends it (`_send_op`).
+    _sends: dict[tuple[int, str, bool], _Send]
+
+    def _send_op(self, step: FlowStepSpec, phase: Literal["do", "undo"], last: bool) -> _Send:
+        """The op that sends `step` (phase "do") or its compensation ("undo"); `last`: the
+        plan's last one. It depends on these alone, so each is built once per runner (a
+        frozen dataclass takes about 9k instructions to build)."""
+        key = (id(step), phase, last)
+        op = self._sends.get(key)
+        if op is None:  # (the op holds its step: no other step has its id meanwhile)
+            emit = step.send if phase == "do" else step.compensate
+            assert emit is not None
+            status: FlowStatus = "running" if phase == "do" else "compensating"
+            op = self._sends[key] = _Send(step, emit, phase, status, last)
+        return op
 
     def _hook(self, run: _Run, step: FlowStepSpec, phase: Literal["do", "undo"]) -> None:
         if self.before_step is not None:
