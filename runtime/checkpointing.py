@@ -56,10 +56,12 @@ class CheckpointKeeper:
         self.witnesses = list(witnesses)
         self.policy = policy or WitnessPolicy()
         self._base: Checkpoint | None = None
+        self._chained: bytes | None = None  # the base's digest, kept from signing it
         self._tree: TreeFrontier | None = None  # at base.size (None: reload before use)
         self._pending: list[bytes] = []  # committed entry hashes after the tree
-        # The checkpoint signed in the transaction running now, and its tree.
+        # The checkpoint signed in the transaction running now, and its tree and digest.
         self.staged: tuple[Checkpoint, TreeFrontier] | None = None
+        self._staged_digest: bytes | None = None
         self._commits = 0
         self._published_ms: int | None = None
         self._sent: dict[int, tuple[int, bytes, TreeFrontier | None]] = {}
@@ -94,9 +96,12 @@ class CheckpointKeeper:
             self._reload(txn, start)
         assert self._tree is not None
         tree = self._tree.extend([*self._pending, *batch])
-        checkpoint = sealer.checkpoint(size, head, ts_ms, tree, self._base)
+        checkpoint, digest = sealer.chained_checkpoint(
+            size, head, ts_ms, tree, self._base, self._chained
+        )
         txn.add_checkpoint(checkpoint)
         self.staged = (checkpoint, tree)
+        self._staged_digest = digest
         return checkpoint
 
     def _reload(self, txn: Transaction, upto: int) -> None:
@@ -112,7 +117,7 @@ class CheckpointKeeper:
                     hint="verify the store with `autonomic audit verify`",
                 )
             tree = found
-        self._base, self._tree = last, tree
+        self._base, self._chained, self._tree = last, None, tree
         self._pending = [
             entry.entry_hash
             for entry in self._store.ledger_entries(after_seq=tree.size - 1)
@@ -129,6 +134,7 @@ class CheckpointKeeper:
         self._commits += 1
         if staged is not None:
             self._base, self._tree = staged
+            self._chained = self._staged_digest
             self._pending = []
             if self.witnesses and self.publication_due_after(now_ms):
                 self._publish(staged)

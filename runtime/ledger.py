@@ -720,6 +720,38 @@ class Checkpoint:
         return cls.from_json(data)
 
 
+# A stored checkpoint's slots (CHECKPOINT_COLUMNS order), and its kind's, set directly.
+_CHECKPOINT_SETTERS = tuple(getattr(Checkpoint, name).__set__ for name in CHECKPOINT_COLUMNS)
+_set_checkpoint_kind = getattr(Checkpoint, "kind").__set__  # noqa: B009
+
+
+def _signed_checkpoint(
+    size: int,
+    head_hash: bytes,
+    ts_ms: int,
+    key_id: str,
+    signature: bytes,
+    tree_root: bytes,
+    prev_checkpoint: bytes,
+    frontier: bytes,
+) -> Checkpoint:
+    """Checkpoint(size, ..., frontier) of kind "checkpoint", its slots set directly: a runtime
+    signs one at every commit, and the dataclass __init__ (nine object.__setattr__ calls)
+    costs twice as much."""
+    checkpoint = object.__new__(Checkpoint)
+    set0, set1, set2, set3, set4, set5, set6, set7 = _CHECKPOINT_SETTERS
+    set0(checkpoint, size)
+    set1(checkpoint, head_hash)
+    set2(checkpoint, ts_ms)
+    set3(checkpoint, key_id)
+    set4(checkpoint, signature)
+    set5(checkpoint, tree_root)
+    set6(checkpoint, prev_checkpoint)
+    set7(checkpoint, frontier)
+    _set_checkpoint_kind(checkpoint, "checkpoint")
+    return checkpoint
+
+
 # ---------------------------------------------------------------------------------------------
 # Sealing.
 
@@ -856,16 +888,48 @@ class LedgerSealer:
         previous: Checkpoint | None,
     ) -> Checkpoint:
         """Sign a checkpoint at `size`, chained to the `previous` stored checkpoint."""
+        return self._checkpoint(size, head_hash, ts_ms, tree, previous, None)[0]
+
+    def chained_checkpoint(
+        self,
+        size: int,
+        head_hash: bytes,
+        ts_ms: int,
+        tree: TreeFrontier,
+        previous: Checkpoint | None,
+        chained: bytes | None = None,
+    ) -> tuple[Checkpoint, bytes]:
+        """`checkpoint`, and the digest of the checkpoint signed (what the next one chains to).
+        `chained`: `previous.digest()`, if the caller kept it from signing `previous` (a
+        runtime signing at every commit does): its message is not built and hashed again."""
+        checkpoint, message = self._checkpoint(size, head_hash, ts_ms, tree, previous, chained)
+        return checkpoint, _sha256(message).digest()
+
+    def _checkpoint(
+        self,
+        size: int,
+        head_hash: bytes,
+        ts_ms: int,
+        tree: TreeFrontier,
+        previous: Checkpoint | None,
+        chained: bytes | None,
+    ) -> tuple[Checkpoint, bytes]:
+        """The checkpoint, and the message it signs."""
         if size < 0 or len(head_hash) != 32 or tree.size != size:
             raise ValueError("a checkpoint needs its size, a 32-byte head and the tree of size")
         if previous is not None and previous.size >= size:
             raise ValueError("checkpoint sizes must increase")
-        self.signer.require_window(ts_ms)
-        root, chained = tree.root(), GENESIS_HASH if previous is None else previous.digest()
-        signature = self._sign(_checkpoint_message(size, head_hash, root, ts_ms, chained))
-        return Checkpoint(
+        if not self._from <= ts_ms < self._until:
+            self.signer.require_window(ts_ms)  # fails closed outside the window
+        root = tree.root()
+        if chained is None:
+            chained = GENESIS_HASH if previous is None else previous.digest()
+        message = _checkpoint_message(size, head_hash, root, ts_ms, chained)
+        signature = self._sign(message)
+        checkpoint = _signed_checkpoint(
             size, head_hash, ts_ms, self._key_id, signature, root, chained, tree.to_bytes()
         )
+        return checkpoint, message
 
 
 # Verification (verify.py), stored ledgers (ledger_io.py) and the in-memory ledger

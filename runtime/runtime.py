@@ -680,34 +680,31 @@ class Runtime:
         ledger = chain if self._sealer is not None else None
         taken_here: list[Noted] = []
 
-        def unit(work: Callable[[Transaction, _Chain], object]) -> Callable[[Transaction], object]:
-            def run(txn: Transaction) -> object:
-                saved = (chain.next_seq, chain.head, chain.appended, chain.loaded)
-                hashes = len(chain.hashes)
-                taken: list[Noted] = []
-                try:
-                    value = work(txn, chain)
-                    if pending and writes_breakers:
-                        taken = journal.take(mine)
-                        write_noted(txn, ledger, taken)
-                        taken_here.extend(taken)  # noted again if the batch fails to commit
-                    return value
-                except BaseException:
-                    # The store rolls this unit back; so does the chain, and the breaker
-                    # statuses it took are noted again.
-                    chain.next_seq, chain.head, chain.appended, chain.loaded = saved
-                    del chain.hashes[hashes:]
-                    if taken:
-                        journal.put_back(taken)
-                    raise
-
-            return run
+        def run(work: Callable[[Transaction, _Chain], object], txn: Transaction) -> object:
+            saved = (chain.next_seq, chain.head, chain.appended, chain.loaded)
+            hashes = len(chain.hashes)
+            taken: list[Noted] = []
+            try:
+                value = work(txn, chain)
+                if pending and writes_breakers:
+                    taken = journal.take(mine)
+                    write_noted(txn, ledger, taken)
+                    taken_here.extend(taken)  # noted again if the batch fails to commit
+                return value
+            except BaseException:
+                # The store rolls this unit back; so does the chain, and the breaker statuses
+                # it took are noted again.
+                chain.next_seq, chain.head, chain.appended, chain.loaded = saved
+                del chain.hashes[hashes:]
+                if taken:
+                    journal.put_back(taken)
+                raise
 
         me = threading.get_ident()
         self._working_thread = me
         self._committing.add(me)
         try:
-            units = [unit(w) for w in works]
+            units = [functools.partial(run, work) for work in works]
             if self._partitioned is not None:
                 outcomes = self._partitioned.run(units, chain.finish, partition=partition)
             else:

@@ -151,6 +151,20 @@ _PAGE = 1000
 _new_entry = cast(Callable[[type[LedgerEntry], tuple[Any, ...]], LedgerEntry], tuple.__new__)
 
 
+# A unit's outcome, its slots set directly: `run` builds one per unit of every commit, and
+# the frozen dataclass __init__ (an object.__setattr__ call per field) costs twice as much.
+_set_outcome_value = getattr(WorkOutcome, "value").__set__  # noqa: B009
+_set_outcome_error = getattr(WorkOutcome, "error").__set__  # noqa: B009
+
+
+def _succeeded(value: T) -> WorkOutcome[T]:
+    """WorkOutcome(value, None)."""
+    outcome: WorkOutcome[T] = object.__new__(WorkOutcome)
+    _set_outcome_value(outcome, value)
+    _set_outcome_error(outcome, None)
+    return outcome
+
+
 def _entry(row: tuple[Any, ...]) -> LedgerEntry:
     return _new_entry(LedgerEntry, row)
 
@@ -341,6 +355,7 @@ class SQLiteTransaction:
 
     __slots__ = (
         "_anchor",
+        "_control",
         "_entries",
         "_execute",
         "_executemany",
@@ -353,6 +368,10 @@ class SQLiteTransaction:
     def __init__(self, connection: sqlite3.Connection, seals: RowSeals) -> None:
         self._execute = connection.execute
         self._executemany = connection.executemany
+        # The transaction's own statements (BEGIN, data_version, savepoints, COMMIT) go
+        # through one cursor kept for them: `connection.execute` makes a cursor per statement.
+        # They read at most one row, fetched at once, so none is left half-read.
+        self._control = connection.cursor().execute
         self._seen: dict[tuple[str, ...], Any] = {}
         self._version: int | None = None  # the data_version `_seen` is current at
         self._inside = False  # in a write transaction, `begin` done
@@ -366,7 +385,7 @@ class SQLiteTransaction:
     def begin(self) -> None:
         """Just after BEGIN IMMEDIATE (the write lock held): keep what is known unless another
         connection committed since the last transaction began."""
-        version = self._execute("PRAGMA data_version").fetchone()[0]
+        version = self._control("PRAGMA data_version").fetchone()[0]
         if version != self._version or len(self._seen) > _SEEN_MOST:
             self._seen.clear()
             self._version = version
@@ -1001,8 +1020,8 @@ class SQLiteStore:
         works: Sequence[Callable[[Transaction], T]],
         before_commit: Callable[[Transaction], None] | None = None,
     ) -> list[WorkOutcome[T]]:
-        execute = self._connection.execute
         txn = self._txn
+        execute = txn._control
         outcomes: list[WorkOutcome[T]] = []
         with self._lock:
             execute("BEGIN IMMEDIATE")
@@ -1028,7 +1047,7 @@ class SQLiteStore:
                         # Its entries, outside the unit's try: the caller has taken the unit
                         # as done (its chain moved on), so a failed insert fails the batch.
                         txn.flush()
-                        outcomes.append(WorkOutcome(value, None))
+                        outcomes.append(_succeeded(value))
                         continue
                     execute("SAVEPOINT unit")
                     try:
@@ -1040,7 +1059,7 @@ class SQLiteStore:
                         outcomes.append(WorkOutcome(None, exc))
                     else:
                         txn.flush()
-                        outcomes.append(WorkOutcome(value, None))
+                        outcomes.append(_succeeded(value))
                         if index != last:
                             # Released at once, not left to COMMIT: with savepoints nested
                             # unit in unit, SQLite's sub-journal (the pages a ROLLBACK TO
