@@ -6,11 +6,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
+from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, final
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from .errors import PayloadEncodingError, PayloadInvalid, UnknownEvent
@@ -24,7 +25,14 @@ from .inputs import (
     payload_is_flat,
     payload_size_bound,
 )
-from .ledger import EMPTY_PAYLOAD_DIGEST, PAYLOAD_TAG, canonical_json
+from .ledger import (
+    _JSON_STRING,
+    EMPTY_PAYLOAD_DIGEST,
+    PAYLOAD_TAG,
+    _jcs,
+    _utf16_key,
+    canonical_json,
+)
 from .results import _request_digest
 from .tables import Payload, _text_kind
 
@@ -79,6 +87,57 @@ def _takes_no_payload(payload: object) -> Payload:
     raise AssertionError("an event without a model validates nothing")
 
 
+def _dumps_nothing(payload: Payload) -> dict[str, Any]:
+    raise AssertionError("an event without a model dumps nothing")
+
+
+def _dumper(model: type[Payload]) -> Callable[[Payload], dict[str, Any]]:
+    """`model_dump(mode="json")` of the model's payloads, without model_dump's Python frame,
+    which only passes its defaults on to the serializer (half the cost of a flat dump)."""
+    if model.model_dump is not BaseModel.model_dump:  # a model that dumps its own way
+        return partial(model.model_dump, mode="json")
+    return partial(model.__pydantic_serializer__.to_python, mode="json")
+
+
+def _canonical_fields(names: Sequence[str]) -> Callable[[Mapping[str, Any]], bytes]:
+    """`canonical_json` of a dict keyed by exactly `names` (a flat model's dump), the same
+    bytes: its keys' order and their quoted text found once, not for every payload. Anything
+    else (another set of keys, a value it cannot encode) is left to canonical_json itself,
+    which raises what it raises."""
+    keys = list(names)
+    joined = "".join(keys)
+    if joined.isascii() or max(joined) < "\ue000":  # as _jcs orders a dict's keys
+        keys.sort()
+    else:
+        keys.sort(key=_utf16_key)
+    fields = tuple((key, _JSON_STRING(key) + ":") for key in keys)
+    count = len(fields)
+
+    def canonical(dumped: Mapping[str, Any]) -> bytes:
+        if len(dumped) != count:
+            return canonical_json(dumped)
+        try:
+            return (
+                "{"
+                + ",".join(
+                    [
+                        quoted
+                        + (
+                            _JSON_STRING(value)
+                            if type(value := dumped[key]) is str
+                            else _jcs(value)
+                        )
+                        for key, quoted in fields
+                    ]
+                )
+                + "}"
+            ).encode("utf-8")
+        except (KeyError, UnicodeEncodeError, RecursionError):
+            return canonical_json(dumped)
+
+    return canonical
+
+
 @final
 class _EventInput:
     """How dispatch checks one event's payload, decided at load time: the plain event name,
@@ -87,7 +146,18 @@ class _EventInput:
     `capped`, the validator refuses what could exceed it (what it refuses is validated again
     by `exact`, the model's own, and measured); else its JSON size bound, or None (measured)."""
 
-    __slots__ = ("bound", "capped", "decimals", "exact", "flat", "model", "name", "validate")
+    __slots__ = (
+        "bound",
+        "canonical",
+        "capped",
+        "decimals",
+        "dump",
+        "exact",
+        "flat",
+        "model",
+        "name",
+        "validate",
+    )
 
     def __init__(self, name: str, model: type[Payload] | None, limits: InputLimits) -> None:
         self.name = sys.intern(name)
@@ -97,6 +167,9 @@ class _EventInput:
         self.capped = False
         self.flat = False
         self.bound: int | None = None
+        # The payload's JSON-mode dump and that dump's canonical JSON (the digest's bytes).
+        self.dump: Callable[[Payload], dict[str, Any]] = _dumps_nothing
+        self.canonical: Callable[[Mapping[str, Any]], bytes] = canonical_json
         # The Decimal fields: an idempotency key's request compares them by value.
         self.decimals: tuple[str, ...] = ()
         if model is not None:
@@ -109,6 +182,9 @@ class _EventInput:
             self.validate = model.__pydantic_validator__.validate_python
             self.exact = self.validate
             self.flat = payload_is_flat(model)
+            self.dump = _dumper(model)
+            if self.flat:
+                self.canonical = _canonical_fields(tuple(model.model_fields))
             self.bound = payload_size_bound(model)
             capped = capped_validator(model, limits.max_payload_bytes) if self.flat else None
             if capped is not None:
@@ -166,8 +242,8 @@ def check_inputs(
     if validated is not None:
         limits = governor.runtime._limits
         if governor._sealed or idempotency_key is not None:
-            dumped = validated.model_dump(mode="json")
-            encoded = canonical_json(dumped)
+            dumped = plan.dump(validated)
+            encoded = plan.canonical(dumped)
             check_payload_size(len(encoded), limits)
             compared = digest = hashlib.sha256(PAYLOAD_TAG + encoded).digest()
             if idempotency_key is not None and plan.decimals:

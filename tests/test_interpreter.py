@@ -8,6 +8,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
+from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -887,3 +888,101 @@ def test_payload_size_limit_is_exact_through_the_capped_validator(
     with pytest.raises(PayloadInvalid) as caught:
         notes.dispatch("n", "Note", {**payload, "level": "mid"})
     assert [where for where, _ in caught.value.problems] == ["level"]
+
+
+class _Colour(StrEnum):
+    RED = "red"
+
+
+class _Level(IntEnum):
+    HIGH = 2
+
+
+_result_texts = st.text(max_size=12) | st.sampled_from([_Colour.RED, 'évt\u2028"\\'])
+_result_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | _result_texts
+    | st.just(_Level.HIGH)
+    | st.floats(allow_nan=False)
+)
+_result_values = st.recursive(
+    _result_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    texts=st.lists(_result_texts, min_size=5, max_size=5),
+    event_id=st.none() | _result_texts,
+    numbers=st.tuples(st.integers(0, 2**40) | st.just(True), st.none() | st.integers(0, 99)),
+    emitted=st.lists(st.tuples(_result_texts, _result_texts, _result_texts, _result_texts)),
+    noticed=st.booleans(),
+    actions=st.dictionaries(
+        st.text(max_size=8) | st.integers(0, 3), _result_scalars | _result_values, max_size=3
+    ),
+    armed=st.lists(st.tuples(_result_texts, st.integers(0, 2**40)), max_size=2),
+)
+def test_a_stored_result_is_the_json_of_its_document(
+    texts: list[str],
+    event_id: str | None,
+    numbers: tuple[int, int | None],
+    emitted: list[tuple[str, str, str, str]],
+    noticed: bool,
+    actions: dict[Any, object],
+    armed: list[tuple[str, int]],
+) -> None:
+    # The result a dispatch stores for its event id is written field by field when its values
+    # are plain (results._result_to_json): the text _dumps writes of its document, or its
+    # error (keys of two types do not sort).
+    from autonomic.runtime.results import (
+        DispatchResult,
+        EmittedEvent,
+        Notification,
+        _dumps,
+        _result_to_json,
+    )
+    from autonomic.runtime.timers import ArmedTimer
+
+    machine, instance, event, from_state, to_state = texts
+    notices = (Notification(machine, instance, to_state, None, 1, "k", "r", None, 5, None, "e"),)
+    timers = tuple(ArmedTimer(machine, instance, t, to_state, due, 3) for t, due in armed)
+    result = DispatchResult(
+        machine,
+        instance,
+        event,
+        from_state,
+        to_state,
+        numbers[0],
+        numbers[1],
+        event_id,
+        tuple(EmittedEvent(*e) for e in emitted),
+        notices if noticed else (),
+        actions,
+        timers,
+    )
+    document = {
+        "machine": machine,
+        "instance": instance,
+        "event": event,
+        "from_state": from_state,
+        "to_state": to_state,
+        "version": numbers[0],
+        "seq": numbers[1],
+        "event_id": event_id,
+        "emitted": [list(e) for e in emitted],
+        "notifications": [list(n) for n in result.notifications],
+        "action_results": actions,
+        "armed": [t.row() for t in timers],
+    }
+    assert _text_or_error(_result_to_json, result) == _text_or_error(_dumps, document)
+
+
+def _text_or_error(write: Any, value: object) -> object:
+    try:
+        return write(value)
+    except Exception as exc:
+        return type(exc), str(exc)

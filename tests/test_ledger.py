@@ -10,7 +10,7 @@ import random
 import sqlite3
 import struct
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
@@ -25,6 +25,7 @@ from autonomic.runtime.errors import (
     LedgerReadError,
     PayloadEncodingError,
 )
+from autonomic.runtime.event_inputs import _canonical_fields
 from autonomic.runtime.keychain import RootOfTrust
 from autonomic.runtime.keys import Keyring, Signer, generate_keypair, load_signer
 from autonomic.runtime.ledger import (
@@ -145,6 +146,31 @@ def test_canonical_json_equals_the_rfc8785_package(value: object) -> None:
 @given(st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**53), 2**53))
 def test_numbers_match_the_rfc8785_package(number: float) -> None:
     assert _ours_or_error(number) == _rfc8785_or_error(number)
+
+
+def _encoded_or_error(encode: Callable[[dict[str, object]], bytes], value: object) -> object:
+    try:
+        return encode(value)  # type: ignore[arg-type]
+    except PayloadEncodingError as exc:
+        return str(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.text(), min_size=1, max_size=5, unique=True),
+    st.lists(json_scalars | st.lists(json_scalars, max_size=2), min_size=5, max_size=5),
+    st.lists(st.text(), max_size=2),
+)
+def test_a_flat_models_canonical_json_is_canonical_json(
+    names: list[str], values: list[object], others: list[str]
+) -> None:
+    # A dispatch encodes a flat model's dump with its keys ordered once (event_inputs.py):
+    # the same bytes, or the same error, as canonical_json, for its own keys or any others.
+    encode = _canonical_fields(names)
+    for keys in (names, [*names[1:], *others], [*names, *others]):
+        value = dict(zip(keys, values, strict=False))
+        assert _encoded_or_error(encode, value) == _encoded_or_error(canonical_json, value)
+    assert encode(dict.fromkeys(reversed(names), "x")) == canonical_json(dict.fromkeys(names, "x"))
 
 
 def test_rfc8785_key_sorting_vector() -> None:

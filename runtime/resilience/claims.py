@@ -63,6 +63,18 @@ class Release(Protocol):
     def __call__(self, *, committed: bool = False) -> None: ...
 
 
+class _Hold:
+    """A hold in this runtime: the thread holding it (None: a coroutine), and the event its
+    release sets, made only when another caller waits (most holds end with none waiting, and
+    an Event costs a Condition and its lock to make and to set)."""
+
+    __slots__ = ("done", "thread")
+
+    def __init__(self, thread: int | None) -> None:
+        self.thread = thread
+        self.done: threading.Event | None = None
+
+
 class OutsideClaims:
     """The claims of one runtime (see the module docstring): held locally by thread or
     coroutine, and in the store under this runtime's holder name."""
@@ -72,7 +84,7 @@ class OutsideClaims:
         self.lease_ms = lease_ms
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._lock = threading.Lock()
-        self._held: dict[ClaimKey, tuple[threading.Event, int | None]] = {}
+        self._held: dict[ClaimKey, _Hold] = {}
         # The claims held in the store, by a token per hold, renewed by `_renewer` while any
         # is held (it ends at a turn that finds none, or at close).
         self._renewing: dict[object, tuple[ClaimKey, ...]] = {}
@@ -91,19 +103,23 @@ class OutsideClaims:
             for key in keys:
                 held = self._held.get(key)
                 if held is not None:
-                    if thread is not None and held[1] == thread:
+                    if thread is not None and held.thread == thread:
                         raise NestedDispatch()
-                    return None, held[0]
-            done = threading.Event()
+                    if held.done is None:
+                        held.done = threading.Event()
+                    return None, held.done
+            hold = _Hold(thread)
             for key in keys:
-                self._held[key] = (done, thread)
+                self._held[key] = hold
 
         def release() -> None:
             with self._lock:
                 for key in keys:
-                    if self._held.get(key, (None,))[0] is done:
+                    if self._held.get(key) is hold:
                         del self._held[key]
-            done.set()
+                done = hold.done
+            if done is not None:
+                done.set()
 
         return release, None
 
