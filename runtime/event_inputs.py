@@ -30,7 +30,7 @@ from .ledger import (
     EMPTY_PAYLOAD_DIGEST,
     PAYLOAD_TAG,
     _jcs,
-    _utf16_key,
+    _sort_keys,
     canonical_json,
 )
 from .results import _request_digest
@@ -105,11 +105,7 @@ def _canonical_fields(names: Sequence[str]) -> Callable[[Mapping[str, Any]], byt
     else (another set of keys, a value it cannot encode) is left to canonical_json itself,
     which raises what it raises."""
     keys = list(names)
-    joined = "".join(keys)
-    if joined.isascii() or max(joined) < "\ue000":  # as _jcs orders a dict's keys
-        keys.sort()
-    else:
-        keys.sort(key=_utf16_key)
+    _sort_keys(keys, "".join(keys))
     fields = tuple((key, _JSON_STRING(key) + ":") for key in keys)
     count = len(fields)
 

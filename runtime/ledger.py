@@ -364,6 +364,15 @@ def _jcs(value: Any) -> str:
     )
 
 
+def _sort_keys(keys: list[str], joined: str) -> None:
+    """Sort an object's `keys` (`joined`: their text run together) in JCS order, by UTF-16
+    code units: below U+E000 that is code point order, Python's own."""
+    if joined.isascii() or max(joined) < "\ue000":
+        keys.sort()
+    else:
+        keys.sort(key=_utf16_key)
+
+
 def _jcs_object(value: Mapping[Any, Any]) -> str:
     if not value:
         return "{}"
@@ -375,10 +384,7 @@ def _jcs_object(value: Mapping[Any, Any]) -> str:
             if not isinstance(key, str):
                 raise PayloadEncodingError(f"object key {key!r} is not a string") from None
         raise
-    if joined.isascii() or max(joined) < "\ue000":
-        keys.sort()  # below U+E000, code point order is UTF-16 code unit order
-    else:
-        keys.sort(key=_utf16_key)
+    _sort_keys(keys, joined)
     # Written out rather than a comprehension, and a string member encoded here: objects are
     # mostly small and their members mostly strings (a payload's, a flow entry's detail).
     members = []

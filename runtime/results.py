@@ -351,47 +351,6 @@ def _result_to_json(result: DispatchResult) -> str:
     (machine, event, from_state, to_state, event_id, emitted, notifications, actions, armed) = (
         result._outcome[:9]
     )
-    if not notifications:
-        try:
-            # _dumps's text, written here: the keys in order, and every value but the
-            # actions' results text, an int, a bool or None (_plain), encoded as _dumps
-            # encodes them; half what _dumps takes, which costs 1.5 us a string in a list.
-            return "".join(
-                (
-                    '{"action_results":',
-                    _plain_object(actions),
-                    ',"armed":[',
-                    ",".join([_plain_array(t.row()) for t in armed]),
-                    '],"emitted":[',
-                    ",".join(
-                        [
-                            "["
-                            + ",".join([_TEXT(v) if type(v) is str else _plain(v) for v in e])
-                            + "]"
-                            for e in emitted
-                        ]
-                    ),
-                    '],"event":',
-                    _plain(event),
-                    ',"event_id":',
-                    _plain(event_id),
-                    ',"from_state":',
-                    _plain(from_state),
-                    ',"instance":',
-                    _plain(result._instance),
-                    ',"machine":',
-                    _plain(machine),
-                    ',"notifications":[],"seq":',
-                    _plain(result._seq),
-                    ',"to_state":',
-                    _plain(to_state),
-                    ',"version":',
-                    _plain(result._version),
-                    "}",
-                )
-            )
-        except _NotPlain:
-            pass
     return _dumps(
         {
             "machine": machine,
@@ -408,52 +367,6 @@ def _result_to_json(result: DispatchResult) -> str:
             "armed": [t.row() for t in armed],
         }
     )
-
-
-class _NotPlain(Exception):
-    """A value `_plain` leaves to _dumps."""
-
-
-# How _dumps writes text (ensure_ascii: every character past ASCII escaped).
-_TEXT = json.encoder.encode_basestring_ascii
-
-
-def _plain(value: object) -> str:
-    """`_dumps(value)` for text (a str, or a subclass: a generated enum's member), an int,
-    a bool or None; _NotPlain for anything else."""
-    if isinstance(value, str):
-        return _TEXT(value)
-    if type(value) is int:
-        return int.__repr__(value)
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    raise _NotPlain
-
-
-def _plain_array(values: tuple[object, ...]) -> str:
-    """`_dumps(values)` for a tuple of `_plain` values."""
-    return "[" + ",".join([_plain(value) for value in values]) + "]"
-
-
-def _plain_object(values: Mapping[str, object]) -> str:
-    """`_dumps(dict(values))` (the actions' results): written here when its keys are str and
-    its values `_plain`, in _dumps's order (sort_keys: by key), else by _dumps."""
-    if not values:
-        return "{}"
-    try:
-        if all(type(key) is str for key in values):
-            return (
-                "{"
-                + ",".join([_TEXT(key) + ":" + _plain(values[key]) for key in sorted(values)])
-                + "}"
-            )
-    except _NotPlain:
-        pass
-    return _dumps(dict(values))
 
 
 def _stored_result(text: str, machine: str, instance: str, key: str) -> DispatchResult:

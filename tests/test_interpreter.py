@@ -938,9 +938,8 @@ def test_a_stored_result_is_the_json_of_its_document(
     actions: dict[Any, object],
     armed: list[tuple[str, int]],
 ) -> None:
-    # The result a dispatch stores for its event id is written field by field when its values
-    # are plain (results._result_to_json): the text _dumps writes of its document, or its
-    # error (keys of two types do not sort).
+    # The result a dispatch stores for its event id (results._result_to_json) is the text
+    # _dumps writes of its document, or its error (keys of two types do not sort).
     from autonomic.runtime.results import (
         DispatchResult,
         EmittedEvent,
