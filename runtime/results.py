@@ -295,21 +295,46 @@ def derive_event_id(*parts: str | int) -> str:
 def derive_event_ids(parts: tuple[str | int, ...], count: int, first: int = 0) -> list[str]:
     """`derive_event_id(*parts, index)` for the `count` indexes from `first` on, the common
     parts hashed once (a flow run's write derives one per ledger entry)."""
-    common = _EVENT_ID_HASH.copy()
+    return derive_ids_from(event_id_prefix(*parts), count, first)
+
+
+def event_id_prefix(*parts: str | int, after: hashlib._Hash | None = None) -> hashlib._Hash:
+    """`derive_event_id`'s hash after these leading parts (after those `after` holds, if
+    given): the ids that share them (a flow run's, "flow" and its id) are derived from copies
+    of it (`derive_from`, `derive_ids_from`), the common parts hashed once."""
+    digest = (_EVENT_ID_HASH if after is None else after).copy()
     for part in parts:
         data = (part if type(part) is str else str(part)).encode("utf-8")
-        common.update(_pack_length(len(data)) + data)
+        digest.update(_pack_length(len(data)) + data)
+    return digest
+
+
+def derive_from(prefix: hashlib._Hash, *parts: str | int) -> str:
+    """`derive_event_id(*leading, *parts)`, `prefix` being `event_id_prefix(*leading)`."""
+    return "evt_" + event_id_prefix(*parts, after=prefix).hexdigest()[:32]
+
+
+def derive_ids_from(prefix: hashlib._Hash, count: int, first: int = 0) -> list[str]:
+    """`derive_from(prefix, index)` for the `count` indexes from `first` on."""
     ids = []
     for index in range(first, first + count):
-        digest = common.copy()
-        data = str(index).encode("utf-8")
-        digest.update(_pack_length(len(data)) + data)
+        digest = prefix.copy()
+        if index < _INDEXES:
+            digest.update(_INDEX_PARTS[index])
+        else:
+            data = str(index).encode("utf-8")
+            digest.update(_pack_length(len(data)) + data)
         ids.append("evt_" + digest.hexdigest()[:32])
     return ids
 
 
 # The hash state after the domain tag, copied per id (a flow run derives one per entry).
 _EVENT_ID_HASH = hashlib.sha256(b"autonomic/event-id/v1\x00")
+# The length-prefixed parts of the first indexes (a write's entries: a few), made once.
+_INDEXES = 64
+_INDEX_PARTS = tuple(
+    _pack_length(len(data)) + data for data in (str(i).encode("utf-8") for i in range(_INDEXES))
+)
 
 
 def _request_digest(instance: str, event: str, payload_sha256: bytes) -> bytes:

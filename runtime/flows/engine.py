@@ -97,7 +97,7 @@ from ..errors import (
 )
 from ..results import _dumps, derive_event_id
 from ..runtime import Runtime
-from ..store.base import FLOW_FINISHED, FlowRecord
+from ..store.base import FLOW_FINISHED, FlowRecord, new_flow_record
 from ..store.sqlite import SQLiteStore
 from ..tables import FlowSpec, FlowStepSpec
 from .async_driver import _AsyncDriver
@@ -357,7 +357,7 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
                 problem = f"not one of {', '.join(spec.branches)}"
                 raise FlowInputsInvalid(flow, ((spec.on, problem),))
             data["branch"] = branch
-        record = FlowRecord(flow_id, flow, instance, "running", 0, "", 0)
+        record = new_flow_record(flow_id, flow, instance, "running", 0, "", 0)
         run = _Run(spec, record, data)
         # Written with the first step's dispatch (or the parallel branches' results).
         run.note([("FlowStarted", "", {"inputs": given})])

@@ -4,6 +4,7 @@ the data."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,7 +19,7 @@ from ..errors import (
     UnknownEvent,
 )
 from ..resilience.errors import is_unanswered
-from ..results import DispatchResult
+from ..results import DispatchResult, event_id_prefix
 from ..store.base import FLOW_FINISHED, FlowRecord, FlowStatus
 from ..tables import FlowSpec, FlowStepSpec
 
@@ -105,6 +106,12 @@ class _Run:
     # repeating the step, whose dispatch its event id deduplicates).
     # Each with the run's status when it happened, the entry's to_state.
     pending: list[_Entry] = field(default_factory=list)
+    # The hash its event ids start from ("flow" and its id): its sends' and its writes' ids
+    # are derived from copies of it (results.derive_from), those two parts hashed once.
+    ids: hashlib._Hash = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.ids = event_id_prefix("flow", self.record.flow_id)
 
     def note(self, notes: Iterable[_Note], status: FlowStatus = "running") -> None:
         self.pending += [(event, step, detail, status) for event, step, detail in notes]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -20,10 +21,16 @@ from ..errors import (
     UnknownInstance,
 )
 from ..ledger import EMPTY_PAYLOAD_DIGEST, EntryData, payload_digest
-from ..results import DispatchResult, _dumps, derive_event_id, derive_event_ids
+from ..results import (
+    DispatchResult,
+    _dumps,
+    derive_from,
+    derive_ids_from,
+    event_id_prefix,
+)
 from ..runtime import Runtime
 from ..sealing import _Chain, _new_entry_data
-from ..store.base import FlowRecord, FlowStatus, Transaction, WorkOutcome
+from ..store.base import FlowRecord, FlowStatus, Transaction, WorkOutcome, new_flow_record
 from ..tables import Emit, FlowSpec, FlowStepSpec
 from ..timers import format_duration
 from .compensation import _settled
@@ -138,7 +145,7 @@ class _StepRunner:
         inputs = run.data["inputs"]
         target = run.record.instance if step.to is None else str(inputs[step.to])
         payload = _payload(emit, {**inputs, **run.data["values"]}, target, self.actor, run)
-        event_id = derive_event_id("flow", run.record.flow_id, step.name, phase)
+        event_id = derive_from(run.ids, step.name, phase)
         return governor, target, payload, event_id
 
     def _write_work(
@@ -183,34 +190,32 @@ class _StepRunner:
     ) -> FlowRecord:
         """Write the run's record over `before` (version-checked) and seal its entries."""
         now = self.runtime.clock.now_ms()
-        record = FlowRecord(
-            before.flow_id,
-            before.flow,
-            before.instance,
-            status,
-            before.version + 1,
-            text,
-            now,
-            wake_ms,
+        flow_id, flow, version = before.flow_id, before.flow, before.version + 1
+        record = new_flow_record(
+            flow_id, flow, before.instance, status, version, text, now, wake_ms
         )
         txn.save_flow(record, before.version)
-        self._seal_entries(txn, chain, record, entries, 0)
+        ids = event_id_prefix("flow", flow_id, version)
+        self._seal_entries(txn, chain, flow, flow_id, now, ids, entries, 0)
         return record
 
     def _seal_entries(
         self,
         txn: Transaction,
         chain: _Chain,
-        record: FlowRecord,
+        flow: str,
+        flow_id: str,
+        now: int,
+        ids: hashlib._Hash,
         entries: Sequence[_Entry],
         first: int,
     ) -> None:
-        """Seal the entries of the write of `record` (its version, its time), numbered from
-        `first` among that write's entries (each one's event id says which)."""
+        """Seal the entries of a write of the run `flow_id` (of `flow`) at `now`, numbered
+        from `first` among that write's entries: each one's event id is `ids`, the hash after
+        the write's own parts ("flow", the run's id, the version it writes), and its number."""
         if self.runtime._sealer is None or not entries:
             return
-        flow_id, flow, actor, now = record.flow_id, record.flow, self.actor, record.updated_ms
-        ids = derive_event_ids(("flow", flow_id, record.version), len(entries), first)
+        actor = self.actor
         chain.append_each(
             txn,
             (
@@ -229,7 +234,9 @@ class _StepRunner:
                         _detail_digest(detail) if detail else EMPTY_PAYLOAD_DIGEST,
                     ),
                 )
-                for (event, step, detail, to_state), event_id in zip(entries, ids, strict=True)
+                for (event, step, detail, to_state), event_id in zip(
+                    entries, derive_ids_from(ids, len(entries), first), strict=True
+                )
             ),
         )
 
@@ -251,18 +258,20 @@ class _StepRunner:
         def work(txn: Transaction, chain: _Chain) -> FlowRecord:
             # The record's time and version, for the entries sealed before it is written.
             now = self.runtime.clock.now_ms()
-            fields = (before.flow_id, before.flow, before.instance)
-            started = FlowRecord(*fields, before.status, before.version + 1, "", now)
-            self._seal_entries(txn, chain, started, pending, 0)
+            flow_id, flow, version = before.flow_id, before.flow, before.version + 1
+            ids = event_id_prefix(version, after=run.ids)
+            self._seal_entries(txn, chain, flow, flow_id, now, ids, pending, 0)
             try:
                 value = unit(txn, chain)
             except Exception as error:
                 raise _Unrecorded(error, pending) from error
             rejected = getattr(value, "error", None)  # the dispatch's _Rejected
             status, entries, wake = _settled(run, op, _step_outcome(rejected or value), now)
-            self._seal_entries(txn, chain, started, entries, len(pending))
+            self._seal_entries(txn, chain, flow, flow_id, now, ids, entries, len(pending))
             text = _dumps(run.data)
-            record = FlowRecord(*fields, status, before.version + 1, text, now, wake)
+            record = new_flow_record(
+                flow_id, flow, before.instance, status, version, text, now, wake
+            )
             try:
                 txn.save_flow(record, before.version)
             except ConcurrentUpdateDetected as moved:
