@@ -535,7 +535,20 @@ class SQLiteTransaction:
             seen.pop(("processed_events", entry.machine, entry.event_id), None)
 
     def add_checkpoint(self, checkpoint: Checkpoint) -> None:
-        self._execute(INSERT_CHECKPOINT_SQL, checkpoint.as_row())
+        size, head_hash, ts_ms, key_id, signature, root, previous, frontier = checkpoint.as_row()
+        # Its hashes, signature and frontier in bytearrays, which sqlite3 binds as they are
+        # (for bytes it looks for an adapter first, as for a ledger row: see `flush`).
+        row = (
+            size,
+            bytearray(head_hash),
+            ts_ms,
+            key_id,
+            bytearray(signature),
+            bytearray(root),
+            bytearray(previous),
+            bytearray(frontier),
+        )
+        self._execute(INSERT_CHECKPOINT_SQL, row)
 
     def processed(self, machine: str, event_id: str) -> str | None:
         key = ("processed_events", machine, event_id)
@@ -807,11 +820,14 @@ class SQLiteTransaction:
             record.wake_ms,
         )
         seal = self._seals.seal("flows", (record.flow_id, *values))
+        # The seal in a bytearray, which sqlite3 binds as it is (for bytes it looks for an
+        # adapter first, as for a ledger row: see `flush`). The same blob is stored.
+        blob = None if seal is None else bytearray(seal)
         if expected_version == 0:
             try:
                 self._execute(
                     f"INSERT INTO flows ({_FLOW_COLUMNS}, seal) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (record.flow_id, *values, seal),
+                    (record.flow_id, *values, blob),
                 )
             except sqlite3.IntegrityError:
                 raise ConcurrentUpdateDetected(record.flow, record.flow_id, 0, -1) from None
@@ -819,7 +835,7 @@ class SQLiteTransaction:
         cursor = self._execute(
             "UPDATE flows SET flow = ?, instance = ?, status = ?, version = ?, data = ?, "
             "updated_ms = ?, wake_ms = ?, seal = ? WHERE flow_id = ? AND version = ?",
-            (*values, seal, record.flow_id, expected_version),
+            (*values, blob, record.flow_id, expected_version),
         )
         if cursor.rowcount != 1:
             raise ConcurrentUpdateDetected(record.flow, record.flow_id, expected_version, -1)
