@@ -21,7 +21,7 @@ from .results import (
     EmittedEvent,
     _result_to_json,
     _RowResult,
-    derive_event_id,
+    derive_event_ids,
 )
 from .rows import _Row
 from .sealing import _Chain, _new_entry_data
@@ -135,14 +135,15 @@ def apply(
         if row.kept:
             kept = keep_fields(kept, row.kept, payload, governor._routes)
     if row.emits:
+        ids = derive_event_ids((instance_id, version), len(row.emits), 0, governor._emit_ids)
         emitted = tuple(
             EmittedEvent(
                 emit.machine,
                 instance_id if emit.to is None else route(kept, emit.to, name, instance_id),
                 emit.event,
-                derive_event_id("emit", name, instance_id, version, index),
+                emitted_id,
             )
-            for index, emit in enumerate(row.emits)
+            for emit, emitted_id in zip(row.emits, ids, strict=True)
         )
         bodies = [emit.body(payload, instance_id, actor, row.event, kept) for emit in row.emits]
     notices = (

@@ -18,7 +18,7 @@ from .results import (
     EmittedEvent,
     _result_to_json,
     _stored_result,
-    derive_event_id,
+    derive_event_ids,
 )
 from .rows import _EmitPlan
 from .sealing import _Chain
@@ -121,15 +121,16 @@ def enter_created(
             )
         )
         plans.extend(governor._timer_emits[spec.id])
+    ids = derive_event_ids((instance_id, 1), len(plans), 0, governor._emit_ids)
     emitted = tuple(
         EmittedEvent(
             emit.machine,
             # A new instance keeps no data: a routed emit here is refused (E149).
             instance_id if emit.to is None else route(None, emit.to, governor.name, instance_id),
             emit.event,
-            derive_event_id("emit", governor.name, instance_id, 1, index),
+            emitted_id,
         )
-        for index, emit in enumerate(plans)
+        for emit, emitted_id in zip(plans, ids, strict=True)
     )
     messages = [
         _event_message(

@@ -8,13 +8,16 @@ import struct
 from _json import encode_basestring_ascii, make_encoder
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic_core import to_jsonable_python
 
 from .errors import IdempotencyConflict, StoreIntegrityError
 from .store.base import OutboxMessage
 from .timers import ArmedTimer
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 _EMPTY_RESULTS: Mapping[str, object] = MappingProxyType({})
 _pack_length = struct.Struct(">I").pack
@@ -292,24 +295,46 @@ def derive_event_id(*parts: str | int) -> str:
     return "evt_" + digest.hexdigest()[:32]
 
 
-def derive_event_ids(parts: tuple[str | int, ...], count: int, first: int = 0) -> list[str]:
+def derive_event_ids(
+    parts: tuple[str | int, ...], count: int, first: int = 0, common: _Hash | None = None
+) -> list[str]:
     """`derive_event_id(*parts, index)` for the `count` indexes from `first` on, the common
-    parts hashed once (a flow run's write derives one per ledger entry)."""
-    common = _EVENT_ID_HASH.copy()
+    parts hashed once (a flow run's write derives one per ledger entry). `common`: the hash
+    state of some leading parts already (`event_id_prefix`), which `parts` then follow."""
+    common = (_EVENT_ID_HASH if common is None else common).copy()
     for part in parts:
         data = (part if type(part) is str else str(part)).encode("utf-8")
         common.update(_pack_length(len(data)) + data)
     ids = []
     for index in range(first, first + count):
         digest = common.copy()
-        data = str(index).encode("utf-8")
-        digest.update(_pack_length(len(data)) + data)
+        if index < _INDEXED:
+            digest.update(_INDEX_PARTS[index])
+        else:
+            data = str(index).encode("utf-8")
+            digest.update(_pack_length(len(data)) + data)
         ids.append("evt_" + digest.hexdigest()[:32])
     return ids
 
 
+def event_id_prefix(*parts: str | int) -> _Hash:
+    """The hash state `derive_event_id` reaches after `parts`, for `derive_event_ids` to
+    start from: the parts a governor's emits share ("emit", its name) hashed once."""
+    digest = _EVENT_ID_HASH.copy()
+    for part in parts:
+        data = (part if type(part) is str else str(part)).encode("utf-8")
+        digest.update(_pack_length(len(data)) + data)
+    return digest
+
+
 # The hash state after the domain tag, copied per id (a flow run derives one per entry).
 _EVENT_ID_HASH = hashlib.sha256(b"autonomic/event-id/v1\x00")
+# The last part of the ids derive_event_ids makes, an index, as hashed: the small ones made
+# once (encoding and prefixing one costs more than hashing it).
+_INDEXED = 64
+_INDEX_PARTS = tuple(
+    _pack_length(len(text)) + text for text in (str(i).encode("utf-8") for i in range(_INDEXED))
+)
 
 
 def _request_digest(instance: str, event: str, payload_sha256: bytes) -> bytes:

@@ -22,7 +22,14 @@ from .outbox import _event_message, _notification_message, _refusal_notices
 from .replay import save_snapshot
 from .resilience.backoff import noted_attempt, retry_later_ms
 from .resilience.errors import is_unanswered
-from .results import DispatchResult, EmittedEvent, Notification, TimerFiring, derive_event_id
+from .results import (
+    DispatchResult,
+    EmittedEvent,
+    Notification,
+    TimerFiring,
+    derive_event_id,
+    derive_event_ids,
+)
 from .sealing import _Chain
 from .store.base import ClaimKey, Transaction, WorkOutcome
 from .tables import TimerSpec
@@ -337,14 +344,15 @@ def fire_work(
             if any(e.to or e.reads for e in emits)
             else None
         )
+        ids = derive_event_ids((timer.instance, version), len(emits), 0, governor._emit_ids)
         emitted = tuple(
             EmittedEvent(
                 emit.machine,
                 timer.instance if emit.to is None else route(kept, emit.to, name, timer.instance),
                 emit.event,
-                derive_event_id("emit", name, timer.instance, version, index),
+                emitted_id,
             )
-            for index, emit in enumerate(emits)
+            for emit, emitted_id in zip(emits, ids, strict=True)
         )
         # A timer has no causing payload: its emits' arguments are literals, context and data.
         actor = runtime._timer_actor
