@@ -13,7 +13,7 @@ from .bindings import Action
 from .errors import ActionFailed
 from .instance_data import dump_data, keep_fields, read_data, route
 from .ledger import KEPT, EntryData, LedgerEntry, kept_digest
-from .outbox import _event_message, _refusal_notices
+from .outbox import _event_row, _refusal_notices
 from .replay import save_snapshot
 from .results import (
     _EMPTY_RESULTS,
@@ -242,10 +242,10 @@ def apply(
     if armed:
         txn.arm_timers(armed)
     if emitted:
-        txn.add_outbox(
+        txn.add_outbox_rows(
             [
                 *(
-                    _event_message(name, instance_id, version, e, now, body)
+                    _event_row(name, instance_id, version, e, now, body)
                     for e, body in zip(emitted, bodies, strict=True)
                 ),
                 *notices,

@@ -10,7 +10,7 @@ from .errors import InstanceExists
 from .inputs import check_identifier
 from .instance_data import route
 from .ledger import EMPTY_PAYLOAD_DIGEST, EntryData
-from .outbox import _event_message, _refusal_notices
+from .outbox import _event_row, _refusal_notices
 from .replay import save_snapshot
 from .results import (
     _EMPTY_RESULTS,
@@ -22,7 +22,7 @@ from .results import (
 )
 from .rows import _EmitPlan
 from .sealing import _Chain
-from .store.base import InstanceRecord, OutboxMessage, Transaction
+from .store.base import InstanceRecord, OutboxRow, Transaction
 from .timers import arm_timers
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def create_work(
         if armed:
             txn.arm_timers(armed)
         if messages:
-            txn.add_outbox(messages)
+            txn.add_outbox_rows(messages)
         if entry is not None:
             txn.append_ledger(entry)
             if runtime._snapshot_every == 1:
@@ -104,7 +104,7 @@ def create_work(
 
 def enter_created(
     governor: Governor, instance_id: str, actor: str, now: int
-) -> tuple[Mapping[str, object], tuple[EmittedEvent, ...], list[OutboxMessage]]:
+) -> tuple[Mapping[str, object], tuple[EmittedEvent, ...], list[OutboxRow]]:
     """The initial state's entry actions, run for `create`: their results, emitted
     events and outbox messages (version 1)."""
     entering = governor._plan.on_entry(governor._initial)
@@ -133,7 +133,7 @@ def enter_created(
         for emit, emitted_id in zip(plans, ids, strict=True)
     )
     messages = [
-        _event_message(
+        _event_row(
             governor.name, instance_id, 1, e, now, emit.body(None, instance_id, actor, CREATE_EVENT)
         )
         for e, emit in zip(emitted, plans, strict=True)

@@ -18,7 +18,7 @@ from .errors import ActionFailed, OutsideCallInProgress, StoreIntegrityError
 from .instance_data import read_data, route
 from .ledger import EntryData, payload_digest
 from .notice_deadlines import escalate_notices, next_notice_deadline
-from .outbox import _event_message, _notification_message, _refusal_notices
+from .outbox import _event_row, _notification_row, _refusal_notices
 from .replay import save_snapshot
 from .resilience.backoff import noted_attempt, retry_later_ms
 from .resilience.errors import is_unanswered
@@ -408,19 +408,19 @@ def fire_work(
                     governor._notices.clear(txn, timer.instance, record.state, to_state)
             if armed:
                 txn.arm_timers(armed)
-        messages = [_notification_message(n, version) for n in notifications]
+        messages = [_notification_row(n, version) for n in notifications]
         if deadline is not None and governor._notices is not None:
             # The notice's deadline starts with it (runtime/notice_deadlines.py).
             txn.save_deadline(governor._notices.record(spec, timer.instance, deadline))
         messages += [
-            _event_message(name, timer.instance, version, e, now, body)
+            _event_row(name, timer.instance, version, e, now, body)
             for e, body in zip(emitted, bodies, strict=True)
         ]
         messages += _refusal_notices(
             name, timer.instance, version, emitted, emits, None, actor, spec.id, now, kept
         )
         if messages:
-            txn.add_outbox(messages)
+            txn.add_outbox_rows(messages)
         if entry is not None:
             txn.append_ledger(entry)
             if version % runtime._snapshot_every == 0:

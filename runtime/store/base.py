@@ -34,12 +34,14 @@ __all__ = [
     "InstanceRecord",
     "OutboxKind",
     "OutboxMessage",
+    "OutboxRow",
     "OutboxStatus",
     "Snapshot",
     "Store",
     "Transaction",
     "WorkOutcome",
     "idempotency_event_id",
+    "outbox_row",
     "with_retry",
 ]
 
@@ -75,6 +77,11 @@ class InstanceRecord:
     version: int
 
 
+# An outbox row's columns after its id (kind ... error, as OutboxMessage has them): what a
+# change writes (`Transaction.add_outbox_rows`), its id the store's.
+OutboxRow = tuple[OutboxKind, str, str, int, str, str, str, str, str, int, OutboxStatus, None]
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxMessage:
     """An emitted event or an escalation notification, written with the change that caused it.
@@ -104,6 +111,24 @@ class OutboxMessage:
     error: str | None = None
     attempts: int = 0
     retry_at_ms: int | None = None
+
+
+def outbox_row(m: OutboxMessage) -> OutboxRow:
+    """The row `add_outbox` writes of a message: its columns after the id, without an error."""
+    return (
+        m.kind,
+        m.machine,
+        m.instance,
+        m.version,
+        m.target_machine,
+        m.target_instance,
+        m.event,
+        m.event_id,
+        m.body,
+        m.created_ms,
+        m.status,
+        None,
+    )
 
 
 def with_retry(message: OutboxMessage, row: Sequence[Any]) -> OutboxMessage:
@@ -249,6 +274,10 @@ class Transaction(Protocol):
     def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
         """Insert each message with its `status` ("pending", or "held" for a refusal notice)
         and no error; the store assigns its id."""
+
+    def add_outbox_rows(self, rows: Sequence[OutboxRow]) -> None:
+        """`add_outbox` of the messages with these columns: a change's emitted events and
+        notices, written without an OutboxMessage made for each."""
 
     def outbox_message(self, event_id: str) -> OutboxMessage | None:
         """The outbox message with this event id (unique) as of this transaction, or None."""

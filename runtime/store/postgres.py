@@ -69,11 +69,13 @@ from .base import (
     InstanceRecord,
     OutboxKind,
     OutboxMessage,
+    OutboxRow,
     OutboxStatus,
     Snapshot,
     Transaction,
     WorkOutcome,
     idempotency_event_id,
+    outbox_row,
     with_retry,
 )
 from .postgres_schema import schema_problem
@@ -538,8 +540,10 @@ class PostgresTransaction:
         self._execute(f"DELETE FROM timer_retries WHERE {_TIMER_RETRY_KEY}", timer.arming())
 
     def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
-        for m in messages:
-            values = outbox_values(replace(m, error=None))[1:]
+        self.add_outbox_rows([outbox_row(m) for m in messages])
+
+    def add_outbox_rows(self, rows: Sequence[OutboxRow]) -> None:
+        for values in rows:
             row = self._execute(
                 "INSERT INTO outbox (kind, machine, instance, version, target_machine, "
                 "target_instance, event, event_id, body, created_ms, status, error) "

@@ -61,11 +61,13 @@ from .base import (
     InstanceRecord,
     OutboxKind,
     OutboxMessage,
+    OutboxRow,
     OutboxStatus,
     Snapshot,
     Transaction,
     WorkOutcome,
     idempotency_event_id,
+    outbox_row,
     with_retry,
 )
 from .row_seals import (
@@ -704,8 +706,11 @@ class SQLiteTransaction:
         self._execute(f"DELETE FROM timer_retries WHERE {_TIMER_RETRY_KEY}", timer.arming())
 
     def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
-        if messages:  # written without an error
-            self._insert_sealed("outbox", [(*outbox_values(m)[1:12], None) for m in messages])
+        self.add_outbox_rows([outbox_row(m) for m in messages])
+
+    def add_outbox_rows(self, rows: Sequence[OutboxRow]) -> None:
+        if rows:
+            self._insert_sealed("outbox", rows)
 
     def outbox_message(self, event_id: str) -> OutboxMessage | None:
         row = self._execute(
