@@ -234,6 +234,13 @@ class Transaction(Protocol):
     def processed(self, machine: str, event_id: str) -> str | None:
         """The stored result (JSON text) of an already processed event id, or None."""
 
+    def processed_and_instance(
+        self, machine: str, event_id: str, instance: str
+    ) -> tuple[str | None, InstanceRecord | None]:
+        """`processed(machine, event_id)` and, when that is None, `instance(machine,
+        instance)`; beside a stored result the instance is None (its row is not read or
+        checked): a dispatch's first reads, which a store may make one."""
+
     def record_processed(
         self, machine: str, event_id: str, instance: str, result: str, now_ms: int
     ) -> None: ...
@@ -445,6 +452,12 @@ class Store(Protocol):
 
     def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
         """`Transaction.idempotency` outside a write transaction, as `processed`."""
+
+    def get_processed_and_instance(
+        self, machine: str, event_id: str, instance: str
+    ) -> tuple[str | None, InstanceRecord | None]:
+        """`Transaction.processed_and_instance` outside a write transaction, as `processed`
+        and `get_instance`."""
 
     def get_breaker(self, machine: str, name: str) -> BreakerRecord | None:
         """The breaker's state after its last recorded move, or None (never moved: closed)."""

@@ -470,6 +470,20 @@ class MemoryStore:
         found = self._processed.get((machine, event_id))
         return None if found is None else found[0]
 
+    def processed_and_instance(
+        self, machine: str, event_id: str, instance: str
+    ) -> tuple[str | None, InstanceRecord | None]:
+        stored = self.processed(machine, event_id)
+        return (stored, None) if stored is not None else (None, self.instance(machine, instance))
+
+    def get_processed_and_instance(
+        self, machine: str, event_id: str, instance: str
+    ) -> tuple[str | None, InstanceRecord | None]:
+        stored = self.processed(machine, event_id)
+        if stored is not None:
+            return stored, None
+        return None, self.get_instance(machine, instance)
+
     def record_processed(
         self, machine: str, event_id: str, instance: str, result: str, now_ms: int
     ) -> None:

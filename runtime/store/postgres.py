@@ -423,6 +423,12 @@ class PostgresTransaction:
             return None
         return str(self._seals.stored_result("processed_events", row)[3])
 
+    def processed_and_instance(
+        self, machine: str, event_id: str, instance: str
+    ) -> tuple[str | None, InstanceRecord | None]:
+        stored = self.processed(machine, event_id)
+        return (stored, None) if stored is not None else (None, self.instance(machine, instance))
+
     def record_processed(
         self, machine: str, event_id: str, instance: str, result: str, now_ms: int
     ) -> None:
@@ -1314,6 +1320,14 @@ class PostgresStore:
             if not rows:
                 return None
         return str(self._seals.stored_result("processed_events", rows[0])[3])
+
+    def get_processed_and_instance(
+        self, machine: str, event_id: str, instance: str
+    ) -> tuple[str | None, InstanceRecord | None]:
+        stored = self.processed(machine, event_id)
+        if stored is not None:
+            return stored, None
+        return None, self.get_instance(machine, instance)
 
     def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
         rows = self._query(_IDEMPOTENCY_SQL, (machine, key))
