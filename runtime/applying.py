@@ -13,7 +13,7 @@ from .bindings import Action
 from .errors import ActionFailed
 from .instance_data import dump_data, keep_fields, read_data, route
 from .ledger import KEPT, EntryData, LedgerEntry, kept_digest
-from .outbox import _event_message, _refusal_notices
+from .outbox import _event_row, _refusal_notices
 from .replay import save_snapshot
 from .results import (
     _EMPTY_RESULTS,
@@ -21,7 +21,8 @@ from .results import (
     EmittedEvent,
     _result_to_json,
     _RowResult,
-    derive_event_id,
+    derive_ids_from,
+    event_id_prefix,
 )
 from .rows import _Row
 from .sealing import _Chain, _new_entry_data
@@ -135,14 +136,17 @@ def apply(
         if row.kept:
             kept = keep_fields(kept, row.kept, payload, governor._routes)
     if row.emits:
+        ids = derive_ids_from(
+            event_id_prefix(instance_id, version, after=governor._emit_ids), len(row.emits)
+        )
         emitted = tuple(
             EmittedEvent(
                 emit.machine,
                 instance_id if emit.to is None else route(kept, emit.to, name, instance_id),
                 emit.event,
-                derive_event_id("emit", name, instance_id, version, index),
+                emitted_id,
             )
-            for index, emit in enumerate(row.emits)
+            for emit, emitted_id in zip(row.emits, ids, strict=True)
         )
         bodies = [emit.body(payload, instance_id, actor, row.event, kept) for emit in row.emits]
     notices = (
@@ -241,10 +245,10 @@ def apply(
     if armed:
         txn.arm_timers(armed)
     if emitted:
-        txn.add_outbox(
+        txn.add_outbox_rows(
             [
                 *(
-                    _event_message(name, instance_id, version, e, now, body)
+                    _event_row(name, instance_id, version, e, now, body)
                     for e, body in zip(emitted, bodies, strict=True)
                 ),
                 *notices,

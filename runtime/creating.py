@@ -10,7 +10,7 @@ from .errors import InstanceExists
 from .inputs import check_identifier
 from .instance_data import route
 from .ledger import EMPTY_PAYLOAD_DIGEST, EntryData
-from .outbox import _event_message, _refusal_notices
+from .outbox import _event_row, _refusal_notices
 from .replay import save_snapshot
 from .results import (
     _EMPTY_RESULTS,
@@ -18,11 +18,12 @@ from .results import (
     EmittedEvent,
     _result_to_json,
     _stored_result,
-    derive_event_id,
+    derive_ids_from,
+    event_id_prefix,
 )
 from .rows import _EmitPlan
 from .sealing import _Chain
-from .store.base import InstanceRecord, OutboxMessage, Transaction
+from .store.base import InstanceRecord, OutboxRow, Transaction
 from .timers import arm_timers
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def create_work(
         if armed:
             txn.arm_timers(armed)
         if messages:
-            txn.add_outbox(messages)
+            txn.add_outbox_rows(messages)
         if entry is not None:
             txn.append_ledger(entry)
             if runtime._snapshot_every == 1:
@@ -104,7 +105,7 @@ def create_work(
 
 def enter_created(
     governor: Governor, instance_id: str, actor: str, now: int
-) -> tuple[Mapping[str, object], tuple[EmittedEvent, ...], list[OutboxMessage]]:
+) -> tuple[Mapping[str, object], tuple[EmittedEvent, ...], list[OutboxRow]]:
     """The initial state's entry actions, run for `create`: their results, emitted
     events and outbox messages (version 1)."""
     entering = governor._plan.on_entry(governor._initial)
@@ -121,18 +122,19 @@ def enter_created(
             )
         )
         plans.extend(governor._timer_emits[spec.id])
+    ids = derive_ids_from(event_id_prefix(instance_id, 1, after=governor._emit_ids), len(plans))
     emitted = tuple(
         EmittedEvent(
             emit.machine,
             # A new instance keeps no data: a routed emit here is refused (E149).
             instance_id if emit.to is None else route(None, emit.to, governor.name, instance_id),
             emit.event,
-            derive_event_id("emit", governor.name, instance_id, 1, index),
+            emitted_id,
         )
-        for index, emit in enumerate(plans)
+        for emit, emitted_id in zip(plans, ids, strict=True)
     )
     messages = [
-        _event_message(
+        _event_row(
             governor.name, instance_id, 1, e, now, emit.body(None, instance_id, actor, CREATE_EVENT)
         )
         for e, emit in zip(emitted, plans, strict=True)

@@ -88,7 +88,7 @@ from .creating import CREATE_EVENT
 from .event_inputs import DEFAULT_ACTOR, DispatchRequest, _EventInput
 from .ledger import EMPTY_PAYLOAD_DIGEST, LedgerEntry
 from .notice_deadlines import NoticeDeadlines
-from .results import DispatchResult, _UnsealedResult
+from .results import DispatchResult, _UnsealedResult, event_id_prefix
 from .rows import _Absent, _EmitPlan, _Guarded, _Row
 from .store.base import InstanceRecord
 from .store.memory import MemoryStore
@@ -190,6 +190,8 @@ class Governor:
         self._timer_specs = plan.specs
         # Notices with a `within`: their deadlines are met by the moves that cancel them.
         self._notices = NoticeDeadlines.of(spec.name, plan)
+        # The hash state of its emits' event ids after their common parts ("emit", the name).
+        self._emit_ids = event_id_prefix("emit", spec.name)
         self._timer_emits = {
             t.id: tuple(_EmitPlan(e) for e in t.emits) for t in self._timer_specs.values()
         }

@@ -53,7 +53,7 @@ from .resilience.batch import chunks
 from .resilience.errors import is_unanswered
 from .results import Delivery, DispatchResult, EmittedEvent, Notification, _dumps, derive_event_id
 from .sealing import _Chain
-from .store.base import OutboxMessage, OutboxStatus, Transaction
+from .store.base import OutboxMessage, OutboxRow, OutboxStatus, Transaction
 from .tables import Payload
 from .timers import DAY_MS
 
@@ -94,17 +94,16 @@ def _refusal_notices(
     cause: str,
     now: int,
     data: Mapping[str, object] | None = None,
-) -> list[OutboxMessage]:
+) -> list[OutboxRow]:
     """The held notices of the emits that have one: from each emitted event's receiver back
     to the emitting instance (see the module docstring); `data`: its kept data."""
-    notices = []
+    notices: list[OutboxRow] = []
     for emitted_event, plan in zip(emitted, plans, strict=True):
         notice = plan.refused
         if notice is None:
             continue
         notices.append(
-            OutboxMessage(
-                None,
+            (
                 "event",
                 emitted_event.machine,
                 emitted_event.instance,
@@ -116,16 +115,17 @@ def _refusal_notices(
                 notice.body(payload, instance, actor, cause, data),
                 now,
                 "held",
+                None,
             )
         )
     return notices
 
 
-def _event_message(
+def _event_row(
     machine: str, instance: str, version: int, emitted: EmittedEvent, now: int, body: str
-) -> OutboxMessage:
-    return OutboxMessage(
-        None,
+) -> OutboxRow:
+    """The outbox row of an emitted event (Transaction.add_outbox_rows)."""
+    return (
         "event",
         machine,
         instance,
@@ -136,12 +136,18 @@ def _event_message(
         emitted.event_id,
         body,
         now,
+        "pending",
+        None,
     )
 
 
 def _notification_message(notification: Notification, version: int) -> OutboxMessage:
-    return OutboxMessage(
-        None,
+    return OutboxMessage(None, *_notification_row(notification, version))
+
+
+def _notification_row(notification: Notification, version: int) -> OutboxRow:
+    """The outbox row of an escalation step's notice (Transaction.add_outbox_rows)."""
+    return (
         "notification",
         notification.machine,
         notification.instance,
@@ -152,6 +158,8 @@ def _notification_message(notification: Notification, version: int) -> OutboxMes
         notification.event_id,
         _dumps(notification._asdict()),
         notification.fired_ms,
+        "pending",
+        None,
     )
 
 

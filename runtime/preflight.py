@@ -457,11 +457,17 @@ def preflight(
     unit then decides and raises as usual."""
     name = governor.name
     store = governor.runtime._store
-    if event_id is not None and store.processed(name, event_id) is not None:
-        return None
-    if idempotency_key is not None and store.idempotency(name, idempotency_key) is not None:
-        return None
-    record = store.get_instance(name, instance_id)
+    if event_id is not None and idempotency_key is None:
+        # The look and the instance in one read (the instance checked on a miss only).
+        stored, record = store.get_processed_and_instance(name, event_id, instance_id)
+        if stored is not None:
+            return None
+    else:
+        if event_id is not None and store.processed(name, event_id) is not None:
+            return None
+        if idempotency_key is not None and store.idempotency(name, idempotency_key) is not None:
+            return None
+        record = store.get_instance(name, instance_id)
     if record is None or expected_version not in (None, record.version):
         return None
     found = governor._table.get(record.state, _NO_ENTRIES).get(event)

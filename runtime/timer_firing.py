@@ -18,11 +18,19 @@ from .errors import ActionFailed, OutsideCallInProgress, StoreIntegrityError
 from .instance_data import read_data, route
 from .ledger import EntryData, payload_digest
 from .notice_deadlines import escalate_notices, next_notice_deadline
-from .outbox import _event_message, _notification_message, _refusal_notices
+from .outbox import _event_row, _notification_row, _refusal_notices
 from .replay import save_snapshot
 from .resilience.backoff import noted_attempt, retry_later_ms
 from .resilience.errors import is_unanswered
-from .results import DispatchResult, EmittedEvent, Notification, TimerFiring, derive_event_id
+from .results import (
+    DispatchResult,
+    EmittedEvent,
+    Notification,
+    TimerFiring,
+    derive_event_id,
+    derive_ids_from,
+    event_id_prefix,
+)
 from .sealing import _Chain
 from .store.base import ClaimKey, Transaction, WorkOutcome
 from .tables import TimerSpec
@@ -337,14 +345,17 @@ def fire_work(
             if any(e.to or e.reads for e in emits)
             else None
         )
+        ids = derive_ids_from(
+            event_id_prefix(timer.instance, version, after=governor._emit_ids), len(emits)
+        )
         emitted = tuple(
             EmittedEvent(
                 emit.machine,
                 timer.instance if emit.to is None else route(kept, emit.to, name, timer.instance),
                 emit.event,
-                derive_event_id("emit", name, timer.instance, version, index),
+                emitted_id,
             )
-            for index, emit in enumerate(emits)
+            for emit, emitted_id in zip(emits, ids, strict=True)
         )
         # A timer has no causing payload: its emits' arguments are literals, context and data.
         actor = runtime._timer_actor
@@ -400,19 +411,19 @@ def fire_work(
                     governor._notices.clear(txn, timer.instance, record.state, to_state)
             if armed:
                 txn.arm_timers(armed)
-        messages = [_notification_message(n, version) for n in notifications]
+        messages = [_notification_row(n, version) for n in notifications]
         if deadline is not None and governor._notices is not None:
             # The notice's deadline starts with it (runtime/notice_deadlines.py).
             txn.save_deadline(governor._notices.record(spec, timer.instance, deadline))
         messages += [
-            _event_message(name, timer.instance, version, e, now, body)
+            _event_row(name, timer.instance, version, e, now, body)
             for e, body in zip(emitted, bodies, strict=True)
         ]
         messages += _refusal_notices(
             name, timer.instance, version, emitted, emits, None, actor, spec.id, now, kept
         )
         if messages:
-            txn.add_outbox(messages)
+            txn.add_outbox_rows(messages)
         if entry is not None:
             txn.append_ledger(entry)
             if version % runtime._snapshot_every == 0:

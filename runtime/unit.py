@@ -93,23 +93,30 @@ def step(
         preran,
     ) = inputs
     name = governor.name
-    if event_id is not None:
-        stored = txn.processed(name, event_id)
+    record: InstanceRecord | None
+    if event_id is not None and idempotency_key is None and txn is not governor._memory:
+        # The dedup probe and the instance in one read (the instance checked on a miss only).
+        stored, record = txn.processed_and_instance(name, event_id, instance_id)
         if stored is not None:
             return _stored_result(stored, name, instance_id, event_id)
-    if idempotency_key is not None:
-        known = txn.idempotency(name, idempotency_key)
-        if known is not None:
-            # Or as a request stored before decimals compared by value (event_inputs.py).
-            if known[0] != request and known[0] != _request_digest(instance_id, event, digest):
-                raise IdempotencyConflict(name, idempotency_key)
-            return _stored_result(known[1], name, instance_id, idempotency_key)
-    # The memory store's own records (as the short path reads them), else a read.
-    record = (
-        governor._records.get(instance_id)
-        if txn is governor._memory
-        else txn.instance(name, instance_id)
-    )
+    else:
+        if event_id is not None:
+            stored = txn.processed(name, event_id)
+            if stored is not None:
+                return _stored_result(stored, name, instance_id, event_id)
+        if idempotency_key is not None:
+            known = txn.idempotency(name, idempotency_key)
+            if known is not None:
+                # Or as a request stored before decimals compared by value (event_inputs.py).
+                if known[0] != request and known[0] != _request_digest(instance_id, event, digest):
+                    raise IdempotencyConflict(name, idempotency_key)
+                return _stored_result(known[1], name, instance_id, idempotency_key)
+        # The memory store's own records (as the short path reads them), else a read.
+        record = (
+            governor._records.get(instance_id)
+            if txn is governor._memory
+            else txn.instance(name, instance_id)
+        )
     if record is None:
         raise UnknownInstance(name, instance_id)
     if expected_version is not None and record.version != expected_version:

@@ -34,6 +34,7 @@ __all__ = [
     "InstanceRecord",
     "OutboxKind",
     "OutboxMessage",
+    "OutboxRow",
     "OutboxStatus",
     "Snapshot",
     "Store",
@@ -41,6 +42,7 @@ __all__ = [
     "WorkOutcome",
     "idempotency_event_id",
     "new_flow_record",
+    "outbox_row",
     "with_retry",
 ]
 
@@ -76,6 +78,11 @@ class InstanceRecord:
     version: int
 
 
+# An outbox row's columns after its id (kind ... error, as OutboxMessage has them): what a
+# change writes (`Transaction.add_outbox_rows`), its id the store's.
+OutboxRow = tuple[OutboxKind, str, str, int, str, str, str, str, str, int, OutboxStatus, None]
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxMessage:
     """An emitted event or an escalation notification, written with the change that caused it.
@@ -105,6 +112,24 @@ class OutboxMessage:
     error: str | None = None
     attempts: int = 0
     retry_at_ms: int | None = None
+
+
+def outbox_row(m: OutboxMessage) -> OutboxRow:
+    """The row `add_outbox` writes of a message: its columns after the id, without an error."""
+    return (
+        m.kind,
+        m.machine,
+        m.instance,
+        m.version,
+        m.target_machine,
+        m.target_instance,
+        m.event,
+        m.event_id,
+        m.body,
+        m.created_ms,
+        m.status,
+        None,
+    )
 
 
 def with_retry(message: OutboxMessage, row: Sequence[Any]) -> OutboxMessage:
@@ -239,6 +264,13 @@ class Transaction(Protocol):
     def processed(self, machine: str, event_id: str) -> str | None:
         """The stored result (JSON text) of an already processed event id, or None."""
 
+    def processed_and_instance(
+        self, machine: str, event_id: str, instance: str
+    ) -> tuple[str | None, InstanceRecord | None]:
+        """`processed(machine, event_id)` and, when that is None, `instance(machine,
+        instance)`; beside a stored result the instance is None (its row is not read or
+        checked): a dispatch's first reads, which a store may make one."""
+
     def record_processed(
         self, machine: str, event_id: str, instance: str, result: str, now_ms: int
     ) -> None: ...
@@ -279,6 +311,10 @@ class Transaction(Protocol):
     def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
         """Insert each message with its `status` ("pending", or "held" for a refusal notice)
         and no error; the store assigns its id."""
+
+    def add_outbox_rows(self, rows: Sequence[OutboxRow]) -> None:
+        """`add_outbox` of the messages with these columns: a change's emitted events and
+        notices, written without an OutboxMessage made for each."""
 
     def outbox_message(self, event_id: str) -> OutboxMessage | None:
         """The outbox message with this event id (unique) as of this transaction, or None."""
@@ -446,6 +482,12 @@ class Store(Protocol):
 
     def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
         """`Transaction.idempotency` outside a write transaction, as `processed`."""
+
+    def get_processed_and_instance(
+        self, machine: str, event_id: str, instance: str
+    ) -> tuple[str | None, InstanceRecord | None]:
+        """`Transaction.processed_and_instance` outside a write transaction, as `processed`
+        and `get_instance`."""
 
     def get_breaker(self, machine: str, name: str) -> BreakerRecord | None:
         """The breaker's state after its last recorded move, or None (never moved: closed)."""

@@ -45,10 +45,12 @@ from .base import (
     InstanceRecord,
     OutboxKind,
     OutboxMessage,
+    OutboxRow,
     OutboxStatus,
     Snapshot,
     Transaction,
     WorkOutcome,
+    outbox_row,
 )
 
 __all__ = ["MemoryStore"]
@@ -468,6 +470,20 @@ class MemoryStore:
         found = self._processed.get((machine, event_id))
         return None if found is None else found[0]
 
+    def processed_and_instance(
+        self, machine: str, event_id: str, instance: str
+    ) -> tuple[str | None, InstanceRecord | None]:
+        stored = self.processed(machine, event_id)
+        return (stored, None) if stored is not None else (None, self.instance(machine, instance))
+
+    def get_processed_and_instance(
+        self, machine: str, event_id: str, instance: str
+    ) -> tuple[str | None, InstanceRecord | None]:
+        stored = self.processed(machine, event_id)
+        if stored is not None:
+            return stored, None
+        return None, self.get_instance(machine, instance)
+
     def record_processed(
         self, machine: str, event_id: str, instance: str, result: str, now_ms: int
     ) -> None:
@@ -527,27 +543,16 @@ class MemoryStore:
         return True
 
     def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
-        for message in messages:
-            if message.event_id in self._outbox_ids:
-                raise ValueError(f"outbox already holds event id {message.event_id}")
-            self._outbox_ids.add(message.event_id)
-            self._outbox.append(
-                OutboxMessage(
-                    len(self._outbox) + 1,
-                    message.kind,
-                    message.machine,
-                    message.instance,
-                    message.version,
-                    message.target_machine,
-                    message.target_instance,
-                    message.event,
-                    message.event_id,
-                    message.body,
-                    message.created_ms,
-                    message.status,
-                )
-            )
-            self._outbox_by_id[message.event_id] = len(self._outbox) - 1
+        self.add_outbox_rows([outbox_row(m) for m in messages])
+
+    def add_outbox_rows(self, rows: Sequence[OutboxRow]) -> None:
+        for row in rows:
+            event_id = row[7]
+            if event_id in self._outbox_ids:
+                raise ValueError(f"outbox already holds event id {event_id}")
+            self._outbox_ids.add(event_id)
+            self._outbox.append(OutboxMessage(len(self._outbox) + 1, *row))
+            self._outbox_by_id[event_id] = len(self._outbox) - 1
 
     def outbox_message(self, event_id: str) -> OutboxMessage | None:
         index = self._outbox_by_id.get(event_id)

@@ -69,11 +69,13 @@ from .base import (
     InstanceRecord,
     OutboxKind,
     OutboxMessage,
+    OutboxRow,
     OutboxStatus,
     Snapshot,
     Transaction,
     WorkOutcome,
     idempotency_event_id,
+    outbox_row,
     with_retry,
 )
 from .postgres_schema import schema_problem
@@ -421,6 +423,12 @@ class PostgresTransaction:
             return None
         return str(self._seals.stored_result("processed_events", row)[3])
 
+    def processed_and_instance(
+        self, machine: str, event_id: str, instance: str
+    ) -> tuple[str | None, InstanceRecord | None]:
+        stored = self.processed(machine, event_id)
+        return (stored, None) if stored is not None else (None, self.instance(machine, instance))
+
     def record_processed(
         self, machine: str, event_id: str, instance: str, result: str, now_ms: int
     ) -> None:
@@ -538,8 +546,10 @@ class PostgresTransaction:
         self._execute(f"DELETE FROM timer_retries WHERE {_TIMER_RETRY_KEY}", timer.arming())
 
     def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
-        for m in messages:
-            values = outbox_values(replace(m, error=None))[1:]
+        self.add_outbox_rows([outbox_row(m) for m in messages])
+
+    def add_outbox_rows(self, rows: Sequence[OutboxRow]) -> None:
+        for values in rows:
             row = self._execute(
                 "INSERT INTO outbox (kind, machine, instance, version, target_machine, "
                 "target_instance, event, event_id, body, created_ms, status, error) "
@@ -1310,6 +1320,14 @@ class PostgresStore:
             if not rows:
                 return None
         return str(self._seals.stored_result("processed_events", rows[0])[3])
+
+    def get_processed_and_instance(
+        self, machine: str, event_id: str, instance: str
+    ) -> tuple[str | None, InstanceRecord | None]:
+        stored = self.processed(machine, event_id)
+        if stored is not None:
+            return stored, None
+        return None, self.get_instance(machine, instance)
 
     def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
         rows = self._query(_IDEMPOTENCY_SQL, (machine, key))

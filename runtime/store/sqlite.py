@@ -61,11 +61,13 @@ from .base import (
     InstanceRecord,
     OutboxKind,
     OutboxMessage,
+    OutboxRow,
     OutboxStatus,
     Snapshot,
     Transaction,
     WorkOutcome,
     idempotency_event_id,
+    outbox_row,
     with_retry,
 )
 from .row_seals import (
@@ -139,6 +141,17 @@ _PROCESSED_OR_ENTRY_SQL = (
     "SELECT 1, seq, ts_ms, NULL, NULL, NULL, NULL FROM (SELECT seq, ts_ms FROM ledger "
     "WHERE machine = ?1 AND event_id = ?2 AND event_id <> '' AND kind = 'transition' "
     "ORDER BY seq DESC LIMIT 1)"
+)
+# A dispatch's first read, in one statement: the above (without a row key, the processed row
+# alone) and the instance's row, tagged 2 (SQLiteTransaction.processed_and_instance).
+_INSTANCE_BESIDE = (
+    " UNION ALL SELECT 2, machine, instance, state, version, seal, NULL FROM instances "
+    "WHERE machine = ?1 AND instance = ?3"
+)
+_PROCESSED_OR_ENTRY_AND_INSTANCE_SQL = _PROCESSED_OR_ENTRY_SQL + _INSTANCE_BESIDE
+_PROCESSED_AND_INSTANCE_SQL = (
+    f"SELECT 0, {SEALED_SELECT['processed_events']} FROM processed_events "
+    "WHERE machine = ?1 AND event_id = ?2" + _INSTANCE_BESIDE
 )
 _IDEMPOTENCY_SQL = (
     f"SELECT {SEALED_SELECT['idempotency_keys']} FROM idempotency_keys "
@@ -554,32 +567,68 @@ class SQLiteTransaction:
         key = ("processed_events", machine, event_id)
         if self._inside and key in self._seen:
             return None  # known missing, its ledger probe done
-        for entry in self._entries:
-            # Only an entry of this dispatch changes what the probe of a miss finds.
-            if entry.event_id == event_id and entry.kind == "transition":
-                self.flush()
-                break
+        self._flush_dispatch(event_id)
         if self._seals.key is None:  # no row key: nothing to probe
             row = self._execute(_PROCESSED_SQL, (machine, event_id)).fetchone()
         else:
-            row = self._processed_row(machine, event_id)
+            found = self._execute(_PROCESSED_OR_ENTRY_SQL, (machine, event_id)).fetchall()
+            row = self._processed_row(sorted(found), machine, event_id)
         if row is None:
             self._seen[key] = None
             return None
         return str(self._seals.stored_result("processed_events", row)[3])
 
-    def _processed_row(self, machine: str, event_id: str) -> Any:
-        """The processed row, read in one statement with the probe of a missing one
-        (LedgerAnchor.dedup_row's first two reads); when the ledger records the event's
-        dispatch and no row is there, LedgerAnchor's reads decide (the row committed
+    def processed_and_instance(
+        self, machine: str, event_id: str, instance: str
+    ) -> tuple[str | None, InstanceRecord | None]:
+        """`processed` and `instance` in one statement, unless either is known already."""
+        key = ("processed_events", machine, event_id)
+        at = ("instances", machine, instance)
+        seen = self._seen
+        if self._inside and (key in seen or at in seen):
+            stored = self.processed(machine, event_id)
+            if stored is not None:
+                return stored, None
+            return None, self.instance(machine, instance)
+        self._flush_dispatch(event_id)
+        sql = (
+            _PROCESSED_AND_INSTANCE_SQL
+            if self._seals.key is None
+            else _PROCESSED_OR_ENTRY_AND_INSTANCE_SQL
+        )
+        # Tagged 0 (the processed row), 1 (its ledger probe), 2 (the instance): in that order.
+        found = sorted(self._execute(sql, (machine, event_id, instance)).fetchall())
+        last = found.pop() if found and found[-1][0] == 2 else None
+        row = self._processed_row(found, machine, event_id)
+        if row is not None:
+            return str(self._seals.stored_result("processed_events", row)[3]), None
+        seen[key] = None
+        if last is None:
+            return None, None
+        record = self._seals.instance(last[1:6])
+        seen[at] = record
+        return None, record
+
+    def _flush_dispatch(self, event_id: str) -> None:
+        """Insert the appended entries if one is this event id's dispatch: only such an
+        entry changes what the probe of a miss finds."""
+        for entry in self._entries:
+            if entry.event_id == event_id and entry.kind == "transition":
+                self.flush()
+                break
+
+    def _processed_row(self, found: list[Any], machine: str, event_id: str) -> Any:
+        """The processed row from `found`, the sorted rows of _PROCESSED_OR_ENTRY_SQL, which
+        holds the probe of a missing one (LedgerAnchor.dedup_row's first two reads; without
+        a row key, of _PROCESSED_AND_INSTANCE_SQL: no probe); when the ledger records the
+        event's dispatch and no row is there, LedgerAnchor's reads decide (the row committed
         meanwhile by another process, or deleted: refused)."""
-        execute = self._execute
-        found = sorted(execute(_PROCESSED_OR_ENTRY_SQL, (machine, event_id)).fetchall())
         if not found:
             return None  # never dispatched
         first = found[0]
         if first[0] == 0:
             return first[1:]
+        execute = self._execute
         if first[2] < self._anchor.horizon(execute):
             return None  # purged with its retention
         return self._anchor.dedup_row(
@@ -717,8 +766,11 @@ class SQLiteTransaction:
         self._execute(f"DELETE FROM timer_retries WHERE {_TIMER_RETRY_KEY}", timer.arming())
 
     def add_outbox(self, messages: Sequence[OutboxMessage]) -> None:
-        if messages:  # written without an error
-            self._insert_sealed("outbox", [(*outbox_values(m)[1:12], None) for m in messages])
+        self.add_outbox_rows([outbox_row(m) for m in messages])
+
+    def add_outbox_rows(self, rows: Sequence[OutboxRow]) -> None:
+        if rows:
+            self._insert_sealed("outbox", rows)
 
     def outbox_message(self, event_id: str) -> OutboxMessage | None:
         row = self._execute(
@@ -1292,6 +1344,12 @@ class SQLiteStore:
     def processed(self, machine: str, event_id: str) -> str | None:
         with self._lock:
             return self._txn.processed(machine, event_id)
+
+    def get_processed_and_instance(
+        self, machine: str, event_id: str, instance: str
+    ) -> tuple[str | None, InstanceRecord | None]:
+        with self._lock:
+            return self._txn.processed_and_instance(machine, event_id, instance)
 
     def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
         with self._lock:
