@@ -160,6 +160,7 @@ def _to_loop(
 
 
 def _settle(waiter: asyncio.Future[T], calling: Future[T]) -> None:
+    """In the loop: `calling`'s outcome into `waiter`, unless its coroutine has gone."""
     if waiter.cancelled():  # its coroutine was cancelled
         return
     if calling.cancelled():  # the pool was shut down before it ran

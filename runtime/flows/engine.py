@@ -139,7 +139,7 @@ class _GatheredReads:
         self._draining: asyncio.Task[None] | None = None
 
     def read(self, read: Callable[[], T]) -> asyncio.Future[T]:
-        """`read()` with the others queued before this loop's next turn: a future of its
+        """`read()` in the next hand-off, with every read queued before it: a future of its
         value (or error)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
