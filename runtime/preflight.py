@@ -5,10 +5,11 @@ idempotency key until the commit; `dispatch_async` and `dispatch_many` take the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from functools import partial
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .errors import ActionFailed, InvalidTransition
 from .event_inputs import DEFAULT_ACTOR, DispatchRequest
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from .dispatch import Governor
     from .resilience.claims import Local, Release
     from .sealing import _Chain
+
+T = TypeVar("T")
 
 __all__ = [
     "claim_keys",
@@ -85,7 +88,7 @@ async def dispatch_async(
             # loop 30-50 us of CPU).
             calling = pool.submit(_hold_and_prepare, governor, keys, work)
             try:
-                held, work = await asyncio.shield(asyncio.wrap_future(calling))
+                held, work = await _outcome_in(loop, calling)
             except asyncio.CancelledError:
                 # Nobody waits for the calls, which go on in the pool: their thread records
                 # them (a commit of their own) and lets go of the claim once they end, with
@@ -100,7 +103,9 @@ async def dispatch_async(
         else:
             queued = runtime._queue_async(work, partition)
             try:
-                done = await asyncio.shield(queued)
+                # Awaited as it is: cancelling it leaves its unit in the batch all the same
+                # (AsyncBatcher drops the outcome only).
+                done = await queued
             except asyncio.CancelledError:
                 # Its unit is queued, and commits unless this event loop is closing before
                 # its batch: the pool commits it as well (the second of the two finds the
@@ -135,6 +140,37 @@ async def dispatch_async(
                 pool.submit(_let_go, held, release)
             except RuntimeError:  # the pool is shut down: the runtime is closing
                 _let_go(held, release)
+
+
+def _outcome_in(loop: asyncio.AbstractEventLoop, calling: Future[T]) -> asyncio.Future[T]:
+    """`calling`'s outcome as a future of `loop`, whose cancelling leaves `calling` running:
+    asyncio.shield over asyncio.wrap_future, in one future and one callback where those took
+    two futures and four callbacks."""
+    waiter: asyncio.Future[T] = loop.create_future()
+    calling.add_done_callback(partial(_to_loop, loop, waiter))
+    return waiter
+
+
+def _to_loop(
+    loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[T], calling: Future[T]
+) -> None:
+    """In the thread that ran `calling`, once it ended: hand its outcome to the loop."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(_settle, waiter, calling)
+
+
+def _settle(waiter: asyncio.Future[T], calling: Future[T]) -> None:
+    """In the loop: `calling`'s outcome into `waiter`, unless its coroutine has gone."""
+    if waiter.cancelled():  # its coroutine was cancelled
+        return
+    if calling.cancelled():  # the pool was shut down before it ran
+        waiter.cancel()
+        return
+    error = calling.exception()
+    if error is None:
+        waiter.set_result(calling.result())
+    else:
+        waiter.set_exception(error)
 
 
 def _hold_and_prepare(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from autonomic.runtime.flows import FlowResult, FlowRunner, NoReply, StepContext
+from autonomic.runtime.flows import FlowResult, FlowRunner, NoReply, StepContext, UnknownFlow
 from autonomic.runtime.keys import Keyring, Signer
 from autonomic.runtime.results import derive_event_id
 from autonomic.runtime.runtime import Runtime
@@ -255,4 +255,50 @@ def test_start_async_reads_on_the_loop_while_the_store_lock_is_free(
     result = asyncio.run(runner.start_async("CustomerSignup", "c1", signup("c1")))
     assert opened_in == [threading.main_thread()]
     assert result.status == "completed"
+    runtime.close()
+
+
+def test_start_asyncs_that_find_the_store_lock_held_read_in_one_hand_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starts that find the SQLite store's lock held (a commit through its fsync) read their
+    runs in one action thread, one after another, once it is free: one hand-off for them all.
+    Each still gets its own answer (an unknown flow its error), and a start cancelled while
+    it waits leaves nothing stored."""
+    store = SQLiteStore(tmp_path / "s.db")
+    runtime, runner, _ = marketplace(store)
+    held, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=store.run, args=([lambda txn: (held.set(), release.wait(5))],))
+    holder.start()
+    assert held.wait(20)
+    opened_in: list[threading.Thread] = []
+    open_run = runner._open
+
+    def opening(*arguments: Any) -> Any:
+        opened_in.append(threading.current_thread())
+        return open_run(*arguments)
+
+    monkeypatch.setattr(runner, "_open", opening)
+
+    async def main() -> list[Any]:
+        starts = [
+            asyncio.create_task(runner.start_async("CustomerSignup", c, signup(c)))
+            for c in ("c1", "c2", "c3")
+        ]
+        unknown = asyncio.create_task(runner.start_async("NoSuchFlow", "c4", {}))
+        dropped = asyncio.create_task(runner.start_async("CustomerSignup", "c5", signup("c5")))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        dropped.cancel()
+        release.set()
+        return await asyncio.gather(*starts, unknown, dropped, return_exceptions=True)
+
+    *results, unknown, dropped = asyncio.run(main())
+    holder.join()
+    assert [r.status for r in results] == ["completed"] * 3
+    assert isinstance(unknown, UnknownFlow)
+    assert isinstance(dropped, asyncio.CancelledError)
+    assert len(opened_in) == 5
+    assert len(set(opened_in)) == 1 and opened_in[0] is not threading.main_thread()
+    assert store.get_flow(runner.flow_id("CustomerSignup", "c5", signup("c5"))) is None
     runtime.close()
