@@ -40,6 +40,7 @@ from .base import (
     FlowRecord,
     InstanceRecord,
     OutboxMessage,
+    outbox_row,
 )
 
 __all__ = [
@@ -159,22 +160,9 @@ _HORIZON = b"autonomic/row-seal/v1 dedup horizon\x00"
 
 
 def outbox_values(m: OutboxMessage) -> tuple[object, ...]:
-    """An outbox message's columns, in SEALED_TABLES order."""
-    return (
-        m.id,
-        m.kind,
-        m.machine,
-        m.instance,
-        m.version,
-        m.target_machine,
-        m.target_instance,
-        m.event,
-        m.event_id,
-        m.body,
-        m.created_ms,
-        m.status,
-        m.error,
-    )
+    """An outbox message's columns, in SEALED_TABLES order: its id, the row `add_outbox`
+    writes of it (`outbox_row`, which ends with no error), and its error."""
+    return (m.id, *outbox_row(m)[:-1], m.error)
 
 
 def seal_row(key: bytes, table: str, row: Sequence[object]) -> bytes:
