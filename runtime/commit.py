@@ -181,19 +181,23 @@ class GroupCommit(Generic[W]):
 
 
 class AsyncBatcher(Generic[W]):
-    """Gathers the units of work of coroutines on one event loop into group commits.
+    """Gathers what coroutines on one event loop hand to a worker thread into batches: units
+    of work into group commits (`run` is `GroupCommit.submit_many`), or a flow runner's reads
+    of stored runs while the store is busy (`run` reads each).
 
-    A coroutine queues its units and awaits a future. The first unit queued while no batch is
-    in flight starts a drain task, which hands everything queued to `GroupCommit.submit_many`
-    in a worker thread (so the event loop keeps running during the statements and the fsync)
-    and resolves the futures when that commit is done; units queued meanwhile form the next
-    batch. With N coroutines dispatching in a loop, batches grow to about N (up to the
-    committer's `max_batch`). Units of threads calling the GroupCommit directly share the
-    same batches and order.
+    A coroutine queues its items and awaits a future. The first item queued while no batch is
+    in flight starts a drain task, which hands everything queued to `run` in a worker thread
+    (so the event loop keeps running during the statements and the fsync) and resolves the
+    futures when it returns; items queued meanwhile form the next batch. With N coroutines
+    dispatching in a loop, commit batches grow to about N (up to the committer's
+    `max_batch`). Units of threads calling the GroupCommit directly share the same batches
+    and order.
     """
 
-    def __init__(self, committer: GroupCommit[W], executor: Executor) -> None:
-        self._committer = committer
+    def __init__(
+        self, run: Callable[[Sequence[W]], list[WorkOutcome[Any]]], executor: Executor
+    ) -> None:
+        self._run = run
         self._executor = executor
         self._queue: list[W] = []
         # One per `queue` call, in queue order: how many units, the future, whether it takes
@@ -232,9 +236,7 @@ class AsyncBatcher(Generic[W]):
                 works, waiters = self._queue, self._waiters
                 self._queue, self._waiters = [], []
                 try:
-                    outcomes = await loop.run_in_executor(
-                        self._executor, self._committer.submit_many, works
-                    )
+                    outcomes = await loop.run_in_executor(self._executor, self._run, works)
                 except BaseException as exc:  # the loop is closing, or the executor is gone
                     outcomes = [WorkOutcome(None, exc) for _ in works]
                 first = 0

@@ -626,7 +626,7 @@ class Runtime:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="autonomic-commit")
             batcher = by_partition[partition] = AsyncBatcher(
-                self._committers[partition], self._executor
+                self._committers[partition].submit_many, self._executor
             )
         return batcher
 

@@ -236,14 +236,8 @@ def test_start_async_reads_the_stored_run_off_the_event_loop(tmp_path: Path) -> 
     runtime.close()
 
 
-def test_start_async_reads_on_the_loop_while_the_store_lock_is_free(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With nobody holding the SQLite store's lock, `start_async` reads the stored run on
-    the loop's thread (holding the lock, so it never waits there): the hop to an action
-    thread and back costs more than the read."""
-    store = SQLiteStore(tmp_path / "s.db")
-    runtime, runner, _ = marketplace(store)
+def _threads_opening(runner: FlowRunner, monkeypatch: pytest.MonkeyPatch) -> list[threading.Thread]:
+    """The threads `runner` opens its runs in, one a start, as they do."""
     opened_in: list[threading.Thread] = []
     open_run = runner._open
 
@@ -252,6 +246,18 @@ def test_start_async_reads_on_the_loop_while_the_store_lock_is_free(
         return open_run(*arguments)
 
     monkeypatch.setattr(runner, "_open", opening)
+    return opened_in
+
+
+def test_start_async_reads_on_the_loop_while_the_store_lock_is_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nobody holding the SQLite store's lock, `start_async` reads the stored run on
+    the loop's thread (holding the lock, so it never waits there): the hop to an action
+    thread and back costs more than the read."""
+    store = SQLiteStore(tmp_path / "s.db")
+    runtime, runner, _ = marketplace(store)
+    opened_in = _threads_opening(runner, monkeypatch)
     result = asyncio.run(runner.start_async("CustomerSignup", "c1", signup("c1")))
     assert opened_in == [threading.main_thread()]
     assert result.status == "completed"
@@ -271,14 +277,7 @@ def test_start_asyncs_that_find_the_store_lock_held_read_in_one_hand_off(
     holder = threading.Thread(target=store.run, args=([lambda txn: (held.set(), release.wait(5))],))
     holder.start()
     assert held.wait(20)
-    opened_in: list[threading.Thread] = []
-    open_run = runner._open
-
-    def opening(*arguments: Any) -> Any:
-        opened_in.append(threading.current_thread())
-        return open_run(*arguments)
-
-    monkeypatch.setattr(runner, "_open", opening)
+    opened_in = _threads_opening(runner, monkeypatch)
 
     async def main() -> list[Any]:
         starts = [

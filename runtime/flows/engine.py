@@ -88,10 +88,10 @@ import contextlib
 import json
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Executor
 from functools import partial
 from typing import Any, TypeVar, cast
 
+from ..commit import AsyncBatcher
 from ..errors import (
     ConcurrentUpdateDetected,
     OutsideClaimLost,
@@ -99,7 +99,7 @@ from ..errors import (
 )
 from ..results import _dumps, derive_event_id
 from ..runtime import Runtime
-from ..store.base import FLOW_FINISHED, FlowRecord, new_flow_record
+from ..store.base import FLOW_FINISHED, FlowRecord, WorkOutcome, new_flow_record
 from ..store.sqlite import SQLiteStore
 from ..tables import FlowSpec, FlowStepSpec
 from .async_driver import _AsyncDriver
@@ -126,62 +126,18 @@ FLOW_ACTOR = "flow"
 _BUSY = object()
 
 
-class _GatheredReads:
-    """The reads of one event loop's coroutines that found the store's lock held (a commit
-    batch's, through its fsync), made in one hand-off to an action thread: it waits for the
-    lock once and reads for them all. A hand-off costs the loop's thread about what the read
-    does, and of 200 sagas started at once three in four found the lock held at their open.
-    A cancelled coroutine leaves its read to be made and its answer dropped."""
-
-    def __init__(self, executor: Executor) -> None:
-        self._executor = executor
-        self._queue: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
-        self._draining: asyncio.Task[None] | None = None
-
-    def read(self, read: Callable[[], T]) -> asyncio.Future[T]:
-        """`read()` in the next hand-off, with every read queued before it: a future of its
-        value (or error)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.append((read, future))
-        if self._draining is None:
-            self._draining = loop.create_task(self._drain())
-        return future
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        queued: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
-        try:
-            while self._queue:
-                queued, self._queue = self._queue, []
-                reads = [read for read, _ in queued]
-                answers = await loop.run_in_executor(self._executor, _read_each, reads)
-                for (_, future), (value, error) in zip(queued, answers, strict=True):
-                    if future.done():  # its coroutine was cancelled
-                        continue
-                    if error is None:
-                        future.set_result(value)
-                    else:
-                        future.set_exception(error)
-                queued = []
-        except BaseException as exc:  # the loop is closing, or the action threads are gone
-            for _, future in queued + self._queue:
-                if not future.done():
-                    future.set_exception(exc)
-            self._queue = []
-            raise
-        finally:
-            self._draining = None
-
-
-def _read_each(reads: Sequence[Callable[[], Any]]) -> list[tuple[Any, Exception | None]]:
-    """Each read's value, or its error."""
-    answers: list[tuple[Any, Exception | None]] = []
+def _read_each(reads: Sequence[Callable[[], Any]]) -> list[WorkOutcome[Any]]:
+    """Each read's value, or its error: a batch of the reads of stored runs that found the
+    SQLite store's lock held (`FlowRunner._off_loop`), made in one hand-off to an action
+    thread once the lock is free. A hand-off costs the loop's thread about what a read does,
+    and of 200 sagas started at once three in four found the lock held at their open. A
+    cancelled coroutine's read is made and its answer dropped."""
+    answers: list[WorkOutcome[Any]] = []
     for read in reads:
         try:
-            answers.append((read(), None))
+            answers.append(WorkOutcome(read(), None))
         except Exception as error:
-            answers.append((None, error))
+            answers.append(WorkOutcome(None, error))
     return answers
 
 
@@ -210,9 +166,10 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
         self._late_futures = set()
         self._late_tasks = set()
         self._sends = {}
-        self._reads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _GatheredReads] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Per event loop, the reads of stored runs that found the SQLite store's lock held.
+        self._reads: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, AsyncBatcher[Callable[[], Any]]
+        ] = weakref.WeakKeyDictionary()
         missing = tuple(
             (spec.name, step.name, step.function)
             for spec in self.specs.values()
@@ -347,7 +304,7 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
         coroutine (tests/test_flow_concurrency.py). On SQLite with the lock free it reads
         here, holding the lock: the hop to a thread and back costs more than the read
         (about 0.2 M instructions of a 6 M asyncio saga); with the lock held, it waits in
-        an action thread with the other coroutines' reads meanwhile (`_GatheredReads`)."""
+        an action thread with the other coroutines' reads meanwhile (one `AsyncBatcher`)."""
         store = self.runtime.store
         loop = asyncio.get_running_loop()
         if isinstance(store, SQLiteStore):
@@ -357,8 +314,8 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
                 return cast(T, value)
             reads = self._reads.get(loop)
             if reads is None:
-                reads = self._reads[loop] = _GatheredReads(self.runtime._action_threads())
-            return await reads.read(bound)
+                reads = self._reads[loop] = AsyncBatcher(_read_each, self.runtime._action_threads())
+            return cast(T, await reads.queue(bound))
         return await loop.run_in_executor(self.runtime._action_threads(), read, *arguments)
 
     # ------------------------------------------------------------------ handing over
