@@ -107,6 +107,11 @@ def _inserts(table: str) -> tuple[str, str, str]:
 
 
 _INSERTS = {table: _inserts(table) for table in ("outbox", "timers")}
+# The outbox insert with the id, of rows without an error: its NULL in the statement.
+_OUTBOX_WITHOUT_ERROR = (
+    f"INSERT INTO outbox ({', '.join(SEALED_TABLES['outbox'])}, seal) "
+    f"VALUES ({', '.join('?' * (len(SEALED_TABLES['outbox']) - 1))}, NULL, ?)"
+)
 _TIMER_READ = SEALED_SELECT["timers"]
 # A timer (alias t) whose failed firing is tried again after the first parameter; a retry time
 # past the second (now + RETRY_LATER_CAP_MS) was written by no backoff, and holds nothing back.
@@ -493,7 +498,7 @@ class SQLiteTransaction:
             self._execute(
                 "INSERT INTO instances (machine, instance, state, version, seal) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (*row, self._seals.seal("instances", row)),
+                (*row, self._seals.blob("instances", row)),
             )
         except sqlite3.IntegrityError:
             raise InstanceExists(record.machine, record.instance) from None
@@ -502,7 +507,7 @@ class SQLiteTransaction:
     def update_instance(
         self, machine: str, instance: str, state: str, version: int, expected_version: int
     ) -> None:
-        seal = self._seals.seal("instances", (machine, instance, state, version))
+        seal = self._seals.blob("instances", (machine, instance, state, version))
         cursor = self._execute(
             "UPDATE instances SET state = ?, version = ?, seal = ? "
             "WHERE machine = ? AND instance = ? AND version = ?",
@@ -642,7 +647,7 @@ class SQLiteTransaction:
         self._execute(
             "INSERT INTO processed_events (machine, event_id, instance, result, created_ms, "
             "seal) VALUES (?, ?, ?, ?, ?, ?)",
-            (*row, self._seals.seal("processed_events", row)),
+            (*row, self._seals.blob("processed_events", row)),
         )
         self._seen.pop(("processed_events", machine, event_id), None)
 
@@ -664,7 +669,7 @@ class SQLiteTransaction:
         self._execute(
             "INSERT INTO idempotency_keys (machine, key, request_sha256, result, created_ms, "
             "seal) VALUES (?, ?, ?, ?, ?, ?)",
-            (*row, self._seals.seal("idempotency_keys", row)),
+            (*row, self._seals.blob("idempotency_keys", row)),
         )
 
     def _insert_sealed(self, table: str, rows: Sequence[tuple[object, ...]]) -> None:
@@ -676,7 +681,7 @@ class SQLiteTransaction:
         take the ids after it, which are free (AUTOINCREMENT gives an id above every id ever
         given), with their seals in one executemany."""
         insert, insert_with_id, update = _INSERTS[table]
-        seal = self._seals.seal
+        seal = self._seals.blob
         seen = self._seen
         known = _NEXT_ID[table]
         first = seen.get(known) if self._inside else None
@@ -691,7 +696,14 @@ class SQLiteTransaction:
             done = 0
         if len(rows) > done:
             following = [(first + n, *rows[n]) for n in range(done, len(rows))]
-            self._executemany(insert_with_id, [(*row, seal(table, row)) for row in following])
+            if table == "outbox" and not any(row[-1] is not None for row in following):
+                # New messages have no error (outbox_row): its NULL is in the statement, not
+                # bound (sqlite3 binds None only after looking for an adapter, as for bytes).
+                self._executemany(
+                    _OUTBOX_WITHOUT_ERROR, [(*row[:-1], seal(table, row)) for row in following]
+                )
+            else:
+                self._executemany(insert_with_id, [(*row, seal(table, row)) for row in following])
         seen[known] = first + len(rows)
 
     def _outbox_row(self, message_id: int) -> OutboxMessage | None:
@@ -701,7 +713,7 @@ class SQLiteTransaction:
         return None if row is None else self._seals.message(row)
 
     def _rewrite_outbox(self, message: OutboxMessage) -> None:
-        seal = self._seals.seal("outbox", outbox_values(message))
+        seal = self._seals.blob("outbox", outbox_values(message))
         self._execute(
             "UPDATE outbox SET body = ?, status = ?, error = ?, seal = ? WHERE id = ?",
             (message.body, message.status, message.error, seal, message.id),
@@ -862,6 +874,7 @@ class SQLiteTransaction:
         return None if row is None else self._seals.flow(row)
 
     def save_flow(self, record: FlowRecord, expected_version: int) -> None:
+        flow_id, wake_ms = record.flow_id, record.wake_ms
         values = (
             record.flow,
             record.instance,
@@ -869,28 +882,28 @@ class SQLiteTransaction:
             record.version,
             record.data,
             record.updated_ms,
-            record.wake_ms,
         )
-        seal = self._seals.seal("flows", (record.flow_id, *values))
-        # The seal in a bytearray, which sqlite3 binds as it is (for bytes it looks for an
-        # adapter first, as for a ledger row: see `flush`). The same blob is stored.
-        blob = None if seal is None else bytearray(seal)
+        blob = self._seals.blob("flows", (flow_id, *values, wake_ms))
+        # A flow with no wake time (most writes) has its NULL in the statement, not bound:
+        # sqlite3 binds None only after looking for an adapter, as for bytes.
+        unwoken = wake_ms is None
         if expected_version == 0:
             try:
                 self._execute(
-                    f"INSERT INTO flows ({_FLOW_COLUMNS}, seal) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (record.flow_id, *values, blob),
+                    _FLOW_INSERT[unwoken],
+                    (flow_id, *values, blob) if unwoken else (flow_id, *values, wake_ms, blob),
                 )
             except sqlite3.IntegrityError:
-                raise ConcurrentUpdateDetected(record.flow, record.flow_id, 0, -1) from None
+                raise ConcurrentUpdateDetected(record.flow, flow_id, 0, -1) from None
             return
         cursor = self._execute(
-            "UPDATE flows SET flow = ?, instance = ?, status = ?, version = ?, data = ?, "
-            "updated_ms = ?, wake_ms = ?, seal = ? WHERE flow_id = ? AND version = ?",
-            (*values, blob, record.flow_id, expected_version),
+            _FLOW_UPDATE[unwoken],
+            (*values, blob, flow_id, expected_version)
+            if unwoken
+            else (*values, wake_ms, blob, flow_id, expected_version),
         )
         if cursor.rowcount != 1:
-            raise ConcurrentUpdateDetected(record.flow, record.flow_id, expected_version, -1)
+            raise ConcurrentUpdateDetected(record.flow, flow_id, expected_version, -1)
 
     def save_breaker(self, record: BreakerRecord) -> None:
         values = (
@@ -904,7 +917,7 @@ class SQLiteTransaction:
         self._execute(
             f"INSERT OR REPLACE INTO breakers ({_BREAKER_COLUMNS}, seal) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (*values, self._seals.seal("breakers", values)),
+            (*values, self._seals.blob("breakers", values)),
         )
 
     def instance_data(self, machine: str, instance: str) -> str | None:
@@ -952,7 +965,7 @@ class SQLiteTransaction:
         self._execute(
             f"INSERT OR REPLACE INTO deadlines ({_DEADLINE_COLUMNS}, seal) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (*values, self._seals.seal("deadlines", values)),
+            (*values, self._seals.blob("deadlines", values)),
         )
 
     def delete_deadline(self, id: str) -> bool:
@@ -979,6 +992,16 @@ class SQLiteTransaction:
 
 
 _FLOW_COLUMNS = "flow_id, flow, instance, status, version, data, updated_ms, wake_ms"
+# save_flow's statements, by whether the flow has no wake time (its NULL written in the SQL).
+_FLOW_INSERT = (
+    f"INSERT INTO flows ({_FLOW_COLUMNS}, seal) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    f"INSERT INTO flows ({_FLOW_COLUMNS}, seal) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+)
+_FLOW_UPDATE = tuple(
+    "UPDATE flows SET flow = ?, instance = ?, status = ?, version = ?, data = ?, "
+    f"updated_ms = ?, wake_ms = {wake}, seal = ? WHERE flow_id = ? AND version = ?"
+    for wake in ("?", "NULL")
+)
 _BREAKER_COLUMNS = "machine, name, state, failures, opened_ms, updated_ms"
 _DEADLINE_COLUMNS = "id, name, governor, due_ms, level, action"
 
@@ -1390,27 +1413,44 @@ class SQLiteStore:
 
     def claim_outside(self, keys: Sequence[ClaimKey], holder: str, lease_ms: int) -> bool:
         # Leases on the wall clock, which every process on this file shares. Committed with
-        # synchronous=NORMAL (see _claims_connection): no fsync, yet a process crash loses
+        # synchronous=NORMAL (see _lower_sync): no fsync, yet a process crash loses
         # nothing; a power loss may lose a claim, but its holder is gone too.
         now = int(time.time() * 1000)
-        with self._claims_connection() as connection:
-            execute = connection.execute
-            execute("BEGIN IMMEDIATE")
+        until = now + lease_ms
+        with self._lock:
+            lowered = self._lower_sync()
+            execute = self._txn._control
             try:
-                until = now + lease_ms
-                for machine, kind, key in keys:
-                    # One upsert a key (as on PostgreSQL): it takes the row unless another
-                    # holder's live lease is on it, and changes no row then (rowcount 0).
+                if len(keys) == 1:
+                    # One key (a dispatch's event id or idempotency key): its upsert alone,
+                    # committed as it runs. A write outside a transaction takes the write lock
+                    # as BEGIN IMMEDIATE does, waiting for it up to the busy timeout.
+                    machine, kind, key = keys[0]
                     taken = execute(_CLAIM_SQL, (machine, kind, key, holder, until, now, until))
                     if taken.rowcount != 1:
-                        execute("ROLLBACK")
                         return False
-                execute("COMMIT")
+                else:
+                    execute("BEGIN IMMEDIATE")
+                    try:
+                        for machine, kind, key in keys:
+                            # One upsert a key (as on PostgreSQL): it takes the row unless
+                            # another holder's live lease is on it, and changes no row then
+                            # (rowcount 0).
+                            taken = execute(
+                                _CLAIM_SQL, (machine, kind, key, holder, until, now, until)
+                            )
+                            if taken.rowcount != 1:
+                                execute("ROLLBACK")
+                                return False
+                        execute("COMMIT")
+                    except BaseException:
+                        if self._connection.in_transaction:
+                            execute("ROLLBACK")
+                        raise
                 self._txn.claimed(keys, holder)
-            except BaseException:
-                if connection.in_transaction:
-                    execute("ROLLBACK")
-                raise
+            finally:
+                if lowered:
+                    self._restore_sync()
         return True
 
     def renew_outside(self, keys: Sequence[ClaimKey], holder: str, lease_ms: int) -> bool:
@@ -1442,23 +1482,32 @@ class SQLiteStore:
     @contextlib.contextmanager
     def _claims_connection(self) -> Iterator[sqlite3.Connection]:
         """The store's own connection, between two of its transactions, committing with
-        synchronous=NORMAL: a claim needs no fsync (see claim_outside), and the next commit
-        with synchronous=FULL syncs the log it was written to. Not a connection of their
-        own: each commit on another connection empties this one's page cache (SQLite sees
-        the file changed), which cost a flow step with an outside call 0.1 ms of CPU."""
+        synchronous=NORMAL (see _lower_sync)."""
         with self._lock:
-            connection = self._connection
-            if connection.in_transaction:
-                # Only a guard or action of this thread's unit of work gets here.
-                raise NestedDispatch()
-            full = self.synchronous != "NORMAL"
-            if full:
-                connection.execute("PRAGMA synchronous = NORMAL")
+            lowered = self._lower_sync()
             try:
-                yield connection
+                yield self._connection
             finally:
-                if full:
-                    connection.execute(f"PRAGMA synchronous = {self.synchronous}")
+                if lowered:
+                    self._restore_sync()
+
+    def _lower_sync(self) -> bool:
+        """With the lock held, between two of the store's transactions: commit with
+        synchronous=NORMAL until `_restore_sync` (whether it was lowered). A claim needs no
+        fsync (see claim_outside), and the next commit with synchronous=FULL syncs the log it
+        was written to. Not a connection of their own: each commit on another connection
+        empties this one's page cache (SQLite sees the file changed), which cost a flow step
+        with an outside call 0.1 ms of CPU."""
+        if self._connection.in_transaction:
+            # Only a guard or action of this thread's unit of work gets here.
+            raise NestedDispatch()
+        if self.synchronous == "NORMAL":
+            return False
+        self._txn._control("PRAGMA synchronous = NORMAL")
+        return True
+
+    def _restore_sync(self) -> None:
+        self._txn._control(f"PRAGMA synchronous = {self.synchronous}")
 
     def close(self) -> None:
         with self._lock:
