@@ -64,14 +64,16 @@ class TreeFrontier:
             size = extend_frontier(
                 nodes, self.size, [_sha256(b"\x00" + e).digest() for e in hashes]
             )
-        return TreeFrontier(size, tuple(nodes))
+        return _frontier(size, tuple(nodes))
 
     def root(self) -> bytes:
-        if not self.nodes:
+        nodes = self.nodes
+        if not nodes:
             return EMPTY_ROOT
-        node = self.nodes[-1]
-        for left in reversed(self.nodes[:-1]):
-            node = node_hash(left, node)
+        sha256 = _sha256
+        node = nodes[-1]
+        for index in range(len(nodes) - 2, -1, -1):
+            node = sha256(b"\x01" + nodes[index] + node).digest()  # node_hash, inline
         return node
 
     def to_bytes(self) -> bytes:
@@ -84,6 +86,20 @@ class TreeFrontier:
         if type(data) is not bytes or len(data) != 32 * count:
             return None
         return cls(size, tuple(data[i : i + 32] for i in range(0, len(data), 32)))
+
+
+# A frontier's slots set directly: a runtime extends its tree at every commit, and the frozen
+# dataclass __init__ (an object.__setattr__ call per field) costs twice as much.
+_set_size = getattr(TreeFrontier, "size").__set__  # noqa: B009
+_set_nodes = getattr(TreeFrontier, "nodes").__set__  # noqa: B009
+
+
+def _frontier(size: int, nodes: tuple[bytes, ...]) -> TreeFrontier:
+    """TreeFrontier(size, nodes)."""
+    frontier: TreeFrontier = object.__new__(TreeFrontier)
+    _set_size(frontier, size)
+    _set_nodes(frontier, nodes)
+    return frontier
 
 
 def extend_frontier(nodes: list[bytes], size: int, leaves: list[bytes]) -> int:

@@ -664,47 +664,18 @@ class Runtime:
     ) -> list[WorkOutcome[object]]:
         chain = _Chain(self, partition or 0)
         keeper = chain.state.keeper
-        # Breaker statuses the unit's actions changed (or others', noted before it ran) go in
-        # its transaction; on a partitioned store only those whose entries go to its chain,
-        # and none for a unit that locks no chain head.
         journal = self._breakers
-        pending = journal.pending
-        fleet = self._partitioned
-        chain_of = None if fleet is None else fleet.partition_of
-        writes_breakers = fleet is None or partition is not None
-        mine = (
-            None
-            if chain_of is None
-            else lambda key: chain_of(f"policy:{key[1]}") == (partition or 0)
-        )
-        ledger = chain if self._sealer is not None else None
-        taken_here: list[Noted] = []
-
-        def run(work: Callable[[Transaction, _Chain], object], txn: Transaction) -> object:
-            saved = (chain.next_seq, chain.head, chain.appended, chain.loaded)
-            hashes = len(chain.hashes)
-            taken: list[Noted] = []
-            try:
-                value = work(txn, chain)
-                if pending and writes_breakers:
-                    taken = journal.take(mine)
-                    write_noted(txn, ledger, taken)
-                    taken_here.extend(taken)  # noted again if the batch fails to commit
-                return value
-            except BaseException:
-                # The store rolls this unit back; so does the chain, and the breaker statuses
-                # it took are noted again.
-                chain.next_seq, chain.head, chain.appended, chain.loaded = saved
-                del chain.hashes[hashes:]
-                if taken:
-                    journal.put_back(taken)
-                raise
-
+        taken_here: list[Noted] = []  # noted again if the batch fails to commit
         me = threading.get_ident()
         self._working_thread = me
         self._committing.add(me)
         try:
-            units = [functools.partial(run, work) for work in works]
+            # Each unit a partial of `_run_unit` (a closure over the batch's state cost a
+            # commit more to make than the unit's call).
+            units = [
+                functools.partial(self._run_unit, chain, partition, taken_here, work)
+                for work in works
+            ]
             if self._partitioned is not None:
                 outcomes = self._partitioned.run(units, chain.finish, partition=partition)
             else:
@@ -721,6 +692,44 @@ class Runtime:
             journal.stored(taken_here)
         keeper.committed(chain.hashes, self._clock.now_ms())
         return outcomes
+
+    def _run_unit(
+        self,
+        chain: _Chain,
+        partition: int | None,
+        taken_here: list[Noted],
+        work: Callable[[Transaction, _Chain], object],
+        txn: Transaction,
+    ) -> object:
+        """One unit of a batch of ledger `partition`. Breaker statuses the unit's actions
+        changed (or others', noted before it ran) go in its transaction; on a partitioned
+        store only those whose entries go to its chain, and none for a unit that locks no
+        chain head."""
+        saved = (chain.next_seq, chain.head, chain.appended, chain.loaded)
+        hashes = len(chain.hashes)
+        journal = self._breakers
+        taken: list[Noted] = []
+        try:
+            value = work(txn, chain)
+            if journal.pending:
+                fleet = self._partitioned
+                if fleet is None:
+                    taken = journal.take(None)
+                elif partition is not None:
+                    chain_of = fleet.partition_of
+                    taken = journal.take(lambda key: chain_of(f"policy:{key[1]}") == partition)
+                if taken:
+                    write_noted(txn, chain if self._sealer is not None else None, taken)
+                    taken_here.extend(taken)
+            return value
+        except BaseException:
+            # The store rolls this unit back; so does the chain, and the breaker statuses it
+            # took are noted again.
+            chain.next_seq, chain.head, chain.appended, chain.loaded = saved
+            del chain.hashes[hashes:]
+            if taken:
+                journal.put_back(taken)
+            raise
 
     # -- timers, outbox ------------------------------------------------------------------------
 

@@ -207,8 +207,15 @@ class _Chain:
         """`append` of each of `entries` in turn, in one call: a flow run's write seals several,
         each made as the one before it is appended (a generator), so that what fails first
         fails as it would one `append` at a time."""
+        sealer = self.runtime._sealer
         for data in entries:
-            entry = self.seal(txn, data)
+            # `seal`, inline: a call fewer for each of the run's entries.
+            if not self.loaded:
+                self.load(txn)
+            if self.next_seq == 0 or sealer is None:
+                entry = self.seal(txn, data)  # which refuses it
+            else:
+                entry = sealer.seal(self.next_seq, self.head, data)
             txn.append_ledger(entry)
             self.next_seq = entry.seq + 1
             self.head = digest = entry.entry_hash

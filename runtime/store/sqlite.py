@@ -199,8 +199,17 @@ _CLAIM_SQL = (
 )
 
 
-def _release_claims(keys: Sequence[ClaimKey], holder: str) -> tuple[str, list[str]]:
+_RELEASE_ONE_SQL = (
+    "DELETE FROM outside_claims WHERE holder = ? AND machine = ? AND kind = ? AND key = ?"
+)
+
+
+def _release_claims(
+    keys: Sequence[ClaimKey], holder: str
+) -> tuple[str, tuple[str, ...] | list[str]]:
     """The statement that drops `holder`'s claims on `keys`, and its parameters."""
+    if len(keys) == 1:  # a dispatch's one key: by the primary key, no list of keys to build
+        return _RELEASE_ONE_SQL, (holder, *keys[0])
     marks = ", ".join("(?, ?, ?)" for _ in keys)
     return (
         f"DELETE FROM outside_claims WHERE holder = ? AND (machine, kind, key) IN (VALUES {marks})",
