@@ -479,7 +479,7 @@ def _entry_hasher(cache_limit: int = 4096) -> EntryHasher:
     Kinds and machines, and the (from state, to state, event, actor) of a transition, repeat
     from entry to entry, so their length-prefixed encodings are cached per combination
     (bounded: cleared when full), one lookup each. Instance and event ids are mostly fresh
-    and are encoded every time, but for the common empty event id.
+    and are encoded every time, in place (an empty event id too: its four zero bytes).
     """
     cache: dict[tuple[str, ...], bytes] = {}
     cached = cache.get
@@ -490,7 +490,6 @@ def _entry_hasher(cache_limit: int = 4096) -> EntryHasher:
         _join,
         ENTRY_TAG,
     )
-    no_event_id = _length_prefixed("")
 
     def remember(texts: tuple[str, ...]) -> bytes:
         encoded = join([_length_prefixed(text) for text in texts])
@@ -514,6 +513,7 @@ def _entry_hasher(cache_limit: int = 4096) -> EntryHasher:
         prev_hash: bytes,
     ) -> bytes:
         instance_bytes = instance.encode()
+        event_id_bytes = event_id.encode()
         head = (kind, machine)
         move = (from_state, to_state, event, actor)
         return sha256(
@@ -525,7 +525,8 @@ def _entry_hasher(cache_limit: int = 4096) -> EntryHasher:
                     pack_length(len(instance_bytes)),
                     instance_bytes,
                     cached(move) or remember(move),
-                    no_event_id if event_id == "" else _length_prefixed(event_id),
+                    pack_length(len(event_id_bytes)),
+                    event_id_bytes,
                     payload_sha256,
                     prev_hash,
                 )

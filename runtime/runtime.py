@@ -671,11 +671,13 @@ class Runtime:
         self._committing.add(me)
         try:
             # Each unit a partial of `_run_unit` (a closure over the batch's state cost a
-            # commit more to make than the unit's call).
-            units = [
-                functools.partial(self._run_unit, chain, partition, taken_here, work)
-                for work in works
-            ]
+            # commit more to make than the unit's call); a lone unit's without a comprehension.
+            run = self._run_unit
+            units = (
+                [functools.partial(run, chain, partition, taken_here, works[0])]
+                if len(works) == 1
+                else [functools.partial(run, chain, partition, taken_here, work) for work in works]
+            )
             if self._partitioned is not None:
                 outcomes = self._partitioned.run(units, chain.finish, partition=partition)
             else:

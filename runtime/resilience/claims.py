@@ -88,7 +88,11 @@ class OutsideClaims:
         # The claims held in the store, by a token per hold, renewed by `_renewer` while any
         # is held (it ends at a turn that finds none, or at close).
         self._renewing: dict[object, tuple[ClaimKey, ...]] = {}
-        self._renew = threading.Condition()
+        # Guards `_renewing` and `_renewer`; the renewer waits on it as a condition. Held
+        # directly where nothing waits or is woken (a claim's hold and release): a Condition's
+        # `with` goes through two Python-level methods.
+        self._renew_lock = threading.Lock()
+        self._renew = threading.Condition(self._renew_lock)
         self._renewer: threading.Thread | None = None
         self._closed = False
 
@@ -144,7 +148,7 @@ class OutsideClaims:
         held = [True]
 
         def release(*, committed: bool = False) -> None:
-            with self._renew:
+            with self._renew_lock:
                 if not held[0]:
                     return
                 held[0] = False
@@ -155,7 +159,7 @@ class OutsideClaims:
         return release
 
     def _renew_while_held(self, token: object, keys: tuple[ClaimKey, ...]) -> None:
-        with self._renew:
+        with self._renew_lock:
             self._renewing[token] = keys
             if self._renewer is None and not self._closed:
                 self._renewer = threading.Thread(
@@ -184,7 +188,7 @@ class OutsideClaims:
                 except Exception:  # the store out of reach: the next turn tries again
                     continue
                 if not kept:
-                    with self._renew:
+                    with self._renew_lock:
                         self._renewing.pop(token, None)
 
     def check(self, txn: Transaction, keys: Sequence[ClaimKey], results: object) -> None:

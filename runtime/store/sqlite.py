@@ -387,9 +387,12 @@ class SQLiteTransaction:
         "_execute",
         "_executemany",
         "_inside",
+        "_read",
         "_seals",
         "_seen",
         "_version",
+        "_write",
+        "_write_many",
     )
 
     def __init__(self, connection: sqlite3.Connection, seals: RowSeals) -> None:
@@ -399,6 +402,12 @@ class SQLiteTransaction:
         # through one cursor kept for them: `connection.execute` makes a cursor per statement.
         # They read at most one row, fetched at once, so none is left half-read.
         self._control = connection.cursor().execute
+        # So do a unit's writes, which read no row (only a rowcount or lastrowid, at once), and
+        # the reads of a row by its key (or of a dispatch's rows), all fetched at once.
+        writer = connection.cursor()
+        self._write = writer.execute
+        self._write_many = writer.executemany
+        self._read = connection.cursor().execute
         self._seen: dict[tuple[str, ...], Any] = {}
         self._version: int | None = None  # the data_version `_seen` is current at
         self._inside = False  # in a write transaction, `begin` done
@@ -480,9 +489,9 @@ class SQLiteTransaction:
                 ) in entries
             ]
             if len(rows) == 1:
-                self._execute(INSERT_ENTRY_SQL, rows[0])
+                self._write(INSERT_ENTRY_SQL, rows[0])
             else:
-                self._executemany(INSERT_ENTRY_SQL, rows)
+                self._write_many(INSERT_ENTRY_SQL, rows)
 
     def instance(self, machine: str, instance: str) -> InstanceRecord | None:
         key = ("instances", machine, instance)
@@ -490,7 +499,7 @@ class SQLiteTransaction:
             known = self._seen.get(key)
             if known is not None:
                 return cast(InstanceRecord, known)
-        row = self._execute(
+        row = self._read(
             "SELECT machine, instance, state, version, seal FROM instances "
             "WHERE machine = ? AND instance = ?",
             (machine, instance),
@@ -504,7 +513,7 @@ class SQLiteTransaction:
     def insert_instance(self, record: InstanceRecord) -> None:
         row = (record.machine, record.instance, record.state, record.version)
         try:
-            self._execute(
+            self._write(
                 "INSERT INTO instances (machine, instance, state, version, seal) "
                 "VALUES (?, ?, ?, ?, ?)",
                 (*row, self._seals.blob("instances", row)),
@@ -517,7 +526,7 @@ class SQLiteTransaction:
         self, machine: str, instance: str, state: str, version: int, expected_version: int
     ) -> None:
         seal = self._seals.blob("instances", (machine, instance, state, version))
-        cursor = self._execute(
+        cursor = self._write(
             "UPDATE instances SET state = ?, version = ?, seal = ? "
             "WHERE machine = ? AND instance = ? AND version = ?",
             (state, version, seal, machine, instance, expected_version),
@@ -542,7 +551,7 @@ class SQLiteTransaction:
             if known is not None:
                 return cast(LedgerEntry, known)
         self.flush()
-        row = self._execute(
+        row = self._read(
             f"SELECT {_ENTRY_COLUMNS} FROM ledger ORDER BY seq DESC LIMIT 1"
         ).fetchone()
         if row is None:
@@ -575,7 +584,7 @@ class SQLiteTransaction:
             bytearray(previous),
             bytearray(frontier),
         )
-        self._execute(INSERT_CHECKPOINT_SQL, row)
+        self._write(INSERT_CHECKPOINT_SQL, row)
 
     def processed(self, machine: str, event_id: str) -> str | None:
         key = ("processed_events", machine, event_id)
@@ -611,7 +620,7 @@ class SQLiteTransaction:
             else _PROCESSED_OR_ENTRY_AND_INSTANCE_SQL
         )
         # Tagged 0 (the processed row), 1 (its ledger probe), 2 (the instance): in that order.
-        found = sorted(self._execute(sql, (machine, event_id, instance)).fetchall())
+        found = sorted(self._read(sql, (machine, event_id, instance)).fetchall())
         last = found.pop() if found and found[-1][0] == 2 else None
         row = self._processed_row(found, machine, event_id)
         if row is not None:
@@ -653,7 +662,7 @@ class SQLiteTransaction:
         self, machine: str, event_id: str, instance: str, result: str, now_ms: int
     ) -> None:
         row = (machine, event_id, instance, result, now_ms)
-        self._execute(
+        self._write(
             "INSERT INTO processed_events (machine, event_id, instance, result, created_ms, "
             "seal) VALUES (?, ?, ?, ?, ?, ?)",
             (*row, self._seals.blob("processed_events", row)),
@@ -675,7 +684,7 @@ class SQLiteTransaction:
         self, machine: str, key: str, request_digest: bytes, result: str, now_ms: int
     ) -> None:
         row = (machine, key, bytes(request_digest), result, now_ms)
-        self._execute(
+        self._write(
             "INSERT INTO idempotency_keys (machine, key, request_sha256, result, created_ms, "
             "seal) VALUES (?, ?, ?, ?, ?, ?)",
             (*row, self._seals.blob("idempotency_keys", row)),
@@ -695,11 +704,11 @@ class SQLiteTransaction:
         known = _NEXT_ID[table]
         first = seen.get(known) if self._inside else None
         if first is None:
-            first = self._execute(insert, rows[0]).lastrowid
+            first = self._write(insert, rows[0]).lastrowid
             assert first is not None
             sealed = seal(table, (first, *rows[0]))
             if sealed is not None:
-                self._execute(update, (sealed, first))
+                self._write(update, (sealed, first))
             done = 1
         else:
             done = 0
@@ -708,11 +717,11 @@ class SQLiteTransaction:
             if table == "outbox" and not any(row[-1] is not None for row in following):
                 # New messages have no error (outbox_row): its NULL is in the statement, not
                 # bound (sqlite3 binds None only after looking for an adapter, as for bytes).
-                self._executemany(
+                self._write_many(
                     _OUTBOX_WITHOUT_ERROR, [(*row[:-1], seal(table, row)) for row in following]
                 )
             else:
-                self._executemany(insert_with_id, [(*row, seal(table, row)) for row in following])
+                self._write_many(insert_with_id, [(*row, seal(table, row)) for row in following])
         seen[known] = first + len(rows)
 
     def _outbox_row(self, message_id: int) -> OutboxMessage | None:
@@ -849,7 +858,7 @@ class SQLiteTransaction:
 
     def release_outside(self, keys: Sequence[ClaimKey], holder: str) -> None:
         if keys:
-            self._execute(*_release_claims(keys, holder))
+            self._write(*_release_claims(keys, holder))
             self.claimed(keys, None)
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
@@ -877,9 +886,7 @@ class SQLiteTransaction:
         return events.rowcount, keys.rowcount
 
     def flow(self, flow_id: str) -> FlowRecord | None:
-        row = self._execute(
-            f"SELECT {_FLOW_READ} FROM flows WHERE flow_id = ?", (flow_id,)
-        ).fetchone()
+        row = self._read(f"SELECT {_FLOW_READ} FROM flows WHERE flow_id = ?", (flow_id,)).fetchone()
         return None if row is None else self._seals.flow(row)
 
     def save_flow(self, record: FlowRecord, expected_version: int) -> None:
@@ -898,14 +905,14 @@ class SQLiteTransaction:
         unwoken = wake_ms is None
         if expected_version == 0:
             try:
-                self._execute(
+                self._write(
                     _FLOW_INSERT[unwoken],
                     (flow_id, *values, blob) if unwoken else (flow_id, *values, wake_ms, blob),
                 )
             except sqlite3.IntegrityError:
                 raise ConcurrentUpdateDetected(record.flow, flow_id, 0, -1) from None
             return
-        cursor = self._execute(
+        cursor = self._write(
             _FLOW_UPDATE[unwoken],
             (*values, blob, flow_id, expected_version)
             if unwoken
