@@ -362,7 +362,8 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
         self, flow: str, instance: str, inputs: Mapping[str, Any], flow_id: str | None
     ) -> _Run:
         spec = self._spec(flow)
-        if _plain(inputs):
+        plain = _plain(inputs)
+        if plain:
             # JSON gives these back as they are: their round trip (`flow_id`'s) is a copy.
             given = dict(inputs)
             text = _dumps(given)
@@ -385,7 +386,9 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
                 raise FlowInputsInvalid(flow, ((spec.on, problem),))
             data["branch"] = branch
         record = new_flow_record(flow_id, flow, instance, "running", 0, "", 0)
-        run = _Run(spec, record, data)
+        # Inputs of JSON's own kinds only (`_plain`) stay as they are: the run's writes keep
+        # their text.
+        run = _Run(spec, record, data, inputs_text=(given, text) if plain else None)
         # Written with the first step's dispatch (or the parallel branches' results).
         run.note([("FlowStarted", "", {"inputs": given})])
         if spec.kind in ("parallel", "fanout"):

@@ -176,11 +176,11 @@ class _StepRunner:
             def gathered(txn: Transaction, chain: _Chain) -> FlowRecord:
                 final, more = gather(txn)
                 entries = [*pending, *((e, s, d, final) for e, s, d in (*notes, *more))]
-                return self._store_run(txn, chain, before, final, entries, _dumps(run.data), None)
+                return self._store_run(txn, chain, before, final, entries, run.data_text(), None)
 
             return gathered
         entries = [*pending, *((event, step, detail, status) for event, step, detail in notes)]
-        text = _dumps(run.data)
+        text = run.data_text()
 
         def work(txn: Transaction, chain: _Chain) -> FlowRecord:
             return self._store_run(txn, chain, before, status, entries, text, wake_ms)
@@ -277,7 +277,7 @@ class _StepRunner:
             rejected = getattr(value, "error", None)  # the dispatch's _Rejected
             status, entries, wake = _settled(run, op, _step_outcome(rejected or value), now)
             self._seal_entries(txn, chain, flow, flow_id, now, ids, entries, len(pending))
-            text = _dumps(run.data)
+            text = run.data_text()
             record = new_flow_record(
                 flow_id, flow, before.instance, status, version, text, now, wake
             )
@@ -341,7 +341,7 @@ class _StepRunner:
                 return None
             now = self.runtime.clock.now_ms()
             status, entries, wake = _settled(run, op, _step_outcome(answered[0]), now)
-            return self._store_run(txn, chain, written[0], status, entries, _dumps(run.data), wake)
+            return self._store_run(txn, chain, written[0], status, entries, run.data_text(), wake)
 
         return [started, dispatch, settle]
 
