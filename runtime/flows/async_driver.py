@@ -59,7 +59,7 @@ class _AsyncDriver(_StepRunner):
         run's write queued before it: in the current batch, while the calls run."""
         try:
             self._hook(run, op.step, op.phase)
-            governor, target, payload, event_id = self._receiver(run, op.step, op.emit, op.phase)
+            governor, target, payload, event_id = self._receiver(run, op.step, op.emit, op.part)
         except StepFailed as failed:
             return _step_outcome(failed)
         runtime, event = self.runtime, op.emit.event
@@ -158,7 +158,9 @@ class _AsyncDriver(_StepRunner):
             if step.kind != "send":
                 return self._attempt_here(run, step, hooked=True)
             assert step.send is not None
-            governor, target, payload, event_id = self._receiver(run, step, step.send, "do")
+            governor, target, payload, event_id = self._receiver(
+                run, step, step.send, self._send_op(step, "do", False).part
+            )
             then = _late_fold(self, run, step, target) if late else None
             event = step.send.event
             if then is None:

@@ -115,6 +115,7 @@ from .run import (
     _Run,
     _start_notes,
 )
+from .steps import _started_detail
 from .sync_driver import _SyncDriver
 
 __all__ = ["FlowResult", "FlowRunner", "NoReply", "StepContext", "StepFailed"]
@@ -390,7 +391,8 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
         # their text.
         run = _Run(spec, record, data, inputs_text=(given, text) if plain else None)
         # Written with the first step's dispatch (or the parallel branches' results).
-        run.note([("FlowStarted", "", {"inputs": given})])
+        started = _started_detail(given, text) if plain else {"inputs": given}
+        run.note([("FlowStarted", "", started)])
         if spec.kind in ("parallel", "fanout"):
             run.note(_start_notes(run, _next_steps(run)))
         return run

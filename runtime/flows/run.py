@@ -91,6 +91,16 @@ class FlowResult:
 
 
 _Note = tuple[str, str, Mapping[str, Any]]
+
+
+class _Detail(dict[str, Any]):
+    """An entry's detail whose payload digest is known already (`steps._detail_digest`):
+    a run's FlowStarted, whose start has its inputs' JSON text (`steps._started_detail`)."""
+
+    __slots__ = ("digest",)
+    digest: bytes
+
+
 # The same with the run's status when it happened (the entry's to_state).
 _Entry = tuple[str, str, Mapping[str, Any], FlowStatus]
 

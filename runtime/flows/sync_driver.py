@@ -57,7 +57,7 @@ class _SyncDriver(_StepRunner):
         store or across ledger partitions, a batch of units of their own (`_send_units`)."""
         try:
             self._hook(run, op.step, op.phase)
-            governor, target, payload, event_id = self._receiver(run, op.step, op.emit, op.phase)
+            governor, target, payload, event_id = self._receiver(run, op.step, op.emit, op.part)
             work = governor._work(
                 target, op.emit.event, payload or None, self.actor, event_id, None, None, False
             )
@@ -236,7 +236,9 @@ class _SyncDriver(_StepRunner):
             if step.kind != "send":
                 return self._attempt_here(run, step, hooked=True)
             assert step.send is not None
-            governor, target, payload, event_id = self._receiver(run, step, step.send, "do")
+            governor, target, payload, event_id = self._receiver(
+                run, step, step.send, self._send_op(step, "do", False).part
+            )
             then = _late_fold(self, run, step, target) if late else None
             result = self._dispatch(governor, target, step.send.event, payload, event_id, then)
         except (StepFailed, *_STEP_FAILURES) as failed:
