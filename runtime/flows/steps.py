@@ -47,6 +47,7 @@ from .ops import _SETTLED, _Send
 from .run import _OUTCOMES, StepContext, StepFailed, _Detail, _Entry, _Note, _Run, _step_outcome
 
 _sha256 = hashlib.sha256
+_JSON_OWN = (str, int, bool, type(None))
 
 
 class _StepRunner:
@@ -96,7 +97,10 @@ class _StepRunner:
             if step.kind == "compute":
                 assert step.function is not None
                 values = {**run.data["inputs"], **run.data["values"]}
-                return "succeeded", json.loads(_dumps(self.functions[step.function](values)))
+                value = self.functions[step.function](values)
+                if type(value) not in _JSON_OWN:  # else its JSON round trip is itself
+                    value = json.loads(_dumps(value))
+                return "succeeded", value
             return self._check_wait(run, step)
         except StepFailed as failed:
             return _step_outcome(failed)
