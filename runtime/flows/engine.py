@@ -392,7 +392,7 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
         run = _Run(spec, record, data, inputs_text=(given, text) if plain else None)
         # Written with the first step's dispatch (or the parallel branches' results).
         started = _started_detail(given, text) if plain else {"inputs": given}
-        run.note([("FlowStarted", "", started)])
+        run.pending.append(("FlowStarted", "", started, "running"))
         if spec.kind in ("parallel", "fanout"):
             run.note(_start_notes(run, _next_steps(run)))
         return run
@@ -412,7 +412,10 @@ def _flow_id(flow: str, instance: str, inputs: str) -> str:
 def _plain(inputs: Mapping[str, Any]) -> bool:
     """Whether every input is named by a str and is a str, int, bool or None, which JSON
     gives back as they were (so their JSON text is that of their round trip)."""
-    return all(type(name) is str and type(value) in _PLAIN for name, value in inputs.items())
+    for name, value in inputs.items():
+        if type(name) is not str or type(value) not in _PLAIN:
+            return False
+    return True
 
 
 _PLAIN = (str, int, bool, type(None))

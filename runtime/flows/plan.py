@@ -34,6 +34,7 @@ def _plan(runner: _StepRunner, run: _Run) -> _Plan:
     if not _undo_due(run, runner.runtime.clock.now_ms()):
         return  # a compensation that did not answer is tried again at the run's wake_ms
     clock = runner.runtime.clock
+    plan = run.plan()
     while run.record.status in ("running", "waiting"):
         steps = _next_steps(run)
         if not steps:
@@ -58,7 +59,7 @@ def _plan(runner: _StepRunner, run: _Run) -> _Plan:
         _start(run, step)
         if step.kind == "send":
             # The plan's last step settles the run in the commit of its dispatch.
-            outcome = yield runner._send_op(step, "do", step is run.plan()[-1])
+            outcome = yield runner._send_op(step, "do", step is plan[-1])
             if outcome is _SETTLED:
                 continue
         else:

@@ -257,7 +257,7 @@ def _next_steps(run: _Run) -> list[FlowStepSpec]:
     plan = run.plan()
     if run.spec.kind in ("parallel", "fanout"):
         return [s for s in plan if run.status_of(s.name) in (None, "started")]
-    steps = run.steps
+    steps = run.data["steps"]
     for step in plan:
         entry = steps.get(step.name)
         if entry is None or entry["status"] != "succeeded":
@@ -268,7 +268,7 @@ def _next_steps(run: _Run) -> list[FlowStepSpec]:
 def _start(run: _Run, step: FlowStepSpec) -> None:
     """`run.note(_start_notes(run, [step]))`: a step of a sequence about to run, started in
     the run's data and noted, unless it was already."""
-    steps = run.steps
+    steps = run.data["steps"]
     if steps.get(step.name) is None:
         steps[step.name] = {"status": "started"}
         run.pending.append(("StepStarted", step.name, {}, "running"))
@@ -301,7 +301,7 @@ def _step_result(
 
 
 def _succeed(run: _Run, step: FlowStepSpec, detail: Any) -> None:
-    run.steps[step.name] = {"status": "succeeded", "result": detail}
+    run.data["steps"][step.name] = {"status": "succeeded", "result": detail}
     run.data["order"].append(step.name)
     if step.kind == "compute":
         run.data["values"][step.name] = detail

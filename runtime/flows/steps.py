@@ -92,7 +92,7 @@ class _StepRunner:
         """A compute or await step, which needs no write: ("succeeded", result) |
         ("failed", reason) | ("waiting", (since, deadline))."""
         try:
-            if not hooked:
+            if not hooked and self.before_step is not None:
                 self._hook(run, step, "do")
             if step.kind == "compute":
                 assert step.function is not None
