@@ -328,6 +328,28 @@ def derive_ids_from(prefix: hashlib._Hash, count: int, first: int = 0) -> list[s
     return ids
 
 
+def id_part(*parts: str | int) -> bytes:
+    """What `event_id_prefix` hashes for `parts`, made once for ids that add the same parts to
+    different prefixes (a flow step's send, to each of its runs' prefixes: `derive_with`)."""
+    data = [(part if type(part) is str else str(part)).encode("utf-8") for part in parts]
+    return b"".join([_pack_length(len(d)) + d for d in data])
+
+
+def derive_with(prefix: hashlib._Hash, part: bytes) -> str:
+    """`derive_from(prefix, *parts)`, `part` being `id_part(*parts)`."""
+    digest = prefix.copy()
+    digest.update(part)
+    return "evt_" + digest.hexdigest()[:32]
+
+
+def index_prefix(prefix: hashlib._Hash, index: int) -> hashlib._Hash:
+    """`event_id_prefix(index, after=prefix)`, a small index's part from the table (a flow
+    run's version, at each of its writes)."""
+    digest = prefix.copy()
+    digest.update(_INDEX_PARTS[index] if 0 <= index < _INDEXES else id_part(index))
+    return digest
+
+
 # The hash state after the domain tag, copied per id (a flow run derives one per entry).
 _EVENT_ID_HASH = hashlib.sha256(b"autonomic/event-id/v1\x00")
 # The length-prefixed parts of the first indexes (a write's entries: a few), made once.

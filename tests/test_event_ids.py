@@ -9,7 +9,10 @@ from autonomic.runtime.results import (
     derive_event_ids,
     derive_from,
     derive_ids_from,
+    derive_with,
     event_id_prefix,
+    id_part,
+    index_prefix,
 )
 from autonomic.runtime.store.base import FlowRecord, new_flow_record
 from hypothesis import given
@@ -25,6 +28,15 @@ def test_an_id_from_a_prefix_is_the_id_of_all_its_parts(
     prefix = event_id_prefix(*leading)
     assert derive_from(prefix, *rest) == derive_event_id(*leading, *rest)
     assert derive_from(event_id_prefix(*rest, after=prefix)) == derive_event_id(*leading, *rest)
+    assert derive_with(prefix, id_part(*rest)) == derive_event_id(*leading, *rest)
+
+
+@given(parts, st.integers(min_value=0, max_value=200), parts)
+def test_an_index_from_the_table_is_the_index_hashed(
+    leading: list[str | int], index: int, rest: list[str | int]
+) -> None:
+    ids = index_prefix(event_id_prefix(*leading), index)
+    assert derive_from(ids, *rest) == derive_event_id(*leading, index, *rest)
 
 
 @given(parts, st.integers(min_value=0, max_value=80), st.integers(min_value=0, max_value=70))

@@ -1,5 +1,6 @@
-"""A flow entry's detail digest: a send's result ({"result": {"state", "seq"}}) is written
-without canonical_json's walk, to the same digest, and refused as canonical_json refuses it."""
+"""A flow entry's detail digest: a send's result ({"result": {"state", "seq"}}), a computed
+str and a run's FlowStarted (its inputs' JSON text known) are written without canonical_json's
+walk, to the same digest, and refused as canonical_json refuses them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 from autonomic.runtime.errors import PayloadEncodingError
-from autonomic.runtime.flows.steps import _detail_digest
+from autonomic.runtime.flows.steps import _detail_digest, _started_detail
 from autonomic.runtime.ledger import PAYLOAD_TAG, canonical_json
 from autonomic.runtime.results import _dumps
 from hypothesis import given
@@ -65,3 +66,45 @@ def test_the_shapes_close_to_a_result() -> None:
         {"state": "Done", "zzz": 2},
     ):
         same({"result": result})
+
+
+@given(st.text())
+def test_a_computed_str_digests_as_canonical_json_has_it(value: str) -> None:
+    same({"result": value})
+    same({"error": value})
+
+
+@given(
+    st.dictionaries(
+        st.text(),
+        st.none() | st.booleans() | st.integers(min_value=-(2**54), max_value=2**54) | st.text(),
+        max_size=4,
+    )
+)
+def test_flow_started_digests_as_canonical_json_has_it(inputs: dict[str, Any]) -> None:
+    started_same(inputs)
+
+
+def started_same(inputs: dict[str, Any]) -> None:
+    detail = _started_detail(inputs, _dumps(inputs))
+    assert detail == {"inputs": inputs}
+    same(dict(detail))
+    try:
+        expected = general({"inputs": inputs})
+    except PayloadEncodingError:
+        return
+    assert _detail_digest(detail) == expected
+
+
+def test_flow_started_close_to_the_edges() -> None:
+    for inputs in (
+        {"a": "x\x7f", "b": 1},
+        {"é": "x"},
+        {"a": 'say "hi"'},
+        {"a": 2**53 - 1, "b": -(2**53 - 1)},
+        {"a": 2**53},
+        {"a": True, "b": None},
+        {"B": 1, "a": 2, "_": 3},
+        {},
+    ):
+        started_same(inputs)

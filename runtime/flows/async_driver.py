@@ -42,11 +42,11 @@ class _AsyncDriver(_StepRunner):
                 op = plan.send(answer)
             except StopIteration:
                 return _result(run)
-            if isinstance(op, _Write):
+            if isinstance(op, _Send):  # most ops
+                answer = await self._send_async(run, op)
+            elif isinstance(op, _Write):
                 await self._write_async(run, op.status, op.notes, op.wake_ms, op.gather)
                 answer = None
-            elif isinstance(op, _Send):
-                answer = await self._send_async(run, op)
             else:
                 answer = await self._branches_async(run, op)
 
@@ -58,8 +58,9 @@ class _AsyncDriver(_StepRunner):
         through `Governor.dispatch_async` (its claim and calls in the action threads), the
         run's write queued before it: in the current batch, while the calls run."""
         try:
-            self._hook(run, op.step, op.phase)
-            governor, target, payload, event_id = self._receiver(run, op.step, op.emit, op.phase)
+            if self.before_step is not None:
+                self._hook(run, op.step, op.phase)
+            governor, target, payload, event_id = self._receiver(run, op.step, op.emit, op.part)
         except StepFailed as failed:
             return _step_outcome(failed)
         runtime, event = self.runtime, op.emit.event
@@ -158,7 +159,9 @@ class _AsyncDriver(_StepRunner):
             if step.kind != "send":
                 return self._attempt_here(run, step, hooked=True)
             assert step.send is not None
-            governor, target, payload, event_id = self._receiver(run, step, step.send, "do")
+            governor, target, payload, event_id = self._receiver(
+                run, step, step.send, self._send_op(step, "do", False).part
+            )
             then = _late_fold(self, run, step, target) if late else None
             event = step.send.event
             if then is None:

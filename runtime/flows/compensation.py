@@ -28,7 +28,7 @@ from ..store.base import FlowStatus
 from ..tables import FlowStepSpec
 from ..timers import format_duration
 from .ops import _Plan, _Send, _Write
-from .run import _Entry, _Note, _Run, _step_result
+from .run import _Entry, _Note, _Run, _step_result, _succeed
 
 
 def _undo_outcome(status: str, detail: Any) -> tuple[str, Any]:
@@ -145,6 +145,14 @@ def _settled(
     answer, when it is tried again (the run's wake_ms). What the plan's next writes would
     hold, each entry with the run's status when it happened."""
     step = op.step
+    if outcome[0] == "succeeded" and op.phase == "do":  # most sends: `_step_result`'s, inline
+        detail = outcome[1]
+        _succeed(run, step, detail)
+        entries: list[_Entry] = [("StepSucceeded", step.name, {"result": detail}, "running")]
+        if op.settle:
+            entries.append(("FlowCompleted", "", {}, "completed"))
+            return "completed", entries, None
+        return "running", entries, None
     if op.phase == "undo" and outcome[0] == "no_reply":
         retry_at, notes = _retry_undo(run, step, outcome[1], now_ms)
         return "compensating", [(*note, "compensating") for note in notes], retry_at

@@ -115,6 +115,7 @@ from .run import (
     _Run,
     _start_notes,
 )
+from .steps import _started_detail
 from .sync_driver import _SyncDriver
 
 __all__ = ["FlowResult", "FlowRunner", "NoReply", "StepContext", "StepFailed"]
@@ -362,7 +363,8 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
         self, flow: str, instance: str, inputs: Mapping[str, Any], flow_id: str | None
     ) -> _Run:
         spec = self._spec(flow)
-        if _plain(inputs):
+        plain = _plain(inputs)
+        if plain:
             # JSON gives these back as they are: their round trip (`flow_id`'s) is a copy.
             given = dict(inputs)
             text = _dumps(given)
@@ -385,9 +387,12 @@ class FlowRunner(_SyncDriver, _AsyncDriver):
                 raise FlowInputsInvalid(flow, ((spec.on, problem),))
             data["branch"] = branch
         record = new_flow_record(flow_id, flow, instance, "running", 0, "", 0)
-        run = _Run(spec, record, data)
+        # Inputs of JSON's own kinds only (`_plain`) stay as they are: the run's writes keep
+        # their text.
+        run = _Run(spec, record, data, inputs_text=(given, text) if plain else None)
         # Written with the first step's dispatch (or the parallel branches' results).
-        run.note([("FlowStarted", "", {"inputs": given})])
+        started = _started_detail(given, text) if plain else {"inputs": given}
+        run.pending.append(("FlowStarted", "", started, "running"))
         if spec.kind in ("parallel", "fanout"):
             run.note(_start_notes(run, _next_steps(run)))
         return run
@@ -407,7 +412,10 @@ def _flow_id(flow: str, instance: str, inputs: str) -> str:
 def _plain(inputs: Mapping[str, Any]) -> bool:
     """Whether every input is named by a str and is a str, int, bool or None, which JSON
     gives back as they were (so their JSON text is that of their round trip)."""
-    return all(type(name) is str and type(value) in _PLAIN for name, value in inputs.items())
+    for name, value in inputs.items():
+        if type(name) is not str or type(value) not in _PLAIN:
+            return False
+    return True
 
 
 _PLAIN = (str, int, bool, type(None))

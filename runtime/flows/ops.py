@@ -33,6 +33,8 @@ class _Send:
     emit: Emit
     phase: Literal["do", "undo"]
     status: FlowStatus
+    # What its event id adds to its run's prefix (results.id_part of its name and phase).
+    part: bytes
     # The plan's last step (or compensation): the commit that records its outcome (that of
     # its dispatch, where the driver can: the answer is then _SETTLED) ends the run.
     settle: bool = False

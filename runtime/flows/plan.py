@@ -24,7 +24,7 @@ from .compensation import (
 )
 from .fanin import _gather
 from .ops import _SETTLED, _TIMED_OUT, _Branches, _Op, _Plan, _Write
-from .run import _next_steps, _Note, _Run, _start_notes, _succeed
+from .run import _next_steps, _Note, _Run, _start, _succeed
 from .steps import _StepRunner
 
 
@@ -34,6 +34,7 @@ def _plan(runner: _StepRunner, run: _Run) -> _Plan:
     if not _undo_due(run, runner.runtime.clock.now_ms()):
         return  # a compensation that did not answer is tried again at the run's wake_ms
     clock = runner.runtime.clock
+    plan = run.plan()
     while run.record.status in ("running", "waiting"):
         steps = _next_steps(run)
         if not steps:
@@ -55,14 +56,13 @@ def _plan(runner: _StepRunner, run: _Run) -> _Plan:
                 break  # a branch waits for its reply (a fanout's, until its deadline)
             continue
         step = steps[0]
+        _start(run, step)
         if step.kind == "send":
-            run.note(_start_notes(run, [step]))
             # The plan's last step settles the run in the commit of its dispatch.
-            outcome = yield runner._send_op(step, "do", step is run.plan()[-1])
+            outcome = yield runner._send_op(step, "do", step is plan[-1])
             if outcome is _SETTLED:
                 continue
         else:
-            run.note(_start_notes(run, [step]))
             outcome = runner._attempt_here(run, step)
         if outcome[0] == "waiting":
             yield from _wait(run, step, outcome)

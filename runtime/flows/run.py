@@ -5,6 +5,7 @@ the data."""
 from __future__ import annotations
 
 import hashlib
+from _json import encode_basestring_ascii
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,7 +20,7 @@ from ..errors import (
     UnknownEvent,
 )
 from ..resilience.errors import is_unanswered
-from ..results import DispatchResult, event_id_prefix
+from ..results import DispatchResult, _dumps, event_id_prefix
 from ..store.base import FLOW_FINISHED, FlowRecord, FlowStatus
 from ..tables import FlowSpec, FlowStepSpec
 
@@ -90,6 +91,16 @@ class FlowResult:
 
 
 _Note = tuple[str, str, Mapping[str, Any]]
+
+
+class _Detail(dict[str, Any]):
+    """An entry's detail whose payload digest is known already (`steps._detail_digest`):
+    a run's FlowStarted, whose start has its inputs' JSON text (`steps._started_detail`)."""
+
+    __slots__ = ("digest",)
+    digest: bytes
+
+
 # The same with the run's status when it happened (the entry's to_state).
 _Entry = tuple[str, str, Mapping[str, Any], FlowStatus]
 
@@ -109,9 +120,61 @@ class _Run:
     # The hash its event ids start from ("flow" and its id): its sends' and its writes' ids
     # are derived from copies of it (results.derive_from), those two parts hashed once.
     ids: hashlib._Hash = field(init=False, repr=False, compare=False)
+    # Parts of `data` as a write found them, with their JSON text (`data_text`): the inputs;
+    # the computed values, a copy and the text; per step name, its entry, a copy of it and
+    # the text of the pair.
+    inputs_text: tuple[object, str] | None = field(default=None, repr=False, compare=False)
+    _values: tuple[object, dict[str, Any], str] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    _entries: dict[str, tuple[object, dict[str, Any], str]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
-        self.ids = event_id_prefix("flow", self.record.flow_id)
+        self.ids = event_id_prefix(self.record.flow_id, after=_FLOW_IDS)
+
+    def data_text(self) -> str:
+        """`_dumps(self.data)`, the run's data as its record holds it, written whole at each
+        write: a step's entry equal to what an earlier write encoded is not encoded again
+        (nor the inputs and the computed values), when what it holds cannot have changed in
+        place (a str, int, float, bool or None; a send's result: a compute function is handed
+        the inputs and the computed values, a result only once decoded from the store, apart
+        from the values). Nothing here puts an equal value of another type (True for 1) in
+        another's place. Keys in `_dumps`'s order: sorted, each a str."""
+        data = self.data
+        if len(data) != 4:  # a failure's, a branch's, a fanout's: as it is
+            return _dumps(data)
+        inputs, steps, values = data["inputs"], data["steps"], data["values"]
+        held = self.inputs_text
+        if held is None or held[0] is not inputs:
+            held = (inputs, _dumps(inputs))
+            if _flat(inputs):  # nothing changes a run's inputs
+                self.inputs_text = held
+        inputs_text = held[1]
+        kept = self._values
+        if kept is not None and kept[0] is values and kept[1] == values:
+            values_text = kept[2]
+        else:
+            values_text = _dumps(values)
+            if _flat(values):
+                self._values = (values, dict(values), values_text)
+        entries = self._entries
+        pairs = []
+        for name in sorted(steps):
+            entry = steps[name]
+            known = entries.get(name)
+            if known is not None and known[0] is entry and known[1] == entry:
+                pairs.append(known[2])
+                continue
+            pair = _pair_text(name, entry)
+            pairs.append(pair)
+            if type(entry) is dict and _unshared(entry.get("result"), name, values):
+                entries[name] = (entry, dict(entry), pair)
+        return (
+            f'{{"inputs":{inputs_text},"order":{_dumps(data["order"])},'
+            f'"steps":{{{",".join(pairs)}}},"values":{values_text}}}'
+        )
 
     def note(self, notes: Iterable[_Note], status: FlowStatus = "running") -> None:
         self.pending += [(event, step, detail, status) for event, step, detail in notes]
@@ -130,6 +193,41 @@ class _Run:
         if spec.kind == "conditional":
             return spec.branches.get(str(self.data.get("branch")), ())
         return spec.steps
+
+
+_string = encode_basestring_ascii  # a str's JSON text, as `_dumps` writes it
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _flat(value: object) -> bool:
+    """Whether `value` is a dict of str, int, float, bool or None values only."""
+    return type(value) is dict and all(type(v) in _SCALARS for v in value.values())
+
+
+def _unshared(result: object, name: str, values: object) -> bool:
+    """Whether a step's result is one nothing changes in place: not a container that is
+    also the step's computed value (which compute functions are handed)."""
+    return type(result) in _SCALARS or not (isinstance(values, dict) and values.get(name) is result)
+
+
+def _pair_text(name: str, entry: object) -> str:
+    """A step's name and entry in the run's data as `_dumps` writes them; a send's result,
+    {"status": "succeeded", "result": {"state": ..., "seq": ...}}, without the encoder's walk
+    (about 14k instructions)."""
+    if type(entry) is dict and len(entry) == 2 and entry.get("status") == "succeeded":
+        result = entry.get("result")
+        if type(result) is dict and len(result) == 2:
+            state, seq = result.get("state"), result.get("seq")
+            if type(state) is str and type(seq) is int:
+                return (
+                    f'{_string(name)}:{{"result":{{"seq":{seq},"state":{_string(state)}}},'
+                    '"status":"succeeded"}'
+                )
+    return _dumps({name: entry})[1:-1]
+
+
+# The hash after a run's ids' first part, "flow" (`_Run.ids`).
+_FLOW_IDS = event_id_prefix("flow")
 
 
 # What a step's dispatch answers with, as _step_outcome takes it (anything else is raised).
@@ -159,12 +257,21 @@ def _next_steps(run: _Run) -> list[FlowStepSpec]:
     plan = run.plan()
     if run.spec.kind in ("parallel", "fanout"):
         return [s for s in plan if run.status_of(s.name) in (None, "started")]
-    steps = run.steps
+    steps = run.data["steps"]
     for step in plan:
         entry = steps.get(step.name)
         if entry is None or entry["status"] != "succeeded":
             return [step]
     return []
+
+
+def _start(run: _Run, step: FlowStepSpec) -> None:
+    """`run.note(_start_notes(run, [step]))`: a step of a sequence about to run, started in
+    the run's data and noted, unless it was already."""
+    steps = run.data["steps"]
+    if steps.get(step.name) is None:
+        steps[step.name] = {"status": "started"}
+        run.pending.append(("StepStarted", step.name, {}, "running"))
 
 
 def _start_notes(run: _Run, steps: Sequence[FlowStepSpec]) -> list[_Note]:
@@ -194,22 +301,29 @@ def _step_result(
 
 
 def _succeed(run: _Run, step: FlowStepSpec, detail: Any) -> None:
-    run.steps[step.name] = {"status": "succeeded", "result": detail}
+    run.data["steps"][step.name] = {"status": "succeeded", "result": detail}
     run.data["order"].append(step.name)
     if step.kind == "compute":
         run.data["values"][step.name] = detail
 
 
+# FlowResult's slots, in field order, set directly (`_result`).
+_RESULT_SETTERS = tuple(getattr(FlowResult, name).__set__ for name in FlowResult.__slots__)
+
+
 def _result(run: _Run) -> FlowResult:
-    data = run.data
-    return FlowResult(
-        run.record.flow_id,
-        run.record.flow,
-        run.record.instance,
-        run.record.status,
-        {name: str(s["status"]) for name, s in data["steps"].items()},
-        data.get("failed"),
-        data.get("reason"),
-        dict(data["values"]),
-        data.get("gathered"),
-    )
+    """FlowResult of the run, its slots set directly: the frozen dataclass __init__ (nine
+    object.__setattr__ calls) costs half as much again, once a run."""
+    data, record = run.data, run.record
+    result = object.__new__(FlowResult)
+    set0, set1, set2, set3, set4, set5, set6, set7, set8 = _RESULT_SETTERS
+    set0(result, record.flow_id)
+    set1(result, record.flow)
+    set2(result, record.instance)
+    set3(result, record.status)
+    set4(result, {name: str(s["status"]) for name, s in data["steps"].items()})
+    set5(result, data.get("failed"))
+    set6(result, data.get("reason"))
+    set7(result, dict(data["values"]))
+    set8(result, data.get("gathered"))
+    return result

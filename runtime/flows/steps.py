@@ -31,9 +31,11 @@ from ..ledger import (
 from ..results import (
     DispatchResult,
     _dumps,
-    derive_from,
     derive_ids_from,
+    derive_with,
     event_id_prefix,
+    id_part,
+    index_prefix,
 )
 from ..runtime import Runtime
 from ..sealing import _Chain, _new_entry_data
@@ -42,9 +44,10 @@ from ..tables import Emit, FlowSpec, FlowStepSpec
 from ..timers import format_duration
 from .compensation import _settled
 from .ops import _SETTLED, _Send
-from .run import _OUTCOMES, StepContext, StepFailed, _Entry, _Note, _Run, _step_outcome
+from .run import _OUTCOMES, StepContext, StepFailed, _Detail, _Entry, _Note, _Run, _step_outcome
 
 _sha256 = hashlib.sha256
+_JSON_OWN = (str, int, bool, type(None))
 
 
 class _StepRunner:
@@ -72,7 +75,8 @@ class _StepRunner:
             emit = step.send if phase == "do" else step.compensate
             assert emit is not None
             status: FlowStatus = "running" if phase == "do" else "compensating"
-            op = self._sends[key] = _Send(step, emit, phase, status, last)
+            part = id_part(step.name, phase)
+            op = self._sends[key] = _Send(step, emit, phase, status, part, last)
         return op
 
     def _hook(self, run: _Run, step: FlowStepSpec, phase: Literal["do", "undo"]) -> None:
@@ -88,12 +92,15 @@ class _StepRunner:
         """A compute or await step, which needs no write: ("succeeded", result) |
         ("failed", reason) | ("waiting", (since, deadline))."""
         try:
-            if not hooked:
+            if not hooked and self.before_step is not None:
                 self._hook(run, step, "do")
             if step.kind == "compute":
                 assert step.function is not None
                 values = {**run.data["inputs"], **run.data["values"]}
-                return "succeeded", json.loads(_dumps(self.functions[step.function](values)))
+                value = self.functions[step.function](values)
+                if type(value) not in _JSON_OWN:  # else its JSON round trip is itself
+                    value = json.loads(_dumps(value))
+                return "succeeded", value
             return self._check_wait(run, step)
         except StepFailed as failed:
             return _step_outcome(failed)
@@ -147,14 +154,15 @@ class _StepRunner:
             return send()
 
     def _receiver(
-        self, run: _Run, step: FlowStepSpec, emit: Emit, phase: str
+        self, run: _Run, step: FlowStepSpec, emit: Emit, part: bytes
     ) -> tuple[Governor, str, dict[str, Any], str]:
-        """The receiver, its instance, the payload and the event id of a send."""
+        """The receiver, its instance, the payload and the event id of a send (`part`: its
+        op's, what the id adds to the run's prefix)."""
         governor = self.runtime.governor(emit.machine)
         inputs = run.data["inputs"]
         target = run.record.instance if step.to is None else str(inputs[step.to])
         payload = _payload(emit, {**inputs, **run.data["values"]}, target, self.actor, run)
-        event_id = derive_from(run.ids, step.name, phase)
+        event_id = derive_with(run.ids, part)
         return governor, target, payload, event_id
 
     def _write_work(
@@ -176,11 +184,11 @@ class _StepRunner:
             def gathered(txn: Transaction, chain: _Chain) -> FlowRecord:
                 final, more = gather(txn)
                 entries = [*pending, *((e, s, d, final) for e, s, d in (*notes, *more))]
-                return self._store_run(txn, chain, before, final, entries, _dumps(run.data), None)
+                return self._store_run(txn, chain, before, final, entries, run.data_text(), None)
 
             return gathered
         entries = [*pending, *((event, step, detail, status) for event, step, detail in notes)]
-        text = _dumps(run.data)
+        text = run.data_text()
 
         def work(txn: Transaction, chain: _Chain) -> FlowRecord:
             return self._store_run(txn, chain, before, status, entries, text, wake_ms)
@@ -268,7 +276,7 @@ class _StepRunner:
             # The record's time and version, for the entries sealed before it is written.
             now = self.runtime.clock.now_ms()
             flow_id, flow, version = before.flow_id, before.flow, before.version + 1
-            ids = event_id_prefix(version, after=run.ids)
+            ids = index_prefix(run.ids, version)
             self._seal_entries(txn, chain, flow, flow_id, now, ids, pending, 0)
             try:
                 value = unit(txn, chain)
@@ -277,7 +285,7 @@ class _StepRunner:
             rejected = getattr(value, "error", None)  # the dispatch's _Rejected
             status, entries, wake = _settled(run, op, _step_outcome(rejected or value), now)
             self._seal_entries(txn, chain, flow, flow_id, now, ids, entries, len(pending))
-            text = _dumps(run.data)
+            text = run.data_text()
             record = new_flow_record(
                 flow_id, flow, before.instance, status, version, text, now, wake
             )
@@ -341,7 +349,7 @@ class _StepRunner:
                 return None
             now = self.runtime.clock.now_ms()
             status, entries, wake = _settled(run, op, _step_outcome(answered[0]), now)
-            return self._store_run(txn, chain, written[0], status, entries, _dumps(run.data), wake)
+            return self._store_run(txn, chain, written[0], status, entries, run.data_text(), wake)
 
         return [started, dispatch, settle]
 
@@ -383,9 +391,19 @@ def _detail_digest(detail: Mapping[str, Any]) -> bytes:
     """The payload digest of a flow entry's detail. The runner's details hold JSON values
     already (results and inputs went through JSON when they were stored), and canonical JSON
     of such a value is that of its JSON round trip; anything else is made JSON first."""
+    if type(detail) is _Detail:
+        return detail.digest
     if len(detail) == 1:
         result = detail.get("result")
-        if type(result) is dict and len(result) == 2:
+        if type(result) is str:
+            # A computed str value (most are: JSON text, a decimal as text): canonical_json's
+            # text of one member, the key as this one.
+            text = f'{{"result":{_JSON_STRING(result)}}}'
+            try:
+                return _sha256(PAYLOAD_TAG + text.encode("utf-8")).digest()
+            except UnicodeEncodeError:
+                pass  # a lone surrogate: refused below, as canonical_json refuses it
+        elif type(result) is dict and len(result) == 2:
             # A send's result, {"state": ..., "seq": ...}: its canonical JSON written as
             # canonical_json writes it (keys in order, the int as is, the text escaped),
             # without the general walk; its checks are canonical_json's.
@@ -400,6 +418,23 @@ def _detail_digest(detail: Mapping[str, Any]) -> bytes:
         return payload_digest(detail)
     except PayloadEncodingError:
         return payload_digest(json.loads(_dumps(detail)))
+
+
+def _started_detail(inputs: dict[str, Any], text: str) -> Mapping[str, Any]:
+    """FlowStarted's detail, {"inputs": inputs}, `text` being `_dumps(inputs)` of inputs that
+    are str, int, bool or None each (`engine._plain`), with its digest when that text is
+    canonical_json's too: printable ASCII with nothing escaped (the keys then sort alike), no
+    int outside the range canonical_json takes. The general walk costs about 25k
+    instructions a run."""
+    detail = {"inputs": inputs}
+    if not text.isascii() or "\\" in text:
+        return detail
+    for value in inputs.values():
+        if type(value) is int and not -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
+            return detail
+    digested = _Detail(detail)
+    digested.digest = _sha256(PAYLOAD_TAG + f'{{"inputs":{text}}}'.encode()).digest()
+    return digested
 
 
 def _payload(

@@ -43,11 +43,11 @@ class _SyncDriver(_StepRunner):
                 op = plan.send(answer)
             except StopIteration:
                 return _result(run)
-            if isinstance(op, _Write):
+            if isinstance(op, _Send):  # most ops
+                answer = self._send(run, op)
+            elif isinstance(op, _Write):
                 self._write(run, op.status, op.notes, op.wake_ms, op.gather)
                 answer = None
-            elif isinstance(op, _Send):
-                answer = self._send(run, op)
             else:
                 answer = self._branches(run, op)
 
@@ -56,8 +56,9 @@ class _SyncDriver(_StepRunner):
         work with its outcome (`_recording`; the answer is then _SETTLED), or, on the memory
         store or across ledger partitions, a batch of units of their own (`_send_units`)."""
         try:
-            self._hook(run, op.step, op.phase)
-            governor, target, payload, event_id = self._receiver(run, op.step, op.emit, op.phase)
+            if self.before_step is not None:
+                self._hook(run, op.step, op.phase)
+            governor, target, payload, event_id = self._receiver(run, op.step, op.emit, op.part)
             work = governor._work(
                 target, op.emit.event, payload or None, self.actor, event_id, None, None, False
             )
@@ -236,7 +237,9 @@ class _SyncDriver(_StepRunner):
             if step.kind != "send":
                 return self._attempt_here(run, step, hooked=True)
             assert step.send is not None
-            governor, target, payload, event_id = self._receiver(run, step, step.send, "do")
+            governor, target, payload, event_id = self._receiver(
+                run, step, step.send, self._send_op(step, "do", False).part
+            )
             then = _late_fold(self, run, step, target) if late else None
             result = self._dispatch(governor, target, step.send.event, payload, event_id, then)
         except (StepFailed, *_STEP_FAILURES) as failed:
