@@ -222,7 +222,13 @@ def apply(
     stored = ""
     if event_id is not None or idempotency_key is not None:
         try:
-            stored = _result_to_json(result)
+            text = row.json.text(
+                row, instance_id, version, result._seq, event_id, emitted, results, armed
+            )
+        except (TypeError, ValueError):  # a part not of the kinds it writes: json's says how
+            text = None
+        try:
+            stored = _result_to_json(result) if text is None else text
         except (TypeError, ValueError, PydanticSerializationError) as exc:
             # The result is stored for repeats, so it must be JSON: fail before writing.
             raise ActionFailed(name, ", ".join(results), exc, role="result of") from exc

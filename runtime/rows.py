@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import sys
+from _json import encode_basestring_ascii
 from collections.abc import Callable, Mapping
 from typing import cast, final
 
 from .bindings import Action, Guard
 from .errors import InvalidTransition, StoreIntegrityError
-from .results import _EMPTY_RESULTS, _dumps, _Outcome
+from .results import _EMPTY_RESULTS, EmittedEvent, _dumps, _Outcome
 from .tables import ELSE, Emit, Payload, TimerSpec, Transition
-from .timers import TimerPlan
+from .timers import ArmedTimer, TimerPlan
 
 # What a refusal notice's $refusal_code / $refusal_message arguments hold until the notice is
 # released with the refusal (runtime/outbox.py fills them): a JSON object no payload field
@@ -38,6 +39,7 @@ class _Row:
         "event",
         "guard",
         "guard_fn",
+        "json",
         "keep",
         "kept",
         "machine",
@@ -107,6 +109,100 @@ class _Row:
             (),
             False,
             False,
+        )
+        self.json = _ResultText(self)
+
+
+@final
+class _ResultText:
+    """A row's stored result (`results._result_to_json`, the same text) in pieces made at
+    load time: json's encoder sorts and joins the whole document at every dispatch, where
+    all but the instance, version, seq, event id and what the row emitted and armed is the
+    row's own. `text` is None for what it does not write (action results other than None),
+    for the caller's `_result_to_json`."""
+
+    __slots__ = ("actions", "arms", "event", "machine", "source", "target")
+
+    def __init__(self, row: _Row) -> None:
+        # In the document's sorted key order, each piece with the key that follows it.
+        self.actions = _dumps(dict.fromkeys(name for name, _ in row.actions)) + ',"armed":'
+        # Each armed timer's row, around its instance, due time and version.
+        self.arms = tuple(
+            ("[" + _dumps(row.machine) + ",", "," + _dumps(t.id) + "," + _dumps(t.state) + ",")
+            for t in row.arms
+        )
+        self.event = ',"event":' + _dumps(row.event) + ',"event_id":'
+        self.source = ',"from_state":' + _dumps(row.source) + ',"instance":'
+        self.machine = ',"machine":' + _dumps(row.machine) + ',"notifications":[],"seq":'
+        self.target = ',"to_state":' + _dumps(row.target) + ',"version":'
+
+    def text(
+        self,
+        row: _Row,
+        instance: str,
+        version: int,
+        seq: int | None,
+        event_id: str | None,
+        emitted: tuple[EmittedEvent, ...],
+        results: Mapping[str, object],
+        armed: tuple[ArmedTimer, ...],
+    ) -> str | None:
+        """The stored result of `row` applied (what `_apply` made of it: `emitted` from its
+        emits, `armed` from its arms, `results` from its actions); None if an action returned
+        something. TypeError for a part that is not text: `_result_to_json` writes it then."""
+        if results:
+            for value in results.values():
+                if value is not None:
+                    return None
+            actions = self.actions
+        else:
+            actions = '{},"armed":'
+        if type(version) is not int or not (seq is None or type(seq) is int):
+            return None
+        quote = encode_basestring_ascii
+        at = quote(instance)
+        timers = "[]"
+        if armed:
+            each = []
+            for (head, middle), timer in zip(self.arms, armed, strict=True):
+                if type(timer.due_ms) is not int:
+                    return None
+                each.append(f"{head}{at}{middle}{timer.due_ms},{version}]")
+            timers = "[" + ",".join(each) + "]"
+        events = "[]"
+        if emitted:
+            # An emitted id is derive_ids_from's "evt_" and hex digits: nothing to escape.
+            events = (
+                "["
+                + ",".join(
+                    [
+                        plan.json
+                        + (at if sent.instance is instance else quote(sent.instance))
+                        + plan.json_event
+                        + sent.event_id
+                        + '"]'
+                        for plan, sent in zip(row.emits, emitted, strict=True)
+                    ]
+                )
+                + "]"
+            )
+        return "".join(
+            [
+                '{"action_results":',
+                actions,
+                timers,
+                ',"emitted":',
+                events,
+                self.event,
+                "null" if event_id is None else quote(event_id),
+                self.source,
+                at,
+                self.machine,
+                "null" if seq is None else str(seq),
+                self.target,
+                str(version),
+                "}",
+            ]
         )
 
 
@@ -181,6 +277,8 @@ class _EmitPlan:
         "event",
         "fields",
         "fixed",
+        "json",
+        "json_event",
         "kept",
         "machine",
         "reads",
@@ -192,6 +290,9 @@ class _EmitPlan:
         self.machine = emit.machine
         self.event = emit.event
         self.to = emit.to  # the data field holding the receiver's id; None: the same id
+        # Its EmittedEvent in a stored result (_ResultText), around the receiver and the id.
+        self.json = "[" + _dumps(self.machine) + ","
+        self.json_event = "," + _dumps(self.event) + ',"'
         # The notice the emitting instance gets if the receiver refuses (runtime/outbox.py).
         self.refused = None if emit.refused is None else _EmitPlan(emit.refused)
         self.constant: dict[str, object] = {}

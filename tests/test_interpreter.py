@@ -983,6 +983,48 @@ def test_a_stored_result_is_the_json_of_its_document(
     assert _text_or_error(_result_to_json, result) == _text_or_error(_dumps, document)
 
 
+def test_a_dispatch_stores_the_text_json_writes_of_its_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A dispatch writes its stored result from pieces its row made at load time
+    # (rows._ResultText): the text _result_to_json writes of that result, for rows with
+    # guards, actions, timers and emits (a signup and a cancellation saga).
+    from autonomic.runtime.results import DispatchResult, _result_to_json
+    from autonomic.runtime.rows import _ResultText
+    from autonomic.runtime.store.sqlite import SQLiteStore
+    from flow_world import marketplace
+
+    made: list[tuple[str | None, DispatchResult]] = []
+    text = _ResultText.text
+
+    def spy(self: _ResultText, row: Any, instance: str, *rest: Any) -> str | None:
+        version, seq, event_id, emitted, results, armed = rest
+        result = DispatchResult(
+            row.machine, instance, row.event, row.source, row.target, version, seq, event_id,
+            emitted, (), results, armed,
+        )  # fmt: skip
+        made.append((text(self, row, instance, *rest), result))
+        return made[-1][0]
+
+    monkeypatch.setattr(_ResultText, "text", spy)
+    runtime, runner, _ = marketplace(SQLiteStore(tmp_path / "w.db"), mode="checkpoint")
+    inputs = {"email": "ops@c.example", "country": "DE", "product_id": "p", "tier": "professional"}
+    assert runner.start("CustomerSignup", "c", {"customer_id": "c", **inputs}).status == "completed"
+    runtime.governor("Billing").create("c")
+    runtime.governor("Entitlement").create("c")
+    approve = {"approver": "vendor-admin"}
+    runtime.governor("Entitlement").dispatch("c", "Approve", approve, event_id="a1")
+    cancel = {"customer_id": "c", "request_id": "cx", "reason": "bench"}
+    assert runner.start("SubscriptionCancellation", "c", cancel).status == "completed"
+    runtime.close()
+    written = [text for text, _ in made if text is not None]
+    assert len(written) >= 5
+    assert any('"emitted":[[' in text for text in written)
+    assert any('"armed":[[' in text for text in written)
+    for text, result in made:
+        assert text is None or text == _result_to_json(result)
+
+
 def _text_or_error(write: Any, value: object) -> object:
     try:
         return write(value)
