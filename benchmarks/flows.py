@@ -349,15 +349,18 @@ _ID_WRITES = re.compile(r"(INSERT INTO|UPDATE) (outbox|timers) (\(id,|\(|SET sea
 
 def saga_writes(market: Marketplace, customer: str) -> list[Commit]:
     """The writes of each commit of one saga on `customer` (untimed), in order, with their
-    parameters, as the store's transaction executed them."""
+    parameters, as the store's transaction executed them (through any of its statement
+    methods). Raises if a table gained rows the trace did not see: a raw writer replaying
+    part of the saga would be no baseline."""
     store = market.runtime.store
     connection = store._connection  # type: ignore[attr-defined]
     txn = store._txn  # type: ignore[attr-defined]
-    execute, executemany = txn._execute, txn._executemany
+    one, several = ("_execute", "_write"), ("_executemany", "_write_many")
+    originals = {name: getattr(txn, name) for name in (*one, *several)}
     commits: list[Commit] = []
     current: Commit = []
 
-    def writes(sql: str, parameters: Any = ()) -> Any:
+    def writes(execute: Callable[..., Any], sql: str, parameters: Any = ()) -> Any:
         # Not the outside call's claim, let go in the unit that records the call: the raw
         # writer takes no claim (as its claim's own commit is not one of the saga's, below).
         if (
@@ -367,7 +370,7 @@ def saga_writes(market: Marketplace, customer: str) -> list[Commit]:
             current.append((sql, tuple(parameters)))
         return execute(sql, parameters)
 
-    def many(sql: str, rows: Any) -> Any:
+    def many(executemany: Callable[..., Any], sql: str, rows: Any) -> Any:
         rows = [tuple(row) for row in rows]
         current.extend((sql, row) for row in rows)
         return executemany(sql, rows)
@@ -379,14 +382,39 @@ def saga_writes(market: Marketplace, customer: str) -> list[Commit]:
             commits.append(current[:])
             current.clear()
 
-    txn._execute, txn._executemany = writes, many
+    before = table_rows(connection)
+    for name in one:
+        setattr(txn, name, partial(writes, originals[name]))
+    for name in several:
+        setattr(txn, name, partial(many, originals[name]))
     connection.set_trace_callback(trace)
     try:
         market.runner.start("SubscriptionCancellation", customer, cancel_inputs(customer))
     finally:
         connection.set_trace_callback(None)
-        txn._execute, txn._executemany = execute, executemany
+        for name, method in originals.items():
+            setattr(txn, name, method)
+    gained = {table: rows - before[table] for table, rows in table_rows(connection).items()}
+    inserted = dict.fromkeys(gained, 0)
+    for sql, _ in (write for commit in commits for write in commit):
+        if sql.startswith("INSERT INTO "):
+            table = sql.split()[2]
+            inserted[table] = inserted.get(table, 0) + 1
+    if gained != inserted:
+        raise RuntimeError(f"the trace saw {inserted} rows inserted, the tables gained {gained}")
     return commits
+
+
+# The tables a saga adds rows to, counted around the traced saga and the raw writer's.
+_SAGA_TABLES = ("ledger", "ledger_checkpoints", "processed_events", "flows", "outbox", "timers")
+
+
+def table_rows(connection: sqlite3.Connection) -> dict[str, int]:
+    """The row count of each table a saga adds rows to."""
+    return {
+        table: connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        for table in _SAGA_TABLES
+    }
 
 
 class RawSagas:
