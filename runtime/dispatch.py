@@ -46,10 +46,14 @@ Semantics worth knowing:
   back to the same state, a self-transition say), it takes their results; if the instance
   moved to where the event is decided otherwise (another row, a rejection, ignored), the
   dispatch is refused with OutsideCallsSuperseded (R024, a ConcurrentUpdateDetected) that
-  carries their results, and nothing of it is stored. A repeated event id or idempotency key
-  found committed calls nothing, and every dispatch that runs such actions (`dispatch`,
-  `dispatch_async`, `dispatch_many`, flow steps) holds a claim on its event id and idempotency
-  key from before those calls until its commit, in this runtime and in the store
+  carries their results, and nothing of it is stored. If the look found nothing to call (no
+  instance yet, or a state where the event calls nothing) and the unit now takes a row that
+  calls out (the instance was created or moved meanwhile), the unit calls nothing either,
+  never inside the transaction: it stores nothing and the dispatch looks again, still under
+  its claim (unit._LookAgain). A repeated event id or idempotency key found committed calls
+  nothing, and every dispatch that runs such actions (`dispatch`, `dispatch_async`,
+  `dispatch_many`, flow steps) holds a claim on its event id and idempotency key from before
+  those calls until its commit, in this runtime and in the store
   (runtime/resilience/claims.py): a second dispatch of either, in any process on the store,
   waits, then finds the first's result committed and calls nothing (`dispatch_many` does not
   wait: that request fails with OutsideCallInProgress, R025). The claim is renewed while the

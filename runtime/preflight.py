@@ -17,7 +17,7 @@ from .results import DispatchResult
 from .rows import _Absent
 from .store.base import ClaimKey, Transaction, WorkOutcome
 from .tables import Payload
-from .unit import _NO_ENTRIES, _Preran, _Rejected, _settled, _UnitInputs
+from .unit import _NO_ENTRIES, _LookAgain, _Preran, _Rejected, _settled, _UnitInputs
 
 if TYPE_CHECKING:
     from .dispatch import Governor
@@ -82,44 +82,49 @@ async def dispatch_async(
         await loop.run_in_executor(pool, busy.wait)
     held: Release | None = None
     committed = False
+    unprepared = work
     try:
-        if keys:
-            # The claim and the outside calls in one hand-off to the pool (each costs the
-            # loop 30-50 us of CPU).
-            calling = pool.submit(_hold_and_prepare, governor, keys, work)
+        while True:
+            if keys:
+                # The claim (held from the first turn on) and the outside calls in one
+                # hand-off to the pool (each costs the loop 30-50 us of CPU).
+                calling = pool.submit(_hold_and_prepare, governor, keys, unprepared, held)
+                try:
+                    held, work = await _outcome_in(loop, calling)
+                except asyncio.CancelledError:
+                    # Nobody waits for the calls, which go on in the pool: their thread
+                    # records them (a commit of their own) and lets go of the claim once they
+                    # end, with no help from this event loop, which may be closing.
+                    calling.add_done_callback(partial(_abandon, pool, governor, partition, release))
+                    held = release = None
+                    raise
+            else:
+                work = await loop.run_in_executor(pool, governor._prepare, unprepared)
             try:
-                held, work = await _outcome_in(loop, calling)
-            except asyncio.CancelledError:
-                # Nobody waits for the calls, which go on in the pool: their thread records
-                # them (a commit of their own) and lets go of the claim once they end, with
-                # no help from this event loop, which may be closing.
-                calling.add_done_callback(partial(_abandon, pool, governor, partition, release))
-                release = None
-                raise
-        else:
-            work = await loop.run_in_executor(pool, governor._prepare, work)
-        if held is None:
-            done = await runtime._submit_async(work, partition)
-        else:
-            queued = runtime._queue_async(work, partition)
-            try:
-                # Awaited as it is: cancelling it leaves its unit in the batch all the same
-                # (AsyncBatcher drops the outcome only).
-                done = await queued
-            except asyncio.CancelledError:
-                # Its unit is queued, and commits unless this event loop is closing before
-                # its batch: the pool commits it as well (the second of the two finds the
-                # claim let go and writes nothing) and lets go of the claim, with no help
-                # from this loop.
-                queued.add_done_callback(_retrieved)
-                _record_in_pool(pool, governor, partition, held, release, work)
-                held = release = None
-                raise
-            finally:
-                if runtime._breakers.unstored:  # as _submit_async does
-                    runtime._settle_breakers()
-        committed = lets_go(work)
-        return _settled(done)
+                if held is None:
+                    done = await runtime._submit_async(work, partition)
+                else:
+                    queued = runtime._queue_async(work, partition)
+                    try:
+                        # Awaited as it is: cancelling it leaves its unit in the batch all the
+                        # same (AsyncBatcher drops the outcome only).
+                        done = await queued
+                    except asyncio.CancelledError:
+                        # Its unit is queued, and commits unless this event loop is closing
+                        # before its batch: the pool commits it as well (the second of the
+                        # two finds the claim let go and writes nothing) and lets go of the
+                        # claim, with no help from this loop.
+                        queued.add_done_callback(_retrieved)
+                        _record_in_pool(pool, governor, partition, held, release, work)
+                        held = release = None
+                        raise
+                    finally:
+                        if runtime._breakers.unstored:  # as _submit_async does
+                            runtime._settle_breakers()
+            except _LookAgain:
+                continue  # the committed state changed since the look: look again
+            committed = lets_go(work)
+            return _settled(done)
     finally:
         if held is None:
             if release is not None:
@@ -174,12 +179,16 @@ def _settle(waiter: asyncio.Future[T], calling: Future[T]) -> None:
 
 
 def _hold_and_prepare(
-    governor: Governor, keys: tuple[ClaimKey, ...], work: partial[DispatchResult | _Rejected]
+    governor: Governor,
+    keys: tuple[ClaimKey, ...],
+    work: partial[DispatchResult | _Rejected],
+    held: Release | None = None,
 ) -> tuple[Release | None, partial[DispatchResult | _Rejected]]:
-    """Claim `keys` in the store, then prepare `work` (its outside calls): the store's
-    release (None if the result was committed already) and the prepared work. If preparing
-    fails, the store's claim is let go here."""
-    held = governor.runtime._outside.hold(keys, governor._committed(work))
+    """Claim `keys` in the store (unless `held`: claimed on an earlier look), then prepare
+    `work` (its outside calls): the store's release (None if the result was committed
+    already) and the prepared work. If preparing fails, the store's claim is let go here."""
+    if held is None:
+        held = governor.runtime._outside.hold(keys, governor._committed(work))
     try:
         return held, governor._prepare(work)
     except BaseException:
@@ -275,13 +284,17 @@ def dispatch_many(
     runs after request i's unit of work, in its transaction, unless the unit refused the
     event (the outbox marks a delivery delivered so, runtime/outbox.py)."""
     results: list[DispatchResult | Exception | None] = [None] * len(requests)
-    works = []
-    slots = []
+    works: list[partial[DispatchResult | _Rejected]] = []
+    slots: list[int] = []
     # The claims this batch holds: a request repeating one of them is not prepared (its
     # unit finds the earlier one's result in the batch); one held elsewhere is refused.
     claimed: dict[ClaimKey, int] = {}  # -> the index of the request that claimed it
     releases: dict[int, Release] = {}  # by the index of the request that holds it
     done: list[WorkOutcome[DispatchResult | _Rejected]] = []
+    # By position in `works`: the work as it was before its look, and, for a repeat of an
+    # earlier request of the batch, that request's position.
+    unprepared: list[partial[DispatchResult | _Rejected]] = []
+    repeats: dict[int, int] = {}
     try:
         for index, r in enumerate(requests):
             try:
@@ -301,7 +314,9 @@ def dispatch_many(
                     failed = results[earlier]
                     if isinstance(failed, Exception):  # its outside call failed: not again
                         raise failed
+                    repeats[len(works)] = slots.index(earlier)
                     works.append(work)
+                    unprepared.append(work)
                     slots.append(index)
                     continue
                 if keys:
@@ -313,6 +328,7 @@ def dispatch_many(
                         claimed.update(dict.fromkeys(keys, index))
                 # A failed call's breaker change goes in the batch (not alone).
                 works.append(governor._prepare(work, alone=False))
+                unprepared.append(work)
                 slots.append(index)
             except Exception as error:  # invalid payload or event, a call failed or busy
                 results[index] = error
@@ -324,6 +340,18 @@ def dispatch_many(
             else [partial(_followed, w, then[i]) for w, i in zip(works, slots, strict=True)]
         )
         done = governor.runtime._submit_many(units, partitions)
+        for at, outcome in enumerate(done):
+            if type(outcome.error) is _LookAgain:
+                done[at] = _looked_again(
+                    governor,
+                    works,
+                    unprepared,
+                    repeats,
+                    done,
+                    at,
+                    partitions[at],
+                    None if then is None else then[slots[at]],
+                )
     finally:
         # A claim whose unit committed went with it (claimed_step): nothing left to write.
         committed = {
@@ -344,6 +372,35 @@ def dispatch_many(
         else:
             results[index] = cast(DispatchResult, value)
     return cast(list[DispatchResult | Exception], results)
+
+
+def _looked_again(
+    governor: Governor,
+    works: list[partial[DispatchResult | _Rejected]],
+    unprepared: Sequence[partial[DispatchResult | _Rejected]],
+    repeats: Mapping[int, int],
+    done: Sequence[WorkOutcome[DispatchResult | _Rejected]],
+    at: int,
+    partition: int,
+    then: Callable[[Transaction, _Chain], object] | None,
+) -> WorkOutcome[DispatchResult | _Rejected]:
+    """The outcome of `dispatch_many`'s request at `at` (in `works`), whose unit found the
+    committed state changed since its look (nothing stored, nothing called): looked at again
+    and committed alone, under the claim the batch holds. A repeat of an earlier request is
+    not prepared: it finds that one's result, or takes its error (nothing called twice)."""
+    earlier = repeats.get(at)
+    while True:
+        try:
+            unit = unprepared[at] if earlier is not None else governor._prepare(unprepared[at])
+        except Exception as error:  # its call failed: as in the batch, the slot's error
+            return WorkOutcome(None, error)
+        works[at] = unit
+        work = unit if then is None else partial(_followed, unit, then)
+        [outcome] = governor.runtime._submit_many([work], [partition])
+        if type(outcome.error) is not _LookAgain:
+            return outcome
+        if earlier is not None:  # that one stored nothing
+            return WorkOutcome(None, done[earlier].error or outcome.error)
 
 
 def claim_keys(
@@ -393,13 +450,17 @@ def run_prepared(
     release = governor.runtime._outside.claim(keys, governor._committed(work)) if keys else None
     committed = False
     try:
-        unit = governor._prepare(work)
-        lets = lets_go(unit)
-        if then is not None:
-            unit = partial(_followed, unit, then)
-        done = governor.runtime._submit(unit, partition)
-        committed = lets
-        return _settled(done)
+        while True:
+            unit = governor._prepare(work)
+            lets = lets_go(unit)
+            if then is not None:
+                unit = partial(_followed, unit, then)
+            try:
+                done = governor.runtime._submit(unit, partition)
+            except _LookAgain:
+                continue  # the committed state changed since the look: look again
+            committed = lets
+            return _settled(done)
     finally:
         if release is not None:
             release(committed=committed)

@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 
 __all__ = ["decide", "record_rejection", "step", "superseded", "without_row"]
 
+
+class _LookAgain(Exception):
+    """The unit found a row whose outside actions (a policy's) its look before the
+    transaction did not run: the committed state changed in between (the instance was
+    created, or moved to where the event calls out). Nothing is written and nothing called;
+    the dispatcher looks again (`preflight.prepare`), under the claim it still holds."""
+
+
 # Guard and action contexts are built with tuple.__new__, skipping the named tuple's __new__.
 _new_context = cast(
     Callable[[type[TransitionContext], tuple[Any, ...]], TransitionContext], tuple.__new__
@@ -145,7 +153,15 @@ def step(
             txn, chain, record, event, actor, event_id, digest, now, rejection
         )
     ran = None
-    if preran is not None:
+    if preran is None:
+        if event in governor._external_events and any(
+            a in governor._external for a, _ in row.actions
+        ):
+            # Never called here: in the transaction the call would hold the store's write
+            # lock (every commit waits for it), and a unit rolled back and run again (its
+            # batch failed, its run moved) would call twice.
+            raise _LookAgain()
+    else:
         # The outside actions ran before this transaction, on the version then committed.
         # If the instance moved meanwhile and the event is still decided the same way
         # (same state, same row), their results are this dispatch's; if it is decided

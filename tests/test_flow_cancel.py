@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from autonomic.runtime.dispatch import Governor
 from autonomic.runtime.flows import FlowResult, FlowRunner, StepContext
 from autonomic.runtime.keys import Signer
 from autonomic.runtime.runtime import Runtime
@@ -35,7 +36,8 @@ SLOW = {
 class Services:
     """The signup's outside services: each call counted, held until `answer` is set."""
 
-    def __init__(self) -> None:
+    def __init__(self, patience_s: float = 30) -> None:
+        self.patience_s = patience_s  # how long a call waits for `answer`, then fails
         self.calls: Counter[str] = Counter()
         self.returned = 0
         self.answer = threading.Event()
@@ -45,7 +47,7 @@ class Services:
         def call(ctx: TransitionContext[Any]) -> None:
             with self._lock:
                 self.calls[name] += 1
-            assert self.answer.wait(30)
+            assert self.answer.wait(self.patience_s)
             with self._lock:
                 self.returned += 1
 
@@ -135,6 +137,64 @@ def test_a_cancelled_resume_all_async_leaves_runs_that_resume(tmp_path: Path) ->
             with pytest.raises(Crash):
                 runner.start("CustomerSignup", customer, signup(customer))
         crashing[0] = False
+
+        async def cancelled_mid_call() -> None:
+            call = asyncio.ensure_future(runner.resume_all_async())
+            await services.all_calling(2 * len(SLOW))
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+        asyncio.run(cancelled_mid_call())
+        services.answer.set()
+        done = resumed(runner)
+        assert sorted((r.instance, r.status) for r in done) == [
+            ("a", "completed"),
+            ("b", "completed"),
+        ]
+        assert services.calls == Counter({name: 2 for name in SLOW.values()})
+        no_claims(runtime, db)
+
+
+def test_a_receiver_created_by_another_driver_after_the_look_is_called_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test above failed rarely under load with a third call: the crashed `start` of
+    run b had left branches in the action threads, and one of them created b's Compliance
+    instance (a missing receiver is created first) after the asyncio driver's look had found
+    none (nothing to call) and before its unit, which then made the call inside the write
+    transaction. Every commit waited for it, so the other calls never started, the held
+    call gave up (30 s) and failed, and the resume called again. Here the creation is made
+    at that point: the driver looks again and calls before the transaction, once."""
+    db = tmp_path / "m.db"
+    services = Services(patience_s=3)
+    crashing = [True]
+    crashed = threading.Semaphore(0)
+
+    def crash(ctx: StepContext) -> None:
+        if crashing[0]:
+            crashed.release()
+            raise Crash(ctx.step)
+
+    runtime, runner, _ = marketplace(SQLiteStore(db), actions=services.actions(), before_step=crash)
+    real = Governor._preflight
+
+    def created_meanwhile(governor: Governor, instance_id: str, *rest: Any) -> Any:
+        preran = real(governor, instance_id, *rest)
+        if (governor.name, instance_id) == ("Compliance", "b") and governor.get("b") is None:
+            governor.create("b", "flow")  # as the other driver of the run did
+        return preran
+
+    with runtime:
+        for customer in ("a", "b"):
+            with pytest.raises(Crash):
+                runner.start("CustomerSignup", customer, signup(customer))
+        for _ in range(2 * len(SLOW)):
+            # `start` raises with the first branch's crash, the others still in the action
+            # threads: each crashes too, or it would be a second driver, sending its step.
+            assert crashed.acquire(timeout=30)
+        crashing[0] = False
+        monkeypatch.setattr(Governor, "_preflight", created_meanwhile)
 
         async def cancelled_mid_call() -> None:
             call = asyncio.ensure_future(runner.resume_all_async())

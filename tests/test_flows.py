@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import sqlite3
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from autonomic.runtime.demo import _Payments
+from autonomic.runtime.dispatch import Governor
 from autonomic.runtime.flows import FlowResult, FlowRunner, NoReply, StepContext, StepFailed
 from autonomic.runtime.keys import Keyring, Signer
 from autonomic.runtime.runtime import Runtime
@@ -271,6 +274,56 @@ def test_an_upgrade_is_granted_only_once_its_charge_is_captured(
 
 
 CANCEL_STEPS = ("calculate_refund", "issue_refund", "suspend_entitlements", "archive_subscription")
+
+
+@pytest.mark.parametrize("store", ["sqlite", "memory"])
+def test_a_step_whose_look_found_nothing_to_call_looks_again_and_calls_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: str
+) -> None:
+    """The refund step's look before the transaction found nothing to call (here it is told
+    so: the receiver was elsewhere then) and its unit then takes the row that calls the
+    refund processor: the unit calls nothing in the write transaction and stores nothing,
+    and the step looks again under its claim, calls once, and commits with the run's write
+    (on the memory store, in the batch of units of its own)."""
+    db = tmp_path / "m.db"
+    refunds: list[bool] = []  # whether the store's write lock was free at each call
+    refund = _Payments.submit_refund
+
+    def watched(payments: _Payments, ctx: Any) -> None:
+        if store == "sqlite":
+            probe = sqlite3.connect(db, timeout=0, isolation_level=None)
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                probe.execute("ROLLBACK")
+                refunds.append(True)
+            except sqlite3.OperationalError:  # locked: a transaction is open
+                refunds.append(False)
+            finally:
+                probe.close()
+        else:
+            refunds.append(True)
+        refund(payments, ctx)
+
+    monkeypatch.setattr(_Payments, "submit_refund", watched)
+    runtime, runner, _ = marketplace(SQLiteStore(db) if store == "sqlite" else MemoryStore())
+    real = Governor._preflight
+    unlooked = [True]
+
+    def nothing_seen_once(governor: Governor, instance_id: str, event: str, *rest: Any) -> Any:
+        if event == "IssueCancellationRefund" and unlooked[0]:
+            unlooked[0] = False
+            return None  # as a look that found the receiver where the event calls nothing
+        return real(governor, instance_id, event, *rest)
+
+    with runtime:
+        active_customer(runtime, runner, "r")
+        monkeypatch.setattr(Governor, "_preflight", nothing_seen_once)
+        inputs = {"customer_id": "r", "request_id": "cx-r", "reason": "too pricey"}
+        result = runner.start("SubscriptionCancellation", "r", inputs)
+        assert result.status == "completed"
+        assert not unlooked[0]
+        assert refunds == [True]  # once, outside the write transaction
+        assert state(runtime, "Billing", "r") == "CancellationRefunding"
 
 
 @pytest.mark.parametrize("failing", [None, *CANCEL_STEPS])

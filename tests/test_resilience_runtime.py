@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 from autonomic.generated.billing import MACHINE as BILLING
-from autonomic.runtime.dispatch import DispatchRequest
+from autonomic.runtime.dispatch import DispatchRequest, Governor
 from autonomic.runtime.errors import (
     ActionFailed,
     ConcurrentUpdateDetected,
@@ -864,3 +865,80 @@ def test_an_escalation_that_cannot_be_recorded_leaves_the_deadline_unmoved(
     assert [e.level for e in tracker.check()] == [1]
     assert [e.to_state for e in runtime.ledger() if e.kind == "escalation"] == ["level1"]
     runtime.close()
+
+
+class LockWatchingProcessor(Processor):
+    """A processor that notes, at each call, whether the store's write lock was free (a
+    connection of its own can begin a write at once): a call inside the write transaction
+    holds every commit of the store up for as long as the processor takes."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.lock_free: list[bool] = []
+
+    def __call__(self, ctx: Any) -> dict[str, str]:
+        probe = sqlite3.connect(self.path, timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            self.lock_free.append(True)
+        except sqlite3.OperationalError:  # database is locked
+            self.lock_free.append(False)
+        finally:
+            probe.close()
+        return super().__call__(ctx)
+
+
+@pytest.mark.parametrize("api", ["dispatch", "dispatch_async", "dispatch_many", "repeated"])
+def test_a_receiver_created_between_the_look_and_the_unit_is_called_outside_the_transaction(
+    tmp_path: Path, keys: Path, monkeypatch: pytest.MonkeyPatch, api: str
+) -> None:
+    """The look before the transaction finds no instance (nothing to call), and another
+    driver creates it before the unit runs (a flow's receiver on its first event, created
+    by a second driver of the run): the unit must not make the call in the transaction,
+    which would hold the store's write lock through it (every commit waiting: the flow
+    cancel test's 30 s stall) and call again whenever the unit is rolled back and run
+    again. The dispatch looks again and calls once, before the transaction ("repeated":
+    a dispatch_many batch holding the event id twice, the repeat taking the first's
+    result)."""
+    path = tmp_path / "s.db"
+    processor = LockWatchingProcessor(path)
+    runtime, _ = _billing_runtime(path, keys, VirtualClock(START), processor)
+    real = Governor._preflight
+
+    def created_meanwhile(governor: Governor, instance_id: str, *rest: Any) -> Any:
+        preran = real(governor, instance_id, *rest)
+        if governor.get(instance_id) is None:
+            governor.create(instance_id)  # after the look, before the unit
+        return preran
+
+    monkeypatch.setattr(Governor, "_preflight", created_meanwhile)
+    billing = runtime.governor("Billing")
+    if api == "dispatch":
+        billing.dispatch("c1", "ChargeRequested", CHARGE_PAYLOAD, event_id="charge-c1")
+    elif api == "dispatch_async":
+        asyncio.run(
+            billing.dispatch_async("c1", "ChargeRequested", CHARGE_PAYLOAD, event_id="charge-c1")
+        )
+    else:
+        request = DispatchRequest("c1", "ChargeRequested", CHARGE_PAYLOAD, event_id="charge-c1")
+        # "repeated": the batch sends the event id twice; the repeat finds the first's result.
+        requests = [request] * (2 if api == "repeated" else 1)
+        done = billing.dispatch_many(requests)
+        assert not any(isinstance(d, Exception) for d in done), done
+        assert len({(d.version, d.seq) for d in done if not isinstance(d, Exception)}) == 1
+    assert processor.lock_free == [True]  # one call, made outside the write transaction
+    assert processor.charged == ["c1"]
+    assert billing.get("c1").state == "AwaitingPayment"  # type: ignore[union-attr]
+    assert [e.event for e in billing.history("c1")] == ["create", "ChargeRequested"]
+    assert runtime.store.processed("Billing", "charge-c1") is not None
+    runtime.close()
+
+
+CHARGE_PAYLOAD = {
+    "customer_id": "c1",
+    "invoice_id": "inv",
+    "amount": "99.00",
+    "idempotency_key": "k",
+}

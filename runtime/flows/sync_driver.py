@@ -16,6 +16,7 @@ from ..resilience.claims import Release
 from ..sealing import _Chain
 from ..store.base import FlowStatus, Transaction
 from ..tables import FlowStepSpec
+from ..unit import _LookAgain
 from .fanin import _FanIn, _late_fold, _late_work, _poll_s
 from .ops import _SETTLED, _Branches, _Send, _Write
 from .plan import _plan
@@ -69,13 +70,19 @@ class _SyncDriver(_StepRunner):
         keys = governor._claim_keys(work)
         release = self.runtime._outside.claim(keys, governor._committed(work)) if keys else None
         try:
-            try:
-                unit = governor._prepare(work)
-            except _STEP_FAILURES as failed:
-                # Its outside action failing as transient or unavailable is "no_reply": a
-                # compensation is tried again later, a step fails (plan.py).
-                return _step_outcome(failed)
-            return self._send_prepared(run, op, governor, target, payload, event_id, unit, release)
+            while True:
+                try:
+                    unit = governor._prepare(work)
+                except _STEP_FAILURES as failed:
+                    # Its outside action failing as transient or unavailable is "no_reply": a
+                    # compensation is tried again later, a step fails (plan.py).
+                    return _step_outcome(failed)
+                try:
+                    return self._send_prepared(
+                        run, op, governor, target, payload, event_id, unit, release
+                    )
+                except _LookAgain:
+                    continue  # the committed state changed since the look: look again
         finally:
             if release is not None:
                 release()  # unless let go already: nothing left to do then
@@ -109,6 +116,11 @@ class _SyncDriver(_StepRunner):
                 release(committed=committed)
             raise moved.error from None
         except _Unrecorded as unrecorded:
+            if type(unrecorded.error) is _LookAgain:
+                # Nothing of the unit is stored: its notes go with the next look's unit, and
+                # the claim is kept for that look.
+                run.pending = [*unrecorded.pending, *run.pending]
+                raise unrecorded.error from None
             if release is not None:
                 release()
             run.record = runtime._submit(self._unrecorded(run, op, unrecorded), mine)
@@ -153,7 +165,9 @@ class _SyncDriver(_StepRunner):
             if release is not None:
                 release()
             raise
-        if release is not None:
+        # A dispatch that must look again keeps the claim for that look (`_batch_answer`
+        # raises _LookAgain once the run's record is taken).
+        if release is not None and type(outcomes[1].error) is not _LookAgain:
             # Its unit's commit let go of the claim in the store (preflight.lets_go).
             release(committed=outcomes[1].error is None and lets_go(unit))
         answer = _batch_answer(run, outcomes)
