@@ -122,6 +122,31 @@ class Crash(Exception):
     """The process stops at a step's hook (before any call)."""
 
 
+def cancelled_then_resumed(
+    runtime: Runtime, runner: FlowRunner, services: Services, db: Path
+) -> None:
+    """`resume_all_async` cancelled once the two stored signups' eight calls are all made,
+    then the calls answered and both runs resumed: each completes, each call made once per
+    customer, no claim left."""
+
+    async def cancelled_mid_call() -> None:
+        call = asyncio.ensure_future(runner.resume_all_async())
+        await services.all_calling(2 * len(SLOW))
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    asyncio.run(cancelled_mid_call())
+    services.answer.set()
+    done = resumed(runner)
+    assert sorted((r.instance, r.status) for r in done) == [
+        ("a", "completed"),
+        ("b", "completed"),
+    ]
+    assert services.calls == Counter({name: 2 for name in SLOW.values()})
+    no_claims(runtime, db)
+
+
 def test_a_cancelled_resume_all_async_leaves_runs_that_resume(tmp_path: Path) -> None:
     db = tmp_path / "m.db"
     services = Services()
@@ -138,22 +163,7 @@ def test_a_cancelled_resume_all_async_leaves_runs_that_resume(tmp_path: Path) ->
                 runner.start("CustomerSignup", customer, signup(customer))
         crashing[0] = False
 
-        async def cancelled_mid_call() -> None:
-            call = asyncio.ensure_future(runner.resume_all_async())
-            await services.all_calling(2 * len(SLOW))
-            call.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await call
-
-        asyncio.run(cancelled_mid_call())
-        services.answer.set()
-        done = resumed(runner)
-        assert sorted((r.instance, r.status) for r in done) == [
-            ("a", "completed"),
-            ("b", "completed"),
-        ]
-        assert services.calls == Counter({name: 2 for name in SLOW.values()})
-        no_claims(runtime, db)
+        cancelled_then_resumed(runtime, runner, services, db)
 
 
 def test_a_receiver_created_by_another_driver_after_the_look_is_called_once(
@@ -196,22 +206,7 @@ def test_a_receiver_created_by_another_driver_after_the_look_is_called_once(
         crashing[0] = False
         monkeypatch.setattr(Governor, "_preflight", created_meanwhile)
 
-        async def cancelled_mid_call() -> None:
-            call = asyncio.ensure_future(runner.resume_all_async())
-            await services.all_calling(2 * len(SLOW))
-            call.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await call
-
-        asyncio.run(cancelled_mid_call())
-        services.answer.set()
-        done = resumed(runner)
-        assert sorted((r.instance, r.status) for r in done) == [
-            ("a", "completed"),
-            ("b", "completed"),
-        ]
-        assert services.calls == Counter({name: 2 for name in SLOW.values()})
-        no_claims(runtime, db)
+        cancelled_then_resumed(runtime, runner, services, db)
 
 
 def test_a_start_async_cancelled_while_its_units_commit_leaves_a_run_that_resumes(
