@@ -68,7 +68,9 @@ async def dispatch_async(
     )
     runtime = governor.runtime
     partition = runtime._partition_of(instance_id)
-    if not governor._external:
+    if not governor._external or work.args[0][1] not in governor._external_events:
+        # Nothing this event does calls the outside world (`prepare` would hand the work
+        # back as it is): no claim to take, and no hand-off to the action threads for it.
         return _settled(await runtime._submit_async(work, partition))
     loop = asyncio.get_running_loop()
     pool = runtime._action_threads()

@@ -942,3 +942,25 @@ CHARGE_PAYLOAD = {
     "amount": "99.00",
     "idempotency_key": "k",
 }
+
+
+def test_an_async_event_that_calls_nothing_outside_takes_no_action_thread(
+    billing: tuple[Runtime, Processor, Processor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Billing calls the outside world (a policy's charge), but CloseAccount does not: its
+    dispatch_async commits without a claim or a hand-off to the action threads (it took one
+    to learn that its look had nothing to call)."""
+    runtime, primary, _ = billing
+    governor = runtime.governor("Billing")
+    governor.create("c1")
+    assert "CloseAccount" not in governor._external_events
+
+    def no_threads() -> None:
+        raise AssertionError("an action thread for an event that calls nothing outside")
+
+    monkeypatch.setattr(runtime, "_action_threads", no_threads)
+    payload = {"customer_id": "c1", "reason": "cancelled"}
+    done = asyncio.run(governor.dispatch_async("c1", "CloseAccount", payload, event_id="close"))
+    assert (done.to_state, done.version) == ("Closed", 2)
+    assert runtime.store.get_instance("Billing", "c1").state == "Closed"
+    assert primary.charged == []
