@@ -227,12 +227,18 @@ class Governor:
         # Actions a policy names: they call the outside world, so dispatch runs them before
         # taking the write lock (see the module docstring).
         self._external = frozenset(a for p in spec.policies.values() for a in p.actions)
-        # The events with a row that runs one: the only ones worth a look before the unit.
+        # The rows that run one (their calls are made before the unit, never in it), and
+        # the events with such a row: the only ones worth a look before the unit.
+        self._calling_rows = frozenset(
+            row
+            for rows in self._rows.values()
+            for row in rows
+            if any(a in self._external for a, _ in row.actions)
+        )
         self._external_events = frozenset(
             event
             for (_, event), rows in self._rows.items()
-            for row in rows
-            if any(a in self._external for a, _ in row.actions)
+            if any(row in self._calling_rows for row in rows)
         )
         self._initial = sys.intern(str(spec.initial))
         self._accepts: dict[str, tuple[str, ...]] = {}

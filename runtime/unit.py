@@ -154,9 +154,7 @@ def step(
         )
     ran = None
     if preran is None:
-        if event in governor._external_events and any(
-            a in governor._external for a, _ in row.actions
-        ):
+        if row in governor._calling_rows:
             # Never called here: in the transaction the call would hold the store's write
             # lock (every commit waits for it), and a unit rolled back and run again (its
             # batch failed, its run moved) would call twice.

@@ -43,6 +43,7 @@ __all__ = [
     "idempotency_event_id",
     "new_flow_record",
     "outbox_row",
+    "processed_then_instance",
     "with_retry",
 ]
 
@@ -235,6 +236,19 @@ class Snapshot:
     ledger_seq: int
     entry_hash: bytes
     kept_seq: int = -1
+
+
+def processed_then_instance(
+    processed: Callable[[str, str], str | None],
+    instance: Callable[[str, str], InstanceRecord | None],
+    machine: str,
+    event_id: str,
+    instance_id: str,
+) -> tuple[str | None, InstanceRecord | None]:
+    """`processed_and_instance` for a store that reads the two apart: the instance only when
+    no result is stored."""
+    stored = processed(machine, event_id)
+    return (stored, None) if stored is not None else (None, instance(machine, instance_id))
 
 
 class Transaction(Protocol):

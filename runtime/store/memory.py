@@ -51,6 +51,7 @@ from .base import (
     Transaction,
     WorkOutcome,
     outbox_row,
+    processed_then_instance,
 )
 
 __all__ = ["MemoryStore"]
@@ -473,16 +474,14 @@ class MemoryStore:
     def processed_and_instance(
         self, machine: str, event_id: str, instance: str
     ) -> tuple[str | None, InstanceRecord | None]:
-        stored = self.processed(machine, event_id)
-        return (stored, None) if stored is not None else (None, self.instance(machine, instance))
+        return processed_then_instance(self.processed, self.instance, machine, event_id, instance)
 
     def get_processed_and_instance(
         self, machine: str, event_id: str, instance: str
     ) -> tuple[str | None, InstanceRecord | None]:
-        stored = self.processed(machine, event_id)
-        if stored is not None:
-            return stored, None
-        return None, self.get_instance(machine, instance)
+        return processed_then_instance(
+            self.processed, self.get_instance, machine, event_id, instance
+        )
 
     def record_processed(
         self, machine: str, event_id: str, instance: str, result: str, now_ms: int

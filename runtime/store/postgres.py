@@ -76,6 +76,7 @@ from .base import (
     WorkOutcome,
     idempotency_event_id,
     outbox_row,
+    processed_then_instance,
     with_retry,
 )
 from .postgres_schema import schema_problem
@@ -426,8 +427,7 @@ class PostgresTransaction:
     def processed_and_instance(
         self, machine: str, event_id: str, instance: str
     ) -> tuple[str | None, InstanceRecord | None]:
-        stored = self.processed(machine, event_id)
-        return (stored, None) if stored is not None else (None, self.instance(machine, instance))
+        return processed_then_instance(self.processed, self.instance, machine, event_id, instance)
 
     def record_processed(
         self, machine: str, event_id: str, instance: str, result: str, now_ms: int
@@ -1324,10 +1324,9 @@ class PostgresStore:
     def get_processed_and_instance(
         self, machine: str, event_id: str, instance: str
     ) -> tuple[str | None, InstanceRecord | None]:
-        stored = self.processed(machine, event_id)
-        if stored is not None:
-            return stored, None
-        return None, self.get_instance(machine, instance)
+        return processed_then_instance(
+            self.processed, self.get_instance, machine, event_id, instance
+        )
 
     def idempotency(self, machine: str, key: str) -> tuple[bytes, str] | None:
         rows = self._query(_IDEMPOTENCY_SQL, (machine, key))
